@@ -1,0 +1,1 @@
+"""Label Studio integration: label configs, project bootstrap, task export and annotation sync."""

@@ -1,0 +1,176 @@
+"""Datasets of single-cell crops: reading them, selecting from them and splitting them reproducibly.
+
+A dataset is either a manifest CSV (`path,label,domain[,source,license]`, paths relative to the CSV) or a folder
+with one sub-folder per class. Records only point at images; `preprocess.load_cells` reads the pixels, so a
+corrupt file costs one skipped cell, never a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+REQUIRED_COLUMNS = ("path", "label", "domain")
+
+
+class DatasetError(ValueError):
+    """A dataset, selection or split that cannot be used as given; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    """One cell image. `cell_id` is the path relative to the dataset root: stable across machines.
+
+    `label` is None for an unlabeled cell (it still trains the generative model's null class).
+    """
+
+    cell_id: str
+    path: Path
+    label: str | None
+    domain: str
+    source: str = ""
+
+
+def load_records(data: Path | str) -> list[CellRecord]:
+    """Read a manifest CSV, a folder holding `manifest.csv`, or a folder with one sub-folder per class."""
+    data = Path(data)
+    if data.is_file():
+        return read_manifest(data)
+    if (data / "manifest.csv").is_file():
+        return read_manifest(data / "manifest.csv")
+    if data.is_dir():
+        return read_class_folders(data)
+    raise DatasetError(f"dataset not found: {data} (give a manifest CSV or a folder with one sub-folder per class)")
+
+
+def read_manifest(path: Path) -> list[CellRecord]:
+    root = path.parent.resolve()
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)}")
+        records = []
+        for line, row in enumerate(reader, start=2):
+            if not row["path"]:
+                raise DatasetError(f"{path}:{line}: empty path")
+            records.append(
+                CellRecord(
+                    cell_id=row["path"],
+                    path=root / row["path"],
+                    label=row["label"].strip() or None,
+                    domain=row["domain"].strip() or "default",
+                    source=(row.get("source") or "").strip(),
+                )
+            )
+    if not records:
+        raise DatasetError(f"{path}: the manifest lists no cells")
+    return records
+
+
+def read_class_folders(root: Path, domain: str | None = None) -> list[CellRecord]:
+    """A folder per class; the domain defaults to the root folder's name."""
+    root = root.resolve()
+    domain = domain or root.name
+    records = [
+        CellRecord(cell_id=str(p.relative_to(root)), path=p, label=p.parent.name, domain=domain)
+        for class_dir in sorted(d for d in root.iterdir() if d.is_dir())
+        for p in sorted(class_dir.iterdir())
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not records:
+        raise DatasetError(f"{root}: no images found in per-class sub-folders ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return records
+
+
+def select(
+    records: Sequence[CellRecord],
+    domains: Iterable[str] | None = None,
+    classes: Iterable[str] | None = None,
+) -> list[CellRecord]:
+    """Keep the records of the given domains and classes. Naming one that the dataset lacks is an error that
+    lists the valid choices (a typo must never silently select nothing)."""
+    chosen = list(records)
+    if domains:
+        domains = list(domains)
+        _check_known("domain", domains, {r.domain for r in records})
+        chosen = [r for r in chosen if r.domain in domains]
+    if classes:
+        classes = list(classes)
+        _check_known("class", classes, {r.label for r in records if r.label is not None})
+        chosen = [r for r in chosen if r.label in classes]
+    if not chosen:
+        raise DatasetError(f"no cells left after selecting domains={domains} classes={classes}")
+    return chosen
+
+
+def _check_known(kind: str, asked: list[str], known: set[str]) -> None:
+    unknown = [a for a in asked if a not in known]
+    if unknown:
+        raise DatasetError(f"unknown {kind}(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+
+
+def stratified_split(
+    records: Sequence[CellRecord], fractions: dict[str, float], seed: int = 0
+) -> dict[str, list[CellRecord]]:
+    """Split each (label, domain) stratum by the given fractions, seeded.
+
+    Fractions must sum to 1. Every stratum keeps at least one cell in the first part; small strata give their
+    remaining cells to the later parts in order, so a rare class still appears in validation and test.
+    """
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise DatasetError(f"split fractions must sum to 1, got {fractions}")
+    strata: dict[tuple, list[CellRecord]] = defaultdict(list)
+    for record in records:
+        strata[(record.label or "", record.domain)].append(record)
+    rng = random.Random(seed)
+    parts: dict[str, list[CellRecord]] = {name: [] for name in fractions}
+    names = list(fractions)
+    for key in sorted(strata):
+        members = sorted(strata[key], key=lambda r: r.cell_id)
+        rng.shuffle(members)
+        counts = [int(round(fractions[n] * len(members))) for n in names[1:]]
+        while sum(counts) >= len(members) and any(counts):  # keep one for the first part
+            counts[counts.index(max(counts))] -= 1
+        start = len(members) - sum(counts)
+        parts[names[0]].extend(members[:start])
+        for name, count in zip(names[1:], counts):
+            parts[name].extend(members[start : start + count])
+            start += count
+    return parts
+
+
+def write_split(parts: dict[str, Sequence[CellRecord]], path: Path, **meta: object) -> Path:
+    """Write a split as cell ids per part, so every later evaluation can use exactly the same cells."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "parts": {name: sorted(r.cell_id for r in recs) for name, recs in parts.items()}}
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def read_split(path: Path, records: Sequence[CellRecord]) -> dict[str, list[CellRecord]]:
+    """Resolve a split written by `write_split` against a dataset's records; missing ids are an error."""
+    payload = json.loads(path.read_text())
+    by_id = {r.cell_id: r for r in records}
+    parts = {}
+    for name, ids in payload["parts"].items():
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise DatasetError(f"{path}: {len(missing)} cell(s) of part '{name}' are not in the dataset, e.g. {missing[0]}")
+        parts[name] = [by_id[i] for i in ids]
+    return parts
+
+
+def records_fingerprint(records: Iterable[CellRecord]) -> str:
+    """A short hash of which cells (and labels) a model saw: a data snapshot id for provenance."""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: r.cell_id):
+        digest.update(f"{record.cell_id}\t{record.label}\t{record.domain}\n".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,264 @@
+"""Classification, calibration and anomaly metrics on numpy arrays.
+
+Shared by the evaluation of the diffusion classifier and of the CNN baseline, so both are
+scored by exactly the same code. Conventions:
+
+* labels are integer class indices in ``[0, n_classes)``;
+* ``probs`` is an ``(N, K)`` array of class probabilities whose rows sum to 1 (within 1e-4);
+* the predicted label of a probability row is its argmax (the first class on ties);
+* every function raises ``ValueError`` naming the offending argument on bad input
+  (empty arrays, wrong shapes, mismatched lengths, labels out of range).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+_ROW_SUM_TOL = 1e-4
+
+
+def _labels(y: np.ndarray, name: str, n_classes: int | None = None) -> np.ndarray:
+    """Check a non-empty 1-D array of integer class labels (optionally within ``[0, n_classes)``)."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {y.shape}")
+    if y.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    if n_classes is not None and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"{name} has labels outside [0, {n_classes}): min {y.min()}, max {y.max()}")
+    return y
+
+
+def _probs(probs: np.ndarray) -> np.ndarray:
+    """Check a non-empty ``(N, K)`` array of finite, non-negative rows that sum to 1."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] == 0:
+        raise ValueError(f"probs must have shape (N, K) with K >= 1, got {probs.shape}")
+    if probs.shape[0] == 0:
+        raise ValueError("probs is empty")
+    if not np.all(np.isfinite(probs)):
+        raise ValueError("probs contains NaN or infinite values")
+    if probs.min() < 0:
+        raise ValueError(f"probs must be non-negative, got min {probs.min()}")
+    worst = np.abs(probs.sum(axis=1) - 1.0).max()
+    if worst > _ROW_SUM_TOL:
+        raise ValueError(f"probs rows must sum to 1 within {_ROW_SUM_TOL}, worst deviation {worst:.3g}")
+    return probs
+
+
+def _same_length(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} and {name_b} differ in length: {len(a)} vs {len(b)}")
+
+
+def _probs_and_labels(probs: np.ndarray, y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs = _probs(probs)
+    y_true = _labels(y_true, "y_true", probs.shape[1])
+    _same_length(probs, y_true, "probs", "y_true")
+    return probs, y_true
+
+
+def _binary(x: np.ndarray, name: str) -> np.ndarray:
+    """Check a non-empty 1-D array of booleans (or 0/1 values) and return it as bool."""
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty")
+    if x.dtype != np.bool_ and not np.all((x == 0) | (x == 1)):
+        raise ValueError(f"{name} must be boolean or hold only 0/1 values")
+    return x.astype(bool)
+
+
+def _scores(x: np.ndarray, name: str) -> np.ndarray:
+    """Check a non-empty 1-D array of finite real numbers."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Fraction of cells whose predicted label equals the true label."""
+    y_true = _labels(y_true, "y_true")
+    y_pred = _labels(y_pred, "y_pred")
+    _same_length(y_true, y_pred, "y_true", "y_pred")
+    return float(np.mean(y_true == y_pred))
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(n_classes, n_classes)`` int64 counts; rows are true classes, columns predicted classes."""
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    y_true = _labels(y_true, "y_true", n_classes)
+    y_pred = _labels(y_pred, "y_pred", n_classes)
+    _same_length(y_true, y_pred, "y_true", "y_pred")
+    flat = np.bincount(y_true.astype(np.int64) * n_classes + y_pred, minlength=n_classes * n_classes)
+    return flat.reshape(n_classes, n_classes).astype(np.int64)
+
+
+def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Recall of each class; NaN for classes that never occur in ``y_true`` (recall is undefined)."""
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    support = cm.sum(axis=1)
+    recall = np.full(n_classes, np.nan)
+    present = support > 0
+    recall[present] = np.diag(cm)[present] / support[present]
+    return recall
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes present in ``y_true``; absent classes are ignored, not scored 0."""
+    return float(np.nanmean(per_class_recall(y_true, y_pred, n_classes)))
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def reliability_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """Top-label confidence histogram, the single source of the binning used by the ECE.
+
+    Bins are equal-width over (0, 1]: bin ``i`` holds confidences in ``(i/n_bins, (i+1)/n_bins]``
+    (a confidence of exactly 0 goes to the first bin). Returns arrays of length ``n_bins``:
+    ``bin_lower``, ``bin_upper``, ``confidence`` (mean top-label probability, NaN if the bin is
+    empty), ``accuracy`` (fraction of argmax predictions that are right, NaN if empty), ``count``.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    probs, y_true = _probs_and_labels(probs, y_true)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(np.float64)
+
+    # Edges as i / n_bins (correctly rounded), so a confidence such as 0.3 lands in (0.2, 0.3].
+    edges = np.arange(n_bins + 1) / n_bins
+    bin_of = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+
+    count = np.bincount(bin_of, minlength=n_bins)
+    conf_sum = np.bincount(bin_of, weights=confidence, minlength=n_bins)
+    correct_sum = np.bincount(bin_of, weights=correct, minlength=n_bins)
+    mean_conf = np.full(n_bins, np.nan)
+    mean_acc = np.full(n_bins, np.nan)
+    filled = count > 0
+    mean_conf[filled] = conf_sum[filled] / count[filled]
+    mean_acc[filled] = correct_sum[filled] / count[filled]
+    return {
+        "bin_lower": edges[:-1],
+        "bin_upper": edges[1:],
+        "confidence": mean_conf,
+        "accuracy": mean_acc,
+        "count": count,
+    }
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: sum over bins of ``count/N * |accuracy - confidence|`` (bins of ``reliability_bins``)."""
+    bins = reliability_bins(probs, y_true, n_bins)
+    filled = bins["count"] > 0
+    gaps = np.abs(bins["accuracy"][filled] - bins["confidence"][filled])
+    return float(np.sum(bins["count"][filled] * gaps) / bins["count"].sum())
+
+
+def negative_log_likelihood(probs: np.ndarray, y_true: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean of ``-log p(true class)``; probabilities are floored at ``eps`` so a 0 gives a large finite value."""
+    probs, y_true = _probs_and_labels(probs, y_true)
+    p_true = probs[np.arange(len(y_true)), y_true]
+    return float(-np.mean(np.log(np.maximum(p_true, eps))))
+
+
+def brier_score(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """Mean over cells of the summed squared error against the one-hot label (range [0, 2])."""
+    probs, y_true = _probs_and_labels(probs, y_true)
+    one_hot = np.zeros_like(probs)
+    one_hot[np.arange(len(y_true)), y_true] = 1.0
+    return float(np.mean(np.sum((probs - one_hot) ** 2, axis=1)))
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy of each row in nats (natural log), with ``0 * log 0 = 0``."""
+    probs = _probs(probs)
+    safe = np.where(probs > 0, probs, 1.0)
+    return -np.sum(probs * np.log(safe), axis=1)
+
+
+# --------------------------------------------------------------------------- ranking / anomaly
+
+
+def auroc(scores: np.ndarray, is_positive: np.ndarray) -> float:
+    """Area under the ROC curve, higher score meaning "more positive".
+
+    Computed as the Mann-Whitney statistic with average ranks, i.e. the probability that a random
+    positive outscores a random negative, a tie counting 1/2. Raises ``ValueError`` if
+    ``is_positive`` holds only one class (the AUROC is undefined then).
+    """
+    scores = _scores(scores, "scores")
+    is_positive = _binary(is_positive, "is_positive")
+    _same_length(scores, is_positive, "scores", "is_positive")
+    n_pos = int(is_positive.sum())
+    n_neg = len(is_positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(
+            f"auroc needs both positives and negatives, got {n_pos} positive and {n_neg} negative"
+        )
+    # Average 1-based rank of each distinct score: tied scores share the mean of their ranks.
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    mean_rank = ends - (counts - 1) / 2.0
+    ranks = mean_rank[inverse]
+    u = ranks[is_positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def selective_accuracy(confidence: np.ndarray, correct: np.ndarray, coverage: float) -> float:
+    """Accuracy on the ``ceil(coverage * N)`` most confident cells (``0 < coverage <= 1``).
+
+    Equal confidences are ranked by original order (stable sort), so the result is deterministic.
+    ``coverage * N`` is rounded to 9 decimals before the ceiling so that e.g. 0.3 * 10 accepts 3.
+    """
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    confidence = _scores(confidence, "confidence")
+    correct = _binary(correct, "correct")
+    _same_length(confidence, correct, "confidence", "correct")
+    n_accept = math.ceil(round(coverage * len(confidence), 9))
+    order = np.argsort(-confidence, kind="stable")
+    return float(np.mean(correct[order[:n_accept]]))
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+
+def bootstrap_interval(
+    values_fn: Callable[[np.ndarray], float],
+    n: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float]:
+    """Percentile bootstrap ``(low, high)`` interval at level ``1 - alpha``.
+
+    ``values_fn`` receives an index array of length ``n`` drawn with replacement from ``range(n)``
+    and returns the statistic on that resample; it must cope with any resample (e.g. a metric that
+    needs both classes may raise). Deterministic for a given ``seed``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    rng = np.random.default_rng(seed)
+    stats = np.array([values_fn(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
+    low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(low), float(high)

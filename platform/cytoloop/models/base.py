@@ -1,0 +1,116 @@
+"""What every CytoLoop classifier provides, and how a model directory is laid out.
+
+A model directory holds `model.json` (kind, classes, the preprocessing it was trained with, its architecture,
+calibration and provenance) and `weights.pt` (a state dict). Anything that can classify cells — the diffusion
+classifier, the CNN baseline, the cascade of both — returns `Predictions`, so evaluation, serving and routing
+never care which model they hold.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from cytoloop.config import DataConfig
+
+MODEL_FILE = "model.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+class ModelLoadError(ValueError):
+    """A directory that is not a CytoLoop model, or one written by an incompatible version."""
+
+
+@dataclass
+class Predictions:
+    """Per-cell outputs, row i for input cell i.
+
+    `probs` are calibrated class probabilities (rows sum to 1); `confidence` is the top probability; `anomaly`
+    grows with how badly the known classes explain a cell (its scale is per model: compare within a model only);
+    `evals` counts the network evaluations spent on each cell (denoiser calls for the diffusion model, 1 for a CNN).
+    `extra` holds model-specific per-cell arrays (alternative anomaly scores, raw errors) for analysis.
+    """
+
+    probs: np.ndarray
+    anomaly: np.ndarray
+    evals: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+    @property
+    def entropy(self) -> np.ndarray:
+        p = np.clip(self.probs, 1e-12, 1.0)
+        return -(p * np.log(p)).sum(axis=1)
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def subset(self, index: np.ndarray) -> "Predictions":
+        return Predictions(
+            self.probs[index], self.anomaly[index], self.evals[index], {k: v[index] for k, v in self.extra.items()}
+        )
+
+    @staticmethod
+    def concat(parts: list["Predictions"]) -> "Predictions":
+        keys = parts[0].extra.keys()
+        return Predictions(
+            np.concatenate([p.probs for p in parts]),
+            np.concatenate([p.anomaly for p in parts]),
+            np.concatenate([p.evals for p in parts]),
+            {k: np.concatenate([p.extra[k] for p in parts]) for k in keys},
+        )
+
+
+class Classifier(Protocol):
+    """The small interface models plug in through (MONAI-Label style): classify preprocessed cells, save, describe."""
+
+    kind: str
+    classes: list[str]
+    data_config: DataConfig
+
+    def predict(self, images: np.ndarray, progress: bool = False) -> Predictions:
+        """Classify preprocessed cells (N, 3, S, S) in [-1, 1]."""
+        ...
+
+    def save(self, directory: Path) -> Path: ...
+
+
+def write_model_dir(directory: Path, meta: dict, state_dict: dict) -> Path:
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, directory / WEIGHTS_FILE)
+    (directory / MODEL_FILE).write_text(json.dumps(meta, indent=1))
+    return directory
+
+
+def read_model_meta(directory: Path) -> dict:
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {MODEL_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_model(directory: Path | str) -> Classifier:
+    """Load any CytoLoop model from a local directory (no hub access, ever)."""
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.models.diffusion import DiffusionClassifier
+
+    directory = Path(directory)
+    kind = read_model_meta(directory).get("kind")
+    loaders = {"diffusion": DiffusionClassifier.load, "baseline": BaselineClassifier.load}
+    if kind not in loaders:
+        raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
+    return loaders[kind](directory)

@@ -1,0 +1,180 @@
+"""The diffusion classifier: a class-conditional denoiser plus the scoring rule that turns it into a classifier.
+
+The denoiser is a diffusers `UNet2DModel` with `num_class_embeds = len(classes) + 1`; the last embedding is the
+null class, trained by classifier-free dropout and by unlabeled cells, so that every cell teaches the generative
+model what a cell looks like. Classification is `scoring.score_cells`; probabilities are a softmax over the
+negative class errors divided by a temperature fitted on validation data (`calibration.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
+from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
+from cytoloop.scoring import ScoreResult, score_cells
+
+
+def build_unet(config: DiffusionModelConfig, image_size: int, n_classes: int):
+    from diffusers import UNet2DModel
+
+    levels = len(config.block_out_channels)
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if config.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=config.norm_num_groups,
+        num_class_embeds=n_classes + 1,
+    )
+
+
+def build_scheduler(config: DiffusionModelConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule, prediction_type="epsilon"
+    )
+
+
+class DiffusionClassifier:
+    """A trained denoiser with everything needed to classify: classes, preprocessing, scoring and calibration."""
+
+    kind = "diffusion"
+
+    def __init__(
+        self,
+        classes: list[str],
+        data_config: DataConfig,
+        model_config: DiffusionModelConfig,
+        scoring_config: ScoringConfig | None = None,
+        temperature: float = 1.0,
+        timestep_weights: list[float] | None = None,
+        info: dict | None = None,
+        unet=None,
+    ):
+        self.classes = list(classes)
+        self.data_config = data_config
+        self.model_config = model_config
+        self.scoring_config = scoring_config or ScoringConfig()
+        self.temperature = temperature
+        self.timestep_weights = timestep_weights
+        self.info = dict(info or {})
+        self.unet = unet if unet is not None else build_unet(model_config, data_config.image_size, len(classes))
+        self.scheduler = build_scheduler(model_config)
+
+    @property
+    def null_class(self) -> int:
+        return len(self.classes)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, class_labels=class_index).sample
+
+    def score(
+        self, images: np.ndarray | torch.Tensor, config: ScoringConfig | None = None, progress: bool = False
+    ) -> ScoreResult:
+        """Raw diffusion scores (class errors, anomaly statistics, evaluation counts) for preprocessed cells."""
+        config = config or self.scoring_config
+        weights = self.timestep_weights
+        if weights is not None and len(weights) != config.timestep_bins:
+            weights = None  # weights were fitted for another stratification; fall back to uniform
+        self.unet.eval()
+        return score_cells(
+            self.denoise,
+            self.scheduler.alphas_cumprod,
+            torch.as_tensor(images, dtype=torch.float32),
+            len(self.classes),
+            self.null_class,
+            config,
+            None if weights is None else np.asarray(weights),
+            progress=progress,
+        )
+
+    def predictions_from_scores(self, result: ScoreResult, temperature: float | None = None) -> Predictions:
+        logits = -result.class_error / (temperature or self.temperature)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        anomaly = (
+            result.anomaly_null_ratio
+            if self.scoring_config.anomaly_score == "null_ratio" and self.scoring_config.score_null_class
+            else result.anomaly_min_error
+        )
+        return Predictions(
+            probs=probs,
+            anomaly=anomaly,
+            evals=result.evals,
+            extra={
+                "anomaly_min_error": result.anomaly_min_error,
+                "anomaly_null_ratio": result.anomaly_null_ratio,
+                "trials": result.trials,
+            },
+        )
+
+    def predict(
+        self, images: np.ndarray, progress: bool = False, config: ScoringConfig | None = None
+    ) -> Predictions:
+        return self.predictions_from_scores(self.score(images, config, progress))
+
+    @torch.inference_mode()
+    def generate(
+        self, class_name: str, n: int, steps: int = 50, guidance: float = 2.0, seed: int = 0
+    ) -> np.ndarray:
+        """Sample n cells of one class with DDIM and classifier-free guidance; returns (n, S, S, 3) in [0, 1]."""
+        from diffusers import DDIMScheduler
+
+        if class_name not in self.classes:
+            raise ValueError(f"unknown class {class_name!r}; valid: {', '.join(self.classes)}")
+        self.unet.eval()
+        sampler = DDIMScheduler.from_config(self.scheduler.config)
+        sampler.set_timesteps(steps)
+        generator = torch.Generator().manual_seed(seed)
+        size = self.data_config.image_size
+        x = torch.randn((n, 3, size, size), generator=generator)
+        labels = torch.full((n,), self.classes.index(class_name))
+        null = torch.full((n,), self.null_class)
+        for t in sampler.timesteps:
+            t_batch = torch.full((2 * n,), int(t))
+            eps = self.denoise(torch.cat([x, x]), t_batch, torch.cat([labels, null]))
+            eps_cond, eps_null = eps.chunk(2)
+            eps = eps_null + guidance * (eps_cond - eps_null)
+            x = sampler.step(eps, t, x, generator=generator).prev_sample
+        return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+    def save(self, directory: Path) -> Path:
+        meta = {
+            "kind": self.kind,
+            "classes": self.classes,
+            "data": self.data_config.model_dump(mode="json"),
+            "model": self.model_config.model_dump(mode="json"),
+            "scoring": self.scoring_config.model_dump(mode="json"),
+            "temperature": self.temperature,
+            "timestep_weights": self.timestep_weights,
+            "info": self.info,
+        }
+        return write_model_dir(Path(directory), meta, self.unet.state_dict())
+
+    @classmethod
+    def load(cls, directory: Path) -> "DiffusionClassifier":
+        meta = read_model_meta(directory)
+        model = cls(
+            classes=meta["classes"],
+            data_config=DataConfig(**meta["data"]),
+            model_config=DiffusionModelConfig(**meta["model"]),
+            scoring_config=ScoringConfig(**meta["scoring"]),
+            temperature=meta["temperature"],
+            timestep_weights=meta.get("timestep_weights"),
+            info=meta.get("info"),
+        )
+        model.unet.load_state_dict(torch.load(Path(directory) / "weights.pt", weights_only=True))
+        return model

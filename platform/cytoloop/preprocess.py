@@ -1,0 +1,151 @@
+"""The one preprocessing path shared by training, serving and pre-annotation.
+
+A cell image becomes a model input here and nowhere else: decode to RGB, crop the central square, resize to the
+model's resolution, normalise the stain, scale to [-1, 1]. The settings travel inside every saved model
+(`DataConfig`), so a served model preprocesses exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cytoloop.config import AugmentConfig, DataConfig
+from cytoloop.data import CellRecord
+
+if TYPE_CHECKING:
+    import torch
+
+# Reinhard et al. (2001): RGB -> LMS -> log -> l-alpha-beta, where colour channels are nearly decorrelated.
+_RGB_TO_LMS = np.array([[0.3811, 0.5783, 0.0402], [0.1967, 0.7244, 0.0782], [0.0241, 0.1288, 0.8444]])
+_LMS_TO_RGB = np.linalg.inv(_RGB_TO_LMS)
+_LOG_LMS_TO_LAB = np.diag([1 / np.sqrt(3), 1 / np.sqrt(6), 1 / np.sqrt(2)]) @ np.array(
+    [[1, 1, 1], [1, 1, -2], [1, -1, 0]]
+)
+_LAB_TO_LOG_LMS = np.linalg.inv(_LOG_LMS_TO_LAB)
+# A typical Romanowsky-stained smear (mean and std of l, alpha, beta), the target every cell is mapped to.
+REINHARD_REFERENCE = (-0.30, 0.0, 0.01, 0.20, 0.08, 0.012)
+
+# Ruifrok & Johnston stain vectors (haematoxylin, eosin, DAB), used for stain-space colour augmentation.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded or used; the message names the file (or request item) and why."""
+
+
+def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
+    """Decode BMP/JPEG/PNG/TIFF (any mode) to RGB. A truncated or non-image input raises ImageError."""
+    name = name or (str(source) if isinstance(source, Path) else "<bytes>")
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+            image.load()  # force the full decode: a truncated file fails here, not later
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"{name}: not a readable image ({error})") from None
+
+
+def center_square(image: Image.Image, crop_fraction: float) -> Image.Image:
+    width, height = image.size
+    side = max(1, int(round(min(width, height) * crop_fraction)))
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def reinhard_normalize(rgb: np.ndarray, reference: Sequence[float] = REINHARD_REFERENCE) -> np.ndarray:
+    """Map an RGB image in [0, 1] (H, W, 3) onto the reference colour moments in l-alpha-beta space."""
+    lab = np.log10(np.clip(rgb.reshape(-1, 3) @ _RGB_TO_LMS.T, 1e-4, None)) @ _LOG_LMS_TO_LAB.T
+    mean, std = lab.mean(axis=0), lab.std(axis=0) + 1e-6
+    target_mean, target_std = np.asarray(reference[:3]), np.asarray(reference[3:])
+    lab = (lab - mean) / std * target_std + target_mean
+    out = (10 ** (lab @ _LAB_TO_LOG_LMS.T)) @ _LMS_TO_RGB.T
+    return np.clip(out, 0.0, 1.0).reshape(rgb.shape)
+
+
+def colour_moments(rgb: np.ndarray) -> np.ndarray:
+    """Mean and std of l, alpha, beta of an RGB image in [0, 1]: the stain statistics drift is measured on."""
+    lab = np.log10(np.clip(rgb.reshape(-1, 3) @ _RGB_TO_LMS.T, 1e-4, None)) @ _LOG_LMS_TO_LAB.T
+    return np.concatenate([lab.mean(axis=0), lab.std(axis=0)])
+
+
+def to_model_input(image: Image.Image, config: DataConfig) -> np.ndarray:
+    """RGB PIL image -> float32 array (3, S, S) in [-1, 1]: crop, resize, stain-normalise."""
+    crop = center_square(image, config.crop_fraction)
+    crop = crop.resize((config.image_size, config.image_size), Image.Resampling.BICUBIC, reducing_gap=None)
+    rgb = np.asarray(crop, dtype=np.float32) / 255.0
+    if config.stain_normalization == "reinhard":
+        rgb = reinhard_normalize(rgb)
+    return (rgb.transpose(2, 0, 1) * 2.0 - 1.0).astype(np.float32)
+
+
+def preprocess(source: Path | bytes, config: DataConfig, name: str | None = None) -> np.ndarray:
+    """Decode and prepare one cell; raises ImageError for anything that is not a usable image."""
+    return to_model_input(decode_image(source, name), config)
+
+
+@dataclass
+class LoadedCells:
+    """Cells that decoded, their records, and those that did not (path, reason) — reported, never fatal."""
+
+    images: np.ndarray  # (N, 3, S, S) float32 in [-1, 1]
+    records: list[CellRecord]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load_cells(records: Sequence[CellRecord], config: DataConfig, progress: bool = False) -> LoadedCells:
+    """Preprocess many cells. A corrupt or missing image is skipped with its path and reason; never raises for one."""
+    from tqdm.auto import tqdm
+
+    images, kept, skipped = [], [], []
+    for record in tqdm(records, desc="loading cells", disable=not progress, unit="cell"):
+        try:
+            images.append(preprocess(record.path, config))
+            kept.append(record)
+        except ImageError as error:
+            skipped.append((str(record.path), str(error)))
+    size = config.image_size
+    array = np.stack(images) if images else np.zeros((0, 3, size, size), np.float32)
+    return LoadedCells(array, kept, skipped)
+
+
+def augment(images: "torch.Tensor", config: AugmentConfig, generator: "torch.Generator") -> "torch.Tensor":
+    """Random flips, 90-degree rotations and stain/colour jitter on a batch in [-1, 1] (B, 3, H, W).
+
+    Cells have no orientation, so flips and rotations are free; the colour part imitates other labs' stains.
+    """
+    import torch
+
+    batch = images.shape[0]
+    out = images
+    if config.flips:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    if config.rot90:
+        turns = torch.randint(0, 4, (batch,), generator=generator)
+        out = torch.stack([torch.rot90(img, int(k), dims=(-2, -1)) for img, k in zip(out, turns)])
+    rgb = (out + 1.0) / 2.0
+    if config.hed_sigma or config.hed_bias:
+        od = -torch.log(rgb.clamp(1e-3, 1.0))
+        hed = torch.einsum("bchw,cd->bdhw", od, torch.as_tensor(_HED_FROM_RGB, dtype=od.dtype))
+        scale = 1 + config.hed_sigma * torch.randn(batch, 3, 1, 1, generator=generator)
+        shift = config.hed_bias * torch.randn(batch, 3, 1, 1, generator=generator)
+        od = torch.einsum("bdhw,dc->bchw", hed * scale + shift, torch.as_tensor(_RGB_FROM_HED, dtype=od.dtype))
+        rgb = torch.exp(-od).clamp(0.0, 1.0)
+    if config.brightness:
+        rgb = rgb * (1 + config.brightness * (2 * torch.rand(batch, 1, 1, 1, generator=generator) - 1))
+    if config.contrast:
+        mean = rgb.mean(dim=(1, 2, 3), keepdim=True)
+        rgb = (rgb - mean) * (1 + config.contrast * (2 * torch.rand(batch, 1, 1, 1, generator=generator) - 1)) + mean
+    if config.saturation:
+        grey = rgb.mean(dim=1, keepdim=True)
+        rgb = (rgb - grey) * (1 + config.saturation * (2 * torch.rand(batch, 1, 1, 1, generator=generator) - 1)) + grey
+    return (rgb.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()

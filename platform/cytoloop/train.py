@@ -1,0 +1,182 @@
+"""Training: one plain PyTorch loop shared by the diffusion classifier and the CNN baseline.
+
+The loop (sampling, augmentation, AdamW with warm-up and cosine decay, gradient clipping, EMA weights,
+checkpoints that resume exactly) is the same for both models, so a comparison between them is about the models,
+not the training. What differs is the loss: `diffusion_loss` (epsilon-prediction with classifier-free dropout into
+the null class and Min-SNR weighting) or `baseline_loss` (cross-entropy). Ray Train calls `fit` unchanged from a
+worker; `on_log` is where it reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from cytoloop.config import AugmentConfig, TrainConfig
+from cytoloop.preprocess import augment
+
+UNLABELED = -1
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# loss(network, images, labels, generator) -> scalar loss; labels use UNLABELED for cells without a label.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    seconds: float
+    resumed_from: int
+
+
+def diffusion_loss(scheduler, null_class: int, config: TrainConfig) -> LossFn:
+    """Epsilon-prediction loss; labelled cells go to the null class with probability `null_class_prob`,
+    unlabeled cells always, so the null class learns what any cell looks like."""
+    alphas_cumprod = scheduler.alphas_cumprod
+    num_timesteps = scheduler.config.num_train_timesteps
+
+    def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        batch = images.shape[0]
+        dropped = torch.rand(batch, generator=generator) < config.null_class_prob
+        classes = torch.where((labels == UNLABELED) | dropped, torch.full_like(labels, null_class), labels)
+        t = torch.randint(0, num_timesteps, (batch,), generator=generator)
+        noise = torch.randn(images.shape, generator=generator)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
+        predicted = network(x_t, t, class_labels=classes).sample
+        per_cell = ((predicted - noise) ** 2).mean(dim=(1, 2, 3))
+        if config.min_snr_gamma is not None:
+            snr = abar.view(-1) / (1 - abar.view(-1))
+            per_cell = per_cell * torch.clamp(snr, max=config.min_snr_gamma) / snr
+        return per_cell.mean()
+
+    return loss
+
+
+def baseline_loss(config: TrainConfig) -> LossFn:
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return criterion(network(images), labels)
+
+    return loss
+
+
+def sampling_weights(labels: np.ndarray, balanced: bool = True) -> np.ndarray:
+    """Per-cell sampling probabilities: every labelled class equally often (rare classes matter as much in a
+    differential), unlabeled cells as a group as often as one class."""
+    if not balanced:
+        return np.full(len(labels), 1.0 / len(labels))
+    groups, counts = np.unique(labels, return_counts=True)
+    weight_of = dict(zip(groups.tolist(), (1.0 / counts).tolist()))
+    weights = np.array([weight_of[int(label)] for label in labels])
+    return weights / weights.sum()
+
+
+def fit(
+    network: nn.Module,
+    loss_fn: LossFn,
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: TrainConfig,
+    augment_config: AugmentConfig,
+    checkpoint_dir: Path | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, TrainResult]:
+    """Train `network` for `config.steps` steps; return its EMA copy (what gets evaluated and saved).
+
+    With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps and training resumes from it,
+    so an interrupted run continues where it stopped and ends with the same weights as an uninterrupted one.
+    """
+    from tqdm.auto import tqdm
+
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"need as many labels as images and at least one cell; got {len(images)} and {len(labels)}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    data = torch.as_tensor(images, dtype=torch.float32)
+    targets = torch.as_tensor(labels, dtype=torch.long)
+    weights = torch.as_tensor(sampling_weights(labels))
+    ema = copy.deepcopy(network).requires_grad_(False)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    start = 0
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        network.load_state_dict(state["network"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
+        history, start = state["history"], state["step"]
+
+    began = time.perf_counter()
+    network.train()
+    bar = tqdm(range(start, config.steps), desc="training", unit="step", disable=not progress, initial=start,
+               total=config.steps)
+    running = []
+    for step in bar:
+        index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
+        batch = augment(data[index], augment_config, generator)
+        loss = loss_fn(network, batch, targets[index], generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        _update_ema(ema, network, min(config.ema_decay, (1 + step) / (10 + step)))
+        running.append(loss.item())
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            entry = {"step": done, "loss": float(np.mean(running)), "lr": schedule.get_last_lr()[0]}
+            history.append(entry)
+            running = []
+            bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            if on_log:
+                on_log(entry)
+        if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            state = {
+                "network": network.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+                "step": done,
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: a crash never leaves half a checkpoint
+    bar.close()
+    ema.eval()
+    return ema, TrainResult(history, time.perf_counter() - began, start)
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def _update_ema(ema: nn.Module, network: nn.Module, decay: float) -> None:
+    for ema_param, param in zip(ema.parameters(), network.parameters()):
+        ema_param.lerp_(param, 1 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), network.buffers()):
+        ema_buffer.copy_(buffer)

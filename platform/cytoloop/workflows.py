@@ -1,0 +1,230 @@
+"""Train and evaluate, end to end: the stages the CLI, the benchmarks and the Ray jobs all call.
+
+`train_model`: select -> split (seeded, written to the model directory) -> preprocess -> fit -> calibrate on the
+validation part -> save. `evaluate_model`: preprocess -> predict -> metrics, JSON and plots. Evaluation never
+scores a cell the model trained or calibrated on: those are excluded by the split the model carries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from cytoloop import metrics, plots
+from cytoloop.calibration import calibrate
+from cytoloop.config import Settings
+from cytoloop.data import CellRecord, DatasetError, read_split, records_fingerprint, stratified_split, write_split
+from cytoloop.models.base import Classifier, Predictions
+from cytoloop.preprocess import load_cells
+from cytoloop.train import UNLABELED, baseline_loss, diffusion_loss, fit
+
+SPLIT_FILE = "split.json"
+SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
+ModelKind = Literal["diffusion", "baseline"]
+
+
+def build_model(kind: ModelKind, classes: list[str], settings: Settings) -> Classifier:
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.models.diffusion import DiffusionClassifier
+
+    if kind == "diffusion":
+        return DiffusionClassifier(classes, settings.data, settings.diffusion, settings.scoring)
+    if kind == "baseline":
+        return BaselineClassifier(classes, settings.data, settings.baseline)
+    raise ValueError(f"unknown model kind {kind!r}; valid: diffusion, baseline")
+
+
+def label_indices(records: Sequence[CellRecord], classes: list[str]) -> np.ndarray:
+    """Class indices for labelled records; a label outside `classes` is an error naming the cell and the classes."""
+    index = {name: i for i, name in enumerate(classes)}
+    out = np.empty(len(records), dtype=int)
+    for i, record in enumerate(records):
+        if record.label not in index:
+            raise DatasetError(f"{record.cell_id}: label {record.label!r} is not one of the model's classes "
+                               f"({', '.join(classes)})")
+        out[i] = index[record.label]
+    return out
+
+
+def train_model(
+    kind: ModelKind,
+    records: Sequence[CellRecord],
+    settings: Settings,
+    out: Path,
+    classes: list[str] | None = None,
+    unlabeled: Sequence[CellRecord] = (),
+    split_seed: int = 0,
+    progress: bool = False,
+) -> tuple[Classifier, dict]:
+    """Train, calibrate and save a model into `out`; returns it and a training report (also in out/training.json).
+
+    `records` are labelled cells; they are split train/val/test (stratified by label and domain) and the split is
+    written to out/split.json. `unlabeled` cells train only the diffusion model's null class.
+    """
+    out = Path(out)
+    classes = classes or sorted({r.label for r in records if r.label is not None})
+    split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed)
+    write_split(split, out / SPLIT_FILE, data_root=_data_root(records), seed=split_seed,
+                fingerprint=records_fingerprint(records))
+    train = load_cells(split["train"], settings.data, progress)
+    val = load_cells(split["val"], settings.data, progress)
+    extra = load_cells(unlabeled, settings.data, progress) if kind == "diffusion" and unlabeled else None
+    images, labels = train.images, label_indices(train.records, classes)
+    if extra is not None:
+        images = np.concatenate([images, extra.images])
+        labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
+
+    model = build_model(kind, classes, settings)
+    if kind == "diffusion":
+        network, loss = model.unet, diffusion_loss(model.scheduler, model.null_class, settings.train)
+    else:
+        network, loss = model.network, baseline_loss(settings.train)
+    trained, result = fit(network, loss, images, labels, settings.train, settings.augment,
+                          checkpoint_dir=out / "checkpoints", progress=progress)
+    if kind == "diffusion":
+        model.unet = trained
+    else:
+        model.network = trained
+
+    began = time.perf_counter()
+    calibrate(model, val.images, label_indices(val.records, classes), progress=progress)
+    skipped = train.skipped + val.skipped + (extra.skipped if extra else [])
+    report = {
+        "kind": kind,
+        "classes": classes,
+        "steps": settings.train.steps,
+        "train_seconds": result.seconds,
+        "resumed_from_step": result.resumed_from,
+        "calibration_seconds": time.perf_counter() - began,
+        "n_train": len(train.records),
+        "n_val": len(val.records),
+        "n_unlabeled": 0 if extra is None else len(extra.records),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+        "domains": sorted({r.domain for r in records}),
+        "data_fingerprint": records_fingerprint(split["train"]),
+        "temperature": model.temperature,
+        "history": result.history,
+        "settings": settings.model_dump(mode="json"),
+    }
+    model.info.update({k: report[k] for k in ("steps", "train_seconds", "n_train", "domains", "data_fingerprint")})
+    model.save(out)
+    (out / "training.json").write_text(json.dumps(report, indent=1))
+    if result.history:
+        plots.learning_curve([h["step"] for h in result.history], {"training loss": [h["loss"] for h in result.history]},
+                             out / "learning_curve.png", xlabel="step", ylabel="loss", title=f"{kind} training")
+    return model, report
+
+
+def _data_root(records: Sequence[CellRecord]) -> str:
+    record = records[0]
+    return str(record.path)[: -len(record.cell_id)].rstrip("/")
+
+
+def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = None) -> tuple[list[CellRecord], int]:
+    """The records a model may be evaluated on: without its train and val cells (same dataset), or only the
+    given part of its split. Returns (records, number excluded)."""
+    split_path = Path(model_dir) / SPLIT_FILE
+    if not split_path.is_file() or not records:
+        if part:
+            raise DatasetError(f"{model_dir}: the model has no {SPLIT_FILE}; cannot select part {part!r}")
+        return list(records), 0
+    meta = json.loads(split_path.read_text())
+    same_dataset = meta["meta"].get("data_root") == _data_root(records)
+    if part:
+        if part not in meta["parts"]:
+            raise DatasetError(f"unknown split part {part!r}; valid: {', '.join(meta['parts'])}")
+        if not same_dataset:
+            raise DatasetError(f"part {part!r} refers to {meta['meta'].get('data_root')}, not this dataset")
+        wanted = set(meta["parts"][part])
+        kept = [r for r in records if r.cell_id in wanted]
+        return kept, len(records) - len(kept)
+    if not same_dataset:
+        return list(records), 0
+    seen = set(meta["parts"].get("train", [])) | set(meta["parts"].get("val", []))
+    kept = [r for r in records if r.cell_id not in seen]
+    return kept, len(records) - len(kept)
+
+
+def evaluate_predictions(
+    predictions: Predictions,
+    labels: np.ndarray,
+    classes: list[str],
+    seconds: float,
+) -> dict:
+    """The evaluation metrics of issue #2 from predictions on labelled cells."""
+    predicted = predictions.labels
+    correct = predicted == labels
+    recall = metrics.per_class_recall(labels, predicted, len(classes))
+    return {
+        "n_cells": int(len(labels)),
+        "accuracy": metrics.accuracy(labels, predicted),
+        "balanced_accuracy": metrics.balanced_accuracy(labels, predicted, len(classes)),
+        "per_class_recall": {c: (None if np.isnan(r) else float(r)) for c, r in zip(classes, recall)},
+        "ece": metrics.expected_calibration_error(predictions.probs, labels, n_bins=15),
+        "nll": metrics.negative_log_likelihood(predictions.probs, labels),
+        "brier": metrics.brier_score(predictions.probs, labels),
+        "accuracy_at_90_coverage": metrics.selective_accuracy(predictions.confidence, correct, 0.9),
+        "mean_confidence": float(predictions.confidence.mean()),
+        "denoiser_evals_per_cell": float(predictions.evals.mean()),
+        "denoiser_evals_p95": float(np.percentile(predictions.evals, 95)),
+        "cells_per_second": float(len(labels) / seconds) if seconds > 0 else None,
+        "confusion_matrix": metrics.confusion_matrix(labels, predicted, len(classes)).tolist(),
+    }
+
+
+def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
+    """AUROC of the model's anomaly score, and of every alternative score it reports, for anomalies vs normal."""
+    result = {"anomaly_auroc": metrics.auroc(predictions.anomaly, is_anomaly), "anomaly_n": int(len(is_anomaly)),
+              "anomaly_n_positive": int(is_anomaly.sum())}
+    result["anomaly_auroc_by_score"] = {
+        name: metrics.auroc(values, is_anomaly) for name, values in predictions.extra.items() if name.startswith("anomaly")
+    }
+    return result
+
+
+def evaluate_model(
+    model: Classifier,
+    records: Sequence[CellRecord],
+    json_out: Path | None = None,
+    anomaly_records: Sequence[CellRecord] = (),
+    anomaly_label: str = "blast",
+    excluded: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Evaluate on labelled cells (and optionally anomaly vs normal cells); write JSON and PNG plots beside it."""
+    cells = load_cells(records, model.data_config, progress)
+    if not cells.records:
+        raise DatasetError(f"none of the {len(records)} evaluation cells could be read")
+    labels = label_indices(cells.records, model.classes)
+    began = time.perf_counter()
+    predictions = model.predict(cells.images, progress=progress)
+    seconds = time.perf_counter() - began
+    report = {"model_kind": model.kind, "classes": model.classes, "n_skipped": len(cells.skipped),
+              "skipped": cells.skipped, "n_excluded_seen_in_training": excluded}
+    report.update(evaluate_predictions(predictions, labels, model.classes, seconds))
+    if anomaly_records:
+        anomaly_cells = load_cells(anomaly_records, model.data_config, progress)
+        is_anomaly = np.array([r.label == anomaly_label for r in anomaly_cells.records])
+        if is_anomaly.all() or not is_anomaly.any():
+            raise DatasetError(f"anomaly data needs both '{anomaly_label}' cells and other cells")
+        report.update(anomaly_metrics(model.predict(anomaly_cells.images, progress=progress), is_anomaly))
+        report["n_skipped"] += len(anomaly_cells.skipped)
+        report["skipped"] += anomaly_cells.skipped
+    if json_out is not None:
+        json_out = Path(json_out)
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1))
+        stem = json_out.with_suffix("")
+        report["plots"] = [
+            str(plots.reliability_diagram(predictions.probs, labels, Path(f"{stem}.reliability.png"),
+                                          title=f"{model.kind} reliability")),
+            str(plots.confusion_matrix_plot(labels, predictions.labels, model.classes, Path(f"{stem}.confusion.png"),
+                                            title=f"{model.kind} confusion")),
+        ]
+        json_out.write_text(json.dumps(report, indent=1))
+    return report

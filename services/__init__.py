@@ -1,0 +1,1 @@
+"""Ray Serve applications: thin deployments around library objects (see docs/architecture.md)."""
