@@ -116,6 +116,15 @@ class ScoringConfig(_Section):
         return self
 
 
+class RegistryConfig(_Section):
+    """Where models are tracked and registered (MLflow)."""
+
+    tracking_uri: str = Field("sqlite:///.cytoloop/mlflow/mlflow.db", description="MLflow tracking URI")
+    experiment: str = "cytoloop"
+    model_name: str = Field("cytoloop-cells", description="registered model name")
+    cache_dir: Path = Field(Path(".cytoloop/models"), description="downloaded model versions")
+
+
 class Settings(BaseSettings):
     """All of CytoLoop's configuration, one section per concern."""
 
@@ -127,6 +136,7 @@ class Settings(BaseSettings):
     baseline: BaselineModelConfig = BaselineModelConfig()
     train: TrainConfig = TrainConfig()
     scoring: ScoringConfig = ScoringConfig()
+    registry: RegistryConfig = RegistryConfig()
     home: Path = Field(Path(".cytoloop"), description="where runs, stores and service data live")
 
 
