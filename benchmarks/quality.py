@@ -28,8 +28,9 @@ from cytoloop.data import load_records, select
 from cytoloop.models import load_model
 from cytoloop.workflows import evaluate_model, held_out, label_indices, train_model
 
+from _docs import DOCS, replace_section
+
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def bootstrap_balanced_accuracy(report: dict, n_classes: int) -> tuple[float, float]:
@@ -80,7 +81,7 @@ def main() -> None:
     table = render(rows, args)
     print(table)
     if args.write_docs:
-        replace_section(DOCS, "quality", table)
+        replace_section(DOCS, "quality", table, title="Quality: diffusion classifier vs CNN baseline")
 
 
 def render(rows: list[dict], args: argparse.Namespace) -> str:
@@ -110,18 +111,6 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in r["in_domain"]["anomaly_auroc_by_score"].items())
         lines.append(f"- {r['kind']}: primary {r['in_domain']['anomaly_auroc']:.3f}; {scores}")
     return "\n".join(lines) + "\n"
-
-
-def replace_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` (appending the section if absent)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + f"\n\n## Quality: diffusion classifier vs CNN baseline\n\n{block}\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

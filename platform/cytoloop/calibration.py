@@ -1,10 +1,13 @@
 """Calibration: turning scores into probabilities a hematologist can take at face value.
 
-Two things are fitted on the validation part of the split, never on test data:
+Three things are fitted on the validation part of the split, never on test data:
 - timestep weights w(t) for the diffusion classifier: each stratum of timesteps is weighted by how well it
   separates the true class from the others (mean margin over its variance, the optimal weight for combining
   independent noisy measurements), so uninformative timesteps stop diluting the decision;
-- a temperature T for both models: probabilities are softmax(logits / T) with T minimising validation NLL.
+- a temperature T for both models: probabilities are softmax(logits / T) with T minimising validation NLL;
+- the elimination rule of adaptive scoring (`tune_scoring`): the cheapest (min_trials, elimination_p) whose
+  decisions agree with exhaustive scoring on enough validation cells, found by replaying logged exhaustive
+  trials (no extra denoiser calls).
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from cytoloop.scoring import TrialLog
+from cytoloop.config import ScoringConfig
+from cytoloop.scoring import TrialLog, replay, summarise_log
+
+TUNING_MIN_TRIALS = (2, 3, 4, 6, 8, 12)  # the first test needs two trials, so 1 acts as 2
+TUNING_P_VALUES = (0.2, 0.1, 0.05, 0.02, 1e-2, 5e-3, 2e-3, 1e-3)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -74,3 +81,53 @@ def calibrate(model, images: np.ndarray, labels: np.ndarray, progress: bool = Fa
     else:
         model.temperature = fit_temperature(model.logits(images), labels)
     return model
+
+
+def decision(log: TrialLog, weights: np.ndarray) -> int:
+    """The class a cell's trials decide for (lowest mean relative weighted error)."""
+    return int(np.argmin(summarise_log(log, weights)[0]))
+
+
+def trials_needed(log: TrialLog, weights: np.ndarray) -> int:
+    """How many trials of an exhaustive log a cell really needs: the shortest prefix after which the running
+    decision never changes again. A lower bound for any stopping rule (a rule cannot know it has stopped
+    at the right time)."""
+    errors = np.stack(log.errors) * weights[np.asarray(log.strata)][:, None]
+    relative = errors - errors.min(axis=1, keepdims=True)
+    running = np.cumsum(relative, axis=0).argmin(axis=1)
+    changed = np.flatnonzero(running != running[-1])
+    return int(changed[-1] + 2) if len(changed) else 1
+
+
+def tune_scoring(
+    logs: list[TrialLog],
+    weights: np.ndarray,
+    config: ScoringConfig,
+    target_agreement: float = 0.99,
+    min_trials: tuple[int, ...] = TUNING_MIN_TRIALS,
+    p_values: tuple[float, ...] = TUNING_P_VALUES,
+) -> tuple[ScoringConfig, list[dict]]:
+    """The cheapest elimination rule whose decisions agree with exhaustive scoring on `target_agreement` of cells.
+
+    `logs` are exhaustive trials (every class, every trial) of validation cells; the exhaustive decision is the
+    one over the whole log. Every (min_trials, elimination_p) pair is replayed with `check_every = 1`; the
+    pair with the fewest mean evaluations among those meeting the target wins (ties: the more conservative).
+    If none meets it, `config` is returned unchanged. Returns the chosen config and one row per candidate.
+    """
+    if not logs:
+        raise ValueError("cannot tune on zero validation cells")
+    reference = np.array([decision(log, weights) for log in logs])
+    rows, best = [], None
+    for m in min_trials:
+        for p in p_values:
+            candidate = config.model_copy(update={"min_trials": m, "check_every": 1, "elimination_p": p})
+            replays = [replay(log, candidate, weights) for log in logs]
+            decided = np.array([decision(r, weights) for r, _ in replays])
+            evals = np.array([e for _, e in replays])
+            row = {"min_trials": m, "elimination_p": p, "agreement": float(np.mean(decided == reference)),
+                   "evals_mean": float(evals.mean()), "evals_p95": float(np.percentile(evals, 95))}
+            rows.append(row)
+            cheaper = best is None or row["evals_mean"] <= best[0]["evals_mean"]
+            if row["agreement"] >= target_agreement and cheaper:
+                best = (row, candidate)
+    return (config if best is None else best[1]), rows

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 
 class _Section(BaseModel):
@@ -24,13 +24,24 @@ class DataConfig(_Section):
     """How a cell image becomes a model input. Saved with every model so serving can never drift from training."""
 
     image_size: int = Field(32, ge=16, le=512, description="model resolution in pixels (square)")
+    crop: Literal["center", "cell"] = Field(
+        "cell",
+        description="'center': the central square (crop_fraction of the shorter side); 'cell': a square centred on "
+        "the nucleus and sized to it, so cells from labs with other magnifications come out at the same scale",
+    )
     crop_fraction: float = Field(
         0.8, gt=0.1, le=1.0, description="side of the central square crop, as a fraction of the shorter side"
     )
+    cell_scale: float = Field(2.2, gt=0.5, le=10.0, description="'cell' crop: half side = this x nucleus radius")
     stain_normalization: Literal["none", "reinhard"] = Field(
         "reinhard",
         description="'reinhard' matches each cell's colour moments (in l-alpha-beta space) to a fixed reference, "
         "removing most of the stain and camera shift between labs",
+    )
+    stain_reference: tuple[float, float, float, float, float, float] | None = Field(
+        None,
+        description="Reinhard target (mean and std of l, alpha, beta); None: the built-in typical smear. A site "
+        "model adapted with stain normalisation targets its champion's training colours",
     )
 
 
@@ -85,7 +96,7 @@ class TrainConfig(_Section):
 class ScoringConfig(_Section):
     """How the diffusion classifier turns denoising errors into a decision (see docs/method.md)."""
 
-    min_trials: int = Field(20, ge=2, description="trials before any class may be eliminated")
+    min_trials: int = Field(20, ge=1, description="trials before any class may be eliminated")
     max_trials: int = Field(200, ge=2, description="a cell still undecided after this many trials stops here")
     check_every: int = Field(5, ge=1, description="trials between elimination tests")
     elimination_p: float = Field(
@@ -98,6 +109,12 @@ class ScoringConfig(_Section):
     score_null_class: bool = Field(
         True, description="also denoise with the null class so the anomaly score can compare against 'any cell'"
     )
+    null_trials: int | None = Field(
+        None,
+        ge=1,
+        description="denoise with the null class only on a cell's first this-many trials (the anomaly score is "
+        "their mean; the decision never needs the null class); None: on every trial",
+    )
     anomaly_score: Literal["null_ratio", "min_error"] = Field(
         "null_ratio",
         description="'null_ratio': best class error minus null-class error (no class explains the cell better than "
@@ -105,7 +122,32 @@ class ScoringConfig(_Section):
     )
     batch_size: int = Field(256, ge=1, description="denoiser inputs per forward pass (cells x classes)")
     calibration_trials: int = Field(30, ge=2, description="exhaustive trials per validation cell to fit w(t)")
+    tuning_trials: int = Field(
+        200, ge=2, description="exhaustive trials per validation cell that `tune_scoring` must agree with"
+    )
+    tuning_agreement: float = Field(
+        0.99, gt=0.0, le=1.0, description="fraction of validation cells whose tuned decision must match exhaustive"
+    )
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the denoiser runs; auto: cuda if present")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="autocast dtype of the denoiser; bf16 is ~2.5x faster on CPUs with avx512_bf16/AMX and on GPUs "
+        "(docs/benchmarks.md measures how often it changes a decision); fp16 on CUDA only",
+    )
+    channels_last: bool = Field(False, description="run the denoiser in channels-last memory format")
+    compile: bool = Field(
+        False,
+        description="torch.compile the denoiser: 1.6-1.8x faster per evaluation on this CPU once compiled, but "
+        "each new batch shape compiles again and adaptive scoring makes many, so one 64-cell run was several times "
+        "slower; it pays off only in a long-running process (a service), not in one `cytoloop evaluate` run",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads while scoring; None leaves torch's default. On a CPU shared with other work "
+        "use 1: oversubscribed threads spin and wait (2 threads on a loaded 2-core machine ran several times slower)",
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "ScoringConfig":
@@ -113,6 +155,8 @@ class ScoringConfig(_Section):
             raise ValueError(f"t_max ({self.t_max}) must be larger than t_min ({self.t_min})")
         if self.max_trials < self.min_trials:
             raise ValueError(f"max_trials ({self.max_trials}) must be at least min_trials ({self.min_trials})")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision fp16 needs device cuda (CPUs autocast to bf16)")
         return self
 
 
@@ -123,6 +167,216 @@ class RegistryConfig(_Section):
     experiment: str = "cytoloop"
     model_name: str = Field("cytoloop-cells", description="registered model name")
     cache_dir: Path = Field(Path(".cytoloop/models"), description="downloaded model versions")
+
+
+class StackConfig(_Section):
+    """The local services `cytoloop stack up` starts on one host; their data lives under `Settings.home`.
+
+    Secrets left unset (None) are generated on the first `stack up` and kept in `<home>/secrets.json` (mode 0600),
+    so a fresh checkout works without inventing passwords, and a restart keeps the same ones.
+    """
+
+    host: str = Field("127.0.0.1", description="interface every service binds")
+    label_studio_port: int = Field(8080, ge=1, le=65535)
+    label_studio_version: str = Field("1.23.*", description="pip specifier of the Label Studio server")
+    label_studio_venv: Path | None = Field(
+        None,
+        description="virtualenv of the Label Studio server (an application, kept out of our venv); created on first "
+        "use (~2 min). None: ~/.cache/cytoloop/venvs/label-studio-<version>, shared by all checkouts of a machine",
+    )
+    admin_email: str = "admin@cytoloop.local"
+    admin_password: SecretStr | None = None
+    admin_token: SecretStr | None = Field(None, description="Label Studio API token of the admin (legacy token)")
+    images_root: Path = Field(
+        Path("."), description="folder Label Studio may serve cell images from (each project's local storage)"
+    )
+    mlflow_server: bool = Field(False, description="also run `mlflow server` (UI); else MLflow is just a SQLite file")
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    ray: bool = Field(True, description="start a local Ray head")
+    ray_port: int = Field(6379, ge=1, le=65535)
+    ray_num_cpus: int | None = Field(None, ge=1)
+    start_timeout_s: float = Field(180.0, gt=0, description="how long a service may take to answer its health check")
+
+
+class RoutingConfig(_Section):
+    """Which scored cells a hematologist sees (see docs/review-loop.md)."""
+
+    review_below: float = Field(0.7, ge=0.0, le=1.0, description="confidence under which a cell goes to review")
+    anomaly_above: float | None = Field(
+        None, description="anomaly score over which a cell is an anomaly; its scale is per model, None disables"
+    )
+    always_review: list[str] = Field(["blast"], description="predicted classes that always go to senior review")
+    audit_fraction: float = Field(
+        0.02, ge=0.0, le=1.0, description="share of confident cells reviewed anyway, to measure the auto-accept error"
+    )
+    seed: int = Field(0, description="seed of the audit draw (deterministic per cell id)")
+    budget: int = Field(200, ge=0, description="cells sent to Label Studio per routing round")
+    near_duplicate: float = Field(
+        0.02, ge=0.0, description="cells of one sample and class whose signatures (image thumbnails) differ by less "
+        "(mean absolute difference) are near-duplicates: only one is sent"
+    )
+
+
+class ReviewConfig(_Section):
+    """The Label Studio side of the review loop: projects, label sync, consensus."""
+
+    label_studio_url: str | None = Field(None, description="None: the stack's http://<host>:<label_studio_port>")
+    project_title: str = Field("CytoLoop review: {site}", description="title of each site's project ({site})")
+    labels_required: int = Field(2, ge=1, description="labels a cell needs before its consensus counts")
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = Field(8099, ge=1, le=65535, description="where our webhook receiver listens")
+    webhook_secret: SecretStr | None = Field(None, description="shared secret Label Studio sends; None: generated")
+    poll_every_s: float = Field(60.0, gt=0, description="period of the poll that catches missed webhooks")
+    push_batch: int = Field(100, ge=1, description="tasks per import request")
+
+
+class FinetuneConfig(_Section):
+    """The fine-tuning job (Ray Train): from the champion, on consensus labels plus the unlabeled pool.
+
+    Batch size, EMA, checkpoint and log periods come from `train`; these replace its budget and learning rate,
+    since fine-tuning starts from trained weights. The first export a scope (global or a site) sees is split once
+    into training cells and frozen validation/evaluation sets kept in `<home>/frozen/<scope>/` (pre-seed those
+    manifests to choose them yourself); later runs never train on a frozen cell.
+    """
+
+    steps: int = Field(500, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers; more than one trains data-parallel (DDP)")
+    use_gpu: bool = False
+    storage_path: Path = Field(
+        Path(".cytoloop/ray-train"), description="Ray Train checkpoints (made absolute; shared storage on a cluster)"
+    )
+    max_failures: int = Field(2, ge=-1, description="worker failures a run survives, each resuming from its checkpoint")
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of the first export frozen for calibration")
+    eval_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share of the first export frozen for the gate")
+
+
+class AdaptConfig(_Section):
+    """Hospital adaptation: a site model fine-tuned from the champion on that hospital's labelled cells."""
+
+    steps: int = Field(200, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    hed_sigma: float = Field(0.1, ge=0.0, le=0.5, description="stain augmentation, stronger than in training")
+    hed_bias: float = Field(0.1, ge=0.0, le=0.5)
+    stain_normalize: bool = Field(
+        False, description="normalise the site's cells to the champion's training colour reference (Reinhard)"
+    )
+
+
+class RetrainConfig(_Section):
+    """When a retrain is due: enough new consensus labels, or enough time with some, or a drift flag."""
+
+    min_new_labels: int = Field(200, ge=1, description="N: due as soon as this many new consensus labels arrived")
+    max_hours: float = Field(168.0, gt=0, description="T: due after this many hours since the last retrain ...")
+    min_labels_after_hours: int = Field(20, ge=0, description="M: ... if at least this many new labels arrived")
+    on_drift: bool = Field(True, description="a drift flag makes a retrain due (given at least M new labels)")
+
+
+class PromotionConfig(_Section):
+    """The gate a challenger passes before an alias moves to it: no metric worse than the champion's beyond these."""
+
+    balanced_accuracy_tolerance: float = Field(0.01, ge=0.0, le=1.0)
+    ece_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    anomaly_auroc_tolerance: float = Field(0.02, ge=0.0, le=1.0)
+    audited_manifest: Path | None = Field(None, description="audited cells, evaluated with the frozen set")
+    anomaly_manifest: Path | None = Field(None, description="anomalies and normal cells; None skips the AUROC check")
+    anomaly_label: str = "blast"
+
+
+class DriftConfig(_Section):
+    """Drift per model version and site, per time window, against the training reference and the first window."""
+
+    window_hours: float = Field(24.0, gt=0)
+    min_cells: int = Field(50, ge=1, description="a window with fewer cells is logged but raises no flag")
+    psi_bins: int = Field(10, ge=2, description="quantile bins of the training reference for the PSI")
+    psi_threshold: float = Field(0.25, gt=0, description="stain drift: PSI of any colour statistic above this ...")
+    ks_alpha: float = Field(0.01, gt=0, lt=1, description="... whose KS test is significant at this level (Bonferroni)")
+    ece_threshold: float = Field(0.1, gt=0, description="calibration drift: ECE on reviewed cells above this")
+    accuracy_drop: float = Field(0.1, gt=0, description="calibration drift: accuracy this far under the first window")
+    confidence_drop: float = Field(0.1, gt=0, description="confidence drift: mean confidence this far under the first")
+    review_rise: float = Field(0.15, gt=0, description="confidence drift: review fraction this far over the first")
+
+
+class ServeConfig(_Section):
+    """The classifier over HTTP (Ray Serve, `cytoloop serve`, infra/serve.yaml): limits, batching, model source.
+
+    Models come from `model_dir` when it is set (one model for every site), else from the registry: the version
+    behind `<model_name>@champion-<site>`, falling back to `@champion`. Replicas re-read those aliases every
+    `alias_poll_s` and switch to a moved alias's version without failing a request in flight.
+    """
+
+    host: str = Field("127.0.0.1", description="interface the HTTP proxy binds")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = Field("cytoloop", description="Ray Serve application name")
+    model_dir: Path | None = Field(None, description="serve this local model directory instead of the registry")
+    model_name: str | None = Field(None, description="registered model to serve; None: registry.model_name")
+    alias_poll_s: float = Field(30.0, gt=0, description="how often replicas re-resolve their models' aliases")
+    max_batch_size: int = Field(
+        16, ge=1, description="requests one model call combines (@serve.batch, plus those arriving while it runs)"
+    )
+    batch_wait_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="per classifier replica; above max_batch_size, or batches can never fill"
+    )
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target per classifier replica")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per classifier replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per classifier replica (fractions share one GPU)")
+    torch_threads: int | None = Field(1, ge=1, description="torch threads per classifier replica; None: torch default")
+    max_cells_per_request: int = Field(256, ge=1)
+    max_image_bytes: int = Field(5_000_000, ge=1, description="largest accepted image file")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest accepted width x height")
+    api_key: SecretStr | None = Field(None, description="required in the X-API-Key header when set; never logged")
+
+    @model_validator(mode="after")
+    def _check_batching(self) -> "ServeConfig":
+        if self.max_ongoing_requests <= self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be larger than max_batch_size "
+                             f"({self.max_batch_size}), or batches can never fill")
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be at least min_replicas ({self.min_replicas})")
+        return self
+
+
+class DifferentialConfig(_Section):
+    """The per-smear triage: when a differential count may pass as routine and when a hematologist must look."""
+
+    min_cells: int = Field(100, ge=1, description="a smear with fewer classified cells is flagged 'too few cells'")
+    max_review_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="a smear with more cells routed to review or anomaly is flagged"
+    )
+    blasts_min_cells: int = Field(
+        2, ge=1, description="'blasts suspected' needs at least this many cells routed 'anomaly' (routing.anomaly_above "
+        "or a routing.always_review class such as blast) ..."
+    )
+    blasts_min_fraction: float = Field(0.02, ge=0.0, le=1.0, description="... and at least this share of the cells")
+
+
+class CascadeConfig(_Section):
+    """The cascade: a small CNN distilled from the diffusion classifier answers the cells it is sure of and
+    defers the rest to the diffusion classifier (docs/benchmarks.md has the accuracy/speed curve)."""
+
+    threshold: float = Field(
+        0.9,
+        ge=0.0,
+        description="the student answers a cell when its calibrated confidence is at least this; 0 never defers, "
+        "above 1 always defers",
+    )
+    defer_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="when set, distillation picks the threshold that defers this fraction of validation cells",
+    )
+    label_weight: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="on labelled cells the student's target is this much the label and the rest the teacher's "
+        "probabilities; unlabeled cells learn the teacher's probabilities alone",
+    )
 
 
 class Settings(BaseSettings):
@@ -136,7 +390,18 @@ class Settings(BaseSettings):
     baseline: BaselineModelConfig = BaselineModelConfig()
     train: TrainConfig = TrainConfig()
     scoring: ScoringConfig = ScoringConfig()
+    cascade: CascadeConfig = CascadeConfig()
     registry: RegistryConfig = RegistryConfig()
+    stack: StackConfig = StackConfig()
+    routing: RoutingConfig = RoutingConfig()
+    review: ReviewConfig = ReviewConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    adapt: AdaptConfig = AdaptConfig()
+    retrain: RetrainConfig = RetrainConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    drift: DriftConfig = DriftConfig()
+    serve: ServeConfig = ServeConfig()
+    differential: DifferentialConfig = DifferentialConfig()
     home: Path = Field(Path(".cytoloop"), description="where runs, stores and service data live")
 
 
@@ -147,7 +412,9 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
     Raises pydantic's ValidationError naming each bad field; the CLI turns it into a readable message.
     """
     values: dict = json.loads(Path(path).read_text()) if path else {}
-    values = _deep_merge(values, Settings().model_dump(exclude_unset=True))
+    # the environment alone, unvalidated: validating it against the defaults would reject values that are only
+    # valid together with the file's (e.g. max_trials below the default min_trials)
+    values = _deep_merge(values, EnvSettingsSource(Settings)())
     values = _deep_merge(values, overrides or {})
     return Settings(**values)
 

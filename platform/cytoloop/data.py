@@ -139,6 +139,9 @@ def stratified_split(
         counts = [int(round(fractions[n] * len(members))) for n in names[1:]]
         while sum(counts) >= len(members) and any(counts):  # keep one for the first part
             counts[counts.index(max(counts))] -= 1
+        for i, count in enumerate(counts):  # a rare class still gets a cell in each later part, while it can
+            if count == 0 and len(members) - sum(counts) > 1:
+                counts[i] = 1
         start = len(members) - sum(counts)
         parts[names[0]].extend(members[:start])
         for name, count in zip(names[1:], counts):

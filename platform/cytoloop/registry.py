@@ -4,19 +4,28 @@ A model version is a run whose artifact folder `model/` holds a CytoLoop model d
 weights.pt, split.json, plots); the registered version points at it. Aliases, never stages, say what is
 served: `champion` globally and `champion-<site>` per hospital, falling back to the global one. MLflow is
 imported only here, lazily, so the rest of the library works without it.
+
+Every alias move goes through `move_alias`, which records who moved which alias from which version to which, when
+and why: as a tag on the registered model (the shared record, `alias_move.<time>`) and as a line in a local
+JSON-lines log (`audit_log`). `rollback` walks that history back.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, load_model
 
 CHAMPION = "champion"
-MODEL_ARTIFACTS = (MODEL_FILE, WEIGHTS_FILE, "split.json", "training.json", "learning_curve.png")
+MODEL_ARTIFACTS = (MODEL_FILE, WEIGHTS_FILE, "split.json", "training.json", "learning_curve.png",
+                   "colour_reference.json")
+ALIAS_MOVE_TAG = "alias_move."
 
 
 class RegistryError(LookupError):
@@ -25,6 +34,21 @@ class RegistryError(LookupError):
 
 def site_alias(site: str | None) -> str:
     return f"{CHAMPION}-{site}" if site else CHAMPION
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """One alias move of the audit trail. `action`: gate (the promotion gate passed), override (a person promoted
+    despite the gate), rollback, or manual."""
+
+    time: str
+    who: str
+    why: str
+    action: str
+    name: str
+    alias: str
+    from_version: str | None
+    to_version: str
 
 
 @dataclass(frozen=True)
@@ -39,14 +63,26 @@ class VersionInfo:
 class Registry:
     """A thin, typed wrapper over `MlflowClient` for logging, aliasing and fetching CytoLoop models."""
 
-    def __init__(self, tracking_uri: str, experiment: str = "cytoloop"):
+    def __init__(self, tracking_uri: str, experiment: str = "cytoloop", audit_log: Path | None = None):
         import mlflow
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        self.audit_log = Path(audit_log) if audit_log else None
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def _experiment_id(self) -> str:
+        """The experiment's id, creating it on first use; with a SQLite store its artifacts go next to the
+        database (else MLflow would put them in ./mlruns of whatever the working directory is)."""
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            location = (Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+        return self.client.create_experiment(self.experiment, artifact_location=location)
 
     def log_model(
         self,
@@ -60,7 +96,7 @@ class Registry:
         """Log a model directory (without its training checkpoints) as a run and register it as a new version."""
         import mlflow
 
-        mlflow.set_experiment(self.experiment)
+        mlflow.set_experiment(experiment_id=self._experiment_id())
         with tempfile.TemporaryDirectory() as staging:
             staged = Path(staging) / "model"
             staged.mkdir()
@@ -104,6 +140,92 @@ class Registry:
 
     def set_tag(self, name: str, version: str, key: str, value: str) -> None:
         self.client.set_model_version_tag(name, str(version), key, value)
+
+    def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.set_tag(name, version, key, str(value))
+
+    def move_alias(
+        self, name: str, alias: str, version: str, why: str, action: str = "manual", who: str | None = None
+    ) -> AliasMove:
+        """Point `alias` at `version` and record the move (who, when, why, from which version) in the audit trail.
+
+        `why` is required: an alias decides which model reads patients' cells, so every move must say why.
+        """
+        if not why.strip():
+            raise ValueError("an alias move needs a reason (why)")
+        self.version(name, version)  # fails clearly for an unknown model or version
+        try:
+            previous = self.by_alias(name, alias).version
+        except RegistryError:
+            previous = None
+        move = AliasMove(
+            time=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            who=who or getpass.getuser(),
+            why=why,
+            action=action,
+            name=name,
+            alias=alias,
+            from_version=previous,
+            to_version=str(version),
+        )
+        self.set_alias(name, alias, version)
+        stamp = move.time.replace(":", "").replace("-", "").replace("+0000", "Z")
+        self.client.set_registered_model_tag(name, f"{ALIAS_MOVE_TAG}{stamp}", json.dumps(asdict(move)))
+        if self.audit_log is not None:
+            self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+            with self.audit_log.open("a") as handle:
+                handle.write(json.dumps(asdict(move)) + "\n")
+        return move
+
+    def alias_history(self, name: str, alias: str | None = None) -> list[AliasMove]:
+        """The recorded alias moves of a registered model, oldest first (all aliases, or only `alias`)."""
+        model = self._call(lambda: self.client.get_registered_model(name), name)
+        moves = [AliasMove(**json.loads(value)) for key, value in sorted((model.tags or {}).items())
+                 if key.startswith(ALIAS_MOVE_TAG)]
+        return [m for m in moves if alias is None or m.alias == alias]
+
+    def rollback(self, name: str, alias: str, why: str, who: str | None = None) -> AliasMove:
+        """Move `alias` back to the version it pointed at before its latest (not rolled-back) move."""
+        stack: list[str] = []
+        for move in self.alias_history(name, alias):
+            if move.action == "rollback":
+                stack.pop()
+            else:
+                if not stack and move.from_version is not None:  # the alias was set before the trail began
+                    stack.append(move.from_version)
+                stack.append(move.to_version)
+        if len(stack) < 2:
+            raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
+        return self.move_alias(name, alias, stack[-2], why, action="rollback", who=who)
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """Every alias of a registered model and the version it points at."""
+        model = self._call(lambda: self.client.get_registered_model(name), name)
+        return dict(getattr(model, "aliases", None) or {})
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        found = self.client.search_model_versions(f"name = '{name}'")
+        return sorted((self._info(v) for v in found), key=lambda v: int(v.version))
+
+    def log_series(self, run_name: str, tags: dict[str, str], points: list[tuple[int, int, dict[str, float]]]) -> str:
+        """Append metric points (step, unix time in ms, {metric: value}) to the run tagged `tags`, created once;
+        returns the run id. Drift uses this: one run per model version and site, one step per time window."""
+        from mlflow.entities import Metric
+
+        experiment_id = self._experiment_id()
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([experiment_id], query, max_results=1)
+        run_id = runs[0].info.run_id if runs else self.client.create_run(
+            experiment_id, tags={**tags, "mlflow.runName": run_name}).info.run_id
+        metrics = [Metric(key, float(value), timestamp, step) for step, timestamp, values in points
+                   for key, value in values.items() if value is not None]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        return run_id
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
     def download(self, name: str, version: str, destination: Path) -> Path:
         """Fetch a version's model directory into `destination` (created) and return it."""
@@ -157,3 +279,12 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
         name, version = rest.split("/", 1)
         return name, None, version
     raise RegistryError(f"{uri!r} names no alias or version")
+
+
+def open_registry(settings) -> Registry:
+    """The registry of a `Settings`: its tracking URI and experiment, and the audit log under `<home>/registry/`."""
+    uri = settings.registry.tracking_uri
+    if uri.startswith("sqlite:///"):  # SQLite creates the database file, not its folder
+        Path(uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
+    return Registry(settings.registry.tracking_uri, settings.registry.experiment,
+                    audit_log=Path(settings.home) / "registry" / "alias-moves.jsonl")

@@ -6,7 +6,8 @@ call. The error of class c is the mean squared error between eps and its predict
 cell, not the background), times a weight w(t) fitted to where classes differ most. Classes are compared trial
 by trial (paired), so the shared noise cancels; after `min_trials`, every `check_every` trials a one-sided paired
 t-test drops each class that is clearly worse than the best one, and a cell is decided when one class is left or
-it reaches `max_trials`.
+it reaches `max_trials`. With `null_trials = k` only a cell's first k trials also denoise under the null class:
+the anomaly score needs a few of them, the decision none.
 
 Cells are scored together: the (cell, class, trial) inputs of all undecided cells are packed into large denoiser
 batches, and a decided cell leaves the batch. Every cell draws its timesteps and noise from its own generator,
@@ -22,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special
 
 from cytoloop.config import ScoringConfig
 
@@ -97,11 +98,13 @@ def score_cells(
     config: ScoringConfig,
     timestep_weights: np.ndarray | None = None,
     progress: bool = False,
+    device: torch.device | str = "cpu",
 ) -> ScoreResult:
     """Score preprocessed cells (N, 3, S, S) in [-1, 1] against `n_classes` classes (see module docstring).
 
     `timestep_weights` (length `config.timestep_bins`) weight each stratum's errors; None weighs all equally.
-    For exhaustive scoring, set `min_trials == max_trials`.
+    For exhaustive scoring, set `min_trials == max_trials`. Noise is always drawn on the CPU (so a cell gets the
+    same trials on any machine); noising and the errors are computed on `device`, where `denoise` runs.
     """
     from tqdm.auto import tqdm
 
@@ -121,8 +124,8 @@ def score_cells(
             n = len(cell.log.strata)
             block = config.min_trials - n if n < config.min_trials else config.check_every
             block = min(block, config.max_trials - n)
-            jobs.extend((cell, _draw_trial(cell, config, alphas_cumprod.shape[0])) for _ in range(block))
-        _run_trials(denoise, alphas_cumprod, jobs, null_class, config, mask)
+            jobs.extend((cell, n + k, _draw_trial(cell, config, alphas_cumprod.shape[0])) for k in range(block))
+        _run_trials(denoise, alphas_cumprod, jobs, null_class, config, mask, torch.device(device))
         for cell in pending:
             if _decide(cell, config, weights):
                 cell.done = True
@@ -141,29 +144,34 @@ def _draw_trial(cell: _CellState, config: ScoringConfig, num_timesteps: int) -> 
     return stratum, min(t, t_max - 1), noise
 
 
-def _run_trials(denoise, alphas_cumprod, jobs, null_class: int, config: ScoringConfig, mask: torch.Tensor) -> None:
+def _run_trials(
+    denoise, alphas_cumprod, jobs, null_class: int, config: ScoringConfig, mask: torch.Tensor, device: torch.device
+) -> None:
     """Evaluate all (trial, class) pairs of `jobs` in batches and append the errors to each cell's log."""
     entries = []  # (job index, class index)
-    for j, (cell, _) in enumerate(jobs):
-        classes = np.flatnonzero(cell.active).tolist() + ([null_class] if config.score_null_class else [])
+    for j, (cell, trial, _) in enumerate(jobs):
+        classes = np.flatnonzero(cell.active).tolist() + ([null_class] if wants_null(trial, config) else [])
         entries.extend((j, c) for c in classes)
     errors = torch.empty(len(entries))
+    mask = mask.to(device)
     mask_pixels = mask.sum() * jobs[0][0].image.shape[0]
+    alphas_cumprod = alphas_cumprod.to(device)
     with torch.inference_mode():
         for start in range(0, len(entries), config.batch_size):
             chunk = entries[start : start + config.batch_size]
-            x0 = torch.stack([jobs[j][0].image for j, _ in chunk])
-            noise = torch.stack([jobs[j][1][2] for j, _ in chunk])
-            t = torch.tensor([jobs[j][1][1] for j, _ in chunk])
-            c = torch.tensor([cls for _, cls in chunk])
+            x0 = torch.stack([jobs[j][0].image for j, _ in chunk]).to(device, non_blocking=True)
+            noise = torch.stack([jobs[j][2][2] for j, _ in chunk]).to(device, non_blocking=True)
+            t = torch.tensor([jobs[j][2][1] for j, _ in chunk], device=device)
+            c = torch.tensor([cls for _, cls in chunk], device=device)
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
             predicted = denoise(x_t, t, c).float()
-            errors[start : start + len(chunk)] = ((predicted - noise) ** 2 * mask).sum(dim=(1, 2, 3)) / mask_pixels
+            error = ((predicted - noise) ** 2 * mask).sum(dim=(1, 2, 3)) / mask_pixels
+            errors[start : start + len(chunk)] = error.cpu()
     per_job: dict[int, dict[int, float]] = {}
     for (j, c), e in zip(entries, errors.tolist()):
         per_job.setdefault(j, {})[c] = e
-    for j, (cell, (stratum, _, _)) in enumerate(jobs):
+    for j, (cell, _, (stratum, _, _)) in enumerate(jobs):
         row = np.full(len(cell.active), np.nan)
         for c, e in per_job[j].items():
             if c != null_class:
@@ -174,29 +182,70 @@ def _run_trials(denoise, alphas_cumprod, jobs, null_class: int, config: ScoringC
         cell.evals += len(per_job[j])
 
 
+def wants_null(trial: int, config: ScoringConfig) -> bool:
+    """Whether trial number `trial` (0-based) of a cell also denoises under the null class."""
+    return config.score_null_class and (config.null_trials is None or trial < config.null_trials)
+
+
 def _decide(cell: _CellState, config: ScoringConfig, weights: np.ndarray) -> bool:
     """Eliminate clearly worse classes; True when the cell needs no more trials."""
-    n = len(cell.log.strata)
-    if n >= config.max_trials or cell.active.sum() == 1:
-        return True
-    if n < config.min_trials:
-        return False
-    errors = np.stack(cell.log.errors) * weights[np.asarray(cell.log.strata)][:, None]
-    active = np.flatnonzero(cell.active)
-    means = errors[:, active].mean(axis=0)
-    best = active[int(np.argmin(means))]
-    for c in active:
-        if c == best:
-            continue
-        diff = errors[:, c] - errors[:, best]
-        sd = diff.std(ddof=1)
-        if sd == 0:
-            p = 0.0 if diff.mean() > 0 else 1.0
-        else:
-            p = float(stats.t.sf(diff.mean() / (sd / np.sqrt(n)), df=n - 1))
-        if p < config.elimination_p:
-            cell.active[c] = False
-    return cell.active.sum() == 1
+    weighted = np.stack(cell.log.errors) * weights[np.asarray(cell.log.strata)][:, None]
+    cell.active, done = decide(weighted, cell.active, config)
+    return done
+
+
+def decide(weighted: np.ndarray, active: np.ndarray, config: ScoringConfig) -> tuple[np.ndarray, bool]:
+    """One elimination step on a cell's weighted errors so far, (n_trials, n_classes): returns the classes still in
+    play and whether the cell is decided. Columns of classes out of play are ignored.
+
+    A pure function of what was measured, shared by the scoring loop and by `replay`, so tuning on logged
+    trials simulates exactly what scoring would do.
+    """
+    n = len(weighted)
+    if n >= config.max_trials or active.sum() == 1:
+        return active, True
+    if n < max(config.min_trials, 2):  # a paired t-test needs two trials
+        return active, False
+    in_play = np.flatnonzero(active)
+    errors = weighted[:, in_play]
+    best = int(np.argmin(errors.mean(axis=0)))
+    diff = errors - errors[:, [best]]
+    mean, sd = diff.mean(axis=0), diff.std(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = special.stdtr(n - 1, -mean / (sd / np.sqrt(n)))  # one-sided paired t-test: P(T >= t)
+    p = np.where(sd == 0, np.where(mean > 0, 0.0, 1.0), p)
+    active = active.copy()
+    dropped = (p < config.elimination_p) & (np.arange(len(in_play)) != best)
+    active[in_play[dropped]] = False
+    return active, bool(active.sum() == 1)
+
+
+def replay(log: TrialLog, config: ScoringConfig, weights: np.ndarray) -> tuple[TrialLog, int]:
+    """What adaptive scoring under `config` would measure for a cell whose exhaustive trials are `log`.
+
+    A cell's trials (timesteps, noise) come from its own generator and do not depend on which classes are in
+    play, so adaptive scoring sees exactly a prefix of the exhaustive log, restricted to the classes still in
+    play: tuning the elimination rule needs no denoiser. `log` must hold every class in every trial. Returns the
+    replayed log and the denoiser evaluations it would cost (null-class ones as `config` asks).
+    """
+    errors = np.stack(log.errors)
+    weighted = errors * weights[np.asarray(log.strata)][:, None]
+    active = np.ones(errors.shape[1], dtype=bool)
+    limit = min(config.max_trials, len(log.strata))
+    out, evals = TrialLog(), 0
+    while True:
+        n = len(out.strata)
+        block = config.min_trials - n if n < config.min_trials else config.check_every
+        for k in range(n, min(n + block, limit)):
+            out.strata.append(log.strata[k])
+            out.errors.append(np.where(active, errors[k], np.nan))
+            out.null_errors.append(log.null_errors[k] if wants_null(k, config) else np.nan)
+            evals += int(active.sum()) + wants_null(k, config)
+        if len(out.strata) >= limit:
+            return out, evals
+        active, done = decide(weighted[: len(out.strata)], active, config)
+        if done:
+            return out, evals
 
 
 def _summarise(cells: list[_CellState], weights: np.ndarray, config: ScoringConfig) -> ScoreResult:
@@ -214,7 +263,8 @@ def _summarise(cells: list[_CellState], weights: np.ndarray, config: ScoringConf
 def summarise_log(log: TrialLog, weights: np.ndarray) -> tuple[np.ndarray, float, float]:
     """(class_error, min_error, null_ratio) of one cell from its trials under timestep weights `weights`.
 
-    Separate from the trial loop so calibration can re-weight logged trials without running the denoiser again.
+    The null ratio averages over the trials that scored the null class; NaN when none did. Separate from the
+    trial loop so calibration can re-weight logged trials without running the denoiser again.
     """
     w = weights[np.asarray(log.strata)]
     errors = np.stack(log.errors) * w[:, None]
@@ -222,5 +272,7 @@ def summarise_log(log: TrialLog, weights: np.ndarray) -> tuple[np.ndarray, float
     class_error = np.nanmean(relative, axis=0)
     best = int(np.nanargmin(np.nanmean(errors, axis=0) + np.where(np.isnan(errors).any(axis=0), np.inf, 0)))
     best_error = errors[:, best]
-    null_ratio = float(np.mean(best_error - np.asarray(log.null_errors) * w))
+    null_gap = best_error - np.asarray(log.null_errors) * w
+    measured = ~np.isnan(null_gap)  # the null class may be scored on the first trials only (`null_trials`)
+    null_ratio = float(null_gap[measured].mean()) if measured.any() else float("nan")
     return class_error, float(best_error.mean()), null_ratio

@@ -44,12 +44,13 @@ def diffusion_loss(scheduler, null_class: int, config: TrainConfig) -> LossFn:
     num_timesteps = scheduler.config.num_train_timesteps
 
     def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        batch = images.shape[0]
-        dropped = torch.rand(batch, generator=generator) < config.null_class_prob
+        batch, device = images.shape[0], images.device  # random draws stay on the CPU generator, then move
+        dropped = (torch.rand(batch, generator=generator) < config.null_class_prob).to(device)
         classes = torch.where((labels == UNLABELED) | dropped, torch.full_like(labels, null_class), labels)
         t = torch.randint(0, num_timesteps, (batch,), generator=generator)
-        noise = torch.randn(images.shape, generator=generator)
-        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = torch.randn(images.shape, generator=generator).to(device)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1).to(device)
+        t = t.to(device)
         x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
         predicted = network(x_t, t, class_labels=classes).sample
         per_cell = ((predicted - noise) ** 2).mean(dim=(1, 2, 3))
@@ -96,6 +97,8 @@ def fit(
 
     With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps and training resumes from it,
     so an interrupted run continues where it stopped and ends with the same weights as an uninterrupted one.
+    `network` may come wrapped in DistributedDataParallel (Ray Train's `prepare_model`): gradients are then
+    averaged across workers, while the EMA and the checkpoints hold the plain model.
     """
     from tqdm.auto import tqdm
 
@@ -107,7 +110,8 @@ def fit(
     data = torch.as_tensor(images, dtype=torch.float32)
     targets = torch.as_tensor(labels, dtype=torch.long)
     weights = torch.as_tensor(sampling_weights(labels))
-    ema = copy.deepcopy(network).requires_grad_(False)
+    module = getattr(network, "module", network)  # the plain model inside a DistributedDataParallel wrapper
+    ema = copy.deepcopy(module).requires_grad_(False)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     generator = torch.Generator().manual_seed(config.seed)
@@ -116,7 +120,7 @@ def fit(
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
-        network.load_state_dict(state["network"])
+        module.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -124,6 +128,7 @@ def fit(
         torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
         history, start = state["history"], state["step"]
 
+    device = next(module.parameters()).device  # the data stays on the CPU; each batch moves to the model
     began = time.perf_counter()
     network.train()
     bar = tqdm(range(start, config.steps), desc="training", unit="step", disable=not progress, initial=start,
@@ -131,14 +136,14 @@ def fit(
     running = []
     for step in bar:
         index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
-        batch = augment(data[index], augment_config, generator)
-        loss = loss_fn(network, batch, targets[index], generator)
+        batch = augment(data[index], augment_config, generator).to(device)
+        loss = loss_fn(network, batch, targets[index].to(device), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        _update_ema(ema, network, min(config.ema_decay, (1 + step) / (10 + step)))
+        _update_ema(ema, module, min(config.ema_decay, (1 + step) / (10 + step)))
         running.append(loss.item())
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
@@ -151,7 +156,7 @@ def fit(
         if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.steps):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             state = {
-                "network": network.state_dict(),
+                "network": module.state_dict(),
                 "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),

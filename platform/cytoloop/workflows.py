@@ -1,8 +1,10 @@
 """Train and evaluate, end to end: the stages the CLI, the benchmarks and the Ray jobs all call.
 
 `train_model`: select -> split (seeded, written to the model directory) -> preprocess -> fit -> calibrate on the
-validation part -> save. `evaluate_model`: preprocess -> predict -> metrics, JSON and plots. Evaluation never
-scores a cell the model trained or calibrated on: those are excluded by the split the model carries.
+validation part -> save. `evaluate_model`: preprocess -> predict -> metrics, JSON and plots. `tune_model_scoring`:
+fit the adaptive scoring's elimination rule on the validation part. `distill_model`: build a cascade (a student
+CNN distilled from a diffusion model) from the teacher's train part. Evaluation never scores a cell the model
+trained or calibrated on: those are excluded by the split the model carries.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from typing import Literal, Sequence
 import numpy as np
 
 from cytoloop import metrics, plots
-from cytoloop.calibration import calibrate
+from cytoloop.calibration import calibrate, fit_temperature, trials_needed, tune_scoring
+from cytoloop.cascade import CascadeClassifier, distill
 from cytoloop.config import Settings
 from cytoloop.data import CellRecord, DatasetError, read_split, records_fingerprint, stratified_split, write_split
-from cytoloop.models.base import Classifier, Predictions
+from cytoloop.drift import colour_statistics_of, write_colour_reference
+from cytoloop.models.base import Classifier, Predictions, load_model
+from cytoloop.models.diffusion import DiffusionClassifier
 from cytoloop.preprocess import load_cells
 from cytoloop.train import UNLABELED, baseline_loss, diffusion_loss, fit
 
@@ -72,6 +77,9 @@ def train_model(
                 fingerprint=records_fingerprint(records))
     train = load_cells(split["train"], settings.data, progress)
     val = load_cells(split["val"], settings.data, progress)
+    if not val.records:
+        raise DatasetError(f"no validation cells to calibrate on: {len(records)} cells are too few; every "
+                           "(label, domain) group needs at least 2 cells, and calibration wants many more")
     extra = load_cells(unlabeled, settings.data, progress) if kind == "diffusion" and unlabeled else None
     images, labels = train.images, label_indices(train.records, classes)
     if extra is not None:
@@ -113,6 +121,8 @@ def train_model(
     }
     model.info.update({k: report[k] for k in ("steps", "train_seconds", "n_train", "domains", "data_fingerprint")})
     model.save(out)
+    # the colours of the training cells: the reference stain drift is measured against (drift.py)
+    write_colour_reference(out, colour_statistics_of(train.records, settings.data))
     (out / "training.json").write_text(json.dumps(report, indent=1))
     if result.history:
         plots.learning_curve([h["step"] for h in result.history], {"training loss": [h["loss"] for h in result.history]},
@@ -228,3 +238,79 @@ def evaluate_model(
         ]
         json_out.write_text(json.dumps(report, indent=1))
     return report
+
+
+def tune_model_scoring(
+    model: DiffusionClassifier, images: np.ndarray, labels: np.ndarray, progress: bool = False
+) -> dict:
+    """Tune a diffusion model's adaptive scoring on labelled validation cells, in place; returns a report.
+
+    Runs `tuning_trials` exhaustive trials per cell (no null class: the decision never uses it), picks the
+    cheapest elimination rule agreeing with them on `tuning_agreement` of cells (`calibration.tune_scoring`),
+    and refits the temperature for the scores the tuned rule produces (fewer trials, noisier errors).
+    """
+    config = model.scoring_config
+    exhaustive = config.model_copy(
+        update={"min_trials": config.tuning_trials, "max_trials": config.tuning_trials, "score_null_class": False}
+    )
+    logs = model.score(images, exhaustive, progress=progress).logs
+    weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
+    tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
+    model.scoring_config = tuned
+    model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels)
+    needed = np.array([trials_needed(log, weights) for log in logs])
+    chosen = [r for r in rows if tuned is not config and (r["min_trials"], r["elimination_p"]) ==
+              (tuned.min_trials, tuned.elimination_p)]
+    return {
+        "n_cells": int(len(images)),
+        "chosen": chosen[0] if chosen else None,  # None: no candidate met the target, scoring left unchanged
+        "candidates": rows,
+        "trials_needed_mean": float(needed.mean()),
+        "trials_needed_p95": float(np.percentile(needed, 95)),
+        "temperature": model.temperature,
+    }
+
+
+def distill_model(
+    teacher_dir: Path,
+    records: Sequence[CellRecord],
+    settings: Settings,
+    out: Path,
+    unlabeled: Sequence[CellRecord] = (),
+    tune: bool = True,
+    progress: bool = False,
+) -> tuple[CascadeClassifier, dict]:
+    """Build a cascade from a trained diffusion model: (tune its scoring), distil a student, save into `out`.
+
+    The student learns from the teacher's train part (labelled) and from `unlabeled` cells, minus any cell of the
+    teacher's validation or test part; its temperature (and, if asked, the threshold) comes from the validation
+    part. The teacher's split is copied into `out`, so evaluating the cascade excludes the same cells.
+    """
+    teacher = load_model(teacher_dir)
+    if teacher.kind != "diffusion":
+        raise DatasetError(f"{teacher_dir} is a {teacher.kind} model; the teacher must be a diffusion model")
+    out = Path(out)
+    train_records, _ = held_out(records, teacher_dir, part="train")
+    val_records, _ = held_out(records, teacher_dir, part="val")
+    split = json.loads((Path(teacher_dir) / SPLIT_FILE).read_text())
+    reserved = set(split["parts"].get("val", [])) | set(split["parts"].get("test", []))
+    unlabeled = [r for r in unlabeled if r.cell_id not in reserved]
+    train = load_cells(train_records, teacher.data_config, progress)
+    val = load_cells(val_records, teacher.data_config, progress)
+    val_labels = label_indices(val.records, teacher.classes)
+    report: dict = {"teacher": str(teacher_dir)}
+    if tune:
+        report["tuning"] = tune_model_scoring(teacher, val.images, val_labels, progress)
+    images, labels = train.images, label_indices(train.records, teacher.classes)
+    if unlabeled:
+        extra = load_cells(unlabeled, teacher.data_config, progress)
+        images = np.concatenate([images, extra.images])
+        labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
+    cascade, report["distillation"] = distill(
+        teacher, images, labels, val.images, val_labels, settings.cascade, settings.train, settings.augment,
+        settings.baseline, checkpoint_dir=out / "checkpoints", progress=progress,
+    )
+    cascade.save(out)
+    (out / SPLIT_FILE).write_text((Path(teacher_dir) / SPLIT_FILE).read_text())
+    (out / "distill.json").write_text(json.dumps(report, indent=1))
+    return cascade, report

@@ -105,12 +105,17 @@ def read_model_meta(directory: Path) -> dict:
 
 def load_model(directory: Path | str) -> Classifier:
     """Load any CytoLoop model from a local directory (no hub access, ever)."""
+    from cytoloop.cascade import CascadeClassifier
     from cytoloop.models.baseline import BaselineClassifier
     from cytoloop.models.diffusion import DiffusionClassifier
 
     directory = Path(directory)
     kind = read_model_meta(directory).get("kind")
-    loaders = {"diffusion": DiffusionClassifier.load, "baseline": BaselineClassifier.load}
+    loaders = {
+        "diffusion": DiffusionClassifier.load,
+        "baseline": BaselineClassifier.load,
+        "cascade": CascadeClassifier.load,
+    }
     if kind not in loaders:
         raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
     return loaders[kind](directory)

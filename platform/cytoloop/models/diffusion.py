@@ -9,6 +9,7 @@ negative class errors divided by a temperature fitted on validation data (`calib
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,6 +38,15 @@ def build_unet(config: DiffusionModelConfig, image_size: int, n_classes: int):
         norm_num_groups=config.norm_num_groups,
         num_class_embeds=n_classes + 1,
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when a GPU is present, else the CPU; asking for 'cuda' without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("scoring device 'cuda' was asked for, but torch sees no CUDA device")
+    return torch.device(name)
 
 
 def build_scheduler(config: DiffusionModelConfig):
@@ -71,6 +81,7 @@ class DiffusionClassifier:
         self.timestep_weights = timestep_weights
         self.info = dict(info or {})
         self.unet = unet if unet is not None else build_unet(model_config, data_config.image_size, len(classes))
+        self._compiled = None  # (unet, its torch.compile), made on first use when `scoring.compile` asks for it
         self.scheduler = build_scheduler(model_config)
 
     @property
@@ -80,6 +91,30 @@ class DiffusionClassifier:
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, class_labels=class_index).sample
 
+    def runtime_denoiser(self, config: ScoringConfig) -> tuple[Callable, torch.device]:
+        """The denoiser as scoring should run it: on its device, in its memory format, under autocast.
+
+        bf16 autocast roughly halves a CPU forward pass where the CPU has bf16 instructions (avx512_bf16, AMX)
+        and is the usual choice on a GPU; the errors are always computed in fp32.
+        """
+        device = resolve_device(config.device)
+        if config.precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device; use bf16 on a CPU")
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.unet.to(device=device, memory_format=memory_format).eval()
+        network = self.unet
+        if config.compile:
+            if self._compiled is None or self._compiled[0] is not self.unet:  # compile once per network
+                self._compiled = (self.unet, torch.compile(self.unet))
+            network = self._compiled[1]
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                return network(x_t.contiguous(memory_format=memory_format), t, class_labels=class_index).sample
+
+        return denoise, device
+
     def score(
         self, images: np.ndarray | torch.Tensor, config: ScoringConfig | None = None, progress: bool = False
     ) -> ScoreResult:
@@ -88,9 +123,11 @@ class DiffusionClassifier:
         weights = self.timestep_weights
         if weights is not None and len(weights) != config.timestep_bins:
             weights = None  # weights were fitted for another stratification; fall back to uniform
-        self.unet.eval()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        denoise, device = self.runtime_denoiser(config)
         return score_cells(
-            self.denoise,
+            denoise,
             self.scheduler.alphas_cumprod,
             torch.as_tensor(images, dtype=torch.float32),
             len(self.classes),
@@ -98,16 +135,21 @@ class DiffusionClassifier:
             config,
             None if weights is None else np.asarray(weights),
             progress=progress,
+            device=device,
         )
 
-    def predictions_from_scores(self, result: ScoreResult, temperature: float | None = None) -> Predictions:
+    def predictions_from_scores(
+        self, result: ScoreResult, temperature: float | None = None, config: ScoringConfig | None = None
+    ) -> Predictions:
+        """Calibrated predictions from raw scores; `config` must be the one the scores were made with."""
+        config = config or self.scoring_config
         logits = -result.class_error / (temperature or self.temperature)
         logits = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(axis=1, keepdims=True)
         anomaly = (
             result.anomaly_null_ratio
-            if self.scoring_config.anomaly_score == "null_ratio" and self.scoring_config.score_null_class
+            if config.anomaly_score == "null_ratio" and config.score_null_class
             else result.anomaly_min_error
         )
         return Predictions(
@@ -124,7 +166,7 @@ class DiffusionClassifier:
     def predict(
         self, images: np.ndarray, progress: bool = False, config: ScoringConfig | None = None
     ) -> Predictions:
-        return self.predictions_from_scores(self.score(images, config, progress))
+        return self.predictions_from_scores(self.score(images, config, progress), config=config)
 
     @torch.inference_mode()
     def generate(
@@ -140,16 +182,17 @@ class DiffusionClassifier:
         sampler.set_timesteps(steps)
         generator = torch.Generator().manual_seed(seed)
         size = self.data_config.image_size
-        x = torch.randn((n, 3, size, size), generator=generator)
-        labels = torch.full((n,), self.classes.index(class_name))
-        null = torch.full((n,), self.null_class)
+        device = next(self.unet.parameters()).device  # wherever scoring last put it
+        x = torch.randn((n, 3, size, size), generator=generator).to(device)
+        labels = torch.full((n,), self.classes.index(class_name), device=device)
+        null = torch.full((n,), self.null_class, device=device)
         for t in sampler.timesteps:
-            t_batch = torch.full((2 * n,), int(t))
+            t_batch = torch.full((2 * n,), int(t), device=device)
             eps = self.denoise(torch.cat([x, x]), t_batch, torch.cat([labels, null]))
             eps_cond, eps_null = eps.chunk(2)
             eps = eps_null + guidance * (eps_cond - eps_null)
             x = sampler.step(eps, t, x, generator=generator).prev_sample
-        return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+        return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
     def save(self, directory: Path) -> Path:
         meta = {
@@ -162,7 +205,7 @@ class DiffusionClassifier:
             "timestep_weights": self.timestep_weights,
             "info": self.info,
         }
-        return write_model_dir(Path(directory), meta, self.unet.state_dict())
+        return write_model_dir(Path(directory), meta, {k: v.cpu() for k, v in self.unet.state_dict().items()})
 
     @classmethod
     def load(cls, directory: Path) -> "DiffusionClassifier":

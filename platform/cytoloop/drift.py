@@ -1,0 +1,243 @@
+"""Drift: is a served model still seeing what it was trained on, and still right about its own confidence?
+
+Per model version and site, cells are grouped into time windows and three families of figures are computed:
+- calibration: ECE and accuracy on the cells of the window that a person reviewed or audited (their label known);
+- confidence: mean confidence, and the fraction of cells routed to review;
+- input/stain: the colour statistics of incoming cells (mean and std of l, alpha, beta, measured before any stain
+  normalisation) against the training reference the model carries (`colour_reference.json`), as the population
+  stability index (PSI, on the reference's quantile bins) and the Kolmogorov-Smirnov statistic, per statistic;
+  a statistic counts as shifted when its PSI is large and its KS test significant (small windows are noisy).
+A flag is raised when a window breaks a threshold of `DriftConfig`: stain against the training reference,
+calibration against an absolute ECE and the first window's accuracy, confidence against the first window.
+
+Serving logs one `PredictionEvent` per scored cell (JSON lines); `colour_statistics` computes its `colour`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cytoloop.config import DataConfig, DriftConfig
+from cytoloop.data import CellRecord, DatasetError
+from cytoloop.preprocess import ImageError, colour_moments, decode_image, to_model_input
+
+REFERENCE_FILE = "colour_reference.json"
+COLOUR_STATS = ("l_mean", "alpha_mean", "beta_mean", "l_std", "alpha_std", "beta_std")
+
+
+class PredictionEvent(BaseModel):
+    """One served prediction, as the drift monitor reads it from the prediction log."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    time: datetime
+    model_version: str
+    site: str | None = None
+    confidence: float = Field(ge=0.0, le=1.0)
+    routed_to_review: bool
+    predicted: str
+    label: str | None = Field(None, description="the reviewed or audited label, once known")
+    colour: list[float] | None = Field(None, min_length=6, max_length=6, description="`colour_statistics` of the cell")
+
+
+def colour_statistics(source: Path | bytes, config: DataConfig) -> np.ndarray:
+    """The six colour statistics of a cell as the model crops it, before stain normalisation (which would hide
+    exactly the shift drift looks for)."""
+    raw = config.model_copy(update={"stain_normalization": "none"})
+    rgb = (to_model_input(decode_image(source), raw).transpose(1, 2, 0) + 1.0) / 2.0
+    return colour_moments(rgb)
+
+
+def colour_statistics_of(records: Sequence[CellRecord], config: DataConfig) -> np.ndarray:
+    """(N, 6) colour statistics of the readable cells among `records` (unreadable ones are left out)."""
+    rows = []
+    for record in records:
+        try:
+            rows.append(colour_statistics(record.path, config))
+        except ImageError:
+            continue
+    return np.array(rows).reshape(-1, len(COLOUR_STATS))
+
+
+def write_colour_reference(model_dir: Path, stats: np.ndarray) -> Path:
+    path = Path(model_dir) / REFERENCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"statistics": list(COLOUR_STATS), "cells": np.round(stats, 5).tolist()}))
+    return path
+
+
+def read_colour_reference(model_dir: Path) -> np.ndarray | None:
+    """The training colour statistics a model carries, or None for a model trained before they were kept."""
+    path = Path(model_dir) / REFERENCE_FILE
+    if not path.is_file():
+        return None
+    return np.asarray(json.loads(path.read_text())["cells"], dtype=float).reshape(-1, len(COLOUR_STATS))
+
+
+def psi(reference: np.ndarray, observed: np.ndarray, bins: int = 10) -> float:
+    """Population stability index of `observed` against `reference` on the reference's quantile bins.
+
+    Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 a shift worth acting on. Sampling noise alone
+    adds about (bins - 1) / n to the PSI, so the bins are cut to at least ten cells each on both sides, and the
+    counts are smoothed (+0.5) so an empty bin does not dominate.
+    """
+    bins = max(2, min(bins, len(reference) // 10, len(observed) // 10))
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
+    expected = np.bincount(np.searchsorted(edges, reference), minlength=len(edges) + 1) + 0.5
+    actual = np.bincount(np.searchsorted(edges, observed), minlength=len(edges) + 1) + 0.5
+    expected, actual = expected / expected.sum(), actual / actual.sum()
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def ks_test(reference: np.ndarray, observed: np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov statistic and p-value."""
+    from scipy.stats import ks_2samp
+
+    result = ks_2samp(reference, observed)
+    return float(result.statistic), float(result.pvalue)
+
+
+def top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """ECE from top-label confidences and correctness (what a prediction log holds); the bins of `metrics`."""
+    edges = np.arange(n_bins + 1) / n_bins
+    bin_of = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(bin_of, minlength=n_bins)
+    gap = np.abs(np.bincount(bin_of, correct.astype(float), n_bins) - np.bincount(bin_of, confidence, n_bins))
+    return float(gap.sum() / count.sum())
+
+
+@dataclass
+class WindowFigures:
+    """Drift figures of one (model version, site, time window)."""
+
+    model_version: str
+    site: str | None
+    window_start: datetime
+    n_cells: int
+    figures: dict[str, float | None]
+    flags: list[str]
+
+
+def read_events(path: Path) -> list[PredictionEvent]:
+    """Read a JSON-lines prediction log; a bad line is an error naming its line number and the problem."""
+    events = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(PredictionEvent.model_validate_json(line))
+        except ValidationError as error:
+            problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in error.errors())
+            raise DatasetError(f"{path}:{number}: not a prediction event ({problem})") from None
+    return events
+
+
+def window_figures(events: Sequence[PredictionEvent], reference: np.ndarray | None, config: DriftConfig) -> dict:
+    """The drift figures of one window of events (None where a figure cannot be computed)."""
+    figures: dict[str, float | None] = {
+        "n_cells": float(len(events)),
+        "mean_confidence": float(np.mean([e.confidence for e in events])),
+        "review_fraction": float(np.mean([e.routed_to_review for e in events])),
+    }
+    reviewed = [e for e in events if e.label is not None]
+    figures["n_reviewed"] = float(len(reviewed))
+    if reviewed:
+        correct = np.array([e.predicted == e.label for e in reviewed])
+        figures["reviewed_accuracy"] = float(correct.mean())
+        figures["reviewed_ece"] = top_label_ece(np.array([e.confidence for e in reviewed]), correct)
+    colours = np.array([e.colour for e in events if e.colour is not None]).reshape(-1, len(COLOUR_STATS))
+    if reference is not None and len(reference) and len(colours):
+        for i, name in enumerate(COLOUR_STATS):
+            figures[f"psi_{name}"] = psi(reference[:, i], colours[:, i], config.psi_bins)
+            figures[f"ks_{name}"], figures[f"ks_p_{name}"] = ks_test(reference[:, i], colours[:, i])
+        figures["psi_max"] = max(figures[f"psi_{name}"] for name in COLOUR_STATS)
+        # shifted = large (PSI) and not sampling noise (KS, Bonferroni over the statistics)
+        shifted = [figures[f"psi_{n}"] for n in COLOUR_STATS
+                   if figures[f"ks_p_{n}"] < config.ks_alpha / len(COLOUR_STATS)]
+        figures["psi_significant_max"] = max(shifted, default=0.0)
+    return figures
+
+
+def window_flags(figures: dict, first: dict, config: DriftConfig) -> list[str]:
+    """Which thresholds a window breaks; `first` is the first window of the same version and site."""
+    if figures["n_cells"] < config.min_cells:
+        return []
+    flags = []
+    if figures.get("psi_significant_max") is not None and figures["psi_significant_max"] > config.psi_threshold:
+        flags.append(f"stain: colour PSI {figures['psi_significant_max']:.2f} > {config.psi_threshold} (KS-significant)")
+    if figures.get("reviewed_ece") is not None and figures["reviewed_ece"] > config.ece_threshold:
+        flags.append(f"calibration: ECE on reviewed cells {figures['reviewed_ece']:.3f} > {config.ece_threshold}")
+    if figures.get("reviewed_accuracy") is not None and first.get("reviewed_accuracy") is not None:
+        if figures["reviewed_accuracy"] < first["reviewed_accuracy"] - config.accuracy_drop:
+            flags.append(f"calibration: accuracy on reviewed cells {figures['reviewed_accuracy']:.3f}, first window "
+                         f"{first['reviewed_accuracy']:.3f}")
+    if figures["mean_confidence"] < first["mean_confidence"] - config.confidence_drop:
+        flags.append(f"confidence: mean {figures['mean_confidence']:.3f}, first window {first['mean_confidence']:.3f}")
+    if figures["review_fraction"] > first["review_fraction"] + config.review_rise:
+        flags.append(f"confidence: review fraction {figures['review_fraction']:.3f}, first window "
+                     f"{first['review_fraction']:.3f}")
+    return flags
+
+
+def drift_windows(
+    events: Iterable[PredictionEvent], references: dict[str, np.ndarray | None], config: DriftConfig
+) -> list[WindowFigures]:
+    """Group events by (model version, site) and time window; figures and flags for each window, oldest first.
+
+    `references` maps a model version to its training colour statistics (None: no stain figures).
+    """
+    groups: dict[tuple, dict[int, list[PredictionEvent]]] = {}
+    width = config.window_hours * 3600.0
+    for event in events:
+        when = event.time if event.time.tzinfo else event.time.replace(tzinfo=timezone.utc)
+        groups.setdefault((event.model_version, event.site), {}).setdefault(int(when.timestamp() // width), []).append(event)
+    out = []
+    for (version, site), windows in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+        first = None
+        for index in sorted(windows):
+            figures = window_figures(windows[index], references.get(version), config)
+            first = first or figures
+            out.append(WindowFigures(version, site, datetime.fromtimestamp(index * width, timezone.utc),
+                                     len(windows[index]), figures, window_flags(figures, first, config)))
+    return out
+
+
+def log_windows(registry, model_name: str, windows: Sequence[WindowFigures]) -> dict[tuple, str]:
+    """Log each (version, site) series to MLflow as time series (one step per window); returns the run ids."""
+    runs = {}
+    series: dict[tuple, list[WindowFigures]] = {}
+    for window in windows:
+        series.setdefault((window.model_version, window.site), []).append(window)
+    for (version, site), items in series.items():
+        tags = {"cytoloop.kind": "drift", "cytoloop.model": model_name, "cytoloop.model_version": version,
+                "cytoloop.site": site or "global"}
+        # step: hours since the epoch at the window's start, so steps stay comparable across runs and windows
+        points = [(int(w.window_start.timestamp() // 3600), int(w.window_start.timestamp() * 1000),
+                   {**w.figures, "flagged": float(bool(w.flags))}) for w in items]
+        runs[(version, site)] = registry.log_series(f"drift {model_name} v{version} {site or 'global'}", tags, points)
+    return runs
+
+
+def save_flags(path: Path, windows: Sequence[WindowFigures]) -> list[dict]:
+    """Keep the flags of each series' latest window (what `cytoloop status` shows and the retrain policy reads)."""
+    latest: dict[tuple, WindowFigures] = {}
+    for window in windows:
+        latest[(window.model_version, window.site)] = window
+    flags = [{"model_version": w.model_version, "site": w.site, "window_start": w.window_start.isoformat(),
+              "flags": w.flags} for w in latest.values() if w.flags]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(flags, indent=1))
+    return flags
+
+
+def load_flags(path: Path) -> list[dict]:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else []

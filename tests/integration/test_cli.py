@@ -1,0 +1,272 @@
+"""End to end through the `cytoloop` command: train tiny models on a few real cells, evaluate them, sample from the
+diffusion model (each as `python -m cytoloop.cli` in a subprocess), and check the error paths (exit code 2, run
+in-process through typer's CliRunner, since they must fail before any real work).
+
+The manifests written here live in a temporary folder and point at the shared images with absolute paths; no image
+is ever copied. Models are 16 px with a handful of training steps: the point is the plumbing, not accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
+PER_CLASS = 12
+REPORT_KEYS = {
+    "accuracy", "balanced_accuracy", "per_class_recall", "ece", "nll", "brier", "accuracy_at_90_coverage",
+    "denoiser_evals_per_cell", "cells_per_second", "n_cells", "n_skipped",
+}
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CYTOLOOP_")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg", TQDM_DISABLE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "cytoloop.cli", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def invoke(*args: str, cwd: Path):
+    """Run a command in-process (typer's CliRunner): for the error paths, which must fail before any real work,
+    so they need not pay a fresh interpreter's imports. Returns click's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from cytoloop.cli import app
+
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        unset = {k: None for k in os.environ if k.startswith("CYTOLOOP_")}  # as hermetic as the subprocesses
+        return CliRunner().invoke(app, [str(a) for a in args], env=unset)
+    finally:
+        os.chdir(previous)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "domain"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(cells_dir, tiny_overrides, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cli")
+    with (cells_dir / "manifest.csv").open(newline="") as handle:
+        shared = list(csv.DictReader(handle))
+
+    def pick(domain: str, label: str, n: int) -> list[dict]:
+        rows = sorted((r for r in shared if r["domain"] == domain and r["label"] == label), key=lambda r: r["path"])
+        assert len(rows) >= n, f"shared data has only {len(rows)} {domain}/{label} cells"
+        return [{"path": str((cells_dir / r["path"]).resolve()), "label": label, "domain": domain} for r in rows[:n]]
+
+    train_rows = [row for label in CLASSES for row in pick("jtsc", label, PER_CLASS)]
+    corrupt = root / "corrupt_cell.bmp"
+    corrupt.write_bytes(b"BM" + os.urandom(600))  # a BMP signature followed by garbage
+    anomaly_rows = pick("allidb2", "blast", 6) + pick("allidb2", "normal", 6)
+
+    config = root / "tiny.json"
+    config.write_text(json.dumps(tiny_overrides))
+    return {
+        "root": root,
+        "train": _write_manifest(root / "train.csv", train_rows),
+        # the training cells again (the held-out logic must drop train/val) plus one unreadable image
+        "eval": _write_manifest(root / "eval.csv", train_rows + [
+            {"path": str(corrupt), "label": "neutrophil", "domain": "jtsc"}]),
+        "anomaly": _write_manifest(root / "anomaly.csv", anomaly_rows),
+        "corrupt": corrupt,
+        "config": config,
+    }
+
+
+# --------------------------------------------------------------------------- diffusion
+
+
+@pytest.fixture(scope="module")
+def diffusion_model(workspace) -> Path:
+    out = workspace["root"] / "diffusion"
+    ok(run_cli("train", "--model", "diffusion", "--data", workspace["train"], "--out", out,
+               "--config", workspace["config"], "--steps", "6", cwd=workspace["root"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def diffusion_eval(workspace, diffusion_model) -> dict:
+    json_out = workspace["root"] / "reports" / "diffusion.json"
+    result = ok(run_cli("evaluate", "--model", diffusion_model, "--data", workspace["eval"], "--json", json_out,
+                        "--anomaly-data", workspace["anomaly"], cwd=workspace["root"]))
+    return {"stdout": result.stdout, "json": json_out, "report": json.loads(json_out.read_text())}
+
+
+def test_train_writes_model_directory(diffusion_model):
+    for name in ("model.json", "weights.pt", "split.json", "training.json", "learning_curve.png"):
+        assert (diffusion_model / name).is_file(), name
+    meta = json.loads((diffusion_model / "model.json").read_text())
+    assert meta["kind"] == "diffusion" and meta["classes"] == CLASSES
+    assert meta["data"]["image_size"] == 16  # the JSON config reached the model
+    assert meta["model"]["block_out_channels"] == [8, 16]
+    assert len(meta["timestep_weights"]) == meta["scoring"]["timestep_bins"]
+    training = json.loads((diffusion_model / "training.json").read_text())
+    assert training["steps"] == 6  # --steps beats the config file
+    assert training["n_skipped"] == 0
+    split = json.loads((diffusion_model / "split.json").read_text())["parts"]
+    assert training["n_train"] == len(split["train"]) and training["n_val"] == len(split["val"])
+    assert sum(len(ids) for ids in split.values()) == PER_CLASS * len(CLASSES)
+
+
+def test_evaluate_report_has_all_metrics(diffusion_eval):
+    report = diffusion_eval["report"]
+    missing = REPORT_KEYS - report.keys()
+    assert not missing, f"missing keys: {missing}"
+    assert set(report["per_class_recall"]) == set(CLASSES)
+    for key in ("accuracy", "balanced_accuracy", "ece", "accuracy_at_90_coverage"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert 0.0 <= report["brier"] <= 2.0  # summed over classes: 2 is a confident wrong answer
+    assert report["nll"] >= 0
+    assert report["cells_per_second"] > 0
+    # the tiny scoring: at most max_trials (8) trials x (3 classes + null)
+    assert 0 < report["denoiser_evals_per_cell"] <= 8 * (len(CLASSES) + 1)
+    assert "accuracy" in diffusion_eval["stdout"]
+
+
+def test_evaluate_excludes_training_cells(diffusion_eval, diffusion_model):
+    report = diffusion_eval["report"]
+    split = json.loads((diffusion_model / "split.json").read_text())["parts"]
+    seen = len(split["train"]) + len(split["val"])
+    assert report["n_excluded_seen_in_training"] == seen > 0
+    assert report["n_cells"] == len(split["test"])  # exactly the held-out part is scored
+
+
+def test_evaluate_skips_corrupt_image(diffusion_eval, workspace):
+    report = diffusion_eval["report"]
+    assert report["n_skipped"] == 1
+    assert report["skipped"][0][0] == str(workspace["corrupt"])
+    assert "corrupt_cell.bmp" in diffusion_eval["stdout"]
+
+
+def test_evaluate_anomaly_auroc(diffusion_eval):
+    report = diffusion_eval["report"]
+    assert 0.0 <= report["anomaly_auroc"] <= 1.0
+    assert report["anomaly_n"] == 12 and report["anomaly_n_positive"] == 6
+
+
+def test_evaluate_writes_plots(diffusion_eval):
+    stem = diffusion_eval["json"].with_suffix("")
+    for suffix in (".reliability.png", ".confusion.png"):
+        path = Path(f"{stem}{suffix}")
+        assert path.is_file(), path
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+
+
+def test_generate_writes_png(diffusion_model, workspace):
+    out = workspace["root"] / "grid.png"
+    ok(run_cli("generate", "--model", diffusion_model, "--class", "monocyte", "-n", "4", "--steps", "3",
+               "--out", out, cwd=workspace["root"]))
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] >= 16
+
+
+def test_generate_unknown_class_exits_2(diffusion_model, workspace):
+    result = invoke("generate", "--model", diffusion_model, "--class", "platelet", "-n", "2", "--steps", "2",
+                    "--out", workspace["root"] / "never.png", cwd=workspace["root"])
+    assert result.exit_code == 2, result.output
+    assert "platelet" in result.stderr and all(c in result.stderr for c in CLASSES)
+    assert "Traceback" not in result.stderr
+    assert not (workspace["root"] / "never.png").exists()
+
+
+def test_train_unknown_class_exits_2(workspace):
+    out = workspace["root"] / "never_trained"
+    result = invoke("train", "--data", workspace["train"], "--out", out, "--classes", "neutrophil,basofil",
+                    "--config", workspace["config"], cwd=workspace["root"])
+    assert result.exit_code == 2, result.output
+    assert "basofil" in result.stderr and all(c in result.stderr for c in CLASSES)
+    assert "Traceback" not in result.stderr
+    assert not (out / "model.json").exists()
+
+
+def test_evaluate_unknown_class_exits_2(diffusion_model, workspace):
+    result = invoke("evaluate", "--model", diffusion_model, "--data", workspace["eval"], "--classes", "erythrocyte",
+                    cwd=workspace["root"])
+    assert result.exit_code == 2, result.output
+    assert "erythrocyte" in result.stderr and all(c in result.stderr for c in CLASSES)
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- baseline
+
+
+@pytest.fixture(scope="module")
+def baseline_model(workspace) -> Path:
+    out = workspace["root"] / "baseline"
+    ok(run_cli("train", "--model", "baseline", "--data", workspace["train"], "--out", out,
+               "--config", workspace["config"], cwd=workspace["root"]))
+    return out
+
+
+def test_baseline_train_and_evaluate(baseline_model, workspace):
+    meta = json.loads((baseline_model / "model.json").read_text())
+    assert meta["kind"] == "baseline" and meta["classes"] == CLASSES and meta["temperature"] > 0
+    json_out = workspace["root"] / "reports" / "baseline.json"
+    ok(run_cli("evaluate", "--model", baseline_model, "--data", workspace["eval"], "--json", json_out,
+               "--anomaly-data", workspace["anomaly"], cwd=workspace["root"]))
+    report = json.loads(json_out.read_text())
+    assert not REPORT_KEYS - report.keys()
+    assert report["model_kind"] == "baseline"
+    assert report["denoiser_evals_per_cell"] == 1.0
+    assert report["n_skipped"] == 1 and report["n_excluded_seen_in_training"] > 0
+    assert 0.0 <= report["anomaly_auroc"] <= 1.0
+    assert Path(f"{json_out.with_suffix('')}.reliability.png").is_file()
+    assert Path(f"{json_out.with_suffix('')}.confusion.png").is_file()
+
+
+def test_generate_refuses_baseline(baseline_model, workspace):
+    result = invoke("generate", "--model", baseline_model, "--class", "monocyte", "-n", "2",
+                    "--out", workspace["root"] / "never.png", cwd=workspace["root"])
+    assert result.exit_code == 2, result.output
+    assert "only diffusion models" in result.stderr
+
+
+# --------------------------------------------------------------------------- entry point and small datasets
+
+
+def test_console_script_info(diffusion_model, workspace):
+    """The installed `cytoloop` entry point (pyproject [project.scripts]) works, not only `python -m`."""
+    script = Path(sys.executable).parent / "cytoloop"
+    assert script.is_file(), f"console script not installed next to {sys.executable}; run `pip install -e .`"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CYTOLOOP_")}
+    result = subprocess.run([str(script), "info", str(diffusion_model)], cwd=workspace["root"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    ok(result)
+    assert json.loads(result.stdout)["kind"] == "diffusion"
+    missing = subprocess.run([str(script), "info", str(workspace["root"] / "no_model")], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "not a CytoLoop model directory" in missing.stderr
+
+
+def test_train_too_few_cells_for_validation_exits_2(workspace, tiny_overrides):
+    root = workspace["root"] / "small_dataset"
+    for label, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+        (root / label).mkdir(parents=True)
+        Image.new("RGB", (24, 24), colour).save(root / label / "0.png")  # one cell per class: nothing for val
+    result = invoke("train", "--model", "baseline", "--data", root, "--out", workspace["root"] / "small_model",
+                    "--config", workspace["config"], "--steps", "2", cwd=workspace["root"])
+    assert result.exit_code == 2, f"{result.exception!r}\n{result.output[-2000:]}"

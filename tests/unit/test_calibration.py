@@ -1,0 +1,89 @@
+"""Calibration: temperature scaling recovers a known temperature; timestep weights favour informative strata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cytoloop.calibration import fit_temperature, fit_timestep_weights, softmax
+from cytoloop.scoring import TrialLog
+
+
+def _sample_labels(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    probs = softmax(logits / temperature)
+    cumulative = probs.cumsum(axis=1)
+    u = rng.random((len(logits), 1))
+    return np.minimum((u > cumulative).sum(axis=1), logits.shape[1] - 1)
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.0, 4.0])
+def test_fit_temperature_recovers_known_temperature(true_t):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3.0, size=(4000, 5))
+    labels = _sample_labels(logits, true_t, rng)
+    fitted = fit_temperature(logits, labels)
+    assert fitted == pytest.approx(true_t, rel=0.2)
+
+
+def test_fit_temperature_is_scale_equivariant():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2.0, size=(2000, 3))
+    labels = _sample_labels(logits, 1.5, rng)
+    assert fit_temperature(3 * logits, labels) == pytest.approx(3 * fit_temperature(logits, labels), rel=1e-3)
+
+
+def test_fit_temperature_needs_cells():
+    with pytest.raises(ValueError, match="zero"):
+        fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int))
+
+
+def _logs(n_cells: int, n_trials: int, rng: np.random.Generator) -> tuple[list[TrialLog], np.ndarray]:
+    """Three classes, two strata. Stratum 0: the true class's error is consistently 0.3 lower.
+    Stratum 1: no margin at all (pure noise). Stratum 2 is never visited."""
+    logs, labels = [], rng.integers(0, 3, n_cells)
+    for label in labels:
+        log = TrialLog()
+        for k in range(n_trials):
+            stratum = k % 2
+            errors = 1.0 + rng.normal(0, 0.05, 3)
+            if stratum == 0:
+                errors[label] -= 0.3
+            log.strata.append(stratum)
+            log.errors.append(errors)
+            log.null_errors.append(1.0)
+        logs.append(log)
+    return logs, labels
+
+
+def test_timestep_weights_favour_informative_stratum():
+    rng = np.random.default_rng(0)
+    logs, labels = _logs(20, 10, rng)
+    weights = fit_timestep_weights(logs, labels, bins=3)
+    assert weights.shape == (3,)
+    assert weights[0] > 10 * weights[1]
+    assert weights.mean() == pytest.approx(1.0)
+    assert (weights >= 0).all()
+
+
+def test_timestep_weights_uniform_without_information():
+    rng = np.random.default_rng(0)
+    logs, labels = _logs(5, 4, rng)
+    # wrong labels everywhere: the "true" class is never better, so no stratum is informative
+    wrong = (labels + 1) % 3
+    for log, label in zip(logs, wrong):
+        for errors in log.errors:
+            errors[label] += 1.0
+    np.testing.assert_array_equal(fit_timestep_weights(logs, wrong, bins=3), np.ones(3))
+
+
+def test_timestep_weights_ignore_eliminated_classes():
+    """NaN errors (classes eliminated) are left out of the margin, not propagated."""
+    log = TrialLog(
+        strata=[0, 0, 1, 1],
+        errors=[np.array([0.5, 1.0, 1.1]), np.array([0.5, 1.2, np.nan]), np.array([1.0, 1.0, 1.0]),
+                np.array([1.1, 0.9, np.nan])],
+        null_errors=[1.0] * 4,
+    )
+    weights = fit_timestep_weights([log], np.array([0]), bins=2)
+    assert np.isfinite(weights).all()
+    assert weights[0] > 0 and weights[1] == 0

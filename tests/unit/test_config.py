@@ -1,0 +1,94 @@
+"""Settings precedence (defaults < JSON file < CYTOLOOP_* environment < explicit overrides) and validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from cytoloop.config import Settings, load_settings
+
+pytestmark = pytest.mark.usefixtures("clean_env")  # the developer's own CYTOLOOP_* variables stay out
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"scoring": {"max_trials": 50, "check_every": 3}, "train": {"steps": 7}}))
+    return path
+
+
+def test_defaults():
+    settings = load_settings()
+    assert settings == Settings()
+    assert settings.scoring.max_trials == 200
+
+
+def test_file_beats_defaults(config_file):
+    settings = load_settings(config_file)
+    assert settings.scoring.max_trials == 50
+    assert settings.scoring.check_every == 3
+    assert settings.scoring.min_trials == 20  # untouched fields keep their defaults
+    assert settings.train.steps == 7
+
+
+def test_env_beats_file(config_file, monkeypatch):
+    monkeypatch.setenv("CYTOLOOP_SCORING__MAX_TRIALS", "77")
+    settings = load_settings(config_file)
+    assert settings.scoring.max_trials == 77
+    assert settings.scoring.check_every == 3  # the rest of the file's section survives
+
+
+def test_overrides_beat_env(config_file, monkeypatch):
+    monkeypatch.setenv("CYTOLOOP_SCORING__MAX_TRIALS", "77")
+    monkeypatch.setenv("CYTOLOOP_TRAIN__STEPS", "11")
+    settings = load_settings(config_file, overrides={"scoring": {"max_trials": 99}})
+    assert settings.scoring.max_trials == 99
+    assert settings.train.steps == 11
+    assert settings.scoring.check_every == 3
+
+
+def test_env_validated_together_with_file(tmp_path, monkeypatch):
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps({"scoring": {"min_trials": 4, "max_trials": 8}}))
+    monkeypatch.setenv("CYTOLOOP_SCORING__MAX_TRIALS", "6")
+    settings = load_settings(path)
+    assert (settings.scoring.min_trials, settings.scoring.max_trials) == (4, 6)
+
+
+def test_invalid_env_value_names_field(monkeypatch):
+    monkeypatch.setenv("CYTOLOOP_TRAIN__STEPS", "many")
+    with pytest.raises(ValidationError) as error:
+        load_settings()
+    assert "steps" in str(error.value)
+
+
+def test_invalid_override_names_field():
+    with pytest.raises(ValidationError) as error:
+        load_settings(overrides={"train": {"batch_size": 0}})
+    assert any(e["loc"][-1] == "batch_size" for e in error.value.errors())
+    assert "batch_size" in str(error.value)
+
+
+def test_invalid_file_value_names_field(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"data": {"stain_normalization": "magic"}}))
+    with pytest.raises(ValidationError, match="stain_normalization"):
+        load_settings(path)
+
+
+def test_unknown_field_rejected():
+    with pytest.raises(ValidationError, match="max_trails"):
+        load_settings(overrides={"scoring": {"max_trails": 5}})
+
+
+def test_cross_field_check_names_field():
+    with pytest.raises(ValidationError, match="max_trials"):
+        load_settings(overrides={"scoring": {"min_trials": 10, "max_trials": 5}})
+
+
+def test_tiny_settings_fixture(tiny_settings):
+    assert tiny_settings.data.image_size == 16
+    assert tiny_settings.diffusion.block_out_channels == (8, 16)
+    assert tiny_settings.scoring.max_trials == 8

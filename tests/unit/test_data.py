@@ -1,0 +1,333 @@
+"""Datasets (manifests, class folders, selection, splits) and the preprocessing path (decode, load, augment,
+stain normalisation). Images are synthetic and written to tmp_path, except the stain test, which uses a real cell."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cytoloop.config import AugmentConfig, DataConfig
+from cytoloop.data import (
+    CellRecord,
+    DatasetError,
+    load_records,
+    read_class_folders,
+    read_manifest,
+    read_split,
+    records_fingerprint,
+    select,
+    stratified_split,
+    write_split,
+)
+from cytoloop.preprocess import (
+    REINHARD_REFERENCE,
+    ImageError,
+    augment,
+    colour_moments,
+    decode_image,
+    load_cells,
+    preprocess,
+    reinhard_normalize,
+)
+
+SIZE = 16
+
+
+def _cell_image(seed: int = 0, size: int = 40, mode: str = "RGB") -> Image.Image:
+    """A pinkish disc on a light background: cell-like enough for preprocessing."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    rgb = np.where(disc[..., None], [150, 80, 170], [230, 215, 225]).astype(float)
+    rgb += rng.normal(0, 8, rgb.shape)
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def _write_manifest(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "domain", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _records(n_per_stratum: dict[tuple[str, str], int]) -> list[CellRecord]:
+    return [
+        CellRecord(cell_id=f"{domain}/{label}_{i:03d}.png", path=Path(f"/x/{domain}/{label}_{i:03d}.png"),
+                   label=label, domain=domain)
+        for (label, domain), n in n_per_stratum.items()
+        for i in range(n)
+    ]
+
+
+# --------------------------------------------------------------------------- reading datasets
+
+
+def test_read_manifest(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    _cell_image(0).save(tmp_path / "imgs" / "a.png")
+    _cell_image(1).save(tmp_path / "imgs" / "b.bmp")
+    manifest = _write_manifest(
+        tmp_path / "manifest.csv",
+        [
+            {"path": "imgs/a.png", "label": "neutrophil", "domain": "lab1", "source": "synthetic"},
+            {"path": "imgs/b.bmp", "label": "", "domain": "", "source": ""},
+        ],
+    )
+    records = read_manifest(manifest)
+    assert [r.cell_id for r in records] == ["imgs/a.png", "imgs/b.bmp"]
+    assert records[0].path == (tmp_path / "imgs" / "a.png").resolve()
+    assert records[0].path.is_file()
+    assert (records[0].label, records[0].domain, records[0].source) == ("neutrophil", "lab1", "synthetic")
+    assert records[1].label is None and records[1].domain == "default"
+    # the folder holding manifest.csv and the CSV itself read the same
+    assert load_records(tmp_path) == records == load_records(manifest)
+
+
+def test_manifest_absolute_paths_stay_absolute(tmp_path):
+    image = tmp_path / "elsewhere" / "c.png"
+    image.parent.mkdir()
+    _cell_image().save(image)
+    (tmp_path / "m").mkdir()
+    manifest = _write_manifest(tmp_path / "m" / "cells.csv", [{"path": str(image), "label": "x", "domain": "d"}])
+    assert read_manifest(manifest)[0].path == image
+
+
+def test_manifest_missing_column(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("path,label\na.png,x\n")
+    with pytest.raises(DatasetError, match="domain"):
+        read_manifest(path)
+
+
+def test_manifest_empty(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("path,label,domain\n")
+    with pytest.raises(DatasetError, match="no cells"):
+        read_manifest(path)
+
+
+def test_read_class_folders(tmp_path):
+    root = tmp_path / "mylab"
+    for label, n in (("lymphocyte", 2), ("monocyte", 3)):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            _cell_image(i).save(root / label / f"{i}.jpg")
+    (root / "monocyte" / "notes.txt").write_text("not an image")
+    records = load_records(root)
+    assert len(records) == 5
+    assert {r.label for r in records} == {"lymphocyte", "monocyte"}
+    assert {r.domain for r in records} == {"mylab"}
+    assert records[0].cell_id == "lymphocyte/0.jpg"
+    assert read_class_folders(root, domain="other")[0].domain == "other"
+
+
+def test_missing_dataset(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_records(tmp_path / "nothing")
+
+
+def test_select_and_unknown_names():
+    records = _records({("a", "d1"): 3, ("b", "d1"): 2, ("b", "d2"): 4})
+    assert len(select(records, domains=["d1"])) == 5
+    assert len(select(records, classes=["b"])) == 6
+    assert len(select(records, domains=["d2"], classes=["b"])) == 4
+    with pytest.raises(DatasetError) as error:
+        select(records, domains=["d3"])
+    assert "d3" in str(error.value) and "d1, d2" in str(error.value)
+    with pytest.raises(DatasetError) as error:
+        select(records, classes=["a", "zzz"])
+    assert "zzz" in str(error.value) and "valid: a, b" in str(error.value)
+    with pytest.raises(DatasetError, match="no cells left"):
+        select(records, domains=["d2"], classes=["a"])
+
+
+# --------------------------------------------------------------------------- splits
+
+
+SPLIT = {"train": 0.7, "val": 0.1, "test": 0.2}
+
+
+def test_stratified_split_properties():
+    strata = {("a", "d1"): 20, ("b", "d1"): 7, ("b", "d2"): 3, ("c", "d2"): 1, ("", "d1"): 5}
+    records = _records(strata)
+    parts = stratified_split(records, SPLIT, seed=4)
+    ids = {name: [r.cell_id for r in recs] for name, recs in parts.items()}
+    # disjoint and covering
+    all_ids = [i for part in ids.values() for i in part]
+    assert len(all_ids) == len(set(all_ids)) == len(records)
+    assert set(all_ids) == {r.cell_id for r in records}
+    # every (label, domain) stratum, even a single-cell one, appears in train
+    assert {(r.label, r.domain) for r in parts["train"]} == {(r.label, r.domain) for r in records}
+    # fractions respected on the big stratum: 20 cells -> 14/2/4
+    big = {name: sum(r.label == "a" for r in recs) for name, recs in parts.items()}
+    assert big == {"train": 14, "val": 2, "test": 4}
+    # seeded: reproducible, and another seed shuffles differently
+    assert stratified_split(records, SPLIT, seed=4) == parts
+    assert stratified_split(list(reversed(records)), SPLIT, seed=4) == parts  # input order does not matter
+    other = stratified_split(records, SPLIT, seed=5)
+    assert {r.cell_id for r in other["test"]} != {r.cell_id for r in parts["test"]}
+
+
+def test_small_stratum_reaches_every_part():
+    parts = stratified_split(_records({("rare", "d"): 3}), SPLIT, seed=0)
+    assert {name: len(recs) for name, recs in parts.items()} == {"train": 1, "val": 1, "test": 1}
+
+
+def test_split_fractions_must_sum_to_one():
+    with pytest.raises(DatasetError, match="sum to 1"):
+        stratified_split(_records({("a", "d"): 4}), {"train": 0.5, "test": 0.3})
+
+
+def test_write_read_split_round_trip(tmp_path):
+    records = _records({("a", "d1"): 10, ("b", "d1"): 6})
+    parts = stratified_split(records, SPLIT, seed=1)
+    path = write_split(parts, tmp_path / "sub" / "split.json", seed=1, fingerprint=records_fingerprint(records))
+    back = read_split(path, records)
+    assert {k: sorted(r.cell_id for r in v) for k, v in back.items()} == {
+        k: sorted(r.cell_id for r in v) for k, v in parts.items()
+    }
+    with pytest.raises(DatasetError, match="not in the dataset"):
+        read_split(path, records[:5])
+
+
+def test_records_fingerprint_order_free_label_sensitive():
+    records = _records({("a", "d1"): 3, ("b", "d1"): 2})
+    assert records_fingerprint(records) == records_fingerprint(list(reversed(records)))
+    relabelled = [CellRecord(r.cell_id, r.path, "z", r.domain) if i == 0 else r for i, r in enumerate(records)]
+    assert records_fingerprint(relabelled) != records_fingerprint(records)
+
+
+# --------------------------------------------------------------------------- loading cells
+
+
+def _record(path: Path, label: str = "x") -> CellRecord:
+    return CellRecord(cell_id=path.name, path=path, label=label, domain="d")
+
+
+def test_load_cells_skips_bad_files(tmp_path):
+    good = []
+    for i, suffix in enumerate((".png", ".jpg")):
+        good.append(tmp_path / f"good{i}{suffix}")
+        _cell_image(i).save(good[-1])
+    corrupt = tmp_path / "corrupt.bmp"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes())
+    truncated_jpeg = tmp_path / "truncated.jpg"
+    _cell_image(5, size=64).save(truncated_jpeg, quality=95)
+    truncated_jpeg.write_bytes(truncated_jpeg.read_bytes()[: truncated_jpeg.stat().st_size // 2])
+    truncated_png = tmp_path / "truncated.png"
+    _cell_image(6, size=64).save(truncated_png)
+    truncated_png.write_bytes(truncated_png.read_bytes()[: truncated_png.stat().st_size // 2])
+    missing = tmp_path / "missing.png"
+
+    paths = [good[0], corrupt, truncated_jpeg, good[1], truncated_png, missing]
+    records = [_record(p) for p in paths]
+    cells = load_cells(records, DataConfig(image_size=SIZE))
+
+    assert [r.path for r in cells.records] == good
+    assert cells.images.shape == (2, 3, SIZE, SIZE)
+    skipped_paths = [p for p, _ in cells.skipped]
+    assert skipped_paths == [str(p) for p in (corrupt, truncated_jpeg, truncated_png, missing)]
+    reasons = dict(cells.skipped)
+    assert "not found" in reasons[str(missing)]
+    assert all(str(Path(p).name) in reason for p, reason in cells.skipped)  # the message names the file
+
+
+def test_load_cells_all_bad_gives_empty_array(tmp_path):
+    cells = load_cells([_record(tmp_path / "nope.png")], DataConfig(image_size=SIZE))
+    assert cells.images.shape == (0, 3, SIZE, SIZE) and cells.records == [] and len(cells.skipped) == 1
+
+
+@pytest.mark.parametrize(
+    "suffix,mode",
+    [(".bmp", "RGB"), (".jpg", "RGB"), (".tif", "RGB"), (".png", "RGB"), (".png", "L"), (".png", "RGBA"),
+     (".tif", "L"), (".jpg", "L"), (".png", "P")],
+)
+@pytest.mark.parametrize("stain", ["reinhard", "none"])
+def test_formats_and_modes_load_to_model_input(tmp_path, suffix, mode, stain):
+    path = tmp_path / f"cell{suffix}"
+    _cell_image(1, size=37, mode=mode).save(path)  # odd, non-multiple size on purpose
+    array = preprocess(path, DataConfig(image_size=SIZE, stain_normalization=stain))
+    assert array.shape == (3, SIZE, SIZE)
+    assert array.dtype == np.float32
+    assert array.min() >= -1.0 and array.max() <= 1.0
+    assert np.isfinite(array).all()
+
+
+def test_non_square_image(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.full((20, 60, 3), 128, np.uint8)).save(path)
+    assert preprocess(path, DataConfig(image_size=SIZE)).shape == (3, SIZE, SIZE)
+
+
+def test_decode_bytes_and_garbage():
+    buffer = io.BytesIO()
+    _cell_image().save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue()).mode == "RGB"
+    with pytest.raises(ImageError, match="upload.bin"):
+        decode_image(b"definitely not an image", name="upload.bin")
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _batch(n: int = 6) -> torch.Tensor:
+    return torch.rand((n, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_augment_shape_range_determinism():
+    images = _batch()
+    config = AugmentConfig()
+    out1 = augment(images, config, torch.Generator().manual_seed(11))
+    out2 = augment(images, config, torch.Generator().manual_seed(11))
+    out3 = augment(images, config, torch.Generator().manual_seed(12))
+    assert out1.shape == images.shape and out1.dtype == images.dtype
+    assert out1.min() >= -1.0 and out1.max() <= 1.0
+    assert torch.equal(out1, out2)
+    assert not torch.equal(out1, out3)
+    assert not torch.equal(out1, images)
+
+
+def test_augment_disabled_is_identity_up_to_clamp():
+    images = _batch()
+    config = AugmentConfig(flips=False, rot90=False, hed_sigma=0, hed_bias=0, brightness=0, contrast=0, saturation=0)
+    out = augment(images, config, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, images, atol=1e-6, rtol=0)
+
+
+def test_augment_geometry_only_permutes_pixels():
+    images = _batch()
+    config = AugmentConfig(hed_sigma=0, hed_bias=0, brightness=0, contrast=0, saturation=0)
+    out = augment(images, config, torch.Generator().manual_seed(3))
+    for before, after in zip(images, out):
+        torch.testing.assert_close(after.flatten().sort().values, before.flatten().sort().values)
+
+
+# --------------------------------------------------------------------------- stain normalisation
+
+
+def test_reinhard_matches_reference_moments_synthetic():
+    rgb = np.asarray(_cell_image(2, size=64), dtype=np.float32) / 255.0
+    before = colour_moments(rgb)
+    out = reinhard_normalize(rgb)
+    after = colour_moments(out)
+    assert out.shape == rgb.shape and out.min() >= 0 and out.max() <= 1
+    np.testing.assert_allclose(after, REINHARD_REFERENCE, atol=1e-3)
+    assert np.abs(before - REINHARD_REFERENCE).max() > 0.05  # it actually had to move
+
+
+def test_reinhard_matches_reference_moments_real_cell(cells_dir):
+    # one cell per lab; clipping to [0, 1] costs a little accuracy on the most extreme one (bccd)
+    for name in ("jtsc/001.bmp", "allidb2/Im001_1.tif", "bccd/BloodImage_00232_1.jpg", "cellavision/001.bmp"):
+        rgb = np.asarray(decode_image(cells_dir / name), dtype=np.float32) / 255.0
+        after = colour_moments(reinhard_normalize(rgb))
+        np.testing.assert_allclose(after, REINHARD_REFERENCE, atol=6e-3, err_msg=name)
+        # the std of beta is small (0.012): check it relatively too
+        assert after[5] == pytest.approx(REINHARD_REFERENCE[5], rel=0.05), name

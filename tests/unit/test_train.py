@@ -1,0 +1,168 @@
+"""The shared training loop: it learns, it resumes exactly after a crash, and it trains the diffusion model's
+null class on unlabeled cells."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cytoloop.config import AugmentConfig, BaselineModelConfig, DataConfig, TrainConfig
+from cytoloop.models.baseline import BaselineClassifier, SmallCNN
+from cytoloop.models.diffusion import DiffusionClassifier
+from cytoloop.train import CHECKPOINT_FILE, UNLABELED, baseline_loss, diffusion_loss, fit, sampling_weights
+
+SIZE = 16
+
+
+def red_blue(n_per_class: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An easy 2-class problem: reddish vs bluish noisy images in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, colour in enumerate(([0.8, -0.6, -0.6], [-0.6, -0.6, 0.8])):
+        base = np.asarray(colour, np.float32)[:, None, None]
+        noisy = base + rng.normal(0, 0.25, size=(n_per_class, 3, SIZE, SIZE))
+        images.append(np.clip(noisy, -1, 1).astype(np.float32))
+        labels += [label] * n_per_class
+    return np.concatenate(images), np.asarray(labels)
+
+
+def _train_config(**update) -> TrainConfig:
+    base = dict(steps=10, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1, checkpoint_every=2, seed=0, threads=1)
+    base.update(update)
+    return TrainConfig(**base)
+
+
+def test_sampling_weights_balance_classes():
+    labels = np.array([0, 0, 0, 1, UNLABELED, UNLABELED])
+    w = sampling_weights(labels)
+    assert w.sum() == pytest.approx(1.0)
+    per_group = {g: w[labels == g].sum() for g in (0, 1, UNLABELED)}
+    assert all(v == pytest.approx(1 / 3) for v in per_group.values())
+    np.testing.assert_allclose(sampling_weights(labels, balanced=False), 1 / 6)
+
+
+def test_fit_baseline_learns_red_vs_blue():
+    images, labels = red_blue()
+    torch.manual_seed(0)
+    network = SmallCNN(2, (8, 16), dropout=0.0)
+    config = _train_config(steps=30, log_every=5, label_smoothing=0.0)
+    logged = []
+    ema, result = fit(network, baseline_loss(config), images, labels, config, AugmentConfig(), on_log=logged.append)
+    assert [h["step"] for h in result.history] == [5, 10, 15, 20, 25, 30]
+    assert logged == result.history
+    assert result.resumed_from == 0 and result.seconds > 0
+    losses = [h["loss"] for h in result.history]
+    assert np.isfinite(losses).all()
+    assert losses[-1] < losses[0]
+    assert not ema.training
+    # the trained network separates the colours
+    with torch.inference_mode():
+        network.eval()
+        predicted = network(torch.as_tensor(images)).argmax(dim=1).numpy()
+    assert (predicted == labels).mean() >= 0.9
+
+
+def test_fit_rejects_mismatched_inputs():
+    images, labels = red_blue(2)
+    config = _train_config()
+    with pytest.raises(ValueError, match="labels"):
+        fit(SmallCNN(2, (8,)), baseline_loss(config), images, labels[:-1], config, AugmentConfig())
+    with pytest.raises(ValueError, match="at least one"):
+        fit(SmallCNN(2, (8,)), baseline_loss(config), images[:0], labels[:0], config, AugmentConfig())
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _fresh_baseline() -> torch.nn.Module:
+    torch.manual_seed(42)
+    return SmallCNN(2, (8, 16), dropout=0.3)  # dropout: resume must restore the global RNG too
+
+
+def test_resume_after_crash_gives_identical_weights(tmp_path):
+    images, labels = red_blue(8)
+    config = _train_config(steps=10, checkpoint_every=3)
+    loss = baseline_loss(config)
+
+    # uninterrupted: 10 steps in one go
+    straight_net = _fresh_baseline()
+    straight_ema, straight = fit(straight_net, loss, images, labels, config, AugmentConfig(),
+                                 checkpoint_dir=tmp_path / "straight")
+
+    # interrupted: the process dies during step 7 (after the checkpoint at step 6) ...
+    def crash_at_7(entry):
+        if entry["step"] == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(_fresh_baseline(), loss, images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path / "resumed",
+            on_log=crash_at_7)
+    assert (tmp_path / "resumed" / CHECKPOINT_FILE).is_file()
+    assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=False)["step"] == 6
+
+    # ... and a new process (fresh network, other global RNG state) resumes to step 10
+    torch.manual_seed(999)
+    resumed_net = SmallCNN(2, (8, 16), dropout=0.3)
+    resumed_ema, resumed = fit(resumed_net, loss, images, labels, config, AugmentConfig(),
+                               checkpoint_dir=tmp_path / "resumed")
+
+    assert resumed.resumed_from == 6
+    assert [h["step"] for h in resumed.history] == list(range(1, 11))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    for name, tensor in straight_ema.state_dict().items():
+        assert torch.equal(tensor, resumed_ema.state_dict()[name]), f"EMA {name} differs after resume"
+    for name, tensor in straight_net.state_dict().items():
+        assert torch.equal(tensor, resumed_net.state_dict()[name]), f"network {name} differs after resume"
+
+
+def test_resume_of_finished_run_does_nothing(tmp_path):
+    images, labels = red_blue(4)
+    config = _train_config(steps=4, checkpoint_every=2)
+    loss = baseline_loss(config)
+    first_ema, _ = fit(_fresh_baseline(), loss, images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path)
+    again_ema, again = fit(_fresh_baseline(), loss, images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path)
+    assert again.resumed_from == 4
+    for name, tensor in first_ema.state_dict().items():
+        assert torch.equal(tensor, again_ema.state_dict()[name])
+
+
+def test_diffusion_trains_with_unlabeled_cells(tiny_settings):
+    images, labels = red_blue(6)
+    labels = labels.copy()
+    labels[::3] = UNLABELED
+    classes = ["red", "blue"]
+    torch.manual_seed(0)
+    model = DiffusionClassifier(classes, tiny_settings.data, tiny_settings.diffusion, tiny_settings.scoring)
+    config = tiny_settings.train.model_copy(update={"steps": 4, "log_every": 2})
+    seen_classes = []
+    original_forward = model.unet.forward
+
+    def recording_forward(x, t, class_labels=None, **kwargs):
+        seen_classes.extend(class_labels.tolist())
+        return original_forward(x, t, class_labels=class_labels, **kwargs)
+
+    model.unet.forward = recording_forward
+    loss = diffusion_loss(model.scheduler, model.null_class, config)
+    ema, result = fit(model.unet, loss, images, labels, config, tiny_settings.augment)
+    assert [h["step"] for h in result.history] == [2, 4]
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    # unlabeled cells are routed to the null class: no -1 ever reaches the embedding
+    assert min(seen_classes) >= 0 and max(seen_classes) <= model.null_class
+    assert model.null_class in seen_classes
+
+
+def test_baseline_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = BaselineClassifier(["a", "b"], DataConfig(image_size=SIZE), BaselineModelConfig(channels=(8, 16)),
+                               temperature=1.7)
+    images, _ = red_blue(2)
+    before = model.predict(images)
+    from cytoloop.models import load_model
+
+    loaded = load_model(model.save(tmp_path / "m"))
+    after = loaded.predict(images)
+    assert loaded.kind == "baseline" and loaded.classes == ["a", "b"] and loaded.temperature == 1.7
+    np.testing.assert_allclose(after.probs, before.probs, atol=1e-6)
+    np.testing.assert_allclose(after.probs.sum(axis=1), 1.0)
