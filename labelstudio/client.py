@@ -1,0 +1,73 @@
+"""Talking to a Label Studio server: one SDK client, and one error type for "the server is not there".
+
+Everything that calls Label Studio goes through `connect` and catches `LabelStudioUnavailable`, so a server
+that is down or restarting is an expected state (the outbox waits, the poll retries), never a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
+
+
+class LabelStudioUnavailable(ConnectionError):
+    """Label Studio did not answer (down, restarting, wrong URL) or refused the token."""
+
+
+def connect(url: str, token: str, timeout: float = 30.0) -> "LabelStudio":
+    """An SDK client after a health check; raises LabelStudioUnavailable naming the URL otherwise."""
+    import httpx
+    from label_studio_sdk import LabelStudio
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0)
+    except httpx.HTTPError as error:
+        raise LabelStudioUnavailable(
+            f"Label Studio at {url} is not reachable ({error}); is `cytoloop stack up` running?") from error
+    if response.status_code != 200:
+        raise LabelStudioUnavailable(f"Label Studio at {url} answered /health with HTTP {response.status_code}")
+    client = LabelStudio(base_url=url, api_key=token, timeout=timeout)
+    try:
+        client.users.whoami()
+    except Exception as error:  # the SDK raises ApiError(401) for a bad token, httpx errors for a dropped connection
+        raise LabelStudioUnavailable(f"Label Studio at {url} refused the API token: {error}") from error
+    return client
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether an exception from the SDK means "server not reachable" (as opposed to a bad request)."""
+    import httpx
+
+    return isinstance(error, (httpx.TransportError, LabelStudioUnavailable)) or getattr(error, "status_code", 0) in (
+        502, 503, 504)
+
+
+def user_token(url: str, email: str, password: str, sign_up: bool = True) -> tuple[int, str]:
+    """(user id, API token) of a Label Studio user, signing them up first if they have no account yet.
+
+    This is how annotator accounts are made without a browser: Label Studio's own sign-up and login forms, then
+    the user's token. (Users created through the admin API get no usable password.)
+    """
+    import re
+
+    import httpx
+
+    base = url.rstrip("/")
+    with httpx.Client(base_url=base, follow_redirects=False, timeout=30.0) as session:
+        for form in ("/user/login/", "/user/signup/") if sign_up else ("/user/login/",):
+            session.get(form)  # sets the CSRF cookie
+            csrf = session.cookies.get("csrftoken") or ""
+            response = session.post(form, data={"email": email, "password": password, "csrfmiddlewaretoken": csrf},
+                                    headers={"Referer": f"{base}{form}"})
+            if response.status_code == 302:
+                break
+        else:
+            errors = re.findall(r"error[^>]*>\s*([^<]+?)\s*<", response.text) or [f"HTTP {response.status_code}"]
+            raise PermissionError(f"cannot log in or sign up {email} at {base}: {errors[0]}")
+        token = session.get("/api/current-user/token")
+        me = session.get("/api/current-user/whoami")
+        if token.status_code != 200 or me.status_code != 200:
+            raise PermissionError(f"logged in as {email} but could not read the token (HTTP {token.status_code})")
+        return int(me.json()["id"]), token.json()["token"]

@@ -1,0 +1,77 @@
+"""Consensus labels out: a training manifest for `cytoloop train --data`, and a report for the senior hematologist.
+
+The manifest has the columns `cytoloop.data.read_manifest` reads (path, label, domain; paths absolute) plus
+provenance: which annotators, how they voted, when the last label came, which model versions they were shown and
+what those predicted. Only cells with an agreed consensus on a real class go in; "other/unknown", "artefact",
+ties and cells still waiting for labels stay out (the report counts them).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+from cytoloop.consensus import annotator_agreement, consensus, pairwise_agreement
+from labelstudio.label_config import EXTRA_CHOICES
+from labelstudio.store import LabelStore, cell_key
+
+COLUMNS = ["path", "label", "domain", "cell_id", "site", "annotators", "votes", "labelled_at", "model_versions",
+           "model_labels", "abnormal"]
+
+
+def review_report(store: LabelStore, labels_required: int) -> dict:
+    """Consensus status counts, per-annotator and pairwise agreement, and the cells for senior review."""
+    votes = store.votes()
+    decided = consensus(votes, labels_required)
+    return {
+        "cells": len(decided),
+        "status": dict(Counter(c.status for c in decided.values())),
+        "annotators": annotator_agreement(votes),
+        "pairs": {f"{a} / {b}": v for (a, b), v in pairwise_agreement(votes).items()},
+        "senior_review": [
+            {"cell": c.cell_key, "status": c.status, "votes": c.votes, "abnormal": c.abnormal}
+            for c in decided.values() if c.senior_review
+        ],
+    }
+
+
+def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
+    """Write the consensus labels as a manifest CSV; returns counts of what went in and what stayed out."""
+    labels = store.labels()
+    decided = consensus(store.votes(), labels_required)
+    by_cell: dict[str, list] = {}
+    for label in labels:
+        by_cell.setdefault(cell_key(label.site, label.cell_id), []).append(label)
+    rows, left_out = [], Counter()
+    for key, result in sorted(decided.items()):
+        if result.status != "agreed":
+            left_out[result.status] += 1
+            continue
+        if result.label in EXTRA_CHOICES:
+            left_out[result.label] += 1
+            continue
+        cell_labels = by_cell[key]
+        first = cell_labels[-1]
+        rows.append({
+            "path": first.image_path,
+            "label": result.label,
+            "domain": first.domain or first.site,
+            "cell_id": first.cell_id,
+            "site": first.site,
+            "annotators": ";".join(result.annotators),
+            "votes": ";".join(f"{k}={v}" for k, v in result.votes.items()),
+            "labelled_at": result.last_labelled_at,
+            "model_versions": ";".join(sorted({l.model_version for l in cell_labels})),
+            "model_labels": ";".join(sorted({l.model_label for l in cell_labels})),
+            "abnormal": int(result.abnormal),
+        })
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out)
+    return {"exported": len(rows), "left_out": dict(left_out), "path": str(out)}

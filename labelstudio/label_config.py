@@ -1,0 +1,79 @@
+"""The labelling interface, generated from the model's class list (never hand-copied, so it cannot drift).
+
+One single-choice question, "cell class": the model's classes plus two ways out ("other/unknown cell" and
+"not a cell / artefact"); a separate "abnormal — needs senior review" flag, because a cell can be a lymphocyte
+AND atypical; and a free comment. The model's prediction pre-fills the class question.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import Sequence
+from xml.sax.saxutils import quoteattr
+
+CLASS_FROM = "cell_class"
+FLAG_FROM = "flags"
+COMMENT_FROM = "comment"
+IMAGE_TO = "image"
+OTHER = "other/unknown cell"
+ARTEFACT = "not a cell / artefact"
+ABNORMAL = "abnormal — needs senior review"
+EXTRA_CHOICES = (OTHER, ARTEFACT)
+
+
+def choices(classes: Sequence[str]) -> list[str]:
+    """The values of the class question: the model's classes, then the two ways out."""
+    if not classes:
+        raise ValueError("the label config needs at least one class")
+    clash = [c for c in classes if c in EXTRA_CHOICES or c == ABNORMAL]
+    if clash or len(set(classes)) != len(classes):
+        raise ValueError(f"class names must be unique and differ from the reserved choices; got {list(classes)}")
+    return [*classes, *EXTRA_CHOICES]
+
+
+def build_label_config(classes: Sequence[str]) -> str:
+    """Label Studio XML for a project reviewing cells of these classes."""
+    class_choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in choices(classes))
+    return f"""<View>
+  <Header value="Cell $cell_id  (sample $sample_id, site $site; routed: $reason)"/>
+  <Image name="{IMAGE_TO}" value="$image" zoom="true" maxWidth="400px"/>
+  <Header value="Cell class"/>
+  <Choices name="{CLASS_FROM}" toName="{IMAGE_TO}" choice="single-radio" required="true" showInline="false">
+{class_choices}
+  </Choices>
+  <Choices name="{FLAG_FROM}" toName="{IMAGE_TO}" choice="multiple">
+    <Choice value={quoteattr(ABNORMAL)}/>
+  </Choices>
+  <TextArea name="{COMMENT_FROM}" toName="{IMAGE_TO}" placeholder="Comment (optional)" rows="2" maxSubmissions="1"/>
+</View>
+"""
+
+
+def config_classes(label_config: str) -> list[str]:
+    """The model classes offered by a label config built here (the ways out excluded); [] for any other config."""
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError:
+        return []
+    question = next((c for c in root.iter("Choices") if c.get("name") == CLASS_FROM), None)
+    values = [] if question is None else [c.get("value") for c in question.iter("Choice")]
+    return [v for v in values if v and v not in EXTRA_CHOICES]
+
+
+def prediction_result(label: str) -> list[dict]:
+    """The pre-annotation of a task: the model's class, in Label Studio's result format."""
+    return [{"from_name": CLASS_FROM, "to_name": IMAGE_TO, "type": "choices", "value": {"choices": [label]}}]
+
+
+def parse_result(result: Sequence[dict]) -> tuple[str | None, bool, str]:
+    """(class, abnormal flag, comment) of an annotation's result; class None when the annotator chose none."""
+    label, abnormal, comment = None, False, ""
+    for region in result or []:
+        value = region.get("value") or {}
+        if region.get("from_name") == CLASS_FROM and value.get("choices"):
+            label = value["choices"][0]
+        elif region.get("from_name") == FLAG_FROM:
+            abnormal = ABNORMAL in (value.get("choices") or [])
+        elif region.get("from_name") == COMMENT_FROM:
+            comment = "\n".join(value.get("text") or [])
+    return label, abnormal, comment

@@ -1,0 +1,197 @@
+"""The review loop in one object: route scored cells out to Label Studio, bring labels back, export consensus.
+
+Data flow (docs/review-loop.md): predictions -> `cytoloop.routing` (reason per cell, budget) -> outbox (SQLite)
+-> Label Studio project of the cell's site -> hematologists label -> webhook events (SQLite) + poll -> label store
+(SQLite) -> consensus -> training manifest. Every arrow is idempotent, and everything durable lives under
+`<home>/review/`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from cytoloop.config import Settings
+from cytoloop.data import CellRecord
+from cytoloop.routing import ScoredCell, route_cells, select_for_review
+from cytoloop.stack import label_studio_url, stack_secrets, webhook_url
+from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
+from labelstudio.client import LabelStudioUnavailable, connect, unavailable
+from labelstudio.export import export_manifest, review_report
+from labelstudio.outbox import Outbox
+from labelstudio.push import PushReport, push_outbox
+from labelstudio.store import LabelStore
+from labelstudio.sync import SyncReport, sync
+from labelstudio.tasks import CellContext, build_task, task_key
+
+if TYPE_CHECKING:
+    import numpy as np
+    from label_studio_sdk import LabelStudio
+
+    from cytoloop.models.base import Predictions
+
+
+@dataclass
+class RouteReport:
+    reasons: dict[str, int]
+    already_queued: int
+    chosen: int
+    queued: int
+    push: PushReport | None = None
+    by_site: dict[str, int] = field(default_factory=dict)
+
+
+def thumbnails(images: "np.ndarray", size: int = 4) -> "np.ndarray":
+    """(N, 3, S, S) preprocessed cells -> (N, 3*size*size) block means: a near-duplicate signature."""
+    n, channels, side, _ = images.shape
+    block = side // size
+    cropped = images[:, :, : block * size, : block * size]
+    return cropped.reshape(n, channels, size, block, size, block).mean(axis=(3, 5)).reshape(n, -1)
+
+
+def sample_of(record: CellRecord) -> str:
+    """The sample (smear/slide) a cell comes from: its folder inside the dataset, else its domain."""
+    parent = str(Path(record.cell_id).parent)
+    return parent if parent not in ("", ".") else record.domain
+
+
+class ReviewLoop:
+    """All review-loop operations for one configuration. Label Studio is contacted lazily, only when needed."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        folder = Path(settings.home) / "review"
+        self.store = LabelStore(folder / "labels.db")
+        self.outbox = Outbox(folder / "outbox.db")
+        self.url = label_studio_url(settings)
+        self._client: "LabelStudio | None" = None
+
+    @property
+    def client(self) -> "LabelStudio":
+        if self._client is None:
+            self._client = connect(self.url, stack_secrets(self.settings)["admin_token"])
+        return self._client
+
+    # -- projects ---------------------------------------------------------------------------------------------
+    def bootstrap(self, site: str, classes: Sequence[str]) -> int:
+        """The site's project (created or updated) with its webhook to our receiver and its image storage;
+        idempotent."""
+        review = self.settings.review
+        project_id = ensure_project(self.client, project_title(review.project_title, site), classes,
+                                    review.labels_required)
+        secret = stack_secrets(self.settings)["webhook_secret"]
+        ensure_webhook(self.client, project_id, webhook_url(self.settings), secret)
+        ensure_image_storage(self.client, project_id, self.settings.stack.images_root)
+        return project_id
+
+    def projects(self) -> dict[str, int]:
+        """site -> project id of every project whose title follows our template."""
+        prefix, _, suffix = self.settings.review.project_title.partition("{site}")
+        return {
+            p.title[len(prefix):len(p.title) - len(suffix)]: p.id
+            for p in self.client.projects.list()
+            if p.title.startswith(prefix) and p.title.endswith(suffix) and len(p.title) > len(prefix) + len(suffix)
+        }
+
+    # -- out: routing and pushing --------------------------------------------------------------------------------
+    def route(
+        self,
+        records: Sequence[CellRecord],
+        predictions: "Predictions",
+        classes: Sequence[str],
+        model_version: str,
+        site: str | None = None,
+        budget: int | None = None,
+        push: bool = True,
+        images: "np.ndarray | None" = None,
+    ) -> RouteReport:
+        """Route scored cells, queue this round's selection in the outbox, and push it if Label Studio is up.
+
+        `records[i]` is the cell scored in row i of `predictions` (and of `images`, the preprocessed cells, whose
+        4x4 thumbnails tell near-duplicates apart; without them the probability vectors do). Each cell goes to the
+        project of `site` (default: its domain). Cells already queued for this model version are not chosen again.
+        """
+        if len(records) != len(predictions) or (images is not None and len(images) != len(records)):
+            raise ValueError(f"{len(records)} records, {len(predictions)} predictions"
+                             + ("" if images is None else f", {len(images)} images") + ": they must match")
+        sites = [site or r.domain for r in records]
+        signatures = predictions.probs if images is None else thumbnails(images)
+        scored = [
+            ScoredCell(r.cell_id, sample_of(r), classes[int(label)], float(conf), float(anomaly),
+                       tuple(float(v) for v in signature))
+            for r, label, conf, anomaly, signature in zip(records, predictions.labels, predictions.confidence,
+                                                          predictions.anomaly, signatures)
+        ]
+        routed = route_cells(scored, self.settings.routing)
+        keys = [task_key(s, c.cell_id, model_version) for s, c in zip(sites, scored)]
+        seen = self.outbox.known(keys)
+        fresh = [r for r, k in zip(routed, keys) if k not in seen]
+        chosen = select_for_review(fresh, self.settings.routing, budget)
+        context = {r.cell_id: (r, s) for r, s in zip(records, sites)}
+        tasks = []
+        for item in chosen:
+            record, cell_site = context[item.cell.cell_id]
+            tasks.append(build_task(item, CellContext(record.path, cell_site, record.domain, model_version,
+                                                      tuple(classes)), self.settings.stack.images_root))
+        queued = self.outbox.enqueue(tasks)
+        report = RouteReport(
+            reasons=dict(Counter(r.reason for r in routed)),
+            already_queued=sum(1 for r, k in zip(routed, keys) if k in seen and r.reason != "accept"),
+            chosen=len(chosen), queued=queued,
+            by_site=dict(Counter(t["data"]["site"] for t in tasks)),
+        )
+        if push:
+            report.push = self.push()
+        return report
+
+    def push(self) -> PushReport:
+        """Send the outbox to Label Studio; when it is unreachable the tasks stay queued (report.error says why)."""
+        try:
+            client = self.client
+        except LabelStudioUnavailable as error:
+            return PushReport(pending=self.outbox.counts()["pending"], error=str(error))
+        return push_outbox(client, self.outbox, self.bootstrap, batch=self.settings.review.push_batch)
+
+    # -- back: labels ---------------------------------------------------------------------------------------------
+    def sync(self, on_annotation: Callable[[int], None] | None = None) -> SyncReport:
+        """Apply stored webhook events, then poll every review project (catches what webhooks missed)."""
+        return sync(self.client, self.store, self.projects().values(), on_annotation=on_annotation)
+
+    def report(self) -> dict:
+        return review_report(self.store, self.settings.review.labels_required)
+
+    def export(self, out: Path) -> dict:
+        return export_manifest(self.store, out, self.settings.review.labels_required)
+
+    # -- the long-running receiver -------------------------------------------------------------------------------
+    def serve(self, log: Callable[[str], None] = print) -> None:
+        """Run the webhook receiver (foreground) with a background poll + push every `review.poll_every_s`."""
+        import uvicorn
+
+        from labelstudio.webhook import create_app
+
+        review = self.settings.review
+        stop = threading.Event()
+
+        def periodic() -> None:
+            while not stop.wait(review.poll_every_s):
+                try:
+                    pushed = self.push()
+                    synced = self.sync()
+                    log(f"poll: pushed {pushed.pushed}, {pushed.pending} pending; {synced.changed} label(s) changed, "
+                        f"{synced.retracted} retracted")
+                except Exception as error:  # keep polling: Label Studio may be restarting
+                    if not unavailable(error):
+                        log(f"poll failed: {type(error).__name__}: {error}")
+                    self._client = None
+
+        worker = threading.Thread(target=periodic, name="review-poll", daemon=True)
+        worker.start()
+        app = create_app(self.store, stack_secrets(self.settings)["webhook_secret"])
+        try:
+            uvicorn.run(app, host=review.webhook_host, port=review.webhook_port, log_level="warning")
+        finally:
+            stop.set()

@@ -1,0 +1,293 @@
+"""The label store: every hematologist's label, exactly once, in one SQLite file.
+
+Rows are keyed by Label Studio's annotation id, so however often an annotation arrives (webhook, poll, a replay
+of either, a sync killed half-way and run again) it is one row:
+
+- a create or an update replaces the row, unless the row already holds a newer version (`updated_at`);
+- a delete retracts the row (kept, with `retracted_at`, for provenance) and retraction is final: Label Studio
+  never reuses an annotation id, so a late replay of a create cannot bring a deleted label back;
+- a replay of what is already stored changes nothing.
+
+Webhook events are first written here raw (`events`), in the request, so the receiver can answer within Label
+Studio's 1 s timeout; `process_events` turns them into rows afterwards. Each event is applied and marked done in
+one transaction, so a crash never applies an event twice or loses it.
+
+The file is opened in WAL mode with a busy timeout: the webhook receiver and a sync may write at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from cytoloop.consensus import Vote
+from labelstudio.label_config import parse_result
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at TEXT NOT NULL,
+    body TEXT NOT NULL,
+    processed_at TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS annotations (
+    annotation_id INTEGER PRIMARY KEY,
+    project_id INTEGER,
+    task_id INTEGER,
+    task_key TEXT,
+    cell_id TEXT,
+    sample_id TEXT,
+    site TEXT,
+    domain TEXT,
+    image_path TEXT,
+    model_version TEXT,
+    model_label TEXT,
+    annotator_id INTEGER,
+    label TEXT,
+    abnormal INTEGER NOT NULL DEFAULT 0,
+    comment TEXT NOT NULL DEFAULT '',
+    was_cancelled INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT,
+    updated_at TEXT,
+    source TEXT,
+    stored_at TEXT NOT NULL,
+    retracted_at TEXT
+);
+CREATE INDEX IF NOT EXISTS annotations_project ON annotations (project_id);
+CREATE TABLE IF NOT EXISTS annotators (
+    annotator_id INTEGER PRIMARY KEY,
+    email TEXT NOT NULL
+);
+"""
+
+TASK_FIELDS = ("task_key", "cell_id", "sample_id", "site", "domain", "image_path", "model_version", "model_label")
+
+
+def cell_key(site: str, cell_id: str) -> str:
+    return f"{site}:{cell_id}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+@dataclass
+class StoredLabel:
+    annotation_id: int
+    task_key: str
+    cell_id: str
+    site: str
+    domain: str
+    image_path: str
+    model_version: str
+    model_label: str
+    annotator: str
+    label: str | None
+    abnormal: bool
+    comment: str
+    updated_at: str
+
+
+class LabelStore:
+    """One SQLite file; safe to use from several processes. Every method commits before it returns."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # -- raw webhook events ---------------------------------------------------------------------------------
+    def record_event(self, body: bytes | str) -> int:
+        """Keep a webhook body as received; cheap enough to run inside the request."""
+        text = body.decode() if isinstance(body, bytes) else body
+        with self._transaction() as db:
+            return db.execute("INSERT INTO events (received_at, body) VALUES (?, ?)", (_now(), text)).lastrowid
+
+    def process_events(self, limit: int | None = None) -> int:
+        """Apply stored webhook events in arrival order; returns how many were processed.
+
+        An event that cannot be understood is marked with its error (and skipped), never retried forever.
+        """
+        done = 0
+        while limit is None or done < limit:
+            with self._transaction() as db:
+                row = db.execute(
+                    "SELECT id, body FROM events WHERE processed_at IS NULL ORDER BY id LIMIT 1").fetchone()
+                if row is None:
+                    break
+                error = None
+                try:
+                    self._apply_event(db, json.loads(row["body"]))
+                except (ValueError, KeyError, TypeError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                db.execute("UPDATE events SET processed_at = ?, error = ? WHERE id = ?", (_now(), error, row["id"]))
+            done += 1
+        return done
+
+    def event_counts(self) -> dict[str, int]:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT COUNT(*) AS n, SUM(processed_at IS NULL) AS pending, SUM(error IS NOT NULL) AS failed "
+                "FROM events"
+            ).fetchone()
+        return {"received": row["n"], "pending": row["pending"] or 0, "failed": row["failed"] or 0}
+
+    def _apply_event(self, db: sqlite3.Connection, event: dict) -> None:
+        action = event["action"]
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            self._upsert(db, event["annotation"], event["task"], source="webhook")
+        elif action == "ANNOTATIONS_CREATED":
+            tasks = {t["id"]: t for t in event["task"]}
+            for annotation in event["annotation"]:
+                self._upsert(db, annotation, tasks[annotation["task"]], source="webhook")
+        elif action == "ANNOTATIONS_DELETED":
+            project = (event.get("project") or {}).get("id")
+            for annotation in event["annotations"]:
+                self._retract(db, int(annotation["id"]), project)
+        # other actions (projects, tasks) carry no labels: nothing to do
+
+    # -- annotations ----------------------------------------------------------------------------------------
+    def upsert(self, annotation: dict, task: dict, source: str) -> bool:
+        """Store an annotation as Label Studio serialises it (with its task); True when the store changed."""
+        with self._transaction() as db:
+            return self._upsert(db, annotation, task, source)
+
+    def retract(self, annotation_id: int, project_id: int | None = None) -> bool:
+        with self._transaction() as db:
+            return self._retract(db, annotation_id, project_id)
+
+    def retract_missing(self, project_id: int, present: set[int]) -> int:
+        """Retract this project's live rows whose annotation ids Label Studio no longer lists (a missed delete).
+
+        Call it only after listing the WHOLE project: a partial listing would retract live labels.
+        """
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT annotation_id FROM annotations WHERE project_id = ? AND retracted_at IS NULL", (project_id,)
+            ).fetchall()
+            missing = [r["annotation_id"] for r in rows if r["annotation_id"] not in present]
+            for annotation_id in missing:
+                self._retract(db, annotation_id, project_id)
+        return len(missing)
+
+    def _upsert(self, db: sqlite3.Connection, annotation: dict, task: dict, source: str) -> bool:
+        annotation_id = int(annotation["id"])
+        updated_at = str(annotation.get("updated_at") or annotation.get("created_at") or "")
+        old = db.execute(
+            "SELECT updated_at, retracted_at FROM annotations WHERE annotation_id = ?", (annotation_id,)
+        ).fetchone()
+        if old is not None and (old["retracted_at"] is not None or (old["updated_at"] or "") >= updated_at):
+            return False
+        label, abnormal, comment = parse_result(annotation.get("result") or [])
+        data = task.get("data") or {}
+        completed_by = annotation.get("completed_by")
+        if isinstance(completed_by, dict):
+            completed_by = completed_by.get("id")
+        row = {
+            "annotation_id": annotation_id,
+            "project_id": annotation.get("project") or task.get("project"),
+            "task_id": annotation.get("task") or task.get("id"),
+            **{f: str(data.get(f, "")) for f in TASK_FIELDS},
+            "annotator_id": completed_by,
+            "label": label,
+            "abnormal": int(abnormal),
+            "comment": comment,
+            "was_cancelled": int(bool(annotation.get("was_cancelled"))),
+            "created_at": str(annotation.get("created_at") or ""),
+            "updated_at": updated_at,
+            "source": source,
+            "stored_at": _now(),
+        }
+        columns = ", ".join(row)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "annotation_id")
+        db.execute(
+            f"INSERT INTO annotations ({columns}) VALUES ({', '.join('?' * len(row))}) "
+            f"ON CONFLICT(annotation_id) DO UPDATE SET {updates}",
+            tuple(row.values()),
+        )
+        return True
+
+    def _retract(self, db: sqlite3.Connection, annotation_id: int, project_id: int | None) -> bool:
+        old = db.execute("SELECT retracted_at FROM annotations WHERE annotation_id = ?", (annotation_id,)).fetchone()
+        if old is None:  # a delete seen before its create: keep a tombstone so the create cannot arrive later
+            db.execute(
+                "INSERT INTO annotations (annotation_id, project_id, stored_at, retracted_at, source) "
+                "VALUES (?, ?, ?, ?, 'delete')",
+                (annotation_id, project_id, _now(), _now()),
+            )
+            return True
+        if old["retracted_at"] is not None:
+            return False
+        db.execute("UPDATE annotations SET retracted_at = ? WHERE annotation_id = ?", (_now(), annotation_id))
+        return True
+
+    def set_annotators(self, emails: dict[int, str]) -> None:
+        """Remember who each Label Studio user id is (for provenance and agreement reports)."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO annotators (annotator_id, email) VALUES (?, ?) "
+                "ON CONFLICT(annotator_id) DO UPDATE SET email = excluded.email",
+                list(emails.items()),
+            )
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def labels(self, include_retracted: bool = False) -> list[StoredLabel]:
+        """The live labels (not retracted, not cancelled/skipped, with a class chosen), oldest first."""
+        query = (
+            "SELECT a.*, COALESCE(u.email, CAST(a.annotator_id AS TEXT)) AS annotator FROM annotations a "
+            "LEFT JOIN annotators u ON u.annotator_id = a.annotator_id WHERE a.task_key IS NOT NULL"
+        )
+        if not include_retracted:
+            query += " AND a.retracted_at IS NULL AND a.was_cancelled = 0 AND a.label IS NOT NULL"
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY a.updated_at, a.annotation_id").fetchall()
+        return [
+            StoredLabel(
+                annotation_id=r["annotation_id"], task_key=r["task_key"], cell_id=r["cell_id"], site=r["site"],
+                domain=r["domain"], image_path=r["image_path"], model_version=r["model_version"],
+                model_label=r["model_label"], annotator=r["annotator"], label=r["label"],
+                abnormal=bool(r["abnormal"]), comment=r["comment"], updated_at=r["updated_at"],
+            )
+            for r in rows
+        ]
+
+    def votes(self) -> list[Vote]:
+        """Live labels as consensus votes, keyed by cell (`site:cell_id`), whatever model version routed it:
+        an annotator who saw a cell again under a newer model counts once, with their latest label."""
+        return [Vote(cell_key(label.site, label.cell_id), label.annotator, label.label, label.abnormal,
+                     label.updated_at) for label in self.labels()]
+
+    def counts(self) -> dict[str, int]:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT COUNT(*) AS n, SUM(retracted_at IS NOT NULL) AS retracted FROM annotations"
+            ).fetchone()
+        return {"annotations": row["n"], "retracted": row["retracted"] or 0, "live": row["n"] - (row["retracted"] or 0)}

@@ -1,0 +1,76 @@
+"""A routed cell as a Label Studio task: what the hematologist sees, and what we need back to use the label.
+
+One task per (site, cell, model version): `task_key` names it, the outbox keys on it, and a push skips keys the
+project already holds, so routing the same cells again never duplicates a task. A newer model version routing the
+same cell makes a new task (the question asked differs: another prediction is shown).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from cytoloop.routing import RoutedCell
+from labelstudio.label_config import prediction_result
+
+
+class TaskError(ValueError):
+    """A cell that cannot become a task (for example an image Label Studio is not allowed to serve)."""
+
+
+@dataclass(frozen=True)
+class CellContext:
+    """What routing does not know about a cell: where it came from and which model looked at it."""
+
+    image_path: Path
+    site: str
+    domain: str
+    model_version: str
+    classes: tuple[str, ...]
+
+
+def task_key(site: str, cell_id: str, model_version: str) -> str:
+    return f"{site}:{cell_id}@{model_version}"
+
+
+def image_url(image_path: Path, images_root: Path) -> str:
+    """Label Studio's local-files URL of an image under `images_root`.
+
+    Label Studio's document root is the PARENT of `images_root` (it refuses a project storage equal to the root
+    itself), so the URL path starts with the images folder's name.
+    """
+    path, root = Path(image_path).resolve(), Path(images_root).resolve()
+    if not path.is_relative_to(root):
+        raise TaskError(
+            f"{path} is outside Label Studio's image folder {root} (set stack.images_root / "
+            "CYTOLOOP_STACK__IMAGES_ROOT to a folder holding the cells)"
+        )
+    return "/data/local-files/?d=" + quote(str(path.relative_to(root.parent)))
+
+
+def build_task(routed: RoutedCell, context: CellContext, images_root: Path) -> dict:
+    """The import payload of one task: data shown in the UI plus the model's prediction as a pre-annotation."""
+    cell = routed.cell
+    key = task_key(context.site, cell.cell_id, context.model_version)
+    return {
+        "data": {
+            "image": image_url(context.image_path, images_root),
+            "task_key": key,
+            "cell_id": cell.cell_id,
+            "sample_id": cell.sample_id,
+            "site": context.site,
+            "domain": context.domain,
+            "image_path": str(Path(context.image_path).resolve()),
+            "reason": routed.reason,
+            "model_version": context.model_version,
+            "model_label": cell.label,
+            "confidence": round(float(cell.confidence), 4),
+            "anomaly": round(float(cell.anomaly), 4),
+            "classes": list(context.classes),
+        },
+        "predictions": [
+            {"model_version": context.model_version, "score": float(cell.confidence),
+             "result": prediction_result(cell.label)}
+        ],
+    }

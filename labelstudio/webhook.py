@@ -1,0 +1,67 @@
+"""The webhook receiver: Label Studio POSTs annotation events here; we keep them and answer at once.
+
+Label Studio waits 1 s for an answer and does not retry. So the request does the minimum that makes the event
+durable (check the shared secret, parse the JSON, one SQLite insert) and returns; a background thread applies
+stored events to the label store a moment later. Whatever still goes missing, the poll (`sync.sync`) catches.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel
+
+from labelstudio.bootstrap import SECRET_HEADER
+from labelstudio.store import LabelStore
+
+
+class Accepted(BaseModel):
+    event: int
+    action: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    pending_events: int
+
+
+def create_app(store: LabelStore, secret: str, apply_every_s: float = 0.5) -> FastAPI:
+    """A FastAPI app with POST /webhook and GET /health; applies stored events every `apply_every_s` seconds."""
+    stop = threading.Event()
+
+    def apply_loop() -> None:
+        while not stop.wait(apply_every_s):
+            store.process_events()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker = threading.Thread(target=apply_loop, name="apply-label-events", daemon=True)
+        worker.start()
+        yield
+        stop.set()
+        worker.join(timeout=5)
+        store.process_events()
+
+    app = FastAPI(title="CytoLoop label webhook", lifespan=lifespan)
+
+    @app.post("/webhook", response_model=Accepted)
+    def receive(request_body: dict, request: Request) -> Accepted:
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), secret.encode()):
+            raise HTTPException(status_code=401, detail=f"missing or wrong {SECRET_HEADER} header")
+        action = request_body.get("action")
+        if not isinstance(action, str):
+            raise HTTPException(status_code=422, detail="event has no 'action'")
+        event_id = store.record_event(json.dumps(request_body))
+        return Accepted(event=event_id, action=action)
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(status="ok", pending_events=store.event_counts()["pending"])
+
+    return app

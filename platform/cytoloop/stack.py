@@ -1,0 +1,416 @@
+"""`cytoloop stack up | status | down`: the local services of the review loop, started for real on one host.
+
+- Label Studio (the labelling UI), in its own virtualenv: it is an application with its own pinned Django stack,
+  so it never shares our venv. The venv is created on first use (~2 min, once per machine: it is shared by every
+  checkout, under ~/.cache/cytoloop/venvs/ by default). Admin account and API token are set non-interactively on
+  its first start (legacy token, `--user-token`); first start ~45 s (database migrations), later ~6 s.
+- our label receiver (`cytoloop review serve`): Label Studio's webhooks, the periodic poll and the outbox push;
+- MLflow: a SQLite file (nothing to start) unless `stack.mlflow_server` asks for its UI server;
+- a local Ray head (`ray start --head --block`, owned by us: `down` stops exactly that one, never other Rays).
+
+Everything lives under `Settings.home` (default ./.cytoloop/): `stack/<service>.pid`, `stack/<service>.log`, each
+service's data folder, and `secrets.json` (generated passwords and tokens, mode 0600). `up` is idempotent: a
+service already running and healthy is left alone; a port taken by anything else is a clear error. Only the
+standard library is used here; the services bring their own dependencies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets as secrets_lib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from cytoloop.config import Settings
+
+SERVICES = ("label-studio", "labels", "mlflow", "ray")
+RAY_TEMP_LIMIT = 60  # Ray's socket paths (temp dir + ~45 chars) must stay under 107 characters
+
+
+class StackError(RuntimeError):
+    """A service that cannot start (port taken, failed health check, broken venv); the message says which."""
+
+
+# -- secrets -------------------------------------------------------------------------------------------------
+def stack_secrets(settings: Settings) -> dict[str, str]:
+    """Admin password, admin API token and webhook secret: from the settings if given, else generated once and
+    kept in `<home>/secrets.json` (0600) so that every later run, and every process, uses the same ones."""
+    path = Path(settings.home) / "secrets.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    given = {
+        "admin_password": settings.stack.admin_password,
+        "admin_token": settings.stack.admin_token,
+        "webhook_secret": settings.review.webhook_secret,
+    }
+    values = {k: v.get_secret_value() if v is not None else stored.get(k) for k, v in given.items()}
+    values.update({k: secrets_lib.token_hex(20) for k, v in values.items() if not v})
+    if values != {k: stored.get(k) for k in values}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({**stored, **values}, handle, indent=1)
+    return values
+
+
+def label_studio_url(settings: Settings) -> str:
+    return settings.review.label_studio_url or f"http://{settings.stack.host}:{settings.stack.label_studio_port}"
+
+
+def webhook_url(settings: Settings) -> str:
+    return f"http://{settings.review.webhook_host}:{settings.review.webhook_port}/webhook"
+
+
+# -- the Label Studio virtualenv ----------------------------------------------------------------------------
+def label_studio_venv(settings: Settings) -> Path:
+    if settings.stack.label_studio_venv is not None:
+        return Path(settings.stack.label_studio_venv).expanduser().resolve()
+    tag = settings.stack.label_studio_version.replace("*", "x").strip("=.x") or "latest"
+    return Path.home() / ".cache" / "cytoloop" / "venvs" / f"label-studio-{tag}"
+
+
+def ensure_label_studio_venv(settings: Settings, log: Callable[[str], None] = print) -> Path:
+    """The Label Studio venv's python, creating the venv on first use (pip, ~2 min).
+
+    Built in `<venv>.partial` and renamed when pip succeeded, under a file lock: a half-built venv is never
+    used, and two processes (two test sessions) never build it at once.
+    """
+    venv = label_studio_venv(settings)
+    python = venv / "bin" / "python"
+    ready = venv / ".cytoloop-ready"
+    if ready.is_file():
+        return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ready.is_file():
+            return python
+        partial = venv.parent / f"{venv.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        log(f"creating the Label Studio venv at {venv} (once per machine, ~2 min)")
+        base = getattr(sys, "_base_executable", sys.executable)
+        spec = f"label-studio=={settings.stack.label_studio_version}"
+        pip_log = venv.parent / f"{venv.name}.pip.log"
+        with pip_log.open("w") as out:
+            for command in ([base, "-m", "venv", str(partial)],
+                            [str(partial / "bin" / "python"), "-m", "pip", "install", "-q", spec]):
+                if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                    raise StackError(f"creating the Label Studio venv failed ({' '.join(command)}); see {pip_log}")
+        shutil.rmtree(venv, ignore_errors=True)
+        partial.rename(venv)  # the venv's python is a symlink and `python -m` is used: a renamed venv works
+        ready.write_text(spec + "\n")
+    return python
+
+
+MIGRATE = ("import label_studio.server as s; s._setup_env(); from django.core.management import call_command; "
+           "call_command('migrate', '--no-color', verbosity=0)")
+
+
+def label_studio_database_template(settings: Settings, log: Callable[[str], None] = print) -> Path:
+    """A freshly migrated, empty Label Studio database, built once per venv (~45 s, more on a busy machine).
+
+    A new home folder starts from a copy of it, so a first start skips the migrations (~45 s -> ~6 s): what makes a
+    fresh Label Studio per test session affordable. Users, organisation and token are still created by the first
+    `start` (the template holds none).
+    """
+    python = ensure_label_studio_venv(settings, log)
+    venv = python.parent.parent
+    template = venv / "cytoloop-db-template" / "label_studio.sqlite3"
+    if template.is_file():
+        return template
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if template.is_file():
+            return template
+        log(f"migrating a template Label Studio database in {template.parent} (once per venv)")
+        partial = venv / "cytoloop-db-template.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(partial), "HOME": str(partial), "TMPDIR": str(partial)}
+        env.pop("VIRTUAL_ENV", None)
+        done = subprocess.run([str(python), "-c", MIGRATE], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise StackError(f"migrating the Label Studio template database failed:\n{done.stderr[-2000:]}")
+        for extra in partial.iterdir():  # keep only the database
+            if extra.name != template.name:
+                shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+        partial.rename(template.parent)
+    return template
+
+
+# -- processes ----------------------------------------------------------------------------------------------
+@dataclass
+class Service:
+    """How to start one service and tell that it is healthy."""
+
+    name: str
+    port: int
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    health_url: str | None = None  # None: healthy once the port accepts connections
+    prepare: Callable[[], None] | None = None  # slow set-up to run only when the service must start
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    state: str  # "up", "down", "starting", "stale" (pid file without process), "disabled"
+    pid: int | None = None
+    port: int | None = None
+    detail: str = ""
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as dead
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+class Stack:
+    """The services of one home folder. Every method may be called any number of times."""
+
+    def __init__(self, settings: Settings, log: Callable[[str], None] = print):
+        self.settings = settings
+        self.home = Path(settings.home).resolve()
+        self.run_dir = self.home / "stack"
+        self.log = log
+
+    # -- what runs where --------------------------------------------------------------------------------------
+    def services(self) -> list[Service]:
+        cfg, host = self.settings.stack, self.settings.stack.host
+        chosen = [self._label_studio(), self._labels()]
+        if cfg.mlflow_server:
+            db = self.mlflow_db()
+            chosen.append(Service(
+                "mlflow", cfg.mlflow_port,
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+                 "--default-artifact-root", str(db.parent / "artifacts"), "--host", host,
+                 "--port", str(cfg.mlflow_port), "--workers", "1"],
+                env={"MLFLOW_DISABLE_TELEMETRY": "true"},
+                health_url=f"http://{host}:{cfg.mlflow_port}/health",
+            ))
+        if cfg.ray:
+            temp = self.home / "ray"
+            if len(str(temp)) > RAY_TEMP_LIMIT:
+                raise StackError(f"Ray's temp folder {temp} is longer than {RAY_TEMP_LIMIT} characters (its socket "
+                                 "paths would pass the OS limit of 107); use a shorter CYTOLOOP_HOME")
+            command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port",
+                       str(cfg.ray_port), "--node-ip-address", host, "--temp-dir", str(temp),
+                       "--include-dashboard=false", "--disable-usage-stats"]
+            if cfg.ray_num_cpus:
+                command += ["--num-cpus", str(cfg.ray_num_cpus)]
+            chosen.append(Service("ray", cfg.ray_port, command, env={"RAY_AUTH_MODE": "disabled"}))
+        return chosen
+
+    def mlflow_db(self) -> Path:
+        uri = self.settings.registry.tracking_uri
+        if uri.startswith("sqlite:///"):
+            return Path(uri.removeprefix("sqlite:///")).resolve()
+        return self.home / "mlflow" / "mlflow.db"
+
+    def _label_studio(self) -> Service:
+        cfg, host = self.settings.stack, self.settings.stack.host
+        secret = stack_secrets(self.settings)
+        data = self.home / "label-studio"
+        venv = label_studio_venv(self.settings)
+        images_root = Path(cfg.images_root).resolve()
+        if images_root == images_root.parent:
+            raise StackError("stack.images_root must be a folder below / (Label Studio serves images under its parent)")
+        env = {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(data / "data"),
+            "HOME": str(data / "home"),
+            "TMPDIR": str(data / "tmp"),
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",  # our webhook receiver is on 127.0.0.1
+            "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+            # the root is the images folder's parent: Label Studio refuses a project storage equal to the root
+            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(images_root.parent),
+            "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+            "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+        }
+
+        def prepare() -> None:
+            for folder in ("data", "home", "tmp"):
+                (data / folder).mkdir(parents=True, exist_ok=True)
+            database = data / "data" / "label_studio.sqlite3"
+            if not database.exists():
+                shutil.copyfile(label_studio_database_template(self.settings, self.log), database)
+
+        return Service(
+            "label-studio", cfg.label_studio_port,
+            [str(venv / "bin" / "python"), "-m", "label_studio.server", "start", "--no-browser",
+             "--internal-host", host, "--port", str(cfg.label_studio_port), "--username", cfg.admin_email,
+             "--password", secret["admin_password"], "--user-token", secret["admin_token"],
+             "--enable-legacy-api-token"],
+            env=env, health_url=f"http://{host}:{cfg.label_studio_port}/health", prepare=prepare,
+        )
+
+    def _labels(self) -> Service:
+        review = self.settings.review
+        settings_file = self.run_dir / "labels-settings.json"
+
+        def prepare() -> None:  # the child gets exactly this configuration (secrets stay in secrets.json)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            secret_fields = {"home": True, "stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}
+            settings_file.write_text(self.settings.model_dump_json(exclude=secret_fields, exclude_none=True))
+
+        return Service(
+            "labels", review.webhook_port,
+            [sys.executable, "-m", "cytoloop.cli", "review", "serve", "--config", str(settings_file)],
+            env={"CYTOLOOP_HOME": str(self.home)},
+            health_url=f"http://{review.webhook_host}:{review.webhook_port}/health", prepare=prepare,
+        )
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def _pid_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
+
+    def _pid(self, name: str) -> int | None:
+        path = self._pid_file(name)
+        try:
+            return int(json.loads(path.read_text())["pid"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
+    def _healthy(self, service: Service) -> bool:
+        host = self.settings.stack.host if service.name != "labels" else self.settings.review.webhook_host
+        if service.health_url is None:
+            return _port_open(host, service.port)
+        try:
+            with urllib.request.urlopen(service.health_url, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def status(self) -> list[ServiceStatus]:
+        found = []
+        by_name = {s.name: s for s in self.services()}
+        for name in SERVICES:
+            service = by_name.get(name)
+            if service is None:
+                detail = f"SQLite file {self.mlflow_db()}" if name == "mlflow" else "not enabled"
+                found.append(ServiceStatus(name, "disabled", detail=detail))
+                continue
+            pid = self._pid(name)
+            if pid is None:
+                found.append(ServiceStatus(name, "down", port=service.port))
+            elif not _alive(pid):
+                found.append(ServiceStatus(name, "stale", pid, service.port, "pid file left by a dead process"))
+            else:
+                state = "up" if self._healthy(service) else "starting"
+                found.append(ServiceStatus(name, state, pid, service.port, str(self.log_file(name))))
+        return found
+
+    # -- up / down ------------------------------------------------------------------------------------------
+    def up(self, only: list[str] | None = None) -> list[ServiceStatus]:
+        """Start what is not running yet, wait until each answers its health check; returns the status."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mlflow_db().parent.mkdir(parents=True, exist_ok=True)
+        for service in self.services():
+            if only is None or service.name in only:
+                self._start(service)
+        return self.status()
+
+    def _start(self, service: Service) -> None:
+        host = self.settings.stack.host
+        pid = self._pid(service.name)
+        if pid is not None and _alive(pid):
+            running_port = json.loads(self._pid_file(service.name).read_text()).get("port")
+            if running_port != service.port:
+                raise StackError(f"{service.name} is running on port {running_port} (pid {pid}) but the settings say "
+                                 f"{service.port}; run `cytoloop stack down` first to move it")
+            self._wait_healthy(service, pid)
+            self.log(f"{service.name}: already up (pid {pid})")
+            return
+        self._pid_file(service.name).unlink(missing_ok=True)
+        if _port_open(host, service.port):
+            raise StackError(f"{service.name}: port {service.port} on {host} is taken by another process; stop it or "
+                             f"choose another port (CYTOLOOP_STACK__* / CYTOLOOP_REVIEW__WEBHOOK_PORT)")
+        if service.prepare is not None:
+            service.prepare()
+        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+        env.update(service.env)
+        self.log(f"{service.name}: starting on {host}:{service.port} (log: {self.log_file(service.name)})")
+        with self.log_file(service.name).open("ab") as log:
+            process = subprocess.Popen(service.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       cwd=Path.cwd(), start_new_session=True, stdin=subprocess.DEVNULL)
+        self._pid_file(service.name).write_text(json.dumps({"pid": process.pid, "port": service.port,
+                                                            "command": service.command[:3]}))
+        started = time.monotonic()
+        self._wait_healthy(service, process.pid)
+        self.log(f"{service.name}: up (pid {process.pid}, healthy after {time.monotonic() - started:.0f} s)")
+
+    def _wait_healthy(self, service: Service, pid: int) -> None:
+        deadline = time.monotonic() + self.settings.stack.start_timeout_s
+        while not self._healthy(service):
+            if not _alive(pid):
+                self._pid_file(service.name).unlink(missing_ok=True)
+                raise StackError(f"{service.name} exited during start-up; last lines of "
+                                 f"{self.log_file(service.name)}:\n{self._tail(service.name)}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{service.name} did not become healthy within "
+                                 f"{self.settings.stack.start_timeout_s:.0f} s; see {self.log_file(service.name)}:\n{self._tail(service.name)}")
+            time.sleep(0.5)
+
+    def _tail(self, name: str, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_file(name).read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def down(self, only: list[str] | None = None, timeout_s: float = 30.0) -> list[str]:
+        """Stop the services this home folder started (their whole process groups); returns the ones stopped."""
+        stopped = []
+        for name in reversed(SERVICES):
+            if only is not None and name not in only:
+                continue
+            pid = self._pid(name)
+            if pid is None:
+                continue
+            if _alive(pid):
+                self._kill_group(pid, timeout_s)
+                stopped.append(name)
+            self._pid_file(name).unlink(missing_ok=True)
+        return stopped
+
+    @staticmethod
+    def _kill_group(pid: int, timeout_s: float) -> None:
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not _alive(pid):
+                    try:  # wait for the rest of the group too
+                        os.killpg(pid, 0)
+                    except ProcessLookupError:
+                        return
+                time.sleep(0.2)

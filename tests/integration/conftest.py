@@ -1,0 +1,61 @@
+"""Session-wide real services for integration tests.
+
+`label_studio`: ONE real Label Studio server for the whole test session, started through `cytoloop.stack` (the
+code `cytoloop stack up` runs) on a free port, with its data, HOME and TMPDIR in a temporary folder. Its virtualenv
+is shared per machine (~/.cache/cytoloop/venvs/label-studio-<version>): the first run on a fresh machine creates it
+(~2 min) and a migrated template database (~45 s), once; later runs and fresh clones reuse both, and start-up is
+then ~7 s (more on a busy machine).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LabelStudioServer:
+    settings: object  # cytoloop.config.Settings: home, ports, images root of this session's stack
+    stack: object  # cytoloop.stack.Stack
+    url: str
+    token: str
+
+    def stop(self) -> None:
+        self.stack.down(only=["label-studio"])
+
+    def start(self) -> None:
+        self.stack.up(only=["label-studio"])
+
+
+@pytest.fixture(scope="session")
+def label_studio(cells_dir) -> LabelStudioServer:
+    """A real Label Studio (admin + legacy token set non-interactively) whose local-files root is the real cells."""
+    from cytoloop.config import Settings
+    from cytoloop.stack import Stack, label_studio_url, stack_secrets
+
+    root = Path(tempfile.mkdtemp(prefix="cyl-"))  # short: the path ends up in Label Studio's and Ray's settings
+    settings = Settings(
+        home=root / "home",
+        stack={"label_studio_port": free_port(), "images_root": cells_dir, "ray": False, "mlflow_server": False,
+               "start_timeout_s": 300},
+        review={"webhook_port": free_port(), "labels_required": 2, "poll_every_s": 3600},
+        registry={"tracking_uri": f"sqlite:///{root}/mlflow.db"},
+    )
+    stack = Stack(settings, log=lambda message: print(f"[stack] {message}"))
+    try:
+        stack.up(only=["label-studio"])
+        yield LabelStudioServer(settings, stack, label_studio_url(settings), stack_secrets(settings)["admin_token"])
+    finally:
+        stack.down()
+        shutil.rmtree(root, ignore_errors=True)

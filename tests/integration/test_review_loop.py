@@ -1,0 +1,302 @@
+"""The review loop against a real Label Studio (see conftest.py) and our real label receiver (`review serve`).
+
+The tests run in file order and share one Label Studio: route real cells out, label them as two real annotator
+accounts, bring every label back by webhook and by poll, interrupt a sync, stop Label Studio during routing.
+Predictions are fixed fakes (routing is what is tested here, not a model): their probabilities decide each
+cell's reason. Cells are the shared real images, served to Label Studio by local-files serving, never copied.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cytoloop.data import load_records
+from cytoloop.models.base import Predictions
+
+pytestmark = pytest.mark.integration
+
+CLASSES = ["lymphocyte", "monocyte", "neutrophil", "blast"]
+SITES = ("jtsc", "bccd")
+
+
+@dataclass
+class World:
+    loop: object  # labelstudio.loop.ReviewLoop
+    server: object  # conftest.LabelStudioServer
+    records: list
+    predictions: Predictions
+    annotators: dict  # email -> (user id, SDK client)
+
+
+def fake_predictions(n: int) -> Predictions:
+    """Cell i: accept (conf .95), review (.40-.55), review, anomaly (score 3); confidences all distinct."""
+    probs, anomaly = [], []
+    for i in range(n):
+        kind = i % 4
+        conf = {0: 0.95, 1: 0.40, 2: 0.50, 3: 0.90}[kind] + i * 0.002
+        label = i % 3  # never "blast": anomalies come from the score here
+        row = np.full(len(CLASSES), (1 - conf) / (len(CLASSES) - 1))
+        row[label] = conf
+        probs.append(row)
+        anomaly.append(3.0 if kind == 3 else 0.0)
+    return Predictions(np.array(probs), np.array(anomaly), np.ones(n))
+
+
+def wait_for(condition, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def ls_annotations(world: World) -> dict[int, str]:
+    """annotation id -> chosen class, straight from Label Studio, across our projects."""
+    from labelstudio.label_config import parse_result
+
+    found = {}
+    for project_id in world.loop.projects().values():
+        for task in world.loop.client.tasks.list(project=project_id, fields="all"):
+            for annotation in task.annotations or []:
+                annotation = annotation if isinstance(annotation, dict) else annotation.model_dump()
+                found[annotation["id"]] = parse_result(annotation["result"])[0]
+    return found
+
+
+def ls_task_keys(world: World) -> list[str]:
+    from labelstudio.push import project_task_keys
+
+    keys = []
+    for project_id in world.loop.projects().values():
+        keys += list(project_task_keys(world.loop.client, project_id))
+    return keys
+
+
+def store_annotations(store) -> dict[int, str]:
+    return {label.annotation_id: label.label for label in store.labels()}
+
+
+def annotate(client, task_id: int, label: str, abnormal: bool = False):
+    from labelstudio.label_config import ABNORMAL, prediction_result
+
+    result = prediction_result(label)
+    if abnormal:
+        result.append({"from_name": "flags", "to_name": "image", "type": "choices", "value": {"choices": [ABNORMAL]}})
+    return client.annotations.create(id=task_id, result=result)
+
+
+@pytest.fixture(scope="module")
+def world(label_studio, cells_dir) -> World:
+    from label_studio_sdk import LabelStudio
+
+    from cytoloop.config import RoutingConfig
+    from labelstudio.client import user_token
+    from labelstudio.loop import ReviewLoop
+
+    records = load_records(cells_dir)
+    chosen = [r for site in SITES for r in [r for r in records if r.domain == site][:8]]
+    label_studio.stack.up(only=["labels"])  # the webhook receiver, as `cytoloop stack up` runs it
+    annotators = {}
+    for email in ("ann1@lab.test", "ann2@lab.test"):
+        user_id, token = user_token(label_studio.url, email, "annotator-pw-123")
+        annotators[email] = (user_id, LabelStudio(base_url=label_studio.url, api_key=token))
+    routing = {"review_below": 0.7, "anomaly_above": 1.0, "audit_fraction": 0.0, "always_review": ["blast"]}
+    settings = label_studio.settings.model_copy(update={"routing": RoutingConfig(**routing)})
+    return World(ReviewLoop(settings), label_studio, chosen, fake_predictions(len(chosen)), annotators)
+
+
+def test_stack_up_is_idempotent_and_a_taken_port_is_named(label_studio, tmp_path):
+    from cytoloop.stack import Stack, StackError
+
+    before = {s.name: s.pid for s in label_studio.stack.status()}
+    label_studio.stack.up(only=["label-studio"])
+    after = {s.name: (s.state, s.pid) for s in label_studio.stack.status()}
+    assert after["label-studio"] == ("up", before["label-studio"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        settings = label_studio.settings.model_copy(update={
+            "home": tmp_path / "other",
+            "review": label_studio.settings.review.model_copy(update={"webhook_port": busy.getsockname()[1]})})
+        with pytest.raises(StackError, match=f"port {busy.getsockname()[1]} .* taken"):
+            Stack(settings, log=lambda m: None).up(only=["labels"])
+
+
+def test_bootstrap_twice_creates_nothing_twice(world):
+    from labelstudio.label_config import ARTEFACT, OTHER, config_classes
+
+    first = world.loop.bootstrap("jtsc", CLASSES)
+    assert world.loop.bootstrap("jtsc", CLASSES) == first
+    client = world.loop.client
+    assert [p.id for p in client.projects.list() if p.title == "CytoLoop review: jtsc"] == [first]
+    assert len(client.webhooks.list(project=str(first))) == 1
+    assert len(client.import_storage.local.list(project=first)) == 1
+    project = client.projects.get(id=first)
+    assert project.maximum_annotations == 2
+    assert OTHER in project.label_config and ARTEFACT in project.label_config and "blast" in project.label_config
+    world.loop.bootstrap("jtsc", ["lymphocyte", "basophil"])  # a new model's classes are added, none removed
+    assert config_classes(client.projects.get(id=first).label_config) == [*CLASSES, "basophil"]
+
+
+def test_route_and_push_real_cells_one_task_per_cell_and_version(world):
+    report = world.loop.route(world.records, world.predictions, CLASSES, "v1", budget=10)
+    assert report.reasons == {"accept": 4, "review": 8, "anomaly": 4}
+    assert (report.chosen, report.queued, report.push.pushed, report.push.pending) == (10, 10, 10, 0)
+    assert report.push.error is None and set(report.by_site) == set(SITES)
+    again = world.loop.route(world.records, world.predictions, CLASSES, "v1", budget=10)
+    assert (again.chosen, again.already_queued) == (2, 10)  # the two left over from the budget, nothing twice
+    assert world.loop.route(world.records, world.predictions, CLASSES, "v1").chosen == 0
+    keys = ls_task_keys(world)
+    assert len(keys) == 12 == len(set(keys))
+
+    # the task carries the cell, its routing and the prediction; Label Studio serves the real image
+    project_id = world.loop.projects()["jtsc"]
+    task = next(iter(world.loop.client.tasks.list(project=project_id, fields="all")))
+    assert task.data["reason"] in ("review", "anomaly") and task.data["site"] == "jtsc"
+    [prediction] = [p if isinstance(p, dict) else p.model_dump() for p in task.predictions]
+    assert prediction["model_version"] == "v1" and 0 < prediction["score"] < 1
+    image = httpx.get(world.server.url + task.data["image"], headers={"Authorization": f"Token {world.server.token}"})
+    assert image.status_code == 200 and len(image.content) > 1000
+
+
+def test_labels_come_back_by_webhook_and_poll_exactly_once(world):
+    from labelstudio.label_config import prediction_result
+
+    (id1, ann1), (id2, ann2) = world.annotators.values()
+    assert id1 != id2
+    project_id = world.loop.projects()["jtsc"]
+    tasks = sorted(world.loop.client.tasks.list(project=project_id), key=lambda t: t.id)[:5]
+    store = world.loop.store
+
+    for task in tasks[:4]:
+        annotate(ann1, task.id, "neutrophil")
+    annotate(ann2, tasks[0].id, "neutrophil")
+    annotate(ann2, tasks[1].id, "neutrophil")
+    changing = annotate(ann2, tasks[2].id, "monocyte")
+    annotate(ann2, tasks[3].id, "neutrophil", abnormal=True)
+    ann2.annotations.update(id=changing.id, result=prediction_result("lymphocyte"))
+    doomed = annotate(ann1, tasks[4].id, "monocyte")
+    ann1.annotations.delete(id=doomed.id)
+
+    # webhooks: created, updated and deleted all arrive through the receiver
+    wait_for(lambda: store.counts()["retracted"] == 1, what="webhook events applied")
+    labels = store_annotations(store)
+    assert len(labels) == 8 and labels[changing.id] == "lymphocyte" and doomed.id not in labels
+    with store._connect() as db:
+        assert {row[0] for row in db.execute("SELECT DISTINCT source FROM annotations")} == {"webhook"}
+
+    # a webhook missed: the receiver is down while an annotator labels; the poll recovers it
+    world.server.stack.down(only=["labels"])
+    missed = annotate(ann2, tasks[4].id, "neutrophil")
+    assert missed.id not in store_annotations(store)
+    report = world.loop.sync()
+    assert report.changed == 1 and store_annotations(store)[missed.id] == "neutrophil"
+    world.server.stack.up(only=["labels"])
+
+    # replaying every event and polling again changes nothing; the store equals Label Studio, each label once
+    with store._connect() as db:
+        bodies = [row[0] for row in db.execute("SELECT body FROM events")]
+    for body in bodies:
+        store.record_event(body)
+    store.process_events()
+    assert world.loop.sync().changed == 0
+    assert store_annotations(store) == ls_annotations(world)
+    with store._connect() as db:
+        assert db.execute("SELECT COUNT(*) FROM annotations WHERE retracted_at IS NULL").fetchone()[0] == 9
+
+
+def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, tmp_path):
+    from labelstudio.store import LabelStore
+    from labelstudio.sync import sync
+
+    fresh = LabelStore(tmp_path / "labels.db")
+
+    def die_after_three(n):
+        if n == 3:
+            raise KeyboardInterrupt("killed half-way")
+
+    with pytest.raises(KeyboardInterrupt):
+        sync(world.loop.client, fresh, world.loop.projects().values(), on_annotation=die_after_three)
+    assert len(store_annotations(fresh)) == 3
+    sync(world.loop.client, fresh, world.loop.projects().values())
+    assert sync(world.loop.client, fresh, world.loop.projects().values()).changed == 0
+    assert store_annotations(fresh) == ls_annotations(world)
+    assert fresh.counts()["annotations"] == len(ls_annotations(world))
+
+
+def test_consensus_report_and_training_manifest(world, tmp_path):
+    from cytoloop.cli import app
+
+    report = world.loop.report()
+    # jtsc tasks 0-1 agreed, 2 a tie (neutrophil / lymphocyte), 3 agreed but flagged abnormal, 4 one label left
+    assert report["status"] == {"agreed": 3, "tie": 1, "pending": 1}
+    assert [(c["status"], c["abnormal"]) for c in report["senior_review"]] in (
+        [("tie", False), ("agreed", True)], [("agreed", True), ("tie", False)])
+    ann1 = report["annotators"]["ann1@lab.test"]
+    assert (ann1["labelled"], ann1["compared"], ann1["agreement"]) == (4, 4, 0.75)
+
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(world.server.settings.model_dump_json(
+        exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True))
+    out = tmp_path / "reviewed.csv"
+    result = CliRunner().invoke(app, ["review", "export", "--config", str(settings_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "exported 3 cell(s)" in result.output
+    records = load_records(out)  # what `cytoloop train --data` reads
+    assert len(records) == 3 and {r.label for r in records} <= set(CLASSES)
+    assert all(r.path.is_file() for r in records)
+    with out.open() as handle:
+        header = handle.readline().strip().split(",")
+    assert header[:3] == ["path", "label", "domain"] and {"annotators", "model_versions", "labelled_at"} <= set(header)
+
+
+def test_label_studio_down_while_routing_loses_nothing(world):
+    world.server.stop()
+    down = world.loop.route(world.records, world.predictions, CLASSES, "v2", budget=3)
+    assert down.queued == 3 and down.push.error and down.push.pending == 3
+    assert world.loop.outbox.counts()["pending"] == 3
+    world.server.start()
+    back = world.loop.push()
+    assert (back.pushed, back.pending, back.error) == (3, 0, None)
+    assert world.loop.push().pushed == 0
+    keys = ls_task_keys(world)
+    assert len(keys) == len(set(keys)) == 15 and sum(k.endswith("@v2") for k in keys) == 3
+
+
+def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp_path):
+    """`cytoloop review route` end to end: a tiny model trained on real cells scores other real cells."""
+    from cytoloop.cli import app
+    from cytoloop.config import load_settings
+    from cytoloop.workflows import train_model
+
+    records = load_records(world.server.settings.stack.images_root)
+    jtsc = [r for r in records if r.domain == "jtsc" and r.label in CLASSES[:3]]
+    train = [r for label in CLASSES[:3] for r in [r for r in jtsc if r.label == label][:6]]
+    train_model("baseline", train, load_settings(overrides=tiny_overrides), tmp_path / "model")
+    unseen = [r for r in jtsc if r not in train][:12]
+    data = tmp_path / "unseen.csv"
+    data.write_text("path,label,domain\n" + "".join(f"{r.path},,{r.domain}\n" for r in unseen))
+
+    settings = world.loop.settings.model_copy(update={"routing": world.loop.settings.routing.model_copy(
+        update={"review_below": 1.0})})  # a 10-step model is never confident: everything goes to review
+    config = tmp_path / "settings.json"
+    config.write_text(settings.model_dump_json(
+        exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True))
+    args = ["review", "route", "--model", str(tmp_path / "model"), "--data", str(data), "--site", "clinic",
+            "--model-version", "tiny-1", "--budget", "5", "--config", str(config)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "5 chosen, 5 newly queued" in first.output and "pushed 5 task(s)" in first.output
+    keys = [k for k in ls_task_keys(world) if k.startswith("clinic:")]
+    assert len(keys) == 5 and all(k.endswith("@tiny-1") for k in keys)
+    bad = CliRunner().invoke(app, ["review", "route", "--model", str(tmp_path / "missing"), "--data", str(data),
+                                   "--config", str(config)])
+    assert bad.exit_code == 2 and "missing" in bad.output

@@ -1,0 +1,126 @@
+"""Label store, outbox, label config and webhook receiver, without a Label Studio: idempotency above all."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+from fastapi.testclient import TestClient
+
+from labelstudio.bootstrap import SECRET_HEADER
+from labelstudio.label_config import (ABNORMAL, ARTEFACT, OTHER, build_label_config, config_classes, parse_result,
+                                     prediction_result)
+from labelstudio.outbox import Outbox
+from labelstudio.store import LabelStore
+from labelstudio.webhook import create_app
+
+TASK = {"id": 7, "project": 3, "data": {"task_key": "jtsc:a.bmp@v1", "cell_id": "a.bmp", "site": "jtsc",
+                                        "domain": "jtsc", "image_path": "/x/a.bmp", "model_version": "v1",
+                                        "model_label": "neutrophil"}}
+
+
+def annotation(ann_id, label, updated, who=1, abnormal=False):
+    result = prediction_result(label)
+    if abnormal:
+        result.append({"from_name": "flags", "to_name": "image", "type": "choices", "value": {"choices": [ABNORMAL]}})
+    return {"id": ann_id, "task": 7, "project": 3, "completed_by": who, "result": result,
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": updated}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LabelStore(tmp_path / "labels.db")
+
+
+def test_updates_replace_and_replays_change_nothing(store):
+    assert store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "webhook")
+    assert not store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "poll")  # replay
+    assert store.upsert(annotation(1, "lymphocyte", "2026-01-01T00:00:02Z"), TASK, "webhook")  # update
+    assert not store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "webhook")  # stale replay
+    [label] = store.labels()
+    assert (label.annotation_id, label.label, label.cell_id, label.model_version) == (1, "lymphocyte", "a.bmp", "v1")
+    assert store.counts() == {"annotations": 1, "retracted": 0, "live": 1}
+
+
+def test_deletes_retract_for_good(store):
+    store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "webhook")
+    assert store.retract(1)
+    assert not store.retract(1)
+    assert not store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:09Z"), TASK, "poll")  # no resurrection
+    assert store.labels() == [] and store.counts()["retracted"] == 1
+    assert store.retract(2)  # a delete seen before its create leaves a tombstone
+    assert not store.upsert(annotation(2, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "webhook")
+
+
+def test_retract_missing_after_a_full_listing(store):
+    for i in (1, 2, 3):
+        store.upsert(annotation(i, "neutrophil", "2026-01-01T00:00:01Z", who=i), TASK, "poll")
+    assert store.retract_missing(3, {1, 3}) == 1
+    assert [l.annotation_id for l in store.labels()] == [1, 3]
+    assert store.retract_missing(99, set()) == 0  # another project: untouched
+
+
+def test_events_are_applied_once_even_when_replayed(store):
+    created = {"action": "ANNOTATION_CREATED", "annotation": annotation(5, "monocyte", "2026-01-01T00:00:01Z",
+                                                                        abnormal=True), "task": TASK}
+    deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 5}], "project": {"id": 3}}
+    for body in (created, created, {"action": "PROJECT_UPDATED"}, "not json"):
+        store.record_event(body if isinstance(body, str) else json.dumps(body))
+    assert store.process_events() == 4
+    assert store.process_events() == 0
+    [label] = store.labels()
+    assert label.label == "monocyte" and label.abnormal
+    assert store.event_counts() == {"received": 4, "pending": 0, "failed": 1}
+    store.record_event(json.dumps(deleted))
+    store.record_event(json.dumps(created))  # a late replay of the create after the delete
+    store.process_events()
+    assert store.labels() == []
+
+
+def test_annotators_get_names_and_votes_are_per_cell(store):
+    store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z", who=4), TASK, "poll")
+    store.upsert(annotation(2, "neutrophil", "2026-01-01T00:00:01Z", who=5),
+                 {**TASK, "data": {**TASK["data"], "task_key": "jtsc:a.bmp@v2", "model_version": "v2"}}, "poll")
+    store.set_annotators({4: "ann4@lab", 5: "ann5@lab"})
+    votes = store.votes()
+    assert {(v.cell_key, v.annotator) for v in votes} == {("jtsc:a.bmp", "ann4@lab"), ("jtsc:a.bmp", "ann5@lab")}
+
+
+def test_outbox_queues_each_task_once(tmp_path):
+    outbox = Outbox(tmp_path / "outbox.db")
+    tasks = [{"data": {"task_key": f"s:{i}@v1", "site": "s"}} for i in range(3)]
+    assert outbox.enqueue(tasks) == 3
+    assert outbox.enqueue(tasks) == 0
+    assert outbox.known(["s:0@v1", "s:9@v1"]) == {"s:0@v1"}
+    outbox.mark_pushed(1, {"s:0@v1": 10})
+    assert [t["data"]["task_key"] for t in outbox.pending()["s"]] == ["s:1@v1", "s:2@v1"]
+    assert Outbox(tmp_path / "outbox.db").counts() == {"queued": 3, "pending": 2, "pushed": 1}  # durable
+
+
+def test_label_config_is_generated_from_the_classes():
+    xml = build_label_config(["lymphocyte", "neutrophil"])
+    root = ET.fromstring(xml)
+    values = [c.get("value") for c in root.iter("Choice")]
+    assert values == ["lymphocyte", "neutrophil", OTHER, ARTEFACT, ABNORMAL]
+    assert root.find("TextArea") is not None
+    assert config_classes(xml) == ["lymphocyte", "neutrophil"] and config_classes("<View/>") == []
+    with pytest.raises(ValueError, match="reserved"):
+        build_label_config(["lymphocyte", OTHER])
+    result = prediction_result("lymphocyte") + [
+        {"from_name": "comment", "to_name": "image", "type": "textarea", "value": {"text": ["odd nucleus"]}}]
+    assert parse_result(result) == ("lymphocyte", False, "odd nucleus")
+
+
+def test_webhook_checks_the_secret_and_stores_raw_events(store):
+    with TestClient(create_app(store, "s3cret", apply_every_s=0.05)) as client:
+        body = {"action": "ANNOTATION_CREATED", "annotation": annotation(9, "neutrophil", "2026-01-01T00:00:01Z"),
+                "task": TASK}
+        assert client.post("/webhook", json=body).status_code == 401
+        assert client.post("/webhook", json=body, headers={SECRET_HEADER: "wrong"}).status_code == 401
+        assert client.post("/webhook", json={"no": "action"}, headers={SECRET_HEADER: "s3cret"}).status_code == 422
+        response = client.post("/webhook", json=body, headers={SECRET_HEADER: "s3cret"})
+        assert response.status_code == 200 and response.json()["action"] == "ANNOTATION_CREATED"
+    # leaving the app applies what is still pending
+    assert [l.annotation_id for l in store.labels()] == [9]
+    assert store.event_counts()["received"] == 1
