@@ -1,0 +1,97 @@
+"""One loaded model put to work on cell images: bytes in, one answer per cell out.
+
+This is what a serving replica runs for a batch, kept free of Ray and HTTP so it can be tested and reused (the
+review loop's pre-annotation calls the same thing). Each cell is preprocessed through the one preprocessing path
+with the model's own `data_config`; a cell that fails there gets a `CellFailure` and the rest are still
+classified. Each result carries the model version that produced it and the routing decision of `routing.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from cytoloop.config import RoutingConfig
+from cytoloop.model_source import ModelRef
+from cytoloop.models.base import Classifier
+from cytoloop.preprocess import ImageError, preprocess
+from cytoloop.routing import route_cell
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One classified cell. `uncertainty` is the entropy of `probabilities` (nats); `anomaly` is on the model's own
+    scale; `route` is 'accept', 'review', 'anomaly' or 'audit'; `cell_id` a hash of the image bytes."""
+
+    index: int
+    name: str
+    cell_id: str
+    label: str
+    probabilities: dict[str, float]
+    confidence: float
+    uncertainty: float
+    anomaly: float | None  # None where the model produced no finite score
+    route: str
+    evals: int
+
+
+@dataclass(frozen=True)
+class CellFailure:
+    """A cell that could not be classified; `reason` is a short code, `message` says what and why."""
+
+    index: int
+    name: str
+    reason: str
+    message: str
+
+
+def cell_id(data: bytes) -> str:
+    """A stable identity of a cell image (its content), so the same image is routed and audited the same way."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:24]
+
+
+class CellService:
+    """A model with its identity (`ref`) and routing thresholds; `classify` answers a list of (name, bytes)."""
+
+    def __init__(self, model: Classifier, ref: ModelRef, routing: RoutingConfig):
+        self.model, self.ref, self.routing = model, ref, routing
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+    def classify(self, cells: Sequence[tuple[str, bytes]]) -> list[CellResult | CellFailure]:
+        """Classify (name, image bytes) pairs in one model call; entry i answers cells[i] (and has index i)."""
+        answers: list[CellResult | CellFailure | None] = [None] * len(cells)
+        images, rows = [], []
+        for i, (name, data) in enumerate(cells):
+            try:
+                images.append(preprocess(data, self.model.data_config, name))
+                rows.append(i)
+            except ImageError as error:
+                answers[i] = CellFailure(i, name, "not_an_image", str(error))
+        if images:
+            predictions = self.model.predict(np.stack(images))
+            classes, entropy = self.model.classes, predictions.entropy
+            for row, i in enumerate(rows):
+                name, data = cells[i]
+                probs = predictions.probs[row]
+                label = classes[int(probs.argmax())]
+                confidence, anomaly = float(probs.max()), float(predictions.anomaly[row])
+                identity = cell_id(data)
+                answers[i] = CellResult(
+                    index=i,
+                    name=name,
+                    cell_id=identity,
+                    label=label,
+                    probabilities={c: float(p) for c, p in zip(classes, probs)},
+                    confidence=confidence,
+                    uncertainty=float(entropy[row]),
+                    anomaly=anomaly if np.isfinite(anomaly) else None,
+                    route=route_cell(confidence, anomaly, label, self.routing, identity),
+                    evals=int(predictions.evals[row]),
+                )
+        return answers

@@ -1,0 +1,84 @@
+"""The serving application: the Gateway (HTTP ingress) in front of the Classifier, configured from `Settings`.
+
+Three ways in, one builder: `build_app(settings)` (tests, benchmarks), `build(args)` (the `import_path` of
+infra/serve.yaml for `serve deploy`), and `run_local(settings)` (`cytoloop serve`). Relative paths in the settings
+are made absolute here, in the process that reads them: replicas run in other working directories.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import Application
+
+from cytoloop.config import Settings, load_settings
+from services.classifier import Classifier
+from services.gateway import Gateway
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build` in a Serve config file (`args:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: Path | None = None  # a JSON settings file; CYTOLOOP_* environment variables override it
+
+
+def absolute_paths(settings: Settings) -> Settings:
+    registry, serve_config = settings.registry, settings.serve
+    uri = registry.tracking_uri
+    if uri.startswith(SQLITE_PREFIX) and not uri[len(SQLITE_PREFIX):].startswith("/"):
+        uri = SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX):]).resolve())
+    return settings.model_copy(update={
+        "home": Path(settings.home).resolve(),
+        "registry": registry.model_copy(update={"tracking_uri": uri, "cache_dir": Path(registry.cache_dir).resolve()}),
+        "serve": serve_config.model_copy(
+            update={"model_dir": Path(serve_config.model_dir).resolve() if serve_config.model_dir else None}),
+    })
+
+
+def build_app(settings: Settings) -> Application:
+    settings = absolute_paths(settings)
+    config = settings.serve
+    if config.min_replicas == config.max_replicas:
+        scaling = {"num_replicas": config.min_replicas}
+    else:
+        scaling = {"autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+                                          "target_ongoing_requests": config.target_ongoing_requests}}
+    classifier = Classifier.options(
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        **scaling,
+    ).bind(settings)
+    # the gateway holds every request its classifiers may take at once, or it would cap their batches
+    return Gateway.options(
+        max_ongoing_requests=config.max_ongoing_requests * config.max_replicas,
+        ray_actor_options={"num_cpus": 0.1},
+    ).bind(classifier, settings)
+
+
+def build(args: AppArgs) -> Application:
+    """`import_path: services.app:build` in a Serve config file."""
+    return build_app(load_settings(args.config))
+
+
+def run_local(settings: Settings, num_cpus: int | None = None) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray, serve the app on serve.host:serve.port, block until Ctrl-C."""
+    import ray
+
+    # Ray starts its workers at niceness +15; replicas and the HTTP proxy are the latency path and, on a machine
+    # shared with training, would otherwise be starved (the proxy then fails its start-up checks)
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    try:
+        serve.run(build_app(settings), name=settings.serve.app_name, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:  # remove our app only: a joined cluster may serve others
+        serve.delete(settings.serve.app_name)
+        ray.shutdown()

@@ -1,0 +1,109 @@
+"""The classifier deployment: per-site models (`@serve.multiplexed`), batched calls (`@serve.batch`), live aliases.
+
+Thin over the library: a site's model is a `LiveModel` (model_source.py) and a model call is one
+`CellService.classify` (inference.py). What this file adds is Ray Serve's part:
+
+- The ingress calls `classify(site_key, cells)` through a handle with `multiplexed_model_id=site_key`, so requests
+  go to replicas that already hold that site's model; each replica keeps up to `SITE_MODELS_PER_REPLICA` sites.
+- `@serve.batch` combines concurrent requests; `ModelCalls` (model_calls.py) merges the batches that pile up
+  while the model is busy into the next model call, of up to `serve.max_batch_size` requests. Ray 2.60 already
+  splits a batch by multiplexed model id (ray#56633, fixed by ray#59334); each request also carries its own site
+  key and model calls never mix versions, so the guarantee does not rest on Ray's internals
+  (tests/integration/test_serving.py checks it).
+- A background task re-resolves every loaded site's alias each `serve.alias_poll_s` and swaps in a moved alias's
+  version (`LiveModel.refresh`); a batch in flight finishes on the version it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from dataclasses import dataclass
+
+from ray import serve
+
+from cytoloop.config import Settings
+from cytoloop.inference import CellFailure, CellResult
+from cytoloop.model_source import LiveModel, ModelRef, ModelSource, ServiceCache
+from services.model_calls import Cells, ModelCalls
+
+GLOBAL_KEY = "*"  # multiplexed model id of the global champion (no valid site name contains '*')
+SITE_MODELS_PER_REPLICA = 8  # a decorator argument: Ray reads it when the class is defined
+logger = logging.getLogger("ray.serve")
+
+
+def site_key(site: str | None) -> str:
+    return site or GLOBAL_KEY
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's answer: its cells in order, the model version that classified them, the batch it rode in."""
+
+    cells: list[CellResult | CellFailure]
+    model: ModelRef
+    kind: str
+    classes: list[str]
+    batch: dict
+
+
+@serve.deployment(name="Classifier")
+class Classifier:
+    async def __init__(self, settings: Settings):
+        self.config = settings.serve
+        if self.config.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.config.torch_threads)
+        self.source = ModelSource(settings.serve, settings.registry)
+        self.services = ServiceCache(self.source, settings.routing)
+        self.live: weakref.WeakSet[LiveModel] = weakref.WeakSet()  # the sites this replica holds (Ray evicts LRU)
+        self.model_calls = ModelCalls(self.config.max_batch_size, serve.get_replica_context().replica_id.unique_id)
+        self.classify.set_max_batch_size(self.config.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(self.config.batch_wait_s)
+        self.poller = asyncio.get_running_loop().create_task(self._follow_aliases())
+
+    @serve.multiplexed(max_num_models_per_replica=SITE_MODELS_PER_REPLICA)
+    async def site_model(self, key: str) -> LiveModel:
+        live = await asyncio.to_thread(LiveModel, None if key == GLOBAL_KEY else key, self.source, self.services)
+        self.live.add(live)
+        return live
+
+    # batch size and wait are set from the config in __init__; up to 4 Ray batches wait here to be merged
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
+    async def classify(self, keys: list[str], requests: list[Cells]) -> list[Answer | str]:
+        """Classify each request's (name, bytes) cells; a request whose model cannot be loaded gets a message."""
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        answers: list[Answer | str | None] = [None] * len(keys)
+        await asyncio.gather(*(self._classify_site(key, members, requests, answers)
+                               for key, members in groups.items()))
+        return answers
+
+    async def _classify_site(self, key: str, members: list[int], requests: list[Cells], answers: list) -> None:
+        try:
+            service = (await self.site_model(key)).service  # fixed for these requests even if the alias moves
+        except Exception as error:  # registry down, alias missing, unreadable model: the caller answers 503
+            for i in members:
+                answers[i] = f"no model for site {key!r}: {error}"
+            return
+        results, batch = await self.model_calls.submit(service, [requests[i] for i in members])
+        for i, cells in zip(members, results):
+            answers[i] = Answer(cells, service.ref, service.model.kind, service.classes, batch)
+
+    async def ready(self) -> str:
+        """Load the global model if needed; returns its version (raises if none can be served)."""
+        return (await self.site_model(GLOBAL_KEY)).service.ref.version
+
+    async def _follow_aliases(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.alias_poll_s)
+            for live in list(self.live):
+                try:
+                    if await asyncio.to_thread(live.refresh):
+                        logger.info("site %s now served by %s v%s", site_key(live.site), live.service.ref.name,
+                                    live.service.ref.version)
+                except Exception as error:  # keep serving the loaded version; try again next period
+                    logger.warning("alias check for site %s failed: %s", site_key(live.site), error)

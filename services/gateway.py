@@ -1,0 +1,193 @@
+"""The HTTP ingress (FastAPI on Ray Serve): authenticate, read and check the cells, ask the classifier, answer.
+
+Routes: `POST /v1/classify`, `POST /v1/samples/{sample_id}/differential`, `GET /v1/models`, `GET /healthz`,
+`GET /readyz`, and the OpenAPI docs at `/docs`. Request bodies are read by `uploads.py` (limits and per-cell
+checks); classification happens in the `Classifier` deployment; the differential is `cytoloop.differential`.
+When `serve.api_key` is set, every `/v1` route needs it in the `X-API-Key` header; it is compared in constant time
+and never logged or echoed.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
+import asyncio
+import hmac
+
+from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
+from pydantic import SecretStr, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.responses import JSONResponse
+
+from cytoloop.config import Settings
+from cytoloop.differential import differential
+from cytoloop.inference import CellFailure, CellResult
+from cytoloop.model_source import ModelSource
+from services.classifier import Answer, site_key
+from services.schemas import (
+    CellAnswer,
+    CellError,
+    ClassifyRequest,
+    ClassifyResponse,
+    DifferentialResponse,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    ModelsResponse,
+    SiteModel,
+)
+from services.uploads import Upload, read_upload, reject_if_nothing_usable
+
+API_KEY_HEADER = "X-API-Key"
+_api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required when serve.api_key is set")
+_errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+
+
+def _inline(schema: dict) -> dict:
+    """A JSON schema with its `$defs` references substituted, for use outside the components section."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+_cells_body = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inline(ClassifyRequest.model_json_schema())},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "site": {"type": "string"},
+                    "sample_id": {"type": "string"},
+                },
+            }},
+        },
+    }
+}
+
+api = FastAPI(
+    title="CytoLoop classifier",
+    version="1",
+    description="Blood-cell classification with calibrated confidence, anomaly scores and review routing, "
+    "per hospital site. See docs/serving.md.",
+)
+
+
+def check_api_key(expected: SecretStr | None, given: str | None) -> None:
+    """Raise 401 unless `given` matches `expected` (no key configured: everything passes). Constant time."""
+    if expected is None:
+        return
+    if not given:
+        raise HTTPException(401, f"missing API key: send it in the {API_KEY_HEADER} header",
+                            headers={"WWW-Authenticate": API_KEY_HEADER})
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": API_KEY_HEADER})
+
+
+def model_info(answer: Answer) -> ModelInfo:
+    return ModelInfo(name=answer.model.name, version=answer.model.version, alias=answer.model.alias, kind=answer.kind)
+
+
+def cell_entries(upload: Upload, answer: Answer) -> list[CellAnswer | CellError]:
+    """Every cell of the request at its position: the classifier's answer, or why it was refused."""
+    entries: dict[int, CellAnswer | CellError] = {
+        index: CellError(index=index, name=error.name, reason=error.reason, message=str(error))
+        for index, error in upload.rejected
+    }
+    model = model_info(answer)
+    for (index, _, _), cell in zip(upload.accepted, answer.cells):
+        if isinstance(cell, CellFailure):
+            entries[index] = CellError(index=index, name=cell.name, reason=cell.reason, message=cell.message)
+        else:
+            entries[index] = CellAnswer(index=index, name=cell.name, cell_id=cell.cell_id, label=cell.label,
+                                        probabilities=cell.probabilities, confidence=cell.confidence,
+                                        uncertainty=cell.uncertainty, anomaly=cell.anomaly, route=cell.route,
+                                        model=model)
+    return [entries[i] for i in sorted(entries)]
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, classifier: DeploymentHandle, settings: Settings):
+        self.classifier = classifier
+        self.config = settings.serve
+        self.differential_config = settings.differential
+        self.source = ModelSource(settings.serve, settings.registry)
+
+    async def _classify(self, request: Request, key: str | None) -> tuple[Upload, Answer]:
+        check_api_key(self.config.api_key, key)
+        upload = await read_upload(request, self.config)
+        reject_if_nothing_usable(upload)
+        cells = [(name, data) for _, name, data in upload.accepted]
+        site = site_key(upload.site)
+        answer = await self.classifier.options(multiplexed_model_id=site).classify.remote(site, cells)
+        if isinstance(answer, str):
+            raise HTTPException(503, answer)
+        return upload, answer
+
+    @api.post("/v1/classify", response_model=ClassifyResponse, responses=_errors, openapi_extra=_cells_body,
+              summary="Classify cell images")
+    async def classify(self, request: Request, key: str | None = Security(_api_key)) -> ClassifyResponse:
+        """One or many cells (multipart `files`, or JSON with base64 `cells`), optional `site` and `sample_id`.
+        Each cell is answered at its position; a bad image gets an error entry and the others are still answered."""
+        upload, answer = await self._classify(request, key)
+        cells = cell_entries(upload, answer)
+        return ClassifyResponse(site=upload.site, sample_id=upload.sample_id, n_cells=len(cells),
+                                n_errors=sum(isinstance(c, CellError) for c in cells), cells=cells,
+                                batch=answer.batch)
+
+    @api.post("/v1/samples/{sample_id}/differential", response_model=DifferentialResponse, responses=_errors,
+              openapi_extra=_cells_body, summary="Differential count and triage of one smear")
+    async def sample_differential(self, sample_id: str, request: Request,
+                                  key: str | None = Security(_api_key)) -> DifferentialResponse:
+        """The cells of one smear in; percentages per class, cells needing review, flags such as 'blasts
+        suspected', and the triage (routine, or to a hematologist) out."""
+        try:
+            ClassifyRequest(cells=[], sample_id=sample_id)  # the path's sample id obeys the same pattern
+        except ValidationError:
+            raise HTTPException(422, f"invalid sample id {sample_id!r}: letters, digits and _ . : - (at most 128)")
+        upload, answer = await self._classify(request, key)
+        results: list[CellResult | CellFailure] = list(answer.cells) + [
+            CellFailure(i, e.name, e.reason, str(e)) for i, e in upload.rejected]
+        count = differential(results, answer.classes, self.differential_config)
+        return DifferentialResponse(
+            sample_id=sample_id, site=upload.site, triage=count.triage, flags=count.flags, reasons=count.reasons,
+            n_cells=count.n_cells, n_classified=count.n_classified, n_failed=count.n_failed, counts=count.counts,
+            percentages=count.percentages, n_review=count.n_review, n_anomaly=count.n_anomaly,
+            n_audit=count.n_audit, model=model_info(answer), cells=cell_entries(upload, answer))
+
+    @api.get("/v1/models", response_model=ModelsResponse, responses=_errors, summary="What is served, per site")
+    async def models(self, key: str | None = Security(_api_key)) -> ModelsResponse:
+        """The global champion and every site with its own alias; any other site is served the global champion."""
+        check_api_key(self.config.api_key, key)
+        try:
+            served = await asyncio.to_thread(self.source.site_versions)
+        except Exception as error:
+            raise HTTPException(503, f"cannot read the served models: {error}") from None
+        return ModelsResponse(source=self.source.describe(), served=[
+            SiteModel(site=site, model=ModelInfo(name=ref.name, version=ref.version, alias=ref.alias))
+            for site, ref in served.items()])
+
+    @api.get("/healthz", response_model=Health, summary="The service process answers")
+    async def healthz(self) -> Health:
+        return Health(status="ok")
+
+    @api.get("/readyz", response_model=Health, responses={503: {"model": Health}}, summary="A model is loaded")
+    async def readyz(self):
+        try:
+            version = await self.classifier.ready.remote()
+        except Exception as error:
+            reason = str(error).strip().splitlines()[-1]  # Ray wraps the replica's error in its traceback
+            return JSONResponse(Health(status="not ready", detail=reason).model_dump(), status_code=503)
+        return Health(status="ready", detail=f"global model version {version}")

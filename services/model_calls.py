@@ -1,0 +1,77 @@
+"""One model call at a time per replica; requests that arrive while it runs are merged into the next call.
+
+Ray's `@serve.batch` forms a batch as soon as its wait expires, even while the previous batch is still in the
+model (later batches queue behind `max_concurrent_batches`), so under a model-bound load its batches stay at one
+or two requests: measured with the diffusion classifier and 16 clients, a mean of 1.1. Every batch Ray hands over
+is submitted here instead; whoever gets the model next runs everything waiting for the same model version (up to
+`max_requests` requests) in one call. Plain asyncio, no Ray: tests/unit/test_model_calls.py drives it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+Cells = Sequence[tuple[str, bytes]]
+
+
+class Service(Protocol):
+    def classify(self, cells: Cells) -> list[Any]: ...
+
+
+@dataclass
+class _Work:
+    service: Service
+    requests: list[Cells]
+    future: asyncio.Future
+
+
+class ModelCalls:
+    def __init__(self, max_requests: int, replica: str = ""):
+        self.max_requests = max_requests
+        self.replica = replica
+        self._waiting: list[_Work] = []
+        self._model = asyncio.Lock()
+        self._ids = itertools.count(1)
+
+    async def submit(self, service: Service, requests: list[Cells]) -> tuple[list[list[Any]], dict]:
+        """Classify each request's cells with `service`; returns the answers per request and the batch they rode
+        in (`replica`, `batch` id, `requests`, `cells`)."""
+        work = _Work(service, requests, asyncio.get_running_loop().create_future())
+        self._waiting.append(work)
+        async with self._model:
+            while not work.future.done():  # earlier work first; ours is in one of the next calls
+                # shielded: if this caller is cancelled, the call still answers the others it took
+                await asyncio.shield(self._run_next())
+        return work.future.result()
+
+    async def _run_next(self) -> None:
+        service = self._waiting[0].service
+        taken, left, n_requests = [], [], 0
+        for work in self._waiting:
+            fits = n_requests + len(work.requests) <= self.max_requests or not taken
+            if work.service is service and fits:
+                taken.append(work)
+                n_requests += len(work.requests)
+            else:
+                left.append(work)
+        self._waiting = left
+        cells = [cell for work in taken for request in work.requests for cell in request]
+        try:
+            results = await asyncio.to_thread(service.classify, cells)
+        except Exception as error:
+            for work in taken:
+                if not work.future.done():
+                    work.future.set_exception(error)
+            return
+        batch = {"replica": self.replica, "batch": next(self._ids), "requests": n_requests, "cells": len(cells)}
+        start = 0
+        for work in taken:
+            answers = []
+            for request in work.requests:
+                answers.append(results[start:start + len(request)])
+                start += len(request)
+            if not work.future.done():  # a caller that went away (cancelled) no longer waits for its answer
+                work.future.set_result((answers, batch))

@@ -1,0 +1,145 @@
+"""Reading cell images out of an HTTP request, within the configured limits, and checking each one.
+
+Two forms are accepted on the same path: multipart (`files` parts, plus `site` and `sample_id` fields) and JSON
+(`ClassifyRequest`, images base64-encoded). The body is read with a byte cap before anything is parsed, the cell
+count is checked before any image is decoded, and then every image goes through `intake.check_image`. Request-level
+problems are an HTTPException with a message saying what and which limit; a bad image only fails its own cell.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from fastapi import HTTPException
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+
+from cytoloop.config import ServeConfig
+from cytoloop.intake import CellRejected, Limits, check_image
+from services.schemas import ClassifyRequest
+
+MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries of a multipart body, beyond its images
+CONFIG_HINT = "CYTOLOOP_SERVE__"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A parsed request: its (name, bytes) cells that passed intake, at their positions; rejections by position."""
+
+    site: str | None
+    sample_id: str | None
+    n_cells: int
+    accepted: list[tuple[int, str, bytes]]
+    rejected: list[tuple[int, CellRejected]]
+
+
+def max_body_bytes(config: ServeConfig) -> int:
+    # base64 makes a file 4/3 as long; JSON and multipart framing add a little
+    return config.max_cells_per_request * (config.max_image_bytes * 4 // 3 + 1024) + MULTIPART_OVERHEAD
+
+
+async def read_upload(request: Request, config: ServeConfig) -> Upload:
+    body = await _read_capped(request, max_body_bytes(config))
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        site, sample_id, named = await _multipart(request, body, config)
+    elif content_type.startswith("application/json"):
+        site, sample_id, named = _json(body)
+    else:
+        raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data "
+                                 "with 'files' parts, or application/json with base64 'cells'")
+    if not named:
+        raise HTTPException(400, "empty request: no cell images (send multipart 'files' parts or JSON 'cells')")
+    if len(named) > config.max_cells_per_request:
+        raise HTTPException(413, f"too many cells: {len(named)} in one request, the limit is "
+                                 f"{config.max_cells_per_request} ({CONFIG_HINT}MAX_CELLS_PER_REQUEST)")
+    limits = Limits(config.max_image_bytes, config.max_image_pixels)
+    accepted, rejected = [], []
+    for index, (name, data) in enumerate(named):
+        if isinstance(data, CellRejected):
+            rejected.append((index, data))
+            continue
+        try:
+            check_image(data, name, limits)
+            accepted.append((index, name, data))
+        except CellRejected as error:
+            rejected.append((index, error))
+    return Upload(site, sample_id, len(named), accepted, rejected)
+
+
+def reject_if_nothing_usable(upload: Upload) -> None:
+    """A request none of whose cells can be classified is a 4xx naming every cell's problem."""
+    if upload.accepted:
+        return
+    statuses = {error.status for _, error in upload.rejected}
+    status = statuses.pop() if len(statuses) == 1 else 422
+    problems = "; ".join(f"cell {index}: {error}" for index, error in upload.rejected)
+    raise HTTPException(status, f"no usable cell image in the request: {problems}")
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {declared} bytes is over the limit of {limit} "
+                                 f"(max_cells_per_request x max_image_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body over the limit of {limit} bytes "
+                                     "(max_cells_per_request x max_image_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart(request: Request, body: bytes, config: ServeConfig):
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=config.max_cells_per_request + 1,
+                                                         max_fields=16)
+    except (StarletteHTTPException, MultiPartException) as error:  # starlette turns parse errors into a 400
+        message = getattr(error, "detail", None) or getattr(error, "message", str(error))
+        if "Too many files" in message:
+            raise HTTPException(413, f"too many cells: more than {config.max_cells_per_request} in one request "
+                                     f"({CONFIG_HINT}MAX_CELLS_PER_REQUEST)") from None
+        raise HTTPException(400, f"malformed multipart body: {message}") from None
+    unknown = sorted(set(form.keys()) - {"files", "site", "sample_id"})
+    if unknown:
+        raise HTTPException(422, f"unknown form field(s) {', '.join(unknown)}; expected files, site, sample_id")
+    named = []
+    for i, part in enumerate(form.getlist("files")):
+        if isinstance(part, str):
+            raise HTTPException(422, f"form field 'files' #{i} is text, not a file upload")
+        named.append((part.filename or f"cell-{i}", await part.read()))
+    fields = {"site": form.get("site") or None, "sample_id": form.get("sample_id") or None}
+    try:
+        parsed = ClassifyRequest(cells=[], **fields)
+    except ValidationError as error:
+        raise HTTPException(422, _validation_message(error)) from None
+    return parsed.site, parsed.sample_id, named
+
+
+def _json(body: bytes):
+    try:
+        parsed = ClassifyRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise HTTPException(422, _validation_message(error)) from None
+    named = []
+    for i, cell in enumerate(parsed.cells):
+        name = cell.name or f"cell-{i}"
+        try:
+            named.append((name, base64.b64decode(cell.image_b64, validate=True)))
+        except (binascii.Error, ValueError) as error:
+            named.append((name, CellRejected(name, "bad_base64", f"image_b64 is not valid base64 ({error})", 422)))
+    return parsed.site, parsed.sample_id, named
+
+
+def _validation_message(error: ValidationError) -> str:
+    return "invalid request: " + "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors(include_url=False))

@@ -1,0 +1,345 @@
+"""The classifier over HTTP, against a real Ray Serve on 127.0.0.1 and a real MLflow registry (a SQLite file).
+
+Once per session: tiny models are trained on a few real cells (two baselines with different classes, one diffusion
+model), registered, and given aliases: `champion` (baseline, 4 classes), `champion-siteb` (baseline, 2 classes),
+`champion-sited` (diffusion), `champion-moving` (moved by a test). Then Ray (own temp dir, 2 CPUs, no auth, no
+dashboard) and Serve (a free port) start, with an API key and small limits. Cells are sent as the files they
+are in ../shared/data/cells; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "test-key-7d1c"
+MODEL = "cells-serving-test"
+FOUR = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+TWO = ["lymphocyte", "neutrophil"]
+LIMITS = {"max_cells_per_request": 24, "max_image_bytes": 400_000, "max_image_pixels": 400 * 400}
+
+
+@dataclass
+class Stack:
+    url: str
+    registry: object
+    versions: dict[str, str]  # role -> registry version
+    cells: list[Path]  # real cells for requests (not used in training)
+    settings: object
+
+    def post(self, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, headers={"X-API-Key": API_KEY, **(headers or {})}, timeout=120, **kwargs)
+
+    def classify_files(self, paths: list[Path], site: str | None = None, **kwargs) -> httpx.Response:
+        files = [("files", (p.name, p.read_bytes())) for p in paths]
+        data = {"site": site} if site else {}
+        return self.post("/v1/classify", files=files, data=data, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train(kind, records, classes, overrides, out):
+    from cytoloop.config import load_settings
+    from cytoloop.workflows import train_model
+
+    train_model(kind, records, load_settings(overrides=overrides), out, classes=classes)
+    return out
+
+
+@pytest.fixture(scope="session")
+def serving(cells_dir, tiny_overrides, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from cytoloop.config import load_settings
+    from cytoloop.data import load_records, select
+    from cytoloop.registry import Registry
+    from services.app import build_app
+
+    root = tmp_path_factory.mktemp("serving")
+    records = load_records(cells_dir)
+    train = [r for c in FOUR for r in select(records, ["jtsc"], [c])[:12]]
+    two = [r for r in train if r.label in TWO]
+    models = {
+        "four": _train("baseline", train, FOUR, tiny_overrides, root / "four"),
+        "two": _train("baseline", two, TWO, tiny_overrides, root / "two"),
+        "diffusion": _train("diffusion", two, TWO, tiny_overrides, root / "diffusion"),
+    }
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    registry = Registry(f"sqlite:///{root}/mlflow.db", experiment="serving-test")
+    registry.client.create_experiment("serving-test", artifact_location=str(root / "artifacts"))
+    versions = {
+        "four": registry.log_model(models["four"], MODEL).version,
+        "two": registry.log_model(models["two"], MODEL).version,
+        "diffusion": registry.log_model(models["diffusion"], MODEL).version,
+        "moved": registry.log_model(models["two"], MODEL).version,
+    }
+    registry.set_alias(MODEL, "champion", versions["four"])
+    registry.set_alias(MODEL, "champion-siteb", versions["two"])
+    registry.set_alias(MODEL, "champion-sited", versions["diffusion"])
+    registry.set_alias(MODEL, "champion-moving", versions["four"])
+
+    settings = load_settings(overrides={
+        "registry": {"tracking_uri": registry.tracking_uri, "cache_dir": str(root / "cache"), "model_name": MODEL},
+        "serve": {**LIMITS, "api_key": API_KEY, "alias_poll_s": 0.5, "max_batch_size": 8, "batch_wait_s": 0.1,
+                  "max_ongoing_requests": 32, "num_cpus": 0.5},
+        "routing": {"review_below": 0.6, "anomaly_above": None, "audit_fraction": 0.0},
+        "differential": {"min_cells": 4},
+    })
+    temp_dir = tempfile.mkdtemp(prefix="ray_srv_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_worker_niceness"] = "0"  # Ray starts workers at +15: on a busy machine the proxy never starts
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings), name="cytoloop", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/readyz", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, httpx.get(url + "/readyz", timeout=30).text
+            time.sleep(0.5)
+        request_cells = [r.path for r in select(records, ["bccd", "cellavision"], FOUR)[::40]]
+        yield Stack(url, registry, versions, request_cells, settings)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ok_cells(response: httpx.Response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    return [c for c in response.json()["cells"] if c["status"] == "ok"]
+
+
+def test_real_cells_classified_over_http(serving):
+    paths = serving.cells[:6]
+    cells = _ok_cells(serving.classify_files(paths))
+    assert [c["name"] for c in cells] == [p.name for p in paths]
+    for cell in cells:
+        assert set(cell["probabilities"]) == set(FOUR)
+        assert abs(sum(cell["probabilities"].values()) - 1) < 1e-5
+        assert cell["label"] == max(cell["probabilities"], key=cell["probabilities"].get)
+        assert cell["confidence"] == pytest.approx(max(cell["probabilities"].values()))
+        assert 0 <= cell["uncertainty"] <= 1.3863  # entropy of 4 classes is at most ln 4
+        assert cell["route"] == ("accept" if cell["confidence"] >= 0.6 else "review")
+        assert cell["model"] == {"name": MODEL, "version": serving.versions["four"], "alias": "champion",
+                                 "kind": "baseline"}
+    # the same cells as base64 JSON get the same answers
+    body = {"cells": [{"name": p.name, "image_b64": base64.b64encode(p.read_bytes()).decode()} for p in paths]}
+    again = _ok_cells(serving.post("/v1/classify", json=body))
+    assert [c["probabilities"] for c in again] == [c["probabilities"] for c in cells]
+
+
+def test_diffusion_model_served_for_its_site(serving):
+    cells = _ok_cells(serving.classify_files(serving.cells[:2], site="sited"))
+    assert {c["model"]["kind"] for c in cells} == {"diffusion"}
+    assert {c["model"]["version"] for c in cells} == {serving.versions["diffusion"]}
+    assert set(cells[0]["probabilities"]) == set(TWO)
+
+
+def test_site_without_its_own_alias_gets_the_global_champion(serving):
+    cell, = _ok_cells(serving.classify_files(serving.cells[:1], site="st-elsewhere"))
+    assert cell["model"]["version"] == serving.versions["four"] and cell["model"]["alias"] == "champion"
+    siteb, = _ok_cells(serving.classify_files(serving.cells[:1], site="siteb"))
+    assert siteb["model"]["version"] == serving.versions["two"] and siteb["model"]["alias"] == "champion-siteb"
+
+
+def test_bad_cell_gets_its_own_error_and_others_are_answered(serving):
+    good = serving.cells[0]
+    files = [("files", ("good.bmp", good.read_bytes())), ("files", ("notes.txt", b"not an image at all")),
+             ("files", ("cut.bmp", good.read_bytes()[: len(good.read_bytes()) // 2]))]
+    response = serving.post("/v1/classify", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["n_cells"] == 3 and body["n_errors"] == 2
+    good_entry, text, cut = body["cells"]
+    assert good_entry["status"] == "ok" and good_entry["index"] == 0
+    assert (text["index"], text["reason"]) == (1, "not_an_image") and "notes.txt" in text["message"]
+    assert (cut["index"], cut["reason"]) == (2, "truncated") and "cut.bmp" in cut["message"]
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 120, 160)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, data, status, words", [
+    ("notes.txt", b"hello, not an image", 422, ["notes.txt", "not an image", "BMP"]),
+    ("half.bmp", None, 422, ["half.bmp", "truncated"]),
+    ("huge.bmp", b"BM" + bytes(500_000), 413, ["huge.bmp", "500002 bytes", "400000"]),
+    ("wide.png", _png(800, 400), 413, ["wide.png", "800x400", "160000"]),
+    ("empty.png", b"", 422, ["empty.png", "empty"]),
+])
+def test_bad_inputs_are_4xx_saying_which_and_why(serving, name, data, status, words):
+    if data is None:
+        whole = serving.cells[0].read_bytes()
+        data = whole[: len(whole) // 3]
+    response = serving.post("/v1/classify", files=[("files", (name, data))])
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    for word in words:
+        assert word in detail, detail
+
+
+def test_request_level_limits(serving):
+    empty = serving.post("/v1/classify", json={"cells": []})
+    assert empty.status_code == 400 and "empty request" in empty.json()["detail"]
+    none = serving.post("/v1/classify", files={"site": (None, "x")})
+    assert none.status_code == 400 and "no cell images" in none.json()["detail"]
+    one = serving.cells[0].read_bytes()
+    too_many = serving.post("/v1/classify", files=[("files", (f"{i}.bmp", one)) for i in range(25)])
+    assert too_many.status_code == 413 and "too many cells" in too_many.json()["detail"]
+    assert "24" in too_many.json()["detail"]
+    as_json = serving.post("/v1/classify", json={"cells": [{"image_b64": base64.b64encode(one).decode()}] * 25})
+    assert as_json.status_code == 413 and "25 in one request" in as_json.json()["detail"]
+    wrong_type = serving.post("/v1/classify", content=one, headers={"content-type": "image/bmp"})
+    assert wrong_type.status_code == 415 and "multipart/form-data" in wrong_type.json()["detail"]
+    bad_site = serving.post("/v1/classify", json={"cells": [{"image_b64": "AAAA"}], "site": "../etc"})
+    assert bad_site.status_code == 422 and "site" in bad_site.json()["detail"]
+    bad_b64 = serving.post("/v1/classify", json={"cells": [{"name": "x", "image_b64": "not base64!"}]})
+    assert bad_b64.status_code == 422 and "base64" in bad_b64.json()["detail"]
+
+
+def test_api_key_required_and_checked(serving):
+    files = [("files", (serving.cells[0].name, serving.cells[0].read_bytes()))]
+    missing = httpx.post(serving.url + "/v1/classify", files=files, timeout=60)
+    assert missing.status_code == 401 and "X-API-Key" in missing.json()["detail"]
+    wrong = httpx.post(serving.url + "/v1/classify", files=files, headers={"X-API-Key": "nope"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.json()["detail"] == "invalid API key"
+    assert httpx.get(serving.url + "/v1/models", timeout=60).status_code == 401
+    assert httpx.get(serving.url + "/healthz", timeout=60).status_code == 200  # probes need no key
+
+
+def test_models_health_and_docs(serving):
+    models = httpx.get(serving.url + "/v1/models", headers={"X-API-Key": API_KEY}, timeout=60)
+    assert models.status_code == 200, models.text
+    served = {entry["site"]: entry["model"]["version"] for entry in models.json()["served"]}
+    assert served[None] == serving.versions["four"] and served["siteb"] == serving.versions["two"]
+    assert served["sited"] == serving.versions["diffusion"]
+    assert httpx.get(serving.url + "/readyz", timeout=60).json()["status"] == "ready"
+    schema = httpx.get(serving.url + "/openapi.json", timeout=60).json()
+    assert {"/v1/classify", "/v1/samples/{sample_id}/differential", "/v1/models", "/healthz", "/readyz"} <= set(
+        schema["paths"])
+    assert "#/$defs/" not in json.dumps(schema)  # the hand-written request bodies are self-contained
+    assert httpx.get(serving.url + "/docs", timeout=60).status_code == 200
+
+
+def test_differential_counts_and_triage(serving):
+    paths = serving.cells[:6]
+    files = [("files", (p.name, p.read_bytes())) for p in paths] + [("files", ("bad.txt", b"nope"))]
+    response = serving.post("/v1/samples/smear-17/differential", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["sample_id"] == "smear-17"
+    assert (body["n_cells"], body["n_classified"], body["n_failed"]) == (7, 6, 1)
+    assert set(body["counts"]) == set(FOUR) and sum(body["counts"].values()) == 6
+    assert sum(body["percentages"].values()) == pytest.approx(100.0)
+    review = sum(c["route"] == "review" for c in body["cells"] if c["status"] == "ok")
+    assert body["n_review"] == review
+    assert body["triage"] == ("hematologist" if body["flags"] else "routine")
+    assert len(body["flags"]) == len(body["reasons"])
+    bad = serving.post("/v1/samples/..%2F/differential", files=files[:1])
+    assert bad.status_code in (404, 422)
+
+
+def test_two_sites_under_concurrent_batched_requests_get_their_own_models(serving):
+    """Requests for two sites interleave on one replica and are batched (ray#56633 served one site's model to the
+    other's requests before the fix): every answer must come from its own site's model."""
+    expected = {None: (serving.versions["four"], set(FOUR)), "siteb": (serving.versions["two"], set(TWO))}
+    jobs = [(None if i % 2 else "siteb", serving.cells[i % len(serving.cells)]) for i in range(40)]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda job: (job[0], serving.classify_files([job[1]], site=job[0])), jobs))
+    batches = {}
+    for site, response in responses:
+        body = response.json()
+        assert response.status_code == 200, response.text
+        cell = body["cells"][0]
+        version, classes = expected[site]
+        assert cell["model"]["version"] == version and set(cell["probabilities"]) == classes
+        key = (body["batch"]["replica"], body["batch"]["batch"])
+        batches.setdefault(key, set()).add(site)
+    assert all(len(sites) == 1 for sites in batches.values()), "a batch mixed two sites"
+    sizes = [r.json()["batch"]["requests"] for _, r in responses]
+    assert max(sizes) > 1, "no request was ever batched with another: the test did not exercise batching"
+
+
+def test_alias_moved_during_a_stream_of_requests(serving):
+    """Move `champion-moving` while requests keep coming: no request fails, and the answered version switches."""
+    answered: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    cell = serving.cells[1]
+
+    def stream():
+        while not stop.is_set():
+            response = serving.classify_files([cell], site="moving")
+            if response.status_code != 200:
+                failures.append(f"{response.status_code}: {response.text}")
+            else:
+                answered.append(response.json()["cells"][0]["model"]["version"])
+
+    clients = [threading.Thread(target=stream) for _ in range(3)]
+    for client in clients:
+        client.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(answered) < 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        serving.registry.set_alias(MODEL, "champion-moving", serving.versions["moved"])
+        moved_at = len(answered)
+        while serving.versions["moved"] not in answered[moved_at:] and time.monotonic() < deadline + 30:
+            time.sleep(0.1)
+        time.sleep(0.5)  # a few more requests on the new version
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(timeout=120)
+    assert not failures, failures[:3]
+    assert answered[0] == serving.versions["four"]
+    assert answered[-1] == serving.versions["moved"], answered[-10:]
+    # answers are appended as the clients receive them, so the last old-version batch may land just after the
+    # first new one; past that, only the new version may answer
+    switch = answered.index(serving.versions["moved"]) + len(clients)
+    assert set(answered[switch:]) == {serving.versions["moved"]}, "a request went back to the old version"
+
+
+def test_without_a_model_requests_are_503_saying_why(serving):
+    """A registry model with no champion alias: the service runs, is not ready, and says so."""
+    from ray import serve
+
+    from services.app import build_app
+
+    settings = serving.settings.model_copy(update={
+        "serve": serving.settings.serve.model_copy(update={"model_name": "no-such-model"})})
+    serve.run(build_app(settings), name="broken", route_prefix="/broken", blocking=False)
+    try:
+        ready = httpx.get(serving.url + "/broken/readyz", timeout=60)
+        assert ready.status_code == 503 and "no-such-model" in ready.json()["detail"]
+        files = [("files", (serving.cells[0].name, serving.cells[0].read_bytes()))]
+        response = serving.post("/broken/v1/classify", files=files)
+        assert response.status_code == 503 and "no model for site" in response.json()["detail"]
+        assert "no-such-model" in response.json()["detail"]
+    finally:
+        serve.delete("broken")

@@ -1,0 +1,79 @@
+"""Serving's library side without Ray: a local model directory as a source, live switching, the cell service."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from cytoloop.config import BaselineModelConfig, DataConfig, RoutingConfig, ServeConfig, RegistryConfig
+from cytoloop.inference import CellFailure, CellResult, CellService
+from cytoloop.model_source import LiveModel, ModelSource, ServiceCache
+from cytoloop.models.baseline import BaselineClassifier
+
+CLASSES = ["lymphocyte", "neutrophil"]
+
+
+def _save(directory, classes=CLASSES, seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    model = BaselineClassifier(classes, DataConfig(image_size=16), BaselineModelConfig(channels=(4, 8)))
+    return model.save(directory)
+
+
+@pytest.fixture
+def local_source(tmp_path):
+    _save(tmp_path / "model")
+    source = ModelSource(ServeConfig(model_dir=tmp_path / "model"), RegistryConfig())
+    return source, ServiceCache(source, RoutingConfig(review_below=0.0, audit_fraction=0.0))
+
+
+def test_local_directory_is_versioned_by_content(local_source, tmp_path):
+    source, _ = local_source
+    first = source.resolve("any-site")
+    assert first == source.resolve(None) and first.version.startswith("local-") and first.alias is None
+    _save(tmp_path / "model", seed=1)
+    assert source.resolve(None).version != first.version
+    assert set(source.site_versions()) == {None}
+
+
+def test_live_model_switches_when_the_model_changes(local_source, tmp_path):
+    source, cache = local_source
+    live = LiveModel("a", source, cache)
+    old = live.service
+    assert live.refresh() is False and live.service is old
+    _save(tmp_path / "model", classes=["a", "b", "c"], seed=2)
+    assert live.refresh() is True
+    assert live.service.ref != old.ref and live.service.classes == ["a", "b", "c"]
+    assert old.classes == CLASSES  # whoever still holds the old service keeps a working model
+
+
+def test_sites_on_the_same_version_share_one_loaded_model(local_source):
+    source, cache = local_source
+    assert LiveModel("a", source, cache).service is LiveModel("b", source, cache).service
+
+
+def test_cell_service_answers_each_cell_and_isolates_failures(local_source, cells_dir):
+    source, cache = local_source
+    service = cache.get(source.resolve(None))
+    assert isinstance(service, CellService)
+    real = sorted((cells_dir / "jtsc").glob("*.bmp"))[:2]
+    cells = [(real[0].name, real[0].read_bytes()), ("junk", b"junk"), (real[1].name, real[1].read_bytes())]
+    answers = service.classify(cells)
+    assert [type(a) for a in answers] == [CellResult, CellFailure, CellResult]
+    assert [a.index for a in answers] == [0, 1, 2]
+    first = answers[0]
+    assert first.label in CLASSES and first.route == "accept" and first.cell_id.startswith("sha256:")
+    assert first.confidence == pytest.approx(max(first.probabilities.values()))
+    assert service.classify(cells[:1])[0] == first  # same image, same answer, alone or in a batch
+    assert "junk" in answers[1].message
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    from cytoloop.models.base import ModelLoadError
+
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    source = ModelSource(ServeConfig(model_dir=tmp_path / "nowhere"), RegistryConfig())
+    with pytest.raises(ModelLoadError, match="nowhere"):
+        source.resolve(None)

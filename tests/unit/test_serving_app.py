@@ -1,0 +1,62 @@
+"""The serving app's plain parts: API key check, config validation, paths, and infra/serve.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi import HTTPException
+from pydantic import SecretStr, ValidationError
+
+from cytoloop.config import ServeConfig, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_api_key_check():
+    from services.gateway import check_api_key
+
+    check_api_key(None, None)  # no key configured: open
+    check_api_key(SecretStr("s3cret"), "s3cret")
+    for given, words in [(None, "missing API key"), ("", "missing API key"), ("s3cre", "invalid API key")]:
+        with pytest.raises(HTTPException) as caught:
+            check_api_key(SecretStr("s3cret"), given)
+        assert caught.value.status_code == 401 and words in caught.value.detail
+        assert "s3cret" not in caught.value.detail
+
+
+def test_api_key_is_never_printed():
+    config = ServeConfig(api_key="s3cret")
+    assert "s3cret" not in repr(config) and "s3cret" not in config.model_dump_json()
+
+
+def test_batching_limits_are_validated():
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+        ServeConfig(max_batch_size=16, max_ongoing_requests=16)
+    with pytest.raises(ValidationError, match="max_replicas"):
+        ServeConfig(min_replicas=3, max_replicas=2)
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    from services.app import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    settings = absolute_paths(load_settings(overrides={"serve": {"model_dir": "m"}}))
+    assert settings.registry.tracking_uri == f"sqlite:///{tmp_path}/.cytoloop/mlflow/mlflow.db"
+    assert settings.registry.cache_dir == tmp_path / ".cytoloop/models"
+    assert settings.serve.model_dir == tmp_path / "m"
+
+
+def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.app import AppArgs, build
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "infra/serve.yaml").read_text()))
+    app = config.applications[0]
+    assert app.import_path == "services.app:build"
+    for key, value in app.runtime_env["env_vars"].items():
+        monkeypatch.setenv(key, value)
+    built = build(AppArgs.model_validate(app.args))
+    assert type(built).__name__ == "Application"
