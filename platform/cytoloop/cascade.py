@@ -1,0 +1,191 @@
+"""The cascade: a fast student answers the cells it is sure of; the diffusion classifier decides the rest.
+
+The student is the baseline's SmallCNN, distilled from the diffusion classifier (the teacher): its target on every
+cell is the teacher's probabilities, mixed on labelled cells with the label (`CascadeConfig.label_weight`), so
+unlabeled cells teach it too. Its temperature is then fitted on labelled validation cells, and a cell whose
+calibrated student confidence is below `threshold` is deferred to the teacher. The student costs one small CNN
+pass per cell, the teacher tens of denoiser passes, so the deferred fraction sets the speed; the curve of
+deferred fraction against accuracy and cells/s is in docs/benchmarks.md.
+
+On disk a cascade is a model directory whose `model.json` has kind "cascade", with the teacher and the student
+as complete model directories inside it (`teacher/`, `student/`), each loadable on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cytoloop.calibration import fit_temperature
+from cytoloop.config import AugmentConfig, BaselineModelConfig, CascadeConfig, TrainConfig
+from cytoloop.models.base import MODEL_FILE, Predictions, read_model_meta
+from cytoloop.models.baseline import BaselineClassifier
+from cytoloop.models.diffusion import DiffusionClassifier
+from cytoloop.train import LossFn, fit
+
+TEACHER_DIR = "teacher"
+STUDENT_DIR = "student"
+
+
+class CascadeClassifier:
+    """Student first; cells under the confidence threshold go to the teacher and get the teacher's answer.
+
+    `anomaly` is the student's energy score for every cell (one scale for all cells); for deferred cells the
+    teacher's own anomaly score is in `extra["teacher_anomaly"]` (NaN elsewhere). `evals` counts one student pass
+    per cell plus the teacher's denoiser evaluations for deferred cells.
+    """
+
+    kind = "cascade"
+
+    def __init__(
+        self,
+        teacher: DiffusionClassifier,
+        student: BaselineClassifier,
+        config: CascadeConfig | None = None,
+        info: dict | None = None,
+    ):
+        if teacher.classes != student.classes:
+            raise ValueError(f"teacher classes {teacher.classes} differ from student classes {student.classes}")
+        self.teacher = teacher
+        self.student = student
+        self.config = config or CascadeConfig()
+        self.info = dict(info or {})
+
+    @property
+    def classes(self) -> list[str]:
+        return self.teacher.classes
+
+    @property
+    def data_config(self):
+        return self.teacher.data_config
+
+    def predict(self, images: np.ndarray, progress: bool = False) -> Predictions:
+        fast = self.student.predict(images)
+        deferred = fast.confidence < self.config.threshold
+        probs, evals = fast.probs.copy(), fast.evals.copy()
+        teacher_anomaly = np.full(len(images), np.nan)
+        if deferred.any():
+            slow = self.teacher.predict(images[deferred], progress=progress)
+            probs[deferred] = slow.probs
+            evals[deferred] += slow.evals
+            teacher_anomaly[deferred] = slow.anomaly
+        return Predictions(
+            probs=probs,
+            anomaly=fast.anomaly,
+            evals=evals,
+            extra={
+                **fast.extra,
+                "deferred": deferred,
+                "student_confidence": fast.confidence,
+                "teacher_anomaly": teacher_anomaly,
+            },
+        )
+
+    def save(self, directory: Path) -> Path:
+        directory = Path(directory)
+        self.teacher.save(directory / TEACHER_DIR)
+        self.student.save(directory / STUDENT_DIR)
+        meta = {
+            "kind": self.kind,
+            "classes": self.classes,
+            "data": self.data_config.model_dump(mode="json"),
+            "cascade": self.config.model_dump(mode="json"),
+            "teacher": TEACHER_DIR,
+            "student": STUDENT_DIR,
+            "info": self.info,
+        }
+        (directory / MODEL_FILE).write_text(json.dumps(meta, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> "CascadeClassifier":
+        meta = read_model_meta(directory)
+        return cls(
+            DiffusionClassifier.load(Path(directory) / meta["teacher"]),
+            BaselineClassifier.load(Path(directory) / meta["student"]),
+            CascadeConfig(**meta["cascade"]),
+            info=meta.get("info"),
+        )
+
+
+def soft_targets(teacher_probs: np.ndarray, labels: np.ndarray, label_weight: float) -> np.ndarray:
+    """Per-cell target distributions: the teacher's probabilities, mixed with the one-hot label where there is
+    one (label < 0 marks an unlabeled cell, which keeps the teacher's probabilities alone)."""
+    targets = np.asarray(teacher_probs, dtype=np.float64).copy()
+    labelled = labels >= 0
+    one_hot = np.eye(targets.shape[1])[labels[labelled]]
+    targets[labelled] = (1 - label_weight) * targets[labelled] + label_weight * one_hot
+    return targets
+
+
+def distillation_loss(targets: np.ndarray) -> LossFn:
+    """Cross-entropy against soft targets. `fit` hands the loss integer labels; here they are cell indices into
+    `targets`, so the shared training loop (sampling, augmentation, EMA, checkpoints) runs unchanged."""
+    table = torch.as_tensor(targets, dtype=torch.float32)
+
+    def loss(network: torch.nn.Module, images: torch.Tensor, index: torch.Tensor, generator: torch.Generator):
+        log_probs = torch.log_softmax(network(images), dim=1)
+        return -(table[index] * log_probs).sum(dim=1).mean()
+
+    return loss
+
+
+def threshold_for_fraction(confidence: np.ndarray, fraction: float) -> float:
+    """The confidence threshold under which `fraction` of these cells fall (deferred: confidence < threshold):
+    midway between the last cell deferred and the first one kept."""
+    ordered = np.sort(np.asarray(confidence, dtype=np.float64))
+    deferred = int(np.ceil(round(fraction * len(ordered), 9)))
+    if deferred <= 0:
+        return 0.0
+    if deferred >= len(ordered):
+        return 1.0 + 1e-6
+    return float((ordered[deferred - 1] + ordered[deferred]) / 2)
+
+
+def distill(
+    teacher: DiffusionClassifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    config: CascadeConfig,
+    train_config: TrainConfig,
+    augment_config: AugmentConfig,
+    student_config: BaselineModelConfig,
+    teacher_probs: np.ndarray | None = None,
+    checkpoint_dir: Path | None = None,
+    progress: bool = False,
+) -> tuple[CascadeClassifier, dict]:
+    """Distil a student from `teacher` on `images` (labels < 0: unlabeled) and build the cascade.
+
+    The teacher is run on every training cell once (pass `teacher_probs` to reuse earlier predictions); the
+    student's temperature is fitted on the labelled validation cells, and with `config.defer_fraction` set the
+    threshold is chosen there too. Returns the cascade and a report.
+    """
+    if teacher_probs is None:
+        teacher_probs = teacher.predict(images, progress=progress).probs
+    targets = soft_targets(teacher_probs, np.asarray(labels), config.label_weight)
+    student = BaselineClassifier(teacher.classes, teacher.data_config, student_config)
+    network, result = fit(student.network, distillation_loss(targets), images, np.arange(len(images)), train_config,
+                          augment_config, checkpoint_dir=checkpoint_dir, progress=progress)
+    student.network = network
+    student.temperature = fit_temperature(student.logits(val_images), val_labels)
+    val_confidence = student.predict(val_images).confidence
+    if config.defer_fraction is not None:
+        config = config.model_copy(update={"threshold": threshold_for_fraction(val_confidence, config.defer_fraction)})
+    report = {
+        "n_distill": int(len(images)),
+        "n_labelled": int((np.asarray(labels) >= 0).sum()),
+        "student_temperature": student.temperature,
+        "threshold": config.threshold,
+        "val_deferred_fraction": float(np.mean(val_confidence < config.threshold)),
+        "train_seconds": result.seconds,
+        "teacher_agreement_on_distill_cells": float(
+            np.mean(student.predict(images).labels == teacher_probs.argmax(axis=1))
+        ),
+    }
+    student.info.update({"distilled_from": teacher.info, "steps": train_config.steps})
+    return CascadeClassifier(teacher, student, config, info=report), report

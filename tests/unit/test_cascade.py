@@ -1,0 +1,125 @@
+"""The cascade: who answers which cell, what is saved, and how a student is distilled.
+
+Tiny untrained models (16 px) stand in for the teacher and the student: the tests are about routing and
+bookkeeping, not accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cytoloop.cascade import CascadeClassifier, distill, soft_targets, threshold_for_fraction
+from cytoloop.config import (AugmentConfig, BaselineModelConfig, CascadeConfig, DataConfig, DiffusionModelConfig,
+                             ScoringConfig, TrainConfig)
+from cytoloop.models import load_model
+from cytoloop.models.baseline import BaselineClassifier
+from cytoloop.models.diffusion import DiffusionClassifier
+
+SIZE = 16
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def teacher() -> DiffusionClassifier:
+    torch.manual_seed(0)
+    return DiffusionClassifier(
+        CLASSES,
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(min_trials=1, check_every=1, elimination_p=0.2, max_trials=4, timestep_bins=2, null_trials=1),
+    )
+
+
+@pytest.fixture(scope="module")
+def student() -> BaselineClassifier:
+    torch.manual_seed(1)
+    model = BaselineClassifier(CLASSES, DataConfig(image_size=SIZE), BaselineModelConfig(channels=(4, 8)))
+    model.temperature = 0.05  # spread the untrained student's confidences over (1/3, 1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(2).uniform(-1, 1, size=(12, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def test_defers_exactly_the_cells_under_the_threshold(teacher, student, images):
+    fast = student.predict(images)
+    threshold = float(np.median(fast.confidence))
+    cascade = CascadeClassifier(teacher, student, CascadeConfig(threshold=threshold))
+    predictions = cascade.predict(images)
+
+    deferred = fast.confidence < threshold
+    assert 0 < deferred.sum() < len(images)
+    np.testing.assert_array_equal(predictions.extra["deferred"], deferred)
+    # deferred cells carry the teacher's answer (scored alone or in a batch, a cell gets the same answer) ...
+    slow = teacher.predict(images[deferred])
+    np.testing.assert_allclose(predictions.probs[deferred], slow.probs, atol=1e-6)
+    np.testing.assert_array_equal(predictions.evals[deferred], 1 + slow.evals)
+    assert np.isfinite(predictions.extra["teacher_anomaly"][deferred]).all()
+    # ... the others the student's, at the cost of one student pass
+    np.testing.assert_allclose(predictions.probs[~deferred], fast.probs[~deferred])
+    assert (predictions.evals[~deferred] == 1).all()
+    assert np.isnan(predictions.extra["teacher_anomaly"][~deferred]).all()
+    np.testing.assert_allclose(predictions.anomaly, fast.anomaly)
+
+
+def test_threshold_extremes(teacher, student, images):
+    none = CascadeClassifier(teacher, student, CascadeConfig(threshold=0.0)).predict(images)
+    assert not none.extra["deferred"].any()
+    every = CascadeClassifier(teacher, student, CascadeConfig(threshold=1.0)).predict(images[:3])
+    assert every.extra["deferred"].all()
+
+
+def test_save_and_load_round_trip(teacher, student, images, tmp_path):
+    threshold = float(np.median(student.predict(images).confidence))
+    cascade = CascadeClassifier(teacher, student, CascadeConfig(threshold=threshold), info={"note": "test"})
+    cascade.save(tmp_path / "cascade")
+    loaded = load_model(tmp_path / "cascade")
+    assert loaded.kind == "cascade"
+    assert loaded.classes == CLASSES
+    assert loaded.config.threshold == threshold
+    assert load_model(tmp_path / "cascade" / "teacher").kind == "diffusion"
+    assert load_model(tmp_path / "cascade" / "student").kind == "baseline"
+    before, after = cascade.predict(images), loaded.predict(images)
+    np.testing.assert_allclose(before.probs, after.probs, atol=1e-6)
+    np.testing.assert_array_equal(before.extra["deferred"], after.extra["deferred"])
+
+
+def test_mismatched_classes_rejected(teacher):
+    other = BaselineClassifier(["x", "y", "z"], DataConfig(image_size=SIZE), BaselineModelConfig(channels=(4,)))
+    with pytest.raises(ValueError, match="classes"):
+        CascadeClassifier(teacher, other)
+
+
+def test_soft_targets_mix_labels_only_where_labelled():
+    teacher_probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    targets = soft_targets(teacher_probs, np.array([1, -1]), label_weight=0.5)
+    np.testing.assert_allclose(targets[0], [0.3, 0.65, 0.05])
+    np.testing.assert_allclose(targets[1], teacher_probs[1])
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
+def test_threshold_for_fraction_defers_that_fraction(fraction):
+    confidence = np.random.default_rng(0).uniform(0.3, 1.0, size=40)
+    threshold = threshold_for_fraction(confidence, fraction)
+    assert np.mean(confidence < threshold) == pytest.approx(fraction)
+
+
+def test_distill_builds_a_working_cascade(teacher, images):
+    labels = np.array([0, 1, 2, 0, 1, 2, -1, -1])
+    config = CascadeConfig(defer_fraction=0.5)
+    cascade, report = distill(
+        teacher, images[:8], labels, images[8:], np.array([0, 1, 2, 0]), config,
+        TrainConfig(steps=3, batch_size=4, warmup_steps=1, log_every=1), AugmentConfig(),
+        BaselineModelConfig(channels=(4, 8)),
+    )
+    assert report["n_distill"] == 8 and report["n_labelled"] == 6
+    assert report["val_deferred_fraction"] == pytest.approx(0.5)
+    assert cascade.config.threshold == report["threshold"]
+    predictions = cascade.predict(images)
+    assert predictions.probs.shape == (len(images), len(CLASSES))
+    np.testing.assert_allclose(predictions.probs.sum(axis=1), 1.0, atol=1e-6)
