@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ray import serve
 
 from cytoloop.config import Settings
+from cytoloop.drift import append_events, prediction_events
 from cytoloop.inference import CellFailure, CellResult
 from cytoloop.model_source import LiveModel, ModelRef, ModelSource, ServiceCache
 from services.model_calls import Cells, ModelCalls
@@ -92,6 +93,19 @@ class Classifier:
         results, batch = await self.model_calls.submit(service, [requests[i] for i in members])
         for i, cells in zip(members, results):
             answers[i] = Answer(cells, service.ref, service.model.kind, service.classes, batch)
+        if self.config.prediction_log is not None:
+            await asyncio.to_thread(self._log_predictions, None if key == GLOBAL_KEY else key, service,
+                                    [requests[i] for i in members], results)
+
+    def _log_predictions(self, site: str | None, service, requests: list[Cells], results: list) -> None:
+        """Feed the drift monitor; a failure here is logged and never fails the request that was answered."""
+        try:
+            events = [event for cells, answered in zip(requests, results)
+                      for event in prediction_events(cells, answered, site, service.ref.version,
+                                                     service.model.data_config)]
+            append_events(self.config.prediction_log, events)
+        except Exception as error:
+            logger.warning("could not write the prediction log %s: %s", self.config.prediction_log, error)
 
     async def ready(self) -> str:
         """Load the global model if needed; returns its version (raises if none can be served)."""

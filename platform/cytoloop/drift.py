@@ -16,6 +16,7 @@ Serving logs one `PredictionEvent` per scored cell (JSON lines); `colour_statist
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,6 +124,40 @@ class WindowFigures:
     n_cells: int
     figures: dict[str, float | None]
     flags: list[str]
+
+
+def prediction_events(
+    cells: Sequence[tuple[str, bytes]], results: Sequence, site: str | None, model_version: str, config: DataConfig
+) -> list[PredictionEvent]:
+    """The prediction-log events of one classified batch: one per answered cell (failures are not predictions).
+
+    `results[i]` answers `cells[i]` (an `inference.CellResult`, or a failure, which is skipped).
+    """
+    now = datetime.now(timezone.utc)
+    events = []
+    for (_, data), result in zip(cells, results):
+        if not hasattr(result, "confidence"):
+            continue
+        events.append(PredictionEvent(
+            time=now, model_version=model_version, site=site, confidence=result.confidence,
+            routed_to_review=result.route != "accept", predicted=result.label,
+            colour=colour_statistics(data, config).tolist(),
+        ))
+    return events
+
+
+def append_events(path: Path, events: Sequence[PredictionEvent]) -> None:
+    """Append events to a JSON-lines log in one write (O_APPEND), so replicas sharing the file never interleave."""
+    if not events:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = "".join(event.model_dump_json() + "\n" for event in events).encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, payload)
+    finally:
+        os.close(descriptor)
 
 
 def read_events(path: Path) -> list[PredictionEvent]:

@@ -102,7 +102,7 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
     settings = load_settings(overrides={
         "registry": {"tracking_uri": registry.tracking_uri, "cache_dir": str(root / "cache"), "model_name": MODEL},
         "serve": {**LIMITS, "api_key": API_KEY, "alias_poll_s": 0.5, "max_batch_size": 8, "batch_wait_s": 0.1,
-                  "max_ongoing_requests": 32, "num_cpus": 0.5},
+                  "max_ongoing_requests": 32, "num_cpus": 0.5, "prediction_log": str(root / "predictions.jsonl")},
         "routing": {"review_below": 0.6, "anomaly_above": None, "audit_fraction": 0.0},
         "differential": {"min_cells": 4},
     })
@@ -149,6 +149,23 @@ def test_real_cells_classified_over_http(serving):
     body = {"cells": [{"name": p.name, "image_b64": base64.b64encode(p.read_bytes()).decode()} for p in paths]}
     again = _ok_cells(serving.post("/v1/classify", json=body))
     assert [c["probabilities"] for c in again] == [c["probabilities"] for c in cells]
+
+
+def test_served_cells_feed_the_drift_log(serving):
+    from cytoloop.drift import read_events
+
+    cells = _ok_cells(serving.classify_files(serving.cells[:3], site="siteb"))
+    log = serving.settings.serve.prediction_log
+    deadline = time.monotonic() + 30  # the replica writes the log after it has answered
+    while True:
+        events = [e for e in read_events(log) if e.site == "siteb"] if log.exists() else []
+        if len(events) >= len(cells) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(events) >= len(cells)
+    assert {e.model_version for e in events} == {serving.versions["two"]}
+    assert sorted(e.predicted for e in events[-len(cells):]) == sorted(c["label"] for c in cells)
+    assert all(e.colour is not None and len(e.colour) == 6 for e in events)
 
 
 def test_diffusion_model_served_for_its_site(serving):

@@ -1,0 +1,216 @@
+"""The fine-tuning job: champion + new consensus labels -> a calibrated, registered, gated challenger.
+
+    driver: parent version from the registry -> frozen val/eval sets -> Ray Train TorchTrainer (N workers)
+    worker: load the parent, its shard of the cells -> `finetune.finetune` (train.fit) -> report every log period;
+            rank 0 attaches the latest training checkpoint, and the trained model at the end
+    driver: recalibrate on the frozen val set -> evaluate challenger and champion on the frozen eval set
+            -> log params, metrics, plots to MLflow and register a version with its provenance tags
+            -> the promotion gate records its verdict and moves the alias if the challenger is no worse
+
+Resumable: a dead worker restarts the worker group from the latest checkpoint (`FailureConfig.max_failures`), and
+rerunning the same job (same parent, same data) finds its run folder under `finetune.storage_path` and resumes there.
+The same job adapts a hospital's model (`site=`): it starts from the global champion, trains on the site's cells
+with stronger stain augmentation, and competes for `champion-<site>` against what serves that site now.
+Workers read the cell images from their paths: on a cluster they must be on storage every node mounts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cytoloop.config import Settings
+from cytoloop.data import CellRecord, DatasetError, records_fingerprint
+from cytoloop.registry import CHAMPION, VersionInfo, open_registry, site_alias
+
+MODEL_SUBDIR = "model"
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: fine-tune its shard of the cells, report every log period, checkpoint via rank 0."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from ray.train import Checkpoint
+
+    from cytoloop.config import AugmentConfig, DataConfig, TrainConfig
+    from cytoloop.finetune import finetune, shard, training_arrays
+    from cytoloop.models import load_model
+    from cytoloop.train import CHECKPOINT_FILE
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    train_config, augment_config = TrainConfig(**config["train"]), AugmentConfig(**config["augment"])
+    if train_config.threads:
+        torch.set_num_threads(train_config.threads)
+    model = load_model(config["parent_dir"])
+    model.data_config = DataConfig(**config["data"])
+    images, labels, _ = training_arrays(model, config["records"], config["unlabeled"])
+    index = shard(labels, rank, world)
+    # every worker keeps the global batch size between them; identical seeds keep their generators in step
+    train_config = train_config.model_copy(update={"batch_size": max(1, train_config.batch_size // world)})
+
+    local = Path(tempfile.mkdtemp(prefix="cytoloop-finetune-"))
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            shutil.copy2(Path(directory) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
+    attached = {"mtime": (local / CHECKPOINT_FILE).stat().st_mtime_ns if restored is not None else None}
+
+    def report(entry: dict) -> None:
+        # `fit` writes its checkpoint after logging, so a checkpoint newer than the last one attached is complete.
+        checkpoint_file = local / CHECKPOINT_FILE
+        fresh = checkpoint_file.is_file() and checkpoint_file.stat().st_mtime_ns != attached["mtime"]
+        if rank == 0 and fresh:
+            attached["mtime"] = checkpoint_file.stat().st_mtime_ns
+            ray.train.report(entry, checkpoint=Checkpoint.from_directory(str(local)),
+                             delete_local_checkpoint_after_upload=False)
+        else:
+            ray.train.report(entry)
+
+    wrap = ray.train.torch.prepare_model if world > 1 or config["use_gpu"] else None
+    result = finetune(model, images[index], labels[index], train_config, augment_config, local, report, wrap)
+    final = {"step": train_config.steps, "resumed_from_step": result.resumed_from, "train_seconds": result.seconds,
+             "n_train_cells": int(len(index))}
+    if rank == 0:
+        staging = Path(tempfile.mkdtemp(prefix="cytoloop-finetuned-"))
+        shutil.copy2(local / CHECKPOINT_FILE, staging / CHECKPOINT_FILE)
+        (model.unet if model.kind == "diffusion" else model.network).cpu()
+        model.save(staging / MODEL_SUBDIR)
+        ray.train.report(final, checkpoint=Checkpoint.from_directory(str(staging)))
+    else:
+        ray.train.report(final)
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def fit_on_ray(settings: Settings, run_name: str, loop_config: dict, out: Path) -> dict:
+    """Run `train_loop` on Ray Train and copy the trained model into `out`; returns rank 0's final metrics.
+
+    The run lives in `finetune.storage_path/run_name`: an existing run of that name resumes from its checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=settings.finetune.num_workers, use_gpu=settings.finetune.use_gpu),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(settings.finetune.storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=settings.finetune.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    shutil.rmtree(out, ignore_errors=True)
+    with result.checkpoint.as_directory() as directory:
+        shutil.copytree(Path(directory) / MODEL_SUBDIR, out)
+    return dict(result.metrics)
+
+
+@dataclass
+class FinetuneOutcome:
+    """What a fine-tune produced: the registered version, the gate's verdict, and where the model lies."""
+
+    version: VersionInfo
+    passed: bool
+    reasons: list[str]
+    alias: str
+    model_dir: Path
+    metrics: dict
+
+
+def run_finetune(
+    settings: Settings,
+    records: Sequence[CellRecord],
+    unlabeled: Sequence[CellRecord] = (),
+    site: str | None = None,
+    stain_normalize: bool | None = None,
+    who: str | None = None,
+) -> FinetuneOutcome:
+    """Fine-tune the global champion on labelled `records` (plus the `unlabeled` pool), register the result and
+    put it through the promotion gate for the global champion alias, or for `champion-<site>` with `site`."""
+    from cytoloop.drift import colour_statistics_of, read_colour_reference, write_colour_reference
+    from cytoloop.finetune import adapted_data_config, code_revision, finetune_configs, frozen_sets, recalibrate
+    from cytoloop.models import load_model
+    from cytoloop.promotion import apply_verdict, compare, gate_data, gate_figures
+
+    registry = open_registry(settings)
+    name, home = settings.registry.model_name, Path(settings.home).resolve()
+    adapt = site is not None
+    parent = registry.by_alias(name, CHAMPION)
+    cache = Path(settings.registry.cache_dir).resolve()
+    parent_model = registry.load(name, parent.version, cache)
+    parent_dir = cache / name / parent.version
+    if parent_model.kind not in ("diffusion", "baseline"):
+        raise ValueError(f"{name} v{parent.version} is a {parent_model.kind} model; only diffusion and baseline "
+                         "models are fine-tuned (register the diffusion model itself as the champion)")
+    unknown = sorted({r.label for r in records} - set(parent_model.classes) - {None})
+    if unknown:  # caught here, before any worker starts, with a message naming them
+        raise DatasetError(f"label(s) {', '.join(unknown)} are not classes of {name} v{parent.version} "
+                           f"({', '.join(parent_model.classes)})")
+    normalize = settings.adapt.stain_normalize if stain_normalize is None else stain_normalize
+    data_config = adapted_data_config(parent_model, parent_dir, adapt and normalize)
+    sets = frozen_sets(records, home / "frozen" / (site or "global"), settings.finetune.val_fraction,
+                       settings.finetune.eval_fraction, seed=settings.train.seed)
+    train_config, augment_config = finetune_configs(settings, adapt)
+    snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
+    run_name = f"{site or 'global'}-v{parent.version}-{snapshot}"
+
+    loop_config = {
+        "parent_dir": str(parent_dir), "records": list(sets.train), "unlabeled": list(unlabeled),
+        "train": train_config.model_dump(mode="json"), "augment": augment_config.model_dump(mode="json"),
+        "data": data_config.model_dump(mode="json"), "use_gpu": settings.finetune.use_gpu,
+    }
+    out = home / "finetune" / run_name
+    trained = fit_on_ray(settings, run_name, loop_config, out)
+
+    challenger = load_model(out)
+    calibration = recalibrate(challenger, sets.val)
+    reference = colour_statistics_of(sets.train, data_config)
+    parent_reference = read_colour_reference(parent_dir)
+    if not adapt and parent_reference is not None:  # a global model keeps its history; a site model its site
+        reference = parent_reference if not len(reference) else np.concatenate([parent_reference, reference])
+    challenger.info.update({"parent_version": parent.version, "data_snapshot": snapshot, "site": site or "global"})
+    challenger.save(out)
+    write_colour_reference(out, reference)
+
+    data = gate_data(sets.eval, settings.promotion, challenger.classes)
+    alias = site_alias(site)
+    new = gate_figures(challenger, data, out / "evaluation" / "challenger.json")
+    try:
+        current = registry.for_site(name, site)
+        champion = gate_figures(registry.load(name, current.version, cache), data,
+                                out / "evaluation" / "champion.json")
+    except LookupError:
+        current, champion = None, None
+    verdict = compare(new, champion, settings.promotion)
+    verdict.champion_version = current.version if current else None
+
+    recall = {f"recall_{k}": v for k, v in new["per_class_recall"].items() if v is not None}
+    metrics = {**{f"calibration_{k}": v for k, v in calibration.items()}, **recall,
+               **{f"eval_{k}": new[k] for k in ("balanced_accuracy", "accuracy", "ece", "nll", "brier")},
+               "train_seconds": float(trained.get("train_seconds", 0.0)),
+               "resumed_from_step": float(trained.get("resumed_from_step", 0))}
+    if new.get("anomaly_auroc") is not None:
+        metrics["eval_anomaly_auroc"] = new["anomaly_auroc"]
+    (out / "evaluation" / "per_class_recall.json").write_text(json.dumps(new["per_class_recall"], indent=1))
+    tags = {"parent_version": parent.version, "data_snapshot": snapshot, "label_count": str(len(sets.train)),
+            "site": site or "global", "code_revision": code_revision(), "kind": challenger.kind,
+            "job": "adapt" if adapt else "retrain", "ray_run": run_name}
+    params = {"steps": train_config.steps, "lr": train_config.lr, "batch_size": train_config.batch_size,
+              "num_workers": settings.finetune.num_workers, "use_gpu": settings.finetune.use_gpu,
+              "n_unlabeled": len(unlabeled), "n_val": len(sets.val), "n_eval": len(data.eval_records),
+              "stain_normalization": data_config.stain_normalization, "hed_sigma": augment_config.hed_sigma}
+    artifacts = sorted((out / "evaluation").glob("*"))
+    version = registry.log_model(out, name, tags=tags, params=params, metrics=metrics, artifacts=artifacts)
+    apply_verdict(registry, name, version.version, alias, verdict, who=who)
+    return FinetuneOutcome(registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out,
+                           metrics)

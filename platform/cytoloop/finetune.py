@@ -1,0 +1,194 @@
+"""Fine-tuning a registered model on new labels: the pieces the Ray Train job and the benchmarks share.
+
+A fine-tune starts from a trained model (the champion), keeps its classes and preprocessing, and continues
+training with `train.fit` on the new labelled cells (and, for the diffusion model, the unlabeled pool, which
+trains the null class). Afterwards the calibration is refitted on a frozen validation set. Nothing here knows
+about Ray or MLflow: `jobs/finetune.py` runs `finetune` on each Ray Train worker and does the registering.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cytoloop import metrics
+from cytoloop.calibration import calibrate
+from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
+from cytoloop.data import CellRecord, DatasetError, read_manifest, stratified_split
+from cytoloop.drift import read_colour_reference
+from cytoloop.models.base import Classifier
+from cytoloop.preprocess import load_cells
+from cytoloop.train import UNLABELED, TrainResult, baseline_loss, diffusion_loss, fit
+from cytoloop.workflows import label_indices
+
+FROZEN_PARTS = ("val", "eval")
+
+
+@dataclass
+class FrozenSets:
+    """The cells a scope trains on, and the frozen cells it calibrates (`val`) and is judged (`eval`) on."""
+
+    train: list[CellRecord]
+    val: list[CellRecord]
+    eval: list[CellRecord]
+
+
+def write_manifest(records: Sequence[CellRecord], path: Path) -> Path:
+    """A manifest CSV with absolute paths, readable by `data.load_records` from anywhere."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_suffix(".tmp").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "domain", "source"])
+        for r in records:
+            writer.writerow([str(Path(r.path).resolve()), r.label or "", r.domain, r.source])
+    path.with_suffix(".tmp").replace(path)
+    return path
+
+
+def frozen_sets(
+    records: Sequence[CellRecord], directory: Path, val_fraction: float, eval_fraction: float, seed: int = 0
+) -> FrozenSets:
+    """Split labelled `records` into training cells and the frozen val/eval sets kept in `directory`.
+
+    The first call freezes a stratified split of `records` into `directory/{val,eval}.csv`; every later call
+    reuses those files, so calibration and the promotion gate always see the same cells and no frozen cell is
+    ever trained on, whatever new labels arrive.
+    """
+    directory = Path(directory)
+    paths = {part: directory / f"{part}.csv" for part in FROZEN_PARTS}
+    labelled = [r for r in records if r.label is not None]
+    if not labelled:
+        raise DatasetError("no labelled cells to fine-tune on")
+    if not all(p.is_file() for p in paths.values()):
+        split = stratified_split(labelled, {"train": 1 - val_fraction - eval_fraction, "val": val_fraction,
+                                            "eval": eval_fraction}, seed=seed)
+        for part in FROZEN_PARTS:
+            if not split[part]:
+                raise DatasetError(f"too few labelled cells ({len(labelled)}) to freeze a {part} set")
+            write_manifest(split[part], paths[part])
+    frozen = {part: read_manifest(paths[part]) for part in FROZEN_PARTS}
+    held = {Path(r.path).resolve() for part in frozen.values() for r in part}
+    train = [r for r in labelled if Path(r.path).resolve() not in held]
+    if not train:
+        raise DatasetError(f"every labelled cell is in the frozen sets of {directory}; nothing left to train on")
+    return FrozenSets(train, frozen["val"], frozen["eval"])
+
+
+def training_arrays(
+    model: Classifier, records: Sequence[CellRecord], unlabeled: Sequence[CellRecord] = ()
+) -> tuple[np.ndarray, np.ndarray, list[CellRecord]]:
+    """Preprocessed training cells and their class indices (UNLABELED for the pool, diffusion only), and the
+    labelled records that could be read. A label outside the model's classes is an error naming the cell."""
+    cells = load_cells(records, model.data_config)
+    if not cells.records:
+        raise DatasetError(f"none of the {len(records)} training cells could be read")
+    images, labels = cells.images, label_indices(cells.records, model.classes)
+    if model.kind == "diffusion" and unlabeled:
+        pool = load_cells(unlabeled, model.data_config)
+        images = np.concatenate([images, pool.images])
+        labels = np.concatenate([labels, np.full(len(pool.images), UNLABELED)])
+    return images, labels, cells.records
+
+
+def shard(labels: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Indices of worker `rank`'s share: each class dealt round-robin; a class with fewer cells than workers goes
+    whole to every worker, so each worker's balanced sampler sees every class."""
+    index = []
+    for group in np.unique(labels):
+        members = np.flatnonzero(labels == group)
+        index.append(members if len(members) < world else members[rank::world])
+    return np.sort(np.concatenate(index))
+
+
+def finetune_configs(settings: Settings, adapt: bool) -> tuple[TrainConfig, AugmentConfig]:
+    """The training budget of a retrain (`finetune`) or a hospital adaptation (`adapt`, stronger stain jitter)."""
+    section = settings.adapt if adapt else settings.finetune
+    warmup = min(settings.finetune.warmup_steps, section.steps // 2)
+    train = settings.train.model_copy(update={"steps": section.steps, "lr": section.lr, "warmup_steps": warmup})
+    augment = settings.augment
+    if adapt:
+        augment = augment.model_copy(update={"hed_sigma": settings.adapt.hed_sigma, "hed_bias": settings.adapt.hed_bias})
+    return train, augment
+
+
+def adapted_data_config(model: Classifier, model_dir: Path, stain_normalize: bool) -> DataConfig:
+    """The preprocessing of a site model: the champion's, with stain normalisation to the champion's training
+    colours if asked and not already normalising (a normalising champion already maps every cell to its target)."""
+    config = model.data_config
+    if not stain_normalize or config.stain_normalization == "reinhard":
+        return config
+    reference = read_colour_reference(model_dir)
+    if reference is None or not len(reference):
+        raise DatasetError(f"{model_dir}: the model carries no training colour reference to normalise towards")
+    return config.model_copy(update={"stain_normalization": "reinhard",
+                                     "stain_reference": tuple(float(v) for v in reference.mean(axis=0))})
+
+
+def finetune(
+    model: Classifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    train_config: TrainConfig,
+    augment_config: AugmentConfig,
+    checkpoint_dir: Path | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    wrap: Callable | None = None,
+) -> TrainResult:
+    """Continue training `model`'s network in place (it ends holding the EMA weights); resumable like `fit`.
+
+    `wrap` wraps the network before training (Ray Train's `prepare_model` for data-parallel workers).
+    """
+    if model.kind == "diffusion":
+        network, loss = model.unet, diffusion_loss(model.scheduler, model.null_class, train_config)
+    else:
+        network, loss = model.network, baseline_loss(train_config)
+    trained, result = fit(wrap(network) if wrap else network, loss, images, labels, train_config, augment_config,
+                          checkpoint_dir=checkpoint_dir, on_log=on_log)
+    if model.kind == "diffusion":
+        model.unet = trained
+    else:
+        model.network = trained
+    return result
+
+
+def _calibration_figures(model: Classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    probs = model.predict(images).probs
+    return {"ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
+            "nll": metrics.negative_log_likelihood(probs, labels), "brier": metrics.brier_score(probs, labels)}
+
+
+def recalibrate(model: Classifier, val_records: Sequence[CellRecord]) -> dict[str, float]:
+    """Refit the calibration on the frozen validation cells; ECE, NLL and Brier before (the parent's calibration
+    on the new weights) and after, as `<metric>_before` / `<metric>_after`."""
+    cells = load_cells(val_records, model.data_config)
+    if not cells.records:
+        raise DatasetError(f"none of the {len(val_records)} frozen validation cells could be read")
+    labels = label_indices(cells.records, model.classes)
+    before = _calibration_figures(model, cells.images, labels)
+    calibrate(model, cells.images, labels)
+    after = _calibration_figures(model, cells.images, labels)
+    figures = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    return figures | {"temperature": float(model.temperature), "n_val": float(len(labels))}
+
+
+def code_revision(repo: Path | None = None) -> str:
+    """The git commit of the code (with '+dirty' for uncommitted changes), or 'unknown' outside a checkout."""
+    cwd = repo or Path(__file__).resolve().parent
+    if shutil.which("git") is None:
+        return "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,116 @@
+"""The promotion gate: no model that is worse than the one serving may reach patients' cells.
+
+The challenger and the champion are evaluated on the same frozen evaluation set (plus the audited cells, if any)
+and the same anomaly set. The alias moves only if the challenger's balanced accuracy, ECE and anomaly AUROC are
+each no worse than the champion's beyond the tolerances of `PromotionConfig`. The verdict, its reasons and both
+sets of figures are recorded as tags on the challenger's version, whatever the outcome; a person can override a
+refusal (`override`), and every alias move lands in the registry's audit trail.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from cytoloop.config import PromotionConfig
+from cytoloop.data import CellRecord, DatasetError, load_records, select
+
+GATED_METRICS = ("balanced_accuracy", "ece", "anomaly_auroc")
+
+
+@dataclass
+class GateVerdict:
+    passed: bool
+    reasons: list[str]
+    challenger: dict[str, float | None]
+    champion: dict[str, float | None] = field(default_factory=dict)
+    champion_version: str | None = None
+
+
+def compare(challenger: dict, champion: dict | None, config: PromotionConfig) -> GateVerdict:
+    """The gate's decision on two sets of figures (`GATED_METRICS`); a pure function.
+
+    Higher is better for balanced accuracy and anomaly AUROC, lower for ECE. A figure missing on either side
+    (no anomaly set configured) is not checked, and the reasons say so.
+    """
+    picked = {k: challenger.get(k) for k in GATED_METRICS}
+    if not champion:
+        return GateVerdict(True, ["no champion to compare with"], picked)
+    rules = (  # metric, direction (+1: higher is better), tolerance
+        ("balanced_accuracy", +1, config.balanced_accuracy_tolerance),
+        ("ece", -1, config.ece_tolerance),
+        ("anomaly_auroc", +1, config.anomaly_auroc_tolerance),
+    )
+    passed, reasons = True, []
+    for metric, direction, tolerance in rules:
+        new, old = challenger.get(metric), champion.get(metric)
+        if new is None or old is None:
+            reasons.append(f"{metric}: not checked (not measured)")
+            continue
+        worse_by = (old - new) * direction
+        ok = worse_by <= tolerance
+        passed &= ok
+        reasons.append(f"{metric}: {new:.4f} vs champion {old:.4f} "
+                       f"({'ok' if ok else 'WORSE'}, tolerance {tolerance:g})")
+    return GateVerdict(passed, reasons, picked, {k: champion.get(k) for k in GATED_METRICS})
+
+
+@dataclass
+class GateData:
+    """The cells both models are judged on."""
+
+    eval_records: list[CellRecord]
+    anomaly_records: list[CellRecord]
+    anomaly_label: str
+
+
+def gate_data(eval_records: Sequence[CellRecord], config: PromotionConfig, classes: list[str]) -> GateData:
+    """The frozen evaluation set plus the configured audited cells (of the model's classes), and the anomaly set."""
+    records = list(eval_records)
+    if config.audited_manifest is not None:
+        audited = [r for r in load_records(config.audited_manifest) if r.label in classes]
+        known = {Path(r.path).resolve() for r in records}
+        records += [r for r in audited if Path(r.path).resolve() not in known]
+    if not records:
+        raise DatasetError("the promotion gate has no evaluation cells")
+    anomalies = select(load_records(config.anomaly_manifest)) if config.anomaly_manifest is not None else []
+    return GateData(records, anomalies, config.anomaly_label)
+
+
+def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
+    """Evaluate one model on the gate's cells: the full evaluation report (with plots beside `json_out`)."""
+    from cytoloop.workflows import evaluate_model
+
+    report = evaluate_model(model, data.eval_records, json_out, anomaly_records=data.anomaly_records,
+                            anomaly_label=data.anomaly_label)
+    report.setdefault("anomaly_auroc", None)
+    return report
+
+
+def verdict_tags(verdict: GateVerdict) -> dict[str, str]:
+    tags = {"gate.verdict": "pass" if verdict.passed else "refused", "gate.reasons": json.dumps(verdict.reasons),
+            "gate.champion_version": verdict.champion_version or "none"}
+    for side, figures in (("challenger", verdict.challenger), ("champion", verdict.champion)):
+        for metric, value in figures.items():
+            tags[f"gate.{side}.{metric}"] = "none" if value is None else f"{value:.6f}"
+    return tags
+
+
+def apply_verdict(registry, name: str, version: str, alias: str, verdict: GateVerdict, who: str | None = None):
+    """Record the verdict on the version; move `alias` to it if it passed. Returns the AliasMove or None."""
+    registry.set_tags(name, version, verdict_tags(verdict))
+    if not verdict.passed:
+        return None
+    return registry.move_alias(name, alias, version, why="gate passed: " + "; ".join(verdict.reasons),
+                               action="gate", who=who or "cytoloop-gate")
+
+
+def override(registry, name: str, version: str, alias: str, reason: str, who: str | None = None):
+    """A person promotes `version` whatever the gate said; the reason is kept on the version and in the trail."""
+    if not reason.strip():
+        raise ValueError("an override needs a reason")
+    move = registry.move_alias(name, alias, version, why=reason, action="override", who=who)
+    registry.set_tags(name, version, {"gate.override": reason, "gate.override_by": move.who})
+    return move

@@ -1,0 +1,85 @@
+"""When to retrain: the policy (a pure function) and the little state it needs between runs.
+
+A retrain is due when at least N new consensus labels arrived since the last one, or when T hours passed and at
+least M did, or when drift was flagged and at least M did (retraining on unchanged labels would not help).
+"New" means a (cell, label) pair the last retrain did not train on, so a relabelled cell counts again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+from cytoloop.config import RetrainConfig
+from cytoloop.data import CellRecord
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    due: bool
+    reason: str
+
+
+def retrain_due(
+    new_labels: int, hours_since_last: float | None, drift_flagged: bool, config: RetrainConfig
+) -> RetrainDecision:
+    """Decide whether a retrain is due. `hours_since_last` is None when no retrain ever ran."""
+    if new_labels < 0:
+        raise ValueError(f"new_labels must be >= 0, got {new_labels}")
+    enough = new_labels >= config.min_labels_after_hours
+    if new_labels >= config.min_new_labels:
+        return RetrainDecision(True, f"{new_labels} new consensus labels >= {config.min_new_labels}")
+    if enough and (hours_since_last is None or hours_since_last >= config.max_hours):
+        since = "no retrain yet" if hours_since_last is None else f"{hours_since_last:.1f} h since the last retrain"
+        return RetrainDecision(True, f"{since} and {new_labels} new labels >= {config.min_labels_after_hours}")
+    if config.on_drift and drift_flagged and enough:
+        return RetrainDecision(True, f"drift flagged and {new_labels} new labels >= {config.min_labels_after_hours}")
+    waited = "never retrained" if hours_since_last is None else f"{hours_since_last:.1f} h of {config.max_hours:g}"
+    return RetrainDecision(False, f"{new_labels} new labels (need {config.min_new_labels}, or "
+                                  f"{config.min_labels_after_hours} after {config.max_hours:g} h or drift); {waited}"
+                                  f"{'; drift flagged' if drift_flagged else ''}")
+
+
+@dataclass
+class RetrainState:
+    """What the last retrain of a scope (global or a site) trained on, and when it finished."""
+
+    last_time: datetime | None = None
+    trained: set[str] = field(default_factory=set)
+
+    def hours_since_last(self, now: datetime | None = None) -> float | None:
+        if self.last_time is None:
+            return None
+        return ((now or datetime.now(timezone.utc)) - self.last_time).total_seconds() / 3600.0
+
+
+def label_key(record: CellRecord) -> str:
+    return f"{Path(record.path).resolve()}\t{record.label}"
+
+
+def new_labels(records: Sequence[CellRecord], state: RetrainState) -> list[CellRecord]:
+    """Labelled records whose (cell, label) the last retrain did not see."""
+    return [r for r in records if r.label is not None and label_key(r) not in state.trained]
+
+
+def load_state(path: Path) -> RetrainState:
+    path = Path(path)
+    if not path.is_file():
+        return RetrainState()
+    payload = json.loads(path.read_text())
+    last = payload.get("last_time")
+    return RetrainState(datetime.fromisoformat(last) if last else None, set(payload.get("trained", [])))
+
+
+def save_state(path: Path, records: Sequence[CellRecord], when: datetime | None = None) -> RetrainState:
+    """Record a finished retrain on `records` (written atomically)."""
+    state = RetrainState(when or datetime.now(timezone.utc), {label_key(r) for r in records if r.label is not None})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"last_time": state.last_time.isoformat(), "trained": sorted(state.trained)}
+    path.with_suffix(".tmp").write_text(json.dumps(payload))
+    path.with_suffix(".tmp").replace(path)
+    return state

@@ -1,0 +1,102 @@
+"""Drift figures: they stay quiet on cells like the training ones and move when the input colours shift."""
+
+import io
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cytoloop.config import DataConfig, DriftConfig
+from cytoloop.data import DatasetError, load_records, select
+from cytoloop.drift import (
+    PredictionEvent,
+    colour_statistics,
+    colour_statistics_of,
+    drift_windows,
+    psi,
+    read_events,
+    top_label_ece,
+)
+
+CONFIG = DriftConfig(window_hours=1.0, min_cells=5)
+
+
+def shifted_png(path, factors=(1.25, 0.8, 1.1)) -> bytes:
+    """The cell with its RGB channels scaled: another lab's stain and camera."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) * np.asarray(factors)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def jtsc(cells_dir):
+    records = select(load_records(cells_dir), ["jtsc"], ["neutrophil", "lymphocyte"])
+    random.Random(0).shuffle(records)
+    return records[:60], records[60:90]
+
+
+def test_psi_separates_same_from_shifted():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=2000)
+    assert psi(reference, rng.normal(size=500)) < 0.05
+    assert psi(reference, rng.normal(loc=1.0, size=500)) > 0.25
+
+
+def test_top_label_ece():
+    confidence = np.array([0.9, 0.9, 0.9, 0.9])
+    assert top_label_ece(confidence, np.array([1, 1, 1, 1])) == pytest.approx(0.1)
+    assert top_label_ece(confidence, np.array([0, 0, 0, 0])) == pytest.approx(0.9)
+
+
+def test_colour_drift_moves_when_colours_shift(jtsc):
+    config = DataConfig(image_size=16)
+    train, incoming = jtsc
+    reference = colour_statistics_of(train, config)
+    assert reference.shape == (len(train), 6)
+    same = np.stack([colour_statistics(r.path, config) for r in incoming])
+    shifted = np.stack([colour_statistics(shifted_png(r.path), config) for r in incoming])
+    psi_same = max(psi(reference[:, i], same[:, i]) for i in range(6))
+    psi_shifted = max(psi(reference[:, i], shifted[:, i]) for i in range(6))
+    assert psi_shifted > CONFIG.psi_threshold > psi_same
+
+
+def test_windows_flag_stain_and_confidence_drift(jtsc):
+    config = DataConfig(image_size=16)
+    train, incoming = jtsc
+    reference = colour_statistics_of(train, config)
+    start = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+    def event(record, hour, shifted, confidence):
+        colour = colour_statistics(shifted_png(record.path) if shifted else record.path, config)
+        return PredictionEvent(time=start + timedelta(hours=hour), model_version="3", site="north",
+                               confidence=confidence, routed_to_review=confidence < 0.7, predicted="neutrophil",
+                               label=record.label, colour=colour.tolist())
+
+    events = [event(r, 0.5, False, 0.9) for r in incoming] + [event(r, 1.5, True, 0.6) for r in incoming]
+    first, second = drift_windows(events, {"3": reference}, CONFIG)
+    assert (first.model_version, first.site, first.n_cells) == ("3", "north", len(incoming))
+    assert not [f for f in first.flags if f.startswith(("stain", "confidence"))]
+    assert second.figures["psi_max"] > first.figures["psi_max"]
+    assert second.figures["mean_confidence"] < first.figures["mean_confidence"]
+    assert any(f.startswith("stain") for f in second.flags)
+    assert any(f.startswith("confidence") for f in second.flags)
+
+
+def test_small_windows_raise_no_flag():
+    events = [PredictionEvent(time=datetime(2026, 11, 1, tzinfo=timezone.utc), model_version="1", confidence=0.1,
+                              routed_to_review=True, predicted="a", label="b")]
+    (window,) = drift_windows(events, {}, CONFIG)
+    assert window.flags == [] and window.figures["reviewed_accuracy"] == 0.0
+
+
+def test_bad_event_line_names_the_line(tmp_path):
+    log = tmp_path / "events.jsonl"
+    good = {"time": "2026-11-01T00:00:00Z", "model_version": "1", "confidence": 0.5, "routed_to_review": False,
+            "predicted": "neutrophil"}
+    log.write_text(json.dumps(good) + "\n" + json.dumps({**good, "confidence": 2.0}) + "\n")
+    with pytest.raises(DatasetError, match=r"events.jsonl:2: .*confidence"):
+        read_events(log)

@@ -1,0 +1,69 @@
+"""Fine-tuning pieces that need no Ray: frozen sets, sharding, the site preprocessing, fine-tuning itself."""
+
+import numpy as np
+import pytest
+
+from cytoloop.config import DataConfig
+from cytoloop.data import CellRecord, DatasetError, load_records, select
+from cytoloop.drift import write_colour_reference
+from cytoloop.finetune import adapted_data_config, finetune, finetune_configs, frozen_sets, shard, training_arrays
+
+
+def fake_records(tmp_path, n, start=0):
+    return [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", ["a", "b"][i % 2], "lab") for i in range(start, start + n)]
+
+
+def test_frozen_sets_are_frozen_and_never_trained_on(tmp_path):
+    first = fake_records(tmp_path, 40)
+    sets = frozen_sets(first, tmp_path / "frozen", 0.15, 0.2)
+    assert (tmp_path / "frozen" / "val.csv").is_file() and (tmp_path / "frozen" / "eval.csv").is_file()
+    assert len(sets.val) and len(sets.eval) and len(sets.train) + len(sets.val) + len(sets.eval) == 40
+
+    later = frozen_sets(first + fake_records(tmp_path, 20, start=40), tmp_path / "frozen", 0.15, 0.2)
+    frozen = {str(r.path) for r in sets.val + sets.eval}
+    assert {str(r.path) for r in later.val + later.eval} == frozen
+    assert not frozen & {str(r.path) for r in later.train} and len(later.train) == len(sets.train) + 20
+
+
+def test_frozen_sets_need_enough_cells(tmp_path):
+    with pytest.raises(DatasetError, match="too few labelled cells"):
+        frozen_sets(fake_records(tmp_path, 2), tmp_path / "frozen", 0.15, 0.2)
+
+
+def test_shard_deals_each_class_and_shares_rare_ones():
+    labels = np.array([0] * 6 + [1] * 3 + [2])
+    parts = [shard(labels, rank, 2) for rank in range(2)]
+    assert sorted(np.concatenate([p[labels[p] != 2] for p in parts]).tolist()) == list(range(9))
+    for part in parts:
+        assert set(labels[part]) == {0, 1, 2}  # the single class-2 cell goes to both workers
+
+
+def test_site_normalisation_targets_the_training_colours(tmp_path):
+    class Model:
+        data_config = DataConfig(stain_normalization="none")
+
+    write_colour_reference(tmp_path, np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]))
+    config = adapted_data_config(Model(), tmp_path, stain_normalize=True)
+    assert config.stain_normalization == "reinhard"
+    assert config.stain_reference == pytest.approx((0.2, 0.3, 0.4, 0.5, 0.6, 0.7))
+    assert adapted_data_config(Model(), tmp_path, stain_normalize=False) == Model.data_config
+    Model.data_config = DataConfig(stain_normalization="reinhard")
+    assert adapted_data_config(Model(), tmp_path, stain_normalize=True) == Model.data_config
+
+
+def test_finetune_continues_from_the_model(cells_dir, tiny_settings):
+    from cytoloop.workflows import build_model
+
+    records = select(load_records(cells_dir), ["jtsc"], ["neutrophil", "lymphocyte"])[:12]
+    model = build_model("baseline", ["neutrophil", "lymphocyte"], tiny_settings)
+    before = {k: v.clone() for k, v in model.network.state_dict().items()}
+    images, labels, kept = training_arrays(model, records)
+    assert len(images) == len(labels) == len(kept) == 12
+    train_config, augment_config = finetune_configs(tiny_settings.model_copy(
+        update={"adapt": tiny_settings.adapt.model_copy(update={"steps": 3})}), adapt=True)
+    assert augment_config.hed_sigma == tiny_settings.adapt.hed_sigma and train_config.steps == 3
+    result = finetune(model, images, labels, train_config, augment_config)
+    assert result.history and any(not np.allclose(before[k], v) for k, v in model.network.state_dict().items())
+
+    with pytest.raises(DatasetError, match="not one of the model's classes"):
+        training_arrays(model, select(load_records(cells_dir), ["jtsc"], ["monocyte"])[:2])

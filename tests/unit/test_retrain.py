@@ -1,0 +1,56 @@
+"""The retrain policy: when N new labels, or T hours with M, or drift with M make a retrain due."""
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from cytoloop.config import RetrainConfig
+from cytoloop.data import CellRecord
+from cytoloop.retrain import load_state, new_labels, retrain_due, save_state
+
+CONFIG = RetrainConfig(min_new_labels=100, max_hours=24, min_labels_after_hours=10, on_drift=True)
+
+
+@pytest.mark.parametrize(
+    "new, hours, drift, due",
+    [
+        (100, 1.0, False, True),  # N reached
+        (99, 1.0, False, False),  # not yet N, too soon
+        (10, 24.0, False, True),  # T passed with M
+        (9, 48.0, False, False),  # T passed, fewer than M
+        (10, None, False, True),  # never retrained counts as T passed
+        (10, 1.0, True, True),  # drift with M
+        (9, 1.0, True, False),  # drift without M: new labels are needed to learn anything
+        (0, None, True, False),
+    ],
+)
+def test_policy(new, hours, drift, due):
+    decision = retrain_due(new, hours, drift, CONFIG)
+    assert decision.due is due
+    assert decision.reason
+
+
+def test_drift_ignored_when_disabled():
+    assert not retrain_due(10, 1.0, True, CONFIG.model_copy(update={"on_drift": False})).due
+
+
+def test_negative_count_is_an_error():
+    with pytest.raises(ValueError, match="new_labels"):
+        retrain_due(-1, None, False, CONFIG)
+
+
+def test_state_counts_new_and_relabelled_cells(tmp_path):
+    records = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "neutrophil", "d") for i in range(5)]
+    path = tmp_path / "state.json"
+    assert load_state(path).last_time is None
+    assert len(new_labels(records, load_state(path))) == 5
+
+    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    save_state(path, records[:3], when)
+    state = load_state(path)
+    assert state.last_time == when
+    assert state.hours_since_last(when + timedelta(hours=6)) == pytest.approx(6.0)
+    relabelled = CellRecord("c0.png", Path(tmp_path / "c0.png"), "lymphocyte", "d")
+    fresh = new_labels(records + [relabelled], state)
+    assert {r.cell_id for r in fresh} == {"c3.png", "c4.png", "c0.png"}
