@@ -156,9 +156,10 @@ def _run_trials(
     mask = mask.to(device)
     mask_pixels = mask.sum() * jobs[0][0].image.shape[0]
     alphas_cumprod = alphas_cumprod.to(device)
+    batch_size = config.batch_size or (1024 if device.type == "cuda" else 64)
     with torch.inference_mode():
-        for start in range(0, len(entries), config.batch_size):
-            chunk = entries[start : start + config.batch_size]
+        for start in range(0, len(entries), batch_size):
+            chunk = entries[start : start + batch_size]
             x0 = torch.stack([jobs[j][0].image for j, _ in chunk]).to(device, non_blocking=True)
             noise = torch.stack([jobs[j][2][2] for j, _ in chunk]).to(device, non_blocking=True)
             t = torch.tensor([jobs[j][2][1] for j, _ in chunk], device=device)

@@ -1,0 +1,227 @@
+"""Fast scoring: few trials, null class on the first trials only, replay of logged trials, tuning, runtime options.
+
+A deterministic fake denoiser (its error depends only on its inputs, never on batch composition) makes exact
+comparisons possible: scoring a cell alone or in a batch, or replaying its exhaustive log, must give the same
+trials, the same decision and the same evaluation count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from cytoloop.calibration import decision, trials_needed, tune_scoring
+from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
+from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
+from cytoloop.scoring import TrialLog, replay, score_cells
+
+N_CLASSES = 4
+NULL = N_CLASSES
+SIZE = 16
+FAST = dict(min_trials=1, check_every=1, elimination_p=0.05, max_trials=40, timestep_bins=4, batch_size=16)
+
+
+class CountingDenoiser:
+    """A prototype model: class c's cells are flat images at level PROTOTYPES[c] (the null class at 0), and the
+    denoiser predicts the noise that would explain x_t under that class, plus a wobble that is a fixed function of
+    its inputs (so results never depend on batch composition). The class whose prototype is nearest a cell's
+    level wins; cells between two prototypes are close calls. Counts every input it receives.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, wobble: float = 0.5):
+        self.alphas_cumprod = alphas_cumprod
+        self.wobble = wobble
+        self.inputs = 0
+        self.null_inputs = 0
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        self.inputs += len(x_t)
+        self.null_inputs += int((c == NULL).sum())
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        level = PROTOTYPES[c].view(-1, 1, 1, 1)
+        explained = (x_t - abar.sqrt() * level) / (1 - abar).sqrt()
+        return explained + self.wobble * torch.sin(17.0 * x_t + c.view(-1, 1, 1, 1).float())
+
+
+PROTOTYPES = torch.tensor([-0.6, -0.2, 0.2, 0.6, 0.0])  # classes 0-3, then the null class
+LEVELS = [-0.6, -0.2, 0.2, 0.6, -0.25, 0.03]
+WINNERS = [0, 1, 2, 3, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def alphas_cumprod() -> torch.Tensor:
+    return build_scheduler(DiffusionModelConfig()).alphas_cumprod
+
+
+@pytest.fixture(scope="module")
+def cells() -> torch.Tensor:
+    texture = torch.rand((len(LEVELS), 3, SIZE, SIZE), generator=torch.Generator().manual_seed(11)) * 0.1
+    return torch.tensor(LEVELS).view(-1, 1, 1, 1) + texture - 0.05
+
+
+def _score(alphas_cumprod, cells, config):
+    fake = CountingDenoiser(alphas_cumprod)
+    result = score_cells(fake, alphas_cumprod, cells, N_CLASSES, NULL, config)
+    return result, fake
+
+
+def test_fast_settings_decide_in_few_evaluations(alphas_cumprod, cells):
+    result, fake = _score(alphas_cumprod, cells, ScoringConfig(**FAST, null_trials=1))
+    np.testing.assert_array_equal(result.class_error.argmin(axis=1), WINNERS)
+    assert result.evals.mean() < 20 * (N_CLASSES + 1)  # the original rule's first test alone costs this much
+    assert result.evals.sum() == fake.inputs
+    assert fake.null_inputs == len(cells)  # the null class on the first trial of each cell only
+    assert (result.trials < FAST["max_trials"]).all()
+    assert np.isfinite(result.anomaly_null_ratio).all()
+
+
+@pytest.mark.parametrize("null_trials", [None, 1, 3])
+def test_evaluations_reported_are_evaluations_made(alphas_cumprod, cells, null_trials):
+    config = ScoringConfig(**{**FAST, "batch_size": 7}, null_trials=null_trials)
+    result, fake = _score(alphas_cumprod, cells, config)
+    assert result.evals.sum() == fake.inputs
+    expected_null = sum(t if null_trials is None else min(t, null_trials) for t in result.trials)
+    assert fake.null_inputs == expected_null
+    for log, evals in zip(result.logs, result.evals):
+        measured = sum(int((~np.isnan(row)).sum()) for row in log.errors)
+        assert evals == measured + int((~np.isnan(log.null_errors)).sum())
+
+
+def test_batched_equals_one_at_a_time(alphas_cumprod, cells):
+    config = ScoringConfig(**FAST, null_trials=2)
+    together, _ = _score(alphas_cumprod, cells, config)
+    for i in range(len(cells)):
+        alone, _ = _score(alphas_cumprod, cells[i : i + 1], config)
+        assert alone.trials[0] == together.trials[i]
+        assert alone.evals[0] == together.evals[i]
+        np.testing.assert_allclose(alone.class_error[0], together.class_error[i], atol=1e-5)
+
+
+def test_replay_reproduces_adaptive_scoring(alphas_cumprod, cells):
+    """Replaying an exhaustive log gives exactly the trials, decision and evaluations of an adaptive run."""
+    adaptive_config = ScoringConfig(**FAST, null_trials=2)
+    exhaustive_config = adaptive_config.model_copy(update={"min_trials": 40, "max_trials": 40})
+    exhaustive, _ = _score(alphas_cumprod, cells, exhaustive_config)
+    adaptive, _ = _score(alphas_cumprod, cells, adaptive_config)
+    weights = np.ones(adaptive_config.timestep_bins)
+    for i, log in enumerate(exhaustive.logs):
+        replayed, evals = replay(log, adaptive_config, weights)
+        assert evals == adaptive.evals[i]
+        assert replayed.strata == adaptive.logs[i].strata
+        np.testing.assert_allclose(np.stack(replayed.errors), np.stack(adaptive.logs[i].errors), atol=1e-5)
+        assert decision(replayed, weights) == adaptive.class_error[i].argmin()
+
+
+def test_real_unet_batched_equals_alone_under_fast_settings():
+    torch.manual_seed(0)
+    model = DiffusionClassifier(
+        ["a", "b", "c"],
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(min_trials=1, check_every=1, elimination_p=0.2, max_trials=10, timestep_bins=4, null_trials=1),
+    )
+    images = np.random.default_rng(5).uniform(-1, 1, size=(5, 3, SIZE, SIZE)).astype(np.float32)
+    together = model.score(images)
+    for i in range(len(images)):
+        alone = model.score(images[i : i + 1])
+        assert alone.class_error[0].argmin() == together.class_error[i].argmin()
+        assert alone.evals[0] == together.evals[i]
+        assert alone.trials[0] == together.trials[i]
+
+
+# --------------------------------------------------------------------------- tuning on a toy problem
+
+
+def _toy_logs(n_cells: int, n_trials: int, seed: int) -> list[TrialLog]:
+    """Class 0 truly best by a cell-specific margin (some cells are close calls), heavy per-trial noise."""
+    rng = np.random.default_rng(seed)
+    logs = []
+    for _ in range(n_cells):
+        margin = rng.exponential(0.05)
+        means = np.array([1.0, 1.0 + margin, 1.1 + margin, 1.3])
+        shared = rng.normal(0, 0.3, size=(n_trials, 1))  # the shared noise a paired test cancels
+        errors = means + shared + rng.normal(0, 0.1, size=(n_trials, 4))
+        logs.append(TrialLog(strata=[k % 4 for k in range(n_trials)], errors=list(errors),
+                             null_errors=[np.nan] * n_trials))
+    return logs
+
+
+def test_tuning_meets_the_agreement_target_cheaply():
+    logs = _toy_logs(40, 60, seed=0)
+    weights = np.ones(4)
+    base = ScoringConfig(max_trials=60, timestep_bins=4, score_null_class=False)
+    tuned, rows = tune_scoring(logs, weights, base, target_agreement=0.99, min_trials=(1, 2, 4, 8),
+                               p_values=(0.2, 0.05, 0.01, 2e-3))
+    assert tuned is not base
+    reference = [decision(log, weights) for log in logs]
+    replays = [replay(log, tuned, weights) for log in logs]
+    agreement = np.mean([decision(r, weights) == ref for (r, _), ref in zip(replays, reference)])
+    assert agreement >= 0.99
+    evals = np.mean([e for _, e in replays])
+    default_evals = np.mean([replay(log, base, weights)[1] for log in logs])
+    assert evals < default_evals
+    # the chosen rule is the cheapest of those meeting the target
+    meeting = [r for r in rows if r["agreement"] >= 0.99]
+    assert evals == pytest.approx(min(r["evals_mean"] for r in meeting))
+
+
+def test_tuning_keeps_config_when_target_unreachable():
+    """A cell whose first trials favour class 0 and whose later ones favour class 1: any early stop disagrees."""
+    errors = [np.array([0.0, 1.0]), np.array([0.0, 1.1])] + [np.array([1.0, 0.0])] * 8
+    log = TrialLog(strata=[0] * 10, errors=errors, null_errors=[np.nan] * 10)
+    base = ScoringConfig(max_trials=10, min_trials=10, timestep_bins=1)
+    tuned, rows = tune_scoring([log], np.ones(1), base, target_agreement=1.0, min_trials=(2,), p_values=(0.5,))
+    assert tuned is base
+    assert rows[0]["agreement"] == 0.0
+
+
+def test_trials_needed_by_hand():
+    # running decision: trial 1 -> class 1, after 2 -> class 0 (cumsum [1.0, 0.2] vs [0.0, 1.0] ...)
+    log = TrialLog(strata=[0, 0, 0], errors=[np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.0, 0.5])],
+                   null_errors=[np.nan] * 3)
+    assert trials_needed(log, np.ones(1)) == 2
+    steady = TrialLog(strata=[0, 0], errors=[np.array([0.0, 1.0])] * 2, null_errors=[np.nan] * 2)
+    assert trials_needed(steady, np.ones(1)) == 1
+
+
+# --------------------------------------------------------------------------- runtime options
+
+
+def test_fp16_on_cpu_rejected():
+    with pytest.raises(ValidationError, match="fp16"):
+        ScoringConfig(precision="fp16", device="cpu")
+
+
+def test_bf16_channels_last_runs_on_cpu():
+    torch.manual_seed(0)
+    model = DiffusionClassifier(
+        ["a", "b"],
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(min_trials=2, max_trials=2, timestep_bins=2, precision="bf16", channels_last=True,
+                      device="cpu"),
+    )
+    images = np.random.default_rng(0).uniform(-1, 1, size=(2, 3, SIZE, SIZE)).astype(np.float32)
+    result = model.score(images)
+    assert np.isfinite(result.class_error).all()
+    assert (result.evals == 2 * 3).all()
+
+
+def test_tune_model_scoring_sets_a_rule_and_temperature():
+    from cytoloop.workflows import tune_model_scoring
+
+    torch.manual_seed(0)
+    model = DiffusionClassifier(
+        ["a", "b"],
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5),
+    )
+    images = np.random.default_rng(1).uniform(-1, 1, size=(4, 3, SIZE, SIZE)).astype(np.float32)
+    report = tune_model_scoring(model, images, np.array([0, 1, 0, 1]))
+    assert report["chosen"] is not None and report["chosen"]["agreement"] >= 0.5
+    assert model.scoring_config.min_trials == report["chosen"]["min_trials"]
+    assert model.scoring_config.check_every == 1
+    assert report["temperature"] == model.temperature > 0
