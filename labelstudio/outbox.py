@@ -8,11 +8,11 @@ routing the same cells twice queues them once.
 from __future__ import annotations
 
 import json
-import sqlite3
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
+
+from labelstudio import sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -36,25 +36,12 @@ def _now() -> str:
 class Outbox:
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.row_factory = sqlite3.Row
-        try:
-            with db:  # one transaction, committed on success
-                yield db
-        finally:
-            db.close()
+        sqlite.initialise(self.path, SCHEMA)
 
     def enqueue(self, tasks: Iterable[dict]) -> int:
         """Queue task payloads (see `tasks.build_task`); returns how many were new."""
         rows = [(t["data"]["task_key"], t["data"]["site"], json.dumps(t), _now()) for t in tasks]
-        with self._connect() as db:
+        with sqlite.transaction(self.path) as db:
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO outbox (task_key, site, task, queued_at) VALUES (?, ?, ?, ?)", rows)
             return db.total_changes - before
@@ -62,7 +49,7 @@ class Outbox:
     def known(self, keys: Iterable[str]) -> set[str]:
         """Which of these task keys were queued before (pushed or not)."""
         keys = list(keys)
-        with self._connect() as db:
+        with sqlite.transaction(self.path) as db:
             found = set()
             for start in range(0, len(keys), 500):
                 chunk = keys[start:start + 500]
@@ -73,26 +60,26 @@ class Outbox:
     def pending(self) -> dict[str, list[dict]]:
         """Tasks not yet in Label Studio, per site, in queue order."""
         by_site: dict[str, list[dict]] = {}
-        with self._connect() as db:
+        with sqlite.transaction(self.path) as db:
             for row in db.execute("SELECT site, task FROM outbox WHERE pushed_at IS NULL ORDER BY queued_at, task_key"):
                 by_site.setdefault(row["site"], []).append(json.loads(row["task"]))
         return by_site
 
     def mark_pushed(self, project_id: int, task_ids: dict[str, int]) -> None:
-        with self._connect() as db:
+        with sqlite.transaction(self.path) as db:
             db.executemany(
                 "UPDATE outbox SET project_id = ?, task_id = ?, pushed_at = ?, last_error = NULL WHERE task_key = ?",
                 [(project_id, task_id, _now(), key) for key, task_id in task_ids.items()],
             )
 
     def mark_failed(self, keys: Iterable[str], error: str) -> None:
-        with self._connect() as db:
+        with sqlite.transaction(self.path) as db:
             db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE task_key = ?",
                 [(error, key) for key in keys],
             )
 
     def counts(self) -> dict[str, int]:
-        with self._connect() as db:
+        with sqlite.transaction(self.path) as db:
             row = db.execute("SELECT COUNT(*) AS n, SUM(pushed_at IS NULL) AS pending FROM outbox").fetchone()
         return {"queued": row["n"], "pending": row["pending"] or 0, "pushed": row["n"] - (row["pending"] or 0)}

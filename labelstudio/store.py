@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 from cytoloop.consensus import Vote
+from labelstudio import sqlite
 from labelstudio.label_config import parse_result
 
 SCHEMA = """
@@ -99,36 +98,13 @@ class LabelStore:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            yield db
-        finally:
-            db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        sqlite.initialise(self.path, SCHEMA)
 
     # -- raw webhook events ---------------------------------------------------------------------------------
     def record_event(self, body: bytes | str) -> int:
         """Keep a webhook body as received; cheap enough to run inside the request."""
         text = body.decode() if isinstance(body, bytes) else body
-        with self._transaction() as db:
+        with sqlite.transaction(self.path) as db:
             return db.execute("INSERT INTO events (received_at, body) VALUES (?, ?)", (_now(), text)).lastrowid
 
     def process_events(self, limit: int | None = None) -> int:
@@ -138,7 +114,7 @@ class LabelStore:
         """
         done = 0
         while limit is None or done < limit:
-            with self._transaction() as db:
+            with sqlite.transaction(self.path) as db:
                 row = db.execute(
                     "SELECT id, body FROM events WHERE processed_at IS NULL ORDER BY id LIMIT 1").fetchone()
                 if row is None:
@@ -153,7 +129,7 @@ class LabelStore:
         return done
 
     def event_counts(self) -> dict[str, int]:
-        with self._connect() as db:
+        with sqlite.connect(self.path) as db:
             row = db.execute(
                 "SELECT COUNT(*) AS n, SUM(processed_at IS NULL) AS pending, SUM(error IS NOT NULL) AS failed "
                 "FROM events"
@@ -177,11 +153,11 @@ class LabelStore:
     # -- annotations ----------------------------------------------------------------------------------------
     def upsert(self, annotation: dict, task: dict, source: str) -> bool:
         """Store an annotation as Label Studio serialises it (with its task); True when the store changed."""
-        with self._transaction() as db:
+        with sqlite.transaction(self.path) as db:
             return self._upsert(db, annotation, task, source)
 
     def retract(self, annotation_id: int, project_id: int | None = None) -> bool:
-        with self._transaction() as db:
+        with sqlite.transaction(self.path) as db:
             return self._retract(db, annotation_id, project_id)
 
     def retract_missing(self, project_id: int, present: set[int]) -> int:
@@ -189,7 +165,7 @@ class LabelStore:
 
         Call it only after listing the WHOLE project: a partial listing would retract live labels.
         """
-        with self._transaction() as db:
+        with sqlite.transaction(self.path) as db:
             rows = db.execute(
                 "SELECT annotation_id FROM annotations WHERE project_id = ? AND retracted_at IS NULL", (project_id,)
             ).fetchall()
@@ -251,7 +227,7 @@ class LabelStore:
 
     def set_annotators(self, emails: dict[int, str]) -> None:
         """Remember who each Label Studio user id is (for provenance and agreement reports)."""
-        with self._transaction() as db:
+        with sqlite.transaction(self.path) as db:
             db.executemany(
                 "INSERT INTO annotators (annotator_id, email) VALUES (?, ?) "
                 "ON CONFLICT(annotator_id) DO UPDATE SET email = excluded.email",
@@ -267,7 +243,7 @@ class LabelStore:
         )
         if not include_retracted:
             query += " AND a.retracted_at IS NULL AND a.was_cancelled = 0 AND a.label IS NOT NULL"
-        with self._connect() as db:
+        with sqlite.connect(self.path) as db:
             rows = db.execute(query + " ORDER BY a.updated_at, a.annotation_id").fetchall()
         return [
             StoredLabel(
@@ -286,7 +262,7 @@ class LabelStore:
                      label.updated_at) for label in self.labels()]
 
     def counts(self) -> dict[str, int]:
-        with self._connect() as db:
+        with sqlite.connect(self.path) as db:
             row = db.execute(
                 "SELECT COUNT(*) AS n, SUM(retracted_at IS NOT NULL) AS retracted FROM annotations"
             ).fetchone()

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from cytoloop.data import load_records
 from cytoloop.models.base import Predictions
+from labelstudio import sqlite
 
 pytestmark = pytest.mark.integration
 
@@ -190,7 +191,7 @@ def test_labels_come_back_by_webhook_and_poll_exactly_once(world):
     wait_for(lambda: store.counts()["retracted"] == 1, what="webhook events applied")
     labels = store_annotations(store)
     assert len(labels) == 8 and labels[changing.id] == "lymphocyte" and doomed.id not in labels
-    with store._connect() as db:
+    with sqlite.connect(store.path) as db:
         assert {row[0] for row in db.execute("SELECT DISTINCT source FROM annotations")} == {"webhook"}
 
     # a webhook missed: the receiver is down while an annotator labels; the poll recovers it
@@ -202,14 +203,14 @@ def test_labels_come_back_by_webhook_and_poll_exactly_once(world):
     world.server.stack.up(only=["labels"])
 
     # replaying every event and polling again changes nothing; the store equals Label Studio, each label once
-    with store._connect() as db:
+    with sqlite.connect(store.path) as db:
         bodies = [row[0] for row in db.execute("SELECT body FROM events")]
     for body in bodies:
         store.record_event(body)
     store.process_events()
     assert world.loop.sync().changed == 0
     assert store_annotations(store) == ls_annotations(world)
-    with store._connect() as db:
+    with sqlite.connect(store.path) as db:
         assert db.execute("SELECT COUNT(*) FROM annotations WHERE retracted_at IS NULL").fetchone()[0] == 9
 
 

@@ -1,0 +1,44 @@
+"""The SQLite conventions of the review loop's durable files (outbox, label store), in one place.
+
+WAL mode and a busy timeout, because the webhook receiver, a sync and a push may write at the same time; rows as
+`sqlite3.Row`; writes in `BEGIN IMMEDIATE` transactions, so a crash leaves either all of a change or none of it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def initialise(path: Path, schema: str) -> None:
+    """Create the file (and its folder) and the schema if they are missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with connect(path) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(schema)
+
+
+@contextmanager
+def connect(path: Path) -> Iterator[sqlite3.Connection]:
+    """An autocommit connection (each statement its own transaction), closed on exit."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+@contextmanager
+def transaction(path: Path) -> Iterator[sqlite3.Connection]:
+    """One write transaction, committed when the block ends and rolled back if it raises."""
+    with connect(path) as db:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
