@@ -16,8 +16,11 @@ Workers read the cell images from their paths: on a cluster they must be on stor
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,3 +217,58 @@ def run_finetune(
     apply_verdict(registry, name, version.version, alias, verdict, who=who)
     return FinetuneOutcome(registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out,
                            metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jobs.finetune`: the fine-tune as the entrypoint of a Ray job (a KubeRay RayJob, `ray job submit`).
+
+    Inside a Ray job RAY_ADDRESS points at the job's cluster, so Ray Train's TorchTrainer joins that cluster (Ray
+    connects on first use); run anywhere else, it starts a local Ray like `cytoloop retrain` does, which it mirrors
+    (a global run records the retrain state; `--site` adapts like `cytoloop adapt`). The outcome is one JSON line
+    on stdout, for whoever reads the job's logs. Bad input (a missing file, an unknown class, an invalid setting,
+    no champion yet) ends with one line naming it on stderr and exit code 2, never a traceback.
+    """
+    from pydantic import ValidationError
+
+    from cytoloop.config import load_settings
+    from cytoloop.data import load_records
+    from cytoloop.registry import RegistryError
+    from cytoloop.retrain import save_state
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description="Fine-tune the champion on new "
+                                     "labels with Ray Train, register the result and put it through the gate.")
+    parser.add_argument("--labels", type=Path, required=True, help="labelled cells: manifest CSV (path,label,domain)")
+    parser.add_argument("--unlabeled", type=Path, help="manifest CSV of the unlabeled pool (trains the null class)")
+    parser.add_argument("--site", help="adapt for this hospital: compete for champion-<site>")
+    parser.add_argument("--config", type=Path, help="JSON settings file (CYTOLOOP_* variables override it)")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    if args.site is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", args.site):
+        return fail(f"invalid site name {args.site!r}: use letters, digits, '-' and '_'")
+    if args.config is not None and not args.config.is_file():
+        return fail(f"settings file not found: {args.config}")
+    try:
+        settings = load_settings(args.config)
+        records = [r for r in load_records(args.labels) if r.label is not None]
+        if not records:
+            raise DatasetError(f"{args.labels}: no labelled cells")
+        pool = load_records(args.unlabeled) if args.unlabeled else []
+        outcome = run_finetune(settings, records, pool, site=args.site)
+        if args.site is None:  # as `cytoloop retrain` does: the retrain policy counts new labels from here on
+            save_state(Path(settings.home) / "retrain" / "state.json", records)
+    except ValidationError as error:
+        return fail("invalid configuration: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                           for e in error.errors()))
+    except (RegistryError, FileNotFoundError, ValueError) as error:  # DatasetError, ModelLoadError, ImageError too
+        return fail(str(error))
+    print(json.dumps({"name": outcome.version.name, "version": outcome.version.version, "passed": outcome.passed,
+                      "reasons": outcome.reasons, "alias": outcome.alias}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""`python -m jobs.finetune`: bad input ends with one line naming what was wrong and exit code 2, before any Ray.
+
+The job itself (a real two-node Ray cluster, the Ray Jobs API, a registered version) is
+tests/integration/test_cluster.py.
+"""
+
+import pytest
+
+from jobs.finetune import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_missing_labels_file_is_named(tmp_path, capsys, clean_env):
+    code, err = run(capsys, "--labels", str(tmp_path / "missing.csv"))
+    assert code == 2 and f"dataset not found: {tmp_path / 'missing.csv'}" in err
+
+
+def test_missing_settings_file_is_named(tmp_path, capsys, clean_env):
+    code, err = run(capsys, "--labels", "labels.csv", "--config", str(tmp_path / "settings.json"))
+    assert code == 2 and f"settings file not found: {tmp_path / 'settings.json'}" in err
+
+
+def test_invalid_setting_names_the_field(tmp_path, capsys, clean_env):
+    clean_env.setenv("CYTOLOOP_FINETUNE__NUM_WORKERS", "0")
+    code, err = run(capsys, "--labels", str(tmp_path / "labels.csv"))
+    assert code == 2 and "invalid configuration: finetune.num_workers" in err
+
+
+def test_labels_without_a_label_are_refused(tmp_path, capsys, clean_env):
+    (tmp_path / "labels.csv").write_text("path,label,domain\ncell.png,,lab\n")
+    code, err = run(capsys, "--labels", str(tmp_path / "labels.csv"))
+    assert code == 2 and "no labelled cells" in err
+
+
+def test_invalid_site_name(capsys, clean_env):
+    code, err = run(capsys, "--labels", "labels.csv", "--site", "st marys")
+    assert code == 2 and "invalid site name 'st marys'" in err
+
+
+def test_labels_are_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2 and "--labels" in capsys.readouterr().err
