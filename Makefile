@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README.md):
-#   make run    set up, then train and evaluate the diffusion classifier on the shared cells
+#   make demo   set up, then run the whole active-learning loop on real cells (the main job)
 #   make test   set up, then run the test suite (what CI runs)
+# and `make run` trains and evaluates the diffusion classifier alone.
 PYTHON ?= python3.11
 VENV   ?= .venv
 DATA   ?= ../shared/data/cells
@@ -11,7 +12,14 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE = 1
 export MLFLOW_DISABLE_TELEMETRY = true
 
-.PHONY: setup run test clean
+ROUNDS ?= 3
+DEMO_STEPS ?= 1000
+FINETUNE_STEPS ?= 300
+# with the shared cells: the two labs and four classes they share; without them the demo finds its own data
+SHARED_CELLS = --domains jtsc,bccd --classes neutrophil,lymphocyte,monocyte,eosinophil
+DEMO_DATA = $(if $(wildcard $(DATA)),--data $(DATA) $(SHARED_CELLS))
+
+.PHONY: setup run demo test clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +37,10 @@ run: setup
 		--anomaly-data $(DATA) --anomaly-domains allidb2 --json $(OUT)/in_domain.json
 	$(BIN)/cytoloop evaluate --model $(OUT)/diffusion --data $(DATA) --domains cellavision \
 		--json $(OUT)/cross_domain.json
+
+demo: setup
+	CYTOLOOP_STACK__MLFLOW_SERVER=true $(BIN)/cytoloop demo $(DEMO_DATA) --rounds $(ROUNDS) \
+		--steps $(DEMO_STEPS) --finetune-steps $(FINETUNE_STEPS)
 
 test: setup
 	$(BIN)/python -m pytest tests -q

@@ -521,6 +521,57 @@ def status(
 
 
 
+# -- public datasets (issue 7) ---------------------------------------------------------------------------------
+data_app = typer.Typer(no_args_is_help=True, help="Download public blood-cell datasets (checksum-verified) and list "
+                                                  "them; commands without --data fall back to a fetched one.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: str = typer.Argument(..., help="catalogue name (see `cytoloop data list`), e.g. bloodmnist"),
+    dest: Optional[Path] = typer.Option(None, help="folder to put datasets in (default: datasets.cache_dir)"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Download a public dataset, verify its checksum and convert it to class folders plus manifest.csv; running
+    it again once the dataset is there downloads nothing."""
+
+    def action():
+        from collections import Counter
+
+        from cytoloop.data import load_records
+        from cytoloop.datasets import fetch
+
+        folder = fetch(name, dest or _settings(config).datasets.cache_dir, progress=True)
+        counts = Counter(r.label for r in load_records(folder))
+        typer.echo(f"{name}: {sum(counts.values())} cells in {folder} (use it with --data {folder})")
+        for label, count in sorted(counts.items()):
+            typer.echo(f"  {label:<22} {count}")
+
+    _run(action)
+
+
+@data_app.command("list")
+def data_list(
+    dest: Optional[Path] = typer.Option(None, help="folder datasets were fetched into (default: datasets.cache_dir)"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """The catalogue: each dataset's size, licence, and whether it is fetched (or how to get it by hand)."""
+
+    def action():
+        from cytoloop.datasets import CATALOGUE, fetched
+
+        root = dest or _settings(config).datasets.cache_dir
+        for entry in CATALOGUE.values():
+            folder = fetched(entry.name, root)
+            state = f"fetched: {folder}" if folder else "not fetched" if entry.url else "manual download"
+            typer.echo(f"{entry.name:<15} {entry.license:<10} {state}\n    {entry.description}; {entry.homepage}")
+            provenance = f"MD5 {entry.md5}, as published in {entry.checksum_source}" if entry.md5 else entry.manual
+            typer.echo(f"    {provenance}")
+
+    _run(action)
+
+
 # -- the review loop's services and Label Studio side (docs/review-loop.md) -----------------------------------
 stack_app = typer.Typer(no_args_is_help=True, help="Start, inspect and stop the local services (Label Studio, the "
                                                    "label receiver, MLflow, Ray) under Settings.home.")
@@ -770,6 +821,39 @@ def serve(
         run_local(settings, num_cpus=num_cpus)
 
     _run(action)
+
+
+# --------------------------------------------------------------------------- the whole loop (issue 7)
+
+
+@app.command()
+def demo(
+    data: Optional[Path] = typer.Option(None, help="cells: manifest CSV or class folders (default: datasets.root, "
+                                                   "else a dataset fetched by `cytoloop data fetch`)"),
+    rounds: Optional[int] = typer.Option(None, help="active-learning rounds (demo.rounds)"),
+    domains: Optional[str] = typer.Option(None, help="comma-separated labs/domains to use (default: all)"),
+    classes: Optional[str] = typer.Option(None, help="comma-separated classes to use (default: all)"),
+    budget: Optional[int] = typer.Option(None, help="cells sent to Label Studio per round"),
+    steps: Optional[int] = typer.Option(None, help="training steps of the seed model (train.steps)"),
+    finetune_steps: Optional[int] = typer.Option(None, help="fine-tuning steps per round (finetune.steps)"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Run the whole loop on real cells: stack up, seed model, Serve, score the pool with Ray Data, route to Label
+    Studio, simulated annotators label, sync, fine-tune on Ray Train, gate and promote, Serve switches; R rounds.
+    Writes a report with plots and prints the Label Studio, MLflow and Ray dashboard URLs."""
+
+    def action():
+        from cytoloop.datasets import resolve_data
+        from jobs.cycle import Demo
+
+        settings = _settings(config, {"demo": {"rounds": rounds, "domains": _split(domains),
+                                               "classes": _split(classes), "budget": budget},
+                                      "train": {"steps": steps}, "finetune": {"steps": finetune_steps}})
+        source = resolve_data(data, settings.datasets.root, settings.datasets.cache_dir)
+        outcome = Demo(settings, source, log=typer.echo).run()
+        typer.echo(f"done: {len(outcome.rounds) - 1} round(s); report {outcome.report}")
+
+    _run_review(action)
 
 
 if __name__ == "__main__":

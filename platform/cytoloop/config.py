@@ -45,6 +45,16 @@ class DataConfig(_Section):
     )
 
 
+class DatasetsConfig(_Section):
+    """Where commands that may run without `--data` find cells: a configured dataset, else one that
+    `cytoloop data fetch` downloaded into `cache_dir` (see `datasets.resolve_data`)."""
+
+    root: Path | None = Field(
+        None, description="manifest CSV or folder with one sub-folder per class, used when no --data is given"
+    )
+    cache_dir: Path = Field(Path(".cytoloop/datasets"), description="where `cytoloop data fetch` puts public datasets")
+
+
 class AugmentConfig(_Section):
     """Training-time augmentation; the colour part stands in for the stain variation between labs."""
 
@@ -200,6 +210,8 @@ class StackConfig(_Section):
     ray: bool = Field(True, description="start a local Ray head")
     ray_port: int = Field(6379, ge=1, le=65535)
     ray_num_cpus: int | None = Field(None, ge=1)
+    ray_dashboard: bool = Field(True, description="run the Ray dashboard (also the Ray Jobs API) with the head")
+    ray_dashboard_port: int = Field(8265, ge=1, le=65535)
     start_timeout_s: float = Field(180.0, gt=0, description="how long a service may take to answer its health check")
 
 
@@ -387,12 +399,34 @@ class CascadeConfig(_Section):
     )
 
 
+class DemoConfig(_Section):
+    """`cytoloop demo`: the whole loop for a few rounds on real cells, with simulated annotators.
+
+    The seed model trains `train.steps` steps on `seed_per_class` labels per class; each round fine-tunes for
+    `finetune.steps`. Cells are split once: a held-out test set (the learning curve), the seed labels, the pool."""
+
+    rounds: int = Field(3, ge=1, description="active-learning rounds after the seed model")
+    model: Literal["diffusion", "baseline"] = Field("diffusion", description="the classifier the loop improves")
+    domains: list[str] | None = Field(None, description="labs/domains of the data to use; None: all")
+    classes: list[str] | None = Field(None, description="classes to use; None: every class of the chosen domains")
+    seed_per_class: int = Field(5, ge=1, description="labelled cells per class the seed model starts from")
+    test_fraction: float = Field(0.25, gt=0.0, lt=0.9, description="share of the cells held out to draw the "
+                                 "learning curve; never routed, never trained on")
+    pool_limit: int | None = Field(None, ge=1, description="score at most this many pool cells per round")
+    budget: int = Field(40, ge=1, description="cells sent to Label Studio per round")
+    annotators: int = Field(2, ge=1, description="simulated annotators (distinct Label Studio users)")
+    error_rate: float = Field(0.05, ge=0.0, lt=1.0, description="chance a simulated annotator picks a wrong class")
+    seed: int = Field(0, description="seed of the split and of the annotators' errors")
+    serve_switch_timeout_s: float = Field(300.0, gt=0, description="how long to wait for Serve to load a new champion")
+
+
 class Settings(BaseSettings):
     """All of CytoLoop's configuration, one section per concern."""
 
     model_config = SettingsConfigDict(env_prefix="CYTOLOOP_", env_nested_delimiter="__", extra="forbid")
 
     data: DataConfig = DataConfig()
+    datasets: DatasetsConfig = DatasetsConfig()
     augment: AugmentConfig = AugmentConfig()
     diffusion: DiffusionModelConfig = DiffusionModelConfig()
     baseline: BaselineModelConfig = BaselineModelConfig()
@@ -410,6 +444,7 @@ class Settings(BaseSettings):
     drift: DriftConfig = DriftConfig()
     serve: ServeConfig = ServeConfig()
     differential: DifferentialConfig = DifferentialConfig()
+    demo: DemoConfig = DemoConfig()
     home: Path = Field(Path(".cytoloop"), description="where runs, stores and service data live")
 
 

@@ -73,7 +73,7 @@ class Registry:
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
 
-    def _experiment_id(self) -> str:
+    def experiment_id(self) -> str:
         """The experiment's id, creating it on first use; with a SQLite store its artifacts go next to the
         database (else MLflow would put them in ./mlruns of whatever the working directory is)."""
         experiment = self.client.get_experiment_by_name(self.experiment)
@@ -96,7 +96,7 @@ class Registry:
         """Log a model directory (without its training checkpoints) as a run and register it as a new version."""
         import mlflow
 
-        mlflow.set_experiment(experiment_id=self._experiment_id())
+        mlflow.set_experiment(experiment_id=self.experiment_id())
         with tempfile.TemporaryDirectory() as staging:
             staged = Path(staging) / "model"
             staged.mkdir()
@@ -213,7 +213,7 @@ class Registry:
         returns the run id. Drift uses this: one run per model version and site, one step per time window."""
         from mlflow.entities import Metric
 
-        experiment_id = self._experiment_id()
+        experiment_id = self.experiment_id()
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs([experiment_id], query, max_results=1)
         run_id = runs[0].info.run_id if runs else self.client.create_run(

@@ -219,10 +219,17 @@ class Stack:
                                  "paths would pass the OS limit of 107); use a shorter CYTOLOOP_HOME")
             command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port",
                        str(cfg.ray_port), "--node-ip-address", host, "--temp-dir", str(temp),
-                       "--include-dashboard=false", "--disable-usage-stats"]
+                       "--disable-usage-stats"]
+            if cfg.ray_dashboard:  # the dashboard also serves the Ray Jobs API (`ray job submit`)
+                command += ["--include-dashboard=true", "--dashboard-host", host,
+                            "--dashboard-port", str(cfg.ray_dashboard_port)]
+            else:
+                command += ["--include-dashboard=false"]
             if cfg.ray_num_cpus:
                 command += ["--num-cpus", str(cfg.ray_num_cpus)]
-            chosen.append(Service("ray", cfg.ray_port, command, env={"RAY_AUTH_MODE": "disabled"}))
+            # workers otherwise start at niceness +15 and, on a busy machine, Serve's proxy misses its start-up checks
+            chosen.append(Service("ray", cfg.ray_port, command,
+                                  env={"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}))
         return chosen
 
     def mlflow_db(self) -> Path:
