@@ -189,7 +189,9 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "n_test": len(test.records), "n_val": len(val.records),
         "tuned": {"min_trials": tuned.min_trials, "check_every": tuned.check_every,
-                  "elimination_p": tuned.elimination_p, "null_trials": tuned.null_trials},
+                  "elimination_p": tuned.elimination_p, "null_trials": tuned.null_trials,
+                  "variance_prior": tuned.variance_prior,
+                  "variance_prior_trials": tuned.variance_prior_trials if tuned.variance_prior is not None else 0},
         "tuning_candidates": candidates, "temperatures": temperatures,
         "trials_needed": {"val_mean": float(np.mean(val_needed)), "val_p95": float(np.percentile(val_needed, 95)),
                           "test_mean": float(np.mean(test_needed)),
@@ -377,14 +379,18 @@ def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
         "",
         f"Tuned rule (on validation cells, replaying {args.trials}-trial exhaustive logs; target agreement 0.99): "
         f"min_trials {tuned['min_trials']}, a t-test after every trial (check_every {tuned['check_every']}), "
-        f"elimination_p {tuned['elimination_p']:g}, null class on the first {tuned['null_trials']} trial(s) only. "
+        f"elimination_p {tuned['elimination_p']:g}, "
+        + (f"variance prior {tuned['variance_prior']:.3g} worth {tuned['variance_prior_trials']:g} trials, "
+           if tuned.get("variance_prior_trials") else "no variance prior, ")
+        + f"null class on the first {tuned['null_trials']} trial(s) only. "
         f"Trials a cell really needs (after which its running decision never changes): mean "
         f"{needed['test_mean']:.1f}, p95 {needed['test_p95']:.0f} on test cells (validation: {needed['val_mean']:.1f}, "
         f"{needed['val_p95']:.0f}); one trial costs one evaluation per class still in play.",
         "",
         "Agreement vs cost of the candidate rules on validation cells (replayed; the Pareto front): "
         + ", ".join(f"{c['agreement']:.3f} at {c['evals_mean']:.1f} evals (min_trials {c['min_trials']}, "
-                    f"p {c['elimination_p']:g})" for c in pareto(report["tuning_candidates"])) + ".",
+                    f"p {c['elimination_p']:g}, prior {c.get('variance_prior_trials', 0):g})"
+                    for c in pareto(report["tuning_candidates"])) + ".",
         "",
         "| method | cells/s | denoiser evals/cell (mean) | p95 | balanced accuracy | ECE | agreement with exhaustive |",
         "|---|---|---|---|---|---|---|",

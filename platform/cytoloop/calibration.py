@@ -18,7 +18,8 @@ from scipy.optimize import minimize_scalar
 from cytoloop.config import ScoringConfig
 from cytoloop.scoring import TrialLog, replay, summarise_log
 
-TUNING_MIN_TRIALS = (2, 3, 4, 6, 8, 12)  # the first test needs two trials, so 1 acts as 2
+TUNING_MIN_TRIALS = (1, 2, 3, 4, 6, 8, 12)  # without a variance prior the first test needs two trials
+TUNING_PRIOR_TRIALS = (0.0, 2.0)  # 0: no variance prior
 TUNING_P_VALUES = (0.2, 0.1, 0.05, 0.02, 1e-2, 5e-3, 2e-3, 1e-3)
 
 
@@ -99,6 +100,22 @@ def trials_needed(log: TrialLog, weights: np.ndarray) -> int:
     return int(changed[-1] + 2) if len(changed) else 1
 
 
+def variance_prior(logs: list[TrialLog], weights: np.ndarray) -> float:
+    """The typical variance of one trial's weighted error difference between two classes: the median, over cells
+    and class pairs, of each cell's variance across its trials (`logs` hold every class in every trial)."""
+    variances = []
+    for log in logs:
+        errors = np.stack(log.errors) * weights[np.asarray(log.strata)][:, None]
+        if len(errors) < 2:
+            continue
+        for a in range(errors.shape[1]):
+            for b in range(a + 1, errors.shape[1]):
+                variances.append(np.var(errors[:, a] - errors[:, b], ddof=1))
+    if not variances:
+        raise ValueError("a variance prior needs logs with at least two trials and two classes")
+    return float(np.median(variances))
+
+
 def tune_scoring(
     logs: list[TrialLog],
     weights: np.ndarray,
@@ -106,28 +123,39 @@ def tune_scoring(
     target_agreement: float = 0.99,
     min_trials: tuple[int, ...] = TUNING_MIN_TRIALS,
     p_values: tuple[float, ...] = TUNING_P_VALUES,
+    prior_trials: tuple[float, ...] = TUNING_PRIOR_TRIALS,
 ) -> tuple[ScoringConfig, list[dict]]:
     """The cheapest elimination rule whose decisions agree with exhaustive scoring on `target_agreement` of cells.
 
     `logs` are exhaustive trials (every class, every trial) of validation cells; the exhaustive decision is the
-    one over the whole log. Every (min_trials, elimination_p) pair is replayed with `check_every = 1`; the
-    pair with the fewest mean evaluations among those meeting the target wins (ties: the more conservative).
-    If none meets it, `config` is returned unchanged. Returns the chosen config and one row per candidate.
+    one over the whole log. Every (prior weight, min_trials, elimination_p) candidate is replayed with
+    `check_every = 1`, a prior weight k > 0 testing with the variance prior fitted on these logs counting as k
+    trials; the candidate with the fewest mean evaluations among those meeting the target wins (ties: the later,
+    more conservative one). If none meets it, `config` is returned unchanged. Returns the chosen config and one
+    row per candidate.
     """
     if not logs:
         raise ValueError("cannot tune on zero validation cells")
     reference = np.array([decision(log, weights) for log in logs])
+    prior = variance_prior(logs, weights) if any(k > 0 for k in prior_trials) else None
     rows, best = [], None
-    for m in min_trials:
-        for p in p_values:
-            candidate = config.model_copy(update={"min_trials": m, "check_every": 1, "elimination_p": p})
-            replays = [replay(log, candidate, weights) for log in logs]
-            decided = np.array([decision(r, weights) for r, _ in replays])
-            evals = np.array([e for _, e in replays])
-            row = {"min_trials": m, "elimination_p": p, "agreement": float(np.mean(decided == reference)),
-                   "evals_mean": float(evals.mean()), "evals_p95": float(np.percentile(evals, 95))}
-            rows.append(row)
-            cheaper = best is None or row["evals_mean"] <= best[0]["evals_mean"]
-            if row["agreement"] >= target_agreement and cheaper:
-                best = (row, candidate)
+    for k in prior_trials:
+        for m in min_trials:
+            if k == 0 and m < 2 and 2 in min_trials:
+                continue  # without a prior, min_trials 1 is min_trials 2
+            for p in p_values:
+                candidate = config.model_copy(update={
+                    "min_trials": m, "check_every": 1, "elimination_p": p,
+                    "variance_prior": prior if k > 0 else None, "variance_prior_trials": k if k > 0 else
+                    config.variance_prior_trials})
+                replays = [replay(log, candidate, weights) for log in logs]
+                decided = np.array([decision(r, weights) for r, _ in replays])
+                evals = np.array([e for _, e in replays])
+                row = {"variance_prior_trials": k, "min_trials": m, "elimination_p": p,
+                       "agreement": float(np.mean(decided == reference)), "evals_mean": float(evals.mean()),
+                       "evals_p95": float(np.percentile(evals, 95))}
+                rows.append(row)
+                cheaper = best is None or row["evals_mean"] <= best[0]["evals_mean"]
+                if row["agreement"] >= target_agreement and cheaper:
+                    best = (row, candidate)
     return (config if best is None else best[1]), rows

@@ -204,8 +204,10 @@ def tune(
         if chosen is None:
             typer.echo(f"no rule met the agreement target on {report['n_cells']} validation cells; scoring unchanged")
         else:
+            prior = (f", variance prior worth {chosen['variance_prior_trials']:g} trials"
+                     if chosen["variance_prior_trials"] else "")
             typer.echo(f"tuned on {report['n_cells']} validation cells: min_trials {chosen['min_trials']}, "
-                       f"elimination_p {chosen['elimination_p']:g}: {chosen['evals_mean']:.1f} evals/cell "
+                       f"elimination_p {chosen['elimination_p']:g}{prior}: {chosen['evals_mean']:.1f} evals/cell "
                        f"(p95 {chosen['evals_p95']:.0f}), agreement with exhaustive {chosen['agreement']:.3f}")
 
     _run(action)

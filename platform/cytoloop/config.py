@@ -112,6 +112,14 @@ class ScoringConfig(_Section):
     elimination_p: float = Field(
         2e-3, gt=0.0, lt=1.0, description="one-sided paired t-test p-value under which a class is dropped"
     )
+    variance_prior: float | None = Field(
+        None, ge=0.0, description="prior variance of one trial's weighted error difference between two classes "
+        "(fitted on validation cells by tuning); the elimination test shrinks each cell's own estimate toward it, "
+        "which steadies the test over a cell's first few trials. None: the cell's own estimate alone"
+    )
+    variance_prior_trials: float = Field(
+        2.0, ge=0.0, description="how many trials' worth of evidence `variance_prior` counts for"
+    )
     t_min: int = Field(50, ge=0, description="smallest timestep a trial may draw")
     t_max: int = Field(700, ge=1, description="largest timestep a trial may draw (exclusive)")
     timestep_bins: int = Field(10, ge=1, description="trials cycle through this many strata of [t_min, t_max)")

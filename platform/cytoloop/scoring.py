@@ -9,6 +9,9 @@ t-test drops each class that is clearly worse than the best one, and a cell is d
 it reaches `max_trials`. With `null_trials = k` only a cell's first k trials also denoise under the null class:
 the anomaly score needs a few of them, the decision none.
 
+With a `variance_prior` (fitted on validation cells) the test shrinks each cell's variance
+estimate toward it: a t-test on two or three trials is otherwise at the mercy of a variance from two or three numbers.
+
 Cells are scored together: the (cell, class, trial) inputs of all undecided cells are packed into large denoiser
 batches, and a decided cell leaves the batch. Every cell draws its timesteps and noise from its own generator,
 seeded by the scoring seed and the cell's pixels, so a cell gets the same answer alone or in any batch, in any
@@ -205,15 +208,23 @@ def decide(weighted: np.ndarray, active: np.ndarray, config: ScoringConfig) -> t
     n = len(weighted)
     if n >= config.max_trials or active.sum() == 1:
         return active, True
-    if n < max(config.min_trials, 2):  # a paired t-test needs two trials
+    prior = config.variance_prior is not None and config.variance_prior_trials > 0
+    if n < max(config.min_trials, 1 if prior else 2):  # without a prior, a paired t-test needs two trials
         return active, False
     in_play = np.flatnonzero(active)
     errors = weighted[:, in_play]
     best = int(np.argmin(errors.mean(axis=0)))
     diff = errors - errors[:, [best]]
-    mean, sd = diff.mean(axis=0), diff.std(axis=0, ddof=1)
+    mean = diff.mean(axis=0)
+    variance = diff.var(axis=0, ddof=1) if n > 1 else np.zeros(len(in_play))
+    df = float(n - 1)
+    if prior:  # the cell's variance estimate shrunk toward the prior, as if it had k more trials of that variance
+        k = config.variance_prior_trials
+        variance = (k * config.variance_prior + (n - 1) * variance) / (k + n - 1)
+        df = k + n - 1
+    sd = np.sqrt(variance)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = special.stdtr(n - 1, -mean / (sd / np.sqrt(n)))  # one-sided paired t-test: P(T >= t)
+        p = special.stdtr(df, -mean / (sd / np.sqrt(n)))  # one-sided paired t-test: P(T >= t)
     p = np.where(sd == 0, np.where(mean > 0, 0.0, 1.0), p)
     active = active.copy()
     dropped = (p < config.elimination_p) & (np.arange(len(in_play)) != best)

@@ -259,8 +259,10 @@ def tune_model_scoring(
     model.scoring_config = tuned
     model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels)
     needed = np.array([trials_needed(log, weights) for log in logs])
-    chosen = [r for r in rows if tuned is not config and (r["min_trials"], r["elimination_p"]) ==
-              (tuned.min_trials, tuned.elimination_p)]
+    prior_trials = tuned.variance_prior_trials if tuned.variance_prior is not None else 0.0
+    chosen = [r for r in rows if tuned is not config and (r["variance_prior_trials"], r["min_trials"],
+                                                          r["elimination_p"]) ==
+              (prior_trials, tuned.min_trials, tuned.elimination_p)]
     return {
         "n_cells": int(len(images)),
         "chosen": chosen[0] if chosen else None,  # None: no candidate met the target, scoring left unchanged

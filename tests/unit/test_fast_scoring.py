@@ -225,3 +225,28 @@ def test_tune_model_scoring_sets_a_rule_and_temperature():
     assert model.scoring_config.min_trials == report["chosen"]["min_trials"]
     assert model.scoring_config.check_every == 1
     assert report["temperature"] == model.temperature > 0
+
+
+def test_a_variance_prior_lets_the_first_trials_decide_and_shrinks_a_lucky_estimate():
+    from cytoloop.scoring import decide
+
+    config = ScoringConfig(min_trials=1, elimination_p=0.05, variance_prior=0.01, variance_prior_trials=2.0)
+    one_trial = np.array([[0.0, 1.0, 0.05]])  # class 1 is 10 prior sds worse, class 2 half of one
+    active, done = decide(one_trial, np.ones(3, bool), config)
+    assert active.tolist() == [True, False, True] and not done
+    without = config.model_copy(update={"variance_prior": None})
+    assert decide(one_trial, np.ones(3, bool), without)[0].all()  # no test on one trial without a prior
+    # two trials that happen to agree closely: alone, a tiny variance makes a small gap look decisive
+    lucky = np.array([[0.0, 0.05], [0.0, 0.0501]])
+    assert decide(lucky, np.ones(2, bool), without.model_copy(update={"min_trials": 2}))[1]
+    assert not decide(lucky, np.ones(2, bool), config)[1]
+
+
+def test_tuning_offers_the_variance_prior_and_reports_it():
+    logs = _toy_logs(30, 40, seed=1)
+    tuned, rows = tune_scoring(logs, np.ones(4), ScoringConfig(max_trials=40, timestep_bins=4, score_null_class=False),
+                               target_agreement=0.9, min_trials=(1, 2), p_values=(0.1, 0.01))
+    assert {r["variance_prior_trials"] for r in rows} == {0.0, 2.0}
+    assert not any(r["variance_prior_trials"] == 0 and r["min_trials"] == 1 for r in rows)
+    with_prior = [r for r in rows if r["variance_prior_trials"] == 2.0]
+    assert len(with_prior) == 4 and tuned.variance_prior is None or tuned.variance_prior > 0
