@@ -19,6 +19,7 @@ the learning curve and is never routed or trained on, the seed labels, and the p
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections import defaultdict
@@ -200,6 +201,7 @@ class Demo:
 
     def _stack_up(self) -> None:
         import ray
+        from ray.data import DataContext
 
         from cytoloop.stack import Stack
         from labelstudio.loop import ReviewLoop
@@ -211,6 +213,9 @@ class Demo:
         stack = self.settings.stack
         if not ray.is_initialized():
             ray.init(address=f"{stack.host}:{stack.ray_port}", log_to_driver=False)
+        # the demo prints one line per stage; Ray Data's own progress lines every few seconds would bury them
+        DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         self.review = ReviewLoop(self.settings)
 
     def _seed_model(self, split: DemoSplit) -> list[str]:

@@ -82,7 +82,8 @@ def score_served(
     rows.sort(key=lambda row: row["site"])  # batches of one site get that site's model
     dataset = ray.data.from_items(rows).map_batches(
         ServedScorer, fn_constructor_kwargs={"url": url, "api_key": api_key}, batch_size=batch_size,
-        concurrency=concurrency, num_cpus=0.1,  # waits on HTTP; the classifier replicas do the work
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=0.1,  # it waits on HTTP; the classifier replicas do the work
     )
     by_path = {row["path"]: row for row in dataset.take_all()}
     kept, probs, anomaly, versions, failed = [], [], [], [], {}

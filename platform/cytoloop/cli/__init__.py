@@ -1,0 +1,13 @@
+"""The `cytoloop` command. One module per command group; each registers its commands on the one `app`.
+
+Thin by design: every command parses and validates its input, calls the library (or a job), and prints what a
+person needs. Bad input ends with a one-paragraph message and exit code 2, never a traceback. Heavy imports
+(torch, Ray, MLflow, Label Studio) happen inside the commands, so `cytoloop --help` is quick.
+"""
+
+from cytoloop.cli.common import app
+
+# importing a command group registers its commands; `cytoloop --help` lists them in this order
+from cytoloop.cli import models, registry, data, review, serve, demo  # noqa: E402, F401, I001
+
+__all__ = ["app"]

@@ -1,0 +1,5 @@
+"""`python -m cytoloop.cli`."""
+
+from cytoloop.cli import app
+
+app()

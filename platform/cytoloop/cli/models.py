@@ -1,0 +1,228 @@
+"""Model commands: train, evaluate, generate, tune, distill, info (the library, no services)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cytoloop.cli.common import app, fail, run, split_list
+
+
+@app.command()
+def train(
+    model: str = typer.Option("diffusion", help="diffusion or baseline"),
+    data: Path = typer.Option(..., help="manifest CSV, or a folder with one sub-folder per class"),
+    out: Path = typer.Option(..., help="model directory to write (resumes from its checkpoint if present)"),
+    domains: Optional[str] = typer.Option(None, help="comma-separated domains to train on (default: all)"),
+    classes: Optional[str] = typer.Option(None, help="comma-separated classes (default: all labelled classes)"),
+    steps: Optional[int] = typer.Option(None, help="training steps"),
+    image_size: Optional[int] = typer.Option(None, help="model resolution in pixels"),
+    unlabeled_domains: Optional[str] = typer.Option(None, help="domains whose cells train the null class unlabeled"),
+    seed: int = typer.Option(0, help="seed of the split and of training"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
+) -> None:
+    """Train a model, calibrate it on the validation part of a seeded split, and save it to OUT."""
+    if model not in ("diffusion", "baseline"):
+        fail(f"unknown model {model!r}; valid: diffusion, baseline")
+
+    def action():
+        from cytoloop.config import load_settings
+        from cytoloop.data import load_records, select
+        from cytoloop.workflows import train_model
+
+        overrides = {"train": {"steps": steps, "seed": seed}, "data": {"image_size": image_size}}
+        settings = load_settings(config, {k: {f: v for f, v in s.items() if v is not None} for k, s in overrides.items()})
+        records = load_records(data)
+        labelled = select([r for r in records if r.label], split_list(domains), split_list(classes))
+        unlabeled = []
+        if unlabeled_domains:
+            unlabeled = [r for r in select(records, split_list(unlabeled_domains)) if r not in labelled]
+        _, report = train_model(model, labelled, settings, out, classes=split_list(classes), unlabeled=unlabeled,
+                                split_seed=seed, progress=True)
+        typer.echo(f"trained {model} on {report['n_train']} cells ({report['n_unlabeled']} unlabeled) in "
+                   f"{report['train_seconds'] / 60:.1f} min; temperature {report['temperature']:.3g}; "
+                   f"{report['n_skipped']} image(s) skipped")
+        for path, reason in report["skipped"]:
+            typer.echo(f"  skipped {path}: {reason}")
+        typer.echo(f"model written to {out}")
+
+    run(action)
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., help="model directory"),
+    data: Path = typer.Option(..., help="manifest CSV or per-class folder"),
+    domains: Optional[str] = typer.Option(None, help="comma-separated domains to evaluate on"),
+    classes: Optional[str] = typer.Option(None, help="comma-separated classes (default: the model's)"),
+    part: Optional[str] = typer.Option(None, help="only this part of the model's split (train, val, test)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write metrics JSON (and PNG plots beside it)"),
+    anomaly_data: Optional[Path] = typer.Option(None, help="dataset with anomalies and normal cells"),
+    anomaly_domains: Optional[str] = typer.Option(None, help="domains of the anomaly dataset to use"),
+    anomaly_label: str = typer.Option("blast", help="label that marks an anomaly in the anomaly dataset"),
+    max_trials: Optional[int] = typer.Option(None, help="diffusion: override the scoring's trial limit"),
+) -> None:
+    """Evaluate a model on labelled cells it never trained on; print a table, write JSON and plots."""
+
+    def action():
+        from cytoloop.data import load_records, select
+        from cytoloop.models import load_model
+        from cytoloop.workflows import evaluate_model, held_out
+
+        classifier = load_model(model)
+        if max_trials is not None and classifier.kind == "diffusion":
+            cfg = classifier.scoring_config
+            classifier.scoring_config = cfg.model_validate(
+                {**cfg.model_dump(), "max_trials": max_trials, "min_trials": min(cfg.min_trials, max_trials)})
+        wanted = split_list(classes) or classifier.classes
+        records = select(load_records(data), split_list(domains), wanted)
+        records, excluded = held_out(records, model, part)
+        anomalies = select(load_records(anomaly_data), split_list(anomaly_domains)) if anomaly_data else []
+        report = evaluate_model(classifier, records, json_out, anomaly_records=anomalies,
+                                anomaly_label=anomaly_label, excluded=excluded, progress=True)
+        _print_report(report)
+
+    run(action)
+
+
+def _print_report(report: dict) -> None:
+    rows = [
+        ("cells", f"{report['n_cells']} ({report['n_skipped']} skipped, "
+                  f"{report['n_excluded_seen_in_training']} excluded: seen in training)"),
+        ("accuracy", f"{report['accuracy']:.3f}"),
+        ("balanced accuracy", f"{report['balanced_accuracy']:.3f}"),
+        ("ECE (15 bins)", f"{report['ece']:.3f}"),
+        ("NLL / Brier", f"{report['nll']:.3f} / {report['brier']:.3f}"),
+        ("accuracy at 90% coverage", f"{report['accuracy_at_90_coverage']:.3f}"),
+        ("denoiser evals per cell", f"{report['denoiser_evals_per_cell']:.1f}"),
+        ("cells per second", f"{report['cells_per_second']:.2f}"),
+    ]
+    if "anomaly_auroc" in report:
+        rows.append(("anomaly AUROC", f"{report['anomaly_auroc']:.3f} ({report['anomaly_n']} cells)"))
+    rows += [(f"recall {name}", "-" if r is None else f"{r:.3f}") for name, r in report["per_class_recall"].items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key:<{width}}  {value}")
+    for path, reason in report["skipped"]:
+        typer.echo(f"skipped {path}: {reason}")
+    for plot in report.get("plots", []):
+        typer.echo(f"plot: {plot}")
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., help="diffusion model directory"),
+    class_name: str = typer.Option(..., "--class", help="class to generate"),
+    n: int = typer.Option(16, "-n", min=1, max=256, help="number of cells"),
+    out: Path = typer.Option(Path("generated.png"), help="grid PNG to write"),
+    steps: int = typer.Option(50, min=1, max=1000, help="DDIM sampling steps"),
+    guidance: float = typer.Option(2.0, min=0.0, help="classifier-free guidance scale (1 = none)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Sample cells of one class from a diffusion model and write them as a grid PNG."""
+
+    def action():
+        from cytoloop import plots
+        from cytoloop.models import load_model
+
+        classifier = load_model(model)
+        if classifier.kind != "diffusion":
+            fail(f"{model} is a {classifier.kind} model; only diffusion models generate cells")
+        images = classifier.generate(class_name, n, steps=steps, guidance=guidance, seed=seed)
+        typer.echo(f"wrote {plots.image_grid(images, out)}")
+
+    try:
+        run(action)
+    except ValueError as error:  # unknown class
+        fail(str(error))
+
+
+@app.command()
+def tune(
+    model: Path = typer.Option(..., help="diffusion model directory (its scoring is tuned in place)"),
+    data: Path = typer.Option(..., help="the manifest CSV or per-class folder the model was trained from"),
+    trials: Optional[int] = typer.Option(None, help="exhaustive trials per validation cell to agree with"),
+    agreement: Optional[float] = typer.Option(None, help="fraction of validation cells that must agree"),
+    null_trials: Optional[int] = typer.Option(None, help="score the null class (anomaly) on this many first trials"),
+) -> None:
+    """Tune a diffusion model's adaptive scoring on its validation cells to agree with exhaustive scoring."""
+
+    def action():
+        from cytoloop.data import load_records
+        from cytoloop.models import load_model
+        from cytoloop.preprocess import load_cells
+        from cytoloop.workflows import held_out, label_indices, tune_model_scoring
+
+        classifier = load_model(model)
+        if classifier.kind != "diffusion":
+            fail(f"{model} is a {classifier.kind} model; only diffusion scoring is tuned")
+        updates = {k: v for k, v in {"tuning_trials": trials, "tuning_agreement": agreement,
+                                     "null_trials": null_trials}.items() if v is not None}
+        classifier.scoring_config = classifier.scoring_config.model_validate(
+            {**classifier.scoring_config.model_dump(), **updates})
+        records, _ = held_out(load_records(data), model, part="val")
+        cells = load_cells(records, classifier.data_config, progress=True)
+        report = tune_model_scoring(classifier, cells.images, label_indices(cells.records, classifier.classes),
+                                    progress=True)
+        classifier.save(model)
+        (Path(model) / "tuning.json").write_text(json.dumps(report, indent=1))
+        chosen = report["chosen"]
+        if chosen is None:
+            typer.echo(f"no rule met the agreement target on {report['n_cells']} validation cells; scoring unchanged")
+        else:
+            prior = (f", variance prior worth {chosen['variance_prior_trials']:g} trials"
+                     if chosen["variance_prior_trials"] else "")
+            typer.echo(f"tuned on {report['n_cells']} validation cells: min_trials {chosen['min_trials']}, "
+                       f"elimination_p {chosen['elimination_p']:g}{prior}: {chosen['evals_mean']:.1f} evals/cell "
+                       f"(p95 {chosen['evals_p95']:.0f}), agreement with exhaustive {chosen['agreement']:.3f}")
+
+    run(action)
+
+
+@app.command()
+def distill(
+    teacher: Path = typer.Option(..., help="trained diffusion model directory"),
+    data: Path = typer.Option(..., help="the manifest CSV or per-class folder the teacher was trained from"),
+    out: Path = typer.Option(..., help="cascade model directory to write"),
+    unlabeled_domains: Optional[str] = typer.Option(None, help="domains whose cells the student also learns from"),
+    threshold: Optional[float] = typer.Option(None, help="student confidence under which a cell is deferred"),
+    defer_fraction: Optional[float] = typer.Option(None, help="pick the threshold deferring this validation fraction"),
+    steps: Optional[int] = typer.Option(None, help="student training steps"),
+    tune_teacher: bool = typer.Option(True, "--tune/--no-tune", help="tune the teacher's scoring first"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
+) -> None:
+    """Distil a fast student CNN from a diffusion model and save the cascade of both to OUT."""
+
+    def action():
+        from cytoloop.config import load_settings
+        from cytoloop.data import load_records, select
+        from cytoloop.workflows import distill_model
+
+        overrides = {"train": {"steps": steps}, "cascade": {"threshold": threshold, "defer_fraction": defer_fraction}}
+        settings = load_settings(config, {k: {f: v for f, v in s.items() if v is not None} for k, s in overrides.items()})
+        records = load_records(data)
+        unlabeled = select(records, split_list(unlabeled_domains)) if unlabeled_domains else []
+        cascade, report = distill_model(teacher, records, settings, out, unlabeled=unlabeled, tune=tune_teacher,
+                                        progress=True)
+        d = report["distillation"]
+        typer.echo(f"student distilled on {d['n_distill']} cells ({d['n_labelled']} labelled) in "
+                   f"{d['train_seconds'] / 60:.1f} min; threshold {d['threshold']:.3f} defers "
+                   f"{d['val_deferred_fraction']:.0%} of validation cells")
+        typer.echo(f"cascade written to {out}")
+
+    run(action)
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="model directory")) -> None:
+    """Print what a model directory holds: kind, classes, preprocessing, calibration, provenance."""
+
+    def action():
+        from cytoloop.models.base import read_model_meta
+
+        typer.echo(json.dumps(read_model_meta(model), indent=1))
+
+    run(action)

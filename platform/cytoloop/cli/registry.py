@@ -1,0 +1,223 @@
+"""Registry commands: register, retrain, adapt, promote, rollback, drift, status (MLflow, Ray Train)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cytoloop.cli.common import app, fail, labelled_records, print_outcome, run_registry, settings_from
+
+
+@app.command()
+def register(
+    model: Path = typer.Argument(..., help="trained model directory"),
+    champion: bool = typer.Option(False, "--champion", help="also point the (site) champion alias at it"),
+    site: Optional[str] = typer.Option(None, help="with --champion: the site alias champion-<site>"),
+    reason: Optional[str] = typer.Option(None, help="why (required with --champion: it goes to the audit trail)"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Register a trained model directory as a new version (e.g. the first champion)."""
+
+    def action():
+        from cytoloop.finetune import code_revision
+        from cytoloop.models.base import read_model_meta
+        from cytoloop.registry import open_registry, site_alias
+
+        if champion and not reason:
+            fail("--champion moves an alias: give --reason")
+        settings = settings_from(config)
+        meta = read_model_meta(model)
+        registry = open_registry(settings)
+        name = settings.registry.model_name
+        version = registry.log_model(model, name, tags={"kind": meta["kind"], "site": site or "global",
+                                                        "code_revision": code_revision(), "job": "register"})
+        typer.echo(f"registered {name} v{version.version} from {model}")
+        if champion:
+            move = registry.move_alias(name, site_alias(site), version.version, why=reason, action="manual")
+            typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version}")
+
+    run_registry(action)
+
+
+@app.command()
+def retrain(
+    labels: Path = typer.Option(..., help="consensus labels: manifest CSV (path,label,domain,...)"),
+    unlabeled: Optional[Path] = typer.Option(None, help="manifest CSV of the unlabeled pool (trains the null class)"),
+    if_due: bool = typer.Option(False, "--if-due", help="only if the retrain policy says a retrain is due"),
+    steps: Optional[int] = typer.Option(None, help="fine-tuning steps"),
+    workers: Optional[int] = typer.Option(None, help="Ray Train workers"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Fine-tune the champion on the consensus labels (Ray Train), register it and put it through the gate."""
+
+    def action():
+        from cytoloop.data import load_records
+        from cytoloop.drift import load_flags
+        from cytoloop.retrain import load_state, new_labels, retrain_due, save_state
+
+        settings = settings_from(config, {"finetune": {"steps": steps, "num_workers": workers}})
+        records = labelled_records(labels)
+        state_path = Path(settings.home) / "retrain" / "state.json"
+        state = load_state(state_path)
+        fresh = new_labels(records, state)
+        decision = retrain_due(len(fresh), state.hours_since_last(), bool(load_flags(_flags_path(settings))),
+                               settings.retrain)
+        typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
+        if if_due and not decision.due:
+            return
+        from jobs.finetune import run_finetune
+
+        pool = load_records(unlabeled) if unlabeled else []
+        outcome = run_finetune(settings, records, pool)
+        save_state(state_path, records)
+        print_outcome(outcome)
+
+    run_registry(action)
+
+
+@app.command()
+def adapt(
+    site: str = typer.Option(..., help="hospital name; the model is registered under champion-<site>"),
+    data: Path = typer.Option(..., help="the site's labelled cells: manifest CSV"),
+    unlabeled: Optional[Path] = typer.Option(None, help="the site's unlabeled cells (diffusion null class)"),
+    stain_normalize: Optional[bool] = typer.Option(
+        None, "--stain-normalize/--no-stain-normalize", help="normalise to the champion's training colours"),
+    steps: Optional[int] = typer.Option(None, help="fine-tuning steps"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Adapt the champion to one hospital: fine-tune on its labels, gate against what serves it, alias per site."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
+        fail(f"invalid site name {site!r}: use letters, digits, '-' and '_'")
+
+    def action():
+        from cytoloop.data import load_records
+        from jobs.finetune import run_finetune
+
+        settings = settings_from(config, {"adapt": {"steps": steps}})
+        pool = load_records(unlabeled) if unlabeled else []
+        print_outcome(run_finetune(settings, labelled_records(data), pool, site=site, stain_normalize=stain_normalize))
+
+    run_registry(action)
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="model version to promote"),
+    reason: str = typer.Option(..., help="why the gate is overridden (kept on the version and in the audit trail)"),
+    site: Optional[str] = typer.Option(None, help="promote to champion-<site> instead of the global champion"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Point the champion alias at VERSION whatever the gate said, recording who and why."""
+
+    def action():
+        from cytoloop.promotion import override
+        from cytoloop.registry import open_registry, site_alias
+
+        settings = settings_from(config)
+        move = override(open_registry(settings), settings.registry.model_name, version, site_alias(site), reason)
+        typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version} (override by {move.who})")
+
+    run_registry(action)
+
+
+@app.command()
+def rollback(
+    reason: str = typer.Option(..., help="why (kept in the audit trail)"),
+    site: Optional[str] = typer.Option(None, help="roll back champion-<site> instead of the global champion"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Move the champion alias back to the version it pointed at before its latest move."""
+
+    def action():
+        from cytoloop.registry import open_registry, site_alias
+
+        settings = settings_from(config)
+        move = open_registry(settings).rollback(settings.registry.model_name, site_alias(site), why=reason)
+        typer.echo(f"@{move.alias}: v{move.from_version} -> v{move.to_version} (rollback by {move.who})")
+
+    run_registry(action)
+
+
+def _flags_path(settings) -> Path:
+    return Path(settings.home) / "drift" / "flags.json"
+
+
+@app.command()
+def drift(
+    events: Path = typer.Option(..., help="prediction log: JSON lines of drift.PredictionEvent"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Compute drift per model version, site and time window; log it to MLflow and update the flags."""
+
+    def action():
+        from cytoloop.drift import drift_windows, log_windows, read_colour_reference, read_events, save_flags
+        from cytoloop.registry import RegistryError, open_registry
+
+        settings = settings_from(config)
+        registry = open_registry(settings)
+        name = settings.registry.model_name
+        log = read_events(events)
+        references = {}
+        for version in sorted({e.model_version for e in log}):
+            try:
+                registry.load(name, version, settings.registry.cache_dir)
+                references[version] = read_colour_reference(Path(settings.registry.cache_dir) / name / version)
+            except RegistryError:  # e.g. a local model directory served outside the registry
+                typer.echo(f"  {name} v{version} is not in the registry: no stain figures for it")
+                references[version] = None
+        windows = drift_windows(log, references, settings.drift)
+        log_windows(registry, name, windows)
+        flags = save_flags(_flags_path(settings), windows)
+        typer.echo(f"{len(log)} predictions, {len(windows)} windows logged to MLflow; {len(flags)} flagged")
+        for flag in flags:
+            typer.echo(f"  v{flag['model_version']} {flag['site'] or 'global'} {flag['window_start']}: "
+                       + "; ".join(flag["flags"]))
+
+    run_registry(action)
+
+
+@app.command()
+def status(
+    labels: Optional[Path] = typer.Option(None, help="consensus labels, to say whether a retrain is due"),
+    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """What serves where, the latest alias moves, drift flags and whether a retrain is due."""
+
+    def action():
+        from cytoloop.drift import load_flags
+        from cytoloop.registry import RegistryError, open_registry
+        from cytoloop.retrain import load_state, new_labels, retrain_due
+
+        settings = settings_from(config)
+        registry = open_registry(settings)
+        name = settings.registry.model_name
+        typer.echo(f"registry {settings.registry.tracking_uri}, model {name}")
+        try:
+            aliases, moves = registry.aliases(name), registry.alias_history(name)
+        except RegistryError:
+            typer.echo("  no model registered yet")
+            aliases, moves = {}, []
+        for alias, version in sorted(aliases.items()):
+            tags = registry.version(name, version).tags
+            typer.echo(f"  @{alias}: v{version} ({tags.get('kind', '?')}, gate {tags.get('gate.verdict', '-')})")
+        for move in moves[-5:]:
+            typer.echo(f"  {move.time} {move.who} {move.action} @{move.alias}: v{move.from_version or '-'} -> "
+                       f"v{move.to_version}: {move.why}")
+        flags = load_flags(_flags_path(settings))
+        typer.echo(f"drift: {'FLAGGED' if flags else 'no flags'}")
+        for flag in flags:
+            typer.echo(f"  v{flag['model_version']} {flag['site'] or 'global'}: " + "; ".join(flag["flags"]))
+        state = load_state(Path(settings.home) / "retrain" / "state.json")
+        last = state.last_time.isoformat() if state.last_time else "never"
+        if labels is None:
+            typer.echo(f"retrain: last {last} (give --labels to check whether one is due)")
+            return
+        decision = retrain_due(len(new_labels(labelled_records(labels), state)), state.hours_since_last(), bool(flags),
+                               settings.retrain)
+        typer.echo(f"retrain: {'DUE' if decision.due else 'not due'} ({decision.reason}); last {last}")
+
+    run_registry(action)
