@@ -13,7 +13,8 @@
 
 Every arrow is the production code path (`labelstudio.loop.ReviewLoop`, `jobs.finetune.run_finetune`,
 `services.app`); only the hematologists are simulated. The cells are split once: a held-out test set that draws
-the learning curve and is never routed or trained on, the seed labels, and the pool the loop labels from.
+the learning curve, audited cells that the promotion gate judges versions on (neither is ever routed or trained
+on), the seed labels, and the pool the loop labels from.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ DEMO_DIR = "demo"
 
 @dataclass(frozen=True)
 class DemoSplit:
-    test: list[CellRecord]
+    test: list[CellRecord]  # the learning curve
+    audit: list[CellRecord]  # the promotion gate's audited cells
     seed: list[CellRecord]
     pool: list[CellRecord]
 
@@ -47,24 +49,29 @@ class DemoSplit:
 def split_for_demo(records: Sequence[CellRecord], config: DemoConfig) -> DemoSplit:
     """Per class (seeded): `test_fraction` of the cells held out, `seed_per_class` labelled, the rest the pool.
 
-    A class with too few cells for a test cell, its seed labels and one pool cell is an error naming it."""
+    The held-out cells are halved: one half draws the learning curve, the other is the promotion gate's audited
+    set (in a lab: the confident cells routing draws for audit, labelled by hematologists). Judging versions on the
+    curve's own cells would pick the luckiest version and report its luck. A class with too few cells for two
+    held-out cells, its seed labels and one pool cell is an error naming it."""
     by_class: dict[str, list[CellRecord]] = defaultdict(list)
     for record in records:
         if record.label is not None:
             by_class[record.label].append(record)
     rng = random.Random(config.seed)
-    test, seed, pool = [], [], []
+    test, audit, seed, pool = [], [], [], []
     for label in sorted(by_class):
         cells = sorted(by_class[label], key=lambda r: r.cell_id)
         rng.shuffle(cells)
-        n_test = max(1, round(config.test_fraction * len(cells)))
-        if len(cells) < n_test + config.seed_per_class + 1:
-            raise DatasetError(f"class {label!r} has {len(cells)} cells: too few for {n_test} test, "
+        held = max(2, round(config.test_fraction * len(cells)))
+        if len(cells) < held + config.seed_per_class + 1:
+            raise DatasetError(f"class {label!r} has {len(cells)} cells: too few for {held} held out, "
                                f"{config.seed_per_class} seed (demo.seed_per_class) and one pool cell")
+        n_test = (held + 1) // 2
         test += cells[:n_test]
-        seed += cells[n_test:n_test + config.seed_per_class]
-        pool += cells[n_test + config.seed_per_class:]
-    return DemoSplit(test, seed, pool)
+        audit += cells[n_test:held]
+        seed += cells[held:held + config.seed_per_class]
+        pool += cells[held + config.seed_per_class:]
+    return DemoSplit(test, audit, seed, pool)
 
 
 @dataclass
@@ -80,6 +87,7 @@ class RoundResult:
     consensus: int = 0
     version: str = ""
     gate: str = ""
+    gate_reasons: list[str] = field(default_factory=list)
     served: str = ""
     balanced_accuracy: float = float("nan")
     ece: float = float("nan")
@@ -120,7 +128,9 @@ class Demo:
         split = split_for_demo(records, self.config)
         self.truth = {str(Path(r.path).resolve()): r.label for r in records}
         self.log(f"data: {len(records)} labelled cells from {self.data}: {len(split.test)} held out for the "
-                 f"learning curve, {len(split.seed)} seed labels, {len(split.pool)} in the pool")
+                 f"learning curve, {len(split.audit)} audited cells for the promotion gate, {len(split.seed)} seed "
+                 f"labels, {len(split.pool)} in the pool")
+        self._use_audited_cells(split.audit)
         with self.stage("stack up"):
             self._stack_up()
         with self.stage("seed model"):
@@ -177,7 +187,9 @@ class Demo:
         with self.stage(f"round {number}: fine-tune on Ray Train, gate", row, "finetune"):
             outcome = run_finetune(self.settings, labelled, who="cytoloop demo")
             row.version = outcome.version.version
-            row.gate = "promoted" if outcome.passed else "refused: " + "; ".join(outcome.reasons)
+            worse = [reason.split(":", 1)[0] for reason in outcome.reasons if "WORSE" in reason]
+            row.gate = "promoted" if outcome.passed else f"refused ({', '.join(worse)} worse)"
+            row.gate_reasons = outcome.reasons
         if outcome.passed:
             self.champion = row.version
         with self.stage(f"round {number}: Serve switches", row, "serve"):
@@ -198,6 +210,16 @@ class Demo:
         if row is not None:
             row.seconds[key or name] = round(seconds, 1)
         self.log(f"   {name}: done in {seconds:.1f} s")
+
+    def _use_audited_cells(self, audit: list[CellRecord]) -> None:
+        """The gate judges each challenger on its frozen eval set plus these cells (unless the settings name an
+        audited set already): a frozen set cut from a first round's few labels is too small to tell versions apart."""
+        from cytoloop.finetune import write_manifest
+
+        if self.settings.promotion.audited_manifest is None:
+            promotion = self.settings.promotion.model_copy(
+                update={"audited_manifest": write_manifest(audit, self.dir / "audited.csv")})
+            self.settings = self.settings.model_copy(update={"promotion": promotion})
 
     def _stack_up(self) -> None:
         import ray

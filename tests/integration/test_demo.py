@@ -103,11 +103,16 @@ def test_a_new_version_was_registered_and_served_or_refused(demo_run):
     assert versions == [1, 2]  # the seed model, and round 1's fine-tune
     rounds = json.loads((Path(settings.home) / "demo" / "rounds.json").read_text())
     champion = registry.by_alias(name, CHAMPION).version
+    # the gate judged both versions on the demo's audited cells as well as on the first round's frozen few
+    audited = (Path(settings.home) / "demo" / "audited.csv").read_text().strip().splitlines()[1:]
+    judged = [json.loads(path.read_text())["n_cells"]
+              for path in (Path(settings.home) / "finetune").glob("*/evaluation/challenger.json")]
+    assert len(judged) == 1 and judged[0] >= len(audited) > 0
     if rounds[1]["gate"] == "promoted":
         assert registry.version(name, "2").tags["gate.verdict"] == "pass"
         assert champion == "2" and rounds[1]["served"] == "2"
     else:
-        assert rounds[1]["gate"].startswith("refused: ")
+        assert rounds[1]["gate"].startswith("refused (") and any("WORSE" in r for r in rounds[1]["gate_reasons"])
         assert champion == "1" and rounds[1]["served"] == "1"
         assert registry.version(name, "2").tags["gate.verdict"] == "refused"
 

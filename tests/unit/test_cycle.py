@@ -22,18 +22,18 @@ def test_split_is_disjoint_per_class_and_seeded():
     cells = records({"neutrophil": 20, "lymphocyte": 12})
     config = DemoConfig(seed_per_class=3, test_fraction=0.25)
     split = split_for_demo(cells, config)
-    ids = [{r.cell_id for r in part} for part in (split.test, split.seed, split.pool)]
-    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
-    assert sum(map(len, ids)) == len(cells)
+    ids = [{r.cell_id for r in part} for part in (split.test, split.audit, split.seed, split.pool)]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == len(cells)  # disjoint and complete
     assert sorted(r.label for r in split.seed) == ["lymphocyte"] * 3 + ["neutrophil"] * 3
-    assert sum(r.label == "neutrophil" for r in split.test) == 5
+    assert sum(r.label == "neutrophil" for r in split.test) == 3  # 5 held out: 3 for the curve, 2 audited
+    assert sum(r.label == "neutrophil" for r in split.audit) == 2
     assert split_for_demo(cells, config) == split
     assert split_for_demo(cells, config.model_copy(update={"seed": 1})).seed != split.seed
 
 
 def test_a_class_too_small_for_the_split_is_named():
-    with pytest.raises(DatasetError, match="'monocyte' has 4 cells"):
-        split_for_demo(records({"neutrophil": 20, "monocyte": 4}), DemoConfig(seed_per_class=3))
+    with pytest.raises(DatasetError, match="'monocyte' has 5 cells"):
+        split_for_demo(records({"neutrophil": 20, "monocyte": 5}), DemoConfig(seed_per_class=3))
 
 
 def annotator(email: str, error_rate: float) -> SimulatedAnnotator:
