@@ -118,6 +118,7 @@ class Demo:
         self.dir = Path(self.settings.home).resolve() / DEMO_DIR
         self.rounds: list[RoundResult] = []
         self.test_predictions: list[tuple[np.ndarray, np.ndarray]] = []  # per round: probs, true labels
+        self.round_start: datetime | None = None  # Serve's predictions since then make the round's drift window
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> DemoOutcome:
@@ -300,7 +301,7 @@ class Demo:
         from cytoloop import metrics
         from jobs.score import score_served
 
-        start = getattr(self, "round_start", datetime.now(timezone.utc))
+        start = self.round_start or datetime.now(timezone.utc)
         scores = score_served(test, self.serve_url, self.classes)
         truth = np.array([self.classes.index(r.label) for r in scores.records])
         probs = scores.predictions.probs

@@ -29,14 +29,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) on labelled validation cells."""
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, prior: float | None = None, prior_cells: float = 0.0
+) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) on labelled validation cells.
+
+    With a `prior` temperature worth `prior_cells` cells, log T is also pulled toward log(prior) (a Gaussian prior,
+    MAP): on a handful of cells that are all classified right the NLL alone drives T toward 0, a model certain of
+    everything. With many cells the prior fades.
+    """
     if len(logits) == 0:
         raise ValueError("cannot fit a temperature on zero validation cells")
+    pull = prior_cells / len(logits) if prior is not None and prior_cells > 0 else 0.0
+    anchor = float(np.log(prior)) if pull else 0.0
 
     def nll(log_t: float) -> float:
         probs = softmax(logits / np.exp(log_t))
-        return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+        fit = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+        return fit + pull * (log_t - anchor) ** 2
 
     result = minimize_scalar(nll, bounds=(-12.0, 8.0), method="bounded")
     return float(np.exp(result.x))
@@ -65,12 +75,14 @@ def fit_timestep_weights(logs: list[TrialLog], labels: np.ndarray, bins: int) ->
     return weights / weights.mean()
 
 
-def calibrate(model, images: np.ndarray, labels: np.ndarray, progress: bool = False):
+def calibrate(model, images: np.ndarray, labels: np.ndarray, progress: bool = False, prior_cells: float = 0.0):
     """Fit a model's calibration on labelled validation cells, in place; returns the model.
 
     Diffusion: timestep weights from exhaustive trials, then the temperature on the scores the model will
-    actually produce (adaptive, with those weights). Baseline: the temperature on its logits.
+    actually produce (adaptive, with those weights). Baseline: the temperature on its logits. With `prior_cells`
+    the model's current temperature (a fine-tuned model's parent's) counts as that many cells (`fit_temperature`).
     """
+    prior = model.temperature if prior_cells > 0 else None
     if model.kind == "diffusion":
         trials = model.scoring_config.calibration_trials
         exhaustive = model.scoring_config.model_copy(update={"min_trials": trials, "max_trials": trials})
@@ -78,9 +90,10 @@ def calibrate(model, images: np.ndarray, labels: np.ndarray, progress: bool = Fa
         result = model.score(images, exhaustive, progress=progress)
         bins = model.scoring_config.timestep_bins
         model.timestep_weights = fit_timestep_weights(result.logs, labels, bins).tolist()
-        model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels)
+        model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels, prior,
+                                            prior_cells)
     else:
-        model.temperature = fit_temperature(model.logits(images), labels)
+        model.temperature = fit_temperature(model.logits(images), labels, prior, prior_cells)
     return model
 
 

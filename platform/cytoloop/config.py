@@ -274,6 +274,10 @@ class FinetuneConfig(_Section):
     )
     max_failures: int = Field(2, ge=-1, description="worker failures a run survives, each resuming from its checkpoint")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of the first export frozen for calibration")
+    temperature_prior_cells: float = Field(
+        20.0, ge=0.0, description="the parent's temperature counts as this many frozen validation cells when the "
+        "fine-tuned model's is refitted: a few cells all classified right would otherwise make it certain of everything"
+    )
     eval_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share of the first export frozen for the gate")
 
 

@@ -164,15 +164,16 @@ def _calibration_figures(model: Classifier, images: np.ndarray, labels: np.ndarr
             "nll": metrics.negative_log_likelihood(probs, labels), "brier": metrics.brier_score(probs, labels)}
 
 
-def recalibrate(model: Classifier, val_records: Sequence[CellRecord]) -> dict[str, float]:
+def recalibrate(model: Classifier, val_records: Sequence[CellRecord], prior_cells: float = 0.0) -> dict[str, float]:
     """Refit the calibration on the frozen validation cells; ECE, NLL and Brier before (the parent's calibration
-    on the new weights) and after, as `<metric>_before` / `<metric>_after`."""
+    on the new weights) and after, as `<metric>_before` / `<metric>_after`. The parent's temperature counts as
+    `prior_cells` validation cells (`calibration.fit_temperature`)."""
     cells = load_cells(val_records, model.data_config)
     if not cells.records:
         raise DatasetError(f"none of the {len(val_records)} frozen validation cells could be read")
     labels = label_indices(cells.records, model.classes)
     before = _calibration_figures(model, cells.images, labels)
-    calibrate(model, cells.images, labels)
+    calibrate(model, cells.images, labels, prior_cells=prior_cells)
     after = _calibration_figures(model, cells.images, labels)
     figures = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
     return figures | {"temperature": float(model.temperature), "n_val": float(len(labels))}

@@ -87,3 +87,22 @@ def test_timestep_weights_ignore_eliminated_classes():
     weights = fit_timestep_weights([log], np.array([0]), bins=2)
     assert np.isfinite(weights).all()
     assert weights[0] > 0 and weights[1] == 0
+
+
+def test_a_temperature_prior_keeps_a_few_right_cells_from_making_the_model_certain():
+    from cytoloop.calibration import fit_temperature
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(6) % 3
+    logits = rng.normal(0, 1, size=(6, 3))
+    logits[np.arange(6), labels] += 2.0  # all six classified right
+    alone = fit_temperature(logits, labels)
+    assert alone < 0.15  # the NLL alone: far sharper than any prior would allow
+    pulled = fit_temperature(logits, labels, prior=1.0, prior_cells=20)
+    assert 0.3 < pulled < 1.0
+    # with many cells the data win over the same prior
+    many = np.tile(labels, 200)
+    noisy = rng.normal(0, 1, size=(len(many), 3))
+    noisy[np.arange(len(many)), many] += 0.5
+    data, both = fit_temperature(noisy, many), fit_temperature(noisy, many, prior=10.0, prior_cells=20)
+    assert abs(np.log(both / data)) < 0.5 * abs(np.log(both / 10.0))
