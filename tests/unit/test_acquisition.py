@@ -1,0 +1,78 @@
+"""Acquisition strategies on hand-made predictions: budgets, determinism, and what each one prefers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cytoloop.acquisition import STRATEGIES, Pool, get_strategy, routing_policy
+from cytoloop.config import RoutingConfig
+from cytoloop.models.base import Predictions
+
+CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
+
+
+def fake_pool(n: int = 40, seed: int = 0, anomaly: np.ndarray | None = None) -> Pool:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, len(CLASSES))) * rng.uniform(0.1, 4.0, size=(n, 1))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    anomaly = rng.normal(size=n) if anomaly is None else anomaly
+    return Pool(Predictions(probs, anomaly, np.ones(n, dtype=int)), [f"cell-{i}" for i in range(n)], CLASSES,
+                sample_ids=[f"s{i % 3}" for i in range(n)])
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("budget", [0, 1, 7, 40])
+def test_exactly_budget_distinct_indices_from_the_pool(name, budget):
+    pool = fake_pool()
+    chosen = get_strategy(name)(pool, budget, 3)
+    assert len(chosen) == budget
+    assert len(set(chosen.tolist())) == budget
+    assert all(0 <= i < len(pool) for i in chosen)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_deterministic_for_a_seed(name):
+    pool = fake_pool()
+    assert np.array_equal(get_strategy(name)(pool, 10, 5), get_strategy(name)(pool, 10, 5))
+
+
+def test_random_depends_on_the_seed():
+    pool = fake_pool()
+    assert not np.array_equal(get_strategy("random")(pool, 10, 1), get_strategy("random")(pool, 10, 2))
+
+
+def test_least_confidence_picks_the_lowest_confidence():
+    pool = fake_pool()
+    chosen = get_strategy("least_confidence")(pool, 5, 0)
+    assert set(chosen.tolist()) == set(np.argsort(pool.predictions.confidence)[:5].tolist())
+
+
+def test_entropy_picks_the_highest_entropy():
+    pool = fake_pool()
+    chosen = get_strategy("entropy")(pool, 5, 0)
+    assert set(chosen.tolist()) == set(np.argsort(-pool.predictions.entropy)[:5].tolist())
+
+
+def test_routing_prefers_anomalies():
+    anomaly = np.zeros(40)
+    anomaly[[3, 17, 29]] = 10.0  # confident or not, these three are the anomalies
+    pool = fake_pool(anomaly=anomaly)
+    chosen = routing_policy(RoutingConfig(anomaly_above=5.0, audit_fraction=0.0))(pool, 5, 0)
+    assert set(chosen[:3].tolist()) == {3, 17, 29}
+    by_quantile = routing_policy(anomaly_quantile=0.9)(pool, 3, 0)  # threshold: the pool's 90th percentile
+    assert set(by_quantile.tolist()) == {3, 17, 29}
+
+
+def test_routing_fills_the_budget_by_least_confidence_when_most_cells_are_accepted():
+    pool = fake_pool()
+    strategy = routing_policy(RoutingConfig(review_below=0.0, audit_fraction=0.0), anomaly_quantile=1.0)
+    chosen = strategy(pool, 6, 0)  # nothing is routed: all six come from the least-confidence fill
+    assert set(chosen.tolist()) == set(np.argsort(pool.predictions.confidence)[:6].tolist())
+
+
+def test_unknown_strategy_and_bad_budget_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown acquisition strategy 'bald'; valid: random, least_confidence"):
+        get_strategy("bald")
+    with pytest.raises(ValueError, match="budget"):
+        get_strategy("entropy")(fake_pool(n=5), 6, 0)
