@@ -13,8 +13,8 @@
 
 Every arrow is the production code path (`labelstudio.loop.ReviewLoop`, `jobs.finetune.run_finetune`,
 `services.app`); only the hematologists are simulated. The cells are split once: a held-out test set that draws
-the learning curve, audited cells that the promotion gate judges versions on (neither is ever routed or trained
-on), the seed labels, and the pool the loop labels from.
+the learning curve, the frozen validation and evaluation sets every fine-tune calibrates and is gated on (none
+of these is ever routed or trained on), the seed labels, and the pool the loop labels from.
 """
 
 from __future__ import annotations
@@ -34,14 +34,16 @@ import numpy as np
 
 from cytoloop.config import DemoConfig, Settings
 from cytoloop.data import CellRecord, DatasetError, read_manifest, select
+from cytoloop.finetune import freeze, frozen_directory
 
 DEMO_DIR = "demo"
 
 
 @dataclass(frozen=True)
 class DemoSplit:
-    test: list[CellRecord]  # the learning curve
-    audit: list[CellRecord]  # the promotion gate's audited cells
+    test: list[CellRecord]  # draws the learning curve
+    val: list[CellRecord]  # frozen: every fine-tune recalibrates on these
+    eval: list[CellRecord]  # frozen: the promotion gate judges versions on these
     seed: list[CellRecord]
     pool: list[CellRecord]
 
@@ -49,29 +51,30 @@ class DemoSplit:
 def split_for_demo(records: Sequence[CellRecord], config: DemoConfig) -> DemoSplit:
     """Per class (seeded): `test_fraction` of the cells held out, `seed_per_class` labelled, the rest the pool.
 
-    The held-out cells are halved: one half draws the learning curve, the other is the promotion gate's audited
-    set (in a lab: the confident cells routing draws for audit, labelled by hematologists). Judging versions on the
-    curve's own cells would pick the luckiest version and report its luck. A class with too few cells for two
-    held-out cells, its seed labels and one pool cell is an error naming it."""
+    The held-out cells are cut in three: the learning curve's test cells, and the frozen validation and evaluation
+    sets of the fine-tuning job (in a lab: the first audited labels). Left to itself, the first fine-tune would
+    cut those from the first round's few labels, and a temperature fitted, or a gate judged, on ten cells is
+    noise; judging versions on the curve's own cells would report the luck of the version picked. A class with too
+    few cells for three held-out cells, its seed labels and one pool cell is an error naming it."""
     by_class: dict[str, list[CellRecord]] = defaultdict(list)
     for record in records:
         if record.label is not None:
             by_class[record.label].append(record)
     rng = random.Random(config.seed)
-    test, audit, seed, pool = [], [], [], []
+    parts: dict[str, list[CellRecord]] = {name: [] for name in ("test", "val", "eval", "seed", "pool")}
     for label in sorted(by_class):
         cells = sorted(by_class[label], key=lambda r: r.cell_id)
         rng.shuffle(cells)
-        held = max(2, round(config.test_fraction * len(cells)))
+        held = max(3, round(config.test_fraction * len(cells)))
         if len(cells) < held + config.seed_per_class + 1:
             raise DatasetError(f"class {label!r} has {len(cells)} cells: too few for {held} held out, "
                                f"{config.seed_per_class} seed (demo.seed_per_class) and one pool cell")
-        n_test = (held + 1) // 2
-        test += cells[:n_test]
-        audit += cells[n_test:held]
-        seed += cells[held:held + config.seed_per_class]
-        pool += cells[held + config.seed_per_class:]
-    return DemoSplit(test, audit, seed, pool)
+        thirds = [held * k // 3 for k in range(4)]
+        for name, start, end in zip(("test", "val", "eval"), thirds, thirds[1:]):
+            parts[name] += cells[start:end]
+        parts["seed"] += cells[held:held + config.seed_per_class]
+        parts["pool"] += cells[held + config.seed_per_class:]
+    return DemoSplit(**parts)
 
 
 @dataclass
@@ -128,10 +131,12 @@ class Demo:
         records = select(load_records(self.data), domains=self.config.domains, classes=self.config.classes)
         split = split_for_demo(records, self.config)
         self.truth = {str(Path(r.path).resolve()): r.label for r in records}
-        self.log(f"data: {len(records)} labelled cells from {self.data}: {len(split.test)} held out for the "
-                 f"learning curve, {len(split.audit)} audited cells for the promotion gate, {len(split.seed)} seed "
-                 f"labels, {len(split.pool)} in the pool")
-        self._use_audited_cells(split.audit)
+        self.log(f"data: {len(records)} labelled cells from {self.data}: held out {len(split.test)} for the "
+                 f"learning curve, {len(split.val)} to calibrate and {len(split.eval)} to gate each fine-tuned "
+                 f"version; {len(split.seed)} seed labels, {len(split.pool)} in the pool")
+        if not freeze(frozen_directory(self.settings.home, None), split.val, split.eval):
+            self.log(f"   (the frozen sets under {frozen_directory(self.settings.home, None)} are kept from an "
+                     "earlier run)")
         with self.stage("stack up"):
             self._stack_up()
         with self.stage("seed model"):
@@ -211,16 +216,6 @@ class Demo:
         if row is not None:
             row.seconds[key or name] = round(seconds, 1)
         self.log(f"   {name}: done in {seconds:.1f} s")
-
-    def _use_audited_cells(self, audit: list[CellRecord]) -> None:
-        """The gate judges each challenger on its frozen eval set plus these cells (unless the settings name an
-        audited set already): a frozen set cut from a first round's few labels is too small to tell versions apart."""
-        from cytoloop.finetune import write_manifest
-
-        if self.settings.promotion.audited_manifest is None:
-            promotion = self.settings.promotion.model_copy(
-                update={"audited_manifest": write_manifest(audit, self.dir / "audited.csv")})
-            self.settings = self.settings.model_copy(update={"promotion": promotion})
 
     def _stack_up(self) -> None:
         import ray

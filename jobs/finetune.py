@@ -141,7 +141,8 @@ def run_finetune(
     """Fine-tune the global champion on labelled `records` (plus the `unlabeled` pool), register the result and
     put it through the promotion gate for the global champion alias, or for `champion-<site>` with `site`."""
     from cytoloop.drift import colour_statistics_of, read_colour_reference, write_colour_reference
-    from cytoloop.finetune import adapted_data_config, code_revision, finetune_configs, frozen_sets, recalibrate
+    from cytoloop.finetune import (adapted_data_config, code_revision, finetune_configs, frozen_directory,
+                                   frozen_sets, recalibrate)
     from cytoloop.models import load_model
     from cytoloop.promotion import apply_verdict, compare, gate_data, gate_figures
 
@@ -161,7 +162,7 @@ def run_finetune(
                            f"({', '.join(parent_model.classes)})")
     normalize = settings.adapt.stain_normalize if stain_normalize is None else stain_normalize
     data_config = adapted_data_config(parent_model, parent_dir, adapt and normalize)
-    sets = frozen_sets(records, home / "frozen" / (site or "global"), settings.finetune.val_fraction,
+    sets = frozen_sets(records, frozen_directory(home, site), settings.finetune.val_fraction,
                        settings.finetune.eval_fraction, seed=settings.train.seed)
     train_config, augment_config = finetune_configs(settings, adapt)
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))

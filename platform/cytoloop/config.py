@@ -422,8 +422,8 @@ class DemoConfig(_Section):
     domains: list[str] | None = Field(None, description="labs/domains of the data to use; None: all")
     classes: list[str] | None = Field(None, description="classes to use; None: every class of the chosen domains")
     seed_per_class: int = Field(5, ge=1, description="labelled cells per class the seed model starts from")
-    test_fraction: float = Field(0.25, gt=0.0, lt=0.9, description="share of the cells held out, never routed "
-                                 "nor trained on: half draws the learning curve, half is the gate's audited set")
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.9, description="share of the cells held out, never routed nor "
+                                 "trained on: a third each draws the learning curve, calibrates and gates fine-tunes")
     pool_limit: int | None = Field(None, ge=1, description="score at most this many pool cells per round")
     budget: int = Field(40, ge=1, description="cells sent to Label Studio per round")
     annotators: int = Field(2, ge=1, description="simulated annotators (distinct Label Studio users)")

@@ -52,6 +52,26 @@ def write_manifest(records: Sequence[CellRecord], path: Path) -> Path:
     return path
 
 
+def frozen_directory(home: Path, site: str | None) -> Path:
+    """Where a scope (the global model, or one site's) keeps its frozen val/eval sets."""
+    return Path(home).resolve() / "frozen" / (site or "global")
+
+
+def freeze(directory: Path, val: Sequence[CellRecord], eval_: Sequence[CellRecord]) -> bool:
+    """Freeze a scope's val/eval sets from cells the caller chose (say, a lab's first audited labels) instead of
+    letting the first fine-tune cut them from its labels. Sets already frozen stay as they are; returns whether
+    these were written."""
+    paths = {part: Path(directory) / f"{part}.csv" for part in FROZEN_PARTS}
+    if any(path.is_file() for path in paths.values()):
+        return False
+    for part, cells in (("val", val), ("eval", eval_)):
+        if not any(r.label is not None for r in cells):
+            raise DatasetError(f"a frozen {part} set needs labelled cells")
+    write_manifest(val, paths["val"])
+    write_manifest(eval_, paths["eval"])
+    return True
+
+
 def frozen_sets(
     records: Sequence[CellRecord], directory: Path, val_fraction: float, eval_fraction: float, seed: int = 0
 ) -> FrozenSets:

@@ -49,7 +49,7 @@ def demo_run(cells_dir, tiny_overrides):
         "finetune": {"steps": 4, "warmup_steps": 1, "num_workers": 1, "storage_path": str(root / "ray-runs")},
         "routing": {"review_below": 0.999, "audit_fraction": 0.0},
         "demo": {"rounds": 1, "domains": ["jtsc", "bccd"], "classes": ["neutrophil", "lymphocyte"],
-                 "seed_per_class": 3, "test_fraction": 0.1, "pool_limit": 16, "budget": 6, "annotators": 2,
+                 "seed_per_class": 5, "test_fraction": 0.06, "pool_limit": 16, "budget": 8, "annotators": 2,
                  "error_rate": 0.1, "serve_switch_timeout_s": 240},
     })
     config = root / "config.json"
@@ -103,11 +103,11 @@ def test_a_new_version_was_registered_and_served_or_refused(demo_run):
     assert versions == [1, 2]  # the seed model, and round 1's fine-tune
     rounds = json.loads((Path(settings.home) / "demo" / "rounds.json").read_text())
     champion = registry.by_alias(name, CHAMPION).version
-    # the gate judged both versions on the demo's audited cells as well as on the first round's frozen few
-    audited = (Path(settings.home) / "demo" / "audited.csv").read_text().strip().splitlines()[1:]
+    # the gate judged both versions on the held-out cells the demo froze, not on a few cut from round 1's labels
+    frozen = (Path(settings.home) / "frozen" / "global" / "eval.csv").read_text().strip().splitlines()[1:]
     judged = [json.loads(path.read_text())["n_cells"]
               for path in (Path(settings.home) / "finetune").glob("*/evaluation/challenger.json")]
-    assert len(judged) == 1 and judged[0] >= len(audited) > 0
+    assert judged == [len(frozen)] and len(frozen) >= 6
     if rounds[1]["gate"] == "promoted":
         assert registry.version(name, "2").tags["gate.verdict"] == "pass"
         assert champion == "2" and rounds[1]["served"] == "2"

@@ -19,21 +19,33 @@ def records(per_class: dict[str, int]) -> list[CellRecord]:
 
 
 def test_split_is_disjoint_per_class_and_seeded():
-    cells = records({"neutrophil": 20, "lymphocyte": 12})
-    config = DemoConfig(seed_per_class=3, test_fraction=0.25)
+    cells = records({"neutrophil": 20, "lymphocyte": 14})
+    config = DemoConfig(seed_per_class=3, test_fraction=0.3)
     split = split_for_demo(cells, config)
-    ids = [{r.cell_id for r in part} for part in (split.test, split.audit, split.seed, split.pool)]
+    parts = (split.test, split.val, split.eval, split.seed, split.pool)
+    ids = [{r.cell_id for r in part} for part in parts]
     assert sum(map(len, ids)) == len(set().union(*ids)) == len(cells)  # disjoint and complete
     assert sorted(r.label for r in split.seed) == ["lymphocyte"] * 3 + ["neutrophil"] * 3
-    assert sum(r.label == "neutrophil" for r in split.test) == 3  # 5 held out: 3 for the curve, 2 audited
-    assert sum(r.label == "neutrophil" for r in split.audit) == 2
+    # 6 neutrophils held out: 2 for the curve, 2 to calibrate, 2 to gate
+    assert [sum(r.label == "neutrophil" for r in part) for part in parts[:3]] == [2, 2, 2]
     assert split_for_demo(cells, config) == split
     assert split_for_demo(cells, config.model_copy(update={"seed": 1})).seed != split.seed
 
 
 def test_a_class_too_small_for_the_split_is_named():
-    with pytest.raises(DatasetError, match="'monocyte' has 5 cells"):
-        split_for_demo(records({"neutrophil": 20, "monocyte": 5}), DemoConfig(seed_per_class=3))
+    with pytest.raises(DatasetError, match="'monocyte' has 6 cells"):
+        split_for_demo(records({"neutrophil": 20, "monocyte": 6}), DemoConfig(seed_per_class=3))
+
+
+def test_the_demo_freezes_the_fine_tunes_sets_once(tmp_path):
+    from cytoloop.data import read_manifest
+    from cytoloop.finetune import freeze, frozen_directory
+
+    split = split_for_demo(records({"neutrophil": 20, "lymphocyte": 14}), DemoConfig(seed_per_class=3))
+    directory = frozen_directory(tmp_path, None)
+    assert freeze(directory, split.val, split.eval)
+    assert not freeze(directory, split.test, split.test)  # frozen means frozen
+    assert [r.path for r in read_manifest(directory / "eval.csv")] == [r.path for r in split.eval]
 
 
 def annotator(email: str, error_rate: float) -> SimulatedAnnotator:
