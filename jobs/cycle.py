@@ -237,13 +237,17 @@ class Demo:
         self.review = ReviewLoop(self.settings)
 
     def _seed_model(self, split: DemoSplit) -> list[str]:
-        from cytoloop.finetune import code_revision
+        from cytoloop.finetune import code_revision, recalibrate
         from cytoloop.registry import CHAMPION, open_registry
         from cytoloop.workflows import train_model
 
         out = self.dir / "seed-model"
         model, _ = train_model(self.config.model, split.seed, self.settings, out, unlabeled=split.pool,
                                split_seed=self.config.seed, progress=True)
+        # calibrated like every later version, on the frozen validation cells: its own split of a few seed labels
+        # leaves a handful of validation cells, on which a fitted temperature is noise
+        recalibrate(model, split.val)
+        model.save(out)
         registry, name = open_registry(self.settings), self.settings.registry.model_name
         version = registry.log_model(out, name, tags={"kind": model.kind, "site": "global", "job": "demo-seed",
                                                       "code_revision": code_revision(),
