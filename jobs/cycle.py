@@ -170,7 +170,7 @@ class Demo:
         if self.config.pool_limit is not None:
             pool = random.Random(self.config.seed + number).sample(pool, min(len(pool), self.config.pool_limit))
         with self.stage(f"round {number}: score pool", row, "score"):
-            scores = score_served(pool, self.serve_url, self.classes)
+            scores = score_served(pool, self.serve_url, self.classes, self.api_key)
             for path, reason in scores.failed.items():
                 self.log(f"  not scored: {path}: {reason}")
             row.scored = len(scores.records)
@@ -265,6 +265,7 @@ class Demo:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(self.settings), name=config.app_name, route_prefix="/", blocking=False)
         self.serve_url = f"http://{config.host}:{config.port}"
+        self.api_key = config.api_key.get_secret_value() if config.api_key else None
         self._wait_served(self.champion)
 
     def _wait_served(self, version: str) -> str:
@@ -272,10 +273,9 @@ class Demo:
         import httpx
 
         deadline = time.monotonic() + self.config.serve_switch_timeout_s
-        served, headers = "", ({"X-API-Key": self.settings.serve.api_key.get_secret_value()}
-                               if self.settings.serve.api_key else {})
+        served = ""
         while time.monotonic() < deadline:
-            try:
+            try:  # /readyz names the version a replica has loaded (/v1/models says what the registry names)
                 ready = httpx.get(f"{self.serve_url}/readyz", timeout=10.0)
                 if ready.status_code == 200:
                     served = ready.json()["detail"].rsplit(" ", 1)[-1]
@@ -301,7 +301,7 @@ class Demo:
         from jobs.score import score_served
 
         start = self.round_start or datetime.now(timezone.utc)
-        scores = score_served(test, self.serve_url, self.classes)
+        scores = score_served(test, self.serve_url, self.classes, self.api_key)
         truth = np.array([self.classes.index(r.label) for r in scores.records])
         probs = scores.predictions.probs
         row.balanced_accuracy = metrics.balanced_accuracy(truth, probs.argmax(axis=1), len(self.classes))

@@ -45,7 +45,7 @@ def demo_run(cells_dir, tiny_overrides):
         "review": {"webhook_port": free_port(), "labels_required": 2, "poll_every_s": 3600},
         "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "cache_dir": str(root / "cache"),
                      "model_name": "demo-cells"},
-        "serve": {"port": free_port()},
+        "serve": {"port": free_port(), "api_key": "demo-key"},  # the demo must send it
         "finetune": {"steps": 4, "warmup_steps": 1, "num_workers": 1, "storage_path": str(root / "ray-runs")},
         "routing": {"review_below": 0.999, "audit_fraction": 0.0},
         "demo": {"rounds": 1, "domains": ["jtsc", "bccd"], "classes": ["neutrophil", "lymphocyte"],
