@@ -249,4 +249,5 @@ def test_tuning_offers_the_variance_prior_and_reports_it():
     assert {r["variance_prior_trials"] for r in rows} == {0.0, 2.0}
     assert not any(r["variance_prior_trials"] == 0 and r["min_trials"] == 1 for r in rows)
     with_prior = [r for r in rows if r["variance_prior_trials"] == 2.0]
-    assert len(with_prior) == 4 and tuned.variance_prior is None or tuned.variance_prior > 0
+    assert len(with_prior) == 4
+    assert tuned.variance_prior is None or tuned.variance_prior > 0
