@@ -13,9 +13,11 @@ With a `variance_prior` (fitted on validation cells) the test shrinks each cell'
 estimate toward it: a t-test on two or three trials is otherwise at the mercy of a variance from two or three numbers.
 
 Cells are scored together: the (cell, class, trial) inputs of all undecided cells are packed into large denoiser
-batches, and a decided cell leaves the batch. Every cell draws its timesteps and noise from its own generator,
-seeded by the scoring seed and the cell's pixels, so a cell gets the same answer alone or in any batch, in any
-order, every time.
+batches, and a decided cell leaves the batch. When the cells still undecided fill less than one batch (on a GPU a
+small batch takes as long as a full one), each may run several check intervals ahead (`lookahead`); the test still
+runs after every interval, so the decision is the same, and the trials past it only cost evaluations. Every cell
+draws its timesteps and noise from its own generator, seeded by the scoring seed and the cell's pixels, so a cell
+gets the same answer alone or in any batch, in any order, every time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from cytoloop.config import ScoringConfig
 
 # denoise(x_t, t, class_index) -> predicted noise; all three batched along dim 0.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+GPU_LOOKAHEAD = 16  # `scoring.lookahead` when unset on a GPU (on a CPU it stays 1: there, evaluations are time)
 
 
 @dataclass
@@ -115,26 +119,37 @@ def score_cells(
     if weights.shape != (config.timestep_bins,):
         raise ValueError(f"timestep_weights has shape {weights.shape}, expected ({config.timestep_bins},)")
     mask = circular_mask(images.shape[-1], config.mask_radius)
+    device = torch.device(device)
+    batch_size = config.batch_size or (1024 if device.type == "cuda" else 64)
+    lookahead = config.lookahead or (GPU_LOOKAHEAD if device.type == "cuda" else 1)
     cells = [_CellState(image, n_classes, config) for image in images]
     bar = tqdm(total=len(cells), desc="scoring cells", unit="cell", disable=not progress)
     while True:
         pending = [cell for cell in cells if not cell.done]
         if not pending:
             break
-        # Run trials in blocks that end where the next elimination test (or the trial limit) falls.
+        # Each cell runs the trials up to its next elimination test (or the trial limit); where all of them fill
+        # less than one batch, up to `lookahead - 1` further test intervals too.
+        blocks = [_next_block(len(cell.log.strata), config) for cell in pending]
+        inputs = sum(block * int(cell.active.sum()) for cell, block in zip(pending, blocks))
+        extra = (min(lookahead, batch_size // inputs) - 1) * config.check_every if inputs < batch_size else 0
         jobs = []
-        for cell in pending:
+        for cell, block in zip(pending, blocks):
             n = len(cell.log.strata)
-            block = config.min_trials - n if n < config.min_trials else config.check_every
-            block = min(block, config.max_trials - n)
+            block = min(block + extra, config.max_trials - n)
             jobs.extend((cell, n + k, _draw_trial(cell, config, alphas_cumprod.shape[0])) for k in range(block))
-        _run_trials(denoise, alphas_cumprod, jobs, null_class, config, mask, torch.device(device))
-        for cell in pending:
-            if _decide(cell, config, weights):
-                cell.done = True
-                bar.update(1)
+        measured = _run_trials(denoise, alphas_cumprod, jobs, null_class, config, mask, device, batch_size)
+        for (cell, _, (stratum, _, _)), (errors, null_error, evals) in zip(jobs, measured):
+            _advance(cell, stratum, errors, null_error, evals, config, weights)
+        bar.update(sum(cell.done for cell in pending))
     bar.close()
     return _summarise(cells, weights, config)
+
+
+def _next_block(n: int, config: ScoringConfig) -> int:
+    """Trials a cell with n trials runs before its next elimination test (the first test comes at `min_trials`)."""
+    block = config.min_trials - n if n < config.min_trials else config.check_every
+    return min(block, config.max_trials - n)
 
 
 def _draw_trial(cell: _CellState, config: ScoringConfig, num_timesteps: int) -> tuple[int, int, torch.Tensor]:
@@ -148,54 +163,66 @@ def _draw_trial(cell: _CellState, config: ScoringConfig, num_timesteps: int) -> 
 
 
 def _run_trials(
-    denoise, alphas_cumprod, jobs, null_class: int, config: ScoringConfig, mask: torch.Tensor, device: torch.device
-) -> None:
-    """Evaluate all (trial, class) pairs of `jobs` in batches and append the errors to each cell's log."""
-    entries = []  # (job index, class index)
+    denoise, alphas_cumprod, jobs, null_class: int, config: ScoringConfig, mask: torch.Tensor, device: torch.device,
+    batch_size: int,
+) -> list[tuple[np.ndarray, float, int]]:
+    """Evaluate all (trial, class) pairs of `jobs` in batches: per job, the errors of the classes in play at the
+    time (NaN for the others), the null class's error (NaN when not asked) and the evaluations made."""
+    entry_job, entry_class = [], []
     for j, (cell, trial, _) in enumerate(jobs):
         classes = np.flatnonzero(cell.active).tolist() + ([null_class] if wants_null(trial, config) else [])
-        entries.extend((j, c) for c in classes)
-    errors = torch.empty(len(entries))
+        entry_job.extend([j] * len(classes))
+        entry_class.extend(classes)
+    entry_job_t, entry_class_t = torch.tensor(entry_job), torch.tensor(entry_class)
+    errors = torch.empty(len(entry_job))
     mask = mask.to(device)
     mask_pixels = mask.sum() * jobs[0][0].image.shape[0]
     alphas_cumprod = alphas_cumprod.to(device)
-    batch_size = config.batch_size or (1024 if device.type == "cuda" else 64)
     with torch.inference_mode():
-        for start in range(0, len(entries), batch_size):
-            chunk = entries[start : start + batch_size]
-            x0 = torch.stack([jobs[j][0].image for j, _ in chunk]).to(device, non_blocking=True)
-            noise = torch.stack([jobs[j][2][2] for j, _ in chunk]).to(device, non_blocking=True)
-            t = torch.tensor([jobs[j][2][1] for j, _ in chunk], device=device)
-            c = torch.tensor([cls for _, cls in chunk], device=device)
+        for start in range(0, len(entry_job), batch_size):
+            stop = min(start + batch_size, len(entry_job))
+            first, last = entry_job[start], entry_job[stop - 1]  # entries are grouped by job: stack each job once
+            x0 = torch.stack([jobs[j][0].image for j in range(first, last + 1)]).to(device, non_blocking=True)
+            noise = torch.stack([jobs[j][2][2] for j in range(first, last + 1)]).to(device, non_blocking=True)
+            t_job = torch.tensor([jobs[j][2][1] for j in range(first, last + 1)], device=device)
+            index = (entry_job_t[start:stop] - first).to(device)
+            x0, noise, t = x0[index], noise[index], t_job[index]
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-            predicted = denoise(x_t, t, c).float()
+            predicted = denoise(x_t, t, entry_class_t[start:stop].to(device)).float()
             error = ((predicted - noise) ** 2 * mask).sum(dim=(1, 2, 3)) / mask_pixels
-            errors[start : start + len(chunk)] = error.cpu()
-    per_job: dict[int, dict[int, float]] = {}
-    for (j, c), e in zip(entries, errors.tolist()):
-        per_job.setdefault(j, {})[c] = e
-    for j, (cell, _, (stratum, _, _)) in enumerate(jobs):
-        row = np.full(len(cell.active), np.nan)
-        for c, e in per_job[j].items():
-            if c != null_class:
-                row[c] = e
-        cell.log.strata.append(stratum)
-        cell.log.errors.append(row)
-        cell.log.null_errors.append(per_job[j].get(null_class, np.nan))
-        cell.evals += len(per_job[j])
+            errors[start:stop] = error.cpu()
+    measured = [(np.full(len(cell.active), np.nan), float("nan"), 0) for cell, _, _ in jobs]
+    for j, c, e in zip(entry_job, entry_class, errors.tolist()):
+        row, null_error, evals = measured[j]
+        if c == null_class:
+            null_error = e
+        else:
+            row[c] = e
+        measured[j] = (row, null_error, evals + 1)
+    return measured
+
+
+def _advance(cell: _CellState, stratum: int, errors: np.ndarray, null_error: float, evals: int,
+             config: ScoringConfig, weights: np.ndarray) -> None:
+    """Add one measured trial to a cell, in trial order, testing for elimination where scoring one interval at a
+    time would. A trial run ahead of a decision that came before it is dropped (it only adds to `evals`), and
+    classes dropped earlier in the same round read NaN, so the log is what round-by-round scoring would make."""
+    cell.evals += evals
+    if cell.done:
+        return
+    cell.log.strata.append(stratum)
+    cell.log.errors.append(np.where(cell.active, errors, np.nan))
+    cell.log.null_errors.append(null_error)
+    n = len(cell.log.strata)
+    if n >= config.max_trials or (n >= config.min_trials and (n - config.min_trials) % config.check_every == 0):
+        weighted = np.stack(cell.log.errors) * weights[np.asarray(cell.log.strata)][:, None]
+        cell.active, cell.done = decide(weighted, cell.active, config)
 
 
 def wants_null(trial: int, config: ScoringConfig) -> bool:
     """Whether trial number `trial` (0-based) of a cell also denoises under the null class."""
     return config.score_null_class and (config.null_trials is None or trial < config.null_trials)
-
-
-def _decide(cell: _CellState, config: ScoringConfig, weights: np.ndarray) -> bool:
-    """Eliminate clearly worse classes; True when the cell needs no more trials."""
-    weighted = np.stack(cell.log.errors) * weights[np.asarray(cell.log.strata)][:, None]
-    cell.active, done = decide(weighted, cell.active, config)
-    return done
 
 
 def decide(weighted: np.ndarray, active: np.ndarray, config: ScoringConfig) -> tuple[np.ndarray, bool]:
@@ -247,8 +274,7 @@ def replay(log: TrialLog, config: ScoringConfig, weights: np.ndarray) -> tuple[T
     out, evals = TrialLog(), 0
     while True:
         n = len(out.strata)
-        block = config.min_trials - n if n < config.min_trials else config.check_every
-        for k in range(n, min(n + block, limit)):
+        for k in range(n, min(n + _next_block(n, config), limit)):
             out.strata.append(log.strata[k])
             out.errors.append(np.where(active, errors[k], np.nan))
             out.null_errors.append(log.null_errors[k] if wants_null(k, config) else np.nan)

@@ -27,7 +27,7 @@ class CountingDenoiser:
     """A prototype model: class c's cells are flat images at level PROTOTYPES[c] (the null class at 0), and the
     denoiser predicts the noise that would explain x_t under that class, plus a wobble that is a fixed function of
     its inputs (so results never depend on batch composition). The class whose prototype is nearest a cell's
-    level wins; cells between two prototypes are close calls. Counts every input it receives.
+    level wins; cells between two prototypes are close calls. Counts its calls and every input it receives.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, wobble: float = 0.5):
@@ -35,8 +35,10 @@ class CountingDenoiser:
         self.wobble = wobble
         self.inputs = 0
         self.null_inputs = 0
+        self.calls = 0
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         self.inputs += len(x_t)
         self.null_inputs += int((c == NULL).sum())
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -97,6 +99,31 @@ def test_batched_equals_one_at_a_time(alphas_cumprod, cells):
         assert alone.trials[0] == together.trials[i]
         assert alone.evals[0] == together.evals[i]
         np.testing.assert_allclose(alone.class_error[0], together.class_error[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", [dict(FAST), dict(FAST, min_trials=3, check_every=2)])
+def test_lookahead_keeps_the_decisions_and_counts_what_it_ran(alphas_cumprod, cells, rule):
+    """Running ahead of the elimination test (as scoring does on a GPU) changes neither a cell's log nor its
+    decision; the trials run past a decision are counted as evaluations, and fewer, fuller batches are made."""
+    config = ScoringConfig(**{**rule, "batch_size": 256}, null_trials=2)
+    stepwise, stepwise_fake = _score(alphas_cumprod, cells, config.model_copy(update={"lookahead": 1}))
+    ahead, ahead_fake = _score(alphas_cumprod, cells, config.model_copy(update={"lookahead": 8}))
+    assert (stepwise.trials > rule["min_trials"]).any()  # some cells needed several tests: lookahead had work
+    np.testing.assert_array_equal(ahead.trials, stepwise.trials)
+    for a, b in zip(ahead.logs, stepwise.logs):
+        assert a.strata == b.strata
+        np.testing.assert_allclose(np.stack(a.errors), np.stack(b.errors), atol=1e-5)
+        np.testing.assert_allclose(a.null_errors, b.null_errors, atol=1e-5)
+    np.testing.assert_allclose(ahead.class_error, stepwise.class_error, atol=1e-5)
+    assert ahead.evals.sum() == ahead_fake.inputs > stepwise.evals.sum() == stepwise_fake.inputs
+    assert (ahead.evals >= stepwise.evals).all()
+    assert ahead_fake.calls < stepwise_fake.calls
+
+
+def test_lookahead_is_off_on_a_cpu_by_default(alphas_cumprod, cells):
+    default, _ = _score(alphas_cumprod, cells, ScoringConfig(**{**FAST, "batch_size": 256}))
+    off, _ = _score(alphas_cumprod, cells, ScoringConfig(**{**FAST, "batch_size": 256}, lookahead=1))
+    np.testing.assert_array_equal(default.evals, off.evals)
 
 
 def test_replay_reproduces_adaptive_scoring(alphas_cumprod, cells):
