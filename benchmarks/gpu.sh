@@ -12,7 +12,7 @@ exec "$PYTHON" benchmarks/speed.py \
     --data "${DATA:-../shared/data/cells}" \
     --model "${MODEL:-runs/quality/diffusion}" \
     --baseline "${BASELINE:-runs/quality/baseline}" \
-    --out "${OUT:-runs/speed-gpu}" \
+    --out "${SPEED_OUT:-runs/speed-gpu}" \
     --device cuda \
     --fast-precision "${PRECISION:-bf16}" \
     "$@"
