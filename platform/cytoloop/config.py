@@ -52,7 +52,10 @@ class DatasetsConfig(_Section):
     root: Path | None = Field(
         None, description="manifest CSV or folder with one sub-folder per class, used when no --data is given"
     )
-    cache_dir: Path = Field(Path(".cytoloop/datasets"), description="where `cytoloop data fetch` puts public datasets")
+    cache_dir: Path = Field(
+        Path(".cytoloop/datasets"),
+        description="where `cytoloop data fetch` puts public datasets (default: <home>/datasets)",
+    )
 
 
 class AugmentConfig(_Section):
@@ -194,10 +197,12 @@ class ScoringConfig(_Section):
 class RegistryConfig(_Section):
     """Where models are tracked and registered (MLflow)."""
 
-    tracking_uri: str = Field("sqlite:///.cytoloop/mlflow/mlflow.db", description="MLflow tracking URI")
+    tracking_uri: str = Field(
+        "sqlite:///.cytoloop/mlflow/mlflow.db", description="MLflow tracking URI (default: SQLite in <home>/mlflow)"
+    )
     experiment: str = "cytoloop"
     model_name: str = Field("cytoloop-cells", description="registered model name")
-    cache_dir: Path = Field(Path(".cytoloop/models"), description="downloaded model versions")
+    cache_dir: Path = Field(Path(".cytoloop/models"), description="downloaded model versions (default: <home>/models)")
 
 
 class StackConfig(_Section):
@@ -466,6 +471,20 @@ class Settings(BaseSettings):
     differential: DifferentialConfig = DifferentialConfig()
     demo: DemoConfig = DemoConfig()
     home: Path = Field(Path(".cytoloop"), description="where runs, stores and service data live")
+
+    @model_validator(mode="after")
+    def _stores_under_home(self) -> "Settings":
+        """Stores left at their defaults live under `home`, so `CYTOLOOP_HOME` moves them all together; before,
+        the MLflow database and the model and dataset caches stayed wherever a command happened to run."""
+        registry: dict = {}
+        if "tracking_uri" not in self.registry.model_fields_set:
+            registry["tracking_uri"] = f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+        if "cache_dir" not in self.registry.model_fields_set:
+            registry["cache_dir"] = self.home / "models"
+        self.registry = self.registry.model_copy(update=registry)
+        if "cache_dir" not in self.datasets.model_fields_set:
+            self.datasets = self.datasets.model_copy(update={"cache_dir": self.home / "datasets"})
+        return self
 
 
 def load_settings(path: Path | None = None, overrides: dict | None = None) -> Settings:

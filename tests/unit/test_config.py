@@ -25,6 +25,18 @@ def test_defaults():
     assert settings.scoring.max_trials == 200
 
 
+def test_stores_follow_home_unless_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("CYTOLOOP_HOME", str(tmp_path / "site"))
+    settings = load_settings()
+    assert settings.registry.tracking_uri == f"sqlite:///{tmp_path}/site/mlflow/mlflow.db"
+    assert settings.registry.cache_dir == tmp_path / "site" / "models"
+    assert settings.datasets.cache_dir == tmp_path / "site" / "datasets"
+    chosen = load_settings(overrides={"registry": {"tracking_uri": "http://127.0.0.1:5000", "cache_dir": "m"}})
+    assert chosen.registry.tracking_uri == "http://127.0.0.1:5000"
+    assert str(chosen.registry.cache_dir) == "m"
+    assert chosen.datasets.cache_dir == tmp_path / "site" / "datasets"
+
+
 def test_file_beats_defaults(config_file):
     settings = load_settings(config_file)
     assert settings.scoring.max_trials == 50
