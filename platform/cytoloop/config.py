@@ -166,8 +166,9 @@ class ScoringConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the denoiser runs; auto: cuda if present")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
-        description="autocast dtype of the denoiser; bf16 is ~2.5x faster on CPUs with avx512_bf16/AMX and on GPUs "
-        "(docs/benchmarks.md measures how often it changes a decision); fp16 on CUDA only",
+        description="autocast dtype of the denoiser; bf16 is ~2.5x faster per evaluation on CPUs with "
+        "avx512_bf16/AMX, but on an H100 the 32-px denoiser is launch-bound and fp32 was fastest "
+        "(docs/benchmarks.md, which also measures how often bf16 changes a decision); fp16 on CUDA only",
     )
     channels_last: bool = Field(False, description="run the denoiser in channels-last memory format")
     compile: bool = Field(
