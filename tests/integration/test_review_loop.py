@@ -8,7 +8,12 @@ cell's reason. Cells are the shared real images, served to Label Studio by local
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -214,18 +219,49 @@ def test_labels_come_back_by_webhook_and_poll_exactly_once(world):
         assert db.execute("SELECT COUNT(*) FROM annotations WHERE retracted_at IS NULL").fetchone()[0] == 9
 
 
+# A sync in its own process that stops after storing its third annotation, to be killed there.
+SYNC_THEN_HANG = """
+import sys, time
+from pathlib import Path
+from cytoloop.config import load_settings
+from labelstudio.loop import ReviewLoop
+from labelstudio.store import LabelStore
+from labelstudio.sync import sync
+
+loop = ReviewLoop(load_settings(Path(sys.argv[1])))
+
+def hang_after_three(n):
+    if n == 3:
+        print("stored 3", flush=True)
+        time.sleep(600)
+
+sync(loop.client, LabelStore(Path(sys.argv[2])), loop.projects().values(), on_annotation=hang_after_three)
+"""
+
+
 def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, tmp_path):
+    """SIGKILL (no exception handler, no `finally`, no clean close of the store) after three labels are stored;
+    the rerun must bring the rest, each label exactly once."""
     from labelstudio.store import LabelStore
     from labelstudio.sync import sync
 
-    fresh = LabelStore(tmp_path / "labels.db")
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(world.loop.settings.model_dump_json(
+        exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True))
+    store_path = tmp_path / "labels.db"
+    child = subprocess.Popen([sys.executable, "-c", SYNC_THEN_HANG, str(settings_file), str(store_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(120, child.kill)  # a child that never reports must not hang the suite
+    guard.start()
+    try:
+        line = child.stdout.readline()
+    finally:
+        guard.cancel()
+    assert line.strip() == "stored 3", child.stderr.read() if child.poll() is not None else line
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL
 
-    def die_after_three(n):
-        if n == 3:
-            raise KeyboardInterrupt("killed half-way")
-
-    with pytest.raises(KeyboardInterrupt):
-        sync(world.loop.client, fresh, world.loop.projects().values(), on_annotation=die_after_three)
+    fresh = LabelStore(store_path)
     assert len(store_annotations(fresh)) == 3
     sync(world.loop.client, fresh, world.loop.projects().values())
     assert sync(world.loop.client, fresh, world.loop.projects().values()).changed == 0
