@@ -5,6 +5,10 @@ and the same anomaly set. The alias moves only if the challenger's balanced accu
 each no worse than the champion's beyond the tolerances of `PromotionConfig`. The verdict, its reasons and both
 sets of figures are recorded as tags on the challenger's version, whatever the outcome; a person can override a
 refusal (`override`), and every alias move lands in the registry's audit trail.
+
+On a gate set of a few dozen cells these figures are noisy (ECE on 65 cells moved by ~0.09 between two samples of
+one model), so each reason also gives a paired-bootstrap interval of the difference: the verdict does not use it,
+the person deciding on an override should.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
+from cytoloop import metrics
 from cytoloop.config import PromotionConfig
 from cytoloop.data import CellRecord, DatasetError, load_records, select
 
@@ -43,6 +50,7 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
         ("ece", -1, config.ece_tolerance),
         ("anomaly_auroc", +1, config.anomaly_auroc_tolerance),
     )
+    intervals, n_paired = difference_intervals(challenger, champion)
     passed, reasons = True, []
     for metric, direction, tolerance in rules:
         new, old = challenger.get(metric), champion.get(metric)
@@ -52,9 +60,40 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
         worse_by = (old - new) * direction
         ok = worse_by <= tolerance
         passed &= ok
-        reasons.append(f"{metric}: {new:.4f} vs champion {old:.4f} "
-                       f"({'ok' if ok else 'WORSE'}, tolerance {tolerance:g})")
+        reason = f"{metric}: {new:.4f} vs champion {old:.4f} ({'ok' if ok else 'WORSE'}, tolerance {tolerance:g})"
+        if metric in intervals:
+            low, high = intervals[metric]
+            reason += f"; challenger - champion {low:+.3f} to {high:+.3f} (95 % paired bootstrap, {n_paired} cells)"
+        reasons.append(reason)
     return GateVerdict(passed, reasons, picked, {k: champion.get(k) for k in GATED_METRICS})
+
+
+def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -> tuple[dict, int]:
+    """95 % paired-bootstrap intervals of challenger minus champion, for balanced accuracy and ECE, over the cells
+    both were scored on (their `per_cell` results, paired by cell id); ({}, 0) when either side has none or
+    their classes differ. Returns the intervals and the number of cells paired."""
+    a, b = champion.get("per_cell"), challenger.get("per_cell")
+    if not a or not b or champion.get("classes") != challenger.get("classes"):
+        return {}, 0
+    in_champion = {cell: i for i, cell in enumerate(a["cells"])}
+    pairs = [(i, in_champion[cell]) for i, cell in enumerate(b["cells"]) if cell in in_champion]
+    if len(pairs) < 2:
+        return {}, 0
+    labels = np.array([b["labels"][i] for i, _ in pairs])
+    probs_b = np.array([b["probs"][i] for i, _ in pairs])
+    probs_a = np.array([a["probs"][j] for _, j in pairs])
+    n_classes = probs_b.shape[1]
+
+    def balanced_accuracy(probs: np.ndarray, idx: np.ndarray) -> float:
+        return metrics.balanced_accuracy(labels[idx], probs[idx].argmax(axis=1), n_classes)
+
+    def ece(probs: np.ndarray, idx: np.ndarray) -> float:
+        return metrics.expected_calibration_error(probs[idx], labels[idx], n_bins=15)
+
+    intervals = {name: metrics.bootstrap_interval(lambda idx, fn=fn: fn(probs_b, idx) - fn(probs_a, idx), len(pairs),
+                                                  n_boot=n_boot)
+                 for name, fn in (("balanced_accuracy", balanced_accuracy), ("ece", ece))}
+    return intervals, len(pairs)
 
 
 @dataclass
@@ -80,11 +119,12 @@ def gate_data(eval_records: Sequence[CellRecord], config: PromotionConfig, class
 
 
 def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
-    """Evaluate one model on the gate's cells: the full evaluation report (with plots beside `json_out`)."""
+    """Evaluate one model on the gate's cells: the full evaluation report (with plots beside `json_out`) and each
+    cell's result, for `compare`'s paired intervals."""
     from cytoloop.workflows import evaluate_model
 
     report = evaluate_model(model, data.eval_records, json_out, anomaly_records=data.anomaly_records,
-                            anomaly_label=data.anomaly_label)
+                            anomaly_label=data.anomaly_label, per_cell=True)
     report.setdefault("anomaly_auroc", None)
     return report
 

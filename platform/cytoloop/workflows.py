@@ -205,8 +205,12 @@ def evaluate_model(
     anomaly_label: str = "blast",
     excluded: int = 0,
     progress: bool = False,
+    per_cell: bool = False,
 ) -> dict:
-    """Evaluate on labelled cells (and optionally anomaly vs normal cells); write JSON and PNG plots beside it."""
+    """Evaluate on labelled cells (and optionally anomaly vs normal cells); write JSON and PNG plots beside it.
+
+    With `per_cell`, the report also keeps each cell's id, label index and probabilities (`per_cell`), so two
+    models evaluated on the same cells can be compared cell by cell (the promotion gate's intervals)."""
     cells = load_cells(records, model.data_config, progress)
     if not cells.records:
         raise DatasetError(f"none of the {len(records)} evaluation cells could be read")
@@ -217,6 +221,9 @@ def evaluate_model(
     report = {"model_kind": model.kind, "classes": model.classes, "n_skipped": len(cells.skipped),
               "skipped": cells.skipped, "n_excluded_seen_in_training": excluded}
     report.update(evaluate_predictions(predictions, labels, model.classes, seconds))
+    if per_cell:
+        report["per_cell"] = {"cells": [r.cell_id for r in cells.records], "labels": labels.tolist(),
+                              "probs": np.round(predictions.probs, 6).tolist()}
     if anomaly_records:
         anomaly_cells = load_cells(anomaly_records, model.data_config, progress)
         is_anomaly = np.array([r.label == anomaly_label for r in anomaly_cells.records])

@@ -1,7 +1,9 @@
 """The promotion gate's decision: each metric no worse than the champion's beyond its tolerance."""
 
+import numpy as np
+
 from cytoloop.config import PromotionConfig
-from cytoloop.promotion import compare, verdict_tags
+from cytoloop.promotion import compare, difference_intervals, verdict_tags
 
 CONFIG = PromotionConfig(balanced_accuracy_tolerance=0.01, ece_tolerance=0.02, anomaly_auroc_tolerance=0.02)
 CHAMPION = {"balanced_accuracy": 0.80, "ece": 0.05, "anomaly_auroc": 0.90}
@@ -35,3 +37,43 @@ def test_no_champion_passes_and_tags_say_so():
     assert verdict.passed and verdict.reasons == ["no champion to compare with"]
     tags = verdict_tags(verdict)
     assert tags["gate.verdict"] == "pass" and tags["gate.champion_version"] == "none"
+
+
+def _per_cell(probs: np.ndarray, labels: np.ndarray, order=None) -> dict:
+    order = np.arange(len(labels)) if order is None else np.asarray(order)
+    return {"classes": ["a", "b", "c"], "per_cell": {"cells": [f"cell{i}" for i in order],
+                                                     "labels": labels[order].tolist(), "probs": probs[order].tolist()}}
+
+
+def _cells(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    sure = np.full((n, 3), 0.05)
+    sure[np.arange(n), labels] = 0.9  # right and confident
+    guess = rng.dirichlet(np.ones(3), n)  # mostly wrong
+    return labels, sure, guess
+
+
+def test_intervals_pair_cells_by_id_and_leave_the_verdict_alone():
+    labels, sure, guess = _cells()
+    champion = {**CHAMPION, **_per_cell(guess, labels)}
+    challenger = {**CHAMPION, **_per_cell(sure, labels, order=np.arange(len(labels))[::-1])}  # another cell order
+    intervals, n = difference_intervals(challenger, champion)
+    assert n == len(labels)
+    low, high = intervals["balanced_accuracy"]
+    assert 0 < low <= high  # clearly better on these cells, whatever their order
+    assert difference_intervals({**CHAMPION, **_per_cell(sure, labels)}, {**CHAMPION, **_per_cell(sure, labels)})[0] \
+        == {"balanced_accuracy": (0.0, 0.0), "ece": (0.0, 0.0)}
+    with_cells = compare(challenger, champion, CONFIG)
+    without = compare(dict(CHAMPION), CHAMPION, CONFIG)
+    assert with_cells.passed == without.passed
+    assert any(r.startswith("balanced_accuracy") and "paired bootstrap, 60 cells" in r for r in with_cells.reasons)
+    assert not any("bootstrap" in r for r in without.reasons)
+
+
+def test_no_intervals_when_classes_differ_or_cells_are_missing():
+    labels, sure, guess = _cells()
+    champion = {**CHAMPION, **_per_cell(guess, labels)}
+    other_classes = {**CHAMPION, **_per_cell(sure, labels), "classes": ["x", "y", "z"]}
+    assert difference_intervals(other_classes, champion) == ({}, 0)
+    assert difference_intervals(dict(CHAMPION), champion) == ({}, 0)
