@@ -160,6 +160,19 @@ def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = 
     return kept, len(records) - len(kept)
 
 
+def outside_split(records: Sequence[CellRecord], model_dir: Path) -> list[CellRecord]:
+    """The records in none of the model's split parts (train, val, test): cells a model may be tuned on without
+    labels and without touching the cells it is evaluated on. All of them when the split is of another dataset."""
+    split_path = Path(model_dir) / SPLIT_FILE
+    if not split_path.is_file() or not records:
+        return list(records)
+    meta = json.loads(split_path.read_text())
+    if meta["meta"].get("data_root") != _data_root(records):
+        return list(records)
+    used = set().union(*map(set, meta["parts"].values()))
+    return [r for r in records if r.cell_id not in used]
+
+
 def evaluate_predictions(
     predictions: Predictions,
     labels: np.ndarray,
@@ -248,19 +261,26 @@ def evaluate_model(
 
 
 def tune_model_scoring(
-    model: DiffusionClassifier, images: np.ndarray, labels: np.ndarray, progress: bool = False
+    model: DiffusionClassifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    progress: bool = False,
+    unlabeled: np.ndarray | None = None,
 ) -> dict:
     """Tune a diffusion model's adaptive scoring on labelled validation cells, in place; returns a report.
 
     Runs `tuning_trials` exhaustive trials per cell (no null class: the decision never uses it), picks the
     cheapest elimination rule agreeing with them on `tuning_agreement` of cells (`calibration.tune_scoring`),
     and refits the temperature for the scores the tuned rule produces (fewer trials, noisier errors).
+    Agreement needs no labels, so `unlabeled` cells (from where the model will be used) join the tuning set:
+    with 65 validation cells a 0.99 target allows no single disagreement. The temperature uses labelled cells only.
     """
     config = model.scoring_config
     exhaustive = config.model_copy(
         update={"min_trials": config.tuning_trials, "max_trials": config.tuning_trials, "score_null_class": False}
     )
-    logs = model.score(images, exhaustive, progress=progress).logs
+    tuning_images = images if unlabeled is None or not len(unlabeled) else np.concatenate([images, unlabeled])
+    logs = model.score(tuning_images, exhaustive, progress=progress).logs
     weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
     tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
     model.scoring_config = tuned
@@ -272,6 +292,7 @@ def tune_model_scoring(
               (prior_trials, tuned.min_trials, tuned.elimination_p)]
     return {
         "n_cells": int(len(images)),
+        "n_unlabeled": int(len(tuning_images) - len(images)),
         "chosen": chosen[0] if chosen else None,  # None: no candidate met the target, scoring left unchanged
         "candidates": rows,
         "trials_needed_mean": float(needed.mean()),

@@ -254,6 +254,40 @@ def test_tune_model_scoring_sets_a_rule_and_temperature():
     assert report["temperature"] == model.temperature > 0
 
 
+def test_unlabeled_cells_join_the_tuning_set_but_not_the_temperature():
+    from cytoloop.workflows import tune_model_scoring
+
+    torch.manual_seed(0)
+    config = ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5)
+    model = DiffusionClassifier(["a", "b"], DataConfig(image_size=SIZE),
+                                DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4), config)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, size=(4, 3, SIZE, SIZE)).astype(np.float32)
+    unlabeled = rng.uniform(-1, 1, size=(3, 3, SIZE, SIZE)).astype(np.float32)
+    scored = []
+    score = model.score
+    model.score = lambda cells, *args, **kwargs: scored.append(len(cells)) or score(cells, *args, **kwargs)
+    report = tune_model_scoring(model, images, np.array([0, 1, 0, 1]), unlabeled=unlabeled)
+    assert (report["n_cells"], report["n_unlabeled"]) == (4, 3)
+    assert scored == [7, 4]  # exhaustive logs of all seven cells; the temperature from the four labelled ones
+    assert report["chosen"] is not None
+
+
+def test_outside_split_leaves_out_every_part_of_the_models_split(tmp_path):
+    import json
+
+    from cytoloop.data import CellRecord
+    from cytoloop.workflows import SPLIT_FILE, outside_split
+
+    root = tmp_path / "cells"
+    records = [CellRecord(f"d/{i}.png", root / f"d/{i}.png", None, "d") for i in range(6)]
+    parts = {"train": ["d/0.png", "d/1.png"], "val": ["d/2.png"], "test": ["d/3.png"]}
+    (tmp_path / SPLIT_FILE).write_text(json.dumps({"meta": {"data_root": str(root)}, "parts": parts}))
+    assert [r.cell_id for r in outside_split(records, tmp_path)] == ["d/4.png", "d/5.png"]
+    (tmp_path / SPLIT_FILE).write_text(json.dumps({"meta": {"data_root": "/elsewhere"}, "parts": parts}))
+    assert outside_split(records, tmp_path) == records  # another dataset: none of these cells was used
+
+
 def test_a_variance_prior_lets_the_first_trials_decide_and_shrinks_a_lucky_estimate():
     from cytoloop.scoring import decide
 

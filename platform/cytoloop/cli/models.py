@@ -147,14 +147,16 @@ def tune(
     trials: Optional[int] = typer.Option(None, help="exhaustive trials per validation cell to agree with"),
     agreement: Optional[float] = typer.Option(None, help="fraction of validation cells that must agree"),
     null_trials: Optional[int] = typer.Option(None, help="score the null class (anomaly) on this many first trials"),
+    unlabeled_domains: Optional[str] = typer.Option(
+        None, help="also tune on these domains' cells (labels unused; cells of the model's split left out)"),
 ) -> None:
     """Tune a diffusion model's adaptive scoring on its validation cells to agree with exhaustive scoring."""
 
     def action():
-        from cytoloop.data import load_records
+        from cytoloop.data import load_records, select
         from cytoloop.models import load_model
         from cytoloop.preprocess import load_cells
-        from cytoloop.workflows import held_out, label_indices, tune_model_scoring
+        from cytoloop.workflows import held_out, label_indices, outside_split, tune_model_scoring
 
         classifier = load_model(model)
         if classifier.kind != "diffusion":
@@ -163,19 +165,26 @@ def tune(
                                      "null_trials": null_trials}.items() if v is not None}
         classifier.scoring_config = classifier.scoring_config.model_validate(
             {**classifier.scoring_config.model_dump(), **updates})
-        records, _ = held_out(load_records(data), model, part="val")
+        everything = load_records(data)
+        records, _ = held_out(everything, model, part="val")
         cells = load_cells(records, classifier.data_config, progress=True)
+        extra = None
+        if unlabeled_domains:
+            extra = load_cells(outside_split(select(everything, split_list(unlabeled_domains)), model),
+                               classifier.data_config, progress=True).images
         report = tune_model_scoring(classifier, cells.images, label_indices(cells.records, classifier.classes),
-                                    progress=True)
+                                    progress=True, unlabeled=extra)
         classifier.save(model)
         (Path(model) / "tuning.json").write_text(json.dumps(report, indent=1))
         chosen = report["chosen"]
         if chosen is None:
-            typer.echo(f"no rule met the agreement target on {report['n_cells']} validation cells; scoring unchanged")
+            typer.echo(f"no rule met the agreement target on {report['n_cells']} validation and "
+                       f"{report['n_unlabeled']} unlabeled cells; scoring unchanged")
         else:
             prior = (f", variance prior worth {chosen['variance_prior_trials']:g} trials"
                      if chosen["variance_prior_trials"] else "")
-            typer.echo(f"tuned on {report['n_cells']} validation cells: min_trials {chosen['min_trials']}, "
+            typer.echo(f"tuned on {report['n_cells']} validation and {report['n_unlabeled']} unlabeled cells: "
+                       f"min_trials {chosen['min_trials']}, "
                        f"elimination_p {chosen['elimination_p']:g}{prior}: {chosen['evals_mean']:.1f} evals/cell "
                        f"(p95 {chosen['evals_p95']:.0f}), agreement with exhaustive {chosen['agreement']:.3f}")
 
