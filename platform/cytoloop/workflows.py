@@ -135,16 +135,23 @@ def _data_root(records: Sequence[CellRecord]) -> str:
     return str(record.path)[: -len(record.cell_id)].rstrip("/")
 
 
+def _model_split(records: Sequence[CellRecord], model_dir: Path) -> tuple[dict | None, bool]:
+    """The model's split file (None without one) and whether `records` are of the dataset it was split from."""
+    split_path = Path(model_dir) / SPLIT_FILE
+    if not split_path.is_file() or not records:
+        return None, False
+    meta = json.loads(split_path.read_text())
+    return meta, meta["meta"].get("data_root") == _data_root(records)
+
+
 def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = None) -> tuple[list[CellRecord], int]:
     """The records a model may be evaluated on: without its train and val cells (same dataset), or only the
     given part of its split. Returns (records, number excluded)."""
-    split_path = Path(model_dir) / SPLIT_FILE
-    if not split_path.is_file() or not records:
+    meta, same_dataset = _model_split(records, model_dir)
+    if meta is None:
         if part:
             raise DatasetError(f"{model_dir}: the model has no {SPLIT_FILE}; cannot select part {part!r}")
         return list(records), 0
-    meta = json.loads(split_path.read_text())
-    same_dataset = meta["meta"].get("data_root") == _data_root(records)
     if part:
         if part not in meta["parts"]:
             raise DatasetError(f"unknown split part {part!r}; valid: {', '.join(meta['parts'])}")
@@ -163,11 +170,8 @@ def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = 
 def outside_split(records: Sequence[CellRecord], model_dir: Path) -> list[CellRecord]:
     """The records in none of the model's split parts (train, val, test): cells a model may be tuned on without
     labels and without touching the cells it is evaluated on. All of them when the split is of another dataset."""
-    split_path = Path(model_dir) / SPLIT_FILE
-    if not split_path.is_file() or not records:
-        return list(records)
-    meta = json.loads(split_path.read_text())
-    if meta["meta"].get("data_root") != _data_root(records):
+    meta, same_dataset = _model_split(records, model_dir)
+    if meta is None or not same_dataset:
         return list(records)
     used = set().union(*map(set, meta["parts"].values()))
     return [r for r in records if r.cell_id not in used]
