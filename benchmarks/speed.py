@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from cytoloop import metrics
-from cytoloop.calibration import decision, fit_temperature, trials_needed, tune_scoring
+from cytoloop.calibration import decision, evaluations_needed, fit_temperature, trials_needed, tune_scoring
 from cytoloop.cascade import CascadeClassifier, distill, threshold_for_fraction
 from cytoloop.config import CascadeConfig, load_settings
 from cytoloop.data import load_records, select
@@ -111,6 +111,7 @@ def main() -> None:
                       lambda: teacher.score(val.images, exhaustive).logs)
     tuned, candidates = tune_scoring(val_logs, weights, base, base.tuning_agreement)
     val_needed = [trials_needed(log, weights) for log in val_logs]
+    val_evals_needed = [evaluations_needed(log, weights, tuned.null_trials) for log in val_logs]
     temperatures = {
         "exhaustive": fit_temperature(-np.stack([summarise_log(g, weights)[0] for g in val_logs]), val_labels),
         "tuned": fit_temperature(-np.stack([summarise_log(replay(g, tuned, weights)[0], weights)[0]
@@ -127,6 +128,7 @@ def main() -> None:
     rows = [row(f"exhaustive, {args.trials} trials, batched, {args.exhaustive_precision}", exhaustive_predictions,
                 reference[1], labels, agreed)]
     test_needed = [trials_needed(log, weights) for log in reference[0].logs]
+    test_evals_needed = [evaluations_needed(log, weights, tuned.null_trials) for log in reference[0].logs]
     timed: dict[str, tuple[Predictions, float]] = {}
 
     def run_diffusion(name: str, config, temperature: float, cells: int = 0, one_at_a_time: bool = False) -> None:
@@ -202,7 +204,9 @@ def main() -> None:
         "tuning_candidates": candidates, "temperatures": temperatures,
         "trials_needed": {"val_mean": float(np.mean(val_needed)), "val_p95": float(np.percentile(val_needed, 95)),
                           "test_mean": float(np.mean(test_needed)),
-                          "test_p95": float(np.percentile(test_needed, 95))},
+                          "test_p95": float(np.percentile(test_needed, 95)),
+                          "evals_val_mean": float(np.mean(val_evals_needed)),
+                          "evals_test_mean": float(np.mean(test_evals_needed))},
         "rows": rows, "cascade_teacher": teacher_row, "cascade_curve": curve, "distillation": distill_report,
         "flops": flops,
         "minutes": (time.perf_counter() - began) / 60,
@@ -401,7 +405,10 @@ def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
         + f"null class on the first {tuned['null_trials']} trial(s) only. "
         f"Trials a cell really needs (after which its running decision never changes): mean "
         f"{needed['test_mean']:.1f}, p95 {needed['test_p95']:.0f} on test cells (validation: {needed['val_mean']:.1f}, "
-        f"{needed['val_p95']:.0f}); one trial costs one evaluation per class still in play.",
+        f"{needed['val_p95']:.0f}); one trial costs one evaluation per class still in play. Evaluations a cell "
+        "really needs (each class in play until its running comparison with the decided class is settled, "
+        f"the null class once): mean {needed['evals_test_mean']:.1f} on test cells, {needed['evals_val_mean']:.1f} on "
+        "validation cells: what a rule that knew when to stop would spend.",
         "",
         "Agreement vs cost of the candidate rules on validation cells (replayed; the Pareto front): "
         + ", ".join(f"{c['agreement']:.3f} at {c['evals_mean']:.1f} evals (min_trials {c['min_trials']}, "

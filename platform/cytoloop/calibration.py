@@ -113,6 +113,25 @@ def trials_needed(log: TrialLog, weights: np.ndarray) -> int:
     return int(changed[-1] + 2) if len(changed) else 1
 
 
+def evaluations_needed(log: TrialLog, weights: np.ndarray, null_trials: int | None = 0) -> int:
+    """How many denoiser evaluations of an exhaustive log a cell really needs: each class other than the decided
+    one stays in play until its running comparison with the decided class is settled (behind from then on), and
+    the decided class until the last of them leaves; the null class on the first `null_trials` of those trials
+    (None: all, as `ScoringConfig.null_trials`). What a rule that knew when each comparison had settled would
+    spend: the figure to hold a rule's mean evaluations against (`trials_needed` is the same idea for the
+    decision as a whole)."""
+    errors = np.stack(log.errors) * weights[np.asarray(log.strata)][:, None]
+    totals = np.cumsum(errors, axis=0)
+    decided = int(np.argmin(totals[-1]))
+    in_play = []
+    for c in range(errors.shape[1]):
+        if c != decided:
+            not_behind = np.flatnonzero(totals[:, c] <= totals[:, decided])
+            in_play.append(min(int(not_behind[-1] + 2), len(errors)) if len(not_behind) else 1)
+    trials = max(in_play, default=1)
+    return sum(in_play) + trials + (trials if null_trials is None else min(null_trials, trials))
+
+
 def variance_prior(logs: list[TrialLog], weights: np.ndarray) -> float:
     """The typical variance of one trial's weighted error difference between two classes: the median, over cells
     and class pairs, of each cell's variance across its trials (`logs` hold every class in every trial)."""

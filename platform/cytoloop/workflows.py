@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from cytoloop import metrics, plots
-from cytoloop.calibration import calibrate, fit_temperature, trials_needed, tune_scoring
+from cytoloop.calibration import calibrate, evaluations_needed, fit_temperature, trials_needed, tune_scoring
 from cytoloop.cascade import CascadeClassifier, distill
 from cytoloop.config import Settings
 from cytoloop.data import CellRecord, DatasetError, read_split, records_fingerprint, stratified_split, write_split
@@ -290,6 +290,8 @@ def tune_model_scoring(
     model.scoring_config = tuned
     model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels)
     needed = np.array([trials_needed(log, weights) for log in logs])
+    null_trials = tuned.null_trials if tuned.score_null_class else 0
+    evals_needed = np.array([evaluations_needed(log, weights, null_trials) for log in logs])
     prior_trials = tuned.variance_prior_trials if tuned.variance_prior is not None else 0.0
     chosen = [r for r in rows if tuned is not config and (r["variance_prior_trials"], r["min_trials"],
                                                           r["elimination_p"]) ==
@@ -301,6 +303,7 @@ def tune_model_scoring(
         "candidates": rows,
         "trials_needed_mean": float(needed.mean()),
         "trials_needed_p95": float(np.percentile(needed, 95)),
+        "evaluations_needed_mean": float(evals_needed.mean()),
         "temperature": model.temperature,
     }
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cytoloop.calibration import decision, trials_needed, tune_scoring
+from cytoloop.calibration import decision, evaluations_needed, trials_needed, tune_scoring
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
 from cytoloop.scoring import TrialLog, replay, score_cells
@@ -213,6 +213,20 @@ def test_trials_needed_by_hand():
     assert trials_needed(steady, np.ones(1)) == 1
 
 
+def test_evaluations_needed_by_hand():
+    # class 0 is decided; class 1 is behind from trial 1, class 2 is ahead until trial 3 and behind from trial 4
+    errors = [np.array([0.0, 1.0, -1.0]), np.array([0.0, 1.0, 0.5]), np.array([0.0, 1.0, 0.4]),
+              np.array([0.0, 1.0, 0.2])]
+    log = TrialLog(strata=[0] * 4, errors=errors, null_errors=[np.nan] * 4)
+    # class 1 in play 1 trial, class 2 four (its total is -1, -0.5, -0.1, +0.1), class 0 as long as class 2
+    assert evaluations_needed(log, np.ones(1)) == 1 + 4 + 4
+    assert evaluations_needed(log, np.ones(1), null_trials=1) == 10
+    assert evaluations_needed(log, np.ones(1), null_trials=None) == 9 + 4  # the null class on all four trials
+    # a weight that shrinks trial 1 settles class 2 earlier: -0.1, +0.4 after two trials
+    assert evaluations_needed(TrialLog(strata=[0, 1, 1, 1], errors=errors, null_errors=[np.nan] * 4),
+                              np.array([0.1, 1.0])) == 1 + 2 + 2
+
+
 # --------------------------------------------------------------------------- runtime options
 
 
@@ -252,6 +266,8 @@ def test_tune_model_scoring_sets_a_rule_and_temperature():
     assert model.scoring_config.min_trials == report["chosen"]["min_trials"]
     assert model.scoring_config.check_every == 1
     assert report["temperature"] == model.temperature > 0
+    # two classes: at least the decided class and its rival on one trial, at most both on all six, null on each
+    assert 2 + 1 <= report["evaluations_needed_mean"] <= 6 * 3
 
 
 def test_unlabeled_cells_join_the_tuning_set_but_not_the_temperature():

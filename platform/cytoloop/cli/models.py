@@ -186,7 +186,8 @@ def tune(
             typer.echo(f"tuned on {report['n_cells']} validation and {report['n_unlabeled']} unlabeled cells: "
                        f"min_trials {chosen['min_trials']}, "
                        f"elimination_p {chosen['elimination_p']:g}{prior}: {chosen['evals_mean']:.1f} evals/cell "
-                       f"(p95 {chosen['evals_p95']:.0f}), agreement with exhaustive {chosen['agreement']:.3f}")
+                       f"(p95 {chosen['evals_p95']:.0f}), agreement with exhaustive {chosen['agreement']:.3f}; "
+                       f"a rule that knew when to stop would need {report['evaluations_needed_mean']:.1f}")
 
     run(action)
 
