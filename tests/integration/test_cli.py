@@ -238,6 +238,35 @@ def test_baseline_train_and_evaluate(baseline_model, workspace):
     assert Path(f"{json_out.with_suffix('')}.confusion.png").is_file()
 
 
+def test_tune_distill_and_evaluate_a_cascade(diffusion_model, workspace):
+    """The fast path from the command line: tune a model's scoring in place, distil a cascade from it, evaluate it
+    like any model."""
+    import shutil
+
+    model = workspace["root"] / "tuned"
+    shutil.copytree(diffusion_model, model)
+    result = ok(run_cli("tune", "--model", model, "--data", workspace["train"], "--trials", "8",
+                        "--agreement", "0.5", "--null-trials", "1", cwd=workspace["root"]))
+    tuning = json.loads((model / "tuning.json").read_text())
+    chosen = tuning["chosen"]
+    assert chosen is not None and chosen["agreement"] >= 0.5, result.stdout
+    assert "a rule that knew when to stop would need" in result.stdout
+    scoring = json.loads((model / "model.json").read_text())["scoring"]  # the rule is saved in the model
+    assert (scoring["min_trials"], scoring["elimination_p"], scoring["check_every"], scoring["null_trials"]) == (
+        chosen["min_trials"], chosen["elimination_p"], 1, 1)
+
+    cascade = workspace["root"] / "cascade"
+    ok(run_cli("distill", "--teacher", model, "--data", workspace["train"], "--out", cascade, "--steps", "4",
+               "--no-tune", "--defer-fraction", "0.5", "--config", workspace["config"], cwd=workspace["root"]))
+    json_out = workspace["root"] / "reports" / "cascade.json"
+    ok(run_cli("evaluate", "--model", cascade, "--data", workspace["eval"], "--json", json_out,
+               cwd=workspace["root"]))
+    report = json.loads(json_out.read_text())
+    assert report["model_kind"] == "cascade" and report["classes"] == CLASSES
+    assert report["n_skipped"] == 1 and report["n_excluded_seen_in_training"] > 0  # the teacher's split came along
+    assert report["denoiser_evals_per_cell"] >= 1.0
+
+
 def test_generate_refuses_baseline(baseline_model, workspace):
     result = invoke("generate", "--model", baseline_model, "--class", "monocyte", "-n", "2",
                     "--out", workspace["root"] / "never.png", cwd=workspace["root"])
