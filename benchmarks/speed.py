@@ -4,8 +4,9 @@ On one trained diffusion model and the same held-out test cells, side by side in
   exhaustive        a fixed number of trials (default 200), every class, no elimination: the reference decision;
   adaptive          the original elimination rule (20 trials, then a t-test every 5, null class every trial),
                     one cell at a time;
-  tuned             the elimination rule tuned on validation cells to agree with exhaustive scoring
-                    (`calibration.tune_scoring`), one cell at a time, then batched across cells, in fp32 and bf16;
+  tuned             the elimination rule tuned on validation cells (and, with --tuning-unlabeled, unlabeled cells)
+                    to agree with exhaustive scoring (`calibration.tune_scoring`), one cell at a time, then batched
+                    across cells, in fp32 and bf16;
   cascade           a student CNN distilled from the tuned teacher, deferring unsure cells to the teacher;
   baseline          the discriminative CNN.
 For each: cells/s, denoiser evaluations per cell (mean, p95), balanced accuracy, ECE and agreement with the
@@ -45,7 +46,7 @@ from cytoloop.data import load_records, select
 from cytoloop.models import Predictions, load_model
 from cytoloop.preprocess import load_cells
 from cytoloop.scoring import GPU_LOOKAHEAD, replay, summarise_log
-from cytoloop.workflows import SPLIT_FILE, UNLABELED, held_out, label_indices
+from cytoloop.workflows import SPLIT_FILE, UNLABELED, held_out, label_indices, outside_split
 
 from _docs import DOCS, replace_section
 
@@ -75,6 +76,9 @@ def main() -> None:
     parser.add_argument("--distill-cells", type=int, default=0, help="labelled train cells to distil on (0: all)")
     parser.add_argument("--unlabeled-domains", default="cellavision",
                         help="domains whose cells the student also distils from, unlabeled ('' for none)")
+    parser.add_argument("--tuning-unlabeled", type=int, default=0,
+                        help="also tune the rule on this many cells of --unlabeled-domains, outside the model's "
+                        "split (labels unused), as `cytoloop tune --unlabeled-domains` does (0: validation only)")
     parser.add_argument("--unbatched-cells", type=int, default=16,
                         help="score this many test cells one at a time too (0: skip those slow rows)")
     parser.add_argument("--original-cells", type=int, default=0,
@@ -109,7 +113,14 @@ def main() -> None:
     # Tuning: exhaustive trials on validation cells, replayed under every candidate rule (cached: the slow part).
     val_logs = cached(args.out / f"val_exhaustive_{args.exhaustive_precision}.pkl",
                       lambda: teacher.score(val.images, exhaustive).logs)
-    tuned, candidates = tune_scoring(val_logs, weights, base, base.tuning_agreement)
+    tuning_logs = list(val_logs)
+    if args.tuning_unlabeled:
+        unlabeled = fixed_subset(outside_split(select(load_records(args.data), args.unlabeled_domains.split(",")),
+                                               args.model), args.tuning_unlabeled)
+        extra = load_cells(unlabeled, teacher.data_config)
+        tuning_logs += cached(args.out / f"unlabeled_{len(extra.records)}_exhaustive_{args.exhaustive_precision}.pkl",
+                              lambda: teacher.score(extra.images, exhaustive).logs)
+    tuned, candidates = tune_scoring(tuning_logs, weights, base, base.tuning_agreement)
     val_needed = [trials_needed(log, weights) for log in val_logs]
     val_evals_needed = [evaluations_needed(log, weights, tuned.null_trials) for log in val_logs]
     temperatures = {
@@ -196,7 +207,7 @@ def main() -> None:
     flops = denoiser_flops(teacher, args)
     report = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "n_test": len(test.records), "n_val": len(val.records),
+        "n_test": len(test.records), "n_val": len(val.records), "n_tuning_unlabeled": len(tuning_logs) - len(val_logs),
         "tuned": {"min_trials": tuned.min_trials, "check_every": tuned.check_every,
                   "elimination_p": tuned.elimination_p, "null_trials": tuned.null_trials,
                   "variance_prior": tuned.variance_prior,
@@ -397,7 +408,10 @@ def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
         "core count the machine was shared, cells/s are pessimistic and rows (run one after another) saw "
         "different loads; evaluation counts and agreement do not depend on load.",
         "",
-        f"Tuned rule (on validation cells, replaying {args.trials}-trial exhaustive logs; target agreement 0.99): "
+        f"Tuned rule (on {report['n_val']} validation cells"
+        + (f" and {report['n_tuning_unlabeled']} unlabeled {args.unlabeled_domains} cells outside the split"
+           if report["n_tuning_unlabeled"] else "")
+        + f", replaying {args.trials}-trial exhaustive logs; target agreement 0.99): "
         f"min_trials {tuned['min_trials']}, a t-test after every trial (check_every {tuned['check_every']}), "
         f"elimination_p {tuned['elimination_p']:g}, "
         + (f"variance prior {tuned['variance_prior']:.3g} worth {tuned['variance_prior_trials']:g} trials, "
@@ -410,7 +424,7 @@ def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
         f"the null class once): mean {needed['evals_test_mean']:.1f} on test cells, {needed['evals_val_mean']:.1f} on "
         "validation cells: what a rule that knew when to stop would spend.",
         "",
-        "Agreement vs cost of the candidate rules on validation cells (replayed; the Pareto front): "
+        "Agreement vs cost of the candidate rules on the tuning cells (replayed; the Pareto front): "
         + ", ".join(f"{c['agreement']:.3f} at {c['evals_mean']:.1f} evals (min_trials {c['min_trials']}, "
                     f"p {c['elimination_p']:g}, prior {c.get('variance_prior_trials', 0):g})"
                     for c in pareto(report["tuning_candidates"])) + ".",
