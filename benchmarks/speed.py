@@ -212,7 +212,7 @@ def main() -> None:
                   "elimination_p": tuned.elimination_p, "null_trials": tuned.null_trials,
                   "variance_prior": tuned.variance_prior,
                   "variance_prior_trials": tuned.variance_prior_trials if tuned.variance_prior is not None else 0},
-        "tuning_candidates": candidates, "temperatures": temperatures,
+        "tuning_candidates": candidates, "tuning_orders": base.tuning_orders, "temperatures": temperatures,
         "trials_needed": {"val_mean": float(np.mean(val_needed)), "val_p95": float(np.percentile(val_needed, 95)),
                           "test_mean": float(np.mean(test_needed)),
                           "test_p95": float(np.percentile(test_needed, 95)),
@@ -411,7 +411,8 @@ def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
         f"Tuned rule (on {report['n_val']} validation cells"
         + (f" and {report['n_tuning_unlabeled']} unlabeled {args.unlabeled_domains} cells outside the split"
            if report["n_tuning_unlabeled"] else "")
-        + f", replaying {args.trials}-trial exhaustive logs; target agreement 0.99): "
+        + f", replaying {args.trials}-trial exhaustive logs in {report['tuning_orders']} trial orders each; target "
+        "agreement 0.99): "
         f"min_trials {tuned['min_trials']}, a t-test after every trial (check_every {tuned['check_every']}), "
         f"elimination_p {tuned['elimination_p']:g}, "
         + (f"variance prior {tuned['variance_prior']:.3g} worth {tuned['variance_prior_trials']:g} trials, "

@@ -162,6 +162,11 @@ class ScoringConfig(_Section):
     tuning_agreement: float = Field(
         0.99, gt=0.0, le=1.0, description="fraction of validation cells whose tuned decision must match exhaustive"
     )
+    tuning_orders: int = Field(
+        10, ge=1, description="tuning replays each validation cell's exhaustive trials in this many orders that "
+        "scoring could equally have drawn (the exhaustive decision does not depend on the order), so agreement "
+        "is a rate per cell, not one lucky or unlucky order"
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the denoiser runs; auto: cuda if present")
     precision: Literal["fp32", "bf16", "fp16"] = Field(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cytoloop.calibration import decision, evaluations_needed, trials_needed, tune_scoring
+from cytoloop.calibration import decision, evaluations_needed, reorderings, trials_needed, tune_scoring
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
 from cytoloop.scoring import TrialLog, replay, score_cells
@@ -182,12 +182,13 @@ def test_tuning_meets_the_agreement_target_cheaply():
     tuned, rows = tune_scoring(logs, weights, base, target_agreement=0.99, min_trials=(1, 2, 4, 8),
                                p_values=(0.2, 0.05, 0.01, 2e-3))
     assert tuned is not base
-    reference = [decision(log, weights) for log in logs]
-    replays = [replay(log, tuned, weights) for log in logs]
-    agreement = np.mean([decision(r, weights) == ref for (r, _), ref in zip(replays, reference)])
+    # measured over every order of each cell's trials that tuning replays
+    orders = [(order, decision(log, weights)) for log in logs for order in reorderings(log, base.tuning_orders, 4)]
+    replays = [replay(order, tuned, weights) for order, _ in orders]
+    agreement = np.mean([decision(r, weights) == ref for (r, _), (_, ref) in zip(replays, orders)])
     assert agreement >= 0.99
     evals = np.mean([e for _, e in replays])
-    default_evals = np.mean([replay(log, base, weights)[1] for log in logs])
+    default_evals = np.mean([replay(order, base, weights)[1] for order, _ in orders])
     assert evals < default_evals
     # the chosen rule is the cheapest of those meeting the target
     meeting = [r for r in rows if r["agreement"] >= 0.99]
@@ -198,7 +199,7 @@ def test_tuning_keeps_config_when_target_unreachable():
     """A cell whose first trials favour class 0 and whose later ones favour class 1: any early stop disagrees."""
     errors = [np.array([0.0, 1.0]), np.array([0.0, 1.1])] + [np.array([1.0, 0.0])] * 8
     log = TrialLog(strata=[0] * 10, errors=errors, null_errors=[np.nan] * 10)
-    base = ScoringConfig(max_trials=10, min_trials=10, timestep_bins=1)
+    base = ScoringConfig(max_trials=10, min_trials=10, timestep_bins=1, tuning_orders=1)
     tuned, rows = tune_scoring([log], np.ones(1), base, target_agreement=1.0, min_trials=(2,), p_values=(0.5,))
     assert tuned is base
     assert rows[0]["agreement"] == 0.0
@@ -328,3 +329,31 @@ def test_tuning_offers_the_variance_prior_and_reports_it():
     with_prior = [r for r in rows if r["variance_prior_trials"] == 2.0]
     assert len(with_prior) == 4
     assert tuned.variance_prior is None or tuned.variance_prior > 0
+
+
+def test_reorderings_keep_the_trials_and_the_block_design():
+    rng = np.random.default_rng(0)
+    strata = [int(k) for block in range(3) for k in rng.permutation(4)] + [2, 0]  # 3 full blocks and a partial one
+    log = TrialLog(strata=strata, errors=[rng.normal(size=3) for _ in strata], null_errors=list(range(len(strata))))
+    orders = reorderings(log, 5, bins=4)
+    assert orders[0] is log and len(orders) == 5
+    for other in orders[1:]:
+        # the same trials (each trial's errors travel with its stratum and null error)
+        assert sorted(other.null_errors) == sorted(log.null_errors)
+        for stratum, errors, null in zip(other.strata, other.errors, other.null_errors):
+            assert stratum == log.strata[null] and np.array_equal(errors, log.errors[null])
+        # blocks of 4 visit every stratum once, as scoring draws them
+        assert all(sorted(other.strata[b:b + 4]) == [0, 1, 2, 3] for b in range(0, 12, 4))
+        assert decision(other, np.ones(4)) == decision(log, np.ones(4))  # the reference does not move
+    assert any(other.strata != log.strata or other.null_errors != log.null_errors for other in orders[1:])
+
+
+def test_tuning_counts_a_cell_that_disagrees_in_some_orders():
+    """One cell, class 0 better overall, but one trial that strongly favours class 1: a rule that stops after
+    one trial disagrees exactly in the orders that draw that trial first, which one fixed order cannot show."""
+    errors = [np.array([0.0, 1.0])] * 9 + [np.array([3.0, 0.0])]
+    log = TrialLog(strata=[0] * 10, errors=errors, null_errors=[np.nan] * 10)
+    base = ScoringConfig(max_trials=10, min_trials=10, timestep_bins=1, tuning_orders=200)
+    _, rows = tune_scoring([log], np.ones(1), base, target_agreement=1.0, min_trials=(1,), p_values=(0.5,),
+                           prior_trials=(2.0,))
+    assert 0.8 < rows[0]["agreement"] < 0.99  # about 9 orders in 10 start with a class-0 trial
