@@ -55,6 +55,7 @@ def summarise(run: Path) -> dict:
         "run": str(run), "model": str(model), "steps": training["steps"],
         "resumed_from": training.get("resumed_from_step", 0), "leg_minutes": training["train_seconds"] / 60,
         "tuned": report["tuned"], "n_tuning_unlabeled": report.get("n_tuning_unlabeled", 0),
+        "tuning_orders": report.get("tuning_orders", 1),  # runs before scoring.tuning_orders replayed one order
         "exhaustive": rows[f"exhaustive, {settings['trials']} trials, batched, {precision}"],
         "fast": rows[TUNED_ROW.format(precision=settings["fast_precision"])],
         "cascade": cascade,
@@ -81,7 +82,8 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         t = r["tuned"]
         resumed = (f" (resumed at {r['resumed_from']}: {r['leg_minutes']:.0f} min for the rest)" if r["resumed_from"]
                    else f" ({r['leg_minutes']:.0f} min)")
-        rule = (f"min_trials {t['min_trials']}, p {t['elimination_p']:g}, prior {t['variance_prior_trials']:g}"
+        rule = (f"min_trials {t['min_trials']}, p {t['elimination_p']:g}, prior {t['variance_prior_trials']:g}; "
+                f"tuned on {r['tuning_orders']} trial order(s) per cell"
                 + (f" (+{r['n_tuning_unlabeled']} unlabeled)" if r["n_tuning_unlabeled"] else ""))
         lines.append(
             f"| `{r['model']}` | {r['steps']}{resumed} | {r['exhaustive']['balanced_accuracy']:.3f} | {rule} | "
