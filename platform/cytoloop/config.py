@@ -104,6 +104,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="autocast dtype of the forward pass (weights, optimiser state and EMA stay fp32); bf16 needs a "
+        "CPU with avx512_bf16/AMX or a GPU, where it is cheaper per step (docs/benchmarks.md)",
+    )
 
 
 class ScoringConfig(_Section):

@@ -52,7 +52,7 @@ def diffusion_loss(scheduler, null_class: int, config: TrainConfig) -> LossFn:
         abar = alphas_cumprod[t].view(-1, 1, 1, 1).to(device)
         t = t.to(device)
         x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
-        predicted = network(x_t, t, class_labels=classes).sample
+        predicted = network(x_t, t, class_labels=classes).sample.float()  # the loss in fp32 under autocast
         per_cell = ((predicted - noise) ** 2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma is not None:
             snr = abar.view(-1) / (1 - abar.view(-1))
@@ -66,7 +66,7 @@ def baseline_loss(config: TrainConfig) -> LossFn:
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return criterion(network(images), labels)
+        return criterion(network(images).float(), labels)
 
     return loss
 
@@ -97,7 +97,8 @@ def fit(
 
     With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps and training resumes from it,
     so an interrupted run continues where it stopped and ends with the same weights as an uninterrupted one.
-    `network` may come wrapped in DistributedDataParallel (Ray Train's `prepare_model`): gradients are then
+    With `config.precision` "bf16" the forward pass runs under bf16 autocast; the loss, the weights, the
+    optimiser state and the EMA stay fp32. `network` may come wrapped in DistributedDataParallel (Ray Train's `prepare_model`): gradients are then
     averaged across workers, while the EMA and the checkpoints hold the plain model.
     """
     from tqdm.auto import tqdm
@@ -137,7 +138,8 @@ def fit(
     for step in bar:
         index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)
         batch = augment(data[index], augment_config, generator).to(device)
-        loss = loss_fn(network, batch, targets[index].to(device), generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            loss = loss_fn(network, batch, targets[index].to(device), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)

@@ -135,19 +135,35 @@ def _data_root(records: Sequence[CellRecord]) -> str:
     return str(record.path)[: -len(record.cell_id)].rstrip("/")
 
 
-def _model_split(records: Sequence[CellRecord], model_dir: Path) -> tuple[dict | None, bool]:
-    """The model's split file (None without one) and whether `records` are of the dataset it was split from."""
+def _model_split(model_dir: Path) -> dict | None:
+    """The model's split file, or None when it has none."""
     split_path = Path(model_dir) / SPLIT_FILE
-    if not split_path.is_file() or not records:
-        return None, False
-    meta = json.loads(split_path.read_text())
-    return meta, meta["meta"].get("data_root") == _data_root(records)
+    return json.loads(split_path.read_text()) if split_path.is_file() else None
+
+
+def _in_parts(records: Sequence[CellRecord], meta: dict, parts: Sequence[str]) -> np.ndarray:
+    """Which records are cells of the given parts of a model's split.
+
+    A split names cells by their path relative to the dataset the model was trained from. The same cell may be
+    read through another manifest (the lab's own, or the combined one of all labs, whose ids carry the lab's
+    folder) or from another checkout: a record is that cell when its path ends with the split's id. Matching by
+    path suffix, not by the dataset root, is what keeps a model's training cells out of its evaluation however
+    its data is pointed at.
+    """
+    ids = set().union(*(set(meta["parts"].get(part, [])) for part in parts))
+    depth = max((i.count("/") + 1 for i in ids), default=0)
+    found = np.zeros(len(records), dtype=bool)
+    for n, record in enumerate(records):
+        pieces = Path(record.path).as_posix().split("/")
+        found[n] = any("/".join(pieces[-k:]) in ids for k in range(1, min(depth, len(pieces)) + 1))
+    return found
 
 
 def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = None) -> tuple[list[CellRecord], int]:
-    """The records a model may be evaluated on: without its train and val cells (same dataset), or only the
-    given part of its split. Returns (records, number excluded)."""
-    meta, same_dataset = _model_split(records, model_dir)
+    """The records a model may be evaluated on: without its train and val cells, or only the given part of its
+    split (cells are matched by path, whichever manifest lists them: `_in_parts`). Returns (records, number
+    excluded)."""
+    meta = _model_split(model_dir)
     if meta is None:
         if part:
             raise DatasetError(f"{model_dir}: the model has no {SPLIT_FILE}; cannot select part {part!r}")
@@ -155,26 +171,25 @@ def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = 
     if part:
         if part not in meta["parts"]:
             raise DatasetError(f"unknown split part {part!r}; valid: {', '.join(meta['parts'])}")
-        if not same_dataset:
-            raise DatasetError(f"part {part!r} refers to {meta['meta'].get('data_root')}, not this dataset")
-        wanted = set(meta["parts"][part])
-        kept = [r for r in records if r.cell_id in wanted]
+        inside = _in_parts(records, meta, [part])
+        if records and not inside.any():
+            raise DatasetError(f"none of these {len(records)} cells is in part {part!r} of the model's split "
+                               f"(it was made from {meta['meta'].get('data_root')})")
+        kept = [r for r, keep in zip(records, inside) if keep]
         return kept, len(records) - len(kept)
-    if not same_dataset:
-        return list(records), 0
-    seen = set(meta["parts"].get("train", [])) | set(meta["parts"].get("val", []))
-    kept = [r for r in records if r.cell_id not in seen]
+    seen = _in_parts(records, meta, ["train", "val"])
+    kept = [r for r, used in zip(records, seen) if not used]
     return kept, len(records) - len(kept)
 
 
 def outside_split(records: Sequence[CellRecord], model_dir: Path) -> list[CellRecord]:
     """The records in none of the model's split parts (train, val, test): cells a model may be tuned on without
-    labels and without touching the cells it is evaluated on. All of them when the split is of another dataset."""
-    meta, same_dataset = _model_split(records, model_dir)
-    if meta is None or not same_dataset:
+    labels and without touching the cells it is evaluated on."""
+    meta = _model_split(model_dir)
+    if meta is None:
         return list(records)
-    used = set().union(*map(set, meta["parts"].values()))
-    return [r for r in records if r.cell_id not in used]
+    used = _in_parts(records, meta, list(meta["parts"]))
+    return [r for r, u in zip(records, used) if not u]
 
 
 def evaluate_predictions(

@@ -301,8 +301,30 @@ def test_outside_split_leaves_out_every_part_of_the_models_split(tmp_path):
     parts = {"train": ["d/0.png", "d/1.png"], "val": ["d/2.png"], "test": ["d/3.png"]}
     (tmp_path / SPLIT_FILE).write_text(json.dumps({"meta": {"data_root": str(root)}, "parts": parts}))
     assert [r.cell_id for r in outside_split(records, tmp_path)] == ["d/4.png", "d/5.png"]
-    (tmp_path / SPLIT_FILE).write_text(json.dumps({"meta": {"data_root": "/elsewhere"}, "parts": parts}))
-    assert outside_split(records, tmp_path) == records  # another dataset: none of these cells was used
+    others = [CellRecord(f"e/{i}.png", root / f"e/{i}.png", None, "e") for i in range(3)]
+    assert outside_split(others, tmp_path) == others  # another dataset: none of these cells was used
+
+
+def test_a_models_split_is_found_whichever_manifest_or_checkout_lists_its_cells(tmp_path):
+    """The combined manifest of all labs names a cell 'pbc/x.jpg', the lab's own manifest 'x.jpg', and another
+    checkout has another root: each must still keep the model's training cells out of its evaluation."""
+    import json
+
+    from cytoloop.data import CellRecord, DatasetError
+    from cytoloop.workflows import SPLIT_FILE, held_out
+
+    parts = {"train": ["pbc/a/0.jpg", "pbc/a/1.jpg"], "val": ["pbc/a/2.jpg"], "test": ["pbc/a/3.jpg"]}
+    (tmp_path / SPLIT_FILE).write_text(json.dumps({"meta": {"data_root": "/work/shared/data"}, "parts": parts}))
+    combined = [CellRecord(f"pbc/a/{i}.jpg", tmp_path / f"ci/data/pbc/a/{i}.jpg", "a", "pbc") for i in range(5)]
+    own = [CellRecord(f"a/{i}.jpg", tmp_path / f"ci/data/pbc/a/{i}.jpg", "a", "pbc") for i in range(5)]
+    for records in (combined, own):
+        kept, excluded = held_out(records, tmp_path)
+        assert [r.path.name for r in kept] == ["3.jpg", "4.jpg"] and excluded == 3
+        assert [r.path.name for r in held_out(records, tmp_path, part="test")[0]] == ["3.jpg"]
+    other_lab = [CellRecord(f"jtsc/a/{i}.jpg", tmp_path / f"ci/data/jtsc/a/{i}.jpg", "a", "jtsc") for i in range(3)]
+    assert held_out(other_lab, tmp_path) == (other_lab, 0)
+    with pytest.raises(DatasetError, match="none of these 3 cells is in part 'test'"):
+        held_out(other_lab, tmp_path, part="test")
 
 
 def test_a_variance_prior_lets_the_first_trials_decide_and_shrinks_a_lucky_estimate():
