@@ -44,6 +44,8 @@ TINY_OVERRIDES: dict = {
         "max_trials": 8,
         "check_every": 2,
         "calibration_trials": 4,
+        "tuning_trials": 8,  # training ends by tuning the scoring on these exhaustive trials
+        "tuning_orders": 2,
         "timestep_bins": 4,  # so that calibration's 4 exhaustive trials visit every stratum once
         "batch_size": 64,
         "seed": 0,

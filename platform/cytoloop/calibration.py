@@ -78,23 +78,48 @@ def fit_timestep_weights(logs: list[TrialLog], labels: np.ndarray, bins: int) ->
 def calibrate(model, images: np.ndarray, labels: np.ndarray, progress: bool = False, prior_cells: float = 0.0):
     """Fit a model's calibration on labelled validation cells, in place; returns the model.
 
-    Diffusion: timestep weights from exhaustive trials, then the temperature on the scores the model will
-    actually produce (adaptive, with those weights). Baseline: the temperature on its logits. With `prior_cells`
-    the model's current temperature (a fine-tuned model's parent's) counts as that many cells (`fit_temperature`).
+    Diffusion: timestep weights (`fit_weights`), then the temperature on the scores the model will actually
+    produce (adaptive, with those weights). Baseline: the temperature on its logits. With `prior_cells` the
+    model's current temperature (a fine-tuned model's parent's) counts as that many cells (`fit_temperature`).
     """
     prior = model.temperature if prior_cells > 0 else None
     if model.kind == "diffusion":
-        trials = model.scoring_config.calibration_trials
-        exhaustive = model.scoring_config.model_copy(update={"min_trials": trials, "max_trials": trials})
-        model.timestep_weights = None
-        result = model.score(images, exhaustive, progress=progress)
-        bins = model.scoring_config.timestep_bins
-        model.timestep_weights = fit_timestep_weights(result.logs, labels, bins).tolist()
+        fit_weights(model, images, labels, progress)
         model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels, prior,
                                             prior_cells)
     else:
         model.temperature = fit_temperature(model.logits(images), labels, prior, prior_cells)
     return model
+
+
+def fit_weights(model, images: np.ndarray, labels: np.ndarray, progress: bool = False):
+    """Fit a diffusion model's timestep weights w(t) in place from `calibration_trials` exhaustive trials on at
+    most `calibration_cells` labelled validation cells (`even_subset`); returns the model."""
+    config = model.scoring_config
+    exhaustive = config.model_copy(update={"min_trials": config.calibration_trials,
+                                           "max_trials": config.calibration_trials, "score_null_class": False})
+    model.timestep_weights = None
+    subset = even_subset(labels, config.calibration_cells, config.seed)
+    result = model.score(images[subset], exhaustive, progress=progress)
+    model.timestep_weights = fit_timestep_weights(result.logs, labels[subset], config.timestep_bins).tolist()
+    return model
+
+
+def even_subset(labels: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of at most `n` cells drawn as evenly over the classes as their counts allow (seeded, sorted).
+
+    The exhaustive calibration passes cost cells x trials x classes; an even draw keeps every class's errors in
+    the fit when only a few hundred of thousands of validation cells can be afforded."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for pool in pools:
+            if pool and len(chosen) < n:
+                chosen.append(int(pool.pop()))
+    return np.sort(np.asarray(chosen))
 
 
 def reorderings(log: TrialLog, n: int, bins: int, seed: int = 0) -> list[TrialLog]:

@@ -104,6 +104,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
+    tune_scoring: bool = Field(
+        True, description="diffusion: end training by tuning the adaptive scoring on the validation cells (what "
+        "`cytoloop tune` does), so the model is saved with its fast rule; off keeps the untuned default rule"
+    )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="autocast dtype of the forward pass (weights, optimiser state and EMA stay fp32); bf16 needs a "
@@ -166,6 +170,11 @@ class ScoringConfig(_Section):
     )
     tuning_agreement: float = Field(
         0.99, gt=0.0, le=1.0, description="fraction of validation cells whose tuned decision must match exhaustive"
+    )
+    calibration_cells: int | None = Field(
+        200, ge=2, description="at most this many validation cells (an even, seeded draw over classes) go through "
+        "the exhaustive passes that fit w(t) and tune the elimination rule, whose cost grows with cells x trials x "
+        "classes; the temperature is fitted on every validation cell. None: all of them"
     )
     tuning_orders: int = Field(
         10, ge=1, description="tuning replays each validation cell's exhaustive trials in this many orders that "

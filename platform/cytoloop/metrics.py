@@ -262,3 +262,32 @@ def bootstrap_interval(
     stats = np.array([values_fn(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
     low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(low), float(high)
+
+
+def bootstrap_intervals(
+    statistics: Callable[[np.ndarray], dict[str, float]],
+    n: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of several statistics computed on the same resamples.
+
+    ``statistics`` receives an index array (``n`` draws with replacement) and returns named values; a value that
+    is NaN on a resample (a class drawn zero times) is left out of that statistic's quantiles. A statistic NaN on
+    every resample gets ``(nan, nan)``. Deterministic for a given ``seed``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        for name, value in statistics(rng.integers(0, n, size=n)).items():
+            draws.setdefault(name, []).append(float(value))
+    out = {}
+    for name, values in draws.items():
+        finite = np.asarray(values)[~np.isnan(values)]
+        out[name] = ((float("nan"), float("nan")) if not len(finite) else
+                     tuple(float(q) for q in np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])))
+    return out
+

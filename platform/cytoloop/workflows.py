@@ -1,7 +1,7 @@
 """Train and evaluate, end to end: the stages the CLI, the benchmarks and the Ray jobs all call.
 
-`train_model`: select -> split (seeded, written to the model directory) -> preprocess -> fit -> calibrate on the
-validation part -> save. `evaluate_model`: preprocess -> predict -> metrics, JSON and plots. `tune_model_scoring`:
+`train_model`: select -> split (seeded, written to the model directory) -> preprocess -> fit -> calibrate (and, for
+the diffusion model, tune its scoring) on the validation part -> save. `evaluate_model`: preprocess -> predict -> metrics, JSON and plots. `tune_model_scoring`:
 fit the adaptive scoring's elimination rule on the validation part. `distill_model`: build a cascade (a student
 CNN distilled from a diffusion model) from the teacher's train part. Evaluation never scores a cell the model
 trained or calibrated on: those are excluded by the split the model carries.
@@ -17,7 +17,9 @@ from typing import Literal, Sequence
 import numpy as np
 
 from cytoloop import metrics, plots
-from cytoloop.calibration import calibrate, evaluations_needed, fit_temperature, trials_needed, tune_scoring
+from cytoloop.calibration import (
+    calibrate, evaluations_needed, even_subset, fit_temperature, fit_weights, trials_needed, tune_scoring,
+)
 from cytoloop.cascade import CascadeClassifier, distill
 from cytoloop.config import Settings
 from cytoloop.data import CellRecord, DatasetError, read_split, records_fingerprint, stratified_split, write_split
@@ -68,7 +70,9 @@ def train_model(
     """Train, calibrate and save a model into `out`; returns it and a training report (also in out/training.json).
 
     `records` are labelled cells; they are split train/val/test (stratified by label and domain) and the split is
-    written to out/split.json. `unlabeled` cells train only the diffusion model's null class.
+    written to out/split.json. `unlabeled` cells train only the diffusion model's null class. A diffusion model
+    ends tuned (`train.tune_scoring`): w(t), then the fastest elimination rule that agrees with exhaustive scoring,
+    then the temperature for that rule, all on the validation part (out/tuning.json).
     """
     out = Path(out)
     classes = classes or sorted({r.label for r in records if r.label is not None})
@@ -99,7 +103,14 @@ def train_model(
         model.network = trained
 
     began = time.perf_counter()
-    calibrate(model, val.images, label_indices(val.records, classes), progress=progress)
+    val_labels = label_indices(val.records, classes)
+    tuning = None
+    if kind == "diffusion" and settings.train.tune_scoring:
+        fit_weights(model, val.images, val_labels, progress=progress)
+        tuning = tune_model_scoring(model, val.images, val_labels, progress=progress)
+        (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
+    else:
+        calibrate(model, val.images, val_labels, progress=progress)
     skipped = train.skipped + val.skipped + (extra.skipped if extra else [])
     report = {
         "kind": kind,
@@ -116,6 +127,7 @@ def train_model(
         "domains": sorted({r.domain for r in records}),
         "data_fingerprint": records_fingerprint(split["train"]),
         "temperature": model.temperature,
+        "tuned_rule": None if tuning is None else tuning["chosen"],
         "history": result.history,
         "settings": settings.model_dump(mode="json"),
     }
@@ -197,11 +209,27 @@ def evaluate_predictions(
     labels: np.ndarray,
     classes: list[str],
     seconds: float,
+    n_boot: int = 1000,
 ) -> dict:
-    """The evaluation metrics of issue #2 from predictions on labelled cells."""
+    """The evaluation metrics from predictions on labelled cells, each with a 95 % bootstrap interval over the
+    cells (`intervals`: metric -> [low, high]; per-class recall as `recall <class>`)."""
     predicted = predictions.labels
     correct = predicted == labels
     recall = metrics.per_class_recall(labels, predicted, len(classes))
+    probs, confidence = predictions.probs, predictions.confidence
+
+    def statistics(index: np.ndarray) -> dict[str, float]:
+        y, guess = labels[index], predicted[index]
+        per_class = metrics.per_class_recall(y, guess, len(classes))
+        values = {"accuracy": float(np.mean(correct[index])),
+                  "balanced_accuracy": float(np.nanmean(per_class)),
+                  "ece": metrics.expected_calibration_error(probs[index], y, n_bins=15),
+                  "nll": metrics.negative_log_likelihood(probs[index], y),
+                  "accuracy_at_90_coverage": metrics.selective_accuracy(confidence[index], correct[index], 0.9)}
+        values.update({f"recall {c}": per_class[i] for i, c in enumerate(classes) if not np.isnan(recall[i])})
+        return values
+
+    intervals = metrics.bootstrap_intervals(statistics, len(labels), n_boot=n_boot)
     return {
         "n_cells": int(len(labels)),
         "accuracy": metrics.accuracy(labels, predicted),
@@ -216,16 +244,28 @@ def evaluate_predictions(
         "denoiser_evals_p95": float(np.percentile(predictions.evals, 95)),
         "cells_per_second": float(len(labels) / seconds) if seconds > 0 else None,
         "confusion_matrix": metrics.confusion_matrix(labels, predicted, len(classes)).tolist(),
+        "intervals": {name: list(bounds) for name, bounds in intervals.items()},
     }
 
 
 def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
-    """AUROC of the model's anomaly score, and of every alternative score it reports, for anomalies vs normal."""
+    """AUROC of the model's anomaly score, and of every alternative score it reports, for anomalies vs normal, each
+    with a 95 % bootstrap interval (`anomaly_auroc_intervals`)."""
+    scores = {"anomaly": predictions.anomaly,
+              **{name: values for name, values in predictions.extra.items() if name.startswith("anomaly")}}
+
+    def statistics(index: np.ndarray) -> dict[str, float]:
+        positive = is_anomaly[index]
+        if positive.all() or not positive.any():
+            return {name: float("nan") for name in scores}
+        return {name: metrics.auroc(values[index], positive) for name, values in scores.items()}
+
+    intervals = metrics.bootstrap_intervals(statistics, len(is_anomaly))
     result = {"anomaly_auroc": metrics.auroc(predictions.anomaly, is_anomaly), "anomaly_n": int(len(is_anomaly)),
               "anomaly_n_positive": int(is_anomaly.sum())}
-    result["anomaly_auroc_by_score"] = {
-        name: metrics.auroc(values, is_anomaly) for name, values in predictions.extra.items() if name.startswith("anomaly")
-    }
+    result["anomaly_auroc_by_score"] = {name: metrics.auroc(values, is_anomaly) for name, values in scores.items()
+                                        if name != "anomaly"}
+    result["anomaly_auroc_intervals"] = {name: list(bounds) for name, bounds in intervals.items()}
     return result
 
 
@@ -288,7 +328,8 @@ def tune_model_scoring(
 ) -> dict:
     """Tune a diffusion model's adaptive scoring on labelled validation cells, in place; returns a report.
 
-    Runs `tuning_trials` exhaustive trials per cell (no null class: the decision never uses it), picks the
+    Runs `tuning_trials` exhaustive trials per cell (at most `calibration_cells` labelled ones, drawn evenly over
+    classes; no null class: the decision never uses it), picks the
     cheapest elimination rule agreeing with them on `tuning_agreement` of cells (`calibration.tune_scoring`),
     and refits the temperature for the scores the tuned rule produces (fewer trials, noisier errors).
     Agreement needs no labels, so `unlabeled` cells (from where the model will be used) join the tuning set:
@@ -298,7 +339,9 @@ def tune_model_scoring(
     exhaustive = config.model_copy(
         update={"min_trials": config.tuning_trials, "max_trials": config.tuning_trials, "score_null_class": False}
     )
-    tuning_images = images if unlabeled is None or not len(unlabeled) else np.concatenate([images, unlabeled])
+    tuning_images = images[even_subset(labels, config.calibration_cells, config.seed)]
+    if unlabeled is not None and len(unlabeled):
+        tuning_images = np.concatenate([tuning_images, unlabeled])
     logs = model.score(tuning_images, exhaustive, progress=progress).logs
     weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
     tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
@@ -311,9 +354,11 @@ def tune_model_scoring(
     chosen = [r for r in rows if tuned is not config and (r["variance_prior_trials"], r["min_trials"],
                                                           r["elimination_p"]) ==
               (prior_trials, tuned.min_trials, tuned.elimination_p)]
+    n_labelled = len(tuning_images) - (0 if unlabeled is None else len(unlabeled))
     return {
-        "n_cells": int(len(images)),
-        "n_unlabeled": int(len(tuning_images) - len(images)),
+        "n_cells": int(n_labelled),
+        "n_unlabeled": int(len(tuning_images) - n_labelled),
+        "n_temperature_cells": int(len(images)),
         "chosen": chosen[0] if chosen else None,  # None: no candidate met the target, scoring left unchanged
         "candidates": rows,
         "trials_needed_mean": float(needed.mean()),

@@ -106,3 +106,15 @@ def test_a_temperature_prior_keeps_a_few_right_cells_from_making_the_model_certa
     noisy[np.arange(len(many)), many] += 0.5
     data, both = fit_temperature(noisy, many), fit_temperature(noisy, many, prior=10.0, prior_cells=20)
     assert abs(np.log(both / data)) < 0.5 * abs(np.log(both / 10.0))
+
+
+def test_even_subset_draws_every_class_as_evenly_as_its_cells_allow():
+    from cytoloop.calibration import even_subset
+
+    labels = np.array([0] * 50 + [1] * 3 + [2] * 20)
+    chosen = even_subset(labels, 12, seed=1)
+    assert len(chosen) == 12 and len(set(chosen.tolist())) == 12
+    assert np.bincount(labels[chosen]).tolist() == [5, 3, 4]  # round-robin over classes until one runs out
+    assert even_subset(labels, 12, seed=1).tolist() == chosen.tolist()  # seeded
+    assert even_subset(labels, None).tolist() == list(range(73))
+    assert even_subset(labels, 100).tolist() == list(range(73))

@@ -230,3 +230,39 @@ def test_bad_parameters():
         metrics.reliability_bins(np.eye(2), np.array([0, 1]), n_bins=0)
     with pytest.raises(ValueError, match="0/1"):
         metrics.auroc(np.array([0.1, 0.9]), np.array([0, 2]))
+
+
+def test_bootstrap_intervals_cover_each_statistic_and_skip_resamples_where_it_is_undefined():
+    from cytoloop.metrics import bootstrap_intervals
+
+    values = np.arange(100, dtype=float)
+    rare = np.zeros(100, bool)
+    rare[0] = True  # one cell: most resamples miss it
+
+    def stats(index):
+        return {"mean": values[index].mean(), "rare_share": rare[index].mean() if rare[index].any() else np.nan}
+
+    intervals = bootstrap_intervals(stats, 100, n_boot=300, seed=1)
+    low, high = intervals["mean"]
+    assert low < 49.5 < high and high - low < 25
+    assert intervals == bootstrap_intervals(stats, 100, n_boot=300, seed=1)
+    assert 0 < intervals["rare_share"][0] <= intervals["rare_share"][1]  # NaN resamples left out, not counted 0
+    nothing = bootstrap_intervals(lambda index: {"x": np.nan}, 10, n_boot=5)
+    assert np.isnan(nothing["x"][0]) and np.isnan(nothing["x"][1])
+
+
+def test_evaluation_reports_an_interval_for_every_figure():
+    from cytoloop.models.base import Predictions
+    from cytoloop.workflows import evaluate_predictions
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    probs = rng.dirichlet(np.ones(3), size=120)
+    probs[np.arange(120), labels] += 1.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    report = evaluate_predictions(Predictions(probs=probs, anomaly=np.zeros(120), evals=np.ones(120)), labels,
+                                  ["a", "b", "c"], 1.0, n_boot=200)
+    for name in ("accuracy", "balanced_accuracy", "ece", "nll", "accuracy_at_90_coverage", "recall a", "recall c"):
+        low, high = report["intervals"][name]
+        point = report[name] if name in report else report["per_class_recall"][name.split()[1]]
+        assert low <= point <= high, name

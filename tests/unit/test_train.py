@@ -166,3 +166,61 @@ def test_baseline_save_load_round_trip(tmp_path):
     assert loaded.kind == "baseline" and loaded.classes == ["a", "b"] and loaded.temperature == 1.7
     np.testing.assert_allclose(after.probs, before.probs, atol=1e-6)
     np.testing.assert_allclose(after.probs.sum(axis=1), 1.0)
+
+
+def test_bf16_training_keeps_fp32_weights_and_learns():
+    images, labels = red_blue(8)
+    config = _train_config(steps=30, precision="bf16")
+    network = _fresh_baseline()
+    ema, result = fit(network, baseline_loss(config), images, labels, config, AugmentConfig())
+    assert all(p.dtype == torch.float32 for p in list(network.parameters()) + list(ema.parameters()))
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw(tmp_path, tiny_overrides,
+                                                                                 clean_env):
+    """train_model tunes the scoring it saves (the fast rule every later command uses); the exhaustive passes
+    see at most `calibration_cells` validation cells, the temperature all of them."""
+    import json
+
+    from cytoloop.config import load_settings
+    from cytoloop.data import CellRecord
+    from cytoloop.models import load_model
+    from cytoloop.workflows import train_model
+
+    tiny_overrides["scoring"]["calibration_cells"] = 4
+    settings = load_settings(overrides=tiny_overrides)
+    root = tmp_path / "cells"
+    records = []
+    images, labels = red_blue(40)
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(images, labels)):
+        path = root / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((image.transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)).save(path)
+        records.append(CellRecord(f"{i}.png", path, ["red", "blue"][label], "lab"))
+    scored: list[tuple[int, int]] = []
+    original = DiffusionClassifier.score
+
+    def recording(self, cells, config=None, progress=False):
+        used = config or self.scoring_config
+        scored.append((len(cells), used.max_trials))
+        return original(self, cells, config, progress)
+
+    DiffusionClassifier.score = recording
+    try:
+        model, report = train_model("diffusion", records, settings, tmp_path / "model", classes=["red", "blue"])
+    finally:
+        DiffusionClassifier.score = original
+    n_val = report["n_val"]
+    assert n_val > 4
+    # weights (4 cells), tuning's exhaustive logs (4 cells), temperature with the tuned rule (every val cell)
+    assert scored == [(4, settings.scoring.calibration_trials), (4, settings.scoring.tuning_trials),
+                      (n_val, settings.scoring.max_trials)]
+    tuning = json.loads((tmp_path / "model" / "tuning.json").read_text())
+    assert (tuning["n_cells"], tuning["n_temperature_cells"]) == (4, n_val)
+    saved = load_model(tmp_path / "model")
+    assert saved.scoring_config.check_every == 1  # the tuned rule tests after every trial
+    assert report["tuned_rule"] == tuning["chosen"] and tuning["chosen"] is not None

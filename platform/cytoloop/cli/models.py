@@ -13,18 +13,32 @@ from cytoloop.cli.common import app, fail, run, split_list
 
 @app.command()
 def train(
-    model: str = typer.Option("diffusion", help="diffusion or baseline"),
     data: Path = typer.Option(..., help="manifest CSV, or a folder with one sub-folder per class"),
     out: Path = typer.Option(..., help="model directory to write (resumes from its checkpoint if present)"),
+    recipe: Optional[str] = typer.Option(
+        None, help="a named recipe (base-pbc, base-pbc-cnn) fixing model, cells, budget and settings; see `recipes`"),
+    model: Optional[str] = typer.Option(None, help="diffusion (default) or baseline"),
     domains: Optional[str] = typer.Option(None, help="comma-separated domains to train on (default: all)"),
     classes: Optional[str] = typer.Option(None, help="comma-separated classes (default: all labelled classes)"),
     steps: Optional[int] = typer.Option(None, help="training steps"),
     image_size: Optional[int] = typer.Option(None, help="model resolution in pixels"),
     unlabeled_domains: Optional[str] = typer.Option(None, help="domains whose cells train the null class unlabeled"),
-    seed: int = typer.Option(0, help="seed of the split and of training"),
+    seed: Optional[int] = typer.Option(None, help="seed of the split and of training (default 0)"),
     config: Optional[Path] = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
 ) -> None:
-    """Train a model, calibrate it on the validation part of a seeded split, and save it to OUT."""
+    """Train a model, calibrate it (and tune a diffusion model's scoring) on the validation part of a seeded split,
+    and save it to OUT."""
+    from cytoloop.recipes import RECIPES, get_recipe
+
+    flags = {"--model": model, "--domains": domains, "--classes": classes, "--steps": steps,
+             "--image-size": image_size, "--unlabeled-domains": unlabeled_domains, "--seed": seed}
+    if recipe is not None:
+        if recipe not in RECIPES:
+            fail(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
+        given = [name for name, value in flags.items() if value is not None]
+        if given:
+            fail(f"--recipe {recipe} fixes {', '.join(given)}; drop them or train without the recipe")
+    model = model or "diffusion"
     if model not in ("diffusion", "baseline"):
         fail(f"unknown model {model!r}; valid: diffusion, baseline")
 
@@ -33,23 +47,61 @@ def train(
         from cytoloop.data import load_records, select
         from cytoloop.workflows import train_model
 
-        overrides = {"train": {"steps": steps, "seed": seed}, "data": {"image_size": image_size}}
-        settings = load_settings(config, {k: {f: v for f, v in s.items() if v is not None} for k, s in overrides.items()})
+        if recipe is not None:
+            chosen = get_recipe(recipe)
+            kind, wanted_domains, split_seed = chosen.model, list(chosen.domains), chosen.seed
+            wanted_classes = list(chosen.classes) if chosen.classes else None
+            settings = load_settings(config, chosen.settings_overrides())
+            typer.echo(f"recipe {chosen.name}: {chosen.description}")
+        else:
+            kind, wanted_domains, wanted_classes, split_seed = model, split_list(domains), split_list(classes), seed or 0
+            overrides = {"train": {"steps": steps, "seed": split_seed}, "data": {"image_size": image_size}}
+            settings = load_settings(config, {k: {f: v for f, v in s.items() if v is not None}
+                                              for k, s in overrides.items()})
         records = load_records(data)
-        labelled = select([r for r in records if r.label], split_list(domains), split_list(classes))
+        labelled = select([r for r in records if r.label], wanted_domains, wanted_classes)
         unlabeled = []
         if unlabeled_domains:
             unlabeled = [r for r in select(records, split_list(unlabeled_domains)) if r not in labelled]
-        _, report = train_model(model, labelled, settings, out, classes=split_list(classes), unlabeled=unlabeled,
-                                split_seed=seed, progress=True)
-        typer.echo(f"trained {model} on {report['n_train']} cells ({report['n_unlabeled']} unlabeled) in "
+        _, report = train_model(kind, labelled, settings, out, classes=wanted_classes, unlabeled=unlabeled,
+                                split_seed=split_seed, progress=True)
+        if recipe is not None:
+            write_recipe_record(out, recipe, data)
+        typer.echo(f"trained {kind} on {report['n_train']} cells ({report['n_unlabeled']} unlabeled) in "
                    f"{report['train_seconds'] / 60:.1f} min; temperature {report['temperature']:.3g}; "
                    f"{report['n_skipped']} image(s) skipped")
+        if report.get("tuned_rule"):
+            rule = report["tuned_rule"]
+            typer.echo(f"scoring tuned: {rule['evals_mean']:.1f} denoiser evaluations per cell at agreement "
+                       f"{rule['agreement']:.3f} with exhaustive scoring on the validation cells")
         for path, reason in report["skipped"]:
             typer.echo(f"  skipped {path}: {reason}")
         typer.echo(f"model written to {out}")
 
     run(action)
+
+
+def write_recipe_record(out: Path, recipe: str, data: Path) -> None:
+    """Record in the model directory the recipe and the command that made it (the model card quotes it)."""
+    from cytoloop.recipes import get_recipe
+
+    chosen = get_recipe(recipe)
+    record = {"recipe": chosen.name, "description": chosen.description, "model": chosen.model,
+              "domains": list(chosen.domains), "classes": chosen.classes, "steps": chosen.steps, "seed": chosen.seed,
+              "settings": chosen.settings_overrides(),
+              "command": f"cytoloop train --recipe {chosen.name} --data {data} --out {out}"}
+    (Path(out) / "recipe.json").write_text(json.dumps(record, indent=1))
+
+
+@app.command()
+def recipes() -> None:
+    """List the named training recipes (`cytoloop train --recipe NAME`)."""
+    from cytoloop.recipes import RECIPES
+
+    for recipe in RECIPES.values():
+        typer.echo(f"{recipe.name:<14} {recipe.description}")
+        typer.echo(f"{'':<14} {recipe.model}, domains {','.join(recipe.domains)}, {recipe.steps} steps, "
+                   f"seed {recipe.seed}, settings {json.dumps(recipe.settings_overrides())}")
 
 
 @app.command()

@@ -159,6 +159,7 @@ class DiffusionClassifier:
             extra={
                 "anomaly_min_error": result.anomaly_min_error,
                 "anomaly_null_ratio": result.anomaly_null_ratio,
+                "anomaly_gap": _negative_gap(result.class_error),
                 "trials": result.trials,
             },
         )
@@ -221,3 +222,12 @@ class DiffusionClassifier:
         )
         model.unet.load_state_dict(torch.load(Path(directory) / "weights.pt", weights_only=True))
         return model
+
+
+def _negative_gap(class_error: np.ndarray) -> np.ndarray:
+    """The reference's anomaly statistic, as a score (higher: more anomalous): minus the gap between the best and
+    the second-best class's error. A cell no class explains better than another has no gap."""
+    if class_error.shape[1] < 2:
+        return np.zeros(len(class_error))
+    ordered = np.sort(class_error, axis=1)
+    return -(ordered[:, 1] - ordered[:, 0])

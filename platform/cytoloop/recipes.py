@@ -1,0 +1,71 @@
+"""Named training recipes: how a shipped model was made, as data the `train` command runs again.
+
+A shipped model's weights must never be the only record of how they were made. A recipe fixes everything that
+decides the result: the model kind, which cells (domains and classes of a manifest), the split and training seed,
+the budget and every setting that differs from the defaults. `cytoloop train --recipe base-pbc --data
+../shared/data/manifest.csv --out DIR` then reproduces the model: the same split, the same steps, the same tuned
+scoring (a run stopped half-way resumes from DIR's checkpoint). The recipe's settings win over a settings file and
+`CYTOLOOP_*` variables, so a stray environment variable cannot make a different model under the recipe's name;
+settings that do not change the result (threads) may still come from them.
+
+The data is a manifest that lists the recipe's domains: the combined manifest of all labs or the lab's own one;
+the split names cells by path, so either gives the same cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One reproducible training run."""
+
+    name: str
+    description: str
+    model: Literal["diffusion", "baseline"]
+    domains: tuple[str, ...]
+    steps: int
+    classes: tuple[str, ...] | None = None  # None: every labelled class of the domains
+    seed: int = 0  # split and training
+    overrides: dict = field(default_factory=dict)  # nested settings, as `load_settings(overrides=...)` takes them
+
+    def settings_overrides(self) -> dict:
+        """The recipe's settings with its budget and seed, ready for `load_settings`."""
+        train = {**self.overrides.get("train", {}), "steps": self.steps, "seed": self.seed}
+        return {**self.overrides, "train": train}
+
+
+# PBC at 32 px on a 2-core CPU: bf16 autocast and batch 32 bring 20,000 steps to about 80 minutes
+# (docs/benchmarks.md, "Base model"). The CNN baseline sees the same cells, split, batch and number of steps.
+_PBC_TRAINING = {"batch_size": 32, "precision": "bf16", "checkpoint_every": 500}
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe(
+            name="base-pbc",
+            description="CytoLoop's base model: the diffusion classifier on PBC's eight classes, 32 px, 20,000 steps",
+            model="diffusion",
+            domains=("pbc",),
+            steps=20_000,
+            overrides={"data": {"image_size": 32}, "train": _PBC_TRAINING},
+        ),
+        Recipe(
+            name="base-pbc-cnn",
+            description="the CNN baseline on the same PBC cells, split, batch and steps as base-pbc",
+            model="baseline",
+            domains=("pbc",),
+            steps=20_000,
+            overrides={"data": {"image_size": 32}, "train": _PBC_TRAINING},
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name`; an unknown name is a ValueError listing the known ones."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
