@@ -5,7 +5,7 @@ Both models come from the same recipe family (`cytoloop recipes`): the same PBC 
 `cytoloop train --recipe base-pbc`), the CNN is trained here once per seed in `--cnn-seeds` with `--cnn-steps`
 steps (default: the recipe's, the diffusion model's budget). Every figure has a 95 % bootstrap interval over cells.
 
-  in_domain     PBC's held-out test part (or a fixed, seeded draw of `--test-cells` of it): balanced accuracy,
+  in_domain     PBC's held-out test part (or a fixed, class-interleaved `--test-cells` of it): balanced accuracy,
                 per-class recall, ECE after temperature scaling, NLL, accuracy at 90 % coverage.
   domain_shift  the PBC models, unadapted, on each other lab's labelled cells of the classes PBC knows
                 (jtsc, cellavision, bccd): balanced accuracy over the classes that lab has, and ECE.
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cytoloop.config import load_settings
-from cytoloop.data import CellRecord, load_records, select
+from cytoloop.data import CellRecord, class_interleaved_subset, load_records, select
 from cytoloop.models import load_model
 from cytoloop.recipes import get_recipe
 from cytoloop.workflows import evaluate_model, held_out, train_model
@@ -39,14 +39,6 @@ from _docs import DOCS, replace_section
 
 OTHER_LABS = ("jtsc", "cellavision", "bccd")
 EXPERIMENTS = ("in_domain", "domain_shift", "blasts")
-
-
-def fixed_subset(records: list[CellRecord], n: int | None, seed: int = 0) -> list[CellRecord]:
-    """A seeded draw of `n` records (all when n is None or larger), kept in their original order."""
-    if n is None or n >= len(records):
-        return list(records)
-    chosen = np.sort(np.random.default_rng(seed).choice(len(records), size=n, replace=False))
-    return [records[i] for i in chosen]
 
 
 def train_cnn(records: list[CellRecord], out: Path, seed: int, steps: int) -> Path:
@@ -79,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/reference"))
     parser.add_argument("--cnn-seeds", default="0,1,2")
     parser.add_argument("--cnn-steps", type=int, default=get_recipe("base-pbc-cnn").steps)
-    parser.add_argument("--test-cells", type=int, default=None, help="a seeded draw of this many PBC test cells")
+    parser.add_argument("--test-cells", type=int, default=None, help="this many PBC test cells, classes interleaved (default: all)")
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -98,7 +90,7 @@ def main() -> None:
         kind = load_model(model_dir).kind
         row: dict = {"kind": kind, "training": _training_summary(model_dir)}
         if "in_domain" in experiments:
-            test = fixed_subset(held_out(pbc, model_dir, part="test")[0], args.test_cells)
+            test = class_interleaved_subset(held_out(pbc, model_dir, part="test")[0], args.test_cells)
             row["in_domain"] = evaluate(model_dir, "in_domain", test, args.out)
         if "domain_shift" in experiments:
             row["domain_shift"] = {}

@@ -42,7 +42,7 @@ from cytoloop import metrics
 from cytoloop.calibration import decision, evaluations_needed, fit_temperature, trials_needed, tune_scoring
 from cytoloop.cascade import CascadeClassifier, distill, threshold_for_fraction
 from cytoloop.config import CascadeConfig, load_settings
-from cytoloop.data import load_records, select
+from cytoloop.data import class_interleaved_subset, load_records, select
 from cytoloop.models import Predictions, load_model
 from cytoloop.preprocess import load_cells
 from cytoloop.scoring import GPU_LOOKAHEAD, replay, summarise_log
@@ -98,7 +98,8 @@ def main() -> None:
     baseline = load_model(args.baseline)
     records = select(load_records(args.data), SOURCE_DOMAINS, CLASSES)
     val = load_cells(held_out(records, args.model, part="val")[0], teacher.data_config)
-    test = load_cells(fixed_subset(held_out(records, args.model, part="test")[0], args.cells), teacher.data_config)
+    test_records = class_interleaved_subset(held_out(records, args.model, part="test")[0], args.cells)
+    test = load_cells(test_records, teacher.data_config)
     val_labels = label_indices(val.records, CLASSES)
     labels = label_indices(test.records, CLASSES)
     weights = np.ones(teacher.scoring_config.timestep_bins) if teacher.timestep_weights is None else np.asarray(
@@ -115,8 +116,8 @@ def main() -> None:
                       lambda: teacher.score(val.images, exhaustive).logs)
     tuning_logs = list(val_logs)
     if args.tuning_unlabeled:
-        unlabeled = fixed_subset(outside_split(select(load_records(args.data), args.unlabeled_domains.split(",")),
-                                               args.model), args.tuning_unlabeled)
+        outside = outside_split(select(load_records(args.data), args.unlabeled_domains.split(",")), args.model)
+        unlabeled = class_interleaved_subset(outside, args.tuning_unlabeled)
         extra = load_cells(unlabeled, teacher.data_config)
         tuning_logs += cached(args.out / f"unlabeled_{len(extra.records)}_exhaustive_{args.exhaustive_precision}.pkl",
                               lambda: teacher.score(extra.images, exhaustive).logs)
@@ -232,19 +233,6 @@ def main() -> None:
         replace_section(DOCS, section, table, title=title)
 
 
-def fixed_subset(records: list, n: int) -> list:
-    """The first n test cells in a fixed, class-interleaved order (sorted by id within each class), so a subset
-    keeps the class mix and every run uses the same cells."""
-    if not n or n >= len(records):
-        return list(records)
-    by_class: dict[str, list] = {}
-    for record in sorted(records, key=lambda r: r.cell_id):
-        by_class.setdefault(record.label, []).append(record)
-    order = sorted(((i / len(group), label, record) for label, group in by_class.items()
-                    for i, record in enumerate(group)), key=lambda x: (x[0], x[1]))
-    return [record for _, _, record in order[:n]]
-
-
 def cached(path: Path, compute):
     """Load a pickled result if an earlier run of this benchmark left one, else compute and keep it."""
     if path.is_file():
@@ -289,7 +277,7 @@ def build_cascade(teacher, records, args, val, val_labels) -> tuple[CascadeClass
             report.update(threshold=threshold, val_deferred_fraction=float(np.mean(confidence < threshold)))
             return cascade, report
     settings = load_settings(overrides={"train": {"steps": args.student_steps}})
-    train = load_cells(fixed_subset(held_out(records, args.model, part="train")[0], args.distill_cells),
+    train = load_cells(class_interleaved_subset(held_out(records, args.model, part="train")[0], args.distill_cells),
                        teacher.data_config)
     images, labels = train.images, label_indices(train.records, CLASSES)
     if args.unlabeled_domains:

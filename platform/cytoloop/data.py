@@ -177,3 +177,18 @@ def records_fingerprint(records: Iterable[CellRecord]) -> str:
     for record in sorted(records, key=lambda r: r.cell_id):
         digest.update(f"{record.cell_id}\t{record.label}\t{record.domain}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def class_interleaved_subset(records: Sequence[CellRecord], n: int | None) -> list[CellRecord]:
+    """The first `n` records in a fixed order that interleaves the classes (sorted by id within each class), so a
+    subset keeps the class mix and every run, on any machine, takes the same cells. All of them when n is None or
+    not smaller than their number."""
+    if not n or n >= len(records):
+        return list(records)
+    by_class: dict[str, list[CellRecord]] = {}
+    for record in sorted(records, key=lambda r: r.cell_id):
+        by_class.setdefault(record.label or "", []).append(record)
+    order = sorted(((i / len(group), label, record) for label, group in by_class.items()
+                    for i, record in enumerate(group)), key=lambda x: (x[0], x[1]))
+    return [record for _, _, record in order[:n]]
+

@@ -299,3 +299,54 @@ def test_train_too_few_cells_for_validation_exits_2(workspace, tiny_overrides):
     result = invoke("train", "--model", "baseline", "--data", root, "--out", workspace["root"] / "small_model",
                     "--config", workspace["config"], "--steps", "2", cwd=workspace["root"])
     assert result.exit_code == 2, f"{result.exception!r}\n{result.output[-2000:]}"
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_overrides, monkeypatch):
+    """`train --recipe` takes model, cells, budget and settings from the recipe (over the environment) and writes
+    recipe.json with the command that reproduces the model; flags the recipe fixes are refused."""
+    from cytoloop.recipes import RECIPES, Recipe
+
+    recipe = Recipe(name="tiny-test", description="a 4-step CNN on two classes", model="baseline", domains=("jtsc",),
+                    classes=("lymphocyte", "neutrophil"), steps=4, seed=3, overrides=tiny_overrides)
+    monkeypatch.setitem(RECIPES, recipe.name, recipe)
+    out = workspace["root"] / "recipe-model"
+    from typer.testing import CliRunner
+
+    from cytoloop.cli import app
+
+    monkeypatch.chdir(workspace["root"])
+    result = CliRunner().invoke(app, ["train", "--recipe", "tiny-test", "--data", str(workspace["train"]),
+                                      "--out", str(out)], env={"CYTOLOOP_TRAIN__STEPS": "50"})
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "training.json").read_text())
+    assert training["steps"] == 4 and training["settings"]["train"]["seed"] == 3  # the recipe beat the environment
+    assert training["kind"] == "baseline" and training["classes"] == ["lymphocyte", "neutrophil"]
+    record = json.loads((out / "recipe.json").read_text())
+    assert record["recipe"] == "tiny-test"
+    assert record["command"] == f"cytoloop train --recipe tiny-test --data {workspace['train']} --out {out}"
+    split = json.loads((out / "split.json").read_text())
+    assert split["meta"]["seed"] == 3
+
+
+def test_recipe_errors_exit_2(workspace):
+    result = invoke("train", "--recipe", "base-pbc", "--steps", "5", "--domains", "jtsc", "--data",
+                    workspace["train"], "--out", workspace["root"] / "never", cwd=workspace["root"])
+    assert result.exit_code == 2 and "fixes --domains, --steps" in result.stderr
+    result = invoke("train", "--recipe", "base-pcb", "--data", workspace["train"], "--out", workspace["root"] / "never",
+                    cwd=workspace["root"])
+    assert result.exit_code == 2 and "unknown recipe 'base-pcb'" in result.stderr and "base-pbc" in result.stderr
+    listing = invoke("recipes", cwd=workspace["root"])
+    assert listing.exit_code == 0 and "base-pbc " in listing.stdout and "20000 steps" in listing.stdout
+
+
+def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
+    json_out = workspace["root"] / "reports" / "baseline-cells.json"
+    result = invoke("evaluate", "--model", baseline_model, "--data", workspace["eval"], "--cells", "3",
+                    "--json", json_out, cwd=workspace["root"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(json_out.read_text())
+    assert report["n_cells"] + report["n_skipped"] == 3  # the draw takes one cell of each class first ...
+    assert report["n_skipped"] == 1  # ... and the corrupt image, sorted first, is the neutrophil it took

@@ -116,11 +116,13 @@ def evaluate(
     anomaly_domains: Optional[str] = typer.Option(None, help="domains of the anomaly dataset to use"),
     anomaly_label: str = typer.Option("blast", help="label that marks an anomaly in the anomaly dataset"),
     max_trials: Optional[int] = typer.Option(None, help="diffusion: override the scoring's trial limit"),
+    cells: Optional[int] = typer.Option(
+        None, min=1, help="evaluate on this many of the cells (a fixed draw that keeps the class mix); default all"),
 ) -> None:
     """Evaluate a model on labelled cells it never trained on; print a table, write JSON and plots."""
 
     def action():
-        from cytoloop.data import load_records, select
+        from cytoloop.data import class_interleaved_subset, load_records, select
         from cytoloop.models import load_model
         from cytoloop.workflows import evaluate_model, held_out
 
@@ -132,6 +134,7 @@ def evaluate(
         wanted = split_list(classes) or classifier.classes
         records = select(load_records(data), split_list(domains), wanted)
         records, excluded = held_out(records, model, part)
+        records = class_interleaved_subset(records, cells)
         anomalies = select(load_records(anomaly_data), split_list(anomaly_domains)) if anomaly_data else []
         report = evaluate_model(classifier, records, json_out, anomaly_records=anomalies,
                                 anomaly_label=anomaly_label, excluded=excluded, progress=True)
