@@ -36,6 +36,7 @@ class CellRecord:
     label: str | None
     domain: str
     source: str = ""
+    license: str = ""
 
 
 def load_records(data: Path | str) -> list[CellRecord]:
@@ -68,6 +69,7 @@ def read_manifest(path: Path) -> list[CellRecord]:
                     label=row["label"].strip() or None,
                     domain=row["domain"].strip() or "default",
                     source=(row.get("source") or "").strip(),
+                    license=(row.get("license") or "").strip(),
                 )
             )
     if not records:
@@ -191,4 +193,13 @@ def class_interleaved_subset(records: Sequence[CellRecord], n: int | None) -> li
     order = sorted(((i / len(group), label, record) for label, group in by_class.items()
                     for i, record in enumerate(group)), key=lambda x: (x[0], x[1]))
     return [record for _, _, record in order[:n]]
+
+
+def data_sources(records: Iterable[CellRecord]) -> list[dict]:
+    """Where cells come from, for provenance and attribution: one entry per (domain, source, licence) with its
+    number of cells, as the manifest's `source` and `license` columns give them."""
+    counts: dict[tuple[str, str, str], int] = defaultdict(int)
+    for record in records:
+        counts[(record.domain, record.source, record.license)] += 1
+    return [{"domain": d, "source": s, "license": lic, "cells": n} for (d, s, lic), n in sorted(counts.items())]
 

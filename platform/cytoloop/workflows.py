@@ -22,7 +22,9 @@ from cytoloop.calibration import (
 )
 from cytoloop.cascade import CascadeClassifier, distill
 from cytoloop.config import Settings
-from cytoloop.data import CellRecord, DatasetError, read_split, records_fingerprint, stratified_split, write_split
+from cytoloop.data import (
+    CellRecord, DatasetError, data_sources, read_split, records_fingerprint, stratified_split, write_split,
+)
 from cytoloop.drift import colour_statistics_of, write_colour_reference
 from cytoloop.models.base import Classifier, Predictions, load_model
 from cytoloop.models.diffusion import DiffusionClassifier
@@ -125,6 +127,7 @@ def train_model(
         "n_skipped": len(skipped),
         "skipped": skipped,
         "domains": sorted({r.domain for r in records}),
+        "data_sources": data_sources(records),
         "data_fingerprint": records_fingerprint(split["train"]),
         "temperature": model.temperature,
         "tuned_rule": None if tuning is None else tuning["chosen"],

@@ -291,3 +291,30 @@ def info(model: Path = typer.Argument(..., help="model directory")) -> None:
         typer.echo(json.dumps(read_model_meta(model), indent=1))
 
     run(action)
+
+
+@app.command()
+def card(
+    model: Path = typer.Argument(..., help="model directory (the card is written into it as MODEL_CARD.md)"),
+    evaluation: Optional[list[str]] = typer.Option(
+        None, "--eval", help="TITLE=REPORT.json: an evaluation (or anomaly) report to show; repeat for several"),
+    intended_use: Optional[Path] = typer.Option(None, help="Markdown file: what the model is for and not for"),
+    limits: Optional[Path] = typer.Option(None, help="Markdown file: the model's known limits"),
+) -> None:
+    """Write a model card from what the model directory and the given evaluation reports say."""
+    reports = {}
+    for item in evaluation or []:
+        title, sep, path = item.partition("=")
+        if not sep or not title or not path:
+            fail(f"--eval {item!r}: expected TITLE=REPORT.json")
+        if not Path(path).is_file():
+            fail(f"--eval {title}: no report at {path}")
+        reports[title] = json.loads(Path(path).read_text())
+
+    def action():
+        from cytoloop.model_card import write_model_card
+
+        texts = {name: p.read_text() if p else "" for name, p in (("use", intended_use), ("limits", limits))}
+        typer.echo(f"wrote {write_model_card(model, reports, texts['use'], texts['limits'])}")
+
+    run(action)

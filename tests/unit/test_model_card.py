@@ -1,0 +1,53 @@
+"""The model card says only what the model directory and the evaluation reports say, intervals included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cytoloop.data import CellRecord
+from cytoloop.model_card import CARD_FILE, render_model_card, write_model_card
+from cytoloop.workflows import anomaly_metrics, evaluate_model, held_out, train_model
+
+
+def _cells(root, n=12):
+    rng = np.random.default_rng(0)
+    records = []
+    for label, colour in (("red", (200, 60, 60)), ("blue", (60, 60, 200))):
+        for i in range(n):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            path = root / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+            records.append(CellRecord(f"{label}/{i}.png", path, label, "lab", source="Lab A (2024)",
+                                      license="CC BY 4.0"))
+    return records
+
+
+def test_card_shows_provenance_recipe_and_every_figure_with_its_interval(tmp_path, tiny_settings):
+    records = _cells(tmp_path / "cells")
+    out = tmp_path / "model"
+    model, _ = train_model("baseline", records, tiny_settings, out)
+    (out / "recipe.json").write_text(json.dumps({"recipe": "tiny", "description": "a test model",
+                                                 "command": "cytoloop train --recipe tiny --data d --out m"}))
+    report = evaluate_model(model, held_out(records, out, part="test")[0])
+    anomalies = anomaly_metrics(model.predict(np.zeros((6, 3, 16, 16), np.float32)), np.array([1, 0, 1, 0, 1, 0]))
+    card = write_model_card(out, {"Lab A test": report, "Made-up anomalies": anomalies}, "For tests only.",
+                            "- Two colours, not cells.")
+    text = card.read_text()
+    assert card.name == CARD_FILE
+    assert "lab: 24 labelled cells. Source: Lab A (2024). Licence: CC BY 4.0." in text
+    assert "    cytoloop train --recipe tiny --data d --out m" in text
+    low, high = report["intervals"]["balanced_accuracy"]
+    assert f"| balanced accuracy | {report['balanced_accuracy']:.3f} [{low:.3f}, {high:.3f}] |" in text
+    assert "Recall per class: blue " in text and "; red " in text
+    assert f"Anomaly AUROC (3 anomalies of 6 cells): primary score {anomalies['anomaly_auroc']:.3f}" in text
+    assert "## Intended use\n\nFor tests only." in text and "## Known limits\n\n- Two colours, not cells." in text
+
+
+def test_card_needs_a_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        render_model_card(tmp_path, {})
