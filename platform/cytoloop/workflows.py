@@ -296,6 +296,14 @@ def evaluate_model(
     report = {"model_kind": model.kind, "classes": model.classes, "n_skipped": len(cells.skipped),
               "skipped": cells.skipped, "n_excluded_seen_in_training": excluded}
     report.update(evaluate_predictions(predictions, labels, model.classes, seconds))
+    domains = np.array([r.domain for r in cells.records])
+    if len(set(domains)) > 1:  # several labs: each on the classes it has (balanced accuracy skips absent classes)
+        report["per_domain"] = {}
+        for domain in sorted(set(domains)):
+            part = np.flatnonzero(domains == domain)
+            figures = evaluate_predictions(predictions.subset(part), labels[part], model.classes, seconds)
+            report["per_domain"][domain] = {k: figures[k] for k in (
+                "n_cells", "accuracy", "balanced_accuracy", "ece", "nll", "per_class_recall", "intervals")}
     if per_cell:
         report["per_cell"] = {"cells": [r.cell_id for r in cells.records], "labels": labels.tolist(),
                               "probs": np.round(predictions.probs, 6).tolist()}

@@ -148,7 +148,8 @@ def _print_report(report: dict) -> None:
         ("cells", f"{report['n_cells']} ({report['n_skipped']} skipped, "
                   f"{report['n_excluded_seen_in_training']} excluded: seen in training)"),
         ("accuracy", f"{report['accuracy']:.3f}"),
-        ("balanced accuracy", f"{report['balanced_accuracy']:.3f}"),
+        ("balanced accuracy", f"{report['balanced_accuracy']:.3f} [{report['intervals']['balanced_accuracy'][0]:.3f}, "
+                              f"{report['intervals']['balanced_accuracy'][1]:.3f}]"),
         ("ECE (15 bins)", f"{report['ece']:.3f}"),
         ("NLL / Brier", f"{report['nll']:.3f} / {report['brier']:.3f}"),
         ("accuracy at 90% coverage", f"{report['accuracy_at_90_coverage']:.3f}"),
@@ -158,6 +159,11 @@ def _print_report(report: dict) -> None:
     if "anomaly_auroc" in report:
         rows.append(("anomaly AUROC", f"{report['anomaly_auroc']:.3f} ({report['anomaly_n']} cells)"))
     rows += [(f"recall {name}", "-" if r is None else f"{r:.3f}") for name, r in report["per_class_recall"].items()]
+    for domain, figures in report.get("per_domain", {}).items():
+        low, high = figures["intervals"]["balanced_accuracy"]
+        n_classes = sum(r is not None for r in figures["per_class_recall"].values())
+        rows.append((f"lab {domain}", f"{figures['n_cells']} cells, balanced accuracy {figures['balanced_accuracy']:.3f} "
+                                      f"[{low:.3f}, {high:.3f}] over its {n_classes} classes, ECE {figures['ece']:.3f}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
