@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cytoloop.errors import UsageError
 from cytoloop.config import Settings
 from cytoloop.data import CellRecord, DatasetError, records_fingerprint
 from cytoloop.registry import CHAMPION, VersionInfo, open_registry, site_alias
@@ -154,7 +155,7 @@ def run_finetune(
     parent_model = registry.load(name, parent.version, cache)
     parent_dir = cache / name / parent.version
     if parent_model.kind not in ("diffusion", "baseline"):
-        raise ValueError(f"{name} v{parent.version} is a {parent_model.kind} model; only diffusion and baseline "
+        raise UsageError(f"{name} v{parent.version} is a {parent_model.kind} model; only diffusion and baseline "
                          "models are fine-tuned (register the diffusion model itself as the champion)")
     unknown = sorted({r.label for r in records} - set(parent_model.classes) - {None})
     if unknown:  # caught here, before any worker starts, with a message naming them

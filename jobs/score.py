@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cytoloop.errors import UsageError
 from cytoloop.data import CellRecord
 from cytoloop.models.base import Predictions
 
@@ -94,7 +95,7 @@ def score_served(
             continue
         missing = set(classes) - set(row["probabilities"])
         if missing:
-            raise ValueError(f"the served model does not know {sorted(missing)}: it answers "
+            raise UsageError(f"the served model does not know {sorted(missing)}: it answers "
                              f"{sorted(row['probabilities'])}")
         kept.append(record)
         probs.append([row["probabilities"][c] for c in classes])

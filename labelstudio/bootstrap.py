@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from labelstudio.label_config import build_label_config, config_classes
 
+from cytoloop.errors import UsageError
+
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
 
@@ -26,7 +28,7 @@ WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDA
 def project_title(template: str, site: str) -> str:
     title = template.format(site=site)
     if not 3 <= len(title) <= 50:
-        raise ValueError(f"project title {title!r} must have 3 to 50 characters (Label Studio's limit)")
+        raise UsageError(f"project title {title!r} must have 3 to 50 characters (Label Studio's limit)")
     return title
 
 
@@ -34,7 +36,7 @@ def ensure_project(client: "LabelStudio", title: str, classes: Sequence[str], la
     """The id of the project with this title, created or updated to review cells of `classes`."""
     existing = [p for p in client.projects.list() if p.title == title]
     if len(existing) > 1:
-        raise RuntimeError(f"{len(existing)} Label Studio projects are titled {title!r}; rename or delete the extras")
+        raise UsageError(f"{len(existing)} Label Studio projects are titled {title!r}; rename or delete the extras")
     if not existing:
         project = client.projects.create(title=title, label_config=build_label_config(classes),
                                          maximum_annotations=labels_required, show_collab_predictions=True)

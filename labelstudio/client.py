@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from cytoloop.errors import CytoLoopError
+
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
 
 
-class LabelStudioUnavailable(ConnectionError):
+class LabelStudioUnavailable(CytoLoopError, ConnectionError):
     """Label Studio did not answer (down, restarting, wrong URL) or refused the token."""
 
 

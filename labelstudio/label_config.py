@@ -11,6 +11,8 @@ import xml.etree.ElementTree as ET
 from typing import Sequence
 from xml.sax.saxutils import quoteattr
 
+from cytoloop.errors import UsageError
+
 CLASS_FROM = "cell_class"
 FLAG_FROM = "flags"
 COMMENT_FROM = "comment"
@@ -24,10 +26,10 @@ EXTRA_CHOICES = (OTHER, ARTEFACT)
 def choices(classes: Sequence[str]) -> list[str]:
     """The values of the class question: the model's classes, then the two ways out."""
     if not classes:
-        raise ValueError("the label config needs at least one class")
+        raise UsageError("the label config needs at least one class")
     clash = [c for c in classes if c in EXTRA_CHOICES or c == ABNORMAL]
     if clash or len(set(classes)) != len(classes):
-        raise ValueError(f"class names must be unique and differ from the reserved choices; got {list(classes)}")
+        raise UsageError(f"class names must be unique and differ from the reserved choices; got {list(classes)}")
     return [*classes, *EXTRA_CHOICES]
 
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from cytoloop.errors import CytoLoopError
 from cytoloop.routing import RoutedCell
 from labelstudio.label_config import prediction_result
 
 
-class TaskError(ValueError):
+class TaskError(CytoLoopError, ValueError):
     """A cell that cannot become a task (for example an image Label Studio is not allowed to serve)."""
 
 

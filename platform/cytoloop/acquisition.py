@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from cytoloop.errors import UsageError
 from cytoloop.config import RoutingConfig
 from cytoloop.models.base import Predictions
 from cytoloop.routing import ScoredCell, route_cells, select_for_review
@@ -133,7 +134,7 @@ def get_strategy(name: str, routing_config: RoutingConfig | None = None) -> Stra
     """The strategy registered as `name`; `routing_config` configures the routing policy (default settings
     otherwise). An unknown name is an error listing the valid ones."""
     if name not in STRATEGIES:
-        raise ValueError(f"unknown acquisition strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+        raise UsageError(f"unknown acquisition strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     if name == "routing" and routing_config is not None:
         return routing_policy(routing_config)
     return STRATEGIES[name]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cytoloop.errors import UsageError
 from cytoloop.calibration import fit_temperature
 from cytoloop.config import AugmentConfig, BaselineModelConfig, CascadeConfig, TrainConfig
 from cytoloop.models.base import MODEL_FILE, Predictions, read_model_meta
@@ -48,7 +49,7 @@ class CascadeClassifier:
         info: dict | None = None,
     ):
         if teacher.classes != student.classes:
-            raise ValueError(f"teacher classes {teacher.classes} differ from student classes {student.classes}")
+            raise UsageError(f"teacher classes {teacher.classes} differ from student classes {student.classes}")
         self.teacher = teacher
         self.student = student
         self.config = config or CascadeConfig()

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from cytoloop.errors import CytoLoopError
+
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 REQUIRED_COLUMNS = ("path", "label", "domain")
 
 
-class DatasetError(ValueError):
+class DatasetError(CytoLoopError, ValueError):
     """A dataset, selection or split that cannot be used as given; the message says what and where."""
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cytoloop.errors import CytoLoopError
 from cytoloop.config import AugmentConfig, DataConfig
 from cytoloop.data import CellRecord
 
@@ -37,7 +38,7 @@ _RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=T
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 
 
-class ImageError(ValueError):
+class ImageError(CytoLoopError, ValueError):
     """An image that cannot be decoded or used; the message names the file (or request item) and why."""
 
 

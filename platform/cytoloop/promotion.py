@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cytoloop.errors import UsageError
 from cytoloop import metrics
 from cytoloop.config import PromotionConfig
 from cytoloop.data import CellRecord, DatasetError, load_records, select
@@ -150,7 +151,7 @@ def apply_verdict(registry, name: str, version: str, alias: str, verdict: GateVe
 def override(registry, name: str, version: str, alias: str, reason: str, who: str | None = None):
     """A person promotes `version` whatever the gate said; the reason is kept on the version and in the trail."""
     if not reason.strip():
-        raise ValueError("an override needs a reason")
+        raise UsageError("an override needs a reason")
     move = registry.move_alias(name, alias, version, why=reason, action="override", who=who)
     registry.set_tags(name, version, {"gate.override": reason, "gate.override_by": move.who})
     return move

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cytoloop.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -67,5 +69,5 @@ RECIPES: dict[str, Recipe] = {
 def get_recipe(name: str) -> Recipe:
     """The recipe called `name`; an unknown name is a ValueError listing the known ones."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+        raise UsageError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     return RECIPES[name]

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cytoloop.errors import CytoLoopError, UsageError
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, load_model
 
 CHAMPION = "champion"
@@ -28,7 +29,7 @@ MODEL_ARTIFACTS = (MODEL_FILE, WEIGHTS_FILE, "split.json", "training.json", "lea
 ALIAS_MOVE_TAG = "alias_move."
 
 
-class RegistryError(LookupError):
+class RegistryError(CytoLoopError, LookupError):
     """A registry URI, model, version or alias that does not exist; the message says which."""
 
 
@@ -153,7 +154,7 @@ class Registry:
         `why` is required: an alias decides which model reads patients' cells, so every move must say why.
         """
         if not why.strip():
-            raise ValueError("an alias move needs a reason (why)")
+            raise UsageError("an alias move needs a reason (why)")
         self.version(name, version)  # fails clearly for an unknown model or version
         try:
             previous = self.by_alias(name, alias).version

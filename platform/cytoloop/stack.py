@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from cytoloop.errors import CytoLoopError
 from cytoloop.config import Settings
 
 SERVICES = ("label-studio", "labels", "mlflow", "ray")
 RAY_TEMP_LIMIT = 60  # Ray's socket paths (temp dir + ~45 chars) must stay under 107 characters
 
 
-class StackError(RuntimeError):
+class StackError(CytoLoopError, RuntimeError):
     """A service that cannot start (port taken, failed health check, broken venv); the message says which."""
 
 

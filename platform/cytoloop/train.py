@@ -22,6 +22,7 @@ from torch import nn
 
 from cytoloop.config import AugmentConfig, TrainConfig
 from cytoloop.preprocess import augment
+from cytoloop.threads import torch_threads
 
 UNLABELED = -1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -98,15 +99,20 @@ def fit(
     With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps and training resumes from it,
     so an interrupted run continues where it stopped and ends with the same weights as an uninterrupted one.
     With `config.precision` "bf16" the forward pass runs under bf16 autocast; the loss, the weights, the
-    optimiser state and the EMA stay fp32. `network` may come wrapped in DistributedDataParallel (Ray Train's `prepare_model`): gradients are then
-    averaged across workers, while the EMA and the checkpoints hold the plain model.
+    optimiser state and the EMA stay fp32. `config.threads` applies to this call only (the caller's thread count
+    is restored). `network` may come wrapped in DistributedDataParallel (Ray Train's `prepare_model`): gradients
+    are then averaged across workers, while the EMA and the checkpoints hold the plain model.
     """
-    from tqdm.auto import tqdm
-
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need as many labels as images and at least one cell; got {len(images)} and {len(labels)}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    with torch_threads(config.threads):
+        return _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress)
+
+
+def _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress):
+    """The loop itself (`fit` checks the inputs and sets the thread count around it)."""
+    from tqdm.auto import tqdm
+
     torch.manual_seed(config.seed)
     data = torch.as_tensor(images, dtype=torch.float32)
     targets = torch.as_tensor(labels, dtype=torch.long)

@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from cytoloop.errors import UsageError
 from cytoloop import metrics, plots
 from cytoloop.calibration import (
     calibrate, evaluations_needed, even_subset, fit_temperature, fit_weights, trials_needed, tune_scoring,
@@ -44,7 +45,7 @@ def build_model(kind: ModelKind, classes: list[str], settings: Settings) -> Clas
         return DiffusionClassifier(classes, settings.data, settings.diffusion, settings.scoring)
     if kind == "baseline":
         return BaselineClassifier(classes, settings.data, settings.baseline)
-    raise ValueError(f"unknown model kind {kind!r}; valid: diffusion, baseline")
+    raise UsageError(f"unknown model kind {kind!r}; valid: diffusion, baseline")
 
 
 def label_indices(records: Sequence[CellRecord], classes: list[str]) -> np.ndarray:

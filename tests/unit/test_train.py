@@ -224,3 +224,25 @@ def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw
     saved = load_model(tmp_path / "model")
     assert saved.scoring_config.check_every == 1  # the tuned rule tests after every trial
     assert report["tuned_rule"] == tuning["chosen"] and tuning["chosen"] is not None
+
+
+def test_training_and_scoring_restore_the_callers_thread_count(tiny_settings):
+    images, labels = red_blue(4)
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    fit(_fresh_baseline(), baseline_loss(_train_config(steps=2, threads=wanted)), images, labels,
+        _train_config(steps=2, threads=wanted), AugmentConfig())
+    assert torch.get_num_threads() == before
+    model = DiffusionClassifier(["red", "blue"], tiny_settings.data, tiny_settings.diffusion,
+                                tiny_settings.scoring.model_copy(update={"threads": wanted}))
+    model.score(images[:2])
+    assert torch.get_num_threads() == before
+
+
+def test_timestep_weights_of_another_stratification_are_an_error(tiny_settings):
+    from cytoloop.errors import UsageError
+
+    model = DiffusionClassifier(["red", "blue"], tiny_settings.data, tiny_settings.diffusion, tiny_settings.scoring,
+                                timestep_weights=[1.0] * (tiny_settings.scoring.timestep_bins + 1))
+    with pytest.raises(UsageError, match="timestep weights were fitted for 5 timestep strata"):
+        model.score(red_blue(1)[0])

@@ -1,8 +1,8 @@
 """What every `cytoloop` command shares: the app, settings from flags, and one way to turn errors into messages.
 
 Thin by design: every command parses and validates its input, calls one function of the library, and prints
-what a person needs. Bad input (an unknown class or domain, a missing dataset, an invalid setting) ends with a
-one-paragraph message and exit code 2, never a traceback.
+what a person needs. Bad input (an unknown class or domain, a missing dataset, an invalid setting: the project's
+`CytoLoopError`s) ends with a one-paragraph message and exit code 2; a bug shows its traceback.
 """
 
 from __future__ import annotations
@@ -24,37 +24,21 @@ def fail(message: str) -> None:
 
 
 def run(action):
-    """Run a command body, turning the library's input errors into clear messages."""
+    """Run a command body, turning the project's own errors (`CytoLoopError`: bad input, missing data, an
+    unreachable service, an image Label Studio cannot serve), invalid settings, missing files and refused
+    permissions (a port or file taken) into one-paragraph messages with exit code 2. Anything else is a bug and
+    shows its traceback."""
     from pydantic import ValidationError
 
-    from cytoloop.data import DatasetError
-    from cytoloop.models.base import ModelLoadError
-    from cytoloop.preprocess import ImageError
+    from cytoloop.errors import CytoLoopError
 
     try:
         return action()
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         fail(f"invalid configuration: {problems}")
-    except (DatasetError, ModelLoadError, ImageError, FileNotFoundError) as error:
+    except (CytoLoopError, FileNotFoundError, PermissionError) as error:
         fail(str(error))
-
-
-def run_registry(action):
-    """`run`, plus registry lookups and refused alias moves turned into clear messages."""
-    from pydantic import ValidationError
-
-    from cytoloop.registry import RegistryError
-
-    def guarded():
-        try:
-            return action()
-        except ValidationError:
-            raise
-        except (RegistryError, ValueError) as error:
-            fail(str(error))
-
-    return run(guarded)
 
 
 def settings_from(config: Path | None, overrides: dict | None = None):
@@ -85,18 +69,3 @@ def print_outcome(outcome) -> None:
                f"{m['calibration_ece_after']:.3f}, NLL {m['calibration_nll_before']:.3f} -> "
                f"{m['calibration_nll_after']:.3f}, Brier {m['calibration_brier_before']:.3f} -> "
                f"{m['calibration_brier_after']:.3f}")
-
-
-def run_review(action):
-    """`run`, plus the review loop's expected failures (a service down, a port taken, an image not servable)."""
-    from cytoloop.stack import StackError
-    from labelstudio.client import LabelStudioUnavailable
-    from labelstudio.tasks import TaskError
-
-    def guarded():
-        try:
-            return action()
-        except (StackError, LabelStudioUnavailable, TaskError, PermissionError) as error:
-            fail(str(error))
-
-    return run(guarded)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cytoloop.cli.common import app, run_review, settings_from, split_list
+from cytoloop.cli.common import app, run, settings_from, split_list
 
 
 @app.command()
@@ -37,4 +37,4 @@ def demo(
         outcome = Demo(settings, source, log=typer.echo).run()
         typer.echo(f"done: {len(outcome.rounds) - 1} round(s); report {outcome.report}")
 
-    run_review(action)
+    run(action)

@@ -195,10 +195,7 @@ def generate(
         images = classifier.generate(class_name, n, steps=steps, guidance=guidance, seed=seed)
         typer.echo(f"wrote {plots.image_grid(images, out)}")
 
-    try:
-        run(action)
-    except ValueError as error:  # unknown class
-        fail(str(error))
+    run(action)  # an unknown class is a UsageError: a message, exit code 2
 
 
 @app.command()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cytoloop.cli.common import app, fail, labelled_records, print_outcome, run_registry, settings_from
+from cytoloop.cli.common import app, fail, labelled_records, print_outcome, run, settings_from
 
 
 @app.command()
@@ -38,7 +38,7 @@ def register(
             move = registry.move_alias(name, site_alias(site), version.version, why=reason, action="manual")
             typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version}")
 
-    run_registry(action)
+    run(action)
 
 
 @app.command()
@@ -74,7 +74,7 @@ def retrain(
         save_state(state_path, records)
         print_outcome(outcome)
 
-    run_registry(action)
+    run(action)
 
 
 @app.command()
@@ -101,7 +101,7 @@ def adapt(
         pool = load_records(unlabeled) if unlabeled else []
         print_outcome(run_finetune(settings, labelled_records(data), pool, site=site, stain_normalize=stain_normalize))
 
-    run_registry(action)
+    run(action)
 
 
 @app.command()
@@ -121,7 +121,7 @@ def promote(
         move = override(open_registry(settings), settings.registry.model_name, version, site_alias(site), reason)
         typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version} (override by {move.who})")
 
-    run_registry(action)
+    run(action)
 
 
 @app.command()
@@ -139,7 +139,7 @@ def rollback(
         move = open_registry(settings).rollback(settings.registry.model_name, site_alias(site), why=reason)
         typer.echo(f"@{move.alias}: v{move.from_version} -> v{move.to_version} (rollback by {move.who})")
 
-    run_registry(action)
+    run(action)
 
 
 def _flags_path(settings) -> Path:
@@ -177,7 +177,7 @@ def drift(
             typer.echo(f"  v{flag['model_version']} {flag['site'] or 'global'} {flag['window_start']}: "
                        + "; ".join(flag["flags"]))
 
-    run_registry(action)
+    run(action)
 
 
 @app.command()
@@ -220,4 +220,4 @@ def status(
                                settings.retrain)
         typer.echo(f"retrain: {'DUE' if decision.due else 'not due'} ({decision.reason}); last {last}")
 
-    run_registry(action)
+    run(action)

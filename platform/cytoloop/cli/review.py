@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cytoloop.cli.common import app, fail, run_review, split_list
+from cytoloop.cli.common import app, fail, run, split_list
 
 
 stack_app = typer.Typer(no_args_is_help=True, help="Start, inspect and stop the local services (Label Studio, the "
@@ -38,7 +38,7 @@ def stack_up(
 
         _print_status(Stack(load_settings(config)).up(split_list(only)))
 
-    run_review(action)
+    run(action)
 
 
 @stack_app.command("status")
@@ -51,7 +51,7 @@ def stack_status(config: Optional[Path] = typer.Option(None, help="JSON settings
 
         _print_status(Stack(load_settings(config)).status())
 
-    run_review(action)
+    run(action)
 
 
 @stack_app.command("down")
@@ -68,7 +68,7 @@ def stack_down(
         stopped = Stack(load_settings(config)).down(split_list(only))
         typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
-    run_review(action)
+    run(action)
 
 
 @review_app.command("bootstrap")
@@ -90,7 +90,7 @@ def review_bootstrap(
             fail("give --model or --classes")
         typer.echo(f"project {ReviewLoop(load_settings(config)).bootstrap(site, names)} for site {site}")
 
-    run_review(action)
+    run(action)
 
 
 @review_app.command("route")
@@ -123,7 +123,7 @@ def review_route(
                    f"{report.already_queued} already sent; {report.chosen} chosen, {report.queued} newly queued")
         _print_push(report.push)
 
-    run_review(action)
+    run(action)
 
 
 def _print_push(report) -> None:
@@ -145,7 +145,7 @@ def review_push(config: Optional[Path] = typer.Option(None, help="JSON settings 
 
         _print_push(ReviewLoop(load_settings(config)).push())
 
-    run_review(action)
+    run(action)
 
 
 @review_app.command("sync")
@@ -160,7 +160,7 @@ def review_sync(config: Optional[Path] = typer.Option(None, help="JSON settings 
         typer.echo(f"{r.events} webhook event(s) applied; {r.seen} annotation(s) polled, {r.changed} changed, "
                    f"{r.retracted} retracted")
 
-    run_review(action)
+    run(action)
 
 
 @review_app.command("report")
@@ -186,7 +186,7 @@ def review_report(
         if json_out:
             json_out.write_text(json.dumps(report, indent=1))
 
-    run_review(action)
+    run(action)
 
 
 @review_app.command("export")
@@ -203,7 +203,7 @@ def review_export(
         result = ReviewLoop(load_settings(config)).export(out)
         typer.echo(f"exported {result['exported']} cell(s) to {result['path']}; left out: {result['left_out']}")
 
-    run_review(action)
+    run(action)
 
 
 @review_app.command("serve")
@@ -216,4 +216,4 @@ def review_serve(config: Optional[Path] = typer.Option(None, help="JSON settings
 
         ReviewLoop(load_settings(config)).serve(log=typer.echo)
 
-    run_review(action)
+    run(action)

@@ -15,13 +15,14 @@ from typing import Protocol
 
 import numpy as np
 
+from cytoloop.errors import CytoLoopError
 from cytoloop.config import DataConfig
 
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(CytoLoopError, ValueError):
     """A directory that is not a CytoLoop model, or one written by an incompatible version."""
 
 

@@ -14,9 +14,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cytoloop.errors import UsageError
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
 from cytoloop.scoring import ScoreResult, score_cells
+from cytoloop.threads import torch_threads
 
 
 def build_unet(config: DiffusionModelConfig, image_size: int, n_classes: int):
@@ -45,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("scoring device 'cuda' was asked for, but torch sees no CUDA device")
+        raise UsageError("scoring device 'cuda' was asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -99,7 +101,7 @@ class DiffusionClassifier:
         """
         device = resolve_device(config.device)
         if config.precision == "fp16" and device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device; use bf16 on a CPU")
+            raise UsageError("precision fp16 needs a CUDA device; use bf16 on a CPU")
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.unet.to(device=device, memory_format=memory_format).eval()
@@ -122,21 +124,22 @@ class DiffusionClassifier:
         config = config or self.scoring_config
         weights = self.timestep_weights
         if weights is not None and len(weights) != config.timestep_bins:
-            weights = None  # weights were fitted for another stratification; fall back to uniform
-        if config.threads:
-            torch.set_num_threads(config.threads)
+            raise UsageError(f"the model's timestep weights were fitted for {len(weights)} timestep strata, but "
+                             f"scoring asks for timestep_bins={config.timestep_bins}; keep the model's timestep_bins "
+                             "or calibrate the model again")
         denoise, device = self.runtime_denoiser(config)
-        return score_cells(
-            denoise,
-            self.scheduler.alphas_cumprod,
-            torch.as_tensor(images, dtype=torch.float32),
-            len(self.classes),
-            self.null_class,
-            config,
-            None if weights is None else np.asarray(weights),
-            progress=progress,
-            device=device,
-        )
+        with torch_threads(config.threads):
+            return score_cells(
+                denoise,
+                self.scheduler.alphas_cumprod,
+                torch.as_tensor(images, dtype=torch.float32),
+                len(self.classes),
+                self.null_class,
+                config,
+                None if weights is None else np.asarray(weights),
+                progress=progress,
+                device=device,
+            )
 
     def predictions_from_scores(
         self, result: ScoreResult, temperature: float | None = None, config: ScoringConfig | None = None
@@ -177,7 +180,7 @@ class DiffusionClassifier:
         from diffusers import DDIMScheduler
 
         if class_name not in self.classes:
-            raise ValueError(f"unknown class {class_name!r}; valid: {', '.join(self.classes)}")
+            raise UsageError(f"unknown class {class_name!r}; valid: {', '.join(self.classes)}")
         self.unet.eval()
         sampler = DDIMScheduler.from_config(self.scheduler.config)
         sampler.set_timesteps(steps)

@@ -1,0 +1,19 @@
+"""The project's own error types: what a user can cause and fix, as opposed to bugs.
+
+Every error a person can cause (bad input, missing data, a model that does not fit the request, an unreachable
+service) derives from `CytoLoopError`; the CLI prints its message and exits with code 2, a service answers it
+with a 4xx/5xx body. Anything else (a plain ValueError from a violated internal contract, a TypeError) is a bug:
+the CLI lets its traceback show. The concrete errors keep a familiar built-in base too (ValueError, LookupError,
+RuntimeError, ConnectionError), so callers may catch them either way.
+"""
+
+from __future__ import annotations
+
+
+class CytoLoopError(Exception):
+    """Base of the errors a user can cause and fix."""
+
+
+class UsageError(CytoLoopError, ValueError):
+    """A request the input or the model cannot satisfy: an unknown class, recipe or model kind, a device that is
+    not there, a move without a reason. The message says what was wrong and what is valid."""

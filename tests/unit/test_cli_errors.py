@@ -1,0 +1,46 @@
+"""The CLI tells a user's mistake from a bug: the project's errors become a message and exit code 2, anything
+else keeps its traceback."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+
+from cytoloop.cli.common import run
+from cytoloop.data import DatasetError
+from cytoloop.errors import CytoLoopError, UsageError
+
+
+def _raise(error: Exception):
+    def action():
+        raise error
+
+    return action
+
+
+@pytest.mark.parametrize("error", [UsageError("unknown class 'x'"), DatasetError("no cells"),
+                                   FileNotFoundError("settings.json"), PermissionError("port 8080 is taken")])
+def test_a_users_mistake_is_a_message_and_exit_code_2(error, capsys):
+    with pytest.raises(typer.Exit) as exit_info:
+        run(_raise(error))
+    assert exit_info.value.exit_code == 2
+    assert str(error) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [ValueError("shapes differ"), KeyError("probs"), TypeError("None")])
+def test_a_bug_keeps_its_traceback(error):
+    with pytest.raises(type(error)):
+        run(_raise(error))
+
+
+def test_every_project_error_is_a_cytoloop_error():
+    from cytoloop.models.base import ModelLoadError
+    from cytoloop.preprocess import ImageError
+    from cytoloop.registry import RegistryError
+    from cytoloop.stack import StackError
+    from labelstudio.client import LabelStudioUnavailable
+    from labelstudio.tasks import TaskError
+
+    for kind in (DatasetError, ImageError, ModelLoadError, RegistryError, StackError, LabelStudioUnavailable,
+                 TaskError, UsageError):
+        assert issubclass(kind, CytoLoopError), kind
