@@ -14,7 +14,7 @@ def replace_section(path: Path, name: str, body: str, title: str | None = None) 
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{body}{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + f"\n\n## {title or name}\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)

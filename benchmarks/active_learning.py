@@ -37,7 +37,7 @@ import random
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +62,15 @@ DOMAINS = ["jtsc", "bccd"]
 IMAGES = DOCS.parent / "img"
 # Diffusion scoring cheap enough to score the pool every round: a few trials, then a t-test after every trial
 # (the tuned rule of the speed benchmark, capped), null class on the first two trials only, bf16.
-SCORING = {"min_trials": 3, "max_trials": 8, "check_every": 1, "elimination_p": 0.05, "null_trials": 2,
-           "calibration_trials": 10, "precision": "bf16"}
+SCORING = {
+    "min_trials": 3,
+    "max_trials": 8,
+    "check_every": 1,
+    "elimination_p": 0.05,
+    "null_trials": 2,
+    "calibration_trials": 10,
+    "precision": "bf16",
+}
 
 
 class Cells:
@@ -107,8 +114,9 @@ def thumbnails(images: np.ndarray, size: int = 4) -> np.ndarray:
 def train_step_settings(settings: Settings, steps: int, seed: int, lr: float) -> Settings:
     """Settings for one round: its budget, its seed (the same for every strategy, so only the labels differ) and
     learning rate; warm-up at most a fifth of the steps, as a round is short."""
-    train = settings.train.model_copy(update={"steps": steps, "seed": seed, "lr": lr,
-                                              "warmup_steps": min(settings.train.warmup_steps, steps // 5)})
+    train = settings.train.model_copy(
+        update={"steps": steps, "seed": seed, "lr": lr, "warmup_steps": min(settings.train.warmup_steps, steps // 5)}
+    )
     return settings.model_copy(update={"train": train})
 
 
@@ -121,8 +129,16 @@ def recalibrate(model: Classifier, images: np.ndarray, labels: np.ndarray, first
         model.temperature = fit_temperature(-model.score(images).class_error, labels)
 
 
-def train_round(model: Classifier, cells: Cells, labelled: list[str], pool: list[str], val: list[str],
-                settings: Settings, checkpoint_dir: Path, first: bool = False) -> None:
+def train_round(
+    model: Classifier,
+    cells: Cells,
+    labelled: list[str],
+    pool: list[str],
+    val: list[str],
+    settings: Settings,
+    checkpoint_dir: Path,
+    first: bool = False,
+) -> None:
     """Continue training `model` on the labelled cells (diffusion: and the unlabeled pool), then recalibrate."""
     images, labels = cells.of(labelled), cells.labels(labelled)
     if model.kind == "diffusion":
@@ -143,9 +159,16 @@ def pretrained_diffusion(cells: Cells, ids: list[str], settings: Settings, args)
     print(f"pretraining the diffusion model's null class on {len(ids)} unlabeled cells", flush=True)
     model = build_model("diffusion", CLASSES, settings)
     config = train_step_settings(settings, args.pretrain_steps, 0, settings.train.lr).train
-    model.unet, _ = fit(model.unet, diffusion_loss(model.scheduler, model.null_class, config), cells.of(ids),
-                        np.full(len(ids), UNLABELED), config, settings.augment, checkpoint_dir=out / "checkpoints",
-                        progress=True)
+    model.unet, _ = fit(
+        model.unet,
+        diffusion_loss(model.scheduler, model.null_class, config),
+        cells.of(ids),
+        np.full(len(ids), UNLABELED),
+        config,
+        settings.augment,
+        checkpoint_dir=out / "checkpoints",
+        progress=True,
+    )
     model.save(out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return out
@@ -166,14 +189,20 @@ def first_round(kind: str, seed: int, cells: Cells, parts: dict, settings: Setti
     began = time.perf_counter()
     round_settings = train_step_settings(settings, args.first_steps, 1000 * seed, args.lr)
     if kind == "diffusion":
-        model = load_model(pretrained_diffusion(cells, sorted(parts["seed"] + parts["pool"] + parts["val"]),
-                                                settings, args))
+        model = load_model(
+            pretrained_diffusion(cells, sorted(parts["seed"] + parts["pool"] + parts["val"]), settings, args)
+        )
     else:
         model = build_model(kind, CLASSES, round_settings)
-    train_round(model, cells, parts["seed"], parts["pool"], parts["val"], round_settings, out / "checkpoints",
-                first=True)
-    result = {"n_labels": len(parts["seed"]), **evaluate(model, cells, parts["test"]), "acquired": [],
-              "minutes": (time.perf_counter() - began) / 60}
+    train_round(
+        model, cells, parts["seed"], parts["pool"], parts["val"], round_settings, out / "checkpoints", first=True
+    )
+    result = {
+        "n_labels": len(parts["seed"]),
+        **evaluate(model, cells, parts["test"]),
+        "acquired": [],
+        "minutes": (time.perf_counter() - began) / 60,
+    }
     model.save(out)
     (out / "round.json").write_text(json.dumps(result, indent=1))
     return out, result
@@ -194,8 +223,15 @@ def run(kind: str, strategy_name: str, seed: int, cells: Cells, settings: Settin
     parts = split(cells, seed, args)
     if state is None:
         first_dir, first = first_round(kind, seed, cells, parts, settings, args)
-        state = {"kind": kind, "strategy": strategy_name, "seed": seed, "rounds": [first],
-                 "labelled": list(parts["seed"]), "done": False, "command": " ".join(["python", *sys.argv])}
+        state = {
+            "kind": kind,
+            "strategy": strategy_name,
+            "seed": seed,
+            "rounds": [first],
+            "labelled": list(parts["seed"]),
+            "done": False,
+            "command": " ".join(["python", *sys.argv]),
+        }
         model = load_model(first_dir)
     else:
         model = load_model(models / f"round{len(state['rounds']) - 1}")
@@ -210,8 +246,11 @@ def run(kind: str, strategy_name: str, seed: int, cells: Cells, settings: Settin
             pool = sorted(random.Random(f"{seed}-{number}").sample(pool, args.candidates))
         images = cells.of(pool)
         predictions = unscored(len(pool)) if strategy_name == "random" else model.predict(images)
-        chosen = strategy(Pool(predictions, pool, CLASSES, [cells.records[i].domain for i in pool],
-                               thumbnails(images)), args.budget, 1000 * seed + number)
+        chosen = strategy(
+            Pool(predictions, pool, CLASSES, [cells.records[i].domain for i in pool], thumbnails(images)),
+            args.budget,
+            1000 * seed + number,
+        )
         acquired = [pool[i] for i in chosen]
         labelled = state["labelled"] + acquired
         known = set(labelled)
@@ -220,14 +259,23 @@ def run(kind: str, strategy_name: str, seed: int, cells: Cells, settings: Settin
         train_round(model, cells, labelled, remaining, parts["val"], round_settings, models / "checkpoints")
         model.save(models / f"round{number}")
         state["labelled"] = labelled
-        state["rounds"].append({"n_labels": len(labelled), **evaluate(model, cells, parts["test"]),
-                                "acquired": acquired, "minutes": (time.perf_counter() - began) / 60})
+        state["rounds"].append(
+            {
+                "n_labels": len(labelled),
+                **evaluate(model, cells, parts["test"]),
+                "acquired": acquired,
+                "minutes": (time.perf_counter() - began) / 60,
+            }
+        )
         state["done"] = len(state["rounds"]) > rounds
         path.write_text(json.dumps(state, indent=1))
         shutil.rmtree(models / f"round{number - 1}", ignore_errors=True)
         last = state["rounds"][-1]
-        print(f"{kind} {strategy_name} seed {seed} round {number}: {last['n_labels']} labels, balanced accuracy "
-              f"{last['balanced_accuracy']:.3f}, ECE {last['ece']:.3f} ({last['minutes']:.1f} min)", flush=True)
+        print(
+            f"{kind} {strategy_name} seed {seed} round {number}: {last['n_labels']} labels, balanced accuracy "
+            f"{last['balanced_accuracy']:.3f}, ECE {last['ece']:.3f} ({last['minutes']:.1f} min)",
+            flush=True,
+        )
     shutil.rmtree(models, ignore_errors=True)  # finished: only the metrics are kept
     return state
 
@@ -277,8 +325,14 @@ def plot(kind: str, by_strategy: dict[str, list[dict]], path: Path) -> Path:
         for ax, metric in zip(axes, ("balanced_accuracy", "ece")):
             counts, values = curves(runs, metric)
             mean, sd = values.mean(axis=0), values.std(axis=0)
-            ax.plot(counts, mean, marker="o", color=colours[name], linestyle="--" if name == "random" else "-",
-                    label=f"{name} ({len(runs)} seeds)")
+            ax.plot(
+                counts,
+                mean,
+                marker="o",
+                color=colours[name],
+                linestyle="--" if name == "random" else "-",
+                label=f"{name} ({len(runs)} seeds)",
+            )
             ax.fill_between(counts, mean - sd, mean + sd, alpha=0.12, color=colours[name])
     for ax, label in zip(axes, ("balanced accuracy (test)", "ECE (test)")):
         ax.set_xlabel("labelled cells")
@@ -303,18 +357,28 @@ def table(by_strategy: dict[str, list[dict]], metric: str, target: float | None)
     counts = curves(next(iter(by_strategy.values())), "n_labels")[0]
     accuracy = metric == "balanced_accuracy"
     extra = " labels to reach random | final − random (paired) | mean over rounds − random (paired) |"
-    lines = [f"| strategy | seeds | {' | '.join(str(c) for c in counts)} |" + (extra if accuracy else ""),
-             "|---|---|" + "---|" * len(counts) + ("---|---|---|" if accuracy else "")]
+    lines = [
+        f"| strategy | seeds | {' | '.join(str(c) for c in counts)} |" + (extra if accuracy else ""),
+        "|---|---|" + "---|" * len(counts) + ("---|---|---|" if accuracy else ""),
+    ]
     for name in (n for n in STRATEGIES if n in by_strategy):
         values = curves(by_strategy[name], metric)[1]
-        row = "| " + " | ".join([name, str(len(values))] + [f"{m:.3f} ± {s:.3f}" for m, s in
-                                                              zip(values.mean(axis=0), values.std(axis=0))]) + " |"
+        row = (
+            "| "
+            + " | ".join(
+                [name, str(len(values))]
+                + [f"{m:.3f} ± {s:.3f}" for m, s in zip(values.mean(axis=0), values.std(axis=0))]
+            )
+            + " |"
+        )
         if accuracy and target is not None:
             reached = labels_to_reach(counts, values.mean(axis=0), target)
             gaps = values[:, 1:] - curves(by_strategy["random"], metric)[1][:, 1:]
             final, average = gaps[:, -1], gaps.mean(axis=1)
-            row += (f" {'>' + str(counts[-1]) if reached is None else f'{reached:.0f}'} | "
-                    f"{final.mean():+.3f} ± {final.std():.3f} | {average.mean():+.3f} ± {average.std():.3f} |")
+            row += (
+                f" {'>' + str(counts[-1]) if reached is None else f'{reached:.0f}'} | "
+                f"{final.mean():+.3f} ± {final.std():.3f} | {average.mean():+.3f} ± {average.std():.3f} |"
+            )
         lines.append(row)
     return lines + [""]
 
@@ -357,12 +421,18 @@ def render(results: dict[str, dict[str, list[dict]]], label_of: dict[str, str], 
         lines += [f"Classes of the acquired cells ({kind}):", ""]
         lines += [f"- {n}: {acquired_mix(by_strategy[n], label_of)}" for n in STRATEGIES if n in by_strategy]
         first = {run["seed"]: run["rounds"][0]["minutes"] for runs in by_strategy.values() for run in runs}
-        minutes = sum(first.values()) + sum(r["minutes"] for runs in by_strategy.values() for run in runs
-                                            for r in run["rounds"][1:])
+        minutes = sum(first.values()) + sum(
+            r["minutes"] for runs in by_strategy.values() for run in runs for r in run["rounds"][1:]
+        )
         image = plot(kind, by_strategy, IMAGES / f"active_learning_{kind}.png")
-        lines += ["", f"Compute ({kind}): {minutes:.0f} min of training, scoring and evaluation in all (the "
-                  "diffusion model's shared null-class pretraining not included), on the shared machine.", "",
-                  f"![active learning, {kind}](img/{image.name})", ""]
+        lines += [
+            "",
+            f"Compute ({kind}): {minutes:.0f} min of training, scoring and evaluation in all (the "
+            "diffusion model's shared null-class pretraining not included), on the shared machine.",
+            "",
+            f"![active learning, {kind}](img/{image.name})",
+            "",
+        ]
     commands = sorted({run["command"] for by in results.values() for runs in by.values() for run in runs})
     lines += [
         "Commands, one per process (split by model, seed and strategy to share the cores; together they are the "
@@ -370,7 +440,7 @@ def render(results: dict[str, dict[str, list[dict]]], label_of: dict[str, str], 
         "`--docs-only`): " + "; ".join(f"`{c}`" for c in commands) + ".",
         f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, no GPU, {args.threads} torch "
         f"thread per run, runs at nice 5 beside other people's jobs (load average 4-7 for most of the run: minutes "
-        f"are inflated); torch {torch.__version__}. Updated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"are inflated); torch {torch.__version__}. Updated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -378,8 +448,11 @@ def render(results: dict[str, dict[str, list[dict]]], label_of: dict[str, str], 
 def cpu_name() -> str:
     """The CPU model, so timings can be compared with other sections' machines."""
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
-             if line.startswith("model name")]
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+        if line.startswith("model name")
+    ]
     return names[0] if names else platform.machine()
 
 
@@ -396,18 +469,30 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/active_learning"))
     parser.add_argument("--models", type=lambda s: s.split(","), default=["baseline", "diffusion"])
     parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES))
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4],
-                        help="seeds of the CNN baseline")
-    parser.add_argument("--diffusion-seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
-                        help="seeds of the diffusion classifier (each costs far more)")
+    parser.add_argument(
+        "--seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[0, 1, 2, 3, 4],
+        help="seeds of the CNN baseline",
+    )
+    parser.add_argument(
+        "--diffusion-seeds",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[0, 1, 2],
+        help="seeds of the diffusion classifier (each costs far more)",
+    )
     parser.add_argument("--rounds", type=int, default=4, help="acquisition rounds after round 0 (CNN baseline)")
     parser.add_argument("--diffusion-rounds", type=int, default=3, help="acquisition rounds of the diffusion model")
     parser.add_argument("--budget", type=int, default=20, help="cells acquired per round")
     parser.add_argument("--seed-per-class", type=int, default=5)
     parser.add_argument("--val-per-class", type=int, default=5)
     parser.add_argument("--test-fraction", type=float, default=0.3)
-    parser.add_argument("--candidates", type=int, default=150,
-                        help="pool cells scored (and offered to the strategy) per round, a seeded random share")
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=150,
+        help="pool cells scored (and offered to the strategy) per round, a seeded random share",
+    )
     parser.add_argument("--first-steps", type=int, default=200, help="round-0 training steps on the seed labels")
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps per round")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="diffusion null-class pretraining steps")
@@ -430,8 +515,12 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    settings = load_settings(overrides={"train": {"threads": args.threads, "batch_size": args.batch_size},
-                                        "scoring": {**SCORING, "threads": args.threads}})
+    settings = load_settings(
+        overrides={
+            "train": {"threads": args.threads, "batch_size": args.batch_size},
+            "scoring": {**SCORING, "threads": args.threads},
+        }
+    )
     cells = Cells(select(load_records(args.data), DOMAINS, CLASSES), settings)
     for kind in args.models:
         for seed in args.diffusion_seeds if kind == "diffusion" else args.seeds:

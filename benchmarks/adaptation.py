@@ -23,7 +23,7 @@ import platform
 import random
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -65,7 +65,8 @@ def scoring_limit(model, args):
     if model.kind == "diffusion" and args.max_trials:
         cfg = model.scoring_config
         model.scoring_config = cfg.model_validate(
-            {**cfg.model_dump(), "max_trials": args.max_trials, "min_trials": min(cfg.min_trials, args.max_trials)})
+            {**cfg.model_dump(), "max_trials": args.max_trials, "min_trials": min(cfg.min_trials, args.max_trials)}
+        )
     return model
 
 
@@ -77,8 +78,16 @@ def run_cell(kind: str, target: str, k: int, records, args, settings) -> dict:
     if not (source_dir / "model.json").is_file():
         source = select(records, PAIRS[target], CLASSES)
         print(f"training the {kind} source model on {'+'.join(PAIRS[target])} ({len(source)} cells)", flush=True)
-        train_model(kind, source, settings.model_copy(update={"train": settings.train.model_copy(
-            update={"steps": args.source_steps, "checkpoint_every": 50})}), source_dir, classes=CLASSES, progress=True)
+        train_model(
+            kind,
+            source,
+            settings.model_copy(
+                update={"train": settings.train.model_copy(update={"steps": args.source_steps, "checkpoint_every": 50})}
+            ),
+            source_dir,
+            classes=CLASSES,
+            progress=True,
+        )
     pools, held = target_split(select(records, [target], CLASSES), max(KS), args.eval_per_class, args.seed)
     model = scoring_limit(load_model(source_dir), args)
     began = time.perf_counter()
@@ -86,14 +95,30 @@ def run_cell(kind: str, target: str, k: int, records, args, settings) -> dict:
         chosen = [r for name in CLASSES for r in pools[name][:k]]
         train_config, augment_config = finetune_configs(settings, adapt=True)
         images, labels, _ = training_arrays(model, chosen)
-        finetune(model, images, labels, train_config, augment_config,
-                 checkpoint_dir=args.out / "checkpoints" / f"{target}-{kind}-k{k}")
+        finetune(
+            model,
+            images,
+            labels,
+            train_config,
+            augment_config,
+            checkpoint_dir=args.out / "checkpoints" / f"{target}-{kind}-k{k}",
+        )
     report = evaluate_model(model, held, progress=True)
-    result = {"target": target, "source": "+".join(PAIRS[target]), "source_dir": str(source_dir), "kind": kind,
-              "k": k, "n_adapt": k * len(CLASSES), "n_eval": report["n_cells"],
-              "balanced_accuracy": report["balanced_accuracy"], "accuracy": report["accuracy"], "ece": report["ece"],
-              "minutes": (time.perf_counter() - began) / 60, "adapt_steps": args.adapt_steps if k else 0,
-              "command": " ".join(["python", *sys.argv])}
+    result = {
+        "target": target,
+        "source": "+".join(PAIRS[target]),
+        "source_dir": str(source_dir),
+        "kind": kind,
+        "k": k,
+        "n_adapt": k * len(CLASSES),
+        "n_eval": report["n_cells"],
+        "balanced_accuracy": report["balanced_accuracy"],
+        "accuracy": report["accuracy"],
+        "ece": report["ece"],
+        "minutes": (time.perf_counter() - began) / 60,
+        "adapt_steps": args.adapt_steps if k else 0,
+        "command": " ".join(["python", *sys.argv]),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
@@ -126,9 +151,11 @@ def render(results: list[dict], args) -> str:
         training = Path(source) / "training.json"
         steps = json.loads(training.read_text())["steps"] if training.is_file() else "?"
         sources.append(f"{source} ({steps} steps)")
-    source_minutes = sum(json.loads((Path(s) / "training.json").read_text())["train_seconds"] / 60
-                         for s in {r["source_dir"] for r in results}
-                         if not s.startswith(str(args.quality_dir)) and (Path(s) / "training.json").is_file())
+    source_minutes = sum(
+        json.loads((Path(s) / "training.json").read_text())["train_seconds"] / 60
+        for s in {r["source_dir"] for r in results}
+        if not s.startswith(str(args.quality_dir)) and (Path(s) / "training.json").is_file()
+    )
     commands = sorted({r["command"] for r in results if "command" in r})
     lines += [
         "",
@@ -137,7 +164,7 @@ def render(results: list[dict], args) -> str:
         f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, 2 cores, CPU only, shared "
         f"with other jobs (timings are inflated by them). Budget used: {sum(r['minutes'] for r in results):.0f} min "
         f"of fine-tuning and evaluation over {len(results)} cells, plus {source_minutes:.0f} min training source "
-        f"models here. Updated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"models here. Updated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -163,8 +190,9 @@ def main() -> None:
         parser.error(f"unknown target(s) {unknown}; valid: {', '.join(PAIRS)}")
 
     torch.set_num_threads(args.threads)
-    settings = load_settings(overrides={"adapt": {"steps": args.adapt_steps}, "train": {"threads": args.threads,
-                                                                                         "seed": args.seed}})
+    settings = load_settings(
+        overrides={"adapt": {"steps": args.adapt_steps}, "train": {"threads": args.threads, "seed": args.seed}}
+    )
     if args.docs_only:
         replace_section(DOCS, "adaptation", render(finished(args), args), title="Hospital adaptation")
         return

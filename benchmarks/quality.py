@@ -21,14 +21,13 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from _docs import DOCS, replace_section
 
 from cytoloop import metrics
 from cytoloop.config import load_settings
 from cytoloop.data import load_records, select
 from cytoloop.models import load_model
-from cytoloop.workflows import evaluate_model, held_out, label_indices, train_model
-
-from _docs import DOCS, replace_section
+from cytoloop.workflows import evaluate_model, held_out, train_model
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
 
@@ -67,16 +66,18 @@ def main() -> None:
         began = time.perf_counter()
         in_domain = evaluate_model(model, test, model_dir / "in_domain.json", anomaly_records=anomaly, progress=True)
         cross_domain = evaluate_model(model, cross, model_dir / "cross_domain.json", progress=True)
-        rows.append({
-            "kind": kind,
-            "train_minutes": training["train_seconds"] / 60,
-            "steps": training["steps"],
-            "eval_minutes": (time.perf_counter() - began) / 60,
-            "in_domain": in_domain,
-            "in_domain_ci": bootstrap_balanced_accuracy(in_domain, len(CLASSES)),
-            "cross_domain": cross_domain,
-            "cross_domain_ci": bootstrap_balanced_accuracy(cross_domain, len(CLASSES)),
-        })
+        rows.append(
+            {
+                "kind": kind,
+                "train_minutes": training["train_seconds"] / 60,
+                "steps": training["steps"],
+                "eval_minutes": (time.perf_counter() - began) / 60,
+                "in_domain": in_domain,
+                "in_domain_ci": bootstrap_balanced_accuracy(in_domain, len(CLASSES)),
+                "cross_domain": cross_domain,
+                "cross_domain_ci": bootstrap_balanced_accuracy(cross_domain, len(CLASSES)),
+            }
+        )
         (args.out / "quality.json").write_text(json.dumps(rows, indent=1, default=float))
     table = render(rows, args)
     print(table)

@@ -28,14 +28,13 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from _docs import DOCS, replace_section
 
 from cytoloop.config import load_settings
 from cytoloop.data import CellRecord, class_interleaved_subset, load_records, select
 from cytoloop.models import load_model
 from cytoloop.recipes import get_recipe
 from cytoloop.workflows import evaluate_model, held_out, train_model
-
-from _docs import DOCS, replace_section
 
 OTHER_LABS = ("jtsc", "cellavision", "bccd")
 EXPERIMENTS = ("in_domain", "domain_shift", "blasts")
@@ -57,8 +56,9 @@ def evaluate(model_dir: Path, name: str, records: list[CellRecord], out: Path, a
     if path.is_file():
         return json.loads(path.read_text())
     began = time.perf_counter()
-    report = evaluate_model(load_model(model_dir), records, path, anomaly_records=anomaly, anomaly_label="blast",
-                            progress=True)
+    report = evaluate_model(
+        load_model(model_dir), records, path, anomaly_records=anomaly, anomaly_label="blast", progress=True
+    )
     report["eval_seconds"] = time.perf_counter() - began
     path.write_text(json.dumps(report, indent=1))
     return report
@@ -71,7 +71,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/reference"))
     parser.add_argument("--cnn-seeds", default="0,1,2")
     parser.add_argument("--cnn-steps", type=int, default=get_recipe("base-pbc-cnn").steps)
-    parser.add_argument("--test-cells", type=int, default=None, help="this many PBC test cells, classes interleaved (default: all)")
+    parser.add_argument(
+        "--test-cells", type=int, default=None, help="this many PBC test cells, classes interleaved (default: all)"
+    )
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -83,8 +85,9 @@ def main() -> None:
     records = load_records(args.data)
     diffusion = load_model(args.diffusion)
     pbc = select([r for r in records if r.label], ["pbc"], diffusion.classes)
-    models = [args.diffusion] + [train_cnn(pbc, args.out / f"cnn-seed{s}", int(s), args.cnn_steps)
-                                 for s in args.cnn_seeds.split(",")]
+    models = [args.diffusion] + [
+        train_cnn(pbc, args.out / f"cnn-seed{s}", int(s), args.cnn_steps) for s in args.cnn_seeds.split(",")
+    ]
     results: dict = {"models": {}, "args": {k: str(v) for k, v in vars(args).items()}}
     for model_dir in models:
         kind = load_model(model_dir).kind
@@ -123,9 +126,13 @@ def _blast_report(model_dir: Path, allidb2: list[CellRecord], out: Path) -> dict
     began = time.perf_counter()
     predictions = model.predict(cells.images, progress=True)
     report = anomaly_metrics(predictions, is_blast)
-    report.update({"eval_seconds": time.perf_counter() - began, "evals_per_cell_blast":
-                   float(predictions.evals[is_blast].mean()), "evals_per_cell_normal":
-                   float(predictions.evals[~is_blast].mean())})
+    report.update(
+        {
+            "eval_seconds": time.perf_counter() - began,
+            "evals_per_cell_blast": float(predictions.evals[is_blast].mean()),
+            "evals_per_cell_normal": float(predictions.evals[~is_blast].mean()),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     return report
@@ -134,10 +141,16 @@ def _blast_report(model_dir: Path, allidb2: list[CellRecord], out: Path) -> dict
 def _training_summary(model_dir: Path) -> dict:
     training = json.loads((Path(model_dir) / "training.json").read_text())
     settings = training["settings"]["train"]
-    return {"steps": training["steps"], "batch_size": settings["batch_size"], "precision": settings["precision"],
-            "seed": settings["seed"], "train_minutes": training["train_seconds"] / 60,
-            "resumed_from_step": training["resumed_from_step"], "n_train": training["n_train"],
-            "n_val": training["n_val"]}
+    return {
+        "steps": training["steps"],
+        "batch_size": settings["batch_size"],
+        "precision": settings["precision"],
+        "seed": settings["seed"],
+        "train_minutes": training["train_seconds"] / 60,
+        "resumed_from_step": training["resumed_from_step"],
+        "n_train": training["n_train"],
+        "n_val": training["n_val"],
+    }
 
 
 def _ci(report: dict, name: str, digits: int = 3) -> str:
@@ -152,7 +165,8 @@ def render(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"Command: `python benchmarks/reference.py --data {args.data} --diffusion {args.diffusion} --out {args.out} "
         f"--cnn-seeds {args.cnn_seeds} --cnn-steps {args.cnn_steps}"
-        + (f" --test-cells {args.test_cells}" if args.test_cells else "") + "`  ",
+        + (f" --test-cells {args.test_cells}" if args.test_cells else "")
+        + "`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, torch threads "
         f"{torch.get_num_threads()}, no GPU. Date: {date.today().isoformat()}. [brackets]: 95 % bootstrap interval "
         "over cells (1,000 resamples).",
@@ -166,29 +180,47 @@ def render(results: dict, args: argparse.Namespace) -> str:
     for name, row in rows.items():
         t = row["training"]
         minutes = f"{t['train_minutes']:.1f}" + (" (resumed)" if t["resumed_from_step"] else "")
-        lines.append(f"| {row['kind']} `{name}` | {t['steps']} | {t['batch_size']} | {t['precision']} | {t['seed']} "
-                     f"| {t['n_train']} | {minutes} |")
+        lines.append(
+            f"| {row['kind']} `{name}` | {t['steps']} | {t['batch_size']} | {t['precision']} | {t['seed']} "
+            f"| {t['n_train']} | {minutes} |"
+        )
     first = next(iter(rows.values()))
     if "in_domain" in first:
         classes = list(first["in_domain"]["per_class_recall"])
-        lines += ["", f"In-domain, PBC test cells ({first['in_domain']['n_cells']} cells, 8 classes):", "",
-                  "| model | balanced accuracy | ECE | NLL | accuracy at 90 % coverage | evals/cell | cells/s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"In-domain, PBC test cells ({first['in_domain']['n_cells']} cells, 8 classes):",
+            "",
+            "| model | balanced accuracy | ECE | NLL | accuracy at 90 % coverage | evals/cell | cells/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, row in rows.items():
             r = row["in_domain"]
-            lines.append(f"| {row['kind']} `{Path(name).name}` | {_ci(r, 'balanced_accuracy')} | {_ci(r, 'ece')} | "
-                         f"{_ci(r, 'nll')} | {_ci(r, 'accuracy_at_90_coverage')} | "
-                         f"{r['denoiser_evals_per_cell']:.1f} | {r['cells_per_second']:.1f} |")
-        lines += ["", "Per-class recall:", "", "| model | " + " | ".join(classes) + " |",
-                  "|---|" + "---|" * len(classes)]
+            lines.append(
+                f"| {row['kind']} `{Path(name).name}` | {_ci(r, 'balanced_accuracy')} | {_ci(r, 'ece')} | "
+                f"{_ci(r, 'nll')} | {_ci(r, 'accuracy_at_90_coverage')} | "
+                f"{r['denoiser_evals_per_cell']:.1f} | {r['cells_per_second']:.1f} |"
+            )
+        lines += [
+            "",
+            "Per-class recall:",
+            "",
+            "| model | " + " | ".join(classes) + " |",
+            "|---|" + "---|" * len(classes),
+        ]
         for name, row in rows.items():
             r = row["in_domain"]
-            lines.append(f"| {row['kind']} `{Path(name).name}` | "
-                         + " | ".join(_ci(r, f"recall {c}", 2) for c in classes) + " |")
+            lines.append(
+                f"| {row['kind']} `{Path(name).name}` | " + " | ".join(_ci(r, f"recall {c}", 2) for c in classes) + " |"
+            )
     if "domain_shift" in first:
-        lines += ["", "Domain shift, unadapted (balanced accuracy over the classes each lab has; ECE):", "",
-                  "| model | " + " | ".join(f"{lab} bal. acc | {lab} ECE" for lab in OTHER_LABS) + " |",
-                  "|---|" + "---|---|" * len(OTHER_LABS)]
+        lines += [
+            "",
+            "Domain shift, unadapted (balanced accuracy over the classes each lab has; ECE):",
+            "",
+            "| model | " + " | ".join(f"{lab} bal. acc | {lab} ECE" for lab in OTHER_LABS) + " |",
+            "|---|" + "---|---|" * len(OTHER_LABS),
+        ]
         for name, row in rows.items():
             cells = []
             for lab in OTHER_LABS:
@@ -198,16 +230,22 @@ def render(results: dict, args: argparse.Namespace) -> str:
         sizes = ", ".join(f"{lab} {first['domain_shift'][lab]['n_cells']}" for lab in OTHER_LABS)
         lines.append(f"\nCells: {sizes}.")
     if "blasts" in first:
-        lines += ["", "ALL-IDB2 blasts vs normal cells, AUROC of each anomaly score (the models never saw a blast):",
-                  ""]
+        lines += [
+            "",
+            "ALL-IDB2 blasts vs normal cells, AUROC of each anomaly score (the models never saw a blast):",
+            "",
+        ]
         for name, row in rows.items():
             r = row["blasts"]
             scores = "; ".join(
                 f"{'primary' if score == 'anomaly' else score} "
                 f"{r['anomaly_auroc_by_score'].get(score, r['anomaly_auroc']):.3f} [{low:.3f}, {high:.3f}]"
-                for score, (low, high) in r["anomaly_auroc_intervals"].items())
-            lines.append(f"- {row['kind']} `{Path(name).name}` ({r['anomaly_n_positive']} blasts of "
-                         f"{r['anomaly_n']} cells): {scores}")
+                for score, (low, high) in r["anomaly_auroc_intervals"].items()
+            )
+            lines.append(
+                f"- {row['kind']} `{Path(name).name}` ({r['anomaly_n_positive']} blasts of "
+                f"{r['anomaly_n']} cells): {scores}"
+            )
     return "\n".join(lines) + "\n"
 
 

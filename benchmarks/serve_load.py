@@ -5,7 +5,8 @@ are deployed side by side on a private local Ray instance and warmed up; then `-
 (multipart, one or more per request) to each in turn, in 5 s slices, for `--seconds` in all per configuration, so
 that load from other work on the machine falls on every configuration alike. Reported: cells per second, p50/p99
 latency, and the mean batch size, from the `batch` field each response carries (requests sharing a replica and
-batch id were one model call). Bounded: at most 64 clients and 120 s per configuration. `--write-docs` puts the table into docs/benchmarks.md.
+batch id were one model call). Bounded: at most 64 clients and 120 s per configuration. `--write-docs` puts the
+table into docs/benchmarks.md.
 
     python benchmarks/serve_load.py --data ../shared/data/cells --clients 16 --seconds 30 --trials 2 --write-docs
 
@@ -65,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     cells = [r.path.read_bytes() for r in load_records(args.data)[::7][:64]]
     work = Path(tempfile.mkdtemp(prefix="serve_load_"))
     ray_dir = tempfile.mkdtemp(prefix="ray_bench_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
-    models = {"given": args.model_dir} if args.model_dir else {
-        kind: _untrained(kind, args.trials, work / kind) for kind in kinds}
+    models = (
+        {"given": args.model_dir}
+        if args.model_dir
+        else {kind: _untrained(kind, args.trials, work / kind) for kind in kinds}
+    )
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_worker_niceness"] = "0"  # Ray starts workers at +15, which a busy machine starves
     import ray
@@ -85,21 +89,34 @@ def main(argv: list[str] | None = None) -> int:
             urls = {}
             for replicas, batch in CONFIGS:
                 name = f"{kind}-{replicas}x{batch}"
-                settings = load_settings(overrides={"serve": {
-                    "model_dir": str(model_dir), "min_replicas": replicas, "max_replicas": replicas,
-                    "max_batch_size": batch, "batch_wait_s": 0.01, "max_ongoing_requests": max(64, 4 * batch),
-                    "num_cpus": 0.1, "torch_threads": 1}, "registry": {"cache_dir": str(work / "cache")}})
+                settings = load_settings(
+                    overrides={
+                        "serve": {
+                            "model_dir": str(model_dir),
+                            "min_replicas": replicas,
+                            "max_replicas": replicas,
+                            "max_batch_size": batch,
+                            "batch_wait_s": 0.01,
+                            "max_ongoing_requests": max(64, 4 * batch),
+                            "num_cpus": 0.1,
+                            "torch_threads": 1,
+                        },
+                        "registry": {"cache_dir": str(work / "cache")},
+                    }
+                )
                 serve.run(build_app(settings), name=name, route_prefix=f"/{name}", blocking=False)
                 urls[(replicas, batch)] = f"http://127.0.0.1:{port}/{name}/v1/classify"
                 _load(urls[(replicas, batch)], cells, args.clients, 3.0, args.cells_per_request)  # warm-up
             runs = {config: [] for config in CONFIGS}
             rounds = max(1, round(args.seconds / SLICE_S))
             for _, config in itertools.product(range(rounds), CONFIGS):
-                runs[config].append(_load(urls[config], cells, args.clients, args.seconds / rounds,
-                                          args.cells_per_request))
+                runs[config].append(
+                    _load(urls[config], cells, args.clients, args.seconds / rounds, args.cells_per_request)
+                )
             for (replicas, batch), parts in runs.items():
-                rows.append({"model": kind, "replicas": replicas, "max_batch": batch,
-                             **_summary(parts, args.cells_per_request)})
+                rows.append(
+                    {"model": kind, "replicas": replicas, "max_batch": batch, **_summary(parts, args.cells_per_request)}
+                )
                 print(_row(rows[-1]), flush=True)
             for replicas, batch in CONFIGS:
                 serve.delete(f"{kind}-{replicas}x{batch}")
@@ -182,8 +199,10 @@ def _summary(parts: list[dict], per_request: int) -> dict:
 
 
 def _row(r: dict) -> str:
-    return (f"| {r['model']} | {r['replicas']} | {r['max_batch']} | {r['cells_per_s']:.1f} | {r['p50_ms']:.0f} | "
-            f"{r['p99_ms']:.0f} | {r['mean_batch_cells']:.1f} | {r['requests']} | {r['errors']} |")
+    return (
+        f"| {r['model']} | {r['replicas']} | {r['max_batch']} | {r['cells_per_s']:.1f} | {r['p50_ms']:.0f} | "
+        f"{r['p99_ms']:.0f} | {r['mean_batch_cells']:.1f} | {r['requests']} | {r['errors']} |"
+    )
 
 
 def _markdown(rows: list[dict], args, argv) -> str:
@@ -194,30 +213,42 @@ def _markdown(rows: list[dict], args, argv) -> str:
     ratios = []
     for kind in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == kind]
-        ratios.append(f"{kind}: " + ", ".join(
-            f"{r['replicas']} replica(s) batch {r['max_batch']} {r['cells_per_s'] / mine[0]['cells_per_s']:.2f}x"
-            for r in mine[1:]))
-    model = f"`{args.model_dir}`" if args.model_dir else (
-        "untrained models of the default architectures at 32 px (speed does not depend on the weights): the CNN "
-        f"baseline, and the diffusion classifier with a fixed {args.trials} scoring trials per cell "
-        f"({5 * args.trials} denoiser evaluations with the null class)")
-    return "\n".join([
-        f"Command: `{command.strip()}` ({date.today().isoformat()}).",
-        f"Machine: {os.cpu_count()}-core CPU, no GPU, shared with other work while it ran; Python "
-        f"{platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}. Model: {model}; "
-        f"{args.clients} concurrent clients on loopback, {args.cells_per_request} cell(s) per request, "
-        f"{args.seconds:g} s per configuration after a 3 s warm-up, in {SLICE_S:g} s slices taking turns (all "
-        f"configurations of a model deployed at once). Classifier replicas: 1 torch thread each.",
-        "",
-        "| model | replicas | max batch | cells/s | p50 ms | p99 ms | mean batch (cells) | requests | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *(_row(r) for r in rows),
-        "",
-        f"Throughput relative to 1 replica without batching: {'; '.join(ratios)}. The mean batch is measured from the "
-        f"responses (cells per model call). The HTTP proxy, the gateway, the replicas and the clients all share the "
-        f"machine's {os.cpu_count()} cores (and other work ran beside them): compare rows, not machines.",
-        "",
-    ])
+        ratios.append(
+            f"{kind}: "
+            + ", ".join(
+                f"{r['replicas']} replica(s) batch {r['max_batch']} {r['cells_per_s'] / mine[0]['cells_per_s']:.2f}x"
+                for r in mine[1:]
+            )
+        )
+    model = (
+        f"`{args.model_dir}`"
+        if args.model_dir
+        else (
+            "untrained models of the default architectures at 32 px (speed does not depend on the weights): the CNN "
+            f"baseline, and the diffusion classifier with a fixed {args.trials} scoring trials per cell "
+            f"({5 * args.trials} denoiser evaluations with the null class)"
+        )
+    )
+    return "\n".join(
+        [
+            f"Command: `{command.strip()}` ({date.today().isoformat()}).",
+            f"Machine: {os.cpu_count()}-core CPU, no GPU, shared with other work while it ran; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}. Model: {model}; "
+            f"{args.clients} concurrent clients on loopback, {args.cells_per_request} cell(s) per request, "
+            f"{args.seconds:g} s per configuration after a 3 s warm-up, in {SLICE_S:g} s slices taking turns (all "
+            f"configurations of a model deployed at once). Classifier replicas: 1 torch thread each.",
+            "",
+            "| model | replicas | max batch | cells/s | p50 ms | p99 ms | mean batch (cells) | requests | errors |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *(_row(r) for r in rows),
+            "",
+            f"Throughput relative to 1 replica without batching: {'; '.join(ratios)}. The mean batch is measured "
+            "from the responses (cells per model call). The HTTP proxy, the gateway, the replicas and the clients "
+            f"all share the machine's {os.cpu_count()} cores (and other work ran beside them): compare rows, not "
+            "machines.",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

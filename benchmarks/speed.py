@@ -32,14 +32,15 @@ import pickle
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from _docs import DOCS, replace_section
 
 from cytoloop import metrics
-from cytoloop.calibration import decision, evaluations_needed, fit_temperature, trials_needed, tune_scoring
+from cytoloop.calibration import evaluations_needed, fit_temperature, trials_needed, tune_scoring
 from cytoloop.cascade import CascadeClassifier, distill, threshold_for_fraction
 from cytoloop.config import CascadeConfig, load_settings
 from cytoloop.data import class_interleaved_subset, load_records, select
@@ -47,8 +48,6 @@ from cytoloop.models import Predictions, load_model
 from cytoloop.preprocess import load_cells
 from cytoloop.scoring import GPU_LOOKAHEAD, replay, summarise_log
 from cytoloop.workflows import SPLIT_FILE, UNLABELED, held_out, label_indices, outside_split
-
-from _docs import DOCS, replace_section
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
 SOURCE_DOMAINS = ["jtsc", "bccd"]
@@ -60,29 +59,56 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("runs/quality/diffusion"))
     parser.add_argument("--baseline", type=Path, default=Path("runs/quality/baseline"))
     parser.add_argument("--out", type=Path, default=Path("runs/speed"))
-    parser.add_argument("--cells", type=int, default=0,
-                        help="test cells to use (0: all; else a fixed stratified subset)")
+    parser.add_argument(
+        "--cells", type=int, default=0, help="test cells to use (0: all; else a fixed stratified subset)"
+    )
     parser.add_argument("--trials", type=int, default=200, help="exhaustive trials (reference and tuning)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--fast-precision", default="bf16", choices=["fp32", "bf16", "fp16"],
-                        help="precision of the fast rows (tuned batched low-precision, cascade teacher)")
+    parser.add_argument(
+        "--fast-precision",
+        default="bf16",
+        choices=["fp32", "bf16", "fp16"],
+        help="precision of the fast rows (tuned batched low-precision, cascade teacher)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="denoiser batch for every row (default: scoring's, 64 on a CPU, 1024 on a GPU)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="denoiser batch for every row (default: scoring's, 64 on a CPU, 1024 on a GPU)",
+    )
     parser.add_argument("--student-steps", type=int, default=1500)
-    parser.add_argument("--defer-fraction", type=float, default=None,
-                        help="cascade threshold deferring this fraction of validation cells (default: "
-                        "cascade.threshold)")
+    parser.add_argument(
+        "--defer-fraction",
+        type=float,
+        default=None,
+        help="cascade threshold deferring this fraction of validation cells (default: cascade.threshold)",
+    )
     parser.add_argument("--distill-cells", type=int, default=0, help="labelled train cells to distil on (0: all)")
-    parser.add_argument("--unlabeled-domains", default="cellavision",
-                        help="domains whose cells the student also distils from, unlabeled ('' for none)")
-    parser.add_argument("--tuning-unlabeled", type=int, default=0,
-                        help="also tune the rule on this many cells of --unlabeled-domains, outside the model's "
-                        "split (labels unused), as `cytoloop tune --unlabeled-domains` does (0: validation only)")
-    parser.add_argument("--unbatched-cells", type=int, default=16,
-                        help="score this many test cells one at a time too (0: skip those slow rows)")
-    parser.add_argument("--original-cells", type=int, default=0,
-                        help="score only this many test cells with the (slow) original rule, batched (0: all)")
+    parser.add_argument(
+        "--unlabeled-domains",
+        default="cellavision",
+        help="domains whose cells the student also distils from, unlabeled ('' for none)",
+    )
+    parser.add_argument(
+        "--tuning-unlabeled",
+        type=int,
+        default=0,
+        help="also tune the rule on this many cells of --unlabeled-domains, outside the model's "
+        "split (labels unused), as `cytoloop tune --unlabeled-domains` does (0: validation only)",
+    )
+    parser.add_argument(
+        "--unbatched-cells",
+        type=int,
+        default=16,
+        help="score this many test cells one at a time too (0: skip those slow rows)",
+    )
+    parser.add_argument(
+        "--original-cells",
+        type=int,
+        default=0,
+        help="score only this many test cells with the (slow) original rule, batched (0: all)",
+    )
     parser.add_argument("--exhaustive-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd denoiser (slow to compile)")
     parser.add_argument("--section", default=None, help="docs section name (default: speed, or speed-gpu on cuda)")
@@ -102,43 +128,66 @@ def main() -> None:
     test = load_cells(test_records, teacher.data_config)
     val_labels = label_indices(val.records, CLASSES)
     labels = label_indices(test.records, CLASSES)
-    weights = np.ones(teacher.scoring_config.timestep_bins) if teacher.timestep_weights is None else np.asarray(
-        teacher.timestep_weights)
+    weights = (
+        np.ones(teacher.scoring_config.timestep_bins)
+        if teacher.timestep_weights is None
+        else np.asarray(teacher.timestep_weights)
+    )
     # The fast rules score the null class (for the anomaly score) on the first trial only; tuning counts that.
-    base = teacher.scoring_config.model_copy(update={"device": args.device, "precision": "fp32", "null_trials": 1,
-                                                     "batch_size": args.batch_size})
-    exhaustive = base.model_copy(update={"min_trials": args.trials, "max_trials": args.trials,
-                                         "score_null_class": False, "precision": args.exhaustive_precision})
+    base = teacher.scoring_config.model_copy(
+        update={"device": args.device, "precision": "fp32", "null_trials": 1, "batch_size": args.batch_size}
+    )
+    exhaustive = base.model_copy(
+        update={
+            "min_trials": args.trials,
+            "max_trials": args.trials,
+            "score_null_class": False,
+            "precision": args.exhaustive_precision,
+        }
+    )
     print(f"{len(test.records)} test cells, {len(val.records)} validation cells", flush=True)
 
     # Tuning: exhaustive trials on validation cells, replayed under every candidate rule (cached: the slow part).
-    val_logs = cached(args.out / f"val_exhaustive_{args.exhaustive_precision}.pkl",
-                      lambda: teacher.score(val.images, exhaustive).logs)
+    val_logs = cached(
+        args.out / f"val_exhaustive_{args.exhaustive_precision}.pkl", lambda: teacher.score(val.images, exhaustive).logs
+    )
     tuning_logs = list(val_logs)
     if args.tuning_unlabeled:
         outside = outside_split(select(load_records(args.data), args.unlabeled_domains.split(",")), args.model)
         unlabeled = class_interleaved_subset(outside, args.tuning_unlabeled)
         extra = load_cells(unlabeled, teacher.data_config)
-        tuning_logs += cached(args.out / f"unlabeled_{len(extra.records)}_exhaustive_{args.exhaustive_precision}.pkl",
-                              lambda: teacher.score(extra.images, exhaustive).logs)
+        tuning_logs += cached(
+            args.out / f"unlabeled_{len(extra.records)}_exhaustive_{args.exhaustive_precision}.pkl",
+            lambda: teacher.score(extra.images, exhaustive).logs,
+        )
     tuned, candidates = tune_scoring(tuning_logs, weights, base, base.tuning_agreement)
     val_needed = [trials_needed(log, weights) for log in val_logs]
     val_evals_needed = [evaluations_needed(log, weights, tuned.null_trials) for log in val_logs]
     temperatures = {
         "exhaustive": fit_temperature(-np.stack([summarise_log(g, weights)[0] for g in val_logs]), val_labels),
-        "tuned": fit_temperature(-np.stack([summarise_log(replay(g, tuned, weights)[0], weights)[0]
-                                            for g in val_logs]), val_labels),
+        "tuned": fit_temperature(
+            -np.stack([summarise_log(replay(g, tuned, weights)[0], weights)[0] for g in val_logs]), val_labels
+        ),
         "adaptive": teacher.temperature,
     }
     print(f"tuned rule: min_trials {tuned.min_trials}, p {tuned.elimination_p:g}", flush=True)
 
-    reference = cached(args.out / f"test_exhaustive_{len(test.records)}_{args.exhaustive_precision}_"
-                              f"{torch.get_num_threads()}threads.pkl",
-                       lambda: timed_score(teacher, test.images, exhaustive))
+    reference = cached(
+        args.out / f"test_exhaustive_{len(test.records)}_{args.exhaustive_precision}_"
+        f"{torch.get_num_threads()}threads.pkl",
+        lambda: timed_score(teacher, test.images, exhaustive),
+    )
     exhaustive_predictions = teacher.predictions_from_scores(reference[0], temperatures["exhaustive"])
     agreed = exhaustive_predictions.labels
-    rows = [row(f"exhaustive, {args.trials} trials, batched, {args.exhaustive_precision}", exhaustive_predictions,
-                reference[1], labels, agreed)]
+    rows = [
+        row(
+            f"exhaustive, {args.trials} trials, batched, {args.exhaustive_precision}",
+            exhaustive_predictions,
+            reference[1],
+            labels,
+            agreed,
+        )
+    ]
     test_needed = [trials_needed(log, weights) for log in reference[0].logs]
     test_evals_needed = [evaluations_needed(log, weights, tuned.null_trials) for log in reference[0].logs]
     timed: dict[str, tuple[Predictions, float]] = {}
@@ -150,15 +199,19 @@ def main() -> None:
         def measure() -> tuple[Predictions, float]:
             start = time.perf_counter()
             if one_at_a_time:
-                predictions = Predictions.concat([
-                    teacher.predictions_from_scores(teacher.score(images[i : i + 1], config), temperature)
-                    for i in range(len(images))])
+                predictions = Predictions.concat(
+                    [
+                        teacher.predictions_from_scores(teacher.score(images[i : i + 1], config), temperature)
+                        for i in range(len(images))
+                    ]
+                )
             else:
                 predictions = teacher.predictions_from_scores(teacher.score(images, config), temperature)
             return predictions, time.perf_counter() - start
 
-        key = hashlib.sha256(f"{name}{len(images)}{config.model_dump_json()}{temperature}{torch.get_num_threads()}"
-                             .encode()).hexdigest()[:16]  # timings depend on the thread count
+        key = hashlib.sha256(
+            f"{name}{len(images)}{config.model_dump_json()}{temperature}{torch.get_num_threads()}".encode()
+        ).hexdigest()[:16]  # timings depend on the thread count
         predictions, seconds = cached(args.out / f"row_{key}.pkl", measure)
         if len(images) < len(test.images):
             name += f" (first {len(images)} cells)"
@@ -169,10 +222,20 @@ def main() -> None:
 
     original = base.model_copy(update={"score_null_class": True, "null_trials": None})
     if args.unbatched_cells:
-        run_diffusion("adaptive, original rule, one cell at a time, fp32", original, temperatures["adaptive"],
-                      args.unbatched_cells, one_at_a_time=True)
-        run_diffusion("adaptive, tuned rule, one cell at a time, fp32", tuned, temperatures["tuned"],
-                      args.unbatched_cells, one_at_a_time=True)
+        run_diffusion(
+            "adaptive, original rule, one cell at a time, fp32",
+            original,
+            temperatures["adaptive"],
+            args.unbatched_cells,
+            one_at_a_time=True,
+        )
+        run_diffusion(
+            "adaptive, tuned rule, one cell at a time, fp32",
+            tuned,
+            temperatures["tuned"],
+            args.unbatched_cells,
+            one_at_a_time=True,
+        )
         run_diffusion("adaptive, tuned rule, batched, fp32", tuned, temperatures["tuned"], args.unbatched_cells)
     run_diffusion("adaptive, original rule, batched, fp32", original, temperatures["adaptive"], args.original_cells)
     run_diffusion("adaptive, tuned rule, batched, fp32", tuned, temperatures["tuned"])
@@ -195,9 +258,16 @@ def main() -> None:
     start = time.perf_counter()
     cascade_predictions = cascade.predict(test.images)
     seconds = time.perf_counter() - start
-    rows.append(row(f"cascade (threshold {cascade.config.threshold:.2f}, deferred "
-                    f"{cascade_predictions.extra['deferred'].mean():.0%})", cascade_predictions, seconds, labels,
-                    agreed))
+    rows.append(
+        row(
+            f"cascade (threshold {cascade.config.threshold:.2f}, deferred "
+            f"{cascade_predictions.extra['deferred'].mean():.0%})",
+            cascade_predictions,
+            seconds,
+            labels,
+            agreed,
+        )
+    )
     start = time.perf_counter()
     baseline_predictions = baseline.predict(test.images)
     rows.append(row("baseline CNN", baseline_predictions, time.perf_counter() - start, labels, agreed))
@@ -208,18 +278,32 @@ def main() -> None:
     flops = denoiser_flops(teacher, args)
     report = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "n_test": len(test.records), "n_val": len(val.records), "n_tuning_unlabeled": len(tuning_logs) - len(val_logs),
-        "tuned": {"min_trials": tuned.min_trials, "check_every": tuned.check_every,
-                  "elimination_p": tuned.elimination_p, "null_trials": tuned.null_trials,
-                  "variance_prior": tuned.variance_prior,
-                  "variance_prior_trials": tuned.variance_prior_trials if tuned.variance_prior is not None else 0},
-        "tuning_candidates": candidates, "tuning_orders": base.tuning_orders, "temperatures": temperatures,
-        "trials_needed": {"val_mean": float(np.mean(val_needed)), "val_p95": float(np.percentile(val_needed, 95)),
-                          "test_mean": float(np.mean(test_needed)),
-                          "test_p95": float(np.percentile(test_needed, 95)),
-                          "evals_val_mean": float(np.mean(val_evals_needed)),
-                          "evals_test_mean": float(np.mean(test_evals_needed))},
-        "rows": rows, "cascade_teacher": teacher_row, "cascade_curve": curve, "distillation": distill_report,
+        "n_test": len(test.records),
+        "n_val": len(val.records),
+        "n_tuning_unlabeled": len(tuning_logs) - len(val_logs),
+        "tuned": {
+            "min_trials": tuned.min_trials,
+            "check_every": tuned.check_every,
+            "elimination_p": tuned.elimination_p,
+            "null_trials": tuned.null_trials,
+            "variance_prior": tuned.variance_prior,
+            "variance_prior_trials": tuned.variance_prior_trials if tuned.variance_prior is not None else 0,
+        },
+        "tuning_candidates": candidates,
+        "tuning_orders": base.tuning_orders,
+        "temperatures": temperatures,
+        "trials_needed": {
+            "val_mean": float(np.mean(val_needed)),
+            "val_p95": float(np.percentile(val_needed, 95)),
+            "test_mean": float(np.mean(test_needed)),
+            "test_p95": float(np.percentile(test_needed, 95)),
+            "evals_val_mean": float(np.mean(val_evals_needed)),
+            "evals_test_mean": float(np.mean(test_evals_needed)),
+        },
+        "rows": rows,
+        "cascade_teacher": teacher_row,
+        "cascade_curve": curve,
+        "distillation": distill_report,
         "flops": flops,
         "minutes": (time.perf_counter() - began) / 60,
         "load_average": (load_before + os.getloadavg()[0]) / 2,
@@ -270,15 +354,21 @@ def build_cascade(teacher, records, args, val, val_labels) -> tuple[CascadeClass
             report = json.loads((directory / "distill.json").read_text())
             # the threshold is this run's: chosen on the validation cells as distillation would
             confidence = cascade.student.predict(val.images).confidence
-            threshold = (CascadeConfig().threshold if args.defer_fraction is None
-                         else threshold_for_fraction(confidence, args.defer_fraction))
+            threshold = (
+                CascadeConfig().threshold
+                if args.defer_fraction is None
+                else threshold_for_fraction(confidence, args.defer_fraction)
+            )
             cascade.config = cascade.config.model_copy(
-                update={"threshold": threshold, "defer_fraction": args.defer_fraction})
+                update={"threshold": threshold, "defer_fraction": args.defer_fraction}
+            )
             report.update(threshold=threshold, val_deferred_fraction=float(np.mean(confidence < threshold)))
             return cascade, report
     settings = load_settings(overrides={"train": {"steps": args.student_steps}})
-    train = load_cells(class_interleaved_subset(held_out(records, args.model, part="train")[0], args.distill_cells),
-                       teacher.data_config)
+    train = load_cells(
+        class_interleaved_subset(held_out(records, args.model, part="train")[0], args.distill_cells),
+        teacher.data_config,
+    )
     images, labels = train.images, label_indices(train.records, CLASSES)
     if args.unlabeled_domains:
         unlabeled = select(load_records(args.data), args.unlabeled_domains.split(","))
@@ -289,8 +379,18 @@ def build_cascade(teacher, records, args, val, val_labels) -> tuple[CascadeClass
     teacher_probs = teacher.predict(images).probs
     teacher_seconds = time.perf_counter() - start
     config = CascadeConfig(defer_fraction=args.defer_fraction) if args.defer_fraction is not None else CascadeConfig()
-    cascade, report = distill(teacher, images, labels, val.images, val_labels, config, settings.train,
-                              settings.augment, settings.baseline, teacher_probs=teacher_probs)
+    cascade, report = distill(
+        teacher,
+        images,
+        labels,
+        val.images,
+        val_labels,
+        config,
+        settings.train,
+        settings.augment,
+        settings.baseline,
+        teacher_probs=teacher_probs,
+    )
     report["teacher_seconds"] = teacher_seconds
     cascade.save(directory)
     (directory / "distill.json").write_text(json.dumps(report, indent=1))
@@ -314,13 +414,15 @@ def cascade_curve(cascade, images, labels, teacher_run, reference) -> list[dict]
         probs = np.where(deferred[:, None], teacher_predictions.probs, student.probs)
         seconds = student_seconds + teacher_predictions.evals[deferred].sum() * seconds_per_eval
         predicted = probs.argmax(axis=1)
-        curve.append({
-            "threshold": threshold,
-            "deferred": float(deferred.mean()),
-            "balanced_accuracy": metrics.balanced_accuracy(labels, predicted, len(CLASSES)),
-            "agreement": float(np.mean(predicted == reference)),
-            "cells_per_second": len(labels) / seconds,
-        })
+        curve.append(
+            {
+                "threshold": threshold,
+                "deferred": float(deferred.mean()),
+                "balanced_accuracy": metrics.balanced_accuracy(labels, predicted, len(CLASSES)),
+                "agreement": float(np.mean(predicted == reference)),
+                "cells_per_second": len(labels) / seconds,
+            }
+        )
     return curve
 
 
@@ -343,15 +445,17 @@ def denoiser_flops(teacher, args) -> dict:
     dtypes = {"fp32": None, "bf16": torch.bfloat16} | ({"fp16": torch.float16} if device.type == "cuda" else {})
     compiled = torch.compile(unet) if args.compile else None
     for name, dtype in dtypes.items():
-        def forward(network=unet):
+
+        def forward(network=unet, dtype=dtype):
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 network(x, t, class_labels=c)
+
         seconds = best_time(forward, device)
         result[f"denoiser_{name}_gflops"] = batch * per_eval / seconds / 1e9
         result[f"denoiser_{name}_ms_per_eval"] = seconds / batch * 1e3
         n = 4096 if device.type == "cuda" else 2048
         a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
-        result[f"matmul_{name}_gflops"] = 2 * n**3 / best_time(lambda: a @ a, device) / 1e9
+        result[f"matmul_{name}_gflops"] = 2 * n**3 / best_time(lambda a=a: a @ a, device) / 1e9
         if compiled is not None:
             start = time.perf_counter()
             forward(compiled)  # the first call compiles
@@ -376,20 +480,26 @@ def best_time(fn, device: torch.device, repeats: int = 2) -> float:
 
 def pareto(candidates: list[dict]) -> list[dict]:
     """The candidates no other one beats on both agreement and mean evaluations, cheapest first."""
-    front = [c for c in candidates if not any(
-        o["agreement"] >= c["agreement"] and o["evals_mean"] < c["evals_mean"] for o in candidates)]
+    front = [
+        c
+        for c in candidates
+        if not any(o["agreement"] >= c["agreement"] and o["evals_mean"] < c["evals_mean"] for o in candidates)
+    ]
     return sorted(front, key=lambda c: c["evals_mean"])
 
 
 def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
-    device = (torch.cuda.get_device_name() if args.device == "cuda" else
-              f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads")
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+    )
     command = " ".join(["python", "benchmarks/speed.py"] + sys.argv[1:])
     tuned, needed, flops = report["tuned"], report["trials_needed"], report["flops"]
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {device}; torch {torch.__version__}. Date: "
-        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Model: `{args.model}` "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}. Model: `{args.model}` "
         f"({n_classes} classes, {report['n_test']} held-out test cells, {report['n_val']} validation cells for "
         f"tuning and temperatures). Total run {report['minutes']:.0f} min; 1-minute load average "
         f"{report['load_average']:.1f} (mean of start and end) on {os.cpu_count()} cores: when it is above the "
@@ -397,14 +507,20 @@ def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
         "different loads; evaluation counts and agreement do not depend on load.",
         "",
         f"Tuned rule (on {report['n_val']} validation cells"
-        + (f" and {report['n_tuning_unlabeled']} unlabeled {args.unlabeled_domains} cells outside the split"
-           if report["n_tuning_unlabeled"] else "")
+        + (
+            f" and {report['n_tuning_unlabeled']} unlabeled {args.unlabeled_domains} cells outside the split"
+            if report["n_tuning_unlabeled"]
+            else ""
+        )
         + f", replaying {args.trials}-trial exhaustive logs in {report['tuning_orders']} trial orders each; target "
         "agreement 0.99): "
         f"min_trials {tuned['min_trials']}, a t-test after every trial (check_every {tuned['check_every']}), "
         f"elimination_p {tuned['elimination_p']:g}, "
-        + (f"variance prior {tuned['variance_prior']:.3g} worth {tuned['variance_prior_trials']:g} trials, "
-           if tuned.get("variance_prior_trials") else "no variance prior, ")
+        + (
+            f"variance prior {tuned['variance_prior']:.3g} worth {tuned['variance_prior_trials']:g} trials, "
+            if tuned.get("variance_prior_trials")
+            else "no variance prior, "
+        )
         + f"null class on the first {tuned['null_trials']} trial(s) only. "
         f"Trials a cell really needs (after which its running decision never changes): mean "
         f"{needed['test_mean']:.1f}, p95 {needed['test_p95']:.0f} on test cells (validation: {needed['val_mean']:.1f}, "
@@ -414,20 +530,32 @@ def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
         "validation cells: what a rule that knew when to stop would spend.",
         "",
         "Agreement vs cost of the candidate rules on the tuning cells (replayed; the Pareto front): "
-        + ", ".join(f"{c['agreement']:.3f} at {c['evals_mean']:.1f} evals (min_trials {c['min_trials']}, "
-                    f"p {c['elimination_p']:g}, prior {c.get('variance_prior_trials', 0):g})"
-                    for c in pareto(report["tuning_candidates"])) + ".",
+        + ", ".join(
+            f"{c['agreement']:.3f} at {c['evals_mean']:.1f} evals (min_trials {c['min_trials']}, "
+            f"p {c['elimination_p']:g}, prior {c.get('variance_prior_trials', 0):g})"
+            for c in pareto(report["tuning_candidates"])
+        )
+        + ".",
         "",
-        *([f"Batched rows run up to {GPU_LOOKAHEAD} test intervals ahead when "
-           "the undecided cells fill less than a batch (`scoring.lookahead`, on by default on a GPU): the same "
-           "decisions, more evaluations (those run past a decision are counted), fewer and fuller batches; the "
-           "'no lookahead' row runs one interval at a time.", ""] if args.device == "cuda" else []),
+        *(
+            [
+                f"Batched rows run up to {GPU_LOOKAHEAD} test intervals ahead when "
+                "the undecided cells fill less than a batch (`scoring.lookahead`, on by default on a GPU): the same "
+                "decisions, more evaluations (those run past a decision are counted), fewer and fuller batches; the "
+                "'no lookahead' row runs one interval at a time.",
+                "",
+            ]
+            if args.device == "cuda"
+            else []
+        ),
         "| method | cells/s | denoiser evals/cell (mean) | p95 | balanced accuracy | ECE | agreement with exhaustive |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        lines.append(f"| {r['name']} | {r['cells_per_second']:.2f} | {r['evals_mean']:.1f} | {r['evals_p95']:.0f} | "
-                     f"{r['balanced_accuracy']:.3f} | {r['ece']:.3f} | {r['agreement']:.3f} |")
+        lines.append(
+            f"| {r['name']} | {r['cells_per_second']:.2f} | {r['evals_mean']:.1f} | {r['evals_p95']:.0f} | "
+            f"{r['balanced_accuracy']:.3f} | {r['ece']:.3f} | {r['agreement']:.3f} |"
+        )
     lines += [
         "",
         "Cascade accuracy/speed curve (student threshold swept on the same test cells; the teacher is the fastest "
@@ -438,25 +566,36 @@ def render(report: dict, args: argparse.Namespace, n_classes: int) -> str:
         "|---|---|---|---|---|",
     ]
     for c in report["cascade_curve"]:
-        lines.append(f"| {c['threshold']:.2f} | {c['deferred']:.0%} | {c['balanced_accuracy']:.3f} | "
-                     f"{c['agreement']:.3f} | {c['cells_per_second']:.1f} |")
+        lines.append(
+            f"| {c['threshold']:.2f} | {c['deferred']:.0%} | {c['balanced_accuracy']:.3f} | "
+            f"{c['agreement']:.3f} | {c['cells_per_second']:.1f} |"
+        )
     lines += [
         "",
         f"Denoiser batch ({flops['batch']} inputs, {flops['flops_per_eval'] / 1e6:.1f} MFLOP per evaluation, counted "
         "by torch): "
-        + "; ".join(f"{p}: {flops[f'denoiser_{p}_ms_per_eval']:.2f} ms/eval = {flops[f'denoiser_{p}_gflops']:.1f} "
-                    f"GFLOP/s, {flops[f'denoiser_{p}_gflops'] / flops[f'matmul_{p}_gflops']:.0%} of the measured "
-                    f"{p} matmul peak ({flops[f'matmul_{p}_gflops']:.0f} GFLOP/s)"
-                    for p in ("fp32", "bf16", "fp16") if f"matmul_{p}_gflops" in flops) + ".",
+        + "; ".join(
+            f"{p}: {flops[f'denoiser_{p}_ms_per_eval']:.2f} ms/eval = {flops[f'denoiser_{p}_gflops']:.1f} "
+            f"GFLOP/s, {flops[f'denoiser_{p}_gflops'] / flops[f'matmul_{p}_gflops']:.0%} of the measured "
+            f"{p} matmul peak ({flops[f'matmul_{p}_gflops']:.0f} GFLOP/s)"
+            for p in ("fp32", "bf16", "fp16")
+            if f"matmul_{p}_gflops" in flops
+        )
+        + ".",
     ]
     if "compile_fp32_seconds" in flops:
         lines.append("")
-        lines.append("torch.compile (default mode): " + "; ".join(
-            f"{p} {flops[f'compiled_{p}_ms_per_eval']:.2f} ms/eval after {flops[f'compile_{p}_seconds']:.0f} s of "
-            f"compiling (eager {flops[f'denoiser_{p}_ms_per_eval']:.2f})"
-            for p in ("fp32", "bf16", "fp16") if f"compile_{p}_seconds" in flops)
+        lines.append(
+            "torch.compile (default mode): "
+            + "; ".join(
+                f"{p} {flops[f'compiled_{p}_ms_per_eval']:.2f} ms/eval after {flops[f'compile_{p}_seconds']:.0f} s of "
+                f"compiling (eager {flops[f'denoiser_{p}_ms_per_eval']:.2f})"
+                for p in ("fp32", "bf16", "fp16")
+                if f"compile_{p}_seconds" in flops
+            )
             + ". Compile times are for this process: inductor caches compiled graphs on disk, so a later process "
-            "compiles the same model in seconds. It is the `scoring.compile` setting, off by default.")
+            "compiles the same model in seconds. It is the `scoring.compile` setting, off by default."
+        )
     lines += [
         "",
         "Using it: `cytoloop tune --model DIR --data ...` tunes a diffusion model's rule on its validation cells and "

@@ -24,11 +24,11 @@ import logging
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -67,13 +67,15 @@ def split_for_demo(records: Sequence[CellRecord], config: DemoConfig) -> DemoSpl
         rng.shuffle(cells)
         held = max(3, round(config.test_fraction * len(cells)))
         if len(cells) < held + config.seed_per_class + 1:
-            raise DatasetError(f"class {label!r} has {len(cells)} cells: too few for {held} held out, "
-                               f"{config.seed_per_class} seed (demo.seed_per_class) and one pool cell")
+            raise DatasetError(
+                f"class {label!r} has {len(cells)} cells: too few for {held} held out, "
+                f"{config.seed_per_class} seed (demo.seed_per_class) and one pool cell"
+            )
         thirds = [held * k // 3 for k in range(4)]
         for name, start, end in zip(("test", "val", "eval"), thirds, thirds[1:]):
             parts[name] += cells[start:end]
-        parts["seed"] += cells[held:held + config.seed_per_class]
-        parts["pool"] += cells[held + config.seed_per_class:]
+        parts["seed"] += cells[held : held + config.seed_per_class]
+        parts["pool"] += cells[held + config.seed_per_class :]
     return DemoSplit(**parts)
 
 
@@ -131,12 +133,15 @@ class Demo:
         records = select(load_records(self.data), domains=self.config.domains, classes=self.config.classes)
         split = split_for_demo(records, self.config)
         self.truth = {str(Path(r.path).resolve()): r.label for r in records}
-        self.log(f"data: {len(records)} labelled cells from {self.data}: held out {len(split.test)} for the "
-                 f"learning curve, {len(split.val)} to calibrate and {len(split.eval)} to gate each fine-tuned "
-                 f"version; {len(split.seed)} seed labels, {len(split.pool)} in the pool")
+        self.log(
+            f"data: {len(records)} labelled cells from {self.data}: held out {len(split.test)} for the "
+            f"learning curve, {len(split.val)} to calibrate and {len(split.eval)} to gate each fine-tuned "
+            f"version; {len(split.seed)} seed labels, {len(split.pool)} in the pool"
+        )
         if not freeze(frozen_directory(self.settings.home, None), split.val, split.eval):
-            self.log(f"   (the frozen sets under {frozen_directory(self.settings.home, None)} are kept from an "
-                     "earlier run)")
+            self.log(
+                f"   (the frozen sets under {frozen_directory(self.settings.home, None)} are kept from an earlier run)"
+            )
         with self.stage("stack up"):
             self._stack_up()
         with self.stage("seed model"):
@@ -164,7 +169,7 @@ class Demo:
         from jobs.score import score_served
 
         row = RoundResult(number, len(labelled))
-        self.round_start = datetime.now(timezone.utc)
+        self.round_start = datetime.now(UTC)
         known = {str(Path(r.path).resolve()) for r in labelled}
         pool = [r for r in split.pool if str(Path(r.path).resolve()) not in known]
         if self.config.pool_limit is not None:
@@ -175,8 +180,9 @@ class Demo:
                 self.log(f"  not scored: {path}: {reason}")
             row.scored = len(scores.records)
         with self.stage(f"round {number}: route to Label Studio", row, "route"):
-            routed = self.review.route(scores.records, scores.predictions, self.classes, self.champion,
-                                       budget=self.config.budget)
+            routed = self.review.route(
+                scores.records, scores.predictions, self.classes, self.champion, budget=self.config.budget
+            )
             if routed.push is not None and routed.push.error:
                 raise RuntimeError(f"Label Studio did not take the tasks: {routed.push.error}")
             row.routed, row.sent = routed.reasons, routed.queued
@@ -242,16 +248,31 @@ class Demo:
         from cytoloop.workflows import train_model
 
         out = self.dir / "seed-model"
-        model, _ = train_model(self.config.model, split.seed, self.settings, out, unlabeled=split.pool,
-                               split_seed=self.config.seed, progress=True)
+        model, _ = train_model(
+            self.config.model,
+            split.seed,
+            self.settings,
+            out,
+            unlabeled=split.pool,
+            split_seed=self.config.seed,
+            progress=True,
+        )
         # calibrated like every later version, on the frozen validation cells: its own split of a few seed labels
         # leaves a handful of validation cells, on which a fitted temperature is noise
         recalibrate(model, split.val)
         model.save(out)
         registry, name = open_registry(self.settings), self.settings.registry.model_name
-        version = registry.log_model(out, name, tags={"kind": model.kind, "site": "global", "job": "demo-seed",
-                                                      "code_revision": code_revision(),
-                                                      "label_count": str(len(split.seed))})
+        version = registry.log_model(
+            out,
+            name,
+            tags={
+                "kind": model.kind,
+                "site": "global",
+                "job": "demo-seed",
+                "code_revision": code_revision(),
+                "label_count": str(len(split.seed)),
+            },
+        )
         registry.move_alias(name, CHAMPION, version.version, why="cytoloop demo: seed model", who="cytoloop demo")
         self.champion = version.version
         return list(model.classes)
@@ -284,23 +305,32 @@ class Demo:
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
-        raise TimeoutError(f"Serve still answers with version {served or '(none)'} after "
-                           f"{self.config.serve_switch_timeout_s:.0f} s; expected {version} (demo.serve_switch_timeout_s)")
+        raise TimeoutError(
+            f"Serve still answers with version {served or '(none)'} after "
+            f"{self.config.serve_switch_timeout_s:.0f} s; expected {version} (demo.serve_switch_timeout_s)"
+        )
 
     def _annotators(self) -> list:
         from cytoloop.stack import label_studio_url
         from labelstudio.annotators import SimulatedAnnotator
 
-        return [SimulatedAnnotator.sign_up(label_studio_url(self.settings), f"annotator{i + 1}@cytoloop.demo",
-                                           f"demo-annotator-{i + 1}", self.config.error_rate, self.config.seed)
-                for i in range(self.config.annotators)]
+        return [
+            SimulatedAnnotator.sign_up(
+                label_studio_url(self.settings),
+                f"annotator{i + 1}@cytoloop.demo",
+                f"demo-annotator-{i + 1}",
+                self.config.error_rate,
+                self.config.seed,
+            )
+            for i in range(self.config.annotators)
+        ]
 
     def _evaluate(self, test: list[CellRecord], row: RoundResult) -> None:
         """Score the held-out cells through Serve (what the lab gets now) and draw the round's drift figures."""
         from cytoloop import metrics
         from jobs.score import score_served
 
-        start = self.round_start or datetime.now(timezone.utc)
+        start = self.round_start or datetime.now(UTC)
         scores = score_served(test, self.serve_url, self.classes, self.api_key)
         truth = np.array([self.classes.index(r.label) for r in scores.records])
         probs = scores.predictions.probs
@@ -315,8 +345,11 @@ class Demo:
         from cytoloop.registry import open_registry
 
         log = self.settings.serve.prediction_log
-        events = [e for e in read_events(log) if e.time >= since and e.model_version == version] \
-            if log is not None and Path(log).is_file() else []
+        events = (
+            [e for e in read_events(log) if e.time >= since and e.model_version == version]
+            if log is not None and Path(log).is_file()
+            else []
+        )
         if not events:
             return {}
         name = self.settings.registry.model_name
@@ -336,14 +369,18 @@ class Demo:
         from cytoloop.stack import label_studio_url
 
         stack = self.settings.stack
-        urls = {f"Label Studio project ({site})": f"{label_studio_url(self.settings)}/projects/{pid}"
-                for site, pid in sorted(self.review.projects().items())}
+        urls = {
+            f"Label Studio project ({site})": f"{label_studio_url(self.settings)}/projects/{pid}"
+            for site, pid in sorted(self.review.projects().items())
+        }
         experiment = open_registry(self.settings).experiment_id()
         if stack.mlflow_server:
             urls["MLflow experiment"] = f"http://{stack.host}:{stack.mlflow_port}/#/experiments/{experiment}"
         else:
-            urls["MLflow experiment"] = (f"experiment {experiment} in {self.settings.registry.tracking_uri} "
-                                         "(`cytoloop stack up` with CYTOLOOP_STACK__MLFLOW_SERVER=true for the web UI)")
+            urls["MLflow experiment"] = (
+                f"experiment {experiment} in {self.settings.registry.tracking_uri} "
+                "(`cytoloop stack up` with CYTOLOOP_STACK__MLFLOW_SERVER=true for the web UI)"
+            )
         if stack.ray_dashboard:
             urls["Ray dashboard"] = f"http://{stack.host}:{stack.ray_dashboard_port}"
         urls["classifier API"] = f"{self.serve_url}/docs"
@@ -352,8 +389,14 @@ class Demo:
     def _write_report(self) -> Path:
         from cytoloop.loop_report import write_report
 
-        return write_report(self.rounds, self.test_predictions, self.classes, self.dir / "report",
-                            title=f"CytoLoop demo on {self.data}", table=round_table(self.rounds))
+        return write_report(
+            self.rounds,
+            self.test_predictions,
+            self.classes,
+            self.dir / "report",
+            title=f"CytoLoop demo on {self.data}",
+            table=round_table(self.rounds),
+        )
 
 
 def _demo_settings(settings: Settings, data: Path) -> Settings:
@@ -364,11 +407,13 @@ def _demo_settings(settings: Settings, data: Path) -> Settings:
     stack = settings.stack
     if not folder.is_relative_to(Path(stack.images_root).resolve()):
         stack = stack.model_copy(update={"images_root": folder})
-    serve = settings.serve.model_copy(update={
-        "alias_poll_s": min(settings.serve.alias_poll_s, 2.0),
-        "prediction_log": settings.serve.prediction_log or home / DEMO_DIR / "predictions.jsonl",
-        "num_cpus": min(settings.serve.num_cpus, 0.5),
-    })
+    serve = settings.serve.model_copy(
+        update={
+            "alias_poll_s": min(settings.serve.alias_poll_s, 2.0),
+            "prediction_log": settings.serve.prediction_log or home / DEMO_DIR / "predictions.jsonl",
+            "num_cpus": min(settings.serve.num_cpus, 0.5),
+        }
+    )
     return settings.model_copy(update={"home": home, "serve": serve, "stack": stack})
 
 
@@ -381,12 +426,16 @@ def _merge(seed: Sequence[CellRecord], consensus: Sequence[CellRecord]) -> list[
 
 def round_table(rounds: Sequence[RoundResult]) -> str:
     """The per-round table, as Markdown (also what the demo prints)."""
-    lines = ["| round | labels | scored | routed | sent | annotations | consensus | version | gate | served "
-             "| bal. acc. | ECE | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| round | labels | scored | routed | sent | annotations | consensus | version | gate | served "
+        "| bal. acc. | ECE | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rounds:
         routed = f"{r.routed_fraction:.0%}" if r.routed else "-"
-        lines.append(f"| {r.round} | {r.labels} | {r.scored or '-'} | {routed} | {r.sent or '-'} | "
-                     f"{r.annotations or '-'} | {r.consensus or '-'} | v{r.version} | {r.gate} | v{r.served} | "
-                     f"{r.balanced_accuracy:.3f} | {r.ece:.3f} | {sum(r.seconds.values()):.0f} |")
+        lines.append(
+            f"| {r.round} | {r.labels} | {r.scored or '-'} | {routed} | {r.sent or '-'} | "
+            f"{r.annotations or '-'} | {r.consensus or '-'} | v{r.version} | {r.gate} | v{r.served} | "
+            f"{r.balanced_accuracy:.3f} | {r.ece:.3f} | {sum(r.seconds.values()):.0f} |"
+        )
     return "\n".join(lines)

@@ -22,15 +22,15 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from cytoloop.errors import UsageError
 from cytoloop.config import Settings
 from cytoloop.data import CellRecord, DatasetError, records_fingerprint
+from cytoloop.errors import UsageError
 from cytoloop.registry import CHAMPION, VersionInfo, open_registry, site_alias
 
 MODEL_SUBDIR = "model"
@@ -73,15 +73,20 @@ def train_loop(config: dict) -> None:
         fresh = checkpoint_file.is_file() and checkpoint_file.stat().st_mtime_ns != attached["mtime"]
         if rank == 0 and fresh:
             attached["mtime"] = checkpoint_file.stat().st_mtime_ns
-            ray.train.report(entry, checkpoint=Checkpoint.from_directory(str(local)),
-                             delete_local_checkpoint_after_upload=False)
+            ray.train.report(
+                entry, checkpoint=Checkpoint.from_directory(str(local)), delete_local_checkpoint_after_upload=False
+            )
         else:
             ray.train.report(entry)
 
     wrap = ray.train.torch.prepare_model if world > 1 or config["use_gpu"] else None
     result = finetune(model, images[index], labels[index], train_config, augment_config, local, report, wrap)
-    final = {"step": train_config.steps, "resumed_from_step": result.resumed_from, "train_seconds": result.seconds,
-             "n_train_cells": int(len(index))}
+    final = {
+        "step": train_config.steps,
+        "resumed_from_step": result.resumed_from,
+        "train_seconds": result.seconds,
+        "n_train_cells": int(len(index)),
+    }
     if rank == 0:
         staging = Path(tempfile.mkdtemp(prefix="cytoloop-finetuned-"))
         shutil.copy2(local / CHECKPOINT_FILE, staging / CHECKPOINT_FILE)
@@ -142,8 +147,14 @@ def run_finetune(
     """Fine-tune the global champion on labelled `records` (plus the `unlabeled` pool), register the result and
     put it through the promotion gate for the global champion alias, or for `champion-<site>` with `site`."""
     from cytoloop.drift import colour_statistics_of, read_colour_reference, write_colour_reference
-    from cytoloop.finetune import (adapted_data_config, code_revision, finetune_configs, frozen_directory,
-                                   frozen_sets, recalibrate)
+    from cytoloop.finetune import (
+        adapted_data_config,
+        code_revision,
+        finetune_configs,
+        frozen_directory,
+        frozen_sets,
+        recalibrate,
+    )
     from cytoloop.models import load_model
     from cytoloop.promotion import apply_verdict, compare, gate_data, gate_figures
 
@@ -155,24 +166,37 @@ def run_finetune(
     parent_model = registry.load(name, parent.version, cache)
     parent_dir = cache / name / parent.version
     if parent_model.kind not in ("diffusion", "baseline"):
-        raise UsageError(f"{name} v{parent.version} is a {parent_model.kind} model; only diffusion and baseline "
-                         "models are fine-tuned (register the diffusion model itself as the champion)")
+        raise UsageError(
+            f"{name} v{parent.version} is a {parent_model.kind} model; only diffusion and baseline "
+            "models are fine-tuned (register the diffusion model itself as the champion)"
+        )
     unknown = sorted({r.label for r in records} - set(parent_model.classes) - {None})
     if unknown:  # caught here, before any worker starts, with a message naming them
-        raise DatasetError(f"label(s) {', '.join(unknown)} are not classes of {name} v{parent.version} "
-                           f"({', '.join(parent_model.classes)})")
+        raise DatasetError(
+            f"label(s) {', '.join(unknown)} are not classes of {name} v{parent.version} "
+            f"({', '.join(parent_model.classes)})"
+        )
     normalize = settings.adapt.stain_normalize if stain_normalize is None else stain_normalize
     data_config = adapted_data_config(parent_model, parent_dir, adapt and normalize)
-    sets = frozen_sets(records, frozen_directory(home, site), settings.finetune.val_fraction,
-                       settings.finetune.eval_fraction, seed=settings.train.seed)
+    sets = frozen_sets(
+        records,
+        frozen_directory(home, site),
+        settings.finetune.val_fraction,
+        settings.finetune.eval_fraction,
+        seed=settings.train.seed,
+    )
     train_config, augment_config = finetune_configs(settings, adapt)
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
     run_name = f"{site or 'global'}-v{parent.version}-{snapshot}"
 
     loop_config = {
-        "parent_dir": str(parent_dir), "records": list(sets.train), "unlabeled": list(unlabeled),
-        "train": train_config.model_dump(mode="json"), "augment": augment_config.model_dump(mode="json"),
-        "data": data_config.model_dump(mode="json"), "use_gpu": settings.finetune.use_gpu,
+        "parent_dir": str(parent_dir),
+        "records": list(sets.train),
+        "unlabeled": list(unlabeled),
+        "train": train_config.model_dump(mode="json"),
+        "augment": augment_config.model_dump(mode="json"),
+        "data": data_config.model_dump(mode="json"),
+        "use_gpu": settings.finetune.use_gpu,
     }
     out = home / "finetune" / run_name
     trained = fit_on_ray(settings, run_name, loop_config, out)
@@ -192,33 +216,51 @@ def run_finetune(
     new = gate_figures(challenger, data, out / "evaluation" / "challenger.json")
     try:
         current = registry.for_site(name, site)
-        champion = gate_figures(registry.load(name, current.version, cache), data,
-                                out / "evaluation" / "champion.json")
+        champion = gate_figures(registry.load(name, current.version, cache), data, out / "evaluation" / "champion.json")
     except LookupError:
         current, champion = None, None
     verdict = compare(new, champion, settings.promotion)
     verdict.champion_version = current.version if current else None
 
     recall = {f"recall_{k}": v for k, v in new["per_class_recall"].items() if v is not None}
-    metrics = {**{f"calibration_{k}": v for k, v in calibration.items()}, **recall,
-               **{f"eval_{k}": new[k] for k in ("balanced_accuracy", "accuracy", "ece", "nll", "brier")},
-               "train_seconds": float(trained.get("train_seconds", 0.0)),
-               "resumed_from_step": float(trained.get("resumed_from_step", 0))}
+    metrics = {
+        **{f"calibration_{k}": v for k, v in calibration.items()},
+        **recall,
+        **{f"eval_{k}": new[k] for k in ("balanced_accuracy", "accuracy", "ece", "nll", "brier")},
+        "train_seconds": float(trained.get("train_seconds", 0.0)),
+        "resumed_from_step": float(trained.get("resumed_from_step", 0)),
+    }
     if new.get("anomaly_auroc") is not None:
         metrics["eval_anomaly_auroc"] = new["anomaly_auroc"]
     (out / "evaluation" / "per_class_recall.json").write_text(json.dumps(new["per_class_recall"], indent=1))
-    tags = {"parent_version": parent.version, "data_snapshot": snapshot, "label_count": str(len(sets.train)),
-            "site": site or "global", "code_revision": code_revision(), "kind": challenger.kind,
-            "job": "adapt" if adapt else "retrain", "ray_run": run_name}
-    params = {"steps": train_config.steps, "lr": train_config.lr, "batch_size": train_config.batch_size,
-              "num_workers": settings.finetune.num_workers, "use_gpu": settings.finetune.use_gpu,
-              "n_unlabeled": len(unlabeled), "n_val": len(sets.val), "n_eval": len(data.eval_records),
-              "stain_normalization": data_config.stain_normalization, "hed_sigma": augment_config.hed_sigma}
+    tags = {
+        "parent_version": parent.version,
+        "data_snapshot": snapshot,
+        "label_count": str(len(sets.train)),
+        "site": site or "global",
+        "code_revision": code_revision(),
+        "kind": challenger.kind,
+        "job": "adapt" if adapt else "retrain",
+        "ray_run": run_name,
+    }
+    params = {
+        "steps": train_config.steps,
+        "lr": train_config.lr,
+        "batch_size": train_config.batch_size,
+        "num_workers": settings.finetune.num_workers,
+        "use_gpu": settings.finetune.use_gpu,
+        "n_unlabeled": len(unlabeled),
+        "n_val": len(sets.val),
+        "n_eval": len(data.eval_records),
+        "stain_normalization": data_config.stain_normalization,
+        "hed_sigma": augment_config.hed_sigma,
+    }
     artifacts = sorted((out / "evaluation").glob("*"))
     version = registry.log_model(out, name, tags=tags, params=params, metrics=metrics, artifacts=artifacts)
     apply_verdict(registry, name, version.version, alias, verdict, who=who)
-    return FinetuneOutcome(registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out,
-                           metrics)
+    return FinetuneOutcome(
+        registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,8 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cytoloop.registry import RegistryError
     from cytoloop.retrain import save_state
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.finetune", description="Fine-tune the champion on new "
-                                     "labels with Ray Train, register the result and put it through the gate.")
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.finetune",
+        description="Fine-tune the champion on new "
+        "labels with Ray Train, register the result and put it through the gate.",
+    )
     parser.add_argument("--labels", type=Path, required=True, help="labelled cells: manifest CSV (path,label,domain)")
     parser.add_argument("--unlabeled", type=Path, help="manifest CSV of the unlabeled pool (trains the null class)")
     parser.add_argument("--site", help="adapt for this hospital: compete for champion-<site>")
@@ -263,12 +308,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.site is None:  # as `cytoloop retrain` does: the retrain policy counts new labels from here on
             save_state(Path(settings.home) / "retrain" / "state.json", records)
     except ValidationError as error:
-        return fail("invalid configuration: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                           for e in error.errors()))
+        return fail(
+            "invalid configuration: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        )
     except (RegistryError, FileNotFoundError, ValueError) as error:  # DatasetError, ModelLoadError, ImageError too
         return fail(str(error))
-    print(json.dumps({"name": outcome.version.name, "version": outcome.version.version, "passed": outcome.passed,
-                      "reasons": outcome.reasons, "alias": outcome.alias}))
+    print(
+        json.dumps(
+            {
+                "name": outcome.version.name,
+                "version": outcome.version.version,
+                "passed": outcome.passed,
+                "reasons": outcome.reasons,
+                "alias": outcome.alias,
+            }
+        )
+    )
     return 0
 
 

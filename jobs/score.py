@@ -9,14 +9,14 @@ back to cells by path: Ray Data does not keep row order across batches.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from cytoloop.errors import UsageError
 from cytoloop.data import CellRecord
+from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions
 
 
@@ -38,8 +38,7 @@ class ServedScorer:
         if response.status_code != 200:
             raise RuntimeError(f"the classifier answered HTTP {response.status_code}: {response.text[:300]}")
         answers = response.json()["cells"]
-        out: dict[str, list] = {"path": [], "ok": [], "probabilities": [], "anomaly": [], "version": [],
-                                "error": []}
+        out: dict[str, list] = {"path": [], "ok": [], "probabilities": [], "anomaly": [], "version": [], "error": []}
         for path, answer in zip(paths, answers):
             ok = answer["status"] == "ok"
             out["path"].append(path)
@@ -82,7 +81,9 @@ def score_served(
     rows = [{"path": str(Path(r.path).resolve()), "site": site_of(r)} for r in records]
     rows.sort(key=lambda row: row["site"])  # batches of one site get that site's model
     dataset = ray.data.from_items(rows).map_batches(
-        ServedScorer, fn_constructor_kwargs={"url": url, "api_key": api_key}, batch_size=batch_size,
+        ServedScorer,
+        fn_constructor_kwargs={"url": url, "api_key": api_key},
+        batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=0.1,  # it waits on HTTP; the classifier replicas do the work
     )
@@ -95,12 +96,14 @@ def score_served(
             continue
         missing = set(classes) - set(row["probabilities"])
         if missing:
-            raise UsageError(f"the served model does not know {sorted(missing)}: it answers "
-                             f"{sorted(row['probabilities'])}")
+            raise UsageError(
+                f"the served model does not know {sorted(missing)}: it answers {sorted(row['probabilities'])}"
+            )
         kept.append(record)
         probs.append([row["probabilities"][c] for c in classes])
         anomaly.append(row["anomaly"])
         versions.append(row["version"])
-    predictions = Predictions(np.array(probs, dtype=float).reshape(-1, len(classes)), np.array(anomaly, float),
-                              np.zeros(len(kept)))
+    predictions = Predictions(
+        np.array(probs, dtype=float).reshape(-1, len(classes)), np.array(anomaly, float), np.zeros(len(kept))
+    )
     return PoolScores(kept, predictions, versions, failed)

@@ -10,9 +10,10 @@ projects in the web UI; nothing downstream can tell the difference.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from labelstudio.label_config import prediction_result
 
@@ -30,12 +31,12 @@ class SimulatedAnnotator:
 
     email: str
     user_id: int
-    client: "LabelStudio"
+    client: LabelStudio
     error_rate: float
     seed: int = 0
 
     @classmethod
-    def sign_up(cls, url: str, email: str, password: str, error_rate: float, seed: int = 0) -> "SimulatedAnnotator":
+    def sign_up(cls, url: str, email: str, password: str, error_rate: float, seed: int = 0) -> SimulatedAnnotator:
         """Sign the user up (or log in when the account exists) and connect with their own token."""
         from label_studio_sdk import LabelStudio
 

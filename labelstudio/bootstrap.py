@@ -11,12 +11,12 @@ each project gets one pointing at the images folder (never synced: we import tas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
-
-from labelstudio.label_config import build_label_config, config_classes
+from typing import TYPE_CHECKING
 
 from cytoloop.errors import UsageError
+from labelstudio.label_config import build_label_config, config_classes
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
@@ -32,14 +32,18 @@ def project_title(template: str, site: str) -> str:
     return title
 
 
-def ensure_project(client: "LabelStudio", title: str, classes: Sequence[str], labels_required: int) -> int:
+def ensure_project(client: LabelStudio, title: str, classes: Sequence[str], labels_required: int) -> int:
     """The id of the project with this title, created or updated to review cells of `classes`."""
     existing = [p for p in client.projects.list() if p.title == title]
     if len(existing) > 1:
         raise UsageError(f"{len(existing)} Label Studio projects are titled {title!r}; rename or delete the extras")
     if not existing:
-        project = client.projects.create(title=title, label_config=build_label_config(classes),
-                                         maximum_annotations=labels_required, show_collab_predictions=True)
+        project = client.projects.create(
+            title=title,
+            label_config=build_label_config(classes),
+            maximum_annotations=labels_required,
+            show_collab_predictions=True,
+        )
         return project.id
     project = client.projects.get(id=existing[0].id)
     config = build_label_config(list(dict.fromkeys([*config_classes(project.label_config or ""), *classes])))
@@ -53,35 +57,53 @@ def ensure_project(client: "LabelStudio", title: str, classes: Sequence[str], la
     return project.id
 
 
-def ensure_webhook(client: "LabelStudio", project_id: int, url: str, secret: str) -> int:
+def ensure_webhook(client: LabelStudio, project_id: int, url: str, secret: str) -> int:
     """The id of the project's webhook to our receiver, created (or its secret and actions refreshed) as needed.
 
     Our webhooks to another URL (the receiver moved to another port) are deleted: Label Studio would otherwise
     spend its 1 s timeout on a dead address for every annotation.
     """
     headers = {SECRET_HEADER: secret}
-    ours = [h for h in client.webhooks.list(project=str(project_id))
-            if h.project == project_id and SECRET_HEADER in (h.headers or {})]
+    ours = [
+        h
+        for h in client.webhooks.list(project=str(project_id))
+        if h.project == project_id and SECRET_HEADER in (h.headers or {})
+    ]
     for stale in (h for h in ours if h.url != url):
         client.webhooks.delete(id=stale.id)
     hooks = [h for h in ours if h.url == url]
     if not hooks:
-        hook = client.webhooks.create(url=url, project=project_id, send_payload=True, send_for_all_actions=False,
-                                      headers=headers, actions=WEBHOOK_ACTIONS, is_active=True)
+        hook = client.webhooks.create(
+            url=url,
+            project=project_id,
+            send_payload=True,
+            send_for_all_actions=False,
+            headers=headers,
+            actions=WEBHOOK_ACTIONS,
+            is_active=True,
+        )
         return hook.id
     hook = hooks[0]
     if hook.headers != headers or sorted(hook.actions or []) != sorted(WEBHOOK_ACTIONS) or not hook.is_active:
-        client.webhooks.update(id=hook.id, url=url, headers=headers, actions=WEBHOOK_ACTIONS, is_active=True,
-                               send_payload=True, send_for_all_actions=False)
+        client.webhooks.update(
+            id=hook.id,
+            url=url,
+            headers=headers,
+            actions=WEBHOOK_ACTIONS,
+            is_active=True,
+            send_payload=True,
+            send_for_all_actions=False,
+        )
     return hook.id
 
 
-def ensure_image_storage(client: "LabelStudio", project_id: int, images_root: Path) -> int:
+def ensure_image_storage(client: LabelStudio, project_id: int, images_root: Path) -> int:
     """The id of the project's local-files storage over `images_root` (what lets Label Studio serve the cells)."""
     path = str(Path(images_root).resolve())
     for storage in client.import_storage.local.list(project=project_id):
         if storage.path == path:
             return storage.id
-    storage = client.import_storage.local.create(project=project_id, path=path, title="CytoLoop cell images",
-                                                 use_blob_urls=False, recursive_scan=False)
+    storage = client.import_storage.local.create(
+        project=project_id, path=path, title="CytoLoop cell images", use_blob_urls=False, recursive_scan=False
+    )
     return storage.id

@@ -18,7 +18,7 @@ class LabelStudioUnavailable(CytoLoopError, ConnectionError):
     """Label Studio did not answer (down, restarting, wrong URL) or refused the token."""
 
 
-def connect(url: str, token: str, timeout: float = 30.0) -> "LabelStudio":
+def connect(url: str, token: str, timeout: float = 30.0) -> LabelStudio:
     """An SDK client after a health check; raises LabelStudioUnavailable naming the URL otherwise."""
     import httpx
     from label_studio_sdk import LabelStudio
@@ -27,7 +27,8 @@ def connect(url: str, token: str, timeout: float = 30.0) -> "LabelStudio":
         response = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0)
     except httpx.HTTPError as error:
         raise LabelStudioUnavailable(
-            f"Label Studio at {url} is not reachable ({error}); is `cytoloop stack up` running?") from error
+            f"Label Studio at {url} is not reachable ({error}); is `cytoloop stack up` running?"
+        ) from error
     if response.status_code != 200:
         raise LabelStudioUnavailable(f"Label Studio at {url} answered /health with HTTP {response.status_code}")
     client = LabelStudio(base_url=url, api_key=token, timeout=timeout)
@@ -43,7 +44,10 @@ def unavailable(error: BaseException) -> bool:
     import httpx
 
     return isinstance(error, (httpx.TransportError, LabelStudioUnavailable)) or getattr(error, "status_code", 0) in (
-        502, 503, 504)
+        502,
+        503,
+        504,
+    )
 
 
 def user_token(url: str, email: str, password: str, sign_up: bool = True) -> tuple[int, str]:
@@ -61,8 +65,11 @@ def user_token(url: str, email: str, password: str, sign_up: bool = True) -> tup
         for form in ("/user/login/", "/user/signup/") if sign_up else ("/user/login/",):
             session.get(form)  # sets the CSRF cookie
             csrf = session.cookies.get("csrftoken") or ""
-            response = session.post(form, data={"email": email, "password": password, "csrfmiddlewaretoken": csrf},
-                                    headers={"Referer": f"{base}{form}"})
+            response = session.post(
+                form,
+                data={"email": email, "password": password, "csrfmiddlewaretoken": csrf},
+                headers={"Referer": f"{base}{form}"},
+            )
             if response.status_code == 302:
                 break
         else:

@@ -16,8 +16,19 @@ from cytoloop.consensus import annotator_agreement, consensus, pairwise_agreemen
 from labelstudio.label_config import EXTRA_CHOICES
 from labelstudio.store import LabelStore, cell_key
 
-COLUMNS = ["path", "label", "domain", "cell_id", "site", "annotators", "votes", "labelled_at", "model_versions",
-           "model_labels", "abnormal"]
+COLUMNS = [
+    "path",
+    "label",
+    "domain",
+    "cell_id",
+    "site",
+    "annotators",
+    "votes",
+    "labelled_at",
+    "model_versions",
+    "model_labels",
+    "abnormal",
+]
 
 
 def review_report(store: LabelStore, labels_required: int) -> dict:
@@ -31,7 +42,8 @@ def review_report(store: LabelStore, labels_required: int) -> dict:
         "pairs": {f"{a} / {b}": v for (a, b), v in pairwise_agreement(votes).items()},
         "senior_review": [
             {"cell": c.cell_key, "status": c.status, "votes": c.votes, "abnormal": c.abnormal}
-            for c in decided.values() if c.senior_review
+            for c in decided.values()
+            if c.senior_review
         ],
     }
 
@@ -53,19 +65,21 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
             continue
         cell_labels = by_cell[key]
         first = cell_labels[-1]
-        rows.append({
-            "path": first.image_path,
-            "label": result.label,
-            "domain": first.domain or first.site,
-            "cell_id": first.cell_id,
-            "site": first.site,
-            "annotators": ";".join(result.annotators),
-            "votes": ";".join(f"{k}={v}" for k, v in result.votes.items()),
-            "labelled_at": result.last_labelled_at,
-            "model_versions": ";".join(sorted({l.model_version for l in cell_labels})),
-            "model_labels": ";".join(sorted({l.model_label for l in cell_labels})),
-            "abnormal": int(result.abnormal),
-        })
+        rows.append(
+            {
+                "path": first.image_path,
+                "label": result.label,
+                "domain": first.domain or first.site,
+                "cell_id": first.cell_id,
+                "site": first.site,
+                "annotators": ";".join(result.annotators),
+                "votes": ";".join(f"{k}={v}" for k, v in result.votes.items()),
+                "labelled_at": result.last_labelled_at,
+                "model_versions": ";".join(sorted({label.model_version for label in cell_labels})),
+                "model_labels": ";".join(sorted({label.model_label for label in cell_labels})),
+                "abnormal": int(result.abnormal),
+            }
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -8,7 +8,7 @@ AND atypical; and a free comment. The model's prediction pre-fills the class que
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Sequence
+from collections.abc import Sequence
 from xml.sax.saxutils import quoteattr
 
 from cytoloop.errors import UsageError

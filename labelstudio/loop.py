@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from cytoloop.config import Settings
 from cytoloop.data import CellRecord
@@ -44,7 +45,7 @@ class RouteReport:
     by_site: dict[str, int] = field(default_factory=dict)
 
 
-def thumbnails(images: "np.ndarray", size: int = 4) -> "np.ndarray":
+def thumbnails(images: np.ndarray, size: int = 4) -> np.ndarray:
     """(N, 3, S, S) preprocessed cells -> (N, 3*size*size) block means: a near-duplicate signature."""
     n, channels, side, _ = images.shape
     block = side // size
@@ -67,10 +68,10 @@ class ReviewLoop:
         self.store = LabelStore(folder / "labels.db")
         self.outbox = Outbox(folder / "outbox.db")
         self.url = label_studio_url(settings)
-        self._client: "LabelStudio | None" = None
+        self._client: LabelStudio | None = None
 
     @property
-    def client(self) -> "LabelStudio":
+    def client(self) -> LabelStudio:
         if self._client is None:
             self._client = connect(self.url, stack_secrets(self.settings)["admin_token"])
         return self._client
@@ -80,8 +81,9 @@ class ReviewLoop:
         """The site's project (created or updated) with its webhook to our receiver and its image storage;
         idempotent."""
         review = self.settings.review
-        project_id = ensure_project(self.client, project_title(review.project_title, site), classes,
-                                    review.labels_required)
+        project_id = ensure_project(
+            self.client, project_title(review.project_title, site), classes, review.labels_required
+        )
         secret = stack_secrets(self.settings)["webhook_secret"]
         ensure_webhook(self.client, project_id, webhook_url(self.settings), secret)
         ensure_image_storage(self.client, project_id, self.settings.stack.images_root)
@@ -91,7 +93,7 @@ class ReviewLoop:
         """site -> project id of every project whose title follows our template."""
         prefix, _, suffix = self.settings.review.project_title.partition("{site}")
         return {
-            p.title[len(prefix):len(p.title) - len(suffix)]: p.id
+            p.title[len(prefix) : len(p.title) - len(suffix)]: p.id
             for p in self.client.projects.list()
             if p.title.startswith(prefix) and p.title.endswith(suffix) and len(p.title) > len(prefix) + len(suffix)
         }
@@ -100,13 +102,13 @@ class ReviewLoop:
     def route(
         self,
         records: Sequence[CellRecord],
-        predictions: "Predictions",
+        predictions: Predictions,
         classes: Sequence[str],
         model_version: str,
         site: str | None = None,
         budget: int | None = None,
         push: bool = True,
-        images: "np.ndarray | None" = None,
+        images: np.ndarray | None = None,
     ) -> RouteReport:
         """Route scored cells, queue this round's selection in the outbox, and push it if Label Studio is up.
 
@@ -115,15 +117,25 @@ class ReviewLoop:
         project of `site` (default: its domain). Cells already queued for this model version are not chosen again.
         """
         if len(records) != len(predictions) or (images is not None and len(images) != len(records)):
-            raise ValueError(f"{len(records)} records, {len(predictions)} predictions"
-                             + ("" if images is None else f", {len(images)} images") + ": they must match")
+            raise ValueError(
+                f"{len(records)} records, {len(predictions)} predictions"
+                + ("" if images is None else f", {len(images)} images")
+                + ": they must match"
+            )
         sites = [site or r.domain for r in records]
         signatures = predictions.probs if images is None else thumbnails(images)
         scored = [
-            ScoredCell(r.cell_id, sample_of(r), classes[int(label)], float(conf), float(anomaly),
-                       tuple(float(v) for v in signature))
-            for r, label, conf, anomaly, signature in zip(records, predictions.labels, predictions.confidence,
-                                                          predictions.anomaly, signatures)
+            ScoredCell(
+                r.cell_id,
+                sample_of(r),
+                classes[int(label)],
+                float(conf),
+                float(anomaly),
+                tuple(float(v) for v in signature),
+            )
+            for r, label, conf, anomaly, signature in zip(
+                records, predictions.labels, predictions.confidence, predictions.anomaly, signatures
+            )
         ]
         routed = route_cells(scored, self.settings.routing)
         keys = [task_key(s, c.cell_id, model_version) for s, c in zip(sites, scored)]
@@ -134,13 +146,19 @@ class ReviewLoop:
         tasks = []
         for item in chosen:
             record, cell_site = context[item.cell.cell_id]
-            tasks.append(build_task(item, CellContext(record.path, cell_site, record.domain, model_version,
-                                                      tuple(classes)), self.settings.stack.images_root))
+            tasks.append(
+                build_task(
+                    item,
+                    CellContext(record.path, cell_site, record.domain, model_version, tuple(classes)),
+                    self.settings.stack.images_root,
+                )
+            )
         queued = self.outbox.enqueue(tasks)
         report = RouteReport(
             reasons=dict(Counter(r.reason for r in routed)),
             already_queued=sum(1 for r, k in zip(routed, keys) if k in seen and r.reason != "accept"),
-            chosen=len(chosen), queued=queued,
+            chosen=len(chosen),
+            queued=queued,
             by_site=dict(Counter(t["data"]["site"] for t in tasks)),
         )
         if push:
@@ -181,8 +199,10 @@ class ReviewLoop:
                 try:
                     pushed = self.push()
                     synced = self.sync()
-                    log(f"poll: pushed {pushed.pushed}, {pushed.pending} pending; {synced.changed} label(s) changed, "
-                        f"{synced.retracted} retracted")
+                    log(
+                        f"poll: pushed {pushed.pushed}, {pushed.pending} pending; {synced.changed} label(s) changed, "
+                        f"{synced.retracted} retracted"
+                    )
                 except Exception as error:  # keep polling: Label Studio may be restarting
                     if not unavailable(error):
                         log(f"poll failed: {type(error).__name__}: {error}")

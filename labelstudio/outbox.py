@@ -8,9 +8,9 @@ routing the same cells twice queues them once.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable
 
 from labelstudio import sqlite
 
@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 class Outbox:
@@ -52,7 +52,7 @@ class Outbox:
         with sqlite.transaction(self.path) as db:
             found = set()
             for start in range(0, len(keys), 500):
-                chunk = keys[start:start + 500]
+                chunk = keys[start : start + 500]
                 marks = ",".join("?" * len(chunk))
                 found |= {r[0] for r in db.execute(f"SELECT task_key FROM outbox WHERE task_key IN ({marks})", chunk)}
         return found

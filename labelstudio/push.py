@@ -7,8 +7,9 @@ unreachable the push stops, the tasks stay pending, and the report says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from labelstudio.client import unavailable
 from labelstudio.outbox import Outbox
@@ -26,7 +27,7 @@ class PushReport:
     projects: dict[str, int] = field(default_factory=dict)
 
 
-def project_task_keys(client: "LabelStudio", project_id: int) -> dict[str, int]:
+def project_task_keys(client: LabelStudio, project_id: int) -> dict[str, int]:
     """task_key -> task id of every task in a project."""
     keys = {}
     for task in client.tasks.list(project=project_id, fields="task_only", page_size=500):
@@ -37,7 +38,7 @@ def project_task_keys(client: "LabelStudio", project_id: int) -> dict[str, int]:
 
 
 def push_outbox(
-    client: "LabelStudio",
+    client: LabelStudio,
     outbox: Outbox,
     ensure_project: Callable[[str, list[str]], int],
     batch: int = 100,
@@ -60,7 +61,7 @@ def push_outbox(
                 report.already_there += len(found)
             todo = [t for t, key in zip(tasks, keys) if key not in existing]
             for start in range(0, len(todo), batch):
-                chunk = todo[start:start + batch]
+                chunk = todo[start : start + batch]
                 response = client.projects.import_tasks(id=project_id, request=chunk, return_task_ids=True)
                 ids = list(response.task_ids or [])
                 if len(ids) != len(chunk):  # cannot pair ids with keys: ask the project instead

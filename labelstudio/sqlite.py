@@ -7,9 +7,9 @@ WAL mode and a busy timeout, because the webhook receiver, a sync and a push may
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def initialise(path: Path, schema: str) -> None:

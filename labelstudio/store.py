@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cytoloop.consensus import Vote
@@ -73,7 +73,7 @@ def cell_key(site: str, cell_id: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 @dataclass
@@ -116,7 +116,8 @@ class LabelStore:
         while limit is None or done < limit:
             with sqlite.transaction(self.path) as db:
                 row = db.execute(
-                    "SELECT id, body FROM events WHERE processed_at IS NULL ORDER BY id LIMIT 1").fetchone()
+                    "SELECT id, body FROM events WHERE processed_at IS NULL ORDER BY id LIMIT 1"
+                ).fetchone()
                 if row is None:
                     break
                 error = None
@@ -247,10 +248,19 @@ class LabelStore:
             rows = db.execute(query + " ORDER BY a.updated_at, a.annotation_id").fetchall()
         return [
             StoredLabel(
-                annotation_id=r["annotation_id"], task_key=r["task_key"], cell_id=r["cell_id"], site=r["site"],
-                domain=r["domain"], image_path=r["image_path"], model_version=r["model_version"],
-                model_label=r["model_label"], annotator=r["annotator"], label=r["label"],
-                abnormal=bool(r["abnormal"]), comment=r["comment"], updated_at=r["updated_at"],
+                annotation_id=r["annotation_id"],
+                task_key=r["task_key"],
+                cell_id=r["cell_id"],
+                site=r["site"],
+                domain=r["domain"],
+                image_path=r["image_path"],
+                model_version=r["model_version"],
+                model_label=r["model_label"],
+                annotator=r["annotator"],
+                label=r["label"],
+                abnormal=bool(r["abnormal"]),
+                comment=r["comment"],
+                updated_at=r["updated_at"],
             )
             for r in rows
         ]
@@ -258,8 +268,10 @@ class LabelStore:
     def votes(self) -> list[Vote]:
         """Live labels as consensus votes, keyed by cell (`site:cell_id`), whatever model version routed it:
         an annotator who saw a cell again under a newer model counts once, with their latest label."""
-        return [Vote(cell_key(label.site, label.cell_id), label.annotator, label.label, label.abnormal,
-                     label.updated_at) for label in self.labels()]
+        return [
+            Vote(cell_key(label.site, label.cell_id), label.annotator, label.label, label.abnormal, label.updated_at)
+            for label in self.labels()
+        ]
 
     def counts(self) -> dict[str, int]:
         with sqlite.connect(self.path) as db:

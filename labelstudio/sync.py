@@ -8,8 +8,9 @@ or killing one half-way and running it again leaves each label in the store exac
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from labelstudio.store import LabelStore
 
@@ -30,7 +31,7 @@ def _as_dict(item) -> dict:
 
 
 def sync(
-    client: "LabelStudio",
+    client: LabelStudio,
     store: LabelStore,
     project_ids: Iterable[int],
     on_annotation: Callable[[int], None] | None = None,

@@ -71,7 +71,10 @@ def build_task(routed: RoutedCell, context: CellContext, images_root: Path) -> d
             "classes": list(context.classes),
         },
         "predictions": [
-            {"model_version": context.model_version, "score": float(cell.confidence),
-             "result": prediction_result(cell.label)}
+            {
+                "model_version": context.model_version,
+                "score": float(cell.confidence),
+                "result": prediction_result(cell.label),
+            }
         ],
     }

@@ -31,14 +31,19 @@ class AppArgs(BaseModel):
 def absolute_paths(settings: Settings) -> Settings:
     registry, serve_config = settings.registry, settings.serve
     uri = registry.tracking_uri
-    if uri.startswith(SQLITE_PREFIX) and not uri[len(SQLITE_PREFIX):].startswith("/"):
-        uri = SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX):]).resolve())
-    return settings.model_copy(update={
-        "home": Path(settings.home).resolve(),
-        "registry": registry.model_copy(update={"tracking_uri": uri, "cache_dir": Path(registry.cache_dir).resolve()}),
-        "serve": serve_config.model_copy(
-            update={"model_dir": Path(serve_config.model_dir).resolve() if serve_config.model_dir else None}),
-    })
+    if uri.startswith(SQLITE_PREFIX) and not uri[len(SQLITE_PREFIX) :].startswith("/"):
+        uri = SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX) :]).resolve())
+    return settings.model_copy(
+        update={
+            "home": Path(settings.home).resolve(),
+            "registry": registry.model_copy(
+                update={"tracking_uri": uri, "cache_dir": Path(registry.cache_dir).resolve()}
+            ),
+            "serve": serve_config.model_copy(
+                update={"model_dir": Path(serve_config.model_dir).resolve() if serve_config.model_dir else None}
+            ),
+        }
+    )
 
 
 def build_app(settings: Settings) -> Application:
@@ -47,8 +52,13 @@ def build_app(settings: Settings) -> Application:
     if config.min_replicas == config.max_replicas:
         scaling = {"num_replicas": config.min_replicas}
     else:
-        scaling = {"autoscaling_config": {"min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
-                                          "target_ongoing_requests": config.target_ongoing_requests}}
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": config.min_replicas,
+                "max_replicas": config.max_replicas,
+                "target_ongoing_requests": config.target_ongoing_requests,
+            }
+        }
     classifier = Classifier.options(
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},

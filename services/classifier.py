@@ -79,8 +79,7 @@ class Classifier:
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
         answers: list[Answer | str | None] = [None] * len(keys)
-        await asyncio.gather(*(self._classify_site(key, members, requests, answers)
-                               for key, members in groups.items()))
+        await asyncio.gather(*(self._classify_site(key, members, requests, answers) for key, members in groups.items()))
         return answers
 
     async def _classify_site(self, key: str, members: list[int], requests: list[Cells], answers: list) -> None:
@@ -94,15 +93,22 @@ class Classifier:
         for i, cells in zip(members, results):
             answers[i] = Answer(cells, service.ref, service.model.kind, service.classes, batch)
         if self.config.prediction_log is not None:
-            await asyncio.to_thread(self._log_predictions, None if key == GLOBAL_KEY else key, service,
-                                    [requests[i] for i in members], results)
+            await asyncio.to_thread(
+                self._log_predictions,
+                None if key == GLOBAL_KEY else key,
+                service,
+                [requests[i] for i in members],
+                results,
+            )
 
     def _log_predictions(self, site: str | None, service, requests: list[Cells], results: list) -> None:
         """Feed the drift monitor; a failure here is logged and never fails the request that was answered."""
         try:
-            events = [event for cells, answered in zip(requests, results)
-                      for event in prediction_events(cells, answered, site, service.ref.version,
-                                                     service.model.data_config)]
+            events = [
+                event
+                for cells, answered in zip(requests, results)
+                for event in prediction_events(cells, answered, site, service.ref.version, service.model.data_config)
+            ]
             append_events(self.config.prediction_log, events)
         except Exception as error:
             logger.warning("could not write the prediction log %s: %s", self.config.prediction_log, error)
@@ -117,7 +123,11 @@ class Classifier:
             for live in list(self.live):
                 try:
                     if await asyncio.to_thread(live.refresh):
-                        logger.info("site %s now served by %s v%s", site_key(live.site), live.service.ref.name,
-                                    live.service.ref.version)
+                        logger.info(
+                            "site %s now served by %s v%s",
+                            site_key(live.site),
+                            live.service.ref.name,
+                            live.service.ref.version,
+                        )
                 except Exception as error:  # keep serving the loaded version; try again next period
                     logger.warning("alias check for site %s failed: %s", site_key(live.site), error)

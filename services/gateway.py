@@ -57,20 +57,23 @@ def _inline(schema: dict) -> dict:
 
     return resolve(schema)
 
+
 _cells_body = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {"schema": _inline(ClassifyRequest.model_json_schema())},
-            "multipart/form-data": {"schema": {
-                "type": "object",
-                "required": ["files"],
-                "properties": {
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    "site": {"type": "string"},
-                    "sample_id": {"type": "string"},
-                },
-            }},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "site": {"type": "string"},
+                        "sample_id": {"type": "string"},
+                    },
+                }
+            },
         },
     }
 }
@@ -88,8 +91,11 @@ def check_api_key(expected: SecretStr | None, given: str | None) -> None:
     if expected is None:
         return
     if not given:
-        raise HTTPException(401, f"missing API key: send it in the {API_KEY_HEADER} header",
-                            headers={"WWW-Authenticate": API_KEY_HEADER})
+        raise HTTPException(
+            401,
+            f"missing API key: send it in the {API_KEY_HEADER} header",
+            headers={"WWW-Authenticate": API_KEY_HEADER},
+        )
     if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": API_KEY_HEADER})
 
@@ -109,10 +115,18 @@ def cell_entries(upload: Upload, answer: Answer) -> list[CellAnswer | CellError]
         if isinstance(cell, CellFailure):
             entries[index] = CellError(index=index, name=cell.name, reason=cell.reason, message=cell.message)
         else:
-            entries[index] = CellAnswer(index=index, name=cell.name, cell_id=cell.cell_id, label=cell.label,
-                                        probabilities=cell.probabilities, confidence=cell.confidence,
-                                        uncertainty=cell.uncertainty, anomaly=cell.anomaly, route=cell.route,
-                                        model=model)
+            entries[index] = CellAnswer(
+                index=index,
+                name=cell.name,
+                cell_id=cell.cell_id,
+                label=cell.label,
+                probabilities=cell.probabilities,
+                confidence=cell.confidence,
+                uncertainty=cell.uncertainty,
+                anomaly=cell.anomaly,
+                route=cell.route,
+                model=model,
+            )
     return [entries[i] for i in sorted(entries)]
 
 
@@ -136,36 +150,67 @@ class Gateway:
             raise HTTPException(503, answer)
         return upload, answer
 
-    @api.post("/v1/classify", response_model=ClassifyResponse, responses=_errors, openapi_extra=_cells_body,
-              summary="Classify cell images")
+    @api.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses=_errors,
+        openapi_extra=_cells_body,
+        summary="Classify cell images",
+    )
     async def classify(self, request: Request, key: str | None = Security(_api_key)) -> ClassifyResponse:
         """One or many cells (multipart `files`, or JSON with base64 `cells`), optional `site` and `sample_id`.
         Each cell is answered at its position; a bad image gets an error entry and the others are still answered."""
         upload, answer = await self._classify(request, key)
         cells = cell_entries(upload, answer)
-        return ClassifyResponse(site=upload.site, sample_id=upload.sample_id, n_cells=len(cells),
-                                n_errors=sum(isinstance(c, CellError) for c in cells), cells=cells,
-                                batch=answer.batch)
+        return ClassifyResponse(
+            site=upload.site,
+            sample_id=upload.sample_id,
+            n_cells=len(cells),
+            n_errors=sum(isinstance(c, CellError) for c in cells),
+            cells=cells,
+            batch=answer.batch,
+        )
 
-    @api.post("/v1/samples/{sample_id}/differential", response_model=DifferentialResponse, responses=_errors,
-              openapi_extra=_cells_body, summary="Differential count and triage of one smear")
-    async def sample_differential(self, sample_id: str, request: Request,
-                                  key: str | None = Security(_api_key)) -> DifferentialResponse:
+    @api.post(
+        "/v1/samples/{sample_id}/differential",
+        response_model=DifferentialResponse,
+        responses=_errors,
+        openapi_extra=_cells_body,
+        summary="Differential count and triage of one smear",
+    )
+    async def sample_differential(
+        self, sample_id: str, request: Request, key: str | None = Security(_api_key)
+    ) -> DifferentialResponse:
         """The cells of one smear in; percentages per class, cells needing review, flags such as 'blasts
         suspected', and the triage (routine, or to a hematologist) out."""
         try:
             ClassifyRequest(cells=[], sample_id=sample_id)  # the path's sample id obeys the same pattern
         except ValidationError:
-            raise HTTPException(422, f"invalid sample id {sample_id!r}: letters, digits and _ . : - (at most 128)")
+            raise HTTPException(
+                422, f"invalid sample id {sample_id!r}: letters, digits and _ . : - (at most 128)"
+            ) from None
         upload, answer = await self._classify(request, key)
         results: list[CellResult | CellFailure] = list(answer.cells) + [
-            CellFailure(i, e.name, e.reason, str(e)) for i, e in upload.rejected]
+            CellFailure(i, e.name, e.reason, str(e)) for i, e in upload.rejected
+        ]
         count = differential(results, answer.classes, self.differential_config)
         return DifferentialResponse(
-            sample_id=sample_id, site=upload.site, triage=count.triage, flags=count.flags, reasons=count.reasons,
-            n_cells=count.n_cells, n_classified=count.n_classified, n_failed=count.n_failed, counts=count.counts,
-            percentages=count.percentages, n_review=count.n_review, n_anomaly=count.n_anomaly,
-            n_audit=count.n_audit, model=model_info(answer), cells=cell_entries(upload, answer))
+            sample_id=sample_id,
+            site=upload.site,
+            triage=count.triage,
+            flags=count.flags,
+            reasons=count.reasons,
+            n_cells=count.n_cells,
+            n_classified=count.n_classified,
+            n_failed=count.n_failed,
+            counts=count.counts,
+            percentages=count.percentages,
+            n_review=count.n_review,
+            n_anomaly=count.n_anomaly,
+            n_audit=count.n_audit,
+            model=model_info(answer),
+            cells=cell_entries(upload, answer),
+        )
 
     @api.get("/v1/models", response_model=ModelsResponse, responses=_errors, summary="What is served, per site")
     async def models(self, key: str | None = Security(_api_key)) -> ModelsResponse:
@@ -175,9 +220,13 @@ class Gateway:
             served = await asyncio.to_thread(self.source.site_versions)
         except Exception as error:
             raise HTTPException(503, f"cannot read the served models: {error}") from None
-        return ModelsResponse(source=self.source.describe(), served=[
-            SiteModel(site=site, model=ModelInfo(name=ref.name, version=ref.version, alias=ref.alias))
-            for site, ref in served.items()])
+        return ModelsResponse(
+            source=self.source.describe(),
+            served=[
+                SiteModel(site=site, model=ModelInfo(name=ref.name, version=ref.version, alias=ref.alias))
+                for site, ref in served.items()
+            ],
+        )
 
     @api.get("/healthz", response_model=Health, summary="The service process answers")
     async def healthz(self) -> Health:

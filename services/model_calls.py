@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 Cells = Sequence[tuple[str, bytes]]
 
@@ -71,7 +72,7 @@ class ModelCalls:
         for work in taken:
             answers = []
             for request in work.requests:
-                answers.append(results[start:start + len(request)])
+                answers.append(results[start : start + len(request)])
                 start += len(request)
             if not work.future.done():  # a caller that went away (cancelled) no longer waits for its answer
                 work.future.set_result((answers, batch))

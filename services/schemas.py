@@ -5,7 +5,7 @@ These models are the OpenAPI schema at `/docs`; field descriptions are the API d
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,11 +55,13 @@ class CellAnswer(_Body):
     probabilities: dict[str, float] = Field(..., description="calibrated class probabilities (sum to 1)")
     confidence: float = Field(..., description="probability of the predicted class")
     uncertainty: float = Field(..., description="entropy of the probabilities, in nats")
-    anomaly: float | None = Field(..., description="anomaly score; its scale is per model version (None: no "
-                                  "finite score)")
+    anomaly: float | None = Field(
+        ..., description="anomaly score; its scale is per model version (None: no finite score)"
+    )
     route: Literal["accept", "review", "anomaly", "audit"] = Field(
-        ..., description="accept; review (low confidence); anomaly (anomalous or an always-review class); audit "
-        "(a confident cell drawn for a quality check)"
+        ...,
+        description="accept; review (low confidence); anomaly (anomalous or an always-review class); audit "
+        "(a confident cell drawn for a quality check)",
     )
     model: ModelInfo
 
@@ -72,7 +74,7 @@ class CellError(_Body):
     message: str
 
 
-Cell = Annotated[Union[CellAnswer, CellError], Field(discriminator="status")]
+Cell = Annotated[CellAnswer | CellError, Field(discriminator="status")]
 
 
 class ClassifyResponse(_Body):

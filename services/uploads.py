@@ -50,13 +50,19 @@ async def read_upload(request: Request, config: ServeConfig) -> Upload:
     elif content_type.startswith("application/json"):
         site, sample_id, named = _json(body)
     else:
-        raise HTTPException(415, f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data "
-                                 "with 'files' parts, or application/json with base64 'cells'")
+        raise HTTPException(
+            415,
+            f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data "
+            "with 'files' parts, or application/json with base64 'cells'",
+        )
     if not named:
         raise HTTPException(400, "empty request: no cell images (send multipart 'files' parts or JSON 'cells')")
     if len(named) > config.max_cells_per_request:
-        raise HTTPException(413, f"too many cells: {len(named)} in one request, the limit is "
-                                 f"{config.max_cells_per_request} ({CONFIG_HINT}MAX_CELLS_PER_REQUEST)")
+        raise HTTPException(
+            413,
+            f"too many cells: {len(named)} in one request, the limit is "
+            f"{config.max_cells_per_request} ({CONFIG_HINT}MAX_CELLS_PER_REQUEST)",
+        )
     limits = Limits(config.max_image_bytes, config.max_image_pixels)
     accepted, rejected = [], []
     for index, (name, data) in enumerate(named):
@@ -84,14 +90,17 @@ def reject_if_nothing_usable(upload: Upload) -> None:
 async def _read_capped(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body of {declared} bytes is over the limit of {limit} "
-                                 f"(max_cells_per_request x max_image_bytes)")
+        raise HTTPException(
+            413,
+            f"request body of {declared} bytes is over the limit of {limit} (max_cells_per_request x max_image_bytes)",
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, f"request body over the limit of {limit} bytes "
-                                     "(max_cells_per_request x max_image_bytes)")
+            raise HTTPException(
+                413, f"request body over the limit of {limit} bytes (max_cells_per_request x max_image_bytes)"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -101,13 +110,15 @@ async def _multipart(request: Request, body: bytes, config: ServeConfig):
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, replay).form(max_files=config.max_cells_per_request + 1,
-                                                         max_fields=16)
+        form = await Request(request.scope, replay).form(max_files=config.max_cells_per_request + 1, max_fields=16)
     except (StarletteHTTPException, MultiPartException) as error:  # starlette turns parse errors into a 400
         message = getattr(error, "detail", None) or getattr(error, "message", str(error))
         if "Too many files" in message:
-            raise HTTPException(413, f"too many cells: more than {config.max_cells_per_request} in one request "
-                                     f"({CONFIG_HINT}MAX_CELLS_PER_REQUEST)") from None
+            raise HTTPException(
+                413,
+                f"too many cells: more than {config.max_cells_per_request} in one request "
+                f"({CONFIG_HINT}MAX_CELLS_PER_REQUEST)",
+            ) from None
         raise HTTPException(400, f"malformed multipart body: {message}") from None
     unknown = sorted(set(form.keys()) - {"files", "site", "sample_id"})
     if unknown:
@@ -142,4 +153,5 @@ def _json(body: bytes):
 
 def _validation_message(error: ValidationError) -> str:
     return "invalid request: " + "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors(include_url=False))
+        f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors(include_url=False)
+    )

@@ -17,13 +17,13 @@ the active-learning benchmark, the review loop and the tests can replay them on 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
-from cytoloop.errors import UsageError
 from cytoloop.config import RoutingConfig
+from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions
 from cytoloop.routing import ScoredCell, route_cells, select_for_review
 
@@ -46,8 +46,10 @@ class Pool:
         lengths = {len(self.predictions), len(self.cell_ids)}
         lengths |= {len(x) for x in (self.sample_ids, self.signatures) if x is not None}
         if len(lengths) != 1:
-            raise ValueError(f"pool parts differ in length: {len(self.predictions)} predictions, "
-                             f"{len(self.cell_ids)} cell ids; sample ids and signatures must match too")
+            raise ValueError(
+                f"pool parts differ in length: {len(self.predictions)} predictions, "
+                f"{len(self.cell_ids)} cell ids; sample ids and signatures must match too"
+            )
         if len(set(self.cell_ids)) != len(self.cell_ids):
             raise ValueError("pool cell ids must be unique (routing tells cells apart by id)")
 
@@ -108,14 +110,23 @@ def routing_policy(config: RoutingConfig | None = None, anomaly_quantile: float 
         samples = pool.sample_ids if pool.sample_ids is not None else ["pool"] * len(pool)
         signatures = pool.signatures if pool.signatures is not None else predictions.probs
         cells = [
-            ScoredCell(str(cell_id), str(sample), pool.classes[int(label)], float(confidence), float(anomaly),
-                       tuple(float(v) for v in signature))
+            ScoredCell(
+                str(cell_id),
+                str(sample),
+                pool.classes[int(label)],
+                float(confidence),
+                float(anomaly),
+                tuple(float(v) for v in signature),
+            )
             for cell_id, sample, label, confidence, anomaly, signature in zip(
-                pool.cell_ids, samples, predictions.labels, predictions.confidence, predictions.anomaly, signatures)
+                pool.cell_ids, samples, predictions.labels, predictions.confidence, predictions.anomaly, signatures
+            )
         ]
         row_of = {cell.cell_id: i for i, cell in enumerate(cells)}
-        chosen = [row_of[r.cell.cell_id] for r in select_for_review(route_cells(cells, routing_config),
-                                                                     routing_config, budget)]
+        chosen = [
+            row_of[r.cell.cell_id]
+            for r in select_for_review(route_cells(cells, routing_config), routing_config, budget)
+        ]
         fill = _lowest(predictions.confidence, budget - len(chosen), exclude=chosen)
         return np.concatenate([np.array(chosen, dtype=int), fill])
 

@@ -85,8 +85,9 @@ def calibrate(model, images: np.ndarray, labels: np.ndarray, progress: bool = Fa
     prior = model.temperature if prior_cells > 0 else None
     if model.kind == "diffusion":
         fit_weights(model, images, labels, progress)
-        model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels, prior,
-                                            prior_cells)
+        model.temperature = fit_temperature(
+            -model.score(images, progress=progress).class_error, labels, prior, prior_cells
+        )
     else:
         model.temperature = fit_temperature(model.logits(images), labels, prior, prior_cells)
     return model
@@ -96,8 +97,13 @@ def fit_weights(model, images: np.ndarray, labels: np.ndarray, progress: bool = 
     """Fit a diffusion model's timestep weights w(t) in place from `calibration_trials` exhaustive trials on at
     most `calibration_cells` labelled validation cells (`even_subset`); returns the model."""
     config = model.scoring_config
-    exhaustive = config.model_copy(update={"min_trials": config.calibration_trials,
-                                           "max_trials": config.calibration_trials, "score_null_class": False})
+    exhaustive = config.model_copy(
+        update={
+            "min_trials": config.calibration_trials,
+            "max_trials": config.calibration_trials,
+            "score_null_class": False,
+        }
+    )
     model.timestep_weights = None
     subset = even_subset(labels, config.calibration_cells, config.seed)
     result = model.score(images[subset], exhaustive, progress=progress)
@@ -140,8 +146,11 @@ def reorderings(log: TrialLog, n: int, bins: int, seed: int = 0) -> list[TrialLo
         while any(queues):
             block = [queue.pop() for queue in queues if queue]
             order.extend(block[i] for i in rng.permutation(len(block)))
-        out.append(TrialLog([log.strata[i] for i in order], [log.errors[i] for i in order],
-                            [log.null_errors[i] for i in order]))
+        out.append(
+            TrialLog(
+                [log.strata[i] for i in order], [log.errors[i] for i in order], [log.null_errors[i] for i in order]
+            )
+        )
     return out
 
 
@@ -226,16 +235,26 @@ def tune_scoring(
             if k == 0 and m < 2 and 2 in min_trials:
                 continue  # without a prior, min_trials 1 is min_trials 2
             for p in p_values:
-                candidate = config.model_copy(update={
-                    "min_trials": m, "check_every": 1, "elimination_p": p,
-                    "variance_prior": prior if k > 0 else None, "variance_prior_trials": k if k > 0 else
-                    config.variance_prior_trials})
+                candidate = config.model_copy(
+                    update={
+                        "min_trials": m,
+                        "check_every": 1,
+                        "elimination_p": p,
+                        "variance_prior": prior if k > 0 else None,
+                        "variance_prior_trials": k if k > 0 else config.variance_prior_trials,
+                    }
+                )
                 replays = [replay(log, candidate, weights) for log in logs]
                 decided = np.array([decision(r, weights) for r, _ in replays])
                 evals = np.array([e for _, e in replays])
-                row = {"variance_prior_trials": k, "min_trials": m, "elimination_p": p,
-                       "agreement": float(np.mean(decided == reference)), "evals_mean": float(evals.mean()),
-                       "evals_p95": float(np.percentile(evals, 95))}
+                row = {
+                    "variance_prior_trials": k,
+                    "min_trials": m,
+                    "elimination_p": p,
+                    "agreement": float(np.mean(decided == reference)),
+                    "evals_mean": float(evals.mean()),
+                    "evals_p95": float(np.percentile(evals, 95)),
+                }
                 rows.append(row)
                 cheaper = best is None or row["evals_mean"] <= best[0]["evals_mean"]
                 if row["agreement"] >= target_agreement and cheaper:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cytoloop.errors import UsageError
 from cytoloop.calibration import fit_temperature
 from cytoloop.config import AugmentConfig, BaselineModelConfig, CascadeConfig, TrainConfig
+from cytoloop.errors import UsageError
 from cytoloop.models.base import MODEL_FILE, Predictions, read_model_meta
 from cytoloop.models.baseline import BaselineClassifier
 from cytoloop.models.diffusion import DiffusionClassifier
@@ -102,7 +102,7 @@ class CascadeClassifier:
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> "CascadeClassifier":
+    def load(cls, directory: Path) -> CascadeClassifier:
         meta = read_model_meta(directory)
         return cls(
             DiffusionClassifier.load(Path(directory) / meta["teacher"]),
@@ -170,8 +170,16 @@ def distill(
         teacher_probs = teacher.predict(images, progress=progress).probs
     targets = soft_targets(teacher_probs, np.asarray(labels), config.label_weight)
     student = BaselineClassifier(teacher.classes, teacher.data_config, student_config)
-    network, result = fit(student.network, distillation_loss(targets), images, np.arange(len(images)), train_config,
-                          augment_config, checkpoint_dir=checkpoint_dir, progress=progress)
+    network, result = fit(
+        student.network,
+        distillation_loss(targets),
+        images,
+        np.arange(len(images)),
+        train_config,
+        augment_config,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+    )
     student.network = network
     student.temperature = fit_temperature(student.logits(val_images), val_labels)
     val_confidence = student.predict(val_images).confidence

@@ -105,8 +105,9 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
     tune_scoring: bool = Field(
-        True, description="diffusion: end training by tuning the adaptive scoring on the validation cells (what "
-        "`cytoloop tune` does), so the model is saved with its fast rule; off keeps the untuned default rule"
+        True,
+        description="diffusion: end training by tuning the adaptive scoring on the validation cells (what "
+        "`cytoloop tune` does), so the model is saved with its fast rule; off keeps the untuned default rule",
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
@@ -125,9 +126,11 @@ class ScoringConfig(_Section):
         2e-3, gt=0.0, lt=1.0, description="one-sided paired t-test p-value under which a class is dropped"
     )
     variance_prior: float | None = Field(
-        None, ge=0.0, description="prior variance of one trial's weighted error difference between two classes "
+        None,
+        ge=0.0,
+        description="prior variance of one trial's weighted error difference between two classes "
         "(fitted on validation cells by tuning); the elimination test shrinks each cell's own estimate toward it, "
-        "which steadies the test over a cell's first few trials. None: the cell's own estimate alone"
+        "which steadies the test over a cell's first few trials. None: the cell's own estimate alone",
     )
     variance_prior_trials: float = Field(
         2.0, ge=0.0, description="how many trials' worth of evidence `variance_prior` counts for"
@@ -172,14 +175,18 @@ class ScoringConfig(_Section):
         0.99, gt=0.0, le=1.0, description="fraction of validation cells whose tuned decision must match exhaustive"
     )
     calibration_cells: int | None = Field(
-        200, ge=2, description="at most this many validation cells (an even, seeded draw over classes) go through "
+        200,
+        ge=2,
+        description="at most this many validation cells (an even, seeded draw over classes) go through "
         "the exhaustive passes that fit w(t) and tune the elimination rule, whose cost grows with cells x trials x "
-        "classes; the temperature is fitted on every validation cell. None: all of them"
+        "classes; the temperature is fitted on every validation cell. None: all of them",
     )
     tuning_orders: int = Field(
-        10, ge=1, description="tuning replays each validation cell's exhaustive trials in this many orders that "
+        10,
+        ge=1,
+        description="tuning replays each validation cell's exhaustive trials in this many orders that "
         "scoring could equally have drawn (the exhaustive decision does not depend on the order), so agreement "
-        "is a rate per cell, not one lucky or unlucky order"
+        "is a rate per cell, not one lucky or unlucky order",
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the denoiser runs; auto: cuda if present")
@@ -204,7 +211,7 @@ class ScoringConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check_ranges(self) -> "ScoringConfig":
+    def _check_ranges(self) -> ScoringConfig:
         if self.t_max <= self.t_min:
             raise ValueError(f"t_max ({self.t_max}) must be larger than t_min ({self.t_min})")
         if self.max_trials < self.min_trials:
@@ -270,8 +277,10 @@ class RoutingConfig(_Section):
     seed: int = Field(0, description="seed of the audit draw (deterministic per cell id)")
     budget: int = Field(200, ge=0, description="cells sent to Label Studio per routing round")
     near_duplicate: float = Field(
-        0.02, ge=0.0, description="cells of one sample and class whose signatures (image thumbnails) differ by less "
-        "(mean absolute difference) are near-duplicates: only one is sent"
+        0.02,
+        ge=0.0,
+        description="cells of one sample and class whose signatures (image thumbnails) differ by less "
+        "(mean absolute difference) are near-duplicates: only one is sent",
     )
 
 
@@ -308,8 +317,11 @@ class FinetuneConfig(_Section):
     max_failures: int = Field(2, ge=-1, description="worker failures a run survives, each resuming from its checkpoint")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of the first export frozen for calibration")
     temperature_prior_cells: float = Field(
-        20.0, ge=0.0, description="the parent's temperature counts as this many frozen validation cells when the "
-        "fine-tuned model's is refitted: a few cells all classified right would otherwise make it certain of everything"
+        20.0,
+        ge=0.0,
+        description="the parent's temperature counts as this many frozen validation cells when the "
+        "fine-tuned model's is refitted: a few cells all classified right would otherwise make it certain of "
+        "everything",
     )
     eval_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share of the first export frozen for the gate")
 
@@ -396,10 +408,12 @@ class ServeConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check_batching(self) -> "ServeConfig":
+    def _check_batching(self) -> ServeConfig:
         if self.max_ongoing_requests <= self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be larger than max_batch_size "
-                             f"({self.max_batch_size}), or batches can never fill")
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be larger than max_batch_size "
+                f"({self.max_batch_size}), or batches can never fill"
+            )
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be at least min_replicas ({self.min_replicas})")
         return self
@@ -413,8 +427,10 @@ class DifferentialConfig(_Section):
         0.1, ge=0.0, le=1.0, description="a smear with more cells routed to review or anomaly is flagged"
     )
     blasts_min_cells: int = Field(
-        2, ge=1, description="'blasts suspected' needs at least this many cells routed 'anomaly' (routing.anomaly_above "
-        "or a routing.always_review class such as blast) ..."
+        2,
+        ge=1,
+        description="'blasts suspected' needs at least this many cells routed 'anomaly' (routing.anomaly_above "
+        "or a routing.always_review class such as blast) ...",
     )
     blasts_min_fraction: float = Field(0.02, ge=0.0, le=1.0, description="... and at least this share of the cells")
 
@@ -455,8 +471,13 @@ class DemoConfig(_Section):
     domains: list[str] | None = Field(None, description="labs/domains of the data to use; None: all")
     classes: list[str] | None = Field(None, description="classes to use; None: every class of the chosen domains")
     seed_per_class: int = Field(5, ge=1, description="labelled cells per class the seed model starts from")
-    test_fraction: float = Field(0.3, gt=0.0, lt=0.9, description="share of the cells held out, never routed nor "
-                                 "trained on: a third each draws the learning curve, calibrates and gates fine-tunes")
+    test_fraction: float = Field(
+        0.3,
+        gt=0.0,
+        lt=0.9,
+        description="share of the cells held out, never routed nor "
+        "trained on: a third each draws the learning curve, calibrates and gates fine-tunes",
+    )
     pool_limit: int | None = Field(None, ge=1, description="score at most this many pool cells per round")
     budget: int = Field(40, ge=1, description="cells sent to Label Studio per round")
     annotators: int = Field(2, ge=1, description="simulated annotators (distinct Label Studio users)")
@@ -493,7 +514,7 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".cytoloop"), description="where runs, stores and service data live")
 
     @model_validator(mode="after")
-    def _stores_under_home(self) -> "Settings":
+    def _stores_under_home(self) -> Settings:
         """Stores left at their defaults live under `home`, so `CYTOLOOP_HOME` moves them all together; before,
         the MLflow database and the model and dataset caches stayed wherever a command happened to run."""
         registry: dict = {}

@@ -14,9 +14,9 @@ Open-source Label Studio has no overlap control and no agreement scores; this mo
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,11 @@ def annotator_agreement(votes: Iterable[Vote]) -> dict[str, dict[str, float | in
             compared[vote.annotator] += 1
             matched[vote.annotator] += vote.label == others[0][0]
     return {
-        a: {"labelled": labelled[a], "compared": compared[a],
-            "agreement": matched[a] / compared[a] if compared[a] else None}
+        a: {
+            "labelled": labelled[a],
+            "compared": compared[a],
+            "agreement": matched[a] / compared[a] if compared[a] else None,
+        }
         for a in sorted(labelled)
     }
 

@@ -12,9 +12,9 @@ import hashlib
 import json
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from cytoloop.errors import CytoLoopError
 
@@ -170,7 +170,9 @@ def read_split(path: Path, records: Sequence[CellRecord]) -> dict[str, list[Cell
     for name, ids in payload["parts"].items():
         missing = [i for i in ids if i not in by_id]
         if missing:
-            raise DatasetError(f"{path}: {len(missing)} cell(s) of part '{name}' are not in the dataset, e.g. {missing[0]}")
+            raise DatasetError(
+                f"{path}: {len(missing)} cell(s) of part '{name}' are not in the dataset, e.g. {missing[0]}"
+            )
         parts[name] = [by_id[i] for i in ids]
     return parts
 
@@ -192,8 +194,10 @@ def class_interleaved_subset(records: Sequence[CellRecord], n: int | None) -> li
     by_class: dict[str, list[CellRecord]] = {}
     for record in sorted(records, key=lambda r: r.cell_id):
         by_class.setdefault(record.label or "", []).append(record)
-    order = sorted(((i / len(group), label, record) for label, group in by_class.items()
-                    for i, record in enumerate(group)), key=lambda x: (x[0], x[1]))
+    order = sorted(
+        ((i / len(group), label, record) for label, group in by_class.items() for i, record in enumerate(group)),
+        key=lambda x: (x[0], x[1]),
+    )
     return [record for _, _, record in order[:n]]
 
 
@@ -204,4 +208,3 @@ def data_sources(records: Iterable[CellRecord]) -> list[dict]:
     for record in records:
         counts[(record.domain, record.source, record.license)] += 1
     return [{"domain": d, "source": s, "license": lic, "cells": n} for (d, s, lic), n in sorted(counts.items())]
-

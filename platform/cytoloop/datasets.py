@@ -14,9 +14,9 @@ import csv
 import hashlib
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import httpx
 import numpy as np
@@ -69,8 +69,14 @@ class PublicDataset:
 # BloodMNIST's label indices in MedMNIST's order, as CytoLoop class names: lowercase single words like those of the
 # shared cells, so that they work as folder names and in --classes lists.
 BLOODMNIST_CLASSES = (
-    "basophil", "eosinophil", "erythroblast", "immature_granulocyte",
-    "lymphocyte", "monocyte", "neutrophil", "platelet",
+    "basophil",
+    "eosinophil",
+    "erythroblast",
+    "immature_granulocyte",
+    "lymphocyte",
+    "monocyte",
+    "neutrophil",
+    "platelet",
 )
 
 
@@ -93,14 +99,34 @@ def _bloodmnist(name: str, pixels: int, url: str, md5: str, md5_key: str) -> Pub
 CATALOGUE: dict[str, PublicDataset] = {
     entry.name: entry
     for entry in (
-        _bloodmnist("bloodmnist", 28, "https://zenodo.org/records/10519652/files/bloodmnist.npz?download=1",
-                    "7053d0359d879ad8a5505303e11de1dc", "MD5"),
-        _bloodmnist("bloodmnist_64", 64, "https://zenodo.org/records/10519652/files/bloodmnist_64.npz?download=1",
-                    "2b94928a2ae4916078ca51e05b6b800b", "MD5_64"),
-        _bloodmnist("bloodmnist_128", 128, "https://zenodo.org/records/10519652/files/bloodmnist_128.npz?download=1",
-                    "adace1e0ed228fccda1f39692059dd4c", "MD5_128"),
-        _bloodmnist("bloodmnist_224", 224, "https://zenodo.org/records/10519652/files/bloodmnist_224.npz?download=1",
-                    "b718ff6835fcbdb22ba9eacccd7b2601", "MD5_224"),
+        _bloodmnist(
+            "bloodmnist",
+            28,
+            "https://zenodo.org/records/10519652/files/bloodmnist.npz?download=1",
+            "7053d0359d879ad8a5505303e11de1dc",
+            "MD5",
+        ),
+        _bloodmnist(
+            "bloodmnist_64",
+            64,
+            "https://zenodo.org/records/10519652/files/bloodmnist_64.npz?download=1",
+            "2b94928a2ae4916078ca51e05b6b800b",
+            "MD5_64",
+        ),
+        _bloodmnist(
+            "bloodmnist_128",
+            128,
+            "https://zenodo.org/records/10519652/files/bloodmnist_128.npz?download=1",
+            "adace1e0ed228fccda1f39692059dd4c",
+            "MD5_128",
+        ),
+        _bloodmnist(
+            "bloodmnist_224",
+            224,
+            "https://zenodo.org/records/10519652/files/bloodmnist_224.npz?download=1",
+            "b718ff6835fcbdb22ba9eacccd7b2601",
+            "MD5_224",
+        ),
         PublicDataset(
             name="pbc",
             description="17,092 normal peripheral blood cells, 360x363 px JPEG, 8 classes (Acevedo et al. 2020, "
@@ -133,9 +159,7 @@ def fetched(name: str, dest_dir: Path, catalogue: Mapping[str, PublicDataset] = 
     return None
 
 
-def fetch(
-    name: str, dest_dir: Path, progress: bool = True, catalogue: Mapping[str, PublicDataset] = CATALOGUE
-) -> Path:
+def fetch(name: str, dest_dir: Path, progress: bool = True, catalogue: Mapping[str, PublicDataset] = CATALOGUE) -> Path:
     """Download `name` into `dest_dir`, verify its checksum and convert it to `dest_dir/<name>/` (class folders of
     PNGs plus `manifest.csv`); returns that folder, which `data.load_records` reads.
 
@@ -218,10 +242,17 @@ def _download(url: str, archive: Path, progress: bool) -> None:
 def _write(response: httpx.Response, part: Path, offset: int, progress: bool) -> None:
     """Append the response body to `part` from byte `offset` (0 starts it afresh), with a progress bar."""
     remaining = int(response.headers.get("content-length", 0))
-    with part.open("ab" if offset else "wb") as out, tqdm(
-        total=offset + remaining or None, initial=offset, unit="B", unit_scale=True, desc=part.stem,
-        disable=not progress,
-    ) as bar:
+    with (
+        part.open("ab" if offset else "wb") as out,
+        tqdm(
+            total=offset + remaining or None,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            desc=part.stem,
+            disable=not progress,
+        ) as bar,
+    ):
         for chunk in response.iter_bytes(1 << 20):
             out.write(chunk)
             bar.update(len(chunk))
@@ -273,8 +304,9 @@ def _convert_medmnist(archive: Path, target: Path, entry: PublicDataset, progres
             writer = csv.writer(handle)
             writer.writerow(("path", "label", "domain", "source", "license"))
             writer.writerows(rows)
-        (partial / MARKER).write_text(json.dumps({"name": entry.name, "url": entry.url, "md5": entry.md5,
-                                                  "cells": len(rows)}, indent=1))
+        (partial / MARKER).write_text(
+            json.dumps({"name": entry.name, "url": entry.url, "md5": entry.md5, "cells": len(rows)}, indent=1)
+        )
         shutil.rmtree(target, ignore_errors=True)  # an older release of this dataset (its marker said so)
         partial.replace(target)
     finally:

@@ -9,8 +9,9 @@ to review) to suspect blasts; otherwise it is routine. Cells that failed to deco
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from cytoloop.config import DifferentialConfig
 from cytoloop.inference import CellFailure, CellResult
@@ -57,8 +58,10 @@ def differential(
     anomalies = routes["anomaly"]
     if n and anomalies >= config.blasts_min_cells and anomalies / n >= config.blasts_min_fraction:
         flags.append(BLASTS_SUSPECTED)
-        reasons.append(f"{anomalies} of {n} cells anomalous ({anomalies / n:.0%}; flagged from "
-                       f"{config.blasts_min_cells} cells and {config.blasts_min_fraction:.0%})")
+        reasons.append(
+            f"{anomalies} of {n} cells anomalous ({anomalies / n:.0%}; flagged from "
+            f"{config.blasts_min_cells} cells and {config.blasts_min_fraction:.0%})"
+        )
     return Differential(
         n_cells=len(cells),
         n_classified=n,

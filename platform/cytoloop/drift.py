@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -133,16 +133,22 @@ def prediction_events(
 
     `results[i]` answers `cells[i]` (an `inference.CellResult`, or a failure, which is skipped).
     """
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     events = []
     for (_, data), result in zip(cells, results):
         if not hasattr(result, "confidence"):
             continue
-        events.append(PredictionEvent(
-            time=now, model_version=model_version, site=site, confidence=result.confidence,
-            routed_to_review=result.route != "accept", predicted=result.label,
-            colour=colour_statistics(data, config).tolist(),
-        ))
+        events.append(
+            PredictionEvent(
+                time=now,
+                model_version=model_version,
+                site=site,
+                confidence=result.confidence,
+                routed_to_review=result.route != "accept",
+                predicted=result.label,
+                colour=colour_statistics(data, config).tolist(),
+            )
+        )
     return events
 
 
@@ -194,8 +200,9 @@ def window_figures(events: Sequence[PredictionEvent], reference: np.ndarray | No
             figures[f"ks_{name}"], figures[f"ks_p_{name}"] = ks_test(reference[:, i], colours[:, i])
         figures["psi_max"] = max(figures[f"psi_{name}"] for name in COLOUR_STATS)
         # shifted = large (PSI) and not sampling noise (KS, Bonferroni over the statistics)
-        shifted = [figures[f"psi_{n}"] for n in COLOUR_STATS
-                   if figures[f"ks_p_{n}"] < config.ks_alpha / len(COLOUR_STATS)]
+        shifted = [
+            figures[f"psi_{n}"] for n in COLOUR_STATS if figures[f"ks_p_{n}"] < config.ks_alpha / len(COLOUR_STATS)
+        ]
         figures["psi_significant_max"] = max(shifted, default=0.0)
     return figures
 
@@ -206,18 +213,23 @@ def window_flags(figures: dict, first: dict, config: DriftConfig) -> list[str]:
         return []
     flags = []
     if figures.get("psi_significant_max") is not None and figures["psi_significant_max"] > config.psi_threshold:
-        flags.append(f"stain: colour PSI {figures['psi_significant_max']:.2f} > {config.psi_threshold} (KS-significant)")
+        flags.append(
+            f"stain: colour PSI {figures['psi_significant_max']:.2f} > {config.psi_threshold} (KS-significant)"
+        )
     if figures.get("reviewed_ece") is not None and figures["reviewed_ece"] > config.ece_threshold:
         flags.append(f"calibration: ECE on reviewed cells {figures['reviewed_ece']:.3f} > {config.ece_threshold}")
     if figures.get("reviewed_accuracy") is not None and first.get("reviewed_accuracy") is not None:
         if figures["reviewed_accuracy"] < first["reviewed_accuracy"] - config.accuracy_drop:
-            flags.append(f"calibration: accuracy on reviewed cells {figures['reviewed_accuracy']:.3f}, first window "
-                         f"{first['reviewed_accuracy']:.3f}")
+            flags.append(
+                f"calibration: accuracy on reviewed cells {figures['reviewed_accuracy']:.3f}, first window "
+                f"{first['reviewed_accuracy']:.3f}"
+            )
     if figures["mean_confidence"] < first["mean_confidence"] - config.confidence_drop:
         flags.append(f"confidence: mean {figures['mean_confidence']:.3f}, first window {first['mean_confidence']:.3f}")
     if figures["review_fraction"] > first["review_fraction"] + config.review_rise:
-        flags.append(f"confidence: review fraction {figures['review_fraction']:.3f}, first window "
-                     f"{first['review_fraction']:.3f}")
+        flags.append(
+            f"confidence: review fraction {figures['review_fraction']:.3f}, first window {first['review_fraction']:.3f}"
+        )
     return flags
 
 
@@ -231,16 +243,26 @@ def drift_windows(
     groups: dict[tuple, dict[int, list[PredictionEvent]]] = {}
     width = config.window_hours * 3600.0
     for event in events:
-        when = event.time if event.time.tzinfo else event.time.replace(tzinfo=timezone.utc)
-        groups.setdefault((event.model_version, event.site), {}).setdefault(int(when.timestamp() // width), []).append(event)
+        when = event.time if event.time.tzinfo else event.time.replace(tzinfo=UTC)
+        groups.setdefault((event.model_version, event.site), {}).setdefault(int(when.timestamp() // width), []).append(
+            event
+        )
     out = []
     for (version, site), windows in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or "")):
         first = None
         for index in sorted(windows):
             figures = window_figures(windows[index], references.get(version), config)
             first = first or figures
-            out.append(WindowFigures(version, site, datetime.fromtimestamp(index * width, timezone.utc),
-                                     len(windows[index]), figures, window_flags(figures, first, config)))
+            out.append(
+                WindowFigures(
+                    version,
+                    site,
+                    datetime.fromtimestamp(index * width, UTC),
+                    len(windows[index]),
+                    figures,
+                    window_flags(figures, first, config),
+                )
+            )
     return out
 
 
@@ -251,11 +273,21 @@ def log_windows(registry, model_name: str, windows: Sequence[WindowFigures]) -> 
     for window in windows:
         series.setdefault((window.model_version, window.site), []).append(window)
     for (version, site), items in series.items():
-        tags = {"cytoloop.kind": "drift", "cytoloop.model": model_name, "cytoloop.model_version": version,
-                "cytoloop.site": site or "global"}
+        tags = {
+            "cytoloop.kind": "drift",
+            "cytoloop.model": model_name,
+            "cytoloop.model_version": version,
+            "cytoloop.site": site or "global",
+        }
         # step: hours since the epoch at the window's start, so steps stay comparable across runs and windows
-        points = [(int(w.window_start.timestamp() // 3600), int(w.window_start.timestamp() * 1000),
-                   {**w.figures, "flagged": float(bool(w.flags))}) for w in items]
+        points = [
+            (
+                int(w.window_start.timestamp() // 3600),
+                int(w.window_start.timestamp() * 1000),
+                {**w.figures, "flagged": float(bool(w.flags))},
+            )
+            for w in items
+        ]
         runs[(version, site)] = registry.log_series(f"drift {model_name} v{version} {site or 'global'}", tags, points)
     return runs
 
@@ -265,8 +297,11 @@ def save_flags(path: Path, windows: Sequence[WindowFigures]) -> list[dict]:
     latest: dict[tuple, WindowFigures] = {}
     for window in windows:
         latest[(window.model_version, window.site)] = window
-    flags = [{"model_version": w.model_version, "site": w.site, "window_start": w.window_start.isoformat(),
-              "flags": w.flags} for w in latest.values() if w.flags]
+    flags = [
+        {"model_version": w.model_version, "site": w.site, "window_start": w.window_start.isoformat(), "flags": w.flags}
+        for w in latest.values()
+        if w.flags
+    ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(flags, indent=1))

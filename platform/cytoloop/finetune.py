@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -87,8 +87,9 @@ def frozen_sets(
     if not labelled:
         raise DatasetError("no labelled cells to fine-tune on")
     if not all(p.is_file() for p in paths.values()):
-        split = stratified_split(labelled, {"train": 1 - val_fraction - eval_fraction, "val": val_fraction,
-                                            "eval": eval_fraction}, seed=seed)
+        split = stratified_split(
+            labelled, {"train": 1 - val_fraction - eval_fraction, "val": val_fraction, "eval": eval_fraction}, seed=seed
+        )
         for part in FROZEN_PARTS:
             if not split[part]:
                 raise DatasetError(f"too few labelled cells ({len(labelled)}) to freeze a {part} set")
@@ -134,7 +135,9 @@ def finetune_configs(settings: Settings, adapt: bool) -> tuple[TrainConfig, Augm
     train = settings.train.model_copy(update={"steps": section.steps, "lr": section.lr, "warmup_steps": warmup})
     augment = settings.augment
     if adapt:
-        augment = augment.model_copy(update={"hed_sigma": settings.adapt.hed_sigma, "hed_bias": settings.adapt.hed_bias})
+        augment = augment.model_copy(
+            update={"hed_sigma": settings.adapt.hed_sigma, "hed_bias": settings.adapt.hed_bias}
+        )
     return train, augment
 
 
@@ -147,8 +150,9 @@ def adapted_data_config(model: Classifier, model_dir: Path, stain_normalize: boo
     reference = read_colour_reference(model_dir)
     if reference is None or not len(reference):
         raise DatasetError(f"{model_dir}: the model carries no training colour reference to normalise towards")
-    return config.model_copy(update={"stain_normalization": "reinhard",
-                                     "stain_reference": tuple(float(v) for v in reference.mean(axis=0))})
+    return config.model_copy(
+        update={"stain_normalization": "reinhard", "stain_reference": tuple(float(v) for v in reference.mean(axis=0))}
+    )
 
 
 def finetune(
@@ -169,8 +173,16 @@ def finetune(
         network, loss = model.unet, diffusion_loss(model.scheduler, model.null_class, train_config)
     else:
         network, loss = model.network, baseline_loss(train_config)
-    trained, result = fit(wrap(network) if wrap else network, loss, images, labels, train_config, augment_config,
-                          checkpoint_dir=checkpoint_dir, on_log=on_log)
+    trained, result = fit(
+        wrap(network) if wrap else network,
+        loss,
+        images,
+        labels,
+        train_config,
+        augment_config,
+        checkpoint_dir=checkpoint_dir,
+        on_log=on_log,
+    )
     if model.kind == "diffusion":
         model.unet = trained
     else:
@@ -180,8 +192,11 @@ def finetune(
 
 def _calibration_figures(model: Classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     probs = model.predict(images).probs
-    return {"ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
-            "nll": metrics.negative_log_likelihood(probs, labels), "brier": metrics.brier_score(probs, labels)}
+    return {
+        "ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
+        "nll": metrics.negative_log_likelihood(probs, labels),
+        "brier": metrics.brier_score(probs, labels),
+    }
 
 
 def recalibrate(model: Classifier, val_records: Sequence[CellRecord], prior_cells: float = 0.0) -> dict[str, float]:
@@ -206,8 +221,13 @@ def code_revision(repo: Path | None = None) -> str:
         return "unknown"
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if commit.returncode != 0:

@@ -9,8 +9,8 @@ classified. Each result carries the model version that produced it and the routi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -46,11 +46,16 @@ def check_image(data: bytes, name: str, limits: Limits) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise CellRejected(name, "too_many_pixels", f"too many pixels ({error})", 413) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise CellRejected(name, "not_an_image",
-                           f"not an image in an accepted format ({', '.join(FORMATS)})", 422) from None
+        raise CellRejected(
+            name, "not_an_image", f"not an image in an accepted format ({', '.join(FORMATS)})", 422
+        ) from None
     if width * height > limits.max_pixels:
-        raise CellRejected(name, "too_many_pixels", f"{width}x{height} = {width * height} pixels is over the "
-                           f"limit of {limits.max_pixels}", 413)
+        raise CellRejected(
+            name,
+            "too_many_pixels",
+            f"{width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}",
+            413,
+        )
     try:
         return decode_image(data, name)
     except ImageError as error:

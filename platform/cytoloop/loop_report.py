@@ -8,8 +8,8 @@ figures of what Serve classified each round. Rounds are plain objects (anything 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -31,10 +31,14 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = [r.labels for r in rounds]
-    plots.learning_curve(labels, {"balanced accuracy": [r.balanced_accuracy for r in rounds],
-                                  "ECE": [r.ece for r in rounds]},
-                         out / "learning_curve.png", xlabel="labelled cells", ylabel="held-out test cells",
-                         title="Learning curve")
+    plots.learning_curve(
+        labels,
+        {"balanced accuracy": [r.balanced_accuracy for r in rounds], "ECE": [r.ece for r in rounds]},
+        out / "learning_curve.png",
+        xlabel="labelled cells",
+        ylabel="held-out test cells",
+        title="Learning curve",
+    )
     diagrams = []
     for row, (probs, truth) in zip(rounds, test_predictions):
         name = f"reliability_round{row.round}.png"
@@ -44,19 +48,34 @@ def write_report(
     looped = [r for r in rounds if r.routed]
     if looped:
         reasons = sorted({reason for r in looped for reason in r.routed} - {"accept"})
-        fractions = {reason: [r.routed.get(reason, 0) / max(1, sum(r.routed.values())) for r in looped]
-                     for reason in reasons}
-        plots.learning_curve([r.round for r in looped], fractions, out / "routed.png", xlabel="round",
-                             ylabel="share of scored pool cells", title="Routed to review, by reason")
+        fractions = {
+            reason: [r.routed.get(reason, 0) / max(1, sum(r.routed.values())) for r in looped] for reason in reasons
+        }
+        plots.learning_curve(
+            [r.round for r in looped],
+            fractions,
+            out / "routed.png",
+            xlabel="round",
+            ylabel="share of scored pool cells",
+            title="Routed to review, by reason",
+        )
         sections += ["## Routed to Label Studio", "", "![routed](routed.png)", ""]
     drifted = [r for r in rounds if r.drift]
     if drifted:
-        keys = [k for k in ("mean_confidence", "review_fraction", "psi_max") if all(r.drift.get(k) is not None
-                                                                                     for r in drifted)]
+        keys = [
+            k
+            for k in ("mean_confidence", "review_fraction", "psi_max")
+            if all(r.drift.get(k) is not None for r in drifted)
+        ]
         if keys:
-            plots.learning_curve([r.round for r in drifted], {k: [r.drift[k] for r in drifted] for k in keys},
-                                 out / "drift.png", xlabel="round", ylabel="figure",
-                                 title="What Serve saw each round (psi_max: colour drift vs training)")
+            plots.learning_curve(
+                [r.round for r in drifted],
+                {k: [r.drift[k] for r in drifted] for k in keys},
+                out / "drift.png",
+                xlabel="round",
+                ylabel="figure",
+                title="What Serve saw each round (psi_max: colour drift vs training)",
+            )
             sections += ["## Drift", "", "![drift](drift.png)", ""]
     sections += ["## Reliability per round", ""] + [f"![{name}]({name})" for name in diagrams] + [""]
     sections += ["Classes: " + ", ".join(classes), ""]

@@ -208,9 +208,7 @@ def auroc(scores: np.ndarray, is_positive: np.ndarray) -> float:
     n_pos = int(is_positive.sum())
     n_neg = len(is_positive) - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"auroc needs both positives and negatives, got {n_pos} positive and {n_neg} negative"
-        )
+        raise ValueError(f"auroc needs both positives and negatives, got {n_pos} positive and {n_neg} negative")
     # Average 1-based rank of each distinct score: tied scores share the mean of their ranks.
     _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
@@ -287,7 +285,9 @@ def bootstrap_intervals(
     out = {}
     for name, values in draws.items():
         finite = np.asarray(values)[~np.isnan(values)]
-        out[name] = ((float("nan"), float("nan")) if not len(finite) else
-                     tuple(float(q) for q in np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])))
+        out[name] = (
+            (float("nan"), float("nan"))
+            if not len(finite)
+            else tuple(float(q) for q in np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0]))
+        )
     return out
-

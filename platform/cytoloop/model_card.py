@@ -30,28 +30,48 @@ def _with_interval(report: dict, name: str, digits: int = 3) -> str:
 def _evaluation_section(title: str, report: dict) -> list[str]:
     lines = [f"### {title}", ""]
     if "balanced_accuracy" in report:
-        lines += [f"{report['n_cells']} cells. [brackets]: 95 % bootstrap interval over cells.", "",
-                  "| metric | value |", "|---|---|"]
-        for name, label in (("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"),
-                            ("ece", "ECE (15 bins, after temperature)"), ("nll", "NLL"),
-                            ("accuracy_at_90_coverage", "accuracy at 90 % coverage")):
+        lines += [
+            f"{report['n_cells']} cells. [brackets]: 95 % bootstrap interval over cells.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        for name, label in (
+            ("balanced_accuracy", "balanced accuracy"),
+            ("accuracy", "accuracy"),
+            ("ece", "ECE (15 bins, after temperature)"),
+            ("nll", "NLL"),
+            ("accuracy_at_90_coverage", "accuracy at 90 % coverage"),
+        ):
             lines.append(f"| {label} | {_with_interval(report, name)} |")
-        lines.append(f"| denoiser evaluations per cell (mean, p95) | {report['denoiser_evals_per_cell']:.1f}, "
-                     f"{report.get('denoiser_evals_p95', float('nan')):.0f} |")
+        lines.append(
+            f"| denoiser evaluations per cell (mean, p95) | {report['denoiser_evals_per_cell']:.1f}, "
+            f"{report.get('denoiser_evals_p95', float('nan')):.0f} |"
+        )
         recalls = [c for c, r in report["per_class_recall"].items() if r is not None]
-        lines += ["", "Recall per class: " + "; ".join(f"{c} {_with_interval(report, f'recall {c}', 2)}"
-                                                       for c in recalls) + "."]
+        lines += [
+            "",
+            "Recall per class: " + "; ".join(f"{c} {_with_interval(report, f'recall {c}', 2)}" for c in recalls) + ".",
+        ]
     if "anomaly_auroc" in report:
         intervals = report.get("anomaly_auroc_intervals", {})
         scores = {"primary score": report["anomaly_auroc"], **report.get("anomaly_auroc_by_score", {})}
         keys = {"primary score": "anomaly", **{k: k for k in report.get("anomaly_auroc_by_score", {})}}
         if len(lines) > 2:  # after the classification table
             lines.append("")
-        lines += [f"Anomaly AUROC ({report['anomaly_n_positive']} anomalies of {report['anomaly_n']} cells): "
-                  + "; ".join(f"{name} {value:.3f}" + (f" [{intervals[keys[name]][0]:.3f}, "
-                                                       f"{intervals[keys[name]][1]:.3f}]"
-                                                       if keys[name] in intervals else "")
-                              for name, value in scores.items()) + "."]
+        lines += [
+            f"Anomaly AUROC ({report['anomaly_n_positive']} anomalies of {report['anomaly_n']} cells): "
+            + "; ".join(
+                f"{name} {value:.3f}"
+                + (
+                    f" [{intervals[keys[name]][0]:.3f}, {intervals[keys[name]][1]:.3f}]"
+                    if keys[name] in intervals
+                    else ""
+                )
+                for name, value in scores.items()
+            )
+            + "."
+        ]
     return lines + [""]
 
 
@@ -82,30 +102,43 @@ def render_model_card(model_dir: Path, evaluations: dict[str, dict], intended_us
         lines += ["## Intended use", "", intended_use.strip(), ""]
     lines += ["## Training data", ""]
     for source in training.get("data_sources", []):
-        lines.append(f"- {source['domain']}: {source['cells']} labelled cells. Source: {source['source'] or 'not given'}."
-                     f" Licence: {source['license'] or 'not given'}.")
+        lines.append(
+            f"- {source['domain']}: {source['cells']} labelled cells. Source: {source['source'] or 'not given'}."
+            f" Licence: {source['license'] or 'not given'}."
+        )
     if "n_train" in training:
-        lines.append(f"- Split (seeded, stratified by class and lab; `split.json`): {training['n_train']} training, "
-                     f"{training['n_val']} validation cells; the rest is the held-out test part every evaluation "
-                     "below uses.")
+        lines.append(
+            f"- Split (seeded, stratified by class and lab; `split.json`): {training['n_train']} training, "
+            f"{training['n_val']} validation cells; the rest is the held-out test part every evaluation "
+            "below uses."
+        )
     lines.append("")
     lines += ["## How it was made", ""]
     if recipe:
-        lines += [f"Recipe `{recipe['recipe']}` ({recipe['description']}), reproduced by:", "",
-                  f"    {recipe['command']}", ""]
+        lines += [
+            f"Recipe `{recipe['recipe']}` ({recipe['description']}), reproduced by:",
+            "",
+            f"    {recipe['command']}",
+            "",
+        ]
     if training:
         train = training["settings"]["train"]
         precision = "bf16 autocast" if train.get("precision") == "bf16" else "fp32"
-        lines.append(f"Budget: {training['steps']} steps of batch {train['batch_size']} ({precision}), AdamW lr {train['lr']:g}, EMA {train['ema_decay']}, seed {train['seed']}; "
-                     f"{training['train_seconds'] / 60:.0f} min of training in the last leg"
-                     + (f" (resumed at step {training['resumed_from_step']})" if training.get("resumed_from_step")
-                        else "") + f". Temperature {meta['temperature']:.3g}.")
+        lines.append(
+            f"Budget: {training['steps']} steps of batch {train['batch_size']} ({precision}), AdamW lr "
+            f"{train['lr']:g}, EMA {train['ema_decay']}, seed {train['seed']}; "
+            f"{training['train_seconds'] / 60:.0f} min of training in the last leg"
+            + (f" (resumed at step {training['resumed_from_step']})" if training.get("resumed_from_step") else "")
+            + f". Temperature {meta['temperature']:.3g}."
+        )
     if tuning and tuning.get("chosen"):
         chosen = tuning["chosen"]
-        lines.append(f"Scoring tuned on {tuning['n_cells']} validation cells: min_trials {chosen['min_trials']}, "
-                     f"elimination p {chosen['elimination_p']:g}, {chosen['evals_mean']:.1f} denoiser evaluations "
-                     f"per cell, agreeing with {meta['scoring']['tuning_trials']}-trial exhaustive scoring on "
-                     f"{chosen['agreement']:.3f} of them.")
+        lines.append(
+            f"Scoring tuned on {tuning['n_cells']} validation cells: min_trials {chosen['min_trials']}, "
+            f"elimination p {chosen['elimination_p']:g}, {chosen['evals_mean']:.1f} denoiser evaluations "
+            f"per cell, agreeing with {meta['scoring']['tuning_trials']}-trial exhaustive scoring on "
+            f"{chosen['agreement']:.3f} of them."
+        )
     lines.append("")
     if evaluations:
         lines += ["## Evaluation", ""]

@@ -92,7 +92,7 @@ class ModelSource:
             if alias == CHAMPION:
                 served[None] = ModelRef(self.name, str(version), alias)
             elif alias.startswith(f"{CHAMPION}-"):
-                served[alias[len(CHAMPION) + 1:]] = ModelRef(self.name, str(version), alias)
+                served[alias[len(CHAMPION) + 1 :]] = ModelRef(self.name, str(version), alias)
         return served
 
     def _download(self, ref: ModelRef, target: Path) -> None:
@@ -127,7 +127,7 @@ def _content_hash(directory: Path) -> str:
 class LiveModel:
     """One site's current model service; `refresh()` follows its alias. Thread-safe; never blocks readers."""
 
-    def __init__(self, site: str | None, source: ModelSource, services: "ServiceCache"):
+    def __init__(self, site: str | None, source: ModelSource, services: ServiceCache):
         self.site, self.source, self.services = site, source, services
         self._lock = threading.Lock()
         self.service = services.get(source.resolve(site))

@@ -118,9 +118,7 @@ def confusion_matrix_plot(
     return _save(fig, path)
 
 
-def image_grid(
-    images: np.ndarray, path: Path | str, ncols: int = 8, titles: list[str] | None = None
-) -> Path:
+def image_grid(images: np.ndarray, path: Path | str, ncols: int = 8, titles: list[str] | None = None) -> Path:
     """Tile ``(N, H, W, 3)`` RGB images (uint8, or float in [0, 1]) into one PNG, row by row.
 
     Pixels are shown without interpolation so small cell crops stay sharp; ``titles``, if given,

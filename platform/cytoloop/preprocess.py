@@ -8,16 +8,17 @@ model's resolution, normalise the stain, scale to [-1, 1]. The settings travel i
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cytoloop.errors import CytoLoopError
 from cytoloop.config import AugmentConfig, DataConfig
 from cytoloop.data import CellRecord
+from cytoloop.errors import CytoLoopError
 
 if TYPE_CHECKING:
     import torch
@@ -159,7 +160,7 @@ def load_cells(records: Sequence[CellRecord], config: DataConfig, progress: bool
     return LoadedCells(array, kept, skipped)
 
 
-def augment(images: "torch.Tensor", config: AugmentConfig, generator: "torch.Generator") -> "torch.Tensor":
+def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Random flips, 90-degree rotations and stain/colour jitter on a batch in [-1, 1] (B, 3, H, W).
 
     Cells have no orientation, so flips and rotations are free; the colour part imitates other labs' stains.

@@ -14,16 +14,16 @@ the person deciding on an override should.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from cytoloop.errors import UsageError
 from cytoloop import metrics
 from cytoloop.config import PromotionConfig
 from cytoloop.data import CellRecord, DatasetError, load_records, select
+from cytoloop.errors import UsageError
 
 GATED_METRICS = ("balanced_accuracy", "ece", "anomaly_auroc")
 
@@ -91,9 +91,12 @@ def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -
     def ece(probs: np.ndarray, idx: np.ndarray) -> float:
         return metrics.expected_calibration_error(probs[idx], labels[idx], n_bins=15)
 
-    intervals = {name: metrics.bootstrap_interval(lambda idx, fn=fn: fn(probs_b, idx) - fn(probs_a, idx), len(pairs),
-                                                  n_boot=n_boot)
-                 for name, fn in (("balanced_accuracy", balanced_accuracy), ("ece", ece))}
+    intervals = {
+        name: metrics.bootstrap_interval(
+            lambda idx, fn=fn: fn(probs_b, idx) - fn(probs_a, idx), len(pairs), n_boot=n_boot
+        )
+        for name, fn in (("balanced_accuracy", balanced_accuracy), ("ece", ece))
+    }
     return intervals, len(pairs)
 
 
@@ -124,15 +127,24 @@ def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
     cell's result, for `compare`'s paired intervals."""
     from cytoloop.workflows import evaluate_model
 
-    report = evaluate_model(model, data.eval_records, json_out, anomaly_records=data.anomaly_records,
-                            anomaly_label=data.anomaly_label, per_cell=True)
+    report = evaluate_model(
+        model,
+        data.eval_records,
+        json_out,
+        anomaly_records=data.anomaly_records,
+        anomaly_label=data.anomaly_label,
+        per_cell=True,
+    )
     report.setdefault("anomaly_auroc", None)
     return report
 
 
 def verdict_tags(verdict: GateVerdict) -> dict[str, str]:
-    tags = {"gate.verdict": "pass" if verdict.passed else "refused", "gate.reasons": json.dumps(verdict.reasons),
-            "gate.champion_version": verdict.champion_version or "none"}
+    tags = {
+        "gate.verdict": "pass" if verdict.passed else "refused",
+        "gate.reasons": json.dumps(verdict.reasons),
+        "gate.champion_version": verdict.champion_version or "none",
+    }
     for side, figures in (("challenger", verdict.challenger), ("champion", verdict.champion)):
         for metric, value in figures.items():
             tags[f"gate.{side}.{metric}"] = "none" if value is None else f"{value:.6f}"
@@ -144,8 +156,14 @@ def apply_verdict(registry, name: str, version: str, alias: str, verdict: GateVe
     registry.set_tags(name, version, verdict_tags(verdict))
     if not verdict.passed:
         return None
-    return registry.move_alias(name, alias, version, why="gate passed: " + "; ".join(verdict.reasons),
-                               action="gate", who=who or "cytoloop-gate")
+    return registry.move_alias(
+        name,
+        alias,
+        version,
+        why="gate passed: " + "; ".join(verdict.reasons),
+        action="gate",
+        who=who or "cytoloop-gate",
+    )
 
 
 def override(registry, name: str, version: str, alias: str, reason: str, who: str | None = None):

@@ -17,15 +17,21 @@ import json
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cytoloop.errors import CytoLoopError, UsageError
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, load_model
 
 CHAMPION = "champion"
-MODEL_ARTIFACTS = (MODEL_FILE, WEIGHTS_FILE, "split.json", "training.json", "learning_curve.png",
-                   "colour_reference.json")
+MODEL_ARTIFACTS = (
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    "split.json",
+    "training.json",
+    "learning_curve.png",
+    "colour_reference.json",
+)
 ALIAS_MOVE_TAG = "alias_move."
 
 
@@ -82,7 +88,7 @@ class Registry:
             return experiment.experiment_id
         location = None
         if self.tracking_uri.startswith("sqlite:///"):
-            location = (Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+            location = (Path(self.tracking_uri[len("sqlite:///") :]).resolve().parent / "artifacts").as_uri()
         return self.client.create_experiment(self.experiment, artifact_location=location)
 
     def log_model(
@@ -161,7 +167,7 @@ class Registry:
         except RegistryError:
             previous = None
         move = AliasMove(
-            time=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            time=datetime.now(UTC).isoformat(timespec="microseconds"),
             who=who or getpass.getuser(),
             why=why,
             action=action,
@@ -182,8 +188,11 @@ class Registry:
     def alias_history(self, name: str, alias: str | None = None) -> list[AliasMove]:
         """The recorded alias moves of a registered model, oldest first (all aliases, or only `alias`)."""
         model = self._call(lambda: self.client.get_registered_model(name), name)
-        moves = [AliasMove(**json.loads(value)) for key, value in sorted((model.tags or {}).items())
-                 if key.startswith(ALIAS_MOVE_TAG)]
+        moves = [
+            AliasMove(**json.loads(value))
+            for key, value in sorted((model.tags or {}).items())
+            if key.startswith(ALIAS_MOVE_TAG)
+        ]
         return [m for m in moves if alias is None or m.alias == alias]
 
     def rollback(self, name: str, alias: str, why: str, who: str | None = None) -> AliasMove:
@@ -217,12 +226,19 @@ class Registry:
         experiment_id = self.experiment_id()
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs([experiment_id], query, max_results=1)
-        run_id = runs[0].info.run_id if runs else self.client.create_run(
-            experiment_id, tags={**tags, "mlflow.runName": run_name}).info.run_id
-        metrics = [Metric(key, float(value), timestamp, step) for step, timestamp, values in points
-                   for key, value in values.items() if value is not None]
+        run_id = (
+            runs[0].info.run_id
+            if runs
+            else self.client.create_run(experiment_id, tags={**tags, "mlflow.runName": run_name}).info.run_id
+        )
+        metrics = [
+            Metric(key, float(value), timestamp, step)
+            for step, timestamp, values in points
+            for key, value in values.items()
+            if value is not None
+        ]
         for start in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
         return run_id
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -271,8 +287,10 @@ class Registry:
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/name@alias` -> (name, alias, None); `models:/name/3` -> (name, None, "3")."""
     if not uri.startswith("models:/"):
-        raise RegistryError(f"not a registry URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
-    rest = uri[len("models:/"):]
+        raise RegistryError(
+            f"not a registry URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)"
+        )
+    rest = uri[len("models:/") :]
     if "@" in rest:
         name, alias = rest.split("@", 1)
         return name, alias, None
@@ -286,6 +304,9 @@ def open_registry(settings) -> Registry:
     """The registry of a `Settings`: its tracking URI and experiment, and the audit log under `<home>/registry/`."""
     uri = settings.registry.tracking_uri
     if uri.startswith("sqlite:///"):  # SQLite creates the database file, not its folder
-        Path(uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
-    return Registry(settings.registry.tracking_uri, settings.registry.experiment,
-                    audit_log=Path(settings.home) / "registry" / "alias-moves.jsonl")
+        Path(uri[len("sqlite:///") :]).resolve().parent.mkdir(parents=True, exist_ok=True)
+    return Registry(
+        settings.registry.tracking_uri,
+        settings.registry.experiment,
+        audit_log=Path(settings.home) / "registry" / "alias-moves.jsonl",
+    )

@@ -8,10 +8,10 @@ least M did, or when drift was flagged and at least M did (retraining on unchang
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 from cytoloop.config import RetrainConfig
 from cytoloop.data import CellRecord
@@ -38,9 +38,12 @@ def retrain_due(
     if config.on_drift and drift_flagged and enough:
         return RetrainDecision(True, f"drift flagged and {new_labels} new labels >= {config.min_labels_after_hours}")
     waited = "never retrained" if hours_since_last is None else f"{hours_since_last:.1f} h of {config.max_hours:g}"
-    return RetrainDecision(False, f"{new_labels} new labels (need {config.min_new_labels}, or "
-                                  f"{config.min_labels_after_hours} after {config.max_hours:g} h or drift); {waited}"
-                                  f"{'; drift flagged' if drift_flagged else ''}")
+    return RetrainDecision(
+        False,
+        f"{new_labels} new labels (need {config.min_new_labels}, or "
+        f"{config.min_labels_after_hours} after {config.max_hours:g} h or drift); {waited}"
+        f"{'; drift flagged' if drift_flagged else ''}",
+    )
 
 
 @dataclass
@@ -53,7 +56,7 @@ class RetrainState:
     def hours_since_last(self, now: datetime | None = None) -> float | None:
         if self.last_time is None:
             return None
-        return ((now or datetime.now(timezone.utc)) - self.last_time).total_seconds() / 3600.0
+        return ((now or datetime.now(UTC)) - self.last_time).total_seconds() / 3600.0
 
 
 def label_key(record: CellRecord) -> str:
@@ -76,7 +79,7 @@ def load_state(path: Path) -> RetrainState:
 
 def save_state(path: Path, records: Sequence[CellRecord], when: datetime | None = None) -> RetrainState:
     """Record a finished retrain on `records` (written atomically)."""
-    state = RetrainState(when or datetime.now(timezone.utc), {label_key(r) for r in records if r.label is not None})
+    state = RetrainState(when or datetime.now(UTC), {label_key(r) for r in records if r.label is not None})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"last_time": state.last_time.isoformat(), "trained": sorted(state.trained)}

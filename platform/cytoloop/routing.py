@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from cytoloop.config import RoutingConfig
 
@@ -33,9 +33,7 @@ def audit_draw(cell_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def route_cell(
-    confidence: float, anomaly: float, label: str, config: RoutingConfig, cell_id: str | None = None
-) -> str:
+def route_cell(confidence: float, anomaly: float, label: str, config: RoutingConfig, cell_id: str | None = None) -> str:
     """The routing reason of one cell: 'anomaly', 'review', 'audit' or 'accept'.
 
     `label` is the predicted class, `anomaly` the model's anomaly score (compare it only with thresholds set for
@@ -110,8 +108,9 @@ def select_for_review(
     for tier in REASONS[:-1]:
         pool = [r for r in candidates if r.reason == tier]
         while pool and len(chosen) < budget:
-            best = min(range(len(pool)),
-                       key=lambda i: (per_class[pool[i].cell.label] + per_sample[pool[i].cell.sample_id], i))
+            best = min(
+                range(len(pool)), key=lambda i: (per_class[pool[i].cell.label] + per_sample[pool[i].cell.sample_id], i)
+            )
             pick = pool.pop(best)
             if any(_near_duplicate(pick.cell, c.cell, config.near_duplicate) for c in chosen):
                 continue

@@ -23,8 +23,8 @@ gets the same answer alone or in any batch, in any order, every time.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -163,7 +163,13 @@ def _draw_trial(cell: _CellState, config: ScoringConfig, num_timesteps: int) -> 
 
 
 def _run_trials(
-    denoise, alphas_cumprod, jobs, null_class: int, config: ScoringConfig, mask: torch.Tensor, device: torch.device,
+    denoise,
+    alphas_cumprod,
+    jobs,
+    null_class: int,
+    config: ScoringConfig,
+    mask: torch.Tensor,
+    device: torch.device,
     batch_size: int,
 ) -> list[tuple[np.ndarray, float, int]]:
     """Evaluate all (trial, class) pairs of `jobs` in batches: per job, the errors of the classes in play at the
@@ -203,8 +209,15 @@ def _run_trials(
     return measured
 
 
-def _advance(cell: _CellState, stratum: int, errors: np.ndarray, null_error: float, evals: int,
-             config: ScoringConfig, weights: np.ndarray) -> None:
+def _advance(
+    cell: _CellState,
+    stratum: int,
+    errors: np.ndarray,
+    null_error: float,
+    evals: int,
+    config: ScoringConfig,
+    weights: np.ndarray,
+) -> None:
     """Add one measured trial to a cell, in trial order, testing for elimination where scoring one interval at a
     time would. A trial run ahead of a decision that came before it is dropped (it only adds to `evals`), and
     classes dropped earlier in the same round read NaN, so the log is what round-by-round scoring would make."""

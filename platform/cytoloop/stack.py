@@ -28,12 +28,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from cytoloop.errors import CytoLoopError
 from cytoloop.config import Settings
+from cytoloop.errors import CytoLoopError
 
 SERVICES = ("label-studio", "labels", "mlflow", "ray")
 RAY_TEMP_LIMIT = 60  # Ray's socket paths (temp dir + ~45 chars) must stay under 107 characters
@@ -103,8 +103,10 @@ def ensure_label_studio_venv(settings: Settings, log: Callable[[str], None] = pr
         spec = f"label-studio=={settings.stack.label_studio_version}"
         pip_log = venv.parent / f"{venv.name}.pip.log"
         with pip_log.open("w") as out:
-            for command in ([base, "-m", "venv", str(partial)],
-                            [str(partial / "bin" / "python"), "-m", "pip", "install", "-q", spec]):
+            for command in (
+                [base, "-m", "venv", str(partial)],
+                [str(partial / "bin" / "python"), "-m", "pip", "install", "-q", spec],
+            ):
                 if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                     raise StackError(f"creating the Label Studio venv failed ({' '.join(command)}); see {pip_log}")
         shutil.rmtree(venv, ignore_errors=True)
@@ -113,8 +115,10 @@ def ensure_label_studio_venv(settings: Settings, log: Callable[[str], None] = pr
     return python
 
 
-MIGRATE = ("import label_studio.server as s; s._setup_env(); from django.core.management import call_command; "
-           "call_command('migrate', '--no-color', verbosity=0)")
+MIGRATE = (
+    "import label_studio.server as s; s._setup_env(); from django.core.management import call_command; "
+    "call_command('migrate', '--no-color', verbosity=0)"
+)
 
 
 def label_studio_database_template(settings: Settings, log: Callable[[str], None] = print) -> Path:
@@ -205,32 +209,64 @@ class Stack:
         chosen = [self._label_studio(), self._labels()]
         if cfg.mlflow_server:
             db = self.mlflow_db()
-            chosen.append(Service(
-                "mlflow", cfg.mlflow_port,
-                [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
-                 "--default-artifact-root", str(db.parent / "artifacts"), "--host", host,
-                 "--port", str(cfg.mlflow_port), "--workers", "1"],
-                env={"MLFLOW_DISABLE_TELEMETRY": "true"},
-                health_url=f"http://{host}:{cfg.mlflow_port}/health",
-            ))
+            chosen.append(
+                Service(
+                    "mlflow",
+                    cfg.mlflow_port,
+                    [
+                        str(Path(sys.executable).parent / "mlflow"),
+                        "server",
+                        "--backend-store-uri",
+                        f"sqlite:///{db}",
+                        "--default-artifact-root",
+                        str(db.parent / "artifacts"),
+                        "--host",
+                        host,
+                        "--port",
+                        str(cfg.mlflow_port),
+                        "--workers",
+                        "1",
+                    ],
+                    env={"MLFLOW_DISABLE_TELEMETRY": "true"},
+                    health_url=f"http://{host}:{cfg.mlflow_port}/health",
+                )
+            )
         if cfg.ray:
             temp = self.home / "ray"
             if len(str(temp)) > RAY_TEMP_LIMIT:
-                raise StackError(f"Ray's temp folder {temp} is longer than {RAY_TEMP_LIMIT} characters (its socket "
-                                 "paths would pass the OS limit of 107); use a shorter CYTOLOOP_HOME")
-            command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port",
-                       str(cfg.ray_port), "--node-ip-address", host, "--temp-dir", str(temp),
-                       "--disable-usage-stats"]
+                raise StackError(
+                    f"Ray's temp folder {temp} is longer than {RAY_TEMP_LIMIT} characters (its socket "
+                    "paths would pass the OS limit of 107); use a shorter CYTOLOOP_HOME"
+                )
+            command = [
+                str(Path(sys.executable).parent / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--port",
+                str(cfg.ray_port),
+                "--node-ip-address",
+                host,
+                "--temp-dir",
+                str(temp),
+                "--disable-usage-stats",
+            ]
             if cfg.ray_dashboard:  # the dashboard also serves the Ray Jobs API (`ray job submit`)
-                command += ["--include-dashboard=true", "--dashboard-host", host,
-                            "--dashboard-port", str(cfg.ray_dashboard_port)]
+                command += [
+                    "--include-dashboard=true",
+                    "--dashboard-host",
+                    host,
+                    "--dashboard-port",
+                    str(cfg.ray_dashboard_port),
+                ]
             else:
                 command += ["--include-dashboard=false"]
             if cfg.ray_num_cpus:
                 command += ["--num-cpus", str(cfg.ray_num_cpus)]
             # workers otherwise start at niceness +15 and, on a busy machine, Serve's proxy misses its start-up checks
-            chosen.append(Service("ray", cfg.ray_port, command,
-                                  env={"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}))
+            chosen.append(
+                Service("ray", cfg.ray_port, command, env={"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"})
+            )
         return chosen
 
     def mlflow_db(self) -> Path:
@@ -268,12 +304,29 @@ class Stack:
                 shutil.copyfile(label_studio_database_template(self.settings, self.log), database)
 
         return Service(
-            "label-studio", cfg.label_studio_port,
-            [str(venv / "bin" / "python"), "-m", "label_studio.server", "start", "--no-browser",
-             "--internal-host", host, "--port", str(cfg.label_studio_port), "--username", cfg.admin_email,
-             "--password", secret["admin_password"], "--user-token", secret["admin_token"],
-             "--enable-legacy-api-token"],
-            env=env, health_url=f"http://{host}:{cfg.label_studio_port}/health", prepare=prepare,
+            "label-studio",
+            cfg.label_studio_port,
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "label_studio.server",
+                "start",
+                "--no-browser",
+                "--internal-host",
+                host,
+                "--port",
+                str(cfg.label_studio_port),
+                "--username",
+                cfg.admin_email,
+                "--password",
+                secret["admin_password"],
+                "--user-token",
+                secret["admin_token"],
+                "--enable-legacy-api-token",
+            ],
+            env=env,
+            health_url=f"http://{host}:{cfg.label_studio_port}/health",
+            prepare=prepare,
         )
 
     def _labels(self) -> Service:
@@ -286,10 +339,12 @@ class Stack:
             settings_file.write_text(self.settings.model_dump_json(exclude=secret_fields, exclude_none=True))
 
         return Service(
-            "labels", review.webhook_port,
+            "labels",
+            review.webhook_port,
             [sys.executable, "-m", "cytoloop.cli", "review", "serve", "--config", str(settings_file)],
             env={"CYTOLOOP_HOME": str(self.home)},
-            health_url=f"http://{review.webhook_host}:{review.webhook_port}/health", prepare=prepare,
+            health_url=f"http://{review.webhook_host}:{review.webhook_port}/health",
+            prepare=prepare,
         )
 
     # -- state ----------------------------------------------------------------------------------------------
@@ -351,25 +406,37 @@ class Stack:
         if pid is not None and _alive(pid):
             running_port = json.loads(self._pid_file(service.name).read_text()).get("port")
             if running_port != service.port:
-                raise StackError(f"{service.name} is running on port {running_port} (pid {pid}) but the settings say "
-                                 f"{service.port}; run `cytoloop stack down` first to move it")
+                raise StackError(
+                    f"{service.name} is running on port {running_port} (pid {pid}) but the settings say "
+                    f"{service.port}; run `cytoloop stack down` first to move it"
+                )
             self._wait_healthy(service, pid)
             self.log(f"{service.name}: already up (pid {pid})")
             return
         self._pid_file(service.name).unlink(missing_ok=True)
         if _port_open(host, service.port):
-            raise StackError(f"{service.name}: port {service.port} on {host} is taken by another process; stop it or "
-                             f"choose another port (CYTOLOOP_STACK__* / CYTOLOOP_REVIEW__WEBHOOK_PORT)")
+            raise StackError(
+                f"{service.name}: port {service.port} on {host} is taken by another process; stop it or "
+                f"choose another port (CYTOLOOP_STACK__* / CYTOLOOP_REVIEW__WEBHOOK_PORT)"
+            )
         if service.prepare is not None:
             service.prepare()
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
         env.update(service.env)
         self.log(f"{service.name}: starting on {host}:{service.port} (log: {self.log_file(service.name)})")
         with self.log_file(service.name).open("ab") as log:
-            process = subprocess.Popen(service.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       cwd=Path.cwd(), start_new_session=True, stdin=subprocess.DEVNULL)
-        self._pid_file(service.name).write_text(json.dumps({"pid": process.pid, "port": service.port,
-                                                            "command": service.command[:3]}))
+            process = subprocess.Popen(
+                service.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=Path.cwd(),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
+        self._pid_file(service.name).write_text(
+            json.dumps({"pid": process.pid, "port": service.port, "command": service.command[:3]})
+        )
         started = time.monotonic()
         self._wait_healthy(service, process.pid)
         self.log(f"{service.name}: up (pid {process.pid}, healthy after {time.monotonic() - started:.0f} s)")
@@ -379,11 +446,16 @@ class Stack:
         while not self._healthy(service):
             if not _alive(pid):
                 self._pid_file(service.name).unlink(missing_ok=True)
-                raise StackError(f"{service.name} exited during start-up; last lines of "
-                                 f"{self.log_file(service.name)}:\n{self._tail(service.name)}")
+                raise StackError(
+                    f"{service.name} exited during start-up; last lines of "
+                    f"{self.log_file(service.name)}:\n{self._tail(service.name)}"
+                )
             if time.monotonic() > deadline:
-                raise StackError(f"{service.name} did not become healthy within "
-                                 f"{self.settings.stack.start_timeout_s:.0f} s; see {self.log_file(service.name)}:\n{self._tail(service.name)}")
+                raise StackError(
+                    f"{service.name} did not become healthy within "
+                    f"{self.settings.stack.start_timeout_s:.0f} s; see {self.log_file(service.name)}:\n"
+                    f"{self._tail(service.name)}"
+                )
             time.sleep(0.5)
 
     def _tail(self, name: str, lines: int = 15) -> str:

@@ -7,8 +7,8 @@ caller's process with another thread count than it had.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 @contextmanager

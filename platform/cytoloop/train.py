@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -44,7 +44,9 @@ def diffusion_loss(scheduler, null_class: int, config: TrainConfig) -> LossFn:
     alphas_cumprod = scheduler.alphas_cumprod
     num_timesteps = scheduler.config.num_train_timesteps
 
-    def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         batch, device = images.shape[0], images.device  # random draws stay on the CPU generator, then move
         dropped = (torch.rand(batch, generator=generator) < config.null_class_prob).to(device)
         classes = torch.where((labels == UNLABELED) | dropped, torch.full_like(labels, null_class), labels)
@@ -66,7 +68,9 @@ def diffusion_loss(scheduler, null_class: int, config: TrainConfig) -> LossFn:
 def baseline_loss(config: TrainConfig) -> LossFn:
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
-    def loss(network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         return criterion(network(images).float(), labels)
 
     return loss
@@ -138,8 +142,14 @@ def _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_di
     device = next(module.parameters()).device  # the data stays on the CPU; each batch moves to the model
     began = time.perf_counter()
     network.train()
-    bar = tqdm(range(start, config.steps), desc="training", unit="step", disable=not progress, initial=start,
-               total=config.steps)
+    bar = tqdm(
+        range(start, config.steps),
+        desc="training",
+        unit="step",
+        disable=not progress,
+        initial=start,
+        total=config.steps,
+    )
     running = []
     for step in bar:
         index = torch.multinomial(weights, config.batch_size, replacement=True, generator=generator)

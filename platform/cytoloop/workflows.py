@@ -1,32 +1,45 @@
 """Train and evaluate, end to end: the stages the CLI, the benchmarks and the Ray jobs all call.
 
 `train_model`: select -> split (seeded, written to the model directory) -> preprocess -> fit -> calibrate (and, for
-the diffusion model, tune its scoring) on the validation part -> save. `evaluate_model`: preprocess -> predict -> metrics, JSON and plots. `tune_model_scoring`:
-fit the adaptive scoring's elimination rule on the validation part. `distill_model`: build a cascade (a student
-CNN distilled from a diffusion model) from the teacher's train part. Evaluation never scores a cell the model
-trained or calibrated on: those are excluded by the split the model carries.
+the diffusion model, tune its scoring) on the validation part -> save. `evaluate_model`: preprocess -> predict ->
+metrics, JSON and plots. `tune_model_scoring`: fit the adaptive scoring's elimination rule on the validation part.
+`distill_model`: build a cascade (a student CNN distilled from a diffusion model) from the teacher's train part.
+Evaluation never scores a cell the model trained or calibrated on: those are excluded by the split the model
+carries.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
-from cytoloop.errors import UsageError
 from cytoloop import metrics, plots
 from cytoloop.calibration import (
-    calibrate, evaluations_needed, even_subset, fit_temperature, fit_weights, trials_needed, tune_scoring,
+    calibrate,
+    evaluations_needed,
+    even_subset,
+    fit_temperature,
+    fit_weights,
+    trials_needed,
+    tune_scoring,
 )
 from cytoloop.cascade import CascadeClassifier, distill
 from cytoloop.config import Settings
 from cytoloop.data import (
-    CellRecord, DatasetError, data_sources, read_split, records_fingerprint, stratified_split, write_split,
+    CellRecord,
+    DatasetError,
+    data_sources,
+    records_fingerprint,
+    stratified_split,
+    write_split,
 )
 from cytoloop.drift import colour_statistics_of, write_colour_reference
+from cytoloop.errors import UsageError
 from cytoloop.models.base import Classifier, Predictions, load_model
 from cytoloop.models.diffusion import DiffusionClassifier
 from cytoloop.preprocess import load_cells
@@ -54,8 +67,9 @@ def label_indices(records: Sequence[CellRecord], classes: list[str]) -> np.ndarr
     out = np.empty(len(records), dtype=int)
     for i, record in enumerate(records):
         if record.label not in index:
-            raise DatasetError(f"{record.cell_id}: label {record.label!r} is not one of the model's classes "
-                               f"({', '.join(classes)})")
+            raise DatasetError(
+                f"{record.cell_id}: label {record.label!r} is not one of the model's classes ({', '.join(classes)})"
+            )
         out[i] = index[record.label]
     return out
 
@@ -80,13 +94,20 @@ def train_model(
     out = Path(out)
     classes = classes or sorted({r.label for r in records if r.label is not None})
     split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed)
-    write_split(split, out / SPLIT_FILE, data_root=_data_root(records), seed=split_seed,
-                fingerprint=records_fingerprint(records))
+    write_split(
+        split,
+        out / SPLIT_FILE,
+        data_root=_data_root(records),
+        seed=split_seed,
+        fingerprint=records_fingerprint(records),
+    )
     train = load_cells(split["train"], settings.data, progress)
     val = load_cells(split["val"], settings.data, progress)
     if not val.records:
-        raise DatasetError(f"no validation cells to calibrate on: {len(records)} cells are too few; every "
-                           "(label, domain) group needs at least 2 cells, and calibration wants many more")
+        raise DatasetError(
+            f"no validation cells to calibrate on: {len(records)} cells are too few; every "
+            "(label, domain) group needs at least 2 cells, and calibration wants many more"
+        )
     extra = load_cells(unlabeled, settings.data, progress) if kind == "diffusion" and unlabeled else None
     images, labels = train.images, label_indices(train.records, classes)
     if extra is not None:
@@ -98,8 +119,16 @@ def train_model(
         network, loss = model.unet, diffusion_loss(model.scheduler, model.null_class, settings.train)
     else:
         network, loss = model.network, baseline_loss(settings.train)
-    trained, result = fit(network, loss, images, labels, settings.train, settings.augment,
-                          checkpoint_dir=out / "checkpoints", progress=progress)
+    trained, result = fit(
+        network,
+        loss,
+        images,
+        labels,
+        settings.train,
+        settings.augment,
+        checkpoint_dir=out / "checkpoints",
+        progress=progress,
+    )
     if kind == "diffusion":
         model.unet = trained
     else:
@@ -141,8 +170,14 @@ def train_model(
     write_colour_reference(out, colour_statistics_of(train.records, settings.data))
     (out / "training.json").write_text(json.dumps(report, indent=1))
     if result.history:
-        plots.learning_curve([h["step"] for h in result.history], {"training loss": [h["loss"] for h in result.history]},
-                             out / "learning_curve.png", xlabel="step", ylabel="loss", title=f"{kind} training")
+        plots.learning_curve(
+            [h["step"] for h in result.history],
+            {"training loss": [h["loss"] for h in result.history]},
+            out / "learning_curve.png",
+            xlabel="step",
+            ylabel="loss",
+            title=f"{kind} training",
+        )
     return model, report
 
 
@@ -189,8 +224,10 @@ def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = 
             raise DatasetError(f"unknown split part {part!r}; valid: {', '.join(meta['parts'])}")
         inside = _in_parts(records, meta, [part])
         if records and not inside.any():
-            raise DatasetError(f"none of these {len(records)} cells is in part {part!r} of the model's split "
-                               f"(it was made from {meta['meta'].get('data_root')})")
+            raise DatasetError(
+                f"none of these {len(records)} cells is in part {part!r} of the model's split "
+                f"(it was made from {meta['meta'].get('data_root')})"
+            )
         kept = [r for r, keep in zip(records, inside) if keep]
         return kept, len(records) - len(kept)
     seen = _in_parts(records, meta, ["train", "val"])
@@ -225,11 +262,13 @@ def evaluate_predictions(
     def statistics(index: np.ndarray) -> dict[str, float]:
         y, guess = labels[index], predicted[index]
         per_class = metrics.per_class_recall(y, guess, len(classes))
-        values = {"accuracy": float(np.mean(correct[index])),
-                  "balanced_accuracy": float(np.nanmean(per_class)),
-                  "ece": metrics.expected_calibration_error(probs[index], y, n_bins=15),
-                  "nll": metrics.negative_log_likelihood(probs[index], y),
-                  "accuracy_at_90_coverage": metrics.selective_accuracy(confidence[index], correct[index], 0.9)}
+        values = {
+            "accuracy": float(np.mean(correct[index])),
+            "balanced_accuracy": float(np.nanmean(per_class)),
+            "ece": metrics.expected_calibration_error(probs[index], y, n_bins=15),
+            "nll": metrics.negative_log_likelihood(probs[index], y),
+            "accuracy_at_90_coverage": metrics.selective_accuracy(confidence[index], correct[index], 0.9),
+        }
         values.update({f"recall {c}": per_class[i] for i, c in enumerate(classes) if not np.isnan(recall[i])})
         return values
 
@@ -255,8 +294,10 @@ def evaluate_predictions(
 def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
     """AUROC of the model's anomaly score, and of every alternative score it reports, for anomalies vs normal, each
     with a 95 % bootstrap interval (`anomaly_auroc_intervals`)."""
-    scores = {"anomaly": predictions.anomaly,
-              **{name: values for name, values in predictions.extra.items() if name.startswith("anomaly")}}
+    scores = {
+        "anomaly": predictions.anomaly,
+        **{name: values for name, values in predictions.extra.items() if name.startswith("anomaly")},
+    }
 
     def statistics(index: np.ndarray) -> dict[str, float]:
         positive = is_anomaly[index]
@@ -265,10 +306,14 @@ def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
         return {name: metrics.auroc(values[index], positive) for name, values in scores.items()}
 
     intervals = metrics.bootstrap_intervals(statistics, len(is_anomaly))
-    result = {"anomaly_auroc": metrics.auroc(predictions.anomaly, is_anomaly), "anomaly_n": int(len(is_anomaly)),
-              "anomaly_n_positive": int(is_anomaly.sum())}
-    result["anomaly_auroc_by_score"] = {name: metrics.auroc(values, is_anomaly) for name, values in scores.items()
-                                        if name != "anomaly"}
+    result = {
+        "anomaly_auroc": metrics.auroc(predictions.anomaly, is_anomaly),
+        "anomaly_n": int(len(is_anomaly)),
+        "anomaly_n_positive": int(is_anomaly.sum()),
+    }
+    result["anomaly_auroc_by_score"] = {
+        name: metrics.auroc(values, is_anomaly) for name, values in scores.items() if name != "anomaly"
+    }
     result["anomaly_auroc_intervals"] = {name: list(bounds) for name, bounds in intervals.items()}
     return result
 
@@ -294,8 +339,13 @@ def evaluate_model(
     began = time.perf_counter()
     predictions = model.predict(cells.images, progress=progress)
     seconds = time.perf_counter() - began
-    report = {"model_kind": model.kind, "classes": model.classes, "n_skipped": len(cells.skipped),
-              "skipped": cells.skipped, "n_excluded_seen_in_training": excluded}
+    report = {
+        "model_kind": model.kind,
+        "classes": model.classes,
+        "n_skipped": len(cells.skipped),
+        "skipped": cells.skipped,
+        "n_excluded_seen_in_training": excluded,
+    }
     report.update(evaluate_predictions(predictions, labels, model.classes, seconds))
     domains = np.array([r.domain for r in cells.records])
     if len(set(domains)) > 1:  # several labs: each on the classes it has (balanced accuracy skips absent classes)
@@ -303,11 +353,16 @@ def evaluate_model(
         for domain in sorted(set(domains)):
             part = np.flatnonzero(domains == domain)
             figures = evaluate_predictions(predictions.subset(part), labels[part], model.classes, seconds)
-            report["per_domain"][domain] = {k: figures[k] for k in (
-                "n_cells", "accuracy", "balanced_accuracy", "ece", "nll", "per_class_recall", "intervals")}
+            report["per_domain"][domain] = {
+                k: figures[k]
+                for k in ("n_cells", "accuracy", "balanced_accuracy", "ece", "nll", "per_class_recall", "intervals")
+            }
     if per_cell:
-        report["per_cell"] = {"cells": [r.cell_id for r in cells.records], "labels": labels.tolist(),
-                              "probs": np.round(predictions.probs, 6).tolist()}
+        report["per_cell"] = {
+            "cells": [r.cell_id for r in cells.records],
+            "labels": labels.tolist(),
+            "probs": np.round(predictions.probs, 6).tolist(),
+        }
     if anomaly_records:
         anomaly_cells = load_cells(anomaly_records, model.data_config, progress)
         is_anomaly = np.array([r.label == anomaly_label for r in anomaly_cells.records])
@@ -322,10 +377,20 @@ def evaluate_model(
         json_out.write_text(json.dumps(report, indent=1))
         stem = json_out.with_suffix("")
         report["plots"] = [
-            str(plots.reliability_diagram(predictions.probs, labels, Path(f"{stem}.reliability.png"),
-                                          title=f"{model.kind} reliability")),
-            str(plots.confusion_matrix_plot(labels, predictions.labels, model.classes, Path(f"{stem}.confusion.png"),
-                                            title=f"{model.kind} confusion")),
+            str(
+                plots.reliability_diagram(
+                    predictions.probs, labels, Path(f"{stem}.reliability.png"), title=f"{model.kind} reliability"
+                )
+            ),
+            str(
+                plots.confusion_matrix_plot(
+                    labels,
+                    predictions.labels,
+                    model.classes,
+                    Path(f"{stem}.confusion.png"),
+                    title=f"{model.kind} confusion",
+                )
+            ),
         ]
         json_out.write_text(json.dumps(report, indent=1))
     return report
@@ -363,9 +428,13 @@ def tune_model_scoring(
     null_trials = tuned.null_trials if tuned.score_null_class else 0
     evals_needed = np.array([evaluations_needed(log, weights, null_trials) for log in logs])
     prior_trials = tuned.variance_prior_trials if tuned.variance_prior is not None else 0.0
-    chosen = [r for r in rows if tuned is not config and (r["variance_prior_trials"], r["min_trials"],
-                                                          r["elimination_p"]) ==
-              (prior_trials, tuned.min_trials, tuned.elimination_p)]
+    chosen = [
+        r
+        for r in rows
+        if tuned is not config
+        and (r["variance_prior_trials"], r["min_trials"], r["elimination_p"])
+        == (prior_trials, tuned.min_trials, tuned.elimination_p)
+    ]
     n_labelled = len(tuning_images) - (0 if unlabeled is None else len(unlabeled))
     return {
         "n_cells": int(n_labelled),
@@ -416,8 +485,17 @@ def distill_model(
         images = np.concatenate([images, extra.images])
         labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
     cascade, report["distillation"] = distill(
-        teacher, images, labels, val.images, val_labels, settings.cascade, settings.train, settings.augment,
-        settings.baseline, checkpoint_dir=out / "checkpoints", progress=progress,
+        teacher,
+        images,
+        labels,
+        val.images,
+        val_labels,
+        settings.cascade,
+        settings.train,
+        settings.augment,
+        settings.baseline,
+        checkpoint_dir=out / "checkpoints",
+        progress=progress,
     )
     cascade.save(out)
     (out / SPLIT_FILE).write_text((Path(teacher_dir) / SPLIT_FILE).read_text())

@@ -47,8 +47,13 @@ def label_studio(cells_dir) -> LabelStudioServer:
     root = Path(tempfile.mkdtemp(prefix="cyl-"))  # short: the path ends up in Label Studio's and Ray's settings
     settings = Settings(
         home=root / "home",
-        stack={"label_studio_port": free_port(), "images_root": cells_dir, "ray": False, "mlflow_server": False,
-               "start_timeout_s": 300},
+        stack={
+            "label_studio_port": free_port(),
+            "images_root": cells_dir,
+            "ray": False,
+            "mlflow_server": False,
+            "start_timeout_s": 300,
+        },
         review={"webhook_port": free_port(), "labels_required": 2, "poll_every_s": 3600},
         registry={"tracking_uri": f"sqlite:///{root}/mlflow.db"},
     )

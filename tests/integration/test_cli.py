@@ -23,8 +23,17 @@ pytestmark = pytest.mark.integration
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
 PER_CLASS = 12
 REPORT_KEYS = {
-    "accuracy", "balanced_accuracy", "per_class_recall", "ece", "nll", "brier", "accuracy_at_90_coverage",
-    "denoiser_evals_per_cell", "cells_per_second", "n_cells", "n_skipped",
+    "accuracy",
+    "balanced_accuracy",
+    "per_class_recall",
+    "ece",
+    "nll",
+    "brier",
+    "accuracy_at_90_coverage",
+    "denoiser_evals_per_cell",
+    "cells_per_second",
+    "n_cells",
+    "n_skipped",
 }
 
 
@@ -33,7 +42,11 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg", TQDM_DISABLE="1")
     return subprocess.run(
         [sys.executable, "-m", "cytoloop.cli", *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -88,8 +101,9 @@ def workspace(cells_dir, tiny_overrides, tmp_path_factory) -> dict:
         "root": root,
         "train": _write_manifest(root / "train.csv", train_rows),
         # the training cells again (the held-out logic must drop train/val) plus one unreadable image
-        "eval": _write_manifest(root / "eval.csv", train_rows + [
-            {"path": str(corrupt), "label": "neutrophil", "domain": "jtsc"}]),
+        "eval": _write_manifest(
+            root / "eval.csv", train_rows + [{"path": str(corrupt), "label": "neutrophil", "domain": "jtsc"}]
+        ),
         "anomaly": _write_manifest(root / "anomaly.csv", anomaly_rows),
         "corrupt": corrupt,
         "config": config,
@@ -102,16 +116,42 @@ def workspace(cells_dir, tiny_overrides, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def diffusion_model(workspace) -> Path:
     out = workspace["root"] / "diffusion"
-    ok(run_cli("train", "--model", "diffusion", "--data", workspace["train"], "--out", out,
-               "--config", workspace["config"], "--steps", "6", cwd=workspace["root"]))
+    ok(
+        run_cli(
+            "train",
+            "--model",
+            "diffusion",
+            "--data",
+            workspace["train"],
+            "--out",
+            out,
+            "--config",
+            workspace["config"],
+            "--steps",
+            "6",
+            cwd=workspace["root"],
+        )
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def diffusion_eval(workspace, diffusion_model) -> dict:
     json_out = workspace["root"] / "reports" / "diffusion.json"
-    result = ok(run_cli("evaluate", "--model", diffusion_model, "--data", workspace["eval"], "--json", json_out,
-                        "--anomaly-data", workspace["anomaly"], cwd=workspace["root"]))
+    result = ok(
+        run_cli(
+            "evaluate",
+            "--model",
+            diffusion_model,
+            "--data",
+            workspace["eval"],
+            "--json",
+            json_out,
+            "--anomaly-data",
+            workspace["anomaly"],
+            cwd=workspace["root"],
+        )
+    )
     return {"stdout": result.stdout, "json": json_out, "report": json.loads(json_out.read_text())}
 
 
@@ -178,15 +218,41 @@ def test_evaluate_writes_plots(diffusion_eval):
 
 def test_generate_writes_png(diffusion_model, workspace):
     out = workspace["root"] / "grid.png"
-    ok(run_cli("generate", "--model", diffusion_model, "--class", "monocyte", "-n", "4", "--steps", "3",
-               "--out", out, cwd=workspace["root"]))
+    ok(
+        run_cli(
+            "generate",
+            "--model",
+            diffusion_model,
+            "--class",
+            "monocyte",
+            "-n",
+            "4",
+            "--steps",
+            "3",
+            "--out",
+            out,
+            cwd=workspace["root"],
+        )
+    )
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] >= 16
 
 
 def test_generate_unknown_class_exits_2(diffusion_model, workspace):
-    result = invoke("generate", "--model", diffusion_model, "--class", "platelet", "-n", "2", "--steps", "2",
-                    "--out", workspace["root"] / "never.png", cwd=workspace["root"])
+    result = invoke(
+        "generate",
+        "--model",
+        diffusion_model,
+        "--class",
+        "platelet",
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        workspace["root"] / "never.png",
+        cwd=workspace["root"],
+    )
     assert result.exit_code == 2, result.output
     assert "platelet" in result.stderr and all(c in result.stderr for c in CLASSES)
     assert "Traceback" not in result.stderr
@@ -195,8 +261,18 @@ def test_generate_unknown_class_exits_2(diffusion_model, workspace):
 
 def test_train_unknown_class_exits_2(workspace):
     out = workspace["root"] / "never_trained"
-    result = invoke("train", "--data", workspace["train"], "--out", out, "--classes", "neutrophil,basofil",
-                    "--config", workspace["config"], cwd=workspace["root"])
+    result = invoke(
+        "train",
+        "--data",
+        workspace["train"],
+        "--out",
+        out,
+        "--classes",
+        "neutrophil,basofil",
+        "--config",
+        workspace["config"],
+        cwd=workspace["root"],
+    )
     assert result.exit_code == 2, result.output
     assert "basofil" in result.stderr and all(c in result.stderr for c in CLASSES)
     assert "Traceback" not in result.stderr
@@ -204,8 +280,16 @@ def test_train_unknown_class_exits_2(workspace):
 
 
 def test_evaluate_unknown_class_exits_2(diffusion_model, workspace):
-    result = invoke("evaluate", "--model", diffusion_model, "--data", workspace["eval"], "--classes", "erythrocyte",
-                    cwd=workspace["root"])
+    result = invoke(
+        "evaluate",
+        "--model",
+        diffusion_model,
+        "--data",
+        workspace["eval"],
+        "--classes",
+        "erythrocyte",
+        cwd=workspace["root"],
+    )
     assert result.exit_code == 2, result.output
     assert "erythrocyte" in result.stderr and all(c in result.stderr for c in CLASSES)
     assert "Traceback" not in result.stderr
@@ -217,8 +301,20 @@ def test_evaluate_unknown_class_exits_2(diffusion_model, workspace):
 @pytest.fixture(scope="module")
 def baseline_model(workspace) -> Path:
     out = workspace["root"] / "baseline"
-    ok(run_cli("train", "--model", "baseline", "--data", workspace["train"], "--out", out,
-               "--config", workspace["config"], cwd=workspace["root"]))
+    ok(
+        run_cli(
+            "train",
+            "--model",
+            "baseline",
+            "--data",
+            workspace["train"],
+            "--out",
+            out,
+            "--config",
+            workspace["config"],
+            cwd=workspace["root"],
+        )
+    )
     return out
 
 
@@ -226,8 +322,20 @@ def test_baseline_train_and_evaluate(baseline_model, workspace):
     meta = json.loads((baseline_model / "model.json").read_text())
     assert meta["kind"] == "baseline" and meta["classes"] == CLASSES and meta["temperature"] > 0
     json_out = workspace["root"] / "reports" / "baseline.json"
-    ok(run_cli("evaluate", "--model", baseline_model, "--data", workspace["eval"], "--json", json_out,
-               "--anomaly-data", workspace["anomaly"], cwd=workspace["root"]))
+    ok(
+        run_cli(
+            "evaluate",
+            "--model",
+            baseline_model,
+            "--data",
+            workspace["eval"],
+            "--json",
+            json_out,
+            "--anomaly-data",
+            workspace["anomaly"],
+            cwd=workspace["root"],
+        )
+    )
     report = json.loads(json_out.read_text())
     assert not REPORT_KEYS - report.keys()
     assert report["model_kind"] == "baseline"
@@ -245,22 +353,56 @@ def test_tune_distill_and_evaluate_a_cascade(diffusion_model, workspace):
 
     model = workspace["root"] / "tuned"
     shutil.copytree(diffusion_model, model)
-    result = ok(run_cli("tune", "--model", model, "--data", workspace["train"], "--trials", "8",
-                        "--agreement", "0.5", "--null-trials", "1", cwd=workspace["root"]))
+    result = ok(
+        run_cli(
+            "tune",
+            "--model",
+            model,
+            "--data",
+            workspace["train"],
+            "--trials",
+            "8",
+            "--agreement",
+            "0.5",
+            "--null-trials",
+            "1",
+            cwd=workspace["root"],
+        )
+    )
     tuning = json.loads((model / "tuning.json").read_text())
     chosen = tuning["chosen"]
     assert chosen is not None and chosen["agreement"] >= 0.5, result.stdout
     assert "a rule that knew when to stop would need" in result.stdout
     scoring = json.loads((model / "model.json").read_text())["scoring"]  # the rule is saved in the model
     assert (scoring["min_trials"], scoring["elimination_p"], scoring["check_every"], scoring["null_trials"]) == (
-        chosen["min_trials"], chosen["elimination_p"], 1, 1)
+        chosen["min_trials"],
+        chosen["elimination_p"],
+        1,
+        1,
+    )
 
     cascade = workspace["root"] / "cascade"
-    ok(run_cli("distill", "--teacher", model, "--data", workspace["train"], "--out", cascade, "--steps", "4",
-               "--no-tune", "--defer-fraction", "0.5", "--config", workspace["config"], cwd=workspace["root"]))
+    ok(
+        run_cli(
+            "distill",
+            "--teacher",
+            model,
+            "--data",
+            workspace["train"],
+            "--out",
+            cascade,
+            "--steps",
+            "4",
+            "--no-tune",
+            "--defer-fraction",
+            "0.5",
+            "--config",
+            workspace["config"],
+            cwd=workspace["root"],
+        )
+    )
     json_out = workspace["root"] / "reports" / "cascade.json"
-    ok(run_cli("evaluate", "--model", cascade, "--data", workspace["eval"], "--json", json_out,
-               cwd=workspace["root"]))
+    ok(run_cli("evaluate", "--model", cascade, "--data", workspace["eval"], "--json", json_out, cwd=workspace["root"]))
     report = json.loads(json_out.read_text())
     assert report["model_kind"] == "cascade" and report["classes"] == CLASSES
     assert report["n_skipped"] == 1 and report["n_excluded_seen_in_training"] > 0  # the teacher's split came along
@@ -268,8 +410,18 @@ def test_tune_distill_and_evaluate_a_cascade(diffusion_model, workspace):
 
 
 def test_generate_refuses_baseline(baseline_model, workspace):
-    result = invoke("generate", "--model", baseline_model, "--class", "monocyte", "-n", "2",
-                    "--out", workspace["root"] / "never.png", cwd=workspace["root"])
+    result = invoke(
+        "generate",
+        "--model",
+        baseline_model,
+        "--class",
+        "monocyte",
+        "-n",
+        "2",
+        "--out",
+        workspace["root"] / "never.png",
+        cwd=workspace["root"],
+    )
     assert result.exit_code == 2, result.output
     assert "only diffusion models" in result.stderr
 
@@ -282,12 +434,19 @@ def test_console_script_info(diffusion_model, workspace):
     script = Path(sys.executable).parent / "cytoloop"
     assert script.is_file(), f"console script not installed next to {sys.executable}; run `pip install -e .`"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CYTOLOOP_")}
-    result = subprocess.run([str(script), "info", str(diffusion_model)], cwd=workspace["root"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(script), "info", str(diffusion_model)],
+        cwd=workspace["root"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     ok(result)
     assert json.loads(result.stdout)["kind"] == "diffusion"
-    missing = subprocess.run([str(script), "info", str(workspace["root"] / "no_model")], env=env,
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [str(script), "info", str(workspace["root"] / "no_model")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and "not a CytoLoop model directory" in missing.stderr
 
 
@@ -296,8 +455,20 @@ def test_train_too_few_cells_for_validation_exits_2(workspace, tiny_overrides):
     for label, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
         (root / label).mkdir(parents=True)
         Image.new("RGB", (24, 24), colour).save(root / label / "0.png")  # one cell per class: nothing for val
-    result = invoke("train", "--model", "baseline", "--data", root, "--out", workspace["root"] / "small_model",
-                    "--config", workspace["config"], "--steps", "2", cwd=workspace["root"])
+    result = invoke(
+        "train",
+        "--model",
+        "baseline",
+        "--data",
+        root,
+        "--out",
+        workspace["root"] / "small_model",
+        "--config",
+        workspace["config"],
+        "--steps",
+        "2",
+        cwd=workspace["root"],
+    )
     assert result.exit_code == 2, f"{result.exception!r}\n{result.output[-2000:]}"
 
 
@@ -309,8 +480,16 @@ def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_o
     recipe.json with the command that reproduces the model; flags the recipe fixes are refused."""
     from cytoloop.recipes import RECIPES, Recipe
 
-    recipe = Recipe(name="tiny-test", description="a 4-step CNN on two classes", model="baseline", domains=("jtsc",),
-                    classes=("lymphocyte", "neutrophil"), steps=4, seed=3, overrides=tiny_overrides)
+    recipe = Recipe(
+        name="tiny-test",
+        description="a 4-step CNN on two classes",
+        model="baseline",
+        domains=("jtsc",),
+        classes=("lymphocyte", "neutrophil"),
+        steps=4,
+        seed=3,
+        overrides=tiny_overrides,
+    )
     monkeypatch.setitem(RECIPES, recipe.name, recipe)
     out = workspace["root"] / "recipe-model"
     from typer.testing import CliRunner
@@ -318,8 +497,11 @@ def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_o
     from cytoloop.cli import app
 
     monkeypatch.chdir(workspace["root"])
-    result = CliRunner().invoke(app, ["train", "--recipe", "tiny-test", "--data", str(workspace["train"]),
-                                      "--out", str(out)], env={"CYTOLOOP_TRAIN__STEPS": "50"})
+    result = CliRunner().invoke(
+        app,
+        ["train", "--recipe", "tiny-test", "--data", str(workspace["train"]), "--out", str(out)],
+        env={"CYTOLOOP_TRAIN__STEPS": "50"},
+    )
     assert result.exit_code == 0, result.output
     training = json.loads((out / "training.json").read_text())
     assert training["steps"] == 4 and training["settings"]["train"]["seed"] == 3  # the recipe beat the environment
@@ -332,11 +514,31 @@ def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_o
 
 
 def test_recipe_errors_exit_2(workspace):
-    result = invoke("train", "--recipe", "base-pbc", "--steps", "5", "--domains", "jtsc", "--data",
-                    workspace["train"], "--out", workspace["root"] / "never", cwd=workspace["root"])
+    result = invoke(
+        "train",
+        "--recipe",
+        "base-pbc",
+        "--steps",
+        "5",
+        "--domains",
+        "jtsc",
+        "--data",
+        workspace["train"],
+        "--out",
+        workspace["root"] / "never",
+        cwd=workspace["root"],
+    )
     assert result.exit_code == 2 and "fixes --domains, --steps" in result.stderr
-    result = invoke("train", "--recipe", "base-pcb", "--data", workspace["train"], "--out", workspace["root"] / "never",
-                    cwd=workspace["root"])
+    result = invoke(
+        "train",
+        "--recipe",
+        "base-pcb",
+        "--data",
+        workspace["train"],
+        "--out",
+        workspace["root"] / "never",
+        cwd=workspace["root"],
+    )
     assert result.exit_code == 2 and "unknown recipe 'base-pcb'" in result.stderr and "base-pbc" in result.stderr
     listing = invoke("recipes", cwd=workspace["root"])
     assert listing.exit_code == 0 and "base-pbc " in listing.stdout and "20000 steps" in listing.stdout
@@ -344,8 +546,18 @@ def test_recipe_errors_exit_2(workspace):
 
 def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
     json_out = workspace["root"] / "reports" / "baseline-cells.json"
-    result = invoke("evaluate", "--model", baseline_model, "--data", workspace["eval"], "--cells", "3",
-                    "--json", json_out, cwd=workspace["root"])
+    result = invoke(
+        "evaluate",
+        "--model",
+        baseline_model,
+        "--data",
+        workspace["eval"],
+        "--cells",
+        "3",
+        "--json",
+        json_out,
+        cwd=workspace["root"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(json_out.read_text())
     assert report["n_cells"] + report["n_skipped"] == 3  # the draw takes one cell of each class first ...

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_retraining import TWO, make_settings, train_and_register  # same directory, on sys.path under pytest
 
 from cytoloop.data import load_records, select
-from test_retraining import TWO, make_settings, train_and_register  # same directory, on sys.path under pytest
 
 pytestmark = pytest.mark.integration
 
@@ -75,9 +75,20 @@ class TwoNodeCluster:
 
 def node_ports() -> list[str]:
     """Every port a node binds, chosen free: two raylets share this host, and other people's Rays may too."""
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    return [
+        "--node-manager-port",
+        str(free_port()),
+        "--object-manager-port",
+        str(free_port()),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -88,34 +99,72 @@ def cluster():
 
     root = Path(tempfile.mkdtemp(prefix="cyl_rc_", dir="/tmp"))  # short: Ray's socket paths must stay < 107 chars
     env = {k: v for k, v in os.environ.items() if not k.startswith("CYTOLOOP_")}  # the job reads its config file
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_worker_niceness": "0",  # read by the raylets: +15 would starve the workers on a busy box
-                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})  # no 30 s drain on SIGTERM: nothing is served
+    env.update(
+        {
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_worker_niceness": "0",  # read by the raylets: +15 would starve the workers on a busy box
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        }
+    )  # no 30 s drain on SIGTERM: nothing is served
     ray = str(Path(sys.executable).with_name("ray"))
     gcs_port, dashboard_port = free_port(), free_port()
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--object-store-memory", str(100 * 2**20),
-              "--disable-usage-stats", "--block"]
-    head_command = [ray, "start", "--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
-                    "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-                    "--ray-client-server-port", str(free_port()), "--temp-dir", str(root / "head"), *common,
-                    *node_ports()]
-    worker_command = [ray, "start", "--address", f"127.0.0.1:{gcs_port}", "--temp-dir", str(root / "worker"),
-                      *common, *node_ports()]
+    common = [
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "1",
+        "--object-store-memory",
+        str(100 * 2**20),
+        "--disable-usage-stats",
+        "--block",
+    ]
+    head_command = [
+        ray,
+        "start",
+        "--head",
+        "--port",
+        str(gcs_port),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard_port),
+        "--include-dashboard",
+        "true",
+        "--ray-client-server-port",
+        str(free_port()),
+        "--temp-dir",
+        str(root / "head"),
+        *common,
+        *node_ports(),
+    ]
+    worker_command = [
+        ray,
+        "start",
+        "--address",
+        f"127.0.0.1:{gcs_port}",
+        "--temp-dir",
+        str(root / "worker"),
+        *common,
+        *node_ports(),
+    ]
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     started: list[subprocess.Popen] = []
 
     def start(command: list[str], name: str) -> None:
         log = (root / f"{name}.log").open("w")
-        started.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True))
+        started.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
     def wait_for_nodes(count: int) -> set[str]:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             for process, name in zip(started, ("head", "worker")):
                 if process.poll() is not None:
-                    pytest.fail(f"ray start ({name}) exited with {process.returncode}:\n"
-                                f"{(root / f'{name}.log').read_text()[-3000:]}", pytrace=False)
+                    pytest.fail(
+                        f"ray start ({name}) exited with {process.returncode}:\n"
+                        f"{(root / f'{name}.log').read_text()[-3000:]}",
+                        pytrace=False,
+                    )
             try:
                 alive = {n.node_id for n in list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")])}
             except Exception:  # the dashboard is not up yet
@@ -182,10 +231,23 @@ def test_finetune_job_on_two_nodes_registers_a_version(cluster, champion):
     root, settings = champion["root"], champion["settings"]
     client = JobSubmissionClient(cluster.dashboard_url)
     # No working_dir: the nodes run this venv, where the project is installed (a container image, on KubeRay).
-    entrypoint = shlex.join([sys.executable, "-m", "jobs.finetune", "--labels", str(root / "labels.csv"),
-                             "--config", str(root / "config.json")])
-    job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {
-        "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
+    entrypoint = shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "jobs.finetune",
+            "--labels",
+            str(root / "labels.csv"),
+            "--config",
+            str(root / "config.json"),
+        ]
+    )
+    job = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={
+            "env_vars": {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
+        },
+    )
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (status := client.get_job_status(job)).is_terminal() and time.monotonic() < deadline:
@@ -193,10 +255,11 @@ def test_finetune_job_on_two_nodes_registers_a_version(cluster, champion):
     logs = client.get_job_logs(job)
     if not status.is_terminal():
         client.stop_job(job)
-    assert status == JobStatus.SUCCEEDED, (f"job {job} is {status.value} (limit {JOB_TIMEOUT_S} s); "
-                                           f"its log ends:\n{logs[-4000:]}")
+    assert status == JobStatus.SUCCEEDED, (
+        f"job {job} is {status.value} (limit {JOB_TIMEOUT_S} s); its log ends:\n{logs[-4000:]}"
+    )
 
-    outcome = json.loads([line for line in logs.splitlines() if line.startswith("{\"name\": ")][-1])
+    outcome = json.loads([line for line in logs.splitlines() if line.startswith('{"name": ')][-1])
     assert set(outcome) >= {"version", "passed", "reasons", "alias"} and outcome["alias"] == "champion"
     version = open_registry(settings).version(settings.registry.model_name, outcome["version"])
     assert int(version.version) > int(champion["version"])

@@ -12,10 +12,9 @@ import copy
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-
-import socket
 
 import pytest
 from typer.testing import CliRunner
@@ -37,21 +36,42 @@ def demo_run(cells_dir, tiny_overrides):
 
     root = Path(tempfile.mkdtemp(prefix="cyd-"))  # short: Ray's socket paths live under home/ray
     overrides = copy.deepcopy(tiny_overrides)
-    overrides.update({
-        "home": str(root / "h"),
-        "stack": {"label_studio_port": free_port(), "images_root": str(cells_dir), "ray": True,
-                  "ray_port": free_port(), "ray_dashboard": False, "ray_num_cpus": 2, "mlflow_server": False,
-                  "start_timeout_s": 300},
-        "review": {"webhook_port": free_port(), "labels_required": 2, "poll_every_s": 3600},
-        "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "cache_dir": str(root / "cache"),
-                     "model_name": "demo-cells"},
-        "serve": {"port": free_port(), "api_key": "demo-key"},  # the demo must send it
-        "finetune": {"steps": 4, "warmup_steps": 1, "num_workers": 1, "storage_path": str(root / "ray-runs")},
-        "routing": {"review_below": 0.999, "audit_fraction": 0.0},
-        "demo": {"rounds": 1, "domains": ["jtsc", "bccd"], "classes": ["neutrophil", "lymphocyte"],
-                 "seed_per_class": 5, "test_fraction": 0.06, "pool_limit": 16, "budget": 8, "annotators": 2,
-                 "error_rate": 0.1, "serve_switch_timeout_s": 240},
-    })
+    overrides.update(
+        {
+            "home": str(root / "h"),
+            "stack": {
+                "label_studio_port": free_port(),
+                "images_root": str(cells_dir),
+                "ray": True,
+                "ray_port": free_port(),
+                "ray_dashboard": False,
+                "ray_num_cpus": 2,
+                "mlflow_server": False,
+                "start_timeout_s": 300,
+            },
+            "review": {"webhook_port": free_port(), "labels_required": 2, "poll_every_s": 3600},
+            "registry": {
+                "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "cache_dir": str(root / "cache"),
+                "model_name": "demo-cells",
+            },
+            "serve": {"port": free_port(), "api_key": "demo-key"},  # the demo must send it
+            "finetune": {"steps": 4, "warmup_steps": 1, "num_workers": 1, "storage_path": str(root / "ray-runs")},
+            "routing": {"review_below": 0.999, "audit_fraction": 0.0},
+            "demo": {
+                "rounds": 1,
+                "domains": ["jtsc", "bccd"],
+                "classes": ["neutrophil", "lymphocyte"],
+                "seed_per_class": 5,
+                "test_fraction": 0.06,
+                "pool_limit": 16,
+                "budget": 8,
+                "annotators": 2,
+                "error_rate": 0.1,
+                "serve_switch_timeout_s": 240,
+            },
+        }
+    )
     config = root / "config.json"
     config.write_text(load_settings(overrides=overrides).model_dump_json())
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -70,9 +90,18 @@ def demo_run(cells_dir, tiny_overrides):
 def test_demo_runs_a_round_end_to_end(demo_run):
     result, _ = demo_run
     assert result.exit_code == 0, result.output + repr(result.exception)
-    for stage in ("stack up", "seed model", "serve", "round 1: score pool", "round 1: route to Label Studio",
-                  "round 1: annotate", "round 1: sync labels", "round 1: fine-tune on Ray Train, gate",
-                  "round 1: Serve switches", "round 1: evaluate"):
+    for stage in (
+        "stack up",
+        "seed model",
+        "serve",
+        "round 1: score pool",
+        "round 1: route to Label Studio",
+        "round 1: annotate",
+        "round 1: sync labels",
+        "round 1: fine-tune on Ray Train, gate",
+        "round 1: Serve switches",
+        "round 1: evaluate",
+    ):
         assert f"{stage}: done" in result.output
     assert "Label Studio project" in result.output and "MLflow experiment" in result.output
 
@@ -105,8 +134,10 @@ def test_a_new_version_was_registered_and_served_or_refused(demo_run):
     champion = registry.by_alias(name, CHAMPION).version
     # the gate judged both versions on the held-out cells the demo froze, not on a few cut from round 1's labels
     frozen = (Path(settings.home) / "frozen" / "global" / "eval.csv").read_text().strip().splitlines()[1:]
-    judged = [json.loads(path.read_text())["n_cells"]
-              for path in (Path(settings.home) / "finetune").glob("*/evaluation/challenger.json")]
+    judged = [
+        json.loads(path.read_text())["n_cells"]
+        for path in (Path(settings.home) / "finetune").glob("*/evaluation/challenger.json")
+    ]
     assert judged == [len(frozen)] and len(frozen) >= 6
     if rounds[1]["gate"] == "promoted":
         assert registry.version(name, "2").tags["gate.verdict"] == "pass"

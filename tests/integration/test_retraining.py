@@ -19,7 +19,7 @@ import signal
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -58,15 +58,25 @@ def make_settings(root: Path, tiny_overrides: dict, model_name: str, **sections)
 
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     overrides = copy.deepcopy(tiny_overrides)
-    overrides.update({
-        "home": str(root / "home"),
-        "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "cache_dir": str(root / "cache"),
-                     "model_name": model_name},
-        "finetune": {"steps": 6, "warmup_steps": 2, "num_workers": 2, "storage_path": str(root / "ray"),
-                     "max_failures": 2},
-        "adapt": {"steps": 4},
-        **sections,
-    })
+    overrides.update(
+        {
+            "home": str(root / "home"),
+            "registry": {
+                "tracking_uri": f"sqlite:///{root}/mlflow.db",
+                "cache_dir": str(root / "cache"),
+                "model_name": model_name,
+            },
+            "finetune": {
+                "steps": 6,
+                "warmup_steps": 2,
+                "num_workers": 2,
+                "storage_path": str(root / "ray"),
+                "max_failures": 2,
+            },
+            "adapt": {"steps": 4},
+            **sections,
+        }
+    )
     settings = load_settings(overrides=overrides)
     (root / "config.json").write_text(settings.model_dump_json())
     return settings
@@ -106,11 +116,21 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(tmp_path, ray_c
     from jobs.finetune import run_finetune
 
     train_overrides = {**tiny_overrides["train"], "checkpoint_every": 2, "log_every": 2}
-    settings = make_settings(tmp_path, {**tiny_overrides, "train": train_overrides}, "retrain-test",
-                             finetune={"steps": 24, "warmup_steps": 2, "num_workers": 2, "max_failures": 2,
-                                       "storage_path": str(tmp_path / "ray")})
-    registry, parent = train_and_register("diffusion", select(records, ["jtsc"], TWO)[:60], settings,
-                                          tmp_path / "champion")
+    settings = make_settings(
+        tmp_path,
+        {**tiny_overrides, "train": train_overrides},
+        "retrain-test",
+        finetune={
+            "steps": 24,
+            "warmup_steps": 2,
+            "num_workers": 2,
+            "max_failures": 2,
+            "storage_path": str(tmp_path / "ray"),
+        },
+    )
+    registry, parent = train_and_register(
+        "diffusion", select(records, ["jtsc"], TWO)[:60], settings, tmp_path / "champion"
+    )
     labels = select(records, ["bccd"], TWO)[:50]
     pool = [r for r in select(records, ["cellavision"], TWO)[:8]]
 
@@ -166,17 +186,27 @@ def gated(tmp_path_factory, records, tiny_overrides):
 
     write_manifest(anomalies, root / "anomalies.csv")
     overrides = {**tiny_overrides, "train": {**tiny_overrides["train"], "steps": 150, "lr": 1e-3}}
-    settings = make_settings(root, overrides, "gate-test",
-                             promotion={"anomaly_manifest": str(root / "anomalies.csv"), "anomaly_label": "blast"},
-                             finetune={"steps": 6, "warmup_steps": 2, "num_workers": 1,
-                                       "storage_path": str(root / "ray")},
-                             drift={"window_hours": 1.0, "min_cells": 5})
+    settings = make_settings(
+        root,
+        overrides,
+        "gate-test",
+        promotion={"anomaly_manifest": str(root / "anomalies.csv"), "anomaly_label": "blast"},
+        finetune={"steps": 6, "warmup_steps": 2, "num_workers": 1, "storage_path": str(root / "ray")},
+        drift={"window_hours": 1.0, "min_cells": 5},
+    )
     registry, champion = train_and_register("baseline", cells[:120], settings, root / "champion")
     untrained = BaselineClassifier(TWO, settings.data, settings.baseline)
     untrained.save(root / "untrained")
     challenger = registry.log_model(root / "untrained", settings.registry.model_name, tags={"kind": "baseline"})
-    return {"root": root, "settings": settings, "registry": registry, "champion": champion,
-            "challenger": challenger.version, "eval": cells[120:180], "name": settings.registry.model_name}
+    return {
+        "root": root,
+        "settings": settings,
+        "registry": registry,
+        "champion": champion,
+        "challenger": challenger.version,
+        "eval": cells[120:180],
+        "name": settings.registry.model_name,
+    }
 
 
 def test_a_worse_challenger_is_refused_and_the_champion_stays(gated):
@@ -205,8 +235,9 @@ def test_override_and_rollback_are_recorded(gated):
 
     registry, name, config = gated["registry"], gated["name"], str(gated["root"] / "config.json")
     runner = CliRunner()
-    result = runner.invoke(app, ["promote", gated["challenger"], "--reason", "reviewed by Dr. Ada: gate too strict",
-                                 "--config", config])
+    result = runner.invoke(
+        app, ["promote", gated["challenger"], "--reason", "reviewed by Dr. Ada: gate too strict", "--config", config]
+    )
     assert result.exit_code == 0, result.output
     assert registry.by_alias(name, "champion").version == gated["challenger"]
     assert registry.version(name, gated["challenger"]).tags["gate.override"] == "reviewed by Dr. Ada: gate too strict"
@@ -216,13 +247,22 @@ def test_override_and_rollback_are_recorded(gated):
     assert registry.by_alias(name, "champion").version == gated["champion"]
 
     override, back = registry.alias_history(name, "champion")[-2:]
-    assert (override.action, override.from_version, override.to_version) == ("override", gated["champion"],
-                                                                             gated["challenger"])
+    assert (override.action, override.from_version, override.to_version) == (
+        "override",
+        gated["champion"],
+        gated["challenger"],
+    )
     assert override.why == "reviewed by Dr. Ada: gate too strict" and override.who
-    assert (back.action, back.from_version, back.to_version, back.why) == ("rollback", gated["challenger"],
-                                                                          gated["champion"], "worse on the ward")
-    log = [json.loads(line) for line in (gated["settings"].home / "registry" / "alias-moves.jsonl").read_text()
-           .splitlines()]
+    assert (back.action, back.from_version, back.to_version, back.why) == (
+        "rollback",
+        gated["challenger"],
+        gated["champion"],
+        "worse on the ward",
+    )
+    log = [
+        json.loads(line)
+        for line in (gated["settings"].home / "registry" / "alias-moves.jsonl").read_text().splitlines()
+    ]
     assert [m["action"] for m in log[-2:]] == ["override", "rollback"]
 
     nothing_left = runner.invoke(app, ["rollback", "--reason", "again", "--config", config])
@@ -238,14 +278,16 @@ def test_retrain_if_due_waits_for_new_labels(gated):
     write_manifest(gated["eval"], root / "consensus.csv")
     save_state(settings.home / "retrain" / "state.json", load_records(root / "consensus.csv"))
     versions = len(registry.versions(name))
-    result = CliRunner().invoke(app, ["retrain", "--labels", str(root / "consensus.csv"), "--if-due",
-                                      "--config", str(root / "config.json")])
+    result = CliRunner().invoke(
+        app, ["retrain", "--labels", str(root / "consensus.csv"), "--if-due", "--config", str(root / "config.json")]
+    )
     assert result.exit_code == 0, result.output
     assert "retrain not due: 0 new labels" in result.output
     assert len(registry.versions(name)) == versions
 
-    bad = CliRunner().invoke(app, ["retrain", "--labels", str(root / "missing.csv"), "--config",
-                                   str(root / "config.json")])
+    bad = CliRunner().invoke(
+        app, ["retrain", "--labels", str(root / "missing.csv"), "--config", str(root / "config.json")]
+    )
     assert bad.exit_code == 2 and "missing.csv" in bad.output
 
 
@@ -268,16 +310,26 @@ def test_drift_is_logged_and_flagged(gated):
     from cytoloop.finetune import write_manifest
     from cytoloop.retrain import save_state
 
-    settings, registry, name, root = gated["settings"], gated["registry"], gated["name"], gated["root"]
-    start = datetime(2026, 11, 2, tzinfo=timezone.utc)
+    settings, registry, root = gated["settings"], gated["registry"], gated["root"]
+    start = datetime(2026, 11, 2, tzinfo=UTC)
     lines = []
     for hour, shifted, confidence in ((0.5, False, 0.97), (1.5, True, 0.55)):
         for record in gated["eval"]:
             colour = colour_statistics(shifted_png(record.path) if shifted else record.path, settings.data)
-            lines.append(json.dumps({"time": (start + timedelta(hours=hour)).isoformat(),
-                                     "model_version": gated["champion"], "site": "north", "confidence": confidence,
-                                     "routed_to_review": confidence < 0.7, "predicted": record.label,
-                                     "label": record.label, "colour": colour.tolist()}))
+            lines.append(
+                json.dumps(
+                    {
+                        "time": (start + timedelta(hours=hour)).isoformat(),
+                        "model_version": gated["champion"],
+                        "site": "north",
+                        "confidence": confidence,
+                        "routed_to_review": confidence < 0.7,
+                        "predicted": record.label,
+                        "label": record.label,
+                        "colour": colour.tolist(),
+                    }
+                )
+            )
     (root / "predictions.jsonl").write_text("\n".join(lines) + "\n")
 
     runner = CliRunner()
@@ -311,14 +363,29 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
     registry, name, root = gated["registry"], gated["name"], gated["root"]
     write_manifest(gated["eval"][:40], root / "north.csv")
     runner = CliRunner()
-    result = runner.invoke(app, ["adapt", "--site", "north", "--data", str(root / "north.csv"), "--config",
-                                 str(root / "config.json")])
+    result = runner.invoke(
+        app, ["adapt", "--site", "north", "--data", str(root / "north.csv"), "--config", str(root / "config.json")]
+    )
     assert result.exit_code == 0, result.output
     adapted = registry.versions(name)[-1]
     assert adapted.tags["site"] == "north" and adapted.tags["job"] == "adapt"
     if adapted.tags["gate.verdict"] != "pass":  # a 4-step tiny fine-tune may lose; promoting it is then manual
-        assert runner.invoke(app, ["promote", adapted.version, "--site", "north", "--reason", "pilot",
-                                   "--config", str(root / "config.json")]).exit_code == 0
+        assert (
+            runner.invoke(
+                app,
+                [
+                    "promote",
+                    adapted.version,
+                    "--site",
+                    "north",
+                    "--reason",
+                    "pilot",
+                    "--config",
+                    str(root / "config.json"),
+                ],
+            ).exit_code
+            == 0
+        )
     assert registry.for_site(name, "north").version == adapted.version
     assert registry.for_site(name, "south").version == registry.by_alias(name, "champion").version
     assert registry.by_alias(name, "champion").version != adapted.version

@@ -129,9 +129,12 @@ def test_stack_up_is_idempotent_and_a_taken_port_is_named(label_studio, tmp_path
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        settings = label_studio.settings.model_copy(update={
-            "home": tmp_path / "other",
-            "review": label_studio.settings.review.model_copy(update={"webhook_port": busy.getsockname()[1]})})
+        settings = label_studio.settings.model_copy(
+            update={
+                "home": tmp_path / "other",
+                "review": label_studio.settings.review.model_copy(update={"webhook_port": busy.getsockname()[1]}),
+            }
+        )
         with pytest.raises(StackError, match=f"port {busy.getsockname()[1]} .* taken"):
             Stack(settings, log=lambda m: None).up(only=["labels"])
 
@@ -246,11 +249,18 @@ def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, tmp_path)
     from labelstudio.sync import sync
 
     settings_file = tmp_path / "settings.json"
-    settings_file.write_text(world.loop.settings.model_dump_json(
-        exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True))
+    settings_file.write_text(
+        world.loop.settings.model_dump_json(
+            exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True
+        )
+    )
     store_path = tmp_path / "labels.db"
-    child = subprocess.Popen([sys.executable, "-c", SYNC_THEN_HANG, str(settings_file), str(store_path)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SYNC_THEN_HANG, str(settings_file), str(store_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     guard = threading.Timer(120, child.kill)  # a child that never reports must not hang the suite
     guard.start()
     try:
@@ -276,13 +286,18 @@ def test_consensus_report_and_training_manifest(world, tmp_path):
     # jtsc tasks 0-1 agreed, 2 a tie (neutrophil / lymphocyte), 3 agreed but flagged abnormal, 4 one label left
     assert report["status"] == {"agreed": 3, "tie": 1, "pending": 1}
     assert [(c["status"], c["abnormal"]) for c in report["senior_review"]] in (
-        [("tie", False), ("agreed", True)], [("agreed", True), ("tie", False)])
+        [("tie", False), ("agreed", True)],
+        [("agreed", True), ("tie", False)],
+    )
     ann1 = report["annotators"]["ann1@lab.test"]
     assert (ann1["labelled"], ann1["compared"], ann1["agreement"]) == (4, 4, 0.75)
 
     settings_file = tmp_path / "settings.json"
-    settings_file.write_text(world.server.settings.model_dump_json(
-        exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True))
+    settings_file.write_text(
+        world.server.settings.model_dump_json(
+            exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True
+        )
+    )
     out = tmp_path / "reviewed.csv"
     result = CliRunner().invoke(app, ["review", "export", "--config", str(settings_file), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -322,18 +337,37 @@ def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp
     data = tmp_path / "unseen.csv"
     data.write_text("path,label,domain\n" + "".join(f"{r.path},,{r.domain}\n" for r in unseen))
 
-    settings = world.loop.settings.model_copy(update={"routing": world.loop.settings.routing.model_copy(
-        update={"review_below": 1.0})})  # a 10-step model is never confident: everything goes to review
+    settings = world.loop.settings.model_copy(
+        update={"routing": world.loop.settings.routing.model_copy(update={"review_below": 1.0})}
+    )  # a 10-step model is never confident: everything goes to review
     config = tmp_path / "settings.json"
-    config.write_text(settings.model_dump_json(
-        exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True))
-    args = ["review", "route", "--model", str(tmp_path / "model"), "--data", str(data), "--site", "clinic",
-            "--model-version", "tiny-1", "--budget", "5", "--config", str(config)]
+    config.write_text(
+        settings.model_dump_json(
+            exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True
+        )
+    )
+    args = [
+        "review",
+        "route",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data),
+        "--site",
+        "clinic",
+        "--model-version",
+        "tiny-1",
+        "--budget",
+        "5",
+        "--config",
+        str(config),
+    ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "5 chosen, 5 newly queued" in first.output and "pushed 5 task(s)" in first.output
     keys = [k for k in ls_task_keys(world) if k.startswith("clinic:")]
     assert len(keys) == 5 and all(k.endswith("@tiny-1") for k in keys)
-    bad = CliRunner().invoke(app, ["review", "route", "--model", str(tmp_path / "missing"), "--data", str(data),
-                                   "--config", str(config)])
+    bad = CliRunner().invoke(
+        app, ["review", "route", "--model", str(tmp_path / "missing"), "--data", str(data), "--config", str(config)]
+    )
     assert bad.exit_code == 2 and "missing" in bad.output

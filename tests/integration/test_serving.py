@@ -99,13 +99,23 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
     registry.set_alias(MODEL, "champion-sited", versions["diffusion"])
     registry.set_alias(MODEL, "champion-moving", versions["four"])
 
-    settings = load_settings(overrides={
-        "registry": {"tracking_uri": registry.tracking_uri, "cache_dir": str(root / "cache"), "model_name": MODEL},
-        "serve": {**LIMITS, "api_key": API_KEY, "alias_poll_s": 0.5, "max_batch_size": 8, "batch_wait_s": 0.1,
-                  "max_ongoing_requests": 32, "num_cpus": 0.5, "prediction_log": str(root / "predictions.jsonl")},
-        "routing": {"review_below": 0.6, "anomaly_above": None, "audit_fraction": 0.0},
-        "differential": {"min_cells": 4},
-    })
+    settings = load_settings(
+        overrides={
+            "registry": {"tracking_uri": registry.tracking_uri, "cache_dir": str(root / "cache"), "model_name": MODEL},
+            "serve": {
+                **LIMITS,
+                "api_key": API_KEY,
+                "alias_poll_s": 0.5,
+                "max_batch_size": 8,
+                "batch_wait_s": 0.1,
+                "max_ongoing_requests": 32,
+                "num_cpus": 0.5,
+                "prediction_log": str(root / "predictions.jsonl"),
+            },
+            "routing": {"review_below": 0.6, "anomaly_above": None, "audit_fraction": 0.0},
+            "differential": {"min_cells": 4},
+        }
+    )
     temp_dir = tempfile.mkdtemp(prefix="ray_srv_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_worker_niceness"] = "0"  # Ray starts workers at +15: on a busy machine the proxy never starts
@@ -143,8 +153,12 @@ def test_real_cells_classified_over_http(serving):
         assert cell["confidence"] == pytest.approx(max(cell["probabilities"].values()))
         assert 0 <= cell["uncertainty"] <= 1.3863  # entropy of 4 classes is at most ln 4
         assert cell["route"] == ("accept" if cell["confidence"] >= 0.6 else "review")
-        assert cell["model"] == {"name": MODEL, "version": serving.versions["four"], "alias": "champion",
-                                 "kind": "baseline"}
+        assert cell["model"] == {
+            "name": MODEL,
+            "version": serving.versions["four"],
+            "alias": "champion",
+            "kind": "baseline",
+        }
     # the same cells as base64 JSON get the same answers
     body = {"cells": [{"name": p.name, "image_b64": base64.b64encode(p.read_bytes()).decode()} for p in paths]}
     again = _ok_cells(serving.post("/v1/classify", json=body))
@@ -164,7 +178,7 @@ def test_served_cells_feed_the_drift_log(serving):
         time.sleep(0.2)
     assert len(events) >= len(cells)
     assert {e.model_version for e in events} == {serving.versions["two"]}
-    assert sorted(e.predicted for e in events[-len(cells):]) == sorted(c["label"] for c in cells)
+    assert sorted(e.predicted for e in events[-len(cells) :]) == sorted(c["label"] for c in cells)
     assert all(e.colour is not None and len(e.colour) == 6 for e in events)
 
 
@@ -176,16 +190,19 @@ def test_diffusion_model_served_for_its_site(serving):
 
 
 def test_site_without_its_own_alias_gets_the_global_champion(serving):
-    cell, = _ok_cells(serving.classify_files(serving.cells[:1], site="st-elsewhere"))
+    (cell,) = _ok_cells(serving.classify_files(serving.cells[:1], site="st-elsewhere"))
     assert cell["model"]["version"] == serving.versions["four"] and cell["model"]["alias"] == "champion"
-    siteb, = _ok_cells(serving.classify_files(serving.cells[:1], site="siteb"))
+    (siteb,) = _ok_cells(serving.classify_files(serving.cells[:1], site="siteb"))
     assert siteb["model"]["version"] == serving.versions["two"] and siteb["model"]["alias"] == "champion-siteb"
 
 
 def test_bad_cell_gets_its_own_error_and_others_are_answered(serving):
     good = serving.cells[0]
-    files = [("files", ("good.bmp", good.read_bytes())), ("files", ("notes.txt", b"not an image at all")),
-             ("files", ("cut.bmp", good.read_bytes()[: len(good.read_bytes()) // 2]))]
+    files = [
+        ("files", ("good.bmp", good.read_bytes())),
+        ("files", ("notes.txt", b"not an image at all")),
+        ("files", ("cut.bmp", good.read_bytes()[: len(good.read_bytes()) // 2])),
+    ]
     response = serving.post("/v1/classify", files=files)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -202,13 +219,16 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("name, data, status, words", [
-    ("notes.txt", b"hello, not an image", 422, ["notes.txt", "not an image", "BMP"]),
-    ("half.bmp", None, 422, ["half.bmp", "truncated"]),
-    ("huge.bmp", b"BM" + bytes(500_000), 413, ["huge.bmp", "500002 bytes", "400000"]),
-    ("wide.png", _png(800, 400), 413, ["wide.png", "800x400", "160000"]),
-    ("empty.png", b"", 422, ["empty.png", "empty"]),
-])
+@pytest.mark.parametrize(
+    "name, data, status, words",
+    [
+        ("notes.txt", b"hello, not an image", 422, ["notes.txt", "not an image", "BMP"]),
+        ("half.bmp", None, 422, ["half.bmp", "truncated"]),
+        ("huge.bmp", b"BM" + bytes(500_000), 413, ["huge.bmp", "500002 bytes", "400000"]),
+        ("wide.png", _png(800, 400), 413, ["wide.png", "800x400", "160000"]),
+        ("empty.png", b"", 422, ["empty.png", "empty"]),
+    ],
+)
 def test_bad_inputs_are_4xx_saying_which_and_why(serving, name, data, status, words):
     if data is None:
         whole = serving.cells[0].read_bytes()
@@ -258,7 +278,8 @@ def test_models_health_and_docs(serving):
     assert httpx.get(serving.url + "/readyz", timeout=60).json()["status"] == "ready"
     schema = httpx.get(serving.url + "/openapi.json", timeout=60).json()
     assert {"/v1/classify", "/v1/samples/{sample_id}/differential", "/v1/models", "/healthz", "/readyz"} <= set(
-        schema["paths"])
+        schema["paths"]
+    )
     assert "#/$defs/" not in json.dumps(schema)  # the hand-written request bodies are self-contained
     assert httpx.get(serving.url + "/docs", timeout=60).status_code == 200
 
@@ -348,8 +369,9 @@ def test_without_a_model_requests_are_503_saying_why(serving):
 
     from services.app import build_app
 
-    settings = serving.settings.model_copy(update={
-        "serve": serving.settings.serve.model_copy(update={"model_name": "no-such-model"})})
+    settings = serving.settings.model_copy(
+        update={"serve": serving.settings.serve.model_copy(update={"model_name": "no-such-model"})}
+    )
     serve.run(build_app(settings), name="broken", route_prefix="/broken", blocking=False)
     try:
         ready = httpx.get(serving.url + "/broken/readyz", timeout=60)

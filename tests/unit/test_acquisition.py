@@ -17,8 +17,12 @@ def fake_pool(n: int = 40, seed: int = 0, anomaly: np.ndarray | None = None) -> 
     logits = rng.normal(size=(n, len(CLASSES))) * rng.uniform(0.1, 4.0, size=(n, 1))
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     anomaly = rng.normal(size=n) if anomaly is None else anomaly
-    return Pool(Predictions(probs, anomaly, np.ones(n, dtype=int)), [f"cell-{i}" for i in range(n)], CLASSES,
-                sample_ids=[f"s{i % 3}" for i in range(n)])
+    return Pool(
+        Predictions(probs, anomaly, np.ones(n, dtype=int)),
+        [f"cell-{i}" for i in range(n)],
+        CLASSES,
+        sample_ids=[f"s{i % 3}" for i in range(n)],
+    )
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))

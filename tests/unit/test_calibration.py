@@ -80,8 +80,12 @@ def test_timestep_weights_ignore_eliminated_classes():
     """NaN errors (classes eliminated) are left out of the margin, not propagated."""
     log = TrialLog(
         strata=[0, 0, 1, 1],
-        errors=[np.array([0.5, 1.0, 1.1]), np.array([0.5, 1.2, np.nan]), np.array([1.0, 1.0, 1.0]),
-                np.array([1.1, 0.9, np.nan])],
+        errors=[
+            np.array([0.5, 1.0, 1.1]),
+            np.array([0.5, 1.2, np.nan]),
+            np.array([1.0, 1.0, 1.0]),
+            np.array([1.1, 0.9, np.nan]),
+        ],
         null_errors=[1.0] * 4,
     )
     weights = fit_timestep_weights([log], np.array([0]), bins=2)

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from cytoloop.cascade import CascadeClassifier, distill, soft_targets, threshold_for_fraction
-from cytoloop.config import (AugmentConfig, BaselineModelConfig, CascadeConfig, DataConfig, DiffusionModelConfig,
-                             ScoringConfig, TrainConfig)
+from cytoloop.config import (
+    AugmentConfig,
+    BaselineModelConfig,
+    CascadeConfig,
+    DataConfig,
+    DiffusionModelConfig,
+    ScoringConfig,
+    TrainConfig,
+)
 from cytoloop.models import load_model
 from cytoloop.models.baseline import BaselineClassifier
 from cytoloop.models.diffusion import DiffusionClassifier
@@ -113,8 +120,14 @@ def test_distill_builds_a_working_cascade(teacher, images):
     labels = np.array([0, 1, 2, 0, 1, 2, -1, -1])
     config = CascadeConfig(defer_fraction=0.5)
     cascade, report = distill(
-        teacher, images[:8], labels, images[8:], np.array([0, 1, 2, 0]), config,
-        TrainConfig(steps=3, batch_size=4, warmup_steps=1, log_every=1), AugmentConfig(),
+        teacher,
+        images[:8],
+        labels,
+        images[8:],
+        np.array([0, 1, 2, 0]),
+        config,
+        TrainConfig(steps=3, batch_size=4, warmup_steps=1, log_every=1),
+        AugmentConfig(),
         BaselineModelConfig(channels=(4, 8)),
     )
     assert report["n_distill"] == 8 and report["n_labelled"] == 6

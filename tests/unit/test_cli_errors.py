@@ -18,8 +18,15 @@ def _raise(error: Exception):
     return action
 
 
-@pytest.mark.parametrize("error", [UsageError("unknown class 'x'"), DatasetError("no cells"),
-                                   FileNotFoundError("settings.json"), PermissionError("port 8080 is taken")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        UsageError("unknown class 'x'"),
+        DatasetError("no cells"),
+        FileNotFoundError("settings.json"),
+        PermissionError("port 8080 is taken"),
+    ],
+)
 def test_a_users_mistake_is_a_message_and_exit_code_2(error, capsys):
     with pytest.raises(typer.Exit) as exit_info:
         run(_raise(error))
@@ -41,6 +48,14 @@ def test_every_project_error_is_a_cytoloop_error():
     from labelstudio.client import LabelStudioUnavailable
     from labelstudio.tasks import TaskError
 
-    for kind in (DatasetError, ImageError, ModelLoadError, RegistryError, StackError, LabelStudioUnavailable,
-                 TaskError, UsageError):
+    for kind in (
+        DatasetError,
+        ImageError,
+        ModelLoadError,
+        RegistryError,
+        StackError,
+        LabelStudioUnavailable,
+        TaskError,
+        UsageError,
+    ):
         assert issubclass(kind, CytoLoopError), kind

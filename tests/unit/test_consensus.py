@@ -13,9 +13,13 @@ def v(cell, who, label, at="2026-01-01T00:00:00", abnormal=False):
 
 def test_majority_tie_and_pending():
     votes = [
-        v("agree", "a", "neutrophil"), v("agree", "b", "neutrophil"),
-        v("tie", "a", "neutrophil"), v("tie", "b", "lymphocyte"),
-        v("majority", "a", "monocyte"), v("majority", "b", "monocyte"), v("majority", "c", "lymphocyte"),
+        v("agree", "a", "neutrophil"),
+        v("agree", "b", "neutrophil"),
+        v("tie", "a", "neutrophil"),
+        v("tie", "b", "lymphocyte"),
+        v("majority", "a", "monocyte"),
+        v("majority", "b", "monocyte"),
+        v("majority", "c", "lymphocyte"),
         v("one", "a", "neutrophil"),
     ]
     result = consensus(votes, required=2)
@@ -29,8 +33,11 @@ def test_majority_tie_and_pending():
 
 
 def test_an_annotator_counts_once_with_their_latest_label():
-    votes = [v("c", "a", "lymphocyte", "2026-01-01"), v("c", "a", "neutrophil", "2026-01-02"),
-             v("c", "b", "neutrophil", "2026-01-01")]
+    votes = [
+        v("c", "a", "lymphocyte", "2026-01-01"),
+        v("c", "a", "neutrophil", "2026-01-02"),
+        v("c", "b", "neutrophil", "2026-01-01"),
+    ]
     result = consensus(votes, required=2)["c"]
     assert result.votes == {"neutrophil": 2} and result.annotators == ["a", "b"] and result.status == "agreed"
     assert result.last_labelled_at == "2026-01-02"
@@ -48,9 +55,14 @@ def test_required_must_be_positive():
 
 def test_agreement_per_annotator_and_pair():
     votes = [
-        v("1", "a", "x"), v("1", "b", "x"), v("1", "c", "y"),
-        v("2", "a", "x"), v("2", "b", "x"), v("2", "c", "x"),
-        v("3", "a", "x"), v("3", "b", "y"),  # a vs b alone: each compared with the other
+        v("1", "a", "x"),
+        v("1", "b", "x"),
+        v("1", "c", "y"),
+        v("2", "a", "x"),
+        v("2", "b", "x"),
+        v("2", "c", "x"),
+        v("3", "a", "x"),
+        v("3", "b", "y"),  # a vs b alone: each compared with the other
     ]
     figures = annotator_agreement(votes)
     assert figures["c"] == {"labelled": 2, "compared": 2, "agreement": 0.5}

@@ -14,8 +14,11 @@ from labelstudio.annotators import SimulatedAnnotator
 
 
 def records(per_class: dict[str, int]) -> list[CellRecord]:
-    return [CellRecord(f"{label}/{i}.png", Path(f"/cells/{label}/{i}.png"), label, "lab")
-            for label, n in per_class.items() for i in range(n)]
+    return [
+        CellRecord(f"{label}/{i}.png", Path(f"/cells/{label}/{i}.png"), label, "lab")
+        for label, n in per_class.items()
+        for i in range(n)
+    ]
 
 
 def test_split_is_disjoint_per_class_and_seeded():
@@ -60,8 +63,9 @@ def test_annotators_err_at_their_rate_independently_and_reproducibly():
     wrong_b = np.array([second.answer("neutrophil", classes, k) != "neutrophil" for k in keys])
     assert 0.08 < wrong_a.mean() < 0.12 and 0.08 < wrong_b.mean() < 0.12
     assert (wrong_a & wrong_b).mean() < 0.03  # independent errors: both wrong about 1 % of the time
-    assert [first.answer("neutrophil", classes, k) for k in keys[:50]] == \
-        [annotator("a@x", 0.1).answer("neutrophil", classes, k) for k in keys[:50]]
+    assert [first.answer("neutrophil", classes, k) for k in keys[:50]] == [
+        annotator("a@x", 0.1).answer("neutrophil", classes, k) for k in keys[:50]
+    ]
     assert all(annotator("c@x", 0.0).answer("monocyte", classes, k) == "monocyte" for k in keys[:200])
     with pytest.raises(ValueError, match="error_rate"):
         SimulatedAnnotator.sign_up("http://127.0.0.1:1", "x@y", "pw", error_rate=1.0)
@@ -70,11 +74,25 @@ def test_annotators_err_at_their_rate_independently_and_reproducibly():
 def test_round_table_and_report(tmp_path):
     from cytoloop.loop_report import write_report
 
-    rounds = [RoundResult(0, 10, version="1", gate="seed", served="1", balanced_accuracy=0.6, ece=0.1),
-              RoundResult(1, 30, scored=50, routed={"review": 20, "accept": 30}, sent=20, annotations=40,
-                          consensus=18, version="2", gate="promoted", served="2", balanced_accuracy=0.7, ece=0.08,
-                          drift={"mean_confidence": 0.7, "review_fraction": 0.4, "psi_max": 0.1},
-                          seconds={"score": 3.0})]
+    rounds = [
+        RoundResult(0, 10, version="1", gate="seed", served="1", balanced_accuracy=0.6, ece=0.1),
+        RoundResult(
+            1,
+            30,
+            scored=50,
+            routed={"review": 20, "accept": 30},
+            sent=20,
+            annotations=40,
+            consensus=18,
+            version="2",
+            gate="promoted",
+            served="2",
+            balanced_accuracy=0.7,
+            ece=0.08,
+            drift={"mean_confidence": 0.7, "review_fraction": 0.4, "psi_max": 0.1},
+            seconds={"score": 3.0},
+        ),
+    ]
     assert rounds[1].routed_fraction == 0.4
     table = round_table(rounds)
     assert "| 1 | 30 | 50 | 40% | 20 | 40 | 18 | v2 | promoted | v2 | 0.700 | 0.080 | 3 |" in table

@@ -60,8 +60,12 @@ def _write_manifest(path: Path, rows: list[dict]) -> Path:
 
 def _records(n_per_stratum: dict[tuple[str, str], int]) -> list[CellRecord]:
     return [
-        CellRecord(cell_id=f"{domain}/{label}_{i:03d}.png", path=Path(f"/x/{domain}/{label}_{i:03d}.png"),
-                   label=label, domain=domain)
+        CellRecord(
+            cell_id=f"{domain}/{label}_{i:03d}.png",
+            path=Path(f"/x/{domain}/{label}_{i:03d}.png"),
+            label=label,
+            domain=domain,
+        )
         for (label, domain), n in n_per_stratum.items()
         for i in range(n)
     ]
@@ -247,8 +251,17 @@ def test_load_cells_all_bad_gives_empty_array(tmp_path):
 
 @pytest.mark.parametrize(
     "suffix,mode",
-    [(".bmp", "RGB"), (".jpg", "RGB"), (".tif", "RGB"), (".png", "RGB"), (".png", "L"), (".png", "RGBA"),
-     (".tif", "L"), (".jpg", "L"), (".png", "P")],
+    [
+        (".bmp", "RGB"),
+        (".jpg", "RGB"),
+        (".tif", "RGB"),
+        (".png", "RGB"),
+        (".png", "L"),
+        (".png", "RGBA"),
+        (".tif", "L"),
+        (".jpg", "L"),
+        (".png", "P"),
+    ],
 )
 @pytest.mark.parametrize("stain", ["reinhard", "none"])
 def test_formats_and_modes_load_to_model_input(tmp_path, suffix, mode, stain):

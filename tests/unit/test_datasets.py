@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cytoloop import datasets
 from cytoloop.cli import app
 from cytoloop.data import load_records
-from cytoloop.datasets import DownloadError, NoDataError, PublicDataset, fetch, fetched, resolve_data
+from cytoloop.datasets import DownloadError, NoDataError, fetch, fetched, resolve_data
 
 SPLIT_SIZES = {"train": 24, "val": 8, "test": 8}  # labels cycle through the 8 classes: 5 cells per class
 
@@ -91,8 +91,9 @@ def server(archive):
 @pytest.fixture
 def catalogue(server, archive):
     """A catalogue whose one downloadable entry is the BloodMNIST entry pointed at the local server."""
-    entry = replace(datasets.CATALOGUE["bloodmnist"], name="tiny", url=server.url,
-                    md5=hashlib.md5(archive[0]).hexdigest())
+    entry = replace(
+        datasets.CATALOGUE["bloodmnist"], name="tiny", url=server.url, md5=hashlib.md5(archive[0]).hexdigest()
+    )
     return {"tiny": entry, "pbc": datasets.CATALOGUE["pbc"]}
 
 

@@ -28,8 +28,11 @@ def test_percentages_and_routine_smear():
 def test_flags_send_the_smear_to_a_hematologist():
     cells = [cell(i, "neutrophil") for i in range(40)] + [cell(40 + i, "lymphocyte", "anomaly") for i in range(3)]
     cells += [cell(43 + i, "monocyte", "review") for i in range(3)]
-    count = differential(cells, CLASSES, DifferentialConfig(min_cells=100, max_review_fraction=0.1,
-                                                            blasts_min_cells=2, blasts_min_fraction=0.05))
+    count = differential(
+        cells,
+        CLASSES,
+        DifferentialConfig(min_cells=100, max_review_fraction=0.1, blasts_min_cells=2, blasts_min_fraction=0.05),
+    )
     assert count.flags == [TOO_FEW_CELLS, MANY_UNCERTAIN, BLASTS_SUSPECTED]
     assert len(count.reasons) == 3 and "46 classified cells" in count.reasons[0]
     assert "6 of 46" in count.reasons[1] and "3 of 46" in count.reasons[2]
@@ -38,10 +41,14 @@ def test_flags_send_the_smear_to_a_hematologist():
 
 @pytest.mark.parametrize("anomalies, flagged", [(1, False), (2, True)])
 def test_blasts_need_the_minimum_number_of_anomalies(anomalies, flagged):
-    cells = [cell(i, "neutrophil") for i in range(100)] + [cell(100 + i, "monocyte", "anomaly")
-                                                          for i in range(anomalies)]
-    count = differential(cells, CLASSES, DifferentialConfig(min_cells=1, max_review_fraction=0.5,
-                                                            blasts_min_cells=2, blasts_min_fraction=0.01))
+    cells = [cell(i, "neutrophil") for i in range(100)] + [
+        cell(100 + i, "monocyte", "anomaly") for i in range(anomalies)
+    ]
+    count = differential(
+        cells,
+        CLASSES,
+        DifferentialConfig(min_cells=1, max_review_fraction=0.5, blasts_min_cells=2, blasts_min_fraction=0.01),
+    )
     assert (BLASTS_SUSPECTED in count.flags) is flagged
 
 

@@ -3,7 +3,7 @@
 import io
 import json
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -68,13 +68,20 @@ def test_windows_flag_stain_and_confidence_drift(jtsc):
     config = DataConfig(image_size=16)
     train, incoming = jtsc
     reference = colour_statistics_of(train, config)
-    start = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 1, tzinfo=UTC)
 
     def event(record, hour, shifted, confidence):
         colour = colour_statistics(shifted_png(record.path) if shifted else record.path, config)
-        return PredictionEvent(time=start + timedelta(hours=hour), model_version="3", site="north",
-                               confidence=confidence, routed_to_review=confidence < 0.7, predicted="neutrophil",
-                               label=record.label, colour=colour.tolist())
+        return PredictionEvent(
+            time=start + timedelta(hours=hour),
+            model_version="3",
+            site="north",
+            confidence=confidence,
+            routed_to_review=confidence < 0.7,
+            predicted="neutrophil",
+            label=record.label,
+            colour=colour.tolist(),
+        )
 
     events = [event(r, 0.5, False, 0.9) for r in incoming] + [event(r, 1.5, True, 0.6) for r in incoming]
     first, second = drift_windows(events, {"3": reference}, CONFIG)
@@ -87,16 +94,29 @@ def test_windows_flag_stain_and_confidence_drift(jtsc):
 
 
 def test_small_windows_raise_no_flag():
-    events = [PredictionEvent(time=datetime(2026, 11, 1, tzinfo=timezone.utc), model_version="1", confidence=0.1,
-                              routed_to_review=True, predicted="a", label="b")]
+    events = [
+        PredictionEvent(
+            time=datetime(2026, 11, 1, tzinfo=UTC),
+            model_version="1",
+            confidence=0.1,
+            routed_to_review=True,
+            predicted="a",
+            label="b",
+        )
+    ]
     (window,) = drift_windows(events, {}, CONFIG)
     assert window.flags == [] and window.figures["reviewed_accuracy"] == 0.0
 
 
 def test_bad_event_line_names_the_line(tmp_path):
     log = tmp_path / "events.jsonl"
-    good = {"time": "2026-11-01T00:00:00Z", "model_version": "1", "confidence": 0.5, "routed_to_review": False,
-            "predicted": "neutrophil"}
+    good = {
+        "time": "2026-11-01T00:00:00Z",
+        "model_version": "1",
+        "confidence": 0.5,
+        "routed_to_review": False,
+        "predicted": "neutrophil",
+    }
     log.write_text(json.dumps(good) + "\n" + json.dumps({**good, "confidence": 2.0}) + "\n")
     with pytest.raises(DatasetError, match=r"events.jsonl:2: .*confidence"):
         read_events(log)

@@ -24,8 +24,9 @@ def _lab(root, domain, labels, n=8, seed=0):
 
 
 def test_a_lab_with_fewer_classes_is_scored_on_the_classes_it_has(tmp_path, tiny_settings):
-    model, _ = train_model("baseline", _lab(tmp_path, "big", ["red", "blue", "green"], 10), tiny_settings,
-                           tmp_path / "model")
+    model, _ = train_model(
+        "baseline", _lab(tmp_path, "big", ["red", "blue", "green"], 10), tiny_settings, tmp_path / "model"
+    )
     small = _lab(tmp_path, "small", ["red", "blue"], seed=1)  # a lab without 'green'
     other = _lab(tmp_path, "other", ["green", "blue"], seed=2)
     report = evaluate_model(model, small + other)

@@ -170,8 +170,9 @@ def _toy_logs(n_cells: int, n_trials: int, seed: int) -> list[TrialLog]:
         means = np.array([1.0, 1.0 + margin, 1.1 + margin, 1.3])
         shared = rng.normal(0, 0.3, size=(n_trials, 1))  # the shared noise a paired test cancels
         errors = means + shared + rng.normal(0, 0.1, size=(n_trials, 4))
-        logs.append(TrialLog(strata=[k % 4 for k in range(n_trials)], errors=list(errors),
-                             null_errors=[np.nan] * n_trials))
+        logs.append(
+            TrialLog(strata=[k % 4 for k in range(n_trials)], errors=list(errors), null_errors=[np.nan] * n_trials)
+        )
     return logs
 
 
@@ -179,8 +180,9 @@ def test_tuning_meets_the_agreement_target_cheaply():
     logs = _toy_logs(40, 60, seed=0)
     weights = np.ones(4)
     base = ScoringConfig(max_trials=60, timestep_bins=4, score_null_class=False)
-    tuned, rows = tune_scoring(logs, weights, base, target_agreement=0.99, min_trials=(1, 2, 4, 8),
-                               p_values=(0.2, 0.05, 0.01, 2e-3))
+    tuned, rows = tune_scoring(
+        logs, weights, base, target_agreement=0.99, min_trials=(1, 2, 4, 8), p_values=(0.2, 0.05, 0.01, 2e-3)
+    )
     assert tuned is not base
     # measured over every order of each cell's trials that tuning replays
     orders = [(order, decision(log, weights)) for log in logs for order in reorderings(log, base.tuning_orders, 4)]
@@ -207,8 +209,11 @@ def test_tuning_keeps_config_when_target_unreachable():
 
 def test_trials_needed_by_hand():
     # running decision: trial 1 -> class 1, after 2 -> class 0 (cumsum [1.0, 0.2] vs [0.0, 1.0] ...)
-    log = TrialLog(strata=[0, 0, 0], errors=[np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.0, 0.5])],
-                   null_errors=[np.nan] * 3)
+    log = TrialLog(
+        strata=[0, 0, 0],
+        errors=[np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.0, 0.5])],
+        null_errors=[np.nan] * 3,
+    )
     assert trials_needed(log, np.ones(1)) == 2
     steady = TrialLog(strata=[0, 0], errors=[np.array([0.0, 1.0])] * 2, null_errors=[np.nan] * 2)
     assert trials_needed(steady, np.ones(1)) == 1
@@ -216,16 +221,22 @@ def test_trials_needed_by_hand():
 
 def test_evaluations_needed_by_hand():
     # class 0 is decided; class 1 is behind from trial 1, class 2 is ahead until trial 3 and behind from trial 4
-    errors = [np.array([0.0, 1.0, -1.0]), np.array([0.0, 1.0, 0.5]), np.array([0.0, 1.0, 0.4]),
-              np.array([0.0, 1.0, 0.2])]
+    errors = [
+        np.array([0.0, 1.0, -1.0]),
+        np.array([0.0, 1.0, 0.5]),
+        np.array([0.0, 1.0, 0.4]),
+        np.array([0.0, 1.0, 0.2]),
+    ]
     log = TrialLog(strata=[0] * 4, errors=errors, null_errors=[np.nan] * 4)
     # class 1 in play 1 trial, class 2 four (its total is -1, -0.5, -0.1, +0.1), class 0 as long as class 2
     assert evaluations_needed(log, np.ones(1)) == 1 + 4 + 4
     assert evaluations_needed(log, np.ones(1), null_trials=1) == 10
     assert evaluations_needed(log, np.ones(1), null_trials=None) == 9 + 4  # the null class on all four trials
     # a weight that shrinks trial 1 settles class 2 earlier: -0.1, +0.4 after two trials
-    assert evaluations_needed(TrialLog(strata=[0, 1, 1, 1], errors=errors, null_errors=[np.nan] * 4),
-                              np.array([0.1, 1.0])) == 1 + 2 + 2
+    assert (
+        evaluations_needed(TrialLog(strata=[0, 1, 1, 1], errors=errors, null_errors=[np.nan] * 4), np.array([0.1, 1.0]))
+        == 1 + 2 + 2
+    )
 
 
 # --------------------------------------------------------------------------- runtime options
@@ -242,8 +253,7 @@ def test_bf16_channels_last_runs_on_cpu():
         ["a", "b"],
         DataConfig(image_size=SIZE),
         DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
-        ScoringConfig(min_trials=2, max_trials=2, timestep_bins=2, precision="bf16", channels_last=True,
-                      device="cpu"),
+        ScoringConfig(min_trials=2, max_trials=2, timestep_bins=2, precision="bf16", channels_last=True, device="cpu"),
     )
     images = np.random.default_rng(0).uniform(-1, 1, size=(2, 3, SIZE, SIZE)).astype(np.float32)
     result = model.score(images)
@@ -276,8 +286,12 @@ def test_unlabeled_cells_join_the_tuning_set_but_not_the_temperature():
 
     torch.manual_seed(0)
     config = ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5)
-    model = DiffusionClassifier(["a", "b"], DataConfig(image_size=SIZE),
-                                DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4), config)
+    model = DiffusionClassifier(
+        ["a", "b"],
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        config,
+    )
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, size=(4, 3, SIZE, SIZE)).astype(np.float32)
     unlabeled = rng.uniform(-1, 1, size=(3, 3, SIZE, SIZE)).astype(np.float32)
@@ -344,8 +358,14 @@ def test_a_variance_prior_lets_the_first_trials_decide_and_shrinks_a_lucky_estim
 
 def test_tuning_offers_the_variance_prior_and_reports_it():
     logs = _toy_logs(30, 40, seed=1)
-    tuned, rows = tune_scoring(logs, np.ones(4), ScoringConfig(max_trials=40, timestep_bins=4, score_null_class=False),
-                               target_agreement=0.9, min_trials=(1, 2), p_values=(0.1, 0.01))
+    tuned, rows = tune_scoring(
+        logs,
+        np.ones(4),
+        ScoringConfig(max_trials=40, timestep_bins=4, score_null_class=False),
+        target_agreement=0.9,
+        min_trials=(1, 2),
+        p_values=(0.1, 0.01),
+    )
     assert {r["variance_prior_trials"] for r in rows} == {0.0, 2.0}
     assert not any(r["variance_prior_trials"] == 0 and r["min_trials"] == 1 for r in rows)
     with_prior = [r for r in rows if r["variance_prior_trials"] == 2.0]
@@ -365,7 +385,7 @@ def test_reorderings_keep_the_trials_and_the_block_design():
         for stratum, errors, null in zip(other.strata, other.errors, other.null_errors):
             assert stratum == log.strata[null] and np.array_equal(errors, log.errors[null])
         # blocks of 4 visit every stratum once, as scoring draws them
-        assert all(sorted(other.strata[b:b + 4]) == [0, 1, 2, 3] for b in range(0, 12, 4))
+        assert all(sorted(other.strata[b : b + 4]) == [0, 1, 2, 3] for b in range(0, 12, 4))
         assert decision(other, np.ones(4)) == decision(log, np.ones(4))  # the reference does not move
     assert any(other.strata != log.strata or other.null_errors != log.null_errors for other in orders[1:])
 
@@ -376,6 +396,7 @@ def test_tuning_counts_a_cell_that_disagrees_in_some_orders():
     errors = [np.array([0.0, 1.0])] * 9 + [np.array([3.0, 0.0])]
     log = TrialLog(strata=[0] * 10, errors=errors, null_errors=[np.nan] * 10)
     base = ScoringConfig(max_trials=10, min_trials=10, timestep_bins=1, tuning_orders=200)
-    _, rows = tune_scoring([log], np.ones(1), base, target_agreement=1.0, min_trials=(1,), p_values=(0.5,),
-                           prior_trials=(2.0,))
+    _, rows = tune_scoring(
+        [log], np.ones(1), base, target_agreement=1.0, min_trials=(1,), p_values=(0.5,), prior_trials=(2.0,)
+    )
     assert 0.8 < rows[0]["agreement"] < 0.99  # about 9 orders in 10 start with a class-0 trial

@@ -59,8 +59,9 @@ def test_finetune_continues_from_the_model(cells_dir, tiny_settings):
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     images, labels, kept = training_arrays(model, records)
     assert len(images) == len(labels) == len(kept) == 12
-    train_config, augment_config = finetune_configs(tiny_settings.model_copy(
-        update={"adapt": tiny_settings.adapt.model_copy(update={"steps": 3})}), adapt=True)
+    train_config, augment_config = finetune_configs(
+        tiny_settings.model_copy(update={"adapt": tiny_settings.adapt.model_copy(update={"steps": 3})}), adapt=True
+    )
     assert augment_config.hed_sigma == tiny_settings.adapt.hed_sigma and train_config.steps == 3
     result = finetune(model, images, labels, train_config, augment_config)
     assert result.history and any(not np.allclose(before[k], v) for k, v in model.network.state_dict().items())

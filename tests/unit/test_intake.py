@@ -18,9 +18,16 @@ def _encode(size=(64, 48), fmt="PNG", mode="RGB") -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("fmt, mode", [
-    ("PNG", "RGB"), ("JPEG", "L"), ("BMP", "RGB"), ("TIFF", "RGBA"), ("PNG", "I;16"),
-])
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        ("PNG", "RGB"),
+        ("JPEG", "L"),
+        ("BMP", "RGB"),
+        ("TIFF", "RGBA"),
+        ("PNG", "I;16"),
+    ],
+)
 def test_accepted_formats_decode_to_rgb(fmt, mode):
     image = check_image(_encode(fmt=fmt, mode=mode), "a", LIMITS)
     assert image.mode == "RGB" and image.size == (64, 48)
@@ -31,14 +38,17 @@ def test_real_cell_passes(cells_dir):
     assert check_image(path.read_bytes(), path.name, LIMITS).size == (120, 120)
 
 
-@pytest.mark.parametrize("data, reason, status, words", [
-    (b"", "empty", 422, ["x.png", "empty"]),
-    (b"GIF89a" + bytes(100), "not_an_image", 422, ["not an image", "BMP, JPEG, PNG, TIFF"]),
-    (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not_an_image", 422, ["not an image"]),  # never handed to Ghostscript
-    (bytes(300_000), "too_large", 413, ["300000 bytes", "200000"]),
-    (_encode(size=(400, 300)), "too_many_pixels", 413, ["400x300", "90000"]),
-    (_encode(size=(200, 200), fmt="BMP")[:5000], "truncated", 422, ["truncated or corrupt BMP"]),
-])
+@pytest.mark.parametrize(
+    "data, reason, status, words",
+    [
+        (b"", "empty", 422, ["x.png", "empty"]),
+        (b"GIF89a" + bytes(100), "not_an_image", 422, ["not an image", "BMP, JPEG, PNG, TIFF"]),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not_an_image", 422, ["not an image"]),  # never handed to Ghostscript
+        (bytes(300_000), "too_large", 413, ["300000 bytes", "200000"]),
+        (_encode(size=(400, 300)), "too_many_pixels", 413, ["400x300", "90000"]),
+        (_encode(size=(200, 200), fmt="BMP")[:5000], "truncated", 422, ["truncated or corrupt BMP"]),
+    ],
+)
 def test_rejections_say_which_and_why(data, reason, status, words):
     with pytest.raises(CellRejected) as caught:
         check_image(data, "x.png", LIMITS)

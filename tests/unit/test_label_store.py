@@ -9,23 +9,47 @@ import pytest
 from fastapi.testclient import TestClient
 
 from labelstudio.bootstrap import SECRET_HEADER
-from labelstudio.label_config import (ABNORMAL, ARTEFACT, OTHER, build_label_config, config_classes, parse_result,
-                                     prediction_result)
+from labelstudio.label_config import (
+    ABNORMAL,
+    ARTEFACT,
+    OTHER,
+    build_label_config,
+    config_classes,
+    parse_result,
+    prediction_result,
+)
 from labelstudio.outbox import Outbox
 from labelstudio.store import LabelStore
 from labelstudio.webhook import create_app
 
-TASK = {"id": 7, "project": 3, "data": {"task_key": "jtsc:a.bmp@v1", "cell_id": "a.bmp", "site": "jtsc",
-                                        "domain": "jtsc", "image_path": "/x/a.bmp", "model_version": "v1",
-                                        "model_label": "neutrophil"}}
+TASK = {
+    "id": 7,
+    "project": 3,
+    "data": {
+        "task_key": "jtsc:a.bmp@v1",
+        "cell_id": "a.bmp",
+        "site": "jtsc",
+        "domain": "jtsc",
+        "image_path": "/x/a.bmp",
+        "model_version": "v1",
+        "model_label": "neutrophil",
+    },
+}
 
 
 def annotation(ann_id, label, updated, who=1, abnormal=False):
     result = prediction_result(label)
     if abnormal:
         result.append({"from_name": "flags", "to_name": "image", "type": "choices", "value": {"choices": [ABNORMAL]}})
-    return {"id": ann_id, "task": 7, "project": 3, "completed_by": who, "result": result,
-            "created_at": "2026-01-01T00:00:00Z", "updated_at": updated}
+    return {
+        "id": ann_id,
+        "task": 7,
+        "project": 3,
+        "completed_by": who,
+        "result": result,
+        "created_at": "2026-01-01T00:00:00Z",
+        "updated_at": updated,
+    }
 
 
 @pytest.fixture
@@ -57,13 +81,16 @@ def test_retract_missing_after_a_full_listing(store):
     for i in (1, 2, 3):
         store.upsert(annotation(i, "neutrophil", "2026-01-01T00:00:01Z", who=i), TASK, "poll")
     assert store.retract_missing(3, {1, 3}) == 1
-    assert [l.annotation_id for l in store.labels()] == [1, 3]
+    assert [label.annotation_id for label in store.labels()] == [1, 3]
     assert store.retract_missing(99, set()) == 0  # another project: untouched
 
 
 def test_events_are_applied_once_even_when_replayed(store):
-    created = {"action": "ANNOTATION_CREATED", "annotation": annotation(5, "monocyte", "2026-01-01T00:00:01Z",
-                                                                        abnormal=True), "task": TASK}
+    created = {
+        "action": "ANNOTATION_CREATED",
+        "annotation": annotation(5, "monocyte", "2026-01-01T00:00:01Z", abnormal=True),
+        "task": TASK,
+    }
     deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 5}], "project": {"id": 3}}
     for body in (created, created, {"action": "PROJECT_UPDATED"}, "not json"):
         store.record_event(body if isinstance(body, str) else json.dumps(body))
@@ -80,8 +107,11 @@ def test_events_are_applied_once_even_when_replayed(store):
 
 def test_annotators_get_names_and_votes_are_per_cell(store):
     store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z", who=4), TASK, "poll")
-    store.upsert(annotation(2, "neutrophil", "2026-01-01T00:00:01Z", who=5),
-                 {**TASK, "data": {**TASK["data"], "task_key": "jtsc:a.bmp@v2", "model_version": "v2"}}, "poll")
+    store.upsert(
+        annotation(2, "neutrophil", "2026-01-01T00:00:01Z", who=5),
+        {**TASK, "data": {**TASK["data"], "task_key": "jtsc:a.bmp@v2", "model_version": "v2"}},
+        "poll",
+    )
     store.set_annotators({4: "ann4@lab", 5: "ann5@lab"})
     votes = store.votes()
     assert {(v.cell_key, v.annotator) for v in votes} == {("jtsc:a.bmp", "ann4@lab"), ("jtsc:a.bmp", "ann5@lab")}
@@ -108,19 +138,23 @@ def test_label_config_is_generated_from_the_classes():
     with pytest.raises(ValueError, match="reserved"):
         build_label_config(["lymphocyte", OTHER])
     result = prediction_result("lymphocyte") + [
-        {"from_name": "comment", "to_name": "image", "type": "textarea", "value": {"text": ["odd nucleus"]}}]
+        {"from_name": "comment", "to_name": "image", "type": "textarea", "value": {"text": ["odd nucleus"]}}
+    ]
     assert parse_result(result) == ("lymphocyte", False, "odd nucleus")
 
 
 def test_webhook_checks_the_secret_and_stores_raw_events(store):
     with TestClient(create_app(store, "s3cret", apply_every_s=0.05)) as client:
-        body = {"action": "ANNOTATION_CREATED", "annotation": annotation(9, "neutrophil", "2026-01-01T00:00:01Z"),
-                "task": TASK}
+        body = {
+            "action": "ANNOTATION_CREATED",
+            "annotation": annotation(9, "neutrophil", "2026-01-01T00:00:01Z"),
+            "task": TASK,
+        }
         assert client.post("/webhook", json=body).status_code == 401
         assert client.post("/webhook", json=body, headers={SECRET_HEADER: "wrong"}).status_code == 401
         assert client.post("/webhook", json={"no": "action"}, headers={SECRET_HEADER: "s3cret"}).status_code == 422
         response = client.post("/webhook", json=body, headers={SECRET_HEADER: "s3cret"})
         assert response.status_code == 200 and response.json()["action"] == "ANNOTATION_CREATED"
     # leaving the app applies what is still pending
-    assert [l.annotation_id for l in store.labels()] == [9]
+    assert [label.annotation_id for label in store.labels()] == [9]
     assert store.event_counts()["received"] == 1

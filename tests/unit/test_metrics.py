@@ -109,9 +109,7 @@ def test_nll_and_brier_by_hand():
 
 def test_nll_floors_zero_probability_at_eps():
     probs = np.array([[1.0, 0.0]])
-    assert metrics.negative_log_likelihood(probs, np.array([1]), eps=1e-12) == pytest.approx(
-        -math.log(1e-12)
-    )
+    assert metrics.negative_log_likelihood(probs, np.array([1]), eps=1e-12) == pytest.approx(-math.log(1e-12))
 
 
 def test_entropy_uniform_and_one_hot():
@@ -260,8 +258,9 @@ def test_evaluation_reports_an_interval_for_every_figure():
     probs = rng.dirichlet(np.ones(3), size=120)
     probs[np.arange(120), labels] += 1.0
     probs /= probs.sum(axis=1, keepdims=True)
-    report = evaluate_predictions(Predictions(probs=probs, anomaly=np.zeros(120), evals=np.ones(120)), labels,
-                                  ["a", "b", "c"], 1.0, n_boot=200)
+    report = evaluate_predictions(
+        Predictions(probs=probs, anomaly=np.zeros(120), evals=np.ones(120)), labels, ["a", "b", "c"], 1.0, n_boot=200
+    )
     for name in ("accuracy", "balanced_accuracy", "ece", "nll", "accuracy_at_90_coverage", "recall a", "recall c"):
         low, high = report["intervals"][name]
         point = report[name] if name in report else report["per_class_recall"][name.split()[1]]

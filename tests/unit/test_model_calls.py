@@ -59,7 +59,7 @@ def test_versions_are_never_mixed_and_max_requests_is_kept():
     a, b, results = asyncio.run(scenario())
     assert a.calls == [1, 2, 1] and b.calls == [2]
     for answers, _ in results[1:]:
-        (service, name), = answers[0]
+        ((service, name),) = answers[0]
         assert name.startswith(service)
 
 

@@ -22,8 +22,9 @@ def _cells(root, n=12):
             path = root / label / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(path)
-            records.append(CellRecord(f"{label}/{i}.png", path, label, "lab", source="Lab A (2024)",
-                                      license="CC BY 4.0"))
+            records.append(
+                CellRecord(f"{label}/{i}.png", path, label, "lab", source="Lab A (2024)", license="CC BY 4.0")
+            )
     return records
 
 
@@ -31,12 +32,20 @@ def test_card_shows_provenance_recipe_and_every_figure_with_its_interval(tmp_pat
     records = _cells(tmp_path / "cells")
     out = tmp_path / "model"
     model, _ = train_model("baseline", records, tiny_settings, out)
-    (out / "recipe.json").write_text(json.dumps({"recipe": "tiny", "description": "a test model",
-                                                 "command": "cytoloop train --recipe tiny --data d --out m"}))
+    (out / "recipe.json").write_text(
+        json.dumps(
+            {
+                "recipe": "tiny",
+                "description": "a test model",
+                "command": "cytoloop train --recipe tiny --data d --out m",
+            }
+        )
+    )
     report = evaluate_model(model, held_out(records, out, part="test")[0])
     anomalies = anomaly_metrics(model.predict(np.zeros((6, 3, 16, 16), np.float32)), np.array([1, 0, 1, 0, 1, 0]))
-    card = write_model_card(out, {"Lab A test": report, "Made-up anomalies": anomalies}, "For tests only.",
-                            "- Two colours, not cells.")
+    card = write_model_card(
+        out, {"Lab A test": report, "Made-up anomalies": anomalies}, "For tests only.", "- Two colours, not cells."
+    )
     text = card.read_text()
     assert card.name == CARD_FILE
     assert "lab: 24 labelled cells. Source: Lab A (2024). Licence: CC BY 4.0." in text

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from cytoloop.config import BaselineModelConfig, DataConfig, RoutingConfig, ServeConfig, RegistryConfig
+from cytoloop.config import BaselineModelConfig, DataConfig, RegistryConfig, RoutingConfig, ServeConfig
 from cytoloop.inference import CellFailure, CellResult, CellService
 from cytoloop.model_source import LiveModel, ModelSource, ServiceCache
 from cytoloop.models.baseline import BaselineClassifier

@@ -41,8 +41,14 @@ def test_no_champion_passes_and_tags_say_so():
 
 def _per_cell(probs: np.ndarray, labels: np.ndarray, order=None) -> dict:
     order = np.arange(len(labels)) if order is None else np.asarray(order)
-    return {"classes": ["a", "b", "c"], "per_cell": {"cells": [f"cell{i}" for i in order],
-                                                     "labels": labels[order].tolist(), "probs": probs[order].tolist()}}
+    return {
+        "classes": ["a", "b", "c"],
+        "per_cell": {
+            "cells": [f"cell{i}" for i in order],
+            "labels": labels[order].tolist(),
+            "probs": probs[order].tolist(),
+        },
+    }
 
 
 def _cells(n=60, seed=0):
@@ -62,8 +68,9 @@ def test_intervals_pair_cells_by_id_and_leave_the_verdict_alone():
     assert n == len(labels)
     low, high = intervals["balanced_accuracy"]
     assert 0 < low <= high  # clearly better on these cells, whatever their order
-    assert difference_intervals({**CHAMPION, **_per_cell(sure, labels)}, {**CHAMPION, **_per_cell(sure, labels)})[0] \
-        == {"balanced_accuracy": (0.0, 0.0), "ece": (0.0, 0.0)}
+    assert difference_intervals({**CHAMPION, **_per_cell(sure, labels)}, {**CHAMPION, **_per_cell(sure, labels)})[
+        0
+    ] == {"balanced_accuracy": (0.0, 0.0), "ece": (0.0, 0.0)}
     with_cells = compare(challenger, champion, CONFIG)
     without = compare(dict(CHAMPION), CHAMPION, CONFIG)
     assert with_cells.passed == without.passed

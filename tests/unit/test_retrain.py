@@ -1,6 +1,6 @@
 """The retrain policy: when N new labels, or T hours with M, or drift with M make a retrain due."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -46,7 +46,7 @@ def test_state_counts_new_and_relabelled_cells(tmp_path):
     assert load_state(path).last_time is None
     assert len(new_labels(records, load_state(path))) == 5
 
-    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    when = datetime(2026, 1, 1, tzinfo=UTC)
     save_state(path, records[:3], when)
     state = load_state(path)
     assert state.last_time == when

@@ -9,8 +9,16 @@ from cytoloop.routing import RoutedCell, ScoredCell, audit_draw, route_cell, rou
 
 
 def config(**changes) -> RoutingConfig:
-    return RoutingConfig(**{"review_below": 0.7, "anomaly_above": 1.0, "always_review": ["blast"],
-                            "audit_fraction": 0.0, "budget": 10, **changes})
+    return RoutingConfig(
+        **{
+            "review_below": 0.7,
+            "anomaly_above": 1.0,
+            "always_review": ["blast"],
+            "audit_fraction": 0.0,
+            "budget": 10,
+            **changes,
+        }
+    )
 
 
 def test_reasons_in_priority_order():
@@ -47,8 +55,13 @@ def cell(cell_id, label="neutrophil", conf=0.5, anomaly=0.0, sample="s1", signat
 
 def test_budget_spends_anomalies_first_then_least_confident():
     cfg = config()
-    cells = [cell("r1", conf=0.6), cell("r2", conf=0.3), cell("a1", anomaly=3.0, conf=0.9),
-             cell("a2", anomaly=5.0, conf=0.9), cell("ok", conf=0.99)]
+    cells = [
+        cell("r1", conf=0.6),
+        cell("r2", conf=0.3),
+        cell("a1", anomaly=3.0, conf=0.9),
+        cell("a2", anomaly=5.0, conf=0.9),
+        cell("ok", conf=0.99),
+    ]
     chosen = select_for_review(route_cells(cells, cfg), cfg, budget=3)
     assert [c.cell.cell_id for c in chosen] == ["a2", "a1", "r2"]
     assert all(c.reason != "accept" for c in select_for_review(route_cells(cells, cfg), cfg, budget=100))
@@ -67,8 +80,12 @@ def test_budget_is_spread_over_classes_and_samples():
 def test_near_duplicates_do_not_use_the_budget():
     cfg = config(near_duplicate=0.02)
     same = (0.5, 0.5, 0.0)
-    cells = [cell("d1", signature=same), cell("d2", signature=(0.51, 0.49, 0.0)),
-             cell("x", signature=(0.6, 0.1, 0.3)), cell("other-sample", signature=same, sample="s2")]
+    cells = [
+        cell("d1", signature=same),
+        cell("d2", signature=(0.51, 0.49, 0.0)),
+        cell("x", signature=(0.6, 0.1, 0.3)),
+        cell("other-sample", signature=same, sample="s2"),
+    ]
     chosen = {c.cell.cell_id for c in select_for_review(route_cells(cells, cfg), cfg, budget=10)}
     assert chosen == {"d1", "x", "other-sample"} or chosen == {"d2", "x", "other-sample"}
 

@@ -80,7 +80,6 @@ def _evals_in_log(log) -> int:
     return int((~np.isnan(np.stack(log.errors))).sum() + (~np.isnan(np.asarray(log.null_errors, float))).sum())
 
 
-
 def test_exhaustive_and_adaptive_agree_on_clear_winner(x0, alphas_cumprod):
     exhaustive, fake_ex = _score_fake(x0, alphas_cumprod, _config(min_trials=20, max_trials=20))
     adaptive, fake_ad = _score_fake(x0, alphas_cumprod, _config())

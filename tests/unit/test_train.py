@@ -88,8 +88,9 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
 
     # uninterrupted: 10 steps in one go
     straight_net = _fresh_baseline()
-    straight_ema, straight = fit(straight_net, loss, images, labels, config, AugmentConfig(),
-                                 checkpoint_dir=tmp_path / "straight")
+    straight_ema, straight = fit(
+        straight_net, loss, images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path / "straight"
+    )
 
     # interrupted: the process dies during step 7 (after the checkpoint at step 6) ...
     def crash_at_7(entry):
@@ -97,16 +98,25 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        fit(_fresh_baseline(), loss, images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path / "resumed",
-            on_log=crash_at_7)
+        fit(
+            _fresh_baseline(),
+            loss,
+            images,
+            labels,
+            config,
+            AugmentConfig(),
+            checkpoint_dir=tmp_path / "resumed",
+            on_log=crash_at_7,
+        )
     assert (tmp_path / "resumed" / CHECKPOINT_FILE).is_file()
     assert torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=False)["step"] == 6
 
     # ... and a new process (fresh network, other global RNG state) resumes to step 10
     torch.manual_seed(999)
     resumed_net = SmallCNN(2, (8, 16), dropout=0.3)
-    resumed_ema, resumed = fit(resumed_net, loss, images, labels, config, AugmentConfig(),
-                               checkpoint_dir=tmp_path / "resumed")
+    resumed_ema, resumed = fit(
+        resumed_net, loss, images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path / "resumed"
+    )
 
     assert resumed.resumed_from == 6
     assert [h["step"] for h in resumed.history] == list(range(1, 11))
@@ -155,8 +165,9 @@ def test_diffusion_trains_with_unlabeled_cells(tiny_settings):
 
 def test_baseline_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = BaselineClassifier(["a", "b"], DataConfig(image_size=SIZE), BaselineModelConfig(channels=(8, 16)),
-                               temperature=1.7)
+    model = BaselineClassifier(
+        ["a", "b"], DataConfig(image_size=SIZE), BaselineModelConfig(channels=(8, 16)), temperature=1.7
+    )
     images, _ = red_blue(2)
     before = model.predict(images)
     from cytoloop.models import load_model
@@ -178,8 +189,7 @@ def test_bf16_training_keeps_fp32_weights_and_learns():
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
-def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw(tmp_path, tiny_overrides,
-                                                                                 clean_env):
+def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw(tmp_path, tiny_overrides, clean_env):
     """train_model tunes the scoring it saves (the fast rule every later command uses); the exhaustive passes
     see at most `calibration_cells` validation cells, the temperature all of them."""
     import json
@@ -217,8 +227,11 @@ def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw
     n_val = report["n_val"]
     assert n_val > 4
     # weights (4 cells), tuning's exhaustive logs (4 cells), temperature with the tuned rule (every val cell)
-    assert scored == [(4, settings.scoring.calibration_trials), (4, settings.scoring.tuning_trials),
-                      (n_val, settings.scoring.max_trials)]
+    assert scored == [
+        (4, settings.scoring.calibration_trials),
+        (4, settings.scoring.tuning_trials),
+        (n_val, settings.scoring.max_trials),
+    ]
     tuning = json.loads((tmp_path / "model" / "tuning.json").read_text())
     assert (tuning["n_cells"], tuning["n_temperature_cells"]) == (4, n_val)
     saved = load_model(tmp_path / "model")
@@ -230,11 +243,21 @@ def test_training_and_scoring_restore_the_callers_thread_count(tiny_settings):
     images, labels = red_blue(4)
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
-    fit(_fresh_baseline(), baseline_loss(_train_config(steps=2, threads=wanted)), images, labels,
-        _train_config(steps=2, threads=wanted), AugmentConfig())
+    fit(
+        _fresh_baseline(),
+        baseline_loss(_train_config(steps=2, threads=wanted)),
+        images,
+        labels,
+        _train_config(steps=2, threads=wanted),
+        AugmentConfig(),
+    )
     assert torch.get_num_threads() == before
-    model = DiffusionClassifier(["red", "blue"], tiny_settings.data, tiny_settings.diffusion,
-                                tiny_settings.scoring.model_copy(update={"threads": wanted}))
+    model = DiffusionClassifier(
+        ["red", "blue"],
+        tiny_settings.data,
+        tiny_settings.diffusion,
+        tiny_settings.scoring.model_copy(update={"threads": wanted}),
+    )
     model.score(images[:2])
     assert torch.get_num_threads() == before
 
@@ -242,7 +265,12 @@ def test_training_and_scoring_restore_the_callers_thread_count(tiny_settings):
 def test_timestep_weights_of_another_stratification_are_an_error(tiny_settings):
     from cytoloop.errors import UsageError
 
-    model = DiffusionClassifier(["red", "blue"], tiny_settings.data, tiny_settings.diffusion, tiny_settings.scoring,
-                                timestep_weights=[1.0] * (tiny_settings.scoring.timestep_bins + 1))
+    model = DiffusionClassifier(
+        ["red", "blue"],
+        tiny_settings.data,
+        tiny_settings.diffusion,
+        tiny_settings.scoring,
+        timestep_weights=[1.0] * (tiny_settings.scoring.timestep_bins + 1),
+    )
     with pytest.raises(UsageError, match="timestep weights were fitted for 5 timestep strata"):
         model.score(red_blue(1)[0])

@@ -5,9 +5,8 @@ person needs. Bad input ends with a one-paragraph message and exit code 2, never
 (torch, Ray, MLflow, Label Studio) happen inside the commands, so `cytoloop --help` is quick.
 """
 
-from cytoloop.cli.common import app
-
 # importing a command group registers its commands; `cytoloop --help` lists them in this order
-from cytoloop.cli import models, registry, data, review, serve, demo  # noqa: E402, F401, I001
+from cytoloop.cli import data, demo, models, registry, review, serve  # noqa: E402, F401, I001
+from cytoloop.cli.common import app
 
 __all__ = ["app"]

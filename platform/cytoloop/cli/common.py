@@ -11,7 +11,9 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="CytoLoop: diffusion-based blood-cell classification.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="CytoLoop: diffusion-based blood-cell classification."
+)
 
 
 def split_list(value: str | None) -> list[str] | None:
@@ -58,14 +60,20 @@ def labelled_records(path: Path) -> list:
 
 
 def print_outcome(outcome) -> None:
-    verdict = "promoted to @" + outcome.alias if outcome.passed else "refused by the gate; @" + outcome.alias + " unchanged"
-    typer.echo(f"registered {outcome.version.name} v{outcome.version.version} "
-               f"(parent v{outcome.version.tags.get('parent_version')}, {outcome.version.tags.get('label_count')} "
-               f"labels, data {outcome.version.tags.get('data_snapshot')}): {verdict}")
+    verdict = (
+        "promoted to @" + outcome.alias if outcome.passed else "refused by the gate; @" + outcome.alias + " unchanged"
+    )
+    typer.echo(
+        f"registered {outcome.version.name} v{outcome.version.version} "
+        f"(parent v{outcome.version.tags.get('parent_version')}, {outcome.version.tags.get('label_count')} "
+        f"labels, data {outcome.version.tags.get('data_snapshot')}): {verdict}"
+    )
     for reason in outcome.reasons:
         typer.echo(f"  {reason}")
     m = outcome.metrics
-    typer.echo(f"  calibration on the frozen val set: ECE {m['calibration_ece_before']:.3f} -> "
-               f"{m['calibration_ece_after']:.3f}, NLL {m['calibration_nll_before']:.3f} -> "
-               f"{m['calibration_nll_after']:.3f}, Brier {m['calibration_brier_before']:.3f} -> "
-               f"{m['calibration_brier_after']:.3f}")
+    typer.echo(
+        f"  calibration on the frozen val set: ECE {m['calibration_ece_before']:.3f} -> "
+        f"{m['calibration_ece_after']:.3f}, NLL {m['calibration_nll_before']:.3f} -> "
+        f"{m['calibration_nll_after']:.3f}, Brier {m['calibration_brier_before']:.3f} -> "
+        f"{m['calibration_brier_after']:.3f}"
+    )

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from cytoloop.cli.common import app, run, settings_from
 
-
-data_app = typer.Typer(no_args_is_help=True, help="Download public blood-cell datasets (checksum-verified) and list "
-                                                  "them; commands without --data fall back to a fetched one.")
+data_app = typer.Typer(
+    no_args_is_help=True,
+    help="Download public blood-cell datasets (checksum-verified) and list "
+    "them; commands without --data fall back to a fetched one.",
+)
 app.add_typer(data_app, name="data")
 
 
 @data_app.command("fetch")
 def data_fetch(
     name: str = typer.Argument(..., help="catalogue name (see `cytoloop data list`), e.g. bloodmnist"),
-    dest: Optional[Path] = typer.Option(None, help="folder to put datasets in (default: datasets.cache_dir)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    dest: Path | None = typer.Option(None, help="folder to put datasets in (default: datasets.cache_dir)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Download a public dataset, verify its checksum and convert it to class folders plus manifest.csv; running
     it again once the dataset is there downloads nothing."""
@@ -41,8 +42,8 @@ def data_fetch(
 
 @data_app.command("list")
 def data_list(
-    dest: Optional[Path] = typer.Option(None, help="folder datasets were fetched into (default: datasets.cache_dir)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    dest: Path | None = typer.Option(None, help="folder datasets were fetched into (default: datasets.cache_dir)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """The catalogue: each dataset's size, licence, and whether it is fetched (or how to get it by hand)."""
 

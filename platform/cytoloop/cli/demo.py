@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,15 +11,18 @@ from cytoloop.cli.common import app, run, settings_from, split_list
 
 @app.command()
 def demo(
-    data: Optional[Path] = typer.Option(None, help="cells: manifest CSV or class folders (default: datasets.root, "
-                                                   "else a dataset fetched by `cytoloop data fetch`)"),
-    rounds: Optional[int] = typer.Option(None, help="active-learning rounds (demo.rounds)"),
-    domains: Optional[str] = typer.Option(None, help="comma-separated labs/domains to use (default: all)"),
-    classes: Optional[str] = typer.Option(None, help="comma-separated classes to use (default: all)"),
-    budget: Optional[int] = typer.Option(None, help="cells sent to Label Studio per round"),
-    steps: Optional[int] = typer.Option(None, help="training steps of the seed model (train.steps)"),
-    finetune_steps: Optional[int] = typer.Option(None, help="fine-tuning steps per round (finetune.steps)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    data: Path | None = typer.Option(
+        None,
+        help="cells: manifest CSV or class folders (default: datasets.root, "
+        "else a dataset fetched by `cytoloop data fetch`)",
+    ),
+    rounds: int | None = typer.Option(None, help="active-learning rounds (demo.rounds)"),
+    domains: str | None = typer.Option(None, help="comma-separated labs/domains to use (default: all)"),
+    classes: str | None = typer.Option(None, help="comma-separated classes to use (default: all)"),
+    budget: int | None = typer.Option(None, help="cells sent to Label Studio per round"),
+    steps: int | None = typer.Option(None, help="training steps of the seed model (train.steps)"),
+    finetune_steps: int | None = typer.Option(None, help="fine-tuning steps per round (finetune.steps)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Run the whole loop on real cells: stack up, seed model, Serve, score the pool with Ray Data, route to Label
     Studio, simulated annotators label, sync, fine-tune on Ray Train, gate and promote, Serve switches; R rounds.
@@ -30,9 +32,19 @@ def demo(
         from cytoloop.datasets import resolve_data
         from jobs.cycle import Demo
 
-        settings = settings_from(config, {"demo": {"rounds": rounds, "domains": split_list(domains),
-                                               "classes": split_list(classes), "budget": budget},
-                                      "train": {"steps": steps}, "finetune": {"steps": finetune_steps}})
+        settings = settings_from(
+            config,
+            {
+                "demo": {
+                    "rounds": rounds,
+                    "domains": split_list(domains),
+                    "classes": split_list(classes),
+                    "budget": budget,
+                },
+                "train": {"steps": steps},
+                "finetune": {"steps": finetune_steps},
+            },
+        )
         source = resolve_data(data, settings.datasets.root, settings.datasets.cache_dir)
         outcome = Demo(settings, source, log=typer.echo).run()
         typer.echo(f"done: {len(outcome.rounds) - 1} round(s); report {outcome.report}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,23 +14,31 @@ from cytoloop.cli.common import app, fail, run, split_list
 def train(
     data: Path = typer.Option(..., help="manifest CSV, or a folder with one sub-folder per class"),
     out: Path = typer.Option(..., help="model directory to write (resumes from its checkpoint if present)"),
-    recipe: Optional[str] = typer.Option(
-        None, help="a named recipe (base-pbc, base-pbc-cnn) fixing model, cells, budget and settings; see `recipes`"),
-    model: Optional[str] = typer.Option(None, help="diffusion (default) or baseline"),
-    domains: Optional[str] = typer.Option(None, help="comma-separated domains to train on (default: all)"),
-    classes: Optional[str] = typer.Option(None, help="comma-separated classes (default: all labelled classes)"),
-    steps: Optional[int] = typer.Option(None, help="training steps"),
-    image_size: Optional[int] = typer.Option(None, help="model resolution in pixels"),
-    unlabeled_domains: Optional[str] = typer.Option(None, help="domains whose cells train the null class unlabeled"),
-    seed: Optional[int] = typer.Option(None, help="seed of the split and of training (default 0)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
+    recipe: str | None = typer.Option(
+        None, help="a named recipe (base-pbc, base-pbc-cnn) fixing model, cells, budget and settings; see `recipes`"
+    ),
+    model: str | None = typer.Option(None, help="diffusion (default) or baseline"),
+    domains: str | None = typer.Option(None, help="comma-separated domains to train on (default: all)"),
+    classes: str | None = typer.Option(None, help="comma-separated classes (default: all labelled classes)"),
+    steps: int | None = typer.Option(None, help="training steps"),
+    image_size: int | None = typer.Option(None, help="model resolution in pixels"),
+    unlabeled_domains: str | None = typer.Option(None, help="domains whose cells train the null class unlabeled"),
+    seed: int | None = typer.Option(None, help="seed of the split and of training (default 0)"),
+    config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
 ) -> None:
     """Train a model, calibrate it (and tune a diffusion model's scoring) on the validation part of a seeded split,
     and save it to OUT."""
     from cytoloop.recipes import RECIPES, get_recipe
 
-    flags = {"--model": model, "--domains": domains, "--classes": classes, "--steps": steps,
-             "--image-size": image_size, "--unlabeled-domains": unlabeled_domains, "--seed": seed}
+    flags = {
+        "--model": model,
+        "--domains": domains,
+        "--classes": classes,
+        "--steps": steps,
+        "--image-size": image_size,
+        "--unlabeled-domains": unlabeled_domains,
+        "--seed": seed,
+    }
     if recipe is not None:
         if recipe not in RECIPES:
             fail(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPES))}")
@@ -54,26 +61,44 @@ def train(
             settings = load_settings(config, chosen.settings_overrides())
             typer.echo(f"recipe {chosen.name}: {chosen.description}")
         else:
-            kind, wanted_domains, wanted_classes, split_seed = model, split_list(domains), split_list(classes), seed or 0
+            kind, wanted_domains, wanted_classes, split_seed = (
+                model,
+                split_list(domains),
+                split_list(classes),
+                seed or 0,
+            )
             overrides = {"train": {"steps": steps, "seed": split_seed}, "data": {"image_size": image_size}}
-            settings = load_settings(config, {k: {f: v for f, v in s.items() if v is not None}
-                                              for k, s in overrides.items()})
+            settings = load_settings(
+                config, {k: {f: v for f, v in s.items() if v is not None} for k, s in overrides.items()}
+            )
         records = load_records(data)
         labelled = select([r for r in records if r.label], wanted_domains, wanted_classes)
         unlabeled = []
         if unlabeled_domains:
             unlabeled = [r for r in select(records, split_list(unlabeled_domains)) if r not in labelled]
-        _, report = train_model(kind, labelled, settings, out, classes=wanted_classes, unlabeled=unlabeled,
-                                split_seed=split_seed, progress=True)
+        _, report = train_model(
+            kind,
+            labelled,
+            settings,
+            out,
+            classes=wanted_classes,
+            unlabeled=unlabeled,
+            split_seed=split_seed,
+            progress=True,
+        )
         if recipe is not None:
             write_recipe_record(out, recipe, data)
-        typer.echo(f"trained {kind} on {report['n_train']} cells ({report['n_unlabeled']} unlabeled) in "
-                   f"{report['train_seconds'] / 60:.1f} min; temperature {report['temperature']:.3g}; "
-                   f"{report['n_skipped']} image(s) skipped")
+        typer.echo(
+            f"trained {kind} on {report['n_train']} cells ({report['n_unlabeled']} unlabeled) in "
+            f"{report['train_seconds'] / 60:.1f} min; temperature {report['temperature']:.3g}; "
+            f"{report['n_skipped']} image(s) skipped"
+        )
         if report.get("tuned_rule"):
             rule = report["tuned_rule"]
-            typer.echo(f"scoring tuned: {rule['evals_mean']:.1f} denoiser evaluations per cell at agreement "
-                       f"{rule['agreement']:.3f} with exhaustive scoring on the validation cells")
+            typer.echo(
+                f"scoring tuned: {rule['evals_mean']:.1f} denoiser evaluations per cell at agreement "
+                f"{rule['agreement']:.3f} with exhaustive scoring on the validation cells"
+            )
         for path, reason in report["skipped"]:
             typer.echo(f"  skipped {path}: {reason}")
         typer.echo(f"model written to {out}")
@@ -86,10 +111,17 @@ def write_recipe_record(out: Path, recipe: str, data: Path) -> None:
     from cytoloop.recipes import get_recipe
 
     chosen = get_recipe(recipe)
-    record = {"recipe": chosen.name, "description": chosen.description, "model": chosen.model,
-              "domains": list(chosen.domains), "classes": chosen.classes, "steps": chosen.steps, "seed": chosen.seed,
-              "settings": chosen.settings_overrides(),
-              "command": f"cytoloop train --recipe {chosen.name} --data {data} --out {out}"}
+    record = {
+        "recipe": chosen.name,
+        "description": chosen.description,
+        "model": chosen.model,
+        "domains": list(chosen.domains),
+        "classes": chosen.classes,
+        "steps": chosen.steps,
+        "seed": chosen.seed,
+        "settings": chosen.settings_overrides(),
+        "command": f"cytoloop train --recipe {chosen.name} --data {data} --out {out}",
+    }
     (Path(out) / "recipe.json").write_text(json.dumps(record, indent=1))
 
 
@@ -100,24 +132,27 @@ def recipes() -> None:
 
     for recipe in RECIPES.values():
         typer.echo(f"{recipe.name:<14} {recipe.description}")
-        typer.echo(f"{'':<14} {recipe.model}, domains {','.join(recipe.domains)}, {recipe.steps} steps, "
-                   f"seed {recipe.seed}, settings {json.dumps(recipe.settings_overrides())}")
+        typer.echo(
+            f"{'':<14} {recipe.model}, domains {','.join(recipe.domains)}, {recipe.steps} steps, "
+            f"seed {recipe.seed}, settings {json.dumps(recipe.settings_overrides())}"
+        )
 
 
 @app.command()
 def evaluate(
     model: Path = typer.Option(..., help="model directory"),
     data: Path = typer.Option(..., help="manifest CSV or per-class folder"),
-    domains: Optional[str] = typer.Option(None, help="comma-separated domains to evaluate on"),
-    classes: Optional[str] = typer.Option(None, help="comma-separated classes (default: the model's)"),
-    part: Optional[str] = typer.Option(None, help="only this part of the model's split (train, val, test)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write metrics JSON (and PNG plots beside it)"),
-    anomaly_data: Optional[Path] = typer.Option(None, help="dataset with anomalies and normal cells"),
-    anomaly_domains: Optional[str] = typer.Option(None, help="domains of the anomaly dataset to use"),
+    domains: str | None = typer.Option(None, help="comma-separated domains to evaluate on"),
+    classes: str | None = typer.Option(None, help="comma-separated classes (default: the model's)"),
+    part: str | None = typer.Option(None, help="only this part of the model's split (train, val, test)"),
+    json_out: Path | None = typer.Option(None, "--json", help="write metrics JSON (and PNG plots beside it)"),
+    anomaly_data: Path | None = typer.Option(None, help="dataset with anomalies and normal cells"),
+    anomaly_domains: str | None = typer.Option(None, help="domains of the anomaly dataset to use"),
     anomaly_label: str = typer.Option("blast", help="label that marks an anomaly in the anomaly dataset"),
-    max_trials: Optional[int] = typer.Option(None, help="diffusion: override the scoring's trial limit"),
-    cells: Optional[int] = typer.Option(
-        None, min=1, help="evaluate on this many of the cells (a fixed draw that keeps the class mix); default all"),
+    max_trials: int | None = typer.Option(None, help="diffusion: override the scoring's trial limit"),
+    cells: int | None = typer.Option(
+        None, min=1, help="evaluate on this many of the cells (a fixed draw that keeps the class mix); default all"
+    ),
 ) -> None:
     """Evaluate a model on labelled cells it never trained on; print a table, write JSON and plots."""
 
@@ -130,14 +165,22 @@ def evaluate(
         if max_trials is not None and classifier.kind == "diffusion":
             cfg = classifier.scoring_config
             classifier.scoring_config = cfg.model_validate(
-                {**cfg.model_dump(), "max_trials": max_trials, "min_trials": min(cfg.min_trials, max_trials)})
+                {**cfg.model_dump(), "max_trials": max_trials, "min_trials": min(cfg.min_trials, max_trials)}
+            )
         wanted = split_list(classes) or classifier.classes
         records = select(load_records(data), split_list(domains), wanted)
         records, excluded = held_out(records, model, part)
         records = class_interleaved_subset(records, cells)
         anomalies = select(load_records(anomaly_data), split_list(anomaly_domains)) if anomaly_data else []
-        report = evaluate_model(classifier, records, json_out, anomaly_records=anomalies,
-                                anomaly_label=anomaly_label, excluded=excluded, progress=True)
+        report = evaluate_model(
+            classifier,
+            records,
+            json_out,
+            anomaly_records=anomalies,
+            anomaly_label=anomaly_label,
+            excluded=excluded,
+            progress=True,
+        )
         _print_report(report)
 
     run(action)
@@ -145,11 +188,17 @@ def evaluate(
 
 def _print_report(report: dict) -> None:
     rows = [
-        ("cells", f"{report['n_cells']} ({report['n_skipped']} skipped, "
-                  f"{report['n_excluded_seen_in_training']} excluded: seen in training)"),
+        (
+            "cells",
+            f"{report['n_cells']} ({report['n_skipped']} skipped, "
+            f"{report['n_excluded_seen_in_training']} excluded: seen in training)",
+        ),
         ("accuracy", f"{report['accuracy']:.3f}"),
-        ("balanced accuracy", f"{report['balanced_accuracy']:.3f} [{report['intervals']['balanced_accuracy'][0]:.3f}, "
-                              f"{report['intervals']['balanced_accuracy'][1]:.3f}]"),
+        (
+            "balanced accuracy",
+            f"{report['balanced_accuracy']:.3f} [{report['intervals']['balanced_accuracy'][0]:.3f}, "
+            f"{report['intervals']['balanced_accuracy'][1]:.3f}]",
+        ),
         ("ECE (15 bins)", f"{report['ece']:.3f}"),
         ("NLL / Brier", f"{report['nll']:.3f} / {report['brier']:.3f}"),
         ("accuracy at 90% coverage", f"{report['accuracy_at_90_coverage']:.3f}"),
@@ -162,8 +211,13 @@ def _print_report(report: dict) -> None:
     for domain, figures in report.get("per_domain", {}).items():
         low, high = figures["intervals"]["balanced_accuracy"]
         n_classes = sum(r is not None for r in figures["per_class_recall"].values())
-        rows.append((f"lab {domain}", f"{figures['n_cells']} cells, balanced accuracy {figures['balanced_accuracy']:.3f} "
-                                      f"[{low:.3f}, {high:.3f}] over its {n_classes} classes, ECE {figures['ece']:.3f}"))
+        rows.append(
+            (
+                f"lab {domain}",
+                f"{figures['n_cells']} cells, balanced accuracy {figures['balanced_accuracy']:.3f} "
+                f"[{low:.3f}, {high:.3f}] over its {n_classes} classes, ECE {figures['ece']:.3f}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
@@ -202,11 +256,12 @@ def generate(
 def tune(
     model: Path = typer.Option(..., help="diffusion model directory (its scoring is tuned in place)"),
     data: Path = typer.Option(..., help="the manifest CSV or per-class folder the model was trained from"),
-    trials: Optional[int] = typer.Option(None, help="exhaustive trials per validation cell to agree with"),
-    agreement: Optional[float] = typer.Option(None, help="fraction of validation cells that must agree"),
-    null_trials: Optional[int] = typer.Option(None, help="score the null class (anomaly) on this many first trials"),
-    unlabeled_domains: Optional[str] = typer.Option(
-        None, help="also tune on these domains' cells (labels unused; cells of the model's split left out)"),
+    trials: int | None = typer.Option(None, help="exhaustive trials per validation cell to agree with"),
+    agreement: float | None = typer.Option(None, help="fraction of validation cells that must agree"),
+    null_trials: int | None = typer.Option(None, help="score the null class (anomaly) on this many first trials"),
+    unlabeled_domains: str | None = typer.Option(
+        None, help="also tune on these domains' cells (labels unused; cells of the model's split left out)"
+    ),
 ) -> None:
     """Tune a diffusion model's adaptive scoring on its validation cells to agree with exhaustive scoring."""
 
@@ -219,33 +274,48 @@ def tune(
         classifier = load_model(model)
         if classifier.kind != "diffusion":
             fail(f"{model} is a {classifier.kind} model; only diffusion scoring is tuned")
-        updates = {k: v for k, v in {"tuning_trials": trials, "tuning_agreement": agreement,
-                                     "null_trials": null_trials}.items() if v is not None}
+        updates = {
+            k: v
+            for k, v in {"tuning_trials": trials, "tuning_agreement": agreement, "null_trials": null_trials}.items()
+            if v is not None
+        }
         classifier.scoring_config = classifier.scoring_config.model_validate(
-            {**classifier.scoring_config.model_dump(), **updates})
+            {**classifier.scoring_config.model_dump(), **updates}
+        )
         everything = load_records(data)
         records, _ = held_out(everything, model, part="val")
         cells = load_cells(records, classifier.data_config, progress=True)
         extra = None
         if unlabeled_domains:
-            extra = load_cells(outside_split(select(everything, split_list(unlabeled_domains)), model),
-                               classifier.data_config, progress=True).images
-        report = tune_model_scoring(classifier, cells.images, label_indices(cells.records, classifier.classes),
-                                    progress=True, unlabeled=extra)
+            extra = load_cells(
+                outside_split(select(everything, split_list(unlabeled_domains)), model),
+                classifier.data_config,
+                progress=True,
+            ).images
+        report = tune_model_scoring(
+            classifier, cells.images, label_indices(cells.records, classifier.classes), progress=True, unlabeled=extra
+        )
         classifier.save(model)
         (Path(model) / "tuning.json").write_text(json.dumps(report, indent=1))
         chosen = report["chosen"]
         if chosen is None:
-            typer.echo(f"no rule met the agreement target on {report['n_cells']} validation and "
-                       f"{report['n_unlabeled']} unlabeled cells; scoring unchanged")
+            typer.echo(
+                f"no rule met the agreement target on {report['n_cells']} validation and "
+                f"{report['n_unlabeled']} unlabeled cells; scoring unchanged"
+            )
         else:
-            prior = (f", variance prior worth {chosen['variance_prior_trials']:g} trials"
-                     if chosen["variance_prior_trials"] else "")
-            typer.echo(f"tuned on {report['n_cells']} validation and {report['n_unlabeled']} unlabeled cells: "
-                       f"min_trials {chosen['min_trials']}, "
-                       f"elimination_p {chosen['elimination_p']:g}{prior}: {chosen['evals_mean']:.1f} evals/cell "
-                       f"(p95 {chosen['evals_p95']:.0f}), agreement with exhaustive {chosen['agreement']:.3f}; "
-                       f"a rule that knew when to stop would need {report['evaluations_needed_mean']:.1f}")
+            prior = (
+                f", variance prior worth {chosen['variance_prior_trials']:g} trials"
+                if chosen["variance_prior_trials"]
+                else ""
+            )
+            typer.echo(
+                f"tuned on {report['n_cells']} validation and {report['n_unlabeled']} unlabeled cells: "
+                f"min_trials {chosen['min_trials']}, "
+                f"elimination_p {chosen['elimination_p']:g}{prior}: {chosen['evals_mean']:.1f} evals/cell "
+                f"(p95 {chosen['evals_p95']:.0f}), agreement with exhaustive {chosen['agreement']:.3f}; "
+                f"a rule that knew when to stop would need {report['evaluations_needed_mean']:.1f}"
+            )
 
     run(action)
 
@@ -255,12 +325,12 @@ def distill(
     teacher: Path = typer.Option(..., help="trained diffusion model directory"),
     data: Path = typer.Option(..., help="the manifest CSV or per-class folder the teacher was trained from"),
     out: Path = typer.Option(..., help="cascade model directory to write"),
-    unlabeled_domains: Optional[str] = typer.Option(None, help="domains whose cells the student also learns from"),
-    threshold: Optional[float] = typer.Option(None, help="student confidence under which a cell is deferred"),
-    defer_fraction: Optional[float] = typer.Option(None, help="pick the threshold deferring this validation fraction"),
-    steps: Optional[int] = typer.Option(None, help="student training steps"),
+    unlabeled_domains: str | None = typer.Option(None, help="domains whose cells the student also learns from"),
+    threshold: float | None = typer.Option(None, help="student confidence under which a cell is deferred"),
+    defer_fraction: float | None = typer.Option(None, help="pick the threshold deferring this validation fraction"),
+    steps: int | None = typer.Option(None, help="student training steps"),
     tune_teacher: bool = typer.Option(True, "--tune/--no-tune", help="tune the teacher's scoring first"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
+    config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
 ) -> None:
     """Distil a fast student CNN from a diffusion model and save the cascade of both to OUT."""
 
@@ -270,15 +340,20 @@ def distill(
         from cytoloop.workflows import distill_model
 
         overrides = {"train": {"steps": steps}, "cascade": {"threshold": threshold, "defer_fraction": defer_fraction}}
-        settings = load_settings(config, {k: {f: v for f, v in s.items() if v is not None} for k, s in overrides.items()})
+        settings = load_settings(
+            config, {k: {f: v for f, v in s.items() if v is not None} for k, s in overrides.items()}
+        )
         records = load_records(data)
         unlabeled = select(records, split_list(unlabeled_domains)) if unlabeled_domains else []
-        cascade, report = distill_model(teacher, records, settings, out, unlabeled=unlabeled, tune=tune_teacher,
-                                        progress=True)
+        cascade, report = distill_model(
+            teacher, records, settings, out, unlabeled=unlabeled, tune=tune_teacher, progress=True
+        )
         d = report["distillation"]
-        typer.echo(f"student distilled on {d['n_distill']} cells ({d['n_labelled']} labelled) in "
-                   f"{d['train_seconds'] / 60:.1f} min; threshold {d['threshold']:.3f} defers "
-                   f"{d['val_deferred_fraction']:.0%} of validation cells")
+        typer.echo(
+            f"student distilled on {d['n_distill']} cells ({d['n_labelled']} labelled) in "
+            f"{d['train_seconds'] / 60:.1f} min; threshold {d['threshold']:.3f} defers "
+            f"{d['val_deferred_fraction']:.0%} of validation cells"
+        )
         typer.echo(f"cascade written to {out}")
 
     run(action)
@@ -299,10 +374,11 @@ def info(model: Path = typer.Argument(..., help="model directory")) -> None:
 @app.command()
 def card(
     model: Path = typer.Argument(..., help="model directory (the card is written into it as MODEL_CARD.md)"),
-    evaluation: Optional[list[str]] = typer.Option(
-        None, "--eval", help="TITLE=REPORT.json: an evaluation (or anomaly) report to show; repeat for several"),
-    intended_use: Optional[Path] = typer.Option(None, help="Markdown file: what the model is for and not for"),
-    limits: Optional[Path] = typer.Option(None, help="Markdown file: the model's known limits"),
+    evaluation: list[str] | None = typer.Option(
+        None, "--eval", help="TITLE=REPORT.json: an evaluation (or anomaly) report to show; repeat for several"
+    ),
+    intended_use: Path | None = typer.Option(None, help="Markdown file: what the model is for and not for"),
+    limits: Path | None = typer.Option(None, help="Markdown file: the model's known limits"),
 ) -> None:
     """Write a model card from what the model directory and the given evaluation reports say."""
     reports = {}

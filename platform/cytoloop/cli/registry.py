@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,9 +13,9 @@ from cytoloop.cli.common import app, fail, labelled_records, print_outcome, run,
 def register(
     model: Path = typer.Argument(..., help="trained model directory"),
     champion: bool = typer.Option(False, "--champion", help="also point the (site) champion alias at it"),
-    site: Optional[str] = typer.Option(None, help="with --champion: the site alias champion-<site>"),
-    reason: Optional[str] = typer.Option(None, help="why (required with --champion: it goes to the audit trail)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    site: str | None = typer.Option(None, help="with --champion: the site alias champion-<site>"),
+    reason: str | None = typer.Option(None, help="why (required with --champion: it goes to the audit trail)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Register a trained model directory as a new version (e.g. the first champion)."""
 
@@ -31,8 +30,11 @@ def register(
         meta = read_model_meta(model)
         registry = open_registry(settings)
         name = settings.registry.model_name
-        version = registry.log_model(model, name, tags={"kind": meta["kind"], "site": site or "global",
-                                                        "code_revision": code_revision(), "job": "register"})
+        version = registry.log_model(
+            model,
+            name,
+            tags={"kind": meta["kind"], "site": site or "global", "code_revision": code_revision(), "job": "register"},
+        )
         typer.echo(f"registered {name} v{version.version} from {model}")
         if champion:
             move = registry.move_alias(name, site_alias(site), version.version, why=reason, action="manual")
@@ -44,11 +46,11 @@ def register(
 @app.command()
 def retrain(
     labels: Path = typer.Option(..., help="consensus labels: manifest CSV (path,label,domain,...)"),
-    unlabeled: Optional[Path] = typer.Option(None, help="manifest CSV of the unlabeled pool (trains the null class)"),
+    unlabeled: Path | None = typer.Option(None, help="manifest CSV of the unlabeled pool (trains the null class)"),
     if_due: bool = typer.Option(False, "--if-due", help="only if the retrain policy says a retrain is due"),
-    steps: Optional[int] = typer.Option(None, help="fine-tuning steps"),
-    workers: Optional[int] = typer.Option(None, help="Ray Train workers"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    steps: int | None = typer.Option(None, help="fine-tuning steps"),
+    workers: int | None = typer.Option(None, help="Ray Train workers"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Fine-tune the champion on the consensus labels (Ray Train), register it and put it through the gate."""
 
@@ -62,8 +64,9 @@ def retrain(
         state_path = Path(settings.home) / "retrain" / "state.json"
         state = load_state(state_path)
         fresh = new_labels(records, state)
-        decision = retrain_due(len(fresh), state.hours_since_last(), bool(load_flags(_flags_path(settings))),
-                               settings.retrain)
+        decision = retrain_due(
+            len(fresh), state.hours_since_last(), bool(load_flags(_flags_path(settings))), settings.retrain
+        )
         typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
         if if_due and not decision.due:
             return
@@ -81,11 +84,12 @@ def retrain(
 def adapt(
     site: str = typer.Option(..., help="hospital name; the model is registered under champion-<site>"),
     data: Path = typer.Option(..., help="the site's labelled cells: manifest CSV"),
-    unlabeled: Optional[Path] = typer.Option(None, help="the site's unlabeled cells (diffusion null class)"),
-    stain_normalize: Optional[bool] = typer.Option(
-        None, "--stain-normalize/--no-stain-normalize", help="normalise to the champion's training colours"),
-    steps: Optional[int] = typer.Option(None, help="fine-tuning steps"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    unlabeled: Path | None = typer.Option(None, help="the site's unlabeled cells (diffusion null class)"),
+    stain_normalize: bool | None = typer.Option(
+        None, "--stain-normalize/--no-stain-normalize", help="normalise to the champion's training colours"
+    ),
+    steps: int | None = typer.Option(None, help="fine-tuning steps"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Adapt the champion to one hospital: fine-tune on its labels, gate against what serves it, alias per site."""
     import re
@@ -108,8 +112,8 @@ def adapt(
 def promote(
     version: str = typer.Argument(..., help="model version to promote"),
     reason: str = typer.Option(..., help="why the gate is overridden (kept on the version and in the audit trail)"),
-    site: Optional[str] = typer.Option(None, help="promote to champion-<site> instead of the global champion"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    site: str | None = typer.Option(None, help="promote to champion-<site> instead of the global champion"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Point the champion alias at VERSION whatever the gate said, recording who and why."""
 
@@ -127,8 +131,8 @@ def promote(
 @app.command()
 def rollback(
     reason: str = typer.Option(..., help="why (kept in the audit trail)"),
-    site: Optional[str] = typer.Option(None, help="roll back champion-<site> instead of the global champion"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    site: str | None = typer.Option(None, help="roll back champion-<site> instead of the global champion"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Move the champion alias back to the version it pointed at before its latest move."""
 
@@ -149,7 +153,7 @@ def _flags_path(settings) -> Path:
 @app.command()
 def drift(
     events: Path = typer.Option(..., help="prediction log: JSON lines of drift.PredictionEvent"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Compute drift per model version, site and time window; log it to MLflow and update the flags."""
 
@@ -174,16 +178,18 @@ def drift(
         flags = save_flags(_flags_path(settings), windows)
         typer.echo(f"{len(log)} predictions, {len(windows)} windows logged to MLflow; {len(flags)} flagged")
         for flag in flags:
-            typer.echo(f"  v{flag['model_version']} {flag['site'] or 'global'} {flag['window_start']}: "
-                       + "; ".join(flag["flags"]))
+            typer.echo(
+                f"  v{flag['model_version']} {flag['site'] or 'global'} {flag['window_start']}: "
+                + "; ".join(flag["flags"])
+            )
 
     run(action)
 
 
 @app.command()
 def status(
-    labels: Optional[Path] = typer.Option(None, help="consensus labels, to say whether a retrain is due"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    labels: Path | None = typer.Option(None, help="consensus labels, to say whether a retrain is due"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """What serves where, the latest alias moves, drift flags and whether a retrain is due."""
 
@@ -205,8 +211,10 @@ def status(
             tags = registry.version(name, version).tags
             typer.echo(f"  @{alias}: v{version} ({tags.get('kind', '?')}, gate {tags.get('gate.verdict', '-')})")
         for move in moves[-5:]:
-            typer.echo(f"  {move.time} {move.who} {move.action} @{move.alias}: v{move.from_version or '-'} -> "
-                       f"v{move.to_version}: {move.why}")
+            typer.echo(
+                f"  {move.time} {move.who} {move.action} @{move.alias}: v{move.from_version or '-'} -> "
+                f"v{move.to_version}: {move.why}"
+            )
         flags = load_flags(_flags_path(settings))
         typer.echo(f"drift: {'FLAGGED' if flags else 'no flags'}")
         for flag in flags:
@@ -216,8 +224,9 @@ def status(
         if labels is None:
             typer.echo(f"retrain: last {last} (give --labels to check whether one is due)")
             return
-        decision = retrain_due(len(new_labels(labelled_records(labels), state)), state.hours_since_last(), bool(flags),
-                               settings.retrain)
+        decision = retrain_due(
+            len(new_labels(labelled_records(labels), state)), state.hours_since_last(), bool(flags), settings.retrain
+        )
         typer.echo(f"retrain: {'DUE' if decision.due else 'not due'} ({decision.reason}); last {last}")
 
     run(action)

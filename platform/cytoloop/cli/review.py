@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from cytoloop.cli.common import app, fail, run, split_list
 
-
-stack_app = typer.Typer(no_args_is_help=True, help="Start, inspect and stop the local services (Label Studio, the "
-                                                   "label receiver, MLflow, Ray) under Settings.home.")
+stack_app = typer.Typer(
+    no_args_is_help=True,
+    help="Start, inspect and stop the local services (Label Studio, the "
+    "label receiver, MLflow, Ray) under Settings.home.",
+)
 review_app = typer.Typer(no_args_is_help=True, help="Route uncertain cells to Label Studio and bring labels back.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(review_app, name="review")
@@ -27,8 +28,8 @@ def _print_status(rows) -> None:
 
 @stack_app.command("up")
 def stack_up(
-    only: Optional[str] = typer.Option(None, help="comma-separated services (label-studio, labels, mlflow, ray)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    only: str | None = typer.Option(None, help="comma-separated services (label-studio, labels, mlflow, ray)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Start the services not running yet and wait until each answers its health check (idempotent)."""
 
@@ -42,7 +43,7 @@ def stack_up(
 
 
 @stack_app.command("status")
-def stack_status(config: Optional[Path] = typer.Option(None, help="JSON settings file")) -> None:
+def stack_status(config: Path | None = typer.Option(None, help="JSON settings file")) -> None:
     """Show each service: up, starting, down, stale (dead process) or disabled."""
 
     def action():
@@ -56,8 +57,8 @@ def stack_status(config: Optional[Path] = typer.Option(None, help="JSON settings
 
 @stack_app.command("down")
 def stack_down(
-    only: Optional[str] = typer.Option(None, help="comma-separated services to stop (default: all)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    only: str | None = typer.Option(None, help="comma-separated services to stop (default: all)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Stop the services this home folder started (never anything else); their data stays."""
 
@@ -74,9 +75,9 @@ def stack_down(
 @review_app.command("bootstrap")
 def review_bootstrap(
     site: str = typer.Option(..., help="site (lab) whose project to create"),
-    model: Optional[Path] = typer.Option(None, help="model directory whose classes the project offers"),
-    classes: Optional[str] = typer.Option(None, help="comma-separated classes (instead of --model)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    model: Path | None = typer.Option(None, help="model directory whose classes the project offers"),
+    classes: str | None = typer.Option(None, help="comma-separated classes (instead of --model)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Create (or update) the site's Label Studio project and its webhook; running it twice changes nothing."""
 
@@ -97,12 +98,12 @@ def review_bootstrap(
 def review_route(
     model: Path = typer.Option(..., help="model directory that scores the cells"),
     data: Path = typer.Option(..., help="manifest CSV or per-class folder of cells to score"),
-    domains: Optional[str] = typer.Option(None, help="comma-separated domains to score"),
-    site: Optional[str] = typer.Option(None, help="project to send to (default: each cell's domain)"),
-    model_version: Optional[str] = typer.Option(None, help="version shown to annotators (default: model dir name)"),
-    budget: Optional[int] = typer.Option(None, min=0, help="cells to send this round (default: routing.budget)"),
+    domains: str | None = typer.Option(None, help="comma-separated domains to score"),
+    site: str | None = typer.Option(None, help="project to send to (default: each cell's domain)"),
+    model_version: str | None = typer.Option(None, help="version shown to annotators (default: model dir name)"),
+    budget: int | None = typer.Option(None, min=0, help="cells to send this round (default: routing.budget)"),
     push: bool = typer.Option(True, help="push to Label Studio now (else only queue in the outbox)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Score cells, route them (anomaly, review, audit, accept) and send this round's budget to Label Studio."""
 
@@ -117,10 +118,20 @@ def review_route(
         loaded = load_cells(select(load_records(data), split_list(domains)), classifier.data_config, progress=True)
         predictions = classifier.predict(loaded.images, progress=True)
         loop = ReviewLoop(load_settings(config))
-        report = loop.route(loaded.records, predictions, classifier.classes, model_version or model.resolve().name,
-                            site=site, budget=budget, push=push, images=loaded.images)
-        typer.echo(f"routed {sum(report.reasons.values())} cells: {report.reasons}; "
-                   f"{report.already_queued} already sent; {report.chosen} chosen, {report.queued} newly queued")
+        report = loop.route(
+            loaded.records,
+            predictions,
+            classifier.classes,
+            model_version or model.resolve().name,
+            site=site,
+            budget=budget,
+            push=push,
+            images=loaded.images,
+        )
+        typer.echo(
+            f"routed {sum(report.reasons.values())} cells: {report.reasons}; "
+            f"{report.already_queued} already sent; {report.chosen} chosen, {report.queued} newly queued"
+        )
         _print_push(report.push)
 
     run(action)
@@ -129,14 +140,16 @@ def review_route(
 def _print_push(report) -> None:
     if report is None:
         return
-    typer.echo(f"pushed {report.pushed} task(s) ({report.already_there} were already there); "
-               f"{report.pending} waiting in the outbox")
+    typer.echo(
+        f"pushed {report.pushed} task(s) ({report.already_there} were already there); "
+        f"{report.pending} waiting in the outbox"
+    )
     if report.error:
         typer.secho(f"warning: {report.error}; the outbox keeps them until the next push", fg=typer.colors.YELLOW)
 
 
 @review_app.command("push")
-def review_push(config: Optional[Path] = typer.Option(None, help="JSON settings file")) -> None:
+def review_push(config: Path | None = typer.Option(None, help="JSON settings file")) -> None:
     """Send the outbox's waiting tasks to Label Studio."""
 
     def action():
@@ -149,7 +162,7 @@ def review_push(config: Optional[Path] = typer.Option(None, help="JSON settings 
 
 
 @review_app.command("sync")
-def review_sync(config: Optional[Path] = typer.Option(None, help="JSON settings file")) -> None:
+def review_sync(config: Path | None = typer.Option(None, help="JSON settings file")) -> None:
     """Apply received webhook events and poll Label Studio for every label they missed (safe to rerun)."""
 
     def action():
@@ -157,16 +170,18 @@ def review_sync(config: Optional[Path] = typer.Option(None, help="JSON settings 
         from labelstudio.loop import ReviewLoop
 
         r = ReviewLoop(load_settings(config)).sync()
-        typer.echo(f"{r.events} webhook event(s) applied; {r.seen} annotation(s) polled, {r.changed} changed, "
-                   f"{r.retracted} retracted")
+        typer.echo(
+            f"{r.events} webhook event(s) applied; {r.seen} annotation(s) polled, {r.changed} changed, "
+            f"{r.retracted} retracted"
+        )
 
     run(action)
 
 
 @review_app.command("report")
 def review_report(
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Consensus status, per-annotator agreement, and the cells waiting for senior review."""
 
@@ -178,8 +193,10 @@ def review_report(
         typer.echo(f"cells labelled: {report['cells']}  {report['status']}")
         for name, figures in report["annotators"].items():
             agreement = "-" if figures["agreement"] is None else f"{figures['agreement']:.2f}"
-            typer.echo(f"  {name}: {figures['labelled']} labelled, agreement with others {agreement} "
-                       f"over {figures['compared']}")
+            typer.echo(
+                f"  {name}: {figures['labelled']} labelled, agreement with others {agreement} "
+                f"over {figures['compared']}"
+            )
         typer.echo(f"senior review: {len(report['senior_review'])} cell(s)")
         for cell in report["senior_review"]:
             typer.echo(f"  {cell['cell']}: {cell['status']} {cell['votes']}{' abnormal' if cell['abnormal'] else ''}")
@@ -192,7 +209,7 @@ def review_report(
 @review_app.command("export")
 def review_export(
     out: Path = typer.Option(..., help="manifest CSV to write (usable by `cytoloop train --data`)"),
-    config: Optional[Path] = typer.Option(None, help="JSON settings file"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Write the agreed consensus labels as a training manifest with provenance."""
 
@@ -207,7 +224,7 @@ def review_export(
 
 
 @review_app.command("serve")
-def review_serve(config: Optional[Path] = typer.Option(None, help="JSON settings file")) -> None:
+def review_serve(config: Path | None = typer.Option(None, help="JSON settings file")) -> None:
     """Run the webhook receiver with the periodic poll and outbox push (what `stack up` starts as 'labels')."""
 
     def action():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,14 +11,15 @@ from cytoloop.cli.common import app, fail, run, settings_from
 
 @app.command()
 def serve(
-    config: Optional[Path] = typer.Option(None, help="JSON settings file (CYTOLOOP_SERVE__* variables override it)"),
-    host: Optional[str] = typer.Option(None, help="interface to bind (default serve.host, 127.0.0.1)"),
-    port: Optional[int] = typer.Option(None, help="HTTP port (default serve.port, 8000)"),
-    model_dir: Optional[Path] = typer.Option(None, help="serve this model directory instead of the registry"),
-    num_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray instance (default: all)"),
+    config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_SERVE__* variables override it)"),
+    host: str | None = typer.Option(None, help="interface to bind (default serve.host, 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="HTTP port (default serve.port, 8000)"),
+    model_dir: Path | None = typer.Option(None, help="serve this model directory instead of the registry"),
+    num_cpus: int | None = typer.Option(None, help="CPUs of the local Ray instance (default: all)"),
 ) -> None:
     """Serve the classifier over HTTP with Ray Serve until Ctrl-C (API docs at /docs). Joins the Ray cluster in
-    RAY_ADDRESS if set, else starts a local one. Set the API key with CYTOLOOP_SERVE__API_KEY, not on the command line."""
+    RAY_ADDRESS if set, else starts a local one. Set the API key with CYTOLOOP_SERVE__API_KEY, not on the command
+    line."""
 
     def action():
         from services.app import run_local
@@ -27,8 +27,12 @@ def serve(
         if model_dir is not None and not (model_dir / "model.json").is_file():
             fail(f"{model_dir}: not a CytoLoop model directory (no model.json)")
         settings = settings_from(config, {"serve": {"host": host, "port": port, "model_dir": model_dir}})
-        source = settings.serve.model_dir or f"registry model {settings.serve.model_name or settings.registry.model_name}"
-        typer.echo(f"serving {source} on http://{settings.serve.host}:{settings.serve.port} (docs at /docs); Ctrl-C stops")
+        source = (
+            settings.serve.model_dir or f"registry model {settings.serve.model_name or settings.registry.model_name}"
+        )
+        typer.echo(
+            f"serving {source} on http://{settings.serve.host}:{settings.serve.port} (docs at /docs); Ctrl-C stops"
+        )
         run_local(settings, num_cpus=num_cpus)
 
     run(action)

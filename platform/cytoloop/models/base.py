@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from cytoloop.errors import CytoLoopError
 from cytoloop.config import DataConfig
+from cytoloop.errors import CytoLoopError
 
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -57,13 +57,13 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.probs)
 
-    def subset(self, index: np.ndarray) -> "Predictions":
+    def subset(self, index: np.ndarray) -> Predictions:
         return Predictions(
             self.probs[index], self.anomaly[index], self.evals[index], {k: v[index] for k, v in self.extra.items()}
         )
 
     @staticmethod
-    def concat(parts: list["Predictions"]) -> "Predictions":
+    def concat(parts: list[Predictions]) -> Predictions:
         keys = parts[0].extra.keys()
         return Predictions(
             np.concatenate([p.probs for p in parts]),

@@ -94,7 +94,7 @@ class BaselineClassifier:
         return write_model_dir(Path(directory), meta, self.network.state_dict())
 
     @classmethod
-    def load(cls, directory: Path) -> "BaselineClassifier":
+    def load(cls, directory: Path) -> BaselineClassifier:
         meta = read_model_meta(directory)
         model = cls(
             classes=meta["classes"],

@@ -8,14 +8,14 @@ negative class errors divided by a temperature fitted on validation data (`calib
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from cytoloop.errors import UsageError
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
+from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
 from cytoloop.scoring import ScoreResult, score_cells
 from cytoloop.threads import torch_threads
@@ -124,9 +124,11 @@ class DiffusionClassifier:
         config = config or self.scoring_config
         weights = self.timestep_weights
         if weights is not None and len(weights) != config.timestep_bins:
-            raise UsageError(f"the model's timestep weights were fitted for {len(weights)} timestep strata, but "
-                             f"scoring asks for timestep_bins={config.timestep_bins}; keep the model's timestep_bins "
-                             "or calibrate the model again")
+            raise UsageError(
+                f"the model's timestep weights were fitted for {len(weights)} timestep strata, but "
+                f"scoring asks for timestep_bins={config.timestep_bins}; keep the model's timestep_bins "
+                "or calibrate the model again"
+            )
         denoise, device = self.runtime_denoiser(config)
         with torch_threads(config.threads):
             return score_cells(
@@ -167,15 +169,11 @@ class DiffusionClassifier:
             },
         )
 
-    def predict(
-        self, images: np.ndarray, progress: bool = False, config: ScoringConfig | None = None
-    ) -> Predictions:
+    def predict(self, images: np.ndarray, progress: bool = False, config: ScoringConfig | None = None) -> Predictions:
         return self.predictions_from_scores(self.score(images, config, progress), config=config)
 
     @torch.inference_mode()
-    def generate(
-        self, class_name: str, n: int, steps: int = 50, guidance: float = 2.0, seed: int = 0
-    ) -> np.ndarray:
+    def generate(self, class_name: str, n: int, steps: int = 50, guidance: float = 2.0, seed: int = 0) -> np.ndarray:
         """Sample n cells of one class with DDIM and classifier-free guidance; returns (n, S, S, 3) in [0, 1]."""
         from diffusers import DDIMScheduler
 
@@ -212,7 +210,7 @@ class DiffusionClassifier:
         return write_model_dir(Path(directory), meta, {k: v.cpu() for k, v in self.unet.state_dict().items()})
 
     @classmethod
-    def load(cls, directory: Path) -> "DiffusionClassifier":
+    def load(cls, directory: Path) -> DiffusionClassifier:
         meta = read_model_meta(directory)
         model = cls(
             classes=meta["classes"],
