@@ -21,7 +21,7 @@ FINETUNE_STEPS ?= 300
 SHARED_CELLS = --domains jtsc,bccd --classes neutrophil,lymphocyte,monocyte,eosinophil
 DEMO_DATA = $(if $(wildcard $(DATA)),--data $(DATA) $(SHARED_CELLS))
 
-.PHONY: setup run demo test clean
+.PHONY: setup run demo test check lint clean
 
 setup: $(VENV)/.installed
 
@@ -47,7 +47,16 @@ demo: setup
 	CYTOLOOP_STACK__MLFLOW_SERVER=true $(BIN)/cytoloop demo $(DEMO_DATA) --rounds $(ROUNDS) \
 		--steps $(DEMO_STEPS) --finetune-steps $(FINETUNE_STEPS)
 
-test: setup
+# lint and types first: CI (`make test`) enforces them; `make check` is the quick inner loop (under 2 minutes)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+check: lint
+	$(BIN)/python -m pytest tests/unit -q
+
+test: lint
 	$(BIN)/python -m pytest tests -q
 
 clean:

@@ -90,7 +90,6 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         staging = Path(tempfile.mkdtemp(prefix="cytoloop-finetuned-"))
         shutil.copy2(local / CHECKPOINT_FILE, staging / CHECKPOINT_FILE)
-        (model.unet if model.kind == "diffusion" else model.network).cpu()
         model.save(staging / MODEL_SUBDIR)
         ray.train.report(final, checkpoint=Checkpoint.from_directory(str(staging)))
     else:

@@ -41,7 +41,7 @@ def fit_temperature(
     if len(logits) == 0:
         raise ValueError("cannot fit a temperature on zero validation cells")
     pull = prior_cells / len(logits) if prior is not None and prior_cells > 0 else 0.0
-    anchor = float(np.log(prior)) if pull else 0.0
+    anchor = float(np.log(prior)) if pull and prior is not None else 0.0
 
     def nll(log_t: float) -> float:
         probs = softmax(logits / np.exp(log_t))
@@ -59,7 +59,7 @@ def fit_timestep_weights(logs: list[TrialLog], labels: np.ndarray, bins: int) ->
     mean margin mu and variance var gets weight max(mu, 0) / var. Strata never sampled, or all non-informative,
     fall back to uniform weights.
     """
-    margins: list[list[float]] = [[] for _ in range(bins)]
+    margins: list[list[float]] = [[] for _ in range(bins)]  # per stratum
     for log, label in zip(logs, labels):
         for stratum, errors in zip(log.strata, log.errors):
             wrong = np.delete(errors, label)
@@ -69,7 +69,7 @@ def fit_timestep_weights(logs: list[TrialLog], labels: np.ndarray, bins: int) ->
     weights = np.zeros(bins)
     for b, values in enumerate(margins):
         if len(values) >= 2:
-            weights[b] = max(np.mean(values), 0.0) / (np.var(values, ddof=1) + 1e-12)
+            weights[b] = max(float(np.mean(values)), 0.0) / (float(np.var(values, ddof=1)) + 1e-12)
     if weights.sum() <= 0:
         return np.ones(bins)
     return weights / weights.mean()

@@ -180,7 +180,7 @@ def distill(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
     )
-    student.network = network
+    student.use_trained(network)
     student.temperature = fit_temperature(student.logits(val_images), val_labels)
     val_confidence = student.predict(val_images).confidence
     if config.defer_fraction is not None:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +154,7 @@ def stratified_split(
     return parts
 
 
-def write_split(parts: dict[str, Sequence[CellRecord]], path: Path, **meta: object) -> Path:
+def write_split(parts: Mapping[str, Sequence[CellRecord]], path: Path, **meta: object) -> Path:
     """Write a split as cell ids per part, so every later evaluation can use exactly the same cells."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "parts": {name: sorted(r.cell_id for r in recs) for name, recs in parts.items()}}

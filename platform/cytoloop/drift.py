@@ -195,14 +195,14 @@ def window_figures(events: Sequence[PredictionEvent], reference: np.ndarray | No
         figures["reviewed_ece"] = top_label_ece(np.array([e.confidence for e in reviewed]), correct)
     colours = np.array([e.colour for e in events if e.colour is not None]).reshape(-1, len(COLOUR_STATS))
     if reference is not None and len(reference) and len(colours):
+        psis, ks_p = {}, {}
         for i, name in enumerate(COLOUR_STATS):
-            figures[f"psi_{name}"] = psi(reference[:, i], colours[:, i], config.psi_bins)
-            figures[f"ks_{name}"], figures[f"ks_p_{name}"] = ks_test(reference[:, i], colours[:, i])
-        figures["psi_max"] = max(figures[f"psi_{name}"] for name in COLOUR_STATS)
+            psis[name] = figures[f"psi_{name}"] = psi(reference[:, i], colours[:, i], config.psi_bins)
+            figures[f"ks_{name}"], ks_p[name] = ks_test(reference[:, i], colours[:, i])
+            figures[f"ks_p_{name}"] = ks_p[name]
+        figures["psi_max"] = max(psis.values())
         # shifted = large (PSI) and not sampling noise (KS, Bonferroni over the statistics)
-        shifted = [
-            figures[f"psi_{n}"] for n in COLOUR_STATS if figures[f"ks_p_{n}"] < config.ks_alpha / len(COLOUR_STATS)
-        ]
+        shifted = [psis[n] for n in COLOUR_STATS if ks_p[n] < config.ks_alpha / len(COLOUR_STATS)]
         figures["psi_significant_max"] = max(shifted, default=0.0)
     return figures
 

@@ -22,9 +22,9 @@ from cytoloop.calibration import calibrate
 from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
 from cytoloop.data import CellRecord, DatasetError, read_manifest, stratified_split
 from cytoloop.drift import read_colour_reference
-from cytoloop.models.base import Classifier
+from cytoloop.models.base import Classifier, Trainable
 from cytoloop.preprocess import load_cells
-from cytoloop.train import UNLABELED, TrainResult, baseline_loss, diffusion_loss, fit
+from cytoloop.train import UNLABELED, TrainResult, fit
 from cytoloop.workflows import label_indices
 
 FROZEN_PARTS = ("val", "eval")
@@ -103,15 +103,16 @@ def frozen_sets(
 
 
 def training_arrays(
-    model: Classifier, records: Sequence[CellRecord], unlabeled: Sequence[CellRecord] = ()
+    model: Trainable, records: Sequence[CellRecord], unlabeled: Sequence[CellRecord] = ()
 ) -> tuple[np.ndarray, np.ndarray, list[CellRecord]]:
-    """Preprocessed training cells and their class indices (UNLABELED for the pool, diffusion only), and the
+    """Preprocessed training cells and their class indices (UNLABELED for the pool, for a model that learns from
+    unlabeled cells), and the
     labelled records that could be read. A label outside the model's classes is an error naming the cell."""
     cells = load_cells(records, model.data_config)
     if not cells.records:
         raise DatasetError(f"none of the {len(records)} training cells could be read")
     images, labels = cells.images, label_indices(cells.records, model.classes)
-    if model.kind == "diffusion" and unlabeled:
+    if model.learns_from_unlabeled and unlabeled:
         pool = load_cells(unlabeled, model.data_config)
         images = np.concatenate([images, pool.images])
         labels = np.concatenate([labels, np.full(len(pool.images), UNLABELED)])
@@ -156,7 +157,7 @@ def adapted_data_config(model: Classifier, model_dir: Path, stain_normalize: boo
 
 
 def finetune(
-    model: Classifier,
+    model: Trainable,
     images: np.ndarray,
     labels: np.ndarray,
     train_config: TrainConfig,
@@ -169,10 +170,7 @@ def finetune(
 
     `wrap` wraps the network before training (Ray Train's `prepare_model` for data-parallel workers).
     """
-    if model.kind == "diffusion":
-        network, loss = model.unet, diffusion_loss(model.scheduler, model.null_class, train_config)
-    else:
-        network, loss = model.network, baseline_loss(train_config)
+    network, loss = model.objective(train_config)
     trained, result = fit(
         wrap(network) if wrap else network,
         loss,
@@ -183,10 +181,7 @@ def finetune(
         checkpoint_dir=checkpoint_dir,
         on_log=on_log,
     )
-    if model.kind == "diffusion":
-        model.unet = trained
-    else:
-        model.network = trained
+    model.use_trained(trained)
     return result
 
 
@@ -199,7 +194,7 @@ def _calibration_figures(model: Classifier, images: np.ndarray, labels: np.ndarr
     }
 
 
-def recalibrate(model: Classifier, val_records: Sequence[CellRecord], prior_cells: float = 0.0) -> dict[str, float]:
+def recalibrate(model: Trainable, val_records: Sequence[CellRecord], prior_cells: float = 0.0) -> dict[str, float]:
     """Refit the calibration on the frozen validation cells; ECE, NLL and Brier before (the parent's calibration
     on the new weights) and after, as `<metric>_before` / `<metric>_after`. The parent's temperature counts as
     `prior_cells` validation cells (`calibration.fit_temperature`)."""

@@ -94,4 +94,4 @@ class CellService:
                     route=route_cell(confidence, anomaly, label, self.routing, identity),
                     evals=int(predictions.evals[row]),
                 )
-        return answers
+        return [answer for answer in answers if answer is not None]  # every cell was answered above

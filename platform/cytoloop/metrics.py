@@ -285,9 +285,6 @@ def bootstrap_intervals(
     out = {}
     for name, values in draws.items():
         finite = np.asarray(values)[~np.isnan(values)]
-        out[name] = (
-            (float("nan"), float("nan"))
-            if not len(finite)
-            else tuple(float(q) for q in np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0]))
-        )
+        low, high = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0]) if len(finite) else (np.nan, np.nan)
+        out[name] = (float(low), float(high))
     return out

@@ -87,7 +87,7 @@ class ModelSource:
             aliases = self.registry.client.get_registered_model(self.name).aliases
         except Exception as error:  # MLflow raises its own exception types for a missing model
             raise RegistryError(f"registered model {self.name!r}: {error}") from None
-        served = {}
+        served: dict[str | None, ModelRef] = {}
         for alias, version in sorted(aliases.items()):
             if alias == CHAMPION:
                 served[None] = ModelRef(self.name, str(version), alias)

@@ -14,7 +14,7 @@ the person deciding on an override should.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +91,11 @@ def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -
     def ece(probs: np.ndarray, idx: np.ndarray) -> float:
         return metrics.expected_calibration_error(probs[idx], labels[idx], n_bins=15)
 
+    def difference(fn: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[np.ndarray], float]:
+        return lambda idx: fn(probs_b, idx) - fn(probs_a, idx)
+
     intervals = {
-        name: metrics.bootstrap_interval(
-            lambda idx, fn=fn: fn(probs_b, idx) - fn(probs_a, idx), len(pairs), n_boot=n_boot
-        )
+        name: metrics.bootstrap_interval(difference(fn), len(pairs), n_boot=n_boot)
         for name, fn in (("balanced_accuracy", balanced_accuracy), ("ece", ece))
     }
     return intervals, len(pairs)

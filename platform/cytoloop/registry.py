@@ -16,6 +16,7 @@ import getpass
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,7 +99,7 @@ class Registry:
         tags: dict[str, str] | None = None,
         params: dict | None = None,
         metrics: dict[str, float] | None = None,
-        artifacts: list[Path] = (),
+        artifacts: Sequence[Path] = (),
     ) -> VersionInfo:
         """Log a model directory (without its training checkpoints) as a run and register it as a new version."""
         import mlflow

@@ -79,10 +79,11 @@ def load_state(path: Path) -> RetrainState:
 
 def save_state(path: Path, records: Sequence[CellRecord], when: datetime | None = None) -> RetrainState:
     """Record a finished retrain on `records` (written atomically)."""
-    state = RetrainState(when or datetime.now(UTC), {label_key(r) for r in records if r.label is not None})
+    last_time = when or datetime.now(UTC)
+    state = RetrainState(last_time, {label_key(r) for r in records if r.label is not None})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"last_time": state.last_time.isoformat(), "trained": sorted(state.trained)}
+    payload = {"last_time": last_time.isoformat(), "trained": sorted(state.trained)}
     path.with_suffix(".tmp").write_text(json.dumps(payload))
     path.with_suffix(".tmp").replace(path)
     return state

@@ -133,7 +133,7 @@ def score_cells(
         blocks = [_next_block(len(cell.log.strata), config) for cell in pending]
         inputs = sum(block * int(cell.active.sum()) for cell, block in zip(pending, blocks))
         extra = (min(lookahead, batch_size // inputs) - 1) * config.check_every if inputs < batch_size else 0
-        jobs = []
+        jobs: list[tuple] = []  # (cell, trial number, its draw)
         for cell, block in zip(pending, blocks):
             n = len(cell.log.strata)
             block = min(block + extra, config.max_trials - n)
@@ -258,8 +258,8 @@ def decide(weighted: np.ndarray, active: np.ndarray, config: ScoringConfig) -> t
     mean = diff.mean(axis=0)
     variance = diff.var(axis=0, ddof=1) if n > 1 else np.zeros(len(in_play))
     df = float(n - 1)
-    if prior:  # the cell's variance estimate shrunk toward the prior, as if it had k more trials of that variance
-        k = config.variance_prior_trials
+    if prior and config.variance_prior is not None:  # the cell's variance shrunk toward the prior, as if it had
+        k = config.variance_prior_trials  # k more trials of that variance
         variance = (k * config.variance_prior + (n - 1) * variance) / (k + n - 1)
         df = k + n - 1
     sd = np.sqrt(variance)

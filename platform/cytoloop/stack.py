@@ -31,6 +31,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cytoloop.config import Settings
 from cytoloop.errors import CytoLoopError
@@ -54,7 +55,7 @@ def stack_secrets(settings: Settings) -> dict[str, str]:
         "admin_token": settings.stack.admin_token,
         "webhook_secret": settings.review.webhook_secret,
     }
-    values = {k: v.get_secret_value() if v is not None else stored.get(k) for k, v in given.items()}
+    values: dict[str, str] = {k: v.get_secret_value() if v is not None else stored.get(k, "") for k, v in given.items()}
     values.update({k: secrets_lib.token_hex(20) for k, v in values.items() if not v})
     if values != {k: stored.get(k) for k in values}:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,11 @@ class Stack:
 
         def prepare() -> None:  # the child gets exactly this configuration (secrets stay in secrets.json)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            secret_fields = {"home": True, "stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}
+            secret_fields: dict[str, Any] = {
+                "home": True,
+                "stack": {"admin_password", "admin_token"},
+                "review": {"webhook_secret"},
+            }
             settings_file.write_text(self.settings.model_dump_json(exclude=secret_fields, exclude_none=True))
 
         return Service(

@@ -113,7 +113,17 @@ def fit(
         return _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress)
 
 
-def _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress):
+def _fit(
+    network: nn.Module,
+    loss_fn: LossFn,
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: TrainConfig,
+    augment_config: AugmentConfig,
+    checkpoint_dir: Path | None,
+    on_log: Callable[[dict], None] | None,
+    progress: bool,
+) -> tuple[nn.Module, TrainResult]:
     """The loop itself (`fit` checks the inputs and sets the thread count around it)."""
     from tqdm.auto import tqdm
 

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,19 +40,19 @@ from cytoloop.data import (
 )
 from cytoloop.drift import colour_statistics_of, write_colour_reference
 from cytoloop.errors import UsageError
-from cytoloop.models.base import Classifier, Predictions, load_model
+from cytoloop.models.base import Classifier, Predictions, Trainable, load_model
 from cytoloop.models.diffusion import DiffusionClassifier
 from cytoloop.preprocess import load_cells
-from cytoloop.train import UNLABELED, baseline_loss, diffusion_loss, fit
+from cytoloop.train import UNLABELED, fit
 
 SPLIT_FILE = "split.json"
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 ModelKind = Literal["diffusion", "baseline"]
 
 
-def build_model(kind: ModelKind, classes: list[str], settings: Settings) -> Classifier:
+def build_model(kind: ModelKind, classes: list[str], settings: Settings) -> Trainable:
+    """A new, untrained model of `kind` with the settings' architecture."""
     from cytoloop.models.baseline import BaselineClassifier
-    from cytoloop.models.diffusion import DiffusionClassifier
 
     if kind == "diffusion":
         return DiffusionClassifier(classes, settings.data, settings.diffusion, settings.scoring)
@@ -108,17 +108,14 @@ def train_model(
             f"no validation cells to calibrate on: {len(records)} cells are too few; every "
             "(label, domain) group needs at least 2 cells, and calibration wants many more"
         )
-    extra = load_cells(unlabeled, settings.data, progress) if kind == "diffusion" and unlabeled else None
+    model = build_model(kind, classes, settings)
+    extra = load_cells(unlabeled, settings.data, progress) if model.learns_from_unlabeled and unlabeled else None
     images, labels = train.images, label_indices(train.records, classes)
     if extra is not None:
         images = np.concatenate([images, extra.images])
         labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
 
-    model = build_model(kind, classes, settings)
-    if kind == "diffusion":
-        network, loss = model.unet, diffusion_loss(model.scheduler, model.null_class, settings.train)
-    else:
-        network, loss = model.network, baseline_loss(settings.train)
+    network, loss = model.objective(settings.train)
     trained, result = fit(
         network,
         loss,
@@ -129,15 +126,12 @@ def train_model(
         checkpoint_dir=out / "checkpoints",
         progress=progress,
     )
-    if kind == "diffusion":
-        model.unet = trained
-    else:
-        model.network = trained
+    model.use_trained(trained)
 
     began = time.perf_counter()
     val_labels = label_indices(val.records, classes)
     tuning = None
-    if kind == "diffusion" and settings.train.tune_scoring:
+    if isinstance(model, DiffusionClassifier) and settings.train.tune_scoring:
         fit_weights(model, val.images, val_labels, progress=progress)
         tuning = tune_model_scoring(model, val.images, val_labels, progress=progress)
         (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
@@ -306,7 +300,7 @@ def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
         return {name: metrics.auroc(values[index], positive) for name, values in scores.items()}
 
     intervals = metrics.bootstrap_intervals(statistics, len(is_anomaly))
-    result = {
+    result: dict[str, Any] = {
         "anomaly_auroc": metrics.auroc(predictions.anomaly, is_anomaly),
         "anomaly_n": int(len(is_anomaly)),
         "anomaly_n_positive": int(is_anomaly.sum()),
@@ -339,7 +333,7 @@ def evaluate_model(
     began = time.perf_counter()
     predictions = model.predict(cells.images, progress=progress)
     seconds = time.perf_counter() - began
-    report = {
+    report: dict[str, Any] = {
         "model_kind": model.kind,
         "classes": model.classes,
         "n_skipped": len(cells.skipped),
@@ -465,14 +459,13 @@ def distill_model(
     part. The teacher's split is copied into `out`, so evaluating the cascade excludes the same cells.
     """
     teacher = load_model(teacher_dir)
-    if teacher.kind != "diffusion":
-        raise DatasetError(f"{teacher_dir} is a {teacher.kind} model; the teacher must be a diffusion model")
+    if not isinstance(teacher, DiffusionClassifier):
+        raise UsageError(f"{teacher_dir} is a {teacher.kind} model; the teacher must be a diffusion model")
     out = Path(out)
     train_records, _ = held_out(records, teacher_dir, part="train")
     val_records, _ = held_out(records, teacher_dir, part="val")
     split = json.loads((Path(teacher_dir) / SPLIT_FILE).read_text())
-    reserved = set(split["parts"].get("val", [])) | set(split["parts"].get("test", []))
-    unlabeled = [r for r in unlabeled if r.cell_id not in reserved]
+    unlabeled = [r for r, reserved in zip(unlabeled, _in_parts(unlabeled, split, ["val", "test"])) if not reserved]
     train = load_cells(train_records, teacher.data_config, progress)
     val = load_cells(val_records, teacher.data_config, progress)
     val_labels = label_indices(val.records, teacher.classes)

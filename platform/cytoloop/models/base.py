@@ -9,14 +9,20 @@ never care which model they hold.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from cytoloop.config import DataConfig
+from cytoloop.config import DataConfig, TrainConfig
 from cytoloop.errors import CytoLoopError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from cytoloop.train import LossFn
 
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -87,6 +93,24 @@ class Classifier(Protocol):
     def save(self, directory: Path) -> Path: ...
 
 
+class Trainable(Classifier, Protocol):
+    """A classifier the one training loop (`train.fit`) can train and fine-tune: it names the network to train
+    and its loss, and takes the trained network back. Training and fine-tuning go through this, never through
+    the model's kind."""
+
+    temperature: float
+    info: dict
+    learns_from_unlabeled: bool  # whether unlabeled cells have a use in its loss (the diffusion null class)
+
+    def objective(self, config: TrainConfig) -> tuple[nn.Module, LossFn]:
+        """The network to train (the model's own, trained in place) and the loss `fit` minimises."""
+        ...
+
+    def use_trained(self, network: nn.Module) -> None:
+        """Take the trained network (the EMA copy `fit` returns) as the model's weights."""
+        ...
+
+
 def write_model_dir(directory: Path, meta: dict, state_dict: dict) -> Path:
     import torch
 
@@ -112,11 +136,11 @@ def load_model(directory: Path | str) -> Classifier:
 
     directory = Path(directory)
     kind = read_model_meta(directory).get("kind")
-    loaders = {
+    loaders: dict[str, Callable[[Path], Any]] = {  # each returns a Classifier
         "diffusion": DiffusionClassifier.load,
         "baseline": BaselineClassifier.load,
         "cascade": CascadeClassifier.load,
     }
     if kind not in loaders:
         raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
-    return loaders[kind](directory)
+    return loaders[str(kind)](directory)

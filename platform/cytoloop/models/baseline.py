@@ -8,13 +8,17 @@ max-softmax is kept in `extra` for comparison.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from cytoloop.config import BaselineModelConfig, DataConfig
+from cytoloop.config import BaselineModelConfig, DataConfig, TrainConfig
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
+
+if TYPE_CHECKING:
+    from cytoloop.train import LossFn
 
 
 class SmallCNN(nn.Module):
@@ -57,7 +61,18 @@ class BaselineClassifier:
         self.model_config = model_config
         self.temperature = temperature
         self.info = dict(info or {})
-        self.network = SmallCNN(len(classes), tuple(model_config.channels), model_config.dropout)
+        self.network: nn.Module = SmallCNN(len(classes), tuple(model_config.channels), model_config.dropout)
+
+    learns_from_unlabeled = False  # cross-entropy needs a label
+
+    def objective(self, config: TrainConfig) -> tuple[nn.Module, LossFn]:
+        """The CNN and its cross-entropy loss (`train.baseline_loss`)."""
+        from cytoloop.train import baseline_loss
+
+        return self.network, baseline_loss(config)
+
+    def use_trained(self, network: nn.Module) -> None:
+        self.network = network
 
     @torch.inference_mode()
     def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -91,7 +106,7 @@ class BaselineClassifier:
             "temperature": self.temperature,
             "info": self.info,
         }
-        return write_model_dir(Path(directory), meta, self.network.state_dict())
+        return write_model_dir(Path(directory), meta, {k: v.cpu() for k, v in self.network.state_dict().items()})
 
     @classmethod
     def load(cls, directory: Path) -> BaselineClassifier:

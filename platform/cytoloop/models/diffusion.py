@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
+from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig, TrainConfig
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
 from cytoloop.scoring import ScoreResult, score_cells
 from cytoloop.threads import torch_threads
+
+if TYPE_CHECKING:
+    from cytoloop.train import LossFn
 
 
 def build_unet(config: DiffusionModelConfig, image_size: int, n_classes: int):
@@ -83,8 +87,21 @@ class DiffusionClassifier:
         self.timestep_weights = timestep_weights
         self.info = dict(info or {})
         self.unet = unet if unet is not None else build_unet(model_config, data_config.image_size, len(classes))
-        self._compiled = None  # (unet, its torch.compile), made on first use when `scoring.compile` asks for it
+        # (unet, its torch.compile), made on first use when `scoring.compile` asks for it
+        self._compiled: tuple[torch.nn.Module, Callable] | None = None
         self.scheduler = build_scheduler(model_config)
+
+    learns_from_unlabeled = True  # unlabeled cells train the null class
+
+    def objective(self, config: TrainConfig) -> tuple[torch.nn.Module, LossFn]:
+        """The denoiser and its epsilon-prediction loss (`train.diffusion_loss`)."""
+        from cytoloop.train import diffusion_loss
+
+        return self.unet, diffusion_loss(self.scheduler, self.null_class, config)
+
+    def use_trained(self, network: torch.nn.Module) -> None:
+        self.unet = network
+        self._compiled = None
 
     @property
     def null_class(self) -> int:
