@@ -199,8 +199,7 @@ class Demo:
         with self.stage(f"round {number}: fine-tune on Ray Train, gate", row, "finetune"):
             outcome = run_finetune(self.settings, labelled, who="cytoloop demo")
             row.version = outcome.version.version
-            worse = [reason.split(":", 1)[0] for reason in outcome.reasons if "WORSE" in reason]
-            row.gate = "promoted" if outcome.passed else f"refused ({', '.join(worse)} worse)"
+            row.gate = "promoted" if outcome.passed else f"refused ({', '.join(outcome.worse)} worse)"
             row.gate_reasons = outcome.reasons
         if outcome.passed:
             self.champion = row.version
@@ -299,7 +298,7 @@ class Demo:
             try:  # /readyz names the version a replica has loaded (/v1/models says what the registry names)
                 ready = httpx.get(f"{self.serve_url}/readyz", timeout=10.0)
                 if ready.status_code == 200:
-                    served = ready.json()["detail"].rsplit(" ", 1)[-1]
+                    served = ready.json()["model_version"]
                     if served == version:
                         return served
             except httpx.HTTPError:

@@ -133,6 +133,7 @@ class FinetuneOutcome:
     alias: str
     model_dir: Path
     metrics: dict
+    worse: list[str]  # the metrics the gate refused it on (empty when it passed)
 
 
 def run_finetune(
@@ -258,7 +259,7 @@ def run_finetune(
     version = registry.log_model(out, name, tags=tags, params=params, metrics=metrics, artifacts=artifacts)
     apply_verdict(registry, name, version.version, alias, verdict, who=who)
     return FinetuneOutcome(
-        registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics
+        registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics, verdict.worse
     )
 
 

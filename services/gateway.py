@@ -239,4 +239,4 @@ class Gateway:
         except Exception as error:
             reason = str(error).strip().splitlines()[-1]  # Ray wraps the replica's error in its traceback
             return JSONResponse(Health(status="not ready", detail=reason).model_dump(), status_code=503)
-        return Health(status="ready", detail=f"global model version {version}")
+        return Health(status="ready", detail=f"global model version {version}", model_version=str(version))

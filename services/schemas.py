@@ -117,6 +117,7 @@ class ModelsResponse(_Body):
 class Health(_Body):
     status: Literal["ok", "ready", "not ready"]
     detail: str | None = None
+    model_version: str | None = Field(None, description="/readyz: the global model version a replica has loaded")
 
 
 class ErrorResponse(_Body):

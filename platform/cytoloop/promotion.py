@@ -35,6 +35,7 @@ class GateVerdict:
     challenger: dict[str, float | None]
     champion: dict[str, float | None] = field(default_factory=dict)
     champion_version: str | None = None
+    worse: list[str] = field(default_factory=list)  # the metrics on which the challenger failed the gate
 
 
 def compare(challenger: dict, champion: dict | None, config: PromotionConfig) -> GateVerdict:
@@ -52,7 +53,7 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
         ("anomaly_auroc", +1, config.anomaly_auroc_tolerance),
     )
     intervals, n_paired = difference_intervals(challenger, champion)
-    passed, reasons = True, []
+    passed, reasons, worse = True, [], []
     for metric, direction, tolerance in rules:
         new, old = challenger.get(metric), champion.get(metric)
         if new is None or old is None:
@@ -61,12 +62,14 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
         worse_by = (old - new) * direction
         ok = worse_by <= tolerance
         passed &= ok
+        if not ok:
+            worse.append(metric)
         reason = f"{metric}: {new:.4f} vs champion {old:.4f} ({'ok' if ok else 'WORSE'}, tolerance {tolerance:g})"
         if metric in intervals:
             low, high = intervals[metric]
             reason += f"; challenger - champion {low:+.3f} to {high:+.3f} (95 % paired bootstrap, {n_paired} cells)"
         reasons.append(reason)
-    return GateVerdict(passed, reasons, picked, {k: champion.get(k) for k in GATED_METRICS})
+    return GateVerdict(passed, reasons, picked, {k: champion.get(k) for k in GATED_METRICS}, worse=worse)
 
 
 def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -> tuple[dict, int]:

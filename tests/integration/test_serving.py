@@ -275,7 +275,8 @@ def test_models_health_and_docs(serving):
     served = {entry["site"]: entry["model"]["version"] for entry in models.json()["served"]}
     assert served[None] == serving.versions["four"] and served["siteb"] == serving.versions["two"]
     assert served["sited"] == serving.versions["diffusion"]
-    assert httpx.get(serving.url + "/readyz", timeout=60).json()["status"] == "ready"
+    ready = httpx.get(serving.url + "/readyz", timeout=60).json()
+    assert ready["status"] == "ready" and ready["model_version"] == serving.versions["four"]  # a field, not prose
     schema = httpx.get(serving.url + "/openapi.json", timeout=60).json()
     assert {"/v1/classify", "/v1/samples/{sample_id}/differential", "/v1/models", "/healthz", "/readyz"} <= set(
         schema["paths"]

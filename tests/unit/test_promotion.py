@@ -24,6 +24,10 @@ def test_each_metric_can_refuse():
         assert not verdict.passed
         (metric,) = worse
         assert any(r.startswith(metric) and "WORSE" in r for r in verdict.reasons)
+        assert verdict.worse == [metric]  # typed, for callers: no parsing of the reasons' text
+    both = compare({**CHAMPION, "balanced_accuracy": 0.78, "ece": 0.08}, CHAMPION, CONFIG)
+    assert both.worse == ["balanced_accuracy", "ece"]
+    assert compare(dict(CHAMPION), CHAMPION, CONFIG).worse == []
 
 
 def test_unmeasured_metric_is_reported_not_checked():
