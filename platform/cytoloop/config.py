@@ -112,7 +112,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="autocast dtype of the forward pass (weights, optimiser state and EMA stay fp32); bf16 needs a "
-        "CPU with avx512_bf16/AMX or a GPU, where it is cheaper per step (docs/benchmarks.md)",
+        "CPU with avx512_bf16/AMX or a GPU, where it is cheaper per step",
     )
 
 
@@ -156,16 +156,16 @@ class ScoringConfig(_Section):
     batch_size: int | None = Field(
         None,
         ge=1,
-        description="denoiser inputs per forward pass (cells x classes x trials); None: 64 on a CPU, where it ran "
-        "1.5-2x faster per evaluation than 256 (activations stay in cache), 1024 on a GPU",
+        description="denoiser inputs per forward pass (cells x classes x trials); None: 64 on a CPU (small batches "
+        "keep activations in cache), 1024 on a GPU",
     )
     lookahead: int | None = Field(
         None,
         ge=1,
         description="when a round of trials fills less than one denoiser batch, each cell may run up to this many "
         "check intervals ahead; the elimination test still runs after every interval, and trials past a cell's "
-        "decision are dropped from its log (same decision) but counted in its evaluations. Nearly free on a GPU, "
-        "where a small batch takes as long as a full one; None: 1 (off) on a CPU, 16 on a GPU",
+        "decision are dropped from its log (same decision) but counted in its evaluations. For GPUs, where a small "
+        "batch takes as long as a full one; None: 1 (off) on a CPU, 16 on a GPU",
     )
     calibration_trials: int = Field(30, ge=2, description="exhaustive trials per validation cell to fit w(t)")
     tuning_trials: int = Field(
@@ -192,22 +192,20 @@ class ScoringConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the denoiser runs; auto: cuda if present")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
-        description="autocast dtype of the denoiser; bf16 is ~2.5x faster per evaluation on CPUs with "
-        "avx512_bf16/AMX, but on an H100 the 32-px denoiser is launch-bound and fp32 was fastest "
-        "(docs/benchmarks.md, which also measures how often bf16 changes a decision); fp16 on CUDA only",
+        description="autocast dtype of the denoiser: bf16 pays on CPUs with avx512_bf16/AMX and may change a few "
+        "close decisions; fp16 on CUDA only (docs/benchmarks.md compares them)",
     )
     channels_last: bool = Field(False, description="run the denoiser in channels-last memory format")
     compile: bool = Field(
         False,
-        description="torch.compile the denoiser: 1.6-1.8x faster per evaluation on this CPU once compiled, but "
-        "each new batch shape compiles again and adaptive scoring makes many, so one 64-cell run was several times "
-        "slower; it pays off only in a long-running process (a service), not in one `cytoloop evaluate` run",
+        description="torch.compile the denoiser. Each new batch shape compiles again and adaptive scoring makes "
+        "many, so it pays only in a long-running process (a service), not in one `cytoloop evaluate` run",
     )
     threads: int | None = Field(
         None,
         ge=1,
-        description="torch CPU threads while scoring; None leaves torch's default. On a CPU shared with other work "
-        "use 1: oversubscribed threads spin and wait (2 threads on a loaded 2-core machine ran several times slower)",
+        description="torch CPU threads while scoring (restored afterwards); None leaves torch's default. On a CPU "
+        "shared with other work use 1: oversubscribed threads spin and wait",
     )
 
     @model_validator(mode="after")
