@@ -29,7 +29,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[all,test]'
 	touch $@
 
 # `make run`: the diffusion classifier alone, on PBC's eight classes (about 30 minutes on 2 cores): train (ending

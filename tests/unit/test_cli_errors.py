@@ -59,3 +59,11 @@ def test_every_project_error_is_a_cytoloop_error():
         UsageError,
     ):
         assert issubclass(kind, CytoLoopError), kind
+
+
+def test_a_missing_optional_part_names_the_extra_that_installs_it(capsys):
+    with pytest.raises(typer.Exit) as exit_info:
+        run(_raise(ModuleNotFoundError("No module named 'ray'", name="ray")))
+    assert exit_info.value.exit_code == 2 and "pip install 'cytoloop[serve]'" in capsys.readouterr().err
+    with pytest.raises(ModuleNotFoundError):  # not one of ours: a bug (or a broken install), with its traceback
+        run(_raise(ModuleNotFoundError("No module named 'nonesuch'", name="nonesuch")))

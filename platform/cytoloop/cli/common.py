@@ -41,6 +41,15 @@ def run(action):
         fail(f"invalid configuration: {problems}")
     except (CytoLoopError, FileNotFoundError, PermissionError) as error:
         fail(str(error))
+    except ModuleNotFoundError as error:
+        extra = _EXTRA_OF.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        fail(f"this command needs {error.name}, which comes with the '{extra}' extra: pip install 'cytoloop[{extra}]'")
+
+
+# the optional parts of the platform and the extra that installs each (pyproject.toml)
+_EXTRA_OF = {"ray": "serve", "mlflow": "train", "fastapi": "serve", "uvicorn": "serve", "label_studio_sdk": "review"}
 
 
 def settings_from(config: Path | None, overrides: dict | None = None):
