@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +35,8 @@ import numpy as np
 from cytoloop.config import DemoConfig, Settings
 from cytoloop.data import CellRecord, DatasetError, read_manifest, select
 from cytoloop.finetune import freeze, frozen_directory
+
+logger = logging.getLogger(__name__)
 
 DEMO_DIR = "demo"
 
@@ -115,11 +117,10 @@ class DemoOutcome:
 class Demo:
     """One run of the cycle. `settings` are used as given except for what the demo must own (see `_demo_settings`)."""
 
-    def __init__(self, settings: Settings, data: Path, log: Callable[[str], None] = print):
+    def __init__(self, settings: Settings, data: Path):
         self.data = Path(data)
         self.settings = _demo_settings(settings, self.data)
         self.config = self.settings.demo
-        self.log = log
         self.dir = Path(self.settings.home).resolve() / DEMO_DIR
         self.rounds: list[RoundResult] = []
         self.test_predictions: list[tuple[np.ndarray, np.ndarray]] = []  # per round: probs, true labels
@@ -133,13 +134,13 @@ class Demo:
         records = select(load_records(self.data), domains=self.config.domains, classes=self.config.classes)
         split = split_for_demo(records, self.config)
         self.truth = {str(Path(r.path).resolve()): r.label for r in records}
-        self.log(
+        logger.info(
             f"data: {len(records)} labelled cells from {self.data}: held out {len(split.test)} for the "
             f"learning curve, {len(split.val)} to calibrate and {len(split.eval)} to gate each fine-tuned "
             f"version; {len(split.seed)} seed labels, {len(split.pool)} in the pool"
         )
         if not freeze(frozen_directory(self.settings.home, None), split.val, split.eval):
-            self.log(
+            logger.info(
                 f"   (the frozen sets under {frozen_directory(self.settings.home, None)} are kept from an earlier run)"
             )
         with self.stage("stack up"):
@@ -160,8 +161,8 @@ class Demo:
         report = self._write_report()
         urls = self.urls()
         for name, url in urls.items():
-            self.log(f"{name}: {url}")
-        self.log(f"report: {report}")
+            logger.info(f"{name}: {url}")
+        logger.info(f"report: {report}")
         return DemoOutcome(self.rounds, report, urls)
 
     def _round(self, number: int, split: DemoSplit, labelled: list[CellRecord]) -> list[CellRecord]:
@@ -177,7 +178,7 @@ class Demo:
         with self.stage(f"round {number}: score pool", row, "score"):
             scores = score_served(pool, self.serve_url, self.classes, self.api_key)
             for path, reason in scores.failed.items():
-                self.log(f"  not scored: {path}: {reason}")
+                logger.info(f"  not scored: {path}: {reason}")
             row.scored = len(scores.records)
         with self.stage(f"round {number}: route to Label Studio", row, "route"):
             routed = self.review.route(
@@ -214,13 +215,13 @@ class Demo:
     @contextmanager
     def stage(self, name: str, row: RoundResult | None = None, key: str | None = None) -> Iterator[None]:
         """One progress line per stage, with its duration (kept in the round's row)."""
-        self.log(f"-> {name} ...")
+        logger.info(f"-> {name} ...")
         start = time.monotonic()
         yield
         seconds = time.monotonic() - start
         if row is not None:
             row.seconds[key or name] = round(seconds, 1)
-        self.log(f"   {name}: done in {seconds:.1f} s")
+        logger.info(f"   {name}: done in {seconds:.1f} s")
 
     def _stack_up(self) -> None:
         import ray
@@ -229,7 +230,7 @@ class Demo:
         from cytoloop.stack import Stack
         from labelstudio.loop import ReviewLoop
 
-        statuses = Stack(self.settings, log=lambda message: self.log(f"   {message}")).up()
+        statuses = Stack(self.settings).up()
         down = [s.name for s in statuses if s.state not in ("up", "disabled")]
         if down:
             raise RuntimeError(f"services not up: {', '.join(down)} (see `cytoloop stack status`)")
@@ -360,7 +361,7 @@ class Demo:
     def _finish_round(self, row: RoundResult) -> None:
         self.rounds.append(row)
         (self.dir / "rounds.json").write_text(json.dumps([asdict(r) for r in self.rounds], indent=1, default=str))
-        self.log(round_table(self.rounds))
+        logger.info(round_table(self.rounds))
 
     # -- the end ---------------------------------------------------------------------------------------------------
     def urls(self) -> dict[str, str]:

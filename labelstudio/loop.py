@@ -8,6 +8,7 @@ Data flow (docs/review-loop.md): predictions -> `cytoloop.routing` (reason per c
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ from labelstudio.push import PushReport, push_outbox
 from labelstudio.store import LabelStore
 from labelstudio.sync import SyncReport, sync
 from labelstudio.tasks import CellContext, build_task, task_key
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -185,7 +188,7 @@ class ReviewLoop:
         return export_manifest(self.store, out, self.settings.review.labels_required)
 
     # -- the long-running receiver -------------------------------------------------------------------------------
-    def serve(self, log: Callable[[str], None] = print) -> None:
+    def serve(self) -> None:
         """Run the webhook receiver (foreground) with a background poll + push every `review.poll_every_s`."""
         import uvicorn
 
@@ -199,13 +202,13 @@ class ReviewLoop:
                 try:
                     pushed = self.push()
                     synced = self.sync()
-                    log(
+                    logger.info(
                         f"poll: pushed {pushed.pushed}, {pushed.pending} pending; {synced.changed} label(s) changed, "
                         f"{synced.retracted} retracted"
                     )
                 except Exception as error:  # keep polling: Label Studio may be restarting
                     if not unavailable(error):
-                        log(f"poll failed: {type(error).__name__}: {error}")
+                        logger.warning(f"poll failed: {type(error).__name__}: {error}")
                     self._client = None
 
         worker = threading.Thread(target=periodic, name="review-poll", daemon=True)

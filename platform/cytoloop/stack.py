@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import secrets as secrets_lib
 import shutil
@@ -35,6 +36,8 @@ from typing import Any
 
 from cytoloop.config import Settings
 from cytoloop.errors import CytoLoopError
+
+logger = logging.getLogger(__name__)
 
 SERVICES = ("label-studio", "labels", "mlflow", "ray")
 RAY_TEMP_LIMIT = 60  # Ray's socket paths (temp dir + ~45 chars) must stay under 107 characters
@@ -81,7 +84,7 @@ def label_studio_venv(settings: Settings) -> Path:
     return Path.home() / ".cache" / "cytoloop" / "venvs" / f"label-studio-{tag}"
 
 
-def ensure_label_studio_venv(settings: Settings, log: Callable[[str], None] = print) -> Path:
+def ensure_label_studio_venv(settings: Settings) -> Path:
     """The Label Studio venv's python, creating the venv on first use (pip, ~2 min).
 
     Built in `<venv>.partial` and renamed when pip succeeded, under a file lock: a half-built venv is never
@@ -99,7 +102,7 @@ def ensure_label_studio_venv(settings: Settings, log: Callable[[str], None] = pr
             return python
         partial = venv.parent / f"{venv.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        log(f"creating the Label Studio venv at {venv} (once per machine, ~2 min)")
+        logger.info(f"creating the Label Studio venv at {venv} (once per machine, ~2 min)")
         base = getattr(sys, "_base_executable", sys.executable)
         spec = f"label-studio=={settings.stack.label_studio_version}"
         pip_log = venv.parent / f"{venv.name}.pip.log"
@@ -122,14 +125,14 @@ MIGRATE = (
 )
 
 
-def label_studio_database_template(settings: Settings, log: Callable[[str], None] = print) -> Path:
+def label_studio_database_template(settings: Settings) -> Path:
     """A freshly migrated, empty Label Studio database, built once per venv (~45 s, more on a busy machine).
 
     A new home folder starts from a copy of it, so a first start skips the migrations (~45 s -> ~6 s): what makes a
     fresh Label Studio per test session affordable. Users, organisation and token are still created by the first
     `start` (the template holds none).
     """
-    python = ensure_label_studio_venv(settings, log)
+    python = ensure_label_studio_venv(settings)
     venv = python.parent.parent
     template = venv / "cytoloop-db-template" / "label_studio.sqlite3"
     if template.is_file():
@@ -138,7 +141,7 @@ def label_studio_database_template(settings: Settings, log: Callable[[str], None
         fcntl.flock(lock, fcntl.LOCK_EX)
         if template.is_file():
             return template
-        log(f"migrating a template Label Studio database in {template.parent} (once per venv)")
+        logger.info(f"migrating a template Label Studio database in {template.parent} (once per venv)")
         partial = venv / "cytoloop-db-template.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
@@ -198,11 +201,10 @@ def _alive(pid: int) -> bool:
 class Stack:
     """The services of one home folder. Every method may be called any number of times."""
 
-    def __init__(self, settings: Settings, log: Callable[[str], None] = print):
+    def __init__(self, settings: Settings):
         self.settings = settings
         self.home = Path(settings.home).resolve()
         self.run_dir = self.home / "stack"
-        self.log = log
 
     # -- what runs where --------------------------------------------------------------------------------------
     def services(self) -> list[Service]:
@@ -302,7 +304,7 @@ class Stack:
                 (data / folder).mkdir(parents=True, exist_ok=True)
             database = data / "data" / "label_studio.sqlite3"
             if not database.exists():
-                shutil.copyfile(label_studio_database_template(self.settings, self.log), database)
+                shutil.copyfile(label_studio_database_template(self.settings), database)
 
         return Service(
             "label-studio",
@@ -416,7 +418,7 @@ class Stack:
                     f"{service.port}; run `cytoloop stack down` first to move it"
                 )
             self._wait_healthy(service, pid)
-            self.log(f"{service.name}: already up (pid {pid})")
+            logger.info(f"{service.name}: already up (pid {pid})")
             return
         self._pid_file(service.name).unlink(missing_ok=True)
         if _port_open(host, service.port):
@@ -428,7 +430,7 @@ class Stack:
             service.prepare()
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
         env.update(service.env)
-        self.log(f"{service.name}: starting on {host}:{service.port} (log: {self.log_file(service.name)})")
+        logger.info(f"{service.name}: starting on {host}:{service.port} (log: {self.log_file(service.name)})")
         with self.log_file(service.name).open("ab") as log:
             process = subprocess.Popen(
                 service.command,
@@ -444,7 +446,7 @@ class Stack:
         )
         started = time.monotonic()
         self._wait_healthy(service, process.pid)
-        self.log(f"{service.name}: up (pid {process.pid}, healthy after {time.monotonic() - started:.0f} s)")
+        logger.info(f"{service.name}: up (pid {process.pid}, healthy after {time.monotonic() - started:.0f} s)")
 
     def _wait_healthy(self, service: Service, pid: int) -> None:
         deadline = time.monotonic() + self.settings.stack.start_timeout_s

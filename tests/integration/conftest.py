@@ -57,7 +57,7 @@ def label_studio(cells_dir) -> LabelStudioServer:
         review={"webhook_port": free_port(), "labels_required": 2, "poll_every_s": 3600},
         registry={"tracking_uri": f"sqlite:///{root}/mlflow.db"},
     )
-    stack = Stack(settings, log=lambda message: print(f"[stack] {message}"))
+    stack = Stack(settings)
     try:
         stack.up(only=["label-studio"])
         yield LabelStudioServer(settings, stack, label_studio_url(settings), stack_secrets(settings)["admin_token"])

@@ -83,7 +83,7 @@ def demo_run(cells_dir, tiny_overrides):
         import ray
 
         ray.shutdown()
-        Stack(settings, log=lambda message: None).down()
+        Stack(settings).down()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -136,7 +136,7 @@ def test_stack_up_is_idempotent_and_a_taken_port_is_named(label_studio, tmp_path
             }
         )
         with pytest.raises(StackError, match=f"port {busy.getsockname()[1]} .* taken"):
-            Stack(settings, log=lambda m: None).up(only=["labels"])
+            Stack(settings).up(only=["labels"])
 
 
 def test_bootstrap_twice_creates_nothing_twice(world):

@@ -29,7 +29,7 @@ def test_secrets_are_generated_once_and_kept_private(tmp_path):
 
 
 def test_status_of_a_fresh_home(tmp_path):
-    status = {s.name: s.state for s in Stack(settings_in(tmp_path), log=lambda m: None).status()}
+    status = {s.name: s.state for s in Stack(settings_in(tmp_path)).status()}
     assert status == {"label-studio": "down", "labels": "down", "mlflow": "disabled", "ray": "disabled"}
 
 
@@ -40,11 +40,11 @@ def test_a_taken_port_is_named_before_anything_starts(tmp_path):
         port = busy.getsockname()[1]
         settings = Settings(home=tmp_path / "home", review={"webhook_port": port}, stack={"ray": False})
         with pytest.raises(StackError, match=f"labels: port {port} on 127.0.0.1 is taken"):
-            Stack(settings, log=lambda m: None).up(only=["labels"])
-    assert Stack(settings, log=lambda m: None).down() == []
+            Stack(settings).up(only=["labels"])
+    assert Stack(settings).down() == []
 
 
 def test_ray_temp_folder_must_stay_short(tmp_path):
     settings = Settings(home=tmp_path / ("x" * 80), stack={"ray": True})
     with pytest.raises(StackError, match="107"):
-        Stack(settings, log=lambda m: None).services()
+        Stack(settings).services()

@@ -15,6 +15,31 @@ app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="CytoLoop: diffusion-based blood-cell classification."
 )
 
+# the project's packages, whose INFO lines (a stage started, a service is up) are the commands' progress output
+PROJECT_LOGGERS = ("cytoloop", "jobs", "labelstudio", "services")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug messages, with their module")) -> None:
+    """CytoLoop: diffusion-based blood-cell classification."""
+    configure_logging(verbose)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Below the CLI everything logs through `logging`, one logger per module. Here the project's messages go to
+    standard error as plain lines (INFO and up), or with level and module and DEBUG too when `verbose`; other
+    libraries' messages only from WARNING up."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    for name in PROJECT_LOGGERS:
+        project = logging.getLogger(name)
+        project.handlers[:] = [handler]
+        project.setLevel(logging.DEBUG if verbose else logging.INFO)
+        project.propagate = False
+
 
 def split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None

@@ -46,7 +46,7 @@ def demo(
             },
         )
         source = resolve_data(data, settings.datasets.root, settings.datasets.cache_dir)
-        outcome = Demo(settings, source, log=typer.echo).run()
+        outcome = Demo(settings, source).run()
         typer.echo(f"done: {len(outcome.rounds) - 1} round(s); report {outcome.report}")
 
     run(action)

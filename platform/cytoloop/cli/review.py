@@ -231,6 +231,6 @@ def review_serve(config: Path | None = typer.Option(None, help="JSON settings fi
         from cytoloop.config import load_settings
         from labelstudio.loop import ReviewLoop
 
-        ReviewLoop(load_settings(config)).serve(log=typer.echo)
+        ReviewLoop(load_settings(config)).serve()
 
     run(action)
