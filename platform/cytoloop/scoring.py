@@ -96,6 +96,27 @@ class _CellState:
         return self._strata_queue.pop()
 
 
+@dataclass
+class _Trial:
+    """One trial of one cell: its number among the cell's trials, its timestep stratum and timestep, its noise."""
+
+    cell: _CellState
+    number: int
+    stratum: int
+    t: int
+    noise: torch.Tensor
+
+
+@dataclass
+class _Measured:
+    """What one trial measured: the errors of the classes in play (NaN for the others), the null class's error
+    (NaN when not asked) and the denoiser evaluations it took."""
+
+    errors: np.ndarray
+    null_error: float
+    evals: int
+
+
 def score_cells(
     denoise: Denoiser,
     alphas_cumprod: torch.Tensor,
@@ -133,14 +154,14 @@ def score_cells(
         blocks = [_next_block(len(cell.log.strata), config) for cell in pending]
         inputs = sum(block * int(cell.active.sum()) for cell, block in zip(pending, blocks))
         extra = (min(lookahead, batch_size // inputs) - 1) * config.check_every if inputs < batch_size else 0
-        jobs: list[tuple] = []  # (cell, trial number, its draw)
+        trials: list[_Trial] = []
         for cell, block in zip(pending, blocks):
             n = len(cell.log.strata)
             block = min(block + extra, config.max_trials - n)
-            jobs.extend((cell, n + k, _draw_trial(cell, config, alphas_cumprod.shape[0])) for k in range(block))
-        measured = _run_trials(denoise, alphas_cumprod, jobs, null_class, config, mask, device, batch_size)
-        for (cell, _, (stratum, _, _)), (errors, null_error, evals) in zip(jobs, measured):
-            _advance(cell, stratum, errors, null_error, evals, config, weights)
+            trials.extend(_draw_trial(cell, n + k, config, alphas_cumprod.shape[0]) for k in range(block))
+        measured = _run_trials(denoise, alphas_cumprod, trials, null_class, config, mask, device, batch_size)
+        for trial, result in zip(trials, measured):
+            _advance(trial.cell, trial.stratum, result, config, weights)
         bar.update(sum(cell.done for cell in pending))
     bar.close()
     return _summarise(cells, weights, config)
@@ -152,45 +173,47 @@ def _next_block(n: int, config: ScoringConfig) -> int:
     return min(block, config.max_trials - n)
 
 
-def _draw_trial(cell: _CellState, config: ScoringConfig, num_timesteps: int) -> tuple[int, int, torch.Tensor]:
+def _draw_trial(cell: _CellState, number: int, config: ScoringConfig, num_timesteps: int) -> _Trial:
+    """The cell's next trial, drawn from its own generator: a stratum, a timestep within it, the noise."""
     stratum = cell.next_stratum(config.timestep_bins)
     t_max = min(config.t_max, num_timesteps)
     width = (t_max - config.t_min) / config.timestep_bins
     u = torch.rand((), generator=cell.generator).item()
     t = int(config.t_min + (stratum + u) * width)
     noise = torch.randn(cell.image.shape, generator=cell.generator)
-    return stratum, min(t, t_max - 1), noise
+    return _Trial(cell, number, stratum, min(t, t_max - 1), noise)
 
 
 def _run_trials(
     denoise,
     alphas_cumprod,
-    jobs,
+    trials: list[_Trial],
     null_class: int,
     config: ScoringConfig,
     mask: torch.Tensor,
     device: torch.device,
     batch_size: int,
-) -> list[tuple[np.ndarray, float, int]]:
-    """Evaluate all (trial, class) pairs of `jobs` in batches: per job, the errors of the classes in play at the
-    time (NaN for the others), the null class's error (NaN when not asked) and the evaluations made."""
+) -> list[_Measured]:
+    """Evaluate all (trial, class) pairs of `trials` in batches; one measurement per trial."""
     entry_job, entry_class = [], []
-    for j, (cell, trial, _) in enumerate(jobs):
-        classes = np.flatnonzero(cell.active).tolist() + ([null_class] if wants_null(trial, config) else [])
+    for j, trial in enumerate(trials):
+        classes = np.flatnonzero(trial.cell.active).tolist()
+        classes += [null_class] if wants_null(trial.number, config) else []
         entry_job.extend([j] * len(classes))
         entry_class.extend(classes)
     entry_job_t, entry_class_t = torch.tensor(entry_job), torch.tensor(entry_class)
     errors = torch.empty(len(entry_job))
     mask = mask.to(device)
-    mask_pixels = mask.sum() * jobs[0][0].image.shape[0]
+    mask_pixels = mask.sum() * trials[0].cell.image.shape[0]
     alphas_cumprod = alphas_cumprod.to(device)
     with torch.inference_mode():
         for start in range(0, len(entry_job), batch_size):
             stop = min(start + batch_size, len(entry_job))
-            first, last = entry_job[start], entry_job[stop - 1]  # entries are grouped by job: stack each job once
-            x0 = torch.stack([jobs[j][0].image for j in range(first, last + 1)]).to(device, non_blocking=True)
-            noise = torch.stack([jobs[j][2][2] for j in range(first, last + 1)]).to(device, non_blocking=True)
-            t_job = torch.tensor([jobs[j][2][1] for j in range(first, last + 1)], device=device)
+            first, last = entry_job[start], entry_job[stop - 1]  # entries are grouped by trial: stack each once
+            batch = trials[first : last + 1]
+            x0 = torch.stack([trial.cell.image for trial in batch]).to(device, non_blocking=True)
+            noise = torch.stack([trial.noise for trial in batch]).to(device, non_blocking=True)
+            t_job = torch.tensor([trial.t for trial in batch], device=device)
             index = (entry_job_t[start:stop] - first).to(device)
             x0, noise, t = x0[index], noise[index], t_job[index]
             abar = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -198,35 +221,26 @@ def _run_trials(
             predicted = denoise(x_t, t, entry_class_t[start:stop].to(device)).float()
             error = ((predicted - noise) ** 2 * mask).sum(dim=(1, 2, 3)) / mask_pixels
             errors[start:stop] = error.cpu()
-    measured = [(np.full(len(cell.active), np.nan), float("nan"), 0) for cell, _, _ in jobs]
+    measured = [_Measured(np.full(len(trial.cell.active), np.nan), float("nan"), 0) for trial in trials]
     for j, c, e in zip(entry_job, entry_class, errors.tolist()):
-        row, null_error, evals = measured[j]
         if c == null_class:
-            null_error = e
+            measured[j].null_error = e
         else:
-            row[c] = e
-        measured[j] = (row, null_error, evals + 1)
+            measured[j].errors[c] = e
+        measured[j].evals += 1
     return measured
 
 
-def _advance(
-    cell: _CellState,
-    stratum: int,
-    errors: np.ndarray,
-    null_error: float,
-    evals: int,
-    config: ScoringConfig,
-    weights: np.ndarray,
-) -> None:
+def _advance(cell: _CellState, stratum: int, measured: _Measured, config: ScoringConfig, weights: np.ndarray) -> None:
     """Add one measured trial to a cell, in trial order, testing for elimination where scoring one interval at a
     time would. A trial run ahead of a decision that came before it is dropped (it only adds to `evals`), and
     classes dropped earlier in the same round read NaN, so the log is what round-by-round scoring would make."""
-    cell.evals += evals
+    cell.evals += measured.evals
     if cell.done:
         return
     cell.log.strata.append(stratum)
-    cell.log.errors.append(np.where(cell.active, errors, np.nan))
-    cell.log.null_errors.append(null_error)
+    cell.log.errors.append(np.where(cell.active, measured.errors, np.nan))
+    cell.log.null_errors.append(measured.null_error)
     n = len(cell.log.strata)
     if n >= config.max_trials or (n >= config.min_trials and (n - config.min_trials) % config.check_every == 0):
         weighted = np.stack(cell.log.errors) * weights[np.asarray(cell.log.strata)][:, None]
