@@ -29,12 +29,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cytoloop.config import DemoConfig, Settings
 from cytoloop.data import CellRecord, DatasetError, read_manifest, select
 from cytoloop.finetune import freeze, frozen_directory
+
+if TYPE_CHECKING:
+    from labelstudio.loop import ReviewLoop
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +112,19 @@ class RoundResult:
 
 
 @dataclass
+class LoopState:
+    """What the set-up stages produced and every round reads: passed explicitly, never set as attributes in an
+    order the stages must keep. `champion` moves when a round's version is promoted."""
+
+    review: ReviewLoop  # the Label Studio side (projects, outbox, label store)
+    classes: list[str]
+    champion: str  # the registry version @champion points at
+    serve_url: str
+    api_key: str | None
+    annotators: list = field(default_factory=list)  # labelstudio.annotators.SimulatedAnnotator
+
+
+@dataclass
 class DemoOutcome:
     rounds: list[RoundResult]
     report: Path
@@ -133,7 +150,7 @@ class Demo:
         self.dir.mkdir(parents=True, exist_ok=True)
         records = select(load_records(self.data), domains=self.config.domains, classes=self.config.classes)
         split = split_for_demo(records, self.config)
-        self.truth = {str(Path(r.path).resolve()): r.label for r in records}
+        self.truth = {str(Path(r.path).resolve()): r.label for r in records}  # what the simulated annotators know
         logger.info(
             f"data: {len(records)} labelled cells from {self.data}: held out {len(split.test)} for the "
             f"learning curve, {len(split.val)} to calibrate and {len(split.eval)} to gate each fine-tuned "
@@ -144,28 +161,28 @@ class Demo:
                 f"   (the frozen sets under {frozen_directory(self.settings.home, None)} are kept from an earlier run)"
             )
         with self.stage("stack up"):
-            self._stack_up()
+            review = self._stack_up()
         with self.stage("seed model"):
-            self.classes = self._seed_model(split)
+            classes, champion = self._seed_model(split)
         with self.stage("serve"):
-            self._serve()
+            serve_url, api_key = self._serve(champion)
         with self.stage("annotator accounts"):
-            self.annotators = self._annotators()
-        seed_row = RoundResult(0, len(split.seed), version=self.champion, gate="seed (manual)", served=self.champion)
+            state = LoopState(review, classes, champion, serve_url, api_key, self._annotators())
+        seed_row = RoundResult(0, len(split.seed), version=champion, gate="seed (manual)", served=champion)
         with self.stage("evaluate", seed_row):
-            self._evaluate(split.test, seed_row)
+            self._evaluate(state, split.test, seed_row)
         self._finish_round(seed_row)
         labelled = list(split.seed)
         for number in range(1, self.config.rounds + 1):
-            labelled = self._round(number, split, labelled)
-        report = self._write_report()
-        urls = self.urls()
+            labelled = self._round(state, number, split, labelled)
+        report = self._write_report(state.classes)
+        urls = self.urls(state)
         for name, url in urls.items():
             logger.info(f"{name}: {url}")
         logger.info(f"report: {report}")
         return DemoOutcome(self.rounds, report, urls)
 
-    def _round(self, number: int, split: DemoSplit, labelled: list[CellRecord]) -> list[CellRecord]:
+    def _round(self, state: LoopState, number: int, split: DemoSplit, labelled: list[CellRecord]) -> list[CellRecord]:
         from jobs.finetune import run_finetune
         from jobs.score import score_served
 
@@ -176,23 +193,23 @@ class Demo:
         if self.config.pool_limit is not None:
             pool = random.Random(self.config.seed + number).sample(pool, min(len(pool), self.config.pool_limit))
         with self.stage(f"round {number}: score pool", row, "score"):
-            scores = score_served(pool, self.serve_url, self.classes, self.api_key)
+            scores = score_served(pool, state.serve_url, state.classes, state.api_key)
             for path, reason in scores.failed.items():
                 logger.info(f"  not scored: {path}: {reason}")
             row.scored = len(scores.records)
         with self.stage(f"round {number}: route to Label Studio", row, "route"):
-            routed = self.review.route(
-                scores.records, scores.predictions, self.classes, self.champion, budget=self.config.budget
+            routed = state.review.route(
+                scores.records, scores.predictions, state.classes, state.champion, budget=self.config.budget
             )
             if routed.push is not None and routed.push.error:
                 raise RuntimeError(f"Label Studio did not take the tasks: {routed.push.error}")
             row.routed, row.sent = routed.reasons, routed.queued
         with self.stage(f"round {number}: annotate", row, "annotate"):
-            projects = list(self.review.projects().values())
-            row.annotations = sum(a.label_open_tasks(projects, self.truth) for a in self.annotators)
+            projects = list(state.review.projects().values())
+            row.annotations = sum(a.label_open_tasks(projects, self.truth) for a in state.annotators)
         with self.stage(f"round {number}: sync labels", row, "sync"):
-            self.review.sync()
-            export = self.review.export(self.dir / "labels.csv")
+            state.review.sync()
+            export = state.review.export(self.dir / "labels.csv")
             consensus = read_manifest(Path(export["path"])) if export["exported"] else []
             row.consensus = len(consensus)
         labelled = _merge(split.seed, consensus)
@@ -203,11 +220,11 @@ class Demo:
             row.gate = "promoted" if outcome.passed else f"refused ({', '.join(outcome.worse)} worse)"
             row.gate_reasons = outcome.reasons
         if outcome.passed:
-            self.champion = row.version
+            state.champion = row.version
         with self.stage(f"round {number}: Serve switches", row, "serve"):
-            row.served = self._wait_served(self.champion)
+            row.served = self._wait_served(state.serve_url, state.champion)
         with self.stage(f"round {number}: evaluate", row, "evaluate"):
-            self._evaluate(split.test, row)
+            self._evaluate(state, split.test, row)
         self._finish_round(row)
         return labelled
 
@@ -223,7 +240,8 @@ class Demo:
             row.seconds[key or name] = round(seconds, 1)
         logger.info(f"   {name}: done in {seconds:.1f} s")
 
-    def _stack_up(self) -> None:
+    def _stack_up(self) -> ReviewLoop:
+        """Start the services, join the stack's Ray, and return the review loop over its Label Studio."""
         import ray
         from ray.data import DataContext
 
@@ -240,9 +258,10 @@ class Demo:
         # the demo prints one line per stage; Ray Data's own progress lines every few seconds would bury them
         DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        self.review = ReviewLoop(self.settings)
+        return ReviewLoop(self.settings)
 
-    def _seed_model(self, split: DemoSplit) -> list[str]:
+    def _seed_model(self, split: DemoSplit) -> tuple[list[str], str]:
+        """Train, calibrate and register the seed model as @champion; returns its classes and version."""
         from cytoloop.finetune import code_revision, recalibrate
         from cytoloop.registry import CHAMPION, open_registry
         from cytoloop.workflows import train_model
@@ -274,10 +293,10 @@ class Demo:
             },
         )
         registry.move_alias(name, CHAMPION, version.version, why="cytoloop demo: seed model", who="cytoloop demo")
-        self.champion = version.version
-        return list(model.classes)
+        return list(model.classes), version.version
 
-    def _serve(self) -> None:
+    def _serve(self, champion: str) -> tuple[str, str | None]:
+        """Run the classifier on Ray Serve; returns its URL and API key once it answers with `champion`."""
         from ray import serve
 
         from services.app import build_app
@@ -285,11 +304,11 @@ class Demo:
         config = self.settings.serve
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(self.settings), name=config.app_name, route_prefix="/", blocking=False)
-        self.serve_url = f"http://{config.host}:{config.port}"
-        self.api_key = config.api_key.get_secret_value() if config.api_key else None
-        self._wait_served(self.champion)
+        url = f"http://{config.host}:{config.port}"
+        self._wait_served(url, champion)
+        return url, config.api_key.get_secret_value() if config.api_key else None
 
-    def _wait_served(self, version: str) -> str:
+    def _wait_served(self, serve_url: str, version: str) -> str:
         """Block until the service answers with `version` for the global champion; returns the served version."""
         import httpx
 
@@ -297,7 +316,7 @@ class Demo:
         served = ""
         while time.monotonic() < deadline:
             try:  # /readyz names the version a replica has loaded (/v1/models says what the registry names)
-                ready = httpx.get(f"{self.serve_url}/readyz", timeout=10.0)
+                ready = httpx.get(f"{serve_url}/readyz", timeout=10.0)
                 if ready.status_code == 200:
                     served = ready.json()["model_version"]
                     if served == version:
@@ -325,19 +344,19 @@ class Demo:
             for i in range(self.config.annotators)
         ]
 
-    def _evaluate(self, test: list[CellRecord], row: RoundResult) -> None:
+    def _evaluate(self, state: LoopState, test: list[CellRecord], row: RoundResult) -> None:
         """Score the held-out cells through Serve (what the lab gets now) and draw the round's drift figures."""
         from cytoloop import metrics
         from jobs.score import score_served
 
         start = self.round_start or datetime.now(UTC)
-        scores = score_served(test, self.serve_url, self.classes, self.api_key)
-        truth = np.array([self.classes.index(r.label) for r in scores.records])
+        scores = score_served(test, state.serve_url, state.classes, state.api_key)
+        truth = np.array([state.classes.index(r.label) for r in scores.records])
         probs = scores.predictions.probs
-        row.balanced_accuracy = metrics.balanced_accuracy(truth, probs.argmax(axis=1), len(self.classes))
+        row.balanced_accuracy = metrics.balanced_accuracy(truth, probs.argmax(axis=1), len(state.classes))
         row.ece = metrics.expected_calibration_error(probs, truth)
         self.test_predictions.append((probs, truth))
-        row.drift = self._drift(start, row.served or self.champion)
+        row.drift = self._drift(start, row.served or state.champion)
 
     def _drift(self, since: datetime, version: str) -> dict[str, float | None]:
         """Drift figures of the cells Serve classified this round (pool and test), logged to MLflow."""
@@ -364,14 +383,14 @@ class Demo:
         logger.info(round_table(self.rounds))
 
     # -- the end ---------------------------------------------------------------------------------------------------
-    def urls(self) -> dict[str, str]:
+    def urls(self, state: LoopState) -> dict[str, str]:
         from cytoloop.registry import open_registry
         from cytoloop.stack import label_studio_url
 
         stack = self.settings.stack
         urls = {
             f"Label Studio project ({site})": f"{label_studio_url(self.settings)}/projects/{pid}"
-            for site, pid in sorted(self.review.projects().items())
+            for site, pid in sorted(state.review.projects().items())
         }
         experiment = open_registry(self.settings).experiment_id()
         if stack.mlflow_server:
@@ -383,16 +402,16 @@ class Demo:
             )
         if stack.ray_dashboard:
             urls["Ray dashboard"] = f"http://{stack.host}:{stack.ray_dashboard_port}"
-        urls["classifier API"] = f"{self.serve_url}/docs"
+        urls["classifier API"] = f"{state.serve_url}/docs"
         return urls
 
-    def _write_report(self) -> Path:
+    def _write_report(self, classes: list[str]) -> Path:
         from cytoloop.loop_report import write_report
 
         return write_report(
             self.rounds,
             self.test_predictions,
-            self.classes,
+            classes,
             self.dir / "report",
             title=f"CytoLoop demo on {self.data}",
             table=round_table(self.rounds),

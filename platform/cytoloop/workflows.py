@@ -83,7 +83,7 @@ def train_model(
     unlabeled: Sequence[CellRecord] = (),
     split_seed: int = 0,
     progress: bool = False,
-) -> tuple[Classifier, dict]:
+) -> tuple[Trainable, dict]:
     """Train, calibrate and save a model into `out`; returns it and a training report (also in out/training.json).
 
     `records` are labelled cells; they are split train/val/test (stratified by label and domain) and the split is
