@@ -245,8 +245,8 @@ class Demo:
         import ray
         from ray.data import DataContext
 
-        from cytoloop.stack import Stack
         from labelstudio.loop import ReviewLoop
+        from ops.stack import Stack
 
         statuses = Stack(self.settings).up()
         down = [s.name for s in statuses if s.state not in ("up", "disabled")]
@@ -330,8 +330,8 @@ class Demo:
         )
 
     def _annotators(self) -> list:
-        from cytoloop.stack import label_studio_url
         from labelstudio.annotators import SimulatedAnnotator
+        from ops.stack import label_studio_url
 
         return [
             SimulatedAnnotator.sign_up(
@@ -385,7 +385,7 @@ class Demo:
     # -- the end ---------------------------------------------------------------------------------------------------
     def urls(self, state: LoopState) -> dict[str, str]:
         from cytoloop.registry import open_registry
-        from cytoloop.stack import label_studio_url
+        from ops.stack import label_studio_url
 
         stack = self.settings.stack
         urls = {

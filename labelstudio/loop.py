@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from cytoloop.config import Settings
 from cytoloop.data import CellRecord
 from cytoloop.routing import ScoredCell, route_cells, select_for_review
-from cytoloop.stack import label_studio_url, stack_secrets, webhook_url
 from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
 from labelstudio.client import LabelStudioUnavailable, connect, unavailable
 from labelstudio.export import export_manifest, review_report
@@ -28,6 +27,7 @@ from labelstudio.push import PushReport, push_outbox
 from labelstudio.store import LabelStore
 from labelstudio.sync import SyncReport, sync
 from labelstudio.tasks import CellContext, build_task, task_key
+from ops.stack import label_studio_url, stack_secrets, webhook_url
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Session-wide real services for integration tests.
 
-`label_studio`: ONE real Label Studio server for the whole test session, started through `cytoloop.stack` (the
+`label_studio`: ONE real Label Studio server for the whole test session, started through `ops.stack` (the
 code `cytoloop stack up` runs) on a free port, with its data, HOME and TMPDIR in a temporary folder. Its virtualenv
 is shared per machine (~/.cache/cytoloop/venvs/label-studio-<version>): the first run on a fresh machine creates it
 (~2 min) and a migrated template database (~45 s), once; later runs and fresh clones reuse both, and start-up is
@@ -27,7 +27,7 @@ def free_port() -> int:
 @dataclass
 class LabelStudioServer:
     settings: object  # cytoloop.config.Settings: home, ports, images root of this session's stack
-    stack: object  # cytoloop.stack.Stack
+    stack: object  # ops.stack.Stack
     url: str
     token: str
 
@@ -42,7 +42,7 @@ class LabelStudioServer:
 def label_studio(cells_dir) -> LabelStudioServer:
     """A real Label Studio (admin + legacy token set non-interactively) whose local-files root is the real cells."""
     from cytoloop.config import Settings
-    from cytoloop.stack import Stack, label_studio_url, stack_secrets
+    from ops.stack import Stack, label_studio_url, stack_secrets
 
     root = Path(tempfile.mkdtemp(prefix="cyl-"))  # short: the path ends up in Label Studio's and Ray's settings
     settings = Settings(

@@ -1,5 +1,5 @@
 """End to end through the `cytoloop` command: train tiny models on a few real cells, evaluate them, sample from the
-diffusion model (each as `python -m cytoloop.cli` in a subprocess), and check the error paths (exit code 2, run
+diffusion model (each as `python -m ops.cli` in a subprocess), and check the error paths (exit code 2, run
 in-process through typer's CliRunner, since they must fail before any real work).
 
 The manifests written here live in a temporary folder and point at the shared images with absolute paths; no image
@@ -41,7 +41,7 @@ def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if not k.startswith("CYTOLOOP_")}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg", TQDM_DISABLE="1")
     return subprocess.run(
-        [sys.executable, "-m", "cytoloop.cli", *map(str, args)],
+        [sys.executable, "-m", "ops.cli", *map(str, args)],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -55,7 +55,7 @@ def invoke(*args: str, cwd: Path):
     so they need not pay a fresh interpreter's imports. Returns click's Result (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from cytoloop.cli import app
+    from ops.cli import app
 
     previous = Path.cwd()
     os.chdir(cwd)
@@ -494,7 +494,7 @@ def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_o
     out = workspace["root"] / "recipe-model"
     from typer.testing import CliRunner
 
-    from cytoloop.cli import app
+    from ops.cli import app
 
     monkeypatch.chdir(workspace["root"])
     result = CliRunner().invoke(

@@ -30,9 +30,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def demo_run(cells_dir, tiny_overrides):
-    from cytoloop.cli import app
     from cytoloop.config import load_settings
-    from cytoloop.stack import Stack
+    from ops.cli import app
+    from ops.stack import Stack
 
     root = Path(tempfile.mkdtemp(prefix="cyd-"))  # short: Ray's socket paths live under home/ray
     overrides = copy.deepcopy(tiny_overrides)

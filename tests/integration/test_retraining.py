@@ -231,7 +231,7 @@ def test_a_worse_challenger_is_refused_and_the_champion_stays(gated):
 
 
 def test_override_and_rollback_are_recorded(gated):
-    from cytoloop.cli import app
+    from ops.cli import app
 
     registry, name, config = gated["registry"], gated["name"], str(gated["root"] / "config.json")
     runner = CliRunner()
@@ -270,9 +270,9 @@ def test_override_and_rollback_are_recorded(gated):
 
 
 def test_retrain_if_due_waits_for_new_labels(gated):
-    from cytoloop.cli import app
     from cytoloop.finetune import write_manifest
     from cytoloop.retrain import save_state
+    from ops.cli import app
 
     settings, registry, name, root = gated["settings"], gated["registry"], gated["name"], gated["root"]
     write_manifest(gated["eval"], root / "consensus.csv")
@@ -305,10 +305,10 @@ def shifted_png(path, factors=(1.25, 0.8, 1.1)) -> bytes:
 
 
 def test_drift_is_logged_and_flagged(gated):
-    from cytoloop.cli import app
     from cytoloop.drift import colour_statistics
     from cytoloop.finetune import write_manifest
     from cytoloop.retrain import save_state
+    from ops.cli import app
 
     settings, registry, root = gated["settings"], gated["registry"], gated["root"]
     start = datetime(2026, 11, 2, tzinfo=UTC)
@@ -357,8 +357,8 @@ def test_drift_is_logged_and_flagged(gated):
 
 
 def test_site_alias_serves_that_site_only(gated, ray_cluster):
-    from cytoloop.cli import app
     from cytoloop.finetune import write_manifest
+    from ops.cli import app
 
     registry, name, root = gated["registry"], gated["name"], gated["root"]
     write_manifest(gated["eval"][:40], root / "north.csv")

@@ -120,7 +120,7 @@ def world(label_studio, cells_dir) -> World:
 
 
 def test_stack_up_is_idempotent_and_a_taken_port_is_named(label_studio, tmp_path):
-    from cytoloop.stack import Stack, StackError
+    from ops.stack import Stack, StackError
 
     before = {s.name: s.pid for s in label_studio.stack.status()}
     label_studio.stack.up(only=["label-studio"])
@@ -280,7 +280,7 @@ def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, tmp_path)
 
 
 def test_consensus_report_and_training_manifest(world, tmp_path):
-    from cytoloop.cli import app
+    from ops.cli import app
 
     report = world.loop.report()
     # jtsc tasks 0-1 agreed, 2 a tie (neutrophil / lymphocyte), 3 agreed but flagged abnormal, 4 one label left
@@ -325,9 +325,9 @@ def test_label_studio_down_while_routing_loses_nothing(world):
 
 def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp_path):
     """`cytoloop review route` end to end: a tiny model trained on real cells scores other real cells."""
-    from cytoloop.cli import app
     from cytoloop.config import load_settings
     from cytoloop.workflows import train_model
+    from ops.cli import app
 
     records = load_records(world.server.settings.stack.images_root)
     jtsc = [r for r in records if r.domain == "jtsc" and r.label in CLASSES[:3]]

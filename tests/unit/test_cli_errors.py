@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import typer
 
-from cytoloop.cli.common import run
 from cytoloop.data import DatasetError
 from cytoloop.errors import CytoLoopError, UsageError
+from ops.cli.common import run
 
 
 def _raise(error: Exception):
@@ -44,9 +44,9 @@ def test_every_project_error_is_a_cytoloop_error():
     from cytoloop.models.base import ModelLoadError
     from cytoloop.preprocess import ImageError
     from cytoloop.registry import RegistryError
-    from cytoloop.stack import StackError
     from labelstudio.client import LabelStudioUnavailable
     from labelstudio.tasks import TaskError
+    from ops.stack import StackError
 
     for kind in (
         DatasetError,

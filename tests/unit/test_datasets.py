@@ -17,9 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cytoloop import datasets
-from cytoloop.cli import app
 from cytoloop.data import load_records
 from cytoloop.datasets import DownloadError, NoDataError, fetch, fetched, resolve_data
+from ops.cli import app
 
 SPLIT_SIZES = {"train": 24, "val": 8, "test": 8}  # labels cycle through the 8 classes: 5 cells per class
 

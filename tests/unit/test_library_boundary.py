@@ -1,5 +1,6 @@
 """The library (`platform/cytoloop`) works without the platform's services: every module imports, and a model
-trains and predicts, in a Python where Ray, MLflow, Label Studio's SDK and FastAPI cannot be imported."""
+trains and predicts, in a Python where Ray, MLflow, Label Studio's SDK and FastAPI cannot be imported; and it
+holds no command line or process manager (those are `ops/`)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ SCRIPT = textwrap.dedent(
     sys.meta_path.insert(0, Block())
     import cytoloop
     for module in pkgutil.walk_packages(cytoloop.__path__, "cytoloop."):
-        if not module.name.startswith("cytoloop.cli"):  # the command line is the platform's, not the library's
-            importlib.import_module(module.name)
+        importlib.import_module(module.name)
 
     import numpy as np
     from cytoloop.config import load_settings
@@ -42,6 +42,13 @@ SCRIPT = textwrap.dedent(
     print("library ok")
     """
 )
+
+
+def test_the_library_holds_no_command_line_or_stack_manager():
+    import importlib.util
+
+    assert importlib.util.find_spec("cytoloop.cli") is None and importlib.util.find_spec("cytoloop.stack") is None
+    assert importlib.util.find_spec("ops.cli") is not None and importlib.util.find_spec("ops.stack") is not None
 
 
 def test_the_library_needs_no_platform_service():

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from cytoloop.config import Settings
-from cytoloop.stack import Stack, StackError, stack_secrets
+from ops.stack import Stack, StackError, stack_secrets
 
 
 def settings_in(tmp_path, **stack) -> Settings:

@@ -348,7 +348,7 @@ class Stack:
         return Service(
             "labels",
             review.webhook_port,
-            [sys.executable, "-m", "cytoloop.cli", "review", "serve", "--config", str(settings_file)],
+            [sys.executable, "-m", "ops.cli", "review", "serve", "--config", str(settings_file)],
             env={"CYTOLOOP_HOME": str(self.home)},
             health_url=f"http://{review.webhook_host}:{review.webhook_port}/health",
             prepare=prepare,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cytoloop.cli.common import app, run, settings_from, split_list
+from ops.cli.common import app, run, settings_from, split_list
 
 
 @app.command()

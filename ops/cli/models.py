@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cytoloop.cli.common import app, fail, run, split_list
+from ops.cli.common import app, fail, run, split_list
 
 
 @app.command()

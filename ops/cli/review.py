@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from cytoloop.cli.common import app, fail, run, split_list
+from ops.cli.common import app, fail, run, split_list
 
 stack_app = typer.Typer(
     no_args_is_help=True,
@@ -35,7 +35,7 @@ def stack_up(
 
     def action():
         from cytoloop.config import load_settings
-        from cytoloop.stack import Stack
+        from ops.stack import Stack
 
         _print_status(Stack(load_settings(config)).up(split_list(only)))
 
@@ -48,7 +48,7 @@ def stack_status(config: Path | None = typer.Option(None, help="JSON settings fi
 
     def action():
         from cytoloop.config import load_settings
-        from cytoloop.stack import Stack
+        from ops.stack import Stack
 
         _print_status(Stack(load_settings(config)).status())
 
@@ -64,7 +64,7 @@ def stack_down(
 
     def action():
         from cytoloop.config import load_settings
-        from cytoloop.stack import Stack
+        from ops.stack import Stack
 
         stopped = Stack(load_settings(config)).down(split_list(only))
         typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")

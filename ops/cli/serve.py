@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cytoloop.cli.common import app, fail, run, settings_from
+from ops.cli.common import app, fail, run, settings_from
 
 
 @app.command()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cytoloop.cli.common import app, run, settings_from
+from ops.cli.common import app, run, settings_from
 
 data_app = typer.Typer(
     no_args_is_help=True,

@@ -6,7 +6,7 @@ person needs. Bad input ends with a one-paragraph message and exit code 2, never
 """
 
 # importing a command group registers its commands; `cytoloop --help` lists them in this order
-from cytoloop.cli import data, demo, models, registry, review, serve  # noqa: E402, F401, I001
-from cytoloop.cli.common import app
+from ops.cli import data, demo, models, registry, review, serve  # noqa: E402, F401, I001
+from ops.cli.common import app
 
 __all__ = ["app"]

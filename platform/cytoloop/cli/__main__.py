@@ -1,5 +1,0 @@
-"""`python -m cytoloop.cli`."""
-
-from cytoloop.cli import app
-
-app()
