@@ -1,7 +1,7 @@
 """Active-learning benchmark: does choosing which cells to label beat labelling at random?
 
 On the real cells of two labs (jtsc+bccd; neutrophil, lymphocyte, monocyte, eosinophil) each acquisition strategy
-of `cytoloop.acquisition` (random, least_confidence, entropy, routing) starts from the same seed labels and
+of `cytoloop.policy.acquisition` (random, least_confidence, entropy, routing) starts from the same seed labels and
 spends the same budget for the same number of rounds, for the diffusion classifier and the CNN baseline:
 
   test        a fixed stratified 30 % of the cells (split seed 0), scored after every round;
@@ -43,15 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cytoloop.acquisition import STRATEGIES, Pool, get_strategy
-from cytoloop.calibration import calibrate, fit_temperature
 from cytoloop.config import Settings, load_settings
-from cytoloop.data import CellRecord, load_records, select, stratified_split
-from cytoloop.finetune import finetune
-from cytoloop.models import load_model
+from cytoloop.data.preprocess import load_cells
+from cytoloop.data.records import CellRecord, load_records, select, stratified_split
 from cytoloop.models.base import Classifier, Predictions
-from cytoloop.preprocess import load_cells
-from cytoloop.train import UNLABELED, diffusion_loss, fit
+from cytoloop.models.finetune import finetune
+from cytoloop.models.loading import load_model
+from cytoloop.models.train import UNLABELED, diffusion_loss, fit
+from cytoloop.policy.acquisition import STRATEGIES, Pool, get_strategy
+from cytoloop.scoring.calibration import calibrate, fit_temperature
 from cytoloop.workflows import build_model, evaluate_predictions, label_indices
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from cytoloop.config import load_settings
-from cytoloop.data import load_records, select
-from cytoloop.finetune import finetune, finetune_configs, training_arrays
-from cytoloop.models import load_model
+from cytoloop.data.records import load_records, select
+from cytoloop.models.finetune import finetune, finetune_configs, training_arrays
+from cytoloop.models.loading import load_model
 from cytoloop.workflows import evaluate_model, train_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from _docs import DOCS, replace_section
 
-from cytoloop import metrics
 from cytoloop.config import load_settings
-from cytoloop.data import load_records, select
-from cytoloop.models import load_model
+from cytoloop.data.records import load_records, select
+from cytoloop.evaluation import metrics
+from cytoloop.models.loading import load_model
 from cytoloop.workflows import evaluate_model, held_out, train_model
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]

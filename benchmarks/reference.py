@@ -31,9 +31,9 @@ import numpy as np
 from _docs import DOCS, replace_section
 
 from cytoloop.config import load_settings
-from cytoloop.data import CellRecord, class_interleaved_subset, load_records, select
-from cytoloop.models import load_model
-from cytoloop.recipes import get_recipe
+from cytoloop.data.records import CellRecord, class_interleaved_subset, load_records, select
+from cytoloop.models.loading import load_model
+from cytoloop.models.recipes import get_recipe
 from cytoloop.workflows import evaluate_model, held_out, train_model
 
 OTHER_LABS = ("jtsc", "cellavision", "bccd")
@@ -114,7 +114,7 @@ def main() -> None:
 def _blast_report(model_dir: Path, allidb2: list[CellRecord], out: Path) -> dict:
     """Anomaly AUROCs on ALL-IDB2 (blast vs normal): the cells carry no class of the model, so they are scored
     directly rather than through `evaluate_model`'s labelled path."""
-    from cytoloop.preprocess import load_cells
+    from cytoloop.data.preprocess import load_cells
     from cytoloop.workflows import anomaly_metrics
 
     path = out / model_dir.name / "blasts.json"

@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 
 from cytoloop.config import BaselineModelConfig, DataConfig, DiffusionModelConfig, ScoringConfig, load_settings
-from cytoloop.data import load_records
+from cytoloop.data.records import load_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _docs import DOCS, replace_section  # noqa: E402

@@ -39,14 +39,15 @@ import numpy as np
 import torch
 from _docs import DOCS, replace_section
 
-from cytoloop import metrics
-from cytoloop.calibration import evaluations_needed, fit_temperature, trials_needed, tune_scoring
-from cytoloop.cascade import CascadeClassifier, distill, threshold_for_fraction
 from cytoloop.config import CascadeConfig, load_settings
-from cytoloop.data import class_interleaved_subset, load_records, select
-from cytoloop.models import Predictions, load_model
-from cytoloop.preprocess import load_cells
-from cytoloop.scoring import GPU_LOOKAHEAD, replay, summarise_log
+from cytoloop.data.preprocess import load_cells
+from cytoloop.data.records import class_interleaved_subset, load_records, select
+from cytoloop.evaluation import metrics
+from cytoloop.models.base import Predictions
+from cytoloop.models.cascade import CascadeClassifier, distill, threshold_for_fraction
+from cytoloop.models.loading import load_model
+from cytoloop.scoring.calibration import evaluations_needed, fit_temperature, trials_needed, tune_scoring
+from cytoloop.scoring.trials import GPU_LOOKAHEAD, replay, summarise_log
 from cytoloop.workflows import SPLIT_FILE, UNLABELED, held_out, label_indices, outside_split
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]

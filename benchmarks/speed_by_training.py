@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from _docs import DOCS, replace_section
 
-from cytoloop.calibration import evaluations_needed
+from cytoloop.scoring.calibration import evaluations_needed
 
 TUNED_ROW = "adaptive, tuned rule, batched, {precision}"  # the row the targets are read from
 

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytoloop.config import DemoConfig, Settings
-from cytoloop.data import CellRecord, DatasetError, read_manifest, select
-from cytoloop.finetune import freeze, frozen_directory
+from cytoloop.data.records import CellRecord, DatasetError, read_manifest, select
+from cytoloop.models.finetune import freeze, frozen_directory
 
 if TYPE_CHECKING:
     from labelstudio.loop import ReviewLoop
@@ -145,7 +145,7 @@ class Demo:
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> DemoOutcome:
-        from cytoloop.data import load_records
+        from cytoloop.data.records import load_records
 
         self.dir.mkdir(parents=True, exist_ok=True)
         records = select(load_records(self.data), domains=self.config.domains, classes=self.config.classes)
@@ -262,7 +262,7 @@ class Demo:
 
     def _seed_model(self, split: DemoSplit) -> tuple[list[str], str]:
         """Train, calibrate and register the seed model as @champion; returns its classes and version."""
-        from cytoloop.finetune import code_revision, recalibrate
+        from cytoloop.models.finetune import code_revision, recalibrate
         from cytoloop.registry import CHAMPION, open_registry
         from cytoloop.workflows import train_model
 
@@ -346,7 +346,7 @@ class Demo:
 
     def _evaluate(self, state: LoopState, test: list[CellRecord], row: RoundResult) -> None:
         """Score the held-out cells through Serve (what the lab gets now) and draw the round's drift figures."""
-        from cytoloop import metrics
+        from cytoloop.evaluation import metrics
         from jobs.score import score_served
 
         start = self.round_start or datetime.now(UTC)
@@ -360,7 +360,7 @@ class Demo:
 
     def _drift(self, since: datetime, version: str) -> dict[str, float | None]:
         """Drift figures of the cells Serve classified this round (pool and test), logged to MLflow."""
-        from cytoloop.drift import WindowFigures, log_windows, read_colour_reference, read_events, window_figures
+        from cytoloop.policy.drift import WindowFigures, log_windows, read_colour_reference, read_events, window_figures
         from cytoloop.registry import open_registry
 
         log = self.settings.serve.prediction_log
@@ -406,7 +406,7 @@ class Demo:
         return urls
 
     def _write_report(self, classes: list[str]) -> Path:
-        from cytoloop.loop_report import write_report
+        from cytoloop.evaluation.loop_report import write_report
 
         return write_report(
             self.rounds,

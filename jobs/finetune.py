@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cytoloop.config import Settings
-from cytoloop.data import CellRecord, DatasetError, records_fingerprint
+from cytoloop.data.records import CellRecord, DatasetError, records_fingerprint
 from cytoloop.errors import UsageError
 from cytoloop.registry import CHAMPION, VersionInfo, open_registry, site_alias
 
@@ -44,9 +44,9 @@ def train_loop(config: dict) -> None:
     from ray.train import Checkpoint
 
     from cytoloop.config import AugmentConfig, DataConfig, TrainConfig
-    from cytoloop.finetune import finetune, shard, training_arrays
-    from cytoloop.models import load_model
-    from cytoloop.train import CHECKPOINT_FILE
+    from cytoloop.models.finetune import finetune, shard, training_arrays
+    from cytoloop.models.loading import load_model
+    from cytoloop.models.train import CHECKPOINT_FILE
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -146,8 +146,7 @@ def run_finetune(
 ) -> FinetuneOutcome:
     """Fine-tune the global champion on labelled `records` (plus the `unlabeled` pool), register the result and
     put it through the promotion gate for the global champion alias, or for `champion-<site>` with `site`."""
-    from cytoloop.drift import colour_statistics_of, read_colour_reference, write_colour_reference
-    from cytoloop.finetune import (
+    from cytoloop.models.finetune import (
         adapted_data_config,
         code_revision,
         finetune_configs,
@@ -155,8 +154,9 @@ def run_finetune(
         frozen_sets,
         recalibrate,
     )
-    from cytoloop.models import load_model
-    from cytoloop.promotion import apply_verdict, compare, gate_data, gate_figures
+    from cytoloop.models.loading import load_model
+    from cytoloop.policy.drift import colour_statistics_of, read_colour_reference, write_colour_reference
+    from cytoloop.policy.promotion import apply_verdict, compare, gate_data, gate_figures
 
     registry = open_registry(settings)
     name, home = settings.registry.model_name, Path(settings.home).resolve()
@@ -275,9 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from cytoloop.config import load_settings
-    from cytoloop.data import load_records
+    from cytoloop.data.records import load_records
+    from cytoloop.policy.retrain import save_state
     from cytoloop.registry import RegistryError
-    from cytoloop.retrain import save_state
 
     parser = argparse.ArgumentParser(
         prog="python -m jobs.finetune",

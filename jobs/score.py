@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoloop.data import CellRecord
+from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions
 

@@ -1,6 +1,6 @@
 """Consensus labels out: a training manifest for `cytoloop train --data`, and a report for the senior hematologist.
 
-The manifest has the columns `cytoloop.data.read_manifest` reads (path, label, domain; paths absolute) plus
+The manifest has the columns `cytoloop.data.records.read_manifest` reads (path, label, domain; paths absolute) plus
 provenance: which annotators, how they voted, when the last label came, which model versions they were shown and
 what those predicted. Only cells with an agreed consensus on a real class go in; "other/unknown", "artefact",
 ties and cells still waiting for labels stay out (the report counts them).
@@ -12,7 +12,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
-from cytoloop.consensus import annotator_agreement, consensus, pairwise_agreement
+from cytoloop.policy.consensus import annotator_agreement, consensus, pairwise_agreement
 from labelstudio.label_config import EXTRA_CHOICES
 from labelstudio.store import LabelStore, cell_key
 

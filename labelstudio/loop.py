@@ -1,6 +1,6 @@
 """The review loop in one object: route scored cells out to Label Studio, bring labels back, export consensus.
 
-Data flow (docs/review-loop.md): predictions -> `cytoloop.routing` (reason per cell, budget) -> outbox (SQLite)
+Data flow (docs/review-loop.md): predictions -> `cytoloop.policy.routing` (reason per cell, budget) -> outbox (SQLite)
 -> Label Studio project of the cell's site -> hematologists label -> webhook events (SQLite) + poll -> label store
 (SQLite) -> consensus -> training manifest. Every arrow is idempotent, and everything durable lives under
 `<home>/review/`.
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cytoloop.config import Settings
-from cytoloop.data import CellRecord
-from cytoloop.routing import ScoredCell, route_cells, select_for_review
+from cytoloop.data.records import CellRecord
+from cytoloop.policy.routing import ScoredCell, route_cells, select_for_review
 from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
 from labelstudio.client import LabelStudioUnavailable, connect, unavailable
 from labelstudio.export import export_manifest, review_report

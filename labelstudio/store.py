@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cytoloop.consensus import Vote
+from cytoloop.policy.consensus import Vote
 from labelstudio import sqlite
 from labelstudio.label_config import parse_result
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from cytoloop.errors import CytoLoopError
-from cytoloop.routing import RoutedCell
+from cytoloop.policy.routing import RoutedCell
 from labelstudio.label_config import prediction_result
 
 

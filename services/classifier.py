@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from ray import serve
 
 from cytoloop.config import Settings
-from cytoloop.drift import append_events, prediction_events
-from cytoloop.inference import CellFailure, CellResult
-from cytoloop.model_source import LiveModel, ModelRef, ModelSource, ServiceCache
+from cytoloop.policy.drift import append_events, prediction_events
+from cytoloop.serving.inference import CellFailure, CellResult
+from cytoloop.serving.live import LiveModel, ServiceCache
+from cytoloop.serving.model_source import ModelRef, ModelSource
 from services.model_calls import Cells, ModelCalls
 
 GLOBAL_KEY = "*"  # multiplexed model id of the global champion (no valid site name contains '*')

@@ -2,7 +2,7 @@
 
 Routes: `POST /v1/classify`, `POST /v1/samples/{sample_id}/differential`, `GET /v1/models`, `GET /healthz`,
 `GET /readyz`, and the OpenAPI docs at `/docs`. Request bodies are read by `uploads.py` (limits and per-cell
-checks); classification happens in the `Classifier` deployment; the differential is `cytoloop.differential`.
+checks); classification happens in the `Classifier` deployment; the differential is `cytoloop.policy.differential`.
 When `serve.api_key` is set, every `/v1` route needs it in the `X-API-Key` header; it is compared in constant time
 and never logged or echoed.
 """
@@ -19,9 +19,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse
 
 from cytoloop.config import Settings
-from cytoloop.differential import differential
-from cytoloop.inference import CellFailure, CellResult
-from cytoloop.model_source import ModelSource
+from cytoloop.policy.differential import differential
+from cytoloop.serving.inference import CellFailure, CellResult
+from cytoloop.serving.model_source import ModelSource
 from services.classifier import Answer, site_key
 from services.schemas import (
     CellAnswer,

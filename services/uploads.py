@@ -19,7 +19,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from cytoloop.config import ServeConfig
-from cytoloop.intake import CellRejected, Limits, check_image
+from cytoloop.data.intake import CellRejected, Limits, check_image
 from services.schemas import ClassifyRequest
 
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries of a multipart body, beyond its images

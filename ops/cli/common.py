@@ -85,7 +85,7 @@ def settings_from(config: Path | None, overrides: dict | None = None):
 
 
 def labelled_records(path: Path) -> list:
-    from cytoloop.data import DatasetError, load_records
+    from cytoloop.data.records import DatasetError, load_records
 
     records = [r for r in load_records(path) if r.label is not None]
     if not records:

@@ -28,8 +28,8 @@ def data_fetch(
     def action():
         from collections import Counter
 
-        from cytoloop.data import load_records
-        from cytoloop.datasets import fetch
+        from cytoloop.data.datasets import fetch
+        from cytoloop.data.records import load_records
 
         folder = fetch(name, dest or settings_from(config).datasets.cache_dir, progress=True)
         counts = Counter(r.label for r in load_records(folder))
@@ -48,7 +48,7 @@ def data_list(
     """The catalogue: each dataset's size, licence, and whether it is fetched (or how to get it by hand)."""
 
     def action():
-        from cytoloop.datasets import CATALOGUE, fetched
+        from cytoloop.data.datasets import CATALOGUE, fetched
 
         root = dest or settings_from(config).datasets.cache_dir
         for entry in CATALOGUE.values():

@@ -29,7 +29,7 @@ def demo(
     Writes a report with plots and prints the Label Studio, MLflow and Ray dashboard URLs."""
 
     def action():
-        from cytoloop.datasets import resolve_data
+        from cytoloop.data.datasets import resolve_data
         from jobs.cycle import Demo
 
         settings = settings_from(

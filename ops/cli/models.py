@@ -28,7 +28,7 @@ def train(
 ) -> None:
     """Train a model, calibrate it (and tune a diffusion model's scoring) on the validation part of a seeded split,
     and save it to OUT."""
-    from cytoloop.recipes import RECIPES, get_recipe
+    from cytoloop.models.recipes import RECIPES, get_recipe
 
     flags = {
         "--model": model,
@@ -51,7 +51,7 @@ def train(
 
     def action():
         from cytoloop.config import load_settings
-        from cytoloop.data import load_records, select
+        from cytoloop.data.records import load_records, select
         from cytoloop.workflows import train_model
 
         if recipe is not None:
@@ -108,7 +108,7 @@ def train(
 
 def write_recipe_record(out: Path, recipe: str, data: Path) -> None:
     """Record in the model directory the recipe and the command that made it (the model card quotes it)."""
-    from cytoloop.recipes import get_recipe
+    from cytoloop.models.recipes import get_recipe
 
     chosen = get_recipe(recipe)
     record = {
@@ -128,7 +128,7 @@ def write_recipe_record(out: Path, recipe: str, data: Path) -> None:
 @app.command()
 def recipes() -> None:
     """List the named training recipes (`cytoloop train --recipe NAME`)."""
-    from cytoloop.recipes import RECIPES
+    from cytoloop.models.recipes import RECIPES
 
     for recipe in RECIPES.values():
         typer.echo(f"{recipe.name:<14} {recipe.description}")
@@ -157,8 +157,8 @@ def evaluate(
     """Evaluate a model on labelled cells it never trained on; print a table, write JSON and plots."""
 
     def action():
-        from cytoloop.data import class_interleaved_subset, load_records, select
-        from cytoloop.models import load_model
+        from cytoloop.data.records import class_interleaved_subset, load_records, select
+        from cytoloop.models.loading import load_model
         from cytoloop.workflows import evaluate_model, held_out
 
         classifier = load_model(model)
@@ -240,8 +240,8 @@ def generate(
     """Sample cells of one class from a diffusion model and write them as a grid PNG."""
 
     def action():
-        from cytoloop import plots
-        from cytoloop.models import load_model
+        from cytoloop.evaluation import plots
+        from cytoloop.models.loading import load_model
 
         classifier = load_model(model)
         if classifier.kind != "diffusion":
@@ -266,9 +266,9 @@ def tune(
     """Tune a diffusion model's adaptive scoring on its validation cells to agree with exhaustive scoring."""
 
     def action():
-        from cytoloop.data import load_records, select
-        from cytoloop.models import load_model
-        from cytoloop.preprocess import load_cells
+        from cytoloop.data.preprocess import load_cells
+        from cytoloop.data.records import load_records, select
+        from cytoloop.models.loading import load_model
         from cytoloop.workflows import held_out, label_indices, outside_split, tune_model_scoring
 
         classifier = load_model(model)
@@ -336,7 +336,7 @@ def distill(
 
     def action():
         from cytoloop.config import load_settings
-        from cytoloop.data import load_records, select
+        from cytoloop.data.records import load_records, select
         from cytoloop.workflows import distill_model
 
         overrides = {"train": {"steps": steps}, "cascade": {"threshold": threshold, "defer_fraction": defer_fraction}}
@@ -391,7 +391,7 @@ def card(
         reports[title] = json.loads(Path(path).read_text())
 
     def action():
-        from cytoloop.model_card import write_model_card
+        from cytoloop.evaluation.model_card import write_model_card
 
         texts = {name: p.read_text() if p else "" for name, p in (("use", intended_use), ("limits", limits))}
         typer.echo(f"wrote {write_model_card(model, reports, texts['use'], texts['limits'])}")

@@ -20,8 +20,8 @@ def register(
     """Register a trained model directory as a new version (e.g. the first champion)."""
 
     def action():
-        from cytoloop.finetune import code_revision
         from cytoloop.models.base import read_model_meta
+        from cytoloop.models.finetune import code_revision
         from cytoloop.registry import open_registry, site_alias
 
         if champion and not reason:
@@ -55,9 +55,9 @@ def retrain(
     """Fine-tune the champion on the consensus labels (Ray Train), register it and put it through the gate."""
 
     def action():
-        from cytoloop.data import load_records
-        from cytoloop.drift import load_flags
-        from cytoloop.retrain import load_state, new_labels, retrain_due, save_state
+        from cytoloop.data.records import load_records
+        from cytoloop.policy.drift import load_flags
+        from cytoloop.policy.retrain import load_state, new_labels, retrain_due, save_state
 
         settings = settings_from(config, {"finetune": {"steps": steps, "num_workers": workers}})
         records = labelled_records(labels)
@@ -98,7 +98,7 @@ def adapt(
         fail(f"invalid site name {site!r}: use letters, digits, '-' and '_'")
 
     def action():
-        from cytoloop.data import load_records
+        from cytoloop.data.records import load_records
         from jobs.finetune import run_finetune
 
         settings = settings_from(config, {"adapt": {"steps": steps}})
@@ -118,7 +118,7 @@ def promote(
     """Point the champion alias at VERSION whatever the gate said, recording who and why."""
 
     def action():
-        from cytoloop.promotion import override
+        from cytoloop.policy.promotion import override
         from cytoloop.registry import open_registry, site_alias
 
         settings = settings_from(config)
@@ -158,7 +158,7 @@ def drift(
     """Compute drift per model version, site and time window; log it to MLflow and update the flags."""
 
     def action():
-        from cytoloop.drift import drift_windows, log_windows, read_colour_reference, read_events, save_flags
+        from cytoloop.policy.drift import drift_windows, log_windows, read_colour_reference, read_events, save_flags
         from cytoloop.registry import RegistryError, open_registry
 
         settings = settings_from(config)
@@ -194,9 +194,9 @@ def status(
     """What serves where, the latest alias moves, drift flags and whether a retrain is due."""
 
     def action():
-        from cytoloop.drift import load_flags
+        from cytoloop.policy.drift import load_flags
+        from cytoloop.policy.retrain import load_state, new_labels, retrain_due
         from cytoloop.registry import RegistryError, open_registry
-        from cytoloop.retrain import load_state, new_labels, retrain_due
 
         settings = settings_from(config)
         registry = open_registry(settings)

@@ -109,9 +109,9 @@ def review_route(
 
     def action():
         from cytoloop.config import load_settings
-        from cytoloop.data import load_records, select
-        from cytoloop.models import load_model
-        from cytoloop.preprocess import load_cells
+        from cytoloop.data.preprocess import load_cells
+        from cytoloop.data.records import load_records, select
+        from cytoloop.models.loading import load_model
         from labelstudio.loop import ReviewLoop
 
         classifier = load_model(model)

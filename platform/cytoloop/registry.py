@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cytoloop.errors import CytoLoopError, UsageError
-from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, load_model
+from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
+from cytoloop.models.loading import load_model
 
 CHAMPION = "champion"
 MODEL_ARTIFACTS = (

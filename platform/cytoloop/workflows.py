@@ -18,8 +18,25 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cytoloop import metrics, plots
-from cytoloop.calibration import (
+from cytoloop.config import Settings
+from cytoloop.data.preprocess import load_cells
+from cytoloop.data.records import (
+    CellRecord,
+    DatasetError,
+    data_sources,
+    records_fingerprint,
+    stratified_split,
+    write_split,
+)
+from cytoloop.errors import UsageError
+from cytoloop.evaluation import metrics, plots
+from cytoloop.models.base import Classifier, Predictions, Trainable
+from cytoloop.models.cascade import CascadeClassifier, distill
+from cytoloop.models.diffusion import DiffusionClassifier
+from cytoloop.models.loading import load_model
+from cytoloop.models.train import UNLABELED, fit
+from cytoloop.policy.drift import colour_statistics_of, write_colour_reference
+from cytoloop.scoring.calibration import (
     calibrate,
     evaluations_needed,
     even_subset,
@@ -28,22 +45,6 @@ from cytoloop.calibration import (
     trials_needed,
     tune_scoring,
 )
-from cytoloop.cascade import CascadeClassifier, distill
-from cytoloop.config import Settings
-from cytoloop.data import (
-    CellRecord,
-    DatasetError,
-    data_sources,
-    records_fingerprint,
-    stratified_split,
-    write_split,
-)
-from cytoloop.drift import colour_statistics_of, write_colour_reference
-from cytoloop.errors import UsageError
-from cytoloop.models.base import Classifier, Predictions, Trainable, load_model
-from cytoloop.models.diffusion import DiffusionClassifier
-from cytoloop.preprocess import load_cells
-from cytoloop.train import UNLABELED, fit
 
 SPLIT_FILE = "split.json"
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}

@@ -478,7 +478,7 @@ def test_train_too_few_cells_for_validation_exits_2(workspace, tiny_overrides):
 def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_overrides, monkeypatch):
     """`train --recipe` takes model, cells, budget and settings from the recipe (over the environment) and writes
     recipe.json with the command that reproduces the model; flags the recipe fixes are refused."""
-    from cytoloop.recipes import RECIPES, Recipe
+    from cytoloop.models.recipes import RECIPES, Recipe
 
     recipe = Recipe(
         name="tiny-test",

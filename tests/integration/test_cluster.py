@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from test_retraining import TWO, make_settings, train_and_register  # same directory, on sys.path under pytest
 
-from cytoloop.data import load_records, select
+from cytoloop.data.records import load_records, select
 
 pytestmark = pytest.mark.integration
 
@@ -197,7 +197,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory, cells_dir, tiny_overrides):
     """A tiny diffusion champion in a SQLite registry, its settings in root/config.json (two Ray Train workers)."""
-    from cytoloop.finetune import write_manifest
+    from cytoloop.models.finetune import write_manifest
 
     root = tmp_path_factory.mktemp("cluster")
     records = load_records(cells_dir)

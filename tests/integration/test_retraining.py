@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cytoloop.data import load_records, select
+from cytoloop.data.records import load_records, select
 
 TWO = ["neutrophil", "lymphocyte"]
 pytestmark = pytest.mark.integration
@@ -182,7 +182,7 @@ def gated(tmp_path_factory, records, tiny_overrides):
     cells = select(records, ["jtsc"], TWO)
     random.Random(0).shuffle(cells)
     anomalies = select(records, ["allidb2"])[::13]
-    from cytoloop.finetune import write_manifest
+    from cytoloop.models.finetune import write_manifest
 
     write_manifest(anomalies, root / "anomalies.csv")
     overrides = {**tiny_overrides, "train": {**tiny_overrides["train"], "steps": 150, "lr": 1e-3}}
@@ -210,8 +210,8 @@ def gated(tmp_path_factory, records, tiny_overrides):
 
 
 def test_a_worse_challenger_is_refused_and_the_champion_stays(gated):
-    from cytoloop.models import load_model
-    from cytoloop.promotion import apply_verdict, compare, gate_data, gate_figures
+    from cytoloop.models.loading import load_model
+    from cytoloop.policy.promotion import apply_verdict, compare, gate_data, gate_figures
 
     settings, registry, name = gated["settings"], gated["registry"], gated["name"]
     data = gate_data(gated["eval"], settings.promotion, TWO)
@@ -270,8 +270,8 @@ def test_override_and_rollback_are_recorded(gated):
 
 
 def test_retrain_if_due_waits_for_new_labels(gated):
-    from cytoloop.finetune import write_manifest
-    from cytoloop.retrain import save_state
+    from cytoloop.models.finetune import write_manifest
+    from cytoloop.policy.retrain import save_state
     from ops.cli import app
 
     settings, registry, name, root = gated["settings"], gated["registry"], gated["name"], gated["root"]
@@ -305,9 +305,9 @@ def shifted_png(path, factors=(1.25, 0.8, 1.1)) -> bytes:
 
 
 def test_drift_is_logged_and_flagged(gated):
-    from cytoloop.drift import colour_statistics
-    from cytoloop.finetune import write_manifest
-    from cytoloop.retrain import save_state
+    from cytoloop.models.finetune import write_manifest
+    from cytoloop.policy.drift import colour_statistics
+    from cytoloop.policy.retrain import save_state
     from ops.cli import app
 
     settings, registry, root = gated["settings"], gated["registry"], gated["root"]
@@ -357,7 +357,7 @@ def test_drift_is_logged_and_flagged(gated):
 
 
 def test_site_alias_serves_that_site_only(gated, ray_cluster):
-    from cytoloop.finetune import write_manifest
+    from cytoloop.models.finetune import write_manifest
     from ops.cli import app
 
     registry, name, root = gated["registry"], gated["name"], gated["root"]

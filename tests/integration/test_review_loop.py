@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cytoloop.data import load_records
+from cytoloop.data.records import load_records
 from cytoloop.models.base import Predictions
 from labelstudio import sqlite
 

@@ -72,7 +72,7 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
     from ray import serve
 
     from cytoloop.config import load_settings
-    from cytoloop.data import load_records, select
+    from cytoloop.data.records import load_records, select
     from cytoloop.registry import Registry
     from services.app import build_app
 
@@ -166,7 +166,7 @@ def test_real_cells_classified_over_http(serving):
 
 
 def test_served_cells_feed_the_drift_log(serving):
-    from cytoloop.drift import read_events
+    from cytoloop.policy.drift import read_events
 
     cells = _ok_cells(serving.classify_files(serving.cells[:3], site="siteb"))
     log = serving.settings.serve.prediction_log

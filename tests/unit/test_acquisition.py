@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoloop.acquisition import STRATEGIES, Pool, get_strategy, routing_policy
 from cytoloop.config import RoutingConfig
 from cytoloop.models.base import Predictions
+from cytoloop.policy.acquisition import STRATEGIES, Pool, get_strategy, routing_policy
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoloop.calibration import fit_temperature, fit_timestep_weights, softmax
-from cytoloop.scoring import TrialLog
+from cytoloop.scoring.calibration import fit_temperature, fit_timestep_weights, softmax
+from cytoloop.scoring.trials import TrialLog
 
 
 def _sample_labels(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
@@ -94,7 +94,7 @@ def test_timestep_weights_ignore_eliminated_classes():
 
 
 def test_a_temperature_prior_keeps_a_few_right_cells_from_making_the_model_certain():
-    from cytoloop.calibration import fit_temperature
+    from cytoloop.scoring.calibration import fit_temperature
 
     rng = np.random.default_rng(0)
     labels = np.arange(6) % 3
@@ -113,7 +113,7 @@ def test_a_temperature_prior_keeps_a_few_right_cells_from_making_the_model_certa
 
 
 def test_even_subset_draws_every_class_as_evenly_as_its_cells_allow():
-    from cytoloop.calibration import even_subset
+    from cytoloop.scoring.calibration import even_subset
 
     labels = np.array([0] * 50 + [1] * 3 + [2] * 20)
     chosen = even_subset(labels, 12, seed=1)

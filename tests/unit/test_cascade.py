@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from cytoloop.cascade import CascadeClassifier, distill, soft_targets, threshold_for_fraction
 from cytoloop.config import (
     AugmentConfig,
     BaselineModelConfig,
@@ -20,9 +19,10 @@ from cytoloop.config import (
     ScoringConfig,
     TrainConfig,
 )
-from cytoloop.models import load_model
 from cytoloop.models.baseline import BaselineClassifier
+from cytoloop.models.cascade import CascadeClassifier, distill, soft_targets, threshold_for_fraction
 from cytoloop.models.diffusion import DiffusionClassifier
+from cytoloop.models.loading import load_model
 
 SIZE = 16
 CLASSES = ["a", "b", "c"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import typer
 
-from cytoloop.data import DatasetError
+from cytoloop.data.records import DatasetError
 from cytoloop.errors import CytoLoopError, UsageError
 from ops.cli.common import run
 
@@ -41,8 +41,8 @@ def test_a_bug_keeps_its_traceback(error):
 
 
 def test_every_project_error_is_a_cytoloop_error():
+    from cytoloop.data.preprocess import ImageError
     from cytoloop.models.base import ModelLoadError
-    from cytoloop.preprocess import ImageError
     from cytoloop.registry import RegistryError
     from labelstudio.client import LabelStudioUnavailable
     from labelstudio.tasks import TaskError

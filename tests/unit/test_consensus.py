@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cytoloop.consensus import Vote, annotator_agreement, consensus, pairwise_agreement
+from cytoloop.policy.consensus import Vote, annotator_agreement, consensus, pairwise_agreement
 
 
 def v(cell, who, label, at="2026-01-01T00:00:00", abnormal=False):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cytoloop.config import DemoConfig
-from cytoloop.data import CellRecord, DatasetError
+from cytoloop.data.records import CellRecord, DatasetError
 from jobs.cycle import RoundResult, round_table, split_for_demo
 from labelstudio.annotators import SimulatedAnnotator
 
@@ -41,8 +41,8 @@ def test_a_class_too_small_for_the_split_is_named():
 
 
 def test_the_demo_freezes_the_fine_tunes_sets_once(tmp_path):
-    from cytoloop.data import read_manifest
-    from cytoloop.finetune import freeze, frozen_directory
+    from cytoloop.data.records import read_manifest
+    from cytoloop.models.finetune import freeze, frozen_directory
 
     split = split_for_demo(records({"neutrophil": 20, "lymphocyte": 14}), DemoConfig(seed_per_class=3))
     directory = frozen_directory(tmp_path, None)
@@ -72,7 +72,7 @@ def test_annotators_err_at_their_rate_independently_and_reproducibly():
 
 
 def test_round_table_and_report(tmp_path):
-    from cytoloop.loop_report import write_report
+    from cytoloop.evaluation.loop_report import write_report
 
     rounds = [
         RoundResult(0, 10, version="1", gate="seed", served="1", balanced_accuracy=0.6, ece=0.1),

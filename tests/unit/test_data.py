@@ -13,7 +13,17 @@ import torch
 from PIL import Image
 
 from cytoloop.config import AugmentConfig, DataConfig
-from cytoloop.data import (
+from cytoloop.data.preprocess import (
+    REINHARD_REFERENCE,
+    ImageError,
+    augment,
+    colour_moments,
+    decode_image,
+    load_cells,
+    preprocess,
+    reinhard_normalize,
+)
+from cytoloop.data.records import (
     CellRecord,
     DatasetError,
     load_records,
@@ -24,16 +34,6 @@ from cytoloop.data import (
     select,
     stratified_split,
     write_split,
-)
-from cytoloop.preprocess import (
-    REINHARD_REFERENCE,
-    ImageError,
-    augment,
-    colour_moments,
-    decode_image,
-    load_cells,
-    preprocess,
-    reinhard_normalize,
 )
 
 SIZE = 16

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cytoloop import datasets
-from cytoloop.data import load_records
-from cytoloop.datasets import DownloadError, NoDataError, fetch, fetched, resolve_data
+from cytoloop.data import datasets
+from cytoloop.data.datasets import DownloadError, NoDataError, fetch, fetched, resolve_data
+from cytoloop.data.records import load_records
 from ops.cli import app
 
 SPLIT_SIZES = {"train": 24, "val": 8, "test": 8}  # labels cycle through the 8 classes: 5 cells per class

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cytoloop.config import DifferentialConfig
-from cytoloop.differential import BLASTS_SUSPECTED, MANY_UNCERTAIN, TOO_FEW_CELLS, differential
-from cytoloop.inference import CellFailure, CellResult
+from cytoloop.policy.differential import BLASTS_SUSPECTED, MANY_UNCERTAIN, TOO_FEW_CELLS, differential
+from cytoloop.serving.inference import CellFailure, CellResult
 
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from cytoloop.config import DataConfig, DriftConfig
-from cytoloop.data import DatasetError, load_records, select
-from cytoloop.drift import (
+from cytoloop.data.records import DatasetError, load_records, select
+from cytoloop.policy.drift import (
     PredictionEvent,
     colour_statistics,
     colour_statistics_of,

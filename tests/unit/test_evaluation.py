@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from cytoloop.data import CellRecord
+from cytoloop.data.records import CellRecord
 from cytoloop.workflows import evaluate_model, train_model
 
 

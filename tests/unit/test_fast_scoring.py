@@ -12,10 +12,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cytoloop.calibration import decision, evaluations_needed, reorderings, trials_needed, tune_scoring
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
-from cytoloop.scoring import TrialLog, replay, score_cells
+from cytoloop.scoring.calibration import decision, evaluations_needed, reorderings, trials_needed, tune_scoring
+from cytoloop.scoring.trials import TrialLog, replay, score_cells
 
 N_CLASSES = 4
 NULL = N_CLASSES
@@ -307,7 +307,7 @@ def test_unlabeled_cells_join_the_tuning_set_but_not_the_temperature():
 def test_outside_split_leaves_out_every_part_of_the_models_split(tmp_path):
     import json
 
-    from cytoloop.data import CellRecord
+    from cytoloop.data.records import CellRecord
     from cytoloop.workflows import SPLIT_FILE, outside_split
 
     root = tmp_path / "cells"
@@ -324,7 +324,7 @@ def test_a_models_split_is_found_whichever_manifest_or_checkout_lists_its_cells(
     checkout has another root: each must still keep the model's training cells out of its evaluation."""
     import json
 
-    from cytoloop.data import CellRecord, DatasetError
+    from cytoloop.data.records import CellRecord, DatasetError
     from cytoloop.workflows import SPLIT_FILE, held_out
 
     parts = {"train": ["pbc/a/0.jpg", "pbc/a/1.jpg"], "val": ["pbc/a/2.jpg"], "test": ["pbc/a/3.jpg"]}
@@ -342,7 +342,7 @@ def test_a_models_split_is_found_whichever_manifest_or_checkout_lists_its_cells(
 
 
 def test_a_variance_prior_lets_the_first_trials_decide_and_shrinks_a_lucky_estimate():
-    from cytoloop.scoring import decide
+    from cytoloop.scoring.trials import decide
 
     config = ScoringConfig(min_trials=1, elimination_p=0.05, variance_prior=0.01, variance_prior_trials=2.0)
     one_trial = np.array([[0.0, 1.0, 0.05]])  # class 1 is 10 prior sds worse, class 2 half of one

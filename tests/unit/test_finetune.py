@@ -4,9 +4,16 @@ import numpy as np
 import pytest
 
 from cytoloop.config import DataConfig
-from cytoloop.data import CellRecord, DatasetError, load_records, select
-from cytoloop.drift import write_colour_reference
-from cytoloop.finetune import adapted_data_config, finetune, finetune_configs, frozen_sets, shard, training_arrays
+from cytoloop.data.records import CellRecord, DatasetError, load_records, select
+from cytoloop.models.finetune import (
+    adapted_data_config,
+    finetune,
+    finetune_configs,
+    frozen_sets,
+    shard,
+    training_arrays,
+)
+from cytoloop.policy.drift import write_colour_reference
 
 
 def fake_records(tmp_path, n, start=0):

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from cytoloop.intake import CellRejected, Limits, check_image
+from cytoloop.data.intake import CellRejected, Limits, check_image
 
 LIMITS = Limits(max_bytes=200_000, max_pixels=300 * 300)
 

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
 
     import numpy as np
     from cytoloop.config import load_settings
-    from cytoloop.train import fit
+    from cytoloop.models.train import fit
     from cytoloop.workflows import build_model
 
     settings = load_settings(overrides={"data": {"image_size": 16}, "baseline": {"channels": (8, 16)},
@@ -56,3 +56,31 @@ def test_the_library_needs_no_platform_service():
         [sys.executable, "-c", f"BLOCKED = {BLOCKED!r}\n{SCRIPT}"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "library ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_library_has_no_import_cycles():
+    """Modules import each other in one direction only, lazy (in-function) imports included: a cycle means two
+    modules are one concern, or an interface depends on its implementations."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "platform"
+    modules = {}
+    for path in (root / "cytoloop").rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cytoloop"):
+                targets = {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+                graph[name] |= {t for t in targets if t in modules and t != name}
+    # a cycle exists iff some module reaches itself
+    for start in graph:
+        seen, frontier = set(), list(graph[start])
+        while frontier:
+            module = frontier.pop()
+            assert module != start, f"import cycle through {start}"
+            if module not in seen:
+                seen.add(module)
+                frontier.extend(graph[module])

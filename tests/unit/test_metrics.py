@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from cytoloop import metrics
+from cytoloop.evaluation import metrics
 
 # --------------------------------------------------------------------------- classification
 
@@ -231,7 +231,7 @@ def test_bad_parameters():
 
 
 def test_bootstrap_intervals_cover_each_statistic_and_skip_resamples_where_it_is_undefined():
-    from cytoloop.metrics import bootstrap_intervals
+    from cytoloop.evaluation.metrics import bootstrap_intervals
 
     values = np.arange(100, dtype=float)
     rare = np.zeros(100, bool)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cytoloop.data import CellRecord
-from cytoloop.model_card import CARD_FILE, render_model_card, write_model_card
+from cytoloop.data.records import CellRecord
+from cytoloop.evaluation.model_card import CARD_FILE, render_model_card, write_model_card
 from cytoloop.workflows import anomaly_metrics, evaluate_model, held_out, train_model
 
 

@@ -7,9 +7,10 @@ import shutil
 import pytest
 
 from cytoloop.config import BaselineModelConfig, DataConfig, RegistryConfig, RoutingConfig, ServeConfig
-from cytoloop.inference import CellFailure, CellResult, CellService
-from cytoloop.model_source import LiveModel, ModelSource, ServiceCache
 from cytoloop.models.baseline import BaselineClassifier
+from cytoloop.serving.inference import CellFailure, CellResult, CellService
+from cytoloop.serving.live import LiveModel, ServiceCache
+from cytoloop.serving.model_source import ModelSource
 
 CLASSES = ["lymphocyte", "neutrophil"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cytoloop import plots
+from cytoloop.evaluation import plots
 
 
 def _assert_png(path: Path) -> None:

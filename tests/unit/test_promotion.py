@@ -3,7 +3,7 @@
 import numpy as np
 
 from cytoloop.config import PromotionConfig
-from cytoloop.promotion import compare, difference_intervals, verdict_tags
+from cytoloop.policy.promotion import compare, difference_intervals, verdict_tags
 
 CONFIG = PromotionConfig(balanced_accuracy_tolerance=0.01, ece_tolerance=0.02, anomaly_auroc_tolerance=0.02)
 CHAMPION = {"balanced_accuracy": 0.80, "ece": 0.05, "anomaly_auroc": 0.90}

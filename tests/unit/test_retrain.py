@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from cytoloop.config import RetrainConfig
-from cytoloop.data import CellRecord
-from cytoloop.retrain import load_state, new_labels, retrain_due, save_state
+from cytoloop.data.records import CellRecord
+from cytoloop.policy.retrain import load_state, new_labels, retrain_due, save_state
 
 CONFIG = RetrainConfig(min_new_labels=100, max_hours=24, min_labels_after_hours=10, on_drift=True)
 

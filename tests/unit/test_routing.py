@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cytoloop.config import RoutingConfig
-from cytoloop.routing import RoutedCell, ScoredCell, audit_draw, route_cell, route_cells, select_for_review
+from cytoloop.policy.routing import RoutedCell, ScoredCell, audit_draw, route_cell, route_cells, select_for_review
 
 
 def config(**changes) -> RoutingConfig:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
-from cytoloop.scoring import TrialLog, score_cells, summarise_log
+from cytoloop.scoring.trials import TrialLog, score_cells, summarise_log
 
 N_CLASSES = 4
 NULL = N_CLASSES

@@ -10,7 +10,7 @@ import torch
 from cytoloop.config import AugmentConfig, BaselineModelConfig, DataConfig, TrainConfig
 from cytoloop.models.baseline import BaselineClassifier, SmallCNN
 from cytoloop.models.diffusion import DiffusionClassifier
-from cytoloop.train import CHECKPOINT_FILE, UNLABELED, baseline_loss, diffusion_loss, fit, sampling_weights
+from cytoloop.models.train import CHECKPOINT_FILE, UNLABELED, baseline_loss, diffusion_loss, fit, sampling_weights
 
 SIZE = 16
 
@@ -170,7 +170,7 @@ def test_baseline_save_load_round_trip(tmp_path):
     )
     images, _ = red_blue(2)
     before = model.predict(images)
-    from cytoloop.models import load_model
+    from cytoloop.models.loading import load_model
 
     loaded = load_model(model.save(tmp_path / "m"))
     after = loaded.predict(images)
@@ -195,8 +195,8 @@ def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw
     import json
 
     from cytoloop.config import load_settings
-    from cytoloop.data import CellRecord
-    from cytoloop.models import load_model
+    from cytoloop.data.records import CellRecord
+    from cytoloop.models.loading import load_model
     from cytoloop.workflows import train_model
 
     tiny_overrides["scoring"]["calibration_cells"] = 4

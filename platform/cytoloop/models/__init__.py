@@ -1,5 +1,2 @@
-"""Classifiers: the diffusion classifier, the CNN baseline, and the interface they share."""
-
-from cytoloop.models.base import Classifier, ModelLoadError, Predictions, load_model
-
-__all__ = ["Classifier", "ModelLoadError", "Predictions", "load_model"]
+"""Classifiers and how they are made: the diffusion classifier, the CNN baseline, the cascade, the interface they
+share, the one training loop, fine-tuning and the named recipes of shipped models."""

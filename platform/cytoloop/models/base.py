@@ -9,10 +9,9 @@ never care which model they hold.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from cytoloop.errors import CytoLoopError
 if TYPE_CHECKING:
     from torch import nn
 
-    from cytoloop.train import LossFn
+    from cytoloop.models.train import LossFn
 
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -126,21 +125,3 @@ def read_model_meta(directory: Path) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {MODEL_FILE})")
     return json.loads(path.read_text())
-
-
-def load_model(directory: Path | str) -> Classifier:
-    """Load any CytoLoop model from a local directory (no hub access, ever)."""
-    from cytoloop.cascade import CascadeClassifier
-    from cytoloop.models.baseline import BaselineClassifier
-    from cytoloop.models.diffusion import DiffusionClassifier
-
-    directory = Path(directory)
-    kind = read_model_meta(directory).get("kind")
-    loaders: dict[str, Callable[[Path], Any]] = {  # each returns a Classifier
-        "diffusion": DiffusionClassifier.load,
-        "baseline": BaselineClassifier.load,
-        "cascade": CascadeClassifier.load,
-    }
-    if kind not in loaders:
-        raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
-    return loaders[str(kind)](directory)

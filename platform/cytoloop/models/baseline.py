@@ -18,7 +18,7 @@ from cytoloop.config import BaselineModelConfig, DataConfig, TrainConfig
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
 
 if TYPE_CHECKING:
-    from cytoloop.train import LossFn
+    from cytoloop.models.train import LossFn
 
 
 class SmallCNN(nn.Module):
@@ -67,7 +67,7 @@ class BaselineClassifier:
 
     def objective(self, config: TrainConfig) -> tuple[nn.Module, LossFn]:
         """The CNN and its cross-entropy loss (`train.baseline_loss`)."""
-        from cytoloop.train import baseline_loss
+        from cytoloop.models.train import baseline_loss
 
         return self.network, baseline_loss(config)
 

@@ -18,11 +18,11 @@ import torch
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig, TrainConfig
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
-from cytoloop.scoring import ScoreResult, score_cells
+from cytoloop.scoring.trials import ScoreResult, score_cells
 from cytoloop.threads import torch_threads
 
 if TYPE_CHECKING:
-    from cytoloop.train import LossFn
+    from cytoloop.models.train import LossFn
 
 
 def build_unet(config: DiffusionModelConfig, image_size: int, n_classes: int):
@@ -95,7 +95,7 @@ class DiffusionClassifier:
 
     def objective(self, config: TrainConfig) -> tuple[torch.nn.Module, LossFn]:
         """The denoiser and its epsilon-prediction loss (`train.diffusion_loss`)."""
-        from cytoloop.train import diffusion_loss
+        from cytoloop.models.train import diffusion_loss
 
         return self.unet, diffusion_loss(self.scheduler, self.null_class, config)
 

@@ -26,8 +26,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cytoloop.config import DataConfig, DriftConfig
-from cytoloop.data import CellRecord, DatasetError
-from cytoloop.preprocess import ImageError, colour_moments, decode_image, to_model_input
+from cytoloop.data.preprocess import ImageError, colour_moments, decode_image, to_model_input
+from cytoloop.data.records import CellRecord, DatasetError
 
 REFERENCE_FILE = "colour_reference.json"
 COLOUR_STATS = ("l_mean", "alpha_mean", "beta_mean", "l_std", "alpha_std", "beta_std")

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cytoloop.calibration import fit_temperature
 from cytoloop.config import AugmentConfig, BaselineModelConfig, CascadeConfig, TrainConfig
 from cytoloop.errors import UsageError
 from cytoloop.models.base import MODEL_FILE, Predictions, read_model_meta
 from cytoloop.models.baseline import BaselineClassifier
 from cytoloop.models.diffusion import DiffusionClassifier
-from cytoloop.train import LossFn, fit
+from cytoloop.models.train import LossFn, fit
+from cytoloop.scoring.calibration import fit_temperature
 
 TEACHER_DIR = "teacher"
 STUDENT_DIR = "student"

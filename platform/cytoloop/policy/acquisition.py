@@ -25,7 +25,7 @@ import numpy as np
 from cytoloop.config import RoutingConfig
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions
-from cytoloop.routing import ScoredCell, route_cells, select_for_review
+from cytoloop.policy.routing import ScoredCell, route_cells, select_for_review
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoloop import metrics
 from cytoloop.config import PromotionConfig
-from cytoloop.data import CellRecord, DatasetError, load_records, select
+from cytoloop.data.records import CellRecord, DatasetError, load_records, select
 from cytoloop.errors import UsageError
+from cytoloop.evaluation import metrics
 
 GATED_METRICS = ("balanced_accuracy", "ece", "anomaly_auroc")
 

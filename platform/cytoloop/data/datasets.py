@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cytoloop.data import DatasetError
+from cytoloop.data.records import DatasetError
 
 MARKER = "fetched.json"  # written last into a converted dataset: its presence means the dataset is complete
 MEDMNIST_SPLITS = ("train", "val", "test")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from cytoloop.preprocess import ImageError, decode_image
+from cytoloop.data.preprocess import ImageError, decode_image
 
 FORMATS = ("BMP", "JPEG", "PNG", "TIFF")
 

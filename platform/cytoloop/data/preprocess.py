@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cytoloop.config import AugmentConfig, DataConfig
-from cytoloop.data import CellRecord
+from cytoloop.data.records import CellRecord
 from cytoloop.errors import CytoLoopError
 
 if TYPE_CHECKING:

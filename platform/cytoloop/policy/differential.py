@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cytoloop.config import DifferentialConfig
-from cytoloop.inference import CellFailure, CellResult
+from cytoloop.serving.inference import CellFailure, CellResult
 
 BLASTS_SUSPECTED = "blasts suspected"
 TOO_FEW_CELLS = "too few cells"

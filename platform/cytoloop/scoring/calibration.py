@@ -16,7 +16,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from cytoloop.config import ScoringConfig
-from cytoloop.scoring import TrialLog, replay, summarise_log
+from cytoloop.scoring.trials import TrialLog, replay, summarise_log
 
 TUNING_MIN_TRIALS = (1, 2, 3, 4, 6, 8, 12)  # without a variance prior the first test needs two trials
 TUNING_PRIOR_TRIALS = (0.0, 2.0)  # 0: no variance prior

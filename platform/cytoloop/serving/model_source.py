@@ -5,10 +5,7 @@ is (`load`). From the registry a site is served by `<name>@champion-<site>` if t
 `<name>@champion`; from a local directory every site gets that directory's model, versioned by a hash of its
 files so that writing a new model there is noticed like a moved alias.
 
-A `LiveModel` is one site's current model. `refresh()` re-resolves the alias and, when it moved, loads the new
-version and swaps it in with one assignment: a batch already running keeps the service it started with, the next
-one gets the new version, and no request fails over the switch. Loaded versions are shared between sites (many
-sites fall back to the same champion) and freed when no site uses them any more.
+What is loaded and served from them, per site, is `serving.live`.
 """
 
 from __future__ import annotations
@@ -17,13 +14,12 @@ import hashlib
 import os
 import shutil
 import tempfile
-import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from cytoloop.config import RegistryConfig, RoutingConfig, ServeConfig
-from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, load_model
+from cytoloop.config import RegistryConfig, ServeConfig
+from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
+from cytoloop.models.loading import load_model
 
 
 @dataclass(frozen=True)
@@ -122,40 +118,3 @@ def _content_hash(directory: Path) -> str:
             raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {file})")
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
-
-
-class LiveModel:
-    """One site's current model service; `refresh()` follows its alias. Thread-safe; never blocks readers."""
-
-    def __init__(self, site: str | None, source: ModelSource, services: ServiceCache):
-        self.site, self.source, self.services = site, source, services
-        self._lock = threading.Lock()
-        self.service = services.get(source.resolve(site))
-
-    def refresh(self) -> bool:
-        """Re-resolve the alias; load and switch to a new version. Returns whether the version changed."""
-        with self._lock:
-            ref = self.source.resolve(self.site)
-            if ref == self.service.ref:
-                return False
-            self.service = self.services.get(ref)  # one assignment: readers see the old or the new service
-            return True
-
-
-class ServiceCache:
-    """Loaded model versions, shared by every site they serve and dropped when none holds them any more."""
-
-    def __init__(self, source: ModelSource, routing: RoutingConfig):
-        self.source, self.routing = source, routing
-        self._loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        self._lock = threading.Lock()
-
-    def get(self, ref: ModelRef):
-        from cytoloop.inference import CellService
-
-        with self._lock:
-            service = self._loaded.get(ref)
-            if service is None:
-                service = CellService(self.source.load(ref), ref, self.routing)
-                self._loaded[ref] = service
-            return service

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoloop import plots
+from cytoloop.evaluation import plots
 
 
 def write_report(

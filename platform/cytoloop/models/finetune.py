@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoloop import metrics
-from cytoloop.calibration import calibrate
 from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
-from cytoloop.data import CellRecord, DatasetError, read_manifest, stratified_split
-from cytoloop.drift import read_colour_reference
+from cytoloop.data.preprocess import load_cells
+from cytoloop.data.records import CellRecord, DatasetError, read_manifest, stratified_split
+from cytoloop.evaluation import metrics
 from cytoloop.models.base import Classifier, Trainable
-from cytoloop.preprocess import load_cells
-from cytoloop.train import UNLABELED, TrainResult, fit
+from cytoloop.models.train import UNLABELED, TrainResult, fit
+from cytoloop.policy.drift import read_colour_reference
+from cytoloop.scoring.calibration import calibrate
 from cytoloop.workflows import label_indices
 
 FROZEN_PARTS = ("val", "eval")

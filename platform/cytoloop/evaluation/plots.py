@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cytoloop import metrics
+from cytoloop.evaluation import metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cytoloop.config import RetrainConfig
-from cytoloop.data import CellRecord
+from cytoloop.data.records import CellRecord
 
 
 @dataclass(frozen=True)

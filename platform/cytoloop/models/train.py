@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cytoloop.config import AugmentConfig, TrainConfig
-from cytoloop.preprocess import augment
+from cytoloop.data.preprocess import augment
 from cytoloop.threads import torch_threads
 
 UNLABELED = -1

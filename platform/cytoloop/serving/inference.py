@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from cytoloop.config import RoutingConfig
-from cytoloop.model_source import ModelRef
+from cytoloop.data.preprocess import ImageError, preprocess
 from cytoloop.models.base import Classifier
-from cytoloop.preprocess import ImageError, preprocess
-from cytoloop.routing import route_cell
+from cytoloop.policy.routing import route_cell
+from cytoloop.serving.model_source import ModelRef
 
 
 @dataclass(frozen=True)

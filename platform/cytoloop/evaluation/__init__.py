@@ -1,0 +1,1 @@
+"""How good a model is: metrics with intervals, plots, the loop report, model cards."""

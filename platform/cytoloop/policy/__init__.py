@@ -1,0 +1,1 @@
+"""Decisions around the model: routing, acquisition, consensus, promotion, retraining, drift, triage."""

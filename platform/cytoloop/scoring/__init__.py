@@ -1,0 +1,1 @@
+"""The diffusion classifier's decision: trials with elimination, and their calibration and tuning."""
