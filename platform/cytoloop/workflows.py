@@ -465,7 +465,7 @@ def distill_model(
     out = Path(out)
     train_records, _ = held_out(records, teacher_dir, part="train")
     val_records, _ = held_out(records, teacher_dir, part="val")
-    split = json.loads((Path(teacher_dir) / SPLIT_FILE).read_text())
+    split = _model_split(teacher_dir) or {"parts": {}}
     unlabeled = [r for r, reserved in zip(unlabeled, _in_parts(unlabeled, split, ["val", "test"])) if not reserved]
     train = load_cells(train_records, teacher.data_config, progress)
     val = load_cells(val_records, teacher.data_config, progress)
