@@ -146,6 +146,7 @@ def run_finetune(
 ) -> FinetuneOutcome:
     """Fine-tune the global champion on labelled `records` (plus the `unlabeled` pool), register the result and
     put it through the promotion gate for the global champion alias, or for `champion-<site>` with `site`."""
+    from cytoloop.models.base import Trainable
     from cytoloop.models.finetune import (
         adapted_data_config,
         code_revision,
@@ -165,10 +166,10 @@ def run_finetune(
     cache = Path(settings.registry.cache_dir).resolve()
     parent_model = registry.load(name, parent.version, cache)
     parent_dir = cache / name / parent.version
-    if parent_model.kind not in ("diffusion", "baseline"):
+    if not isinstance(parent_model, Trainable):
         raise UsageError(
-            f"{name} v{parent.version} is a {parent_model.kind} model; only diffusion and baseline "
-            "models are fine-tuned (register the diffusion model itself as the champion)"
+            f"{name} v{parent.version} is a {parent_model.kind} model, which cannot be trained further; only "
+            "diffusion and baseline models are fine-tuned (register the diffusion model itself as the champion)"
         )
     unknown = sorted({r.label for r in records} - set(parent_model.classes) - {None})
     if unknown:  # caught here, before any worker starts, with a message naming them

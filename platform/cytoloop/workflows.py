@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,11 +55,13 @@ def build_model(kind: ModelKind, classes: list[str], settings: Settings) -> Trai
     """A new, untrained model of `kind` with the settings' architecture."""
     from cytoloop.models.baseline import BaselineClassifier
 
-    if kind == "diffusion":
-        return DiffusionClassifier(classes, settings.data, settings.diffusion, settings.scoring)
-    if kind == "baseline":
-        return BaselineClassifier(classes, settings.data, settings.baseline)
-    raise UsageError(f"unknown model kind {kind!r}; valid: diffusion, baseline")
+    builders: dict[str, Callable[[], Trainable]] = {
+        "diffusion": lambda: DiffusionClassifier(classes, settings.data, settings.diffusion, settings.scoring),
+        "baseline": lambda: BaselineClassifier(classes, settings.data, settings.baseline),
+    }
+    if kind not in builders:
+        raise UsageError(f"unknown model kind {kind!r}; valid: {', '.join(builders)}")
+    return builders[kind]()
 
 
 def label_indices(records: Sequence[CellRecord], classes: list[str]) -> np.ndarray:

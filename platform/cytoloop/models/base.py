@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -92,6 +92,7 @@ class Classifier(Protocol):
     def save(self, directory: Path) -> Path: ...
 
 
+@runtime_checkable
 class Trainable(Classifier, Protocol):
     """A classifier the one training loop (`train.fit`) can train and fine-tune: it names the network to train
     and its loss, and takes the trained network back. Training and fine-tuning go through this, never through
