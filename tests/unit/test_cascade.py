@@ -136,3 +136,12 @@ def test_distill_builds_a_working_cascade(teacher, images):
     predictions = cascade.predict(images)
     assert predictions.probs.shape == (len(images), len(CLASSES))
     np.testing.assert_allclose(predictions.probs.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_only_the_trainable_kinds_are_trainable(teacher, student):
+    """Fine-tuning asks the model, not its kind: the diffusion model and the CNN can be trained further, a cascade
+    (a threshold over two trained models) cannot."""
+    from cytoloop.models.base import Trainable
+
+    assert isinstance(teacher, Trainable) and isinstance(student, Trainable)
+    assert not isinstance(CascadeClassifier(teacher, student, CascadeConfig(threshold=0.5)), Trainable)
