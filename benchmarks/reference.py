@@ -74,6 +74,9 @@ def main() -> None:
     parser.add_argument(
         "--test-cells", type=int, default=None, help="this many PBC test cells, classes interleaved (default: all)"
     )
+    parser.add_argument(
+        "--blast-cells", type=int, default=None, help="this many ALL-IDB2 cells, blasts and normal interleaved"
+    )
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -85,11 +88,12 @@ def main() -> None:
     records = load_records(args.data)
     diffusion = load_model(args.diffusion)
     pbc = select([r for r in records if r.label], ["pbc"], diffusion.classes)
-    models = [args.diffusion] + [
-        train_cnn(pbc, args.out / f"cnn-seed{s}", int(s), args.cnn_steps) for s in args.cnn_seeds.split(",")
-    ]
+    cnns = [(args.out / f"cnn-seed{s}", int(s)) for s in args.cnn_seeds.split(",")]
     results: dict = {"models": {}, "args": {k: str(v) for k, v in vars(args).items()}}
-    for model_dir in models:
+    # the diffusion model first: its figures are the ones the CNNs are compared against, and it is already trained
+    for model_dir, cnn_seed in [(args.diffusion, None)] + cnns:
+        if cnn_seed is not None:
+            train_cnn(pbc, model_dir, cnn_seed, args.cnn_steps)
         kind = load_model(model_dir).kind
         row: dict = {"kind": kind, "training": _training_summary(model_dir)}
         if "in_domain" in experiments:
@@ -101,7 +105,8 @@ def main() -> None:
                 cells = select([r for r in records if r.label in diffusion.classes], [lab])
                 row["domain_shift"][lab] = evaluate(model_dir, f"shift_{lab}", cells, args.out)
         if "blasts" in experiments:
-            row["blasts"] = _blast_report(model_dir, select(records, ["allidb2"]), args.out)
+            allidb2 = class_interleaved_subset(select(records, ["allidb2"]), args.blast_cells)
+            row["blasts"] = _blast_report(model_dir, allidb2, args.out)
         results["models"][str(model_dir)] = row
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "reference.json").write_text(json.dumps(results, indent=1, default=float))
@@ -166,6 +171,7 @@ def render(results: dict, args: argparse.Namespace) -> str:
         f"Command: `python benchmarks/reference.py --data {args.data} --diffusion {args.diffusion} --out {args.out} "
         f"--cnn-seeds {args.cnn_seeds} --cnn-steps {args.cnn_steps}"
         + (f" --test-cells {args.test_cells}" if args.test_cells else "")
+        + (f" --blast-cells {args.blast_cells}" if args.blast_cells else "")
         + "`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, torch threads "
         f"{torch.get_num_threads()}, no GPU. Date: {date.today().isoformat()}. [brackets]: 95 % bootstrap interval "
