@@ -164,6 +164,18 @@ def _ci(report: dict, name: str, digits: int = 3) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _seed_spread(rows: dict, value, what: str) -> list[str]:
+    """A line with the CNN seeds' mean and spread of one figure (the seed-to-seed noise a difference must beat)."""
+    values = [value(row) for row in rows.values() if row["kind"] == "baseline"]
+    if len(values) < 2:
+        return []
+    return [
+        "",
+        f"CNN over {len(values)} training seeds, {what}: mean {np.mean(values):.3f}, "
+        f"min {min(values):.3f}, max {max(values):.3f} (sd {np.std(values, ddof=1):.3f}).",
+    ]
+
+
 def render(results: dict, args: argparse.Namespace) -> str:
     import torch
 
@@ -207,6 +219,7 @@ def render(results: dict, args: argparse.Namespace) -> str:
                 f"{_ci(r, 'nll')} | {_ci(r, 'accuracy_at_90_coverage')} | "
                 f"{r['denoiser_evals_per_cell']:.1f} | {r['cells_per_second']:.1f} |"
             )
+        lines += _seed_spread(rows, lambda row: row["in_domain"]["balanced_accuracy"], "in-domain balanced accuracy")
         lines += [
             "",
             "Per-class recall:",
