@@ -4,8 +4,9 @@ Rows are keyed by Label Studio's annotation id, so however often an annotation a
 of either, a sync killed half-way and run again) it is one row:
 
 - a create or an update replaces the row, unless the row already holds a newer version (`updated_at`);
-- a delete retracts the row (kept, with `retracted_at`, for provenance) and retraction is final: Label Studio
-  never reuses an annotation id, so a late replay of a create cannot bring a deleted label back;
+- a delete retracts the row (kept, with `retracted_at`, for provenance). A late replay of a create never brings
+  it back (Label Studio never reuses an annotation id); only Label Studio answering for that annotation itself
+  (`restore`, after a listing wrongly retracted it) does;
 - a replay of what is already stored changes nothing.
 
 Webhook events are first written here raw (`events`), in the request, so the receiver can answer within Label
@@ -161,19 +162,31 @@ class LabelStore:
         with sqlite.transaction(self.path) as db:
             return self._retract(db, annotation_id, project_id)
 
-    def retract_missing(self, project_id: int, present: set[int]) -> int:
-        """Retract this project's live rows whose annotation ids Label Studio no longer lists (a missed delete).
-
-        Call it only after listing the WHOLE project: a partial listing would retract live labels.
-        """
-        with sqlite.transaction(self.path) as db:
+    def live_ids(self, project_id: int) -> set[int]:
+        """The annotation ids of this project's live (not retracted) rows: a poll's snapshot, taken before it lists
+        Label Studio, of what the listing must account for."""
+        with sqlite.connect(self.path) as db:
             rows = db.execute(
                 "SELECT annotation_id FROM annotations WHERE project_id = ? AND retracted_at IS NULL", (project_id,)
             ).fetchall()
-            missing = [r["annotation_id"] for r in rows if r["annotation_id"] not in present]
-            for annotation_id in missing:
-                self._retract(db, annotation_id, project_id)
-        return len(missing)
+        return {r["annotation_id"] for r in rows}
+
+    def is_retracted(self, annotation_id: int) -> bool:
+        with sqlite.connect(self.path) as db:
+            query = "SELECT retracted_at FROM annotations WHERE annotation_id = ?"
+            row = db.execute(query, (annotation_id,)).fetchone()
+        return row is not None and row["retracted_at"] is not None
+
+    def restore(self, annotation: dict, task: dict) -> bool:
+        """Bring back a retracted annotation that Label Studio has been asked directly and still holds (a label
+        retracted on a listing that missed it). The caller must have that evidence: a listing alone is not."""
+        with sqlite.transaction(self.path) as db:
+            changed = db.execute(
+                "UPDATE annotations SET retracted_at = NULL, updated_at = '' WHERE annotation_id = ? "
+                "AND retracted_at IS NOT NULL",
+                (int(annotation["id"]),),
+            ).rowcount
+            return bool(changed) and self._upsert(db, annotation, task, "restore")
 
     def _upsert(self, db: sqlite3.Connection, annotation: dict, task: dict, source: str) -> bool:
         annotation_id = int(annotation["id"])

@@ -1,7 +1,8 @@
 """Labels back from Label Studio: apply stored webhook events, then poll every project for what they missed.
 
 Webhooks are fast but not guaranteed (the receiver was down, Label Studio's 1 s timeout fired, an event was lost):
-the poll lists every task's annotations and upserts them, and retracts stored labels whose annotation is gone.
+the poll lists every task's annotations and upserts them, and retracts stored labels whose annotation Label Studio
+confirms is gone (`sync`).
 Both paths feed the same idempotent store (`store.LabelStore`), so running them in any order, any number of times,
 or killing one half-way and running it again leaves each label in the store exactly once.
 """
@@ -18,12 +19,16 @@ if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
 
 
+PAGE_SIZE = 200  # tasks per listing request
+
+
 @dataclass
 class SyncReport:
     events: int = 0
     seen: int = 0
     changed: int = 0
     retracted: int = 0
+    restored: int = 0
 
 
 def _as_dict(item) -> dict:
@@ -35,24 +40,54 @@ def sync(
     store: LabelStore,
     project_ids: Iterable[int],
     on_annotation: Callable[[int], None] | None = None,
+    page_size: int = PAGE_SIZE,
 ) -> SyncReport:
     """Bring the store up to date with Label Studio for these projects.
 
-    `on_annotation(n)` is called after the n-th annotation is stored (progress; tests use it to interrupt a sync
-    half-way). A project whose listing did not complete retracts nothing.
+    A listing is no evidence that an annotation is gone: a label stored by a webhook while the pages go by, or a
+    task on a page that shifted because another was deleted, is simply not in it. So retraction needs evidence:
+    only annotations live in the store BEFORE the listing began can be missing from it, and each of those is
+    retracted only when Label Studio, asked for it directly, answers 404. A retracted annotation that a listing
+    shows again is restored when Label Studio, asked directly, still holds it.
+
+    `on_annotation(n)` is called after the n-th annotation is stored (progress; tests use it to act half-way). A
+    project whose listing did not complete retracts nothing.
     """
     report = SyncReport(events=store.process_events())
     store.set_annotators({u.id: u.email for u in client.users.list()})
     for project_id in project_ids:
+        before = store.live_ids(project_id)  # what this listing must account for
         present: set[int] = set()
-        for task in client.tasks.list(project=project_id, fields="all", page_size=200):
+        reappeared: list[tuple[dict, dict]] = []
+        for task in client.tasks.list(project=project_id, fields="all", page_size=page_size):
             task_dict = _as_dict(task)
             for annotation in task_dict.get("annotations") or []:
                 annotation = _as_dict(annotation)
                 present.add(int(annotation["id"]))
+                if store.is_retracted(int(annotation["id"])):
+                    reappeared.append((annotation, task_dict))
                 report.changed += store.upsert(annotation, task_dict, source="poll")
                 report.seen += 1
                 if on_annotation is not None:
                     on_annotation(report.seen)
-        report.retracted += store.retract_missing(project_id, present)
+        for annotation_id in sorted(before - present):
+            if _fetch(client, annotation_id) is None:
+                report.retracted += store.retract(annotation_id, project_id)
+        for annotation, task_dict in reappeared:
+            current = _fetch(client, int(annotation["id"]))
+            if current is not None:
+                report.restored += store.restore(_as_dict(current), task_dict)
     return report
+
+
+def _fetch(client: LabelStudio, annotation_id: int) -> object | None:
+    """The annotation as Label Studio holds it now, or None when it answers 404 (deleted). Any other failure
+    raises: a poll that cannot ask retracts nothing."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        return client.annotations.get(id=annotation_id)
+    except ApiError as error:
+        if error.status_code == 404:
+            return None
+        raise

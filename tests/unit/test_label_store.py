@@ -77,12 +77,22 @@ def test_deletes_retract_for_good(store):
     assert not store.upsert(annotation(2, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "webhook")
 
 
-def test_retract_missing_after_a_full_listing(store):
+def test_a_poll_snapshot_lists_the_live_rows_of_one_project(store):
     for i in (1, 2, 3):
         store.upsert(annotation(i, "neutrophil", "2026-01-01T00:00:01Z", who=i), TASK, "poll")
-    assert store.retract_missing(3, {1, 3}) == 1
-    assert [label.annotation_id for label in store.labels()] == [1, 3]
-    assert store.retract_missing(99, set()) == 0  # another project: untouched
+    store.retract(2)
+    assert store.live_ids(3) == {1, 3} and store.live_ids(99) == set()
+    assert store.is_retracted(2) and not store.is_retracted(1) and not store.is_retracted(42)
+
+
+def test_only_label_studios_own_word_restores_a_retracted_label(store):
+    store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "poll")
+    store.retract(1)  # a listing that missed it
+    assert not store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "poll")  # a listing: no
+    assert store.restore(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK)  # asked directly: yes
+    [label] = store.labels()
+    assert (label.annotation_id, label.label) == (1, "neutrophil") and store.counts()["retracted"] == 0
+    assert not store.restore(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK)  # live already
 
 
 def test_events_are_applied_once_even_when_replayed(store):

@@ -1,0 +1,108 @@
+"""Labels are retracted only on evidence, against a real Label Studio (the session server of conftest.py).
+
+Each test makes the fault happen for real, in a project of its own: a label stored while a poll lists the
+project, a task deleted while a poll pages through it, a label wrongly retracted earlier. Without the fix the
+first two retract a live label for good and the third never brings it back.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from labelstudio.label_config import prediction_result
+
+pytestmark = pytest.mark.integration
+
+CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def project(label_studio, tmp_path):
+    """A fresh project with six tasks, an admin client, and an empty label store."""
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.bootstrap import ensure_project
+    from labelstudio.store import LabelStore
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    project_id = ensure_project(client, f"sync faults {next(_names)}", CLASSES, labels_required=1)
+    tasks = [{"data": {"image": f"/data/cell{i}.png", "site": "lab", "cell_id": f"cell{i}.png"}} for i in range(6)]
+    client.projects.import_tasks(id=project_id, request=tasks)
+    task_ids = sorted(t.id for t in client.tasks.list(project=project_id))
+    return client, project_id, task_ids, LabelStore(tmp_path / "labels.db")
+
+
+def label(client, task_id: int, name: str) -> int:
+    return client.annotations.create(id=task_id, result=prediction_result(name)).id
+
+
+def live(store) -> set[int]:
+    return {stored.annotation_id for stored in store.labels()}
+
+
+def test_a_label_stored_while_a_poll_lists_the_project_stays_live(project):
+    """The webhook path stores a new annotation after the poll fetched its listing: the listing does not show
+    it, and a poll that retracted whatever it did not list would retract it for good."""
+    from labelstudio.sync import sync
+
+    client, project_id, task_ids, store = project
+    first = label(client, task_ids[0], "neutrophil")
+    sync(client, store, [project_id])
+    assert live(store) == {first}
+    arrived: list[int] = []
+
+    def webhook_meanwhile(n: int) -> None:
+        if n == 1:  # the listing is in hand; an annotator labels a task it has already passed
+            new = client.annotations.create(id=task_ids[0], result=prediction_result("lymphocyte"))
+            store.upsert(
+                new.model_dump(mode="json"),
+                {"id": task_ids[0], "project": project_id, "data": {"site": "lab", "cell_id": "cell0.png"}},
+                "webhook",
+            )
+            arrived.append(new.id)
+
+    report = sync(client, store, [project_id], on_annotation=webhook_meanwhile)
+    assert arrived and live(store) == {first, arrived[0]}
+    assert report.retracted == 0
+    assert sync(client, store, [project_id]).retracted == 0  # and the next poll, which lists it, agrees
+
+
+def test_a_task_deleted_while_a_poll_pages_retracts_only_its_own_labels(project):
+    """Pages of two tasks: deleting a task of the first page while it is being read shifts the next task onto
+    that page, so the listing never shows that task. Its label must stay; the deleted task's label goes (on the
+    next poll: this one still had it in the page it was reading)."""
+    from labelstudio.sync import sync
+
+    client, project_id, task_ids, store = project
+    labels = {task_id: label(client, task_id, "monocyte") for task_id in task_ids}
+    sync(client, store, [project_id], page_size=2)
+    assert live(store) == set(labels.values())
+
+    def delete_meanwhile(n: int) -> None:
+        if n == 1:
+            client.tasks.delete(id=task_ids[1])  # on the page being read
+
+    report = sync(client, store, [project_id], on_annotation=delete_meanwhile, page_size=2)
+    assert report.seen == 5  # the third task slid onto the first page: its label was never listed ...
+    assert live(store) == set(labels.values()) and report.retracted == 0  # ... and is not retracted
+    again = sync(client, store, [project_id], page_size=2)
+    assert again.retracted == 1 and live(store) == {a for t, a in labels.items() if t != task_ids[1]}
+
+
+def test_a_label_retracted_by_mistake_comes_back(project):
+    from labelstudio.sync import sync
+
+    client, project_id, task_ids, store = project
+    kept = label(client, task_ids[2], "lymphocyte")
+    sync(client, store, [project_id])
+    store.retract(kept, project_id)  # what a poll that trusted its listing did before
+    assert live(store) == set()
+    report = sync(client, store, [project_id])
+    assert report.restored == 1 and live(store) == {kept}
+    [stored] = store.labels()
+    assert stored.label == "lymphocyte"
+    client.annotations.delete(id=kept)
+    assert sync(client, store, [project_id]).retracted == 1 and live(store) == set()  # a real delete still goes
