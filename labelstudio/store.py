@@ -19,6 +19,7 @@ The file is opened in WAL mode with a busy timeout: the webhook receiver and a s
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,8 @@ from pathlib import Path
 from cytoloop.policy.consensus import Vote
 from labelstudio import sqlite
 from labelstudio.label_config import parse_result
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -111,7 +114,10 @@ class LabelStore:
     def process_events(self, limit: int | None = None) -> int:
         """Apply stored webhook events in arrival order; returns how many were processed.
 
-        An event that cannot be understood is marked with its error (and skipped), never retried forever.
+        An event that cannot be applied, whatever the reason (a body of another shape, a value the database
+        refuses), is quarantined: whatever it had written is rolled back, it is marked with its error (counted by
+        `event_counts` as failed, shown by `cytoloop status`) and the queue goes on. One bad event must
+        never stop every later label. Only a failure to record that (the database itself unusable) raises.
         """
         done = 0
         while limit is None or done < limit:
@@ -122,13 +128,25 @@ class LabelStore:
                 if row is None:
                     break
                 error = None
+                db.execute("SAVEPOINT event")
                 try:
                     self._apply_event(db, json.loads(row["body"]))
-                except (ValueError, KeyError, TypeError) as exc:
+                except Exception as exc:  # quarantine: any failure of this one event
+                    db.execute("ROLLBACK TO SAVEPOINT event")
                     error = f"{type(exc).__name__}: {exc}"
+                    logger.warning(f"webhook event {row['id']} quarantined: {error}")
+                db.execute("RELEASE SAVEPOINT event")
                 db.execute("UPDATE events SET processed_at = ?, error = ? WHERE id = ?", (_now(), error, row["id"]))
             done += 1
         return done
+
+    def quarantined(self, limit: int = 20) -> list[tuple[int, str, str]]:
+        """The latest events that could not be applied: (event id, received at, error)."""
+        with sqlite.connect(self.path) as db:
+            rows = db.execute(
+                "SELECT id, received_at, error FROM events WHERE error IS NOT NULL ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [(r["id"], r["received_at"], r["error"]) for r in rows]
 
     def event_counts(self) -> dict[str, int]:
         with sqlite.connect(self.path) as db:

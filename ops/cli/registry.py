@@ -191,7 +191,7 @@ def status(
     labels: Path | None = typer.Option(None, help="consensus labels, to say whether a retrain is due"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
-    """What serves where, the latest alias moves, drift flags and whether a retrain is due."""
+    """What serves where, the latest alias moves, the label store, drift flags and whether a retrain is due."""
 
     def action():
         from cytoloop.policy.drift import load_flags
@@ -215,6 +215,7 @@ def status(
                 f"  {move.time} {move.who} {move.action} @{move.alias}: v{move.from_version or '-'} -> "
                 f"v{move.to_version}: {move.why}"
             )
+        _echo_labels(Path(settings.home) / "review" / "labels.db")
         flags = load_flags(_flags_path(settings))
         typer.echo(f"drift: {'FLAGGED' if flags else 'no flags'}")
         for flag in flags:
@@ -230,3 +231,20 @@ def status(
         typer.echo(f"retrain: {'DUE' if decision.due else 'not due'} ({decision.reason}); last {last}")
 
     run(action)
+
+
+def _echo_labels(path: Path) -> None:
+    """The label store's counts and its quarantined webhook events (events it could not apply, kept with why)."""
+    if not path.is_file():
+        typer.echo("labels: no label store yet")
+        return
+    from labelstudio.store import LabelStore
+
+    store = LabelStore(path)
+    counts, events = store.counts(), store.event_counts()
+    typer.echo(
+        f"labels: {counts['live']} live, {counts['retracted']} retracted; webhook events: {events['received']} "
+        f"received, {events['pending']} pending, {events['failed']} quarantined"
+    )
+    for event_id, received, error in store.quarantined(limit=3):
+        typer.echo(f"  quarantined event {event_id} ({received}): {error}")

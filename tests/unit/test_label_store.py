@@ -168,3 +168,22 @@ def test_webhook_checks_the_secret_and_stores_raw_events(store):
     # leaving the app applies what is still pending
     assert [label.annotation_id for label in store.labels()] == [9]
     assert store.event_counts()["received"] == 1
+
+
+def test_a_bad_event_is_quarantined_and_every_later_label_still_arrives(store):
+    """An event of another shape (an AttributeError deep in the upsert) or one the database refuses (a value it
+    cannot bind) used to stay first in the queue and fail every later processing run."""
+    good = annotation(11, "neutrophil", "2026-01-01T00:00:01Z")
+    half_good = {
+        "action": "ANNOTATIONS_CREATED",  # the first annotation applies, the second fails: neither may stay
+        "annotation": [annotation(12, "monocyte", "2026-01-01T00:00:01Z"), {**good, "id": 13, "result": "oops"}],
+        "task": [TASK],
+    }
+    unbindable = {"action": "ANNOTATION_CREATED", "annotation": {**good, "id": 14, "project": {"id": 3}}, "task": TASK}
+    for event in (half_good, unbindable, {"action": "ANNOTATION_CREATED", "annotation": good, "task": TASK}):
+        store.record_event(json.dumps(event))
+    assert store.process_events() == 3
+    assert [label.annotation_id for label in store.labels()] == [11]  # the good one, and nothing of the bad ones
+    assert store.event_counts() == {"received": 3, "pending": 0, "failed": 2}
+    errors = [error for _, _, error in store.quarantined()]
+    assert errors[0].startswith(("InterfaceError", "ProgrammingError")) and errors[1].startswith("AttributeError")
