@@ -197,19 +197,26 @@ class ReviewLoop:
         review = self.settings.review
         stop = threading.Event()
 
-        def periodic() -> None:
+        def attempt(what: str, action: Callable[[], object]) -> object | None:
+            try:
+                return action()
+            except Exception as error:  # keep polling: Label Studio may be restarting
+                if not unavailable(error):
+                    logger.warning(f"{what} failed: {type(error).__name__}: {error}")
+                self._client = None
+                return None
+
+        def periodic() -> None:  # the push and the poll fail apart: a push that fails still lets labels come back
             while not stop.wait(review.poll_every_s):
-                try:
-                    pushed = self.push()
-                    synced = self.sync()
+                pushed = attempt("push", self.push)
+                synced = attempt("poll", self.sync)
+                if isinstance(pushed, PushReport):
+                    logger.info(f"push: {pushed.pushed} pushed, {pushed.pending} pending, {pushed.failed} refused")
+                if isinstance(synced, SyncReport):
                     logger.info(
-                        f"poll: pushed {pushed.pushed}, {pushed.pending} pending; {synced.changed} label(s) changed, "
-                        f"{synced.retracted} retracted"
+                        f"poll: {synced.changed} label(s) changed, {synced.retracted} retracted, "
+                        f"{synced.restored} restored"
                     )
-                except Exception as error:  # keep polling: Label Studio may be restarting
-                    if not unavailable(error):
-                        logger.warning(f"poll failed: {type(error).__name__}: {error}")
-                    self._client = None
 
         worker = threading.Thread(target=periodic, name="review-poll", daemon=True)
         worker.start()

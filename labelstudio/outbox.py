@@ -7,8 +7,10 @@ routing the same cells twice queues them once.
 
 from __future__ import annotations
 
+import fcntl
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +29,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error TEXT
 );
 """
+
+
+MAX_ATTEMPTS = 5  # a task Label Studio refused this often waits for a person (`failures`), not for the next push
 
 
 def _now() -> str:
@@ -58,12 +63,26 @@ class Outbox:
         return found
 
     def pending(self) -> dict[str, list[dict]]:
-        """Tasks not yet in Label Studio, per site, in queue order."""
+        """Tasks not yet in Label Studio, per site, in queue order; a task Label Studio refused `MAX_ATTEMPTS`
+        times is parked (counted as `failed`, with its last error) instead of being sent again."""
         by_site: dict[str, list[dict]] = {}
         with sqlite.transaction(self.path) as db:
-            for row in db.execute("SELECT site, task FROM outbox WHERE pushed_at IS NULL ORDER BY queued_at, task_key"):
+            rows = db.execute(
+                "SELECT site, task FROM outbox WHERE pushed_at IS NULL AND attempts < ? ORDER BY queued_at, task_key",
+                (MAX_ATTEMPTS,),
+            )
+            for row in rows:
                 by_site.setdefault(row["site"], []).append(json.loads(row["task"]))
         return by_site
+
+    def failures(self) -> list[tuple[str, int, str]]:
+        """Tasks Label Studio refused, not pushed since: (task key, attempts, last error)."""
+        with sqlite.connect(self.path) as db:
+            rows = db.execute(
+                "SELECT task_key, attempts, last_error FROM outbox WHERE pushed_at IS NULL AND attempts > 0 "
+                "ORDER BY task_key"
+            ).fetchall()
+        return [(r["task_key"], r["attempts"], r["last_error"]) for r in rows]
 
     def mark_pushed(self, project_id: int, task_ids: dict[str, int]) -> None:
         with sqlite.transaction(self.path) as db:
@@ -79,7 +98,23 @@ class Outbox:
                 [(error, key) for key in keys],
             )
 
+    @contextmanager
+    def push_lock(self) -> Iterator[None]:
+        """Hold the outbox's push lock (an OS file lock beside it, so it holds across processes and is released
+        by the kernel if its holder dies) for one push."""
+        with open(self.path.with_suffix(".push.lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def counts(self) -> dict[str, int]:
         with sqlite.transaction(self.path) as db:
-            row = db.execute("SELECT COUNT(*) AS n, SUM(pushed_at IS NULL) AS pending FROM outbox").fetchone()
-        return {"queued": row["n"], "pending": row["pending"] or 0, "pushed": row["n"] - (row["pending"] or 0)}
+            row = db.execute(
+                "SELECT COUNT(*) AS n, SUM(pushed_at IS NULL) AS pending, "
+                "SUM(pushed_at IS NULL AND attempts >= ?) AS failed FROM outbox",
+                (MAX_ATTEMPTS,),
+            ).fetchone()
+        pending = row["pending"] or 0
+        return {"queued": row["n"], "pending": pending, "pushed": row["n"] - pending, "failed": row["failed"] or 0}

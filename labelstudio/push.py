@@ -2,7 +2,8 @@
 
 Before importing, a push lists the task keys the project already holds: a push that crashed after Label Studio
 took a batch but before the outbox recorded it then resumes without duplicating anything. When Label Studio is
-unreachable the push stops, the tasks stay pending, and the report says so.
+unreachable the push stops, the tasks stay pending, and the report says so; a task Label Studio refuses is marked
+with its error and never holds back the others.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class PushReport:
     pushed: int = 0
     already_there: int = 0
     pending: int = 0
+    failed: int = 0  # tasks Label Studio refused this time (marked in the outbox with the error)
     error: str | None = None
     projects: dict[str, int] = field(default_factory=dict)
 
@@ -45,33 +47,74 @@ def push_outbox(
 ) -> PushReport:
     """Send every pending task; `ensure_project(site, classes)` returns the site's project id (bootstrapping it).
 
-    Returns a report; an unreachable Label Studio ends the push early with `error` set, never an exception.
+    Failures stay with what failed: a batch Label Studio refuses is sent again task by task, and a task it refuses
+    on its own is marked with the error and an attempt (`Outbox.mark_failed`) while the rest go through; a site
+    whose project cannot be reached or made fails that site's tasks only. An unreachable Label Studio ends the
+    push early with `error` set. Never an exception for Label Studio's answers. Pushes of one outbox run one at a
+    time (`Outbox.push_lock`, across processes), so two at once cannot import a task twice.
     """
     report = PushReport()
+    with outbox.push_lock():  # a second push (the label service's poll, `review route`) waits, then finds them there
+        _push_all(client, outbox, ensure_project, batch, report)
+    report.pending = outbox.counts()["pending"]
+    return report
+
+
+def _push_all(client, outbox: Outbox, ensure_project, batch: int, report: PushReport) -> None:
     try:
         for site, tasks in outbox.pending().items():
-            classes = list(dict.fromkeys(c for t in tasks for c in t["data"]["classes"]))  # every model's, in order
-            project_id = ensure_project(site, classes)
-            report.projects[site] = project_id
-            existing = project_task_keys(client, project_id)
-            keys = [t["data"]["task_key"] for t in tasks]
-            found = {key: existing[key] for key in keys if key in existing}
-            if found:
-                outbox.mark_pushed(project_id, found)
-                report.already_there += len(found)
-            todo = [t for t, key in zip(tasks, keys) if key not in existing]
-            for start in range(0, len(todo), batch):
-                chunk = todo[start : start + batch]
-                response = client.projects.import_tasks(id=project_id, request=chunk, return_task_ids=True)
-                ids = list(response.task_ids or [])
-                if len(ids) != len(chunk):  # cannot pair ids with keys: ask the project instead
-                    existing = project_task_keys(client, project_id)
-                    ids = [existing[t["data"]["task_key"]] for t in chunk]
-                outbox.mark_pushed(project_id, {t["data"]["task_key"]: i for t, i in zip(chunk, ids)})
-                report.pushed += len(chunk)
+            try:
+                _push_site(client, outbox, ensure_project, site, tasks, batch, report)
+            except Exception as error:
+                if unavailable(error):
+                    raise
+                outbox.mark_failed([t["data"]["task_key"] for t in tasks], _describe(error))
+                report.failed += len(tasks)
     except Exception as error:
         if not unavailable(error):
             raise
         report.error = f"Label Studio unavailable: {error}"
-    report.pending = outbox.counts()["pending"]
-    return report
+
+
+def _push_site(client, outbox, ensure_project, site: str, tasks: list[dict], batch: int, report: PushReport) -> None:
+    classes = list(dict.fromkeys(c for t in tasks for c in t["data"]["classes"]))  # every model's, in order
+    project_id = ensure_project(site, classes)
+    report.projects[site] = project_id
+    existing = project_task_keys(client, project_id)
+    keys = [t["data"]["task_key"] for t in tasks]
+    found = {key: existing[key] for key in keys if key in existing}
+    if found:
+        outbox.mark_pushed(project_id, found)
+        report.already_there += len(found)
+    todo = [t for t, key in zip(tasks, keys) if key not in existing]
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        try:
+            _import(client, outbox, project_id, chunk)
+            report.pushed += len(chunk)
+        except Exception as error:
+            if unavailable(error) or len(chunk) == 1:
+                raise
+            for task in chunk:  # find the task Label Studio refuses; the others go through
+                try:
+                    _import(client, outbox, project_id, [task])
+                    report.pushed += 1
+                except Exception as single:
+                    if unavailable(single):
+                        raise
+                    outbox.mark_failed([task["data"]["task_key"]], _describe(single))
+                    report.failed += 1
+
+
+def _import(client, outbox: Outbox, project_id: int, chunk: list[dict]) -> None:
+    response = client.projects.import_tasks(id=project_id, request=chunk, return_task_ids=True)
+    ids = list(response.task_ids or [])
+    if len(ids) != len(chunk):  # cannot pair ids with keys: ask the project instead
+        existing = project_task_keys(client, project_id)
+        ids = [existing[t["data"]["task_key"]] for t in chunk]
+    outbox.mark_pushed(project_id, {t["data"]["task_key"]: i for t, i in zip(chunk, ids)})
+
+
+def _describe(error: Exception) -> str:
+    body = getattr(error, "body", None)
+    return f"{type(error).__name__}: {getattr(error, 'status_code', '')} {body if body is not None else error}"[:500]

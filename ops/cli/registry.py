@@ -248,3 +248,15 @@ def _echo_labels(path: Path) -> None:
     )
     for event_id, received, error in store.quarantined(limit=3):
         typer.echo(f"  quarantined event {event_id} ({received}): {error}")
+    outbox_path = path.parent / "outbox.db"
+    if outbox_path.is_file():
+        from labelstudio.outbox import MAX_ATTEMPTS, Outbox
+
+        outbox = Outbox(outbox_path)
+        queued = outbox.counts()
+        typer.echo(
+            f"outbox: {queued['pushed']} pushed, {queued['pending']} pending, {queued['failed']} refused "
+            f"{MAX_ATTEMPTS} times (waiting for a person)"
+        )
+        for key, attempts, error in outbox.failures()[:3]:
+            typer.echo(f"  {key}: {attempts} attempt(s), last error {error}")

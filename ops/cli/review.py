@@ -143,6 +143,7 @@ def _print_push(report) -> None:
     typer.echo(
         f"pushed {report.pushed} task(s) ({report.already_there} were already there); "
         f"{report.pending} waiting in the outbox"
+        + (f"; Label Studio refused {report.failed} (their errors: `cytoloop status`)" if report.failed else "")
     )
     if report.error:
         typer.secho(f"warning: {report.error}; the outbox keeps them until the next push", fg=typer.colors.YELLOW)

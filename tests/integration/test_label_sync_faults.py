@@ -1,8 +1,10 @@
-"""Labels are retracted only on evidence, against a real Label Studio (the session server of conftest.py).
+"""Faults of the review loop against a real Label Studio (the session server of conftest.py), each made to
+happen for real in a project of its own.
 
-Each test makes the fault happen for real, in a project of its own: a label stored while a poll lists the
-project, a task deleted while a poll pages through it, a label wrongly retracted earlier. Without the fix the
-first two retract a live label for good and the third never brings it back.
+Labels are retracted only on evidence: a label stored while a poll lists the project, a task deleted while a poll
+pages through it, a label wrongly retracted earlier (without the fix the first two retract a live label for good
+and the third never brings it back). Pushes: a task Label Studio refuses does not hold back the others (it used
+to abort the whole push, for ever), and two pushes at once import each task once (they used to import it twice).
 """
 
 from __future__ import annotations
@@ -106,3 +108,79 @@ def test_a_label_retracted_by_mistake_comes_back(project):
     assert stored.label == "lymphocyte"
     client.annotations.delete(id=kept)
     assert sync(client, store, [project_id]).retracted == 1 and live(store) == set()  # a real delete still goes
+
+
+def _task(site: str, i: int, bad: bool = False) -> dict:
+    data = {
+        "task_key": f"{site}:cell{i}.png@v1",
+        "site": site,
+        "cell_id": f"cell{i}.png",
+        "classes": CLASSES,
+        "image": f"/data/cell{i}.png",
+    }
+    if bad:  # no image: Label Studio refuses the task (HTTP 400, validation error)
+        data["image"] = None
+    return {"data": data}
+
+
+def _site_projects(client):
+    from labelstudio.bootstrap import ensure_project
+
+    made: dict[str, int] = {}
+
+    def ensure(site: str, classes: list[str]) -> int:
+        if site not in made:
+            made[site] = ensure_project(client, f"push faults {next(_names)} {site}", classes, labels_required=1)
+        return made[site]
+
+    return ensure, made
+
+
+def test_a_task_label_studio_refuses_does_not_hold_back_the_others(label_studio, tmp_path):
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.outbox import MAX_ATTEMPTS, Outbox
+    from labelstudio.push import project_task_keys, push_outbox
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.enqueue([_task("north", 0), _task("north", 1, bad=True), _task("north", 2), _task("south", 3)])
+    ensure, projects = _site_projects(client)
+    report = push_outbox(client, outbox, ensure, batch=10)
+    assert (report.pushed, report.failed, report.pending, report.error) == (3, 1, 1, None)
+    assert set(project_task_keys(client, projects["north"])) == {"north:cell0.png@v1", "north:cell2.png@v1"}
+    [(key, attempts, error)] = outbox.failures()
+    assert key == "north:cell1.png@v1" and attempts == 1 and error
+    for _ in range(MAX_ATTEMPTS - 1):
+        push_outbox(client, outbox, ensure, batch=10)
+    assert outbox.counts()["failed"] == 1 and outbox.pending() == {}  # parked for a person, not retried for ever
+    assert len(project_task_keys(client, projects["north"])) == 2  # and nothing was imported twice meanwhile
+
+
+def test_two_pushes_at_once_import_each_task_once(label_studio, tmp_path):
+    import threading
+
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.outbox import Outbox
+    from labelstudio.push import push_outbox
+
+    admin = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    ensure, projects = _site_projects(admin)
+    ensure("east", CLASSES)
+    Outbox(tmp_path / "outbox.db").enqueue([_task("east", i) for i in range(30)])
+    start, reports = threading.Barrier(2), []
+
+    def push() -> None:  # each its own client and outbox handle, as two processes would have
+        client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+        start.wait()
+        reports.append(push_outbox(client, Outbox(tmp_path / "outbox.db"), ensure, batch=5))
+
+    threads = [threading.Thread(target=push) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert sum(r.pushed for r in reports) == 30
+    keys = [t.data["task_key"] for t in admin.tasks.list(project=projects["east"], fields="task_only")]
+    assert len(keys) == 30 == len(set(keys))

@@ -135,7 +135,7 @@ def test_outbox_queues_each_task_once(tmp_path):
     assert outbox.known(["s:0@v1", "s:9@v1"]) == {"s:0@v1"}
     outbox.mark_pushed(1, {"s:0@v1": 10})
     assert [t["data"]["task_key"] for t in outbox.pending()["s"]] == ["s:1@v1", "s:2@v1"]
-    assert Outbox(tmp_path / "outbox.db").counts() == {"queued": 3, "pending": 2, "pushed": 1}  # durable
+    assert Outbox(tmp_path / "outbox.db").counts() == {"queued": 3, "pending": 2, "pushed": 1, "failed": 0}  # durable
 
 
 def test_label_config_is_generated_from_the_classes():
