@@ -261,10 +261,29 @@ class Registry:
         return Path(path)
 
     def load(self, name: str, version: str, cache_dir: Path) -> Classifier:
-        """Load a version as a classifier, downloading it once into `cache_dir/<name>/<version>`."""
+        """Load a version as a classifier, downloading it once into `cache_dir/<name>/<version>`.
+
+        The cache is shared by every replica on a host, so a version appears there whole or not at all: it is
+        downloaded into a private folder beside it and renamed into place only once it holds the model. An
+        interrupted download leaves no half model behind; two replicas downloading at once both end with the
+        one that was renamed first."""
         target = Path(cache_dir) / name / str(version)
-        if not (target / MODEL_FILE).is_file():
-            self.download(name, version, target)
+        if target.is_dir() and not ((target / MODEL_FILE).is_file() and (target / WEIGHTS_FILE).is_file()):
+            shutil.rmtree(target, ignore_errors=True)  # half a model, left by a download that was not atomic
+        if not target.is_dir():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
+            try:
+                downloaded = self.download(name, version, staging)
+                if not (downloaded / MODEL_FILE).is_file() or not (downloaded / WEIGHTS_FILE).is_file():
+                    raise RegistryError(f"{name} v{version}: the registered artifacts hold no complete model")
+                try:
+                    downloaded.rename(target)
+                except OSError:  # another replica renamed its copy first: use that one
+                    if not target.is_dir():
+                        raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return load_model(target)
 
     def _call(self, action, what: str):

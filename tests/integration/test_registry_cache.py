@@ -1,0 +1,62 @@
+"""The shared model cache holds a version whole or not at all, against a real MLflow registry (SQLite)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def registered(tmp_path, tiny_settings):
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.registry import Registry
+
+    model_dir = tmp_path / "model"
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(model_dir)
+    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", "cache-test")
+    version = registry.log_model(model_dir, "cells", tags={"kind": "baseline"})
+    return registry, version.version, tmp_path / "cache"
+
+
+def test_an_interrupted_download_leaves_no_half_model_in_the_cache(registered, monkeypatch):
+    from cytoloop.models.base import WEIGHTS_FILE
+
+    registry, version, cache = registered
+    real_download = registry.download
+
+    def dropped_connection(name, version, destination):
+        path = real_download(name, version, destination)
+        (path / WEIGHTS_FILE).unlink()  # the connection dropped before the weights arrived
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(registry, "download", dropped_connection)
+    with pytest.raises(OSError, match="connection reset"):
+        registry.load("cells", version, cache)
+    assert list((cache / "cells").iterdir()) == []  # neither the version nor its staging folder
+    monkeypatch.setattr(registry, "download", real_download)
+    model = registry.load("cells", version, cache)  # the next replica downloads it again, whole
+    assert model.predict(np.zeros((1, 3, 16, 16), np.float32)).probs.shape == (1, 2)
+
+
+def test_replicas_downloading_at_once_share_one_whole_copy(registered):
+    registry, version, cache = registered
+    start, loaded, errors = threading.Barrier(3), [], []
+
+    def replica() -> None:
+        start.wait()
+        try:
+            loaded.append(registry.load("cells", version, cache))
+        except Exception as error:  # noqa: BLE001 - collected for the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(loaded) == 3
+    assert [p.name for p in (cache / "cells").iterdir()] == [version]
