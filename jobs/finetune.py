@@ -31,7 +31,7 @@ import numpy as np
 from cytoloop.config import Settings
 from cytoloop.data.records import CellRecord, DatasetError, records_fingerprint
 from cytoloop.errors import UsageError
-from cytoloop.registry import CHAMPION, VersionInfo, open_registry, site_alias
+from cytoloop.registry import CHAMPION, NotRegistered, VersionInfo, open_registry, site_alias
 
 MODEL_SUBDIR = "model"
 
@@ -218,7 +218,7 @@ def run_finetune(
     try:
         current = registry.for_site(name, site)
         champion = gate_figures(registry.load(name, current.version, cache), data, out / "evaluation" / "champion.json")
-    except LookupError:
+    except NotRegistered:  # no champion yet; an unreachable registry raises: a gate needs the true champion
         current, champion = None, None
     verdict = compare(new, champion, settings.promotion)
     verdict.champion_version = current.version if current else None

@@ -15,9 +15,16 @@ def register(
     champion: bool = typer.Option(False, "--champion", help="also point the (site) champion alias at it"),
     site: str | None = typer.Option(None, help="with --champion: the site alias champion-<site>"),
     reason: str | None = typer.Option(None, help="why (required with --champion: it goes to the audit trail)"),
+    override: bool = typer.Option(
+        False, "--override", help="with --champion: replace an existing champion without the gate (recorded as such)"
+    ),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
-    """Register a trained model directory as a new version (e.g. the first champion)."""
+    """Register a trained model directory as a new version (e.g. the first champion).
+
+    With --champion the alias moves only where there is nothing to gate against (the first champion of the
+    model or site); replacing a champion goes through the gate (`cytoloop retrain`, `cytoloop adapt`) or is an
+    explicit --override, recorded with its reason and who."""
 
     def action():
         from cytoloop.models.base import read_model_meta
@@ -26,10 +33,19 @@ def register(
 
         if champion and not reason:
             fail("--champion moves an alias: give --reason")
+        if override and not champion:
+            fail("--override goes with --champion")
         settings = settings_from(config)
         meta = read_model_meta(model)
         registry = open_registry(settings)
         name = settings.registry.model_name
+        alias = site_alias(site)
+        current = _current_version(registry, name, alias) if champion else None
+        if current is not None and not override:
+            fail(
+                f"@{alias} already points at v{current}: a new version replaces it through the gate "
+                "(`cytoloop retrain`, `cytoloop adapt`), or explicitly with --override (recorded with your reason)"
+            )
         version = registry.log_model(
             model,
             name,
@@ -37,10 +53,21 @@ def register(
         )
         typer.echo(f"registered {name} v{version.version} from {model}")
         if champion:
-            move = registry.move_alias(name, site_alias(site), version.version, why=reason, action="manual")
-            typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version}")
+            kind = "override" if current is not None else "first"
+            move = registry.move_alias(name, alias, version.version, why=reason, action=kind)
+            typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version} ({kind}, by {move.who})")
 
     run(action)
+
+
+def _current_version(registry, name: str, alias: str) -> str | None:
+    """The version `alias` points at, None when the model or the alias does not exist yet."""
+    from cytoloop.registry import NotRegistered
+
+    try:
+        return registry.by_alias(name, alias).version
+    except NotRegistered:  # an unreachable registry raises instead: it is no reason to move an alias
+        return None
 
 
 @app.command()
@@ -159,7 +186,7 @@ def drift(
 
     def action():
         from cytoloop.policy.drift import drift_windows, log_windows, read_colour_reference, read_events, save_flags
-        from cytoloop.registry import RegistryError, open_registry
+        from cytoloop.registry import NotRegistered, open_registry
 
         settings = settings_from(config)
         registry = open_registry(settings)
@@ -170,7 +197,7 @@ def drift(
             try:
                 registry.load(name, version, settings.registry.cache_dir)
                 references[version] = read_colour_reference(Path(settings.registry.cache_dir) / name / version)
-            except RegistryError:  # e.g. a local model directory served outside the registry
+            except NotRegistered:  # e.g. a local model directory served outside the registry
                 typer.echo(f"  {name} v{version} is not in the registry: no stain figures for it")
                 references[version] = None
         windows = drift_windows(log, references, settings.drift)
@@ -196,7 +223,7 @@ def status(
     def action():
         from cytoloop.policy.drift import load_flags
         from cytoloop.policy.retrain import load_state, new_labels, retrain_due
-        from cytoloop.registry import RegistryError, open_registry
+        from cytoloop.registry import NotRegistered, open_registry
 
         settings = settings_from(config)
         registry = open_registry(settings)
@@ -204,7 +231,7 @@ def status(
         typer.echo(f"registry {settings.registry.tracking_uri}, model {name}")
         try:
             aliases, moves = registry.aliases(name), registry.alias_history(name)
-        except RegistryError:
+        except NotRegistered:
             typer.echo("  no model registered yet")
             aliases, moves = {}, []
         for alias, version in sorted(aliases.items()):

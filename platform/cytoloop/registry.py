@@ -38,7 +38,16 @@ ALIAS_MOVE_TAG = "alias_move."
 
 
 class RegistryError(CytoLoopError, LookupError):
-    """A registry URI, model, version or alias that does not exist; the message says which."""
+    """The registry could not give what was asked; the message says what and why."""
+
+
+class NotRegistered(RegistryError):
+    """A definite answer: that model, version or alias does not exist (yet)."""
+
+
+class RegistryUnavailable(RegistryError):
+    """No answer: the registry could not be read (a locked database, a server error, no connection). Nothing is
+    known about the alias asked for; a caller must not read this as 'no alias' (keep what is loaded, retry)."""
 
 
 def site_alias(site: str | None) -> str:
@@ -140,7 +149,7 @@ class Registry:
         if site:
             try:
                 return self.by_alias(name, site_alias(site))
-            except RegistryError:
+            except NotRegistered:  # only a definite 'no such alias'; an unreachable registry is not a fallback
                 pass
         return self.by_alias(name, CHAMPION)
 
@@ -166,7 +175,7 @@ class Registry:
         self.version(name, version)  # fails clearly for an unknown model or version
         try:
             previous = self.by_alias(name, alias).version
-        except RegistryError:
+        except NotRegistered:
             previous = None
         move = AliasMove(
             time=datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -287,12 +296,24 @@ class Registry:
         return load_model(target)
 
     def _call(self, action, what: str):
+        """Run an MLflow call; its failures become NotRegistered (it said no), RegistryUnavailable (it could not
+        answer) or RegistryError (any other refusal)."""
         from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import OperationalError
 
         try:
             return action()
         except MlflowException as error:
+            missing = error.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+                error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in error.message
+            )
+            if missing:
+                raise NotRegistered(f"{what}: {error.message}") from None
+            if error.get_http_status_code() >= 500:
+                raise RegistryUnavailable(f"{what}: the registry could not answer: {error.message}") from error
             raise RegistryError(f"{what}: {error.message}") from None
+        except (OSError, OperationalError) as error:  # no connection, a locked or unreadable database
+            raise RegistryUnavailable(f"{what}: the registry could not answer: {error}") from error
 
     @staticmethod
     def _info(version) -> VersionInfo:

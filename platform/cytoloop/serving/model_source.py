@@ -11,9 +11,6 @@ What is loaded and served from them, per site, is `serving.live`.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,21 +65,15 @@ class ModelSource:
     def load(self, ref: ModelRef) -> Classifier:
         if ref.path is not None:
             return load_model(ref.path)
-        target = self.cache_dir / ref.name / ref.version
-        if not (target / MODEL_FILE).is_file():
-            self._download(ref, target)
-        return load_model(target)
+        return self.registry.load(ref.name, ref.version, self.cache_dir)  # whole or not at all in the shared cache
 
     def site_versions(self) -> dict[str | None, ModelRef]:
         """Every alias-served site and its version (None: the global champion); one entry for a local model."""
         if self.model_dir:
             return {None: self.resolve(None)}
-        from cytoloop.registry import CHAMPION, RegistryError
+        from cytoloop.registry import CHAMPION
 
-        try:
-            aliases = self.registry.client.get_registered_model(self.name).aliases
-        except Exception as error:  # MLflow raises its own exception types for a missing model
-            raise RegistryError(f"registered model {self.name!r}: {error}") from None
+        aliases = self.registry.aliases(self.name)  # NotRegistered or RegistryUnavailable, never a guess
         served: dict[str | None, ModelRef] = {}
         for alias, version in sorted(aliases.items()):
             if alias == CHAMPION:
@@ -90,22 +81,6 @@ class ModelSource:
             elif alias.startswith(f"{CHAMPION}-"):
                 served[alias[len(CHAMPION) + 1 :]] = ModelRef(self.name, str(version), alias)
         return served
-
-    def _download(self, ref: ModelRef, target: Path) -> None:
-        """Download into a private folder, then rename: replicas sharing the cache never see half a model."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{ref.version}-", dir=target.parent))
-        try:
-            downloaded = self.registry.download(ref.name, ref.version, staging)
-            if not (downloaded / MODEL_FILE).is_file():
-                downloaded = staging
-            try:
-                os.rename(downloaded, target)
-            except OSError:
-                if not (target / MODEL_FILE).is_file():  # not just another replica that was faster
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _content_hash(directory: Path) -> str:

@@ -1,4 +1,5 @@
-"""The shared model cache holds a version whole or not at all, against a real MLflow registry (SQLite)."""
+"""Registry faults against a real MLflow registry (SQLite): the shared model cache holds a version whole or not
+at all, and a registry that cannot answer is never read as 'this site has no alias'."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def registered(tmp_path, tiny_settings):
 
     model_dir = tmp_path / "model"
     BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(model_dir)
-    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", "cache-test")
+    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults")
     version = registry.log_model(model_dir, "cells", tags={"kind": "baseline"})
     return registry, version.version, tmp_path / "cache"
 
@@ -60,3 +61,35 @@ def test_replicas_downloading_at_once_share_one_whole_copy(registered):
         thread.join(timeout=120)
     assert not errors and len(loaded) == 3
     assert [p.name for p in (cache / "cells").iterdir()] == [version]
+
+
+def test_a_locked_registry_is_no_reason_to_serve_another_model(registered, tmp_path, monkeypatch):
+    """SQLite's 'database is locked' on the site alias lookup used to read as 'no site alias', so the site was
+    served (and a site challenger gated against) the global champion. The lock is real: another connection holds
+    the database exclusively while MLflow looks up champion-north (MLflow gives up after its 20 s busy timeout)."""
+    import sqlite3
+
+    from cytoloop.registry import RegistryUnavailable
+
+    registry, version, _ = registered
+    registry.move_alias("cells", "champion", version, why="the first champion")
+    real_lookup = registry.client.get_model_version_by_alias
+    asked: list[str] = []
+
+    def locked_once(name: str, alias: str):
+        asked.append(alias)
+        if len(asked) > 1:
+            return real_lookup(name, alias)
+        lock = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            return real_lookup(name, alias)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+
+    monkeypatch.setattr(registry.client, "get_model_version_by_alias", locked_once)
+    with pytest.raises(RegistryUnavailable, match="could not answer"):
+        registry.for_site("cells", "north")
+    assert asked == ["champion-north"]  # it did not fall back to the global champion
+    assert registry.for_site("cells", "north").version == version  # answered: no site alias, so the champion
