@@ -93,3 +93,24 @@ def test_a_locked_registry_is_no_reason_to_serve_another_model(registered, tmp_p
         registry.for_site("cells", "north")
     assert asked == ["champion-north"]  # it did not fall back to the global champion
     assert registry.for_site("cells", "north").version == version  # answered: no site alias, so the champion
+
+
+def test_register_replaces_a_champion_only_as_a_recorded_override(tmp_path, tiny_settings):
+    from typer.testing import CliRunner
+
+    from cytoloop.models.baseline import BaselineClassifier
+    from ops.cli import app
+
+    model_dir = tmp_path / "model"
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(model_dir)
+    env = {"CYTOLOOP_HOME": str(tmp_path / "home")}
+
+    def register(*extra: str):
+        return CliRunner().invoke(app, ["register", str(model_dir), "--champion", "--reason", "test", *extra], env=env)
+
+    first = register()
+    assert first.exit_code == 0 and "@champion: v- -> v1 (first, by " in first.stdout
+    refused = register()
+    assert refused.exit_code == 2 and "already points at v1" in refused.stderr and "--override" in refused.stderr
+    forced = register("--override")
+    assert forced.exit_code == 0 and "@champion: v1 -> v2 (override, by " in forced.stdout  # refused: nothing kept
