@@ -52,6 +52,13 @@ def stack_secrets(settings: Settings) -> dict[str, str]:
     """Admin password, admin API token and webhook secret: from the settings if given, else generated once and
     kept in `<home>/secrets.json` (0600) so that every later run, and every process, uses the same ones."""
     path = Path(settings.home) / "secrets.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:  # two processes starting at once generate one set
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _read_or_make_secrets(settings, path)
+
+
+def _read_or_make_secrets(settings: Settings, path: Path) -> dict[str, str]:
     stored = json.loads(path.read_text()) if path.is_file() else {}
     given = {
         "admin_password": settings.stack.admin_password,
@@ -60,11 +67,14 @@ def stack_secrets(settings: Settings) -> dict[str, str]:
     }
     values: dict[str, str] = {k: v.get_secret_value() if v is not None else stored.get(k, "") for k, v in given.items()}
     values.update({k: secrets_lib.token_hex(20) for k, v in values.items() if not v})
-    if values != {k: stored.get(k) for k in values}:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if values != {k: stored.get(k) for k in values}:  # written whole, owner-only, then renamed into place
+        staging = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump({**stored, **values}, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
     return values
 
 
@@ -183,6 +193,20 @@ def _port_open(host: str, port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)
         return probe.connect_ex((host, port)) == 0
+
+
+def _identity(pid: int) -> str | None:
+    """Who a PID is: this boot's id and the process's start time (Linux /proc); None when it cannot be told.
+
+    A PID file outlives its process (a crash, a reboot) and the kernel reuses PIDs, so a stored PID alone may
+    name a stranger; the PID with the start time it had names one process only."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    return f"{boot}:{fields[19]}"  # field 22 of stat: start time, in clock ticks since boot
 
 
 def _alive(pid: int) -> bool:
@@ -362,11 +386,17 @@ class Stack:
         return self.run_dir / f"{name}.log"
 
     def _pid(self, name: str) -> int | None:
+        """The PID of the process this home started for `name`, if that very process still runs: a PID file whose
+        process is gone, or whose PID now belongs to another process (same PID, other start), gives None."""
         path = self._pid_file(name)
         try:
-            return int(json.loads(path.read_text())["pid"])
+            recorded = json.loads(path.read_text())
+            pid = int(recorded["pid"])
         except (FileNotFoundError, ValueError, KeyError):
             return None
+        if not _alive(pid) or recorded.get("identity") is None or recorded["identity"] != _identity(pid):
+            return None
+        return pid
 
     def _healthy(self, service: Service) -> bool:
         host = self.settings.stack.host if service.name != "labels" else self.settings.review.webhook_host
@@ -388,10 +418,11 @@ class Stack:
                 found.append(ServiceStatus(name, "disabled", detail=detail))
                 continue
             pid = self._pid(name)
-            if pid is None:
+            if pid is None and self._pid_file(name).is_file():
+                detail = "pid file of a process that is gone (or whose PID another process now has)"
+                found.append(ServiceStatus(name, "stale", None, service.port, detail))
+            elif pid is None:
                 found.append(ServiceStatus(name, "down", port=service.port))
-            elif not _alive(pid):
-                found.append(ServiceStatus(name, "stale", pid, service.port, "pid file left by a dead process"))
             else:
                 state = "up" if self._healthy(service) else "starting"
                 found.append(ServiceStatus(name, state, pid, service.port, str(self.log_file(name))))
@@ -410,7 +441,7 @@ class Stack:
     def _start(self, service: Service) -> None:
         host = self.settings.stack.host
         pid = self._pid(service.name)
-        if pid is not None and _alive(pid):
+        if pid is not None:
             running_port = json.loads(self._pid_file(service.name).read_text()).get("port")
             if running_port != service.port:
                 raise StackError(
@@ -442,7 +473,14 @@ class Stack:
                 stdin=subprocess.DEVNULL,
             )
         self._pid_file(service.name).write_text(
-            json.dumps({"pid": process.pid, "port": service.port, "command": service.command[:3]})
+            json.dumps(
+                {
+                    "pid": process.pid,
+                    "identity": _identity(process.pid),
+                    "port": service.port,
+                    "command": service.command[:3],
+                }
+            )
         )
         started = time.monotonic()
         self._wait_healthy(service, process.pid)
@@ -472,15 +510,14 @@ class Stack:
             return "(no log)"
 
     def down(self, only: list[str] | None = None, timeout_s: float = 30.0) -> list[str]:
-        """Stop the services this home folder started (their whole process groups); returns the ones stopped."""
+        """Stop the services this home folder started (their whole process groups); returns the ones stopped.
+        A PID file whose PID now names another process (after a reboot, or reused) is removed, never signalled."""
         stopped = []
         for name in reversed(SERVICES):
             if only is not None and name not in only:
                 continue
-            pid = self._pid(name)
-            if pid is None:
-                continue
-            if _alive(pid):
+            pid = self._pid(name)  # None unless it is still the very process this home started
+            if pid is not None:
                 self._kill_group(pid, timeout_s)
                 stopped.append(name)
             self._pid_file(name).unlink(missing_ok=True)

@@ -48,3 +48,58 @@ def test_ray_temp_folder_must_stay_short(tmp_path):
     settings = Settings(home=tmp_path / ("x" * 80), stack={"ray": True})
     with pytest.raises(StackError, match="107"):
         Stack(settings).services()
+
+
+def test_stack_down_never_signals_a_process_that_is_not_the_one_it_started(tmp_path):
+    """After a reboot (or PID reuse) a PID file names a stranger: `stack down` used to kill its process group."""
+    import json
+    import subprocess
+
+    from ops.stack import _identity
+
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        settings = settings_in(tmp_path)
+        stack = Stack(settings)
+        stack.run_dir.mkdir(parents=True)
+        pid_file = stack.run_dir / "labels.pid"
+        # the PID it had then is the stranger's PID now, but the process that had it started at another time
+        pid_file.write_text(json.dumps({"pid": stranger.pid, "identity": "another-boot:12345", "port": 1}))
+        assert {s.name: s.state for s in stack.status()}["labels"] == "stale"
+        assert stack.down() == []
+        assert stranger.poll() is None  # still running: never signalled
+        assert not pid_file.exists()  # the stale file is gone
+        pid_file.write_text(json.dumps({"pid": stranger.pid, "port": 1}))  # a file of old: no identity to check
+        assert stack.down() == [] and stranger.poll() is None
+        assert _identity(stranger.pid) == _identity(stranger.pid) is not None  # the identity of a live process
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_processes_starting_at_once_share_one_set_of_secrets(tmp_path):
+    """Four processes read the secrets of a fresh home at the same moment: each used to generate its own, and all
+    but the last writer's went on with secrets no other process knew."""
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    script = (
+        "import sys, time, pathlib\n"
+        "from cytoloop.config import Settings\n"
+        "from ops.stack import stack_secrets\n"
+        "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.001)\n"
+        "print(stack_secrets(Settings(home=sys.argv[2]))['webhook_secret'])\n"
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(go), str(tmp_path / "home")], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+
+    time.sleep(3)  # every child imported and waits at the line
+    go.touch()
+    seen = {child.communicate(timeout=60)[0].strip() for child in children}
+    assert len(seen) == 1 and seen == {stack_secrets(settings_in(tmp_path))["webhook_secret"]}
