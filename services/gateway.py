@@ -10,6 +10,7 @@ and never logged or echoed.
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 import asyncio
 import hmac
+import logging
 
 from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
@@ -36,6 +37,8 @@ from services.schemas import (
     SiteModel,
 )
 from services.uploads import Upload, read_upload, reject_if_nothing_usable
+
+logger = logging.getLogger("ray.serve")
 
 API_KEY_HEADER = "X-API-Key"
 _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required when serve.api_key is set")
@@ -236,7 +239,8 @@ class Gateway:
     async def readyz(self):
         try:
             version = await self.classifier.ready.remote()
-        except Exception as error:
-            reason = str(error).strip().splitlines()[-1]  # Ray wraps the replica's error in its traceback
-            return JSONResponse(Health(status="not ready", detail=reason).model_dump(), status_code=503)
+        except Exception as error:  # the details go to the service log, never to whoever asks
+            logger.warning(f"/readyz: no model loaded: {str(error).strip().splitlines()[-1]}")
+            detail = "no model loaded yet; the service log says why"
+            return JSONResponse(Health(status="not ready", detail=detail).model_dump(), status_code=503)
         return Health(status="ready", detail=f"global model version {version}", model_version=str(version))

@@ -16,6 +16,9 @@ def serve(
     port: int | None = typer.Option(None, help="HTTP port (default serve.port, 8000)"),
     model_dir: Path | None = typer.Option(None, help="serve this model directory instead of the registry"),
     num_cpus: int | None = typer.Option(None, help="CPUs of the local Ray instance (default: all)"),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="allow a non-loopback --host without an API key (a trusted network only)"
+    ),
 ) -> None:
     """Serve the classifier over HTTP with Ray Serve until Ctrl-C (API docs at /docs). Joins the Ray cluster in
     RAY_ADDRESS if set, else starts a local one. Set the API key with CYTOLOOP_SERVE__API_KEY, not on the command
@@ -26,7 +29,8 @@ def serve(
 
         if model_dir is not None and not (model_dir / "model.json").is_file():
             fail(f"{model_dir}: not a CytoLoop model directory (no model.json)")
-        settings = settings_from(config, {"serve": {"host": host, "port": port, "model_dir": model_dir}})
+        overrides = {"host": host, "port": port, "model_dir": model_dir, "insecure": insecure or None}
+        settings = settings_from(config, {"serve": overrides})
         source = (
             settings.serve.model_dir or f"registry model {settings.serve.model_name or settings.registry.model_name}"
         )

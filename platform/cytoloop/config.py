@@ -370,6 +370,18 @@ class DriftConfig(_Section):
     review_rise: float = Field(0.15, gt=0, description="confidence drift: review fraction this far over the first")
 
 
+def _loopback(host: str) -> bool:
+    """Whether an address is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 class ServeConfig(_Section):
     """The classifier over HTTP (Ray Serve, `cytoloop serve`, infra/serve.yaml): limits, batching, model source.
 
@@ -401,6 +413,11 @@ class ServeConfig(_Section):
     max_image_bytes: int = Field(5_000_000, ge=1, description="largest accepted image file")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest accepted width x height")
     api_key: SecretStr | None = Field(None, description="required in the X-API-Key header when set; never logged")
+    insecure: bool = Field(
+        False,
+        description="allow serving without an API key on an address other machines can reach (only on a "
+        "network where everyone who can connect may read patients' cells)",
+    )
     prediction_log: Path | None = Field(
         None, description="append one JSON line per classified cell here (what `cytoloop drift --events` reads)"
     )
@@ -414,6 +431,11 @@ class ServeConfig(_Section):
             )
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be at least min_replicas ({self.min_replicas})")
+        if not _loopback(self.host) and self.api_key is None and not self.insecure:
+            raise ValueError(
+                f"host {self.host} lets other machines send and read cell images: set an API key "
+                "(CYTOLOOP_SERVE__API_KEY) or, on a trusted network only, serve.insecure (cytoloop serve --insecure)"
+            )
         return self
 
 

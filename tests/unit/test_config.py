@@ -104,3 +104,17 @@ def test_tiny_settings_fixture(tiny_settings):
     assert tiny_settings.data.image_size == 16
     assert tiny_settings.diffusion.block_out_channels == (8, 16)
     assert tiny_settings.scoring.max_trials == 8
+
+
+def test_serving_beyond_this_machine_needs_an_api_key(clean_env):
+    from pydantic import ValidationError
+
+    from cytoloop.config import ServeConfig
+
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert ServeConfig(host=host).api_key is None  # loopback: only this machine can connect
+    for host in ("0.0.0.0", "10.1.2.3", "classifier.lab.example"):
+        with pytest.raises(ValidationError, match="set an API key"):
+            ServeConfig(host=host)
+        assert ServeConfig(host=host, api_key="k" * 32).host == host
+        assert ServeConfig(host=host, insecure=True).insecure  # said explicitly

@@ -58,5 +58,8 @@ def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
     assert app.import_path == "services.app:build"
     for key, value in app.runtime_env["env_vars"].items():
         monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError, match="set an API key"):  # the proxy binds 0.0.0.0: no key, no app
+        build(AppArgs.model_validate(app.args))
+    monkeypatch.setenv("CYTOLOOP_SERVE__API_KEY", "a-secret-from-the-cluster-" + "k" * 16)
     built = build(AppArgs.model_validate(app.args))
     assert type(built).__name__ == "Application"
