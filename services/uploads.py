@@ -8,6 +8,7 @@ problems are an HTTPException with a message saying what and which limit; a bad 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ class Upload:
 
 
 def max_body_bytes(config: ServeConfig) -> int:
-    # base64 makes a file 4/3 as long; JSON and multipart framing add a little
-    return config.max_cells_per_request * (config.max_image_bytes * 4 // 3 + 1024) + MULTIPART_OVERHEAD
+    """The byte cap of one request: `max_request_bytes`, or less when that many cells at the largest image size
+    (base64 makes a file 4/3 as long; JSON and multipart framing add a little) cannot reach it."""
+    per_cells = config.max_cells_per_request * (config.max_image_bytes * 4 // 3 + 1024) + MULTIPART_OVERHEAD
+    return min(config.max_request_bytes, per_cells)
 
 
 async def read_upload(request: Request, config: ServeConfig) -> Upload:
@@ -63,7 +66,14 @@ async def read_upload(request: Request, config: ServeConfig) -> Upload:
             f"too many cells: {len(named)} in one request, the limit is "
             f"{config.max_cells_per_request} ({CONFIG_HINT}MAX_CELLS_PER_REQUEST)",
         )
-    limits = Limits(config.max_image_bytes, config.max_image_pixels)
+    # decoding images is CPU work: off the event loop, so one large request does not stall every other
+    accepted, rejected = await asyncio.to_thread(
+        _intake, named, Limits(config.max_image_bytes, config.max_image_pixels)
+    )
+    return Upload(site, sample_id, len(named), accepted, rejected)
+
+
+def _intake(named: list, limits: Limits) -> tuple[list[tuple[int, str, bytes]], list[tuple[int, CellRejected]]]:
     accepted, rejected = [], []
     for index, (name, data) in enumerate(named):
         if isinstance(data, CellRejected):
@@ -74,7 +84,7 @@ async def read_upload(request: Request, config: ServeConfig) -> Upload:
             accepted.append((index, name, data))
         except CellRejected as error:
             rejected.append((index, error))
-    return Upload(site, sample_id, len(named), accepted, rejected)
+    return accepted, rejected
 
 
 def reject_if_nothing_usable(upload: Upload) -> None:
@@ -92,15 +102,13 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPException(
             413,
-            f"request body of {declared} bytes is over the limit of {limit} (max_cells_per_request x max_image_bytes)",
+            f"request body of {declared} bytes is over the limit of {limit} ({CONFIG_HINT}MAX_REQUEST_BYTES)",
         )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(
-                413, f"request body over the limit of {limit} bytes (max_cells_per_request x max_image_bytes)"
-            )
+            raise HTTPException(413, f"request body over the limit of {limit} bytes ({CONFIG_HINT}MAX_REQUEST_BYTES)")
         chunks.append(chunk)
     return b"".join(chunks)
 

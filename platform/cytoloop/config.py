@@ -410,6 +410,9 @@ class ServeConfig(_Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per classifier replica (fractions share one GPU)")
     torch_threads: int | None = Field(1, ge=1, description="torch threads per classifier replica; None: torch default")
     max_cells_per_request: int = Field(256, ge=1)
+    max_request_bytes: int = Field(
+        32_000_000, ge=1, description="largest request body; a larger one is refused (413) before it is read whole"
+    )
     max_image_bytes: int = Field(5_000_000, ge=1, description="largest accepted image file")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest accepted width x height")
     api_key: SecretStr | None = Field(None, description="required in the X-API-Key header when set; never logged")

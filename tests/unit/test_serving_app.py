@@ -63,3 +63,35 @@ def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
     monkeypatch.setenv("CYTOLOOP_SERVE__API_KEY", "a-secret-from-the-cluster-" + "k" * 16)
     built = build(AppArgs.model_validate(app.args))
     assert type(built).__name__ == "Application"
+
+
+def test_a_request_body_over_the_cap_is_refused_before_it_is_read_whole():
+    """The cap used to be max_cells_per_request x max_image_bytes (about 1.7 GB by default)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from services.uploads import max_body_bytes, read_upload
+
+    config = ServeConfig(max_request_bytes=2_000)
+    assert max_body_bytes(ServeConfig()) == 32_000_000  # the default: tens of MB, not gigabytes
+    consumed = []
+
+    def request(headers: list[tuple[bytes, bytes]]) -> Request:
+        async def receive():
+            consumed.append(1)
+            return {"type": "http.request", "body": b"x" * 512, "more_body": len(consumed) < 1000}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": headers, "query_string": b""}
+        return Request(scope, receive)
+
+    streamed = request([(b"content-type", b"application/json")])
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(read_upload(streamed, config))
+    assert refused.value.status_code == 413 and "MAX_REQUEST_BYTES" in refused.value.detail
+    assert len(consumed) == 4  # 2,048 bytes read of 512,000: refused on the chunk that crossed the cap
+    consumed.clear()
+    declared = request([(b"content-type", b"application/json"), (b"content-length", b"512000")])
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(read_upload(declared, config))
+    assert refused.value.status_code == 413 and consumed == []  # its declared length alone refuses it
