@@ -50,6 +50,15 @@ class Answer:
     batch: dict
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A request the replica could not answer, and the HTTP status the gateway gives it: 503 when no model can
+    be loaded for its site, 500 when the model failed on its cells. It fails that request only."""
+
+    status: int
+    detail: str
+
+
 @serve.deployment(name="Classifier")
 class Classifier:
     async def __init__(self, settings: Settings):
@@ -74,12 +83,13 @@ class Classifier:
 
     # batch size and wait are set from the config in __init__; up to 4 Ray batches wait here to be merged
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
-    async def classify(self, keys: list[str], requests: list[Cells]) -> list[Answer | str]:
-        """Classify each request's (name, bytes) cells; a request whose model cannot be loaded gets a message."""
+    async def classify(self, keys: list[str], requests: list[Cells]) -> list[Answer | Refusal]:
+        """Classify each request's (name, bytes) cells. A failure stays with its request (`Refusal`): the other
+        requests of the batch, other sites' above all, still get their answers."""
         groups: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
-        answers: list[Answer | str | None] = [None] * len(keys)
+        answers: list[Answer | Refusal | None] = [None] * len(keys)
         await asyncio.gather(*(self._classify_site(key, members, requests, answers) for key, members in groups.items()))
         return answers
 
@@ -88,18 +98,24 @@ class Classifier:
             service = (await self.site_model(key)).service  # fixed for these requests even if the alias moves
         except Exception as error:  # registry down, alias missing, unreadable model: the caller answers 503
             for i in members:
-                answers[i] = f"no model for site {key!r}: {error}"
+                answers[i] = Refusal(503, f"no model for site {key!r}: {error}")
             return
-        results, batch = await self.model_calls.submit(service, [requests[i] for i in members])
-        for i, cells in zip(members, results):
-            answers[i] = Answer(cells, service.ref, service.model.kind, service.classes, batch)
+        submitted = [self.model_calls.submit(service, [requests[i]]) for i in members]
+        outcomes = await asyncio.gather(*submitted, return_exceptions=True)  # merged into calls all the same
+        for i, outcome in zip(members, outcomes):
+            if isinstance(outcome, BaseException):
+                logger.warning("the model failed on a request for site %s: %r", key, outcome)
+                answers[i] = Refusal(500, f"the model ({service.ref.version}) failed on these cells: {outcome}")
+            else:
+                results, batch = outcome
+                answers[i] = Answer(results[0], service.ref, service.model.kind, service.classes, batch)
         if self.config.prediction_log is not None:
             await asyncio.to_thread(
                 self._log_predictions,
                 None if key == GLOBAL_KEY else key,
                 service,
-                [requests[i] for i in members],
-                results,
+                [requests[i] for i in members if isinstance(answers[i], Answer)],
+                [answers[i].cells for i in members if isinstance(answers[i], Answer)],
             )
 
     def _log_predictions(self, site: str | None, service, requests: list[Cells], results: list) -> None:

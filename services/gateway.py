@@ -23,7 +23,7 @@ from cytoloop.config import Settings
 from cytoloop.policy.differential import differential
 from cytoloop.serving.inference import CellFailure, CellResult
 from cytoloop.serving.model_source import ModelSource
-from services.classifier import Answer, site_key
+from services.classifier import Answer, Refusal, site_key
 from services.schemas import (
     CellAnswer,
     CellError,
@@ -42,7 +42,7 @@ logger = logging.getLogger("ray.serve")
 
 API_KEY_HEADER = "X-API-Key"
 _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required when serve.api_key is set")
-_errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+_errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
 
 
 def _inline(schema: dict) -> dict:
@@ -149,8 +149,8 @@ class Gateway:
         cells = [(name, data) for _, name, data in upload.accepted]
         site = site_key(upload.site)
         answer = await self.classifier.options(multiplexed_model_id=site).classify.remote(site, cells)
-        if isinstance(answer, str):
-            raise HTTPException(503, answer)
+        if isinstance(answer, Refusal):
+            raise HTTPException(answer.status, answer.detail)
         return upload, answer
 
     @api.post(

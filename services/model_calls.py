@@ -59,14 +59,23 @@ class ModelCalls:
             else:
                 left.append(work)
         self._waiting = left
-        cells = [cell for work in taken for request in work.requests for cell in request]
         try:
-            results = await asyncio.to_thread(service.classify, cells)
+            await self._call(service, taken)
         except Exception as error:
-            for work in taken:
-                if not work.future.done():
-                    work.future.set_exception(error)
-            return
+            if len(taken) == 1:
+                _fail(taken[0], error)
+                return
+            for work in taken:  # one caller's cells may be what failed: each alone, so the others get answers
+                try:
+                    await self._call(service, [work])
+                except Exception as alone:
+                    _fail(work, alone)
+
+    async def _call(self, service: Service, taken: list[_Work]) -> None:
+        """One model call for every request of `taken`; gives each caller its answers (raises if the call fails)."""
+        cells = [cell for work in taken for request in work.requests for cell in request]
+        results = await asyncio.to_thread(service.classify, cells)
+        n_requests = sum(len(work.requests) for work in taken)
         batch = {"replica": self.replica, "batch": next(self._ids), "requests": n_requests, "cells": len(cells)}
         start = 0
         for work in taken:
@@ -76,3 +85,8 @@ class ModelCalls:
                 start += len(request)
             if not work.future.done():  # a caller that went away (cancelled) no longer waits for its answer
                 work.future.set_result((answers, batch))
+
+
+def _fail(work: _Work, error: Exception) -> None:
+    if not work.future.done():
+        work.future.set_exception(error)

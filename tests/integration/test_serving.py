@@ -85,6 +85,12 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
         "two": _train("baseline", two, TWO, tiny_overrides, root / "two"),
         "diffusion": _train("diffusion", two, TWO, tiny_overrides, root / "diffusion"),
     }
+    # a model that loads but fails on every cell: made on a GPU machine, its scoring asks for CUDA
+    models["poisoned"] = root / "poisoned"
+    shutil.copytree(models["diffusion"], models["poisoned"])
+    meta = json.loads((models["poisoned"] / "model.json").read_text())
+    meta["scoring"]["device"] = "cuda"
+    (models["poisoned"] / "model.json").write_text(json.dumps(meta))
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     registry = Registry(f"sqlite:///{root}/mlflow.db", experiment="serving-test")
     registry.client.create_experiment("serving-test", artifact_location=str(root / "artifacts"))
@@ -93,11 +99,13 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
         "two": registry.log_model(models["two"], MODEL).version,
         "diffusion": registry.log_model(models["diffusion"], MODEL).version,
         "moved": registry.log_model(models["two"], MODEL).version,
+        "poisoned": registry.log_model(models["poisoned"], MODEL).version,
     }
     registry.set_alias(MODEL, "champion", versions["four"])
     registry.set_alias(MODEL, "champion-siteb", versions["two"])
     registry.set_alias(MODEL, "champion-sited", versions["diffusion"])
     registry.set_alias(MODEL, "champion-moving", versions["four"])
+    registry.set_alias(MODEL, "champion-poisoned", versions["poisoned"])
 
     settings = load_settings(
         overrides={
@@ -383,3 +391,25 @@ def test_without_a_model_requests_are_503_saying_why(serving):
         assert "no-such-model" in response.json()["detail"]
     finally:
         serve.delete("broken")
+
+
+def test_a_model_that_fails_fails_only_its_own_requests(serving):
+    """A site whose model raises on its cells, batched with requests of another site: the whole Ray batch used to
+    fail with a plain-text 500. Now the failing site's requests get a JSON 500 and the others their answers."""
+    import threading
+
+    results: dict[str, list[httpx.Response]] = {"siteb": [], "poisoned": []}
+    start = threading.Barrier(4)
+
+    def ask(site: str) -> None:
+        start.wait()
+        results[site].append(serving.classify_files(serving.cells[:2], site=site))
+
+    threads = [threading.Thread(target=ask, args=(site,)) for site in ("siteb", "siteb", "siteb", "poisoned")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [r.status_code for r in results["siteb"]] == [200, 200, 200]
+    [failed] = results["poisoned"]
+    assert failed.status_code == 500 and "failed on these cells" in failed.json()["detail"]

@@ -76,6 +76,26 @@ def test_a_failed_call_fails_only_its_own_requests():
     assert isinstance(bad, RuntimeError) and good[0] == [[("b", "y")]]
 
 
+def test_a_request_that_fails_a_merged_call_fails_alone():
+    """Requests for the same model merged into one call: the call used to fail every one of them."""
+
+    async def scenario():
+        calls, service = ModelCalls(max_requests=8), FakeService("a")
+        busy = asyncio.create_task(calls.submit(service, [request("x")]))
+        await asyncio.sleep(0.01)  # the next three are merged into one call, which the poisoned one fails
+        merged = [
+            calls.submit(service, [request("p")]),
+            calls.submit(service, [request("boom")]),
+            calls.submit(service, [request("q")]),
+        ]
+        return service, await asyncio.gather(busy, *merged, return_exceptions=True)
+
+    service, (busy, good, bad, other) = asyncio.run(scenario())
+    assert service.calls == [1, 3, 1, 1, 1]  # the merged call, then each of its callers alone
+    assert isinstance(bad, RuntimeError)
+    assert good[0] == [[("a", "p")]] and other[0] == [[("a", "q")]]
+
+
 def test_a_cancelled_caller_does_not_strand_the_others():
     async def scenario():
         calls, service = ModelCalls(max_requests=8), FakeService("a", seconds=0.1)
