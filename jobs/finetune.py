@@ -188,7 +188,12 @@ def run_finetune(
     )
     train_config, augment_config = finetune_configs(settings, adapt)
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
-    run_name = f"{site or 'global'}-v{parent.version}-{snapshot}"
+    # the run is this parent, these cells AND these settings: a changed job trains afresh instead of resuming
+    job = _settings_key(train_config, augment_config, data_config)
+    run_name = f"{site or 'global'}-v{parent.version}-{snapshot}-{job}"
+    finished = [v for v in registry.versions(name) if v.tags.get("ray_run") == run_name]
+    if finished:  # this very job ran to the end before: its version, not a duplicate
+        return _outcome_of(registry, finished[-1], site_alias(site), home / "finetune" / run_name)
 
     loop_config = {
         "parent_dir": str(parent_dir),
@@ -261,6 +266,34 @@ def run_finetune(
     apply_verdict(registry, name, version.version, alias, verdict, who=who)
     return FinetuneOutcome(
         registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics, verdict.worse
+    )
+
+
+def _settings_key(train_config, augment_config, data_config) -> str:
+    """A short hash of the settings that decide what a fine-tune produces (not threads, logging or checkpoint
+    periods): part of the run's name, so that changing them never resumes another job's checkpoint."""
+    import hashlib
+
+    decisive = {
+        "train": train_config.model_dump(mode="json", exclude={"threads", "log_every", "checkpoint_every"}),
+        "augment": augment_config.model_dump(mode="json"),
+        "data": data_config.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _outcome_of(registry, version: VersionInfo, alias: str, model_dir: Path) -> FinetuneOutcome:
+    """The outcome a finished run recorded on its registered version (its gate verdict and metrics)."""
+    tags = version.tags
+    metrics = dict(registry.client.get_run(version.run_id).data.metrics)
+    return FinetuneOutcome(
+        version,
+        tags.get("gate.verdict") == "pass",
+        json.loads(tags.get("gate.reasons", "[]")),
+        alias,
+        model_dir,
+        metrics,
+        json.loads(tags.get("gate.worse", "[]")),
     )
 
 

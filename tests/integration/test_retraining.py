@@ -172,6 +172,25 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(tmp_path, ray_c
     loaded = registry.load(settings.registry.model_name, outcome.version.version, settings.registry.cache_dir)
     assert loaded.classes == TWO and loaded.info["parent_version"] == parent
 
+    # the same job again (same parent: a promotion made another job, so the champion is put back first): its
+    # finished version, not a duplicate (it used to register another)
+    if outcome.passed:
+        registry.move_alias(settings.registry.model_name, "champion", parent, why="test: the same job again")
+    versions_before = len(registry.versions(settings.registry.model_name))
+    again = run_finetune(settings, labels, pool)
+    assert again.version.version == outcome.version.version and again.passed == outcome.passed
+    assert len(registry.versions(settings.registry.model_name)) == versions_before
+    # and the run's name holds the settings that decide the result: a changed job never resumes this one
+    from cytoloop.config import AugmentConfig, DataConfig
+    from cytoloop.models.finetune import finetune_configs
+    from jobs.finetune import _settings_key
+
+    train_config, augment_config = finetune_configs(settings, False)
+    key = _settings_key(train_config, augment_config, DataConfig())
+    assert key != _settings_key(train_config.model_copy(update={"steps": 25}), augment_config, DataConfig())
+    assert key != _settings_key(train_config, AugmentConfig(hed_sigma=0.3), DataConfig())
+    assert key == _settings_key(train_config.model_copy(update={"threads": 7}), augment_config, DataConfig())
+
 
 @pytest.fixture(scope="module")
 def gated(tmp_path_factory, records, tiny_overrides):

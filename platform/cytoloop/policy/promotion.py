@@ -147,6 +147,7 @@ def verdict_tags(verdict: GateVerdict) -> dict[str, str]:
     tags = {
         "gate.verdict": "pass" if verdict.passed else "refused",
         "gate.reasons": json.dumps(verdict.reasons),
+        "gate.worse": json.dumps(verdict.worse),
         "gate.champion_version": verdict.champion_version or "none",
     }
     for side, figures in (("challenger", verdict.challenger), ("champion", verdict.champion)):
