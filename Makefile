@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[all,test]'
 	touch $@
 
-# `make run`: the diffusion classifier alone, on PBC's eight classes (about 30 minutes on 2 cores): train (ending
+# `make run`: the diffusion classifier alone, on PBC's eight classes (about 40 minutes on 2 cores): train (ending
 # with its scoring tuned on the validation cells), then evaluate on PBC's test cells with ALL-IDB2 blasts as
 # anomalies, and unadapted on the other labs' cells.
 run: setup
