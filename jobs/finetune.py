@@ -31,7 +31,7 @@ import numpy as np
 from cytoloop.config import Settings
 from cytoloop.data.records import CellRecord, DatasetError, records_fingerprint
 from cytoloop.errors import UsageError
-from cytoloop.registry import CHAMPION, NotRegistered, VersionInfo, open_registry, site_alias
+from cytoloop.registry import CHAMPION, AliasMoved, NotRegistered, VersionInfo, open_registry, site_alias
 
 MODEL_SUBDIR = "model"
 
@@ -263,7 +263,12 @@ def run_finetune(
     }
     artifacts = sorted((out / "evaluation").glob("*"))
     version = registry.log_model(out, name, tags=tags, params=params, metrics=metrics, artifacts=artifacts)
-    apply_verdict(registry, name, version.version, alias, verdict, who=who)
+    try:
+        apply_verdict(registry, name, version.version, alias, verdict, who=who)
+    except AliasMoved as moved:  # another version took the alias while this one was judged: not promoted
+        stale = f"not promoted: {moved}"
+        registry.set_tags(name, version.version, {"gate.verdict": "stale", "gate.reasons": json.dumps([stale])})
+        verdict.passed, verdict.reasons = False, [stale]
     return FinetuneOutcome(
         registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics, verdict.worse
     )

@@ -40,7 +40,8 @@ def register(
         registry = open_registry(settings)
         name = settings.registry.model_name
         alias = site_alias(site)
-        current = _current_version(registry, name, alias) if champion else None
+        current = registry.alias_version(name, alias) if champion else None
+        serving = registry.serving_version(name, alias) if champion else None
         if current is not None and not override:
             fail(
                 f"@{alias} already points at v{current}: a new version replaces it through the gate "
@@ -54,20 +55,10 @@ def register(
         typer.echo(f"registered {name} v{version.version} from {model}")
         if champion:
             kind = "override" if current is not None else "first"
-            move = registry.move_alias(name, alias, version.version, why=reason, action=kind)
+            move = registry.move_alias(name, alias, version.version, why=reason, action=kind, expect=serving)
             typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version} ({kind}, by {move.who})")
 
     run(action)
-
-
-def _current_version(registry, name: str, alias: str) -> str | None:
-    """The version `alias` points at, None when the model or the alias does not exist yet."""
-    from cytoloop.registry import NotRegistered
-
-    try:
-        return registry.by_alias(name, alias).version
-    except NotRegistered:  # an unreachable registry raises instead: it is no reason to move an alias
-        return None
 
 
 @app.command()

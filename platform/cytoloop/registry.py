@@ -7,17 +7,30 @@ imported only here, lazily, so the rest of the library works without it.
 
 Every alias move goes through `move_alias`, which records who moved which alias from which version to which, when
 and why: as a tag on the registered model (the shared record, `alias_move.<time>`) and as a line in a local
-JSON-lines log (`audit_log`). `rollback` walks that history back.
+JSON-lines log (`audit_log`). The move is compare-and-set, under a lock:
+
+1. take the registry's alias lock (a file lock beside the audit log: every mover sharing a CytoLoop home, the gate
+   jobs of a cluster on its shared volume included, queues there);
+2. read what serves the alias now; if the caller said which version it judged against (`expect`) and that is no
+   longer it, refuse (`AliasMoved`) and move nothing;
+3. write the move to the trail as an *intent*, then move the alias, then mark the record *done*. A crash between
+   two steps leaves an intent that `history` resolves against what happened after it (the next move's starting
+   version, or the live alias), so the trail never claims a move that did not happen, nor hides one that did.
+
+`rollback` walks that history back, and refuses when the trail's last version is not what the alias points at
+(someone moved it outside CytoLoop): it never moves an alias on a record it cannot trust.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import json
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,6 +48,7 @@ MODEL_ARTIFACTS = (
     "colour_reference.json",
 )
 ALIAS_MOVE_TAG = "alias_move."
+ANY_VERSION = object()  # move_alias's default `expect`: move whatever the alias points at
 
 
 class RegistryError(CytoLoopError, LookupError):
@@ -43,6 +57,10 @@ class RegistryError(CytoLoopError, LookupError):
 
 class NotRegistered(RegistryError):
     """A definite answer: that model, version or alias does not exist (yet)."""
+
+
+class AliasMoved(RegistryError):
+    """A compare-and-set alias move found the alias no longer where the caller judged it: nothing was moved."""
 
 
 class RegistryUnavailable(RegistryError):
@@ -57,7 +75,8 @@ def site_alias(site: str | None) -> str:
 @dataclass(frozen=True)
 class AliasMove:
     """One alias move of the audit trail. `action`: gate (the promotion gate passed), override (a person promoted
-    despite the gate), rollback, or manual."""
+    despite the gate), rollback, first (the first champion), or manual. `state`: intent (recorded before the alias
+    moved) or done."""
 
     time: str
     who: str
@@ -67,6 +86,7 @@ class AliasMove:
     alias: str
     from_version: str | None
     to_version: str
+    state: str = "done"
 
 
 @dataclass(frozen=True)
@@ -164,32 +184,50 @@ class Registry:
             self.set_tag(name, version, key, str(value))
 
     def move_alias(
-        self, name: str, alias: str, version: str, why: str, action: str = "manual", who: str | None = None
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        why: str,
+        action: str = "manual",
+        who: str | None = None,
+        expect: str | None | object = ANY_VERSION,
     ) -> AliasMove:
-        """Point `alias` at `version` and record the move (who, when, why, from which version) in the audit trail.
+        """Point `alias` at `version`, compare-and-set, and record the move (who, when, why, from which version).
 
-        `why` is required: an alias decides which model reads patients' cells, so every move must say why.
+        `expect`: the version the caller judged against, i.e. what served the alias then (for `champion-<site>`
+        with no site alias, the global champion; None when nothing served it). If that is no longer what serves
+        it, raise `AliasMoved` and move nothing. `why` is required: an alias decides which model reads patients'
+        cells, so every move must say why.
         """
         if not why.strip():
             raise UsageError("an alias move needs a reason (why)")
         self.version(name, version)  # fails clearly for an unknown model or version
-        try:
-            previous = self.by_alias(name, alias).version
-        except NotRegistered:
-            previous = None
-        move = AliasMove(
-            time=datetime.now(UTC).isoformat(timespec="microseconds"),
-            who=who or getpass.getuser(),
-            why=why,
-            action=action,
-            name=name,
-            alias=alias,
-            from_version=previous,
-            to_version=str(version),
-        )
-        self.set_alias(name, alias, version)
-        stamp = move.time.replace(":", "").replace("-", "").replace("+0000", "Z")
-        self.client.set_registered_model_tag(name, f"{ALIAS_MOVE_TAG}{stamp}", json.dumps(asdict(move)))
+        with self._alias_lock():
+            if expect is not ANY_VERSION:
+                serving = self.serving_version(name, alias)
+                if serving != expect:
+                    raise AliasMoved(
+                        f"{name}@{alias}: judged against v{expect or '-'}, but v{serving or '-'} serves it now; "
+                        "nothing was moved (judge the new champion first)"
+                    )
+            previous = self.alias_version(name, alias)
+            move = AliasMove(
+                time=datetime.now(UTC).isoformat(timespec="microseconds"),
+                who=who or getpass.getuser(),
+                why=why,
+                action=action,
+                name=name,
+                alias=alias,
+                from_version=previous,
+                to_version=str(version),
+                state="intent",
+            )
+            key = ALIAS_MOVE_TAG + move.time.replace(":", "").replace("-", "").replace("+0000", "Z")
+            self._call(lambda: self.client.set_registered_model_tag(name, key, json.dumps(asdict(move))), name)
+            self.set_alias(name, alias, version)
+            move = replace(move, state="done")
+            self._call(lambda: self.client.set_registered_model_tag(name, key, json.dumps(asdict(move))), name)
         if self.audit_log is not None:
             self.audit_log.parent.mkdir(parents=True, exist_ok=True)
             with self.audit_log.open("a") as handle:
@@ -197,17 +235,35 @@ class Registry:
         return move
 
     def alias_history(self, name: str, alias: str | None = None) -> list[AliasMove]:
-        """The recorded alias moves of a registered model, oldest first (all aliases, or only `alias`)."""
+        """The alias moves that happened, oldest first (all aliases, or only `alias`).
+
+        An intent whose completion was never recorded (a crash mid-move) counts as a move exactly when what came
+        after shows it happened: the alias's next move started from its version, or, for the last one, the alias
+        points there now."""
         model = self._call(lambda: self.client.get_registered_model(name), name)
-        moves = [
+        recorded = [
             AliasMove(**json.loads(value))
             for key, value in sorted((model.tags or {}).items())
             if key.startswith(ALIAS_MOVE_TAG)
         ]
-        return [m for m in moves if alias is None or m.alias == alias]
+        live = {a: str(v) for a, v in (getattr(model, "aliases", None) or {}).items()}
+        moves: list[AliasMove] = []
+        for target in sorted({m.alias for m in recorded if alias is None or m.alias == alias}):
+            own = [m for m in recorded if m.alias == target]
+            for i, move in enumerate(own):
+                if move.state == "intent":
+                    after = own[i + 1].from_version if i + 1 < len(own) else live.get(target)
+                    if after != move.to_version:
+                        continue  # it never happened
+                moves.append(replace(move, state="done"))
+        return sorted(moves, key=lambda m: m.time)
 
     def rollback(self, name: str, alias: str, why: str, who: str | None = None) -> AliasMove:
-        """Move `alias` back to the version it pointed at before its latest (not rolled-back) move."""
+        """Move `alias` back to the version it pointed at before its latest (not rolled-back) move.
+
+        The trail is checked against the live alias first: if the alias points elsewhere than the trail's last
+        version, someone moved it outside CytoLoop and the trail cannot say what 'back' is; that is an error. The
+        move itself is compare-and-set against the version checked."""
         stack: list[str] = []
         for move in self.alias_history(name, alias):
             if move.action == "rollback":
@@ -216,14 +272,49 @@ class Registry:
                 if not stack and move.from_version is not None:  # the alias was set before the trail began
                     stack.append(move.from_version)
                 stack.append(move.to_version)
+        live = self.alias_version(name, alias)
+        if stack and live != stack[-1]:
+            raise RegistryError(
+                f"{name}@{alias}: the audit trail ends at v{stack[-1]} but the alias points at v{live or '-'}; it "
+                "was moved outside CytoLoop, so there is no trusted version to roll back to (set it explicitly "
+                "with `cytoloop promote VERSION --reason ...`)"
+            )
         if len(stack) < 2:
             raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
-        return self.move_alias(name, alias, stack[-2], why, action="rollback", who=who)
+        return self.move_alias(name, alias, stack[-2], why, action="rollback", who=who, expect=live)
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version `alias` itself points at; None if it is not set (no fallback to the global champion)."""
+        try:
+            return self.by_alias(name, alias).version
+        except NotRegistered:
+            return None
+
+    def serving_version(self, name: str, alias: str) -> str | None:
+        """The version serving `alias`: a site alias falls back to the global champion, as `for_site` does."""
+        own = self.alias_version(name, alias)
+        if own is None and alias.startswith(f"{CHAMPION}-"):
+            return self.alias_version(name, CHAMPION)
+        return own
+
+    @contextlib.contextmanager
+    def _alias_lock(self):
+        """An exclusive file lock beside the audit log (no lock without one): alias movers queue here."""
+        if self.audit_log is None:
+            yield
+            return
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        with (self.audit_log.parent / "aliases.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def aliases(self, name: str) -> dict[str, str]:
         """Every alias of a registered model and the version it points at."""
         model = self._call(lambda: self.client.get_registered_model(name), name)
-        return dict(getattr(model, "aliases", None) or {})
+        return {alias: str(v) for alias, v in (getattr(model, "aliases", None) or {}).items()}
 
     def versions(self, name: str) -> list[VersionInfo]:
         found = self.client.search_model_versions(f"name = '{name}'")

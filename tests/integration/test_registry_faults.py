@@ -114,3 +114,95 @@ def test_register_replaces_a_champion_only_as_a_recorded_override(tmp_path, tiny
     assert refused.exit_code == 2 and "already points at v1" in refused.stderr and "--override" in refused.stderr
     forced = register("--override")
     assert forced.exit_code == 0 and "@champion: v1 -> v2 (override, by " in forced.stdout  # refused: nothing kept
+
+
+@pytest.fixture
+def three_versions(tmp_path, tiny_settings):
+    """A registry with an audit log (so alias moves take its lock), three versions and v1 the champion."""
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.registry import Registry
+
+    model_dir = tmp_path / "model"
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(model_dir)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = Registry(uri, "faults", audit_log=tmp_path / "home" / "registry" / "alias-moves.jsonl")
+    versions = [registry.log_model(model_dir, "cells").version for _ in range(3)]
+    registry.move_alias("cells", "champion", versions[0], why="first", action="first")
+    return registry, versions, uri
+
+
+def test_two_gates_judged_against_one_champion_promote_only_one(three_versions):
+    """Two challengers pass their gates against v1 at the same moment: the alias moves once, the second finds the
+    champion moved (AliasMoved) and the trail records exactly the move that happened."""
+    from cytoloop.policy.promotion import GateVerdict, apply_verdict
+    from cytoloop.registry import AliasMoved, Registry
+
+    registry, (v1, v2, v3), uri = three_versions
+    start = threading.Barrier(2)
+    won, lost = [], []
+
+    def gate(version: str) -> None:
+        own = Registry(uri, "faults", audit_log=registry.audit_log)  # each job has its own client, as in Ray
+        verdict = GateVerdict(passed=True, reasons=["better"], challenger={}, champion={}, champion_version=v1)
+        start.wait()
+        try:
+            won.append(apply_verdict(own, "cells", version, "champion", verdict).to_version)
+        except AliasMoved:
+            lost.append(version)
+
+    threads = [threading.Thread(target=gate, args=(v,)) for v in (v2, v3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == 1
+    assert registry.alias_version("cells", "champion") == won[0]
+    gates = [m for m in registry.alias_history("cells", "champion") if m.action == "gate"]
+    assert [(m.from_version, m.to_version) for m in gates] == [(v1, won[0])]
+
+
+_CRASH_MID_MOVE = """
+import os, sys
+from cytoloop.registry import Registry
+registry = Registry(sys.argv[1], "faults", audit_log=sys.argv[2])
+real = registry.set_alias if sys.argv[4] == "after" else None
+def set_alias(name, alias, version):
+    if real is not None:
+        real(name, alias, version)
+    os._exit(9)  # the process dies mid-move: before the alias moved, or after it but before the record says done
+registry.set_alias = set_alias
+registry.move_alias("cells", "champion", sys.argv[3], why="dies mid-move")
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_move_killed_midway_leaves_a_trail_that_tells_the_truth(three_versions, when):
+    """A process killed between writing its intent and finishing the move: the trail counts the move exactly when
+    the alias really moved, and a rollback afterwards goes to the right version."""
+    import subprocess
+    import sys
+
+    registry, (v1, v2, v3), uri = three_versions
+    registry.move_alias("cells", "champion", v2, why="second")
+    died = subprocess.run(
+        [sys.executable, "-c", _CRASH_MID_MOVE, uri, str(registry.audit_log), v3, when], capture_output=True
+    )
+    assert died.returncode == 9, died.stderr.decode()
+    live = registry.alias_version("cells", "champion")
+    assert live == (v3 if when == "after" else v2)
+    assert [m.to_version for m in registry.alias_history("cells", "champion")] == [v1, v2] + (
+        [v3] if when == "after" else []
+    )
+    back = registry.rollback("cells", "champion", why="undo")
+    assert (back.from_version, back.to_version) == ((v3, v2) if when == "after" else (v2, v1))
+
+
+def test_rollback_refuses_when_the_alias_was_moved_outside_the_trail(three_versions):
+    from cytoloop.registry import RegistryError
+
+    registry, (v1, v2, v3), _ = three_versions
+    registry.move_alias("cells", "champion", v2, why="second")
+    registry.client.set_registered_model_alias("cells", "champion", v3)  # by hand, in the MLflow UI say
+    with pytest.raises(RegistryError, match=f"trail ends at v{v2} but the alias points at v{v3}"):
+        registry.rollback("cells", "champion", why="undo")
+    assert registry.alias_version("cells", "champion") == v3  # nothing moved on an untrusted record

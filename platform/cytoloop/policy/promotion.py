@@ -157,7 +157,9 @@ def verdict_tags(verdict: GateVerdict) -> dict[str, str]:
 
 
 def apply_verdict(registry, name: str, version: str, alias: str, verdict: GateVerdict, who: str | None = None):
-    """Record the verdict on the version; move `alias` to it if it passed. Returns the AliasMove or None."""
+    """Record the verdict on the version; move `alias` to it if it passed, and only if the champion it was judged
+    against still serves the alias (compare-and-set). Returns the AliasMove or None; raises `AliasMoved` (with the
+    verdict kept on the version) when another move came first."""
     registry.set_tags(name, version, verdict_tags(verdict))
     if not verdict.passed:
         return None
@@ -168,6 +170,7 @@ def apply_verdict(registry, name: str, version: str, alias: str, verdict: GateVe
         why="gate passed: " + "; ".join(verdict.reasons),
         action="gate",
         who=who or "cytoloop-gate",
+        expect=verdict.champion_version,
     )
 
 
