@@ -48,6 +48,7 @@ class Answer:
     kind: str
     classes: list[str]
     batch: dict
+    fallback: str | None = None  # why this is the last known good version and not the alias's (None: it is)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ class Classifier:
 
     async def _classify_site(self, key: str, members: list[int], requests: list[Cells], answers: list) -> None:
         try:
-            service = (await self.site_model(key)).service  # fixed for these requests even if the alias moves
+            live = await self.site_model(key)
+            service, fallback = live.service, live.fallback  # fixed for these requests even if the alias moves
         except Exception as error:  # registry down, alias missing, unreadable model: the caller answers 503
             for i in members:
                 answers[i] = Refusal(503, f"no model for site {key!r}: {error}")
@@ -108,7 +110,7 @@ class Classifier:
                 answers[i] = Refusal(500, f"the model ({service.ref.version}) failed on these cells: {outcome}")
             else:
                 results, batch = outcome
-                answers[i] = Answer(results[0], service.ref, service.model.kind, service.classes, batch)
+                answers[i] = Answer(results[0], service.ref, service.model.kind, service.classes, batch, fallback)
         if self.config.prediction_log is not None:
             await asyncio.to_thread(
                 self._log_predictions,
@@ -130,9 +132,15 @@ class Classifier:
         except Exception as error:
             logger.warning("could not write the prediction log %s: %s", self.config.prediction_log, error)
 
-    async def ready(self) -> str:
-        """Load the global model if needed; returns its version (raises if none can be served)."""
-        return (await self.site_model(GLOBAL_KEY)).service.ref.version
+    async def ready(self) -> tuple[str, str | None]:
+        """Load the global model if needed; returns its version and, when it is the last known good one, why
+        (raises if none can be served)."""
+        live = await self.site_model(GLOBAL_KEY)
+        return live.service.ref.version, live.fallback
+
+    async def served(self) -> dict[str, tuple[ModelRef, str | None]]:
+        """What this replica serves to each site it holds (site key -> version, fallback reason)."""
+        return {site_key(live.site): (live.service.ref, live.fallback) for live in list(self.live)}
 
     async def _follow_aliases(self) -> None:
         while True:

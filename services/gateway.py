@@ -23,7 +23,7 @@ from cytoloop.config import Settings
 from cytoloop.policy.differential import differential
 from cytoloop.serving.inference import CellFailure, CellResult
 from cytoloop.serving.model_source import ModelSource
-from services.classifier import Answer, Refusal, site_key
+from services.classifier import GLOBAL_KEY, Answer, Refusal, site_key
 from services.schemas import (
     CellAnswer,
     CellError,
@@ -104,7 +104,10 @@ def check_api_key(expected: SecretStr | None, given: str | None) -> None:
 
 
 def model_info(answer: Answer) -> ModelInfo:
-    return ModelInfo(name=answer.model.name, version=answer.model.version, alias=answer.model.alias, kind=answer.kind)
+    model = answer.model
+    return ModelInfo(
+        name=model.name, version=model.version, alias=model.alias, kind=answer.kind, last_known_good=answer.fallback
+    )
 
 
 def cell_entries(upload: Upload, answer: Answer) -> list[CellAnswer | CellError]:
@@ -217,19 +220,33 @@ class Gateway:
 
     @api.get("/v1/models", response_model=ModelsResponse, responses=_errors, summary="What is served, per site")
     async def models(self, key: str | None = Security(_api_key)) -> ModelsResponse:
-        """The global champion and every site with its own alias; any other site is served the global champion."""
+        """The global champion and every site with its own alias; any other site is served the global champion.
+
+        What the aliases name, from the registry, overlaid with what a replica really serves: a site served its
+        last known good version says so (`last_known_good`). With the registry unreachable, the replica's view
+        alone; 503 only when neither can be had."""
         check_api_key(self.config.api_key, key)
         try:
-            served = await asyncio.to_thread(self.source.site_versions)
+            named: dict | None = await asyncio.to_thread(self.source.site_versions)
         except Exception as error:
-            raise HTTPException(503, f"cannot read the served models: {error}") from None
-        return ModelsResponse(
-            source=self.source.describe(),
-            served=[
-                SiteModel(site=site, model=ModelInfo(name=ref.name, version=ref.version, alias=ref.alias))
-                for site, ref in served.items()
-            ],
-        )
+            logger.warning("/v1/models: the registry could not be read: %s", error)
+            named = None
+        try:
+            held = {None if k == GLOBAL_KEY else k: v for k, v in (await self.classifier.served.remote()).items()}
+        except Exception as error:
+            logger.warning("/v1/models: no replica answered: %s", error)
+            held = {}
+        if named is None and not held:
+            raise HTTPException(503, "cannot read the served models now; the service log says why")
+        served = dict(named) if named is not None else {site: ref for site, (ref, _) in held.items()}
+        entries = []
+        for site, ref in served.items():
+            fallback = None
+            if site in held and held[site][1] is not None:
+                ref, fallback = held[site]
+            info = ModelInfo(name=ref.name, version=ref.version, alias=ref.alias, last_known_good=fallback)
+            entries.append(SiteModel(site=site, model=info))
+        return ModelsResponse(source=self.source.describe(), served=entries)
 
     @api.get("/healthz", response_model=Health, summary="The service process answers")
     async def healthz(self) -> Health:
@@ -238,9 +255,10 @@ class Gateway:
     @api.get("/readyz", response_model=Health, responses={503: {"model": Health}}, summary="A model is loaded")
     async def readyz(self):
         try:
-            version = await self.classifier.ready.remote()
+            version, fallback = await self.classifier.ready.remote()
         except Exception as error:  # the details go to the service log, never to whoever asks
             logger.warning(f"/readyz: no model loaded: {str(error).strip().splitlines()[-1]}")
             detail = "no model loaded yet; the service log says why"
             return JSONResponse(Health(status="not ready", detail=detail).model_dump(), status_code=503)
-        return Health(status="ready", detail=f"global model version {version}", model_version=str(version))
+        detail = f"global model version {version}" + (f" ({fallback})" if fallback else "")
+        return Health(status="ready", detail=detail, model_version=str(version), last_known_good=fallback)

@@ -35,6 +35,11 @@ class ModelInfo(_Body):
     version: str
     alias: str | None = Field(None, description="registry alias that chose this version (None: a local directory)")
     kind: str | None = Field(None, description="diffusion or baseline (known once a replica loaded it)")
+    last_known_good: str | None = Field(
+        None,
+        description="set when this version serves only as the last known good one, because the version the alias "
+        "names cannot be had now: why, in words (the service log has the details)",
+    )
 
 
 class BatchInfo(_Body):
@@ -118,6 +123,9 @@ class Health(_Body):
     status: Literal["ok", "ready", "not ready"]
     detail: str | None = None
     model_version: str | None = Field(None, description="/readyz: the global model version a replica has loaded")
+    last_known_good: str | None = Field(
+        None, description="/readyz: set when that version is the last known good one, not the alias's: why"
+    )
 
 
 class ErrorResponse(_Body):

@@ -109,7 +109,7 @@ class Registry:
         self.experiment = experiment
         self.audit_log = Path(audit_log) if audit_log else None
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = self._call(lambda: MlflowClient(tracking_uri=tracking_uri), f"registry {tracking_uri}")
 
     def experiment_id(self) -> str:
         """The experiment's id, creating it on first use; with a SQLite store its artifacts go next to the

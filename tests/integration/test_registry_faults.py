@@ -3,6 +3,10 @@ at all, and a registry that cannot answer is never read as 'this site has no ali
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import socket
 import threading
 
 import numpy as np
@@ -206,3 +210,66 @@ def test_rollback_refuses_when_the_alias_was_moved_outside_the_trail(three_versi
     with pytest.raises(RegistryError, match=f"trail ends at v{v2} but the alias points at v{v3}"):
         registry.rollback("cells", "champion", why="undo")
     assert registry.alias_version("cells", "champion") == v3  # nothing moved on an untrusted record
+
+
+_NEW_REPLICA = """
+import json, sys
+from cytoloop.config import RegistryConfig, ServeConfig
+from cytoloop.serving.live import LiveModel, ServiceCache
+from cytoloop.serving.model_source import ModelSource
+from cytoloop.config import RoutingConfig
+source = ModelSource(ServeConfig(), RegistryConfig(tracking_uri=sys.argv[1], cache_dir=sys.argv[2], model_name="cells"))
+try:
+    live = LiveModel(None, source, ServiceCache(source, RoutingConfig()))
+    print(json.dumps({"version": live.service.ref.version, "fallback": live.fallback}))
+except Exception as error:
+    print(json.dumps({"error": type(error).__name__}))
+"""
+
+
+def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_cannot_be_had(three_versions):
+    """A new replica (a new process) whose champion has corrupt weights, or whose registry cannot be opened, serves
+    the version last served on this host, saying why; a champion withdrawn on purpose is not replaced by it."""
+    import subprocess
+    import sys
+
+    from cytoloop.config import RegistryConfig, RoutingConfig, ServeConfig
+    from cytoloop.models.base import WEIGHTS_FILE
+    from cytoloop.serving.live import LiveModel, ServiceCache
+    from cytoloop.serving.model_source import ModelSource
+
+    registry, (v1, v2, v3), uri = three_versions
+    cache = registry.audit_log.parent.parent / "models"
+
+    def new_replica(registry_uri: str = uri) -> dict:
+        env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # MLflow's own retries would take minutes
+        command = [sys.executable, "-c", _NEW_REPLICA, registry_uri, str(cache)]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert new_replica() == {"version": v1, "fallback": None}  # served once: v1 is this host's last known good
+
+    corrupt = registry.audit_log.parent.parent / "corrupt"  # a version whose weights are not a model
+    shutil.copytree(registry.download("cells", v1, corrupt / "dl"), corrupt / "model")
+    (corrupt / "model" / WEIGHTS_FILE).write_bytes(b"not a torch file")
+    v4 = registry.log_model(corrupt / "model", "cells").version
+    registry.move_alias("cells", "champion", v4, why="a bad upload")
+    answer = new_replica()
+    assert answer["version"] == v1 and f"version {v4} could not be loaded" in answer["fallback"]
+
+    settings = RegistryConfig(tracking_uri=uri, cache_dir=cache, model_name="cells")
+    source = ModelSource(ServeConfig(), settings)
+    live = LiveModel(None, source, ServiceCache(source, RoutingConfig()))  # a replica already up: same fallback
+    assert live.service.ref.version == v1 and live.fallback is not None
+    registry.rollback("cells", "champion", why="undo the bad upload")
+    assert live.refresh() and live.fallback is None and live.service.ref.version == v1  # current again
+
+    with socket.socket() as closed:  # a registry server that is down: nothing listens on its port
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    answer = new_replica(down)
+    assert answer["version"] == v1 and "registry could not be read" in answer["fallback"]
+
+    registry.client.delete_registered_model_alias("cells", "champion")  # withdrawn on purpose: nothing to serve
+    assert new_replica() == {"error": "NotRegistered"}

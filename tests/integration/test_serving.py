@@ -127,6 +127,7 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="ray_srv_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_worker_niceness"] = "0"  # Ray starts workers at +15: on a busy machine the proxy never starts
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # replicas meeting a down registry need not wait minutes
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     port = _free_port()
     try:
@@ -166,6 +167,7 @@ def test_real_cells_classified_over_http(serving):
             "version": serving.versions["four"],
             "alias": "champion",
             "kind": "baseline",
+            "last_known_good": None,
         }
     # the same cells as base64 JSON get the same answers
     body = {"cells": [{"name": p.name, "image_b64": base64.b64encode(p.read_bytes()).decode()} for p in paths]}
@@ -391,6 +393,39 @@ def test_without_a_model_requests_are_503_saying_why(serving):
         assert "no-such-model" in response.json()["detail"]
     finally:
         serve.delete("broken")
+
+
+def test_a_replica_that_cannot_reach_the_registry_serves_its_last_known_good_version(serving):
+    """A new replica whose registry server is down (nothing listens on its port) used to answer 503 for ever. It
+    serves the version last served on this host instead, and says so in /readyz, /v1/models and every answer."""
+    import socket
+
+    from ray import serve
+
+    from services.app import build_app
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    registry = serving.settings.registry.model_copy(update={"tracking_uri": down})
+    serve.run(build_app(serving.settings.model_copy(update={"registry": registry})), name="lkg", route_prefix="/lkg")
+    try:
+        ready = httpx.get(serving.url + "/lkg/readyz", timeout=120)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["model_version"] == serving.versions["four"]
+        assert "registry could not be read" in ready.json()["last_known_good"] and down not in ready.text
+        models = httpx.get(serving.url + "/lkg/v1/models", headers={"X-API-Key": API_KEY}, timeout=60)
+        assert models.status_code == 200, models.text
+        [entry] = models.json()["served"]  # the registry cannot say more: what this replica serves
+        assert entry["site"] is None and entry["model"]["version"] == serving.versions["four"]
+        assert entry["model"]["last_known_good"]
+        files = [("files", (p.name, p.read_bytes())) for p in serving.cells[:2]]
+        answer = serving.post("/lkg/v1/classify", files=files)
+        assert answer.status_code == 200 and answer.json()["cells"][0]["model"]["last_known_good"], answer.text
+    finally:
+        serve.delete("lkg")
+    current = serving.classify_files(serving.cells[:1])  # the app with its registry: the alias's version, no flag
+    assert current.status_code == 200 and current.json()["cells"][0]["model"]["last_known_good"] is None
 
 
 def test_a_model_that_fails_fails_only_its_own_requests(serving):

@@ -4,10 +4,17 @@ A `LiveModel` is one site's current model. `refresh()` re-resolves the alias and
 version and swaps it in with one assignment: a batch already running keeps the service it started with, the next
 one gets the new version, and no request fails over the switch. Loaded versions are shared between sites (many
 sites fall back to the same champion) in a `ServiceCache` and freed when no site uses them any more.
+
+When the version a site should get cannot be had (the registry does not answer, or the version's files do not
+load), a site keeps serving what it has; a site that has nothing yet (a new replica) serves its last known good
+version from local disk (`ModelSource.last_known_good`). Either way `fallback` says why, in words fit for anyone
+(no internals), until a later `refresh()` gets the current version. A definite "no such alias" is not a reason to
+fall back: a champion withdrawn on purpose must stop being served.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 
@@ -15,23 +22,61 @@ from cytoloop.config import RoutingConfig
 from cytoloop.serving.inference import CellService
 from cytoloop.serving.model_source import ModelRef, ModelSource
 
+logger = logging.getLogger(__name__)
+
 
 class LiveModel:
-    """One site's current model service; `refresh()` follows its alias. Thread-safe; never blocks readers."""
+    """One site's current model service; `refresh()` follows its alias. Thread-safe; never blocks readers.
+
+    `fallback` is None while the site gets the version its alias names; otherwise it says why another version (the
+    one already loaded, or the last known good) serves it. Raises when there is nothing at all to serve."""
 
     def __init__(self, site: str | None, source: ModelSource, services: ServiceCache):
+        from cytoloop.registry import RegistryUnavailable
+
         self.site, self.source, self.services = site, source, services
         self._lock = threading.Lock()
-        self.service = services.get(source.resolve(site))
+        self.fallback: str | None = None
+        try:
+            ref = source.resolve(site)
+        except RegistryUnavailable as error:
+            self.service = self._last_known_good("the registry could not be read", error)
+            return
+        try:
+            self.service = services.get(ref)
+        except Exception as error:  # corrupt or unloadable files: anything but the version itself is fine
+            self.service = self._last_known_good(f"version {ref.version} could not be loaded", error, ref)
+            return
+        source.remember(site, ref)
 
     def refresh(self) -> bool:
-        """Re-resolve the alias; load and switch to a new version. Returns whether the version changed."""
+        """Re-resolve the alias; load and switch to a new version. Returns whether what is served changed (a new
+        version, or the current one again after a fallback). Raises when the alias cannot be read or its version
+        cannot be loaded; the loaded service keeps serving meanwhile."""
         with self._lock:
             ref = self.source.resolve(self.site)
             if ref == self.service.ref:
-                return False
-            self.service = self.services.get(ref)  # one assignment: readers see the old or the new service
+                if self.fallback is None:
+                    return False
+            else:
+                try:
+                    service = self.services.get(ref)
+                except Exception:
+                    self.fallback = f"version {ref.version} could not be loaded"
+                    raise
+                self.service = service  # one assignment: readers see the old or the new service
+            self.fallback = None
+            self.source.remember(self.site, ref)
             return True
+
+    def _last_known_good(self, why: str, error: Exception, failed: ModelRef | None = None) -> CellService:
+        ref = self.source.last_known_good(self.site)
+        if ref is None or ref == failed:
+            raise error
+        service = self.services.get(ref, cached_only=True)
+        self.fallback = f"{why}; serving the last known good version {ref.version}"
+        logger.warning("site %s: %s (%s)", self.site or "*", self.fallback, error)
+        return service
 
 
 class ServiceCache:
@@ -42,10 +87,12 @@ class ServiceCache:
         self._loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
-    def get(self, ref: ModelRef) -> CellService:
+    def get(self, ref: ModelRef, cached_only: bool = False) -> CellService:
+        """The service of `ref`, loading it once; `cached_only` loads from the local cache without the registry."""
         with self._lock:
             service = self._loaded.get(ref)
             if service is None:
-                service = CellService(self.source.load(ref), ref, self.routing)
+                model = self.source.load_cached(ref) if cached_only else self.source.load(ref)
+                service = CellService(model, ref, self.routing)
                 self._loaded[ref] = service
             return service

@@ -5,12 +5,20 @@ is (`load`). From the registry a site is served by `<name>@champion-<site>` if t
 `<name>@champion`; from a local directory every site gets that directory's model, versioned by a hash of its
 files so that writing a new model there is noticed like a moved alias.
 
+A registry source also keeps, per site, the *last known good* version on local disk: the version a replica last
+loaded and served for that site, whose files are whole in the shared cache (`<cache_dir>/<name>/<version>`). A new
+replica that cannot reach the registry, or cannot load the version its alias names (corrupt weights), serves that
+one instead and says so (`serving.live`). A local directory has no fallback: it either loads or it does not.
+
 What is loaded and served from them, per site, is `serving.live`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +74,41 @@ class ModelSource:
         if ref.path is not None:
             return load_model(ref.path)
         return self.registry.load(ref.name, ref.version, self.cache_dir)  # whole or not at all in the shared cache
+
+    def remember(self, site: str | None, ref: ModelRef) -> None:
+        """Record `ref` as the version last loaded and served for `site` (atomically: a reader sees the old record
+        or the new one). Nothing is kept for a local directory."""
+        if ref.path is not None:
+            return
+        record = self._last_known_good_file(site)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=".lkg-", dir=record.parent)
+        with os.fdopen(handle, "w") as out:
+            json.dump({"name": ref.name, "version": ref.version, "alias": ref.alias}, out)
+        os.replace(staging, record)
+
+    def last_known_good(self, site: str | None) -> ModelRef | None:
+        """The version last served for `site` on this host, if its files are still whole in the cache; None
+        otherwise. Reads only local disk: it is what a replica falls back on when the registry cannot answer."""
+        record = self._last_known_good_file(site)
+        if self.model_dir or not record.is_file():
+            return None
+        try:
+            saved = json.loads(record.read_text())
+            ref = ModelRef(saved["name"], str(saved["version"]), saved.get("alias"))
+        except (ValueError, KeyError, TypeError):
+            return None
+        folder = self.cache_dir / ref.name / ref.version
+        if not ((folder / MODEL_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()):
+            return None
+        return ref
+
+    def load_cached(self, ref: ModelRef) -> Classifier:
+        """Load a version from the local cache alone, without asking the registry (the last-known-good path)."""
+        return load_model(self.cache_dir / ref.name / ref.version)
+
+    def _last_known_good_file(self, site: str | None) -> Path:
+        return self.cache_dir / self.name / "last-known-good" / f"{site or '_global'}.json"
 
     def site_versions(self) -> dict[str | None, ModelRef]:
         """Every alias-served site and its version (None: the global champion); one entry for a local model."""
