@@ -254,7 +254,7 @@ class Demo:
             raise RuntimeError(f"services not up: {', '.join(down)} (see `cytoloop stack status`)")
         stack = self.settings.stack
         if not ray.is_initialized():
-            ray.init(address=f"{stack.host}:{stack.ray_port}", log_to_driver=False)
+            ray.init(address=f"{stack.ray_host}:{stack.ray_port}", log_to_driver=False)
         # the demo prints one line per stage; Ray Data's own progress lines every few seconds would bury them
         DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -331,15 +331,19 @@ class Demo:
 
     def _annotators(self) -> list:
         from labelstudio.annotators import SimulatedAnnotator
-        from ops.stack import label_studio_url
+        from labelstudio.client import invite_url
+        from ops.stack import label_studio_url, stack_secrets
 
+        url = label_studio_url(self.settings)
+        invite = invite_url(url, stack_secrets(self.settings)["admin_token"])  # sign-up is closed without it
         return [
             SimulatedAnnotator.sign_up(
-                label_studio_url(self.settings),
+                url,
                 f"annotator{i + 1}@cytoloop.demo",
                 f"demo-annotator-{i + 1}",
                 self.config.error_rate,
                 self.config.seed,
+                invite,
             )
             for i in range(self.config.annotators)
         ]
@@ -401,7 +405,7 @@ class Demo:
                 "(`cytoloop stack up` with CYTOLOOP_STACK__MLFLOW_SERVER=true for the web UI)"
             )
         if stack.ray_dashboard:
-            urls["Ray dashboard"] = f"http://{stack.host}:{stack.ray_dashboard_port}"
+            urls["Ray dashboard"] = f"http://{stack.ray_host}:{stack.ray_dashboard_port}"
         urls["classifier API"] = f"{state.serve_url}/docs"
         return urls
 
@@ -424,7 +428,7 @@ def _demo_settings(settings: Settings, data: Path) -> Settings:
     home = Path(settings.home).resolve()
     folder = (data if data.is_dir() else data.parent).resolve()
     stack = settings.stack
-    if not folder.is_relative_to(Path(stack.images_root).resolve()):
+    if stack.images_root is None or not folder.is_relative_to(Path(stack.images_root).resolve()):
         stack = stack.model_copy(update={"images_root": folder})
     serve = settings.serve.model_copy(
         update={

@@ -36,15 +36,18 @@ class SimulatedAnnotator:
     seed: int = 0
 
     @classmethod
-    def sign_up(cls, url: str, email: str, password: str, error_rate: float, seed: int = 0) -> SimulatedAnnotator:
-        """Sign the user up (or log in when the account exists) and connect with their own token."""
+    def sign_up(
+        cls, url: str, email: str, password: str, error_rate: float, seed: int = 0, invite: str | None = None
+    ) -> SimulatedAnnotator:
+        """Log in, or sign the user up through the `invite` link when the account does not exist yet, and connect
+        with their own token."""
         from label_studio_sdk import LabelStudio
 
         from labelstudio.client import user_token
 
         if not 0.0 <= error_rate < 1.0:
             raise ValueError(f"error_rate must be in [0, 1), got {error_rate!r}")
-        user_id, token = user_token(url, email, password)
+        user_id, token = user_token(url, email, password, invite)
         return cls(email, user_id, LabelStudio(base_url=url, api_key=token), error_rate, seed)
 
     def answer(self, truth: str, classes: list[str], task_key: str) -> str:

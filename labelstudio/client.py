@@ -50,19 +50,38 @@ def unavailable(error: BaseException) -> bool:
     )
 
 
-def user_token(url: str, email: str, password: str, sign_up: bool = True) -> tuple[int, str]:
-    """(user id, API token) of a Label Studio user, signing them up first if they have no account yet.
+def invite_url(url: str, admin_token: str) -> str:
+    """The organisation's invite link (`/user/signup/?token=…`), read with the admin's token. Sign-up is closed
+    without it (`stack` starts Label Studio with DISABLE_SIGNUP_WITHOUT_LINK): whoever is given the link, and only
+    they, can make an account. `POST /api/invite/reset-token` (Label Studio's) makes a new one and voids the old."""
+    import httpx
 
-    This is how annotator accounts are made without a browser: Label Studio's own sign-up and login forms, then
-    the user's token. (Users created through the admin API get no usable password.)
+    base = url.rstrip("/")
+    response = httpx.get(f"{base}/api/invite", headers={"Authorization": f"Token {admin_token}"}, timeout=30.0)
+    if response.status_code != 200:
+        raise PermissionError(f"cannot read the invite link of {base} (HTTP {response.status_code}): admin token?")
+    return base + response.json()["invite_url"]
+
+
+def user_token(url: str, email: str, password: str, invite: str | None = None) -> tuple[int, str]:
+    """(user id, API token) of a Label Studio user: logged in, or, when they have no account yet and an invite link
+    is given, signed up through it first.
+
+    This is how annotator accounts are made without a browser: Label Studio's own login and sign-up forms (sign-up
+    only with the organisation's invite link, see `invite_url`), then the user's token. (Users created through the
+    admin API get no usable password.)
     """
     import re
+    from urllib.parse import urlsplit
 
     import httpx
 
     base = url.rstrip("/")
+    forms = ["/user/login/"]
+    if invite is not None:
+        forms.append(f"/user/signup/?{urlsplit(invite).query}")
     with httpx.Client(base_url=base, follow_redirects=False, timeout=30.0) as session:
-        for form in ("/user/login/", "/user/signup/") if sign_up else ("/user/login/",):
+        for form in forms:
             session.get(form)  # sets the CSRF cookie
             csrf = session.cookies.get("csrftoken") or ""
             response = session.post(
@@ -74,7 +93,8 @@ def user_token(url: str, email: str, password: str, sign_up: bool = True) -> tup
                 break
         else:
             errors = re.findall(r"error[^>]*>\s*([^<]+?)\s*<", response.text) or [f"HTTP {response.status_code}"]
-            raise PermissionError(f"cannot log in or sign up {email} at {base}: {errors[0]}")
+            what = "log in or sign up" if invite is not None else "log in (no invite link to sign up with)"
+            raise PermissionError(f"cannot {what} {email} at {base}: {errors[0]}")
         token = session.get("/api/current-user/token")
         me = session.get("/api/current-user/whoami")
         if token.status_code != 200 or me.status_code != 200:

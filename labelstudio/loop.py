@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from cytoloop.config import Settings
 from cytoloop.data.records import CellRecord
+from cytoloop.errors import UsageError
 from cytoloop.policy.routing import ScoredCell, route_cells, select_for_review
 from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
 from labelstudio.client import LabelStudioUnavailable, connect, unavailable
@@ -89,8 +90,17 @@ class ReviewLoop:
         )
         secret = stack_secrets(self.settings)["webhook_secret"]
         ensure_webhook(self.client, project_id, webhook_url(self.settings), secret)
-        ensure_image_storage(self.client, project_id, self.settings.stack.images_root)
+        ensure_image_storage(self.client, project_id, self.images_root)
         return project_id
+
+    @property
+    def images_root(self) -> Path:
+        if self.settings.stack.images_root is None:
+            raise UsageError(
+                "stack.images_root is not set: the folder of cell images Label Studio serves tasks from "
+                "(CYTOLOOP_STACK__IMAGES_ROOT=/path/to/cells)"
+            )
+        return Path(self.settings.stack.images_root)
 
     def projects(self) -> dict[str, int]:
         """site -> project id of every project whose title follows our template."""
@@ -153,7 +163,7 @@ class ReviewLoop:
                 build_task(
                     item,
                     CellContext(record.path, cell_site, record.domain, model_version, tuple(classes)),
-                    self.settings.stack.images_root,
+                    self.images_root,
                 )
             )
         queued = self.outbox.enqueue(tasks)

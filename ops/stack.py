@@ -3,10 +3,15 @@
 - Label Studio (the labelling UI), in its own virtualenv: it is an application with its own pinned Django stack,
   so it never shares our venv. The venv is created on first use (~2 min, once per machine: it is shared by every
   checkout, under ~/.cache/cytoloop/venvs/ by default). Admin account and API token are set non-interactively on
-  its first start (legacy token, `--user-token`); first start ~45 s (database migrations), later ~6 s.
+  its first start (legacy token), passed through the server's environment, never its command line (which anyone
+  on the host can read in `ps`); first start ~45 s (database migrations), later ~6 s. Sign-up is closed: accounts
+  come through the organisation's invite link (`cytoloop review invite`). Label Studio serves every file under
+  the images root to any logged-in user, so CytoLoop's home (secrets, label store, MLflow database) must lie
+  outside it: `up` refuses otherwise.
 - our label receiver (`cytoloop review serve`): Label Studio's webhooks, the periodic poll and the outbox push;
 - MLflow: a SQLite file (nothing to start) unless `stack.mlflow_server` asks for its UI server;
-- a local Ray head (`ray start --head --block`, owned by us: `down` stops exactly that one, never other Rays).
+- a local Ray head (`ray start --head --block`, owned by us: `down` stops exactly that one, never other Rays), on
+  loopback (`stack.ray_host`); bound anywhere else it runs with Ray's token authentication.
 
 Everything lives under `Settings.home` (default ./.cytoloop/): `stack/<service>.pid`, `stack/<service>.log`, each
 service's data folder, and `secrets.json` (generated passwords and tokens, mode 0600). `up` is idempotent: a
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cytoloop.config import Settings
+from cytoloop.config import Settings, is_loopback
 from cytoloop.errors import CytoLoopError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,9 @@ def _read_or_make_secrets(settings: Settings, path: Path) -> dict[str, str]:
         "admin_password": settings.stack.admin_password,
         "admin_token": settings.stack.admin_token,
         "webhook_secret": settings.review.webhook_secret,
+        "ray_token": None,  # always generated: Ray's token when its head binds more than loopback
+        "mlflow_admin_password": None,  # the MLflow UI's admin, when it binds more than loopback
+        "mlflow_secret_key": None,
     }
     values: dict[str, str] = {k: v.get_secret_value() if v is not None else stored.get(k, "") for k, v in given.items()}
     values.update({k: secrets_lib.token_hex(20) for k, v in values.items() if not v})
@@ -232,32 +240,10 @@ class Stack:
 
     # -- what runs where --------------------------------------------------------------------------------------
     def services(self) -> list[Service]:
-        cfg, host = self.settings.stack, self.settings.stack.host
+        cfg = self.settings.stack
         chosen = [self._label_studio(), self._labels()]
         if cfg.mlflow_server:
-            db = self.mlflow_db()
-            chosen.append(
-                Service(
-                    "mlflow",
-                    cfg.mlflow_port,
-                    [
-                        str(Path(sys.executable).parent / "mlflow"),
-                        "server",
-                        "--backend-store-uri",
-                        f"sqlite:///{db}",
-                        "--default-artifact-root",
-                        str(db.parent / "artifacts"),
-                        "--host",
-                        host,
-                        "--port",
-                        str(cfg.mlflow_port),
-                        "--workers",
-                        "1",
-                    ],
-                    env={"MLFLOW_DISABLE_TELEMETRY": "true"},
-                    health_url=f"http://{host}:{cfg.mlflow_port}/health",
-                )
-            )
+            chosen.append(self._mlflow())
         if cfg.ray:
             temp = self.home / "ray"
             if len(str(temp)) > RAY_TEMP_LIMIT:
@@ -273,7 +259,7 @@ class Stack:
                 "--port",
                 str(cfg.ray_port),
                 "--node-ip-address",
-                host,
+                cfg.ray_host,
                 "--temp-dir",
                 str(temp),
                 "--disable-usage-stats",
@@ -282,7 +268,7 @@ class Stack:
                 command += [
                     "--include-dashboard=true",
                     "--dashboard-host",
-                    host,
+                    cfg.ray_host,
                     "--dashboard-port",
                     str(cfg.ray_dashboard_port),
                 ]
@@ -291,9 +277,13 @@ class Stack:
             if cfg.ray_num_cpus:
                 command += ["--num-cpus", str(cfg.ray_num_cpus)]
             # workers otherwise start at niceness +15 and, on a busy machine, Serve's proxy misses its start-up checks
-            chosen.append(
-                Service("ray", cfg.ray_port, command, env={"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"})
+            # on loopback only this host's users reach it; anywhere else Ray's token authentication is on
+            auth = (
+                {"RAY_AUTH_MODE": "disabled"}
+                if is_loopback(cfg.ray_host)
+                else {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stack_secrets(self.settings)["ray_token"]}
             )
+            chosen.append(Service("ray", cfg.ray_port, command, env={**auth, "RAY_worker_niceness": "0"}))
         return chosen
 
     def mlflow_db(self) -> Path:
@@ -302,14 +292,85 @@ class Stack:
             return Path(uri.removeprefix("sqlite:///")).resolve()
         return self.home / "mlflow" / "mlflow.db"
 
+    def _images_root(self) -> Path:
+        """`stack.images_root`, checked: set, below /, and holding none of CytoLoop's own files (Label Studio serves
+        every file under it to any logged-in user)."""
+        if self.settings.stack.images_root is None:
+            raise StackError(
+                "stack.images_root is not set: the folder of cell images Label Studio may serve "
+                "(CYTOLOOP_STACK__IMAGES_ROOT=/path/to/cells)"
+            )
+        images_root = Path(self.settings.stack.images_root).resolve()
+        if images_root == images_root.parent:
+            raise StackError("stack.images_root must be a folder below / (Label Studio serves images under its parent)")
+        for what, path in (("home", self.home), ("the MLflow database", self.mlflow_db())):
+            if path.resolve().is_relative_to(images_root):
+                raise StackError(
+                    f"{what} ({path.resolve()}) lies inside stack.images_root ({images_root}), whose every file "
+                    "Label Studio serves to any logged-in user: secrets, labels and the registry would be readable. "
+                    "Put CYTOLOOP_HOME (and the MLflow database) outside the images folder."
+                )
+        return images_root
+
+    def _mlflow(self) -> Service:
+        """The MLflow UI server. On loopback it is for this host's users; on any other address it runs MLflow's
+        basic-auth app: users in `<home>/mlflow/auth.db`, admin `admin` with `mlflow_admin_password` of
+        secrets.json (clients: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+        cfg, host = self.settings.stack, self.settings.stack.host
+        db = self.mlflow_db()
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--default-artifact-root",
+            str(db.parent / "artifacts"),
+            "--host",
+            host,
+            "--port",
+            str(cfg.mlflow_port),
+            "--workers",
+            "1",
+        ]
+        env = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+        auth = db.parent / "auth.ini"
+
+        def prepare() -> None:
+            auth.write_text(
+                "[mlflow]\ndefault_permission = READ\n"
+                f"database_uri = sqlite:///{db.parent / 'auth.db'}\n"
+                "admin_username = admin\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            )
+
+        if is_loopback(host):
+            return Service(
+                "mlflow", cfg.mlflow_port, command, env=env, health_url=f"http://{host}:{cfg.mlflow_port}/health"
+            )
+        # MLflow answers only the Host names it is told (its DNS-rebinding protection)
+        allowed = [f"{name}:*" for name in ("localhost", "127.0.0.1", host, *cfg.mlflow_allowed_hosts)]
+        secret = stack_secrets(self.settings)
+        env |= {
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": secret["mlflow_admin_password"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["mlflow_secret_key"],
+        }
+        return Service(
+            "mlflow",
+            cfg.mlflow_port,
+            [*command, "--app-name", "basic-auth", "--allowed-hosts", ",".join(allowed)],
+            env=env,
+            health_url=f"http://{host}:{cfg.mlflow_port}/health",
+            prepare=prepare,
+        )
+
     def _label_studio(self) -> Service:
         cfg, host = self.settings.stack, self.settings.stack.host
+        # checked by `up` before anything is written under home (here it may be unset: `stack up --only labels`)
+        images_root = Path(cfg.images_root).resolve() if cfg.images_root is not None else Path("/nowhere/images")
         secret = stack_secrets(self.settings)
         data = self.home / "label-studio"
         venv = label_studio_venv(self.settings)
-        images_root = Path(cfg.images_root).resolve()
-        if images_root == images_root.parent:
-            raise StackError("stack.images_root must be a folder below / (Label Studio serves images under its parent)")
         env = {
             "LABEL_STUDIO_BASE_DATA_DIR": str(data / "data"),
             "HOME": str(data / "home"),
@@ -321,9 +382,15 @@ class Stack:
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(images_root.parent),
             "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
             "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",  # accounts only through the invite link
+            # the admin's credentials: in the environment (readable by its owner only), not on the command line
+            "LABEL_STUDIO_USERNAME": cfg.admin_email,
+            "LABEL_STUDIO_PASSWORD": secret["admin_password"],
+            "LABEL_STUDIO_USER_TOKEN": secret["admin_token"],
         }
 
         def prepare() -> None:
+            self._images_root()
             for folder in ("data", "home", "tmp"):
                 (data / folder).mkdir(parents=True, exist_ok=True)
             database = data / "data" / "label_studio.sqlite3"
@@ -343,12 +410,6 @@ class Stack:
                 host,
                 "--port",
                 str(cfg.label_studio_port),
-                "--username",
-                cfg.admin_email,
-                "--password",
-                secret["admin_password"],
-                "--user-token",
-                secret["admin_token"],
                 "--enable-legacy-api-token",
             ],
             env=env,
@@ -399,7 +460,9 @@ class Stack:
         return pid
 
     def _healthy(self, service: Service) -> bool:
-        host = self.settings.stack.host if service.name != "labels" else self.settings.review.webhook_host
+        host = {"labels": self.settings.review.webhook_host, "ray": self.settings.stack.ray_host}.get(
+            service.name, self.settings.stack.host
+        )
         if service.health_url is None:
             return _port_open(host, service.port)
         try:
@@ -431,6 +494,8 @@ class Stack:
     # -- up / down ------------------------------------------------------------------------------------------
     def up(self, only: list[str] | None = None) -> list[ServiceStatus]:
         """Start what is not running yet, wait until each answers its health check; returns the status."""
+        if only is None or "label-studio" in only:
+            self._images_root()  # refused before anything is created under home
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mlflow_db().parent.mkdir(parents=True, exist_ok=True)
         for service in self.services():

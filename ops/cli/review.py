@@ -162,6 +162,31 @@ def review_push(config: Path | None = typer.Option(None, help="JSON settings fil
     run(action)
 
 
+@review_app.command("invite")
+def review_invite(
+    reset: bool = typer.Option(False, "--reset", help="void the current link first (it reached the wrong people)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Print the invite link annotators sign up with (sign-up is closed without it); give it to them only."""
+
+    def action():
+        import httpx
+
+        from cytoloop.config import load_settings
+        from labelstudio.client import invite_url
+        from ops.stack import label_studio_url, stack_secrets
+
+        settings = load_settings(config)
+        url, token = label_studio_url(settings), stack_secrets(settings)["admin_token"]
+        if reset:
+            done = httpx.post(f"{url}/api/invite/reset-token", headers={"Authorization": f"Token {token}"}, timeout=30)
+            if done.status_code not in (200, 201):
+                fail(f"Label Studio refused to reset the invite link (HTTP {done.status_code})")
+        typer.echo(invite_url(url, token))
+
+    run(action)
+
+
 @review_app.command("sync")
 def review_sync(config: Path | None = typer.Option(None, help="JSON settings file")) -> None:
     """Apply received webhook events and poll Label Studio for every label they missed (safe to rerun)."""

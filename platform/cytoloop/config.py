@@ -248,13 +248,27 @@ class StackConfig(_Section):
     admin_email: str = "admin@cytoloop.local"
     admin_password: SecretStr | None = None
     admin_token: SecretStr | None = Field(None, description="Label Studio API token of the admin (legacy token)")
-    images_root: Path = Field(
-        Path("."), description="folder Label Studio may serve cell images from (each project's local storage)"
+    images_root: Path | None = Field(
+        None,
+        description="folder Label Studio may serve cell images from (each project's local storage); every file "
+        "under it is readable by any Label Studio user, so CytoLoop's home must lie outside it. Required to start "
+        "Label Studio or route cells",
     )
     mlflow_server: bool = Field(False, description="also run `mlflow server` (UI); else MLflow is just a SQLite file")
     mlflow_port: int = Field(5000, ge=1, le=65535)
+    mlflow_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names other machines use to reach the MLflow UI server (besides `host`): MLflow refuses "
+        "requests naming any other host",
+    )
     ray: bool = Field(True, description="start a local Ray head")
     ray_port: int = Field(6379, ge=1, le=65535)
+    ray_host: str = Field(
+        "127.0.0.1",
+        description="interface the local Ray head and its dashboard bind (the dashboard is also the Jobs API: "
+        "whoever reaches it runs code). Any address but loopback turns Ray's token authentication on, with the "
+        "token `ray_token` of <home>/secrets.json (clients: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN)",
+    )
     ray_num_cpus: int | None = Field(None, ge=1)
     ray_dashboard: bool = Field(True, description="run the Ray dashboard (also the Ray Jobs API) with the head")
     ray_dashboard_port: int = Field(8265, ge=1, le=65535)
@@ -370,7 +384,7 @@ class DriftConfig(_Section):
     review_rise: float = Field(0.15, gt=0, description="confidence drift: review fraction this far over the first")
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     """Whether an address is reachable from this machine only."""
     import ipaddress
 
@@ -434,7 +448,7 @@ class ServeConfig(_Section):
             )
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas ({self.max_replicas}) must be at least min_replicas ({self.min_replicas})")
-        if not _loopback(self.host) and self.api_key is None and not self.insecure:
+        if not is_loopback(self.host) and self.api_key is None and not self.insecure:
             raise ValueError(
                 f"host {self.host} lets other machines send and read cell images: set an API key "
                 "(CYTOLOOP_SERVE__API_KEY) or, on a trusted network only, serve.insecure (cytoloop serve --insecure)"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+from label_studio_sdk import LabelStudio
 from typer.testing import CliRunner
 
 from cytoloop.data.records import load_records
@@ -104,19 +105,64 @@ def world(label_studio, cells_dir) -> World:
     from label_studio_sdk import LabelStudio
 
     from cytoloop.config import RoutingConfig
-    from labelstudio.client import user_token
+    from labelstudio.client import invite_url, user_token
     from labelstudio.loop import ReviewLoop
 
     records = load_records(cells_dir)
     chosen = [r for site in SITES for r in [r for r in records if r.domain == site][:8]]
     label_studio.stack.up(only=["labels"])  # the webhook receiver, as `cytoloop stack up` runs it
     annotators = {}
+    invite = invite_url(label_studio.url, label_studio.token)  # sign-up is closed without it
     for email in ("ann1@lab.test", "ann2@lab.test"):
-        user_id, token = user_token(label_studio.url, email, "annotator-pw-123")
+        user_id, token = user_token(label_studio.url, email, "annotator-pw-123", invite)
         annotators[email] = (user_id, LabelStudio(base_url=label_studio.url, api_key=token))
     routing = {"review_below": 0.7, "anomaly_above": 1.0, "audit_fraction": 0.0, "always_review": ["blast"]}
     settings = label_studio.settings.model_copy(update={"routing": RoutingConfig(**routing)})
     return World(ReviewLoop(settings), label_studio, chosen, fake_predictions(len(chosen)), annotators)
+
+
+def test_label_studio_is_closed_to_strangers(label_studio, tmp_path):
+    """Sign-up needs the organisation's invite link (a reset voids the old one), and the admin's password and token
+    are on no command line of the host (`ps` shows every user's)."""
+    from pathlib import Path
+
+    from labelstudio.client import invite_url, user_token
+    from ops.cli import app
+    from ops.stack import stack_secrets
+
+    secret = stack_secrets(label_studio.settings)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:  # a process that ended meanwhile
+            continue
+        assert secret["admin_password"] not in text and secret["admin_token"] not in text, cmdline
+
+    with httpx.Client(base_url=label_studio.url, timeout=30) as anonymous:  # the sign-up form, as a stranger
+        anonymous.get("/user/signup/")
+        csrf = anonymous.cookies.get("csrftoken") or ""
+        refused = anonymous.post(
+            "/user/signup/",
+            data={"email": "stranger@outside.test", "password": "strange-pw-1", "csrfmiddlewaretoken": csrf},
+            headers={"Referer": f"{label_studio.url}/user/signup/"},
+        )
+    assert refused.status_code == 403
+    with pytest.raises(PermissionError, match="no invite link"):
+        user_token(label_studio.url, "stranger@outside.test", "strange-pw-1")
+
+    config = tmp_path / "settings.json"
+    config.write_text(label_studio.settings.model_dump_json(exclude_none=True))
+    old = invite_url(label_studio.url, label_studio.token)
+    reset = CliRunner().invoke(app, ["review", "invite", "--reset", "--config", str(config)])
+    assert reset.exit_code == 0, reset.output
+    new = reset.stdout.strip()
+    assert new.startswith(f"{label_studio.url}/user/signup/?token=") and new != old
+    with pytest.raises(PermissionError):
+        user_token(label_studio.url, "stranger@outside.test", "strange-pw-1", old)  # a voided link
+    user_id, _ = user_token(label_studio.url, "invited@lab.test", "invited-pw-1", new)
+    admin = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    emails = {u.email for u in admin.users.list()}
+    assert "invited@lab.test" in emails and "stranger@outside.test" not in emails
 
 
 def test_stack_up_is_idempotent_and_a_taken_port_is_named(label_studio, tmp_path):

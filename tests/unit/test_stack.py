@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import stat
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -12,13 +16,36 @@ from ops.stack import Stack, StackError, stack_secrets
 
 
 def settings_in(tmp_path, **stack) -> Settings:
-    return Settings(home=tmp_path / "home", stack={"images_root": tmp_path, "ray": False, **stack})
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return Settings(home=tmp_path / "home", stack={"images_root": tmp_path / "images", "ray": False, **stack})
+
+
+def test_a_home_inside_the_images_root_is_refused_before_anything_starts(tmp_path):
+    """Label Studio serves every file under the images root to any logged-in user: CytoLoop's secrets, label store
+    and registry must not be among them."""
+    settings = Settings(home=tmp_path / "cells" / ".cytoloop", stack={"images_root": tmp_path / "cells", "ray": False})
+    with pytest.raises(StackError, match=r"home .* lies inside stack.images_root"):
+        Stack(settings).up(only=["label-studio"])
+    assert not (tmp_path / "cells" / ".cytoloop" / "secrets.json").exists()  # nothing written there either
+    elsewhere = settings.model_copy(
+        update={"registry": settings.registry.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/cells/m.db"})}
+    )
+    elsewhere = elsewhere.model_copy(update={"home": tmp_path / "home"})
+    with pytest.raises(StackError, match="the MLflow database .* lies inside"):
+        Stack(elsewhere).up(only=["label-studio"])
 
 
 def test_secrets_are_generated_once_and_kept_private(tmp_path):
     settings = settings_in(tmp_path)
     first = stack_secrets(settings)
-    assert set(first) == {"admin_password", "admin_token", "webhook_secret"}
+    assert set(first) == {
+        "admin_password",
+        "admin_token",
+        "webhook_secret",
+        "ray_token",
+        "mlflow_admin_password",
+        "mlflow_secret_key",
+    }
     assert all(len(v) == 40 for v in first.values())
     assert stack_secrets(settings) == first
     path = tmp_path / "home" / "secrets.json"
@@ -82,7 +109,6 @@ def test_processes_starting_at_once_share_one_set_of_secrets(tmp_path):
     but the last writer's went on with secrets no other process knew."""
     import subprocess
     import sys
-    import time
 
     go = tmp_path / "go"
     script = (
@@ -103,3 +129,16 @@ def test_processes_starting_at_once_share_one_set_of_secrets(tmp_path):
     go.touch()
     seen = {child.communicate(timeout=60)[0].strip() for child in children}
     assert len(seen) == 1 and seen == {stack_secrets(settings_in(tmp_path))["webhook_secret"]}
+
+
+def test_ray_stays_on_loopback_when_the_other_services_face_the_network(tmp_path):
+    """Label Studio on all interfaces (for remote annotators) used to put Ray's head and Jobs API there too, with
+    authentication off: anyone on the network could run code. Ray now keeps to `stack.ray_host` (loopback)."""
+    (tmp_path / "images").mkdir()
+    home = Path(tempfile.mkdtemp(prefix="cyr-"))  # short: Ray's socket paths
+    settings = Settings(home=home, stack={"images_root": tmp_path / "images", "host": "0.0.0.0", "ray": True})
+    [ray] = [s for s in Stack(settings).services() if s.name == "ray"]
+    shutil.rmtree(home)
+    assert ray.command[ray.command.index("--node-ip-address") + 1] == "127.0.0.1"
+    assert ray.command[ray.command.index("--dashboard-host") + 1] == "127.0.0.1"
+    assert ray.env["RAY_AUTH_MODE"] == "disabled"
