@@ -39,6 +39,18 @@ def connect(url: str, token: str, timeout: float = 30.0) -> LabelStudio:
     return client
 
 
+def server_identity(client: LabelStudio) -> str:
+    """What tells this Label Studio from any other, and survives its restarts: its organisation's id and creation
+    time. A recreated or migrated server (whose annotation and project ids start again at 1) has another one, so
+    labels keyed by it never collide with the old server's."""
+    organisations = sorted(client.organizations.list(), key=lambda o: o.id)
+    if not organisations:
+        raise LabelStudioUnavailable("Label Studio has no organisation (a server that was never started?)")
+    first = organisations[0]
+    created = first.created_at.isoformat() if hasattr(first.created_at, "isoformat") else str(first.created_at)
+    return f"org{first.id}@{created}"
+
+
 def unavailable(error: BaseException) -> bool:
     """Whether an exception from the SDK means "server not reachable" (as opposed to a bad request)."""
     import httpx

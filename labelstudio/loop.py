@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode
 
 from cytoloop.config import Settings
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.policy.routing import ScoredCell, route_cells, select_for_review
 from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
-from labelstudio.client import LabelStudioUnavailable, connect, unavailable
+from labelstudio.client import LabelStudioUnavailable, connect, server_identity, unavailable
 from labelstudio.export import export_manifest, review_report
 from labelstudio.outbox import Outbox
 from labelstudio.push import PushReport, push_outbox
@@ -73,6 +74,7 @@ class ReviewLoop:
         self.outbox = Outbox(folder / "outbox.db")
         self.url = label_studio_url(settings)
         self._client: LabelStudio | None = None
+        self._server: str | None = None
 
     @property
     def client(self) -> LabelStudio:
@@ -89,9 +91,17 @@ class ReviewLoop:
             self.client, project_title(review.project_title, site), classes, review.labels_required
         )
         secret = stack_secrets(self.settings)["webhook_secret"]
-        ensure_webhook(self.client, project_id, webhook_url(self.settings), secret)
+        url = f"{webhook_url(self.settings)}?{urlencode({'server': self.server})}"  # events say where they came from
+        ensure_webhook(self.client, project_id, url, secret)
         ensure_image_storage(self.client, project_id, self.images_root)
         return project_id
+
+    @property
+    def server(self) -> str:
+        """The identity of the Label Studio this loop talks to (labels are keyed by it), read once."""
+        if self._server is None:
+            self._server = server_identity(self.client)
+        return self._server
 
     @property
     def images_root(self) -> Path:
@@ -189,7 +199,7 @@ class ReviewLoop:
     # -- back: labels ---------------------------------------------------------------------------------------------
     def sync(self, on_annotation: Callable[[int], None] | None = None) -> SyncReport:
         """Apply stored webhook events, then poll every review project (catches what webhooks missed)."""
-        return sync(self.client, self.store, self.projects().values(), on_annotation=on_annotation)
+        return sync(self.client, self.store, self.projects().values(), self.server, on_annotation=on_annotation)
 
     def report(self) -> dict:
         return review_report(self.store, self.settings.review.labels_required)

@@ -1,7 +1,11 @@
 """The label store: every hematologist's label, exactly once, in one SQLite file.
 
-Rows are keyed by Label Studio's annotation id, so however often an annotation arrives (webhook, poll, a replay
-of either, a sync killed half-way and run again) it is one row:
+Rows are keyed by the Label Studio server's identity and its annotation id, so however often an annotation
+arrives (webhook, poll, a replay of either, a sync killed half-way and run again) it is one row, and a recreated
+or migrated Label Studio, whose ids start again at 1, never overwrites or retracts the labels of the old one. The
+identity (`labelstudio.client.server_identity`: its organisation's id and creation time) comes with every webhook
+(the receiver's URL carries it) and every poll. Rows stored before identities existed (server '') are adopted by
+the first server that syncs (`adopt`): upgrade, then sync once against the same Label Studio (docs/review-loop.md).
 
 - a create or an update replaces the row, unless the row already holds a newer version (`updated_at`);
 - a delete retracts the row (kept, with `retracted_at`, for provenance). A late replay of a create never brings
@@ -37,10 +41,12 @@ CREATE TABLE IF NOT EXISTS events (
     received_at TEXT NOT NULL,
     body TEXT NOT NULL,
     processed_at TEXT,
-    error TEXT
+    error TEXT,
+    server TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS annotations (
-    annotation_id INTEGER PRIMARY KEY,
+    server TEXT NOT NULL DEFAULT '',
+    annotation_id INTEGER NOT NULL,
     project_id INTEGER,
     task_id INTEGER,
     task_key TEXT,
@@ -60,13 +66,24 @@ CREATE TABLE IF NOT EXISTS annotations (
     updated_at TEXT,
     source TEXT,
     stored_at TEXT NOT NULL,
-    retracted_at TEXT
+    retracted_at TEXT,
+    PRIMARY KEY (server, annotation_id)
 );
-CREATE INDEX IF NOT EXISTS annotations_project ON annotations (project_id);
+CREATE INDEX IF NOT EXISTS annotations_project ON annotations (server, project_id);
 CREATE TABLE IF NOT EXISTS annotators (
-    annotator_id INTEGER PRIMARY KEY,
-    email TEXT NOT NULL
+    server TEXT NOT NULL DEFAULT '',
+    annotator_id INTEGER NOT NULL,
+    email TEXT NOT NULL,
+    PRIMARY KEY (server, annotator_id)
 );
+"""
+
+# stores written before server identities: their tables get the `server` column ('') and the new keys
+_MIGRATE_V1 = """
+ALTER TABLE annotations RENAME TO annotations_v1;
+ALTER TABLE annotators RENAME TO annotators_v1;
+DROP INDEX IF EXISTS annotations_project;
+ALTER TABLE events ADD COLUMN server TEXT NOT NULL DEFAULT '';
 """
 
 TASK_FIELDS = ("task_key", "cell_id", "sample_id", "site", "domain", "image_path", "model_version", "model_label")
@@ -102,14 +119,67 @@ class LabelStore:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self._migrate()
         sqlite.initialise(self.path, SCHEMA)
 
+    def _migrate(self) -> None:
+        """Bring a store of the first format (keyed by annotation id alone) to this one, in one transaction."""
+        if not self.path.is_file():
+            return
+        with sqlite.transaction(self.path) as db:
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(annotations)")}
+            if not columns or "server" in columns:
+                return
+            for statement in filter(str.strip, _MIGRATE_V1.split(";")):
+                db.execute(statement)
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(
+                f"INSERT INTO annotations (server, {', '.join(sorted(columns))}) "
+                f"SELECT '', {', '.join(sorted(columns))} FROM annotations_v1"
+            )
+            db.execute(
+                "INSERT INTO annotators (server, annotator_id, email) SELECT '', annotator_id, email FROM annotators_v1"
+            )
+            db.execute("DROP TABLE annotations_v1")
+            db.execute("DROP TABLE annotators_v1")
+        logger.info("label store %s: migrated to labels keyed by Label Studio server", self.path)
+
+    def adopt(self, server: str) -> int:
+        """Give rows stored before server identities (server '') to `server`; returns how many. Call it only with
+        the Label Studio those rows came from (the first sync after the upgrade does): a legacy row whose
+        annotation `server` already holds is the same annotation, so the legacy copy goes."""
+        with sqlite.transaction(self.path) as db:
+            taken = {
+                r["annotation_id"]
+                for r in db.execute("SELECT annotation_id FROM annotations WHERE server = ?", (server,))
+            }
+            legacy = db.execute("SELECT annotation_id FROM annotations WHERE server = ''").fetchall()
+            movable = [r["annotation_id"] for r in legacy if r["annotation_id"] not in taken]
+            db.executemany(
+                "DELETE FROM annotations WHERE server = '' AND annotation_id = ?",
+                [(r["annotation_id"],) for r in legacy if r["annotation_id"] in taken],
+            )
+            db.executemany(
+                "UPDATE annotations SET server = ? WHERE server = '' AND annotation_id = ?",
+                [(server, i) for i in movable],
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO annotators (server, annotator_id, email) "
+                "SELECT ?, annotator_id, email FROM annotators WHERE server = ''",
+                (server,),
+            )
+            db.execute("DELETE FROM annotators WHERE server = ''")
+            return len(movable)
+
     # -- raw webhook events ---------------------------------------------------------------------------------
-    def record_event(self, body: bytes | str) -> int:
-        """Keep a webhook body as received; cheap enough to run inside the request."""
+    def record_event(self, body: bytes | str, server: str = "") -> int:
+        """Keep a webhook body as received, with the identity of the server that sent it; cheap enough to run
+        inside the request."""
         text = body.decode() if isinstance(body, bytes) else body
         with sqlite.transaction(self.path) as db:
-            return db.execute("INSERT INTO events (received_at, body) VALUES (?, ?)", (_now(), text)).lastrowid
+            query = "INSERT INTO events (received_at, body, server) VALUES (?, ?, ?)"
+            return db.execute(query, (_now(), text, server)).lastrowid
 
     def process_events(self, limit: int | None = None) -> int:
         """Apply stored webhook events in arrival order; returns how many were processed.
@@ -123,14 +193,14 @@ class LabelStore:
         while limit is None or done < limit:
             with sqlite.transaction(self.path) as db:
                 row = db.execute(
-                    "SELECT id, body FROM events WHERE processed_at IS NULL ORDER BY id LIMIT 1"
+                    "SELECT id, body, server FROM events WHERE processed_at IS NULL ORDER BY id LIMIT 1"
                 ).fetchone()
                 if row is None:
                     break
                 error = None
                 db.execute("SAVEPOINT event")
                 try:
-                    self._apply_event(db, json.loads(row["body"]))
+                    self._apply_event(db, json.loads(row["body"]), row["server"])
                 except Exception as exc:  # quarantine: any failure of this one event
                     db.execute("ROLLBACK TO SAVEPOINT event")
                     error = f"{type(exc).__name__}: {exc}"
@@ -156,61 +226,63 @@ class LabelStore:
             ).fetchone()
         return {"received": row["n"], "pending": row["pending"] or 0, "failed": row["failed"] or 0}
 
-    def _apply_event(self, db: sqlite3.Connection, event: dict) -> None:
+    def _apply_event(self, db: sqlite3.Connection, event: dict, server: str) -> None:
         action = event["action"]
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            self._upsert(db, event["annotation"], event["task"], source="webhook")
+            self._upsert(db, event["annotation"], event["task"], "webhook", server)
         elif action == "ANNOTATIONS_CREATED":
             tasks = {t["id"]: t for t in event["task"]}
             for annotation in event["annotation"]:
-                self._upsert(db, annotation, tasks[annotation["task"]], source="webhook")
+                self._upsert(db, annotation, tasks[annotation["task"]], "webhook", server)
         elif action == "ANNOTATIONS_DELETED":
             project = (event.get("project") or {}).get("id")
             for annotation in event["annotations"]:
-                self._retract(db, int(annotation["id"]), project)
+                self._retract(db, int(annotation["id"]), project, server)
         # other actions (projects, tasks) carry no labels: nothing to do
 
     # -- annotations ----------------------------------------------------------------------------------------
-    def upsert(self, annotation: dict, task: dict, source: str) -> bool:
+    def upsert(self, annotation: dict, task: dict, source: str, server: str = "") -> bool:
         """Store an annotation as Label Studio serialises it (with its task); True when the store changed."""
         with sqlite.transaction(self.path) as db:
-            return self._upsert(db, annotation, task, source)
+            return self._upsert(db, annotation, task, source, server)
 
-    def retract(self, annotation_id: int, project_id: int | None = None) -> bool:
+    def retract(self, annotation_id: int, project_id: int | None = None, server: str = "") -> bool:
         with sqlite.transaction(self.path) as db:
-            return self._retract(db, annotation_id, project_id)
+            return self._retract(db, annotation_id, project_id, server)
 
-    def live_ids(self, project_id: int) -> set[int]:
-        """The annotation ids of this project's live (not retracted) rows: a poll's snapshot, taken before it lists
-        Label Studio, of what the listing must account for."""
+    def live_ids(self, project_id: int, server: str = "") -> set[int]:
+        """The annotation ids of this server's project's live (not retracted) rows: a poll's snapshot, taken before
+        it lists Label Studio, of what the listing must account for."""
         with sqlite.connect(self.path) as db:
             rows = db.execute(
-                "SELECT annotation_id FROM annotations WHERE project_id = ? AND retracted_at IS NULL", (project_id,)
+                "SELECT annotation_id FROM annotations WHERE server = ? AND project_id = ? AND retracted_at IS NULL",
+                (server, project_id),
             ).fetchall()
         return {r["annotation_id"] for r in rows}
 
-    def is_retracted(self, annotation_id: int) -> bool:
+    def is_retracted(self, annotation_id: int, server: str = "") -> bool:
         with sqlite.connect(self.path) as db:
-            query = "SELECT retracted_at FROM annotations WHERE annotation_id = ?"
-            row = db.execute(query, (annotation_id,)).fetchone()
+            query = "SELECT retracted_at FROM annotations WHERE server = ? AND annotation_id = ?"
+            row = db.execute(query, (server, annotation_id)).fetchone()
         return row is not None and row["retracted_at"] is not None
 
-    def restore(self, annotation: dict, task: dict) -> bool:
+    def restore(self, annotation: dict, task: dict, server: str = "") -> bool:
         """Bring back a retracted annotation that Label Studio has been asked directly and still holds (a label
         retracted on a listing that missed it). The caller must have that evidence: a listing alone is not."""
         with sqlite.transaction(self.path) as db:
             changed = db.execute(
-                "UPDATE annotations SET retracted_at = NULL, updated_at = '' WHERE annotation_id = ? "
+                "UPDATE annotations SET retracted_at = NULL, updated_at = '' WHERE server = ? AND annotation_id = ? "
                 "AND retracted_at IS NOT NULL",
-                (int(annotation["id"]),),
+                (server, int(annotation["id"])),
             ).rowcount
-            return bool(changed) and self._upsert(db, annotation, task, "restore")
+            return bool(changed) and self._upsert(db, annotation, task, "restore", server)
 
-    def _upsert(self, db: sqlite3.Connection, annotation: dict, task: dict, source: str) -> bool:
+    def _upsert(self, db: sqlite3.Connection, annotation: dict, task: dict, source: str, server: str) -> bool:
         annotation_id = int(annotation["id"])
         updated_at = str(annotation.get("updated_at") or annotation.get("created_at") or "")
         old = db.execute(
-            "SELECT updated_at, retracted_at FROM annotations WHERE annotation_id = ?", (annotation_id,)
+            "SELECT updated_at, retracted_at FROM annotations WHERE server = ? AND annotation_id = ?",
+            (server, annotation_id),
         ).fetchone()
         if old is not None and (old["retracted_at"] is not None or (old["updated_at"] or "") >= updated_at):
             return False
@@ -220,6 +292,7 @@ class LabelStore:
         if isinstance(completed_by, dict):
             completed_by = completed_by.get("id")
         row = {
+            "server": server,
             "annotation_id": annotation_id,
             "project_id": annotation.get("project") or task.get("project"),
             "task_id": annotation.get("task") or task.get("id"),
@@ -235,35 +308,40 @@ class LabelStore:
             "stored_at": _now(),
         }
         columns = ", ".join(row)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "annotation_id")
+        updates = ", ".join(f"{c} = excluded.{c}" for c in row if c not in ("server", "annotation_id"))
         db.execute(
             f"INSERT INTO annotations ({columns}) VALUES ({', '.join('?' * len(row))}) "
-            f"ON CONFLICT(annotation_id) DO UPDATE SET {updates}",
+            f"ON CONFLICT(server, annotation_id) DO UPDATE SET {updates}",
             tuple(row.values()),
         )
         return True
 
-    def _retract(self, db: sqlite3.Connection, annotation_id: int, project_id: int | None) -> bool:
-        old = db.execute("SELECT retracted_at FROM annotations WHERE annotation_id = ?", (annotation_id,)).fetchone()
+    def _retract(self, db: sqlite3.Connection, annotation_id: int, project_id: int | None, server: str) -> bool:
+        old = db.execute(
+            "SELECT retracted_at FROM annotations WHERE server = ? AND annotation_id = ?", (server, annotation_id)
+        ).fetchone()
         if old is None:  # a delete seen before its create: keep a tombstone so the create cannot arrive later
             db.execute(
-                "INSERT INTO annotations (annotation_id, project_id, stored_at, retracted_at, source) "
-                "VALUES (?, ?, ?, ?, 'delete')",
-                (annotation_id, project_id, _now(), _now()),
+                "INSERT INTO annotations (server, annotation_id, project_id, stored_at, retracted_at, source) "
+                "VALUES (?, ?, ?, ?, ?, 'delete')",
+                (server, annotation_id, project_id, _now(), _now()),
             )
             return True
         if old["retracted_at"] is not None:
             return False
-        db.execute("UPDATE annotations SET retracted_at = ? WHERE annotation_id = ?", (_now(), annotation_id))
+        db.execute(
+            "UPDATE annotations SET retracted_at = ? WHERE server = ? AND annotation_id = ?",
+            (_now(), server, annotation_id),
+        )
         return True
 
-    def set_annotators(self, emails: dict[int, str]) -> None:
-        """Remember who each Label Studio user id is (for provenance and agreement reports)."""
+    def set_annotators(self, emails: dict[int, str], server: str = "") -> None:
+        """Remember who each of this server's user ids is (for provenance and agreement reports)."""
         with sqlite.transaction(self.path) as db:
             db.executemany(
-                "INSERT INTO annotators (annotator_id, email) VALUES (?, ?) "
-                "ON CONFLICT(annotator_id) DO UPDATE SET email = excluded.email",
-                list(emails.items()),
+                "INSERT INTO annotators (server, annotator_id, email) VALUES (?, ?, ?) "
+                "ON CONFLICT(server, annotator_id) DO UPDATE SET email = excluded.email",
+                [(server, i, email) for i, email in emails.items()],
             )
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -271,7 +349,8 @@ class LabelStore:
         """The live labels (not retracted, not cancelled/skipped, with a class chosen), oldest first."""
         query = (
             "SELECT a.*, COALESCE(u.email, CAST(a.annotator_id AS TEXT)) AS annotator FROM annotations a "
-            "LEFT JOIN annotators u ON u.annotator_id = a.annotator_id WHERE a.task_key IS NOT NULL"
+            "LEFT JOIN annotators u ON u.server = a.server AND u.annotator_id = a.annotator_id "
+            "WHERE a.task_key IS NOT NULL"
         )
         if not include_retracted:
             query += " AND a.retracted_at IS NULL AND a.was_cancelled = 0 AND a.label IS NOT NULL"

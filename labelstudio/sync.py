@@ -39,6 +39,7 @@ def sync(
     client: LabelStudio,
     store: LabelStore,
     project_ids: Iterable[int],
+    server: str,
     on_annotation: Callable[[int], None] | None = None,
     page_size: int = PAGE_SIZE,
 ) -> SyncReport:
@@ -50,13 +51,18 @@ def sync(
     retracted only when Label Studio, asked for it directly, answers 404. A retracted annotation that a listing
     shows again is restored when Label Studio, asked directly, still holds it.
 
+    Everything is keyed by `server` (`client.server_identity`): the store's labels from another Label Studio, a
+    recreated one whose ids start again at 1, are neither listed, overwritten nor retracted here. Labels stored
+    before identities existed are adopted by this server first (`LabelStore.adopt`).
+
     `on_annotation(n)` is called after the n-th annotation is stored (progress; tests use it to act half-way). A
     project whose listing did not complete retracts nothing.
     """
+    store.adopt(server)
     report = SyncReport(events=store.process_events())
-    store.set_annotators({u.id: u.email for u in client.users.list()})
+    store.set_annotators({u.id: u.email for u in client.users.list()}, server)
     for project_id in project_ids:
-        before = store.live_ids(project_id)  # what this listing must account for
+        before = store.live_ids(project_id, server)  # what this listing must account for
         present: set[int] = set()
         reappeared: list[tuple[dict, dict]] = []
         for task in client.tasks.list(project=project_id, fields="all", page_size=page_size):
@@ -64,19 +70,19 @@ def sync(
             for annotation in task_dict.get("annotations") or []:
                 annotation = _as_dict(annotation)
                 present.add(int(annotation["id"]))
-                if store.is_retracted(int(annotation["id"])):
+                if store.is_retracted(int(annotation["id"]), server):
                     reappeared.append((annotation, task_dict))
-                report.changed += store.upsert(annotation, task_dict, source="poll")
+                report.changed += store.upsert(annotation, task_dict, "poll", server)
                 report.seen += 1
                 if on_annotation is not None:
                     on_annotation(report.seen)
         for annotation_id in sorted(before - present):
             if _fetch(client, annotation_id) is None:
-                report.retracted += store.retract(annotation_id, project_id)
+                report.retracted += store.retract(annotation_id, project_id, server)
         for annotation, task_dict in reappeared:
             current = _fetch(client, int(annotation["id"]))
             if current is not None:
-                report.restored += store.restore(_as_dict(current), task_dict)
+                report.restored += store.restore(_as_dict(current), task_dict, server)
     return report
 
 

@@ -50,14 +50,16 @@ def create_app(store: LabelStore, secret: str, apply_every_s: float = 0.5) -> Fa
     app = FastAPI(title="CytoLoop label webhook", lifespan=lifespan)
 
     @app.post("/webhook", response_model=Accepted)
-    def receive(request_body: dict, request: Request) -> Accepted:
+    def receive(request_body: dict, request: Request, server: str = "") -> Accepted:
+        """`server`: the identity of the Label Studio that sent it, part of the URL its webhook was registered
+        with (`ReviewLoop.ensure_project`)."""
         given = request.headers.get(SECRET_HEADER, "")
         if not hmac.compare_digest(given.encode(), secret.encode()):
             raise HTTPException(status_code=401, detail=f"missing or wrong {SECRET_HEADER} header")
         action = request_body.get("action")
         if not isinstance(action, str):
             raise HTTPException(status_code=422, detail="event has no 'action'")
-        event_id = store.record_event(json.dumps(request_body))
+        event_id = store.record_event(json.dumps(request_body), server)
         return Accepted(event=event_id, action=action)
 
     @app.get("/health", response_model=Health)

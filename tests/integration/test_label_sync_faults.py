@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 
+from labelstudio.client import server_identity
 from labelstudio.label_config import prediction_result
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def test_a_label_stored_while_a_poll_lists_the_project_stays_live(project):
 
     client, project_id, task_ids, store = project
     first = label(client, task_ids[0], "neutrophil")
-    sync(client, store, [project_id])
+    sync(client, store, [project_id], server_identity(client))
     assert live(store) == {first}
     arrived: list[int] = []
 
@@ -63,13 +64,16 @@ def test_a_label_stored_while_a_poll_lists_the_project_stays_live(project):
                 new.model_dump(mode="json"),
                 {"id": task_ids[0], "project": project_id, "data": {"site": "lab", "cell_id": "cell0.png"}},
                 "webhook",
+                server_identity(client),
             )
             arrived.append(new.id)
 
-    report = sync(client, store, [project_id], on_annotation=webhook_meanwhile)
+    report = sync(client, store, [project_id], server_identity(client), on_annotation=webhook_meanwhile)
     assert arrived and live(store) == {first, arrived[0]}
     assert report.retracted == 0
-    assert sync(client, store, [project_id]).retracted == 0  # and the next poll, which lists it, agrees
+    assert (
+        sync(client, store, [project_id], server_identity(client)).retracted == 0
+    )  # and the next poll, which lists it, agrees
 
 
 def test_a_task_deleted_while_a_poll_pages_retracts_only_its_own_labels(project):
@@ -80,17 +84,17 @@ def test_a_task_deleted_while_a_poll_pages_retracts_only_its_own_labels(project)
 
     client, project_id, task_ids, store = project
     labels = {task_id: label(client, task_id, "monocyte") for task_id in task_ids}
-    sync(client, store, [project_id], page_size=2)
+    sync(client, store, [project_id], server_identity(client), page_size=2)
     assert live(store) == set(labels.values())
 
     def delete_meanwhile(n: int) -> None:
         if n == 1:
             client.tasks.delete(id=task_ids[1])  # on the page being read
 
-    report = sync(client, store, [project_id], on_annotation=delete_meanwhile, page_size=2)
+    report = sync(client, store, [project_id], server_identity(client), on_annotation=delete_meanwhile, page_size=2)
     assert report.seen == 5  # the third task slid onto the first page: its label was never listed ...
     assert live(store) == set(labels.values()) and report.retracted == 0  # ... and is not retracted
-    again = sync(client, store, [project_id], page_size=2)
+    again = sync(client, store, [project_id], server_identity(client), page_size=2)
     assert again.retracted == 1 and live(store) == {a for t, a in labels.items() if t != task_ids[1]}
 
 
@@ -99,15 +103,75 @@ def test_a_label_retracted_by_mistake_comes_back(project):
 
     client, project_id, task_ids, store = project
     kept = label(client, task_ids[2], "lymphocyte")
-    sync(client, store, [project_id])
-    store.retract(kept, project_id)  # what a poll that trusted its listing did before
+    sync(client, store, [project_id], server_identity(client))
+    store.retract(kept, project_id, server_identity(client))  # what a poll that trusted its listing did before
     assert live(store) == set()
-    report = sync(client, store, [project_id])
+    report = sync(client, store, [project_id], server_identity(client))
     assert report.restored == 1 and live(store) == {kept}
     [stored] = store.labels()
     assert stored.label == "lymphocyte"
     client.annotations.delete(id=kept)
-    assert sync(client, store, [project_id]).retracted == 1 and live(store) == set()  # a real delete still goes
+    assert (
+        sync(client, store, [project_id], server_identity(client)).retracted == 1 and live(store) == set()
+    )  # a real delete still goes
+
+
+def test_a_recreated_label_studio_neither_overwrites_nor_retracts_the_old_ones_labels(label_studio, tmp_path):
+    """The lab recreates Label Studio (a new server, or a migration): its project and annotation ids start again
+    at 1. Labels keyed by those ids alone were overwritten by the new server's annotation 1 and retracted by its
+    first poll (the new server answers 404 for the old ids). Keyed by the server's identity, both servers'
+    labels stay, each once."""
+    import socket
+
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.bootstrap import ensure_project
+    from labelstudio.store import LabelStore
+    from labelstudio.sync import sync
+    from ops.stack import Stack, label_studio_url, stack_secrets
+
+    store = LabelStore(tmp_path / "labels.db")
+
+    def fresh_server(name: str):
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        stack_settings = label_studio.settings.stack.model_copy(update={"label_studio_port": port})
+        settings = label_studio.settings.model_copy(update={"home": tmp_path / name, "stack": stack_settings})
+        stack = Stack(settings)
+        stack.up(only=["label-studio"])
+        return stack, LabelStudio(base_url=label_studio_url(settings), api_key=stack_secrets(settings)["admin_token"])
+
+    def label_cells(client, cells: list[str], name: str) -> tuple[int, list[int]]:
+        project_id = ensure_project(client, "recreated", CLASSES, labels_required=1)
+        client.projects.import_tasks(
+            id=project_id, request=[{"data": {"image": f"/data/{c}", "site": "lab", "cell_id": c}} for c in cells]
+        )
+        return project_id, [label(client, t.id, name) for t in client.tasks.list(project=project_id)]
+
+    old_stack, old = fresh_server("old")
+    try:
+        old_project, old_ids = label_cells(old, ["a.png", "b.png", "c.png"], "neutrophil")
+        old_server = server_identity(old)
+        sync(old, store, [old_project], old_server)
+    finally:
+        old_stack.down()  # the old server is gone for good
+    new_stack, new = fresh_server("new")
+    try:
+        new_project, new_ids = label_cells(new, ["d.png"], "lymphocyte")
+        assert (new_project, new_ids[0]) == (old_project, old_ids[0])  # the very ids the old server used
+        assert server_identity(new) != old_server
+        report = sync(new, store, [new_project], server_identity(new))
+    finally:
+        new_stack.down()
+    assert report.retracted == 0
+    labels = sorted((stored.cell_id, stored.label) for stored in store.labels())
+    assert labels == [
+        ("a.png", "neutrophil"),
+        ("b.png", "neutrophil"),
+        ("c.png", "neutrophil"),
+        ("d.png", "lymphocyte"),
+    ]
 
 
 def _task(site: str, i: int, bad: bool = False) -> dict:

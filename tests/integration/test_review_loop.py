@@ -258,9 +258,10 @@ def test_labels_come_back_by_webhook_and_poll_exactly_once(world):
 
     # replaying every event and polling again changes nothing; the store equals Label Studio, each label once
     with sqlite.connect(store.path) as db:
-        bodies = [row[0] for row in db.execute("SELECT body FROM events")]
-    for body in bodies:
-        store.record_event(body)
+        events = [(row[0], row[1]) for row in db.execute("SELECT body, server FROM events")]
+    assert {server for _, server in events} == {world.loop.server}  # each event says which server sent it
+    for body, server in events:
+        store.record_event(body, server)
     store.process_events()
     assert world.loop.sync().changed == 0
     assert store_annotations(store) == ls_annotations(world)
@@ -284,7 +285,7 @@ def hang_after_three(n):
         print("stored 3", flush=True)
         time.sleep(600)
 
-sync(loop.client, LabelStore(Path(sys.argv[2])), loop.projects().values(), on_annotation=hang_after_three)
+sync(loop.client, LabelStore(Path(sys.argv[2])), loop.projects().values(), loop.server, on_annotation=hang_after_three)
 """
 
 
@@ -319,8 +320,8 @@ def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, tmp_path)
 
     fresh = LabelStore(store_path)
     assert len(store_annotations(fresh)) == 3
-    sync(world.loop.client, fresh, world.loop.projects().values())
-    assert sync(world.loop.client, fresh, world.loop.projects().values()).changed == 0
+    sync(world.loop.client, fresh, world.loop.projects().values(), world.loop.server)
+    assert sync(world.loop.client, fresh, world.loop.projects().values(), world.loop.server).changed == 0
     assert store_annotations(fresh) == ls_annotations(world)
     assert fresh.counts()["annotations"] == len(ls_annotations(world))
 

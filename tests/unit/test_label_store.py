@@ -187,3 +187,37 @@ def test_a_bad_event_is_quarantined_and_every_later_label_still_arrives(store):
     assert store.event_counts() == {"received": 3, "pending": 0, "failed": 2}
     errors = [error for _, _, error in store.quarantined()]
     assert errors[0].startswith(("InterfaceError", "ProgrammingError")) and errors[1].startswith("AttributeError")
+
+
+_FIRST_FORMAT = """
+CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at TEXT NOT NULL, body TEXT NOT NULL,
+    processed_at TEXT, error TEXT);
+CREATE TABLE annotations (annotation_id INTEGER PRIMARY KEY, project_id INTEGER, task_id INTEGER, task_key TEXT,
+    cell_id TEXT, sample_id TEXT, site TEXT, domain TEXT, image_path TEXT, model_version TEXT, model_label TEXT,
+    annotator_id INTEGER, label TEXT, abnormal INTEGER NOT NULL DEFAULT 0, comment TEXT NOT NULL DEFAULT '',
+    was_cancelled INTEGER NOT NULL DEFAULT 0, created_at TEXT, updated_at TEXT, source TEXT, stored_at TEXT NOT NULL,
+    retracted_at TEXT);
+CREATE INDEX annotations_project ON annotations (project_id);
+CREATE TABLE annotators (annotator_id INTEGER PRIMARY KEY, email TEXT NOT NULL);
+INSERT INTO annotations (annotation_id, project_id, task_key, cell_id, site, annotator_id, label, updated_at, stored_at)
+    VALUES (1, 3, 'jtsc:a.bmp@v1', 'a.bmp', 'jtsc', 4, 'neutrophil', '2026-01-01', '2026-01-01');
+INSERT INTO annotators VALUES (4, 'ann4@lab');
+"""
+
+
+def test_a_store_of_the_first_format_is_migrated_and_adopted_by_its_server(tmp_path):
+    """Labels stored before server identities keep their votes through the upgrade, and the first server that
+    syncs takes them over (so its later polls account for them); another server's ids never touch them."""
+    import sqlite3
+
+    path = tmp_path / "labels.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(_FIRST_FORMAT)
+    store = LabelStore(path)
+    [vote] = store.votes()
+    assert (vote.cell_key, vote.annotator, vote.label) == ("jtsc:a.bmp", "ann4@lab", "neutrophil")
+    assert store.adopt("org1@A") == 1 and store.live_ids(3, "org1@A") == {1} and store.live_ids(3) == set()
+    assert [v.annotator for v in store.votes()] == ["ann4@lab"]
+    assert store.upsert(annotation(1, "lymphocyte", "2026-02-01T00:00:00Z", who=4), TASK, "poll", "org1@B")
+    assert sorted(v.label for v in store.votes()) == ["lymphocyte", "neutrophil"]  # two servers, two labels
+    assert LabelStore(path).live_ids(3, "org1@A") == {1}  # opening it again migrates nothing twice
