@@ -20,15 +20,16 @@ from urllib.parse import urlencode
 from cytoloop.config import Settings
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
+from cytoloop.policy.consensus import consensus
 from cytoloop.policy.routing import ScoredCell, route_cells, select_for_review
 from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
 from labelstudio.client import LabelStudioUnavailable, connect, server_identity, unavailable
 from labelstudio.export import export_manifest, review_report
 from labelstudio.outbox import Outbox
 from labelstudio.push import PushReport, push_outbox
-from labelstudio.store import LabelStore
+from labelstudio.store import LabelStore, cell_key
 from labelstudio.sync import SyncReport, sync
-from labelstudio.tasks import CellContext, build_task, task_key
+from labelstudio.tasks import CellContext, build_task, cell_uid, task_key
 from ops.stack import label_studio_url, stack_secrets, webhook_url
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class RouteReport:
     already_queued: int
     chosen: int
     queued: int
+    already_decided: int = 0  # routed for review, but the cell already has its consensus: not asked again
     push: PushReport | None = None
     by_site: dict[str, int] = field(default_factory=dict)
 
@@ -137,7 +139,9 @@ class ReviewLoop:
 
         `records[i]` is the cell scored in row i of `predictions` (and of `images`, the preprocessed cells, whose
         4x4 thumbnails tell near-duplicates apart; without them the probability vectors do). Each cell goes to the
-        project of `site` (default: its domain). Cells already queued for this model version are not chosen again.
+        project of `site` (default: its domain). Cells already queued for this model version are not chosen again,
+        and cells whose labels already agree (consensus) are not routed again for a newer version. A cell is its
+        image's content (`tasks.cell_uid`), whatever its file is called.
         """
         if len(records) != len(predictions) or (images is not None and len(images) != len(records)):
             raise ValueError(
@@ -146,41 +150,44 @@ class ReviewLoop:
                 + ": they must match"
             )
         sites = [site or r.domain for r in records]
+        uids = [cell_uid(r.path) for r in records]
         signatures = predictions.probs if images is None else thumbnails(images)
         scored = [
             ScoredCell(
-                r.cell_id,
+                uid,
                 sample_of(r),
                 classes[int(label)],
                 float(conf),
                 float(anomaly),
                 tuple(float(v) for v in signature),
             )
-            for r, label, conf, anomaly, signature in zip(
-                records, predictions.labels, predictions.confidence, predictions.anomaly, signatures
+            for r, uid, label, conf, anomaly, signature in zip(
+                records, uids, predictions.labels, predictions.confidence, predictions.anomaly, signatures
             )
         ]
         routed = route_cells(scored, self.settings.routing)
         keys = [task_key(s, c.cell_id, model_version) for s, c in zip(sites, scored)]
         seen = self.outbox.known(keys)
-        fresh = [r for r, k in zip(routed, keys) if k not in seen]
+        agreed = {
+            k
+            for k, c in consensus(self.store.votes(), self.settings.review.labels_required).items()
+            if c.status == "agreed"
+        }
+        decided = [cell_key(s, c.cell_id) in agreed for s, c in zip(sites, scored)]
+        fresh = [r for r, k, done in zip(routed, keys, decided) if k not in seen and not done]
         chosen = select_for_review(fresh, self.settings.routing, budget)
-        context = {r.cell_id: (r, s) for r, s in zip(records, sites)}
+        context = {uid: (r, s) for uid, r, s in zip(uids, records, sites)}
         tasks = []
         for item in chosen:
             record, cell_site = context[item.cell.cell_id]
-            tasks.append(
-                build_task(
-                    item,
-                    CellContext(record.path, cell_site, record.domain, model_version, tuple(classes)),
-                    self.images_root,
-                )
-            )
+            cell = CellContext(record.path, cell_site, record.domain, model_version, tuple(classes), record.cell_id)
+            tasks.append(build_task(item, cell, self.images_root))
         queued = self.outbox.enqueue(tasks)
         report = RouteReport(
             reasons=dict(Counter(r.reason for r in routed)),
             already_queued=sum(1 for r, k in zip(routed, keys) if k in seen and r.reason != "accept"),
             chosen=len(chosen),
+            already_decided=sum(1 for r, done in zip(routed, decided) if done and r.reason != "accept"),
             queued=queued,
             by_site=dict(Counter(t["data"]["site"] for t in tasks)),
         )

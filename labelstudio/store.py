@@ -87,6 +87,7 @@ ALTER TABLE events ADD COLUMN server TEXT NOT NULL DEFAULT '';
 """
 
 TASK_FIELDS = ("task_key", "cell_id", "sample_id", "site", "domain", "image_path", "model_version", "model_label")
+# cell_id: the cell's content hash (`tasks.cell_uid`); its file name travels in the task as cell_name
 
 
 def cell_key(site: str, cell_id: str) -> str:

@@ -2,7 +2,13 @@
 
 One task per (site, cell, model version): `task_key` names it, the outbox keys on it, and a push skips keys the
 project already holds, so routing the same cells again never duplicates a task. A newer model version routing the
-same cell makes a new task (the question asked differs: another prediction is shown).
+same cell makes a new task (the question asked differs: another prediction is shown), unless the cell already has
+its consensus (`ReviewLoop.route`).
+
+A cell is named by what it is, not where it lies: `cell_uid` is a hash of the image's bytes. Two batches of one
+site whose files share names (`batch1/001.png`, `batch2/001.png`, or two manifests of bare file names) are two
+cells; the same image routed again, from any folder, is the same cell. The file's own name stays in the task
+(`cell_name`) for the person who reads it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ class CellContext:
     domain: str
     model_version: str
     classes: tuple[str, ...]
+    name: str = ""  # the cell's name in its dataset (its relative path), shown to people
+
+
+def cell_uid(image_path: Path | str) -> str:
+    """The cell's identity: the first 20 hex digits (80 bits) of the SHA-256 of its image file."""
+    import hashlib
+
+    return hashlib.sha256(Path(image_path).read_bytes()).hexdigest()[:20]
 
 
 def task_key(site: str, cell_id: str, model_version: str) -> str:
@@ -59,6 +73,7 @@ def build_task(routed: RoutedCell, context: CellContext, images_root: Path) -> d
             "image": image_url(context.image_path, images_root),
             "task_key": key,
             "cell_id": cell.cell_id,
+            "cell_name": context.name,
             "sample_id": cell.sample_id,
             "site": context.site,
             "domain": context.domain,

@@ -130,7 +130,8 @@ def review_route(
         )
         typer.echo(
             f"routed {sum(report.reasons.values())} cells: {report.reasons}; "
-            f"{report.already_queued} already sent; {report.chosen} chosen, {report.queued} newly queued"
+            f"{report.already_queued} already sent, {report.already_decided} already agreed; "
+            f"{report.chosen} chosen, {report.queued} newly queued"
         )
         _print_push(report.push)
 

@@ -1,0 +1,70 @@
+"""Routing into the outbox without a Label Studio (push=False): what a cell is, and when it is not asked again."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from cytoloop.config import Settings
+from cytoloop.data.records import read_manifest
+from cytoloop.models.base import Predictions
+from labelstudio.label_config import prediction_result
+from labelstudio.loop import ReviewLoop
+from labelstudio.store import cell_key
+from labelstudio.tasks import cell_uid
+
+CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
+
+
+def _batch(root, name: str, seed: int):
+    """A batch folder of three cells named 001.png..003.png (as every scanner export names them) + its manifest."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(1, 4):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    manifest = folder / "manifest.csv"
+    manifest.write_text("path,label,domain\n" + "".join(f"{i:03d}.png,,north\n" for i in range(1, 4)))
+    return read_manifest(manifest)
+
+
+def _uncertain(n: int) -> Predictions:
+    """Uncertain (top probability 0.5, below review_below) and unlike each other (no near-duplicates)."""
+    probs = np.array([np.roll([0.5, 0.3, 0.2], i) for i in range(n)])
+    return Predictions(probs, np.zeros(n), np.ones(n))
+
+
+def _loop(tmp_path) -> ReviewLoop:
+    routing = {"review_below": 0.7, "anomaly_above": None, "audit_fraction": 0.0}
+    return ReviewLoop(Settings(home=tmp_path / "home", stack={"images_root": tmp_path / "images"}, routing=routing))
+
+
+def test_two_batches_with_the_same_file_names_are_different_cells(tmp_path):
+    """Each batch's manifest names its cells 001.png..003.png: by dataset-relative path they were the same three
+    cells, and the second batch was never asked about. By content, six cells, six tasks."""
+    first, second = _batch(tmp_path / "images", "batch1", 1), _batch(tmp_path / "images", "batch2", 2)
+    assert [r.cell_id for r in first] == [r.cell_id for r in second]  # the names collide
+    loop = _loop(tmp_path)
+    assert loop.route(first, _uncertain(3), CLASSES, "v1", push=False).queued == 3
+    report = loop.route(second, _uncertain(3), CLASSES, "v1", push=False)
+    assert (report.queued, report.already_queued) == (3, 0)
+    again = loop.route(first, _uncertain(3), CLASSES, "v1", push=False)  # the same images: nothing new
+    assert (again.queued, again.already_queued) == (0, 3)
+
+
+def test_a_cell_with_consensus_is_not_routed_again_for_a_new_model_version(tmp_path):
+    cells = _batch(tmp_path / "images", "batch1", 3)
+    loop = _loop(tmp_path)
+    assert loop.route(cells, _uncertain(3), CLASSES, "v1", push=False).queued == 3
+    task = {"id": 1, "project": 1, "data": {"site": "north", "cell_id": cell_uid(cells[0].path), "task_key": "k"}}
+    for annotator in (1, 2):  # two annotators agree on the first cell
+        annotation = {
+            "id": annotator,
+            "completed_by": annotator,
+            "result": prediction_result("monocyte"),
+            "updated_at": f"2026-01-01T00:00:0{annotator}Z",
+        }
+        loop.store.upsert(annotation, task, "poll", "org1@x")
+    assert [v.cell_key for v in loop.store.votes()] == [cell_key("north", cell_uid(cells[0].path))] * 2
+    report = loop.route(cells, _uncertain(3), CLASSES, "v2", push=False)
+    assert (report.already_decided, report.queued) == (1, 2)  # the two still open are asked again, not the agreed
