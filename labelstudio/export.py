@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from cytoloop.policy.consensus import annotator_agreement, consensus, pairwise_agreement
+from labelstudio.agreement import fleiss, pair_kappas
 from labelstudio.label_config import EXTRA_CHOICES
 from labelstudio.store import LabelStore, cell_key
 
@@ -32,14 +33,19 @@ COLUMNS = [
 
 
 def review_report(store: LabelStore, labels_required: int) -> dict:
-    """Consensus status counts, per-annotator and pairwise agreement, and the cells for senior review."""
+    """Consensus status counts, per-annotator and pairwise agreement (raw and chance-corrected: Cohen's kappa per
+    pair, Fleiss' kappa for the project), and the cells for senior review."""
     votes = store.votes()
     decided = consensus(votes, labels_required)
+    kappas = pair_kappas(votes)
     return {
         "cells": len(decided),
         "status": dict(Counter(c.status for c in decided.values())),
         "annotators": annotator_agreement(votes),
-        "pairs": {f"{a} / {b}": v for (a, b), v in pairwise_agreement(votes).items()},
+        "pairs": {
+            f"{a} / {b}": {**v, "kappa": kappas[(a, b)]["kappa"]} for (a, b), v in pairwise_agreement(votes).items()
+        },
+        "fleiss_kappa": fleiss(votes, labels_required),
         "senior_review": [
             {"cell": c.cell_key, "status": c.status, "votes": c.votes, "abnormal": c.abnormal}
             for c in decided.values()

@@ -224,6 +224,12 @@ def review_report(
                 f"  {name}: {figures['labelled']} labelled, agreement with others {agreement} "
                 f"over {figures['compared']}"
             )
+        for pair, figures in report["pairs"].items():
+            kappa = "-" if figures["kappa"] is None else f"{figures['kappa']:.2f}"
+            typer.echo(f"  {pair}: {figures['cells']} cells in common, agree {figures['agreement']:.2f}, kappa {kappa}")
+        project = report["fleiss_kappa"]
+        kappa = "-" if project["kappa"] is None else f"{project['kappa']:.2f}"
+        typer.echo(f"Fleiss' kappa: {kappa} over {project['cells']} cells ({project['left_out']} with other counts)")
         typer.echo(f"senior review: {len(report['senior_review'])} cell(s)")
         for cell in report["senior_review"]:
             typer.echo(f"  {cell['cell']}: {cell['status']} {cell['votes']}{' abnormal' if cell['abnormal'] else ''}")

@@ -71,3 +71,25 @@ def test_agreement_per_annotator_and_pair():
     pairs = pairwise_agreement(votes)
     assert pairs[("a", "b")] == {"cells": 3, "agreement": pytest.approx(2 / 3)}
     assert pairs[("a", "c")] == {"cells": 2, "agreement": 0.5}
+
+
+def test_chance_corrected_agreement_is_what_the_libraries_compute():
+    """Two annotators who both call nearly every cell a neutrophil agree 90 % of the time by chance alone: raw
+    agreement says 0.9, Cohen's kappa says they agree no better than chance. Fleiss' kappa for the project uses
+    only the cells with the required number of labels, and says how many it left out."""
+    from labelstudio.agreement import fleiss, pair_kappas
+
+    votes = []
+    for i in range(20):
+        a = "lymphocyte" if i == 0 else "neutrophil"
+        b = "lymphocyte" if i == 1 else "neutrophil"
+        votes += [Vote(f"s:{i}", "ann1", a), Vote(f"s:{i}", "ann2", b)]
+    votes.append(Vote("s:extra", "ann1", "monocyte"))  # one label only: not in Fleiss' table
+    [(pair, figures)] = pair_kappas(votes).items()
+    assert pair == ("ann1", "ann2") and figures["cells"] == 20
+    assert figures["kappa"] == pytest.approx(-0.0526, abs=1e-3)  # (0.90 - 0.905) / (1 - 0.905)
+    project = fleiss(votes, raters=2)
+    assert (project["cells"], project["left_out"]) == (20, 1) and project["kappa"] < 0.0
+    perfect = [Vote(f"s:{i}", who, ["a", "b"][i % 2]) for i in range(6) for who in ("x", "y", "z")]
+    assert fleiss(perfect, raters=3)["kappa"] == pytest.approx(1.0)
+    assert pair_kappas([Vote("s:0", "x", "a"), Vote("s:0", "y", "a")])[("x", "y")]["kappa"] is None  # undefined
