@@ -46,9 +46,12 @@ def server_identity(client: LabelStudio) -> str:
     organisations = sorted(client.organizations.list(), key=lambda o: o.id)
     if not organisations:
         raise LabelStudioUnavailable("Label Studio has no organisation (a server that was never started?)")
+    from datetime import UTC, datetime
+
     first = organisations[0]
-    created = first.created_at.isoformat() if hasattr(first.created_at, "isoformat") else str(first.created_at)
-    return f"org{first.id}@{created}"
+    created = first.created_at if isinstance(first.created_at, datetime) else datetime.fromisoformat(first.created_at)
+    # letters, digits and '-' only: it travels in the webhook URL's query, unescaped where a caller forgets
+    return f"org{first.id}-{created.astimezone(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
 
 
 def unavailable(error: BaseException) -> bool:

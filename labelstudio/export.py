@@ -46,12 +46,25 @@ def review_report(store: LabelStore, labels_required: int) -> dict:
             f"{a} / {b}": {**v, "kappa": kappas[(a, b)]["kappa"]} for (a, b), v in pairwise_agreement(votes).items()
         },
         "fleiss_kappa": fleiss(votes, labels_required),
+        "audit": audit_error_rate(store.labels(), decided),
         "senior_review": [
             {"cell": c.cell_key, "status": c.status, "votes": c.votes, "abnormal": c.abnormal}
             for c in decided.values()
             if c.senior_review
         ],
     }
+
+
+def audit_error_rate(labels: list, decided: dict) -> dict:
+    """Among audited cells (auto-accepted, then asked blind) with a consensus: how often the model was wrong."""
+    audited = {cell_key(label.site, label.cell_id): label.model_label for label in labels if label.reason == "audit"}
+    judged = [
+        (model, decided[key].label)
+        for key, model in audited.items()
+        if decided.get(key, None) is not None and decided[key].status == "agreed"
+    ]
+    wrong = sum(model != truth for model, truth in judged)
+    return {"cells": len(judged), "model_wrong": wrong, "error_rate": wrong / len(judged) if judged else None}
 
 
 def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:

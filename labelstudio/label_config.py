@@ -37,7 +37,7 @@ def build_label_config(classes: Sequence[str]) -> str:
     """Label Studio XML for a project reviewing cells of these classes."""
     class_choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in choices(classes))
     return f"""<View>
-  <Header value="Cell $cell_id  (sample $sample_id, site $site; routed: $reason)"/>
+  <Header value="Cell $cell_name  (sample $sample_id, site $site)"/>
   <Image name="{IMAGE_TO}" value="$image" zoom="true" maxWidth="400px"/>
   <Header value="Cell class"/>
   <Choices name="{CLASS_FROM}" toName="{IMAGE_TO}" choice="single-radio" required="true" showInline="false">

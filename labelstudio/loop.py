@@ -29,7 +29,7 @@ from labelstudio.outbox import Outbox
 from labelstudio.push import PushReport, push_outbox
 from labelstudio.store import LabelStore, cell_key
 from labelstudio.sync import SyncReport, sync
-from labelstudio.tasks import CellContext, build_task, cell_uid, task_key
+from labelstudio.tasks import CellContext, build_task, cell_uid, hidden_context, task_key
 from ops.stack import label_studio_url, stack_secrets, webhook_url
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,8 @@ class ReviewLoop:
             record, cell_site = context[item.cell.cell_id]
             cell = CellContext(record.path, cell_site, record.domain, model_version, tuple(classes), record.cell_id)
             tasks.append(build_task(item, cell, self.images_root))
+        # the model's answer, kept where annotators cannot read it (audit tasks do not carry it)
+        self.store.keep_context({t["data"]["task_key"]: hidden_context(item) for t, item in zip(tasks, chosen)})
         queued = self.outbox.enqueue(tasks)
         report = RouteReport(
             reasons=dict(Counter(r.reason for r in routed)),

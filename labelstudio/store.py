@@ -70,6 +70,13 @@ CREATE TABLE IF NOT EXISTS annotations (
     PRIMARY KEY (server, annotation_id)
 );
 CREATE INDEX IF NOT EXISTS annotations_project ON annotations (server, project_id);
+CREATE TABLE IF NOT EXISTS task_context (
+    task_key TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    model_label TEXT NOT NULL,
+    confidence REAL,
+    anomaly REAL
+);
 CREATE TABLE IF NOT EXISTS annotators (
     server TEXT NOT NULL DEFAULT '',
     annotator_id INTEGER NOT NULL,
@@ -107,12 +114,13 @@ class StoredLabel:
     domain: str
     image_path: str
     model_version: str
-    model_label: str
+    model_label: str  # the model's label, whether the task showed it or the store kept it (audits)
     annotator: str
     label: str | None
     abnormal: bool
     comment: str
     updated_at: str
+    reason: str = ""  # why the cell was routed (review, anomaly, audit); '' for tasks routed before it was kept
 
 
 class LabelStore:
@@ -336,6 +344,16 @@ class LabelStore:
         )
         return True
 
+    def keep_context(self, context: dict[str, dict]) -> None:
+        """Keep, per task key, the model's side of a routed cell (reason, model label, confidence, anomaly): what
+        an audit task must not show its annotator, and what the audit's error rate is measured against."""
+        with sqlite.transaction(self.path) as db:
+            db.executemany(
+                "INSERT INTO task_context (task_key, reason, model_label, confidence, anomaly) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(task_key) DO NOTHING",
+                [(k, c["reason"], c["model_label"], c["confidence"], c["anomaly"]) for k, c in context.items()],
+            )
+
     def set_annotators(self, emails: dict[int, str], server: str = "") -> None:
         """Remember who each of this server's user ids is (for provenance and agreement reports)."""
         with sqlite.transaction(self.path) as db:
@@ -349,8 +367,11 @@ class LabelStore:
     def labels(self, include_retracted: bool = False) -> list[StoredLabel]:
         """The live labels (not retracted, not cancelled/skipped, with a class chosen), oldest first."""
         query = (
-            "SELECT a.*, COALESCE(u.email, CAST(a.annotator_id AS TEXT)) AS annotator FROM annotations a "
+            "SELECT a.*, COALESCE(u.email, CAST(a.annotator_id AS TEXT)) AS annotator, "
+            "COALESCE(NULLIF(a.model_label, ''), c.model_label, '') AS shown_or_kept_label, "
+            "COALESCE(c.reason, '') AS reason FROM annotations a "
             "LEFT JOIN annotators u ON u.server = a.server AND u.annotator_id = a.annotator_id "
+            "LEFT JOIN task_context c ON c.task_key = a.task_key "
             "WHERE a.task_key IS NOT NULL"
         )
         if not include_retracted:
@@ -366,12 +387,13 @@ class LabelStore:
                 domain=r["domain"],
                 image_path=r["image_path"],
                 model_version=r["model_version"],
-                model_label=r["model_label"],
+                model_label=r["shown_or_kept_label"],
                 annotator=r["annotator"],
                 label=r["label"],
                 abnormal=bool(r["abnormal"]),
                 comment=r["comment"],
                 updated_at=r["updated_at"],
+                reason=r["reason"],
             )
             for r in rows
         ]

@@ -5,6 +5,12 @@ project already holds, so routing the same cells again never duplicates a task. 
 same cell makes a new task (the question asked differs: another prediction is shown), unless the cell already has
 its consensus (`ReviewLoop.route`).
 
+An `audit` task asks about a cell the model accepted, to measure how often auto-accepted cells are wrong; shown
+the model's answer, an annotator anchors on it and the audit measures agreement, not error. So an audit task
+carries no pre-annotation and none of the model's fields (label, confidence, anomaly score, routing reason):
+`hidden_context` returns them for CytoLoop's label store, where annotators cannot read them. Review and anomaly
+tasks keep their pre-annotation.
+
 A cell is named by what it is, not where it lies: `cell_uid` is a hash of the image's bytes. Two batches of one
 site whose files share names (`batch1/001.png`, `batch2/001.png`, or two manifests of bare file names) are two
 cells; the same image routed again, from any folder, is the same cell. The file's own name stays in the task
@@ -64,32 +70,43 @@ def image_url(image_path: Path, images_root: Path) -> str:
     return "/data/local-files/?d=" + quote(str(path.relative_to(root.parent)))
 
 
+MODEL_FIELDS = ("reason", "model_label", "confidence", "anomaly")  # what an audit task must not show
+
+
 def build_task(routed: RoutedCell, context: CellContext, images_root: Path) -> dict:
-    """The import payload of one task: data shown in the UI plus the model's prediction as a pre-annotation."""
+    """The import payload of one task: data shown in the UI plus, except for audits, the model's prediction as a
+    pre-annotation."""
     cell = routed.cell
     key = task_key(context.site, cell.cell_id, context.model_version)
+    data = {
+        "image": image_url(context.image_path, images_root),
+        "task_key": key,
+        "cell_id": cell.cell_id,
+        "cell_name": context.name,
+        "sample_id": cell.sample_id,
+        "site": context.site,
+        "domain": context.domain,
+        "image_path": str(Path(context.image_path).resolve()),
+        "model_version": context.model_version,
+        "classes": list(context.classes),
+        **hidden_context(routed),
+    }
+    if routed.reason == "audit":
+        return {"data": {k: v for k, v in data.items() if k not in MODEL_FIELDS}}
+    prediction = {
+        "model_version": context.model_version,
+        "score": float(cell.confidence),
+        "result": prediction_result(cell.label),
+    }
+    return {"data": data, "predictions": [prediction]}
+
+
+def hidden_context(routed: RoutedCell) -> dict:
+    """The model's side of a routed cell: kept in the task for review, in the label store alone for audits."""
+    cell = routed.cell
     return {
-        "data": {
-            "image": image_url(context.image_path, images_root),
-            "task_key": key,
-            "cell_id": cell.cell_id,
-            "cell_name": context.name,
-            "sample_id": cell.sample_id,
-            "site": context.site,
-            "domain": context.domain,
-            "image_path": str(Path(context.image_path).resolve()),
-            "reason": routed.reason,
-            "model_version": context.model_version,
-            "model_label": cell.label,
-            "confidence": round(float(cell.confidence), 4),
-            "anomaly": round(float(cell.anomaly), 4),
-            "classes": list(context.classes),
-        },
-        "predictions": [
-            {
-                "model_version": context.model_version,
-                "score": float(cell.confidence),
-                "result": prediction_result(cell.label),
-            }
-        ],
+        "reason": routed.reason,
+        "model_label": cell.label,
+        "confidence": round(float(cell.confidence), 4),
+        "anomaly": round(float(cell.anomaly), 4),
     }

@@ -68,3 +68,34 @@ def test_a_cell_with_consensus_is_not_routed_again_for_a_new_model_version(tmp_p
     assert [v.cell_key for v in loop.store.votes()] == [cell_key("north", cell_uid(cells[0].path))] * 2
     report = loop.route(cells, _uncertain(3), CLASSES, "v2", push=False)
     assert (report.already_decided, report.queued) == (1, 2)  # the two still open are asked again, not the agreed
+
+
+def test_an_audit_task_shows_the_annotator_nothing_of_the_model_and_still_measures_it(tmp_path):
+    """Audits measure how often auto-accepted cells are wrong; shown the model's answer, annotators anchor on it.
+    An audit task carries no pre-annotation and no model field; the store keeps them, and the report's audit
+    error rate is measured against them. A review task keeps its pre-annotation."""
+    from labelstudio.export import review_report
+    from labelstudio.tasks import MODEL_FIELDS
+
+    cells = _batch(tmp_path / "images", "batch1", 4)
+    routing = {"review_below": 0.7, "anomaly_above": None, "audit_fraction": 1.0}
+    loop = ReviewLoop(Settings(home=tmp_path / "home", stack={"images_root": tmp_path / "images"}, routing=routing))
+    probs = np.array([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.5, 0.3, 0.2]])  # two confident, one not
+    report = loop.route(cells, Predictions(probs, np.zeros(3), np.ones(3)), CLASSES, "v1", push=False)
+    assert report.reasons == {"audit": 2, "review": 1}
+    tasks = [task for site_tasks in loop.outbox.pending().values() for task in site_tasks]
+    audits = [t for t in tasks if "predictions" not in t]
+    [review] = [t for t in tasks if "predictions" in t]
+    assert len(audits) == 2 and all(not set(MODEL_FIELDS) & set(t["data"]) for t in audits)
+    assert review["data"]["reason"] == "review" and review["data"]["model_label"] == "lymphocyte"
+    for task in audits:  # both annotators say monocyte; the model said lymphocyte, then monocyte
+        for annotator in (1, 2):
+            annotation = {
+                "id": annotator * 10 + audits.index(task),
+                "completed_by": annotator,
+                "result": prediction_result("monocyte"),
+                "updated_at": "2026-01-01T00:00:01Z",
+            }
+            loop.store.upsert(annotation, {"id": 1, "project": 1, "data": task["data"]}, "poll", "org1-x")
+    audit = review_report(loop.store, labels_required=2)["audit"]
+    assert audit == {"cells": 2, "model_wrong": 1, "error_rate": 0.5}
