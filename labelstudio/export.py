@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cytoloop.policy.consensus import annotator_agreement, consensus, pairwise_agreement
 from labelstudio.agreement import fleiss, pair_kappas
-from labelstudio.label_config import EXTRA_CHOICES
+from labelstudio.label_config import EXTRA_CHOICES, NEW_CLASS_PREFIX
 from labelstudio.store import LabelStore, cell_key
 
 COLUMNS = [
@@ -68,13 +68,17 @@ def audit_error_rate(labels: list, decided: dict) -> dict:
 
 
 def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
-    """Write the consensus labels as a manifest CSV; returns counts of what went in and what stayed out."""
+    """Write the consensus labels as a manifest CSV; returns counts of what went in and what stayed out.
+
+    Cells whose consensus is a class the model lacks (`new:<name>`, named by the annotators) go to a manifest of
+    their own beside it, `<out stem>.new-classes.csv`, labelled `<name>`: kept for a model trained with that class
+    (`cytoloop train --data`), and out of the fine-tuning manifest, whose classes must be the model's."""
     labels = store.labels()
     decided = consensus(store.votes(), labels_required)
     by_cell: dict[str, list] = {}
     for label in labels:
         by_cell.setdefault(cell_key(label.site, label.cell_id), []).append(label)
-    rows, left_out = [], Counter()
+    rows, new_rows, left_out = [], [], Counter()
     for key, result in sorted(decided.items()):
         if result.status != "agreed":
             left_out[result.status] += 1
@@ -84,10 +88,11 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
             continue
         cell_labels = by_cell[key]
         first = cell_labels[-1]
-        rows.append(
+        new_class = result.label.startswith(NEW_CLASS_PREFIX)
+        (new_rows if new_class else rows).append(
             {
                 "path": first.image_path,
-                "label": result.label,
+                "label": result.label.removeprefix(NEW_CLASS_PREFIX),
                 "domain": first.domain or first.site,
                 "cell_id": first.cell_id,
                 "site": first.site,
@@ -100,6 +105,17 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
             }
         )
     out = Path(out)
+    _write(out, rows)
+    report = {"exported": len(rows), "left_out": dict(left_out), "path": str(out)}
+    if new_rows:
+        new_path = out.with_name(f"{out.stem}.new-classes.csv")
+        _write(new_path, new_rows)
+        report["new_classes"] = {"path": str(new_path), "cells": dict(Counter(r["label"] for r in new_rows))}
+    return report
+
+
+def _write(out: Path, rows: list[dict]) -> None:
+    """A manifest CSV, whole or not at all (written beside it, then renamed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     with tmp.open("w", newline="") as handle:
@@ -107,4 +123,3 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(out)
-    return {"exported": len(rows), "left_out": dict(left_out), "path": str(out)}

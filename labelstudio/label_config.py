@@ -2,7 +2,13 @@
 
 One single-choice question, "cell class": the model's classes plus two ways out ("other/unknown cell" and
 "not a cell / artefact"); a separate "abnormal — needs senior review" flag, because a cell can be a lymphocyte
-AND atypical; and a free comment. The model's prediction pre-fills the class question.
+AND atypical; and a free comment. The model's prediction pre-fills the class question (not on audits).
+
+For the annotator's day: keys 1-9 answer the first nine classes (u: other/unknown, a: artefact); the image is
+shown at one fixed size whatever the crop's pixels, without smoothing (a 32-pixel crop is blown up into sharp
+pixels, not a blur), with zoom, brightness and contrast controls. Choosing "other/unknown cell" opens a field to
+name the class the model lacks; the label is then `new:<name>` (`parse_result`), which consensus counts like any
+class and the export keeps apart for a later model to learn (`export.export_manifest`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from cytoloop.errors import UsageError
 CLASS_FROM = "cell_class"
 FLAG_FROM = "flags"
 COMMENT_FROM = "comment"
+NEW_CLASS_FROM = "new_class"
+NEW_CLASS_PREFIX = "new:"
+DISPLAY_PX = 360  # the image's size on screen, whatever the crop's pixels
+EXTRA_HOTKEYS = ("u", "a")
 IMAGE_TO = "image"
 OTHER = "other/unknown cell"
 ARTEFACT = "not a cell / artefact"
@@ -35,14 +45,22 @@ def choices(classes: Sequence[str]) -> list[str]:
 
 def build_label_config(classes: Sequence[str]) -> str:
     """Label Studio XML for a project reviewing cells of these classes."""
-    class_choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in choices(classes))
+    values = choices(classes)
+    keys = [str(i + 1) if i < 9 else "" for i in range(len(classes))] + list(EXTRA_HOTKEYS)
+    class_choices = "\n".join(
+        f"    <Choice value={quoteattr(c)}" + (f' hotkey="{k}"' if k else "") + "/>" for c, k in zip(values, keys)
+    )
     return f"""<View>
   <Header value="Cell $cell_name  (sample $sample_id, site $site)"/>
-  <Image name="{IMAGE_TO}" value="$image" zoom="true" maxWidth="400px"/>
+  <Image name="{IMAGE_TO}" value="$image" width="{DISPLAY_PX}px" maxWidth="{DISPLAY_PX}px" smoothing="false"
+         zoom="true" zoomControl="true" brightnessControl="true" contrastControl="true"/>
   <Header value="Cell class"/>
   <Choices name="{CLASS_FROM}" toName="{IMAGE_TO}" choice="single-radio" required="true" showInline="false">
 {class_choices}
   </Choices>
+  <TextArea name="{NEW_CLASS_FROM}" toName="{IMAGE_TO}" placeholder="Which class is it? (a name the list lacks)"
+            rows="1" maxSubmissions="1" visibleWhen="choice-selected" whenTagName="{CLASS_FROM}"
+            whenChoiceValue={quoteattr(OTHER)}/>
   <Choices name="{FLAG_FROM}" toName="{IMAGE_TO}" choice="multiple">
     <Choice value={quoteattr(ABNORMAL)}/>
   </Choices>
@@ -68,8 +86,9 @@ def prediction_result(label: str) -> list[dict]:
 
 
 def parse_result(result: Sequence[dict]) -> tuple[str | None, bool, str]:
-    """(class, abnormal flag, comment) of an annotation's result; class None when the annotator chose none."""
-    label, abnormal, comment = None, False, ""
+    """(class, abnormal flag, comment) of an annotation's result; class None when the annotator chose none, and
+    `new:<name>` when they chose "other/unknown cell" and named the class (lower case, spaces as '_')."""
+    label, abnormal, comment, named = None, False, "", ""
     for region in result or []:
         value = region.get("value") or {}
         if region.get("from_name") == CLASS_FROM and value.get("choices"):
@@ -78,4 +97,8 @@ def parse_result(result: Sequence[dict]) -> tuple[str | None, bool, str]:
             abnormal = ABNORMAL in (value.get("choices") or [])
         elif region.get("from_name") == COMMENT_FROM:
             comment = "\n".join(value.get("text") or [])
+        elif region.get("from_name") == NEW_CLASS_FROM:
+            named = "_".join(" ".join(value.get("text") or []).lower().split())
+    if label == OTHER and named:
+        label = NEW_CLASS_PREFIX + named
     return label, abnormal, comment

@@ -252,6 +252,9 @@ def review_export(
 
         result = ReviewLoop(load_settings(config)).export(out)
         typer.echo(f"exported {result['exported']} cell(s) to {result['path']}; left out: {result['left_out']}")
+        if "new_classes" in result:
+            extra = result["new_classes"]
+            typer.echo(f"classes the model lacks, named by annotators: {extra['cells']} in {extra['path']}")
 
     run(action)
 

@@ -221,3 +221,37 @@ def test_a_store_of_the_first_format_is_migrated_and_adopted_by_its_server(tmp_p
     assert store.upsert(annotation(1, "lymphocyte", "2026-02-01T00:00:00Z", who=4), TASK, "poll", "org1@B")
     assert sorted(v.label for v in store.votes()) == ["lymphocyte", "neutrophil"]  # two servers, two labels
     assert LabelStore(path).live_ids(3, "org1@A") == {1}  # opening it again migrates nothing twice
+
+
+def test_the_labelling_view_has_hotkeys_controls_a_fixed_size_and_room_for_a_new_class(tmp_path):
+    """Keys 1-9 for the classes, zoom/brightness/contrast, one unsmoothed display size; an annotator can name a
+    class the model lacks, the consensus counts it, and the export keeps it apart for a later model."""
+    from labelstudio.export import export_manifest
+    from labelstudio.label_config import DISPLAY_PX, NEW_CLASS_FROM
+
+    classes = [f"class{i}" for i in range(10)]
+    root = ET.fromstring(build_label_config(classes))
+    keys = {c.get("value"): c.get("hotkey") for c in root.iter("Choice")}
+    assert [keys[f"class{i}"] for i in range(9)] == [str(i) for i in range(1, 10)] and keys["class9"] is None
+    assert (keys[OTHER], keys[ARTEFACT]) == ("u", "a")
+    image = root.find("Image")
+    assert image.get("width") == f"{DISPLAY_PX}px" and image.get("smoothing") == "false"
+    assert all(image.get(c) == "true" for c in ("zoomControl", "brightnessControl", "contrastControl"))
+    [named] = [t for t in root.iter("TextArea") if t.get("name") == NEW_CLASS_FROM]
+    assert named.get("visibleWhen") == "choice-selected" and named.get("whenChoiceValue") == OTHER
+
+    def other(name: str) -> list[dict]:
+        return prediction_result(OTHER) + [
+            {"from_name": NEW_CLASS_FROM, "to_name": "image", "type": "textarea", "value": {"text": [name]}}
+        ]
+
+    assert parse_result(other("  Hairy  Cell "))[0] == "new:hairy_cell"
+    assert parse_result(prediction_result(OTHER))[0] == OTHER  # unnamed: still just "other"
+    store = LabelStore(tmp_path / "labels.db")
+    for i, (result, who) in enumerate([(other("hairy cell"), 1), (other("Hairy cell"), 2)]):
+        ann = {"id": i + 1, "task": 7, "completed_by": who, "result": result, "updated_at": "2026-01-01T00:00:01Z"}
+        store.upsert(ann, TASK, "poll")
+    report = export_manifest(store, tmp_path / "labels.csv", labels_required=2)
+    assert report["exported"] == 0 and report["new_classes"]["cells"] == {"hairy_cell": 1}
+    rows = (tmp_path / "labels.new-classes.csv").read_text().splitlines()
+    assert rows[1].split(",")[:2] == ["/x/a.bmp", "hairy_cell"]
