@@ -30,16 +30,20 @@ class ServedScorer:
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request per site of the batch: Ray Data cuts batches by size, not by site, and each site's cells
+        must reach that site's champion (a batch straddling two sites used to go to the global model)."""
         paths = [str(p) for p in batch["path"]]
         sites = [str(s) for s in batch["site"]]
-        cells = [{"name": p, "image_b64": base64.b64encode(Path(p).read_bytes()).decode()} for p in paths]
-        site = sites[0] if len(set(sites)) == 1 else None  # the caller batches per site
-        response = self.client.post("/v1/classify", json={"cells": cells, "site": site})
-        if response.status_code != 200:
-            raise RuntimeError(f"the classifier answered HTTP {response.status_code}: {response.text[:300]}")
-        answers = response.json()["cells"]
+        answered: list[tuple[str, dict]] = []
+        for site in dict.fromkeys(sites):
+            mine = [p for p, s in zip(paths, sites) if s == site]
+            cells = [{"name": p, "image_b64": base64.b64encode(Path(p).read_bytes()).decode()} for p in mine]
+            response = self.client.post("/v1/classify", json={"cells": cells, "site": site or None})
+            if response.status_code != 200:
+                raise RuntimeError(f"the classifier answered HTTP {response.status_code}: {response.text[:300]}")
+            answered += list(zip(mine, response.json()["cells"]))
         out: dict[str, list] = {"path": [], "ok": [], "probabilities": [], "anomaly": [], "version": [], "error": []}
-        for path, answer in zip(paths, answers):
+        for path, answer in answered:
             ok = answer["status"] == "ok"
             out["path"].append(path)
             out["ok"].append(ok)
@@ -79,7 +83,7 @@ def score_served(
     if not records:
         return PoolScores([], Predictions(np.zeros((0, len(classes))), np.zeros(0), np.zeros(0)), [], {})
     rows = [{"path": str(Path(r.path).resolve()), "site": site_of(r)} for r in records]
-    rows.sort(key=lambda row: row["site"])  # batches of one site get that site's model
+    rows.sort(key=lambda row: row["site"])  # fewer requests: most batches hold one site
     dataset = ray.data.from_items(rows).map_batches(
         ServedScorer,
         fn_constructor_kwargs={"url": url, "api_key": api_key},

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -426,6 +427,20 @@ def test_a_replica_that_cannot_reach_the_registry_serves_its_last_known_good_ver
         serve.delete("lkg")
     current = serving.classify_files(serving.cells[:1])  # the app with its registry: the alias's version, no flag
     assert current.status_code == 200 and current.json()["cells"][0]["model"]["last_known_good"] is None
+
+
+def test_batch_scoring_sends_each_sites_cells_to_that_sites_model(serving):
+    """A Ray Data batch holding cells of two sites (batches are cut by size, not by site) used to be sent whole to
+    the global model. Each site's cells now reach that site's champion."""
+    from jobs.score import ServedScorer
+
+    scorer = ServedScorer(serving.url, api_key=API_KEY)
+    paths = [str(p) for p in serving.cells[:4]]
+    sites = ["siteb", "", "siteb", "sited"]
+    out = scorer({"path": np.array(paths, dtype=object), "site": np.array(sites, dtype=object)})
+    version_of = dict(zip(out["path"], out["version"]))
+    expected = {"siteb": serving.versions["two"], "": serving.versions["four"], "sited": serving.versions["diffusion"]}
+    assert [version_of[p] for p in paths] == [expected[s] for s in sites]
 
 
 def test_a_model_that_fails_fails_only_its_own_requests(serving):
