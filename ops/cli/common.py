@@ -3,6 +3,10 @@
 Thin by design: every command parses and validates its input, calls one function of the library, and prints
 what a person needs. Bad input (an unknown class or domain, a missing dataset, an invalid setting: the project's
 `CytoLoopError`s) ends with a one-paragraph message and exit code 2; a bug shows its traceback.
+
+Exit codes, for schedulers (cron, Airflow, a CI job): 0 done; 2 bad input (`EXIT_BAD_INPUT`); 3 the challenger
+was registered but the gate refused it (`EXIT_GATE_REFUSED`, `retrain` and `adapt`); 4 `retrain --if-due` found
+no retrain due (`EXIT_NOT_DUE`); 1 a bug (a traceback).
 """
 
 from __future__ import annotations
@@ -45,9 +49,14 @@ def split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+EXIT_BAD_INPUT = 2
+EXIT_GATE_REFUSED = 3
+EXIT_NOT_DUE = 4
+
+
 def fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def run(action):
@@ -94,6 +103,13 @@ def labelled_records(path: Path) -> list:
 
 
 def print_outcome(outcome) -> None:
+    """Print a fine-tune's outcome; a challenger the gate refused ends the command with `EXIT_GATE_REFUSED`."""
+    _print_outcome(outcome)
+    if not outcome.passed:
+        raise typer.Exit(EXIT_GATE_REFUSED)
+
+
+def _print_outcome(outcome) -> None:
     verdict = (
         "promoted to @" + outcome.alias if outcome.passed else "refused by the gate; @" + outcome.alias + " unchanged"
     )

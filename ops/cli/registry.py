@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, fail, labelled_records, print_outcome, run, settings_from
+from ops.cli.common import EXIT_NOT_DUE, app, fail, labelled_records, print_outcome, run, settings_from
 
 
 @app.command()
@@ -87,7 +87,7 @@ def retrain(
         )
         typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
         if if_due and not decision.due:
-            return
+            raise typer.Exit(EXIT_NOT_DUE)
         from jobs.finetune import run_finetune
 
         pool = load_records(unlabeled) if unlabeled else []
@@ -131,9 +131,14 @@ def promote(
     version: str = typer.Argument(..., help="model version to promote"),
     reason: str = typer.Option(..., help="why the gate is overridden (kept on the version and in the audit trail)"),
     site: str | None = typer.Option(None, help="promote to champion-<site> instead of the global champion"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Point the champion alias at VERSION whatever the gate said, recording who and why."""
+    if not yes:
+        typer.confirm(
+            f"Serve v{version} as @{'champion-' + site if site else 'champion'}, overriding the gate?", abort=True
+        )
 
     def action():
         from cytoloop.policy.promotion import override
@@ -150,9 +155,12 @@ def promote(
 def rollback(
     reason: str = typer.Option(..., help="why (kept in the audit trail)"),
     site: str | None = typer.Option(None, help="roll back champion-<site> instead of the global champion"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Move the champion alias back to the version it pointed at before its latest move."""
+    if not yes:
+        typer.confirm(f"Roll @{'champion-' + site if site else 'champion'} back one move?", abort=True)
 
     def action():
         from cytoloop.registry import open_registry, site_alias

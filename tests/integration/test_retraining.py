@@ -254,14 +254,16 @@ def test_override_and_rollback_are_recorded(gated):
 
     registry, name, config = gated["registry"], gated["name"], str(gated["root"] / "config.json")
     runner = CliRunner()
-    result = runner.invoke(
-        app, ["promote", gated["challenger"], "--reason", "reviewed by Dr. Ada: gate too strict", "--config", config]
-    )
+    promote = ["promote", gated["challenger"], "--reason", "reviewed by Dr. Ada: gate too strict", "--config", config]
+    declined = runner.invoke(app, promote, input="n\n")  # it asks first; no means nothing moves
+    assert declined.exit_code == 1 and "overriding the gate?" in declined.output
+    assert registry.by_alias(name, "champion").version == gated["champion"]
+    result = runner.invoke(app, [*promote, "--yes"])
     assert result.exit_code == 0, result.output
     assert registry.by_alias(name, "champion").version == gated["challenger"]
     assert registry.version(name, gated["challenger"]).tags["gate.override"] == "reviewed by Dr. Ada: gate too strict"
 
-    result = runner.invoke(app, ["rollback", "--reason", "worse on the ward", "--config", config])
+    result = runner.invoke(app, ["rollback", "--reason", "worse on the ward", "--config", config], input="y\n")
     assert result.exit_code == 0, result.output
     assert registry.by_alias(name, "champion").version == gated["champion"]
 
@@ -284,7 +286,7 @@ def test_override_and_rollback_are_recorded(gated):
     ]
     assert [m["action"] for m in log[-2:]] == ["override", "rollback"]
 
-    nothing_left = runner.invoke(app, ["rollback", "--reason", "again", "--config", config])
+    nothing_left = runner.invoke(app, ["rollback", "--reason", "again", "--config", config, "--yes"])
     assert nothing_left.exit_code == 2 and "no earlier version" in nothing_left.output
 
 
@@ -300,7 +302,7 @@ def test_retrain_if_due_waits_for_new_labels(gated):
     result = CliRunner().invoke(
         app, ["retrain", "--labels", str(root / "consensus.csv"), "--if-due", "--config", str(root / "config.json")]
     )
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output  # EXIT_NOT_DUE: a scheduler tells it from done and from failed
     assert "retrain not due: 0 new labels" in result.output
     assert len(registry.versions(name)) == versions
 
@@ -385,8 +387,8 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
     result = runner.invoke(
         app, ["adapt", "--site", "north", "--data", str(root / "north.csv"), "--config", str(root / "config.json")]
     )
-    assert result.exit_code == 0, result.output
     adapted = registry.versions(name)[-1]
+    assert result.exit_code == (0 if adapted.tags["gate.verdict"] == "pass" else 3), result.output  # 3: refused
     assert adapted.tags["site"] == "north" and adapted.tags["job"] == "adapt"
     if adapted.tags["gate.verdict"] != "pass":  # a 4-step tiny fine-tune may lose; promoting it is then manual
         assert (
@@ -399,6 +401,7 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
                     "north",
                     "--reason",
                     "pilot",
+                    "--yes",
                     "--config",
                     str(root / "config.json"),
                 ],
