@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,18 @@ import numpy as np
 from cytoloop.config import Settings
 from cytoloop.data.records import CellRecord, DatasetError, records_fingerprint
 from cytoloop.errors import UsageError
-from cytoloop.registry import CHAMPION, AliasMoved, NotRegistered, VersionInfo, open_registry, site_alias
+from cytoloop.registry import (
+    CHAMPION,
+    AliasMoved,
+    NotRegistered,
+    VersionInfo,
+    challenger_alias,
+    open_registry,
+    site_alias,
+)
 
 MODEL_SUBDIR = "model"
+LOSS_FILE = "loss_curve.json"  # rank 0's training loss per log period, beside the fine-tuned model
 
 
 def train_loop(config: dict) -> None:
@@ -66,8 +76,10 @@ def train_loop(config: dict) -> None:
         with restored.as_directory() as directory:
             shutil.copy2(Path(directory) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
     attached = {"mtime": (local / CHECKPOINT_FILE).stat().st_mtime_ns if restored is not None else None}
+    history: list[dict] = []  # rank 0's loss per log period, logged to MLflow per step with the version
 
     def report(entry: dict) -> None:
+        history.append(entry)
         # `fit` writes its checkpoint after logging, so a checkpoint newer than the last one attached is complete.
         checkpoint_file = local / CHECKPOINT_FILE
         fresh = checkpoint_file.is_file() and checkpoint_file.stat().st_mtime_ns != attached["mtime"]
@@ -91,6 +103,7 @@ def train_loop(config: dict) -> None:
         staging = Path(tempfile.mkdtemp(prefix="cytoloop-finetuned-"))
         shutil.copy2(local / CHECKPOINT_FILE, staging / CHECKPOINT_FILE)
         model.save(staging / MODEL_SUBDIR)
+        (staging / MODEL_SUBDIR / LOSS_FILE).write_text(json.dumps(history))
         ray.train.report(final, checkpoint=Checkpoint.from_directory(str(staging)))
     else:
         ray.train.report(final)
@@ -262,7 +275,19 @@ def run_finetune(
         "hed_sigma": augment_config.hed_sigma,
     }
     artifacts = sorted((out / "evaluation").glob("*"))
-    version = registry.log_model(out, name, tags=tags, params=params, metrics=metrics, artifacts=artifacts)
+    losses = json.loads((out / LOSS_FILE).read_text()) if (out / LOSS_FILE).is_file() else []
+    version = registry.log_model(
+        out,
+        name,
+        tags=tags,
+        params=params,
+        metrics=metrics,
+        artifacts=artifacts,
+        run_name=f"finetune-{site or 'global'}-v{parent.version}-{time.strftime('%Y%m%dT%H%M%S')}",
+        step_metrics={"train_loss": [(int(e["step"]), float(e["loss"])) for e in losses if "loss" in e]},
+        dataset=(sets.train, f"{site or 'global'}-labels-{snapshot}"),
+    )
+    registry.set_alias(name, challenger_alias(site), version.version)  # the version under judgement
     try:
         apply_verdict(registry, name, version.version, alias, verdict, who=who)
     except AliasMoved as moved:  # another version took the alias while this one was judged: not promoted

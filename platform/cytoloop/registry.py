@@ -37,8 +37,10 @@ from pathlib import Path
 from cytoloop.errors import CytoLoopError, UsageError
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
 from cytoloop.models.loading import load_model
+from cytoloop.serving.pyfunc import cytoloop_directory
 
 CHAMPION = "champion"
+CHALLENGER = "challenger"
 MODEL_ARTIFACTS = (
     MODEL_FILE,
     WEIGHTS_FILE,
@@ -70,6 +72,11 @@ class RegistryUnavailable(RegistryError):
 
 def site_alias(site: str | None) -> str:
     return f"{CHAMPION}-{site}" if site else CHAMPION
+
+
+def challenger_alias(site: str | None) -> str:
+    """The alias of the version a gate is judging (`challenger`, `challenger-<site>`); it stays on the latest one."""
+    return f"{CHALLENGER}-{site}" if site else CHALLENGER
 
 
 @dataclass(frozen=True)
@@ -130,23 +137,63 @@ class Registry:
         params: dict | None = None,
         metrics: dict[str, float] | None = None,
         artifacts: Sequence[Path] = (),
+        run_name: str | None = None,
+        step_metrics: dict[str, list[tuple[int, float]]] | None = None,
+        dataset: tuple[Sequence, str] | None = None,
     ) -> VersionInfo:
-        """Log a model directory (without its training checkpoints) as a run and register it as a new version."""
+        """Log a model directory (without its training checkpoints) as a run and register it as a new version.
+
+        The version is a real MLflow model (`serving.pyfunc`: a pyfunc flavour with a signature and an input
+        example, the CytoLoop directory inside as its artifact), so `mlflow.pyfunc.load_model("models:/<name>/<v>")`
+        predicts on cells. `run_name` names the run; `step_metrics` ({metric: [(step, value), ...]}, such as the
+        training loss) are logged per step; `dataset` (cell records, name) becomes the run's MLflow dataset input
+        (its path, label and domain per cell: the data snapshot the version was trained on)."""
         import mlflow
+        from mlflow.models import infer_signature
+
+        from cytoloop.serving.pyfunc import ARTIFACT, example_frame, predict_frame, python_model
 
         mlflow.set_experiment(experiment_id=self.experiment_id())
         with tempfile.TemporaryDirectory() as staging:
-            staged = Path(staging) / "model"
+            staged = Path(staging) / ARTIFACT  # MLflow keeps an artifact folder under its own name
             staged.mkdir()
             for file in MODEL_ARTIFACTS:
                 if (Path(model_dir) / file).is_file():
                     shutil.copy2(Path(model_dir) / file, staged / file)
-            with mlflow.start_run(tags=tags or {}) as run:
+            model = load_model(staged)
+            example = example_frame(model)
+            with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
                 if params:
                     mlflow.log_params(params)
                 if metrics:
                     mlflow.log_metrics(metrics)
-                mlflow.log_artifacts(str(staged), artifact_path="model")
+                if dataset is not None:
+                    import pandas as pd
+                    from mlflow.data.pandas_dataset import from_pandas
+
+                    records, dataset_name = dataset
+                    table = pd.DataFrame(
+                        {
+                            "path": [str(r.path) for r in records],
+                            "label": [r.label for r in records],
+                            "domain": [r.domain for r in records],
+                        }
+                    )
+                    mlflow.log_input(from_pandas(table, name=dataset_name), context="training")
+                for key, points in (step_metrics or {}).items():
+                    for step, value in points:
+                        mlflow.log_metric(key, value, step=step)
+                logged = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=python_model(),
+                    artifacts={ARTIFACT: str(staged)},
+                    signature=infer_signature(example, predict_frame(model, example)),
+                    input_example=example,
+                    # the library travels inside (code), its own dependencies are listed: `mlflow models serve`
+                    # can build an environment from the version alone (and MLflow spends no time inferring them)
+                    code_paths=[str(Path(__file__).resolve().parent)],
+                    pip_requirements=_library_requirements(),
+                )
                 for artifact in artifacts:
                     mlflow.log_artifact(str(artifact))
         try:
@@ -154,7 +201,7 @@ class Registry:
         except Exception:
             self.client.create_registered_model(name)
         version = self.client.create_model_version(
-            name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags or {}
+            name, source=logged.model_uri, run_id=run.info.run_id, tags=tags or {}, model_id=logged.model_id
         )
         return self.version(name, version.version)
 
@@ -374,7 +421,7 @@ class Registry:
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
             try:
-                downloaded = self.download(name, version, staging)
+                downloaded = cytoloop_directory(self.download(name, version, staging))
                 if not (downloaded / MODEL_FILE).is_file() or not (downloaded / WEIGHTS_FILE).is_file():
                     raise RegistryError(f"{name} v{version}: the registered artifacts hold no complete model")
                 try:
@@ -415,6 +462,17 @@ class Registry:
             tags=dict(version.tags or {}),
             aliases=list(getattr(version, "aliases", []) or []),
         )
+
+
+def _library_requirements() -> list[str]:
+    """The library's own dependencies (no extras), as installed: what a pyfunc version needs besides its code."""
+    from importlib import metadata
+
+    try:
+        declared = metadata.requires("cytoloop") or []
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return []
+    return [r for r in declared if "extra ==" not in r]
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:

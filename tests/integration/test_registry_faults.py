@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,13 +30,14 @@ def registered(tmp_path, tiny_settings):
 
 def test_an_interrupted_download_leaves_no_half_model_in_the_cache(registered, monkeypatch):
     from cytoloop.models.base import WEIGHTS_FILE
+    from cytoloop.serving.pyfunc import cytoloop_directory
 
     registry, version, cache = registered
     real_download = registry.download
 
     def dropped_connection(name, version, destination):
         path = real_download(name, version, destination)
-        (path / WEIGHTS_FILE).unlink()  # the connection dropped before the weights arrived
+        (cytoloop_directory(path) / WEIGHTS_FILE).unlink()  # the connection dropped before the weights arrived
         raise OSError("connection reset by peer")
 
     monkeypatch.setattr(registry, "download", dropped_connection)
@@ -237,6 +239,7 @@ def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_c
     from cytoloop.models.base import WEIGHTS_FILE
     from cytoloop.serving.live import LiveModel, ServiceCache
     from cytoloop.serving.model_source import ModelSource
+    from cytoloop.serving.pyfunc import cytoloop_directory
 
     registry, (v1, v2, v3), uri = three_versions
     cache = registry.audit_log.parent.parent / "models"
@@ -250,10 +253,13 @@ def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_c
 
     assert new_replica() == {"version": v1, "fallback": None}  # served once: v1 is this host's last known good
 
-    corrupt = registry.audit_log.parent.parent / "corrupt"  # a version whose weights are not a model
-    shutil.copytree(registry.download("cells", v1, corrupt / "dl"), corrupt / "model")
-    (corrupt / "model" / WEIGHTS_FILE).write_bytes(b"not a torch file")
-    v4 = registry.log_model(corrupt / "model", "cells").version
+    good = registry.audit_log.parent.parent / "good"
+    shutil.copytree(cytoloop_directory(registry.download("cells", v1, good / "dl")), good / "model")
+    v4 = registry.log_model(good / "model", "cells").version
+    stored = Path(uri[len("sqlite:///") :]).parent / "artifacts"  # the artifact store, as S3 or a disk holds it
+    model_id = registry.client.get_model_version("cells", v4).source.rsplit("/", 1)[-1]  # models:/m-...
+    [weights] = [p for p in stored.rglob(WEIGHTS_FILE) if model_id in str(p)]
+    weights.write_bytes(b"not a torch file")  # corrupted in storage after registration (a partial upload, rot)
     registry.move_alias("cells", "champion", v4, why="a bad upload")
     answer = new_replica()
     assert answer["version"] == v1 and f"version {v4} could not be loaded" in answer["fallback"]
@@ -273,3 +279,27 @@ def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_c
 
     registry.client.delete_registered_model_alias("cells", "champion")  # withdrawn on purpose: nothing to serve
     assert new_replica() == {"error": "NotRegistered"}
+
+
+def test_a_registered_version_is_a_real_mlflow_model(registered, cells_dir):
+    """`mlflow.pyfunc.load_model("models:/…@champion")` predicts on a batch of real cells, with the signature and
+    input example MLflow shows; the same answers as the library's model."""
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    from cytoloop.data.preprocess import preprocess
+    from cytoloop.data.records import load_records
+
+    registry, version, cache = registered
+    registry.set_alias("cells", "champion", version)
+    pyfunc = mlflow.pyfunc.load_model("models:/cells@champion")
+    paths = [r.path for r in load_records(cells_dir)[:5]]
+    frame = pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode() for p in paths]})
+    answer = pyfunc.predict(frame)
+    assert list(answer.columns) == ["label", "confidence", "anomaly", "p_a", "p_b"] and len(answer) == 5
+    assert [i.name for i in pyfunc.metadata.get_input_schema().inputs] == ["image"]
+    library = registry.load("cells", version, cache)
+    expected = library.predict(np.stack([preprocess(p, library.data_config) for p in paths]))
+    assert np.allclose(answer[["p_a", "p_b"]].to_numpy(), expected.probs, atol=1e-6)

@@ -167,7 +167,14 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(tmp_path, ray_c
         assert f"calibration_{metric}_before" in run.data.metrics and f"calibration_{metric}_after" in run.data.metrics
     assert run.data.params["num_workers"] == "2" and run.data.params["n_unlabeled"] == str(len(pool))
     artifacts = {a.path for a in registry.client.list_artifacts(outcome.version.run_id)}
-    assert {"model", "challenger.reliability.png", "challenger.confusion.png", "per_class_recall.json"} <= artifacts
+    assert {"challenger.reliability.png", "challenger.confusion.png", "per_class_recall.json"} <= artifacts
+    # the MLflow UI tells the version's story: a named run, the loss per step, the cells as a dataset input
+    assert run.info.run_name.startswith(f"finetune-global-v{parent}-")
+    losses = registry.client.get_metric_history(outcome.version.run_id, "train_loss")
+    assert len(losses) >= 2 and sorted(m.step for m in losses)[-1] == settings.finetune.steps
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.name == f"global-labels-{tags['data_snapshot']}"
+    assert registry.alias_version(settings.registry.model_name, "challenger") == outcome.version.version
 
     loaded = registry.load(settings.registry.model_name, outcome.version.version, settings.registry.cache_dir)
     assert loaded.classes == TWO and loaded.info["parent_version"] == parent

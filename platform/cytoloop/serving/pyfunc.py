@@ -1,0 +1,88 @@
+"""Every registered version as a real MLflow model: a pyfunc flavour around the library's classifier.
+
+So the tools ML-ops teams already use work on CytoLoop's versions: `mlflow.pyfunc.load_model(
+"models:/cytoloop-cells@champion").predict(frame)`, `mlflow models serve -m models:/cytoloop-cells/3`, the
+MLflow UI's signature and input example. The CytoLoop model directory itself travels inside, as the pyfunc's
+artifact `cytoloop` (`artifacts/cytoloop/` in the version's files); Ray Serve keeps loading that directory through
+the library (`registry.Registry.load`), never through pyfunc.
+
+Input: a table with one column `image`, each row one cell image (BMP, JPEG, PNG or TIFF) as base64 text. Output:
+one row per cell, `label`, `confidence`, `anomaly` and one `p_<class>` column per class, the same answer
+`POST /v1/classify` gives (same preprocessing, `data.preprocess`). MLflow is imported only when a model is logged
+or loaded, so the library keeps working without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+
+from cytoloop.data.preprocess import preprocess
+from cytoloop.models.base import Classifier
+from cytoloop.models.loading import load_model
+
+ARTIFACT = "cytoloop"  # the pyfunc artifact that holds the CytoLoop model directory
+IMAGE_COLUMN = "image"
+
+
+def predict_frame(model: Classifier, frame):
+    """The pyfunc answer for a table of base64 cell images (see the module docstring); raises `ImageError` naming
+    the first row that is not an image."""
+    import pandas as pd
+
+    if IMAGE_COLUMN not in frame.columns:
+        raise ValueError(f"the input needs a column {IMAGE_COLUMN!r} of base64 images; got {list(frame.columns)}")
+    images = np.stack(
+        [
+            preprocess(base64.b64decode(text), model.data_config, name=f"row {i}")
+            for i, text in enumerate(frame[IMAGE_COLUMN])
+        ]
+    )
+    predictions = model.predict(images)
+    out = pd.DataFrame(
+        {
+            "label": [model.classes[int(i)] for i in predictions.labels],
+            "confidence": predictions.confidence.astype(float),
+            "anomaly": predictions.anomaly.astype(float),
+        }
+    )
+    for j, name in enumerate(model.classes):
+        out[f"p_{name}"] = predictions.probs[:, j].astype(float)
+    return out
+
+
+def example_frame(model: Classifier):
+    """A one-cell input example (a grey square of the model's input size, as PNG): what the signature is read
+    from and what the MLflow UI shows."""
+    import pandas as pd
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    side = model.data_config.image_size
+    Image.new("RGB", (side, side), (200, 170, 190)).save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode()]})
+
+
+def python_model():
+    """The `mlflow.pyfunc.PythonModel` that wraps a CytoLoop model directory (built here, so that importing this
+    module needs no MLflow)."""
+    import mlflow.pyfunc
+
+    class CytoLoopModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context) -> None:
+            self.model = load_model(Path(context.artifacts[ARTIFACT]))
+
+        def predict(self, context, model_input, params=None):
+            return predict_frame(self.model, model_input)
+
+    return CytoLoopModel()
+
+
+def cytoloop_directory(downloaded: Path) -> Path:
+    """The CytoLoop model directory inside a downloaded version: the pyfunc's artifact, or (versions registered
+    before the pyfunc flavour) the folder itself."""
+    inner = Path(downloaded) / "artifacts" / ARTIFACT
+    return inner if inner.is_dir() else Path(downloaded)
