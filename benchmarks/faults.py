@@ -436,10 +436,10 @@ def replica_corrupt_champion(world: World) -> Row:
     registry, (v1, _, _), uri, model_dir = _registry(world, "corrupt")
     cache = world.root / "corrupt-cache"
     _new_replica(uri, cache)
-    broken = world.root / "broken-model"
-    shutil.copytree(model_dir, broken)
-    (broken / WEIGHTS_FILE).write_bytes(b"not a model")
-    v4 = registry.log_model(broken, "cells").version
+    v4 = registry.log_model(model_dir, "cells").version
+    model_id = registry.client.get_model_version("cells", v4).source.rsplit("/", 1)[-1]  # models:/m-...
+    [weights] = [p for p in (world.root / "artifacts").rglob(WEIGHTS_FILE) if model_id in str(p)]
+    weights.write_bytes(b"not a model")  # corrupted in the artifact store after registration
     registry.move_alias("cells", "champion", v4, why="a bad upload")
     answer = _new_replica(uri, cache)
     return Row(
