@@ -151,7 +151,7 @@ class Registry:
         import mlflow
         from mlflow.models import infer_signature
 
-        from cytoloop.serving.pyfunc import ARTIFACT, example_frame, predict_frame, python_model
+        from cytoloop.serving.pyfunc import ARTIFACT, example_frame, output_example, python_model
 
         mlflow.set_experiment(experiment_id=self.experiment_id())
         with tempfile.TemporaryDirectory() as staging:
@@ -187,7 +187,7 @@ class Registry:
                     name="model",
                     python_model=python_model(),
                     artifacts={ARTIFACT: str(staged)},
-                    signature=infer_signature(example, predict_frame(model, example)),
+                    signature=infer_signature(example, output_example(model.classes)),
                     input_example=example,
                     # the library travels inside (code), its own dependencies are listed: `mlflow models serve`
                     # can build an environment from the version alone (and MLflow spends no time inferring them)

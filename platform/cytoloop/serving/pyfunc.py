@@ -54,6 +54,16 @@ def predict_frame(model: Classifier, frame):
     return out
 
 
+def output_example(classes: list[str]):
+    """One row of the answer's shape (for the signature): built from the classes, not by running the model, so a
+    version made for another device (a GPU model registered from a CPU machine) registers all the same."""
+    import pandas as pd
+
+    row = {"label": [classes[0]], "confidence": [1.0], "anomaly": [0.0]}
+    row |= {f"p_{name}": [1.0 if i == 0 else 0.0] for i, name in enumerate(classes)}
+    return pd.DataFrame(row)
+
+
 def example_frame(model: Classifier):
     """A one-cell input example (a grey square of the model's input size, as PNG): what the signature is read
     from and what the MLflow UI shows."""
