@@ -16,6 +16,7 @@ from pathlib import Path
 
 from labelstudio import sqlite
 
+SCHEMA_VERSION = 1  # PRAGMA user_version of the file
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     task_key TEXT PRIMARY KEY,
@@ -41,7 +42,7 @@ def _now() -> str:
 class Outbox:
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        sqlite.initialise(self.path, SCHEMA)
+        sqlite.initialise(self.path, SCHEMA, SCHEMA_VERSION)
 
     def enqueue(self, tasks: Iterable[dict]) -> int:
         """Queue task payloads (see `tasks.build_task`); returns how many were new."""

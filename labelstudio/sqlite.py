@@ -11,13 +11,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cytoloop.errors import CytoLoopError
 
-def initialise(path: Path, schema: str) -> None:
-    """Create the file (and its folder) and the schema if they are missing."""
+
+class SchemaTooNew(CytoLoopError, RuntimeError):
+    """A file written by a newer CytoLoop, whose schema this one does not know: it is left untouched."""
+
+
+def schema_version(path: Path) -> int:
+    """The file's schema version (`PRAGMA user_version`; 0 for a file that never recorded one)."""
+    with connect(path) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def initialise(path: Path, schema: str, version: int) -> None:
+    """Create the file (and its folder) and the schema if they are missing, and record the schema `version`.
+
+    A file of an older version must have been migrated by its owner before (`LabelStore._migrate`); a file of a
+    newer version is refused (`SchemaTooNew`) rather than written with an older idea of its tables."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with connect(path) as db:
+        found = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if found > version:
+            raise SchemaTooNew(
+                f"{path} has schema version {found}, newer than this CytoLoop's {version}: upgrade CytoLoop"
+            )
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(schema)
+        db.execute(f"PRAGMA user_version = {int(version)}")
 
 
 @contextmanager

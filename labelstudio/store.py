@@ -35,6 +35,8 @@ from labelstudio.label_config import parse_result
 
 logger = logging.getLogger(__name__)
 
+# 1: keyed by annotation id alone; 2: keyed by (server, annotation id), task_context (`_migrate` goes 1 -> 2)
+SCHEMA_VERSION = 2  # PRAGMA user_version of the file
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -129,7 +131,7 @@ class LabelStore:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self._migrate()
-        sqlite.initialise(self.path, SCHEMA)
+        sqlite.initialise(self.path, SCHEMA, SCHEMA_VERSION)
 
     def _migrate(self) -> None:
         """Bring a store of the first format (keyed by annotation id alone) to this one, in one transaction."""
@@ -137,7 +139,7 @@ class LabelStore:
             return
         with sqlite.transaction(self.path) as db:
             columns = {r["name"] for r in db.execute("PRAGMA table_info(annotations)")}
-            if not columns or "server" in columns:
+            if not columns or "server" in columns:  # new, or already version 2 (files before the pragma too)
                 return
             for statement in filter(str.strip, _MIGRATE_V1.split(";")):
                 db.execute(statement)

@@ -255,3 +255,19 @@ def test_the_labelling_view_has_hotkeys_controls_a_fixed_size_and_room_for_a_new
     assert report["exported"] == 0 and report["new_classes"]["cells"] == {"hairy_cell": 1}
     rows = (tmp_path / "labels.new-classes.csv").read_text().splitlines()
     assert rows[1].split(",")[:2] == ["/x/a.bmp", "hairy_cell"]
+
+
+def test_the_stores_record_their_schema_version_and_refuse_a_newer_one(tmp_path):
+    import sqlite3
+
+    from labelstudio import sqlite as stores
+    from labelstudio.store import SCHEMA_VERSION
+
+    LabelStore(tmp_path / "labels.db")
+    Outbox(tmp_path / "outbox.db")
+    assert stores.schema_version(tmp_path / "labels.db") == SCHEMA_VERSION == 2
+    assert stores.schema_version(tmp_path / "outbox.db") == 1
+    with sqlite3.connect(tmp_path / "labels.db") as db:
+        db.execute("PRAGMA user_version = 9")  # a newer CytoLoop wrote it
+    with pytest.raises(stores.SchemaTooNew, match="schema version 9, newer than this CytoLoop's 2"):
+        LabelStore(tmp_path / "labels.db")
