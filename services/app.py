@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from cytoloop.config import Settings, load_settings
-from services.classifier import Classifier
+from services.classifier import Classifier, live_config
 from services.gateway import Gateway
 
 SQLITE_PREFIX = "sqlite:///"
@@ -46,7 +46,9 @@ def absolute_paths(settings: Settings) -> Settings:
     )
 
 
-def build_app(settings: Settings) -> Application:
+def build_app(settings: Settings, user_config: dict | None = None) -> Application:
+    """The application; `user_config` (a `LiveConfig` as a dict) replaces the live part the settings give, as a
+    Serve config file's `deployments:` block does, so that changing it alone reconfigures replicas in place."""
     settings = absolute_paths(settings)
     config = settings.serve
     if config.min_replicas == config.max_replicas:
@@ -60,6 +62,7 @@ def build_app(settings: Settings) -> Application:
             }
         }
     classifier = Classifier.options(
+        user_config=live_config(settings) if user_config is None else user_config,
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         **scaling,
@@ -71,9 +74,10 @@ def build_app(settings: Settings) -> Application:
     ).bind(classifier, settings)
 
 
-def build(args: AppArgs) -> Application:
-    """`import_path: services.app:build` in a Serve config file."""
-    return build_app(load_settings(args.config))
+def build(args: dict) -> Application:
+    """`import_path: services.app:build` in a Serve config file. Ray hands the `args:` block over as a dict (this
+    module's postponed annotations hide a pydantic type from it), so it is validated here, naming what is wrong."""
+    return build_app(load_settings(AppArgs.model_validate(args or {}).config))
 
 
 def run_local(settings: Settings, num_cpus: int | None = None) -> None:

@@ -12,6 +12,9 @@ Thin over the library: a site's model is a `LiveModel` (model_source.py) and a m
   (tests/integration/test_serving.py checks it).
 - A background task re-resolves every loaded site's alias each `serve.alias_poll_s` and swaps in a moved alias's
   version (`LiveModel.refresh`); a batch in flight finishes on the version it started with.
+- `user_config` (`LiveConfig`: routing thresholds, batching, alias polling) is applied by `reconfigure`, in
+  place: changing it in a Serve config file (`deployments:` of infra/serve.yaml) reconfigures the running
+  replicas, with their loaded models, instead of restarting them.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import logging
 import weakref
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from cytoloop.config import Settings
+from cytoloop.config import RoutingConfig, Settings
 from cytoloop.policy.drift import append_events, prediction_events
 from cytoloop.serving.inference import CellFailure, CellResult
 from cytoloop.serving.live import LiveModel, ServiceCache
@@ -60,6 +64,28 @@ class Refusal:
     detail: str
 
 
+class LiveConfig(BaseModel):
+    """What a running replica may change without a restart (the deployment's `user_config`), validated here: a
+    bad value fails the update with a message naming the field, and the replicas keep their settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    routing: RoutingConfig | None = None
+    max_batch_size: int | None = Field(None, ge=1)
+    batch_wait_s: float | None = Field(None, ge=0)
+    alias_poll_s: float | None = Field(None, gt=0)
+
+
+def live_config(settings: Settings) -> dict:
+    """The `user_config` a deployment starts with: these settings' live part."""
+    serve_config = settings.serve
+    return LiveConfig(
+        routing=settings.routing,
+        max_batch_size=serve_config.max_batch_size,
+        batch_wait_s=serve_config.batch_wait_s,
+        alias_poll_s=serve_config.alias_poll_s,
+    ).model_dump(mode="json")
+
+
 @serve.deployment(name="Classifier")
 class Classifier:
     async def __init__(self, settings: Settings):
@@ -75,6 +101,18 @@ class Classifier:
         self.classify.set_max_batch_size(self.config.max_batch_size)
         self.classify.set_batch_wait_timeout_s(self.config.batch_wait_s)
         self.poller = asyncio.get_running_loop().create_task(self._follow_aliases())
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply a new `LiveConfig` to this running replica (Ray Serve calls it at start and on every change)."""
+        live = LiveConfig.model_validate(user_config or {})
+        if live.routing is not None:
+            self.services.set_routing(live.routing)
+        update = {k: v for k, v in live.model_dump(exclude={"routing"}).items() if v is not None}
+        self.config = self.config.model_copy(update=update)
+        self.model_calls.max_requests = self.config.max_batch_size
+        self.classify.set_max_batch_size(self.config.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(self.config.batch_wait_s)
+        logger.info("reconfigured: %s", live.model_dump(exclude_none=True))
 
     @serve.multiplexed(max_num_models_per_replica=SITE_MODELS_PER_REPLICA)
     async def site_model(self, key: str) -> LiveModel:

@@ -429,6 +429,58 @@ def test_a_replica_that_cannot_reach_the_registry_serves_its_last_known_good_ver
     assert current.status_code == 200 and current.json()["cells"][0]["model"]["last_known_good"] is None
 
 
+def test_changed_routing_reconfigures_the_running_replica_in_place(serving, tmp_path):
+    """A new `user_config` (here: review everything under 0.99 confidence) reaches the running replica through
+    `reconfigure`: the same replica, its model still loaded, answers with the new routing."""
+    from ray import serve
+
+    from services.classifier import live_config
+
+    config_file = tmp_path / "settings.json"
+
+    def deploy(review_below: float) -> None:  # as `serve deploy` applies a config file: only user_config differs
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        live = live_config(serving.settings)
+        live["routing"]["review_below"] = review_below
+        settings = serving.settings.model_dump(mode="json", exclude_none=True)
+        settings["serve"]["api_key"] = API_KEY  # dumped masked, as every secret
+        config_file.write_text(json.dumps(settings))
+        app = {
+            "name": "live",
+            "route_prefix": "/live",
+            "import_path": "services.app:build",
+            "args": {"config": str(config_file)},
+            "deployments": [{"name": "Classifier", "user_config": live}],
+        }
+        try:
+            _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]), _blocking=True)
+        except TimeoutError:
+            raise AssertionError(serve.status().applications["live"].message) from None
+
+    def ask() -> dict:
+        files = [("files", (p.name, p.read_bytes())) for p in serving.cells[:6]]
+        response = serving.post("/live/v1/classify", files=files)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    deploy(0.0)
+    try:
+        before = ask()
+        assert {c["route"] for c in before["cells"]} == {"accept"}
+        deploy(0.99)
+        deadline = time.monotonic() + 60
+        after = ask()
+        while {c["route"] for c in after["cells"]} != {"review"}:
+            assert time.monotonic() < deadline, after
+            time.sleep(0.5)
+            after = ask()
+        assert after["batch"]["replica"] == before["batch"]["replica"]  # reconfigured, not restarted
+    finally:
+        serve.delete("live")
+
+
 def test_batch_scoring_sends_each_sites_cells_to_that_sites_model(serving):
     """A Ray Data batch holding cells of two sites (batches are cut by size, not by site) used to be sent whole to
     the global model. Each site's cells now reach that site's champion."""

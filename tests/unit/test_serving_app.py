@@ -51,7 +51,8 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
 def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
-    from services.app import AppArgs, build
+    from services.app import build
+    from services.classifier import LiveConfig
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "infra/serve.yaml").read_text()))
     app = config.applications[0]
@@ -59,10 +60,16 @@ def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
     for key, value in app.runtime_env["env_vars"].items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ValidationError, match="set an API key"):  # the proxy binds 0.0.0.0: no key, no app
-        build(AppArgs.model_validate(app.args))
+        build(app.args)  # a dict, as Ray hands the `args:` block over
     monkeypatch.setenv("CYTOLOOP_SERVE__API_KEY", "a-secret-from-the-cluster-" + "k" * 16)
-    built = build(AppArgs.model_validate(app.args))
+    built = build(app.args)
     assert type(built).__name__ == "Application"
+    with pytest.raises(ValidationError, match="confg"):
+        build({"confg": "/etc/settings.json"})  # a misspelt argument is named, not ignored
+    # replicas, autoscaling and the live settings sit in the deployments block: changing them is in place
+    [classifier] = [d for d in app.deployments if d.name == "Classifier"]
+    assert classifier.autoscaling_config and classifier.max_ongoing_requests
+    LiveConfig.model_validate(classifier.user_config)
 
 
 def test_a_request_body_over_the_cap_is_refused_before_it_is_read_whole():

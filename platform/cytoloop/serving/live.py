@@ -87,6 +87,13 @@ class ServiceCache:
         self._loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
+    def set_routing(self, routing: RoutingConfig) -> None:
+        """New routing thresholds for every loaded version and every later one (a reconfigured deployment)."""
+        with self._lock:
+            self.routing = routing
+            for service in list(self._loaded.values()):
+                service.routing = routing
+
     def get(self, ref: ModelRef, cached_only: bool = False) -> CellService:
         """The service of `ref`, loading it once; `cached_only` loads from the local cache without the registry."""
         with self._lock:
