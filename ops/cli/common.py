@@ -16,17 +16,40 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="CytoLoop: diffusion-based blood-cell classification."
+    add_completion=True, no_args_is_help=True, help="CytoLoop: diffusion-based blood-cell classification."
 )
 
 # the project's packages, whose INFO lines (a stage started, a service is up) are the commands' progress output
 PROJECT_LOGGERS = ("cytoloop", "jobs", "labelstudio", "services")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib import metadata
+
+        typer.echo(f"cytoloop {metadata.version('cytoloop')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug messages, with their module")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug messages, with their module"),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        envvar="CYTOLOOP_CONFIG",
+        help="JSON settings file for every command (a command's own --config wins); also CYTOLOOP_CONFIG",
+    ),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version"),
+) -> None:
     """CytoLoop: diffusion-based blood-cell classification."""
+    import os
+
     configure_logging(verbose)
+    if config is not None:
+        if not config.is_file():
+            fail(f"--config {config}: no such file")
+        os.environ["CYTOLOOP_CONFIG"] = str(config.resolve())  # what load_settings reads when no file is given
 
 
 def configure_logging(verbose: bool = False) -> None:

@@ -9,6 +9,7 @@ edge (CLI, service start-up); library functions receive validated section object
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -566,12 +567,14 @@ class Settings(BaseSettings):
 
 
 def load_settings(path: Path | None = None, overrides: dict | None = None) -> Settings:
-    """Build settings: defaults < JSON file `path` < `CYTOLOOP_*` environment < explicit `overrides`.
+    """Build settings: defaults < JSON file `path` (else `$CYTOLOOP_CONFIG`) < `CYTOLOOP_*` environment < explicit
+    `overrides`.
 
     `overrides` is a nested dict such as `{"train": {"steps": 500}}` (what the CLI's flags set).
     Raises pydantic's ValidationError naming each bad field; the CLI turns it into a readable message.
     """
-    values: dict = json.loads(Path(path).read_text()) if path else {}
+    source = path or os.environ.get("CYTOLOOP_CONFIG") or None  # `cytoloop --config` sets it for every command
+    values: dict = json.loads(Path(source).read_text()) if source else {}
     # the environment alone, unvalidated: validating it against the defaults would reject values that are only
     # valid together with the file's (e.g. max_trials below the default min_trials)
     values = _deep_merge(values, EnvSettingsSource(Settings)())

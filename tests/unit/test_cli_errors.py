@@ -67,3 +67,27 @@ def test_a_missing_optional_part_names_the_extra_that_installs_it(capsys):
     assert exit_info.value.exit_code == 2 and "pip install 'cytoloop[serve]'" in capsys.readouterr().err
     with pytest.raises(ModuleNotFoundError):  # not one of ours: a bug (or a broken install), with its traceback
         run(_raise(ModuleNotFoundError("No module named 'nonesuch'", name="nonesuch")))
+
+
+def test_one_global_config_version_and_completion(tmp_path, clean_env):
+    """`cytoloop --config FILE <command>` (or CYTOLOOP_CONFIG) gives every command its settings file; `--version`
+    prints the installed version; shell completion can be installed."""
+    import json
+    import os
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).stdout.startswith("cytoloop ")
+    assert "--install-completion" in runner.invoke(app, ["--help"]).stdout
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"home": str(tmp_path / "labhome"), "stack": {"ray": False}}))
+    clean_env.setenv("CYTOLOOP_CONFIG", str(settings))  # so that teardown removes what the command sets
+    result = runner.invoke(app, ["--config", str(settings), "stack", "status"])
+    assert result.exit_code == 0, result.output
+    assert os.environ["CYTOLOOP_CONFIG"] == str(settings.resolve())
+    assert "labhome" in result.output  # the file's home, though `stack status` was given no --config
+    missing = runner.invoke(app, ["--config", str(tmp_path / "nope.json"), "stack", "status"])
+    assert missing.exit_code == 2 and "nope.json" in missing.output
