@@ -377,6 +377,7 @@ class Stack:
             "TMPDIR": str(data / "tmp"),
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
             "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",  # our webhook receiver is on 127.0.0.1
+            "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",  # and so is the ML backend (labelstudio/ml_backend.py)
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
             # the root is the images folder's parent: Label Studio refuses a project storage equal to the root
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(images_root.parent),

@@ -163,6 +163,31 @@ def review_push(config: Path | None = typer.Option(None, help="JSON settings fil
     run(action)
 
 
+@review_app.command("ml-backend")
+def review_ml_backend(
+    host: str = typer.Option("127.0.0.1", help="address Label Studio reaches it at"),
+    port: int = typer.Option(9090, help="port (Label Studio: Settings -> Model -> http://HOST:PORT)"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
+) -> None:
+    """Serve CytoLoop as a Label Studio ML backend: predictions per task from each site's champion, and
+    training events that start `retrain --if-due` on the exported consensus labels."""
+
+    def action():
+        import uvicorn
+
+        from cytoloop.config import load_settings
+        from labelstudio.loop import ReviewLoop
+        from labelstudio.ml_backend import Backend, create_app, retrain_command
+
+        settings = load_settings(config)
+        labels = Path(settings.home) / "review" / "consensus.csv"
+        loop = ReviewLoop(settings)
+        backend = Backend(settings, retrain_command(labels, config), export=lambda: loop.export(labels))
+        uvicorn.run(create_app(backend), host=host, port=port, log_level="warning")
+
+    run(action)
+
+
 @review_app.command("invite")
 def review_invite(
     reset: bool = typer.Option(False, "--reset", help="void the current link first (it reached the wrong people)"),

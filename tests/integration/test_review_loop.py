@@ -418,3 +418,48 @@ def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp
         app, ["review", "route", "--model", str(tmp_path / "missing"), "--data", str(data), "--config", str(config)]
     )
     assert bad.exit_code == 2 and "missing" in bad.output
+
+
+def test_label_studio_retrieves_predictions_from_the_ml_backend(label_studio, cells_dir, tiny_overrides, tmp_path):
+    """Connected under Settings -> Model (the ML-backend protocol), CytoLoop answers Label Studio's "Retrieve
+    predictions" for tasks imported without any: each task gets a pre-annotation with the served version."""
+    import threading
+
+    import uvicorn
+    from label_studio_sdk import LabelStudio
+
+    from cytoloop.config import load_settings
+    from cytoloop.data.records import select
+    from cytoloop.workflows import train_model
+    from labelstudio.bootstrap import ensure_project
+    from labelstudio.ml_backend import Backend, create_app
+    from labelstudio.tasks import image_url
+    from tests.integration.conftest import free_port
+
+    records = load_records(cells_dir)
+    train = [r for c in CLASSES[:3] for r in select(records, ["jtsc"], [c])[:8]]
+    train_model("baseline", train, load_settings(overrides=tiny_overrides), tmp_path / "model", classes=CLASSES[:3])
+    serve_settings = label_studio.settings.serve.model_copy(update={"model_dir": tmp_path / "model"})
+    backend = Backend(label_studio.settings.model_copy(update={"serve": serve_settings}))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, what="the ML backend")
+    try:
+        admin = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+        project_id = ensure_project(admin, "ml backend", CLASSES[:3], labels_required=1)
+        cells = [r.path for r in select(records, ["bccd"], CLASSES[:3])[:5]]
+        admin.projects.import_tasks(  # as a lab imports its own cells: an image URL, no predictions
+            id=project_id, request=[{"data": {"image": image_url(p, cells_dir)}} for p in cells]
+        )
+        admin.ml.create(project=project_id, url=f"http://127.0.0.1:{port}", title="CytoLoop")
+        admin.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True})
+        version = backend.site(None).service.ref.version
+        tasks = list(admin.tasks.list(project=project_id, fields="all"))
+        predictions = [p if isinstance(p, dict) else p.model_dump() for t in tasks for p in (t.predictions or [])]
+        assert len(predictions) == 5 and {p["model_version"] for p in predictions} == {version}
+        assert all(0 < p["score"] <= 1 and p["result"][0]["value"]["choices"][0] in CLASSES for p in predictions)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

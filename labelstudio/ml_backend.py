@@ -1,0 +1,180 @@
+"""CytoLoop as a Label Studio ML backend (Settings -> Model in a project): the protocol labs already connect.
+
+Label Studio calls four routes; each is thin over the same library the classifier service uses:
+
+- `GET /health`: up, and which model source answers;
+- `POST /setup`: Label Studio connects a project; answers the model version that would serve it;
+- `POST /predict`: many tasks per call ("Retrieve predictions", or a new task): each task's cell is classified by
+  its site's champion (`serving.live.LiveModel`, the alias `champion-<site>` else `champion`, the same rule as the
+  classifier service) and answered as a pre-annotation with the version and the confidence as score. A cell is
+  read from the task's `image_path` (or its local-files URL under `stack.images_root`); an audit task (no model
+  fields, `labelstudio.tasks`) gets no prediction: it must stay blind;
+- `POST /webhook`: Label Studio's training events (`START_TRAINING`, and annotation events when "start training
+  on annotation submission" is on) start `cytoloop retrain --if-due` in the background and answer at once, so a
+  labelling session never waits on training.
+
+Pydantic models at the boundary; a task whose image cannot be read gets an empty result (Label Studio shows no
+pre-annotation) and the reason in the service log.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+from cytoloop.config import Settings
+from cytoloop.serving.inference import CellResult
+from cytoloop.serving.live import LiveModel, ServiceCache
+from cytoloop.serving.model_source import ModelSource
+from labelstudio.label_config import prediction_result
+
+logger = logging.getLogger(__name__)
+TRAINING_EVENTS = ("START_TRAINING", "ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+
+
+class PredictRequest(BaseModel):
+    tasks: list[dict[str, Any]]
+    project: str | None = None
+    label_config: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Prediction(BaseModel):
+    result: list[dict[str, Any]]
+    score: float | None = None
+    model_version: str | None = None
+
+
+class PredictResponse(BaseModel):
+    results: list[Prediction]
+
+
+class SetupRequest(BaseModel):
+    project: str | None = None
+    schema_: str | None = Field(None, alias="schema")
+    model_version: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    model_class: str
+
+
+def image_file(data: dict[str, Any], images_root: Path | None) -> Path:
+    """The cell's file: the task's `image_path`, else its local-files URL resolved under the images root's parent
+    (Label Studio's document root, `ops.stack`)."""
+    if data.get("image_path"):
+        return Path(data["image_path"])
+    url = str(data.get("image") or "")
+    served = parse_qs(urlsplit(url).query).get("d", [""])[0]
+    if not served or images_root is None:
+        raise ValueError(f"task has no image_path and no local-files image under the images root: {url!r}")
+    path = (Path(images_root).resolve().parent / served).resolve()
+    if not path.is_relative_to(Path(images_root).resolve()):
+        raise ValueError(f"{url!r} points outside the images root")
+    return path
+
+
+class Backend:
+    """The per-site models and the retrain trigger; plain and testable, FastAPI only routes to it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        retrain_command: list[str] | None = None,
+        export: Callable[[], object] | None = None,
+    ):
+        self.settings = settings
+        self.source = ModelSource(settings.serve, settings.registry)
+        self.services = ServiceCache(self.source, settings.routing)
+        self._sites: dict[str | None, LiveModel] = {}
+        self._lock = threading.Lock()
+        self.retrain_command, self.export = retrain_command, export
+        self.retrains: list[subprocess.Popen] = []
+
+    def site(self, site: str | None) -> LiveModel:
+        with self._lock:
+            if site not in self._sites:
+                self._sites[site] = LiveModel(site, self.source, self.services)
+            live = self._sites[site]
+        try:
+            live.refresh()  # follow the alias: Label Studio asks rarely, so ask the registry each time
+        except Exception as error:  # keep answering with what is loaded
+            logger.warning("site %s: alias check failed: %s", site or "*", error)
+        return live
+
+    def predict(self, tasks: list[dict[str, Any]]) -> list[Prediction]:
+        by_site: dict[str | None, list[int]] = {}
+        for i, task in enumerate(tasks):
+            data = task.get("data") or {}
+            if data.get("task_key") and "reason" not in data:  # an audit: it must stay blind
+                continue
+            by_site.setdefault(data.get("site") or None, []).append(i)
+        answers = [Prediction(result=[]) for _ in tasks]
+        for site, members in by_site.items():
+            service = self.site(site).service
+            cells, rows = [], []
+            for i in members:
+                try:
+                    path = image_file(tasks[i].get("data") or {}, self.settings.stack.images_root)
+                    cells.append((path.name, path.read_bytes()))
+                    rows.append(i)
+                except (OSError, ValueError) as error:
+                    logger.warning("task %s: no prediction: %s", tasks[i].get("id"), error)
+            for i, cell in zip(rows, service.classify(cells) if cells else []):
+                if isinstance(cell, CellResult):
+                    answers[i] = Prediction(
+                        result=prediction_result(cell.label), score=cell.confidence, model_version=service.ref.version
+                    )
+        return answers
+
+    def train(self, action: str) -> bool:
+        """For a training event: export the consensus labels and start `cytoloop retrain --if-due` on them in the
+        background (the retrain policy decides whether it trains); True if started. One at a time."""
+        if action not in TRAINING_EVENTS or self.retrain_command is None:
+            return False
+        with self._lock:
+            self.retrains = [p for p in self.retrains if p.poll() is None]
+            if self.retrains:  # a second one would find nothing new
+                return False
+            if self.export is not None:
+                self.export()
+            self.retrains.append(subprocess.Popen(self.retrain_command, stdin=subprocess.DEVNULL))
+            return True
+
+
+def retrain_command(labels: Path, config: Path | None = None) -> list[str]:
+    """`cytoloop retrain --labels LABELS --if-due` in this interpreter."""
+    command = [sys.executable, "-m", "ops.cli", "retrain", "--labels", str(labels), "--if-due"]
+    return command + (["--config", str(config)] if config else [])
+
+
+def create_app(backend: Backend) -> FastAPI:
+    app = FastAPI(title="CytoLoop ML backend for Label Studio")
+
+    @app.get("/health", response_model=Health)
+    def health() -> Health:
+        return Health(status="UP", model_class=f"CytoLoop ({backend.source.describe()})")
+
+    @app.post("/setup")
+    def setup(request: SetupRequest) -> dict:
+        return {"model_version": backend.site(None).service.ref.version}
+
+    @app.post("/predict", response_model=PredictResponse)
+    def predict(request: PredictRequest) -> PredictResponse:
+        return PredictResponse(results=backend.predict(request.tasks))
+
+    @app.post("/webhook", status_code=201)
+    def webhook(event: dict[str, Any]) -> dict:
+        return {"action": event.get("action"), "training_started": backend.train(str(event.get("action")))}
+
+    return app

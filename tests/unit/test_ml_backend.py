@@ -1,0 +1,56 @@
+"""The Label Studio ML backend without Label Studio: the protocol's routes over a real local model directory."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cytoloop.config import Settings
+from cytoloop.models.baseline import BaselineClassifier
+from labelstudio.ml_backend import Backend, create_app
+
+
+@pytest.fixture
+def backend(tmp_path, tiny_settings):
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(tmp_path / "model")
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        rgb = np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / "images" / f"{i}.png")
+    settings = Settings(serve={"model_dir": tmp_path / "model"}, stack={"images_root": tmp_path / "images"})
+    slow = [sys.executable, "-c", "import time; time.sleep(3)"]
+    exported = []
+    return Backend(settings, retrain_command=slow, export=lambda: exported.append(1)), exported, tmp_path
+
+
+def test_predict_answers_every_task_but_keeps_audits_blind(backend):
+    backend, _, root = backend
+    tasks = [
+        {"id": 1, "data": {"image": "/data/local-files/?d=images/0.png"}},  # a lab's own import
+        {"id": 2, "data": {"image_path": str(root / "images" / "1.png"), "task_key": "k2", "reason": "review"}},
+        {"id": 3, "data": {"image_path": str(root / "images" / "2.png"), "task_key": "k3"}},  # an audit
+        {"id": 4, "data": {"image": "/data/local-files/?d=../secrets.json"}},  # outside the images root
+    ]
+    with TestClient(create_app(backend)) as client:
+        assert client.get("/health").json()["status"] == "UP"
+        version = client.post("/setup", json={"project": "1.0", "schema": "<View/>"}).json()["model_version"]
+        results = client.post("/predict", json={"tasks": tasks}).json()["results"]
+    assert [bool(r["result"]) for r in results] == [True, True, False, False]
+    assert {r["model_version"] for r in results[:2]} == {version}
+    assert results[0]["result"][0]["value"]["choices"][0] in ("a", "b") and 0 < results[0]["score"] <= 1
+
+
+def test_training_events_start_one_retrain_in_the_background(backend):
+    backend, exported, _ = backend
+    with TestClient(create_app(backend)) as client:
+        first = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+        again = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})  # while the first one runs
+        other = client.post("/webhook", json={"action": "PROJECT_UPDATED"})
+    assert first.status_code == 201 and first.json()["training_started"] is True
+    assert again.json()["training_started"] is False and other.json()["training_started"] is False
+    assert exported == [1]  # the consensus labels were exported for it first
+    backend.retrains[0].wait(timeout=30)
