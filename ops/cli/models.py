@@ -145,7 +145,9 @@ def evaluate(
     domains: str | None = typer.Option(None, help="comma-separated domains to evaluate on"),
     classes: str | None = typer.Option(None, help="comma-separated classes (default: the model's)"),
     part: str | None = typer.Option(None, help="only this part of the model's split (train, val, test)"),
-    json_out: Path | None = typer.Option(None, "--json", help="write metrics JSON (and PNG plots beside it)"),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="write metrics JSON (and PNG plots beside it); '-' prints the JSON on stdout instead"
+    ),
     anomaly_data: Path | None = typer.Option(None, help="dataset with anomalies and normal cells"),
     anomaly_domains: str | None = typer.Option(None, help="domains of the anomaly dataset to use"),
     anomaly_label: str = typer.Option("blast", help="label that marks an anomaly in the anomaly dataset"),
@@ -172,15 +174,21 @@ def evaluate(
         records, excluded = held_out(records, model, part)
         records = class_interleaved_subset(records, cells)
         anomalies = select(load_records(anomaly_data), split_list(anomaly_domains)) if anomaly_data else []
+        to_stdout = json_out is not None and str(json_out) == "-"
         report = evaluate_model(
             classifier,
             records,
-            json_out,
+            None if to_stdout else json_out,
             anomaly_records=anomalies,
             anomaly_label=anomaly_label,
             excluded=excluded,
-            progress=True,
+            progress=not to_stdout,
         )
+        if to_stdout:
+            import json
+
+            typer.echo(json.dumps(report, indent=1, default=str))
+            return
         _print_report(report)
 
     run(action)

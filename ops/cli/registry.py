@@ -215,11 +215,15 @@ def drift(
 @app.command()
 def status(
     labels: Path | None = typer.Option(None, help="consensus labels, to say whether a retrain is due"),
+    json_out: bool = typer.Option(False, "--json", help="print the status as one JSON document on stdout"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """What serves where, the latest alias moves, the label store, drift flags and whether a retrain is due."""
 
     def action():
+        import json
+        from dataclasses import asdict
+
         from cytoloop.policy.drift import load_flags
         from cytoloop.policy.retrain import load_state, new_labels, retrain_due
         from cytoloop.registry import NotRegistered, open_registry
@@ -227,62 +231,92 @@ def status(
         settings = settings_from(config)
         registry = open_registry(settings)
         name = settings.registry.model_name
-        typer.echo(f"registry {settings.registry.tracking_uri}, model {name}")
         try:
             aliases, moves = registry.aliases(name), registry.alias_history(name)
         except NotRegistered:
-            typer.echo("  no model registered yet")
             aliases, moves = {}, []
+        served = {}
         for alias, version in sorted(aliases.items()):
             tags = registry.version(name, version).tags
-            typer.echo(f"  @{alias}: v{version} ({tags.get('kind', '?')}, gate {tags.get('gate.verdict', '-')})")
+            served[alias] = {"version": version, "kind": tags.get("kind"), "gate": tags.get("gate.verdict")}
+        flags = load_flags(_flags_path(settings))
+        state = load_state(Path(settings.home) / "retrain" / "state.json")
+        retrain: dict = {"last": state.last_time.isoformat() if state.last_time else None, "due": None}
+        if labels is not None:
+            fresh = len(new_labels(labelled_records(labels), state))
+            decision = retrain_due(fresh, state.hours_since_last(), bool(flags), settings.retrain)
+            retrain |= {"due": decision.due, "reason": decision.reason}
+        report = {
+            "registry": settings.registry.tracking_uri,
+            "model": name,
+            "aliases": served,
+            "moves": [asdict(m) for m in moves[-5:]],
+            "review": _review_counts(Path(settings.home) / "review"),
+            "drift_flags": flags,
+            "retrain": retrain,
+        }
+        if json_out:
+            typer.echo(json.dumps(report, indent=1))
+            return
+        typer.echo(f"registry {report['registry']}, model {name}")
+        if not served:
+            typer.echo("  no model registered yet")
+        for alias, info in served.items():
+            typer.echo(f"  @{alias}: v{info['version']} ({info['kind'] or '?'}, gate {info['gate'] or '-'})")
         for move in moves[-5:]:
             typer.echo(
                 f"  {move.time} {move.who} {move.action} @{move.alias}: v{move.from_version or '-'} -> "
                 f"v{move.to_version}: {move.why}"
             )
-        _echo_labels(Path(settings.home) / "review" / "labels.db")
-        flags = load_flags(_flags_path(settings))
+        _echo_review(report["review"])
         typer.echo(f"drift: {'FLAGGED' if flags else 'no flags'}")
         for flag in flags:
             typer.echo(f"  v{flag['model_version']} {flag['site'] or 'global'}: " + "; ".join(flag["flags"]))
-        state = load_state(Path(settings.home) / "retrain" / "state.json")
-        last = state.last_time.isoformat() if state.last_time else "never"
-        if labels is None:
+        last = retrain["last"] or "never"
+        if retrain["due"] is None:
             typer.echo(f"retrain: last {last} (give --labels to check whether one is due)")
-            return
-        decision = retrain_due(
-            len(new_labels(labelled_records(labels), state)), state.hours_since_last(), bool(flags), settings.retrain
-        )
-        typer.echo(f"retrain: {'DUE' if decision.due else 'not due'} ({decision.reason}); last {last}")
+        else:
+            typer.echo(f"retrain: {'DUE' if retrain['due'] else 'not due'} ({retrain['reason']}); last {last}")
 
     run(action)
 
 
-def _echo_labels(path: Path) -> None:
-    """The label store's counts and its quarantined webhook events (events it could not apply, kept with why)."""
-    if not path.is_file():
-        typer.echo("labels: no label store yet")
-        return
+def _review_counts(folder: Path) -> dict:
+    """The label store's counts and quarantined webhook events, and the outbox's counts and refused tasks."""
+    from labelstudio.outbox import Outbox
     from labelstudio.store import LabelStore
 
-    store = LabelStore(path)
-    counts, events = store.counts(), store.event_counts()
-    typer.echo(
-        f"labels: {counts['live']} live, {counts['retracted']} retracted; webhook events: {events['received']} "
-        f"received, {events['pending']} pending, {events['failed']} quarantined"
-    )
-    for event_id, received, error in store.quarantined(limit=3):
-        typer.echo(f"  quarantined event {event_id} ({received}): {error}")
-    outbox_path = path.parent / "outbox.db"
-    if outbox_path.is_file():
-        from labelstudio.outbox import MAX_ATTEMPTS, Outbox
+    counts: dict = {"labels": None, "outbox": None}
+    if (folder / "labels.db").is_file():
+        store = LabelStore(folder / "labels.db")
+        quarantined = [{"event": i, "received": r, "error": e} for i, r, e in store.quarantined(limit=3)]
+        counts["labels"] = {**store.counts(), "events": store.event_counts(), "quarantined": quarantined}
+    if (folder / "outbox.db").is_file():
+        outbox = Outbox(folder / "outbox.db")
+        refused = [{"task": k, "attempts": a, "error": e} for k, a, e in outbox.failures()[:3]]
+        counts["outbox"] = {**outbox.counts(), "refused": refused}
+    return counts
 
-        outbox = Outbox(outbox_path)
-        queued = outbox.counts()
+
+def _echo_review(counts: dict) -> None:
+    from labelstudio.outbox import MAX_ATTEMPTS
+
+    labels = counts["labels"]
+    if labels is None:
+        typer.echo("labels: no label store yet")
+    else:
+        events = labels["events"]
+        typer.echo(
+            f"labels: {labels['live']} live, {labels['retracted']} retracted; webhook events: {events['received']} "
+            f"received, {events['pending']} pending, {events['failed']} quarantined"
+        )
+        for event in labels["quarantined"]:
+            typer.echo(f"  quarantined event {event['event']} ({event['received']}): {event['error']}")
+    queued = counts["outbox"]
+    if queued is not None:
         typer.echo(
             f"outbox: {queued['pushed']} pushed, {queued['pending']} pending, {queued['failed']} refused "
             f"{MAX_ATTEMPTS} times (waiting for a person)"
         )
-        for key, attempts, error in outbox.failures()[:3]:
-            typer.echo(f"  {key}: {attempts} attempt(s), last error {error}")
+        for task in queued["refused"]:
+            typer.echo(f"  {task['task']}: {task['attempts']} attempt(s), last error {task['error']}")

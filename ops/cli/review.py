@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -103,6 +104,7 @@ def review_route(
     model_version: str | None = typer.Option(None, help="version shown to annotators (default: model dir name)"),
     budget: int | None = typer.Option(None, min=0, help="cells to send this round (default: routing.budget)"),
     push: bool = typer.Option(True, help="push to Label Studio now (else only queue in the outbox)"),
+    json_out: bool = typer.Option(False, "--json", help="print the routing report as JSON on stdout"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Score cells, route them (anomaly, review, audit, accept) and send this round's budget to Label Studio."""
@@ -128,6 +130,9 @@ def review_route(
             push=push,
             images=loaded.images,
         )
+        if json_out:
+            typer.echo(json.dumps(asdict(report), indent=1))
+            return
         typer.echo(
             f"routed {sum(report.reasons.values())} cells: {report.reasons}; "
             f"{report.already_queued} already sent, {report.already_decided} already agreed; "
@@ -214,7 +219,10 @@ def review_invite(
 
 
 @review_app.command("sync")
-def review_sync(config: Path | None = typer.Option(None, help="JSON settings file")) -> None:
+def review_sync(
+    json_out: bool = typer.Option(False, "--json", help="print the sync report as JSON on stdout"),
+    config: Path | None = typer.Option(None, help="JSON settings file"),
+) -> None:
     """Apply received webhook events and poll Label Studio for every label they missed (safe to rerun)."""
 
     def action():
@@ -222,6 +230,9 @@ def review_sync(config: Path | None = typer.Option(None, help="JSON settings fil
         from labelstudio.loop import ReviewLoop
 
         r = ReviewLoop(load_settings(config)).sync()
+        if json_out:
+            typer.echo(json.dumps(asdict(r), indent=1))
+            return
         typer.echo(
             f"{r.events} webhook event(s) applied; {r.seen} annotation(s) polled, {r.changed} changed, "
             f"{r.retracted} retracted"

@@ -566,6 +566,19 @@ def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
     from cytoloop.data.records import class_interleaved_subset, load_records
     from cytoloop.workflows import held_out
 
+    machine = invoke(
+        "evaluate",
+        "--model",
+        baseline_model,
+        "--data",
+        workspace["eval"],
+        "--cells",
+        "3",
+        "--json",
+        "-",
+        cwd=workspace["root"],
+    )
+    assert machine.exit_code == 0 and json.loads(machine.stdout)["n_cells"] == report["n_cells"]  # stdout: JSON
     kept, _ = held_out(load_records(workspace["eval"]), baseline_model)
     drawn = {str(r.path) for r in class_interleaved_subset(kept, 3)}
     assert len(drawn) == 3

@@ -382,6 +382,9 @@ def test_drift_is_logged_and_flagged(gated):
     assert "drift: FLAGGED" in status.output
     # neither N new labels nor T hours: only the drift flag (with M new labels) makes the retrain due
     assert "retrain: DUE (drift flagged and 35 new labels" in status.output
+    machine = runner.invoke(app, ["status", "--labels", str(root / "labels.csv"), "--json", "--config", config])
+    report = json.loads(machine.stdout)  # the same status, for a scheduler: one JSON document on stdout
+    assert report["retrain"]["due"] is True and report["drift_flags"] and "champion" in report["aliases"]
 
 
 def test_site_alias_serves_that_site_only(gated, ray_cluster):

@@ -8,6 +8,7 @@ cell's reason. Cells are the shared real images, served to Label Studio by local
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -414,6 +415,10 @@ def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp
     assert "5 chosen, 5 newly queued" in first.output and "pushed 5 task(s)" in first.output
     keys = [k for k in ls_task_keys(world) if k.startswith("clinic:")]
     assert len(keys) == 5 and all(k.endswith("@tiny-1") for k in keys)
+    again = CliRunner().invoke(app, [*args, "--json"])  # for a scheduler: the report as JSON on stdout
+    assert again.exit_code == 0 and json.loads(again.stdout)["already_queued"] >= 5
+    synced = CliRunner().invoke(app, ["review", "sync", "--json", "--config", str(config)])
+    assert synced.exit_code == 0 and set(json.loads(synced.stdout)) >= {"events", "seen", "changed", "retracted"}
     bad = CliRunner().invoke(
         app, ["review", "route", "--model", str(tmp_path / "missing"), "--data", str(data), "--config", str(config)]
     )
