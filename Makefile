@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 # anomalies, and unadapted on the other labs' cells.
 run: setup
 	CYTOLOOP_TRAIN__BATCH_SIZE=32 CYTOLOOP_TRAIN__PRECISION=bf16 CYTOLOOP_SCORING__CALIBRATION_CELLS=96 \
-	$(BIN)/cytoloop train --model diffusion --data $(RUN_DATA) --domains pbc --steps $(STEPS) --out $(OUT)/diffusion
+	$(BIN)/cytoloop train --kind diffusion --data $(RUN_DATA) --domains pbc --steps $(STEPS) --out $(OUT)/diffusion
 	$(BIN)/cytoloop evaluate --model $(OUT)/diffusion --data $(RUN_DATA) --domains pbc --part test --cells $(CELLS) \
 		--anomaly-data $(RUN_DATA) --anomaly-domains allidb2 --json $(OUT)/in_domain.json
 	$(BIN)/cytoloop evaluate --model $(OUT)/diffusion --data $(RUN_DATA) --domains jtsc,cellavision,bccd \

@@ -17,7 +17,9 @@ def train(
     recipe: str | None = typer.Option(
         None, help="a named recipe (base-pbc, base-pbc-cnn) fixing model, cells, budget and settings; see `recipes`"
     ),
-    model: str | None = typer.Option(None, help="diffusion (default) or baseline"),
+    model: str | None = typer.Option(
+        None, "--kind", "--model", help="model kind: diffusion (default) or baseline (--model: its former name)"
+    ),
     domains: str | None = typer.Option(None, help="comma-separated domains to train on (default: all)"),
     classes: str | None = typer.Option(None, help="comma-separated classes (default: all labelled classes)"),
     steps: int | None = typer.Option(None, help="training steps"),
@@ -31,7 +33,7 @@ def train(
     from cytoloop.models.recipes import RECIPES, get_recipe
 
     flags = {
-        "--model": model,
+        "--kind": model,
         "--domains": domains,
         "--classes": classes,
         "--steps": steps,
@@ -47,7 +49,7 @@ def train(
             fail(f"--recipe {recipe} fixes {', '.join(given)}; drop them or train without the recipe")
     model = model or "diffusion"
     if model not in ("diffusion", "baseline"):
-        fail(f"unknown model {model!r}; valid: diffusion, baseline")
+        fail(f"unknown model kind {model!r}; valid: diffusion, baseline")
 
     def action():
         from cytoloop.config import load_settings

@@ -101,7 +101,9 @@ def retrain(
 @app.command()
 def adapt(
     site: str = typer.Option(..., help="hospital name; the model is registered under champion-<site>"),
-    data: Path = typer.Option(..., help="the site's labelled cells: manifest CSV"),
+    data: Path = typer.Option(
+        ..., "--labels", "--data", help="the site's labelled cells: manifest CSV (--data: its former name)"
+    ),
     unlabeled: Path | None = typer.Option(None, help="the site's unlabeled cells (diffusion null class)"),
     stain_normalize: bool | None = typer.Option(
         None, "--stain-normalize/--no-stain-normalize", help="normalise to the champion's training colours"

@@ -119,7 +119,7 @@ def diffusion_model(workspace) -> Path:
     ok(
         run_cli(
             "train",
-            "--model",
+            "--kind",  # the kind; --model is a model directory everywhere else (and train still takes it, old name)
             "diffusion",
             "--data",
             workspace["train"],

@@ -395,7 +395,7 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
     write_manifest(gated["eval"][:40], root / "north.csv")
     runner = CliRunner()
     result = runner.invoke(
-        app, ["adapt", "--site", "north", "--data", str(root / "north.csv"), "--config", str(root / "config.json")]
+        app, ["adapt", "--site", "north", "--labels", str(root / "north.csv"), "--config", str(root / "config.json")]
     )
     adapted = registry.versions(name)[-1]
     assert result.exit_code == (0 if adapted.tags["gate.verdict"] == "pass" else 3), result.output  # 3: refused
