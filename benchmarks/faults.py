@@ -444,7 +444,7 @@ def replica_corrupt_champion(world: World) -> Row:
     answer = _new_replica(uri, cache)
     return Row(
         "new replica, the champion's weights corrupt",
-        "register broken weights as champion",
+        "corrupt its weights in the artifact store",
         wrong_model=int(answer.get("version") not in (None, v1)),
         failed_requests=int("error" in answer),
     )
