@@ -51,7 +51,7 @@ from labelstudio.loop import ReviewLoop
 from labelstudio.outbox import Outbox
 from labelstudio.push import push_outbox
 from labelstudio.store import LabelStore
-from labelstudio.sync import sync
+from labelstudio.sync import as_dict, sync
 from ops.stack import Stack, label_studio_url, stack_secrets, webhook_url
 
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
@@ -97,19 +97,20 @@ class World:
         held = {
             int(a["id"])
             for task in self.client.tasks.list(project=project_id, fields="all")
-            for a in (_as_dict(task).get("annotations") or [])
+            for a in (as_dict(task).get("annotations") or [])
         }
         stored = self.loop.store.live_ids(project_id, self.server)
         return len(held - stored), len(stored - held)
 
 
-def _as_dict(item) -> dict:
-    return item if isinstance(item, dict) else item.model_dump(mode="json")
-
-
 def _task(site: str, i: int, bad: bool = False) -> dict:
-    data = {"task_key": f"{site}:cell{i}@v1", "site": site, "cell_id": f"cell{i}", "image": f"/data/cell{i}.png"}
-    data["classes"] = CLASSES
+    data = {
+        "task_key": f"{site}:cell{i}@v1",
+        "site": site,
+        "cell_id": f"cell{i}",
+        "image": f"/data/cell{i}.png",
+        "classes": CLASSES,
+    }
     if bad:
         data["image"] = None  # Label Studio refuses it (HTTP 400)
     return {"data": data}
@@ -251,7 +252,7 @@ from pathlib import Path
 from cytoloop.config import load_settings
 from labelstudio.loop import ReviewLoop
 from labelstudio.store import LabelStore
-from labelstudio.sync import sync
+from labelstudio.sync import as_dict, sync
 loop = ReviewLoop(load_settings(Path(sys.argv[1])))
 def hang(n):
     if n == 3:
@@ -305,7 +306,7 @@ def recreated_label_studio(world: World) -> Row:
     from label_studio_sdk import LabelStudio
 
     store = LabelStore(world.root / "recreated.db")
-    counts = []
+    made = 0
     for name in ("old", "new"):
         settings = world.settings.model_copy(
             update={
@@ -324,13 +325,13 @@ def recreated_label_studio(world: World) -> Row:
             sync(client, store, [project_id], server_identity(client))
         finally:
             stack.down()
-        counts.append(3)
+        made += 3
     live = len(store.labels())
     return Row(
         "Label Studio recreated (ids start again at 1)",
         "label 3 on each of two servers",
-        max(0, sum(counts) - live),
-        max(0, live - sum(counts)),
+        max(0, made - live),
+        max(0, live - made),
     )
 
 

@@ -16,13 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from labelstudio.label_config import prediction_result
+from labelstudio.sync import as_dict
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
-
-
-def _as_dict(item) -> dict:
-    return item if isinstance(item, dict) else item.model_dump(mode="json")
 
 
 @dataclass
@@ -71,8 +68,8 @@ class SimulatedAnnotator:
         for project_id in project_ids:
             wanted = self.client.projects.get(id=project_id).maximum_annotations or 1
             for task in self.client.tasks.list(project=project_id, fields="all", page_size=200):
-                task = _as_dict(task)
-                annotations = [_as_dict(a) for a in task.get("annotations") or []]
+                task = as_dict(task)
+                annotations = [as_dict(a) for a in task.get("annotations") or []]
                 if any(_user(a) == self.user_id for a in annotations) or len(annotations) >= wanted:
                     continue
                 data = task["data"]

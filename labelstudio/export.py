@@ -35,7 +35,8 @@ COLUMNS = [
 def review_report(store: LabelStore, labels_required: int) -> dict:
     """Consensus status counts, per-annotator and pairwise agreement (raw and chance-corrected: Cohen's kappa per
     pair, Fleiss' kappa for the project), and the cells for senior review."""
-    votes = store.votes()
+    labels = store.labels()
+    votes = store.votes(labels)
     decided = consensus(votes, labels_required)
     kappas = pair_kappas(votes)
     return {
@@ -46,7 +47,7 @@ def review_report(store: LabelStore, labels_required: int) -> dict:
             f"{a} / {b}": {**v, "kappa": kappas[(a, b)]["kappa"]} for (a, b), v in pairwise_agreement(votes).items()
         },
         "fleiss_kappa": fleiss(votes, labels_required),
-        "audit": audit_error_rate(store.labels(), decided),
+        "audit": audit_error_rate(labels, decided),
         "senior_review": [
             {"cell": c.cell_key, "status": c.status, "votes": c.votes, "abnormal": c.abnormal}
             for c in decided.values()
@@ -61,7 +62,7 @@ def audit_error_rate(labels: list, decided: dict) -> dict:
     judged = [
         (model, decided[key].label)
         for key, model in audited.items()
-        if decided.get(key, None) is not None and decided[key].status == "agreed"
+        if key in decided and decided[key].status == "agreed"
     ]
     wrong = sum(model != truth for model, truth in judged)
     return {"cells": len(judged), "model_wrong": wrong, "error_rate": wrong / len(judged) if judged else None}
@@ -74,7 +75,7 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
     their own beside it, `<out stem>.new-classes.csv`, labelled `<name>`: kept for a model trained with that class
     (`cytoloop train --data`), and out of the fine-tuning manifest, whose classes must be the model's."""
     labels = store.labels()
-    decided = consensus(store.votes(), labels_required)
+    decided = consensus(store.votes(labels), labels_required)
     by_cell: dict[str, list] = {}
     for label in labels:
         by_cell.setdefault(cell_key(label.site, label.cell_id), []).append(label)

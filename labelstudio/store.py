@@ -400,12 +400,13 @@ class LabelStore:
             for r in rows
         ]
 
-    def votes(self) -> list[Vote]:
-        """Live labels as consensus votes, keyed by cell (`site:cell_id`), whatever model version routed it:
-        an annotator who saw a cell again under a newer model counts once, with their latest label."""
+    def votes(self, labels: list[StoredLabel] | None = None) -> list[Vote]:
+        """Live labels (`labels`, read from the store when not given) as consensus votes, keyed by cell
+        (`site:cell_id`), whatever model version routed it: an annotator who saw a cell again under a newer model
+        counts once, with their latest label."""
         return [
             Vote(cell_key(label.site, label.cell_id), label.annotator, label.label, label.abnormal, label.updated_at)
-            for label in self.labels()
+            for label in (self.labels() if labels is None else labels)
         ]
 
     def counts(self) -> dict[str, int]:

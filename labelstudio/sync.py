@@ -31,7 +31,8 @@ class SyncReport:
     restored: int = 0
 
 
-def _as_dict(item) -> dict:
+def as_dict(item) -> dict:
+    """An SDK object (or a dict already) as Label Studio's JSON."""
     return item if isinstance(item, dict) else item.model_dump(mode="json")
 
 
@@ -66,9 +67,9 @@ def sync(
         present: set[int] = set()
         reappeared: list[tuple[dict, dict]] = []
         for task in client.tasks.list(project=project_id, fields="all", page_size=page_size):
-            task_dict = _as_dict(task)
+            task_dict = as_dict(task)
             for annotation in task_dict.get("annotations") or []:
-                annotation = _as_dict(annotation)
+                annotation = as_dict(annotation)
                 present.add(int(annotation["id"]))
                 if store.is_retracted(int(annotation["id"]), server):
                     reappeared.append((annotation, task_dict))
@@ -82,7 +83,7 @@ def sync(
         for annotation, task_dict in reappeared:
             current = _fetch(client, int(annotation["id"]))
             if current is not None:
-                report.restored += store.restore(_as_dict(current), task_dict, server)
+                report.restored += store.restore(as_dict(current), task_dict, server)
     return report
 
 

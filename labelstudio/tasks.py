@@ -11,10 +11,10 @@ carries no pre-annotation and none of the model's fields (label, confidence, ano
 `hidden_context` returns them for CytoLoop's label store, where annotators cannot read them. Review and anomaly
 tasks keep their pre-annotation.
 
-A cell is named by what it is, not where it lies: `cell_uid` is a hash of the image's bytes. Two batches of one
-site whose files share names (`batch1/001.png`, `batch2/001.png`, or two manifests of bare file names) are two
-cells; the same image routed again, from any folder, is the same cell. The file's own name stays in the task
-(`cell_name`) for the person who reads it.
+A cell is named by what it is, not where it lies: `cell_uid` is a hash of the image's bytes, the `cell_id` the
+classifier service gives the same image. Two batches of one site whose files share names (`batch1/001.png`,
+`batch2/001.png`, or two manifests of bare file names) are two cells; the same image routed again, from any
+folder, is the same cell. The file's own name stays in the task (`cell_name`) for the person who reads it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from cytoloop.errors import CytoLoopError
 from cytoloop.policy.routing import RoutedCell
+from cytoloop.serving.inference import cell_id
 from labelstudio.label_config import prediction_result
 
 
@@ -45,10 +46,9 @@ class CellContext:
 
 
 def cell_uid(image_path: Path | str) -> str:
-    """The cell's identity: the first 20 hex digits (80 bits) of the SHA-256 of its image file."""
-    import hashlib
-
-    return hashlib.sha256(Path(image_path).read_bytes()).hexdigest()[:20]
+    """The cell's identity: the content hash the classifier service gives the same image (`inference.cell_id`),
+    so a served answer and a routed task name a cell alike."""
+    return cell_id(Path(image_path).read_bytes())
 
 
 def task_key(site: str, cell_id: str, model_version: str) -> str:

@@ -366,8 +366,6 @@ class Stack:
 
     def _label_studio(self) -> Service:
         cfg, host = self.settings.stack, self.settings.stack.host
-        # checked by `up` before anything is written under home (here it may be unset: `stack up --only labels`)
-        images_root = Path(cfg.images_root).resolve() if cfg.images_root is not None else Path("/nowhere/images")
         secret = stack_secrets(self.settings)
         data = self.home / "label-studio"
         venv = label_studio_venv(self.settings)
@@ -379,8 +377,6 @@ class Stack:
             "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",  # our webhook receiver is on 127.0.0.1
             "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",  # and so is the ML backend (labelstudio/ml_backend.py)
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-            # the root is the images folder's parent: Label Studio refuses a project storage equal to the root
-            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(images_root.parent),
             "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
             "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
             "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",  # accounts only through the invite link
@@ -389,6 +385,9 @@ class Stack:
             "LABEL_STUDIO_PASSWORD": secret["admin_password"],
             "LABEL_STUDIO_USER_TOKEN": secret["admin_token"],
         }
+        if cfg.images_root is not None:  # checked by `up` (`_images_root`); unset is fine for `--only labels`
+            # the root is the images folder's parent: Label Studio refuses a project storage equal to the root
+            env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] = str(Path(cfg.images_root).resolve().parent)
 
         def prepare() -> None:
             self._images_root()

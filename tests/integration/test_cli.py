@@ -545,40 +545,19 @@ def test_recipe_errors_exit_2(workspace):
 
 
 def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
-    json_out = workspace["root"] / "reports" / "baseline-cells.json"
-    result = invoke(
-        "evaluate",
-        "--model",
-        baseline_model,
-        "--data",
-        workspace["eval"],
-        "--cells",
-        "3",
-        "--json",
-        json_out,
-        cwd=workspace["root"],
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(json_out.read_text())
-    assert report["n_cells"] + report["n_skipped"] == 3  # the draw takes one cell of each class first
-    # Which neutrophil comes first depends on where the shared data lies (ids are the manifest's paths), so the
-    # expected draw is computed from the same cells rather than assumed: the corrupt image is skipped iff drawn.
     from cytoloop.data.records import class_interleaved_subset, load_records
     from cytoloop.workflows import held_out
 
-    machine = invoke(
-        "evaluate",
-        "--model",
-        baseline_model,
-        "--data",
-        workspace["eval"],
-        "--cells",
-        "3",
-        "--json",
-        "-",
-        cwd=workspace["root"],
-    )
-    assert machine.exit_code == 0 and json.loads(machine.stdout)["n_cells"] == report["n_cells"]  # stdout: JSON
+    json_out = workspace["root"] / "reports" / "baseline-cells.json"
+    draw = ["evaluate", "--model", baseline_model, "--data", workspace["eval"], "--cells", "3", "--json"]
+    result = invoke(*draw, json_out, cwd=workspace["root"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(json_out.read_text())
+    assert report["n_cells"] + report["n_skipped"] == 3  # the draw takes one cell of each class first
+    machine = invoke(*draw, "-", cwd=workspace["root"])  # the same report as JSON on stdout
+    assert machine.exit_code == 0 and json.loads(machine.stdout)["n_cells"] == report["n_cells"]
+    # Which neutrophil comes first depends on where the shared data lies (ids are the manifest's paths), so the
+    # expected draw is computed from the same cells rather than assumed: the corrupt image is skipped iff drawn.
     kept, _ = held_out(load_records(workspace["eval"]), baseline_model)
     drawn = {str(r.path) for r in class_interleaved_subset(kept, 3)}
     assert len(drawn) == 3
