@@ -15,7 +15,7 @@ def train(
     data: Path = typer.Option(..., help="manifest CSV, or a folder with one sub-folder per class"),
     out: Path = typer.Option(..., help="model directory to write (resumes from its checkpoint if present)"),
     recipe: str | None = typer.Option(
-        None, help="a named recipe (base-pbc, base-pbc-cnn) fixing model, cells, budget and settings; see `recipes`"
+        None, help="a named recipe (base-pbc, ...) fixing model, cells, budget and settings; see `recipes`"
     ),
     model: str | None = typer.Option(
         None, "--kind", "--model", help="model kind: diffusion (default) or baseline (--model: its former name)"
@@ -132,10 +132,12 @@ def recipes() -> None:
     """List the named training recipes (`cytoloop train --recipe NAME`)."""
     from cytoloop.models.recipes import RECIPES
 
+    width = max(len(name) for name in RECIPES) + 1
     for recipe in RECIPES.values():
-        typer.echo(f"{recipe.name:<14} {recipe.description}")
+        typer.echo(f"{recipe.name:<{width}} {recipe.description}")
+        classes = f", classes {','.join(recipe.classes)}" if recipe.classes else ""
         typer.echo(
-            f"{'':<14} {recipe.model}, domains {','.join(recipe.domains)}, {recipe.steps} steps, "
+            f"{'':<{width}} {recipe.model}, domains {','.join(recipe.domains)}{classes}, {recipe.steps} steps, "
             f"seed {recipe.seed}, settings {json.dumps(recipe.settings_overrides())}"
         )
 
