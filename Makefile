@@ -21,7 +21,7 @@ FINETUNE_STEPS ?= 300
 SHARED_CELLS = --domains jtsc,bccd --classes neutrophil,lymphocyte,monocyte,eosinophil
 DEMO_DATA = $(if $(wildcard $(DATA)),--data $(DATA) $(SHARED_CELLS))
 
-.PHONY: setup run demo test check lint clean
+.PHONY: setup run demo test check lint clean browser
 
 setup: $(VENV)/.installed
 
@@ -56,7 +56,14 @@ lint: setup
 check: lint
 	$(BIN)/python -m pytest tests/unit -q
 
-test: lint
+# The annotator's browser test drives Debian's Chromium and ChromeDriver: installed here when missing (as root, or
+# through sudo), never downloaded by a Python package.
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver > /dev/null; }
+
+test: lint browser
 	$(BIN)/python -m pytest tests -q
 
 clean:

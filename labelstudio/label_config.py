@@ -24,6 +24,7 @@ FLAG_FROM = "flags"
 COMMENT_FROM = "comment"
 NEW_CLASS_FROM = "new_class"
 NEW_CLASS_PREFIX = "new:"
+NEW_CLASS_PLACEHOLDER = "Which class is it? (a name the list lacks)"
 DISPLAY_PX = 360  # the image's size on screen, whatever the crop's pixels
 EXTRA_HOTKEYS = ("u", "a")
 IMAGE_TO = "image"
@@ -58,9 +59,10 @@ def build_label_config(classes: Sequence[str]) -> str:
   <Choices name="{CLASS_FROM}" toName="{IMAGE_TO}" choice="single-radio" required="true" showInline="false">
 {class_choices}
   </Choices>
-  <TextArea name="{NEW_CLASS_FROM}" toName="{IMAGE_TO}" placeholder="Which class is it? (a name the list lacks)"
-            rows="1" maxSubmissions="1" visibleWhen="choice-selected" whenTagName="{CLASS_FROM}"
-            whenChoiceValue={quoteattr(OTHER)}/>
+  <View visibleWhen="choice-selected" whenTagName="{CLASS_FROM}" whenChoiceValue={quoteattr(OTHER)}>
+    <TextArea name="{NEW_CLASS_FROM}" toName="{IMAGE_TO}" placeholder="{NEW_CLASS_PLACEHOLDER}" rows="1"
+              maxSubmissions="1"/>
+  </View>
   <Choices name="{FLAG_FROM}" toName="{IMAGE_TO}" choice="multiple">
     <Choice value={quoteattr(ABNORMAL)}/>
   </Choices>
