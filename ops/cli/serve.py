@@ -14,7 +14,12 @@ def serve(
     config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_SERVE__* variables override it)"),
     host: str | None = typer.Option(None, help="interface to bind (default serve.host, 127.0.0.1)"),
     port: int | None = typer.Option(None, help="HTTP port (default serve.port, 8000)"),
-    model_dir: Path | None = typer.Option(None, help="serve this model directory instead of the registry"),
+    model_dir: Path | None = typer.Option(
+        None,
+        "--model",
+        "--model-dir",
+        help="serve this model directory instead of the registry (--model-dir: former name)",
+    ),
     num_cpus: int | None = typer.Option(None, help="CPUs of the local Ray instance (default: all)"),
     insecure: bool = typer.Option(
         False, "--insecure", help="allow a non-loopback --host without an API key (a trusted network only)"

@@ -91,3 +91,35 @@ def test_one_global_config_version_and_completion(tmp_path, clean_env):
     assert "labhome" in result.output  # the file's home, though `stack status` was given no --config
     missing = runner.invoke(app, ["--config", str(tmp_path / "nope.json"), "stack", "status"])
     assert missing.exit_code == 2 and "nope.json" in missing.output
+
+
+def test_flags_mean_the_same_in_every_command():
+    """--model is always a model directory (the model kind is --kind), labelled cells for training are always
+    --labels, --json is the machine-readable output: a scheduler's script reads the same way across commands."""
+    import typing
+    from pathlib import Path
+
+    import typer.main
+
+    from ops.cli import app
+
+    def commands(group, prefix: str = ""):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    seen = {}
+    for name, command in commands(typer.main.get_command(app)):
+        hints = typing.get_type_hints(command.callback)
+        for param in command.params:
+            opts = set(getattr(param, "opts", [])) | set(getattr(param, "secondary_opts", []))
+            seen.setdefault(name, set()).update(opts)
+            if "--model" in opts and "--kind" not in opts:
+                assert Path in typing.get_args(hints[param.name]) + (hints[param.name],), f"{name}: --model is a dir"
+            if "--kind" in opts:
+                assert str in typing.get_args(hints[param.name]) + (hints[param.name],), f"{name}: --kind is a name"
+    assert {"train", "evaluate", "serve", "tune", "generate"} <= {n for n, o in seen.items() if "--model" in o}
+    assert {"retrain", "adapt"} <= {n for n, o in seen.items() if "--labels" in o}
+    assert "--kind" in seen["train"] and not any("--model-dir" in o and "--model" not in o for o in seen.values())
