@@ -13,6 +13,13 @@ on. Every finished (pair, model, k) is kept in <out>/results/ and skipped on a r
 checkpoints, so the script may be interrupted at any time. Writes a table into docs/benchmarks.md.
 
     python benchmarks/adaptation.py --data ../shared/data/cells --out runs/adaptation
+
+With `--from-base diffusion=DIR,baseline=DIR` the sources are instead the given PBC models (the shipped base model
+and the reference experiment's CNN), adapted to each other lab (jtsc, cellavision, bccd) the same way; that table
+goes into its own section ("adaptation-base"):
+
+    python benchmarks/adaptation.py --data ../shared/data/manifest.csv --out runs/adaptation-base \
+        --from-base diffusion=models/base-pbc,baseline=runs/reference/cnn-seed0
 """
 
 from __future__ import annotations
@@ -40,6 +47,12 @@ from _docs import DOCS, replace_section  # noqa: E402
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
 PAIRS = {"cellavision": ["jtsc", "bccd"], "jtsc": ["bccd"]}
 KS = (1, 3, 5, 10)
+BASE_TARGETS = ("jtsc", "cellavision", "bccd")  # the labs a PBC base model is adapted to (`--from-base`)
+
+
+def pairs(args) -> dict[str, list[str]]:
+    """target lab -> the labs its source model was trained on."""
+    return {target: ["pbc"] for target in BASE_TARGETS} if args.from_base else PAIRS
 
 
 def target_split(records, pool_size: int, eval_per_class: int, seed: int) -> tuple[dict, list]:
@@ -54,7 +67,10 @@ def target_split(records, pool_size: int, eval_per_class: int, seed: int) -> tup
 
 
 def source_model_dir(kind: str, target: str, args) -> Path:
-    """The source model of a pair: the quality benchmark's when it exists (same training set), else our own."""
+    """The source model of a pair: the given base model (`--from-base`), or the quality benchmark's when it exists
+    (same training set), else our own."""
+    if args.from_base:
+        return args.from_base[kind]
     reused = args.quality_dir / kind
     if PAIRS[target] == ["jtsc", "bccd"] and (reused / "model.json").is_file():
         return reused
@@ -76,6 +92,8 @@ def run_cell(kind: str, target: str, k: int, records, args, settings) -> dict:
         return json.loads(path.read_text())
     source_dir = source_model_dir(kind, target, args)
     if not (source_dir / "model.json").is_file():
+        if args.from_base:
+            raise SystemExit(f"--from-base {kind}={source_dir}: no model there")
         source = select(records, PAIRS[target], CLASSES)
         print(f"training the {kind} source model on {'+'.join(PAIRS[target])} ({len(source)} cells)", flush=True)
         train_model(
@@ -106,7 +124,7 @@ def run_cell(kind: str, target: str, k: int, records, args, settings) -> dict:
     report = evaluate_model(model, held, progress=True)
     result = {
         "target": target,
-        "source": "+".join(PAIRS[target]),
+        "source": "+".join(pairs(args)[target]),
         "source_dir": str(source_dir),
         "kind": kind,
         "k": k,
@@ -140,7 +158,7 @@ def render(results: list[dict], args) -> str:
         "| target (from) | model | held-out cells | k = 0 | k = 1 | k = 3 | k = 5 | k = 10 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for target, sources in PAIRS.items():
+    for target, sources in pairs(args).items():
         for kind in ("baseline", "diffusion"):  # every row, so concurrent runs of one model never drop the other's
             row = {r["k"]: r for r in results if r["target"] == target and r["kind"] == kind}
             n_eval = next((r["n_eval"] for r in row.values()), "-")
@@ -154,12 +172,17 @@ def render(results: list[dict], args) -> str:
     source_minutes = sum(
         json.loads((Path(s) / "training.json").read_text())["train_seconds"] / 60
         for s in {r["source_dir"] for r in results}
-        if not s.startswith(str(args.quality_dir)) and (Path(s) / "training.json").is_file()
+        if Path(s).is_relative_to(args.out / "sources") and (Path(s) / "training.json").is_file()
     )
     commands = sorted({r["command"] for r in results if "command" in r})
     lines += [
         "",
-        f"Source models: {', '.join(sources) or 'none yet'}; runs/quality/* are the quality benchmark's, read only.",
+        f"Source models: {', '.join(sources) or 'none yet'}"
+        + (
+            "; the PBC base models, read only."
+            if args.from_base
+            else "; runs/quality/* are the quality benchmark's, read only."
+        ),
         "Commands: " + "; ".join(f"`{c}`" for c in commands) + ".",
         f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, 2 cores, CPU only, shared "
         f"with other jobs (timings are inflated by them). Budget used: {sum(r['minutes'] for r in results):.0f} min "
@@ -175,7 +198,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/adaptation"))
     parser.add_argument("--quality-dir", type=Path, default=Path("runs/quality"), help="read only, never written")
     parser.add_argument("--models", type=lambda s: s.split(","), default=["baseline", "diffusion"])
-    parser.add_argument("--targets", type=lambda s: s.split(","), default=list(PAIRS))
+    parser.add_argument("--targets", type=lambda s: s.split(","), default=None, help="default: every target")
+    parser.add_argument(
+        "--from-base",
+        type=lambda s: {kind: Path(path) for kind, _, path in (item.partition("=") for item in s.split(","))},
+        default=None,
+        help="KIND=DIR,...: adapt these PBC models to jtsc, cellavision and bccd instead",
+    )
     parser.add_argument("--source-steps", type=int, default=600, help="training steps of sources trained here")
     parser.add_argument("--adapt-steps", type=int, default=60)
     parser.add_argument("--eval-per-class", type=int, default=20)
@@ -185,16 +214,27 @@ def main() -> None:
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--docs-only", action="store_true", help="rewrite the docs from finished cells; run nothing")
     args = parser.parse_args()
-    unknown = [t for t in args.targets if t not in PAIRS]
+    args.targets = args.targets or list(pairs(args))
+    unknown = [t for t in args.targets if t not in pairs(args)]
     if unknown:
-        parser.error(f"unknown target(s) {unknown}; valid: {', '.join(PAIRS)}")
+        parser.error(f"unknown target(s) {unknown}; valid: {', '.join(pairs(args))}")
+    if args.from_base and set(args.models) - set(args.from_base):
+        parser.error(f"--from-base names no model for {sorted(set(args.models) - set(args.from_base))}")
+    section, title = (
+        ("adaptation-base", "Hospital adaptation from the PBC base model")
+        if args.from_base
+        else (
+            "adaptation",
+            "Hospital adaptation",
+        )
+    )
 
     torch.set_num_threads(args.threads)
     settings = load_settings(
         overrides={"adapt": {"steps": args.adapt_steps}, "train": {"threads": args.threads, "seed": args.seed}}
     )
     if args.docs_only:
-        replace_section(DOCS, "adaptation", render(finished(args), args), title="Hospital adaptation")
+        replace_section(DOCS, section, render(finished(args), args), title=title)
         return
     records = load_records(args.data)
     for target in args.targets:
@@ -202,7 +242,7 @@ def main() -> None:
             for k in (0, *KS):
                 run_cell(kind, target, k, records, args, settings)
                 if args.write_docs:  # after every cell, so an interrupted run still documents what it has
-                    replace_section(DOCS, "adaptation", render(finished(args), args), title="Hospital adaptation")
+                    replace_section(DOCS, section, render(finished(args), args), title=title)
 
 
 if __name__ == "__main__":
