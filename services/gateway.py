@@ -131,6 +131,7 @@ def cell_entries(upload: Upload, answer: Answer) -> list[CellAnswer | CellError]
                 uncertainty=cell.uncertainty,
                 anomaly=cell.anomaly,
                 route=cell.route,
+                provisional=cell.provisional,
                 model=model,
             )
     return [entries[i] for i in sorted(entries)]

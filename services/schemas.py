@@ -68,6 +68,11 @@ class CellAnswer(_Body):
         description="accept; review (low confidence); anomaly (anomalous or an always-review class); audit "
         "(a confident cell drawn for a quality check)",
     )
+    provisional: bool = Field(
+        False,
+        description="the cell stopped scoring early once it was clearly an anomaly: route 'anomaly' is final, "
+        "label and probabilities are a provisional guess",
+    )
     model: ModelInfo
 
 

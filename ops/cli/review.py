@@ -118,8 +118,12 @@ def review_route(
 
         classifier = load_model(model)
         loaded = load_cells(select(load_records(data), split_list(domains)), classifier.data_config, progress=True)
-        predictions = classifier.predict(loaded.images, progress=True)
-        loop = ReviewLoop(load_settings(config))
+        settings = load_settings(config)
+        # a cell clearly past the anomaly threshold stops scoring there: it is routed `anomaly` either way
+        predictions = classifier.predict(
+            loaded.images, progress=True, anomaly_exit_above=settings.routing.anomaly_above
+        )
+        loop = ReviewLoop(settings)
         report = loop.route(
             loaded.records,
             predictions,

@@ -154,6 +154,14 @@ class ScoringConfig(_Section):
         description="'null_ratio': best class error minus null-class error (no class explains the cell better than "
         "a generic cell); 'min_error': best class error alone",
     )
+    anomaly_exit_p: float | None = Field(
+        0.01,
+        gt=0.0,
+        lt=1.0,
+        description="where a routing threshold is given (serving, routing), a cell whose null-ratio anomaly score "
+        "exceeds it by a one-sided t-test at this level stops scoring: it is routed 'anomaly' with a provisional "
+        "class (docs/method.md). None: every cell runs its full trials",
+    )
     batch_size: int | None = Field(
         None,
         ge=1,
@@ -495,6 +503,12 @@ class CascadeConfig(_Section):
         le=1.0,
         description="on labelled cells the student's target is this much the label and the rest the teacher's "
         "probabilities; unlabeled cells learn the teacher's probabilities alone",
+    )
+    candidates: int | None = Field(
+        None,
+        ge=2,
+        description="the teacher decides a deferred cell among the student's top this-many classes only (candidate "
+        "pruning: fewer denoiser evaluations per cell); None: among all classes",
     )
 
 

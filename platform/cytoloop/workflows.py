@@ -86,17 +86,23 @@ def train_model(
     unlabeled: Sequence[CellRecord] = (),
     split_seed: int = 0,
     progress: bool = False,
+    split: dict[str, list[CellRecord]] | None = None,
 ) -> tuple[Trainable, dict]:
     """Train, calibrate and save a model into `out`; returns it and a training report (also in out/training.json).
 
     `records` are labelled cells; they are split train/val/test (stratified by label and domain) and the split is
-    written to out/split.json. `unlabeled` cells train only the diffusion model's null class. A diffusion model
+    written to out/split.json. A caller that must fix the parts itself (a low-data experiment: exactly n training
+    cells per class, its test cells elsewhere) passes `split` with "train", "val" and "test" parts of `records`
+    instead. `unlabeled` cells train only the diffusion model's null class. A diffusion model
     ends tuned (`train.tune_scoring`): w(t), then the fastest elimination rule that agrees with exhaustive scoring,
     then the temperature for that rule, all on the validation part (out/tuning.json).
     """
     out = Path(out)
     classes = classes or sorted({r.label for r in records if r.label is not None})
-    split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed)
+    if split is None:
+        split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed)
+    elif set(split) != set(SPLIT_FRACTIONS):
+        raise UsageError(f"a given split needs the parts {sorted(SPLIT_FRACTIONS)}, got {sorted(split)}")
     write_split(
         split,
         out / SPLIT_FILE,

@@ -400,3 +400,117 @@ def test_tuning_counts_a_cell_that_disagrees_in_some_orders():
         [log], np.ones(1), base, target_agreement=1.0, min_trials=(1,), p_values=(0.5,), prior_trials=(2.0,)
     )
     assert 0.8 < rows[0]["agreement"] < 0.99  # about 9 orders in 10 start with a class-0 trial
+
+
+# -- anomaly exit and candidate classes (issue #17) -------------------------------------------------------------
+# Known cells sit on their class's level; anomalies sit on the null class's level (0.0), between classes 1 and 2,
+# so no class explains them better than a generic cell, and they are close calls between two classes: without the
+# exit they run long.
+KNOWN_LEVELS = [-0.6, -0.2, 0.2, 0.6] * 3
+ANOMALY_LEVELS = [0.0] * 6
+
+
+@pytest.fixture(scope="module")
+def mixed_cells() -> torch.Tensor:
+    levels = KNOWN_LEVELS + ANOMALY_LEVELS
+    texture = torch.rand((len(levels), 3, SIZE, SIZE), generator=torch.Generator().manual_seed(5)) * 0.1
+    return torch.tensor(levels).view(-1, 1, 1, 1) + texture - 0.05
+
+
+def test_anomaly_exit_routes_as_full_scoring_and_stops_the_anomalies_early(alphas_cumprod, mixed_cells):
+    config = ScoringConfig(**{**FAST, "elimination_p": 0.01, "max_trials": 60, "min_trials": 3})
+    full, _ = _score(alphas_cumprod, mixed_cells, config)
+    is_anomaly = np.arange(len(mixed_cells)) >= len(KNOWN_LEVELS)
+    # the routing threshold: halfway between the known cells' highest and the anomalies' lowest null ratio
+    threshold = (full.anomaly_null_ratio[~is_anomaly].max() + full.anomaly_null_ratio[is_anomaly].min()) / 2
+    assert (full.anomaly_null_ratio[is_anomaly] > threshold).all() and not full.exited.any()
+
+    fake = CountingDenoiser(alphas_cumprod)
+    fast = score_cells(fake, alphas_cumprod, mixed_cells, N_CLASSES, NULL, config, anomaly_exit_above=threshold)
+    routed_full = full.anomaly_null_ratio > threshold
+    routed_fast = fast.anomaly_null_ratio > threshold
+    np.testing.assert_array_equal(routed_fast, routed_full)  # the same cells go to the anomaly queue
+    np.testing.assert_array_equal(fast.exited, is_anomaly)  # every anomaly stopped early, no known cell did
+    assert (fast.evals[is_anomaly] < full.evals[is_anomaly]).all()
+    # known cells are scored exactly as before: same trials, same decision, same cost
+    np.testing.assert_array_equal(fast.evals[~is_anomaly], full.evals[~is_anomaly])
+    np.testing.assert_array_equal(fast.class_error[~is_anomaly], full.class_error[~is_anomaly])
+    # without a threshold, or with the exit switched off, nothing stops early
+    off = score_cells(
+        fake,
+        alphas_cumprod,
+        mixed_cells,
+        N_CLASSES,
+        NULL,
+        config.model_copy(update={"anomaly_exit_p": None}),
+        anomaly_exit_above=threshold,
+    )
+    assert not off.exited.any()
+    np.testing.assert_array_equal(off.evals, full.evals)
+
+
+def test_a_served_anomaly_is_routed_anomaly_with_a_provisional_class(alphas_cumprod, mixed_cells):
+    """Through the model's `predict`: the exit marks the class provisional and routing still says anomaly."""
+    from cytoloop.config import RoutingConfig
+    from cytoloop.policy.routing import route_cell
+
+    model = DiffusionClassifier(
+        ["c0", "c1", "c2", "c3"],
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(**{**FAST, "min_trials": 3, "max_trials": 60}),
+    )
+    model.runtime_denoiser = lambda config: (CountingDenoiser(model.scheduler.alphas_cumprod), "cpu")
+    images = mixed_cells.numpy()
+    full = model.predict(images)
+    is_anomaly = np.arange(len(images)) >= len(KNOWN_LEVELS)
+    threshold = float((full.anomaly[~is_anomaly].max() + full.anomaly[is_anomaly].min()) / 2)
+    fast = model.predict(images, anomaly_exit_above=threshold)
+    provisional = fast.extra["provisional"]
+    assert provisional.any() and not provisional[~is_anomaly].any()  # anomalies not decided sooner stop early
+    routing = RoutingConfig(anomaly_above=threshold, always_review=[], audit_fraction=0.0)
+
+    def routes(predictions):
+        pairs = zip(predictions.confidence, predictions.anomaly)
+        return [route_cell(c, a, "c0", routing, str(i)) == "anomaly" for i, (c, a) in enumerate(pairs)]
+
+    assert routes(fast) == routes(full) == is_anomaly.tolist()
+    assert fast.evals[provisional].sum() < full.evals[provisional].sum()
+
+
+def test_candidate_classes_keep_the_exhaustive_winner_and_skip_the_rest(alphas_cumprod, cells):
+    exhaustive = ScoringConfig(**{**FAST, "min_trials": 24, "max_trials": 24})
+    full, _ = _score(alphas_cumprod, cells, exhaustive)
+    winners = full.class_error.argmin(axis=1)
+    rng = np.random.default_rng(0)
+    for k in (2, 3):
+        candidates = np.zeros((len(cells), N_CLASSES), dtype=bool)
+        for i, winner in enumerate(winners):  # the winner plus k - 1 other classes, drawn at random
+            others = rng.choice([c for c in range(N_CLASSES) if c != winner], k - 1, replace=False)
+            candidates[i, [winner, *others]] = True
+        fake = CountingDenoiser(alphas_cumprod)
+        pruned = score_cells(fake, alphas_cumprod, cells, N_CLASSES, NULL, exhaustive, candidates=candidates)
+        np.testing.assert_array_equal(pruned.class_error.argmin(axis=1), winners)
+        assert np.isinf(pruned.class_error[~candidates]).all() and np.isfinite(pruned.class_error[candidates]).all()
+        assert fake.inputs == len(cells) * 24 * (k + 1)  # k classes and the null class, every trial
+    with pytest.raises(ValueError, match="candidates"):
+        score_cells(
+            CountingDenoiser(alphas_cumprod),
+            alphas_cumprod,
+            cells,
+            N_CLASSES,
+            NULL,
+            exhaustive,
+            candidates=np.zeros((len(cells), N_CLASSES), dtype=bool),
+        )
+
+
+def test_the_cascade_offers_the_teacher_the_students_top_classes():
+    from cytoloop.models.cascade import top_k
+
+    probs = np.array([[0.1, 0.5, 0.3, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    np.testing.assert_array_equal(
+        top_k(probs, 2),
+        [[False, True, True, False], [True, True, False, False]],  # ties: the lower index
+    )
+    assert top_k(probs, None) is None and top_k(probs, 4) is None

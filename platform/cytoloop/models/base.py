@@ -85,8 +85,12 @@ class Classifier(Protocol):
     classes: list[str]
     data_config: DataConfig
 
-    def predict(self, images: np.ndarray, progress: bool = False) -> Predictions:
-        """Classify preprocessed cells (N, 3, S, S) in [-1, 1]."""
+    def predict(
+        self, images: np.ndarray, progress: bool = False, *, anomaly_exit_above: float | None = None
+    ) -> Predictions:
+        """Classify preprocessed cells (N, 3, S, S) in [-1, 1]. `anomaly_exit_above` is the routing threshold on
+        the model's anomaly score: a model that scores in trials may stop a cell that clears it with confidence,
+        marking its class provisional in `extra["provisional"]`; a model without trials ignores it."""
         ...
 
     def save(self, directory: Path) -> Path: ...

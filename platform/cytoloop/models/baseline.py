@@ -94,7 +94,10 @@ class BaselineClassifier:
             extra={"anomaly_max_softmax": 1.0 - probs.max(axis=1)},
         )
 
-    def predict(self, images: np.ndarray, progress: bool = False) -> Predictions:
+    def predict(
+        self, images: np.ndarray, progress: bool = False, *, anomaly_exit_above: float | None = None
+    ) -> Predictions:
+        """One CNN pass per cell (nothing to stop early: `anomaly_exit_above` is ignored)."""
         return self.predictions_from_logits(self.logits(images))
 
     def save(self, directory: Path) -> Path:

@@ -5,7 +5,9 @@ cell is the teacher's probabilities, mixed on labelled cells with the label (`Ca
 unlabeled cells teach it too. Its temperature is then fitted on labelled validation cells, and a cell whose
 calibrated student confidence is below `threshold` is deferred to the teacher. The student costs one small CNN
 pass per cell, the teacher tens of denoiser passes, so the deferred fraction sets the speed; the curve of
-deferred fraction against accuracy and cells/s is in docs/benchmarks.md.
+deferred fraction against accuracy and cells/s is in docs/benchmarks.md. With `candidates = k` the teacher
+decides a deferred cell among the student's top k classes only: the others are never denoised (candidate-class
+pruning); when the student ranks the exhaustive winner in its top k, the teacher's answer is unchanged.
 
 On disk a cascade is a model directory whose `model.json` has kind "cascade", with the teacher and the student
 as complete model directories inside it (`teacher/`, `student/`), each loadable on its own.
@@ -29,6 +31,17 @@ from cytoloop.scoring.calibration import fit_temperature
 
 TEACHER_DIR = "teacher"
 STUDENT_DIR = "student"
+
+
+def top_k(probs: np.ndarray, k: int | None) -> np.ndarray | None:
+    """(cells, classes) booleans marking each cell's k most probable classes; None (all classes) when k is None
+    or not smaller than the number of classes."""
+    if k is None or k >= probs.shape[1]:
+        return None
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    mask = np.zeros(probs.shape, dtype=bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    return mask
 
 
 class CascadeClassifier:
@@ -63,13 +76,19 @@ class CascadeClassifier:
     def data_config(self):
         return self.teacher.data_config
 
-    def predict(self, images: np.ndarray, progress: bool = False) -> Predictions:
+    def predict(
+        self, images: np.ndarray, progress: bool = False, *, anomaly_exit_above: float | None = None
+    ) -> Predictions:
+        """Student first, the teacher for deferred cells. `anomaly_exit_above` is ignored: the cascade's anomaly
+        score is the student's, on another scale than the teacher's, and the student has no trials to cut."""
         fast = self.student.predict(images)
         deferred = fast.confidence < self.config.threshold
         probs, evals = fast.probs.copy(), fast.evals.copy()
         teacher_anomaly = np.full(len(images), np.nan)
         if deferred.any():
-            slow = self.teacher.predict(images[deferred], progress=progress)
+            slow = self.teacher.predict(
+                images[deferred], progress=progress, candidates=top_k(fast.probs[deferred], self.config.candidates)
+            )
             probs[deferred] = slow.probs
             evals[deferred] += slow.evals
             teacher_anomaly[deferred] = slow.anomaly

@@ -135,9 +135,15 @@ class DiffusionClassifier:
         return denoise, device
 
     def score(
-        self, images: np.ndarray | torch.Tensor, config: ScoringConfig | None = None, progress: bool = False
+        self,
+        images: np.ndarray | torch.Tensor,
+        config: ScoringConfig | None = None,
+        progress: bool = False,
+        anomaly_exit_above: float | None = None,
+        candidates: np.ndarray | None = None,
     ) -> ScoreResult:
-        """Raw diffusion scores (class errors, anomaly statistics, evaluation counts) for preprocessed cells."""
+        """Raw diffusion scores (class errors, anomaly statistics, evaluation counts) for preprocessed cells; the
+        anomaly exit and candidate classes as in `scoring.trials.score_cells`."""
         config = config or self.scoring_config
         weights = self.timestep_weights
         if weights is not None and len(weights) != config.timestep_bins:
@@ -158,6 +164,8 @@ class DiffusionClassifier:
                 None if weights is None else np.asarray(weights),
                 progress=progress,
                 device=device,
+                anomaly_exit_above=anomaly_exit_above,
+                candidates=candidates,
             )
 
     def predictions_from_scores(
@@ -183,11 +191,24 @@ class DiffusionClassifier:
                 "anomaly_null_ratio": result.anomaly_null_ratio,
                 "anomaly_gap": _negative_gap(result.class_error),
                 "trials": result.trials,
+                "provisional": result.exited,
             },
         )
 
-    def predict(self, images: np.ndarray, progress: bool = False, config: ScoringConfig | None = None) -> Predictions:
-        return self.predictions_from_scores(self.score(images, config, progress), config=config)
+    def predict(
+        self,
+        images: np.ndarray,
+        progress: bool = False,
+        config: ScoringConfig | None = None,
+        *,
+        anomaly_exit_above: float | None = None,
+        candidates: np.ndarray | None = None,
+    ) -> Predictions:
+        """Calibrated predictions. With `anomaly_exit_above` (the routing threshold on this model's anomaly score),
+        cells that clear it with confidence stop early and their class is provisional (`extra["provisional"]`);
+        `candidates` restricts each cell to some classes (see `scoring.trials`)."""
+        result = self.score(images, config, progress, anomaly_exit_above, candidates)
+        return self.predictions_from_scores(result, config=config)
 
     @torch.inference_mode()
     def generate(self, class_name: str, n: int, steps: int = 50, guidance: float = 2.0, seed: int = 0) -> np.ndarray:
@@ -248,4 +269,4 @@ def _negative_gap(class_error: np.ndarray) -> np.ndarray:
     if class_error.shape[1] < 2:
         return np.zeros(len(class_error))
     ordered = np.sort(class_error, axis=1)
-    return -(ordered[:, 1] - ordered[:, 0])
+    return -(ordered[:, 1] - ordered[:, 0])  # -inf for a cell scored on one candidate class: no rival, no doubt

@@ -12,6 +12,16 @@ the anomaly score needs a few of them, the decision none.
 With a `variance_prior` (fitted on validation cells) the test shrinks each cell's variance
 estimate toward it: a t-test on two or three trials is otherwise at the mercy of a variance from two or three numbers.
 
+Two shortcuts serve the cells that matter and the classes that cannot win:
+- Anomaly exit. Given a routing threshold on the null-ratio anomaly score (`anomaly_exit_above`), at each test a
+  cell whose null-class gap (best class's weighted error minus the null class's, on the trials that scored the
+  null class) exceeds the threshold by a one-sided t-test at `config.anomaly_exit_p` stops there: routing would
+  call it an anomaly whatever the remaining trials say about its class, so its class guess is kept but marked
+  provisional (`ScoreResult.exited`). A cell that fits no class otherwise runs to the trial limit.
+- Candidate classes. `candidates` (cells x classes, boolean) starts each cell with only those classes in play (a
+  cheap scorer's top k); the others are never denoised, and their class error is +inf. Within the candidates the
+  trials are the same as exhaustive scoring's, so if the exhaustive winner is a candidate it still wins.
+
 Cells are scored together: the (cell, class, trial) inputs of all undecided cells are packed into large denoiser
 batches, and a decided cell leaves the batch. When the cells still undecided fill less than one batch (on a GPU a
 small batch takes as long as a full one), each may run several check intervals ahead (`lookahead`); the test still
@@ -52,9 +62,10 @@ class ScoreResult:
     """Per-cell outcome of diffusion scoring; row i for input cell i.
 
     `class_error`: mean over trials of the weighted error minus that trial's best active class (lower is better;
-    the decided class has the lowest). `anomaly_min_error`: weighted error of the best class (no class explains the
-    cell). `anomaly_null_ratio`: best class's error minus the null class's (a generic cell explains it as well as
-    the best class). `evals`: denoiser evaluations actually run for the cell.
+    the decided class has the lowest; +inf for a class never in play). `anomaly_min_error`: weighted error of the
+    best class (no class explains the cell). `anomaly_null_ratio`: best class's error minus the null class's (a
+    generic cell explains it as well as the best class). `evals`: denoiser evaluations actually run for the cell.
+    `exited`: the cell stopped early as an anomaly (its class is provisional).
     """
 
     class_error: np.ndarray
@@ -63,6 +74,7 @@ class ScoreResult:
     trials: np.ndarray
     evals: np.ndarray
     logs: list[TrialLog]
+    exited: np.ndarray
 
 
 def cell_seed(image: torch.Tensor, seed: int) -> int:
@@ -81,13 +93,14 @@ def circular_mask(size: int, radius_fraction: float) -> torch.Tensor:
 class _CellState:
     """The trials of one cell in flight: its generator, the classes still in play, what was measured."""
 
-    def __init__(self, image: torch.Tensor, n_classes: int, config: ScoringConfig):
+    def __init__(self, image: torch.Tensor, active: np.ndarray, config: ScoringConfig):
         self.image = image
         self.generator = torch.Generator().manual_seed(cell_seed(image, config.seed))
-        self.active = np.ones(n_classes, dtype=bool)
+        self.active = active.copy()
         self.log = TrialLog()
         self.evals = 0
         self.done = False
+        self.exited = False
         self._strata_queue: list[int] = []
 
     def next_stratum(self, bins: int) -> int:
@@ -127,12 +140,16 @@ def score_cells(
     timestep_weights: np.ndarray | None = None,
     progress: bool = False,
     device: torch.device | str = "cpu",
+    anomaly_exit_above: float | None = None,
+    candidates: np.ndarray | None = None,
 ) -> ScoreResult:
     """Score preprocessed cells (N, 3, S, S) in [-1, 1] against `n_classes` classes (see module docstring).
 
     `timestep_weights` (length `config.timestep_bins`) weight each stratum's errors; None weighs all equally.
     For exhaustive scoring, set `min_trials == max_trials`. Noise is always drawn on the CPU (so a cell gets the
     same trials on any machine); noising and the errors are computed on `device`, where `denoise` runs.
+    `anomaly_exit_above`: the routing threshold on the null-ratio score past which a cell may stop early (None:
+    never). `candidates`: (N, n_classes) booleans, the classes each cell starts with (None: all).
     """
     from tqdm.auto import tqdm
 
@@ -143,7 +160,12 @@ def score_cells(
     device = torch.device(device)
     batch_size = config.batch_size or (1024 if device.type == "cuda" else 64)
     lookahead = config.lookahead or (GPU_LOOKAHEAD if device.type == "cuda" else 1)
-    cells = [_CellState(image, n_classes, config) for image in images]
+    if candidates is None:
+        candidates = np.ones((len(images), n_classes), dtype=bool)
+    candidates = np.asarray(candidates, dtype=bool)
+    if candidates.shape != (len(images), n_classes) or not candidates.any(axis=1).all():
+        raise ValueError(f"candidates must be ({len(images)}, {n_classes}) booleans with a class for every cell")
+    cells = [_CellState(image, active, config) for image, active in zip(images, candidates)]
     bar = tqdm(total=len(cells), desc="scoring cells", unit="cell", disable=not progress)
     while True:
         pending = [cell for cell in cells if not cell.done]
@@ -161,7 +183,7 @@ def score_cells(
             trials.extend(_draw_trial(cell, n + k, config, alphas_cumprod.shape[0]) for k in range(block))
         measured = _run_trials(denoise, alphas_cumprod, trials, null_class, config, mask, device, batch_size)
         for trial, result in zip(trials, measured):
-            _advance(trial.cell, trial.stratum, result, config, weights)
+            _advance(trial.cell, trial.stratum, result, config, weights, anomaly_exit_above)
         bar.update(sum(cell.done for cell in pending))
     bar.close()
     return _summarise(cells, weights, config)
@@ -231,10 +253,18 @@ def _run_trials(
     return measured
 
 
-def _advance(cell: _CellState, stratum: int, measured: _Measured, config: ScoringConfig, weights: np.ndarray) -> None:
-    """Add one measured trial to a cell, in trial order, testing for elimination where scoring one interval at a
-    time would. A trial run ahead of a decision that came before it is dropped (it only adds to `evals`), and
-    classes dropped earlier in the same round read NaN, so the log is what round-by-round scoring would make."""
+def _advance(
+    cell: _CellState,
+    stratum: int,
+    measured: _Measured,
+    config: ScoringConfig,
+    weights: np.ndarray,
+    anomaly_exit_above: float | None = None,
+) -> None:
+    """Add one measured trial to a cell, in trial order, testing for elimination (and for an anomaly exit) where
+    scoring one interval at a time would. A trial run ahead of a decision that came before it is dropped (it only
+    adds to `evals`), and classes dropped earlier in the same round read NaN, so the log is what round-by-round
+    scoring would make."""
     cell.evals += measured.evals
     if cell.done:
         return
@@ -243,8 +273,40 @@ def _advance(cell: _CellState, stratum: int, measured: _Measured, config: Scorin
     cell.log.null_errors.append(measured.null_error)
     n = len(cell.log.strata)
     if n >= config.max_trials or (n >= config.min_trials and (n - config.min_trials) % config.check_every == 0):
-        weighted = np.stack(cell.log.errors) * weights[np.asarray(cell.log.strata)][:, None]
+        w = weights[np.asarray(cell.log.strata)]
+        weighted = np.stack(cell.log.errors) * w[:, None]
+        if anomaly_exit(weighted, np.asarray(cell.log.null_errors) * w, cell.active, config, anomaly_exit_above):
+            cell.done = cell.exited = True
+            return
         cell.active, cell.done = decide(weighted, cell.active, config)
+
+
+def anomaly_exit(
+    weighted: np.ndarray,
+    null_weighted: np.ndarray,
+    active: np.ndarray,
+    config: ScoringConfig,
+    threshold: float | None,
+) -> bool:
+    """Whether a cell's anomaly evidence so far clears the routing `threshold` with confidence: a one-sided t-test
+    (level `config.anomaly_exit_p`) that its mean null gap, the best class in play's weighted error minus the null
+    class's on the trials that scored the null class, exceeds it. Needs two such trials; never with the
+    'min_error' anomaly score (its scale needs no null class and its evidence is the class errors themselves).
+    """
+    if threshold is None or config.anomaly_exit_p is None or config.anomaly_score != "null_ratio":
+        return False
+    measured = ~np.isnan(null_weighted)
+    m = int(measured.sum())
+    if m < 2:
+        return False
+    in_play = np.flatnonzero(active)
+    best = in_play[int(np.argmin(weighted[:, in_play].mean(axis=0)))]
+    gap = weighted[measured, best] - null_weighted[measured]
+    mean, sd = float(gap.mean()), float(gap.std(ddof=1))
+    if sd == 0:
+        return mean > threshold
+    p = special.stdtr(m - 1, -(mean - threshold) / (sd / np.sqrt(m)))  # P(T >= t) under mean == threshold
+    return bool(p < config.anomaly_exit_p)
 
 
 def wants_null(trial: int, config: ScoringConfig) -> bool:
@@ -322,6 +384,7 @@ def _summarise(cells: list[_CellState], weights: np.ndarray, config: ScoringConf
         trials=np.array([len(cell.log.strata) for cell in cells]),
         evals=np.array([cell.evals for cell in cells]),
         logs=[cell.log for cell in cells],
+        exited=np.array([cell.exited for cell in cells], dtype=bool),
     )
 
 
@@ -334,8 +397,10 @@ def summarise_log(log: TrialLog, weights: np.ndarray) -> tuple[np.ndarray, float
     w = weights[np.asarray(log.strata)]
     errors = np.stack(log.errors) * w[:, None]
     relative = errors - np.nanmin(errors, axis=1, keepdims=True)
-    class_error = np.nanmean(relative, axis=0)
-    best = int(np.nanargmin(np.nanmean(errors, axis=0) + np.where(np.isnan(errors).any(axis=0), np.inf, 0)))
+    never = np.isnan(relative).all(axis=0)  # classes never in play (not a candidate): they cannot win
+    class_error = np.where(never, np.inf, np.nanmean(np.where(never, 0.0, relative), axis=0))
+    complete = ~np.isnan(errors).any(axis=0)  # the classes in play to the end
+    best = int(np.argmin(np.where(complete, np.nan_to_num(errors).mean(axis=0), np.inf)))
     best_error = errors[:, best]
     null_gap = best_error - np.asarray(log.null_errors) * w
     measured = ~np.isnan(null_gap)  # the null class may be scored on the first trials only (`null_trials`)

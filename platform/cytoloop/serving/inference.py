@@ -24,7 +24,9 @@ from cytoloop.serving.model_source import ModelRef
 @dataclass(frozen=True)
 class CellResult:
     """One classified cell. `uncertainty` is the entropy of `probabilities` (nats); `anomaly` is on the model's own
-    scale; `route` is 'accept', 'review', 'anomaly' or 'audit'; `cell_id` a hash of the image bytes."""
+    scale; `route` is 'accept', 'review', 'anomaly' or 'audit'; `cell_id` a hash of the image bytes. `provisional`:
+    scoring stopped early because the cell cleared the anomaly threshold with confidence; its route is final, its
+    label a guess."""
 
     index: int
     name: str
@@ -36,6 +38,7 @@ class CellResult:
     anomaly: float | None  # None where the model produced no finite score
     route: str
     evals: int
+    provisional: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,10 @@ class CellService:
             except ImageError as error:
                 answers[i] = CellFailure(i, name, "not_an_image", str(error))
         if images:
-            predictions = self.model.predict(np.stack(images))
+            # a cell that is clearly an anomaly (past the routing threshold) stops scoring there
+            predictions = self.model.predict(np.stack(images), anomaly_exit_above=self.routing.anomaly_above)
             classes, entropy = self.model.classes, predictions.entropy
+            provisional = predictions.extra.get("provisional", np.zeros(len(images), dtype=bool))
             for row, i in enumerate(rows):
                 name, data = cells[i]
                 probs = predictions.probs[row]
@@ -93,5 +98,6 @@ class CellService:
                     anomaly=anomaly if np.isfinite(anomaly) else None,
                     route=route_cell(confidence, anomaly, label, self.routing, identity),
                     evals=int(predictions.evals[row]),
+                    provisional=bool(provisional[row]),
                 )
         return [answer for answer in answers if answer is not None]  # every cell was answered above
