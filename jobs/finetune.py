@@ -221,7 +221,13 @@ def run_finetune(
     trained = fit_on_ray(settings, run_name, loop_config, out)
 
     challenger = load_model(out)
-    calibration = recalibrate(challenger, sets.val, settings.finetune.temperature_prior_cells)
+    calibration = recalibrate(
+        challenger,
+        sets.val,
+        settings.finetune.temperature_prior_cells,
+        tune=settings.train.tune_scoring,
+        tuning_out=out / "tuning.json",
+    )
     reference = colour_statistics_of(sets.train, data_config)
     parent_reference = read_colour_reference(parent_dir)
     if not adapt and parent_reference is not None:  # a global model keeps its history; a site model its site

@@ -405,6 +405,7 @@ def tune_model_scoring(
     labels: np.ndarray,
     progress: bool = False,
     unlabeled: np.ndarray | None = None,
+    prior_cells: float = 0.0,
 ) -> dict:
     """Tune a diffusion model's adaptive scoring on labelled validation cells, in place; returns a report.
 
@@ -413,9 +414,11 @@ def tune_model_scoring(
     cheapest elimination rule agreeing with them on `tuning_agreement` of cells (`calibration.tune_scoring`),
     and refits the temperature for the scores the tuned rule produces (fewer trials, noisier errors).
     Agreement needs no labels, so `unlabeled` cells (from where the model will be used) join the tuning set:
-    with 65 validation cells a 0.99 target allows no single disagreement. The temperature uses labelled cells only.
+    with 65 validation cells a 0.99 target allows no single disagreement. The temperature uses labelled cells only;
+    with `prior_cells` the model's current temperature (a fine-tune's parent's) counts as that many cells.
     """
     config = model.scoring_config
+    prior = model.temperature if prior_cells > 0 else None
     exhaustive = config.model_copy(
         update={"min_trials": config.tuning_trials, "max_trials": config.tuning_trials, "score_null_class": False}
     )
@@ -426,7 +429,7 @@ def tune_model_scoring(
     weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
     tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
     model.scoring_config = tuned
-    model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels)
+    model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels, prior, prior_cells)
     needed = np.array([trials_needed(log, weights) for log in logs])
     null_trials = tuned.null_trials if tuned.score_null_class else 0
     evals_needed = np.array([evaluations_needed(log, weights, null_trials) for log in logs])

@@ -1,5 +1,7 @@
 """Fine-tuning pieces that need no Ray: frozen sets, sharding, the site preprocessing, fine-tuning itself."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,33 @@ def test_finetune_continues_from_the_model(cells_dir, tiny_settings):
 
     with pytest.raises(DatasetError, match="not one of the model's classes"):
         training_arrays(model, select(load_records(cells_dir), ["jtsc"], ["monocyte"])[:2])
+
+
+def test_a_fine_tuned_diffusion_model_is_served_with_its_own_tuned_rule(cells_dir, tiny_settings, tmp_path):
+    """recalibrate(tune=True): the fine-tune ends by tuning its scoring on the frozen validation cells; the rule
+    saved with the model is the one a loaded (served) model scores with, and its tuning report is kept."""
+    from cytoloop.models.finetune import recalibrate
+    from cytoloop.models.loading import load_model
+    from cytoloop.workflows import build_model
+
+    classes = ["neutrophil", "lymphocyte"]
+    records = select(load_records(cells_dir), ["jtsc"], classes)
+    model = build_model("diffusion", classes, tiny_settings)
+    parent_rule = model.scoring_config.model_copy(update={"min_trials": 8, "elimination_p": 1e-6})
+    model.scoring_config = parent_rule  # a parent's rule that a tuning would not keep: it wastes trials
+    images, labels, _ = training_arrays(model, records[:8])
+    train_config, augment_config = finetune_configs(tiny_settings, adapt=False)
+    finetune(model, images, labels, train_config, augment_config)
+    figures = recalibrate(model, records[8:24], tune=True, tuning_out=tmp_path / "tuning.json")
+
+    tuning = json.loads((tmp_path / "tuning.json").read_text())
+    chosen = tuning["chosen"]
+    assert chosen is not None and figures["tuned_evals_mean"] == chosen["evals_mean"]
+    assert (model.scoring_config.min_trials, model.scoring_config.elimination_p) == (
+        chosen["min_trials"],
+        chosen["elimination_p"],
+    )
+    assert model.scoring_config != parent_rule
+    model.save(tmp_path / "model")
+    served = load_model(tmp_path / "model")
+    assert served.scoring_config == model.scoring_config and served.temperature == model.temperature

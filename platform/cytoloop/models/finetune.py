@@ -2,13 +2,16 @@
 
 A fine-tune starts from a trained model (the champion), keeps its classes and preprocessing, and continues
 training with `train.fit` on the new labelled cells (and, for the diffusion model, the unlabeled pool, which
-trains the null class). Afterwards the calibration is refitted on a frozen validation set. Nothing here knows
-about Ray or MLflow: `jobs/finetune.py` runs `finetune` on each Ray Train worker and does the registering.
+trains the null class). Afterwards the calibration is refitted on a frozen validation set, and a diffusion model's
+scoring rule tuned again on it (`train.tune_scoring`), so every version is served with its own tuned rule.
+Nothing here knows about Ray or MLflow: `jobs/finetune.py` runs `finetune` on each Ray Train worker and does the
+registering.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -194,18 +197,43 @@ def _calibration_figures(model: Classifier, images: np.ndarray, labels: np.ndarr
     }
 
 
-def recalibrate(model: Trainable, val_records: Sequence[CellRecord], prior_cells: float = 0.0) -> dict[str, float]:
+def recalibrate(
+    model: Trainable,
+    val_records: Sequence[CellRecord],
+    prior_cells: float = 0.0,
+    tune: bool = False,
+    tuning_out: Path | None = None,
+) -> dict[str, float]:
     """Refit the calibration on the frozen validation cells; ECE, NLL and Brier before (the parent's calibration
     on the new weights) and after, as `<metric>_before` / `<metric>_after`. The parent's temperature counts as
-    `prior_cells` validation cells (`calibration.fit_temperature`)."""
+    `prior_cells` validation cells (`calibration.fit_temperature`).
+
+    With `tune` a diffusion model's scoring rule is tuned again too (`workflows.tune_model_scoring`: w(t), the
+    fastest elimination rule that agrees with exhaustive scoring on these cells, then the temperature), so a
+    fine-tuned version is served with a rule fitted to its own weights, not its parent's; the tuning report goes
+    to `tuning_out` (the model directory's tuning.json) when given."""
+    from cytoloop.models.diffusion import DiffusionClassifier
+    from cytoloop.scoring.calibration import fit_weights
+    from cytoloop.workflows import tune_model_scoring
+
     cells = load_cells(val_records, model.data_config)
     if not cells.records:
         raise DatasetError(f"none of the {len(val_records)} frozen validation cells could be read")
     labels = label_indices(cells.records, model.classes)
     before = _calibration_figures(model, cells.images, labels)
-    calibrate(model, cells.images, labels, prior_cells=prior_cells)
+    tuned = None
+    if tune and isinstance(model, DiffusionClassifier):
+        fit_weights(model, cells.images, labels)
+        tuning = tune_model_scoring(model, cells.images, labels, prior_cells=prior_cells)
+        tuned = tuning["chosen"]
+        if tuning_out is not None:
+            Path(tuning_out).write_text(json.dumps(tuning, indent=1))
+    else:
+        calibrate(model, cells.images, labels, prior_cells=prior_cells)
     after = _calibration_figures(model, cells.images, labels)
     figures = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
+    if tuned is not None:
+        figures |= {"tuned_evals_mean": float(tuned["evals_mean"]), "tuned_agreement": float(tuned["agreement"])}
     return figures | {"temperature": float(model.temperature), "n_val": float(len(labels))}
 
 
