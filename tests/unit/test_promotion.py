@@ -64,7 +64,7 @@ def _cells(n=60, seed=0):
     return labels, sure, guess
 
 
-def test_intervals_pair_cells_by_id_and_leave_the_verdict_alone():
+def test_intervals_pair_cells_by_id():
     labels, sure, guess = _cells()
     champion = {**CHAMPION, **_per_cell(guess, labels)}
     challenger = {**CHAMPION, **_per_cell(sure, labels, order=np.arange(len(labels))[::-1])}  # another cell order
@@ -88,3 +88,31 @@ def test_no_intervals_when_classes_differ_or_cells_are_missing():
     other_classes = {**CHAMPION, **_per_cell(sure, labels), "classes": ["x", "y", "z"]}
     assert difference_intervals(other_classes, champion) == ({}, 0)
     assert difference_intervals(dict(CHAMPION), champion) == ({}, 0)
+
+
+def test_refused_only_when_worse_with_confidence():
+    """A challenger a few cells worse on a small gate set is within the noise: its interval reaches the tolerance,
+    so it passes (a point-estimate gate would refuse it); one worse on most cells is refused."""
+    from cytoloop.evaluation import metrics
+
+    labels, sure, guess = _cells(n=60)
+    slip = sure.copy()
+    for i in range(3):  # three cells wrong: balanced accuracy down ~0.05, beyond the 0.01 tolerance
+        slip[i] = np.roll(sure[i], 1)
+
+    def figures(probs):
+        return {
+            "balanced_accuracy": metrics.balanced_accuracy(labels, probs.argmax(axis=1), 3),
+            "ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
+            "anomaly_auroc": 0.9,
+            **_per_cell(probs, labels),
+        }
+
+    champion, noisy, bad = figures(sure), figures(slip), figures(guess)
+    assert champion["balanced_accuracy"] - noisy["balanced_accuracy"] > CONFIG.balanced_accuracy_tolerance
+    assert compare(noisy, champion, CONFIG).passed
+    point = compare(noisy, champion, CONFIG.model_copy(update={"refuse_on": "point"}))
+    assert not point.passed and "balanced_accuracy" in point.worse
+    refused = compare(bad, champion, CONFIG)
+    assert not refused.passed and refused.worse == ["balanced_accuracy", "ece"]
+    assert any("WORSE with confidence" in r for r in refused.reasons)

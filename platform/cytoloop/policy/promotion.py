@@ -7,8 +7,12 @@ sets of figures are recorded as tags on the challenger's version, whatever the o
 refusal (`override`), and every alias move lands in the registry's audit trail.
 
 On a gate set of a few dozen cells these figures are noisy (ECE on 65 cells moved by ~0.09 between two samples of
-one model), so each reason also gives a paired-bootstrap interval of the difference: the verdict does not use it,
-the person deciding on an override should.
+one model), so balanced accuracy and ECE are compared cell by cell: a 95 % paired-bootstrap interval of the
+challenger's difference from the champion on the same cells. With `refuse_on="interval"` (the default) a challenger
+is refused on one of them only when that whole interval lies beyond the tolerance, i.e. it is worse with confidence,
+not because a small set drew a noisy figure; the point estimate decides where no interval can be formed and for the
+anomaly AUROC. A gate set must therefore be large enough for its tolerances: an interval as wide as the tolerance
+needs a few hundred cells (docs/review-loop.md, "How large a gate set").
 """
 
 from __future__ import annotations
@@ -61,10 +65,16 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
             continue
         worse_by = (old - new) * direction
         ok = worse_by <= tolerance
+        by_interval = config.refuse_on == "interval" and metric in intervals
+        if by_interval:  # refused only if even the interval's most favourable end is worse beyond the tolerance
+            low, high = intervals[metric]
+            best_case_gain = high if direction > 0 else -low
+            ok = best_case_gain >= -tolerance
         passed &= ok
         if not ok:
             worse.append(metric)
-        reason = f"{metric}: {new:.4f} vs champion {old:.4f} ({'ok' if ok else 'WORSE'}, tolerance {tolerance:g})"
+        verdict = "ok" if ok else ("WORSE with confidence" if by_interval else "WORSE")
+        reason = f"{metric}: {new:.4f} vs champion {old:.4f} ({verdict}, tolerance {tolerance:g})"
         if metric in intervals:
             low, high = intervals[metric]
             reason += f"; challenger - champion {low:+.3f} to {high:+.3f} (95 % paired bootstrap, {n_paired} cells)"
