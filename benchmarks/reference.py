@@ -11,6 +11,14 @@ steps (default: the recipe's, the diffusion model's budget). Every figure has a 
                 (jtsc, cellavision, bccd): balanced accuracy over the classes that lab has, and ECE.
   blasts        ALL-IDB2 blasts against ALL-IDB2 normal cells: AUROC of every anomaly score each model offers
                 (diffusion: null ratio, minimum error, the reference's gap; CNN: energy, max-softmax).
+  anomaly       the reference's held-out-class protocol: both kinds trained on PBC without erythroblasts and
+                immature granulocytes (recipes anomaly-pbc6 and anomaly-pbc6-cnn), scored on their own held-out
+                test cells of the six known classes and on unseen erythroblasts and immature granulocytes: AUROC of
+                each held-out class vs the known cells, and of ALL-IDB2 blasts vs normal, for every anomaly score.
+  low_data      both kinds trained on exactly n labelled PBC cells per class (`--low-data`, from the base model's
+                train part; 10 more per class from its val part calibrate), the diffusion model also on the rest
+                of the train part as unlabeled null-class cells, `--low-data-steps` steps each; balanced accuracy
+                on the same PBC test cells as in_domain.
 
 Finished models and evaluations are reused (delete a JSON to redo it), so the script can be stopped and rerun.
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import sys
 import time
 from datetime import date
@@ -37,17 +46,54 @@ from cytoloop.models.recipes import get_recipe
 from cytoloop.workflows import evaluate_model, held_out, train_model
 
 OTHER_LABS = ("jtsc", "cellavision", "bccd")
-EXPERIMENTS = ("in_domain", "domain_shift", "blasts")
+EXPERIMENTS = ("in_domain", "domain_shift", "blasts", "anomaly", "low_data")
+HELD_OUT_CLASSES = ("erythroblast", "immature_granulocyte")
+LOW_DATA_VAL_PER_CLASS = 10
 
 
-def train_cnn(records: list[CellRecord], out: Path, seed: int, steps: int) -> Path:
-    """The CNN of recipe base-pbc-cnn with training seed `seed` (the split stays the recipe's), reused if done."""
-    recipe = get_recipe("base-pbc-cnn")
+def train(
+    recipe_name: str,
+    records: list[CellRecord],
+    out: Path,
+    seed: int | None = None,
+    steps: int | None = None,
+    split: dict[str, list[CellRecord]] | None = None,
+    unlabeled: list[CellRecord] = (),
+) -> Path:
+    """The model of a recipe, with another training seed or budget if given (the split stays the recipe's unless
+    `split` fixes it); reused if `out` already holds it."""
+    recipe = get_recipe(recipe_name)
     if not (out / "model.json").is_file():
         overrides = recipe.settings_overrides()
-        overrides["train"] = {**overrides["train"], "seed": seed, "steps": steps}
-        train_model("baseline", records, load_settings(overrides=overrides), out, split_seed=recipe.seed, progress=True)
+        overrides["train"] = {
+            **overrides["train"],
+            "seed": recipe.seed if seed is None else seed,
+            "steps": steps or recipe.steps,
+        }
+        train_model(
+            recipe.model,
+            records,
+            load_settings(overrides=overrides),
+            out,
+            classes=list(recipe.classes) if recipe.classes else None,
+            unlabeled=unlabeled,
+            split_seed=recipe.seed,
+            progress=True,
+            split=split,
+        )
     return out
+
+
+def per_class(records: list[CellRecord], n: int, seed: int = 0) -> list[CellRecord]:
+    """n cells of each class, drawn with a fixed seed from the cells sorted by id (the same cells on any machine)."""
+    rng = random.Random(seed)
+    chosen: list[CellRecord] = []
+    for label in sorted({r.label for r in records}):
+        group = sorted((r for r in records if r.label == label), key=lambda r: r.cell_id)
+        if len(group) < n:
+            raise SystemExit(f"class {label} has {len(group)} cells, fewer than the {n} per class asked for")
+        chosen += rng.sample(group, n)
+    return chosen
 
 
 def evaluate(model_dir: Path, name: str, records: list[CellRecord], out: Path, anomaly: list[CellRecord] = ()) -> dict:
@@ -77,6 +123,12 @@ def main() -> None:
     parser.add_argument(
         "--blast-cells", type=int, default=None, help="this many ALL-IDB2 cells, blasts and normal interleaved"
     )
+    parser.add_argument(
+        "--anomaly-cells", type=int, default=300, help="cells of each held-out class, and of the known test cells x2"
+    )
+    parser.add_argument("--anomaly-steps", type=int, default=None, help="default: the anomaly recipes' budget")
+    parser.add_argument("--low-data", default="10,50", help="labelled training cells per class, comma-separated")
+    parser.add_argument("--low-data-steps", type=int, default=3000)
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -91,9 +143,10 @@ def main() -> None:
     cnns = [(args.out / f"cnn-seed{s}", int(s)) for s in args.cnn_seeds.split(",")]
     results: dict = {"models": {}, "args": {k: str(v) for k, v in vars(args).items()}}
     # the diffusion model first: its figures are the ones the CNNs are compared against, and it is already trained
-    for model_dir, cnn_seed in [(args.diffusion, None)] + cnns:
+    eight_class = {"in_domain", "domain_shift", "blasts"} & set(experiments)
+    for model_dir, cnn_seed in ([(args.diffusion, None)] + cnns) if eight_class else []:
         if cnn_seed is not None:
-            train_cnn(pbc, model_dir, cnn_seed, args.cnn_steps)
+            train("base-pbc-cnn", pbc, model_dir, cnn_seed, args.cnn_steps)
         kind = load_model(model_dir).kind
         row: dict = {"kind": kind, "training": _training_summary(model_dir)}
         if "in_domain" in experiments:
@@ -108,12 +161,82 @@ def main() -> None:
             allidb2 = class_interleaved_subset(select(records, ["allidb2"]), args.blast_cells)
             row["blasts"] = _blast_report(model_dir, allidb2, args.out)
         results["models"][str(model_dir)] = row
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "reference.json").write_text(json.dumps(results, indent=1, default=float))
+        _save(results, args.out)
+    test = class_interleaved_subset(held_out(pbc, args.diffusion, part="test")[0], args.test_cells)
+    allidb2 = class_interleaved_subset(select(records, ["allidb2"]), args.blast_cells)
+    if "anomaly" in experiments:
+        results["anomaly"] = {}
+        six = [r for r in pbc if r.label not in HELD_OUT_CLASSES]
+        unseen = {
+            c: class_interleaved_subset([r for r in pbc if r.label == c], args.anomaly_cells) for c in HELD_OUT_CLASSES
+        }
+        models = [(args.out / "anomaly6-diffusion", "anomaly-pbc6", None)]
+        models += [(args.out / f"anomaly6-cnn-seed{s}", "anomaly-pbc6-cnn", int(s)) for s in args.cnn_seeds.split(",")]
+        for model_dir, recipe, seed in models:
+            train(recipe, six, model_dir, seed, args.anomaly_steps)
+            known = class_interleaved_subset(held_out(six, model_dir, part="test")[0], 2 * args.anomaly_cells)
+            row = {"kind": load_model(model_dir).kind, "training": _training_summary(model_dir)}
+            row["held_out_classes"] = _held_out_class_report(model_dir, known, unseen, args.out)
+            row["blasts"] = _blast_report(model_dir, allidb2, args.out)
+            results["anomaly"][str(model_dir)] = row
+            _save(results, args.out)
+    if "low_data" in experiments:
+        results["low_data"] = {}
+        train_part = held_out(pbc, args.diffusion, part="train")[0]
+        val = per_class(held_out(pbc, args.diffusion, part="val")[0], LOW_DATA_VAL_PER_CLASS)
+        for n in [int(n) for n in args.low_data.split(",")]:
+            labelled = per_class(train_part, n)
+            chosen = {r.cell_id for r in labelled}
+            rest = [r for r in train_part if r.cell_id not in chosen]
+            split = {"train": labelled, "val": val, "test": []}
+            models = [(args.out / f"lowdata{n}-diffusion", "base-pbc", None, rest)]
+            models += [
+                (args.out / f"lowdata{n}-cnn-seed{s}", "base-pbc-cnn", int(s), []) for s in args.cnn_seeds.split(",")
+            ]
+            results["low_data"][n] = {}
+            for model_dir, recipe, seed, unlabeled in models:
+                train(recipe, labelled + val, model_dir, seed, args.low_data_steps, split=split, unlabeled=unlabeled)
+                row = {"kind": load_model(model_dir).kind, "training": _training_summary(model_dir)}
+                row["in_domain"] = evaluate(model_dir, "in_domain", test, args.out)
+                results["low_data"][n][str(model_dir)] = row
+                _save(results, args.out)
     text = render(results, args)
     print(text)
     if args.write_docs:
         replace_section(DOCS, "reference", text, title="Reference experiments on PBC: diffusion classifier vs CNN")
+
+
+def _save(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reference.json").write_text(json.dumps(results, indent=1, default=float))
+
+
+def _held_out_class_report(
+    model_dir: Path, known: list[CellRecord], unseen: dict[str, list[CellRecord]], out: Path
+) -> dict:
+    """AUROC of every anomaly score for each held-out class against the known test cells: all cells are scored
+    once, then each class is compared with the same known cells."""
+    from cytoloop.data.preprocess import load_cells
+    from cytoloop.workflows import anomaly_metrics
+
+    path = out / model_dir.name / "held_out_classes.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model = load_model(model_dir)
+    cells = load_cells(known + [r for group in unseen.values() for r in group], model.data_config, progress=True)
+    labels = np.array([r.label for r in cells.records])
+    began = time.perf_counter()
+    predictions = model.predict(cells.images, progress=True)
+    is_known = np.isin(labels, model.classes)
+    report: dict = {"eval_seconds": time.perf_counter() - began, "n_known": int(is_known.sum())}
+    report["evals_per_cell_known"] = float(predictions.evals[is_known].mean())
+    for name in unseen:
+        index = np.flatnonzero(is_known | (labels == name))
+        report[name] = anomaly_metrics(predictions.subset(index), labels[index] == name)
+        report[name]["evals_per_cell"] = float(predictions.evals[labels == name].mean())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    return report
 
 
 def _blast_report(model_dir: Path, allidb2: list[CellRecord], out: Path) -> dict:
@@ -184,25 +307,31 @@ def render(results: dict, args: argparse.Namespace) -> str:
         f"--cnn-seeds {args.cnn_seeds} --cnn-steps {args.cnn_steps}"
         + (f" --test-cells {args.test_cells}" if args.test_cells else "")
         + (f" --blast-cells {args.blast_cells}" if args.blast_cells else "")
+        + (f" --anomaly-steps {args.anomaly_steps}" if args.anomaly_steps else "")
+        + f" --anomaly-cells {args.anomaly_cells} --low-data {args.low_data} --low-data-steps {args.low_data_steps}"
+        + (f" --experiments {args.experiments}" if args.experiments != ",".join(EXPERIMENTS) else "")
         + "`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, torch threads "
         f"{torch.get_num_threads()}, no GPU. Date: {date.today().isoformat()}. [brackets]: 95 % bootstrap interval "
         "over cells (1,000 resamples).",
         "",
-        "Training (same PBC train part, split seed 0, batch and precision for both kinds):",
+        "Training (PBC train part of split seed 0, or the part each experiment names; batch and precision alike):",
         "",
         "| model | steps | batch | precision | train seed | train cells | train min |",
         "|---|---|---|---|---|---|---|",
     ]
     rows = results["models"]
-    for name, row in rows.items():
+    trained = {**rows, **results.get("anomaly", {})}
+    for by_model in results.get("low_data", {}).values():
+        trained.update(by_model)
+    for name, row in trained.items():
         t = row["training"]
         minutes = f"{t['train_minutes']:.1f}" + (" (resumed)" if t["resumed_from_step"] else "")
         lines.append(
             f"| {row['kind']} `{name}` | {t['steps']} | {t['batch_size']} | {t['precision']} | {t['seed']} "
             f"| {t['n_train']} | {minutes} |"
         )
-    first = next(iter(rows.values()))
+    first = next(iter(rows.values()), {})
     if "in_domain" in first:
         classes = list(first["in_domain"]["per_class_recall"])
         lines += [
@@ -265,7 +394,69 @@ def render(results: dict, args: argparse.Namespace) -> str:
                 f"- {row['kind']} `{Path(name).name}` ({r['anomaly_n_positive']} blasts of "
                 f"{r['anomaly_n']} cells): {scores}"
             )
+    if "anomaly" in results:
+        lines += _render_anomaly(results["anomaly"])
+    if "low_data" in results:
+        lines += _render_low_data(results["low_data"])
     return "\n".join(lines) + "\n"
+
+
+def _auroc_cells(report: dict) -> str:
+    """Every anomaly score's AUROC with its interval, the model's primary score first."""
+    return "; ".join(
+        f"{'primary' if score == 'anomaly' else score.removeprefix('anomaly_')} "
+        f"{report['anomaly_auroc_by_score'].get(score, report['anomaly_auroc']):.3f} [{low:.3f}, {high:.3f}]"
+        for score, (low, high) in report["anomaly_auroc_intervals"].items()
+    )
+
+
+def _render_anomaly(rows: dict) -> list[str]:
+    lines = [
+        "",
+        "Anomaly, the reference's protocol: trained on PBC without erythroblasts and immature granulocytes (6 "
+        "classes); AUROC of each anomaly score for unseen cells against the model's own held-out test cells of the "
+        "six known classes, and for ALL-IDB2 blasts against ALL-IDB2 normal cells:",
+        "",
+        "| model | steps | known cells | erythroblast vs known | immature granulocyte vs known "
+        "| ALL-IDB2 blast vs normal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        held = row["held_out_classes"]
+        lines.append(
+            f"| {row['kind']} `{Path(name).name}` | {row['training']['steps']} | {held['n_known']} | "
+            f"{_auroc_cells(held['erythroblast'])} | {_auroc_cells(held['immature_granulocyte'])} | "
+            f"{_auroc_cells(row['blasts'])} |"
+        )
+    first = next(iter(rows.values()))["held_out_classes"]
+    lines.append(
+        f"\nCells: {first['erythroblast']['anomaly_n_positive']} erythroblasts, "
+        f"{first['immature_granulocyte']['anomaly_n_positive']} immature granulocytes (none seen in training). "
+        "Scores: diffusion primary = null ratio, min_error, null_ratio, gap (the reference's); CNN primary = energy, "
+        "max_softmax."
+    )
+    return lines
+
+
+def _render_low_data(by_n: dict) -> list[str]:
+    lines = [
+        "",
+        f"Low data: n labelled PBC training cells per class (plus {LOW_DATA_VAL_PER_CLASS} per class that calibrate; "
+        "the diffusion model also learns its null class from the rest of the train part, unlabeled), balanced "
+        "accuracy on the in-domain test cells:",
+        "",
+        "| labels per class | model | steps | balanced accuracy | ECE | evals/cell |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n, rows in by_n.items():
+        for name, row in rows.items():
+            r = row["in_domain"]
+            lines.append(
+                f"| {n} | {row['kind']} `{Path(name).name}` | {row['training']['steps']} | "
+                f"{_ci(r, 'balanced_accuracy')} | {_ci(r, 'ece')} | {r['denoiser_evals_per_cell']:.1f} |"
+            )
+        lines += _seed_spread(rows, lambda row: row["in_domain"]["balanced_accuracy"], f"{n} per class")
+    return lines
 
 
 if __name__ == "__main__":
