@@ -70,8 +70,8 @@ class CellAnswer(_Body):
     )
     provisional: bool = Field(
         False,
-        description="the cell stopped scoring early once it was clearly an anomaly: route 'anomaly' is final, "
-        "label and probabilities are a provisional guess",
+        description="the cell stopped scoring early once its route was settled (clearly an anomaly, or a close "
+        "call for review): the route is final, label and probabilities a provisional guess",
     )
     model: ModelInfo
 

@@ -119,10 +119,8 @@ def review_route(
         classifier = load_model(model)
         loaded = load_cells(select(load_records(data), split_list(domains)), classifier.data_config, progress=True)
         settings = load_settings(config)
-        # a cell clearly past the anomaly threshold stops scoring there: it is routed `anomaly` either way
-        predictions = classifier.predict(
-            loaded.images, progress=True, anomaly_exit_above=settings.routing.anomaly_above
-        )
+        # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
+        predictions = classifier.predict(loaded.images, progress=True, routing=settings.routing)
         loop = ReviewLoop(settings)
         report = loop.route(
             loaded.records,

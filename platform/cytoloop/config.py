@@ -154,13 +154,14 @@ class ScoringConfig(_Section):
         description="'null_ratio': best class error minus null-class error (no class explains the cell better than "
         "a generic cell); 'min_error': best class error alone",
     )
-    anomaly_exit_p: float | None = Field(
+    exit_p: float | None = Field(
         0.01,
         gt=0.0,
         lt=1.0,
-        description="where a routing threshold is given (serving, routing), a cell whose null-ratio anomaly score "
-        "exceeds it by a one-sided t-test at this level stops scoring: it is routed 'anomaly' with a provisional "
-        "class (docs/method.md). None: every cell runs its full trials",
+        description="where the routing thresholds are given (serving, review route), a cell whose route is settled "
+        "by one-sided t-tests at this level stops scoring: past the anomaly threshold, or a close call under the "
+        "review line; its class is then provisional (docs/method.md, route exits). None: every cell runs its "
+        "full trials",
     )
     batch_size: int | None = Field(
         None,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
 from cytoloop.scoring.calibration import decision, evaluations_needed, reorderings, trials_needed, tune_scoring
-from cytoloop.scoring.trials import TrialLog, replay, score_cells
+from cytoloop.scoring.trials import RouteExits, TrialLog, replay, score_cells
 
 N_CLASSES = 4
 NULL = N_CLASSES
@@ -426,7 +426,8 @@ def test_anomaly_exit_routes_as_full_scoring_and_stops_the_anomalies_early(alpha
     assert (full.anomaly_null_ratio[is_anomaly] > threshold).all() and not full.exited.any()
 
     fake = CountingDenoiser(alphas_cumprod)
-    fast = score_cells(fake, alphas_cumprod, mixed_cells, N_CLASSES, NULL, config, anomaly_exit_above=threshold)
+    exits = RouteExits(anomaly_above=threshold)
+    fast = score_cells(fake, alphas_cumprod, mixed_cells, N_CLASSES, NULL, config, exits=exits)
     routed_full = full.anomaly_null_ratio > threshold
     routed_fast = fast.anomaly_null_ratio > threshold
     np.testing.assert_array_equal(routed_fast, routed_full)  # the same cells go to the anomaly queue
@@ -442,8 +443,8 @@ def test_anomaly_exit_routes_as_full_scoring_and_stops_the_anomalies_early(alpha
         mixed_cells,
         N_CLASSES,
         NULL,
-        config.model_copy(update={"anomaly_exit_p": None}),
-        anomaly_exit_above=threshold,
+        config.model_copy(update={"exit_p": None}),
+        exits=exits,
     )
     assert not off.exited.any()
     np.testing.assert_array_equal(off.evals, full.evals)
@@ -465,17 +466,57 @@ def test_a_served_anomaly_is_routed_anomaly_with_a_provisional_class(alphas_cump
     full = model.predict(images)
     is_anomaly = np.arange(len(images)) >= len(KNOWN_LEVELS)
     threshold = float((full.anomaly[~is_anomaly].max() + full.anomaly[is_anomaly].min()) / 2)
-    fast = model.predict(images, anomaly_exit_above=threshold)
-    provisional = fast.extra["provisional"]
-    assert provisional.any() and not provisional[~is_anomaly].any()  # anomalies not decided sooner stop early
     routing = RoutingConfig(anomaly_above=threshold, always_review=[], audit_fraction=0.0)
+    fast = model.predict(images, routing=routing)
+    provisional = fast.extra["provisional"]
+    assert provisional.any()
 
     def routes(predictions):
         pairs = zip(predictions.confidence, predictions.anomaly)
-        return [route_cell(c, a, "c0", routing, str(i)) == "anomaly" for i, (c, a) in enumerate(pairs)]
+        return [route_cell(c, a, "c0", routing, str(i)) for i, (c, a) in enumerate(pairs)]
 
-    assert routes(fast) == routes(full) == is_anomaly.tolist()
+    assert routes(fast) == routes(full)  # every cell goes where full scoring sends it
+    assert [r == "anomaly" for r in routes(fast)] == is_anomaly.tolist()
     assert fast.evals[provisional].sum() < full.evals[provisional].sum()
+
+
+# Close calls: cells halfway between two classes' levels, far from the null class's: not anomalies, and their
+# confidence stays under the review line however many trials they get.
+CLEAR_LEVELS = [-0.6, -0.2, 0.2, 0.6] * 2
+CLOSE_LEVELS = [-0.4, 0.4] * 3
+
+
+def test_review_exit_stops_close_calls_where_routing_sends_them_anyway(alphas_cumprod):
+    levels = CLEAR_LEVELS + CLOSE_LEVELS
+    texture = torch.rand((len(levels), 3, SIZE, SIZE), generator=torch.Generator().manual_seed(7)) * 0.1
+    images = torch.tensor(levels).view(-1, 1, 1, 1) + texture - 0.05
+    is_close = np.arange(len(levels)) >= len(CLEAR_LEVELS)
+    config = ScoringConfig(**{**FAST, "elimination_p": 0.001, "max_trials": 60, "min_trials": 3})
+    full, _ = _score(alphas_cumprod, images, config)
+
+    def runner_up_gap(result):
+        ordered = np.sort(result.class_error, axis=1)
+        return ordered[:, 1] - ordered[:, 0]
+
+    margin = (runner_up_gap(full)[is_close].max() + runner_up_gap(full)[~is_close].min()) / 2
+    assert (runner_up_gap(full)[is_close] < margin).all()  # full scoring: every close call under the review line
+    fake = CountingDenoiser(alphas_cumprod)
+    fast = score_cells(fake, alphas_cumprod, images, N_CLASSES, NULL, config, exits=RouteExits(review_margin=margin))
+    np.testing.assert_array_equal(runner_up_gap(fast) < margin, runner_up_gap(full) < margin)  # same route
+    assert fast.exited[is_close].any() and not fast.exited[~is_close].any()
+    assert fast.evals[is_close].sum() < full.evals[is_close].sum()
+    np.testing.assert_array_equal(fast.evals[~is_close], full.evals[~is_close])
+    # a class routing always sends to senior review keeps its cells scored in full
+    protected = score_cells(
+        CountingDenoiser(alphas_cumprod),
+        alphas_cumprod,
+        images,
+        N_CLASSES,
+        NULL,
+        config,
+        exits=RouteExits(review_margin=margin, protected=(0, 1, 2, 3)),
+    )
+    assert not protected.exited.any()
 
 
 def test_candidate_classes_keep_the_exhaustive_winner_and_skip_the_rest(alphas_cumprod, cells):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from cytoloop.config import DataConfig, TrainConfig
+from cytoloop.config import DataConfig, RoutingConfig, TrainConfig
 from cytoloop.errors import CytoLoopError
 
 if TYPE_CHECKING:
@@ -86,11 +86,11 @@ class Classifier(Protocol):
     data_config: DataConfig
 
     def predict(
-        self, images: np.ndarray, progress: bool = False, *, anomaly_exit_above: float | None = None
+        self, images: np.ndarray, progress: bool = False, *, routing: RoutingConfig | None = None
     ) -> Predictions:
-        """Classify preprocessed cells (N, 3, S, S) in [-1, 1]. `anomaly_exit_above` is the routing threshold on
-        the model's anomaly score: a model that scores in trials may stop a cell that clears it with confidence,
-        marking its class provisional in `extra["provisional"]`; a model without trials ignores it."""
+        """Classify preprocessed cells (N, 3, S, S) in [-1, 1]. `routing`: the thresholds the answers will be
+        routed by; a model that scores in trials may stop a cell once its route is settled, marking its class
+        provisional in `extra["provisional"]`; a model without trials ignores it."""
         ...
 
     def save(self, directory: Path) -> Path: ...

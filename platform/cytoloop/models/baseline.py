@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cytoloop.config import BaselineModelConfig, DataConfig, TrainConfig
+from cytoloop.config import BaselineModelConfig, DataConfig, RoutingConfig, TrainConfig
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
 
 if TYPE_CHECKING:
@@ -95,9 +95,9 @@ class BaselineClassifier:
         )
 
     def predict(
-        self, images: np.ndarray, progress: bool = False, *, anomaly_exit_above: float | None = None
+        self, images: np.ndarray, progress: bool = False, *, routing: RoutingConfig | None = None
     ) -> Predictions:
-        """One CNN pass per cell (nothing to stop early: `anomaly_exit_above` is ignored)."""
+        """One CNN pass per cell (nothing to stop early: `routing` is ignored)."""
         return self.predictions_from_logits(self.logits(images))
 
     def save(self, directory: Path) -> Path:

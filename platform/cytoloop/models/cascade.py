@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cytoloop.config import AugmentConfig, BaselineModelConfig, CascadeConfig, TrainConfig
+from cytoloop.config import AugmentConfig, BaselineModelConfig, CascadeConfig, RoutingConfig, TrainConfig
 from cytoloop.errors import UsageError
 from cytoloop.models.base import MODEL_FILE, Predictions, read_model_meta
 from cytoloop.models.baseline import BaselineClassifier
@@ -77,17 +77,21 @@ class CascadeClassifier:
         return self.teacher.data_config
 
     def predict(
-        self, images: np.ndarray, progress: bool = False, *, anomaly_exit_above: float | None = None
+        self, images: np.ndarray, progress: bool = False, *, routing: RoutingConfig | None = None
     ) -> Predictions:
-        """Student first, the teacher for deferred cells. `anomaly_exit_above` is ignored: the cascade's anomaly
-        score is the student's, on another scale than the teacher's, and the student has no trials to cut."""
+        """Student first, the teacher for deferred cells. With `routing` the teacher may stop a deferred cell once
+        it is a close call under the review line (the cascade's probabilities are the teacher's there); not on
+        the anomaly threshold, which is on the student's scale (the cascade's anomaly score)."""
         fast = self.student.predict(images)
         deferred = fast.confidence < self.config.threshold
         probs, evals = fast.probs.copy(), fast.evals.copy()
         teacher_anomaly = np.full(len(images), np.nan)
         if deferred.any():
             slow = self.teacher.predict(
-                images[deferred], progress=progress, candidates=top_k(fast.probs[deferred], self.config.candidates)
+                images[deferred],
+                progress=progress,
+                routing=None if routing is None else routing.model_copy(update={"anomaly_above": None}),
+                candidates=top_k(fast.probs[deferred], self.config.candidates),
             )
             probs[deferred] = slow.probs
             evals[deferred] += slow.evals

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig, TrainConfig
+from cytoloop.config import DataConfig, DiffusionModelConfig, RoutingConfig, ScoringConfig, TrainConfig
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
-from cytoloop.scoring.trials import ScoreResult, score_cells
+from cytoloop.scoring.trials import RouteExits, ScoreResult, score_cells
 from cytoloop.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -139,11 +139,11 @@ class DiffusionClassifier:
         images: np.ndarray | torch.Tensor,
         config: ScoringConfig | None = None,
         progress: bool = False,
-        anomaly_exit_above: float | None = None,
+        exits: RouteExits | None = None,
         candidates: np.ndarray | None = None,
     ) -> ScoreResult:
-        """Raw diffusion scores (class errors, anomaly statistics, evaluation counts) for preprocessed cells; the
-        anomaly exit and candidate classes as in `scoring.trials.score_cells`."""
+        """Raw diffusion scores (class errors, anomaly statistics, evaluation counts) for preprocessed cells; route
+        exits and candidate classes as in `scoring.trials.score_cells`."""
         config = config or self.scoring_config
         weights = self.timestep_weights
         if weights is not None and len(weights) != config.timestep_bins:
@@ -164,7 +164,7 @@ class DiffusionClassifier:
                 None if weights is None else np.asarray(weights),
                 progress=progress,
                 device=device,
-                anomaly_exit_above=anomaly_exit_above,
+                exits=exits,
                 candidates=candidates,
             )
 
@@ -201,14 +201,27 @@ class DiffusionClassifier:
         progress: bool = False,
         config: ScoringConfig | None = None,
         *,
-        anomaly_exit_above: float | None = None,
+        routing: RoutingConfig | None = None,
         candidates: np.ndarray | None = None,
     ) -> Predictions:
-        """Calibrated predictions. With `anomaly_exit_above` (the routing threshold on this model's anomaly score),
-        cells that clear it with confidence stop early and their class is provisional (`extra["provisional"]`);
-        `candidates` restricts each cell to some classes (see `scoring.trials`)."""
-        result = self.score(images, config, progress, anomaly_exit_above, candidates)
+        """Calibrated predictions. With `routing` (the thresholds the answers will be routed by), a cell stops once
+        its route is settled (past the anomaly threshold, or a close call under the review line) and its class is
+        provisional (`extra["provisional"]`); `candidates` restricts each cell to some classes (`scoring.trials`)."""
+        result = self.score(images, config, progress, self.route_exits(routing, config), candidates)
         return self.predictions_from_scores(result, config=config)
+
+    def route_exits(self, routing: RoutingConfig | None, config: ScoringConfig | None = None) -> RouteExits | None:
+        """The routing thresholds in scoring's units: the anomaly threshold as is (the null-ratio score), the review
+        line as the error gap under which the top class's probability stays below it (temperature x logit)."""
+        if routing is None:
+            return None
+        config = config or self.scoring_config
+        line = routing.review_below
+        return RouteExits(
+            anomaly_above=routing.anomaly_above if config.anomaly_score == "null_ratio" else None,
+            review_margin=self.temperature * float(np.log(line / (1 - line))) if 0.5 < line < 1 else None,
+            protected=tuple(i for i, c in enumerate(self.classes) if c in routing.always_review),
+        )
 
     @torch.inference_mode()
     def generate(self, class_name: str, n: int, steps: int = 50, guidance: float = 2.0, seed: int = 0) -> np.ndarray:

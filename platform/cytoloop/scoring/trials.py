@@ -13,11 +13,17 @@ With a `variance_prior` (fitted on validation cells) the test shrinks each cell'
 estimate toward it: a t-test on two or three trials is otherwise at the mercy of a variance from two or three numbers.
 
 Two shortcuts serve the cells that matter and the classes that cannot win:
-- Anomaly exit. Given a routing threshold on the null-ratio anomaly score (`anomaly_exit_above`), at each test a
-  cell whose null-class gap (best class's weighted error minus the null class's, on the trials that scored the
-  null class) exceeds the threshold by a one-sided t-test at `config.anomaly_exit_p` stops there: routing would
-  call it an anomaly whatever the remaining trials say about its class, so its class guess is kept but marked
-  provisional (`ScoreResult.exited`). A cell that fits no class otherwise runs to the trial limit.
+- Route exits (`RouteExits`: the routing thresholds in scoring's units). A cell that fits no class is a close call
+  between wrong classes and would run to the trial limit, yet its route is settled long before. At each test,
+  by one-sided t-tests at `config.exit_p`, a cell stops when
+  * anomaly: its null-class gap (best class's weighted error minus the null class's, on the trials that scored
+    the null class) exceeds the routing threshold `anomaly_above`: routing calls it an anomaly whatever the
+    remaining trials say about its class;
+  * review: the runner-up's mean weighted error exceeds the best's by less than `review_margin` (temperature x
+    logit of `routing.review_below`: its confidence is below the review line whatever more trials show), no
+    class in play is one routing always sends to senior review, and the anomaly route is ruled out (its gap
+    below `anomaly_above` with confidence).
+  Its class guess is kept but marked provisional (`ScoreResult.exited`).
 - Candidate classes. `candidates` (cells x classes, boolean) starts each cell with only those classes in play (a
   cheap scorer's top k); the others are never denoised, and their class error is +inf. Within the candidates the
   trials are the same as exhaustive scoring's, so if the exhaustive winner is a candidate it still wins.
@@ -65,7 +71,7 @@ class ScoreResult:
     the decided class has the lowest; +inf for a class never in play). `anomaly_min_error`: weighted error of the
     best class (no class explains the cell). `anomaly_null_ratio`: best class's error minus the null class's (a
     generic cell explains it as well as the best class). `evals`: denoiser evaluations actually run for the cell.
-    `exited`: the cell stopped early as an anomaly (its class is provisional).
+    `exited`: the cell stopped early on a route exit (its class is provisional).
     """
 
     class_error: np.ndarray
@@ -75,6 +81,18 @@ class ScoreResult:
     evals: np.ndarray
     logs: list[TrialLog]
     exited: np.ndarray
+
+
+@dataclass(frozen=True)
+class RouteExits:
+    """The routing the answers will go through, in scoring's units (see the module docstring). `anomaly_above`:
+    threshold on the null-ratio score; `review_margin`: the best-vs-runner-up error gap under which a cell's
+    confidence is below the review line; `protected`: classes routing always sends to senior review (a cell with
+    one in play never takes the review exit). None disables that exit."""
+
+    anomaly_above: float | None = None
+    review_margin: float | None = None
+    protected: tuple[int, ...] = ()
 
 
 def cell_seed(image: torch.Tensor, seed: int) -> int:
@@ -140,7 +158,7 @@ def score_cells(
     timestep_weights: np.ndarray | None = None,
     progress: bool = False,
     device: torch.device | str = "cpu",
-    anomaly_exit_above: float | None = None,
+    exits: RouteExits | None = None,
     candidates: np.ndarray | None = None,
 ) -> ScoreResult:
     """Score preprocessed cells (N, 3, S, S) in [-1, 1] against `n_classes` classes (see module docstring).
@@ -148,8 +166,8 @@ def score_cells(
     `timestep_weights` (length `config.timestep_bins`) weight each stratum's errors; None weighs all equally.
     For exhaustive scoring, set `min_trials == max_trials`. Noise is always drawn on the CPU (so a cell gets the
     same trials on any machine); noising and the errors are computed on `device`, where `denoise` runs.
-    `anomaly_exit_above`: the routing threshold on the null-ratio score past which a cell may stop early (None:
-    never). `candidates`: (N, n_classes) booleans, the classes each cell starts with (None: all).
+    `exits`: the routing thresholds a cell may stop on once its route is settled (None: never). `candidates`:
+    (N, n_classes) booleans, the classes each cell starts with (None: all).
     """
     from tqdm.auto import tqdm
 
@@ -183,7 +201,7 @@ def score_cells(
             trials.extend(_draw_trial(cell, n + k, config, alphas_cumprod.shape[0]) for k in range(block))
         measured = _run_trials(denoise, alphas_cumprod, trials, null_class, config, mask, device, batch_size)
         for trial, result in zip(trials, measured):
-            _advance(trial.cell, trial.stratum, result, config, weights, anomaly_exit_above)
+            _advance(trial.cell, trial.stratum, result, config, weights, exits)
         bar.update(sum(cell.done for cell in pending))
     bar.close()
     return _summarise(cells, weights, config)
@@ -259,9 +277,9 @@ def _advance(
     measured: _Measured,
     config: ScoringConfig,
     weights: np.ndarray,
-    anomaly_exit_above: float | None = None,
+    exits: RouteExits | None = None,
 ) -> None:
-    """Add one measured trial to a cell, in trial order, testing for elimination (and for an anomaly exit) where
+    """Add one measured trial to a cell, in trial order, testing for elimination (and for a route exit) where
     scoring one interval at a time would. A trial run ahead of a decision that came before it is dropped (it only
     adds to `evals`), and classes dropped earlier in the same round read NaN, so the log is what round-by-round
     scoring would make."""
@@ -275,38 +293,53 @@ def _advance(
     if n >= config.max_trials or (n >= config.min_trials and (n - config.min_trials) % config.check_every == 0):
         w = weights[np.asarray(cell.log.strata)]
         weighted = np.stack(cell.log.errors) * w[:, None]
-        if anomaly_exit(weighted, np.asarray(cell.log.null_errors) * w, cell.active, config, anomaly_exit_above):
+        if exits is not None and route_settled(
+            weighted, np.asarray(cell.log.null_errors) * w, cell.active, config, exits
+        ):
             cell.done = cell.exited = True
             return
         cell.active, cell.done = decide(weighted, cell.active, config)
 
 
-def anomaly_exit(
-    weighted: np.ndarray,
-    null_weighted: np.ndarray,
-    active: np.ndarray,
-    config: ScoringConfig,
-    threshold: float | None,
+def route_settled(
+    weighted: np.ndarray, null_weighted: np.ndarray, active: np.ndarray, config: ScoringConfig, exits: RouteExits
 ) -> bool:
-    """Whether a cell's anomaly evidence so far clears the routing `threshold` with confidence: a one-sided t-test
-    (level `config.anomaly_exit_p`) that its mean null gap, the best class in play's weighted error minus the null
-    class's on the trials that scored the null class, exceeds it. Needs two such trials; never with the
-    'min_error' anomaly score (its scale needs no null class and its evidence is the class errors themselves).
-    """
-    if threshold is None or config.anomaly_exit_p is None or config.anomaly_score != "null_ratio":
-        return False
-    measured = ~np.isnan(null_weighted)
-    m = int(measured.sum())
-    if m < 2:
+    """Whether a cell's route is settled on what it measured so far (module docstring, "Route exits"): its anomaly
+    gap clears `exits.anomaly_above`, or it is a close call below the review line with the anomaly route ruled
+    out. A pure function of the measurements, like `decide`."""
+    if config.exit_p is None:
         return False
     in_play = np.flatnonzero(active)
-    best = in_play[int(np.argmin(weighted[:, in_play].mean(axis=0)))]
-    gap = weighted[measured, best] - null_weighted[measured]
-    mean, sd = float(gap.mean()), float(gap.std(ddof=1))
+    order = in_play[np.argsort(weighted[:, in_play].mean(axis=0), kind="stable")]
+    gap = _null_gap(weighted, null_weighted, int(order[0]), config)
+    if exits.anomaly_above is not None and gap is not None and _beyond(gap, exits.anomaly_above, config.exit_p):
+        return True
+    if exits.review_margin is None or len(order) < 2 or any(int(c) in exits.protected for c in in_play):
+        return False
+    if exits.anomaly_above is not None and (gap is None or not _beyond(-gap, -exits.anomaly_above, config.exit_p)):
+        return False  # the anomaly route is not ruled out yet
+    runner_up = weighted[:, order[1]] - weighted[:, order[0]]
+    return _beyond(-runner_up, -exits.review_margin, config.exit_p)
+
+
+def _null_gap(weighted: np.ndarray, null_weighted: np.ndarray, best: int, config: ScoringConfig) -> np.ndarray | None:
+    """Per trial, the best class's weighted error minus the null class's, on the trials that scored it; None for
+    the 'min_error' anomaly score (no null class in it)."""
+    if config.anomaly_score != "null_ratio":
+        return None
+    measured = ~np.isnan(null_weighted)
+    return weighted[measured, best] - null_weighted[measured]
+
+
+def _beyond(values: np.ndarray, threshold: float, p: float) -> bool:
+    """One-sided t-test that the mean of `values` exceeds `threshold` at level `p` (needs two values)."""
+    n = len(values)
+    if n < 2:
+        return False
+    mean, sd = float(values.mean()), float(values.std(ddof=1))
     if sd == 0:
         return mean > threshold
-    p = special.stdtr(m - 1, -(mean - threshold) / (sd / np.sqrt(m)))  # P(T >= t) under mean == threshold
-    return bool(p < config.anomaly_exit_p)
+    return bool(special.stdtr(n - 1, -(mean - threshold) / (sd / np.sqrt(n))) < p)  # P(T >= t) at mean = threshold
 
 
 def wants_null(trial: int, config: ScoringConfig) -> bool:

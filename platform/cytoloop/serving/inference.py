@@ -25,8 +25,8 @@ from cytoloop.serving.model_source import ModelRef
 class CellResult:
     """One classified cell. `uncertainty` is the entropy of `probabilities` (nats); `anomaly` is on the model's own
     scale; `route` is 'accept', 'review', 'anomaly' or 'audit'; `cell_id` a hash of the image bytes. `provisional`:
-    scoring stopped early because the cell cleared the anomaly threshold with confidence; its route is final, its
-    label a guess."""
+    scoring stopped early because the cell's route was settled (an anomaly, or a close call for review); its route
+    is final, its label a guess."""
 
     index: int
     name: str
@@ -77,8 +77,8 @@ class CellService:
             except ImageError as error:
                 answers[i] = CellFailure(i, name, "not_an_image", str(error))
         if images:
-            # a cell that is clearly an anomaly (past the routing threshold) stops scoring there
-            predictions = self.model.predict(np.stack(images), anomaly_exit_above=self.routing.anomaly_above)
+            # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
+            predictions = self.model.predict(np.stack(images), routing=self.routing)
             classes, entropy = self.model.classes, predictions.entropy
             provisional = predictions.extra.get("provisional", np.zeros(len(images), dtype=bool))
             for row, i in enumerate(rows):

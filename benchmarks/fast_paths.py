@@ -1,0 +1,241 @@
+"""Fast on the cells that matter: the diffusion classifier's scoring paths on normal and on anomalous cells.
+
+One trained diffusion model (the PBC base model), its saved tuned rule, the same cells for every row, side by side
+in one process:
+  exhaustive      `--trials` trials, every class: the reference decision (normal cells only, `--exhaustive-cells`)
+  tuned           the model's saved rule: what serving runs without a routing threshold
+  tuned + exit    the same, with the route exits at the routing thresholds (`--anomaly-above`; default: the
+                  `--routed-share` quantile of the anomaly score on the model's validation cells, i.e. that share of
+                  normal cells routed as anomalies; the review line `--review-below`): a cell stops once it is
+                  clearly past the anomaly threshold, or clearly a close call under the review line
+  + candidates    tuned + exit, each cell decided among the cheap scorer's top `--candidates` classes (the CNN
+                  baseline trained on the same cells, `--scorer`)
+  cascade         the CNN answers the cells it is sure of (`--cascade-threshold`); the rest go to the diffusion
+                  model with exit and candidates
+Cells: normal = the model's held-out test cells (`--cells`, classes interleaved); anomalous = ALL-IDB2 blasts, which
+no class of the model describes (`--anomaly-cells`). For each row and group: denoiser evaluations per cell (mean,
+p95), cells/s, agreement of the decision with exhaustive scoring (normal cells) and with the tuned rule, balanced
+accuracy, and whether each cell's route (anomaly, review, accept) is the one the tuned rule without exits gives.
+Then evaluations per cell as the number of classes grows (4, 6, 8): the tuned rule with each normal cell's
+candidates fixed to a class subset that holds its class (the same denoiser, fewer classes in play).
+
+    python benchmarks/fast_paths.py --data ../shared/data/manifest.csv --model models/base-pbc \
+        --scorer runs/reference/cnn-seed0 --out runs/fast-paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from _docs import DOCS, replace_section
+
+from cytoloop.config import CascadeConfig, RoutingConfig
+from cytoloop.data.preprocess import load_cells
+from cytoloop.data.records import class_interleaved_subset, load_records, select
+from cytoloop.evaluation import metrics
+from cytoloop.models.base import Predictions
+from cytoloop.models.cascade import CascadeClassifier, top_k
+from cytoloop.models.loading import load_model
+from cytoloop.policy.routing import route_cell
+from cytoloop.workflows import held_out, label_indices
+
+# class subsets for "evaluations per cell by number of classes": each holds the smaller one
+CLASS_LADDER = {
+    4: ["eosinophil", "lymphocyte", "monocyte", "neutrophil"],
+    6: ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil", "platelet"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the combined manifest of all labs")
+    parser.add_argument("--model", type=Path, default=Path("models/base-pbc"))
+    parser.add_argument("--scorer", type=Path, default=Path("runs/reference/cnn-seed0"), help="the cheap scorer")
+    parser.add_argument("--out", type=Path, default=Path("runs/fast-paths"))
+    parser.add_argument("--cells", type=int, default=400, help="normal test cells")
+    parser.add_argument("--anomaly-cells", type=int, default=60, help="ALL-IDB2 blasts")
+    parser.add_argument("--exhaustive-cells", type=int, default=120, help="normal cells scored exhaustively")
+    parser.add_argument("--trials", type=int, default=100, help="exhaustive trials per cell")
+    parser.add_argument("--anomaly-above", type=float, default=None, help="routing threshold (model's scale)")
+    parser.add_argument("--routed-share", type=float, default=0.05, help="share of validation cells over it")
+    parser.add_argument("--review-below", type=float, default=0.7, help="the review line (routing.review_below)")
+    parser.add_argument("--candidates", type=int, default=3)
+    parser.add_argument("--cascade-threshold", type=float, default=0.9)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model, scorer = load_model(args.model), load_model(args.scorer)
+    if scorer.classes != model.classes:
+        parser.error(f"--scorer classes {scorer.classes} differ from the model's {model.classes}")
+    records = load_records(args.data)
+    labelled = select([r for r in records if r.label], ["pbc"], model.classes)
+    normal = load_cells(
+        class_interleaved_subset(held_out(labelled, args.model, "test")[0], args.cells), model.data_config
+    )
+    blasts = load_cells(
+        [r for r in select(records, ["allidb2"]) if r.label == "blast"][: args.anomaly_cells], model.data_config
+    )
+    labels = label_indices(normal.records, model.classes)
+    threshold = args.anomaly_above
+    if threshold is None:  # the share of normal (validation) cells the routing would send as anomalies
+        val = load_cells(class_interleaved_subset(held_out(labelled, args.model, "val")[0], 200), model.data_config)
+        scores = cached(args.out / "val_anomaly.pkl", lambda: model.predict(val.images).anomaly)
+        threshold = float(np.quantile(scores, 1 - args.routed_share))
+    routing = RoutingConfig(
+        anomaly_above=threshold, review_below=args.review_below, always_review=[], audit_fraction=0.0
+    )
+
+    exhaustive_config = model.scoring_config.model_copy(update={"min_trials": args.trials, "max_trials": args.trials})
+    n_exh = min(args.exhaustive_cells, len(labels))
+    exhaustive = cached(
+        args.out / f"exhaustive-{args.trials}-{n_exh}.pkl",
+        lambda: model.predict(normal.images[:n_exh], config=exhaustive_config).labels,
+    )
+
+    groups = {"normal": normal.images, "blasts": blasts.images}
+    cascade = CascadeClassifier(
+        model, scorer, CascadeConfig(threshold=args.cascade_threshold, candidates=args.candidates)
+    )
+    paths = {
+        "tuned": lambda x: model.predict(x),
+        "tuned + exit": lambda x: model.predict(x, routing=routing),
+        "+ candidates": lambda x: model.predict(
+            x, routing=routing, candidates=top_k(scorer.predict(x).probs, args.candidates)
+        ),
+        "cascade": lambda x: cascade.predict(x, routing=routing),
+    }
+    rows, runs = [], {}
+    for name, path in paths.items():
+        for group, images in groups.items():
+            began = time.perf_counter()
+            predictions = path(images)
+            seconds = time.perf_counter() - began
+            runs[(name, group)] = predictions
+            rows.append(measure(name, group, predictions, seconds, routing))
+    for r in rows:
+        predictions = runs[(r["path"], r["group"])]
+        tuned = runs[("tuned", r["group"])]
+        r["agreement_tuned"] = float(np.mean(predictions.labels == tuned.labels))
+        r["route_agreement"] = float(np.mean(routes(predictions, routing) == routes(tuned, routing)))
+        if r["group"] == "normal":
+            r["agreement_exhaustive"] = float(np.mean(predictions.labels[:n_exh] == exhaustive))
+            r["balanced_accuracy"] = metrics.balanced_accuracy(labels, predictions.labels, len(model.classes))
+
+    by_classes = []
+    for n_classes, subset in [*CLASS_LADDER.items(), (len(model.classes), model.classes)]:
+        keep = np.array([r.label in subset for r in normal.records])
+        mask = np.array([[c in subset for c in model.classes]] * int(keep.sum()))
+        predictions = model.predict(normal.images[keep], candidates=mask)
+        by_classes.append(
+            {
+                "classes": n_classes,
+                "cells": int(keep.sum()),
+                "evals_mean": float(predictions.evals.mean()),
+                "evals_p95": float(np.percentile(predictions.evals, 95)),
+            }
+        )
+    report = {
+        "model": str(args.model),
+        "scorer": str(args.scorer),
+        "threshold": threshold,
+        "rows": rows,
+        "by_classes": by_classes,
+        "n_exhaustive": n_exh,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    (args.out / "fast_paths.json").write_text(json.dumps(report, indent=1))
+    text = render(report, args)
+    print(text)
+    if args.write_docs:
+        replace_section(DOCS, "fast-paths", text, title="Fast paths: anomaly exit, candidate classes, cascade")
+
+
+def cached(path: Path, compute):
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    value = compute()
+    path.write_bytes(pickle.dumps(value))
+    return value
+
+
+def routes(predictions: Predictions, routing: RoutingConfig) -> np.ndarray:
+    """Each cell's route (anomaly, review, accept: what an exit must not change)."""
+    pairs = zip(predictions.confidence, predictions.anomaly)
+    return np.array([route_cell(float(c), float(a), "", routing) for c, a in pairs])
+
+
+def measure(name: str, group: str, predictions: Predictions, seconds: float, routing: RoutingConfig) -> dict:
+    provisional = predictions.extra.get("provisional", np.zeros(len(predictions), dtype=bool))
+    return {
+        "path": name,
+        "group": group,
+        "cells": len(predictions),
+        "cells_per_second": len(predictions) / seconds,
+        "evals_mean": float(predictions.evals.mean()),
+        "evals_p95": float(np.percentile(predictions.evals, 95)),
+        "routed_anomaly": float(np.mean(routes(predictions, routing) == "anomaly")),
+        "routed_review": float(np.mean(routes(predictions, routing) == "review")),
+        "exited": float(np.mean(provisional)),
+    }
+
+
+def render(report: dict, args: argparse.Namespace) -> str:
+    rows = report["rows"]
+    normal_tuned = next(r for r in rows if r["path"] == "tuned" and r["group"] == "normal")
+    lines = [
+        f"Command: `python benchmarks/fast_paths.py --data {args.data} --model {args.model} --scorer {args.scorer} "
+        f"--out {args.out} --cells {args.cells} --anomaly-cells {args.anomaly_cells} --exhaustive-cells "
+        f"{args.exhaustive_cells} --trials {args.trials} --candidates {args.candidates}`  ",
+        f"Machine: {platform.machine()}, CPU, {torch.get_num_threads()} torch threads, 2 cores, shared with other "
+        f"jobs (cells/s are indicative; evaluations are exact). Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. "
+        f"Routing: anomaly above {report['threshold']:.4g} (model's scale; {args.routed_share:.0%} of validation "
+        f"cells above it unless given), review below {args.review_below}. Exhaustive reference: {args.trials} "
+        f"trials on the first {report['n_exhaustive']} normal cells.",
+        "",
+        "| path | cells | evals/cell mean | p95 | cells/s | routed anomaly | routed review | stopped early | agrees "
+        "with exhaustive | agrees with tuned | same route as tuned | balanced accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        exhaustive = f"{r['agreement_exhaustive']:.3f}" if "agreement_exhaustive" in r else "-"
+        accuracy = f"{r['balanced_accuracy']:.3f}" if "balanced_accuracy" in r else "-"
+        lines.append(
+            f"| {r['path']} ({r['group']}) | {r['cells']} | {r['evals_mean']:.1f} | {r['evals_p95']:.0f} | "
+            f"{r['cells_per_second']:.1f} | {r['routed_anomaly']:.3f} | {r['routed_review']:.3f} | "
+            f"{r['exited']:.3f} | {exhaustive} | "
+            f"{r['agreement_tuned']:.3f} | {r['route_agreement']:.3f} | {accuracy} |"
+        )
+    blasts = {r["path"]: r for r in rows if r["group"] == "blasts"}  # anomalous cells, against normal ones
+    normal = {r["path"]: r for r in rows if r["group"] == "normal"}
+    lines += [
+        "",
+        "Anomalous cells cost, per path, this many times the evaluations of normal ones: "
+        + "; ".join(f"{p} {blasts[p]['evals_mean'] / max(normal[p]['evals_mean'], 1e-9):.2f}x" for p in normal)
+        + f". The tuned rule alone: {normal_tuned['evals_mean']:.1f} evaluations per normal cell.",
+        "",
+        "Evaluations per cell as classes grow (tuned rule, each cell's candidates fixed to a class subset holding "
+        "its class; same denoiser):",
+        "",
+        "| classes | cells | evals/cell mean | p95 |",
+        "|---|---|---|---|",
+    ]
+    for r in report["by_classes"]:
+        lines.append(f"| {r['classes']} | {r['cells']} | {r['evals_mean']:.1f} | {r['evals_p95']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
