@@ -154,6 +154,12 @@ class ScoringConfig(_Section):
         description="'null_ratio': best class error minus null-class error (no class explains the cell better than "
         "a generic cell); 'min_error': best class error alone",
     )
+    trial_views: Literal["identity", "dihedral"] = Field(
+        "identity",
+        description="'dihedral': each trial sees the cell in one of its 8 rotations/reflections, drawn per trial "
+        "and shared by every class (a cell has no orientation: the reference's random rotation/flip per trial); "
+        "'identity': as the cell was cropped",
+    )
     exit_p: float | None = Field(
         0.01,
         gt=0.0,

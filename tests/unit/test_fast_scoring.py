@@ -555,3 +555,21 @@ def test_the_cascade_offers_the_teacher_the_students_top_classes():
         [[False, True, True, False], [True, True, False, False]],  # ties: the lower index
     )
     assert top_k(probs, None) is None and top_k(probs, 4) is None
+
+
+def test_dihedral_views_cover_the_eight_symmetries_and_keep_each_cells_answer(alphas_cumprod, cells):
+    """The reference's random rotation/flip per trial: 8 distinct views; a cell still gets the same trials alone
+    or in a batch; flat cells (no orientation) keep their class; the trials really differ from unrotated ones."""
+    from cytoloop.scoring.trials import cell_view
+
+    image = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 4, 4)
+    assert len({tuple(cell_view(image, v).flatten().tolist()) for v in range(8)}) == 8
+    config = ScoringConfig(**FAST, trial_views="dihedral")
+    together, _ = _score(alphas_cumprod, cells, config)
+    np.testing.assert_array_equal(together.class_error.argmin(axis=1), WINNERS)
+    for i in range(len(cells)):
+        alone, _ = _score(alphas_cumprod, cells[i : i + 1], config)
+        assert alone.evals[0] == together.evals[i]
+        np.testing.assert_allclose(alone.class_error[0], together.class_error[i], atol=1e-6)
+    unrotated, _ = _score(alphas_cumprod, cells, ScoringConfig(**FAST))
+    assert not np.allclose(together.class_error, unrotated.class_error)

@@ -28,6 +28,9 @@ Two shortcuts serve the cells that matter and the classes that cannot win:
   cheap scorer's top k); the others are never denoised, and their class error is +inf. Within the candidates the
   trials are the same as exhaustive scoring's, so if the exhaustive winner is a candidate it still wins.
 
+With `trial_views = "dihedral"` each trial also draws one of the cell's 8 rotations/reflections and noises that
+view (every class of the trial sees the same one): a cell has no orientation, so its error is averaged over them.
+
 Cells are scored together: the (cell, class, trial) inputs of all undecided cells are packed into large denoiser
 batches, and a decided cell leaves the batch. When the cells still undecided fill less than one batch (on a GPU a
 small batch takes as long as a full one), each may run several check intervals ahead (`lookahead`); the test still
@@ -136,6 +139,7 @@ class _Trial:
     stratum: int
     t: int
     noise: torch.Tensor
+    view: int = 0  # one of the 8 rotations/reflections (`cell_view`); 0 is the cell as cropped
 
 
 @dataclass
@@ -221,7 +225,14 @@ def _draw_trial(cell: _CellState, number: int, config: ScoringConfig, num_timest
     u = torch.rand((), generator=cell.generator).item()
     t = int(config.t_min + (stratum + u) * width)
     noise = torch.randn(cell.image.shape, generator=cell.generator)
-    return _Trial(cell, number, stratum, min(t, t_max - 1), noise)
+    view = int(torch.randint(8, (), generator=cell.generator)) if config.trial_views == "dihedral" else 0
+    return _Trial(cell, number, stratum, min(t, t_max - 1), noise, view)
+
+
+def cell_view(image: torch.Tensor, view: int) -> torch.Tensor:
+    """One of the 8 rotations/reflections of a (C, S, S) cell: `view % 4` quarter turns, mirrored when view >= 4."""
+    turned = torch.rot90(image, view % 4, dims=(-2, -1))
+    return torch.flip(turned, dims=(-1,)) if view >= 4 else turned
 
 
 def _run_trials(
@@ -251,7 +262,7 @@ def _run_trials(
             stop = min(start + batch_size, len(entry_job))
             first, last = entry_job[start], entry_job[stop - 1]  # entries are grouped by trial: stack each once
             batch = trials[first : last + 1]
-            x0 = torch.stack([trial.cell.image for trial in batch]).to(device, non_blocking=True)
+            x0 = torch.stack([cell_view(trial.cell.image, trial.view) for trial in batch]).to(device, non_blocking=True)
             noise = torch.stack([trial.noise for trial in batch]).to(device, non_blocking=True)
             t_job = torch.tensor([trial.t for trial in batch], device=device)
             index = (entry_job_t[start:stop] - first).to(device)
