@@ -15,6 +15,9 @@ steps (default: the recipe's, the diffusion model's budget). Every figure has a 
                 immature granulocytes (recipes anomaly-pbc6 and anomaly-pbc6-cnn), scored on their own held-out
                 test cells of the six known classes and on unseen erythroblasts and immature granulocytes: AUROC of
                 each held-out class vs the known cells, and of ALL-IDB2 blasts vs normal, for every anomaly score.
+  views         a lever: the diffusion model scored with the reference's random rotation/flip per trial
+                (`scoring.trial_views = "dihedral"`) against as cropped, on the same `--views-cells` test cells:
+                balanced accuracy and ECE, and the paired-bootstrap interval of each difference.
   low_data      both kinds trained on exactly n labelled PBC cells per class (`--low-data`, from the base model's
                 train part; 10 more per class from its val part calibrate), the diffusion model also on the rest
                 of the train part as unlabeled null-class cells, `--low-data-steps` steps each; balanced accuracy
@@ -46,7 +49,7 @@ from cytoloop.models.recipes import get_recipe
 from cytoloop.workflows import evaluate_model, held_out, train_model
 
 OTHER_LABS = ("jtsc", "cellavision", "bccd")
-EXPERIMENTS = ("in_domain", "domain_shift", "blasts", "anomaly", "low_data")
+EXPERIMENTS = ("in_domain", "domain_shift", "blasts", "anomaly", "low_data", "views")
 HELD_OUT_CLASSES = ("erythroblast", "immature_granulocyte")
 LOW_DATA_VAL_PER_CLASS = 10
 
@@ -129,6 +132,7 @@ def main() -> None:
     parser.add_argument("--anomaly-steps", type=int, default=None, help="default: the anomaly recipes' budget")
     parser.add_argument("--low-data", default="10,50", help="labelled training cells per class, comma-separated")
     parser.add_argument("--low-data-steps", type=int, default=3000)
+    parser.add_argument("--views-cells", type=int, default=400, help="test cells of the views experiment")
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -200,6 +204,9 @@ def main() -> None:
                 row["in_domain"] = evaluate(model_dir, "in_domain", test, args.out)
                 results["low_data"][n][str(model_dir)] = row
                 _save(results, args.out)
+    if "views" in experiments:
+        results["views"] = _views_report(args.diffusion, class_interleaved_subset(test, args.views_cells), args.out)
+        _save(results, args.out)
     text = render(results, args)
     print(text)
     if args.write_docs:
@@ -209,6 +216,34 @@ def main() -> None:
 def _save(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "reference.json").write_text(json.dumps(results, indent=1, default=float))
+
+
+def _views_report(model_dir: Path, cells: list[CellRecord], out: Path) -> dict:
+    """The same cells scored as cropped and with a random rotation/flip per trial (each evaluation kept and
+    reused), and the paired-bootstrap intervals of the differences (dihedral minus identity)."""
+    from cytoloop.policy.promotion import difference_intervals
+    from cytoloop.workflows import evaluate_model
+
+    reports = {}
+    for views in ("identity", "dihedral"):
+        path = out / "views" / f"{model_dir.name}-{views}.json"
+        if not path.is_file():
+            model = load_model(model_dir)
+            model.scoring_config = model.scoring_config.model_copy(update={"trial_views": views})
+            began = time.perf_counter()
+            report = evaluate_model(model, cells, path, per_cell=True, progress=True)
+            report["eval_seconds"] = time.perf_counter() - began
+            path.write_text(json.dumps(report, indent=1))
+        reports[views] = json.loads(path.read_text())
+    intervals, n = difference_intervals(reports["dihedral"], reports["identity"])
+    return {
+        "n_cells": n,
+        "difference_intervals": {k: list(v) for k, v in intervals.items()},
+        **{
+            views: {k: r[k] for k in ("balanced_accuracy", "ece", "denoiser_evals_per_cell")}
+            for views, r in reports.items()
+        },
+    }
 
 
 def _held_out_class_report(
@@ -309,6 +344,7 @@ def render(results: dict, args: argparse.Namespace) -> str:
         + (f" --blast-cells {args.blast_cells}" if args.blast_cells else "")
         + (f" --anomaly-steps {args.anomaly_steps}" if args.anomaly_steps else "")
         + f" --anomaly-cells {args.anomaly_cells} --low-data {args.low_data} --low-data-steps {args.low_data_steps}"
+        + f" --views-cells {args.views_cells}"
         + (f" --experiments {args.experiments}" if args.experiments != ",".join(EXPERIMENTS) else "")
         + "`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, torch threads "
@@ -398,6 +434,8 @@ def render(results: dict, args: argparse.Namespace) -> str:
         lines += _render_anomaly(results["anomaly"])
     if "low_data" in results:
         lines += _render_low_data(results["low_data"])
+    if "views" in results:
+        lines += _render_views(results["views"])
     return "\n".join(lines) + "\n"
 
 
@@ -434,6 +472,30 @@ def _render_anomaly(rows: dict) -> list[str]:
         f"{first['immature_granulocyte']['anomaly_n_positive']} immature granulocytes (none seen in training). "
         "Scores: diffusion primary = null ratio, min_error, null_ratio, gap (the reference's); CNN primary = energy, "
         "max_softmax."
+    )
+    return lines
+
+
+def _render_views(views: dict) -> list[str]:
+    intervals = views["difference_intervals"]
+    lines = [
+        "",
+        f'Lever: a random rotation/flip per trial (`scoring.trial_views = "dihedral"`), same model, temperature '
+        f"and tuned rule, on the same {views['n_cells']} test cells:",
+        "",
+        "| trials see the cell | balanced accuracy | ECE | evals/cell |",
+        "|---|---|---|---|",
+    ]
+    for name in ("identity", "dihedral"):
+        r = views[name]
+        lines.append(
+            f"| {'as cropped' if name == 'identity' else 'rotated/flipped'} | {r['balanced_accuracy']:.3f} | "
+            f"{r['ece']:.3f} | {r['denoiser_evals_per_cell']:.1f} |"
+        )
+    lines.append(
+        "\nDihedral minus as cropped, 95 % paired bootstrap: "
+        + "; ".join(f"{k} [{low:+.3f}, {high:+.3f}]" for k, (low, high) in intervals.items())
+        + "."
     )
     return lines
 
