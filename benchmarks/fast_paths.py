@@ -48,6 +48,7 @@ from cytoloop.models.loading import load_model
 from cytoloop.policy.routing import route_cell
 from cytoloop.workflows import held_out, label_indices
 
+TITLE = "Fast paths: route exits, candidate classes, cascade"
 # class subsets for "evaluations per cell by number of classes": each holds the smaller one
 CLASS_LADDER = {
     4: ["eosinophil", "lymphocyte", "monocyte", "neutrophil"],
@@ -72,7 +73,12 @@ def main() -> None:
     parser.add_argument("--cascade-threshold", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--docs-only", action="store_true", help="write the docs from --out/fast_paths.json")
     args = parser.parse_args()
+    if args.docs_only:
+        report = json.loads((args.out / "fast_paths.json").read_text())
+        replace_section(DOCS, "fast-paths", render(report, args), title=TITLE)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +154,8 @@ def main() -> None:
             }
         )
     report = {
+        "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "threads": torch.get_num_threads(),
         "model": str(args.model),
         "scorer": str(args.scorer),
         "threshold": threshold,
@@ -160,7 +168,7 @@ def main() -> None:
     text = render(report, args)
     print(text)
     if args.write_docs:
-        replace_section(DOCS, "fast-paths", text, title="Fast paths: anomaly exit, candidate classes, cascade")
+        replace_section(DOCS, "fast-paths", text, title=TITLE)
 
 
 def cached(path: Path, compute):
@@ -199,8 +207,8 @@ def render(report: dict, args: argparse.Namespace) -> str:
         f"Command: `python benchmarks/fast_paths.py --data {args.data} --model {args.model} --scorer {args.scorer} "
         f"--out {args.out} --cells {args.cells} --anomaly-cells {args.anomaly_cells} --exhaustive-cells "
         f"{args.exhaustive_cells} --trials {args.trials} --candidates {args.candidates}`  ",
-        f"Machine: {platform.machine()}, CPU, {torch.get_num_threads()} torch threads, 2 cores, shared with other "
-        f"jobs (cells/s are indicative; evaluations are exact). Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. "
+        f"Machine: {platform.machine()}, CPU, {report.get('threads', '?')} torch threads, 2 cores, shared with other "
+        f"jobs (cells/s are indicative; evaluations are exact). Date: {report.get('date', '?')}. "
         f"Routing: anomaly above {report['threshold']:.4g} (model's scale; {args.routed_share:.0%} of validation "
         f"cells above it unless given), review below {args.review_below}. Exhaustive reference: {args.trials} "
         f"trials on the first {report['n_exhaustive']} normal cells.",
