@@ -76,7 +76,9 @@ def main() -> None:
     parser.add_argument("--docs-only", action="store_true", help="write the docs from --out/fast_paths.json")
     args = parser.parse_args()
     if args.docs_only:
-        report = json.loads((args.out / "fast_paths.json").read_text())
+        saved = args.out / "fast_paths.json"
+        report = json.loads(saved.read_text())
+        report.setdefault("date", f"{datetime.fromtimestamp(saved.stat().st_mtime, UTC):%Y-%m-%d %H:%M} UTC")
         replace_section(DOCS, "fast-paths", render(report, args), title=TITLE)
         return
     if args.threads:
@@ -207,8 +209,8 @@ def render(report: dict, args: argparse.Namespace) -> str:
         f"Command: `python benchmarks/fast_paths.py --data {args.data} --model {args.model} --scorer {args.scorer} "
         f"--out {args.out} --cells {args.cells} --anomaly-cells {args.anomaly_cells} --exhaustive-cells "
         f"{args.exhaustive_cells} --trials {args.trials} --candidates {args.candidates}`  ",
-        f"Machine: {platform.machine()}, CPU, {report.get('threads', '?')} torch threads, 2 cores, shared with other "
-        f"jobs (cells/s are indicative; evaluations are exact). Date: {report.get('date', '?')}. "
+        f"Machine: {platform.machine()}, CPU, {report.get('threads', 'default')} torch threads, 2 cores, shared "
+        f"with other jobs (cells/s are indicative; evaluations are exact). Date: {report.get('date', '?')}. "
         f"Routing: anomaly above {report['threshold']:.4g} (model's scale; {args.routed_share:.0%} of validation "
         f"cells above it unless given), review below {args.review_below}. Exhaustive reference: {args.trials} "
         f"trials on the first {report['n_exhaustive']} normal cells.",
