@@ -343,8 +343,9 @@ def render(results: dict, args: argparse.Namespace) -> str:
         + (f" --test-cells {args.test_cells}" if args.test_cells else "")
         + (f" --blast-cells {args.blast_cells}" if args.blast_cells else "")
         + (f" --anomaly-steps {args.anomaly_steps}" if args.anomaly_steps else "")
-        + f" --anomaly-cells {args.anomaly_cells} --low-data {args.low_data} --low-data-steps {args.low_data_steps}"
-        + f" --views-cells {args.views_cells}"
+        + (f" --anomaly-cells {args.anomaly_cells}" if "anomaly" in results else "")
+        + (f" --low-data {args.low_data} --low-data-steps {args.low_data_steps}" if "low_data" in results else "")
+        + (f" --views-cells {args.views_cells}" if "views" in results else "")
         + (f" --experiments {args.experiments}" if args.experiments != ",".join(EXPERIMENTS) else "")
         + "`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, torch threads "
