@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import platform
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _cache import cached
 from _docs import DOCS, replace_section
 
 from cytoloop.config import CascadeConfig, RoutingConfig
@@ -173,14 +173,6 @@ def main() -> None:
         replace_section(DOCS, "fast-paths", text, title=TITLE)
 
 
-def cached(path: Path, compute):
-    if path.is_file():
-        return pickle.loads(path.read_bytes())
-    value = compute()
-    path.write_bytes(pickle.dumps(value))
-    return value
-
-
 def routes(predictions: Predictions, routing: RoutingConfig) -> np.ndarray:
     """Each cell's route (anomaly, review, accept: what an exit must not change)."""
     pairs = zip(predictions.confidence, predictions.anomaly)
@@ -189,6 +181,7 @@ def routes(predictions: Predictions, routing: RoutingConfig) -> np.ndarray:
 
 def measure(name: str, group: str, predictions: Predictions, seconds: float, routing: RoutingConfig) -> dict:
     provisional = predictions.extra.get("provisional", np.zeros(len(predictions), dtype=bool))
+    routed = routes(predictions, routing)
     return {
         "path": name,
         "group": group,
@@ -196,8 +189,8 @@ def measure(name: str, group: str, predictions: Predictions, seconds: float, rou
         "cells_per_second": len(predictions) / seconds,
         "evals_mean": float(predictions.evals.mean()),
         "evals_p95": float(np.percentile(predictions.evals, 95)),
-        "routed_anomaly": float(np.mean(routes(predictions, routing) == "anomaly")),
-        "routed_review": float(np.mean(routes(predictions, routing) == "review")),
+        "routed_anomaly": float(np.mean(routed == "anomaly")),
+        "routed_review": float(np.mean(routed == "review")),
         "exited": float(np.mean(provisional)),
     }
 

@@ -422,14 +422,9 @@ def render(results: dict, args: argparse.Namespace) -> str:
         ]
         for name, row in rows.items():
             r = row["blasts"]
-            scores = "; ".join(
-                f"{'primary' if score == 'anomaly' else score} "
-                f"{r['anomaly_auroc_by_score'].get(score, r['anomaly_auroc']):.3f} [{low:.3f}, {high:.3f}]"
-                for score, (low, high) in r["anomaly_auroc_intervals"].items()
-            )
             lines.append(
                 f"- {row['kind']} `{Path(name).name}` ({r['anomaly_n_positive']} blasts of "
-                f"{r['anomaly_n']} cells): {scores}"
+                f"{r['anomaly_n']} cells): {_auroc_cells(r)}"
             )
     if "anomaly" in results:
         lines += _render_anomaly(results["anomaly"])

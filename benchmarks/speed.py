@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 import platform
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _cache import cached
 from _docs import DOCS, replace_section
 
 from cytoloop.config import CascadeConfig, load_settings
@@ -316,15 +316,6 @@ def main() -> None:
         section = args.section or ("speed-gpu" if args.device == "cuda" else "speed")
         title = "Speed on a GPU" if args.device == "cuda" else "Speed"
         replace_section(DOCS, section, table, title=title)
-
-
-def cached(path: Path, compute):
-    """Load a pickled result if an earlier run of this benchmark left one, else compute and keep it."""
-    if path.is_file():
-        return pickle.loads(path.read_bytes())
-    value = compute()
-    path.write_bytes(pickle.dumps(value))
-    return value
 
 
 def timed_score(model, images: np.ndarray, config) -> tuple:
