@@ -15,10 +15,11 @@ export HF_HUB_OFFLINE = 1
 export MLFLOW_DISABLE_TELEMETRY = true
 
 ROUNDS ?= 3
-DEMO_STEPS ?= 1000
 FINETUNE_STEPS ?= 300
-# with the shared cells: the two labs and four classes they share; without them the demo finds its own data
-SHARED_CELLS = --domains jtsc,bccd --classes neutrophil,lymphocyte,monocyte,eosinophil
+BASE_MODEL ?= models/base-pbc
+# with the shared cells: two sites (jtsc + bccd, and cellavision) on the four classes they share, ALL-IDB2 blasts
+# mixed into their pools; without them the demo finds its own data
+SHARED_CELLS = --classes neutrophil,lymphocyte,monocyte,eosinophil
 DEMO_DATA = $(if $(wildcard $(DATA)),--data $(DATA) $(SHARED_CELLS))
 
 .PHONY: setup run demo test check lint clean browser
@@ -44,8 +45,8 @@ run: setup
 		--json $(OUT)/cross_domain.json
 
 demo: setup
-	CYTOLOOP_STACK__MLFLOW_SERVER=true $(BIN)/cytoloop demo $(DEMO_DATA) --rounds $(ROUNDS) \
-		--steps $(DEMO_STEPS) --finetune-steps $(FINETUNE_STEPS)
+	CYTOLOOP_STACK__MLFLOW_SERVER=true $(BIN)/cytoloop demo $(DEMO_DATA) --base-model $(BASE_MODEL) \
+		--rounds $(ROUNDS) --finetune-steps $(FINETUNE_STEPS)
 
 # lint and types first: CI (`make test`) enforces them; `make check` is the quick inner loop (under 2 minutes)
 lint: setup

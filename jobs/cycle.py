@@ -1,24 +1,30 @@
-"""The whole active-learning cycle on real cells, for `cytoloop demo`: what a lab sees CytoLoop do first.
+"""The whole loop as a lab lives it, for `cytoloop demo`: a base model meets new hospitals, finds their blasts and
+learns their stain.
 
-    stack up (Label Studio, label receiver, MLflow, Ray)            once
-    seed model on a few labels per class -> registry @champion      once
-    Ray Serve serves @champion                                      once, then follows the alias
-    per round:
-      score the pool (Ray Data -> the served classifier)
-      route uncertain / anomalous cells -> Label Studio tasks with the model's pre-annotation
-      simulated annotators (distinct Label Studio users) answer through the API
-      sync labels back (webhooks + poll) -> consensus -> training manifest
-      fine-tune on Ray Train -> register in MLflow -> gate -> promote (or record the refusal)
-      wait until Serve answers with the champion -> score the held-out test cells through it
+    stack up (Label Studio, label receiver, MLflow, Ray)                       once
+    the base model (the shipped PBC model) -> registry @champion               once
+    Ray Serve serves every site its champion (`champion-<site>`, else @champion)
+    round 0: each site's held-out cells scored by the unadapted base model
+    per round, per site:
+      score the site's pool (its own cells, blasts mixed in) through Serve with Ray Data
+      route: anomalies first (the site's threshold), then the least certain, audits -> the site's Label Studio project
+      simulated annotators (distinct Label Studio users, one noisier) answer through the API
+      sync labels back (webhooks + poll) -> consensus -> the site's training labels
+      fine-tune the base model on them on Ray Train -> register in MLflow -> gate on the site's frozen cells
+      -> move `champion-<site>` (or record the refusal) -> Serve switches for that site only
+      -> score the site's held-out cells through Serve
 
 Every arrow is the production code path (`labelstudio.loop.ReviewLoop`, `jobs.finetune.run_finetune`,
-`services.app`); only the hematologists are simulated. The cells are split once: a held-out test set that draws
-the learning curve, the frozen validation and evaluation sets every fine-tune calibrates and is gated on (none
-of these is ever routed or trained on), the seed labels, and the pool the loop labels from.
+`services.app`); only the hematologists are simulated. Each site's labelled cells are split once: held-out test
+cells that draw its learning curve, and the frozen calibration and gate sets of its fine-tunes (in a lab: its
+first audited labels); none of these is ever routed or trained on. The rest is its pool, unlabelled as far as
+the loop knows, with a few blasts of another lab mixed in: the cells a lab must not miss. A blast the annotators
+recognise is named a new class ("other/unknown", `blast`): kept apart, never a fine-tuning label of a known class.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import random
@@ -34,10 +40,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytoloop.config import DemoConfig, Settings
-from cytoloop.data.records import CellRecord, DatasetError, read_manifest, select
+from cytoloop.data.records import CellRecord, DatasetError, load_records, read_manifest, select
+from cytoloop.errors import UsageError
 from cytoloop.models.finetune import freeze, frozen_directory
 
 if TYPE_CHECKING:
+    from jobs.score import PoolScores
     from labelstudio.loop import ReviewLoop
 
 logger = logging.getLogger(__name__)
@@ -46,60 +54,104 @@ DEMO_DIR = "demo"
 
 
 @dataclass(frozen=True)
-class DemoSplit:
-    test: list[CellRecord]  # draws the learning curve
-    val: list[CellRecord]  # frozen: every fine-tune recalibrates on these
-    eval: list[CellRecord]  # frozen: the promotion gate judges versions on these
-    seed: list[CellRecord]
+class SiteSplit:
+    """One site's cells, split once. `blasts` are in `pool` too (the loop does not know which they are)."""
+
+    test: list[CellRecord]  # draws the site's learning curve
+    val: list[CellRecord]  # frozen: the site's fine-tunes recalibrate on these, and its anomaly threshold
+    eval: list[CellRecord]  # frozen: the promotion gate judges the site's versions on these
     pool: list[CellRecord]
+    blasts: list[CellRecord] = field(default_factory=list)
 
 
-def split_for_demo(records: Sequence[CellRecord], config: DemoConfig) -> DemoSplit:
-    """Per class (seeded): `test_fraction` of the cells held out, `seed_per_class` labelled, the rest the pool.
-
-    The held-out cells are cut in three: the learning curve's test cells, and the frozen validation and evaluation
-    sets of the fine-tuning job (in a lab: the first audited labels). Left to itself, the first fine-tune would
-    cut those from the first round's few labels, and a temperature fitted, or a gate judged, on ten cells is
-    noise; judging versions on the curve's own cells would report the luck of the version picked. A class with too
-    few cells for three held-out cells, its seed labels and one pool cell is an error naming it."""
+def split_site(records: Sequence[CellRecord], config: DemoConfig, site: str) -> SiteSplit:
+    """Per class (seeded by the demo's seed and the site): `test_fraction` of the cells held out and cut in three
+    (test, val, eval), the rest the pool. A class with too few cells for three held-out cells and one pool cell is
+    an error naming it and the site."""
     by_class: dict[str, list[CellRecord]] = defaultdict(list)
     for record in records:
         if record.label is not None:
             by_class[record.label].append(record)
-    rng = random.Random(config.seed)
-    parts: dict[str, list[CellRecord]] = {name: [] for name in ("test", "val", "eval", "seed", "pool")}
+    if not by_class:
+        raise DatasetError(f"site {site!r} has no labelled cells")
+    rng = random.Random(f"{config.seed}:{site}")
+    parts: dict[str, list[CellRecord]] = {name: [] for name in ("test", "val", "eval", "pool")}
     for label in sorted(by_class):
         cells = sorted(by_class[label], key=lambda r: r.cell_id)
         rng.shuffle(cells)
         held = max(3, round(config.test_fraction * len(cells)))
-        if len(cells) < held + config.seed_per_class + 1:
+        if len(cells) < held + 1:
             raise DatasetError(
-                f"class {label!r} has {len(cells)} cells: too few for {held} held out, "
-                f"{config.seed_per_class} seed (demo.seed_per_class) and one pool cell"
+                f"site {site!r}: class {label!r} has {len(cells)} cells, too few for {held} held out and one pool "
+                "cell (leave the class out with demo.classes)"
             )
         thirds = [held * k // 3 for k in range(4)]
         for name, start, end in zip(("test", "val", "eval"), thirds, thirds[1:]):
             parts[name] += cells[start:end]
-        parts["seed"] += cells[held : held + config.seed_per_class]
-        parts["pool"] += cells[held + config.seed_per_class :]
-    return DemoSplit(**parts)
+        parts["pool"] += cells[held:]
+    return SiteSplit(**parts)
+
+
+def mix_blasts(splits: dict[str, SiteSplit], blasts: Sequence[CellRecord], config: DemoConfig) -> dict[str, SiteSplit]:
+    """Each site's pool with `blast_share` of it made of blasts (no blast in two sites), drawn with the demo's seed.
+
+    A site of n pool cells gets round(n * share / (1 - share)) blasts, at least one when the share is not 0; too
+    few blasts for all sites is an error saying how many are needed."""
+    if config.blast_share == 0:
+        return splits
+    wanted = {
+        site: max(1, round(len(split.pool) * config.blast_share / (1 - config.blast_share)))
+        for site, split in splits.items()
+    }
+    if sum(wanted.values()) > len(blasts):
+        raise DatasetError(
+            f"{sum(wanted.values())} blasts are needed for demo.blast_share={config.blast_share} "
+            f"({', '.join(f'{s}: {n}' for s, n in wanted.items())}), the data has {len(blasts)} "
+            f"labelled {config.blast_label!r} in {config.blast_domain!r}"
+        )
+    drawn = sorted(blasts, key=lambda r: r.cell_id)
+    random.Random(f"{config.seed}:blasts").shuffle(drawn)
+    mixed, start = {}, 0
+    for site, split in splits.items():
+        mine = drawn[start : start + wanted[site]]
+        start += wanted[site]
+        pool = split.pool + mine
+        random.Random(f"{config.seed}:{site}:pool").shuffle(pool)
+        mixed[site] = SiteSplit(split.test, split.val, split.eval, pool, mine)
+    return mixed
+
+
+def anomaly_threshold(normal_scores: np.ndarray, quantile: float) -> float:
+    """The anomaly threshold a site routes with: the `quantile` quantile of the anomaly scores of its normal
+    (labelled, known-class) cells under the model serving it. An anomaly score's scale is per model and per
+    stain, so the threshold is set on the site's own cells, for a false-alarm share of 1 - quantile on them."""
+    scores = np.asarray(normal_scores, dtype=float)
+    scores = scores[np.isfinite(scores)]
+    if not len(scores):
+        raise ValueError("no finite anomaly score among the normal cells: the model gives none")
+    return float(np.quantile(scores, quantile))
 
 
 @dataclass
 class RoundResult:
-    """One row of the per-round table (round 0 is the seed model)."""
+    """One row of the per-round table: one site in one round (round 0 is the unadapted base model)."""
 
     round: int
-    labels: int  # labelled cells the round's model could train on (seed + consensus)
+    site: str
+    labels: int  # the site's consensus labels its round model trained on
     scored: int = 0
     routed: dict[str, int] = field(default_factory=dict)
     sent: int = 0
     annotations: int = 0
     consensus: int = 0
+    new_class_cells: int = 0  # the site's cells the annotators agreed are a class the model lacks (say, blasts)
+    anomaly_threshold: float | None = None
+    blasts: dict[str, int] = field(default_factory=dict)  # in the scored pool, routed 'anomaly', sent
     version: str = ""
     gate: str = ""
     gate_reasons: list[str] = field(default_factory=list)
-    served: str = ""
+    served: str = ""  # the version that answered for the site after the round
+    pool_version: str = ""  # the version that scored the site's pool this round
     balanced_accuracy: float = float("nan")
     ece: float = float("nan")
     drift: dict[str, float | None] = field(default_factory=dict)
@@ -114,11 +166,12 @@ class RoundResult:
 @dataclass
 class LoopState:
     """What the set-up stages produced and every round reads: passed explicitly, never set as attributes in an
-    order the stages must keep. `champion` moves when a round's version is promoted."""
+    order the stages must keep. `serving[site]` moves when a site's version is promoted."""
 
     review: ReviewLoop  # the Label Studio side (projects, outbox, label store)
     classes: list[str]
-    champion: str  # the registry version @champion points at
+    base: str  # the registry version @champion points at: the base model
+    serving: dict[str, str]  # site -> the version serving it
     serve_url: str
     api_key: str | None
     annotators: list = field(default_factory=list)  # labelstudio.annotators.SimulatedAnnotator
@@ -132,7 +185,8 @@ class DemoOutcome:
 
 
 class Demo:
-    """One run of the cycle. `settings` are used as given except for what the demo must own (see `_demo_settings`)."""
+    """One run of the loop over every site. `settings` are used as given except for what the demo must own (see
+    `_demo_settings`)."""
 
     def __init__(self, settings: Settings, data: Path):
         self.data = Path(data)
@@ -140,91 +194,140 @@ class Demo:
         self.config = self.settings.demo
         self.dir = Path(self.settings.home).resolve() / DEMO_DIR
         self.rounds: list[RoundResult] = []
-        self.test_predictions: list[tuple[np.ndarray, np.ndarray]] = []  # per round: probs, true labels
-        self.round_start: datetime | None = None  # Serve's predictions since then make the round's drift window
+        self.test_predictions: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}  # probs, true labels
+        self.round_start: datetime | None = None  # Serve's predictions since then make a site round's drift window
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> DemoOutcome:
-        from cytoloop.data.records import load_records
-
         self.dir.mkdir(parents=True, exist_ok=True)
-        records = select(load_records(self.data), domains=self.config.domains, classes=self.config.classes)
-        split = split_for_demo(records, self.config)
-        self.truth = {str(Path(r.path).resolve()): r.label for r in records}  # what the simulated annotators know
-        logger.info(
-            f"data: {len(records)} labelled cells from {self.data}: held out {len(split.test)} for the "
-            f"learning curve, {len(split.val)} to calibrate and {len(split.eval)} to gate each fine-tuned "
-            f"version; {len(split.seed)} seed labels, {len(split.pool)} in the pool"
-        )
-        if not freeze(frozen_directory(self.settings.home, None), split.val, split.eval):
-            logger.info(
-                f"   (the frozen sets under {frozen_directory(self.settings.home, None)} are kept from an earlier run)"
-            )
+        splits = self._split()
         with self.stage("stack up"):
             review = self._stack_up()
-        with self.stage("seed model"):
-            classes, champion = self._seed_model(split)
+        with self.stage("base model"):
+            classes, base = self._register_base()
+        unknown = sorted({r.label for s in splits.values() for r in s.test + s.pool if r.label} - set(classes))
+        unknown = [label for label in unknown if label != self.config.blast_label]
+        if unknown:
+            raise DatasetError(
+                f"the sites' class(es) {', '.join(unknown)} are not classes of the base model "
+                f"({', '.join(classes)}); choose the sites' classes with demo.classes"
+            )
         with self.stage("serve"):
-            serve_url, api_key = self._serve(champion)
+            serve_url, api_key = self._serve()
+            serving = {
+                site: self._wait_served(serve_url, api_key, base, site, split.test[0]) for site, split in splits.items()
+            }
         with self.stage("annotator accounts"):
-            state = LoopState(review, classes, champion, serve_url, api_key, self._annotators())
-        seed_row = RoundResult(0, len(split.seed), version=champion, gate="seed (manual)", served=champion)
-        with self.stage("evaluate", seed_row):
-            self._evaluate(state, split.test, seed_row)
-        self._finish_round(seed_row)
-        labelled = list(split.seed)
+            state = LoopState(review, classes, base, serving, serve_url, api_key, self._annotators())
+        for site, split in splits.items():
+            row = RoundResult(0, site, 0, version=base, gate="base (registered)", served=base)
+            self.round_start = datetime.now(UTC)
+            with self.stage(f"{site}: evaluate the base model", row, "evaluate"):
+                self._evaluate(state, site, split.test, row)
+            self._finish_round(row)
+        labelled: dict[str, list[CellRecord]] = {site: [] for site in splits}
         for number in range(1, self.config.rounds + 1):
-            labelled = self._round(state, number, split, labelled)
-        report = self._write_report(state.classes)
+            for site, split in splits.items():
+                labelled[site] = self._round(state, number, site, split, labelled[site])
+        report = self._write_report(state, splits)
         urls = self.urls(state)
         for name, url in urls.items():
             logger.info(f"{name}: {url}")
-        logger.info(f"report: {report}")
+        logger.info(f"report: {report} (and report.html beside it)")
         return DemoOutcome(self.rounds, report, urls)
 
-    def _round(self, state: LoopState, number: int, split: DemoSplit, labelled: list[CellRecord]) -> list[CellRecord]:
-        from jobs.finetune import run_finetune
-        from jobs.score import score_served
+    def _split(self) -> dict[str, SiteSplit]:
+        """Every site's split, blasts mixed in, its frozen sets written; the ground truth the annotators know."""
+        records = load_records(self.data)
+        config = self.config
+        splits = {
+            site: split_site(select(records, domains, config.classes), config, site)
+            for site, domains in config.sites.items()
+        }
+        blasts = select(records, [config.blast_domain], [config.blast_label]) if config.blast_share > 0 else []
+        splits = mix_blasts(splits, blasts, config)
+        self.truth = {  # what the simulated annotators know: every cell a task can show
+            str(Path(r.path).resolve()): r.label for split in splits.values() for r in split.pool if r.label is not None
+        }
+        for site, split in splits.items():
+            logger.info(
+                f"{site} ({', '.join(config.sites[site])}): {len(split.test)} held-out cells for its learning "
+                f"curve, {len(split.val)} to calibrate and {len(split.eval)} to gate its versions; "
+                f"{len(split.pool)} in its pool, {len(split.blasts)} of them {config.blast_label}s from "
+                f"{config.blast_domain}"
+            )
+            directory = frozen_directory(self.settings.home, site)
+            if not freeze(directory, split.val, split.eval):
+                logger.info(f"   (the frozen sets under {directory} are kept from an earlier run)")
+        return splits
 
-        row = RoundResult(number, len(labelled))
+    def _round(
+        self, state: LoopState, number: int, site: str, split: SiteSplit, labelled: list[CellRecord]
+    ) -> list[CellRecord]:
+        """One site's round; returns the site's labels so far."""
+        from jobs.finetune import run_finetune
+
+        row = RoundResult(number, site, len(labelled))
         self.round_start = datetime.now(UTC)
         known = {str(Path(r.path).resolve()) for r in labelled}
         pool = [r for r in split.pool if str(Path(r.path).resolve()) not in known]
         if self.config.pool_limit is not None:
-            pool = random.Random(self.config.seed + number).sample(pool, min(len(pool), self.config.pool_limit))
-        with self.stage(f"round {number}: score pool", row, "score"):
-            scores = score_served(pool, state.serve_url, state.classes, state.api_key)
-            for path, reason in scores.failed.items():
-                logger.info(f"  not scored: {path}: {reason}")
+            draw = random.Random(f"{self.config.seed}:{site}:{number}")
+            pool = draw.sample(pool, min(len(pool), self.config.pool_limit))
+        with self.stage(f"round {number}, {site}: score pool", row, "score"):
+            scores = self._score(state, pool, site)
             row.scored = len(scores.records)
-        with self.stage(f"round {number}: route to Label Studio", row, "route"):
+            row.pool_version = _majority(scores.versions)
+        with self.stage(f"round {number}, {site}: anomaly threshold", row, "threshold"):
+            calibration = self._score(state, split.val, site)
+            row.anomaly_threshold = anomaly_threshold(calibration.predictions.anomaly, self.config.anomaly_quantile)
+        routing = self.settings.routing.model_copy(update={"anomaly_above": row.anomaly_threshold})
+        with self.stage(f"round {number}, {site}: route to Label Studio", row, "route"):
             routed = state.review.route(
-                scores.records, scores.predictions, state.classes, state.champion, budget=self.config.budget
+                scores.records,
+                scores.predictions,
+                state.classes,
+                row.pool_version,
+                site=site,
+                budget=self.config.budget,
+                routing=routing,
             )
             if routed.push is not None and routed.push.error:
                 raise RuntimeError(f"Label Studio did not take the tasks: {routed.push.error}")
             row.routed, row.sent = routed.reasons, routed.queued
-        with self.stage(f"round {number}: annotate", row, "annotate"):
-            projects = list(state.review.projects().values())
-            row.annotations = sum(a.label_open_tasks(projects, self.truth) for a in state.annotators)
-        with self.stage(f"round {number}: sync labels", row, "sync"):
+            blasts = {str(r.path) for r in split.blasts}
+            row.blasts = {
+                "scored": sum(str(r.path) in blasts for r in scores.records),
+                "anomaly": sum(routed.reason_of.get(path) == "anomaly" for path in blasts),
+                "sent": len(blasts & set(routed.sent_paths)),
+            }
+        with self.stage(f"round {number}, {site}: annotate", row, "annotate"):
+            project = state.review.projects()[site]
+            row.annotations = sum(a.label_open_tasks([project], self.truth) for a in state.annotators)
+        with self.stage(f"round {number}, {site}: sync labels", row, "sync"):
             state.review.sync()
             export = state.review.export(self.dir / "labels.csv")
+            mine = {str(Path(r.path).resolve()) for r in split.pool}
             consensus = read_manifest(Path(export["path"])) if export["exported"] else []
-            row.consensus = len(consensus)
-        labelled = _merge(split.seed, consensus)
+            labelled = [r for r in consensus if str(Path(r.path).resolve()) in mine]
+            new = export.get("new_classes")
+            new_cells = read_manifest(Path(new["path"])) if new else []
+            row.consensus = len(labelled)
+            row.new_class_cells = sum(str(Path(r.path).resolve()) in mine for r in new_cells)
         row.labels = len(labelled)
-        with self.stage(f"round {number}: fine-tune on Ray Train, gate", row, "finetune"):
-            outcome = run_finetune(self.settings, labelled, who="cytoloop demo")
+        with self.stage(f"round {number}, {site}: fine-tune on Ray Train, gate", row, "finetune"):
+            if not labelled:
+                raise RuntimeError(f"{site}: no consensus label came back this round: nothing to fine-tune on")
+            outcome = run_finetune(self.settings, labelled, site=site, who="cytoloop demo")
             row.version = outcome.version.version
-            row.gate = "promoted" if outcome.passed else f"refused ({', '.join(outcome.worse)} worse)"
+            row.gate = "promoted" if outcome.passed else f"refused ({', '.join(outcome.worse) or 'stale'})"
             row.gate_reasons = outcome.reasons
-        if outcome.passed:
-            state.champion = row.version
-        with self.stage(f"round {number}: Serve switches", row, "serve"):
-            row.served = self._wait_served(state.serve_url, state.champion)
-        with self.stage(f"round {number}: evaluate", row, "evaluate"):
-            self._evaluate(state, split.test, row)
+        expected = row.version if outcome.passed else state.serving[site]
+        with self.stage(f"round {number}, {site}: Serve switches", row, "serve"):
+            row.served = self._wait_served(state.serve_url, state.api_key, expected, site, split.test[0])
+            state.serving[site] = row.served
+        with self.stage(f"round {number}, {site}: evaluate", row, "evaluate"):
+            self._evaluate(state, site, split.test, row)
         self._finish_round(row)
         return labelled
 
@@ -260,43 +363,43 @@ class Demo:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         return ReviewLoop(self.settings)
 
-    def _seed_model(self, split: DemoSplit) -> tuple[list[str], str]:
-        """Train, calibrate and register the seed model as @champion; returns its classes and version."""
-        from cytoloop.models.finetune import code_revision, recalibrate
+    def _register_base(self) -> tuple[list[str], str]:
+        """Register the base model directory as @champion (a rerun in the same home keeps the one it registered);
+        returns its classes and version."""
+        from cytoloop.models.base import read_model_meta
+        from cytoloop.models.finetune import code_revision
         from cytoloop.registry import CHAMPION, open_registry
-        from cytoloop.workflows import train_model
 
-        out = self.dir / "seed-model"
-        model, _ = train_model(
-            self.config.model,
-            split.seed,
-            self.settings,
-            out,
-            unlabeled=split.pool,
-            split_seed=self.config.seed,
-            progress=True,
-        )
-        # calibrated like every later version, on the frozen validation cells: its own split of a few seed labels
-        # leaves a handful of validation cells, on which a fitted temperature is noise
-        recalibrate(model, split.val)
-        model.save(out)
+        base = Path(self.config.base_model)
+        if not (base / "model.json").is_file():
+            raise UsageError(
+                f"demo.base_model {base} is not a model directory (no model.json): give the shipped base model "
+                "(models/base-pbc in the repository) or one of your own (--base-model)"
+            )
+        meta = read_model_meta(base)
         registry, name = open_registry(self.settings), self.settings.registry.model_name
+        current = registry.alias_version(name, CHAMPION)
+        if current is not None:
+            logger.info(f"   @champion is v{current} from an earlier run in {self.settings.home}: kept")
+            return list(registry.load(name, current, Path(self.settings.registry.cache_dir)).classes), current
         version = registry.log_model(
-            out,
+            base,
             name,
             tags={
-                "kind": model.kind,
+                "kind": meta["kind"],
                 "site": "global",
-                "job": "demo-seed",
+                "job": "demo-base",
                 "code_revision": code_revision(),
-                "label_count": str(len(split.seed)),
+                "base_model": str(base.resolve()),
             },
         )
-        registry.move_alias(name, CHAMPION, version.version, why="cytoloop demo: seed model", who="cytoloop demo")
-        return list(model.classes), version.version
+        registry.move_alias(
+            name, CHAMPION, version.version, why=f"cytoloop demo: the base model {base}", who="cytoloop demo"
+        )
+        return list(meta["classes"]), version.version
 
-    def _serve(self, champion: str) -> tuple[str, str | None]:
-        """Run the classifier on Ray Serve; returns its URL and API key once it answers with `champion`."""
+    def _serve(self) -> tuple[str, str | None]:
+        """Run the classifier on Ray Serve; returns its URL and API key."""
         from ray import serve
 
         from services.app import build_app
@@ -304,28 +407,39 @@ class Demo:
         config = self.settings.serve
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_app(self.settings), name=config.app_name, route_prefix="/", blocking=False)
-        url = f"http://{config.host}:{config.port}"
-        self._wait_served(url, champion)
-        return url, config.api_key.get_secret_value() if config.api_key else None
+        return f"http://{config.host}:{config.port}", config.api_key.get_secret_value() if config.api_key else None
 
-    def _wait_served(self, serve_url: str, version: str) -> str:
-        """Block until the service answers with `version` for the global champion; returns the served version."""
+    def _score(self, state: LoopState, records: Sequence[CellRecord], site: str) -> PoolScores:
+        """Cells scored through Serve as the site's (so by the site's champion); a cell it rejects is logged."""
+        from jobs.score import score_served
+
+        scores = score_served(records, state.serve_url, state.classes, state.api_key, site_of=lambda _: site)
+        for path, reason in scores.failed.items():
+            logger.info(f"  not scored: {path}: {reason}")
+        return scores
+
+    def _wait_served(self, serve_url: str, api_key: str | None, version: str, site: str, cell: CellRecord) -> str:
+        """Block until Serve answers the site's cells with `version`; returns the version that answered."""
         import httpx
 
         deadline = time.monotonic() + self.config.serve_switch_timeout_s
+        body = {"cells": [{"name": cell.cell_id, "image_b64": base64.b64encode(Path(cell.path).read_bytes()).decode()}]}
+        headers = {"X-API-Key": api_key} if api_key else {}
         served = ""
         while time.monotonic() < deadline:
-            try:  # /readyz names the version a replica has loaded (/v1/models says what the registry names)
-                ready = httpx.get(f"{serve_url}/readyz", timeout=10.0)
-                if ready.status_code == 200:
-                    served = ready.json()["model_version"]
+            try:
+                answer = httpx.post(
+                    f"{serve_url}/v1/classify", json={**body, "site": site}, headers=headers, timeout=60.0
+                )
+                if answer.status_code == 200 and answer.json()["cells"][0]["status"] == "ok":
+                    served = answer.json()["cells"][0]["model"]["version"]
                     if served == version:
                         return served
             except httpx.HTTPError:
                 pass
             time.sleep(1.0)
         raise TimeoutError(
-            f"Serve still answers with version {served or '(none)'} after "
+            f"Serve still answers {site} with version {served or '(none)'} after "
             f"{self.config.serve_switch_timeout_s:.0f} s; expected {version} (demo.serve_switch_timeout_s)"
         )
 
@@ -338,32 +452,26 @@ class Demo:
         invite = invite_url(url, stack_secrets(self.settings)["admin_token"])  # sign-up is closed without it
         return [
             SimulatedAnnotator.sign_up(
-                url,
-                f"annotator{i + 1}@cytoloop.demo",
-                f"demo-annotator-{i + 1}",
-                self.config.error_rate,
-                self.config.seed,
-                invite,
+                url, f"annotator{i + 1}@cytoloop.demo", f"demo-annotator-{i + 1}", rate, self.config.seed, invite
             )
-            for i in range(self.config.annotators)
+            for i, rate in enumerate(self.config.error_rates)
         ]
 
-    def _evaluate(self, state: LoopState, test: list[CellRecord], row: RoundResult) -> None:
-        """Score the held-out cells through Serve (what the lab gets now) and draw the round's drift figures."""
+    def _evaluate(self, state: LoopState, site: str, test: list[CellRecord], row: RoundResult) -> None:
+        """Score the site's held-out cells through Serve (what the site gets now) and draw its drift figures."""
         from cytoloop.evaluation import metrics
-        from jobs.score import score_served
 
-        start = self.round_start or datetime.now(UTC)
-        scores = score_served(test, state.serve_url, state.classes, state.api_key)
+        scores = self._score(state, test, site)
         truth = np.array([state.classes.index(r.label) for r in scores.records])
         probs = scores.predictions.probs
         row.balanced_accuracy = metrics.balanced_accuracy(truth, probs.argmax(axis=1), len(state.classes))
         row.ece = metrics.expected_calibration_error(probs, truth)
-        self.test_predictions.append((probs, truth))
-        row.drift = self._drift(start, row.served or state.champion)
+        self.test_predictions[(site, row.round)] = (probs, truth)
+        row.drift = self._drift(self.round_start or datetime.now(UTC), row.served or state.serving[site])
 
     def _drift(self, since: datetime, version: str) -> dict[str, float | None]:
-        """Drift figures of the cells Serve classified this round (pool and test), logged to MLflow."""
+        """Drift figures of the cells Serve classified for this site round (pool, calibration and test cells),
+        logged to MLflow."""
         from cytoloop.policy.drift import WindowFigures, log_windows, read_colour_reference, read_events, window_figures
         from cytoloop.registry import open_registry
 
@@ -409,16 +517,24 @@ class Demo:
         urls["classifier API"] = f"{state.serve_url}/docs"
         return urls
 
-    def _write_report(self, classes: list[str]) -> Path:
+    def _write_report(self, state: LoopState, splits: dict[str, SiteSplit]) -> Path:
         from cytoloop.evaluation.loop_report import write_report
 
+        sites = {
+            site: f"{', '.join(self.config.sites[site])}: {len(split.pool)} pool cells ({len(split.blasts)} "
+            f"{self.config.blast_label}s mixed in), {len(split.test)} held out"
+            for site, split in splits.items()
+        }
         return write_report(
             self.rounds,
             self.test_predictions,
-            classes,
+            state.classes,
             self.dir / "report",
-            title=f"CytoLoop demo on {self.data}",
+            title=f"CytoLoop demo: base model v{state.base} meets {len(sites)} site(s)",
             table=round_table(self.rounds),
+            sites=sites,
+            agreement=state.review.report(),
+            urls=self.urls(state),
         )
 
 
@@ -440,25 +556,27 @@ def _demo_settings(settings: Settings, data: Path) -> Settings:
     return settings.model_copy(update={"home": home, "serve": serve, "stack": stack})
 
 
-def _merge(seed: Sequence[CellRecord], consensus: Sequence[CellRecord]) -> list[CellRecord]:
-    """Seed labels plus consensus labels, one per cell (a consensus label of a seed cell wins)."""
-    merged = {str(Path(r.path).resolve()): r for r in seed}
-    merged.update({str(Path(r.path).resolve()): r for r in consensus})
-    return list(merged.values())
+def _majority(versions: Sequence[str]) -> str:
+    """The version that scored most of a batch (all of it, unless the alias moved mid-batch)."""
+    counts: dict[str, int] = defaultdict(int)
+    for version in versions:
+        counts[version] += 1
+    return max(counts, key=lambda v: counts[v]) if counts else ""
 
 
 def round_table(rounds: Sequence[RoundResult]) -> str:
     """The per-round table, as Markdown (also what the demo prints)."""
     lines = [
-        "| round | labels | scored | routed | sent | annotations | consensus | version | gate | served "
-        "| bal. acc. | ECE | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | site | labels | scored | routed | blasts (anomaly/in pool) | sent | annotations | new class "
+        "| version | gate | served | bal. acc. | ECE | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rounds:
         routed = f"{r.routed_fraction:.0%}" if r.routed else "-"
+        blasts = f"{r.blasts.get('anomaly', 0)}/{r.blasts.get('scored', 0)}" if r.blasts else "-"
         lines.append(
-            f"| {r.round} | {r.labels} | {r.scored or '-'} | {routed} | {r.sent or '-'} | "
-            f"{r.annotations or '-'} | {r.consensus or '-'} | v{r.version} | {r.gate} | v{r.served} | "
+            f"| {r.round} | {r.site} | {r.labels} | {r.scored or '-'} | {routed} | {blasts} | {r.sent or '-'} | "
+            f"{r.annotations or '-'} | {r.new_class_cells or '-'} | v{r.version} | {r.gate} | v{r.served} | "
             f"{r.balanced_accuracy:.3f} | {r.ece:.3f} | {sum(r.seconds.values()):.0f} |"
         )
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import shutil
 import sys
@@ -41,6 +42,8 @@ from cytoloop.registry import (
     open_registry,
     site_alias,
 )
+
+logger = logging.getLogger(__name__)
 
 MODEL_SUBDIR = "model"
 LOSS_FILE = "loss_curve.json"  # rank 0's training loss per log period, beside the fine-tuned model
@@ -218,8 +221,14 @@ def run_finetune(
         "use_gpu": settings.finetune.use_gpu,
     }
     out = home / "finetune" / run_name
+    began = time.monotonic()
     trained = fit_on_ray(settings, run_name, loop_config, out)
+    logger.info(
+        f"   {run_name}: {train_config.steps} steps on {len(sets.train)} labelled cells on Ray Train in "
+        f"{time.monotonic() - began:.0f} s"
+    )
 
+    began = time.monotonic()
     challenger = load_model(out)
     calibration = recalibrate(
         challenger,
@@ -232,6 +241,8 @@ def run_finetune(
     parent_reference = read_colour_reference(parent_dir)
     if not adapt and parent_reference is not None:  # a global model keeps its history; a site model its site
         reference = parent_reference if not len(reference) else np.concatenate([parent_reference, reference])
+    logger.info(f"   recalibrated on {len(sets.val)} frozen cells in {time.monotonic() - began:.0f} s")
+    began = time.monotonic()
     challenger.info.update({"parent_version": parent.version, "data_snapshot": snapshot, "site": site or "global"})
     challenger.save(out)
     write_colour_reference(out, reference)
@@ -245,6 +256,7 @@ def run_finetune(
     except NotRegistered:  # no champion yet; an unreachable registry raises: a gate needs the true champion
         current, champion = None, None
     verdict = compare(new, champion, settings.promotion)
+    logger.info(f"   gated on {len(data.eval_records)} frozen cells in {time.monotonic() - began:.0f} s")
     verdict.champion_version = current.version if current else None
 
     recall = {f"recall_{k}": v for k, v in new["per_class_recall"].items() if v is not None}

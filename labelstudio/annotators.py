@@ -3,8 +3,9 @@
 Each one is a real Label Studio user (signed up like a person would be, with their own API token), so their
 annotations carry their identity through webhooks, sync, consensus and export exactly as a hematologist's do.
 An annotator answers from the dataset's ground truth and, with probability `error_rate`, picks another of the
-task's classes instead: the demo then shows what consensus does with disagreement. Real people label the same
-projects in the web UI; nothing downstream can tell the difference.
+task's classes instead: the demo then shows what consensus does with disagreement. A cell whose true class the
+task does not offer (a blast, to a model without one) is answered "other/unknown cell" with the class named.
+Real people label the same projects in the web UI; nothing downstream can tell the difference.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from labelstudio.label_config import prediction_result
+from labelstudio.label_config import NEW_CLASS_PREFIX, answer_result
 from labelstudio.sync import as_dict
 
 if TYPE_CHECKING:
@@ -48,15 +49,17 @@ class SimulatedAnnotator:
         return cls(email, user_id, LabelStudio(base_url=url, api_key=token), error_rate, seed)
 
     def answer(self, truth: str, classes: list[str], task_key: str) -> str:
-        """The class this annotator gives a cell: the truth, or (with probability `error_rate`) another class.
+        """The class this annotator gives a cell: the truth (`new:<truth>` when the task does not offer it), or
+        (with probability `error_rate`) another of the task's classes.
 
         Drawn from a hash of (seed, annotator, task), so a rerun gives the same answers and two annotators err
         independently."""
         digest = hashlib.sha256(f"{self.seed}:{self.email}:{task_key}".encode()).digest()
         draw = int.from_bytes(digest[:8], "big") / 2**64
+        right = truth if truth in classes else NEW_CLASS_PREFIX + truth
         others = [c for c in classes if c != truth]
         if draw >= self.error_rate or not others:
-            return truth
+            return right
         return others[int.from_bytes(digest[8:16], "big") % len(others)]
 
     def label_open_tasks(self, project_ids: Iterable[int], truth: Mapping[str, str]) -> int:
@@ -77,7 +80,7 @@ class SimulatedAnnotator:
                 if path not in truth:
                     raise KeyError(f"task {task['id']} shows {path}, which has no ground truth in the demo data")
                 label = self.answer(truth[path], list(data["classes"]), data["task_key"])
-                self.client.annotations.create(id=task["id"], result=prediction_result(label))
+                self.client.annotations.create(id=task["id"], result=answer_result(label))
                 made += 1
         return made
 

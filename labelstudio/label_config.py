@@ -87,6 +87,16 @@ def prediction_result(label: str) -> list[dict]:
     return [{"from_name": CLASS_FROM, "to_name": IMAGE_TO, "type": "choices", "value": {"choices": [label]}}]
 
 
+def answer_result(label: str) -> list[dict]:
+    """An annotation's result for `label`: a class of the config, or `new:<name>` for "other/unknown cell" with
+    the class named in the free field (what `parse_result` reads back)."""
+    if not label.startswith(NEW_CLASS_PREFIX):
+        return prediction_result(label)
+    name = label.removeprefix(NEW_CLASS_PREFIX)
+    named = {"from_name": NEW_CLASS_FROM, "to_name": IMAGE_TO, "type": "textarea", "value": {"text": [name]}}
+    return prediction_result(OTHER) + [named]
+
+
 def parse_result(result: Sequence[dict]) -> tuple[str | None, bool, str]:
     """(class, abnormal flag, comment) of an annotation's result; class None when the annotator chose none, and
     `new:<name>` when they chose "other/unknown cell" and named the class (lower case, spaces as '_')."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
-from cytoloop.config import Settings
+from cytoloop.config import RoutingConfig, Settings
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.policy.consensus import consensus
@@ -50,6 +50,8 @@ class RouteReport:
     already_decided: int = 0  # routed for review, but the cell already has its consensus: not asked again
     push: PushReport | None = None
     by_site: dict[str, int] = field(default_factory=dict)
+    reason_of: dict[str, str] = field(default_factory=dict)  # each scored cell's path -> its route
+    sent_paths: list[str] = field(default_factory=list)  # the paths of the cells chosen for tasks this time
 
 
 def thumbnails(images: np.ndarray, size: int = 4) -> np.ndarray:
@@ -134,6 +136,7 @@ class ReviewLoop:
         budget: int | None = None,
         push: bool = True,
         images: np.ndarray | None = None,
+        routing: RoutingConfig | None = None,
     ) -> RouteReport:
         """Route scored cells, queue this round's selection in the outbox, and push it if Label Studio is up.
 
@@ -141,7 +144,8 @@ class ReviewLoop:
         4x4 thumbnails tell near-duplicates apart; without them the probability vectors do). Each cell goes to the
         project of `site` (default: its domain). Cells already queued for this model version are not chosen again,
         and cells whose labels already agree (consensus) are not routed again for a newer version. A cell is its
-        image's content (`tasks.cell_uid`), whatever its file is called.
+        image's content (`tasks.cell_uid`), whatever its file is called. `routing` replaces the configured
+        routing for this call (say, a site's own anomaly threshold).
         """
         if len(records) != len(predictions) or (images is not None and len(images) != len(records)):
             raise ValueError(
@@ -165,7 +169,8 @@ class ReviewLoop:
                 records, uids, predictions.labels, predictions.confidence, predictions.anomaly, signatures
             )
         ]
-        routed = route_cells(scored, self.settings.routing)
+        routing = routing or self.settings.routing
+        routed = route_cells(scored, routing)
         keys = [task_key(s, c.cell_id, model_version) for s, c in zip(sites, scored)]
         seen = self.outbox.known(keys)
         agreed = {
@@ -175,7 +180,7 @@ class ReviewLoop:
         }
         decided = [cell_key(s, c.cell_id) in agreed for s, c in zip(sites, scored)]
         fresh = [r for r, k, done in zip(routed, keys, decided) if k not in seen and not done]
-        chosen = select_for_review(fresh, self.settings.routing, budget)
+        chosen = select_for_review(fresh, routing, budget)
         context = {uid: (r, s) for uid, r, s in zip(uids, records, sites)}
         tasks = []
         for item in chosen:
@@ -192,6 +197,8 @@ class ReviewLoop:
             already_decided=sum(1 for r, done in zip(routed, decided) if done and r.reason != "accept"),
             queued=queued,
             by_site=dict(Counter(t["data"]["site"] for t in tasks)),
+            reason_of={str(r.path): item.reason for r, item in zip(records, routed)},
+            sent_paths=[str(context[item.cell.cell_id][0].path) for item in chosen],
         )
         if push:
             report.push = self.push()

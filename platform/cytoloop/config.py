@@ -527,29 +527,72 @@ class CascadeConfig(_Section):
 
 
 class DemoConfig(_Section):
-    """`cytoloop demo`: the whole loop for a few rounds on real cells, with simulated annotators.
+    """`cytoloop demo`: the loop as a lab lives it, with simulated annotators.
 
-    The seed model trains `train.steps` steps on `seed_per_class` labels per class; each round fine-tunes for
-    `finetune.steps`. Cells are split once: a held-out test set (the learning curve), the seed labels, the pool."""
+    A base model (the shipped PBC model by default) is registered as the global champion; each site is a hospital
+    whose unlabelled pool is other labs' cells in their own stain, with a few known blasts mixed in. Per site, the
+    labelled cells are split once: `test_fraction` held out (a third each draws the curve, calibrates and gates
+    the site's fine-tunes, never routed nor trained on); the rest is the pool. Each round, per site: score the pool
+    through Serve, route, annotate, sync, fine-tune the base model on the site's labels (`finetune.steps`), gate
+    on the site's frozen cells, move `champion-<site>` or record the refusal."""
 
-    rounds: int = Field(3, ge=1, description="active-learning rounds after the seed model")
-    model: Literal["diffusion", "baseline"] = Field("diffusion", description="the classifier the loop improves")
-    domains: list[str] | None = Field(None, description="labs/domains of the data to use; None: all")
-    classes: list[str] | None = Field(None, description="classes to use; None: every class of the chosen domains")
-    seed_per_class: int = Field(5, ge=1, description="labelled cells per class the seed model starts from")
+    rounds: int = Field(3, ge=1, description="active-learning rounds, each over every site")
+    base_model: Path = Field(
+        Path("models/base-pbc"), description="model directory registered as the global champion at the start"
+    )
+    sites: dict[str, list[str]] = Field(
+        {"site-a": ["jtsc", "bccd"], "site-b": ["cellavision"]},
+        description="each site (hospital) and the labs/domains of the data whose cells are its pool",
+    )
+    classes: list[str] | None = Field(None, description="the sites' classes to use; None: every class they have")
     test_fraction: float = Field(
         0.3,
         gt=0.0,
         lt=0.9,
-        description="share of the cells held out, never routed nor "
-        "trained on: a third each draws the learning curve, calibrates and gates fine-tunes",
+        description="share of each site's cells held out, never routed nor trained on: a third each draws the "
+        "learning curve, calibrates and gates the site's fine-tunes",
     )
-    pool_limit: int | None = Field(None, ge=1, description="score at most this many pool cells per round")
-    budget: int = Field(40, ge=1, description="cells sent to Label Studio per round")
-    annotators: int = Field(2, ge=1, description="simulated annotators (distinct Label Studio users)")
-    error_rate: float = Field(0.05, ge=0.0, lt=1.0, description="chance a simulated annotator picks a wrong class")
-    seed: int = Field(0, description="seed of the split and of the annotators' errors")
+    blast_domain: str = Field("allidb2", description="the lab/domain whose cells labelled `blast_label` are mixed in")
+    blast_label: str = Field("blast", description="the label of the anomalous cells mixed into each site's pool")
+    blast_share: float = Field(
+        0.03, ge=0.0, lt=0.5, description="share of each site's pool that is mixed-in blasts (0: none)"
+    )
+    anomaly_quantile: float = Field(
+        0.95,
+        gt=0.0,
+        lt=1.0,
+        description="a site's anomaly threshold is this quantile of the anomaly scores of its frozen calibration "
+        "cells (all normal), under the version serving it: 1 - quantile is the false-alarm share on normal cells",
+    )
+    pool_limit: int | None = Field(None, ge=1, description="score at most this many pool cells per site and round")
+    budget: int = Field(40, ge=1, description="cells sent to Label Studio per site and round")
+    error_rates: list[float] = Field(
+        [0.02, 0.1],
+        min_length=1,
+        description="one simulated annotator (a distinct Label Studio user) per entry: the chance they pick a "
+        "wrong class",
+    )
+    seed: int = Field(0, description="seed of the splits, the blasts' draw and the annotators' errors")
     serve_switch_timeout_s: float = Field(300.0, gt=0, description="how long to wait for Serve to load a new champion")
+
+    @model_validator(mode="after")
+    def _sites_are_disjoint(self) -> DemoConfig:
+        if not self.sites:
+            raise ValueError("demo.sites is empty: name at least one site and its labs")
+        seen: dict[str, str] = {}
+        for site, domains in self.sites.items():
+            if not domains:
+                raise ValueError(f"demo.sites[{site!r}] names no lab")
+            for domain in domains:
+                if domain in seen:
+                    raise ValueError(f"lab {domain!r} is in two sites ({seen[domain]!r} and {site!r})")
+                seen[domain] = site
+        if self.blast_share > 0 and self.blast_domain in seen:
+            site = seen[self.blast_domain]
+            raise ValueError(f"demo.blast_domain {self.blast_domain!r} is also a site's lab ({site!r})")
+        if any(not 0.0 <= rate < 1.0 for rate in self.error_rates):
+            raise ValueError(f"demo.error_rates must each be in [0, 1), got {self.error_rates}")
+        return self
 
 
 class Settings(BaseSettings):

@@ -9,7 +9,7 @@ import pytest
 
 from cytoloop.config import DemoConfig
 from cytoloop.data.records import CellRecord, DatasetError
-from jobs.cycle import RoundResult, round_table, split_for_demo
+from jobs.cycle import RoundResult, anomaly_threshold, mix_blasts, round_table, split_site
 from labelstudio.annotators import SimulatedAnnotator
 
 
@@ -21,34 +21,73 @@ def records(per_class: dict[str, int]) -> list[CellRecord]:
     ]
 
 
-def test_split_is_disjoint_per_class_and_seeded():
+def test_site_split_is_disjoint_per_class_and_seeded():
     cells = records({"neutrophil": 20, "lymphocyte": 14})
-    config = DemoConfig(seed_per_class=3, test_fraction=0.3)
-    split = split_for_demo(cells, config)
-    parts = (split.test, split.val, split.eval, split.seed, split.pool)
+    config = DemoConfig(test_fraction=0.3)
+    split = split_site(cells, config, "site-a")
+    parts = (split.test, split.val, split.eval, split.pool)
     ids = [{r.cell_id for r in part} for part in parts]
     assert sum(map(len, ids)) == len(set().union(*ids)) == len(cells)  # disjoint and complete
-    assert sorted(r.label for r in split.seed) == ["lymphocyte"] * 3 + ["neutrophil"] * 3
-    # 6 neutrophils held out: 2 for the curve, 2 to calibrate, 2 to gate
-    assert [sum(r.label == "neutrophil" for r in part) for part in parts[:3]] == [2, 2, 2]
-    assert split_for_demo(cells, config) == split
-    assert split_for_demo(cells, config.model_copy(update={"seed": 1})).seed != split.seed
+    # 6 neutrophils held out: 2 for the curve, 2 to calibrate, 2 to gate; the other 14 are the pool
+    assert [sum(r.label == "neutrophil" for r in part) for part in parts] == [2, 2, 2, 14]
+    assert split_site(cells, config, "site-a") == split
+    assert split_site(cells, config, "site-b").pool != split.pool  # each site draws its own
+    assert split_site(cells, config.model_copy(update={"seed": 1}), "site-a").pool != split.pool
 
 
-def test_a_class_too_small_for_the_split_is_named():
-    with pytest.raises(DatasetError, match="'monocyte' has 6 cells"):
-        split_for_demo(records({"neutrophil": 20, "monocyte": 6}), DemoConfig(seed_per_class=3))
+def test_a_class_too_small_for_the_split_is_named_with_its_site():
+    with pytest.raises(DatasetError, match="site 'site-b': class 'monocyte' has 3 cells"):
+        split_site(records({"neutrophil": 20, "monocyte": 3}), DemoConfig(), "site-b")
 
 
-def test_the_demo_freezes_the_fine_tunes_sets_once(tmp_path):
+def test_blasts_are_mixed_in_at_their_share_and_never_twice():
+    config = DemoConfig(blast_share=0.05)
+    splits = {
+        "a": split_site(records({"neutrophil": 200, "lymphocyte": 100}), config, "a"),
+        "b": split_site(records({"monocyte": 60}), config, "b"),
+    }
+    blasts = [CellRecord(f"blast/{i}.png", Path(f"/cells/blast/{i}.png"), "blast", "allidb2") for i in range(40)]
+    mixed = mix_blasts(splits, blasts, config)
+    for site, split in mixed.items():
+        assert set(split.blasts) <= set(split.pool) and split.test == splits[site].test
+        assert len(split.pool) == len(splits[site].pool) + len(split.blasts)
+        assert abs(len(split.blasts) / len(split.pool) - 0.05) < 0.01
+    assert not set(mixed["a"].blasts) & set(mixed["b"].blasts)
+    assert mix_blasts(splits, blasts, config) == mixed  # seeded
+    with pytest.raises(DatasetError, match="blasts are needed"):
+        mix_blasts(splits, blasts[:5], config)
+    assert mix_blasts(splits, blasts, config.model_copy(update={"blast_share": 0.0})) == splits
+
+
+def test_the_anomaly_threshold_is_a_quantile_of_the_sites_normal_cells():
+    scores = np.arange(100, dtype=float)
+    assert anomaly_threshold(scores, 0.95) == pytest.approx(94.05)
+    assert anomaly_threshold(np.append(scores, np.nan), 0.5) == pytest.approx(49.5)
+    with pytest.raises(ValueError, match="no finite anomaly score"):
+        anomaly_threshold(np.array([np.nan]), 0.9)
+
+
+def test_sites_must_not_share_a_lab():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="lab 'jtsc' is in two sites"):
+        DemoConfig(sites={"a": ["jtsc"], "b": ["bccd", "jtsc"]})
+    with pytest.raises(ValidationError, match="blast_domain 'allidb2' is also a site's lab"):
+        DemoConfig(sites={"a": ["allidb2"]})
+    with pytest.raises(ValidationError, match="names no lab"):
+        DemoConfig(sites={"a": []})
+
+
+def test_the_demo_freezes_each_sites_sets_once(tmp_path):
     from cytoloop.data.records import read_manifest
     from cytoloop.models.finetune import freeze, frozen_directory
 
-    split = split_for_demo(records({"neutrophil": 20, "lymphocyte": 14}), DemoConfig(seed_per_class=3))
-    directory = frozen_directory(tmp_path, None)
+    split = split_site(records({"neutrophil": 20, "lymphocyte": 14}), DemoConfig(), "site-a")
+    directory = frozen_directory(tmp_path, "site-a")
     assert freeze(directory, split.val, split.eval)
     assert not freeze(directory, split.test, split.test)  # frozen means frozen
     assert [r.path for r in read_manifest(directory / "eval.csv")] == [r.path for r in split.eval]
+    assert directory != frozen_directory(tmp_path, "site-b") != frozen_directory(tmp_path, None)
 
 
 def annotator(email: str, error_rate: float) -> SimulatedAnnotator:
@@ -71,35 +110,75 @@ def test_annotators_err_at_their_rate_independently_and_reproducibly():
         SimulatedAnnotator.sign_up("http://127.0.0.1:1", "x@y", "pw", error_rate=1.0)
 
 
+def test_a_cell_of_a_class_the_task_lacks_is_named_a_new_class():
+    from labelstudio.label_config import answer_result, parse_result
+
+    classes = ["neutrophil", "lymphocyte"]
+    answers = [annotator("a@x", 0.0).answer("blast", classes, f"k{i}") for i in range(20)]
+    assert set(answers) == {"new:blast"}
+    assert parse_result(answer_result("new:blast"))[0] == "new:blast"  # what Label Studio gives back, parsed
+    assert parse_result(answer_result("lymphocyte"))[0] == "lymphocyte"
+    noisy = {annotator("b@x", 0.5).answer("blast", classes, f"k{i}") for i in range(200)}
+    assert noisy == {"new:blast", "neutrophil", "lymphocyte"}  # an error is a known class, as a person's would be
+
+
+def site_rounds() -> list[RoundResult]:
+    rounds = []
+    for site, base in (("site-a", 0.6), ("site-b", 0.5)):
+        rounds.append(RoundResult(0, site, 0, version="1", gate="base", served="1", balanced_accuracy=base, ece=0.2))
+        rounds.append(
+            RoundResult(
+                1,
+                site,
+                30,
+                scored=50,
+                routed={"anomaly": 5, "review": 15, "accept": 30},
+                sent=20,
+                annotations=40,
+                consensus=18,
+                new_class_cells=2,
+                anomaly_threshold=1.5,
+                blasts={"scored": 4, "anomaly": 3, "sent": 3},
+                version="2" if site == "site-a" else "3",
+                gate="promoted" if site == "site-a" else "refused (ece worse)",
+                served="2" if site == "site-a" else "1",
+                balanced_accuracy=base + 0.1,
+                ece=0.08,
+                drift={"mean_confidence": 0.7, "review_fraction": 0.4, "psi_max": 0.1},
+                seconds={"score": 3.0},
+            )
+        )
+    return rounds
+
+
 def test_round_table_and_report(tmp_path):
     from cytoloop.evaluation.loop_report import write_report
 
-    rounds = [
-        RoundResult(0, 10, version="1", gate="seed", served="1", balanced_accuracy=0.6, ece=0.1),
-        RoundResult(
-            1,
-            30,
-            scored=50,
-            routed={"review": 20, "accept": 30},
-            sent=20,
-            annotations=40,
-            consensus=18,
-            version="2",
-            gate="promoted",
-            served="2",
-            balanced_accuracy=0.7,
-            ece=0.08,
-            drift={"mean_confidence": 0.7, "review_fraction": 0.4, "psi_max": 0.1},
-            seconds={"score": 3.0},
-        ),
-    ]
+    rounds = site_rounds()
     assert rounds[1].routed_fraction == 0.4
     table = round_table(rounds)
-    assert "| 1 | 30 | 50 | 40% | 20 | 40 | 18 | v2 | promoted | v2 | 0.700 | 0.080 | 3 |" in table
+    assert "| 1 | site-a | 30 | 50 | 40% | 3/4 | 20 | 40 | 2 | v2 | promoted | v2 | 0.700 | 0.080 | 3 |" in table
+    assert "| 0 | site-b | 0 | - | - | - | - | - | - | v1 | base | v1 | 0.500 | 0.200 | 0 |" in table
     rng = np.random.default_rng(0)
-    probs = rng.dirichlet(np.ones(3), size=(2, 30))
-    truth = rng.integers(0, 3, size=(2, 30))
-    report = write_report(rounds, list(zip(probs, truth)), ["a", "b", "c"], tmp_path, "demo", table)
+    predictions = {(r.site, r.round): (rng.dirichlet(np.ones(3), size=30), rng.integers(0, 3, size=30)) for r in rounds}
+    sites = {"site-a": "jtsc, bccd", "site-b": "cellavision"}
+    agreement = {
+        "status": {"agreed": 18},
+        "annotators": {"a@x": {"compared": 20, "agreement": 0.9}},
+        "pairs": {"a@x / b@x": {"cells": 20, "agreement": 0.9, "kappa": 0.8}},
+        "fleiss_kappa": {"cells": 20, "left_out": 0, "kappa": 0.75},
+    }
+    urls = {"MLflow experiment": "http://127.0.0.1:5000/#/experiments/1"}
+    report = write_report(rounds, predictions, ["a", "b", "c"], tmp_path, "demo", table, sites, agreement, urls)
     text = report.read_text()
-    for plot in ("learning_curve.png", "routed.png", "drift.png", "reliability_round0.png", "reliability_round1.png"):
-        assert (tmp_path / plot).is_file() and f"({plot})" in text
+    plots = ["learning_curve.png", "blasts.png", "drift_site-a.png", "drift_site-b.png"]
+    plots += [f"reliability_{site}_round{n}.png" for site in sites for n in (0, 1)]
+    for plot in plots:
+        assert (tmp_path / plot).stat().st_size > 1000 and f"({plot})" in text
+    assert "| site-a | 0.600 / 0.200 | 0.700 / 0.080 (v2) | 20 | 1 of 1 | 3 of 4 | 40.0% |" in text
+    assert "| site-b | 0.500 / 0.200 | 0.600 / 0.080 (v1) | 20 | 0 of 1 | 3 of 4 | 40.0% |" in text
+    assert "| a@x / b@x | 20 | 90.0% | 0.800 |" in text and "Fleiss' kappa 0.750" in text
+    assert "http://127.0.0.1:5000/#/experiments/1" in text
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained: every plot inlined
+    assert "<td>site-a</td>" in page and 'src="blasts.png"' not in page
