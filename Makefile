@@ -15,7 +15,8 @@ export HF_HUB_OFFLINE = 1
 export MLFLOW_DISABLE_TELEMETRY = true
 
 ROUNDS ?= 3
-FINETUNE_STEPS ?= 300
+FINETUNE_STEPS ?= 200
+POOL_LIMIT ?= 200
 BASE_MODEL ?= models/base-pbc
 # with the shared cells: two sites (jtsc + bccd, and cellavision) on the four classes they share, ALL-IDB2 blasts
 # mixed into their pools; without them the demo finds its own data
@@ -44,9 +45,13 @@ run: setup
 	$(BIN)/cytoloop evaluate --model $(OUT)/diffusion --data $(RUN_DATA) --domains jtsc,cellavision,bccd \
 		--json $(OUT)/cross_domain.json
 
+# The demo's stages run one after another on one machine, so Serve's replica and the training worker may each use
+# both cores; fine-tunes train in bf16 on batches of 32 (a site has tens of labels, not thousands).
 demo: setup
-	CYTOLOOP_STACK__MLFLOW_SERVER=true $(BIN)/cytoloop demo $(DEMO_DATA) --base-model $(BASE_MODEL) \
-		--rounds $(ROUNDS) --finetune-steps $(FINETUNE_STEPS)
+	CYTOLOOP_STACK__MLFLOW_SERVER=true CYTOLOOP_SERVE__TORCH_THREADS=2 CYTOLOOP_TRAIN__THREADS=2 \
+	CYTOLOOP_TRAIN__BATCH_SIZE=32 CYTOLOOP_TRAIN__PRECISION=bf16 \
+	$(BIN)/cytoloop demo $(DEMO_DATA) --base-model $(BASE_MODEL) --rounds $(ROUNDS) \
+		--finetune-steps $(FINETUNE_STEPS) --pool-limit $(POOL_LIMIT)
 
 # lint and types first: CI (`make test`) enforces them; `make check` is the quick inner loop (under 2 minutes)
 lint: setup

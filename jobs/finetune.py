@@ -236,6 +236,7 @@ def run_finetune(
         settings.finetune.temperature_prior_cells,
         tune=settings.train.tune_scoring,
         tuning_out=out / "tuning.json",
+        tuning_cells=settings.finetune.tuning_cells,
     )
     reference = colour_statistics_of(sets.train, data_config)
     parent_reference = read_colour_reference(parent_dir)

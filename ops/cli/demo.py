@@ -42,6 +42,9 @@ def demo(
     classes: str | None = typer.Option(None, help="comma-separated classes of the sites' cells to use (default: all)"),
     budget: int | None = typer.Option(None, help="cells sent to Label Studio per site and round"),
     blast_share: float | None = typer.Option(None, help="share of each site's pool made of mixed-in blasts"),
+    pool_limit: int | None = typer.Option(
+        None, help="pool cells scored per site and round, drawn afresh each round (default: the whole pool)"
+    ),
     finetune_steps: int | None = typer.Option(
         None, help="fine-tuning steps per site and round (adapt.steps: each is the site's adaptation)"
     ),
@@ -67,6 +70,7 @@ def demo(
                     "classes": split_list(classes),
                     "budget": budget,
                     "blast_share": blast_share,
+                    "pool_limit": pool_limit,
                 },
                 "adapt": {"steps": finetune_steps},
             },

@@ -344,6 +344,14 @@ class FinetuneConfig(_Section):
     )
     max_failures: int = Field(2, ge=-1, description="worker failures a run survives, each resuming from its checkpoint")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of the first export frozen for calibration")
+    tuning_cells: int | None = Field(
+        32,
+        ge=2,
+        description="a fine-tune re-tunes its scoring rule (w(t), the elimination rule) on at most this many of its "
+        "frozen validation cells, drawn evenly over classes: the exhaustive passes cost cells x trials x classes and "
+        "would outlast the fine-tune itself; the temperature is still fitted on all of them. None: the model's own "
+        "scoring.calibration_cells",
+    )
     temperature_prior_cells: float = Field(
         20.0,
         ge=0.0,

@@ -123,3 +123,45 @@ def test_flags_mean_the_same_in_every_command():
     assert {"train", "evaluate", "serve", "tune", "generate"} <= {n for n, o in seen.items() if "--model" in o}
     assert {"retrain", "adapt"} <= {n for n, o in seen.items() if "--labels" in o}
     assert "--kind" in seen["train"] and not any("--model-dir" in o and "--model" not in o for o in seen.values())
+
+
+def test_demo_sites_from_flags(capsys):
+    from ops.cli.demo import parse_sites
+
+    assert parse_sites(["site-a=jtsc,bccd", " site-b = cellavision "]) == {
+        "site-a": ["jtsc", "bccd"],
+        "site-b": ["cellavision"],
+    }
+    assert parse_sites(None) is None
+    for bad, message in (("site-a", "expected NAME=LAB"), ("=jtsc", "expected NAME=LAB"), ("a=", "expected NAME=LAB")):
+        with pytest.raises(typer.Exit) as exit_info:
+            parse_sites([bad])
+        assert exit_info.value.exit_code == 2 and message in capsys.readouterr().err
+    with pytest.raises(typer.Exit):
+        parse_sites(["a=jtsc", "a=bccd"])
+    assert "'a' is given twice" in capsys.readouterr().err
+
+
+def test_demo_flags_replace_the_files_sites(tmp_path, monkeypatch):
+    """A settings file's sites and --site never merge: the flags name every site."""
+    from typer.testing import CliRunner
+
+    import jobs.cycle
+    from ops.cli import app
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, settings, data):
+        seen["sites"] = settings.demo.sites
+        raise Stop
+
+    monkeypatch.setattr(jobs.cycle.Demo, "__init__", capture)
+    config = tmp_path / "settings.json"
+    config.write_text('{"demo": {"sites": {"x": ["jtsc"], "y": ["bccd"]}}}')
+    result = CliRunner().invoke(
+        app, ["demo", "--data", str(tmp_path), "--site", "z=cellavision", "--config", str(config)]
+    )
+    assert isinstance(result.exception, Stop) and seen["sites"] == {"z": ["cellavision"]}

@@ -104,6 +104,15 @@ def test_a_fine_tuned_diffusion_model_is_served_with_its_own_tuned_rule(cells_di
         chosen["elimination_p"],
     )
     assert model.scoring_config != parent_rule
+    assert tuning["n_cells"] == 16 and tuning["n_temperature_cells"] == 16
     model.save(tmp_path / "model")
     served = load_model(tmp_path / "model")
     assert served.scoring_config == model.scoring_config and served.temperature == model.temperature
+
+    # a cap on the exhaustive passes (finetune.tuning_cells): fewer cells tuned, all of them for the temperature,
+    # and the model keeps its own calibration_cells
+    own = model.scoring_config.calibration_cells
+    recalibrate(model, records[8:24], tune=True, tuning_out=tmp_path / "capped.json", tuning_cells=6)
+    capped = json.loads((tmp_path / "capped.json").read_text())
+    assert capped["n_cells"] == 6 and capped["n_temperature_cells"] == 16
+    assert model.scoring_config.calibration_cells == own

@@ -203,6 +203,7 @@ def recalibrate(
     prior_cells: float = 0.0,
     tune: bool = False,
     tuning_out: Path | None = None,
+    tuning_cells: int | None = None,
 ) -> dict[str, float]:
     """Refit the calibration on the frozen validation cells; ECE, NLL and Brier before (the parent's calibration
     on the new weights) and after, as `<metric>_before` / `<metric>_after`. The parent's temperature counts as
@@ -211,7 +212,8 @@ def recalibrate(
     With `tune` a diffusion model's scoring rule is tuned again too (`workflows.tune_model_scoring`: w(t), the
     fastest elimination rule that agrees with exhaustive scoring on these cells, then the temperature), so a
     fine-tuned version is served with a rule fitted to its own weights, not its parent's; the tuning report goes
-    to `tuning_out` (the model directory's tuning.json) when given."""
+    to `tuning_out` (the model directory's tuning.json) when given. `tuning_cells` caps the validation cells of its
+    exhaustive passes (below the model's own `scoring.calibration_cells`), which the model keeps."""
     from cytoloop.models.diffusion import DiffusionClassifier
     from cytoloop.scoring.calibration import fit_weights
     from cytoloop.workflows import tune_model_scoring
@@ -223,8 +225,13 @@ def recalibrate(
     before = _calibration_figures(model, cells.images, labels)
     tuned = None
     if tune and isinstance(model, DiffusionClassifier):
+        own = model.scoring_config.calibration_cells
+        if tuning_cells is not None:
+            capped = tuning_cells if own is None else min(own, tuning_cells)
+            model.scoring_config = model.scoring_config.model_copy(update={"calibration_cells": capped})
         fit_weights(model, cells.images, labels)
         tuning = tune_model_scoring(model, cells.images, labels, prior_cells=prior_cells)
+        model.scoring_config = model.scoring_config.model_copy(update={"calibration_cells": own})
         tuned = tuning["chosen"]
         if tuning_out is not None:
             Path(tuning_out).write_text(json.dumps(tuning, indent=1))
