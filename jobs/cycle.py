@@ -214,13 +214,15 @@ class Demo:
             )
         with self.stage("serve"):
             serve_url, api_key = self._serve()
-            serving = {
-                site: self._wait_served(serve_url, api_key, base, site, split.test[0]) for site, split in splits.items()
+            serving = {  # a rerun in the same home finds the site champions an earlier run promoted
+                site: self._wait_served(serve_url, api_key, self._named_version(site), site, split.test[0])
+                for site, split in splits.items()
             }
         with self.stage("annotator accounts"):
             state = LoopState(review, classes, base, serving, serve_url, api_key, self._annotators())
         for site, split in splits.items():
-            row = RoundResult(0, site, 0, version=base, gate="base (registered)", served=base)
+            gate = "base (registered)" if serving[site] == base else "kept from an earlier run"
+            row = RoundResult(0, site, 0, version=serving[site], gate=gate, served=serving[site])
             self.round_start = datetime.now(UTC)
             with self.stage(f"{site}: evaluate the base model", row, "evaluate"):
                 self._evaluate(state, site, split.test, row)
@@ -397,6 +399,12 @@ class Demo:
             name, CHAMPION, version.version, why=f"cytoloop demo: the base model {base}", who="cytoloop demo"
         )
         return list(meta["classes"]), version.version
+
+    def _named_version(self, site: str) -> str:
+        """The version the registry names for the site: its champion-<site>, else @champion."""
+        from cytoloop.registry import open_registry
+
+        return open_registry(self.settings).for_site(self.settings.registry.model_name, site).version
 
     def _serve(self) -> tuple[str, str | None]:
         """Run the classifier on Ray Serve; returns its URL and API key."""
