@@ -11,20 +11,16 @@ import json
 import platform
 from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
 
 from _docs import DOCS, replace_section
 
-from jobs.cycle import round_table
+from jobs.cycle import RoundResult, round_table
 
 TARGET_ACCURACY, TARGET_LABELS, TARGET_BLASTS, TARGET_ROUTED, TARGET_ECE = 0.85, 40, 0.80, 0.15, 0.08
 
 
 def render(rounds: list[dict], args: argparse.Namespace) -> str:
-    rows = [SimpleNamespace(**r) for r in rounds]
-    for row in rows:  # the table reads routed_fraction, a property of RoundResult
-        total = sum(row.routed.values())
-        row.routed_fraction = (total - row.routed.get("accept", 0)) / total if total else float("nan")
+    rows = [RoundResult(**r) for r in rounds]
     sites = list(dict.fromkeys(r.site for r in rows))
     lines = [
         f"Command: `{args.command}` (the defaults: 3 rounds, 40 cells sent per site and round, 200 pool cells "

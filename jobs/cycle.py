@@ -29,7 +29,7 @@ import json
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -201,17 +201,11 @@ class Demo:
     def run(self) -> DemoOutcome:
         self.dir.mkdir(parents=True, exist_ok=True)
         splits = self._split()
+        self._check_classes(splits)  # before any service starts: a wrong class list fails in seconds
         with self.stage("stack up"):
             review = self._stack_up()
         with self.stage("base model"):
             classes, base = self._register_base()
-        unknown = sorted({r.label for s in splits.values() for r in s.test + s.pool if r.label} - set(classes))
-        unknown = [label for label in unknown if label != self.config.blast_label]
-        if unknown:
-            raise DatasetError(
-                f"the sites' class(es) {', '.join(unknown)} are not classes of the base model "
-                f"({', '.join(classes)}); choose the sites' classes with demo.classes"
-            )
         with self.stage("serve"):
             serve_url, api_key = self._serve()
             serving = {  # a rerun in the same home finds the site champions an earlier run promoted
@@ -279,7 +273,8 @@ class Demo:
         with self.stage(f"round {number}, {site}: score pool", row, "score"):
             scores = self._score(state, pool, site)
             row.scored = len(scores.records)
-            row.pool_version = _majority(scores.versions)
+            # the version that scored most of the pool (all of it, unless the alias moved mid-batch)
+            row.pool_version = Counter(scores.versions).most_common(1)[0][0] if scores.versions else ""
         with self.stage(f"round {number}, {site}: anomaly threshold", row, "threshold"):
             calibration = self._score(state, split.val, site)
             row.anomaly_threshold = anomaly_threshold(calibration.predictions.anomaly, self.config.anomaly_quantile)
@@ -365,6 +360,28 @@ class Demo:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         return ReviewLoop(self.settings)
 
+    def _check_classes(self, splits: dict[str, SiteSplit]) -> None:
+        """Every site class must be a class of the base model (blasts excepted: the model must not know them)."""
+        from cytoloop.models.base import read_model_meta
+
+        classes = read_model_meta(self._base_dir())["classes"]
+        sites = {r.label for split in splits.values() for r in split.test + split.pool if r.label}
+        unknown = sorted(sites - set(classes) - {self.config.blast_label})
+        if unknown:
+            raise DatasetError(
+                f"the sites' class(es) {', '.join(unknown)} are not classes of the base model "
+                f"({', '.join(classes)}); choose the sites' classes with demo.classes"
+            )
+
+    def _base_dir(self) -> Path:
+        base = Path(self.config.base_model)
+        if not (base / "model.json").is_file():
+            raise UsageError(
+                f"demo.base_model {base} is not a model directory (no model.json): give the shipped base model "
+                "(models/base-pbc in the repository) or one of your own (--base-model)"
+            )
+        return base
+
     def _register_base(self) -> tuple[list[str], str]:
         """Register the base model directory as @champion (a rerun in the same home keeps the one it registered);
         returns its classes and version."""
@@ -372,12 +389,7 @@ class Demo:
         from cytoloop.models.finetune import code_revision
         from cytoloop.registry import CHAMPION, open_registry
 
-        base = Path(self.config.base_model)
-        if not (base / "model.json").is_file():
-            raise UsageError(
-                f"demo.base_model {base} is not a model directory (no model.json): give the shipped base model "
-                "(models/base-pbc in the repository) or one of your own (--base-model)"
-            )
+        base = self._base_dir()
         meta = read_model_meta(base)
         registry, name = open_registry(self.settings), self.settings.registry.model_name
         current = registry.alias_version(name, CHAMPION)
@@ -562,14 +574,6 @@ def _demo_settings(settings: Settings, data: Path) -> Settings:
         }
     )
     return settings.model_copy(update={"home": home, "serve": serve, "stack": stack})
-
-
-def _majority(versions: Sequence[str]) -> str:
-    """The version that scored most of a batch (all of it, unless the alias moved mid-batch)."""
-    counts: dict[str, int] = defaultdict(int)
-    for version in versions:
-        counts[version] += 1
-    return max(counts, key=lambda v: counts[v]) if counts else ""
 
 
 def round_table(rounds: Sequence[RoundResult]) -> str:
