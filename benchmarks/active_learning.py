@@ -1,30 +1,43 @@
 """Active-learning benchmark: does choosing which cells to label beat labelling at random?
 
-On the real cells of two labs (jtsc+bccd; neutrophil, lymphocyte, monocyte, eosinophil) each acquisition strategy
-of `cytoloop.policy.acquisition` (random, least_confidence, entropy, routing) starts from the same seed labels and
-spends the same budget for the same number of rounds, for the diffusion classifier and the CNN baseline:
+Two settings (`--setting`), each starting every strategy of a seed from the same model and the same labels:
 
-  test        a fixed stratified 30 % of the cells (split seed 0), scored after every round;
-  validation  per seed, --val-per-class cells per class, frozen: every round recalibrates on them (as the
-              platform's fine-tuning does on its frozen validation set); not counted as labels, same for all;
-  seed labels per seed, --seed-per-class cells per class;
-  pool        the rest: unlabeled until a strategy acquires a cell and its ground-truth label is revealed.
+  pbc    PBC's eight classes from 10 labels per class (`--seed-per-class`): the model is trained from scratch on
+         them (the diffusion model after null-class pretraining on every non-test PBC cell, labels unseen), the
+         pool is the rest of PBC (thousands of cells), the test set a fixed stratified 10 % of PBC (about 1,600
+         cells) for every model, strategy and seed. Each round continues training the previous round's model.
+  adapt  the PBC base model (`--base diffusion=DIR,baseline=DIR`: the shipped diffusion model and the reference
+         experiment's CNN) meeting the other labs (jtsc, cellavision, bccd; neutrophil, lymphocyte, monocyte,
+         eosinophil): no labels at first, the pool is the labs' cells, the test set a fixed stratified 30 %.
+         Each round fine-tunes the base model on all labels so far (`cytoloop adapt`'s settings: stronger stain
+         augmentation), as the demo's site fine-tunes do.
 
-Round 0 trains on the seed labels (the diffusion model first pretrains its null class on every non-test cell,
-labels unseen, once; then --first-steps with the seed labels; the CNN --first-steps from scratch) and is shared by
-every strategy of a seed. Each later round acquires --budget cells with the strategy (from the model's predictions
-on --candidates pool cells drawn at random: scoring the whole pool every round is beyond the diffusion model's
-budget on a CPU), then fine-tunes the previous round's model for --steps steps on all labels so far (the diffusion
-model also on the unlabeled pool, which trains its null class), with the same training seed for every strategy,
-and recalibrates (the diffusion model refits its temperature; its timestep weights are fitted at round 0).
-The CNN baseline runs --rounds rounds, the diffusion classifier --diffusion-rounds. Balanced accuracy and ECE
-on the test cells are recorded against the number of labels.
+Per seed, --val-per-class cells per class are a frozen validation set: every round recalibrates on them (as the
+platform's fine-tuning does on its frozen cells); they are not counted as labels and are the same for every
+strategy. Each round a strategy picks --budget cells among --candidates pool cells drawn at random (seeded by seed
+and round; the diffusion model, and on PBC's thousands even the CNN, cannot afford to score the whole pool every
+round); their ground truth is revealed and the model trains with the same training seed for every strategy. The
+diffusion model also trains its null class on the unlabeled pool. Balanced accuracy and ECE on the test cells are
+recorded against the number of labels.
 
-Each (model, seed, strategy) keeps its progress in <out>/<model>/seed<k>/<strategy>.json and its latest model
-beside it, so a killed run resumes at the round it reached. Writes a table and plots into docs/benchmarks.md.
+Strategies (`cytoloop.policy.acquisition`): random, least confidence, margin, entropy, the diffusion classifier's
+trial-level disagreement (diffusion only: a CNN has no trials), and the review loop's routing policy.
 
-    python benchmarks/active_learning.py --data ../shared/data/cells
-    python benchmarks/active_learning.py --data ../shared/data/cells --docs-only   # rewrite the docs section
+Statistics, over seeds (each seed pairs every strategy with random on the same start, test cells and training
+seeds): the learning curves' mean with a 95 % t interval; the labels a strategy needs to reach random's final
+mean balanced accuracy, with a 95 % interval from resampling the seeds; and a paired t-test of each strategy
+against random, on the final balanced accuracy and on its mean over the rounds after round 0 (the area between
+the learning curves). Goal (#18): the best strategy reaches random's final accuracy with at most half of the
+labels random acquired.
+
+Each (setting, model, seed, strategy) keeps its progress in <out>/<setting>/<model>/seed<k>/<strategy>.json and
+its latest model beside it, so a killed run resumes at the round it reached. Writes a table and plots into
+docs/benchmarks.md (section "active-learning-<setting>").
+
+    python benchmarks/active_learning.py --setting pbc --data ../shared/data/manifest.csv --models baseline
+    python benchmarks/active_learning.py --setting adapt --data ../shared/data/manifest.csv \
+        --base diffusion=models/base-pbc,baseline=runs/reference/cnn-seed0
+    python benchmarks/active_learning.py --setting pbc --data ../shared/data/manifest.csv --docs-only
 """
 
 from __future__ import annotations
@@ -37,17 +50,19 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 from cytoloop.config import Settings, load_settings
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import CellRecord, load_records, select, stratified_split
 from cytoloop.models.base import Classifier, Predictions
-from cytoloop.models.finetune import finetune
+from cytoloop.models.finetune import finetune, finetune_configs
 from cytoloop.models.loading import load_model
 from cytoloop.models.train import UNLABELED, diffusion_loss, fit
 from cytoloop.policy.acquisition import STRATEGIES, Pool, get_strategy
@@ -57,10 +72,19 @@ from cytoloop.workflows import build_model, evaluate_predictions, label_indices
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _docs import DOCS, replace_section  # noqa: E402
 
-CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
-DOMAINS = ["jtsc", "bccd"]
 IMAGES = DOCS.parent / "img"
-# Diffusion scoring cheap enough to score the pool every round: a few trials, then a t-test after every trial
+PBC_CLASSES = [
+    "basophil",
+    "eosinophil",
+    "erythroblast",
+    "immature_granulocyte",
+    "lymphocyte",
+    "monocyte",
+    "neutrophil",
+    "platelet",
+]
+NEEDS_TRIALS = {"disagreement"}  # strategies only a model that scores in trials offers
+# Diffusion scoring cheap enough to score candidates every round: a few trials, then a t-test after every trial
 # (the tuned rule of the speed benchmark, capped), null class on the first two trials only, bf16.
 SCORING = {
     "min_trials": 3,
@@ -70,6 +94,39 @@ SCORING = {
     "null_trials": 2,
     "calibration_trials": 10,
     "precision": "bf16",
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a benchmark's cells come from and how each seed starts."""
+
+    name: str
+    labs: tuple[str, ...]
+    classes: tuple[str, ...]  # the labels counted (cells of other classes are left out)
+    test_fraction: float
+    from_base: bool  # start from the base model (adapt) instead of training on seed labels from scratch
+    description: str
+
+
+SETTINGS = {
+    "pbc": Setting(
+        "pbc",
+        ("pbc",),
+        tuple(PBC_CLASSES),
+        0.1,
+        False,
+        "PBC's eight classes, trained from scratch on the seed labels; each round continues the previous model",
+    ),
+    "adapt": Setting(
+        "adapt",
+        ("jtsc", "cellavision", "bccd"),
+        ("neutrophil", "lymphocyte", "monocyte", "eosinophil"),
+        0.3,
+        True,
+        "the PBC base model adapting to the other labs (jtsc, cellavision, bccd; their four shared classes); each "
+        "round fine-tunes the base model on all labels so far",
+    ),
 }
 
 
@@ -85,21 +142,23 @@ class Cells:
     def of(self, ids: list[str]) -> np.ndarray:
         return self.images[[self.row[i] for i in ids]]
 
-    def labels(self, ids: list[str]) -> np.ndarray:
-        return label_indices([self.records[i] for i in ids], CLASSES)
+    def labels(self, ids: list[str], classes: list[str]) -> np.ndarray:
+        return label_indices([self.records[i] for i in ids], classes)
 
 
-def split(cells: Cells, seed: int, args) -> dict[str, list[str]]:
+def split(cells: Cells, seed: int, setting: Setting, args) -> dict[str, list[str]]:
     """Test (fixed for every seed), and per seed the frozen validation cells, seed labels and pool."""
     records = list(cells.records.values())
-    parts = stratified_split(records, {"rest": 1 - args.test_fraction, "test": args.test_fraction}, seed=0)
+    fractions = {"rest": 1 - setting.test_fraction, "test": setting.test_fraction}
+    parts = stratified_split(records, fractions, seed=0)
     out = {"test": sorted(r.cell_id for r in parts["test"]), "val": [], "seed": [], "pool": []}
-    for name in CLASSES:
+    first = 0 if setting.from_base else args.seed_per_class
+    for name in setting.classes:
         members = sorted(r.cell_id for r in parts["rest"] if r.label == name)
         random.Random(f"{seed}-{name}").shuffle(members)
         out["val"] += members[: args.val_per_class]
-        out["seed"] += members[args.val_per_class : args.val_per_class + args.seed_per_class]
-        out["pool"] += members[args.val_per_class + args.seed_per_class :]
+        out["seed"] += members[args.val_per_class : args.val_per_class + first]
+        out["pool"] += members[args.val_per_class + first :]
     return out
 
 
@@ -111,19 +170,30 @@ def thumbnails(images: np.ndarray, size: int = 4) -> np.ndarray:
     return cropped.reshape(n, channels, size, block, size, block).mean(axis=(3, 5)).reshape(n, -1)
 
 
-def train_step_settings(settings: Settings, steps: int, seed: int, lr: float) -> Settings:
-    """Settings for one round: its budget, its seed (the same for every strategy, so only the labels differ) and
-    learning rate; warm-up at most a fifth of the steps, as a round is short."""
-    train = settings.train.model_copy(
-        update={"steps": steps, "seed": seed, "lr": lr, "warmup_steps": min(settings.train.warmup_steps, steps // 5)}
-    )
-    return settings.model_copy(update={"train": train})
+def round_settings(settings: Settings, steps: int, seed: int, args, adapt: bool) -> tuple[Settings, object]:
+    """(settings, augmentation) of one round: its budget, its seed (the same for every strategy, so only the
+    labels differ); an adaptation round takes `cytoloop adapt`'s learning rate and stain augmentation."""
+    if adapt:
+        adapted = settings.model_copy(update={"adapt": settings.adapt.model_copy(update={"steps": steps})})
+        train, augment = finetune_configs(adapted, adapt=True)
+        train = train.model_copy(update={"seed": seed})
+    else:
+        train = settings.train.model_copy(
+            update={
+                "steps": steps,
+                "seed": seed,
+                "lr": args.lr,
+                "warmup_steps": min(settings.train.warmup_steps, steps // 5),
+            }
+        )
+        augment = settings.augment
+    return settings.model_copy(update={"train": train}), augment
 
 
-def recalibrate(model: Classifier, images: np.ndarray, labels: np.ndarray, first: bool) -> None:
-    """Round 0 fits the whole calibration (`calibration.calibrate`); later rounds refit the temperature only. For
-    the diffusion model the timestep weights need exhaustive trials, the costliest scoring of a round."""
-    if first or model.kind != "diffusion":
+def recalibrate(model: Classifier, images: np.ndarray, labels: np.ndarray, full: bool) -> None:
+    """A full calibration (`calibration.calibrate`) where asked (a diffusion model trained from scratch, at round
+    0), else the temperature only: the timestep weights need exhaustive trials, the costliest scoring there is."""
+    if full or model.kind != "diffusion":
         calibrate(model, images, labels)
     else:
         model.temperature = fit_temperature(-model.score(images).class_error, labels)
@@ -136,18 +206,19 @@ def train_round(
     pool: list[str],
     val: list[str],
     settings: Settings,
+    augment,
     checkpoint_dir: Path,
-    first: bool = False,
+    full_calibration: bool = False,
 ) -> None:
-    """Continue training `model` on the labelled cells (diffusion: and the unlabeled pool), then recalibrate."""
-    images, labels = cells.of(labelled), cells.labels(labelled)
+    """Train `model` on the labelled cells (diffusion: and the unlabeled pool), then recalibrate."""
+    images, labels = cells.of(labelled), cells.labels(labelled, model.classes)
     if model.kind == "diffusion":
         images = np.concatenate([images, cells.of(pool)])
         labels = np.concatenate([labels, np.full(len(pool), UNLABELED)])
     # training leaves the model holding its frozen EMA copy; the next round trains that copy again
     (model.unet if model.kind == "diffusion" else model.network).requires_grad_(True)
-    finetune(model, images, labels, settings.train, settings.augment, checkpoint_dir=checkpoint_dir)
-    recalibrate(model, cells.of(val), cells.labels(val), first)
+    finetune(model, images, labels, settings.train, augment, checkpoint_dir=checkpoint_dir)
+    recalibrate(model, cells.of(val), cells.labels(val, model.classes), full_calibration)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
@@ -157,8 +228,8 @@ def pretrained_diffusion(cells: Cells, ids: list[str], settings: Settings, args)
     if (out / "model.json").is_file():
         return out
     print(f"pretraining the diffusion model's null class on {len(ids)} unlabeled cells", flush=True)
-    model = build_model("diffusion", CLASSES, settings)
-    config = train_step_settings(settings, args.pretrain_steps, 0, settings.train.lr).train
+    model = build_model("diffusion", PBC_CLASSES, settings)
+    config = round_settings(settings, args.pretrain_steps, 0, args, adapt=False)[0].train
     model.unet, _ = fit(
         model.unet,
         diffusion_loss(model.scheduler, model.null_class, config),
@@ -174,29 +245,56 @@ def pretrained_diffusion(cells: Cells, ids: list[str], settings: Settings, args)
     return out
 
 
+def with_benchmark_scoring(model: Classifier) -> Classifier:
+    """The diffusion model scores with the benchmark's capped rule (`SCORING`); a CNN is returned as is."""
+    if model.kind == "diffusion":
+        model.scoring_config = model.scoring_config.model_copy(update=SCORING)
+    return model
+
+
 def evaluate(model: Classifier, cells: Cells, test: list[str]) -> dict:
     began = time.perf_counter()
     predictions = model.predict(cells.of(test))
-    report = evaluate_predictions(predictions, cells.labels(test), CLASSES, time.perf_counter() - began)
+    report = evaluate_predictions(
+        predictions, cells.labels(test, model.classes), model.classes, time.perf_counter() - began, n_boot=0
+    )
     return {k: report[k] for k in ("balanced_accuracy", "accuracy", "ece", "nll", "denoiser_evals_per_cell")}
 
 
+def start_model(kind: str, cells: Cells, parts: dict, settings: Settings, args) -> Classifier:
+    """The untrained start of a seed: the base model (adapt) or a fresh model (pbc; the diffusion model after its
+    shared null-class pretraining)."""
+    if args.setting.from_base:
+        return with_benchmark_scoring(load_model(args.base[kind]))
+    if kind == "diffusion":
+        ids = sorted(parts["seed"] + parts["pool"] + parts["val"])
+        return with_benchmark_scoring(load_model(pretrained_diffusion(cells, ids, settings, args)))
+    return build_model(kind, PBC_CLASSES, settings)
+
+
 def first_round(kind: str, seed: int, cells: Cells, parts: dict, settings: Settings, args) -> tuple[Path, dict]:
-    """The round-0 model of a seed (trained on the seed labels only) and its test metrics; shared by strategies."""
+    """The round-0 model of a seed and its test metrics; shared by every strategy. pbc: trained on the seed labels;
+    adapt: the base model, its temperature refitted on the frozen validation cells (no label spent)."""
     out = args.out / kind / f"seed{seed}" / "round0"
     if (out / "round.json").is_file():
         return out, json.loads((out / "round.json").read_text())
     began = time.perf_counter()
-    round_settings = train_step_settings(settings, args.first_steps, 1000 * seed, args.lr)
-    if kind == "diffusion":
-        model = load_model(
-            pretrained_diffusion(cells, sorted(parts["seed"] + parts["pool"] + parts["val"]), settings, args)
-        )
+    model = start_model(kind, cells, parts, settings, args)
+    if args.setting.from_base:
+        recalibrate(model, cells.of(parts["val"]), cells.labels(parts["val"], model.classes), full=False)
     else:
-        model = build_model(kind, CLASSES, round_settings)
-    train_round(
-        model, cells, parts["seed"], parts["pool"], parts["val"], round_settings, out / "checkpoints", first=True
-    )
+        first, augment = round_settings(settings, args.first_steps, 1000 * seed, args, adapt=False)
+        train_round(
+            model,
+            cells,
+            parts["seed"],
+            parts["pool"],
+            parts["val"],
+            first,
+            augment,
+            out / "checkpoints",
+            full_calibration=True,
+        )
     result = {
         "n_labels": len(parts["seed"]),
         **evaluate(model, cells, parts["test"]),
@@ -208,9 +306,9 @@ def first_round(kind: str, seed: int, cells: Cells, parts: dict, settings: Setti
     return out, result
 
 
-def unscored(n: int) -> Predictions:
+def unscored(n: int, n_classes: int) -> Predictions:
     """Uniform placeholder predictions: random sampling ignores scores, so its rounds skip scoring the pool."""
-    return Predictions(np.full((n, len(CLASSES)), 1 / len(CLASSES)), np.zeros(n), np.zeros(n, dtype=int))
+    return Predictions(np.full((n, n_classes), 1 / n_classes), np.zeros(n), np.zeros(n, dtype=int))
 
 
 def run(kind: str, strategy_name: str, seed: int, cells: Cells, settings: Settings, args) -> dict:
@@ -220,10 +318,11 @@ def run(kind: str, strategy_name: str, seed: int, cells: Cells, settings: Settin
     state = json.loads(path.read_text()) if path.is_file() else None
     if state and state["done"]:
         return state
-    parts = split(cells, seed, args)
+    parts = split(cells, seed, args.setting, args)
     if state is None:
         first_dir, first = first_round(kind, seed, cells, parts, settings, args)
         state = {
+            "setting": args.setting.name,
             "kind": kind,
             "strategy": strategy_name,
             "seed": seed,
@@ -232,68 +331,73 @@ def run(kind: str, strategy_name: str, seed: int, cells: Cells, settings: Settin
             "done": False,
             "command": " ".join(["python", *sys.argv]),
         }
-        model = load_model(first_dir)
+        model = with_benchmark_scoring(load_model(first_dir))
     else:
-        model = load_model(models / f"round{len(state['rounds']) - 1}")
+        model = with_benchmark_scoring(load_model(models / f"round{len(state['rounds']) - 1}"))
     strategy = get_strategy(strategy_name, settings.routing)
-    rounds = args.diffusion_rounds if kind == "diffusion" else args.rounds
-    while len(state["rounds"]) <= rounds:
+    candidates = args.diffusion_candidates if kind == "diffusion" else args.candidates
+    while len(state["rounds"]) <= args.rounds:
         began = time.perf_counter()
         number = len(state["rounds"])
         labelled = set(state["labelled"])
         pool = [i for i in parts["pool"] if i not in labelled]
-        if len(pool) > args.candidates:  # score a random share of the pool only: the diffusion model's cost
-            pool = sorted(random.Random(f"{seed}-{number}").sample(pool, args.candidates))
+        if len(pool) > candidates:
+            pool = sorted(random.Random(f"{seed}-{number}").sample(pool, candidates))
         images = cells.of(pool)
-        predictions = unscored(len(pool)) if strategy_name == "random" else model.predict(images)
+        predictions = unscored(len(pool), len(model.classes)) if strategy_name == "random" else model.predict(images)
         chosen = strategy(
-            Pool(predictions, pool, CLASSES, [cells.records[i].domain for i in pool], thumbnails(images)),
+            Pool(predictions, pool, model.classes, [cells.records[i].domain for i in pool], thumbnails(images)),
             args.budget,
             1000 * seed + number,
         )
         acquired = [pool[i] for i in chosen]
-        labelled = state["labelled"] + acquired
-        known = set(labelled)
+        labelled_now = state["labelled"] + acquired
+        known = set(labelled_now)
         remaining = [i for i in parts["pool"] if i not in known]
-        round_settings = train_step_settings(settings, args.steps, 1000 * seed + number, args.lr)
-        train_round(model, cells, labelled, remaining, parts["val"], round_settings, models / "checkpoints")
+        if args.setting.from_base:  # every round adapts the base model afresh on all labels so far
+            model = with_benchmark_scoring(load_model(args.base[kind]))
+        this_round, augment = round_settings(settings, args.steps, 1000 * seed + number, args, args.setting.from_base)
+        train_round(model, cells, labelled_now, remaining, parts["val"], this_round, augment, models / "checkpoints")
         model.save(models / f"round{number}")
-        state["labelled"] = labelled
+        state["labelled"] = labelled_now
         state["rounds"].append(
             {
-                "n_labels": len(labelled),
+                "n_labels": len(labelled_now),
                 **evaluate(model, cells, parts["test"]),
                 "acquired": acquired,
                 "minutes": (time.perf_counter() - began) / 60,
             }
         )
-        state["done"] = len(state["rounds"]) > rounds
+        state["done"] = len(state["rounds"]) > args.rounds
         path.write_text(json.dumps(state, indent=1))
         shutil.rmtree(models / f"round{number - 1}", ignore_errors=True)
         last = state["rounds"][-1]
         print(
-            f"{kind} {strategy_name} seed {seed} round {number}: {last['n_labels']} labels, balanced accuracy "
-            f"{last['balanced_accuracy']:.3f}, ECE {last['ece']:.3f} ({last['minutes']:.1f} min)",
+            f"{args.setting.name} {kind} {strategy_name} seed {seed} round {number}: {last['n_labels']} labels, "
+            f"balanced accuracy {last['balanced_accuracy']:.3f}, ECE {last['ece']:.3f} ({last['minutes']:.1f} min)",
             flush=True,
         )
     shutil.rmtree(models, ignore_errors=True)  # finished: only the metrics are kept
     return state
 
 
-def finished(args) -> dict[str, dict[str, list[dict]]]:
+# --------------------------------------------------------------------------- statistics
+
+
+def finished(out: Path) -> dict[str, dict[str, list[dict]]]:
     """model -> strategy -> finished runs, read from the progress files; only seeds that every strategy of the
-    model has finished count, so each strategy's mean is over the same seeds."""
+    model has finished count, so each strategy is compared with random on the same seeds."""
     runs: dict[str, dict[str, dict[int, dict]]] = {}
-    for path in sorted(args.out.glob("*/seed*/*.json")):
+    for path in sorted(out.glob("*/seed*/*.json")):
         state = json.loads(path.read_text())
         if state.get("done"):
             runs.setdefault(state["kind"], {}).setdefault(state["strategy"], {})[state["seed"]] = state
-    out: dict[str, dict[str, list[dict]]] = {}
+    result: dict[str, dict[str, list[dict]]] = {}
     for kind, by_strategy in runs.items():
         seeds = sorted(set.intersection(*(set(by_seed) for by_seed in by_strategy.values())))
         if seeds:
-            out[kind] = {name: [by_seed[s] for s in seeds] for name, by_seed in by_strategy.items()}
-    return out
+            result[kind] = {name: [by_seed[s] for s in seeds] for name, by_seed in by_strategy.items()}
+    return result
 
 
 def curves(runs: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -313,134 +417,221 @@ def labels_to_reach(counts: np.ndarray, curve: np.ndarray, target: float) -> flo
     return None
 
 
-def plot(kind: str, by_strategy: dict[str, list[dict]], path: Path) -> Path:
-    """Balanced accuracy and ECE against labels: mean line per strategy, band = ± one sd over seeds."""
+def t_interval(values: np.ndarray) -> tuple[float, float]:
+    """95 % t interval of the mean of `values` (one per seed); (nan, nan) with fewer than two."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def paired_test(values: np.ndarray, reference: np.ndarray) -> dict:
+    """Strategy minus random, seed by seed: mean, 95 % t interval and the two-sided paired t-test's p."""
+    gaps = values - reference
+    low, high = t_interval(gaps)
+    p = float(stats.ttest_rel(values, reference).pvalue) if len(gaps) > 1 and gaps.std() > 0 else float("nan")
+    return {"mean": float(gaps.mean()), "low": low, "high": high, "p": p}
+
+
+def labels_needed(by_strategy: dict[str, list[dict]], name: str, n_boot: int = 2000) -> dict:
+    """Labels the strategy's mean curve needs to reach random's final mean balanced accuracy, as a share of the
+    labels random acquired (after round 0), with a 95 % interval from resampling the seeds (the same seeds for
+    both curves: they are paired). A resample that never reaches the target counts as more than the budget."""
+    counts, values = curves(by_strategy[name], "balanced_accuracy")
+    reference = curves(by_strategy["random"], "balanced_accuracy")[1]
+    acquired = counts[-1] - counts[0]
+
+    def share(index: np.ndarray) -> float:
+        reached = labels_to_reach(counts, values[index].mean(axis=0), reference[index, -1].mean())
+        return np.inf if reached is None else (reached - counts[0]) / acquired
+
+    rng = np.random.default_rng(0)
+    n = len(values)
+    resampled = np.array([share(rng.integers(0, n, n)) for _ in range(n_boot)])
+    point = share(np.arange(n))
+    return {
+        "labels": None if not np.isfinite(point) else float(counts[0] + point * acquired),
+        "share": float(point),
+        "low": float(np.quantile(resampled, 0.025)),
+        "high": float(np.quantile(resampled, 0.975)),
+    }
+
+
+def summary(by_strategy: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per strategy: labels needed and the paired tests against random (final, and mean over rounds 1..)."""
+    reference = curves(by_strategy["random"], "balanced_accuracy")[1]
+    out = {}
+    for name, runs in by_strategy.items():
+        values = curves(runs, "balanced_accuracy")[1]
+        out[name] = {
+            "needed": labels_needed(by_strategy, name),
+            "final": paired_test(values[:, -1], reference[:, -1]),
+            "area": paired_test(values[:, 1:].mean(axis=1), reference[:, 1:].mean(axis=1)),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ordered(by_strategy: dict) -> list[str]:
+    return [n for n in STRATEGIES if n in by_strategy]
+
+
+def plot(title: str, by_strategy: dict[str, list[dict]], path: Path) -> Path:
+    """Balanced accuracy and ECE against labels: mean line per strategy, band = 95 % t interval over seeds."""
     from matplotlib.figure import Figure
 
-    colours = {"random": "black", "least_confidence": "tab:orange", "entropy": "tab:green", "routing": "tab:red"}
+    colours = {
+        "random": "black",
+        "least_confidence": "tab:orange",
+        "margin": "tab:purple",
+        "entropy": "tab:green",
+        "disagreement": "tab:blue",
+        "routing": "tab:red",
+    }
     fig = Figure(figsize=(10, 3.8), dpi=100)
     axes = fig.subplots(1, 2)
-    for name in (n for n in STRATEGIES if n in by_strategy):
+    for name in ordered(by_strategy):
         runs = by_strategy[name]
         for ax, metric in zip(axes, ("balanced_accuracy", "ece")):
             counts, values = curves(runs, metric)
-            mean, sd = values.mean(axis=0), values.std(axis=0)
+            mean = values.mean(axis=0)
+            bands = np.array([t_interval(values[:, i]) for i in range(values.shape[1])])
             ax.plot(
                 counts,
                 mean,
                 marker="o",
+                markersize=3,
                 color=colours[name],
                 linestyle="--" if name == "random" else "-",
                 label=f"{name} ({len(runs)} seeds)",
             )
-            ax.fill_between(counts, mean - sd, mean + sd, alpha=0.12, color=colours[name])
+            ax.fill_between(counts, bands[:, 0], bands[:, 1], alpha=0.10, color=colours[name])
     for ax, label in zip(axes, ("balanced accuracy (test)", "ECE (test)")):
         ax.set_xlabel("labelled cells")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Active learning, {kind}: mean over seeds, band = ± 1 sd")
+    fig.suptitle(f"Active learning, {title}: mean over seeds, band = 95 % t interval")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", bbox_inches="tight")
     return path
 
 
-def acquired_mix(runs: list[dict], label_of: dict[str, str]) -> str:
+def acquired_mix(runs: list[dict], label_of: dict[str, str], classes: tuple[str, ...]) -> str:
     """Share of each class among the cells a strategy acquired (all rounds and seeds): what it chose to label."""
     labels = [label_of[i] for run in runs for r in run["rounds"] for i in r["acquired"]]
-    return ", ".join(f"{name} {labels.count(name) / len(labels):.0%}" for name in CLASSES)
+    return ", ".join(f"{name} {labels.count(name) / len(labels):.0%}" for name in classes if labels)
 
 
-def table(by_strategy: dict[str, list[dict]], metric: str, target: float | None) -> list[str]:
-    """Markdown rows of one metric: mean ± sd per label count; for balanced accuracy also the labels needed to
-    reach random's final accuracy, and the paired differences to random (same seeds, same seed labels)."""
+def curve_table(by_strategy: dict[str, list[dict]], metric: str) -> list[str]:
+    """Markdown rows: mean [95 % t interval] per label count."""
     counts = curves(next(iter(by_strategy.values())), "n_labels")[0]
-    accuracy = metric == "balanced_accuracy"
-    extra = " labels to reach random | final − random (paired) | mean over rounds − random (paired) |"
     lines = [
-        f"| strategy | seeds | {' | '.join(str(c) for c in counts)} |" + (extra if accuracy else ""),
-        "|---|---|" + "---|" * len(counts) + ("---|---|---|" if accuracy else ""),
+        f"| strategy | seeds | {' | '.join(str(c) for c in counts)} |",
+        "|---|---|" + "---|" * len(counts),
     ]
-    for name in (n for n in STRATEGIES if n in by_strategy):
+    for name in ordered(by_strategy):
         values = curves(by_strategy[name], metric)[1]
-        row = (
-            "| "
-            + " | ".join(
-                [name, str(len(values))]
-                + [f"{m:.3f} ± {s:.3f}" for m, s in zip(values.mean(axis=0), values.std(axis=0))]
-            )
+        cells = []
+        for i in range(values.shape[1]):
+            low, high = t_interval(values[:, i])
+            cells.append(f"{values[:, i].mean():.3f} [{low:.3f}, {high:.3f}]")
+        lines.append(f"| {name} | {len(values)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def test_table(by_strategy: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: labels needed to reach random's final accuracy, and the paired tests against random."""
+    counts = curves(by_strategy["random"], "n_labels")[0]
+    lines = [
+        "| strategy | labels to reach random's final (share of random's acquired labels, 95 % interval) | "
+        "final − random (95 % CI, paired t p) | mean over rounds − random (95 % CI, paired t p) |",
+        "|---|---|---|---|",
+    ]
+
+    def test(t: dict) -> str:
+        return f"{t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}], p {t['p']:.2f}"
+
+    def share(s: float) -> str:
+        return f"{s:.0%}" if np.isfinite(s) else f">{counts[-1]}"
+
+    for name, row in ((n, summary(by_strategy)[n]) for n in ordered(by_strategy)):
+        needed = row["needed"]
+        labels = f">{counts[-1]}" if needed["labels"] is None else f"{needed['labels']:.0f}"
+        tests = "—" if name == "random" else f"{test(row['final'])} | {test(row['area'])}"
+        lines.append(
+            f"| {name} | {labels} ({share(needed['share'])}, [{share(needed['low'])}, {share(needed['high'])}]) | "
+            + (tests if name != "random" else "— | —")
             + " |"
         )
-        if accuracy and target is not None:
-            reached = labels_to_reach(counts, values.mean(axis=0), target)
-            gaps = values[:, 1:] - curves(by_strategy["random"], metric)[1][:, 1:]
-            final, average = gaps[:, -1], gaps.mean(axis=1)
-            row += (
-                f" {'>' + str(counts[-1]) if reached is None else f'{reached:.0f}'} | "
-                f"{final.mean():+.3f} ± {final.std():.3f} | {average.mean():+.3f} ± {average.std():.3f} |"
-            )
-        lines.append(row)
     return lines + [""]
 
 
 def render(results: dict[str, dict[str, list[dict]]], label_of: dict[str, str], args) -> str:
-    """The docs section: the protocol, then per model the tables, the class mix of acquisitions and the plot."""
+    """The docs section of one setting: the protocol, then per model the tables, acquisitions' class mix, plot."""
+    setting: Setting = args.setting
+    start = (
+        "Round 0 is the base model, its temperature refitted on the frozen validation cells"
+        if setting.from_base
+        else f"Round 0 trains on {args.seed_per_class} seed labels per class for {args.first_steps} steps (the "
+        f"diffusion model after {args.pretrain_steps} steps of null-class pretraining on every non-test cell, labels "
+        "unseen, shared by all seeds)"
+    )
     lines = [
-        f"Cells: {'+'.join(DOMAINS)} ({', '.join(CLASSES)}). Test: a fixed stratified {args.test_fraction:.0%} of the "
-        f"cells, the same for every model, strategy and seed. Per seed: {args.seed_per_class} seed labels per class "
-        f"and a frozen validation set of {args.val_per_class} per class (recalibration after every round; not "
-        "counted as labels, the same for every strategy); the rest is the pool. Each round a strategy picks "
-        f"{args.budget} cells among {args.candidates} pool cells drawn at random (seeded by seed and round; the "
-        "diffusion model cannot afford to score the whole pool every round). Rounds: CNN baseline "
-        f"{args.rounds}, diffusion {args.diffusion_rounds}. Training: round 0 {args.first_steps} steps on the seed "
-        f"labels (diffusion: after {args.pretrain_steps} steps of null-class pretraining on every non-test cell, "
-        f"labels unseen, shared by all seeds); each later round fine-tunes the previous round's model {args.steps} "
-        f"steps (batch {args.batch_size}, lr {args.lr:g}) with the same training seed for every strategy. "
-        f"Diffusion scoring: adaptive, {SCORING['min_trials']}-{SCORING['max_trials']} trials, t-test after every "
-        f"trial (p {SCORING['elimination_p']}), null class on the first {SCORING['null_trials']} trials, "
-        f"{SCORING['precision']}; timestep weights fitted at round 0, temperature refitted every round.",
+        f"Setting `{setting.name}`: {setting.description}. Test: a fixed stratified "
+        f"{setting.test_fraction:.0%} of the cells, the same for every model, strategy and seed. Per seed: a "
+        f"frozen validation set of {args.val_per_class} cells per class (recalibration after every round; not counted "
+        f"as labels). {start}. Then {args.rounds} rounds: a strategy picks {args.budget} cells among "
+        f"{args.candidates} (CNN) / {args.diffusion_candidates} (diffusion) pool cells drawn at random (seeded by "
+        f"seed and round), and the model trains {args.steps} steps (batch {args.batch_size}) with the same training "
+        f"seed for every strategy. Diffusion scoring: adaptive, {SCORING['min_trials']}-{SCORING['max_trials']} "
+        f"trials, t-test after every trial (p {SCORING['elimination_p']}), null class on the first "
+        f"{SCORING['null_trials']} trials, {SCORING['precision']}; temperature refitted every round.",
         "",
-        "Table cells: mean ± sd over seeds. 'Labels to reach random': labels at which the strategy's mean curve "
-        "first reaches random sampling's mean balanced accuracy at its final budget (linear between rounds; '>N' "
-        "when never). 'final − random': balanced accuracy at the final budget minus random's, seed by seed "
-        "(mean ± sd over seeds); 'mean over rounds − random': the same difference averaged over the rounds after "
-        "round 0 (an area between learning curves). Routing = the review loop's policy (`routing.route_cells` + "
-        "`select_for_review`: anomaly threshold at the candidates' 95th percentile of the model's anomaly score, "
-        "then least confident under 0.7, then audits, spread over predicted classes and labs, near-duplicates "
-        "skipped); when it routes fewer cells than the budget, the rest are the least confident.",
+        "Learning curves: mean over seeds [95 % t interval]. 'Labels to reach random's final': where the strategy's "
+        "mean curve first reaches random's mean balanced accuracy at the final budget (linear between rounds), and "
+        "that as a share of the labels random acquired after round 0 (goal: ≤ 50 %), with a 95 % interval from "
+        "resampling seeds. Paired tests: strategy minus random seed by seed (same start, test cells and training "
+        "seeds), mean, 95 % t interval and two-sided paired t-test p, at the final budget and averaged over the rounds "
+        "after round 0. Routing = the review loop's policy (anomaly threshold at the candidates' 95th percentile, then "
+        "least confident under 0.7, then audits, spread over predicted classes and labs, near-duplicates skipped; "
+        "the rest of the budget least confident). Disagreement: the diffusion classifier only (a CNN has no trials).",
         "",
     ]
     for kind, by_strategy in results.items():
-        target = None
-        if "random" in by_strategy:
-            target = curves(by_strategy["random"], "balanced_accuracy")[1].mean(axis=0)[-1]
-        for metric, title in (("balanced_accuracy", "balanced accuracy"), ("ece", "ECE")):
-            lines += [f"**{kind}: {title}** against labelled cells", ""] + table(by_strategy, metric, target)
-        if target is not None:
-            lines += [f"Random sampling's final mean balanced accuracy ({kind}): {target:.3f}.", ""]
+        if "random" not in by_strategy:
+            continue
+        target = curves(by_strategy["random"], "balanced_accuracy")[1].mean(axis=0)[-1]
+        lines += [f"**{kind}: balanced accuracy** against labelled cells", ""] + curve_table(
+            by_strategy, "balanced_accuracy"
+        )
+        lines += [f"**{kind}: against random** (random's final mean balanced accuracy {target:.3f})", ""]
+        lines += test_table(by_strategy)
+        lines += [f"**{kind}: ECE** against labelled cells", ""] + curve_table(by_strategy, "ece")
         lines += [f"Classes of the acquired cells ({kind}):", ""]
-        lines += [f"- {n}: {acquired_mix(by_strategy[n], label_of)}" for n in STRATEGIES if n in by_strategy]
+        lines += [f"- {n}: {acquired_mix(by_strategy[n], label_of, setting.classes)}" for n in ordered(by_strategy)]
         first = {run["seed"]: run["rounds"][0]["minutes"] for runs in by_strategy.values() for run in runs}
         minutes = sum(first.values()) + sum(
             r["minutes"] for runs in by_strategy.values() for run in runs for r in run["rounds"][1:]
         )
-        image = plot(kind, by_strategy, IMAGES / f"active_learning_{kind}.png")
+        image = plot(f"{setting.name}, {kind}", by_strategy, IMAGES / f"active_learning_{setting.name}_{kind}.png")
         lines += [
             "",
-            f"Compute ({kind}): {minutes:.0f} min of training, scoring and evaluation in all (the "
-            "diffusion model's shared null-class pretraining not included), on the shared machine.",
+            f"Compute ({kind}): {minutes:.0f} min of training, scoring and evaluation in all, on the shared machine.",
             "",
-            f"![active learning, {kind}](img/{image.name})",
+            f"![active learning, {setting.name}, {kind}](img/{image.name})",
             "",
         ]
     commands = sorted({run["command"] for by in results.values() for runs in by.values() for run in runs})
     lines += [
-        "Commands, one per process (split by model, seed and strategy to share the cores; together they are the "
-        "default configuration, `python benchmarks/active_learning.py --data ../shared/data/cells`; this section by "
-        "`--docs-only`): " + "; ".join(f"`{c}`" for c in commands) + ".",
+        "Commands, one per process (this section by the same command with `--docs-only`): "
+        + "; ".join(f"`{c}`" for c in commands)
+        + ".",
         f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, no GPU, {args.threads} torch "
-        f"thread per run, runs at nice 5 beside other people's jobs (load average 4-7 for most of the run: minutes "
-        f"are inflated); torch {torch.__version__}. Updated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
+        f"thread per run at nice 10 beside the other benchmarks' jobs (minutes are inflated); torch "
+        f"{torch.__version__}. Updated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -457,51 +648,59 @@ def cpu_name() -> str:
 
 
 def write_docs(args) -> None:
-    results = finished(args)
+    results = finished(args.out)
     if results:
         label_of = {r.cell_id: r.label for r in load_records(args.data)}
-        replace_section(DOCS, "active-learning", render(results, label_of, args), title="Active learning")
+        replace_section(
+            DOCS,
+            f"active-learning-{args.setting.name}",
+            render(results, label_of, args),
+            title=f"Active learning: {args.setting.name}",
+        )
+
+
+def parse_base(text: str) -> dict[str, Path]:
+    """KIND=DIR,... -> {kind: directory}."""
+    out = {}
+    for item in text.split(","):
+        kind, sep, path = item.partition("=")
+        if not sep or kind not in ("baseline", "diffusion"):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected baseline=DIR or diffusion=DIR")
+        out[kind] = Path(path)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path("runs/active_learning"))
+    parser.add_argument("--setting", choices=sorted(SETTINGS), required=True)
+    parser.add_argument("--data", type=Path, required=True, help="the combined manifest (all labs)")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/active_learning/<setting>")
     parser.add_argument("--models", type=lambda s: s.split(","), default=["baseline", "diffusion"])
     parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES))
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4])
     parser.add_argument(
-        "--seeds",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[0, 1, 2, 3, 4],
-        help="seeds of the CNN baseline",
+        "--base",
+        type=parse_base,
+        default={"diffusion": Path("models/base-pbc"), "baseline": Path("runs/reference/cnn-seed0")},
+        help="adapt: the base models, KIND=DIR,... (default: the shipped diffusion model, the reference's CNN)",
     )
-    parser.add_argument(
-        "--diffusion-seeds",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[0, 1, 2],
-        help="seeds of the diffusion classifier (each costs far more)",
-    )
-    parser.add_argument("--rounds", type=int, default=4, help="acquisition rounds after round 0 (CNN baseline)")
-    parser.add_argument("--diffusion-rounds", type=int, default=3, help="acquisition rounds of the diffusion model")
-    parser.add_argument("--budget", type=int, default=20, help="cells acquired per round")
-    parser.add_argument("--seed-per-class", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6, help="acquisition rounds after round 0")
+    parser.add_argument("--budget", type=int, default=50, help="cells acquired per round")
+    parser.add_argument("--seed-per-class", type=int, default=10, help="pbc: labels per class at round 0")
     parser.add_argument("--val-per-class", type=int, default=5)
-    parser.add_argument("--test-fraction", type=float, default=0.3)
-    parser.add_argument(
-        "--candidates",
-        type=int,
-        default=150,
-        help="pool cells scored (and offered to the strategy) per round, a seeded random share",
-    )
-    parser.add_argument("--first-steps", type=int, default=200, help="round-0 training steps on the seed labels")
-    parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps per round")
-    parser.add_argument("--pretrain-steps", type=int, default=400, help="diffusion null-class pretraining steps")
-    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of round 0 and of every round")
+    parser.add_argument("--candidates", type=int, default=2000, help="pool cells the CNN scores per round")
+    parser.add_argument("--diffusion-candidates", type=int, default=200, help="pool cells the diffusion model scores")
+    parser.add_argument("--first-steps", type=int, default=600, help="pbc: round-0 training steps on the seed labels")
+    parser.add_argument("--steps", type=int, default=150, help="training steps per round")
+    parser.add_argument("--pretrain-steps", type=int, default=1000, help="pbc: diffusion null-class pretraining")
+    parser.add_argument("--lr", type=float, default=2e-4, help="pbc: learning rate of every round")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--docs-only", action="store_true", help="rewrite the docs from finished runs; run nothing")
     args = parser.parse_args()
+    args.setting = SETTINGS[args.setting]
+    args.out = args.out or Path("runs/active_learning") / args.setting.name
     for name in args.strategies:  # an unknown name fails here, naming the valid ones, before any training
         try:
             get_strategy(name)
@@ -510,21 +709,35 @@ def main() -> None:
     unknown = [m for m in args.models if m not in ("baseline", "diffusion")]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; valid: baseline, diffusion")
+    if args.setting.from_base:
+        missing = [
+            f"{m}={args.base.get(m)}" for m in args.models if not (Path(args.base.get(m, "")) / "model.json").is_file()
+        ]
+        if missing:
+            parser.error(f"--base: no model at {', '.join(missing)}")
     if args.docs_only:
         write_docs(args)
         return
 
     torch.set_num_threads(args.threads)
     settings = load_settings(
-        overrides={
-            "train": {"threads": args.threads, "batch_size": args.batch_size},
+        overrides={  # the base recipe's preprocessing and precision (`recipes.base-pbc`)
+            "data": {"image_size": 32},
+            "train": {"threads": args.threads, "batch_size": args.batch_size, "precision": "bf16"},
             "scoring": {**SCORING, "threads": args.threads},
         }
     )
-    cells = Cells(select(load_records(args.data), DOMAINS, CLASSES), settings)
+    if args.setting.from_base:  # the cells preprocessed as the base models were trained
+        configs = {kind: load_model(args.base[kind]).data_config for kind in args.models}
+        if len({c.model_dump_json() for c in configs.values()}) > 1:
+            raise SystemExit(f"--base: the base models preprocess cells differently ({configs}); run one per process")
+        settings = settings.model_copy(update={"data": next(iter(configs.values()))})
+    cells = Cells(select(load_records(args.data), list(args.setting.labs), list(args.setting.classes)), settings)
     for kind in args.models:
-        for seed in args.diffusion_seeds if kind == "diffusion" else args.seeds:
+        for seed in args.seeds:
             for name in args.strategies:
+                if kind != "diffusion" and name in NEEDS_TRIALS:
+                    continue
                 run(kind, name, seed, cells, settings, args)
                 if args.write_docs:  # after every run, so an interrupted benchmark still documents what it has
                     write_docs(args)

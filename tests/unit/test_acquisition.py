@@ -17,8 +17,9 @@ def fake_pool(n: int = 40, seed: int = 0, anomaly: np.ndarray | None = None) -> 
     logits = rng.normal(size=(n, len(CLASSES))) * rng.uniform(0.1, 4.0, size=(n, 1))
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     anomaly = rng.normal(size=n) if anomaly is None else anomaly
+    disagreement = rng.integers(0, 5, size=n) / 4  # a share of four trials: ties are common
     return Pool(
-        Predictions(probs, anomaly, np.ones(n, dtype=int)),
+        Predictions(probs, anomaly, np.ones(n, dtype=int), {"disagreement": disagreement}),
         [f"cell-{i}" for i in range(n)],
         CLASSES,
         sample_ids=[f"s{i % 3}" for i in range(n)],
@@ -56,6 +57,27 @@ def test_entropy_picks_the_highest_entropy():
     pool = fake_pool()
     chosen = get_strategy("entropy")(pool, 5, 0)
     assert set(chosen.tolist()) == set(np.argsort(-pool.predictions.entropy)[:5].tolist())
+
+
+def test_margin_picks_the_closest_top_two():
+    probs = np.array([[0.5, 0.45, 0.05, 0.0], [0.4, 0.2, 0.2, 0.2], [0.9, 0.05, 0.05, 0.0], [0.34, 0.33, 0.33, 0.0]])
+    pool = Pool(Predictions(probs, np.zeros(4), np.ones(4, dtype=int)), ["a", "b", "c", "d"], CLASSES)
+    # least confidence would take 3 and 1 (top 0.34, 0.4); the margin takes the close calls 3 and 0
+    assert get_strategy("margin")(pool, 2, 0).tolist() == [3, 0]
+    assert set(get_strategy("least_confidence")(pool, 2, 0).tolist()) == {3, 1}
+
+
+def test_disagreement_picks_the_most_divided_trials_and_breaks_ties_by_confidence():
+    probs = np.array([[0.9, 0.1, 0, 0], [0.6, 0.4, 0, 0], [0.7, 0.3, 0, 0], [0.99, 0.01, 0, 0]])
+    votes = np.array([0.5, 0.25, 0.25, 0.0])
+    pool = Pool(Predictions(probs, np.zeros(4), np.ones(4, dtype=int), {"disagreement": votes}), list("abcd"), CLASSES)
+    assert get_strategy("disagreement")(pool, 3, 0).tolist() == [0, 1, 2]  # 1 before 2: less confident
+
+
+def test_disagreement_without_trials_is_a_clear_error():
+    pool = Pool(Predictions(np.full((3, 4), 0.25), np.zeros(3), np.ones(3, dtype=int)), list("abc"), CLASSES)
+    with pytest.raises(ValueError, match="scores in trials"):
+        get_strategy("disagreement")(pool, 1, 0)
 
 
 def test_routing_prefers_anomalies():

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
-from cytoloop.scoring.trials import TrialLog, score_cells, summarise_log
+from cytoloop.scoring.trials import TrialLog, score_cells, summarise_log, trial_disagreement
 
 N_CLASSES = 4
 NULL = N_CLASSES
@@ -265,3 +265,32 @@ def test_summarise_log_uniform_weights_is_plain_mean():
     np.testing.assert_allclose(class_error, [0.0, 0.35])
     assert min_error == pytest.approx(0.45)
     assert null_ratio == pytest.approx(-0.15)
+
+
+def test_trial_disagreement_counts_the_trials_that_voted_for_another_class():
+    nan = np.nan
+    log = TrialLog(
+        strata=[0, 1, 0, 1],
+        # winners among the classes in play: 0, 1, 1 (class 0 out of play), 0
+        errors=[
+            np.array([1.0, 2.0, 4.0]),
+            np.array([2.0, 1.0, 3.0]),
+            np.array([nan, 1.0, 2.0]),
+            np.array([0.1, 0.2, nan]),
+        ],
+        null_errors=[nan] * 4,
+    )
+    assert trial_disagreement(log, 0) == pytest.approx(0.5)
+    assert trial_disagreement(log, 1) == pytest.approx(0.5)
+    assert trial_disagreement(log, 2) == pytest.approx(1.0)
+    assert np.isnan(trial_disagreement(TrialLog(), 0))
+
+
+def test_predictions_carry_each_cells_trial_disagreement(tiny_model, cells):
+    result = tiny_model.score(cells)
+    predictions = tiny_model.predictions_from_scores(result)
+    votes = predictions.extra["disagreement"]
+    assert votes.shape == (len(cells),)
+    assert ((votes >= 0) & (votes <= 1)).all()
+    expected = [trial_disagreement(log, int(c)) for log, c in zip(result.logs, predictions.labels)]
+    np.testing.assert_allclose(votes, expected)

@@ -18,7 +18,7 @@ import torch
 from cytoloop.config import DataConfig, DiffusionModelConfig, RoutingConfig, ScoringConfig, TrainConfig
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
-from cytoloop.scoring.trials import RouteExits, ScoreResult, score_cells
+from cytoloop.scoring.trials import RouteExits, ScoreResult, score_cells, trial_disagreement
 from cytoloop.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -192,6 +192,9 @@ class DiffusionClassifier:
                 "anomaly_gap": _negative_gap(result.class_error),
                 "trials": result.trials,
                 "provisional": result.exited,
+                "disagreement": np.array(
+                    [trial_disagreement(log, int(label)) for log, label in zip(result.logs, probs.argmax(axis=1))]
+                ),
             },
         )
 

@@ -7,7 +7,11 @@ the active-learning benchmark, the review loop and the tests can replay them on 
 
 - `random`: a seeded uniform draw, the yardstick every other strategy must beat;
 - `least_confidence`: the lowest top-class probability first;
+- `margin`: the smallest gap between the two most probable classes first;
 - `entropy`: the highest entropy of the class probabilities first;
+- `disagreement`: the diffusion classifier's own committee: the highest share of a cell's trials that voted for
+  another class than the one it was given (`scoring.trials.trial_disagreement`), ties by least confidence. Only
+  a model that scores in trials offers it (`Predictions.extra["disagreement"]`); any other is a clear error;
 - `routing`: the review loop's own policy (`routing.route_cells` + `routing.select_for_review`): anomalies
   first, then the least confident, then audits, spread across predicted classes and samples, skipping
   near-duplicates. It spends only on cells it routes to a human; when fewer than `budget` cells are routed (most
@@ -90,6 +94,27 @@ def entropy_sampling(pool: Pool, budget: int, seed: int = 0) -> np.ndarray:
     return _lowest(-pool.predictions.entropy, budget)
 
 
+def margin_sampling(pool: Pool, budget: int, seed: int = 0) -> np.ndarray:
+    """The cells whose two most probable classes are closest (deterministic)."""
+    _check_budget(pool, budget)
+    top_two = np.sort(pool.predictions.probs, axis=1)[:, -2:]
+    return _lowest(top_two[:, 1] - top_two[:, 0], budget)
+
+
+def disagreement_sampling(pool: Pool, budget: int, seed: int = 0) -> np.ndarray:
+    """The cells whose trials disagree most with their final class; ties (common: a share of a few trials) go
+    to the least confident (deterministic)."""
+    _check_budget(pool, budget)
+    votes = pool.predictions.extra.get("disagreement")
+    if votes is None:
+        raise UsageError(
+            "the disagreement strategy needs predictions from a model that scores in trials (the diffusion "
+            "classifier); these have no per-cell trial disagreement"
+        )
+    order = np.lexsort((pool.predictions.confidence, -np.nan_to_num(votes, nan=0.0)))
+    return np.array(order[:budget], dtype=int)
+
+
 def routing_policy(config: RoutingConfig | None = None, anomaly_quantile: float = 0.95) -> Strategy:
     """The review loop's routing policy as a strategy.
 
@@ -136,7 +161,9 @@ def routing_policy(config: RoutingConfig | None = None, anomaly_quantile: float 
 STRATEGIES: dict[str, Strategy] = {
     "random": random_sampling,
     "least_confidence": least_confidence,
+    "margin": margin_sampling,
     "entropy": entropy_sampling,
+    "disagreement": disagreement_sampling,
     "routing": routing_policy(),
 }
 

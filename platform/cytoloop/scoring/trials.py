@@ -432,6 +432,22 @@ def _summarise(cells: list[_CellState], weights: np.ndarray, config: ScoringConf
     )
 
 
+def trial_disagreement(log: TrialLog, decided: int) -> float:
+    """Share of a cell's trials whose lowest-error class (among the classes in play in that trial) is not
+    `decided`, the class the cell was finally given: the classifier's own committee vote, each trial a member.
+
+    A timestep weight scales every class of a trial alike, so the vote needs no weights. 0 for a cell every trial
+    agreed on; NaN for a cell without trials. Acquisition uses it (`acquisition.disagreement_sampling`): a cell
+    on which the trials disagree sits near a class boundary whatever its averaged probabilities say.
+    """
+    if not log.errors:
+        return float("nan")
+    errors = np.stack(log.errors)
+    playing = ~np.isnan(errors)
+    winners = np.argmin(np.where(playing, errors, np.inf), axis=1)
+    return float(np.mean(winners != decided))
+
+
 def summarise_log(log: TrialLog, weights: np.ndarray) -> tuple[np.ndarray, float, float]:
     """(class_error, min_error, null_ratio) of one cell from its trials under timestep weights `weights`.
 
