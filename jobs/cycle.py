@@ -196,6 +196,9 @@ class Demo:
         self.rounds: list[RoundResult] = []
         self.test_predictions: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}  # probs, true labels
         self.round_start: datetime | None = None  # Serve's predictions since then make a site round's drift window
+        # (site, version) -> the site's anomaly threshold under that version: a refused fine-tune leaves the site on
+        # the version that already scored its calibration cells, so they are not scored again
+        self.thresholds: dict[tuple[str, str], float] = {}
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> DemoOutcome:
@@ -276,9 +279,15 @@ class Demo:
             # the version that scored most of the pool (all of it, unless the alias moved mid-batch)
             row.pool_version = Counter(scores.versions).most_common(1)[0][0] if scores.versions else ""
         with self.stage(f"round {number}, {site}: anomaly threshold", row, "threshold"):
-            calibration = self._score(state, split.val, site)
-            row.anomaly_threshold = anomaly_threshold(calibration.predictions.anomaly, self.config.anomaly_quantile)
-        routing = self.settings.routing.model_copy(update={"anomaly_above": row.anomaly_threshold})
+            if (site, row.pool_version) not in self.thresholds:
+                calibration = self._score(state, split.val, site)
+                self.thresholds[(site, row.pool_version)] = anomaly_threshold(
+                    calibration.predictions.anomaly, self.config.anomaly_quantile
+                )
+            row.anomaly_threshold = self.thresholds[(site, row.pool_version)]
+        routing = self.settings.routing.model_copy(
+            update={"anomaly_above": row.anomaly_threshold, "fill_budget": self.config.fill_budget}
+        )
         with self.stage(f"round {number}, {site}: route to Label Studio", row, "route"):
             routed = state.review.route(
                 scores.records,

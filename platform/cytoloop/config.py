@@ -304,6 +304,12 @@ class RoutingConfig(_Section):
     )
     seed: int = Field(0, description="seed of the audit draw (deterministic per cell id)")
     budget: int = Field(200, ge=0, description="cells sent to Label Studio per routing round")
+    fill_budget: bool = Field(
+        False,
+        description="spend what the anomaly, review and audit routes leave of a round's budget on the least "
+        "confident accepted cells (sent as reviews): a new site whose model is confidently wrong still gets its "
+        "labels",
+    )
     near_duplicate: float = Field(
         0.02,
         ge=0.0,
@@ -574,6 +580,11 @@ class DemoConfig(_Section):
     )
     pool_limit: int | None = Field(None, ge=1, description="score at most this many pool cells per site and round")
     budget: int = Field(40, ge=1, description="cells sent to Label Studio per site and round")
+    fill_budget: bool = Field(
+        True,
+        description="spend each site's whole budget every round (`routing.fill_budget` for the sites' routing): "
+        "a base model confidently wrong on a new stain routes few cells otherwise",
+    )
     error_rates: list[float] = Field(
         [0.02, 0.1],
         min_length=1,

@@ -93,3 +93,14 @@ def test_near_duplicates_do_not_use_the_budget():
 def test_negative_budget_is_refused():
     with pytest.raises(ValueError, match="budget"):
         select_for_review([RoutedCell(cell("a"), "review")], config(), budget=-1)
+
+
+def test_fill_budget_spends_the_rest_on_the_least_confident_accepted_cells():
+    cells = [cell("a", anomaly=3.0, conf=0.9), cell("r", conf=0.5)]
+    cells += [cell(f"ok{i}", conf=0.99 - i * 0.01, sample=f"s{i}") for i in range(6)]  # accepted: 0.99 .. 0.94
+    routed = route_cells(cells, config())
+    assert [c.cell.cell_id for c in select_for_review(routed, config(), budget=4)] == ["a", "r"]  # budget unspent
+    filled = select_for_review(routed, config(fill_budget=True), budget=4)
+    assert [c.cell.cell_id for c in filled] == ["a", "r", "ok5", "ok4"]  # then the least confident accepted
+    assert [c.reason for c in filled] == ["anomaly", "review", "review", "review"]  # sent as reviews
+    assert len(select_for_review(routed, config(fill_budget=True), budget=100)) == len(cells)

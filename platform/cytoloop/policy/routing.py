@@ -10,7 +10,8 @@ Pure functions over numbers (no model, no Label Studio), so the policy can be un
 - `accept`: everything else.
 
 `select_for_review` then spends a round's budget: anomalies first, then the least confident reviews, then
-audits, spread across predicted classes and samples, and skipping near-duplicates (cells of one sample and
+audits (then, with `fill_budget`, the least confident accepted cells, sent as reviews), spread across predicted
+classes and samples, and skipping near-duplicates (cells of one sample and
 class whose signatures almost coincide: usually the same cell imaged twice). A signature is any short vector the
 caller picks: a thumbnail of the preprocessed image (what the review loop uses), else the probability vector.
 """
@@ -96,17 +97,20 @@ def select_for_review(
     Within a tier (anomaly, review, audit) the next pick is the highest-priority cell among those whose predicted
     class and sample have been picked least so far, so a budget of 20 over 3 classes and 4 samples is spread
     over all of them instead of going to 20 neutrophils of one smear. Near-duplicates of an already chosen cell are
-    skipped. Accepted cells are never chosen. Cells not chosen simply wait for the next round.
+    skipped. Accepted cells are chosen only with `config.fill_budget`, after every other tier, least confident
+    first, and come back as reviews (an annotator sees them as one); the routing reason counts of `route_cells`
+    still call them accepted. Cells not chosen simply wait for the next round.
     """
     budget = config.budget if budget is None else budget
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
-    candidates = sorted((r for r in routed if r.reason != "accept"), key=_priority)
+    tiers = REASONS if config.fill_budget else REASONS[:-1]
+    candidates = sorted((r for r in routed if r.reason in tiers), key=_priority)
     chosen: list[RoutedCell] = []
     per_class: Counter[str] = Counter()
     per_sample: Counter[str] = Counter()
-    for tier in REASONS[:-1]:
-        pool = [r for r in candidates if r.reason == tier]
+    for tier in tiers:
+        pool = [r if tier != "accept" else RoutedCell(r.cell, "review") for r in candidates if r.reason == tier]
         while pool and len(chosen) < budget:
             best = min(
                 range(len(pool)), key=lambda i: (per_class[pool[i].cell.label] + per_sample[pool[i].cell.sample_id], i)
