@@ -131,6 +131,7 @@ def run_cell(kind: str, target: str, k: int, records, args, settings) -> dict:
         "n_adapt": k * len(CLASSES),
         "n_eval": report["n_cells"],
         "balanced_accuracy": report["balanced_accuracy"],
+        "balanced_accuracy_interval": list(report["intervals"]["balanced_accuracy"]),
         "accuracy": report["accuracy"],
         "ece": report["ece"],
         "minutes": (time.perf_counter() - began) / 60,
@@ -147,10 +148,19 @@ def finished(args) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((args.out / "results").glob("*.json"))]
 
 
+def _figure(result: dict) -> str:
+    """Balanced accuracy with its 95 % bootstrap interval over the held-out cells (results from before the
+    intervals were recorded show the figure alone)."""
+    interval = result.get("balanced_accuracy_interval")
+    figure = f"{result['balanced_accuracy']:.3f}"
+    return figure if interval is None else f"{figure} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def render(results: list[dict], args) -> str:
     lines = [
         "Balanced accuracy on held-out cells of a new lab, before (k = 0) and after fine-tuning on k labelled cells "
-        "per class (neutrophil, lymphocyte, monocyte, eosinophil). One draw of the k cells per class (seed "
+        "per class (neutrophil, lymphocyte, monocyte, eosinophil), with its 95 % bootstrap interval over the "
+        "held-out cells in brackets where recorded. One draw of the k cells per class (seed "
         f"{args.seed}); held-out cells are the same for every k. Fine-tuning: {args.adapt_steps} steps from the "
         "source model, stronger stain augmentation (`adapt` settings), source calibration kept (k = 1 leaves no "
         f"cell to recalibrate on). Diffusion scoring capped at {args.max_trials or 'the model’s'} trials per cell.",
@@ -162,7 +172,7 @@ def render(results: list[dict], args) -> str:
         for kind in ("baseline", "diffusion"):  # every row, so concurrent runs of one model never drop the other's
             row = {r["k"]: r for r in results if r["target"] == target and r["kind"] == kind}
             n_eval = next((r["n_eval"] for r in row.values()), "-")
-            cells = [f"{row[k]['balanced_accuracy']:.3f}" if k in row else "pending" for k in (0, *KS)]
+            cells = [_figure(row[k]) if k in row else "pending" for k in (0, *KS)]
             lines.append(f"| {target} (from {'+'.join(sources)}) | {kind} | {n_eval} | " + " | ".join(cells) + " |")
     sources = []
     for source in sorted({r["source_dir"] for r in results}):
