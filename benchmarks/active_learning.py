@@ -417,6 +417,16 @@ def labels_to_reach(counts: np.ndarray, curve: np.ndarray, target: float) -> flo
     return None
 
 
+def labels_to_stay(counts: np.ndarray, curve: np.ndarray, target: float) -> float | None:
+    """Labels from which the curve stays at or above `target` to the last round (where it last crosses it,
+    linear between rounds); None if its last round is below. Unlike `labels_to_reach`, a curve that touches the
+    target once and falls back does not count: on a plateau the first touch is noise."""
+    below = np.flatnonzero(curve < target)
+    if len(below) and below[-1] == len(curve) - 1:
+        return None
+    return labels_to_reach(counts[below[-1] :], curve[below[-1] :], target) if len(below) else float(counts[0])
+
+
 def t_interval(values: np.ndarray) -> tuple[float, float]:
     """95 % t interval of the mean of `values` (one per seed); (nan, nan) with fewer than two."""
     if len(values) < 2:
@@ -449,11 +459,14 @@ def labels_needed(by_strategy: dict[str, list[dict]], name: str, n_boot: int = 2
     n = len(values)
     resampled = np.array([share(rng.integers(0, n, n)) for _ in range(n_boot)])
     point = share(np.arange(n))
+    stays = labels_to_stay(counts, values.mean(axis=0), reference[:, -1].mean())
     return {
         "labels": None if not np.isfinite(point) else float(counts[0] + point * acquired),
+        "stays": stays,
         "share": float(point),
-        "low": float(np.quantile(resampled, 0.025)),
-        "high": float(np.quantile(resampled, 0.975)),
+        # no interpolation: resamples that never reach the target are +inf
+        "low": float(np.quantile(resampled, 0.025, method="inverted_cdf")),
+        "high": float(np.quantile(resampled, 0.975, method="inverted_cdf")),
     }
 
 
@@ -547,8 +560,9 @@ def test_table(by_strategy: dict[str, list[dict]]) -> list[str]:
     counts = curves(by_strategy["random"], "n_labels")[0]
     lines = [
         "| strategy | labels to reach random's final (share of random's acquired labels, 95 % interval) | "
-        "final − random (95 % CI, paired t p) | mean over rounds − random (95 % CI, paired t p) |",
-        "|---|---|---|---|",
+        "labels from which it stays there | final − random (95 % CI, paired t p) | "
+        "mean over rounds − random (95 % CI, paired t p) |",
+        "|---|---|---|---|---|",
     ]
 
     def test(t: dict) -> str:
@@ -560,11 +574,11 @@ def test_table(by_strategy: dict[str, list[dict]]) -> list[str]:
     for name, row in ((n, summary(by_strategy)[n]) for n in ordered(by_strategy)):
         needed = row["needed"]
         labels = f">{counts[-1]}" if needed["labels"] is None else f"{needed['labels']:.0f}"
+        stays = f">{counts[-1]}" if needed["stays"] is None else f"{needed['stays']:.0f}"
         tests = "—" if name == "random" else f"{test(row['final'])} | {test(row['area'])}"
         lines.append(
             f"| {name} | {labels} ({share(needed['share'])}, [{share(needed['low'])}, {share(needed['high'])}]) | "
-            + (tests if name != "random" else "— | —")
-            + " |"
+            f"{stays} | " + (tests if name != "random" else "— | —") + " |"
         )
     return lines + [""]
 
@@ -593,11 +607,13 @@ def render(results: dict[str, dict[str, list[dict]]], label_of: dict[str, str], 
         "Learning curves: mean over seeds [95 % t interval]. 'Labels to reach random's final': where the strategy's "
         "mean curve first reaches random's mean balanced accuracy at the final budget (linear between rounds), and "
         "that as a share of the labels random acquired after round 0 (goal: ≤ 50 %), with a 95 % interval from "
-        "resampling seeds. Paired tests: strategy minus random seed by seed (same start, test cells and training "
-        "seeds), mean, 95 % t interval and two-sided paired t-test p, at the final budget and averaged over the rounds "
-        "after round 0. Routing = the review loop's policy (anomaly threshold at the candidates' 95th percentile, then "
-        "least confident under 0.7, then audits, spread over predicted classes and labs, near-duplicates skipped; "
-        "the rest of the budget least confident). Disagreement: the diffusion classifier only (a CNN has no trials).",
+        "resampling seeds; 'stays': the labels from which the mean curve no longer falls below that accuracy (on a "
+        "plateau the first touch is noise). Paired tests: strategy minus random seed by seed (same start, test "
+        "cells and training seeds), mean, 95 % t interval and two-sided paired t-test p, at the final budget and "
+        "averaged over the rounds after round 0. Routing = the review loop's policy (anomaly threshold at the "
+        "candidates' 95th percentile, then least confident under 0.7, then audits, spread over predicted classes "
+        "and labs, near-duplicates skipped; the rest of the budget least confident). Disagreement: the diffusion "
+        "classifier only (a CNN has no trials).",
         "",
     ]
     for kind, by_strategy in results.items():
