@@ -30,9 +30,10 @@ against random, on the final balanced accuracy and on its mean over the rounds a
 the learning curves). Goal (#18): the best strategy reaches random's final accuracy with at most half of the
 labels random acquired.
 
-Each (setting, model, seed, strategy) keeps its progress in <out>/<setting>/<model>/seed<k>/<strategy>.json and
-its latest model beside it, so a killed run resumes at the round it reached. Writes a table and plots into
-docs/benchmarks.md (section "active-learning-<setting>").
+Each (model, seed, strategy) keeps its progress in <out>/<model>/seed<k>/<strategy>.json and its latest model
+beside it, so a killed run resumes at the round it reached (<out>: runs/active_learning/<name>; the name is the
+setting's unless `--name` names a variant, say a longer fine-tune). Writes a table and plots into
+docs/benchmarks.md (section "active-learning-<name>").
 
     python benchmarks/active_learning.py --setting pbc --data ../shared/data/manifest.csv --models baseline
     python benchmarks/active_learning.py --setting adapt --data ../shared/data/manifest.csv \
@@ -632,12 +633,12 @@ def render(results: dict[str, dict[str, list[dict]]], label_of: dict[str, str], 
         minutes = sum(first.values()) + sum(
             r["minutes"] for runs in by_strategy.values() for run in runs for r in run["rounds"][1:]
         )
-        image = plot(f"{setting.name}, {kind}", by_strategy, IMAGES / f"active_learning_{setting.name}_{kind}.png")
+        image = plot(f"{args.name}, {kind}", by_strategy, IMAGES / f"active_learning_{args.name}_{kind}.png")
         lines += [
             "",
             f"Compute ({kind}): {minutes:.0f} min of training, scoring and evaluation in all, on the shared machine.",
             "",
-            f"![active learning, {setting.name}, {kind}](img/{image.name})",
+            f"![active learning, {args.name}, {kind}](img/{image.name})",
             "",
         ]
     commands = sorted({run["command"] for by in results.values() for runs in by.values() for run in runs})
@@ -669,9 +670,9 @@ def write_docs(args) -> None:
         label_of = {r.cell_id: r.label for r in load_records(args.data)}
         replace_section(
             DOCS,
-            f"active-learning-{args.setting.name}",
+            f"active-learning-{args.name}",
             render(results, label_of, args),
-            title=f"Active learning: {args.setting.name}",
+            title=f"Active learning: {args.name}",
         )
 
 
@@ -690,7 +691,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=sorted(SETTINGS), required=True)
     parser.add_argument("--data", type=Path, required=True, help="the combined manifest (all labs)")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/active_learning/<setting>")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="a variant's name (default: the setting's): its runs in runs/active_learning/<name>, its docs section "
+        "active-learning-<name>",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default runs/active_learning/<name>")
     parser.add_argument("--models", type=lambda s: s.split(","), default=["baseline", "diffusion"])
     parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES))
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3, 4])
@@ -716,7 +723,8 @@ def main() -> None:
     parser.add_argument("--docs-only", action="store_true", help="rewrite the docs from finished runs; run nothing")
     args = parser.parse_args()
     args.setting = SETTINGS[args.setting]
-    args.out = args.out or Path("runs/active_learning") / args.setting.name
+    args.name = args.name or args.setting.name
+    args.out = args.out or Path("runs/active_learning") / args.name
     for name in args.strategies:  # an unknown name fails here, naming the valid ones, before any training
         try:
             get_strategy(name)
