@@ -11,9 +11,9 @@ Pure functions over numbers (no model, no Label Studio), so the policy can be un
 
 `select_for_review` then spends a round's budget: anomalies first, then the least confident reviews, then
 audits (then, with `fill_budget`, the least confident accepted cells, sent as reviews), spread across predicted
-classes and samples, and skipping near-duplicates (cells of one sample and
-class whose signatures almost coincide: usually the same cell imaged twice). A signature is any short vector the
-caller picks: a thumbnail of the preprocessed image (what the review loop uses), else the probability vector.
+classes and samples, and skipping near-duplicates (cells of one sample and class whose signatures almost
+coincide: usually the same cell imaged twice). A signature is any short vector the caller picks: a thumbnail of
+the preprocessed image (what the review loop uses), else the probability vector.
 """
 
 from __future__ import annotations
