@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from cytoloop.config import Settings, load_settings
+from cytoloop.config import AugmentConfig, Settings, load_settings
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import CellRecord, load_records, select, stratified_split
 from cytoloop.models.base import Classifier, Predictions
@@ -74,16 +74,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _docs import DOCS, replace_section  # noqa: E402
 
 IMAGES = DOCS.parent / "img"
-PBC_CLASSES = [
-    "basophil",
-    "eosinophil",
-    "erythroblast",
-    "immature_granulocyte",
-    "lymphocyte",
-    "monocyte",
-    "neutrophil",
-    "platelet",
-]
 NEEDS_TRIALS = {"disagreement"}  # strategies only a model that scores in trials offers
 # Diffusion scoring cheap enough to score candidates every round: a few trials, then a t-test after every trial
 # (the tuned rule of the speed benchmark, capped), null class on the first two trials only, bf16.
@@ -104,7 +94,7 @@ class Setting:
 
     name: str
     labs: tuple[str, ...]
-    classes: tuple[str, ...]  # the labels counted (cells of other classes are left out)
+    classes: tuple[str, ...] | None  # the labels counted (others are left out); None: every class of the labs
     test_fraction: float
     from_base: bool  # start from the base model (adapt) instead of training on seed labels from scratch
     description: str
@@ -114,7 +104,7 @@ SETTINGS = {
     "pbc": Setting(
         "pbc",
         ("pbc",),
-        tuple(PBC_CLASSES),
+        None,
         0.1,
         False,
         "PBC's eight classes, trained from scratch on the seed labels; each round continues the previous model",
@@ -139,6 +129,7 @@ class Cells:
         self.records = {r.cell_id: r for r in loaded.records}
         self.row = {r.cell_id: i for i, r in enumerate(loaded.records)}
         self.images = loaded.images
+        self.classes = sorted({r.label for r in loaded.records})  # a model trained from scratch learns these
 
     def of(self, ids: list[str]) -> np.ndarray:
         return self.images[[self.row[i] for i in ids]]
@@ -154,7 +145,7 @@ def split(cells: Cells, seed: int, setting: Setting, args) -> dict[str, list[str
     parts = stratified_split(records, fractions, seed=0)
     out = {"test": sorted(r.cell_id for r in parts["test"]), "val": [], "seed": [], "pool": []}
     first = 0 if setting.from_base else args.seed_per_class
-    for name in setting.classes:
+    for name in cells.classes:
         members = sorted(r.cell_id for r in parts["rest"] if r.label == name)
         random.Random(f"{seed}-{name}").shuffle(members)
         out["val"] += members[: args.val_per_class]
@@ -171,7 +162,7 @@ def thumbnails(images: np.ndarray, size: int = 4) -> np.ndarray:
     return cropped.reshape(n, channels, size, block, size, block).mean(axis=(3, 5)).reshape(n, -1)
 
 
-def round_settings(settings: Settings, steps: int, seed: int, args, adapt: bool) -> tuple[Settings, object]:
+def round_settings(settings: Settings, steps: int, seed: int, args, adapt: bool) -> tuple[Settings, AugmentConfig]:
     """(settings, augmentation) of one round: its budget, its seed (the same for every strategy, so only the
     labels differ); an adaptation round takes `cytoloop adapt`'s learning rate and stain augmentation."""
     if adapt:
@@ -229,7 +220,7 @@ def pretrained_diffusion(cells: Cells, ids: list[str], settings: Settings, args)
     if (out / "model.json").is_file():
         return out
     print(f"pretraining the diffusion model's null class on {len(ids)} unlabeled cells", flush=True)
-    model = build_model("diffusion", PBC_CLASSES, settings)
+    model = build_model("diffusion", cells.classes, settings)
     config = round_settings(settings, args.pretrain_steps, 0, args, adapt=False)[0].train
     model.unet, _ = fit(
         model.unet,
@@ -270,7 +261,7 @@ def start_model(kind: str, cells: Cells, parts: dict, settings: Settings, args) 
     if kind == "diffusion":
         ids = sorted(parts["seed"] + parts["pool"] + parts["val"])
         return with_benchmark_scoring(load_model(pretrained_diffusion(cells, ids, settings, args)))
-    return build_model(kind, PBC_CLASSES, settings)
+    return build_model(kind, cells.classes, settings)
 
 
 def first_round(kind: str, seed: int, cells: Cells, parts: dict, settings: Settings, args) -> tuple[Path, dict]:
@@ -533,10 +524,10 @@ def plot(title: str, by_strategy: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-def acquired_mix(runs: list[dict], label_of: dict[str, str], classes: tuple[str, ...]) -> str:
+def acquired_mix(runs: list[dict], label_of: dict[str, str]) -> str:
     """Share of each class among the cells a strategy acquired (all rounds and seeds): what it chose to label."""
     labels = [label_of[i] for run in runs for r in run["rounds"] for i in r["acquired"]]
-    return ", ".join(f"{name} {labels.count(name) / len(labels):.0%}" for name in classes if labels)
+    return ", ".join(f"{name} {labels.count(name) / len(labels):.0%}" for name in sorted(set(labels)))
 
 
 def curve_table(by_strategy: dict[str, list[dict]], metric: str) -> list[str]:
@@ -628,7 +619,7 @@ def render(results: dict[str, dict[str, list[dict]]], label_of: dict[str, str], 
         lines += test_table(by_strategy)
         lines += [f"**{kind}: ECE** against labelled cells", ""] + curve_table(by_strategy, "ece")
         lines += [f"Classes of the acquired cells ({kind}):", ""]
-        lines += [f"- {n}: {acquired_mix(by_strategy[n], label_of, setting.classes)}" for n in ordered(by_strategy)]
+        lines += [f"- {n}: {acquired_mix(by_strategy[n], label_of)}" for n in ordered(by_strategy)]
         first = {run["seed"]: run["rounds"][0]["minutes"] for runs in by_strategy.values() for run in runs}
         minutes = sum(first.values()) + sum(
             r["minutes"] for runs in by_strategy.values() for run in runs for r in run["rounds"][1:]
@@ -756,7 +747,7 @@ def main() -> None:
         if len({c.model_dump_json() for c in configs.values()}) > 1:
             raise SystemExit(f"--base: the base models preprocess cells differently ({configs}); run one per process")
         settings = settings.model_copy(update={"data": next(iter(configs.values()))})
-    cells = Cells(select(load_records(args.data), list(args.setting.labs), list(args.setting.classes)), settings)
+    cells = Cells(select(load_records(args.data), args.setting.labs, args.setting.classes), settings)
     for kind in args.models:
         for seed in args.seeds:
             for name in args.strategies:
