@@ -145,3 +145,19 @@ def test_only_the_trainable_kinds_are_trainable(teacher, student):
 
     assert isinstance(teacher, Trainable) and isinstance(student, Trainable)
     assert not isinstance(CascadeClassifier(teacher, student, CascadeConfig(threshold=0.5)), Trainable)
+
+
+def test_a_cascade_directory_is_served_and_versioned_by_its_parts(teacher, student, images, tmp_path):
+    """A cascade keeps its weights in teacher/ and student/: serving it from a local directory must work (it used
+    to fail: no weights.pt at the top) and a new student must be a new version."""
+    from cytoloop.config import RegistryConfig, ServeConfig
+    from cytoloop.serving.model_source import ModelSource
+
+    CascadeClassifier(teacher, student, CascadeConfig(threshold=0.5)).save(tmp_path / "cascade")
+    source = ModelSource(ServeConfig(model_dir=tmp_path / "cascade"), RegistryConfig())
+    first = source.resolve(None)
+    assert first.version.startswith("local-") and source.load(first).kind == "cascade"
+    torch.manual_seed(7)
+    other = BaselineClassifier(CLASSES, DataConfig(image_size=SIZE), BaselineModelConfig(channels=(4, 8)))
+    other.save(tmp_path / "cascade" / "student")
+    assert source.resolve(None).version != first.version

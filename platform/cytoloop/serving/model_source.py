@@ -63,7 +63,7 @@ class ModelSource:
     def resolve(self, site: str | None) -> ModelRef:
         """The version serving `site` now (None: the global champion). Raises RegistryError or ModelLoadError."""
         if self.model_dir:
-            return ModelRef(self.model_dir.name, f"local-{_content_hash(self.model_dir)}", None, self.model_dir)
+            return local_ref(self.model_dir)
         info = self.registry.for_site(self.name, site)
         from cytoloop.registry import site_alias
 
@@ -126,13 +126,32 @@ class ModelSource:
         return served
 
 
-def _content_hash(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for file in (MODEL_FILE, WEIGHTS_FILE):
-        path = directory / file
-        if not path.is_file():
-            from cytoloop.models.base import ModelLoadError
+def local_ref(directory: Path) -> ModelRef:
+    """The identity of a model directory outside the registry: its name and a hash of its files, so two
+    different models in directories of the same name are never taken for one version."""
+    return ModelRef(directory.name, f"local-{_content_hash(directory)}", None, directory)
 
-            raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {file})")
+
+def _content_hash(directory: Path) -> str:
+    """A hash of what a model's answers depend on: its `model.json` and weights, and those of the models it
+    holds (a cascade keeps its teacher and student in sub-directories); training checkpoints are left out."""
+    from cytoloop.models.base import ModelLoadError
+
+    if not (directory / MODEL_FILE).is_file():
+        raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {MODEL_FILE})")
+    nested = sorted(
+        path
+        for name in (MODEL_FILE, WEIGHTS_FILE)
+        for path in directory.rglob(name)
+        if path.parent != directory and "checkpoints" not in path.relative_to(directory).parts
+    )
+    top = [directory / name for name in (MODEL_FILE, WEIGHTS_FILE) if (directory / name).is_file()]
+    if not any(path.name == WEIGHTS_FILE for path in top + nested):
+        raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {WEIGHTS_FILE} in it)")
+    digest = hashlib.sha256()
+    for path in top:
+        digest.update(path.read_bytes())
+    for path in nested:
+        digest.update(str(path.relative_to(directory)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
