@@ -1,23 +1,30 @@
-"""Batch scoring with Ray Data through the served classifier: a pool of cells in, one prediction per cell out.
+"""Batch scoring with Ray Data: a pool of cells in, one prediction per cell out, two ways.
 
-Ray Data reads the pool in batches and a small actor pool posts each batch to the classifier service's
-`/v1/classify`, so a batch job scores with exactly the model version that serves the lab (and its replicas batch
-the requests), and every cell lands in the service's prediction log that the drift monitor reads. Rows are matched
-back to cells by path: Ray Data does not keep row order across batches.
+- Through the served classifier (`score_served`): Ray Data reads the pool in batches and a small actor pool posts
+  each batch to the classifier service's `/v1/classify`, so a batch job scores with exactly the model version that
+  serves the lab (and its replicas batch the requests), and every cell lands in the service's prediction log that
+  the drift monitor reads. Rows are matched back to cells by path: Ray Data does not keep row order across batches.
+- Offline, from a model directory (`score_offline`, `cytoloop score`): a lab's day of smears without a service.
+  Each of `workers` Ray actors loads the model once and classifies its batches with the serving code itself
+  (`CellService`: the same preprocessing, route exits and routing as `/v1/classify`), on `threads` torch threads
+  (or a GPU each, `gpus`). Rows carry their index, so answers come back in the order of the records. The image
+  files must be readable where the actors run (one machine, or a shared file system).
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from cytoloop.config import RoutingConfig
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions
+from cytoloop.serving.inference import CellFailure, CellResult
 
 
 class ServedScorer:
@@ -111,3 +118,152 @@ def score_served(
         np.array(probs, dtype=float).reshape(-1, len(classes)), np.array(anomaly, float), np.zeros(len(kept))
     )
     return PoolScores(kept, predictions, versions, failed)
+
+
+class ModelScorer:
+    """Ray Data callable class for offline scoring: the model is loaded once per actor (never in a module global)
+    and each batch is answered by `CellService.classify`, exactly as the classifier service answers a request."""
+
+    def __init__(self, model_dir: str, routing: dict, threads: int | None):
+        import torch
+
+        from cytoloop.models.loading import load_model
+        from cytoloop.serving.inference import CellService
+        from cytoloop.serving.model_source import local_ref
+
+        if threads:
+            torch.set_num_threads(threads)
+        directory = Path(model_dir)
+        self.service = CellService(load_model(directory), local_ref(directory), RoutingConfig(**routing))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        index = [int(i) for i in batch["index"]]
+        paths = [str(p) for p in batch["path"]]
+        cells, unreadable = [], {}
+        for i, path in zip(index, paths):
+            try:
+                cells.append((i, path, Path(path).read_bytes()))
+            except OSError as error:
+                unreadable[i] = f"{path}: cannot be read ({error.strerror or error})"
+        answers = self.service.classify([(path, data) for _, path, data in cells])
+        out: dict[str, list] = {"index": [], "result": [], "error": []}
+        for (i, _, _), answer in zip(cells, answers):  # classify answers entry k for cells[k]
+            out["index"].append(i)
+            out["result"].append(replace(answer, index=i) if isinstance(answer, CellResult) else None)
+            out["error"].append(answer.message if isinstance(answer, CellFailure) else "")
+        for i, message in unreadable.items():
+            out["index"].append(i)
+            out["result"].append(None)
+            out["error"].append(message)
+        return {key: np.array(values, dtype=object) for key, values in out.items()}
+
+
+@dataclass
+class OfflineScores:
+    """One answer per record, in the order of the records: `results[i]` answers `records[i]`, or is None when the
+    cell could not be scored and `failed[str(records[i].path)]` says why. `version` names the model directory's
+    content (as serving it would); `seconds` is the wall time of the scoring alone (actors started to last row)."""
+
+    records: list[CellRecord]
+    results: list[CellResult | None]
+    failed: dict[str, str]
+    version: str
+    seconds: float
+
+    @property
+    def scored(self) -> list[CellResult]:
+        return [result for result in self.results if result is not None]
+
+
+def score_offline(
+    records: Sequence[CellRecord],
+    model_dir: Path,
+    routing: RoutingConfig,
+    workers: int = 1,
+    threads: int | None = None,
+    gpus: float = 0.0,
+    batch_size: int = 64,
+) -> OfflineScores:
+    """Classify `records` with the model in `model_dir` on `workers` Ray actors (joins the running Ray cluster,
+    or starts a local one when there is none). `threads`: torch threads per actor (None: torch's default);
+    `gpus`: GPUs per actor (0 on a CPU machine). A cell whose file is missing or not an image is named in `failed`
+    with the reason; every other cell is scored."""
+    import time
+
+    import ray
+
+    from cytoloop.serving.model_source import local_ref
+
+    if workers < 1 or batch_size < 1:
+        raise UsageError(f"workers and batch_size must be at least 1 (got {workers} and {batch_size})")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1 (got {threads})")
+    version = local_ref(Path(model_dir)).version  # a clear error here, before any actor starts
+    if not records:
+        return OfflineScores([], [], {}, version, 0.0)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    cpus, gpus_there = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+    if workers * (threads or 1) > cpus or workers * gpus > gpus_there:
+        raise UsageError(
+            f"{workers} workers of {threads or 1} CPU(s) and {gpus} GPU(s) each do not fit the Ray cluster "
+            f"({cpus:g} CPUs, {gpus_there:g} GPUs): ask for fewer workers or threads"
+        )
+    rows = [{"index": i, "path": str(Path(r.path).resolve())} for i, r in enumerate(records)]
+    began = time.perf_counter()
+    dataset = ray.data.from_items(rows).map_batches(
+        ModelScorer,
+        fn_constructor_kwargs={
+            "model_dir": str(Path(model_dir).resolve()),
+            "routing": routing.model_dump(mode="json"),
+            "threads": threads,
+        },
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=threads or 1,
+        num_gpus=gpus,
+    )
+    results: list[CellResult | None] = [None] * len(records)
+    failed: dict[str, str] = {}
+    for row in dataset.iter_rows():
+        i = int(row["index"])
+        if row["result"] is None:
+            failed[str(records[i].path)] = str(row["error"])
+        else:
+            results[i] = row["result"]
+    return OfflineScores(list(records), results, failed, version, time.perf_counter() - began)
+
+
+def write_scores_csv(scores: OfflineScores, path: Path) -> Path:
+    """One row per record, in the records' order: the answer's fields and one `p_<class>` column per class, or
+    the reason in `error` for a cell that could not be scored (so no record silently drops out)."""
+    import csv
+
+    classes = list(scores.scored[0].probabilities) if scores.scored else []
+    fields = ["path", "cell_id", "label", "confidence", "uncertainty", "anomaly", "route", "evals", "provisional"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*fields, *(f"p_{c}" for c in classes), "version", "error"])
+        for record, result in zip(scores.records, scores.results):
+            if result is None:
+                writer.writerow(
+                    [
+                        record.path,
+                        *[""] * (len(fields) - 1 + len(classes)),
+                        scores.version,
+                        scores.failed[str(record.path)],
+                    ]
+                )
+                continue
+            values = [getattr(result, f) for f in fields[1:]]
+            writer.writerow(
+                [
+                    record.path,
+                    *("" if v is None else v for v in values),
+                    *(f"{result.probabilities[c]:.6f}" for c in classes),
+                    scores.version,
+                    "",
+                ]
+            )
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, fail, run, split_list
+from ops.cli.common import app, fail, run, settings_from, split_list
 
 
 @app.command()
@@ -194,6 +194,52 @@ def evaluate(
             typer.echo(json.dumps(report, indent=1, default=str))
             return
         _print_report(report)
+
+    run(action)
+
+
+@app.command()
+def score(
+    model: Path = typer.Option(..., help="model directory (diffusion, baseline or cascade)"),
+    data: Path = typer.Option(..., help="manifest CSV or per-class folder of the cells to score"),
+    out: Path = typer.Option(..., help="CSV to write: one row per cell, in the manifest's order"),
+    domains: str | None = typer.Option(None, help="comma-separated domains to score (default all)"),
+    part: str | None = typer.Option(None, help="only this part of the model's split (default: every cell given)"),
+    cells: int | None = typer.Option(None, min=1, help="score this many of the cells (a fixed draw); default all"),
+    workers: int = typer.Option(1, min=1, help="Ray actors, each with its own copy of the model"),
+    threads: int | None = typer.Option(None, min=1, help="torch threads per worker (default: torch's)"),
+    gpus: float = typer.Option(0.0, min=0.0, help="GPUs per worker"),
+    batch_size: int = typer.Option(64, min=1, help="cells per batch a worker classifies at once"),
+    config: Path | None = typer.Option(None, help="JSON settings (routing thresholds: routing.*)"),
+) -> None:
+    """Score a pool of cells offline with Ray Data (no service needed): class, probabilities, anomaly score and
+    route per cell, as the classifier service would answer, written to a CSV. Labels are not needed."""
+
+    def action():
+        from collections import Counter
+
+        from cytoloop.data.records import class_interleaved_subset, load_records, select
+        from cytoloop.workflows import held_out
+        from jobs.score import score_offline, write_scores_csv
+
+        records = select(load_records(data), split_list(domains))
+        if part:
+            records, _ = held_out(records, model, part)
+        records = class_interleaved_subset(records, cells)
+        if not records:
+            fail(f"{data}: no cells to score (domains {domains or 'all'}, part {part or 'all'})")
+        scores = score_offline(records, model, settings_from(config).routing, workers, threads, gpus, batch_size)
+        write_scores_csv(scores, out)
+        routes = Counter(result.route for result in scores.scored)
+        typer.echo(
+            f"scored {len(scores.scored)} of {len(records)} cells with {model} ({scores.version}) in "
+            f"{scores.seconds:.1f} s ({len(scores.scored) / max(scores.seconds, 1e-9):.1f} cells/s, {workers} "
+            f"worker(s)); routes: {', '.join(f'{k} {v}' for k, v in sorted(routes.items()))}; wrote {out}"
+        )
+        for why in list(scores.failed.values())[:10]:
+            typer.echo(f"  not scored: {why}")
+        if len(scores.failed) > 10:
+            typer.echo(f"  ... and {len(scores.failed) - 10} more cells not scored (their reasons are in {out})")
 
     run(action)
 

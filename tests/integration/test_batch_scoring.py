@@ -1,0 +1,146 @@
+"""Offline batch scoring with Ray Data (`jobs/score.py: score_offline`, `cytoloop score`) on a real local Ray
+(own temp dir, 2 CPUs): two actors, each loading the model directory, answer real cells exactly as the classifier
+service's own code does in this process, in the records' order; a missing and a corrupt file are named with
+their reason and every other cell is still scored."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    if ray.is_initialized():  # another module's cluster: use it as it is
+        yield
+        return
+    temp_dir = tempfile.mkdtemp(prefix="ray_bs_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_worker_niceness"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    from cytoloop.config import BaselineModelConfig, DataConfig
+    from cytoloop.models.baseline import BaselineClassifier
+
+    torch.manual_seed(0)
+    classes = ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    model = BaselineClassifier(classes, DataConfig(image_size=16), BaselineModelConfig(channels=(4, 8)))
+    return model.save(tmp_path_factory.mktemp("batch") / "model")
+
+
+@pytest.fixture(scope="module")
+def pool(cells_dir, tmp_path_factory):
+    """17 real cells of two labs, then a corrupt file and a missing one, then 3 more real cells."""
+    from cytoloop.data.records import CellRecord, load_records, select
+
+    real = select(load_records(cells_dir), ["jtsc", "bccd"])[::25][:20]
+    broken = tmp_path_factory.mktemp("bad") / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    bad = [
+        CellRecord("bad/broken.png", broken, None, "bad"),
+        CellRecord("bad/missing.png", broken.parent / "missing.png", None, "bad"),
+    ]
+    return real[:17] + bad + real[17:]
+
+
+def test_two_workers_answer_every_cell_as_the_service_would_in_order(ray_local, model_dir, pool):
+    from cytoloop.config import RoutingConfig
+    from cytoloop.models.loading import load_model
+    from cytoloop.serving.inference import CellService
+    from cytoloop.serving.model_source import local_ref
+    from jobs.score import score_offline
+
+    routing = RoutingConfig(review_below=0.3, audit_fraction=0.0)
+    scores = score_offline(pool, model_dir, routing, workers=2, threads=1, batch_size=4)
+
+    assert scores.records == pool and len(scores.results) == len(pool)
+    assert scores.version == local_ref(model_dir).version
+    assert set(scores.failed) == {str(pool[17].path), str(pool[18].path)}
+    assert "not a readable image" in scores.failed[str(pool[17].path)]
+    assert "cannot be read" in scores.failed[str(pool[18].path)]
+    assert scores.results[17] is None and scores.results[18] is None
+
+    real = [r for i, r in enumerate(pool) if i not in (17, 18)]
+    service = CellService(load_model(model_dir), local_ref(model_dir), routing)
+    expected = service.classify([(str(r.path.resolve()), r.path.read_bytes()) for r in real])
+    got = [result for result in scores.results if result is not None]
+    assert [g.name for g in got] == [str(r.path.resolve()) for r in real]  # the records' order, not Ray's
+    assert [g.index for g in got] == [i for i in range(len(pool)) if i not in (17, 18)]
+    for mine, theirs in zip(got, expected):
+        assert (mine.label, mine.route, mine.cell_id) == (theirs.label, theirs.route, theirs.cell_id)
+        assert mine.probabilities == pytest.approx(theirs.probabilities, abs=1e-6)
+
+
+def test_more_workers_than_the_cluster_holds_is_a_clear_error(ray_local, model_dir, pool):
+    from cytoloop.config import RoutingConfig
+    from cytoloop.errors import UsageError
+    from cytoloop.models.base import ModelLoadError
+    from jobs.score import score_offline
+
+    with pytest.raises(UsageError, match="do not fit the Ray cluster"):
+        score_offline(pool, model_dir, RoutingConfig(), workers=3, threads=1)
+    with pytest.raises(ModelLoadError, match="not a CytoLoop model directory"):
+        score_offline(pool, model_dir.parent, RoutingConfig())
+
+
+def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_path):
+    """`cytoloop score` over a manifest: one CSV row per cell in the manifest's order, probabilities per class,
+    the reason where a cell could not be scored."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    manifest = tmp_path / "pool.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["cell_id", "path", "label", "domain"])
+        for record in pool:
+            writer.writerow([record.cell_id, record.path, record.label or "", record.domain])
+    out = tmp_path / "scores.csv"
+    result = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(manifest),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"scored {len(pool) - 2} of {len(pool)} cells" in result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [row["path"] for row in rows] == [str(r.path) for r in pool]
+    assert rows[17]["error"] and rows[18]["error"] and not rows[17]["label"]
+    scored = [row for row in rows if not row["error"]]
+    assert all(row["label"] in {"eosinophil", "lymphocyte", "monocyte", "neutrophil"} for row in scored)
+    assert all(
+        abs(sum(float(row[f"p_{c}"]) for c in ("eosinophil", "lymphocyte", "monocyte", "neutrophil")) - 1) < 1e-4
+        for row in scored
+    )
