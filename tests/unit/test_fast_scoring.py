@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
 from cytoloop.scoring.calibration import decision, evaluations_needed, reorderings, trials_needed, tune_scoring
-from cytoloop.scoring.trials import RouteExits, TrialLog, replay, score_cells
+from cytoloop.scoring.trials import RouteExits, TrialLog, replay, replay_decisions, score_cells
 
 N_CLASSES = 4
 NULL = N_CLASSES
@@ -174,6 +174,32 @@ def _toy_logs(n_cells: int, n_trials: int, seed: int) -> list[TrialLog]:
             TrialLog(strata=[k % 4 for k in range(n_trials)], errors=list(errors), null_errors=[np.nan] * n_trials)
         )
     return logs
+
+
+@pytest.mark.parametrize("min_trials", [1, 2, 5])
+@pytest.mark.parametrize("p", [0.2, 0.02, 1e-3])
+@pytest.mark.parametrize("prior", [None, 0.02])
+@pytest.mark.parametrize("check_every,null_trials,max_trials", [(1, None, 60), (3, 2, 25)])
+def test_replay_decisions_equals_one_replay_per_log(min_trials, p, prior, check_every, null_trials, max_trials):
+    """Tuning replays every candidate on every cell through `replay_decisions` (all logs at once, running sums);
+    its decisions and evaluation counts must be exactly those of `replay` log by log."""
+    logs = [order for log in _toy_logs(12, 60, seed=3) for order in reorderings(log, 3, 4)]
+    weights = np.array([0.7, 1.0, 1.3, 0.9])
+    config = ScoringConfig(
+        min_trials=min_trials,
+        check_every=check_every,
+        elimination_p=p,
+        max_trials=max_trials,
+        timestep_bins=4,
+        null_trials=null_trials,
+        variance_prior=prior,
+        variance_prior_trials=2.0 if prior else 0.0,
+    )
+    decided, evals = replay_decisions(logs, config, weights)
+    one_by_one = [replay(log, config, weights) for log in logs]
+    assert decided.tolist() == [decision(replayed, weights) for replayed, _ in one_by_one]
+    assert evals.tolist() == [e for _, e in one_by_one]
+    assert len(set(evals.tolist())) > 1  # the rule stopped cells at different points: the test is not trivial
 
 
 def test_tuning_meets_the_agreement_target_cheaply():

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from cytoloop.config import ScoringConfig
-from cytoloop.scoring.trials import TrialLog, replay, summarise_log
+from cytoloop.scoring.trials import TrialLog, replay_decisions, summarise_log
 
 TUNING_MIN_TRIALS = (1, 2, 3, 4, 6, 8, 12)  # without a variance prior the first test needs two trials
 TUNING_PRIOR_TRIALS = (0.0, 2.0)  # 0: no variance prior
@@ -244,9 +244,7 @@ def tune_scoring(
                         "variance_prior_trials": k if k > 0 else config.variance_prior_trials,
                     }
                 )
-                replays = [replay(log, candidate, weights) for log in logs]
-                decided = np.array([decision(r, weights) for r, _ in replays])
-                evals = np.array([e for _, e in replays])
+                decided, evals = replay_decisions(logs, candidate, weights)
                 row = {
                     "variance_prior_trials": k,
                     "min_trials": m,
