@@ -41,10 +41,11 @@ from cytoloop.scoring.calibration import (
     evaluations_needed,
     even_subset,
     fit_temperature,
-    fit_weights,
+    fit_timestep_weights,
     trials_needed,
     tune_scoring,
 )
+from cytoloop.scoring.trials import TrialLog
 
 SPLIT_FILE = "split.json"
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
@@ -141,8 +142,7 @@ def train_model(
     val_labels = label_indices(val.records, classes)
     tuning = None
     if isinstance(model, DiffusionClassifier) and settings.train.tune_scoring:
-        fit_weights(model, val.images, val_labels, progress=progress)
-        tuning = tune_model_scoring(model, val.images, val_labels, progress=progress)
+        tuning = tune_model_scoring(model, val.images, val_labels, progress=progress, fit_weights=True)
         (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
     else:
         calibrate(model, val.images, val_labels, progress=progress)
@@ -406,6 +406,7 @@ def tune_model_scoring(
     progress: bool = False,
     unlabeled: np.ndarray | None = None,
     prior_cells: float = 0.0,
+    fit_weights: bool = False,
 ) -> dict:
     """Tune a diffusion model's adaptive scoring on labelled validation cells, in place; returns a report.
 
@@ -416,20 +417,34 @@ def tune_model_scoring(
     Agreement needs no labels, so `unlabeled` cells (from where the model will be used) join the tuning set:
     with 65 validation cells a 0.99 target allows no single disagreement. The temperature uses labelled cells only;
     with `prior_cells` the model's current temperature (a fine-tune's parent's) counts as that many cells.
+
+    With `fit_weights` the timestep weights w(t) are fitted first, from the first `calibration_trials` trials of
+    the same exhaustive pass: a cell's trials come from its own generator, so they are exactly the trials
+    `calibration.fit_weights` would run on the same cells, and one pass over the denoiser serves both. The
+    report's `validation` holds ECE, NLL and Brier of the tuned, recalibrated model on all `images` (from the
+    scores the temperature was fitted on), so a caller need not score them again.
     """
     config = model.scoring_config
     prior = model.temperature if prior_cells > 0 else None
-    exhaustive = config.model_copy(
-        update={"min_trials": config.tuning_trials, "max_trials": config.tuning_trials, "score_null_class": False}
-    )
-    tuning_images = images[even_subset(labels, config.calibration_cells, config.seed)]
+    trials = max(config.tuning_trials, config.calibration_trials) if fit_weights else config.tuning_trials
+    exhaustive = config.model_copy(update={"min_trials": trials, "max_trials": trials, "score_null_class": False})
+    labelled = even_subset(labels, config.calibration_cells, config.seed)
+    tuning_images = images[labelled]
     if unlabeled is not None and len(unlabeled):
         tuning_images = np.concatenate([tuning_images, unlabeled])
+    if fit_weights:
+        model.timestep_weights = None
     logs = model.score(tuning_images, exhaustive, progress=progress).logs
+    if fit_weights:
+        first = [_first_trials(log, config.calibration_trials) for log in logs[: len(labelled)]]
+        model.timestep_weights = fit_timestep_weights(first, labels[labelled], config.timestep_bins).tolist()
+    logs = [_first_trials(log, config.tuning_trials) for log in logs]
     weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
     tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
     model.scoring_config = tuned
-    model.temperature = fit_temperature(-model.score(images, progress=progress).class_error, labels, prior, prior_cells)
+    final = model.score(images, progress=progress)
+    model.temperature = fit_temperature(-final.class_error, labels, prior, prior_cells)
+    probs = model.predictions_from_scores(final).probs
     needed = np.array([trials_needed(log, weights) for log in logs])
     null_trials = tuned.null_trials if tuned.score_null_class else 0
     evals_needed = np.array([evaluations_needed(log, weights, null_trials) for log in logs])
@@ -441,10 +456,9 @@ def tune_model_scoring(
         and (r["variance_prior_trials"], r["min_trials"], r["elimination_p"])
         == (prior_trials, tuned.min_trials, tuned.elimination_p)
     ]
-    n_labelled = len(tuning_images) - (0 if unlabeled is None else len(unlabeled))
     return {
-        "n_cells": int(n_labelled),
-        "n_unlabeled": int(len(tuning_images) - n_labelled),
+        "n_cells": int(len(labelled)),
+        "n_unlabeled": int(len(tuning_images) - len(labelled)),
         "n_temperature_cells": int(len(images)),
         "chosen": chosen[0] if chosen else None,  # None: no candidate met the target, scoring left unchanged
         "candidates": rows,
@@ -452,7 +466,16 @@ def tune_model_scoring(
         "trials_needed_p95": float(np.percentile(needed, 95)),
         "evaluations_needed_mean": float(evals_needed.mean()),
         "temperature": model.temperature,
+        "validation": {
+            "ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
+            "nll": metrics.negative_log_likelihood(probs, labels),
+            "brier": metrics.brier_score(probs, labels),
+        },
     }
+
+
+def _first_trials(log: TrialLog, n: int) -> TrialLog:
+    return TrialLog(log.strata[:n], log.errors[:n], log.null_errors[:n])
 
 
 def distill_model(

@@ -599,3 +599,54 @@ def test_dihedral_views_cover_the_eight_symmetries_and_keep_each_cells_answer(al
         np.testing.assert_allclose(alone.class_error[0], together.class_error[i], atol=1e-6)
     unrotated, _ = _score(alphas_cumprod, cells, ScoringConfig(**FAST))
     assert not np.allclose(together.class_error, unrotated.class_error)
+
+
+def test_one_exhaustive_pass_fits_the_weights_and_tunes_as_two_passes_did():
+    """`fit_weights=True` takes w(t) from the first `calibration_trials` trials of the tuning pass instead of a
+    pass of its own: the weights, the tuned rule, the temperature and the validation figures must be those of
+    `fit_weights` followed by tuning (to float precision), with one denoiser pass fewer."""
+    from cytoloop.evaluation import metrics
+    from cytoloop.scoring.calibration import fit_weights
+    from cytoloop.workflows import tune_model_scoring
+
+    def fresh() -> DiffusionClassifier:
+        torch.manual_seed(0)
+        return DiffusionClassifier(
+            ["a", "b", "c"],
+            DataConfig(image_size=SIZE),
+            DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+            ScoringConfig(
+                min_trials=2,
+                max_trials=12,
+                timestep_bins=4,
+                calibration_trials=5,
+                tuning_trials=12,
+                tuning_agreement=0.6,
+                seed=3,
+            ),
+        )
+
+    images = np.random.default_rng(4).uniform(-1, 1, size=(9, 3, SIZE, SIZE)).astype(np.float32)
+    labels = np.array([0, 1, 2] * 3)
+    two_passes = fresh()
+    fit_weights(two_passes, images, labels)
+    separate = tune_model_scoring(two_passes, images, labels)
+    one_pass = fresh()
+    passes = []
+    score = one_pass.score
+    one_pass.score = lambda cells, config=None, *a, **k: passes.append(config) or score(cells, config, *a, **k)
+    merged = tune_model_scoring(one_pass, images, labels, fit_weights=True)
+
+    assert len(passes) == 2  # the exhaustive pass and the tuned rule's scores for the temperature
+    # equal to float32 precision: the same trials, packed into the denoiser's batches differently
+    np.testing.assert_allclose(one_pass.timestep_weights, two_passes.timestep_weights, rtol=1e-4)
+    assert one_pass.scoring_config.model_dump(exclude={"variance_prior"}) == two_passes.scoring_config.model_dump(
+        exclude={"variance_prior"}
+    )
+    assert one_pass.temperature == pytest.approx(two_passes.temperature, rel=1e-3)
+    assert merged["chosen"] == pytest.approx(separate["chosen"], rel=1e-3)
+    probs = two_passes.predict(images).probs
+    assert merged["validation"]["ece"] == pytest.approx(
+        metrics.expected_calibration_error(probs, labels, n_bins=15), abs=1e-4
+    )
+    assert merged["validation"]["nll"] == pytest.approx(metrics.negative_log_likelihood(probs, labels), rel=1e-3)

@@ -190,8 +190,8 @@ def test_bf16_training_keeps_fp32_weights_and_learns():
 
 
 def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw(tmp_path, tiny_overrides, clean_env):
-    """train_model tunes the scoring it saves (the fast rule every later command uses); the exhaustive passes
-    see at most `calibration_cells` validation cells, the temperature all of them."""
+    """train_model tunes the scoring it saves (the fast rule every later command uses); the exhaustive pass
+    sees at most `calibration_cells` validation cells, the temperature all of them."""
     import json
 
     from cytoloop.config import load_settings
@@ -226,10 +226,10 @@ def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw
         DiffusionClassifier.score = original
     n_val = report["n_val"]
     assert n_val > 4
-    # weights (4 cells), tuning's exhaustive logs (4 cells), temperature with the tuned rule (every val cell)
+    # one exhaustive pass on 4 cells (its first trials fit the weights, all of them tune the rule), then the
+    # temperature with the tuned rule (every val cell)
     assert scored == [
-        (4, settings.scoring.calibration_trials),
-        (4, settings.scoring.tuning_trials),
+        (4, max(settings.scoring.tuning_trials, settings.scoring.calibration_trials)),
         (n_val, settings.scoring.max_trials),
     ]
     tuning = json.loads((tmp_path / "model" / "tuning.json").read_text())

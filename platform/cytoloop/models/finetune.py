@@ -215,7 +215,6 @@ def recalibrate(
     to `tuning_out` (the model directory's tuning.json) when given. `tuning_cells` caps the validation cells of its
     exhaustive passes (below the model's own `scoring.calibration_cells`), which the model keeps."""
     from cytoloop.models.diffusion import DiffusionClassifier
-    from cytoloop.scoring.calibration import fit_weights
     from cytoloop.workflows import tune_model_scoring
 
     cells = load_cells(val_records, model.data_config)
@@ -229,15 +228,15 @@ def recalibrate(
         if tuning_cells is not None:
             capped = tuning_cells if own is None else min(own, tuning_cells)
             model.scoring_config = model.scoring_config.model_copy(update={"calibration_cells": capped})
-        fit_weights(model, cells.images, labels)
-        tuning = tune_model_scoring(model, cells.images, labels, prior_cells=prior_cells)
+        tuning = tune_model_scoring(model, cells.images, labels, prior_cells=prior_cells, fit_weights=True)
         model.scoring_config = model.scoring_config.model_copy(update={"calibration_cells": own})
         tuned = tuning["chosen"]
+        after = tuning["validation"]  # the tuned model's figures on these cells, from the scores it was fitted on
         if tuning_out is not None:
             Path(tuning_out).write_text(json.dumps(tuning, indent=1))
     else:
         calibrate(model, cells.images, labels, prior_cells=prior_cells)
-    after = _calibration_figures(model, cells.images, labels)
+        after = _calibration_figures(model, cells.images, labels)
     figures = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
     if tuned is not None:
         figures |= {"tuned_evals_mean": float(tuned["evals_mean"]), "tuned_agreement": float(tuned["agreement"])}
