@@ -253,7 +253,11 @@ def run_finetune(
     new = gate_figures(challenger, data, out / "evaluation" / "challenger.json")
     try:
         current = registry.for_site(name, site)
-        champion = gate_figures(registry.load(name, current.version, cache), data, out / "evaluation" / "champion.json")
+        champion = _kept_champion_figures(home, current, data, challenger.classes, out / "evaluation")
+        if champion is None:
+            champion = gate_figures(
+                registry.load(name, current.version, cache), data, out / "evaluation" / "champion.json"
+            )
     except NotRegistered:  # no champion yet; an unreachable registry raises: a gate needs the true champion
         current, champion = None, None
     verdict = compare(new, champion, settings.promotion)
@@ -316,6 +320,26 @@ def run_finetune(
     return FinetuneOutcome(
         registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics, verdict.worse
     )
+
+
+def _kept_champion_figures(
+    home: Path, champion: VersionInfo, data, classes: list[str], evaluation: Path
+) -> dict | None:
+    """The champion's own gate report, when a fine-tune on this host promoted it after a gate on these very cells
+    (`promotion.kept_gate_figures`); copied with its plots into this run's evaluation folder as `champion.*`, so
+    the version's artifacts hold both sides as before. None when it must be scored again."""
+    from cytoloop.policy.promotion import kept_gate_figures
+
+    run = champion.tags.get("ray_run")
+    kept = home / "finetune" / run / "evaluation" / "challenger.json" if run else None
+    report = kept_gate_figures(kept, data, classes) if kept is not None else None
+    if report is None:
+        return None
+    evaluation.mkdir(parents=True, exist_ok=True)
+    for path in kept.parent.glob("challenger.*"):
+        shutil.copyfile(path, evaluation / path.name.replace("challenger.", "champion.", 1))
+    logger.info(f"   the champion v{champion.version}'s gate figures on these cells kept from its own gate")
+    return report
 
 
 def _settings_key(train_config, augment_config, data_config) -> str:

@@ -116,3 +116,36 @@ def test_refused_only_when_worse_with_confidence():
     refused = compare(bad, champion, CONFIG)
     assert not refused.passed and refused.worse == ["balanced_accuracy", "ece"]
     assert any("WORSE with confidence" in r for r in refused.reasons)
+
+
+def test_a_kept_gate_report_is_reused_only_for_the_same_cells_and_classes(tmp_path):
+    """A champion's report from its own gate stands in for scoring it again only when that gate judged the very
+    same cells (ids and labels, anomaly set) with the same classes."""
+    import json
+
+    from cytoloop.data.records import CellRecord
+    from cytoloop.policy.promotion import GateData, gate_fingerprint, kept_gate_figures
+    from cytoloop.registry import VersionInfo
+    from jobs.finetune import _kept_champion_figures
+
+    cells = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "a" if i % 2 else "b", "lab") for i in range(6)]
+    data = GateData(cells, [], "blast")
+    run = tmp_path / "home" / "finetune" / "site-a-v1-x" / "evaluation"
+    run.mkdir(parents=True)
+    report = {"classes": ["a", "b"], "gate_cells": gate_fingerprint(data), "balanced_accuracy": 0.8}
+    (run / "challenger.json").write_text(json.dumps(report))
+    (run / "challenger.reliability.png").write_bytes(b"png")
+
+    assert kept_gate_figures(run / "challenger.json", data, ["a", "b"]) == report
+    assert kept_gate_figures(run / "challenger.json", data, ["a", "b", "c"]) is None
+    relabelled = [CellRecord(c.cell_id, c.path, "a", c.domain) for c in cells]
+    assert kept_gate_figures(run / "challenger.json", GateData(relabelled, [], "blast"), ["a", "b"]) is None
+    assert kept_gate_figures(run / "challenger.json", GateData(cells[:5], [], "blast"), ["a", "b"]) is None
+    assert kept_gate_figures(run / "missing.json", data, ["a", "b"]) is None
+
+    champion = VersionInfo("m", "2", None, {"ray_run": "site-a-v1-x"}, ["champion-site-a"])
+    out = tmp_path / "next" / "evaluation"
+    assert _kept_champion_figures(tmp_path / "home", champion, data, ["a", "b"], out) == report
+    assert sorted(p.name for p in out.iterdir()) == ["champion.json", "champion.reliability.png"]
+    base = VersionInfo("m", "1", None, {}, ["champion"])  # registered, never gated here: scored again
+    assert _kept_champion_figures(tmp_path / "home", base, data, ["a", "b"], out) is None

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cytoloop.config import PromotionConfig
-from cytoloop.data.records import CellRecord, DatasetError, load_records, select
+from cytoloop.data.records import CellRecord, DatasetError, load_records, records_fingerprint, select
 from cytoloop.errors import UsageError
 from cytoloop.evaluation import metrics
 
@@ -136,9 +136,17 @@ def gate_data(eval_records: Sequence[CellRecord], config: PromotionConfig, class
     return GateData(records, anomalies, config.anomaly_label)
 
 
+def gate_fingerprint(data: GateData) -> str:
+    """Which cells (and labels) a gate judges on: two gate reports with one fingerprint scored the same cells."""
+    return "-".join(
+        (records_fingerprint(data.eval_records), records_fingerprint(data.anomaly_records), data.anomaly_label)
+    )
+
+
 def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
     """Evaluate one model on the gate's cells: the full evaluation report (with plots beside `json_out`) and each
-    cell's result, for `compare`'s paired intervals."""
+    cell's result, for `compare`'s paired intervals. The report names its cells (`gate_cells`), so a later gate
+    on the same cells can reuse it (`kept_gate_figures`)."""
     from cytoloop.workflows import evaluate_model
 
     report = evaluate_model(
@@ -150,6 +158,23 @@ def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
         per_cell=True,
     )
     report.setdefault("anomaly_auroc", None)
+    report["gate_cells"] = gate_fingerprint(data)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def kept_gate_figures(path: Path, data: GateData, classes: list[str]) -> dict | None:
+    """A model's gate report kept at `path` from an earlier gate, if that gate judged these very cells with these
+    classes; else None. A champion was gated as a challenger on its site's frozen cells when it was promoted:
+    scoring draws each cell's trials from the cell itself, so scoring it again on them would repeat that report
+    (a fine-tune's gate then scores only its challenger)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if report.get("gate_cells") != gate_fingerprint(data) or report.get("classes") != classes:
+        return None
     return report
 
 
