@@ -562,3 +562,19 @@ def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
     drawn = {str(r.path) for r in class_interleaved_subset(kept, 3)}
     assert len(drawn) == 3
     assert [path for path, _ in report["skipped"]] == [p for p in [str(workspace["corrupt"])] if p in drawn]
+
+
+def test_score_errors_exit_2_before_any_work(workspace):
+    """`cytoloop score` on a folder that holds no model, or a manifest that does not exist: exit 2 naming it, no
+    Ray started."""
+    import ray
+
+    ray_before = ray.is_initialized()
+    result = invoke(
+        "score", "--model", workspace["root"], "--data", workspace["train"], "--out", "s.csv", cwd=workspace["root"]
+    )
+    assert result.exit_code == 2 and "not a CytoLoop model directory" in result.stderr, result.output
+    missing = workspace["root"] / "nowhere.csv"
+    result = invoke("score", "--model", workspace["root"], "--data", missing, "--out", "s.csv", cwd=workspace["root"])
+    assert result.exit_code == 2 and "nowhere.csv" in result.stderr, result.output
+    assert ray.is_initialized() == ray_before
