@@ -513,6 +513,7 @@ def _render_low_data(by_n: dict) -> list[str]:
                 f"| {n} | {row['kind']} `{Path(name).name}` | {row['training']['steps']} | "
                 f"{_ci(r, 'balanced_accuracy')} | {_ci(r, 'ece')} | {r['denoiser_evals_per_cell']:.1f} |"
             )
+    for n, rows in by_n.items():  # after the table: a paragraph inside it would cut it in two
         lines += _seed_spread(rows, lambda row: row["in_domain"]["balanced_accuracy"], f"{n} per class")
     return lines
 
