@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--cascade-threshold", type=float, default=0.9)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per worker (0.25: four workers share one)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("runs/batch-scaling"))
     parser.add_argument("--no-write-docs", dest="write_docs", action="store_false")
@@ -105,7 +106,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for w in workers:
                 threads = max(1, cores // w)
-                scores = score_offline(cells, directory, routing, w, threads, batch_size=args.batch_size)
+                scores = score_offline(cells, directory, routing, w, threads, args.gpus, args.batch_size)
                 labels = [r.label if r else None for r in scores.results]
                 if first_labels is None and w == workers[0]:
                     first_labels = labels
