@@ -17,6 +17,7 @@ import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,7 +25,9 @@ from cytoloop.config import RoutingConfig
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions
-from cytoloop.serving.inference import CellFailure, CellResult
+
+if TYPE_CHECKING:  # the serving code imports torch: only the scoring actors need it at run time
+    from cytoloop.serving.inference import CellResult
 
 
 class ServedScorer:
@@ -137,6 +140,8 @@ class ModelScorer:
         self.service = CellService(load_model(directory), local_ref(directory), RoutingConfig(**routing))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from cytoloop.serving.inference import CellFailure, CellResult
+
         index = [int(i) for i in batch["index"]]
         paths = [str(p) for p in batch["path"]]
         cells, unreadable = [], {}
