@@ -202,6 +202,15 @@ def test_replay_decisions_equals_one_replay_per_log(min_trials, p, prior, check_
     assert len(set(evals.tolist())) > 1  # the rule stopped cells at different points: the test is not trivial
 
 
+def test_replay_decisions_stops_a_one_class_log_at_once():
+    """A log with one class is decided after its first block, as `decide` does, even before a t-test could run."""
+    logs = [TrialLog(log.strata, [e[:1] for e in log.errors], log.null_errors) for log in _toy_logs(3, 20, seed=5)]
+    config = ScoringConfig(min_trials=1, check_every=1, max_trials=20, timestep_bins=4)
+    decided, evals = replay_decisions(logs, config, np.ones(4))
+    assert decided.tolist() == [0, 0, 0]
+    assert evals.tolist() == [replay(log, config, np.ones(4))[1] for log in logs] == [2, 2, 2]  # one class + null
+
+
 def test_tuning_meets_the_agreement_target_cheaply():
     logs = _toy_logs(40, 60, seed=0)
     weights = np.ones(4)

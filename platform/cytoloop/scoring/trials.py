@@ -460,7 +460,9 @@ def replay_decisions(logs: list[TrialLog], config: ScoringConfig, weights: np.nd
         if n >= limit:
             length[running] = n
             break
-        if n < first_test:
+        alone = running & (active.sum(axis=1) == 1)  # one class left (a one-class model): decided at once
+        length[alone], running[alone] = n, False
+        if n < first_test or not running.any():
             continue
         rows = np.flatnonzero(running)
         play = active[rows]
