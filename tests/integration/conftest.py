@@ -1,4 +1,4 @@
-"""Session-wide real services for integration tests.
+"""Session-wide real services for integration tests, and a real local Ray for the modules that need one.
 
 `label_studio`: ONE real Label Studio server for the whole test session, started through `ops.stack` (the
 code `cytoloop stack up` runs) on a free port, with its data, HOME and TMPDIR in a temporary folder. Its virtualenv
@@ -9,9 +9,12 @@ then ~7 s (more on a busy machine).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def local_ray(prefix: str) -> Iterator[None]:
+    """A real Ray on this machine for the duration (2 CPUs, no auth, no dashboard), in its own short temp folder:
+    Ray's socket paths must stay under 107 characters. Workers run at niceness 0: Ray's default +15 lets them
+    barely run on a busy shared box."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_worker_niceness"] = "0"
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass

@@ -6,11 +6,10 @@ their reason and every other cell is still scored."""
 from __future__ import annotations
 
 import csv
-import os
-import shutil
-import tempfile
 
 import pytest
+
+from tests.integration.conftest import local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -22,15 +21,8 @@ def ray_local():
     if ray.is_initialized():  # another module's cluster: use it as it is
         yield
         return
-    temp_dir = tempfile.mkdtemp(prefix="ray_bs_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_worker_niceness"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    try:
+    with local_ray("ray_bs_"):
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,7 @@ import copy
 import json
 import os
 import random
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -26,6 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cytoloop.data.records import load_records, select
+from tests.integration.conftest import local_ray
 
 TWO = ["neutrophil", "lymphocyte"]
 pytestmark = pytest.mark.integration
@@ -33,18 +32,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    # Ray starts workers at niceness +15; on a busy shared box the training workers would then barely run
-    os.environ["RAY_worker_niceness"] = "0"
-    temp_dir = tempfile.mkdtemp(prefix="ray_rt_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    try:
+    with local_ray("ray_rt_"):
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
