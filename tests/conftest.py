@@ -83,7 +83,8 @@ def cells_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_overrides() -> dict:
-    """The nested override dict of `tiny_settings` (a deep copy: tests may change it freely)."""
+    """The nested override dict of `tiny_settings`, one for the session (module fixtures use it): a test that
+    changes it changes it for every later test, so change a `copy.deepcopy` of it."""
     return copy.deepcopy(TINY_OVERRIDES)
 
 

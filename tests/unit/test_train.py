@@ -3,6 +3,8 @@ null class on unlabeled cells."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -199,8 +201,9 @@ def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw
     from cytoloop.models.loading import load_model
     from cytoloop.workflows import train_model
 
-    tiny_overrides["scoring"]["calibration_cells"] = 4
-    settings = load_settings(overrides=tiny_overrides)
+    overrides = copy.deepcopy(tiny_overrides)  # the fixture is shared by the session: change a copy
+    overrides["scoring"]["calibration_cells"] = 4
+    settings = load_settings(overrides=overrides)
     root = tmp_path / "cells"
     records = []
     images, labels = red_blue(40)
