@@ -229,7 +229,7 @@ def run_finetune(
     )
 
     began = time.monotonic()
-    challenger = load_model(out)
+    challenger = load_model(out, settings.scoring)  # recalibrated and gated in this machine's runtime
     calibration = recalibrate(
         challenger,
         sets.val,
@@ -256,7 +256,9 @@ def run_finetune(
         champion = _kept_champion_figures(home, current, data, challenger.classes, out / "evaluation")
         if champion is None:
             champion = gate_figures(
-                registry.load(name, current.version, cache), data, out / "evaluation" / "champion.json"
+                registry.load(name, current.version, cache, settings.scoring),
+                data,
+                out / "evaluation" / "champion.json",
             )
     except NotRegistered:  # no champion yet; an unreachable registry raises: a gate needs the true champion
         current, champion = None, None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cytoloop.config import RoutingConfig
+from cytoloop.config import RoutingConfig, ScoringConfig
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions
@@ -127,7 +127,7 @@ class ModelScorer:
     """Ray Data callable class for offline scoring: the model is loaded once per actor (never in a module global)
     and each batch is answered by `CellService.classify`, exactly as the classifier service answers a request."""
 
-    def __init__(self, model_dir: str, routing: dict, threads: int | None):
+    def __init__(self, model_dir: str, routing: dict, threads: int | None, runtime: ScoringConfig | None = None):
         import torch
 
         from cytoloop.models.loading import load_model
@@ -137,7 +137,7 @@ class ModelScorer:
         if threads:
             torch.set_num_threads(threads)
         directory = Path(model_dir)
-        self.service = CellService(load_model(directory), local_ref(directory), RoutingConfig(**routing))
+        self.service = CellService(load_model(directory, runtime), local_ref(directory), RoutingConfig(**routing))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from cytoloop.serving.inference import CellFailure, CellResult
@@ -188,11 +188,12 @@ def score_offline(
     threads: int | None = None,
     gpus: float = 0.0,
     batch_size: int = 64,
+    runtime: ScoringConfig | None = None,
 ) -> OfflineScores:
     """Classify `records` with the model in `model_dir` on `workers` Ray actors (joins the running Ray cluster,
     or starts a local one when there is none). `threads`: torch threads per actor (None: torch's default);
-    `gpus`: GPUs per actor (0 on a CPU machine). A cell whose file is missing or not an image is named in `failed`
-    with the reason; every other cell is scored."""
+    `gpus`: GPUs per actor (0 on a CPU machine); `runtime`: how the model runs on the workers (`load_model`). A
+    cell whose file is missing or not an image is named in `failed` with the reason; every other cell is scored."""
     import time
 
     import ray
@@ -222,6 +223,7 @@ def score_offline(
             "model_dir": str(Path(model_dir).resolve()),
             "routing": routing.model_dump(mode="json"),
             "threads": threads,
+            "runtime": runtime,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -94,7 +94,7 @@ class Backend:
         export: Callable[[], object] | None = None,
     ):
         self.settings = settings
-        self.source = ModelSource(settings.serve, settings.registry)
+        self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
         self.services = ServiceCache(self.source, settings.routing)
         self._sites: dict[str | None, LiveModel] = {}
         self._lock = threading.Lock()

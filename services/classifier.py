@@ -94,7 +94,7 @@ class Classifier:
             import torch
 
             torch.set_num_threads(self.config.torch_threads)
-        self.source = ModelSource(settings.serve, settings.registry)
+        self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
         self.services = ServiceCache(self.source, settings.routing)
         self.live: weakref.WeakSet[LiveModel] = weakref.WeakSet()  # the sites this replica holds (Ray evicts LRU)
         self.model_calls = ModelCalls(self.config.max_batch_size, serve.get_replica_context().replica_id.unique_id)

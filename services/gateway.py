@@ -144,7 +144,7 @@ class Gateway:
         self.classifier = classifier
         self.config = settings.serve
         self.differential_config = settings.differential
-        self.source = ModelSource(settings.serve, settings.registry)
+        self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
 
     async def _classify(self, request: Request, key: str | None) -> tuple[Upload, Answer]:
         check_api_key(self.config.api_key, key)

@@ -167,7 +167,7 @@ def evaluate(
         from cytoloop.models.loading import load_model
         from cytoloop.workflows import evaluate_model, held_out
 
-        classifier = load_model(model)
+        classifier = load_model(model, settings_from(None).scoring)
         if max_trials is not None and classifier.kind == "diffusion":
             cfg = classifier.scoring_config
             classifier.scoring_config = cfg.model_validate(
@@ -228,7 +228,10 @@ def score(
         records = class_interleaved_subset(records, cells)
         if not records:
             fail(f"{data}: no cells to score (domains {domains or 'all'}, part {part or 'all'})")
-        scores = score_offline(records, model, settings_from(config).routing, workers, threads, gpus, batch_size)
+        settings = settings_from(config)
+        scores = score_offline(
+            records, model, settings.routing, workers, threads, gpus, batch_size, runtime=settings.scoring
+        )
         write_scores_csv(scores, out)
         routes = Counter(result.route for result in scores.scored)
         typer.echo(
@@ -329,7 +332,7 @@ def tune(
         from cytoloop.models.loading import load_model
         from cytoloop.workflows import held_out, label_indices, outside_split, tune_model_scoring
 
-        classifier = load_model(model)
+        classifier = load_model(model, settings_from(None).scoring)
         if classifier.kind != "diffusion":
             fail(f"{model} is a {classifier.kind} model; only diffusion scoring is tuned")
         updates = {

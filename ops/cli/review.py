@@ -116,9 +116,9 @@ def review_route(
         from cytoloop.models.loading import load_model
         from labelstudio.loop import ReviewLoop
 
-        classifier = load_model(model)
-        loaded = load_cells(select(load_records(data), split_list(domains)), classifier.data_config, progress=True)
         settings = load_settings(config)
+        classifier = load_model(model, settings.scoring)
+        loaded = load_cells(select(load_records(data), split_list(domains)), classifier.data_config, progress=True)
         # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
         predictions = classifier.predict(loaded.images, progress=True, routing=settings.routing)
         loop = ReviewLoop(settings)

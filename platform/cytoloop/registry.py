@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cytoloop.config import ScoringConfig
 from cytoloop.errors import CytoLoopError, UsageError
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
 from cytoloop.models.loading import load_model
@@ -407,8 +408,9 @@ class Registry:
         )
         return Path(path)
 
-    def load(self, name: str, version: str, cache_dir: Path) -> Classifier:
-        """Load a version as a classifier, downloading it once into `cache_dir/<name>/<version>`.
+    def load(self, name: str, version: str, cache_dir: Path, runtime: ScoringConfig | None = None) -> Classifier:
+        """Load a version as a classifier, downloading it once into `cache_dir/<name>/<version>` (`runtime`: as in
+        `load_model`).
 
         The cache is shared by every replica on a host, so a version appears there whole or not at all: it is
         downloaded into a private folder beside it and renamed into place only once it holds the model. An
@@ -431,7 +433,7 @@ class Registry:
                         raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        return load_model(target)
+        return load_model(target, runtime)
 
     def _call(self, action, what: str):
         """Run an MLflow call; its failures become NotRegistered (it said no), RegistryUnavailable (it could not

@@ -78,3 +78,42 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
     source = ModelSource(ServeConfig(model_dir=tmp_path / "nowhere"), RegistryConfig())
     with pytest.raises(ModelLoadError, match="nowhere"):
         source.resolve(None)
+
+
+def test_machine_settings_replace_how_a_model_runs_never_what_it_decides(tmp_path, monkeypatch):
+    """CYTOLOOP_SCORING__PRECISION and the other runtime fields set for a machine apply to the models it loads
+    (served, evaluated, scored offline): they used to be read only by models trained there, so a served model ran
+    as its model.json said whatever the machine asked. The tuned rule is the model's own: never replaced."""
+    import json
+
+    from cytoloop.config import DiffusionModelConfig, ScoringConfig, load_settings
+    from cytoloop.models.cascade import CascadeClassifier
+    from cytoloop.models.diffusion import DiffusionClassifier
+
+    tuned = ScoringConfig(min_trials=3, max_trials=9, elimination_p=0.02, precision="fp32")
+    teacher = DiffusionClassifier(
+        CLASSES, DataConfig(image_size=16), DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4), tuned
+    )
+    teacher.save(tmp_path / "diffusion")
+    student = BaselineClassifier(CLASSES, DataConfig(image_size=16), BaselineModelConfig(channels=(4, 8)))
+    CascadeClassifier(teacher, student).save(tmp_path / "cascade")
+    on_disk = json.loads((tmp_path / "diffusion" / "model.json").read_text())
+
+    monkeypatch.setenv("CYTOLOOP_SCORING__PRECISION", "bf16")
+    monkeypatch.setenv("CYTOLOOP_SCORING__CHANNELS_LAST", "true")
+    monkeypatch.setenv("CYTOLOOP_SCORING__MIN_TRIALS", "1")  # a decision: stays the model's
+    runtime = load_settings().scoring
+    for name in ("diffusion", "cascade"):
+        source = ModelSource(ServeConfig(model_dir=tmp_path / name), RegistryConfig(), runtime)
+        model = source.load(source.resolve(None))
+        scoring = (model.teacher if name == "cascade" else model).scoring_config
+        assert (scoring.precision, scoring.channels_last) == ("bf16", True), name
+        assert (scoring.min_trials, scoring.max_trials, scoring.elimination_p) == (3, 9, 0.02), name
+        plain = ModelSource(ServeConfig(model_dir=tmp_path / name), RegistryConfig()).load(source.resolve(None))
+        assert (plain.teacher if name == "cascade" else plain).scoring_config.precision == "fp32", name
+    assert json.loads((tmp_path / "diffusion" / "model.json").read_text()) == on_disk  # the directory untouched
+
+    monkeypatch.delenv("CYTOLOOP_SCORING__PRECISION")
+    monkeypatch.delenv("CYTOLOOP_SCORING__CHANNELS_LAST")
+    untouched = ModelSource(ServeConfig(model_dir=tmp_path / "diffusion"), RegistryConfig(), load_settings().scoring)
+    assert untouched.load(untouched.resolve(None)).scoring_config.precision == "fp32"  # nothing set: the model's

@@ -10,14 +10,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cytoloop.config import ScoringConfig
 from cytoloop.models.base import Classifier, ModelLoadError, read_model_meta
 from cytoloop.models.baseline import BaselineClassifier
 from cytoloop.models.cascade import CascadeClassifier
 from cytoloop.models.diffusion import DiffusionClassifier
 
+# How the denoiser runs on a machine, not what the model decides: a machine's settings may replace these.
+RUNTIME_FIELDS = ("device", "precision", "channels_last", "compile", "threads", "batch_size", "lookahead")
 
-def load_model(directory: Path | str) -> Classifier:
-    """Load any CytoLoop model from a local directory (no hub access, ever)."""
+
+def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> Classifier:
+    """Load any CytoLoop model from a local directory (no hub access, ever).
+
+    A diffusion model (or a cascade's teacher) scores as its `model.json` says. Pass the settings' scoring section
+    as `runtime` and those of its `RUNTIME_FIELDS` that were set explicitly (`CYTOLOOP_SCORING__PRECISION=bf16`,
+    a config file) replace the model's own: an operator picks the precision, device or threads of the machine at
+    hand without editing the model. Its decisions (the tuned rule, w(t), the temperature) are never replaced; a
+    model saved after loading keeps the runtime it was loaded with.
+    """
     directory = Path(directory)
     kind = read_model_meta(directory).get("kind")
     loaders: dict[str, Callable[[Path], Any]] = {  # each returns a Classifier
@@ -27,4 +38,10 @@ def load_model(directory: Path | str) -> Classifier:
     }
     if kind not in loaders:
         raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
-    return loaders[str(kind)](directory)
+    model = loaders[str(kind)](directory)
+    diffusion = model.teacher if isinstance(model, CascadeClassifier) else model
+    if runtime is not None and isinstance(diffusion, DiffusionClassifier):
+        update = {field: getattr(runtime, field) for field in RUNTIME_FIELDS if field in runtime.model_fields_set}
+        if update:
+            diffusion.scoring_config = ScoringConfig.model_validate({**diffusion.scoring_config.model_dump(), **update})
+    return model

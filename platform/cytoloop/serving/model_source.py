@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cytoloop.config import RegistryConfig, ServeConfig
+from cytoloop.config import RegistryConfig, ScoringConfig, ServeConfig
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
 from cytoloop.models.loading import load_model
 
@@ -38,14 +38,16 @@ class ModelRef:
 
 
 class ModelSource:
-    """Resolves sites to model versions and loads them, from the registry or from `serve.model_dir`."""
+    """Resolves sites to model versions and loads them, from the registry or from `serve.model_dir`; `runtime`
+    (the settings' scoring section) sets how they run on this machine (`load_model`)."""
 
-    def __init__(self, serve: ServeConfig, registry: RegistryConfig):
+    def __init__(self, serve: ServeConfig, registry: RegistryConfig, runtime: ScoringConfig | None = None):
         self.model_dir = Path(serve.model_dir) if serve.model_dir else None
         self.name = serve.model_name or registry.model_name
         self.cache_dir = Path(registry.cache_dir)
         self._registry_config = registry
         self._registry = None
+        self.runtime = runtime
 
     @property
     def registry(self):
@@ -72,8 +74,9 @@ class ModelSource:
 
     def load(self, ref: ModelRef) -> Classifier:
         if ref.path is not None:
-            return load_model(ref.path)
-        return self.registry.load(ref.name, ref.version, self.cache_dir)  # whole or not at all in the shared cache
+            return load_model(ref.path, self.runtime)
+        # whole or not at all in the shared cache
+        return self.registry.load(ref.name, ref.version, self.cache_dir, self.runtime)
 
     def remember(self, site: str | None, ref: ModelRef) -> None:
         """Record `ref` as the version last loaded and served for `site` (atomically: a reader sees the old record
@@ -105,7 +108,7 @@ class ModelSource:
 
     def load_cached(self, ref: ModelRef) -> Classifier:
         """Load a version from the local cache alone, without asking the registry (the last-known-good path)."""
-        return load_model(self.cache_dir / ref.name / ref.version)
+        return load_model(self.cache_dir / ref.name / ref.version, self.runtime)
 
     def _last_known_good_file(self, site: str | None) -> Path:
         return self.cache_dir / self.name / "last-known-good" / f"{site or '_global'}.json"
