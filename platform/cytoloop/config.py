@@ -195,7 +195,14 @@ class ScoringConfig(_Section):
         ge=2,
         description="at most this many validation cells (an even, seeded draw over classes) go through "
         "the exhaustive passes that fit w(t) and tune the elimination rule, whose cost grows with cells x trials x "
-        "classes; the temperature is fitted on every validation cell. None: all of them",
+        "classes; the temperature is fitted on `temperature_cells`. None: all of them",
+    )
+    temperature_cells: int | None = Field(
+        None,
+        ge=2,
+        description="at most this many labelled validation cells (a seeded draw that keeps the class mix) are "
+        "scored with the tuned rule to fit the temperature and report the validation ECE: one parameter needs a "
+        "few hundred cells, and every cell of a large validation split costs minutes. None: all of them",
     )
     tuning_orders: int = Field(
         10,

@@ -42,6 +42,7 @@ from cytoloop.scoring.calibration import (
     even_subset,
     fit_temperature,
     fit_timestep_weights,
+    mixed_subset,
     trials_needed,
     tune_scoring,
 )
@@ -413,7 +414,8 @@ def tune_model_scoring(
     Runs `tuning_trials` exhaustive trials per cell (at most `calibration_cells` labelled ones, drawn evenly over
     classes; no null class: the decision never uses it), picks the
     cheapest elimination rule agreeing with them on `tuning_agreement` of cells (`calibration.tune_scoring`),
-    and refits the temperature for the scores the tuned rule produces (fewer trials, noisier errors).
+    and refits the temperature for the scores the tuned rule produces (fewer trials, noisier errors), on at most
+    `temperature_cells` of the labelled cells (a draw keeping the class mix).
     Agreement needs no labels, so `unlabeled` cells (from where the model will be used) join the tuning set:
     with 65 validation cells a 0.99 target allows no single disagreement. The temperature uses labelled cells only;
     with `prior_cells` the model's current temperature (a fine-tune's parent's) counts as that many cells.
@@ -421,8 +423,8 @@ def tune_model_scoring(
     With `fit_weights` the timestep weights w(t) are fitted first, from the first `calibration_trials` trials of
     the same exhaustive pass: a cell's trials come from its own generator, so they are exactly the trials
     `calibration.fit_weights` would run on the same cells, and one pass over the denoiser serves both. The
-    report's `validation` holds ECE, NLL and Brier of the tuned, recalibrated model on all `images` (from the
-    scores the temperature was fitted on), so a caller need not score them again.
+    report's `validation` holds ECE, NLL and Brier of the tuned, recalibrated model on the cells the temperature
+    was fitted on (from their scores), so a caller need not score them again.
     """
     config = model.scoring_config
     prior = model.temperature if prior_cells > 0 else None
@@ -442,8 +444,9 @@ def tune_model_scoring(
     weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
     tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
     model.scoring_config = tuned
-    final = model.score(images, progress=progress)
-    model.temperature = fit_temperature(-final.class_error, labels, prior, prior_cells)
+    fitting = mixed_subset(len(images), config.temperature_cells, config.seed)
+    final = model.score(images[fitting], progress=progress)
+    model.temperature = fit_temperature(-final.class_error, labels[fitting], prior, prior_cells)
     probs = model.predictions_from_scores(final).probs
     needed = np.array([trials_needed(log, weights) for log in logs])
     null_trials = tuned.null_trials if tuned.score_null_class else 0
@@ -459,7 +462,7 @@ def tune_model_scoring(
     return {
         "n_cells": int(len(labelled)),
         "n_unlabeled": int(len(tuning_images) - len(labelled)),
-        "n_temperature_cells": int(len(images)),
+        "n_temperature_cells": int(len(fitting)),
         "chosen": chosen[0] if chosen else None,  # None: no candidate met the target, scoring left unchanged
         "candidates": rows,
         "trials_needed_mean": float(needed.mean()),
@@ -467,9 +470,9 @@ def tune_model_scoring(
         "evaluations_needed_mean": float(evals_needed.mean()),
         "temperature": model.temperature,
         "validation": {
-            "ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
-            "nll": metrics.negative_log_likelihood(probs, labels),
-            "brier": metrics.brier_score(probs, labels),
+            "ece": metrics.expected_calibration_error(probs, labels[fitting], n_bins=15),
+            "nll": metrics.negative_log_likelihood(probs, labels[fitting]),
+            "brier": metrics.brier_score(probs, labels[fitting]),
         },
     }
 

@@ -339,6 +339,42 @@ def test_unlabeled_cells_join_the_tuning_set_but_not_the_temperature():
     assert report["chosen"] is not None
 
 
+def test_temperature_cells_caps_the_cells_scored_for_the_temperature():
+    """On a large validation split the temperature pass (every cell through the tuned rule) cost more than the
+    exhaustive pass; `temperature_cells` caps it with a seeded draw that keeps the class mix, and the report's
+    validation figures are those of the cells it was fitted on."""
+    from cytoloop.evaluation import metrics
+    from cytoloop.scoring.calibration import mixed_subset
+    from cytoloop.workflows import tune_model_scoring
+
+    torch.manual_seed(0)
+    config = ScoringConfig(
+        max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5, temperature_cells=5
+    )
+    model = DiffusionClassifier(
+        ["a", "b"],
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        config,
+    )
+    images = np.random.default_rng(1).uniform(-1, 1, size=(12, 3, SIZE, SIZE)).astype(np.float32)
+    labels = np.array([0, 1, 1] * 4)
+    scored = []
+    score = model.score
+    model.score = lambda cells, *args, **kwargs: scored.append(len(cells)) or score(cells, *args, **kwargs)
+    report = tune_model_scoring(model, images, labels)
+    assert scored == [12, 5] and report["n_temperature_cells"] == 5
+    chosen = mixed_subset(12, 5, config.seed)
+    assert len(set(chosen.tolist())) == 5 and (np.diff(chosen) > 0).all()
+    assert np.array_equal(mixed_subset(12, 5, config.seed), chosen) and np.array_equal(
+        mixed_subset(12, None), np.arange(12)
+    )
+    probs = model.predict(images[chosen]).probs
+    assert report["validation"]["ece"] == pytest.approx(
+        metrics.expected_calibration_error(probs, labels[chosen], n_bins=15), abs=1e-6
+    )
+
+
 def test_outside_split_leaves_out_every_part_of_the_models_split(tmp_path):
     import json
 

@@ -111,6 +111,14 @@ def fit_weights(model, images: np.ndarray, labels: np.ndarray, progress: bool = 
     return model
 
 
+def mixed_subset(n_cells: int, n: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of at most `n` of `n_cells` cells drawn at random (seeded, sorted): the class mix stays what it is
+    in expectation, as a temperature fitted for that mix needs (`even_subset` evens it out instead)."""
+    if n is None or n >= n_cells:
+        return np.arange(n_cells)
+    return np.sort(np.random.default_rng(seed).choice(n_cells, size=n, replace=False))
+
+
 def even_subset(labels: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
     """Indices of at most `n` cells drawn as evenly over the classes as their counts allow (seeded, sorted).
 
