@@ -9,6 +9,9 @@ OUT    ?= runs/main
 STEPS  ?= 2500
 RUN_DATA ?= ../shared/data/manifest.csv
 CELLS  ?= 1000
+# make run trains and scores in bf16 where the CPU computes it natively (avx512_bf16), else in fp32 (emulated bf16
+# would be slower)
+RUN_PRECISION ?= $(if $(shell grep -qs avx512_bf16 /proc/cpuinfo && echo yes),bf16,fp32)
 BIN    := $(VENV)/bin
 
 export HF_HUB_OFFLINE = 1
@@ -34,15 +37,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[all,test]'
 	touch $@
 
-# `make run`: the diffusion classifier alone, on PBC's eight classes (about 40 minutes on 2 cores): train (ending
+# `make run`: the diffusion classifier alone, on PBC's eight classes (27 minutes on 2 cores): train (ending
 # with its scoring tuned on the validation cells), then evaluate on PBC's test cells with ALL-IDB2 blasts as
-# anomalies, and unadapted on the other labs' cells. The model scores in bf16, channels-last (1.6x fp32's cells/s
-# on this CPU with avx512_bf16, the same balanced accuracy and ECE: docs/benchmarks.md "make run"); the setting is
-# saved with the model, so its rule is tuned and evaluated in the precision it runs in. The temperature is fitted
-# on 500 of the 1,603 validation cells.
+# anomalies, and unadapted on the other labs' cells. The model scores in RUN_PRECISION, channels-last (bf16: 1.6x
+# fp32's cells/s on a CPU with avx512_bf16, the same balanced accuracy and ECE: docs/benchmarks.md "make run"); the
+# setting is saved with the model, so its rule is tuned and evaluated in the precision it runs in. The temperature
+# is fitted on 500 of the 1,603 validation cells.
 run: setup
-	CYTOLOOP_TRAIN__BATCH_SIZE=32 CYTOLOOP_TRAIN__PRECISION=bf16 CYTOLOOP_SCORING__CALIBRATION_CELLS=96 \
-	CYTOLOOP_SCORING__PRECISION=bf16 CYTOLOOP_SCORING__CHANNELS_LAST=true CYTOLOOP_SCORING__TEMPERATURE_CELLS=500 \
+	CYTOLOOP_TRAIN__BATCH_SIZE=32 CYTOLOOP_TRAIN__PRECISION=$(RUN_PRECISION) CYTOLOOP_SCORING__CALIBRATION_CELLS=96 \
+	CYTOLOOP_SCORING__PRECISION=$(RUN_PRECISION) CYTOLOOP_SCORING__CHANNELS_LAST=true \
+	CYTOLOOP_SCORING__TEMPERATURE_CELLS=500 \
 	$(BIN)/cytoloop train --kind diffusion --data $(RUN_DATA) --domains pbc --steps $(STEPS) --out $(OUT)/diffusion
 	$(BIN)/cytoloop evaluate --model $(OUT)/diffusion --data $(RUN_DATA) --domains pbc --part test --cells $(CELLS) \
 		--anomaly-data $(RUN_DATA) --anomaly-domains allidb2 --json $(OUT)/in_domain.json
