@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -72,6 +73,10 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--cascade-threshold", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--precision", choices=["model", "fp32", "bf16"], default="model", help="the diffusion scoring's precision"
+    )
+    parser.add_argument("--channels-last", action="store_true", help="run the denoiser in channels-last layout")
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--docs-only", action="store_true", help="write the docs from --out/fast_paths.json")
     args = parser.parse_args()
@@ -86,6 +91,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     model, scorer = load_model(args.model), load_model(args.scorer)
+    runtime: dict = {"channels_last": args.channels_last}
+    if args.precision != "model":
+        runtime["precision"] = args.precision
+    model.scoring_config = model.scoring_config.model_copy(update=runtime)
+    precision = model.scoring_config.precision + ("-cl" if model.scoring_config.channels_last else "")
+    load = [os.getloadavg()[0]]
     if scorer.classes != model.classes:
         parser.error(f"--scorer classes {scorer.classes} differ from the model's {model.classes}")
     records = load_records(args.data)
@@ -100,7 +111,7 @@ def main() -> None:
     threshold = args.anomaly_above
     if threshold is None:  # the share of normal (validation) cells the routing would send as anomalies
         val = load_cells(class_interleaved_subset(held_out(labelled, args.model, "val")[0], 200), model.data_config)
-        scores = cached(args.out / "val_anomaly.pkl", lambda: model.predict(val.images).anomaly)
+        scores = cached(args.out / f"val_anomaly-{precision}.pkl", lambda: model.predict(val.images).anomaly)
         threshold = float(np.quantile(scores, 1 - args.routed_share))
     routing = RoutingConfig(
         anomaly_above=threshold, review_below=args.review_below, always_review=[], audit_fraction=0.0
@@ -109,7 +120,7 @@ def main() -> None:
     exhaustive_config = model.scoring_config.model_copy(update={"min_trials": args.trials, "max_trials": args.trials})
     n_exh = min(args.exhaustive_cells, len(labels))
     exhaustive = cached(
-        args.out / f"exhaustive-{args.trials}-{n_exh}.pkl",
+        args.out / f"exhaustive-{args.trials}-{n_exh}-{precision}.pkl",
         lambda: model.predict(normal.images[:n_exh], config=exhaustive_config).labels,
     )
 
@@ -164,6 +175,8 @@ def main() -> None:
         "rows": rows,
         "by_classes": by_classes,
         "n_exhaustive": n_exh,
+        "precision": precision,
+        "load": [*load, os.getloadavg()[0]],
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     (args.out / "fast_paths.json").write_text(json.dumps(report, indent=1))
@@ -201,9 +214,17 @@ def render(report: dict, args: argparse.Namespace) -> str:
     lines = [
         f"Command: `python benchmarks/fast_paths.py --data {args.data} --model {args.model} --scorer {args.scorer} "
         f"--out {args.out} --cells {args.cells} --anomaly-cells {args.anomaly_cells} --exhaustive-cells "
-        f"{args.exhaustive_cells} --trials {args.trials} --candidates {args.candidates}`  ",
-        f"Machine: {platform.machine()}, CPU, {report.get('threads', 'default')} torch threads, 2 cores, shared "
-        f"with other jobs (cells/s are indicative; evaluations are exact). Date: {report.get('date', '?')}. "
+        f"{args.exhaustive_cells} --trials {args.trials} --candidates {args.candidates}"
+        + ("" if args.precision == "model" else f" --precision {args.precision}")
+        + (" --channels-last" if args.channels_last else "")
+        + "`  ",
+        f"Machine: {platform.machine()}, CPU, {report.get('threads', 'default')} torch threads, 2 cores, "
+        + (
+            f"load average {', '.join(f'{x:.1f}' for x in report['load'])} before and after"
+            if "load" in report
+            else "shared with other jobs (cells/s are indicative; evaluations are exact)"
+        )
+        + f". Diffusion scoring: {report.get('precision', 'fp32')}. Date: {report.get('date', '?')}. "
         f"Routing: anomaly above {report['threshold']:.4g} (model's scale; {args.routed_share:.0%} of validation "
         f"cells above it unless given), review below {args.review_below}. Exhaustive reference: {args.trials} "
         f"trials on the first {report['n_exhaustive']} normal cells.",
