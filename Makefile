@@ -9,8 +9,8 @@ OUT    ?= runs/main
 STEPS  ?= 2500
 RUN_DATA ?= ../shared/data/manifest.csv
 CELLS  ?= 1000
-# make run trains and scores in bf16 where the CPU computes it natively (avx512_bf16), else in fp32 (emulated bf16
-# would be slower)
+# make run and make demo train and score in bf16 where the CPU computes it natively (avx512_bf16), else in fp32
+# (emulated bf16 would be slower)
 RUN_PRECISION ?= $(if $(shell grep -qs avx512_bf16 /proc/cpuinfo && echo yes),bf16,fp32)
 BIN    := $(VENV)/bin
 
@@ -54,10 +54,12 @@ run: setup
 		--json $(OUT)/cross_domain.json
 
 # The demo's stages run one after another on one machine, so Serve's replica and the training worker may each use
-# both cores; fine-tunes train in bf16 on batches of 32 (a site has tens of labels, not thousands).
+# both cores; fine-tunes train on batches of 32 (a site has tens of labels, not thousands), and training, Serve's
+# scoring and the fine-tunes' recalibration and gate run in RUN_PRECISION (bf16 where the CPU has it natively).
 demo: setup
 	CYTOLOOP_STACK__MLFLOW_SERVER=true CYTOLOOP_SERVE__TORCH_THREADS=2 CYTOLOOP_TRAIN__THREADS=2 \
-	CYTOLOOP_TRAIN__BATCH_SIZE=32 CYTOLOOP_TRAIN__PRECISION=bf16 \
+	CYTOLOOP_TRAIN__BATCH_SIZE=32 CYTOLOOP_TRAIN__PRECISION=$(RUN_PRECISION) \
+	CYTOLOOP_SCORING__PRECISION=$(RUN_PRECISION) CYTOLOOP_SCORING__CHANNELS_LAST=true \
 	$(BIN)/cytoloop demo $(DEMO_DATA) --base-model $(BASE_MODEL) --rounds $(ROUNDS) \
 		--finetune-steps $(FINETUNE_STEPS) --pool-limit $(POOL_LIMIT)
 
