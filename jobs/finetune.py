@@ -173,7 +173,7 @@ def run_finetune(
     )
     from cytoloop.models.loading import load_model
     from cytoloop.policy.drift import colour_statistics_of, read_colour_reference, write_colour_reference
-    from cytoloop.policy.promotion import apply_verdict, compare, gate_data, gate_figures
+    from cytoloop.policy.promotion import apply_verdict, compare, gate_data, gate_figures, scoring_runtime
 
     registry = open_registry(settings)
     name, home = settings.registry.model_name, Path(settings.home).resolve()
@@ -253,7 +253,8 @@ def run_finetune(
     new = gate_figures(challenger, data, out / "evaluation" / "challenger.json")
     try:
         current = registry.for_site(name, site)
-        champion = _kept_champion_figures(home, current, data, challenger.classes, out / "evaluation")
+        runtime = scoring_runtime(challenger)  # the champion's report counts only if it was scored alike
+        champion = _kept_champion_figures(home, current, data, challenger.classes, out / "evaluation", runtime)
         if champion is None:
             champion = gate_figures(
                 registry.load(name, current.version, cache, settings.scoring),
@@ -325,7 +326,7 @@ def run_finetune(
 
 
 def _kept_champion_figures(
-    home: Path, champion: VersionInfo, data, classes: list[str], evaluation: Path
+    home: Path, champion: VersionInfo, data, classes: list[str], evaluation: Path, runtime: dict | None = None
 ) -> dict | None:
     """The champion's own gate report, when a fine-tune on this host promoted it after a gate on these very cells
     (`promotion.kept_gate_figures`); copied with its plots into this run's evaluation folder as `champion.*`, so
@@ -334,7 +335,7 @@ def _kept_champion_figures(
 
     run = champion.tags.get("ray_run")
     kept = home / "finetune" / run / "evaluation" / "challenger.json" if run else None
-    report = kept_gate_figures(kept, data, classes) if kept is not None else None
+    report = kept_gate_figures(kept, data, classes, runtime) if kept is not None else None
     if report is None:
         return None
     evaluation.mkdir(parents=True, exist_ok=True)

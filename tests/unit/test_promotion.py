@@ -132,7 +132,13 @@ def test_a_kept_gate_report_is_reused_only_for_the_same_cells_and_classes(tmp_pa
     data = GateData(cells, [], "blast")
     run = tmp_path / "home" / "finetune" / "site-a-v1-x" / "evaluation"
     run.mkdir(parents=True)
-    report = {"classes": ["a", "b"], "gate_cells": gate_fingerprint(data), "balanced_accuracy": 0.8}
+    bf16 = {"precision": "bf16", "channels_last": True, "device": "auto", "compile": False}
+    report = {
+        "classes": ["a", "b"],
+        "gate_cells": gate_fingerprint(data),
+        "scoring_runtime": bf16,
+        "balanced_accuracy": 0.8,
+    }
     (run / "challenger.json").write_text(json.dumps(report))
     (run / "challenger.reliability.png").write_bytes(b"png")
 
@@ -142,10 +148,35 @@ def test_a_kept_gate_report_is_reused_only_for_the_same_cells_and_classes(tmp_pa
     assert kept_gate_figures(run / "challenger.json", GateData(relabelled, [], "blast"), ["a", "b"]) is None
     assert kept_gate_figures(run / "challenger.json", GateData(cells[:5], [], "blast"), ["a", "b"]) is None
     assert kept_gate_figures(run / "missing.json", data, ["a", "b"]) is None
+    # scored in another precision: a few close calls differ, so the champion is scored again
+    assert kept_gate_figures(run / "challenger.json", data, ["a", "b"], bf16) == report
+    assert kept_gate_figures(run / "challenger.json", data, ["a", "b"], {**bf16, "precision": "fp32"}) is None
 
     champion = VersionInfo("m", "2", None, {"ray_run": "site-a-v1-x"}, ["champion-site-a"])
     out = tmp_path / "next" / "evaluation"
-    assert _kept_champion_figures(tmp_path / "home", champion, data, ["a", "b"], out) == report
+    assert _kept_champion_figures(tmp_path / "home", champion, data, ["a", "b"], out, bf16) == report
     assert sorted(p.name for p in out.iterdir()) == ["champion.json", "champion.reliability.png"]
     base = VersionInfo("m", "1", None, {}, ["champion"])  # registered, never gated here: scored again
     assert _kept_champion_figures(tmp_path / "home", base, data, ["a", "b"], out) is None
+
+
+def test_the_scoring_runtime_names_how_a_diffusion_model_ran():
+    """What a kept gate report is matched on besides its cells: a CNN has none; a diffusion model (or a cascade's
+    teacher) its precision, layout, device and compile setting."""
+    from cytoloop.config import BaselineModelConfig, DataConfig, DiffusionModelConfig, ScoringConfig
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.models.cascade import CascadeClassifier
+    from cytoloop.models.diffusion import DiffusionClassifier
+    from cytoloop.policy.promotion import scoring_runtime
+
+    student = BaselineClassifier(["a", "b"], DataConfig(image_size=16), BaselineModelConfig(channels=(4, 8)))
+    teacher = DiffusionClassifier(
+        ["a", "b"],
+        DataConfig(image_size=16),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(precision="bf16", channels_last=True),
+    )
+    expected = {"precision": "bf16", "channels_last": True, "device": "auto", "compile": False}
+    assert scoring_runtime(student) == {}
+    assert scoring_runtime(teacher) == expected
+    assert scoring_runtime(CascadeClassifier(teacher, student)) == expected

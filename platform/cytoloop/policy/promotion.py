@@ -143,6 +143,15 @@ def gate_fingerprint(data: GateData) -> str:
     )
 
 
+def scoring_runtime(model) -> dict:
+    """How a model's denoiser ran (precision, layout, device, compile): a report scored one way stands in for
+    another run only when they ran alike, since bf16 and fp32 differ on a few close calls. {} for a CNN."""
+    scoring = getattr(getattr(model, "teacher", model), "scoring_config", None)
+    if scoring is None:
+        return {}
+    return {field: getattr(scoring, field) for field in ("precision", "channels_last", "device", "compile")}
+
+
 def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
     """Evaluate one model on the gate's cells: the full evaluation report (with plots beside `json_out`) and each
     cell's result, for `compare`'s paired intervals. The report names its cells (`gate_cells`), so a later gate
@@ -159,21 +168,25 @@ def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
     )
     report.setdefault("anomaly_auroc", None)
     report["gate_cells"] = gate_fingerprint(data)
+    report["scoring_runtime"] = scoring_runtime(model)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(report, indent=1))
     return report
 
 
-def kept_gate_figures(path: Path, data: GateData, classes: list[str]) -> dict | None:
+def kept_gate_figures(path: Path, data: GateData, classes: list[str], runtime: dict | None = None) -> dict | None:
     """A model's gate report kept at `path` from an earlier gate, if that gate judged these very cells with these
-    classes; else None. A champion was gated as a challenger on its site's frozen cells when it was promoted:
-    scoring draws each cell's trials from the cell itself, so scoring it again on them would repeat that report
-    (a fine-tune's gate then scores only its challenger)."""
+    classes (and, given `runtime`, scored them with that `scoring_runtime`); else None. A champion was gated as a
+    challenger on its site's frozen cells when it was promoted: scoring draws each cell's trials from the cell
+    itself, so scoring it again on them would repeat that report (a fine-tune's gate then scores only its
+    challenger)."""
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
     if report.get("gate_cells") != gate_fingerprint(data) or report.get("classes") != classes:
+        return None
+    if runtime is not None and report.get("scoring_runtime") != runtime:
         return None
     return report
 
