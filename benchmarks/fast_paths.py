@@ -39,7 +39,7 @@ import torch
 from _cache import cached
 from _docs import DOCS, replace_section
 
-from cytoloop.config import CascadeConfig, RoutingConfig
+from cytoloop.config import CascadeConfig, RoutingConfig, ScoringConfig
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import class_interleaved_subset, load_records, select
 from cytoloop.evaluation import metrics
@@ -90,11 +90,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model, scorer = load_model(args.model), load_model(args.scorer)
     runtime: dict = {"channels_last": args.channels_last}
     if args.precision != "model":
         runtime["precision"] = args.precision
-    model.scoring_config = model.scoring_config.model_copy(update=runtime)
+    # the fields given replace the model's own, as a machine's CYTOLOOP_SCORING__* settings do (models.loading)
+    model, scorer = load_model(args.model, ScoringConfig(**runtime)), load_model(args.scorer)
     precision = model.scoring_config.precision + ("-cl" if model.scoring_config.channels_last else "")
     load = [os.getloadavg()[0]]
     if scorer.classes != model.classes:
