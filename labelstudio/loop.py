@@ -23,7 +23,7 @@ from cytoloop.errors import UsageError
 from cytoloop.policy.consensus import consensus
 from cytoloop.policy.routing import ScoredCell, route_cells, select_for_review
 from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
-from labelstudio.client import LabelStudioUnavailable, connect, server_identity, unavailable
+from labelstudio.client import connect, server_identity, unavailable
 from labelstudio.export import export_manifest, review_report
 from labelstudio.outbox import Outbox
 from labelstudio.push import PushReport, push_outbox
@@ -102,7 +102,8 @@ class ReviewLoop:
 
     @property
     def server(self) -> str:
-        """The identity of the Label Studio this loop talks to (labels are keyed by it), read once."""
+        """The identity of the Label Studio this loop talks to (labels and pushed tasks are keyed by it), read once
+        (`serve`'s poll asks again every round)."""
         if self._server is None:
             self._server = server_identity(self.client)
         return self._server
@@ -173,11 +174,7 @@ class ReviewLoop:
         routed = route_cells(scored, routing)
         keys = [task_key(s, c.cell_id, model_version) for s, c in zip(sites, scored)]
         seen = self.outbox.known(keys)
-        agreed = {
-            k
-            for k, c in consensus(self.store.votes(), self.settings.review.labels_required).items()
-            if c.status == "agreed"
-        }
+        agreed = self.agreed_cells()
         decided = [cell_key(s, c.cell_id) in agreed for s, c in zip(sites, scored)]
         fresh = [r for r, k, done in zip(routed, keys, decided) if k not in seen and not done]
         chosen = select_for_review(fresh, routing, budget)
@@ -204,13 +201,28 @@ class ReviewLoop:
             report.push = self.push()
         return report
 
+    def agreed_cells(self) -> set[str]:
+        """The cells (`store.cell_key`) whose labels already agree: not asked again, under any model or server."""
+        votes = consensus(self.store.votes(), self.settings.review.labels_required)
+        return {key for key, cell in votes.items() if cell.status == "agreed"}
+
     def push(self) -> PushReport:
-        """Send the outbox to Label Studio; when it is unreachable the tasks stay queued (report.error says why)."""
+        """Send the outbox to Label Studio; when it is unreachable the tasks stay queued (report.error says why).
+        Tasks an earlier Label Studio took go to this one too, unless their cells' labels already agree."""
         try:
-            client = self.client
-        except LabelStudioUnavailable as error:
+            client, server = self.client, self.server
+        except Exception as error:
+            if not unavailable(error):
+                raise
             return PushReport(pending=self.outbox.counts()["pending"], error=str(error))
-        return push_outbox(client, self.outbox, self.bootstrap, batch=self.settings.review.push_batch)
+        return push_outbox(
+            client,
+            self.outbox,
+            self.bootstrap,
+            batch=self.settings.review.push_batch,
+            server=server,
+            settled=self.agreed_cells(),
+        )
 
     # -- back: labels ---------------------------------------------------------------------------------------------
     def sync(self, on_annotation: Callable[[int], None] | None = None) -> SyncReport:
@@ -244,6 +256,9 @@ class ReviewLoop:
 
         def periodic() -> None:  # the push and the poll fail apart: a push that fails still lets labels come back
             while not stop.wait(review.poll_every_s):
+                # asked again each round: a Label Studio replaced between two rounds is another server, whose
+                # labels must not be filed under the old one's identity nor its tasks taken for the old one's
+                self._server = None
                 pushed = attempt("push", self.push)
                 synced = attempt("poll", self.sync)
                 if isinstance(pushed, PushReport):

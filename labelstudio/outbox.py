@@ -3,20 +3,33 @@
 Routing writes tasks here first and pushes second, so a Label Studio that is down (or a push that crashes) loses
 nothing: the rows stay `pending` and the next push sends them. Keyed by task key (site, cell, model version), so
 routing the same cells twice queues them once.
+
+A pushed row remembers which Label Studio took it (`labelstudio.client.server_identity`, as the label store keys
+labels). When the lab replaces its Label Studio (a new server or a migration loses the projects), the first push to
+the new one sends again every task the old one took whose cell has no consensus yet (`resend_elsewhere`); without
+that, the unlabelled cells would stay "pushed" to a server that no longer exists and never be asked again. Rows
+pushed before identities were kept (server NULL) are adopted by the first server a push reaches, as the label
+store's are: upgrade, then push once against the same Label Studio.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-from collections.abc import Iterable, Iterator
+import logging
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from labelstudio import sqlite
+from labelstudio.store import cell_key
 
-SCHEMA_VERSION = 1  # PRAGMA user_version of the file
+logger = logging.getLogger(__name__)
+
+# PRAGMA user_version of the file. 1: rows without the server that took them; 2: `server` (`_migrate` goes 1 -> 2)
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     task_key TEXT PRIMARY KEY,
@@ -27,7 +40,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     task_id INTEGER,
     pushed_at TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    server TEXT
 );
 """
 
@@ -42,7 +56,19 @@ def _now() -> str:
 class Outbox:
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self._migrate()
         sqlite.initialise(self.path, SCHEMA, SCHEMA_VERSION)
+
+    def _migrate(self) -> None:
+        """Give an outbox of the first format its `server` column (NULL: pushed to a server not recorded)."""
+        if not self.path.is_file():
+            return
+        with sqlite.transaction(self.path) as db:
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(outbox)")}
+            if not columns or "server" in columns:
+                return
+            db.execute("ALTER TABLE outbox ADD COLUMN server TEXT")
+        logger.info("outbox %s: migrated to tasks keyed by Label Studio server", self.path)
 
     def enqueue(self, tasks: Iterable[dict]) -> int:
         """Queue task payloads (see `tasks.build_task`); returns how many were new."""
@@ -85,12 +111,37 @@ class Outbox:
             ).fetchall()
         return [(r["task_key"], r["attempts"], r["last_error"]) for r in rows]
 
-    def mark_pushed(self, project_id: int, task_ids: dict[str, int]) -> None:
+    def mark_pushed(self, server: str, project_id: int, task_ids: dict[str, int]) -> None:
+        """Record that Label Studio `server` holds these tasks (task key -> its task id) in `project_id`."""
         with sqlite.transaction(self.path) as db:
             db.executemany(
-                "UPDATE outbox SET project_id = ?, task_id = ?, pushed_at = ?, last_error = NULL WHERE task_key = ?",
-                [(project_id, task_id, _now(), key) for key, task_id in task_ids.items()],
+                "UPDATE outbox SET server = ?, project_id = ?, task_id = ?, pushed_at = ?, last_error = NULL "
+                "WHERE task_key = ?",
+                [(server, project_id, task_id, _now(), key) for key, task_id in task_ids.items()],
             )
+
+    def resend_elsewhere(self, server: str, settled: Collection[str] = ()) -> int:
+        """Make pending again every task another Label Studio took, unless its cell (`store.cell_key`: site and
+        cell id) is in `settled` (its labels are already in, a consensus); returns how many. Rows pushed before
+        servers were recorded are first adopted by `server`. Call it with the server a push is about to reach."""
+        with sqlite.transaction(self.path) as db:
+            db.execute("UPDATE outbox SET server = ? WHERE pushed_at IS NOT NULL AND server IS NULL", (server,))
+            rows = db.execute(
+                "SELECT task_key, server, task FROM outbox WHERE pushed_at IS NOT NULL AND server != ?", (server,)
+            ).fetchall()
+            again = []
+            for row in rows:
+                data = json.loads(row["task"])["data"]
+                if cell_key(data["site"], data.get("cell_id", "")) not in settled:
+                    again.append((row["task_key"], row["server"]))
+            db.executemany(
+                "UPDATE outbox SET server = NULL, project_id = NULL, task_id = NULL, pushed_at = NULL, attempts = 0, "
+                "last_error = NULL WHERE task_key = ?",
+                [(key,) for key, _ in again],
+            )
+        for old, n in Counter(old for _, old in again).items():
+            logger.warning(f"outbox: {n} task(s) Label Studio {old} took will be sent again to {server}")
+        return len(again)
 
     def mark_failed(self, keys: Iterable[str], error: str) -> None:
         with sqlite.transaction(self.path) as db:

@@ -3,16 +3,18 @@
 Before importing, a push lists the task keys the project already holds: a push that crashed after Label Studio
 took a batch but before the outbox recorded it then resumes without duplicating anything. When Label Studio is
 unreachable the push stops, the tasks stay pending, and the report says so; a task Label Studio refuses is marked
-with its error and never holds back the others.
+with its error and never holds back the others. A push first asks which Label Studio it reaches
+(`client.server_identity`): tasks another one took, whose cells have no consensus yet, are sent to this one too
+(`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from labelstudio.client import unavailable
+from labelstudio.client import server_identity, unavailable
 from labelstudio.outbox import Outbox
 
 if TYPE_CHECKING:
@@ -25,6 +27,7 @@ class PushReport:
     already_there: int = 0
     pending: int = 0
     failed: int = 0  # tasks Label Studio refused this time (marked in the outbox with the error)
+    resent: int = 0  # tasks another Label Studio had taken, queued again for this one
     error: str | None = None
     projects: dict[str, int] = field(default_factory=dict)
 
@@ -44,8 +47,13 @@ def push_outbox(
     outbox: Outbox,
     ensure_project: Callable[[str, list[str]], int],
     batch: int = 100,
+    server: str | None = None,
+    settled: Collection[str] = (),
 ) -> PushReport:
     """Send every pending task; `ensure_project(site, classes)` returns the site's project id (bootstrapping it).
+
+    `server` is the identity of the Label Studio `client` reaches (asked when not given); tasks another server
+    took are sent again unless their cell is in `settled` (cell keys, `store.cell_key`, whose consensus is in).
 
     Failures stay with what failed: a batch Label Studio refuses is sent again task by task, and a task it refuses
     on its own is marked with the error and an attempt (`Outbox.mark_failed`) while the rest go through; a site
@@ -55,16 +63,20 @@ def push_outbox(
     """
     report = PushReport()
     with outbox.push_lock():  # a second push (the label service's poll, `review route`) waits, then finds them there
-        _push_all(client, outbox, ensure_project, batch, report)
+        _push_all(client, outbox, ensure_project, batch, report, server, settled)
     report.pending = outbox.counts()["pending"]
     return report
 
 
-def _push_all(client, outbox: Outbox, ensure_project, batch: int, report: PushReport) -> None:
+def _push_all(
+    client, outbox: Outbox, ensure_project, batch: int, report: PushReport, server: str | None, settled
+) -> None:
     try:
+        server = server or server_identity(client)
+        report.resent = outbox.resend_elsewhere(server, settled)
         for site, tasks in outbox.pending().items():
             try:
-                _push_site(client, outbox, ensure_project, site, tasks, batch, report)
+                _push_site(client, outbox, ensure_project, site, tasks, batch, report, server)
             except Exception as error:
                 if unavailable(error):
                     raise
@@ -76,7 +88,9 @@ def _push_all(client, outbox: Outbox, ensure_project, batch: int, report: PushRe
         report.error = f"Label Studio unavailable: {error}"
 
 
-def _push_site(client, outbox, ensure_project, site: str, tasks: list[dict], batch: int, report: PushReport) -> None:
+def _push_site(
+    client, outbox, ensure_project, site: str, tasks: list[dict], batch: int, report: PushReport, server: str
+) -> None:
     classes = list(dict.fromkeys(c for t in tasks for c in t["data"]["classes"]))  # every model's, in order
     project_id = ensure_project(site, classes)
     report.projects[site] = project_id
@@ -84,20 +98,20 @@ def _push_site(client, outbox, ensure_project, site: str, tasks: list[dict], bat
     keys = [t["data"]["task_key"] for t in tasks]
     found = {key: existing[key] for key in keys if key in existing}
     if found:
-        outbox.mark_pushed(project_id, found)
+        outbox.mark_pushed(server, project_id, found)
         report.already_there += len(found)
     todo = [t for t, key in zip(tasks, keys) if key not in existing]
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         try:
-            _import(client, outbox, project_id, chunk)
+            _import(client, outbox, project_id, chunk, server)
             report.pushed += len(chunk)
         except Exception as error:
             if unavailable(error) or len(chunk) == 1:
                 raise
             for task in chunk:  # find the task Label Studio refuses; the others go through
                 try:
-                    _import(client, outbox, project_id, [task])
+                    _import(client, outbox, project_id, [task], server)
                     report.pushed += 1
                 except Exception as single:
                     if unavailable(single):
@@ -106,13 +120,13 @@ def _push_site(client, outbox, ensure_project, site: str, tasks: list[dict], bat
                     report.failed += 1
 
 
-def _import(client, outbox: Outbox, project_id: int, chunk: list[dict]) -> None:
+def _import(client, outbox: Outbox, project_id: int, chunk: list[dict], server: str) -> None:
     response = client.projects.import_tasks(id=project_id, request=chunk, return_task_ids=True)
     ids = list(response.task_ids or [])
     if len(ids) != len(chunk):  # cannot pair ids with keys: ask the project instead
         existing = project_task_keys(client, project_id)
         ids = [existing[t["data"]["task_key"]] for t in chunk]
-    outbox.mark_pushed(project_id, {t["data"]["task_key"]: i for t, i in zip(chunk, ids)})
+    outbox.mark_pushed(server, project_id, {t["data"]["task_key"]: i for t, i in zip(chunk, ids)})
 
 
 def _describe(error: Exception) -> str:

@@ -148,6 +148,8 @@ def review_route(
 def _print_push(report) -> None:
     if report is None:
         return
+    if report.resent:
+        typer.echo(f"{report.resent} task(s) an earlier Label Studio took, with no consensus yet, are sent to this one")
     typer.echo(
         f"pushed {report.pushed} task(s) ({report.already_there} were already there); "
         f"{report.pending} waiting in the outbox"

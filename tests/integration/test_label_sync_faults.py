@@ -4,7 +4,8 @@ happen for real in a project of its own.
 Labels are retracted only on evidence: a label stored while a poll lists the project, a task deleted while a poll
 pages through it, a label wrongly retracted earlier (without the fix the first two retract a live label for good
 and the third never brings it back). Pushes: a task Label Studio refuses does not hold back the others (it used
-to abort the whole push, for ever), and two pushes at once import each task once (they used to import it twice).
+to abort the whole push, for ever), two pushes at once import each task once (they used to import it twice), and
+a Label Studio that replaces another gets the open tasks the old one took (they used to stay with the old one).
 """
 
 from __future__ import annotations
@@ -121,26 +122,14 @@ def test_a_recreated_label_studio_neither_overwrites_nor_retracts_the_old_ones_l
     at 1. Labels keyed by those ids alone were overwritten by the new server's annotation 1 and retracted by its
     first poll (the new server answers 404 for the old ids). Keyed by the server's identity, both servers'
     labels stay, each once."""
-    import socket
-
-    from label_studio_sdk import LabelStudio
-
     from labelstudio.bootstrap import ensure_project
     from labelstudio.store import LabelStore
     from labelstudio.sync import sync
-    from ops.stack import Stack, label_studio_url, stack_secrets
 
     store = LabelStore(tmp_path / "labels.db")
 
     def fresh_server(name: str):
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
-        stack_settings = label_studio.settings.stack.model_copy(update={"label_studio_port": port})
-        settings = label_studio.settings.model_copy(update={"home": tmp_path / name, "stack": stack_settings})
-        stack = Stack(settings)
-        stack.up(only=["label-studio"])
-        return stack, LabelStudio(base_url=label_studio_url(settings), api_key=stack_secrets(settings)["admin_token"])
+        return _fresh_server(label_studio, tmp_path / name)
 
     def label_cells(client, cells: list[str], name: str) -> tuple[int, list[int]]:
         project_id = ensure_project(client, "recreated", CLASSES, labels_required=1)
@@ -172,6 +161,51 @@ def test_a_recreated_label_studio_neither_overwrites_nor_retracts_the_old_ones_l
         ("c.png", "neutrophil"),
         ("d.png", "lymphocyte"),
     ]
+
+
+def _fresh_server(label_studio, home):
+    """Another real Label Studio (its own home, data and port) with the session's settings: (its stack, a client)."""
+    from label_studio_sdk import LabelStudio
+
+    from ops.stack import Stack, label_studio_url, stack_secrets
+    from tests.integration.conftest import free_port
+
+    stack_settings = label_studio.settings.stack.model_copy(update={"label_studio_port": free_port()})
+    settings = label_studio.settings.model_copy(update={"home": home, "stack": stack_settings})
+    stack = Stack(settings)
+    stack.up(only=["label-studio"])
+    return stack, LabelStudio(base_url=label_studio_url(settings), api_key=stack_secrets(settings)["admin_token"])
+
+
+def test_tasks_a_replaced_label_studio_took_are_sent_to_the_new_one(label_studio, tmp_path):
+    """The lab replaces its Label Studio (a new server, or one recreated without its database). The outbox used to
+    keep every task the old server took as pushed, so cells nobody had labelled there were never asked again.
+    A push now knows which server took each task: the new server gets every task whose cell has no consensus,
+    once; a cell whose labels already agree is not asked again."""
+    from labelstudio.outbox import Outbox
+    from labelstudio.push import push_outbox
+
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.enqueue([_task("west", i) for i in range(4)])
+    old_stack, old = _fresh_server(label_studio, tmp_path / "old")
+    try:
+        ensure, _ = _site_projects(old)
+        assert push_outbox(old, outbox, ensure, batch=10).pushed == 4
+    finally:
+        old_stack.down()  # replaced: its projects and tasks are gone with it
+    settled = {"west:cell1.png"}  # labelled on the old server, its labels agree (the label store kept them)
+    new_stack, new = _fresh_server(label_studio, tmp_path / "new")
+    try:
+        ensure, projects = _site_projects(new)
+        ensure("west", CLASSES)  # the site's project on the new server, whether or not a task reaches it
+        first = push_outbox(new, outbox, ensure, batch=10, settled=settled)
+        second = push_outbox(new, outbox, ensure, batch=10, settled=settled)
+        keys = sorted(t.data["task_key"] for t in new.tasks.list(project=projects["west"], fields="task_only"))
+    finally:
+        new_stack.down()
+    assert (first.resent, first.pushed, first.pending, first.error) == (3, 3, 0, None)
+    assert (second.resent, second.pushed) == (0, 0)
+    assert keys == ["west:cell0.png@v1", "west:cell2.png@v1", "west:cell3.png@v1"]
 
 
 def _task(site: str, i: int, bad: bool = False) -> dict:

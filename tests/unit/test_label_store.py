@@ -133,9 +133,50 @@ def test_outbox_queues_each_task_once(tmp_path):
     assert outbox.enqueue(tasks) == 3
     assert outbox.enqueue(tasks) == 0
     assert outbox.known(["s:0@v1", "s:9@v1"]) == {"s:0@v1"}
-    outbox.mark_pushed(1, {"s:0@v1": 10})
+    outbox.mark_pushed("org1", 1, {"s:0@v1": 10})
     assert [t["data"]["task_key"] for t in outbox.pending()["s"]] == ["s:1@v1", "s:2@v1"]
     assert Outbox(tmp_path / "outbox.db").counts() == {"queued": 3, "pending": 2, "pushed": 1, "failed": 0}  # durable
+
+
+def _cell_task(i: int) -> dict:
+    return {"data": {"task_key": f"s:c{i}@v1", "site": "s", "cell_id": f"c{i}"}}
+
+
+def test_a_replaced_label_studio_is_sent_every_task_whose_cell_is_not_settled(tmp_path):
+    """Tasks the old Label Studio took stayed "pushed" for ever when the lab replaced it, so its unlabelled cells
+    were never asked again. A push to another server queues them again, except the cells whose labels agree."""
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.enqueue([_cell_task(i) for i in range(3)])
+    outbox.mark_pushed("old", 1, {"s:c0@v1": 10, "s:c1@v1": 11, "s:c2@v1": 12})
+    assert outbox.resend_elsewhere("old") == 0 and outbox.pending() == {}  # the same server: nothing to send
+    assert outbox.resend_elsewhere("new", settled={"s:c1"}) == 2
+    assert [t["data"]["task_key"] for t in outbox.pending()["s"]] == ["s:c0@v1", "s:c2@v1"]
+    assert outbox.counts() == {"queued": 3, "pending": 2, "pushed": 1, "failed": 0}
+    outbox.mark_pushed("new", 1, {"s:c0@v1": 1, "s:c2@v1": 2})
+    assert outbox.resend_elsewhere("new", settled={"s:c1"}) == 0 and outbox.pending() == {}  # once, not each push
+
+
+def test_an_outbox_of_the_first_format_gets_its_server_from_the_first_push(tmp_path):
+    import sqlite3
+
+    from labelstudio import sqlite as stores
+
+    path = tmp_path / "outbox.db"
+    with sqlite3.connect(path) as db:  # version 1: no server column
+        db.execute(
+            "CREATE TABLE outbox (task_key TEXT PRIMARY KEY, site TEXT NOT NULL, task TEXT NOT NULL, "
+            "queued_at TEXT NOT NULL, project_id INTEGER, task_id INTEGER, pushed_at TEXT, "
+            "attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT)"
+        )
+        db.execute(
+            "INSERT INTO outbox VALUES ('s:c0@v1', 's', ?, '2026-01-01', 1, 10, '2026-01-01', 0, NULL)",
+            (json.dumps(_cell_task(0)),),
+        )
+        db.execute("PRAGMA user_version = 1")
+    outbox = Outbox(path)
+    assert stores.schema_version(path) == 2 and outbox.counts()["pushed"] == 1
+    assert outbox.resend_elsewhere("first") == 0  # adopted by the server the first push reaches
+    assert outbox.resend_elsewhere("second") == 1
 
 
 def test_label_config_is_generated_from_the_classes():
@@ -269,7 +310,7 @@ def test_the_stores_record_their_schema_version_and_refuse_a_newer_one(tmp_path)
     LabelStore(tmp_path / "labels.db")
     Outbox(tmp_path / "outbox.db")
     assert stores.schema_version(tmp_path / "labels.db") == SCHEMA_VERSION == 2
-    assert stores.schema_version(tmp_path / "outbox.db") == 1
+    assert stores.schema_version(tmp_path / "outbox.db") == 2
     with sqlite3.connect(tmp_path / "labels.db") as db:
         db.execute("PRAGMA user_version = 9")  # a newer CytoLoop wrote it
     with pytest.raises(stores.SchemaTooNew, match="schema version 9, newer than this CytoLoop's 2"):
