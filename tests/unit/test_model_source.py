@@ -117,3 +117,26 @@ def test_machine_settings_replace_how_a_model_runs_never_what_it_decides(tmp_pat
     monkeypatch.delenv("CYTOLOOP_SCORING__CHANNELS_LAST")
     untouched = ModelSource(ServeConfig(model_dir=tmp_path / "diffusion"), RegistryConfig(), load_settings().scoring)
     assert untouched.load(untouched.resolve(None)).scoring_config.precision == "fp32"  # nothing set: the model's
+
+
+def test_a_model_saved_after_loading_keeps_its_own_runtime_not_the_machines(tmp_path):
+    """A fine-tune loads its challenger in the machine's runtime and saves it again: the saved model.json used to
+    carry that machine's precision and layout on to every later machine; it now keeps the model's own, while what
+    the loaded model decided (here its temperature) is saved as changed."""
+    import json
+
+    from cytoloop.config import DiffusionModelConfig, ScoringConfig
+    from cytoloop.models.diffusion import DiffusionClassifier
+    from cytoloop.models.loading import load_model
+
+    own = ScoringConfig(min_trials=3, precision="fp32", channels_last=False)
+    DiffusionClassifier(
+        CLASSES, DataConfig(image_size=16), DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4), own
+    ).save(tmp_path / "parent")
+    model = load_model(tmp_path / "parent", ScoringConfig(precision="bf16", channels_last=True))
+    assert (model.scoring_config.precision, model.scoring_config.channels_last) == ("bf16", True)
+    model.temperature = 1.7
+    model.save(tmp_path / "child")
+    saved = json.loads((tmp_path / "child" / "model.json").read_text())
+    assert (saved["scoring"]["precision"], saved["scoring"]["channels_last"]) == ("fp32", False)
+    assert saved["scoring"]["min_trials"] == 3 and saved["temperature"] == 1.7

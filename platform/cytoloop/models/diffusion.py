@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -86,6 +86,9 @@ class DiffusionClassifier:
         self.temperature = temperature
         self.timestep_weights = timestep_weights
         self.info = dict(info or {})
+        # the model's own values of the runtime fields a machine replaced when loading it (`models.loading`):
+        # `save` writes these, so one machine's precision or threads never travel on with the model
+        self.own_runtime: dict[str, Any] = {}
         self.unet = unet if unet is not None else build_unet(model_config, data_config.image_size, len(classes))
         # (unet, its torch.compile), made on first use when `scoring.compile` asks for it
         self._compiled: tuple[torch.nn.Module, Callable] | None = None
@@ -256,7 +259,7 @@ class DiffusionClassifier:
             "classes": self.classes,
             "data": self.data_config.model_dump(mode="json"),
             "model": self.model_config.model_dump(mode="json"),
-            "scoring": self.scoring_config.model_dump(mode="json"),
+            "scoring": self.scoring_config.model_dump(mode="json") | self.own_runtime,
             "temperature": self.temperature,
             "timestep_weights": self.timestep_weights,
             "info": self.info,

@@ -26,8 +26,9 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     A diffusion model (or a cascade's teacher) scores as its `model.json` says. Pass the settings' scoring section
     as `runtime` and those of its `RUNTIME_FIELDS` that were set explicitly (`CYTOLOOP_SCORING__PRECISION=bf16`,
     a config file) replace the model's own: an operator picks the precision, device or threads of the machine at
-    hand without editing the model. Its decisions (the tuned rule, w(t), the temperature) are never replaced; a
-    model saved after loading keeps the runtime it was loaded with.
+    hand without editing the model. Its decisions (the tuned rule, w(t), the temperature) are never replaced, and
+    a model saved after loading (a fine-tune's challenger, a re-tuned model) is saved with its own runtime, not
+    the machine's (`DiffusionClassifier.own_runtime`).
     """
     directory = Path(directory)
     kind = read_model_meta(directory).get("kind")
@@ -43,5 +44,7 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     if runtime is not None and isinstance(diffusion, DiffusionClassifier):
         update = {field: getattr(runtime, field) for field in RUNTIME_FIELDS if field in runtime.model_fields_set}
         if update:
+            own = diffusion.scoring_config.model_dump(mode="json")
+            diffusion.own_runtime = {field: own[field] for field in update}
             diffusion.scoring_config = ScoringConfig.model_validate({**diffusion.scoring_config.model_dump(), **update})
     return model
