@@ -61,9 +61,16 @@ def render(rounds: list[dict], args: argparse.Namespace) -> str:
         if promoted:
             last = promoted[-1]
             verdict = "met" if last.ece <= TARGET_ECE else "NOT met"
+            floor = last.ece_calibrated
             lines.append(
                 f"- {site}, the promoted version's ECE on the held-out cells: v{last.version} {last.ece:.3f} "
                 f"(target <= {TARGET_ECE}) -> {verdict}"
+                + (
+                    f"; a perfectly calibrated model making the same predictions would show {floor['mean']:.3f} "
+                    f"[{floor['low']:.3f}, {floor['high']:.3f}] on these {floor['cells']:.0f} cells"
+                    if floor
+                    else ""
+                )
             )
         else:
             lines.append(f"- {site}: no version was promoted -> the ECE target cannot be met")

@@ -154,6 +154,9 @@ class RoundResult:
     pool_version: str = ""  # the version that scored the site's pool this round
     balanced_accuracy: float = float("nan")
     ece: float = float("nan")
+    # the ECE a perfectly calibrated model with the same predictions shows on these held-out cells (mean, low,
+    # high, cells: `metrics.calibrated_ece`): on tens of cells sampling alone puts ECE near 0.1
+    ece_calibrated: dict[str, float] = field(default_factory=dict)
     drift: dict[str, float | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -495,6 +498,8 @@ class Demo:
         probs = scores.predictions.probs
         row.balanced_accuracy = metrics.balanced_accuracy(truth, probs.argmax(axis=1), len(state.classes))
         row.ece = metrics.expected_calibration_error(probs, truth)
+        mean, low, high = metrics.calibrated_ece(probs)
+        row.ece_calibrated = {"mean": mean, "low": low, "high": high, "cells": float(len(truth))}
         self.test_predictions[(site, row.round)] = (probs, truth)
         row.drift = self._drift(self.round_start or datetime.now(UTC), row.served or state.serving[site])
 

@@ -138,6 +138,9 @@ def test_demo_runs_a_round_over_both_sites(demo_run):
     for stage in stages:
         assert f"{stage}: done" in result.output
     assert "Label Studio project (site-a)" in result.output and "MLflow experiment" in result.output
+    for row in rounds_of(demo_run[1]):  # each held-out ECE comes with the floor sampling alone puts under it
+        floor = row["ece_calibrated"]
+        assert floor["cells"] > 0 and 0 <= floor["low"] <= floor["mean"] <= floor["high"] <= 1, row
 
 
 def test_each_site_labelled_in_its_own_project_once(demo_run):

@@ -144,6 +144,7 @@ def site_rounds() -> list[RoundResult]:
                 served="2" if site == "site-a" else "1",
                 balanced_accuracy=base + 0.1,
                 ece=0.08,
+                ece_calibrated={"mean": 0.1, "low": 0.05, "high": 0.16, "cells": 63.0},
                 drift={"mean_confidence": 0.7, "review_fraction": 0.4, "psi_max": 0.1},
                 seconds={"score": 3.0},
             )
@@ -175,8 +176,9 @@ def test_round_table_and_report(tmp_path):
     plots += [f"reliability_{site}_round{n}.png" for site in sites for n in (0, 1)]
     for plot in plots:
         assert (tmp_path / plot).stat().st_size > 1000 and f"({plot})" in text
-    assert "| site-a | 0.600 / 0.200 | 0.700 / 0.080 (v2) | 20 | 1 of 1 | 3 of 4 | 40.0% |" in text
-    assert "| site-b | 0.500 / 0.200 | 0.600 / 0.080 (v1) | 20 | 0 of 1 | 3 of 4 | 40.0% |" in text
+    floor = "0.100 [0.050, 0.160] (63 cells)"
+    assert f"| site-a | 0.600 / 0.200 | 0.700 / 0.080 (v2) | {floor} | 20 | 1 of 1 | 3 of 4 | 40.0% |" in text
+    assert f"| site-b | 0.500 / 0.200 | 0.600 / 0.080 (v1) | {floor} | 20 | 0 of 1 | 3 of 4 | 40.0% |" in text
     assert "| a@x / b@x | 20 | 90.0% | 0.800 |" in text and "Fleiss' kappa 0.750" in text
     assert "http://127.0.0.1:5000/#/experiments/1" in text
     page = (tmp_path / "report.html").read_text()

@@ -265,3 +265,29 @@ def test_evaluation_reports_an_interval_for_every_figure():
         low, high = report["intervals"][name]
         point = report[name] if name in report else report["per_class_recall"][name.split()[1]]
         assert low <= point <= high, name
+
+
+def test_calibrated_ece_is_the_floor_sampling_alone_puts_under_a_measured_ece():
+    """On 63 cells a perfectly calibrated model shows an ECE near 0.1 (the demo's held-out sets are this size), on
+    thousands near 0; a certain model's floor is 0; labels truly drawn from the probabilities land inside it."""
+    rng = np.random.default_rng(1)
+
+    def predictions(n: int) -> np.ndarray:
+        top = rng.uniform(0.5, 1.0, n)
+        return np.stack([top, (1 - top) / 2, (1 - top) / 2], axis=1)
+
+    few, many = predictions(63), predictions(3000)
+    mean_few, low_few, high_few = metrics.calibrated_ece(few, draws=400)
+    mean_many, _, high_many = metrics.calibrated_ece(many, draws=100)
+    assert 0.05 < mean_few < 0.15 and low_few > 0.02 and high_many < low_few
+    assert metrics.calibrated_ece(np.eye(3)[[0, 1, 2, 0]]) == (0.0, 0.0, 0.0)
+    inside = 0
+    for _ in range(100):
+        correct = rng.random(63) < few.max(axis=1)
+        measured = metrics.expected_calibration_error(few, np.where(correct, 0, 1))
+        inside += low_few <= measured <= high_few
+    assert inside >= 85  # a 95 % range, 100 honest draws
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        metrics.calibrated_ece(np.ones((4, 1)))
+    with pytest.raises(ValueError, match="draws"):
+        metrics.calibrated_ece(few, draws=0)

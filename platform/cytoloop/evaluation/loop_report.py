@@ -82,6 +82,7 @@ def _summary(rounds: Sequence, sites: Mapping[str, str]) -> list[Block]:
                 site,
                 f"{base.balanced_accuracy:.3f} / {base.ece:.3f}",
                 f"{last.balanced_accuracy:.3f} / {last.ece:.3f} (v{last.served})",
+                _calibrated(last.ece_calibrated),
                 str(sum(r.sent for r in mine)),
                 f"{len(promoted)} of {len(mine) - 1}",
                 f"{blasts.get('anomaly', 0)} of {blasts.get('scored', 0)}" if blasts else "-",
@@ -92,12 +93,20 @@ def _summary(rounds: Sequence, sites: Mapping[str, str]) -> list[Block]:
         "site",
         "base model: bal. acc. / ECE",
         "after the last round",
+        "ECE a calibrated model shows on these cells",
         "cells sent to annotators",
         "versions promoted",
         "round 1: blasts routed as anomalies",
         "round 1: pool routed",
     ]
     return [("h2", "Each site, from the base model to the last round"), ("table", header, rows)]
+
+
+def _calibrated(floor: Mapping[str, float]) -> str:
+    """The sampling floor under a measured ECE (`metrics.calibrated_ece`): a target below it cannot be shown met."""
+    if not floor:
+        return "-"
+    return f"{floor['mean']:.3f} [{floor['low']:.3f}, {floor['high']:.3f}] ({floor['cells']:.0f} cells)"
 
 
 def _curves(rounds: Sequence, sites: Mapping[str, str], out: Path) -> list[Block]:

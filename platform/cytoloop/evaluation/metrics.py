@@ -170,6 +170,36 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
     return float(np.sum(bins["count"][filled] * gaps) / bins["count"].sum())
 
 
+def calibrated_ece(
+    probs: np.ndarray, n_bins: int = 15, draws: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """The ECE that a perfectly calibrated model making exactly these predictions would show on this many cells:
+    (mean, low, high), the range at level ``1 - alpha`` over ``draws`` simulated label sets.
+
+    ECE measured on few cells is biased upwards: each bin's accuracy is a noisy proportion, and the absolute gap
+    keeps the noise. Each draw marks every cell correct with probability its top-label confidence (which is what
+    calibrated means) and computes the top-label ECE with the same bins. A measured ECE inside the range is what
+    sampling alone gives; a target below its low end cannot be shown met on these cells, however good the model.
+    Deterministic for a given ``seed``.
+    """
+    probs = _probs(probs)
+    if probs.shape[1] < 2:
+        raise ValueError(f"probs needs at least 2 classes, got {probs.shape[1]}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    rng = np.random.default_rng(seed)
+    predicted = probs.argmax(axis=1)
+    wrong = (predicted + 1) % probs.shape[1]  # any other class: only right or wrong matters to top-label ECE
+    values = []
+    for _ in range(draws):
+        correct = rng.random(len(probs)) < probs.max(axis=1)
+        values.append(expected_calibration_error(probs, np.where(correct, predicted, wrong), n_bins))
+    low, high = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(np.mean(values)), float(low), float(high)
+
+
 def negative_log_likelihood(probs: np.ndarray, y_true: np.ndarray, eps: float = 1e-12) -> float:
     """Mean of ``-log p(true class)``; probabilities are floored at ``eps`` so a 0 gives a large finite value."""
     probs, y_true = _probs_and_labels(probs, y_true)
