@@ -18,6 +18,11 @@ steps (default: the recipe's, the diffusion model's budget). Every figure has a 
   views         a lever: the diffusion model scored with the reference's random rotation/flip per trial
                 (`scoring.trial_views = "dihedral"`) against as cropped, on the same `--views-cells` test cells:
                 balanced accuracy and ECE, and the paired-bootstrap interval of each difference.
+  stain         a lever: both kinds trained from scratch twice at `--stain-steps` steps, once with the default
+                augmentation and once with strong stain/colour jitter (STRONG_STAIN), everything else alike;
+                in-domain balanced accuracy on `--stain-test-cells` PBC test cells and the domain-shift figures on
+                the other labs, with the paired-bootstrap interval of strong minus default per lab (CNN: per seed);
+                the base model scored on the same cells makes it a controlled longer-training row too.
   low_data      both kinds trained on exactly n labelled PBC cells per class (`--low-data`, from the base model's
                 train part; 10 more per class from its val part calibrate), the diffusion model also on the rest
                 of the train part as unlabeled null-class cells, `--low-data-steps` steps each; balanced accuracy
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -49,9 +55,12 @@ from cytoloop.models.recipes import get_recipe
 from cytoloop.workflows import evaluate_model, held_out, train_model
 
 OTHER_LABS = ("jtsc", "cellavision", "bccd")
-EXPERIMENTS = ("in_domain", "domain_shift", "blasts", "anomaly", "low_data", "views")
+EXPERIMENTS = ("in_domain", "domain_shift", "blasts", "anomaly", "low_data", "views", "stain")
 HELD_OUT_CLASSES = ("erythroblast", "immature_granulocyte")
 LOW_DATA_VAL_PER_CLASS = 10
+# The stain lever: four times the default HED jitter and twice the colour jitter. The cells reach augmentation
+# already Reinhard-normalised, so this imitates what normalisation leaves of another lab's stain and camera.
+STRONG_STAIN = {"hed_sigma": 0.2, "hed_bias": 0.1, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3}
 
 
 def train(
@@ -62,12 +71,15 @@ def train(
     steps: int | None = None,
     split: dict[str, list[CellRecord]] | None = None,
     unlabeled: list[CellRecord] = (),
+    augment: dict | None = None,
 ) -> Path:
-    """The model of a recipe, with another training seed or budget if given (the split stays the recipe's unless
-    `split` fixes it); reused if `out` already holds it."""
+    """The model of a recipe, with another training seed, budget or augmentation if given (the split stays the
+    recipe's unless `split` fixes it); reused if `out` already holds it."""
     recipe = get_recipe(recipe_name)
     if not (out / "model.json").is_file():
         overrides = recipe.settings_overrides()
+        if augment:
+            overrides["augment"] = {**overrides.get("augment", {}), **augment}
         overrides["train"] = {
             **overrides["train"],
             "seed": recipe.seed if seed is None else seed,
@@ -99,14 +111,27 @@ def per_class(records: list[CellRecord], n: int, seed: int = 0) -> list[CellReco
     return chosen
 
 
-def evaluate(model_dir: Path, name: str, records: list[CellRecord], out: Path, anomaly: list[CellRecord] = ()) -> dict:
+def evaluate(
+    model_dir: Path,
+    name: str,
+    records: list[CellRecord],
+    out: Path,
+    anomaly: list[CellRecord] = (),
+    per_cell: bool = False,
+) -> dict:
     """Evaluate once and keep the report (with timing) as out/<model>/<name>.json; a kept report is reused."""
     path = out / model_dir.name / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
     began = time.perf_counter()
     report = evaluate_model(
-        load_model(model_dir), records, path, anomaly_records=anomaly, anomaly_label="blast", progress=True
+        load_model(model_dir),
+        records,
+        path,
+        anomaly_records=anomaly,
+        anomaly_label="blast",
+        progress=True,
+        per_cell=per_cell,
     )
     report["eval_seconds"] = time.perf_counter() - began
     path.write_text(json.dumps(report, indent=1))
@@ -133,6 +158,8 @@ def main() -> None:
     parser.add_argument("--low-data", default="10,50", help="labelled training cells per class, comma-separated")
     parser.add_argument("--low-data-steps", type=int, default=3000)
     parser.add_argument("--views-cells", type=int, default=400, help="test cells of the views experiment")
+    parser.add_argument("--stain-steps", type=int, default=3000, help="training steps of each stain-lever model")
+    parser.add_argument("--stain-test-cells", type=int, default=800, help="PBC test cells of the stain experiment")
     parser.add_argument("--experiments", default=",".join(EXPERIMENTS))
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -207,15 +234,32 @@ def main() -> None:
     if "views" in experiments:
         results["views"] = _views_report(args.diffusion, class_interleaved_subset(test, args.views_cells), args.out)
         _save(results, args.out)
-    text = render(results, args)
-    print(text)
-    if args.write_docs:
-        replace_section(DOCS, "reference", text, title="Reference experiments on PBC: diffusion classifier vs CNN")
+    if "stain" in experiments:
+        shifted = {lab: select([r for r in records if r.label in diffusion.classes], [lab]) for lab in OTHER_LABS}
+        stain_test = class_interleaved_subset(test, args.stain_test_cells)
+        results["stain"] = _stain_report(pbc, stain_test, shifted, args)
+        _save(results, args.out)
+    # the stain lever has its own section, so running it alone leaves the other experiments' tables as they are
+    stain = results.pop("stain", None)
+    if set(experiments) - {"stain"}:
+        text = render(results, args)
+        print(text)
+        if args.write_docs:
+            replace_section(DOCS, "reference", text, title="Reference experiments on PBC: diffusion classifier vs CNN")
+    if stain:
+        text = "\n".join(_render_stain(stain, args)).lstrip("\n") + "\n"
+        print(text)
+        if args.write_docs:
+            replace_section(DOCS, "reference-stain", text, title="Lever: stain augmentation in training")
 
 
 def _save(results: dict, out: Path) -> None:
+    """Write this run's results into out/reference.json, keeping what earlier runs of other experiments wrote."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reference.json").write_text(json.dumps(results, indent=1, default=float))
+    path = out / "reference.json"
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    kept.update({key: value for key, value in results.items() if value})
+    path.write_text(json.dumps(kept, indent=1, default=float))
 
 
 def _views_report(model_dir: Path, cells: list[CellRecord], out: Path) -> dict:
@@ -243,6 +287,72 @@ def _views_report(model_dir: Path, cells: list[CellRecord], out: Path) -> dict:
             views: {k: r[k] for k in ("balanced_accuracy", "ece", "denoiser_evals_per_cell")}
             for views, r in reports.items()
         },
+    }
+
+
+def _stain_report(
+    pbc: list[CellRecord], test: list[CellRecord], shifted: dict[str, list[CellRecord]], args: argparse.Namespace
+) -> dict:
+    """Each kind trained with the default augmentation and with STRONG_STAIN (same split, seed and budget), and
+    the base model (`--diffusion`: the diffusion recipe at its full budget, default augmentation), all scored on
+    the same cells. Rows keyed by model directory; pairs: strong minus default per kind and seed, and the base
+    model minus the short diffusion model (a controlled longer-training row)."""
+    from cytoloop.policy.promotion import difference_intervals
+
+    def scored(model_dir: Path, prefix: str = "") -> dict:
+        reports = {"in_domain": evaluate(model_dir, f"{prefix}in_domain", test, args.out, per_cell=True)}
+        for lab, cells in shifted.items():
+            reports[lab] = evaluate(model_dir, f"{prefix}shift_{lab}", cells, args.out, per_cell=True)
+        return reports
+
+    def row(model_dir: Path, augmentation: str, reports: dict) -> dict:
+        figures = ("balanced_accuracy", "ece", "n_cells", "intervals")
+        return {
+            "kind": load_model(model_dir).kind,
+            "augmentation": augmentation,
+            "training": _training_summary(model_dir),
+            **{where: {k: r[k] for k in figures} for where, r in reports.items()},
+            "restricted": {lab: _restricted(reports[lab]) for lab in shifted},
+        }
+
+    def pair(comparison: str, kind: str, seed: int | None, minuend: dict, subtrahend: dict) -> dict:
+        differences = {where: difference_intervals(minuend[where], subtrahend[where])[0] for where in minuend}
+        return {"comparison": comparison, "kind": kind, "seed": seed, **differences}
+
+    models = [("diffusion", "base-pbc", None)] + [("cnn", "base-pbc-cnn", int(s)) for s in args.cnn_seeds.split(",")]
+    rows: dict = {}
+    pairs: list[dict] = []
+    short_diffusion: dict = {}
+    for kind, recipe, seed in models:
+        reports: dict = {}
+        for arm, augment in (("default", None), ("strong", STRONG_STAIN)):
+            name = f"stain-{arm}-{kind}" + ("" if seed is None else f"-seed{seed}")
+            model_dir = train(recipe, pbc, args.out / name, seed, args.stain_steps, augment=augment)
+            reports[arm] = scored(model_dir)
+            rows[name] = row(model_dir, arm, reports[arm])
+        kind_name = rows[name]["kind"]
+        pairs.append(pair("strong - default augmentation", kind_name, seed, reports["strong"], reports["default"]))
+        if kind == "diffusion":
+            short_diffusion = reports["default"]
+    # the base model's evaluations are named apart: its in_domain.json is the in-domain experiment's, on other cells
+    base = scored(args.diffusion, prefix="stain_")
+    rows[args.diffusion.name] = row(args.diffusion, "default", base)
+    steps = rows[args.diffusion.name]["training"]["steps"]
+    pairs.append(pair(f"{steps} - {args.stain_steps} steps", "diffusion", None, base, short_diffusion))
+    return {"augment": STRONG_STAIN, "rows": rows, "pairs": pairs}
+
+
+def _restricted(report: dict) -> dict[str, float]:
+    """A lab's cells decided among the classes that lab has (argmax over them; its per-cell probabilities), and the
+    share of its cells the model, deciding among all its classes, put in a class the lab lacks."""
+    from cytoloop.evaluation import metrics
+
+    probs, labels = np.asarray(report["per_cell"]["probs"]), np.asarray(report["per_cell"]["labels"])
+    present = np.unique(labels)
+    restricted = present[probs[:, present].argmax(axis=1)]
+    return {
+        "balanced_accuracy": metrics.balanced_accuracy(labels, restricted, probs.shape[1]),
+        "absent_share": float(np.mean(~np.isin(probs.argmax(axis=1), present))),
     }
 
 
@@ -493,6 +603,62 @@ def _render_views(views: dict) -> list[str]:
         + "; ".join(f"{k} [{low:+.3f}, {high:+.3f}]" for k, (low, high) in intervals.items())
         + "."
     )
+    return lines
+
+
+def _environment() -> str:
+    """The CYTOLOOP_* variables this run was given, as a command prefix (they are part of the command)."""
+    return "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("CYTOLOOP_"))
+
+
+def _render_stain(stain: dict, args: argparse.Namespace) -> list[str]:
+    wheres = ["in_domain", *OTHER_LABS]
+    lines = [
+        "",
+        f"Command: `{_environment()}python benchmarks/reference.py --data {args.data} --diffusion {args.diffusion} "
+        f"--out {args.out} --cnn-seeds {args.cnn_seeds} --experiments stain --stain-steps {args.stain_steps} "
+        f"--stain-test-cells {args.stain_test_cells}`  ",
+        f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, no GPU. "
+        f"Date: {date.today().isoformat()}. [brackets]: 95 % bootstrap interval over cells.",
+        "",
+        f"Lever: strong stain augmentation in training ({', '.join(f'{k} {v}' for k, v in stain['augment'].items())}; "
+        "default: hed_sigma 0.05, hed_bias 0.05, brightness/contrast/saturation 0.15), both kinds from scratch at "
+        f"{args.stain_steps} steps, otherwise as their recipes; balanced accuracy (ECE) on {args.stain_test_cells} "
+        "PBC test cells and, unadapted, on each other lab. The base model is the diffusion recipe at its full "
+        "budget, scored on the same cells:",
+        "",
+        "| model | augmentation | steps | PBC | " + " | ".join(OTHER_LABS) + " |",
+        "|---|---|---|---|" + "---|" * len(OTHER_LABS),
+    ]
+    for name, row in stain["rows"].items():
+        cells = [f"{_ci(row[w], 'balanced_accuracy')} ({row[w]['ece']:.3f})" for w in wheres]
+        head = f"| {row['kind']} `{name}` | {row['augmentation']} | {row['training']['steps']} | "
+        lines.append(head + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The same cells of each lab decided among that lab's own classes only (argmax over the classes it has); in "
+        "brackets, the share of its cells the model, deciding among all eight, put in a class the lab lacks:",
+        "",
+        "| model | augmentation | " + " | ".join(OTHER_LABS) + " |",
+        "|---|---|" + "---|" * len(OTHER_LABS),
+    ]
+    for name, row in stain["rows"].items():
+        cells = [
+            f"{row['restricted'][lab]['balanced_accuracy']:.3f} ({row['restricted'][lab]['absent_share']:.0%})"
+            for lab in OTHER_LABS
+        ]
+        lines.append(f"| {row['kind']} `{name}` | {row['augmentation']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Differences, 95 % paired bootstrap of balanced accuracy over the same cells:",
+        "",
+        "| comparison | model | seed | PBC | " + " | ".join(OTHER_LABS) + " |",
+        "|---|---|---|---|" + "---|" * len(OTHER_LABS),
+    ]
+    for pair in stain["pairs"]:
+        cells = ["[{:+.3f}, {:+.3f}]".format(*pair[w]["balanced_accuracy"]) if pair[w] else "n/a" for w in wheres]
+        seed = "" if pair["seed"] is None else pair["seed"]
+        lines.append(f"| {pair['comparison']} | {pair['kind']} | {seed} | " + " | ".join(cells) + " |")
     return lines
 
 
