@@ -12,7 +12,7 @@ minimum error and the reference's gap; a CNN: energy and max-softmax):
 - the blasts' recall at that threshold (the share the anomaly route would catch), and the AUROC of blasts
   against all the site's normal cells, each with a 95 % bootstrap interval over cells.
 
-Every cell is scored once per model (kept in `--out`, reused on a rerun).
+Every cell is scored once per model (kept in `--out`/<model directory's name>, reused on a rerun).
 
     python benchmarks/blast_routing.py --data ../shared/data/manifest.csv --model models/base-pbc \
       --site site-a=jtsc,bccd --site site-b=cellavision --classes neutrophil,lymphocyte,monocyte,eosinophil
@@ -71,14 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(args.data)
     # the first n blasts by id: the same cells on any machine
     blasts = class_interleaved_subset(select(records, [args.blast_domain], [args.blast_label]), args.blasts)
-    blast_scores = _scores(model, blasts, args.out / "blasts.npz")
+    kept = args.out / args.model.name  # one folder per model: another model's scores are never reused
+    blast_scores = _scores(model, blasts, kept / "blasts.npz")
     results = {}
     for site, labs in sites.items():
         normal = select(records, labs, classes)
         results[site] = {
             "labs": labs,
             "normal": len(normal),
-            "scores": _site_figures(_scores(model, normal, args.out / f"{site}.npz"), blast_scores, args),
+            "scores": _site_figures(_scores(model, normal, kept / f"{site}.npz"), blast_scores, args),
         }
     text = render(results, len(blasts), args)
     print(text)
