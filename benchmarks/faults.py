@@ -335,6 +335,40 @@ def recreated_label_studio(world: World) -> Row:
     )
 
 
+def replaced_label_studio_tasks(world: World) -> Row:
+    """Six tasks pushed to a Label Studio that is then replaced by a fresh one; the next push must bring the new
+    one every task (none had labels), once, however often it runs."""
+    from label_studio_sdk import LabelStudio
+
+    outbox = Outbox(world.root / "replaced-outbox.db")
+    site = f"replaced{len(world.names)}"
+    outbox.enqueue([_task(site, i) for i in range(6)])
+    keys: list[str] = []
+    for name in ("before", "after"):
+        settings = world.settings.model_copy(
+            update={
+                "home": world.root / f"replaced-{name}",
+                "stack": world.settings.stack.model_copy(update={"label_studio_port": _free_port()}),
+            }
+        )
+        stack = Stack(settings)
+        stack.up(only=["label-studio"])
+        try:
+            client = LabelStudio(base_url=label_studio_url(settings), api_key=stack_secrets(settings)["admin_token"])
+            project_id = ensure_project(client, site, CLASSES, labels_required=1)
+            for _ in range(2):  # a second push must change nothing
+                push_outbox(client, outbox, lambda s, c, pid=project_id: pid, batch=10)
+            keys = [t.data["task_key"] for t in client.tasks.list(project=project_id, fields="task_only")]
+        finally:
+            stack.down()
+    return Row(
+        "Label Studio replaced after taking tasks",
+        "push 6 tasks, replace the server, push twice",
+        6 - len(set(keys)),
+        len(keys) - len(set(keys)),
+    )
+
+
 # -- models -----------------------------------------------------------------------------------------------------
 def _registry(world: World, name: str):
     from cytoloop.models.baseline import BaselineClassifier
@@ -478,6 +512,7 @@ SCENARIOS = [
     killed_sync,
     receiver_down,
     recreated_label_studio,
+    replaced_label_studio_tasks,
     two_gates,
     killed_move,
     registry_unreachable_site,
