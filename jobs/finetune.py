@@ -326,7 +326,7 @@ def run_finetune(
 
 
 def _kept_champion_figures(
-    home: Path, champion: VersionInfo, data, classes: list[str], evaluation: Path, runtime: dict | None = None
+    home: Path, champion: VersionInfo, data, classes: list[str], evaluation: Path, runtime: dict
 ) -> dict | None:
     """The champion's own gate report, when a fine-tune on this host promoted it after a gate on these very cells
     (`promotion.kept_gate_figures`); copied with its plots into this run's evaluation folder as `champion.*`, so

@@ -157,7 +157,7 @@ def test_a_kept_gate_report_is_reused_only_for_the_same_cells_and_classes(tmp_pa
     assert _kept_champion_figures(tmp_path / "home", champion, data, ["a", "b"], out, bf16) == report
     assert sorted(p.name for p in out.iterdir()) == ["champion.json", "champion.reliability.png"]
     base = VersionInfo("m", "1", None, {}, ["champion"])  # registered, never gated here: scored again
-    assert _kept_champion_figures(tmp_path / "home", base, data, ["a", "b"], out) is None
+    assert _kept_champion_figures(tmp_path / "home", base, data, ["a", "b"], out, bf16) is None
 
 
 def test_the_scoring_runtime_names_how_a_diffusion_model_ran():
