@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantile", type=float, default=0.95, help="the demo's anomaly_quantile")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/blast-routing"))
+    parser.add_argument(
+        "--restrict",
+        action="store_true",
+        help="decide every cell among --classes only (a site's classes, `sites.<site>.classes`), as a site that "
+        "reports those classes is served",
+    )
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
     if not 0.0 < args.quantile < 1.0:
@@ -71,25 +77,31 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(args.data)
     # the first n blasts by id: the same cells on any machine
     blasts = class_interleaved_subset(select(records, [args.blast_domain], [args.blast_label]), args.blasts)
-    kept = args.out / args.model.name  # one folder per model: another model's scores are never reused
-    blast_scores = _scores(model, blasts, kept / "blasts.npz")
+    # one folder per model and class set: another model's scores are never reused
+    kept = args.out / (args.model.name + ("-restricted-" + "-".join(sorted(classes)) if args.restrict else ""))
+    allowed = np.isin(model.classes, classes) if args.restrict else None
+    blast_scores = _scores(model, blasts, kept / "blasts.npz", allowed)
     results = {}
     for site, labs in sites.items():
         normal = select(records, labs, classes)
         results[site] = {
             "labs": labs,
             "normal": len(normal),
-            "scores": _site_figures(_scores(model, normal, kept / f"{site}.npz"), blast_scores, args),
+            "scores": _site_figures(_scores(model, normal, kept / f"{site}.npz", allowed), blast_scores, args),
         }
     text = render(results, len(blasts), args)
     print(text)
     if args.write_docs:
-        replace_section(DOCS, "blast-routing", text, title=TITLE)
+        if args.restrict:
+            replace_section(DOCS, "blast-routing-restricted", text, title=TITLE + ", each site's classes only")
+        else:
+            replace_section(DOCS, "blast-routing", text, title=TITLE)
     return 0
 
 
-def _scores(model, records: list[CellRecord], path: Path) -> dict[str, np.ndarray]:
-    """Every anomaly score of the model for these cells ('anomaly' is the one routing uses), kept in `path`."""
+def _scores(model, records: list[CellRecord], path: Path, allowed: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Every anomaly score of the model for these cells ('anomaly' is the one routing uses), each cell decided among
+    the `allowed` classes (None: all), kept in `path`."""
     if path.is_file():
         with np.load(path) as kept:
             return dict(kept)
@@ -98,7 +110,8 @@ def _scores(model, records: list[CellRecord], path: Path) -> dict[str, np.ndarra
     cells = load_cells(records, model.data_config, progress=True)
     if cells.skipped:
         raise SystemExit(f"{len(cells.skipped)} cells could not be read, first: {cells.skipped[0]}")
-    predictions = model.predict(cells.images, progress=True)
+    candidates = None if allowed is None else np.tile(allowed, (len(cells.images), 1))
+    predictions = model.predict(cells.images, progress=True, candidates=candidates)
     scores = {"anomaly": predictions.anomaly}
     scores |= {name: values for name, values in predictions.extra.items() if name.startswith("anomaly_")}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +158,7 @@ def render(results: dict, n_blasts: int, args: argparse.Namespace) -> str:
     lines = [
         f"Command: `{environment}python benchmarks/blast_routing.py --data {args.data} --model {args.model} {sites}"
         + (f" --classes {args.classes}" if args.classes else "")
+        + (" --restrict" if args.restrict else "")
         + f" --blasts {args.blasts} --quantile {args.quantile} --seed {args.seed}`  ",
         f"Machine: {platform.machine()}, CPU, {os.cpu_count()} cores, no GPU. "
         f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. [brackets]: 95 % bootstrap interval over cells.",

@@ -121,6 +121,13 @@ def mix_blasts(splits: dict[str, SiteSplit], blasts: Sequence[CellRecord], confi
     return mixed
 
 
+def reported_classes(split: SiteSplit, classes: Sequence[str], blast_label: str) -> list[str]:
+    """The classes a site reports: those of `classes` (the base model's, in its order) its labelled cells have.
+    The mixed-in blasts are not among them: the site does not know it will meet them."""
+    have = {r.label for r in split.test + split.val + split.eval + split.pool if r.label and r.label != blast_label}
+    return [c for c in classes if c in have]
+
+
 def anomaly_threshold(normal_scores: np.ndarray, quantile: float) -> float:
     """The anomaly threshold a site routes with: the `quantile` quantile of the anomaly scores of its normal
     (labelled, known-class) cells under the model serving it. An anomaly score's scale is per model and per
@@ -208,6 +215,7 @@ class Demo:
         self.dir.mkdir(parents=True, exist_ok=True)
         splits = self._split()
         self._check_classes(splits)  # before any service starts: a wrong class list fails in seconds
+        self._site_classes(splits)
         with self.stage("stack up"):
             review = self._stack_up()
         with self.stage("base model"):
@@ -384,6 +392,23 @@ class Demo:
                 f"the sites' class(es) {', '.join(unknown)} are not classes of the base model "
                 f"({', '.join(classes)}); choose the sites' classes with demo.classes"
             )
+
+    def _site_classes(self, splits: dict[str, SiteSplit]) -> None:
+        """With `demo.site_classes`, each site reports the classes its labs' cells have (blasts aside: no lab
+        reports a class it has never seen), so Serve and the gate decide its cells among those; a site whose
+        `sites.<site>.classes` is set keeps that."""
+        from cytoloop.config import SiteConfig
+        from cytoloop.models.base import read_model_meta
+
+        if not self.config.site_classes:
+            return
+        order = read_model_meta(self._base_dir())["classes"]
+        sites = dict(self.settings.sites)
+        for site, split in splits.items():
+            if self.settings.site_classes(site) is None:
+                sites[site] = SiteConfig(classes=reported_classes(split, order, self.config.blast_label))
+            logger.info(f"{site} reports {', '.join(sites[site].classes or order)}")
+        self.settings = self.settings.model_copy(update={"sites": sites})
 
     def _base_dir(self) -> Path:
         base = Path(self.config.base_model)

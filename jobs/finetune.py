@@ -250,16 +250,18 @@ def run_finetune(
 
     data = gate_data(sets.eval, settings.promotion, challenger.classes)
     alias = site_alias(site)
-    new = gate_figures(challenger, data, out / "evaluation" / "challenger.json")
+    allowed = settings.site_classes(site)  # a site's versions are judged as they serve it: on its classes
+    new = gate_figures(challenger, data, out / "evaluation" / "challenger.json", allowed)
     try:
         current = registry.for_site(name, site)
         runtime = scoring_runtime(challenger)  # the champion's report counts only if it was scored alike
-        champion = _kept_champion_figures(home, current, data, challenger.classes, out / "evaluation", runtime)
+        champion = _kept_champion_figures(home, current, data, challenger.classes, out / "evaluation", runtime, allowed)
         if champion is None:
             champion = gate_figures(
                 registry.load(name, current.version, cache, settings.scoring),
                 data,
                 out / "evaluation" / "champion.json",
+                allowed,
             )
     except NotRegistered:  # no champion yet; an unreachable registry raises: a gate needs the true champion
         current, champion = None, None
@@ -326,7 +328,13 @@ def run_finetune(
 
 
 def _kept_champion_figures(
-    home: Path, champion: VersionInfo, data, classes: list[str], evaluation: Path, runtime: dict
+    home: Path,
+    champion: VersionInfo,
+    data,
+    classes: list[str],
+    evaluation: Path,
+    runtime: dict,
+    allowed: list[str] | None,
 ) -> dict | None:
     """The champion's own gate report, when a fine-tune on this host promoted it after a gate on these very cells
     (`promotion.kept_gate_figures`); copied with its plots into this run's evaluation folder as `champion.*`, so
@@ -335,7 +343,7 @@ def _kept_champion_figures(
 
     run = champion.tags.get("ray_run")
     kept = home / "finetune" / run / "evaluation" / "challenger.json" if run else None
-    report = kept_gate_figures(kept, data, classes, runtime) if kept is not None else None
+    report = kept_gate_figures(kept, data, classes, runtime, allowed) if kept is not None else None
     if report is None:
         return None
     evaluation.mkdir(parents=True, exist_ok=True)

@@ -104,7 +104,7 @@ class Backend:
     def site(self, site: str | None) -> LiveModel:
         with self._lock:
             if site not in self._sites:
-                self._sites[site] = LiveModel(site, self.source, self.services)
+                self._sites[site] = LiveModel(site, self.source, self.services, self.settings.site_classes(site))
             live = self._sites[site]
         try:
             live.refresh()  # follow the alias: Label Studio asks rarely, so ask the registry each time

@@ -94,6 +94,7 @@ class Classifier:
             import torch
 
             torch.set_num_threads(self.config.torch_threads)
+        self.settings = settings  # its `sites` say which classes each site's cells are decided among
         self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
         self.services = ServiceCache(self.source, settings.routing)
         self.live: weakref.WeakSet[LiveModel] = weakref.WeakSet()  # the sites this replica holds (Ray evicts LRU)
@@ -116,7 +117,8 @@ class Classifier:
 
     @serve.multiplexed(max_num_models_per_replica=SITE_MODELS_PER_REPLICA)
     async def site_model(self, key: str) -> LiveModel:
-        live = await asyncio.to_thread(LiveModel, None if key == GLOBAL_KEY else key, self.source, self.services)
+        site = None if key == GLOBAL_KEY else key
+        live = await asyncio.to_thread(LiveModel, site, self.source, self.services, self.settings.site_classes(site))
         self.live.add(live)
         return live
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -547,6 +548,28 @@ class CascadeConfig(_Section):
     )
 
 
+class SiteConfig(_Section):
+    """One hospital CytoLoop serves (a site), beyond which model serves it (`champion-<site>`).
+
+    `classes` is the site's vocabulary: the cell classes its hematologists report. A model trained elsewhere knows
+    classes a site never sees on its smears (the PBC base model's erythroblasts, immature granulocytes and
+    platelets, for labs that do not count them), and on a new stain it puts many of the site's cells there (29-80 %
+    of other labs' cells, docs/benchmarks.md). With `classes` set, the site's cells are decided among those only,
+    wherever the site is served or judged: its answers over HTTP (other classes get probability 0), its anomaly
+    scores (how well the site's own classes explain a cell) and the promotion gate of its fine-tunes. A class the
+    model does not have is refused when the site's model loads, naming the model's classes."""
+
+    classes: list[str] | None = Field(
+        None, min_length=1, description="the classes this site reports; None: every class of the model serving it"
+    )
+
+    @model_validator(mode="after")
+    def _classes_once(self) -> SiteConfig:
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes names a class twice: {self.classes}")
+        return self
+
+
 class DemoConfig(_Section):
     """`cytoloop demo`: the loop as a lab lives it, with simulated annotators.
 
@@ -566,6 +589,11 @@ class DemoConfig(_Section):
         description="each site (hospital) and the labs/domains of the data whose cells are its pool",
     )
     classes: list[str] | None = Field(None, description="the sites' classes to use; None: every class they have")
+    site_classes: bool = Field(
+        True,
+        description="each site reports the classes its labs' cells have (`sites.<site>.classes`, unless set "
+        "there): the site is served and gated on those; False: on every class of the base model",
+    )
     test_fraction: float = Field(
         0.3,
         gt=0.0,
@@ -646,7 +674,23 @@ class Settings(BaseSettings):
     serve: ServeConfig = ServeConfig()
     differential: DifferentialConfig = DifferentialConfig()
     demo: DemoConfig = DemoConfig()
+    sites: dict[str, SiteConfig] = Field(
+        default_factory=dict,
+        description='per site (hospital) settings, by site name: CYTOLOOP_SITES=\'{"site-a": {"classes": [...]}}\'',
+    )
     home: Path = Field(Path(".cytoloop"), description="where runs, stores and service data live")
+
+    @model_validator(mode="after")
+    def _site_names(self) -> Settings:
+        for site in self.sites:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
+                raise ValueError(f"invalid site name {site!r} in sites: use letters, digits, '-' and '_'")
+        return self
+
+    def site_classes(self, site: str | None) -> list[str] | None:
+        """The classes `site` reports (`sites.<site>.classes`); None for the global model or a site without them."""
+        config = self.sites.get(site) if site else None
+        return None if config is None else config.classes
 
     @model_validator(mode="after")
     def _stores_under_home(self) -> Settings:

@@ -30,7 +30,7 @@ from cytoloop.data.records import (
 )
 from cytoloop.errors import UsageError
 from cytoloop.evaluation import metrics, plots
-from cytoloop.models.base import Classifier, Predictions, Trainable
+from cytoloop.models.base import Classifier, Predictions, Trainable, candidate_rows, class_mask
 from cytoloop.models.cascade import CascadeClassifier, distill
 from cytoloop.models.diffusion import DiffusionClassifier
 from cytoloop.models.loading import load_model
@@ -331,21 +331,25 @@ def evaluate_model(
     excluded: int = 0,
     progress: bool = False,
     per_cell: bool = False,
+    allowed: list[str] | None = None,
 ) -> dict:
     """Evaluate on labelled cells (and optionally anomaly vs normal cells); write JSON and PNG plots beside it.
 
     With `per_cell`, the report also keeps each cell's id, label index and probabilities (`per_cell`), so two
-    models evaluated on the same cells can be compared cell by cell (the promotion gate's intervals)."""
+    models evaluated on the same cells can be compared cell by cell (the promotion gate's intervals). With
+    `allowed` (a site's classes), every cell is decided among those, as the site is served (`allowed_classes`)."""
+    mask = class_mask(model.classes, allowed)
     cells = load_cells(records, model.data_config, progress)
     if not cells.records:
         raise DatasetError(f"none of the {len(records)} evaluation cells could be read")
     labels = label_indices(cells.records, model.classes)
     began = time.perf_counter()
-    predictions = model.predict(cells.images, progress=progress)
+    predictions = model.predict(cells.images, progress=progress, candidates=candidate_rows(mask, len(cells.images)))
     seconds = time.perf_counter() - began
     report: dict[str, Any] = {
         "model_kind": model.kind,
         "classes": model.classes,
+        "allowed_classes": allowed,
         "n_skipped": len(cells.skipped),
         "skipped": cells.skipped,
         "n_excluded_seen_in_training": excluded,
@@ -372,7 +376,10 @@ def evaluate_model(
         is_anomaly = np.array([r.label == anomaly_label for r in anomaly_cells.records])
         if is_anomaly.all() or not is_anomaly.any():
             raise DatasetError(f"anomaly data needs both '{anomaly_label}' cells and other cells")
-        report.update(anomaly_metrics(model.predict(anomaly_cells.images, progress=progress), is_anomaly))
+        candidates = candidate_rows(mask, len(anomaly_cells.images))
+        report.update(
+            anomaly_metrics(model.predict(anomaly_cells.images, progress=progress, candidates=candidates), is_anomaly)
+        )
         report["n_skipped"] += len(anomaly_cells.skipped)
         report["skipped"] += anomaly_cells.skipped
     if json_out is not None:

@@ -1,16 +1,16 @@
 """The main job, `cytoloop demo`, in a short configuration against the real services it starts itself.
 
-Real Label Studio, label receiver and Ray head (via `cytoloop stack`), real Ray Serve, Ray Data and Ray Train,
-MLflow on SQLite. A tiny base model is trained here on one lab (cellavision), then meets two sites (jtsc, bccd)
-with ALL-IDB2 blasts mixed into their pools, for one round. It asserts what a user would check: each site's tasks
-in its own Label Studio project, labels back once, the blasts in the anomaly queue and named a new class (never a
-fine-tuning label), a version per site gated on that site's frozen cells, the site's alias moved or the refusal
-recorded, Serve answering each site with its own champion (the other site keeps its model), and the report with
-its plots, in Markdown and as one self-contained HTML page.
+Real Label Studio, label receiver and Ray head (via `cytoloop stack`), real Ray Serve, Ray Data and Ray Train, MLflow on
+SQLite. A tiny base model is trained here on one lab (cellavision; three classes, of which the sites report two), then
+meets two sites (jtsc, bccd) with ALL-IDB2 blasts mixed into their pools, for one round. It asserts what a user would
+check: each site's tasks in its own Label Studio project, labels back once, the blasts in the anomaly queue and named a
+new class (never a fine-tuning label), a version per site gated on that site's frozen cells, the site's alias moved or
+the refusal recorded, Serve answering each site with its own champion (the other site keeps its model), and the report
+with its plots, in Markdown and as one self-contained HTML page.
 
-The routing here is permissive on purpose (an anomaly threshold at the 5 % quantile of the normal cells, every
-cell under 0.999 confidence reviewed, a budget as large as the scored pool): a tiny model's anomaly scores are
-noise, and this test is about the plumbing; what the shipped base model finds is measured by `make demo`.
+The routing here is permissive on purpose (an anomaly threshold at the 5 % quantile of the normal cells, every cell
+under 0.999 confidence reviewed, a budget as large as the scored pool): a tiny model's anomaly scores are noise, and
+this test is about the plumbing; what the shipped base model finds is measured by `make demo`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def demo_run(cells_dir, tiny_overrides):
     runner = CliRunner()
     base = runner.invoke(
         app,
-        ["train", "--data", str(cells_dir), "--domains", "cellavision", "--classes", "neutrophil,lymphocyte"]
+        # the base model knows a class the sites do not report (eosinophil): each site's cells are decided
+        # among its own two, in Serve and in the gate
+        ["train", "--data", str(cells_dir), "--domains", "cellavision", "--classes", "neutrophil,lymphocyte,eosinophil"]
         + ["--out", str(root / "base"), "--config", str(config)],
     )
     assert base.exit_code == 0, base.output + repr(base.exception)
@@ -201,6 +203,7 @@ def test_each_site_got_its_own_version_gated_on_its_own_cells(demo_run):
         frozen = (home / "frozen" / site / "eval.csv").read_text().strip().splitlines()[1:]
         judged = json.loads((home / "finetune" / tags["ray_run"] / "evaluation" / "challenger.json").read_text())
         assert judged["n_cells"] == len(frozen) >= 3
+        assert set(judged["allowed_classes"]) == {"neutrophil", "lymphocyte"}  # judged as the site is served
         if row["gate"] == "promoted":
             assert tags["gate.verdict"] == "pass"
             assert registry.alias_version(name, site_alias(site)) == version == row["served"]
@@ -222,7 +225,9 @@ def test_serve_answers_each_site_with_its_own_champion(demo_run, cells_dir):
     for site in SITES:
         answer = httpx.post(url, json={**body, "site": site}, headers=key, timeout=120)
         assert answer.status_code == 200, answer.text
-        served = answer.json()["cells"][0]["model"]["version"]
+        cell_answer = answer.json()["cells"][0]
+        assert cell_answer["probabilities"]["eosinophil"] == 0 and cell_answer["label"] != "eosinophil"
+        served = cell_answer["model"]["version"]
         assert served == registry.for_site(name, site).version
         assert registry.version(name, served).tags["site"] in (site, "global")  # never the other site's model
 

@@ -2,9 +2,9 @@
 
 Once per session: tiny models are trained on a few real cells (two baselines with different classes, one diffusion
 model), registered, and given aliases: `champion` (baseline, 4 classes), `champion-siteb` (baseline, 2 classes),
-`champion-sited` (diffusion), `champion-moving` (moved by a test). Then Ray (own temp dir, 2 CPUs, no auth, no
-dashboard) and Serve (a free port) start, with an API key and small limits. Cells are sent as the files they
-are in ../shared/data/cells; nothing is copied.
+`champion-sited` (diffusion), `champion-moving` (moved by a test); site `sitec` reports two classes only. Then Ray (own
+temp dir, 2 CPUs, no auth, no dashboard) and Serve (a free port) start, with an API key and small limits. Cells are sent
+as the files they are in ../shared/data/cells; nothing is copied.
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
             },
             "routing": {"review_below": 0.6, "anomaly_above": None, "audit_fraction": 0.0},
             "differential": {"min_cells": 4},
+            # sitec reports two of the global champion's classes; sitex one no model has
+            "sites": {"sitec": {"classes": TWO}, "sitex": {"classes": ["platelet"]}},
         }
     )
     temp_dir = tempfile.mkdtemp(prefix="ray_srv_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
@@ -150,6 +152,21 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
 def _ok_cells(response: httpx.Response) -> list[dict]:
     assert response.status_code == 200, response.text
     return [c for c in response.json()["cells"] if c["status"] == "ok"]
+
+
+def test_a_site_reporting_fewer_classes_gets_its_cells_decided_among_them(serving):
+    paths = serving.cells[:6]
+    everything = _ok_cells(serving.classify_files(paths))
+    mine = _ok_cells(serving.classify_files(paths, site="sitec"))  # no champion-sitec: the global champion serves
+    assert [c["model"]["version"] for c in mine] == [serving.versions["four"]] * len(paths)
+    for whole, cell in zip(everything, mine):
+        assert cell["label"] in TWO and all(cell["probabilities"][c] == 0 for c in FOUR if c not in TWO)
+        assert abs(sum(cell["probabilities"].values()) - 1) < 1e-5
+        kept = sum(whole["probabilities"][c] for c in TWO)
+        assert cell["probabilities"]["neutrophil"] == pytest.approx(whole["probabilities"]["neutrophil"] / kept)
+    assert all(min(whole["probabilities"].values()) > 0 for whole in everything)  # the global model: every class
+    refused = serving.classify_files(paths[:1], site="sitex")
+    assert refused.status_code == 503 and "platelet" in refused.json()["detail"]
 
 
 def test_real_cells_classified_over_http(serving):

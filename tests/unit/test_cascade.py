@@ -161,3 +161,20 @@ def test_a_cascade_directory_is_served_and_versioned_by_its_parts(teacher, stude
     other = BaselineClassifier(CLASSES, DataConfig(image_size=SIZE), BaselineModelConfig(channels=(4, 8)))
     other.save(tmp_path / "cascade" / "student")
     assert source.resolve(None).version != first.version
+
+
+def test_a_site_s_classes_bind_the_student_and_the_teacher(teacher, student, images):
+    allowed = np.tile([True, False, True], (len(images), 1))
+    fast_all, fast = student.predict(images), student.predict(images, candidates=allowed)
+    assert (fast.probs[:, 1] == 0).all() and np.allclose(fast.probs.sum(axis=1), 1)
+    kept = fast_all.probs[:, [0, 2]]
+    assert np.allclose(fast.probs[:, [0, 2]], kept / kept.sum(axis=1, keepdims=True), atol=1e-6)
+    full = student.logits(images) / student.temperature
+    energy = -student.temperature * np.log(np.exp(full[:, [0, 2]]).sum(axis=1))
+    assert np.allclose(fast.anomaly, energy, atol=1e-4)  # the excluded class has no share of the energy
+    for k in (None, 2):  # alone, and with the teacher deciding among the student's top k
+        cascade = CascadeClassifier(teacher, student, CascadeConfig(threshold=1.1, candidates=k))
+        predictions = cascade.predict(images, candidates=allowed)
+        assert predictions.extra["deferred"].all() and (predictions.probs[:, 1] == 0).all()
+    with pytest.raises(ValueError, match="candidates must be"):
+        student.predict(images, candidates=np.zeros((len(images), 3), dtype=bool))

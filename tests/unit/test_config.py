@@ -118,3 +118,16 @@ def test_serving_beyond_this_machine_needs_an_api_key(clean_env):
             ServeConfig(host=host)
         assert ServeConfig(host=host, api_key="k" * 32).host == host
         assert ServeConfig(host=host, insecure=True).insecure  # said explicitly
+
+
+def test_a_site_s_classes_come_from_the_environment_and_are_checked(monkeypatch):
+    monkeypatch.setenv("CYTOLOOP_SITES", json.dumps({"st-marys": {"classes": ["neutrophil", "lymphocyte"]}}))
+    settings = load_settings()
+    assert settings.site_classes("st-marys") == ["neutrophil", "lymphocyte"]
+    assert settings.site_classes("elsewhere") is None and settings.site_classes(None) is None
+    with pytest.raises(ValidationError, match="invalid site name 'st marys'"):
+        load_settings(overrides={"sites": {"st marys": {}}})
+    with pytest.raises(ValidationError, match="names a class twice"):
+        load_settings(overrides={"sites": {"a": {"classes": ["neutrophil", "neutrophil"]}}})
+    with pytest.raises(ValidationError, match="classes"):
+        load_settings(overrides={"sites": {"a": {"classes": []}}})

@@ -9,7 +9,7 @@ import pytest
 
 from cytoloop.config import DemoConfig
 from cytoloop.data.records import CellRecord, DatasetError
-from jobs.cycle import RoundResult, anomaly_threshold, mix_blasts, round_table, split_site
+from jobs.cycle import RoundResult, anomaly_threshold, mix_blasts, reported_classes, round_table, split_site
 from labelstudio.annotators import SimulatedAnnotator
 
 
@@ -57,6 +57,15 @@ def test_blasts_are_mixed_in_at_their_share_and_never_twice():
     with pytest.raises(DatasetError, match="blasts are needed"):
         mix_blasts(splits, blasts[:5], config)
     assert mix_blasts(splits, blasts, config.model_copy(update={"blast_share": 0.0})) == splits
+
+
+def test_a_site_reports_the_base_model_s_classes_its_cells_have_never_the_blasts():
+    config = DemoConfig(blast_share=0.1)
+    split = split_site(records({"neutrophil": 40, "monocyte": 20}), config, "a")
+    blasts = [CellRecord(f"blast/{i}.png", Path(f"/cells/blast/{i}.png"), "blast", "allidb2") for i in range(10)]
+    mixed = mix_blasts({"a": split}, blasts, config)["a"]
+    order = ["platelet", "monocyte", "lymphocyte", "neutrophil"]
+    assert reported_classes(mixed, order, "blast") == ["monocyte", "neutrophil"]  # the model's order
 
 
 def test_the_anomaly_threshold_is_a_quantile_of_the_sites_normal_cells():

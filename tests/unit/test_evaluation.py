@@ -38,3 +38,20 @@ def test_a_lab_with_fewer_classes_is_scored_on_the_classes_it_has(tmp_path, tiny
     low, high = per_domain["other"]["intervals"]["balanced_accuracy"]
     assert low <= per_domain["other"]["balanced_accuracy"] <= high
     assert "per_domain" not in evaluate_model(model, small)  # one lab: the overall figures are its figures
+
+
+def test_a_site_s_classes_decide_every_cell_and_are_named_in_the_report(tmp_path, tiny_settings):
+    import pytest
+
+    from cytoloop.errors import UsageError
+
+    model, _ = train_model(
+        "baseline", _lab(tmp_path, "big", ["red", "blue", "green"], 10), tiny_settings, tmp_path / "model"
+    )
+    small = _lab(tmp_path, "small", ["red", "blue"], seed=1)
+    report = evaluate_model(model, small, per_cell=True, allowed=["red", "blue"])
+    probs = np.array(report["per_cell"]["probs"])
+    assert report["allowed_classes"] == ["red", "blue"] and (probs[:, model.classes.index("green")] == 0).all()
+    assert evaluate_model(model, small)["allowed_classes"] is None
+    with pytest.raises(UsageError, match="purple"):
+        evaluate_model(model, small, allowed=["red", "purple"])

@@ -140,3 +140,30 @@ def test_a_model_saved_after_loading_keeps_its_own_runtime_not_the_machines(tmp_
     saved = json.loads((tmp_path / "child" / "model.json").read_text())
     assert (saved["scoring"]["precision"], saved["scoring"]["channels_last"]) == ("fp32", False)
     assert saved["scoring"]["min_trials"] == 3 and saved["temperature"] == 1.7
+
+
+def test_a_site_with_its_own_classes_gets_only_those_and_shares_the_loaded_model(tmp_path, cells_dir):
+    _save(tmp_path / "model", classes=["lymphocyte", "neutrophil", "platelet"])
+    source = ModelSource(ServeConfig(model_dir=tmp_path / "model"), RegistryConfig())
+    cache = ServiceCache(source, RoutingConfig(review_below=0.0, audit_fraction=0.0))
+    everything = LiveModel("a", source, cache)
+    reporting = LiveModel("b", source, cache, classes=["lymphocyte", "neutrophil"])
+    assert reporting.service is not everything.service and reporting.service.model is everything.service.model
+    assert LiveModel("c", source, cache, classes=["lymphocyte", "neutrophil"]).service is reporting.service
+    real = sorted((cells_dir / "jtsc").glob("*.bmp"))[:6]
+    cells = [(path.name, path.read_bytes()) for path in real]
+    full, restricted = everything.service.classify(cells), reporting.service.classify(cells)
+    for whole, mine in zip(full, restricted):
+        assert isinstance(whole, CellResult) and isinstance(mine, CellResult)
+        assert mine.probabilities["platelet"] == 0.0 and mine.label != "platelet"
+        kept = whole.probabilities["lymphocyte"] + whole.probabilities["neutrophil"]
+        assert mine.probabilities["lymphocyte"] == pytest.approx(whole.probabilities["lymphocyte"] / kept, abs=1e-6)
+    assert all(answer.probabilities["platelet"] > 0 for answer in full)  # the other site still sees every class
+
+
+def test_a_site_whose_classes_its_model_lacks_is_refused_by_name(local_source):
+    from cytoloop.errors import UsageError
+
+    source, cache = local_source
+    with pytest.raises(UsageError, match=r"platelet .*not classes of the model \(lymphocyte, neutrophil\)"):
+        LiveModel("a", source, cache, classes=["lymphocyte", "platelet"])

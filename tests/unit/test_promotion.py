@@ -151,13 +151,20 @@ def test_a_kept_gate_report_is_reused_only_for_the_same_cells_and_classes(tmp_pa
     # scored in another precision: a few close calls differ, so the champion is scored again
     assert kept_gate_figures(run / "challenger.json", data, ["a", "b"], bf16) == report
     assert kept_gate_figures(run / "challenger.json", data, ["a", "b"], {**bf16, "precision": "fp32"}) is None
+    # judged on all its classes: no stand-in for a gate deciding among a site's classes only
+    assert kept_gate_figures(run / "challenger.json", data, ["a", "b"], bf16, ["a"]) is None
+    site = {**report, "allowed_classes": ["a"]}
+    (run / "site.json").write_text(json.dumps(site))
+    assert kept_gate_figures(run / "site.json", data, ["a", "b"], bf16, ["a"]) == site
+    assert kept_gate_figures(run / "site.json", data, ["a", "b"], bf16) is None
 
     champion = VersionInfo("m", "2", None, {"ray_run": "site-a-v1-x"}, ["champion-site-a"])
     out = tmp_path / "next" / "evaluation"
-    assert _kept_champion_figures(tmp_path / "home", champion, data, ["a", "b"], out, bf16) == report
+    assert _kept_champion_figures(tmp_path / "home", champion, data, ["a", "b"], out, bf16, None) == report
     assert sorted(p.name for p in out.iterdir()) == ["champion.json", "champion.reliability.png"]
+    assert _kept_champion_figures(tmp_path / "home", champion, data, ["a", "b"], out, bf16, ["a"]) is None
     base = VersionInfo("m", "1", None, {}, ["champion"])  # registered, never gated here: scored again
-    assert _kept_champion_figures(tmp_path / "home", base, data, ["a", "b"], out, bf16) is None
+    assert _kept_champion_figures(tmp_path / "home", base, data, ["a", "b"], out, bf16, None) is None
 
 
 def test_the_scoring_runtime_names_how_a_diffusion_model_ran():

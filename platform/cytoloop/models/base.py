@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 from cytoloop.config import DataConfig, RoutingConfig, TrainConfig
-from cytoloop.errors import CytoLoopError
+from cytoloop.errors import CytoLoopError, UsageError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -86,14 +86,40 @@ class Classifier(Protocol):
     data_config: DataConfig
 
     def predict(
-        self, images: np.ndarray, progress: bool = False, *, routing: RoutingConfig | None = None
+        self,
+        images: np.ndarray,
+        progress: bool = False,
+        *,
+        routing: RoutingConfig | None = None,
+        candidates: np.ndarray | None = None,
     ) -> Predictions:
         """Classify preprocessed cells (N, 3, S, S) in [-1, 1]. `routing`: the thresholds the answers will be
         routed by; a model that scores in trials may stop a cell once its route is settled, marking its class
-        provisional in `extra["provisional"]`; a model without trials ignores it."""
+        provisional in `extra["provisional"]`; a model without trials ignores it. `candidates`: (N, classes)
+        booleans, the classes each cell is decided among (a site's classes, `class_mask`); the others get
+        probability 0 and no part in the anomaly score. None: all classes."""
         ...
 
     def save(self, directory: Path) -> Path: ...
+
+
+def class_mask(classes: list[str], allowed: list[str] | None) -> np.ndarray | None:
+    """The booleans over a model's `classes` that mark the `allowed` ones (a site's classes); None when `allowed`
+    is None. Raises UsageError naming any allowed class the model does not have."""
+    if allowed is None:
+        return None
+    unknown = sorted(set(allowed) - set(classes))
+    if unknown or not allowed:
+        raise UsageError(
+            f"class(es) {', '.join(unknown) or '(none)'} to decide among are not classes of the model "
+            f"({', '.join(classes)})"
+        )
+    return np.isin(classes, allowed)
+
+
+def candidate_rows(mask: np.ndarray | None, n_cells: int) -> np.ndarray | None:
+    """`mask` (one row of booleans) as the (n_cells, classes) `candidates` of `predict`; None stays None."""
+    return None if mask is None else np.tile(mask, (n_cells, 1))
 
 
 @runtime_checkable

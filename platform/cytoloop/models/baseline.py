@@ -80,8 +80,17 @@ class BaselineClassifier:
         x = torch.as_tensor(images, dtype=torch.float32)
         return torch.cat([self.network(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
-    def predictions_from_logits(self, logits: np.ndarray, temperature: float | None = None) -> Predictions:
+    def predictions_from_logits(
+        self, logits: np.ndarray, temperature: float | None = None, candidates: np.ndarray | None = None
+    ) -> Predictions:
+        """Calibrated probabilities and the energy score; a class outside a cell's `candidates` is left out of
+        both (its logit is -inf: probability 0, no share of the partition function)."""
         scaled = logits / (temperature or self.temperature)
+        if candidates is not None:
+            candidates = np.asarray(candidates, dtype=bool)
+            if candidates.shape != logits.shape or not candidates.any(axis=1).all():
+                raise ValueError(f"candidates must be {logits.shape} booleans with a class for every cell")
+            scaled = np.where(candidates, scaled, -np.inf)
         shifted = scaled - scaled.max(axis=1, keepdims=True)
         probs = np.exp(shifted)
         probs /= probs.sum(axis=1, keepdims=True)
@@ -95,10 +104,15 @@ class BaselineClassifier:
         )
 
     def predict(
-        self, images: np.ndarray, progress: bool = False, *, routing: RoutingConfig | None = None
+        self,
+        images: np.ndarray,
+        progress: bool = False,
+        *,
+        routing: RoutingConfig | None = None,
+        candidates: np.ndarray | None = None,
     ) -> Predictions:
-        """One CNN pass per cell (nothing to stop early: `routing` is ignored)."""
-        return self.predictions_from_logits(self.logits(images))
+        """One CNN pass per cell (nothing to stop early: `routing` is ignored), decided among `candidates`."""
+        return self.predictions_from_logits(self.logits(images), candidates=candidates)
 
     def save(self, directory: Path) -> Path:
         meta = {

@@ -33,6 +33,14 @@ TEACHER_DIR = "teacher"
 STUDENT_DIR = "student"
 
 
+def _both(top: np.ndarray | None, candidates: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    """The teacher's classes for the deferred `rows`: the student's top k among the cells' candidates."""
+    if candidates is None:
+        return top
+    allowed = np.asarray(candidates, dtype=bool)[rows]
+    return allowed if top is None else top & allowed
+
+
 def top_k(probs: np.ndarray, k: int | None) -> np.ndarray | None:
     """(cells, classes) booleans marking each cell's k most probable classes; None (all classes) when k is None
     or not smaller than the number of classes."""
@@ -77,12 +85,18 @@ class CascadeClassifier:
         return self.teacher.data_config
 
     def predict(
-        self, images: np.ndarray, progress: bool = False, *, routing: RoutingConfig | None = None
+        self,
+        images: np.ndarray,
+        progress: bool = False,
+        *,
+        routing: RoutingConfig | None = None,
+        candidates: np.ndarray | None = None,
     ) -> Predictions:
         """Student first, the teacher for deferred cells. With `routing` the teacher may stop a deferred cell once
         it is a close call under the review line (the cascade's probabilities are the teacher's there); not on
-        the anomaly threshold, which is on the student's scale (the cascade's anomaly score)."""
-        fast = self.student.predict(images)
+        the anomaly threshold, which is on the student's scale (the cascade's anomaly score). Both decide among
+        each cell's `candidates`; the teacher among the student's top k of them (`cascade.candidates`)."""
+        fast = self.student.predict(images, candidates=candidates)
         deferred = fast.confidence < self.config.threshold
         probs, evals = fast.probs.copy(), fast.evals.copy()
         teacher_anomaly = np.full(len(images), np.nan)
@@ -91,7 +105,7 @@ class CascadeClassifier:
                 images[deferred],
                 progress=progress,
                 routing=None if routing is None else routing.model_copy(update={"anomaly_above": None}),
-                candidates=top_k(fast.probs[deferred], self.config.candidates),
+                candidates=_both(top_k(fast.probs[deferred], self.config.candidates), candidates, deferred),
             )
             probs[deferred] = slow.probs
             evals[deferred] += slow.evals

@@ -152,10 +152,11 @@ def scoring_runtime(model) -> dict:
     return {field: getattr(scoring, field) for field in ("precision", "channels_last", "device", "compile")}
 
 
-def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
+def gate_figures(model, data: GateData, json_out: Path | None = None, allowed: list[str] | None = None) -> dict:
     """Evaluate one model on the gate's cells: the full evaluation report (with plots beside `json_out`) and each
     cell's result, for `compare`'s paired intervals. The report names its cells (`gate_cells`), so a later gate
-    on the same cells can reuse it (`kept_gate_figures`)."""
+    on the same cells can reuse it (`kept_gate_figures`). `allowed`: the site's classes, which a site's versions
+    are judged on as they are served (`SiteConfig.classes`)."""
     from cytoloop.workflows import evaluate_model
 
     report = evaluate_model(
@@ -165,6 +166,7 @@ def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
         anomaly_records=data.anomaly_records,
         anomaly_label=data.anomaly_label,
         per_cell=True,
+        allowed=allowed,
     )
     report.setdefault("anomaly_auroc", None)
     report["gate_cells"] = gate_fingerprint(data)
@@ -174,9 +176,12 @@ def gate_figures(model, data: GateData, json_out: Path | None = None) -> dict:
     return report
 
 
-def kept_gate_figures(path: Path, data: GateData, classes: list[str], runtime: dict | None = None) -> dict | None:
+def kept_gate_figures(
+    path: Path, data: GateData, classes: list[str], runtime: dict | None = None, allowed: list[str] | None = None
+) -> dict | None:
     """A model's gate report kept at `path` from an earlier gate, if that gate judged these very cells with these
-    classes (and, given `runtime`, scored them with that `scoring_runtime`); else None. A champion was gated as a
+    classes, decided among the same `allowed` ones (and, given `runtime`, scored them with that
+    `scoring_runtime`); else None. A champion was gated as a
     challenger on its site's frozen cells when it was promoted: scoring draws each cell's trials from the cell
     itself, so scoring it again on them would repeat that report (a fine-tune's gate then scores only its
     challenger)."""
@@ -185,6 +190,8 @@ def kept_gate_figures(path: Path, data: GateData, classes: list[str], runtime: d
     except (OSError, ValueError):
         return None
     if report.get("gate_cells") != gate_fingerprint(data) or report.get("classes") != classes:
+        return None
+    if report.get("allowed_classes") != allowed:
         return None
     if runtime is not None and report.get("scoring_runtime") != runtime:
         return None

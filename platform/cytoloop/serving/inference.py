@@ -4,6 +4,7 @@ This is what a serving replica runs for a batch, kept free of Ray and HTTP so it
 review loop's pre-annotation calls the same thing). Each cell is preprocessed through the one preprocessing path
 with the model's own `data_config`; a cell that fails there gets a `CellFailure` and the rest are still
 classified. Each result carries the model version that produced it and the routing decision of `routing.py`.
+A service made for a site with its own classes (`sites.<site>.classes`) decides every cell among those only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from cytoloop.config import RoutingConfig
 from cytoloop.data.preprocess import ImageError, preprocess
-from cytoloop.models.base import Classifier
+from cytoloop.models.base import Classifier, candidate_rows, class_mask
 from cytoloop.policy.routing import route_cell
 from cytoloop.serving.model_source import ModelRef
 
@@ -57,10 +58,14 @@ def cell_id(data: bytes) -> str:
 
 
 class CellService:
-    """A model with its identity (`ref`) and routing thresholds; `classify` answers a list of (name, bytes)."""
+    """A model with its identity (`ref`) and routing thresholds; `classify` answers a list of (name, bytes).
+    `allowed`: the classes every cell is decided among (a site's, `SiteConfig.classes`; None: all the model's);
+    one the model lacks raises UsageError here, before any cell is answered."""
 
-    def __init__(self, model: Classifier, ref: ModelRef, routing: RoutingConfig):
+    def __init__(self, model: Classifier, ref: ModelRef, routing: RoutingConfig, allowed: Sequence[str] | None = None):
         self.model, self.ref, self.routing = model, ref, routing
+        self.allowed = None if allowed is None else list(allowed)
+        self._mask = class_mask(model.classes, self.allowed)
 
     @property
     def classes(self) -> list[str]:
@@ -78,7 +83,9 @@ class CellService:
                 answers[i] = CellFailure(i, name, "not_an_image", str(error))
         if images:
             # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
-            predictions = self.model.predict(np.stack(images), routing=self.routing)
+            predictions = self.model.predict(
+                np.stack(images), routing=self.routing, candidates=candidate_rows(self._mask, len(images))
+            )
             classes, entropy = self.model.classes, predictions.entropy
             provisional = predictions.extra.get("provisional", np.zeros(len(images), dtype=bool))
             for row, i in enumerate(rows):

@@ -10,6 +10,9 @@ load), a site keeps serving what it has; a site that has nothing yet (a new repl
 version from local disk (`ModelSource.last_known_good`). Either way `fallback` says why, in words fit for anyone
 (no internals), until a later `refresh()` gets the current version. A definite "no such alias" is not a reason to
 fall back: a champion withdrawn on purpose must stop being served.
+
+A site that reports its own classes (`sites.<site>.classes`) gets a service deciding among those; sites on the
+same version share its loaded model whatever their classes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from collections.abc import Sequence
 
 from cytoloop.config import RoutingConfig
 from cytoloop.serving.inference import CellService
@@ -29,12 +33,17 @@ class LiveModel:
     """One site's current model service; `refresh()` follows its alias. Thread-safe; never blocks readers.
 
     `fallback` is None while the site gets the version its alias names; otherwise it says why another version (the
-    one already loaded, or the last known good) serves it. Raises when there is nothing at all to serve."""
+    one already loaded, or the last known good) serves it. Raises when there is nothing at all to serve. `classes`:
+    the site's own classes (`SiteConfig.classes`), which every version serving it decides among."""
 
-    def __init__(self, site: str | None, source: ModelSource, services: ServiceCache):
+    def __init__(
+        self, site: str | None, source: ModelSource, services: ServiceCache, classes: Sequence[str] | None = None
+    ):
+        from cytoloop.errors import UsageError
         from cytoloop.registry import RegistryUnavailable
 
         self.site, self.source, self.services = site, source, services
+        self.classes = None if classes is None else tuple(classes)
         self._lock = threading.Lock()
         self.fallback: str | None = None
         try:
@@ -43,7 +52,9 @@ class LiveModel:
             self.service = self._last_known_good("the registry could not be read", error)
             return
         try:
-            self.service = services.get(ref)
+            self.service = services.get(ref, classes=self.classes)
+        except UsageError:  # the site's classes do not fit its model: a setting to fix, not a version to skip
+            raise
         except Exception as error:  # corrupt or unloadable files: anything but the version itself is fine
             self.service = self._last_known_good(f"version {ref.version} could not be loaded", error, ref)
             return
@@ -60,7 +71,7 @@ class LiveModel:
                     return False
             else:
                 try:
-                    service = self.services.get(ref)
+                    service = self.services.get(ref, classes=self.classes)
                 except Exception:
                     self.fallback = f"version {ref.version} could not be loaded"
                     raise
@@ -73,18 +84,20 @@ class LiveModel:
         ref = self.source.last_known_good(self.site)
         if ref is None or ref == failed:
             raise error
-        service = self.services.get(ref, cached_only=True)
+        service = self.services.get(ref, cached_only=True, classes=self.classes)
         self.fallback = f"{why}; serving the last known good version {ref.version}"
         logger.warning("site %s: %s (%s)", self.site or "*", self.fallback, error)
         return service
 
 
 class ServiceCache:
-    """Loaded model versions, shared by every site they serve and dropped when none holds them any more."""
+    """Loaded model versions, shared by every site they serve and dropped when none holds them any more: one
+    service per version and class set, one loaded model per version."""
 
     def __init__(self, source: ModelSource, routing: RoutingConfig):
         self.source, self.routing = source, routing
-        self._loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (ref, classes) -> service
+        self._models: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # ref -> model
         self._lock = threading.Lock()
 
     def set_routing(self, routing: RoutingConfig) -> None:
@@ -94,12 +107,17 @@ class ServiceCache:
             for service in list(self._loaded.values()):
                 service.routing = routing
 
-    def get(self, ref: ModelRef, cached_only: bool = False) -> CellService:
-        """The service of `ref`, loading it once; `cached_only` loads from the local cache without the registry."""
+    def get(self, ref: ModelRef, cached_only: bool = False, classes: Sequence[str] | None = None) -> CellService:
+        """The service of `ref` deciding among `classes` (None: all), loading the version once; `cached_only` loads
+        from the local cache without the registry. Raises UsageError when the version lacks one of `classes`."""
+        key = (ref, None if classes is None else tuple(classes))
         with self._lock:
-            service = self._loaded.get(ref)
+            service = self._loaded.get(key)
             if service is None:
-                model = self.source.load_cached(ref) if cached_only else self.source.load(ref)
-                service = CellService(model, ref, self.routing)
-                self._loaded[ref] = service
+                model = self._models.get(ref)
+                if model is None:
+                    model = self.source.load_cached(ref) if cached_only else self.source.load(ref)
+                service = CellService(model, ref, self.routing, classes)
+                self._models[ref] = model
+                self._loaded[key] = service
             return service
