@@ -159,15 +159,26 @@ def evaluate(
     cells: int | None = typer.Option(
         None, min=1, help="evaluate on this many of the cells (a fixed draw that keeps the class mix); default all"
     ),
+    site: str | None = typer.Option(
+        None, help="decide every cell among the classes this site reports (sites.<site>.classes), as it is served"
+    ),
 ) -> None:
     """Evaluate a model on labelled cells it never trained on; print a table, write JSON and plots."""
 
     def action():
         from cytoloop.data.records import class_interleaved_subset, load_records, select
+        from cytoloop.errors import UsageError
         from cytoloop.models.loading import load_model
         from cytoloop.workflows import evaluate_model, held_out
 
-        classifier = load_model(model, settings_from(None).scoring)
+        settings = settings_from(None)
+        allowed = settings.site_classes(site)
+        if site is not None and allowed is None:
+            configured = ", ".join(n for n, c in settings.sites.items() if c.classes) or "none"
+            raise UsageError(
+                f"site {site!r} has no classes of its own (sites.{site}.classes); sites that have: {configured}"
+            )
+        classifier = load_model(model, settings.scoring)
         if max_trials is not None and classifier.kind == "diffusion":
             cfg = classifier.scoring_config
             classifier.scoring_config = cfg.model_validate(
@@ -187,6 +198,7 @@ def evaluate(
             anomaly_label=anomaly_label,
             excluded=excluded,
             progress=not to_stdout,
+            allowed=allowed,
         )
         if to_stdout:
             import json

@@ -564,6 +564,20 @@ def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
     assert [path for path, _ in report["skipped"]] == [p for p in [str(workspace["corrupt"])] if p in drawn]
 
 
+def test_evaluate_as_a_site_decides_among_the_site_s_classes(baseline_model, workspace, monkeypatch):
+    classes = json.loads((Path(baseline_model) / "model.json").read_text())["classes"]
+    monkeypatch.setenv("CYTOLOOP_SITES", json.dumps({"st-marys": {"classes": classes[:2]}}))
+    args = ["evaluate", "--model", baseline_model, "--data", workspace["eval"], "--json", "-"]
+    result = invoke(*args, "--site", "st-marys", cwd=workspace["root"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["allowed_classes"] == classes[:2]
+    assert all(report["per_class_recall"][c] in (0.0, None) for c in classes[2:])  # never predicted
+    unknown = invoke(*args, "--site", "elsewhere", cwd=workspace["root"])
+    assert unknown.exit_code == 2 and "site 'elsewhere' has no classes" in unknown.stderr
+    assert "st-marys" in unknown.stderr
+
+
 def test_score_errors_exit_2_before_any_work(workspace):
     """`cytoloop score` on a folder that holds no model, or a manifest that does not exist: exit 2 naming it, no
     Ray started."""
