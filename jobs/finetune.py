@@ -205,7 +205,7 @@ def run_finetune(
     train_config, augment_config = finetune_configs(settings, adapt)
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
     # the run is this parent, these cells AND these settings: a changed job trains afresh instead of resuming
-    job = _settings_key(train_config, augment_config, data_config)
+    job = _settings_key(train_config, augment_config, data_config, settings.site_classes(site))
     run_name = f"{site or 'global'}-v{parent.version}-{snapshot}-{job}"
     finished = [v for v in registry.versions(name) if v.tags.get("ray_run") == run_name]
     if finished:  # this very job ran to the end before: its version, not a duplicate
@@ -230,6 +230,7 @@ def run_finetune(
 
     began = time.monotonic()
     challenger = load_model(out, settings.scoring)  # recalibrated and gated in this machine's runtime
+    allowed = settings.site_classes(site)  # a site's versions are calibrated and judged as they serve it
     calibration = recalibrate(
         challenger,
         sets.val,
@@ -237,6 +238,7 @@ def run_finetune(
         tune=settings.train.tune_scoring,
         tuning_out=out / "tuning.json",
         tuning_cells=settings.finetune.tuning_cells,
+        allowed=allowed,
     )
     reference = colour_statistics_of(sets.train, data_config)
     parent_reference = read_colour_reference(parent_dir)
@@ -245,12 +247,13 @@ def run_finetune(
     logger.info(f"   recalibrated on {len(sets.val)} frozen cells in {time.monotonic() - began:.0f} s")
     began = time.monotonic()
     challenger.info.update({"parent_version": parent.version, "data_snapshot": snapshot, "site": site or "global"})
+    if allowed is not None:
+        challenger.info["site_classes"] = allowed  # what its temperature was fitted for
     challenger.save(out)
     write_colour_reference(out, reference)
 
     data = gate_data(sets.eval, settings.promotion, challenger.classes)
     alias = site_alias(site)
-    allowed = settings.site_classes(site)  # a site's versions are judged as they serve it: on its classes
     new = gate_figures(challenger, data, out / "evaluation" / "challenger.json", allowed)
     try:
         current = registry.for_site(name, site)
@@ -353,9 +356,10 @@ def _kept_champion_figures(
     return report
 
 
-def _settings_key(train_config, augment_config, data_config) -> str:
+def _settings_key(train_config, augment_config, data_config, site_classes: list[str] | None = None) -> str:
     """A short hash of the settings that decide what a fine-tune produces (not threads, logging or checkpoint
-    periods): part of the run's name, so that changing them never resumes another job's checkpoint."""
+    periods; a site's classes, which its calibration and gate use): part of the run's name, so that changing them
+    never resumes another job's checkpoint nor returns a version made for other settings."""
     import hashlib
 
     decisive = {
@@ -363,6 +367,8 @@ def _settings_key(train_config, augment_config, data_config) -> str:
         "augment": augment_config.model_dump(mode="json"),
         "data": data_config.model_dump(mode="json"),
     }
+    if site_classes is not None:  # absent otherwise: the runs made before sites had classes keep their names
+        decisive["site_classes"] = site_classes
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -415,6 +415,7 @@ def tune_model_scoring(
     unlabeled: np.ndarray | None = None,
     prior_cells: float = 0.0,
     fit_weights: bool = False,
+    allowed: np.ndarray | None = None,
 ) -> dict:
     """Tune a diffusion model's adaptive scoring on labelled validation cells, in place; returns a report.
 
@@ -432,6 +433,9 @@ def tune_model_scoring(
     `calibration.fit_weights` would run on the same cells, and one pass over the denoiser serves both. The
     report's `validation` holds ECE, NLL and Brier of the tuned, recalibrated model on the cells the temperature
     was fitted on (from their scores), so a caller need not score them again.
+
+    `allowed` (booleans over the classes, a site's, `models.base.class_mask`): the temperature is fitted on cells
+    decided among those classes, as the site is served; the rule is tuned on all classes either way.
     """
     config = model.scoring_config
     prior = model.temperature if prior_cells > 0 else None
@@ -452,7 +456,7 @@ def tune_model_scoring(
     tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
     model.scoring_config = tuned
     fitting = mixed_subset(len(images), config.temperature_cells, config.seed)
-    final = model.score(images[fitting], progress=progress)
+    final = model.score(images[fitting], progress=progress, candidates=candidate_rows(allowed, len(fitting)))
     model.temperature = fit_temperature(-final.class_error, labels[fitting], prior, prior_cells)
     probs = model.predictions_from_scores(final).probs
     needed = np.array([trials_needed(log, weights) for log in logs])

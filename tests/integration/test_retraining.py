@@ -185,6 +185,7 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(tmp_path, ray_c
     key = _settings_key(train_config, augment_config, DataConfig())
     assert key != _settings_key(train_config.model_copy(update={"steps": 25}), augment_config, DataConfig())
     assert key != _settings_key(train_config, AugmentConfig(hed_sigma=0.3), DataConfig())
+    assert key != _settings_key(train_config, augment_config, DataConfig(), ["neutrophil"])  # calibrated for a site
     assert key == _settings_key(train_config.model_copy(update={"threads": 7}), augment_config, DataConfig())
 
 

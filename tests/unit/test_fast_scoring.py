@@ -316,6 +316,35 @@ def test_tune_model_scoring_sets_a_rule_and_temperature():
     assert 2 + 1 <= report["evaluations_needed_mean"] <= 6 * 3
 
 
+def test_a_site_s_temperature_is_fitted_on_cells_decided_among_its_classes():
+    """Tuned for a site that reports two of three classes: the rule is the same, the temperature is the one that
+    fits the scores the site is served (the third class out of play), not those over every class."""
+    import copy
+
+    from cytoloop.scoring.calibration import fit_temperature
+    from cytoloop.workflows import tune_model_scoring
+
+    torch.manual_seed(0)
+    model = DiffusionClassifier(
+        ["a", "b", "c"],
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5),
+    )
+    images = np.random.default_rng(1).uniform(-1, 1, size=(8, 3, SIZE, SIZE)).astype(np.float32)
+    # labels the untrained model gets right between a and b, so its temperature is finite, not at the bound
+    labels = model.score(images).class_error[:, :2].argmin(axis=1)
+    site = copy.deepcopy(model)
+    everything = tune_model_scoring(model, images, labels)
+    allowed = np.array([True, True, False])
+    mine = tune_model_scoring(site, images, labels, allowed=allowed)
+    assert site.scoring_config == model.scoring_config  # the rule is tuned on all classes either way
+    served = site.score(images, candidates=np.tile(allowed, (8, 1)))
+    assert np.isinf(served.class_error[:, 2]).all()
+    assert mine["temperature"] == pytest.approx(fit_temperature(-served.class_error, labels))
+    assert mine["temperature"] != pytest.approx(everything["temperature"])
+
+
 def test_unlabeled_cells_join_the_tuning_set_but_not_the_temperature():
     from cytoloop.workflows import tune_model_scoring
 

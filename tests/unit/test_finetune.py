@@ -116,3 +116,30 @@ def test_a_fine_tuned_diffusion_model_is_served_with_its_own_tuned_rule(cells_di
     capped = json.loads((tmp_path / "capped.json").read_text())
     assert capped["n_cells"] == 6 and capped["n_temperature_cells"] == 16
     assert model.scoring_config.calibration_cells == own
+
+
+def test_a_site_model_is_recalibrated_as_its_site_is_served(cells_dir, tiny_settings):
+    """recalibrate(allowed=...): the temperature fits the CNN's logits with the classes the site does not report
+    out of play, and the figures before and after are the site's."""
+    from cytoloop.models.finetune import recalibrate
+    from cytoloop.scoring.calibration import fit_temperature
+    from cytoloop.workflows import build_model, label_indices
+
+    classes = ["neutrophil", "lymphocyte", "monocyte"]
+    records = select(load_records(cells_dir), ["jtsc"], ["neutrophil", "lymphocyte"])[:16]
+    model = build_model("baseline", classes, tiny_settings)
+    images, _, _ = training_arrays(model, records)
+    logits = model.logits(images)
+    # the site lacks the class the untrained CNN favours, and its cells are labelled as the CNN decides among the
+    # other two: fitted on all classes the temperature would have to explain the favoured one away
+    favoured = int(logits.mean(axis=0).argmax())
+    allowed = np.arange(3) != favoured
+    site_classes = [c for c, keep in zip(classes, allowed) if keep]
+    decided = np.where(allowed, logits, -np.inf).argmax(axis=1)
+    records = [CellRecord(r.cell_id, r.path, classes[k], r.domain) for r, k in zip(records, decided)]
+    labels = label_indices(records, classes)
+    figures = recalibrate(model, records, allowed=site_classes)
+    masked = np.where(allowed, logits, -np.inf)
+    assert model.temperature == pytest.approx(fit_temperature(masked, labels), rel=1e-4)
+    assert model.temperature != pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    assert figures["nll_after"] <= figures["nll_before"] + 1e-9

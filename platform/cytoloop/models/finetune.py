@@ -24,7 +24,7 @@ from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import CellRecord, DatasetError, read_manifest, stratified_split
 from cytoloop.evaluation import metrics
-from cytoloop.models.base import Classifier, Trainable
+from cytoloop.models.base import Classifier, Trainable, candidate_rows, class_mask
 from cytoloop.models.train import UNLABELED, TrainResult, fit
 from cytoloop.policy.drift import read_colour_reference
 from cytoloop.scoring.calibration import calibrate
@@ -188,8 +188,10 @@ def finetune(
     return result
 
 
-def _calibration_figures(model: Classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    probs = model.predict(images).probs
+def _calibration_figures(
+    model: Classifier, images: np.ndarray, labels: np.ndarray, allowed: np.ndarray | None
+) -> dict[str, float]:
+    probs = model.predict(images, candidates=candidate_rows(allowed, len(images))).probs
     return {
         "ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
         "nll": metrics.negative_log_likelihood(probs, labels),
@@ -204,6 +206,7 @@ def recalibrate(
     tune: bool = False,
     tuning_out: Path | None = None,
     tuning_cells: int | None = None,
+    allowed: list[str] | None = None,
 ) -> dict[str, float]:
     """Refit the calibration on the frozen validation cells; ECE, NLL and Brier before (the parent's calibration
     on the new weights) and after, as `<metric>_before` / `<metric>_after`. The parent's temperature counts as
@@ -213,7 +216,10 @@ def recalibrate(
     fastest elimination rule that agrees with exhaustive scoring on these cells, then the temperature), so a
     fine-tuned version is served with a rule fitted to its own weights, not its parent's; the tuning report goes
     to `tuning_out` (the model directory's tuning.json) when given. `tuning_cells` caps the validation cells of its
-    exhaustive passes (below the model's own `scoring.calibration_cells`), which the model keeps."""
+    exhaustive passes (below the model's own `scoring.calibration_cells`), which the model keeps.
+
+    `allowed`: the classes of the site the model will serve (`SiteConfig.classes`); the temperature is fitted, and
+    the figures measured, on cells decided among them, as the site is served."""
     from cytoloop.models.diffusion import DiffusionClassifier
     from cytoloop.workflows import tune_model_scoring
 
@@ -221,22 +227,25 @@ def recalibrate(
     if not cells.records:
         raise DatasetError(f"none of the {len(val_records)} frozen validation cells could be read")
     labels = label_indices(cells.records, model.classes)
-    before = _calibration_figures(model, cells.images, labels)
+    mask = class_mask(model.classes, allowed)
+    before = _calibration_figures(model, cells.images, labels, mask)
     tuned = None
     if tune and isinstance(model, DiffusionClassifier):
         own = model.scoring_config.calibration_cells
         if tuning_cells is not None:
             capped = tuning_cells if own is None else min(own, tuning_cells)
             model.scoring_config = model.scoring_config.model_copy(update={"calibration_cells": capped})
-        tuning = tune_model_scoring(model, cells.images, labels, prior_cells=prior_cells, fit_weights=True)
+        tuning = tune_model_scoring(
+            model, cells.images, labels, prior_cells=prior_cells, fit_weights=True, allowed=mask
+        )
         model.scoring_config = model.scoring_config.model_copy(update={"calibration_cells": own})
         tuned = tuning["chosen"]
         after = tuning["validation"]  # the tuned model's figures on these cells, from the scores it was fitted on
         if tuning_out is not None:
             Path(tuning_out).write_text(json.dumps(tuning, indent=1))
     else:
-        calibrate(model, cells.images, labels, prior_cells=prior_cells)
-        after = _calibration_figures(model, cells.images, labels)
+        calibrate(model, cells.images, labels, prior_cells=prior_cells, allowed=mask)
+        after = _calibration_figures(model, cells.images, labels, mask)
     figures = {f"{k}_before": v for k, v in before.items()} | {f"{k}_after": v for k, v in after.items()}
     if tuned is not None:
         figures |= {"tuned_evals_mean": float(tuned["evals_mean"]), "tuned_agreement": float(tuned["agreement"])}

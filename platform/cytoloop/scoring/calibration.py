@@ -75,21 +75,32 @@ def fit_timestep_weights(logs: list[TrialLog], labels: np.ndarray, bins: int) ->
     return weights / weights.mean()
 
 
-def calibrate(model, images: np.ndarray, labels: np.ndarray, progress: bool = False, prior_cells: float = 0.0):
+def calibrate(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    progress: bool = False,
+    prior_cells: float = 0.0,
+    allowed: np.ndarray | None = None,
+):
     """Fit a model's calibration on labelled validation cells, in place; returns the model.
 
     Diffusion: timestep weights (`fit_weights`), then the temperature on the scores the model will actually
     produce (adaptive, with those weights). Baseline: the temperature on its logits. With `prior_cells` the
     model's current temperature (a fine-tuned model's parent's) counts as that many cells (`fit_temperature`).
+    `allowed` (booleans over the classes, a site's): the temperature is fitted on cells decided among those.
     """
     prior = model.temperature if prior_cells > 0 else None
+    candidates = None if allowed is None else np.tile(allowed, (len(images), 1))
     if model.kind == "diffusion":
         fit_weights(model, images, labels, progress)
-        model.temperature = fit_temperature(
-            -model.score(images, progress=progress).class_error, labels, prior, prior_cells
-        )
+        scores = model.score(images, progress=progress, candidates=candidates)
+        model.temperature = fit_temperature(-scores.class_error, labels, prior, prior_cells)
     else:
-        model.temperature = fit_temperature(model.logits(images), labels, prior, prior_cells)
+        logits = model.logits(images)
+        if candidates is not None:
+            logits = np.where(candidates, logits, -np.inf)
+        model.temperature = fit_temperature(logits, labels, prior, prior_cells)
     return model
 
 
