@@ -24,7 +24,7 @@ import numpy as np
 from cytoloop.config import RoutingConfig, ScoringConfig
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
-from cytoloop.models.base import Predictions
+from cytoloop.models.base import Predictions, class_mask, read_model_meta
 
 if TYPE_CHECKING:  # the serving code imports torch: only the scoring actors need it at run time
     from cytoloop.serving.inference import CellResult
@@ -127,7 +127,14 @@ class ModelScorer:
     """Ray Data callable class for offline scoring: the model is loaded once per actor (never in a module global)
     and each batch is answered by `CellService.classify`, exactly as the classifier service answers a request."""
 
-    def __init__(self, model_dir: str, routing: dict, threads: int | None, runtime: ScoringConfig | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        routing: dict,
+        threads: int | None,
+        runtime: ScoringConfig | None = None,
+        allowed: list[str] | None = None,
+    ):
         import torch
 
         from cytoloop.models.loading import load_model
@@ -137,7 +144,8 @@ class ModelScorer:
         if threads:
             torch.set_num_threads(threads)
         directory = Path(model_dir)
-        self.service = CellService(load_model(directory, runtime), local_ref(directory), RoutingConfig(**routing))
+        model = load_model(directory, runtime)
+        self.service = CellService(model, local_ref(directory), RoutingConfig(**routing), allowed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from cytoloop.serving.inference import CellFailure, CellResult
@@ -189,10 +197,12 @@ def score_offline(
     gpus: float = 0.0,
     batch_size: int = 64,
     runtime: ScoringConfig | None = None,
+    allowed: list[str] | None = None,
 ) -> OfflineScores:
     """Classify `records` with the model in `model_dir` on `workers` Ray actors (joins the running Ray cluster,
     or starts a local one when there is none). `threads`: torch threads per actor (None: torch's default);
-    `gpus`: GPUs per actor (0 on a CPU machine); `runtime`: how the model runs on the workers (`load_model`). A
+    `gpus`: GPUs per actor (0 on a CPU machine); `runtime`: how the model runs on the workers (`load_model`);
+    `allowed`: the classes every cell is decided among (a site's, as it is served; None: all the model's). A
     cell whose file is missing or not an image is named in `failed` with the reason; every other cell is scored."""
     import time
 
@@ -205,6 +215,7 @@ def score_offline(
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1 (got {threads})")
     version = local_ref(Path(model_dir)).version  # a clear error here, before any actor starts
+    class_mask(read_model_meta(Path(model_dir))["classes"], allowed)  # so is a class the model lacks
     if not records:
         return OfflineScores([], [], {}, version, 0.0)
     if not ray.is_initialized():
@@ -224,6 +235,7 @@ def score_offline(
             "routing": routing.model_dump(mode="json"),
             "threads": threads,
             "runtime": runtime,
+            "allowed": allowed,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -116,6 +116,20 @@ def settings_from(config: Path | None, overrides: dict | None = None):
     return load_settings(config, {k: v for k, v in cleaned.items() if v})
 
 
+def site_classes(settings, site: str | None) -> list[str] | None:
+    """The classes `site` reports (`sites.<site>.classes`), for a command's `--site`; None without `--site`. A site
+    with no classes of its own is an error naming the sites that have them, not a silent "every class"."""
+    from cytoloop.errors import UsageError
+
+    allowed = settings.site_classes(site)
+    if site is not None and allowed is None:
+        configured = ", ".join(name for name, config in settings.sites.items() if config.classes) or "none"
+        raise UsageError(
+            f"site {site!r} has no classes of its own (sites.{site}.classes); sites that have: {configured}"
+        )
+    return allowed
+
+
 def labelled_records(path: Path) -> list:
     from cytoloop.data.records import DatasetError, load_records
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, fail, run, settings_from, split_list
+from ops.cli.common import app, fail, run, settings_from, site_classes, split_list
 
 
 @app.command()
@@ -167,17 +167,11 @@ def evaluate(
 
     def action():
         from cytoloop.data.records import class_interleaved_subset, load_records, select
-        from cytoloop.errors import UsageError
         from cytoloop.models.loading import load_model
         from cytoloop.workflows import evaluate_model, held_out
 
         settings = settings_from(None)
-        allowed = settings.site_classes(site)
-        if site is not None and allowed is None:
-            configured = ", ".join(n for n, c in settings.sites.items() if c.classes) or "none"
-            raise UsageError(
-                f"site {site!r} has no classes of its own (sites.{site}.classes); sites that have: {configured}"
-            )
+        allowed = site_classes(settings, site)
         classifier = load_model(model, settings.scoring)
         if max_trials is not None and classifier.kind == "diffusion":
             cfg = classifier.scoring_config
@@ -223,6 +217,9 @@ def score(
     gpus: float = typer.Option(0.0, min=0.0, help="GPUs per worker"),
     batch_size: int = typer.Option(64, min=1, help="cells per batch a worker classifies at once"),
     config: Path | None = typer.Option(None, help="JSON settings (routing thresholds: routing.*)"),
+    site: str | None = typer.Option(
+        None, help="decide every cell among the classes this site reports (sites.<site>.classes), as it is served"
+    ),
 ) -> None:
     """Score a pool of cells offline with Ray Data (no service needed): class, probabilities, anomaly score and
     route per cell, as the classifier service would answer, written to a CSV. Labels are not needed."""
@@ -241,8 +238,17 @@ def score(
         if not records:
             fail(f"{data}: no cells to score (domains {domains or 'all'}, part {part or 'all'})")
         settings = settings_from(config)
+        allowed = site_classes(settings, site)
         scores = score_offline(
-            records, model, settings.routing, workers, threads, gpus, batch_size, runtime=settings.scoring
+            records,
+            model,
+            settings.routing,
+            workers,
+            threads,
+            gpus,
+            batch_size,
+            runtime=settings.scoring,
+            allowed=allowed,
         )
         write_scores_csv(scores, out)
         routes = Counter(result.route for result in scores.scored)

@@ -136,3 +136,33 @@ def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_p
         abs(sum(float(row[f"p_{c}"]) for c in ("eosinophil", "lymphocyte", "monocyte", "neutrophil")) - 1) < 1e-4
         for row in scored
     )
+
+
+def test_scoring_as_a_site_decides_among_its_classes(ray_local, model_dir, pool, tmp_path, monkeypatch):
+    """`cytoloop score --site`: every cell decided among the classes the site reports (`sites.<site>.classes`),
+    as the service answers that site; a site without classes of its own, or one naming a class the model lacks,
+    is refused before any actor starts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    manifest = tmp_path / "pool.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["cell_id", "path", "label", "domain"])
+        for record in pool[:12]:
+            writer.writerow([record.cell_id, record.path, record.label or "", record.domain])
+    sites = {"st-marys": {"classes": ["lymphocyte", "neutrophil"]}, "odd": {"classes": ["platelet"]}}
+    monkeypatch.setenv("CYTOLOOP_SITES", json.dumps(sites))
+    out = tmp_path / "site.csv"
+    args = ["score", "--model", str(model_dir), "--data", str(manifest), "--out", str(out), "--batch-size", "8"]
+    result = CliRunner().invoke(app, [*args, "--site", "st-marys"])
+    assert result.exit_code == 0, result.output
+    scored = [row for row in csv.DictReader(out.open()) if not row["error"]]
+    assert scored and all(row["label"] in {"lymphocyte", "neutrophil"} for row in scored)
+    assert all(float(row["p_eosinophil"]) == 0 == float(row["p_monocyte"]) for row in scored)
+    for site, named in (("elsewhere", "has no classes of its own"), ("odd", "platelet")):
+        refused = CliRunner().invoke(app, [*args, "--site", site])
+        assert refused.exit_code == 2 and named in refused.output, refused.output

@@ -564,10 +564,12 @@ def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
     assert [path for path, _ in report["skipped"]] == [p for p in [str(workspace["corrupt"])] if p in drawn]
 
 
-def test_evaluate_as_a_site_decides_among_the_site_s_classes(baseline_model, workspace, monkeypatch):
+def test_evaluate_as_a_site_decides_among_the_site_s_classes(baseline_model, workspace, tmp_path, monkeypatch):
     classes = json.loads((Path(baseline_model) / "model.json").read_text())["classes"]
-    monkeypatch.setenv("CYTOLOOP_SITES", json.dumps({"st-marys": {"classes": classes[:2]}}))
-    args = ["evaluate", "--model", baseline_model, "--data", workspace["eval"], "--json", "-"]
+    settings = tmp_path / "sites.json"
+    settings.write_text(json.dumps({"sites": {"st-marys": {"classes": classes[:2]}}}))
+    monkeypatch.setenv("CYTOLOOP_CONFIG", str(settings))  # so that teardown removes what `--config` sets
+    args = ["--config", settings, "evaluate", "--model", baseline_model, "--data", workspace["eval"], "--json", "-"]
     result = invoke(*args, "--site", "st-marys", cwd=workspace["root"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

@@ -217,10 +217,10 @@ def test_training_a_diffusion_model_ends_with_its_scoring_tuned_on_a_capped_draw
     scored: list[tuple[int, int]] = []
     original = DiffusionClassifier.score
 
-    def recording(self, cells, config=None, progress=False):
+    def recording(self, cells, config=None, progress=False, **kwargs):
         used = config or self.scoring_config
         scored.append((len(cells), used.max_trials))
-        return original(self, cells, config, progress)
+        return original(self, cells, config, progress, **kwargs)
 
     DiffusionClassifier.score = recording
     try:
