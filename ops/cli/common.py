@@ -130,6 +130,20 @@ def site_classes(settings, site: str | None) -> list[str] | None:
     return allowed
 
 
+def site_candidates(settings, classes: list[str], sites: list[str]):
+    """`predict`'s candidates for cells headed to these sites (one per cell): each row the classes its site reports
+    (`sites.<site>.classes`), every class for a site without its own; None when no cell's site has any."""
+    import numpy as np
+
+    from cytoloop.models.base import class_mask
+
+    masks = {name: class_mask(classes, settings.site_classes(name)) for name in set(sites)}
+    if all(mask is None for mask in masks.values()):
+        return None
+    every = np.ones(len(classes), dtype=bool)
+    return np.array([every if masks[name] is None else masks[name] for name in sites]).reshape(len(sites), -1)
+
+
 def labelled_records(path: Path) -> list:
     from cytoloop.data.records import DatasetError, load_records
 

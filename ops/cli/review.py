@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, fail, run, split_list
+from ops.cli.common import app, fail, run, site_candidates, split_list
 
 stack_app = typer.Typer(
     no_args_is_help=True,
@@ -100,7 +100,9 @@ def review_route(
     model: Path = typer.Option(..., help="model directory that scores the cells"),
     data: Path = typer.Option(..., help="manifest CSV or per-class folder of cells to score"),
     domains: str | None = typer.Option(None, help="comma-separated domains to score"),
-    site: str | None = typer.Option(None, help="project to send to (default: each cell's domain)"),
+    site: str | None = typer.Option(
+        None, help="project to send to (default: each cell's domain); a site's cells are decided among its classes"
+    ),
     model_version: str | None = typer.Option(None, help="version shown to annotators (default: model dir name)"),
     budget: int | None = typer.Option(None, min=0, help="cells to send this round (default: routing.budget)"),
     push: bool = typer.Option(True, help="push to Label Studio now (else only queue in the outbox)"),
@@ -119,8 +121,9 @@ def review_route(
         settings = load_settings(config)
         classifier = load_model(model, settings.scoring)
         loaded = load_cells(select(load_records(data), split_list(domains)), classifier.data_config, progress=True)
+        candidates = site_candidates(settings, classifier.classes, [site or r.domain for r in loaded.records])
         # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
-        predictions = classifier.predict(loaded.images, progress=True, routing=settings.routing)
+        predictions = classifier.predict(loaded.images, progress=True, routing=settings.routing, candidates=candidates)
         loop = ReviewLoop(settings)
         report = loop.route(
             loaded.records,

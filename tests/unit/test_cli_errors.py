@@ -165,3 +165,24 @@ def test_demo_flags_replace_the_files_sites(tmp_path, monkeypatch):
         app, ["demo", "--data", str(tmp_path), "--site", "z=cellavision", "--config", str(config)]
     )
     assert isinstance(result.exception, Stop) and seen["sites"] == {"z": ["cellavision"]}
+
+
+def test_cells_headed_to_sites_are_decided_among_each_site_s_classes(clean_env):
+    import numpy as np
+
+    from cytoloop.config import load_settings
+    from cytoloop.errors import UsageError
+    from ops.cli.common import site_candidates, site_classes
+
+    classes = ["lymphocyte", "neutrophil", "platelet"]
+    settings = load_settings(overrides={"sites": {"a": {"classes": ["neutrophil", "lymphocyte"]}}})
+    rows = site_candidates(settings, classes, ["a", "b", "a"])
+    assert rows.tolist() == [[True, True, False], [True, True, True], [True, True, False]]
+    assert site_candidates(settings, classes, ["b", "c"]) is None  # no site of these has classes of its own
+    assert site_classes(settings, None) is None and site_classes(settings, "a") == ["neutrophil", "lymphocyte"]
+    with pytest.raises(UsageError, match="site 'b' has no classes of its own.*sites that have: a"):
+        site_classes(settings, "b")
+    odd = load_settings(overrides={"sites": {"a": {"classes": ["blast"]}}})
+    with pytest.raises(UsageError, match="blast"):
+        site_candidates(odd, classes, ["a"])
+    assert isinstance(rows, np.ndarray)
