@@ -175,7 +175,9 @@ def learning_curve(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(xs) <= 12:  # rounds, label counts: each value its own tick, no 0.5 rounds
+        ax.set_xticks(list(xs))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: it never hides a point
     if title:
         ax.set_title(title)
     return _save(fig, path)
