@@ -167,3 +167,16 @@ def test_a_site_whose_classes_its_model_lacks_is_refused_by_name(local_source):
     source, cache = local_source
     with pytest.raises(UsageError, match=r"platelet .*not classes of the model \(lymphocyte, neutrophil\)"):
         LiveModel("a", source, cache, classes=["lymphocyte", "platelet"])
+
+
+def test_a_new_version_without_a_site_s_class_leaves_the_site_on_its_old_one(tmp_path):
+    from cytoloop.errors import UsageError
+
+    _save(tmp_path / "model", classes=["lymphocyte", "neutrophil", "platelet"])
+    source = ModelSource(ServeConfig(model_dir=tmp_path / "model"), RegistryConfig())
+    live = LiveModel("b", source, ServiceCache(source, RoutingConfig()), classes=["neutrophil", "platelet"])
+    old = live.service
+    _save(tmp_path / "model", classes=["lymphocyte", "neutrophil"], seed=3)  # no platelet any more
+    with pytest.raises(UsageError, match="platelet"):
+        live.refresh()
+    assert live.service is old and "cannot decide among this site's classes" in live.fallback

@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Sequence
 
 from cytoloop.config import RoutingConfig
+from cytoloop.errors import UsageError
 from cytoloop.serving.inference import CellService
 from cytoloop.serving.model_source import ModelRef, ModelSource
 
@@ -39,7 +40,6 @@ class LiveModel:
     def __init__(
         self, site: str | None, source: ModelSource, services: ServiceCache, classes: Sequence[str] | None = None
     ):
-        from cytoloop.errors import UsageError
         from cytoloop.registry import RegistryUnavailable
 
         self.site, self.source, self.services = site, source, services
@@ -72,6 +72,9 @@ class LiveModel:
             else:
                 try:
                     service = self.services.get(ref, classes=self.classes)
+                except UsageError as error:  # a new version without one of the site's classes: keep the old one
+                    self.fallback = f"version {ref.version} cannot decide among this site's classes: {error}"
+                    raise
                 except Exception:
                     self.fallback = f"version {ref.version} could not be loaded"
                     raise
