@@ -581,7 +581,8 @@ class Demo:
 
         sites = {
             site: f"{', '.join(self.config.sites[site])}: {len(split.pool)} pool cells ({len(split.blasts)} "
-            f"{self.config.blast_label}s mixed in), {len(split.test)} held out"
+            f"{self.config.blast_label}s mixed in), {len(split.test)} held out; reports "
+            + ", ".join(self.settings.site_classes(site) or ["every class of the model"])
             for site, split in splits.items()
         }
         return write_report(

@@ -241,5 +241,7 @@ def test_the_report_has_its_plots_in_markdown_and_html(demo_run):
     for plot in plots:
         assert (report / plot).stat().st_size > 1000 and f"({plot})" in text
     assert "Blasts found" in text and "Annotators" in text and "Where to look" in text
+    sites_line = next(line for line in text.splitlines() if line.startswith("Sites: "))
+    assert sites_line.count("reports ") == len(SITES) and "eosinophil" not in sites_line  # what each site reports
     page = (report / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') >= len(plots)
