@@ -145,6 +145,7 @@ class Gateway:
         self.config = settings.serve
         self.differential_config = settings.differential
         self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
+        self.settings = settings  # each site's classes, for /v1/models
 
     async def _classify(self, request: Request, key: str | None) -> tuple[Upload, Answer]:
         check_api_key(self.config.api_key, key)
@@ -221,7 +222,8 @@ class Gateway:
 
     @api.get("/v1/models", response_model=ModelsResponse, responses=_errors, summary="What is served, per site")
     async def models(self, key: str | None = Security(_api_key)) -> ModelsResponse:
-        """The global champion and every site with its own alias; any other site is served the global champion.
+        """The global champion and every site with its own alias or classes; any other site is served the global
+        champion on all its classes.
 
         What the aliases name, from the registry, overlaid with what a replica really serves: a site served its
         last known good version says so (`last_known_good`). With the registry unreachable, the replica's view
@@ -240,13 +242,15 @@ class Gateway:
         if named is None and not held:
             raise HTTPException(503, "cannot read the served models now; the service log says why")
         served = dict(named) if named is not None else {site: ref for site, (ref, _) in held.items()}
+        if named is not None and None in served:  # a site with classes but no alias: the global champion, restricted
+            served |= {site: served[None] for site in self.settings.sites if site not in served}
         entries = []
         for site, ref in served.items():
             fallback = None
             if site in held and held[site][1] is not None:
                 ref, fallback = held[site]
             info = ModelInfo(name=ref.name, version=ref.version, alias=ref.alias, last_known_good=fallback)
-            entries.append(SiteModel(site=site, model=info))
+            entries.append(SiteModel(site=site, model=info, classes=self.settings.site_classes(site)))
         return ModelsResponse(source=self.source.describe(), served=entries)
 
     @api.get("/healthz", response_model=Health, summary="The service process answers")

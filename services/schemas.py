@@ -117,6 +117,9 @@ class DifferentialResponse(_Body):
 class SiteModel(_Body):
     site: str | None = Field(..., description="None: the global champion, served to every site without its own")
     model: ModelInfo
+    classes: list[str] | None = Field(
+        None, description="the classes this site's cells are decided among (sites.<site>.classes); None: all"
+    )
 
 
 class ModelsResponse(_Body):

@@ -303,6 +303,9 @@ def test_models_health_and_docs(serving):
     served = {entry["site"]: entry["model"]["version"] for entry in models.json()["served"]}
     assert served[None] == serving.versions["four"] and served["siteb"] == serving.versions["two"]
     assert served["sited"] == serving.versions["diffusion"]
+    classes = {entry["site"]: entry["classes"] for entry in models.json()["served"]}
+    assert served["sitec"] == serving.versions["four"] and classes["sitec"] == TWO  # no alias, its own classes
+    assert classes[None] is None and classes["siteb"] is None
     ready = httpx.get(serving.url + "/readyz", timeout=60).json()
     assert ready["status"] == "ready" and ready["model_version"] == serving.versions["four"]  # a field, not prose
     schema = httpx.get(serving.url + "/openapi.json", timeout=60).json()
