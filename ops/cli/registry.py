@@ -220,7 +220,8 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="print the status as one JSON document on stdout"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
-    """What serves where, the latest alias moves, the label store, drift flags and whether a retrain is due."""
+    """What serves where (and the classes each site reports), the latest alias moves, the label store, drift flags
+    and whether a retrain is due."""
 
     def action():
         import json
@@ -252,6 +253,7 @@ def status(
             "registry": settings.registry.tracking_uri,
             "model": name,
             "aliases": served,
+            "site_classes": {site: config.classes for site, config in settings.sites.items() if config.classes},
             "moves": [asdict(m) for m in moves[-5:]],
             "review": _review_counts(Path(settings.home) / "review"),
             "drift_flags": flags,
@@ -265,6 +267,8 @@ def status(
             typer.echo("  no model registered yet")
         for alias, info in served.items():
             typer.echo(f"  @{alias}: v{info['version']} ({info['kind'] or '?'}, gate {info['gate'] or '-'})")
+        for site, classes in report["site_classes"].items():
+            typer.echo(f"  site {site} reports {', '.join(classes)} (its cells are decided among them)")
         for move in moves[-5:]:
             typer.echo(
                 f"  {move.time} {move.who} {move.action} @{move.alias}: v{move.from_version or '-'} -> "

@@ -209,6 +209,7 @@ def gated(tmp_path_factory, records, tiny_overrides):
         promotion={"anomaly_manifest": str(root / "anomalies.csv"), "anomaly_label": "blast"},
         finetune={"steps": 6, "warmup_steps": 2, "num_workers": 1, "storage_path": str(root / "ray")},
         drift={"window_hours": 1.0, "min_cells": 5},
+        sites={"east": {"classes": ["lymphocyte"]}},  # a site no test adapts: `status` names its classes
     )
     registry, champion = train_and_register("baseline", cells[:120], settings, root / "champion")
     untrained = BaselineClassifier(TWO, settings.data, settings.baseline)
@@ -375,6 +376,7 @@ def test_drift_is_logged_and_flagged(gated):
     machine = runner.invoke(app, ["status", "--labels", str(root / "labels.csv"), "--json", "--config", config])
     report = json.loads(machine.stdout)  # the same status, for a scheduler: one JSON document on stdout
     assert report["retrain"]["due"] is True and report["drift_flags"] and "champion" in report["aliases"]
+    assert "site east reports lymphocyte" in status.output and report["site_classes"] == {"east": ["lymphocyte"]}
 
 
 def test_site_alias_serves_that_site_only(gated, ray_cluster):
