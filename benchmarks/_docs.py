@@ -19,3 +19,10 @@ def replace_section(path: Path, name: str, body: str, title: str | None = None) 
         text = text.rstrip("\n") + f"\n\n## {title or name}\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def environment_prefix() -> str:
+    """The CYTOLOOP_* variables this run was given, as a command prefix (they are part of the command)."""
+    import os
+
+    return "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("CYTOLOOP_"))

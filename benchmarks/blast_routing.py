@@ -33,7 +33,7 @@ from cytoloop.config import load_settings
 from cytoloop.data.records import CellRecord, class_interleaved_subset, load_records, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _docs import DOCS, replace_section  # noqa: E402
+from _docs import DOCS, environment_prefix, replace_section  # noqa: E402
 
 TITLE = "Blasts against a site's own cells: anomaly scores at the demo's threshold"
 
@@ -153,7 +153,7 @@ def _figures(
 
 
 def render(results: dict, n_blasts: int, args: argparse.Namespace) -> str:
-    environment = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("CYTOLOOP_"))
+    environment = environment_prefix()
     sites = " ".join(f"--site {name}={','.join(r['labs'])}" for name, r in results.items())
     lines = [
         f"Command: `{environment}python benchmarks/blast_routing.py --data {args.data} --model {args.model} {sites}"

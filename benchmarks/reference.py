@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import sys
@@ -46,7 +45,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from _docs import DOCS, replace_section
+from _docs import DOCS, environment_prefix, replace_section
 
 from cytoloop.config import load_settings
 from cytoloop.data.records import CellRecord, class_interleaved_subset, load_records, select
@@ -606,16 +605,12 @@ def _render_views(views: dict) -> list[str]:
     return lines
 
 
-def _environment() -> str:
-    """The CYTOLOOP_* variables this run was given, as a command prefix (they are part of the command)."""
-    return "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("CYTOLOOP_"))
-
-
 def _render_stain(stain: dict, args: argparse.Namespace) -> list[str]:
     wheres = ["in_domain", *OTHER_LABS]
     lines = [
         "",
-        f"Command: `{_environment()}python benchmarks/reference.py --data {args.data} --diffusion {args.diffusion} "
+        f"Command: `{environment_prefix()}python benchmarks/reference.py --data {args.data} "
+        f"--diffusion {args.diffusion} "
         f"--out {args.out} --cnn-seeds {args.cnn_seeds} --experiments stain --stain-steps {args.stain_steps} "
         f"--stain-test-cells {args.stain_test_cells}`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, no GPU. "

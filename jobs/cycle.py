@@ -214,8 +214,8 @@ class Demo:
     def run(self) -> DemoOutcome:
         self.dir.mkdir(parents=True, exist_ok=True)
         splits = self._split()
-        self._check_classes(splits)  # before any service starts: a wrong class list fails in seconds
-        self._site_classes(splits)
+        base_classes = self._check_classes(splits)  # before any service starts: a wrong class list fails in seconds
+        self._site_classes(splits, base_classes)
         with self.stage("stack up"):
             review = self._stack_up()
         with self.stage("base model"):
@@ -380,8 +380,9 @@ class Demo:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         return ReviewLoop(self.settings)
 
-    def _check_classes(self, splits: dict[str, SiteSplit]) -> None:
-        """Every site class must be a class of the base model (blasts excepted: the model must not know them)."""
+    def _check_classes(self, splits: dict[str, SiteSplit]) -> list[str]:
+        """Every site class must be a class of the base model (blasts excepted: the model must not know them);
+        returns the base model's classes."""
         from cytoloop.models.base import read_model_meta
 
         classes = read_model_meta(self._base_dir())["classes"]
@@ -392,17 +393,16 @@ class Demo:
                 f"the sites' class(es) {', '.join(unknown)} are not classes of the base model "
                 f"({', '.join(classes)}); choose the sites' classes with demo.classes"
             )
+        return classes
 
-    def _site_classes(self, splits: dict[str, SiteSplit]) -> None:
+    def _site_classes(self, splits: dict[str, SiteSplit], order: list[str]) -> None:
         """With `demo.site_classes`, each site reports the classes its labs' cells have (blasts aside: no lab
         reports a class it has never seen), so Serve and the gate decide its cells among those; a site whose
-        `sites.<site>.classes` is set keeps that."""
+        `sites.<site>.classes` is set keeps that. `order`: the base model's classes, the order they are listed in."""
         from cytoloop.config import SiteConfig
-        from cytoloop.models.base import read_model_meta
 
         if not self.config.site_classes:
             return
-        order = read_model_meta(self._base_dir())["classes"]
         sites = dict(self.settings.sites)
         for site, split in splits.items():
             if self.settings.site_classes(site) is None:

@@ -64,8 +64,7 @@ class CellService:
 
     def __init__(self, model: Classifier, ref: ModelRef, routing: RoutingConfig, allowed: Sequence[str] | None = None):
         self.model, self.ref, self.routing = model, ref, routing
-        self.allowed = None if allowed is None else list(allowed)
-        self._mask = class_mask(model.classes, self.allowed)
+        self._mask = class_mask(model.classes, None if allowed is None else list(allowed))
 
     @property
     def classes(self) -> list[str]:
