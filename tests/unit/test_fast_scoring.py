@@ -242,6 +242,29 @@ def test_tuning_keeps_config_when_target_unreachable():
     assert rows[0]["agreement"] == 0.0
 
 
+def test_tuning_never_chooses_a_first_test_after_the_last_trial():
+    """Every rule that tests at or after `max_trials` (or the last trial logged) is exhaustive scoring, so they
+    tie, and the later candidate wins a tie: before, that could be min_trials 12 with max_trials 8, and a model
+    saved that way failed to load (it broke CI once, on a machine whose numerics left only exhaustive scoring
+    meeting the target)."""
+    errors = [np.array([0.0, 1.0]), np.array([0.0, 1.1])] + [np.array([1.0, 0.0])] * 6  # early trials mislead
+    log = TrialLog(strata=[0] * 8, errors=errors, null_errors=[np.nan] * 8)
+    base = ScoringConfig(max_trials=8, min_trials=4, timestep_bins=1, tuning_orders=1, score_null_class=False)
+    tuned, rows = tune_scoring(
+        [log], np.ones(1), base, target_agreement=1.0, min_trials=(2, 8, 12), p_values=(0.5,), prior_trials=(0.0,)
+    )
+    assert [r["min_trials"] for r in rows] == [2, 8]
+    assert rows[0]["agreement"] == 0.0 and rows[1]["agreement"] == 1.0  # only exhaustive scoring meets the target
+    assert tuned.min_trials == 8
+    ScoringConfig.model_validate(tuned.model_dump())  # what a saved model is loaded with
+    with pytest.raises(ValueError, match="no min_trials candidate is within 8"):
+        tune_scoring([log], np.ones(1), base, min_trials=(12, 16))
+    # nor beyond the trials logged: with max_trials 200, min_trials 12 on 8 logged trials looks as cheap as 8
+    roomy = base.model_copy(update={"max_trials": 200})
+    _, rows = tune_scoring([log], np.ones(1), roomy, min_trials=(2, 8, 12), p_values=(0.5,), prior_trials=(0.0,))
+    assert [r["min_trials"] for r in rows] == [2, 8]
+
+
 def test_trials_needed_by_hand():
     # running decision: trial 1 -> class 1, after 2 -> class 0 (cumsum [1.0, 0.2] vs [0.0, 1.0] ...)
     log = TrialLog(

@@ -181,6 +181,24 @@ def test_baseline_save_load_round_trip(tmp_path):
     np.testing.assert_allclose(after.probs.sum(axis=1), 1.0)
 
 
+def test_a_model_whose_saved_scoring_is_invalid_fails_to_load_naming_its_file(tmp_path, tiny_settings):
+    import json
+
+    from cytoloop.models.base import ModelLoadError
+    from cytoloop.models.loading import load_model
+
+    model = DiffusionClassifier(
+        ["a", "b"], tiny_settings.data, tiny_settings.diffusion, scoring_config=tiny_settings.scoring
+    )
+    directory = model.save(tmp_path / "m")
+    meta = json.loads((directory / "model.json").read_text())
+    meta["scoring"].update(min_trials=12, max_trials=8)
+    (directory / "model.json").write_text(json.dumps(meta))
+    expected = r"m: its model.json is not a valid diffusion model: ScoringConfig: .*max_trials \(8\) must be at least"
+    with pytest.raises(ModelLoadError, match=expected):
+        load_model(directory)
+
+
 def test_bf16_training_keeps_fp32_weights_and_learns():
     images, labels = red_blue(8)
     config = _train_config(steps=30, precision="bf16")

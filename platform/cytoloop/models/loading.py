@@ -10,8 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from cytoloop.config import ScoringConfig
-from cytoloop.models.base import Classifier, ModelLoadError, read_model_meta
+from cytoloop.models.base import MODEL_FILE, Classifier, ModelLoadError, read_model_meta
 from cytoloop.models.baseline import BaselineClassifier
 from cytoloop.models.cascade import CascadeClassifier
 from cytoloop.models.diffusion import DiffusionClassifier
@@ -39,7 +41,11 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     }
     if kind not in loaders:
         raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
-    model = loaders[str(kind)](directory)
+    try:
+        model = loaders[str(kind)](directory)
+    except ValidationError as error:  # a model.json that no longer (or never did) describe a valid model
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or error.title}: {e['msg']}" for e in error.errors())
+        raise ModelLoadError(f"{directory}: its {MODEL_FILE} is not a valid {kind} model: {problems}") from error
     diffusion = model.teacher if isinstance(model, CascadeClassifier) else model
     if runtime is not None and isinstance(diffusion, DiffusionClassifier):
         update = {field: getattr(runtime, field) for field in RUNTIME_FIELDS if field in runtime.model_fields_set}

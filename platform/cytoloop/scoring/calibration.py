@@ -245,6 +245,14 @@ def tune_scoring(
     """
     if not logs:
         raise ValueError("cannot tune on zero validation cells")
+    # A rule cannot test later than it stops, and a replay cannot see past the logged trials: a first test beyond
+    # either is exhaustive scoring under another name. It ties with the real one and the later candidate wins ties,
+    # so without this cap a model could be saved with min_trials above max_trials (and then fail to load) or with
+    # a cost the replay never measured.
+    limit = min(config.max_trials, min(len(log.errors) for log in logs))
+    min_trials = tuple(m for m in min_trials if m <= limit)
+    if not min_trials:
+        raise ValueError(f"no min_trials candidate is within {limit} (max_trials, or the fewest trials logged)")
     prior = variance_prior(logs, weights) if any(k > 0 for k in prior_trials) else None
     reference = np.repeat([decision(log, weights) for log in logs], config.tuning_orders)
     logs = [order for log in logs for order in reorderings(log, config.tuning_orders, config.timestep_bins)]
