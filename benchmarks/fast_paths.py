@@ -99,20 +99,11 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     if scorer.classes != model.classes:
         parser.error(f"--scorer classes {scorer.classes} differ from the model's {model.classes}")
-    records = load_records(args.data)
-    labelled = select([r for r in records if r.label], ["pbc"], model.classes)
-    normal = load_cells(
-        class_interleaved_subset(held_out(labelled, args.model, "test")[0], args.cells), model.data_config
-    )
-    blasts = load_cells(
-        [r for r in select(records, ["allidb2"]) if r.label == "blast"][: args.anomaly_cells], model.data_config
-    )
+    normal, blasts, labelled = cell_groups(args.data, args.model, model, args.cells, args.anomaly_cells)
     labels = label_indices(normal.records, model.classes)
     threshold = args.anomaly_above
-    if threshold is None:  # the share of normal (validation) cells the routing would send as anomalies
-        val = load_cells(class_interleaved_subset(held_out(labelled, args.model, "val")[0], 200), model.data_config)
-        scores = cached(args.out / f"val_anomaly-{precision}.pkl", lambda: model.predict(val.images).anomaly)
-        threshold = float(np.quantile(scores, 1 - args.routed_share))
+    if threshold is None:
+        threshold = anomaly_threshold(model, args.model, labelled, args.routed_share, args.out / f"val-{precision}")
     routing = RoutingConfig(
         anomaly_above=threshold, review_below=args.review_below, always_review=[], audit_fraction=0.0
     )
@@ -184,6 +175,25 @@ def main() -> None:
     print(text)
     if args.write_docs:
         replace_section(DOCS, "fast-paths", text, title=TITLE)
+
+
+def cell_groups(data: Path, model_dir: Path, model, n_cells: int, n_anomaly: int):
+    """The normal cells (the model's held-out PBC test cells, classes interleaved), the anomalous ones (ALL-IDB2
+    blasts) and the model's labelled PBC records (for its validation cells)."""
+    records = load_records(data)
+    labelled = select([r for r in records if r.label], ["pbc"], model.classes)
+    normal = load_cells(class_interleaved_subset(held_out(labelled, model_dir, "test")[0], n_cells), model.data_config)
+    blasts = load_cells([r for r in select(records, ["allidb2"]) if r.label == "blast"][:n_anomaly], model.data_config)
+    return normal, blasts, labelled
+
+
+def anomaly_threshold(model, model_dir: Path, labelled: list, share: float, cache: Path) -> float:
+    """The anomaly threshold that routes `share` of normal cells (200 of the model's validation cells) as
+    anomalies: how the demo fits a site's threshold, on the model's own lab. `cache` (a path stem) keeps the
+    scores for a rerun."""
+    val = load_cells(class_interleaved_subset(held_out(labelled, model_dir, "val")[0], 200), model.data_config)
+    scores = cached(cache.with_name(cache.name + "_anomaly.pkl"), lambda: model.predict(val.images).anomaly)
+    return float(np.quantile(scores, 1 - share))
 
 
 def routes(predictions: Predictions, routing: RoutingConfig) -> np.ndarray:
