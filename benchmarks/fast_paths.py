@@ -16,8 +16,9 @@ Cells: normal = the model's held-out test cells (`--cells`, classes interleaved)
 no class of the model describes (`--anomaly-cells`). For each row and group: denoiser evaluations per cell (mean,
 p95), cells/s, agreement of the decision with exhaustive scoring (normal cells) and with the tuned rule, balanced
 accuracy, and whether each cell's route (anomaly, review, accept) is the one the tuned rule without exits gives.
-Then evaluations per cell as the number of classes grows (4, 6, 8): the tuned rule with each normal cell's
-candidates fixed to a class subset that holds its class (the same denoiser, fewer classes in play).
+Then the cascade's accuracy/speed curve: the same cascade at each student threshold, run and timed end to end on
+the normal cells. Then evaluations per cell as the number of classes grows (4, 6, 8): the tuned rule with each
+normal cell's candidates fixed to a class subset that holds its class (the same denoiser, fewer classes in play).
 
     python benchmarks/fast_paths.py --data ../shared/data/manifest.csv --model models/base-pbc \
         --scorer runs/reference/cnn-seed0 --out runs/fast-paths
@@ -51,6 +52,8 @@ from cytoloop.workflows import held_out, label_indices
 
 TITLE = "Fast paths: route exits, candidate classes, cascade"
 # class subsets for "evaluations per cell by number of classes": each holds the smaller one
+# student thresholds of the cascade's accuracy/speed curve
+CURVE_THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.01)
 CLASS_LADDER = {
     4: ["eosinophil", "lymphocyte", "monocyte", "neutrophil"],
     6: ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil", "platelet"],
@@ -144,6 +147,13 @@ def main() -> None:
             r["agreement_exhaustive"] = float(np.mean(predictions.labels[:n_exh] == exhaustive))
             r["balanced_accuracy"] = metrics.balanced_accuracy(labels, predictions.labels, len(model.classes))
 
+    # the cascade over student thresholds, each run end to end on the normal cells (the cascade row warmed it up)
+    references = {"exhaustive": exhaustive, "tuned": runs[("tuned", "normal")].labels}
+    curve = [
+        cascade_point(model, scorer, threshold, args.candidates, normal.images, labels, routing, references)
+        for threshold in CURVE_THRESHOLDS
+    ]
+
     by_classes = []
     for n_classes, subset in [*CLASS_LADDER.items(), (len(model.classes), model.classes)]:
         keep = np.array([r.label in subset for r in normal.records])
@@ -165,6 +175,7 @@ def main() -> None:
         "threshold": threshold,
         "rows": rows,
         "by_classes": by_classes,
+        "cascade_curve": curve,
         "n_exhaustive": n_exh,
         "precision": precision,
         "load": [*load, os.getloadavg()[0]],
@@ -175,6 +186,27 @@ def main() -> None:
     print(text)
     if args.write_docs:
         replace_section(DOCS, "fast-paths", text, title=TITLE)
+
+
+def cascade_point(
+    model, scorer, threshold: float, k: int, images: np.ndarray, labels: np.ndarray, routing, references: dict
+) -> dict:
+    """The cascade at one student threshold, run and timed end to end: deferred share, balanced accuracy, cells/s
+    and agreement with each reference (labels of the first cells, as many as it has)."""
+    cascade = CascadeClassifier(model, scorer, CascadeConfig(threshold=threshold, candidates=k))
+    began = time.perf_counter()
+    predictions = cascade.predict(images, routing=routing)
+    seconds = time.perf_counter() - began
+    point = {
+        "threshold": threshold,
+        "deferred": float(np.mean(predictions.extra["deferred"])),
+        "balanced_accuracy": metrics.balanced_accuracy(labels, predictions.labels, len(model.classes)),
+        "cells_per_second": len(images) / seconds,
+        "evals_mean": float(predictions.evals.mean()),
+    }
+    for name, reference in references.items():
+        point[f"agreement_{name}"] = float(np.mean(predictions.labels[: len(reference)] == reference))
+    return point
 
 
 def cell_groups(data: Path, model_dir: Path, model, n_cells: int, n_anomaly: int):
@@ -259,6 +291,21 @@ def render(report: dict, args: argparse.Namespace) -> str:
         "Anomalous cells cost, per path, this many times the evaluations of normal ones: "
         + "; ".join(f"{p} {blasts[p]['evals_mean'] / max(normal[p]['evals_mean'], 1e-9):.2f}x" for p in normal)
         + f". The tuned rule alone: {normal_tuned['evals_mean']:.1f} evaluations per normal cell.",
+        "",
+        "Cascade accuracy/speed curve on the normal cells (student threshold swept, each threshold run and timed end "
+        f"to end as the cascade row is; the teacher among the student's top {args.candidates}; the tuned diffusion "
+        f"classifier's balanced accuracy is {normal_tuned['balanced_accuracy']:.3f}):",
+        "",
+        "| threshold | deferred | evals/cell mean | balanced accuracy | agrees with exhaustive | agrees with tuned "
+        "| cells/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in report.get("cascade_curve", []):
+        lines.append(
+            f"| {c['threshold']:.2f} | {c['deferred']:.0%} | {c['evals_mean']:.1f} | {c['balanced_accuracy']:.3f} | "
+            f"{c['agreement_exhaustive']:.3f} | {c['agreement_tuned']:.3f} | {c['cells_per_second']:.1f} |"
+        )
+    lines += [
         "",
         "Evaluations per cell as classes grow (tuned rule, each cell's candidates fixed to a class subset holding "
         "its class; same denoiser):",
