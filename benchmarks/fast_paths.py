@@ -51,9 +51,9 @@ from cytoloop.policy.routing import route_cell
 from cytoloop.workflows import held_out, label_indices
 
 TITLE = "Fast paths: route exits, candidate classes, cascade"
-# class subsets for "evaluations per cell by number of classes": each holds the smaller one
 # student thresholds of the cascade's accuracy/speed curve
 CURVE_THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.01)
+# class subsets for "evaluations per cell by number of classes": each holds the smaller one
 CLASS_LADDER = {
     4: ["eosinophil", "lymphocyte", "monocyte", "neutrophil"],
     6: ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil", "platelet"],
