@@ -28,12 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from _cascade import assemble_cascade
 from _docs import DOCS, replace_section
 from scipy import stats
 
 from cytoloop.config import CascadeConfig, RoutingConfig
 from cytoloop.data.records import class_interleaved_subset, load_records, select
-from cytoloop.models.loading import load_model
 
 TITLE = "Batch scoring with Ray Data: workers"
 
@@ -80,17 +80,8 @@ def main() -> None:
     if args.cascade_from:
         teacher, student = args.cascade_from.split(",")
         target = next(directory for name, directory, _ in models if name == "cascade")
-        if not (target / "model.json").is_file():
-            from cytoloop.models.cascade import CascadeClassifier
-
-            cascade = CascadeClassifier(
-                load_model(teacher), load_model(student), CascadeConfig(threshold=args.cascade_threshold)
-            )
-            cascade.save(target)
-        cascade_note = (
-            f" The cascade is {teacher} (teacher) behind {student} (the CNN as student, not distilled), threshold "
-            f"{args.cascade_threshold}."
-        )
+        config = CascadeConfig(threshold=args.cascade_threshold)
+        cascade_note = " " + assemble_cascade(target, Path(teacher), Path(student), config)
     workers = [int(w) for w in args.workers.split(",")]
     cores = os.cpu_count() or 1
     records = select(load_records(args.data), args.domains.split(","))

@@ -9,12 +9,15 @@ smears; every model gets the same smears in the same order. Reported per model: 
 per smear routed anomaly and review, and how often the triage said 'blasts suspected'.
 
     python benchmarks/smear_latency.py --data ../shared/data/manifest.csv \
-      --models cnn=runs/reference/cnn-seed0:40,cascade=runs/batch-scaling/cascade:20,diffusion=models/base-pbc:3 \
+      --models cnn=runs/reference/cnn-seed0:40,cascade=runs/smear-latency/cascade:20,diffusion=models/base-pbc:3 \
+      --cascade-from models/base-pbc,runs/reference/cnn-seed0 --cascade-threshold 0.7 --cascade-candidates 3 \
       --precision bf16 --channels-last
 
 `NAME=DIR:SMEARS` sets each model's smear count (the diffusion classifier alone takes a minute a smear on a
-2-core CPU). `--precision`/`--channels-last` are the service's scoring settings (`CYTOLOOP_SCORING__PRECISION`):
-the diffusion scoring (a cascade's teacher's) runs in that precision and layout, the model directory unchanged.
+2-core CPU). `--cascade-from TEACHER,STUDENT` first builds the model named `cascade` from a diffusion model and a
+CNN (the CNN as the student, not distilled) with `--cascade-threshold` and `--cascade-candidates`.
+`--precision`/`--channels-last` are the service's scoring settings (`CYTOLOOP_SCORING__PRECISION`): the diffusion
+scoring (a cascade's teacher's) runs in that precision and layout, the model directory unchanged.
 The issue's target: p99 < 1 s for a 200-cell smear. Absolute times count only on a GPU; on this CPU compare rows.
 """
 
@@ -35,11 +38,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from cytoloop.config import load_settings
+from cytoloop.config import CascadeConfig, load_settings
 from cytoloop.data.records import CellRecord, load_records, select
 from cytoloop.workflows import held_out
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cascade import assemble_cascade  # noqa: E402
 from _docs import DOCS, replace_section  # noqa: E402
 
 TITLE = "Smear latency: POST /v1/samples/{id}/differential"
@@ -55,11 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the replica")
     parser.add_argument("--precision", choices=["model", "fp32", "bf16", "fp16"], default="model")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--cascade-from", default=None, help="TEACHER,STUDENT: build the model named cascade first")
+    parser.add_argument("--cascade-threshold", type=float, default=0.9, help="its student threshold")
+    parser.add_argument("--cascade-candidates", type=int, default=None, help="its teacher's classes: student's top k")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/smear-latency"))
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args(argv)
-    models = _parse_models(args.models)
+    models = _parse_models(args.models, built={"cascade"} if args.cascade_from else set())
+    note = ""
+    if args.cascade_from:
+        teacher, _, student = args.cascade_from.partition(",")
+        target = next((directory for name, directory, _ in models if name == "cascade"), None)
+        if target is None or not student:
+            parser.error("--cascade-from TEACHER,STUDENT builds the model named cascade in --models: give both")
+        config = CascadeConfig(threshold=args.cascade_threshold, candidates=args.cascade_candidates)
+        note = assemble_cascade(target, Path(teacher), Path(student), config)
     if not 0 <= args.blasts < args.cells <= 256:
         parser.error("--cells must be in (blasts, 256] (the service's max_cells_per_request) and --blasts >= 0")
 
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only, Python {platform.python_version()}",
         "load": load,
+        "note": note,
         "args": {k: str(v) for k, v in vars(args).items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -137,14 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _parse_models(text: str) -> list[tuple[str, Path, int]]:
+def _parse_models(text: str, built: set[str]) -> list[tuple[str, Path, int]]:
+    """NAME=DIR:SMEARS,... as (name, directory, smears); each directory must hold a model unless its name is one
+    of `built` (made by this run)."""
     models = []
     for item in filter(None, text.split(",")):
         name, _, rest = item.partition("=")
         directory, _, count = rest.rpartition(":")
         if not name or not directory or not count.isdigit() or int(count) < 1:
             raise SystemExit(f"--models: {item!r} is not NAME=DIR:SMEARS (SMEARS a positive number)")
-        if not (Path(directory) / "model.json").is_file():
+        if name not in built and not (Path(directory) / "model.json").is_file():
             raise SystemExit(f"--models: {directory} is not a model directory (no model.json)")
         models.append((name, Path(directory), int(count)))
     if not models:
@@ -219,7 +237,8 @@ def render(report: dict) -> str:
         f"them ALL-IDB2 blasts, the rest drawn from the first model's held-out {a['domains']} test cells, posted as "
         f"one request by one client; every model gets the same smears in the same order, after one warm-up smear. "
         f"One classifier replica, {a['threads']} torch threads; diffusion scoring precision: {a['precision']}"
-        f"{', channels-last' if a['channels_last'] == 'True' else ''}.",
+        f"{', channels-last' if a['channels_last'] == 'True' else ''}."
+        + (f" {report['note']}" if report.get("note") else ""),
         "",
         "| model | smears | p50 s | p95 s | p99 s | max s | cells/s | classified | routed anomaly | routed review "
         "| blasts routed (of " + a["blasts"] + ") | 'blasts suspected' |",
