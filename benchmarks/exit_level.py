@@ -70,7 +70,7 @@ def main() -> None:
     tuned = model.scoring_config
     rows, reference = [], {}
     for level in [None, *args.exit_p]:  # None: the tuned rule without exits, the reference route and class
-        model.scoring_config = tuned.model_copy(update={"exit_p": level or tuned.exit_p})
+        model.scoring_config = tuned if level is None else tuned.model_copy(update={"exit_p": level})
         for group, images in groups.items():
             began = time.perf_counter()
             predictions = model.predict(images, routing=None if level is None else routing)

@@ -32,7 +32,7 @@ import numpy as np
 
 from cytoloop.config import Settings
 from cytoloop.data.records import CellRecord, DatasetError, records_fingerprint
-from cytoloop.errors import UsageError
+from cytoloop.errors import UsageError, describe_validation_error
 from cytoloop.registry import (
     CHAMPION,
     AliasMoved,
@@ -432,9 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.site is None:  # as `cytoloop retrain` does: the retrain policy counts new labels from here on
             save_state(Path(settings.home) / "retrain" / "state.json", records)
     except ValidationError as error:
-        return fail(
-            "invalid configuration: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        )
+        return fail(f"invalid configuration: {describe_validation_error(error)}")
     except (RegistryError, FileNotFoundError, ValueError) as error:  # DatasetError, ModelLoadError, ImageError too
         return fail(str(error))
     print(

@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from cytoloop.config import ServeConfig
 from cytoloop.data.intake import CellRejected, Limits, check_image
+from cytoloop.errors import describe_validation_error
 from services.schemas import ClassifyRequest
 
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries of a multipart body, beyond its images
@@ -160,6 +161,4 @@ def _json(body: bytes):
 
 
 def _validation_message(error: ValidationError) -> str:
-    return "invalid request: " + "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors(include_url=False)
-    )
+    return "invalid request: " + describe_validation_error(error, whole="body")

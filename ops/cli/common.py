@@ -89,13 +89,12 @@ def run(action):
     shows its traceback."""
     from pydantic import ValidationError
 
-    from cytoloop.errors import CytoLoopError
+    from cytoloop.errors import CytoLoopError, describe_validation_error
 
     try:
         return action()
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        fail(f"invalid configuration: {problems}")
+        fail(f"invalid configuration: {describe_validation_error(error)}")
     except (CytoLoopError, FileNotFoundError, PermissionError) as error:
         fail(str(error))
     except ModuleNotFoundError as error:

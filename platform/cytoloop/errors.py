@@ -14,6 +14,14 @@ class CytoLoopError(Exception):
     """Base of the errors a user can cause and fix."""
 
 
+def describe_validation_error(error, whole: str | None = None) -> str:
+    """A pydantic ValidationError as one line a person can act on: each problem as `field.path: message`, joined
+    by '; '. A problem with the whole object (a model validator's, no field) is named `whole`, by default the
+    model's name (`error.title`), instead of an empty field."""
+    name = whole or error.title
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in error.errors(include_url=False))
+
+
 class UsageError(CytoLoopError, ValueError):
     """A request the input or the model cannot satisfy: an unknown class, recipe or model kind, a device that is
     not there, a move without a reason. The message says what was wrong and what is valid."""

@@ -186,3 +186,17 @@ def test_cells_headed_to_sites_are_decided_among_each_site_s_classes(clean_env):
     with pytest.raises(UsageError, match="blast"):
         site_candidates(odd, classes, ["a"])
     assert isinstance(rows, np.ndarray)
+
+
+def test_invalid_settings_name_the_field_or_the_whole_section(capsys):
+    """A field's error names its path; a check across fields (no path) names the section, not an empty field:
+    CI once printed 'invalid configuration: : Value error, max_trials (8) ...'."""
+    from cytoloop.config import ScoringConfig
+
+    with pytest.raises(typer.Exit) as exit_info:
+        run(lambda: ScoringConfig(min_trials=0))
+    assert exit_info.value.exit_code == 2
+    assert "invalid configuration: min_trials: Input should be greater than or equal to 1" in capsys.readouterr().err
+    with pytest.raises(typer.Exit):
+        run(lambda: ScoringConfig(min_trials=12, max_trials=8))
+    assert "invalid configuration: ScoringConfig: Value error, max_trials (8) must be" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cytoloop.config import ScoringConfig
+from cytoloop.errors import describe_validation_error
 from cytoloop.models.base import MODEL_FILE, Classifier, ModelLoadError, read_model_meta
 from cytoloop.models.baseline import BaselineClassifier
 from cytoloop.models.cascade import CascadeClassifier
@@ -44,7 +45,7 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     try:
         model = loaders[str(kind)](directory)
     except ValidationError as error:  # a model.json that no longer (or never did) describe a valid model
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or error.title}: {e['msg']}" for e in error.errors())
+        problems = describe_validation_error(error)
         raise ModelLoadError(f"{directory}: its {MODEL_FILE} is not a valid {kind} model: {problems}") from error
     diffusion = model.teacher if isinstance(model, CascadeClassifier) else model
     if runtime is not None and isinstance(diffusion, DiffusionClassifier):

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cytoloop.config import DataConfig, DriftConfig
 from cytoloop.data.preprocess import ImageError, colour_moments, decode_image, to_model_input
 from cytoloop.data.records import CellRecord, DatasetError
+from cytoloop.errors import describe_validation_error
 
 REFERENCE_FILE = "colour_reference.json"
 COLOUR_STATS = ("l_mean", "alpha_mean", "beta_mean", "l_std", "alpha_std", "beta_std")
@@ -175,7 +176,7 @@ def read_events(path: Path) -> list[PredictionEvent]:
         try:
             events.append(PredictionEvent.model_validate_json(line))
         except ValidationError as error:
-            problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in error.errors())
+            problem = describe_validation_error(error, whole="line")
             raise DatasetError(f"{path}:{number}: not a prediction event ({problem})") from None
     return events
 
