@@ -73,14 +73,8 @@ class AugmentConfig(_Section):
 
 
 class DiffusionModelConfig(_Section):
-    """Architecture of the class-conditional denoiser (a diffusers UNet2DModel)."""
+    """Architecture of the class-conditional denoiser (a diffusers UNet2DModel with class embeddings)."""
 
-    conditioning: Literal["embedding", "heads"] = Field(
-        "embedding",
-        description="how the class enters the denoiser. 'embedding': a class embedding added to the timestep's, "
-        "one denoiser pass per class of a trial; 'heads': no class input, one 3-channel output head per class and "
-        "the null class, so one pass scores every class of a trial (docs/method.md, 'One pass, every class')",
-    )
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1, le=4)
     attention: bool = Field(False, description="self-attention in the lowest-resolution block")
@@ -104,11 +98,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(100, ge=0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     null_class_prob: float = Field(
-        0.1,
-        ge=0.0,
-        le=1.0,
-        description="classifier-free dropout: a labelled cell trains the null class this often (class-embedding "
-        "denoisers; a denoiser with one head per class trains the null head on every cell)",
+        0.1, ge=0.0, le=1.0, description="classifier-free dropout: a labelled cell trains the null class this often"
     )
     min_snr_gamma: float | None = Field(5.0, description="Min-SNR loss weighting; None trains with the plain loss")
     label_smoothing: float = Field(0.05, ge=0.0, lt=1.0, description="baseline only")

@@ -453,7 +453,7 @@ def tune_model_scoring(
         model.timestep_weights = fit_timestep_weights(first, labels[labelled], config.timestep_bins).tolist()
     logs = [_first_trials(log, config.tuning_trials) for log in logs]
     weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
-    tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement, shared_pass=model.shared_pass)
+    tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
     model.scoring_config = tuned
     fitting = mixed_subset(len(images), config.temperature_cells, config.seed)
     final = model.score(images[fitting], progress=progress, candidates=candidate_rows(allowed, len(fitting)))
@@ -461,7 +461,7 @@ def tune_model_scoring(
     probs = model.predictions_from_scores(final).probs
     needed = np.array([trials_needed(log, weights) for log in logs])
     null_trials = tuned.null_trials if tuned.score_null_class else 0
-    evals_needed = np.array([evaluations_needed(log, weights, null_trials, model.shared_pass) for log in logs])
+    evals_needed = np.array([evaluations_needed(log, weights, null_trials) for log in logs])
     prior_trials = tuned.variance_prior_trials if tuned.variance_prior is not None else 0.0
     chosen = [
         r

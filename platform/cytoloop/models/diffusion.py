@@ -1,11 +1,8 @@
 """The diffusion classifier: a class-conditional denoiser plus the scoring rule that turns it into a classifier.
 
-The denoiser is a diffusers `UNet2DModel`. With `conditioning = "embedding"` it has `num_class_embeds =
-len(classes) + 1`; the last embedding is the null class, trained by classifier-free dropout and by unlabeled cells,
-so that every cell teaches the generative model what a cell looks like. With `conditioning = "heads"` it takes no
-class at all and has one 3-channel output head per class and one for the null class (3 x (classes + 1) output
-channels): one pass predicts the noise under every class, and each training cell teaches its own class's head and
-the null head in the same pass. Classification is `scoring.score_cells`; probabilities are a softmax over the
+The denoiser is a diffusers `UNet2DModel` with `num_class_embeds = len(classes) + 1`; the last embedding is the
+null class, trained by classifier-free dropout and by unlabeled cells, so that every cell teaches the generative
+model what a cell looks like. Classification is `scoring.score_cells`; probabilities are a softmax over the
 negative class errors divided by a temperature fitted on validation data (`calibration.py`).
 """
 
@@ -29,10 +26,8 @@ if TYPE_CHECKING:
 
 
 def build_unet(config: DiffusionModelConfig, image_size: int, n_classes: int):
-    """The denoiser: class embeddings (`conditioning = "embedding"`) or one output head per class ("heads")."""
     from diffusers import UNet2DModel
 
-    heads = config.conditioning == "heads"
     levels = len(config.block_out_channels)
     down = ["DownBlock2D"] * levels
     up = ["UpBlock2D"] * levels
@@ -41,13 +36,13 @@ def build_unet(config: DiffusionModelConfig, image_size: int, n_classes: int):
     return UNet2DModel(
         sample_size=image_size,
         in_channels=3,
-        out_channels=3 * (n_classes + 1) if heads else 3,
+        out_channels=3,
         block_out_channels=tuple(config.block_out_channels),
         layers_per_block=config.layers_per_block,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         norm_num_groups=config.norm_num_groups,
-        num_class_embeds=None if heads else n_classes + 1,
+        num_class_embeds=n_classes + 1,
     )
 
 
@@ -102,12 +97,10 @@ class DiffusionClassifier:
     learns_from_unlabeled = True  # unlabeled cells train the null class
 
     def objective(self, config: TrainConfig) -> tuple[torch.nn.Module, LossFn]:
-        """The denoiser and its epsilon-prediction loss (`train.diffusion_loss`, or `train.heads_loss` for a denoiser
-        with one head per class)."""
-        from cytoloop.models.train import diffusion_loss, heads_loss
+        """The denoiser and its epsilon-prediction loss (`train.diffusion_loss`)."""
+        from cytoloop.models.train import diffusion_loss
 
-        loss = heads_loss if self.shared_pass else diffusion_loss
-        return self.unet, loss(self.scheduler, self.null_class, config)
+        return self.unet, diffusion_loss(self.scheduler, self.null_class, config)
 
     def use_trained(self, network: torch.nn.Module) -> None:
         self.unet = network
@@ -117,25 +110,14 @@ class DiffusionClassifier:
     def null_class(self) -> int:
         return len(self.classes)
 
-    @property
-    def shared_pass(self) -> bool:
-        """Whether one denoiser pass predicts the noise under every class (`conditioning = "heads"`)."""
-        return self.model_config.conditioning == "heads"
-
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
-        """The predicted noise of each input under its class (`class_index`, the null class included)."""
-        if self.shared_pass:
-            heads = self.unet(x_t, t).sample.unflatten(1, (self.null_class + 1, -1))
-            return heads[torch.arange(len(x_t), device=heads.device), class_index]
         return self.unet(x_t, t, class_labels=class_index).sample
 
     def runtime_denoiser(self, config: ScoringConfig) -> tuple[Callable, torch.device]:
         """The denoiser as scoring should run it: on its device, in its memory format, under autocast.
 
         bf16 autocast roughly halves a CPU forward pass where the CPU has bf16 instructions (avx512_bf16, AMX)
-        and is the usual choice on a GPU; the errors are always computed in fp32. For a denoiser with one head per
-        class the function ignores `class_index` and returns every head, (batch, classes + 1, 3, S, S): the
-        `shared_pass` form `scoring.trials.score_cells` expects.
+        and is the usual choice on a GPU; the errors are always computed in fp32.
         """
         device = resolve_device(config.device)
         if config.precision == "fp16" and device.type != "cuda":
@@ -149,14 +131,9 @@ class DiffusionClassifier:
                 self._compiled = (self.unet, torch.compile(self.unet))
             network = self._compiled[1]
 
-        heads = self.null_class + 1 if self.shared_pass else None
-
-        def denoise(x_t: torch.Tensor, t: torch.Tensor, class_index: torch.Tensor | None) -> torch.Tensor:
+        def denoise(x_t: torch.Tensor, t: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                x_t = x_t.contiguous(memory_format=memory_format)
-                if heads is not None:
-                    return network(x_t, t).sample.unflatten(1, (heads, -1))
-                return network(x_t, t, class_labels=class_index).sample
+                return network(x_t.contiguous(memory_format=memory_format), t, class_labels=class_index).sample
 
         return denoise, device
 
@@ -192,7 +169,6 @@ class DiffusionClassifier:
                 device=device,
                 exits=exits,
                 candidates=candidates,
-                shared_pass=self.shared_pass,
             )
 
     def predictions_from_scores(

@@ -3,8 +3,8 @@
 The loop (sampling, augmentation, AdamW with warm-up and cosine decay, gradient clipping, EMA weights,
 checkpoints that resume exactly) is the same for both models, so a comparison between them is about the models,
 not the training. What differs is the loss: `diffusion_loss` (epsilon-prediction with classifier-free dropout into
-the null class and Min-SNR weighting), `heads_loss` (the same for a denoiser with one head per class) or
-`baseline_loss` (cross-entropy). Ray Train calls `fit` unchanged from a worker; `on_log` is where it reports.
+the null class and Min-SNR weighting) or `baseline_loss` (cross-entropy). Ray Train calls `fit` unchanged from a
+worker; `on_log` is where it reports.
 """
 
 from __future__ import annotations
@@ -57,35 +57,6 @@ def diffusion_loss(scheduler, null_class: int, config: TrainConfig) -> LossFn:
         x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
         predicted = network(x_t, t, class_labels=classes).sample.float()  # the loss in fp32 under autocast
         per_cell = ((predicted - noise) ** 2).mean(dim=(1, 2, 3))
-        if config.min_snr_gamma is not None:
-            snr = abar.view(-1) / (1 - abar.view(-1))
-            per_cell = per_cell * torch.clamp(snr, max=config.min_snr_gamma) / snr
-        return per_cell.mean()
-
-    return loss
-
-
-def heads_loss(scheduler, null_class: int, config: TrainConfig) -> LossFn:
-    """Epsilon-prediction for a denoiser with one output head per class and the null class (`conditioning =
-    "heads"`): one pass, two targets. A labelled cell trains its class's head and the null head, an unlabeled cell
-    the null head alone, each with the same noise and timestep; so the null class learns from every cell without
-    classifier-free dropout taking cells from their class. Min-SNR weighting as in `diffusion_loss`."""
-    alphas_cumprod = scheduler.alphas_cumprod
-    num_timesteps = scheduler.config.num_train_timesteps
-
-    def loss(
-        network: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-    ) -> torch.Tensor:
-        batch, device = images.shape[0], images.device
-        t = torch.randint(0, num_timesteps, (batch,), generator=generator)
-        noise = torch.randn(images.shape, generator=generator).to(device)
-        abar = alphas_cumprod[t].view(-1, 1, 1, 1).to(device)
-        x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
-        heads = network(x_t, t.to(device)).sample.float().unflatten(1, (null_class + 1, -1))
-        labelled = labels != UNLABELED
-        own = heads[torch.arange(batch, device=device), torch.where(labelled, labels, null_class)]
-        per_cell = ((heads[:, null_class] - noise) ** 2).mean(dim=(1, 2, 3))
-        per_cell = per_cell + labelled * ((own - noise) ** 2).mean(dim=(1, 2, 3))
         if config.min_snr_gamma is not None:
             snr = abar.view(-1) / (1 - abar.view(-1))
             per_cell = per_cell * torch.clamp(snr, max=config.min_snr_gamma) / snr

@@ -189,15 +189,13 @@ def trials_needed(log: TrialLog, weights: np.ndarray) -> int:
     return int(changed[-1] + 2) if len(changed) else 1
 
 
-def evaluations_needed(
-    log: TrialLog, weights: np.ndarray, null_trials: int | None = 0, shared_pass: bool = False
-) -> int:
+def evaluations_needed(log: TrialLog, weights: np.ndarray, null_trials: int | None = 0) -> int:
     """How many denoiser evaluations of an exhaustive log a cell really needs: each class other than the decided
     one stays in play until its running comparison with the decided class is settled (behind from then on), and
     the decided class until the last of them leaves; the null class on the first `null_trials` of those trials
     (None: all, as `ScoringConfig.null_trials`). What a rule that knew when each comparison had settled would
     spend: the figure to hold a rule's mean evaluations against (`trials_needed` is the same idea for the
-    decision as a whole). With `shared_pass` (one evaluation scores every class) it is those trials alone."""
+    decision as a whole)."""
     errors = np.stack(log.errors) * weights[np.asarray(log.strata)][:, None]
     totals = np.cumsum(errors, axis=0)
     decided = int(np.argmin(totals[-1]))
@@ -207,8 +205,6 @@ def evaluations_needed(
             not_behind = np.flatnonzero(totals[:, c] <= totals[:, decided])
             in_play.append(min(int(not_behind[-1] + 2), len(errors)) if len(not_behind) else 1)
     trials = max(in_play, default=1)
-    if shared_pass:
-        return trials
     return sum(in_play) + trials + (trials if null_trials is None else min(null_trials, trials))
 
 
@@ -236,7 +232,6 @@ def tune_scoring(
     min_trials: tuple[int, ...] = TUNING_MIN_TRIALS,
     p_values: tuple[float, ...] = TUNING_P_VALUES,
     prior_trials: tuple[float, ...] = TUNING_PRIOR_TRIALS,
-    shared_pass: bool = False,
 ) -> tuple[ScoringConfig, list[dict]]:
     """The cheapest elimination rule whose decisions agree with exhaustive scoring on `target_agreement` of cells.
 
@@ -246,7 +241,7 @@ def tune_scoring(
     `check_every = 1`, a prior weight k > 0 testing with the variance prior fitted on these logs counting as k
     trials; the candidate with the fewest mean evaluations among those meeting the target wins (ties: the later,
     more conservative one). If none meets it, `config` is returned unchanged. Returns the chosen config and one
-    row per candidate. `shared_pass`: the denoiser scores every class in one evaluation (costs are trials).
+    row per candidate.
     """
     if not logs:
         raise ValueError("cannot tune on zero validation cells")
@@ -276,7 +271,7 @@ def tune_scoring(
                         "variance_prior_trials": k if k > 0 else config.variance_prior_trials,
                     }
                 )
-                decided, evals = replay_decisions(logs, candidate, weights, shared_pass)
+                decided, evals = replay_decisions(logs, candidate, weights)
                 row = {
                     "variance_prior_trials": k,
                     "min_trials": m,

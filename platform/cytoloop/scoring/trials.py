@@ -28,12 +28,6 @@ Two shortcuts serve the cells that matter and the classes that cannot win:
   cheap scorer's top k); the others are never denoised, and their class error is +inf. Within the candidates the
   trials are the same as exhaustive scoring's, so if the exhaustive winner is a candidate it still wins.
 
-One pass, every class (`shared_pass`). A denoiser with one output head per class (`DiffusionModelConfig.conditioning
-= "heads"`) predicts the noise under every class and the null class in one evaluation: a trial then costs one
-evaluation however many classes are in play, and the null class, free, is measured on every trial (`null_trials`
-limits evaluations only where the null class costs one). Everything else, the trials, the tests, the exits, the
-log, is the same: eliminating a class saves no evaluations, but deciding a cell still ends its trials.
-
 With `trial_views = "dihedral"` each trial also draws one of the cell's 8 rotations/reflections and noises that
 view (every class of the trial sees the same one): a cell has no orientation, so its error is averaged over them.
 
@@ -58,9 +52,8 @@ from scipy import special
 
 from cytoloop.config import ScoringConfig
 
-# denoise(x_t, t, class_index) -> predicted noise; all three batched along dim 0. For a shared pass, class_index is
-# None and the result holds every class's prediction and the null class's last: (batch, n_classes + 1, C, S, S).
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# denoise(x_t, t, class_index) -> predicted noise; all three batched along dim 0.
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 GPU_LOOKAHEAD = 16  # `scoring.lookahead` when unset on a GPU (on a CPU it stays 1: there, evaluations are time)
 
@@ -172,7 +165,6 @@ def score_cells(
     device: torch.device | str = "cpu",
     exits: RouteExits | None = None,
     candidates: np.ndarray | None = None,
-    shared_pass: bool = False,
 ) -> ScoreResult:
     """Score preprocessed cells (N, 3, S, S) in [-1, 1] against `n_classes` classes (see module docstring).
 
@@ -180,8 +172,7 @@ def score_cells(
     For exhaustive scoring, set `min_trials == max_trials`. Noise is always drawn on the CPU (so a cell gets the
     same trials on any machine); noising and the errors are computed on `device`, where `denoise` runs.
     `exits`: the routing thresholds a cell may stop on once its route is settled (None: never). `candidates`:
-    (N, n_classes) booleans, the classes each cell starts with (None: all). `shared_pass`: `denoise` predicts
-    every class in one evaluation (the `Denoiser` comment).
+    (N, n_classes) booleans, the classes each cell starts with (None: all).
     """
     from tqdm.auto import tqdm
 
@@ -206,15 +197,14 @@ def score_cells(
         # Each cell runs the trials up to its next elimination test (or the trial limit); where all of them fill
         # less than one batch, up to `lookahead - 1` further test intervals too.
         blocks = [_next_block(len(cell.log.strata), config) for cell in pending]
-        inputs = sum(block * (1 if shared_pass else int(cell.active.sum())) for cell, block in zip(pending, blocks))
+        inputs = sum(block * int(cell.active.sum()) for cell, block in zip(pending, blocks))
         extra = (min(lookahead, batch_size // inputs) - 1) * config.check_every if inputs < batch_size else 0
         trials: list[_Trial] = []
         for cell, block in zip(pending, blocks):
             n = len(cell.log.strata)
             block = min(block + extra, config.max_trials - n)
             trials.extend(_draw_trial(cell, n + k, config, alphas_cumprod.shape[0]) for k in range(block))
-        run = _run_shared_trials if shared_pass else _run_trials
-        measured = run(denoise, alphas_cumprod, trials, null_class, config, mask, device, batch_size)
+        measured = _run_trials(denoise, alphas_cumprod, trials, null_class, config, mask, device, batch_size)
         for trial, result in zip(trials, measured):
             _advance(trial.cell, trial.stratum, result, config, weights, exits)
         bar.update(sum(cell.done for cell in pending))
@@ -246,18 +236,6 @@ def cell_view(image: torch.Tensor, view: int) -> torch.Tensor:
     return torch.flip(turned, dims=(-1,)) if view >= 4 else turned
 
 
-def _noised(
-    trials: list[_Trial], alphas_cumprod: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each trial's noised cell x_t (its view of the cell at its timestep, with its noise), the noise and t, on
-    `device`."""
-    x0 = torch.stack([cell_view(trial.cell.image, trial.view) for trial in trials]).to(device, non_blocking=True)
-    noise = torch.stack([trial.noise for trial in trials]).to(device, non_blocking=True)
-    t = torch.tensor([trial.t for trial in trials], device=device)
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, noise, t
-
-
 def _run_trials(
     denoise,
     alphas_cumprod,
@@ -284,9 +262,14 @@ def _run_trials(
         for start in range(0, len(entry_job), batch_size):
             stop = min(start + batch_size, len(entry_job))
             first, last = entry_job[start], entry_job[stop - 1]  # entries are grouped by trial: stack each once
-            x_t, noise, t = _noised(trials[first : last + 1], alphas_cumprod, device)
+            batch = trials[first : last + 1]
+            x0 = torch.stack([cell_view(trial.cell.image, trial.view) for trial in batch]).to(device, non_blocking=True)
+            noise = torch.stack([trial.noise for trial in batch]).to(device, non_blocking=True)
+            t_job = torch.tensor([trial.t for trial in batch], device=device)
             index = (entry_job_t[start:stop] - first).to(device)
-            x_t, noise, t = x_t[index], noise[index], t[index]
+            x0, noise, t = x0[index], noise[index], t_job[index]
+            abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
             predicted = denoise(x_t, t, entry_class_t[start:stop].to(device)).float()
             error = ((predicted - noise) ** 2 * mask).sum(dim=(1, 2, 3)) / mask_pixels
             errors[start:stop] = error.cpu()
@@ -298,39 +281,6 @@ def _run_trials(
             measured[j].errors[c] = e
         measured[j].evals += 1
     return measured
-
-
-def _run_shared_trials(
-    denoise,
-    alphas_cumprod,
-    trials: list[_Trial],
-    null_class: int,
-    config: ScoringConfig,
-    mask: torch.Tensor,
-    device: torch.device,
-    batch_size: int,
-) -> list[_Measured]:
-    """`_run_trials` for a denoiser that predicts every class in one pass: one evaluation per trial, whose heads
-    give the errors of the classes in play and of the null class."""
-    mask = mask.to(device)
-    mask_pixels = mask.sum() * trials[0].cell.image.shape[0]
-    alphas_cumprod = alphas_cumprod.to(device)
-    errors = torch.empty(len(trials), null_class + 1)
-    with torch.inference_mode():
-        for start in range(0, len(trials), batch_size):
-            x_t, noise, t = _noised(trials[start : start + batch_size], alphas_cumprod, device)
-            predicted = denoise(x_t, t, None).float()  # (batch, classes + null, C, S, S)
-            error = ((predicted - noise[:, None]) ** 2 * mask).sum(dim=(2, 3, 4)) / mask_pixels
-            errors[start : start + len(x_t)] = error.cpu()
-    rows = errors.numpy()
-    return [
-        _Measured(
-            np.where(trial.cell.active, rows[j, :null_class], np.nan),
-            float(rows[j, null_class]) if config.score_null_class else float("nan"),
-            1,
-        )
-        for j, trial in enumerate(trials)
-    ]
 
 
 def _advance(
@@ -443,16 +393,13 @@ def decide(weighted: np.ndarray, active: np.ndarray, config: ScoringConfig) -> t
     return active, bool(active.sum() == 1)
 
 
-def replay(
-    log: TrialLog, config: ScoringConfig, weights: np.ndarray, shared_pass: bool = False
-) -> tuple[TrialLog, int]:
+def replay(log: TrialLog, config: ScoringConfig, weights: np.ndarray) -> tuple[TrialLog, int]:
     """What adaptive scoring under `config` would measure for a cell whose exhaustive trials are `log`.
 
     A cell's trials (timesteps, noise) come from its own generator and do not depend on which classes are in
     play, so adaptive scoring sees exactly a prefix of the exhaustive log, restricted to the classes still in
     play: tuning the elimination rule needs no denoiser. `log` must hold every class in every trial. Returns the
-    replayed log and the denoiser evaluations it would cost (null-class ones as `config` asks; with `shared_pass`,
-    one per trial, the null class measured on each).
+    replayed log and the denoiser evaluations it would cost (null-class ones as `config` asks).
     """
     errors = np.stack(log.errors)
     weighted = errors * weights[np.asarray(log.strata)][:, None]
@@ -464,8 +411,8 @@ def replay(
         for k in range(n, min(n + _next_block(n, config), limit)):
             out.strata.append(log.strata[k])
             out.errors.append(np.where(active, errors[k], np.nan))
-            out.null_errors.append(log.null_errors[k] if shared_pass or wants_null(k, config) else np.nan)
-            evals += 1 if shared_pass else int(active.sum()) + wants_null(k, config)
+            out.null_errors.append(log.null_errors[k] if wants_null(k, config) else np.nan)
+            evals += int(active.sum()) + wants_null(k, config)
         if len(out.strata) >= limit:
             return out, evals
         active, done = decide(weighted[: len(out.strata)], active, config)
@@ -473,12 +420,9 @@ def replay(
             return out, evals
 
 
-def replay_decisions(
-    logs: list[TrialLog], config: ScoringConfig, weights: np.ndarray, shared_pass: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+def replay_decisions(logs: list[TrialLog], config: ScoringConfig, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`replay` for many exhaustive logs of equal length at once: the class each cell's replay decides for (as
-    `summarise_log` on the replayed log) and the evaluations it costs (`shared_pass` as in `replay`), identical to
-    one `replay` per log.
+    `summarise_log` on the replayed log) and the evaluations it costs, identical to one `replay` per log.
 
     Tuning replays every candidate rule on every cell in several orders (about 10^5 replays for a fine-tune's 32
     cells), and one `replay` recomputes its t-tests from all trials so far at every test. Here all logs advance
@@ -511,7 +455,7 @@ def replay_decisions(
         sums += block.sum(axis=1)
         products += np.einsum("ltc,ltd->lcd", block, block)
         nulls = sum(wants_null(k, config) for k in range(n, end))
-        evals[running] += (end - n) if shared_pass else active[running].sum(axis=1) * (end - n) + nulls
+        evals[running] += active[running].sum(axis=1) * (end - n) + nulls
         n = end
         if n >= limit:
             length[running] = n
