@@ -48,6 +48,7 @@ from cytoloop.workflows import held_out, label_indices, tune_model_scoring
 
 TITLE = "Late class conditioning: the class in the last up-block only"
 CONDITIONINGS = ("embedding", "late")
+GROUPS = ("normal", "blasts")
 
 
 class LateConditioned(torch.nn.Module):
@@ -85,9 +86,6 @@ class LateConditioned(torch.nn.Module):
         emb = t_emb[group] + u.class_embedding(class_labels).to(dtype=u.dtype)
         sample = u.up_blocks[-1](sample[group], tuple(s[group] for s in skips), emb)
         return SimpleNamespace(sample=u.conv_out(u.conv_act(u.conv_norm_out(sample))))
-
-
-GROUPS = ("normal", "blasts")
 
 
 def trained(conditioning: str, base, training, args) -> DiffusionClassifier:
