@@ -167,8 +167,9 @@ class ScoringConfig(_Section):
         lt=1.0,
         description="where the routing thresholds are given (serving, review route), a cell whose route is settled "
         "by one-sided t-tests at this level stops scoring: past the anomaly threshold, or a close call under the "
-        "review line; its class is then provisional (docs/method.md, route exits). None: every cell runs its "
-        "full trials",
+        "review line; its class is then provisional (docs/method.md, route exits). The same test on the anomaly "
+        "threshold takes the null class out of play once the anomaly route is ruled out. None: every cell runs "
+        "its full trials",
     )
     batch_size: int | None = Field(
         None,

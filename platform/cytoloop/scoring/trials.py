@@ -23,7 +23,10 @@ Two shortcuts serve the cells that matter and the classes that cannot win:
     logit of `routing.review_below`: its confidence is below the review line whatever more trials show), no
     class in play is one routing always sends to senior review, and the anomaly route is ruled out (its gap
     below `anomaly_above` with confidence).
-  Its class guess is kept but marked provisional (`ScoreResult.exited`).
+  Its class guess is kept but marked provisional (`ScoreResult.exited`). With an anomaly threshold the null
+  class also leaves play once the anomaly route is ruled out (the same test): its trials serve that one question,
+  so a cell that goes on scoring its classes stops denoising under it. Its anomaly score then averages the trials
+  that did, and lies below the threshold with confidence.
 - Candidate classes. `candidates` (cells x classes, boolean) starts each cell with only those classes in play (a
   cheap scorer's top k); the others are never denoised, and their class error is +inf. Within the candidates the
   trials are the same as exhaustive scoring's, so if the exhaustive winner is a candidate it still wins.
@@ -123,6 +126,7 @@ class _CellState:
         self.evals = 0
         self.done = False
         self.exited = False
+        self.null_open = True  # False once a route exit has ruled the anomaly route out
         self._strata_queue: list[int] = []
 
     def next_stratum(self, bins: int) -> int:
@@ -250,7 +254,7 @@ def _run_trials(
     entry_job, entry_class = [], []
     for j, trial in enumerate(trials):
         classes = np.flatnonzero(trial.cell.active).tolist()
-        classes += [null_class] if wants_null(trial.number, config) else []
+        classes += [null_class] if trial.cell.null_open and wants_null(trial.number, config) else []
         entry_job.extend([j] * len(classes))
         entry_class.extend(classes)
     entry_job_t, entry_class_t = torch.tensor(entry_job), torch.tensor(entry_class)
@@ -300,16 +304,20 @@ def _advance(
         return
     cell.log.strata.append(stratum)
     cell.log.errors.append(np.where(cell.active, measured.errors, np.nan))
-    cell.log.null_errors.append(measured.null_error)
+    cell.log.null_errors.append(measured.null_error if cell.null_open else np.nan)
     n = len(cell.log.strata)
     if n >= config.max_trials or (n >= config.min_trials and (n - config.min_trials) % config.check_every == 0):
         w = weights[np.asarray(cell.log.strata)]
         weighted = np.stack(cell.log.errors) * w[:, None]
-        if exits is not None and route_settled(
-            weighted, np.asarray(cell.log.null_errors) * w, cell.active, config, exits
-        ):
+        null_weighted = np.asarray(cell.log.null_errors) * w
+        if exits is not None and route_settled(weighted, null_weighted, cell.active, config, exits):
             cell.done = cell.exited = True
             return
+        if exits is not None and exits.anomaly_above is not None and config.exit_p is not None and cell.null_open:
+            in_play = np.flatnonzero(cell.active)
+            best = int(in_play[np.argmin(weighted[:, in_play].mean(axis=0))])
+            gap = _null_gap(weighted, null_weighted, best, config)
+            cell.null_open = not _ruled_out(gap, exits.anomaly_above, config.exit_p)
         cell.active, cell.done = decide(weighted, cell.active, config)
 
 
@@ -328,10 +336,15 @@ def route_settled(
         return True
     if exits.review_margin is None or len(order) < 2 or any(int(c) in exits.protected for c in in_play):
         return False
-    if exits.anomaly_above is not None and (gap is None or not _beyond(-gap, -exits.anomaly_above, config.exit_p)):
+    if exits.anomaly_above is not None and not _ruled_out(gap, exits.anomaly_above, config.exit_p):
         return False  # the anomaly route is not ruled out yet
     runner_up = weighted[:, order[1]] - weighted[:, order[0]]
     return _beyond(-runner_up, -exits.review_margin, config.exit_p)
+
+
+def _ruled_out(gap: np.ndarray | None, anomaly_above: float, p: float) -> bool:
+    """Whether a cell's null-class gap lies below the anomaly threshold, by a one-sided t-test at level p."""
+    return gap is not None and _beyond(-gap, -anomaly_above, p)
 
 
 def _null_gap(weighted: np.ndarray, null_weighted: np.ndarray, best: int, config: ScoringConfig) -> np.ndarray | None:
