@@ -313,11 +313,8 @@ def _advance(
         if exits is not None and route_settled(weighted, null_weighted, cell.active, config, exits):
             cell.done = cell.exited = True
             return
-        if exits is not None and exits.anomaly_above is not None and config.exit_p is not None and cell.null_open:
-            in_play = np.flatnonzero(cell.active)
-            best = int(in_play[np.argmin(weighted[:, in_play].mean(axis=0))])
-            gap = _null_gap(weighted, null_weighted, best, config)
-            cell.null_open = not _ruled_out(gap, exits.anomaly_above, config.exit_p)
+        if exits is not None and cell.null_open and null_settled(weighted, null_weighted, cell.active, config, exits):
+            cell.null_open = False
         cell.active, cell.done = decide(weighted, cell.active, config)
 
 
@@ -340,6 +337,18 @@ def route_settled(
         return False  # the anomaly route is not ruled out yet
     runner_up = weighted[:, order[1]] - weighted[:, order[0]]
     return _beyond(-runner_up, -exits.review_margin, config.exit_p)
+
+
+def null_settled(
+    weighted: np.ndarray, null_weighted: np.ndarray, active: np.ndarray, config: ScoringConfig, exits: RouteExits
+) -> bool:
+    """Whether the null class may leave play (module docstring, "Route exits"): the anomaly route is ruled out, so
+    its trials have nothing left to decide. A pure function of the measurements, like `route_settled`."""
+    if config.exit_p is None or exits.anomaly_above is None:
+        return False
+    in_play = np.flatnonzero(active)
+    best = int(in_play[np.argmin(weighted[:, in_play].mean(axis=0))])
+    return _ruled_out(_null_gap(weighted, null_weighted, best, config), exits.anomaly_above, config.exit_p)
 
 
 def _ruled_out(gap: np.ndarray | None, anomaly_above: float, p: float) -> bool:
