@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from _cache import cached
 from _docs import DOCS, environment_prefix, replace_section
-from fast_paths import anomaly_threshold, cell_groups
+from fast_paths import anomaly_threshold, cell_groups, routes
 from scipy import special
 
 from cytoloop.config import RoutingConfig, ScoringConfig
 from cytoloop.models.loading import load_model
-from cytoloop.policy.routing import route_cell
 from cytoloop.scoring.trials import (
     RouteExits,
+    ScoreResult,
     TrialLog,
     decide,
     null_settled,
@@ -100,11 +100,20 @@ def main() -> None:
         for group, images in groups.items()
     }
 
-    def outcome(log: TrialLog) -> tuple[int, str]:
-        class_error, _, null_ratio = summarise_log(log, weights)
-        probs = np.exp(-(class_error - class_error.min()) / model.temperature)
-        probs /= probs.sum()
-        return int(probs.argmax()), route_cell(float(probs.max()), float(null_ratio), "", routing)
+    def outcome(replayed: list[TrialLog]) -> tuple[np.ndarray, np.ndarray]:
+        """Each replayed cell's class and route, as the model's predictions and routing give them."""
+        rows = [summarise_log(log, weights) for log in replayed]
+        result = ScoreResult(
+            class_error=np.stack([r[0] for r in rows]),
+            anomaly_min_error=np.array([r[1] for r in rows]),
+            anomaly_null_ratio=np.array([r[2] for r in rows]),
+            trials=np.array([len(log.strata) for log in replayed]),
+            evals=np.zeros(len(replayed), dtype=int),
+            logs=replayed,
+            exited=np.zeros(len(replayed), dtype=bool),
+        )
+        predictions = model.predictions_from_scores(result, config=tuned)
+        return predictions.labels, routes(predictions, routing)
 
     variants: dict[str, Settled | None] = {
         "no exits": None,
@@ -114,10 +123,12 @@ def main() -> None:
     }
     rows, checks = [], {}
     for group, group_logs in logs.items():
-        reference = [outcome(replay_exits(log, tuned, weights, None, None)[0]) for log in group_logs]
+        reference_class, reference_route = outcome(
+            [replay_exits(log, tuned, weights, None, None)[0] for log in group_logs]
+        )
         for name, settled in variants.items():
             replays = [replay_exits(log, tuned, weights, exits if settled else None, settled) for log in group_logs]
-            outcomes = [outcome(log) for log, _, _ in replays]
+            classes, routed = outcome([log for log, _, _ in replays])
             evals = np.array([e for _, e, _ in replays])
             rows.append(
                 {
@@ -127,8 +138,8 @@ def main() -> None:
                     "evals_mean": float(evals.mean()),
                     "evals_p95": float(np.percentile(evals, 95)),
                     "exited": float(np.mean([x for _, _, x in replays])),
-                    "same_route": float(np.mean([a[1] == b[1] for a, b in zip(outcomes, reference)])),
-                    "same_class": float(np.mean([a[0] == b[0] for a, b in zip(outcomes, reference)])),
+                    "same_route": float(np.mean(routed == reference_route)),
+                    "same_class": float(np.mean(classes == reference_class)),
                 }
             )
             if name == "library":  # the replay is what scoring does: the first cells, scored for real
