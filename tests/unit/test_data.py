@@ -104,6 +104,30 @@ def test_manifest_absolute_paths_stay_absolute(tmp_path):
     assert read_manifest(manifest)[0].path == image
 
 
+def test_a_manifest_path_is_one_cell_however_it_is_written(tmp_path):
+    """'./imgs/a.png' names the cell 'imgs/a.png' (a split written from it must match the cell's path), and the
+    same cell listed twice is refused: it could land in training and test at once."""
+    from cytoloop.data.records import write_split
+    from cytoloop.workflows import SPLIT_FILE, held_out
+
+    rows = [{"path": f"./imgs/{i}.png", "label": "x", "domain": "d"} for i in range(4)]
+    records = read_manifest(_write_manifest(tmp_path / "m.csv", rows))
+    assert [r.cell_id for r in records] == [f"imgs/{i}.png" for i in range(4)]
+    write_split({"train": records[:2], "test": records[2:]}, tmp_path / "model" / SPLIT_FILE)
+    kept, excluded = held_out(records, tmp_path / "model")
+    assert [r.cell_id for r in kept] == ["imgs/2.png", "imgs/3.png"] and excluded == 2
+    rows.append({"path": "imgs//1.png", "label": "y", "domain": "d"})
+    with pytest.raises(DatasetError, match=r"m2.csv:6: imgs/1.png is listed again \(first on line 3\)"):
+        read_manifest(_write_manifest(tmp_path / "m2.csv", rows))
+
+
+def test_a_short_manifest_row_names_its_line(tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text("path,label,domain\na.png,x,d\nb.png\n")
+    with pytest.raises(DatasetError, match="short.csv:3: the row has no label, domain"):
+        read_manifest(path)
+
+
 def test_manifest_missing_column(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("path,label\na.png,x\n")
@@ -188,6 +212,9 @@ def test_small_stratum_reaches_every_part():
 def test_split_fractions_must_sum_to_one():
     with pytest.raises(DatasetError, match="sum to 1"):
         stratified_split(_records({("a", "d"): 4}), {"train": 0.5, "test": 0.3})
+    for bad in ({"train": 0.9, "val": 0.3, "test": -0.2}, {"train": 0.5, "test": float("nan")}):
+        with pytest.raises(DatasetError, match=r"must each lie in \[0, 1\]"):
+            stratified_split(_records({("a", "d"): 4}), bad)
 
 
 def test_write_read_split_round_trip(tmp_path):

@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cytoloop.errors import CytoLoopError
 
@@ -54,20 +54,31 @@ def load_records(data: Path | str) -> list[CellRecord]:
 
 
 def read_manifest(path: Path) -> list[CellRecord]:
+    """A manifest's cells. A row's path is relative to the CSV and its id is that path written plainly (`./a.png`
+    and `a.png` are one cell), so a split names it the same way however it was written; a path listed twice is an
+    error, since one cell in two rows could land in training and test at once."""
     root = path.parent.resolve()
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)}")
-        records = []
+        records: list[CellRecord] = []
+        first_line: dict[str, int] = {}
         for line, row in enumerate(reader, start=2):
-            if not row["path"]:
+            short = [c for c in REQUIRED_COLUMNS if row.get(c) is None]
+            if short:
+                raise DatasetError(f"{path}:{line}: the row has no {', '.join(short)} (fewer fields than the header)")
+            if not row["path"].strip():
                 raise DatasetError(f"{path}:{line}: empty path")
+            cell_id = PurePosixPath(row["path"].strip()).as_posix()
+            if cell_id in first_line:
+                raise DatasetError(f"{path}:{line}: {cell_id} is listed again (first on line {first_line[cell_id]})")
+            first_line[cell_id] = line
             records.append(
                 CellRecord(
-                    cell_id=row["path"],
-                    path=root / row["path"],
+                    cell_id=cell_id,
+                    path=root / cell_id,
                     label=row["label"].strip() or None,
                     domain=row["domain"].strip() or "default",
                     source=(row.get("source") or "").strip(),
@@ -129,6 +140,9 @@ def stratified_split(
     Fractions must sum to 1. Every stratum keeps at least one cell in the first part; small strata give their
     remaining cells to the later parts in order, so a rare class still appears in validation and test.
     """
+    bad = {name: f for name, f in fractions.items() if not 0.0 <= f <= 1.0}  # NaN fails both comparisons
+    if bad:
+        raise DatasetError(f"split fractions must each lie in [0, 1], got {bad}")
     if abs(sum(fractions.values()) - 1.0) > 1e-6:
         raise DatasetError(f"split fractions must sum to 1, got {fractions}")
     strata: dict[tuple, list[CellRecord]] = defaultdict(list)
