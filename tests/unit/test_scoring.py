@@ -250,13 +250,24 @@ def test_summarise_log_with_weights():
     weights = np.array([1.0, 2.0])
     class_error, min_error, null_ratio = summarise_log(log, weights)
     # weighted errors: trial 0 (w=1): [1, 2, 4]; trial 1 (w=2): [4, 2, nan]; trial 2 (w=1): [3, 3.5, nan]
-    # relative to each trial's best:       [0, 1, 3]          [2, 0, nan]          [0, 0.5, nan]
-    # class_error = nanmean over trials: [2/3, 1.5/3, 3]
-    np.testing.assert_allclose(class_error, [2 / 3, 0.5, 3.0])
-    # best class among those active in every trial: mean weighted error class 0 = 8/3, class 1 = 7.5/3 -> class 1
+    # the winner, among the classes in play to the end: mean class 0 = 8/3, class 1 = 7.5/3 -> class 1
+    # minus the winner's, over each class's trials: [-1, 0, 2]  [2, 0, nan]  [-0.5, 0, nan] -> [0.5/3, 0, 2]
+    np.testing.assert_allclose(class_error, [0.5 / 3, 0.0, 2.0])
     assert min_error == pytest.approx(7.5 / 3)
     # null ratio: mean of best - w * null = [2 - 2, 2 - 3, 3.5 - 4] -> (0 - 1 - 0.5) / 3
     assert null_ratio == pytest.approx(-0.5)
+
+
+def test_a_class_dropped_early_never_outranks_the_decided_class():
+    """Classes 0 and 1 trade places trial by trial and each collects sizeable errors against the trial's best;
+    class 2, dropped after one close trial, kept its small early gap. Measured against each trial's best it would
+    win; measured paired against the winner, over its own trials, it stays behind."""
+    nan = np.nan
+    rows = [[1.0, 2.0, 1.2], [2.0, 1.0, nan], [1.0, 2.0, nan], [2.0, 1.1, nan]]
+    log = TrialLog(strata=[0] * 4, errors=[np.array(r) for r in rows], null_errors=[nan] * 4)
+    class_error, min_error, _ = summarise_log(log, np.ones(1))
+    np.testing.assert_allclose(class_error, [0.0, 0.1 / 4, 0.2])  # class 0 wins: mean 1.5 against 1.525
+    assert min_error == pytest.approx(1.5)
 
 
 def test_summarise_log_uniform_weights_is_plain_mean():

@@ -9,6 +9,12 @@ t-test drops each class that is clearly worse than the best one, and a cell is d
 it reaches `max_trials`. With `null_trials = k` only a cell's first k trials also denoise under the null class:
 the anomaly score needs a few of them, the decision none.
 
+A cell's class errors (`class_error`, what its probabilities are a softmax of) are paired too: each class's mean
+weighted error minus the winner's, over the trials that class played; the winner is the class in play to the end
+with the lowest mean. A class the test dropped played only the early trials, on which the winner may have fared
+worse than later: its difference is kept above the winner's 0 all the same, so the decided class always has the
+highest probability.
+
 With a `variance_prior` (fitted on validation cells) the test shrinks each cell's variance
 estimate toward it: a t-test on two or three trials is otherwise at the mercy of a variance from two or three numbers.
 
@@ -74,11 +80,12 @@ class TrialLog:
 class ScoreResult:
     """Per-cell outcome of diffusion scoring; row i for input cell i.
 
-    `class_error`: mean over trials of the weighted error minus that trial's best active class (lower is better;
-    the decided class has the lowest; +inf for a class never in play). `anomaly_min_error`: weighted error of the
-    best class (no class explains the cell). `anomaly_null_ratio`: best class's error minus the null class's (a
-    generic cell explains it as well as the best class). `evals`: denoiser evaluations actually run for the cell.
-    `exited`: the cell stopped early on a route exit (its class is provisional).
+    `class_error`: mean weighted error minus the decided class's, over the trials each class played (module
+    docstring; lower is better; 0 for the decided class, which has the lowest; +inf for a class never in play).
+    `anomaly_min_error`: weighted error of the best class (no class explains the cell). `anomaly_null_ratio`: best
+    class's error minus the null class's (a generic cell explains it as well as the best class). `evals`: denoiser
+    evaluations actually run for the cell. `exited`: the cell stopped early on a route exit (its class is
+    provisional).
     """
 
     class_error: np.ndarray
@@ -514,12 +521,7 @@ def replay_decisions(logs: list[TrialLog], config: ScoringConfig, weights: np.nd
     # the replayed logs' decisions, as summarise_log takes them: a class's errors count while it was in play
     trial = np.arange(n_trials)[None, :, None]
     in_play = (trial < np.minimum(dropped_at, length[:, None])[:, None, :]) & (trial < length[:, None, None])
-    kept = np.where(in_play, weighted, np.nan)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # trials past a replay's end are all NaN
-        relative = kept - np.nanmin(kept, axis=2, keepdims=True)
-        never = np.isnan(relative).all(axis=1)
-        class_error = np.where(never, np.inf, np.nanmean(np.where(never[:, None, :], 0.0, relative), axis=1))
+    class_error = class_errors(np.where(in_play, weighted, np.nan))
     return np.argmin(class_error, axis=1), evals
 
 
@@ -552,6 +554,24 @@ def trial_disagreement(log: TrialLog, decided: int) -> float:
     return float(np.mean(winners != decided))
 
 
+def class_errors(weighted: np.ndarray) -> np.ndarray:
+    """Class errors from weighted errors (..., trials, classes), NaN where a class was out of play (module
+    docstring): each class's mean paired difference to the winner over the trials it played, above 0 for every
+    class but the winner; +inf for a class never in play (not a candidate). Leading axes are cells; a cell's
+    trials past its last (all NaN) are ignored."""
+    played = ~np.isnan(weighted)
+    count = played.sum(axis=-2)
+    to_the_end = count == count.max(axis=-1, keepdims=True)  # in play in every trial the cell ran
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a never-played class's mean of nothing
+        mean = np.where(to_the_end, np.nanmean(weighted, axis=-2), np.inf)
+        winner = np.argmin(mean, axis=-1)[..., None]
+        difference = np.nanmean(weighted - np.take_along_axis(weighted, winner[..., None], axis=-1), axis=-2)
+    is_winner = np.arange(weighted.shape[-1]) == winner
+    error = np.where(is_winner, 0.0, np.maximum(difference, np.nextafter(0.0, 1.0)))
+    return np.where(count == 0, np.inf, error)
+
+
 def summarise_log(log: TrialLog, weights: np.ndarray) -> tuple[np.ndarray, float, float]:
     """(class_error, min_error, null_ratio) of one cell from its trials under timestep weights `weights`.
 
@@ -560,11 +580,8 @@ def summarise_log(log: TrialLog, weights: np.ndarray) -> tuple[np.ndarray, float
     """
     w = weights[np.asarray(log.strata)]
     errors = np.stack(log.errors) * w[:, None]
-    relative = errors - np.nanmin(errors, axis=1, keepdims=True)
-    never = np.isnan(relative).all(axis=0)  # classes never in play (not a candidate): they cannot win
-    class_error = np.where(never, np.inf, np.nanmean(np.where(never, 0.0, relative), axis=0))
-    complete = ~np.isnan(errors).any(axis=0)  # the classes in play to the end
-    best = int(np.argmin(np.where(complete, np.nan_to_num(errors).mean(axis=0), np.inf)))
+    class_error = class_errors(errors)
+    best = int(np.argmin(class_error))
     best_error = errors[:, best]
     null_gap = best_error - np.asarray(log.null_errors) * w
     measured = ~np.isnan(null_gap)  # the null class may be scored on the first trials only (`null_trials`)
