@@ -42,11 +42,21 @@ class ModelCalls:
         in (`replica`, `batch` id, `requests`, `cells`)."""
         work = _Work(service, requests, asyncio.get_running_loop().create_future())
         self._waiting.append(work)
-        async with self._model:
+        try:
             while not work.future.done():  # earlier work first; ours is in one of the next calls
-                # shielded: if this caller is cancelled, the call still answers the others it took
-                await asyncio.shield(self._run_next())
+                # shielded, lock and all: a cancelled caller's call runs on to answer the others it took, and
+                # nobody starts another call beside it
+                await asyncio.shield(self._next_call(work))
+        except asyncio.CancelledError:
+            if work in self._waiting:  # not taken into a call yet: nobody needs it run
+                self._waiting.remove(work)
+            raise
         return work.future.result()
+
+    async def _next_call(self, work: _Work) -> None:
+        async with self._model:
+            if work in self._waiting:  # else a call took it (and has answered), or its caller went away
+                await self._run_next()
 
     async def _run_next(self) -> None:
         service = self._waiting[0].service

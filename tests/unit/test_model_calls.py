@@ -110,3 +110,56 @@ def test_a_cancelled_caller_does_not_strand_the_others():
         return answer
 
     assert asyncio.run(scenario())[0] == [[("a", "y")]]
+
+
+def test_a_caller_cancelled_during_its_merged_call_keeps_one_call_at_a_time():
+    """B's call also carries C's request; B goes away while it runs. C must get its answer from that call, not
+    start a second model call beside it (nor fail on an empty queue)."""
+
+    class Concurrency(FakeService):
+        def __init__(self):
+            super().__init__("a", seconds=0.1)
+            self.running = self.most = 0
+
+        def classify(self, cells):
+            with self._lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+            try:
+                return super().classify(cells)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+    async def scenario():
+        calls, service = ModelCalls(max_requests=8), Concurrency()
+        holder = asyncio.create_task(calls.submit(service, [request("x")]))
+        await asyncio.sleep(0.01)
+        b = asyncio.create_task(calls.submit(service, [request("b")]))
+        c = asyncio.create_task(calls.submit(service, [request("c")]))
+        await holder
+        await asyncio.sleep(0.03)  # b's call (b and c merged) is running
+        b.cancel()
+        d = asyncio.create_task(calls.submit(service, [request("d")]))  # queued behind it
+        answers = await asyncio.wait_for(asyncio.gather(c, d), timeout=5)
+        return service, answers
+
+    service, (c, d) = asyncio.run(scenario())
+    assert c[0] == [[("a", "c")]] and d[0] == [[("a", "d")]]
+    assert service.most == 1 and service.calls == [1, 2, 1]
+
+
+def test_a_caller_cancelled_before_its_call_is_dropped_from_the_queue():
+    async def scenario():
+        calls, service = ModelCalls(max_requests=8), FakeService("a", seconds=0.1)
+        holder = asyncio.create_task(calls.submit(service, [request("x")]))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(calls.submit(service, [request("gone")]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await holder
+        await asyncio.sleep(0.2)  # the shielded wait for the model runs on: it must not call for nothing
+        return service, await calls.submit(service, [request("y")])
+
+    service, answer = asyncio.run(scenario())
+    assert answer[0] == [[("a", "y")]] and service.calls == [1, 1]
