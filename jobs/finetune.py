@@ -252,7 +252,7 @@ def run_finetune(
     challenger.save(out)
     write_colour_reference(out, reference)
 
-    data = gate_data(sets.eval, settings.promotion, challenger.classes)
+    data = gate_data(sets.eval, settings.promotion, challenger.classes, trained_on=sets.train)
     alias = site_alias(site)
     new = gate_figures(challenger, data, out / "evaluation" / "challenger.json", allowed)
     try:

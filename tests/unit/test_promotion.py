@@ -187,3 +187,21 @@ def test_the_scoring_runtime_names_how_a_diffusion_model_ran():
     assert scoring_runtime(student) == {}
     assert scoring_runtime(teacher) == expected
     assert scoring_runtime(CascadeClassifier(teacher, student)) == expected
+
+
+def test_the_gate_leaves_out_audited_cells_the_challenger_trained_on(tmp_path):
+    """Audited cells get consensus labels, and the label export that trains the challenger lists them too: judged
+    on them, the challenger would be graded on its own training cells and the champion on unseen ones."""
+    from cytoloop.data.records import CellRecord
+    from cytoloop.models.finetune import write_manifest
+    from cytoloop.policy.promotion import gate_data
+
+    def cells(prefix, n, label="a"):
+        return [CellRecord(f"{prefix}{i}.png", tmp_path / f"{prefix}{i}.png", label, "lab") for i in range(n)]
+
+    frozen, audited = cells("eval", 2), cells("audit", 3) + cells("other", 1, label="z")
+    write_manifest(audited, tmp_path / "audited.csv")
+    config = PromotionConfig(audited_manifest=tmp_path / "audited.csv")
+    data = gate_data(frozen, config, ["a"], trained_on=[*cells("train", 4), audited[1]])
+    assert sorted(r.path.name for r in data.eval_records) == ["audit0.png", "audit2.png", "eval0.png", "eval1.png"]
+    assert len(gate_data(frozen, config, ["a"]).eval_records) == 5  # what a caller that trained on none gets

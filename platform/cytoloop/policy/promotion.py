@@ -18,6 +18,7 @@ needs a few hundred cells (docs/review-loop.md, "How large a gate set").
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from cytoloop.config import PromotionConfig
 from cytoloop.data.records import CellRecord, DatasetError, load_records, records_fingerprint, select
 from cytoloop.errors import UsageError
 from cytoloop.evaluation import metrics
+
+logger = logging.getLogger(__name__)
 
 GATED_METRICS = ("balanced_accuracy", "ece", "anomaly_auroc")
 
@@ -123,13 +126,26 @@ class GateData:
     anomaly_label: str
 
 
-def gate_data(eval_records: Sequence[CellRecord], config: PromotionConfig, classes: list[str]) -> GateData:
-    """The frozen evaluation set plus the configured audited cells (of the model's classes), and the anomaly set."""
+def gate_data(
+    eval_records: Sequence[CellRecord],
+    config: PromotionConfig,
+    classes: list[str],
+    trained_on: Sequence[CellRecord] = (),
+) -> GateData:
+    """The frozen evaluation set plus the configured audited cells (of the model's classes), and the anomaly set.
+
+    An audited cell the challenger was trained on (`trained_on`: audited cells get consensus labels, and the
+    label export that trains it lists them too) is left out: it would judge the challenger on its own training
+    cells and the champion on unseen ones."""
     records = list(eval_records)
     if config.audited_manifest is not None:
         audited = [r for r in load_records(config.audited_manifest) if r.label in classes]
         known = {Path(r.path).resolve() for r in records}
-        records += [r for r in audited if Path(r.path).resolve() not in known]
+        trained = {Path(r.path).resolve() for r in trained_on}
+        records += [r for r in audited if Path(r.path).resolve() not in known | trained]
+        left_out = sum(Path(r.path).resolve() in trained for r in audited)
+        if left_out:
+            logger.info(f"gate: {left_out} audited cells left out, the challenger trained on them")
     if not records:
         raise DatasetError("the promotion gate has no evaluation cells")
     anomalies = select(load_records(config.anomaly_manifest)) if config.anomaly_manifest is not None else []
