@@ -203,7 +203,7 @@ def drift(
                 references[version] = None
         windows = drift_windows(log, references, settings.drift)
         log_windows(registry, name, windows)
-        flags = save_flags(_flags_path(settings), windows)
+        flags = save_flags(_flags_path(settings), windows, settings.drift.min_cells)
         typer.echo(f"{len(log)} predictions, {len(windows)} windows logged to MLflow; {len(flags)} flagged")
         for flag in flags:
             typer.echo(

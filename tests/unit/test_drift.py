@@ -16,8 +16,10 @@ from cytoloop.policy.drift import (
     colour_statistics,
     colour_statistics_of,
     drift_windows,
+    load_flags,
     psi,
     read_events,
+    save_flags,
     top_label_ece,
 )
 
@@ -106,6 +108,32 @@ def test_small_windows_raise_no_flag():
     ]
     (window,) = drift_windows(events, {}, CONFIG)
     assert window.flags == [] and window.figures["reviewed_accuracy"] == 0.0
+
+
+def _events(hour: float, n: int, confidence: float) -> list[PredictionEvent]:
+    return [
+        PredictionEvent(
+            time=datetime(2026, 11, 1, tzinfo=UTC) + timedelta(hours=hour),
+            model_version="1",
+            confidence=confidence,
+            routed_to_review=confidence < 0.7,
+            predicted="a",
+        )
+        for _ in range(n)
+    ]
+
+
+def test_a_deploy_time_test_call_is_no_baseline_and_a_new_window_keeps_the_flags(tmp_path):
+    """One test call at deploy time (confidence 0.99) then two ordinary days at 0.85: the baseline is the first
+    window large enough to judge, so neither day is flagged against the test call. A confident day, then a drifted
+    one, then a few cells of the next: the drifted day's flags stay saved for the retrain policy."""
+    config = CONFIG.model_copy(update={"window_hours": 24.0})
+    windows = drift_windows(_events(0, 1, 0.99) + _events(24, 100, 0.85) + _events(48, 100, 0.85), {}, config)
+    assert [w.flags for w in windows] == [[], [], []]
+    windows = drift_windows(_events(0, 100, 0.95) + _events(24, 100, 0.5) + _events(48, 3, 0.5), {}, config)
+    assert windows[1].flags and not windows[2].flags
+    saved = save_flags(tmp_path / "flags.json", windows, config.min_cells)
+    assert [f["flags"] for f in saved] == [windows[1].flags] and load_flags(tmp_path / "flags.json") == saved
 
 
 def test_bad_event_line_names_the_line(tmp_path):

@@ -239,7 +239,10 @@ def drift_windows(
 ) -> list[WindowFigures]:
     """Group events by (model version, site) and time window; figures and flags for each window, oldest first.
 
-    `references` maps a model version to its training colour statistics (None: no stain figures).
+    `references` maps a model version to its training colour statistics (None: no stain figures). A series'
+    baseline is its first window of at least `config.min_cells` cells (a test call at deploy time is no
+    baseline), its reviewed accuracy the first such window's that has reviewed cells; no window is flagged
+    before there is a baseline.
     """
     groups: dict[tuple, dict[int, list[PredictionEvent]]] = {}
     width = config.window_hours * 3600.0
@@ -250,10 +253,14 @@ def drift_windows(
         )
     out = []
     for (version, site), windows in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or "")):
-        first = None
+        first: dict | None = None
         for index in sorted(windows):
             figures = window_figures(windows[index], references.get(version), config)
-            first = first or figures
+            if figures["n_cells"] >= config.min_cells:
+                if first is None:
+                    first = dict(figures)
+                elif first.get("reviewed_accuracy") is None and figures.get("reviewed_accuracy") is not None:
+                    first["reviewed_accuracy"] = figures["reviewed_accuracy"]
             out.append(
                 WindowFigures(
                     version,
@@ -261,7 +268,7 @@ def drift_windows(
                     datetime.fromtimestamp(index * width, UTC),
                     len(windows[index]),
                     figures,
-                    window_flags(figures, first, config),
+                    window_flags(figures, first, config) if first is not None else [],
                 )
             )
     return out
@@ -293,11 +300,13 @@ def log_windows(registry, model_name: str, windows: Sequence[WindowFigures]) -> 
     return runs
 
 
-def save_flags(path: Path, windows: Sequence[WindowFigures]) -> list[dict]:
-    """Keep the flags of each series' latest window (what `cytoloop status` shows and the retrain policy reads)."""
+def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> list[dict]:
+    """Keep the flags of each series' latest window of at least `min_cells` cells (what `cytoloop status` shows
+    and the retrain policy reads): a window just begun, too small to judge, does not clear the last verdict."""
     latest: dict[tuple, WindowFigures] = {}
     for window in windows:
-        latest[(window.model_version, window.site)] = window
+        if window.n_cells >= min_cells:
+            latest[(window.model_version, window.site)] = window
     flags = [
         {"model_version": w.model_version, "site": w.site, "window_start": w.window_start.isoformat(), "flags": w.flags}
         for w in latest.values()
