@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -18,6 +19,8 @@ from pydantic import BaseModel
 
 from labelstudio.bootstrap import SECRET_HEADER
 from labelstudio.store import LabelStore
+
+logger = logging.getLogger(__name__)
 
 
 class Accepted(BaseModel):
@@ -35,8 +38,18 @@ def create_app(store: LabelStore, secret: str, apply_every_s: float = 0.5) -> Fa
     stop = threading.Event()
 
     def apply_loop() -> None:
+        failing = None  # the error of the current run of failures, logged once
         while not stop.wait(apply_every_s):
-            store.process_events()
+            try:
+                store.process_events()
+            except Exception as error:  # the database unusable for a while (locked, moved, disk full): retry
+                if repr(error) != failing:
+                    logger.exception("applying label events failed; retrying every %.1f s", apply_every_s)
+                failing = repr(error)
+            else:
+                if failing is not None:
+                    logger.info("applying label events works again")
+                failing = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

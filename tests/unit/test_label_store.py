@@ -315,3 +315,22 @@ def test_the_stores_record_their_schema_version_and_refuse_a_newer_one(tmp_path)
         db.execute("PRAGMA user_version = 9")  # a newer CytoLoop wrote it
     with pytest.raises(stores.SchemaTooNew, match="schema version 9, newer than this CytoLoop's 2"):
         LabelStore(tmp_path / "labels.db")
+
+
+def test_the_webhook_keeps_applying_events_after_the_database_was_unusable(store, tmp_path):
+    """The label database moved away for a moment (a restore, a full disk): the apply thread used to die on the
+    first error, and every later event then waited for the next poll while /health said ok."""
+    import time
+
+    body = {"action": "ANNOTATION_CREATED", "annotation": annotation(21, "neutrophil", "2026-01-01T00:00:01Z")}
+    with TestClient(create_app(store, "s3cret", apply_every_s=0.05)) as client:
+        aside = tmp_path / "aside.db"
+        store.path.rename(aside)
+        time.sleep(0.3)  # the thread's runs now fail: the file in its place has no tables
+        store.path.unlink(missing_ok=True)
+        aside.rename(store.path)
+        client.post("/webhook", json={**body, "task": TASK}, headers={SECRET_HEADER: "s3cret"})
+        deadline = time.monotonic() + 5
+        while not store.labels() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [label.annotation_id for label in store.labels()] == [21]  # applied by the thread, not on exit
