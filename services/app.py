@@ -40,7 +40,12 @@ def absolute_paths(settings: Settings) -> Settings:
                 update={"tracking_uri": uri, "cache_dir": Path(registry.cache_dir).resolve()}
             ),
             "serve": serve_config.model_copy(
-                update={"model_dir": Path(serve_config.model_dir).resolve() if serve_config.model_dir else None}
+                update={
+                    "model_dir": Path(serve_config.model_dir).resolve() if serve_config.model_dir else None,
+                    "prediction_log": (
+                        Path(serve_config.prediction_log).resolve() if serve_config.prediction_log else None
+                    ),
+                }
             ),
         }
     )

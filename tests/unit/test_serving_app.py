@@ -42,10 +42,11 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     from services.app import absolute_paths
 
     monkeypatch.chdir(tmp_path)
-    settings = absolute_paths(load_settings(overrides={"serve": {"model_dir": "m"}}))
+    settings = absolute_paths(load_settings(overrides={"serve": {"model_dir": "m", "prediction_log": "p.jsonl"}}))
     assert settings.registry.tracking_uri == f"sqlite:///{tmp_path}/.cytoloop/mlflow/mlflow.db"
     assert settings.registry.cache_dir == tmp_path / ".cytoloop/models"
     assert settings.serve.model_dir == tmp_path / "m"
+    assert settings.serve.prediction_log == tmp_path / "p.jsonl"  # replicas write where `cytoloop drift` reads
 
 
 def test_serve_yaml_is_a_valid_deploy_config_that_builds(monkeypatch):
