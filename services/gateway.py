@@ -147,9 +147,12 @@ class Gateway:
         self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
         self.settings = settings  # each site's classes, for /v1/models
 
-    async def _classify(self, request: Request, key: str | None) -> tuple[Upload, Answer]:
+    async def _classify(self, request: Request, key: str | None, sample_id: str | None = None) -> tuple[Upload, Answer]:
+        """Read, check and classify an upload; `sample_id`: the path's, which a body's own must not contradict."""
         check_api_key(self.config.api_key, key)
         upload = await read_upload(request, self.config)
+        if sample_id is not None and upload.sample_id not in (None, sample_id):
+            raise HTTPException(422, f"sample_id {upload.sample_id!r} in the body contradicts the path's {sample_id!r}")
         reject_if_nothing_usable(upload)
         cells = [(name, data) for _, name, data in upload.accepted]
         site = site_key(upload.site)
@@ -197,7 +200,7 @@ class Gateway:
             raise HTTPException(
                 422, f"invalid sample id {sample_id!r}: letters, digits and _ . : - (at most 128)"
             ) from None
-        upload, answer = await self._classify(request, key)
+        upload, answer = await self._classify(request, key, sample_id)
         results: list[CellResult | CellFailure] = list(answer.cells) + [
             CellFailure(i, e.name, e.reason, str(e)) for i, e in upload.rejected
         ]
@@ -262,8 +265,15 @@ class Gateway:
         try:
             version, fallback = await self.classifier.ready.remote()
         except Exception as error:  # the details go to the service log, never to whoever asks
-            logger.warning(f"/readyz: no model loaded: {str(error).strip().splitlines()[-1]}")
+            logger.warning(f"/readyz: no model loaded: {last_line(error)}")
             detail = "no model loaded yet; the service log says why"
             return JSONResponse(Health(status="not ready", detail=detail).model_dump(), status_code=503)
         detail = f"global model version {version}" + (f" ({fallback})" if fallback else "")
         return Health(status="ready", detail=detail, model_version=str(version), last_known_good=fallback)
+
+
+def last_line(error: BaseException) -> str:
+    """The last line of an error's message (a remote error carries the whole traceback), or its type's name
+    when the message is empty (`TimeoutError()`)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__

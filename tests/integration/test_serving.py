@@ -332,6 +332,8 @@ def test_differential_counts_and_triage(serving):
     assert len(body["flags"]) == len(body["reasons"])
     bad = serving.post("/v1/samples/..%2F/differential", files=files[:1])
     assert bad.status_code in (404, 422)
+    other = serving.post("/v1/samples/smear-17/differential", files=files[:1], data={"sample_id": "smear-18"})
+    assert other.status_code == 422 and "contradicts" in other.text  # never answered under the wrong smear
 
 
 def test_two_sites_under_concurrent_batched_requests_get_their_own_models(serving):

@@ -103,3 +103,12 @@ def test_a_request_body_over_the_cap_is_refused_before_it_is_read_whole():
     with pytest.raises(HTTPException) as refused:
         asyncio.run(read_upload(declared, config))
     assert refused.value.status_code == 413 and consumed == []  # its declared length alone refuses it
+
+
+def test_readyz_logs_an_error_without_a_message_by_its_type():
+    """`TimeoutError()` has an empty message: taking its last line raised IndexError inside the handler, and /readyz
+    answered 500 instead of 503."""
+    from services.gateway import last_line
+
+    assert last_line(TimeoutError()) == "TimeoutError"
+    assert last_line(RuntimeError("Traceback ...\n  File x\nValueError: no model\n")) == "ValueError: no model"
