@@ -178,3 +178,18 @@ def test_a_site_s_classes_bind_the_student_and_the_teacher(teacher, student, ima
         assert predictions.extra["deferred"].all() and (predictions.probs[:, 1] == 0).all()
     with pytest.raises(ValueError, match="candidates must be"):
         student.predict(images, candidates=np.zeros((len(images), 3), dtype=bool))
+
+
+def test_a_deferred_cell_the_teacher_stopped_early_stays_provisional(teacher, student, images):
+    """With routing the teacher may stop a deferred cell on a route exit; its class is then a guess, and the
+    service must say so (`provisional`), as it does for the teacher alone."""
+    from cytoloop.config import RoutingConfig
+
+    scoring = teacher.scoring_config.model_copy(update={"min_trials": 2, "max_trials": 40, "exit_p": 0.2})
+    eager = DiffusionClassifier(CLASSES, teacher.data_config, teacher.model_config, scoring, unet=teacher.unet)
+    routing = RoutingConfig(review_below=0.9)
+    alone = eager.predict(images[:6], routing=routing).extra["provisional"]
+    assert alone.any(), "the teacher must stop some cells early for this test to mean much"
+    cascade = CascadeClassifier(eager, student, CascadeConfig(threshold=1.0)).predict(images[:6], routing=routing)
+    assert cascade.extra["deferred"].all()
+    np.testing.assert_array_equal(cascade.extra["provisional"], alone)

@@ -100,6 +100,7 @@ class CascadeClassifier:
         deferred = fast.confidence < self.config.threshold
         probs, evals = fast.probs.copy(), fast.evals.copy()
         teacher_anomaly = np.full(len(images), np.nan)
+        provisional = np.zeros(len(images), dtype=bool)  # a deferred cell the teacher stopped on a route exit
         if deferred.any():
             slow = self.teacher.predict(
                 images[deferred],
@@ -110,6 +111,7 @@ class CascadeClassifier:
             probs[deferred] = slow.probs
             evals[deferred] += slow.evals
             teacher_anomaly[deferred] = slow.anomaly
+            provisional[deferred] = slow.extra.get("provisional", False)
         return Predictions(
             probs=probs,
             anomaly=fast.anomaly,
@@ -119,6 +121,7 @@ class CascadeClassifier:
                 "deferred": deferred,
                 "student_confidence": fast.confidence,
                 "teacher_anomaly": teacher_anomaly,
+                "provisional": provisional,
             },
         )
 
