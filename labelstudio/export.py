@@ -108,10 +108,12 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
     out = Path(out)
     _write(out, rows)
     report = {"exported": len(rows), "left_out": dict(left_out), "path": str(out)}
+    new_path = out.with_name(f"{out.stem}.new-classes.csv")
     if new_rows:
-        new_path = out.with_name(f"{out.stem}.new-classes.csv")
         _write(new_path, new_rows)
         report["new_classes"] = {"path": str(new_path), "cells": dict(Counter(r["label"] for r in new_rows))}
+    else:  # an earlier export's new-class cells no longer have consensus: its file must not outlive them
+        new_path.unlink(missing_ok=True)
     return report
 
 
@@ -119,8 +121,11 @@ def _write(out: Path, rows: list[dict]) -> None:
     """A manifest CSV, whole or not at all (written beside it, then renamed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out)
+    try:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing half-made behind

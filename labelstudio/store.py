@@ -99,6 +99,10 @@ TASK_FIELDS = ("task_key", "cell_id", "sample_id", "site", "domain", "image_path
 # cell_id: the cell's content hash (`tasks.cell_uid`); its file name travels in the task as cell_name
 
 
+class ForeignTask(ValueError):
+    """An annotation whose task CytoLoop did not push: it names no cell to label."""
+
+
 def cell_key(site: str, cell_id: str) -> str:
     return f"{site}:{cell_id}"
 
@@ -253,9 +257,15 @@ class LabelStore:
 
     # -- annotations ----------------------------------------------------------------------------------------
     def upsert(self, annotation: dict, task: dict, source: str, server: str = "") -> bool:
-        """Store an annotation as Label Studio serialises it (with its task); True when the store changed."""
-        with sqlite.transaction(self.path) as db:
-            return self._upsert(db, annotation, task, source, server)
+        """Store an annotation as Label Studio serialises it (with its task); True when the store changed. An
+        annotation of a task CytoLoop did not push (no cell_id) is not stored: it is logged
+        and skipped here (the poll goes on), and quarantined when it comes as a webhook event."""
+        try:
+            with sqlite.transaction(self.path) as db:
+                return self._upsert(db, annotation, task, source, server)
+        except ForeignTask as error:
+            logger.warning(f"label store: skipped {error}")
+            return False
 
     def retract(self, annotation_id: int, project_id: int | None = None, server: str = "") -> bool:
         with sqlite.transaction(self.path) as db:
@@ -290,6 +300,11 @@ class LabelStore:
 
     def _upsert(self, db: sqlite3.Connection, annotation: dict, task: dict, source: str, server: str) -> bool:
         annotation_id = int(annotation["id"])
+        if not (task.get("data") or {}).get("cell_id"):  # votes are per cell: without one they would all merge
+            raise ForeignTask(
+                f"annotation {annotation_id}: its task {task.get('id')} names no cell_id "
+                "(not a task CytoLoop pushed: imported by hand?)"
+            )
         updated_at = str(annotation.get("updated_at") or annotation.get("created_at") or "")
         old = db.execute(
             "SELECT updated_at, retracted_at FROM annotations WHERE server = ? AND annotation_id = ?",
@@ -374,7 +389,11 @@ class LabelStore:
             "COALESCE(c.reason, '') AS reason FROM annotations a "
             "LEFT JOIN annotators u ON u.server = a.server AND u.annotator_id = a.annotator_id "
             "LEFT JOIN task_context c ON c.task_key = a.task_key "
-            "WHERE a.task_key IS NOT NULL"
+            "WHERE a.task_key IS NOT NULL AND a.cell_id != '' "
+            # a legacy row (server '', from a webhook registered before server identities) of an annotation a
+            # server holds is the same annotation: counted once (`adopt` deletes it at the next sync)
+            "AND NOT (a.server = '' AND EXISTS "
+            "(SELECT 1 FROM annotations b WHERE b.server != '' AND b.annotation_id = a.annotation_id))"
         )
         if not include_retracted:
             query += " AND a.retracted_at IS NULL AND a.was_cancelled = 0 AND a.label IS NOT NULL"

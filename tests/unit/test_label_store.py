@@ -299,6 +299,12 @@ def test_the_labelling_view_has_hotkeys_controls_a_fixed_size_and_room_for_a_new
     assert report["exported"] == 0 and report["new_classes"]["cells"] == {"hairy_cell": 1}
     rows = (tmp_path / "labels.new-classes.csv").read_text().splitlines()
     assert rows[1].split(",")[:2] == ["/x/a.bmp", "hairy_cell"]
+    # one annotator changes their mind: no consensus on a new class, and the earlier file must not outlive it
+    ann = {"id": 2, "task": 7, "completed_by": 2, "result": prediction_result("class1"), "updated_at": "2026-01-02"}
+    store.upsert(ann, TASK, "poll")
+    report = export_manifest(store, tmp_path / "labels.csv", labels_required=2)
+    assert "new_classes" not in report and not (tmp_path / "labels.new-classes.csv").exists()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_the_stores_record_their_schema_version_and_refuse_a_newer_one(tmp_path):
@@ -334,3 +340,42 @@ def test_the_webhook_keeps_applying_events_after_the_database_was_unusable(store
         while not store.labels() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert [label.annotation_id for label in store.labels()] == [21]  # applied by the thread, not on exit
+
+
+def test_a_webhook_of_the_old_url_does_not_count_a_label_twice(store):
+    """A webhook registered before server identities (its URL has no ?server=) sends an update of an annotation
+    the poll already stored under the server: the legacy copy used to vote beside it, one hematologist's label
+    counted as two annotators' agreement."""
+    store.set_annotators({4: "alice@lab"}, "org1@A")
+    assert store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z", who=4), TASK, "poll", "org1@A")
+    store.record_event(
+        json.dumps(
+            {
+                "action": "ANNOTATION_UPDATED",
+                "annotation": annotation(1, "neutrophil", "2026-01-01T00:00:02Z", who=4),
+                "task": TASK,
+            }
+        )
+    )
+    assert store.process_events() == 1
+    assert [(v.annotator, v.label) for v in store.votes()] == [("alice@lab", "neutrophil")]
+
+
+def test_an_annotation_of_a_task_cytoloop_did_not_push_is_not_a_label(store):
+    """Tasks imported into a project by hand name no cell: their annotations were stored as votes on one fake
+    cell ':' and exported as a row with an empty path."""
+    foreign = {"id": 8, "project": 3, "data": {"image": "/data/upload/x.png"}}
+    assert not store.upsert(annotation(2, "neutrophil", "2026-01-01T00:00:01Z"), foreign, "poll")
+    store.record_event(
+        json.dumps(
+            {
+                "action": "ANNOTATION_CREATED",
+                "annotation": annotation(3, "monocyte", "2026-01-01T00:00:01Z"),
+                "task": foreign,
+            }
+        )
+    )
+    assert store.process_events() == 1
+    assert store.labels() == [] and store.event_counts()["failed"] == 1
+    [(_, _, error)] = store.quarantined()
+    assert "its task 8 names no cell_id" in error
