@@ -247,6 +247,9 @@ def test_bootstrap_intervals_cover_each_statistic_and_skip_resamples_where_it_is
     assert 0 < intervals["rare_share"][0] <= intervals["rare_share"][1]  # NaN resamples left out, not counted 0
     nothing = bootstrap_intervals(lambda index: {"x": np.nan}, 10, n_boot=5)
     assert np.isnan(nothing["x"][0]) and np.isnan(nothing["x"][1])
+    for bad, message in (({"n_boot": 0}, "n_boot"), ({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha")):
+        with pytest.raises(ValueError, match=message):  # {} or a min-max range passed off as an interval
+            bootstrap_intervals(stats, 100, **bad)
 
 
 def test_evaluation_reports_an_interval_for_every_figure():

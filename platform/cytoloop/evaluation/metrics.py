@@ -281,16 +281,20 @@ def bootstrap_interval(
     and returns the statistic on that resample; it must cope with any resample (e.g. a metric that
     needs both classes may raise). Deterministic for a given ``seed``.
     """
+    _check_bootstrap(n, n_boot, alpha)
+    rng = np.random.default_rng(seed)
+    stats = np.array([values_fn(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
+    low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(low), float(high)
+
+
+def _check_bootstrap(n: int, n_boot: int, alpha: float) -> None:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    rng = np.random.default_rng(seed)
-    stats = np.array([values_fn(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
-    low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(low), float(high)
 
 
 def bootstrap_intervals(
@@ -306,8 +310,7 @@ def bootstrap_intervals(
     is NaN on a resample (a class drawn zero times) is left out of that statistic's quantiles. A statistic NaN on
     every resample gets ``(nan, nan)``. Deterministic for a given ``seed``.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    _check_bootstrap(n, n_boot, alpha)
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
     for _ in range(n_boot):
