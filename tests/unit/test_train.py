@@ -295,3 +295,34 @@ def test_timestep_weights_of_another_stratification_are_an_error(tiny_settings):
     )
     with pytest.raises(UsageError, match="timestep weights were fitted for 5 timestep strata"):
         model.score(red_blue(1)[0])
+
+
+def test_a_damaged_model_directory_fails_to_load_naming_it(tmp_path, tiny_settings):
+    """A truncated model.json, one without its classes, garbage weights, weights of other classes: each used to
+    surface as a bare KeyError, JSONDecodeError, UnpicklingError or size mismatch, a traceback for an operator."""
+    import json
+
+    from cytoloop.models.base import ModelLoadError
+    from cytoloop.models.loading import load_model
+
+    model = DiffusionClassifier(["a", "b"], tiny_settings.data, tiny_settings.diffusion, tiny_settings.scoring)
+    directory = model.save(tmp_path / "m")
+    meta = (directory / "model.json").read_text()
+    weights = next(p for p in directory.iterdir() if p.suffix in (".pt", ".safetensors"))
+    damages = {
+        "not valid JSON": lambda: (directory / "model.json").write_text(meta[: len(meta) // 2]),
+        "has no 'classes' field": lambda: (directory / "model.json").write_text(
+            json.dumps({k: v for k, v in json.loads(meta).items() if k != "classes"})
+        ),
+        "cannot load this diffusion model's files": lambda: weights.write_bytes(b"not a tensor file"),
+    }
+    pristine = weights.read_bytes()
+    for expected, damage in damages.items():
+        damage()
+        with pytest.raises(ModelLoadError, match=f"m.*{expected}"):
+            load_model(directory)
+        (directory / "model.json").write_text(meta)
+        weights.write_bytes(pristine)
+    (directory / "model.json").write_text(json.dumps({**json.loads(meta), "classes": ["a", "b", "c"]}))
+    with pytest.raises(ModelLoadError, match="cannot load this diffusion model's files"):
+        load_model(directory)

@@ -155,4 +155,10 @@ def read_model_meta(directory: Path) -> dict:
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {MODEL_FILE})")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error}); the file is damaged or was cut short") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta

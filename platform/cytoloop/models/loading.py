@@ -6,6 +6,7 @@ the base classes; the base would otherwise import the cascade back).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,14 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     except ValidationError as error:  # a model.json that no longer (or never did) describe a valid model
         problems = describe_validation_error(error)
         raise ModelLoadError(f"{directory}: its {MODEL_FILE} is not a valid {kind} model: {problems}") from error
+    except ModelLoadError:
+        raise
+    except KeyError as error:  # a model.json without a field every model has
+        raise ModelLoadError(f"{directory}: its {MODEL_FILE} has no {error} field") from error
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        # a missing or damaged weights file, or weights of another shape than model.json describes
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"{directory}: cannot load this {kind} model's files ({first})") from error
     diffusion = model.teacher if isinstance(model, CascadeClassifier) else model
     if runtime is not None and isinstance(diffusion, DiffusionClassifier):
         update = {field: getattr(runtime, field) for field in RUNTIME_FIELDS if field in runtime.model_fields_set}
