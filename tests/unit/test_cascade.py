@@ -193,3 +193,22 @@ def test_a_deferred_cell_the_teacher_stopped_early_stays_provisional(teacher, st
     cascade = CascadeClassifier(eager, student, CascadeConfig(threshold=1.0)).predict(images[:6], routing=routing)
     assert cascade.extra["deferred"].all()
     np.testing.assert_array_equal(cascade.extra["provisional"], alone)
+
+
+def test_bad_image_arrays_are_refused_naming_the_problem_and_an_empty_batch_is_answered(teacher, student, images):
+    """A fully convolutional network scored a cell of another size without complaint, a NaN image ran to the
+    trial limit and answered NaN, and an empty batch failed inside numpy or torch."""
+    from cytoloop.errors import UsageError
+
+    for model in (teacher, student, CascadeClassifier(teacher, student, CascadeConfig(threshold=0.5))):
+        bad = {
+            "must be \\(cells, 3, 16, 16\\).*got shape \\(1, 3, 32, 32\\)": np.zeros((1, 3, 32, 32), np.float32),
+            "got shape \\(1, 16, 16, 3\\)": np.zeros((1, SIZE, SIZE, 3), np.float32),
+            "must be floats": np.zeros((1, 3, SIZE, SIZE), np.uint8),
+            "1 of 2 images hold NaN or infinite pixels, first at row 1": np.stack([images[0], images[1] * np.nan]),
+        }
+        for message, array in bad.items():
+            with pytest.raises(UsageError, match=message):
+                model.predict(array)
+        empty = model.predict(images[:0])
+        assert empty.probs.shape == (0, len(CLASSES)) and len(empty.anomaly) == len(empty.evals) == 0

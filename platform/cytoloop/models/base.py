@@ -19,6 +19,7 @@ from cytoloop.config import DataConfig, RoutingConfig, TrainConfig
 from cytoloop.errors import CytoLoopError, UsageError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from cytoloop.models.train import LossFn
@@ -149,6 +150,30 @@ def write_model_dir(directory: Path, meta: dict, state_dict: dict) -> Path:
     torch.save(state_dict, directory / WEIGHTS_FILE)
     (directory / MODEL_FILE).write_text(json.dumps(meta, indent=1))
     return directory
+
+
+def checked_images(images: np.ndarray | torch.Tensor, config: DataConfig) -> np.ndarray:
+    """`images` as a model takes them, (cells, 3, size, size) finite floats from `data.preprocess`, or a UsageError
+    saying what is wrong: a fully convolutional network would score a cell of another size without complaint,
+    and a NaN pixel makes every class's error NaN, so no class is ever dropped and the answer is NaN."""
+    array = np.asarray(images)
+    size = config.image_size
+    if array.ndim != 4 or array.shape[1:] != (3, size, size):
+        raise UsageError(
+            f"images must be (cells, 3, {size}, {size}) as data.preprocess makes them for this model, got shape "
+            f"{array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UsageError(f"images must be floats (data.preprocess scales them to [-1, 1]), got {array.dtype}")
+    bad = ~np.isfinite(array).all(axis=(1, 2, 3))
+    if bad.any():
+        raise UsageError(f"{bad.sum()} of {len(array)} images hold NaN or infinite pixels, first at row {bad.argmax()}")
+    return array
+
+
+def no_predictions(n_classes: int) -> Predictions:
+    """The predictions for an empty batch."""
+    return Predictions(np.zeros((0, n_classes)), np.zeros(0), np.zeros(0, dtype=int))
 
 
 def read_model_meta(directory: Path) -> dict:

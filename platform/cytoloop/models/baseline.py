@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from cytoloop.config import BaselineModelConfig, DataConfig, RoutingConfig, TrainConfig
-from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
+from cytoloop.models.base import Predictions, checked_images, no_predictions, read_model_meta, write_model_dir
 
 if TYPE_CHECKING:
     from cytoloop.models.train import LossFn
@@ -112,6 +112,8 @@ class BaselineClassifier:
         candidates: np.ndarray | None = None,
     ) -> Predictions:
         """One CNN pass per cell (nothing to stop early: `routing` is ignored), decided among `candidates`."""
+        if len(checked_images(images, self.data_config)) == 0:
+            return no_predictions(len(self.classes))
         return self.predictions_from_logits(self.logits(images), candidates=candidates)
 
     def save(self, directory: Path) -> Path:

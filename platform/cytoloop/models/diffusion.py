@@ -17,7 +17,7 @@ import torch
 
 from cytoloop.config import DataConfig, DiffusionModelConfig, RoutingConfig, ScoringConfig, TrainConfig
 from cytoloop.errors import UsageError
-from cytoloop.models.base import Predictions, read_model_meta, write_model_dir
+from cytoloop.models.base import Predictions, checked_images, no_predictions, read_model_meta, write_model_dir
 from cytoloop.scoring.trials import RouteExits, ScoreResult, score_cells, trial_disagreement
 from cytoloop.threads import torch_threads
 
@@ -160,7 +160,7 @@ class DiffusionClassifier:
             return score_cells(
                 denoise,
                 self.scheduler.alphas_cumprod,
-                torch.as_tensor(images, dtype=torch.float32),
+                torch.as_tensor(checked_images(images, self.data_config), dtype=torch.float32),
                 len(self.classes),
                 self.null_class,
                 config,
@@ -213,6 +213,8 @@ class DiffusionClassifier:
         """Calibrated predictions. With `routing` (the thresholds the answers will be routed by), a cell stops once
         its route is settled (past the anomaly threshold, or a close call under the review line) and its class is
         provisional (`extra["provisional"]`); `candidates` restricts each cell to some classes (`scoring.trials`)."""
+        if len(checked_images(images, self.data_config)) == 0:
+            return no_predictions(len(self.classes))
         result = self.score(images, config, progress, self.route_exits(routing, config), candidates)
         return self.predictions_from_scores(result, config=config)
 
