@@ -146,7 +146,9 @@ def _fit(
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
+        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator (on a GPU, its own)
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, start = state["history"], state["step"]
 
     device = next(module.parameters()).device  # the data stays on the CPU; each batch moves to the model
@@ -190,6 +192,7 @@ def _fit(
                 "schedule": schedule.state_dict(),
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "history": history,
                 "step": done,
             }
