@@ -303,3 +303,5 @@ def test_a_registered_version_is_a_real_mlflow_model(registered, cells_dir):
     library = registry.load("cells", version, cache)
     expected = library.predict(np.stack([preprocess(p, library.data_config) for p in paths]))
     assert np.allclose(answer[["p_a", "p_b"]].to_numpy(), expected.probs, atol=1e-6)
+    with pytest.raises(Exception, match="the input has no rows"):  # not a stacking error from numpy
+        pyfunc.predict(frame.iloc[:0])

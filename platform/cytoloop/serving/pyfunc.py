@@ -7,9 +7,11 @@ artifact `cytoloop` (`artifacts/cytoloop/` in the version's files); Ray Serve ke
 the library (`registry.Registry.load`), never through pyfunc.
 
 Input: a table with one column `image`, each row one cell image (BMP, JPEG, PNG or TIFF) as base64 text. Output:
-one row per cell, `label`, `confidence`, `anomaly` and one `p_<class>` column per class, the same answer
-`POST /v1/classify` gives (same preprocessing, `data.preprocess`). MLflow is imported only when a model is logged
-or loaded, so the library keeps working without it.
+one row per cell, `label`, `confidence`, `anomaly` and one `p_<class>` column per class. Preprocessing is the
+service's (`data.preprocess`), scoring the model's own on all its classes to the end: what `POST /v1/classify`
+answers for a site without `sites.<site>.classes`, except for the cells the service stops early on a route exit
+(marked `provisional` there), which are scored in full here. MLflow is imported only when a model is logged or
+loaded, so the library keeps working without it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def predict_frame(model: Classifier, frame):
 
     if IMAGE_COLUMN not in frame.columns:
         raise ValueError(f"the input needs a column {IMAGE_COLUMN!r} of base64 images; got {list(frame.columns)}")
+    if len(frame) == 0:
+        raise ValueError(f"the input has no rows: give one base64 image per row in column {IMAGE_COLUMN!r}")
     images = np.stack(
         [
             preprocess(base64.b64decode(text), model.data_config, name=f"row {i}")
