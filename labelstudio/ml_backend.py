@@ -84,6 +84,16 @@ def image_file(data: dict[str, Any], images_root: Path | None) -> Path:
     return path
 
 
+def _read_image(path: Path, max_bytes: int) -> bytes:
+    """A task's image file, refused unless a regular file of at most `max_bytes` (`serve.max_image_bytes`, the
+    service's own limit): a task's data is whatever was imported, and `/dev/zero` would be read for ever."""
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    if path.stat().st_size > max_bytes:
+        raise ValueError(f"{path} is larger than serve.max_image_bytes ({max_bytes})")
+    return path.read_bytes()
+
+
 class Backend:
     """The per-site models and the retrain trigger; plain and testable, FastAPI only routes to it."""
 
@@ -126,7 +136,7 @@ class Backend:
             for i in members:
                 try:
                     path = image_file(tasks[i].get("data") or {}, self.settings.stack.images_root)
-                    cells.append((path.name, path.read_bytes()))
+                    cells.append((path.name, _read_image(path, self.settings.serve.max_image_bytes)))
                     rows.append(i)
                 except (OSError, ValueError) as error:
                     logger.warning("task %s: no prediction: %s", tasks[i].get("id"), error)
