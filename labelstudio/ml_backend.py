@@ -131,7 +131,11 @@ class Backend:
             by_site.setdefault(data.get("site") or None, []).append(i)
         answers = [Prediction(result=[]) for _ in tasks]
         for site, members in by_site.items():
-            service = self.site(site).service
+            try:
+                service = self.site(site).service
+            except Exception as error:  # one site's model missing or broken: the other sites' tasks still answered
+                logger.warning("site %s: no model to pre-annotate %d tasks: %s", site or "*", len(members), error)
+                continue
             cells, rows = [], []
             for i in members:
                 try:

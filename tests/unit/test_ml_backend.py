@@ -55,3 +55,20 @@ def test_training_events_start_one_retrain_in_the_background(backend):
     assert again.json()["training_started"] is False and other.json()["training_started"] is False
     assert exported == [1]  # the consensus labels were exported for it first
     backend.retrains[0].wait(timeout=30)
+
+
+def test_a_site_without_a_usable_model_leaves_only_its_own_tasks_unanswered(backend):
+    """Site 'east' asks for classes the served model lacks: its tasks get no prediction, the others still do
+    (one site's broken model used to fail the whole request with a 500)."""
+    backend, _, root = backend
+    sites = {"east": {"classes": ["a", "zzz"]}}
+    backend = Backend(
+        Settings(serve={"model_dir": root / "model"}, stack={"images_root": root / "images"}, sites=sites)
+    )
+    tasks = [
+        {"id": 1, "data": {"image_path": str(root / "images" / "0.png"), "site": "east", "reason": "review"}},
+        {"id": 2, "data": {"image_path": str(root / "images" / "1.png"), "reason": "review"}},
+    ]
+    with pytest.raises(Exception, match="zzz"):
+        backend.site("east")
+    assert [bool(p.result) for p in backend.predict(tasks)] == [False, True]
