@@ -76,15 +76,17 @@ def retrain(
         from cytoloop.data.records import load_records
         from cytoloop.policy.drift import load_flags
         from cytoloop.policy.retrain import load_state, new_labels, retrain_due, save_state
+        from cytoloop.registry import CHAMPION, open_registry
 
         settings = settings_from(config, {"finetune": {"steps": steps, "num_workers": workers}})
         records = labelled_records(labels)
         state_path = Path(settings.home) / "retrain" / "state.json"
         state = load_state(state_path)
         fresh = new_labels(records, state)
-        decision = retrain_due(
-            len(fresh), state.hours_since_last(), bool(load_flags(_flags_path(settings))), settings.retrain
-        )
+        champion = open_registry(settings).by_alias(settings.registry.model_name, CHAMPION).version
+        # drift of the champion only: a retired version's last flags stay in the file and must not trigger it
+        drifted = [f for f in load_flags(_flags_path(settings)) if str(f["model_version"]) == str(champion)]
+        decision = retrain_due(len(fresh), state.hours_since_last(), bool(drifted), settings.retrain)
         typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
         if if_due and not decision.due:
             raise typer.Exit(EXIT_NOT_DUE)

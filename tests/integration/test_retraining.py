@@ -303,6 +303,20 @@ def test_retrain_if_due_waits_for_new_labels(gated):
     assert result.exit_code == 4, result.output  # EXIT_NOT_DUE: a scheduler tells it from done and from failed
     assert "retrain not due: 0 new labels" in result.output
     assert len(registry.versions(name)) == versions
+    # the last drift flags of a version no longer champion are history, not a reason to retrain the champion
+    retired = {"model_version": "0", "site": None, "window_start": "2026-11-01T00:00:00+00:00", "flags": ["stain"]}
+    (settings.home / "drift").mkdir(parents=True, exist_ok=True)
+    (settings.home / "drift" / "flags.json").write_text(json.dumps([retired]))
+    again = CliRunner().invoke(
+        app, ["retrain", "--labels", str(root / "consensus.csv"), "--if-due", "--config", str(root / "config.json")]
+    )
+    assert again.exit_code == 4 and "drift flagged" not in again.output, again.output
+    current = {**retired, "model_version": registry.by_alias(name, "champion").version}
+    (settings.home / "drift" / "flags.json").write_text(json.dumps([retired, current]))
+    flagged = CliRunner().invoke(
+        app, ["retrain", "--labels", str(root / "consensus.csv"), "--if-due", "--config", str(root / "config.json")]
+    )
+    assert flagged.exit_code == 4 and "; drift flagged" in flagged.output, flagged.output  # still 0 new labels
 
     bad = CliRunner().invoke(
         app, ["retrain", "--labels", str(root / "missing.csv"), "--config", str(root / "config.json")]
