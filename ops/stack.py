@@ -113,6 +113,14 @@ def ensure_label_studio_venv(settings: Settings) -> Path:
     ready = venv / ".cytoloop-ready"
     if ready.is_file():
         return python
+    if venv.exists():  # not one we made: never replaced (it may be the user's own, or a folder of other things)
+        if python.exists() and (venv / "bin" / "label-studio").exists():
+            return python  # a Label Studio venv the user made: used as it is
+        if not venv.is_dir() or any(venv.iterdir()):
+            raise StackError(
+                f"stack.label_studio_venv {venv} exists but is neither a Label Studio venv nor one cytoloop made: "
+                "name a Label Studio venv, or a path that does not exist yet for cytoloop to create it"
+            )
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -131,7 +139,8 @@ def ensure_label_studio_venv(settings: Settings) -> Path:
             ):
                 if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                     raise StackError(f"creating the Label Studio venv failed ({' '.join(command)}); see {pip_log}")
-        shutil.rmtree(venv, ignore_errors=True)
+        if venv.is_dir():
+            venv.rmdir()  # empty (checked above): nothing of anyone's is lost
         partial.rename(venv)  # the venv's python is a symlink and `python -m` is used: a renamed venv works
         ready.write_text(spec + "\n")
     return python

@@ -142,3 +142,24 @@ def test_ray_stays_on_loopback_when_the_other_services_face_the_network(tmp_path
     assert ray.command[ray.command.index("--node-ip-address") + 1] == "127.0.0.1"
     assert ray.command[ray.command.index("--dashboard-host") + 1] == "127.0.0.1"
     assert ray.env["RAY_AUTH_MODE"] == "disabled"
+
+
+def test_a_folder_named_as_the_label_studio_venv_is_never_deleted(tmp_path):
+    """The venv is built aside and renamed into place; the rename used to rmtree whatever stood there (the
+    user's own venv, a folder of several, the project's .venv) before a single check."""
+    from ops.stack import ensure_label_studio_venv
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    settings = Settings(home=tmp_path / "home", stack={"label_studio_venv": folder})
+    with pytest.raises(StackError, match="exists but is neither a Label Studio venv nor one cytoloop made"):
+        ensure_label_studio_venv(settings)
+    assert (folder / "notes.txt").read_text() == "keep me"
+    own = tmp_path / "own-venv"  # a Label Studio venv the user made: used as it is, nothing installed
+    (own / "bin").mkdir(parents=True)
+    for name in ("python", "label-studio"):
+        (own / "bin" / name).write_text("")
+    assert ensure_label_studio_venv(Settings(home=tmp_path / "home", stack={"label_studio_venv": own})) == (
+        own / "bin" / "python"
+    )
