@@ -17,6 +17,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from cytoloop.errors import UsageError
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -716,12 +718,25 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
     Raises pydantic's ValidationError naming each bad field; the CLI turns it into a readable message.
     """
     source = path or os.environ.get("CYTOLOOP_CONFIG") or None  # `cytoloop --config` sets it for every command
-    values: dict = json.loads(Path(source).read_text()) if source else {}
+    values: dict = _read_settings_file(Path(source)) if source else {}
     # the environment alone, unvalidated: validating it against the defaults would reject values that are only
     # valid together with the file's (e.g. max_trials below the default min_trials)
     values = _deep_merge(values, EnvSettingsSource(Settings)())
     values = _deep_merge(values, overrides or {})
     return Settings(**values)
+
+
+def _read_settings_file(path: Path) -> dict:
+    """A JSON settings file as a dict, or a UsageError naming the file and what is wrong with it."""
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"settings file {path} not found") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"settings file {path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"settings file {path} must hold a JSON object, got {type(values).__name__}")
+    return values
 
 
 def _deep_merge(base: dict, update: dict) -> dict:

@@ -69,6 +69,21 @@ def test_env_validated_together_with_file(tmp_path, monkeypatch):
     assert (settings.scoring.min_trials, settings.scoring.max_trials) == (4, 6)
 
 
+def test_a_damaged_settings_file_is_a_usage_error_naming_it(tmp_path):
+    """A typo in the JSON used to end every command in a JSONDecodeError traceback (exit 1, "a bug")."""
+    from cytoloop.errors import UsageError
+
+    broken, listed = tmp_path / "broken.json", tmp_path / "list.json"
+    broken.write_text('{"train": {"steps": 5,}}')
+    listed.write_text("[1, 2]")
+    with pytest.raises(UsageError, match=r"broken.json is not valid JSON: .*line 1 column 23"):
+        load_settings(broken)
+    with pytest.raises(UsageError, match="list.json must hold a JSON object, got list"):
+        load_settings(listed)
+    with pytest.raises(UsageError, match="missing.json not found"):
+        load_settings(tmp_path / "missing.json")
+
+
 def test_invalid_env_value_names_field(monkeypatch):
     monkeypatch.setenv("CYTOLOOP_TRAIN__STEPS", "many")
     with pytest.raises(ValidationError) as error:
