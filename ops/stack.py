@@ -502,7 +502,10 @@ class Stack:
 
     # -- up / down ------------------------------------------------------------------------------------------
     def up(self, only: list[str] | None = None) -> list[ServiceStatus]:
-        """Start what is not running yet, wait until each answers its health check; returns the status."""
+        """Start what is not running yet, wait until each answers its health check; returns the status. `only`
+        names services this stack runs; another name (a typo, a service the settings turn off) is an error."""
+        if only is not None:
+            self._check_names(only, [service.name for service in self.services()])
         if only is None or "label-studio" in only:
             self._images_root()  # refused before anything is created under home
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -583,9 +586,17 @@ class Stack:
         except FileNotFoundError:
             return "(no log)"
 
+    @staticmethod
+    def _check_names(only: list[str], known: list[str]) -> None:
+        unknown = [name for name in only if name not in known]
+        if unknown:
+            raise StackError(f"no service {', '.join(unknown)} in this stack; its services: {', '.join(known)}")
+
     def down(self, only: list[str] | None = None, timeout_s: float = 30.0) -> list[str]:
         """Stop the services this home folder started (their whole process groups); returns the ones stopped.
         A PID file whose PID now names another process (after a reboot, or reused) is removed, never signalled."""
+        if only is not None:
+            self._check_names(only, list(SERVICES))
         stopped = []
         for name in reversed(SERVICES):
             if only is not None and name not in only:

@@ -163,3 +163,16 @@ def test_a_folder_named_as_the_label_studio_venv_is_never_deleted(tmp_path):
     assert ensure_label_studio_venv(Settings(home=tmp_path / "home", stack={"label_studio_venv": own})) == (
         own / "bin" / "python"
     )
+
+
+def test_only_names_services_of_this_stack(tmp_path):
+    """`--only labelstudio` (a typo) started nothing and exited 0; `down --only labelstudio` said nothing was
+    running while Label Studio went on; `--only mlflow` with the MLflow server turned off did nothing."""
+    stack = Stack(Settings(home=tmp_path / "home", stack={"mlflow_server": False, "ray": False}))
+    with pytest.raises(StackError, match="no service labelstudio in this stack; its services: label-studio, labels"):
+        stack.up(only=["labelstudio"])
+    with pytest.raises(StackError, match="no service mlflow in this stack"):
+        stack.up(only=["mlflow"])
+    with pytest.raises(StackError, match="no service labelstudio in this stack"):
+        stack.down(only=["labelstudio"])
+    assert stack.down(only=["mlflow"]) == []  # stopping what the settings turned off is fine: nothing runs
