@@ -20,7 +20,14 @@ def _read(directory: Path, name: str) -> dict | None:
 
 
 def _with_interval(report: dict, name: str, digits: int = 3) -> str:
-    value = report[name] if name in report else report["per_class_recall"].get(name.split(" ", 1)[1])
+    """A figure of the report with its interval; '-' for one the report does not hold (a lab's part of a report
+    has no accuracy at 90 % coverage)."""
+    if name in report:
+        value = report[name]
+    elif name.startswith("recall "):
+        value = report.get("per_class_recall", {}).get(name.removeprefix("recall "))
+    else:
+        value = None
     if value is None:
         return "-"
     bounds = report.get("intervals", {}).get(name)
@@ -44,11 +51,12 @@ def _evaluation_section(title: str, report: dict) -> list[str]:
             ("accuracy_at_90_coverage", "accuracy at 90 % coverage"),
         ):
             lines.append(f"| {label} | {_with_interval(report, name)} |")
-        lines.append(
-            f"| denoiser evaluations per cell (mean, p95) | {report['denoiser_evals_per_cell']:.1f}, "
-            f"{report.get('denoiser_evals_p95', float('nan')):.0f} |"
-        )
-        recalls = [c for c, r in report["per_class_recall"].items() if r is not None]
+        if "denoiser_evals_per_cell" in report:
+            lines.append(
+                f"| denoiser evaluations per cell (mean, p95) | {report['denoiser_evals_per_cell']:.1f}, "
+                f"{report.get('denoiser_evals_p95', float('nan')):.0f} |"
+            )
+        recalls = [c for c, r in report.get("per_class_recall", {}).items() if r is not None]
         lines += [
             "",
             "Recall per class: " + "; ".join(f"{c} {_with_interval(report, f'recall {c}', 2)}" for c in recalls) + ".",
