@@ -92,6 +92,24 @@ def split_site(records: Sequence[CellRecord], config: DemoConfig, site: str) -> 
     return SiteSplit(**parts)
 
 
+def check_kept_sets(directory: Path, split: SiteSplit, site: str) -> None:
+    """The frozen sets an earlier run left under `directory` must be this split's: a rerun in the same home with
+    another seed, share held out, class list or data would calibrate and gate on cells that are now in its pool
+    or on its learning curve (and keep champions trained on them). Raises a UsageError before anything starts."""
+
+    def paths(cells: Sequence[CellRecord]) -> set[str]:
+        return {str(Path(r.path).resolve()) for r in cells}
+
+    for part, cells in (("val", split.val), ("eval", split.eval)):
+        kept = read_manifest(directory / f"{part}.csv")
+        if paths(kept) != paths(cells):
+            raise UsageError(
+                f"{site}: the frozen {part} cells kept under {directory} are not this run's (another seed, "
+                "test_fraction, class list or data made them): use a fresh home (CYTOLOOP_HOME) or the earlier "
+                "run's settings"
+            )
+
+
 def mix_blasts(splits: dict[str, SiteSplit], blasts: Sequence[CellRecord], config: DemoConfig) -> dict[str, SiteSplit]:
     """Each site's pool with `blast_share` of it made of blasts (no blast in two sites), drawn with the demo's seed.
 
@@ -268,6 +286,7 @@ class Demo:
             )
             directory = frozen_directory(self.settings.home, site)
             if not freeze(directory, split.val, split.eval):
+                check_kept_sets(directory, split, site)
                 logger.info(f"   (the frozen sets under {directory} are kept from an earlier run)")
         return splits
 

@@ -99,6 +99,22 @@ def test_the_demo_freezes_each_sites_sets_once(tmp_path):
     assert directory != frozen_directory(tmp_path, "site-b") != frozen_directory(tmp_path, None)
 
 
+def test_a_rerun_with_another_split_in_the_same_home_is_refused_before_anything_starts(tmp_path):
+    """The kept frozen sets of a seed-0 run used to be reused by a seed-1 run whose pool and learning curve held
+    their cells: calibrated and gated on cells it had routed, trained on or drew its curve from."""
+    from cytoloop.errors import UsageError
+    from cytoloop.models.finetune import freeze, frozen_directory
+    from jobs.cycle import check_kept_sets
+
+    cells = records({"neutrophil": 20, "lymphocyte": 14})
+    first = split_site(cells, DemoConfig(seed=0), "site-a")
+    directory = frozen_directory(tmp_path, "site-a")
+    freeze(directory, first.val, first.eval)
+    check_kept_sets(directory, split_site(cells, DemoConfig(seed=0), "site-a"), "site-a")  # the same run again
+    with pytest.raises(UsageError, match="site-a: the frozen val cells kept under .* are not this run's"):
+        check_kept_sets(directory, split_site(cells, DemoConfig(seed=1), "site-a"), "site-a")
+
+
 def annotator(email: str, error_rate: float) -> SimulatedAnnotator:
     return SimulatedAnnotator(email, 1, client=None, error_rate=error_rate)
 
