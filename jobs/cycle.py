@@ -74,6 +74,11 @@ def split_site(records: Sequence[CellRecord], config: DemoConfig, site: str) -> 
             by_class[record.label].append(record)
     if not by_class:
         raise DatasetError(f"site {site!r} has no labelled cells")
+    if config.blast_label in by_class:  # held out as normal cells, they would set the anomaly threshold
+        raise DatasetError(
+            f"site {site!r}: {len(by_class[config.blast_label])} of its labs' cells are labelled "
+            f"{config.blast_label!r}, the label of the anomalies mixed into its pool: choose demo.classes without it"
+        )
     rng = random.Random(f"{config.seed}:{site}")
     parts: dict[str, list[CellRecord]] = {name: [] for name in ("test", "val", "eval", "pool")}
     for label in sorted(by_class):
@@ -600,7 +605,8 @@ class Demo:
 
         sites = {
             site: f"{', '.join(self.config.sites[site])}: {len(split.pool)} pool cells ({len(split.blasts)} "
-            f"{self.config.blast_label}s mixed in), {len(split.test)} held out; reports "
+            f"{self.config.blast_label}s mixed in), {len(split.test)} held out for the curve, {len(split.val)} to "
+            f"calibrate, {len(split.eval)} to gate; reports "
             + ", ".join(self.settings.site_classes(site) or ["every class of the model"])
             for site, split in splits.items()
         }

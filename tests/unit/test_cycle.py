@@ -99,6 +99,11 @@ def test_the_demo_freezes_each_sites_sets_once(tmp_path):
     assert directory != frozen_directory(tmp_path, "site-b") != frozen_directory(tmp_path, None)
 
 
+def test_blasts_of_a_sites_own_labs_are_refused_before_they_are_held_out_as_normal_cells():
+    with pytest.raises(DatasetError, match="site 'site-a': 4 of its labs' cells are labelled 'blast'"):
+        split_site(records({"neutrophil": 20, "blast": 4}), DemoConfig(), "site-a")
+
+
 def test_a_rerun_with_another_split_in_the_same_home_is_refused_before_anything_starts(tmp_path):
     """The kept frozen sets of a seed-0 run used to be reused by a seed-1 run whose pool and learning curve held
     their cells: calibrated and gated on cells it had routed, trained on or drew its curve from."""
