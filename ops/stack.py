@@ -505,7 +505,9 @@ class Stack:
         """Start what is not running yet, wait until each answers its health check; returns the status. `only`
         names services this stack runs; another name (a typo, a service the settings turn off) is an error."""
         if only is not None:
-            self._check_names(only, [service.name for service in self.services()])
+            cfg = self.settings.stack
+            running = {"label-studio": True, "labels": True, "mlflow": cfg.mlflow_server, "ray": cfg.ray}
+            self._check_names(only, [name for name in SERVICES if running[name]])  # as `services()` chooses
         if only is None or "label-studio" in only:
             self._images_root()  # refused before anything is created under home
         self.run_dir.mkdir(parents=True, exist_ok=True)
