@@ -323,7 +323,7 @@ def test_the_stores_record_their_schema_version_and_refuse_a_newer_one(tmp_path)
         LabelStore(tmp_path / "labels.db")
 
 
-def test_the_webhook_keeps_applying_events_after_the_database_was_unusable(store, tmp_path):
+def test_the_webhook_keeps_applying_events_after_the_database_was_unusable(store, tmp_path, caplog):
     """The label database moved away for a moment (a restore, a full disk): the apply thread used to die on the
     first error, and every later event then waited for the next poll while /health said ok."""
     import time
@@ -332,7 +332,10 @@ def test_the_webhook_keeps_applying_events_after_the_database_was_unusable(store
     with TestClient(create_app(store, "s3cret", apply_every_s=0.05)) as client:
         aside = tmp_path / "aside.db"
         store.path.rename(aside)
-        time.sleep(0.3)  # the thread's runs now fail: the file in its place has no tables
+        deadline = time.monotonic() + 10
+        while "applying label events failed" not in caplog.text:  # the thread's runs fail: the file has no tables
+            assert time.monotonic() < deadline, "the apply thread never ran into the missing database"
+            time.sleep(0.02)
         store.path.unlink(missing_ok=True)
         aside.rename(store.path)
         client.post("/webhook", json={**body, "task": TASK}, headers={SECRET_HEADER: "s3cret"})

@@ -6,7 +6,6 @@ import shutil
 import socket
 import stat
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +114,7 @@ def test_processes_starting_at_once_share_one_set_of_secrets(tmp_path):
         "import sys, time, pathlib\n"
         "from cytoloop.config import Settings\n"
         "from ops.stack import stack_secrets\n"
+        "print('ready', flush=True)\n"
         "while not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.001)\n"
         "print(stack_secrets(Settings(home=sys.argv[2]))['webhook_secret'])\n"
     )
@@ -125,7 +125,8 @@ def test_processes_starting_at_once_share_one_set_of_secrets(tmp_path):
         for _ in range(4)
     ]
 
-    time.sleep(3)  # every child imported and waits at the line
+    for child in children:  # every child imported and waits at the line (a fixed sleep let a slow one miss it)
+        assert child.stdout.readline().strip() == "ready"
     go.touch()
     seen = {child.communicate(timeout=60)[0].strip() for child in children}
     assert len(seen) == 1 and seen == {stack_secrets(settings_in(tmp_path))["webhook_secret"]}
