@@ -137,6 +137,13 @@ def cell_entries(upload: Upload, answer: Answer) -> list[CellAnswer | CellError]
     return [entries[i] for i in sorted(entries)]
 
 
+def last_line(error: BaseException) -> str:
+    """The last line of an error's message (a remote error carries the whole traceback), or its type's name
+    when the message is empty (`TimeoutError()`)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress(api)
 class Gateway:
@@ -270,10 +277,3 @@ class Gateway:
             return JSONResponse(Health(status="not ready", detail=detail).model_dump(), status_code=503)
         detail = f"global model version {version}" + (f" ({fallback})" if fallback else "")
         return Health(status="ready", detail=detail, model_version=str(version), last_known_good=fallback)
-
-
-def last_line(error: BaseException) -> str:
-    """The last line of an error's message (a remote error carries the whole traceback), or its type's name
-    when the message is empty (`TimeoutError()`)."""
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
