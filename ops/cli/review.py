@@ -211,16 +211,23 @@ def review_invite(
         import httpx
 
         from cytoloop.config import load_settings
-        from labelstudio.client import invite_url
+        from labelstudio.client import LabelStudioUnavailable, invite_url
         from ops.stack import label_studio_url, stack_secrets
 
         settings = load_settings(config)
         url, token = label_studio_url(settings), stack_secrets(settings)["admin_token"]
-        if reset:
-            done = httpx.post(f"{url}/api/invite/reset-token", headers={"Authorization": f"Token {token}"}, timeout=30)
-            if done.status_code not in (200, 201):
-                fail(f"Label Studio refused to reset the invite link (HTTP {done.status_code})")
-        typer.echo(invite_url(url, token))
+        try:
+            if reset:
+                headers = {"Authorization": f"Token {token}"}
+                done = httpx.post(f"{url}/api/invite/reset-token", headers=headers, timeout=30)
+                if done.status_code not in (200, 201):
+                    fail(f"Label Studio refused to reset the invite link (HTTP {done.status_code})")
+            link = invite_url(url, token)
+        except httpx.TransportError as error:
+            raise LabelStudioUnavailable(
+                f"Label Studio at {url} is not reachable ({error}); is `cytoloop stack up` running?"
+            ) from error
+        typer.echo(link)
 
     run(action)
 

@@ -200,3 +200,26 @@ def test_invalid_settings_name_the_field_or_the_whole_section(capsys):
     with pytest.raises(typer.Exit):
         run(lambda: ScoringConfig(min_trials=12, max_trials=8))
     assert "invalid configuration: ScoringConfig: Value error, max_trials (8) must be" in capsys.readouterr().err
+
+
+def test_review_invite_with_label_studio_down_is_a_message_and_exit_code_2(tmp_path, monkeypatch):
+    """It used to end in an httpx.ConnectError traceback with exit code 1, the code of a bug."""
+    import json
+    import socket
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "settings.json"
+    config.write_text(
+        json.dumps({"home": str(tmp_path / "home"), "review": {"label_studio_url": f"http://127.0.0.1:{port}"}})
+    )
+    monkeypatch.setenv("CYTOLOOP_CONFIG", str(config))
+    for extra in ([], ["--reset"]):
+        result = CliRunner().invoke(app, ["review", "invite", *extra])
+        assert result.exit_code == 2, result.output
+        assert f"Label Studio at http://127.0.0.1:{port} is not reachable" in result.output
