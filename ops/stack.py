@@ -468,12 +468,15 @@ class Stack:
             return None
         return pid
 
-    def _healthy(self, service: Service) -> bool:
-        host = {"labels": self.settings.review.webhook_host, "ray": self.settings.stack.ray_host}.get(
+    def _bind_host(self, service: Service) -> str:
+        """The address the service listens on: where its port is probed before it starts and checked after."""
+        return {"labels": self.settings.review.webhook_host, "ray": self.settings.stack.ray_host}.get(
             service.name, self.settings.stack.host
         )
+
+    def _healthy(self, service: Service) -> bool:
         if service.health_url is None:
-            return _port_open(host, service.port)
+            return _port_open(self._bind_host(service), service.port)
         try:
             with urllib.request.urlopen(service.health_url, timeout=2) as response:
                 return response.status == 200
@@ -512,13 +515,17 @@ class Stack:
             self._images_root()  # refused before anything is created under home
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mlflow_db().parent.mkdir(parents=True, exist_ok=True)
-        for service in self.services():
-            if only is None or service.name in only:
-                self._start(service)
+        # one `up` at a time per home: two at once both saw no PID and a free port, both started the service, and
+        # the PID file could name the one that lost the port while the other ran on, beyond `down`'s reach
+        with open(self.run_dir / "up.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for service in self.services():
+                if only is None or service.name in only:
+                    self._start(service)
         return self.status()
 
     def _start(self, service: Service) -> None:
-        host = self.settings.stack.host
+        host = self._bind_host(service)
         pid = self._pid(service.name)
         if pid is not None:
             running_port = json.loads(self._pid_file(service.name).read_text()).get("port")
@@ -567,13 +574,15 @@ class Stack:
 
     def _wait_healthy(self, service: Service, pid: int) -> None:
         deadline = time.monotonic() + self.settings.stack.start_timeout_s
-        while not self._healthy(service):
-            if not _alive(pid):
+        while True:
+            if not _alive(pid):  # checked first: another process answering on the port is not ours being up
                 self._pid_file(service.name).unlink(missing_ok=True)
                 raise StackError(
                     f"{service.name} exited during start-up; last lines of "
                     f"{self.log_file(service.name)}:\n{self._tail(service.name)}"
                 )
+            if self._healthy(service):
+                return
             if time.monotonic() > deadline:
                 raise StackError(
                     f"{service.name} did not become healthy within "

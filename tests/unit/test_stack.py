@@ -177,3 +177,50 @@ def test_only_names_services_of_this_stack(tmp_path):
     with pytest.raises(StackError, match="no service labelstudio in this stack"):
         stack.down(only=["labelstudio"])
     assert stack.down(only=["mlflow"]) == []  # stopping what the settings turned off is fine: nothing runs
+
+
+def test_the_port_is_probed_on_the_address_the_service_binds(tmp_path):
+    """The label receiver binds review.webhook_host: a process already there used to go unseen (the probe looked
+    at stack.host), and `up` reported the receiver up on the strength of the other process's port."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.2", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        settings = Settings(
+            home=tmp_path / "home", review={"webhook_port": port, "webhook_host": "127.0.0.2"}, stack={"ray": False}
+        )
+        with pytest.raises(StackError, match=f"labels: port {port} on 127.0.0.2 is taken"):
+            Stack(settings).up(only=["labels"])
+
+
+def test_two_ups_at_once_start_one_receiver_that_down_stops(tmp_path):
+    """Two `up`s on one home at the same moment both saw no PID and a free port and both started the service;
+    one lost the port, and the PID file could name it while the other ran on, beyond `down`'s reach."""
+    import threading
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings(home=tmp_path / "home", review={"webhook_port": port}, stack={"ray": False})
+    barrier, errors = threading.Barrier(2), []
+
+    def up() -> None:
+        barrier.wait()
+        try:
+            Stack(settings).up(only=["labels"])
+        except StackError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=up) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert errors == []
+        [labels] = [s for s in Stack(settings).status() if s.name == "labels"]
+        assert labels.state == "up"
+    finally:
+        Stack(settings).down()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "a receiver outlived `down`"
