@@ -135,21 +135,30 @@ def _figures(
     calibration, held = halves
     threshold = float(np.quantile(normal[calibration], quantile))
     above_normal, above_blast = normal[held] > threshold, blasts > threshold
-    both = np.concatenate([normal, blasts])
-    is_blast = np.concatenate([np.zeros(len(normal), bool), np.ones(len(blasts), bool)])
-    auroc = metrics.bootstrap_intervals(
-        lambda i: {"auroc": metrics.auroc(both[i], is_blast[i]) if 0 < is_blast[i].sum() < len(i) else np.nan},
-        len(both),
-    )["auroc"]
+    auroc, auroc_interval = auroc_with_interval(normal, blasts)
     return {
         "threshold": threshold,
         "false_alarms": float(above_normal.mean()),
         "false_alarms_interval": metrics.bootstrap_interval(lambda i: above_normal[i].mean(), len(above_normal)),
         "recall": float(above_blast.mean()),
         "recall_interval": metrics.bootstrap_interval(lambda i: above_blast[i].mean(), len(above_blast)),
-        "auroc": metrics.auroc(both, is_blast),
-        "auroc_interval": auroc,
+        "auroc": auroc,
+        "auroc_interval": auroc_interval,
     }
+
+
+def auroc_with_interval(negative: np.ndarray, positive: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """AUROC of `positive` against `negative` scores with its 95 % bootstrap interval over cells (a resample
+    holding one kind only is left out)."""
+    from cytoloop.evaluation import metrics
+
+    both = np.concatenate([negative, positive])
+    is_positive = np.concatenate([np.zeros(len(negative), bool), np.ones(len(positive), bool)])
+    interval = metrics.bootstrap_intervals(
+        lambda i: {"auroc": metrics.auroc(both[i], is_positive[i]) if 0 < is_positive[i].sum() < len(i) else np.nan},
+        len(both),
+    )["auroc"]
+    return metrics.auroc(both, is_positive), interval
 
 
 def render(results: dict, n_blasts: int, args: argparse.Namespace) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from _cache import cached
 from _docs import DOCS, environment_prefix, replace_section
+from blast_routing import auroc_with_interval
 
 from cytoloop.config import load_settings
 from cytoloop.data.records import CellRecord, class_interleaved_subset, load_records, select
@@ -194,27 +195,20 @@ def site_figures(
         "reference": len(reference),
         "false_alarms": _share_above(held_scores, threshold),
         "recall": _share_above(blast_scores, threshold),
-        "auroc_held": _auroc(held_scores, blast_scores),
+        "auroc_held": auroc_with_interval(held_scores, blast_scores),
     }
     if site != "blast-lab":
         lab_scores = score(values["blast-lab"])
-        figures |= {"lab_routed": _share_above(lab_scores, threshold), "auroc_lab": _auroc(lab_scores, blast_scores)}
+        figures |= {
+            "lab_routed": _share_above(lab_scores, threshold),
+            "auroc_lab": auroc_with_interval(lab_scores, blast_scores),
+        }
     return figures
 
 
 def _share_above(scores: np.ndarray, threshold: float) -> tuple[float, tuple[float, float]]:
     above = scores > threshold
     return float(above.mean()), metrics.bootstrap_interval(lambda i: above[i].mean(), len(above))
-
-
-def _auroc(negative: np.ndarray, positive: np.ndarray) -> tuple[float, tuple[float, float]]:
-    both = np.concatenate([negative, positive])
-    is_positive = np.concatenate([np.zeros(len(negative), bool), np.ones(len(positive), bool)])
-    interval = metrics.bootstrap_intervals(
-        lambda i: {"auroc": metrics.auroc(both[i], is_positive[i]) if 0 < is_positive[i].sum() < len(i) else np.nan},
-        len(both),
-    )["auroc"]
-    return metrics.auroc(both, is_positive), interval
 
 
 def _fmt(value: tuple[float, tuple[float, float]] | None, digits: int = 2) -> str:
