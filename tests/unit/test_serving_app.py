@@ -112,3 +112,36 @@ def test_readyz_logs_an_error_without_a_message_by_its_type():
 
     assert last_line(TimeoutError()) == "TimeoutError"
     assert last_line(RuntimeError("Traceback ...\n  File x\nValueError: no model\n")) == "ValueError: no model"
+
+
+def test_the_kuberay_serve_config_is_valid_and_leaves_routing_to_the_settings():
+    """serveConfigV2 is a copy of serve.yaml's application that no test read; a `routing:` block in a deployment's
+    user_config replaces the settings file's routing whole (an anomaly threshold of null turns the anomaly route
+    off), so neither config carries one."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.classifier import LiveConfig
+
+    manifest = yaml.safe_load((REPO / "infra/kuberay/rayservice.yaml").read_text())
+    for config in (
+        ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"])),
+        ServeDeploySchema.model_validate(yaml.safe_load((REPO / "infra/serve.yaml").read_text())),
+    ):
+        [app] = config.applications
+        assert app.import_path == "services.app:build"
+        [classifier] = [d for d in app.deployments if d.name == "Classifier"]
+        assert LiveConfig.model_validate(classifier.user_config).routing is None
+
+
+def test_the_image_installs_what_the_services_and_jobs_import():
+    """The image ran `pip install .`: no Ray, MLflow or FastAPI, so no Ray pod could start (`ray start`)."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    dockerfile = (REPO / "infra/Dockerfile").read_text().splitlines()
+    [line] = [line for line in dockerfile if line.startswith("RUN pip install")]
+    named = set(re.search(r'"?\.\[([a-z,]+)\]"?', line).group(1).split(","))
+    if "all" in named:
+        named |= set(re.findall(r"cytoloop\[([a-z,]+)\]", " ".join(extras["all"]))[0].split(","))
+    assert {"serve", "train", "review"} <= named
