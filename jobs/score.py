@@ -46,9 +46,21 @@ class ServedScorer:
         sites = [str(s) for s in batch["site"]]
         answered: list[tuple[str, dict]] = []
         for site in dict.fromkeys(sites):
-            mine = [p for p, s in zip(paths, sites) if s == site]
-            cells = [{"name": p, "image_b64": base64.b64encode(Path(p).read_bytes()).decode()} for p in mine]
+            mine, cells = [], []
+            for path in (p for p, s in zip(paths, sites) if s == site):
+                try:
+                    data = Path(path).read_bytes()
+                except OSError as error:  # this cell's failure, named in `failed`, not the whole job's
+                    answered.append((path, _failure("unreadable", str(error))))
+                    continue
+                mine.append(path)
+                cells.append({"name": path, "image_b64": base64.b64encode(data).decode()})
+            if not cells:
+                continue
             response = self.client.post("/v1/classify", json={"cells": cells, "site": site or None})
+            if 400 <= response.status_code < 500:  # the request refused whole (say, no cell of it decodes)
+                answered += [(path, _failure(f"HTTP {response.status_code}", _detail(response))) for path in mine]
+                continue
             if response.status_code != 200:
                 raise RuntimeError(f"the classifier answered HTTP {response.status_code}: {response.text[:300]}")
             answered += list(zip(mine, response.json()["cells"]))
@@ -62,6 +74,18 @@ class ServedScorer:
             out["version"].append(answer["model"]["version"] if ok else "")
             out["error"].append("" if ok else f"{answer['reason']}: {answer['message']}")
         return {key: np.array(values, dtype=object) for key, values in out.items()}
+
+
+def _failure(reason: str, message: str) -> dict:
+    """A cell the scorer could not have answered, in the shape of the service's per-cell error entry."""
+    return {"status": "error", "reason": reason, "message": message}
+
+
+def _detail(response) -> str:
+    try:
+        return str(response.json().get("detail", ""))[:300]
+    except ValueError:
+        return response.text[:300]
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import shutil
 import socket
 import tempfile
@@ -67,7 +66,7 @@ def _train(kind, records, classes, overrides, out):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # its Ray and environment end with this module: later modules start their own
 def serving(cells_dir, tiny_overrides, tmp_path_factory):
     import ray
     from ray import serve
@@ -88,11 +87,12 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
     }
     # a model that loads but fails on every cell: made on a GPU machine, its scoring asks for CUDA
     models["poisoned"] = root / "poisoned"
+    environment = pytest.MonkeyPatch()  # undone when the module's tests are done
     shutil.copytree(models["diffusion"], models["poisoned"])
     meta = json.loads((models["poisoned"] / "model.json").read_text())
     meta["scoring"]["device"] = "cuda"
     (models["poisoned"] / "model.json").write_text(json.dumps(meta))
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    environment.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     registry = Registry(f"sqlite:///{root}/mlflow.db", experiment="serving-test")
     registry.client.create_experiment("serving-test", artifact_location=str(root / "artifacts"))
     versions = {
@@ -128,9 +128,9 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
         }
     )
     temp_dir = tempfile.mkdtemp(prefix="ray_srv_", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_worker_niceness"] = "0"  # Ray starts workers at +15: on a busy machine the proxy never starts
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # replicas meeting a down registry need not wait minutes
+    environment.setenv("RAY_AUTH_MODE", "disabled")
+    environment.setenv("RAY_worker_niceness", "0")  # Ray starts workers at +15: on a busy machine no proxy starts
+    environment.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # replicas meeting a down registry need not wait
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     port = _free_port()
     try:
@@ -147,6 +147,7 @@ def serving(cells_dir, tiny_overrides, tmp_path_factory):
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        environment.undo()
 
 
 def _ok_cells(response: httpx.Response) -> list[dict]:
@@ -503,7 +504,7 @@ def test_changed_routing_reconfigures_the_running_replica_in_place(serving, tmp_
         serve.delete("live")
 
 
-def test_batch_scoring_sends_each_sites_cells_to_that_sites_model(serving):
+def test_batch_scoring_sends_each_sites_cells_to_that_sites_model(serving, tmp_path):
     """A Ray Data batch holding cells of two sites (batches are cut by size, not by site) used to be sent whole to
     the global model. Each site's cells now reach that site's champion."""
     from jobs.score import ServedScorer
@@ -515,6 +516,18 @@ def test_batch_scoring_sends_each_sites_cells_to_that_sites_model(serving):
     version_of = dict(zip(out["path"], out["version"]))
     expected = {"siteb": serving.versions["two"], "": serving.versions["four"], "sited": serving.versions["diffusion"]}
     assert [version_of[p] for p in paths] == [expected[s] for s in sites]
+    # a site's share of a batch with no decodable cell (422 for the whole request) and a file gone: those cells
+    # are named failures, the others still answered (the whole Ray Data job used to die)
+    junk, gone = tmp_path / "junk.png", tmp_path / "gone.png"
+    junk.write_bytes(b"not an image")
+    out = scorer(
+        {
+            "path": np.array([paths[0], str(junk), str(gone)], dtype=object),
+            "site": np.array(["", "sited", ""], dtype=object),
+        }
+    )
+    status = {p: (ok, error.split(":")[0]) for p, ok, error in zip(out["path"], out["ok"], out["error"])}
+    assert status == {paths[0]: (True, ""), str(junk): (False, "HTTP 422"), str(gone): (False, "unreadable")}
 
 
 def test_a_model_that_fails_fails_only_its_own_requests(serving):
