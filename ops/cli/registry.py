@@ -84,8 +84,7 @@ def retrain(
         state = load_state(state_path)
         fresh = new_labels(records, state)
         champion = open_registry(settings).by_alias(settings.registry.model_name, CHAMPION).version
-        # drift of the champion only: a retired version's last flags stay in the file and must not trigger it
-        drifted = [f for f in load_flags(_flags_path(settings)) if str(f["model_version"]) == str(champion)]
+        drifted = _champion_flags(load_flags(_flags_path(settings)), champion)
         decision = retrain_due(len(fresh), state.hours_since_last(), bool(drifted), settings.retrain)
         typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
         if if_due and not decision.due:
@@ -180,6 +179,12 @@ def _flags_path(settings) -> Path:
     return Path(settings.home) / "drift" / "flags.json"
 
 
+def _champion_flags(flags: list[dict], champion: str | None) -> list[dict]:
+    """The drift flags of the champion's version: a retired version's last flags stay in the file (history, shown
+    by `status`) and must not make a retrain of the champion due."""
+    return [f for f in flags if champion is not None and str(f["model_version"]) == str(champion)]
+
+
 @app.command()
 def drift(
     events: Path = typer.Option(..., help="prediction log: JSON lines of drift.PredictionEvent"),
@@ -231,7 +236,7 @@ def status(
 
         from cytoloop.policy.drift import load_flags
         from cytoloop.policy.retrain import load_state, new_labels, retrain_due
-        from cytoloop.registry import NotRegistered, open_registry
+        from cytoloop.registry import CHAMPION, NotRegistered, open_registry
 
         settings = settings_from(config)
         registry = open_registry(settings)
@@ -249,7 +254,8 @@ def status(
         retrain: dict = {"last": state.last_time.isoformat() if state.last_time else None, "due": None}
         if labels is not None:
             fresh = len(new_labels(labelled_records(labels), state))
-            decision = retrain_due(fresh, state.hours_since_last(), bool(flags), settings.retrain)
+            drifted = _champion_flags(flags, aliases.get(CHAMPION))
+            decision = retrain_due(fresh, state.hours_since_last(), bool(drifted), settings.retrain)
             retrain |= {"due": decision.due, "reason": decision.reason}
         report = {
             "registry": settings.registry.tracking_uri,

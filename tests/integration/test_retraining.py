@@ -311,12 +311,16 @@ def test_retrain_if_due_waits_for_new_labels(gated):
         app, ["retrain", "--labels", str(root / "consensus.csv"), "--if-due", "--config", str(root / "config.json")]
     )
     assert again.exit_code == 4 and "drift flagged" not in again.output, again.output
+    status = ["status", "--labels", str(root / "consensus.csv"), "--json", "--config", str(root / "config.json")]
+    said = json.loads(CliRunner().invoke(app, status).stdout)
+    assert "drift flagged" not in said["retrain"]["reason"] and said["drift_flags"] == [retired]  # shown, not due
     current = {**retired, "model_version": registry.by_alias(name, "champion").version}
     (settings.home / "drift" / "flags.json").write_text(json.dumps([retired, current]))
     flagged = CliRunner().invoke(
         app, ["retrain", "--labels", str(root / "consensus.csv"), "--if-due", "--config", str(root / "config.json")]
     )
     assert flagged.exit_code == 4 and "; drift flagged" in flagged.output, flagged.output  # still 0 new labels
+    assert "; drift flagged" in json.loads(CliRunner().invoke(app, status).stdout)["retrain"]["reason"]
 
     bad = CliRunner().invoke(
         app, ["retrain", "--labels", str(root / "missing.csv"), "--config", str(root / "config.json")]
