@@ -542,6 +542,7 @@ class Demo:
         """Score the site's held-out cells through Serve (what the site gets now) and draw its drift figures."""
         from cytoloop.evaluation import metrics
 
+        began = datetime.now(UTC)
         scores = self._score(state, test, site)
         truth = np.array([state.classes.index(r.label) for r in scores.records])
         probs = scores.predictions.probs
@@ -550,11 +551,12 @@ class Demo:
         mean, low, high = metrics.calibrated_ece(probs)
         row.ece_calibrated = {"mean": mean, "low": low, "high": high, "cells": float(len(truth))}
         self.test_predictions[(site, row.round)] = (probs, truth)
-        row.drift = self._drift(self.round_start or datetime.now(UTC), row.served or state.serving[site])
+        row.drift = self._drift(began, row.served or state.serving[site])
 
     def _drift(self, since: datetime, version: str) -> dict[str, float | None]:
-        """Drift figures of the cells Serve classified for this site round (pool, calibration and test cells),
-        logged to MLflow."""
+        """Drift figures of the cells `version` classified since `since`: the site's held-out test cells, the same
+        every round, so the figures move with the model rather than with which cells it happened to score (a
+        promoted version scored only those, a refused one the pool and calibration cells too). Logged to MLflow."""
         from cytoloop.policy.drift import WindowFigures, log_windows, read_colour_reference, read_events, window_figures
         from cytoloop.registry import open_registry
 

@@ -140,7 +140,9 @@ def test_demo_runs_a_round_over_both_sites(demo_run):
     for stage in stages:
         assert f"{stage}: done" in result.output
     assert "Label Studio project (site-a)" in result.output and "MLflow experiment" in result.output
-    for row in rounds_of(demo_run[1]):  # each held-out ECE comes with the floor sampling alone puts under it
+    rows = rounds_of(demo_run[1])
+    assert len(rows) == 2 * len(SITES), rows  # round 0 and round 1 of every site: the loop below checks them all
+    for row in rows:  # each held-out ECE comes with the floor sampling alone puts under it
         floor = row["ece_calibrated"]
         assert floor["cells"] > 0 and 0 <= floor["low"] <= floor["mean"] <= floor["high"] <= 1, row
 
@@ -196,7 +198,9 @@ def test_each_site_got_its_own_version_gated_on_its_own_cells(demo_run):
     assert sorted(int(v.version) for v in registry.versions(name)) == [1, 2, 3]  # base, one fine-tune per site
     assert registry.by_alias(name, CHAMPION).version == "1"  # the base model stays the global champion
     home = Path(settings.home)
-    for row in (r for r in rounds_of(settings) if r["round"] == 1):
+    first = [r for r in rounds_of(settings) if r["round"] == 1]
+    assert len(first) == len(SITES), first
+    for row in first:
         site, version = row["site"], row["version"]
         tags = registry.version(name, version).tags
         assert tags["site"] == site and tags["parent_version"] == "1"

@@ -3,9 +3,9 @@ HTML page (the plots embedded) to mail to a lab.
 
 Plots are what a person reads faster than numbers: each site's held-out balanced accuracy and ECE per round
 against the unadapted base model's (round 0), one reliability diagram per site and round, the blasts found (the
-mixed-in blasts routed as anomalies, beside the share of the pool routed), and the drift figures of what Serve
-classified for each site. Rounds are plain objects (anything with the attributes of `jobs.cycle.RoundResult`),
-so the report can be redrawn from the saved rounds.json.
+mixed-in blasts routed as anomalies, beside the share of the pool routed), and the drift figures of each site's
+held-out cells as Serve classified them after each round. Rounds are plain objects (anything with the attributes
+of `jobs.cycle.RoundResult`), so the report can be redrawn from the saved rounds.json.
 
 The page is built once as a list of blocks (heading, paragraph, table, image) and written twice, so the Markdown
 and the HTML can never say different things.
@@ -197,7 +197,7 @@ def _drift(rounds: Sequence, sites: Mapping[str, str], out: Path) -> list[Block]
             out / name,
             xlabel="round (0: the base model)",
             ylabel="figure",
-            title=f"{site}: what Serve saw (psi_max: colour drift vs the model's training cells)",
+            title=f"{site}: its held-out cells as served (psi_max: colour drift vs the model's training cells)",
         )
         blocks.append(("img", name, f"drift at {site}, before and after adaptation"))
     return [("h2", "Drift before and after adaptation"), *blocks] if blocks else []
