@@ -357,7 +357,8 @@ class FinetuneConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers; more than one trains data-parallel (DDP)")
     use_gpu: bool = False
     storage_path: Path = Field(
-        Path(".cytoloop/ray-train"), description="Ray Train checkpoints (made absolute; shared storage on a cluster)"
+        Path(".cytoloop/ray-train"),
+        description="Ray Train checkpoints (made absolute; shared storage on a cluster); unset: `home`/ray-train",
     )
     max_failures: int = Field(2, ge=-1, description="worker failures a run survives, each resuming from its checkpoint")
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5, description="share of the first export frozen for calibration")
@@ -707,6 +708,8 @@ class Settings(BaseSettings):
         self.registry = self.registry.model_copy(update=registry)
         if "cache_dir" not in self.datasets.model_fields_set:
             self.datasets = self.datasets.model_copy(update={"cache_dir": self.home / "datasets"})
+        if "storage_path" not in self.finetune.model_fields_set:  # Ray Train's checkpoints
+            self.finetune = self.finetune.model_copy(update={"storage_path": self.home / "ray-train"})
         return self
 
 

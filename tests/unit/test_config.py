@@ -31,6 +31,7 @@ def test_stores_follow_home_unless_set(tmp_path, monkeypatch):
     assert settings.registry.tracking_uri == f"sqlite:///{tmp_path}/site/mlflow/mlflow.db"
     assert settings.registry.cache_dir == tmp_path / "site" / "models"
     assert settings.datasets.cache_dir == tmp_path / "site" / "datasets"
+    assert settings.finetune.storage_path == tmp_path / "site" / "ray-train"  # it stayed in the working directory
     chosen = load_settings(overrides={"registry": {"tracking_uri": "http://127.0.0.1:5000", "cache_dir": "m"}})
     assert chosen.registry.tracking_uri == "http://127.0.0.1:5000"
     assert str(chosen.registry.cache_dir) == "m"
