@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # the serving code imports torch: only the scoring actors nee
     from cytoloop.serving.inference import CellResult
 
 
+CELL_REFUSALS = (400, 413, 415, 422)  # what a request's cells can cause; 401, 403, 404, 429 and 5xx are the job's
+
+
 class ServedScorer:
     """Ray Data callable class: one HTTP client per actor, one request per batch of cells."""
 
@@ -55,15 +58,8 @@ class ServedScorer:
                     continue
                 mine.append(path)
                 cells.append({"name": path, "image_b64": base64.b64encode(data).decode()})
-            if not cells:
-                continue
-            response = self.client.post("/v1/classify", json={"cells": cells, "site": site or None})
-            if 400 <= response.status_code < 500:  # the request refused whole (say, no cell of it decodes)
-                answered += [(path, _failure(f"HTTP {response.status_code}", _detail(response))) for path in mine]
-                continue
-            if response.status_code != 200:
-                raise RuntimeError(f"the classifier answered HTTP {response.status_code}: {response.text[:300]}")
-            answered += list(zip(mine, response.json()["cells"]))
+            if cells:
+                answered += self._classify(mine, cells, site)
         out: dict[str, list] = {"path": [], "ok": [], "probabilities": [], "anomaly": [], "version": [], "error": []}
         for path, answer in answered:
             ok = answer["status"] == "ok"
@@ -74,6 +70,19 @@ class ServedScorer:
             out["version"].append(answer["model"]["version"] if ok else "")
             out["error"].append("" if ok else f"{answer['reason']}: {answer['message']}")
         return {key: np.array(values, dtype=object) for key, values in out.items()}
+
+    def _classify(self, paths: list[str], cells: list[dict], site: str) -> list[tuple[str, dict]]:
+        """Each cell's answer. A request refused whole for what is in it (no cell decodes, too large a body or too
+        many cells: 400, 413, 415, 422) is asked again cell by cell, so a cell's own refusal becomes its named
+        failure and the others are answered; any other refusal (a wrong key, URL or rate) ends the job."""
+        response = self.client.post("/v1/classify", json={"cells": cells, "site": site or None})
+        if response.status_code == 200:
+            return list(zip(paths, response.json()["cells"]))
+        if response.status_code in CELL_REFUSALS:
+            if len(cells) == 1:
+                return [(paths[0], _failure(f"HTTP {response.status_code}", _detail(response)))]
+            return [answer for path, cell in zip(paths, cells) for answer in self._classify([path], [cell], site)]
+        raise RuntimeError(f"the classifier answered HTTP {response.status_code}: {response.text[:300]}")
 
 
 def _failure(reason: str, message: str) -> dict:

@@ -518,16 +518,23 @@ def test_batch_scoring_sends_each_sites_cells_to_that_sites_model(serving, tmp_p
     assert [version_of[p] for p in paths] == [expected[s] for s in sites]
     # a site's share of a batch with no decodable cell (422 for the whole request) and a file gone: those cells
     # are named failures, the others still answered (the whole Ray Data job used to die)
-    junk, gone = tmp_path / "junk.png", tmp_path / "gone.png"
+    junk, other, gone = tmp_path / "junk.png", tmp_path / "other.png", tmp_path / "gone.png"
     junk.write_bytes(b"not an image")
-    out = scorer(
-        {
-            "path": np.array([paths[0], str(junk), str(gone)], dtype=object),
-            "site": np.array(["", "sited", ""], dtype=object),
-        }
-    )
+    other.write_bytes(b"nor this")
+    batch = {
+        "path": np.array([paths[0], str(junk), str(other), str(gone)], dtype=object),
+        "site": np.array(["", "sited", "sited", ""], dtype=object),
+    }
+    out = scorer(batch)
     status = {p: (ok, error.split(":")[0]) for p, ok, error in zip(out["path"], out["ok"], out["error"])}
-    assert status == {paths[0]: (True, ""), str(junk): (False, "HTTP 422"), str(gone): (False, "unreadable")}
+    assert status == {
+        paths[0]: (True, ""),
+        str(junk): (False, "HTTP 422"),
+        str(other): (False, "HTTP 422"),
+        str(gone): (False, "unreadable"),
+    }
+    with pytest.raises(RuntimeError, match="HTTP 401"):  # a wrong key is the job's failure, not every cell's
+        ServedScorer(serving.url, api_key="not-the-key")(batch)
 
 
 def test_a_model_that_fails_fails_only_its_own_requests(serving):
