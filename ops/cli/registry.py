@@ -76,15 +76,16 @@ def retrain(
         from cytoloop.data.records import load_records
         from cytoloop.policy.drift import load_flags
         from cytoloop.policy.retrain import load_state, new_labels, retrain_due, save_state
-        from cytoloop.registry import CHAMPION, open_registry
+        from cytoloop.registry import open_registry
 
         settings = settings_from(config, {"finetune": {"steps": steps, "num_workers": workers}})
         records = labelled_records(labels)
         state_path = Path(settings.home) / "retrain" / "state.json"
         state = load_state(state_path)
         fresh = new_labels(records, state)
-        champion = open_registry(settings).by_alias(settings.registry.model_name, CHAMPION).version
-        drifted = _champion_flags(load_flags(_flags_path(settings)), champion)
+        drifted = _champion_flags(
+            load_flags(_flags_path(settings)), open_registry(settings).aliases(settings.registry.model_name)
+        )
         decision = retrain_due(len(fresh), state.hours_since_last(), bool(drifted), settings.retrain)
         typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
         if if_due and not decision.due:
@@ -179,10 +180,19 @@ def _flags_path(settings) -> Path:
     return Path(settings.home) / "drift" / "flags.json"
 
 
-def _champion_flags(flags: list[dict], champion: str | None) -> list[dict]:
-    """The drift flags of the champion's version: a retired version's last flags stay in the file (history, shown
-    by `status`) and must not make a retrain of the champion due."""
-    return [f for f in flags if champion is not None and str(f["model_version"]) == str(champion)]
+def _champion_flags(flags: list[dict], aliases: dict[str, str]) -> list[dict]:
+    """The drift flags of what the global champion serves now: its version, at the sites without a champion of
+    their own. The file keeps each series' last flags (history, shown by `status`): a retired version's, or the
+    global version's at a site that has since been given its own model, must not make a retrain of it due."""
+    from cytoloop.registry import CHAMPION
+
+    champion = aliases.get(CHAMPION)
+    own = {alias.removeprefix(f"{CHAMPION}-") for alias in aliases if alias.startswith(f"{CHAMPION}-")}
+    return [
+        f
+        for f in flags
+        if champion is not None and str(f["model_version"]) == str(champion) and f.get("site") not in own
+    ]
 
 
 @app.command()
@@ -236,7 +246,7 @@ def status(
 
         from cytoloop.policy.drift import load_flags
         from cytoloop.policy.retrain import load_state, new_labels, retrain_due
-        from cytoloop.registry import CHAMPION, NotRegistered, open_registry
+        from cytoloop.registry import NotRegistered, open_registry
 
         settings = settings_from(config)
         registry = open_registry(settings)
@@ -254,7 +264,7 @@ def status(
         retrain: dict = {"last": state.last_time.isoformat() if state.last_time else None, "due": None}
         if labels is not None:
             fresh = len(new_labels(labelled_records(labels), state))
-            drifted = _champion_flags(flags, aliases.get(CHAMPION))
+            drifted = _champion_flags(flags, aliases)
             decision = retrain_due(fresh, state.hours_since_last(), bool(drifted), settings.retrain)
             retrain |= {"due": decision.due, "reason": decision.reason}
         report = {

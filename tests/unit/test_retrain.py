@@ -54,3 +54,17 @@ def test_state_counts_new_and_relabelled_cells(tmp_path):
     relabelled = CellRecord("c0.png", Path(tmp_path / "c0.png"), "lymphocyte", "d")
     fresh = new_labels(records + [relabelled], state)
     assert {r.cell_id for r in fresh} == {"c3.png", "c4.png", "c0.png"}
+
+
+def test_only_what_the_global_champion_serves_now_can_make_its_retrain_due():
+    """The flags file keeps each (version, site) series' last flags: a retired version's, and the champion's at a
+    site that has since been given its own model, stayed there and kept a global retrain due on drift."""
+    from ops.cli.registry import _champion_flags
+
+    def flag(version, site):
+        return {"model_version": version, "site": site, "window_start": "2026-12-01T00:00:00+00:00", "flags": ["x"]}
+
+    flags = [flag("4", None), flag("5", None), flag("5", "north"), flag("5", "south"), flag("6", "south")]
+    aliases = {"champion": "5", "champion-south": "6", "challenger": "7"}
+    assert _champion_flags(flags, aliases) == [flag("5", None), flag("5", "north")]
+    assert _champion_flags(flags, {}) == []  # nothing registered: nothing served, nothing due
