@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     PRIMARY KEY (server, annotation_id)
 );
 CREATE INDEX IF NOT EXISTS annotations_project ON annotations (server, project_id);
+CREATE INDEX IF NOT EXISTS annotations_id ON annotations (annotation_id, task_key);
 CREATE TABLE IF NOT EXISTS task_context (
     task_key TEXT PRIMARY KEY,
     reason TEXT NOT NULL,
@@ -290,13 +291,17 @@ class LabelStore:
     def restore(self, annotation: dict, task: dict, server: str = "") -> bool:
         """Bring back a retracted annotation that Label Studio has been asked directly and still holds (a label
         retracted on a listing that missed it). The caller must have that evidence: a listing alone is not."""
-        with sqlite.transaction(self.path) as db:
-            changed = db.execute(
-                "UPDATE annotations SET retracted_at = NULL, updated_at = '' WHERE server = ? AND annotation_id = ? "
-                "AND retracted_at IS NOT NULL",
-                (server, int(annotation["id"])),
-            ).rowcount
-            return bool(changed) and self._upsert(db, annotation, task, "restore", server)
+        try:
+            with sqlite.transaction(self.path) as db:
+                changed = db.execute(
+                    "UPDATE annotations SET retracted_at = NULL, updated_at = '' WHERE server = ? "
+                    "AND annotation_id = ? AND retracted_at IS NOT NULL",
+                    (server, int(annotation["id"])),
+                ).rowcount
+                return bool(changed) and self._upsert(db, annotation, task, "restore", server)
+        except ForeignTask as error:  # stays retracted: a task naming no cell is no label (a row from before)
+            logger.warning(f"label store: not restored, {error}")
+            return False
 
     def _upsert(self, db: sqlite3.Connection, annotation: dict, task: dict, source: str, server: str) -> bool:
         annotation_id = int(annotation["id"])
@@ -391,9 +396,10 @@ class LabelStore:
             "LEFT JOIN task_context c ON c.task_key = a.task_key "
             "WHERE a.task_key IS NOT NULL AND a.cell_id != '' "
             # a legacy row (server '', from a webhook registered before server identities) of an annotation a
-            # server holds is the same annotation: counted once (`adopt` deletes it at the next sync)
-            "AND NOT (a.server = '' AND EXISTS "
-            "(SELECT 1 FROM annotations b WHERE b.server != '' AND b.annotation_id = a.annotation_id))"
+            # server holds for the same task is the same annotation: counted once (`adopt` deletes it at the next
+            # sync); another server's annotation that merely shares the id (a recreated server) hides nothing
+            "AND NOT (a.server = '' AND EXISTS (SELECT 1 FROM annotations b "
+            "WHERE b.annotation_id = a.annotation_id AND b.task_key = a.task_key AND b.server != ''))"
         )
         if not include_retracted:
             query += " AND a.retracted_at IS NULL AND a.was_cancelled = 0 AND a.label IS NOT NULL"

@@ -362,6 +362,20 @@ def test_a_webhook_of_the_old_url_does_not_count_a_label_twice(store):
     )
     assert store.process_events() == 1
     assert [(v.annotator, v.label) for v in store.votes()] == [("alice@lab", "neutrophil")]
+    # a recreated server's annotation 9 is another annotation than a legacy row 9 of another task: both count
+    other_task = {**TASK, "id": 8, "data": {**TASK["data"], "task_key": "jtsc:b.bmp@v1", "cell_id": "b.bmp"}}
+    store.record_event(
+        json.dumps(
+            {
+                "action": "ANNOTATION_CREATED",
+                "annotation": annotation(9, "monocyte", "2026-01-01T00:00:01Z", who=4),
+                "task": TASK,
+            }
+        )
+    )
+    store.process_events()
+    assert store.upsert(annotation(9, "eosinophil", "2026-01-01T00:00:01Z", who=4), other_task, "poll", "org1@B")
+    assert sorted(v.label for v in store.votes()) == ["eosinophil", "monocyte", "neutrophil"]
 
 
 def test_an_annotation_of_a_task_cytoloop_did_not_push_is_not_a_label(store):
@@ -382,3 +396,18 @@ def test_an_annotation_of_a_task_cytoloop_did_not_push_is_not_a_label(store):
     assert store.labels() == [] and store.event_counts()["failed"] == 1
     [(_, _, error)] = store.quarantined()
     assert "its task 8 names no cell_id" in error
+
+
+def test_restoring_an_old_row_of_a_task_naming_no_cell_leaves_it_retracted(store):
+    """A row stored before such tasks were refused, retracted, then listed again: `restore` raised and every sync
+    failed from then on."""
+    import sqlite3
+
+    foreign = {"id": 8, "project": 3, "data": {"image": "/data/upload/x.png"}}
+    with sqlite3.connect(store.path) as db:
+        db.execute(
+            "INSERT INTO annotations (server, annotation_id, project_id, task_key, cell_id, stored_at, retracted_at) "
+            "VALUES ('s', 31, 3, '', '', '2026-01-01', '2026-01-02')"
+        )
+    assert store.restore(annotation(31, "neutrophil", "2026-01-03T00:00:00Z"), foreign, "s") is False
+    assert store.is_retracted(31, "s")
