@@ -80,6 +80,9 @@ class ModelCalls:
                     await self._call(service, [work])
                 except Exception as alone:
                     _fail(work, alone)
+        finally:  # whatever ended the call (even a BaseException), no caller it took is left waiting for ever
+            for work in taken:
+                _fail(work, RuntimeError("the model call ended without an answer for this request"))
 
     async def _call(self, service: Service, taken: list[_Work]) -> None:
         """One model call for every request of `taken`; gives each caller its answers (raises if the call fails)."""

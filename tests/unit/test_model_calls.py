@@ -17,6 +17,10 @@ from services.model_calls import ModelCalls
 WAIT_S = 10.0  # a bound on every wait, far above what any step takes
 
 
+class Interrupted(BaseException):
+    """Not an Exception: what the call's error handling does not catch."""
+
+
 class FakeService:
     """Answers each cell with (service name, cell name); records the size of every call and how many ran at once.
     Gated: a call stays in the model until `finish` lets it go."""
@@ -38,6 +42,8 @@ class FakeService:
                 raise TimeoutError("the test never let this call finish")
             if any(name == "boom" for name, _ in cells):
                 raise RuntimeError("model failed")
+            if any(name == "halt" for name, _ in cells):
+                raise Interrupted()
             return [(self.name, name) for name, _ in cells]
         finally:
             with self._lock:
@@ -198,3 +204,24 @@ def test_a_caller_cancelled_before_its_call_is_dropped_from_the_queue():
 
     service, answer = asyncio.run(scenario())
     assert answer[0] == [[("a", "y")]] and service.calls == [1, 1]
+
+
+def test_a_call_ended_by_a_base_exception_leaves_no_caller_waiting():
+    """The merged call of `halt` and `b` ends in a BaseException its error handling does not catch: `b`'s future
+    was never answered, and its caller looped for ever."""
+
+    async def scenario():
+        calls, service = ModelCalls(max_requests=8), FakeService("a")
+        holder = asyncio.create_task(calls.submit(service, [request("x")]))
+        await service.in_model()
+        halt = asyncio.create_task(calls.submit(service, [request("halt")]))
+        b = asyncio.create_task(calls.submit(service, [request("b")]))
+        await queued()
+        service.finish(2)
+        await holder
+        outcomes = await asyncio.wait_for(asyncio.gather(halt, b, return_exceptions=True), timeout=WAIT_S)
+        return service, outcomes
+
+    service, (halt, b) = asyncio.run(scenario())
+    assert service.calls == [1, 2]
+    assert isinstance(b, RuntimeError) and "ended without an answer" in str(b)
