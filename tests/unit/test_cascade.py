@@ -212,3 +212,11 @@ def test_bad_image_arrays_are_refused_naming_the_problem_and_an_empty_batch_is_a
                 model.predict(array)
         empty = model.predict(images[:0])
         assert empty.probs.shape == (0, len(CLASSES)) and len(empty.anomaly) == len(empty.evals) == 0
+
+
+def test_a_torch_tensor_is_scored_as_its_array_is(teacher, images):
+    """`score` takes tensors too; a bf16 or CUDA tensor would fail np.asarray, a float32 one must answer alike."""
+    as_array = teacher.score(images[:2]).class_error
+    as_tensor = teacher.score(torch.as_tensor(images[:2])).class_error
+    np.testing.assert_allclose(as_tensor, as_array)
+    teacher.score(torch.as_tensor(images[:2]).to(torch.bfloat16))  # accepted (its values rounded to bf16)

@@ -156,6 +156,8 @@ def checked_images(images: np.ndarray | torch.Tensor, config: DataConfig) -> np.
     """`images` as a model takes them, (cells, 3, size, size) finite floats from `data.preprocess`, or a UsageError
     saying what is wrong: a fully convolutional network would score a cell of another size without complaint,
     and a NaN pixel makes every class's error NaN, so no class is ever dropped and the answer is NaN."""
+    if hasattr(images, "detach"):  # a torch tensor, wherever it lives and whatever its precision
+        images = images.detach().cpu().float().numpy()
     array = np.asarray(images)
     size = config.image_size
     if array.ndim != 4 or array.shape[1:] != (3, size, size):
