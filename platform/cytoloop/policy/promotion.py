@@ -142,7 +142,8 @@ def gate_data(
         audited = [r for r in load_records(config.audited_manifest) if r.label in classes]
         known = {Path(r.path).resolve() for r in records}
         trained = {Path(r.path).resolve() for r in trained_on}
-        records += [r for r in audited if Path(r.path).resolve() not in known | trained]
+        left = known | trained
+        records += [r for r in audited if Path(r.path).resolve() not in left]
         left_out = sum(Path(r.path).resolve() in trained for r in audited)
         if left_out:
             logger.info(f"gate: {left_out} audited cells left out, the challenger trained on them")
