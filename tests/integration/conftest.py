@@ -9,7 +9,6 @@ then ~7 s (more on a busy machine).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
@@ -34,15 +33,18 @@ def local_ray(prefix: str) -> Iterator[None]:
     barely run on a busy shared box."""
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_worker_niceness"] = "0"
+    if ray.is_initialized():  # a module that left its Ray up would hand later modules a cluster of its making
+        raise RuntimeError("a Ray from an earlier test module is still up: each module starts and stops its own")
     temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as environment:  # undone with the cluster
+        environment.setenv("RAY_AUTH_MODE", "disabled")
+        environment.setenv("RAY_worker_niceness", "0")
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass

@@ -16,11 +16,6 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    if ray.is_initialized():  # another module's cluster: use it as it is
-        yield
-        return
     with local_ray("ray_bs_"):
         yield
 
