@@ -130,21 +130,30 @@ def _site_figures(normal: dict[str, np.ndarray], blasts: dict[str, np.ndarray], 
 def _figures(
     normal: np.ndarray, blasts: np.ndarray, halves: tuple[np.ndarray, np.ndarray], quantile: float
 ) -> dict[str, float | tuple[float, float]]:
-    from cytoloop.evaluation import metrics
 
     calibration, held = halves
     threshold = float(np.quantile(normal[calibration], quantile))
-    above_normal, above_blast = normal[held] > threshold, blasts > threshold
+    false_alarms, false_alarms_interval = share_above(normal[held], threshold)
+    recall, recall_interval = share_above(blasts, threshold)
     auroc, auroc_interval = auroc_with_interval(normal, blasts)
     return {
         "threshold": threshold,
-        "false_alarms": float(above_normal.mean()),
-        "false_alarms_interval": metrics.bootstrap_interval(lambda i: above_normal[i].mean(), len(above_normal)),
-        "recall": float(above_blast.mean()),
-        "recall_interval": metrics.bootstrap_interval(lambda i: above_blast[i].mean(), len(above_blast)),
+        "false_alarms": false_alarms,
+        "false_alarms_interval": false_alarms_interval,
+        "recall": recall,
+        "recall_interval": recall_interval,
         "auroc": auroc,
         "auroc_interval": auroc_interval,
     }
+
+
+def share_above(scores: np.ndarray, threshold: float) -> tuple[float, tuple[float, float]]:
+    """The share of cells whose score lies above the threshold (the share a route would take), with its 95 %
+    bootstrap interval over cells."""
+    from cytoloop.evaluation import metrics
+
+    above = scores > threshold
+    return float(above.mean()), metrics.bootstrap_interval(lambda i: above[i].mean(), len(above))
 
 
 def auroc_with_interval(negative: np.ndarray, positive: np.ndarray) -> tuple[float, tuple[float, float]]:

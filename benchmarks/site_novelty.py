@@ -38,11 +38,10 @@ import numpy as np
 import torch
 from _cache import cached
 from _docs import DOCS, environment_prefix, replace_section
-from blast_routing import auroc_with_interval
+from blast_routing import auroc_with_interval, share_above
 
 from cytoloop.config import load_settings
 from cytoloop.data.records import CellRecord, class_interleaved_subset, load_records, select
-from cytoloop.evaluation import metrics
 
 TITLE = "A site's own cells as the anomaly reference: blasts or another lab?"
 SECTION = "site-novelty"
@@ -193,22 +192,17 @@ def site_figures(
     held_scores, blast_scores = score(held), score(values["blasts"])
     figures = {
         "reference": len(reference),
-        "false_alarms": _share_above(held_scores, threshold),
-        "recall": _share_above(blast_scores, threshold),
+        "false_alarms": share_above(held_scores, threshold),
+        "recall": share_above(blast_scores, threshold),
         "auroc_held": auroc_with_interval(held_scores, blast_scores),
     }
     if site != "blast-lab":
         lab_scores = score(values["blast-lab"])
         figures |= {
-            "lab_routed": _share_above(lab_scores, threshold),
+            "lab_routed": share_above(lab_scores, threshold),
             "auroc_lab": auroc_with_interval(lab_scores, blast_scores),
         }
     return figures
-
-
-def _share_above(scores: np.ndarray, threshold: float) -> tuple[float, tuple[float, float]]:
-    above = scores > threshold
-    return float(above.mean()), metrics.bootstrap_interval(lambda i: above[i].mean(), len(above))
 
 
 def _fmt(value: tuple[float, tuple[float, float]] | None, digits: int = 2) -> str:

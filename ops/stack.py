@@ -248,12 +248,19 @@ class Stack:
         self.run_dir = self.home / "stack"
 
     # -- what runs where --------------------------------------------------------------------------------------
+    def service_names(self) -> list[str]:
+        """The services this stack runs, as `services()` builds them (without building them: that writes secrets)."""
+        cfg = self.settings.stack
+        enabled = {"label-studio": True, "labels": True, "mlflow": cfg.mlflow_server, "ray": cfg.ray}
+        return [name for name in SERVICES if enabled[name]]
+
     def services(self) -> list[Service]:
         cfg = self.settings.stack
+        names = self.service_names()
         chosen = [self._label_studio(), self._labels()]
-        if cfg.mlflow_server:
+        if "mlflow" in names:
             chosen.append(self._mlflow())
-        if cfg.ray:
+        if "ray" in names:
             temp = self.home / "ray"
             if len(str(temp)) > RAY_TEMP_LIMIT:
                 raise StackError(
@@ -508,9 +515,7 @@ class Stack:
         """Start what is not running yet, wait until each answers its health check; returns the status. `only`
         names services this stack runs; another name (a typo, a service the settings turn off) is an error."""
         if only is not None:
-            cfg = self.settings.stack
-            running = {"label-studio": True, "labels": True, "mlflow": cfg.mlflow_server, "ray": cfg.ray}
-            self._check_names(only, [name for name in SERVICES if running[name]])  # as `services()` chooses
+            self._check_names(only, self.service_names())
         if only is None or "label-studio" in only:
             self._images_root()  # refused before anything is created under home
         self.run_dir.mkdir(parents=True, exist_ok=True)

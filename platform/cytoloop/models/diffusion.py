@@ -213,7 +213,8 @@ class DiffusionClassifier:
         """Calibrated predictions. With `routing` (the thresholds the answers will be routed by), a cell stops once
         its route is settled (past the anomaly threshold, or a close call under the review line) and its class is
         provisional (`extra["provisional"]`); `candidates` restricts each cell to some classes (`scoring.trials`)."""
-        if len(checked_images(images, self.data_config)) == 0:
+        if np.size(images) == 0:  # `score` checks every other batch (once: it is on the serving path)
+            checked_images(images, self.data_config)  # an empty batch of the wrong shape is still named
             return no_predictions(len(self.classes))
         result = self.score(images, config, progress, self.route_exits(routing, config), candidates)
         return self.predictions_from_scores(result, config=config)
