@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import getpass
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -415,13 +416,15 @@ class Registry:
         The cache is shared by every replica on a host, so a version appears there whole or not at all: it is
         downloaded into a private folder beside it and renamed into place only once it holds the model. An
         interrupted download leaves no half model behind; two replicas downloading at once both end with the
-        one that was renamed first."""
+        one that was renamed first. A replica killed mid-download (no `finally` runs) leaves its private folder,
+        named with its process id: the next load on the host removes the folders of processes no longer alive."""
         target = Path(cache_dir) / name / str(version)
         if target.is_dir() and not ((target / MODEL_FILE).is_file() and (target / WEIGHTS_FILE).is_file()):
             shutil.rmtree(target, ignore_errors=True)  # half a model, left by a download that was not atomic
         if not target.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
+            _remove_dead_downloads(target.parent)
+            staging = Path(tempfile.mkdtemp(prefix=f".{version}{_PARTIAL}{os.getpid()}-", dir=target.parent))
             try:
                 downloaded = cytoloop_directory(self.download(name, version, staging))
                 if not (downloaded / MODEL_FILE).is_file() or not (downloaded / WEIGHTS_FILE).is_file():
@@ -464,6 +467,31 @@ class Registry:
             tags=dict(version.tags or {}),
             aliases=list(getattr(version, "aliases", []) or []),
         )
+
+
+_PARTIAL = ".partial-"  # a private download folder: .<version>.partial-<pid>-<random>
+
+
+def _remove_dead_downloads(folder: Path) -> None:
+    """Remove the private download folders in `folder` whose process is no longer alive (killed mid-download).
+
+    A folder whose process is alive, or whose name gives no process id, is left alone: it may be a download in
+    progress. (A process id reused since only keeps a dead folder a while longer.)"""
+    for partial in folder.glob(f".*{_PARTIAL}*"):
+        pid = partial.name.split(_PARTIAL, 1)[1].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True
 
 
 def _library_requirements() -> list[str]:

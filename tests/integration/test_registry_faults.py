@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -28,25 +31,65 @@ def registered(tmp_path, tiny_settings):
     return registry, version.version, tmp_path / "cache"
 
 
-def test_an_interrupted_download_leaves_no_half_model_in_the_cache(registered, monkeypatch):
-    from cytoloop.models.base import WEIGHTS_FILE
-    from cytoloop.serving.pyfunc import cytoloop_directory
+# A replica's download in its own process that stops before the weights arrive, to be killed there.
+DOWNLOAD_THEN_HANG = """
+import sys, time
+from pathlib import Path
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+from cytoloop.registry import Registry
 
+real_download_file = LocalArtifactRepository._download_file
+
+def hang_before_the_weights(self, remote_file_path, local_path):
+    if Path(remote_file_path).name == "weights.pt":
+        print("downloading the weights", flush=True)
+        time.sleep(600)
+    return real_download_file(self, remote_file_path, local_path)
+
+LocalArtifactRepository._download_file = hang_before_the_weights
+Registry(sys.argv[1], "faults").load("cells", sys.argv[2], Path(sys.argv[3]))
+"""
+
+
+def test_a_replica_killed_mid_download_leaves_no_half_model_in_the_cache(registered):
+    """SIGKILL (no `finally`, no cleanup) while a replica downloads a version: the cache must not hold that version
+    at all, and the next load on the host downloads it whole and removes the dead replica's private folder."""
     registry, version, cache = registered
-    real_download = registry.download
+    child = subprocess.Popen(
+        [sys.executable, "-c", DOWNLOAD_THEN_HANG, registry.tracking_uri, version, str(cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    guard = threading.Timer(120, child.kill)  # a child that never reports must not hang the suite
+    guard.start()
+    try:
+        line = child.stdout.readline()
+    finally:
+        guard.cancel()
+    assert line.strip() == "downloading the weights", child.stderr.read() if child.poll() is not None else line
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL
 
-    def dropped_connection(name, version, destination):
-        path = real_download(name, version, destination)
-        (cytoloop_directory(path) / WEIGHTS_FILE).unlink()  # the connection dropped before the weights arrived
-        raise OSError("connection reset by peer")
-
-    monkeypatch.setattr(registry, "download", dropped_connection)
-    with pytest.raises(OSError, match="connection reset"):
-        registry.load("cells", version, cache)
-    assert list((cache / "cells").iterdir()) == []  # neither the version nor its staging folder
-    monkeypatch.setattr(registry, "download", real_download)
+    [left] = (cache / "cells").iterdir()  # the killed replica's half download, in its private folder
+    assert left.name.startswith(f".{version}.partial-")
+    assert any(left.rglob("model.json")) and not any(left.rglob("weights.pt"))
     model = registry.load("cells", version, cache)  # the next replica downloads it again, whole
     assert model.predict(np.zeros((1, 3, 16, 16), np.float32)).probs.shape == (1, 2)
+    assert [p.name for p in (cache / "cells").iterdir()] == [version]
+
+
+def test_a_registered_version_without_its_weights_is_refused_and_nothing_is_cached(registered):
+    """A damaged artifact store (the weights file gone): the download completes without them, the load is refused
+    naming the version, and neither the version nor the private download folder stays in the cache."""
+    from cytoloop.registry import RegistryError
+
+    registry, version, cache = registered
+    [weights] = (cache.parent / "artifacts").rglob("weights.pt")  # the SQLite store's artifacts, beside its db
+    weights.unlink()
+    with pytest.raises(RegistryError, match=f"cells v{version}: .*no complete model"):
+        registry.load("cells", version, cache)
+    assert list((cache / "cells").iterdir()) == []
 
 
 def test_replicas_downloading_at_once_share_one_whole_copy(registered):
