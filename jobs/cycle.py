@@ -189,6 +189,8 @@ class RoundResult:
     ece_calibrated: dict[str, float] = field(default_factory=dict)
     drift: dict[str, float | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # cells Serve could not score, by part ("pool", "calibration", "held-out"): left out of that part's figures
+    not_scored: dict[str, int] = field(default_factory=dict)
 
     @property
     def routed_fraction(self) -> float:
@@ -309,13 +311,13 @@ class Demo:
             draw = random.Random(f"{self.config.seed}:{site}:{number}")
             pool = draw.sample(pool, min(len(pool), self.config.pool_limit))
         with self.stage(f"round {number}, {site}: score pool", row, "score"):
-            scores = self._score(state, pool, site)
+            scores = self._score(state, pool, site, row, "pool")
             row.scored = len(scores.records)
             # the version that scored most of the pool (all of it, unless the alias moved mid-batch)
             row.pool_version = Counter(scores.versions).most_common(1)[0][0] if scores.versions else ""
         with self.stage(f"round {number}, {site}: anomaly threshold", row, "threshold"):
             if (site, row.pool_version) not in self.thresholds:
-                calibration = self._score(state, split.val, site)
+                calibration = self._score(state, split.val, site, row, "calibration")
                 self.thresholds[(site, row.pool_version)] = anomaly_threshold(
                     calibration.predictions.anomaly, self.config.anomaly_quantile
                 )
@@ -490,13 +492,18 @@ class Demo:
         serve.run(build_app(self.settings), name=config.app_name, route_prefix="/", blocking=False)
         return f"http://{config.host}:{config.port}", config.api_key.get_secret_value() if config.api_key else None
 
-    def _score(self, state: LoopState, records: Sequence[CellRecord], site: str) -> PoolScores:
-        """Cells scored through Serve as the site's (so by the site's champion); a cell it rejects is logged."""
+    def _score(
+        self, state: LoopState, records: Sequence[CellRecord], site: str, row: RoundResult, part: str
+    ) -> PoolScores:
+        """Cells scored through Serve as the site's (so by the site's champion). A cell it rejects is left out,
+        named in the log and counted in `row.not_scored[part]` (the report says so beside the figures)."""
         from jobs.score import score_served
 
         scores = score_served(records, state.serve_url, state.classes, state.api_key, site_of=lambda _: site)
         for path, reason in scores.failed.items():
-            logger.info(f"  not scored: {path}: {reason}")
+            logger.warning(f"  not scored ({site}, {part}): {path}: {reason}")
+        if scores.failed:
+            row.not_scored[part] = row.not_scored.get(part, 0) + len(scores.failed)
         return scores
 
     def _wait_served(self, serve_url: str, api_key: str | None, version: str, site: str, cell: CellRecord) -> str:
@@ -543,7 +550,7 @@ class Demo:
         from cytoloop.evaluation import metrics
 
         began = datetime.now(UTC)
-        scores = self._score(state, test, site)
+        scores = self._score(state, test, site, row, "held-out")
         truth = np.array([state.classes.index(r.label) for r in scores.records])
         probs = scores.predictions.probs
         row.balanced_accuracy = metrics.balanced_accuracy(truth, probs.argmax(axis=1), len(state.classes))

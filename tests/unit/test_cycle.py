@@ -177,6 +177,7 @@ def site_rounds() -> list[RoundResult]:
                 ece_calibrated={"mean": 0.1, "low": 0.05, "high": 0.16, "cells": 63.0},
                 drift={"mean_confidence": 0.7, "review_fraction": 0.4, "psi_max": 0.1},
                 seconds={"score": 3.0},
+                not_scored={"held-out": 1, "pool": 2} if site == "site-b" else {},
             )
         )
     return rounds
@@ -211,6 +212,7 @@ def test_round_table_and_report(tmp_path):
     assert f"| site-b | 0.500 / 0.200 | 0.600 / 0.080 (v1) | {floor} | 20 | 0 of 1 | 3 of 4 | 40.0% |" in text
     assert "| a@x / b@x | 20 | 90.0% | 0.800 |" in text and "Fleiss' kappa 0.750" in text
     assert "http://127.0.0.1:5000/#/experiments/1" in text
+    assert "Cells Serve could not score, left out of those figures: site-b round 1: 1 held-out, 2 pool." in text
     page = (tmp_path / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained: every plot inlined
     assert "<td>site-a</td>" in page and 'src="blasts.png"' not in page

@@ -99,7 +99,15 @@ def _summary(rounds: Sequence, sites: Mapping[str, str]) -> list[Block]:
         "round 1: blasts routed as anomalies",
         "round 1: pool routed",
     ]
-    return [("h2", "Each site, from the base model to the last round"), ("table", header, rows)]
+    blocks: list[Block] = [("h2", "Each site, from the base model to the last round"), ("table", header, rows)]
+    missing = [
+        f"{r.site} round {r.round}: " + ", ".join(f"{n} {part}" for part, n in sorted(r.not_scored.items()))
+        for r in rounds
+        if getattr(r, "not_scored", None)
+    ]
+    if missing:
+        blocks.append(("p", "Cells Serve could not score, left out of those figures: " + "; ".join(missing) + "."))
+    return blocks
 
 
 def _calibrated(floor: Mapping[str, float]) -> str:
