@@ -133,6 +133,15 @@ def test_the_kuberay_serve_config_is_valid_and_leaves_routing_to_the_settings():
         assert LiveConfig.model_validate(classifier.user_config).routing is None
 
 
+def test_the_kuberay_clusters_turn_on_ray_token_authentication():
+    """A Ray dashboard reachable in the cluster runs code for anyone: both manifests ask KubeRay for a token."""
+    service = yaml.safe_load((REPO / "infra/kuberay/rayservice.yaml").read_text())
+    job = yaml.safe_load((REPO / "infra/kuberay/rayjob-finetune.yaml").read_text())
+    for cluster in (service["spec"]["rayClusterConfig"], job["spec"]["rayClusterSpec"]):
+        assert cluster["authOptions"] == {"mode": "token"}
+        assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52)  # Ray's token authentication
+
+
 def test_the_image_installs_what_the_services_and_jobs_import():
     """The image ran `pip install .`: no Ray, MLflow or FastAPI, so no Ray pod could start (`ray start`)."""
     import re
