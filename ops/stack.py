@@ -194,6 +194,7 @@ class Service:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     health_url: str | None = None  # None: healthy once the port accepts connections
+    health_headers: dict[str, str] = field(default_factory=dict)  # sent with the health check (a token)
     prepare: Callable[[], None] | None = None  # slow set-up to run only when the service must start
 
 
@@ -299,7 +300,14 @@ class Stack:
                 if is_loopback(cfg.ray_host)
                 else {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stack_secrets(self.settings)["ray_token"]}
             )
-            chosen.append(Service("ray", cfg.ray_port, command, env={**auth, "RAY_worker_niceness": "0"}))
+            # with the dashboard, Ray is up once its Jobs API answers (`ray job submit`; the GCS port opens first)
+            health_url, health_headers = None, {}
+            if cfg.ray_dashboard:
+                health_url = f"http://{cfg.ray_host}:{cfg.ray_dashboard_port}/api/jobs/"
+                if "RAY_AUTH_TOKEN" in auth:
+                    health_headers = {"Authorization": f"Bearer {auth['RAY_AUTH_TOKEN']}"}
+            env = {**auth, "RAY_worker_niceness": "0"}
+            chosen.append(Service("ray", cfg.ray_port, command, env, health_url, health_headers))
         return chosen
 
     def mlflow_db(self) -> Path:
@@ -485,7 +493,8 @@ class Stack:
         if service.health_url is None:
             return _port_open(self._bind_host(service), service.port)
         try:
-            with urllib.request.urlopen(service.health_url, timeout=2) as response:
+            request = urllib.request.Request(service.health_url, headers=service.health_headers)
+            with urllib.request.urlopen(request, timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False
