@@ -1,9 +1,11 @@
 """The review loop against a real Label Studio (see conftest.py) and our real label receiver (`review serve`).
 
-The tests run in file order and share one Label Studio: route real cells out, label them as two real annotator
-accounts, bring every label back by webhook and by poll, interrupt a sync, stop Label Studio during routing.
-Predictions are fixed fakes (routing is what is tested here, not a model): their probabilities decide each
-cell's reason. Cells are the shared real images, served to Label Studio by local-files serving, never copied.
+The tests share one Label Studio and one story, told by module fixtures so that any test, run alone or in any
+order, finds the story as far as it needs it: `routed` routes real cells out, `labelled` labels them as two real
+annotator accounts (webhooks, then one missed while the receiver is down); the tests check what each step did,
+interrupt a sync, stop Label Studio during routing. Predictions are fixed fakes (routing is what is tested here,
+not a model): their probabilities decide each cell's reason. Cells are the shared real images, served to Label
+Studio by local-files serving, never copied.
 """
 
 from __future__ import annotations
@@ -202,15 +204,29 @@ def test_bootstrap_twice_creates_nothing_twice(world):
     assert config_classes(client.projects.get(id=first).label_config) == [*CLASSES, "basophil"]
 
 
-def test_route_and_push_real_cells_one_task_per_cell_and_version(world):
-    report = world.loop.route(world.records, world.predictions, CLASSES, "v1", budget=10)
+@dataclass
+class Routed:
+    first: object  # labelstudio.loop.RouteReport: 16 cells, a budget of 10
+    again: object  # the same cells and version again, the same budget
+    third: object  # and once more, without a budget
+
+
+@pytest.fixture(scope="module")
+def routed(world) -> Routed:
+    """The first step of the story: the 16 cells routed for version v1, three times over."""
+    first = world.loop.route(world.records, world.predictions, CLASSES, "v1", budget=10)
+    again = world.loop.route(world.records, world.predictions, CLASSES, "v1", budget=10)
+    return Routed(first, again, world.loop.route(world.records, world.predictions, CLASSES, "v1"))
+
+
+def test_route_and_push_real_cells_one_task_per_cell_and_version(world, routed):
+    report = routed.first
     assert report.reasons == {"accept": 4, "review": 8, "anomaly": 4}
     assert (report.chosen, report.queued, report.push.pushed, report.push.pending) == (10, 10, 10, 0)
     assert report.push.error is None and set(report.by_site) == set(SITES)
-    again = world.loop.route(world.records, world.predictions, CLASSES, "v1", budget=10)
-    assert (again.chosen, again.already_queued) == (2, 10)  # the two left over from the budget, nothing twice
-    assert world.loop.route(world.records, world.predictions, CLASSES, "v1").chosen == 0
-    keys = ls_task_keys(world)
+    assert (routed.again.chosen, routed.again.already_queued) == (2, 10)  # the two left over, nothing twice
+    assert routed.third.chosen == 0
+    keys = [k for k in ls_task_keys(world) if k.endswith("@v1")]
     assert len(keys) == 12 == len(set(keys))
 
     # the task carries the cell, its routing and the prediction; Label Studio serves the real image
@@ -223,11 +239,26 @@ def test_route_and_push_real_cells_one_task_per_cell_and_version(world):
     assert image.status_code == 200 and len(image.content) > 1000
 
 
-def test_labels_come_back_by_webhook_and_poll_exactly_once(world):
+@dataclass
+class Labelled:
+    tasks: list  # the first five jtsc tasks, by id
+    changing: object  # ann2's label of task 2, changed from monocyte to lymphocyte
+    doomed: object  # ann1's label of task 4, deleted
+    missed: object  # ann2's label of task 4, made while the label receiver was down
+    by_webhook: dict[int, str]  # the store's labels once the webhooks were applied
+    sources: set[str]  # where those came from
+    before_poll: dict[int, str]  # the store's labels after the missed one was made, before any poll
+    poll: object  # labelstudio.sync.SyncReport of the poll that followed
+
+
+@pytest.fixture(scope="module")
+def labelled(world, routed) -> Labelled:
+    """The second step: two annotators label the first five jtsc tasks (jtsc tasks 0-1 agreed, 2 a tie, 3 agreed
+    but flagged abnormal, 4 one label), one label is changed and one deleted, all by webhook; then one label is
+    made while the receiver is down and a poll brings it."""
     from labelstudio.label_config import prediction_result
 
-    (id1, ann1), (id2, ann2) = world.annotators.values()
-    assert id1 != id2
+    (_, ann1), (_, ann2) = world.annotators.values()
     project_id = world.loop.projects()["jtsc"]
     tasks = sorted(world.loop.client.tasks.list(project=project_id), key=lambda t: t.id)[:5]
     store = world.loop.store
@@ -241,23 +272,35 @@ def test_labels_come_back_by_webhook_and_poll_exactly_once(world):
     ann2.annotations.update(id=changing.id, result=prediction_result("lymphocyte"))
     doomed = annotate(ann1, tasks[4].id, "monocyte")
     ann1.annotations.delete(id=doomed.id)
-
-    # webhooks: created, updated and deleted all arrive through the receiver
     wait_for(lambda: store.counts()["retracted"] == 1, what="webhook events applied")
-    labels = store_annotations(store)
-    assert len(labels) == 8 and labels[changing.id] == "lymphocyte" and doomed.id not in labels
+    by_webhook = store_annotations(store)
     with sqlite.connect(store.path) as db:
-        assert {row[0] for row in db.execute("SELECT DISTINCT source FROM annotations")} == {"webhook"}
+        sources = {row[0] for row in db.execute("SELECT DISTINCT source FROM annotations")}
 
-    # a webhook missed: the receiver is down while an annotator labels; the poll recovers it
+    # a webhook missed: the receiver is down while an annotator labels; a poll recovers it
     world.server.stack.down(only=["labels"])
     try:  # the receiver comes back whatever this part finds: later tests need it
         missed = annotate(ann2, tasks[4].id, "neutrophil")
-        assert missed.id not in store_annotations(store)
-        report = world.loop.sync()
-        assert report.changed == 1 and store_annotations(store)[missed.id] == "neutrophil"
+        before_poll = store_annotations(store)
+        poll = world.loop.sync()
     finally:
         world.server.stack.up(only=["labels"])
+    return Labelled(tasks, changing, doomed, missed, by_webhook, sources, before_poll, poll)
+
+
+def test_labels_come_back_by_webhook_and_poll_exactly_once(world, labelled):
+    (id1, _), (id2, _) = world.annotators.values()
+    assert id1 != id2
+    store = world.loop.store
+
+    # webhooks: created, updated and deleted all arrive through the receiver
+    labels = labelled.by_webhook
+    assert len(labels) == 8 and labels[labelled.changing.id] == "lymphocyte" and labelled.doomed.id not in labels
+    assert labelled.sources == {"webhook"}
+
+    # the label made while the receiver was down: missing until the poll brought it
+    assert labelled.missed.id not in labelled.before_poll
+    assert labelled.poll.changed == 1 and store_annotations(store)[labelled.missed.id] == "neutrophil"
 
     # replaying every event and polling again changes nothing; the store equals Label Studio, each label once
     with sqlite.connect(store.path) as db:
@@ -292,7 +335,7 @@ sync(loop.client, LabelStore(Path(sys.argv[2])), loop.projects().values(), loop.
 """
 
 
-def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, tmp_path):
+def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, labelled, tmp_path):
     """SIGKILL (no exception handler, no `finally`, no clean close of the store) after three labels are stored;
     the rerun must bring the rest, each label exactly once."""
     from labelstudio.store import LabelStore
@@ -329,11 +372,12 @@ def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, tmp_path)
     assert fresh.counts()["annotations"] == len(ls_annotations(world))
 
 
-def test_consensus_report_and_training_manifest(world, tmp_path):
+def test_consensus_report_and_training_manifest(world, labelled, tmp_path):
     from ops.cli import app
 
     report = world.loop.report()
-    # jtsc tasks 0-1 agreed, 2 a tie (neutrophil / lymphocyte), 3 agreed but flagged abnormal, 4 one label left
+    # as `labelled` left them: jtsc tasks 0-1 agreed, 2 a tie (neutrophil / lymphocyte), 3 agreed but flagged
+    # abnormal, 4 one label
     assert report["status"] == {"agreed": 3, "tie": 1, "pending": 1}
     assert [(c["status"], c["abnormal"]) for c in report["senior_review"]] in (
         [("tie", False), ("agreed", True)],
@@ -360,7 +404,8 @@ def test_consensus_report_and_training_manifest(world, tmp_path):
     assert header[:3] == ["path", "label", "domain"] and {"annotators", "model_versions", "labelled_at"} <= set(header)
 
 
-def test_label_studio_down_while_routing_loses_nothing(world):
+def test_label_studio_down_while_routing_loses_nothing(world, routed):
+    before = ls_task_keys(world)
     world.server.stop()
     try:  # Label Studio comes back whatever this part finds: later tests need it
         down = world.loop.route(world.records, world.predictions, CLASSES, "v2", budget=3)
@@ -372,7 +417,10 @@ def test_label_studio_down_while_routing_loses_nothing(world):
     assert (back.pushed, back.pending, back.error) == (3, 0, None)
     assert world.loop.push().pushed == 0
     keys = ls_task_keys(world)
-    assert len(keys) == len(set(keys)) == 15 and sum(k.endswith("@v2") for k in keys) == 3
+    assert len(keys) == len(set(keys)) and sorted(set(keys) - set(before)) == sorted(
+        k for k in keys if k.endswith("@v2")
+    )
+    assert sum(k.endswith("@v2") for k in keys) == 3
 
 
 def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp_path):
