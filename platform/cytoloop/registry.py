@@ -29,6 +29,7 @@ import getpass
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -417,14 +418,15 @@ class Registry:
         downloaded into a private folder beside it and renamed into place only once it holds the model. An
         interrupted download leaves no half model behind; two replicas downloading at once both end with the
         one that was renamed first. A replica killed mid-download (no `finally` runs) leaves its private folder,
-        named with its process id: the next load on the host removes the folders of processes no longer alive."""
+        named with its host and process id: the next load on that host removes the folders of its processes no
+        longer alive (a cache shared by several hosts keeps the others' downloads in progress)."""
         target = Path(cache_dir) / name / str(version)
         if target.is_dir() and not ((target / MODEL_FILE).is_file() and (target / WEIGHTS_FILE).is_file()):
             shutil.rmtree(target, ignore_errors=True)  # half a model, left by a download that was not atomic
         if not target.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
             _remove_dead_downloads(target.parent)
-            staging = Path(tempfile.mkdtemp(prefix=f".{version}{_PARTIAL}{os.getpid()}-", dir=target.parent))
+            staging = Path(tempfile.mkdtemp(prefix=f".{version}{_partial_tag()}", dir=target.parent))
             try:
                 downloaded = cytoloop_directory(self.download(name, version, staging))
                 if not (downloaded / MODEL_FILE).is_file() or not (downloaded / WEIGHTS_FILE).is_file():
@@ -469,17 +471,24 @@ class Registry:
         )
 
 
-_PARTIAL = ".partial-"  # a private download folder: .<version>.partial-<pid>-<random>
+_PARTIAL = ".partial-"  # a private download folder: .<version>.partial-<host>~<pid>~<random>
+
+
+def _partial_tag() -> str:
+    """This process's private download folder prefix (after the version)."""
+    return f"{_PARTIAL}{socket.gethostname().replace('~', '-')}~{os.getpid()}~"
 
 
 def _remove_dead_downloads(folder: Path) -> None:
-    """Remove the private download folders in `folder` whose process is no longer alive (killed mid-download).
+    """Remove the private download folders in `folder` that this host's processes left and that are no longer
+    alive (killed mid-download).
 
-    A folder whose process is alive, or whose name gives no process id, is left alone: it may be a download in
-    progress. (A process id reused since only keeps a dead folder a while longer.)"""
+    Another host's folder, a folder whose process is alive, or one whose name says neither, is left alone: it may
+    be a download in progress. (A process id reused since only keeps a dead folder a while longer.)"""
+    host = socket.gethostname().replace("~", "-")
     for partial in folder.glob(f".*{_PARTIAL}*"):
-        pid = partial.name.split(_PARTIAL, 1)[1].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        owner = partial.name.split(_PARTIAL, 1)[1].split("~")
+        if len(owner) < 3 or owner[0] != host or not owner[1].isdigit() or _alive(int(owner[1])):
             continue
         shutil.rmtree(partial, ignore_errors=True)
 

@@ -74,9 +74,12 @@ def test_a_replica_killed_mid_download_leaves_no_half_model_in_the_cache(registe
     [left] = (cache / "cells").iterdir()  # the killed replica's half download, in its private folder
     assert left.name.startswith(f".{version}.partial-")
     assert any(left.rglob("model.json")) and not any(left.rglob("weights.pt"))
+    # a cache shared by several hosts: another host's download (its process id means nothing here) is left alone
+    elsewhere = cache / "cells" / f".{version}.partial-another-host~{child.pid}~x"
+    elsewhere.mkdir()
     model = registry.load("cells", version, cache)  # the next replica downloads it again, whole
     assert model.predict(np.zeros((1, 3, 16, 16), np.float32)).probs.shape == (1, 2)
-    assert [p.name for p in (cache / "cells").iterdir()] == [version]
+    assert sorted(p.name for p in (cache / "cells").iterdir()) == sorted([version, elsewhere.name])
 
 
 def test_a_registered_version_without_its_weights_is_refused_and_nothing_is_cached(registered):
