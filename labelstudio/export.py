@@ -12,6 +12,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
+from cytoloop.files import replaced
 from cytoloop.policy.consensus import annotator_agreement, consensus, pairwise_agreement
 from labelstudio.agreement import fleiss, pair_kappas
 from labelstudio.label_config import EXTRA_CHOICES, NEW_CLASS_PREFIX
@@ -118,14 +119,8 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
 
 
 def _write(out: Path, rows: list[dict]) -> None:
-    """A manifest CSV, whole or not at all (written beside it, then renamed)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    try:
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write leaves nothing half-made behind
+    """A manifest CSV, whole or not at all (`cytoloop.files.replaced`: two exports at once never mix)."""
+    with replaced(out, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)

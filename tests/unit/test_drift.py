@@ -148,3 +148,14 @@ def test_bad_event_line_names_the_line(tmp_path):
     log.write_text(json.dumps(good) + "\n" + json.dumps({**good, "confidence": 2.0}) + "\n")
     with pytest.raises(DatasetError, match=r"events.jsonl:2: .*confidence"):
         read_events(log)
+
+
+@pytest.mark.parametrize("text", ['[{"model_version": "2"', '{"flags": []}', "[1, 2]"])
+def test_a_flags_file_that_is_not_one_is_refused_naming_it(tmp_path, text):
+    """`cytoloop status` and `retrain --if-due` read the flags file: a damaged one was a traceback."""
+    from cytoloop.errors import UsageError
+
+    path = tmp_path / "flags.json"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=f"{path} is not a drift flags file"):
+        load_flags(path)

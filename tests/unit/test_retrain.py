@@ -68,3 +68,43 @@ def test_only_what_the_global_champion_serves_now_can_make_its_retrain_due():
     aliases = {"champion": "5", "champion-south": "6", "challenger": "7"}
     assert _champion_flags(flags, aliases) == [flag("5", None), flag("5", "north")]
     assert _champion_flags(flags, {}) == []  # nothing registered: nothing served, nothing due
+
+
+def test_two_processes_saving_the_state_at_once_both_succeed_and_leave_a_whole_file(tmp_path):
+    """`cytoloop retrain` and a fine-tune job save the state at the same time: both wrote `state.tmp`, so one
+    rename found the other's file gone (FileNotFoundError after a finished fine-tune) or moved a half-written one
+    into place. Two real threads race here, each saving a different state 100 times."""
+    import threading
+
+    path = tmp_path / "retrain" / "state.json"
+    labelled = {
+        name: [CellRecord(f"{name}{i}.png", tmp_path / f"{name}{i}.png", "neutrophil", "d") for i in range(300)]
+        for name in ("a", "b")
+    }
+    start, errors = threading.Barrier(2), []
+
+    def saver(name: str) -> None:
+        start.wait()
+        try:
+            for _ in range(100):
+                save_state(path, labelled[name])
+        except Exception as error:  # noqa: BLE001 - collected for the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=saver, args=(name,)) for name in labelled]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(load_state(path).trained) == 300  # one writer's whole state, not a mix or a truncated file
+    assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary file left
+
+
+def test_a_state_file_that_is_not_one_is_refused_naming_it(tmp_path):
+    from cytoloop.errors import UsageError
+
+    path = tmp_path / "state.json"
+    path.write_text('{"last_time": "yesterday"')
+    with pytest.raises(UsageError, match=f"{path} is not a retrain state file"):
+        load_state(path)

@@ -24,6 +24,7 @@ from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import CellRecord, DatasetError, read_manifest, stratified_split
 from cytoloop.evaluation import metrics
+from cytoloop.files import replaced
 from cytoloop.models.base import Classifier, Trainable, candidate_rows, class_mask
 from cytoloop.models.train import UNLABELED, TrainResult, fit
 from cytoloop.policy.drift import read_colour_reference
@@ -43,15 +44,13 @@ class FrozenSets:
 
 
 def write_manifest(records: Sequence[CellRecord], path: Path) -> Path:
-    """A manifest CSV with absolute paths, readable by `data.load_records` from anywhere."""
+    """A manifest CSV with absolute paths, readable by `data.load_records` from anywhere (replaced whole)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_suffix(".tmp").open("w", newline="") as handle:
+    with replaced(path, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "domain", "source"])
         for r in records:
             writer.writerow([str(Path(r.path).resolve()), r.label or "", r.domain, r.source])
-    path.with_suffix(".tmp").replace(path)
     return path
 
 

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cytoloop.config import DataConfig, DriftConfig
 from cytoloop.data.preprocess import ImageError, colour_moments, decode_image, to_model_input
 from cytoloop.data.records import CellRecord, DatasetError
-from cytoloop.errors import describe_validation_error
+from cytoloop.errors import UsageError, describe_validation_error
+from cytoloop.files import write_text
 
 REFERENCE_FILE = "colour_reference.json"
 COLOUR_STATS = ("l_mean", "alpha_mean", "beta_mean", "l_std", "alpha_std", "beta_std")
@@ -312,12 +313,19 @@ def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> 
         for w in latest.values()
         if w.flags
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(flags, indent=1))
+    write_text(Path(path), json.dumps(flags, indent=1))
     return flags
 
 
 def load_flags(path: Path) -> list[dict]:
+    """The flags `save_flags` kept (none yet: no flags). A file that is not a flags file is refused, naming it."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        flags = json.loads(path.read_text())
+    except ValueError as error:
+        raise UsageError(f"{path} is not a drift flags file ({error}); `cytoloop drift` writes it again") from None
+    if not isinstance(flags, list) or not all(isinstance(f, dict) and "model_version" in f for f in flags):
+        raise UsageError(f"{path} is not a drift flags file (a list of flagged windows); `cytoloop drift` writes it")
+    return flags

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from cytoloop.config import RetrainConfig
 from cytoloop.data.records import CellRecord
+from cytoloop.errors import UsageError
+from cytoloop.files import write_text
 
 
 @dataclass(frozen=True)
@@ -69,21 +71,22 @@ def new_labels(records: Sequence[CellRecord], state: RetrainState) -> list[CellR
 
 
 def load_state(path: Path) -> RetrainState:
+    """The last retrain's state (none yet: an empty state). A file that is not one is refused, naming it."""
     path = Path(path)
     if not path.is_file():
         return RetrainState()
-    payload = json.loads(path.read_text())
-    last = payload.get("last_time")
-    return RetrainState(datetime.fromisoformat(last) if last else None, set(payload.get("trained", [])))
+    try:
+        payload = json.loads(path.read_text())
+        last = payload.get("last_time")
+        return RetrainState(datetime.fromisoformat(last) if last else None, set(payload.get("trained", [])))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise UsageError(f"{path} is not a retrain state file ({error}); move it aside to start afresh") from None
 
 
 def save_state(path: Path, records: Sequence[CellRecord], when: datetime | None = None) -> RetrainState:
     """Record a finished retrain on `records` (written atomically)."""
     last_time = when or datetime.now(UTC)
     state = RetrainState(last_time, {label_key(r) for r in records if r.label is not None})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"last_time": last_time.isoformat(), "trained": sorted(state.trained)}
-    path.with_suffix(".tmp").write_text(json.dumps(payload))
-    path.with_suffix(".tmp").replace(path)
+    write_text(Path(path), json.dumps(payload))
     return state
