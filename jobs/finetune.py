@@ -207,9 +207,14 @@ def run_finetune(
     # the run is this parent, these cells AND these settings: a changed job trains afresh instead of resuming
     job = _settings_key(train_config, augment_config, data_config, settings.site_classes(site))
     run_name = f"{site or 'global'}-v{parent.version}-{snapshot}-{job}"
-    finished = [v for v in registry.versions(name) if v.tags.get("ray_run") == run_name]
-    if finished:  # this very job ran to the end before: its version, not a duplicate
-        return _outcome_of(registry, finished[-1], site_alias(site), home / "finetune" / run_name)
+    ran = [v for v in registry.versions(name) if v.tags.get("ray_run") == run_name]
+    judged = [v for v in ran if "gate.verdict" in v.tags]
+    if judged:  # this very job reached its verdict before: its version, not a duplicate
+        _complete_promotion(registry, name, judged[-1], site_alias(site), who)
+        version = registry.version(name, judged[-1].version)
+        return _outcome_of(registry, version, site_alias(site), home / "finetune" / run_name)
+    # this job registered its version and stopped before the verdict: that version is judged, not registered again
+    registered = ran[-1] if ran else None
 
     loop_config = {
         "parent_dir": str(parent_dir),
@@ -307,24 +312,26 @@ def run_finetune(
     }
     artifacts = sorted((out / "evaluation").glob("*"))
     losses = json.loads((out / LOSS_FILE).read_text()) if (out / LOSS_FILE).is_file() else []
-    version = registry.log_model(
-        out,
-        name,
-        tags=tags,
-        params=params,
-        metrics=metrics,
-        artifacts=artifacts,
-        run_name=f"finetune-{site or 'global'}-v{parent.version}-{time.strftime('%Y%m%dT%H%M%S')}",
-        step_metrics={"train_loss": [(int(e["step"]), float(e["loss"])) for e in losses if "loss" in e]},
-        dataset=(sets.train, f"{site or 'global'}-labels-{snapshot}"),
-    )
+    if registered is None:
+        version = registry.log_model(
+            out,
+            name,
+            tags=tags,
+            params=params,
+            metrics=metrics,
+            artifacts=artifacts,
+            run_name=f"finetune-{site or 'global'}-v{parent.version}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
+            step_metrics={"train_loss": [(int(e["step"]), float(e["loss"])) for e in losses if "loss" in e]},
+            dataset=(sets.train, f"{site or 'global'}-labels-{snapshot}"),
+        )
+    else:
+        logger.info(f"   v{registered.version} was registered by this job before it stopped: judged now")
+        version = registered
     registry.set_alias(name, challenger_alias(site), version.version)  # the version under judgement
     try:
         apply_verdict(registry, name, version.version, alias, verdict, who=who)
     except AliasMoved as moved:  # another version took the alias while this one was judged: not promoted
-        stale = f"not promoted: {moved}"
-        registry.set_tags(name, version.version, {"gate.verdict": "stale", "gate.reasons": json.dumps([stale])})
-        verdict.passed, verdict.reasons = False, [stale]
+        verdict.passed, verdict.reasons = False, [_mark_stale(registry, name, version.version, moved)]
     return FinetuneOutcome(
         registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics, verdict.worse
     )
@@ -370,6 +377,40 @@ def _settings_key(train_config, augment_config, data_config, site_classes: list[
     if site_classes is not None:  # absent otherwise: the runs made before sites had classes keep their names
         decisive["site_classes"] = site_classes
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _mark_stale(registry, name: str, version: str, moved: AliasMoved) -> str:
+    """Record that a passed version was not promoted because another move came first; returns the reason."""
+    stale = f"not promoted: {moved}"
+    registry.set_tags(name, version, {"gate.verdict": "stale", "gate.reasons": json.dumps([stale])})
+    return stale
+
+
+def _complete_promotion(registry, name: str, version: VersionInfo, alias: str, who: str | None) -> None:
+    """Finish the alias move of a job stopped after recording its pass and before moving `alias` (killed, or the
+    registry gone between the two): compare-and-set against the champion it was judged against, as the gate
+    would have, or marked stale if another move came first. Nothing to do for a refusal, or when the trail shows a
+    move of `alias` to this version already (a person may have rolled it back since: never undone here)."""
+    tags = version.tags
+    if tags.get("gate.verdict") != "pass":
+        return
+    if any(move.to_version == version.version for move in registry.alias_history(name, alias)):
+        return
+    judged_against = tags.get("gate.champion_version", "none")
+    reasons = json.loads(tags.get("gate.reasons", "[]"))
+    try:
+        registry.move_alias(
+            name,
+            alias,
+            version.version,
+            why="gate passed: " + "; ".join(reasons) + " (the move completed by a rerun of the job)",
+            action="gate",
+            who=who or "cytoloop-gate",
+            expect=None if judged_against == "none" else judged_against,
+        )
+        logger.info(f"   v{version.version} passed its gate before the job stopped: {alias} moved to it now")
+    except AliasMoved as moved:
+        _mark_stale(registry, name, version.version, moved)
 
 
 def _outcome_of(registry, version: VersionInfo, alias: str, model_dir: Path) -> FinetuneOutcome:

@@ -351,3 +351,41 @@ def test_a_registered_version_is_a_real_mlflow_model(registered, cells_dir):
     assert np.allclose(answer[["p_a", "p_b"]].to_numpy(), expected.probs, atol=1e-6)
     with pytest.raises(Exception, match="the input has no rows"):  # not a stacking error from numpy
         pyfunc.predict(frame.iloc[:0])
+
+
+def test_a_pass_recorded_but_never_moved_is_completed_by_the_job_s_rerun(three_versions):
+    """A fine-tune whose verdict (pass) was recorded but whose alias move failed (here the registry's alias lock
+    cannot be opened: a disk gone bad between the two) used to be reported 'promoted' by its rerun while the
+    champion never moved. The rerun now completes the move, compare-and-set against the champion it was judged
+    against, once; a pass whose champion has moved since is marked stale; a move a person rolled back is not
+    made again."""
+    from cytoloop.policy.promotion import GateVerdict, apply_verdict, verdict_tags
+    from jobs.finetune import _complete_promotion
+
+    registry, (v1, v2, v3), _ = three_versions
+    lock = registry.audit_log.parent / "aliases.lock"
+    lock.unlink()
+    lock.mkdir()  # the fault: the lock file cannot be opened when the move takes it
+    with pytest.raises(IsADirectoryError):
+        apply_verdict(registry, "cells", v2, "champion", GateVerdict(True, ["better"], {}, champion_version=v1))
+    lock.rmdir()
+    assert registry.version("cells", v2).tags["gate.verdict"] == "pass"
+    assert registry.alias_version("cells", "champion") == v1
+
+    _complete_promotion(registry, "cells", registry.version("cells", v2), "champion", None)
+    assert registry.alias_version("cells", "champion") == v2
+    moves = registry.alias_history("cells", "champion")
+    assert (moves[-1].action, moves[-1].from_version, moves[-1].to_version) == ("gate", v1, v2)
+    _complete_promotion(registry, "cells", registry.version("cells", v2), "champion", None)  # a third run
+    assert len(registry.alias_history("cells", "champion")) == len(moves)
+
+    # v3 passed against v1 too, but v2 serves now: not promoted, and its record says why
+    registry.set_tags("cells", v3, verdict_tags(GateVerdict(True, ["better"], {}, champion_version=v1)))
+    _complete_promotion(registry, "cells", registry.version("cells", v3), "champion", None)
+    assert registry.alias_version("cells", "champion") == v2
+    assert registry.version("cells", v3).tags["gate.verdict"] == "stale"
+
+    # a person rolled v2 back: its rerun does not promote it again
+    registry.move_alias("cells", "champion", v1, why="rolled back by a person", action="rollback")
+    _complete_promotion(registry, "cells", registry.version("cells", v2), "champion", None)
+    assert registry.alias_version("cells", "champion") == v1

@@ -176,6 +176,17 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(tmp_path, ray_c
     again = run_finetune(settings, labels, pool)
     assert again.version.version == outcome.version.version and again.passed == outcome.passed
     assert len(registry.versions(settings.registry.model_name)) == versions_before
+    # a job stopped after registering its version and before its verdict leaves a version without gate tags: its
+    # rerun judges that version (it used to report it finished, refused with no reason, and never gate it)
+    name, version = settings.registry.model_name, outcome.version.version
+    for key in [k for k in registry.version(name, version).tags if k.startswith("gate.")]:
+        registry.client.delete_model_version_tag(name, version, key)
+    if outcome.passed:
+        registry.move_alias(name, "champion", parent, why="test: judged again")
+    judged = run_finetune(settings, labels, pool)
+    assert judged.version.version == version and len(registry.versions(name)) == versions_before
+    assert judged.version.tags["gate.verdict"] in ("pass", "refused") and judged.passed == outcome.passed
+    assert (registry.alias_version(name, "champion") == version) == judged.passed
     # and the run's name holds the settings that decide the result: a changed job never resumes this one
     from cytoloop.config import AugmentConfig, DataConfig
     from cytoloop.models.finetune import finetune_configs
