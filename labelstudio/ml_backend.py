@@ -7,8 +7,9 @@ Label Studio calls four routes; each is thin over the same library the classifie
 - `POST /predict`: many tasks per call ("Retrieve predictions", or a new task): each task's cell is classified by
   its site's champion (`serving.live.LiveModel`, the alias `champion-<site>` else `champion`, the same rule as the
   classifier service) and answered as a pre-annotation with the version and the confidence as score. A cell is
-  read from the task's `image_path` (or its local-files URL under `stack.images_root`); an audit task (no model
-  fields, `labelstudio.tasks`) gets no prediction: it must stay blind;
+  read from the task's `image_path` or its local-files URL, only under `stack.images_root` and within the
+  service's image limits (the route has no login); an audit task (no model fields, `labelstudio.tasks`) gets no
+  prediction: it must stay blind;
 - `POST /webhook`: Label Studio's training events (`START_TRAINING`, and annotation events when "start training
   on annotation submission" is on) start `cytoloop retrain --if-due` in the background and answer at once, so a
   labelling session never waits on training.
@@ -32,6 +33,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from cytoloop.config import Settings
+from cytoloop.data.intake import Limits, check_image
 from cytoloop.serving.inference import CellResult
 from cytoloop.serving.live import LiveModel, ServiceCache
 from cytoloop.serving.model_source import ModelSource
@@ -71,27 +73,35 @@ class Health(BaseModel):
 
 def image_file(data: dict[str, Any], images_root: Path | None) -> Path:
     """The cell's file: the task's `image_path`, else its local-files URL resolved under the images root's parent
-    (Label Studio's document root, `ops.stack`)."""
+    (Label Studio's document root, `ops.stack`). Either must lie under the images root: a task's data is whatever
+    was imported, and this backend answers without a login, so any other file of the host is refused."""
+    if images_root is None:
+        raise ValueError("stack.images_root is not set: no task image can be read")
+    root = Path(images_root).resolve()
     if data.get("image_path"):
-        return Path(data["image_path"])
-    url = str(data.get("image") or "")
-    served = parse_qs(urlsplit(url).query).get("d", [""])[0]
-    if not served or images_root is None:
-        raise ValueError(f"task has no image_path and no local-files image under the images root: {url!r}")
-    path = (Path(images_root).resolve().parent / served).resolve()
-    if not path.is_relative_to(Path(images_root).resolve()):
-        raise ValueError(f"{url!r} points outside the images root")
+        path, given = Path(data["image_path"]).resolve(), repr(data["image_path"])
+    else:
+        url = str(data.get("image") or "")
+        served = parse_qs(urlsplit(url).query).get("d", [""])[0]
+        if not served:
+            raise ValueError(f"task has no image_path and no local-files image under the images root: {url!r}")
+        path, given = (root.parent / served).resolve(), repr(url)
+    if not path.is_relative_to(root):
+        raise ValueError(f"{given} points outside the images root")
     return path
 
 
-def _read_image(path: Path, max_bytes: int) -> bytes:
-    """A task's image file, refused unless a regular file of at most `max_bytes` (`serve.max_image_bytes`, the
-    service's own limit): a task's data is whatever was imported, and `/dev/zero` would be read for ever."""
+def _read_image(path: Path, limits: Limits) -> bytes:
+    """A task's image file, refused unless a regular file within the service's own limits (`serve.max_image_bytes`,
+    `serve.max_image_pixels`) in a format intake accepts (`intake.check_image`): `/dev/zero` would be read for
+    ever, a small file can declare billions of pixels, and some formats run external programs to decode."""
     if not path.is_file():
         raise ValueError(f"{path} is not a regular file")
-    if path.stat().st_size > max_bytes:
-        raise ValueError(f"{path} is larger than serve.max_image_bytes ({max_bytes})")
-    return path.read_bytes()
+    if path.stat().st_size > limits.max_bytes:
+        raise ValueError(f"{path} is larger than serve.max_image_bytes ({limits.max_bytes})")
+    data = path.read_bytes()
+    check_image(data, str(path), limits)  # CellRejected (a ValueError) names the file and the reason
+    return data
 
 
 class Backend:
@@ -130,6 +140,7 @@ class Backend:
                 continue
             by_site.setdefault(data.get("site") or None, []).append(i)
         answers = [Prediction(result=[]) for _ in tasks]
+        limits = Limits(self.settings.serve.max_image_bytes, self.settings.serve.max_image_pixels)
         for site, members in by_site.items():
             try:
                 service = self.site(site).service
@@ -140,7 +151,7 @@ class Backend:
             for i in members:
                 try:
                     path = image_file(tasks[i].get("data") or {}, self.settings.stack.images_root)
-                    cells.append((path.name, _read_image(path, self.settings.serve.max_image_bytes)))
+                    cells.append((path.name, _read_image(path, limits)))
                     rows.append(i)
                 except (OSError, ValueError) as error:
                     logger.warning("task %s: no prediction: %s", tasks[i].get("id"), error)

@@ -35,12 +35,16 @@ def test_predict_answers_every_task_but_keeps_audits_blind(backend):
         {"id": 3, "data": {"image_path": str(root / "images" / "2.png"), "task_key": "k3"}},  # an audit
         {"id": 4, "data": {"image": "/data/local-files/?d=../secrets.json"}},  # outside the images root
         {"id": 5, "data": {"image_path": "/dev/zero", "reason": "review"}},  # read for ever before
+        {"id": 6, "data": {"image_path": str(root / "elsewhere.png"), "reason": "review"}},  # outside the root
+        {"id": 7, "data": {"image_path": str(root / "images" / "huge.png"), "reason": "review"}},  # 25 Mpx
     ]
+    Image.open(root / "images" / "0.png").save(root / "elsewhere.png")  # a real image, but not one of the cells
+    Image.new("1", (5000, 5000)).save(root / "images" / "huge.png")  # a few kB declaring over serve's pixel limit
     with TestClient(create_app(backend)) as client:
         assert client.get("/health").json()["status"] == "UP"
         version = client.post("/setup", json={"project": "1.0", "schema": "<View/>"}).json()["model_version"]
         results = client.post("/predict", json={"tasks": tasks}).json()["results"]
-    assert [bool(r["result"]) for r in results] == [True, True, False, False, False]
+    assert [bool(r["result"]) for r in results] == [True, True, False, False, False, False, False]
     assert {r["model_version"] for r in results[:2]} == {version}
     assert results[0]["result"][0]["value"]["choices"][0] in ("a", "b") and 0 < results[0]["score"] <= 1
 
