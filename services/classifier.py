@@ -180,7 +180,9 @@ class Classifier:
 
     async def served(self) -> dict[str, tuple[ModelRef, str | None]]:
         """What this replica serves to each site it holds (site key -> version, fallback reason)."""
-        return {site_key(live.site): (live.service.ref, live.fallback) for live in list(self.live)}
+        return {
+            site_key(live.site): (live.service.ref, live.fallback) for live in list(self.live) if live.withdrawn is None
+        }
 
     async def _follow_aliases(self) -> None:
         while True:

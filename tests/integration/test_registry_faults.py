@@ -325,6 +325,15 @@ def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_c
 
     registry.client.delete_registered_model_alias("cells", "champion")  # withdrawn on purpose: nothing to serve
     assert new_replica() == {"error": "NotRegistered"}
+    # the replica already serving it stops too (it kept answering with the withdrawn version), until one is back
+    from cytoloop.registry import NotRegistered
+
+    with pytest.raises(NotRegistered):
+        live.refresh()
+    with pytest.raises(NotRegistered):
+        live.service  # noqa: B018 - the property raises
+    registry.move_alias("cells", "champion", v2, why="a champion again")
+    assert live.refresh() and live.service.ref.version == v2 and live.fallback is None
 
 
 def test_a_registered_version_is_a_real_mlflow_model(registered, cells_dir):

@@ -9,7 +9,8 @@ When the version a site should get cannot be had (the registry does not answer, 
 load), a site keeps serving what it has; a site that has nothing yet (a new replica) serves its last known good
 version from local disk (`ModelSource.last_known_good`). Either way `fallback` says why, in words fit for anyone
 (no internals), until a later `refresh()` gets the current version. A definite "no such alias" is not a reason to
-fall back: a champion withdrawn on purpose must stop being served.
+fall back: a champion withdrawn on purpose must stop being served, by a new replica and by one already serving it
+(`service` then raises the registry's NotRegistered until the alias is back).
 
 A site that reports its own classes (`sites.<site>.classes`) gets a service deciding among those; sites on the
 same version share its loaded model whatever their classes.
@@ -46,29 +47,48 @@ class LiveModel:
         self.classes = None if classes is None else tuple(classes)
         self._lock = threading.Lock()
         self.fallback: str | None = None
+        self.withdrawn: Exception | None = None  # the registry said no version serves the site any more
         try:
             ref = source.resolve(site)
         except RegistryUnavailable as error:
-            self.service = self._last_known_good("the registry could not be read", error)
+            self._service = self._last_known_good("the registry could not be read", error)
             return
         try:
-            self.service = services.get(ref, classes=self.classes)
+            self._service = services.get(ref, classes=self.classes)
         except UsageError:  # the site's classes do not fit its model: a setting to fix, not a version to skip
             raise
         except Exception as error:  # corrupt or unloadable files: anything but the version itself is fine
-            self.service = self._last_known_good(f"version {ref.version} could not be loaded", error, ref)
+            self._service = self._last_known_good(f"version {ref.version} could not be loaded", error, ref)
             return
         source.remember(site, ref)
 
+    @property
+    def service(self) -> CellService:
+        """The service answering the site now; raises the registry's NotRegistered while its champion is
+        withdrawn (a later `refresh()` that finds an alias again serves that version)."""
+        if self.withdrawn is not None:
+            raise self.withdrawn
+        return self._service
+
     def refresh(self) -> bool:
         """Re-resolve the alias; load and switch to a new version. Returns whether what is served changed (a new
-        version, or the current one again after a fallback). Raises when the alias cannot be read or its version
-        cannot be loaded; the loaded service keeps serving meanwhile."""
+        version, the current one again after a fallback, or any after a withdrawal). Raises when the alias cannot
+        be read or its version cannot be loaded; the loaded service keeps serving meanwhile. Raises NotRegistered
+        when no alias serves the site any more, and from then on serves nothing until one does."""
+        from cytoloop.registry import NotRegistered
+
         with self._lock:
-            ref = self.source.resolve(self.site)
-            if ref == self.service.ref:
+            try:
+                ref = self.source.resolve(self.site)
+            except NotRegistered as error:
+                if self.withdrawn is None:
+                    logger.warning("site %s: withdrawn, no longer served: %s", self.site or "*", error)
+                self.withdrawn = error
+                raise
+            was_withdrawn, self.withdrawn = self.withdrawn is not None, None
+            if ref == self._service.ref:
                 if self.fallback is None:
-                    return False
+                    return was_withdrawn
             else:
                 try:
                     service = self.services.get(ref, classes=self.classes)
@@ -78,7 +98,7 @@ class LiveModel:
                 except Exception:
                     self.fallback = f"version {ref.version} could not be loaded"
                     raise
-                self.service = service  # one assignment: readers see the old or the new service
+                self._service = service  # one assignment: readers see the old or the new service
             self.fallback = None
             self.source.remember(self.site, ref)
             return True
