@@ -159,3 +159,20 @@ def test_a_flags_file_that_is_not_one_is_refused_naming_it(tmp_path, text):
     path.write_text(text)
     with pytest.raises(UsageError, match=f"{path} is not a drift flags file"):
         load_flags(path)
+
+
+def test_a_logged_time_without_a_zone_is_utc_for_every_reader(tmp_path):
+    """The windows read a naive time as UTC, but the demo's drift (events since an aware time) raised TypeError
+    on such a line: the event itself now holds an aware time."""
+    from cytoloop.policy.drift import read_events
+
+    log = tmp_path / "predictions.jsonl"
+    line = {"model_version": "1", "confidence": 0.9, "routed_to_review": False, "predicted": "a"}
+    log.write_text(
+        json.dumps({**line, "time": "2026-11-01T10:00:00"})
+        + "\n"
+        + json.dumps({**line, "time": "2026-11-01T11:00:00+01:00"})
+    )
+    naive, aware = read_events(log)
+    assert naive.time == datetime(2026, 11, 1, 10, tzinfo=UTC) and naive.time == aware.time
+    assert [e for e in (naive, aware) if e.time >= datetime(2026, 11, 1, 9, 30, tzinfo=UTC)] == [naive, aware]

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cytoloop.config import DataConfig, DriftConfig
 from cytoloop.data.preprocess import ImageError, colour_moments, decode_image, to_model_input
@@ -48,6 +48,12 @@ class PredictionEvent(BaseModel):
     predicted: str
     label: str | None = Field(None, description="the reviewed or audited label, once known")
     colour: list[float] | None = Field(None, min_length=6, max_length=6, description="`colour_statistics` of the cell")
+
+    @field_validator("time")
+    @classmethod
+    def _utc(cls, time: datetime) -> datetime:
+        """A time without a zone is UTC (what the service writes): every reader compares aware times."""
+        return time if time.tzinfo is not None else time.replace(tzinfo=UTC)
 
 
 def colour_statistics(source: Path | bytes, config: DataConfig) -> np.ndarray:
@@ -248,10 +254,8 @@ def drift_windows(
     groups: dict[tuple, dict[int, list[PredictionEvent]]] = {}
     width = config.window_hours * 3600.0
     for event in events:
-        when = event.time if event.time.tzinfo else event.time.replace(tzinfo=UTC)
-        groups.setdefault((event.model_version, event.site), {}).setdefault(int(when.timestamp() // width), []).append(
-            event
-        )
+        window = int(event.time.timestamp() // width)
+        groups.setdefault((event.model_version, event.site), {}).setdefault(window, []).append(event)
     out = []
     for (version, site), windows in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or "")):
         first: dict | None = None
