@@ -109,7 +109,16 @@ def _push_site(
         except Exception as error:
             if unavailable(error) or len(chunk) == 1:
                 raise
-            for task in chunk:  # find the task Label Studio refuses; the others go through
+            # the failure may have come after Label Studio took the chunk (our own bookkeeping failed): ask which
+            # of its tasks are there, so the retry one by one imports none of them twice
+            there = project_task_keys(client, project_id)
+            landed = {
+                t["data"]["task_key"]: there[t["data"]["task_key"]] for t in chunk if t["data"]["task_key"] in there
+            }
+            if landed:
+                outbox.mark_pushed(server, project_id, landed)
+                report.pushed += len(landed)
+            for task in [t for t in chunk if t["data"]["task_key"] not in landed]:  # find the one it refuses
                 try:
                     _import(client, outbox, project_id, [task], server)
                     report.pushed += 1

@@ -282,3 +282,33 @@ def test_two_pushes_at_once_import_each_task_once(label_studio, tmp_path):
     assert sum(r.pushed for r in reports) == 30
     keys = [t.data["task_key"] for t in admin.tasks.list(project=projects["east"], fields="task_only")]
     assert len(keys) == 30 == len(set(keys))
+
+
+def test_a_chunk_label_studio_took_before_our_bookkeeping_failed_is_not_imported_again(label_studio, tmp_path):
+    """Label Studio takes a chunk of tasks, then recording that in the outbox fails (the outbox's disk answers
+    an I/O error once). The retry one task at a time used to import the whole chunk a second time; it now asks
+    the project which are there first."""
+    import sqlite3
+
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.outbox import Outbox
+    from labelstudio.push import project_task_keys, push_outbox
+
+    class FailingOnce(Outbox):
+        failed = False
+
+        def mark_pushed(self, server, project_id, task_ids):
+            if not self.failed:
+                self.failed = True
+                raise sqlite3.OperationalError("disk I/O error")
+            super().mark_pushed(server, project_id, task_ids)
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    outbox = FailingOnce(tmp_path / "outbox.db")
+    outbox.enqueue([_task("west", i) for i in range(4)])
+    ensure, projects = _site_projects(client)
+    report = push_outbox(client, outbox, ensure, batch=10)
+    assert outbox.failed and (report.pushed, report.failed, report.pending, report.error) == (4, 0, 0, None)
+    keys = [t.data["task_key"] for t in client.tasks.list(project=projects["west"], fields="task_only")]
+    assert len(keys) == 4 == len(set(keys)) and set(keys) == set(project_task_keys(client, projects["west"]))
