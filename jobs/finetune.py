@@ -74,43 +74,48 @@ def train_loop(config: dict) -> None:
     train_config = train_config.model_copy(update={"batch_size": max(1, train_config.batch_size // world)})
 
     local = Path(tempfile.mkdtemp(prefix="cytoloop-finetune-"))
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            shutil.copy2(Path(directory) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
-    attached = {"mtime": (local / CHECKPOINT_FILE).stat().st_mtime_ns if restored is not None else None}
-    history: list[dict] = []  # rank 0's loss per log period, logged to MLflow per step with the version
+    try:  # a worker that fails or is restarted must not leave its copy of the checkpoint in /tmp
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as directory:
+                shutil.copy2(Path(directory) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
+        attached = {"mtime": (local / CHECKPOINT_FILE).stat().st_mtime_ns if restored is not None else None}
+        history: list[dict] = []  # rank 0's loss per log period, logged to MLflow per step with the version
 
-    def report(entry: dict) -> None:
-        history.append(entry)
-        # `fit` writes its checkpoint after logging, so a checkpoint newer than the last one attached is complete.
-        checkpoint_file = local / CHECKPOINT_FILE
-        fresh = checkpoint_file.is_file() and checkpoint_file.stat().st_mtime_ns != attached["mtime"]
-        if rank == 0 and fresh:
-            attached["mtime"] = checkpoint_file.stat().st_mtime_ns
+        def report(entry: dict) -> None:
+            history.append(entry)
+            # `fit` writes its checkpoint after logging, so a checkpoint newer than the last one attached is complete.
+            checkpoint_file = local / CHECKPOINT_FILE
+            fresh = checkpoint_file.is_file() and checkpoint_file.stat().st_mtime_ns != attached["mtime"]
+            if rank == 0 and fresh:
+                attached["mtime"] = checkpoint_file.stat().st_mtime_ns
+                ray.train.report(
+                    entry, checkpoint=Checkpoint.from_directory(str(local)), delete_local_checkpoint_after_upload=False
+                )
+            else:
+                ray.train.report(entry)
+
+        wrap = ray.train.torch.prepare_model if world > 1 or config["use_gpu"] else None
+        result = finetune(model, images[index], labels[index], train_config, augment_config, local, report, wrap)
+        final = {
+            "step": train_config.steps,
+            "resumed_from_step": result.resumed_from,
+            "train_seconds": result.seconds,
+            "n_train_cells": int(len(index)),
+        }
+        if rank == 0:
+            staging = Path(tempfile.mkdtemp(prefix="cytoloop-finetuned-"))
+            shutil.copy2(local / CHECKPOINT_FILE, staging / CHECKPOINT_FILE)
+            model.save(staging / MODEL_SUBDIR)
+            (staging / MODEL_SUBDIR / LOSS_FILE).write_text(json.dumps(history))
+            # Ray copies it into the run's storage; in its default (synchronous) mode it would leave this copy behind
             ray.train.report(
-                entry, checkpoint=Checkpoint.from_directory(str(local)), delete_local_checkpoint_after_upload=False
+                final, checkpoint=Checkpoint.from_directory(str(staging)), delete_local_checkpoint_after_upload=True
             )
         else:
-            ray.train.report(entry)
-
-    wrap = ray.train.torch.prepare_model if world > 1 or config["use_gpu"] else None
-    result = finetune(model, images[index], labels[index], train_config, augment_config, local, report, wrap)
-    final = {
-        "step": train_config.steps,
-        "resumed_from_step": result.resumed_from,
-        "train_seconds": result.seconds,
-        "n_train_cells": int(len(index)),
-    }
-    if rank == 0:
-        staging = Path(tempfile.mkdtemp(prefix="cytoloop-finetuned-"))
-        shutil.copy2(local / CHECKPOINT_FILE, staging / CHECKPOINT_FILE)
-        model.save(staging / MODEL_SUBDIR)
-        (staging / MODEL_SUBDIR / LOSS_FILE).write_text(json.dumps(history))
-        ray.train.report(final, checkpoint=Checkpoint.from_directory(str(staging)))
-    else:
-        ray.train.report(final)
-    shutil.rmtree(local, ignore_errors=True)
+            ray.train.report(final)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def fit_on_ray(settings: Settings, run_name: str, loop_config: dict, out: Path) -> dict:

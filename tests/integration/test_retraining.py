@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -415,9 +416,13 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
     registry, name, root = gated["registry"], gated["name"], gated["root"]
     write_manifest(gated["eval"][:40], root / "north.csv")
     runner = CliRunner()
+    temp = Path(tempfile.gettempdir())
+    copies = lambda: set(temp.glob("cytoloop-finetune*"))  # noqa: E731 - the workers' checkpoint copies
+    before = copies()
     result = runner.invoke(
         app, ["adapt", "--site", "north", "--labels", str(root / "north.csv"), "--config", str(root / "config.json")]
     )
+    assert copies() <= before  # the workers removed their copies of the checkpoint (the final one was left)
     adapted = registry.versions(name)[-1]
     assert result.exit_code == (0 if adapted.tags["gate.verdict"] == "pass" else 3), result.output  # 3: refused
     assert adapted.tags["site"] == "north" and adapted.tags["job"] == "adapt"
