@@ -280,6 +280,12 @@ def review_report(
         project = report["fleiss_kappa"]
         kappa = "-" if project["kappa"] is None else f"{project['kappa']:.2f}"
         typer.echo(f"Fleiss' kappa: {kappa} over {project['cells']} cells ({project['left_out']} with other counts)")
+        audit = report["audit"]
+        rate = "-" if audit["error_rate"] is None else f"{audit['error_rate']:.1%}"
+        typer.echo(
+            f"audit: the model was wrong on {audit['model_wrong']} of {audit['cells']} audited cells with a "
+            f"consensus (error rate {rate})"
+        )
         typer.echo(f"senior review: {len(report['senior_review'])} cell(s)")
         for cell in report["senior_review"]:
             typer.echo(f"  {cell['cell']}: {cell['status']} {cell['votes']}{' abnormal' if cell['abnormal'] else ''}")

@@ -51,6 +51,9 @@ MODEL_ARTIFACTS = (
     "training.json",
     "learning_curve.png",
     "colour_reference.json",
+    "tuning.json",  # how the version's scoring rule was tuned (the model card reads it)
+    "recipe.json",  # the command that makes it (a shipped model)
+    "MODEL_CARD.md",
 )
 ALIAS_MOVE_TAG = "alias_move."
 ANY_VERSION = object()  # move_alias's default `expect`: move whatever the alias points at

@@ -94,6 +94,9 @@ def test_the_base_model_registers_as_the_first_champion(tmp_path, test_cells, mo
     registry = open_registry(settings)
     champion = registry.by_alias(settings.registry.model_name, "champion")
     served = registry.load(settings.registry.model_name, champion.version, tmp_path / "cache")
+    held = tmp_path / "cache" / settings.registry.model_name / champion.version
+    for document in ("MODEL_CARD.md", "recipe.json", "tuning.json", "training.json"):  # the version tells its story
+        assert (held / document).read_bytes() == (BASE / document).read_bytes(), document
     model, images, labels = test_cells
     assert served.classes == model.classes
     np.testing.assert_allclose(served.predict(images[:4]).probs, model.predict(images[:4]).probs)

@@ -392,6 +392,10 @@ def test_consensus_report_and_training_manifest(world, labelled, tmp_path):
             exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True
         )
     )
+    printed = CliRunner().invoke(app, ["review", "report", "--config", str(settings_file)])
+    assert printed.exit_code == 0, printed.output
+    assert "senior review: 2 cell(s)" in printed.output
+    assert "audit: the model was wrong on 0 of 0 audited cells with a consensus (error rate -)" in printed.output
     out = tmp_path / "reviewed.csv"
     result = CliRunner().invoke(app, ["review", "export", "--config", str(settings_file), "--out", str(out)])
     assert result.exit_code == 0, result.output
