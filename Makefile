@@ -42,12 +42,13 @@ $(VENV)/.installed: pyproject.toml
 # anomalies, and unadapted on the other labs' cells. The model scores in RUN_PRECISION, channels-last (bf16: 1.6x
 # fp32's cells/s on a CPU with avx512_bf16, the same balanced accuracy and ECE: docs/benchmarks.md "make run"); the
 # setting is saved with the model, so its rule is tuned and evaluated in the precision it runs in. The temperature
-# is fitted on 500 of the 1,603 validation cells.
+# is fitted on 500 of the 1,603 validation cells. A rerun resumes from OUT's checkpoints and replaces the model there
+# (--overwrite).
 run: setup
 	CYTOLOOP_TRAIN__BATCH_SIZE=32 CYTOLOOP_TRAIN__PRECISION=$(RUN_PRECISION) CYTOLOOP_SCORING__CALIBRATION_CELLS=96 \
 	CYTOLOOP_SCORING__PRECISION=$(RUN_PRECISION) CYTOLOOP_SCORING__CHANNELS_LAST=true \
 	CYTOLOOP_SCORING__TEMPERATURE_CELLS=500 \
-	$(BIN)/cytoloop train --kind diffusion --data $(RUN_DATA) --domains pbc --steps $(STEPS) --out $(OUT)/diffusion
+	$(BIN)/cytoloop train --kind diffusion --data $(RUN_DATA) --domains pbc --steps $(STEPS) --out $(OUT)/diffusion --overwrite
 	$(BIN)/cytoloop evaluate --model $(OUT)/diffusion --data $(RUN_DATA) --domains pbc --part test --cells $(CELLS) \
 		--anomaly-data $(RUN_DATA) --anomaly-domains allidb2 --json $(OUT)/in_domain.json
 	$(BIN)/cytoloop evaluate --model $(OUT)/diffusion --data $(RUN_DATA) --domains jtsc,cellavision,bccd \

@@ -1,7 +1,7 @@
 """Shared fixtures: where the real cells live, and settings for models small enough to train in seconds.
 
 The real cell images are never copied into the repository: tests read them from `../shared/data/cells` next to
-the repository (or from `$CYTOLOOP_TEST_DATA`). When that folder is missing the tests that need it FAIL with a
+the repository (or from `$TEST_SHARED_CELLS`). When that folder is missing the tests that need it FAIL with a
 message saying where they looked; they do not skip, so a misconfigured machine cannot pass silently.
 """
 
@@ -23,7 +23,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CELLS_DIR = REPO_ROOT / ".." / "shared" / "data" / "cells"
-DATA_ENV = "CYTOLOOP_TEST_DATA"
+DATA_ENV = "TEST_SHARED_CELLS"  # not CYTOLOOP_*: every such variable is a setting
 
 # A diffusion model and a CNN that train in well under a second per step at 16 px, and scoring that stops early.
 TINY_OVERRIDES: dict = {
@@ -60,10 +60,10 @@ def resolve_cells_dir() -> Path:
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    """No CYTOLOOP_* settings from the developer's shell (only the test-data pointer stays), for tests that build
-    settings. Opt-in, so that other tests' own environment is left alone."""
+    """No CYTOLOOP_* settings from the developer's shell, for tests that build settings. Opt-in, so that other
+    tests' own environment is left alone."""
     for name in list(os.environ):
-        if name.startswith("CYTOLOOP_") and name != DATA_ENV:
+        if name.startswith("CYTOLOOP_"):
             monkeypatch.delenv(name, raising=False)
     return monkeypatch
 

@@ -48,7 +48,7 @@ def main(
     configure_logging(verbose)
     if config is not None:
         if not config.is_file():
-            fail(f"--config {config}: no such file")
+            fail(f"--config {config}: {'not a file' if config.exists() else 'no such file'}")
         os.environ["CYTOLOOP_CONFIG"] = str(config.resolve())  # what load_settings reads when no file is given
 
 
@@ -68,6 +68,42 @@ def configure_logging(verbose: bool = False) -> None:
         project.propagate = False
 
 
+def site_name(value: str | None) -> str | None:
+    """A `--site` option's check (typer callback): a bad site name is refused before any work starts."""
+    from cytoloop.config import check_site_name
+    from cytoloop.errors import UsageError
+
+    if value is None:
+        return None
+    try:
+        return check_site_name(value)
+    except UsageError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def output_file(value: Path | None) -> Path | None:
+    """An option naming a file to write (typer callback): refused before any work when it is a folder, or when a
+    file stands where its folder must be, so hours of scoring are not lost at the end."""
+    if value is None or str(value) == "-":
+        return value
+    if value.is_dir():
+        raise typer.BadParameter(f"{value} is a folder; give a file name")
+    for parent in value.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise typer.BadParameter(f"{parent} is a file, so {value} cannot be written")
+            break
+    return value
+
+
+def refuse_finished_model(out: Path, overwrite: bool) -> None:
+    """A training command's OUT that already holds a finished model (its model.json) is refused unless
+    --overwrite: writing there silently replaced its weights and left its card, recipe and tuning report
+    describing another model. (An unfinished run there, checkpoints only, is resumed.)"""
+    if not overwrite and (out / "model.json").is_file():
+        fail(f"--out {out} already holds a trained model; choose another folder, or pass --overwrite to replace it")
+
+
 def split_list(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -84,9 +120,9 @@ def fail(message: str) -> None:
 
 def run(action):
     """Run a command body, turning the project's own errors (`CytoLoopError`: bad input, missing data, an
-    unreachable service, an image Label Studio cannot serve), invalid settings, missing files and refused
-    permissions (a port or file taken) into one-paragraph messages with exit code 2. Anything else is a bug and
-    shows its traceback."""
+    unreachable service, an image Label Studio cannot serve), invalid settings and what the file system or the
+    network refuses (a missing file, a folder where a file belongs, a refused permission, a port taken) into
+    one-paragraph messages with exit code 2. Anything else is a bug and shows its traceback."""
     from pydantic import ValidationError
 
     from cytoloop.errors import CytoLoopError, describe_validation_error
@@ -95,8 +131,10 @@ def run(action):
         return action()
     except ValidationError as error:
         fail(f"invalid configuration: {describe_validation_error(error)}")
-    except (CytoLoopError, FileNotFoundError, PermissionError) as error:
+    except CytoLoopError as error:
         fail(str(error))
+    except OSError as error:  # FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ...
+        fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error))
     except ModuleNotFoundError as error:
         extra = _EXTRA_OF.get((error.name or "").split(".")[0])
         if extra is None:

@@ -7,7 +7,17 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, fail, run, settings_from, site_classes, split_list
+from ops.cli.common import (
+    app,
+    fail,
+    output_file,
+    refuse_finished_model,
+    run,
+    settings_from,
+    site_classes,
+    site_name,
+    split_list,
+)
 
 
 @app.command()
@@ -26,10 +36,12 @@ def train(
     image_size: int | None = typer.Option(None, help="model resolution in pixels"),
     unlabeled_domains: str | None = typer.Option(None, help="domains whose cells train the null class unlabeled"),
     seed: int | None = typer.Option(None, help="seed of the split and of training (default 0)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished model already in OUT"),
     config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
 ) -> None:
     """Train a model, calibrate it (and tune a diffusion model's scoring) on the validation part of a seeded split,
     and save it to OUT."""
+    refuse_finished_model(out, overwrite)
     from cytoloop.models.recipes import RECIPES, get_recipe
 
     flags = {
@@ -150,7 +162,10 @@ def evaluate(
     classes: str | None = typer.Option(None, help="comma-separated classes (default: the model's)"),
     part: str | None = typer.Option(None, help="only this part of the model's split (train, val, test)"),
     json_out: Path | None = typer.Option(
-        None, "--json", help="write metrics JSON (and PNG plots beside it); '-' prints the JSON on stdout instead"
+        None,
+        "--json",
+        callback=output_file,
+        help="write metrics JSON (and PNG plots beside it); '-' prints the JSON on stdout instead",
     ),
     anomaly_data: Path | None = typer.Option(None, help="dataset with anomalies and normal cells"),
     anomaly_domains: str | None = typer.Option(None, help="domains of the anomaly dataset to use"),
@@ -160,7 +175,9 @@ def evaluate(
         None, min=1, help="evaluate on this many of the cells (a fixed draw that keeps the class mix); default all"
     ),
     site: str | None = typer.Option(
-        None, help="decide every cell among the classes this site reports (sites.<site>.classes), as it is served"
+        None,
+        callback=site_name,
+        help="decide every cell among the classes this site reports (sites.<site>.classes), as it is served",
     ),
 ) -> None:
     """Evaluate a model on labelled cells it never trained on; print a table, write JSON and plots."""
@@ -208,7 +225,7 @@ def evaluate(
 def score(
     model: Path = typer.Option(..., help="model directory (diffusion, baseline or cascade)"),
     data: Path = typer.Option(..., help="manifest CSV or per-class folder of the cells to score"),
-    out: Path = typer.Option(..., help="CSV to write: one row per cell, in the manifest's order"),
+    out: Path = typer.Option(..., callback=output_file, help="CSV to write: one row per cell, in the manifest's order"),
     domains: str | None = typer.Option(None, help="comma-separated domains to score (default all)"),
     part: str | None = typer.Option(None, help="only this part of the model's split (default: every cell given)"),
     cells: int | None = typer.Option(None, min=1, help="score this many of the cells (a fixed draw); default all"),
@@ -218,11 +235,14 @@ def score(
     batch_size: int = typer.Option(64, min=1, help="cells per batch a worker classifies at once"),
     config: Path | None = typer.Option(None, help="JSON settings (routing thresholds: routing.*)"),
     site: str | None = typer.Option(
-        None, help="decide every cell among the classes this site reports (sites.<site>.classes), as it is served"
+        None,
+        callback=site_name,
+        help="decide every cell among the classes this site reports (sites.<site>.classes), as it is served",
     ),
 ) -> None:
     """Score a pool of cells offline with Ray Data (no service needed): class, probabilities, anomaly score and
-    route per cell, as the classifier service would answer, written to a CSV. Labels are not needed."""
+    route per cell, as the classifier service would answer, written to a CSV. Labels are not needed (the
+    manifest keeps its label column, left empty)."""
 
     def action():
         from collections import Counter
@@ -311,7 +331,7 @@ def generate(
     model: Path = typer.Option(..., help="diffusion model directory"),
     class_name: str = typer.Option(..., "--class", help="class to generate"),
     n: int = typer.Option(16, "-n", min=1, max=256, help="number of cells"),
-    out: Path = typer.Option(Path("generated.png"), help="grid PNG to write"),
+    out: Path = typer.Option(Path("generated.png"), callback=output_file, help="grid PNG to write"),
     steps: int = typer.Option(50, min=1, max=1000, help="DDIM sampling steps"),
     guidance: float = typer.Option(2.0, min=0.0, help="classifier-free guidance scale (1 = none)"),
     seed: int = typer.Option(0),
@@ -409,9 +429,13 @@ def distill(
     defer_fraction: float | None = typer.Option(None, help="pick the threshold deferring this validation fraction"),
     steps: int | None = typer.Option(None, help="student training steps"),
     tune_teacher: bool = typer.Option(True, "--tune/--no-tune", help="tune the teacher's scoring first"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished model already in OUT"),
     config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
 ) -> None:
     """Distil a fast student CNN from a diffusion model and save the cascade of both to OUT."""
+    if out.resolve() == teacher.resolve():
+        fail(f"--out {out} is the teacher's own folder: the cascade would overwrite it")
+    refuse_finished_model(out, overwrite)
 
     def action():
         from cytoloop.config import load_settings
@@ -467,7 +491,13 @@ def card(
             fail(f"--eval {item!r}: expected TITLE=REPORT.json")
         if not Path(path).is_file():
             fail(f"--eval {title}: no report at {path}")
-        reports[title] = json.loads(Path(path).read_text())
+        try:
+            reports[title] = json.loads(Path(path).read_text())
+        except ValueError as error:
+            fail(f"--eval {title}: {path} is not JSON ({error})")
+        figures = reports[title]
+        if not isinstance(figures, dict) or not {"balanced_accuracy", "anomaly_auroc"} & set(figures):
+            fail(f"--eval {title}: {path} is not a report of `cytoloop evaluate --json` (no figures in it)")
 
     def action():
         from cytoloop.evaluation.model_card import write_model_card

@@ -6,14 +6,23 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import EXIT_NOT_DUE, app, fail, labelled_records, print_outcome, run, settings_from
+from ops.cli.common import (
+    EXIT_NOT_DUE,
+    app,
+    fail,
+    labelled_records,
+    print_outcome,
+    run,
+    settings_from,
+    site_name,
+)
 
 
 @app.command()
 def register(
     model: Path = typer.Argument(..., help="trained model directory"),
     champion: bool = typer.Option(False, "--champion", help="also point the (site) champion alias at it"),
-    site: str | None = typer.Option(None, help="with --champion: the site alias champion-<site>"),
+    site: str | None = typer.Option(None, callback=site_name, help="with --champion: the site alias champion-<site>"),
     reason: str | None = typer.Option(None, help="why (required with --champion: it goes to the audit trail)"),
     override: bool = typer.Option(
         False, "--override", help="with --champion: replace an existing champion without the gate (recorded as such)"
@@ -35,6 +44,8 @@ def register(
             fail("--champion moves an alias: give --reason")
         if override and not champion:
             fail("--override goes with --champion")
+        if site and not champion:
+            fail("--site names the alias champion-<site>: it goes with --champion")
         settings = settings_from(config)
         meta = read_model_meta(model)
         registry = open_registry(settings)
@@ -102,7 +113,9 @@ def retrain(
 
 @app.command()
 def adapt(
-    site: str = typer.Option(..., help="hospital name; the model is registered under champion-<site>"),
+    site: str = typer.Option(
+        ..., callback=site_name, help="hospital name; the model is registered under champion-<site>"
+    ),
     data: Path = typer.Option(
         ..., "--labels", "--data", help="the site's labelled cells: manifest CSV (--data: its former name)"
     ),
@@ -114,10 +127,6 @@ def adapt(
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Adapt the champion to one hospital: fine-tune on its labels, gate against what serves it, alias per site."""
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
-        fail(f"invalid site name {site!r}: use letters, digits, '-' and '_'")
 
     def action():
         from cytoloop.data.records import load_records
@@ -134,7 +143,9 @@ def adapt(
 def promote(
     version: str = typer.Argument(..., help="model version to promote"),
     reason: str = typer.Option(..., help="why the gate is overridden (kept on the version and in the audit trail)"),
-    site: str | None = typer.Option(None, help="promote to champion-<site> instead of the global champion"),
+    site: str | None = typer.Option(
+        None, callback=site_name, help="promote to champion-<site> instead of the global champion"
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
@@ -158,7 +169,9 @@ def promote(
 @app.command()
 def rollback(
     reason: str = typer.Option(..., help="why (kept in the audit trail)"),
-    site: str | None = typer.Option(None, help="roll back champion-<site> instead of the global champion"),
+    site: str | None = typer.Option(
+        None, callback=site_name, help="roll back champion-<site> instead of the global champion"
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, fail, run, site_candidates, split_list
+from ops.cli.common import app, fail, output_file, run, site_candidates, site_name, split_list
 
 stack_app = typer.Typer(
     no_args_is_help=True,
@@ -27,6 +27,17 @@ def _print_status(rows) -> None:
         typer.echo(f"{row.name:<13} {row.state:<9} {port:<11} {pid:<11} {row.detail}")
 
 
+def _services(only: str | None) -> list[str] | None:
+    """`--only`'s services; None (all of them) only without the flag: `--only ""` (an empty variable) names
+    none, and is refused rather than read as every service."""
+    if only is None:
+        return None
+    names = split_list(only)
+    if not names:
+        fail("--only names no service: give comma-separated names (label-studio, labels, mlflow, ray)")
+    return names
+
+
 @stack_app.command("up")
 def stack_up(
     only: str | None = typer.Option(None, help="comma-separated services (label-studio, labels, mlflow, ray)"),
@@ -38,7 +49,7 @@ def stack_up(
         from cytoloop.config import load_settings
         from ops.stack import Stack
 
-        _print_status(Stack(load_settings(config)).up(split_list(only)))
+        _print_status(Stack(load_settings(config)).up(_services(only)))
 
     run(action)
 
@@ -67,7 +78,7 @@ def stack_down(
         from cytoloop.config import load_settings
         from ops.stack import Stack
 
-        stopped = Stack(load_settings(config)).down(split_list(only))
+        stopped = Stack(load_settings(config)).down(_services(only))
         typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
     run(action)
@@ -75,7 +86,7 @@ def stack_down(
 
 @review_app.command("bootstrap")
 def review_bootstrap(
-    site: str = typer.Option(..., help="site (lab) whose project to create"),
+    site: str = typer.Option(..., callback=site_name, help="site (lab) whose project to create"),
     model: Path | None = typer.Option(None, help="model directory whose classes the project offers"),
     classes: str | None = typer.Option(None, help="comma-separated classes (instead of --model)"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
@@ -101,7 +112,9 @@ def review_route(
     data: Path = typer.Option(..., help="manifest CSV or per-class folder of cells to score"),
     domains: str | None = typer.Option(None, help="comma-separated domains to score"),
     site: str | None = typer.Option(
-        None, help="project to send to (default: each cell's domain); a site's cells are decided among its classes"
+        None,
+        callback=site_name,
+        help="project to send to (default: each cell's domain); a site's cells are decided among its classes",
     ),
     model_version: str | None = typer.Option(None, help="version shown to annotators (default: model dir name)"),
     budget: int | None = typer.Option(None, min=0, help="cells to send this round (default: routing.budget)"),
@@ -178,7 +191,7 @@ def review_push(config: Path | None = typer.Option(None, help="JSON settings fil
 @review_app.command("ml-backend")
 def review_ml_backend(
     host: str = typer.Option("127.0.0.1", help="address Label Studio reaches it at"),
-    port: int = typer.Option(9090, help="port (Label Studio: Settings -> Model -> http://HOST:PORT)"),
+    port: int = typer.Option(9090, min=1, max=65535, help="port (Label Studio: Settings -> Model -> http://HOST:PORT)"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Serve CytoLoop as a Label Studio ML backend: predictions per task from each site's champion, and
@@ -257,7 +270,7 @@ def review_sync(
 
 @review_app.command("report")
 def review_report(
-    json_out: Path | None = typer.Option(None, "--json", help="also write the report as JSON"),
+    json_out: Path | None = typer.Option(None, "--json", callback=output_file, help="also write the report as JSON"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Consensus status, per-annotator agreement, and the cells waiting for senior review."""
@@ -297,7 +310,9 @@ def review_report(
 
 @review_app.command("export")
 def review_export(
-    out: Path = typer.Option(..., help="manifest CSV to write (usable by `cytoloop train --data`)"),
+    out: Path = typer.Option(
+        ..., callback=output_file, help="manifest CSV to write (usable by `cytoloop train --data`)"
+    ),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Write the agreed consensus labels as a training manifest with provenance."""

@@ -13,7 +13,7 @@ from ops.cli.common import app, fail, run, settings_from
 def serve(
     config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_SERVE__* variables override it)"),
     host: str | None = typer.Option(None, help="interface to bind (default serve.host, 127.0.0.1)"),
-    port: int | None = typer.Option(None, help="HTTP port (default serve.port, 8000)"),
+    port: int | None = typer.Option(None, min=1, max=65535, help="HTTP port (default serve.port, 8000)"),
     model_dir: Path | None = typer.Option(
         None,
         "--model",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from cytoloop.errors import UsageError
 
@@ -687,8 +687,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _site_names(self) -> Settings:
         for site in self.sites:
-            if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
-                raise ValueError(f"invalid site name {site!r} in sites: use letters, digits, '-' and '_'")
+            check_site_name(site, "in sites")
         return self
 
     def site_classes(self, site: str | None) -> list[str] | None:
@@ -713,20 +712,52 @@ class Settings(BaseSettings):
         return self
 
 
+def check_site_name(site: str, where: str = "") -> str:
+    """A site name becomes part of alias names (`champion-<site>`), file names and Label Studio project titles:
+    letters, digits, '-' and '_' only. Returns it, or raises UsageError naming it (and `where` it was given)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
+        raise UsageError(f"invalid site name {site!r}{' ' + where if where else ''}: use letters, digits, '-' and '_'")
+    return site
+
+
+ENV_PREFIX = "CYTOLOOP_"
+NOT_SETTINGS = {"CYTOLOOP_CONFIG"}  # the settings file's path, not a setting
+
+
 def load_settings(path: Path | None = None, overrides: dict | None = None) -> Settings:
     """Build settings: defaults < JSON file `path` (else `$CYTOLOOP_CONFIG`) < `CYTOLOOP_*` environment < explicit
     `overrides`.
 
     `overrides` is a nested dict such as `{"train": {"steps": 500}}` (what the CLI's flags set).
-    Raises pydantic's ValidationError naming each bad field; the CLI turns it into a readable message.
+    Raises pydantic's ValidationError naming each bad field; the CLI turns it into a readable message. A
+    `CYTOLOOP_*` variable naming no setting (a typo: CYTOLOOP_SCORNG__PRECISION) or holding unparsable JSON is a
+    UsageError naming it: silently ignored, a typo would leave the default in force.
     """
     source = path or os.environ.get("CYTOLOOP_CONFIG") or None  # `cytoloop --config` sets it for every command
     values: dict = _read_settings_file(Path(source)) if source else {}
+    _check_environment_names()
     # the environment alone, unvalidated: validating it against the defaults would reject values that are only
     # valid together with the file's (e.g. max_trials below the default min_trials)
-    values = _deep_merge(values, EnvSettingsSource(Settings)())
+    try:
+        environment = EnvSettingsSource(Settings)()
+    except SettingsError as error:
+        raise UsageError(f"a CYTOLOOP_* environment variable cannot be read: {error}") from None
+    values = _deep_merge(values, environment)
     values = _deep_merge(values, overrides or {})
     return Settings(**values)
+
+
+def _check_environment_names() -> None:
+    sections = set(Settings.model_fields)
+    for name in os.environ:
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in NOT_SETTINGS:
+            continue
+        section = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+        if section not in sections:
+            raise UsageError(
+                f"environment variable {name}: no setting {section!r}; settings are {', '.join(sorted(sections))} "
+                f"(CYTOLOOP_<SETTING>, or CYTOLOOP_<SECTION>__<FIELD>)"
+            )
 
 
 def _read_settings_file(path: Path) -> dict:
@@ -735,6 +766,8 @@ def _read_settings_file(path: Path) -> dict:
         values = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"settings file {path} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"settings file {path} is a folder, not a JSON file") from None
     except json.JSONDecodeError as error:
         raise UsageError(f"settings file {path} is not valid JSON: {error}") from None
     if not isinstance(values, dict):

@@ -101,6 +101,8 @@ def train_model(
     """
     out = Path(out)
     classes = classes or sorted({r.label for r in records if r.label is not None})
+    if len(classes) < 2:
+        raise UsageError(f"a classifier needs at least 2 classes; these cells give {classes or 'none'}")
     if split is None:
         split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed)
     elif set(split) != set(SPLIT_FRACTIONS):

@@ -202,7 +202,7 @@ def champion(tmp_path_factory, cells_dir, tiny_overrides):
     root = tmp_path_factory.mktemp("cluster")
     records = load_records(cells_dir)
     with pytest.MonkeyPatch.context() as patch:
-        for name in [n for n in os.environ if n.startswith("CYTOLOOP_") and n != "CYTOLOOP_TEST_DATA"]:
+        for name in [n for n in os.environ if n.startswith("CYTOLOOP_")]:
             patch.delenv(name)
         settings = make_settings(root, tiny_overrides, "cluster-test")
         seed = [r for label in TWO for r in select(records, ["jtsc"], [label])[:20]]

@@ -223,3 +223,66 @@ def test_review_invite_with_label_studio_down_is_a_message_and_exit_code_2(tmp_p
         result = CliRunner().invoke(app, ["review", "invite", *extra])
         assert result.exit_code == 2, result.output
         assert f"Label Studio at http://127.0.0.1:{port} is not reachable" in result.output
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        IsADirectoryError(21, "Is a directory", "/tmp/reports"),
+        NotADirectoryError(20, "Not a directory", "/tmp/notes.csv/mlflow"),
+        FileExistsError(17, "File exists", "/tmp/notes.csv"),
+    ],
+)
+def test_a_folder_where_a_file_belongs_and_the_reverse_are_messages_too(error, capsys):
+    """A user's path mistake the file system refuses was a traceback (exit 1) for all but two kinds of OSError."""
+    with pytest.raises(typer.Exit) as exit_info:
+        run(_raise(error))
+    assert exit_info.value.exit_code == 2 and f"{error.filename}: {error.strerror}" in capsys.readouterr().err
+
+
+def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_env):
+    """Checked as the command line is read: nothing is scored, trained or started first (a score's output path
+    that is a folder used to fail after the scoring)."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    runner = CliRunner()
+    (tmp_path / "notes.csv").write_text("x")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text("{}")  # a finished model: never trained over silently
+    cases = {
+        ("score", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path)): "is a folder",
+        ("review", "export", "--out", str(tmp_path / "notes.csv" / "x.csv")): "is a file",
+        ("register", str(model), "--champion", "--reason", "r", "--site", "st marys"): "invalid site name",
+        ("promote", "3", "--site", "a/b", "--reason", "r"): "invalid site name",
+        ("review", "ml-backend", "--port", "70000"): "less than or equal to 65535",
+        ("stack", "up", "--only", ""): "--only names no service",
+        ("train", "--data", str(tmp_path), "--out", str(model)): "already holds a trained model",
+        ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(model)): "teacher's own folder",
+        ("register", str(model), "--site", "north"): "goes with --champion",
+        ("--config", str(tmp_path), "info", str(model)): "not a file",
+    }
+    for args, message in cases.items():
+        result = runner.invoke(app, list(args))
+        unboxed = "".join(c for c in result.output if not c.isspace() and c not in "│╭╮╰╯─")  # typer's wrapped box
+        assert result.exit_code == 2 and "".join(message.split()) in unboxed, (args, result.output)
+
+
+def test_a_misspelt_or_unreadable_setting_in_the_environment_is_refused_naming_it(clean_env):
+    """CYTOLOOP_SCORNG__PRECISION=fp8 was silently ignored (the default precision stayed in force), and a
+    CYTOLOOP_SITES that is not JSON was a traceback."""
+    from cytoloop.config import load_settings
+
+    clean_env.setenv("CYTOLOOP_SCORNG__PRECISION", "fp8")
+    with pytest.raises(UsageError, match="CYTOLOOP_SCORNG__PRECISION: no setting 'scorng'"):
+        load_settings()
+    clean_env.delenv("CYTOLOOP_SCORNG__PRECISION")
+    clean_env.setenv("CYTOLOOP_SITES", "{bad")
+    with pytest.raises(UsageError, match="CYTOLOOP_\\* environment variable cannot be read"):
+        load_settings()
+    clean_env.setenv("CYTOLOOP_SITES", '{"north": {"classes": ["a", "b"]}}')
+    clean_env.setenv("CYTOLOOP_SCORING__PRECISION", "bf16")
+    settings = load_settings()
+    assert settings.scoring.precision == "bf16" and settings.site_classes("north") == ["a", "b"]

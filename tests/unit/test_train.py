@@ -326,3 +326,15 @@ def test_a_damaged_model_directory_fails_to_load_naming_it(tmp_path, tiny_settin
     (directory / "model.json").write_text(json.dumps({**json.loads(meta), "classes": ["a", "b", "c"]}))
     with pytest.raises(ModelLoadError, match="cannot load this diffusion model's files"):
         load_model(directory)
+
+
+def test_a_classifier_of_one_class_is_refused_before_training(tmp_path, tiny_settings):
+    """`train --classes lymphocyte` trained a one-class 'classifier' (loss 0, temperature 3e3) and exited 0."""
+    from cytoloop.data.records import CellRecord
+    from cytoloop.errors import UsageError
+    from cytoloop.workflows import train_model
+
+    records = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "lymphocyte", "lab") for i in range(10)]
+    with pytest.raises(UsageError, match="at least 2 classes; these cells give \\['lymphocyte'\\]"):
+        train_model("baseline", records, tiny_settings, tmp_path / "model")
+    assert not (tmp_path / "model").exists()  # refused before anything was written
