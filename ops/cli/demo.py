@@ -51,9 +51,9 @@ def demo(
     site: list[str] | None = typer.Option(
         None, "--site", help="NAME=LAB[,LAB...]: a site and the labs whose cells are its pool; repeat per site"
     ),
-    rounds: int | None = typer.Option(None, help="active-learning rounds (demo.rounds)"),
+    rounds: int | None = typer.Option(None, min=1, help="active-learning rounds (demo.rounds)"),
     classes: str | None = typer.Option(None, help="comma-separated classes of the sites' cells to use (default: all)"),
-    budget: int | None = typer.Option(None, help="cells sent to Label Studio per site and round"),
+    budget: int | None = typer.Option(None, min=1, help="cells sent to Label Studio per site and round"),
     blast_share: float | None = typer.Option(None, help="share of each site's pool made of mixed-in blasts"),
     pool_limit: int | None = typer.Option(
         None, help="pool cells scored per site and round, drawn afresh each round (default: the whole pool)"

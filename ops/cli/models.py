@@ -32,8 +32,8 @@ def train(
     ),
     domains: str | None = typer.Option(None, help="comma-separated domains to train on (default: all)"),
     classes: str | None = typer.Option(None, help="comma-separated classes (default: all labelled classes)"),
-    steps: int | None = typer.Option(None, help="training steps"),
-    image_size: int | None = typer.Option(None, help="model resolution in pixels"),
+    steps: int | None = typer.Option(None, min=1, help="training steps"),
+    image_size: int | None = typer.Option(None, min=16, max=512, help="model resolution in pixels"),
     unlabeled_domains: str | None = typer.Option(None, help="domains whose cells train the null class unlabeled"),
     seed: int | None = typer.Option(None, help="seed of the split and of training (default 0)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished model already in OUT"),
@@ -170,7 +170,7 @@ def evaluate(
     anomaly_data: Path | None = typer.Option(None, help="dataset with anomalies and normal cells"),
     anomaly_domains: str | None = typer.Option(None, help="domains of the anomaly dataset to use"),
     anomaly_label: str = typer.Option("blast", help="label that marks an anomaly in the anomaly dataset"),
-    max_trials: int | None = typer.Option(None, help="diffusion: override the scoring's trial limit"),
+    max_trials: int | None = typer.Option(None, min=2, help="diffusion: override the scoring's trial limit"),
     cells: int | None = typer.Option(
         None, min=1, help="evaluate on this many of the cells (a fixed draw that keeps the class mix); default all"
     ),
@@ -337,6 +337,8 @@ def generate(
     seed: int = typer.Option(0),
 ) -> None:
     """Sample cells of one class from a diffusion model and write them as a grid PNG."""
+    if out.suffix.lower() != ".png":
+        fail(f"--out {out}: the grid is a PNG; give a name ending in .png")
 
     def action():
         from cytoloop.evaluation import plots
@@ -355,7 +357,7 @@ def generate(
 def tune(
     model: Path = typer.Option(..., help="diffusion model directory (its scoring is tuned in place)"),
     data: Path = typer.Option(..., help="the manifest CSV or per-class folder the model was trained from"),
-    trials: int | None = typer.Option(None, help="exhaustive trials per validation cell to agree with"),
+    trials: int | None = typer.Option(None, min=2, help="exhaustive trials per validation cell to agree with"),
     agreement: float | None = typer.Option(None, help="fraction of validation cells that must agree"),
     null_trials: int | None = typer.Option(None, help="score the null class (anomaly) on this many first trials"),
     unlabeled_domains: str | None = typer.Option(
@@ -427,7 +429,7 @@ def distill(
     unlabeled_domains: str | None = typer.Option(None, help="domains whose cells the student also learns from"),
     threshold: float | None = typer.Option(None, help="student confidence under which a cell is deferred"),
     defer_fraction: float | None = typer.Option(None, help="pick the threshold deferring this validation fraction"),
-    steps: int | None = typer.Option(None, help="student training steps"),
+    steps: int | None = typer.Option(None, min=1, help="student training steps"),
     tune_teacher: bool = typer.Option(True, "--tune/--no-tune", help="tune the teacher's scoring first"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished model already in OUT"),
     config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),

@@ -77,8 +77,8 @@ def retrain(
     labels: Path = typer.Option(..., help="consensus labels: manifest CSV (path,label,domain,...)"),
     unlabeled: Path | None = typer.Option(None, help="manifest CSV of the unlabeled pool (trains the null class)"),
     if_due: bool = typer.Option(False, "--if-due", help="only if the retrain policy says a retrain is due"),
-    steps: int | None = typer.Option(None, help="fine-tuning steps"),
-    workers: int | None = typer.Option(None, help="Ray Train workers"),
+    steps: int | None = typer.Option(None, min=1, help="fine-tuning steps"),
+    workers: int | None = typer.Option(None, min=1, help="Ray Train workers"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Fine-tune the champion on the consensus labels (Ray Train), register it and put it through the gate."""
@@ -123,7 +123,7 @@ def adapt(
     stain_normalize: bool | None = typer.Option(
         None, "--stain-normalize/--no-stain-normalize", help="normalise to the champion's training colours"
     ),
-    steps: int | None = typer.Option(None, help="fine-tuning steps"),
+    steps: int | None = typer.Option(None, min=1, help="fine-tuning steps"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Adapt the champion to one hospital: fine-tune on its labels, gate against what serves it, alias per site."""

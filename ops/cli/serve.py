@@ -20,7 +20,7 @@ def serve(
         "--model-dir",
         help="serve this model directory instead of the registry (--model-dir: former name)",
     ),
-    num_cpus: int | None = typer.Option(None, help="CPUs of the local Ray instance (default: all)"),
+    num_cpus: int | None = typer.Option(None, min=1, help="CPUs of the local Ray instance (default: all)"),
     insecure: bool = typer.Option(
         False, "--insecure", help="allow a non-loopback --host without an API key (a trusted network only)"
     ),

@@ -159,6 +159,8 @@ class Registry:
 
         from cytoloop.serving.pyfunc import ARTIFACT, example_frame, output_example, python_model
 
+        model = load_model(model_dir)  # a damaged directory is refused naming it, before anything is logged
+        example = example_frame(model)
         mlflow.set_experiment(experiment_id=self.experiment_id())
         with tempfile.TemporaryDirectory() as staging:
             staged = Path(staging) / ARTIFACT  # MLflow keeps an artifact folder under its own name
@@ -166,8 +168,6 @@ class Registry:
             for file in MODEL_ARTIFACTS:
                 if (Path(model_dir) / file).is_file():
                     shutil.copy2(Path(model_dir) / file, staged / file)
-            model = load_model(staged)
-            example = example_frame(model)
             with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
                 if params:
                     mlflow.log_params(params)

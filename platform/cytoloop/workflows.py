@@ -120,6 +120,7 @@ def train_model(
         raise DatasetError(
             f"no validation cells to calibrate on: {len(records)} cells are too few; every "
             "(label, domain) group needs at least 2 cells, and calibration wants many more"
+            + (val.skipped_note() or train.skipped_note())
         )
     model = build_model(kind, classes, settings)
     extra = load_cells(unlabeled, settings.data, progress) if model.learns_from_unlabeled and unlabeled else None
@@ -343,7 +344,7 @@ def evaluate_model(
     mask = class_mask(model.classes, allowed)
     cells = load_cells(records, model.data_config, progress)
     if not cells.records:
-        raise DatasetError(f"none of the {len(records)} evaluation cells could be read")
+        raise DatasetError(f"none of the {len(records)} evaluation cells could be read{cells.skipped_note()}")
     labels = label_indices(cells.records, model.classes)
     began = time.perf_counter()
     predictions = model.predict(cells.images, progress=progress, candidates=candidate_rows(mask, len(cells.images)))

@@ -263,6 +263,8 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
         ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(model)): "teacher's own folder",
         ("register", str(model), "--site", "north"): "goes with --champion",
         ("--config", str(tmp_path), "info", str(model)): "not a file",
+        ("generate", "--model", str(model), "--class", "a", "--out", str(tmp_path / "g.jpg")): "ending in .png",
+        ("tune", "--model", str(model), "--data", str(tmp_path), "--trials", "0"): "--trials",
     }
     for args, message in cases.items():
         result = runner.invoke(app, list(args))
@@ -286,3 +288,19 @@ def test_a_misspelt_or_unreadable_setting_in_the_environment_is_refused_naming_i
     clean_env.setenv("CYTOLOOP_SCORING__PRECISION", "bf16")
     settings = load_settings()
     assert settings.scoring.precision == "bf16" and settings.site_classes("north") == ["a", "b"]
+
+
+def test_registering_a_damaged_model_names_the_user_s_folder(tmp_path, clean_env):
+    """The error named the temporary copy the registry stages (/tmp/tmp8nka3ve7/cytoloop), not the folder given."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "model.json").write_text(json.dumps({"kind": "bogus", "classes": ["a", "b"]}))
+    result = CliRunner().invoke(app, ["register", str(model)])
+    assert result.exit_code == 2 and str(model) in result.output and "/tmp/tmp" not in result.output, result.output

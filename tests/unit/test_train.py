@@ -338,3 +338,13 @@ def test_a_classifier_of_one_class_is_refused_before_training(tmp_path, tiny_set
     with pytest.raises(UsageError, match="at least 2 classes; these cells give \\['lymphocyte'\\]"):
         train_model("baseline", records, tiny_settings, tmp_path / "model")
     assert not (tmp_path / "model").exists()  # refused before anything was written
+
+
+def test_cells_that_cannot_be_read_are_named_when_too_few_are_left(tmp_path, tiny_settings):
+    """24 listed cells, none on disk: the error said only that 24 cells were too few, never that none could be read."""
+    from cytoloop.data.records import CellRecord, DatasetError
+    from cytoloop.workflows import train_model
+
+    records = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "ab"[i % 2], "lab") for i in range(24)]
+    with pytest.raises(DatasetError, match=f"could not be read; the first: {tmp_path}/c"):
+        train_model("baseline", records, tiny_settings, tmp_path / "model")

@@ -143,6 +143,13 @@ class LoadedCells:
     records: list[CellRecord]
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    def skipped_note(self) -> str:
+        """For an error about too few cells: how many could not be read, and the first one's path and reason."""
+        if not self.skipped:
+            return ""
+        path, reason = self.skipped[0]
+        return f" ({len(self.skipped)} could not be read; the first: {path}: {reason})"
+
 
 def load_cells(records: Sequence[CellRecord], config: DataConfig, progress: bool = False) -> LoadedCells:
     """Preprocess many cells. A corrupt or missing image is skipped with its path and reason; never raises for one."""

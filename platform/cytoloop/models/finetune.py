@@ -112,7 +112,7 @@ def training_arrays(
     labelled records that could be read. A label outside the model's classes is an error naming the cell."""
     cells = load_cells(records, model.data_config)
     if not cells.records:
-        raise DatasetError(f"none of the {len(records)} training cells could be read")
+        raise DatasetError(f"none of the {len(records)} training cells could be read{cells.skipped_note()}")
     images, labels = cells.images, label_indices(cells.records, model.classes)
     if model.learns_from_unlabeled and unlabeled:
         pool = load_cells(unlabeled, model.data_config)
@@ -224,7 +224,9 @@ def recalibrate(
 
     cells = load_cells(val_records, model.data_config)
     if not cells.records:
-        raise DatasetError(f"none of the {len(val_records)} frozen validation cells could be read")
+        raise DatasetError(
+            f"none of the {len(val_records)} frozen validation cells could be read{cells.skipped_note()}"
+        )
     labels = label_indices(cells.records, model.classes)
     mask = class_mask(model.classes, allowed)
     before = _calibration_figures(model, cells.images, labels, mask)
