@@ -195,8 +195,12 @@ def evaluate(
             classifier.scoring_config = cfg.model_validate(
                 {**cfg.model_dump(), "max_trials": max_trials, "min_trials": min(cfg.min_trials, max_trials)}
             )
-        wanted = split_list(classes) or classifier.classes
-        records = select(load_records(data), split_list(domains), wanted)
+        if classes:  # asked for: each must have cells
+            records = select(load_records(data), split_list(domains), split_list(classes))
+        else:  # the model's classes that these cells have (a lab is evaluated on the classes it has)
+            records = [r for r in select(load_records(data), split_list(domains)) if r.label in classifier.classes]
+            if not records:
+                fail(f"{data}: no cell is labelled with one of the model's classes ({', '.join(classifier.classes)})")
         records, excluded = held_out(records, model, part)
         records = class_interleaved_subset(records, cells)
         anomalies = select(load_records(anomaly_data), split_list(anomaly_domains)) if anomaly_data else []

@@ -558,6 +558,22 @@ def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
     assert machine.exit_code == 0 and json.loads(machine.stdout)["n_cells"] == report["n_cells"]
 
 
+def test_a_lab_is_evaluated_on_the_classes_it_has(baseline_model, workspace, tmp_path):
+    """A lab whose cells lack one of the model's classes is evaluated on the others (it was refused: 'unknown
+    class'); a class the user names that the cells lack is refused naming it."""
+    import csv
+
+    with open(workspace["eval"], newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["label"] != "monocyte" and "corrupt" not in r["path"]]
+    lab = _write_manifest(tmp_path / "lab.csv", [{**r, "path": str(Path(r["path"]).resolve())} for r in rows])
+    result = invoke("evaluate", "--model", baseline_model, "--data", lab, "--json", "-", cwd=workspace["root"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n_cells"] > 0 and report["per_class_recall"]["monocyte"] is None
+    named = invoke("evaluate", "--model", baseline_model, "--data", lab, "--classes", "monocyte", cwd=workspace["root"])
+    assert named.exit_code == 2 and "no cells of class(s) monocyte" in named.stderr
+
+
 def test_evaluate_as_a_site_decides_among_the_site_s_classes(baseline_model, workspace, tmp_path, monkeypatch):
     classes = json.loads((Path(baseline_model) / "model.json").read_text())["classes"]
     settings = tmp_path / "sites.json"

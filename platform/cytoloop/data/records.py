@@ -129,7 +129,7 @@ def select(
 def _check_known(kind: str, asked: list[str], known: set[str]) -> None:
     unknown = [a for a in asked if a not in known]
     if unknown:
-        raise DatasetError(f"unknown {kind}(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        raise DatasetError(f"no cells of {kind}(s) {', '.join(unknown)}; these cells have: {', '.join(sorted(known))}")
 
 
 def stratified_split(
