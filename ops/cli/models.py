@@ -23,7 +23,9 @@ from ops.cli.common import (
 @app.command()
 def train(
     data: Path = typer.Option(..., help="manifest CSV, or a folder with one sub-folder per class"),
-    out: Path = typer.Option(..., help="model directory to write (resumes from its checkpoint if present)"),
+    out: Path = typer.Option(
+        ..., help="model directory to write (resumes from its checkpoints; a finished model there needs --overwrite)"
+    ),
     recipe: str | None = typer.Option(
         None, help="a named recipe (base-pbc, ...) fixing model, cells, budget and settings; see `recipes`"
     ),
