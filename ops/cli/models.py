@@ -206,6 +206,11 @@ def evaluate(
         records, excluded = held_out(records, model, part)
         records = class_interleaved_subset(records, cells)
         anomalies = select(load_records(anomaly_data), split_list(anomaly_domains)) if anomaly_data else []
+        if anomalies and len({r.label == anomaly_label for r in anomalies}) < 2:  # checked before the long scoring
+            labels = ", ".join(sorted({str(r.label) for r in anomalies}))
+            fail(
+                f"--anomaly-data needs both '{anomaly_label}' cells (--anomaly-label) and other cells; it has: {labels}"
+            )
         to_stdout = json_out is not None and str(json_out) == "-"
         report = evaluate_model(
             classifier,

@@ -572,6 +572,10 @@ def test_a_lab_is_evaluated_on_the_classes_it_has(baseline_model, workspace, tmp
     assert report["n_cells"] > 0 and report["per_class_recall"]["monocyte"] is None
     named = invoke("evaluate", "--model", baseline_model, "--data", lab, "--classes", "monocyte", cwd=workspace["root"])
     assert named.exit_code == 2 and "no cells of class(s) monocyte" in named.stderr
+    # an anomaly label the anomaly cells lack is refused before the evaluation is scored, not after it
+    args = ["evaluate", "--model", baseline_model, "--data", lab, "--anomaly-data", workspace["anomaly"]]
+    wrong = invoke(*args, "--anomaly-label", "blasts", cwd=workspace["root"])
+    assert wrong.exit_code == 2 and "needs both 'blasts' cells" in wrong.stderr and "blast, normal" in wrong.stderr
 
 
 def test_evaluate_as_a_site_decides_among_the_site_s_classes(baseline_model, workspace, tmp_path, monkeypatch):
