@@ -721,7 +721,6 @@ def check_site_name(site: str, where: str = "") -> str:
 
 
 ENV_PREFIX = "CYTOLOOP_"
-NOT_SETTINGS = {"CYTOLOOP_CONFIG"}  # the settings file's path, not a setting
 
 
 def load_settings(path: Path | None = None, overrides: dict | None = None) -> Settings:
@@ -731,7 +730,7 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
     `overrides` is a nested dict such as `{"train": {"steps": 500}}` (what the CLI's flags set).
     Raises pydantic's ValidationError naming each bad field; the CLI turns it into a readable message. A
     `CYTOLOOP_*` variable naming no setting (a typo: CYTOLOOP_SCORNG__PRECISION) or holding unparsable JSON is a
-    UsageError naming it: silently ignored, a typo would leave the default in force.
+    UsageError naming it: silently ignored, a typo would leave the default in force (`_check_environment_names`).
     """
     source = path or os.environ.get("CYTOLOOP_CONFIG") or None  # `cytoloop --config` sets it for every command
     values: dict = _read_settings_file(Path(source)) if source else {}
@@ -748,9 +747,12 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
 
 
 def _check_environment_names() -> None:
+    """A `CYTOLOOP_<SECTION>__<FIELD>` variable must name a section. Names without `__` are not checked: Kubernetes
+    gives every pod variables named after the namespace's services (`CYTOLOOP_SERVE_SVC_PORT` for KubeRay's
+    `cytoloop-serve-svc`), which are no settings and must not stop the service."""
     sections = set(Settings.model_fields)
     for name in os.environ:
-        if not name.upper().startswith(ENV_PREFIX) or name.upper() in NOT_SETTINGS:
+        if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
             continue
         section = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
         if section not in sections:

@@ -255,6 +255,7 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
     cases = {
         ("score", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path)): "is a folder",
         ("review", "export", "--out", str(tmp_path / "notes.csv" / "x.csv")): "is a file",
+        ("review", "export", "--out", "-"): "not offered here",
         ("register", str(model), "--champion", "--reason", "r", "--site", "st marys"): "invalid site name",
         ("promote", "3", "--site", "a/b", "--reason", "r"): "invalid site name",
         ("review", "ml-backend", "--port", "70000"): "less than or equal to 65535",
@@ -277,6 +278,8 @@ def test_a_misspelt_or_unreadable_setting_in_the_environment_is_refused_naming_i
     CYTOLOOP_SITES that is not JSON was a traceback."""
     from cytoloop.config import load_settings
 
+    clean_env.setenv("CYTOLOOP_SERVE_SVC_PORT", "tcp://10.0.0.1:8000")  # Kubernetes' service links: no settings
+    load_settings()
     clean_env.setenv("CYTOLOOP_SCORNG__PRECISION", "fp8")
     with pytest.raises(UsageError, match="CYTOLOOP_SCORNG__PRECISION: no setting 'scorng'"):
         load_settings()
