@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cytoloop.config import ScoringConfig
 from cytoloop.errors import CytoLoopError, UsageError
-from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
+from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, ModelLoadError
 from cytoloop.models.loading import load_model
 from cytoloop.serving.pyfunc import cytoloop_directory
 
@@ -168,6 +168,13 @@ class Registry:
             for file in MODEL_ARTIFACTS:
                 if (Path(model_dir) / file).is_file():
                     shutil.copy2(Path(model_dir) / file, staged / file)
+            try:  # what a replica will download must load on its own (a cascade's sub-models do not travel)
+                load_model(staged)
+            except ModelLoadError as error:
+                raise UsageError(
+                    f"{model_dir}: a {model.kind} model cannot be registered: its files beyond "
+                    f"{', '.join(MODEL_ARTIFACTS)} would not travel with the version ({error})"
+                ) from None
             with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
                 if params:
                     mlflow.log_params(params)

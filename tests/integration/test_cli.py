@@ -409,6 +409,9 @@ def test_tune_distill_and_evaluate_a_cascade(diffusion_model, workspace):
     assert report["model_kind"] == "cascade" and report["classes"] == CLASSES
     assert report["n_skipped"] == 1 and report["n_excluded_seen_in_training"] > 0  # the teacher's split came along
     assert report["denoiser_evals_per_cell"] >= 1.0
+    # a cascade's teacher and student would not travel with a registered version: refused, nothing registered
+    refused = invoke("register", cascade, cwd=workspace["root"])
+    assert refused.exit_code == 2 and "a cascade model cannot be registered" in refused.stderr, refused.output
 
 
 def test_generate_refuses_baseline(baseline_model, workspace):
