@@ -332,6 +332,12 @@ def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_c
         live.refresh()
     with pytest.raises(NotRegistered):
         live.service  # noqa: B018 - the property raises
+    assert source.last_known_good(None) is None  # nor does a replica started while the registry is down serve it
+    registry.move_alias("cells", "champion", v4, why="a champion again, but its upload is corrupt")
+    with pytest.raises(Exception, match="weights|load|torch"):
+        live.refresh()
+    with pytest.raises(NotRegistered):  # the withdrawn version is not served again as a fallback
+        live.service  # noqa: B018 - the property raises
     registry.move_alias("cells", "champion", v2, why="a champion again")
     assert live.refresh() and live.service.ref.version == v2 and live.fallback is None
 

@@ -84,13 +84,13 @@ class LiveModel:
                 if self.withdrawn is None:
                     logger.warning("site %s: withdrawn, no longer served: %s", self.site or "*", error)
                 self.withdrawn = error
+                self.source.forget(self.site)  # nor by a replica that starts while the registry is down
                 raise
-            was_withdrawn, self.withdrawn = self.withdrawn is not None, None
             if ref == self._service.ref:
-                if self.fallback is None:
-                    return was_withdrawn
+                if self.fallback is None and self.withdrawn is None:
+                    return False
             else:
-                try:
+                try:  # a failure here leaves a withdrawn site withdrawn: the old version is not served again
                     service = self.services.get(ref, classes=self.classes)
                 except UsageError as error:  # a new version without one of the site's classes: keep the old one
                     self.fallback = f"version {ref.version} cannot decide among this site's classes: {error}"
@@ -99,6 +99,7 @@ class LiveModel:
                     self.fallback = f"version {ref.version} could not be loaded"
                     raise
                 self._service = service  # one assignment: readers see the old or the new service
+            self.withdrawn = None
             self.fallback = None
             self.source.remember(self.site, ref)
             return True

@@ -90,6 +90,10 @@ class ModelSource:
             json.dump({"name": ref.name, "version": ref.version, "alias": ref.alias}, out)
         os.replace(staging, record)
 
+    def forget(self, site: str | None) -> None:
+        """Drop `site`'s last known good record: its champion was withdrawn, so no replica may fall back on it."""
+        self._last_known_good_file(site).unlink(missing_ok=True)
+
     def last_known_good(self, site: str | None) -> ModelRef | None:
         """The version last served for `site` on this host, if its files are still whole in the cache; None
         otherwise. Reads only local disk: it is what a replica falls back on when the registry cannot answer."""
