@@ -221,47 +221,52 @@ def run_finetune(
     # this job registered its version and stopped before the verdict: that version is judged, not registered again
     registered = ran[-1] if ran else None
 
-    loop_config = {
-        "parent_dir": str(parent_dir),
-        "records": list(sets.train),
-        "unlabeled": list(unlabeled),
-        "train": train_config.model_dump(mode="json"),
-        "augment": augment_config.model_dump(mode="json"),
-        "data": data_config.model_dump(mode="json"),
-        "use_gpu": settings.finetune.use_gpu,
-    }
     out = home / "finetune" / run_name
-    began = time.monotonic()
-    trained = fit_on_ray(settings, run_name, loop_config, out)
-    logger.info(
-        f"   {run_name}: {train_config.steps} steps on {len(sets.train)} labelled cells on Ray Train in "
-        f"{time.monotonic() - began:.0f} s"
-    )
-
-    began = time.monotonic()
-    challenger = load_model(out, settings.scoring)  # recalibrated and gated in this machine's runtime
     allowed = settings.site_classes(site)  # a site's versions are calibrated and judged as they serve it
-    calibration = recalibrate(
-        challenger,
-        sets.val,
-        settings.finetune.temperature_prior_cells,
-        tune=settings.train.tune_scoring,
-        tuning_out=out / "tuning.json",
-        tuning_cells=settings.finetune.tuning_cells,
-        allowed=allowed,
-    )
-    reference = colour_statistics_of(sets.train, data_config)
-    parent_reference = read_colour_reference(parent_dir)
-    if not adapt and parent_reference is not None:  # a global model keeps its history; a site model its site
-        reference = parent_reference if not len(reference) else np.concatenate([parent_reference, reference])
-    logger.info(f"   recalibrated on {len(sets.val)} frozen cells in {time.monotonic() - began:.0f} s")
-    began = time.monotonic()
-    challenger.info.update({"parent_version": parent.version, "data_snapshot": snapshot, "site": site or "global"})
-    if allowed is not None:
-        challenger.info["site_classes"] = allowed  # what its temperature was fitted for
-    challenger.save(out)
-    write_colour_reference(out, reference)
+    if registered is None:
+        loop_config = {
+            "parent_dir": str(parent_dir),
+            "records": list(sets.train),
+            "unlabeled": list(unlabeled),
+            "train": train_config.model_dump(mode="json"),
+            "augment": augment_config.model_dump(mode="json"),
+            "data": data_config.model_dump(mode="json"),
+            "use_gpu": settings.finetune.use_gpu,
+        }
+        began = time.monotonic()
+        trained = fit_on_ray(settings, run_name, loop_config, out)
+        logger.info(
+            f"   {run_name}: {train_config.steps} steps on {len(sets.train)} labelled cells on Ray Train in "
+            f"{time.monotonic() - began:.0f} s"
+        )
 
+        began = time.monotonic()
+        challenger = load_model(out, settings.scoring)  # recalibrated and gated in this machine's runtime
+        calibration = recalibrate(
+            challenger,
+            sets.val,
+            settings.finetune.temperature_prior_cells,
+            tune=settings.train.tune_scoring,
+            tuning_out=out / "tuning.json",
+            tuning_cells=settings.finetune.tuning_cells,
+            allowed=allowed,
+        )
+        reference = colour_statistics_of(sets.train, data_config)
+        parent_reference = read_colour_reference(parent_dir)
+        if not adapt and parent_reference is not None:  # a global model keeps its history; a site model its site
+            reference = parent_reference if not len(reference) else np.concatenate([parent_reference, reference])
+        logger.info(f"   recalibrated on {len(sets.val)} frozen cells in {time.monotonic() - began:.0f} s")
+        challenger.info.update({"parent_version": parent.version, "data_snapshot": snapshot, "site": site or "global"})
+        if allowed is not None:
+            challenger.info["site_classes"] = allowed  # what its temperature was fitted for
+        challenger.save(out)
+        write_colour_reference(out, reference)
+    else:  # exactly what was registered is judged (settings changed since would make another model)
+        logger.info(f"   v{registered.version} was registered by this job before it stopped: judged now")
+        challenger = registry.load(name, registered.version, cache, settings.scoring)
+        calibration, trained = {}, {}
+
+    began = time.monotonic()
     data = gate_data(sets.eval, settings.promotion, challenger.classes, trained_on=sets.train)
     alias = site_alias(site)
     new = gate_figures(challenger, data, out / "evaluation" / "challenger.json", allowed)
@@ -330,7 +335,6 @@ def run_finetune(
             dataset=(sets.train, f"{site or 'global'}-labels-{snapshot}"),
         )
     else:
-        logger.info(f"   v{registered.version} was registered by this job before it stopped: judged now")
         version = registered
     registry.set_alias(name, challenger_alias(site), version.version)  # the version under judgement
     try:
