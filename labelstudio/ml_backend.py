@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from cytoloop.config import Settings
@@ -192,7 +192,10 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.post("/setup")
     def setup(request: SetupRequest) -> dict:
-        return {"model_version": backend.site(None).service.ref.version}
+        try:
+            return {"model_version": backend.site(None).service.ref.version}
+        except Exception as error:  # no champion (none yet, or withdrawn): Label Studio shows the reason
+            raise HTTPException(503, f"no model to connect: {error}") from None
 
     @app.post("/predict", response_model=PredictResponse)
     def predict(request: PredictRequest) -> PredictResponse:

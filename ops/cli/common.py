@@ -83,7 +83,14 @@ def site_name(value: str | None) -> str | None:
 
 def output_file(value: Path | None) -> Path | None:
     """An option naming a file to write (typer callback): refused before any work when it is a folder, or when a
-    file stands where its folder must be, so hours of scoring are not lost at the end."""
+    file stands where its folder must be, so hours of scoring are not lost at the end ('-' is no file here)."""
+    if value is not None and str(value) == "-":
+        raise typer.BadParameter("'-' (standard output) is not offered here; give a file name")
+    return output_file_or_stdout(value)
+
+
+def output_file_or_stdout(value: Path | None) -> Path | None:
+    """`output_file`, or '-' for standard output."""
     if value is None or str(value) == "-":
         return value
     if value.is_dir():

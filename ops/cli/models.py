@@ -11,6 +11,7 @@ from ops.cli.common import (
     app,
     fail,
     output_file,
+    output_file_or_stdout,
     refuse_finished_model,
     run,
     settings_from,
@@ -166,7 +167,7 @@ def evaluate(
     json_out: Path | None = typer.Option(
         None,
         "--json",
-        callback=output_file,
+        callback=output_file_or_stdout,
         help="write metrics JSON (and PNG plots beside it); '-' prints the JSON on stdout instead",
     ),
     anomaly_data: Path | None = typer.Option(None, help="dataset with anomalies and normal cells"),

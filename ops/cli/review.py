@@ -205,6 +205,8 @@ def review_ml_backend(
         from labelstudio.ml_backend import Backend, create_app, retrain_command
 
         settings = load_settings(config)
+        if settings.stack.images_root is None:  # every task's image is read under it: without it none could be
+            fail("the ML backend reads task images only under stack.images_root: set it (CYTOLOOP_STACK__IMAGES_ROOT)")
         labels = Path(settings.home) / "review" / "consensus.csv"
         loop = ReviewLoop(settings)
         backend = Backend(settings, retrain_command(labels, config), export=lambda: loop.export(labels))

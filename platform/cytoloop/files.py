@@ -5,7 +5,8 @@ A file is written to a temporary file of its own beside the target and renamed o
 one file system). So a reader never sees half a file, a process killed mid-write leaves the old file intact, and
 two writers of the same path never share a temporary file (a fixed `<name>.tmp` did: the second rename then
 failed, or moved the other's half-written file into place); the last rename wins. The new file keeps the mode of
-the one it replaces (0644 for a new one: these are not secrets).
+the one it replaces (a new one gets the process's umask, as `open` would give it). A writer killed mid-write
+leaves its temporary file; the next write of the same file removes those older than `STALE_S`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-NEW_FILE_MODE = 0o644
+STALE_S = 3600.0  # no writer of these small files takes an hour: an older temporary file is a killed one's
 
 
 @contextlib.contextmanager
@@ -26,18 +28,33 @@ def replaced(path: Path, newline: str | None = None) -> Iterator[TextIO]:
     error nothing changes and the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - stale.stat().st_mtime > STALE_S:
+                stale.unlink()
     descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "w", newline=newline) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(staging, path.stat().st_mode & 0o7777 if path.exists() else NEW_FILE_MODE)
+        os.chmod(staging, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(staging, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staging)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (`os.umask` sets it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def write_text(path: Path, text: str) -> None:

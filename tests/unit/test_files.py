@@ -20,11 +20,21 @@ with replaced(sys.argv[1]) as handle:
 
 
 def test_a_writer_killed_mid_write_leaves_the_old_file_whole(tmp_path):
+    import os
+
+    from cytoloop.files import STALE_S
+
     path = tmp_path / "flags.json"
     write_text(path, "[]")
     child = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(path)], capture_output=True, timeout=60)
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert path.read_text() == "[]"
+    [left] = tmp_path.glob(".flags.json.*.tmp")  # the killed writer's temporary file
+    write_text(path, "[1]")
+    assert left.exists()  # too young to be a dead writer's for sure
+    os.utime(left, (left.stat().st_atime - STALE_S - 1, left.stat().st_mtime - STALE_S - 1))
+    write_text(path, "[2]")
+    assert not left.exists() and path.read_text() == "[2]"
 
 
 def test_an_error_in_the_block_changes_nothing_and_leaves_no_temporary_file(tmp_path):
@@ -37,5 +47,9 @@ def test_an_error_in_the_block_changes_nothing_and_leaves_no_temporary_file(tmp_
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["manifest.csv"]
     write_text(path, "new")
     assert path.read_text() == "new" and path.stat().st_mode & 0o777 == 0o640  # the replaced file's mode kept
-    write_text(tmp_path / "sub" / "fresh.txt", "x")  # the folder is created; a new file is world-readable
-    assert (tmp_path / "sub" / "fresh.txt").stat().st_mode & 0o777 == 0o644
+    write_text(tmp_path / "sub" / "fresh.txt", "x")  # the folder is created; a new file gets the umask's mode
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "sub" / "fresh.txt").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -76,3 +76,14 @@ def test_a_site_without_a_usable_model_leaves_only_its_own_tasks_unanswered(back
     with pytest.raises(Exception, match="zzz"):
         backend.site("east")
     assert [bool(p.result) for p in backend.predict(tasks)] == [False, True]
+
+
+def test_setup_without_a_champion_is_a_503_saying_why(tmp_path):
+    """A withdrawn (or not yet registered) champion made /setup a bare 500."""
+    settings = Settings(
+        registry={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "cache_dir": tmp_path / "cache"},
+        stack={"images_root": tmp_path},
+    )
+    with TestClient(create_app(Backend(settings))) as client:
+        answer = client.post("/setup", json={"project": "1.0", "schema": "<View/>"})
+    assert answer.status_code == 503 and "no model to connect" in answer.json()["detail"]
