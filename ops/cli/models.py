@@ -482,7 +482,9 @@ def info(model: Path = typer.Argument(..., help="model directory")) -> None:
 
     def action():
         from cytoloop.models.base import read_model_meta
+        from cytoloop.models.loading import load_model
 
+        load_model(model)  # a directory that is no loadable model is refused, naming what is wrong
         typer.echo(json.dumps(read_model_meta(model), indent=1))
 
     run(action)
