@@ -98,9 +98,13 @@ def review_bootstrap(
         from cytoloop.models.base import read_model_meta
         from labelstudio.loop import ReviewLoop
 
+        if model is not None and classes is not None:
+            fail("give --model or --classes, not both")
         names = split_list(classes) or (read_model_meta(model)["classes"] if model else None)
         if not names:
             fail("give --model or --classes")
+        if len(set(names)) != len(names):
+            fail(f"--classes names a class twice: {classes}")
         typer.echo(f"project {ReviewLoop(load_settings(config)).bootstrap(site, names)} for site {site}")
 
     run(action)
