@@ -20,6 +20,30 @@ from pathlib import Path
 import pytest
 
 
+def kill_when_it_says(script: str, args: list[str], says: str) -> int:
+    """Run `script` (python -c) with `args` until it prints the line `says` (it then waits there), SIGKILL it:
+    no exception handler, no `finally`, no clean close runs. Returns the dead process's pid."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    guard = threading.Timer(120, child.kill)  # a child that never reports must not hang the suite
+    guard.start()
+    try:
+        line = child.stdout.readline()
+    finally:
+        guard.cancel()
+    assert line.strip() == says, child.stderr.read() if child.poll() is not None else line
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=30) == -signal.SIGKILL
+    return child.pid
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -54,28 +53,16 @@ Registry(sys.argv[1], "faults").load("cells", sys.argv[2], Path(sys.argv[3]))
 def test_a_replica_killed_mid_download_leaves_no_half_model_in_the_cache(registered):
     """SIGKILL (no `finally`, no cleanup) while a replica downloads a version: the cache must not hold that version
     at all, and the next load on the host downloads it whole and removes the dead replica's private folder."""
+    from tests.integration.conftest import kill_when_it_says
+
     registry, version, cache = registered
-    child = subprocess.Popen(
-        [sys.executable, "-c", DOWNLOAD_THEN_HANG, registry.tracking_uri, version, str(cache)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    guard = threading.Timer(120, child.kill)  # a child that never reports must not hang the suite
-    guard.start()
-    try:
-        line = child.stdout.readline()
-    finally:
-        guard.cancel()
-    assert line.strip() == "downloading the weights", child.stderr.read() if child.poll() is not None else line
-    os.kill(child.pid, signal.SIGKILL)
-    assert child.wait(timeout=30) == -signal.SIGKILL
+    pid = kill_when_it_says(DOWNLOAD_THEN_HANG, [registry.tracking_uri, version, str(cache)], "downloading the weights")
 
     [left] = (cache / "cells").iterdir()  # the killed replica's half download, in its private folder
     assert left.name.startswith(f".{version}.partial-")
     assert any(left.rglob("model.json")) and not any(left.rglob("weights.pt"))
     # a cache shared by several hosts: another host's download (its process id means nothing here) is left alone
-    elsewhere = cache / "cells" / f".{version}.partial-another-host~{child.pid}~x"
+    elsewhere = cache / "cells" / f".{version}.partial-another-host~{pid}~x"
     elsewhere.mkdir()
     model = registry.load("cells", version, cache)  # the next replica downloads it again, whole
     assert model.predict(np.zeros((1, 3, 16, 16), np.float32)).probs.shape == (1, 2)
@@ -231,8 +218,6 @@ registry.move_alias("cells", "champion", sys.argv[3], why="dies mid-move")
 def test_a_move_killed_midway_leaves_a_trail_that_tells_the_truth(three_versions, when):
     """A process killed between writing its intent and finishing the move: the trail counts the move exactly when
     the alias really moved, and a rollback afterwards goes to the right version."""
-    import subprocess
-    import sys
 
     registry, (v1, v2, v3), uri = three_versions
     registry.move_alias("cells", "champion", v2, why="second")
@@ -278,8 +263,6 @@ except Exception as error:
 def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_cannot_be_had(three_versions):
     """A new replica (a new process) whose champion has corrupt weights, or whose registry cannot be opened, serves
     the version last served on this host, saying why; a champion withdrawn on purpose is not replaced by it."""
-    import subprocess
-    import sys
 
     from cytoloop.config import RegistryConfig, RoutingConfig, ServeConfig
     from cytoloop.models.base import WEIGHTS_FILE

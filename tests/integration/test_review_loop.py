@@ -11,11 +11,7 @@ Studio by local-files serving, never copied.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -340,6 +336,7 @@ def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, labelled,
     the rerun must bring the rest, each label exactly once."""
     from labelstudio.store import LabelStore
     from labelstudio.sync import sync
+    from tests.integration.conftest import kill_when_it_says
 
     settings_file = tmp_path / "settings.json"
     settings_file.write_text(
@@ -348,21 +345,7 @@ def test_a_sync_killed_half_way_and_rerun_holds_each_label_once(world, labelled,
         )
     )
     store_path = tmp_path / "labels.db"
-    child = subprocess.Popen(
-        [sys.executable, "-c", SYNC_THEN_HANG, str(settings_file), str(store_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    guard = threading.Timer(120, child.kill)  # a child that never reports must not hang the suite
-    guard.start()
-    try:
-        line = child.stdout.readline()
-    finally:
-        guard.cancel()
-    assert line.strip() == "stored 3", child.stderr.read() if child.poll() is not None else line
-    os.kill(child.pid, signal.SIGKILL)
-    assert child.wait(timeout=30) == -signal.SIGKILL
+    kill_when_it_says(SYNC_THEN_HANG, [str(settings_file), str(store_path)], "stored 3")
 
     fresh = LabelStore(store_path)
     assert len(store_annotations(fresh)) == 3
@@ -484,7 +467,6 @@ def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp
 def test_label_studio_retrieves_predictions_from_the_ml_backend(label_studio, cells_dir, tiny_overrides, tmp_path):
     """Connected under Settings -> Model (the ML-backend protocol), CytoLoop answers Label Studio's "Retrieve
     predictions" for tasks imported without any: each task gets a pre-annotation with the served version."""
-    import threading
 
     import uvicorn
     from label_studio_sdk import LabelStudio
