@@ -729,9 +729,9 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
 
     `overrides` is a nested dict such as `{"train": {"steps": 500}}` (what the CLI's flags set).
     Raises pydantic's ValidationError naming each bad field; the CLI turns it into a readable message. A
-    `CYTOLOOP_*` variable naming no setting (a typo: CYTOLOOP_SCORNG__PRECISION) or holding unparsable JSON is a
-    UsageError naming it: silently ignored, a typo would leave the default in force (`_check_environment_names`).
-    """
+    `CYTOLOOP_<SECTION>__<FIELD>` variable naming no section (a typo: CYTOLOOP_SCORNG__PRECISION) or a variable
+    holding unparsable JSON is a UsageError naming it: silently ignored, a typo would leave the default in force
+    (`_check_environment_names`)."""
     source = path or os.environ.get("CYTOLOOP_CONFIG") or None  # `cytoloop --config` sets it for every command
     values: dict = _read_settings_file(Path(source)) if source else {}
     _check_environment_names()
