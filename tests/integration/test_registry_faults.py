@@ -60,7 +60,7 @@ def test_a_replica_killed_mid_download_leaves_no_half_model_in_the_cache(registe
 
     [left] = (cache / "cells").iterdir()  # the killed replica's half download, in its private folder
     assert left.name.startswith(f".{version}.partial-")
-    assert any(left.rglob("model.json")) and not any(left.rglob("weights.pt"))
+    assert not any(left.rglob("weights.pt"))  # (the other files download beside it, in threads: may be there)
     # a cache shared by several hosts: another host's download (its process id means nothing here) is left alone
     elsewhere = cache / "cells" / f".{version}.partial-another-host~{pid}~x"
     elsewhere.mkdir()
