@@ -265,6 +265,7 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
         ("register", str(model), "--site", "north"): "goes with --champion",
         ("--config", str(tmp_path), "info", str(model)): "not a file",
         ("info", str(model)): "unknown model kind None",
+        ("--config", str(tmp_path / "notes.csv"), "recipes"): "is not valid JSON",
         ("review", "bootstrap", "--site", "north", "--classes", "a,b,a"): "names a class twice",
         ("review", "bootstrap", "--site", "north", "--classes", "a,b", "--model", str(model)): "not both",
         ("generate", "--model", str(model), "--class", "a", "--out", str(tmp_path / "g.jpg")): "ending in .png",
