@@ -49,9 +49,6 @@ def main(
     if config is not None:
         if not config.is_file():
             fail(f"--config {config}: {'not a file' if config.exists() else 'no such file'}")
-        from cytoloop.config import load_settings
-
-        run(lambda: load_settings(config))  # a broken file fails every command, even one that reads no settings
         os.environ["CYTOLOOP_CONFIG"] = str(config.resolve())  # what load_settings reads when no file is given
 
 

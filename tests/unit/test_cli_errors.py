@@ -265,7 +265,6 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
         ("register", str(model), "--site", "north"): "goes with --champion",
         ("--config", str(tmp_path), "info", str(model)): "not a file",
         ("info", str(model)): "unknown model kind None",
-        ("--config", str(tmp_path / "notes.csv"), "recipes"): "is not valid JSON",
         ("review", "bootstrap", "--site", "north", "--classes", "a,b,a"): "names a class twice",
         ("review", "bootstrap", "--site", "north", "--classes", "a,b", "--model", str(model)): "not both",
         ("generate", "--model", str(model), "--class", "a", "--out", str(tmp_path / "g.jpg")): "ending in .png",
@@ -283,7 +282,13 @@ def test_a_misspelt_or_unreadable_setting_in_the_environment_is_refused_naming_i
     from cytoloop.config import load_settings
 
     clean_env.setenv("CYTOLOOP_SERVE_SVC_PORT", "tcp://10.0.0.1:8000")  # Kubernetes' service links: no settings
+    clean_env.setenv("CYTOLOOP_SERVE_SVC_PORT_8000_TCP_ADDR", "10.0.0.1")
+    clean_env.setenv("CYTOLOOP_HEAD_SVC_SERVICE_HOST", "10.0.0.2")
     load_settings()
+    clean_env.setenv("CYTOLOOP_HOEM", "/data")
+    with pytest.raises(UsageError, match="CYTOLOOP_HOEM: no setting 'hoem'"):
+        load_settings()
+    clean_env.delenv("CYTOLOOP_HOEM")
     clean_env.setenv("CYTOLOOP_SCORNG__PRECISION", "fp8")
     with pytest.raises(UsageError, match="CYTOLOOP_SCORNG__PRECISION: no setting 'scorng'"):
         load_settings()
