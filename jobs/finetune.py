@@ -264,7 +264,9 @@ def run_finetune(
     else:  # exactly what was registered is judged (settings changed since would make another model)
         logger.info(f"   v{registered.version} was registered by this job before it stopped: judged now")
         challenger = registry.load(name, registered.version, cache, settings.scoring)
-        calibration, trained = {}, {}
+        recorded = registry.client.get_run(registered.run_id).data.metrics  # logged with it by the stopped job
+        calibration = {k.removeprefix("calibration_"): v for k, v in recorded.items() if k.startswith("calibration_")}
+        trained = {k: recorded[k] for k in ("train_seconds", "resumed_from_step") if k in recorded}
 
     began = time.monotonic()
     data = gate_data(sets.eval, settings.promotion, challenger.classes, trained_on=sets.train)

@@ -729,7 +729,7 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
 
     `overrides` is a nested dict such as `{"train": {"steps": 500}}` (what the CLI's flags set).
     Raises pydantic's ValidationError naming each bad field; the CLI turns it into a readable message. A
-    `CYTOLOOP_<SECTION>__<FIELD>` variable naming no section (a typo: CYTOLOOP_SCORNG__PRECISION) or a variable
+    `CYTOLOOP_*` variable naming no setting or section (a typo: CYTOLOOP_SCORNG__PRECISION, CYTOLOOP_HOEM) or
     holding unparsable JSON is a UsageError naming it: silently ignored, a typo would leave the default in force
     (`_check_environment_names`)."""
     source = path or os.environ.get("CYTOLOOP_CONFIG") or None  # `cytoloop --config` sets it for every command
@@ -746,13 +746,19 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
     return Settings(**values)
 
 
+# the variables Kubernetes gives every pod for each service of its namespace (KubeRay's `cytoloop-serve-svc` gives
+# CYTOLOOP_SERVE_SVC_SERVICE_HOST, CYTOLOOP_SERVE_SVC_PORT_8000_TCP_ADDR, ...): no settings, and no typos
+SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$")
+
+
 def _check_environment_names() -> None:
-    """A `CYTOLOOP_<SECTION>__<FIELD>` variable must name a section. Names without `__` are not checked: Kubernetes
-    gives every pod variables named after the namespace's services (`CYTOLOOP_SERVE_SVC_PORT` for KubeRay's
-    `cytoloop-serve-svc`), which are no settings and must not stop the service."""
+    """Every `CYTOLOOP_*` variable must name a setting (`CYTOLOOP_HOME`) or a section (`CYTOLOOP_<SECTION>__<FIELD>`),
+    except a Kubernetes service link (`SERVICE_LINK`), which must not stop a pod."""
     sections = set(Settings.model_fields)
     for name in os.environ:
-        if not name.upper().startswith(ENV_PREFIX) or "__" not in name:
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == "CYTOLOOP_CONFIG":
+            continue
+        if "__" not in name and SERVICE_LINK.search(name.upper()):
             continue
         section = name[len(ENV_PREFIX) :].split("__", 1)[0].lower()
         if section not in sections:

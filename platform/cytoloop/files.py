@@ -12,6 +12,7 @@ leaves its temporary file; the next write of the same file removes those older t
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 import time
@@ -28,7 +29,7 @@ def replaced(path: Path, newline: str | None = None) -> Iterator[TextIO]:
     error nothing changes and the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             if time.time() - stale.stat().st_mtime > STALE_S:
                 stale.unlink()

@@ -186,6 +186,9 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(tmp_path, ray_c
         registry.move_alias(name, "champion", parent, why="test: judged again")
     judged = run_finetune(settings, labels, pool)
     assert judged.version.version == version and len(registry.versions(name)) == versions_before
+    assert (
+        judged.metrics["calibration_ece_before"] == outcome.metrics["calibration_ece_before"]
+    )  # what `retrain` prints
     assert judged.version.tags["gate.verdict"] in ("pass", "refused") and judged.passed == outcome.passed
     assert (registry.alias_version(name, "champion") == version) == judged.passed
     # and the run's name holds the settings that decide the result: a changed job never resumes this one
