@@ -300,31 +300,31 @@ def run_finetune(
     if new.get("anomaly_auroc") is not None:
         metrics["eval_anomaly_auroc"] = new["anomaly_auroc"]
     (out / "evaluation" / "per_class_recall.json").write_text(json.dumps(new["per_class_recall"], indent=1))
-    tags = {
-        "parent_version": parent.version,
-        "data_snapshot": snapshot,
-        "label_count": str(len(sets.train)),
-        "site": site or "global",
-        "code_revision": code_revision(),
-        "kind": challenger.kind,
-        "job": "adapt" if adapt else "retrain",
-        "ray_run": run_name,
-    }
-    params = {
-        "steps": train_config.steps,
-        "lr": train_config.lr,
-        "batch_size": train_config.batch_size,
-        "num_workers": settings.finetune.num_workers,
-        "use_gpu": settings.finetune.use_gpu,
-        "n_unlabeled": len(unlabeled),
-        "n_val": len(sets.val),
-        "n_eval": len(data.eval_records),
-        "stain_normalization": data_config.stain_normalization,
-        "hed_sigma": augment_config.hed_sigma,
-    }
-    artifacts = sorted((out / "evaluation").glob("*"))
-    losses = json.loads((out / LOSS_FILE).read_text()) if (out / LOSS_FILE).is_file() else []
     if registered is None:
+        tags = {
+            "parent_version": parent.version,
+            "data_snapshot": snapshot,
+            "label_count": str(len(sets.train)),
+            "site": site or "global",
+            "code_revision": code_revision(),
+            "kind": challenger.kind,
+            "job": "adapt" if adapt else "retrain",
+            "ray_run": run_name,
+        }
+        params = {
+            "steps": train_config.steps,
+            "lr": train_config.lr,
+            "batch_size": train_config.batch_size,
+            "num_workers": settings.finetune.num_workers,
+            "use_gpu": settings.finetune.use_gpu,
+            "n_unlabeled": len(unlabeled),
+            "n_val": len(sets.val),
+            "n_eval": len(data.eval_records),
+            "stain_normalization": data_config.stain_normalization,
+            "hed_sigma": augment_config.hed_sigma,
+        }
+        artifacts = sorted((out / "evaluation").glob("*"))
+        losses = json.loads((out / LOSS_FILE).read_text()) if (out / LOSS_FILE).is_file() else []
         version = registry.log_model(
             out,
             name,
@@ -402,22 +402,18 @@ def _complete_promotion(registry, name: str, version: VersionInfo, alias: str, w
     registry gone between the two): compare-and-set against the champion it was judged against, as the gate
     would have, or marked stale if another move came first. Nothing to do for a refusal, or when the trail shows a
     move of `alias` to this version already (a person may have rolled it back since: never undone here)."""
+    from cytoloop.policy.promotion import promote
+
     tags = version.tags
     if tags.get("gate.verdict") != "pass":
         return
     if any(move.to_version == version.version for move in registry.alias_history(name, alias)):
         return
     judged_against = tags.get("gate.champion_version", "none")
-    reasons = json.loads(tags.get("gate.reasons", "[]"))
+    reasons = [*json.loads(tags.get("gate.reasons", "[]")), "the move completed by a rerun of the job"]
     try:
-        registry.move_alias(
-            name,
-            alias,
-            version.version,
-            why="gate passed: " + "; ".join(reasons) + " (the move completed by a rerun of the job)",
-            action="gate",
-            who=who or "cytoloop-gate",
-            expect=None if judged_against == "none" else judged_against,
+        promote(
+            registry, name, version.version, alias, reasons, None if judged_against == "none" else judged_against, who
         )
         logger.info(f"   v{version.version} passed its gate before the job stopped: {alias} moved to it now")
     except AliasMoved as moved:

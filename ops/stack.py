@@ -41,6 +41,7 @@ from typing import Any
 
 from cytoloop.config import Settings, is_loopback
 from cytoloop.errors import CytoLoopError
+from cytoloop.processes import alive
 
 logger = logging.getLogger(__name__)
 
@@ -225,19 +226,6 @@ def _identity(pid: int) -> str | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
     return f"{boot}:{fields[19]}"  # field 22 of stat: start time, in clock ticks since boot
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as dead
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
 
 
 class Stack:
@@ -479,7 +467,7 @@ class Stack:
             pid = int(recorded["pid"])
         except (FileNotFoundError, ValueError, KeyError):
             return None
-        if not _alive(pid) or recorded.get("identity") is None or recorded["identity"] != _identity(pid):
+        if not alive(pid) or recorded.get("identity") is None or recorded["identity"] != _identity(pid):
             return None
         return pid
 
@@ -589,7 +577,7 @@ class Stack:
     def _wait_healthy(self, service: Service, pid: int) -> None:
         deadline = time.monotonic() + self.settings.stack.start_timeout_s
         while True:
-            if not _alive(pid):  # checked first: another process answering on the port is not ours being up
+            if not alive(pid):  # checked first: another process answering on the port is not ours being up
                 self._pid_file(service.name).unlink(missing_ok=True)
                 raise StackError(
                     f"{service.name} exited during start-up; last lines of "
@@ -642,7 +630,7 @@ class Stack:
                 return
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if not _alive(pid):
+                if not alive(pid):
                     try:  # wait for the rest of the group too
                         os.killpg(pid, 0)
                     except ProcessLookupError:

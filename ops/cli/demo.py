@@ -9,19 +9,11 @@ import typer
 from ops.cli.common import app, fail, run, settings_from, split_list
 
 
-def _site_name_error(name: str, value: str) -> str | None:
+def parse_sites(values: list[str] | None) -> dict[str, list[str]] | None:
+    """`--site NAME=LAB[,LAB...]`, repeated: each site and its labs; a malformed one is an error naming it."""
     from cytoloop.config import check_site_name
     from cytoloop.errors import UsageError
 
-    try:
-        check_site_name(name, f"in --site {value!r}")
-    except UsageError as error:
-        return str(error)
-    return None
-
-
-def parse_sites(values: list[str] | None) -> dict[str, list[str]] | None:
-    """`--site NAME=LAB[,LAB...]`, repeated: each site and its labs; a malformed one is an error naming it."""
     if not values:
         return None
     sites: dict[str, list[str]] = {}
@@ -32,8 +24,10 @@ def parse_sites(values: list[str] | None) -> dict[str, list[str]] | None:
             fail(f"--site {value!r}: expected NAME=LAB[,LAB...], for example site-a=jtsc,bccd")
         if name.strip() in sites:
             fail(f"--site {name.strip()!r} is given twice")
-        if site_name_error := _site_name_error(name.strip(), value):
-            fail(site_name_error)
+        try:
+            check_site_name(name.strip(), f"in --site {value!r}")
+        except UsageError as error:
+            fail(str(error))
         sites[name.strip()] = domains or []
     return sites
 

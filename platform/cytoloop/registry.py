@@ -40,6 +40,7 @@ from cytoloop.config import ScoringConfig
 from cytoloop.errors import CytoLoopError, UsageError
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, ModelLoadError
 from cytoloop.models.loading import load_model
+from cytoloop.processes import alive
 from cytoloop.serving.pyfunc import cytoloop_directory
 
 CHAMPION = "champion"
@@ -484,9 +485,13 @@ class Registry:
 _PARTIAL = ".partial-"  # a private download folder: .<version>.partial-<host>~<pid>~<random>
 
 
+def _host() -> str:
+    return socket.gethostname().replace("~", "-")  # '~' separates the folder name's parts
+
+
 def _partial_tag() -> str:
     """This process's private download folder prefix (after the version)."""
-    return f"{_PARTIAL}{socket.gethostname().replace('~', '-')}~{os.getpid()}~"
+    return f"{_PARTIAL}{_host()}~{os.getpid()}~"
 
 
 def _remove_dead_downloads(folder: Path) -> None:
@@ -495,22 +500,12 @@ def _remove_dead_downloads(folder: Path) -> None:
 
     Another host's folder, a folder whose process is alive, or one whose name says neither, is left alone: it may
     be a download in progress. (A process id reused since only keeps a dead folder a while longer.)"""
-    host = socket.gethostname().replace("~", "-")
+    host = _host()
     for partial in folder.glob(f".*{_PARTIAL}*"):
         owner = partial.name.split(_PARTIAL, 1)[1].split("~")
-        if len(owner) < 3 or owner[0] != host or not owner[1].isdigit() or _alive(int(owner[1])):
+        if len(owner) < 3 or owner[0] != host or not owner[1].isdigit() or alive(int(owner[1])):
             continue
         shutil.rmtree(partial, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, under another user
-        return True
-    return True
 
 
 def _library_requirements() -> list[str]:

@@ -69,6 +69,13 @@ async def queued() -> None:
         await asyncio.sleep(0)
 
 
+async def busy(calls: ModelCalls, service: FakeService) -> asyncio.Task:
+    """A first call, held in the model until `service.finish`: what is submitted next queues behind it."""
+    holder = asyncio.create_task(calls.submit(service, [request("x")]))
+    await service.in_model()
+    return holder
+
+
 def test_work_arriving_during_a_call_is_merged_into_the_next():
     async def scenario():
         calls, service = ModelCalls(max_requests=16, replica="r"), FakeService("a")
@@ -147,8 +154,7 @@ def test_a_request_that_fails_a_merged_call_fails_alone():
 def test_a_cancelled_caller_does_not_strand_the_others():
     async def scenario():
         calls, service = ModelCalls(max_requests=8), FakeService("a")
-        holder = asyncio.create_task(calls.submit(service, [request("x")]))
-        await service.in_model()
+        holder = await busy(calls, service)
         waiter = asyncio.create_task(calls.submit(service, [request("y")]))
         await queued()
         holder.cancel()
@@ -167,8 +173,7 @@ def test_a_caller_cancelled_during_its_merged_call_keeps_one_call_at_a_time():
 
     async def scenario():
         calls, service = ModelCalls(max_requests=8), FakeService("a")
-        holder = asyncio.create_task(calls.submit(service, [request("x")]))
-        await service.in_model()
+        holder = await busy(calls, service)
         b = asyncio.create_task(calls.submit(service, [request("b")]))
         c = asyncio.create_task(calls.submit(service, [request("c")]))
         await queued()
@@ -190,8 +195,7 @@ def test_a_caller_cancelled_during_its_merged_call_keeps_one_call_at_a_time():
 def test_a_caller_cancelled_before_its_call_is_dropped_from_the_queue():
     async def scenario():
         calls, service = ModelCalls(max_requests=8), FakeService("a")
-        holder = asyncio.create_task(calls.submit(service, [request("x")]))
-        await service.in_model()
+        holder = await busy(calls, service)
         gone = asyncio.create_task(calls.submit(service, [request("gone")]))
         await queued()
         gone.cancel()
@@ -212,8 +216,7 @@ def test_a_call_ended_by_a_base_exception_leaves_no_caller_waiting():
 
     async def scenario():
         calls, service = ModelCalls(max_requests=8), FakeService("a")
-        holder = asyncio.create_task(calls.submit(service, [request("x")]))
-        await service.in_model()
+        holder = await busy(calls, service)
         halt = asyncio.create_task(calls.submit(service, [request("halt")]))
         b = asyncio.create_task(calls.submit(service, [request("b")]))
         await queued()

@@ -235,14 +235,22 @@ def apply_verdict(registry, name: str, version: str, alias: str, verdict: GateVe
     registry.set_tags(name, version, verdict_tags(verdict))
     if not verdict.passed:
         return None
+    return promote(registry, name, version, alias, verdict.reasons, verdict.champion_version, who)
+
+
+def promote(
+    registry, name: str, version: str, alias: str, reasons: list[str], judged_against: str | None, who: str | None
+):
+    """The move a passed gate makes: `alias` to `version`, compare-and-set against the version it was judged
+    against (None: nothing served the alias), recorded as the gate's with its reasons. Raises `AliasMoved`."""
     return registry.move_alias(
         name,
         alias,
         version,
-        why="gate passed: " + "; ".join(verdict.reasons),
+        why="gate passed: " + "; ".join(reasons),
         action="gate",
         who=who or "cytoloop-gate",
-        expect=verdict.champion_version,
+        expect=judged_against,
     )
 
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cytoloop.config import RegistryConfig, ScoringConfig, ServeConfig
+from cytoloop.files import write_text
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
 from cytoloop.models.loading import load_model
 
@@ -83,12 +82,8 @@ class ModelSource:
         or the new one). Nothing is kept for a local directory."""
         if ref.path is not None:
             return
-        record = self._last_known_good_file(site)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=".lkg-", dir=record.parent)
-        with os.fdopen(handle, "w") as out:
-            json.dump({"name": ref.name, "version": ref.version, "alias": ref.alias}, out)
-        os.replace(staging, record)
+        record = {"name": ref.name, "version": ref.version, "alias": ref.alias}
+        write_text(self._last_known_good_file(site), json.dumps(record))
 
     def forget(self, site: str | None) -> None:
         """Drop `site`'s last known good record: its champion was withdrawn, so no replica may fall back on it."""
