@@ -12,9 +12,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from cytoloop.errors import UsageError
@@ -22,6 +22,27 @@ from cytoloop.errors import UsageError
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+
+
+def _check_host(host: str) -> str:
+    """An interface to bind: an IPv4 or IPv6 address, or a host name (RFC 1123 labels). Checked here so that a
+    typo is named as a bad address, not reported later by whichever rule or service trips over it first."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if len(host) > 253 or not re.fullmatch(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*", host):
+        raise ValueError(f"{host!r} is not an IP address or host name")
+    return host
+
+
+Host = Annotated[str, AfterValidator(_check_host)]
 
 
 class DataConfig(_Section):
@@ -264,7 +285,7 @@ class StackConfig(_Section):
     so a fresh checkout works without inventing passwords, and a restart keeps the same ones.
     """
 
-    host: str = Field("127.0.0.1", description="interface every service binds")
+    host: Host = Field("127.0.0.1", description="interface every service binds")
     label_studio_port: int = Field(8080, ge=1, le=65535)
     label_studio_version: str = Field("1.23.*", description="pip specifier of the Label Studio server")
     label_studio_venv: Path | None = Field(
@@ -290,7 +311,7 @@ class StackConfig(_Section):
     )
     ray: bool = Field(True, description="start a local Ray head")
     ray_port: int = Field(6379, ge=1, le=65535)
-    ray_host: str = Field(
+    ray_host: Host = Field(
         "127.0.0.1",
         description="interface the local Ray head and its dashboard bind (the dashboard is also the Jobs API: "
         "whoever reaches it runs code). Any address but loopback turns Ray's token authentication on, with the "
@@ -335,7 +356,7 @@ class ReviewConfig(_Section):
     label_studio_url: str | None = Field(None, description="None: the stack's http://<host>:<label_studio_port>")
     project_title: str = Field("CytoLoop review: {site}", description="title of each site's project ({site})")
     labels_required: int = Field(2, ge=1, description="labels a cell needs before its consensus counts")
-    webhook_host: str = "127.0.0.1"
+    webhook_host: Host = "127.0.0.1"
     webhook_port: int = Field(8099, ge=1, le=65535, description="where our webhook receiver listens")
     webhook_secret: SecretStr | None = Field(None, description="shared secret Label Studio sends; None: generated")
     poll_every_s: float = Field(60.0, gt=0, description="period of the poll that catches missed webhooks")
@@ -453,7 +474,7 @@ class ServeConfig(_Section):
     `alias_poll_s` and switch to a moved alias's version without failing a request in flight.
     """
 
-    host: str = Field("127.0.0.1", description="interface the HTTP proxy binds")
+    host: Host = Field("127.0.0.1", description="interface the HTTP proxy binds")
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = Field("cytoloop", description="Ray Serve application name")
     model_dir: Path | None = Field(None, description="serve this local model directory instead of the registry")

@@ -19,7 +19,14 @@ def describe_validation_error(error, whole: str | None = None) -> str:
     by '; '. A problem with the whole object (a model validator's, no field) is named `whole`, by default the
     model's name (`error.title`), instead of an empty field."""
     name = whole or error.title
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {e['msg']}" for e in error.errors(include_url=False))
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {_message(e)}" for e in error.errors(include_url=False))
+
+
+def _message(problem: dict) -> str:
+    """A validator's own message as it raised it, without pydantic's 'Value error, ' in front."""
+    if problem["type"] == "value_error" and "error" in problem.get("ctx", {}):
+        return str(problem["ctx"]["error"])
+    return problem["msg"]
 
 
 class UsageError(CytoLoopError, ValueError):

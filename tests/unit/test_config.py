@@ -136,6 +136,24 @@ def test_serving_beyond_this_machine_needs_an_api_key(clean_env):
         assert ServeConfig(host=host, insecure=True).insecure  # said explicitly
 
 
+def test_an_address_that_is_neither_ip_nor_host_name_is_named_as_such():
+    """`serve --host 'not a host'` was answered with the API-key rule (not loopback, so a key is needed), which
+    sent the user after the wrong problem; every interface setting is an address or a host name."""
+    from cytoloop.config import ServeConfig, StackConfig
+
+    for bad in ("not a host", "host_name", "-lab.example", "lab..example", "http://lab.example", ""):
+        with pytest.raises(ValidationError, match="is not an IP address or host name") as error:
+            ServeConfig(host=bad, insecure=True)
+        assert "API key" not in str(error.value)
+        for field in ("host", "ray_host"):
+            with pytest.raises(ValidationError, match=f"{field}\n.*is not an IP address"):
+                StackConfig(**{field: bad})
+        with pytest.raises(ValidationError, match="webhook_host"):
+            load_settings(overrides={"review": {"webhook_host": bad}})
+    for good in ("0.0.0.0", "::", "fe80::1", "classifier-1.lab.example", "localhost", "10.0.0.7"):
+        assert StackConfig(host=good, ray_host=good).host == good
+
+
 def test_a_site_s_classes_come_from_the_environment_and_are_checked(monkeypatch):
     monkeypatch.setenv("CYTOLOOP_SITES", json.dumps({"st-marys": {"classes": ["neutrophil", "lymphocyte"]}}))
     settings = load_settings()
