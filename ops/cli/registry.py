@@ -223,6 +223,9 @@ def drift(
         registry = open_registry(settings)
         name = settings.registry.model_name
         log = read_events(events)
+        if not log:
+            typer.echo(f"{events}: no predictions in it; drift flags unchanged")
+            return
         references = {}
         for version in sorted({e.model_version for e in log}):
             try:

@@ -386,9 +386,13 @@ def test_drift_is_logged_and_flagged(gated):
 
     runner = CliRunner()
     config = str(root / "config.json")
+    (settings.home / "drift" / "flags.json").unlink(missing_ok=True)  # saved flags stand: none from earlier tests
     result = runner.invoke(app, ["drift", "--events", str(root / "predictions.jsonl"), "--config", config])
     assert result.exit_code == 0, result.output
     assert "1 flagged" in result.output and "stain" in result.output
+    (root / "rotated.jsonl").write_text("")  # a log just rotated: nothing to judge, and the flag stays
+    empty = runner.invoke(app, ["drift", "--events", str(root / "rotated.jsonl"), "--config", config])
+    assert empty.exit_code == 0 and "no predictions in it; drift flags unchanged" in empty.output, empty.output
 
     experiment = registry.client.get_experiment_by_name(settings.registry.experiment)
     (run,) = registry.client.search_runs([experiment.experiment_id], "tags.`cytoloop.kind` = 'drift'")

@@ -3,6 +3,7 @@
 import io
 import json
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -134,6 +135,25 @@ def test_a_deploy_time_test_call_is_no_baseline_and_a_new_window_keeps_the_flags
     assert windows[1].flags and not windows[2].flags
     saved = save_flags(tmp_path / "flags.json", windows, config.min_cells)
     assert [f["flags"] for f in saved] == [windows[1].flags] and load_flags(tmp_path / "flags.json") == saved
+
+
+def test_saved_flags_stand_until_a_later_judged_window_of_their_series_replaces_them(tmp_path):
+    """`save_flags` rewrote the file from the log it was given alone: `cytoloop drift` on an empty or rotated log
+    (or another replica's) erased the flags the retrain policy reads."""
+    config = CONFIG.model_copy(update={"window_hours": 24.0})
+    path = tmp_path / "flags.json"
+    drifted = drift_windows(_events(0, 100, 0.95) + _events(24, 100, 0.5), {}, config)
+    (flag,) = save_flags(path, drifted, config.min_cells)
+    assert flag["flags"] == drifted[1].flags
+    assert save_flags(path, [], config.min_cells) == [flag]  # an empty log judges nothing
+    assert save_flags(path, drift_windows(_events(48, 3, 0.5), {}, config), config.min_cells) == [flag]  # too small
+    older = drift_windows(_events(0, 100, 0.95), {}, config)  # a log that ends before the flagged window
+    assert save_flags(path, older, config.min_cells) == [flag] and load_flags(path) == [flag]
+    other_site = [replace(w, site="b") for w in drifted]
+    assert save_flags(path, other_site, config.min_cells) == [flag, {**flag, "site": "b"}]
+    recovered = drift_windows(_events(0, 100, 0.95) + _events(24, 100, 0.5) + _events(48, 100, 0.95), {}, config)
+    assert not recovered[2].flags
+    assert save_flags(path, recovered, config.min_cells) == [{**flag, "site": "b"}]  # a later verdict: cleared
 
 
 def test_bad_event_line_names_the_line(tmp_path):

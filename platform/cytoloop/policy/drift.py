@@ -307,18 +307,39 @@ def log_windows(registry, model_name: str, windows: Sequence[WindowFigures]) -> 
 
 def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> list[dict]:
     """Keep the flags of each series' latest window of at least `min_cells` cells (what `cytoloop status` shows
-    and the retrain policy reads): a window just begun, too small to judge, does not clear the last verdict."""
+    and the retrain policy reads), merged into the flags already saved: a verdict stands until a later judged
+    window of its series replaces it. So a window just begun, too small to judge, does not clear the last verdict,
+    nor does a log that lacks the series or ends before the saved window (an empty or rotated log, another
+    replica's). Returns every flag now saved."""
     latest: dict[tuple, WindowFigures] = {}
     for window in windows:
         if window.n_cells >= min_cells:
             latest[(window.model_version, window.site)] = window
-    flags = [
-        {"model_version": w.model_version, "site": w.site, "window_start": w.window_start.isoformat(), "flags": w.flags}
-        for w in latest.values()
-        if w.flags
-    ]
+    saved = {(str(f["model_version"]), f.get("site")): f for f in load_flags(path)}
+    for key, window in latest.items():
+        earlier = saved.get(key)
+        if earlier is not None and _window_start(earlier) > window.window_start:
+            continue
+        saved.pop(key, None)
+        if window.flags:
+            saved[key] = {
+                "model_version": window.model_version,
+                "site": window.site,
+                "window_start": window.window_start.isoformat(),
+                "flags": window.flags,
+            }
+    flags = list(saved.values())
     write_text(Path(path), json.dumps(flags, indent=1))
     return flags
+
+
+def _window_start(flag: dict) -> datetime:
+    """When a saved flag's window began (UTC); the earliest time where a saved flag does not say."""
+    try:
+        start = datetime.fromisoformat(flag["window_start"])
+    except (KeyError, TypeError, ValueError):
+        return datetime.min.replace(tzinfo=UTC)
+    return start if start.tzinfo else start.replace(tzinfo=UTC)
 
 
 def load_flags(path: Path) -> list[dict]:
