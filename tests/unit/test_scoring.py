@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from cytoloop.config import DataConfig, DiffusionModelConfig, ScoringConfig
 from cytoloop.models.diffusion import DiffusionClassifier, build_scheduler
-from cytoloop.scoring.trials import TrialLog, score_cells, summarise_log, trial_disagreement
+from cytoloop.scoring.trials import TrialLog, decide, score_cells, summarise_log, trial_disagreement
 
 N_CLASSES = 4
 NULL = N_CLASSES
@@ -268,6 +268,28 @@ def test_a_class_dropped_early_never_outranks_the_decided_class():
     class_error, min_error, _ = summarise_log(log, np.ones(1))
     np.testing.assert_allclose(class_error, [0.0, 0.1 / 4, 0.2])  # class 0 wins: mean 1.5 against 1.525
     assert min_error == pytest.approx(1.5)
+
+
+def test_a_class_dropped_while_the_winner_lagged_stays_behind_it_after_the_softmax():
+    """Class 0 is dropped after 4 trials, clearly behind class 2; class 1, worse than class 0 on those trials,
+    wins later. Its paired difference to the winner is negative: it was clamped to the smallest float, which the
+    softmax turns into a probability equal to the winner's, so argmax named the dropped class and the confidence
+    halved."""
+    config = ScoringConfig(min_trials=4, check_every=4, max_trials=8, elimination_p=0.05)
+    base = np.array([1.0, 1.2, 0.9, 1.1])
+    early = np.stack([base + 1 + np.array([0.01, -0.01, 0.01, -0.01]), base + [9, -0.5, 8, -0.4], base], axis=1)
+    active, decided = decide(early, np.ones(3, dtype=bool), config)
+    assert active.tolist() == [False, True, True] and not decided
+    rows = [*early, *[np.array([np.nan, 0.1, 5.0])] * 4]
+    log = TrialLog(strata=[0] * 8, errors=rows, null_errors=[np.nan] * 8)
+    class_error, _, _ = summarise_log(log, np.ones(1))
+    assert class_error[1] == 0.0 and class_error[0] == pytest.approx(1.0)  # behind class 2 by 1 on its trials
+    for temperature in (1e-4, 1e-2, 1.0, 100.0):
+        probs = np.exp(-class_error / temperature)
+        assert probs.argmax() == 1 and probs[1] > probs[0]
+    tied = TrialLog(strata=[0] * 2, errors=[np.array([1.0, 1.0])] * 2, null_errors=[np.nan] * 2)
+    tie_error, _, _ = summarise_log(tied, np.ones(1))
+    assert tie_error[1] > 0 and np.exp(-tie_error[1] / 1e-3) < 1.0  # an exact tie still ranks the winner first
 
 
 def test_summarise_log_uniform_weights_is_plain_mean():

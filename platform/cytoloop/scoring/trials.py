@@ -12,8 +12,8 @@ the anomaly score needs a few of them, the decision none.
 A cell's class errors (`class_error`, what its probabilities are a softmax of) are paired too: each class's mean
 weighted error minus the winner's, over the trials that class played; the winner is the class in play to the end
 with the lowest mean. A class the test dropped played only the early trials, on which the winner may have fared
-worse than later: its difference is kept above the winner's 0 all the same, so the decided class always has the
-highest probability.
+worse than later: its error is then how far it was behind the best class of those trials (what it was dropped
+for), so the decided class always has the highest probability.
 
 With a `variance_prior` (fitted on validation cells) the test shrinks each cell's variance
 estimate toward it: a t-test on two or three trials is otherwise at the mercy of a variance from two or three numbers.
@@ -45,7 +45,8 @@ batches, and a decided cell leaves the batch. When the cells still undecided fil
 small batch takes as long as a full one), each may run several check intervals ahead (`lookahead`); the test still
 runs after every interval, so the decision is the same, and the trials past it only cost evaluations. Every cell
 draws its timesteps and noise from its own generator, seeded by the scoring seed and the cell's pixels, so a cell
-gets the same answer alone or in any batch, in any order, every time.
+gets the same trials alone or in any batch, in any order, every time; on a CPU, the same answer too (tested). A
+GPU's kernels may round differently by batch shape, so there a borderline test could, rarely, go the other way.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def score_cells(
             _advance(trial.cell, trial.stratum, result, config, weights, exits)
         bar.update(sum(cell.done for cell in pending))
     bar.close()
-    return _summarise(cells, weights, config)
+    return _summarise(cells, weights, n_classes)
 
 
 def _next_block(n: int, config: ScoringConfig) -> int:
@@ -525,10 +526,10 @@ def replay_decisions(logs: list[TrialLog], config: ScoringConfig, weights: np.nd
     return np.argmin(class_error, axis=1), evals
 
 
-def _summarise(cells: list[_CellState], weights: np.ndarray, config: ScoringConfig) -> ScoreResult:
+def _summarise(cells: list[_CellState], weights: np.ndarray, n_classes: int) -> ScoreResult:
     rows = [summarise_log(cell.log, weights) for cell in cells]
     return ScoreResult(
-        class_error=np.stack([r[0] for r in rows]) if rows else np.zeros((0, 0)),
+        class_error=np.stack([r[0] for r in rows]) if rows else np.zeros((0, n_classes)),
         anomaly_min_error=np.array([r[1] for r in rows]),
         anomaly_null_ratio=np.array([r[2] for r in rows]),
         trials=np.array([len(cell.log.strata) for cell in cells]),
@@ -558,7 +559,13 @@ def class_errors(weighted: np.ndarray) -> np.ndarray:
     """Class errors from weighted errors (..., trials, classes), NaN where a class was out of play (module
     docstring): each class's mean paired difference to the winner over the trials it played, above 0 for every
     class but the winner; +inf for a class never in play (not a candidate). Leading axes are cells; a cell's
-    trials past its last (all NaN) are ignored."""
+    trials past its last (all NaN) are ignored.
+
+    A dropped class whose paired difference to the winner is not above 0 (the winner fared worse on the early
+    trials that class played, and took over later) gets instead how far it was behind the best class of those
+    trials, what the test dropped it for; failing that (exact ties), `TIE_GAP`: far enough above 0 that, after the
+    softmax, the decided class's probability is still the highest.
+    """
     played = ~np.isnan(weighted)
     count = played.sum(axis=-2)
     to_the_end = count == count.max(axis=-1, keepdims=True)  # in play in every trial the cell ran
@@ -567,9 +574,26 @@ def class_errors(weighted: np.ndarray) -> np.ndarray:
         mean = np.where(to_the_end, np.nanmean(weighted, axis=-2), np.inf)
         winner = np.argmin(mean, axis=-1)[..., None]
         difference = np.nanmean(weighted - np.take_along_axis(weighted, winner[..., None], axis=-1), axis=-2)
+    behind = np.where(difference > 0, difference, np.maximum(_behind_the_best(weighted, played), TIE_GAP))
     is_winner = np.arange(weighted.shape[-1]) == winner
-    error = np.where(is_winner, 0.0, np.maximum(difference, np.nextafter(0.0, 1.0)))
-    return np.where(count == 0, np.inf, error)
+    return np.where(count == 0, np.inf, np.where(is_winner, 0.0, behind))
+
+
+TIE_GAP = 1e-12  # weighted errors are ~1e-4..1e-1 and temperatures of their order: exp(-1e-12 / T) is not 1
+
+
+def _behind_the_best(weighted: np.ndarray, played: np.ndarray) -> np.ndarray:
+    """(..., classes): each class's mean weighted error over the trials it played minus the lowest mean, over the
+    same trials, of the classes that played all of them (itself included, so never below 0)."""
+    values = np.where(played, weighted, 0.0)
+    out = np.zeros(weighted.shape[:-2] + weighted.shape[-1:])
+    for c in range(weighted.shape[-1]):
+        mine = played[..., c : c + 1]  # (..., trials, 1)
+        n = np.maximum(mine.sum(axis=-2), 1)  # (..., 1)
+        shared = np.all(played | ~mine, axis=-2)  # (..., classes): played every trial c played
+        means = np.where(mine, values, 0.0).sum(axis=-2) / n
+        out[..., c] = means[..., c] - np.min(np.where(shared, means, np.inf), axis=-1)
+    return out
 
 
 def summarise_log(log: TrialLog, weights: np.ndarray) -> tuple[np.ndarray, float, float]:
