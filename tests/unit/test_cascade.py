@@ -116,6 +116,14 @@ def test_threshold_for_fraction_defers_that_fraction(fraction):
     assert np.mean(confidence < threshold) == pytest.approx(fraction)
 
 
+def test_cells_tied_at_the_threshold_are_deferred_together():
+    """A saturated student gives many cells the same confidence; the midpoint of two tied values is that value,
+    and `confidence < threshold` then deferred fewer cells than asked (here none of the tied ones)."""
+    confidence = np.array([0.5, 0.9, 0.9, 0.9, 1.0])
+    threshold = threshold_for_fraction(confidence, 0.4)
+    assert np.mean(confidence < threshold) == pytest.approx(0.8)
+
+
 def test_distill_builds_a_working_cascade(teacher, images):
     labels = np.array([0, 1, 2, 0, 1, 2, -1, -1])
     config = CascadeConfig(defer_fraction=0.5)
@@ -214,9 +222,11 @@ def test_bad_image_arrays_are_refused_naming_the_problem_and_an_empty_batch_is_a
         assert empty.probs.shape == (0, len(CLASSES)) and len(empty.anomaly) == len(empty.evals) == 0
 
 
-def test_a_torch_tensor_is_scored_as_its_array_is(teacher, images):
-    """`score` takes tensors too; a bf16 or CUDA tensor would fail np.asarray, a float32 one must answer alike."""
+def test_a_torch_tensor_is_scored_as_its_array_is(teacher, student, images):
+    """`score` takes tensors too; a bf16 or CUDA tensor would fail np.asarray, a float32 one must answer alike.
+    The student scores the checked CPU array too (a CUDA tensor reached its CPU network; no GPU here to show it)."""
     as_array = teacher.score(images[:2]).class_error
     as_tensor = teacher.score(torch.as_tensor(images[:2])).class_error
     np.testing.assert_allclose(as_tensor, as_array)
     teacher.score(torch.as_tensor(images[:2]).to(torch.bfloat16))  # accepted (its values rounded to bf16)
+    np.testing.assert_allclose(student.predict(torch.as_tensor(images[:2])).probs, student.predict(images[:2]).probs)

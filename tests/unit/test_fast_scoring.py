@@ -91,6 +91,12 @@ def test_evaluations_reported_are_evaluations_made(alphas_cumprod, cells, null_t
         assert evals == measured + int((~np.isnan(log.null_errors)).sum())
 
 
+def test_no_cells_score_to_no_rows_of_every_class(alphas_cumprod, cells):
+    """An empty batch gave class errors of shape (0, 0), on which the softmax's row maximum failed."""
+    result, fake = _score(alphas_cumprod, cells[:0], ScoringConfig(**FAST))
+    assert result.class_error.shape == (0, N_CLASSES) and fake.calls == 0 and len(result.evals) == 0
+
+
 def test_batched_equals_one_at_a_time(alphas_cumprod, cells):
     config = ScoringConfig(**FAST, null_trials=2)
     together, _ = _score(alphas_cumprod, cells, config)
@@ -659,6 +665,23 @@ def test_review_exit_stops_close_calls_where_routing_sends_them_anyway(alphas_cu
     assert not protected.exited.any()
 
 
+def test_without_null_class_trials_a_close_call_still_takes_the_review_exit():
+    """With `score_null_class` off the anomaly score is the min-error score, on another scale, and no gap to the
+    null class is ever measured: passing the anomaly threshold on made 'anomaly ruled out' impossible, so the
+    review exit never fired."""
+    from cytoloop.config import RoutingConfig
+    from cytoloop.scoring.trials import route_settled
+
+    config = ScoringConfig(**{**FAST, "score_null_class": False})
+    model = DiffusionClassifier(
+        ["c0", "c1"], DataConfig(image_size=SIZE), DiffusionModelConfig(block_out_channels=(8, 16)), config
+    )
+    exits = model.route_exits(RoutingConfig(anomaly_above=0.5, always_review=[]))
+    assert exits is not None and exits.anomaly_above is None and exits.review_margin is not None
+    close = np.array([[1.0, 1.0 + 1e-6 * k] for k in range(8)]) * 1e-3  # a near-tie, trial after trial
+    assert route_settled(close, np.full(8, np.nan), np.ones(2, dtype=bool), config, exits)
+
+
 def test_candidate_classes_keep_the_exhaustive_winner_and_skip_the_rest(alphas_cumprod, cells):
     exhaustive = ScoringConfig(**{**FAST, "min_trials": 24, "max_trials": 24})
     full, _ = _score(alphas_cumprod, cells, exhaustive)
@@ -713,6 +736,27 @@ def test_dihedral_views_cover_the_eight_symmetries_and_keep_each_cells_answer(al
         np.testing.assert_allclose(alone.class_error[0], together.class_error[i], atol=1e-6)
     unrotated, _ = _score(alphas_cumprod, cells, ScoringConfig(**FAST))
     assert not np.allclose(together.class_error, unrotated.class_error)
+
+
+def test_refitted_weights_refit_the_variance_prior_they_scale():
+    """A fine-tune recalibrating without tuning refits w(t) but kept the parent's variance prior, a variance of
+    errors weighted by the parent's w(t): the child's t-tests shrank toward a variance on another scale."""
+    from cytoloop.scoring.calibration import fit_weights, variance_prior
+
+    torch.manual_seed(0)
+    model = DiffusionClassifier(
+        ["a", "b", "c"],
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(timestep_bins=4, calibration_trials=5, variance_prior=123.0, variance_prior_trials=2, seed=3),
+    )
+    images = np.random.default_rng(4).uniform(-1, 1, size=(6, 3, SIZE, SIZE)).astype(np.float32)
+    fit_weights(model, images, np.array([0, 1, 2] * 2))
+    exhaustive = model.scoring_config.model_copy(update={"min_trials": 5, "max_trials": 5, "score_null_class": False})
+    logs = model.score(images, exhaustive).logs
+    expected = variance_prior(logs, np.asarray(model.timestep_weights))
+    assert model.scoring_config.variance_prior == pytest.approx(expected, rel=1e-4) and expected != 123.0
+    assert model.scoring_config.variance_prior_trials == 2
 
 
 def test_one_exhaustive_pass_fits_the_weights_and_tunes_as_two_passes_did():

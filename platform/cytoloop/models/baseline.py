@@ -112,9 +112,10 @@ class BaselineClassifier:
         candidates: np.ndarray | None = None,
     ) -> Predictions:
         """One CNN pass per cell (nothing to stop early: `routing` is ignored), decided among `candidates`."""
-        if len(checked_images(images, self.data_config)) == 0:
+        array = checked_images(images, self.data_config)  # on the CPU, as the network is
+        if len(array) == 0:
             return no_predictions(len(self.classes))
-        return self.predictions_from_logits(self.logits(images), candidates=candidates)
+        return self.predictions_from_logits(self.logits(array), candidates=candidates)
 
     def save(self, directory: Path) -> Path:
         meta = {

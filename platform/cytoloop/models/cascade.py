@@ -23,6 +23,7 @@ import torch
 
 from cytoloop.config import AugmentConfig, BaselineModelConfig, CascadeConfig, RoutingConfig, TrainConfig
 from cytoloop.errors import UsageError
+from cytoloop.files import write_text
 from cytoloop.models.base import MODEL_FILE, Predictions, read_model_meta
 from cytoloop.models.baseline import BaselineClassifier
 from cytoloop.models.diffusion import DiffusionClassifier
@@ -138,7 +139,7 @@ class CascadeClassifier:
             "student": STUDENT_DIR,
             "info": self.info,
         }
-        (directory / MODEL_FILE).write_text(json.dumps(meta, indent=1))
+        write_text(directory / MODEL_FILE, json.dumps(meta, indent=1))
         return directory
 
     @classmethod
@@ -176,14 +177,18 @@ def distillation_loss(targets: np.ndarray) -> LossFn:
 
 def threshold_for_fraction(confidence: np.ndarray, fraction: float) -> float:
     """The confidence threshold under which `fraction` of these cells fall (deferred: confidence < threshold):
-    midway between the last cell deferred and the first one kept."""
+    midway between the last cell deferred and the first one kept. Cells tied with the last one deferred are
+    deferred with it (a little more than `fraction`, never less)."""
     ordered = np.sort(np.asarray(confidence, dtype=np.float64))
     deferred = int(np.ceil(round(fraction * len(ordered), 9)))
     if deferred <= 0:
         return 0.0
     if deferred >= len(ordered):
         return 1.0 + 1e-6
-    return float((ordered[deferred - 1] + ordered[deferred]) / 2)
+    last, first_kept = ordered[deferred - 1], ordered[deferred]
+    if last == first_kept:
+        return float(np.nextafter(last, np.inf))
+    return float((last + first_kept) / 2)
 
 
 def distill(

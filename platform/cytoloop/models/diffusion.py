@@ -227,7 +227,10 @@ class DiffusionClassifier:
         config = config or self.scoring_config
         line = routing.review_below
         return RouteExits(
-            anomaly_above=routing.anomaly_above if config.anomaly_score == "null_ratio" else None,
+            # the anomaly threshold is on the null-ratio scale; without null-class trials there is nothing to test
+            anomaly_above=routing.anomaly_above
+            if config.anomaly_score == "null_ratio" and config.score_null_class
+            else None,
             review_margin=self.temperature * float(np.log(line / (1 - line))) if 0.5 < line < 1 else None,
             protected=tuple(i for i, c in enumerate(self.classes) if c in routing.always_review),
         )

@@ -106,7 +106,9 @@ def calibrate(
 
 def fit_weights(model, images: np.ndarray, labels: np.ndarray, progress: bool = False):
     """Fit a diffusion model's timestep weights w(t) in place from `calibration_trials` exhaustive trials on at
-    most `calibration_cells` labelled validation cells (`even_subset`); returns the model."""
+    most `calibration_cells` labelled validation cells (`even_subset`); returns the model. A variance prior the
+    rule carries is a variance of weighted errors, fitted under the old weights: it is refitted from the same
+    trials under the new ones."""
     config = model.scoring_config
     exhaustive = config.model_copy(
         update={
@@ -118,7 +120,10 @@ def fit_weights(model, images: np.ndarray, labels: np.ndarray, progress: bool = 
     model.timestep_weights = None
     subset = even_subset(labels, config.calibration_cells, config.seed)
     result = model.score(images[subset], exhaustive, progress=progress)
-    model.timestep_weights = fit_timestep_weights(result.logs, labels[subset], config.timestep_bins).tolist()
+    weights = fit_timestep_weights(result.logs, labels[subset], config.timestep_bins)
+    model.timestep_weights = weights.tolist()
+    if config.variance_prior is not None:
+        model.scoring_config = config.model_copy(update={"variance_prior": variance_prior(result.logs, weights)})
     return model
 
 
