@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cytoloop.policy.consensus import Vote
+from cytoloop.policy.consensus import Vote, label_time
 from labelstudio import sqlite
 from labelstudio.label_config import parse_result
 
@@ -315,7 +315,9 @@ class LabelStore:
             "SELECT updated_at, retracted_at FROM annotations WHERE server = ? AND annotation_id = ?",
             (server, annotation_id),
         ).fetchone()
-        if old is not None and (old["retracted_at"] is not None or (old["updated_at"] or "") >= updated_at):
+        if old is not None and (
+            old["retracted_at"] is not None or label_time(old["updated_at"] or "") >= label_time(updated_at)
+        ):
             return False
         label, abnormal, comment = parse_result(annotation.get("result") or [])
         data = task.get("data") or {}

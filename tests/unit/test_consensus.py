@@ -43,6 +43,22 @@ def test_an_annotator_counts_once_with_their_latest_label():
     assert result.last_labelled_at == "2026-01-02"
 
 
+def test_latest_is_by_time_not_by_text():
+    """Label Studio writes '09:00:00.250000Z', or '09:00:00Z' when the microseconds are 0. Compared as text,
+    '.' sorts before 'Z', so a label at 09:00:00.25 counted as older than one at 09:00:00, and an annotator's
+    correction a moment later could be lost; an offset other than Z was not compared at all."""
+    for earlier, later in (
+        ("2026-01-01T09:00:00.250000Z", "2026-01-01T09:00:01Z"),
+        ("2026-01-01T09:00:00Z", "2026-01-01T09:00:00.250000Z"),
+        ("2026-01-01T10:00:00+02:00", "2026-01-01T09:00:00Z"),  # 08:00 UTC, then 09:00 UTC
+        ("", "2026-01-01T09:00:00"),  # no time: the earliest; no zone: UTC
+    ):
+        votes = [v("c", "a", "lymphocyte", earlier), v("c", "a", "neutrophil", later), v("c", "b", "neutrophil")]
+        for ordered in (votes, votes[::-1]):
+            result = consensus(ordered, required=2)["c"]
+            assert (result.status, result.label, result.last_labelled_at) == ("agreed", "neutrophil", later)
+
+
 def test_abnormal_flag_goes_to_senior_review():
     result = consensus([v("c", "a", "lymphocyte", abnormal=True), v("c", "b", "lymphocyte")], required=2)["c"]
     assert result.label == "lymphocyte" and result.abnormal and result.senior_review

@@ -67,6 +67,15 @@ def test_updates_replace_and_replays_change_nothing(store):
     assert store.counts() == {"annotations": 1, "retracted": 0, "live": 1}
 
 
+def test_an_update_is_newer_by_time_not_by_text(store):
+    """'…:01.5Z' after '…:01Z' (Label Studio drops microseconds of 0): as text it sorted first ('.' < 'Z'), and
+    the update was dropped as stale."""
+    assert store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "webhook")
+    assert store.upsert(annotation(1, "lymphocyte", "2026-01-01T00:00:01.500000Z"), TASK, "webhook")
+    assert not store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01.200000Z"), TASK, "poll")  # stale
+    assert [label.label for label in store.labels()] == ["lymphocyte"]
+
+
 def test_deletes_retract_for_good(store):
     store.upsert(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "webhook")
     assert store.retract(1)
