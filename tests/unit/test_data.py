@@ -119,6 +119,13 @@ def test_a_manifest_path_is_one_cell_however_it_is_written(tmp_path):
     rows.append({"path": "imgs//1.png", "label": "y", "domain": "d"})
     with pytest.raises(DatasetError, match=r"m2.csv:6: imgs/1.png is listed again \(first on line 3\)"):
         read_manifest(_write_manifest(tmp_path / "m2.csv", rows))
+    # the same file through '..' or by its absolute path was two cells
+    for again in ("imgs/x/../1.png", str(tmp_path / "imgs" / "1.png")):
+        rows[-1] = {"path": again, "label": "y", "domain": "d"}
+        with pytest.raises(DatasetError, match=r"m3.csv:6: .*1.png is listed again \(first on line 3\)"):
+            read_manifest(_write_manifest(tmp_path / "m3.csv", rows))
+    rows[-1] = {"path": "imgs/x/../4.png", "label": "y", "domain": "d"}
+    assert read_manifest(_write_manifest(tmp_path / "m4.csv", rows))[-1].cell_id == "imgs/4.png"
 
 
 def test_a_short_manifest_row_names_its_line(tmp_path):
@@ -209,6 +216,23 @@ def test_small_stratum_reaches_every_part():
     assert {name: len(recs) for name, recs in parts.items()} == {"train": 1, "val": 1, "test": 1}
 
 
+def test_a_part_of_fraction_zero_gets_no_cells():
+    """The rare-class fill gave a part asked to stay empty one cell of every stratum (100 cells: 79/20/1), taken
+    from training; a fine-tune with `eval_fraction` 0 lost cells that way."""
+    parts = stratified_split(_records({("a", "d"): 100, ("rare", "d"): 3}), {"train": 0.8, "val": 0.2, "test": 0.0})
+    assert {name: len(recs) for name, recs in parts.items()} == {"train": 82, "val": 21, "test": 0}
+
+
+def test_a_subset_of_no_cells_is_refused():
+    from cytoloop.data.records import class_interleaved_subset
+
+    records = _records({("a", "d"): 10})
+    assert class_interleaved_subset(records, None) == records and len(class_interleaved_subset(records, 3)) == 3
+    for bad in (0, -3):  # 0 gave all ten cells, -3 gave seven
+        with pytest.raises(DatasetError, match=f"a subset of {bad} cells"):
+            class_interleaved_subset(records, bad)
+
+
 def test_split_fractions_must_sum_to_one():
     with pytest.raises(DatasetError, match="sum to 1"):
         stratified_split(_records({("a", "d"): 4}), {"train": 0.5, "test": 0.3})
@@ -227,6 +251,10 @@ def test_write_read_split_round_trip(tmp_path):
     }
     with pytest.raises(DatasetError, match="not in the dataset"):
         read_split(path, records[:5])
+    for damaged in ("{", '{"meta": {}}', "[]"):  # a truncated or foreign file: named, not a KeyError
+        path.write_text(damaged)
+        with pytest.raises(DatasetError, match=f"{path}: not a split file"):
+            read_split(path, records)
 
 
 def test_records_fingerprint_order_free_label_sensitive():
@@ -243,6 +271,18 @@ def _record(path: Path, label: str = "x") -> CellRecord:
     return CellRecord(cell_id=path.name, path=path, label=label, domain="d")
 
 
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk for an RGB image of that size, then an empty IDAT and IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
 def test_load_cells_skips_bad_files(tmp_path):
     good = []
     for i, suffix in enumerate((".png", ".jpg")):
@@ -257,17 +297,19 @@ def test_load_cells_skips_bad_files(tmp_path):
     _cell_image(6, size=64).save(truncated_png)
     truncated_png.write_bytes(truncated_png.read_bytes()[: truncated_png.stat().st_size // 2])
     missing = tmp_path / "missing.png"
+    bomb = tmp_path / "bomb.png"  # 2 KB whose header claims 20000 x 20000 pixels: PIL's DecompressionBombError
+    bomb.write_bytes(_png_header_claiming(20000, 20000))
 
-    paths = [good[0], corrupt, truncated_jpeg, good[1], truncated_png, missing]
+    paths = [good[0], corrupt, truncated_jpeg, good[1], truncated_png, missing, bomb]
     records = [_record(p) for p in paths]
     cells = load_cells(records, DataConfig(image_size=SIZE))
 
     assert [r.path for r in cells.records] == good
     assert cells.images.shape == (2, 3, SIZE, SIZE)
     skipped_paths = [p for p, _ in cells.skipped]
-    assert skipped_paths == [str(p) for p in (corrupt, truncated_jpeg, truncated_png, missing)]
+    assert skipped_paths == [str(p) for p in (corrupt, truncated_jpeg, truncated_png, missing, bomb)]
     reasons = dict(cells.skipped)
-    assert "not found" in reasons[str(missing)]
+    assert "not found" in reasons[str(missing)] and "too many pixels" in reasons[str(bomb)]
     assert all(str(Path(p).name) in reason for p, reason in cells.skipped)  # the message names the file
 
 

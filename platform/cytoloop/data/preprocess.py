@@ -52,6 +52,8 @@ def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found") from None
+    except Image.DecompressionBombError as error:  # not an OSError: one such file stopped a whole dataset's load
+        raise ImageError(f"{name}: too many pixels to decode ({error})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"{name}: not a readable image ({error})") from None
 

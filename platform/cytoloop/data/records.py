@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
+import posixpath
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cytoloop.errors import CytoLoopError
+from cytoloop.files import write_text
 
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 REQUIRED_COLUMNS = ("path", "label", "domain")
@@ -54,9 +57,10 @@ def load_records(data: Path | str) -> list[CellRecord]:
 
 
 def read_manifest(path: Path) -> list[CellRecord]:
-    """A manifest's cells. A row's path is relative to the CSV and its id is that path written plainly (`./a.png`
-    and `a.png` are one cell), so a split names it the same way however it was written; a path listed twice is an
-    error, since one cell in two rows could land in training and test at once."""
+    """A manifest's cells. A row's path is relative to the CSV (or absolute) and its id is that path written
+    plainly (`./a.png`, `x/../a.png` and `a.png` are one cell), so a split names it the same way however it was
+    written; a file listed twice, however its paths are written, is an error, since one cell in two rows could land
+    in training and test at once."""
     root = path.parent.resolve()
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
@@ -71,14 +75,15 @@ def read_manifest(path: Path) -> list[CellRecord]:
                 raise DatasetError(f"{path}:{line}: the row has no {', '.join(short)} (fewer fields than the header)")
             if not row["path"].strip():
                 raise DatasetError(f"{path}:{line}: empty path")
-            cell_id = PurePosixPath(row["path"].strip()).as_posix()
-            if cell_id in first_line:
-                raise DatasetError(f"{path}:{line}: {cell_id} is listed again (first on line {first_line[cell_id]})")
-            first_line[cell_id] = line
+            cell_id = posixpath.normpath(PurePosixPath(row["path"].strip()).as_posix())
+            file = os.path.normpath(root / cell_id)  # 'a/../b.png', 'b.png' and '/data/b.png' name one file
+            if file in first_line:
+                raise DatasetError(f"{path}:{line}: {cell_id} is listed again (first on line {first_line[file]})")
+            first_line[file] = line
             records.append(
                 CellRecord(
                     cell_id=cell_id,
-                    path=root / cell_id,
+                    path=Path(file),
                     label=row["label"].strip() or None,
                     domain=row["domain"].strip() or "default",
                     source=(row.get("source") or "").strip(),
@@ -138,7 +143,8 @@ def stratified_split(
     """Split each (label, domain) stratum by the given fractions, seeded.
 
     Fractions must sum to 1. Every stratum keeps at least one cell in the first part; small strata give their
-    remaining cells to the later parts in order, so a rare class still appears in validation and test.
+    remaining cells to the later parts in order, so a rare class still appears in validation and test (a part
+    of fraction 0 gets none).
     """
     bad = {name: f for name, f in fractions.items() if not 0.0 <= f <= 1.0}  # NaN fails both comparisons
     if bad:
@@ -158,7 +164,7 @@ def stratified_split(
         while sum(counts) >= len(members) and any(counts):  # keep one for the first part
             counts[counts.index(max(counts))] -= 1
         for i, count in enumerate(counts):  # a rare class still gets a cell in each later part, while it can
-            if count == 0 and len(members) - sum(counts) > 1:
+            if count == 0 and fractions[names[i + 1]] > 0 and len(members) - sum(counts) > 1:
                 counts[i] = 1
         start = len(members) - sum(counts)
         parts[names[0]].extend(members[:start])
@@ -170,18 +176,21 @@ def stratified_split(
 
 def write_split(parts: Mapping[str, Sequence[CellRecord]], path: Path, **meta: object) -> Path:
     """Write a split as cell ids per part, so every later evaluation can use exactly the same cells."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "parts": {name: sorted(r.cell_id for r in recs) for name, recs in parts.items()}}
-    path.write_text(json.dumps(payload, indent=1))
+    write_text(path, json.dumps(payload, indent=1))
     return path
 
 
 def read_split(path: Path, records: Sequence[CellRecord]) -> dict[str, list[CellRecord]]:
     """Resolve a split written by `write_split` against a dataset's records; missing ids are an error."""
-    payload = json.loads(path.read_text())
+    try:
+        payload = json.loads(path.read_text())
+        named = payload["parts"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DatasetError(f"{path}: not a split file ({type(error).__name__}: {error})") from None
     by_id = {r.cell_id: r for r in records}
     parts = {}
-    for name, ids in payload["parts"].items():
+    for name, ids in named:
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise DatasetError(
@@ -203,7 +212,9 @@ def class_interleaved_subset(records: Sequence[CellRecord], n: int | None) -> li
     """The first `n` records in a fixed order that interleaves the classes (sorted by id within each class), so a
     subset keeps the class mix and every run, on any machine, takes the same cells. All of them when n is None or
     not smaller than their number."""
-    if not n or n >= len(records):
+    if n is not None and n < 1:
+        raise DatasetError(f"a subset of {n} cells: ask for at least 1 (None: all of them)")
+    if n is None or n >= len(records):
         return list(records)
     by_class: dict[str, list[CellRecord]] = {}
     for record in sorted(records, key=lambda r: r.cell_id):
