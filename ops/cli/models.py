@@ -381,6 +381,7 @@ def tune(
     def action():
         from cytoloop.data.preprocess import load_cells
         from cytoloop.data.records import load_records, select
+        from cytoloop.files import write_text
         from cytoloop.models.loading import load_model
         from cytoloop.workflows import held_out, label_indices, outside_split, tune_model_scoring
 
@@ -409,7 +410,7 @@ def tune(
             classifier, cells.images, label_indices(cells.records, classifier.classes), progress=True, unlabeled=extra
         )
         classifier.save(model)
-        (Path(model) / "tuning.json").write_text(json.dumps(report, indent=1))
+        write_text(Path(model) / "tuning.json", json.dumps(report, indent=1))
         chosen = report["chosen"]
         if chosen is None:
             typer.echo(

@@ -450,6 +450,12 @@ class DriftConfig(_Section):
     ks_alpha: float = Field(0.01, gt=0, lt=1, description="... whose KS test is significant at this level (Bonferroni)")
     ece_threshold: float = Field(0.1, gt=0, description="calibration drift: ECE on reviewed cells above this")
     accuracy_drop: float = Field(0.1, gt=0, description="calibration drift: accuracy this far under the first window")
+    min_reviewed: int = Field(
+        50,
+        ge=1,
+        description="a window's reviewed-cell figures (ECE, accuracy) raise a flag, or become the baseline accuracy, "
+        "only from this many reviewed cells: on a handful one wrong label is an accuracy drop",
+    )
     confidence_drop: float = Field(0.1, gt=0, description="confidence drift: mean confidence this far under the first")
     review_rise: float = Field(0.15, gt=0, description="confidence drift: review fraction this far over the first")
 

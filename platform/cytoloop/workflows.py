@@ -30,6 +30,7 @@ from cytoloop.data.records import (
 )
 from cytoloop.errors import UsageError
 from cytoloop.evaluation import metrics, plots
+from cytoloop.files import write_text
 from cytoloop.models.base import Classifier, Predictions, Trainable, candidate_rows, class_mask
 from cytoloop.models.cascade import CascadeClassifier, distill
 from cytoloop.models.diffusion import DiffusionClassifier
@@ -147,7 +148,7 @@ def train_model(
     tuning = None
     if isinstance(model, DiffusionClassifier) and settings.train.tune_scoring:
         tuning = tune_model_scoring(model, val.images, val_labels, progress=progress, fit_weights=True)
-        (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
+        write_text(out / "tuning.json", json.dumps(tuning, indent=1))
     else:
         calibrate(model, val.images, val_labels, progress=progress)
     skipped = train.skipped + val.skipped + (extra.skipped if extra else [])

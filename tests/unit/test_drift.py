@@ -137,6 +137,26 @@ def test_a_deploy_time_test_call_is_no_baseline_and_a_new_window_keeps_the_flags
     assert [f["flags"] for f in saved] == [windows[1].flags] and load_flags(tmp_path / "flags.json") == saved
 
 
+def test_a_few_reviewed_cells_neither_set_the_baseline_nor_raise_a_calibration_flag():
+    """One correct review made the baseline accuracy 1.0 and one wrong review at confidence 0.9 the next day
+    flagged 'ECE 0.900' and an accuracy drop: noise that `retrain.on_drift` would act on."""
+    config = CONFIG.model_copy(update={"window_hours": 24.0, "min_reviewed": 20, "ece_threshold": 0.2})
+
+    def day(hour: float, n: int, reviewed: int, correct: bool) -> list[PredictionEvent]:
+        events = _events(hour, n, 0.9)
+        for event in events[:reviewed]:
+            event.label = "a" if correct else "b"
+        return events
+
+    noisy = drift_windows(day(0, 100, 1, True) + day(24, 100, 1, False), {}, config)
+    assert noisy[1].figures["reviewed_ece"] == pytest.approx(0.9) and noisy[1].flags == []
+    # enough reviews: the baseline is the first window with enough of them, and a real drop is flagged
+    real = drift_windows(day(0, 100, 1, True) + day(24, 100, 30, True) + day(48, 100, 30, False), {}, config)
+    assert [bool(w.flags) for w in real] == [False, False, True]
+    assert any("accuracy on reviewed cells 0.000, first window 1.000" in f for f in real[2].flags)
+    assert any(f.startswith("calibration: ECE") for f in real[2].flags)
+
+
 def test_saved_flags_stand_until_a_later_judged_window_of_their_series_replaces_them(tmp_path):
     """`save_flags` rewrote the file from the log it was given alone: `cytoloop drift` on an empty or rotated log
     (or another replica's) erased the flags the retrain policy reads."""
@@ -154,6 +174,18 @@ def test_saved_flags_stand_until_a_later_judged_window_of_their_series_replaces_
     recovered = drift_windows(_events(0, 100, 0.95) + _events(24, 100, 0.5) + _events(48, 100, 0.95), {}, config)
     assert not recovered[2].flags
     assert save_flags(path, recovered, config.min_cells) == [{**flag, "site": "b"}]  # a later verdict: cleared
+
+
+def test_a_damaged_colour_reference_is_named(tmp_path):
+    """A model's colour reference cut short (it was written in place) was a bare JSONDecodeError in `drift`."""
+    from cytoloop.errors import UsageError
+    from cytoloop.policy.drift import REFERENCE_FILE, read_colour_reference, write_colour_reference
+
+    path = write_colour_reference(tmp_path, np.zeros((3, 6)))
+    assert read_colour_reference(tmp_path).shape == (3, 6) and [p.name for p in tmp_path.iterdir()] == [path.name]
+    path.write_text(path.read_text()[:20])
+    with pytest.raises(UsageError, match=f"{tmp_path / REFERENCE_FILE}: not a colour reference"):
+        read_colour_reference(tmp_path)
 
 
 def test_bad_event_line_names_the_line(tmp_path):

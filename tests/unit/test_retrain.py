@@ -101,6 +101,18 @@ def test_two_processes_saving_the_state_at_once_both_succeed_and_leave_a_whole_f
     assert [p.name for p in path.parent.iterdir()] == ["state.json"]  # no temporary file left
 
 
+def test_a_state_time_without_a_zone_is_utc(tmp_path):
+    """`save_state(when=naive)` wrote, and `load_state` read, a time that `hours_since_last` then failed on
+    (TypeError: naive minus aware) inside `retrain` and `status`."""
+    from datetime import UTC, datetime
+
+    path = tmp_path / "state.json"
+    save_state(path, [], when=datetime(2026, 1, 1, 0, 0))
+    assert load_state(path).hours_since_last(datetime(2026, 1, 1, 6, 0, tzinfo=UTC)) == pytest.approx(6.0)
+    path.write_text('{"last_time": "2026-01-01T00:00:00", "trained": []}')  # written by hand, or by an older tool
+    assert load_state(path).hours_since_last(datetime(2026, 1, 1, 12, 0, tzinfo=UTC)) == pytest.approx(12.0)
+
+
 def test_a_state_file_that_is_not_one_is_refused_naming_it(tmp_path):
     from cytoloop.errors import UsageError
 

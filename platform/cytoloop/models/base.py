@@ -17,6 +17,7 @@ import numpy as np
 
 from cytoloop.config import DataConfig, RoutingConfig, TrainConfig
 from cytoloop.errors import CytoLoopError, UsageError
+from cytoloop.files import write_text
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +149,7 @@ def write_model_dir(directory: Path, meta: dict, state_dict: dict) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, directory / WEIGHTS_FILE)
-    (directory / MODEL_FILE).write_text(json.dumps(meta, indent=1))
+    write_text(directory / MODEL_FILE, json.dumps(meta, indent=1))
     return directory
 
 

@@ -24,7 +24,7 @@ from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import CellRecord, DatasetError, read_manifest, stratified_split
 from cytoloop.evaluation import metrics
-from cytoloop.files import replaced
+from cytoloop.files import replaced, write_text
 from cytoloop.models.base import Classifier, Trainable, candidate_rows, class_mask
 from cytoloop.models.train import UNLABELED, TrainResult, fit
 from cytoloop.policy.drift import read_colour_reference
@@ -243,7 +243,7 @@ def recalibrate(
         tuned = tuning["chosen"]
         after = tuning["validation"]  # the tuned model's figures on these cells, from the scores it was fitted on
         if tuning_out is not None:
-            Path(tuning_out).write_text(json.dumps(tuning, indent=1))
+            write_text(Path(tuning_out), json.dumps(tuning, indent=1))
     else:
         calibrate(model, cells.images, labels, prior_cells=prior_cells, allowed=mask)
         after = _calibration_figures(model, cells.images, labels, mask)

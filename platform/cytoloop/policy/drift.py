@@ -77,8 +77,7 @@ def colour_statistics_of(records: Sequence[CellRecord], config: DataConfig) -> n
 
 def write_colour_reference(model_dir: Path, stats: np.ndarray) -> Path:
     path = Path(model_dir) / REFERENCE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"statistics": list(COLOUR_STATS), "cells": np.round(stats, 5).tolist()}))
+    write_text(path, json.dumps({"statistics": list(COLOUR_STATS), "cells": np.round(stats, 5).tolist()}))
     return path
 
 
@@ -87,7 +86,10 @@ def read_colour_reference(model_dir: Path) -> np.ndarray | None:
     path = Path(model_dir) / REFERENCE_FILE
     if not path.is_file():
         return None
-    return np.asarray(json.loads(path.read_text())["cells"], dtype=float).reshape(-1, len(COLOUR_STATS))
+    try:
+        return np.asarray(json.loads(path.read_text())["cells"], dtype=float).reshape(-1, len(COLOUR_STATS))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{path}: not a colour reference ({type(error).__name__}: {error})") from None
 
 
 def psi(reference: np.ndarray, observed: np.ndarray, bins: int = 10) -> float:
@@ -224,9 +226,10 @@ def window_flags(figures: dict, first: dict, config: DriftConfig) -> list[str]:
         flags.append(
             f"stain: colour PSI {figures['psi_significant_max']:.2f} > {config.psi_threshold} (KS-significant)"
         )
-    if figures.get("reviewed_ece") is not None and figures["reviewed_ece"] > config.ece_threshold:
+    judged = figures["n_reviewed"] >= config.min_reviewed  # on a handful of reviews one wrong label is a "drop"
+    if judged and figures.get("reviewed_ece") is not None and figures["reviewed_ece"] > config.ece_threshold:
         flags.append(f"calibration: ECE on reviewed cells {figures['reviewed_ece']:.3f} > {config.ece_threshold}")
-    if figures.get("reviewed_accuracy") is not None and first.get("reviewed_accuracy") is not None:
+    if judged and figures.get("reviewed_accuracy") is not None and first.get("reviewed_accuracy") is not None:
         if figures["reviewed_accuracy"] < first["reviewed_accuracy"] - config.accuracy_drop:
             flags.append(
                 f"calibration: accuracy on reviewed cells {figures['reviewed_accuracy']:.3f}, first window "
@@ -248,8 +251,9 @@ def drift_windows(
 
     `references` maps a model version to its training colour statistics (None: no stain figures). A series'
     baseline is its first window of at least `config.min_cells` cells (a test call at deploy time is no
-    baseline), its reviewed accuracy the first such window's that has reviewed cells; no window is flagged
-    before there is a baseline.
+    baseline), its reviewed accuracy the first such window's with at least `config.min_reviewed` reviewed cells
+    (which is also what a window needs for its own ECE and accuracy to raise a flag); no window is flagged before
+    there is a baseline.
     """
     groups: dict[tuple, dict[int, list[PredictionEvent]]] = {}
     width = config.window_hours * 3600.0
@@ -264,7 +268,9 @@ def drift_windows(
             if figures["n_cells"] >= config.min_cells:
                 if first is None:
                     first = dict(figures)
-                elif first.get("reviewed_accuracy") is None and figures.get("reviewed_accuracy") is not None:
+                    if figures["n_reviewed"] < config.min_reviewed:
+                        first["reviewed_accuracy"] = None  # too few reviews to be the baseline
+                if first.get("reviewed_accuracy") is None and figures["n_reviewed"] >= config.min_reviewed:
                     first["reviewed_accuracy"] = figures["reviewed_accuracy"]
             out.append(
                 WindowFigures(

@@ -29,6 +29,7 @@ from cytoloop.config import PromotionConfig
 from cytoloop.data.records import CellRecord, DatasetError, load_records, records_fingerprint, select
 from cytoloop.errors import UsageError
 from cytoloop.evaluation import metrics
+from cytoloop.files import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def gate_figures(model, data: GateData, json_out: Path | None = None, allowed: l
     report["gate_cells"] = gate_fingerprint(data)
     report["scoring_runtime"] = scoring_runtime(model)
     if json_out is not None:
-        Path(json_out).write_text(json.dumps(report, indent=1))
+        write_text(Path(json_out), json.dumps(report, indent=1))
     return report
 
 
