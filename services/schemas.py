@@ -100,7 +100,9 @@ class DifferentialResponse(_Body):
     sample_id: str
     site: str | None
     triage: Literal["routine", "hematologist"] = Field(..., description="routine unless a flag is raised")
-    flags: list[str] = Field(..., description="e.g. 'blasts suspected', 'too few cells', 'many uncertain cells'")
+    flags: list[str] = Field(
+        ..., description="e.g. 'blasts suspected', 'too few cells', 'many uncertain cells', 'many failed cells'"
+    )
     reasons: list[str] = Field(..., description="one sentence per flag, with its numbers")
     n_cells: int
     n_classified: int

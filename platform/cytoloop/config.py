@@ -546,6 +546,13 @@ class DifferentialConfig(_Section):
         "or a routing.always_review class such as blast) ...",
     )
     blasts_min_fraction: float = Field(0.02, ge=0.0, le=1.0, description="... and at least this share of the cells")
+    max_failed_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="a smear with more of its cells failed (not decoded, refused or not scored) is flagged: the "
+        "count leaves them out, and they may be the cells that matter",
+    )
 
 
 class CascadeConfig(_Section):

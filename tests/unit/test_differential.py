@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from cytoloop.config import DifferentialConfig
-from cytoloop.policy.differential import BLASTS_SUSPECTED, MANY_UNCERTAIN, TOO_FEW_CELLS, differential
+from cytoloop.policy.differential import (
+    BLASTS_SUSPECTED,
+    MANY_FAILED,
+    MANY_UNCERTAIN,
+    TOO_FEW_CELLS,
+    differential,
+)
 from cytoloop.serving.inference import CellFailure, CellResult
 
 CLASSES = ["lymphocyte", "monocyte", "neutrophil"]
@@ -54,4 +60,15 @@ def test_blasts_need_the_minimum_number_of_anomalies(anomalies, flagged):
 
 def test_no_classified_cell():
     count = differential([CellFailure(0, "x", "truncated", "x: truncated")], CLASSES, DifferentialConfig())
-    assert count.percentages == {c: 0.0 for c in CLASSES} and count.flags == [TOO_FEW_CELLS]
+    assert count.percentages == {c: 0.0 for c in CLASSES} and count.flags == [TOO_FEW_CELLS, MANY_FAILED]
+
+
+@pytest.mark.parametrize("failures, flagged", [(12, False), (13, True)])
+def test_a_smear_with_many_failed_cells_is_no_routine_count(failures, flagged):
+    """108 cells classified, all confident, were a routine count however many of the smear's cells had failed."""
+    cells = [cell(i, "neutrophil") for i in range(108)]
+    cells += [CellFailure(108 + i, f"f{i}", "not_an_image", f"f{i}: not an image") for i in range(failures)]
+    count = differential(cells, CLASSES, DifferentialConfig(min_cells=100, max_failed_fraction=0.1))
+    assert (MANY_FAILED in count.flags) is flagged and count.n_failed == failures
+    if flagged:
+        assert count.reasons == ["13 of 121 cells failed (11% > 10%)"] and count.triage == "hematologist"

@@ -1,9 +1,10 @@
 """The differential count of one smear, and the triage that lets routine smears through.
 
 A differential is the share of each white-cell class among a smear's classified cells. The triage flags a smear
-for a hematologist when it has too few cells to count, too many cells the model was unsure of, or enough
+for a hematologist when it has too few cells to count, too many cells the model was unsure of, too many cells
+that failed (the count leaves them out: a smear half unreadable is no routine count of its other half), or enough
 anomalous cells (routed 'anomaly': an anomaly score over the threshold, or a class such as blast that always goes
-to review) to suspect blasts; otherwise it is routine. Cells that failed to decode are counted, never hidden.
+to review) to suspect blasts; otherwise it is routine. Cells that failed are counted, never hidden.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cytoloop.serving.inference import CellFailure, CellResult
 BLASTS_SUSPECTED = "blasts suspected"
 TOO_FEW_CELLS = "too few cells"
 MANY_UNCERTAIN = "many uncertain cells"
+MANY_FAILED = "many failed cells"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,12 @@ def differential(
     if n and uncertain / n > config.max_review_fraction:
         flags.append(MANY_UNCERTAIN)
         reasons.append(f"{uncertain} of {n} cells need review ({uncertain / n:.0%} > {config.max_review_fraction:.0%})")
+    failed = len(cells) - n
+    if failed and failed / len(cells) > config.max_failed_fraction:
+        flags.append(MANY_FAILED)
+        reasons.append(
+            f"{failed} of {len(cells)} cells failed ({failed / len(cells):.0%} > {config.max_failed_fraction:.0%})"
+        )
     anomalies = routes["anomaly"]
     if n and anomalies >= config.blasts_min_cells and anomalies / n >= config.blasts_min_fraction:
         flags.append(BLASTS_SUSPECTED)
@@ -65,7 +73,7 @@ def differential(
     return Differential(
         n_cells=len(cells),
         n_classified=n,
-        n_failed=len(cells) - n,
+        n_failed=failed,
         counts={c: counts[c] for c in classes},
         percentages={c: (100.0 * counts[c] / n if n else 0.0) for c in classes},
         n_review=routes["review"],
