@@ -157,8 +157,8 @@ def share_above(scores: np.ndarray, threshold: float) -> tuple[float, tuple[floa
 
 
 def auroc_with_interval(negative: np.ndarray, positive: np.ndarray) -> tuple[float, tuple[float, float]]:
-    """AUROC of `positive` against `negative` scores with its 95 % bootstrap interval over cells (a resample
-    holding one kind only is left out)."""
+    """AUROC of `positive` against `negative` scores with its 95 % bootstrap interval over cells, each kind
+    resampled apart (as many of each in every resample)."""
     from cytoloop.evaluation import metrics
 
     both = np.concatenate([negative, positive])
@@ -166,6 +166,7 @@ def auroc_with_interval(negative: np.ndarray, positive: np.ndarray) -> tuple[flo
     interval = metrics.bootstrap_intervals(
         lambda i: {"auroc": metrics.auroc(both[i], is_positive[i]) if 0 < is_positive[i].sum() < len(i) else np.nan},
         len(both),
+        strata=is_positive,
     )["auroc"]
     return metrics.auroc(both, is_positive), interval
 

@@ -168,6 +168,7 @@ def main() -> None:
             - metrics.balanced_accuracy(labels[i], a[i], n_classes)
         ),
         len(labels),
+        strata=labels,
     )
     report["agreement"] = float(np.mean(a == b))
     report.update(
@@ -231,7 +232,7 @@ def measure(model, val, val_labels, normal, labels, blasts, args) -> dict:
     row["labels"] = tuned.labels.tolist()
     row["balanced_accuracy"] = metrics.balanced_accuracy(labels, tuned.labels, n_classes)
     row["interval"] = metrics.bootstrap_interval(
-        lambda i: metrics.balanced_accuracy(labels[i], tuned.labels[i], n_classes), len(labels)
+        lambda i: metrics.balanced_accuracy(labels[i], tuned.labels[i], n_classes), len(labels), strata=labels
     )
     row["ece"] = metrics.expected_calibration_error(tuned.probs, labels)
     row["agreement_exhaustive"] = float(np.mean(tuned.labels[:n_exh] == exhaustive.labels))

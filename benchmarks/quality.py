@@ -37,7 +37,10 @@ def bootstrap_balanced_accuracy(report: dict, n_classes: int) -> tuple[float, fl
     truth = np.repeat(np.arange(n_classes), confusion.sum(axis=1))
     predicted = np.concatenate([np.repeat(np.arange(n_classes), row) for row in confusion])
     return metrics.bootstrap_interval(
-        lambda idx: metrics.balanced_accuracy(truth[idx], predicted[idx], n_classes), len(truth), n_boot=1000
+        lambda idx: metrics.balanced_accuracy(truth[idx], predicted[idx], n_classes),
+        len(truth),
+        n_boot=1000,
+        strata=truth,
     )
 
 

@@ -261,7 +261,7 @@ def evaluate_predictions(
     n_boot: int = 1000,
 ) -> dict:
     """The evaluation metrics from predictions on labelled cells, each with a 95 % bootstrap interval over the
-    cells (`intervals`: metric -> [low, high]; per-class recall as `recall <class>`)."""
+    cells, resampled within each class (`intervals`: metric -> [low, high]; per-class recall as `recall <class>`)."""
     predicted = predictions.labels
     correct = predicted == labels
     recall = metrics.per_class_recall(labels, predicted, len(classes))
@@ -280,7 +280,7 @@ def evaluate_predictions(
         values.update({f"recall {c}": per_class[i] for i, c in enumerate(classes) if not np.isnan(recall[i])})
         return values
 
-    intervals = metrics.bootstrap_intervals(statistics, len(labels), n_boot=n_boot)
+    intervals = metrics.bootstrap_intervals(statistics, len(labels), n_boot=n_boot, strata=labels)
     return {
         "n_cells": int(len(labels)),
         "accuracy": metrics.accuracy(labels, predicted),
@@ -301,7 +301,7 @@ def evaluate_predictions(
 
 def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
     """AUROC of the model's anomaly score, and of every alternative score it reports, for anomalies vs normal, each
-    with a 95 % bootstrap interval (`anomaly_auroc_intervals`)."""
+    with a 95 % bootstrap interval, anomalies and normal cells resampled apart (`anomaly_auroc_intervals`)."""
     scores = {
         "anomaly": predictions.anomaly,
         **{name: values for name, values in predictions.extra.items() if name.startswith("anomaly")},
@@ -313,7 +313,7 @@ def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
             return {name: float("nan") for name in scores}
         return {name: metrics.auroc(values[index], positive) for name, values in scores.items()}
 
-    intervals = metrics.bootstrap_intervals(statistics, len(is_anomaly))
+    intervals = metrics.bootstrap_intervals(statistics, len(is_anomaly), strata=is_anomaly)
     result: dict[str, Any] = {
         "anomaly_auroc": metrics.auroc(predictions.anomaly, is_anomaly),
         "anomaly_n": int(len(is_anomaly)),

@@ -230,6 +230,17 @@ def test_bad_parameters():
         metrics.auroc(np.array([0.1, 0.9]), np.array([0, 2]))
 
 
+def test_a_stratified_resample_keeps_every_stratum_and_its_size():
+    strata = np.repeat(["a", "b", "c"], [50, 7, 1])
+    seen = []
+    metrics.bootstrap_interval(lambda idx: seen.append(idx) or 0.0, len(strata), n_boot=200, strata=strata)
+    for index in seen:
+        assert sorted(np.unique(strata[index], return_counts=True)[1].tolist()) == [1, 7, 50]
+    assert len({tuple(index) for index in seen}) > 1  # still resampled
+    with pytest.raises(ValueError, match="one value per item"):
+        metrics.bootstrap_interval(lambda idx: 0.0, 5, strata=np.zeros(4))
+
+
 def test_bootstrap_intervals_cover_each_statistic_and_skip_resamples_where_it_is_undefined():
     from cytoloop.evaluation.metrics import bootstrap_intervals
 

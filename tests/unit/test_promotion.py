@@ -1,8 +1,10 @@
 """The promotion gate's decision: each metric no worse than the champion's beyond its tolerance."""
 
 import numpy as np
+import pytest
 
 from cytoloop.config import PromotionConfig
+from cytoloop.data.records import DatasetError
 from cytoloop.policy.promotion import compare, difference_intervals, verdict_tags
 
 CONFIG = PromotionConfig(balanced_accuracy_tolerance=0.01, ece_tolerance=0.02, anomaly_auroc_tolerance=0.02)
@@ -205,3 +207,38 @@ def test_the_gate_leaves_out_audited_cells_the_challenger_trained_on(tmp_path):
     data = gate_data(frozen, config, ["a"], trained_on=[*cells("train", 4), audited[1]])
     assert sorted(r.path.name for r in data.eval_records) == ["audit0.png", "audit2.png", "eval0.png", "eval1.png"]
     assert len(gate_data(frozen, config, ["a"]).eval_records) == 5  # what a caller that trained on none gets
+    # an audited cell listed by a relative path that names a frozen cell's id pairs with the wrong cell: refused
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "audited.csv").write_text(f"path,label,domain\n{frozen[0].cell_id},a,lab\n")
+    clash = PromotionConfig(audited_manifest=tmp_path / "elsewhere" / "audited.csv")
+    with pytest.raises(DatasetError, match="the gate's cells name two files 'eval0.png'"):
+        gate_data(frozen, clash, ["a"])
+
+
+def test_a_challenger_that_loses_a_rare_class_is_refused():
+    """Five classes, one of 3 cells in 60: the challenger calls all three another class. Resampled from all cells
+    at once, one resample in twenty held none of them, and balanced accuracy over the classes present then showed
+    no loss: the interval reached 0 and the gate passed a model that never names that class. Resampled within each
+    class, every resample holds the loss."""
+    from cytoloop.evaluation import metrics
+
+    labels = np.repeat([0, 1, 2, 3, 4], [15, 15, 15, 12, 3])
+    champion_probs = np.full((60, 5), 0.02)
+    champion_probs[np.arange(60), labels] = 0.92
+    challenger_probs = champion_probs.copy()
+    challenger_probs[labels == 4] = np.roll(champion_probs[labels == 4], 1, axis=1)  # class 4 called class 0
+
+    def figures(probs):
+        return {
+            "balanced_accuracy": metrics.balanced_accuracy(labels, probs.argmax(axis=1), 5),
+            "ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
+            "classes": list("abcde"),
+            "per_cell": {"cells": [f"c{i}" for i in range(60)], "labels": labels.tolist(), "probs": probs.tolist()},
+        }
+
+    champion, challenger = figures(champion_probs), figures(challenger_probs)
+    assert champion["balanced_accuracy"] - challenger["balanced_accuracy"] == pytest.approx(0.2)
+    intervals, _ = difference_intervals(challenger, champion)
+    assert intervals["balanced_accuracy"][1] < -0.19  # every resample holds the lost class
+    verdict = compare(challenger, champion, CONFIG)
+    assert not verdict.passed and "balanced_accuracy" in verdict.worse

@@ -274,18 +274,40 @@ def bootstrap_interval(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    strata: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap ``(low, high)`` interval at level ``1 - alpha``.
 
     ``values_fn`` receives an index array of length ``n`` drawn with replacement from ``range(n)``
     and returns the statistic on that resample; it must cope with any resample (e.g. a metric that
-    needs both classes may raise). Deterministic for a given ``seed``.
+    needs both classes may raise). With ``strata`` (one value per item, e.g. each cell's true class) every
+    resample keeps each stratum's size (`resample`). Deterministic for a given ``seed``.
     """
     _check_bootstrap(n, n_boot, alpha)
     rng = np.random.default_rng(seed)
-    stats = np.array([values_fn(rng.integers(0, n, size=n)) for _ in range(n_boot)], dtype=np.float64)
+    groups = _strata_groups(n, strata)
+    stats = np.array([values_fn(resample(rng, groups)) for _ in range(n_boot)], dtype=np.float64)
     low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(low), float(high)
+
+
+def resample(rng: np.random.Generator, groups: list[np.ndarray]) -> np.ndarray:
+    """One bootstrap resample: each group's indices drawn with replacement, as many as the group holds.
+
+    Stratified by true class, a resample of a gate set always holds every class: drawn from all cells at once, it
+    misses a class of 3 cells in 60 one time in twenty, and balanced accuracy, averaged over the classes a
+    resample holds, then drops that class's errors with it (a challenger that lost a rare class entirely got an
+    interval reaching 0 and passed the gate)."""
+    return np.concatenate([group[rng.integers(0, len(group), size=len(group))] for group in groups])
+
+
+def _strata_groups(n: int, strata: np.ndarray | None) -> list[np.ndarray]:
+    if strata is None:
+        return [np.arange(n)]
+    strata = np.asarray(strata)
+    if strata.shape != (n,):
+        raise ValueError(f"strata must hold one value per item ({n}), got shape {strata.shape}")
+    return [np.flatnonzero(strata == value) for value in np.unique(strata)]
 
 
 def _check_bootstrap(n: int, n_boot: int, alpha: float) -> None:
@@ -303,18 +325,21 @@ def bootstrap_intervals(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    strata: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of several statistics computed on the same resamples.
 
     ``statistics`` receives an index array (``n`` draws with replacement) and returns named values; a value that
     is NaN on a resample (a class drawn zero times) is left out of that statistic's quantiles. A statistic NaN on
-    every resample gets ``(nan, nan)``. Deterministic for a given ``seed``.
+    every resample gets ``(nan, nan)``. With ``strata`` every resample keeps each stratum's size (`resample`):
+    by true class, a class's recall is never missing from a resample. Deterministic for a given ``seed``.
     """
     _check_bootstrap(n, n_boot, alpha)
     rng = np.random.default_rng(seed)
+    groups = _strata_groups(n, strata)
     draws: dict[str, list[float]] = {}
     for _ in range(n_boot):
-        for name, value in statistics(rng.integers(0, n, size=n)).items():
+        for name, value in statistics(resample(rng, groups)).items():
             draws.setdefault(name, []).append(float(value))
     out = {}
     for name, values in draws.items():

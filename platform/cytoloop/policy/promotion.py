@@ -88,8 +88,9 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
 
 def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -> tuple[dict, int]:
     """95 % paired-bootstrap intervals of challenger minus champion, for balanced accuracy and ECE, over the cells
-    both were scored on (their `per_cell` results, paired by cell id); ({}, 0) when either side has none or
-    their classes differ. Returns the intervals and the number of cells paired."""
+    both were scored on (their `per_cell` results, paired by cell id), resampled within each true class
+    (`metrics.resample`); ({}, 0) when either side has none or their classes differ. Returns the intervals and
+    the number of cells paired."""
     a, b = champion.get("per_cell"), challenger.get("per_cell")
     if not a or not b or champion.get("classes") != challenger.get("classes"):
         return {}, 0
@@ -112,7 +113,7 @@ def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -
         return lambda idx: fn(probs_b, idx) - fn(probs_a, idx)
 
     intervals = {
-        name: metrics.bootstrap_interval(difference(fn), len(pairs), n_boot=n_boot)
+        name: metrics.bootstrap_interval(difference(fn), len(pairs), n_boot=n_boot, strata=labels)
         for name, fn in (("balanced_accuracy", balanced_accuracy), ("ece", ece))
     }
     return intervals, len(pairs)
@@ -150,6 +151,13 @@ def gate_data(
             logger.info(f"gate: {left_out} audited cells left out, the challenger trained on them")
     if not records:
         raise DatasetError("the promotion gate has no evaluation cells")
+    seen: dict[str, Path] = {}
+    for record in records:  # the paired intervals pair the two models' results by cell id
+        if seen.setdefault(record.cell_id, Path(record.path)) != Path(record.path):
+            raise DatasetError(
+                f"the gate's cells name two files {record.cell_id!r} ({seen[record.cell_id]} and {record.path}): "
+                "list the audited cells by absolute path"
+            )
     anomalies = select(load_records(config.anomaly_manifest)) if config.anomaly_manifest is not None else []
     return GateData(records, anomalies, config.anomaly_label)
 
