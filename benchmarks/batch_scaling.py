@@ -47,6 +47,13 @@ def _interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def _ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean and 95 % t interval of ratios, on the log scale where a ratio's noise is symmetric (on the
+    linear scale ratios of 0.5, 2 and 1 average 1.17 with an interval reaching below 0)."""
+    mean, low, high = _interval([float(np.log(r)) for r in ratios])
+    return float(np.exp(mean)), float(np.exp(low)), float(np.exp(high))
+
+
 def _parse_models(text: str) -> list[tuple[str, Path, int | None]]:
     models = []
     for item in text.split(","):
@@ -137,8 +144,8 @@ def render(report: dict, workers: list[int]) -> str:
         f"during the run. Date: {report['date']}. Each worker is a Ray actor with its own model and "
         f"cores / workers torch threads; times include starting the actors and loading the model.{report['note']}",
         "",
-        "| model | cells | workers | cells/s (95 % interval) | speed-up over 1 worker (95 % interval) | "
-        "evals/cell | same class as 1 worker |",
+        "| model | cells | workers | cells/s (95 % interval) | "
+        "speed-up over 1 worker (geometric mean, 95 % interval) | evals/cell | same class as 1 worker |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, result in report["results"].items():
@@ -146,7 +153,7 @@ def render(report: dict, workers: list[int]) -> str:
         for w in workers:
             runs = result["runs"][str(w)]
             speed = _interval([r["cells_per_s"] for r in runs])
-            ratio = _interval([r["cells_per_s"] / b["cells_per_s"] for r, b in zip(runs, base)])
+            ratio = _ratio_interval([r["cells_per_s"] / b["cells_per_s"] for r, b in zip(runs, base)])
             lines.append(
                 f"| {name} (`{result['model']}`) | {result['cells']} | {w} | {speed[0]:.1f} [{speed[1]:.1f}, "
                 f"{speed[2]:.1f}] | {ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}] | "
