@@ -139,8 +139,14 @@ class Classifier:
             live = await self.site_model(key)
             service, fallback = live.service, live.fallback  # fixed for these requests even if the alias moves
         except Exception as error:  # registry down, alias missing, unreadable model: the caller answers 503
+            from cytoloop.registry import RegistryError
+
+            logger.warning("no model for site %s: %r", key, error)
+            # a registry's errors stay in the log (they name its address, credentials and all); the others, such
+            # as a site configured with a class its model lacks, are the deployment's to read and fix
+            why = "the service log says why" if isinstance(error, RegistryError) else str(error)
             for i in members:
-                answers[i] = Refusal(503, f"no model for site {key!r}: {error}")
+                answers[i] = Refusal(503, f"no model for site {key!r} now: {why}")
             return
         submitted = [self.model_calls.submit(service, [requests[i]]) for i in members]
         outcomes = await asyncio.gather(*submitted, return_exceptions=True)  # merged into calls all the same

@@ -9,6 +9,7 @@ and never logged or echoed.
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 import asyncio
+import hashlib
 import hmac
 import logging
 
@@ -137,6 +138,18 @@ def cell_entries(upload: Upload, answer: Answer) -> list[CellAnswer | CellError]
     return [entries[i] for i in sorted(entries)]
 
 
+def repeated_images(upload: Upload) -> str:
+    """Which accepted cells repeat an earlier one byte for byte, as 'cell 7 = cell 2; …' ('' when none)."""
+    first: dict[bytes, int] = {}
+    repeats = []
+    for index, _, data in upload.accepted:
+        digest = hashlib.sha256(data).digest()
+        if digest in first:
+            repeats.append(f"cell {index} = cell {first[digest]}")
+        first.setdefault(digest, index)
+    return "; ".join(repeats)
+
+
 def last_line(error: BaseException) -> str:
     """The last line of an error's message (a remote error carries the whole traceback), or its type's name
     when the message is empty (`TimeoutError()`)."""
@@ -154,16 +167,25 @@ class Gateway:
         self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
         self.settings = settings  # each site's classes, for /v1/models
 
-    async def _classify(self, request: Request, key: str | None, sample_id: str | None = None) -> tuple[Upload, Answer]:
-        """Read, check and classify an upload; `sample_id`: the path's, which a body's own must not contradict."""
+    async def _classify(
+        self, request: Request, key: str | None, sample_id: str | None = None, unique: bool = False
+    ) -> tuple[Upload, Answer]:
+        """Read, check and classify an upload; `sample_id`: the path's, which a body's own must not contradict;
+        `unique`: the same image twice is refused (`repeated_images`)."""
         check_api_key(self.config.api_key, key)
         upload = await read_upload(request, self.config)
         if sample_id is not None and upload.sample_id not in (None, sample_id):
             raise HTTPException(422, f"sample_id {upload.sample_id!r} in the body contradicts the path's {sample_id!r}")
+        if unique and (repeated := repeated_images(upload)):
+            raise HTTPException(422, f"the same image more than once: {repeated} (a smear counts each cell once)")
         reject_if_nothing_usable(upload)
         cells = [(name, data) for _, name, data in upload.accepted]
         site = site_key(upload.site)
-        answer = await self.classifier.options(multiplexed_model_id=site).classify.remote(site, cells)
+        try:
+            answer = await self.classifier.options(multiplexed_model_id=site).classify.remote(site, cells)
+        except Exception as error:  # a replica died or cannot be reached: a JSON 503 to retry, not a bare 500
+            logger.warning("the classifier did not answer: %r", error)
+            raise HTTPException(503, "the classifier did not answer; retry (the service log says why)") from None
         if isinstance(answer, Refusal):
             raise HTTPException(answer.status, answer.detail)
         return upload, answer
@@ -200,14 +222,16 @@ class Gateway:
         self, sample_id: str, request: Request, key: str | None = Security(_api_key)
     ) -> DifferentialResponse:
         """The cells of one smear in; percentages per class, cells needing review, flags such as 'blasts
-        suspected', and the triage (routine, or to a hematologist) out."""
+        suspected', and the triage (routine, or to a hematologist) out. The same image twice is refused: a
+        count would take it for two cells (a client's retry resending crops, one crop sent a hundred times)."""
+        check_api_key(self.config.api_key, key)  # before anything of the request is looked at
         try:
             ClassifyRequest(cells=[], sample_id=sample_id)  # the path's sample id obeys the same pattern
         except ValidationError:
             raise HTTPException(
                 422, f"invalid sample id {sample_id!r}: letters, digits and _ . : - (at most 128)"
             ) from None
-        upload, answer = await self._classify(request, key, sample_id)
+        upload, answer = await self._classify(request, key, sample_id, unique=True)
         results: list[CellResult | CellFailure] = list(answer.cells) + [
             CellFailure(i, e.name, e.reason, str(e)) for i, e in upload.rejected
         ]

@@ -9,7 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+SITE_PATTERN = (
+    r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # alias names (champion-<site>) allow no '.' (config.check_site_name)
+)
 SAMPLE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 
@@ -80,7 +82,9 @@ class CellError(_Body):
     status: Literal["error"] = "error"
     index: int
     name: str
-    reason: str = Field(..., description="not_an_image, truncated, too_large, too_many_pixels, empty, bad_base64")
+    reason: str = Field(
+        ..., description="not_an_image, truncated, too_large, too_many_pixels, empty, bad_base64, bad_name"
+    )
     message: str
 
 

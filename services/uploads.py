@@ -47,18 +47,19 @@ def max_body_bytes(config: ServeConfig) -> int:
 
 
 async def read_upload(request: Request, config: ServeConfig) -> Upload:
-    body = await _read_capped(request, max_body_bytes(config))
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        site, sample_id, named = await _multipart(request, body, config)
-    elif content_type.startswith("application/json"):
-        site, sample_id, named = _json(body)
-    else:
+    media_type = content_type.split(";", 1)[0].strip().lower()  # media types are case-insensitive (RFC 9110)
+    if media_type not in ("multipart/form-data", "application/json"):  # refused before the body is read
         raise HTTPException(
             415,
             f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data "
             "with 'files' parts, or application/json with base64 'cells'",
         )
+    body = await _read_capped(request, max_body_bytes(config))
+    if media_type == "multipart/form-data":
+        site, sample_id, named = await _multipart(request, body, config)
+    else:
+        site, sample_id, named = _json(body)
     if not named:
         raise HTTPException(400, "empty request: no cell images (send multipart 'files' parts or JSON 'cells')")
     if len(named) > config.max_cells_per_request:
@@ -130,19 +131,39 @@ async def _multipart(request: Request, body: bytes, config: ServeConfig):
             ) from None
         raise HTTPException(400, f"malformed multipart body: {message}") from None
     unknown = sorted(set(form.keys()) - {"files", "site", "sample_id"})
-    if unknown:
-        raise HTTPException(422, f"unknown form field(s) {', '.join(unknown)}; expected files, site, sample_id")
+    if unknown:  # repr: a name decoded with the body's own charset may not be printable, or even UTF-8
+        raise HTTPException(
+            422, f"unknown form field(s) {', '.join(map(repr, unknown))}; expected files, site, sample_id"
+        )
     named = []
     for i, part in enumerate(form.getlist("files")):
         if isinstance(part, str):
             raise HTTPException(422, f"form field 'files' #{i} is text, not a file upload")
-        named.append((part.filename or f"cell-{i}", await part.read()))
+        named.append(_named_part(part.filename, await part.read(), i))
     fields = {"site": form.get("site") or None, "sample_id": form.get("sample_id") or None}
     try:
         parsed = ClassifyRequest(cells=[], **fields)
     except ValidationError as error:
         raise HTTPException(422, _validation_message(error)) from None
     return parsed.site, parsed.sample_id, named
+
+
+def _named_part(name: str | None, data: bytes, index: int) -> tuple[str, bytes | CellRejected]:
+    """A part's file name as the answer echoes it, checked as the JSON form's `name` is (at most 256 characters)
+    and for valid UTF-8: a multipart charset such as unicode_escape can make a name the JSON answer cannot hold,
+    which failed the whole request with a 500 after its cells were classified. A bad name fails its cell only."""
+    if not name:
+        return f"cell-{index}", data
+    fallback = f"cell-{index}"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return fallback, CellRejected(fallback, "bad_name", f"the file name is not valid UTF-8 ({name!r})", 422)
+    if len(name) > 256:
+        return fallback, CellRejected(
+            fallback, "bad_name", f"the file name is {len(name)} characters, at most 256", 422
+        )
+    return name, data
 
 
 def _json(body: bytes):

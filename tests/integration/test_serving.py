@@ -286,6 +286,41 @@ def test_request_level_limits(serving):
     assert bad_site.status_code == 422 and "site" in bad_site.json()["detail"]
     bad_b64 = serving.post("/v1/classify", json={"cells": [{"name": "x", "image_b64": "not base64!"}]})
     assert bad_b64.status_code == 422 and "base64" in bad_b64.json()["detail"]
+    dotted = serving.post("/v1/classify", json={"cells": [{"image_b64": "AAAA"}], "site": "st.marys"})
+    assert dotted.status_code == 422 and "site" in dotted.json()["detail"]  # was a 503: no alias can hold a '.'
+    cased = serving.post(
+        "/v1/classify",
+        json={"cells": [{"image_b64": base64.b64encode(one).decode()}]},
+        headers={"content-type": "Application/JSON; charset=utf-8"},
+    )
+    assert cased.status_code == 200, cased.text  # media types are case-insensitive
+    lookalike = serving.post("/v1/classify", content=b"{}", headers={"content-type": "application/jsonx"})
+    assert lookalike.status_code == 415
+
+
+def test_a_file_name_the_answer_cannot_hold_fails_its_cell_only(serving):
+    """A multipart body's charset decodes its part headers: with unicode_escape a file name became a lone
+    surrogate, which no JSON answer can hold: the request failed with a 500 after its cells were classified."""
+    one = serving.cells[0].read_bytes()
+    boundary = "cytoloop-test-boundary"
+    parts = [
+        (b'form-data; name="files"; filename="good.bmp"', one),
+        (b'form-data; name="files"; filename="\\ud800.bmp"', one),
+    ]
+    body = (
+        b"".join(
+            f"--{boundary}\r\n".encode() + b"Content-Disposition: " + disposition + b"\r\n"
+            b"Content-Type: image/bmp\r\n\r\n" + data + b"\r\n"
+            for disposition, data in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    content_type = f"multipart/form-data; boundary={boundary}; charset=unicode_escape"
+    response = serving.post("/v1/classify", content=body, headers={"content-type": content_type})
+    assert response.status_code == 200, response.text
+    good, bad = response.json()["cells"]
+    assert good["status"] == "ok" and (bad["status"], bad["reason"], bad["name"]) == ("error", "bad_name", "cell-1")
+    assert "not valid UTF-8" in bad["message"]
 
 
 def test_api_key_required_and_checked(serving):
@@ -333,6 +368,11 @@ def test_differential_counts_and_triage(serving):
     assert len(body["flags"]) == len(body["reasons"])
     bad = serving.post("/v1/samples/..%2F/differential", files=files[:1])
     assert bad.status_code in (404, 422)
+    twice = files[:3] + [files[1]]  # a client's retry resending a crop: counted twice, it skews the differential
+    repeated = serving.post("/v1/samples/smear-17/differential", files=twice)
+    assert repeated.status_code == 422 and "cell 3 = cell 1" in repeated.json()["detail"], repeated.text
+    keyless = httpx.post(serving.url + "/v1/samples/bad%20id/differential", files=files[:1], timeout=60)
+    assert keyless.status_code == 401  # the key is checked before anything of the request
     other = serving.post("/v1/samples/smear-17/differential", files=files[:1], data={"sample_id": "smear-18"})
     assert other.status_code == 422 and "contradicts" in other.text  # never answered under the wrong smear
 
@@ -414,7 +454,10 @@ def test_without_a_model_requests_are_503_saying_why(serving):
         files = [("files", (serving.cells[0].name, serving.cells[0].read_bytes()))]
         response = serving.post("/broken/v1/classify", files=files)
         assert response.status_code == 503 and "no model for site" in response.json()["detail"]
-        assert "no-such-model" in response.json()["detail"]
+        # the reason stays in the log: a registry error names the registry's address, credentials and all
+        assert (
+            "no-such-model" not in response.json()["detail"] and "the service log says why" in response.json()["detail"]
+        )
     finally:
         serve.delete("broken")
 

@@ -180,3 +180,13 @@ def test_a_new_version_without_a_site_s_class_leaves_the_site_on_its_old_one(tmp
     with pytest.raises(UsageError, match="platelet"):
         live.refresh()
     assert live.service is old and "cannot decide among this site's classes" in live.fallback
+
+
+def test_the_registry_address_callers_see_holds_no_credentials():
+    """`/v1/models` tells every API-key holder where models come from: without the registry's password."""
+    from cytoloop.serving.model_source import without_credentials
+
+    assert without_credentials("postgresql://mlflow:s3cret@db:5432/mlflow") == "postgresql://db:5432/mlflow"
+    assert without_credentials("https://token@registry.lab/") == "https://registry.lab/"
+    for plain in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000", "file:///srv/mlruns"):
+        assert without_credentials(plain) == plain

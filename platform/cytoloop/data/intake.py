@@ -27,7 +27,8 @@ class Limits:
 
 class CellRejected(ImageError):
     """One image refused at intake. `reason` is a short code (not_an_image, truncated, too_large, too_many_pixels,
-    empty); `status` the HTTP status a request made only of such images gets."""
+    empty; the service adds bad_base64 and bad_name); `status` the HTTP status a request made only of such images
+    gets."""
 
     def __init__(self, name: str, reason: str, detail: str, status: int):
         super().__init__(f"{name}: {detail}")

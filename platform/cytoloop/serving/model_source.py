@@ -57,9 +57,11 @@ class ModelSource:
         return self._registry
 
     def describe(self) -> str:
+        """Where models come from, as `/v1/models` tells every caller: a registry's address without the user name
+        and password it may carry (`postgresql://user:secret@db/mlflow`)."""
         if self.model_dir:
             return f"local directory {self.model_dir}"
-        return f"registry model {self.name!r} ({self._registry_config.tracking_uri})"
+        return f"registry model {self.name!r} ({without_credentials(self._registry_config.tracking_uri)})"
 
     def resolve(self, site: str | None) -> ModelRef:
         """The version serving `site` now (None: the global champion). Raises RegistryError or ModelLoadError."""
@@ -157,3 +159,13 @@ def _content_hash(directory: Path) -> str:
         digest.update(str(path.relative_to(directory)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` with any user name and password of its network location left out."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
