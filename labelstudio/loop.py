@@ -262,7 +262,10 @@ class ReviewLoop:
                 pushed = attempt("push", self.push)
                 synced = attempt("poll", self.sync)
                 if isinstance(pushed, PushReport):
-                    logger.info(f"push: {pushed.pushed} pushed, {pushed.pending} pending, {pushed.failed} refused")
+                    logger.info(
+                        f"push: {pushed.pushed} pushed, {pushed.pending} pending, {pushed.failed} refused"
+                        + "".join(f"; site {site} waits: {error}" for site, error in pushed.site_errors.items())
+                    )
                 if isinstance(synced, SyncReport):
                     logger.info(
                         f"poll: {synced.changed} label(s) changed, {synced.retracted} retracted, "

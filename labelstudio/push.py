@@ -1,15 +1,18 @@
 """Push the outbox into Label Studio: each site's pending tasks into that site's project, each task once.
 
-Before importing, a push lists the task keys the project already holds: a push that crashed after Label Studio
-took a batch but before the outbox recorded it then resumes without duplicating anything. When Label Studio is
-unreachable the push stops, the tasks stay pending, and the report says so; a task Label Studio refuses is marked
-with its error and never holds back the others. A push first asks which Label Studio it reaches
-(`client.server_identity`): tasks another one took, whose cells have no consensus yet, are sent to this one too
-(`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task.
+Before importing, a push lists the task keys the project already holds: a push that crashed after Label Studio took
+a batch but before the outbox recorded it then resumes without duplicating anything. When Label Studio is
+unreachable, or refuses us rather than a task (our token: 401/403; too many requests: 429), the push stops, the
+tasks stay pending, and the report says so; a task Label Studio refuses is marked with its error and an attempt
+(parked after `outbox.MAX_ATTEMPTS`) and never holds back the others. A site whose project cannot be made or listed
+keeps its tasks pending, with no attempt counted against them: that is no fault of theirs. A push first asks which
+Label Studio it reaches (`client.server_identity`): tasks another one took, whose cells have no consensus yet, are
+sent to this one too (`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,6 +23,8 @@ from labelstudio.outbox import Outbox
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class PushReport:
@@ -29,6 +34,7 @@ class PushReport:
     failed: int = 0  # tasks Label Studio refused this time (marked in the outbox with the error)
     resent: int = 0  # tasks another Label Studio had taken, queued again for this one
     error: str | None = None
+    site_errors: dict[str, str] = field(default_factory=dict)  # sites whose project failed; their tasks wait
     projects: dict[str, int] = field(default_factory=dict)
 
 
@@ -55,11 +61,13 @@ def push_outbox(
     `server` is the identity of the Label Studio `client` reaches (asked when not given); tasks another server
     took are sent again unless their cell is in `settled` (cell keys, `store.cell_key`, whose consensus is in).
 
-    Failures stay with what failed: a batch Label Studio refuses is sent again task by task, and a task it refuses
-    on its own is marked with the error and an attempt (`Outbox.mark_failed`) while the rest go through; a site
-    whose project cannot be reached or made fails that site's tasks only. An unreachable Label Studio ends the
-    push early with `error` set. Never an exception for Label Studio's answers. Pushes of one outbox run one at a
-    time (`Outbox.push_lock`, across processes), so two at once cannot import a task twice.
+    Failures stay with what failed: a batch Label Studio refuses is sent again task by task, and a task it
+    refuses on its own is marked with the error and an attempt (`Outbox.mark_failed`) while the rest go through;
+    a site whose project cannot be made or listed keeps its tasks pending, untouched, and is named in
+    `site_errors` (counting it against them parked every task of a site after a few rounds of, say, a locked
+    database). An unreachable Label Studio, or one refusing our token, ends the push early with `error` set.
+    Never an exception for Label Studio's answers. Pushes of one outbox run one at a time (`Outbox.push_lock`,
+    across processes), so two at once cannot import a task twice.
     """
     report = PushReport()
     with outbox.push_lock():  # a second push (the label service's poll, `review route`) waits, then finds them there
@@ -78,14 +86,20 @@ def _push_all(
             try:
                 _push_site(client, outbox, ensure_project, site, tasks, batch, report, server)
             except Exception as error:
-                if unavailable(error):
+                if stops_the_push(error):
                     raise
-                outbox.mark_failed([t["data"]["task_key"] for t in tasks], _describe(error))
-                report.failed += len(tasks)
+                report.site_errors[site] = _describe(error)
+                logger.warning(f"push: site {site}'s project failed, its tasks wait: {_describe(error)}")
     except Exception as error:
-        if not unavailable(error):
+        if not stops_the_push(error):
             raise
-        report.error = f"Label Studio unavailable: {error}"
+        report.error = f"Label Studio cannot take tasks now: {error}"
+
+
+def stops_the_push(error: BaseException) -> bool:
+    """Label Studio can take nothing now: unreachable, or refusing us rather than a task (401/403: our token;
+    429: too many requests). No task is to blame, so none gets an attempt."""
+    return unavailable(error) or getattr(error, "status_code", 0) in (401, 403, 429)
 
 
 def _push_site(
@@ -107,8 +121,12 @@ def _push_site(
             _import(client, outbox, project_id, chunk, server)
             report.pushed += len(chunk)
         except Exception as error:
-            if unavailable(error) or len(chunk) == 1:
+            if stops_the_push(error):
                 raise
+            if len(chunk) == 1:  # this task's own refusal
+                outbox.mark_failed([chunk[0]["data"]["task_key"]], _describe(error))
+                report.failed += 1
+                continue
             # the failure may have come after Label Studio took the chunk (our own bookkeeping failed): ask which
             # of its tasks are there, so the retry one by one imports none of them twice
             there = project_task_keys(client, project_id)
@@ -123,7 +141,7 @@ def _push_site(
                     _import(client, outbox, project_id, [task], server)
                     report.pushed += 1
                 except Exception as single:
-                    if unavailable(single):
+                    if stops_the_push(single):
                         raise
                     outbox.mark_failed([task["data"]["task_key"]], _describe(single))
                     report.failed += 1

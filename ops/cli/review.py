@@ -175,6 +175,8 @@ def _print_push(report) -> None:
         f"{report.pending} waiting in the outbox"
         + (f"; Label Studio refused {report.failed} (their errors: `cytoloop status`)" if report.failed else "")
     )
+    for site, error in report.site_errors.items():
+        typer.secho(f"warning: site {site}'s project failed ({error}); its tasks wait", fg=typer.colors.YELLOW)
     if report.error:
         typer.secho(f"warning: {report.error}; the outbox keeps them until the next push", fg=typer.colors.YELLOW)
 

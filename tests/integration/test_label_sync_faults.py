@@ -255,6 +255,36 @@ def test_a_task_label_studio_refuses_does_not_hold_back_the_others(label_studio,
     assert len(project_task_keys(client, projects["north"])) == 2  # and nothing was imported twice meanwhile
 
 
+def test_a_site_whose_project_fails_keeps_its_tasks_waiting_not_parked(label_studio, tmp_path):
+    """Two projects with the site's title (an admin's copy): making the project fails for the site, not for any
+    task of it. Such a failure counted an attempt against every pending task of the site, so after MAX_ATTEMPTS
+    rounds (minutes, at the poll period) they were parked for good and the cells never asked about."""
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.bootstrap import ensure_project
+    from labelstudio.outbox import MAX_ATTEMPTS, Outbox
+    from labelstudio.push import project_task_keys, push_outbox
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    title = f"push faults {next(_names)} twice"
+    twins = [client.projects.create(title=title).id for _ in range(2)]
+
+    def ensure(site: str, classes: list[str]) -> int:
+        return ensure_project(client, title, classes, labels_required=1)
+
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.enqueue([_task("east", 0), _task("east", 1)])
+    for _ in range(MAX_ATTEMPTS + 1):
+        report = push_outbox(client, outbox, ensure, batch=10)
+        assert (report.pushed, report.failed, report.pending) == (0, 0, 2)
+        assert "2 Label Studio projects are titled" in report.site_errors["east"]
+    assert outbox.failures() == [] and len(outbox.pending()["east"]) == 2  # waiting, no attempt against them
+    client.projects.delete(id=twins[1])  # the extra copy removed: the next push delivers them
+    report = push_outbox(client, outbox, ensure, batch=10)
+    assert (report.pushed, report.pending, report.site_errors) == (2, 0, {})
+    assert set(project_task_keys(client, twins[0])) == {"east:cell0.png@v1", "east:cell1.png@v1"}
+
+
 def test_two_pushes_at_once_import_each_task_once(label_studio, tmp_path):
     import threading
 
