@@ -173,7 +173,9 @@ def run_finetune(
         code_revision,
         finetune_configs,
         frozen_directory,
+        frozen_elsewhere,
         frozen_sets,
+        not_judged_on,
         recalibrate,
     )
     from cytoloop.models.loading import load_model
@@ -200,13 +202,16 @@ def run_finetune(
         )
     normalize = settings.adapt.stain_normalize if stain_normalize is None else stain_normalize
     data_config = adapted_data_config(parent_model, parent_dir, adapt and normalize)
+    elsewhere = frozen_elsewhere(home, site)
     sets = frozen_sets(
         records,
         frozen_directory(home, site),
         settings.finetune.val_fraction,
         settings.finetune.eval_fraction,
         seed=settings.train.seed,
+        also_held=elsewhere,
     )
+    unlabeled = not_judged_on(unlabeled, [*sets.val, *sets.eval, *elsewhere], settings.promotion)
     train_config, augment_config = finetune_configs(settings, adapt)
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
     # the run is this parent, these cells AND these settings: a changed job trains afresh instead of resuming
@@ -339,10 +344,18 @@ def run_finetune(
     else:
         version = registered
     registry.set_alias(name, challenger_alias(site), version.version)  # the version under judgement
-    try:
-        apply_verdict(registry, name, version.version, alias, verdict, who=who)
-    except AliasMoved as moved:  # another version took the alias while this one was judged: not promoted
-        verdict.passed, verdict.reasons = False, [_mark_stale(registry, name, version.version, moved)]
+    base_now = registry.by_alias(name, CHAMPION).version
+    if base_now != parent.version:  # a newer model or a rollback since the job began: built on what no longer serves
+        superseded = (
+            f"its parent v{parent.version} is no longer @{CHAMPION} (v{base_now} is): a newer model or a rollback "
+            "came first; run the job again to build on what serves"
+        )
+        verdict.passed, verdict.reasons = False, [_mark_stale(registry, name, version.version, superseded)]
+    else:
+        try:
+            apply_verdict(registry, name, version.version, alias, verdict, who=who)
+        except AliasMoved as moved:  # another version took the alias while this one was judged: not promoted
+            verdict.passed, verdict.reasons = False, [_mark_stale(registry, name, version.version, str(moved))]
     return FinetuneOutcome(
         registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics, verdict.worse
     )
@@ -390,9 +403,9 @@ def _settings_key(train_config, augment_config, data_config, site_classes: list[
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _mark_stale(registry, name: str, version: str, moved: AliasMoved) -> str:
-    """Record that a passed version was not promoted because another move came first; returns the reason."""
-    stale = f"not promoted: {moved}"
+def _mark_stale(registry, name: str, version: str, why: str) -> str:
+    """Record that a version was not promoted because another move came first (`why`); returns the reason."""
+    stale = f"not promoted: {why}"
     registry.set_tags(name, version, {"gate.verdict": "stale", "gate.reasons": json.dumps([stale])})
     return stale
 
@@ -417,7 +430,7 @@ def _complete_promotion(registry, name: str, version: VersionInfo, alias: str, w
         )
         logger.info(f"   v{version.version} passed its gate before the job stopped: {alias} moved to it now")
     except AliasMoved as moved:
-        _mark_stale(registry, name, version.version, moved)
+        _mark_stale(registry, name, version.version, str(moved))
 
 
 def _outcome_of(registry, version: VersionInfo, alias: str, model_dir: Path) -> FinetuneOutcome:
@@ -441,8 +454,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Inside a Ray job RAY_ADDRESS points at the job's cluster, so Ray Train's TorchTrainer joins that cluster (Ray
     connects on first use); run anywhere else, it starts a local Ray like `cytoloop retrain` does, which it mirrors
     (a global run records the retrain state; `--site` adapts like `cytoloop adapt`). The outcome is one JSON line
-    on stdout, for whoever reads the job's logs. Bad input (a missing file, an unknown class, an invalid setting,
-    no champion yet) ends with one line naming it on stderr and exit code 2, never a traceback.
+    on stdout, for whoever reads the job's logs: `passed` says whether the version was promoted. Unlike `cytoloop
+    retrain` (exit code 3), a refusal exits 0 here: the job ran to its verdict, and a RayJob that failed would be
+    retried or raise an alarm for a model rightly kept out. Bad input (a missing file, an unknown class, an invalid
+    setting, no champion yet) ends with one line naming it on stderr and exit code 2, never a traceback.
     """
     from pydantic import ValidationError
 

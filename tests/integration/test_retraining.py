@@ -102,7 +102,9 @@ def our_ray_train_workers() -> list[int]:
     return found
 
 
-def test_finetune_survives_a_dead_worker_and_registers_a_version(tmp_path, ray_cluster, records, tiny_overrides):
+def test_finetune_survives_a_dead_worker_and_registers_a_version(
+    tmp_path, ray_cluster, records, tiny_overrides, monkeypatch
+):
     from jobs.finetune import run_finetune
 
     train_overrides = {**tiny_overrides["train"], "checkpoint_every": 2, "log_every": 2}
@@ -191,6 +193,26 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(tmp_path, ray_c
     )  # what `retrain` prints
     assert judged.version.tags["gate.verdict"] in ("pass", "refused") and judged.passed == outcome.passed
     assert (registry.alias_version(name, "champion") == version) == judged.passed
+    # a person rolls the champion back (here: to another version) while the job runs: its version, built on a
+    # parent that no longer serves, is not promoted however it fares against what serves now
+    for key in [k for k in registry.version(name, version).tags if k.startswith("gate.")]:
+        registry.client.delete_model_version_tag(name, version, key)
+    if judged.passed:
+        registry.move_alias(name, "champion", parent, why="test: judged once more")
+    other = registry.log_model(tmp_path / "champion", name, tags={"kind": "diffusion"}).version
+    from cytoloop.policy import promotion
+
+    real_gate_data = promotion.gate_data
+
+    def rolled_back_meanwhile(*args, **kwargs):
+        registry.move_alias(name, "champion", other, why="test: a rollback while the job ran")
+        return real_gate_data(*args, **kwargs)
+
+    monkeypatch.setattr(promotion, "gate_data", rolled_back_meanwhile)
+    superseded = run_finetune(settings, labels, pool)
+    assert superseded.version.version == version and not superseded.passed
+    assert f"its parent v{parent} is no longer @champion (v{other} is)" in superseded.reasons[0]
+    assert superseded.version.tags["gate.verdict"] == "stale" and registry.alias_version(name, "champion") == other
     # and the run's name holds the settings that decide the result: a changed job never resumes this one
     from cytoloop.config import AugmentConfig, DataConfig
     from cytoloop.models.finetune import finetune_configs

@@ -34,6 +34,31 @@ def test_frozen_sets_are_frozen_and_never_trained_on(tmp_path):
     assert not frozen & {str(r.path) for r in later.train} and len(later.train) == len(sets.train) + 20
 
 
+def test_no_scope_trains_on_another_scope_s_frozen_cells_nor_pools_the_judged_ones(tmp_path):
+    """The label store exports every site's labels together: a global retrain trained on a site's frozen cells,
+    and that site's next adaptation, from the new global champion, was gated on cells its parent had seen. The
+    unlabeled pool (the null class's cells) kept frozen, audited and anomaly-set cells alike."""
+    from cytoloop.config import PromotionConfig
+    from cytoloop.models.finetune import frozen_directory, frozen_elsewhere, not_judged_on, write_manifest
+
+    home, cells = tmp_path / "home", fake_records(tmp_path, 60)
+    north = frozen_sets(cells[:30], frozen_directory(home, "north"), 0.2, 0.2)
+    held_by_north = {r.path for r in north.val + north.eval}
+    assert {r.path for r in frozen_elsewhere(home, None)} == held_by_north and frozen_elsewhere(home, "north") == []
+    everything = frozen_sets(cells, frozen_directory(home, None), 0.1, 0.1, also_held=frozen_elsewhere(home, None))
+    assert not held_by_north & {r.path for r in everything.train}
+    assert len(everything.train) == 60 - len(everything.val + everything.eval) - len(
+        held_by_north - {r.path for r in everything.val + everything.eval}
+    )
+
+    audited, anomalies = cells[40:42], cells[50:53]
+    write_manifest(audited, tmp_path / "audited.csv")
+    write_manifest(anomalies, tmp_path / "anomalies.csv")
+    promotion = PromotionConfig(audited_manifest=tmp_path / "audited.csv", anomaly_manifest=tmp_path / "anomalies.csv")
+    pool = not_judged_on(cells, north.val + north.eval, promotion)
+    assert {r.path for r in pool} == {r.path for r in cells} - held_by_north - {r.path for r in audited + anomalies}
+
+
 def test_frozen_sets_need_enough_cells(tmp_path):
     with pytest.raises(DatasetError, match="too few labelled cells"):
         frozen_sets(fake_records(tmp_path, 2), tmp_path / "frozen", 0.15, 0.2)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
+from cytoloop.config import AugmentConfig, DataConfig, PromotionConfig, Settings, TrainConfig
 from cytoloop.data.preprocess import load_cells
-from cytoloop.data.records import CellRecord, DatasetError, read_manifest, stratified_split
+from cytoloop.data.records import CellRecord, DatasetError, load_records, read_manifest, stratified_split
 from cytoloop.evaluation import metrics
 from cytoloop.files import replaced, write_text
 from cytoloop.models.base import Classifier, Trainable, candidate_rows, class_mask
@@ -74,14 +74,34 @@ def freeze(directory: Path, val: Sequence[CellRecord], eval_: Sequence[CellRecor
     return True
 
 
+def frozen_elsewhere(home: Path, site: str | None) -> list[CellRecord]:
+    """Every other scope's frozen val/eval cells (`frozen_directory`). A global retrain trains on the label store's
+    export, which holds every site's labels: without these left out it trained on each site's frozen cells, and
+    that site's next adaptation, from the new global champion, was calibrated and gated on cells its parent had
+    already seen (against a site champion that had not)."""
+    root, mine = Path(home).resolve() / "frozen", frozen_directory(home, site)
+    records: list[CellRecord] = []
+    for directory in sorted(p for p in root.glob("*") if p.is_dir() and p != mine):
+        for part in FROZEN_PARTS:
+            if (directory / f"{part}.csv").is_file():
+                records += read_manifest(directory / f"{part}.csv")
+    return records
+
+
 def frozen_sets(
-    records: Sequence[CellRecord], directory: Path, val_fraction: float, eval_fraction: float, seed: int = 0
+    records: Sequence[CellRecord],
+    directory: Path,
+    val_fraction: float,
+    eval_fraction: float,
+    seed: int = 0,
+    also_held: Sequence[CellRecord] = (),
 ) -> FrozenSets:
     """Split labelled `records` into training cells and the frozen val/eval sets kept in `directory`.
 
     The first call freezes a stratified split of `records` into `directory/{val,eval}.csv`; every later call
     reuses those files, so calibration and the promotion gate always see the same cells and no frozen cell is
-    ever trained on, whatever new labels arrive.
+    ever trained on, whatever new labels arrive. `also_held`: cells no scope may train on either (other scopes'
+    frozen sets, `frozen_elsewhere`).
     """
     directory = Path(directory)
     paths = {part: directory / f"{part}.csv" for part in FROZEN_PARTS}
@@ -97,11 +117,27 @@ def frozen_sets(
                 raise DatasetError(f"too few labelled cells ({len(labelled)}) to freeze a {part} set")
             write_manifest(split[part], paths[part])
     frozen = {part: read_manifest(paths[part]) for part in FROZEN_PARTS}
-    held = {Path(r.path).resolve() for part in frozen.values() for r in part}
+    held = {Path(r.path).resolve() for part in [*frozen.values(), also_held] for r in part}
     train = [r for r in labelled if Path(r.path).resolve() not in held]
     if not train:
-        raise DatasetError(f"every labelled cell is in the frozen sets of {directory}; nothing left to train on")
+        raise DatasetError(
+            f"every labelled cell is in a frozen set ({directory} or another scope's); nothing to train on"
+        )
     return FrozenSets(train, frozen["val"], frozen["eval"])
+
+
+def not_judged_on(
+    pool: Sequence[CellRecord], judged: Sequence[CellRecord], promotion: PromotionConfig
+) -> list[CellRecord]:
+    """The unlabeled `pool` without the cells models are calibrated and judged on: `judged` (the frozen sets), the
+    gate's audited cells and its anomaly set. The pool trains the diffusion model's null class, and the gate
+    scores the anomaly AUROC on the anomaly set: trained on, a challenger's anomaly figure was measured on its own
+    training cells."""
+    held = {Path(r.path).resolve() for r in judged}
+    for manifest in (promotion.audited_manifest, promotion.anomaly_manifest):
+        if manifest is not None:
+            held |= {Path(r.path).resolve() for r in load_records(manifest)}
+    return [r for r in pool if Path(r.path).resolve() not in held]
 
 
 def training_arrays(
