@@ -217,6 +217,12 @@ def run_finetune(
     # the run is this parent, these cells AND these settings: a changed job trains afresh instead of resuming
     job = _settings_key(train_config, augment_config, data_config, settings.site_classes(site))
     run_name = f"{site or 'global'}-v{parent.version}-{snapshot}-{job}"
+    earlier = parent.tags.get("ray_run", "")
+    if not adapt and earlier.startswith("global-v") and earlier.endswith(f"-{snapshot}-{job}"):
+        # this very job ran, promoted its version and stopped before saying so (the retrain state unsaved): its
+        # version is the parent now, and training it again on the same labels would make a duplicate
+        logger.info(f"   v{parent.version} is this job's own version, promoted before it stopped: nothing to do")
+        return _outcome_of(registry, parent, CHAMPION, home / "finetune" / earlier)
     ran = [v for v in registry.versions(name) if v.tags.get("ray_run") == run_name]
     judged = [v for v in ran if "gate.verdict" in v.tags]
     if judged:  # this very job reached its verdict before: its version, not a duplicate

@@ -193,12 +193,17 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(
     )  # what `retrain` prints
     assert judged.version.tags["gate.verdict"] in ("pass", "refused") and judged.passed == outcome.passed
     assert (registry.alias_version(name, "champion") == version) == judged.passed
+    # a job killed after promoting its version, before `retrain` saved its state: rerun (the next cron), its own
+    # version is now the parent; it used to train that on the same labels again, a duplicate
+    if not judged.passed:
+        registry.move_alias(name, "champion", version, why="test: as the job's own promotion")
+    rerun = run_finetune(settings, labels, pool)
+    assert rerun.version.version == version and len(registry.versions(name)) == versions_before
+    registry.move_alias(name, "champion", parent, why="test: the parent back")
     # a person rolls the champion back (here: to another version) while the job runs: its version, built on a
     # parent that no longer serves, is not promoted however it fares against what serves now
     for key in [k for k in registry.version(name, version).tags if k.startswith("gate.")]:
         registry.client.delete_model_version_tag(name, version, key)
-    if judged.passed:
-        registry.move_alias(name, "champion", parent, why="test: judged once more")
     other = registry.log_model(tmp_path / "champion", name, tags={"kind": "diffusion"}).version
     from cytoloop.policy import promotion
 
