@@ -328,9 +328,16 @@ class Registry:
         stack: list[str] = []
         for move in self.alias_history(name, alias):
             if move.action == "rollback":
+                if not stack:  # a trail that begins with a rollback (clocks of two hosts apart): no 'back' to trust
+                    raise RegistryError(
+                        f"{name}@{alias}: the audit trail begins with a rollback, so there is no trusted version to "
+                        "roll back to (set it explicitly with `cytoloop promote VERSION --reason ...`)"
+                    )
                 stack.pop()
             else:
-                if not stack and move.from_version is not None:  # the alias was set before the trail began
+                # the alias was set before the trail began, or outside CytoLoop between two of its moves: what it
+                # was moved from is what served before, and where a rollback of this move goes
+                if move.from_version is not None and (not stack or stack[-1] != move.from_version):
                     stack.append(move.from_version)
                 stack.append(move.to_version)
         live = self.alias_version(name, alias)

@@ -245,6 +245,17 @@ def test_rollback_refuses_when_the_alias_was_moved_outside_the_trail(three_versi
     assert registry.alias_version("cells", "champion") == v3  # nothing moved on an untrusted record
 
 
+def test_rollback_goes_back_to_what_served_before_even_if_set_outside_the_trail(three_versions):
+    """v1 -> v2 by CytoLoop, v3 set by hand, then v3 -> v1 by CytoLoop: undoing the last move restores v3, what
+    served before it (the rollback went to v2, the trail's top before the hand-made move)."""
+    registry, (v1, v2, v3), _ = three_versions
+    registry.move_alias("cells", "champion", v2, why="second")
+    registry.client.set_registered_model_alias("cells", "champion", v3)  # by hand, in the MLflow UI say
+    registry.move_alias("cells", "champion", v1, why="third, through CytoLoop again")
+    back = registry.rollback("cells", "champion", why="undo")
+    assert (back.from_version, back.to_version) == (v1, v3) and registry.alias_version("cells", "champion") == v3
+
+
 _NEW_REPLICA = """
 import json, sys
 from cytoloop.config import RegistryConfig, ServeConfig
