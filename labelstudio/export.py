@@ -69,14 +69,19 @@ def audit_error_rate(labels: list, decided: dict) -> dict:
     return {"cells": len(judged), "model_wrong": wrong, "error_rate": wrong / len(judged) if judged else None}
 
 
-def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
+def export_manifest(store: LabelStore, out: Path, labels_required: int, images_root: Path | None = None) -> dict:
     """Write the consensus labels as a manifest CSV; returns counts of what went in and what stayed out.
+
+    A cell's image path comes from its task's data, which any Label Studio member can edit through the API: with
+    `images_root` (`stack.images_root`, where CytoLoop puts the cells it routes) a path outside it stays out
+    (`left_out["image outside images_root"]`), so an edited task cannot make training read another file.
 
     Cells whose consensus is a class the model lacks (`new:<name>`, named by the annotators) go to a manifest of
     their own beside it, `<out stem>.new-classes.csv`, labelled `<name>`: kept for a model trained with that class
     (`cytoloop train --data`), and out of the fine-tuning manifest, whose classes must be the model's."""
     labels = store.labels()
     decided = consensus(store.votes(labels), labels_required)
+    root = None if images_root is None else Path(images_root).resolve()
     by_cell: dict[str, list] = {}
     for label in labels:
         by_cell.setdefault(cell_key(label.site, label.cell_id), []).append(label)
@@ -90,6 +95,9 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int) -> dict:
             continue
         cell_labels = by_cell[key]
         first = cell_labels[-1]
+        if root is not None and not Path(first.image_path).resolve().is_relative_to(root):
+            left_out["image outside images_root"] += 1
+            continue
         new_class = result.label.startswith(NEW_CLASS_PREFIX)
         (new_rows if new_class else rows).append(
             {

@@ -233,7 +233,9 @@ class ReviewLoop:
         return review_report(self.store, self.settings.review.labels_required)
 
     def export(self, out: Path) -> dict:
-        return export_manifest(self.store, out, self.settings.review.labels_required)
+        return export_manifest(
+            self.store, out, self.settings.review.labels_required, images_root=self.settings.stack.images_root
+        )
 
     # -- the long-running receiver -------------------------------------------------------------------------------
     def serve(self) -> None:

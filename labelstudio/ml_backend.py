@@ -195,7 +195,12 @@ def create_app(backend: Backend) -> FastAPI:
         try:
             return {"model_version": backend.site(None).service.ref.version}
         except Exception as error:  # no champion (none yet, or withdrawn): Label Studio shows the reason
-            raise HTTPException(503, f"no model to connect: {error}") from None
+            from cytoloop.registry import RegistryError
+
+            logger.warning("no model to connect: %r", error)
+            # a registry's error names its address, credentials and all: the log has it, not every caller
+            why = "the registry has none now (the service log says why)" if isinstance(error, RegistryError) else error
+            raise HTTPException(503, f"no model to connect: {why}") from None
 
     @app.post("/predict", response_model=PredictResponse)
     def predict(request: PredictRequest) -> PredictResponse:

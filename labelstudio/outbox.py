@@ -129,18 +129,23 @@ class Outbox:
             rows = db.execute(
                 "SELECT task_key, server, task FROM outbox WHERE pushed_at IS NOT NULL AND server != ?", (server,)
             ).fetchall()
-            again = []
-            for row in rows:
-                data = json.loads(row["task"])["data"]
-                if cell_key(data["site"], data.get("cell_id", "")) not in settled:
-                    again.append((row["task_key"], row["server"]))
-            db.executemany(
-                "UPDATE outbox SET server = NULL, project_id = NULL, task_id = NULL, pushed_at = NULL, attempts = 0, "
-                "last_error = NULL WHERE task_key = ?",
-                [(key,) for key, _ in again],
-            )
-        for old, n in Counter(old for _, old in again).items():
+            again = _requeue(db, rows, settled)
+        for old, n in Counter(row["server"] for row in again).items():
             logger.warning(f"outbox: {n} task(s) Label Studio {old} took will be sent again to {server}")
+        return len(again)
+
+    def resend_lost(self, server: str, projects: Collection[int], settled: Collection[str] = ()) -> int:
+        """Make pending again every task `server` took into a project it no longer has (not among `projects`, its
+        project ids now: deleted, perhaps made again under the same title), unless its cell is in `settled`;
+        returns how many. Without this the outbox counted them delivered and their cells were never asked."""
+        projects = set(projects)
+        with sqlite.transaction(self.path) as db:
+            rows = db.execute(
+                "SELECT task_key, project_id, task FROM outbox WHERE pushed_at IS NOT NULL AND server = ?", (server,)
+            ).fetchall()
+            again = _requeue(db, [row for row in rows if row["project_id"] not in projects], settled)
+        for project, n in Counter(row["project_id"] for row in again).items():
+            logger.warning(f"outbox: {n} task(s) of project {project}, gone from Label Studio, will be sent again")
         return len(again)
 
     def mark_failed(self, keys: Iterable[str], error: str) -> None:
@@ -170,3 +175,18 @@ class Outbox:
             ).fetchone()
         pending = row["pending"] or 0
         return {"queued": row["n"], "pending": pending, "pushed": row["n"] - pending, "failed": row["failed"] or 0}
+
+
+def _requeue(db, rows: list, settled: Collection[str]) -> list:
+    """Make these pushed rows pending again, as if never sent, except those whose cell is `settled`; returns them."""
+    again = []
+    for row in rows:
+        data = json.loads(row["task"])["data"]
+        if cell_key(data["site"], data.get("cell_id", "")) not in settled:
+            again.append(row)
+    db.executemany(
+        "UPDATE outbox SET server = NULL, project_id = NULL, task_id = NULL, pushed_at = NULL, attempts = 0, "
+        "last_error = NULL WHERE task_key = ?",
+        [(row["task_key"],) for row in again],
+    )
+    return again

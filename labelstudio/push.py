@@ -7,7 +7,8 @@ tasks stay pending, and the report says so; a task Label Studio refuses is marke
 (parked after `outbox.MAX_ATTEMPTS`) and never holds back the others. A site whose project cannot be made or listed
 keeps its tasks pending, with no attempt counted against them: that is no fault of theirs. A push first asks which
 Label Studio it reaches (`client.server_identity`): tasks another one took, whose cells have no consensus yet, are
-sent to this one too (`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task.
+sent to this one too (`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task; so are tasks of a
+project it no longer has (deleted, perhaps made again under the same title: `Outbox.resend_lost`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class PushReport:
     already_there: int = 0
     pending: int = 0
     failed: int = 0  # tasks Label Studio refused this time (marked in the outbox with the error)
-    resent: int = 0  # tasks another Label Studio had taken, queued again for this one
+    resent: int = 0  # tasks another Label Studio, or a project since deleted, had taken: queued again
     error: str | None = None
     site_errors: dict[str, str] = field(default_factory=dict)  # sites whose project failed; their tasks wait
     projects: dict[str, int] = field(default_factory=dict)
@@ -82,6 +83,7 @@ def _push_all(
     try:
         server = server or server_identity(client)
         report.resent = outbox.resend_elsewhere(server, settled)
+        report.resent += outbox.resend_lost(server, [p.id for p in client.projects.list()], settled)
         for site, tasks in outbox.pending().items():
             try:
                 _push_site(client, outbox, ensure_project, site, tasks, batch, report, server)

@@ -294,16 +294,20 @@ class LabelStore:
         try:
             with sqlite.transaction(self.path) as db:
                 changed = db.execute(
-                    "UPDATE annotations SET retracted_at = NULL, updated_at = '' WHERE server = ? "
+                    "UPDATE annotations SET retracted_at = NULL WHERE server = ? "
                     "AND annotation_id = ? AND retracted_at IS NOT NULL",
                     (server, int(annotation["id"])),
                 ).rowcount
-                return bool(changed) and self._upsert(db, annotation, task, "restore", server)
+                # what Label Studio holds replaces the row whatever its time says (it once said no time at all, the
+                # upsert declined, and the row came back live with its old data while restore reported nothing)
+                return bool(changed) and self._upsert(db, annotation, task, "restore", server, force=True)
         except ForeignTask as error:  # stays retracted: a task naming no cell is no label (a row from before)
             logger.warning(f"label store: not restored, {error}")
             return False
 
-    def _upsert(self, db: sqlite3.Connection, annotation: dict, task: dict, source: str, server: str) -> bool:
+    def _upsert(
+        self, db: sqlite3.Connection, annotation: dict, task: dict, source: str, server: str, force: bool = False
+    ) -> bool:
         annotation_id = int(annotation["id"])
         if not (task.get("data") or {}).get("cell_id"):  # votes are per cell: without one they would all merge
             raise ForeignTask(
@@ -315,8 +319,10 @@ class LabelStore:
             "SELECT updated_at, retracted_at FROM annotations WHERE server = ? AND annotation_id = ?",
             (server, annotation_id),
         ).fetchone()
-        if old is not None and (
-            old["retracted_at"] is not None or label_time(old["updated_at"] or "") >= label_time(updated_at)
+        if (
+            old is not None
+            and not force
+            and (old["retracted_at"] is not None or label_time(old["updated_at"] or "") >= label_time(updated_at))
         ):
             return False
         label, abnormal, comment = parse_result(annotation.get("result") or [])

@@ -285,6 +285,29 @@ def test_a_site_whose_project_fails_keeps_its_tasks_waiting_not_parked(label_stu
     assert set(project_task_keys(client, twins[0])) == {"east:cell0.png@v1", "east:cell1.png@v1"}
 
 
+def test_tasks_of_a_deleted_project_are_sent_again_unless_their_cell_is_settled(label_studio, tmp_path):
+    """An admin deletes a site's project; the next push makes the site a new one. The outbox counted
+    its tasks delivered, so their cells were never asked again; a cell whose consensus is in stays settled."""
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.outbox import Outbox
+    from labelstudio.push import project_task_keys, push_outbox
+    from labelstudio.store import cell_key
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.enqueue([_task("west", 0), _task("west", 1), _task("west", 2)])
+    ensure, projects = _site_projects(client)
+    assert push_outbox(client, outbox, ensure, batch=10).pushed == 3
+    client.projects.delete(id=projects.pop("west"))
+    settled = {cell_key("west", "cell2.png")}  # its labels came back before the project went
+    report = push_outbox(client, outbox, ensure, batch=10, settled=settled)
+    assert (report.resent, report.pushed, report.pending) == (2, 2, 0)
+    assert set(project_task_keys(client, projects["west"])) == {"west:cell0.png@v1", "west:cell1.png@v1"}
+    again = push_outbox(client, outbox, ensure, batch=10, settled=settled)
+    assert (again.resent, again.pushed) == (0, 0)  # delivered once, not on every push
+
+
 def test_two_pushes_at_once_import_each_task_once(label_studio, tmp_path):
     import threading
 

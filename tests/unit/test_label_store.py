@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -102,6 +103,9 @@ def test_only_label_studios_own_word_restores_a_retracted_label(store):
     [label] = store.labels()
     assert (label.annotation_id, label.label) == (1, "neutrophil") and store.counts()["retracted"] == 0
     assert not store.restore(annotation(1, "neutrophil", "2026-01-01T00:00:01Z"), TASK)  # live already
+    store.retract(1)  # Label Studio's copy carries no time at all: restored with what it holds now, and said so
+    timeless = {k: v for k, v in annotation(1, "lymphocyte", "").items() if k not in ("created_at", "updated_at")}
+    assert store.restore(timeless, TASK) and [label.label for label in store.labels()] == ["lymphocyte"]
 
 
 def test_events_are_applied_once_even_when_replayed(store):
@@ -314,6 +318,23 @@ def test_the_labelling_view_has_hotkeys_controls_a_fixed_size_and_room_for_a_new
     report = export_manifest(store, tmp_path / "labels.csv", labels_required=2)
     assert "new_classes" not in report and not (tmp_path / "labels.new-classes.csv").exists()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_image_path_outside_the_images_root_stays_out_of_the_export(tmp_path):
+    """Task data comes back from Label Studio as its members left it: a task edited to name another file would
+    have made training read it."""
+    from labelstudio.export import export_manifest
+
+    store = LabelStore(tmp_path / "labels.db")
+    for task_id, path in ((7, "/x/a.bmp"), (8, "/etc/passwd")):
+        task = {**TASK, "id": task_id, "data": {**TASK["data"], "cell_id": f"c{task_id}", "image_path": path}}
+        for who in (1, 2):
+            ann = {"id": task_id * 10 + who, "task": task_id, "completed_by": who, "updated_at": "2026-01-01T00:00:01Z"}
+            store.upsert({**ann, "result": prediction_result("class1")}, task, "poll")
+    report = export_manifest(store, tmp_path / "labels.csv", labels_required=2, images_root=Path("/x"))
+    assert report["exported"] == 1 and report["left_out"] == {"image outside images_root": 1}
+    assert "/etc/passwd" not in (tmp_path / "labels.csv").read_text()
+    assert export_manifest(store, tmp_path / "all.csv", labels_required=2)["exported"] == 2  # no root: no check
 
 
 def test_the_stores_record_their_schema_version_and_refuse_a_newer_one(tmp_path):

@@ -87,3 +87,4 @@ def test_setup_without_a_champion_is_a_503_saying_why(tmp_path):
     with TestClient(create_app(Backend(settings))) as client:
         answer = client.post("/setup", json={"project": "1.0", "schema": "<View/>"})
     assert answer.status_code == 503 and "no model to connect" in answer.json()["detail"]
+    assert "sqlite" not in answer.json()["detail"] and "service log" in answer.json()["detail"]  # no address
