@@ -242,3 +242,12 @@ def test_a_challenger_that_loses_a_rare_class_is_refused():
     assert intervals["balanced_accuracy"][1] < -0.19  # every resample holds the lost class
     verdict = compare(challenger, champion, CONFIG)
     assert not verdict.passed and "balanced_accuracy" in verdict.worse
+
+
+def test_classes_without_gate_cells_are_named_in_the_reasons():
+    """Balanced accuracy averages the classes the gate set holds: a class it lacks cannot show a loss, and the
+    verdict says so rather than passing in silence."""
+    challenger = {**CHAMPION, "per_class_recall": {"a": 0.9, "blast": None, "c": 0.8}}
+    verdict = compare(challenger, CHAMPION, CONFIG)
+    assert verdict.passed and verdict.reasons[-1] == "not judged on class(es) blast: the gate set has no cells of them"
+    assert not any("not judged" in r for r in compare(dict(CHAMPION), CHAMPION, CONFIG).reasons)

@@ -83,6 +83,9 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
             low, high = intervals[metric]
             reason += f"; challenger - champion {low:+.3f} to {high:+.3f} (95 % paired bootstrap, {n_paired} cells)"
         reasons.append(reason)
+    unseen = [c for c, recall in (challenger.get("per_class_recall") or {}).items() if recall is None]
+    if unseen:  # balanced accuracy averages the classes present: a loss on these could not show
+        reasons.append(f"not judged on class(es) {', '.join(unseen)}: the gate set has no cells of them")
     return GateVerdict(passed, reasons, picked, {k: champion.get(k) for k in GATED_METRICS}, worse=worse)
 
 
