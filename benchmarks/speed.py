@@ -125,7 +125,7 @@ def main() -> None:
     baseline = load_model(args.baseline)
     records = select(load_records(args.data), SOURCE_DOMAINS, CLASSES)
     val = load_cells(held_out(records, args.model, part="val")[0], teacher.data_config)
-    test_records = class_interleaved_subset(held_out(records, args.model, part="test")[0], args.cells)
+    test_records = class_interleaved_subset(held_out(records, args.model, part="test")[0], args.cells or None)
     test = load_cells(test_records, teacher.data_config)
     val_labels = label_indices(val.records, CLASSES)
     labels = label_indices(test.records, CLASSES)
@@ -358,7 +358,7 @@ def build_cascade(teacher, records, args, val, val_labels) -> tuple[CascadeClass
             return cascade, report
     settings = load_settings(overrides={"train": {"steps": args.student_steps}})
     train = load_cells(
-        class_interleaved_subset(held_out(records, args.model, part="train")[0], args.distill_cells),
+        class_interleaved_subset(held_out(records, args.model, part="train")[0], args.distill_cells or None),
         teacher.data_config,
     )
     images, labels = train.images, label_indices(train.records, CLASSES)

@@ -202,7 +202,9 @@ def run_finetune(
         )
     normalize = settings.adapt.stain_normalize if stain_normalize is None else stain_normalize
     data_config = adapted_data_config(parent_model, parent_dir, adapt and normalize)
-    elsewhere = frozen_elsewhere(home, site)
+    # a global retrain takes every site's labels: the sites' frozen cells stay out (a site model is never judged at
+    # the global gate, nor the parent of a global one, so a site's training may use the global frozen cells)
+    elsewhere = frozen_elsewhere(home, site) if site is None else []
     sets = frozen_sets(
         records,
         frozen_directory(home, site),
@@ -350,14 +352,17 @@ def run_finetune(
     else:
         version = registered
     registry.set_alias(name, challenger_alias(site), version.version)  # the version under judgement
-    base_now = registry.by_alias(name, CHAMPION).version
-    if base_now != parent.version:  # a newer model or a rollback since the job began: built on what no longer serves
+    try:
+        base_now: str | None = registry.by_alias(name, CHAMPION).version
+    except NotRegistered:  # withdrawn while the job ran
+        base_now = None
+    if verdict.passed and base_now != parent.version:  # a newer model or a rollback since the job began
         superseded = (
-            f"its parent v{parent.version} is no longer @{CHAMPION} (v{base_now} is): a newer model or a rollback "
-            "came first; run the job again to build on what serves"
+            f"its parent v{parent.version} is no longer @{CHAMPION} (v{base_now or '-'} is): a newer model or a "
+            "rollback came first; run the job again to build on what serves"
         )
         verdict.passed, verdict.reasons = False, [_mark_stale(registry, name, version.version, superseded)]
-    else:
+    else:  # a refusal is recorded as one, with its reasons, whatever serves now
         try:
             apply_verdict(registry, name, version.version, alias, verdict, who=who)
         except AliasMoved as moved:  # another version took the alias while this one was judged: not promoted

@@ -83,7 +83,14 @@ def _push_all(
     try:
         server = server or server_identity(client)
         report.resent = outbox.resend_elsewhere(server, settled)
-        report.resent += outbox.resend_lost(server, [p.id for p in client.projects.list()], settled)
+        try:
+            live = [p.id for p in client.projects.list()]
+        except Exception as error:  # a listing that fails leaves the check for the next push
+            if stops_the_push(error):
+                raise
+            logger.warning(f"push: the project listing failed, deleted projects are checked next time: {error}")
+        else:
+            report.resent += outbox.resend_lost(server, live, settled)
         for site, tasks in outbox.pending().items():
             try:
                 _push_site(client, outbox, ensure_project, site, tasks, batch, report, server)

@@ -181,11 +181,7 @@ class Gateway:
         reject_if_nothing_usable(upload)
         cells = [(name, data) for _, name, data in upload.accepted]
         site = site_key(upload.site)
-        try:
-            answer = await self.classifier.options(multiplexed_model_id=site).classify.remote(site, cells)
-        except Exception as error:  # a replica died or cannot be reached: a JSON 503 to retry, not a bare 500
-            logger.warning("the classifier did not answer: %r", error)
-            raise HTTPException(503, "the classifier did not answer; retry (the service log says why)") from None
+        answer = await self.classifier.options(multiplexed_model_id=site).classify.remote(site, cells)
         if isinstance(answer, Refusal):
             raise HTTPException(answer.status, answer.detail)
         return upload, answer

@@ -214,7 +214,9 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(
         return real_gate_data(*args, **kwargs)
 
     monkeypatch.setattr(promotion, "gate_data", rolled_back_meanwhile)
-    superseded = run_finetune(settings, labels, pool)
+    lenient = {"balanced_accuracy_tolerance": 1.0, "ece_tolerance": 1.0, "anomaly_auroc_tolerance": 1.0}
+    passing = settings.model_copy(update={"promotion": settings.promotion.model_copy(update=lenient)})
+    superseded = run_finetune(passing, labels, pool)  # a version its gate passes (a refusal stays a refusal)
     assert superseded.version.version == version and not superseded.passed
     assert f"its parent v{parent} is no longer @champion (v{other} is)" in superseded.reasons[0]
     assert superseded.version.tags["gate.verdict"] == "stale" and registry.alias_version(name, "champion") == other

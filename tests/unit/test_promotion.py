@@ -251,3 +251,16 @@ def test_classes_without_gate_cells_are_named_in_the_reasons():
     verdict = compare(challenger, CHAMPION, CONFIG)
     assert verdict.passed and verdict.reasons[-1] == "not judged on class(es) blast: the gate set has no cells of them"
     assert not any("not judged" in r for r in compare(dict(CHAMPION), CHAMPION, CONFIG).reasons)
+
+
+def test_a_class_of_one_or_two_gate_cells_is_named():
+    """Resampled within each class, a one-cell class is in every resample: that cell alone decides its recall, so
+    one cell can refuse a challenger. The verdict says which classes are that thin."""
+    labels = np.array([0] * 20 + [1] * 20 + [2])
+    probs = np.full((41, 3), 0.05)
+    probs[np.arange(41), labels] = 0.9
+    figures = {**CHAMPION, **_per_cell(probs, labels)}
+    verdict = compare(figures, figures, CONFIG)
+    assert verdict.reasons[-1] == "class(es) with under 3 gate cells, each cell deciding its class: c (1)"
+    many = {**CHAMPION, **_per_cell(probs[:40], labels[:40])}
+    assert not any("under 3 gate cells" in r for r in compare(many, many, CONFIG).reasons)

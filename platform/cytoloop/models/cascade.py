@@ -179,16 +179,17 @@ def threshold_for_fraction(confidence: np.ndarray, fraction: float) -> float:
     """The confidence threshold under which `fraction` of these cells fall (deferred: confidence < threshold):
     midway between the last cell deferred and the first one kept. Cells tied with the last one deferred are
     deferred with it (a little more than `fraction`, never less)."""
-    ordered = np.sort(np.asarray(confidence, dtype=np.float64))
+    values = np.asarray(confidence)
+    ordered = np.sort(values if np.issubdtype(values.dtype, np.floating) else values.astype(np.float64))
     deferred = int(np.ceil(round(fraction * len(ordered), 9)))
     if deferred <= 0:
         return 0.0
     if deferred >= len(ordered):
         return 1.0 + 1e-6
     last, first_kept = ordered[deferred - 1], ordered[deferred]
-    if last == first_kept:
-        return float(np.nextafter(last, np.inf))
-    return float((last + first_kept) / 2)
+    if last == first_kept:  # the next value up in the confidences' own precision (float32 from the student)
+        return float(np.nextafter(last, ordered.dtype.type(np.inf)))
+    return float((np.float64(last) + np.float64(first_kept)) / 2)
 
 
 def distill(

@@ -315,8 +315,8 @@ def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> 
     """Keep the flags of each series' latest window of at least `min_cells` cells (what `cytoloop status` shows
     and the retrain policy reads), merged into the flags already saved: a verdict stands until a later judged
     window of its series replaces it. So a window just begun, too small to judge, does not clear the last verdict,
-    nor does a log that lacks the series or ends before the saved window (an empty or rotated log, another
-    replica's). Returns every flag now saved."""
+    nor does a log that lacks the series or ends before the saved window (an empty or rotated log). Returns every
+    flag now saved."""
     latest: dict[tuple, WindowFigures] = {}
     for window in windows:
         if window.n_cells >= min_cells:

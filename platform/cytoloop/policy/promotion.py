@@ -86,7 +86,21 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
     unseen = [c for c, recall in (challenger.get("per_class_recall") or {}).items() if recall is None]
     if unseen:  # balanced accuracy averages the classes present: a loss on these could not show
         reasons.append(f"not judged on class(es) {', '.join(unseen)}: the gate set has no cells of them")
+    few = {c: n for c, n in _class_counts(challenger).items() if 0 < n < FEW_CELLS}
+    if few:  # resampled within each class, such a class's cells are in every resample: they decide alone
+        counts = ", ".join(f"{c} ({n})" for c, n in few.items())
+        reasons.append(f"class(es) with under {FEW_CELLS} gate cells, each cell deciding its class: {counts}")
     return GateVerdict(passed, reasons, picked, {k: champion.get(k) for k in GATED_METRICS}, worse=worse)
+
+
+FEW_CELLS = 3  # a class with fewer gate cells is named in the verdict: its recall is a cell or two
+
+
+def _class_counts(figures: dict) -> dict[str, int]:
+    """Gate cells per class, from a report's `per_cell` labels and `classes` ({} when it has none)."""
+    per_cell, classes = figures.get("per_cell") or {}, figures.get("classes") or []
+    counts = np.bincount(np.asarray(per_cell.get("labels", []), dtype=int), minlength=len(classes))
+    return {c: int(n) for c, n in zip(classes, counts)}
 
 
 def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -> tuple[dict, int]:
