@@ -276,7 +276,8 @@ class ReviewLoop:
 
         worker = threading.Thread(target=periodic, name="review-poll", daemon=True)
         worker.start()
-        app = create_app(self.store, stack_secrets(self.settings)["webhook_secret"])
+        # the identity as the poll last asked it: a webhook request never waits on Label Studio (it gives 1 s)
+        app = create_app(self.store, stack_secrets(self.settings)["webhook_secret"], known_server=lambda: self._server)
         try:
             uvicorn.run(app, host=review.webhook_host, port=review.webhook_port, log_level="warning")
         finally:

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Literal
 
@@ -33,8 +34,16 @@ class Health(BaseModel):
     pending_events: int
 
 
-def create_app(store: LabelStore, secret: str, apply_every_s: float = 0.5) -> FastAPI:
-    """A FastAPI app with POST /webhook and GET /health; applies stored events every `apply_every_s` seconds."""
+def create_app(
+    store: LabelStore, secret: str, apply_every_s: float = 0.5, known_server: Callable[[], str | None] | None = None
+) -> FastAPI:
+    """A FastAPI app with POST /webhook and GET /health; applies stored events every `apply_every_s` seconds.
+
+    `known_server` gives the identity of the Label Studio the loop polls, as last asked (None: not known at the
+    moment, and nothing is checked; the request never waits on Label Studio): an event naming another is refused
+    (403). The identity comes from the webhook's URL, which the secret does not cover: labels
+    filed under a server no poll reconciles would stay votes for good. Label Studio does not retry a refused
+    webhook, and none is lost: the poll of the real server catches every label."""
     stop = threading.Event()
 
     def apply_loop() -> None:
@@ -69,6 +78,9 @@ def create_app(store: LabelStore, secret: str, apply_every_s: float = 0.5) -> Fa
         given = request.headers.get(SECRET_HEADER, "")
         if not hmac.compare_digest(given.encode(), secret.encode()):
             raise HTTPException(status_code=401, detail=f"missing or wrong {SECRET_HEADER} header")
+        expected = known_server() if known_server is not None else None
+        if expected is not None and server != expected:
+            raise HTTPException(status_code=403, detail=f"events from Label Studio {server!r} are not taken here")
         action = request_body.get("action")
         if not isinstance(action, str):
             raise HTTPException(status_code=422, detail="event has no 'action'")

@@ -224,6 +224,17 @@ def test_webhook_checks_the_secret_and_stores_raw_events(store):
     assert store.event_counts()["received"] == 1
 
 
+def test_the_webhook_refuses_events_naming_another_label_studio(store):
+    """The server identity is in the webhook's URL, outside the secret: a label filed under a server no poll
+    reconciles (never checked, never retracted) would count as a vote for good."""
+    body = {"action": "ANNOTATION_CREATED", "annotation": annotation(9, "neutrophil", "2026-01-01T00:00:01Z")}
+    with TestClient(create_app(store, "s3cret", apply_every_s=0.05, known_server=lambda: "srv-a")) as client:
+        headers = {SECRET_HEADER: "s3cret"}
+        assert client.post("/webhook?server=bogus", json={**body, "task": TASK}, headers=headers).status_code == 403
+        assert client.post("/webhook?server=srv-a", json={**body, "task": TASK}, headers=headers).status_code == 200
+    assert store.event_counts()["received"] == 1
+
+
 def test_a_bad_event_is_quarantined_and_every_later_label_still_arrives(store):
     """An event of another shape (an AttributeError deep in the upsert) or one the database refuses (a value it
     cannot bind) used to stay first in the queue and fail every later processing run."""
