@@ -291,10 +291,11 @@ def write_scores_csv(scores: OfflineScores, path: Path) -> Path:
     the reason in `error` for a cell that could not be scored (so no record silently drops out)."""
     import csv
 
+    from cytoloop.files import replaced
+
     classes = list(scores.scored[0].probabilities) if scores.scored else []
     fields = ["path", "cell_id", "label", "confidence", "uncertainty", "anomaly", "route", "evals", "provisional"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with replaced(path, newline="") as handle:  # whole or not at all: a failure keeps the earlier file
         writer = csv.writer(handle)
         writer.writerow([*fields, *(f"p_{c}" for c in classes), "version", "error"])
         for record, result in zip(scores.records, scores.results):

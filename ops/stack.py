@@ -61,6 +61,9 @@ def stack_secrets(settings: Settings) -> dict[str, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "a") as lock:  # two processes starting at once generate one set
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file() and path.stat().st_mode & 0o077:  # copied or restored readable by others: owner-only again
+            logger.warning(f"{path} was readable by others; made owner-only (0600)")
+            path.chmod(0o600)
         return _read_or_make_secrets(settings, path)
 
 

@@ -293,6 +293,8 @@ def score(
             typer.echo(f"  not scored: {why}")
         if len(scores.failed) > 10:
             typer.echo(f"  ... and {len(scores.failed) - 10} more cells not scored (their reasons are in {out})")
+        if records and not scores.scored:  # a scheduler must not read this as done (wrong folder, images not there)
+            fail(f"none of the {len(records)} cells could be scored; their reasons are in {out}")
 
     run(action)
 

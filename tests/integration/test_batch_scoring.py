@@ -131,6 +131,14 @@ def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_p
         abs(sum(float(row[f"p_{c}"]) for c in ("eosinophil", "lymphocyte", "monocyte", "neutrophil")) - 1) < 1e-4
         for row in scored
     )
+    # nothing could be scored (a wrong folder, images not on the workers): not 'done' for a scheduler
+    with (tmp_path / "broken.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "domain"], *[[pool[i].path, "", "x"] for i in (17, 18)]])
+    broken = CliRunner().invoke(
+        app, ["score", "--model", str(model_dir), "--data", str(tmp_path / "broken.csv"), "--out", str(out)]
+    )
+    assert broken.exit_code == 2 and "none of the 2 cells could be scored" in broken.output, broken.output
+    assert [row["error"] != "" for row in csv.DictReader(out.open())] == [True, True]  # the reasons, kept
 
 
 def test_scoring_as_a_site_decides_among_its_classes(ray_local, model_dir, pool, tmp_path, monkeypatch):

@@ -52,6 +52,8 @@ def test_secrets_are_generated_once_and_kept_private(tmp_path):
     given = Settings(home=tmp_path / "home", stack={"admin_token": "t" * 40})
     assert stack_secrets(given)["admin_token"] == "t" * 40
     assert stack_secrets(settings)["admin_token"] == "t" * 40  # what was given is what later processes read
+    path.chmod(0o644)  # restored from a backup, copied: readable by every user of the host
+    assert stack_secrets(settings)["admin_token"] == "t" * 40 and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_status_of_a_fresh_home(tmp_path):
