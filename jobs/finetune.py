@@ -180,7 +180,7 @@ def run_finetune(
     )
     from cytoloop.models.loading import load_model
     from cytoloop.policy.drift import colour_statistics_of, read_colour_reference, write_colour_reference
-    from cytoloop.policy.promotion import apply_verdict, compare, gate_data, gate_figures, scoring_runtime
+    from cytoloop.policy.promotion import apply_verdict, compare, gate_figures, scoring_runtime
 
     registry = open_registry(settings)
     name, home = settings.registry.model_name, Path(settings.home).resolve()
@@ -282,7 +282,7 @@ def run_finetune(
         trained = {k: recorded[k] for k in ("train_seconds", "resumed_from_step") if k in recorded}
 
     began = time.monotonic()
-    data = gate_data(sets.eval, settings.promotion, challenger.classes, trained_on=sets.train)
+    data = gate_cells(sets, settings, site, challenger.classes)
     alias = site_alias(site)
     new = gate_figures(challenger, data, out / "evaluation" / "challenger.json", allowed)
     try:
@@ -370,6 +370,15 @@ def run_finetune(
     return FinetuneOutcome(
         registry.version(name, version.version), verdict.passed, verdict.reasons, alias, out, metrics, verdict.worse
     )
+
+
+def gate_cells(sets, settings: Settings, site: str | None, classes: list[str]):
+    """The cells a challenger is judged on (`promotion.gate_data`): its scope's frozen eval set, and the audited
+    cells of the classes it is judged on, a site's own classes for a site's version (audited cells of another
+    class are wrong for both models there by design, and would only water the comparison down)."""
+    from cytoloop.policy.promotion import gate_data
+
+    return gate_data(sets.eval, settings.promotion, settings.site_classes(site) or classes, trained_on=sets.train)
 
 
 def _kept_champion_figures(

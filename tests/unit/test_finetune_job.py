@@ -45,3 +45,26 @@ def test_labels_are_required(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2 and "--labels" in capsys.readouterr().err
+
+
+def test_a_site_is_judged_on_the_audited_cells_of_its_own_classes(tmp_path, clean_env):
+    """The gate took every audited cell of the model's classes for a site's version too: cells of classes the
+    site never reports, wrong for both models there by design."""
+    from cytoloop.config import Settings
+    from cytoloop.data.records import CellRecord
+    from cytoloop.models.finetune import FrozenSets, write_manifest
+    from jobs.finetune import gate_cells
+
+    def cells(prefix, labels):
+        return [CellRecord(f"{prefix}{i}.png", tmp_path / f"{prefix}{i}.png", c, "lab") for i, c in enumerate(labels)]
+
+    write_manifest(cells("audit", ["a", "b", "b"]), tmp_path / "audited.csv")
+    settings = Settings(
+        home=tmp_path / "home",
+        promotion={"audited_manifest": tmp_path / "audited.csv"},
+        sites={"north": {"classes": ["a"]}},
+    )
+    sets = FrozenSets(train=[], val=[], eval=cells("eval", ["a"]))
+    labels = lambda site: sorted(r.label for r in gate_cells(sets, settings, site, ["a", "b"]).eval_records)  # noqa: E731
+    assert labels("north") == ["a", "a"]
+    assert labels(None) == labels("south") == ["a", "a", "b", "b"]  # the global model, a site without classes
