@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cytoloop.policy.consensus import Vote, label_time
+from cytoloop.policy.consensus import Vote
+from cytoloop.times import parse_time
 from labelstudio import sqlite
 from labelstudio.label_config import parse_result
 
@@ -322,7 +323,7 @@ class LabelStore:
         if (
             old is not None
             and not force
-            and (old["retracted_at"] is not None or label_time(old["updated_at"] or "") >= label_time(updated_at))
+            and (old["retracted_at"] is not None or parse_time(old["updated_at"]) >= parse_time(updated_at))
         ):
             return False
         label, abnormal, comment = parse_result(annotation.get("result") or [])

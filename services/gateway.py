@@ -9,7 +9,6 @@ and never logged or echoed.
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at runtime.
 import asyncio
-import hashlib
 import hmac
 import logging
 
@@ -22,7 +21,7 @@ from starlette.responses import JSONResponse
 
 from cytoloop.config import Settings
 from cytoloop.policy.differential import differential
-from cytoloop.serving.inference import CellFailure, CellResult
+from cytoloop.serving.inference import CellFailure, CellResult, cell_id
 from cytoloop.serving.model_source import ModelSource
 from services.classifier import GLOBAL_KEY, Answer, Refusal, site_key
 from services.schemas import (
@@ -139,14 +138,14 @@ def cell_entries(upload: Upload, answer: Answer) -> list[CellAnswer | CellError]
 
 
 def repeated_images(upload: Upload) -> str:
-    """Which accepted cells repeat an earlier one byte for byte, as 'cell 7 = cell 2; …' ('' when none)."""
-    first: dict[bytes, int] = {}
+    """Which accepted cells are an earlier one's image (its `cell_id`), as 'cell 7 = cell 2; …' ('' when none)."""
+    first: dict[str, int] = {}
     repeats = []
     for index, _, data in upload.accepted:
-        digest = hashlib.sha256(data).digest()
-        if digest in first:
-            repeats.append(f"cell {index} = cell {first[digest]}")
-        first.setdefault(digest, index)
+        key = cell_id(data)
+        if key in first:
+            repeats.append(f"cell {index} = cell {first[key]}")
+        first.setdefault(key, index)
     return "; ".join(repeats)
 
 

@@ -152,9 +152,9 @@ def _named_part(name: str | None, data: bytes, index: int) -> tuple[str, bytes |
     """A part's file name as the answer echoes it, checked as the JSON form's `name` is (at most 256 characters)
     and for valid UTF-8: a multipart charset such as unicode_escape can make a name the JSON answer cannot hold,
     which failed the whole request with a 500 after its cells were classified. A bad name fails its cell only."""
-    if not name:
-        return f"cell-{index}", data
     fallback = f"cell-{index}"
+    if not name:
+        return fallback, data
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:

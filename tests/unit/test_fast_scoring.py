@@ -52,6 +52,17 @@ LEVELS = [-0.6, -0.2, 0.2, 0.6, -0.25, 0.03]
 WINNERS = [0, 1, 2, 3, 1, 2]
 
 
+def tiny_model(scoring: ScoringConfig, classes: tuple[str, ...] = ("a", "b", "c")) -> DiffusionClassifier:
+    """An untrained 16-px diffusion classifier, its weights seeded: scoring around a real (tiny) UNet."""
+    torch.manual_seed(0)
+    return DiffusionClassifier(
+        list(classes),
+        DataConfig(image_size=SIZE),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        scoring,
+    )
+
+
 @pytest.fixture(scope="module")
 def alphas_cumprod() -> torch.Tensor:
     return build_scheduler(DiffusionModelConfig()).alphas_cumprod
@@ -148,12 +159,8 @@ def test_replay_reproduces_adaptive_scoring(alphas_cumprod, cells):
 
 
 def test_real_unet_batched_equals_alone_under_fast_settings():
-    torch.manual_seed(0)
-    model = DiffusionClassifier(
-        ["a", "b", "c"],
-        DataConfig(image_size=SIZE),
-        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
-        ScoringConfig(min_trials=1, check_every=1, elimination_p=0.2, max_trials=10, timestep_bins=4, null_trials=1),
+    model = tiny_model(
+        ScoringConfig(min_trials=1, check_every=1, elimination_p=0.2, max_trials=10, timestep_bins=4, null_trials=1)
     )
     images = np.random.default_rng(5).uniform(-1, 1, size=(5, 3, SIZE, SIZE)).astype(np.float32)
     together = model.score(images)
@@ -312,12 +319,9 @@ def test_fp16_on_cpu_rejected():
 
 
 def test_bf16_channels_last_runs_on_cpu():
-    torch.manual_seed(0)
-    model = DiffusionClassifier(
-        ["a", "b"],
-        DataConfig(image_size=SIZE),
-        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+    model = tiny_model(
         ScoringConfig(min_trials=2, max_trials=2, timestep_bins=2, precision="bf16", channels_last=True, device="cpu"),
+        ("a", "b"),
     )
     images = np.random.default_rng(0).uniform(-1, 1, size=(2, 3, SIZE, SIZE)).astype(np.float32)
     result = model.score(images)
@@ -328,12 +332,8 @@ def test_bf16_channels_last_runs_on_cpu():
 def test_tune_model_scoring_sets_a_rule_and_temperature():
     from cytoloop.workflows import tune_model_scoring
 
-    torch.manual_seed(0)
-    model = DiffusionClassifier(
-        ["a", "b"],
-        DataConfig(image_size=SIZE),
-        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
-        ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5),
+    model = tiny_model(
+        ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5), ("a", "b")
     )
     images = np.random.default_rng(1).uniform(-1, 1, size=(4, 3, SIZE, SIZE)).astype(np.float32)
     report = tune_model_scoring(model, images, np.array([0, 1, 0, 1]))
@@ -353,12 +353,8 @@ def test_a_site_s_temperature_is_fitted_on_cells_decided_among_its_classes():
     from cytoloop.scoring.calibration import fit_temperature
     from cytoloop.workflows import tune_model_scoring
 
-    torch.manual_seed(0)
-    model = DiffusionClassifier(
-        ["a", "b", "c"],
-        DataConfig(image_size=SIZE),
-        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
-        ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5),
+    model = tiny_model(
+        ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5)
     )
     images = np.random.default_rng(1).uniform(-1, 1, size=(8, 3, SIZE, SIZE)).astype(np.float32)
     # labels the untrained model gets right between a and b, so its temperature is finite, not at the bound
@@ -377,14 +373,8 @@ def test_a_site_s_temperature_is_fitted_on_cells_decided_among_its_classes():
 def test_unlabeled_cells_join_the_tuning_set_but_not_the_temperature():
     from cytoloop.workflows import tune_model_scoring
 
-    torch.manual_seed(0)
     config = ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5)
-    model = DiffusionClassifier(
-        ["a", "b"],
-        DataConfig(image_size=SIZE),
-        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
-        config,
-    )
+    model = tiny_model(config, ("a", "b"))
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, size=(4, 3, SIZE, SIZE)).astype(np.float32)
     unlabeled = rng.uniform(-1, 1, size=(3, 3, SIZE, SIZE)).astype(np.float32)
@@ -405,16 +395,10 @@ def test_temperature_cells_caps_the_cells_scored_for_the_temperature():
     from cytoloop.scoring.calibration import mixed_subset
     from cytoloop.workflows import tune_model_scoring
 
-    torch.manual_seed(0)
     config = ScoringConfig(
         max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, tuning_agreement=0.5, temperature_cells=5
     )
-    model = DiffusionClassifier(
-        ["a", "b"],
-        DataConfig(image_size=SIZE),
-        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
-        config,
-    )
+    model = tiny_model(config, ("a", "b"))
     images = np.random.default_rng(1).uniform(-1, 1, size=(12, 3, SIZE, SIZE)).astype(np.float32)
     labels = np.array([0, 1, 1] * 4)
     scored = []
@@ -743,12 +727,8 @@ def test_refitted_weights_refit_the_variance_prior_they_scale():
     errors weighted by the parent's w(t): the child's t-tests shrank toward a variance on another scale."""
     from cytoloop.scoring.calibration import fit_weights, variance_prior
 
-    torch.manual_seed(0)
-    model = DiffusionClassifier(
-        ["a", "b", "c"],
-        DataConfig(image_size=SIZE),
-        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
-        ScoringConfig(timestep_bins=4, calibration_trials=5, variance_prior=123.0, variance_prior_trials=2, seed=3),
+    model = tiny_model(
+        ScoringConfig(timestep_bins=4, calibration_trials=5, variance_prior=123.0, variance_prior_trials=2, seed=3)
     )
     images = np.random.default_rng(4).uniform(-1, 1, size=(6, 3, SIZE, SIZE)).astype(np.float32)
     fit_weights(model, images, np.array([0, 1, 2] * 2))
@@ -768,11 +748,7 @@ def test_one_exhaustive_pass_fits_the_weights_and_tunes_as_two_passes_did():
     from cytoloop.workflows import tune_model_scoring
 
     def fresh() -> DiffusionClassifier:
-        torch.manual_seed(0)
-        return DiffusionClassifier(
-            ["a", "b", "c"],
-            DataConfig(image_size=SIZE),
-            DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        return tiny_model(
             ScoringConfig(
                 min_trials=2,
                 max_trials=12,
@@ -781,7 +757,7 @@ def test_one_exhaustive_pass_fits_the_weights_and_tunes_as_two_passes_did():
                 tuning_trials=12,
                 tuning_agreement=0.6,
                 seed=3,
-            ),
+            )
         )
 
     images = np.random.default_rng(4).uniform(-1, 1, size=(9, 3, SIZE, SIZE)).astype(np.float32)

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from itertools import combinations
+
+from cytoloop.times import parse_time
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,12 @@ class CellConsensus:
     senior_review: bool = field(default=False)
 
 
-_EARLIEST = datetime.min.replace(tzinfo=UTC)
-
-
-def label_time(text: str) -> datetime:
-    """When a label was given, from its ISO 8601 text, for ordering labels: compared as text, Label Studio's
-    '09:00:00.25Z' came before '09:00:00Z' ('.' sorts before 'Z') and '10:00:00+02:00' after '09:00:00Z'. A
-    time without a zone is UTC; an empty or unreadable one is the earliest."""
-    try:
-        when = datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return _EARLIEST
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 def latest_votes(votes: Iterable[Vote]) -> dict[str, list[Vote]]:
     """Votes grouped by cell, one per annotator (their latest)."""
     latest: dict[tuple[str, str], Vote] = {}
     for vote in votes:
         key = (vote.cell_key, vote.annotator)
-        if key not in latest or label_time(vote.labelled_at) >= label_time(latest[key].labelled_at):
+        if key not in latest or parse_time(vote.labelled_at) >= parse_time(latest[key].labelled_at):
             latest[key] = vote
     by_cell: dict[str, list[Vote]] = defaultdict(list)
     for (cell_key, _), vote in sorted(latest.items()):
@@ -93,7 +80,7 @@ def consensus(votes: Iterable[Vote], required: int) -> dict[str, CellConsensus]:
             votes=dict(counts),
             annotators=annotators,
             abnormal=abnormal,
-            last_labelled_at=max((v.labelled_at for v in cell_votes), key=label_time),
+            last_labelled_at=max((v.labelled_at for v in cell_votes), key=parse_time),
             senior_review=status == "tie" or abnormal or (disagreement and status != "pending"),
         )
     return result

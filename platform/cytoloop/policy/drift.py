@@ -30,6 +30,7 @@ from cytoloop.data.preprocess import ImageError, colour_moments, decode_image, t
 from cytoloop.data.records import CellRecord, DatasetError
 from cytoloop.errors import UsageError, describe_validation_error
 from cytoloop.files import write_text
+from cytoloop.times import as_utc, parse_time
 
 REFERENCE_FILE = "colour_reference.json"
 COLOUR_STATS = ("l_mean", "alpha_mean", "beta_mean", "l_std", "alpha_std", "beta_std")
@@ -53,7 +54,7 @@ class PredictionEvent(BaseModel):
     @classmethod
     def _utc(cls, time: datetime) -> datetime:
         """A time without a zone is UTC (what the service writes): every reader compares aware times."""
-        return time if time.tzinfo is not None else time.replace(tzinfo=UTC)
+        return as_utc(time)
 
 
 def colour_statistics(source: Path | bytes, config: DataConfig) -> np.ndarray:
@@ -324,7 +325,7 @@ def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> 
     saved = {(str(f["model_version"]), f.get("site")): f for f in load_flags(path)}
     for key, window in latest.items():
         earlier = saved.get(key)
-        if earlier is not None and _window_start(earlier) > window.window_start:
+        if earlier is not None and parse_time(earlier.get("window_start")) > window.window_start:
             continue
         saved.pop(key, None)
         if window.flags:
@@ -337,15 +338,6 @@ def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> 
     flags = list(saved.values())
     write_text(Path(path), json.dumps(flags, indent=1))
     return flags
-
-
-def _window_start(flag: dict) -> datetime:
-    """When a saved flag's window began (UTC); the earliest time where a saved flag does not say."""
-    try:
-        start = datetime.fromisoformat(flag["window_start"])
-    except (KeyError, TypeError, ValueError):
-        return datetime.min.replace(tzinfo=UTC)
-    return start if start.tzinfo else start.replace(tzinfo=UTC)
 
 
 def load_flags(path: Path) -> list[dict]:

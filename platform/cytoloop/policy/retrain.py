@@ -17,6 +17,7 @@ from cytoloop.config import RetrainConfig
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.files import write_text
+from cytoloop.times import as_utc
 
 
 @dataclass(frozen=True)
@@ -78,21 +79,15 @@ def load_state(path: Path) -> RetrainState:
     try:
         payload = json.loads(path.read_text())
         last = payload.get("last_time")
-        return RetrainState(_utc(datetime.fromisoformat(last)) if last else None, set(payload.get("trained", [])))
+        return RetrainState(as_utc(datetime.fromisoformat(last)) if last else None, set(payload.get("trained", [])))
     except (ValueError, TypeError, AttributeError) as error:
         raise UsageError(f"{path} is not a retrain state file ({error}); move it aside to start afresh") from None
 
 
 def save_state(path: Path, records: Sequence[CellRecord], when: datetime | None = None) -> RetrainState:
     """Record a finished retrain on `records` (written atomically); a `when` without a zone is UTC."""
-    last_time = _utc(when or datetime.now(UTC))
+    last_time = as_utc(when or datetime.now(UTC))
     state = RetrainState(last_time, {label_key(r) for r in records if r.label is not None})
     payload = {"last_time": last_time.isoformat(), "trained": sorted(state.trained)}
     write_text(Path(path), json.dumps(payload))
     return state
-
-
-def _utc(when: datetime) -> datetime:
-    """A time without a zone read as UTC (as the prediction log's are): `hours_since_last` subtracts it from an
-    aware now, which failed with a TypeError inside `retrain` and `status`."""
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
