@@ -190,3 +190,30 @@ def test_the_registry_address_callers_see_holds_no_credentials():
     assert without_credentials("https://token@registry.lab/") == "https://registry.lab/"
     for plain in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000", "file:///srv/mlruns"):
         assert without_credentials(plain) == plain
+
+
+def test_only_a_site_with_its_own_alias_keeps_its_own_last_known_good_record(tmp_path):
+    """Any site name a caller sends is served by the global champion until the site has its own alias; such a
+    site must leave no file of its own behind (one per name sent), and must fall back on the global champion's
+    last known good version. A site whose own alias is removed falls back on the global one, not its old one."""
+    from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE
+    from cytoloop.serving.model_source import ModelRef
+
+    source = ModelSource(ServeConfig(), RegistryConfig(cache_dir=tmp_path / "cache", model_name="cells"))
+    for version in ("1", "2"):  # whole in the local cache, as a download leaves them
+        folder = tmp_path / "cache" / "cells" / version
+        folder.mkdir(parents=True)
+        (folder / MODEL_FILE).write_text("{}")
+        (folder / WEIGHTS_FILE).write_bytes(b"")
+    champion, own = ModelRef("cells", "1", "champion"), ModelRef("cells", "2", "champion-north")
+    records = tmp_path / "cache" / "cells" / "last-known-good"
+
+    for name in ("anything", "sent-by-a-caller", "north"):
+        source.remember(name, champion)
+    assert sorted(p.name for p in records.iterdir()) == ["_global.json"]
+    assert source.last_known_good("never-seen") == champion == source.last_known_good(None)
+
+    source.remember("north", own)
+    assert source.last_known_good("north") == own and source.last_known_good(None) == champion
+    source.remember("north", champion)  # its own alias removed: served by the global champion again
+    assert source.last_known_good("north") == champion and not (records / "north.json").exists()

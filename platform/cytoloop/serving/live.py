@@ -85,6 +85,7 @@ class LiveModel:
                     logger.warning("site %s: withdrawn, no longer served: %s", self.site or "*", error)
                 self.withdrawn = error
                 self.source.forget(self.site)  # nor by a replica that starts while the registry is down
+                self.source.forget(None)  # neither alias serves the site: the global champion is gone as well
                 raise
             if ref == self._service.ref:
                 if self.fallback is None and self.withdrawn is None:

@@ -24,6 +24,7 @@ from cytoloop.config import RegistryConfig, ScoringConfig, ServeConfig
 from cytoloop.files import write_text
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
 from cytoloop.models.loading import load_model
+from cytoloop.registry import CHAMPION, site_alias
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,6 @@ class ModelSource:
         if self.model_dir:
             return local_ref(self.model_dir)
         info = self.registry.for_site(self.name, site)
-        from cytoloop.registry import site_alias
-
         alias = site_alias(site) if site and site_alias(site) in info.aliases else site_alias(None)
         return ModelRef(info.name, info.version, alias)
 
@@ -81,9 +80,15 @@ class ModelSource:
 
     def remember(self, site: str | None, ref: ModelRef) -> None:
         """Record `ref` as the version last loaded and served for `site` (atomically: a reader sees the old record
-        or the new one). Nothing is kept for a local directory."""
+        or the new one). Nothing is kept for a local directory. A site served by the global champion (no alias of
+        its own, or no longer) has no record of its own: the global one is its record, so a site name that any
+        caller may send leaves no file behind, and a site whose own alias was removed falls back on the global
+        champion's version, not on its old one."""
         if ref.path is not None:
             return
+        if site is not None and ref.alias != site_alias(site):
+            self.forget(site)
+            site = None
         record = {"name": ref.name, "version": ref.version, "alias": ref.alias}
         write_text(self._last_known_good_file(site), json.dumps(record))
 
@@ -92,9 +97,12 @@ class ModelSource:
         self._last_known_good_file(site).unlink(missing_ok=True)
 
     def last_known_good(self, site: str | None) -> ModelRef | None:
-        """The version last served for `site` on this host, if its files are still whole in the cache; None
-        otherwise. Reads only local disk: it is what a replica falls back on when the registry cannot answer."""
+        """The version last served for `site` on this host (the global champion's for a site without a record of
+        its own), if its files are still whole in the cache; None otherwise. Reads only local disk: it is what a
+        replica falls back on when the registry cannot answer."""
         record = self._last_known_good_file(site)
+        if site is not None and not record.is_file():
+            record = self._last_known_good_file(None)
         if self.model_dir or not record.is_file():
             return None
         try:
@@ -118,8 +126,6 @@ class ModelSource:
         """Every alias-served site and its version (None: the global champion); one entry for a local model."""
         if self.model_dir:
             return {None: self.resolve(None)}
-        from cytoloop.registry import CHAMPION
-
         aliases = self.registry.aliases(self.name)  # NotRegistered or RegistryUnavailable, never a guess
         served: dict[str | None, ModelRef] = {}
         for alias, version in sorted(aliases.items()):
