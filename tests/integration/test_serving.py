@@ -158,6 +158,7 @@ def _ok_cells(response: httpx.Response) -> list[dict]:
 def test_a_site_reporting_fewer_classes_gets_its_cells_decided_among_them(serving):
     paths = serving.cells[:6]
     everything = _ok_cells(serving.classify_files(paths))
+    assert len(everything) == len(paths)
     mine = _ok_cells(serving.classify_files(paths, site="sitec"))  # no champion-sitec: the global champion serves
     assert [c["model"]["version"] for c in mine] == [serving.versions["four"]] * len(paths)
     for whole, cell in zip(everything, mine):
@@ -407,7 +408,11 @@ def test_alias_moved_during_a_stream_of_requests(serving):
 
     def stream():
         while not stop.is_set():
-            response = serving.classify_files([cell], site="moving")
+            try:
+                response = serving.classify_files([cell], site="moving")
+            except Exception as error:  # a connection broken over the switch is a failure too, not a dead thread
+                failures.append(repr(error))
+                return
             if response.status_code != 200:
                 failures.append(f"{response.status_code}: {response.text}")
             else:
@@ -430,6 +435,7 @@ def test_alias_moved_during_a_stream_of_requests(serving):
         for client in clients:
             client.join(timeout=120)
     assert not failures, failures[:3]
+    assert not any(client.is_alive() for client in clients), "a client hung over the switch"
     assert answered[0] == serving.versions["four"]
     assert answered[-1] == serving.versions["moved"], answered[-10:]
     # answers are appended as the clients receive them, so the last old-version batch may land just after the

@@ -116,12 +116,6 @@ def test_cross_field_check_names_field():
         load_settings(overrides={"scoring": {"min_trials": 10, "max_trials": 5}})
 
 
-def test_tiny_settings_fixture(tiny_settings):
-    assert tiny_settings.data.image_size == 16
-    assert tiny_settings.diffusion.block_out_channels == (8, 16)
-    assert tiny_settings.scoring.max_trials == 8
-
-
 def test_serving_beyond_this_machine_needs_an_api_key(clean_env):
     from pydantic import ValidationError
 

@@ -483,6 +483,12 @@ def test_tuning_offers_the_variance_prior_and_reports_it():
     assert not any(r["variance_prior_trials"] == 0 and r["min_trials"] == 1 for r in rows)
     with_prior = [r for r in rows if r["variance_prior_trials"] == 2.0]
     assert len(with_prior) == 4
+    meeting = [r for r in rows if r["agreement"] >= 0.9]
+    assert meeting, "no candidate met the target: the choice below would not be tested"
+    cheapest = min(r["evals_mean"] for r in meeting)
+    chosen = [r for r in meeting if r["evals_mean"] == cheapest][-1]  # ties: the later, more conservative one
+    assert (tuned.min_trials, tuned.elimination_p) == (chosen["min_trials"], chosen["elimination_p"])
+    assert (tuned.variance_prior is not None) == (chosen["variance_prior_trials"] > 0)
     assert tuned.variance_prior is None or tuned.variance_prior > 0
 
 

@@ -153,6 +153,7 @@ def test_a_site_with_its_own_classes_gets_only_those_and_shares_the_loaded_model
     real = sorted((cells_dir / "jtsc").glob("*.bmp"))[:6]
     cells = [(path.name, path.read_bytes()) for path in real]
     full, restricted = everything.service.classify(cells), reporting.service.classify(cells)
+    assert len(full) == len(restricted) == 6  # the checks below run over every cell, never over none
     for whole, mine in zip(full, restricted):
         assert isinstance(whole, CellResult) and isinstance(mine, CellResult)
         assert mine.probabilities["platelet"] == 0.0 and mine.label != "platelet"
