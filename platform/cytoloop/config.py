@@ -615,7 +615,7 @@ class DemoConfig(_Section):
     whose unlabelled pool is other labs' cells in their own stain, with a few known blasts mixed in. Per site, the
     labelled cells are split once: `test_fraction` held out (a third each draws the curve, calibrates and gates
     the site's fine-tunes, never routed nor trained on); the rest is the pool. Each round, per site: score the pool
-    through Serve, route, annotate, sync, fine-tune the base model on the site's labels (`finetune.steps`), gate
+    through Serve, route, annotate, sync, fine-tune the base model on the site's labels (`adapt.steps`), gate
     on the site's frozen cells, move `champion-<site>` or record the refusal."""
 
     rounds: int = Field(3, ge=1, description="active-learning rounds, each over every site")
