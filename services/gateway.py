@@ -16,6 +16,8 @@ from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 from pydantic import SecretStr, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse
 
@@ -43,6 +45,10 @@ logger = logging.getLogger("ray.serve")
 API_KEY_HEADER = "X-API-Key"
 _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required when serve.api_key is set")
 _errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
+# the classifier could not take or finish the request (its replica died mid-request, or too many are queued):
+# nothing about the cells was wrong, so the caller may send them again
+_UNAVAILABLE = (RayActorError, BackPressureError, DeploymentUnavailableError)
+RETRY_AFTER_S = 5
 
 
 def _inline(schema: dict) -> dict:
@@ -180,7 +186,15 @@ class Gateway:
         reject_if_nothing_usable(upload)
         cells = [(name, data) for _, name, data in upload.accepted]
         site = site_key(upload.site)
-        answer = await self.classifier.options(multiplexed_model_id=site).classify.remote(site, cells)
+        try:
+            answer = await self.classifier.options(multiplexed_model_id=site).classify.remote(site, cells)
+        except _UNAVAILABLE as error:
+            logger.warning("the classifier did not answer a request for site %s: %s", site, last_line(error))
+            raise HTTPException(
+                503,
+                "the classifier stopped or is overloaded before answering these cells; send them again",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from error
         if isinstance(answer, Refusal):
             raise HTTPException(answer.status, answer.detail)
         return upload, answer

@@ -609,3 +609,50 @@ def test_a_model_that_fails_fails_only_its_own_requests(serving):
     assert [r.status_code for r in results["siteb"]] == [200, 200, 200]
     [failed] = results["poisoned"]
     assert failed.status_code == 500 and "failed on these cells" in failed.json()["detail"]
+
+
+def test_a_replica_killed_mid_request_is_a_503_to_send_again(serving, tmp_path):
+    """The classifier replica dies (killed) while it scores a request: the caller used to get a plain-text 500
+    from the framework; now a JSON 503 with Retry-After, and Serve's new replica answers the request sent again.
+    Its own app (`dying`), so the module's other replicas are not disturbed; its model is the diffusion version
+    made slow on purpose (thousands of trials a cell), so that the request is surely still running when killed."""
+    import ray
+    from ray import serve
+
+    from cytoloop.serving.pyfunc import cytoloop_directory
+    from services.app import build_app
+
+    slow = tmp_path / "slow"
+    shutil.copytree(cytoloop_directory(serving.registry.download(MODEL, serving.versions["diffusion"], tmp_path)), slow)
+    meta = json.loads((slow / "model.json").read_text())
+    meta["scoring"].update(min_trials=100000, max_trials=100000)
+    (slow / "model.json").write_text(json.dumps(meta))
+    serving.registry.set_alias(MODEL, "champion-slow", serving.registry.log_model(slow, MODEL).version)
+    serve.run(build_app(serving.settings), name="dying", route_prefix="/dying", blocking=False)
+    try:
+        deadline = time.monotonic() + 120
+        while httpx.get(serving.url + "/dying/readyz", timeout=60).status_code != 200:
+            assert time.monotonic() < deadline, "the app never became ready"
+            time.sleep(0.5)
+        files = [("files", (p.name, p.read_bytes())) for p in serving.cells[:2]]
+        answers: list[httpx.Response] = []
+        sender = threading.Thread(
+            target=lambda: answers.append(serving.post("/dying/v1/classify", files=files, data={"site": "slow"}))
+        )
+        sender.start()
+        time.sleep(3)  # the replica has loaded the slow version and is scoring
+        assert not answers, f"the request ended before the replica was killed: {answers[0].text[:200]}"
+        [replica] = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::dying#Classifier")
+        ]
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        sender.join(timeout=120)
+        [killed] = answers
+        assert killed.status_code == 503, killed.text
+        assert "send them again" in killed.json()["detail"] and killed.headers["Retry-After"] == "5"
+        again = serving.post("/dying/v1/classify", files=files[:1])  # the global champion, on the new replica
+        assert again.status_code == 200, again.text
+    finally:
+        serve.delete("dying")
