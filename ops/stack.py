@@ -21,6 +21,7 @@ standard library is used here; the services bring their own dependencies.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -34,7 +35,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -518,16 +519,23 @@ class Stack:
             self._check_names(only, self.service_names())
         if only is None or "label-studio" in only:
             self._images_root()  # refused before anything is created under home
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mlflow_db().parent.mkdir(parents=True, exist_ok=True)
-        # one `up` at a time per home: two at once both saw no PID and a free port, both started the service, and
-        # the PID file could name the one that lost the port while the other ran on, beyond `down`'s reach
-        with open(self.run_dir / "up.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._one_at_a_time():
             for service in self.services():
                 if only is None or service.name in only:
                     self._start(service)
         return self.status()
+
+    @contextlib.contextmanager
+    def _one_at_a_time(self) -> Iterator[None]:
+        """One `up` or `down` at a time per home. Two `up`s at once both saw no PID and a free port, both started
+        the service, and the PID file could name the one that lost the port while the other ran on, beyond
+        `down`'s reach; a `down` between an `up`'s start of a service and its PID file removed nothing, and the
+        service ran on unrecorded. A `down` during an `up` waits for it, then stops what it started."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "up.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def _start(self, service: Service) -> None:
         host = self._bind_host(service)
@@ -613,15 +621,18 @@ class Stack:
         A PID file whose PID now names another process (after a reboot, or reused) is removed, never signalled."""
         if only is not None:
             self._check_names(only, list(SERVICES))
+        if not self.run_dir.is_dir():
+            return []  # this home never started anything
         stopped = []
-        for name in reversed(SERVICES):
-            if only is not None and name not in only:
-                continue
-            pid = self._pid(name)  # None unless it is still the very process this home started
-            if pid is not None:
-                self._kill_group(pid, timeout_s)
-                stopped.append(name)
-            self._pid_file(name).unlink(missing_ok=True)
+        with self._one_at_a_time():
+            for name in reversed(SERVICES):
+                if only is not None and name not in only:
+                    continue
+                pid = self._pid(name)  # None unless it is still the very process this home started
+                if pid is not None:
+                    self._kill_group(pid, timeout_s)
+                    stopped.append(name)
+                self._pid_file(name).unlink(missing_ok=True)
         return stopped
 
     @staticmethod

@@ -79,6 +79,49 @@ def test_ray_temp_folder_must_stay_short(tmp_path):
         Stack(settings).services()
 
 
+def test_down_during_an_up_stops_what_the_up_started(tmp_path, monkeypatch):
+    """`down` while `up` has started a service but not yet written its PID file: `down` found nothing to stop,
+    removed no file, and returned, and the service then ran on. `down` now waits for the `up` and stops it. The
+    window (microseconds) is widened by slowing the identity read that comes between the start and the file."""
+    import threading
+    import time
+
+    import ops.stack as stack_module
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings(home=tmp_path / "home", review={"webhook_port": port}, stack={"ray": False})
+    real_identity, started = stack_module._identity, threading.Event()
+
+    def slow_identity(pid: int) -> str | None:
+        started.set()  # the first call: `up` has just started the process
+        time.sleep(1.0)
+        return real_identity(pid)
+
+    monkeypatch.setattr(stack_module, "_identity", slow_identity)
+    errors: list[BaseException] = []
+
+    def up() -> None:
+        try:
+            Stack(settings).up(only=["labels"])
+        except BaseException as error:
+            errors.append(error)
+
+    racer = threading.Thread(target=up)
+    racer.start()
+    try:
+        assert started.wait(60), "up never started the receiver"
+        assert Stack(settings).down() == ["labels"]
+        racer.join(timeout=120)
+        assert errors == [] and not racer.is_alive(), errors
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "the receiver outlived `down`"
+    finally:
+        racer.join(timeout=120)
+        Stack(settings).down()
+
+
 def test_stack_down_never_signals_a_process_that_is_not_the_one_it_started(tmp_path):
     """After a reboot (or PID reuse) a PID file names a stranger: `stack down` used to kill its process group."""
     import json
