@@ -8,11 +8,15 @@ Label Studio calls four routes; each is thin over the same library the classifie
   its site's champion (`serving.live.LiveModel`, the alias `champion-<site>` else `champion`, the same rule as the
   classifier service) and answered as a pre-annotation with the version and the confidence as score. A cell is
   read from the task's `image_path` or its local-files URL, only under `stack.images_root` and within the
-  service's image limits (the route has no login); an audit task (no model fields, `labelstudio.tasks`) gets no
+  service's image limits; an audit task (no model fields, `labelstudio.tasks`) gets no
   prediction: it must stay blind;
 - `POST /webhook`: Label Studio's training events (`START_TRAINING`, and annotation events when "start training
   on annotation submission" is on) start `cytoloop retrain --if-due` in the background and answer at once, so a
   labelling session never waits on training.
+
+Every route asks for HTTP Basic Auth (`review.ml_backend_user`, and `ml_backend_password` or the one generated
+into `<home>/secrets.json`), which Label Studio sends when the connection's authentication is "Basic Auth": the
+routes read cells and start retraining, for whoever reaches the port otherwise.
 
 Pydantic models at the boundary; a task whose image cannot be read gets an empty result (Label Studio shows no
 pre-annotation) and the reason in the service log.
@@ -20,6 +24,7 @@ pre-annotation) and the reason in the service log.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import subprocess
 import sys
@@ -29,7 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 
 from cytoloop.config import Settings
@@ -183,8 +189,19 @@ def retrain_command(labels: Path, config: Path | None = None) -> list[str]:
     return command + (["--config", str(config)] if config else [])
 
 
-def create_app(backend: Backend) -> FastAPI:
-    app = FastAPI(title="CytoLoop ML backend for Label Studio")
+def create_app(backend: Backend, user: str, password: str) -> FastAPI:
+    """The routes, each behind HTTP Basic Auth with `user` and `password` (compared in constant time)."""
+    if not password:
+        raise ValueError("the ML backend needs a password (review.ml_backend_password or secrets.json)")
+    basic = HTTPBasic(auto_error=False, description="as set under Connect Model -> Basic Auth in Label Studio")
+
+    def login(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        given = credentials or HTTPBasicCredentials(username="", password="")
+        user_ok = hmac.compare_digest(given.username.encode(), user.encode())
+        if not (hmac.compare_digest(given.password.encode(), password.encode()) and user_ok):
+            raise HTTPException(401, "wrong or missing Basic Auth login", headers={"WWW-Authenticate": "Basic"})
+
+    app = FastAPI(title="CytoLoop ML backend for Label Studio", dependencies=[Depends(login)])
 
     @app.get("/health", response_model=Health)
     def health() -> Health:

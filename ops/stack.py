@@ -56,7 +56,8 @@ class StackError(CytoLoopError, RuntimeError):
 
 # -- secrets -------------------------------------------------------------------------------------------------
 def stack_secrets(settings: Settings) -> dict[str, str]:
-    """Admin password, admin API token and webhook secret: from the settings if given, else generated once and
+    """Admin password, admin API token, webhook secret, the ML backend's password: from the settings if given, else
+    generated once and
     kept in `<home>/secrets.json` (0600) so that every later run, and every process, uses the same ones."""
     path = Path(settings.home) / "secrets.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +75,7 @@ def _read_or_make_secrets(settings: Settings, path: Path) -> dict[str, str]:
         "admin_password": settings.stack.admin_password,
         "admin_token": settings.stack.admin_token,
         "webhook_secret": settings.review.webhook_secret,
+        "ml_backend_password": settings.review.ml_backend_password,
         "ray_token": None,  # always generated: Ray's token when its head binds more than loopback
         "mlflow_admin_password": None,  # the MLflow UI's admin, when it binds more than loopback
         "mlflow_secret_key": None,

@@ -209,6 +209,7 @@ def review_ml_backend(
         from cytoloop.config import load_settings
         from labelstudio.loop import ReviewLoop
         from labelstudio.ml_backend import Backend, create_app, retrain_command
+        from ops.stack import stack_secrets
 
         settings = load_settings(config)
         if settings.stack.images_root is None:  # every task's image is read under it: without it none could be
@@ -216,7 +217,13 @@ def review_ml_backend(
         labels = Path(settings.home) / "review" / "consensus.csv"
         loop = ReviewLoop(settings)
         backend = Backend(settings, retrain_command(labels, config), export=lambda: loop.export(labels))
-        uvicorn.run(create_app(backend), host=host, port=port, log_level="warning")
+        user, password = settings.review.ml_backend_user, stack_secrets(settings)["ml_backend_password"]
+        typer.echo(
+            f"Label Studio: Settings -> Model -> Connect Model, URL http://{host}:{port}, authentication Basic Auth, "
+            f"user {user!r}, password: ml_backend_password in {Path(settings.home) / 'secrets.json'}",
+            err=True,
+        )
+        uvicorn.run(create_app(backend, user, password), host=host, port=port, log_level="warning")
 
     run(action)
 

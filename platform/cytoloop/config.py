@@ -359,6 +359,10 @@ class ReviewConfig(_Section):
     webhook_host: Host = "127.0.0.1"
     webhook_port: int = Field(8099, ge=1, le=65535, description="where our webhook receiver listens")
     webhook_secret: SecretStr | None = Field(None, description="shared secret Label Studio sends; None: generated")
+    ml_backend_user: str = Field("label-studio", min_length=1, description="Basic Auth user of the ML backend")
+    ml_backend_password: SecretStr | None = Field(
+        None, description="the ML backend's Basic Auth password (Label Studio: Connect Model); None: generated"
+    )
     poll_every_s: float = Field(60.0, gt=0, description="period of the poll that catches missed webhooks")
     push_batch: int = Field(100, ge=1, description="tasks per import request")
 

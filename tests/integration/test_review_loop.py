@@ -485,7 +485,9 @@ def test_label_studio_retrieves_predictions_from_the_ml_backend(label_studio, ce
     serve_settings = label_studio.settings.serve.model_copy(update={"model_dir": tmp_path / "model"})
     backend = Backend(label_studio.settings.model_copy(update={"serve": serve_settings}))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning"))
+    login = ("label-studio", "ml-backend-password")
+    app = create_app(backend, *login)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, what="the ML backend")
@@ -496,7 +498,15 @@ def test_label_studio_retrieves_predictions_from_the_ml_backend(label_studio, ce
         admin.projects.import_tasks(  # as a lab imports its own cells: an image URL, no predictions
             id=project_id, request=[{"data": {"image": image_url(p, cells_dir)}} for p in cells]
         )
-        admin.ml.create(project=project_id, url=f"http://127.0.0.1:{port}", title="CytoLoop")
+        url = f"http://127.0.0.1:{port}"
+        admin.ml.create(
+            project=project_id,
+            url=url,
+            title="CytoLoop",
+            auth_method="BASIC_AUTH",
+            basic_auth_user=login[0],
+            basic_auth_pass=login[1],
+        )
         admin.actions.create(id="retrieve_tasks_predictions", project=project_id, selected_items={"all": True})
         version = backend.site(None).service.ref.version
         tasks = list(admin.tasks.list(project=project_id, fields="all"))

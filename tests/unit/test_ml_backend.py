@@ -13,6 +13,15 @@ from cytoloop.config import Settings
 from cytoloop.models.baseline import BaselineClassifier
 from labelstudio.ml_backend import Backend, create_app
 
+LOGIN = ("label-studio", "a-password")
+
+
+def logged_in(app) -> TestClient:
+    """A client sending the login on every request, as Label Studio connected with Basic Auth does."""
+    client = TestClient(app)
+    client.auth = LOGIN
+    return client
+
 
 @pytest.fixture
 def backend(tmp_path, tiny_settings):
@@ -40,7 +49,7 @@ def test_predict_answers_every_task_but_keeps_audits_blind(backend):
     ]
     Image.open(root / "images" / "0.png").save(root / "elsewhere.png")  # a real image, but not one of the cells
     Image.new("1", (5000, 5000)).save(root / "images" / "huge.png")  # a few kB declaring over serve's pixel limit
-    with TestClient(create_app(backend)) as client:
+    with logged_in(create_app(backend, *LOGIN)) as client:
         assert client.get("/health").json()["status"] == "UP"
         version = client.post("/setup", json={"project": "1.0", "schema": "<View/>"}).json()["model_version"]
         results = client.post("/predict", json={"tasks": tasks}).json()["results"]
@@ -51,7 +60,7 @@ def test_predict_answers_every_task_but_keeps_audits_blind(backend):
 
 def test_training_events_start_one_retrain_in_the_background(backend):
     backend, exported, _ = backend
-    with TestClient(create_app(backend)) as client:
+    with logged_in(create_app(backend, *LOGIN)) as client:
         first = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
         again = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})  # while the first one runs
         other = client.post("/webhook", json={"action": "PROJECT_UPDATED"})
@@ -84,7 +93,28 @@ def test_setup_without_a_champion_is_a_503_saying_why(tmp_path):
         registry={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "cache_dir": tmp_path / "cache"},
         stack={"images_root": tmp_path},
     )
-    with TestClient(create_app(Backend(settings))) as client:
+    with logged_in(create_app(Backend(settings), *LOGIN)) as client:
         answer = client.post("/setup", json={"project": "1.0", "schema": "<View/>"})
     assert answer.status_code == 503 and "no model to connect" in answer.json()["detail"]
     assert "sqlite" not in answer.json()["detail"] and "service log" in answer.json()["detail"]  # no address
+
+
+def test_every_route_asks_for_the_login(backend):
+    """The routes read cells under the images root and start retraining: without Label Studio's Basic Auth login
+    (or with a wrong one) every one is refused, before any work."""
+    backend, exported, root = backend
+    task = {"id": 1, "data": {"image_path": str(root / "images" / "0.png"), "reason": "review"}}
+    with TestClient(create_app(backend, *LOGIN)) as client:
+        for auth in (None, ("label-studio", "wrong"), ("someone", "a-password")):
+            answers = [
+                client.get("/health", auth=auth),
+                client.post("/setup", json={"project": "1.0"}, auth=auth),
+                client.post("/predict", json={"tasks": [task]}, auth=auth),
+                client.post("/webhook", json={"action": "START_TRAINING"}, auth=auth),
+            ]
+            assert {a.status_code for a in answers} == {401}, [a.text for a in answers]
+            assert answers[0].headers["WWW-Authenticate"] == "Basic"
+        assert client.get("/health", auth=LOGIN).status_code == 200
+    assert exported == [] and backend.retrains == []  # no retrain was started by the refused events
+    with pytest.raises(ValueError, match="password"):
+        create_app(backend, "label-studio", "")

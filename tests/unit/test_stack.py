@@ -42,6 +42,7 @@ def test_secrets_are_generated_once_and_kept_private(tmp_path):
         "admin_password",
         "admin_token",
         "webhook_secret",
+        "ml_backend_password",
         "ray_token",
         "mlflow_admin_password",
         "mlflow_secret_key",
