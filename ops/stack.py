@@ -57,8 +57,8 @@ class StackError(CytoLoopError, RuntimeError):
 # -- secrets -------------------------------------------------------------------------------------------------
 def stack_secrets(settings: Settings) -> dict[str, str]:
     """Admin password, admin API token, webhook secret, the ML backend's password: from the settings if given, else
-    generated once and
-    kept in `<home>/secrets.json` (0600) so that every later run, and every process, uses the same ones."""
+    generated once and kept in `<home>/secrets.json` (0600) so that every later run, and every process, uses the
+    same ones."""
     path = Path(settings.home) / "secrets.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "a") as lock:  # two processes starting at once generate one set
