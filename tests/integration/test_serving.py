@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -612,10 +614,11 @@ def test_a_model_that_fails_fails_only_its_own_requests(serving):
 
 
 def test_a_replica_killed_mid_request_is_a_503_to_send_again(serving, tmp_path):
-    """The classifier replica dies (killed) while it scores a request: the caller used to get a plain-text 500
-    from the framework; now a JSON 503 with Retry-After, and Serve's new replica answers the request sent again.
-    Its own app (`dying`), so the module's other replicas are not disturbed; its model is the diffusion version
-    made slow on purpose (thousands of trials a cell), so that the request is surely still running when killed."""
+    """The classifier replica dies (its process killed) while it scores a request: the caller used to get a
+    plain-text 500 from the framework; now a JSON 503 with Retry-After, and Serve's new replica answers the request
+    sent again. Its own app (`dying`), so the module's other replicas are not disturbed; its model is the diffusion
+    version made slow on purpose (10,000 trials a cell: a second or two for the one cell MLflow runs it on when
+    registering it, a minute for the request's 24 cells), so that the request is surely still running when killed."""
     import ray
     from ray import serve
 
@@ -625,7 +628,7 @@ def test_a_replica_killed_mid_request_is_a_503_to_send_again(serving, tmp_path):
     slow = tmp_path / "slow"
     shutil.copytree(cytoloop_directory(serving.registry.download(MODEL, serving.versions["diffusion"], tmp_path)), slow)
     meta = json.loads((slow / "model.json").read_text())
-    meta["scoring"].update(min_trials=100000, max_trials=100000)
+    meta["scoring"].update(min_trials=10000, max_trials=10000)
     (slow / "model.json").write_text(json.dumps(meta))
     serving.registry.set_alias(MODEL, "champion-slow", serving.registry.log_model(slow, MODEL).version)
     serve.run(build_app(serving.settings), name="dying", route_prefix="/dying", blocking=False)
@@ -634,7 +637,14 @@ def test_a_replica_killed_mid_request_is_a_503_to_send_again(serving, tmp_path):
         while httpx.get(serving.url + "/dying/readyz", timeout=60).status_code != 200:
             assert time.monotonic() < deadline, "the app never became ready"
             time.sleep(0.5)
-        files = [("files", (p.name, p.read_bytes())) for p in serving.cells[:2]]
+        [replica] = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::dying#Classifier")
+        ]
+        actor = ray.get_actor(replica["name"], namespace=replica["namespace"])
+        pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=60)
+        files = [("files", (p.name, p.read_bytes())) for p in (serving.cells * 24)[:24]]
         answers: list[httpx.Response] = []
         sender = threading.Thread(
             target=lambda: answers.append(serving.post("/dying/v1/classify", files=files, data={"site": "slow"}))
@@ -642,12 +652,7 @@ def test_a_replica_killed_mid_request_is_a_503_to_send_again(serving, tmp_path):
         sender.start()
         time.sleep(3)  # the replica has loaded the slow version and is scoring
         assert not answers, f"the request ended before the replica was killed: {answers[0].text[:200]}"
-        [replica] = [
-            a
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith("SERVE_REPLICA::dying#Classifier")
-        ]
-        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
         sender.join(timeout=120)
         [killed] = answers
         assert killed.status_code == 503, killed.text
