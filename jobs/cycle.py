@@ -578,7 +578,8 @@ class Demo:
         name = self.settings.registry.model_name
         reference = read_colour_reference(Path(self.settings.registry.cache_dir).resolve() / name / version)
         figures = window_figures(events, reference, self.settings.drift)
-        log_windows(open_registry(self.settings), name, [WindowFigures(version, None, since, len(events), figures, [])])
+        window = WindowFigures(version, None, since, int(figures["n_cells"]), figures, [])
+        log_windows(open_registry(self.settings), name, [window])
         return {k: figures.get(k) for k in ("mean_confidence", "review_fraction", "psi_max")}
 
     def _finish_round(self, row: RoundResult) -> None:

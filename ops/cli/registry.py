@@ -211,21 +211,40 @@ def _champion_flags(flags: list[dict], aliases: dict[str, str]) -> list[dict]:
 @app.command()
 def drift(
     events: Path = typer.Option(..., help="prediction log: JSON lines of drift.PredictionEvent"),
+    labels: Path | None = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="consensus labels (`cytoloop review export`): the reviewed and audited cells' classes, for the "
+        "calibration figures (the log's cells are found in it by their image's id)",
+    ),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Compute drift per model version, site and time window; log it to MLflow and update the flags."""
 
     def action():
-        from cytoloop.policy.drift import drift_windows, log_windows, read_colour_reference, read_events, save_flags
+        from cytoloop.policy.drift import (
+            drift_windows,
+            log_windows,
+            read_colour_reference,
+            read_events,
+            read_labels,
+            save_flags,
+            with_labels,
+        )
         from cytoloop.registry import NotRegistered, open_registry
 
         settings = settings_from(config)
+        known = read_labels(labels) if labels is not None else {}  # a wrong file is named before MLflow is opened
         registry = open_registry(settings)
         name = settings.registry.model_name
         log = read_events(events)
         if not log:
             typer.echo(f"{events}: no predictions in it; drift flags unchanged")
             return
+        if labels is not None:
+            log = with_labels(log, known)
+            typer.echo(f"{sum(e.label is not None for e in log)} of {len(log)} predictions have a label in {labels}")
         references = {}
         for version in sorted({e.model_version for e in log}):
             try:

@@ -389,14 +389,17 @@ def test_drift_is_logged_and_flagged(gated):
     from cytoloop.models.finetune import write_manifest
     from cytoloop.policy.drift import colour_statistics
     from cytoloop.policy.retrain import save_state
+    from cytoloop.serving.inference import cell_id
     from ops.cli import app
 
     settings, registry, root = gated["settings"], gated["registry"], gated["root"]
     start = datetime(2026, 11, 2, tzinfo=UTC)
-    lines = []
+    lines, export = [], ["path,label,domain,cell_id,site"]  # the reviewed classes, as `review export` writes them
     for hour, shifted, confidence in ((0.5, False, 0.97), (1.5, True, 0.55)):
         for record in gated["eval"]:
-            colour = colour_statistics(shifted_png(record.path) if shifted else record.path, settings.data)
+            image = shifted_png(record.path) if shifted else record.path.read_bytes()
+            colour = colour_statistics(image, settings.data)
+            export.append(f"{record.path},{record.label},{record.domain},{cell_id(image)},north")
             lines.append(
                 json.dumps(
                     {
@@ -406,18 +409,21 @@ def test_drift_is_logged_and_flagged(gated):
                         "confidence": confidence,
                         "routed_to_review": confidence < 0.7,
                         "predicted": record.label,
-                        "label": record.label,
                         "colour": colour.tolist(),
+                        "cell_id": cell_id(image),
                     }
                 )
             )
     (root / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "consensus.csv").write_text("\n".join(export) + "\n")
 
     runner = CliRunner()
     config = str(root / "config.json")
     (settings.home / "drift" / "flags.json").unlink(missing_ok=True)  # saved flags stand: none from earlier tests
-    result = runner.invoke(app, ["drift", "--events", str(root / "predictions.jsonl"), "--config", config])
+    drift = ["drift", "--events", str(root / "predictions.jsonl"), "--labels", str(root / "consensus.csv")]
+    result = runner.invoke(app, [*drift, "--config", config])
     assert result.exit_code == 0, result.output
+    assert f"{len(lines)} of {len(lines)} predictions have a label" in result.output
     assert "1 flagged" in result.output and "stain" in result.output
     (root / "rotated.jsonl").write_text("")  # a log just rotated: nothing to judge, and the flag stays
     empty = runner.invoke(app, ["drift", "--events", str(root / "rotated.jsonl"), "--config", config])
@@ -431,6 +437,8 @@ def test_drift_is_logged_and_flagged(gated):
     flagged = [value for _, value in registry.metric_history(run.info.run_id, "flagged")]
     assert len(psi) == 2 and psi[1] > settings.drift.psi_threshold > psi[0]
     assert confidence == pytest.approx([0.97, 0.55]) and flagged == [0.0, 1.0]
+    reviewed = [value for _, value in registry.metric_history(run.info.run_id, "n_reviewed")]
+    assert reviewed == [len(gated["eval"])] * 2  # every cell's class came from the export
 
     write_manifest(gated["eval"], root / "labels.csv")  # 60 labels, 25 of them trained on a moment ago
     save_state(settings.home / "retrain" / "state.json", load_records(root / "labels.csv")[:25])

@@ -228,3 +228,50 @@ def test_a_logged_time_without_a_zone_is_utc_for_every_reader(tmp_path):
     naive, aware = read_events(log)
     assert naive.time == datetime(2026, 11, 1, 10, tzinfo=UTC) and naive.time == aware.time
     assert [e for e in (naive, aware) if e.time >= datetime(2026, 11, 1, 9, 30, tzinfo=UTC)] == [naive, aware]
+
+
+def test_reviewed_labels_join_the_log_by_cell_and_each_cell_counts_once(tmp_path):
+    """The service never sees labels, so no logged event had one and the calibration figures were never computed;
+    and a request retried (a Ray Data block sent again) logged its cells twice. The consensus export's classes now
+    join the log by the image's id, and a cell counts once per window, version and site."""
+    from cytoloop.policy.drift import read_labels, with_labels
+
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def event(cell: str, predicted: str, minute: int) -> PredictionEvent:
+        return PredictionEvent(
+            time=start + timedelta(minutes=minute),
+            model_version="3",
+            site="north",
+            confidence=0.9,
+            routed_to_review=False,
+            predicted=predicted,
+            cell_id=cell,
+        )
+
+    log = [event(f"sha256:{i:024x}", "a", i) for i in range(8)]
+    log += [event("sha256:" + "0" * 24, "b", 30)]  # cell 0 scored again: its latest prediction stands
+    export = tmp_path / "consensus.csv"
+    export.write_text(
+        "path,label,domain,cell_id,site\n"
+        + "".join(f"/cells/{i}.png,a,lab,sha256:{i:024x},north\n" for i in range(4))
+        + f"/elsewhere/5.png,a,lab,sha256:{5:024x},south\n/cells/5.png,b,lab,sha256:{5:024x},north\n"  # torn
+    )
+    labels = read_labels(export)
+    assert len(labels) == 4 and f"sha256:{5:024x}" not in labels
+    [window] = drift_windows(with_labels(log, labels), {}, CONFIG.model_copy(update={"min_reviewed": 1}))
+    assert window.n_cells == 8 and window.figures["n_reviewed"] == 4
+    assert window.figures["reviewed_accuracy"] == pytest.approx(0.75)  # cell 0's latest answer, b, is wrong
+    (tmp_path / "other.csv").write_text("path,label\n/cells/0.png,a\n")
+    with pytest.raises(DatasetError, match="other.csv: no cell_id column"):
+        read_labels(tmp_path / "other.csv")
+
+
+def test_served_events_carry_the_cell_id(jtsc):
+    from cytoloop.policy.drift import prediction_events
+    from cytoloop.serving.inference import CellResult, cell_id
+
+    data = jtsc[0][0].path.read_bytes()
+    answer = CellResult(0, "x.bmp", cell_id(data), "a", {"a": 1.0}, 1.0, 0.0, None, "accept", 1)
+    [logged] = prediction_events([("x.bmp", data)], [answer], "north", "3", DataConfig(image_size=16))
+    assert logged.cell_id == cell_id(data)

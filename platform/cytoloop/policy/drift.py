@@ -10,12 +10,18 @@ Per model version and site, cells are grouped into time windows and three famili
 A flag is raised when a window breaks a threshold of `DriftConfig`: stain against the training reference,
 calibration against an absolute ECE and the first window's accuracy, confidence against the first window.
 
-Serving logs one `PredictionEvent` per scored cell (JSON lines); `colour_statistics` computes its `colour`.
+Serving logs one `PredictionEvent` per scored cell (JSON lines); `colour_statistics` computes its `colour`. The
+service does not see the labels: `with_labels` fills in each event's reviewed or audited class from the consensus
+export (`read_labels`), joined by the cell's id (a hash of its image), which the calibration figures need. A cell
+scored more than once in a window by the same version for the same site (a retried request, a pool scored again)
+counts once (`one_per_cell`): the figures describe cells, not requests.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ from cytoloop.files import write_text
 from cytoloop.times import as_utc, parse_time
 
 REFERENCE_FILE = "colour_reference.json"
+logger = logging.getLogger(__name__)
 COLOUR_STATS = ("l_mean", "alpha_mean", "beta_mean", "l_std", "alpha_std", "beta_std")
 
 
@@ -49,6 +56,7 @@ class PredictionEvent(BaseModel):
     predicted: str
     label: str | None = Field(None, description="the reviewed or audited label, once known")
     colour: list[float] | None = Field(None, min_length=6, max_length=6, description="`colour_statistics` of the cell")
+    cell_id: str | None = Field(None, description="hash of the image (`serving.inference.cell_id`)")
 
     @field_validator("time")
     @classmethod
@@ -158,6 +166,7 @@ def prediction_events(
                 routed_to_review=result.route != "accept",
                 predicted=result.label,
                 colour=colour_statistics(data, config).tolist(),
+                cell_id=result.cell_id,
             )
         )
     return events
@@ -191,8 +200,43 @@ def read_events(path: Path) -> list[PredictionEvent]:
     return events
 
 
+def read_labels(path: Path) -> dict[str, str]:
+    """Cell id -> class from a consensus export (`cytoloop review export`: columns `cell_id` and `label`). A cell
+    exported with two different classes (two sites disagreeing) is left out: which one is true is not known."""
+    with Path(path).open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"cell_id", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"{path}: no {', '.join(sorted(missing))} column: not a consensus label export")
+        found: dict[str, set[str]] = {}
+        for row in reader:
+            if row["cell_id"] and row["label"]:
+                found.setdefault(row["cell_id"], set()).add(row["label"])
+    torn = sorted(cell for cell, classes in found.items() if len(classes) > 1)
+    if torn:
+        logger.warning("%s: %d cell(s) with two classes left out, e.g. %s", path, len(torn), torn[0])
+    return {cell: classes.pop() for cell, classes in found.items() if len(classes) == 1}
+
+
+def with_labels(events: Iterable[PredictionEvent], labels: dict[str, str]) -> list[PredictionEvent]:
+    """The events, each with its cell's reviewed or audited class where `labels` (cell id -> class) has one."""
+    return [
+        event.model_copy(update={"label": labels[event.cell_id]}) if event.cell_id in labels else event
+        for event in events
+    ]
+
+
+def one_per_cell(events: Sequence[PredictionEvent]) -> list[PredictionEvent]:
+    """The events of one window, version and site with each cell once (its latest event); events of older logs,
+    without a cell id, are all kept."""
+    latest = {event.cell_id: i for i, event in enumerate(events) if event.cell_id is not None}
+    return [event for i, event in enumerate(events) if event.cell_id is None or latest[event.cell_id] == i]
+
+
 def window_figures(events: Sequence[PredictionEvent], reference: np.ndarray | None, config: DriftConfig) -> dict:
-    """The drift figures of one window of events (None where a figure cannot be computed)."""
+    """The drift figures of one window of one version and site (None where a figure cannot be computed); each cell
+    counts once (`one_per_cell`)."""
+    events = one_per_cell(events)
     figures: dict[str, float | None] = {
         "n_cells": float(len(events)),
         "mean_confidence": float(np.mean([e.confidence for e in events])),
@@ -278,7 +322,7 @@ def drift_windows(
                     version,
                     site,
                     datetime.fromtimestamp(index * width, UTC),
-                    len(windows[index]),
+                    int(figures["n_cells"]),
                     figures,
                     window_flags(figures, first, config) if first is not None else [],
                 )
