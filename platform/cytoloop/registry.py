@@ -437,10 +437,17 @@ class Registry:
         interrupted download leaves no half model behind; two replicas downloading at once both end with the
         one that was renamed first. A replica killed mid-download (no `finally` runs) leaves its private folder,
         named with its host and process id: the next load on that host removes the folders of its processes no
-        longer alive (a cache shared by several hosts keeps the others' downloads in progress)."""
+        longer alive (a cache shared by several hosts keeps the others' downloads in progress).
+
+        A name and version number do not name one model for ever: a registered model deleted and made again (a
+        registry reset, a name reused) numbers its versions from 1 again. Each cached copy records the run that
+        logged it (`IDENTITY_FILE`); a copy of another run is replaced, never served as this version."""
         target = Path(cache_dir) / name / str(version)
+        identity = self._call(lambda: self.client.get_model_version(name, str(version)), f"{name} v{version}").run_id
         if target.is_dir() and not ((target / MODEL_FILE).is_file() and (target / WEIGHTS_FILE).is_file()):
             shutil.rmtree(target, ignore_errors=True)  # half a model, left by a download that was not atomic
+        if target.is_dir() and _cached_identity(target) != identity:
+            _discard(target)  # another model that had this name and number, or a copy from before identities
         if not target.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
             _remove_dead_downloads(target.parent)
@@ -449,6 +456,7 @@ class Registry:
                 downloaded = cytoloop_directory(self.download(name, version, staging))
                 if not (downloaded / MODEL_FILE).is_file() or not (downloaded / WEIGHTS_FILE).is_file():
                     raise RegistryError(f"{name} v{version}: the registered artifacts hold no complete model")
+                (downloaded / IDENTITY_FILE).write_text(json.dumps({"run_id": identity}))
                 try:
                     downloaded.rename(target)
                 except OSError:  # another replica renamed its copy first: use that one
@@ -490,6 +498,25 @@ class Registry:
 
 
 _PARTIAL = ".partial-"  # a private download folder: .<version>.partial-<host>~<pid>~<random>
+IDENTITY_FILE = "registry-version.json"  # in a cached copy: the run that logged the version it holds
+
+
+def _cached_identity(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / IDENTITY_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _discard(folder: Path) -> None:
+    """Remove a cached copy by renaming it aside first: a replica reading it meanwhile keeps whole files, and
+    the version's own download can be renamed into the freed place at once."""
+    aside = folder.with_name(f".{folder.name}{_partial_tag()}-stale")
+    try:
+        folder.rename(aside)
+    except OSError:  # another replica discarded it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _host() -> str:

@@ -82,6 +82,21 @@ def test_a_registered_version_without_its_weights_is_refused_and_nothing_is_cach
     assert list((cache / "cells").iterdir()) == []
 
 
+def test_a_version_number_that_now_names_another_model_is_not_served_from_the_cache(registered, tiny_settings):
+    """The registered model is deleted and made again (a registry reset, a name reused): its version 1 is another
+    model, and the cache's copy of the old version 1 used to be served as it."""
+    from cytoloop.models.baseline import BaselineClassifier
+
+    registry, version, cache = registered
+    assert registry.load("cells", version, cache).classes == ["a", "b"]
+    registry.client.delete_registered_model("cells")
+    other = cache.parent / "other"
+    BaselineClassifier(["x", "y", "z"], tiny_settings.data, tiny_settings.baseline).save(other)
+    assert registry.log_model(other, "cells").version == version  # the same name and number, another model
+    assert registry.load("cells", version, cache).classes == ["x", "y", "z"]
+    assert [p.name for p in (cache / "cells").iterdir()] == [version]  # the old copy is gone, not set aside
+
+
 def test_replicas_downloading_at_once_share_one_whole_copy(registered):
     registry, version, cache = registered
     start, loaded, errors = threading.Barrier(3), [], []
