@@ -93,6 +93,21 @@ def _read_or_make_secrets(settings: Settings, path: Path) -> dict[str, str]:
     return values
 
 
+def _secret_fields(model: Any) -> dict[str, Any]:
+    """Every secret field of a settings model, as pydantic's `exclude` names them. A secret written to a file is
+    its mask, '**********', which a process reading the file would take for the secret itself."""
+    from pydantic import BaseModel, SecretStr
+
+    found: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            found[name] = True
+        elif isinstance(value, BaseModel) and (inner := _secret_fields(value)):
+            found[name] = inner
+    return found
+
+
 def label_studio_url(settings: Settings) -> str:
     return settings.review.label_studio_url or f"http://{settings.stack.host}:{settings.stack.label_studio_port}"
 
@@ -441,12 +456,8 @@ class Stack:
 
         def prepare() -> None:  # the child gets exactly this configuration (secrets stay in secrets.json)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            secret_fields: dict[str, Any] = {
-                "home": True,
-                "stack": {"admin_password", "admin_token"},
-                "review": {"webhook_secret"},
-            }
-            settings_file.write_text(self.settings.model_dump_json(exclude=secret_fields, exclude_none=True))
+            leave_out = {"home": True, **_secret_fields(self.settings)}
+            settings_file.write_text(self.settings.model_dump_json(exclude=leave_out, exclude_none=True))
 
         return Service(
             "labels",
@@ -536,7 +547,11 @@ class Stack:
         service ran on unrecorded. A `down` during an `up` waits for it, then stops what it started."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "up.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info(f"waiting for the `stack up` or `down` in progress on {self.home} to finish")
+                fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
     def _start(self, service: Service) -> None:

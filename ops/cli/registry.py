@@ -247,12 +247,15 @@ def drift(
             typer.echo(f"{sum(e.label is not None for e in log)} of {len(log)} predictions have a label in {labels}")
         references = {}
         for version in sorted({e.model_version for e in log}):
-            try:
-                registry.load(name, version, settings.registry.cache_dir)
-                references[version] = read_colour_reference(Path(settings.registry.cache_dir) / name / version)
-            except NotRegistered:  # e.g. a local model directory served outside the registry
-                typer.echo(f"  {name} v{version} is not in the registry: no stain figures for it")
-                references[version] = None
+            references[version] = None
+            if version.isdigit():  # not `local-<hash>`, a model directory served outside the registry
+                try:
+                    registry.load(name, version, settings.registry.cache_dir)
+                    references[version] = read_colour_reference(Path(settings.registry.cache_dir) / name / version)
+                except NotRegistered:
+                    pass
+            if references[version] is None:
+                typer.echo(f"  {name} v{version}: not in the registry, or no colour reference: no stain figures")
         windows = drift_windows(log, references, settings.drift)
         log_windows(registry, name, windows)
         flags = save_flags(_flags_path(settings), windows, settings.drift.min_cells)

@@ -428,9 +428,17 @@ class Registry:
         )
         return Path(path)
 
-    def load(self, name: str, version: str, cache_dir: Path, runtime: ScoringConfig | None = None) -> Classifier:
+    def load(
+        self,
+        name: str,
+        version: str,
+        cache_dir: Path,
+        runtime: ScoringConfig | None = None,
+        run_id: str | None = None,
+    ) -> Classifier:
         """Load a version as a classifier, downloading it once into `cache_dir/<name>/<version>` (`runtime`: as in
-        `load_model`).
+        `load_model`; `run_id`: the run that logged the version, when the caller has it from the registry already,
+        so that a whole cached copy loads without asking again).
 
         The cache is shared by every replica on a host, so a version appears there whole or not at all: it is
         downloaded into a private folder beside it and renamed into place only once it holds the model. An
@@ -443,7 +451,7 @@ class Registry:
         registry reset, a name reused) numbers its versions from 1 again. Each cached copy records the run that
         logged it (`IDENTITY_FILE`); a copy of another run is replaced, never served as this version."""
         target = Path(cache_dir) / name / str(version)
-        identity = self._call(lambda: self.client.get_model_version(name, str(version)), f"{name} v{version}").run_id
+        identity = run_id or self.version(name, version).run_id
         if target.is_dir() and not ((target / MODEL_FILE).is_file() and (target / WEIGHTS_FILE).is_file()):
             shutil.rmtree(target, ignore_errors=True)  # half a model, left by a download that was not atomic
         if target.is_dir() and _cached_identity(target) != identity:

@@ -97,6 +97,21 @@ def test_a_version_number_that_now_names_another_model_is_not_served_from_the_ca
     assert [p.name for p in (cache / "cells").iterdir()] == [version]  # the old copy is gone, not set aside
 
 
+def test_a_cached_version_whose_run_the_caller_knows_loads_without_the_registry(registered, monkeypatch):
+    """Serving resolves the alias (and with it the version's run) first; the load that follows must not need the
+    registry again, or a blip between the two fails a replica whose model is whole on disk."""
+    from cytoloop.registry import Registry
+
+    registry, version, cache = registered
+    run_id = registry.version("cells", version).run_id
+    registry.load("cells", version, cache)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as closed:  # a registry server that is down: nothing listens on its port
+        closed.bind(("127.0.0.1", 0))
+        down = Registry(f"http://127.0.0.1:{closed.getsockname()[1]}", "faults")
+    assert down.load("cells", version, cache, run_id=run_id).classes == ["a", "b"]
+
+
 def test_replicas_downloading_at_once_share_one_whole_copy(registered):
     registry, version, cache = registered
     start, loaded, errors = threading.Barrier(3), [], []
@@ -322,6 +337,7 @@ def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_c
     settings = RegistryConfig(tracking_uri=uri, cache_dir=cache, model_name="cells")
     source = ModelSource(ServeConfig(), settings)
     live = LiveModel(None, source, ServiceCache(source, RoutingConfig()))  # a replica already up: same fallback
+    north = LiveModel("north", source, ServiceCache(source, RoutingConfig()))  # no alias of its own: the global one
     assert live.service.ref.version == v1 and live.fallback is not None
     registry.rollback("cells", "champion", why="undo the bad upload")
     assert live.refresh() and live.fallback is None and live.service.ref.version == v1  # current again
@@ -333,10 +349,17 @@ def test_a_new_replica_serves_the_last_known_good_version_when_the_current_one_c
     assert answer["version"] == v1 and "registry could not be read" in answer["fallback"]
 
     registry.client.delete_registered_model_alias("cells", "champion")  # withdrawn on purpose: nothing to serve
-    assert new_replica() == {"error": "NotRegistered"}
-    # the replica already serving it stops too (it kept answering with the withdrawn version), until one is back
     from cytoloop.registry import NotRegistered
+    from cytoloop.serving.model_source import ModelRef
 
+    assert source.last_known_good(None) is not None
+    with pytest.raises(NotRegistered):  # a site served by the global champion finds it withdrawn first
+        north.refresh()
+    assert source.last_known_good(None) is None and source.last_known_good("any-site") is None
+    source.remember(None, ModelRef("cells", v1, "champion"))  # as a replica that served it before would have left
+    assert new_replica() == {"error": "NotRegistered"}
+    assert source.last_known_good(None) is None  # a new replica finding the champion withdrawn forgets it too
+    # the replica already serving it stops too (it kept answering with the withdrawn version), until one is back
     with pytest.raises(NotRegistered):
         live.refresh()
     with pytest.raises(NotRegistered):

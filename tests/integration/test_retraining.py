@@ -451,6 +451,11 @@ def test_drift_is_logged_and_flagged(gated):
     report = json.loads(machine.stdout)  # the same status, for a scheduler: one JSON document on stdout
     assert report["retrain"]["due"] is True and report["drift_flags"] and "champion" in report["aliases"]
     assert "site east reports lymphocyte" in status.output and report["site_classes"] == {"east": ["lymphocyte"]}
+    # a log from a model directory served outside the registry (`local-<hash>`) failed the whole command
+    local = {**json.loads(lines[0]), "model_version": "local-0123456789ab"}
+    (root / "local.jsonl").write_text(json.dumps(local) + "\n")
+    served = runner.invoke(app, ["drift", "--events", str(root / "local.jsonl"), "--config", config])
+    assert served.exit_code == 0 and "vlocal-0123456789ab: not in the registry" in served.output, served.output
 
 
 def test_site_alias_serves_that_site_only(gated, ray_cluster):

@@ -255,15 +255,18 @@ def test_reviewed_labels_join_the_log_by_cell_and_each_cell_counts_once(tmp_path
     export.write_text(
         "path,label,domain,cell_id,site\n"
         + "".join(f"/cells/{i}.png,a,lab,sha256:{i:024x},north\n" for i in range(4))
-        + f"/elsewhere/5.png,a,lab,sha256:{5:024x},south\n/cells/5.png,b,lab,sha256:{5:024x},north\n"  # torn
+        + f"/elsewhere/5.png,a,lab,sha256:{5:024x},south\n/cells/5.png,b,lab,sha256:{5:024x},north\n"  # two sites
     )
     labels = read_labels(export)
-    assert len(labels) == 4 and f"sha256:{5:024x}" not in labels
+    five = f"sha256:{5:024x}"
+    assert labels[("north", five)] == "b" and labels[("south", five)] == "a" and (None, five) not in labels
     [window] = drift_windows(with_labels(log, labels), {}, CONFIG.model_copy(update={"min_reviewed": 1}))
-    assert window.n_cells == 8 and window.figures["n_reviewed"] == 4
-    assert window.figures["reviewed_accuracy"] == pytest.approx(0.75)  # cell 0's latest answer, b, is wrong
+    assert window.n_cells == 8 and window.figures["n_reviewed"] == 5  # cells 0-3, and 5 as north labelled it
+    assert window.figures["reviewed_accuracy"] == pytest.approx(0.6)  # cell 0's latest answer (b) and 5 are wrong
+    unsited = [event.model_copy(update={"site": None}) for event in log]  # a request that named no site
+    assert sum(e.label is not None for e in with_labels(unsited, labels)) == 5  # 0-3 (twice 0); 5 is torn
     (tmp_path / "other.csv").write_text("path,label\n/cells/0.png,a\n")
-    with pytest.raises(DatasetError, match="other.csv: no cell_id column"):
+    with pytest.raises(DatasetError, match="other.csv: no cell_id, site column"):
         read_labels(tmp_path / "other.csv")
 
 

@@ -272,3 +272,23 @@ def test_two_ups_at_once_start_one_receiver_that_down_stops(tmp_path):
         Stack(settings).down()
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "a receiver outlived `down`"
+
+
+def test_the_label_receiver_s_settings_file_holds_no_secret_not_even_masked(tmp_path):
+    """A secret given in the settings reached the receiver's settings file as its mask, '**********' (the new ML
+    backend password was missing from a hand-kept list), and the receiver then stored the mask in secrets.json as
+    the password. Every secret field is left out of that file now."""
+    settings = Settings(
+        home=tmp_path / "home",
+        stack={"admin_password": "p" * 12, "admin_token": "t" * 40, "ray": False},
+        review={"webhook_secret": "w" * 20, "ml_backend_password": "m" * 20},
+        serve={"api_key": "k" * 20},
+    )
+    stack = Stack(settings)
+    stack_secrets(settings)  # as `up` does: the secrets the lab gave are what secrets.json keeps
+    [labels] = [service for service in stack.services() if service.name == "labels"]
+    labels.prepare()
+    written = (stack.run_dir / "labels-settings.json").read_text()
+    assert "**" not in written and "ml_backend_password" not in written and "api_key" not in written
+    child = Settings.model_validate_json(written).model_copy(update={"home": tmp_path / "home"})
+    assert stack_secrets(child)["ml_backend_password"] == "m" * 20  # what the lab set, as every process reads it

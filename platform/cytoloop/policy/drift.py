@@ -12,7 +12,7 @@ calibration against an absolute ECE and the first window's accuracy, confidence 
 
 Serving logs one `PredictionEvent` per scored cell (JSON lines); `colour_statistics` computes its `colour`. The
 service does not see the labels: `with_labels` fills in each event's reviewed or audited class from the consensus
-export (`read_labels`), joined by the cell's id (a hash of its image), which the calibration figures need. A cell
+export (`read_labels`), joined by site and cell id (a hash of its image), which the calibration figures need. A cell
 scored more than once in a window by the same version for the same site (a retried request, a pool scored again)
 counts once (`one_per_cell`): the figures describe cells, not requests.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ from cytoloop.files import write_text
 from cytoloop.times import as_utc, parse_time
 
 REFERENCE_FILE = "colour_reference.json"
-logger = logging.getLogger(__name__)
 COLOUR_STATS = ("l_mean", "alpha_mean", "beta_mean", "l_std", "alpha_std", "beta_std")
 
 
@@ -200,28 +198,34 @@ def read_events(path: Path) -> list[PredictionEvent]:
     return events
 
 
-def read_labels(path: Path) -> dict[str, str]:
-    """Cell id -> class from a consensus export (`cytoloop review export`: columns `cell_id` and `label`). A cell
-    exported with two different classes (two sites disagreeing) is left out: which one is true is not known."""
+Labels = dict[tuple[str | None, str], str]  # (site, cell id) -> class; site None: the cell's class at every site
+
+
+def read_labels(path: Path) -> Labels:
+    """The classes of a consensus export (`cytoloop review export`: columns `cell_id`, `label`, and `site`), by
+    site and cell, as consensus reached them. For events logged without a site, a cell's class is also kept under
+    site None where every site that labelled it agrees (where they disagree, which is true is not known)."""
     with Path(path).open(newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = {"cell_id", "label"} - set(reader.fieldnames or [])
+        missing = {"cell_id", "label", "site"} - set(reader.fieldnames or [])
         if missing:
             raise DatasetError(f"{path}: no {', '.join(sorted(missing))} column: not a consensus label export")
-        found: dict[str, set[str]] = {}
+        labels: Labels = {}
+        everywhere: dict[str, set[str]] = {}
         for row in reader:
             if row["cell_id"] and row["label"]:
-                found.setdefault(row["cell_id"], set()).add(row["label"])
-    torn = sorted(cell for cell, classes in found.items() if len(classes) > 1)
-    if torn:
-        logger.warning("%s: %d cell(s) with two classes left out, e.g. %s", path, len(torn), torn[0])
-    return {cell: classes.pop() for cell, classes in found.items() if len(classes) == 1}
+                labels[(row["site"] or None, row["cell_id"])] = row["label"]
+                everywhere.setdefault(row["cell_id"], set()).add(row["label"])
+    labels |= {(None, cell): classes.pop() for cell, classes in everywhere.items() if len(classes) == 1}
+    return labels
 
 
-def with_labels(events: Iterable[PredictionEvent], labels: dict[str, str]) -> list[PredictionEvent]:
-    """The events, each with its cell's reviewed or audited class where `labels` (cell id -> class) has one."""
+def with_labels(events: Iterable[PredictionEvent], labels: Labels) -> list[PredictionEvent]:
+    """The events, each with its cell's reviewed or audited class at its site where `labels` has one."""
     return [
-        event.model_copy(update={"label": labels[event.cell_id]}) if event.cell_id in labels else event
+        event.model_copy(update={"label": labels[(event.site, event.cell_id)]})
+        if event.cell_id is not None and (event.site, event.cell_id) in labels
+        else event
         for event in events
     ]
 

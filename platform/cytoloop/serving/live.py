@@ -41,7 +41,7 @@ class LiveModel:
     def __init__(
         self, site: str | None, source: ModelSource, services: ServiceCache, classes: Sequence[str] | None = None
     ):
-        from cytoloop.registry import RegistryUnavailable
+        from cytoloop.registry import NotRegistered, RegistryUnavailable
 
         self.site, self.source, self.services = site, source, services
         self.classes = None if classes is None else tuple(classes)
@@ -53,6 +53,9 @@ class LiveModel:
         except RegistryUnavailable as error:
             self._service = self._last_known_good("the registry could not be read", error)
             return
+        except NotRegistered:
+            self._forget_withdrawn()
+            raise
         try:
             self._service = services.get(ref, classes=self.classes)
         except UsageError:  # the site's classes do not fit its model: a setting to fix, not a version to skip
@@ -84,8 +87,7 @@ class LiveModel:
                 if self.withdrawn is None:
                     logger.warning("site %s: withdrawn, no longer served: %s", self.site or "*", error)
                 self.withdrawn = error
-                self.source.forget(self.site)  # nor by a replica that starts while the registry is down
-                self.source.forget(None)  # neither alias serves the site: the global champion is gone as well
+                self._forget_withdrawn()
                 raise
             if ref == self._service.ref:
                 if self.fallback is None and self.withdrawn is None:
@@ -104,6 +106,13 @@ class LiveModel:
             self.fallback = None
             self.source.remember(self.site, ref)
             return True
+
+    def _forget_withdrawn(self) -> None:
+        """Neither the site's alias nor the global champion serves it (`NotRegistered`): no replica that starts while
+        the registry is down may fall back on either record (a site without a record of its own reads the global
+        one)."""
+        self.source.forget(self.site)
+        self.source.forget(None)
 
     def _last_known_good(self, why: str, error: Exception, failed: ModelRef | None = None) -> CellService:
         ref = self.source.last_known_good(self.site)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cytoloop.config import RegistryConfig, ScoringConfig, ServeConfig
@@ -35,6 +35,7 @@ class ModelRef:
     version: str
     alias: str | None  # the alias that chose it; None for a local directory
     path: Path | None = None  # local directory, when not from the registry
+    run_id: str | None = field(default=None, compare=False)  # the run that logged it: which model the number names
 
 
 class ModelSource:
@@ -70,13 +71,13 @@ class ModelSource:
             return local_ref(self.model_dir)
         info = self.registry.for_site(self.name, site)
         alias = site_alias(site) if site and site_alias(site) in info.aliases else site_alias(None)
-        return ModelRef(info.name, info.version, alias)
+        return ModelRef(info.name, info.version, alias, run_id=info.run_id)
 
     def load(self, ref: ModelRef) -> Classifier:
         if ref.path is not None:
             return load_model(ref.path, self.runtime)
-        # whole or not at all in the shared cache
-        return self.registry.load(ref.name, ref.version, self.cache_dir, self.runtime)
+        # whole or not at all in the shared cache; the run id, known from `resolve`, tells a cached copy's model
+        return self.registry.load(ref.name, ref.version, self.cache_dir, self.runtime, run_id=ref.run_id)
 
     def remember(self, site: str | None, ref: ModelRef) -> None:
         """Record `ref` as the version last loaded and served for `site` (atomically: a reader sees the old record
