@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from cytoloop.data.records import cell_id
 from cytoloop.errors import CytoLoopError
 from cytoloop.policy.routing import RoutedCell
-from cytoloop.serving.inference import cell_id
 from labelstudio.label_config import prediction_result
 
 
@@ -46,7 +46,7 @@ class CellContext:
 
 
 def cell_uid(image_path: Path | str) -> str:
-    """The cell's identity: the content hash the classifier service gives the same image (`inference.cell_id`),
+    """The cell's identity: the content hash the classifier service gives the same image (`records.cell_id`),
     so a served answer and a routed task name a cell alike."""
     return cell_id(Path(image_path).read_bytes())
 

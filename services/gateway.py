@@ -22,8 +22,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import JSONResponse
 
 from cytoloop.config import Settings
+from cytoloop.data.records import cell_id
 from cytoloop.policy.differential import differential
-from cytoloop.serving.inference import CellFailure, CellResult, cell_id
+from cytoloop.serving.inference import CellFailure, CellResult
 from cytoloop.serving.model_source import ModelSource
 from services.classifier import GLOBAL_KEY, Answer, Refusal, site_key
 from services.schemas import (

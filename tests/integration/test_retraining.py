@@ -386,10 +386,10 @@ def shifted_png(path, factors=(1.25, 0.8, 1.1)) -> bytes:
 
 
 def test_drift_is_logged_and_flagged(gated):
+    from cytoloop.data.records import cell_id
     from cytoloop.models.finetune import write_manifest
     from cytoloop.policy.drift import colour_statistics
     from cytoloop.policy.retrain import save_state
-    from cytoloop.serving.inference import cell_id
     from ops.cli import app
 
     settings, registry, root = gated["settings"], gated["registry"], gated["root"]

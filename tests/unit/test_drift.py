@@ -271,8 +271,9 @@ def test_reviewed_labels_join_the_log_by_cell_and_each_cell_counts_once(tmp_path
 
 
 def test_served_events_carry_the_cell_id(jtsc):
+    from cytoloop.data.records import cell_id
     from cytoloop.policy.drift import prediction_events
-    from cytoloop.serving.inference import CellResult, cell_id
+    from cytoloop.serving.inference import CellResult
 
     data = jtsc[0][0].path.read_bytes()
     answer = CellResult(0, "x.bmp", cell_id(data), "a", {"a": 1.0}, 1.0, 0.0, None, "accept", 1)

@@ -121,3 +121,29 @@ def test_a_state_file_that_is_not_one_is_refused_naming_it(tmp_path):
     path.write_text('{"last_time": "yesterday"')
     with pytest.raises(UsageError, match=f"{path} is not a retrain state file"):
         load_state(path)
+
+
+def test_labels_of_images_that_moved_are_not_new_and_an_old_state_still_counts(tmp_path):
+    """The state named a cell by its resolved path, so an export whose images were mounted elsewhere counted every
+    label as new (a retrain due on labels already trained on). Cells are named by their image's content now; a
+    state written before still counts its labels; a cell relabelled is new."""
+    from dataclasses import replace
+
+    from cytoloop.policy.retrain import RetrainState
+
+    def export(folder) -> list[CellRecord]:
+        folder.mkdir(exist_ok=True)
+        records = []
+        for i in range(5):
+            (folder / f"{i}.png").write_bytes(f"image {i}".encode())
+            records.append(CellRecord(f"{i}.png", folder / f"{i}.png", "neutrophil", "d"))
+        return records
+
+    trained = export(tmp_path / "mnt-a")
+    state = save_state(tmp_path / "state.json", trained)
+    moved = export(tmp_path / "mnt-b")  # the same images, another mount
+    assert new_labels(moved, load_state(tmp_path / "state.json")) == []
+    relabelled = [replace(moved[0], label="lymphocyte"), *moved[1:]]
+    assert new_labels(relabelled, state) == relabelled[:1]
+    legacy = RetrainState(None, {f"{r.path.resolve()}\tneutrophil" for r in trained})  # written by an older release
+    assert new_labels(trained, legacy) == []

@@ -29,6 +29,12 @@ class DatasetError(CytoLoopError, ValueError):
     """A dataset, selection or split that cannot be used as given; the message says what and where."""
 
 
+def cell_id(data: bytes) -> str:
+    """A stable identity of a cell image (its content), so the same image is routed, audited, labelled and counted
+    the same way wherever its file lies. (Not `CellRecord.cell_id`, which names a file by its dataset path.)"""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:24]
+
+
 @dataclass(frozen=True)
 class CellRecord:
     """One cell image. `cell_id` is the path relative to the dataset root: stable across machines.

@@ -54,7 +54,7 @@ class PredictionEvent(BaseModel):
     predicted: str
     label: str | None = Field(None, description="the reviewed or audited label, once known")
     colour: list[float] | None = Field(None, min_length=6, max_length=6, description="`colour_statistics` of the cell")
-    cell_id: str | None = Field(None, description="hash of the image (`serving.inference.cell_id`)")
+    cell_id: str | None = Field(None, description="hash of the image (`data.records.cell_id`)")
 
     @field_validator("time")
     @classmethod

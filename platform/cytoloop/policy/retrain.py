@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cytoloop.config import RetrainConfig
-from cytoloop.data.records import CellRecord
+from cytoloop.data.records import CellRecord, cell_id
 from cytoloop.errors import UsageError
 from cytoloop.files import write_text
 from cytoloop.times import as_utc
@@ -63,12 +63,27 @@ class RetrainState:
 
 
 def label_key(record: CellRecord) -> str:
+    """A (cell, label) as the state names it: the cell by its image's content (`records.cell_id`, as tasks and
+    labels name cells), so an export whose images moved (another mount, another folder) names the same cells and
+    its labels do not all count as new; a file that cannot be read is named by its path."""
+    try:
+        return f"{cell_id(Path(record.path).read_bytes())}\t{record.label}"
+    except OSError:
+        return _path_key(record)
+
+
+def _path_key(record: CellRecord) -> str:
+    """How states written before content keys name a (cell, label): still read, so no label counts new again."""
     return f"{Path(record.path).resolve()}\t{record.label}"
 
 
 def new_labels(records: Sequence[CellRecord], state: RetrainState) -> list[CellRecord]:
     """Labelled records whose (cell, label) the last retrain did not see."""
-    return [r for r in records if r.label is not None and label_key(r) not in state.trained]
+    return [
+        r
+        for r in records
+        if r.label is not None and label_key(r) not in state.trained and _path_key(r) not in state.trained
+    ]
 
 
 def load_state(path: Path) -> RetrainState:

@@ -9,7 +9,6 @@ A service made for a site with its own classes (`sites.<site>.classes`) decides 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from cytoloop.config import RoutingConfig
 from cytoloop.data.preprocess import ImageError, preprocess
+from cytoloop.data.records import cell_id
 from cytoloop.models.base import Classifier, candidate_rows, class_mask
 from cytoloop.policy.routing import route_cell
 from cytoloop.serving.model_source import ModelRef
@@ -50,11 +50,6 @@ class CellFailure:
     name: str
     reason: str
     message: str
-
-
-def cell_id(data: bytes) -> str:
-    """A stable identity of a cell image (its content), so the same image is routed and audited the same way."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:24]
 
 
 class CellService:
