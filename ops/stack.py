@@ -457,6 +457,8 @@ class Stack:
         def prepare() -> None:  # the child gets exactly this configuration (secrets stay in secrets.json)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             leave_out = {"home": True, **_secret_fields(self.settings)}
+            settings_file.touch(mode=0o600)  # owner-only: a registry address may hold a user and password
+            settings_file.chmod(0o600)
             settings_file.write_text(self.settings.model_dump_json(exclude=leave_out, exclude_none=True))
 
         return Service(

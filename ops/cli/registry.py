@@ -223,6 +223,8 @@ def drift(
     """Compute drift per model version, site and time window; log it to MLflow and update the flags."""
 
     def action():
+        from cytoloop.errors import UsageError
+        from cytoloop.models.base import ModelLoadError
         from cytoloop.policy.drift import (
             drift_windows,
             log_windows,
@@ -237,7 +239,7 @@ def drift(
         settings = settings_from(config)
         known = read_labels(labels) if labels is not None else {}  # a wrong file is named before MLflow is opened
         registry = open_registry(settings)
-        name = settings.registry.model_name
+        name = settings.serve.model_name or settings.registry.model_name  # the model the log's versions are of
         log = read_events(events)
         if not log:
             typer.echo(f"{events}: no predictions in it; drift flags unchanged")
@@ -252,8 +254,8 @@ def drift(
                 try:
                     registry.load(name, version, settings.registry.cache_dir)
                     references[version] = read_colour_reference(Path(settings.registry.cache_dir) / name / version)
-                except NotRegistered:
-                    pass
+                except (NotRegistered, ModelLoadError, UsageError) as error:  # this version only; the others go on
+                    typer.echo(f"  {name} v{version}: {error}")
             if references[version] is None:
                 typer.echo(f"  {name} v{version}: not in the registry, or no colour reference: no stain figures")
         windows = drift_windows(log, references, settings.drift)

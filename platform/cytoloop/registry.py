@@ -454,7 +454,7 @@ class Registry:
         identity = run_id or self.version(name, version).run_id
         if target.is_dir() and not ((target / MODEL_FILE).is_file() and (target / WEIGHTS_FILE).is_file()):
             shutil.rmtree(target, ignore_errors=True)  # half a model, left by a download that was not atomic
-        if target.is_dir() and _cached_identity(target) != identity:
+        if target.is_dir() and cached_identity(target) != identity:
             _discard(target)  # another model that had this name and number, or a copy from before identities
         if not target.is_dir():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +509,8 @@ _PARTIAL = ".partial-"  # a private download folder: .<version>.partial-<host>~<
 IDENTITY_FILE = "registry-version.json"  # in a cached copy: the run that logged the version it holds
 
 
-def _cached_identity(folder: Path) -> str | None:
+def cached_identity(folder: Path) -> str | None:
+    """The run that logged the version a cached copy holds (None: not recorded)."""
     try:
         return json.loads((folder / IDENTITY_FILE).read_text())["run_id"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -84,17 +84,29 @@ def test_a_registered_version_without_its_weights_is_refused_and_nothing_is_cach
 
 def test_a_version_number_that_now_names_another_model_is_not_served_from_the_cache(registered, tiny_settings):
     """The registered model is deleted and made again (a registry reset, a name reused): its version 1 is another
-    model, and the cache's copy of the old version 1 used to be served as it."""
+    model, and the cache's copy of the old version 1 used to be served as it, by a new replica from disk and by a
+    replica already serving it from memory."""
+    from cytoloop.config import RegistryConfig, RoutingConfig, ServeConfig
     from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.serving.live import LiveModel, ServiceCache
+    from cytoloop.serving.model_source import ModelSource
 
     registry, version, cache = registered
-    assert registry.load("cells", version, cache).classes == ["a", "b"]
+    registry.set_alias("cells", "champion", version)
+    source = ModelSource(
+        ServeConfig(), RegistryConfig(tracking_uri=registry.tracking_uri, cache_dir=cache, model_name="cells")
+    )
+    live = LiveModel(None, source, ServiceCache(source, RoutingConfig()))
+    assert live.service.classes == ["a", "b"] and registry.load("cells", version, cache).classes == ["a", "b"]
     registry.client.delete_registered_model("cells")
     other = cache.parent / "other"
     BaselineClassifier(["x", "y", "z"], tiny_settings.data, tiny_settings.baseline).save(other)
     assert registry.log_model(other, "cells").version == version  # the same name and number, another model
+    registry.set_alias("cells", "champion", version)
+    assert live.refresh() and live.service.classes == ["x", "y", "z"]  # the replica already up switches too
     assert registry.load("cells", version, cache).classes == ["x", "y", "z"]
-    assert [p.name for p in (cache / "cells").iterdir()] == [version]  # the old copy is gone, not set aside
+    kept = sorted(p.name for p in (cache / "cells").iterdir())
+    assert kept == sorted([version, "last-known-good"])  # the old copy is gone, not set aside
 
 
 def test_a_cached_version_whose_run_the_caller_knows_loads_without_the_registry(registered, monkeypatch):

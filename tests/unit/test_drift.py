@@ -279,3 +279,20 @@ def test_served_events_carry_the_cell_id(jtsc):
     answer = CellResult(0, "x.bmp", cell_id(data), "a", {"a": 1.0}, 1.0, 0.0, None, "accept", 1)
     [logged] = prediction_events([("x.bmp", data)], [answer], "north", "3", DataConfig(image_size=16))
     assert logged.cell_id == cell_id(data)
+
+
+def test_a_cell_listed_twice_with_two_classes_gets_neither(tmp_path):
+    """Rows that disagree for one site, or a row without a site disagreeing with another, leave the cell without a
+    class there: the last row used to win silently."""
+    from cytoloop.policy.drift import read_labels
+
+    export = tmp_path / "consensus.csv"
+    one, two = "sha256:" + "1" * 24, "sha256:" + "2" * 24
+    export.write_text(
+        "path,label,domain,cell_id,site\n"
+        f"/a.png,a,lab,{one},north\n/a.png,b,lab,{one},north\n"  # listed twice for north, two classes
+        f"/b.png,a,lab,{two},\n/b.png,b,lab,{two},south\n"  # no site, and south: they disagree
+    )
+    labels = read_labels(export)
+    assert ("north", one) not in labels and (None, one) not in labels
+    assert labels[("south", two)] == "b" and (None, two) not in labels

@@ -35,6 +35,12 @@ def cell_id(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()[:24]
 
 
+def file_cell_id(path: Path) -> str:
+    """`cell_id` of an image file, read in chunks (a huge file is hashed, never held whole)."""
+    with Path(path).open("rb") as handle:
+        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()[:24]
+
+
 @dataclass(frozen=True)
 class CellRecord:
     """One cell image. `cell_id` is the path relative to the dataset root: stable across machines.

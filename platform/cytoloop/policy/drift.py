@@ -204,20 +204,19 @@ Labels = dict[tuple[str | None, str], str]  # (site, cell id) -> class; site Non
 def read_labels(path: Path) -> Labels:
     """The classes of a consensus export (`cytoloop review export`: columns `cell_id`, `label`, and `site`), by
     site and cell, as consensus reached them. For events logged without a site, a cell's class is also kept under
-    site None where every site that labelled it agrees (where they disagree, which is true is not known)."""
+    site None where every row that labelled it agrees. Where rows disagree (two sites, or a cell listed twice for
+    one site), which class is true is not known, and the cell goes without one there."""
+    by_site: dict[tuple[str | None, str], set[str]] = {}
     with Path(path).open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"cell_id", "label", "site"} - set(reader.fieldnames or [])
         if missing:
             raise DatasetError(f"{path}: no {', '.join(sorted(missing))} column: not a consensus label export")
-        labels: Labels = {}
-        everywhere: dict[str, set[str]] = {}
         for row in reader:
             if row["cell_id"] and row["label"]:
-                labels[(row["site"] or None, row["cell_id"])] = row["label"]
-                everywhere.setdefault(row["cell_id"], set()).add(row["label"])
-    labels |= {(None, cell): classes.pop() for cell, classes in everywhere.items() if len(classes) == 1}
-    return labels
+                for site in {row["site"] or None, None}:
+                    by_site.setdefault((site, row["cell_id"]), set()).add(row["label"])
+    return {key: classes.pop() for key, classes in by_site.items() if len(classes) == 1}
 
 
 def with_labels(events: Iterable[PredictionEvent], labels: Labels) -> list[PredictionEvent]:

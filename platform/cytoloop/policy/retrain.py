@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cytoloop.config import RetrainConfig
-from cytoloop.data.records import CellRecord, cell_id
+from cytoloop.data.records import CellRecord, file_cell_id
 from cytoloop.errors import UsageError
 from cytoloop.files import write_text
 from cytoloop.times import as_utc
@@ -65,11 +65,14 @@ class RetrainState:
 def label_key(record: CellRecord) -> str:
     """A (cell, label) as the state names it: the cell by its image's content (`records.cell_id`, as tasks and
     labels name cells), so an export whose images moved (another mount, another folder) names the same cells and
-    its labels do not all count as new; a file that cannot be read is named by its path."""
+    its labels do not all count as new; anything but a readable file is named by its path."""
+    path = Path(record.path)
     try:
-        return f"{cell_id(Path(record.path).read_bytes())}\t{record.label}"
-    except OSError:
-        return _path_key(record)
+        if path.is_file():
+            return f"{file_cell_id(path)}\t{record.label}"
+    except (OSError, ValueError):  # unreadable, or a path the OS refuses (a NUL in it)
+        pass
+    return _path_key(record)
 
 
 def _path_key(record: CellRecord) -> str:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cytoloop.config import RegistryConfig, ScoringConfig, ServeConfig
 from cytoloop.files import write_text
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
 from cytoloop.models.loading import load_model
-from cytoloop.registry import CHAMPION, site_alias
+from cytoloop.registry import CHAMPION, cached_identity, site_alias
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ModelRef:
     version: str
     alias: str | None  # the alias that chose it; None for a local directory
     path: Path | None = None  # local directory, when not from the registry
-    run_id: str | None = field(default=None, compare=False)  # the run that logged it: which model the number names
+    run_id: str | None = None  # the run that logged it: which model the number names (a registry's numbers restart)
 
 
 class ModelSource:
@@ -90,7 +90,7 @@ class ModelSource:
         if site is not None and ref.alias != site_alias(site):
             self.forget(site)
             site = None
-        record = {"name": ref.name, "version": ref.version, "alias": ref.alias}
+        record = {"name": ref.name, "version": ref.version, "alias": ref.alias, "run_id": ref.run_id}
         write_text(self._last_known_good_file(site), json.dumps(record))
 
     def forget(self, site: str | None) -> None:
@@ -108,12 +108,14 @@ class ModelSource:
             return None
         try:
             saved = json.loads(record.read_text())
-            ref = ModelRef(saved["name"], str(saved["version"]), saved.get("alias"))
+            ref = ModelRef(saved["name"], str(saved["version"]), saved.get("alias"), run_id=saved.get("run_id"))
         except (ValueError, KeyError, TypeError):
             return None
         folder = self.cache_dir / ref.name / ref.version
         if not ((folder / MODEL_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()):
             return None
+        if ref.run_id is not None and cached_identity(folder) != ref.run_id:
+            return None  # the cache now holds another model under that number
         return ref
 
     def load_cached(self, ref: ModelRef) -> Classifier:
