@@ -42,6 +42,7 @@ from typing import Any
 
 from cytoloop.config import Settings, is_loopback
 from cytoloop.errors import CytoLoopError
+from cytoloop.files import write_text
 from cytoloop.processes import alive
 
 logger = logging.getLogger(__name__)
@@ -82,14 +83,8 @@ def _read_or_make_secrets(settings: Settings, path: Path) -> dict[str, str]:
     }
     values: dict[str, str] = {k: v.get_secret_value() if v is not None else stored.get(k, "") for k, v in given.items()}
     values.update({k: secrets_lib.token_hex(20) for k, v in values.items() if not v})
-    if values != {k: stored.get(k) for k in values}:  # written whole, owner-only, then renamed into place
-        staging = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({**stored, **values}, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, path)
+    if values != {k: stored.get(k) for k in values}:  # written whole and owner-only
+        write_text(path, json.dumps({**stored, **values}, indent=1), mode=0o600)
     return values
 
 
@@ -457,9 +452,8 @@ class Stack:
         def prepare() -> None:  # the child gets exactly this configuration (secrets stay in secrets.json)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             leave_out = {"home": True, **_secret_fields(self.settings)}
-            settings_file.touch(mode=0o600)  # owner-only: a registry address may hold a user and password
-            settings_file.chmod(0o600)
-            settings_file.write_text(self.settings.model_dump_json(exclude=leave_out, exclude_none=True))
+            # owner-only: a registry address may hold a user and password
+            write_text(settings_file, self.settings.model_dump_json(exclude=leave_out, exclude_none=True), mode=0o600)
 
         return Service(
             "labels",

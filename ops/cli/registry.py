@@ -249,15 +249,16 @@ def drift(
             typer.echo(f"{sum(e.label is not None for e in log)} of {len(log)} predictions have a label in {labels}")
         references = {}
         for version in sorted({e.model_version for e in log}):
-            references[version] = None
-            if version.isdigit():  # not `local-<hash>`, a model directory served outside the registry
+            references[version], why = None, "a local model directory's version, not in the registry"
+            if version.isdigit():  # not `local-<hash>`
                 try:
                     registry.load(name, version, settings.registry.cache_dir)
                     references[version] = read_colour_reference(Path(settings.registry.cache_dir) / name / version)
+                    why = "it keeps no colour reference"
                 except (NotRegistered, ModelLoadError, UsageError) as error:  # this version only; the others go on
-                    typer.echo(f"  {name} v{version}: {error}")
+                    why = str(error)
             if references[version] is None:
-                typer.echo(f"  {name} v{version}: not in the registry, or no colour reference: no stain figures")
+                typer.echo(f"  {name} v{version}: no stain figures ({why})")
         windows = drift_windows(log, references, settings.drift)
         log_windows(registry, name, windows)
         flags = save_flags(_flags_path(settings), windows, settings.drift.min_cells)

@@ -5,7 +5,8 @@ A file is written to a temporary file of its own beside the target and renamed o
 one file system). So a reader never sees half a file, a process killed mid-write leaves the old file intact, and
 two writers of the same path never share a temporary file (a fixed `<name>.tmp` did: the second rename then
 failed, or moved the other's half-written file into place); the last rename wins. The new file keeps the mode of
-the one it replaces (a new one gets the process's umask, as `open` would give it). A writer killed mid-write
+the one it replaces (a new one gets the process's umask, as `open` would give it), unless the writer names its
+mode (secrets: 0600; the temporary file is owner-only from its creation). A writer killed mid-write
 leaves its temporary file; the next write of the same file removes those older than `STALE_S`.
 """
 
@@ -24,9 +25,10 @@ STALE_S = 3600.0  # no writer of these small files takes an hour: an older tempo
 
 
 @contextlib.contextmanager
-def replaced(path: Path, newline: str | None = None) -> Iterator[TextIO]:
+def replaced(path: Path, newline: str | None = None, mode: int | None = None) -> Iterator[TextIO]:
     """Open a text file that replaces `path` (its folder created) when the block ends without an error; on an
-    error nothing changes and the temporary file is removed."""
+    error nothing changes and the temporary file is removed. `mode`: the new file's permission bits (None: the
+    replaced file's, else the umask's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
@@ -39,7 +41,9 @@ def replaced(path: Path, newline: str | None = None) -> Iterator[TextIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(staging, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        if mode is None:
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
+        os.chmod(staging, mode)
         os.replace(staging, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -58,7 +62,7 @@ def _umask() -> int:
     return 0o022
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text`, whole or not at all (see the module docstring)."""
-    with replaced(path) as handle:
+def write_text(path: Path, text: str, mode: int | None = None) -> None:
+    """Replace `path` with `text`, whole or not at all (see the module docstring); `mode` as in `replaced`."""
+    with replaced(path, mode=mode) as handle:
         handle.write(text)

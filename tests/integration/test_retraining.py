@@ -455,7 +455,7 @@ def test_drift_is_logged_and_flagged(gated):
     local = {**json.loads(lines[0]), "model_version": "local-0123456789ab"}
     (root / "local.jsonl").write_text(json.dumps(local) + "\n")
     served = runner.invoke(app, ["drift", "--events", str(root / "local.jsonl"), "--config", config])
-    assert served.exit_code == 0 and "vlocal-0123456789ab: not in the registry" in served.output, served.output
+    assert served.exit_code == 0 and "vlocal-0123456789ab: no stain figures" in served.output, served.output
 
 
 def test_site_alias_serves_that_site_only(gated, ray_cluster):

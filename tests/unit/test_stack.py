@@ -289,6 +289,9 @@ def test_the_label_receiver_s_settings_file_holds_no_secret_not_even_masked(tmp_
     [labels] = [service for service in stack.services() if service.name == "labels"]
     labels.prepare()
     written = (stack.run_dir / "labels-settings.json").read_text()
+    assert (
+        stat.S_IMODE((stack.run_dir / "labels-settings.json").stat().st_mode) == 0o600
+    )  # a registry URI may hold a password
     assert "**" not in written and "ml_backend_password" not in written and "api_key" not in written
     child = Settings.model_validate_json(written).model_copy(update={"home": tmp_path / "home"})
     assert stack_secrets(child)["ml_backend_password"] == "m" * 20  # what the lab set, as every process reads it

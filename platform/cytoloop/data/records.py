@@ -32,13 +32,17 @@ class DatasetError(CytoLoopError, ValueError):
 def cell_id(data: bytes) -> str:
     """A stable identity of a cell image (its content), so the same image is routed, audited, labelled and counted
     the same way wherever its file lies. (Not `CellRecord.cell_id`, which names a file by its dataset path.)"""
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:24]
+    return _content_id(hashlib.sha256(data).hexdigest())
 
 
 def file_cell_id(path: Path) -> str:
     """`cell_id` of an image file, read in chunks (a huge file is hashed, never held whole)."""
     with Path(path).open("rb") as handle:
-        return "sha256:" + hashlib.file_digest(handle, "sha256").hexdigest()[:24]
+        return _content_id(hashlib.file_digest(handle, "sha256").hexdigest())
+
+
+def _content_id(sha256_hex: str) -> str:
+    return "sha256:" + sha256_hex[:24]
 
 
 @dataclass(frozen=True)
