@@ -10,6 +10,12 @@ the new one sends again every task the old one took whose cell has no consensus 
 that, the unlabelled cells would stay "pushed" to a server that no longer exists and never be asked again. Rows
 pushed before identities were kept (server NULL) are adopted by the first server a push reaches, as the label
 store's are: upgrade, then push once against the same Label Studio.
+
+An import that got no answer (a timeout, a dropped connection, a push killed mid-request) may still be committed by
+Label Studio later, after the next push listed the project and imported the task again: two tasks of one key. Each
+row counts the imports sent for it that no answer accounted for (`mark_sending`); a row pushed with more than one
+such import is watched for `DUPLICATE_WATCH` (`watched`), and each push in that time removes the extra tasks of its
+key that nobody has labelled (`labelstudio.push`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from labelstudio import sqlite
@@ -28,8 +34,9 @@ from labelstudio.store import cell_key
 
 logger = logging.getLogger(__name__)
 
-# PRAGMA user_version of the file. 1: rows without the server that took them; 2: `server` (`_migrate` goes 1 -> 2)
-SCHEMA_VERSION = 2
+# PRAGMA user_version of the file. 1: rows without the server that took them; 2: `server`; 3: `sends` and
+# `watch_until`, for imports that got no answer (`_migrate` goes 1 -> 2 -> 3)
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     task_key TEXT PRIMARY KEY,
@@ -41,12 +48,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     pushed_at TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
-    server TEXT
+    server TEXT,
+    sends INTEGER NOT NULL DEFAULT 0,
+    watch_until TEXT
 );
 """
 
 
 MAX_ATTEMPTS = 5  # a task Label Studio refused this often waits for a person (`failures`), not for the next push
+# how long a task imported more than once without an answer is checked for a late-committed twin: far longer than
+# Label Studio's server takes to finish (or abandon) a request whose client gave up
+DUPLICATE_WATCH = timedelta(hours=1)
 
 
 def _now() -> str:
@@ -60,15 +72,19 @@ class Outbox:
         sqlite.initialise(self.path, SCHEMA, SCHEMA_VERSION)
 
     def _migrate(self) -> None:
-        """Give an outbox of the first format its `server` column (NULL: pushed to a server not recorded)."""
+        """Bring an older outbox to this schema: the first format gets its `server` column (NULL: pushed to a server
+        not recorded), the second its `sends` and `watch_until` (no import in doubt)."""
         if not self.path.is_file():
             return
         with sqlite.transaction(self.path) as db:
             columns = {r["name"] for r in db.execute("PRAGMA table_info(outbox)")}
-            if not columns or "server" in columns:
+            if not columns or "sends" in columns:
                 return
-            db.execute("ALTER TABLE outbox ADD COLUMN server TEXT")
-        logger.info("outbox %s: migrated to tasks keyed by Label Studio server", self.path)
+            if "server" not in columns:
+                db.execute("ALTER TABLE outbox ADD COLUMN server TEXT")
+                logger.info("outbox %s: migrated to tasks keyed by Label Studio server", self.path)
+            db.execute("ALTER TABLE outbox ADD COLUMN sends INTEGER NOT NULL DEFAULT 0")
+            db.execute("ALTER TABLE outbox ADD COLUMN watch_until TEXT")
 
     def enqueue(self, tasks: Iterable[dict]) -> int:
         """Queue task payloads (see `tasks.build_task`); returns how many were new."""
@@ -111,14 +127,45 @@ class Outbox:
             ).fetchall()
         return [(r["task_key"], r["attempts"], r["last_error"]) for r in rows]
 
+    def mark_sending(self, keys: Iterable[str]) -> None:
+        """Count an import of these tasks about to be sent; its answer (`mark_pushed`, `mark_answered`) accounts
+        for it. One that never gets an answer (a timeout, a killed push) stays counted: Label Studio may commit it
+        later."""
+        with sqlite.transaction(self.path) as db:
+            db.executemany("UPDATE outbox SET sends = sends + 1 WHERE task_key = ?", [(key,) for key in keys])
+
+    def mark_answered(self, keys: Iterable[str]) -> None:
+        """Label Studio answered an import of these tasks with an error: it took none of them, so that import is
+        accounted for."""
+        with sqlite.transaction(self.path) as db:
+            db.executemany("UPDATE outbox SET sends = MAX(sends - 1, 0) WHERE task_key = ?", [(key,) for key in keys])
+
     def mark_pushed(self, server: str, project_id: int, task_ids: dict[str, int]) -> None:
-        """Record that Label Studio `server` holds these tasks (task key -> its task id) in `project_id`."""
+        """Record that Label Studio `server` holds these tasks (task key -> its task id) in `project_id`, from an
+        import's answer or from a listing of the project. The task found accounts for one import sent; if more
+        were sent without an answer, a late one may still land as a twin, so the row is watched (`watched`)."""
+        now = datetime.now(UTC)
+        until = (now + DUPLICATE_WATCH).isoformat()
         with sqlite.transaction(self.path) as db:
             db.executemany(
-                "UPDATE outbox SET server = ?, project_id = ?, task_id = ?, pushed_at = ?, last_error = NULL "
-                "WHERE task_key = ?",
-                [(server, project_id, task_id, _now(), key) for key, task_id in task_ids.items()],
+                "UPDATE outbox SET server = ?, project_id = ?, task_id = ?, pushed_at = ?, last_error = NULL, "
+                "watch_until = CASE WHEN sends > 1 THEN ? ELSE watch_until END, sends = 0 WHERE task_key = ?",
+                [(server, project_id, task_id, now.isoformat(), until, key) for key, task_id in task_ids.items()],
             )
+
+    def watched(self, server: str) -> dict[int, dict[str, int]]:
+        """Tasks `server` holds that may have a late-committed twin (see `mark_pushed`), per project: task key ->
+        the task id the outbox recorded, the one to keep."""
+        by_project: dict[int, dict[str, int]] = {}
+        with sqlite.connect(self.path) as db:
+            rows = db.execute(
+                "SELECT task_key, project_id, task_id FROM outbox WHERE server = ? AND pushed_at IS NOT NULL "
+                "AND watch_until > ?",
+                (server, _now()),
+            )
+            for row in rows:
+                by_project.setdefault(row["project_id"], {})[row["task_key"]] = row["task_id"]
+        return by_project
 
     def resend_elsewhere(self, server: str, settled: Collection[str] = ()) -> int:
         """Make pending again every task another Label Studio took, unless its cell (`store.cell_key`: site and
@@ -186,7 +233,7 @@ def _requeue(db, rows: list, settled: Collection[str]) -> list:
             again.append(row)
     db.executemany(
         "UPDATE outbox SET server = NULL, project_id = NULL, task_id = NULL, pushed_at = NULL, attempts = 0, "
-        "last_error = NULL WHERE task_key = ?",
+        "last_error = NULL, sends = 0, watch_until = NULL WHERE task_key = ?",
         [(row["task_key"],) for row in again],
     )
     return again

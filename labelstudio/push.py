@@ -9,6 +9,11 @@ keeps its tasks pending, with no attempt counted against them: that is no fault 
 Label Studio it reaches (`client.server_identity`): tasks another one took, whose cells have no consensus yet, are
 sent to this one too (`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task; so are tasks of a
 project it no longer has (deleted, perhaps made again under the same title: `Outbox.resend_lost`).
+
+An import that got no answer (a timeout, a killed push) can be committed by Label Studio after the next push listed
+the project and sent the task again. While the outbox watches such a task (`Outbox.watched`), each push lists its
+project and deletes the task's twins that nobody has labelled or started, keeping the one the outbox recorded; a
+twin with labels stays (the label store counts one vote per person and cell, so nothing is counted twice).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class PushReport:
     pending: int = 0
     failed: int = 0  # tasks Label Studio refused this time (marked in the outbox with the error)
     resent: int = 0  # tasks another Label Studio, or a project since deleted, had taken: queued again
+    twins_removed: int = 0  # late-committed second copies of a task, deleted (see the module's docstring)
     error: str | None = None
     site_errors: dict[str, str] = field(default_factory=dict)  # sites whose project failed; their tasks wait
     projects: dict[str, int] = field(default_factory=dict)
@@ -99,6 +105,7 @@ def _push_all(
                     raise
                 report.site_errors[site] = _describe(error)
                 logger.warning(f"push: site {site}'s project failed, its tasks wait: {_describe(error)}")
+        report.twins_removed = _remove_twins(client, outbox, server)
     except Exception as error:
         if not stops_the_push(error):
             raise
@@ -156,13 +163,45 @@ def _push_site(
                     report.failed += 1
 
 
+def _remove_twins(client, outbox: Outbox, server: str) -> int:
+    """Delete the unlabelled twins of the tasks the outbox watches (see the module's docstring); returns how many.
+    A project that cannot be listed now is left for the next push."""
+    removed = 0
+    for project_id, keep in outbox.watched(server).items():
+        try:
+            twins = [
+                task
+                for task in client.tasks.list(project=project_id, fields="task_only", page_size=500)
+                if (task.data or {}).get("task_key") in keep and task.id != keep[task.data["task_key"]]
+            ]
+            for task in twins:
+                if task.total_annotations or task.cancelled_annotations or task.drafts:
+                    logger.warning(f"push: task {task.id} twins task {keep[task.data['task_key']]}, kept: labelled")
+                    continue
+                client.tasks.delete(id=task.id)
+                removed += 1
+                logger.warning(f"push: task {task.id}, a late-committed twin of {keep[task.data['task_key']]}, deleted")
+        except Exception as error:
+            if stops_the_push(error):
+                raise
+            logger.warning(f"push: project {project_id}'s twins are checked next time: {_describe(error)}")
+    return removed
+
+
 def _import(client, outbox: Outbox, project_id: int, chunk: list[dict], server: str) -> None:
-    response = client.projects.import_tasks(id=project_id, request=chunk, return_task_ids=True)
+    keys = [t["data"]["task_key"] for t in chunk]
+    outbox.mark_sending(keys)
+    try:
+        response = client.projects.import_tasks(id=project_id, request=chunk, return_task_ids=True)
+    except Exception as error:
+        if not unavailable(error):  # an answer, if a refusal: Label Studio took none of them
+            outbox.mark_answered(keys)
+        raise
     ids = list(response.task_ids or [])
     if len(ids) != len(chunk):  # cannot pair ids with keys: ask the project instead
         existing = project_task_keys(client, project_id)
         ids = [existing[t["data"]["task_key"]] for t in chunk]
-    outbox.mark_pushed(server, project_id, {t["data"]["task_key"]: i for t, i in zip(chunk, ids)})
+    outbox.mark_pushed(server, project_id, dict(zip(keys, ids)))
 
 
 def _describe(error: Exception) -> str:

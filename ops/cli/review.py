@@ -175,6 +175,8 @@ def _print_push(report) -> None:
         f"{report.pending} waiting in the outbox"
         + (f"; Label Studio refused {report.failed} (their errors: `cytoloop status`)" if report.failed else "")
     )
+    if report.twins_removed:
+        typer.echo(f"deleted {report.twins_removed} unlabelled second copy(ies) of a task an unanswered import left")
     for site, error in report.site_errors.items():
         typer.secho(f"warning: site {site}'s project failed ({error}); its tasks wait", fg=typer.colors.YELLOW)
     if report.error:

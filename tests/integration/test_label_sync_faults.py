@@ -369,3 +369,42 @@ def test_a_chunk_label_studio_took_before_our_bookkeeping_failed_is_not_imported
     assert outbox.failed and (report.pushed, report.failed, report.pending, report.error) == (4, 0, 0, None)
     keys = [t.data["task_key"] for t in client.tasks.list(project=projects["west"], fields="task_only")]
     assert len(keys) == 4 == len(set(keys)) and set(keys) == set(project_task_keys(client, projects["west"]))
+
+
+def test_an_import_label_studio_commits_after_the_next_listing_leaves_no_unlabelled_twin(label_studio, tmp_path):
+    """An import times out (Label Studio has not answered yet), the next push lists the project without the
+    tasks and imports them again, and Label Studio commits the first import after all, an annotator labelling one
+    of its tasks at once: two tasks of each key. They used to stay, so the cells were asked twice; the push now
+    deletes the twins nobody labelled, keeps the one the outbox recorded, and keeps a twin that holds a label."""
+    import httpx
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.outbox import Outbox
+    from labelstudio.push import push_outbox
+
+    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    real_import, held, late_ids = client.projects.import_tasks, [], []
+
+    def timed_out_then_late(**request):  # the first import gets no answer; Label Studio takes it later
+        if not held:
+            held.append(request)
+            raise httpx.ReadTimeout("timed out")
+        if not late_ids:  # lands after this push's listing, just before its own import
+            late_ids.extend(real_import(**held[0]).task_ids)
+            label(client, late_ids[0], "monocyte")
+        return real_import(**request)
+
+    client.projects.import_tasks = timed_out_then_late
+    outbox = Outbox(tmp_path / "outbox.db")
+    outbox.enqueue([_task("east", i) for i in range(3)])
+    ensure, projects = _site_projects(client)
+    first = push_outbox(client, outbox, ensure, batch=10)
+    assert first.error and first.pending == 3
+    second = push_outbox(client, outbox, ensure, batch=10)
+    assert len(late_ids) == 3  # the fault happened: each key imported twice
+    assert (second.pushed, second.pending, second.error, second.twins_removed) == (3, 0, None, 2)
+    recorded = set(outbox.watched(server_identity(client))[projects["east"]].values())
+    left = {t.id: t.data["task_key"] for t in client.tasks.list(project=projects["east"], fields="task_only")}
+    assert not recorded & set(late_ids) and set(left) == recorded | {late_ids[0]}
+    assert len(set(left.values())) == 3  # every cell still asked, the labelled one's twin kept
+    assert push_outbox(client, outbox, ensure, batch=10).twins_removed == 0

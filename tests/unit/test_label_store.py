@@ -187,9 +187,40 @@ def test_an_outbox_of_the_first_format_gets_its_server_from_the_first_push(tmp_p
         )
         db.execute("PRAGMA user_version = 1")
     outbox = Outbox(path)
-    assert stores.schema_version(path) == 2 and outbox.counts()["pushed"] == 1
+    assert stores.schema_version(path) == 3 and outbox.counts()["pushed"] == 1
     assert outbox.resend_elsewhere("first") == 0  # adopted by the server the first push reaches
     assert outbox.resend_elsewhere("second") == 1
+
+
+def test_an_import_without_an_answer_has_its_task_watched_for_a_twin_once_pushed(tmp_path):
+    """Only a task sent more than once with an answer missing can have a late-committed twin; an import Label
+    Studio answered, even with a refusal, is accounted for. An outbox of the second format starts with none in
+    doubt."""
+    import sqlite3
+
+    from labelstudio import sqlite as stores
+
+    path = tmp_path / "outbox.db"
+    with sqlite3.connect(path) as db:  # version 2: no sends, no watch
+        db.execute(
+            "CREATE TABLE outbox (task_key TEXT PRIMARY KEY, site TEXT NOT NULL, task TEXT NOT NULL, "
+            "queued_at TEXT NOT NULL, project_id INTEGER, task_id INTEGER, pushed_at TEXT, "
+            "attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, server TEXT)"
+        )
+        db.execute("PRAGMA user_version = 2")
+    outbox = Outbox(path)
+    assert stores.schema_version(path) == 3
+    outbox.enqueue([_cell_task(i) for i in range(3)])
+    keys = ["s:c0@v1", "s:c1@v1", "s:c2@v1"]
+    outbox.mark_sending(keys)  # no answer (timed out) ...
+    outbox.mark_sending(keys[1:])  # ... and sent again; Label Studio refuses c2's second import
+    outbox.mark_answered(keys[2:])
+    outbox.mark_pushed("org", 7, {"s:c0@v1": 10, "s:c1@v1": 11, "s:c2@v1": 12})
+    assert outbox.watched("org") == {7: {"s:c1@v1": 11}} and outbox.watched("other") == {}
+    outbox.mark_sending(keys[:1])
+    outbox.mark_pushed("org", 7, {"s:c0@v1": 10})  # one import, answered: no twin possible
+    assert outbox.watched("org") == {7: {"s:c1@v1": 11}}
+    assert outbox.resend_elsewhere("new") == 3 and outbox.watched("org") == {}  # sent again: the old twins moot
 
 
 def test_label_config_is_generated_from_the_classes():
@@ -357,7 +388,7 @@ def test_the_stores_record_their_schema_version_and_refuse_a_newer_one(tmp_path)
     LabelStore(tmp_path / "labels.db")
     Outbox(tmp_path / "outbox.db")
     assert stores.schema_version(tmp_path / "labels.db") == SCHEMA_VERSION == 2
-    assert stores.schema_version(tmp_path / "outbox.db") == 2
+    assert stores.schema_version(tmp_path / "outbox.db") == 3
     with sqlite3.connect(tmp_path / "labels.db") as db:
         db.execute("PRAGMA user_version = 9")  # a newer CytoLoop wrote it
     with pytest.raises(stores.SchemaTooNew, match="schema version 9, newer than this CytoLoop's 2"):
