@@ -529,26 +529,46 @@ class Stack:
         if only is None or "label-studio" in only:
             self._images_root()  # refused before anything is created under home
         self.mlflow_db().parent.mkdir(parents=True, exist_ok=True)
-        with self._one_at_a_time():
+        with self._one_at_a_time(stoppable=True):
             for service in self.services():
                 if only is None or service.name in only:
+                    self._stop_if_down_asked(service.name)
                     self._start(service)
         return self.status()
 
     @contextlib.contextmanager
-    def _one_at_a_time(self) -> Iterator[None]:
+    def _one_at_a_time(self, stoppable: bool = False) -> Iterator[None]:
         """One `up` or `down` at a time per home. Two `up`s at once both saw no PID and a free port, both started
         the service, and the PID file could name the one that lost the port while the other ran on, beyond
         `down`'s reach; a `down` between an `up`'s start of a service and its PID file removed nothing, and the
-        service ran on unrecorded. A `down` during an `up` waits for it, then stops what it started."""
+        service ran on unrecorded. A `down` during an `up` waits for it, then stops what it started.
+
+        A `down` that has to wait leaves a request beside the lock; an `up` (`stoppable`) gives up at its next
+        step (`_stop_if_down_asked`: before a service, and while one starts), so `down` is not kept waiting for a
+        service that may never become healthy (up to `stack.start_timeout_s` each). An `up` that takes the lock
+        clears a request left by a `down` that is gone."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        request = self.run_dir / "down.requested"
         with open(self.run_dir / "up.lock", "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not stoppable:
+                    request.touch()
                 logger.info(f"waiting for the `stack up` or `down` in progress on {self.home} to finish")
                 fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+            try:
+                if stoppable:
+                    request.unlink(missing_ok=True)
+                yield
+            finally:
+                if not stoppable:
+                    request.unlink(missing_ok=True)
+
+    def _stop_if_down_asked(self, name: str) -> None:
+        """Raise if a `stack down` waits for this `up` (see `_one_at_a_time`)."""
+        if (self.run_dir / "down.requested").exists():
+            raise StackError(f"stack up stopped at {name}: `cytoloop stack down` was asked for meanwhile")
 
     def _start(self, service: Service) -> None:
         host = self._bind_host(service)
@@ -609,6 +629,7 @@ class Stack:
                 )
             if self._healthy(service):
                 return
+            self._stop_if_down_asked(service.name)
             if time.monotonic() > deadline:
                 raise StackError(
                     f"{service.name} did not become healthy within "

@@ -72,7 +72,8 @@ def stack_down(
     only: str | None = typer.Option(None, help="comma-separated services to stop (default: all)"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
-    """Stop the services this home folder started (never anything else); their data stays."""
+    """Stop the services this home folder started (never anything else); their data stays. An `up` in progress
+    stops at its next step (a service that never becomes healthy is not waited for), then what it started stops."""
 
     def action():
         from cytoloop.config import load_settings

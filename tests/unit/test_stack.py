@@ -123,6 +123,56 @@ def test_down_during_an_up_stops_what_the_up_started(tmp_path, monkeypatch):
         Stack(settings).down()
 
 
+def test_down_stops_an_up_waiting_for_a_service_that_never_becomes_healthy(tmp_path, monkeypatch):
+    """An `up` waits up to `stack.start_timeout_s` for each service's health check; a `down` meanwhile (the
+    operator giving up on a hung start) used to wait all that time. The `up` now stops at once, with an error
+    that says why, and `down` stops what it had started."""
+    import threading
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings(
+        home=tmp_path / "home", review={"webhook_port": port}, stack={"ray": False, "start_timeout_s": 600}
+    )
+    started = threading.Event()
+
+    def never_healthy(self, service) -> bool:
+        started.set()
+        return False
+
+    monkeypatch.setattr(Stack, "_healthy", never_healthy)
+    up_errors: list[BaseException] = []
+    stopped: list[list[str]] = []
+
+    def up() -> None:
+        try:
+            Stack(settings).up(only=["labels"])
+        except BaseException as error:
+            up_errors.append(error)
+
+    racer, downer = threading.Thread(target=up), threading.Thread(target=lambda: stopped.append(Stack(settings).down()))
+    racer.start()
+    try:
+        assert started.wait(60), "up never started the receiver"
+        downer.start()
+        downer.join(timeout=60)
+        racer.join(timeout=60)
+        assert not downer.is_alive() and not racer.is_alive(), "down waited for the hung up"
+        assert stopped == [["labels"]]
+        [error] = up_errors
+        assert isinstance(error, StackError) and "stack down" in str(error)
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "the receiver outlived `down`"
+        assert not (Stack(settings).run_dir / "down.requested").exists()
+    finally:
+        monkeypatch.undo()  # a hung up (without the fix) then finishes, and is stopped
+        racer.join(timeout=120)
+        if downer.is_alive():
+            downer.join(timeout=120)
+        Stack(settings).down()
+
+
 def test_stack_down_never_signals_a_process_that_is_not_the_one_it_started(tmp_path):
     """After a reboot (or PID reuse) a PID file names a stranger: `stack down` used to kill its process group."""
     import json
