@@ -8,13 +8,16 @@
   Each of `workers` Ray actors loads the model once and classifies its batches with the serving code itself
   (`CellService`: the same preprocessing, route exits and routing as `/v1/classify`), on `threads` torch threads
   (or a GPU each, `gpus`). Rows carry their index, so answers come back in the order of the records. The image
-  files must be readable where the actors run (one machine, or a shared file system).
+  files must be readable where the actors run (one machine, or a shared file system). With a `journal`
+  (score_journal.py) every answer is written down as it arrives, and a stopped run scores only what it lacks.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +32,8 @@ from cytoloop.models.base import Predictions, class_mask, read_model_meta
 if TYPE_CHECKING:  # the serving code imports torch: only the scoring actors need it at run time
     from cytoloop.serving.inference import CellResult
 
+
+logger = logging.getLogger(__name__)
 
 CELL_REFUSALS = (400, 413, 415, 422)  # what a request's cells can cause; 401, 403, 404, 429 and 5xx are the job's
 
@@ -215,6 +220,7 @@ class OfflineScores:
     failed: dict[str, str]
     version: str
     seconds: float
+    resumed: int = 0  # answers taken from the journal of an earlier, stopped run (not scored again)
 
     @property
     def scored(self) -> list[CellResult]:
@@ -231,17 +237,24 @@ def score_offline(
     batch_size: int = 64,
     runtime: ScoringConfig | None = None,
     allowed: list[str] | None = None,
+    journal: Path | None = None,
+    progress: bool = False,
 ) -> OfflineScores:
     """Classify `records` with the model in `model_dir` on `workers` Ray actors (joins the running Ray cluster,
     or starts a local one when there is none). `threads`: torch threads per actor (None: torch's default);
     `gpus`: GPUs per actor (0 on a CPU machine); `runtime`: how the model runs on the workers (`load_model`);
     `allowed`: the classes every cell is decided among (a site's, as it is served; None: all the model's). A
-    cell whose file is missing or not an image is named in `failed` with the reason; every other cell is scored."""
+    cell whose file is missing or not an image is named in `failed` with the reason; every other cell is scored.
+    `journal`: a file each answer is written to as it arrives (`score_journal.py`); given the journal of a
+    stopped run of the same model and settings, only the cells it does not answer are scored. `progress`: a
+    progress bar on stderr."""
     import time
 
     import ray
+    from tqdm.auto import tqdm
 
     from cytoloop.serving.model_source import local_ref
+    from jobs.score_journal import ScoreJournal
 
     if workers < 1 or batch_size < 1:
         raise UsageError(f"workers and batch_size must be at least 1 (got {workers} and {batch_size})")
@@ -259,9 +272,56 @@ def score_offline(
             f"{workers} workers of {threads or 1} CPU(s) and {gpus} GPU(s) each do not fit the Ray cluster "
             f"({cpus:g} CPUs, {gpus_there:g} GPUs): ask for fewer workers or threads"
         )
-    rows = [{"index": i, "path": str(Path(r.path).resolve())} for i, r in enumerate(records)]
-    began = time.perf_counter()
-    dataset = ray.data.from_items(rows).map_batches(
+    setup = {
+        "version": version,
+        "routing": routing.model_dump(mode="json"),
+        "allowed": allowed,
+        "runtime": None if runtime is None else runtime.model_dump(mode="json"),
+    }
+    paths = [str(Path(r.path).resolve()) for r in records]
+    results: list[CellResult | None] = [None] * len(records)
+    failed: dict[str, str] = {}
+    with ScoreJournal(journal, setup) if journal is not None else contextlib.nullcontext() as written:
+        if written is not None:
+            results = [
+                None if p not in written.answers else replace(written.answers[p], index=i) for i, p in enumerate(paths)
+            ]
+        todo = [(i, paths[i]) for i, result in enumerate(results) if result is None]
+        resumed = len(records) - len(todo)
+        if resumed:
+            logger.info(f"{resumed} of {len(records)} cells answered by the stopped run of {journal}: not scored again")
+        began = time.perf_counter()
+        with tqdm(total=len(records), initial=resumed, desc="scoring", unit="cell", disable=not progress) as bar:
+            for i, result, error in _score_rows(
+                todo, model_dir, routing, workers, threads, gpus, batch_size, runtime, allowed
+            ):
+                if result is None:
+                    failed[str(records[i].path)] = error
+                else:
+                    results[i] = result
+                    if written is not None:
+                        written.write(paths[i], result)
+                bar.update()
+    return OfflineScores(list(records), results, failed, version, time.perf_counter() - began, resumed)
+
+
+def _score_rows(
+    rows: list[tuple[int, str]],
+    model_dir: Path,
+    routing: RoutingConfig,
+    workers: int,
+    threads: int | None,
+    gpus: float,
+    batch_size: int,
+    runtime: ScoringConfig | None,
+    allowed: list[str] | None,
+) -> Iterator[tuple[int, CellResult | None, str]]:
+    """(record index, answer or None, error) for each (record index, resolved path), as Ray Data yields them."""
+    import ray
+
+    if not rows:
+        return
+    dataset = ray.data.from_items([{"index": i, "path": path} for i, path in rows]).map_batches(
         ModelScorer,
         fn_constructor_kwargs={
             "model_dir": str(Path(model_dir).resolve()),
@@ -275,15 +335,8 @@ def score_offline(
         num_cpus=threads or 1,
         num_gpus=gpus,
     )
-    results: list[CellResult | None] = [None] * len(records)
-    failed: dict[str, str] = {}
     for row in dataset.iter_rows():
-        i = int(row["index"])
-        if row["result"] is None:
-            failed[str(records[i].path)] = str(row["error"])
-        else:
-            results[i] = row["result"]
-    return OfflineScores(list(records), results, failed, version, time.perf_counter() - began)
+        yield int(row["index"]), row["result"], str(row["error"])
 
 
 def write_scores_csv(scores: OfflineScores, path: Path) -> Path:

@@ -254,7 +254,9 @@ def score(
 ) -> None:
     """Score a pool of cells offline with Ray Data (no service needed): class, probabilities, anomaly score and
     route per cell, as the classifier service would answer, written to a CSV. Labels are not needed (the
-    manifest keeps its label column, left empty)."""
+    manifest keeps its label column, left empty). Each answer is also written, as it comes, to OUT.journal: a
+    run that is stopped and started again with the same model and settings scores only the cells it lacks;
+    the journal is removed once OUT is written."""
 
     def action():
         from collections import Counter
@@ -271,6 +273,7 @@ def score(
             fail(f"{data}: no cells to score (domains {domains or 'all'}, part {part or 'all'})")
         settings = settings_from(config)
         allowed = site_classes(settings, site)
+        journal = out.with_name(out.name + ".journal")  # answers as they come: a stopped run goes on from there
         scores = score_offline(
             records,
             model,
@@ -281,12 +284,18 @@ def score(
             batch_size,
             runtime=settings.scoring,
             allowed=allowed,
+            journal=journal,
+            progress=True,
         )
         write_scores_csv(scores, out)
+        journal.unlink(missing_ok=True)
         routes = Counter(result.route for result in scores.scored)
+        if scores.resumed:
+            typer.echo(f"{scores.resumed} cells were answered by the stopped earlier run (its journal), not again")
+        fresh = len(scores.scored) - scores.resumed
         typer.echo(
-            f"scored {len(scores.scored)} of {len(records)} cells with {model} ({scores.version}) in "
-            f"{scores.seconds:.1f} s ({len(scores.scored) / max(scores.seconds, 1e-9):.1f} cells/s, {workers} "
+            f"scored {len(scores.scored)} of {len(records)} cells with {model} ({scores.version}); {fresh} in "
+            f"{scores.seconds:.1f} s ({fresh / max(scores.seconds, 1e-9):.1f} cells/s, {workers} "
             f"worker(s)); routes: {', '.join(f'{k} {v}' for k, v in sorted(routes.items()))}; wrote {out}"
         )
         for why in list(scores.failed.values())[:10]:

@@ -122,6 +122,7 @@ def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_p
     )
     assert result.exit_code == 0, result.output
     assert f"scored {len(pool) - 2} of {len(pool)} cells" in result.output
+    assert not (tmp_path / "scores.csv.journal").exists()  # the answers are in the CSV now
     rows = list(csv.DictReader(out.open()))
     assert [row["path"] for row in rows] == [str(r.path) for r in pool]
     assert rows[17]["error"] and rows[18]["error"] and not rows[17]["label"]
@@ -169,3 +170,71 @@ def test_scoring_as_a_site_decides_among_its_classes(ray_local, model_dir, pool,
     for site, named in (("elsewhere", "has no classes of its own"), ("odd", "platelet")):
         refused = CliRunner().invoke(app, [*args, "--site", site])
         assert refused.exit_code == 2 and named in refused.output, refused.output
+
+
+SCORE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+
+from cytoloop.config import RoutingConfig
+from cytoloop.data.records import load_records, select
+from jobs.score import score_offline
+
+records = select(load_records(sys.argv[1]), ["jtsc", "bccd"])
+routing = RoutingConfig(review_below=0.3, audit_fraction=0.0)
+score_offline(records, Path(sys.argv[2]), routing, threads=1, batch_size=1, journal=Path(sys.argv[3]))
+"""
+
+
+def test_a_killed_scoring_run_goes_on_where_it_stopped(ray_local, model_dir, cells_dir, tmp_path):
+    """A scoring job SIGKILLed part-way through a pool (a lost node, a scheduler's time limit) kept nothing and
+    scored every cell again. Its journal now holds each answer as it came; the next run of the same model and
+    settings takes those and scores only the rest, and a run with other settings does not take them."""
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from cytoloop.config import RoutingConfig
+    from cytoloop.data.records import load_records, select
+    from jobs.score import score_offline
+
+    records = select(load_records(cells_dir), ["jtsc", "bccd"])
+    journal = tmp_path / "scores.csv.journal"
+    environment = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": "platform:."}
+    job = subprocess.Popen(
+        [sys.executable, "-c", SCORE_IN_A_PROCESS, str(cells_dir), str(model_dir), str(journal)], env=environment
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while job.poll() is None and time.monotonic() < deadline:
+            if journal.is_file() and journal.read_bytes().count(b"\n") > 30:
+                break
+            time.sleep(0.01)
+        assert job.poll() is None, "the job ended before it could be killed part-way"
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    kept = journal.read_bytes().count(b"\n") - 1  # less the header
+    assert 30 <= kept < len(records) - 100
+    again = tmp_path / "again.journal"
+    shutil.copy(journal, again)
+
+    routing = RoutingConfig(review_below=0.3, audit_fraction=0.0)
+    resumed = score_offline(records, model_dir, routing, workers=2, threads=1, batch_size=8, journal=journal)
+    assert kept <= resumed.resumed <= kept + 1 and resumed.failed == {}  # +1: a line the kill cut short
+    assert all(result is not None and result.index == i for i, result in enumerate(resumed.results))
+    where = {str(Path(r.path).resolve()): i for i, r in enumerate(records)}
+    taken = [where[json.loads(line)["path"]] for line in again.read_text().splitlines()[1:] if line.endswith("}}")]
+    fresh = score_offline([records[i] for i in taken], model_dir, routing, threads=1, batch_size=8)
+    for i, scored in zip(taken, fresh.results):  # the journal's answers are the model's, scored again here
+        assert (resumed.results[i].label, resumed.results[i].route) == (scored.label, scored.route)
+        assert all(abs(resumed.results[i].probabilities[c] - p) < 1e-6 for c, p in scored.probabilities.items())
+    stricter = RoutingConfig(review_below=0.5, audit_fraction=0.0)  # another setting: other answers
+    assert score_offline(records[:4], model_dir, stricter, threads=1, batch_size=8, journal=again).resumed == 0

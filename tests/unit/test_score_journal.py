@@ -1,0 +1,49 @@
+"""The scoring journal (`jobs/score_journal.py`) on its own: what a stopped run left is taken back only when it is
+the same setup, and a line a kill cut short neither breaks the file nor joins the next answer."""
+
+from __future__ import annotations
+
+from cytoloop.serving.inference import CellResult
+from jobs.score_journal import ScoreJournal
+
+SETUP = {"version": "local-abc", "routing": {"review_below": 0.7}, "allowed": None, "runtime": None}
+
+
+def answer(i: int) -> CellResult:
+    return CellResult(
+        i, f"/cells/{i}.png", f"id{i}", "monocyte", {"monocyte": 0.9, "neutrophil": 0.1}, 0.9, 0.33, None, "accept", 12
+    )
+
+
+def test_a_killed_writer_s_answers_are_taken_back_and_its_cut_line_is_dropped(tmp_path):
+    path = tmp_path / "scores.csv.journal"
+    with ScoreJournal(path, SETUP) as journal:
+        assert journal.answers == {}
+        for i in range(3):
+            journal.write(f"/cells/{i}.png", answer(i))
+    with path.open("a") as handle:
+        handle.write('{"path": "/cells/3.png", "result": {"ind')  # the kill came mid-line
+    with ScoreJournal(path, SETUP) as journal:
+        assert journal.answers == {f"/cells/{i}.png": answer(i) for i in range(3)}
+        journal.write("/cells/4.png", answer(4))
+    with ScoreJournal(path, SETUP) as journal:
+        assert sorted(journal.answers) == ["/cells/0.png", "/cells/1.png", "/cells/2.png", "/cells/4.png"]
+
+
+def test_a_journal_of_other_settings_is_started_afresh(tmp_path):
+    path = tmp_path / "scores.csv.journal"
+    with ScoreJournal(path, SETUP) as journal:
+        journal.write("/cells/0.png", answer(0))
+    other = {**SETUP, "routing": {"review_below": 0.5}}
+    with ScoreJournal(path, other) as journal:
+        assert journal.answers == {}
+    with ScoreJournal(path, other) as journal:
+        assert journal.answers == {}  # started afresh, not appended to the old setup's answers
+    with ScoreJournal(path, SETUP) as journal:
+        assert journal.answers == {}
+    path.write_text('{"journal": "cytoloop-sc')  # killed while writing its first line
+    with ScoreJournal(path, SETUP) as journal:
+        assert journal.answers == {}
+        journal.write("/cells/1.png", answer(1))
+    with ScoreJournal(path, SETUP) as journal:
+        assert journal.answers == {"/cells/1.png": answer(1)}
