@@ -48,6 +48,11 @@ from cytoloop.processes import alive
 logger = logging.getLogger(__name__)
 
 SERVICES = ("label-studio", "labels", "mlflow", "ray")
+# services whose leader stops its own process group in order when it alone gets SIGTERM: `ray start --block` stops
+# its GCS, raylet and workers in a second or two so, where SIGTERM to the whole group left them waiting on each other
+# until the SIGKILL 30 s later. The others get SIGTERM as a group (MLflow's leader alone took 5 s and left its task
+# consumers running).
+STOPPED_BY_LEADER = ("ray",)
 RAY_TEMP_LIMIT = 60  # Ray's socket paths (temp dir + ~45 chars) must stay under 107 characters
 
 
@@ -664,23 +669,35 @@ class Stack:
                     continue
                 pid = self._pid(name)  # None unless it is still the very process this home started
                 if pid is not None:
-                    self._kill_group(pid, timeout_s)
+                    self._kill_group(name, pid, timeout_s)
                     stopped.append(name)
                 self._pid_file(name).unlink(missing_ok=True)
         return stopped
 
     @staticmethod
-    def _kill_group(pid: int, timeout_s: float) -> None:
-        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+    def _kill_group(name: str, pid: int, timeout_s: float) -> None:
+        """Stop a service's process group: SIGTERM (to its leader alone where it stops the rest itself,
+        `STOPPED_BY_LEADER`), up to `timeout_s` for the whole group to end, then SIGKILL for what is left."""
+
+        def gone() -> bool:
+            if alive(pid):  # first: it reaps a leader that is our own child's zombie
+                return False
             try:
-                os.killpg(pid, sig)
+                os.killpg(pid, 0)
             except ProcessLookupError:
+                return True
+            return False
+
+        for send, sig, wait in (
+            (os.kill if name in STOPPED_BY_LEADER else os.killpg, signal.SIGTERM, timeout_s),
+            (os.killpg, signal.SIGKILL, 5.0),
+        ):
+            if gone():
                 return
+            if sig == signal.SIGKILL:
+                logger.warning(f"{name} (pid {pid}) did not stop on SIGTERM within {timeout_s:g} s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                send(pid, sig)
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if not alive(pid):
-                    try:  # wait for the rest of the group too
-                        os.killpg(pid, 0)
-                    except ProcessLookupError:
-                        return
-                time.sleep(0.2)
+            while not gone() and time.monotonic() < deadline:
+                time.sleep(0.1)

@@ -25,7 +25,9 @@ def _machine_address() -> str:
 def test_a_ray_head_on_the_network_refuses_jobs_without_its_token(tmp_path):
     """A Ray head bound to the machine's network address runs with token authentication: its Jobs API (arbitrary
     code) answers 401 to a request without the token, and serves one that carries it. `up` returns once the Jobs
-    API answers (it used to return when the GCS port opened, seconds before the dashboard)."""
+    API answers (it used to return when the GCS port opened, seconds before the dashboard). `down` stops it on
+    SIGTERM: sent to the whole group at once, Ray's processes waited on each other until the SIGKILL."""
+    import threading
     import urllib.error
     import urllib.request
 
@@ -59,6 +61,11 @@ def test_a_ray_head_on_the_network_refuses_jobs_without_its_token(tmp_path):
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=30) as answered:
             assert answered.status == 200
+        stopped: list[list[str]] = []
+        stopping = threading.Thread(target=lambda: stopped.append(stack.down(timeout_s=90)))
+        stopping.start()
+        stopping.join(timeout=45)
+        assert stopped == [["ray"]], "the Ray head did not stop on SIGTERM"
     finally:
         stack.down()
         shutil.rmtree(home, ignore_errors=True)
