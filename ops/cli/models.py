@@ -38,7 +38,7 @@ def train(
     steps: int | None = typer.Option(None, min=1, help="training steps"),
     image_size: int | None = typer.Option(None, min=16, max=512, help="model resolution in pixels"),
     unlabeled_domains: str | None = typer.Option(None, help="domains whose cells train the null class unlabeled"),
-    seed: int | None = typer.Option(None, help="seed of the split and of training (default 0)"),
+    seed: int | None = typer.Option(None, help="seed of the split and of training (default: train.seed, 0)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished model already in OUT"),
     config: Path | None = typer.Option(None, help="JSON settings file (CYTOLOOP_* variables override it)"),
 ) -> None:
@@ -78,16 +78,12 @@ def train(
             settings = load_settings(config, chosen.settings_overrides())
             typer.echo(f"recipe {chosen.name}: {chosen.description}")
         else:
-            kind, wanted_domains, wanted_classes, split_seed = (
-                model,
-                split_list(domains),
-                split_list(classes),
-                seed or 0,
-            )
-            overrides = {"train": {"steps": steps, "seed": split_seed}, "data": {"image_size": image_size}}
+            kind, wanted_domains, wanted_classes = model, split_list(domains), split_list(classes)
+            overrides = {"train": {"steps": steps, "seed": seed}, "data": {"image_size": image_size}}
             settings = load_settings(
                 config, {k: {f: v for f, v in s.items() if v is not None} for k, s in overrides.items()}
             )
+            split_seed = settings.train.seed  # --seed, else the settings' (file or CYTOLOOP_TRAIN__SEED)
         records = load_records(data)
         labelled = select([r for r in records if r.label], wanted_domains, wanted_classes)
         unlabeled = []

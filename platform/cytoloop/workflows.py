@@ -35,7 +35,7 @@ from cytoloop.models.base import Classifier, Predictions, Trainable, candidate_r
 from cytoloop.models.cascade import CascadeClassifier, distill
 from cytoloop.models.diffusion import DiffusionClassifier
 from cytoloop.models.loading import load_model
-from cytoloop.models.train import UNLABELED, fit
+from cytoloop.models.train import UNLABELED, claim_checkpoints, fit
 from cytoloop.policy.drift import colour_statistics_of, write_colour_reference
 from cytoloop.scoring.calibration import (
     calibrate,
@@ -131,6 +131,9 @@ def train_model(
         labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
 
     network, loss = model.objective(settings.train)
+    run: dict = {"kind": kind, "classes": classes, "training cells": records_fingerprint(split["train"])}
+    run["unlabeled cells"] = records_fingerprint(unlabeled) if extra is not None else None
+    claim_checkpoints(out / "checkpoints", run | training_settings(settings, kind))
     trained, result = fit(
         network,
         loss,
@@ -187,6 +190,22 @@ def train_model(
             title=f"{kind} training",
         )
     return model, report
+
+
+# a run's settings that later legs may change without making it another run (`claim_checkpoints`)
+LEG_SETTINGS = {"steps", "checkpoint_every", "log_every", "threads", "tune_scoring"}
+
+
+def training_settings(settings: Settings, kind: str) -> dict:
+    """The settings a training run of `kind` trains with, flat ("train.lr": ...), for `claim_checkpoints`."""
+    sections = {"data": settings.data, "augment": settings.augment, "train": settings.train}
+    sections[kind] = getattr(settings, kind)
+    return {
+        f"{name}.{key}": value
+        for name, section in sections.items()
+        for key, value in section.model_dump(mode="json").items()
+        if not (name == "train" and key in LEG_SETTINGS)
+    }
 
 
 def _data_root(records: Sequence[CellRecord]) -> str:
@@ -511,6 +530,8 @@ def distill_model(
     teacher's validation or test part; its temperature (and, if asked, the threshold) comes from the validation
     part. The teacher's split is copied into `out`, so evaluating the cascade excludes the same cells.
     """
+    from cytoloop.serving.model_source import local_ref
+
     teacher = load_model(teacher_dir)
     if not isinstance(teacher, DiffusionClassifier):
         raise UsageError(f"{teacher_dir} is a {teacher.kind} model; the teacher must be a diffusion model")
@@ -530,6 +551,10 @@ def distill_model(
         extra = load_cells(unlabeled, teacher.data_config, progress)
         images = np.concatenate([images, extra.images])
         labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
+    run: dict = {"kind": "cascade", "teacher": local_ref(Path(teacher_dir)).version, "tuned": tune}
+    run |= {"training cells": records_fingerprint(train.records), "unlabeled cells": records_fingerprint(unlabeled)}
+    run |= {f"cascade.{k}": v for k, v in settings.cascade.model_dump(mode="json").items()}
+    claim_checkpoints(out / "checkpoints", run | training_settings(settings, "baseline"))
     cascade, report["distillation"] = distill(
         teacher,
         images,

@@ -348,3 +348,45 @@ def test_cells_that_cannot_be_read_are_named_when_too_few_are_left(tmp_path, tin
     records = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "ab"[i % 2], "lab") for i in range(24)]
     with pytest.raises(DatasetError, match=f"could not be read; the first: {tmp_path}/c"):
         train_model("baseline", records, tiny_settings, tmp_path / "model")
+
+
+def test_a_run_resumes_only_its_own_checkpoints_and_overwrite_starts_afresh(tmp_path, tiny_overrides, cells_dir):
+    """`train --overwrite` over a finished model resumed the old run's checkpoints: with the same number of
+    steps the 'new' model was the old one, byte for byte, whatever the new cells. An unfinished run's checkpoints
+    given to another run (other cells, classes or kind) trained on from the wrong weights or failed with a torch
+    traceback. Another run's checkpoints are refused now, naming what differs; the same run still resumes (a
+    longer leg, `--overwrite` over its finished model). A seed in the settings file seeds the run (it was
+    replaced by 0)."""
+    import hashlib
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({**tiny_overrides, "train": {**tiny_overrides["train"], "seed": 7}}))
+    out = tmp_path / "model"
+
+    def train(domain: str, *extra: str):
+        args = ["train", "--kind", "baseline", "--data", str(cells_dir), "--domains", domain]
+        args += ["--classes", "neutrophil,lymphocyte", "--out", str(out), "--config", str(config), *extra]
+        return CliRunner().invoke(app, args)
+
+    def weights() -> str:
+        return hashlib.sha256((out / "weights.pt").read_bytes()).hexdigest()
+
+    assert train("jtsc").exit_code == 0
+    first = weights()
+    assert json.loads((out / "training.json").read_text())["settings"]["train"]["seed"] == 7
+    other = train("bccd", "--overwrite")
+    unboxed = " ".join(other.output.split())
+    assert other.exit_code == 2 and "holds the checkpoints of another training run" in unboxed, other.output
+    assert "differs in training cells" in unboxed and weights() == first
+    longer = train("jtsc", "--overwrite", "--steps", "14")  # the same run, a longer leg: resumed
+    assert longer.exit_code == 0 and json.loads((out / "training.json").read_text())["resumed_from_step"] == 10
+    shutil.rmtree(out / "checkpoints")
+    (out / "model.json").unlink()  # an unfinished run, started afresh
+    assert train("bccd").exit_code == 0 and weights() != first
+    assert json.loads((out / "training.json").read_text())["resumed_from_step"] == 0

@@ -10,6 +10,7 @@ worker; `on_log` is where it reports.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from cytoloop.threads import torch_threads
 
 UNLABELED = -1
 CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FILE = "run.json"  # beside the checkpoint: what run wrote it (`claim_checkpoints`)
 
 # loss(network, images, labels, generator) -> scalar loss; labels use UNLABELED for cells without a label.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -111,6 +113,31 @@ def fit(
         raise ValueError(f"need as many labels as images and at least one cell; got {len(images)} and {len(labels)}")
     with torch_threads(config.threads):
         return _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress)
+
+
+def claim_checkpoints(folder: Path, run: dict) -> None:
+    """Let the training run described by `run` (what it trains on and how, flat and JSON-able; not its number of
+    steps, which a later leg may raise) use the checkpoints in `folder`. Checkpoints another run wrote there are
+    refused, naming what differs: resumed, they trained the new run's model from the old one's weights (with
+    the same number of steps, not at all), or failed on a network of another shape. Checkpoints written before
+    runs were recorded are resumed as before."""
+    from cytoloop.errors import UsageError
+    from cytoloop.files import write_text
+
+    run = json.loads(json.dumps(run))  # as it reads back
+    record = Path(folder) / RUN_FILE
+    if (Path(folder) / CHECKPOINT_FILE).is_file() and record.is_file():
+        try:
+            earlier = json.loads(record.read_text())
+        except ValueError:
+            earlier = {}
+        if earlier != run:
+            differ = sorted(k for k in run.keys() | earlier.keys() if run.get(k) != earlier.get(k))
+            raise UsageError(
+                f"{folder} holds the checkpoints of another training run (it differs in {', '.join(differ)}); "
+                "train into another folder, or remove that one to start afresh"
+            )
+    write_text(record, json.dumps(run, indent=1, sort_keys=True))
 
 
 def _fit(
