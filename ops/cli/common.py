@@ -128,8 +128,9 @@ def fail(message: str) -> None:
 def run(action):
     """Run a command body, turning the project's own errors (`CytoLoopError`: bad input, missing data, an
     unreachable service, an image Label Studio cannot serve), invalid settings and what the file system or the
-    network refuses (a missing file, a folder where a file belongs, a refused permission, a port taken) into
-    one-paragraph messages with exit code 2. Anything else is a bug and shows its traceback."""
+    network refuses (a missing file, a folder where a file belongs, a refused permission, a port taken), and an
+    input file that is not UTF-8 text into one-paragraph messages with exit code 2. Anything else is a bug and
+    shows its traceback."""
     from pydantic import ValidationError
 
     from cytoloop.errors import CytoLoopError, describe_validation_error
@@ -142,6 +143,8 @@ def run(action):
         fail(str(error))
     except OSError as error:  # FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ...
         fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error))
+    except UnicodeDecodeError as error:  # an input file of another encoding (or not text) that no reader named
+        fail(f"an input file is not UTF-8 text ({error}); save it as UTF-8")
     except ModuleNotFoundError as error:
         extra = _EXTRA_OF.get((error.name or "").split(".")[0])
         if extra is None:

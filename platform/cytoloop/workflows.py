@@ -216,7 +216,12 @@ def _data_root(records: Sequence[CellRecord]) -> str:
 def _model_split(model_dir: Path) -> dict | None:
     """The model's split file, or None when it has none."""
     split_path = Path(model_dir) / SPLIT_FILE
-    return json.loads(split_path.read_text()) if split_path.is_file() else None
+    if not split_path.is_file():
+        return None
+    try:
+        return json.loads(split_path.read_text())
+    except ValueError as error:  # cut short, or not text
+        raise DatasetError(f"{split_path}: not a split file ({error}); the file is damaged or was cut short") from None
 
 
 def _in_parts(records: Sequence[CellRecord], meta: dict, parts: Sequence[str]) -> np.ndarray:

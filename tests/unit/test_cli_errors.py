@@ -25,6 +25,7 @@ def _raise(error: Exception):
         DatasetError("no cells"),
         FileNotFoundError("settings.json"),
         PermissionError("port 8080 is taken"),
+        UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte"),  # a Latin-1 file no reader named
     ],
 )
 def test_a_users_mistake_is_a_message_and_exit_code_2(error, capsys):
@@ -316,3 +317,24 @@ def test_registering_a_damaged_model_names_the_user_s_folder(tmp_path, clean_env
     (model / "model.json").write_text(json.dumps({"kind": "bogus", "classes": ["a", "b"]}))
     result = CliRunner().invoke(app, ["register", str(model)])
     assert result.exit_code == 2 and str(model) in result.output and "/tmp/tmp" not in result.output, result.output
+
+
+def test_files_cut_short_or_not_in_utf8_are_named(tmp_path, clean_env):
+    """A settings file or a model.json in Latin-1, and a split.json cut short, were tracebacks
+    (UnicodeDecodeError, JSONDecodeError) instead of errors naming the file."""
+    from cytoloop.config import load_settings
+    from cytoloop.models.base import ModelLoadError, read_model_meta
+    from cytoloop.workflows import held_out
+
+    settings = tmp_path / "settings.json"
+    settings.write_bytes('{"home": "/data/h\xf4pital"}'.encode("latin-1"))
+    with pytest.raises(UsageError, match="settings.json is not valid JSON in UTF-8"):
+        load_settings(settings)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_bytes('{"kind": "baseline", "note": "\xe9"}'.encode("latin-1"))
+    with pytest.raises(ModelLoadError, match="model.json: not valid JSON"):
+        read_model_meta(model)
+    (model / "split.json").write_text('{"meta": {"seed": 0}, "parts": {"train": ["a.p')
+    with pytest.raises(DatasetError, match="split.json: not a split file"):
+        held_out([], model)

@@ -142,6 +142,23 @@ def test_manifest_missing_column(tmp_path):
         read_manifest(path)
 
 
+def test_a_manifest_as_spreadsheets_save_it_is_read_or_its_fault_named(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark, which made the first column 'missing' although it was
+    plainly there; a semicolon-separated file said three columns were missing without showing what it found; a
+    Latin-1 file was a UnicodeDecodeError traceback."""
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("path,label,domain\na.png,x,d\n".encode("utf-8-sig"))
+    assert [r.cell_id for r in read_manifest(bom)] == ["a.png"]
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text("path;label;domain\na.png;x;d\n")
+    with pytest.raises(DatasetError, match="found the columns 'path;label;domain'"):
+        read_manifest(semicolons)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("path,label,domain\nlymphocyte_\xe9.png,x,d\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="latin.csv is not UTF-8 text"):
+        read_manifest(latin)
+
+
 def test_manifest_empty(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("path,label,domain\n")

@@ -78,11 +78,22 @@ def read_manifest(path: Path) -> list[CellRecord]:
     written; a file listed twice, however its paths are written, is an error, since one cell in two rows could land
     in training and test at once."""
     root = path.parent.resolve()
-    with path.open(newline="") as handle:
+    try:
+        return _read_manifest(path, root)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path} is not UTF-8 text (byte {error.start}): save the manifest as CSV, UTF-8") from None
+
+
+def _read_manifest(path: Path, root: Path) -> list[CellRecord]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: the byte-order mark Excel writes
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)}")
+            found = ", ".join(repr(c) for c in reader.fieldnames or []) or "none"
+            raise DatasetError(
+                f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)} "
+                f"(comma-separated), found the columns {found}"
+            )
         records: list[CellRecord] = []
         first_line: dict[str, int] = {}
         for line, row in enumerate(reader, start=2):

@@ -185,7 +185,7 @@ def read_model_meta(directory: Path) -> dict:
         raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {MODEL_FILE})")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelLoadError(f"{path}: not valid JSON ({error}); the file is damaged or was cut short") from None
     if not isinstance(meta, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {type(meta).__name__}")
