@@ -814,8 +814,10 @@ def _read_settings_file(path: Path) -> dict:
         raise UsageError(f"settings file {path} not found") from None
     except IsADirectoryError:
         raise UsageError(f"settings file {path} is a folder, not a JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # both ValueErrors of what the file holds
-        raise UsageError(f"settings file {path} is not valid JSON in UTF-8: {error}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"settings file {path} is not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"settings file {path} is not UTF-8 text: {error}") from None
     if not isinstance(values, dict):
         raise UsageError(f"settings file {path} must hold a JSON object, got {type(values).__name__}")
     return values

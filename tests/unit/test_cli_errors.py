@@ -328,7 +328,7 @@ def test_files_cut_short_or_not_in_utf8_are_named(tmp_path, clean_env):
 
     settings = tmp_path / "settings.json"
     settings.write_bytes('{"home": "/data/h\xf4pital"}'.encode("latin-1"))
-    with pytest.raises(UsageError, match="settings.json is not valid JSON in UTF-8"):
+    with pytest.raises(UsageError, match="settings.json is not UTF-8 text"):
         load_settings(settings)
     model = tmp_path / "model"
     model.mkdir()
