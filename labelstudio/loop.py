@@ -29,7 +29,7 @@ from labelstudio.outbox import Outbox
 from labelstudio.push import PushReport, push_outbox
 from labelstudio.store import LabelStore, cell_key
 from labelstudio.sync import SyncReport, sync
-from labelstudio.tasks import CellContext, build_task, cell_uid, hidden_context, task_key
+from labelstudio.tasks import CellContext, build_task, cell_uid, hidden_context, image_url, task_key
 from ops.stack import label_studio_url, stack_secrets, webhook_url
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,16 @@ class ReviewLoop:
                 "(CYTOLOOP_STACK__IMAGES_ROOT=/path/to/cells)"
             )
         return Path(self.settings.stack.images_root)
+
+    def check_images(self, records: Sequence[CellRecord]) -> None:
+        """Refuse, before any scoring, cells Label Studio could not show annotators: no images folder set, one
+        that is not a folder, or a cell outside it (`tasks.image_url` names the first). Routing checked this only
+        when it built the tasks, after every cell was scored."""
+        root = self.images_root
+        if not root.is_dir():
+            raise UsageError(f"stack.images_root {root} is not a folder (CYTOLOOP_STACK__IMAGES_ROOT)")
+        for record in records:
+            image_url(record.path, root)
 
     def projects(self) -> dict[str, int]:
         """site -> project id of every project whose title follows our template."""

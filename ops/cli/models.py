@@ -254,10 +254,15 @@ def score(
     run that is stopped and started again with the same model and settings scores only the cells it lacks;
     the journal is removed once OUT is written."""
 
+    manifest = data / "manifest.csv" if data.is_dir() else data
+    if out.resolve() == manifest.resolve():
+        fail(f"--out {out} is the manifest being scored: the scores would replace it (its labels among them)")
+
     def action():
         from collections import Counter
 
         from cytoloop.data.records import class_interleaved_subset, load_records, select
+        from cytoloop.models.loading import load_model
         from cytoloop.workflows import held_out
         from jobs.score import score_offline, write_scores_csv
 
@@ -269,6 +274,7 @@ def score(
             fail(f"{data}: no cells to score (domains {domains or 'all'}, part {part or 'all'})")
         settings = settings_from(config)
         allowed = site_classes(settings, site)
+        load_model(model, settings.scoring)  # a damaged model is named here, not in a Ray actor's traceback
         journal = out.with_name(out.name + ".journal")  # answers as they come: a stopped run goes on from there
         scores = score_offline(
             records,

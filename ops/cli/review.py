@@ -137,12 +137,14 @@ def review_route(
         from labelstudio.loop import ReviewLoop
 
         settings = load_settings(config)
+        loop = ReviewLoop(settings)
+        records = select(load_records(data), split_list(domains))
+        loop.check_images(records)
         classifier = load_model(model, settings.scoring)
-        loaded = load_cells(select(load_records(data), split_list(domains)), classifier.data_config, progress=True)
+        loaded = load_cells(records, classifier.data_config, progress=True)
         candidates = site_candidates(settings, classifier.classes, [site or r.domain for r in loaded.records])
         # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
         predictions = classifier.predict(loaded.images, progress=True, routing=settings.routing, candidates=candidates)
-        loop = ReviewLoop(settings)
         report = loop.route(
             loaded.records,
             predictions,

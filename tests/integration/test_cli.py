@@ -597,9 +597,11 @@ def test_evaluate_as_a_site_decides_among_the_site_s_classes(baseline_model, wor
     assert "st-marys" in unknown.stderr
 
 
-def test_score_errors_exit_2_before_any_work(workspace):
-    """`cytoloop score` on a folder that holds no model, or a manifest that does not exist: exit 2 naming it, no
-    Ray started."""
+def test_score_errors_exit_2_before_any_work(workspace, baseline_model):
+    """`cytoloop score` on a folder that holds no model, a model whose weights are damaged (a Ray actor's
+    traceback, exit 1, before), or a manifest that does not exist: exit 2 naming it, no Ray started."""
+    import shutil
+
     import ray
 
     assert not ray.is_initialized()  # so that the check at the end can fail
@@ -610,4 +612,10 @@ def test_score_errors_exit_2_before_any_work(workspace):
     missing = workspace["root"] / "nowhere.csv"
     result = invoke("score", "--model", workspace["root"], "--data", missing, "--out", "s.csv", cwd=workspace["root"])
     assert result.exit_code == 2 and "nowhere.csv" in result.stderr, result.output
+    damaged = workspace["root"] / "damaged"
+    shutil.copytree(baseline_model, damaged)
+    (damaged / "weights.pt").write_bytes((damaged / "weights.pt").read_bytes()[:100])
+    result = invoke("score", "--model", damaged, "--data", workspace["train"], "--out", "s.csv", cwd=workspace["root"])
+    assert result.exit_code == 2 and "damaged: cannot load" in result.stderr, result.output
+    assert not (workspace["root"] / "s.csv.journal").exists()
     assert not ray.is_initialized()

@@ -255,6 +255,9 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
     (model / "model.json").write_text("{}")  # a finished model: never trained over silently
     cases = {
         ("score", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path)): "is a folder",
+        ("score", "--model", str(model), "--data", str(tmp_path / "notes.csv"), "--out", str(tmp_path / "notes.csv")): (
+            "is the manifest being scored"
+        ),
         ("review", "export", "--out", str(tmp_path / "notes.csv" / "x.csv")): "is a file",
         ("review", "export", "--out", "-"): "not offered here",
         ("register", str(model), "--champion", "--reason", "r", "--site", "st marys"): "invalid site name",
@@ -338,3 +341,26 @@ def test_files_cut_short_or_not_in_utf8_are_named(tmp_path, clean_env):
     (model / "split.json").write_text('{"meta": {"seed": 0}, "parts": {"train": ["a.p')
     with pytest.raises(DatasetError, match="split.json: not a split file"):
         held_out([], model)
+
+
+def test_route_refuses_cells_label_studio_cannot_show_before_scoring_them(tmp_path, clean_env):
+    """`review route` scored every cell (minutes with the diffusion model) and only then found that no images
+    folder was set, or that the cells lay outside it. The model here is not even loadable: the check comes first."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text("{}")
+    (tmp_path / "cells").mkdir()
+    manifest = tmp_path / "pool.csv"
+    manifest.write_text("path,label,domain\nelsewhere/a.png,,lab\n")
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    route = ["review", "route", "--model", str(model), "--data", str(manifest), "--no-push"]
+    unset = CliRunner().invoke(app, route)
+    assert unset.exit_code == 2 and "stack.images_root is not set" in " ".join(unset.output.split()), unset.output
+    clean_env.setenv("CYTOLOOP_STACK__IMAGES_ROOT", str(tmp_path / "cells"))
+    outside = CliRunner().invoke(app, route)
+    message = " ".join(outside.output.split())
+    assert outside.exit_code == 2 and "elsewhere/a.png is outside Label Studio's image folder" in message, message
