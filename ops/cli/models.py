@@ -182,6 +182,8 @@ def evaluate(
     """Evaluate a model on labelled cells it never trained on; print a table, write JSON and plots."""
 
     def action():
+        from collections import Counter
+
         from cytoloop.data.records import class_interleaved_subset, load_records, select
         from cytoloop.models.loading import load_model
         from cytoloop.workflows import evaluate_model, held_out
@@ -197,9 +199,16 @@ def evaluate(
         if classes:  # asked for: each must have cells
             records = select(load_records(data), split_list(domains), split_list(classes))
         else:  # the model's classes that these cells have (a lab is evaluated on the classes it has)
-            records = [r for r in select(load_records(data), split_list(domains)) if r.label in classifier.classes]
+            given = select(load_records(data), split_list(domains))
+            records = [r for r in given if r.label in classifier.classes]
             if not records:
                 fail(f"{data}: no cell is labelled with one of the model's classes ({', '.join(classifier.classes)})")
+            unknown = Counter(r.label for r in given if r.label is not None and r.label not in classifier.classes)
+            if unknown:  # said, not silently dropped: a misspelt label looks just like a class the lab lacks
+                named = ", ".join(f"{label!r} ({n})" for label, n in sorted(unknown.items()))
+                typer.echo(
+                    f"left out {sum(unknown.values())} cells labelled with classes the model lacks: {named}", err=True
+                )
         records, excluded = held_out(records, model, part)
         records = class_interleaved_subset(records, cells)
         anomalies = select(load_records(anomaly_data), split_list(anomaly_domains)) if anomaly_data else []
@@ -224,7 +233,7 @@ def evaluate(
 
             typer.echo(json.dumps(report, indent=1, default=str))
             return
-        _print_report(report)
+        _print_report(report, part)
 
     run(action)
 
@@ -310,12 +319,13 @@ def score(
     run(action)
 
 
-def _print_report(report: dict) -> None:
+def _print_report(report: dict, part: str | None = None) -> None:
+    why = f"outside part {part!r} of the split" if part else "seen in training"
     rows = [
         (
             "cells",
             f"{report['n_cells']} ({report['n_skipped']} skipped, "
-            f"{report['n_excluded_seen_in_training']} excluded: seen in training)",
+            f"{report['n_excluded_seen_in_training']} excluded: {why})",
         ),
         ("accuracy", f"{report['accuracy']:.3f}"),
         (

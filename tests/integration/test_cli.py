@@ -563,16 +563,19 @@ def test_evaluate_on_a_fixed_draw_of_cells(baseline_model, workspace):
 
 def test_a_lab_is_evaluated_on_the_classes_it_has(baseline_model, workspace, tmp_path):
     """A lab whose cells lack one of the model's classes is evaluated on the others (it was refused: 'unknown
-    class'); a class the user names that the cells lack is refused naming it."""
+    class'), and the cells of classes the model lacks are named (a misspelt label vanished without a word); a
+    class the user names that the cells lack is refused naming it."""
     import csv
 
     with open(workspace["eval"], newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["label"] != "monocyte" and "corrupt" not in r["path"]]
+    rows[0]["label"] = rows[0]["label"].capitalize()  # 'Neutrophil', say: not the model's class
     lab = _write_manifest(tmp_path / "lab.csv", [{**r, "path": str(Path(r["path"]).resolve())} for r in rows])
     result = invoke("evaluate", "--model", baseline_model, "--data", lab, "--json", "-", cwd=workspace["root"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["n_cells"] > 0 and report["per_class_recall"]["monocyte"] is None
+    assert f"left out 1 cells labelled with classes the model lacks: {rows[0]['label']!r} (1)" in result.stderr
     named = invoke("evaluate", "--model", baseline_model, "--data", lab, "--classes", "monocyte", cwd=workspace["root"])
     assert named.exit_code == 2 and "no cells of class(s) monocyte" in named.stderr
     # an anomaly label the anomaly cells lack is refused before the evaluation is scored, not after it
