@@ -68,14 +68,18 @@ def sample_of(record: CellRecord) -> str:
     return parent if parent not in ("", ".") else record.domain
 
 
+def label_store_path(settings: Settings) -> Path:
+    """Where a home's labels are kept (`home/review/labels.db`, the outbox beside it)."""
+    return Path(settings.home) / "review" / "labels.db"
+
+
 class ReviewLoop:
     """All review-loop operations for one configuration. Label Studio is contacted lazily, only when needed."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        folder = Path(settings.home) / "review"
-        self.store = LabelStore(folder / "labels.db")
-        self.outbox = Outbox(folder / "outbox.db")
+        self.store = LabelStore(label_store_path(settings))
+        self.outbox = Outbox(label_store_path(settings).with_name("outbox.db"))
         self.url = label_studio_url(settings)
         self._client: LabelStudio | None = None
         self._server: str | None = None

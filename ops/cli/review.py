@@ -339,9 +339,15 @@ def review_export(
 
     def action():
         from cytoloop.config import load_settings
-        from labelstudio.loop import ReviewLoop
+        from labelstudio.loop import ReviewLoop, label_store_path
 
-        result = ReviewLoop(load_settings(config)).export(out)
+        settings = load_settings(config)
+        if not label_store_path(settings).is_file():  # a wrong home: an empty export would replace OUT
+            fail(
+                f"no labels under home {settings.home} ({label_store_path(settings)} does not exist): check "
+                "CYTOLOOP_HOME or the settings' home; OUT was left as it was"
+            )
+        result = ReviewLoop(settings).export(out)
         typer.echo(f"exported {result['exported']} cell(s) to {result['path']}; left out: {result['left_out']}")
         if "new_classes" in result:
             extra = result["new_classes"]

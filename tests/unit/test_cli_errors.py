@@ -364,3 +364,19 @@ def test_route_refuses_cells_label_studio_cannot_show_before_scoring_them(tmp_pa
     outside = CliRunner().invoke(app, route)
     message = " ".join(outside.output.split())
     assert outside.exit_code == 2 and "elsewhere/a.png is outside Label Studio's image folder" in message, message
+
+
+def test_export_under_a_home_that_holds_no_labels_leaves_the_old_export(tmp_path, clean_env):
+    """With CYTOLOOP_HOME pointing elsewhere (a typo, another shell), `review export` made an empty label store
+    there and replaced the lab's export with a header-only file."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    export = tmp_path / "consensus.csv"
+    export.write_text("path,label,domain\na.png,lymphocyte,lab\n")
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "elsewhere"))
+    result = CliRunner().invoke(app, ["review", "export", "--out", str(export)])
+    assert result.exit_code == 2 and "no labels under home" in " ".join(result.output.split()), result.output
+    assert export.read_text() == "path,label,domain\na.png,lymphocyte,lab\n"
+    assert not (tmp_path / "elsewhere" / "review").exists()
