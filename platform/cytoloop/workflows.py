@@ -117,6 +117,11 @@ def train_model(
     )
     train = load_cells(split["train"], settings.data, progress)
     val = load_cells(split["val"], settings.data, progress)
+    if not train.records and not val.records:  # not "too few cells": none of them is there (a moved manifest)
+        raise DatasetError(
+            f"none of the {len(split['train']) + len(split['val'])} training and validation cells could be read"
+            f"{train.skipped_note()}; are the images where the manifest says?"
+        )
     if not val.records:
         raise DatasetError(
             f"no validation cells to calibrate on: {len(records)} cells are too few; every "

@@ -341,16 +341,17 @@ def test_a_classifier_of_one_class_is_refused_before_training(tmp_path, tiny_set
 
 
 def test_cells_that_cannot_be_read_are_named_when_too_few_are_left(tmp_path, tiny_settings):
-    """24 listed cells, none on disk: the error said only that 24 cells were too few, never that none could be read."""
+    """24 listed cells, none on disk: the error said only that 24 cells were too few, never that none could be read
+    (later, that too few validation cells could, counting those alone)."""
     from cytoloop.data.records import CellRecord, DatasetError
     from cytoloop.workflows import train_model
 
     records = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "ab"[i % 2], "lab") for i in range(24)]
-    with pytest.raises(DatasetError, match=f"could not be read; the first: {tmp_path}/c"):
+    with pytest.raises(DatasetError, match=f"none of the 2. training and validation cells could be read.*{tmp_path}/c"):
         train_model("baseline", records, tiny_settings, tmp_path / "model")
 
 
-def test_a_run_resumes_only_its_own_checkpoints_and_overwrite_starts_afresh(tmp_path, tiny_overrides, cells_dir):
+def test_a_run_resumes_only_its_own_checkpoints(tmp_path, tiny_overrides, cells_dir):
     """`train --overwrite` over a finished model resumed the old run's checkpoints: with the same number of
     steps the 'new' model was the old one, byte for byte, whatever the new cells. An unfinished run's checkpoints
     given to another run (other cells, classes or kind) trained on from the wrong weights or failed with a torch
