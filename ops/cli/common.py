@@ -48,7 +48,7 @@ def main(
     configure_logging(verbose)
     if config is not None:
         if not config.is_file():
-            fail(f"--config {config}: {'not a file' if config.exists() else 'no such file'}")
+            fail(f"--config (or CYTOLOOP_CONFIG) {config}: {'not a file' if config.exists() else 'no such file'}")
         os.environ["CYTOLOOP_CONFIG"] = str(config.resolve())  # what load_settings reads when no file is given
 
 

@@ -85,6 +85,8 @@ def train(
             )
             split_seed = settings.train.seed  # --seed, else the settings' (file or CYTOLOOP_TRAIN__SEED)
         records = load_records(data)
+        if not any(r.label for r in records):
+            fail(f"{data}: no labelled cells (its label column is empty); training needs labels")
         labelled = select([r for r in records if r.label], wanted_domains, wanted_classes)
         unlabeled = []
         if unlabeled_domains:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from cytoloop.errors import UsageError
@@ -43,6 +43,14 @@ def _check_host(host: str) -> str:
 
 
 Host = Annotated[str, AfterValidator(_check_host)]
+
+
+def _not_empty(value: object) -> object:
+    """An empty path setting (`CYTOLOOP_HOME=` in a script whose variable was not set) would mean the current
+    folder, wherever a command happens to run: refused."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty: give a folder")
+    return value
 
 
 class DataConfig(_Section):
@@ -720,7 +728,9 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='per site (hospital) settings, by site name: CYTOLOOP_SITES=\'{"site-a": {"classes": [...]}}\'',
     )
-    home: Path = Field(Path(".cytoloop"), description="where runs, stores and service data live")
+    home: Annotated[Path, BeforeValidator(_not_empty)] = Field(
+        Path(".cytoloop"), description="where runs, stores and service data live"
+    )
 
     @model_validator(mode="after")
     def _site_names(self) -> Settings:

@@ -380,3 +380,47 @@ def test_export_under_a_home_that_holds_no_labels_leaves_the_old_export(tmp_path
     assert result.exit_code == 2 and "no labels under home" in " ".join(result.output.split()), result.output
     assert export.read_text() == "path,label,domain\na.png,lymphocyte,lab\n"
     assert not (tmp_path / "elsewhere" / "review").exists()
+
+
+def test_damaged_models_unlabelled_manifests_and_empty_settings_are_named(tmp_path, clean_env):
+    """Found by trying a user's mistakes: a model.json section that is null was a TypeError traceback; weights of
+    another shape said only "Error(s) in loading state_dict", and a garbage weights file repeated torch's advice
+    to load it with weights_only=False; an unlabelled manifest for `train` said "no cells left after selecting
+    domains=None"; `CYTOLOOP_HOME=` meant the current folder; a missing CYTOLOOP_CONFIG was called --config."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cytoloop.config import BaselineModelConfig, DataConfig, load_settings
+    from cytoloop.models.base import ModelLoadError
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.models.loading import load_model
+    from ops.cli import app
+
+    model = BaselineClassifier(["a", "b"], DataConfig(image_size=16), BaselineModelConfig(channels=(4, 8))).save(
+        tmp_path / "model"
+    )
+    meta = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**meta, "classes": ["a", "b", "c"]}))
+    with pytest.raises(ModelLoadError, match="size mismatch"):
+        load_model(model)
+    (model / "model.json").write_text(json.dumps({**meta, "data": None}))
+    with pytest.raises(ModelLoadError, match="model.json is not a valid baseline model"):
+        load_model(model)
+    (model / "model.json").write_text(json.dumps(meta))
+    (model / "weights.pt").write_bytes(b"\x80\x02}q\x00garbage")
+    with pytest.raises(ModelLoadError, match="weights file is damaged or not PyTorch's") as damaged:
+        load_model(model)
+    assert "weights_only" not in str(damaged.value)
+
+    manifest = tmp_path / "pool.csv"
+    manifest.write_text("path,label,domain\na.png,,lab\nb.png,,lab\n")
+    result = CliRunner().invoke(app, ["train", "--data", str(manifest), "--out", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "no labelled cells" in " ".join(result.output.split()), result.output
+    clean_env.setenv("CYTOLOOP_CONFIG", str(tmp_path / "nowhere.json"))
+    result = CliRunner().invoke(app, ["info", str(model)])
+    assert result.exit_code == 2 and "CYTOLOOP_CONFIG" in result.output, result.output
+    clean_env.delenv("CYTOLOOP_CONFIG")
+    clean_env.setenv("CYTOLOOP_HOME", "")
+    with pytest.raises(ValueError, match="home\\s+Value error, is empty"):
+        load_settings()

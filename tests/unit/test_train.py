@@ -314,7 +314,7 @@ def test_a_damaged_model_directory_fails_to_load_naming_it(tmp_path, tiny_settin
         "has no 'classes' field": lambda: (directory / "model.json").write_text(
             json.dumps({k: v for k, v in json.loads(meta).items() if k != "classes"})
         ),
-        "cannot load this diffusion model's files": lambda: weights.write_bytes(b"not a tensor file"),
+        "weights file is damaged or not PyTorch's": lambda: weights.write_bytes(b"not a tensor file"),
     }
     pristine = weights.read_bytes()
     for expected, damage in damages.items():

@@ -52,10 +52,18 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
         raise
     except KeyError as error:  # a model.json without a field every model has
         raise ModelLoadError(f"{directory}: its {MODEL_FILE} has no {error} field") from error
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        # a missing or damaged weights file, or weights of another shape than model.json describes
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"{directory}: cannot load this {kind} model's files ({first})") from error
+    except (TypeError, AttributeError) as error:  # a section that is not an object ("data": null)
+        raise ModelLoadError(f"{directory}: its {MODEL_FILE} is not a valid {kind} model ({error})") from error
+    except pickle.UnpicklingError as error:  # torch's own advice here (weights_only=False) is wrong for a damaged file
+        raise ModelLoadError(
+            f"{directory}: its weights file is damaged or not PyTorch's ({error.__class__.__name__})"
+        ) from error
+    except (OSError, RuntimeError, ValueError, EOFError) as error:
+        # a missing or damaged weights file, or weights of another shape than model.json describes: the first
+        # lines say which (torch's "Error(s) in loading state_dict" alone does not)
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        detail = "; ".join(lines[:3]) or type(error).__name__
+        raise ModelLoadError(f"{directory}: cannot load this {kind} model's files ({detail})") from error
     diffusion = model.teacher if isinstance(model, CascadeClassifier) else model
     if runtime is not None and isinstance(diffusion, DiffusionClassifier):
         update = {field: getattr(runtime, field) for field in RUNTIME_FIELDS if field in runtime.model_fields_set}
