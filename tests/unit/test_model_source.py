@@ -142,6 +142,25 @@ def test_a_model_saved_after_loading_keeps_its_own_runtime_not_the_machines(tmp_
     assert saved["scoring"]["min_trials"] == 3 and saved["temperature"] == 1.7
 
 
+def test_a_rule_setting_the_model_does_not_take_is_said_not_silently_dropped(tmp_path, caplog):
+    """CYTOLOOP_SCORING__MAX_TRIALS=40 looked applied to a model and changed nothing: a model scores with its own
+    tuned rule. It still does, and the load now says which settings it left aside."""
+    from cytoloop.config import DiffusionModelConfig, ScoringConfig
+    from cytoloop.models.diffusion import DiffusionClassifier
+    from cytoloop.models.loading import load_model
+
+    DiffusionClassifier(
+        CLASSES,
+        DataConfig(image_size=16),
+        DiffusionModelConfig(block_out_channels=(8, 16), norm_num_groups=4),
+        ScoringConfig(min_trials=3, max_trials=60),
+    ).save(tmp_path / "model")
+    with caplog.at_level("WARNING", logger="cytoloop.models.loading"):
+        model = load_model(tmp_path / "model", ScoringConfig(max_trials=40, precision="bf16"))
+    assert model.scoring_config.max_trials == 60 and model.scoring_config.precision == "bf16"
+    assert "scoring.max_trials from the settings is not applied" in caplog.text and "precision" not in caplog.text
+
+
 def test_a_site_with_its_own_classes_gets_only_those_and_shares_the_loaded_model(tmp_path, cells_dir):
     _save(tmp_path / "model", classes=["lymphocyte", "neutrophil", "platelet"])
     source = ModelSource(ServeConfig(model_dir=tmp_path / "model"), RegistryConfig())

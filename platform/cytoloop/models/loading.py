@@ -6,6 +6,7 @@ the base classes; the base would otherwise import the cascade back).
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,27 @@ from cytoloop.models.baseline import BaselineClassifier
 from cytoloop.models.cascade import CascadeClassifier
 from cytoloop.models.diffusion import DiffusionClassifier
 
+logger = logging.getLogger(__name__)
+
 # How the denoiser runs on a machine, not what the model decides: a machine's settings may replace these.
 RUNTIME_FIELDS = ("device", "precision", "channels_last", "compile", "threads", "batch_size", "lookahead")
+# the scoring rule a model was tuned and calibrated with: never replaced by the settings of the machine at hand
+RULE_FIELDS = (
+    "min_trials",
+    "max_trials",
+    "check_every",
+    "elimination_p",
+    "variance_prior",
+    "variance_prior_trials",
+    "t_min",
+    "t_max",
+    "timestep_bins",
+    "score_null_class",
+    "null_trials",
+    "anomaly_score",
+    "trial_views",
+    "exit_p",
+)
 
 
 def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> Classifier:
@@ -66,6 +86,12 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
         raise ModelLoadError(f"{directory}: cannot load this {kind} model's files ({detail})") from error
     diffusion = model.teacher if isinstance(model, CascadeClassifier) else model
     if runtime is not None and isinstance(diffusion, DiffusionClassifier):
+        ignored = [f"scoring.{field}" for field in RULE_FIELDS if field in runtime.model_fields_set]
+        if ignored:  # said, not silently dropped (CYTOLOOP_SCORING__MAX_TRIALS=40 looked applied)
+            logger.warning(
+                f"{directory} scores with its own tuned rule: {', '.join(ignored)} from the settings is not "
+                "applied to it (a new model trains with it; `evaluate --max-trials` caps the trials)"
+            )
         update = {field: getattr(runtime, field) for field in RUNTIME_FIELDS if field in runtime.model_fields_set}
         if update:
             own = diffusion.scoring_config.model_dump(mode="json")
