@@ -787,8 +787,13 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
     # valid together with the file's (e.g. max_trials below the default min_trials)
     try:
         environment = EnvSettingsSource(Settings)()
-    except SettingsError as error:
-        raise UsageError(f"a CYTOLOOP_* environment variable cannot be read: {error}") from None
+    except SettingsError as error:  # names the section only: say which variables feed it, and how lists are written
+        field = str(error).split('"')[1] if str(error).count('"') >= 2 else ""
+        named = sorted(k for k in os.environ if field and k.upper().startswith(f"{ENV_PREFIX}{field.upper()}"))
+        raise UsageError(
+            f"a CYTOLOOP_* environment variable cannot be read: {error}"
+            + (f" (set: {', '.join(named)}; a list or mapping is written as JSON, e.g. '[\"blast\"]')" if named else "")
+        ) from None
     values = _deep_merge(values, environment)
     values = _deep_merge(values, overrides or {})
     return Settings(**values)

@@ -300,6 +300,11 @@ def test_a_misspelt_or_unreadable_setting_in_the_environment_is_refused_naming_i
     clean_env.setenv("CYTOLOOP_SITES", "{bad")
     with pytest.raises(UsageError, match="CYTOLOOP_\\* environment variable cannot be read"):
         load_settings()
+    clean_env.delenv("CYTOLOOP_SITES")
+    clean_env.setenv("CYTOLOOP_ROUTING__ALWAYS_REVIEW", "blast")  # a list, written as a word: which variable?
+    with pytest.raises(UsageError, match="set: CYTOLOOP_ROUTING__ALWAYS_REVIEW; a list or mapping is written as JSON"):
+        load_settings()
+    clean_env.delenv("CYTOLOOP_ROUTING__ALWAYS_REVIEW")
     clean_env.setenv("CYTOLOOP_SITES", '{"north": {"classes": ["a", "b"]}}')
     clean_env.setenv("CYTOLOOP_SCORING__PRECISION", "bf16")
     settings = load_settings()
