@@ -114,8 +114,8 @@ def train(
                 f"scoring tuned: {rule['evals_mean']:.1f} denoiser evaluations per cell at agreement "
                 f"{rule['agreement']:.3f} with exhaustive scoring on the validation cells"
             )
-        for path, reason in report["skipped"]:
-            typer.echo(f"  skipped {path}: {reason}")
+        for _, reason in report["skipped"]:  # the reason begins with the file's path
+            typer.echo(f"  skipped {reason}")
         typer.echo(f"model written to {out}")
 
     run(action)
@@ -357,8 +357,8 @@ def _print_report(report: dict, part: str | None = None) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         typer.echo(f"{key:<{width}}  {value}")
-    for path, reason in report["skipped"]:
-        typer.echo(f"skipped {path}: {reason}")
+    for _, reason in report["skipped"]:  # the reason begins with the file's path
+        typer.echo(f"skipped {reason}")
     for plot in report.get("plots", []):
         typer.echo(f"plot: {plot}")
 
@@ -475,6 +475,8 @@ def distill(
     """Distil a fast student CNN from a diffusion model and save the cascade of both to OUT."""
     if out.resolve() == teacher.resolve():
         fail(f"--out {out} is the teacher's own folder: the cascade would overwrite it")
+    if threshold is not None and defer_fraction is not None:  # the fraction chose the threshold; the other was lost
+        fail("give --threshold or --defer-fraction, not both: the deferral fraction chooses the threshold")
     refuse_finished_model(out, overwrite)
 
     def action():

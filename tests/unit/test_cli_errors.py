@@ -266,6 +266,13 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
         ("stack", "up", "--only", ""): "--only names no service",
         ("train", "--data", str(tmp_path), "--out", str(model)): "already holds a trained model",
         ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(model)): "teacher's own folder",
+        ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(tmp_path / "c"))
+        + (
+            "--threshold",
+            "0.5",
+            "--defer-fraction",
+            "0.2",
+        ): "not both",
         ("register", str(model), "--site", "north"): "goes with --champion",
         ("--config", str(tmp_path), "info", str(model)): "not a file",
         ("info", str(model)): "unknown model kind None",

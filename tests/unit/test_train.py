@@ -347,8 +347,11 @@ def test_cells_that_cannot_be_read_are_named_when_too_few_are_left(tmp_path, tin
     from cytoloop.workflows import train_model
 
     records = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "ab"[i % 2], "lab") for i in range(24)]
-    with pytest.raises(DatasetError, match=f"none of the 2. training and validation cells could be read.*{tmp_path}/c"):
+    with pytest.raises(
+        DatasetError, match=f"none of the 2. training and validation cells could be read.*{tmp_path}/c"
+    ) as e:
         train_model("baseline", records, tiny_settings, tmp_path / "model")
+    assert str(e.value).count(str(tmp_path)) == 1  # the file named once, not "X: X: file not found"
 
 
 def test_a_run_resumes_only_its_own_checkpoints(tmp_path, tiny_overrides, cells_dir):

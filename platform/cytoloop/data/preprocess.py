@@ -149,8 +149,8 @@ class LoadedCells:
         """For an error about too few cells: how many could not be read, and the first one's path and reason."""
         if not self.skipped:
             return ""
-        path, reason = self.skipped[0]
-        return f" ({len(self.skipped)} could not be read; the first: {path}: {reason})"
+        _, reason = self.skipped[0]  # the reason begins with the file's path
+        return f" ({len(self.skipped)} could not be read; the first: {reason})"
 
 
 def load_cells(records: Sequence[CellRecord], config: DataConfig, progress: bool = False) -> LoadedCells:
