@@ -238,9 +238,9 @@ def drift(
 
         settings = settings_from(config)
         known = read_labels(labels) if labels is not None else {}  # a wrong file is named before MLflow is opened
+        log = read_events(events)  # so is a missing log (it made an empty MLflow database first)
         registry = open_registry(settings)
         name = settings.serve.model_name or settings.registry.model_name  # the model the log's versions are of
-        log = read_events(events)
         if not log:
             typer.echo(f"{events}: no predictions in it; drift flags unchanged")
             return

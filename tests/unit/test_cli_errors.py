@@ -436,3 +436,14 @@ def test_damaged_models_unlabelled_manifests_and_empty_settings_are_named(tmp_pa
     clean_env.setenv("CYTOLOOP_HOME", "")
     with pytest.raises(ValueError, match="home\\s+Value error, is empty"):
         load_settings()
+
+
+def test_drift_on_a_missing_log_is_named_before_mlflow_is_opened(tmp_path, clean_env):
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["drift", "--events", str(tmp_path / "predictions.jsonl")])
+    assert result.exit_code == 2 and "predictions.jsonl" in result.output, result.output
+    assert not (tmp_path / "home").exists()  # no empty MLflow database made on the way
