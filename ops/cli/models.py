@@ -533,6 +533,8 @@ def card(
         title, sep, path = item.partition("=")
         if not sep or not title or not path:
             fail(f"--eval {item!r}: expected TITLE=REPORT.json")
+        if title in reports:  # the second replaced the first without a word
+            fail(f"--eval {title}: the title is given twice; each report needs its own")
         if not Path(path).is_file():
             fail(f"--eval {title}: no report at {path}")
         try:

@@ -253,6 +253,8 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.json").write_text("{}")  # a finished model: never trained over silently
+    report = tmp_path / "eval.json"
+    report.write_text('{"balanced_accuracy": 0.9}')
     cases = {
         ("score", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path)): "is a folder",
         ("score", "--model", str(model), "--data", str(tmp_path / "notes.csv"), "--out", str(tmp_path / "notes.csv")): (
@@ -266,6 +268,7 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
         ("stack", "up", "--only", ""): "--only names no service",
         ("train", "--data", str(tmp_path), "--out", str(model)): "already holds a trained model",
         ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(model)): "teacher's own folder",
+        ("card", str(model), "--eval", f"held-out={report}", "--eval", f"held-out={report}"): "given twice",
         ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(tmp_path / "c"))
         + (
             "--threshold",
