@@ -276,7 +276,9 @@ def score_offline(
         "version": version,
         "routing": routing.model_dump(mode="json"),
         "allowed": allowed,
-        "runtime": None if runtime is None else runtime.model_dump(mode="json"),
+        # what the settings set, as `load_model` applies only those: a default recorded as if chosen would pass
+        # a bf16 model's answers off as fp32 ones
+        "runtime": None if runtime is None else runtime.model_dump(mode="json", exclude_unset=True),
     }
     paths = [str(Path(r.path).resolve()) for r in records]
     results: list[CellResult | None] = [None] * len(records)

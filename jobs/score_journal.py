@@ -5,8 +5,9 @@ A JSON-lines file. Its first line names what the answers depend on (`setup`: the
 thresholds, the classes allowed, how the model runs); each further line is one scored cell, by its resolved path,
 with its answer. A run given a journal reads it first: if the setup is the same, the cells it answers are taken
 from it and only the others are scored; if not (another model version, other thresholds), its answers would not be
-this run's, so the journal is started afresh and the log says why. A last line cut short by a kill is ignored.
-Cells that could not be scored (an unreadable file) are not written down: the next run tries them again.
+this run's, so it is moved aside (`.old`) and a new journal started, and the log says so. A last line cut short by
+a kill is ignored. Cells that could not be scored (an unreadable file) are not written down: the next run tries
+them again.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ class ScoreJournal:
                     fresh = False
             except TypeError:  # answers of another CytoLoop's making
                 self.answers = {}
-            if fresh:
-                logger.warning(f"{self.path}: not a journal of this model and settings; scoring from the start")
+            if fresh:  # kept aside, not wiped: one run with a stray setting must not cost hours of answers
+                aside = self.path.with_name(self.path.name + ".old")
+                self.path.replace(aside)
+                logger.warning(
+                    f"{self.path}: not a journal of this model and settings; scoring from the start (it is kept as "
+                    f"{aside})"
+                )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle: IO[str] = self.path.open("w" if fresh else "a", encoding="utf-8")
         if fresh:

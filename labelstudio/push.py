@@ -12,8 +12,10 @@ project it no longer has (deleted, perhaps made again under the same title: `Out
 
 An import that got no answer (a timeout, a killed push) can be committed by Label Studio after the next push listed
 the project and sent the task again. While the outbox watches such a task (`Outbox.watched`), each push lists its
-project and deletes the task's twins that nobody has labelled or started, keeping the one the outbox recorded; a
-twin with labels stays (the label store counts one vote per person and cell, so nothing is counted twice).
+project and deletes the task's twins that hold no label, keeping the one the outbox recorded; a twin with labels
+stays (the label store counts one vote per person and cell, so nothing is counted twice). Label Studio does not
+say whether someone has a twin open: a label submitted on it after its deletion is refused by Label Studio, and
+the annotator meets the cell again in the kept task.
 """
 
 from __future__ import annotations
@@ -165,22 +167,28 @@ def _push_site(
 
 def _remove_twins(client, outbox: Outbox, server: str) -> int:
     """Delete the unlabelled twins of the tasks the outbox watches (see the module's docstring); returns how many.
-    A project that cannot be listed now is left for the next push."""
+    Only where the task the outbox recorded is in the listing under its key (else the twin may be the only copy),
+    and each twin is asked for again just before it goes, so a label submitted since the listing keeps it. A
+    project that cannot be listed now is left for the next push."""
     removed = 0
     for project_id, keep in outbox.watched(server).items():
         try:
-            twins = [
-                task
-                for task in client.tasks.list(project=project_id, fields="task_only", page_size=500)
-                if (task.data or {}).get("task_key") in keep and task.id != keep[task.data["task_key"]]
-            ]
-            for task in twins:
-                if task.total_annotations or task.cancelled_annotations or task.drafts:
-                    logger.warning(f"push: task {task.id} twins task {keep[task.data['task_key']]}, kept: labelled")
+            listed: dict[str, list] = {}
+            for task in client.tasks.list(project=project_id, fields="task_only", page_size=500):
+                key = (task.data or {}).get("task_key")
+                if key in keep:
+                    listed.setdefault(key, []).append(task)
+            for key, tasks in listed.items():
+                if keep[key] not in {task.id for task in tasks}:
                     continue
-                client.tasks.delete(id=task.id)
-                removed += 1
-                logger.warning(f"push: task {task.id}, a late-committed twin of {keep[task.data['task_key']]}, deleted")
+                for task in (t for t in tasks if t.id != keep[key]):
+                    now = client.tasks.get(id=task.id)
+                    if now.total_annotations or now.cancelled_annotations:
+                        logger.warning(f"push: task {task.id} twins task {keep[key]}, kept: labelled")
+                        continue
+                    client.tasks.delete(id=task.id)
+                    removed += 1
+                    logger.warning(f"push: task {task.id}, a late-committed twin of {keep[key]}, deleted")
         except Exception as error:
             if stops_the_push(error):
                 raise

@@ -550,29 +550,37 @@ class Stack:
 
         A `down` that has to wait leaves a request beside the lock; an `up` (`stoppable`) gives up at its next
         step (`_stop_if_down_asked`: before a service, and while one starts), so `down` is not kept waiting for a
-        service that may never become healthy (up to `stack.start_timeout_s` each). An `up` that takes the lock
-        clears a request left by a `down` that is gone."""
+        service that may never become healthy (up to `stack.start_timeout_s` each). The request names the `down`'s
+        process: one left by a `down` that is gone (killed while it waited) stops nothing and is cleared by the next
+        `up`; a `down` interrupted while it waits takes its request back."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         request = self.run_dir / "down.requested"
         with open(self.run_dir / "up.lock", "w") as lock:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not stoppable:
-                    request.touch()
-                logger.info(f"waiting for the `stack up` or `down` in progress on {self.home} to finish")
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if stoppable:
-                    request.unlink(missing_ok=True)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not stoppable:
+                        request.write_text(str(os.getpid()))  # whose request: an `up` keeps a live one's
+                    logger.info(f"waiting for the `stack up` or `down` in progress on {self.home} to finish")
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                if stoppable and not self._down_waiting():
+                    request.unlink(missing_ok=True)  # left by a `down` that is gone
                 yield
-            finally:
+            finally:  # a `down` interrupted while it waited takes its request back too
                 if not stoppable:
                     request.unlink(missing_ok=True)
 
+    def _down_waiting(self) -> bool:
+        """Whether a `stack down` that is still running asked for the `up` to stop (`_one_at_a_time`)."""
+        try:
+            return alive(int((self.run_dir / "down.requested").read_text().strip()))
+        except (OSError, ValueError):
+            return False
+
     def _stop_if_down_asked(self, name: str) -> None:
         """Raise if a `stack down` waits for this `up` (see `_one_at_a_time`)."""
-        if (self.run_dir / "down.requested").exists():
+        if self._down_waiting():
             raise StackError(f"stack up stopped at {name}: `cytoloop stack down` was asked for meanwhile")
 
     def _start(self, service: Service) -> None:

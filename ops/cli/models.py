@@ -45,6 +45,7 @@ def train(
     """Train a model, calibrate it (and tune a diffusion model's scoring) on the validation part of a seeded split,
     and save it to OUT."""
     refuse_finished_model(out, overwrite)
+    replacing = overwrite and (out / "model.json").is_file()  # another run's checkpoints there go, not refused
     from cytoloop.models.recipes import RECIPES, get_recipe
 
     flags = {
@@ -100,6 +101,7 @@ def train(
             unlabeled=unlabeled,
             split_seed=split_seed,
             progress=True,
+            replace_other_run=replacing,
         )
         if recipe is not None:
             write_recipe_record(out, recipe, data)
@@ -478,6 +480,7 @@ def distill(
     if threshold is not None and defer_fraction is not None:  # the fraction chose the threshold; the other was lost
         fail("give --threshold or --defer-fraction, not both: the deferral fraction chooses the threshold")
     refuse_finished_model(out, overwrite)
+    replacing = overwrite and (out / "model.json").is_file()
 
     def action():
         from cytoloop.config import load_settings
@@ -491,7 +494,14 @@ def distill(
         records = load_records(data)
         unlabeled = select(records, split_list(unlabeled_domains)) if unlabeled_domains else []
         cascade, report = distill_model(
-            teacher, records, settings, out, unlabeled=unlabeled, tune=tune_teacher, progress=True
+            teacher,
+            records,
+            settings,
+            out,
+            unlabeled=unlabeled,
+            tune=tune_teacher,
+            progress=True,
+            replace_other_run=replacing,
         )
         d = report["distillation"]
         typer.echo(

@@ -90,8 +90,12 @@ def train_model(
     split_seed: int = 0,
     progress: bool = False,
     split: dict[str, list[CellRecord]] | None = None,
+    replace_other_run: bool = False,
 ) -> tuple[Trainable, dict]:
     """Train, calibrate and save a model into `out`; returns it and a training report (also in out/training.json).
+
+    Checkpoints in out/checkpoints resume this run only (`claim_checkpoints`); another run's are refused, or with
+    `replace_other_run` (`train --overwrite` over a finished model) removed so that this run starts afresh.
 
     `records` are labelled cells; they are split train/val/test (stratified by label and domain) and the split is
     written to out/split.json. A caller that must fix the parts itself (a low-data experiment: exactly n training
@@ -108,6 +112,12 @@ def train_model(
         split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed)
     elif set(split) != set(SPLIT_FRACTIONS):
         raise UsageError(f"a given split needs the parts {sorted(SPLIT_FRACTIONS)}, got {sorted(split)}")
+    model = build_model(kind, classes, settings)
+    run: dict = {"kind": kind, "classes": classes, "training cells": cells_fingerprint(split["train"])}
+    learns = model.learns_from_unlabeled and bool(unlabeled)
+    run["unlabeled cells"] = cells_fingerprint(unlabeled) if learns else None
+    # before anything is written: a refused run must leave a finished model's split.json as it was
+    claim_checkpoints(out / "checkpoints", run | training_settings(settings, kind), replace=replace_other_run)
     write_split(
         split,
         out / SPLIT_FILE,
@@ -128,17 +138,13 @@ def train_model(
             "(label, domain) group needs at least 2 cells, and calibration wants many more"
             + (val.skipped_note() or train.skipped_note())
         )
-    model = build_model(kind, classes, settings)
-    extra = load_cells(unlabeled, settings.data, progress) if model.learns_from_unlabeled and unlabeled else None
+    extra = load_cells(unlabeled, settings.data, progress) if learns else None
     images, labels = train.images, label_indices(train.records, classes)
     if extra is not None:
         images = np.concatenate([images, extra.images])
         labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
 
     network, loss = model.objective(settings.train)
-    run: dict = {"kind": kind, "classes": classes, "training cells": records_fingerprint(split["train"])}
-    run["unlabeled cells"] = records_fingerprint(unlabeled) if extra is not None else None
-    claim_checkpoints(out / "checkpoints", run | training_settings(settings, kind))
     trained, result = fit(
         network,
         loss,
@@ -197,8 +203,20 @@ def train_model(
     return model, report
 
 
-# a run's settings that later legs may change without making it another run (`claim_checkpoints`)
-LEG_SETTINGS = {"steps", "checkpoint_every", "log_every", "threads", "tune_scoring"}
+# a run's settings that later legs may change without making it another run (`claim_checkpoints`); precision is the
+# autocast of the forward pass only (weights, optimiser and EMA stay fp32)
+LEG_SETTINGS = {"steps", "checkpoint_every", "log_every", "threads", "tune_scoring", "precision"}
+
+
+def cells_fingerprint(records: Sequence[CellRecord]) -> str:
+    """Which cells (by resolved path) with which labels: the same cells listed by two manifests (a lab's own, the
+    combined one, whose ids differ by their folder) give one fingerprint."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for line in sorted(f"{Path(r.path).resolve()}\t{r.label}\t{r.domain}" for r in records):
+        digest.update(line.encode() + b"\n")
+    return digest.hexdigest()[:16]
 
 
 def training_settings(settings: Settings, kind: str) -> dict:
@@ -533,8 +551,10 @@ def distill_model(
     unlabeled: Sequence[CellRecord] = (),
     tune: bool = True,
     progress: bool = False,
+    replace_other_run: bool = False,
 ) -> tuple[CascadeClassifier, dict]:
-    """Build a cascade from a trained diffusion model: (tune its scoring), distil a student, save into `out`.
+    """Build a cascade from a trained diffusion model: (tune its scoring), distil a student, save into `out`
+    (checkpoints as in `train_model`).
 
     The student learns from the teacher's train part (labelled) and from `unlabeled` cells, minus any cell of the
     teacher's validation or test part; its temperature (and, if asked, the threshold) comes from the validation
@@ -550,6 +570,10 @@ def distill_model(
     val_records, _ = held_out(records, teacher_dir, part="val")
     split = _model_split(teacher_dir) or {"parts": {}}
     unlabeled = [r for r, reserved in zip(unlabeled, _in_parts(unlabeled, split, ["val", "test"])) if not reserved]
+    run: dict = {"kind": "cascade", "teacher": local_ref(Path(teacher_dir)).version, "tuned": tune}
+    run |= {"training cells": cells_fingerprint(train_records), "unlabeled cells": cells_fingerprint(unlabeled)}
+    student = {k: v for k, v in training_settings(settings, "baseline").items() if not k.startswith("data.")}
+    claim_checkpoints(out / "checkpoints", run | student, replace=replace_other_run)  # before the teacher's tuning
     train = load_cells(train_records, teacher.data_config, progress)
     val = load_cells(val_records, teacher.data_config, progress)
     val_labels = label_indices(val.records, teacher.classes)
@@ -561,10 +585,6 @@ def distill_model(
         extra = load_cells(unlabeled, teacher.data_config, progress)
         images = np.concatenate([images, extra.images])
         labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
-    run: dict = {"kind": "cascade", "teacher": local_ref(Path(teacher_dir)).version, "tuned": tune}
-    run |= {"training cells": records_fingerprint(train.records), "unlabeled cells": records_fingerprint(unlabeled)}
-    run |= {f"cascade.{k}": v for k, v in settings.cascade.model_dump(mode="json").items()}
-    claim_checkpoints(out / "checkpoints", run | training_settings(settings, "baseline"))
     cascade, report["distillation"] = distill(
         teacher,
         images,

@@ -408,3 +408,10 @@ def test_an_import_label_studio_commits_after_the_next_listing_leaves_no_unlabel
     assert not recorded & set(late_ids) and set(left) == recorded | {late_ids[0]}
     assert len(set(left.values())) == 3  # every cell still asked, the labelled one's twin kept
     assert push_outbox(client, outbox, ensure, batch=10).twins_removed == 0
+    # a twin landing after someone deleted the recorded task is that cell's only task now: it stays
+    key, recorded_id = next((k, i) for k, i in outbox.watched(server_identity(client))[projects["east"]].items())
+    twin = [_task("east", int(key.split("cell")[1][0]))]
+    [only] = real_import(id=projects["east"], request=twin, return_task_ids=True).task_ids
+    client.tasks.delete(id=recorded_id)
+    assert push_outbox(client, outbox, ensure, batch=10).twins_removed == 0
+    assert only in {t.id for t in client.tasks.list(project=projects["east"], fields="task_only")}

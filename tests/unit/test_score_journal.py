@@ -37,6 +37,8 @@ def test_a_journal_of_other_settings_is_started_afresh(tmp_path):
     other = {**SETUP, "routing": {"review_below": 0.5}}
     with ScoreJournal(path, other) as journal:
         assert journal.answers == {}
+    with ScoreJournal(path.with_name(path.name + ".old"), SETUP) as journal:  # kept aside, not wiped
+        assert journal.answers == {"/cells/0.png": answer(0)}
     with ScoreJournal(path, other) as journal:
         assert journal.answers == {}  # started afresh, not appended to the old setup's answers
     with ScoreJournal(path, SETUP) as journal:

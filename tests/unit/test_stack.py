@@ -173,6 +173,26 @@ def test_down_stops_an_up_waiting_for_a_service_that_never_becomes_healthy(tmp_p
         Stack(settings).down()
 
 
+def test_a_request_left_by_a_down_that_is_gone_stops_no_up(tmp_path):
+    """A `down` killed while it waited left its request to stop behind; the next `up` must start all the same."""
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings(home=tmp_path / "home", review={"webhook_port": port}, stack={"ray": False})
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stack = Stack(settings)
+    stack.run_dir.mkdir(parents=True)
+    (stack.run_dir / "down.requested").write_text(str(gone.pid))
+    try:
+        [labels] = [s for s in stack.up(only=["labels"]) if s.name == "labels"]
+        assert labels.state == "up" and not (stack.run_dir / "down.requested").exists()
+    finally:
+        stack.down()
+
+
 def test_stack_down_never_signals_a_process_that_is_not_the_one_it_started(tmp_path):
     """After a reboot (or PID reuse) a PID file names a stranger: `stack down` used to kill its process group."""
     import json

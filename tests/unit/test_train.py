@@ -358,12 +358,11 @@ def test_a_run_resumes_only_its_own_checkpoints(tmp_path, tiny_overrides, cells_
     """`train --overwrite` over a finished model resumed the old run's checkpoints: with the same number of
     steps the 'new' model was the old one, byte for byte, whatever the new cells. An unfinished run's checkpoints
     given to another run (other cells, classes or kind) trained on from the wrong weights or failed with a torch
-    traceback. Another run's checkpoints are refused now, naming what differs; the same run still resumes (a
-    longer leg, `--overwrite` over its finished model). A seed in the settings file seeds the run (it was
-    replaced by 0)."""
+    traceback. Now the same run resumes (a longer leg), `--overwrite` of a finished model by another run starts
+    afresh, and another run's checkpoints in an unfinished folder are refused, naming what differs, before
+    anything in the folder is touched. A seed in the settings file seeds the run (it was replaced by 0)."""
     import hashlib
     import json
-    import shutil
 
     from typer.testing import CliRunner
 
@@ -381,16 +380,19 @@ def test_a_run_resumes_only_its_own_checkpoints(tmp_path, tiny_overrides, cells_
     def weights() -> str:
         return hashlib.sha256((out / "weights.pt").read_bytes()).hexdigest()
 
+    def resumed_from() -> int:
+        return json.loads((out / "training.json").read_text())["resumed_from_step"]
+
     assert train("jtsc").exit_code == 0
     first = weights()
     assert json.loads((out / "training.json").read_text())["settings"]["train"]["seed"] == 7
-    other = train("bccd", "--overwrite")
-    unboxed = " ".join(other.output.split())
-    assert other.exit_code == 2 and "holds the checkpoints of another training run" in unboxed, other.output
-    assert "differs in training cells" in unboxed and weights() == first
     longer = train("jtsc", "--overwrite", "--steps", "14")  # the same run, a longer leg: resumed
-    assert longer.exit_code == 0 and json.loads((out / "training.json").read_text())["resumed_from_step"] == 10
-    shutil.rmtree(out / "checkpoints")
-    (out / "model.json").unlink()  # an unfinished run, started afresh
-    assert train("bccd").exit_code == 0 and weights() != first
-    assert json.loads((out / "training.json").read_text())["resumed_from_step"] == 0
+    assert longer.exit_code == 0 and resumed_from() == 10 and weights() != first
+    other = train("bccd", "--overwrite")  # another run replacing a finished model: afresh
+    assert other.exit_code == 0 and resumed_from() == 0, other.output
+    (out / "model.json").unlink()  # an unfinished run now: its checkpoints only
+    split = (out / "split.json").read_bytes()
+    refused = train("jtsc")
+    unboxed = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "holds the checkpoints of another training run" in unboxed, refused.output
+    assert "differs in training cells" in unboxed and (out / "split.json").read_bytes() == split

@@ -55,7 +55,8 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     the machine's (`DiffusionClassifier.own_runtime`).
     """
     directory = Path(directory)
-    kind = read_model_meta(directory).get("kind")
+    meta = read_model_meta(directory)
+    kind = meta.get("kind")
     loaders: dict[str, Callable[[Path], Any]] = {  # each returns a Classifier
         "diffusion": DiffusionClassifier.load,
         "baseline": BaselineClassifier.load,
@@ -63,6 +64,11 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     }
     if kind not in loaders:
         raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
+    sections = [k for k in ("data", "model", "scoring") if k in meta]
+    if wrong := [k for k in sections if not isinstance(meta[k], dict)]:  # "data": null was a TypeError traceback
+        raise ModelLoadError(
+            f"{directory}: its {MODEL_FILE} is not a valid {kind} model ({', '.join(wrong)}: not an object)"
+        )
     try:
         model = loaders[str(kind)](directory)
     except ValidationError as error:  # a model.json that no longer (or never did) describe a valid model
@@ -72,8 +78,6 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
         raise
     except KeyError as error:  # a model.json without a field every model has
         raise ModelLoadError(f"{directory}: its {MODEL_FILE} has no {error} field") from error
-    except (TypeError, AttributeError) as error:  # a section that is not an object ("data": null)
-        raise ModelLoadError(f"{directory}: its {MODEL_FILE} is not a valid {kind} model ({error})") from error
     except pickle.UnpicklingError as error:  # torch's own advice here (weights_only=False) is wrong for a damaged file
         raise ModelLoadError(
             f"{directory}: its weights file is damaged or not PyTorch's ({error.__class__.__name__})"

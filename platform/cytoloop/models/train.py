@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from torch import nn
 from cytoloop.config import AugmentConfig, TrainConfig
 from cytoloop.data.preprocess import augment
 from cytoloop.threads import torch_threads
+
+logger = logging.getLogger(__name__)
 
 UNLABELED = -1
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -115,28 +118,33 @@ def fit(
         return _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress)
 
 
-def claim_checkpoints(folder: Path, run: dict) -> None:
+def claim_checkpoints(folder: Path, run: dict, replace: bool = False) -> None:
     """Let the training run described by `run` (what it trains on and how, flat and JSON-able; not its number of
     steps, which a later leg may raise) use the checkpoints in `folder`. Checkpoints another run wrote there are
     refused, naming what differs: resumed, they trained the new run's model from the old one's weights (with
-    the same number of steps, not at all), or failed on a network of another shape. Checkpoints written before
-    runs were recorded are resumed as before."""
+    the same number of steps, not at all), or failed on a network of another shape. With `replace` they are
+    removed instead and the run starts afresh. Checkpoints written before runs were recorded are resumed as
+    before."""
     from cytoloop.errors import UsageError
     from cytoloop.files import write_text
 
     run = json.loads(json.dumps(run))  # as it reads back
-    record = Path(folder) / RUN_FILE
-    if (Path(folder) / CHECKPOINT_FILE).is_file() and record.is_file():
+    folder = Path(folder)
+    record = folder / RUN_FILE
+    if (folder / CHECKPOINT_FILE).is_file() and record.is_file():
         try:
             earlier = json.loads(record.read_text())
         except ValueError:
             earlier = {}
         if earlier != run:
-            differ = sorted(k for k in run.keys() | earlier.keys() if run.get(k) != earlier.get(k))
-            raise UsageError(
-                f"{folder} holds the checkpoints of another training run (it differs in {', '.join(differ)}); "
-                "train into another folder, or remove that one to start afresh"
-            )
+            differ = ", ".join(sorted(k for k in run.keys() | earlier.keys() if run.get(k) != earlier.get(k)))
+            if not replace:
+                raise UsageError(
+                    f"{folder} holds the checkpoints of another training run (it differs in {differ}); "
+                    "train into another folder, or remove that one to start afresh"
+                )
+            (folder / CHECKPOINT_FILE).unlink()
+            logger.warning(f"{folder}: the replaced model's checkpoints (another run: {differ}) removed")
     write_text(record, json.dumps(run, indent=1, sort_keys=True))
 
 
