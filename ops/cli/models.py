@@ -397,8 +397,12 @@ def tune(
     model: Path = typer.Option(..., help="diffusion model directory (its scoring is tuned in place)"),
     data: Path = typer.Option(..., help="the manifest CSV or per-class folder the model was trained from"),
     trials: int | None = typer.Option(None, min=2, help="exhaustive trials per validation cell to agree with"),
-    agreement: float | None = typer.Option(None, help="fraction of validation cells that must agree"),
-    null_trials: int | None = typer.Option(None, help="score the null class (anomaly) on this many first trials"),
+    agreement: float | None = typer.Option(
+        None, min=0.01, max=1.0, help="fraction of validation cells that must agree"
+    ),
+    null_trials: int | None = typer.Option(
+        None, min=1, help="score the null class (anomaly) on this many first trials"
+    ),
     unlabeled_domains: str | None = typer.Option(
         None, help="also tune on these domains' cells (labels unused; cells of the model's split left out)"
     ),
