@@ -14,12 +14,16 @@ class CytoLoopError(Exception):
     """Base of the errors a user can cause and fix."""
 
 
-def describe_validation_error(error, whole: str | None = None) -> str:
+def describe_validation_error(error, whole: str | None = None, section: str | None = None) -> str:
     """A pydantic ValidationError as one line a person can act on: each problem as `field.path: message`, joined
     by '; '. A problem with the whole object (a model validator's, no field) is named `whole`, by default the
-    model's name (`error.title`), instead of an empty field."""
-    name = whole or error.title
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or name}: {_message(e)}" for e in error.errors(include_url=False))
+    model's name (`error.title`), instead of an empty field. `section`: where the object sits in its file, put in
+    front of every path (a model.json's `data.image_size`)."""
+    name = whole or section or error.title
+    return "; ".join(
+        f"{'.'.join(map(str, [*([section] if section else []), *e['loc']])) or name}: {_message(e)}"
+        for e in error.errors(include_url=False)
+    )
 
 
 def _message(problem: dict) -> str:

@@ -194,8 +194,13 @@ def test_a_model_whose_saved_scoring_is_invalid_fails_to_load_naming_its_file(tm
     meta = json.loads((directory / "model.json").read_text())
     meta["scoring"].update(min_trials=12, max_trials=8)
     (directory / "model.json").write_text(json.dumps(meta))
-    expected = r"m: its model.json is not a valid diffusion model: ScoringConfig: .*max_trials \(8\) must be at least"
+    expected = r"m: its model.json is not a valid diffusion model: scoring: .*max_trials \(8\) must be at least"
     with pytest.raises(ModelLoadError, match=expected):
+        load_model(directory)
+    meta["scoring"].update(min_trials=3)
+    meta["data"]["image_size"] = 8  # a field's problem is named with its section
+    (directory / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match=r"diffusion model: data\.image_size: Input should be greater"):
         load_model(directory)
 
 

@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 
 # How the denoiser runs on a machine, not what the model decides: a machine's settings may replace these.
 RUNTIME_FIELDS = ("device", "precision", "channels_last", "compile", "threads", "batch_size", "lookahead")
+# the model.json section each settings class is read from
+SECTION_OF = {
+    "DataConfig": "data",
+    "DiffusionModelConfig": "model",
+    "BaselineModelConfig": "model",
+    "ScoringConfig": "scoring",
+}
 # the scoring rule a model was tuned and calibrated with: never replaced by the settings of the machine at hand
 RULE_FIELDS = (
     "min_trials",
@@ -72,7 +79,8 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     try:
         model = loaders[str(kind)](directory)
     except ValidationError as error:  # a model.json that no longer (or never did) describe a valid model
-        problems = describe_validation_error(error)
+        # each section is validated alone, so its fields' names lack it: `data.image_size`, not `image_size`
+        problems = describe_validation_error(error, section=SECTION_OF.get(error.title))
         raise ModelLoadError(f"{directory}: its {MODEL_FILE} is not a valid {kind} model: {problems}") from error
     except ModelLoadError:
         raise
