@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, run, settings_from
+from ops.cli.common import app, fail, run, settings_from
 
 data_app = typer.Typer(
     no_args_is_help=True,
@@ -51,6 +51,8 @@ def data_list(
         from cytoloop.data.datasets import CATALOGUE, fetched
 
         root = dest or settings_from(config).datasets.cache_dir
+        if Path(root).exists() and not Path(root).is_dir():  # every dataset read "not fetched"
+            fail(f"{root} is a file, not the folder datasets are fetched into")
         for entry in CATALOGUE.values():
             folder = fetched(entry.name, root)
             state = f"fetched: {folder}" if folder else "not fetched" if entry.url else "manual download"

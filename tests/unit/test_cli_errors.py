@@ -283,6 +283,7 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
         ("review", "bootstrap", "--site", "north", "--classes", "a,b", "--model", str(model)): "not both",
         ("generate", "--model", str(model), "--class", "a", "--out", str(tmp_path / "g.jpg")): "ending in .png",
         ("tune", "--model", str(model), "--data", str(tmp_path), "--trials", "0"): "--trials",
+        ("data", "list", "--dest", str(tmp_path / "notes.csv")): "is a file, not the folder",
         ("tune", "--model", str(model), "--data", str(tmp_path), "--agreement", "1.5"): "--agreement",
         ("tune", "--model", str(model), "--data", str(tmp_path), "--null-trials", "0"): "--null-trials",
     }
