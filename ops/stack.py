@@ -542,7 +542,7 @@ class Stack:
         return self.status()
 
     @contextlib.contextmanager
-    def _one_at_a_time(self, stoppable: bool = False) -> Iterator[None]:
+    def _one_at_a_time(self, stoppable: bool = False, only: list[str] | None = None) -> Iterator[None]:
         """One `up` or `down` at a time per home. Two `up`s at once both saw no PID and a free port, both started
         the service, and the PID file could name the one that lost the port while the other ran on, beyond
         `down`'s reach; a `down` between an `up`'s start of a service and its PID file removed nothing, and the
@@ -551,8 +551,9 @@ class Stack:
         A `down` that has to wait leaves a request beside the lock; an `up` (`stoppable`) gives up at its next
         step (`_stop_if_down_asked`: before a service, and while one starts), so `down` is not kept waiting for a
         service that may never become healthy (up to `stack.start_timeout_s` each). The request names the `down`'s
-        process: one left by a `down` that is gone (killed while it waited) stops nothing and is cleared by the next
-        `up`; a `down` interrupted while it waits takes its request back."""
+        process and the services it stops (`--only`): one left by a `down` that is gone (killed while it waited)
+        stops nothing and is cleared by the next `up`; a `down` interrupted while it waits takes its request back;
+        an `up` goes on with services the waiting `down` does not stop."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         request = self.run_dir / "down.requested"
         with open(self.run_dir / "up.lock", "w") as lock:
@@ -561,7 +562,8 @@ class Stack:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     if not stoppable:
-                        request.write_text(str(os.getpid()))  # whose request: an `up` keeps a live one's
+                        # whose request (an `up` keeps a live one's), for which services
+                        request.write_text(json.dumps({"pid": os.getpid(), "only": only}))
                     logger.info(f"waiting for the `stack up` or `down` in progress on {self.home} to finish")
                     fcntl.flock(lock, fcntl.LOCK_EX)
                 if stoppable and not self._down_waiting():
@@ -571,16 +573,19 @@ class Stack:
                 if not stoppable:
                     request.unlink(missing_ok=True)
 
-    def _down_waiting(self) -> bool:
-        """Whether a `stack down` that is still running asked for the `up` to stop (`_one_at_a_time`)."""
+    def _down_waiting(self, name: str | None = None) -> bool:
+        """Whether a `stack down` that is still running asked for the `up` to stop (`_one_at_a_time`); given a
+        service's `name`, whether that `down` stops that service (a `down --only` lets an `up` start the others)."""
         try:
-            return alive(int((self.run_dir / "down.requested").read_text().strip()))
-        except (OSError, ValueError):
+            request = json.loads((self.run_dir / "down.requested").read_text())
+            only = request["only"]
+            return alive(int(request["pid"])) and (name is None or only is None or name in only)
+        except (OSError, ValueError, TypeError, KeyError):
             return False
 
     def _stop_if_down_asked(self, name: str) -> None:
-        """Raise if a `stack down` waits for this `up` (see `_one_at_a_time`)."""
-        if self._down_waiting():
+        """Raise if a `stack down` waits for this `up` and stops `name` (see `_one_at_a_time`)."""
+        if self._down_waiting(name):
             raise StackError(f"stack up stopped at {name}: `cytoloop stack down` was asked for meanwhile")
 
     def _start(self, service: Service) -> None:
@@ -671,7 +676,7 @@ class Stack:
         if not self.run_dir.is_dir():
             return []  # this home never started anything
         stopped = []
-        with self._one_at_a_time():
+        with self._one_at_a_time(only=only):
             for name in reversed(SERVICES):
                 if only is not None and name not in only:
                     continue

@@ -173,8 +173,9 @@ def test_down_stops_an_up_waiting_for_a_service_that_never_becomes_healthy(tmp_p
         Stack(settings).down()
 
 
-def test_a_request_left_by_a_down_that_is_gone_stops_no_up(tmp_path):
-    """A `down` killed while it waited left its request to stop behind; the next `up` must start all the same."""
+def test_a_down_that_is_gone_or_stops_other_services_stops_no_up(tmp_path):
+    """A `down` killed while it waited left its request to stop behind; the next `up` must start all the same. A
+    `down --only` of other services stops no `up` of this one."""
     import subprocess
 
     with socket.socket() as probe:
@@ -185,11 +186,21 @@ def test_a_request_left_by_a_down_that_is_gone_stops_no_up(tmp_path):
     gone.wait()
     stack = Stack(settings)
     stack.run_dir.mkdir(parents=True)
-    (stack.run_dir / "down.requested").write_text(str(gone.pid))
+    (stack.run_dir / "down.requested").write_text(f'{{"pid": {gone.pid}, "only": null}}')
     try:
         [labels] = [s for s in stack.up(only=["labels"]) if s.name == "labels"]
         assert labels.state == "up" and not (stack.run_dir / "down.requested").exists()
+        stack.down()
+        # a live `down --only mlflow` waiting (this very process stands in for it) stops no `up` of the receiver
+        (stack.run_dir / "down.requested").write_text(f'{{"pid": {os.getpid()}, "only": ["mlflow"]}}')
+        [labels] = [s for s in stack.up(only=["labels"]) if s.name == "labels"]
+        assert labels.state == "up"
+        stack.down()
+        (stack.run_dir / "down.requested").write_text(f'{{"pid": {os.getpid()}, "only": ["labels"]}}')
+        with pytest.raises(StackError, match="stack down` was asked for meanwhile"):  # one that stops it does
+            stack.up(only=["labels"])
     finally:
+        (stack.run_dir / "down.requested").unlink(missing_ok=True)
         stack.down()
 
 
