@@ -117,7 +117,12 @@ def train_model(
     learns = model.learns_from_unlabeled and bool(unlabeled)
     run["unlabeled cells"] = cells_fingerprint(unlabeled) if learns else None
     # before anything is written: a refused run must leave a finished model's split.json as it was
-    claim_checkpoints(out / "checkpoints", run | training_settings(settings, kind), replace=replace_other_run)
+    claim_checkpoints(
+        out / "checkpoints",
+        run | training_settings(settings, kind),
+        replace=replace_other_run,
+        unrecorded_differs=_finished_run_differs(out, kind, classes, split["train"]),
+    )
     write_split(
         split,
         out / SPLIT_FILE,
@@ -206,6 +211,17 @@ def train_model(
 # a run's settings that later legs may change without making it another run (`claim_checkpoints`); precision is the
 # autocast of the forward pass only (weights, optimiser and EMA stay fp32)
 LEG_SETTINGS = {"steps", "checkpoint_every", "log_every", "threads", "tune_scoring", "precision"}
+
+
+def _finished_run_differs(out: Path, kind: str, classes: list[str], train: Sequence[CellRecord]) -> str | None:
+    """What of a finished model's run (its training.json) differs from this one: for checkpoints written before
+    runs were recorded (`claim_checkpoints`); None when nothing is known to differ."""
+    try:
+        report = json.loads((Path(out) / "training.json").read_text())
+    except (OSError, ValueError):
+        return None
+    known = (("kind", kind), ("classes", classes), ("data_fingerprint", records_fingerprint(train)))
+    return ", ".join(name for name, value in known if report.get(name) != value) or None
 
 
 def cells_fingerprint(records: Sequence[CellRecord]) -> str:

@@ -393,11 +393,14 @@ def test_a_run_resumes_only_its_own_checkpoints(tmp_path, tiny_overrides, cells_
     assert json.loads((out / "training.json").read_text())["settings"]["train"]["seed"] == 7
     longer = train("jtsc", "--overwrite", "--steps", "14")  # the same run, a longer leg: resumed
     assert longer.exit_code == 0 and resumed_from() == 10 and weights() != first
-    other = train("bccd", "--overwrite")  # another run replacing a finished model: afresh
+    (out / "checkpoints" / "run.json").unlink()  # as checkpoints written before runs were recorded
+    legacy = train("bccd", "--overwrite")  # another run replacing a finished model: afresh, told by training.json
+    assert legacy.exit_code == 0 and resumed_from() == 0, legacy.output
+    other = train("jtsc", "--overwrite")  # and told by run.json
     assert other.exit_code == 0 and resumed_from() == 0, other.output
     (out / "model.json").unlink()  # an unfinished run now: its checkpoints only
     split = (out / "split.json").read_bytes()
-    refused = train("jtsc")
+    refused = train("bccd")
     unboxed = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "holds the checkpoints of another training run" in unboxed, refused.output
     assert "differs in training cells" in unboxed and (out / "split.json").read_bytes() == split

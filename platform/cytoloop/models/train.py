@@ -118,19 +118,20 @@ def fit(
         return _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress)
 
 
-def claim_checkpoints(folder: Path, run: dict, replace: bool = False) -> None:
+def claim_checkpoints(folder: Path, run: dict, replace: bool = False, unrecorded_differs: str | None = None) -> None:
     """Let the training run described by `run` (what it trains on and how, flat and JSON-able; not its number of
     steps, which a later leg may raise) use the checkpoints in `folder`. Checkpoints another run wrote there are
     refused, naming what differs: resumed, they trained the new run's model from the old one's weights (with
     the same number of steps, not at all), or failed on a network of another shape. With `replace` they are
-    removed instead and the run starts afresh. Checkpoints written before runs were recorded are resumed as
-    before."""
+    removed instead and the run starts afresh. Checkpoints written before runs were recorded are resumed unless
+    the caller knows what of theirs differs (`unrecorded_differs`, from a finished model's training report)."""
     from cytoloop.errors import UsageError
     from cytoloop.files import write_text
 
     run = json.loads(json.dumps(run))  # as it reads back
     folder = Path(folder)
     record = folder / RUN_FILE
+    differ = None
     if (folder / CHECKPOINT_FILE).is_file() and record.is_file():
         try:
             earlier = json.loads(record.read_text())
@@ -138,13 +139,16 @@ def claim_checkpoints(folder: Path, run: dict, replace: bool = False) -> None:
             earlier = {}
         if earlier != run:
             differ = ", ".join(sorted(k for k in run.keys() | earlier.keys() if run.get(k) != earlier.get(k)))
-            if not replace:
-                raise UsageError(
-                    f"{folder} holds the checkpoints of another training run (it differs in {differ}); "
-                    "train into another folder, or remove that one to start afresh"
-                )
-            (folder / CHECKPOINT_FILE).unlink()
-            logger.warning(f"{folder}: the replaced model's checkpoints (another run: {differ}) removed")
+    elif (folder / CHECKPOINT_FILE).is_file():
+        differ = unrecorded_differs
+    if differ:
+        if not replace:
+            raise UsageError(
+                f"{folder} holds the checkpoints of another training run (it differs in {differ}); "
+                "train into another folder, or remove that one to start afresh"
+            )
+        (folder / CHECKPOINT_FILE).unlink()
+        logger.warning(f"{folder}: the replaced model's checkpoints (another run: {differ}) removed")
     write_text(record, json.dumps(run, indent=1, sort_keys=True))
 
 
