@@ -48,13 +48,18 @@ class PushReport:
 
 
 def project_task_keys(client: LabelStudio, project_id: int) -> dict[str, int]:
-    """task_key -> task id of every task in a project."""
-    keys = {}
+    """task_key -> task id of every task in a project (the last listed, where a key has twins)."""
+    return {key: tasks[-1].id for key, tasks in project_tasks(client, project_id).items()}
+
+
+def project_tasks(client: LabelStudio, project_id: int) -> dict[str, list]:
+    """task_key -> the project's tasks of that key, in listing order (more than one: twins)."""
+    by_key: dict[str, list] = {}
     for task in client.tasks.list(project=project_id, fields="task_only", page_size=500):
         key = (task.data or {}).get("task_key")
         if key:
-            keys[key] = task.id
-    return keys
+            by_key.setdefault(key, []).append(task)
+    return by_key
 
 
 def push_outbox(
@@ -167,32 +172,36 @@ def _push_site(
 
 def _remove_twins(client, outbox: Outbox, server: str) -> int:
     """Delete the unlabelled twins of the tasks the outbox watches (see the module's docstring); returns how many.
-    Only where the task the outbox recorded is in the listing under its key (else the twin may be the only copy),
-    and each twin is asked for again just before it goes, so a label submitted since the listing keeps it. A
-    project that cannot be listed now is left for the next push."""
+    A project that cannot be listed now is left for the next push."""
     removed = 0
     for project_id, keep in outbox.watched(server).items():
         try:
-            listed: dict[str, list] = {}
-            for task in client.tasks.list(project=project_id, fields="task_only", page_size=500):
-                key = (task.data or {}).get("task_key")
-                if key in keep:
-                    listed.setdefault(key, []).append(task)
-            for key, tasks in listed.items():
-                if keep[key] not in {task.id for task in tasks}:
-                    continue
-                for task in (t for t in tasks if t.id != keep[key]):
-                    now = client.tasks.get(id=task.id)
-                    if now.total_annotations or now.cancelled_annotations:
-                        logger.warning(f"push: task {task.id} twins task {keep[key]}, kept: labelled")
-                        continue
-                    client.tasks.delete(id=task.id)
-                    removed += 1
-                    logger.warning(f"push: task {task.id}, a late-committed twin of {keep[key]}, deleted")
+            removed += _remove_project_twins(client, project_id, keep)
         except Exception as error:
             if stops_the_push(error):
                 raise
             logger.warning(f"push: project {project_id}'s twins are checked next time: {_describe(error)}")
+    return removed
+
+
+def _remove_project_twins(client, project_id: int, keep: dict[str, int]) -> int:
+    """Delete a project's twins of the watched keys (`keep`: key -> the task id the outbox recorded). Only where
+    the recorded task is listed under its key (else the twin may be the only copy), and each twin is asked for
+    again just before it goes, so a label submitted since the listing keeps it."""
+    removed = 0
+    listed = project_tasks(client, project_id)
+    for key, kept in keep.items():
+        tasks = listed.get(key, [])
+        if kept not in {task.id for task in tasks}:
+            continue
+        for twin in (task for task in tasks if task.id != kept):
+            now = client.tasks.get(id=twin.id)
+            if now.total_annotations or now.cancelled_annotations:
+                logger.warning(f"push: task {twin.id} twins task {kept}, kept: labelled")
+                continue
+            client.tasks.delete(id=twin.id)
+            removed += 1
+            logger.warning(f"push: task {twin.id}, a late-committed twin of {kept}, deleted")
     return removed
 
 

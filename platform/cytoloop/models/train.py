@@ -132,15 +132,8 @@ def claim_checkpoints(folder: Path, run: dict, replace: bool = False, unrecorded
     folder = Path(folder)
     record = folder / RUN_FILE
     differ = None
-    if (folder / CHECKPOINT_FILE).is_file() and record.is_file():
-        try:
-            earlier = json.loads(record.read_text())
-        except ValueError:
-            earlier = {}
-        if earlier != run:
-            differ = ", ".join(sorted(k for k in run.keys() | earlier.keys() if run.get(k) != earlier.get(k)))
-    elif (folder / CHECKPOINT_FILE).is_file():
-        differ = unrecorded_differs
+    if (folder / CHECKPOINT_FILE).is_file():
+        differ = _differs(run, record) if record.is_file() else unrecorded_differs
     if differ:
         if not replace:
             raise UsageError(
@@ -150,6 +143,17 @@ def claim_checkpoints(folder: Path, run: dict, replace: bool = False, unrecorded
         (folder / CHECKPOINT_FILE).unlink()
         logger.warning(f"{folder}: the replaced model's checkpoints (another run: {differ}) removed")
     write_text(record, json.dumps(run, indent=1, sort_keys=True))
+
+
+def _differs(run: dict, record: Path) -> str | None:
+    """The settings in which `run` differs from the run recorded in `record` (None: the same run)."""
+    try:
+        earlier = json.loads(record.read_text())
+    except ValueError:  # cut short: no run can be shown to be the same
+        earlier = {}
+    if not isinstance(earlier, dict):
+        earlier = {}
+    return ", ".join(sorted(k for k in run.keys() | earlier.keys() if run.get(k) != earlier.get(k))) or None
 
 
 def _fit(
