@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from cytoloop.errors import UsageError
@@ -785,11 +786,11 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
     _check_environment_names()
     # the environment alone, unvalidated: validating it against the defaults would reject values that are only
     # valid together with the file's (e.g. max_trials below the default min_trials)
+    source_of_environment = EnvSettingsSource(Settings)
     try:
-        environment = EnvSettingsSource(Settings)()
-    except SettingsError as error:  # names the section only: say which variables feed it, and how lists are written
-        field = str(error).split('"')[1] if str(error).count('"') >= 2 else ""
-        named = sorted(k for k in os.environ if field and k.upper().startswith(f"{ENV_PREFIX}{field.upper()}"))
+        environment = source_of_environment()
+    except SettingsError as error:  # names the section only: say which variables hold unreadable JSON
+        named = _unreadable_variables(source_of_environment)
         raise UsageError(
             f"a CYTOLOOP_* environment variable cannot be read: {error}"
             + (f" (set: {', '.join(named)}; a list or mapping is written as JSON, e.g. '[\"blast\"]')" if named else "")
@@ -797,6 +798,31 @@ def load_settings(path: Path | None = None, overrides: dict | None = None) -> Se
     values = _deep_merge(values, environment)
     values = _deep_merge(values, overrides or {})
     return Settings(**values)
+
+
+def _unreadable_variables(source: EnvSettingsSource) -> list[str]:
+    """The `CYTOLOOP_*` variables whose setting takes a list, mapping or section (read as JSON, as pydantic-settings
+    reads it: `source.field_is_complex`) and whose value is not JSON; found through the settings' own fields, as
+    pydantic-settings' error names only the section."""
+    named = []
+    for name, value in os.environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        fields: dict[str, FieldInfo] | None = Settings.model_fields
+        field = None
+        for part in name[len(ENV_PREFIX) :].lower().split("__"):
+            field = fields.get(part) if fields is not None else None
+            if field is None:
+                break
+            nested = field.annotation
+            fields = nested.model_fields if isinstance(nested, type) and issubclass(nested, BaseModel) else None
+        if field is None or not source.field_is_complex(field):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            named.append(name)
+    return sorted(named)
 
 
 # the variables Kubernetes gives every pod for each service of its namespace (KubeRay's `cytoloop-serve-svc` gives
