@@ -20,7 +20,6 @@ key that nobody has labelled (`labelstudio.push`).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 from collections import Counter
@@ -29,6 +28,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from cytoloop.files import locked
 from labelstudio import sqlite
 from labelstudio.store import cell_key
 
@@ -206,12 +206,8 @@ class Outbox:
     def push_lock(self) -> Iterator[None]:
         """Hold the outbox's push lock (an OS file lock beside it, so it holds across processes and is released
         by the kernel if its holder dies) for one push."""
-        with open(self.path.with_suffix(".push.lock"), "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with locked(self.path.with_suffix(".push.lock")):
+            yield
 
     def counts(self) -> dict[str, int]:
         with sqlite.transaction(self.path) as db:

@@ -8,18 +8,26 @@ failed, or moved the other's half-written file into place); the last rename wins
 the one it replaces (a new one gets the process's umask, as `open` would give it), unless the writer names its
 mode (secrets: 0600; the temporary file is owner-only from its creation). A writer killed mid-write
 leaves its temporary file; the next write of the same file removes those older than `STALE_S`.
+
+A read-modify-write of such a file (merging drift flags, freezing a scope's gate sets) holds `locked` on a lock
+file of its own from the read to the rename: two writers then queue instead of the last rename dropping the
+other's change. The lock is the kernel's (`flock`), released when its holder exits, killed or not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
+import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
+
+logger = logging.getLogger(__name__)
 
 STALE_S = 3600.0  # no writer of these small files takes an hour: an older temporary file is a killed one's
 
@@ -66,3 +74,29 @@ def write_text(path: Path, text: str, mode: int | None = None) -> None:
     """Replace `path` with `text`, whole or not at all (see the module docstring); `mode` as in `replaced`."""
     with replaced(path, mode=mode) as handle:
         handle.write(text)
+
+
+class Locked(RuntimeError):
+    """`locked(..., wait=False)` found the lock held by another process."""
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool = True, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created, with its folder) for the block; it holds across
+    processes and threads (each call opens its own handle). `wait=False` raises `Locked` at once if another holds
+    it; otherwise the call waits, logging `waiting` (what is waited for) once if it has to."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise Locked(f"{path} is held by another process") from None
+            if waiting:
+                logger.info(f"waiting for {waiting} ({path} held)")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -24,7 +24,6 @@ JSON-lines log (`audit_log`). The move is compare-and-set, under a lock:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import json
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from cytoloop.config import ScoringConfig
 from cytoloop.errors import CytoLoopError, UsageError
+from cytoloop.files import locked
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, ModelLoadError
 from cytoloop.models.loading import load_model
 from cytoloop.processes import alive
@@ -371,13 +371,8 @@ class Registry:
         if self.audit_log is None:
             yield
             return
-        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
-        with (self.audit_log.parent / "aliases.lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with locked(self.audit_log.parent / "aliases.lock"):
+            yield
 
     def aliases(self, name: str) -> dict[str, str]:
         """Every alias of a registered model and the version it points at."""

@@ -59,6 +59,82 @@ def test_no_scope_trains_on_another_scope_s_frozen_cells_nor_pools_the_judged_on
     assert {r.path for r in pool} == {r.path for r in cells} - held_by_north - {r.path for r in audited + anomalies}
 
 
+def test_a_freeze_killed_between_its_two_files_leaves_no_half_frozen_scope(tmp_path):
+    """`freeze` wrote val.csv, then eval.csv: killed between them, the scope held a val set alone, so the next
+    `freeze` kept it as "already frozen" and the gate found no eval set (or the next fine-tune froze a new val
+    set over the chosen one). The process is SIGKILLed while it writes the eval set."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from cytoloop.models.finetune import freeze, frozen_directory, frozen_elsewhere
+
+    home = tmp_path / "home"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from cytoloop.data.records import CellRecord
+        from cytoloop.models import finetune
+
+        write = finetune.write_manifest
+        def dying(records, path):
+            if Path(path).name == "eval.csv":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(records, path)
+        finetune.write_manifest = dying
+        cells = [CellRecord(f"c{{i}}.png", Path({str(tmp_path)!r}) / f"c{{i}}.png", "a", "lab") for i in range(4)]
+        finetune.freeze(finetune.frozen_directory(Path({str(home)!r}), "north"), cells[:2], cells[2:])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    died = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert died.returncode == -9, died.stderr
+    directory = frozen_directory(home, "north")
+    assert not (directory / "val.csv").exists()  # nothing half-frozen in the scope
+    assert frozen_elsewhere(home, None) == []  # the killed writer's staging folder is no scope
+    cells = fake_records(tmp_path, 6)
+    assert freeze(directory, cells[:3], cells[3:])  # frozen now, whole
+    assert len(frozen_elsewhere(home, None)) == 6
+
+
+def test_two_first_fine_tunes_of_a_scope_at_once_freeze_one_split(tmp_path, monkeypatch):
+    """Two first fine-tunes of one scope (the ML backend's retrain and a scheduled one, other label exports) each
+    found no frozen sets and wrote its own split, file by file: a caller then held, and trained beside, a val or
+    eval set that was not the one left on disk for every later gate. The writes are slowed so the two overlap."""
+    import threading
+    import time
+
+    from cytoloop.models import finetune
+
+    write = finetune.write_manifest
+
+    def slow(records, path):
+        time.sleep(0.3)
+        return write(records, path)
+
+    monkeypatch.setattr(finetune, "write_manifest", slow)
+    directory, answers = tmp_path / "frozen", {}
+
+    def fine_tune(name, records, seed):
+        answers[name] = frozen_sets(records, directory, 0.2, 0.2, seed=seed)
+
+    threads = [
+        threading.Thread(target=fine_tune, args=("a", fake_records(tmp_path, 40), 0)),
+        threading.Thread(target=fine_tune, args=("b", fake_records(tmp_path, 60), 1)),
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join()
+    on_disk = {part: {str(r.path) for r in load_records(directory / f"{part}.csv")} for part in ("val", "eval")}
+    for sets in answers.values():
+        assert {str(r.path) for r in sets.val} == on_disk["val"] and {str(r.path) for r in sets.eval} == on_disk["eval"]
+        assert not {str(r.path) for r in sets.train} & (on_disk["val"] | on_disk["eval"])
+
+
 def test_frozen_sets_need_enough_cells(tmp_path):
     with pytest.raises(DatasetError, match="too few labelled cells"):
         frozen_sets(fake_records(tmp_path, 2), tmp_path / "frozen", 0.15, 0.2)

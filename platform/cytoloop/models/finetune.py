@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from cytoloop.config import AugmentConfig, DataConfig, PromotionConfig, Settings
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import CellRecord, DatasetError, load_records, read_manifest, stratified_split
 from cytoloop.evaluation import metrics
-from cytoloop.files import replaced, write_text
+from cytoloop.files import locked, replaced, write_text
 from cytoloop.models.base import Classifier, Trainable, candidate_rows, class_mask
 from cytoloop.models.train import UNLABELED, TrainResult, fit
 from cytoloop.policy.drift import read_colour_reference
@@ -63,15 +65,54 @@ def freeze(directory: Path, val: Sequence[CellRecord], eval_: Sequence[CellRecor
     """Freeze a scope's val/eval sets from cells the caller chose (say, a lab's first audited labels) instead of
     letting the first fine-tune cut them from its labels. Sets already frozen stay as they are; returns whether
     these were written."""
-    paths = {part: Path(directory) / f"{part}.csv" for part in FROZEN_PARTS}
-    if any(path.is_file() for path in paths.values()):
-        return False
-    for part, cells in (("val", val), ("eval", eval_)):
-        if not any(r.label is not None for r in cells):
-            raise DatasetError(f"a frozen {part} set needs labelled cells")
-    write_manifest(val, paths["val"])
-    write_manifest(eval_, paths["eval"])
-    return True
+
+    def chosen() -> Mapping[str, Sequence[CellRecord]]:
+        for part, cells in (("val", val), ("eval", eval_)):
+            if not any(r.label is not None for r in cells):
+                raise DatasetError(f"a frozen {part} set needs labelled cells")
+        return {"val": val, "eval": eval_}
+
+    return _freeze_once(Path(directory), chosen)
+
+
+def _freeze_once(directory: Path, make: Callable[[], Mapping[str, Sequence[CellRecord]]]) -> bool:
+    """Write the sets `make()` returns as `directory`'s frozen sets unless the scope has them; whether it wrote.
+
+    Both sets or neither: they are written into a folder of their own beside the scope's and that folder is
+    renamed into place, so a process killed between the two files leaves no scope with half a freeze (the next
+    run froze a new val set, or failed on the missing eval set). And once: two first fine-tunes of one scope at
+    once (the ML backend's retrain and a scheduled one) each froze its own split, and one trained on cells the
+    other's eval set then judged every later version on; the check and the write hold the scope's lock."""
+    with locked(directory.parent / f".{directory.name}.lock"):
+        if _is_frozen(directory):
+            return False
+        sets = make()
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            for part in FROZEN_PARTS:
+                write_manifest(sets[part], staging / f"{part}.csv")
+            if directory.is_dir():
+                directory.rmdir()  # an empty folder (a folder holding anything else is an error here)
+            os.rename(staging, directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return True
+
+
+def _is_frozen(directory: Path) -> bool:
+    """Whether `directory` holds a scope's frozen sets; a DatasetError if it holds only some of them (never written
+    so since the sets are renamed into place together: a file removed by hand), as no set can be frozen again
+    without the gate judging later versions on other cells than earlier ones."""
+    present = [part for part in FROZEN_PARTS if (directory / f"{part}.csv").is_file()]
+    if present and len(present) < len(FROZEN_PARTS):
+        missing = sorted(set(FROZEN_PARTS) - set(present))
+        raise DatasetError(
+            f"{directory} holds the frozen {', '.join(present)} set but not {', '.join(missing)}: restore it from a "
+            "backup, or remove the folder to freeze new sets (the gate then judges on other cells than before)"
+        )
+    return bool(present)
 
 
 def frozen_elsewhere(home: Path, site: str | None) -> list[CellRecord]:
@@ -81,7 +122,8 @@ def frozen_elsewhere(home: Path, site: str | None) -> list[CellRecord]:
     already seen (against a site champion that had not)."""
     root, mine = Path(home).resolve() / "frozen", frozen_directory(home, site)
     records: list[CellRecord] = []
-    for directory in sorted(p for p in root.glob("*") if p.is_dir() and p != mine):
+    scopes = (p for p in root.glob("*") if p.is_dir() and p != mine and not p.name.startswith("."))  # not staging
+    for directory in sorted(scopes):
         for part in FROZEN_PARTS:
             if (directory / f"{part}.csv").is_file():
                 records += read_manifest(directory / f"{part}.csv")
@@ -108,14 +150,17 @@ def frozen_sets(
     labelled = [r for r in records if r.label is not None]
     if not labelled:
         raise DatasetError("no labelled cells to fine-tune on")
-    if not all(p.is_file() for p in paths.values()):
-        split = stratified_split(
+
+    def split() -> Mapping[str, Sequence[CellRecord]]:
+        parts = stratified_split(
             labelled, {"train": 1 - val_fraction - eval_fraction, "val": val_fraction, "eval": eval_fraction}, seed=seed
         )
         for part in FROZEN_PARTS:
-            if not split[part]:
+            if not parts[part]:
                 raise DatasetError(f"too few labelled cells ({len(labelled)}) to freeze a {part} set")
-            write_manifest(split[part], paths[part])
+        return parts
+
+    _freeze_once(directory, split)
     frozen = {part: read_manifest(paths[part]) for part in FROZEN_PARTS}
     held = {Path(r.path).resolve() for part in [*frozen.values(), also_held] for r in part}
     train = [r for r in labelled if Path(r.path).resolve() not in held]
