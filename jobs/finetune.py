@@ -156,6 +156,25 @@ class FinetuneOutcome:
     metrics: dict
     worse: list[str]  # the metrics the gate refused it on (empty when it passed)
 
+    @property
+    def stale(self) -> bool:
+        """Not promoted because another alias move came first (a newer model, a rollback): no verdict on its
+        merits, so the labels it learned are not in the model that serves."""
+        return self.version.tags.get("gate.verdict") == "stale"
+
+
+def save_retrain_state(settings: Settings, records: Sequence[CellRecord], outcome: FinetuneOutcome) -> bool:
+    """After a global retrain on `records`: count them as trained on, so the retrain policy counts new labels from
+    here (`policy.retrain`); whether it did. Not after a stale outcome: its labels reached no serving model, and
+    counting them held back the retrain they were due until as many more arrived."""
+    from cytoloop.policy.retrain import save_state
+
+    if outcome.stale:
+        logger.warning(f"v{outcome.version.version} was not judged (another move came first): its labels still count")
+        return False
+    save_state(Path(settings.home) / "retrain" / "state.json", records)
+    return True
+
 
 def run_finetune(
     settings: Settings,
@@ -166,7 +185,28 @@ def run_finetune(
     who: str | None = None,
 ) -> FinetuneOutcome:
     """Fine-tune the global champion on labelled `records` (plus the `unlabeled` pool), register the result and
-    put it through the promotion gate for the global champion alias, or for `champion-<site>` with `site`."""
+    put it through the promotion gate for the global champion alias, or for `champion-<site>` with `site`.
+
+    One fine-tune of a scope at a time per home (a lock file; a second waits): two at once (the ML backend's
+    retrain and a scheduled one) on the same labels shared one run folder, each deleting and copying the other's
+    model, and on more labels the second built on a parent the first was about to replace and was then passed
+    over as stale. Waiting, the second finds the first's version (same labels) or builds on it."""
+    from cytoloop.files import locked
+
+    scope = site or "global"
+    lock = Path(settings.home).resolve() / "finetune" / f".{scope}.lock"
+    with locked(lock, waiting=f"the running fine-tune of {scope}"):
+        return _run_finetune(settings, records, unlabeled, site, stain_normalize, who)
+
+
+def _run_finetune(
+    settings: Settings,
+    records: Sequence[CellRecord],
+    unlabeled: Sequence[CellRecord] = (),
+    site: str | None = None,
+    stain_normalize: bool | None = None,
+    who: str | None = None,
+) -> FinetuneOutcome:
     from cytoloop.models.base import Trainable
     from cytoloop.models.finetune import (
         adapted_data_config,
@@ -483,7 +523,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cytoloop.config import load_settings
     from cytoloop.data.records import load_records
-    from cytoloop.policy.retrain import save_state
     from cytoloop.registry import RegistryError
 
     parser = argparse.ArgumentParser(
@@ -512,8 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DatasetError(f"{args.labels}: no labelled cells")
         pool = load_records(args.unlabeled) if args.unlabeled else []
         outcome = run_finetune(settings, records, pool, site=args.site)
-        if args.site is None:  # as `cytoloop retrain` does: the retrain policy counts new labels from here on
-            save_state(Path(settings.home) / "retrain" / "state.json", records)
+        if args.site is None:  # as `cytoloop retrain` does
+            save_retrain_state(settings, records, outcome)
     except ValidationError as error:
         return fail(f"invalid configuration: {describe_validation_error(error)}")
     except (RegistryError, FileNotFoundError, ValueError) as error:  # DatasetError, ModelLoadError, ImageError too

@@ -86,7 +86,7 @@ def retrain(
     def action():
         from cytoloop.data.records import load_records
         from cytoloop.policy.drift import load_flags
-        from cytoloop.policy.retrain import load_state, new_labels, retrain_due, save_state
+        from cytoloop.policy.retrain import load_state, new_labels, retrain_due
         from cytoloop.registry import open_registry
 
         settings = settings_from(config, {"finetune": {"steps": steps, "num_workers": workers}})
@@ -101,11 +101,11 @@ def retrain(
         typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
         if if_due and not decision.due:
             raise typer.Exit(EXIT_NOT_DUE)
-        from jobs.finetune import run_finetune
+        from jobs.finetune import run_finetune, save_retrain_state
 
         pool = load_records(unlabeled) if unlabeled else []
         outcome = run_finetune(settings, records, pool)
-        save_state(state_path, records)
+        save_retrain_state(settings, records, outcome)
         print_outcome(outcome)
 
     run(action)

@@ -6,6 +6,7 @@ tests/integration/test_cluster.py.
 
 import pytest
 
+from cytoloop.data.records import CellRecord
 from jobs.finetune import main
 
 
@@ -68,3 +69,60 @@ def test_a_site_is_judged_on_the_audited_cells_of_its_own_classes(tmp_path, clea
     labels = lambda site: sorted(r.label for r in gate_cells(sets, settings, site, ["a", "b"]).eval_records)  # noqa: E731
     assert labels("north") == ["a", "a"]
     assert labels(None) == labels("south") == ["a", "a", "b", "b"]  # the global model, a site without classes
+
+
+def _outcome(tmp_path, verdict: str):
+    from cytoloop.registry import VersionInfo
+    from jobs.finetune import FinetuneOutcome
+
+    version = VersionInfo("cells", "4", None, {"gate.verdict": verdict}, [])
+    return FinetuneOutcome(version, verdict == "pass", [], "champion", tmp_path, {}, [])
+
+
+def test_a_stale_retrain_leaves_its_labels_counted_as_new(tmp_path, clean_env):
+    """Two retrains at once: the second's version was passed over as stale (the first had moved the champion),
+    yet the retrain state recorded its labels as trained on, so the labels only it had learned counted as old
+    and `--if-due` held the retrain they were due back until as many more arrived."""
+    from cytoloop.config import Settings
+    from cytoloop.policy.retrain import load_state, new_labels
+    from jobs.finetune import save_retrain_state
+
+    settings = Settings(home=tmp_path)
+    labels = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "a", "lab") for i in range(5)]
+    state = tmp_path / "retrain" / "state.json"
+    assert save_retrain_state(settings, labels[:3], _outcome(tmp_path, "refused"))  # judged: its labels are used
+    assert not save_retrain_state(settings, labels, _outcome(tmp_path, "stale"))
+    assert len(new_labels(labels, load_state(state))) == 2
+    assert save_retrain_state(settings, labels, _outcome(tmp_path, "pass"))
+    assert new_labels(labels, load_state(state)) == []
+
+
+def test_two_fine_tunes_of_one_scope_run_one_after_the_other(tmp_path, monkeypatch, clean_env):
+    """Two at once (the ML backend's retrain, a scheduled one) shared a run folder, or built on a parent the other
+    was about to replace; a second fine-tune of the scope now waits for the first. Another scope does not."""
+    import threading
+    import time
+
+    from cytoloop.config import Settings
+    from jobs import finetune
+
+    spans: list[tuple[str, float, float]] = []
+
+    def recorded(settings, records, unlabeled, site, stain_normalize, who):
+        began = time.monotonic()
+        time.sleep(0.4)
+        spans.append((site or "global", began, time.monotonic()))
+
+    monkeypatch.setattr(finetune, "_run_finetune", recorded)
+    settings = Settings(home=tmp_path)
+    threads = [
+        threading.Thread(target=finetune.run_finetune, args=(settings, [], (), site)) for site in (None, None, "a")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (_, a0, a1), (_, b0, b1) = sorted(s for s in spans if s[0] == "global")
+    assert a1 <= b0  # one after the other
+    (_, c0, c1) = next(s for s in spans if s[0] == "a")
+    assert c0 < a1 and a0 < c1 or c0 < b1 and b0 < c1  # a site's fine-tune overlaps the global ones
