@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,6 +104,15 @@ TASK_FIELDS = ("task_key", "cell_id", "sample_id", "site", "domain", "image_path
 
 class ForeignTask(ValueError):
     """An annotation whose task CytoLoop did not push: it names no cell to label."""
+
+
+def annotation_id_of(item: dict) -> int:
+    """An annotation's id as Label Studio sends it, an integer; anything else is a ValueError naming it. Rows are
+    keyed by it: `int()` made 1.9 or true annotation 1, and such an event replaced another annotation's label."""
+    value = item.get("id") if isinstance(item, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"an annotation id must be an integer, got {value!r}")
+    return value
 
 
 def cell_key(site: str, cell_id: str) -> str:
@@ -204,7 +214,9 @@ class LabelStore:
         An event that cannot be applied, whatever the reason (a body of another shape, a value the database
         refuses), is quarantined: whatever it had written is rolled back, it is marked with its error (counted by
         `event_counts` as failed, shown by `cytoloop status`) and the queue goes on. One bad event must
-        never stop every later label. Only a failure to record that (the database itself unusable) raises.
+        never stop every later label. Of a bulk event, only the annotations that cannot be applied are left out
+        (the event is marked with their errors). Only a failure to record that (the database itself unusable)
+        raises.
         """
         done = 0
         while limit is None or done < limit:
@@ -217,10 +229,12 @@ class LabelStore:
                 error = None
                 db.execute("SAVEPOINT event")
                 try:
-                    self._apply_event(db, json.loads(row["body"]), row["server"])
+                    failed = self._apply_event(db, json.loads(row["body"]), row["server"])
+                    error = "; ".join(failed) or None
                 except Exception as exc:  # quarantine: any failure of this one event
                     db.execute("ROLLBACK TO SAVEPOINT event")
                     error = f"{type(exc).__name__}: {exc}"
+                if error is not None:
                     logger.warning(f"webhook event {row['id']} quarantined: {error}")
                 db.execute("RELEASE SAVEPOINT event")
                 db.execute("UPDATE events SET processed_at = ?, error = ? WHERE id = ?", (_now(), error, row["id"]))
@@ -243,19 +257,36 @@ class LabelStore:
             ).fetchone()
         return {"received": row["n"], "pending": row["pending"] or 0, "failed": row["failed"] or 0}
 
-    def _apply_event(self, db: sqlite3.Connection, event: dict, server: str) -> None:
+    def _apply_event(self, db: sqlite3.Connection, event: dict, server: str) -> list[str]:
+        """Apply one event's annotations; the errors of those that could not be applied. Each annotation of a
+        bulk event is applied in a savepoint of its own: one bad item kept every good label of its event out
+        until the next poll. Other actions (projects, tasks) carry no labels: nothing to do."""
         action = event["action"]
+        items: list[Callable[[], object]] = []
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            self._upsert(db, event["annotation"], event["task"], "webhook", server)
+            items = [lambda: self._upsert(db, event["annotation"], event["task"], "webhook", server)]
         elif action == "ANNOTATIONS_CREATED":
             tasks = {t["id"]: t for t in event["task"]}
-            for annotation in event["annotation"]:
-                self._upsert(db, annotation, tasks[annotation["task"]], "webhook", server)
+
+            def upsert(annotation: dict) -> bool:
+                if annotation.get("task") not in tasks:
+                    raise ValueError(f"its task {annotation.get('task')!r} is not among the event's tasks")
+                return self._upsert(db, annotation, tasks[annotation["task"]], "webhook", server)
+
+            items = [lambda a=a: upsert(a) for a in event["annotation"]]
         elif action == "ANNOTATIONS_DELETED":
             project = (event.get("project") or {}).get("id")
-            for annotation in event["annotations"]:
-                self._retract(db, int(annotation["id"]), project, server)
-        # other actions (projects, tasks) carry no labels: nothing to do
+            items = [lambda a=a: self._retract(db, annotation_id_of(a), project, server) for a in event["annotations"]]
+        failed = []
+        for number, item in enumerate(items):
+            db.execute("SAVEPOINT item")
+            try:
+                item()
+            except Exception as exc:  # this annotation only
+                db.execute("ROLLBACK TO SAVEPOINT item")
+                failed.append(f"annotation {number + 1} of {len(items)}: {type(exc).__name__}: {exc}")
+            db.execute("RELEASE SAVEPOINT item")
+        return failed
 
     # -- annotations ----------------------------------------------------------------------------------------
     def upsert(self, annotation: dict, task: dict, source: str, server: str = "") -> bool:
@@ -297,7 +328,7 @@ class LabelStore:
                 changed = db.execute(
                     "UPDATE annotations SET retracted_at = NULL WHERE server = ? "
                     "AND annotation_id = ? AND retracted_at IS NOT NULL",
-                    (server, int(annotation["id"])),
+                    (server, annotation_id_of(annotation)),
                 ).rowcount
                 # what Label Studio holds replaces the row whatever its time says (it once said no time at all, the
                 # upsert declined, and the row came back live with its old data while restore reported nothing)
@@ -309,7 +340,7 @@ class LabelStore:
     def _upsert(
         self, db: sqlite3.Connection, annotation: dict, task: dict, source: str, server: str, force: bool = False
     ) -> bool:
-        annotation_id = int(annotation["id"])
+        annotation_id = annotation_id_of(annotation)
         if not (task.get("data") or {}).get("cell_id"):  # votes are per cell: without one they would all merge
             raise ForeignTask(
                 f"annotation {annotation_id}: its task {task.get('id')} names no cell_id "

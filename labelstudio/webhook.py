@@ -16,12 +16,56 @@ from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
+from cytoloop.errors import describe_validation_error
 from labelstudio.bootstrap import SECRET_HEADER
 from labelstudio.store import LabelStore
 
 logger = logging.getLogger(__name__)
+
+
+class _Sent(BaseModel):
+    """What Label Studio sends holds more than is checked here: the rest is kept as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _Task(_Sent):
+    id: StrictInt
+    data: dict
+
+
+class _Annotation(_Sent):
+    id: StrictInt  # rows are keyed by it: 1.9 must not pass for annotation 1
+
+
+class _BulkAnnotation(_Annotation):
+    task: StrictInt
+
+
+class _AnnotationEvent(_Sent):
+    annotation: _Annotation
+    task: _Task
+
+
+class _AnnotationsEvent(_Sent):
+    annotation: list[_BulkAnnotation]
+    task: list[_Task]
+
+
+class _DeletedEvent(_Sent):
+    annotations: list[_Annotation]
+
+
+# the events that carry labels, checked in the request: one of another shape is refused (422, naming what is
+# wrong) instead of being taken and quarantined later, unseen by its sender; other actions are kept unchecked
+LABEL_EVENTS: dict[str, type[BaseModel]] = {
+    "ANNOTATION_CREATED": _AnnotationEvent,
+    "ANNOTATION_UPDATED": _AnnotationEvent,
+    "ANNOTATIONS_CREATED": _AnnotationsEvent,
+    "ANNOTATIONS_DELETED": _DeletedEvent,
+}
 
 
 class Accepted(BaseModel):
@@ -84,6 +128,13 @@ def create_app(
         action = request_body.get("action")
         if not isinstance(action, str):
             raise HTTPException(status_code=422, detail="event has no 'action'")
+        if action in LABEL_EVENTS:
+            try:
+                LABEL_EVENTS[action].model_validate(request_body)
+            except ValidationError as error:
+                problem = describe_validation_error(error, whole="event")
+                logger.warning(f"{action} event refused: {problem}")
+                raise HTTPException(status_code=422, detail=f"{action} event: {problem}") from None
         event_id = store.record_event(json.dumps(request_body), server)
         return Accepted(event=event_id, action=action)
 

@@ -255,6 +255,26 @@ def test_webhook_checks_the_secret_and_stores_raw_events(store):
     assert store.event_counts()["received"] == 1
 
 
+def test_a_label_event_of_another_shape_is_refused_in_the_request_naming_what_is_wrong(store):
+    """Such events were taken (200) and quarantined later, unseen by whoever sent them; an annotation id of 1.9
+    was stored as annotation 1, replacing its label. Events that carry no labels are kept unchecked."""
+    headers = {SECRET_HEADER: "s3cret"}
+    good = annotation(9, "neutrophil", "2026-01-01T00:00:01Z")
+    refused = [
+        ({"action": "ANNOTATION_CREATED", "task": TASK}, "ANNOTATION_CREATED event: annotation: Field required"),
+        ({"action": "ANNOTATION_UPDATED", "annotation": {**good, "id": 1.9}, "task": TASK}, "annotation.id"),
+        ({"action": "ANNOTATION_CREATED", "annotation": {**good, "id": True}, "task": TASK}, "annotation.id"),
+        ({"action": "ANNOTATIONS_CREATED", "annotation": [good], "task": [{"id": 7}]}, "task.0.data"),
+        ({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}, {"id": "abc"}]}, "annotations.1.id"),
+    ]
+    with TestClient(create_app(store, "s3cret", apply_every_s=0.05)) as client:
+        for body, named in refused:
+            response = client.post("/webhook", json=body, headers=headers)
+            assert response.status_code == 422 and named in response.json()["detail"], response.json()
+        assert client.post("/webhook", json={"action": "PROJECT_UPDATED"}, headers=headers).status_code == 200
+    assert store.event_counts() == {"received": 1, "pending": 0, "failed": 0}
+
+
 def test_the_webhook_refuses_events_naming_another_label_studio(store):
     """The server identity is in the webhook's URL, outside the secret: a label filed under a server no poll
     reconciles (never checked, never retracted) would count as a vote for good."""
@@ -268,21 +288,32 @@ def test_the_webhook_refuses_events_naming_another_label_studio(store):
 
 def test_a_bad_event_is_quarantined_and_every_later_label_still_arrives(store):
     """An event of another shape (an AttributeError deep in the upsert) or one the database refuses (a value it
-    cannot bind) used to stay first in the queue and fail every later processing run."""
+    cannot bind) used to stay first in the queue and fail every later processing run. Of a bulk event, the good
+    annotations are kept (they were all left out until the next poll) and only the bad one is quarantined; a
+    non-integer id (1.9 was read as annotation 1, and replaced its label) and an annotation whose task the event
+    lacks are such bad ones."""
     good = annotation(11, "neutrophil", "2026-01-01T00:00:01Z")
     half_good = {
-        "action": "ANNOTATIONS_CREATED",  # the first annotation applies, the second fails: neither may stay
-        "annotation": [annotation(12, "monocyte", "2026-01-01T00:00:01Z"), {**good, "id": 13, "result": "oops"}],
+        "action": "ANNOTATIONS_CREATED",  # the first annotation applies, the others fail
+        "annotation": [
+            annotation(12, "monocyte", "2026-01-01T00:00:01Z"),
+            {**good, "id": 13, "result": "oops"},
+            annotation(11.9, "lymphocyte", "2026-01-02T00:00:00Z"),  # newer: as 11, it replaced its label
+            {**good, "id": 15, "task": 99},
+        ],
         "task": [TASK],
     }
     unbindable = {"action": "ANNOTATION_CREATED", "annotation": {**good, "id": 14, "project": {"id": 3}}, "task": TASK}
     for event in (half_good, unbindable, {"action": "ANNOTATION_CREATED", "annotation": good, "task": TASK}):
         store.record_event(json.dumps(event))
     assert store.process_events() == 3
-    assert [label.annotation_id for label in store.labels()] == [11]  # the good one, and nothing of the bad ones
+    assert [(label.annotation_id, label.label) for label in store.labels()] == [(11, "neutrophil"), (12, "monocyte")]
     assert store.event_counts() == {"received": 3, "pending": 0, "failed": 2}
     errors = [error for _, _, error in store.quarantined()]
-    assert errors[0].startswith(("InterfaceError", "ProgrammingError")) and errors[1].startswith("AttributeError")
+    assert errors[0].startswith(("annotation 1 of 1: InterfaceError", "annotation 1 of 1: ProgrammingError"))
+    assert errors[1].startswith("annotation 2 of 4: AttributeError")
+    assert "annotation 3 of 4: ValueError: an annotation id must be an integer, got 11.9" in errors[1]
+    assert "annotation 4 of 4: ValueError: its task 99 is not among the event's tasks" in errors[1]
 
 
 _FIRST_FORMAT = """
