@@ -36,10 +36,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cytoloop.config import Settings
+from cytoloop.config import SITE_PATTERN, Settings
 from cytoloop.data.intake import Limits, check_image
+from cytoloop.errors import describe_validation_error
 from cytoloop.serving.inference import CellResult
 from cytoloop.serving.live import LiveModel, ServiceCache
 from cytoloop.serving.model_source import ModelSource
@@ -54,6 +55,19 @@ class PredictRequest(BaseModel):
     project: str | None = None
     label_config: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskData(BaseModel):
+    """What this backend reads of a task's data; the rest is whatever was imported, and ignored. Each task is
+    checked on its own: one task of another shape gets no prediction (and a log line), not the whole call a 500,
+    and a site is a site name, not any string to keep a model for."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image_path: str | None = None
+    image: str | None = None
+    site: str | None = Field(None, pattern=SITE_PATTERN)
+    task_key: str | None = None
 
 
 class Prediction(BaseModel):
@@ -77,17 +91,17 @@ class Health(BaseModel):
     model_class: str
 
 
-def image_file(data: dict[str, Any], images_root: Path | None) -> Path:
+def image_file(data: TaskData, images_root: Path | None) -> Path:
     """The cell's file: the task's `image_path`, else its local-files URL resolved under the images root's parent
     (Label Studio's document root, `ops.stack`). Either must lie under the images root: a task's data is whatever
-    was imported, and this backend answers without a login, so any other file of the host is refused."""
+    was imported, so any other file of the host is refused."""
     if images_root is None:
         raise ValueError("stack.images_root is not set: no task image can be read")
     root = Path(images_root).resolve()
-    if data.get("image_path"):
-        path, given = Path(data["image_path"]).resolve(), repr(data["image_path"])
+    if data.image_path:
+        path, given = Path(data.image_path).resolve(), repr(data.image_path)
     else:
-        url = str(data.get("image") or "")
+        url = data.image or ""
         served = parse_qs(urlsplit(url).query).get("d", [""])[0]
         if not served:
             raise ValueError(f"task has no image_path and no local-files image under the images root: {url!r}")
@@ -140,11 +154,16 @@ class Backend:
 
     def predict(self, tasks: list[dict[str, Any]]) -> list[Prediction]:
         by_site: dict[str | None, list[int]] = {}
+        read: dict[int, TaskData] = {}
         for i, task in enumerate(tasks):
-            data = task.get("data") or {}
-            if data.get("task_key") and "reason" not in data:  # an audit: it must stay blind
+            try:
+                data = read[i] = TaskData.model_validate(task.get("data") or {})
+            except ValidationError as error:
+                logger.warning("task %s: no prediction: %s", task.get("id"), describe_validation_error(error))
                 continue
-            by_site.setdefault(data.get("site") or None, []).append(i)
+            if data.task_key and "reason" not in (data.model_extra or {}):  # an audit: it must stay blind
+                continue
+            by_site.setdefault(data.site or None, []).append(i)
         answers = [Prediction(result=[]) for _ in tasks]
         limits = Limits(self.settings.serve.max_image_bytes, self.settings.serve.max_image_pixels)
         for site, members in by_site.items():
@@ -156,7 +175,7 @@ class Backend:
             cells, rows = [], []
             for i in members:
                 try:
-                    path = image_file(tasks[i].get("data") or {}, self.settings.stack.images_root)
+                    path = image_file(read[i], self.settings.stack.images_root)
                     cells.append((path.name, _read_image(path, limits)))
                     rows.append(i)
                 except (OSError, ValueError) as error:

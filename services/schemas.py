@@ -9,9 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SITE_PATTERN = (
-    r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # alias names (champion-<site>) allow no '.' (config.check_site_name)
-)
+from cytoloop.config import SITE_PATTERN
+
 SAMPLE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 

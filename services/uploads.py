@@ -140,7 +140,14 @@ async def _multipart(request: Request, body: bytes, config: ServeConfig):
         if isinstance(part, str):
             raise HTTPException(422, f"form field 'files' #{i} is text, not a file upload")
         named.append(_named_part(part.filename, await part.read(), i))
-    fields = {"site": form.get("site") or None, "sample_id": form.get("sample_id") or None}
+    fields = {}
+    for field in ("site", "sample_id"):
+        given = form.getlist(field)
+        if len(given) > 1:  # the last one won: which site's model, or which sample, was then a guess
+            raise HTTPException(422, f"form field {field!r} given {len(given)} times; give it once")
+        if given and not isinstance(given[0], str):
+            raise HTTPException(422, f"form field {field!r} is a file upload, not text")
+        fields[field] = given[0] if given and given[0] else None
     try:
         parsed = ClassifyRequest(cells=[], **fields)
     except ValidationError as error:

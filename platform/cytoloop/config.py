@@ -761,6 +761,10 @@ class Settings(BaseSettings):
         return self
 
 
+# a site as a request names it (the gateway, the ML backend's tasks): alias names (champion-<site>) allow no '.'
+SITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
 def check_site_name(site: str, where: str = "") -> str:
     """A site name becomes part of alias names (`champion-<site>`), file names and Label Studio project titles:
     letters, digits, '-' and '_' only. Returns it, or raises UsageError naming it (and `where` it was given)."""

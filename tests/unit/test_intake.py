@@ -38,6 +38,14 @@ def test_real_cell_passes(cells_dir):
     assert check_image(path.read_bytes(), path.name, LIMITS).size == (120, 120)
 
 
+def _damaged_tiff() -> bytes:
+    """A TIFF whose tag of the resolution unit says another type (RATIONAL): Pillow's decoder raises TypeError."""
+    data = bytearray(_encode(size=(24, 24), fmt="TIFF"))
+    assert data[72] == 4  # the type field this test damages, where Pillow writes it
+    data[72] = 5
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     "data, reason, status, words",
     [
@@ -47,6 +55,7 @@ def test_real_cell_passes(cells_dir):
         (bytes(300_000), "too_large", 413, ["300000 bytes", "200000"]),
         (_encode(size=(400, 300)), "too_many_pixels", 413, ["400x300", "90000"]),
         (_encode(size=(200, 200), fmt="BMP")[:5000], "truncated", 422, ["truncated or corrupt BMP"]),
+        (_damaged_tiff(), "truncated", 422, ["truncated or corrupt TIFF", "TypeError"]),  # was a 500 for the request
     ],
 )
 def test_rejections_say_which_and_why(data, reason, status, words):

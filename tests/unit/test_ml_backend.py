@@ -58,6 +58,25 @@ def test_predict_answers_every_task_but_keeps_audits_blind(backend):
     assert results[0]["result"][0]["value"]["choices"][0] in ("a", "b") and 0 < results[0]["score"] <= 1
 
 
+def test_a_task_of_another_shape_gets_no_prediction_and_the_others_still_do(backend):
+    """A task whose data is not an object, or whose image_path or site is not a string, failed the whole call with
+    a 500; a site that is no site name was kept with a model of its own, one per string sent."""
+    backend, _, root = backend
+    good = {"id": 1, "data": {"image_path": str(root / "images" / "0.png"), "reason": "review"}}
+    odd = [
+        {"id": 2, "data": "x"},
+        {"id": 3, "data": [1]},
+        {"id": 4, "data": {"image_path": 5}},
+        {"id": 5, "data": {"image_path": str(root / "images" / "1.png"), "site": ["a"]}},
+        {"id": 6, "data": {"image_path": str(root / "images" / "1.png"), "site": "../../x"}},
+    ]
+    with logged_in(create_app(backend, *LOGIN)) as client:
+        answer = client.post("/predict", json={"tasks": [good, *odd]})
+    assert answer.status_code == 200
+    assert [bool(r["result"]) for r in answer.json()["results"]] == [True] + [False] * len(odd)
+    assert set(backend._sites) == {None}  # no model kept for "../../x"
+
+
 def test_training_events_start_one_retrain_in_the_background(backend):
     backend, exported, _ = backend
     with logged_in(create_app(backend, *LOGIN)) as client:

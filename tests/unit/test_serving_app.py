@@ -105,6 +105,33 @@ def test_a_request_body_over_the_cap_is_refused_before_it_is_read_whole():
     assert refused.value.status_code == 413 and consumed == []  # its declared length alone refuses it
 
 
+def test_a_form_field_given_twice_is_refused_naming_it():
+    """`site=a` and `site=b` in one multipart request was classified with the last one's model, silently."""
+    import asyncio
+
+    import httpx
+    from starlette.requests import Request
+
+    from services.uploads import read_upload
+
+    def upload(data: dict[str, str | list[str]]):
+        sent = httpx.Request("POST", "http://x/v1/classify", files=[("files", ("a.png", b"x"))], data=data)
+        body = sent.read()
+        headers = [(k.lower().encode(), v.encode()) for k, v in sent.headers.items()]
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": headers, "query_string": b""}
+        return asyncio.run(read_upload(Request(scope, receive), ServeConfig()))
+
+    assert upload({"site": "north"}).site == "north"
+    for field, values in (("site", ("north", "south")), ("sample_id", ("s1", "s2"))):
+        with pytest.raises(HTTPException) as refused:
+            upload({field: list(values)})
+        assert refused.value.status_code == 422 and f"form field '{field}' given 2 times" in refused.value.detail
+
+
 def test_readyz_logs_an_error_without_a_message_by_its_type():
     """`TimeoutError()` has an empty message: taking its last line raised IndexError inside the handler, and /readyz
     answered 500 instead of 503."""

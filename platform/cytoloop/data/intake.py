@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cytoloop.data.preprocess import ImageError, decode_image
 
@@ -46,7 +46,9 @@ def check_image(data: bytes, name: str, limits: Limits) -> Image.Image:
             width, height, kind = header.width, header.height, header.format
     except Image.DecompressionBombError as error:
         raise CellRejected(name, "too_many_pixels", f"too many pixels ({error})", 413) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except MemoryError:
+        raise
+    except Exception:  # Pillow's parsers fail in their own ways on damaged headers; each is this cell's failure
         raise CellRejected(
             name, "not_an_image", f"not an image in an accepted format ({', '.join(FORMATS)})", 422
         ) from None

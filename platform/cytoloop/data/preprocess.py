@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cytoloop.config import AugmentConfig, DataConfig
 from cytoloop.data.records import CellRecord
@@ -54,8 +54,11 @@ def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
         raise ImageError(f"{name}: file not found") from None
     except Image.DecompressionBombError as error:  # not an OSError: one such file stopped a whole dataset's load
         raise ImageError(f"{name}: too many pixels to decode ({error})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"{name}: not a readable image ({error})") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # Pillow's decoders fail in their own ways on damaged files (a TIFF tag of the wrong
+        # type: TypeError, OverflowError), and one such file failed a whole request or dataset
+        raise ImageError(f"{name}: not a readable image ({type(error).__name__}: {error})") from None
 
 
 def center_square(image: Image.Image, crop_fraction: float) -> Image.Image:
