@@ -5,18 +5,25 @@ A JSON-lines file. Its first line names what the answers depend on (`setup`: the
 thresholds, the classes allowed, how the model runs); each further line is one scored cell, by its resolved path,
 with its answer. A run given a journal reads it first: if the setup is the same, the cells it answers are taken
 from it and only the others are scored; if not (another model version, other thresholds), its answers would not be
-this run's, so it is moved aside (`.old`) and a new journal started, and the log says so. A last line cut short by
-a kill is ignored. Cells that could not be scored (an unreadable file) are not written down: the next run tries
-them again.
+this run's, so it is moved aside (`OUT.journal.<setup>.old`, named by a hash of its setup) and a new journal
+started, and the log says so; a later run of that setup takes its journal back from there. So a run with a stray
+setting costs none of the answers of the runs before it. A last line cut short by a kill is ignored. Cells that
+could not be scored (an unreadable file) are not written down: the next run tries them again. One run writes a
+journal at a time (a lock beside it): a second is refused, as its answers would overwrite the first's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
+
+from cytoloop.errors import UsageError
+from cytoloop.files import Locked, locked
 
 if TYPE_CHECKING:
     from cytoloop.serving.inference import CellResult
@@ -31,33 +38,72 @@ class ScoreJournal:
     (resolved path -> CellResult); `write` adds one answer, flushed at once. Use as a context manager."""
 
     def __init__(self, path: Path, setup: dict):
-        from cytoloop.serving.inference import CellResult
-
         self.path = Path(path)
         self.setup = json.loads(json.dumps(setup))  # as it reads back, so the two compare equal
+        self._lock = contextlib.ExitStack()
+        try:
+            self._lock.enter_context(locked(self.path.with_name(self.path.name + ".lock"), wait=False))
+        except Locked:
+            raise UsageError(
+                f"{self.path} is being written by another scoring run; wait for it, or score into another --out"
+            ) from None
+        try:
+            self._open()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self) -> None:
         self.answers: dict[str, CellResult] = {}
-        fresh = True
         if self.path.is_file():
-            header, rows = _read(self.path)
-            try:
-                if header == {"journal": KIND, "setup": self.setup}:
-                    self.answers = {row["path"]: CellResult(**row["result"]) for row in rows}
-                    fresh = False
-            except TypeError:  # answers of another CytoLoop's making
-                self.answers = {}
-            if fresh:  # kept aside, not wiped: one run with a stray setting must not cost hours of answers
-                aside = self.path.with_name(self.path.name + ".old")
-                self.path.replace(aside)
-                logger.warning(
-                    f"{self.path}: not a journal of this model and settings; scoring from the start (it is kept as "
-                    f"{aside})"
-                )
+            self.answers = self._answers_of(self.path) if self._same_setup(self.path) else self._set_aside()
+        if not self.answers and self._aside(self.setup).is_file() and not self.path.is_file():
+            self._aside(self.setup).replace(self.path)  # this setup's journal, set aside by a run of another
+            self.answers = self._answers_of(self.path)
+            logger.info(f"{self.path}: the journal of these settings taken back from where another run set it aside")
+        fresh = not self.path.is_file()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle: IO[str] = self.path.open("w" if fresh else "a", encoding="utf-8")
         if fresh:
             self._line({"journal": KIND, "setup": self.setup})
         elif _cut_short(self.path):
             self._handle.write("\n")  # end the line a kill cut short, so the next answer starts its own
+
+    def _same_setup(self, path: Path) -> bool:
+        header, _ = _read(path)
+        return header == {"journal": KIND, "setup": self.setup}
+
+    def _answers_of(self, path: Path) -> dict[str, CellResult]:
+        from cytoloop.serving.inference import CellResult
+
+        _, rows = _read(path)
+        try:
+            return {row["path"]: CellResult(**row["result"]) for row in rows}
+        except TypeError:  # answers of another CytoLoop's making: not this run's
+            self._set_aside()
+            return {}
+
+    def _set_aside(self) -> dict[str, CellResult]:
+        """Move the journal of another setup aside, where a run of that setup finds it; one holding no setup (a
+        run killed while writing its first line) holds no answers and is removed. Returns no answers."""
+        header, _ = _read(self.path)
+        if not isinstance(header, dict) or not isinstance(header.get("setup"), dict):
+            self.path.unlink()
+            return {}
+        aside = self._aside(header["setup"])
+        for n in range(1, 1000):  # never over another: a setup's own aside was taken back before it ran again
+            if not aside.exists():
+                break
+            aside = aside.with_name(f"{self._aside(header['setup']).name}.{n}")
+        self.path.replace(aside)
+        logger.warning(
+            f"{self.path}: not a journal of this model and settings; scoring from the start (it is kept as {aside})"
+        )
+        return {}
+
+    def _aside(self, setup: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]
+        return self.path.with_name(f"{self.path.name}.{digest}.old")
 
     def write(self, path: str, result: CellResult) -> None:
         self._line({"path": path, "result": asdict(result)})
@@ -68,6 +114,7 @@ class ScoreJournal:
 
     def close(self) -> None:
         self._handle.close()
+        self._lock.close()
 
     def __enter__(self) -> ScoreJournal:
         return self

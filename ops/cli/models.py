@@ -304,6 +304,7 @@ def score(
         )
         write_scores_csv(scores, out)
         journal.unlink(missing_ok=True)
+        journal.with_name(journal.name + ".lock").unlink(missing_ok=True)
         routes = Counter(result.route for result in scores.scored)
         if scores.resumed:
             typer.echo(f"{scores.resumed} cells were answered by the stopped earlier run (its journal), not again")

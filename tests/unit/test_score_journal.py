@@ -30,22 +30,46 @@ def test_a_killed_writer_s_answers_are_taken_back_and_its_cut_line_is_dropped(tm
         assert sorted(journal.answers) == ["/cells/0.png", "/cells/1.png", "/cells/2.png", "/cells/4.png"]
 
 
-def test_a_journal_of_other_settings_is_started_afresh(tmp_path):
+def test_a_journal_of_other_settings_is_set_aside_and_taken_back_by_a_run_of_its_settings(tmp_path):
+    """A run with a stray setting set the journal aside as `.old`, and the next stray run overwrote that: run A,
+    then B, then B again and A again, and A's hours of answers were gone. Now each setup's journal is kept aside
+    under its own name and taken back by the next run of that setup."""
     path = tmp_path / "scores.csv.journal"
     with ScoreJournal(path, SETUP) as journal:
         journal.write("/cells/0.png", answer(0))
     other = {**SETUP, "routing": {"review_below": 0.5}}
     with ScoreJournal(path, other) as journal:
-        assert journal.answers == {}
-    with ScoreJournal(path.with_name(path.name + ".old"), SETUP) as journal:  # kept aside, not wiped
-        assert journal.answers == {"/cells/0.png": answer(0)}
+        assert journal.answers == {}  # not the other setup's answers
+        journal.write("/cells/1.png", answer(1))
     with ScoreJournal(path, other) as journal:
-        assert journal.answers == {}  # started afresh, not appended to the old setup's answers
+        assert journal.answers == {"/cells/1.png": answer(1)}
     with ScoreJournal(path, SETUP) as journal:
-        assert journal.answers == {}
-    path.write_text('{"journal": "cytoloop-sc')  # killed while writing its first line
+        assert journal.answers == {"/cells/0.png": answer(0)}  # taken back
+        journal.write("/cells/2.png", answer(2))
+    with ScoreJournal(path, other) as journal:
+        assert journal.answers == {"/cells/1.png": answer(1)}
     with ScoreJournal(path, SETUP) as journal:
-        assert journal.answers == {}
+        assert journal.answers == {"/cells/0.png": answer(0), "/cells/2.png": answer(2)}
+    assert len(list(tmp_path.glob("scores.csv.journal.*.old"))) == 1  # the other setup's, nothing else
+    path.write_text('{"journal": "cytoloop-sc')  # killed while writing its first line: no answers to keep
+    with ScoreJournal(path, other) as journal:
+        assert journal.answers == {"/cells/1.png": answer(1)}
+        journal.write("/cells/3.png", answer(3))
+    with ScoreJournal(path, other) as journal:
+        assert journal.answers == {"/cells/1.png": answer(1), "/cells/3.png": answer(3)}
+
+
+def test_a_second_run_on_one_journal_is_refused_while_the_first_writes(tmp_path):
+    """The second truncated the journal and wrote over the first's answers from its own offset."""
+    import pytest
+
+    from cytoloop.errors import UsageError
+
+    path = tmp_path / "scores.csv.journal"
+    with ScoreJournal(path, SETUP) as journal:
+        journal.write("/cells/0.png", answer(0))
+        with pytest.raises(UsageError, match="being written by another scoring run"):
+            ScoreJournal(path, {**SETUP, "routing": {"review_below": 0.5}})
         journal.write("/cells/1.png", answer(1))
     with ScoreJournal(path, SETUP) as journal:
-        assert journal.answers == {"/cells/1.png": answer(1)}
+        assert sorted(journal.answers) == ["/cells/0.png", "/cells/1.png"]
