@@ -176,6 +176,35 @@ def test_saved_flags_stand_until_a_later_judged_window_of_their_series_replaces_
     assert save_flags(path, recovered, config.min_cells) == [{**flag, "site": "b"}]  # a later verdict: cleared
 
 
+def test_two_drift_runs_saving_flags_at_once_keep_both_flags(tmp_path, monkeypatch):
+    """Two `cytoloop drift` runs (one per site's log) each read the flags, merged their own and wrote: the last
+    rename won and the other's flag, the retrain it should trigger, was lost. The writes are slowed to overlap."""
+    import threading
+    import time
+
+    from cytoloop.policy import drift
+
+    write = drift.write_text
+
+    def slow(path, text):
+        time.sleep(0.3)
+        write(path, text)
+
+    monkeypatch.setattr(drift, "write_text", slow)
+    config = CONFIG.model_copy(update={"window_hours": 24.0})
+    path = tmp_path / "flags.json"
+    drifted = drift_windows(_events(0, 100, 0.95) + _events(24, 100, 0.5), {}, config)
+    runs = [
+        threading.Thread(target=save_flags, args=(path, [replace(w, site=site) for w in drifted], config.min_cells))
+        for site in ("north", "south")
+    ]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert sorted(flag["site"] for flag in load_flags(path)) == ["north", "south"]
+
+
 def test_a_damaged_colour_reference_is_named(tmp_path):
     """A model's colour reference cut short (it was written in place) was a bare JSONDecodeError in `drift`."""
     from cytoloop.errors import UsageError
@@ -199,6 +228,27 @@ def test_bad_event_line_names_the_line(tmp_path):
     }
     log.write_text(json.dumps(good) + "\n" + json.dumps({**good, "confidence": 2.0}) + "\n")
     with pytest.raises(DatasetError, match=r"events.jsonl:2: .*confidence"):
+        read_events(log)
+
+
+def test_a_line_a_killed_writer_cut_short_is_skipped_not_fatal(tmp_path, caplog):
+    """A replica killed mid-append (or a full disk) left half a line, and the next replica's append went on
+    after it on the same line: every later `cytoloop drift` failed on that line for good."""
+    log = tmp_path / "events.jsonl"
+    good = {
+        "time": "2026-11-01T00:00:00Z",
+        "model_version": "1",
+        "confidence": 0.5,
+        "routed_to_review": False,
+        "predicted": "neutrophil",
+    }
+    line = json.dumps(good)
+    log.write_text(line + "\n" + line[:30] + line + "\n" + line + "\n" + line[:12])
+    with caplog.at_level("WARNING"):
+        assert len(read_events(log)) == 2
+    assert "2 line(s) cut short by a stopped writer skipped (line 2, 4)" in caplog.text
+    log.write_text("garbage\nnot json\n")
+    with pytest.raises(DatasetError, match="not a prediction log"):
         read_events(log)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ from cytoloop.config import DataConfig, DriftConfig
 from cytoloop.data.preprocess import ImageError, colour_moments, decode_image, to_model_input
 from cytoloop.data.records import CellRecord, DatasetError
 from cytoloop.errors import UsageError, describe_validation_error
-from cytoloop.files import write_text
+from cytoloop.files import locked, write_text
 from cytoloop.times import as_utc, parse_time
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_FILE = "colour_reference.json"
 COLOUR_STATS = ("l_mean", "alpha_mean", "beta_mean", "l_std", "alpha_std", "beta_std")
@@ -179,22 +182,34 @@ def append_events(path: Path, events: Sequence[PredictionEvent]) -> None:
     payload = "".join(event.model_dump_json() + "\n" for event in events).encode()
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(descriptor, payload)
+        view = memoryview(payload)
+        while view:  # a write may take less than all (a signal, a nearly full disk): the rest follows
+            view = view[os.write(descriptor, view) :]
     finally:
         os.close(descriptor)
 
 
 def read_events(path: Path) -> list[PredictionEvent]:
-    """Read a JSON-lines prediction log; a bad line is an error naming its line number and the problem."""
-    events = []
+    """Read a JSON-lines prediction log; a bad line is an error naming its line number and the problem. A line that
+    is not JSON at all is one a writer was killed in (or a full disk cut): it is skipped with a warning naming
+    it, as otherwise every later `cytoloop drift` failed on it; a log of nothing else is an error."""
+    events, torn = [], []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             events.append(PredictionEvent.model_validate_json(line))
         except ValidationError as error:
+            if all(problem["type"] == "json_invalid" for problem in error.errors()):
+                torn.append(number)
+                continue
             problem = describe_validation_error(error, whole="line")
             raise DatasetError(f"{path}:{number}: not a prediction event ({problem})") from None
+    if torn and not events:
+        raise DatasetError(f"{path}: not a prediction log (no line is JSON: {', '.join(map(str, torn[:5]))}, ...)")
+    if torn:
+        shown = ", ".join(map(str, torn[:10])) + (", ..." if len(torn) > 10 else "")
+        logger.warning(f"{path}: {len(torn)} line(s) cut short by a stopped writer skipped (line {shown})")
     return events
 
 
@@ -369,6 +384,12 @@ def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> 
     for window in windows:
         if window.n_cells >= min_cells:
             latest[(window.model_version, window.site)] = window
+    with locked(Path(path).with_name(Path(path).name + ".lock")):  # two `drift` runs (one per site's log) at once
+        return _merge_flags(Path(path), latest)
+
+
+def _merge_flags(path: Path, latest: dict[tuple, WindowFigures]) -> list[dict]:
+    """`save_flags`' read-merge-write, under its lock: without it the last of two runs dropped the other's flag."""
     saved = {(str(f["model_version"]), f.get("site")): f for f in load_flags(path)}
     for key, window in latest.items():
         earlier = saved.get(key)
@@ -383,7 +404,7 @@ def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> 
                 "flags": window.flags,
             }
     flags = list(saved.values())
-    write_text(Path(path), json.dumps(flags, indent=1))
+    write_text(path, json.dumps(flags, indent=1))
     return flags
 
 
