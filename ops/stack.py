@@ -427,8 +427,10 @@ class Stack:
             for folder in ("data", "home", "tmp"):
                 (data / folder).mkdir(parents=True, exist_ok=True)
             database = data / "data" / "label_studio.sqlite3"
-            if not database.exists():
-                shutil.copyfile(label_studio_database_template(self.settings), database)
+            if not database.exists():  # copied whole or not at all: a copy cut short passed for a database after
+                staging = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+                shutil.copyfile(label_studio_database_template(self.settings), staging)
+                os.replace(staging, database)
 
         return Service(
             "label-studio",
@@ -563,7 +565,7 @@ class Stack:
                 except BlockingIOError:
                     if not stoppable:
                         # whose request (an `up` keeps a live one's), for which services
-                        request.write_text(json.dumps({"pid": os.getpid(), "only": only}))
+                        write_text(request, json.dumps({"pid": os.getpid(), "only": only}))  # never read half
                     logger.info(f"waiting for the `stack up` or `down` in progress on {self.home} to finish")
                     fcntl.flock(lock, fcntl.LOCK_EX)
                 if stoppable and not self._down_waiting():
@@ -622,7 +624,8 @@ class Stack:
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
             )
-        self._pid_file(service.name).write_text(
+        write_text(  # whole or not at all: `status` read half a file as a stale one
+            self._pid_file(service.name),
             json.dumps(
                 {
                     "pid": process.pid,
@@ -630,7 +633,7 @@ class Stack:
                     "port": service.port,
                     "command": service.command[:3],
                 }
-            )
+            ),
         )
         started = time.monotonic()
         self._wait_healthy(service, process.pid)
