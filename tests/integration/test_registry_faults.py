@@ -109,6 +109,38 @@ def test_a_version_number_that_now_names_another_model_is_not_served_from_the_ca
     assert kept == sorted([version, "last-known-good"])  # the old copy is gone, not set aside
 
 
+def test_a_version_rolled_back_while_a_replica_loads_it_is_not_recorded_as_last_known_good(registered):
+    """A replica resolved v2 and spent a while loading it; v2 was rolled back meanwhile and the other replicas
+    recorded v1. The slow replica then recorded v2, and a replica starting while the registry was down served the
+    rolled-back model. The rollback happens here during the load."""
+    from cytoloop.config import RegistryConfig, RoutingConfig, ServeConfig
+    from cytoloop.serving.live import LiveModel, ServiceCache
+    from cytoloop.serving.model_source import ModelSource
+
+    registry, v1, cache = registered
+    v2 = registry.log_model(cache.parent / "model", "cells", tags={"kind": "baseline"}).version
+    registry.set_alias("cells", "champion", v1)
+    source = ModelSource(
+        ServeConfig(), RegistryConfig(tracking_uri=registry.tracking_uri, cache_dir=cache, model_name="cells")
+    )
+    services = ServiceCache(source, RoutingConfig())
+    live = LiveModel(None, source, services)
+    assert source.last_known_good(None).version == v1
+    load = services.get
+
+    def rolled_back_while_loading(ref, **kwargs):
+        loaded = load(ref, **kwargs)
+        registry.set_alias("cells", "champion", v1)  # the rollback, while this replica loads v2
+        return loaded
+
+    services.get = rolled_back_while_loading
+    registry.set_alias("cells", "champion", v2)
+    assert live.refresh() and live.service.ref.version == v2  # served until its next refresh
+    assert source.last_known_good(None).version == v1  # but not recorded: v1 is what serves
+    services.get = load
+    assert live.refresh() and live.service.ref.version == v1
+
+
 def test_a_cached_version_whose_run_the_caller_knows_loads_without_the_registry(registered, monkeypatch):
     """Serving resolves the alias (and with it the version's run) first; the load that follows must not need the
     registry again, or a blip between the two fails a replica whose model is whole on disk."""

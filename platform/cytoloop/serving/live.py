@@ -63,7 +63,7 @@ class LiveModel:
         except Exception as error:  # corrupt or unloadable files: anything but the version itself is fine
             self._service = self._last_known_good(f"version {ref.version} could not be loaded", error, ref)
             return
-        source.remember(site, ref)
+        self._remember(ref)
 
     @property
     def service(self) -> CellService:
@@ -104,8 +104,30 @@ class LiveModel:
                 self._service = service  # one assignment: readers see the old or the new service
             self.withdrawn = None
             self.fallback = None
-            self.source.remember(self.site, ref)
+            self._remember(ref)
             return True
+
+    def _remember(self, ref: ModelRef) -> None:
+        """Record `ref`, just loaded, as the site's last known good version if its alias still names it: a load
+        takes a while (a download), and a replica that recorded a version rolled back meanwhile had every new
+        replica serve it while the registry was down. Unconfirmed (the registry gone again), nothing is recorded:
+        the record keeps the last version confirmed."""
+        if ref.path is not None:  # a local directory: no record (`ModelSource.remember`)
+            return
+        try:
+            now = self.source.resolve(self.site)
+        except Exception as error:
+            logger.warning("site %s: v%s not recorded as last known good: %s", self.site or "*", ref.version, error)
+            return
+        if now != ref:
+            logger.warning(
+                "site %s: v%s loaded, but its alias names v%s now (moved while it loaded): not recorded",
+                self.site or "*",
+                ref.version,
+                now.version,
+            )
+            return
+        self.source.remember(self.site, ref)
 
     def _forget_withdrawn(self) -> None:
         """Neither the site's alias nor the global champion serves it (`NotRegistered`): no replica that starts while
