@@ -289,10 +289,9 @@ class Registry:
             self.set_alias(name, alias, version)
             move = replace(move, state="done")
             self._call(lambda: self.client.set_registered_model_tag(name, key, json.dumps(asdict(move))), name)
-        if self.audit_log is not None:
-            self.audit_log.parent.mkdir(parents=True, exist_ok=True)
-            with self.audit_log.open("a") as handle:
-                handle.write(json.dumps(asdict(move)) + "\n")
+            if self.audit_log is not None:  # in the lock: two movers' lines in the order of their moves
+                with self.audit_log.open("a") as handle:
+                    handle.write(json.dumps(asdict(move)) + "\n")
         return move
 
     def alias_history(self, name: str, alias: str | None = None) -> list[AliasMove]:

@@ -264,3 +264,12 @@ def test_a_class_of_one_or_two_gate_cells_is_named():
     assert verdict.reasons[-1] == "class(es) with under 3 gate cells, each cell deciding its class: c (1)"
     many = {**CHAMPION, **_per_cell(probs[:40], labels[:40])}
     assert not any("under 3 gate cells" in r for r in compare(many, many, CONFIG).reasons)
+
+
+def test_the_verdict_tag_is_written_after_every_other_gate_tag():
+    """Tags are set one at a time: a job killed after `gate.verdict` and before `gate.champion_version` left a
+    pass whose rerun finished the move against "none" and marked the passed version stale."""
+    from cytoloop.policy.promotion import GateVerdict
+
+    tags = verdict_tags(GateVerdict(True, ["ok"], {"balanced_accuracy": 0.9}, {"balanced_accuracy": 0.8}, "3"))
+    assert list(tags)[-1] == "gate.verdict" and tags["gate.champion_version"] == "3"

@@ -242,8 +242,10 @@ def kept_gate_figures(
 
 
 def verdict_tags(verdict: GateVerdict) -> dict[str, str]:
+    """The verdict as version tags, `gate.verdict` last: they are set one by one, and a job killed part-way must
+    leave no verdict without the champion it was judged against (its rerun then judges the version again; with
+    the verdict first it finished the move against "none" and marked a passed version stale)."""
     tags = {
-        "gate.verdict": "pass" if verdict.passed else "refused",
         "gate.reasons": json.dumps(verdict.reasons),
         "gate.worse": json.dumps(verdict.worse),
         "gate.champion_version": verdict.champion_version or "none",
@@ -251,6 +253,7 @@ def verdict_tags(verdict: GateVerdict) -> dict[str, str]:
     for side, figures in (("challenger", verdict.challenger), ("champion", verdict.champion)):
         for metric, value in figures.items():
             tags[f"gate.{side}.{metric}"] = "none" if value is None else f"{value:.6f}"
+    tags["gate.verdict"] = "pass" if verdict.passed else "refused"
     return tags
 
 
