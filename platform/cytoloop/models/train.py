@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,8 +240,14 @@ def _fit(
                 "history": history,
                 "step": done,
             }
-            torch.save(state, checkpoint.with_suffix(".tmp"))
-            checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: a crash never leaves half a checkpoint
+            # atomic and on disk before the rename: a crash or power loss never leaves half (or an empty) checkpoint;
+            # a name per process, so two writers never share one temporary file
+            staging = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.tmp")
+            with staging.open("wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            staging.replace(checkpoint)
     bar.close()
     ema.eval()
     return ema, TrainResult(history, time.perf_counter() - began, start)
