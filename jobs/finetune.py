@@ -258,7 +258,7 @@ def _run_finetune(
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
     # the run is this parent, these cells AND these settings: a changed job trains afresh instead of resuming
     job = _settings_key(train_config, augment_config, data_config, settings.site_classes(site))
-    run_name = f"{site or 'global'}-v{parent.version}-{snapshot}-{job}"
+    run_name = job_name(site, parent, snapshot, job)
     earlier = parent.tags.get("ray_run", "")
     if not adapt and earlier.startswith("global-v") and earlier.endswith(f"-{snapshot}-{job}"):
         # this very job ran, promoted its version and stopped before saying so (the retrain state unsaved): its
@@ -445,6 +445,14 @@ def _kept_champion_figures(
         shutil.copyfile(path, evaluation / path.name.replace("challenger.", "champion.", 1))
     logger.info(f"   the champion v{champion.version}'s gate figures on these cells kept from its own gate")
     return report
+
+
+def job_name(site: str | None, parent: VersionInfo, snapshot: str, settings_key: str) -> str:
+    """A fine-tune's name (its Ray run, its folder, its versions' `ray_run` tag): what decides its result, so a
+    rerun of the same job resumes it and any other job runs afresh. The parent by number and by its run: after a
+    registry reset numbers start again at 1, and a job named by the number alone resumed the run of another
+    parent that had had that number."""
+    return f"{site or 'global'}-v{parent.version}-{(parent.run_id or 'none')[:8]}-{snapshot}-{settings_key}"
 
 
 def _settings_key(train_config, augment_config, data_config, site_classes: list[str] | None = None) -> str:

@@ -126,3 +126,16 @@ def test_two_fine_tunes_of_one_scope_run_one_after_the_other(tmp_path, monkeypat
     assert a1 <= b0  # one after the other
     (_, c0, c1) = next(s for s in spans if s[0] == "a")
     assert c0 < a1 and a0 < c1 or c0 < b1 and b0 < c1  # a site's fine-tune overlaps the global ones
+
+
+def test_a_job_on_a_parent_of_the_same_number_after_a_registry_reset_is_another_job():
+    """Numbers start again at 1 after a registry reset: a job named by the parent's number alone resumed the Ray
+    run (and the folder) of a job on another parent that had had that number."""
+    from cytoloop.registry import VersionInfo
+    from jobs.finetune import job_name
+
+    before = VersionInfo("cells", "1", "8f0c2a1be5d44f7c", {}, ["champion"])
+    after_reset = VersionInfo("cells", "1", "03d9e77a01b84c21", {}, ["champion"])
+    assert job_name(None, before, "abc", "k") != job_name(None, after_reset, "abc", "k")
+    assert job_name(None, before, "abc", "k") == job_name(None, before, "abc", "k")
+    assert job_name("north", before, "abc", "k").startswith("north-v1-")
