@@ -4,7 +4,8 @@
   so it never shares our venv. The venv is created on first use (~2 min, once per machine: it is shared by every
   checkout, under ~/.cache/cytoloop/venvs/ by default). Admin account and API token are set non-interactively on
   its first start (legacy token), passed through the server's environment, never its command line (which anyone
-  on the host can read in `ps`); first start ~45 s (database migrations), later ~6 s. Sign-up is closed: accounts
+  on the host can read in `ps`); a new home starts from a copy of a migrated template database (~7 s; building the
+  template, ~45 s of migrations, happens once per venv), later starts ~6 s. Sign-up is closed: accounts
   come through the organisation's invite link (`cytoloop review invite`). Label Studio serves every file under
   the images root to any logged-in user, so CytoLoop's home (secrets, label store, MLflow database) must lie
   outside it: `up` refuses otherwise.

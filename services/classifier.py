@@ -1,6 +1,6 @@
 """The classifier deployment: per-site models (`@serve.multiplexed`), batched calls (`@serve.batch`), live aliases.
 
-Thin over the library: a site's model is a `LiveModel` (model_source.py) and a model call is one
+Thin over the library: a site's model is a `LiveModel` (serving/live.py) and a model call is one
 `CellService.classify` (inference.py). What this file adds is Ray Serve's part:
 
 - The ingress calls `classify(site_key, cells)` through a handle with `multiplexed_model_id=site_key`, so requests

@@ -1,4 +1,5 @@
-"""Model commands: train, evaluate, generate, tune, distill, info (the library, no services)."""
+"""Model commands: train, evaluate, generate, tune, distill, info, recipes, card (the library, no services), and
+score (a pool of cells offline, on Ray Data actors: `jobs/score.py`)."""
 
 from __future__ import annotations
 

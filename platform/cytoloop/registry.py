@@ -1,9 +1,11 @@
 """The MLflow model registry as CytoLoop uses it: model directories in, model directories out.
 
-A model version is a run whose artifact folder `model/` holds a CytoLoop model directory (model.json,
-weights.pt, split.json, plots); the registered version points at it. Aliases, never stages, say what is
-served: `champion` globally and `champion-<site>` per hospital, falling back to the global one. MLflow is
-imported only here, lazily, so the rest of the library works without it.
+A model version is a run whose artifact `model/` is an MLflow pyfunc model holding the CytoLoop model directory
+as its artifact `cytoloop` (`model/artifacts/cytoloop/`: the files of `MODEL_ARTIFACTS`; versions registered
+before the pyfunc format hold the bare directory, `pyfunc.cytoloop_directory`); the registered version points at
+it. Aliases, never stages, say what is served: `champion` globally and `champion-<site>` per hospital, falling
+back to the global one. MLflow is imported only here and in `serving/pyfunc.py`, lazily, so the rest of the
+library works without it.
 
 Every alias move goes through `move_alias`, which records who moved which alias from which version to which, when
 and why: as a tag on the registered model (the shared record, `alias_move.<time>`) and as a line in a local

@@ -1,7 +1,8 @@
 """The one preprocessing path shared by training, serving and pre-annotation.
 
-A cell image becomes a model input here and nowhere else: decode to RGB, crop the central square, resize to the
-model's resolution, normalise the stain, scale to [-1, 1]. The settings travel inside every saved model
+A cell image becomes a model input here and nowhere else: decode to RGB, crop a square centred on the nucleus and
+sized to it (`crop="cell"`, the default; the central square with `crop="center"`, or when no nucleus is found),
+resize to the model's resolution, normalise the stain, scale to [-1, 1]. The settings travel inside every saved model
 (`DataConfig`), so a served model preprocesses exactly as it was trained.
 """
 
