@@ -91,6 +91,19 @@ class Health(BaseModel):
     model_class: str
 
 
+class WebhookEvent(BaseModel):
+    """A Label Studio webhook event: its action decides; the rest (project, annotation, ...) is not read here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    action: str
+
+
+class WebhookAnswer(BaseModel):
+    action: str
+    training_started: bool
+
+
 def image_file(data: TaskData, images_root: Path | None) -> Path:
     """The cell's file: the task's `image_path`, else its local-files URL resolved under the images root's parent
     (Label Studio's document root, `ops.stack`). Either must lie under the images root: a task's data is whatever
@@ -242,8 +255,8 @@ def create_app(backend: Backend, user: str, password: str) -> FastAPI:
     def predict(request: PredictRequest) -> PredictResponse:
         return PredictResponse(results=backend.predict(request.tasks))
 
-    @app.post("/webhook", status_code=201)
-    def webhook(event: dict[str, Any]) -> dict:
-        return {"action": event.get("action"), "training_started": backend.train(str(event.get("action")))}
+    @app.post("/webhook", status_code=201, response_model=WebhookAnswer)
+    def webhook(event: WebhookEvent) -> WebhookAnswer:
+        return WebhookAnswer(action=event.action, training_started=backend.train(event.action))
 
     return app

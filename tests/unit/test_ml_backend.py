@@ -83,6 +83,7 @@ def test_training_events_start_one_retrain_in_the_background(backend):
         first = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
         again = client.post("/webhook", json={"action": "ANNOTATION_CREATED"})  # while the first one runs
         other = client.post("/webhook", json={"action": "PROJECT_UPDATED"})
+        assert client.post("/webhook", json={}).status_code == 422  # no action: it was a 201 saying action null
     assert first.status_code == 201 and first.json()["training_started"] is True
     assert again.json()["training_started"] is False and other.json()["training_started"] is False
     assert exported == [1]  # the consensus labels were exported for it first
