@@ -43,7 +43,7 @@ from typing import Any
 
 from cytoloop.config import Settings, is_loopback
 from cytoloop.errors import CytoLoopError
-from cytoloop.files import write_text
+from cytoloop.files import locked, write_text
 from cytoloop.processes import alive
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ def stack_secrets(settings: Settings) -> dict[str, str]:
     same ones."""
     path = Path(settings.home) / "secrets.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as lock:  # two processes starting at once generate one set
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path.with_suffix(".lock")):  # two processes starting at once generate one set
         if path.is_file() and path.stat().st_mode & 0o077:  # copied or restored readable by others: owner-only again
             logger.warning(f"{path} was readable by others; made owner-only (0600)")
             path.chmod(0o600)
@@ -145,8 +144,7 @@ def ensure_label_studio_venv(settings: Settings) -> Path:
                 "name a Label Studio venv, or a path that does not exist yet for cytoloop to create it"
             )
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(venv.parent / f"{venv.name}.lock"):
         if ready.is_file():
             return python
         partial = venv.parent / f"{venv.name}.partial"
@@ -187,8 +185,7 @@ def label_studio_database_template(settings: Settings) -> Path:
     template = venv / "cytoloop-db-template" / "label_studio.sqlite3"
     if template.is_file():
         return template
-    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(venv.parent / f"{venv.name}.lock"):
         if template.is_file():
             return template
         logger.info(f"migrating a template Label Studio database in {template.parent} (once per venv)")
@@ -431,6 +428,8 @@ class Stack:
             if not database.exists():  # copied whole or not at all: a copy cut short passed for a database after
                 staging = database.with_name(f".{database.name}.{os.getpid()}.tmp")
                 shutil.copyfile(label_studio_database_template(self.settings), staging)
+                with staging.open("rb+") as copied:
+                    os.fsync(copied.fileno())
                 os.replace(staging, database)
 
         return Service(

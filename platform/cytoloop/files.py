@@ -22,6 +22,7 @@ import glob
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +51,7 @@ def replaced(path: Path, newline: str | None = None, mode: int | None = None) ->
             handle.flush()
             os.fsync(handle.fileno())
         if mode is None:
-            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~umask()
         os.chmod(staging, mode)
         os.replace(staging, path)
     except BaseException:
@@ -59,7 +60,7 @@ def replaced(path: Path, newline: str | None = None, mode: int | None = None) ->
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
     """This process's umask, read without changing it (`os.umask` sets it, racing other threads)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -77,16 +78,28 @@ def write_text(path: Path, text: str, mode: int | None = None) -> None:
 
 
 class Locked(RuntimeError):
-    """`locked(..., wait=False)` found the lock held by another process."""
+    """`locked(..., wait=False)` found the lock held by another process or thread."""
+
+
+_held = threading.local()  # the lock files this thread holds (`locked` is re-entrant per thread)
 
 
 @contextlib.contextmanager
 def locked(path: Path, wait: bool = True, waiting: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created, with its folder) for the block; it holds across
     processes and threads (each call opens its own handle). `wait=False` raises `Locked` at once if another holds
-    it; otherwise the call waits, logging `waiting` (what is waited for) once if it has to."""
+    it; otherwise the call waits, logging `waiting` (what is waited for) once if it has to. Re-entrant in one
+    thread: a block that holds the lock may call code that takes it again (a second flock of the file through
+    another handle would wait on the first for ever). The lock file is never removed: a process that opened it
+    before the removal would lock a file no later process sees."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    held: set[str] = getattr(_held, "paths", None) or set()
+    _held.paths = held
+    if key in held:
+        yield
+        return
     with path.open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,7 +109,9 @@ def locked(path: Path, wait: bool = True, waiting: str | None = None) -> Iterato
             if waiting:
                 logger.info(f"waiting for {waiting} ({path} held)")
             fcntl.flock(handle, fcntl.LOCK_EX)
+        held.add(key)
         try:
             yield
         finally:
+            held.discard(key)
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -53,3 +53,31 @@ def test_an_error_in_the_block_changes_nothing_and_leaves_no_temporary_file(tmp_
     umask = os.umask(0o022)
     os.umask(umask)
     assert (tmp_path / "sub" / "fresh.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_lock_is_re_entrant_in_its_thread_and_excludes_other_threads(tmp_path):
+    """A retrain holds the fine-tune lock while it decides and records its outcome, and `run_finetune` inside it
+    takes the lock again: a second flock of the file through another handle would wait on the first for ever."""
+    import threading
+
+    from cytoloop.files import Locked, locked
+
+    lock, seen = tmp_path / "scope.lock", []
+    with locked(lock):
+        with locked(lock, wait=False):  # the same thread: taken again at once
+            seen.append("inner")
+
+        def elsewhere():
+            try:
+                with locked(lock, wait=False):
+                    seen.append("other thread got it")
+            except Locked:
+                seen.append("other thread refused")
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+    assert seen == ["inner", "other thread refused"]
+    with locked(lock, wait=False):  # released by the outer block, not by the inner one
+        seen.append("free")
+    assert lock.exists()  # kept: removing it would let two processes lock two different files
