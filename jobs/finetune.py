@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,12 +168,12 @@ def save_retrain_state(settings: Settings, records: Sequence[CellRecord], outcom
     """After a global retrain on `records`: count them as trained on, so the retrain policy counts new labels from
     here (`policy.retrain`); whether it did. Not after a stale outcome: its labels reached no serving model, and
     counting them held back the retrain they were due until as many more arrived."""
-    from cytoloop.policy.retrain import save_state
+    from cytoloop.policy.retrain import save_state, state_path
 
     if outcome.stale:
         logger.warning(f"v{outcome.version.version} was not judged (another move came first): its labels still count")
         return False
-    save_state(Path(settings.home) / "retrain" / "state.json", records)
+    save_state(state_path(settings.home), records)
     return True
 
 
@@ -191,12 +192,19 @@ def run_finetune(
     retrain and a scheduled one) on the same labels shared one run folder, each deleting and copying the other's
     model, and on more labels the second built on a parent the first was about to replace and was then passed
     over as stale. Waiting, the second finds the first's version (same labels) or builds on it."""
+    with finetune_lock(settings, site):
+        return _run_finetune(settings, records, unlabeled, site, stain_normalize, who)
+
+
+def finetune_lock(settings: Settings, site: str | None, wait: bool = True) -> AbstractContextManager[None]:
+    """The lock one fine-tune of a scope holds (`run_finetune`): a global retrain holds it also while it decides
+    whether one is due and records what it trained on, so a second retrain decides on the first's outcome.
+    `wait=False`: `files.Locked` at once while another holds it. Re-entrant in one thread."""
     from cytoloop.files import locked
 
     scope = site or "global"
     lock = Path(settings.home).resolve() / "finetune" / f".{scope}.lock"
-    with locked(lock, waiting=f"the running fine-tune of {scope}"):
-        return _run_finetune(settings, records, unlabeled, site, stain_normalize, who)
+    return locked(lock, wait=wait, waiting=f"the running fine-tune of {scope}")
 
 
 def _run_finetune(
@@ -558,9 +566,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not records:
             raise DatasetError(f"{args.labels}: no labelled cells")
         pool = load_records(args.unlabeled) if args.unlabeled else []
-        outcome = run_finetune(settings, records, pool, site=args.site)
-        if args.site is None:  # as `cytoloop retrain` does
-            save_retrain_state(settings, records, outcome)
+        with finetune_lock(settings, args.site):  # the state recorded before another retrain may run
+            outcome = run_finetune(settings, records, pool, site=args.site)
+            if args.site is None:  # as `cytoloop retrain` does
+                save_retrain_state(settings, records, outcome)
     except ValidationError as error:
         return fail(f"invalid configuration: {describe_validation_error(error)}")
     except (RegistryError, FileNotFoundError, ValueError) as error:  # DatasetError, ModelLoadError, ImageError too

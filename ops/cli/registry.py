@@ -85,27 +85,31 @@ def retrain(
 
     def action():
         from cytoloop.data.records import load_records
+        from cytoloop.files import Locked
         from cytoloop.policy.drift import load_flags
-        from cytoloop.policy.retrain import load_state, new_labels, retrain_due
+        from cytoloop.policy.retrain import load_state, new_labels, retrain_due, state_path
         from cytoloop.registry import open_registry
+        from jobs.finetune import finetune_lock, run_finetune, save_retrain_state
 
         settings = settings_from(config, {"finetune": {"steps": steps, "num_workers": workers}})
         records = labelled_records(labels)
-        state_path = Path(settings.home) / "retrain" / "state.json"
-        state = load_state(state_path)
-        fresh = new_labels(records, state)
-        drifted = _champion_flags(
-            load_flags(_flags_path(settings)), open_registry(settings).aliases(settings.registry.model_name)
-        )
-        decision = retrain_due(len(fresh), state.hours_since_last(), bool(drifted), settings.retrain)
-        typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
-        if if_due and not decision.due:
-            raise typer.Exit(EXIT_NOT_DUE)
-        from jobs.finetune import run_finetune, save_retrain_state
-
         pool = load_records(unlabeled) if unlabeled else []
-        outcome = run_finetune(settings, records, pool)
-        save_retrain_state(settings, records, outcome)
+        try:  # decided, trained and recorded under the fine-tune lock: a second retrain decides on the first's state
+            with finetune_lock(settings, None, wait=not if_due):
+                state = load_state(state_path(settings.home))
+                fresh = new_labels(records, state)
+                drifted = _champion_flags(
+                    load_flags(_flags_path(settings)), open_registry(settings).aliases(settings.registry.model_name)
+                )
+                decision = retrain_due(len(fresh), state.hours_since_last(), bool(drifted), settings.retrain)
+                typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
+                if if_due and not decision.due:
+                    raise typer.Exit(EXIT_NOT_DUE)
+                outcome = run_finetune(settings, records, pool)
+                save_retrain_state(settings, records, outcome)
+        except Locked:  # --if-due while a retrain runs: the next call decides on that one's outcome
+            typer.echo("retrain not due: another retrain of the global model is running")
+            raise typer.Exit(EXIT_NOT_DUE) from None
         print_outcome(outcome)
 
     run(action)
@@ -286,7 +290,7 @@ def status(
         from dataclasses import asdict
 
         from cytoloop.policy.drift import load_flags
-        from cytoloop.policy.retrain import load_state, new_labels, retrain_due
+        from cytoloop.policy.retrain import load_state, new_labels, retrain_due, state_path
         from cytoloop.registry import NotRegistered, open_registry
 
         settings = settings_from(config)
@@ -301,7 +305,7 @@ def status(
             tags = registry.version(name, version).tags
             served[alias] = {"version": version, "kind": tags.get("kind"), "gate": tags.get("gate.verdict")}
         flags = load_flags(_flags_path(settings))
-        state = load_state(Path(settings.home) / "retrain" / "state.json")
+        state = load_state(state_path(settings.home))
         retrain: dict = {"last": state.last_time.isoformat() if state.last_time else None, "due": None}
         if labels is not None:
             fresh = len(new_labels(labelled_records(labels), state))

@@ -89,6 +89,11 @@ def new_labels(records: Sequence[CellRecord], state: RetrainState) -> list[CellR
     ]
 
 
+def state_path(home: Path) -> Path:
+    """Where a home keeps its global retrain state."""
+    return Path(home) / "retrain" / "state.json"
+
+
 def load_state(path: Path) -> RetrainState:
     """The last retrain's state (none yet: an empty state). A file that is not one is refused, naming it."""
     path = Path(path)
