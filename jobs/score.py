@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -239,6 +239,7 @@ def score_offline(
     allowed: list[str] | None = None,
     journal: Path | None = None,
     progress: bool = False,
+    finish: Callable[[OfflineScores], None] | None = None,
 ) -> OfflineScores:
     """Classify `records` with the model in `model_dir` on `workers` Ray actors (joins the running Ray cluster,
     or starts a local one when there is none). `threads`: torch threads per actor (None: torch's default);
@@ -247,7 +248,8 @@ def score_offline(
     cell whose file is missing or not an image is named in `failed` with the reason; every other cell is scored.
     `journal`: a file each answer is written to as it arrives (`score_journal.py`); given the journal of a
     stopped run of the same model and settings, only the cells it does not answer are scored. `progress`: a
-    progress bar on stderr."""
+    progress bar on stderr. `finish`: called with the scores while the journal is still held (its lock), so a
+    caller that writes the scores out and then removes the journal does both before another run may take it."""
     import time
 
     import ray
@@ -263,7 +265,10 @@ def score_offline(
     version = local_ref(Path(model_dir)).version  # a clear error here, before any actor starts
     class_mask(read_model_meta(Path(model_dir))["classes"], allowed)  # so is a class the model lacks
     if not records:
-        return OfflineScores([], [], {}, version, 0.0)
+        scores = OfflineScores([], [], {}, version, 0.0)
+        if finish is not None:
+            finish(scores)
+        return scores
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     cpus, gpus_there = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
@@ -304,7 +309,10 @@ def score_offline(
                     if written is not None:
                         written.write(paths[i], result)
                 bar.update()
-    return OfflineScores(list(records), results, failed, version, time.perf_counter() - began, resumed)
+        scores = OfflineScores(list(records), results, failed, version, time.perf_counter() - began, resumed)
+        if finish is not None:
+            finish(scores)
+    return scores
 
 
 def _score_rows(

@@ -9,7 +9,8 @@ this run's, so it is moved aside (`OUT.journal.<setup>.old`, named by a hash of 
 started, and the log says so; a later run of that setup takes its journal back from there. So a run with a stray
 setting costs none of the answers of the runs before it. A last line cut short by a kill is ignored. Cells that
 could not be scored (an unreadable file) are not written down: the next run tries them again. One run writes a
-journal at a time (a lock beside it): a second is refused, as its answers would overwrite the first's.
+journal at a time (a lock file beside it, `.OUT.journal.lock`, kept): a second is refused, as its answers would
+overwrite the first's.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class ScoreJournal:
         self.setup = json.loads(json.dumps(setup))  # as it reads back, so the two compare equal
         self._lock = contextlib.ExitStack()
         try:
-            self._lock.enter_context(locked(self.path.with_name(self.path.name + ".lock"), wait=False))
+            self._lock.enter_context(locked(self.path.with_name(f".{self.path.name}.lock"), wait=False))
         except Locked:
             raise UsageError(
                 f"{self.path} is being written by another scoring run; wait for it, or score into another --out"

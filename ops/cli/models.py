@@ -278,7 +278,7 @@ def score(
         from cytoloop.data.records import class_interleaved_subset, load_records, select
         from cytoloop.models.loading import load_model
         from cytoloop.workflows import held_out
-        from jobs.score import score_offline, write_scores_csv
+        from jobs.score import OfflineScores, score_offline, write_scores_csv
 
         records = select(load_records(data), split_list(domains))
         if part:
@@ -290,6 +290,11 @@ def score(
         allowed = site_classes(settings, site)
         load_model(model, settings.scoring)  # a damaged model is named here, not in a Ray actor's traceback
         journal = out.with_name(out.name + ".journal")  # answers as they come: a stopped run goes on from there
+
+        def write_out(scores: OfflineScores) -> None:  # while the journal is held: no run takes it in between
+            write_scores_csv(scores, out)
+            journal.unlink(missing_ok=True)
+
         scores = score_offline(
             records,
             model,
@@ -302,10 +307,8 @@ def score(
             allowed=allowed,
             journal=journal,
             progress=True,
+            finish=write_out,
         )
-        write_scores_csv(scores, out)
-        journal.unlink(missing_ok=True)
-        journal.with_name(journal.name + ".lock").unlink(missing_ok=True)
         routes = Counter(result.route for result in scores.scored)
         if scores.resumed:
             typer.echo(f"{scores.resumed} cells were answered by the stopped earlier run (its journal), not again")

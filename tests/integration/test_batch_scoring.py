@@ -197,13 +197,16 @@ def test_a_killed_scoring_run_goes_on_where_it_stopped(ray_local, model_dir, cel
     import subprocess
     import sys
     import time
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
     import ray
 
     from cytoloop.config import RoutingConfig
     from cytoloop.data.records import load_records, select
+    from cytoloop.errors import UsageError
     from jobs.score import score_offline
+    from jobs.score_journal import ScoreJournal
 
     records = select(load_records(cells_dir), ["jtsc", "bccd"])
     journal = tmp_path / "scores.csv.journal"
@@ -227,7 +230,18 @@ def test_a_killed_scoring_run_goes_on_where_it_stopped(ray_local, model_dir, cel
     shutil.copy(journal, again)
 
     routing = RoutingConfig(review_below=0.3, audit_fraction=0.0)
-    resumed = score_offline(records, model_dir, routing, workers=2, threads=1, batch_size=8, journal=journal)
+    finished = []
+
+    def finish(scores):  # the journal still held: `cytoloop score` writes its CSV and removes the journal here
+        with ThreadPoolExecutor(1) as another:  # another run, in a thread of its own
+            with pytest.raises(UsageError, match="being written by another scoring run"):
+                another.submit(ScoreJournal, journal, {"another": "setup"}).result()
+        finished.append(len(scores.records))
+
+    resumed = score_offline(
+        records, model_dir, routing, workers=2, threads=1, batch_size=8, journal=journal, finish=finish
+    )
+    assert finished == [len(records)]
     assert kept <= resumed.resumed <= kept + 1 and resumed.failed == {}  # +1: a line the kill cut short
     assert all(result is not None and result.index == i for i, result in enumerate(resumed.results))
     where = {str(Path(r.path).resolve()): i for i, r in enumerate(records)}

@@ -61,6 +61,8 @@ def test_a_journal_of_other_settings_is_set_aside_and_taken_back_by_a_run_of_its
 
 def test_a_second_run_on_one_journal_is_refused_while_the_first_writes(tmp_path):
     """The second truncated the journal and wrote over the first's answers from its own offset."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pytest
 
     from cytoloop.errors import UsageError
@@ -68,8 +70,10 @@ def test_a_second_run_on_one_journal_is_refused_while_the_first_writes(tmp_path)
     path = tmp_path / "scores.csv.journal"
     with ScoreJournal(path, SETUP) as journal:
         journal.write("/cells/0.png", answer(0))
-        with pytest.raises(UsageError, match="being written by another scoring run"):
-            ScoreJournal(path, {**SETUP, "routing": {"review_below": 0.5}})
+        with ThreadPoolExecutor(1) as another:  # another run: its own thread (the lock is re-entrant in one)
+            second = another.submit(ScoreJournal, path, {**SETUP, "routing": {"review_below": 0.5}})
+            with pytest.raises(UsageError, match="being written by another scoring run"):
+                second.result()
         journal.write("/cells/1.png", answer(1))
     with ScoreJournal(path, SETUP) as journal:
         assert sorted(journal.answers) == ["/cells/0.png", "/cells/1.png"]
