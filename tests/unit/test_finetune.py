@@ -68,6 +68,7 @@ def test_a_freeze_killed_between_its_two_files_leaves_no_half_frozen_scope(tmp_p
     import sys
     import textwrap
 
+    from cytoloop.files import umask
     from cytoloop.models.finetune import freeze, frozen_directory, frozen_elsewhere
 
     home = tmp_path / "home"
@@ -97,6 +98,8 @@ def test_a_freeze_killed_between_its_two_files_leaves_no_half_frozen_scope(tmp_p
     cells = fake_records(tmp_path, 6)
     assert freeze(directory, cells[:3], cells[3:])  # frozen now, whole
     assert len(frozen_elsewhere(home, None)) == 6
+    assert list(directory.parent.glob(".north.*.tmp")) == []  # the killed writer's staging folder removed
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~umask()  # as mkdir makes it, not owner-only
 
 
 def test_two_first_fine_tunes_of_a_scope_at_once_freeze_one_split(tmp_path, monkeypatch):

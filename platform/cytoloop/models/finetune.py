@@ -11,6 +11,7 @@ registering.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from cytoloop.config import AugmentConfig, DataConfig, PromotionConfig, Settings
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import CellRecord, DatasetError, load_records, read_manifest, stratified_split
 from cytoloop.evaluation import metrics
-from cytoloop.files import locked, replaced, write_text
+from cytoloop.files import locked, replaced, umask, write_text
 from cytoloop.models.base import Classifier, Trainable, candidate_rows, class_mask
 from cytoloop.models.train import UNLABELED, TrainResult, fit
 from cytoloop.policy.drift import read_colour_reference
@@ -87,13 +88,20 @@ def _freeze_once(directory: Path, make: Callable[[], Mapping[str, Sequence[CellR
         if _is_frozen(directory):
             return False
         sets = make()
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        if directory.is_dir() and any(directory.iterdir()):
+            found = ", ".join(sorted(p.name for p in directory.iterdir()))
+            raise DatasetError(
+                f"{directory} holds files but no frozen sets ({found}): move them away to freeze this scope's sets"
+            )
+        for stale in directory.parent.glob(f".{glob.escape(directory.name)}.*.tmp"):  # of freezes killed mid-way
+            shutil.rmtree(stale, ignore_errors=True)  # (the lock is held: none is being written now)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
         try:
+            os.chmod(staging, 0o777 & ~umask())  # as `mkdir` makes a folder (mkdtemp's is owner-only)
             for part in FROZEN_PARTS:
                 write_manifest(sets[part], staging / f"{part}.csv")
             if directory.is_dir():
-                directory.rmdir()  # an empty folder (a folder holding anything else is an error here)
+                directory.rmdir()  # empty, as checked above
             os.rename(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
