@@ -31,12 +31,12 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from cytoloop.config import SITE_PATTERN, Settings
 from cytoloop.data.intake import Limits, check_image
@@ -66,7 +66,7 @@ class TaskData(BaseModel):
 
     image_path: str | None = None
     image: str | None = None
-    site: str | None = Field(None, pattern=SITE_PATTERN)
+    site: Annotated[str | None, BeforeValidator(lambda v: v or None)] = Field(None, pattern=SITE_PATTERN)  # "": global
     task_key: str | None = None
 
 

@@ -767,9 +767,13 @@ SITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 def check_site_name(site: str, where: str = "") -> str:
     """A site name becomes part of alias names (`champion-<site>`), file names and Label Studio project titles:
-    letters, digits, '-' and '_' only. Returns it, or raises UsageError naming it (and `where` it was given)."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", site):
-        raise UsageError(f"invalid site name {site!r}{' ' + where if where else ''}: use letters, digits, '-' and '_'")
+    letters, digits, '-' and '_' only, as requests name it (`SITE_PATTERN`: the gateway and the ML backend refuse
+    any other). Returns it, or raises UsageError naming it (and `where` it was given)."""
+    if not re.fullmatch(SITE_PATTERN, site):
+        raise UsageError(
+            f"invalid site name {site!r}{' ' + where if where else ''}: use letters, digits, '-' and '_' (starting "
+            "with a letter or digit, at most 64)"
+        )
     return site
 
 
