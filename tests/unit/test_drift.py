@@ -247,6 +247,8 @@ def test_a_line_a_killed_writer_cut_short_is_skipped_not_fatal(tmp_path, caplog)
     with caplog.at_level("WARNING"):
         assert len(read_events(log)) == 2
     assert "2 line(s) cut short by a stopped writer skipped (line 2, 4)" in caplog.text
+    log.write_text(line[:12])  # a new log whose first writer was killed: no events yet, not a broken log
+    assert read_events(log) == []
     log.write_text("garbage\nnot json\n")
     with pytest.raises(DatasetError, match="not a prediction log"):
         read_events(log)

@@ -9,6 +9,7 @@ worker; `on_log` is where it reports.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -25,6 +26,7 @@ from torch import nn
 
 from cytoloop.config import AugmentConfig, TrainConfig
 from cytoloop.data.preprocess import augment
+from cytoloop.files import STALE_S, write_text
 from cytoloop.threads import torch_threads
 
 logger = logging.getLogger(__name__)
@@ -127,7 +129,6 @@ def claim_checkpoints(folder: Path, run: dict, replace: bool = False, unrecorded
     removed instead and the run starts afresh. Checkpoints written before runs were recorded are resumed unless
     the caller knows what of theirs differs (`unrecorded_differs`, from a finished model's training report)."""
     from cytoloop.errors import UsageError
-    from cytoloop.files import write_text
 
     run = json.loads(json.dumps(run))  # as it reads back
     folder = Path(folder)
@@ -243,6 +244,10 @@ def _fit(
             # atomic and on disk before the rename: a crash or power loss never leaves half (or an empty) checkpoint;
             # a name per process, so two writers never share one temporary file
             staging = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.tmp")
+            for stale in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp"):  # a killed writer's, a big file
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - stale.stat().st_mtime > STALE_S:  # no checkpoint takes an hour to write
+                        stale.unlink()
             with staging.open("wb") as handle:
                 torch.save(state, handle)
                 handle.flush()

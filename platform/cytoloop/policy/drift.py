@@ -194,7 +194,9 @@ def read_events(path: Path) -> list[PredictionEvent]:
     is not JSON at all is one a writer was killed in (or a full disk cut): it is skipped with a warning naming
     it, as otherwise every later `cytoloop drift` failed on it; a log of nothing else is an error."""
     events, torn = [], []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -205,7 +207,8 @@ def read_events(path: Path) -> list[PredictionEvent]:
                 continue
             problem = describe_validation_error(error, whole="line")
             raise DatasetError(f"{path}:{number}: not a prediction event ({problem})") from None
-    if torn and not events:
+    cut_last = torn == [len(lines)] and not text.endswith("\n")  # a new log whose first writer was killed
+    if torn and not events and not cut_last:
         raise DatasetError(f"{path}: not a prediction log (no line is JSON: {', '.join(map(str, torn[:5]))}, ...)")
     if torn:
         shown = ", ".join(map(str, torn[:10])) + (", ..." if len(torn) > 10 else "")
