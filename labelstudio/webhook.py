@@ -1,8 +1,9 @@
 """The webhook receiver: Label Studio POSTs annotation events here; we keep them and answer at once.
 
 Label Studio waits 1 s for an answer and does not retry. So the request does the minimum that makes the event
-durable (check the shared secret, parse the JSON, one SQLite insert) and returns; a background thread applies
-stored events to the label store a moment later. Whatever still goes missing, the poll (`sync.sync`) catches.
+durable and sound (check the shared secret, parse the JSON, check the shape of an event carrying labels, one
+SQLite insert) and returns; a background thread applies stored events to the label store a moment later.
+Whatever still goes missing, the poll (`sync.sync`) catches.
 """
 
 from __future__ import annotations
