@@ -217,16 +217,18 @@ def test_a_damaged_colour_reference_is_named(tmp_path):
         read_colour_reference(tmp_path)
 
 
+EVENT = {
+    "time": "2026-11-01T00:00:00Z",
+    "model_version": "1",
+    "confidence": 0.5,
+    "routed_to_review": False,
+    "predicted": "neutrophil",
+}
+
+
 def test_bad_event_line_names_the_line(tmp_path):
     log = tmp_path / "events.jsonl"
-    good = {
-        "time": "2026-11-01T00:00:00Z",
-        "model_version": "1",
-        "confidence": 0.5,
-        "routed_to_review": False,
-        "predicted": "neutrophil",
-    }
-    log.write_text(json.dumps(good) + "\n" + json.dumps({**good, "confidence": 2.0}) + "\n")
+    log.write_text(json.dumps(EVENT) + "\n" + json.dumps({**EVENT, "confidence": 2.0}) + "\n")
     with pytest.raises(DatasetError, match=r"events.jsonl:2: .*confidence"):
         read_events(log)
 
@@ -235,14 +237,7 @@ def test_a_line_a_killed_writer_cut_short_is_skipped_not_fatal(tmp_path, caplog)
     """A replica killed mid-append (or a full disk) left half a line, and the next replica's append went on
     after it on the same line: every later `cytoloop drift` failed on that line for good."""
     log = tmp_path / "events.jsonl"
-    good = {
-        "time": "2026-11-01T00:00:00Z",
-        "model_version": "1",
-        "confidence": 0.5,
-        "routed_to_review": False,
-        "predicted": "neutrophil",
-    }
-    line = json.dumps(good)
+    line = json.dumps(EVENT)
     log.write_text(line + "\n" + line[:30] + line + "\n" + line + "\n" + line[:12])
     with caplog.at_level("WARNING"):
         assert len(read_events(log)) == 2
