@@ -546,11 +546,29 @@ class Demo:
         ]
 
     def _evaluate(self, state: LoopState, site: str, test: list[CellRecord], row: RoundResult) -> None:
-        """Score the site's held-out cells through Serve (what the site gets now) and draw its drift figures."""
+        """Score the site's held-out cells through Serve (what the site gets now) and draw its drift figures. Every
+        answer must come from the version Serve switched the site to (`state.serving`): with several replicas, one
+        that had not switched yet answered some cells with the old version, and the round's figures mixed two
+        models. Scored again until they all do, for up to `demo.serve_switch_timeout_s`."""
         from cytoloop.evaluation import metrics
 
         began = datetime.now(UTC)
-        scores = self._score(state, test, site, row, "held-out")
+        expected, deadline = state.serving[site], time.monotonic() + self.config.serve_switch_timeout_s
+        not_scored = dict(row.not_scored)
+        while True:
+            row.not_scored = dict(not_scored)  # one attempt's failures, not every attempt's
+            scores = self._score(state, test, site, row, "held-out")
+            others = Counter(version for version in scores.versions if version != expected)
+            if not others:
+                break
+            answered = ", ".join(f"{n} by version {v}" for v, n in sorted(others.items()))
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{site}: of {len(scores.versions)} held-out cells, {answered}, not {expected}, which Serve "
+                    f"switched to {self.config.serve_switch_timeout_s:.0f} s ago or more (demo.serve_switch_timeout_s)"
+                )
+            logger.warning(f"  {site}: held-out cells answered {answered}, not {expected}: a replica still switches")
+            time.sleep(1.0)
         truth = np.array([state.classes.index(r.label) for r in scores.records])
         probs = scores.predictions.probs
         row.balanced_accuracy = metrics.balanced_accuracy(truth, probs.argmax(axis=1), len(state.classes))
