@@ -104,3 +104,34 @@ def test_fill_budget_spends_the_rest_on_the_least_confident_accepted_cells():
     assert [c.cell.cell_id for c in filled] == ["a", "r", "ok5", "ok4"]  # then the least confident accepted
     assert [c.reason for c in filled] == ["anomaly", "review", "review", "review"]  # sent as reviews
     assert len(select_for_review(routed, config(fill_budget=True), budget=100)) == len(cells)
+
+
+def test_a_reconfigure_during_a_model_call_does_not_change_the_call_s_routing(tiny_settings):
+    """`set_routing` (a Serve reconfigure, in another thread) replaced the service's thresholds while a call ran:
+    the model's early exits used one review threshold and the cells' routes another, so a cell that stopped
+    scoring as a close call could be routed `accept`, its guessed label taken. The swap happens mid-call here."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.serving.inference import CellService
+    from cytoloop.serving.model_source import ModelRef
+
+    model = BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline)  # untrained: about 0.5
+    service = CellService(model, ModelRef("cells", "1", "champion"), RoutingConfig(review_below=1.0, audit_fraction=0))
+    predict = model.predict
+
+    def reconfigured_meanwhile(*args, **kwargs):
+        service.routing = RoutingConfig(review_below=0.0, audit_fraction=0)  # `set_routing`, from another thread
+        return predict(*args, **kwargs)
+
+    model.predict = reconfigured_meanwhile
+    cells = []
+    for i in range(3):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buffer, "PNG")
+        cells.append((f"{i}.png", buffer.getvalue()))
+    assert [answer.route for answer in service.classify(cells)] == ["review"] * 3  # the call's own thresholds
+    assert [answer.route for answer in service.classify(cells)] == ["accept"] * 3  # the next call: the new ones

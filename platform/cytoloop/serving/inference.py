@@ -67,6 +67,8 @@ class CellService:
 
     def classify(self, cells: Sequence[tuple[str, bytes]]) -> list[CellResult | CellFailure]:
         """Classify (name, image bytes) pairs in one model call; entry i answers cells[i] (and has index i)."""
+        routing = self.routing  # once: a reconfigure in another thread must not change it within this call (cells
+        # that stopped scoring as close calls under one threshold were routed under another, their guess accepted)
         answers: list[CellResult | CellFailure | None] = [None] * len(cells)
         images, rows = [], []
         for i, (name, data) in enumerate(cells):
@@ -78,7 +80,7 @@ class CellService:
         if images:
             # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
             predictions = self.model.predict(
-                np.stack(images), routing=self.routing, candidates=candidate_rows(self._mask, len(images))
+                np.stack(images), routing=routing, candidates=candidate_rows(self._mask, len(images))
             )
             classes, entropy = self.model.classes, predictions.entropy
             provisional = predictions.extra.get("provisional", np.zeros(len(images), dtype=bool))
@@ -97,7 +99,7 @@ class CellService:
                     confidence=confidence,
                     uncertainty=float(entropy[row]),
                     anomaly=anomaly if np.isfinite(anomaly) else None,
-                    route=route_cell(confidence, anomaly, label, self.routing, identity),
+                    route=route_cell(confidence, anomaly, label, routing, identity),
                     evals=int(predictions.evals[row]),
                     provisional=bool(provisional[row]),
                 )
