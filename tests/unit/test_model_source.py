@@ -237,3 +237,40 @@ def test_only_a_site_with_its_own_alias_keeps_its_own_last_known_good_record(tmp
     assert source.last_known_good("north") == own and source.last_known_good(None) == champion
     source.remember("north", champion)  # its own alias removed: served by the global champion again
     assert source.last_known_good("north") == champion and not (records / "north.json").exists()
+
+
+def test_a_version_loading_holds_up_no_other_version_nor_a_reconfigure(local_source, tmp_path):
+    """The cache loaded every version under its one lock: while the alias poller downloaded a moved alias's
+    version, another site's service, already loaded, and a reconfigure's new thresholds waited for it. Two callers
+    of the version being loaded still load it once."""
+    import threading
+    import time
+
+    from cytoloop.serving.model_source import local_ref
+
+    source, cache = local_source
+    loaded = cache.get(source.resolve(None))
+    _save(tmp_path / "other", seed=3)
+    other, started, loads = local_ref(tmp_path / "other"), threading.Event(), []
+    load = source.load
+
+    def slow(ref):
+        loads.append(ref.version)
+        started.set()
+        time.sleep(1.0)
+        return load(ref)
+
+    source.load = slow
+    held = []  # as a LiveModel holds its service (the cache keeps only what someone holds)
+    callers = [threading.Thread(target=lambda: held.append(cache.get(other))) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    assert started.wait(10)
+    began = time.monotonic()
+    assert cache.get(loaded.ref) is loaded
+    cache.set_routing(RoutingConfig(review_below=0.5, audit_fraction=0.0))
+    waited = time.monotonic() - began
+    for caller in callers:
+        caller.join()
+    assert waited < 0.5 and loads == [other.version] and held[0] is held[1]
+    assert cache.get(other).routing.review_below == 0.5 and loaded.routing.review_below == 0.5

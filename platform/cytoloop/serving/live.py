@@ -154,7 +154,8 @@ class ServiceCache:
         self.source, self.routing = source, routing
         self._loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (ref, classes) -> service
         self._models: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # ref -> model
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the two tables and the routing: held briefly, never while a model loads
+        self._loading: dict[ModelRef, threading.Lock] = {}  # one lock per version being loaded
 
     def set_routing(self, routing: RoutingConfig) -> None:
         """New routing thresholds for every loaded version and every later one (a reconfigured deployment)."""
@@ -165,15 +166,35 @@ class ServiceCache:
 
     def get(self, ref: ModelRef, cached_only: bool = False, classes: Sequence[str] | None = None) -> CellService:
         """The service of `ref` deciding among `classes` (None: all), loading the version once; `cached_only` loads
-        from the local cache without the registry. Raises UsageError when the version lacks one of `classes`."""
+        from the local cache without the registry. Raises UsageError when the version lacks one of `classes`.
+
+        A version loads under a lock of its own: loaded under the cache's one lock, a download held up every
+        other site's service, loaded or not, and a reconfigure, for as long as it took."""
         key = (ref, None if classes is None else tuple(classes))
         with self._lock:
             service = self._loaded.get(key)
+            if service is not None:
+                return service
+            model = self._models.get(ref)
+            loading = self._loading.setdefault(ref, threading.Lock())
+        if model is None:
+            try:
+                with loading:  # a second caller of the same version waits here, then finds it loaded
+                    with self._lock:
+                        model = self._models.get(ref)
+                    if model is None:
+                        model = self.source.load_cached(ref) if cached_only else self.source.load(ref)
+                        with self._lock:  # before the next caller of this version is let in
+                            self._models[ref] = model
+            except BaseException:
+                with self._lock:
+                    self._loading.pop(ref, None)
+                raise
+        with self._lock:
+            self._loading.pop(ref, None)
+            self._models[ref] = model
+            service = self._loaded.get(key)
             if service is None:
-                model = self._models.get(ref)
-                if model is None:
-                    model = self.source.load_cached(ref) if cached_only else self.source.load(ref)
                 service = CellService(model, ref, self.routing, classes)
-                self._models[ref] = model
                 self._loaded[key] = service
             return service
