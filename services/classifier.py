@@ -5,6 +5,7 @@ Thin over the library: a site's model is a `LiveModel` (serving/live.py) and a m
 
 - The ingress calls `classify(site_key, cells)` through a handle with `multiplexed_model_id=site_key`, so requests
   go to replicas that already hold that site's model; each replica keeps up to `SITE_MODELS_PER_REPLICA` sites.
+  A site's model is loaded before its request joins a batch, so a load holds up no other site's requests.
 - `@serve.batch` combines concurrent requests; `ModelCalls` (model_calls.py) merges the batches that pile up
   while the model is busy into the next model call, of up to `serve.max_batch_size` requests. Ray 2.60 already
   splits a batch by multiplexed model id (ray#56633, fixed by ray#59334); each request also carries its own site
@@ -64,6 +65,17 @@ class Refusal:
     detail: str
 
 
+def _no_model(key: str, error: Exception) -> Refusal:
+    """The answer for a site whose model cannot be had now (the caller answers 503). A registry's errors stay in
+    the log (they name its address, credentials and all); the others, such as a site configured with a class its
+    model lacks, are the deployment's to read and fix."""
+    from cytoloop.registry import RegistryError
+
+    logger.warning("no model for site %s: %r", key, error)
+    why = "the service log says why" if isinstance(error, RegistryError) else str(error)
+    return Refusal(503, f"no model for site {key!r} now: {why}")
+
+
 class LiveConfig(BaseModel):
     """What a running replica may change without a restart (the deployment's `user_config`), validated here: a
     bad value fails the update with a message naming the field, and the replicas keep their settings."""
@@ -99,9 +111,10 @@ class Classifier:
         self.services = ServiceCache(self.source, settings.routing)
         self.live: weakref.WeakSet[LiveModel] = weakref.WeakSet()  # the sites this replica holds (Ray evicts LRU)
         self.model_calls = ModelCalls(self.config.max_batch_size, serve.get_replica_context().replica_id.unique_id)
-        self.classify.set_max_batch_size(self.config.max_batch_size)
-        self.classify.set_batch_wait_timeout_s(self.config.batch_wait_s)
+        self._classify_batch.set_max_batch_size(self.config.max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(self.config.batch_wait_s)
         self.poller = asyncio.get_running_loop().create_task(self._follow_aliases())
+        self.logging: set[asyncio.Task] = set()  # prediction-log writes still running
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new `LiveConfig` to this running replica (Ray Serve calls it at start and on every change)."""
@@ -111,8 +124,8 @@ class Classifier:
         update = {k: v for k, v in live.model_dump(exclude={"routing"}).items() if v is not None}
         self.config = self.config.model_copy(update=update)
         self.model_calls.max_requests = self.config.max_batch_size
-        self.classify.set_max_batch_size(self.config.max_batch_size)
-        self.classify.set_batch_wait_timeout_s(self.config.batch_wait_s)
+        self._classify_batch.set_max_batch_size(self.config.max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(self.config.batch_wait_s)
         logger.info("reconfigured: %s", live.model_dump(exclude_none=True))
 
     @serve.multiplexed(max_num_models_per_replica=SITE_MODELS_PER_REPLICA)
@@ -122,11 +135,22 @@ class Classifier:
         self.live.add(live)
         return live
 
+    async def classify(self, key: str, cells: Cells) -> Answer | Refusal:
+        """Classify one request's (name, bytes) cells for the site `key` (the ingress's call). The site's model is
+        loaded here, before the request joins a batch: loaded inside the batch, a new site's load (a download, a
+        registry that takes minutes to fail) held one of the replica's batch slots, and the requests of sites
+        already loaded waited behind it."""
+        try:
+            await self.site_model(key)
+        except Exception as error:  # registry down, alias missing, unreadable model: the caller answers 503
+            return _no_model(key, error)
+        return await self._classify_batch(key, cells)
+
     # batch size and wait are set from the config in __init__; up to 4 Ray batches wait here to be merged
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
-    async def classify(self, keys: list[str], requests: list[Cells]) -> list[Answer | Refusal]:
-        """Classify each request's (name, bytes) cells. A failure stays with its request (`Refusal`): the other
-        requests of the batch, other sites' above all, still get their answers."""
+    async def _classify_batch(self, keys: list[str], requests: list[Cells]) -> list[Answer | Refusal]:
+        """Classify each request's cells. A failure stays with its request (`Refusal`): the other requests of the
+        batch, other sites' above all, still get their answers."""
         groups: dict[str, list[int]] = {}
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
@@ -136,17 +160,11 @@ class Classifier:
 
     async def _classify_site(self, key: str, members: list[int], requests: list[Cells], answers: list) -> None:
         try:
-            live = await self.site_model(key)
+            live = await self.site_model(key)  # loaded by `classify` (unless evicted since)
             service, fallback = live.service, live.fallback  # fixed for these requests even if the alias moves
-        except Exception as error:  # registry down, alias missing, unreadable model: the caller answers 503
-            from cytoloop.registry import RegistryError
-
-            logger.warning("no model for site %s: %r", key, error)
-            # a registry's errors stay in the log (they name its address, credentials and all); the others, such
-            # as a site configured with a class its model lacks, are the deployment's to read and fix
-            why = "the service log says why" if isinstance(error, RegistryError) else str(error)
+        except Exception as error:
             for i in members:
-                answers[i] = Refusal(503, f"no model for site {key!r} now: {why}")
+                answers[i] = _no_model(key, error)
             return
         submitted = [self.model_calls.submit(service, [requests[i]]) for i in members]
         outcomes = await asyncio.gather(*submitted, return_exceptions=True)  # merged into calls all the same
@@ -157,14 +175,18 @@ class Classifier:
             else:
                 results, batch = outcome
                 answers[i] = Answer(results[0], service.ref, service.model.kind, service.classes, batch, fallback)
-        if self.config.prediction_log is not None:
-            await asyncio.to_thread(
-                self._log_predictions,
-                None if key == GLOBAL_KEY else key,
-                service,
-                [requests[i] for i in members if isinstance(answers[i], Answer)],
-                [answers[i].cells for i in members if isinstance(answers[i], Answer)],
+        if self.config.prediction_log is not None:  # after the answers, not before them: a slow disk delays no one
+            logged = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(
+                    self._log_predictions,
+                    None if key == GLOBAL_KEY else key,
+                    service,
+                    [requests[i] for i in members if isinstance(answers[i], Answer)],
+                    [answers[i].cells for i in members if isinstance(answers[i], Answer)],
+                )
             )
+            self.logging.add(logged)  # held until done: the loop keeps only weak references to tasks
+            logged.add_done_callback(self.logging.discard)
 
     def _log_predictions(self, site: str | None, service, requests: list[Cells], results: list) -> None:
         """Feed the drift monitor; a failure here is logged and never fails the request that was answered."""

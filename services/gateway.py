@@ -182,7 +182,7 @@ class Gateway:
         upload = await read_upload(request, self.config)
         if sample_id is not None and upload.sample_id not in (None, sample_id):
             raise HTTPException(422, f"sample_id {upload.sample_id!r} in the body contradicts the path's {sample_id!r}")
-        if unique and (repeated := repeated_images(upload)):
+        if unique and (repeated := await asyncio.to_thread(repeated_images, upload)):  # hashing: off the loop
             raise HTTPException(422, f"the same image more than once: {repeated} (a smear counts each cell once)")
         reject_if_nothing_usable(upload)
         cells = [(name, data) for _, name, data in upload.accepted]

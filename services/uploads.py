@@ -58,8 +58,8 @@ async def read_upload(request: Request, config: ServeConfig) -> Upload:
     body = await _read_capped(request, max_body_bytes(config))
     if media_type == "multipart/form-data":
         site, sample_id, named = await _multipart(request, body, config)
-    else:
-        site, sample_id, named = _json(body)
+    else:  # parsing and base64-decoding up to tens of MB is CPU work: off the event loop
+        site, sample_id, named = await asyncio.to_thread(_json, body)
     if not named:
         raise HTTPException(400, "empty request: no cell images (send multipart 'files' parts or JSON 'cells')")
     if len(named) > config.max_cells_per_request:
