@@ -46,6 +46,7 @@ from cytoloop.scoring.calibration import (
     mixed_subset,
     trials_needed,
     tune_scoring,
+    variance_prior,
 )
 from cytoloop.scoring.trials import TrialLog
 
@@ -364,11 +365,13 @@ def evaluate_predictions(
 
 def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
     """AUROC of the model's anomaly score, and of every alternative score it reports, for anomalies vs normal, each
-    with a 95 % bootstrap interval, anomalies and normal cells resampled apart (`anomaly_auroc_intervals`)."""
-    scores = {
-        "anomaly": predictions.anomaly,
-        **{name: values for name, values in predictions.extra.items() if name.startswith("anomaly")},
-    }
+    with a 95 % bootstrap interval, anomalies and normal cells resampled apart (`anomaly_auroc_intervals`). An
+    alternative score that is not finite on every cell was not measured on them (the null-class ratio with the
+    null class off: NaN; the class gap of a cell left one candidate class: -inf): it is left out and named under
+    `anomaly_scores_not_measured` (it failed the whole evaluation, and a gate with an anomaly set)."""
+    alternatives = {name: values for name, values in predictions.extra.items() if name.startswith("anomaly")}
+    unmeasured = sorted(name for name, values in alternatives.items() if not np.isfinite(values).all())
+    scores = {"anomaly": predictions.anomaly, **{n: v for n, v in alternatives.items() if n not in unmeasured}}
 
     def statistics(index: np.ndarray) -> dict[str, float]:
         positive = is_anomaly[index]
@@ -386,6 +389,8 @@ def anomaly_metrics(predictions: Predictions, is_anomaly: np.ndarray) -> dict:
         name: metrics.auroc(values, is_anomaly) for name, values in scores.items() if name != "anomaly"
     }
     result["anomaly_auroc_intervals"] = {name: list(bounds) for name, bounds in intervals.items()}
+    if unmeasured:
+        result["anomaly_scores_not_measured"] = unmeasured
     return result
 
 
@@ -521,6 +526,9 @@ def tune_model_scoring(
     logs = [_first_trials(log, config.tuning_trials) for log in logs]
     weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
     tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
+    if tuned is config and fit_weights and config.variance_prior is not None:  # no rule met the target: the old
+        # rule stays, but its variance prior was fitted under the old weights (`calibration.fit_weights` refits it)
+        tuned = config.model_copy(update={"variance_prior": variance_prior(logs, weights)})
     model.scoring_config = tuned
     fitting = mixed_subset(len(images), config.temperature_cells, config.seed)
     final = model.score(images[fitting], progress=progress, candidates=candidate_rows(allowed, len(fitting)))

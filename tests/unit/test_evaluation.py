@@ -55,3 +55,19 @@ def test_a_site_s_classes_decide_every_cell_and_are_named_in_the_report(tmp_path
     assert evaluate_model(model, small)["allowed_classes"] is None
     with pytest.raises(UsageError, match="purple"):
         evaluate_model(model, small, allowed=["red", "purple"])
+
+
+def test_an_alternative_anomaly_score_not_measured_on_every_cell_is_left_out_and_named():
+    """With the null class off every cell's null-ratio score is NaN (and a cell left one candidate class has a
+    class gap of -inf): AUROC raised on it, failing the whole evaluation and a gate with an anomaly set."""
+
+    from cytoloop.models.base import Predictions
+    from cytoloop.workflows import anomaly_metrics
+
+    anomaly = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3])
+    extra = {"anomaly_null_ratio": np.full(6, np.nan), "anomaly_gap": np.array([1, 0, 1, -np.inf, 1, 0.0])}
+    predictions = Predictions(np.full((6, 2), 0.5), anomaly, np.ones(6), extra)
+    result = anomaly_metrics(predictions, np.array([1, 0, 1, 0, 1, 0], dtype=bool))
+    assert result["anomaly_auroc"] == 1.0
+    assert result["anomaly_scores_not_measured"] == ["anomaly_gap", "anomaly_null_ratio"]
+    assert result["anomaly_auroc_by_score"] == {}

@@ -790,3 +790,27 @@ def test_one_exhaustive_pass_fits_the_weights_and_tunes_as_two_passes_did():
         metrics.expected_calibration_error(probs, labels, n_bins=15), abs=1e-4
     )
     assert merged["validation"]["nll"] == pytest.approx(metrics.negative_log_likelihood(probs, labels), rel=1e-3)
+
+
+def test_a_rule_kept_after_new_weights_gets_its_variance_prior_refitted_under_them(monkeypatch):
+    """Tuning with new timestep weights that finds no rule meeting its target keeps the old rule; its variance
+    prior, a variance of weighted errors, stayed the one fitted under the old weights (`calibration.fit_weights`
+    refits it), so the kept rule tested with a prior of another scale."""
+    import cytoloop.workflows as workflows
+    from cytoloop.scoring.calibration import variance_prior
+    from cytoloop.workflows import tune_model_scoring
+
+    config = ScoringConfig(max_trials=6, min_trials=6, timestep_bins=2, tuning_trials=6, variance_prior=123.0)
+    model = tiny_model(config, ("a", "b"))
+    images = np.random.default_rng(1).uniform(-1, 1, size=(4, 3, SIZE, SIZE)).astype(np.float32)
+    seen = {}
+
+    def no_rule_meets_the_target(logs, weights, config, target):
+        seen.update(logs=logs, weights=weights)
+        return config, []
+
+    monkeypatch.setattr(workflows, "tune_scoring", no_rule_meets_the_target)
+    tune_model_scoring(model, images, np.array([0, 1, 0, 1]), fit_weights=True)
+    assert model.scoring_config.min_trials == 6  # the old rule kept
+    expected = variance_prior(seen["logs"], seen["weights"])
+    assert model.scoring_config.variance_prior == pytest.approx(expected) and expected != 123.0
