@@ -305,3 +305,13 @@ def test_calibrated_ece_is_the_floor_sampling_alone_puts_under_a_measured_ece():
         metrics.calibrated_ece(np.ones((4, 1)))
     with pytest.raises(ValueError, match="draws"):
         metrics.calibrated_ece(few, draws=0)
+
+
+def test_the_basic_bootstrap_interval_mirrors_the_percentile_one_around_the_estimate():
+    values = np.random.default_rng(1).exponential(size=80)  # skewed: the two intervals differ
+    mean = lambda i: float(values[i].mean())  # noqa: E731
+    low, high = metrics.bootstrap_interval(mean, 80, seed=3)
+    basic = metrics.bootstrap_interval(mean, 80, seed=3, method="basic")
+    assert basic == pytest.approx((2 * values.mean() - high, 2 * values.mean() - low))
+    with pytest.raises(ValueError, match="method must be 'percentile' or 'basic'"):
+        metrics.bootstrap_interval(mean, 80, method="bca")

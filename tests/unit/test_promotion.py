@@ -273,3 +273,43 @@ def test_the_verdict_tag_is_written_after_every_other_gate_tag():
 
     tags = verdict_tags(GateVerdict(True, ["ok"], {"balanced_accuracy": 0.9}, {"balanced_accuracy": 0.8}, "3"))
     assert list(tags)[-1] == "gate.verdict" and tags["gate.champion_version"] == "3"
+
+
+def test_a_challenger_clearly_worse_calibrated_is_refused_on_ece():
+    """Every cell at confidence 0.8: the champion is right on 80 % of 300 cells (calibrated), the challenger on 90 %
+    (0.09 underconfident, four times the tolerance). The percentile interval of the ECE difference sat below even
+    the measured difference (binned ECE's sampling noise lifts the calibrated champion's ECE, and is absorbed by
+    the challenger's gap), so the challenger passed; the basic interval, around the estimate, refuses it."""
+    from cytoloop.evaluation import metrics
+
+    rng = np.random.default_rng(0)
+    n, k = 300, 5
+    labels = rng.integers(0, k, n)
+
+    def model(accuracy):
+        predicted = np.where(rng.random(n) < accuracy, labels, (labels + rng.integers(1, k, n)) % k)
+        probs = np.full((n, k), 0.05)
+        probs[np.arange(n), predicted] = 0.8
+        return probs
+
+    def figures(probs):
+        return {
+            "balanced_accuracy": metrics.balanced_accuracy(labels, probs.argmax(axis=1), k),
+            "ece": metrics.expected_calibration_error(probs, labels, n_bins=15),
+            "anomaly_auroc": None,
+            **_per_cell(probs, labels),
+        }
+
+    challenger_probs = model(0.9)
+    champion_probs = model(0.8)
+    champion, challenger = figures(champion_probs), figures(challenger_probs)
+    verdict = compare(challenger, champion, PromotionConfig())
+    assert not verdict.passed and verdict.worse == ["ece"], verdict.reasons
+
+    def difference(i):
+        return metrics.expected_calibration_error(
+            challenger_probs[i], labels[i], n_bins=15
+        ) - metrics.expected_calibration_error(champion_probs[i], labels[i], n_bins=15)
+
+    percentile = metrics.bootstrap_interval(difference, n, strata=labels)
+    assert percentile[0] <= PromotionConfig().ece_tolerance  # what the gate used to decide on: a pass
