@@ -552,10 +552,10 @@ class Demo:
         models. Scored again until they all do, for up to `demo.serve_switch_timeout_s`."""
         from cytoloop.evaluation import metrics
 
-        began = datetime.now(UTC)
         expected, deadline = state.serving[site], time.monotonic() + self.config.serve_switch_timeout_s
         not_scored = dict(row.not_scored)
         while True:
+            began = datetime.now(UTC)  # the drift window: this attempt's answers only, not a discarded one's too
             row.not_scored = dict(not_scored)  # one attempt's failures, not every attempt's
             scores = self._score(state, test, site, row, "held-out")
             others = Counter(version for version in scores.versions if version != expected)

@@ -264,19 +264,6 @@ def score_offline(
         raise UsageError(f"threads must be at least 1 (got {threads})")
     version = local_ref(Path(model_dir)).version  # a clear error here, before any actor starts
     class_mask(read_model_meta(Path(model_dir))["classes"], allowed)  # so is a class the model lacks
-    if not records:
-        scores = OfflineScores([], [], {}, version, 0.0)
-        if finish is not None:
-            finish(scores)
-        return scores
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    cpus, gpus_there = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
-    if workers * (threads or 1) > cpus or workers * gpus > gpus_there:
-        raise UsageError(
-            f"{workers} workers of {threads or 1} CPU(s) and {gpus} GPU(s) each do not fit the Ray cluster "
-            f"({cpus:g} CPUs, {gpus_there:g} GPUs): ask for fewer workers or threads"
-        )
     setup = {
         "version": version,
         "routing": routing.model_dump(mode="json"),
@@ -289,6 +276,19 @@ def score_offline(
     results: list[CellResult | None] = [None] * len(records)
     failed: dict[str, str] = {}
     with ScoreJournal(journal, setup) if journal is not None else contextlib.nullcontext() as written:
+        if not records:
+            scores = OfflineScores([], [], {}, version, 0.0)
+            if finish is not None:
+                finish(scores)
+            return scores
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        cpus, gpus_there = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+        if workers * (threads or 1) > cpus or workers * gpus > gpus_there:
+            raise UsageError(
+                f"{workers} workers of {threads or 1} CPU(s) and {gpus} GPU(s) each do not fit the Ray cluster "
+                f"({cpus:g} CPUs, {gpus_there:g} GPUs): ask for fewer workers or threads"
+            )
         if written is not None:
             results = [
                 None if p not in written.answers else replace(written.answers[p], index=i) for i, p in enumerate(paths)

@@ -43,7 +43,8 @@ class ScoreJournal:
         self.setup = json.loads(json.dumps(setup))  # as it reads back, so the two compare equal
         self._lock = contextlib.ExitStack()
         try:
-            self._lock.enter_context(locked(self.path.with_name(f".{self.path.name}.lock"), wait=False))
+            lock = self.path.with_name(f".{self.path.name}.lock")
+            self._lock.enter_context(locked(lock, wait=False, reentrant=False))
         except Locked:
             raise UsageError(
                 f"{self.path} is being written by another scoring run; wait for it, or score into another --out"

@@ -66,7 +66,8 @@ class TaskData(BaseModel):
 
     image_path: str | None = None
     image: str | None = None
-    site: Annotated[str | None, BeforeValidator(lambda v: v or None)] = Field(None, pattern=SITE_PATTERN)  # "": global
+    # an empty site (a CSV import's empty column) is the global champion's
+    site: Annotated[str | None, BeforeValidator(lambda v: None if v == "" else v)] = Field(None, pattern=SITE_PATTERN)
     task_key: str | None = None
 
 

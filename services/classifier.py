@@ -114,7 +114,7 @@ class Classifier:
         self._classify_batch.set_max_batch_size(self.config.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(self.config.batch_wait_s)
         self.poller = asyncio.get_running_loop().create_task(self._follow_aliases())
-        self.logging: set[asyncio.Task] = set()  # prediction-log writes still running
+        self.site_loads: dict[str, asyncio.Future] = {}  # a site's model being loaded, shared by its requests
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new `LiveConfig` to this running replica (Ray Serve calls it at start and on every change)."""
@@ -141,30 +141,45 @@ class Classifier:
         registry that takes minutes to fail) held one of the replica's batch slots, and the requests of sites
         already loaded waited behind it."""
         try:
-            await self.site_model(key)
+            live = await self._site(key)
         except Exception as error:  # registry down, alias missing, unreadable model: the caller answers 503
             return _no_model(key, error)
-        return await self._classify_batch(key, cells)
+        return await self._classify_batch(key, live, cells)
+
+    async def _site(self, key: str) -> LiveModel:
+        """The site's model, one load at a time per site: concurrent requests for a site not loaded yet share its
+        load (and its failure), instead of each failing the same load in turn under Ray's multiplex lock."""
+        loading = self.site_loads.get(key)
+        if loading is None:
+            loading = self.site_loads[key] = asyncio.ensure_future(self.site_model(key))
+            loading.add_done_callback(lambda _: self.site_loads.pop(key, None))  # the next request loads afresh
+        return await asyncio.shield(loading)
 
     # batch size and wait are set from the config in __init__; up to 4 Ray batches wait here to be merged
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=4)
-    async def _classify_batch(self, keys: list[str], requests: list[Cells]) -> list[Answer | Refusal]:
-        """Classify each request's cells. A failure stays with its request (`Refusal`): the other requests of the
-        batch, other sites' above all, still get their answers."""
-        groups: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            groups.setdefault(key, []).append(i)
+    async def _classify_batch(
+        self, keys: list[str], lives: list[LiveModel], requests: list[Cells]
+    ) -> list[Answer | Refusal]:
+        """Classify each request's cells with the site model `classify` found for it. A failure stays with its
+        request (`Refusal`): the other requests of the batch, other sites' above all, still get their answers."""
+        groups: dict[tuple[str, LiveModel], list[int]] = {}  # one model call per site and model object
+        for i, (key, live) in enumerate(zip(keys, lives)):
+            groups.setdefault((key, live), []).append(i)
         answers: list[Answer | Refusal | None] = [None] * len(keys)
-        await asyncio.gather(*(self._classify_site(key, members, requests, answers) for key, members in groups.items()))
+        await asyncio.gather(
+            *(self._classify_site(key, live, members, requests, answers) for (key, live), members in groups.items())
+        )
         return answers
 
-    async def _classify_site(self, key: str, members: list[int], requests: list[Cells], answers: list) -> None:
+    async def _classify_site(
+        self, key: str, live: LiveModel, members: list[int], requests: list[Cells], answers: list
+    ) -> None:
         try:
-            live = await self.site_model(key)  # loaded by `classify` (unless evicted since)
             service, fallback = live.service, live.fallback  # fixed for these requests even if the alias moves
-        except Exception as error:
+        except Exception as error:  # withdrawn since it was found (`LiveModel.service` raises)
+            refusal = _no_model(key, error)
             for i in members:
-                answers[i] = _no_model(key, error)
+                answers[i] = refusal
             return
         submitted = [self.model_calls.submit(service, [requests[i]]) for i in members]
         outcomes = await asyncio.gather(*submitted, return_exceptions=True)  # merged into calls all the same
@@ -175,18 +190,15 @@ class Classifier:
             else:
                 results, batch = outcome
                 answers[i] = Answer(results[0], service.ref, service.model.kind, service.classes, batch, fallback)
-        if self.config.prediction_log is not None:  # after the answers, not before them: a slow disk delays no one
-            logged = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(
-                    self._log_predictions,
-                    None if key == GLOBAL_KEY else key,
-                    service,
-                    [requests[i] for i in members if isinstance(answers[i], Answer)],
-                    [answers[i].cells for i in members if isinstance(answers[i], Answer)],
-                )
+        if self.config.prediction_log is not None:  # on disk before the answers go back: a caller that reads the
+            # log after its answer (the demo's drift figures) finds its cells there
+            await asyncio.to_thread(
+                self._log_predictions,
+                None if key == GLOBAL_KEY else key,
+                service,
+                [requests[i] for i in members if isinstance(answers[i], Answer)],
+                [answers[i].cells for i in members if isinstance(answers[i], Answer)],
             )
-            self.logging.add(logged)  # held until done: the loop keeps only weak references to tasks
-            logged.add_done_callback(self.logging.discard)
 
     def _log_predictions(self, site: str | None, service, requests: list[Cells], results: list) -> None:
         """Feed the drift monitor; a failure here is logged and never fails the request that was answered."""

@@ -85,19 +85,23 @@ _held = threading.local()  # the lock files this thread holds (`locked` is re-en
 
 
 @contextlib.contextmanager
-def locked(path: Path, wait: bool = True, waiting: str | None = None) -> Iterator[None]:
+def locked(path: Path, wait: bool = True, waiting: str | None = None, reentrant: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created, with its folder) for the block; it holds across
     processes and threads (each call opens its own handle). `wait=False` raises `Locked` at once if another holds
     it; otherwise the call waits, logging `waiting` (what is waited for) once if it has to. Re-entrant in one
     thread: a block that holds the lock may call code that takes it again (a second flock of the file through
-    another handle would wait on the first for ever). The lock file is never removed: a process that opened it
-    before the removal would lock a file no later process sees."""
+    another handle would wait on the first for ever); `reentrant=False` for a lock that marks one owner (a
+    journal's writer), which a second taker in the same thread must not share. Asyncio tasks of one event loop
+    share its thread: hold the lock in synchronous code only, never across an `await`. The lock file is never
+    removed: a process that opened it before the removal would lock a file no later process sees."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
     held: set[str] = getattr(_held, "paths", None) or set()
     _held.paths = held
     if key in held:
+        if not reentrant:
+            raise Locked(f"{path} is held by this thread already")
         yield
         return
     with path.open("a") as handle:

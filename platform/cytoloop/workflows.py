@@ -526,8 +526,9 @@ def tune_model_scoring(
     logs = [_first_trials(log, config.tuning_trials) for log in logs]
     weights = np.ones(config.timestep_bins) if model.timestep_weights is None else np.asarray(model.timestep_weights)
     tuned, rows = tune_scoring(logs, weights, config, config.tuning_agreement)
-    if tuned is config and fit_weights and config.variance_prior is not None:  # no rule met the target: the old
-        # rule stays, but its variance prior was fitted under the old weights (`calibration.fit_weights` refits it)
+    kept = tuned is config  # no rule met the target
+    if kept and fit_weights and config.variance_prior is not None:  # the old rule stays, but its variance prior
+        # was fitted under the old weights (`calibration.fit_weights` refits it)
         tuned = config.model_copy(update={"variance_prior": variance_prior(logs, weights)})
     model.scoring_config = tuned
     fitting = mixed_subset(len(images), config.temperature_cells, config.seed)
@@ -541,7 +542,7 @@ def tune_model_scoring(
     chosen = [
         r
         for r in rows
-        if tuned is not config
+        if not kept
         and (r["variance_prior_trials"], r["min_trials"], r["elimination_p"])
         == (prior_trials, tuned.min_trials, tuned.elimination_p)
     ]

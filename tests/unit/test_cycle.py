@@ -222,6 +222,8 @@ def test_held_out_answers_of_a_replica_not_yet_switched_are_scored_again(tmp_pat
     """With several replicas, one that had not switched answered some held-out cells with the old version and the
     round's figures mixed two models; the cells are scored again until every answer is the switched version's,
     and a replica that never switches ends the demo with an error naming the versions."""
+    from datetime import UTC, datetime
+
     from cytoloop.config import Settings
     from cytoloop.models.base import Predictions
     from jobs.cycle import Demo, LoopState
@@ -231,16 +233,20 @@ def test_held_out_answers_of_a_replica_not_yet_switched_are_scored_again(tmp_pat
     probs = np.tile([0.9, 0.1], (4, 1))
     answers = [["3", "2", "3", "3"], ["3"] * 4]
 
+    attempts, windows = [], []
+
     def scored(state, test, site, row, part):
+        attempts.append(datetime.now(UTC))
         versions = answers.pop(0) if answers else ["2"] * 4
         return PoolScores(test, Predictions(probs, np.zeros(4), np.ones(4)), versions, {})
 
     demo = Demo(Settings(home=tmp_path, demo={"serve_switch_timeout_s": 3.0}), tmp_path)
     monkeypatch.setattr(demo, "_score", scored)
-    monkeypatch.setattr(demo, "_drift", lambda since, version: {})
+    monkeypatch.setattr(demo, "_drift", lambda since, version: windows.append(since) or {})
     state = LoopState(None, ["neutrophil", "lymphocyte"], "1", {"north": "3"}, "http://serve", None)
     row = RoundResult(1, "north", 4)
     demo._evaluate(state, "north", cells, row)
     assert answers == [] and not np.isnan(row.balanced_accuracy)  # scored twice: the second time all from v3
+    assert attempts[0] < windows[0] <= attempts[1]  # the drift window holds the kept attempt's events only
     with pytest.raises(TimeoutError, match="of 4 held-out cells, 4 by version 2, not 3"):
         demo._evaluate(state, "north", cells, row)  # v2 answers them for ever

@@ -807,10 +807,11 @@ def test_a_rule_kept_after_new_weights_gets_its_variance_prior_refitted_under_th
 
     def no_rule_meets_the_target(logs, weights, config, target):
         seen.update(logs=logs, weights=weights)
-        return config, []
+        failed = {"variance_prior_trials": 2.0, "min_trials": 6, "elimination_p": 2e-3, "agreement": 0.5}
+        return config, [{**failed, "evals_mean": 10.0, "evals_p95": 12.0}]  # the kept rule's, below target
 
     monkeypatch.setattr(workflows, "tune_scoring", no_rule_meets_the_target)
-    tune_model_scoring(model, images, np.array([0, 1, 0, 1]), fit_weights=True)
-    assert model.scoring_config.min_trials == 6  # the old rule kept
+    report = tune_model_scoring(model, images, np.array([0, 1, 0, 1]), fit_weights=True)
+    assert model.scoring_config.min_trials == 6 and report["chosen"] is None  # the old rule kept, none chosen
     expected = variance_prior(seen["logs"], seen["weights"])
     assert model.scoring_config.variance_prior == pytest.approx(expected) and expected != 123.0

@@ -80,4 +80,8 @@ def test_a_lock_is_re_entrant_in_its_thread_and_excludes_other_threads(tmp_path)
     assert seen == ["inner", "other thread refused"]
     with locked(lock, wait=False):  # released by the outer block, not by the inner one
         seen.append("free")
+    with locked(lock, reentrant=False):  # an owner's lock: not shared with a second taker, even in its thread
+        with pytest.raises(Locked, match="held by this thread already"):
+            with locked(lock, reentrant=False):
+                pass
     assert lock.exists()  # kept: removing it would let two processes lock two different files

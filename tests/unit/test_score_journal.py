@@ -70,10 +70,12 @@ def test_a_second_run_on_one_journal_is_refused_while_the_first_writes(tmp_path)
     path = tmp_path / "scores.csv.journal"
     with ScoreJournal(path, SETUP) as journal:
         journal.write("/cells/0.png", answer(0))
-        with ThreadPoolExecutor(1) as another:  # another run: its own thread (the lock is re-entrant in one)
+        with ThreadPoolExecutor(1) as another:  # another run, in a thread of its own
             second = another.submit(ScoreJournal, path, {**SETUP, "routing": {"review_below": 0.5}})
             with pytest.raises(UsageError, match="being written by another scoring run"):
                 second.result()
+        with pytest.raises(UsageError, match="being written by another scoring run"):
+            ScoreJournal(path, SETUP)  # or in this thread
         journal.write("/cells/1.png", answer(1))
     with ScoreJournal(path, SETUP) as journal:
         assert sorted(journal.answers) == ["/cells/0.png", "/cells/1.png"]

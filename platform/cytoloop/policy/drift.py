@@ -207,7 +207,8 @@ def read_events(path: Path) -> list[PredictionEvent]:
                 continue
             problem = describe_validation_error(error, whole="line")
             raise DatasetError(f"{path}:{number}: not a prediction event ({problem})") from None
-    cut_last = torn == [len(lines)] and not text.endswith("\n")  # a new log whose first writer was killed
+    # a new log whose first writer was killed: one event's start, cut short
+    cut_last = torn == [len(lines)] and not text.endswith("\n") and lines[-1].startswith("{")
     if torn and not events and not cut_last:
         raise DatasetError(f"{path}: not a prediction log (no line is JSON: {', '.join(map(str, torn[:5]))}, ...)")
     if torn:

@@ -157,6 +157,11 @@ class ServiceCache:
         self._lock = threading.Lock()  # the two tables and the routing: held briefly, never while a model loads
         self._loading: dict[ModelRef, threading.Lock] = {}  # one lock per version being loaded
 
+    def _forget_loading(self, ref: ModelRef, loading: threading.Lock) -> None:
+        """Drop `ref`'s load lock if it is still the one this caller used (under `_lock`): a later loader's stays."""
+        if self._loading.get(ref) is loading:
+            del self._loading[ref]
+
     def set_routing(self, routing: RoutingConfig) -> None:
         """New routing thresholds for every loaded version and every later one (a reconfigured deployment)."""
         with self._lock:
@@ -188,10 +193,10 @@ class ServiceCache:
                             self._models[ref] = model
             except BaseException:
                 with self._lock:
-                    self._loading.pop(ref, None)
+                    self._forget_loading(ref, loading)
                 raise
         with self._lock:
-            self._loading.pop(ref, None)
+            self._forget_loading(ref, loading)
             self._models[ref] = model
             service = self._loaded.get(key)
             if service is None:
