@@ -240,7 +240,7 @@ def test_held_out_answers_of_a_replica_not_yet_switched_are_scored_again(tmp_pat
         versions = answers.pop(0) if answers else ["2"] * 4
         return PoolScores(test, Predictions(probs, np.zeros(4), np.ones(4)), versions, {})
 
-    demo = Demo(Settings(home=tmp_path, demo={"serve_switch_timeout_s": 3.0}), tmp_path)
+    demo = Demo(Settings(home=tmp_path, demo={"serve_switch_timeout_s": 1.0}), tmp_path)
     monkeypatch.setattr(demo, "_score", scored)
     monkeypatch.setattr(demo, "_drift", lambda since, version: windows.append(since) or {})
     state = LoopState(None, ["neutrophil", "lymphocyte"], "1", {"north": "3"}, "http://serve", None)
