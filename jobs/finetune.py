@@ -81,10 +81,8 @@ def train_loop(config: dict) -> None:
             with restored.as_directory() as directory:
                 shutil.copy2(Path(directory) / CHECKPOINT_FILE, local / CHECKPOINT_FILE)
         attached = {"mtime": (local / CHECKPOINT_FILE).stat().st_mtime_ns if restored is not None else None}
-        history: list[dict] = []  # rank 0's loss per log period, logged to MLflow per step with the version
 
         def report(entry: dict) -> None:
-            history.append(entry)
             # `fit` writes its checkpoint after logging, so a checkpoint newer than the last one attached is complete.
             checkpoint_file = local / CHECKPOINT_FILE
             fresh = checkpoint_file.is_file() and checkpoint_file.stat().st_mtime_ns != attached["mtime"]
@@ -108,7 +106,9 @@ def train_loop(config: dict) -> None:
             staging = Path(tempfile.mkdtemp(prefix="cytoloop-finetuned-"))
             shutil.copy2(local / CHECKPOINT_FILE, staging / CHECKPOINT_FILE)
             model.save(staging / MODEL_SUBDIR)
-            (staging / MODEL_SUBDIR / LOSS_FILE).write_text(json.dumps(history))
+            # the loss per log period, logged to MLflow per step with the version: the whole run's, restored steps
+            # included (this attempt's reports alone lost every step before a worker restart or a resume)
+            (staging / MODEL_SUBDIR / LOSS_FILE).write_text(json.dumps(result.history))
             # Ray copies it into the run's storage; in its default (synchronous) mode it would leave this copy behind
             ray.train.report(
                 final, checkpoint=Checkpoint.from_directory(str(staging)), delete_local_checkpoint_after_upload=True
@@ -124,9 +124,19 @@ def fit_on_ray(settings: Settings, run_name: str, loop_config: dict, out: Path) 
 
     The run lives in `finetune.storage_path/run_name`: an existing run of that name resumes from its checkpoint.
     """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    if not ray.is_initialized():
+        ray.init()
+    workers, use_gpu = settings.finetune.num_workers, settings.finetune.use_gpu
+    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
+    if workers > cpus or (use_gpu and workers > gpus):  # Ray Train would wait for them, and retry, for ever
+        raise UsageError(
+            f"finetune.num_workers {workers} worker(s) of 1 CPU{' and 1 GPU' if use_gpu else ''} each do not fit "
+            f"the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs): ask for fewer workers, or finetune.use_gpu false"
+        )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -134,7 +144,8 @@ def fit_on_ray(settings: Settings, run_name: str, loop_config: dict, out: Path) 
         run_config=RunConfig(
             name=run_name,
             storage_path=str(Path(settings.finetune.storage_path).resolve()),
-            failure_config=FailureConfig(max_failures=settings.finetune.max_failures),
+            # a worker group that cannot be placed (CPUs held by others) fails after a few tries, not never
+            failure_config=FailureConfig(max_failures=settings.finetune.max_failures, controller_failure_limit=3),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -265,7 +276,8 @@ def _run_finetune(
     train_config, augment_config = finetune_configs(settings, adapt)
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
     # the run is this parent, these cells AND these settings: a changed job trains afresh instead of resuming
-    job = _settings_key(train_config, augment_config, data_config, settings.site_classes(site))
+    scaling = (settings.finetune.num_workers, settings.finetune.use_gpu)
+    job = _settings_key(train_config, augment_config, data_config, settings.site_classes(site), scaling)
     run_name = job_name(site, parent, snapshot, job)
     earlier = parent.tags.get("ray_run", "")
     if not adapt and earlier.startswith("global-v") and earlier.endswith(f"-{snapshot}-{job}"):
@@ -463,10 +475,13 @@ def job_name(site: str | None, parent: VersionInfo, snapshot: str, settings_key:
     return f"{site or 'global'}-v{parent.version}-{(parent.run_id or 'none')[:8]}-{snapshot}-{settings_key}"
 
 
-def _settings_key(train_config, augment_config, data_config, site_classes: list[str] | None = None) -> str:
+def _settings_key(
+    train_config, augment_config, data_config, site_classes: list[str] | None = None, workers: tuple | None = None
+) -> str:
     """A short hash of the settings that decide what a fine-tune produces (not threads, logging or checkpoint
-    periods; a site's classes, which its calibration and gate use): part of the run's name, so that changing them
-    never resumes another job's checkpoint nor returns a version made for other settings."""
+    periods; a site's classes, which its calibration and gate use; `workers`, their number and whether on GPUs,
+    which set each worker's batch and shard): part of the run's name, so that changing them never resumes another
+    job's checkpoint nor returns a version made for other settings."""
     import hashlib
 
     decisive = {
@@ -476,6 +491,8 @@ def _settings_key(train_config, augment_config, data_config, site_classes: list[
     }
     if site_classes is not None:  # absent otherwise: the runs made before sites had classes keep their names
         decisive["site_classes"] = site_classes
+    if workers is not None:
+        decisive["workers"] = list(workers)
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:8]
 
 

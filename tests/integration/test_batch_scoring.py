@@ -88,6 +88,22 @@ def test_more_workers_than_the_cluster_holds_is_a_clear_error(ray_local, model_d
         score_offline(pool, model_dir.parent, RoutingConfig())
 
 
+def test_a_fine_tune_that_cannot_be_placed_is_a_clear_error_not_a_wait(ray_local, tmp_path):
+    """Ray Train waited for workers the cluster could not place (more than its CPUs, a GPU it lacks), timed out,
+    and retried that for ever: a retrain hung, holding the fine-tune lock."""
+    import ray
+
+    from cytoloop.config import Settings
+    from cytoloop.errors import UsageError
+    from jobs.finetune import fit_on_ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    for finetune in ({"num_workers": 64}, {"num_workers": gpus + 1, "use_gpu": True}):
+        settings = Settings(home=tmp_path, finetune=finetune)
+        with pytest.raises(UsageError, match="do not fit the Ray cluster"):
+            fit_on_ray(settings, "never", {}, tmp_path / "out")
+
+
 def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_path):
     """`cytoloop score` over a manifest: one CSV row per cell in the manifest's order, probabilities per class,
     the reason where a cell could not be scored."""

@@ -231,6 +231,8 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(
     assert key != _settings_key(train_config, AugmentConfig(hed_sigma=0.3), DataConfig())
     assert key != _settings_key(train_config, augment_config, DataConfig(), ["neutrophil"])  # calibrated for a site
     assert key == _settings_key(train_config.model_copy(update={"threads": 7}), augment_config, DataConfig())
+    two_workers = _settings_key(train_config, augment_config, DataConfig(), None, (2, False))
+    assert two_workers != _settings_key(train_config, augment_config, DataConfig(), None, (1, False))  # batch, shard
 
 
 @pytest.fixture(scope="module")
