@@ -241,6 +241,7 @@ class Demo:
         splits = self._split()
         base_classes = self._check_classes(splits)  # before any service starts: a wrong class list fails in seconds
         self._site_classes(splits, base_classes)
+        self._freeze(splits)
         with self.stage("stack up"):
             review = self._stack_up()
         with self.stage("base model"):
@@ -272,7 +273,8 @@ class Demo:
         return DemoOutcome(self.rounds, report, urls)
 
     def _split(self) -> dict[str, SiteSplit]:
-        """Every site's split, blasts mixed in, its frozen sets written; the ground truth the annotators know."""
+        """Every site's split, blasts mixed in; the ground truth the annotators know (`_freeze` writes the frozen
+        sets, once the classes are checked)."""
         records = load_records(self.data)
         config = self.config
         splits = {
@@ -291,11 +293,17 @@ class Demo:
                 f"{len(split.pool)} in its pool, {len(split.blasts)} of them {config.blast_label}s from "
                 f"{config.blast_domain}"
             )
+        return splits
+
+    def _freeze(self, splits: dict[str, SiteSplit]) -> None:
+        """Write each site's frozen sets, or check that the kept ones are this split's. After the class checks:
+        frozen before them, a class the base model lacks left sets a corrected class list could not match, and
+        the home refused every later run."""
+        for site, split in splits.items():
             directory = frozen_directory(self.settings.home, site)
             if not freeze(directory, split.val, split.eval):
                 check_kept_sets(directory, split, site)
                 logger.info(f"   (the frozen sets under {directory} are kept from an earlier run)")
-        return splits
 
     def _round(
         self, state: LoopState, number: int, site: str, split: SiteSplit, labelled: list[CellRecord]

@@ -250,3 +250,18 @@ def test_held_out_answers_of_a_replica_not_yet_switched_are_scored_again(tmp_pat
     assert attempts[0] < windows[0] <= attempts[1]  # the drift window holds the kept attempt's events only
     with pytest.raises(TimeoutError, match="of 4 held-out cells, 4 by version 2, not 3"):
         demo._evaluate(state, "north", cells, row)  # v2 answers them for ever
+
+
+def test_a_class_the_base_model_lacks_is_refused_before_any_site_s_sets_are_frozen(tmp_path, cells_dir, tiny_settings):
+    """The demo froze each site's sets, then found a site class the base model lacks: the corrected run drew
+    another split, which the kept frozen sets could not match, and the home refused every later run."""
+    from cytoloop.config import Settings
+    from cytoloop.models.baseline import BaselineClassifier
+    from jobs.cycle import Demo
+
+    BaselineClassifier(["neutrophil"], tiny_settings.data, tiny_settings.baseline).save(tmp_path / "base")
+    classes = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
+    settings = Settings(home=tmp_path / "home", demo={"base_model": tmp_path / "base", "classes": classes})
+    with pytest.raises(DatasetError, match="not classes of the base model"):
+        Demo(settings, cells_dir).run()
+    assert not (tmp_path / "home" / "frozen").exists()
