@@ -58,10 +58,10 @@ class ScoreJournal:
     def _open(self) -> None:
         self.answers: dict[str, CellResult] = {}
         if self.path.is_file():
-            self.answers = self._answers_of(self.path) if self._same_setup(self.path) else self._set_aside()
-        if not self.answers and self._aside(self.setup).is_file() and not self.path.is_file():
+            self.answers = self._take(*_read(self.path))
+        if not self.path.is_file() and self._aside(self.setup).is_file():
             self._aside(self.setup).replace(self.path)  # this setup's journal, set aside by a run of another
-            self.answers = self._answers_of(self.path)
+            self.answers = self._take(*_read(self.path))
             logger.info(f"{self.path}: the journal of these settings taken back from where another run set it aside")
         fresh = not self.path.is_file()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,27 +71,25 @@ class ScoreJournal:
         elif _cut_short(self.path):
             self._handle.write("\n")  # end the line a kill cut short, so the next answer starts its own
 
-    def _same_setup(self, path: Path) -> bool:
-        header, _ = _read(path)
-        return header == {"journal": KIND, "setup": self.setup}
-
-    def _answers_of(self, path: Path) -> dict[str, CellResult]:
+    def _take(self, header: dict | None, rows: list[dict]) -> dict[str, CellResult]:
+        """The answers of the journal at `path` (its `header` and `rows`, read once) if it is one of this setup;
+        else it is set aside (`_set_aside`) and there are none."""
         from cytoloop.serving.inference import CellResult
 
-        _, rows = _read(path)
-        try:
-            return {row["path"]: CellResult(**row["result"]) for row in rows}
-        except TypeError:  # answers of another CytoLoop's making: not this run's
-            self._set_aside()
-            return {}
+        if header == {"journal": KIND, "setup": self.setup}:
+            try:
+                return {row["path"]: CellResult(**row["result"]) for row in rows}
+            except TypeError:  # answers of another CytoLoop's making: not this run's
+                pass
+        self._set_aside(header)
+        return {}
 
-    def _set_aside(self) -> dict[str, CellResult]:
+    def _set_aside(self, header: dict | None) -> None:
         """Move the journal of another setup aside, where a run of that setup finds it; one holding no setup (a
-        run killed while writing its first line) holds no answers and is removed. Returns no answers."""
-        header, _ = _read(self.path)
+        run killed while writing its first line) holds no answers and is removed."""
         if not isinstance(header, dict) or not isinstance(header.get("setup"), dict):
             self.path.unlink()
-            return {}
+            return
         aside = self._aside(header["setup"])
         for n in range(1, 1000):  # never over another: a setup's own aside was taken back before it ran again
             if not aside.exists():
@@ -101,7 +99,6 @@ class ScoreJournal:
         logger.warning(
             f"{self.path}: not a journal of this model and settings; scoring from the start (it is kept as {aside})"
         )
-        return {}
 
     def _aside(self, setup: dict) -> Path:
         digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:12]

@@ -40,10 +40,7 @@ def replaced(path: Path, newline: str | None = None, mode: int | None = None) ->
     replaced file's, else the umask's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            if time.time() - stale.stat().st_mtime > STALE_S:
-                stale.unlink()
+    remove_stale_temporaries(path)
     descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "w", newline=newline) as handle:
@@ -58,6 +55,15 @@ def replaced(path: Path, newline: str | None = None, mode: int | None = None) ->
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staging)
         raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files (`.<name>.*.tmp`) that writers of `path` killed mid-write left, those older than
+    `STALE_S`: no writer of these files takes that long."""
+    for stale in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - stale.stat().st_mtime > STALE_S:
+                stale.unlink()
 
 
 def umask() -> int:

@@ -9,7 +9,6 @@ worker; `on_log` is where it reports.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -26,7 +25,7 @@ from torch import nn
 
 from cytoloop.config import AugmentConfig, TrainConfig
 from cytoloop.data.preprocess import augment
-from cytoloop.files import STALE_S, write_text
+from cytoloop.files import remove_stale_temporaries, write_text
 from cytoloop.threads import torch_threads
 
 logger = logging.getLogger(__name__)
@@ -244,10 +243,7 @@ def _fit(
             # atomic and on disk before the rename: a crash or power loss never leaves half (or an empty) checkpoint;
             # a name per process, so two writers never share one temporary file
             staging = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.tmp")
-            for stale in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp"):  # a killed writer's, a big file
-                with contextlib.suppress(FileNotFoundError):
-                    if time.time() - stale.stat().st_mtime > STALE_S:  # no checkpoint takes an hour to write
-                        stale.unlink()
+            remove_stale_temporaries(checkpoint)  # a killed writer's, a big file
             with staging.open("wb") as handle:
                 torch.save(state, handle)
                 handle.flush()

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from cytoloop.config import RoutingConfig
 from cytoloop.errors import UsageError
+from cytoloop.models.base import Classifier
 from cytoloop.serving.inference import CellService
 from cytoloop.serving.model_source import ModelRef, ModelSource
 
@@ -157,6 +158,17 @@ class ServiceCache:
         self._lock = threading.Lock()  # the two tables and the routing: held briefly, never while a model loads
         self._loading: dict[ModelRef, threading.Lock] = {}  # one lock per version being loaded
 
+    def _load_once(self, ref: ModelRef, loading: threading.Lock, cached_only: bool) -> Classifier:
+        """Load `ref` under its own lock: a second caller of the same version waits, then finds it loaded."""
+        with loading:
+            with self._lock:
+                model = self._models.get(ref)
+            if model is None:
+                model = self.source.load_cached(ref) if cached_only else self.source.load(ref)
+                with self._lock:  # before the next caller of this version is let in
+                    self._models[ref] = model
+            return model
+
     def _forget_loading(self, ref: ModelRef, loading: threading.Lock) -> None:
         """Drop `ref`'s load lock if it is still the one this caller used (under `_lock`): a later loader's stays."""
         if self._loading.get(ref) is loading:
@@ -181,23 +193,15 @@ class ServiceCache:
             if service is not None:
                 return service
             model = self._models.get(ref)
-            loading = self._loading.setdefault(ref, threading.Lock())
+            if model is None:
+                loading = self._loading.setdefault(ref, threading.Lock())
         if model is None:
             try:
-                with loading:  # a second caller of the same version waits here, then finds it loaded
-                    with self._lock:
-                        model = self._models.get(ref)
-                    if model is None:
-                        model = self.source.load_cached(ref) if cached_only else self.source.load(ref)
-                        with self._lock:  # before the next caller of this version is let in
-                            self._models[ref] = model
-            except BaseException:
+                model = self._load_once(ref, loading, cached_only)
+            finally:
                 with self._lock:
                     self._forget_loading(ref, loading)
-                raise
         with self._lock:
-            self._forget_loading(ref, loading)
-            self._models[ref] = model
             service = self._loaded.get(key)
             if service is None:
                 service = CellService(model, ref, self.routing, classes)
