@@ -443,10 +443,10 @@ class PromotionConfig(_Section):
     anomaly_auroc_tolerance: float = Field(0.02, ge=0.0, le=1.0)
     refuse_on: Literal["interval", "point"] = Field(
         "interval",
-        description="'interval': refuse on balanced accuracy or ECE only when the challenger is worse with "
-        "confidence (its whole 95 % paired-bootstrap interval of the difference lies beyond the tolerance; where "
-        "no interval can be formed, and for the anomaly AUROC, the point estimate decides); 'point': whenever "
-        "the point estimate is worse beyond the tolerance (noisy on small gate sets)",
+        description="'interval': refuse on balanced accuracy, ECE or anomaly AUROC only when the challenger is "
+        "worse with confidence (its whole 95 % paired-bootstrap interval of the difference lies beyond the "
+        "tolerance; where no interval can be formed, the point estimate decides); 'point': whenever the point "
+        "estimate is worse beyond the tolerance (noisy on small gate sets)",
     )
     audited_manifest: Path | None = Field(None, description="audited cells, evaluated with the frozen set")
     anomaly_manifest: Path | None = Field(None, description="anomalies and normal cells; None skips the AUROC check")

@@ -407,8 +407,9 @@ def evaluate_model(
 ) -> dict:
     """Evaluate on labelled cells (and optionally anomaly vs normal cells); write JSON and PNG plots beside it.
 
-    With `per_cell`, the report also keeps each cell's id, label index and probabilities (`per_cell`), so two
-    models evaluated on the same cells can be compared cell by cell (the promotion gate's intervals). With
+    With `per_cell`, the report also keeps each cell's id, label index and probabilities (`per_cell`), and each
+    anomaly-set cell's id, whether it is an anomaly and its anomaly score (`per_cell_anomaly`), so two models
+    evaluated on the same cells can be compared cell by cell (the promotion gate's intervals). With
     `allowed` (a site's classes), every cell is decided among those, as the site is served (`allowed_classes`)."""
     mask = class_mask(model.classes, allowed)
     cells = load_cells(records, model.data_config, progress)
@@ -449,9 +450,14 @@ def evaluate_model(
         if is_anomaly.all() or not is_anomaly.any():
             raise DatasetError(f"anomaly data needs both '{anomaly_label}' cells and other cells")
         candidates = candidate_rows(mask, len(anomaly_cells.images))
-        report.update(
-            anomaly_metrics(model.predict(anomaly_cells.images, progress=progress, candidates=candidates), is_anomaly)
-        )
+        anomaly_predictions = model.predict(anomaly_cells.images, progress=progress, candidates=candidates)
+        report.update(anomaly_metrics(anomaly_predictions, is_anomaly))
+        if per_cell:
+            report["per_cell_anomaly"] = {
+                "cells": [r.cell_id for r in anomaly_cells.records],
+                "positive": is_anomaly.tolist(),
+                "scores": anomaly_predictions.anomaly.tolist(),  # unrounded: ties would move the AUROC
+            }
         report["n_skipped"] += len(anomaly_cells.skipped)
         report["skipped"] += anomaly_cells.skipped
     if json_out is not None:

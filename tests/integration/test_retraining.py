@@ -282,8 +282,16 @@ def test_a_worse_challenger_is_refused_and_the_champion_stays(gated):
     challenger = gate_figures(load_model(gated["root"] / "untrained"), data)
     assert champion["balanced_accuracy"] > 0.6, "the champion must be worth protecting for this test to mean much"
     assert champion["anomaly_auroc"] is not None
+    import numpy as np
+
+    from cytoloop.evaluation import metrics
+
+    kept = champion["per_cell_anomaly"]  # each anomaly-set cell's score, for the AUROC's paired interval
+    assert len(kept["cells"]) == len(data.anomaly_records)
+    assert metrics.auroc(np.array(kept["scores"]), np.array(kept["positive"])) == champion["anomaly_auroc"]
 
     verdict = compare(challenger, champion, settings.promotion)
+    assert any(r.startswith("anomaly_auroc") and "anomaly-set cells" in r for r in verdict.reasons)
     verdict.champion_version = gated["champion"]
     assert apply_verdict(registry, name, gated["challenger"], "champion", verdict) is None
     assert not verdict.passed

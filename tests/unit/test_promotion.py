@@ -159,6 +159,15 @@ def test_a_kept_gate_report_is_reused_only_for_the_same_cells_and_classes(tmp_pa
     (run / "site.json").write_text(json.dumps(site))
     assert kept_gate_figures(run / "site.json", data, ["a", "b"], bf16, ["a"]) == site
     assert kept_gate_figures(run / "site.json", data, ["a", "b"], bf16) is None
+    # with an anomaly set, only a report that kept each anomaly-set cell's score (for the AUROC's interval)
+    blasts = [CellRecord(f"b{i}.png", tmp_path / f"b{i}.png", "blast", "lab") for i in range(2)]
+    with_anomalies = GateData(cells, blasts, "blast")
+    old = {**report, "gate_cells": gate_fingerprint(with_anomalies)}
+    (run / "old.json").write_text(json.dumps(old))
+    assert kept_gate_figures(run / "old.json", with_anomalies, ["a", "b"]) is None
+    scored = {**old, "per_cell_anomaly": {"cells": ["b0.png", "b1.png"], "positive": [True, True], "scores": [1, 2]}}
+    (run / "scored.json").write_text(json.dumps(scored))
+    assert kept_gate_figures(run / "scored.json", with_anomalies, ["a", "b"]) == scored
 
     champion = VersionInfo("m", "2", None, {"ray_run": "site-a-v1-x"}, ["champion-site-a"])
     out = tmp_path / "next" / "evaluation"
@@ -313,3 +322,50 @@ def test_a_challenger_clearly_worse_calibrated_is_refused_on_ece():
 
     percentile = metrics.bootstrap_interval(difference, n, strata=labels)
     assert percentile[0] <= PromotionConfig().ece_tolerance  # what the gate used to decide on: a pass
+
+
+def _anomaly_cells(scores: np.ndarray, positive: np.ndarray, order=None) -> dict:
+    order = np.arange(len(scores)) if order is None else np.asarray(order)
+    return {
+        "per_cell_anomaly": {
+            "cells": [f"a{i}" for i in order],
+            "positive": positive[order].tolist(),
+            "scores": scores[order].tolist(),
+        }
+    }
+
+
+def test_the_anomaly_auroc_is_refused_only_when_worse_with_confidence():
+    """On 20 blasts and 60 normal cells, one blast falling below half the normal cells costs 0.025 of AUROC, beyond
+    the 0.02 tolerance: judged on the point estimate the challenger was refused for that one cell. Its paired
+    interval reaches 0, so it passes; a challenger that ranks the blasts at random is refused."""
+    from cytoloop.evaluation import metrics
+    from cytoloop.policy.promotion import anomaly_auroc_interval
+
+    positive = np.r_[np.ones(20, bool), np.zeros(60, bool)]
+    sure = np.r_[np.linspace(2.0, 3.0, 20), np.linspace(0.0, 1.0, 60)]  # every blast above every normal cell
+    slip = sure.copy()
+    slip[0] = 0.5  # one blast now below half the normal cells
+    blind = np.random.default_rng(0).random(80)
+
+    def figures(scores, order=None):
+        return {**CHAMPION, "anomaly_auroc": metrics.auroc(scores, positive), **_anomaly_cells(scores, positive, order)}
+
+    champion = figures(sure)
+    noisy = figures(slip, order=np.arange(80)[::-1])  # paired by id, whatever the order
+    assert champion["anomaly_auroc"] - noisy["anomaly_auroc"] == pytest.approx(0.025)
+    (low, high), n = anomaly_auroc_interval(noisy, champion)
+    assert n == 80 and low < 0 and high == pytest.approx(0.0)
+    verdict = compare(noisy, champion, CONFIG)
+    assert verdict.passed, verdict.reasons
+    assert any(r.startswith("anomaly_auroc") and "80 anomaly-set cells" in r for r in verdict.reasons)
+    point = compare(noisy, champion, CONFIG.model_copy(update={"refuse_on": "point"}))
+    assert point.worse == ["anomaly_auroc"]
+    refused = compare(figures(blind), champion, CONFIG)
+    assert refused.worse == ["anomaly_auroc"] and "WORSE with confidence" in " ".join(refused.reasons)
+    # no interval without the per-cell scores on both sides: the point estimate decides
+    assert anomaly_auroc_interval({**CHAMPION, "anomaly_auroc": noisy["anomaly_auroc"]}, champion) is None
+    assert compare({**CHAMPION, "anomaly_auroc": noisy["anomaly_auroc"]}, champion, CONFIG).worse == ["anomaly_auroc"]
+    relabelled = {**CHAMPION, **_anomaly_cells(slip, ~positive)}
+    with pytest.raises(ValueError, match="disagree on which anomaly-set cells are anomalies"):
+        anomaly_auroc_interval(relabelled, champion)

@@ -7,13 +7,15 @@ sets of figures are recorded as tags on the challenger's version, whatever the o
 refusal (`override`), and every alias move lands in the registry's audit trail.
 
 On a gate set of a few dozen cells these figures are noisy (ECE on 65 cells moved by ~0.09 between two samples of
-one model), so balanced accuracy and ECE are compared cell by cell: a 95 % paired-bootstrap interval of the
-challenger's difference from the champion on the same cells (the basic interval for ECE, whose binned estimate
-is biased on few cells: `difference_intervals`). With `refuse_on="interval"` (the default) a challenger
-is refused on one of them only when that whole interval lies beyond the tolerance, i.e. it is worse with confidence,
-not because a small set drew a noisy figure; the point estimate decides where no interval can be formed and for the
-anomaly AUROC. A gate set must therefore be large enough for its tolerances: an interval as wide as the tolerance
-needs a few hundred cells (docs/review-loop.md, "How large a gate set").
+one model; one blast of twenty ranked below half the normal cells lowers the anomaly AUROC by 0.025), so all three
+are compared cell by cell: a 95 % paired-bootstrap interval of the challenger's difference from the champion on
+the same cells (the basic interval for ECE, whose binned estimate is biased on few cells: `difference_intervals`;
+the AUROC's over the anomaly set: `anomaly_auroc_interval`). With `refuse_on="interval"` (the default) a
+challenger is refused on one of them only when that whole interval lies beyond the tolerance, i.e. it is worse with
+confidence, not because a small set drew a noisy figure; the point estimate decides where no interval can be
+formed (a report without per-cell results). A gate set must therefore be large enough for its tolerances: an
+interval as wide as the tolerance needs a few hundred cells, for ECE about a thousand (docs/review-loop.md, "How
+large a gate set").
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
         ("anomaly_auroc", +1, config.anomaly_auroc_tolerance),
     )
     intervals, n_paired = difference_intervals(challenger, champion)
+    paired = {metric: f"{n_paired} cells" for metric in intervals}
+    auroc = anomaly_auroc_interval(challenger, champion)
+    if auroc is not None:
+        intervals["anomaly_auroc"], n_anomaly = auroc
+        paired["anomaly_auroc"] = f"{n_anomaly} anomaly-set cells"
     passed, reasons, worse = True, [], []
     for metric, direction, tolerance in rules:
         new, old = challenger.get(metric), champion.get(metric)
@@ -82,7 +89,7 @@ def compare(challenger: dict, champion: dict | None, config: PromotionConfig) ->
         reason = f"{metric}: {new:.4f} vs champion {old:.4f} ({verdict}, tolerance {tolerance:g})"
         if metric in intervals:
             low, high = intervals[metric]
-            reason += f"; challenger - champion {low:+.3f} to {high:+.3f} (95 % paired bootstrap, {n_paired} cells)"
+            reason += f"; challenger - champion {low:+.3f} to {high:+.3f} (95 % paired bootstrap, {paired[metric]})"
         reasons.append(reason)
     unseen = [c for c, recall in (challenger.get("per_class_recall") or {}).items() if recall is None]
     if unseen:  # balanced accuracy averages the classes present: a loss on these could not show
@@ -141,6 +148,36 @@ def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -
         "ece": metrics.bootstrap_interval(difference(ece), len(pairs), n_boot=n_boot, strata=labels, method="basic"),
     }
     return intervals, len(pairs)
+
+
+def anomaly_auroc_interval(
+    challenger: dict, champion: dict, n_boot: int = 1000
+) -> tuple[tuple[float, float], int] | None:
+    """95 % paired-bootstrap (percentile) interval of challenger minus champion anomaly AUROC over the anomaly-set
+    cells both were scored on (their `per_cell_anomaly` scores, paired by cell id), anomalies and normal cells
+    resampled apart so every resample holds both; with the number of cells paired. None when either side has no
+    per-cell scores (a report from before they were kept) or the pairs lack anomalies or normal cells.
+
+    An anomaly set holds a few dozen blasts at most: with twenty, one blast falling below half of the normal cells
+    lowers the AUROC by 0.025, beyond the default tolerance, so judged on its point estimate a challenger was
+    refused for one cell. AUROC is a U-statistic, unbiased on few cells, so the percentile interval serves."""
+    a, b = champion.get("per_cell_anomaly"), challenger.get("per_cell_anomaly")
+    if not a or not b:
+        return None
+    in_champion = {cell: i for i, cell in enumerate(a["cells"])}
+    pairs = [(i, in_champion[cell]) for i, cell in enumerate(b["cells"]) if cell in in_champion]
+    positive = np.array([b["positive"][i] for i, _ in pairs], dtype=bool)
+    if any(a["positive"][j] != b["positive"][i] for i, j in pairs):
+        raise ValueError("the two gate reports disagree on which anomaly-set cells are anomalies")
+    if positive.all() or not positive.any():
+        return None
+    scores_b = np.array([b["scores"][i] for i, _ in pairs], dtype=np.float64)
+    scores_a = np.array([a["scores"][j] for _, j in pairs], dtype=np.float64)
+
+    def difference(idx: np.ndarray) -> float:
+        return metrics.auroc(scores_b[idx], positive[idx]) - metrics.auroc(scores_a[idx], positive[idx])
+
+    return metrics.bootstrap_interval(difference, len(pairs), n_boot=n_boot, strata=positive), len(pairs)
 
 
 @dataclass
@@ -231,9 +268,9 @@ def kept_gate_figures(
 ) -> dict | None:
     """A model's gate report kept at `path` from an earlier gate, if that gate judged these very cells with these
     classes, decided among the same `allowed` ones (and, given `runtime`, scored them with that
-    `scoring_runtime`); else None. A champion was gated as a
-    challenger on its site's frozen cells when it was promoted: scoring draws each cell's trials from the cell
-    itself, so scoring it again on them would repeat that report (a fine-tune's gate then scores only its
+    `scoring_runtime`) and kept each anomaly-set cell's score (for the AUROC's interval); else None. A champion
+    was gated as a challenger on its site's frozen cells when it was promoted: scoring draws each cell's trials from
+    the cell itself, so scoring it again on them would repeat that report (a fine-tune's gate then scores only its
     challenger)."""
     try:
         report = json.loads(Path(path).read_text())
@@ -242,6 +279,8 @@ def kept_gate_figures(
     if report.get("gate_cells") != gate_fingerprint(data) or report.get("classes") != classes:
         return None
     if report.get("allowed_classes") != allowed:
+        return None
+    if data.anomaly_records and "per_cell_anomaly" not in report:  # kept before they were: no AUROC interval
         return None
     if runtime is not None and report.get("scoring_runtime") != runtime:
         return None
