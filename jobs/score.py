@@ -283,12 +283,7 @@ def score_offline(
             return scores
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
-        cpus, gpus_there = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
-        if workers * (threads or 1) > cpus or workers * gpus > gpus_there:
-            raise UsageError(
-                f"{workers} workers of {threads or 1} CPU(s) and {gpus} GPU(s) each do not fit the Ray cluster "
-                f"({cpus:g} CPUs, {gpus_there:g} GPUs): ask for fewer workers or threads"
-            )
+        _check_room(workers, threads or 1, gpus)
         if written is not None:
             results = [
                 None if p not in written.answers else replace(written.answers[p], index=i) for i, p in enumerate(paths)
@@ -313,6 +308,46 @@ def score_offline(
         if finish is not None:
             finish(scores)
     return scores
+
+
+PLACEMENT_WAIT_S = 30.0  # how long a scoring job waits for CPUs or GPUs that other work holds to be freed
+
+
+def _check_room(workers: int, cpus: float, gpus: float) -> None:
+    """Raise UsageError unless the Ray cluster could hold all `workers` actors of `cpus` CPUs and `gpus` GPUs each,
+    and has room for at least one of them now, waiting up to `PLACEMENT_WAIT_S` for it (a finished job's actors
+    release theirs a moment after it returns). Fewer than `workers` free: logged, and the job runs on those.
+
+    Ray Data waits for ever for an actor pool none of whose actors it can place: checked against the cluster's
+    total alone, a job on a cluster whose CPUs other work holds (the stack's Serve replicas, a fine-tune) hung
+    without a word."""
+    import time
+
+    import ray
+
+    total = ray.cluster_resources()
+    asked = f"{workers} workers of {cpus:g} CPU(s) and {gpus:g} GPU(s) each"
+    if workers * cpus > total.get("CPU", 0) or workers * gpus > total.get("GPU", 0):
+        raise UsageError(
+            f"{asked} do not fit the Ray cluster ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs): "
+            "ask for fewer workers or threads"
+        )
+    deadline = time.monotonic() + PLACEMENT_WAIT_S
+    while True:
+        free = ray.available_resources()
+        room = min(free.get("CPU", 0) // cpus, free.get("GPU", 0) // gpus if gpus else workers)
+        if room >= 1:
+            break
+        if time.monotonic() > deadline:
+            raise UsageError(
+                f"none of {asked} fits what the Ray cluster has free ({free.get('CPU', 0):g} of "
+                f"{total.get('CPU', 0):g} CPUs, {free.get('GPU', 0):g} of {total.get('GPU', 0):g} GPUs, after "
+                f"{PLACEMENT_WAIT_S:g} s; the rest held by other work: Serve replicas, a fine-tune, another job): "
+                "run it when that work is done, or with fewer threads per worker"
+            )
+        time.sleep(0.5)
+    if room < workers:
+        logger.warning(f"{asked}: only {room:g} fit what the Ray cluster has free now; scoring starts on those")
 
 
 def _score_rows(

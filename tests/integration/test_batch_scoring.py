@@ -88,6 +88,36 @@ def test_more_workers_than_the_cluster_holds_is_a_clear_error(ray_local, model_d
         score_offline(pool, model_dir.parent, RoutingConfig())
 
 
+def test_a_job_none_of_whose_workers_fits_the_free_cpus_is_a_clear_error_not_a_wait(
+    ray_local, model_dir, pool, monkeypatch
+):
+    """Checked against the cluster's total CPUs only, a job on a cluster whose CPUs other work holds (the stack's
+    Serve replicas, a fine-tune) waited for ever for actors Ray Data could not place. It waits a while for them to
+    be freed, then says what is free; with the CPUs given back it runs."""
+    import ray
+
+    import jobs.score
+    from cytoloop.config import RoutingConfig
+    from cytoloop.errors import UsageError
+    from jobs.score import score_offline
+
+    @ray.remote(num_cpus=2)
+    class Holder:  # other work holding both of the cluster's CPUs
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    monkeypatch.setattr(jobs.score, "PLACEMENT_WAIT_S", 2.0)
+    try:
+        with pytest.raises(UsageError, match=r"none of 1 workers .* fits what the Ray cluster has free \(0 of 2 CPUs"):
+            score_offline(pool[:4], model_dir, RoutingConfig(), workers=1, threads=1)
+    finally:
+        ray.kill(holder)
+    monkeypatch.setattr(jobs.score, "PLACEMENT_WAIT_S", 30.0)  # the killed actor's CPUs come back within it
+    assert len(score_offline(pool[:4], model_dir, RoutingConfig(), workers=2, threads=1).scored) == 4
+
+
 def test_a_fine_tune_that_cannot_be_placed_is_a_clear_error_not_a_wait(ray_local, tmp_path):
     """Ray Train waited for workers the cluster could not place (more than its CPUs, a GPU it lacks), timed out,
     and retried that for ever: a retrain hung, holding the fine-tune lock."""
