@@ -455,18 +455,29 @@ class Demo:
 
     def _register_base(self) -> tuple[list[str], str]:
         """Register the base model directory as @champion (a rerun in the same home keeps the one it registered);
-        returns its classes and version."""
+        returns its classes and version. A rerun whose @champion is another model (an earlier run from another
+        base, a version promoted since) is refused: its round 0 would report that model as the base's."""
         from cytoloop.models.base import read_model_meta
         from cytoloop.models.finetune import code_revision
         from cytoloop.registry import CHAMPION, open_registry
+        from cytoloop.serving.model_source import local_ref
 
         base = self._base_dir()
         meta = read_model_meta(base)
         registry, name = open_registry(self.settings), self.settings.registry.model_name
         current = registry.alias_version(name, CHAMPION)
         if current is not None:
-            logger.info(f"   @champion is v{current} from an earlier run in {self.settings.home}: kept")
-            return list(registry.load(name, current, Path(self.settings.registry.cache_dir)).classes), current
+            cache = Path(self.settings.registry.cache_dir)
+            classes = list(registry.load(name, current, cache).classes)  # cached as cache/<name>/<version>
+            if local_ref(cache / name / current).version != local_ref(base).version:
+                raise UsageError(
+                    f"@champion in {self.settings.home} is v{current}, not the base model {base} this run starts "
+                    f"from (its files differ; v{current} came from "
+                    f"{registry.version(name, current).tags.get('base_model', 'another job')}): run the demo in a "
+                    "new home (CYTOLOOP_HOME) to start from this base, or give --base-model the one it ran from"
+                )
+            logger.info(f"   @champion is v{current}, this base model, from an earlier run in {self.settings.home}")
+            return classes, current
         version = registry.log_model(
             base,
             name,

@@ -265,3 +265,30 @@ def test_a_class_the_base_model_lacks_is_refused_before_any_site_s_sets_are_froz
     with pytest.raises(DatasetError, match="not classes of the base model"):
         Demo(settings, cells_dir).run()
     assert not (tmp_path / "home" / "frozen").exists()
+
+
+def test_a_rerun_whose_champion_is_not_the_base_asked_for_is_refused(tmp_path, tiny_settings):
+    """A rerun in the same home kept whatever @champion was there: an earlier run's from another base model (or a
+    version promoted since) was reported in round 0 as the base model's figures."""
+    import torch
+
+    from cytoloop.config import Settings
+    from cytoloop.errors import UsageError
+    from cytoloop.models.baseline import BaselineClassifier
+    from jobs.cycle import Demo
+
+    for seed, directory in ((0, "base"), (1, "other")):
+        torch.manual_seed(seed)
+        BaselineClassifier(["neutrophil", "lymphocyte"], tiny_settings.data, tiny_settings.baseline).save(
+            tmp_path / directory
+        )
+
+    def demo(base: str) -> Demo:
+        registry = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "cache_dir": tmp_path / "cache"}
+        return Demo(Settings(home=tmp_path / "home", registry=registry, demo={"base_model": tmp_path / base}), tmp_path)
+
+    classes, first = demo("base")._register_base()
+    assert classes == ["neutrophil", "lymphocyte"]
+    assert demo("base")._register_base() == (classes, first)  # the same base: kept, not registered again
+    with pytest.raises(UsageError, match=f"@champion in .* is v{first}, not the base model .*other"):
+        demo("other")._register_base()
