@@ -470,11 +470,14 @@ class Demo:
             cache = Path(self.settings.registry.cache_dir)
             classes = list(registry.load(name, current, cache).classes)  # cached as cache/<name>/<version>
             if local_ref(cache / name / current).version != local_ref(base).version:
+                earlier = registry.version(name, current).tags
+                source = earlier.get("base_model") if earlier.get("job") == "demo-base" else None
                 raise UsageError(
                     f"@champion in {self.settings.home} is v{current}, not the base model {base} this run starts "
-                    f"from (its files differ; v{current} came from "
-                    f"{registry.version(name, current).tags.get('base_model', 'another job')}): run the demo in a "
-                    "new home (CYTOLOOP_HOME) to start from this base, or give --base-model the one it ran from"
+                    f"from (their files differ; v{current} "
+                    + (f"was registered by a demo from {source})" if source else "was not registered by a demo)")
+                    + ": run the demo in a new home (CYTOLOOP_HOME) to start from this base"
+                    + (f", or give --base-model {source} to go on from that run" if source else "")
                 )
             logger.info(f"   @champion is v{current}, this base model, from an earlier run in {self.settings.home}")
             return classes, current

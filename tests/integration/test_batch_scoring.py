@@ -89,11 +89,12 @@ def test_more_workers_than_the_cluster_holds_is_a_clear_error(ray_local, model_d
 
 
 def test_a_job_none_of_whose_workers_fits_the_free_cpus_is_a_clear_error_not_a_wait(
-    ray_local, model_dir, pool, monkeypatch
+    ray_local, model_dir, pool, monkeypatch, tmp_path
 ):
     """Checked against the cluster's total CPUs only, a job on a cluster whose CPUs other work holds (the stack's
     Serve replicas, a fine-tune) waited for ever for actors Ray Data could not place. It waits a while for them to
-    be freed, then says what is free; with the CPUs given back it runs."""
+    be freed, then says what is free; with the CPUs given back it runs. A stopped run whose journal answers every
+    cell needs no actor: it finishes whatever the cluster holds."""
     import ray
 
     import jobs.score
@@ -106,12 +107,15 @@ def test_a_job_none_of_whose_workers_fits_the_free_cpus_is_a_clear_error_not_a_w
         def ready(self) -> bool:
             return True
 
+    journal = tmp_path / "scores.journal"
+    score_offline(pool[:4], model_dir, RoutingConfig(), threads=1, journal=journal)
     holder = Holder.remote()
     ray.get(holder.ready.remote())
     monkeypatch.setattr(jobs.score, "PLACEMENT_WAIT_S", 2.0)
     try:
-        with pytest.raises(UsageError, match=r"none of 1 workers .* fits what the Ray cluster has free \(0 of 2 CPUs"):
+        with pytest.raises(UsageError, match=r"not one of 1 workers .* can be placed .* after 2 s \(0 of 2 CPUs free"):
             score_offline(pool[:4], model_dir, RoutingConfig(), workers=1, threads=1)
+        assert score_offline(pool[:4], model_dir, RoutingConfig(), threads=1, journal=journal).resumed == 4
     finally:
         ray.kill(holder)
     monkeypatch.setattr(jobs.score, "PLACEMENT_WAIT_S", 30.0)  # the killed actor's CPUs come back within it

@@ -290,5 +290,5 @@ def test_a_rerun_whose_champion_is_not_the_base_asked_for_is_refused(tmp_path, t
     classes, first = demo("base")._register_base()
     assert classes == ["neutrophil", "lymphocyte"]
     assert demo("base")._register_base() == (classes, first)  # the same base: kept, not registered again
-    with pytest.raises(UsageError, match=f"@champion in .* is v{first}, not the base model .*other"):
+    with pytest.raises(UsageError, match=f"is v{first}, not the base model .*other.* registered by a demo from .*base"):
         demo("other")._register_base()

@@ -14,7 +14,8 @@ the AUROC's over the anomaly set: `anomaly_auroc_interval`). With `refuse_on="in
 challenger is refused on one of them only when that whole interval lies beyond the tolerance, i.e. it is worse with
 confidence, not because a small set drew a noisy figure; the point estimate decides where no interval can be
 formed (a report without per-cell results). A gate set must therefore be large enough for its tolerances: an
-interval as wide as the tolerance needs a few hundred cells, for ECE about a thousand (docs/review-loop.md, "How
+accuracy interval as wide as the tolerance needs a few hundred cells; the ECE check catches large calibration losses
+(~0.09) from about a thousand, losses near its tolerance only from several thousand (docs/review-loop.md, "How
 large a gate set").
 """
 
