@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEMO_DIR = "demo"
+DRIFT_LOG_WAIT_S = 30.0  # how long the demo waits for its answers' events in the prediction log (written after)
 
 
 @dataclass(frozen=True)
@@ -598,21 +599,33 @@ class Demo:
         mean, low, high = metrics.calibrated_ece(probs)
         row.ece_calibrated = {"mean": mean, "low": low, "high": high, "cells": float(len(truth))}
         self.test_predictions[(site, row.round)] = (probs, truth)
-        row.drift = self._drift(began, row.served or state.serving[site])
+        row.drift = self._drift(began, row.served or state.serving[site], len(scores.versions))
 
-    def _drift(self, since: datetime, version: str) -> dict[str, float | None]:
-        """Drift figures of the cells `version` classified since `since`: the site's held-out test cells, the same
-        every round, so the figures move with the model rather than with which cells it happened to score (a
-        promoted version scored only those, a refused one the pool and calibration cells too). Logged to MLflow."""
+    def _drift(self, since: datetime, version: str, cells: int) -> dict[str, float | None]:
+        """Drift figures of the `cells` cells `version` classified since `since`: the site's held-out test cells,
+        the same every round, so the figures move with the model rather than with which cells it happened to score
+        (a promoted version scored only those, a refused one the pool and calibration cells too). Logged to MLflow.
+
+        The replicas write the log after answering (`serving/prediction_log.py`), so the events are waited for, up
+        to `DRIFT_LOG_WAIT_S`; a window still short then is drawn from the events there, and says so."""
         from cytoloop.policy.drift import WindowFigures, log_windows, read_colour_reference, read_events, window_figures
         from cytoloop.registry import open_registry
 
         log = self.settings.serve.prediction_log
-        events = (
-            [e for e in read_events(log) if e.time >= since and e.model_version == version]
-            if log is not None and Path(log).is_file()
-            else []
-        )
+        if log is None:
+            return {}
+        deadline = time.monotonic() + DRIFT_LOG_WAIT_S
+        while True:
+            events = (
+                [e for e in read_events(log) if e.time >= since and e.model_version == version]
+                if Path(log).is_file()
+                else []
+            )
+            if len(events) >= cells or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if len(events) < cells:
+            logger.warning(f"  drift: {len(events)} of {cells} cells' events in {log} after {DRIFT_LOG_WAIT_S:g} s")
         if not events:
             return {}
         name = self.settings.registry.model_name

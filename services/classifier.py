@@ -13,6 +13,8 @@ Thin over the library: a site's model is a `LiveModel` (serving/live.py) and a m
   (tests/integration/test_serving.py checks it).
 - A background task re-resolves every loaded site's alias each `serve.alias_poll_s` and swaps in a moved alias's
   version (`LiveModel.refresh`); a batch in flight finishes on the version it started with.
+- Each answered batch's drift events go to the replica's one prediction-log writer (serving/prediction_log.py),
+  written after the answers go back: a hung log disk holds no answer.
 - `user_config` (`LiveConfig`: routing thresholds, batching, alias polling) is applied by `reconfigure`, in
   place: changing it in a Serve config file (`deployments:` of infra/serve.yaml) reconfigures the running
   replicas, with their loaded models, instead of restarting them.
@@ -29,10 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cytoloop.config import RoutingConfig, Settings
-from cytoloop.policy.drift import append_events, prediction_events
 from cytoloop.serving.inference import CellFailure, CellResult
 from cytoloop.serving.live import LiveModel, ServiceCache
 from cytoloop.serving.model_source import ModelRef, ModelSource
+from cytoloop.serving.prediction_log import PredictionLog
 from services.model_calls import Cells, ModelCalls
 
 GLOBAL_KEY = "*"  # multiplexed model id of the global champion (no valid site name contains '*')
@@ -115,6 +117,9 @@ class Classifier:
         self._classify_batch.set_batch_wait_timeout_s(self.config.batch_wait_s)
         self.poller = asyncio.get_running_loop().create_task(self._follow_aliases())
         self.site_loads: dict[str, asyncio.Future] = {}  # a site's model being loaded, shared by its requests
+        # the drift monitor's log, written off the answer path (a hung log disk held every answer)
+        log = self.config.prediction_log
+        self.prediction_log = PredictionLog(log) if log is not None else None
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new `LiveConfig` to this running replica (Ray Serve calls it at start and on every change)."""
@@ -190,27 +195,15 @@ class Classifier:
             else:
                 results, batch = outcome
                 answers[i] = Answer(results[0], service.ref, service.model.kind, service.classes, batch, fallback)
-        if self.config.prediction_log is not None:  # on disk before the answers go back: a caller that reads the
-            # log after its answer (the demo's drift figures) finds its cells there
-            await asyncio.to_thread(
-                self._log_predictions,
+        if self.prediction_log is not None:  # written after the answers go back, by the replica's one writer
+            answered = [i for i in members if isinstance(answers[i], Answer)]
+            self.prediction_log.record(
+                [cell for i in answered for cell in requests[i]],
+                [result for i in answered for result in answers[i].cells],
                 None if key == GLOBAL_KEY else key,
-                service,
-                [requests[i] for i in members if isinstance(answers[i], Answer)],
-                [answers[i].cells for i in members if isinstance(answers[i], Answer)],
+                service.ref.version,
+                service.model.data_config,
             )
-
-    def _log_predictions(self, site: str | None, service, requests: list[Cells], results: list) -> None:
-        """Feed the drift monitor; a failure here is logged and never fails the request that was answered."""
-        try:
-            events = [
-                event
-                for cells, answered in zip(requests, results)
-                for event in prediction_events(cells, answered, site, service.ref.version, service.model.data_config)
-            ]
-            append_events(self.config.prediction_log, events)
-        except Exception as error:
-            logger.warning("could not write the prediction log %s: %s", self.config.prediction_log, error)
 
     async def ready(self) -> tuple[str, str | None]:
         """Load the global model if needed; returns its version and, when it is the last known good one, why

@@ -661,3 +661,43 @@ def test_a_replica_killed_mid_request_is_a_503_to_send_again(serving, tmp_path):
         assert again.status_code == 200, again.text
     finally:
         serve.delete("dying")
+
+
+def test_a_hung_prediction_log_disk_holds_no_answer(serving):
+    """The replica wrote a batch's drift-log lines before answering it, so a hung log disk held every request for as
+    long as it hung. Here the log is a FIFO nobody reads (opening it to write blocks, as on a stalled mount): the
+    answers still come back, and the events follow once the disk does. Last in the module: the log is swapped."""
+    from cytoloop.policy.drift import PredictionEvent
+
+    log = serving.settings.serve.prediction_log
+    kept = log.with_name(log.name + ".kept")
+    if log.exists():
+        log.rename(kept)
+    os.mkfifo(log)
+    read: list[bytes] = []
+
+    def disk_back() -> None:  # a reader: the blocked write goes through, once
+        with open(log, "rb") as fifo:
+            read.append(fifo.read())
+
+    try:
+        files = [("files", (p.name, p.read_bytes())) for p in serving.cells[:2]]
+        answer = httpx.post(
+            serving.url + "/v1/classify",
+            headers={"X-API-Key": API_KEY},
+            files=files,
+            data={"site": "siteb"},
+            timeout=30,
+        )
+    finally:
+        reader = threading.Thread(target=disk_back, daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        log.unlink()
+        if kept.exists():
+            kept.rename(log)
+    cells = _ok_cells(answer)
+    assert len(cells) == 2
+    events = [PredictionEvent.model_validate_json(line) for line in b"".join(read).decode().splitlines()]
+    assert sorted(e.predicted for e in events) == sorted(c["label"] for c in cells)
+    assert {e.site for e in events} == {"siteb"}

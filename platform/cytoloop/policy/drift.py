@@ -147,13 +147,19 @@ class WindowFigures:
 
 
 def prediction_events(
-    cells: Sequence[tuple[str, bytes]], results: Sequence, site: str | None, model_version: str, config: DataConfig
+    cells: Sequence[tuple[str, bytes]],
+    results: Sequence,
+    site: str | None,
+    model_version: str,
+    config: DataConfig,
+    answered: datetime | None = None,
 ) -> list[PredictionEvent]:
     """The prediction-log events of one classified batch: one per answered cell (failures are not predictions).
 
-    `results[i]` answers `cells[i]` (an `inference.CellResult`, or a failure, which is skipped).
+    `results[i]` answers `cells[i]` (an `inference.CellResult`, or a failure, which is skipped). `answered`: when
+    the batch was answered (default now), the events' time, as a window of the log selects cells by it.
     """
-    now = datetime.now(UTC)
+    now = answered or datetime.now(UTC)
     events = []
     for (_, data), result in zip(cells, results):
         if not hasattr(result, "confidence"):

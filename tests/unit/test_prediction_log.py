@@ -1,0 +1,94 @@
+"""A replica's prediction-log writer: answers never wait for the log's disk, and a hung disk costs events, not
+memory. The hung disk is real: a FIFO nobody reads, which blocks the writer's open until a reader comes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cytoloop.config import DataConfig
+from cytoloop.policy.drift import PredictionEvent
+from cytoloop.serving.inference import CellFailure, CellResult
+from cytoloop.serving.prediction_log import PredictionLog
+
+
+def _cell(i: int) -> tuple[str, bytes]:
+    pixels = np.full((24, 24, 3), (40 * i) % 256, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return f"c{i}.png", buffer.getvalue()
+
+
+def _result(i: int) -> CellResult:
+    return CellResult(i, f"c{i}.png", f"id{i}", "neutrophil", {"neutrophil": 0.9}, 0.9, 0.1, None, "accept", 1)
+
+
+def test_a_hung_log_disk_holds_no_caller_and_drops_what_does_not_fit(tmp_path):
+    fifo = tmp_path / "predictions.jsonl"
+    os.mkfifo(fifo)
+    read: list[bytes] = []
+    stop = threading.Event()
+
+    def disk() -> None:  # once started, the disk is back: every open the writer makes finds a reader
+        while not stop.is_set():
+            read.append(fifo.read_bytes())
+
+    async def scenario() -> datetime:
+        log = PredictionLog(fifo, limit=2)
+        before = datetime.now(UTC)
+        for i in range(3):  # returns at once each time; the writer has not run yet: two wait, the third is dropped
+            log.record([_cell(i)], [_result(i)], "north", "7", DataConfig(image_size=16))
+        assert log.dropped == 1
+        await asyncio.sleep(0.5)  # the writer took both and hangs in the FIFO's open
+        failure = CellFailure(4, "c4.png", "unreadable", "not an image")
+        log.record([_cell(3), _cell(4)], [_result(3), failure], None, "8", DataConfig(image_size=16))
+        assert log.dropped == 1  # room again: a hung write holds the batches it took, not the queue's room
+        answered = datetime.now(UTC)
+        await asyncio.sleep(0.3)
+        threading.Thread(target=disk, daemon=True).start()
+        await asyncio.wait_for(log.drain(), timeout=30)
+        return before, answered
+
+    before, answered = asyncio.run(scenario())
+    stop.set()
+    for _ in range(50):  # let the disk thread's last open return
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            break
+        except OSError:  # it is not in its open now: it sees `stop` before the next
+            time.sleep(0.1)
+    events = [PredictionEvent.model_validate_json(line) for line in b"".join(read).decode().splitlines()]
+    assert [e.cell_id for e in events] == ["id0", "id1", "id3"]  # in order; a failure is no prediction
+    assert [(e.site, e.model_version) for e in events] == [("north", "7"), ("north", "7"), (None, "8")]
+    assert all(before <= e.time <= answered for e in events)  # when answered, not when written
+
+
+def test_a_failing_write_is_logged_and_the_writer_goes_on(tmp_path, caplog):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the log's folder should be")
+
+    async def run() -> None:
+        log = PredictionLog(blocked / "predictions.jsonl")
+        log.record([_cell(0)], [_result(0)], None, "1", DataConfig(image_size=16))
+        await asyncio.wait_for(log.drain(), timeout=30)
+        log.path = tmp_path / "predictions.jsonl"  # the disk fixed
+        log.record([_cell(1)], [_result(1)], None, "1", DataConfig(image_size=16))
+        await asyncio.wait_for(log.drain(), timeout=30)
+
+    asyncio.run(run())
+    assert "could not write the prediction log" in caplog.text
+    (line,) = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert PredictionEvent.model_validate_json(line).cell_id == "id1"
+
+
+def test_a_queue_of_no_batches_is_refused():
+    with pytest.raises(ValueError, match="at least 1 batch"):
+        PredictionLog("p.jsonl", limit=0)
