@@ -599,10 +599,10 @@ class Demo:
         mean, low, high = metrics.calibrated_ece(probs)
         row.ece_calibrated = {"mean": mean, "low": low, "high": high, "cells": float(len(truth))}
         self.test_predictions[(site, row.round)] = (probs, truth)
-        row.drift = self._drift(began, row.served or state.serving[site], len(scores.versions))
+        row.drift = self._drift(began, site, row.served or state.serving[site], len(scores.versions))
 
-    def _drift(self, since: datetime, version: str, cells: int) -> dict[str, float | None]:
-        """Drift figures of the `cells` cells `version` classified since `since`: the site's held-out test cells,
+    def _drift(self, since: datetime, site: str, version: str, cells: int) -> dict[str, float | None]:
+        """Drift figures of the `cells` cells `version` classified for `site` since `since`: its held-out cells,
         the same every round, so the figures move with the model rather than with which cells it happened to score
         (a promoted version scored only those, a refused one the pool and calibration cells too). Logged to MLflow.
 
@@ -617,7 +617,7 @@ class Demo:
         deadline = time.monotonic() + DRIFT_LOG_WAIT_S
         while True:
             events = (
-                [e for e in read_events(log) if e.time >= since and e.model_version == version]
+                [e for e in read_events(log) if e.time >= since and e.model_version == version and e.site == site]
                 if Path(log).is_file()
                 else []
             )

@@ -13,8 +13,8 @@ Thin over the library: a site's model is a `LiveModel` (serving/live.py) and a m
   (tests/integration/test_serving.py checks it).
 - A background task re-resolves every loaded site's alias each `serve.alias_poll_s` and swaps in a moved alias's
   version (`LiveModel.refresh`); a batch in flight finishes on the version it started with.
-- Each answered batch's drift events go to the replica's one prediction-log writer (serving/prediction_log.py),
-  written after the answers go back: a hung log disk holds no answer.
+- Each answered batch goes to the replica's prediction log (serving/prediction_log.py), whose events are built and
+  written in the background, after the answers go back: a hung log disk holds no answer.
 - `user_config` (`LiveConfig`: routing thresholds, batching, alias polling) is applied by `reconfigure`, in
   place: changing it in a Serve config file (`deployments:` of infra/serve.yaml) reconfigures the running
   replicas, with their loaded models, instead of restarting them.
@@ -120,6 +120,8 @@ class Classifier:
         # the drift monitor's log, written off the answer path (a hung log disk held every answer)
         log = self.config.prediction_log
         self.prediction_log = PredictionLog(log) if log is not None else None
+        if self.prediction_log is not None:
+            self.prediction_log.start()
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new `LiveConfig` to this running replica (Ray Serve calls it at start and on every change)."""
@@ -195,7 +197,7 @@ class Classifier:
             else:
                 results, batch = outcome
                 answers[i] = Answer(results[0], service.ref, service.model.kind, service.classes, batch, fallback)
-        if self.prediction_log is not None:  # written after the answers go back, by the replica's one writer
+        if self.prediction_log is not None:  # written in the background, after the answers go back
             answered = [i for i in members if isinstance(answers[i], Answer)]
             self.prediction_log.record(
                 [cell for i in answered for cell in requests[i]],

@@ -242,7 +242,7 @@ def test_held_out_answers_of_a_replica_not_yet_switched_are_scored_again(tmp_pat
 
     demo = Demo(Settings(home=tmp_path, demo={"serve_switch_timeout_s": 1.0}), tmp_path)
     monkeypatch.setattr(demo, "_score", scored)
-    monkeypatch.setattr(demo, "_drift", lambda since, version, cells: windows.append(since) or {})
+    monkeypatch.setattr(demo, "_drift", lambda since, site, version, cells: windows.append(since) or {})
     state = LoopState(None, ["neutrophil", "lymphocyte"], "1", {"north": "3"}, "http://serve", None)
     row = RoundResult(1, "north", 4)
     demo._evaluate(state, "north", cells, row)

@@ -1,5 +1,6 @@
-"""A replica's prediction-log writer: answers never wait for the log's disk, and a hung disk costs events, not
-memory. The hung disk is real: a FIFO nobody reads, which blocks the writer's open until a reader comes."""
+"""A replica's prediction-log writer: answers never wait for the log's disk, and a hung disk holds events, a bounded
+number, never the cells' images. The hung disk is real: a FIFO nobody reads, which blocks the writer's open until a
+reader comes."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def _result(i: int) -> CellResult:
 
 
 def test_a_hung_log_disk_holds_no_caller_and_drops_what_does_not_fit(tmp_path):
+    """Recording returns at once while the disk hangs; what waits for it is events, at most `limit` of them counting
+    those in the hung write (never the cells' images), and the rest are dropped and counted."""
     fifo = tmp_path / "predictions.jsonl"
     os.mkfifo(fifo)
     read: list[bytes] = []
@@ -41,23 +44,28 @@ def test_a_hung_log_disk_holds_no_caller_and_drops_what_does_not_fit(tmp_path):
         while not stop.is_set():
             read.append(fifo.read_bytes())
 
-    async def scenario() -> datetime:
-        log = PredictionLog(fifo, limit=2)
+    config = DataConfig(image_size=16)
+    failure = CellFailure(3, "c3.png", "unreadable", "not an image")
+
+    async def scenario() -> tuple[datetime, datetime, int]:
+        log = PredictionLog(fifo, limit=3)
+        with pytest.raises(RuntimeError, match="not started"):
+            log.record([_cell(0)], [_result(0)], "north", "7", config)
+        log.start()
         before = datetime.now(UTC)
-        for i in range(3):  # returns at once each time; the writer has not run yet: two wait, the third is dropped
-            log.record([_cell(i)], [_result(i)], "north", "7", DataConfig(image_size=16))
-        assert log.dropped == 1
-        await asyncio.sleep(0.5)  # the writer took both and hangs in the FIFO's open
-        failure = CellFailure(4, "c4.png", "unreadable", "not an image")
-        log.record([_cell(3), _cell(4)], [_result(3), failure], None, "8", DataConfig(image_size=16))
-        assert log.dropped == 1  # room again: a hung write holds the batches it took, not the queue's room
+        log.record([_cell(0), _cell(1)], [_result(0), _result(1)], "north", "7", config)
+        await asyncio.sleep(0.5)  # built, taken by the writer, which hangs in the FIFO's open
+        log.record([_cell(2), _cell(3)], [_result(2), failure], None, "8", config)  # one event: it waits
+        log.record([_cell(3)], [failure], None, "8", config)  # only a failure: nothing to log
+        log.record([_cell(4)], [_result(4)], "south", "9", config)  # no room: dropped
+        await asyncio.sleep(0.5)
+        dropped = log.dropped
         answered = datetime.now(UTC)
-        await asyncio.sleep(0.3)
         threading.Thread(target=disk, daemon=True).start()
         await asyncio.wait_for(log.drain(), timeout=30)
-        return before, answered
+        return before, answered, dropped
 
-    before, answered = asyncio.run(scenario())
+    before, answered, dropped = asyncio.run(scenario())
     stop.set()
     for _ in range(50):  # let the disk thread's last open return
         try:
@@ -65,8 +73,9 @@ def test_a_hung_log_disk_holds_no_caller_and_drops_what_does_not_fit(tmp_path):
             break
         except OSError:  # it is not in its open now: it sees `stop` before the next
             time.sleep(0.1)
+    assert dropped == 1
     events = [PredictionEvent.model_validate_json(line) for line in b"".join(read).decode().splitlines()]
-    assert [e.cell_id for e in events] == ["id0", "id1", "id3"]  # in order; a failure is no prediction
+    assert [e.cell_id for e in events] == ["id0", "id1", "id2"]  # in order; a failure is no prediction
     assert [(e.site, e.model_version) for e in events] == [("north", "7"), ("north", "7"), (None, "8")]
     assert all(before <= e.time <= answered for e in events)  # when answered, not when written
 
@@ -77,6 +86,7 @@ def test_a_failing_write_is_logged_and_the_writer_goes_on(tmp_path, caplog):
 
     async def run() -> None:
         log = PredictionLog(blocked / "predictions.jsonl")
+        log.start()
         log.record([_cell(0)], [_result(0)], None, "1", DataConfig(image_size=16))
         await asyncio.wait_for(log.drain(), timeout=30)
         log.path = tmp_path / "predictions.jsonl"  # the disk fixed
@@ -84,11 +94,25 @@ def test_a_failing_write_is_logged_and_the_writer_goes_on(tmp_path, caplog):
         await asyncio.wait_for(log.drain(), timeout=30)
 
     asyncio.run(run())
-    assert "could not write the prediction log" in caplog.text
+    assert "could not write 1 events to the prediction log" in caplog.text
     (line,) = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert PredictionEvent.model_validate_json(line).cell_id == "id1"
 
 
 def test_a_queue_of_no_batches_is_refused():
-    with pytest.raises(ValueError, match="at least 1 batch"):
+    with pytest.raises(ValueError, match="at least 1 event"):
         PredictionLog("p.jsonl", limit=0)
+
+
+def test_a_batch_whose_events_cannot_be_built_loses_only_its_own(tmp_path, caplog):
+    async def run() -> None:
+        log = PredictionLog(tmp_path / "predictions.jsonl")
+        log.start()
+        log.record([("bad.png", b"not an image")], [_result(0)], None, "1", DataConfig(image_size=16))
+        log.record([_cell(1)], [_result(1)], None, "1", DataConfig(image_size=16))
+        await asyncio.wait_for(log.drain(), timeout=30)
+
+    asyncio.run(run())
+    assert "could not build the prediction-log events of a batch" in caplog.text
+    (line,) = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert PredictionEvent.model_validate_json(line).cell_id == "id1"

@@ -2,14 +2,18 @@
 
 A replica used to send a batch's answers back only once their prediction-log lines were on disk, so a slow or hung
 log disk (a full or stalled network mount) held every request by as long as the write took, for ever if it hung.
-Now each batch's cells and answers are handed to one writer task per replica, which builds the events (decoding
-each cell for its colour statistics, `policy.drift.prediction_events`) and appends them in a worker thread, in the
-order the batches were answered; each event carries the time its cell was answered, not the time it was written.
+Now each answered batch is handed over (`record`, which returns at once) to two background tasks per replica:
 
-The queue is bounded (`limit` batches): while the disk hangs, batches beyond it are dropped, counted and logged,
-since the log is a monitor and an answer is never held or failed for it. Batches still queued when a replica stops
-are lost; a reader sees a shorter window, never a torn line (`append_events` writes each batch in one append). A
-caller that reads the log right after its answers (the demo's drift figures) waits for its cells' events.
+1. the builder turns each batch into its events (`policy.drift.prediction_events`, decoding each cell for its colour
+   statistics) in a worker thread, one batch at a time, and drops the batch's image bytes;
+2. the writer appends all events built so far in one append (`append_events`), in a worker thread.
+
+The disk can only stall the writer, and what waits for it is events (a few hundred bytes each, never images): at
+most `limit` of them, counting those in the hung write; beyond that they are dropped, counted (`dropped`) and
+logged, as the log is a monitor and an answer is never held or failed for it. Each event carries the time its cell
+was answered, not the time it was written. Events still waiting when a replica stops are lost; a reader sees a
+shorter window, never a torn line (each append is one write). A caller that reads the log right after its answers
+(the demo's drift figures) waits for its cells' events.
 """
 
 from __future__ import annotations
@@ -21,24 +25,35 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cytoloop.config import DataConfig
-from cytoloop.policy.drift import append_events, prediction_events
+from cytoloop.policy.drift import PredictionEvent, append_events, prediction_events
 
 logger = logging.getLogger(__name__)
 
 
 class PredictionLog:
-    """Queue answered batches (`record`) for one background writer; `drain` waits until all queued are written.
+    """Answered batches in (`record`), prediction-log lines out, off the answer path. `start` on the event loop the
+    batches are recorded from (a Serve replica's, in its constructor); `drain` waits until all recorded are written.
+    """
 
-    Use from one event loop (a Serve replica's): the writer task starts with the first `record`."""
-
-    def __init__(self, path: Path, limit: int = 256):
+    def __init__(self, path: Path, limit: int = 100_000):
         if limit < 1:
-            raise ValueError(f"limit must be at least 1 batch, got {limit}")
+            raise ValueError(f"limit must be at least 1 event, got {limit}")
         self.path = Path(path)
         self.limit = limit
-        self.dropped = 0  # cells whose events were dropped because the queue was full
-        self._queue: asyncio.Queue | None = None
-        self._writer: asyncio.Task | None = None
+        self.dropped = 0  # events dropped because `limit` were already waiting for the disk
+        self._batches: asyncio.Queue | None = None  # answered batches, with their image bytes, to build events of
+        self._events: list[PredictionEvent] = []  # built, waiting for the writer
+        self._writing = 0  # events in the append under way (held, perhaps for ever, by a hung disk)
+        self._built = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        """Start the builder and the writer on the running event loop."""
+        if self._tasks:
+            raise RuntimeError(f"the prediction log {self.path} is already started")
+        self._batches = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._build()), loop.create_task(self._write())]
 
     def record(
         self,
@@ -48,48 +63,59 @@ class PredictionLog:
         model_version: str,
         config: DataConfig,
     ) -> None:
-        """Queue one answered batch (`results[i]` answers `cells[i]`, as `prediction_events` takes them); returns at
-        once. Dropped, and counted in `dropped`, when `limit` batches are already waiting for the disk."""
-        if self._queue is None:
-            self._queue = asyncio.Queue(maxsize=self.limit)
-            self._writer = asyncio.get_running_loop().create_task(self._write_queued())
-        try:
-            self._queue.put_nowait((list(cells), list(results), site, model_version, config, datetime.now(UTC)))
-        except asyncio.QueueFull:
-            if self.dropped == 0 or self.dropped // 1000 != (self.dropped + len(cells)) // 1000:
-                logger.warning(
-                    "the prediction log %s is not keeping up (%d batches waiting for its disk): %d cells' events "
-                    "dropped so far",
-                    self.path,
-                    self.limit,
-                    self.dropped + len(cells),
-                )
-            self.dropped += len(cells)
+        """Hand over one answered batch (`results[i]` answers `cells[i]`, as `prediction_events` takes them), stamped
+        with the time now; returns at once."""
+        if self._batches is None:
+            raise RuntimeError(f"the prediction log {self.path} is not started (`start` it on the serving loop)")
+        if not any(hasattr(result, "confidence") for result in results):
+            return  # only failures: nothing to log
+        self._batches.put_nowait((list(cells), list(results), site, model_version, config, datetime.now(UTC)))
 
     async def drain(self) -> None:
-        """Wait until every batch queued so far is written (or its write failed and was logged)."""
-        if self._queue is not None:
-            await self._queue.join()
+        """Wait until every batch recorded so far is built and written (or its failure logged)."""
+        if self._batches is None:
+            return
+        await self._batches.join()
+        while self._events or self._writing:
+            await asyncio.sleep(0.01)
 
-    async def _write_queued(self) -> None:
-        """The writer: takes every batch waiting, writes them in one append off the event loop, and again."""
-        assert self._queue is not None
+    async def _build(self) -> None:
+        assert self._batches is not None
         while True:
-            batches = [await self._queue.get()]
-            while not self._queue.empty():
-                batches.append(self._queue.get_nowait())
+            cells, results, site, version, config, answered = await self._batches.get()
             try:
-                await asyncio.to_thread(self._append, batches)
-            except Exception as error:  # a monitor's failure: logged, never raised into a request
-                logger.warning("could not write the prediction log %s: %s", self.path, error)
+                events = await asyncio.to_thread(prediction_events, cells, results, site, version, config, answered)
+            except Exception as error:  # one batch's events lost, logged; the others' still built
+                logger.warning("could not build the prediction-log events of a batch (%s): %s", version, error)
+            else:
+                room = max(self.limit - len(self._events) - self._writing, 0)
+                if len(events) > room:
+                    if self.dropped == 0 or self.dropped // 1000 != (self.dropped + len(events) - room) // 1000:
+                        logger.warning(
+                            "the prediction log %s is not keeping up (%d events waiting for its disk): %d events "
+                            "dropped so far",
+                            self.path,
+                            len(self._events) + self._writing,
+                            self.dropped + len(events) - room,
+                        )
+                    self.dropped += len(events) - room
+                    events = events[:room]
+                self._events.extend(events)
+                self._built.set()
             finally:
-                for _ in batches:
-                    self._queue.task_done()
+                self._batches.task_done()
 
-    def _append(self, batches: list[tuple]) -> None:
-        events = [
-            event
-            for cells, results, site, version, config, answered in batches
-            for event in prediction_events(cells, results, site, version, config, answered)
-        ]
-        append_events(self.path, events)
+    async def _write(self) -> None:
+        while True:
+            await self._built.wait()
+            self._built.clear()
+            events, self._events = self._events, []
+            if not events:
+                continue
+            self._writing = len(events)
+            try:
+                await asyncio.to_thread(append_events, self.path, events)
+            except Exception as error:  # a monitor's failure: logged, never raised into a request
+                logger.warning("could not write %d events to the prediction log %s: %s", len(events), self.path, error)
+            finally:
+                self._writing = 0
