@@ -668,6 +668,7 @@ def test_a_hung_prediction_log_disk_holds_no_answer(serving):
     long as it hung. Here the log is a FIFO nobody reads (opening it to write blocks, as on a stalled mount): the
     answers still come back, and the events follow once the disk does. Last in the module: the log is swapped."""
     from cytoloop.policy.drift import PredictionEvent
+    from tests.faults import HungDisk
 
     log = serving.settings.serve.prediction_log
     size, quiet = -1, time.monotonic()
@@ -678,15 +679,7 @@ def test_a_hung_prediction_log_disk_holds_no_answer(serving):
     kept = log.with_name(log.name + ".kept")
     if log.exists():
         log.rename(kept)
-    os.mkfifo(log)
-    read: list[bytes] = []
-    stop = threading.Event()
-
-    def disk() -> None:  # once started, the disk is back: every open a writer makes finds a reader
-        while not stop.is_set():
-            read.append(log.read_bytes())
-
-    reader = threading.Thread(target=disk, daemon=True)
+    disk = HungDisk(log)
     try:
         files = [("files", (p.name, p.read_bytes())) for p in serving.cells[:2]]
         answer = httpx.post(
@@ -697,21 +690,14 @@ def test_a_hung_prediction_log_disk_holds_no_answer(serving):
             timeout=30,
         )
     finally:
-        reader.start()  # the disk comes back (also after a failure: a replica's writer must not hang for ever)
+        disk.come_back()  # also after a failure: a replica's writer must not hang for ever
         deadline = time.monotonic() + 30
-        while b"".join(read).count(b"\n") < 2 and time.monotonic() < deadline:
+        while disk.written.count(b"\n") < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        stop.set()
-        while reader.is_alive():  # release the reader's last open
-            try:
-                os.close(os.open(log, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # not in its open now: it sees `stop` before the next
-                pass
-            reader.join(timeout=0.1)
-        log.unlink()
+        disk.close()
         if kept.exists():
             kept.rename(log)
     cells = _ok_cells(answer)
     assert len(cells) == 2
-    events = [PredictionEvent.model_validate_json(line) for line in b"".join(read).decode().splitlines()]
+    events = [PredictionEvent.model_validate_json(line) for line in disk.written.decode().splitlines()]
     assert sorted(e.predicted for e in events if e.site == "siteb") == sorted(c["label"] for c in cells)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
-import threading
-import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -19,6 +16,7 @@ from cytoloop.config import DataConfig
 from cytoloop.policy.drift import PredictionEvent
 from cytoloop.serving.inference import CellFailure, CellResult
 from cytoloop.serving.prediction_log import PredictionLog
+from tests.faults import HungDisk
 
 
 def _cell(i: int) -> tuple[str, bytes]:
@@ -35,20 +33,12 @@ def _result(i: int) -> CellResult:
 def test_a_hung_log_disk_holds_no_caller_and_drops_what_does_not_fit(tmp_path):
     """Recording returns at once while the disk hangs; what waits for it is events, at most `limit` of them counting
     those in the hung write (never the cells' images), and the rest are dropped and counted."""
-    fifo = tmp_path / "predictions.jsonl"
-    os.mkfifo(fifo)
-    read: list[bytes] = []
-    stop = threading.Event()
-
-    def disk() -> None:  # once started, the disk is back: every open the writer makes finds a reader
-        while not stop.is_set():
-            read.append(fifo.read_bytes())
-
+    disk = HungDisk(tmp_path / "predictions.jsonl")
     config = DataConfig(image_size=16)
     failure = CellFailure(3, "c3.png", "unreadable", "not an image")
 
     async def scenario() -> tuple[datetime, datetime, int]:
-        log = PredictionLog(fifo, limit=3)
+        log = PredictionLog(disk.path, limit=3)
         with pytest.raises(RuntimeError, match="not started"):
             log.record([_cell(0)], [_result(0)], "north", "7", config)
         log.start()
@@ -61,20 +51,16 @@ def test_a_hung_log_disk_holds_no_caller_and_drops_what_does_not_fit(tmp_path):
         await asyncio.sleep(0.5)
         dropped = log.dropped
         answered = datetime.now(UTC)
-        threading.Thread(target=disk, daemon=True).start()
+        disk.come_back()
         await asyncio.wait_for(log.drain(), timeout=30)
         return before, answered, dropped
 
-    before, answered, dropped = asyncio.run(scenario())
-    stop.set()
-    for _ in range(50):  # let the disk thread's last open return
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            break
-        except OSError:  # it is not in its open now: it sees `stop` before the next
-            time.sleep(0.1)
+    try:
+        before, answered, dropped = asyncio.run(scenario())
+    finally:
+        disk.close()
     assert dropped == 1
-    events = [PredictionEvent.model_validate_json(line) for line in b"".join(read).decode().splitlines()]
+    events = [PredictionEvent.model_validate_json(line) for line in disk.written.decode().splitlines()]
     assert [e.cell_id for e in events] == ["id0", "id1", "id2"]  # in order; a failure is no prediction
     assert [(e.site, e.model_version) for e in events] == [("north", "7"), ("north", "7"), (None, "8")]
     assert all(before <= e.time <= answered for e in events)  # when answered, not when written
