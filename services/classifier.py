@@ -118,9 +118,9 @@ class Classifier:
         self.poller = asyncio.get_running_loop().create_task(self._follow_aliases())
         self.site_loads: dict[str, asyncio.Future] = {}  # a site's model being loaded, shared by its requests
         # the drift monitor's log, written off the answer path (a hung log disk held every answer)
-        log = self.config.prediction_log
-        self.prediction_log = PredictionLog(log) if log is not None else None
-        if self.prediction_log is not None:
+        self.prediction_log = None
+        if self.config.prediction_log is not None:
+            self.prediction_log = PredictionLog(self.config.prediction_log)
             self.prediction_log.start()
 
     def reconfigure(self, user_config: dict) -> None:

@@ -85,7 +85,7 @@ def test_a_failing_write_is_logged_and_the_writer_goes_on(tmp_path, caplog):
     assert PredictionEvent.model_validate_json(line).cell_id == "id1"
 
 
-def test_a_queue_of_no_batches_is_refused():
+def test_a_log_with_no_room_for_events_is_refused():
     with pytest.raises(ValueError, match="at least 1 event"):
         PredictionLog("p.jsonl", limit=0)
 

@@ -112,6 +112,12 @@ def _class_counts(figures: dict) -> dict[str, int]:
     return {c: int(n) for c, n in zip(classes, counts)}
 
 
+def _paired(challenger_cells: list[str], champion_cells: list[str]) -> list[tuple[int, int]]:
+    """(challenger index, champion index) of each cell both reports scored, in the challenger's order."""
+    in_champion = {cell: i for i, cell in enumerate(champion_cells)}
+    return [(i, in_champion[cell]) for i, cell in enumerate(challenger_cells) if cell in in_champion]
+
+
 def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -> tuple[dict, int]:
     """95 % paired-bootstrap intervals of challenger minus champion, for balanced accuracy (percentile) and ECE
     (basic: `metrics.bootstrap_interval`), over the cells
@@ -121,8 +127,7 @@ def difference_intervals(challenger: dict, champion: dict, n_boot: int = 1000) -
     a, b = champion.get("per_cell"), challenger.get("per_cell")
     if not a or not b or champion.get("classes") != challenger.get("classes"):
         return {}, 0
-    in_champion = {cell: i for i, cell in enumerate(a["cells"])}
-    pairs = [(i, in_champion[cell]) for i, cell in enumerate(b["cells"]) if cell in in_champion]
+    pairs = _paired(b["cells"], a["cells"])
     if len(pairs) < 2:
         return {}, 0
     labels = np.array([b["labels"][i] for i, _ in pairs])
@@ -165,8 +170,7 @@ def anomaly_auroc_interval(
     a, b = champion.get("per_cell_anomaly"), challenger.get("per_cell_anomaly")
     if not a or not b:
         return None
-    in_champion = {cell: i for i, cell in enumerate(a["cells"])}
-    pairs = [(i, in_champion[cell]) for i, cell in enumerate(b["cells"]) if cell in in_champion]
+    pairs = _paired(b["cells"], a["cells"])
     positive = np.array([b["positive"][i] for i, _ in pairs], dtype=bool)
     if any(a["positive"][j] != b["positive"][i] for i, j in pairs):
         raise ValueError("the two gate reports disagree on which anomaly-set cells are anomalies")
