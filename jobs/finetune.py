@@ -71,7 +71,7 @@ def train_loop(config: dict) -> None:
     model.data_config = DataConfig(**config["data"])
     images, labels, _ = training_arrays(model, config["records"], config["unlabeled"])
     index = shard(labels, rank, world)
-    # every worker keeps the global batch size between them; identical seeds keep their generators in step
+    # the workers keep the global batch size between them, each drawing its own batches and noise (`stream`)
     train_config = train_config.model_copy(update={"batch_size": max(1, train_config.batch_size // world)})
 
     local = Path(tempfile.mkdtemp(prefix="cytoloop-finetune-"))
@@ -95,7 +95,9 @@ def train_loop(config: dict) -> None:
                 ray.train.report(entry)
 
         wrap = ray.train.torch.prepare_model if world > 1 or config["use_gpu"] else None
-        result = finetune(model, images[index], labels[index], train_config, augment_config, local, report, wrap)
+        result = finetune(
+            model, images[index], labels[index], train_config, augment_config, local, report, wrap, stream=rank
+        )
         final = {
             "step": train_config.steps,
             "resumed_from_step": result.resumed_from,

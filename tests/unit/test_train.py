@@ -4,6 +4,7 @@ null class on unlabeled cells."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import numpy as np
 import pytest
@@ -127,6 +128,56 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
         assert torch.equal(tensor, resumed_ema.state_dict()[name]), f"EMA {name} differs after resume"
     for name, tensor in straight_net.state_dict().items():
         assert torch.equal(tensor, resumed_net.state_dict()[name]), f"network {name} differs after resume"
+
+
+def _recording_loss(config: TrainConfig, draws: list) -> object:
+    """The baseline loss, noting each step's batch and a draw from the loop's generator and the global one."""
+    inner = baseline_loss(config)
+
+    def loss(network, batch, targets, generator):
+        draws.append((batch.clone(), torch.randint(0, 10**6, (4,), generator=generator), torch.rand(4)))
+        return inner(network, batch, targets, generator)
+
+    return loss
+
+
+def test_data_parallel_workers_draw_their_own_batches_and_noise_also_after_resuming(tmp_path):
+    images, labels = red_blue(8)
+    config = _train_config(steps=6, checkpoint_every=3)
+    single: list = []
+    fit(_fresh_baseline(), _recording_loss(config, single), images, labels, config, AugmentConfig())
+    draws: dict[int, list] = {}
+    for stream in (0, 1):
+        draws[stream] = []
+        fit(_fresh_baseline(), _recording_loss(config, draws[stream]), images, labels, config, AugmentConfig(),
+            stream=stream)  # fmt: skip
+    for mine, theirs in zip(draws[0], single):  # worker 0 draws as a single process does
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    for step, (first, second) in enumerate(zip(draws[0], draws[1]), start=1):
+        assert not any(torch.equal(a, b) for a, b in zip(first, second)), f"workers drew alike at step {step}"
+
+    # a restarted worker group: every worker resumes from worker 0's checkpoint, and still draws its own
+    def crash_at_4(entry):
+        if entry["step"] == 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(_fresh_baseline(), _recording_loss(config, []), images, labels, config, AugmentConfig(),
+            checkpoint_dir=tmp_path / "0", on_log=crash_at_4)  # fmt: skip
+    shutil.copytree(tmp_path / "0", tmp_path / "1")
+    resumed: dict[int, list] = {}
+    for stream in (0, 1):
+        resumed[stream] = []
+        _, result = fit(_fresh_baseline(), _recording_loss(config, resumed[stream]), images, labels, config,
+                        AugmentConfig(), checkpoint_dir=tmp_path / str(stream), stream=stream)  # fmt: skip
+        assert result.resumed_from == 3
+    assert [len(resumed[0]), len(resumed[1])] == [3, 3]
+    for mine, theirs in zip(resumed[0], draws[0][3:]):  # worker 0 continues its own stream
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    for first, second in zip(resumed[0], resumed[1]):
+        assert not any(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(ValueError, match="stream"):
+        fit(_fresh_baseline(), baseline_loss(config), images, labels, config, AugmentConfig(), stream=-1)
 
 
 def test_resume_of_finished_run_does_nothing(tmp_path):

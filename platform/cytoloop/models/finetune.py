@@ -256,10 +256,12 @@ def finetune(
     checkpoint_dir: Path | None = None,
     on_log: Callable[[dict], None] | None = None,
     wrap: Callable | None = None,
+    stream: int = 0,
 ) -> TrainResult:
     """Continue training `model`'s network in place (it ends holding the EMA weights); resumable like `fit`.
 
-    `wrap` wraps the network before training (Ray Train's `prepare_model` for data-parallel workers).
+    `wrap` wraps the network before training (Ray Train's `prepare_model` for data-parallel workers), and such
+    a worker passes its rank as `stream` (its own random draws, `fit`).
     """
     network, loss = model.objective(train_config)
     trained, result = fit(
@@ -271,6 +273,7 @@ def finetune(
         augment_config,
         checkpoint_dir=checkpoint_dir,
         on_log=on_log,
+        stream=stream,
     )
     model.use_trained(trained)
     return result

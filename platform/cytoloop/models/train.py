@@ -104,6 +104,7 @@ def fit(
     checkpoint_dir: Path | None = None,
     on_log: Callable[[dict], None] | None = None,
     progress: bool = False,
+    stream: int = 0,
 ) -> tuple[nn.Module, TrainResult]:
     """Train `network` for `config.steps` steps; return its EMA copy (what gets evaluated and saved).
 
@@ -112,12 +113,17 @@ def fit(
     With `config.precision` "bf16" the forward pass runs under bf16 autocast; the loss, the weights, the
     optimiser state and the EMA stay fp32. `config.threads` applies to this call only (the caller's thread count
     is restored). `network` may come wrapped in DistributedDataParallel (Ray Train's `prepare_model`): gradients
-    are then averaged across workers, while the EMA and the checkpoints hold the plain model.
+    are then averaged across workers, while the EMA and the checkpoints hold the plain model. Each such worker
+    passes its rank as `stream`: worker 0 draws from `config.seed` as a single process does, every other worker
+    from a stream of its own (batches, augmentations, noise, timesteps and dropout), which it derives again on
+    resuming, as the checkpoint holds worker 0's generators only.
     """
+    if stream < 0:
+        raise ValueError(f"stream must be a worker rank (0 or more); got {stream}")
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need as many labels as images and at least one cell; got {len(images)} and {len(labels)}")
     with torch_threads(config.threads):
-        return _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress)
+        return _fit(network, loss_fn, images, labels, config, augment_config, checkpoint_dir, on_log, progress, stream)
 
 
 def claim_checkpoints(folder: Path, run: dict, replace: bool = False, unrecorded_differs: str | None = None) -> None:
@@ -167,6 +173,7 @@ def _fit(
     checkpoint_dir: Path | None,
     on_log: Callable[[dict], None] | None,
     progress: bool,
+    stream: int,
 ) -> tuple[nn.Module, TrainResult]:
     """The loop itself (`fit` checks the inputs and sets the thread count around it)."""
     from tqdm.auto import tqdm
@@ -194,6 +201,11 @@ def _fit(
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, start = state["history"], state["step"]
+    if stream:  # another data-parallel worker: the same draws as worker 0 would pair every cell's noise with one
+        # of worker 0's, halving the timesteps and noises a global batch averages over
+        seed = int(np.random.SeedSequence([config.seed, stream, start]).generate_state(1)[0])
+        generator.manual_seed(seed)
+        torch.manual_seed(seed)
 
     device = next(module.parameters()).device  # the data stays on the CPU; each batch moves to the model
     began = time.perf_counter()
