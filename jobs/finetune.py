@@ -43,6 +43,7 @@ from cytoloop.registry import (
     open_registry,
     site_alias,
 )
+from jobs.room import check_room
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +134,15 @@ def fit_on_ray(settings: Settings, run_name: str, loop_config: dict, out: Path) 
     if not ray.is_initialized():
         ray.init()
     workers, use_gpu = settings.finetune.num_workers, settings.finetune.use_gpu
-    cpus, gpus = ray.cluster_resources().get("CPU", 0), ray.cluster_resources().get("GPU", 0)
-    if workers > cpus or (use_gpu and workers > gpus):  # Ray Train would wait for them, and retry, for ever
-        raise UsageError(
-            f"finetune.num_workers {workers} worker(s) of 1 CPU{' and 1 GPU' if use_gpu else ''} each do not fit "
-            f"the Ray cluster ({cpus:g} CPUs, {gpus:g} GPUs): ask for fewer workers, or finetune.use_gpu false"
-        )
+    check_room(  # Ray Train would wait a minute per try for workers other work holds, and fail with Ray's words
+        workers,
+        1,
+        1 if use_gpu else 0,
+        together=True,
+        asked=f"finetune.num_workers {workers} worker(s) of 1 CPU{' and 1 GPU' if use_gpu else ''} each",
+        fewer="ask for fewer workers, or finetune.use_gpu false",
+        smaller="with fewer workers" if workers > 1 else "",
+    )
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from cytoloop.config import RoutingConfig, ScoringConfig
 from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions, class_mask, read_model_meta
+from jobs.room import check_room
 
 if TYPE_CHECKING:  # the serving code imports torch: only the scoring actors need it at run time
     from cytoloop.serving.inference import CellResult
@@ -290,7 +290,20 @@ def score_offline(
             ]
         todo = [(i, paths[i]) for i, result in enumerate(results) if result is None]
         if todo:  # a journal that answers every cell needs no actor
-            _check_room(workers, threads or 1, gpus)
+            cpus = threads or 1
+            room = check_room(
+                workers,
+                cpus,
+                gpus,
+                together=False,
+                asked=f"{workers} workers of {cpus:g} CPU(s) and {gpus:g} GPU(s) each",
+                fewer="ask for fewer workers or threads",
+                smaller="with fewer threads per worker" if cpus > 1 else "",
+            )
+            if room < workers:
+                logger.warning(
+                    f"about {room} of {workers} workers fit what the Ray cluster has free now; scoring starts on those"
+                )
         resumed = len(records) - len(todo)
         if resumed:
             logger.info(f"{resumed} of {len(records)} cells answered by the stopped run of {journal}: not scored again")
@@ -310,54 +323,6 @@ def score_offline(
         if finish is not None:
             finish(scores)
     return scores
-
-
-PLACEMENT_WAIT_S = 30.0  # how long a scoring job waits for CPUs or GPUs that other work holds to be freed
-
-
-def _check_room(workers: int, cpus: float, gpus: float) -> None:
-    """Raise UsageError unless the Ray cluster could hold all `workers` actors of `cpus` CPUs and `gpus` GPUs each,
-    and one of them can be placed now on some node, waiting up to `PLACEMENT_WAIT_S` for that (a finished job's
-    actors release theirs a moment after it returns). Room for fewer than `workers`: logged, and the job runs on
-    those.
-
-    Ray Data waits for ever for an actor pool none of whose actors it can place: checked against the cluster's
-    total alone, a job on a cluster whose CPUs other work holds (the stack's Serve replicas, a fine-tune) hung
-    without a word. Asked of Ray itself (a placement group of one actor's resources, removed at once), since free
-    CPUs summed over nodes may be too few on each node to hold one actor."""
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    total = ray.cluster_resources()
-    asked = f"{workers} workers of {cpus:g} CPU(s) and {gpus:g} GPU(s) each"
-    if workers * cpus > total.get("CPU", 0) or workers * gpus > total.get("GPU", 0):
-        raise UsageError(
-            f"{asked} do not fit the Ray cluster ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs): "
-            "ask for fewer workers or threads"
-        )
-    group = placement_group([{"CPU": cpus, **({"GPU": gpus} if gpus else {})}])
-    try:
-        placed = group.wait(PLACEMENT_WAIT_S)
-    finally:
-        remove_placement_group(group)
-    free = ray.available_resources()
-    if not placed:
-        short = [
-            f"{free.get(kind, 0):g} of {total.get(kind, 0):g} {kind}s free"
-            for kind, need in (("CPU", cpus), ("GPU", gpus))
-            if need
-        ]
-        hint = ", or with fewer threads per worker" if cpus > 1 else ""
-        raise UsageError(
-            f"not one of {asked} can be placed on the Ray cluster after {PLACEMENT_WAIT_S:g} s ({', '.join(short)}; "
-            f"the rest held by other work: Serve replicas, a fine-tune, another job): run it when that work is "
-            f"done{hint}"
-        )
-    room = min(
-        math.floor(free.get("CPU", 0) / cpus + 1e-9), math.floor(free.get("GPU", 0) / gpus + 1e-9) if gpus else workers
-    )
-    if room < workers:
-        logger.warning(f"{asked}: about {room} fit what the Ray cluster has free now; scoring starts on those")
 
 
 def _score_rows(

@@ -97,7 +97,7 @@ def test_a_job_none_of_whose_workers_fits_the_free_cpus_is_a_clear_error_not_a_w
     cell needs no actor: it finishes whatever the cluster holds."""
     import ray
 
-    import jobs.score
+    import jobs.room
     from cytoloop.config import RoutingConfig
     from cytoloop.errors import UsageError
     from jobs.score import score_offline
@@ -111,22 +111,25 @@ def test_a_job_none_of_whose_workers_fits_the_free_cpus_is_a_clear_error_not_a_w
     score_offline(pool[:4], model_dir, RoutingConfig(), threads=1, journal=journal)
     holder = Holder.remote()
     ray.get(holder.ready.remote())
-    monkeypatch.setattr(jobs.score, "PLACEMENT_WAIT_S", 2.0)
+    monkeypatch.setattr(jobs.room, "PLACEMENT_WAIT_S", 2.0)
     try:
         with pytest.raises(UsageError, match=r"not one of 1 workers .* can be placed .* after 2 s \(0 of 2 CPUs free"):
             score_offline(pool[:4], model_dir, RoutingConfig(), workers=1, threads=1)
         assert score_offline(pool[:4], model_dir, RoutingConfig(), threads=1, journal=journal).resumed == 4
     finally:
         ray.kill(holder)
-    monkeypatch.setattr(jobs.score, "PLACEMENT_WAIT_S", 30.0)  # the killed actor's CPUs come back within it
+    monkeypatch.setattr(jobs.room, "PLACEMENT_WAIT_S", 30.0)  # the killed actor's CPUs come back within it
     assert len(score_offline(pool[:4], model_dir, RoutingConfig(), workers=2, threads=1).scored) == 4
 
 
-def test_a_fine_tune_that_cannot_be_placed_is_a_clear_error_not_a_wait(ray_local, tmp_path):
+def test_a_fine_tune_that_cannot_be_placed_is_a_clear_error_not_a_wait(ray_local, tmp_path, monkeypatch):
     """Ray Train waited for workers the cluster could not place (more than its CPUs, a GPU it lacks), timed out,
-    and retried that for ever: a retrain hung, holding the fine-tune lock."""
+    and retried that for ever: a retrain hung, holding the fine-tune lock. Workers the cluster holds but other work
+    has taken (the stack's Serve replicas) were waited for a minute per try, four tries, and failed in Ray's words:
+    now a while, then the error says what is free."""
     import ray
 
+    import jobs.room
     from cytoloop.config import Settings
     from cytoloop.errors import UsageError
     from jobs.finetune import fit_on_ray
@@ -136,6 +139,20 @@ def test_a_fine_tune_that_cannot_be_placed_is_a_clear_error_not_a_wait(ray_local
         settings = Settings(home=tmp_path, finetune=finetune)
         with pytest.raises(UsageError, match="do not fit the Ray cluster"):
             fit_on_ray(settings, "never", {}, tmp_path / "out")
+
+    @ray.remote(num_cpus=1)
+    class Holder:  # other work holding one of the cluster's two CPUs
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    monkeypatch.setattr(jobs.room, "PLACEMENT_WAIT_S", 2.0)
+    try:
+        with pytest.raises(UsageError, match=r"cannot all be placed .* after 2 s \(1 of 2 CPUs free.*fewer workers"):
+            fit_on_ray(Settings(home=tmp_path, finetune={"num_workers": 2}), "never", {}, tmp_path / "out")
+    finally:
+        ray.kill(holder)
 
 
 def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_path):

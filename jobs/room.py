@@ -1,0 +1,63 @@
+"""Whether the Ray cluster has room for a job's workers, asked of Ray before the job starts them.
+
+Ray waits for resources other work holds (the stack's Serve replicas, a fine-tune, another job): Ray Data for ever
+for an actor pool none of whose actors it can place, Ray Train a minute per try for a worker group, then tries
+again. Checked against the cluster's total alone, such a job hung without a word. So a job first asks Ray to place
+what it needs now, as a placement group of its workers' resources removed at once: Ray knows which node could
+hold which worker (free CPUs summed over nodes may be too few on each node for one). It waits `PLACEMENT_WAIT_S`
+for that, as a job that just finished releases its workers a moment after it returns.
+"""
+
+from __future__ import annotations
+
+import math
+
+from cytoloop.errors import UsageError
+
+PLACEMENT_WAIT_S = 30.0  # how long a job waits for CPUs or GPUs that other work holds to be freed
+
+
+def check_room(
+    workers: int, cpus: float, gpus: float, *, together: bool, asked: str, fewer: str, smaller: str = ""
+) -> int:
+    """Raise UsageError unless the Ray cluster could hold `workers` workers of `cpus` CPUs and `gpus` GPUs each,
+    and can place now (waiting up to `PLACEMENT_WAIT_S`) all of them (`together`: a worker group that trains in
+    step) or at least one (an actor pool, which runs on what it gets). Returns about how many fit what is free
+    after that: `workers` when `together`.
+
+    `asked` names the request in the errors ("2 workers of 1 CPU(s) and 0 GPU(s) each"), `fewer` what the caller
+    can ask for instead when the cluster is too small ("ask for fewer workers or threads"), `smaller` what else
+    than waiting would let it be placed now ("with fewer threads per worker"; none: only waiting).
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    total = ray.cluster_resources()
+    if workers * cpus > total.get("CPU", 0) or workers * gpus > total.get("GPU", 0):
+        raise UsageError(
+            f"{asked} do not fit the Ray cluster ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs): {fewer}"
+        )
+    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    group = placement_group([bundle] * (workers if together else 1), strategy="PACK")
+    try:
+        placed = group.wait(PLACEMENT_WAIT_S)
+    finally:
+        remove_placement_group(group)
+    free = ray.available_resources()
+    if not placed:
+        short = [
+            f"{free.get(kind, 0):g} of {total.get(kind, 0):g} {kind}s free"
+            for kind, need in (("CPU", cpus), ("GPU", gpus))
+            if need
+        ]
+        which = f"the {asked} cannot all" if together else f"not one of {asked} can"
+        raise UsageError(
+            f"{which} be placed on the Ray cluster after {PLACEMENT_WAIT_S:g} s ({', '.join(short)}; the rest held "
+            f"by other work: Serve replicas, a fine-tune, another job): run it when that work is done"
+            f"{', or ' + smaller if smaller else ''}"
+        )
+    if together:
+        return workers
+    return min(
+        math.floor(free.get("CPU", 0) / cpus + 1e-9), math.floor(free.get("GPU", 0) / gpus + 1e-9) if gpus else workers
+    )
