@@ -14,7 +14,8 @@ Thin over the library: a site's model is a `LiveModel` (serving/live.py) and a m
 - A background task re-resolves every loaded site's alias each `serve.alias_poll_s` and swaps in a moved alias's
   version (`LiveModel.refresh`); a batch in flight finishes on the version it started with.
 - Each answered batch goes to the replica's prediction log (serving/prediction_log.py), whose events are built and
-  written in the background, after the answers go back: a hung log disk holds no answer.
+  written in the background, after the answers go back: a hung log disk holds no answer. A stopping replica waits
+  up to `LOG_CLOSE_WAIT_S` for the events still waiting (Serve awaits `__del__` before it ends the process).
 - `user_config` (`LiveConfig`: routing thresholds, batching, alias polling) is applied by `reconfigure`, in
   place: changing it in a Serve config file (`deployments:` of infra/serve.yaml) reconfigures the running
   replicas, with their loaded models, instead of restarting them.
@@ -39,6 +40,7 @@ from services.model_calls import Cells, ModelCalls
 
 GLOBAL_KEY = "*"  # multiplexed model id of the global champion (no valid site name contains '*')
 SITE_MODELS_PER_REPLICA = 8  # a decorator argument: Ray reads it when the class is defined
+LOG_CLOSE_WAIT_S = 10.0  # within Serve's graceful_shutdown_timeout_s (20 s), after which it kills the replica
 logger = logging.getLogger("ray.serve")
 
 
@@ -122,6 +124,11 @@ class Classifier:
         if self.config.prediction_log is not None:
             self.prediction_log = PredictionLog(self.config.prediction_log)
             self.prediction_log.start()
+
+    async def __del__(self) -> None:
+        """Serve's graceful stop of this replica: the prediction log's waiting events go to disk first."""
+        if getattr(self, "prediction_log", None) is not None:  # (a constructor that failed set none)
+            await self.prediction_log.close(LOG_CLOSE_WAIT_S)
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new `LiveConfig` to this running replica (Ray Serve calls it at start and on every change)."""

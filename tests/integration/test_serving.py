@@ -663,6 +663,45 @@ def test_a_replica_killed_mid_request_is_a_503_to_send_again(serving, tmp_path):
         serve.delete("dying")
 
 
+def test_a_stopping_replica_writes_the_events_waiting_for_its_log_disk(serving, tmp_path):
+    """A replica that stopped (a redeploy, a scale-down, the stack going down) took with it the events still
+    waiting for a slow log disk; now Serve's graceful stop awaits them. Its own app (`stopping`) with its own log, a
+    FIFO nobody reads (opening it to write blocks, as on a stalled mount) until 5 s into the app's deletion."""
+    from ray import serve
+
+    from cytoloop.policy.drift import PredictionEvent
+    from services.app import build_app
+    from tests.faults import HungDisk
+
+    disk = HungDisk(tmp_path / "predictions.jsonl")
+    settings = serving.settings.model_copy(
+        update={"serve": serving.settings.serve.model_copy(update={"prediction_log": disk.path})}
+    )
+    serve.run(build_app(settings), name="stopping", route_prefix="/stopping", blocking=False)
+    try:
+        deadline = time.monotonic() + 120
+        while httpx.get(serving.url + "/stopping/readyz", timeout=60).status_code != 200:
+            assert time.monotonic() < deadline, "the app never became ready"
+            time.sleep(0.5)
+        cells = []
+        for batch in (serving.cells[:2], serving.cells[2:4]):  # the first's events in the hung append, the next's
+            files = [("files", (p.name, p.read_bytes())) for p in batch]  # waiting behind it
+            cells += _ok_cells(serving.post("/stopping/v1/classify", files=files))
+            time.sleep(0.5)
+        assert len(cells) == 4 and not disk.written  # the events wait for the disk
+    finally:
+        returned = threading.Timer(5.0, disk.come_back)  # the disk comes back 5 s into the stop
+        returned.start()
+        serve.delete("stopping")  # returns once the replicas are gone
+        returned.join()
+        deadline = time.monotonic() + 5
+        while disk.written.count(b"\n") < 4 and time.monotonic() < deadline:  # the reader's last read
+            time.sleep(0.1)
+        disk.close()
+    events = [PredictionEvent.model_validate_json(line) for line in disk.written.decode().splitlines()]
+    assert sorted(e.predicted for e in events) == sorted(c["label"] for c in cells)
+
+
 def test_a_hung_prediction_log_disk_holds_no_answer(serving):
     """The replica wrote a batch's drift-log lines before answering it, so a hung log disk held every request for as
     long as it hung. Here the log is a FIFO nobody reads (opening it to write blocks, as on a stalled mount): the

@@ -102,3 +102,48 @@ def test_a_batch_whose_events_cannot_be_built_loses_only_its_own(tmp_path, caplo
     assert "could not build the prediction-log events of a batch" in caplog.text
     (line,) = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert PredictionEvent.model_validate_json(line).cell_id == "id1"
+
+
+def test_a_stopping_replica_writes_what_waits_for_a_slow_disk_and_counts_what_a_hung_one_keeps(tmp_path, caplog):
+    """A replica's process ended with its log's waiting events in it. `close` waits for them: all written when the
+    disk comes back within the wait, counted and logged as lost when it does not; nothing is taken afterwards."""
+    config = DataConfig(image_size=16)
+
+    async def slow(disk: HungDisk) -> None:
+        log = PredictionLog(disk.path)
+        log.start()
+        log.record([_cell(0), _cell(1)], [_result(0), _result(1)], None, "1", config)
+        await asyncio.sleep(0.3)  # built, taken by the writer, which hangs in the FIFO's open
+        asyncio.get_running_loop().call_later(0.5, disk.come_back)
+        await log.close(wait_s=30)
+        assert log.dropped == 0
+        with pytest.raises(RuntimeError, match="not started"):
+            log.record([_cell(2)], [_result(2)], None, "1", config)
+
+    disk = HungDisk(tmp_path / "slow.jsonl")
+    try:
+        asyncio.run(slow(disk))
+    finally:
+        disk.close()
+    assert [PredictionEvent.model_validate_json(line).cell_id for line in disk.written.decode().splitlines()] == [
+        "id0",
+        "id1",
+    ]
+
+    async def hung(disk: HungDisk) -> int:
+        log = PredictionLog(disk.path)
+        log.start()
+        log.record([_cell(0), _cell(1)], [_result(0), _result(1)], None, "1", config)
+        await asyncio.sleep(0.3)
+        began = asyncio.get_running_loop().time()
+        await log.close(wait_s=0.5)
+        assert asyncio.get_running_loop().time() - began < 5
+        disk.come_back()  # the hung append's thread ends (asyncio.run waits for it)
+        return log.dropped
+
+    disk = HungDisk(tmp_path / "hung.jsonl")
+    try:
+        assert asyncio.run(hung(disk)) == 2
+    finally:
+        disk.close()
+    assert "did not take its last events within 0.5 s of the replica stopping: 2 events" in caplog.text

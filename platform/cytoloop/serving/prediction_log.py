@@ -11,9 +11,11 @@ Now each answered batch is handed over (`record`, which returns at once) to two 
 The disk can only stall the writer, and what waits for it is events (a few hundred bytes each, never images): at
 most `limit` of them, counting those in the hung write; beyond that they are dropped, counted (`dropped`) and
 logged, as the log is a monitor and an answer is never held or failed for it. Each event carries the time its cell
-was answered, not the time it was written. Events still waiting when a replica stops are lost; a reader sees a
-shorter window, never a torn line (each append is one write). A caller that reads the log right after its answers
-(the demo's drift figures) waits for its cells' events.
+was answered, not the time it was written. A replica that stops (a redeploy, a scale-down, the stack going down)
+`close`s its log, waiting a while for the events still waiting, which its process used to take with it; what a
+disk hung longer than that still holds is lost, counted and logged. A reader sees a shorter window, never a torn
+line (each append is one write). A caller that reads the log right after its answers (the demo's drift figures)
+waits for its cells' events.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class PredictionLog:
         self._events: list[PredictionEvent] = []  # built, waiting for the writer
         self._writing = 0  # events in the append under way (held, perhaps for ever, by a hung disk)
         self._built = asyncio.Event()
+        self._settled = asyncio.Condition()  # notified whenever an append ends
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -76,8 +79,32 @@ class PredictionLog:
         if self._batches is None:
             return
         await self._batches.join()
-        while self._events or self._writing:
-            await asyncio.sleep(0.01)
+        async with self._settled:
+            await self._settled.wait_for(lambda: not self._events and not self._writing)
+
+    async def close(self, wait_s: float) -> None:
+        """Stop: wait up to `wait_s` seconds for every batch recorded so far to be written, then end the builder
+        and the writer (a hung append's thread is left to the process's end). What is still waiting then is lost:
+        counted in `dropped` and logged. `record` is refused afterwards."""
+        if self._batches is None:
+            return
+        try:
+            await asyncio.wait_for(self.drain(), wait_s)
+        except TimeoutError:
+            waiting = len(self._events) + self._writing
+            self.dropped += waiting
+            logger.warning(
+                "the prediction log %s did not take its last events within %g s of the replica stopping: %d events "
+                "and %d batches lost",
+                self.path,
+                wait_s,
+                waiting,
+                self._batches.qsize(),
+            )
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            self._tasks, self._batches = [], None
 
     async def _build(self) -> None:
         assert self._batches is not None
@@ -119,3 +146,5 @@ class PredictionLog:
                 logger.warning("could not write %d events to the prediction log %s: %s", len(events), self.path, error)
             finally:
                 self._writing = 0
+                async with self._settled:
+                    self._settled.notify_all()
