@@ -614,13 +614,16 @@ class Demo:
         log = self.settings.serve.prediction_log
         if log is None:
             return {}
-        deadline = time.monotonic() + DRIFT_LOG_WAIT_S
+        deadline, read_at_size, events = time.monotonic() + DRIFT_LOG_WAIT_S, -1, []
         while True:
-            events = (
-                [e for e in read_events(log) if e.time >= since and e.model_version == version and e.site == site]
-                if Path(log).is_file()
-                else []
-            )
+            size = Path(log).stat().st_size if Path(log).is_file() else -1
+            if size != read_at_size:  # parsed again only once it has grown (it holds every round's events)
+                read_at_size = size
+                events = (
+                    [e for e in read_events(log) if e.time >= since and e.model_version == version and e.site == site]
+                    if size >= 0
+                    else []
+                )
             if len(events) >= cells or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
