@@ -136,10 +136,10 @@ def fit_on_ray(settings: Settings, run_name: str, loop_config: dict, out: Path) 
     workers, use_gpu = settings.finetune.num_workers, settings.finetune.use_gpu
     check_room(  # Ray Train would wait a minute per try for workers other work holds, and fail with Ray's words
         workers,
-        1,
+        0 if use_gpu else 1,  # what Ray Train asks per worker: a GPU, or else a CPU
         1 if use_gpu else 0,
         together=True,
-        asked=f"finetune.num_workers {workers} worker(s) of 1 CPU{' and 1 GPU' if use_gpu else ''} each",
+        asked=f"finetune.num_workers {workers} worker(s) of 1 {'GPU' if use_gpu else 'CPU'} each",
         fewer="ask for fewer workers, or finetune.use_gpu false",
         smaller="with fewer workers" if workers > 1 else "",
     )

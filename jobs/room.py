@@ -5,7 +5,8 @@ for an actor pool none of whose actors it can place, Ray Train a minute per try 
 again. Checked against the cluster's total alone, such a job hung without a word. So a job first asks Ray to place
 what it needs now, as a placement group of its workers' resources removed at once: Ray knows which node could
 hold which worker (free CPUs summed over nodes may be too few on each node for one). It waits `PLACEMENT_WAIT_S`
-for that, as a job that just finished releases its workers a moment after it returns.
+for that, as a job that just finished releases its workers a moment after it returns. The check is a moment's:
+other work may take the room between it and the job's start, and the job then waits as Ray makes it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ PLACEMENT_WAIT_S = 30.0  # how long a job waits for CPUs or GPUs that other work
 def check_room(
     workers: int, cpus: float, gpus: float, *, together: bool, asked: str, fewer: str, smaller: str = ""
 ) -> int:
-    """Raise UsageError unless the Ray cluster could hold `workers` workers of `cpus` CPUs and `gpus` GPUs each,
+    """Raise UsageError unless the Ray cluster could hold `workers` workers of `cpus` CPUs and `gpus` GPUs each
+    (0: none of that kind asked),
     and can place now (waiting up to `PLACEMENT_WAIT_S`) all of them (`together`: a worker group that trains in
     step) or at least one (an actor pool, which runs on what it gets). Returns about how many fit what is free
     after that: `workers` when `together`.
@@ -37,7 +39,7 @@ def check_room(
         raise UsageError(
             f"{asked} do not fit the Ray cluster ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs): {fewer}"
         )
-    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    bundle = {kind: need for kind, need in (("CPU", cpus), ("GPU", gpus)) if need}
     group = placement_group([bundle] * (workers if together else 1), strategy="PACK")
     try:
         placed = group.wait(PLACEMENT_WAIT_S)

@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from cytoloop.config import Settings, load_settings
-from services.classifier import Classifier, live_config
+from services.classifier import STOP_TIMEOUT_S, Classifier, live_config
 from services.gateway import Gateway
 
 SQLITE_PREFIX = "sqlite:///"
@@ -70,6 +70,7 @@ def build_app(settings: Settings, user_config: dict | None = None) -> Applicatio
         user_config=live_config(settings) if user_config is None else user_config,
         max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        graceful_shutdown_timeout_s=STOP_TIMEOUT_S,
         **scaling,
     ).bind(settings)
     # the gateway holds every request its classifiers may take at once, or it would cap their batches

@@ -15,7 +15,8 @@ Thin over the library: a site's model is a `LiveModel` (serving/live.py) and a m
   version (`LiveModel.refresh`); a batch in flight finishes on the version it started with.
 - Each answered batch goes to the replica's prediction log (serving/prediction_log.py), whose events are built and
   written in the background, after the answers go back: a hung log disk holds no answer. A stopping replica waits
-  up to `LOG_CLOSE_WAIT_S` for the events still waiting (Serve awaits `__del__` before it ends the process).
+  up to `LOG_CLOSE_WAIT_S` for the events still waiting (Serve awaits `__del__` before it ends the process, within
+  `STOP_TIMEOUT_S`).
 - `user_config` (`LiveConfig`: routing thresholds, batching, alias polling) is applied by `reconfigure`, in
   place: changing it in a Serve config file (`deployments:` of infra/serve.yaml) reconfigures the running
   replicas, with their loaded models, instead of restarting them.
@@ -40,7 +41,11 @@ from services.model_calls import Cells, ModelCalls
 
 GLOBAL_KEY = "*"  # multiplexed model id of the global champion (no valid site name contains '*')
 SITE_MODELS_PER_REPLICA = 8  # a decorator argument: Ray reads it when the class is defined
-LOG_CLOSE_WAIT_S = 10.0  # within Serve's graceful_shutdown_timeout_s (20 s), after which it kills the replica
+# A replica's graceful stop (a redeploy, a scale-down, the stack going down): Serve lets the requests in flight end
+# (a 200-cell smear takes 30 s on a 2-core CPU), then awaits `__del__` (the log's last events, up to
+# LOG_CLOSE_WAIT_S), and kills the replica STOP_TIMEOUT_S after the stop began (Serve's default: 20 s).
+STOP_TIMEOUT_S = 60.0
+LOG_CLOSE_WAIT_S = 10.0
 logger = logging.getLogger("ray.serve")
 
 
@@ -126,7 +131,8 @@ class Classifier:
             self.prediction_log.start()
 
     async def __del__(self) -> None:
-        """Serve's graceful stop of this replica: the prediction log's waiting events go to disk first."""
+        """Serve's graceful stop of this replica: the prediction log's waiting events go to disk first. (Serve awaits
+        it once; were Python to finalise the object itself, it would only make a coroutine nobody awaits.)"""
         if getattr(self, "prediction_log", None) is not None:  # (a constructor that failed set none)
             await self.prediction_log.close(LOG_CLOSE_WAIT_S)
 

@@ -46,6 +46,8 @@ class PredictionLog:
         self._batches: asyncio.Queue | None = None  # answered batches, with their image bytes, to build events of
         self._events: list[PredictionEvent] = []  # built, waiting for the writer
         self._writing = 0  # events in the append under way (held, perhaps for ever, by a hung disk)
+        self._unbuilt = 0  # answered cells of the batches recorded and not built yet
+        self._closed = False
         self._built = asyncio.Event()
         self._settled = asyncio.Condition()  # notified whenever an append ends
         self._tasks: list[asyncio.Task] = []
@@ -67,16 +69,23 @@ class PredictionLog:
         config: DataConfig,
     ) -> None:
         """Hand over one answered batch (`results[i]` answers `cells[i]`, as `prediction_events` takes them), stamped
-        with the time now; returns at once."""
+        with the time now; returns at once. After `close` its events are dropped and counted: a request answered
+        while its replica stops is never failed for the log."""
+        answered = sum(hasattr(result, "confidence") for result in results)
+        if self._closed:
+            self.dropped += answered
+            return
         if self._batches is None:
             raise RuntimeError(f"the prediction log {self.path} is not started (`start` it on the serving loop)")
-        if not any(hasattr(result, "confidence") for result in results):
+        if not answered:
             return  # only failures: nothing to log
+        self._unbuilt += answered
         self._batches.put_nowait((list(cells), list(results), site, model_version, config, datetime.now(UTC)))
 
     async def drain(self) -> None:
-        """Wait until every batch recorded so far is built and written (or its failure logged)."""
-        if self._batches is None:
+        """Wait until every batch recorded so far is built and written (or its failure logged); at once when the
+        log is not started or closed."""
+        if self._batches is None or self._closed:
             return
         await self._batches.join()
         async with self._settled:
@@ -84,32 +93,35 @@ class PredictionLog:
 
     async def close(self, wait_s: float) -> None:
         """Stop: wait up to `wait_s` seconds for every batch recorded so far to be written, then end the builder
-        and the writer (a hung append's thread is left to the process's end). What is still waiting then is lost:
-        counted in `dropped` and logged. `record` is refused afterwards."""
-        if self._batches is None:
+        and the writer. What is still waiting then is counted in `dropped` and logged as lost; the append under way
+        may yet end before the process does (its thread is left running). Batches recorded afterwards are dropped
+        and counted."""
+        if self._batches is None or self._closed:
             return
         try:
             await asyncio.wait_for(self.drain(), wait_s)
         except TimeoutError:
-            waiting = len(self._events) + self._writing
+            waiting = self._unbuilt + len(self._events) + self._writing
             self.dropped += waiting
             logger.warning(
                 "the prediction log %s did not take its last events within %g s of the replica stopping: %d events "
-                "and %d batches lost",
+                "may be lost (%d in an append still under way)",
                 self.path,
                 wait_s,
                 waiting,
-                self._batches.qsize(),
+                self._writing,
             )
         finally:
+            self._closed = True
             for task in self._tasks:
                 task.cancel()
-            self._tasks, self._batches = [], None
+            self._tasks = []
 
     async def _build(self) -> None:
         assert self._batches is not None
         while True:
             cells, results, site, version, config, answered = await self._batches.get()
+            cells_answered = sum(hasattr(result, "confidence") for result in results)
             try:
                 events = await asyncio.to_thread(prediction_events, cells, results, site, version, config, answered)
             except Exception as error:  # one batch's events lost, logged; the others' still built
@@ -130,6 +142,7 @@ class PredictionLog:
                 self._events.extend(events)
                 self._built.set()
             finally:
+                self._unbuilt -= cells_answered
                 self._batches.task_done()
 
     async def _write(self) -> None:
