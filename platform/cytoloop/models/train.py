@@ -198,7 +198,7 @@ def _fit(
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator (on a GPU, its own)
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        if state.get("cuda_rng") is not None and torch.cuda.is_available() and not stream:  # (others reseed below)
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, start = state["history"], state["step"]
     if stream:  # another data-parallel worker: the same draws as worker 0 would pair every cell's noise with one
