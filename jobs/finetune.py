@@ -278,7 +278,7 @@ def _run_finetune(
         seed=settings.train.seed,
         also_held=elsewhere,
     )
-    unlabeled = not_judged_on(unlabeled, [*sets.val, *sets.eval, *elsewhere], settings.promotion)
+    unlabeled = not_judged_on(unlabeled, [*sets.val, *sets.eval, *elsewhere], settings.judged_manifests())
     train_config, augment_config = finetune_configs(settings, adapt)
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
     # the run is this parent, these cells AND these settings: a changed job trains afresh instead of resuming
@@ -440,11 +440,13 @@ def _run_finetune(
 
 def gate_cells(sets, settings: Settings, site: str | None, classes: list[str]):
     """The cells a challenger is judged on (`promotion.gate_data`): its scope's frozen eval set, and the audited
-    cells of the classes it is judged on, a site's own classes for a site's version (audited cells of another
-    class are wrong for both models there by design, and would only water the comparison down)."""
+    cells (a site's own, `sites.<site>.audited_manifest`, where it has them) of the classes it is judged on, a
+    site's own classes for a site's version (audited cells of another class are wrong for both models there by
+    design, and would only water the comparison down)."""
     from cytoloop.policy.promotion import gate_data
 
-    return gate_data(sets.eval, settings.promotion, settings.site_classes(site) or classes, trained_on=sets.train)
+    classes = settings.site_classes(site) or classes
+    return gate_data(sets.eval, settings.site_promotion(site), classes, trained_on=sets.train)
 
 
 def _kept_champion_figures(

@@ -608,10 +608,18 @@ class SiteConfig(_Section):
     of other labs' cells, docs/benchmarks.md). With `classes` set, the site's cells are decided among those only,
     wherever the site is served or judged: its answers over HTTP (other classes get probability 0), its anomaly
     scores (how well the site's own classes explain a cell) and the promotion gate of its fine-tunes. A class the
-    model does not have is refused when the site's model loads, naming the model's classes."""
+    model does not have is refused when the site's model loads, naming the model's classes.
+
+    `audited_manifest` is the site's own audited cells for its gate: judged on the shared manifest, a site's
+    adaptation to its stain competed on every other site's audited cells too, where it is meant to be no better."""
 
     classes: list[str] | None = Field(
         None, min_length=1, description="the classes this site reports; None: every class of the model serving it"
+    )
+    audited_manifest: Path | None = Field(
+        None,
+        description="this site's audited cells: its fine-tunes are judged on them with its frozen set, instead of on "
+        "promotion.audited_manifest (other sites' cells, in other stains); None: on those",
     )
 
     @model_validator(mode="after")
@@ -743,6 +751,20 @@ class Settings(BaseSettings):
         """The classes `site` reports (`sites.<site>.classes`); None for the global model or a site without them."""
         config = self.sites.get(site) if site else None
         return None if config is None else config.classes
+
+    def site_promotion(self, site: str | None) -> PromotionConfig:
+        """The gate of `site`'s fine-tunes (None: the global model's): `promotion`, judged on the site's own
+        audited cells where it has them (`sites.<site>.audited_manifest`)."""
+        config = self.sites.get(site) if site else None
+        if config is None or config.audited_manifest is None:
+            return self.promotion
+        return self.promotion.model_copy(update={"audited_manifest": config.audited_manifest})
+
+    def judged_manifests(self) -> list[Path]:
+        """Every manifest of cells some gate judges on (the shared audited cells, the anomaly set, each site's
+        audited cells): none of them may train a model's null class."""
+        given = [self.promotion.audited_manifest, self.promotion.anomaly_manifest]
+        return [p for p in given + [c.audited_manifest for c in self.sites.values()] if p is not None]
 
     @model_validator(mode="after")
     def _stores_under_home(self) -> Settings:

@@ -37,8 +37,8 @@ def test_frozen_sets_are_frozen_and_never_trained_on(tmp_path):
 def test_no_scope_trains_on_another_scope_s_frozen_cells_nor_pools_the_judged_ones(tmp_path):
     """The label store exports every site's labels together: a global retrain trained on a site's frozen cells,
     and that site's next adaptation, from the new global champion, was gated on cells its parent had seen. The
-    unlabeled pool (the null class's cells) kept frozen, audited and anomaly-set cells alike."""
-    from cytoloop.config import PromotionConfig
+    unlabeled pool (the null class's cells) kept frozen, audited (a site's own too) and anomaly-set cells alike."""
+    from cytoloop.config import Settings
     from cytoloop.models.finetune import frozen_directory, frozen_elsewhere, not_judged_on, write_manifest
 
     home, cells = tmp_path / "home", fake_records(tmp_path, 60)
@@ -51,12 +51,18 @@ def test_no_scope_trains_on_another_scope_s_frozen_cells_nor_pools_the_judged_on
         held_by_north - {r.path for r in everything.val + everything.eval}
     )
 
-    audited, anomalies = cells[40:42], cells[50:53]
+    audited, anomalies, audited_by_north = cells[40:42], cells[50:53], cells[44:46]
     write_manifest(audited, tmp_path / "audited.csv")
     write_manifest(anomalies, tmp_path / "anomalies.csv")
-    promotion = PromotionConfig(audited_manifest=tmp_path / "audited.csv", anomaly_manifest=tmp_path / "anomalies.csv")
-    pool = not_judged_on(cells, north.val + north.eval, promotion)
-    assert {r.path for r in pool} == {r.path for r in cells} - held_by_north - {r.path for r in audited + anomalies}
+    write_manifest(audited_by_north, tmp_path / "north-audited.csv")
+    settings = Settings(
+        home=home,
+        promotion={"audited_manifest": tmp_path / "audited.csv", "anomaly_manifest": tmp_path / "anomalies.csv"},
+        sites={"north": {"audited_manifest": tmp_path / "north-audited.csv"}},
+    )
+    pool = not_judged_on(cells, north.val + north.eval, settings.judged_manifests())
+    judged = {r.path for r in audited + anomalies + audited_by_north}
+    assert {r.path for r in pool} == {r.path for r in cells} - held_by_north - judged
 
 
 def test_a_freeze_killed_between_its_two_files_leaves_no_half_frozen_scope(tmp_path):

@@ -71,6 +71,32 @@ def test_a_site_is_judged_on_the_audited_cells_of_its_own_classes(tmp_path, clea
     assert labels(None) == labels("south") == ["a", "a", "b", "b"]  # the global model, a site without classes
 
 
+def test_a_site_with_audited_cells_of_its_own_is_judged_on_those(tmp_path, clean_env):
+    """One audited manifest served every gate: a site's adaptation to its stain was judged on every other site's
+    audited cells too, where it is meant to be no better. A site's own manifest replaces it for that site's gate;
+    the global model and other sites keep the shared one."""
+    from cytoloop.config import Settings
+    from cytoloop.data.records import CellRecord
+    from cytoloop.models.finetune import FrozenSets, write_manifest
+    from jobs.finetune import gate_cells
+
+    def cells(prefix, n):
+        return [CellRecord(f"{prefix}{i}.png", tmp_path / f"{prefix}{i}.png", "a", prefix) for i in range(n)]
+
+    write_manifest(cells("shared", 3), tmp_path / "audited.csv")
+    write_manifest(cells("north", 2), tmp_path / "north.csv")
+    settings = Settings(
+        home=tmp_path / "home",
+        promotion={"audited_manifest": tmp_path / "audited.csv"},
+        sites={"north": {"audited_manifest": tmp_path / "north.csv"}, "east": {"classes": ["a"]}},
+    )
+    sets = FrozenSets(train=[], val=[], eval=cells("eval", 1))
+    labs = lambda site: sorted(r.domain for r in gate_cells(sets, settings, site, ["a"]).eval_records)  # noqa: E731
+    assert labs("north") == ["eval", "north", "north"]
+    assert labs(None) == labs("east") == labs("south") == ["eval", "shared", "shared", "shared"]
+    assert settings.judged_manifests() == [tmp_path / "audited.csv", tmp_path / "north.csv"]
+
+
 def _outcome(tmp_path, verdict: str):
     from cytoloop.registry import VersionInfo
     from jobs.finetune import FinetuneOutcome

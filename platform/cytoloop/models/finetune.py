@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoloop.config import AugmentConfig, DataConfig, PromotionConfig, Settings, TrainConfig
+from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
 from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import CellRecord, DatasetError, load_records, read_manifest, stratified_split
 from cytoloop.evaluation import metrics
@@ -180,16 +180,15 @@ def frozen_sets(
 
 
 def not_judged_on(
-    pool: Sequence[CellRecord], judged: Sequence[CellRecord], promotion: PromotionConfig
+    pool: Sequence[CellRecord], judged: Sequence[CellRecord], manifests: Sequence[Path]
 ) -> list[CellRecord]:
-    """The unlabeled `pool` without the cells models are calibrated and judged on: `judged` (the frozen sets), the
-    gate's audited cells and its anomaly set. The pool trains the diffusion model's null class, and the gate
-    scores the anomaly AUROC on the anomaly set: trained on, a challenger's anomaly figure was measured on its own
-    training cells."""
+    """The unlabeled `pool` without the cells models are calibrated and judged on: `judged` (the frozen sets) and
+    the cells of `manifests` (`Settings.judged_manifests`: the gates' audited cells and the anomaly set). The pool
+    trains the diffusion model's null class, and the gate scores the anomaly AUROC on the anomaly set: trained on,
+    a challenger's anomaly figure was measured on its own training cells."""
     held = {Path(r.path).resolve() for r in judged}
-    for manifest in (promotion.audited_manifest, promotion.anomaly_manifest):
-        if manifest is not None:
-            held |= {Path(r.path).resolve() for r in load_records(manifest)}
+    for manifest in manifests:
+        held |= {Path(r.path).resolve() for r in load_records(manifest)}
     return [r for r in pool if Path(r.path).resolve() not in held]
 
 
