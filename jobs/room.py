@@ -21,11 +21,10 @@ PLACEMENT_WAIT_S = 30.0  # how long a job waits for CPUs or GPUs that other work
 def check_room(
     workers: int, cpus: float, gpus: float, *, together: bool, asked: str, fewer: str, smaller: str = ""
 ) -> int:
-    """Raise UsageError unless the Ray cluster could hold `workers` workers of `cpus` CPUs and `gpus` GPUs each
-    (0: none of that kind asked),
-    and can place now (waiting up to `PLACEMENT_WAIT_S`) all of them (`together`: a worker group that trains in
-    step) or at least one (an actor pool, which runs on what it gets). Returns about how many fit what is free
-    after that: `workers` when `together`.
+    """Raise UsageError unless the Ray cluster could hold `workers` workers of `cpus` CPUs and `gpus` GPUs each (0:
+    none of that kind) and can place now (waiting up to `PLACEMENT_WAIT_S`) all of them (`together`: a worker group
+    that trains in step) or at least one (an actor pool, which runs on what it gets). Returns about how many fit
+    what is free after that: `workers` when `together`.
 
     `asked` names the request in the errors ("2 workers of 1 CPU(s) and 0 GPU(s) each"), `fewer` what the caller
     can ask for instead when the cluster is too small ("ask for fewer workers or threads"), `smaller` what else
@@ -61,5 +60,6 @@ def check_room(
     if together:
         return workers
     return min(
-        math.floor(free.get("CPU", 0) / cpus + 1e-9), math.floor(free.get("GPU", 0) / gpus + 1e-9) if gpus else workers
+        [workers]
+        + [math.floor(free.get(kind, 0) / need + 1e-9) for kind, need in (("CPU", cpus), ("GPU", gpus)) if need]
     )
