@@ -41,7 +41,7 @@ from services.model_calls import Cells, ModelCalls
 
 GLOBAL_KEY = "*"  # multiplexed model id of the global champion (no valid site name contains '*')
 SITE_MODELS_PER_REPLICA = 8  # a decorator argument: Ray reads it when the class is defined
-# A replica's graceful stop (a redeploy, a scale-down, the stack going down): Serve lets the requests in flight end
+# A replica's graceful stop (a redeploy, a scale-down, an app deleted): Serve lets the requests in flight end
 # (a 200-cell smear takes 30 s on a 2-core CPU), then awaits `__del__` (the log's last events, up to
 # LOG_CLOSE_WAIT_S), and kills the replica STOP_TIMEOUT_S after the stop began (Serve's default: 20 s).
 STOP_TIMEOUT_S = 60.0

@@ -664,7 +664,7 @@ def test_a_replica_killed_mid_request_is_a_503_to_send_again(serving, tmp_path):
 
 
 def test_a_stopping_replica_writes_the_events_waiting_for_its_log_disk(serving, tmp_path):
-    """A replica that stopped (a redeploy, a scale-down, the stack going down) took with it the events still
+    """A replica that Serve stopped (a redeploy, a scale-down, an app deleted) took with it the events still
     waiting for a slow log disk; now Serve's graceful stop awaits them. Its own app (`stopping`) with its own log, a
     FIFO nobody reads (opening it to write blocks, as on a stalled mount) until 5 s into the app's deletion."""
     from ray import serve
