@@ -54,6 +54,9 @@ SERVICES = ("label-studio", "labels", "mlflow", "ray")
 # until the SIGKILL 30 s later. The others get SIGTERM as a group (MLflow's leader alone took 5 s and left its task
 # consumers running).
 STOPPED_BY_LEADER = ("ray",)
+# how long `down` lets Serve stop its apps on the stack's Ray before stopping Ray itself: the classifier's graceful
+# stop is its requests in flight and then its prediction log's last events (services/classifier.py: 60 s in all)
+SERVE_STOP_TIMEOUT_S = 90.0
 RAY_TEMP_LIMIT = 60  # Ray's socket paths (temp dir + ~45 chars) must stay under 107 characters
 
 
@@ -308,14 +311,18 @@ class Stack:
                 else {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stack_secrets(self.settings)["ray_token"]}
             )
             # with the dashboard, Ray is up once its Jobs API answers (`ray job submit`; the GCS port opens first)
-            health_url, health_headers = None, {}
-            if cfg.ray_dashboard:
-                health_url = f"http://{cfg.ray_host}:{cfg.ray_dashboard_port}/api/jobs/"
-                if "RAY_AUTH_TOKEN" in auth:
-                    health_headers = {"Authorization": f"Bearer {auth['RAY_AUTH_TOKEN']}"}
+            health_url, health_headers = self._ray_api("/api/jobs/") if cfg.ray_dashboard else (None, {})
             env = {**auth, "RAY_worker_niceness": "0"}
             chosen.append(Service("ray", cfg.ray_port, command, env, health_url, health_headers))
         return chosen
+
+    def _ray_api(self, path: str) -> tuple[str, dict[str, str]]:
+        """A URL of the Ray head's dashboard API, and the headers it asks of a caller (its token, off loopback)."""
+        cfg = self.settings.stack
+        token = None if is_loopback(cfg.ray_host) else stack_secrets(self.settings)["ray_token"]
+        return f"http://{cfg.ray_host}:{cfg.ray_dashboard_port}{path}", (
+            {"Authorization": f"Bearer {token}"} if token else {}
+        )
 
     def mlflow_db(self) -> Path:
         uri = self.settings.registry.tracking_uri
@@ -685,10 +692,28 @@ class Stack:
                     continue
                 pid = self._pid(name)  # None unless it is still the very process this home started
                 if pid is not None:
+                    if name == "ray":
+                        self._stop_serve()
                     self._kill_group(name, pid, timeout_s)
                     stopped.append(name)
                 self._pid_file(name).unlink(missing_ok=True)
         return stopped
+
+    def _stop_serve(self) -> None:
+        """Shut Serve down on the stack's Ray before stopping Ray, through the dashboard's Serve API (nothing to do
+        where Serve is not running). Stopped under Serve, Ray waited for Serve's actors until `down` killed them all
+        30 s later, with whatever prediction-log events the replicas still held; Serve's graceful stop lets each
+        replica end its requests and write those events (`Classifier.__del__`), and Ray then stops in seconds.
+        Without the dashboard, or when Serve does not stop in time, Ray is stopped as before, and that is logged."""
+        if not self.settings.stack.ray_dashboard:
+            return
+        url, headers = self._ray_api("/api/serve/applications/")
+        try:
+            request = urllib.request.Request(url, headers=headers, method="DELETE")
+            with urllib.request.urlopen(request, timeout=SERVE_STOP_TIMEOUT_S):
+                pass
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            logger.warning(f"ray: Serve could not be shut down first ({error}); its replicas stop with Ray")
 
     @staticmethod
     def _kill_group(name: str, pid: int, timeout_s: float) -> None:

@@ -11,11 +11,11 @@ Now each answered batch is handed over (`record`, which returns at once) to two 
 The disk can only stall the writer, and what waits for it is events (a few hundred bytes each, never images): at
 most `limit` of them, counting those in the hung write; beyond that they are dropped, counted (`dropped`) and
 logged, as the log is a monitor and an answer is never held or failed for it. Each event carries the time its cell
-was answered, not the time it was written. A replica that Serve stops (a redeploy, a scale-down, an app deleted)
-`close`s its log, waiting a while for the events still waiting, which its process used to take with it; what a
-disk hung longer than that still holds is lost, counted and logged. A reader sees a shorter window, never a torn
-line (each append is one write). A caller that reads the log right after its answers (the demo's drift figures)
-waits for its cells' events.
+was answered, not the time it was written. A replica that Serve stops (a redeploy, a scale-down, an app deleted,
+`stack down`) `close`s its log, waiting a while for the events still waiting, which its process used to take with
+it; what a disk hung longer than that still holds is lost, counted and logged. A reader sees a shorter window,
+never a torn line (each append is one write). A caller that reads the log right after its answers (the demo's
+drift figures) waits for its cells' events.
 """
 
 from __future__ import annotations
