@@ -56,7 +56,7 @@ SERVICES = ("label-studio", "labels", "mlflow", "ray")
 STOPPED_BY_LEADER = ("ray",)
 # how long `down` lets Serve stop its apps on the stack's Ray before stopping Ray itself: the classifier's graceful
 # stop is its requests in flight and then its prediction log's last events (services/classifier.py: 60 s in all)
-SERVE_STOP_TIMEOUT_S = 90.0
+SERVE_STOP_TIMEOUT_S = 75.0
 RAY_TEMP_LIMIT = 60  # Ray's socket paths (temp dir + ~45 chars) must stay under 107 characters
 
 
@@ -704,15 +704,31 @@ class Stack:
         where Serve is not running). Stopped under Serve, Ray waited for Serve's actors until `down` killed them all
         30 s later, with whatever prediction-log events the replicas still held; Serve's graceful stop lets each
         replica end its requests and write those events (`Classifier.__del__`), and Ray then stops in seconds.
-        Without the dashboard, or when Serve does not stop in time, Ray is stopped as before, and that is logged."""
+
+        The dashboard's DELETE returns once Serve has stopped or after 30 s (Ray's own limit), so `down` then asks
+        until no app is listed, up to `SERVE_STOP_TIMEOUT_S` in all. Best effort: without the dashboard, when it
+        does not answer, or when Serve has not stopped by then, Ray is stopped as before, and that is logged."""
         if not self.settings.stack.ray_dashboard:
             return
-        url, headers = self._ray_api("/api/serve/applications/")
+        deadline = time.monotonic() + SERVE_STOP_TIMEOUT_S
         try:
+            url, headers = self._ray_api("/api/serve/applications/")
             request = urllib.request.Request(url, headers=headers, method="DELETE")
             with urllib.request.urlopen(request, timeout=SERVE_STOP_TIMEOUT_S):
                 pass
-        except (urllib.error.URLError, OSError, ValueError) as error:
+            while True:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as answer:
+                    left = sorted(json.loads(answer.read()).get("applications") or {})
+                if not left:
+                    return
+                if time.monotonic() > deadline:
+                    logger.warning(
+                        f"ray: Serve's apps {', '.join(left)} still stopping after {SERVE_STOP_TIMEOUT_S:g} s; "
+                        "their replicas stop with Ray"
+                    )
+                    return
+                time.sleep(0.5)
+        except Exception as error:  # best effort: Ray is stopped either way
             logger.warning(f"ray: Serve could not be shut down first ({error}); its replicas stop with Ray")
 
     @staticmethod
