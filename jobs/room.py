@@ -38,7 +38,7 @@ def check_room(
         raise UsageError(
             f"{asked} do not fit the Ray cluster ({total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs): {fewer}"
         )
-    bundle = {kind: need for kind, need in (("CPU", cpus), ("GPU", gpus)) if need}
+    bundle = {kind: need for kind, need in (("CPU", cpus), ("GPU", gpus)) if need}  # one worker's ask
     group = placement_group([bundle] * (workers if together else 1), strategy="PACK")
     try:
         placed = group.wait(PLACEMENT_WAIT_S)
@@ -46,11 +46,7 @@ def check_room(
         remove_placement_group(group)
     free = ray.available_resources()
     if not placed:
-        short = [
-            f"{free.get(kind, 0):g} of {total.get(kind, 0):g} {kind}s free"
-            for kind, need in (("CPU", cpus), ("GPU", gpus))
-            if need
-        ]
+        short = [f"{free.get(kind, 0):g} of {total.get(kind, 0):g} {kind}s free" for kind in bundle]
         which = f"the {asked} cannot all" if together else f"not one of {asked} can"
         raise UsageError(
             f"{which} be placed on the Ray cluster after {PLACEMENT_WAIT_S:g} s ({', '.join(short)}; the rest held "
@@ -59,7 +55,4 @@ def check_room(
         )
     if together:
         return workers
-    return min(
-        [workers]
-        + [math.floor(free.get(kind, 0) / need + 1e-9) for kind, need in (("CPU", cpus), ("GPU", gpus)) if need]
-    )
+    return min([workers] + [math.floor(free.get(kind, 0) / need + 1e-9) for kind, need in bundle.items()])

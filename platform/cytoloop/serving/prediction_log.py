@@ -80,7 +80,8 @@ class PredictionLog:
         if not answered:
             return  # only failures: nothing to log
         self._unbuilt += answered
-        self._batches.put_nowait((list(cells), list(results), site, model_version, config, datetime.now(UTC)))
+        batch = (list(cells), list(results), site, model_version, config, datetime.now(UTC), answered)
+        self._batches.put_nowait(batch)
 
     async def drain(self) -> None:
         """Wait until every batch recorded so far is built and written (or its failure logged); at once when the
@@ -120,10 +121,9 @@ class PredictionLog:
     async def _build(self) -> None:
         assert self._batches is not None
         while True:
-            cells, results, site, version, config, answered = await self._batches.get()
-            cells_answered = sum(hasattr(result, "confidence") for result in results)
+            cells, results, site, version, config, answered_at, answered = await self._batches.get()
             try:
-                events = await asyncio.to_thread(prediction_events, cells, results, site, version, config, answered)
+                events = await asyncio.to_thread(prediction_events, cells, results, site, version, config, answered_at)
             except Exception as error:  # one batch's events lost, logged; the others' still built
                 logger.warning("could not build the prediction-log events of a batch (%s): %s", version, error)
             else:
@@ -142,7 +142,7 @@ class PredictionLog:
                 self._events.extend(events)
                 self._built.set()
             finally:
-                self._unbuilt -= cells_answered
+                self._unbuilt -= answered
                 self._batches.task_done()
 
     async def _write(self) -> None:
