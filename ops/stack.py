@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -219,6 +220,9 @@ class Service:
     health_url: str | None = None  # None: healthy once the port accepts connections
     health_headers: dict[str, str] = field(default_factory=dict)  # sent with the health check (a token)
     prepare: Callable[[], None] | None = None  # slow set-up to run only when the service must start
+    # an API the started process answers at, kept in its PID file: `down` asks the process it started there,
+    # whatever the settings say by then (Ray's dashboard, through which `down` stops Serve first)
+    api_url: str | None = None
 
 
 @dataclass
@@ -313,16 +317,18 @@ class Stack:
             # with the dashboard, Ray is up once its Jobs API answers (`ray job submit`; the GCS port opens first)
             health_url, health_headers = self._ray_api("/api/jobs/") if cfg.ray_dashboard else (None, {})
             env = {**auth, "RAY_worker_niceness": "0"}
-            chosen.append(Service("ray", cfg.ray_port, command, env, health_url, health_headers))
+            api_url = self._ray_api("")[0] if cfg.ray_dashboard else None
+            chosen.append(Service("ray", cfg.ray_port, command, env, health_url, health_headers, api_url=api_url))
         return chosen
 
-    def _ray_api(self, path: str) -> tuple[str, dict[str, str]]:
-        """A URL of the Ray head's dashboard API, and the headers it asks of a caller (its token, off loopback)."""
+    def _ray_api(self, path: str, base: str | None = None) -> tuple[str, dict[str, str]]:
+        """A URL of the Ray head's dashboard API (at `base`, else where the settings put it), and the headers it
+        asks of a caller (its token, off loopback)."""
         cfg = self.settings.stack
-        token = None if is_loopback(cfg.ray_host) else stack_secrets(self.settings)["ray_token"]
-        return f"http://{cfg.ray_host}:{cfg.ray_dashboard_port}{path}", (
-            {"Authorization": f"Bearer {token}"} if token else {}
-        )
+        base = base or f"http://{cfg.ray_host}:{cfg.ray_dashboard_port}"
+        loopback = is_loopback(urllib.parse.urlsplit(base).hostname or "")
+        token = None if loopback else stack_secrets(self.settings)["ray_token"]
+        return f"{base}{path}", ({"Authorization": f"Bearer {token}"} if token else {})
 
     def mlflow_db(self) -> Path:
         uri = self.settings.registry.tracking_uri
@@ -638,6 +644,7 @@ class Stack:
                     "pid": process.pid,
                     "identity": _identity(process.pid),
                     "port": service.port,
+                    "api": service.api_url,
                     "command": service.command[:3],
                 }
             ),
@@ -693,13 +700,24 @@ class Stack:
                 pid = self._pid(name)  # None unless it is still the very process this home started
                 if pid is not None:
                     if name == "ray":
-                        self._stop_serve()
+                        self._stop_serve(self._started_dashboard())
                     self._kill_group(name, pid, timeout_s)
                     stopped.append(name)
                 self._pid_file(name).unlink(missing_ok=True)
         return stopped
 
-    def _stop_serve(self) -> None:
+    def _started_dashboard(self) -> str | None:
+        """The dashboard URL the running Ray head was started with (`Service.api_url`, None: without one); a PID
+        file written before URLs were recorded gives the settings' URL, as `down` asked before."""
+        try:
+            recorded = json.loads(self._pid_file("ray").read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        if isinstance(recorded, dict) and "api" in recorded:
+            return recorded["api"]
+        return self._ray_api("")[0] if self.settings.stack.ray_dashboard else None
+
+    def _stop_serve(self, api_url: str | None) -> None:
         """Shut Serve down on the stack's Ray before stopping Ray, through the dashboard's Serve API (nothing to do
         where Serve is not running). Stopped under Serve, Ray waited for Serve's actors until `down` killed them all
         30 s later, with whatever prediction-log events the replicas still held; Serve's graceful stop lets each
@@ -707,12 +725,14 @@ class Stack:
 
         The dashboard's DELETE returns once Serve has stopped or after 30 s (Ray's own limit), so `down` then asks
         until no app is listed, up to `SERVE_STOP_TIMEOUT_S` in all. Best effort: without the dashboard, when it
-        does not answer, or when Serve has not stopped by then, Ray is stopped as before, and that is logged."""
-        if not self.settings.stack.ray_dashboard:
+        does not answer, or when Serve has not stopped by then, Ray is stopped as before, and that is logged.
+        `api_url` is the dashboard the running head was started with (None: without one), not the settings' now:
+        a `down` after the ports were changed still reaches it."""
+        if api_url is None:
             return
         deadline = time.monotonic() + SERVE_STOP_TIMEOUT_S
         try:
-            url, headers = self._ray_api("/api/serve/applications/")
+            url, headers = self._ray_api("/api/serve/applications/", base=api_url)
             request = urllib.request.Request(url, headers=headers, method="DELETE")
             with urllib.request.urlopen(request, timeout=SERVE_STOP_TIMEOUT_S):
                 pass

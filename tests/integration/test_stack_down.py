@@ -29,7 +29,8 @@ def test_down_lets_serve_stop_its_replicas_so_they_write_their_waiting_events(ce
     later, with whatever prediction-log events the replicas still held. It now shuts Serve down first (the
     dashboard's Serve API): each replica ends in Serve's graceful stop, writing its waiting events, and Ray then
     stops on SIGTERM in seconds. The log is a FIFO nobody reads (opening it to write blocks, as on a stalled mount)
-    until 3 s into the `down`."""
+    until 3 s into the `down`. The `down` runs with the ports moved in the settings since `up` (as `up` tells a
+    user to do before moving a service): it must ask the dashboard the head was started with."""
     import httpx
     import ray
     import torch
@@ -87,7 +88,8 @@ def test_down_lets_serve_stop_its_replicas_so_they_write_their_waiting_events(ce
         began = time.monotonic()
         returned.start()
         started = True
-        assert stack.down() == ["ray"]
+        moved = {"ray_port": _free_port(), "ray_dashboard_port": _free_port()}
+        assert Stack(settings.model_copy(update={"stack": settings.stack.model_copy(update=moved)})).down() == ["ray"]
         took = time.monotonic() - began
     finally:
         ray.shutdown()

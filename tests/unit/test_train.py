@@ -180,6 +180,37 @@ def test_data_parallel_workers_draw_their_own_batches_and_noise_also_after_resum
         fit(_fresh_baseline(), baseline_loss(config), images, labels, config, AugmentConfig(), stream=-1)
 
 
+def test_a_run_resumes_on_fewer_gpus_than_its_checkpoint_was_written_on(tmp_path, monkeypatch):
+    """A checkpoint holds a CUDA generator state per device its writer saw; resumed by a process that sees fewer
+    (a one-GPU Ray Train worker resuming a two-GPU run), restoring them all failed on the missing device. This CPU
+    machine stands in for a one-GPU process: torch's CUDA generator calls are replaced by ones that keep states
+    per device and, like torch's, fail on a device index the process does not have."""
+    images, labels = red_blue(4)
+    config = _train_config(steps=4, checkpoint_every=2)
+    loss = baseline_loss(config)
+    fit(_fresh_baseline(), loss, images, labels, _train_config(steps=2), AugmentConfig(), checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    written = [torch.full((8,), 1, dtype=torch.uint8), torch.full((8,), 2, dtype=torch.uint8)]  # two GPUs' states
+    torch.save({**state, "cuda_rng": written}, tmp_path / CHECKPOINT_FILE)
+
+    devices = {0: torch.zeros(8, dtype=torch.uint8)}  # the one GPU this process sees
+
+    def set_state(new_state, device=0):
+        index = device if isinstance(device, int) else torch.device(device).index or 0
+        if index not in devices:
+            raise IndexError(f"no CUDA device {index}")  # torch: default_generators[index]
+        devices[index] = new_state.clone()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(devices))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [devices[i] for i in sorted(devices)])
+    for module in (torch.cuda, torch.cuda.random):
+        monkeypatch.setattr(module, "set_rng_state", set_state)
+    _, result = fit(_fresh_baseline(), loss, images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path)
+    assert result.resumed_from == 2 and result.history[-1]["step"] == 4
+    assert torch.equal(devices[0], written[0])  # the device it sees has its saved state back
+
+
 def test_resume_of_finished_run_does_nothing(tmp_path):
     images, labels = red_blue(4)
     config = _train_config(steps=4, checkpoint_every=2)

@@ -198,8 +198,8 @@ def _fit(
         schedule.load_state_dict(state["schedule"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator (on a GPU, its own)
-        if state.get("cuda_rng") is not None and torch.cuda.is_available() and not stream:  # (others reseed below)
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if not stream:  # (other workers reseed below)
+            restore_cuda_generators(state.get("cuda_rng"))
         history, start = state["history"], state["step"]
     if stream:  # another data-parallel worker: the same draws as worker 0 would pair every cell's noise with one
         # of worker 0's, halving the timesteps and noises a global batch averages over
@@ -264,6 +264,17 @@ def _fit(
     bar.close()
     ema.eval()
     return ema, TrainResult(history, time.perf_counter() - began, start)
+
+
+def restore_cuda_generators(saved: list[torch.Tensor] | None) -> None:
+    """Put saved CUDA generator states back on the devices this process sees. A checkpoint holds one per device
+    its writer saw, and a run may resume seeing fewer (a one-GPU worker resuming a two-GPU run's checkpoint):
+    `torch.cuda.set_rng_state_all` then failed on the first missing device. The first ones are restored; a
+    device the writer did not see keeps its seeded state."""
+    if saved is None or not torch.cuda.is_available():
+        return
+    for index, state in enumerate(saved[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
