@@ -67,7 +67,7 @@ def register(
         if champion:
             kind = "override" if current is not None else "first"
             move = registry.move_alias(name, alias, version.version, why=reason, action=kind, expect=serving)
-            typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version} ({kind}, by {move.who})")
+            typer.echo(f"{move.arrow()} ({kind}, by {move.who})")
 
     run(action)
 
@@ -165,7 +165,7 @@ def promote(
 
         settings = settings_from(config)
         move = override(open_registry(settings), settings.registry.model_name, version, site_alias(site), reason)
-        typer.echo(f"@{move.alias}: v{move.from_version or '-'} -> v{move.to_version} (override by {move.who})")
+        typer.echo(f"{move.arrow()} (override by {move.who})")
 
     run(action)
 
@@ -188,7 +188,7 @@ def rollback(
 
         settings = settings_from(config)
         move = open_registry(settings).rollback(settings.registry.model_name, site_alias(site), why=reason)
-        typer.echo(f"@{move.alias}: v{move.from_version} -> v{move.to_version} (rollback by {move.who})")
+        typer.echo(f"{move.arrow()} (rollback by {move.who})")
 
     run(action)
 
@@ -333,10 +333,7 @@ def status(
         for site, classes in report["site_classes"].items():
             typer.echo(f"  site {site} reports {', '.join(classes)} (its cells are decided among them)")
         for move in moves[-5:]:
-            typer.echo(
-                f"  {move.time} {move.who} {move.action} @{move.alias}: v{move.from_version or '-'} -> "
-                f"v{move.to_version}: {move.why}"
-            )
+            typer.echo(f"  {move.time} {move.who} {move.action} {move.arrow()}: {move.why}")
         _echo_review(report["review"])
         typer.echo(f"drift: {'FLAGGED' if flags else 'no flags'}")
         for flag in flags:

@@ -92,7 +92,8 @@ def challenger_alias(site: str | None) -> str:
 class AliasMove:
     """One alias move of the audit trail. `action`: gate (the promotion gate passed), override (a person promoted
     despite the gate), rollback, first (the first champion), or manual. `state`: intent (recorded before the alias
-    moved) or done."""
+    moved) or done. A site alias's versions may be None: not set, the global champion serves the site (a site's
+    first model moves it from None; rolling that back removes the alias again)."""
 
     time: str
     who: str
@@ -101,8 +102,13 @@ class AliasMove:
     name: str
     alias: str
     from_version: str | None
-    to_version: str
+    to_version: str | None
     state: str = "done"
+
+    def arrow(self) -> str:
+        """'@alias: v1 -> v2', for people; an unset alias reads '-'."""
+        after = f"v{self.to_version}" if self.to_version else "- (the global champion serves the site)"
+        return f"@{self.alias}: {f'v{self.from_version}' if self.from_version else '-'} -> {after}"
 
 
 @dataclass(frozen=True)
@@ -250,7 +256,7 @@ class Registry:
         self,
         name: str,
         alias: str,
-        version: str,
+        version: str | None,
         why: str,
         action: str = "manual",
         who: str | None = None,
@@ -261,11 +267,15 @@ class Registry:
         `expect`: the version the caller judged against, i.e. what served the alias then (for `champion-<site>`
         with no site alias, the global champion; None when nothing served it). If that is no longer what serves
         it, raise `AliasMoved` and move nothing. `why` is required: an alias decides which model reads patients'
-        cells, so every move must say why.
+        cells, so every move must say why. `version` None removes a site's alias (`champion-<site>`), so that the
+        global champion serves the site again; the global champion is never removed.
         """
         if not why.strip():
             raise UsageError("an alias move needs a reason (why)")
-        self.version(name, version)  # fails clearly for an unknown model or version
+        if version is not None:
+            self.version(name, version)  # fails clearly for an unknown model or version
+        elif not alias.startswith(f"{CHAMPION}-"):
+            raise UsageError(f"{name}@{alias}: only a site's champion alias can be removed, never {alias}")
         with self._alias_lock():
             if expect is not ANY_VERSION:
                 serving = self.serving_version(name, alias)
@@ -283,12 +293,16 @@ class Registry:
                 name=name,
                 alias=alias,
                 from_version=previous,
-                to_version=str(version),
+                to_version=None if version is None else str(version),
                 state="intent",
             )
             key = ALIAS_MOVE_TAG + move.time.replace(":", "").replace("-", "").replace("+0000", "Z")
             self._call(lambda: self.client.set_registered_model_tag(name, key, json.dumps(asdict(move))), name)
-            self.set_alias(name, alias, version)
+            if version is None:
+                if previous is not None:
+                    self._call(lambda: self.client.delete_registered_model_alias(name, alias), f"{name}@{alias}")
+            else:
+                self.set_alias(name, alias, version)
             move = replace(move, state="done")
             self._call(lambda: self.client.set_registered_model_tag(name, key, json.dumps(asdict(move))), name)
             if self.audit_log is not None:  # in the lock: two movers' lines in the order of their moves
@@ -323,10 +337,16 @@ class Registry:
     def rollback(self, name: str, alias: str, why: str, who: str | None = None) -> AliasMove:
         """Move `alias` back to the version it pointed at before its latest (not rolled-back) move.
 
+        A move to the version already there (a promotion repeated) changes nothing, so it is no step to go back
+        over: rolling back after it went from v5 to v5 and left the version being rolled back serving. A site's
+        alias set by its first model goes back to not set, the global champion serving the site again (it said
+        there was no earlier version, and the only way back was removing the alias in MLflow by hand).
+
         The trail is checked against the live alias first: if the alias points elsewhere than the trail's last
         version, someone moved it outside CytoLoop and the trail cannot say what 'back' is; that is an error. The
         move itself is compare-and-set against the version checked."""
-        stack: list[str] = []
+        site = alias.startswith(f"{CHAMPION}-")  # unset is a state a site's alias goes back to
+        stack: list[str | None] = []
         for move in self.alias_history(name, alias):
             if move.action == "rollback":
                 if not stack:  # a trail that begins with a rollback (clocks of two hosts apart): no 'back' to trust
@@ -338,9 +358,10 @@ class Registry:
             else:
                 # the alias was set before the trail began, or outside CytoLoop between two of its moves: what it
                 # was moved from is what served before, and where a rollback of this move goes
-                if move.from_version is not None and (not stack or stack[-1] != move.from_version):
+                if (move.from_version is not None or site) and (not stack or stack[-1] != move.from_version):
                     stack.append(move.from_version)
-                stack.append(move.to_version)
+                if not stack or stack[-1] != move.to_version:
+                    stack.append(move.to_version)
         live = self.alias_version(name, alias)
         if stack and live != stack[-1]:
             raise RegistryError(

@@ -330,6 +330,41 @@ def test_rollback_goes_back_to_what_served_before_even_if_set_outside_the_trail(
     assert (back.from_version, back.to_version) == (v1, v3) and registry.alias_version("cells", "champion") == v3
 
 
+def test_rollback_after_a_repeated_promotion_goes_back_to_the_version_before(three_versions):
+    """v1 -> v2, then v2 promoted again (a command repeated after a timeout): the second move changed nothing, so a
+    rollback goes to v1. It went from v2 to v2, reported success and left v2 serving."""
+    registry, (v1, v2, _), _ = three_versions
+    registry.move_alias("cells", "champion", v2, why="second")
+    registry.move_alias("cells", "champion", v2, why="second, again")
+    back = registry.rollback("cells", "champion", why="undo")
+    assert (back.from_version, back.to_version) == (v2, v1) and registry.alias_version("cells", "champion") == v1
+
+
+def test_a_sites_first_model_rolls_back_to_the_global_champion(three_versions):
+    """A site's first adapted model (its alias moved from unset) is bad: rolling back removes the site's alias, so
+    the global champion serves the site again (it said there was no earlier version). A later model of the site
+    rolls back to unset again, never to the model rolled back before; the global champion is never removed."""
+    from cytoloop.registry import RegistryError, UsageError
+
+    registry, (v1, v2, v3), _ = three_versions
+    registry.move_alias("cells", "champion-s", v2, why="adapted", action="gate", expect=v1)
+    back = registry.rollback("cells", "champion-s", why="worse on the ward")
+    assert (back.from_version, back.to_version) == (v2, None)
+    assert registry.alias_version("cells", "champion-s") is None and registry.serving_version("cells", "champion-s") == v1
+    assert back.arrow() == f"@champion-s: v{v2} -> - (the global champion serves the site)"
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback("cells", "champion-s", why="again")
+
+    registry.move_alias("cells", "champion-s", v3, why="adapted again", action="gate", expect=v1)
+    assert registry.rollback("cells", "champion-s", why="undo").to_version is None
+    assert registry.serving_version("cells", "champion-s") == v1
+    with pytest.raises(UsageError, match="only a site's champion alias"):
+        registry.move_alias("cells", "champion", None, why="remove it")
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback("cells", "champion", why="before the first")
+    assert registry.alias_version("cells", "champion") == v1
+
+
 _NEW_REPLICA = """
 import json, sys
 from cytoloop.config import RegistryConfig, ServeConfig
