@@ -180,6 +180,15 @@ class FinetuneOutcome:
         merits, so the labels it learned are not in the model that serves."""
         return self.version.tags.get("gate.verdict") == "stale"
 
+    @property
+    def state(self) -> str:
+        """promoted; refused (by the gate, on its merits); stale (another alias move came first: run the job again,
+        it judges its version against what serves then); withdrawn (a rerun of a job whose version passed and was
+        promoted, moved off the alias since by a rollback or a newer model: nothing is done again)."""
+        if self.passed:
+            return "promoted"
+        return {"stale": "stale", "pass": "withdrawn"}.get(self.version.tags.get("gate.verdict", ""), "refused")
+
 
 def save_retrain_state(settings: Settings, records: Sequence[CellRecord], outcome: FinetuneOutcome) -> bool:
     """After a global retrain on `records`: count them as trained on, so the retrain policy counts new labels from
@@ -292,12 +301,14 @@ def _run_finetune(
         logger.info(f"   v{parent.version} is this job's own version, promoted before it stopped: nothing to do")
         return _outcome_of(registry, parent, CHAMPION, home / "finetune" / earlier)
     ran = [v for v in registry.versions(name) if v.tags.get("ray_run") == run_name]
-    judged = [v for v in ran if "gate.verdict" in v.tags]
+    judged = [v for v in ran if v.tags.get("gate.verdict") in ("pass", "refused")]
     if judged:  # this very job reached its verdict before: its version, not a duplicate
         _complete_promotion(registry, name, judged[-1], site_alias(site), who)
         version = registry.version(name, judged[-1].version)
         return _outcome_of(registry, version, site_alias(site), home / "finetune" / run_name)
-    # this job registered its version and stopped before the verdict: that version is judged, not registered again
+    # this job registered its version and stopped before the verdict, or another move came first (stale: no
+    # verdict on its merits, and rerunning returned that stale outcome forever): that version is judged now,
+    # against what serves, not registered again
     registered = ran[-1] if ran else None
 
     out = home / "finetune" / run_name
@@ -535,17 +546,22 @@ def _complete_promotion(registry, name: str, version: VersionInfo, alias: str, w
 
 
 def _outcome_of(registry, version: VersionInfo, alias: str, model_dir: Path) -> FinetuneOutcome:
-    """The outcome a finished run recorded on its registered version (its gate verdict and metrics)."""
+    """The outcome a finished run recorded on its registered version (its gate verdict and metrics). A version
+    that passed but no longer serves `alias` (rolled back since, or replaced) is not reported promoted: a rerun
+    said "promoted" of a version that did not serve (`FinetuneOutcome.state`: withdrawn)."""
     tags = version.tags
     metrics = dict(registry.client.get_run(version.run_id).data.metrics)
+    reasons = json.loads(tags.get("gate.reasons", "[]"))
+    passed = tags.get("gate.verdict") == "pass"
+    serving = registry.serving_version(version.name, alias) if passed else None
+    if passed and serving != version.version:
+        passed = False
+        reasons.append(
+            f"promoted once, moved off @{alias} since (v{serving or '-'} serves it now: a rollback or a newer "
+            "model); nothing done again"
+        )
     return FinetuneOutcome(
-        version,
-        tags.get("gate.verdict") == "pass",
-        json.loads(tags.get("gate.reasons", "[]")),
-        alias,
-        model_dir,
-        metrics,
-        json.loads(tags.get("gate.worse", "[]")),
+        version, passed, reasons, alias, model_dir, metrics, json.loads(tags.get("gate.worse", "[]"))
     )
 
 
@@ -555,8 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Inside a Ray job RAY_ADDRESS points at the job's cluster, so Ray Train's TorchTrainer joins that cluster (Ray
     connects on first use); run anywhere else, it starts a local Ray like `cytoloop retrain` does, which it mirrors
     (a global run records the retrain state; `--site` adapts like `cytoloop adapt`). The outcome is one JSON line
-    on stdout, for whoever reads the job's logs: `passed` says whether the version was promoted. Unlike `cytoloop
-    retrain` (exit code 3), a refusal exits 0 here: the job ran to its verdict, and a RayJob that failed would be
+    on stdout, for whoever reads the job's logs: `passed` says whether the version was promoted, `state` why not
+    (`FinetuneOutcome.state`: refused, stale, withdrawn). Unlike `cytoloop retrain` (exit codes 3 and 5), a version
+    not promoted exits 0 here: the job ran to its verdict, and a RayJob that failed would be
     retried or raise an alarm for a model rightly kept out. Bad input (a missing file, an unknown class, an invalid
     setting, no champion yet) ends with one line naming it on stderr and exit code 2, never a traceback.
     """
@@ -605,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "name": outcome.version.name,
                 "version": outcome.version.version,
                 "passed": outcome.passed,
+                "state": outcome.state,
                 "reasons": outcome.reasons,
                 "alias": outcome.alias,
             }

@@ -118,6 +118,7 @@ def split_list(value: str | None) -> list[str] | None:
 EXIT_BAD_INPUT = 2
 EXIT_GATE_REFUSED = 3
 EXIT_NOT_DUE = 4
+EXIT_STALE = 5  # a challenger not judged: another alias move came first; running the job again judges it
 
 
 def fail(message: str) -> None:
@@ -201,16 +202,21 @@ def labelled_records(path: Path) -> list:
 
 
 def print_outcome(outcome) -> None:
-    """Print a fine-tune's outcome; a challenger the gate refused ends the command with `EXIT_GATE_REFUSED`."""
+    """Print a fine-tune's outcome; a challenger the gate refused ends the command with `EXIT_GATE_REFUSED`, one
+    passed over because another alias move came first with `EXIT_STALE` (a scheduler runs that again, not the
+    refusal); a rerun of a job whose version was promoted and moved off since has nothing to do (0)."""
     _print_outcome(outcome)
-    if not outcome.passed:
-        raise typer.Exit(EXIT_GATE_REFUSED)
+    if outcome.state in ("refused", "stale"):
+        raise typer.Exit(EXIT_GATE_REFUSED if outcome.state == "refused" else EXIT_STALE)
 
 
 def _print_outcome(outcome) -> None:
-    verdict = (
-        "promoted to @" + outcome.alias if outcome.passed else "refused by the gate; @" + outcome.alias + " unchanged"
-    )
+    verdict = {
+        "promoted": f"promoted to @{outcome.alias}",
+        "refused": f"refused by the gate; @{outcome.alias} unchanged",
+        "stale": f"not judged: another move of @{outcome.alias} came first (run the job again to judge it)",
+        "withdrawn": f"promoted before, moved off @{outcome.alias} since; nothing to do",
+    }[outcome.state]
     typer.echo(
         f"registered {outcome.version.name} v{outcome.version.version} "
         f"(parent v{outcome.version.tags.get('parent_version')}, {outcome.version.tags.get('label_count')} "

@@ -177,7 +177,8 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(
         registry.move_alias(settings.registry.model_name, "champion", parent, why="test: the same job again")
     versions_before = len(registry.versions(settings.registry.model_name))
     again = run_finetune(settings, labels, pool)
-    assert again.version.version == outcome.version.version and again.passed == outcome.passed
+    assert again.version.version == outcome.version.version  # promoted, then moved off: not reported promoted
+    assert (again.passed, again.state) == ((False, "withdrawn") if outcome.passed else (False, "refused"))
     assert len(registry.versions(settings.registry.model_name)) == versions_before
     # a job stopped after registering its version and before its verdict leaves a version without gate tags: its
     # rerun judges that version (it used to report it finished, refused with no reason, and never gate it)
@@ -533,3 +534,27 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
 
     status = runner.invoke(app, ["status", "--config", str(root / "config.json")])
     assert status.exit_code == 0 and "@champion-north: v" + adapted.version in status.output
+
+    # another move of champion-north came first while the job judged: its version was passed over as stale, and
+    # every rerun returned that stale outcome (the parent, the global champion, unchanged: the same job). Now a
+    # rerun judges it against what serves north then (a lenient gate here, so that it passes)
+    lenient = json.loads((root / "config.json").read_text())
+    lenient["promotion"] = {
+        **lenient.get("promotion", {}),
+        **{"balanced_accuracy_tolerance": 1.0, "ece_tolerance": 1.0, "anomaly_auroc_tolerance": 1.0},
+    }
+    (root / "lenient.json").write_text(json.dumps(lenient))
+    champion = registry.by_alias(name, "champion").version
+    registry.move_alias(name, "champion-north", champion, why="test: another move came first")
+    registry.set_tags(name, adapted.version, {"gate.verdict": "stale", "gate.reasons": '["not promoted: test"]'})
+    count = len(registry.versions(name))
+    adapt = ["adapt", "--site", "north", "--labels", str(root / "north.csv"), "--config", str(root / "lenient.json")]
+    rejudged = runner.invoke(app, adapt)
+    assert rejudged.exit_code == 0 and "promoted to @champion-north" in rejudged.output, rejudged.output
+    assert len(registry.versions(name)) == count and registry.for_site(name, "north").version == adapted.version
+    # rolled back since: the same job again says so and moves nothing (it said "promoted" of a version not serving)
+    back = ["rollback", "--site", "north", "--reason", "worse on the ward", "--yes", "--config", str(root / "config.json")]
+    assert runner.invoke(app, back).exit_code == 0
+    again = runner.invoke(app, adapt)
+    assert again.exit_code == 0 and "moved off @champion-north since" in again.output, again.output
+    assert registry.for_site(name, "north").version == champion and len(registry.versions(name)) == count
