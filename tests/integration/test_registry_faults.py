@@ -350,7 +350,8 @@ def test_a_sites_first_model_rolls_back_to_the_global_champion(three_versions):
     registry.move_alias("cells", "champion-s", v2, why="adapted", action="gate", expect=v1)
     back = registry.rollback("cells", "champion-s", why="worse on the ward")
     assert (back.from_version, back.to_version) == (v2, None)
-    assert registry.alias_version("cells", "champion-s") is None and registry.serving_version("cells", "champion-s") == v1
+    assert registry.alias_version("cells", "champion-s") is None
+    assert registry.serving_version("cells", "champion-s") == v1
     assert back.arrow() == f"@champion-s: v{v2} -> - (the global champion serves the site)"
     with pytest.raises(RegistryError, match="no earlier version"):
         registry.rollback("cells", "champion-s", why="again")

@@ -553,7 +553,7 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
     assert rejudged.exit_code == 0 and "promoted to @champion-north" in rejudged.output, rejudged.output
     assert len(registry.versions(name)) == count and registry.for_site(name, "north").version == adapted.version
     # rolled back since: the same job again says so and moves nothing (it said "promoted" of a version not serving)
-    back = ["rollback", "--site", "north", "--reason", "worse on the ward", "--yes", "--config", str(root / "config.json")]
+    back = ["rollback", "--site", "north", "--reason", "worse", "--yes", "--config", str(root / "config.json")]
     assert runner.invoke(app, back).exit_code == 0
     again = runner.invoke(app, adapt)
     assert again.exit_code == 0 and "moved off @champion-north since" in again.output, again.output
