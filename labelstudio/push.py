@@ -5,7 +5,10 @@ a batch but before the outbox recorded it then resumes without duplicating anyth
 unreachable, or refuses us rather than a task (our token: 401/403; too many requests: 429), the push stops, the
 tasks stay pending, and the report says so; a task Label Studio refuses is marked with its error and an attempt
 (parked after `outbox.MAX_ATTEMPTS`) and never holds back the others. A site whose project cannot be made or listed
-keeps its tasks pending, with no attempt counted against them: that is no fault of theirs. A push first asks which
+keeps its tasks pending, with no attempt counted against them: that is no fault of theirs. Nor is an answer of 500
+or above to every task of a site (Label Studio failing, say its database locked under load, while it still lists
+projects): a task refused with a server error is blamed only when Label Studio took another task of its site in
+the same push; every task was blamed before, and a few minutes of failing parked the whole queue for good. A push first asks which
 Label Studio it reaches (`client.server_identity`): tasks another one took, whose cells have no consensus yet, are
 sent to this one too (`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task; so are tasks of a
 project it no longer has (deleted, perhaps made again under the same title: `Outbox.resend_lost`).
@@ -125,9 +128,24 @@ def stops_the_push(error: BaseException) -> bool:
     return unavailable(error) or getattr(error, "status_code", 0) in (401, 403, 429)
 
 
+def _server_error(error: BaseException) -> bool:
+    """An answer of 500 or above (those `unavailable` leaves out): Label Studio failing as likely as the task."""
+    return (getattr(error, "status_code", 0) or 0) >= 500
+
+
 def _push_site(
     client, outbox, ensure_project, site: str, tasks: list[dict], batch: int, report: PushReport, server: str
 ) -> None:
+    took_before, doubtful = report.pushed, {}  # doubtful: task key -> a server error it was answered with
+
+    def refused(task: dict, error: Exception) -> None:
+        key = task["data"]["task_key"]
+        if _server_error(error):
+            doubtful[key] = _describe(error)
+        else:
+            outbox.mark_failed([key], _describe(error))
+            report.failed += 1
+
     classes = list(dict.fromkeys(c for t in tasks for c in t["data"]["classes"]))  # every model's, in order
     project_id = ensure_project(site, classes)
     report.projects[site] = project_id
@@ -147,8 +165,7 @@ def _push_site(
             if stops_the_push(error):
                 raise
             if len(chunk) == 1:  # this task's own refusal
-                outbox.mark_failed([chunk[0]["data"]["task_key"]], _describe(error))
-                report.failed += 1
+                refused(chunk[0], error)
                 continue
             # the failure may have come after Label Studio took the chunk (our own bookkeeping failed): ask which
             # of its tasks are there, so the retry one by one imports none of them twice
@@ -166,8 +183,12 @@ def _push_site(
                 except Exception as single:
                     if stops_the_push(single):
                         raise
-                    outbox.mark_failed([task["data"]["task_key"]], _describe(single))
-                    report.failed += 1
+                    refused(task, single)
+    if doubtful and report.pushed == took_before:  # Label Studio took none of the site's tasks: its failure
+        raise RuntimeError(f"Label Studio failed on all {len(doubtful)} tasks sent: {next(iter(doubtful.values()))}")
+    for key, error in doubtful.items():  # it took others meanwhile: these tasks' own failures
+        outbox.mark_failed([key], error)
+        report.failed += 1
 
 
 def _remove_twins(client, outbox: Outbox, server: str) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -40,3 +42,48 @@ class HungDisk:
                 pass
             self._reader.join(timeout=0.1)
         self.path.unlink(missing_ok=True)
+
+
+class FailingServer:
+    """An HTTP front of a real server (`target`, a URL) that answers 500 to the requests `fails(method, path)`
+    picks while `failing` is set, as a server failing under load does (a database locked), and passes every other
+    request through to the real one. Its address is `url`; `close` stops it."""
+
+    def __init__(self, target: str, fails: Callable[[str, str], bool]):
+        import httpx
+
+        self.failing = False
+        front, upstream = self, httpx.Client(base_url=target.rstrip("/"), timeout=120)
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if front.failing and fails(self.command, self.path):
+                    answer = (500, {"Content-Type": "application/json"}, b'{"detail": "database is locked"}')
+                else:
+                    skip = {"host", "content-length", "connection", "accept-encoding"}
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                    got = upstream.request(self.command, self.path, content=body, headers=headers)
+                    kept = {"content-type": got.headers.get("content-type", "application/json")}
+                    answer = (got.status_code, kept, got.content)
+                self.send_response(answer[0])
+                for key, value in answer[1].items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer[2])))
+                self.end_headers()
+                self.wfile.write(answer[2])
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _any
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self._upstream = upstream
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._upstream.close()

@@ -285,6 +285,37 @@ def test_a_site_whose_project_fails_keeps_its_tasks_waiting_not_parked(label_stu
     assert set(project_task_keys(client, twins[0])) == {"east:cell0.png@v1", "east:cell1.png@v1"}
 
 
+def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_path):
+    """Label Studio answers 500 to every import for a while (its database locked under load, say) and still lists
+    its projects: each task was blamed, one attempt each push, and after MAX_ATTEMPTS pushes (minutes at the push
+    period) the whole queue was parked for good, its cells never asked about. A push in which Label Studio took
+    none of a site's tasks now blames none of them; once it takes tasks again they all arrive, once."""
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.outbox import MAX_ATTEMPTS, Outbox
+    from labelstudio.push import project_task_keys, push_outbox
+    from tests.faults import FailingServer
+
+    front = FailingServer(label_studio.url, lambda method, path: method == "POST" and "/import" in path)
+    try:
+        client = LabelStudio(base_url=front.url, api_key=label_studio.token)
+        outbox = Outbox(tmp_path / "outbox.db")
+        outbox.enqueue([_task("north", i) for i in range(3)])
+        ensure, projects = _site_projects(client)
+        front.failing = True
+        for _ in range(MAX_ATTEMPTS + 1):
+            report = push_outbox(client, outbox, ensure, batch=2)
+            assert (report.pushed, report.failed, report.pending) == (0, 0, 3)
+            assert "500" in report.site_errors["north"]
+        assert outbox.failures() == [] and len(outbox.pending()["north"]) == 3
+        front.failing = False
+        report = push_outbox(client, outbox, ensure, batch=2)
+        assert (report.pushed, report.failed, report.pending, report.site_errors) == (3, 0, 0, {})
+        assert len(project_task_keys(client, projects["north"])) == 3
+    finally:
+        front.close()
+
+
 def test_tasks_of_a_deleted_project_are_sent_again_unless_their_cell_is_settled(label_studio, tmp_path):
     """An admin deletes a site's project; the next push makes the site a new one. The outbox counted
     its tasks delivered, so their cells were never asked again; a cell whose consensus is in stays settled."""
