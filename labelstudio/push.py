@@ -8,10 +8,10 @@ tasks stay pending, and the report says so; a task Label Studio refuses is marke
 keeps its tasks pending, with no attempt counted against them: that is no fault of theirs. Nor is an answer of 500
 or above to every task of a site (Label Studio failing, say its database locked under load, while it still lists
 projects): a task refused with a server error is blamed only when Label Studio took another task of its site in
-the same push; every task was blamed before, and a few minutes of failing parked the whole queue for good. A push first asks which
-Label Studio it reaches (`client.server_identity`): tasks another one took, whose cells have no consensus yet, are
-sent to this one too (`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task; so are tasks of a
-project it no longer has (deleted, perhaps made again under the same title: `Outbox.resend_lost`).
+the same push; every task was blamed before, and a few minutes of failing parked the whole queue for good. A push
+first asks which Label Studio it reaches (`client.server_identity`): tasks another one took, whose cells have no
+consensus yet, are sent to this one too (`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task;
+so are tasks of a project it no longer has (deleted, perhaps made again under the same title: `Outbox.resend_lost`).
 
 An import that got no answer (a timeout, a killed push) can be committed by Label Studio after the next push listed
 the project and sent the task again. While the outbox watches such a task (`Outbox.watched`), each push lists its
