@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 from dataclasses import dataclass
 
 from fastapi import HTTPException
@@ -173,7 +174,23 @@ def _named_part(name: str | None, data: bytes, index: int) -> tuple[str, bytes |
     return name, data
 
 
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's members, refusing a name given twice: JSON parsers keep the last, so a body naming `site`
+    (or `cells`) twice was answered for whichever came last, the other's cells dropped without a word; the
+    multipart form refuses a repeated field for the same reason."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise HTTPException(422, f"invalid request: member {key!r} given twice in one JSON object; give it once")
+        seen[key] = value
+    return seen
+
+
 def _json(body: bytes):
+    try:
+        json.loads(body, object_pairs_hook=_refuse_repeated_keys)
+    except ValueError:  # not JSON at all (UnicodeDecodeError too): the validation below names what is wrong
+        pass
     try:
         parsed = ClassifyRequest.model_validate_json(body)
     except ValidationError as error:

@@ -132,6 +132,38 @@ def test_a_form_field_given_twice_is_refused_naming_it():
         assert refused.value.status_code == 422 and f"form field '{field}' given 2 times" in refused.value.detail
 
 
+def test_a_json_member_given_twice_is_refused_naming_it():
+    """`{"cells": [A, B], "site": "north", "cells": [C], "site": "south"}` was answered for C with south's model, A
+    and B dropped without a word: a JSON parser keeps the last of a repeated member."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from services.uploads import read_upload
+
+    def upload(body: bytes):
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(b"content-type", b"application/json")]
+        scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": headers, "query_string": b""}
+        return asyncio.run(read_upload(Request(scope, receive), ServeConfig()))
+
+    cell = '{"name": "a.png", "image_b64": "eA=="}'
+    assert upload(json.dumps({"site": "north", "cells": [json.loads(cell)]}).encode()).site == "north"
+    for body, member in (
+        (f'{{"cells": [{cell}], "site": "north", "cells": [{cell}], "site": "south"}}', "cells"),
+        ('{"cells": [{"name": "a.png", "image_b64": "eA==", "name": "b.png"}]}', "name"),
+    ):
+        with pytest.raises(HTTPException) as refused:
+            upload(body.encode())
+        assert refused.value.status_code == 422 and f"member {member!r} given twice" in refused.value.detail
+    with pytest.raises(HTTPException) as refused:  # not JSON: still the validation's own words
+        upload(b'{"cells": [')
+    assert refused.value.status_code == 422 and "invalid request" in refused.value.detail
+
+
 def test_readyz_logs_an_error_without_a_message_by_its_type():
     """`TimeoutError()` has an empty message: taking its last line raised IndexError inside the handler, and /readyz
     answered 500 instead of 503."""
