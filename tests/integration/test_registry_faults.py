@@ -478,6 +478,21 @@ def test_a_registered_version_is_a_real_mlflow_model(registered, cells_dir):
     assert np.allclose(answer[["p_a", "p_b"]].to_numpy(), expected.probs, atol=1e-6)
     with pytest.raises(Exception, match="the input has no rows"):  # not a stacking error from numpy
         pyfunc.predict(frame.iloc[:0])
+    # checked at intake as the service checks an upload: a GIF was classified, an EPS handed to Ghostscript
+    import io
+
+    from PIL import Image
+
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 170, 190)).save(gif, format="GIF")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+    for row, why in (
+        (base64.b64encode(gif.getvalue()).decode(), "not an image in an accepted format"),
+        (base64.b64encode(eps).decode(), "not an image in an accepted format"),
+        ("not base64!", "not valid base64"),
+    ):
+        with pytest.raises(Exception, match=f"row 1: {why}"):
+            pyfunc.predict(pd.DataFrame({"image": [frame["image"][0], row]}))
 
 
 def test_a_pass_recorded_but_never_moved_is_completed_by_the_job_s_rerun(three_versions):

@@ -6,7 +6,9 @@ MLflow UI's signature and input example. The CytoLoop model directory itself tra
 artifact `cytoloop` (`artifacts/cytoloop/` in the version's files); Ray Serve keeps loading that directory through
 the library (`registry.Registry.load`), never through pyfunc.
 
-Input: a table with one column `image`, each row one cell image (BMP, JPEG, PNG or TIFF) as base64 text. Output:
+Input: a table with one column `image`, each row one cell image (BMP, JPEG, PNG or TIFF) as base64 text, checked
+at intake as the service checks an upload (`data.intake`, the default `serve.*` limits): only those four formats are
+opened (Pillow would run Ghostscript on EPS), and a file or image too large is refused before it is decoded. Output:
 one row per cell, `label`, `confidence`, `anomaly` and one `p_<class>` column per class. Preprocessing is the
 service's (`data.preprocess`), scoring the model's own on all its classes to the end: what `POST /v1/classify`
 answers for a site without `sites.<site>.classes`, except for the cells the service stops early on a route exit
@@ -17,12 +19,15 @@ loaded, so the library keeps working without it.
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 from pathlib import Path
 
 import numpy as np
 
-from cytoloop.data.preprocess import preprocess
+from cytoloop.config import ServeConfig
+from cytoloop.data.intake import CellRejected, Limits, check_image
+from cytoloop.data.preprocess import to_model_input
 from cytoloop.models.base import Classifier
 from cytoloop.models.loading import load_model
 
@@ -32,19 +37,16 @@ IMAGE_COLUMN = "image"
 
 def predict_frame(model: Classifier, frame):
     """The pyfunc answer for a table of base64 cell images (see the module docstring); raises `ImageError` naming
-    the first row that is not an image."""
+    the first row that is not an accepted image (`CellRejected`: which row and why, as the service says it)."""
     import pandas as pd
 
     if IMAGE_COLUMN not in frame.columns:
         raise ValueError(f"the input needs a column {IMAGE_COLUMN!r} of base64 images; got {list(frame.columns)}")
     if len(frame) == 0:
         raise ValueError(f"the input has no rows: give one base64 image per row in column {IMAGE_COLUMN!r}")
-    images = np.stack(
-        [
-            preprocess(base64.b64decode(text), model.data_config, name=f"row {i}")
-            for i, text in enumerate(frame[IMAGE_COLUMN])
-        ]
-    )
+    defaults = ServeConfig()
+    limits = Limits(defaults.max_image_bytes, defaults.max_image_pixels)
+    images = np.stack([_cell(text, f"row {i}", model, limits) for i, text in enumerate(frame[IMAGE_COLUMN])])
     predictions = model.predict(images)
     out = pd.DataFrame(
         {
@@ -56,6 +58,15 @@ def predict_frame(model: Classifier, frame):
     for j, name in enumerate(model.classes):
         out[f"p_{name}"] = predictions.probs[:, j].astype(float)
     return out
+
+
+def _cell(text, name: str, model: Classifier, limits: Limits) -> np.ndarray:
+    """One row's image, checked at intake and prepared as the service prepares it."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError) as error:
+        raise CellRejected(name, "bad_base64", f"not valid base64 text ({error})", 422) from None
+    return to_model_input(check_image(data, name, limits), model.data_config)
 
 
 def output_example(classes: list[str]):
