@@ -147,6 +147,13 @@ class Classifier:
         self._classify_batch.set_max_batch_size(self.config.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(self.config.batch_wait_s)
         logger.info("reconfigured: %s", live.model_dump(exclude_none=True))
+        if self.config.max_batch_size >= self.config.max_ongoing_requests:  # the settings refuse it at start
+            logger.warning(
+                "max_batch_size %d is not below max_ongoing_requests %d (as started): batches and model calls "
+                "stop at the requests a replica is given at once; raise max_ongoing_requests with it",
+                self.config.max_batch_size,
+                self.config.max_ongoing_requests,
+            )
 
     @serve.multiplexed(max_num_models_per_replica=SITE_MODELS_PER_REPLICA)
     async def site_model(self, key: str) -> LiveModel:
