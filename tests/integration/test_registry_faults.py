@@ -109,6 +109,29 @@ def test_a_version_number_that_now_names_another_model_is_not_served_from_the_ca
     assert kept == sorted([version, "last-known-good"])  # the old copy is gone, not set aside
 
 
+def test_a_site_on_the_global_champion_s_version_shares_its_loaded_model(registered):
+    """`champion-x` on the version `champion` points at (a site's promote, or its alias set back by hand): the
+    replica holding both loaded that version twice, keyed by the alias that chose it (twice the memory, on a GPU
+    perhaps more than there is)."""
+    from cytoloop.config import RegistryConfig, RoutingConfig, ServeConfig
+    from cytoloop.serving.live import LiveModel, ServiceCache
+    from cytoloop.serving.model_source import ModelSource
+
+    registry, version, cache = registered
+    registry.set_alias("cells", "champion", version)
+    registry.set_alias("cells", "champion-x", version)
+    source = ModelSource(
+        ServeConfig(), RegistryConfig(tracking_uri=registry.tracking_uri, cache_dir=cache, model_name="cells")
+    )
+    loads = []
+    load = source.load
+    source.load = lambda ref: loads.append(ref) or load(ref)
+    services = ServiceCache(source, RoutingConfig())
+    north, x = LiveModel(None, source, services), LiveModel("x", source, services)
+    assert (north.service.ref.alias, x.service.ref.alias) == ("champion", "champion-x")  # each says what chose it
+    assert north.service.model is x.service.model and len(loads) == 1
+
+
 def test_a_version_rolled_back_while_a_replica_loads_it_is_not_recorded_as_last_known_good(registered):
     """A replica resolved v2 and spent a while loading it; v2 was rolled back meanwhile and the other replicas
     recorded v1. The slow replica then recorded v2, and a replica starting while the registry was down served the

@@ -22,6 +22,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Sequence
+from dataclasses import replace
 
 from cytoloop.config import RoutingConfig
 from cytoloop.errors import UsageError
@@ -154,19 +155,19 @@ class ServiceCache:
     def __init__(self, source: ModelSource, routing: RoutingConfig):
         self.source, self.routing = source, routing
         self._loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (ref, classes) -> service
-        self._models: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # ref -> model
+        self._models: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # version (no alias) -> model
         self._lock = threading.Lock()  # the two tables and the routing: held briefly, never while a model loads
         self._loading: dict[ModelRef, threading.Lock] = {}  # one lock per version being loaded
 
-    def _load_once(self, ref: ModelRef, loading: threading.Lock, cached_only: bool) -> Classifier:
-        """Load `ref` under its own lock: a second caller of the same version waits, then finds it loaded."""
+    def _load_once(self, ref: ModelRef, version: ModelRef, loading: threading.Lock, cached_only: bool) -> Classifier:
+        """Load `ref` under its version's lock: a second caller of the same version waits, then finds it loaded."""
         with loading:
             with self._lock:
-                model = self._models.get(ref)
+                model = self._models.get(version)
             if model is None:
                 model = self.source.load_cached(ref) if cached_only else self.source.load(ref)
                 with self._lock:  # before the next caller of this version is let in
-                    self._models[ref] = model
+                    self._models[version] = model
             return model
 
     def _forget_loading(self, ref: ModelRef, loading: threading.Lock) -> None:
@@ -186,21 +187,23 @@ class ServiceCache:
         from the local cache without the registry. Raises UsageError when the version lacks one of `classes`.
 
         A version loads under a lock of its own: loaded under the cache's one lock, a download held up every
-        other site's service, loaded or not, and a reconfigure, for as long as it took."""
+        other site's service, loaded or not, and a reconfigure, for as long as it took. One version is one loaded
+        model whichever alias chose it (a site's alias on the global champion's version: it was loaded twice)."""
         key = (ref, None if classes is None else tuple(classes))
+        version = replace(ref, alias=None)  # the loaded model's key: the version, not the alias that chose it
         with self._lock:
             service = self._loaded.get(key)
             if service is not None:
                 return service
-            model = self._models.get(ref)
+            model = self._models.get(version)
             if model is None:
-                loading = self._loading.setdefault(ref, threading.Lock())
+                loading = self._loading.setdefault(version, threading.Lock())
         if model is None:
             try:
-                model = self._load_once(ref, loading, cached_only)
+                model = self._load_once(ref, version, loading, cached_only)
             finally:
                 with self._lock:
-                    self._forget_loading(ref, loading)
+                    self._forget_loading(version, loading)
         with self._lock:
             service = self._loaded.get(key)
             if service is None:
