@@ -150,21 +150,25 @@ def promote(
     site: str | None = typer.Option(
         None, callback=site_name, help="promote to champion-<site> instead of the global champion"
     ),
+    cross_site: bool = typer.Option(
+        False, "--cross-site", help="promote a version made for one site as another scope's champion"
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
-    """Point the champion alias at VERSION whatever the gate said, recording who and why."""
-    if not yes:
-        typer.confirm(
-            f"Serve v{version} as @{'champion-' + site if site else 'champion'}, overriding the gate?", abort=True
-        )
+    """Point the champion alias at VERSION whatever the gate said, recording who and why. A version made for a
+    site serves only that site unless --cross-site."""
 
     def action():
         from cytoloop.policy.promotion import override
         from cytoloop.registry import open_registry, site_alias
 
         settings = settings_from(config)
-        move = override(open_registry(settings), settings.registry.model_name, version, site_alias(site), reason)
+        registry, name, alias = open_registry(settings), settings.registry.model_name, site_alias(site)
+        if not yes:  # what the version is, asked before anything moves
+            made_for = registry.version(name, version).tags.get("site") or "unknown"
+            typer.confirm(f"Serve v{version} (made for: {made_for}) as @{alias}, overriding the gate?", abort=True)
+        move = override(registry, name, version, alias, reason, cross_site=cross_site)
         typer.echo(f"{move.arrow()} (override by {move.who})")
 
     run(action)

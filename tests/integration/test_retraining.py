@@ -535,6 +535,17 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
     status = runner.invoke(app, ["status", "--config", str(root / "config.json")])
     assert status.exit_code == 0 and "@champion-north: v" + adapted.version in status.output
 
+    # a version made for north is one flag away from serving everyone (its stain target, its classes' temperature,
+    # the parent of every later fine-tune): promoting it elsewhere needs --cross-site
+    promote = ["promote", adapted.version, "--reason", "for north", "--yes", "--config", str(root / "config.json")]
+    for scope in ([], ["--site", "south"]):
+        refused = runner.invoke(app, [*promote, *scope])
+        assert refused.exit_code == 2 and "made for site 'north'" in refused.output, refused.output
+    assert registry.by_alias(name, "champion").version != adapted.version
+    assert registry.for_site(name, "south").version == registry.by_alias(name, "champion").version
+    assert runner.invoke(app, [*promote, "--site", "south", "--cross-site"]).exit_code == 0
+    assert registry.for_site(name, "south").version == adapted.version
+
     # another move of champion-north came first while the job judged: its version was passed over as stale, and
     # every rerun returned that stale outcome (the parent, the global champion, unchanged: the same job). Now a
     # rerun judges it against what serves north then (a lenient gate here, so that it passes)

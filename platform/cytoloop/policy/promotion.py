@@ -334,10 +334,27 @@ def promote(
     )
 
 
-def override(registry, name: str, version: str, alias: str, reason: str, who: str | None = None):
-    """A person promotes `version` whatever the gate said; the reason is kept on the version and in the trail."""
+def override(
+    registry, name: str, version: str, alias: str, reason: str, who: str | None = None, cross_site: bool = False
+):
+    """A person promotes `version` whatever the gate said; the reason is kept on the version and in the trail.
+
+    A version made for one site (its `site` tag) is refused as another scope's champion unless `cross_site`: it
+    is normalised to that site's stain and calibrated on its classes, and as the global champion every later
+    fine-tune would start from it (one meant for `--site` was one flag away). A global version may serve a site
+    (a site pinned to an earlier global model)."""
+    from cytoloop.registry import CHAMPION
+
     if not reason.strip():
         raise UsageError("an override needs a reason")
+    made_for = registry.version(name, version).tags.get("site")
+    scope = alias.removeprefix(f"{CHAMPION}-") if alias.startswith(f"{CHAMPION}-") else "global"
+    if made_for not in (None, "global", scope) and not cross_site:
+        meant = f"site {scope!r}" if scope != "global" else "the global champion"
+        raise UsageError(
+            f"{name} v{version} was made for site {made_for!r}, not for {meant} (@{alias}); promote it with "
+            f"--site {made_for}, or give --cross-site if that is meant"
+        )
     move = registry.move_alias(name, alias, version, why=reason, action="override", who=who)
     registry.set_tags(name, version, {"gate.override": reason, "gate.override_by": move.who})
     return move
