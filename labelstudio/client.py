@@ -35,7 +35,10 @@ def connect(url: str, token: str, timeout: float = 30.0) -> LabelStudio:
     try:
         client.users.whoami()
     except Exception as error:  # the SDK raises ApiError(401) for a bad token, httpx errors for a dropped connection
-        raise LabelStudioUnavailable(f"Label Studio at {url} refused the API token: {error}") from error
+        if getattr(error, "status_code", None) in (401, 403):
+            raise LabelStudioUnavailable(f"Label Studio at {url} refused the API token: {error}") from error
+        # a timeout or a server error under load is not the token's fault: say what it was
+        raise LabelStudioUnavailable(f"Label Studio at {url} failed to say who the API token is: {error}") from error
     return client
 
 

@@ -316,6 +316,26 @@ def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_pa
         front.close()
 
 
+def test_connecting_names_the_token_only_when_label_studio_refuses_it(label_studio):
+    """Any failure of the token check (a server error under load, a timeout) was reported as Label Studio refusing
+    the API token, sending an operator to the token when the server was the trouble."""
+    from labelstudio.client import LabelStudioUnavailable, connect
+    from tests.faults import FailingServer
+
+    with pytest.raises(LabelStudioUnavailable, match="refused the API token"):
+        connect(label_studio.url, "not-the-token")
+    front = FailingServer(label_studio.url, lambda method, path: "whoami" in path)
+    try:
+        front.failing = True
+        with pytest.raises(LabelStudioUnavailable, match="failed to say who the API token is.*500") as failed:
+            connect(front.url, label_studio.token)
+        assert "refused" not in str(failed.value)
+        front.failing = False
+        assert connect(front.url, label_studio.token) is not None
+    finally:
+        front.close()
+
+
 def test_tasks_of_a_deleted_project_are_sent_again_unless_their_cell_is_settled(label_studio, tmp_path):
     """An admin deletes a site's project; the next push makes the site a new one. The outbox counted
     its tasks delivered, so their cells were never asked again; a cell whose consensus is in stays settled."""
