@@ -190,12 +190,18 @@ class ReviewLoop:
         seen = self.outbox.known(keys)
         agreed = self.agreed_cells()
         decided = [cell_key(s, c.cell_id) in agreed for s, c in zip(sites, scored)]
-        fresh = [r for r, k, done in zip(routed, keys, decided) if k not in seen and not done]
+        # one task per key: the same image twice in one call (two files, or two labs' copies) spent two picks of
+        # the budget on one task, and, keyed by image alone, both went to the last copy's site
+        fresh, taken = [], set()
+        for r, k, done in zip(routed, keys, decided):
+            if k not in seen and not done and k not in taken:
+                fresh.append(r)
+                taken.add(k)
         chosen = select_for_review(fresh, routing, budget)
-        context = {uid: (r, s) for uid, r, s in zip(uids, records, sites)}
+        context = {id(c): (r, s) for c, r, s in zip(scored, records, sites)}  # the scored cell: its record, site
         tasks = []
         for item in chosen:
-            record, cell_site = context[item.cell.cell_id]
+            record, cell_site = context[id(item.cell)]
             cell = CellContext(record.path, cell_site, record.domain, model_version, tuple(classes), record.cell_id)
             tasks.append(build_task(item, cell, self.images_root))
         # the model's answer, kept where annotators cannot read it (audit tasks do not carry it)
@@ -209,7 +215,7 @@ class ReviewLoop:
             queued=queued,
             by_site=dict(Counter(t["data"]["site"] for t in tasks)),
             reason_of={str(r.path): item.reason for r, item in zip(records, routed)},
-            sent_paths=[str(context[item.cell.cell_id][0].path) for item in chosen],
+            sent_paths=[str(context[id(item.cell)][0].path) for item in chosen],
         )
         if push:
             report.push = self.push()

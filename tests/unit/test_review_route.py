@@ -52,6 +52,31 @@ def test_two_batches_with_the_same_file_names_are_different_cells(tmp_path):
     assert (again.queued, again.already_queued) == (0, 3)
 
 
+def test_the_same_image_twice_in_one_call_is_one_task_per_site_and_each_goes_to_its_own(tmp_path):
+    """The same image in two labs' folders, routed in one call: keyed by image alone, both tasks went to the last
+    copy's site (one task; the other lab's never queued, chosen again every round); within one site a second copy
+    spent a second pick of the budget on one task."""
+    import shutil
+
+    cells = _batch(tmp_path / "images", "north", 5)
+    south = tmp_path / "images" / "south"
+    south.mkdir()
+    shutil.copy(cells[0].path, south / "copy.png")
+    (south / "manifest.csv").write_text("path,label,domain\ncopy.png,,south\n")
+    [copy] = read_manifest(south / "manifest.csv")
+    loop = _loop(tmp_path)
+    probs = _uncertain(3).probs
+    report = loop.route([cells[0], copy], Predictions(probs[:2], np.zeros(2), np.ones(2)), CLASSES, "v1", push=False)
+    assert report.queued == 2 and report.by_site == {"north": 1, "south": 1}
+    keys = {t["data"]["task_key"] for site_tasks in loop.outbox.pending().values() for t in site_tasks}
+    uid = cell_uid(cells[0].path)
+    assert keys == {f"north:{uid}@v1", f"south:{uid}@v1"}
+
+    twice = [cells[1], cells[1], cells[2]]  # one site, one image listed twice, a budget of two
+    report = loop.route(twice, Predictions(probs, np.zeros(3), np.ones(3)), CLASSES, "v1", push=False, budget=2)
+    assert report.queued == 2 and report.chosen == 2  # both other cells: the copy took no pick
+
+
 def test_a_cell_with_consensus_is_not_routed_again_for_a_new_model_version(tmp_path):
     cells = _batch(tmp_path / "images", "batch1", 3)
     loop = _loop(tmp_path)
