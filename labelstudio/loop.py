@@ -132,13 +132,19 @@ class ReviewLoop:
             image_url(record.path, root)
 
     def projects(self) -> dict[str, int]:
-        """site -> project id of every project whose title follows our template."""
+        """site -> project id of every project whose title follows our template (of a site with two such projects,
+        the last listed: `titled_projects` has them all)."""
+        return dict(self.titled_projects())
+
+    def titled_projects(self) -> list[tuple[str, int]]:
+        """(site, project id) of every project whose title follows our template, a site's copies included: two
+        bootstraps racing, or an admin's copy, can give a site two projects, and annotators may label in both."""
         prefix, _, suffix = self.settings.review.project_title.partition("{site}")
-        return {
-            p.title[len(prefix) : len(p.title) - len(suffix)]: p.id
+        return [
+            (p.title[len(prefix) : len(p.title) - len(suffix)], p.id)
             for p in self.client.projects.list()
             if p.title.startswith(prefix) and p.title.endswith(suffix) and len(p.title) > len(prefix) + len(suffix)
-        }
+        ]
 
     # -- out: routing and pushing --------------------------------------------------------------------------------
     def route(
@@ -246,8 +252,10 @@ class ReviewLoop:
 
     # -- back: labels ---------------------------------------------------------------------------------------------
     def sync(self, on_annotation: Callable[[int], None] | None = None) -> SyncReport:
-        """Apply stored webhook events, then poll every review project (catches what webhooks missed)."""
-        return sync(self.client, self.store, self.projects().values(), self.server, on_annotation=on_annotation)
+        """Apply stored webhook events, then poll every review project (catches what webhooks missed), each of a
+        site's copies too (keyed by site, one of two copies was never polled: its labels only came by webhook)."""
+        projects = [project_id for _, project_id in self.titled_projects()]
+        return sync(self.client, self.store, projects, self.server, on_annotation=on_annotation)
 
     def report(self) -> dict:
         return review_report(self.store, self.settings.review.labels_required)

@@ -336,6 +336,29 @@ def test_connecting_names_the_token_only_when_label_studio_refuses_it(label_stud
         front.close()
 
 
+def test_a_poll_reads_every_project_titled_for_a_site(label_studio):
+    """Two projects with one site's title (two bootstraps racing, an admin's copy), labelled in both: keyed by site,
+    the poll read one of them, and the other's labels came only by webhook, their deletions never retracted."""
+    from labelstudio.bootstrap import ensure_project
+    from labelstudio.loop import ReviewLoop
+
+    template = f"poll copies {next(_names)} {{site}}"
+    review = label_studio.settings.review.model_copy(update={"project_title": template})
+    loop = ReviewLoop(label_studio.settings.model_copy(update={"review": review}))
+    title = template.format(site="east")
+    first = ensure_project(loop.client, title, CLASSES, labels_required=1)
+    copy = loop.client.projects.create(title=title, label_config=loop.client.projects.get(id=first).label_config).id
+    labelled = []
+    for i, project_id in enumerate((first, copy)):
+        task = {"data": {"image": f"/data/cell{i}.png", "site": "east", "cell_id": f"cell{i}.png"}}
+        loop.client.projects.import_tasks(id=project_id, request=[task])
+        [task_id] = [t.id for t in loop.client.tasks.list(project=project_id)]
+        labelled.append(label(loop.client, task_id, "monocyte"))
+    assert sorted(project_id for site, project_id in loop.titled_projects() if site == "east") == sorted([first, copy])
+    loop.sync()
+    assert set(labelled) <= live(loop.store)
+
+
 def test_tasks_of_a_deleted_project_are_sent_again_unless_their_cell_is_settled(label_studio, tmp_path):
     """An admin deletes a site's project; the next push makes the site a new one. The outbox counted
     its tasks delivered, so their cells were never asked again; a cell whose consensus is in stays settled."""
