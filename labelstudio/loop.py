@@ -98,11 +98,26 @@ class ReviewLoop:
         project_id = ensure_project(
             self.client, project_title(review.project_title, site), classes, review.labels_required
         )
-        secret = stack_secrets(self.settings)["webhook_secret"]
-        url = f"{webhook_url(self.settings)}?{urlencode({'server': self.server})}"  # events say where they came from
-        ensure_webhook(self.client, project_id, url, secret)
+        ensure_webhook(self.client, project_id, self._webhook_url(), stack_secrets(self.settings)["webhook_secret"])
         ensure_image_storage(self.client, project_id, self.images_root)
         return project_id
+
+    def _webhook_url(self) -> str:
+        """Our receiver's URL as this Label Studio's webhooks call it: the query says which server an event is from."""
+        return f"{webhook_url(self.settings)}?{urlencode({'server': self.server})}"
+
+    def ensure_webhooks(self, project_ids: Sequence[int]) -> None:
+        """Our webhook on each project, as `bootstrap` sets it, for every project and not only those a push reaches:
+        a site with no task waiting kept a webhook from before (no server in its URL: its events refused; the
+        receiver's old port: sent nowhere), and its labels came back only by the poll. Best effort per project."""
+        url, secret = self._webhook_url(), stack_secrets(self.settings)["webhook_secret"]
+        for project_id in project_ids:
+            try:
+                ensure_webhook(self.client, project_id, url, secret)
+            except Exception as error:
+                if unavailable(error):
+                    raise
+                logger.warning(f"project {project_id}'s webhook is checked next time: {type(error).__name__}: {error}")
 
     @property
     def server(self) -> str:
@@ -252,9 +267,11 @@ class ReviewLoop:
 
     # -- back: labels ---------------------------------------------------------------------------------------------
     def sync(self, on_annotation: Callable[[int], None] | None = None) -> SyncReport:
-        """Apply stored webhook events, then poll every review project (catches what webhooks missed), each of a
-        site's copies too (keyed by site, one of two copies was never polled: its labels only came by webhook)."""
+        """Check our webhook on every review project (`ensure_webhooks`), apply stored webhook events, then poll every
+        review project (catches what webhooks missed), each of a site's copies too (keyed by site, one of two copies
+        was never polled: its labels only came by webhook)."""
         projects = [project_id for _, project_id in self.titled_projects()]
+        self.ensure_webhooks(projects)
         return sync(self.client, self.store, projects, self.server, on_annotation=on_annotation)
 
     def report(self) -> dict:

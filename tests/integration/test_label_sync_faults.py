@@ -359,6 +359,30 @@ def test_a_poll_reads_every_project_titled_for_a_site(label_studio):
     assert set(labelled) <= live(loop.store)
 
 
+def test_a_poll_sets_our_webhook_on_every_project_not_only_those_a_push_reaches(label_studio):
+    """A project whose webhook still calls the receiver as before server identities (no `server` in its URL: every
+    event refused) kept it until a push reached its site, and a site with no task waiting never was: its labels
+    came back only by the poll. The poll now sets the webhook on every project it reads."""
+    from labelstudio.bootstrap import SECRET_HEADER
+    from labelstudio.loop import ReviewLoop
+    from ops.stack import webhook_url
+
+    template = f"hooks {next(_names)} {{site}}"
+    review = label_studio.settings.review.model_copy(update={"project_title": template})
+    loop = ReviewLoop(label_studio.settings.model_copy(update={"review": review}))
+    project_id = loop.bootstrap("idle", CLASSES)
+
+    def hooks() -> list[str]:
+        listed = loop.client.webhooks.list(project=str(project_id))
+        return [h.url for h in listed if h.project == project_id and SECRET_HEADER in (h.headers or {})]
+
+    [hook] = [h for h in loop.client.webhooks.list(project=str(project_id)) if h.project == project_id]
+    loop.client.webhooks.update(id=hook.id, url=webhook_url(loop.settings))  # as set before server identities
+    assert hooks() == [webhook_url(loop.settings)]
+    loop.sync()
+    assert hooks() == [loop._webhook_url()] and "server=" in hooks()[0]
+
+
 def test_tasks_of_a_deleted_project_are_sent_again_unless_their_cell_is_settled(label_studio, tmp_path):
     """An admin deletes a site's project; the next push makes the site a new one. The outbox counted
     its tasks delivered, so their cells were never asked again; a cell whose consensus is in stays settled."""
