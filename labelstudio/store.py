@@ -15,7 +15,9 @@ the first server that syncs (`adopt`): upgrade, then sync once against the same 
 
 Webhook events are first written here raw (`events`), in the request, so the receiver can answer within Label
 Studio's 1 s timeout; `process_events` turns them into rows afterwards. Each event is applied and marked done in
-one transaction, so a crash never applies an event twice or loses it.
+one transaction, so a crash never applies an event twice or loses it. An applied event's body (Label Studio sends
+the whole project with each, kilobytes) is emptied `EVENT_BODY_DAYS` after it was applied (`forget_applied_bodies`):
+its labels are rows by then, and the table grew by every event for ever. A quarantined event keeps its body.
 
 The file is opened in WAL mode with a busy timeout: the webhook receiver and a sync may write at the same time.
 """
@@ -25,9 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cytoloop.policy.consensus import Vote
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 # 1: keyed by annotation id alone; 2: keyed by (server, annotation id), task_context (`_migrate` goes 1 -> 2)
 SCHEMA_VERSION = 2  # PRAGMA user_version of the file
+EVENT_BODY_DAYS = 7  # an applied webhook event's body is kept this long (for a person to look at), then emptied
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -48,6 +52,7 @@ CREATE TABLE IF NOT EXISTS events (
     error TEXT,
     server TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS events_pending ON events (id) WHERE processed_at IS NULL;
 CREATE TABLE IF NOT EXISTS annotations (
     server TEXT NOT NULL DEFAULT '',
     annotation_id INTEGER NOT NULL,
@@ -146,6 +151,7 @@ class LabelStore:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self._next_forget = 0.0  # when `process_events` next empties old applied events' bodies (monotonic)
         self._migrate()
         sqlite.initialise(self.path, SCHEMA, SCHEMA_VERSION)
 
@@ -219,6 +225,9 @@ class LabelStore:
         raises.
         """
         done = 0
+        if time.monotonic() >= self._next_forget:  # at most hourly: a scan of the applied events
+            self._next_forget = time.monotonic() + 3600
+            self.forget_applied_bodies(datetime.now(UTC) - timedelta(days=EVENT_BODY_DAYS))
         while limit is None or done < limit:
             with sqlite.transaction(self.path) as db:
                 row = db.execute(
@@ -240,6 +249,15 @@ class LabelStore:
                 db.execute("UPDATE events SET processed_at = ?, error = ? WHERE id = ?", (_now(), error, row["id"]))
             done += 1
         return done
+
+    def forget_applied_bodies(self, before: datetime) -> int:
+        """Empty the bodies of the events applied without error before `before`; returns how many. The event row
+        stays (it is counted by `event_counts`); its labels are in `annotations`."""
+        with sqlite.transaction(self.path) as db:
+            return db.execute(
+                "UPDATE events SET body = '' WHERE processed_at < ? AND error IS NULL AND body != ''",
+                (before.isoformat(),),
+            ).rowcount
 
     def quarantined(self, limit: int = 20) -> list[tuple[int, str, str]]:
         """The latest events that could not be applied: (event id, received at, error)."""
