@@ -39,6 +39,7 @@ from services.schemas import (
     ModelsResponse,
     SiteModel,
 )
+from services.shared_call import SharedCall
 from services.uploads import Upload, read_upload, reject_if_nothing_usable
 
 logger = logging.getLogger("ray.serve")
@@ -172,6 +173,7 @@ class Gateway:
         self.differential_config = settings.differential
         self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
         self.settings = settings  # each site's classes, for /v1/models
+        self.site_versions = SharedCall(self.source.site_versions)  # one registry read at a time (shared_call.py)
 
     async def _classify(
         self, request: Request, key: str | None, sample_id: str | None = None, unique: bool = False
@@ -274,7 +276,7 @@ class Gateway:
         alone; 503 only when neither can be had."""
         check_api_key(self.config.api_key, key)
         try:
-            named: dict | None = await asyncio.to_thread(self.source.site_versions)
+            named: dict | None = await self.site_versions()
         except Exception as error:
             logger.warning("/v1/models: the registry could not be read: %s", error)
             named = None
