@@ -174,6 +174,8 @@ def test_saved_flags_stand_until_a_later_judged_window_of_their_series_replaces_
     recovered = drift_windows(_events(0, 100, 0.95) + _events(24, 100, 0.5) + _events(48, 100, 0.95), {}, config)
     assert not recovered[2].flags
     assert save_flags(path, recovered, config.min_cells) == [{**flag, "site": "b"}]  # a later verdict: cleared
+    # and stays cleared: an older log (last week's, rotated) run after it brought the cleared flag back
+    assert save_flags(path, drifted, config.min_cells) == [{**flag, "site": "b"}] == load_flags(path)
 
 
 def test_two_drift_runs_saving_flags_at_once_keep_both_flags(tmp_path, monkeypatch):

@@ -385,11 +385,12 @@ def log_windows(registry, model_name: str, windows: Sequence[WindowFigures]) -> 
 
 
 def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> list[dict]:
-    """Keep the flags of each series' latest window of at least `min_cells` cells (what `cytoloop status` shows
-    and the retrain policy reads), merged into the flags already saved: a verdict stands until a later judged
-    window of its series replaces it. So a window just begun, too small to judge, does not clear the last verdict,
-    nor does a log that lacks the series or ends before the saved window (an empty or rotated log). Returns every
-    flag now saved."""
+    """Keep the verdict of each series' latest window of at least `min_cells` cells (its flags: what `cytoloop
+    status` shows and the retrain policy reads), merged into the verdicts already saved: a verdict stands until a
+    later judged window of its series replaces it. So a window just begun, too small to judge, does not clear the
+    last verdict, nor does a log that lacks the series or ends before the saved window (an empty or rotated log).
+    A clean verdict is kept too (with no flags): kept only when flagged, an older log run after a newer clean one
+    brought back the flag the newer window had cleared. Returns every flag now saved (flagged verdicts only)."""
     latest: dict[tuple, WindowFigures] = {}
     for window in windows:
         if window.n_cells >= min_cells:
@@ -400,26 +401,30 @@ def save_flags(path: Path, windows: Sequence[WindowFigures], min_cells: int) -> 
 
 def _merge_flags(path: Path, latest: dict[tuple, WindowFigures]) -> list[dict]:
     """`save_flags`' read-merge-write, under its lock: without it the last of two runs dropped the other's flag."""
-    saved = {(str(f["model_version"]), f.get("site")): f for f in load_flags(path)}
+    saved = {(str(f["model_version"]), f.get("site")): f for f in _load_verdicts(path)}
     for key, window in latest.items():
         earlier = saved.get(key)
         if earlier is not None and parse_time(earlier.get("window_start")) > window.window_start:
             continue
-        saved.pop(key, None)
-        if window.flags:
-            saved[key] = {
-                "model_version": window.model_version,
-                "site": window.site,
-                "window_start": window.window_start.isoformat(),
-                "flags": window.flags,
-            }
-    flags = list(saved.values())
-    write_text(path, json.dumps(flags, indent=1))
-    return flags
+        saved[key] = {
+            "model_version": window.model_version,
+            "site": window.site,
+            "window_start": window.window_start.isoformat(),
+            "flags": window.flags,
+        }
+    verdicts = list(saved.values())
+    write_text(path, json.dumps(verdicts, indent=1))
+    return [v for v in verdicts if v.get("flags")]
 
 
 def load_flags(path: Path) -> list[dict]:
-    """The flags `save_flags` kept (none yet: no flags). A file that is not a flags file is refused, naming it."""
+    """The flagged verdicts `save_flags` kept (none yet: no flags). A file that is not a flags file is refused,
+    naming it."""
+    return [v for v in _load_verdicts(path) if v.get("flags")]
+
+
+def _load_verdicts(path: Path) -> list[dict]:
+    """Every verdict in the flags file, the clean ones too."""
     path = Path(path)
     if not path.is_file():
         return []
