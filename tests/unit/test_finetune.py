@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from cytoloop.config import DataConfig
+from cytoloop.config import DataConfig, PromotionConfig
 from cytoloop.data.records import CellRecord, DatasetError, load_records, select
 from cytoloop.models.finetune import (
     adapted_data_config,
@@ -63,6 +63,41 @@ def test_no_scope_trains_on_another_scope_s_frozen_cells_nor_pools_the_judged_on
     pool = not_judged_on(cells, north.val + north.eval, settings.judged_manifests())
     judged = {r.path for r in audited + anomalies + audited_by_north}
     assert {r.path for r in pool} == {r.path for r in cells} - held_by_north - judged
+
+
+def test_a_copy_of_a_judged_cell_under_another_path_is_the_same_cell(tmp_path):
+    """Frozen, audited and anomaly-set cells were told from training and pool cells by path: a copy under another
+    folder or mount (a lab's audited manifest, a label export naming the pool's folder) was trained on, then the
+    challenger judged on it. Cells are now told apart by their image's content."""
+    from cytoloop.config import Settings
+    from cytoloop.models.finetune import frozen_directory, not_judged_on, write_manifest
+    from cytoloop.policy.promotion import gate_data
+
+    def cells(folder: str, n: int) -> list[CellRecord]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        made = []
+        for i in range(n):
+            path = tmp_path / folder / f"c{i}.png"
+            path.write_bytes(f"cell image {i}".encode())  # content is what tells cells apart here
+            made.append(CellRecord(f"{folder}/c{i}.png", path, ["a", "b"][i % 2], "lab"))
+        return made
+
+    labelled, copies = cells("export", 40), cells("mount", 40)  # the same 40 images under another folder
+    sets = frozen_sets(labelled, frozen_directory(tmp_path / "home", None), 0.2, 0.2)
+    again = frozen_sets(copies, frozen_directory(tmp_path / "home", None), 0.2, 0.2)  # labels exported elsewhere
+    frozen = {r.path.name for r in sets.val + sets.eval}
+    assert not frozen & {r.path.name for r in again.train} and len(again.train) == len(sets.train)
+
+    audited = [copies[i] for i in (0, 1, 2)]
+    write_manifest(audited, tmp_path / "audited.csv")
+    config = PromotionConfig(audited_manifest=tmp_path / "audited.csv")
+    trained_on = [labelled[0]]  # its export copy
+    data = gate_data(sets.eval, config, ["a", "b"], trained_on=trained_on)
+    assert "mount/c0.png" not in {r.cell_id for r in data.eval_records}
+
+    settings = Settings(home=tmp_path / "home", promotion={"audited_manifest": tmp_path / "audited.csv"})
+    pool = not_judged_on(labelled, [], settings.judged_manifests())
+    assert {r.path.name for r in pool} == {f"c{i}.png" for i in range(3, 40)}
 
 
 def test_a_freeze_killed_between_its_two_files_leaves_no_half_frozen_scope(tmp_path):

@@ -41,6 +41,17 @@ def file_cell_id(path: Path) -> str:
         return _content_id(hashlib.file_digest(handle, "sha256").hexdigest())
 
 
+def cell_identity(path: Path | str) -> str:
+    """Which cell a file is, for telling the cells of two lists apart (frozen, trained on, judged on): its image's
+    content (`file_cell_id`), so a copy under another path or mount (a lab's audited manifest, an export naming
+    the pool's folder) is the same cell; a file that cannot be read is its resolved path. Compared by path alone,
+    a copy of a gate's cell was trained on and then judged on."""
+    try:
+        return file_cell_id(Path(path))
+    except (OSError, ValueError):  # missing or unreadable, or a path the OS refuses (a NUL in it)
+        return f"path:{Path(path).resolve()}"
+
+
 def _content_id(sha256_hex: str) -> str:
     return "sha256:" + sha256_hex[:24]
 

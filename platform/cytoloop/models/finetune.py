@@ -25,7 +25,14 @@ import numpy as np
 
 from cytoloop.config import AugmentConfig, DataConfig, Settings, TrainConfig
 from cytoloop.data.preprocess import load_cells
-from cytoloop.data.records import CellRecord, DatasetError, load_records, read_manifest, stratified_split
+from cytoloop.data.records import (
+    CellRecord,
+    DatasetError,
+    cell_identity,
+    load_records,
+    read_manifest,
+    stratified_split,
+)
 from cytoloop.evaluation import metrics
 from cytoloop.files import locked, replaced, umask, write_text
 from cytoloop.models.base import Classifier, Trainable, candidate_rows, class_mask
@@ -170,8 +177,8 @@ def frozen_sets(
 
     _freeze_once(directory, split)
     frozen = {part: read_manifest(paths[part]) for part in FROZEN_PARTS}
-    held = {Path(r.path).resolve() for part in [*frozen.values(), also_held] for r in part}
-    train = [r for r in labelled if Path(r.path).resolve() not in held]
+    held = {cell_identity(r.path) for part in [*frozen.values(), also_held] for r in part}
+    train = [r for r in labelled if cell_identity(r.path) not in held]
     if not train:
         raise DatasetError(
             f"every labelled cell is in a frozen set ({directory} or another scope's); nothing to train on"
@@ -186,10 +193,10 @@ def not_judged_on(
     the cells of `manifests` (`Settings.judged_manifests`: the gates' audited cells and the anomaly set). The pool
     trains the diffusion model's null class, and the gate scores the anomaly AUROC on the anomaly set: trained on,
     a challenger's anomaly figure was measured on its own training cells."""
-    held = {Path(r.path).resolve() for r in judged}
+    held = {cell_identity(r.path) for r in judged}
     for manifest in manifests:
-        held |= {Path(r.path).resolve() for r in load_records(manifest)}
-    return [r for r in pool if Path(r.path).resolve() not in held]
+        held |= {cell_identity(r.path) for r in load_records(manifest)}
+    return [r for r in pool if cell_identity(r.path) not in held]
 
 
 def training_arrays(

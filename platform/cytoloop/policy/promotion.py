@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from cytoloop.config import PromotionConfig
-from cytoloop.data.records import CellRecord, DatasetError, load_records, records_fingerprint, select
+from cytoloop.data.records import (
+    CellRecord,
+    DatasetError,
+    cell_identity,
+    load_records,
+    records_fingerprint,
+    select,
+)
 from cytoloop.errors import UsageError
 from cytoloop.evaluation import metrics
 from cytoloop.files import write_text
@@ -208,11 +215,11 @@ def gate_data(
     records = list(eval_records)
     if config.audited_manifest is not None:
         audited = [r for r in load_records(config.audited_manifest) if r.label in classes]
-        known = {Path(r.path).resolve() for r in records}
-        trained = {Path(r.path).resolve() for r in trained_on}
-        left = known | trained
-        records += [r for r in audited if Path(r.path).resolve() not in left]
-        left_out = sum(Path(r.path).resolve() in trained for r in audited)
+        known = {cell_identity(r.path) for r in records}  # by content: a copy elsewhere is the same cell
+        trained = {cell_identity(r.path) for r in trained_on}
+        ids = [cell_identity(r.path) for r in audited]
+        records += [r for r, i in zip(audited, ids) if i not in known | trained]
+        left_out = sum(i in trained for i in ids)
         if left_out:
             logger.info(f"gate: {left_out} audited cells left out, the challenger trained on them")
     if not records:
