@@ -151,15 +151,26 @@ class Backend:
         self.source = ModelSource(settings.serve, settings.registry, settings.scoring)
         self.services = ServiceCache(self.source, settings.routing)
         self._sites: dict[str | None, LiveModel] = {}
-        self._lock = threading.Lock()
+        # three locks: one lock over all of it held every prediction, of every site, while one site's model loaded
+        # (a download) or a retrain's label export ran
+        self._table = threading.Lock()  # `_sites` and `_loading`, held briefly
+        self._loading: dict[str | None, threading.Lock] = {}  # a site's first load: its own callers wait for it
+        self._retrain = threading.Lock()  # one retrain started at a time
         self.retrain_command, self.export = retrain_command, export
         self.retrains: list[subprocess.Popen] = []
 
     def site(self, site: str | None) -> LiveModel:
-        with self._lock:
-            if site not in self._sites:
-                self._sites[site] = LiveModel(site, self.source, self.services, self.settings.site_classes(site))
-            live = self._sites[site]
+        with self._table:
+            live = self._sites.get(site)
+            loading = self._loading.setdefault(site, threading.Lock())
+        if live is None:
+            with loading:
+                with self._table:
+                    live = self._sites.get(site)
+                if live is None:
+                    live = LiveModel(site, self.source, self.services, self.settings.site_classes(site))
+                    with self._table:
+                        self._sites[site] = live
         try:
             live.refresh()  # follow the alias: Label Studio asks rarely, so ask the registry each time
         except Exception as error:  # keep answering with what is loaded
@@ -206,8 +217,8 @@ class Backend:
         background (the retrain policy decides whether it trains); True if started. One at a time."""
         if action not in TRAINING_EVENTS or self.retrain_command is None:
             return False
-        with self._lock:
-            self.retrains = [p for p in self.retrains if p.poll() is None]
+        with self._retrain:
+            self.retrains = [p for p in self.retrains if p.poll() is None]  # poll() reaps the finished ones
             if self.retrains:  # a second one would find nothing new
                 return False
             if self.export is not None:

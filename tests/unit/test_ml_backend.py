@@ -91,6 +91,37 @@ def test_training_events_start_one_retrain_in_the_background(backend):
     backend.retrains[0].wait(timeout=30)
 
 
+def test_a_retrain_s_label_export_holds_up_no_prediction(backend):
+    """One lock covered the site table, each site's first model load and a retrain's label export: while a
+    training event exported the labels (a large store, a slow disk), every prediction of every site waited."""
+    import threading
+
+    backend, _, root = backend
+    exporting, release = threading.Event(), threading.Event()
+
+    def slow_export():
+        exporting.set()
+        release.wait(10)
+
+    backend.export = slow_export
+    training = threading.Thread(target=backend.train, args=("START_TRAINING",))
+    answered: list = []
+    task = {"id": 1, "data": {"image_path": str(root / "images" / "0.png"), "reason": "review"}}
+    predicting = threading.Thread(target=lambda: answered.append(backend.predict([task])))
+    training.start()
+    try:
+        assert exporting.wait(10)
+        predicting.start()
+        predicting.join(timeout=5)
+        assert answered and answered[0][0].result, "the prediction waited for the export"
+    finally:
+        release.set()
+        training.join()
+        if predicting.is_alive():
+            predicting.join()
+    backend.retrains[0].wait(timeout=30)
+
+
 def test_a_site_without_a_usable_model_leaves_only_its_own_tasks_unanswered(backend):
     """Site 'east' asks for classes the served model lacks: its tasks get no prediction, the others still do
     (one site's broken model used to fail the whole request with a 500)."""
