@@ -50,6 +50,32 @@ def test_live_model_switches_when_the_model_changes(local_source, tmp_path):
     assert old.classes == CLASSES  # whoever still holds the old service keeps a working model
 
 
+def test_a_model_copied_over_the_directory_while_it_loads_is_not_served_under_the_old_version(
+    local_source, tmp_path, monkeypatch
+):
+    """`resolve` hashes the directory, `load` reads it again: a model copied over it in between (or during the
+    load) was served labelled with the version it was not, perhaps new settings with old weights. The load is
+    refused; the next one, of the directory as it is then, serves the new model under its own version."""
+    from cytoloop.models.base import ModelLoadError
+    from cytoloop.serving import model_source
+
+    source, _ = local_source
+    ref = source.resolve(None)
+    real = model_source.load_model
+
+    def copied_over_meanwhile(path, runtime=None):
+        loaded = real(path, runtime)
+        _save(tmp_path / "model", classes=["a", "b", "c"], seed=3)
+        return loaded
+
+    monkeypatch.setattr(model_source, "load_model", copied_over_meanwhile)
+    with pytest.raises(ModelLoadError, match="changed while it loaded"):
+        source.load(ref)
+    monkeypatch.setattr(model_source, "load_model", real)
+    again = source.resolve(None)
+    assert again != ref and source.load(again).classes == ["a", "b", "c"]
+
+
 def test_sites_on_the_same_version_share_one_loaded_model(local_source):
     source, cache = local_source
     assert LiveModel("a", source, cache).service is LiveModel("b", source, cache).service

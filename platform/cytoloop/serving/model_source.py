@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cytoloop.config import RegistryConfig, ScoringConfig, ServeConfig
 from cytoloop.files import write_text
-from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier
+from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, ModelLoadError
 from cytoloop.models.loading import load_model
 from cytoloop.registry import CHAMPION, cached_identity, site_alias
 
@@ -74,8 +74,15 @@ class ModelSource:
         return ModelRef(info.name, info.version, alias, run_id=info.run_id)
 
     def load(self, ref: ModelRef) -> Classifier:
+        """The model `ref` names. A local directory is hashed again after loading: a model copied over it while it
+        loaded (or between `resolve` and here) would be served under a version its files are not, perhaps new
+        settings with old weights; that raises ModelLoadError, and the caller keeps what it serves until its next
+        try (copy a new model beside the directory and rename it over, and no load sees half of it)."""
         if ref.path is not None:
-            return load_model(ref.path, self.runtime)
+            model = load_model(ref.path, self.runtime)
+            if local_ref(ref.path) != ref:
+                raise ModelLoadError(f"{ref.path} changed while it loaded (as {ref.version}); loaded again next time")
+            return model
         # whole or not at all in the shared cache; the run id, known from `resolve`, tells a cached copy's model
         return self.registry.load(ref.name, ref.version, self.cache_dir, self.runtime, run_id=ref.run_id)
 
@@ -148,8 +155,6 @@ def local_ref(directory: Path) -> ModelRef:
 def _content_hash(directory: Path) -> str:
     """A hash of what a model's answers depend on: its `model.json` and weights, and those of the models it
     holds (a cascade keeps its teacher and student in sub-directories); training checkpoints are left out."""
-    from cytoloop.models.base import ModelLoadError
-
     if not (directory / MODEL_FILE).is_file():
         raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {MODEL_FILE})")
     nested = sorted(
