@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
@@ -273,7 +273,14 @@ def _in_parts(records: Sequence[CellRecord], meta: dict, parts: Sequence[str]) -
     path suffix, not by the dataset root, is what keeps a model's training cells out of its evaluation however
     its data is pointed at.
     """
-    ids = set().union(*(set(meta["parts"].get(part, [])) for part in parts))
+    # an id naming a file outside the manifest's folder ('../imgs/a.png') or by absolute path is still the end of
+    # that file's path without its leading '../' and '/': as written, it matched no record, and the model was
+    # evaluated on its own training cells without a word
+    ids = {
+        "/".join(p for p in PurePosixPath(i).parts if p not in ("/", ".."))
+        for part in parts
+        for i in meta["parts"].get(part, [])
+    }
     depth = max((i.count("/") + 1 for i in ids), default=0)
     found = np.zeros(len(records), dtype=bool)
     for n, record in enumerate(records):

@@ -104,6 +104,23 @@ def test_manifest_absolute_paths_stay_absolute(tmp_path):
     assert read_manifest(manifest)[0].path == image
 
 
+def test_a_model_s_cells_listed_outside_the_manifest_s_folder_are_still_its_cells(tmp_path):
+    """A manifest naming its cells '../imgs/a.png' or by absolute path keeps those as the cells' ids, which the
+    split records; matched against path tails, which hold no '..' and no leading '/', no cell was the model's, and
+    `evaluate` scored the model on its own training cells without a word."""
+    from cytoloop.data.records import write_split
+    from cytoloop.workflows import SPLIT_FILE, held_out
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "m").mkdir()
+    rows = [{"path": f"../imgs/{i}.png", "label": "x", "domain": "d"} for i in range(2)]
+    rows += [{"path": str(tmp_path / "imgs" / f"{i}.png"), "label": "x", "domain": "d"} for i in range(2, 4)]
+    records = read_manifest(_write_manifest(tmp_path / "m" / "cells.csv", rows))
+    write_split({"train": [records[0], records[2]], "test": [records[1], records[3]]}, tmp_path / "model" / SPLIT_FILE)
+    kept, excluded = held_out(records, tmp_path / "model")
+    assert [r.path.name for r in kept] == ["1.png", "3.png"] and excluded == 2
+
+
 def test_a_manifest_path_is_one_cell_however_it_is_written(tmp_path):
     """'./imgs/a.png' names the cell 'imgs/a.png' (a split written from it must match the cell's path), and the
     same cell listed twice is refused: it could land in training and test at once."""
