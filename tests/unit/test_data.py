@@ -121,6 +121,21 @@ def test_a_model_s_cells_listed_outside_the_manifest_s_folder_are_still_its_cell
     assert [r.path.name for r in kept] == ["1.png", "3.png"] and excluded == 2
 
 
+def test_a_row_with_more_fields_than_the_header_is_refused_and_errors_name_the_file_s_line(tmp_path):
+    """An unquoted comma in a path ('cells/neutrophil, 2.png') shifted the fields: path 'cells/neutrophil', label
+    '2.png', a phantom class whose one image was skipped. And errors counted rows, not lines: after a blank line
+    they named the wrong one."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,domain\na.png,x,d\ncells/neutrophil, 2.png,neutrophil,lab1\n")
+    with pytest.raises(DatasetError, match=r"m.csv:3: the row has more fields than the header \(3\)"):
+        read_manifest(manifest)
+    manifest.write_text('path,label,domain\n"cells/neutrophil, 2.png",neutrophil,lab1\n')  # quoted: one path
+    assert read_manifest(manifest)[0].cell_id == "cells/neutrophil, 2.png"
+    manifest.write_text("path,label,domain\na.png,x,d\n\n\nb.png,x,d\na.png,y,d\n")
+    with pytest.raises(DatasetError, match=r"m.csv:6: a.png is listed again \(first on line 2\)"):
+        read_manifest(manifest)
+
+
 def test_a_manifest_path_is_one_cell_however_it_is_written(tmp_path):
     """'./imgs/a.png' names the cell 'imgs/a.png' (a split written from it must match the cell's path), and the
     same cell listed twice is refused: it could land in training and test at once."""

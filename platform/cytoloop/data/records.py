@@ -107,10 +107,16 @@ def _read_manifest(path: Path, root: Path) -> list[CellRecord]:
             )
         records: list[CellRecord] = []
         first_line: dict[str, int] = {}
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num  # the file's line (a blank line, or a quoted field over lines, counts)
             short = [c for c in REQUIRED_COLUMNS if row.get(c) is None]
             if short:
                 raise DatasetError(f"{path}:{line}: the row has no {', '.join(short)} (fewer fields than the header)")
+            if row.get(None):  # an unquoted comma in a path shifted every field: 'a, b.png' read as path 'a'
+                raise DatasetError(
+                    f"{path}:{line}: the row has more fields than the header ({len(reader.fieldnames or [])}); "
+                    "quote a path or label that holds a comma"
+                )
             if not row["path"].strip():
                 raise DatasetError(f"{path}:{line}: empty path")
             cell_id = posixpath.normpath(PurePosixPath(row["path"].strip()).as_posix())
