@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytoloop.config import RoutingConfig, ScoringConfig
-from cytoloop.data.records import CellRecord
+from cytoloop.data.records import CellRecord, cell_identity
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions, class_mask, read_model_meta
 from jobs.room import check_room
@@ -285,9 +285,15 @@ def score_offline(
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
         if written is not None:
-            results = [
-                None if p not in written.answers else replace(written.answers[p], index=i) for i, p in enumerate(paths)
-            ]
+            # an answer counts for the image now at its path only: a journal of these settings left by a run of
+            # days ago (set aside, then taken back) answered today's cells of the same file names with its own
+            kept = {p: a for p, a in written.answers.items() if cell_identity(p) == a.cell_id}
+            if len(kept) < len(written.answers):
+                logger.warning(
+                    f"{len(written.answers) - len(kept)} answers of {journal} are of images no longer at their paths "
+                    "(replaced since): scored again"
+                )
+            results = [None if p not in kept else replace(kept[p], index=i) for i, p in enumerate(paths)]
         todo = [(i, paths[i]) for i, result in enumerate(results) if result is None]
         if todo:  # a journal that answers every cell needs no actor
             cpus = threads or 1

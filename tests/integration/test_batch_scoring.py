@@ -319,3 +319,19 @@ def test_a_killed_scoring_run_goes_on_where_it_stopped(ray_local, model_dir, cel
         assert all(abs(resumed.results[i].probabilities[c] - p) < 1e-6 for c, p in scored.probabilities.items())
     stricter = RoutingConfig(review_below=0.5, audit_fraction=0.0)  # another setting: other answers
     assert score_offline(records[:4], model_dir, stricter, threads=1, batch_size=8, journal=again).resumed == 0
+
+    # a journal of these settings left by a run days ago answered today's cells of the same file names with its own
+    # answers (a scanner's export names every day's cells cell_0001.png...): only an answer of the image now at
+    # its path counts
+    from cytoloop.data.records import CellRecord, file_cell_id
+
+    day = tmp_path / "day"
+    day.mkdir()
+    for i in range(3):
+        shutil.copy(records[i].path, day / f"cell_{i}.png")
+    today = [CellRecord(f"cell_{i}.png", day / f"cell_{i}.png", None, "jtsc") for i in range(3)]
+    yesterday = tmp_path / "day.journal"
+    score_offline(today, model_dir, routing, threads=1, batch_size=8, journal=yesterday)
+    shutil.copy(records[3].path, day / "cell_0.png")  # another image under the same name
+    later = score_offline(today, model_dir, routing, threads=1, batch_size=8, journal=yesterday)
+    assert later.resumed == 2 and later.results[0].cell_id == file_cell_id(day / "cell_0.png")
