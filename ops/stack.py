@@ -337,8 +337,11 @@ class Stack:
         return self.home / "mlflow" / "mlflow.db"
 
     def _images_root(self) -> Path:
-        """`stack.images_root`, checked: set, below /, and holding none of CytoLoop's own files (Label Studio serves
-        every file under it to any logged-in user)."""
+        """`stack.images_root`, checked: set, below /, and its parent, the folder Label Studio serves from (any
+        logged-in user may add a storage on any folder under it), holding none of CytoLoop's own files. The check
+        was of the images folder alone, so the layout the deploy docs suggested, `/data/cells` beside the home
+        `/data/cytoloop`, put secrets.json, the label store and Label Studio's database within any annotator's
+        reach."""
         if self.settings.stack.images_root is None:
             raise StackError(
                 "stack.images_root is not set: the folder of cell images Label Studio may serve "
@@ -347,12 +350,15 @@ class Stack:
         images_root = Path(self.settings.stack.images_root).resolve()
         if images_root == images_root.parent:
             raise StackError("stack.images_root must be a folder below / (Label Studio serves images under its parent)")
+        served = images_root.parent
         for what, path in (("home", self.home), ("the MLflow database", self.mlflow_db())):
-            if path.resolve().is_relative_to(images_root):
+            if path.resolve().is_relative_to(served):
                 raise StackError(
-                    f"{what} ({path.resolve()}) lies inside stack.images_root ({images_root}), whose every file "
-                    "Label Studio serves to any logged-in user: secrets, labels and the registry would be readable. "
-                    "Put CYTOLOOP_HOME (and the MLflow database) outside the images folder."
+                    f"{what} ({path.resolve()}) lies inside {served}, the parent of stack.images_root, from which "
+                    "Label Studio serves files to any logged-in user (each may add a storage on any folder under it): "
+                    "secrets, labels and the registry would be readable. Put CYTOLOOP_HOME (and the MLflow "
+                    f"database) outside {served}, or the images one folder deeper (e.g. {served}/images/"
+                    f"{images_root.name})."
                 )
         return images_root
 

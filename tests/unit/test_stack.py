@@ -21,16 +21,20 @@ def settings_in(tmp_path, **stack) -> Settings:
 
 
 def test_a_home_inside_the_images_root_is_refused_before_anything_starts(tmp_path):
-    """Label Studio serves every file under the images root to any logged-in user: CytoLoop's secrets, label store
-    and registry must not be among them."""
+    """Label Studio serves every file under the images root's parent to any logged-in user (each may add a storage
+    on any folder there): CytoLoop's secrets, label store and registry must not be among them."""
     settings = Settings(home=tmp_path / "cells" / ".cytoloop", stack={"images_root": tmp_path / "cells", "ray": False})
-    with pytest.raises(StackError, match=r"home .* lies inside stack.images_root"):
+    with pytest.raises(StackError, match=r"home .* lies inside .*, the parent of stack.images_root"):
         Stack(settings).up(only=["label-studio"])
     assert not (tmp_path / "cells" / ".cytoloop" / "secrets.json").exists()  # nothing written there either
-    elsewhere = settings.model_copy(
-        update={"registry": settings.registry.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/cells/m.db"})}
-    )
-    elsewhere = elsewhere.model_copy(update={"home": tmp_path / "home"})
+    # beside the images (`/data/cells` and `/data/cytoloop`, the layout the deploy docs suggested): Label Studio
+    # serves from the images folder's parent, where any account may add a storage on the home
+    beside = settings.model_copy(update={"home": tmp_path / "cytoloop"})
+    with pytest.raises(StackError, match=r"home .* lies inside .*, the parent of stack.images_root"):
+        Stack(beside).up(only=["label-studio"])
+    deeper = {"images_root": tmp_path / "data" / "cells", "ray": False}  # the served folder: tmp_path/data
+    database = {"tracking_uri": f"sqlite:///{tmp_path}/data/m.db"}
+    elsewhere = Settings(home=tmp_path / "home", stack=deeper, registry=database)
     with pytest.raises(StackError, match="the MLflow database .* lies inside"):
         Stack(elsewhere).up(only=["label-studio"])
 
