@@ -443,6 +443,9 @@ class Stack:
             self._images_root()
             for folder in ("data", "home", "tmp"):
                 (data / folder).mkdir(parents=True, exist_ok=True)
+            # its database holds the admin's API token in plain text: this host's other users keep out (the
+            # folder was the umask's 0755 and the database 0644, while secrets.json is 0600)
+            data.chmod(0o700)
             database = data / "data" / "label_studio.sqlite3"
             if not database.exists():  # copied whole or not at all: a copy cut short passed for a database after
                 staging = database.with_name(f".{database.name}.{os.getpid()}.tmp")

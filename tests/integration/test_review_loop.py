@@ -136,6 +136,9 @@ def test_label_studio_is_closed_to_strangers(label_studio, tmp_path):
         except OSError:  # a process that ended meanwhile
             continue
         assert secret["admin_password"] not in text and secret["admin_token"] not in text, cmdline
+    # nor in a file another user of the host can read: Label Studio's database holds the token in plain text
+    data = Path(label_studio.settings.home) / "label-studio"
+    assert data.stat().st_mode & 0o077 == 0, oct(data.stat().st_mode)
 
     with httpx.Client(base_url=label_studio.url, timeout=30) as anonymous:  # the sign-up form, as a stranger
         anonymous.get("/user/signup/")
