@@ -54,6 +54,10 @@ def _not_empty(value: object) -> object:
     return value
 
 
+# every path setting: empty is refused rather than read as the current folder
+SettingPath = Annotated[Path, BeforeValidator(_not_empty)]
+
+
 class DataConfig(_Section):
     """How a cell image becomes a model input. Saved with every model so serving can never drift from training."""
 
@@ -83,10 +87,10 @@ class DatasetsConfig(_Section):
     """Where commands that may run without `--data` find cells: a configured dataset, else one that
     `cytoloop data fetch` downloaded into `cache_dir` (see `datasets.resolve_data`)."""
 
-    root: Path | None = Field(
+    root: SettingPath | None = Field(
         None, description="manifest CSV or folder with one sub-folder per class, used when no --data is given"
     )
-    cache_dir: Path = Field(
+    cache_dir: SettingPath = Field(
         Path(".cytoloop/datasets"),
         description="where `cytoloop data fetch` puts public datasets (default: <home>/datasets)",
     )
@@ -284,7 +288,9 @@ class RegistryConfig(_Section):
     )
     experiment: str = "cytoloop"
     model_name: str = Field("cytoloop-cells", description="registered model name")
-    cache_dir: Path = Field(Path(".cytoloop/models"), description="downloaded model versions (default: <home>/models)")
+    cache_dir: SettingPath = Field(
+        Path(".cytoloop/models"), description="downloaded model versions (default: <home>/models)"
+    )
 
 
 class StackConfig(_Section):
@@ -297,7 +303,7 @@ class StackConfig(_Section):
     host: Host = Field("127.0.0.1", description="interface every service binds")
     label_studio_port: int = Field(8080, ge=1, le=65535)
     label_studio_version: str = Field("1.23.*", description="pip specifier of the Label Studio server")
-    label_studio_venv: Path | None = Field(
+    label_studio_venv: SettingPath | None = Field(
         None,
         description="virtualenv of the Label Studio server (an application, kept out of our venv); created on first "
         "use (~2 min). None: ~/.cache/cytoloop/venvs/label-studio-<version>, shared by all checkouts of a machine",
@@ -305,7 +311,7 @@ class StackConfig(_Section):
     admin_email: str = "admin@cytoloop.local"
     admin_password: SecretStr | None = None
     admin_token: SecretStr | None = Field(None, description="Label Studio API token of the admin (legacy token)")
-    images_root: Path | None = Field(
+    images_root: SettingPath | None = Field(
         None,
         description="folder Label Studio may serve cell images from (each project's local storage); every file "
         "under it is readable by any Label Studio user, so CytoLoop's home must lie outside it. Required to start "
@@ -390,7 +396,7 @@ class FinetuneConfig(_Section):
     warmup_steps: int = Field(20, ge=0)
     num_workers: int = Field(1, ge=1, description="Ray Train workers; more than one trains data-parallel (DDP)")
     use_gpu: bool = False
-    storage_path: Path = Field(
+    storage_path: SettingPath = Field(
         Path(".cytoloop/ray-train"),
         description="Ray Train checkpoints (made absolute; shared storage on a cluster); unset: `home`/ray-train",
     )
@@ -448,8 +454,10 @@ class PromotionConfig(_Section):
         "tolerance; where no interval can be formed, the point estimate decides); 'point': whenever the point "
         "estimate is worse beyond the tolerance (noisy on small gate sets)",
     )
-    audited_manifest: Path | None = Field(None, description="audited cells, evaluated with the frozen set")
-    anomaly_manifest: Path | None = Field(None, description="anomalies and normal cells; None skips the AUROC check")
+    audited_manifest: SettingPath | None = Field(None, description="audited cells, evaluated with the frozen set")
+    anomaly_manifest: SettingPath | None = Field(
+        None, description="anomalies and normal cells; None skips the AUROC check"
+    )
     anomaly_label: str = "blast"
 
 
@@ -496,7 +504,7 @@ class ServeConfig(_Section):
     host: Host = Field("127.0.0.1", description="interface the HTTP proxy binds")
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = Field("cytoloop", description="Ray Serve application name")
-    model_dir: Path | None = Field(None, description="serve this local model directory instead of the registry")
+    model_dir: SettingPath | None = Field(None, description="serve this local model directory instead of the registry")
     model_name: str | None = Field(None, description="registered model to serve; None: registry.model_name")
     alias_poll_s: float = Field(30.0, gt=0, description="how often replicas re-resolve their models' aliases")
     max_batch_size: int = Field(
@@ -524,7 +532,7 @@ class ServeConfig(_Section):
         description="allow serving without an API key on an address other machines can reach (only on a "
         "network where everyone who can connect may read patients' cells)",
     )
-    prediction_log: Path | None = Field(
+    prediction_log: SettingPath | None = Field(
         None, description="append one JSON line per classified cell here (what `cytoloop drift --events` reads)"
     )
 
@@ -616,7 +624,7 @@ class SiteConfig(_Section):
     classes: list[str] | None = Field(
         None, min_length=1, description="the classes this site reports; None: every class of the model serving it"
     )
-    audited_manifest: Path | None = Field(
+    audited_manifest: SettingPath | None = Field(
         None,
         description="this site's audited cells: its fine-tunes are judged on them with its frozen set, instead of on "
         "promotion.audited_manifest (other sites' cells, in other stains); None: on those",
@@ -640,7 +648,7 @@ class DemoConfig(_Section):
     on the site's frozen cells, move `champion-<site>` or record the refusal."""
 
     rounds: int = Field(3, ge=1, description="active-learning rounds, each over every site")
-    base_model: Path = Field(
+    base_model: SettingPath = Field(
         Path("models/base-pbc"), description="model directory registered as the global champion at the start"
     )
     sites: dict[str, list[str]] = Field(
@@ -737,9 +745,7 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='per site (hospital) settings, by site name: CYTOLOOP_SITES=\'{"site-a": {"classes": [...]}}\'',
     )
-    home: Annotated[Path, BeforeValidator(_not_empty)] = Field(
-        Path(".cytoloop"), description="where runs, stores and service data live"
-    )
+    home: SettingPath = Field(Path(".cytoloop"), description="where runs, stores and service data live")
 
     @model_validator(mode="after")
     def _site_names(self) -> Settings:

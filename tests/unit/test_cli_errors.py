@@ -444,6 +444,18 @@ def test_damaged_models_unlabelled_manifests_and_empty_settings_are_named(tmp_pa
     clean_env.setenv("CYTOLOOP_HOME", "")
     with pytest.raises(ValueError, match="home\\s+Value error, is empty"):
         load_settings()
+    clean_env.delenv("CYTOLOOP_HOME")
+    # every path setting alike: `CYTOLOOP_STACK__IMAGES_ROOT=$CELLS` with CELLS unset served the current folder
+    for variable, field in (
+        ("CYTOLOOP_STACK__IMAGES_ROOT", "stack.images_root"),
+        ("CYTOLOOP_REGISTRY__CACHE_DIR", "registry.cache_dir"),
+        ("CYTOLOOP_FINETUNE__STORAGE_PATH", "finetune.storage_path"),
+        ("CYTOLOOP_SERVE__PREDICTION_LOG", "serve.prediction_log"),
+    ):
+        clean_env.setenv(variable, " ")
+        with pytest.raises(ValueError, match=f"{field}\\s+Value error, is empty"):
+            load_settings()
+        clean_env.delenv(variable)
 
 
 def test_drift_on_a_missing_log_is_named_before_mlflow_is_opened(tmp_path, clean_env):
