@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +38,11 @@ if TYPE_CHECKING:  # the serving code imports torch: only the scoring actors nee
 logger = logging.getLogger(__name__)
 
 CELL_REFUSALS = (400, 413, 415, 422)  # what a request's cells can cause; 401, 403, 404, 429 and 5xx are the job's
+# a replica stopped or the service overloaded (503, "send them again", with Retry-After), too many requests (429) or
+# a dropped connection: asked again this many times, waiting as the service says (at most BACKOFF_CAP_S), before
+# the job ends; one such moment ended a whole served scoring run, losing every batch already answered
+RETRIES = 5
+BACKOFF_CAP_S = 30.0
 
 
 class ServedScorer:
@@ -80,8 +86,9 @@ class ServedScorer:
     def _classify(self, paths: list[str], cells: list[dict], site: str) -> list[tuple[str, dict]]:
         """Each cell's answer. A request refused whole for what is in it (no cell decodes, too large a body or too
         many cells: 400, 413, 415, 422) is asked again cell by cell, so a cell's own refusal becomes its named
-        failure and the others are answered; any other refusal (a wrong key, URL or rate) ends the job."""
-        response = self.client.post("/v1/classify", json={"cells": cells, "site": site or None})
+        failure and the others are answered; a passing one (503, 429, a dropped connection) is asked again
+        (`_post`); any other refusal (a wrong key or URL) ends the job."""
+        response = self._post({"cells": cells, "site": site or None})
         if response.status_code == 200:
             return list(zip(paths, response.json()["cells"]))
         if response.status_code in CELL_REFUSALS:
@@ -89,6 +96,35 @@ class ServedScorer:
                 return [(paths[0], _failure(f"HTTP {response.status_code}", _detail(response)))]
             return [answer for path, cell in zip(paths, cells) for answer in self._classify([path], [cell], site)]
         raise RuntimeError(f"the classifier answered HTTP {response.status_code}: {response.text[:300]}")
+
+    def _post(self, body: dict):
+        """POST /v1/classify, asked again after a passing refusal (see RETRIES); the last answer, or the last
+        connection error raised, once the tries are spent."""
+        import httpx
+
+        for attempt in range(RETRIES + 1):
+            try:
+                response = self.client.post("/v1/classify", json=body)
+            except httpx.TransportError as error:
+                if attempt == RETRIES:
+                    raise
+                wait, why = 2.0**attempt, f"{type(error).__name__}: {error}"
+            else:
+                if response.status_code not in (429, 503) or attempt == RETRIES:
+                    return response
+                wait, why = _retry_after(response, 2.0**attempt), f"HTTP {response.status_code}: {_detail(response)}"
+            wait = min(wait, BACKOFF_CAP_S)
+            logger.warning(f"the classifier: {why}; asking again in {wait:g} s ({attempt + 1} of {RETRIES})")
+            time.sleep(wait)
+        raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
+
+
+def _retry_after(response, default: float) -> float:
+    """The seconds a response's Retry-After asks for (a number of seconds; a date is taken as `default`)."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", default)))
+    except ValueError:
+        return default
 
 
 def _failure(reason: str, message: str) -> dict:
@@ -251,8 +287,6 @@ def score_offline(
     stopped run of the same model and settings, only the cells it does not answer are scored. `progress`: a
     progress bar on stderr. `finish`: called with the scores while the journal is still held (its lock), so a
     caller that writes the scores out and then removes the journal does both before another run may take it."""
-    import time
-
     import ray
     from tqdm.auto import tqdm
 
