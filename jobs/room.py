@@ -42,9 +42,11 @@ def check_room(
     group = placement_group([bundle] * (workers if together else 1), strategy="PACK")
     try:
         placed = group.wait(PLACEMENT_WAIT_S)
+        # read while the group holds its bundle, which is then added back: Ray removes a group asynchronously,
+        # and read after the removal its bundle could still count as taken ("1 of 2 workers fit" an idle cluster)
+        free = ray.available_resources()
     finally:
         remove_placement_group(group)
-    free = ray.available_resources()
     if not placed:
         short = [f"{free.get(kind, 0):g} of {total.get(kind, 0):g} {kind}s free" for kind in bundle]
         which = f"the {asked} cannot all" if together else f"not one of {asked} can"
@@ -55,4 +57,4 @@ def check_room(
         )
     if together:
         return workers
-    return min([workers] + [math.floor(free.get(kind, 0) / need + 1e-9) for kind, need in bundle.items()])
+    return min([workers] + [1 + math.floor(free.get(kind, 0) / need + 1e-9) for kind, need in bundle.items()])

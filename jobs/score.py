@@ -234,15 +234,17 @@ class ModelScorer:
             except OSError as error:
                 unreadable[i] = f"{path}: cannot be read ({error.strerror or error})"
         answers = self.service.classify([(path, data) for _, path, data in cells])
-        out: dict[str, list] = {"index": [], "result": [], "error": []}
+        out: dict[str, list] = {"index": [], "result": [], "error": [], "unreadable": []}
         for (i, _, _), answer in zip(cells, answers):  # classify answers entry k for cells[k]
             out["index"].append(i)
             out["result"].append(replace(answer, index=i) if isinstance(answer, CellResult) else None)
             out["error"].append(answer.message if isinstance(answer, CellFailure) else "")
+            out["unreadable"].append(False)
         for i, message in unreadable.items():
             out["index"].append(i)
             out["result"].append(None)
             out["error"].append(message)
+            out["unreadable"].append(True)
         return {key: np.array(values, dtype=object) for key, values in out.items()}
 
 
@@ -258,6 +260,9 @@ class OfflineScores:
     version: str
     seconds: float
     resumed: int = 0  # answers taken from the journal of an earlier, stopped run (not scored again)
+    # of `failed`, the cells whose files could not be read (a mount missing on a worker, a permission): another run
+    # may score them, unlike an image refused for what it holds
+    unreadable: frozenset[str] = frozenset()
 
     @property
     def scored(self) -> list[CellResult]:
@@ -310,6 +315,7 @@ def score_offline(
     paths = [str(Path(r.path).resolve()) for r in records]
     results: list[CellResult | None] = [None] * len(records)
     failed: dict[str, str] = {}
+    unreadable: set[str] = set()
     with ScoreJournal(journal, setup) if journal is not None else contextlib.nullcontext() as written:
         if not records:
             scores = OfflineScores([], [], {}, version, 0.0)
@@ -349,17 +355,20 @@ def score_offline(
             logger.info(f"{resumed} of {len(records)} cells answered by the stopped run of {journal}: not scored again")
         began = time.perf_counter()
         with tqdm(total=len(records), initial=resumed, desc="scoring", unit="cell", disable=not progress) as bar:
-            for i, result, error in _score_rows(
+            for i, result, error, not_read in _score_rows(
                 todo, model_dir, routing, workers, threads, gpus, batch_size, runtime, allowed
             ):
                 if result is None:
                     failed[str(records[i].path)] = error
+                    if not_read:
+                        unreadable.add(str(records[i].path))
                 else:
                     results[i] = result
                     if written is not None:
                         written.write(paths[i], result)
                 bar.update()
-        scores = OfflineScores(list(records), results, failed, version, time.perf_counter() - began, resumed)
+        seconds = time.perf_counter() - began
+        scores = OfflineScores(list(records), results, failed, version, seconds, resumed, frozenset(unreadable))
         if finish is not None:
             finish(scores)
     return scores
@@ -375,8 +384,9 @@ def _score_rows(
     batch_size: int,
     runtime: ScoringConfig | None,
     allowed: list[str] | None,
-) -> Iterator[tuple[int, CellResult | None, str]]:
-    """(record index, answer or None, error) for each (record index, resolved path), as Ray Data yields them."""
+) -> Iterator[tuple[int, CellResult | None, str, bool]]:
+    """(record index, answer or None, error, whether its file could not be read) for each (record index, resolved
+    path), as Ray Data yields them."""
     import ray
 
     if not rows:
@@ -396,7 +406,7 @@ def _score_rows(
         num_gpus=gpus,
     )
     for row in dataset.iter_rows():
-        yield int(row["index"]), row["result"], str(row["error"])
+        yield int(row["index"]), row["result"], str(row["error"]), bool(row["unreadable"])
 
 
 def write_scores_csv(scores: OfflineScores, path: Path) -> Path:

@@ -119,6 +119,7 @@ EXIT_BAD_INPUT = 2
 EXIT_GATE_REFUSED = 3
 EXIT_NOT_DUE = 4
 EXIT_STALE = 5  # a challenger not judged: another alias move came first; running the job again judges it
+EXIT_CELLS_UNREAD = 6  # `score`: some cells' files could not be read; running it again scores only those
 
 
 def fail(message: str) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from ops.cli.common import (
+    EXIT_CELLS_UNREAD,
     app,
     fail,
     output_file,
@@ -293,7 +294,8 @@ def score(
 
         def write_out(scores: OfflineScores) -> None:  # while the journal is held: no run takes it in between
             write_scores_csv(scores, out)
-            journal.unlink(missing_ok=True)
+            if not scores.unreadable:  # kept otherwise: a run once the files can be read scores only those
+                journal.unlink(missing_ok=True)
 
         scores = score_offline(
             records,
@@ -324,6 +326,14 @@ def score(
             typer.echo(f"  ... and {len(scores.failed) - 10} more cells not scored (their reasons are in {out})")
         if records and not scores.scored:  # a scheduler must not read this as done (wrong folder, images not there)
             fail(f"none of the {len(records)} cells could be scored; their reasons are in {out}")
+        if scores.unreadable:  # a mount missing on a worker, say: not done, and worth running again
+            typer.secho(
+                f"error: {len(scores.unreadable)} cells could not be read (their reasons are in {out}); run the same "
+                f"command again once they can be: the {len(scores.scored)} answered are kept in {journal}",
+                fg=typer.colors.RED,
+                err=True,
+            )
+            raise typer.Exit(EXIT_CELLS_UNREAD)
 
     run(action)
 

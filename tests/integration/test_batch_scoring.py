@@ -158,6 +158,8 @@ def test_a_fine_tune_that_cannot_be_placed_is_a_clear_error_not_a_wait(ray_local
 def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_path):
     """`cytoloop score` over a manifest: one CSV row per cell in the manifest's order, probabilities per class,
     the reason where a cell could not be scored."""
+    import shutil
+
     from typer.testing import CliRunner
 
     from ops.cli import app
@@ -187,9 +189,13 @@ def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_p
             "8",
         ],
     )
-    assert result.exit_code == 0, result.output
+    # a cell whose file cannot be read (a mount missing on a worker) is not done: exit 6, and the journal kept so
+    # that a run once it can be read scores only it (the run exited 0 and threw the answers away)
+    assert result.exit_code == 6, result.output
     assert f"scored {len(pool) - 2} of {len(pool)} cells" in result.output
-    assert not (tmp_path / "scores.csv.journal").exists()  # the answers are in the CSV now
+    assert "workers fit" not in result.output  # an idle cluster: it said "about 1 of 2 workers fit" (room.py)
+    assert "1 cells could not be read" in " ".join(result.output.split())
+    assert (tmp_path / "scores.csv.journal").exists()
     rows = list(csv.DictReader(out.open()))
     assert [row["path"] for row in rows] == [str(r.path) for r in pool]
     assert rows[17]["error"] and rows[18]["error"] and not rows[17]["label"]
@@ -199,6 +205,13 @@ def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_p
         abs(sum(float(row[f"p_{c}"]) for c in ("eosinophil", "lymphocyte", "monocyte", "neutrophil")) - 1) < 1e-4
         for row in scored
     )
+    shutil.copy(pool[0].path, pool[18].path)  # the missing file is there now
+    again = CliRunner().invoke(app, ["score", "--model", str(model_dir), "--data", str(manifest), "--out", str(out)])
+    assert again.exit_code == 0, again.output  # the corrupt one stays refused: final, not worth another run
+    assert f"{len(pool) - 2} cells were answered by the stopped earlier run" in again.output
+    assert not (tmp_path / "scores.csv.journal").exists()  # the answers are in the CSV now
+    assert [bool(row["error"]) for row in csv.DictReader(out.open())].count(True) == 1
+    pool[18].path.unlink()
     # nothing could be scored (a wrong folder, images not on the workers): not 'done' for a scheduler
     with (tmp_path / "broken.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["path", "label", "domain"], *[[pool[i].path, "", "x"] for i in (17, 18)]])
