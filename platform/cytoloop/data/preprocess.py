@@ -45,11 +45,17 @@ class ImageError(CytoLoopError, ValueError):
 
 
 def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
-    """Decode BMP/JPEG/PNG/TIFF (any mode) to RGB. A truncated or non-image input raises ImageError."""
+    """Decode BMP/JPEG/PNG/TIFF (any mode) to RGB. A truncated or non-image input raises ImageError. A 16-bit
+    greyscale image (PNG, TIFF: mode I;16 or I) is scaled to 8 bits: converted as it was, every value above 255
+    became white, and a 16-bit scan was answered as a white square with confident-looking probabilities."""
     name = name or (str(source) if isinstance(source, Path) else "<bytes>")
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
             image.load()  # force the full decode: a truncated file fails here, not later
+            if image.mode.startswith("I;16") or image.mode == "I":
+                wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+                sixteen = image.mode.startswith("I;16") or wide.max() > 255  # "I" holding 8-bit values stays
+                return Image.fromarray((wide // 257 if sixteen else wide).astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found") from None
