@@ -79,6 +79,12 @@ def train(
             kind, wanted_domains, split_seed = chosen.model, list(chosen.domains), chosen.seed
             wanted_classes = list(chosen.classes) if chosen.classes else None
             settings = load_settings(config, chosen.settings_overrides())
+            unfixed = chosen.unfixed(settings)
+            if unfixed:
+                fail(
+                    f"--recipe {chosen.name} fixes {', '.join(unfixed)}, which the settings file or CYTOLOOP_* "
+                    "variables set otherwise: unset them, or train without the recipe"
+                )
             typer.echo(f"recipe {chosen.name}: {chosen.description}")
         else:
             kind, wanted_domains, wanted_classes = model, split_list(domains), split_list(classes)

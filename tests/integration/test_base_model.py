@@ -82,7 +82,7 @@ def test_the_base_model_registers_as_the_first_champion(tmp_path, test_cells, mo
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "@champion: v- -> v1" in result.stdout
+    assert "@champion: - -> v1" in result.stdout
 
     from cytoloop.config import load_settings
     from cytoloop.registry import open_registry

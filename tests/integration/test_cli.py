@@ -516,6 +516,15 @@ def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_o
     assert record["command"] == f"cytoloop train --recipe tiny-test --data {workspace['train']} --out {out}"
     split = json.loads((out / "split.json").read_text())
     assert split["meta"]["seed"] == 3
+    # a setting the recipe leaves at its default, set by the environment, made another model under the recipe's
+    # name (a stray CYTOLOOP_TRAIN__LR): refused, naming it; what does not change the result may still be set
+    stray = CliRunner().invoke(
+        app,
+        ["train", "--recipe", "tiny-test", "--data", str(workspace["train"]), "--out", str(out), "--overwrite"],
+        env={"CYTOLOOP_TRAIN__LR": "0.5", "CYTOLOOP_DATA__CROP": "center", "CYTOLOOP_TRAIN__THREADS": "1"},
+    )
+    assert stray.exit_code == 2, stray.output
+    assert "--recipe tiny-test fixes data.crop, train.lr" in " ".join(stray.output.split())
 
 
 def test_recipe_errors_exit_2(workspace):

@@ -245,7 +245,7 @@ def test_register_replaces_a_champion_only_as_a_recorded_override(tmp_path, tiny
         return CliRunner().invoke(app, ["register", str(model_dir), "--champion", "--reason", "test", *extra], env=env)
 
     first = register()
-    assert first.exit_code == 0 and "@champion: v- -> v1 (first, by " in first.stdout
+    assert first.exit_code == 0 and "@champion: - -> v1 (first, by " in first.stdout
     refused = register()
     assert refused.exit_code == 2 and "already points at v1" in refused.stderr and "--override" in refused.stderr
     forced = register("--override")

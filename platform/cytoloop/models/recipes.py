@@ -5,8 +5,11 @@ decides the result: the model kind, which cells (domains and classes of a manife
 the budget and every setting that differs from the defaults. `cytoloop train --recipe base-pbc --data
 ../shared/data/manifest.csv --out DIR` then reproduces the model: the same split, the same steps, the same tuned
 scoring (a run stopped half-way resumes from DIR's checkpoint). The recipe's settings win over a settings file and
-`CYTOLOOP_*` variables, so a stray environment variable cannot make a different model under the recipe's name;
-settings that do not change the result (threads) may still come from them.
+`CYTOLOOP_*` variables, and a setting of the sections that decide the model (data, augmentation, training, the
+model, scoring) that the recipe leaves at its default must be left there: one set otherwise is refused
+(`Recipe.unfixed`), so a stray environment variable cannot make a different model under the recipe's name. Settings
+that do not change the result (threads, checkpoint and log cadence, how scoring runs on this machine) may still
+come from them.
 
 The data is a manifest that lists the recipe's domains: the combined manifest of all labs or the lab's own one;
 the split names cells by path, so either gives the same cells.
@@ -38,6 +41,26 @@ class Recipe:
         train = {**self.overrides.get("train", {}), "steps": self.steps, "seed": self.seed}
         return {**self.overrides, "train": train}
 
+    def unfixed(self, settings) -> list[str]:
+        """The settings (`section.field`) that decide the model and differ in `settings` from the defaults with this
+        recipe's overrides: set by a settings file or a `CYTOLOOP_*` variable, they would train another model under
+        this recipe's name. The recipe's own overrides always win (`settings_overrides`)."""
+        from cytoloop.models.loading import RUNTIME_FIELDS
+
+        wanted = self.settings_overrides()
+        differing = []
+        for section in DECISIVE_SECTIONS:
+            given = getattr(settings, section)
+            expected = type(given)(**wanted.get(section, {})).model_dump(mode="json")
+            free = RUNTIME_FIELDS if section == "scoring" else NEUTRAL_TRAIN_FIELDS if section == "train" else ()
+            found = given.model_dump(mode="json")
+            differing += [f"{section}.{key}" for key in expected if key not in free and found[key] != expected[key]]
+        return differing
+
+
+# the sections whose settings decide what a training run makes, and the training settings among them that do not
+DECISIVE_SECTIONS = ("data", "augment", "train", "diffusion", "baseline", "scoring")
+NEUTRAL_TRAIN_FIELDS = ("threads", "checkpoint_every", "log_every")
 
 # PBC at 32 px on a 2-core CPU: bf16 autocast and batch 32 bring 20,000 steps to about 80 minutes
 # (docs/benchmarks.md, "Base model"). The CNN baseline sees the same cells, split, batch and number of steps.
