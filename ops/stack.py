@@ -90,6 +90,17 @@ def _read_or_make_secrets(settings: Settings, path: Path) -> dict[str, str]:
         "mlflow_admin_password": None,  # the MLflow UI's admin, when it binds more than loopback
         "mlflow_secret_key": None,
     }
+    # Label Studio takes the admin's password and token only when it creates the admin: given otherwise later, they
+    # replaced the stored ones (even from `stack status`) and every call to it was refused with the working token gone
+    created = (Path(settings.home) / "label-studio" / "data" / "label_studio.sqlite3").is_file()
+    for key in ("admin_password", "admin_token"):
+        wanted = given[key]
+        if created and stored.get(key) and wanted is not None and wanted.get_secret_value() != stored[key]:
+            raise StackError(
+                f"stack.{key} differs from the one this home's Label Studio admin was made with ({path}): Label "
+                f"Studio takes it only when it makes the admin. Unset CYTOLOOP_STACK__{key.upper()} (or give the "
+                "stored one); to change it, change it in Label Studio first, then in secrets.json"
+            )
     values: dict[str, str] = {k: v.get_secret_value() if v is not None else stored.get(k, "") for k, v in given.items()}
     values.update({k: secrets_lib.token_hex(20) for k, v in values.items() if not v})
     if values != {k: stored.get(k) for k in values}:  # written whole and owner-only

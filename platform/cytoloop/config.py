@@ -310,7 +310,9 @@ class StackConfig(_Section):
     )
     admin_email: str = "admin@cytoloop.local"
     admin_password: SecretStr | None = None
-    admin_token: SecretStr | None = Field(None, description="Label Studio API token of the admin (legacy token)")
+    admin_token: SecretStr | None = Field(
+        None, min_length=6, description="Label Studio API token of the admin (legacy token; it ignores 5 or fewer)"
+    )
     images_root: SettingPath | None = Field(
         None,
         description="folder Label Studio may serve cell images from (each project's local storage); every file "

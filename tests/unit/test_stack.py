@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from cytoloop.config import Settings
 from ops.stack import Stack, StackError, stack_secrets
@@ -60,6 +61,31 @@ def test_secrets_are_generated_once_and_kept_private(tmp_path):
     assert stack_secrets(settings)["admin_token"] == "t" * 40  # what was given is what later processes read
     path.chmod(0o644)  # restored from a backup, copied: readable by every user of the host
     assert stack_secrets(settings)["admin_token"] == "t" * 40 and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_an_admin_token_given_after_label_studio_made_its_admin_is_refused_and_the_stored_one_kept(tmp_path):
+    """Label Studio takes the admin's token and password only when it makes the admin: one given later (even to
+    `stack status`) replaced the stored one, and every later call was refused, the working token gone. A token of 5
+    characters or fewer, which Label Studio ignores, is refused by the settings."""
+    from pydantic import ValidationError
+
+    settings = settings_in(tmp_path)
+    first = stack_secrets(settings)
+    database = tmp_path / "home" / "label-studio" / "data" / "label_studio.sqlite3"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(b"")  # this home's Label Studio has made its admin
+    given = settings.model_copy(
+        update={"stack": settings.stack.model_copy(update={"admin_token": SecretStr("n" * 40)})}
+    )
+    with pytest.raises(StackError, match="stack.admin_token differs .* CYTOLOOP_STACK__ADMIN_TOKEN"):
+        Stack(given).status()
+    assert stack_secrets(settings) == first  # the working token is kept
+    same = settings.model_copy(
+        update={"stack": settings.stack.model_copy(update={"admin_token": SecretStr(first["admin_token"])})}
+    )
+    assert stack_secrets(same) == first
+    with pytest.raises(ValidationError, match="admin_token"):
+        Settings(stack={"admin_token": "short"})
 
 
 def test_status_of_a_fresh_home(tmp_path):
