@@ -191,7 +191,9 @@ def _fit(
     start = 0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        # onto the CPU first: a GPU worker's checkpoint resumes on a CPU-only one too (each load below moves the
+        # tensors to the model's device: the state dicts copy into it, the optimizer casts its state to it)
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         module.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
