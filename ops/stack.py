@@ -234,6 +234,9 @@ class Service:
     # an API the started process answers at, kept in its PID file: `down` asks the process it started there,
     # whatever the settings say by then (Ray's dashboard, through which `down` stops Serve first)
     api_url: str | None = None
+    # other ports it binds, checked free before it starts as `port` is: Ray's dashboard, taken by another program,
+    # answered the health check in its place ("up") while our head died
+    other_ports: tuple[int, ...] = ()
 
 
 @dataclass
@@ -329,7 +332,19 @@ class Stack:
             health_url, health_headers = self._ray_api("/api/jobs/") if cfg.ray_dashboard else (None, {})
             env = {**auth, "RAY_worker_niceness": "0"}
             api_url = self._ray_api("")[0] if cfg.ray_dashboard else None
-            chosen.append(Service("ray", cfg.ray_port, command, env, health_url, health_headers, api_url=api_url))
+            dashboard = (cfg.ray_dashboard_port,) if cfg.ray_dashboard else ()
+            chosen.append(
+                Service(
+                    "ray",
+                    cfg.ray_port,
+                    command,
+                    env,
+                    health_url,
+                    health_headers,
+                    api_url=api_url,
+                    other_ports=dashboard,
+                )
+            )
         return chosen
 
     def _ray_api(self, path: str, base: str | None = None) -> tuple[str, dict[str, str]]:
@@ -637,11 +652,12 @@ class Stack:
             logger.info(f"{service.name}: already up (pid {pid})")
             return
         self._pid_file(service.name).unlink(missing_ok=True)
-        if _port_open(host, service.port):
-            raise StackError(
-                f"{service.name}: port {service.port} on {host} is taken by another process; stop it or "
-                f"choose another port (CYTOLOOP_STACK__* / CYTOLOOP_REVIEW__WEBHOOK_PORT)"
-            )
+        for port in (service.port, *service.other_ports):
+            if _port_open(host, port):
+                raise StackError(
+                    f"{service.name}: port {port} on {host} is taken by another process; stop it or "
+                    f"choose another port (CYTOLOOP_STACK__* / CYTOLOOP_REVIEW__WEBHOOK_PORT)"
+                )
         if service.prepare is not None:
             service.prepare()
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}

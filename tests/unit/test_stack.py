@@ -104,6 +104,25 @@ def test_a_taken_port_is_named_before_anything_starts(tmp_path):
     assert Stack(settings).down() == []
 
 
+def test_ray_s_dashboard_port_taken_by_another_program_is_named_before_ray_starts(tmp_path):
+    """Another program on the dashboard port (a notebook's own `ray.init()`) answered the health check in the head's
+    place: `up` said "ray: up" and exited 0 while our head died on the taken port."""
+    with socket.socket() as busy, socket.socket() as free:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        free.bind(("127.0.0.1", 0))
+        port, gcs = busy.getsockname()[1], free.getsockname()[1]
+        free.close()
+        home = Path(tempfile.mkdtemp(prefix="cyd-"))  # short: Ray's socket paths
+        settings = Settings(home=home, stack={"ray": True, "ray_port": gcs, "ray_dashboard_port": port})
+        try:
+            with pytest.raises(StackError, match=f"ray: port {port} on 127.0.0.1 is taken"):
+                Stack(settings).up(only=["ray"])
+            assert Stack(settings).down() == []
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+
 def test_ray_temp_folder_must_stay_short(tmp_path):
     settings = Settings(home=tmp_path / ("x" * 80), stack={"ray": True})
     with pytest.raises(StackError, match="107"):
