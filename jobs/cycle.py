@@ -225,6 +225,12 @@ class Demo:
     `_demo_settings`)."""
 
     def __init__(self, settings: Settings, data: Path):
+        if len(settings.demo.error_rates) < settings.review.labels_required:  # before anything starts
+            raise UsageError(
+                f"demo.error_rates has {len(settings.demo.error_rates)} simulated annotators, fewer than "
+                f"review.labels_required ({settings.review.labels_required}): no cell could reach a consensus (the "
+                "demo stopped on that after the stack, serving and a pool's scoring); give one rate per annotator"
+            )
         self.data = Path(data)
         self.settings = _demo_settings(settings, self.data)
         self.config = self.settings.demo

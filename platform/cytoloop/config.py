@@ -11,10 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
@@ -372,6 +382,17 @@ class ReviewConfig(_Section):
 
     label_studio_url: str | None = Field(None, description="None: the stack's http://<host>:<label_studio_port>")
     project_title: str = Field("CytoLoop review: {site}", description="title of each site's project ({site})")
+
+    @field_validator("project_title")
+    @classmethod
+    def _one_site_field(cls, title: str) -> str:
+        """One `{site}` and no other field: another ('{lab}') raised KeyError when a project was made, and a title
+        without `{site}` put every site's cells into one project."""
+        fields = [name for _, name, _, _ in string.Formatter().parse(title) if name is not None]
+        if fields != ["site"]:
+            raise ValueError(f"must hold {{site}} once and no other {{field}}; got {title!r}")
+        return title
+
     labels_required: int = Field(2, ge=1, description="labels a cell needs before its consensus counts")
     webhook_host: Host = "127.0.0.1"
     webhook_port: int = Field(8099, ge=1, le=65535, description="where our webhook receiver listens")
@@ -753,6 +774,8 @@ class Settings(BaseSettings):
     def _site_names(self) -> Settings:
         for site in self.sites:
             check_site_name(site, "in sites")
+        for site in self.demo.sites:  # they become aliases and folders (frozen sets) too: '../x' left home
+            check_site_name(site, "in demo.sites")
         return self
 
     def site_classes(self, site: str | None) -> list[str] | None:

@@ -267,6 +267,26 @@ def test_a_class_the_base_model_lacks_is_refused_before_any_site_s_sets_are_froz
     assert not (tmp_path / "home" / "frozen").exists()
 
 
+def test_demo_settings_that_cannot_work_are_refused_before_anything_starts(tmp_path, cells_dir):
+    """Fewer simulated annotators than the labels a consensus needs ran the stack, serving and a pool's scoring,
+    then stopped with a traceback; a demo site name that is no site name ('../x') became an alias and a folder
+    outside home. Both are refused first, naming the setting."""
+    from pydantic import ValidationError
+
+    from cytoloop.config import Settings
+    from cytoloop.errors import UsageError
+    from jobs.cycle import Demo
+
+    three = Settings(home=tmp_path / "home", review={"labels_required": 3})
+    with pytest.raises(UsageError, match=r"demo.error_rates has 2 simulated annotators, fewer than .* \(3\)"):
+        Demo(three, cells_dir)
+    assert not (tmp_path / "home").exists()
+    with pytest.raises(ValidationError, match="invalid site name '../x' in demo.sites"):
+        Settings(demo={"sites": {"../x": ["jtsc"]}})
+    with pytest.raises(ValidationError, match=r"project_title\s+Value error, must hold \{site\} once"):
+        Settings(review={"project_title": "Review {lab}"})
+
+
 def test_a_rerun_whose_champion_is_not_the_base_asked_for_is_refused(tmp_path, tiny_settings):
     """A rerun in the same home kept whatever @champion was there: an earlier run's from another base model (or a
     version promoted since) was reported in round 0 as the base model's figures."""
