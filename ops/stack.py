@@ -80,7 +80,12 @@ def stack_secrets(settings: Settings) -> dict[str, str]:
 
 
 def _read_or_make_secrets(settings: Settings, path: Path) -> dict[str, str]:
-    stored = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as error:  # hand-edited, or cut short: never replaced by new ones
+        raise StackError(f"{path} is not a secrets file ({error}): mend it, or restore it from a backup") from None
+    if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+        raise StackError(f"{path} is not a secrets file (an object of names and strings): mend it, or restore it")
     given = {
         "admin_password": settings.stack.admin_password,
         "admin_token": settings.stack.admin_token,

@@ -63,6 +63,18 @@ def test_secrets_are_generated_once_and_kept_private(tmp_path):
     assert stack_secrets(settings)["admin_token"] == "t" * 40 and stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_a_damaged_secrets_file_is_named_and_kept(tmp_path):
+    """A hand-edited secrets.json ended any command with a JSONDecodeError (or AttributeError) traceback."""
+    settings = settings_in(tmp_path)
+    path = tmp_path / "home" / "secrets.json"
+    path.parent.mkdir(parents=True)
+    for damaged in ('{"admin_token": "abc",', '["not", "an", "object"]'):
+        path.write_text(damaged)
+        with pytest.raises(StackError, match="secrets.json is not a secrets file"):
+            stack_secrets(settings)
+        assert path.read_text() == damaged  # not replaced by new secrets: the old ones may be needed
+
+
 def test_an_admin_token_given_after_label_studio_made_its_admin_is_refused_and_the_stored_one_kept(tmp_path):
     """Label Studio takes the admin's token and password only when it makes the admin: one given later (even to
     `stack status`) replaced the stored one, and every later call was refused, the working token gone. A token of 5
