@@ -182,9 +182,11 @@ def test_a_rule_setting_the_model_does_not_take_is_said_not_silently_dropped(tmp
         ScoringConfig(min_trials=3, max_trials=60),
     ).save(tmp_path / "model")
     with caplog.at_level("WARNING", logger="cytoloop.models.loading"):
-        model = load_model(tmp_path / "model", ScoringConfig(max_trials=40, precision="bf16"))
+        model = load_model(tmp_path / "model", ScoringConfig(max_trials=40, precision="bf16", mask_radius=0.5, seed=7))
     assert model.scoring_config.max_trials == 60 and model.scoring_config.precision == "bf16"
-    assert "scoring.max_trials from the settings is not applied" in caplog.text and "precision" not in caplog.text
+    assert model.scoring_config.seed == ScoringConfig().seed  # its own, as saved
+    named = "scoring.mask_radius, scoring.max_trials, scoring.seed from the settings is not applied"
+    assert named in caplog.text and "precision" not in caplog.text
 
 
 def test_a_site_with_its_own_classes_gets_only_those_and_shares_the_loaded_model(tmp_path, cells_dir):

@@ -98,11 +98,12 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
         raise ModelLoadError(f"{directory}: cannot load this {kind} model's files ({detail})") from error
     diffusion = model.teacher if isinstance(model, CascadeClassifier) else model
     if runtime is not None and isinstance(diffusion, DiffusionClassifier):
-        ignored = [f"scoring.{field}" for field in RULE_FIELDS if field in runtime.model_fields_set]
+        # every set field the model does not take, not only the rule's (mask_radius, seed, ... were dropped unsaid)
+        ignored = [f"scoring.{field}" for field in sorted(runtime.model_fields_set) if field not in RUNTIME_FIELDS]
         if ignored:  # said, not silently dropped (CYTOLOOP_SCORING__MAX_TRIALS=40 looked applied)
             logger.warning(
-                f"{directory} scores with its own tuned rule: {', '.join(ignored)} from the settings is not "
-                "applied to it (a new model trains with it; `evaluate --max-trials` caps the trials)"
+                f"{directory} scores with its own tuned rule and settings: {', '.join(ignored)} from the settings "
+                "is not applied to it (a new model trains with it; `evaluate --max-trials` caps the trials)"
             )
         update = {field: getattr(runtime, field) for field in RUNTIME_FIELDS if field in runtime.model_fields_set}
         if update:
