@@ -32,23 +32,6 @@ SECTION_OF = {
     "BaselineModelConfig": "model",
     "ScoringConfig": "scoring",
 }
-# the scoring rule a model was tuned and calibrated with: never replaced by the settings of the machine at hand
-RULE_FIELDS = (
-    "min_trials",
-    "max_trials",
-    "check_every",
-    "elimination_p",
-    "variance_prior",
-    "variance_prior_trials",
-    "t_min",
-    "t_max",
-    "timestep_bins",
-    "score_null_class",
-    "null_trials",
-    "anomaly_score",
-    "trial_views",
-    "exit_p",
-)
 
 
 def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> Classifier:
