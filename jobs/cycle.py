@@ -333,6 +333,12 @@ class Demo:
         with self.stage(f"round {number}, {site}: anomaly threshold", row, "threshold"):
             if (site, row.pool_version) not in self.thresholds:
                 calibration = self._score(state, split.val, site, row, "calibration")
+                if not calibration.records:  # said as what it is, not as "the model gives no anomaly score"
+                    reasons = "; ".join(list(calibration.failed.values())[:3])
+                    raise DatasetError(
+                        f"{site}: none of its {len(split.val)} calibration cells could be scored ({reasons}): its "
+                        "anomaly threshold cannot be set"
+                    )
                 self.thresholds[(site, row.pool_version)] = anomaly_threshold(
                     calibration.predictions.anomaly, self.config.anomaly_quantile
                 )
