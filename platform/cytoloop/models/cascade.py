@@ -165,12 +165,15 @@ def soft_targets(teacher_probs: np.ndarray, labels: np.ndarray, label_weight: fl
 
 def distillation_loss(targets: np.ndarray) -> LossFn:
     """Cross-entropy against soft targets. `fit` hands the loss integer labels; here they are cell indices into
-    `targets`, so the shared training loop (sampling, augmentation, EMA, checkpoints) runs unchanged."""
+    `targets`, so the shared training loop (augmentation, EMA, checkpoints) runs unchanged. Its class balancing
+    does not apply: each index is a class of one to `sampling_weights`, so cells are drawn uniformly, and the
+    student learns the teacher on the distillation cells as they come (unlabeled ones included)."""
     table = torch.as_tensor(targets, dtype=torch.float32)
 
     def loss(network: torch.nn.Module, images: torch.Tensor, index: torch.Tensor, generator: torch.Generator):
         log_probs = torch.log_softmax(network(images), dim=1)
-        return -(table[index] * log_probs).sum(dim=1).mean()
+        # the table stays on the CPU; a student training on a GPU gets its rows moved to it (indexed there, it failed)
+        return -(table[index.cpu()].to(log_probs.device) * log_probs).sum(dim=1).mean()
 
     return loss
 
