@@ -312,6 +312,8 @@ def score_offline(
         # a bf16 model's answers off as fp32 ones
         "runtime": None if runtime is None else runtime.model_dump(mode="json", exclude_unset=True),
     }
+    if gpus:  # on a GPU (device `auto` takes it): another device's numbers, whose close calls may go another way
+        setup["gpus"] = True
     paths = [str(Path(r.path).resolve()) for r in records]
     results: list[CellResult | None] = [None] * len(records)
     failed: dict[str, str] = {}
