@@ -78,7 +78,11 @@ class DataConfig(_Section):
         "the nucleus and sized to it, so cells from labs with other magnifications come out at the same scale",
     )
     crop_fraction: float = Field(
-        0.8, gt=0.1, le=1.0, description="side of the central square crop, as a fraction of the shorter side"
+        0.8,
+        gt=0.1,
+        le=1.0,
+        description="'center' crop: side of the central square, as a fraction of the shorter side (the 'cell' "
+        "crop's own fallback, when it finds no nucleus, is a fixed 0.8)",
     )
     cell_scale: float = Field(2.2, gt=0.5, le=10.0, description="'cell' crop: half side = this x nucleus radius")
     stain_normalization: Literal["none", "reinhard"] = Field(

@@ -85,13 +85,17 @@ def _otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float(centers[np.argmax(below * above * (mean_below - mean_above) ** 2)])
 
 
+FALLBACK_FRACTION = 0.8  # the 'cell' crop's central square when it finds no nucleus (platelets, erythroblasts)
+
+
 def cell_square(image: Image.Image, scale: float) -> Image.Image:
     """Crop a square centred on the nucleus nearest the centre, sized to it (`scale` x its radius).
 
     Labs image cells at different magnifications and framings; cropping by the nucleus puts every cell at about
     the same scale. The nucleus is where green light is absorbed much more than red (purple, unlike pink red
     cells), split from the rest by Otsu's threshold on a 64-px thumbnail, weighted towards the image centre.
-    Falls back to the central square when no nucleus is found.
+    Falls back to the central square of 0.8 of the shorter side when no nucleus is found (`FALLBACK_FRACTION`,
+    fixed: not `data.crop_fraction`, which sizes the 'center' crop; every model so far was trained with it).
     """
     side = 64
     thumb = np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
@@ -102,7 +106,7 @@ def cell_square(image: Image.Image, scale: float) -> Image.Image:
     centre = (side - 1) / 2
     weight = mask * np.exp(-((yy - centre) ** 2 + (xx - centre) ** 2) / (2 * (side / 4) ** 2))
     if weight.sum() < 1.0:
-        return center_square(image, 0.8)
+        return center_square(image, FALLBACK_FRACTION)
     cy, cx = (weight * yy).sum() / weight.sum(), (weight * xx).sum() / weight.sum()
     nucleus = mask & ((yy - cy) ** 2 + (xx - cx) ** 2 < (side * 0.3) ** 2)
     radius = np.sqrt(nucleus.sum() / np.pi)
