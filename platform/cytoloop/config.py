@@ -56,6 +56,23 @@ def _check_host(host: str) -> str:
 Host = Annotated[str, AfterValidator(_check_host)]
 
 
+def _ipv4_or_name(host: str) -> str:
+    """The stack's services are started, probed and reached over IPv4 (their URLs hold no IPv6 brackets): an IPv6
+    address passed the settings and failed in `stack up` with "Address family for hostname not supported"."""
+    import ipaddress
+
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:  # a host name
+        return host
+    if version == 6:
+        raise ValueError(f"{host!r} is an IPv6 address: the stack's services take an IPv4 address or a host name")
+    return host
+
+
+StackHost = Annotated[str, AfterValidator(_check_host), AfterValidator(_ipv4_or_name)]
+
+
 def _not_empty(value: object) -> object:
     """An empty path setting (`CYTOLOOP_HOME=` in a script whose variable was not set) would mean the current
     folder, wherever a command happens to run: refused."""
@@ -314,7 +331,7 @@ class StackConfig(_Section):
     so a fresh checkout works without inventing passwords, and a restart keeps the same ones.
     """
 
-    host: Host = Field("127.0.0.1", description="interface every service binds")
+    host: StackHost = Field("127.0.0.1", description="interface every service binds")
     label_studio_port: int = Field(8080, ge=1, le=65535)
     label_studio_version: str = Field("1.23.*", description="pip specifier of the Label Studio server")
     label_studio_venv: SettingPath | None = Field(
@@ -342,7 +359,7 @@ class StackConfig(_Section):
     )
     ray: bool = Field(True, description="start a local Ray head")
     ray_port: int = Field(6379, ge=1, le=65535)
-    ray_host: Host = Field(
+    ray_host: StackHost = Field(
         "127.0.0.1",
         description="interface the local Ray head and its dashboard bind (the dashboard is also the Jobs API: "
         "whoever reaches it runs code). Any address but loopback turns Ray's token authentication on, with the "
@@ -398,7 +415,7 @@ class ReviewConfig(_Section):
         return title
 
     labels_required: int = Field(2, ge=1, description="labels a cell needs before its consensus counts")
-    webhook_host: Host = "127.0.0.1"
+    webhook_host: StackHost = "127.0.0.1"
     webhook_port: int = Field(8099, ge=1, le=65535, description="where our webhook receiver listens")
     webhook_secret: SecretStr | None = Field(None, description="shared secret Label Studio sends; None: generated")
     ml_backend_user: str = Field("label-studio", min_length=1, description="Basic Auth user of the ML backend")

@@ -144,8 +144,14 @@ def test_an_address_that_is_neither_ip_nor_host_name_is_named_as_such():
                 StackConfig(**{field: bad})
         with pytest.raises(ValidationError, match="webhook_host"):
             load_settings(overrides={"review": {"webhook_host": bad}})
-    for good in ("0.0.0.0", "::", "fe80::1", "classifier-1.lab.example", "localhost", "10.0.0.7"):
+    for good in ("0.0.0.0", "classifier-1.lab.example", "localhost", "10.0.0.7"):
         assert StackConfig(host=good, ray_host=good).host == good
+    for good in ("::", "fe80::1"):
+        assert ServeConfig(host=good, insecure=True).host == good  # Serve's proxy binds IPv6
+        # the stack's services are started, probed and reached over IPv4: `up` failed on the address family
+        for field in ("host", "ray_host"):
+            with pytest.raises(ValidationError, match=f"{field}\n.*is an IPv6 address"):
+                StackConfig(**{field: good})
 
 
 def test_a_site_s_classes_come_from_the_environment_and_are_checked(monkeypatch):
