@@ -13,7 +13,7 @@ scored by exactly the same code. Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Literal
 
 import numpy as np
@@ -337,8 +337,12 @@ def bootstrap_intervals(
     seed: int = 0,
     alpha: float = 0.05,
     strata: np.ndarray | None = None,
+    basic: Collection[str] = (),
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of several statistics computed on the same resamples.
+    """Percentile bootstrap intervals of several statistics computed on the same resamples; for the statistics
+    named in ``basic``, the basic (pivotal) interval around the estimate on all items (`bootstrap_interval`),
+    its low end clipped at 0: for a statistic a resample biases once more, as ECE (resampled, a calibrated
+    model's cells look less calibrated), whose percentile interval leans upward and can leave out the estimate.
 
     ``statistics`` receives an index array (``n`` draws with replacement) and returns named values; a value that
     is NaN on a resample (a class drawn zero times) is left out of that statistic's quantiles. A statistic NaN on
@@ -352,9 +356,12 @@ def bootstrap_intervals(
     for _ in range(n_boot):
         for name, value in statistics(resample(rng, groups)).items():
             draws.setdefault(name, []).append(float(value))
+    estimates = statistics(np.arange(n)) if basic else {}
     out = {}
     for name, values in draws.items():
         finite = np.asarray(values)[~np.isnan(values)]
         low, high = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0]) if len(finite) else (np.nan, np.nan)
+        if name in basic and len(finite):
+            low, high = max(0.0, 2.0 * estimates[name] - high), 2.0 * estimates[name] - low
         out[name] = (float(low), float(high))
     return out
