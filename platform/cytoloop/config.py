@@ -481,7 +481,12 @@ class RetrainConfig(_Section):
 
     min_new_labels: int = Field(200, ge=1, description="N: due as soon as this many new consensus labels arrived")
     max_hours: float = Field(168.0, gt=0, description="T: due after this many hours since the last retrain ...")
-    min_labels_after_hours: int = Field(20, ge=0, description="M: ... if at least this many new labels arrived")
+    min_labels_after_hours: int = Field(
+        20,
+        ge=1,
+        description="M: ... if at least this many new labels arrived (at least 1: at 0 a retrain was due on the "
+        "same labels, and a drift flag left up made every `retrain --if-due` fine-tune on them again)",
+    )
     on_drift: bool = Field(True, description="a drift flag makes a retrain due (given at least M new labels)")
 
 

@@ -31,6 +31,17 @@ def test_policy(new, hours, drift, due):
     assert decision.reason
 
 
+def test_a_retrain_is_never_due_on_no_new_labels():
+    """M = 0 made a retrain due with no new label at all (after T, or while a drift flag stayed up: every
+    `retrain --if-due` then fine-tuned on the same labels again): M is at least 1."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="min_labels_after_hours"):
+        RetrainConfig(min_labels_after_hours=0)
+    least = RetrainConfig(min_new_labels=100, max_hours=24, min_labels_after_hours=1)
+    assert not retrain_due(0, None, True, least).due and not retrain_due(0, 48.0, False, least).due
+
+
 def test_drift_ignored_when_disabled():
     assert not retrain_due(10, 1.0, True, CONFIG.model_copy(update={"on_drift": False})).due
 
