@@ -652,7 +652,7 @@ class Demo:
 
     def _finish_round(self, row: RoundResult) -> None:
         self.rounds.append(row)
-        (self.dir / "rounds.json").write_text(json.dumps([asdict(r) for r in self.rounds], indent=1, default=str))
+        (self.dir / "rounds.json").write_text(rounds_json(self.rounds))
         logger.info(round_table(self.rounds))
 
     # -- the end ---------------------------------------------------------------------------------------------------
@@ -717,6 +717,12 @@ def _demo_settings(settings: Settings, data: Path) -> Settings:
         }
     )
     return settings.model_copy(update={"home": home, "serve": serve, "stack": stack})
+
+
+def rounds_json(rounds: Sequence[RoundResult]) -> str:
+    """The rounds as rounds.json keeps them, from which the report can be drawn again (`loop_report`): with the
+    routed share, which the report reads as an attribute (a property, which `asdict` left out)."""
+    return json.dumps([{**asdict(r), "routed_fraction": r.routed_fraction} for r in rounds], indent=1, default=str)
 
 
 def round_table(rounds: Sequence[RoundResult]) -> str:
