@@ -37,6 +37,13 @@ def test_exactly_budget_distinct_indices_from_the_pool(name, budget):
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
+def test_an_empty_pool_gives_no_cells(name):
+    """The routing strategy took its anomaly threshold as the empty pool's quantile: IndexError; the others
+    answered with no cells."""
+    assert len(get_strategy(name)(fake_pool(0), 0, 3)) == 0
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
 def test_deterministic_for_a_seed(name):
     pool = fake_pool()
     assert np.array_equal(get_strategy(name)(pool, 10, 5), get_strategy(name)(pool, 10, 5))

@@ -55,6 +55,9 @@ def test_card_shows_provenance_recipe_and_every_figure_with_its_interval(tmp_pat
     assert "Recall per class: blue " in text and "; red " in text
     assert f"Anomaly AUROC (3 anomalies of 6 cells): primary score {anomalies['anomaly_auroc']:.3f}" in text
     assert "## Intended use\n\nFor tests only." in text and "## Known limits\n\n- Two colours, not cells." in text
+    # a CNN makes one pass per cell: no "denoiser evaluations" row (it showed 1.0, 1); evaluations leave out the
+    # training and validation cells, not "use the test part" (any report may be shown)
+    assert "denoiser evaluations" not in text and "Evaluations below leave out the training and validation" in text
     # one lab's part of a report (`per_domain`) has no accuracy at 90 % coverage: shown as '-', not an IndexError
     lab_part = {k: report[k] for k in ("n_cells", "accuracy", "balanced_accuracy", "ece", "nll", "per_class_recall")}
     text = write_model_card(out, {"Lab A alone": {**lab_part, "intervals": report["intervals"]}}).read_text()

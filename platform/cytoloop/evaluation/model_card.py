@@ -34,7 +34,7 @@ def _with_interval(report: dict, name: str, digits: int = 3) -> str:
     return f"{value:.{digits}f}" + (f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else "")
 
 
-def _evaluation_section(title: str, report: dict) -> list[str]:
+def _evaluation_section(title: str, report: dict, kind: str) -> list[str]:
     lines = [f"### {title}", ""]
     if "balanced_accuracy" in report:
         lines += [
@@ -51,7 +51,7 @@ def _evaluation_section(title: str, report: dict) -> list[str]:
             ("accuracy_at_90_coverage", "accuracy at 90 % coverage"),
         ):
             lines.append(f"| {label} | {_with_interval(report, name)} |")
-        if "denoiser_evals_per_cell" in report:
+        if "denoiser_evals_per_cell" in report and kind != "baseline":  # a CNN: one network pass per cell
             lines.append(
                 f"| denoiser evaluations per cell (mean, p95) | {report['denoiser_evals_per_cell']:.1f}, "
                 f"{report.get('denoiser_evals_p95', float('nan')):.0f} |"
@@ -117,8 +117,8 @@ def render_model_card(model_dir: Path, evaluations: dict[str, dict], intended_us
     if "n_train" in training:
         lines.append(
             f"- Split (seeded, stratified by class and lab; `split.json`): {training['n_train']} training, "
-            f"{training['n_val']} validation cells; the rest is the held-out test part every evaluation "
-            "below uses."
+            f"{training['n_val']} validation cells; the rest is the held-out test part. Evaluations below "
+            "leave out the training and validation cells."
         )
     lines.append("")
     lines += ["## How it was made", ""]
@@ -141,8 +141,9 @@ def render_model_card(model_dir: Path, evaluations: dict[str, dict], intended_us
         )
     if tuning and tuning.get("chosen"):
         chosen = tuning["chosen"]
+        unlabeled = f" + {tuning['n_unlabeled']} unlabeled" if tuning.get("n_unlabeled") else ""
         lines.append(
-            f"Scoring tuned on {tuning['n_cells']} validation cells: min_trials {chosen['min_trials']}, "
+            f"Scoring tuned on {tuning['n_cells']} validation{unlabeled} cells: min_trials {chosen['min_trials']}, "
             f"elimination p {chosen['elimination_p']:g}, {chosen['evals_mean']:.1f} denoiser evaluations "
             f"per cell, agreeing with {meta['scoring']['tuning_trials']}-trial exhaustive scoring on "
             f"{chosen['agreement']:.3f} of them."
@@ -151,7 +152,7 @@ def render_model_card(model_dir: Path, evaluations: dict[str, dict], intended_us
     if evaluations:
         lines += ["## Evaluation", ""]
         for title, report in evaluations.items():
-            lines += _evaluation_section(title, report)
+            lines += _evaluation_section(title, report, kind)
     if limits:
         lines += ["## Known limits", "", limits.strip(), ""]
     return "\n".join(lines)

@@ -127,6 +127,8 @@ def routing_policy(config: RoutingConfig | None = None, anomaly_quantile: float 
 
     def routing(pool: Pool, budget: int, seed: int = 0) -> np.ndarray:
         _check_budget(pool, budget)
+        if not len(pool):  # as the other strategies answer it (the pool's quantile raised IndexError)
+            return np.zeros(0, dtype=int)
         predictions = pool.predictions
         threshold = base.anomaly_above
         if threshold is None:
