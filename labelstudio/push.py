@@ -7,7 +7,7 @@ tasks stay pending, and the report says so; a task Label Studio refuses is marke
 (parked after `outbox.MAX_ATTEMPTS`) and never holds back the others. A site whose project cannot be made or listed
 keeps its tasks pending, with no attempt counted against them: that is no fault of theirs. Nor is an answer of 500
 or above to every task of a site (Label Studio failing, say its database locked under load, while it still lists
-projects): a task refused with a server error is blamed only when Label Studio took another task of its site in
+projects): a task refused with a server error is blamed only when Label Studio took another task (of any site) in
 the same push; every task was blamed before, and a few minutes of failing parked the whole queue for good. A push
 first asks which Label Studio it reaches (`client.server_identity`): tasks another one took, whose cells have no
 consensus yet, are sent to this one too (`Outbox.resend_elsewhere`), so replacing Label Studio loses no open task;
@@ -107,14 +107,16 @@ def _push_all(
             logger.warning(f"push: the project listing failed, deleted projects are checked next time: {error}")
         else:
             report.resent += outbox.resend_lost(server, live, settled)
+        doubtful: dict[str, dict[str, str]] = {}  # site -> task key -> the server error it was answered with
         for site, tasks in outbox.pending().items():
             try:
-                _push_site(client, outbox, ensure_project, site, tasks, batch, report, server)
+                doubtful[site] = _push_site(client, outbox, ensure_project, site, tasks, batch, report, server)
             except Exception as error:
                 if stops_the_push(error):
                     raise
                 report.site_errors[site] = _describe(error)
                 logger.warning(f"push: site {site}'s project failed, its tasks wait: {_describe(error)}")
+        _blame_server_errors(outbox, doubtful, report)
         report.twins_removed = _remove_twins(client, outbox, server)
     except Exception as error:
         if not stops_the_push(error):
@@ -133,10 +135,29 @@ def _server_error(error: BaseException) -> bool:
     return (getattr(error, "status_code", 0) or 0) >= 500
 
 
+def _blame_server_errors(outbox: Outbox, doubtful: dict[str, dict[str, str]], report: PushReport) -> None:
+    """Tasks answered with a server error (500 or above) are blamed, an attempt each, only when Label Studio took
+    another task in this push, of any site (it works, so the fault is theirs: a task it always fails on is
+    parked in the end); when it took none, it is failing, and no task is blamed: each such site's tasks wait, the
+    site named in `site_errors`."""
+    for site, failed in doubtful.items():
+        if not failed:
+            continue
+        if report.pushed:
+            for key, error in failed.items():
+                outbox.mark_failed([key], error)
+            report.failed += len(failed)
+        else:
+            first = next(iter(failed.values()))
+            report.site_errors[site] = f"Label Studio failed on all {len(failed)} tasks sent: {first}"
+            logger.warning(f"push: Label Studio failed on site {site}'s tasks, which wait: {first}")
+
+
 def _push_site(
     client, outbox, ensure_project, site: str, tasks: list[dict], batch: int, report: PushReport, server: str
-) -> None:
-    took_before, doubtful = report.pushed, {}  # doubtful: task key -> a server error it was answered with
+) -> dict[str, str]:
+    """Push one site's tasks; returns those answered with a server error (`_blame_server_errors` decides)."""
+    doubtful: dict[str, str] = {}  # task key -> the server error it was answered with
 
     def refused(task: dict, error: Exception) -> None:
         key = task["data"]["task_key"]
@@ -184,11 +205,7 @@ def _push_site(
                     if stops_the_push(single):
                         raise
                     refused(task, single)
-    if doubtful and report.pushed == took_before:  # Label Studio took none of the site's tasks: its failure
-        raise RuntimeError(f"Label Studio failed on all {len(doubtful)} tasks sent: {next(iter(doubtful.values()))}")
-    for key, error in doubtful.items():  # it took others meanwhile: these tasks' own failures
-        outbox.mark_failed([key], error)
-        report.failed += 1
+    return doubtful
 
 
 def _remove_twins(client, outbox: Outbox, server: str) -> int:

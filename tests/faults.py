@@ -52,13 +52,13 @@ class FailingServer:
     def __init__(self, target: str, fails: Callable[[str, str], bool]):
         import httpx
 
-        self.failing = False
+        self.failing, self.fails = False, fails  # `fails` may be replaced while it runs
         front, upstream = self, httpx.Client(base_url=target.rstrip("/"), timeout=120)
 
         class Handler(BaseHTTPRequestHandler):
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if front.failing and fails(self.command, self.path):
+                if front.failing and front.fails(self.command, self.path):
                     answer = (500, {"Content-Type": "application/json"}, b'{"detail": "database is locked"}')
                 else:
                     skip = {"host", "content-length", "connection", "accept-encoding"}

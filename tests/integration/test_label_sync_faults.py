@@ -312,6 +312,17 @@ def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_pa
         report = push_outbox(client, outbox, ensure, batch=2)
         assert (report.pushed, report.failed, report.pending, report.site_errors) == (3, 0, 0, {})
         assert len(project_task_keys(client, projects["north"])) == 3
+        # a task Label Studio fails on while it takes another site's: the task's own fault, an attempt counted
+        # (alone in its site, it was never blamed, never parked)
+        ensure("south", CLASSES)
+        poisoned = f"/api/projects/{projects['south']}/import"
+        front.fails = lambda method, path: method == "POST" and path.startswith(poisoned)
+        front.failing = True
+        outbox.enqueue([_task("north", 9), _task("south", 9)])
+        report = push_outbox(client, outbox, ensure, batch=2)
+        assert (report.pushed, report.failed, report.site_errors) == (1, 1, {})
+        [(key, attempts, _)] = outbox.failures()
+        assert key == "south:cell9.png@v1" and attempts == 1
     finally:
         front.close()
 
