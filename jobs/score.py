@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytoloop.config import RoutingConfig, ScoringConfig
-from cytoloop.data.records import CellRecord, cell_identity
+from cytoloop.data.records import CellRecord, file_cell_id
 from cytoloop.errors import UsageError
 from cytoloop.models.base import Predictions, class_mask, read_model_meta
 from jobs.room import check_room
@@ -38,9 +38,9 @@ if TYPE_CHECKING:  # the serving code imports torch: only the scoring actors nee
 logger = logging.getLogger(__name__)
 
 CELL_REFUSALS = (400, 413, 415, 422)  # what a request's cells can cause; 401, 403, 404, 429 and 5xx are the job's
-# a replica stopped or the service overloaded (503, "send them again", with Retry-After), too many requests (429) or
-# a dropped connection: asked again this many times, waiting as the service says (at most BACKOFF_CAP_S), before
-# the job ends; one such moment ended a whole served scoring run, losing every batch already answered
+# a replica stopped or the service overloaded (503, "send them again", with Retry-After), too many requests (429),
+# a connection refused or dropped: asked again this many times, waiting as the service says (at most BACKOFF_CAP_S),
+# before the job ends; one such moment ended a whole served scoring run, losing every batch already answered
 RETRIES = 5
 BACKOFF_CAP_S = 30.0
 
@@ -105,7 +105,8 @@ class ServedScorer:
         for attempt in range(RETRIES + 1):
             try:
                 response = self.client.post("/v1/classify", json=body)
-            except httpx.TransportError as error:
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as error:  # not a read timeout: a hung
+                # replica would hold the batch for RETRIES x the timeout, sent again to an overloaded service
                 if attempt == RETRIES:
                     raise
                 wait, why = 2.0**attempt, f"{type(error).__name__}: {error}"
@@ -117,6 +118,15 @@ class ServedScorer:
             logger.warning(f"the classifier: {why}; asking again in {wait:g} s ({attempt + 1} of {RETRIES})")
             time.sleep(wait)
         raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
+
+
+def _same_image(path: str, answered: str) -> bool:
+    """Whether the file at `path` still holds the image an answer (its content id `answered`) was of. A file this
+    machine cannot read (a driver without the workers' image mount) is taken to: the workers read it, not this."""
+    try:
+        return file_cell_id(Path(path)) == answered
+    except OSError:
+        return True
 
 
 def _retry_after(response, default: float) -> float:
@@ -329,7 +339,7 @@ def score_offline(
         if written is not None:
             # an answer counts for the image now at its path only: a journal of these settings left by a run of
             # days ago (set aside, then taken back) answered today's cells of the same file names with its own
-            kept = {p: a for p, a in written.answers.items() if cell_identity(p) == a.cell_id}
+            kept = {p: a for p, a in written.answers.items() if _same_image(p, a.cell_id)}
             if len(kept) < len(written.answers):
                 logger.warning(
                     f"{len(written.answers) - len(kept)} answers of {journal} are of images no longer at their paths "

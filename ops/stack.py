@@ -97,7 +97,12 @@ def _read_or_make_secrets(settings: Settings, path: Path) -> dict[str, str]:
     }
     # Label Studio takes the admin's password and token only when it creates the admin: given otherwise later, they
     # replaced the stored ones (even from `stack status`) and every call to it was refused with the working token gone
-    created = (Path(settings.home) / "label-studio" / "data" / "label_studio.sqlite3").is_file()
+    created = (
+        settings.review.label_studio_url is None
+        and (  # this home's own Label Studio, not a remote one
+            Path(settings.home) / "label-studio" / "data" / "label_studio.sqlite3"
+        ).is_file()
+    )
     for key in ("admin_password", "admin_token"):
         wanted = given[key]
         if created and stored.get(key) and wanted is not None and wanted.get_secret_value() != stored[key]:

@@ -189,7 +189,8 @@ def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
 def _json(body: bytes):
     try:
         json.loads(body, object_pairs_hook=_refuse_repeated_keys)
-    except ValueError:  # not JSON at all (UnicodeDecodeError too): the validation below names what is wrong
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError too), or nested past Python's stack: the
+        # validation below names what is wrong
         pass
     try:
         parsed = ClassifyRequest.model_validate_json(body)

@@ -273,7 +273,8 @@ def score(
     route per cell, as the classifier service would answer, written to a CSV. Labels are not needed (the
     manifest keeps its label column, left empty). Each answer is also written, as it comes, to OUT.journal: a
     run that is stopped and started again with the same model and settings scores only the cells it lacks;
-    the journal is removed once OUT is written."""
+    the journal is removed once OUT is written, unless some cells' files could not be read (exit code 6: run it
+    again once they can, and only those are scored)."""
 
     manifest = data / "manifest.csv" if data.is_dir() else data
     if out.resolve() == manifest.resolve():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import string
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -407,11 +406,16 @@ class ReviewConfig(_Section):
     @field_validator("project_title")
     @classmethod
     def _one_site_field(cls, title: str) -> str:
-        """One `{site}` and no other field: another ('{lab}') raised KeyError when a project was made, and a title
-        without `{site}` put every site's cells into one project."""
-        fields = [name for _, name, _, _ in string.Formatter().parse(title) if name is not None]
-        if fields != ["site"]:
-            raise ValueError(f"must hold {{site}} once and no other {{field}}; got {title!r}")
+        """One `{site}` and no other brace: another field ('{lab}') raised KeyError when a project was made, and a
+        title without `{site}` put every site's cells into one project."""
+        # the literal '{site}' once and no other brace: a project is found again by its title around '{site}'
+        # ('{site!r}' or '{site:>10}' formatted, and their projects were never polled)
+        if (
+            title.count("{site}") != 1
+            or title.replace("{site}", "").count("{")
+            or title.replace("{site}", "").count("}")
+        ):
+            raise ValueError(f"must hold {{site}} once and no other brace; got {title!r}")
         return title
 
     labels_required: int = Field(2, ge=1, description="labels a cell needs before its consensus counts")

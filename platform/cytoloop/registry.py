@@ -348,6 +348,8 @@ class Registry:
         site = alias.startswith(f"{CHAMPION}-")  # unset is a state a site's alias goes back to
         stack: list[str | None] = []
         for move in self.alias_history(name, alias):
+            if move.action == "rollback" and move.from_version == move.to_version:
+                continue  # a rollback that moved nothing (recorded before repeated moves were skipped): no step
             if move.action == "rollback":
                 if not stack:  # a trail that begins with a rollback (clocks of two hosts apart): no 'back' to trust
                     raise RegistryError(
@@ -371,7 +373,10 @@ class Registry:
             )
         if len(stack) < 2:
             raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
-        return self.move_alias(name, alias, stack[-2], why, action="rollback", who=who, expect=live)
+        # compare-and-set as `move_alias` compares: what serves the alias (an unset site alias: the global champion)
+        return self.move_alias(
+            name, alias, stack[-2], why, action="rollback", who=who, expect=self.serving_version(name, alias)
+        )
 
     def alias_version(self, name: str, alias: str) -> str | None:
         """The version `alias` itself points at; None if it is not set (no fallback to the global champion)."""

@@ -361,6 +361,11 @@ def test_rollback_after_a_repeated_promotion_goes_back_to_the_version_before(thr
     registry.move_alias("cells", "champion", v2, why="second, again")
     back = registry.rollback("cells", "champion", why="undo")
     assert (back.from_version, back.to_version) == (v2, v1) and registry.alias_version("cells", "champion") == v1
+    # a trail that holds such a rollback, recorded before the fix (v2 -> v2): no step, not a move outside the trail
+    registry.move_alias("cells", "champion", v2, why="second once more")
+    registry.move_alias("cells", "champion", v2, why="the old rollback's record", action="rollback")
+    again = registry.rollback("cells", "champion", why="undo, now")
+    assert (again.from_version, again.to_version) == (v2, v1)
 
 
 def test_a_sites_first_model_rolls_back_to_the_global_champion(three_versions):
@@ -382,6 +387,13 @@ def test_a_sites_first_model_rolls_back_to_the_global_champion(three_versions):
     registry.move_alias("cells", "champion-s", v3, why="adapted again", action="gate", expect=v1)
     assert registry.rollback("cells", "champion-s", why="undo").to_version is None
     assert registry.serving_version("cells", "champion-s") == v1
+    # the site's alias removed by hand, set again by CytoLoop, rolled back to unset, rolled back once more: the
+    # compare-and-set read the unset alias as the global champion and refused (AliasMoved)
+    registry.move_alias("cells", "champion-s", v2, why="adapted", action="gate", expect=v1)
+    registry.client.delete_registered_model_alias("cells", "champion-s")  # by hand
+    registry.move_alias("cells", "champion-s", v3, why="adapted again", action="gate", expect=v1)
+    assert registry.rollback("cells", "champion-s", why="undo").to_version is None
+    assert registry.rollback("cells", "champion-s", why="undo the hand's removal").to_version == v2
     with pytest.raises(UsageError, match="only a site's champion alias"):
         registry.move_alias("cells", "champion", None, why="remove it")
     with pytest.raises(RegistryError, match="no earlier version"):

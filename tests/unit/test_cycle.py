@@ -292,8 +292,9 @@ def test_demo_settings_that_cannot_work_are_refused_before_anything_starts(tmp_p
     assert not (tmp_path / "home").exists()
     with pytest.raises(ValidationError, match="invalid site name '../x' in demo.sites"):
         Settings(demo={"sites": {"../x": ["jtsc"]}})
-    with pytest.raises(ValidationError, match=r"project_title\s+Value error, must hold \{site\} once"):
-        Settings(review={"project_title": "Review {lab}"})
+    for title in ("Review {lab}", "Review", "Review {site!r}", "Review {site:>10}", "Review {site} {{x}}"):
+        with pytest.raises(ValidationError, match=r"project_title\s+Value error, must hold \{site\} once"):
+            Settings(review={"project_title": title})
 
 
 def test_a_rerun_whose_champion_is_not_the_base_asked_for_is_refused(tmp_path, tiny_settings):

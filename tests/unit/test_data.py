@@ -131,6 +131,8 @@ def test_a_row_with_more_fields_than_the_header_is_refused_and_errors_name_the_f
         read_manifest(manifest)
     manifest.write_text('path,label,domain\n"cells/neutrophil, 2.png",neutrophil,lab1\n')  # quoted: one path
     assert read_manifest(manifest)[0].cell_id == "cells/neutrophil, 2.png"
+    manifest.write_text("path,label,domain\na.png,x,d,\n")  # a spreadsheet's trailing comma: an empty extra field
+    assert read_manifest(manifest)[0].label == "x"
     manifest.write_text("path,label,domain\na.png,x,d\n\n\nb.png,x,d\na.png,y,d\n")
     with pytest.raises(DatasetError, match=r"m.csv:6: a.png is listed again \(first on line 2\)"):
         read_manifest(manifest)

@@ -76,3 +76,35 @@ def test_a_service_that_stays_overloaded_ends_the_job_naming_why(service, tmp_pa
     with pytest.raises(RuntimeError, match="HTTP 503: .*send them again"):
         ServedScorer(url)(_batch(tmp_path))
     assert len(asked) == score.RETRIES + 1
+
+
+def test_a_refused_connection_is_asked_again_and_a_read_timeout_is_not(tmp_path, monkeypatch):
+    """A service restarting refuses connections for a moment: asked again. A replica that hangs (a read timeout) is
+    not: each try would hold the batch for the whole timeout and send it again to an overloaded service."""
+    import socket
+
+    import httpx
+
+    monkeypatch.setattr(score, "BACKOFF_CAP_S", 0.05)
+    with socket.socket() as closed:  # nothing listens on this port
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    tries = []
+    real = httpx.Client.post
+
+    def counted(self, *args, **kwargs):
+        tries.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "post", counted)
+    with pytest.raises(httpx.ConnectError):
+        ServedScorer(url)(_batch(tmp_path))
+    assert len(tries) == score.RETRIES + 1
+
+    with socket.socket() as silent:  # accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        tries.clear()
+        with pytest.raises(httpx.ReadTimeout):
+            ServedScorer(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.3)(_batch(tmp_path))
+    assert len(tries) == 1

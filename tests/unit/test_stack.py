@@ -98,6 +98,11 @@ def test_an_admin_token_given_after_label_studio_made_its_admin_is_refused_and_t
     assert stack_secrets(same) == first
     with pytest.raises(ValidationError, match="admin_token"):
         Settings(stack={"admin_token": "short"})
+    # the same home pointed at another (remote) Label Studio takes that one's token: the local admin is not it
+    remote = given.model_copy(
+        update={"review": given.review.model_copy(update={"label_studio_url": "http://labelstudio.lab:8080"})}
+    )
+    assert stack_secrets(remote)["admin_token"] == "n" * 40
 
 
 def test_status_of_a_fresh_home(tmp_path):

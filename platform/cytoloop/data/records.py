@@ -112,7 +112,8 @@ def _read_manifest(path: Path, root: Path) -> list[CellRecord]:
             short = [c for c in REQUIRED_COLUMNS if row.get(c) is None]
             if short:
                 raise DatasetError(f"{path}:{line}: the row has no {', '.join(short)} (fewer fields than the header)")
-            if row.get(None):  # an unquoted comma in a path shifted every field: 'a, b.png' read as path 'a'
+            if any(extra.strip() for extra in row.get(None) or []):  # (a trailing comma's empty field is fine)
+                # an unquoted comma in a path shifted every field: 'a, b.png' read as path 'a'
                 raise DatasetError(
                     f"{path}:{line}: the row has more fields than the header ({len(reader.fieldnames or [])}); "
                     "quote a path or label that holds a comma"

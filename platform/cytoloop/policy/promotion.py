@@ -217,8 +217,8 @@ def gate_data(
         audited = [r for r in load_records(config.audited_manifest) if r.label in classes]
         known = {cell_identity(r.path) for r in records}  # by content: a copy elsewhere is the same cell
         trained = {cell_identity(r.path) for r in trained_on}
-        ids = [cell_identity(r.path) for r in audited]
-        records += [r for r, i in zip(audited, ids) if i not in known | trained]
+        ids, left = [cell_identity(r.path) for r in audited], known | trained
+        records += [r for r, i in zip(audited, ids) if i not in left]
         left_out = sum(i in trained for i in ids)
         if left_out:
             logger.info(f"gate: {left_out} audited cells left out, the challenger trained on them")
