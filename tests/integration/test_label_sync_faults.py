@@ -347,15 +347,17 @@ def test_connecting_names_the_token_only_when_label_studio_refuses_it(label_stud
         front.close()
 
 
-def test_a_poll_reads_every_project_titled_for_a_site(label_studio):
+def test_a_poll_reads_every_project_titled_for_a_site(label_studio, tmp_path):
     """Two projects with one site's title (two bootstraps racing, an admin's copy), labelled in both: keyed by site,
     the poll read one of them, and the other's labels came only by webhook, their deletions never retracted."""
     from labelstudio.bootstrap import ensure_project
     from labelstudio.loop import ReviewLoop
+    from labelstudio.store import LabelStore
 
     template = f"poll copies {next(_names)} {{site}}"
     review = label_studio.settings.review.model_copy(update={"project_title": template})
     loop = ReviewLoop(label_studio.settings.model_copy(update={"review": review}))
+    loop.store = LabelStore(tmp_path / "labels.db")  # its own: the session's home's store is other tests' world
     title = template.format(site="east")
     first = ensure_project(loop.client, title, CLASSES, labels_required=1)
     copy = loop.client.projects.create(title=title, label_config=loop.client.projects.get(id=first).label_config).id
@@ -370,17 +372,19 @@ def test_a_poll_reads_every_project_titled_for_a_site(label_studio):
     assert set(labelled) <= live(loop.store)
 
 
-def test_a_poll_sets_our_webhook_on_every_project_not_only_those_a_push_reaches(label_studio):
+def test_a_poll_sets_our_webhook_on_every_project_not_only_those_a_push_reaches(label_studio, tmp_path):
     """A project whose webhook still calls the receiver as before server identities (no `server` in its URL: every
     event refused) kept it until a push reached its site, and a site with no task waiting never was: its labels
     came back only by the poll. The poll now sets the webhook on every project it reads."""
     from labelstudio.bootstrap import SECRET_HEADER
     from labelstudio.loop import ReviewLoop
+    from labelstudio.store import LabelStore
     from ops.stack import webhook_url
 
     template = f"hooks {next(_names)} {{site}}"
     review = label_studio.settings.review.model_copy(update={"project_title": template})
     loop = ReviewLoop(label_studio.settings.model_copy(update={"review": review}))
+    loop.store = LabelStore(tmp_path / "labels.db")  # its own: the session's home's store is other tests' world
     project_id = loop.bootstrap("idle", CLASSES)
 
     def hooks() -> list[str]:
