@@ -373,10 +373,10 @@ class Registry:
             )
         if len(stack) < 2:
             raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
-        # compare-and-set as `move_alias` compares: what serves the alias (an unset site alias: the global champion)
-        return self.move_alias(
-            name, alias, stack[-2], why, action="rollback", who=who, expect=self.serving_version(name, alias)
-        )
+        # compare-and-set against the version checked; an unset site alias as `move_alias` reads it, served by the
+        # global champion (compared with None, the second rollback of a site's unset alias was refused)
+        expect = live if live is not None else self.serving_version(name, alias)
+        return self.move_alias(name, alias, stack[-2], why, action="rollback", who=who, expect=expect)
 
     def alias_version(self, name: str, alias: str) -> str | None:
         """The version `alias` itself points at; None if it is not set (no fallback to the global champion)."""
