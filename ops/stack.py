@@ -746,7 +746,7 @@ class Stack:
                 pid = self._pid(name)  # None unless it is still the very process this home started
                 if pid is not None:
                     if name == "ray":
-                        self._stop_serve(self._started_dashboard())
+                        self._stop_serve()
                     self._kill_group(name, pid, timeout_s)
                     stopped.append(name)
                 self._pid_file(name).unlink(missing_ok=True)
@@ -763,7 +763,7 @@ class Stack:
             return recorded["api"]
         return self._ray_api("")[0] if self.settings.stack.ray_dashboard else None
 
-    def _stop_serve(self, api_url: str | None) -> None:
+    def _stop_serve(self) -> None:
         """Shut Serve down on the stack's Ray before stopping Ray, through the dashboard's Serve API (nothing to do
         where Serve is not running). Stopped under Serve, Ray waited for Serve's actors until `down` killed them all
         30 s later, with whatever prediction-log events the replicas still held; Serve's graceful stop lets each
@@ -772,12 +772,13 @@ class Stack:
         The dashboard's DELETE returns once Serve has stopped or after 30 s (Ray's own limit), so `down` then asks
         until no app is listed, up to `SERVE_STOP_TIMEOUT_S` in all. Best effort: without the dashboard, when it
         does not answer, or when Serve has not stopped by then, Ray is stopped as before, and that is logged.
-        `api_url` is the dashboard the running head was started with (None: without one), not the settings' now:
-        a `down` after the ports were changed still reaches it."""
-        if api_url is None:
-            return
+        It asks the dashboard the running head was started with (`_started_dashboard`), not the settings' now: a
+        `down` after the ports were changed still reaches it."""
         deadline = time.monotonic() + SERVE_STOP_TIMEOUT_S
-        try:
+        try:  # all of it: even reading where the dashboard is (a damaged secrets file) must not keep Ray running
+            api_url = self._started_dashboard()
+            if api_url is None:
+                return
             url, headers = self._ray_api("/api/serve/applications/", base=api_url)
             request = urllib.request.Request(url, headers=headers, method="DELETE")
             with urllib.request.urlopen(request, timeout=SERVE_STOP_TIMEOUT_S):
