@@ -83,6 +83,9 @@ class ReviewLoop:
         self.url = label_studio_url(settings)
         self._client: LabelStudio | None = None
         self._server: str | None = None
+        # (receiver URL, project) whose webhook this loop has set: the poll sets each once per URL (it names the
+        # server), not every period, a listing of each project's webhooks
+        self._hooked: set[tuple[str, int]] = set()
 
     @property
     def client(self) -> LabelStudio:
@@ -109,11 +112,15 @@ class ReviewLoop:
     def ensure_webhooks(self, project_ids: Sequence[int]) -> None:
         """Our webhook on each project, as `bootstrap` sets it, for every project and not only those a push reaches:
         a site with no task waiting kept a webhook from before (no server in its URL: its events refused; the
-        receiver's old port: sent nowhere), and its labels came back only by the poll. Best effort per project."""
+        receiver's old port: sent nowhere), and its labels came back only by the poll. Best effort per project; once
+        per project and receiver URL for this loop."""
         url, secret = self._webhook_url(), stack_secrets(self.settings)["webhook_secret"]
         for project_id in project_ids:
+            if (url, project_id) in self._hooked:
+                continue
             try:
                 ensure_webhook(self.client, project_id, url, secret)
+                self._hooked.add((url, project_id))
             except Exception as error:
                 if unavailable(error):
                     raise

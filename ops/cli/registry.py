@@ -205,10 +205,10 @@ def _champion_flags(flags: list[dict], aliases: dict[str, str]) -> list[dict]:
     """The drift flags of what the global champion serves now: its version, at the sites without a champion of
     their own. The file keeps each series' last flags (history, shown by `status`): a retired version's, or the
     global version's at a site that has since been given its own model, must not make a retrain of it due."""
-    from cytoloop.registry import CHAMPION
+    from cytoloop.registry import CHAMPION, site_of
 
     champion = aliases.get(CHAMPION)
-    own = {alias.removeprefix(f"{CHAMPION}-") for alias in aliases if alias.startswith(f"{CHAMPION}-")}
+    own = {site_of(alias) for alias in aliases} - {None}
     return [
         f
         for f in flags

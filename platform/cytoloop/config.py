@@ -410,11 +410,8 @@ class ReviewConfig(_Section):
         title without `{site}` put every site's cells into one project."""
         # the literal '{site}' once and no other brace: a project is found again by its title around '{site}'
         # ('{site!r}' or '{site:>10}' formatted, and their projects were never polled)
-        if (
-            title.count("{site}") != 1
-            or title.replace("{site}", "").count("{")
-            or title.replace("{site}", "").count("}")
-        ):
+        rest = title.replace("{site}", "", 1)
+        if "{site}" not in title or "{" in rest or "}" in rest:
             raise ValueError(f"must hold {{site}} once and no other brace; got {title!r}")
         return title
 

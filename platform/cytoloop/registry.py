@@ -83,6 +83,11 @@ def site_alias(site: str | None) -> str:
     return f"{CHAMPION}-{site}" if site else CHAMPION
 
 
+def site_of(alias: str) -> str | None:
+    """The site whose champion `alias` names (`champion-<site>`); None for any other alias (the global champion)."""
+    return alias.removeprefix(f"{CHAMPION}-") if alias.startswith(f"{CHAMPION}-") else None
+
+
 def challenger_alias(site: str | None) -> str:
     """The alias of the version a gate is judging (`challenger`, `challenger-<site>`); it stays on the latest one."""
     return f"{CHALLENGER}-{site}" if site else CHALLENGER
@@ -274,7 +279,7 @@ class Registry:
             raise UsageError("an alias move needs a reason (why)")
         if version is not None:
             self.version(name, version)  # fails clearly for an unknown model or version
-        elif not alias.startswith(f"{CHAMPION}-"):
+        elif site_of(alias) is None:
             raise UsageError(f"{name}@{alias}: only a site's champion alias can be removed, never {alias}")
         with self._alias_lock():
             if expect is not ANY_VERSION:
@@ -345,7 +350,7 @@ class Registry:
         The trail is checked against the live alias first: if the alias points elsewhere than the trail's last
         version, someone moved it outside CytoLoop and the trail cannot say what 'back' is; that is an error. The
         move itself is compare-and-set against the version checked."""
-        site = alias.startswith(f"{CHAMPION}-")  # unset is a state a site's alias goes back to
+        site = site_of(alias) is not None  # unset is a state a site's alias goes back to
         stack: list[str | None] = []
         for move in self.alias_history(name, alias):
             if move.action == "rollback" and move.from_version == move.to_version:
@@ -388,7 +393,7 @@ class Registry:
     def serving_version(self, name: str, alias: str) -> str | None:
         """The version serving `alias`: a site alias falls back to the global champion, as `for_site` does."""
         own = self.alias_version(name, alias)
-        if own is None and alias.startswith(f"{CHAMPION}-"):
+        if own is None and site_of(alias) is not None:
             return self.alias_version(name, CHAMPION)
         return own
 

@@ -297,9 +297,13 @@ def bootstrap_interval(
     stats = np.array([values_fn(resample(rng, groups)) for _ in range(n_boot)], dtype=np.float64)
     low, high = np.quantile(stats, [alpha / 2.0, 1.0 - alpha / 2.0])
     if method == "basic":
-        estimate = values_fn(np.arange(n))
-        low, high = 2.0 * estimate - high, 2.0 * estimate - low
+        low, high = _basic(values_fn(np.arange(n)), low, high)
     return float(low), float(high)
+
+
+def _basic(estimate: float, low: float, high: float) -> tuple[float, float]:
+    """The basic (pivotal) interval from a resampled statistic's percentile ends: reflected about the estimate."""
+    return 2.0 * estimate - high, 2.0 * estimate - low
 
 
 def resample(rng: np.random.Generator, groups: list[np.ndarray]) -> np.ndarray:
@@ -362,6 +366,7 @@ def bootstrap_intervals(
         finite = np.asarray(values)[~np.isnan(values)]
         low, high = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0]) if len(finite) else (np.nan, np.nan)
         if name in basic and len(finite):
-            low, high = max(0.0, 2.0 * estimates[name] - high), 2.0 * estimates[name] - low
+            low, high = _basic(estimates[name], low, high)
+            low = max(0.0, low)
         out[name] = (float(low), float(high))
     return out

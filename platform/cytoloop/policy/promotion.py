@@ -350,12 +350,12 @@ def override(
     is normalised to that site's stain and calibrated on its classes, and as the global champion every later
     fine-tune would start from it (one meant for `--site` was one flag away). A global version may serve a site
     (a site pinned to an earlier global model)."""
-    from cytoloop.registry import CHAMPION
+    from cytoloop.registry import site_of
 
     if not reason.strip():
         raise UsageError("an override needs a reason")
     made_for = registry.version(name, version).tags.get("site")
-    scope = alias.removeprefix(f"{CHAMPION}-") if alias.startswith(f"{CHAMPION}-") else "global"
+    scope = site_of(alias) or "global"
     if made_for not in (None, "global", scope) and not cross_site:
         meant = f"site {scope!r}" if scope != "global" else "the global champion"
         raise UsageError(

@@ -24,7 +24,7 @@ from cytoloop.config import RegistryConfig, ScoringConfig, ServeConfig
 from cytoloop.files import write_text
 from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, ModelLoadError
 from cytoloop.models.loading import load_model
-from cytoloop.registry import CHAMPION, cached_identity, site_alias
+from cytoloop.registry import CHAMPION, cached_identity, site_alias, site_of
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ class ModelSource:
         for alias, version in sorted(aliases.items()):
             if alias == CHAMPION:
                 served[None] = ModelRef(self.name, str(version), alias)
-            elif alias.startswith(f"{CHAMPION}-"):
-                served[alias[len(CHAMPION) + 1 :]] = ModelRef(self.name, str(version), alias)
+            elif site_of(alias) is not None:
+                served[site_of(alias)] = ModelRef(self.name, str(version), alias)
         return served
 
 
