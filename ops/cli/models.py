@@ -331,12 +331,14 @@ def score(
             typer.echo(f"  not scored: {why}")
         if len(scores.failed) > 10:
             typer.echo(f"  ... and {len(scores.failed) - 10} more cells not scored (their reasons are in {out})")
-        if records and not scores.scored:  # a scheduler must not read this as done (wrong folder, images not there)
+        if records and not scores.scored and len(scores.unreadable) < len(scores.failed):
+            # a scheduler must not read this as done, nor run it again: some images were refused for what they hold
             fail(f"none of the {len(records)} cells could be scored; their reasons are in {out}")
-        if scores.unreadable:  # a mount missing on a worker, say: not done, and worth running again
+        if scores.unreadable:  # a mount missing on a worker, a wrong folder: not done, and worth running again
+            kept = f"the {len(scores.scored)} answered are kept in {journal}" if scores.scored else "none was answered"
             typer.secho(
-                f"error: {len(scores.unreadable)} cells could not be read (their reasons are in {out}); run the same "
-                f"command again once they can be: the {len(scores.scored)} answered are kept in {journal}",
+                f"error: {len(scores.unreadable)} of {len(records)} cells' files could not be read (their reasons are "
+                f"in {out}); run the same command again once they can be: {kept}",
                 fg=typer.colors.RED,
                 err=True,
             )

@@ -193,7 +193,7 @@ def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_p
     # that a run once it can be read scores only it (the run exited 0 and threw the answers away)
     assert result.exit_code == 6, result.output
     assert f"scored {len(pool) - 2} of {len(pool)} cells" in result.output
-    assert "1 cells could not be read" in " ".join(result.output.split())
+    assert f"1 of {len(pool)} cells' files could not be read" in " ".join(result.output.split())
     assert (tmp_path / "scores.csv.journal").exists()
     rows = list(csv.DictReader(out.open()))
     assert [row["path"] for row in rows] == [str(r.path) for r in pool]
@@ -219,6 +219,14 @@ def test_score_command_writes_one_row_per_cell(ray_local, model_dir, pool, tmp_p
     )
     assert broken.exit_code == 2 and "none of the 2 cells could be scored" in broken.output, broken.output
     assert [row["error"] != "" for row in csv.DictReader(out.open())] == [True, True]  # the reasons, kept
+    # every file unreadable (the images not mounted yet): worth running again, as for some (it exited 2, final)
+    with (tmp_path / "unmounted.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "label", "domain"], [pool[18].path, "", "x"]])
+    unmounted = CliRunner().invoke(
+        app, ["score", "--model", str(model_dir), "--data", str(tmp_path / "unmounted.csv"), "--out", str(out)]
+    )
+    assert unmounted.exit_code == 6, unmounted.output
+    assert "1 of 1 cells' files could not be read" in " ".join(unmounted.output.split()), unmounted.output
 
 
 def test_scoring_as_a_site_decides_among_its_classes(ray_local, model_dir, pool, tmp_path, monkeypatch):
