@@ -88,6 +88,32 @@ def test_a_failing_write_is_logged_and_the_writer_goes_on(tmp_path, caplog):
 def test_a_log_with_no_room_for_events_is_refused():
     with pytest.raises(ValueError, match="at least 1 event"):
         PredictionLog("p.jsonl", limit=0)
+    with pytest.raises(ValueError, match="backlog must be at least 1 cell"):
+        PredictionLog("p.jsonl", backlog=0)
+
+
+def test_batches_answered_faster_than_they_are_built_hold_at_most_backlog_cells(tmp_path, caplog):
+    """Batches recorded while the builder has no turn (answers come faster than their events are built) wait with
+    their images: at most `backlog` cells of them; a batch beyond that is dropped whole and counted (the queue of
+    images grew without bound)."""
+    config = DataConfig(image_size=16)
+
+    async def run() -> int:
+        log = PredictionLog(tmp_path / "predictions.jsonl", backlog=3)
+        log.start()
+        log.record([_cell(0), _cell(1)], [_result(0), _result(1)], None, "1", config)  # no await in between:
+        log.record([_cell(2), _cell(3)], [_result(2), _result(3)], None, "1", config)  # 4 > 3 cells: dropped
+        log.record([_cell(4)], [_result(4)], None, "1", config)  # 3 cells: kept
+        dropped = log.dropped
+        await asyncio.wait_for(log.drain(), timeout=30)
+        log.record([_cell(5), _cell(6)], [_result(5), _result(6)], None, "1", config)  # built: room again
+        await asyncio.wait_for(log.drain(), timeout=30)
+        return dropped
+
+    assert asyncio.run(run()) == 2
+    assert "not keeping up (2 answered cells waiting to be built): 2 events dropped so far" in caplog.text
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert [PredictionEvent.model_validate_json(line).cell_id for line in lines] == ["id0", "id1", "id4", "id5", "id6"]
 
 
 def test_a_batch_whose_events_cannot_be_built_loses_only_its_own(tmp_path, caplog):

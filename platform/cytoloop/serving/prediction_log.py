@@ -10,12 +10,14 @@ Now each answered batch is handed over (`record`, which returns at once) to two 
 
 The disk can only stall the writer, and what waits for it is events (a few hundred bytes each, never images): at
 most `limit` of them, counting those in the hung write; beyond that they are dropped, counted (`dropped`) and
-logged, as the log is a monitor and an answer is never held or failed for it. Each event carries the time its cell
-was answered, not the time it was written. A replica that Serve stops (a redeploy, a scale-down, an app deleted,
-`stack down`) `close`s its log, waiting a while for the events still waiting, which its process used to take with
-it; what a disk hung longer than that still holds is lost, counted and logged. A reader sees a shorter window,
-never a torn line (each append is one write). A caller that reads the log right after its answers (the demo's
-drift figures) waits for its cells' events.
+logged, as the log is a monitor and an answer is never held or failed for it. The builder can fall behind too (a
+GPU replica answers thousands of cells a second, each decoded again here), and what waits for it holds the cells'
+images: at most `backlog` cells; a batch recorded beyond that is dropped whole, counted and logged. Each event
+carries the time its cell was answered, not the time it was written. A replica that Serve stops (a redeploy, a
+scale-down, an app deleted, `stack down`) `close`s its log, waiting a while for the events still waiting, which its
+process used to take with it; what a disk hung longer than that still holds is lost, counted and logged. A reader
+sees a shorter window, never a torn line (each append is one write). A caller that reads the log right after its
+answers (the demo's drift figures) waits for its cells' events.
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ class PredictionLog:
     batches are recorded from (a Serve replica's, in its constructor); `drain` waits until all recorded are written.
     """
 
-    def __init__(self, path: Path, limit: int = 100_000):
+    def __init__(self, path: Path, limit: int = 100_000, backlog: int = 2_000):
         if limit < 1:
             raise ValueError(f"limit must be at least 1 event, got {limit}")
+        if backlog < 1:
+            raise ValueError(f"backlog must be at least 1 cell, got {backlog}")
         self.path = Path(path)
         self.limit = limit
-        self.dropped = 0  # events dropped because `limit` were already waiting for the disk
+        self.backlog = backlog
+        self.dropped = 0  # events dropped: `limit` already waiting for the disk, or `backlog` cells for the builder
         self._batches: asyncio.Queue | None = None  # answered batches, with their image bytes, to build events of
         self._events: list[PredictionEvent] = []  # built, waiting for the writer
         self._writing = 0  # events in the append under way (held, perhaps for ever, by a hung disk)
@@ -79,6 +84,9 @@ class PredictionLog:
             raise RuntimeError(f"the prediction log {self.path} is not started (`start` it on the serving loop)")
         if not answered:
             return  # only failures: nothing to log
+        if self._unbuilt + answered > self.backlog:  # the builder is behind: its batches hold the cells' images
+            self._drop(answered, f"{self._unbuilt} answered cells waiting to be built")
+            return
         self._unbuilt += answered
         batch = (list(cells), list(results), site, model_version, config, datetime.now(UTC), answered)
         self._batches.put_nowait(batch)
@@ -129,21 +137,24 @@ class PredictionLog:
             else:
                 room = max(self.limit - len(self._events) - self._writing, 0)
                 if len(events) > room:
-                    if self.dropped == 0 or self.dropped // 1000 != (self.dropped + len(events) - room) // 1000:
-                        logger.warning(
-                            "the prediction log %s is not keeping up (%d events waiting for its disk): %d events "
-                            "dropped so far",
-                            self.path,
-                            len(self._events) + self._writing,
-                            self.dropped + len(events) - room,
-                        )
-                    self.dropped += len(events) - room
+                    self._drop(len(events) - room, f"{len(self._events) + self._writing} events waiting for its disk")
                     events = events[:room]
                 self._events.extend(events)
                 self._built.set()
             finally:
                 self._unbuilt -= answered
                 self._batches.task_done()
+
+    def _drop(self, events: int, waiting: str) -> None:
+        """Count `events` dropped; logged on the first drop and at each further thousand."""
+        if self.dropped == 0 or self.dropped // 1000 != (self.dropped + events) // 1000:
+            logger.warning(
+                "the prediction log %s is not keeping up (%s): %d events dropped so far",
+                self.path,
+                waiting,
+                self.dropped + events,
+            )
+        self.dropped += events
 
     async def _write(self) -> None:
         while True:
