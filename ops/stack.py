@@ -580,10 +580,21 @@ class Stack:
                 found.append(ServiceStatus(name, "stale", None, service.port, detail))
             elif pid is None:
                 found.append(ServiceStatus(name, "down", port=service.port))
+            elif (running := self._recorded_port(name)) not in (None, service.port):  # started under other settings
+                state = "up" if _port_open(self._bind_host(service), running) else "starting"
+                detail = f"the settings say port {service.port}: `cytoloop stack down` first to move it"
+                found.append(ServiceStatus(name, state, pid, running, detail))
             else:
                 state = "up" if self._healthy(service) else "starting"
                 found.append(ServiceStatus(name, state, pid, service.port, str(self.log_file(name))))
         return found
+
+    def _recorded_port(self, name: str) -> int | None:
+        """The port `name`'s running process was started on (its PID file), whatever the settings say now."""
+        try:
+            return json.loads(self._pid_file(name).read_text()).get("port")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     # -- up / down ------------------------------------------------------------------------------------------
     def up(self, only: list[str] | None = None) -> list[ServiceStatus]:
@@ -652,7 +663,7 @@ class Stack:
         host = self._bind_host(service)
         pid = self._pid(service.name)
         if pid is not None:
-            running_port = json.loads(self._pid_file(service.name).read_text()).get("port")
+            running_port = self._recorded_port(service.name)
             if running_port != service.port:
                 raise StackError(
                     f"{service.name} is running on port {running_port} (pid {pid}) but the settings say "

@@ -442,3 +442,42 @@ def test_the_label_receiver_s_settings_file_holds_no_secret_not_even_masked(tmp_
     assert "**" not in written and "ml_backend_password" not in written and "api_key" not in written
     child = Settings.model_validate_json(written).model_copy(update={"home": tmp_path / "home"})
     assert stack_secrets(child)["ml_backend_password"] == "m" * 20  # what the lab set, as every process reads it
+
+
+def test_status_names_the_port_a_service_runs_on_when_the_settings_moved_it(tmp_path):
+    """A service started on one port and the settings changed since: status reads its health on the port it runs
+    on and says the settings differ (it probed the new port and showed a running service as 'starting')."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from ops.stack import _identity, _port_open
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    running, moved = ports
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(running), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _port_open("127.0.0.1", running):
+            assert time.monotonic() < deadline and server.poll() is None, "the stand-in receiver did not start"
+            time.sleep(0.1)
+        settings = Settings(home=tmp_path / "home", review={"webhook_port": moved}, stack={"ray": False})
+        stack = Stack(settings)
+        stack.run_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = {"pid": server.pid, "identity": _identity(server.pid), "port": running}
+        (stack.run_dir / "labels.pid").write_text(json.dumps(pid_file))
+        [labels] = [s for s in stack.status() if s.name == "labels"]
+        assert (labels.state, labels.pid, labels.port) == ("up", server.pid, running)
+        assert f"the settings say port {moved}" in labels.detail
+    finally:
+        server.kill()
+        server.wait()
