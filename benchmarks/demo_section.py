@@ -7,20 +7,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from datetime import date
 from pathlib import Path
 
 from _docs import DOCS, replace_section
 
-from jobs.cycle import RoundResult, round_table
+from jobs.cycle import RoundResult, round_table, rounds_from_json
 
 TARGET_ACCURACY, TARGET_LABELS, TARGET_BLASTS, TARGET_ROUTED, TARGET_ECE = 0.85, 40, 0.80, 0.15, 0.08
 
 
-def render(rounds: list[dict], args: argparse.Namespace) -> str:
-    rows = [RoundResult(**r) for r in rounds]
+def render(rows: list[RoundResult], args: argparse.Namespace) -> str:
     sites = list(dict.fromkeys(r.site for r in rows))
     lines = [
         f"Command: `{args.command}` (the defaults: 3 rounds, 40 cells sent per site and round, 200 pool cells "
@@ -96,8 +94,7 @@ def main() -> None:
     parser.add_argument("--date", default=date.today().isoformat())
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    rounds = json.loads((args.home / "demo" / "rounds.json").read_text())
-    text = render(rounds, args)
+    text = render(rounds_from_json((args.home / "demo" / "rounds.json").read_text()), args)
     print(text)
     if args.write_docs:
         replace_section(DOCS, "demo", text, title="The whole loop: `make demo` on real cells")

@@ -725,6 +725,11 @@ def rounds_json(rounds: Sequence[RoundResult]) -> str:
     return json.dumps([{**asdict(r), "routed_fraction": r.routed_fraction} for r in rounds], indent=1, default=str)
 
 
+def rounds_from_json(text: str) -> list[RoundResult]:
+    """The rounds `rounds_json` wrote (the routed share, derived, is read again from `routed`)."""
+    return [RoundResult(**{k: v for k, v in row.items() if k != "routed_fraction"}) for row in json.loads(text)]
+
+
 def round_table(rounds: Sequence[RoundResult]) -> str:
     """The per-round table, as Markdown (also what the demo prints)."""
     lines = [

@@ -217,12 +217,9 @@ def test_round_table_and_report(tmp_path):
     assert page.count('src="data:image/png;base64,') == len(plots)  # self-contained: every plot inlined
     assert "<td>site-a</td>" in page and 'src="blasts.png"' not in page
     # redrawn from rounds.json, as the report's docstring promises (the routed share was not saved: AttributeError)
-    import json
-    from types import SimpleNamespace
+    from jobs.cycle import rounds_from_json, rounds_json
 
-    from jobs.cycle import rounds_json
-
-    saved = [SimpleNamespace(**row) for row in json.loads(rounds_json(rounds))]
+    saved = rounds_from_json(rounds_json(rounds))  # RoundResult(**row) refused the routed share it holds
     again = write_report(saved, predictions, ["a", "b", "c"], tmp_path / "again", "demo", table, sites, agreement, urls)
     assert again.read_text().replace("again/", "") == text.replace(str(tmp_path), str(tmp_path / "again"))
 
