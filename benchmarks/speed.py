@@ -279,6 +279,7 @@ def main() -> None:
     flops = denoiser_flops(teacher, args)
     report = {
         "args": {k: str(v) for k, v in vars(args).items()},
+        "torch_threads": torch.get_num_threads(),  # what the logs' file names hold (`--threads` may be None)
         "n_test": len(test.records),
         "n_val": len(val.records),
         "n_tuning_unlabeled": len(tuning_logs) - len(val_logs),

@@ -43,7 +43,8 @@ def summarise(run: Path) -> dict:
     meta = json.loads((model / "model.json").read_text())
     training = json.loads((model / "training.json").read_text())
     weights = np.asarray(meta["timestep_weights"])
-    precision, threads = settings["exhaustive_precision"], settings["threads"]
+    # the threads the run had (its logs are named by them): an older report has only `--threads`, None when not given
+    precision, threads = settings["exhaustive_precision"], report.get("torch_threads", settings["threads"])
     val_logs = pickle.loads((run / f"val_exhaustive_{precision}.pkl").read_bytes())
     test_logs = pickle.loads(
         (run / f"test_exhaustive_{report['n_test']}_{precision}_{threads}threads.pkl").read_bytes()
