@@ -132,12 +132,22 @@ def test_two_fine_tunes_of_one_scope_run_one_after_the_other(tmp_path, monkeypat
     from cytoloop.config import Settings
     from jobs import finetune
 
-    spans: list[tuple[str, float, float]] = []
+    count, inside, most = threading.Lock(), [0], []  # global fine-tunes running at once, and the most seen
+    site_in, global_in, saw_site = threading.Event(), threading.Event(), []
 
     def recorded(settings, records, unlabeled, site, stain_normalize, who):
-        began = time.monotonic()
-        time.sleep(0.4)
-        spans.append((site or "global", began, time.monotonic()))
+        if site is not None:
+            site_in.set()
+            global_in.wait(10)  # held until a global fine-tune runs too: they overlap, or this times out
+            return
+        with count:
+            inside[0] += 1
+            most.append(inside[0])
+        global_in.set()
+        saw_site.append(site_in.wait(10))  # the site's fine-tune starts while this one runs
+        time.sleep(0.3)  # room for the second global fine-tune to start, were it not held
+        with count:
+            inside[0] -= 1
 
     monkeypatch.setattr(finetune, "_run_finetune", recorded)
     settings = Settings(home=tmp_path)
@@ -147,11 +157,10 @@ def test_two_fine_tunes_of_one_scope_run_one_after_the_other(tmp_path, monkeypat
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
-    (_, a0, a1), (_, b0, b1) = sorted(s for s in spans if s[0] == "global")
-    assert a1 <= b0  # one after the other
-    (_, c0, c1) = next(s for s in spans if s[0] == "a")
-    assert c0 < a1 and a0 < c1 or c0 < b1 and b0 < c1  # a site's fine-tune overlaps the global ones
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert most == [1, 1]  # one after the other
+    assert saw_site == [True, True]  # a site's fine-tune is not held by the global ones
 
 
 def test_a_job_on_a_parent_of_the_same_number_after_a_registry_reset_is_another_job():

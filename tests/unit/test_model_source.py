@@ -272,20 +272,20 @@ def test_a_version_loading_holds_up_no_other_version_nor_a_reconfigure(local_sou
     version, another site's service, already loaded, and a reconfigure's new thresholds waited for it. Two callers
     of the version being loaded still load it once."""
     import threading
-    import time
 
     from cytoloop.serving.model_source import local_ref
 
     source, cache = local_source
     loaded = cache.get(source.resolve(None))
     _save(tmp_path / "other", seed=3)
-    other, started, loads = local_ref(tmp_path / "other"), threading.Event(), []
+    other, started, release, loads = local_ref(tmp_path / "other"), threading.Event(), threading.Event(), []
     load = source.load
+    released = []  # whether the load was let go by the main thread (not by the timeout: the main thread waited)
 
     def slow(ref):
         loads.append(ref.version)
         started.set()
-        time.sleep(1.0)
+        released.append(release.wait(10))  # loading until the main thread has done its calls
         return load(ref)
 
     source.load = slow
@@ -294,11 +294,11 @@ def test_a_version_loading_holds_up_no_other_version_nor_a_reconfigure(local_sou
     for caller in callers:
         caller.start()
     assert started.wait(10)
-    began = time.monotonic()
     assert cache.get(loaded.ref) is loaded
     cache.set_routing(RoutingConfig(review_below=0.5, audit_fraction=0.0))
-    waited = time.monotonic() - began
+    release.set()
     for caller in callers:
-        caller.join()
-    assert waited < 0.5 and loads == [other.version] and held[0] is held[1]
+        caller.join(timeout=60)
+    assert not any(caller.is_alive() for caller in callers)
+    assert released == [True] and loads == [other.version] and held[0] is held[1]
     assert cache.get(other).routing.review_below == 0.5 and loaded.routing.review_below == 0.5
