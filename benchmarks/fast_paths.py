@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _cache import cached
-from _docs import DOCS, replace_section
+from _docs import DOCS, environment_prefix, replace_section
 
 from cytoloop.config import CascadeConfig, RoutingConfig, ScoringConfig
 from cytoloop.data.preprocess import load_cells
@@ -180,6 +180,7 @@ def main() -> None:
         "precision": precision,
         "load": [*load, os.getloadavg()[0]],
         "args": {k: str(v) for k, v in vars(args).items()},
+        "command": environment_prefix() + "python " + " ".join(sys.argv),  # every flag and CYTOLOOP_* it was given
     }
     (args.out / "fast_paths.json").write_text(json.dumps(report, indent=1))
     text = render(report, args)
@@ -253,13 +254,15 @@ def measure(name: str, group: str, predictions: Predictions, seconds: float, rou
 def render(report: dict, args: argparse.Namespace) -> str:
     rows = report["rows"]
     normal_tuned = next(r for r in rows if r["path"] == "tuned" and r["group"] == "normal")
-    lines = [
-        f"Command: `python benchmarks/fast_paths.py --data {args.data} --model {args.model} --scorer {args.scorer} "
+    command = report.get("command") or (  # a report from before the command was saved: its main flags
+        f"python benchmarks/fast_paths.py --data {args.data} --model {args.model} --scorer {args.scorer} "
         f"--out {args.out} --cells {args.cells} --anomaly-cells {args.anomaly_cells} --exhaustive-cells "
         f"{args.exhaustive_cells} --trials {args.trials} --candidates {args.candidates}"
         + ("" if args.precision == "model" else f" --precision {args.precision}")
         + (" --channels-last" if args.channels_last else "")
-        + "`  ",
+    )
+    lines = [
+        f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, CPU, {report.get('threads', 'default')} torch threads, 2 cores, "
         + (
             f"load average {', '.join(f'{x:.1f}' for x in report['load'])} before and after"

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from _cache import cached
-from _docs import DOCS, replace_section
+from _docs import DOCS, environment_prefix, replace_section
 from fast_paths import cell_groups, routes
 
 from cytoloop.config import AugmentConfig, RoutingConfig, ScoringConfig, TrainConfig
@@ -152,7 +153,12 @@ def main() -> None:
     labels = label_indices(normal.records, base.classes)
     n_classes, n_exh = len(base.classes), min(args.exhaustive_cells, len(labels))
 
-    report: dict = {"date": "", "rows": {}, "args": {k: str(v) for k, v in vars(args).items()}}
+    report: dict = {
+        "date": "",
+        "rows": {},
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "command": environment_prefix() + "python " + " ".join(sys.argv),  # every flag and CYTOLOOP_* it was given
+    }
     for conditioning in CONDITIONINGS:
         model = trained(conditioning, base, training, args)
         row = cached(
@@ -245,10 +251,13 @@ def measure(model, val, val_labels, normal, labels, blasts, args) -> dict:
 
 def render(report: dict) -> str:
     args, rows = report["args"], report["rows"]
-    lines = [
-        f"Command: `python benchmarks/late_conditioning.py --data {args['data']} --steps {args['steps']} "
+    command = report.get("command") or (  # a report from before the command was saved: its main flags
+        f"python benchmarks/late_conditioning.py --data {args['data']} --steps {args['steps']} "
         f"--cells {args['cells']} --anomaly-cells {args['anomaly_cells']} --trials {args['trials']} "
-        f"--out {args['out']}`  ",
+        f"--out {args['out']}"
+    )
+    lines = [
+        f"Command: `{command}`  ",
         f"Machine: {report['machine']}, 2 cores; load average {report['load'][0]:.1f} before, {report['load'][1]:.1f} "
         f"after. Date: {report['date']}. Scoring: bf16, channels-last.",
         "",
