@@ -365,7 +365,8 @@ def build_cascade(teacher, records, args, val, val_labels) -> tuple[CascadeClass
     )
     images, labels = train.images, label_indices(train.records, CLASSES)
     if args.unlabeled_domains:
-        unlabeled = select(load_records(args.data), args.unlabeled_domains.split(","))
+        # never a cell of the model's split: a domain it was split on would give the student its test cells
+        unlabeled = outside_split(select(load_records(args.data), args.unlabeled_domains.split(",")), args.model)
         extra = load_cells(unlabeled, teacher.data_config)
         images = np.concatenate([images, extra.images])
         labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
