@@ -108,8 +108,10 @@ def refusals(n: int, shift: float, noise: float, draws: int, boots: int, toleran
     refused = {(e, i): 0 for e in ESTIMATES for i in INTERVALS}
     points: dict[str, list[float]] = {e: [] for e in ESTIMATES}
     for draw in range(draws):
-        labels, champion, challenger = cells(n, shift, noise, np.random.default_rng(draw))
-        weights = np.vstack([np.ones(n), resample_weights(labels, boots, np.random.default_rng(draw))])
+        # independent streams for the cells and their resamples (one seed for both drew them from the same numbers)
+        data_seed, boot_seed = np.random.SeedSequence(draw).spawn(2)
+        labels, champion, challenger = cells(n, shift, noise, np.random.default_rng(data_seed))
+        weights = np.vstack([np.ones(n), resample_weights(labels, boots, np.random.default_rng(boot_seed))])
         a, b = calibration_errors(champion, labels, weights), calibration_errors(challenger, labels, weights)
         for estimate in ESTIMATES:
             difference = b[estimate] - a[estimate]
