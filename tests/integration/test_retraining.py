@@ -503,31 +503,19 @@ def test_site_alias_serves_that_site_only(gated, ray_cluster):
     temp = Path(tempfile.gettempdir())
     copies = lambda: set(temp.glob("cytoloop-finetune*"))  # noqa: E731 - the workers' checkpoint copies
     before = copies()
+    # a 4-step fine-tune on a few cells passes or fails the gate by chance: a gate that passes any version makes
+    # the site's own champion certain (the promotion itself is what this test checks)
+    lenient = {f"CYTOLOOP_PROMOTION__{m}_TOLERANCE": "1.0" for m in ("BALANCED_ACCURACY", "ECE", "ANOMALY_AUROC")}
     result = runner.invoke(
-        app, ["adapt", "--site", "north", "--labels", str(root / "north.csv"), "--config", str(root / "config.json")]
+        app,
+        ["adapt", "--site", "north", "--labels", str(root / "north.csv"), "--config", str(root / "config.json")],
+        env=lenient,
     )
     assert copies() <= before  # the workers removed their copies of the checkpoint (the final one was left)
     adapted = registry.versions(name)[-1]
-    assert result.exit_code == (0 if adapted.tags["gate.verdict"] == "pass" else 3), result.output  # 3: refused
+    assert result.exit_code == 0 and "promoted" in result.output, result.output
+    assert adapted.tags["gate.verdict"] == "pass"
     assert adapted.tags["site"] == "north" and adapted.tags["job"] == "adapt"
-    if adapted.tags["gate.verdict"] != "pass":  # a 4-step tiny fine-tune may lose; promoting it is then manual
-        assert (
-            runner.invoke(
-                app,
-                [
-                    "promote",
-                    adapted.version,
-                    "--site",
-                    "north",
-                    "--reason",
-                    "pilot",
-                    "--yes",
-                    "--config",
-                    str(root / "config.json"),
-                ],
-            ).exit_code
-            == 0
-        )
     assert registry.for_site(name, "north").version == adapted.version
     assert registry.for_site(name, "south").version == registry.by_alias(name, "champion").version
     assert registry.by_alias(name, "champion").version != adapted.version
