@@ -184,7 +184,7 @@ def site_figures(
     reference, held = cells[order[: len(cells) // 2]], cells[order[len(cells) // 2 :]]
     own = distance(reference, reference)
     np.fill_diagonal(own, np.inf)
-    threshold = float(np.quantile(knn_score(own, k), args.quantile))
+    calibration = knn_score(own, k)  # leave-one-out scores of the reference cells: the threshold's sample
 
     def score(x: np.ndarray) -> np.ndarray:
         return knn_score(distance(reference, x), k)
@@ -192,14 +192,14 @@ def site_figures(
     held_scores, blast_scores = score(held), score(values["blasts"])
     figures = {
         "reference": len(reference),
-        "false_alarms": share_above(held_scores, threshold),
-        "recall": share_above(blast_scores, threshold),
+        "false_alarms": share_above(held_scores, calibration, args.quantile),
+        "recall": share_above(blast_scores, calibration, args.quantile),
         "auroc_held": auroc_with_interval(held_scores, blast_scores),
     }
     if site != "blast-lab":
         lab_scores = score(values["blast-lab"])
         figures |= {
-            "lab_routed": share_above(lab_scores, threshold),
+            "lab_routed": share_above(lab_scores, calibration, args.quantile),
             "auroc_lab": auroc_with_interval(lab_scores, blast_scores),
         }
     return figures
