@@ -101,6 +101,8 @@ def test_batches_answered_faster_than_they_are_built_hold_at_most_backlog_cells(
     async def run() -> int:
         log = PredictionLog(tmp_path / "predictions.jsonl", backlog=3)
         log.start()
+        log.record([_cell(7), _cell(8), _cell(9), _cell(10)], [_result(i) for i in (7, 8, 9, 10)], None, "1", config)
+        await asyncio.wait_for(log.drain(), timeout=30)  # larger than the backlog, but nothing waits: kept
         log.record([_cell(0), _cell(1)], [_result(0), _result(1)], None, "1", config)  # no await in between:
         log.record([_cell(2), _cell(3)], [_result(2), _result(3)], None, "1", config)  # 4 > 3 cells: dropped
         log.record([_cell(4)], [_result(4)], None, "1", config)  # 3 cells: kept
@@ -113,7 +115,8 @@ def test_batches_answered_faster_than_they_are_built_hold_at_most_backlog_cells(
     assert asyncio.run(run()) == 2
     assert "not keeping up (2 answered cells waiting to be built): 2 events dropped so far" in caplog.text
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
-    assert [PredictionEvent.model_validate_json(line).cell_id for line in lines] == ["id0", "id1", "id4", "id5", "id6"]
+    kept = ["id7", "id8", "id9", "id10", "id0", "id1", "id4", "id5", "id6"]
+    assert [PredictionEvent.model_validate_json(line).cell_id for line in lines] == kept
 
 
 def test_a_batch_whose_events_cannot_be_built_loses_only_its_own(tmp_path, caplog):

@@ -10,14 +10,14 @@ Now each answered batch is handed over (`record`, which returns at once) to two 
 
 The disk can only stall the writer, and what waits for it is events (a few hundred bytes each, never images): at
 most `limit` of them, counting those in the hung write; beyond that they are dropped, counted (`dropped`) and
-logged, as the log is a monitor and an answer is never held or failed for it. The builder can fall behind too (a
-GPU replica answers thousands of cells a second, each decoded again here), and what waits for it holds the cells'
-images: at most `backlog` cells; a batch recorded beyond that is dropped whole, counted and logged. Each event
-carries the time its cell was answered, not the time it was written. A replica that Serve stops (a redeploy, a
-scale-down, an app deleted, `stack down`) `close`s its log, waiting a while for the events still waiting, which its
-process used to take with it; what a disk hung longer than that still holds is lost, counted and logged. A reader
-sees a shorter window, never a torn line (each append is one write). A caller that reads the log right after its
-answers (the demo's drift figures) waits for its cells' events.
+logged, as the log is a monitor and an answer is never held or failed for it. The builder can fall behind too (a GPU
+replica answers thousands of cells a second, each decoded again here), and what waits for it holds the cells'
+images: at most `backlog` cells (or one larger batch); a batch recorded beyond that is dropped whole, counted and
+logged. Each event carries the time its cell was answered, not the time it was written. A replica that Serve stops
+(a redeploy, a scale-down, an app deleted, `stack down`) `close`s its log, waiting a while for the events still
+waiting, which its process used to take with it; what a disk hung longer than that still holds is lost, counted and
+logged. A reader sees a shorter window, never a torn line (each append is one write). A caller that reads the log
+right after its answers (the demo's drift figures) waits for its cells' events.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ class PredictionLog:
             raise RuntimeError(f"the prediction log {self.path} is not started (`start` it on the serving loop)")
         if not answered:
             return  # only failures: nothing to log
-        if self._unbuilt + answered > self.backlog:  # the builder is behind: its batches hold the cells' images
+        # the builder is behind (its batches hold the cells' images); a batch larger than `backlog` still goes in
+        # when nothing waits, or a replica batching more cells than that would log none
+        if self._unbuilt and self._unbuilt + answered > self.backlog:
             self._drop(answered, f"{self._unbuilt} answered cells waiting to be built")
             return
         self._unbuilt += answered
