@@ -12,6 +12,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
+from cytoloop.errors import UsageError
 from cytoloop.files import replaced
 from cytoloop.policy.consensus import annotator_agreement, consensus, pairwise_agreement
 from labelstudio.agreement import fleiss, pair_kappas
@@ -115,6 +116,13 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int, images_r
             }
         )
     out = Path(out)
+    if not rows and not new_rows and (listed := _data_lines(out)):
+        # a store with no consensus (a wrong home, a store a read-only command just created) replaced a manifest
+        # of earlier labels with an empty one
+        raise UsageError(
+            f"{out}: no consensus labels to export (left out: {dict(left_out) or 'none'}), and the {listed} lines "
+            "it holds were left as they were; remove it first to write an empty manifest"
+        )
     _write(out, rows)
     report = {"exported": len(rows), "left_out": dict(left_out), "path": str(out)}
     new_path = out.with_name(f"{out.stem}.new-classes.csv")
@@ -124,6 +132,15 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int, images_r
     else:  # an earlier export's new-class cells no longer have consensus: its file must not outlive them
         new_path.unlink(missing_ok=True)
     return report
+
+
+def _data_lines(path: Path) -> int:
+    """The lines after the header of a file already at `path` (0 when there is none)."""
+    try:
+        with open(path, "rb") as handle:
+            return max(sum(1 for line in handle if line.strip()) - 1, 0)
+    except FileNotFoundError:
+        return 0
 
 
 def _write(out: Path, rows: list[dict]) -> None:

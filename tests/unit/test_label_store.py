@@ -544,3 +544,18 @@ def test_restoring_an_old_row_of_a_task_naming_no_cell_leaves_it_retracted(store
         )
     assert store.restore(annotation(31, "neutrophil", "2026-01-03T00:00:00Z"), foreign, "s") is False
     assert store.is_retracted(31, "s")
+
+
+def test_an_export_with_no_consensus_leaves_an_earlier_manifest_as_it_was(tmp_path):
+    """A store without consensus labels (a wrong home, or the empty one any review command creates) replaced a
+    manifest of earlier labels with a header alone; it is refused now, naming the file, which keeps its lines."""
+    from cytoloop.errors import UsageError
+    from labelstudio.export import export_manifest
+
+    store = LabelStore(tmp_path / "labels.db")
+    earlier = tmp_path / "labels.csv"
+    earlier.write_text("path,label\n/x/a.bmp,class1\n/x/b.bmp,class2\n")
+    with pytest.raises(UsageError, match="labels.csv: no consensus labels to export .* the 2 lines"):
+        export_manifest(store, earlier, labels_required=2)
+    assert earlier.read_text() == "path,label\n/x/a.bmp,class1\n/x/b.bmp,class2\n"
+    assert export_manifest(store, tmp_path / "new.csv", labels_required=2)["exported"] == 0  # nothing to lose
