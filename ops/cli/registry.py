@@ -36,8 +36,8 @@ def register(
     explicit --override, recorded with its reason and who."""
 
     def action():
-        from cytoloop.models.base import read_model_meta
         from cytoloop.models.finetune import code_revision
+        from cytoloop.models.loading import load_model
         from cytoloop.registry import open_registry, site_alias
 
         if champion and not reason:
@@ -47,7 +47,8 @@ def register(
         if site and not champion:
             fail("--site names the alias champion-<site>: it goes with --champion")
         settings = settings_from(config)
-        meta = read_model_meta(model)
+        # a model that cannot be loaded is refused here, not registered and then failing every request
+        model_kind = load_model(model).kind
         registry = open_registry(settings)
         name = settings.registry.model_name
         alias = site_alias(site)
@@ -61,7 +62,7 @@ def register(
         version = registry.log_model(
             model,
             name,
-            tags={"kind": meta["kind"], "site": site or "global", "code_revision": code_revision(), "job": "register"},
+            tags={"kind": model_kind, "site": site or "global", "code_revision": code_revision(), "job": "register"},
         )
         typer.echo(f"registered {name} v{version.version} from {model}")
         if champion:

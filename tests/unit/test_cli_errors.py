@@ -427,6 +427,24 @@ def test_damaged_models_unlabelled_manifests_and_empty_settings_are_named(tmp_pa
     (model / "model.json").write_text(json.dumps({**meta, "data": None}))
     with pytest.raises(ModelLoadError, match="model.json is not a valid baseline model"):
         load_model(model)
+    # fields beside the sections: "hot" loaded (and registered), then every request failed; a string was read as
+    # one class per letter
+    for field, value, named in (
+        ("temperature", "hot", "temperature: expected a finite number above 0"),
+        ("temperature", 0, "temperature: expected a finite number above 0"),
+        ("temperature", -1.5, "temperature: expected a finite number above 0"),
+        ("classes", "ab", "classes: expected a list of distinct class names"),
+        ("classes", ["a", "a"], "classes: expected a list of distinct class names"),
+        ("timestep_weights", [1.0, "x"], "timestep_weights: expected 10 finite numbers"),
+    ):
+        (model / "model.json").write_text(json.dumps({**meta, field: value}))
+        with pytest.raises(ModelLoadError, match=named):
+            load_model(model)
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["register", str(model)])
+    assert result.exit_code == 2 and "timestep_weights" in result.output, result.output
+    assert not (tmp_path / "home").exists()  # refused before the registry is opened
+    clean_env.delenv("CYTOLOOP_HOME")
     (model / "model.json").write_text(json.dumps(meta))
     (model / "weights.pt").write_bytes(b"\x80\x02}q\x00garbage")
     with pytest.raises(ModelLoadError, match="weights file is damaged or not PyTorch's") as damaged:

@@ -7,6 +7,7 @@ the base classes; the base would otherwise import the cascade back).
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,35 @@ SECTION_OF = {
 }
 
 
+def _field_problem(meta: dict) -> str | None:
+    """What is wrong with the fields every model's `model.json` may hold beside its sections, or None: the class
+    list (a string was read as one class per letter), the temperature (every probability divides by it) and a
+    diffusion model's timestep weights."""
+    classes = meta.get("classes")
+    if "classes" in meta and (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) and c.strip() for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        return f"classes: expected a list of distinct class names, got {classes!r:.80}"
+    temperature = meta.get("temperature")
+    if "temperature" in meta and (
+        isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf
+    ):
+        return f"temperature: expected a finite number above 0, got {temperature!r:.40}"
+    weights = meta.get("timestep_weights")
+    if weights is not None:
+        scoring = meta.get("scoring")
+        bins = (scoring if isinstance(scoring, dict) else {}).get("timestep_bins", ScoringConfig().timestep_bins)
+        numbers = isinstance(weights, list) and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+        )
+        if not numbers or len(weights) != bins:
+            return f"timestep_weights: expected {bins} finite numbers (scoring.timestep_bins), got {weights!r:.80}"
+    return None
+
+
 def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> Classifier:
     """Load any CytoLoop model from a local directory (no hub access, ever).
 
@@ -54,6 +84,8 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
     }
     if kind not in loaders:
         raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
+    if problem := _field_problem(meta):  # "temperature": "hot" loaded and registered, then failed every request
+        raise ModelLoadError(f"{directory}: its {MODEL_FILE} is not a valid {kind} model ({problem})")
     sections = [k for k in ("data", "model", "scoring") if k in meta]
     if wrong := [k for k in sections if not isinstance(meta[k], dict)]:  # "data": null was a TypeError traceback
         raise ModelLoadError(
