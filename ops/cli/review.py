@@ -142,6 +142,15 @@ def review_route(
         loop.check_images(records)
         classifier = load_model(model, settings.scoring)
         loaded = load_cells(records, classifier.data_config, progress=True)
+        if not loaded.records:  # a wrong images folder: a traceback from the empty batch, said as what it is
+            fail(f"none of the {len(records)} cells could be read{loaded.skipped_note()}; nothing was routed")
+        if loaded.skipped:  # routed without them, and said so (they were dropped without a word)
+            typer.secho(
+                f"warning: {len(loaded.skipped)} of {len(records)} cells could not be read and are not routed"
+                f"{loaded.skipped_note()}",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
         candidates = site_candidates(settings, classifier.classes, [site or r.domain for r in loaded.records])
         # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
         predictions = classifier.predict(loaded.images, progress=True, routing=settings.routing, candidates=candidates)

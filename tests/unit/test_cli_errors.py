@@ -485,3 +485,36 @@ def test_drift_on_a_missing_log_is_named_before_mlflow_is_opened(tmp_path, clean
     result = CliRunner().invoke(app, ["drift", "--events", str(tmp_path / "predictions.jsonl")])
     assert result.exit_code == 2 and "predictions.jsonl" in result.output, result.output
     assert not (tmp_path / "home").exists()  # no empty MLflow database made on the way
+
+
+def test_route_names_cells_it_could_not_read_and_refuses_when_none_could_be(tmp_path, clean_env):
+    """Cells whose files could not be read were dropped from routing without a word, and when none could be read
+    the empty batch ended in a reshape traceback."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cytoloop.config import BaselineModelConfig, DataConfig
+    from cytoloop.models.baseline import BaselineClassifier
+    from ops.cli import app
+
+    model = BaselineClassifier(["a", "b"], DataConfig(image_size=16), BaselineModelConfig(channels=(4, 8))).save(
+        tmp_path / "model"
+    )
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    Image.fromarray(np.full((24, 24, 3), 120, np.uint8)).save(cells / "here.png")
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    clean_env.setenv("CYTOLOOP_STACK__IMAGES_ROOT", str(cells))
+    gone = tmp_path / "gone.csv"
+    gone.write_text("path,label,domain\ncells/missing.png,,lab\n")
+    route = ["review", "route", "--model", str(model), "--no-push", "--data"]
+    none = CliRunner().invoke(app, [*route, str(gone)])
+    message = " ".join(none.output.split())
+    assert none.exit_code == 2 and "none of the 1 cells could be read" in message and "missing.png" in message, message
+    some = tmp_path / "some.csv"
+    some.write_text("path,label,domain\ncells/here.png,,lab\ncells/missing.png,,lab\n")
+    partly = CliRunner().invoke(app, [*route, str(some)])
+    message = " ".join(partly.output.split())
+    assert partly.exit_code == 0 and "1 of 2 cells could not be read and are not routed" in message, message
+    assert "routed 1 cells" in message
