@@ -129,6 +129,17 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def confirm_or_fail(question: str) -> None:
+    """Ask before something moves; a "no", or no terminal to answer on (a scheduler's job without --yes), is exit
+    code 2 saying nothing moved (typer's "Aborted." was exit 1, a bug's)."""
+    try:
+        agreed = typer.confirm(question, default=False)
+    except typer.Abort:  # end of input: nobody to answer
+        agreed = False
+    if not agreed:
+        fail("not confirmed: nothing was moved (pass --yes where nobody can answer)")
+
+
 def run(action):
     """Run a command body, turning the project's own errors (`CytoLoopError`: bad input, missing data, an
     unreachable service, an image Label Studio cannot serve), invalid settings and what the file system or the

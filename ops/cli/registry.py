@@ -9,6 +9,7 @@ import typer
 from ops.cli.common import (
     EXIT_NOT_DUE,
     app,
+    confirm_or_fail,
     fail,
     labelled_records,
     print_outcome,
@@ -168,7 +169,7 @@ def promote(
         registry, name, alias = open_registry(settings), settings.registry.model_name, site_alias(site)
         if not yes:  # what the version is, asked before anything moves
             made_for = registry.version(name, version).tags.get("site") or "unknown"
-            typer.confirm(f"Serve v{version} (made for: {made_for}) as @{alias}, overriding the gate?", abort=True)
+            confirm_or_fail(f"Serve v{version} (made for: {made_for}) as @{alias}, overriding the gate?")
         move = override(registry, name, version, alias, reason, cross_site=cross_site)
         typer.echo(f"{move.arrow()} (override by {move.who})")
 
@@ -186,7 +187,7 @@ def rollback(
 ) -> None:
     """Move the champion alias back to the version it pointed at before its latest move."""
     if not yes:
-        typer.confirm(f"Roll @{'champion-' + site if site else 'champion'} back one move?", abort=True)
+        confirm_or_fail(f"Roll @{'champion-' + site if site else 'champion'} back one move?")
 
     def action():
         from cytoloop.registry import open_registry, site_alias

@@ -518,3 +518,18 @@ def test_route_names_cells_it_could_not_read_and_refuses_when_none_could_be(tmp_
     message = " ".join(partly.output.split())
     assert partly.exit_code == 0 and "1 of 2 cells could not be read and are not routed" in message, message
     assert "routed 1 cells" in message
+
+
+def test_an_unanswered_or_refused_rollback_moves_nothing_and_exits_2(tmp_path, clean_env):
+    """Without --yes and no one to answer (a scheduler's job), or with a "no", click printed "Aborted." and
+    exited 1, the code of a bug; it is exit code 2 saying nothing moved, before the registry is opened."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    for answer in ("", "n\n"):
+        result = CliRunner().invoke(app, ["rollback", "--reason", "bad night"], input=answer)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2 and "not confirmed: nothing was moved" in message, (answer, message)
+    assert not (tmp_path / "home").exists()
