@@ -24,6 +24,7 @@ from cytoloop.data.records import (
     CellRecord,
     DatasetError,
     data_sources,
+    read_split_file,
     records_fingerprint,
     stratified_split,
     write_split,
@@ -258,10 +259,7 @@ def _model_split(model_dir: Path) -> dict | None:
     split_path = Path(model_dir) / SPLIT_FILE
     if not split_path.is_file():
         return None
-    try:
-        return json.loads(split_path.read_text())
-    except ValueError as error:  # cut short, or not text
-        raise DatasetError(f"{split_path}: not a split file ({error}); the file is damaged or was cut short") from None
+    return read_split_file(split_path)
 
 
 def _in_parts(records: Sequence[CellRecord], meta: dict, parts: Sequence[str]) -> np.ndarray:
@@ -305,7 +303,7 @@ def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = 
         if records and not inside.any():
             raise DatasetError(
                 f"none of these {len(records)} cells is in part {part!r} of the model's split "
-                f"(it was made from {meta['meta'].get('data_root')})"
+                f"(it was made from {meta.get('meta', {}).get('data_root') or 'a dataset it does not name'})"
             )
         kept = [r for r, keep in zip(records, inside) if keep]
         return kept, len(records) - len(kept)

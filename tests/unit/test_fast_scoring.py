@@ -452,6 +452,15 @@ def test_a_models_split_is_found_whichever_manifest_or_checkout_lists_its_cells(
     assert held_out(other_lab, tmp_path) == (other_lab, 0)
     with pytest.raises(DatasetError, match="none of these 3 cells is in part 'test'"):
         held_out(other_lab, tmp_path, part="test")
+    # a split file of another shape: named, not a KeyError, TypeError or AttributeError traceback in evaluate,
+    # tune, distill or score --part
+    for damaged in ({}, [], {"parts": []}, {"parts": {"test": "x"}}, {"meta": [], "parts": {}}):
+        (tmp_path / SPLIT_FILE).write_text(json.dumps(damaged))
+        with pytest.raises(DatasetError, match=f"{SPLIT_FILE}: not a split file"):
+            held_out(combined, tmp_path, part="test")
+    (tmp_path / SPLIT_FILE).write_text(json.dumps({"parts": {"test": ["x.jpg"]}}))  # no meta: its data root unknown
+    with pytest.raises(DatasetError, match="made from a dataset it does not name"):
+        held_out(other_lab, tmp_path, part="test")
 
 
 def test_a_variance_prior_lets_the_first_trials_decide_and_shrinks_a_lucky_estimate():

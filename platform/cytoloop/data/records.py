@@ -226,13 +226,28 @@ def write_split(parts: Mapping[str, Sequence[CellRecord]], path: Path, **meta: o
     return path
 
 
+def read_split_file(path: Path) -> dict:
+    """A split file as `write_split` wrote it (`{"meta": {...}, "parts": {part: [cell ids]}}`); a file cut short,
+    not JSON or of another shape is a DatasetError naming it, never a KeyError in whatever reads it next."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except ValueError as error:  # cut short, or not text
+        raise DatasetError(f"{path}: not a split file ({error}); the file is damaged or was cut short") from None
+    parts = split.get("parts") if isinstance(split, dict) else None
+    if (
+        not isinstance(parts, dict)
+        or not isinstance(split.get("meta", {}), dict)
+        or not all(isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in parts.values())
+    ):
+        raise DatasetError(
+            f'{path}: not a split file (expected {{"meta": {{...}}, "parts": {{part: [cell ids]}}}}); it is damaged'
+        )
+    return split
+
+
 def read_split(path: Path, records: Sequence[CellRecord]) -> dict[str, list[CellRecord]]:
     """Resolve a split written by `write_split` against a dataset's records; missing ids are an error."""
-    try:
-        payload = json.loads(path.read_text())
-        named = payload["parts"].items()
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise DatasetError(f"{path}: not a split file ({type(error).__name__}: {error})") from None
+    named = read_split_file(path)["parts"].items()
     by_id = {r.cell_id: r for r in records}
     parts = {}
     for name, ids in named:
