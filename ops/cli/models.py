@@ -582,6 +582,10 @@ def card(
         figures = reports[title]
         if not isinstance(figures, dict) or not {"balanced_accuracy", "anomaly_auroc"} & set(figures):
             fail(f"--eval {title}: {path} is not a report of `cytoloop evaluate --json` (no figures in it)")
+        needed = {"n_cells"} if "balanced_accuracy" in figures else set()
+        needed |= {"anomaly_n", "anomaly_n_positive"} if "anomaly_auroc" in figures else set()
+        if missing := sorted(needed - set(figures)):  # a KeyError traceback while the card was written
+            fail(f"--eval {title}: {path} lacks {', '.join(missing)}: not a whole report of `cytoloop evaluate`")
 
     def action():
         from cytoloop.evaluation.model_card import write_model_card

@@ -67,3 +67,26 @@ def test_card_shows_provenance_recipe_and_every_figure_with_its_interval(tmp_pat
 def test_card_needs_a_model_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         render_model_card(tmp_path, {})
+
+
+def test_a_damaged_record_or_a_partial_report_is_named_not_a_traceback(tmp_path, clean_env):
+    """A model.json cut short was a JSONDecodeError, a report without its cell count a KeyError, while the card
+    was written."""
+    from typer.testing import CliRunner
+
+    from cytoloop.models.base import ModelLoadError
+    from ops.cli import app
+
+    (tmp_path / "model.json").write_text('{"kind": "diffusion", "classes": [')
+    with pytest.raises(ModelLoadError, match="model.json: not valid JSON"):
+        render_model_card(tmp_path, {})
+    (tmp_path / "model.json").write_text("{}")
+    (tmp_path / "training.json").write_text("[]")
+    with pytest.raises(ModelLoadError, match="training.json: expected a JSON object, got list"):
+        render_model_card(tmp_path, {})
+    report = tmp_path / "report.json"
+    for figures, missing in (({"balanced_accuracy": 0.9}, "n_cells"), ({"anomaly_auroc": 0.8}, "anomaly_n")):
+        report.write_text(json.dumps(figures))
+        result = CliRunner().invoke(app, ["card", str(tmp_path), "--eval", f"lab={report}"])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"lacks {missing}" in message, message

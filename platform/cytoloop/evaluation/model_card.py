@@ -15,8 +15,19 @@ CARD_FILE = "MODEL_CARD.md"
 
 
 def _read(directory: Path, name: str) -> dict | None:
+    """A JSON record of the model directory, None when it has none; a damaged one is named (not a traceback)."""
+    from cytoloop.models.base import ModelLoadError
+
     path = directory / name
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as error:
+        raise ModelLoadError(f"{path}: not valid JSON ({error}); the file is damaged or was cut short") from None
+    if not isinstance(record, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _with_interval(report: dict, name: str, digits: int = 3) -> str:
