@@ -343,7 +343,7 @@ def status(
         _echo_review(report["review"])
         typer.echo(f"drift: {'FLAGGED' if flags else 'no flags'}")
         for flag in flags:
-            typer.echo(f"  v{flag['model_version']} {flag['site'] or 'global'}: " + "; ".join(flag["flags"]))
+            typer.echo(f"  v{flag['model_version']} {flag.get('site') or 'global'}: " + "; ".join(flag["flags"]))
         last = retrain["last"] or "never"
         if retrain["due"] is None:
             typer.echo(f"retrain: last {last} (give --labels to check whether one is due)")

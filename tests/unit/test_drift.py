@@ -251,7 +251,18 @@ def test_a_line_a_killed_writer_cut_short_is_skipped_not_fatal(tmp_path, caplog)
         read_events(log)
 
 
-@pytest.mark.parametrize("text", ['[{"model_version": "2"', '{"flags": []}', "[1, 2]"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"model_version": "2"',
+        '{"flags": []}',
+        "[1, 2]",
+        # what status reads of each verdict: flags a string ("p; s; i"), flags of numbers, a site not a name
+        '[{"model_version": "2", "site": null, "flags": "psi"}]',
+        '[{"model_version": "2", "site": null, "flags": [1, 2]}]',
+        '[{"model_version": "2", "site": 3, "flags": ["psi"]}]',
+    ],
+)
 def test_a_flags_file_that_is_not_one_is_refused_naming_it(tmp_path, text):
     """`cytoloop status` and `retrain --if-due` read the flags file: a damaged one was a traceback."""
     from cytoloop.errors import UsageError

@@ -432,6 +432,19 @@ def _load_verdicts(path: Path) -> list[dict]:
         flags = json.loads(path.read_text())
     except ValueError as error:
         raise UsageError(f"{path} is not a drift flags file ({error}); `cytoloop drift` writes it again") from None
-    if not isinstance(flags, list) or not all(isinstance(f, dict) and "model_version" in f for f in flags):
-        raise UsageError(f"{path} is not a drift flags file (a list of flagged windows); `cytoloop drift` writes it")
+
+    def verdict(f: object) -> bool:  # what `status` and the retrain policy read of each (a KeyError or "p; s; i")
+        return (
+            isinstance(f, dict)
+            and "model_version" in f
+            and isinstance(f.get("site"), str | None)
+            and isinstance(f.get("flags", []), list)
+            and all(isinstance(flag, str) for flag in f.get("flags", []))
+        )
+
+    if not isinstance(flags, list) or not all(verdict(f) for f in flags):
+        raise UsageError(
+            f"{path} is not a drift flags file (a list of windows, each with its model_version, site and a list of "
+            "flags); `cytoloop drift` writes it"
+        )
     return flags
