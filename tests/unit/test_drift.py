@@ -328,6 +328,14 @@ def test_reviewed_labels_join_the_log_by_cell_and_each_cell_counts_once(tmp_path
     (tmp_path / "other.csv").write_text("path,label\n/cells/0.png,a\n")
     with pytest.raises(DatasetError, match="other.csv: no cell_id, site column"):
         read_labels(tmp_path / "other.csv")
+    # saved by a spreadsheet or an editor with a byte-order mark: the export's first column was "\ufeffpath" (here
+    # it is cell_id: "no cell_id column"), and the log's first event a torn line, skipped
+    export.write_text("\ufeffcell_id,label,site\n" + f"sha256:{1:024x},a,north\n", encoding="utf-8")
+    assert read_labels(export) == {("north", f"sha256:{1:024x}"): "a", (None, f"sha256:{1:024x}"): "a"}
+    from cytoloop.policy.drift import read_events
+
+    (tmp_path / "log.jsonl").write_text("\ufeff" + "".join(e.model_dump_json() + "\n" for e in log[:2]))
+    assert [e.cell_id for e in read_events(tmp_path / "log.jsonl")] == [e.cell_id for e in log[:2]]
 
 
 def test_served_events_carry_the_cell_id(jtsc):

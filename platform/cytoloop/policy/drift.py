@@ -200,7 +200,7 @@ def read_events(path: Path) -> list[PredictionEvent]:
     is not JSON at all is one a writer was killed in (or a full disk cut): it is skipped with a warning naming
     it, as otherwise every later `cytoloop drift` failed on it; a log of nothing else is an error."""
     events, torn = [], []
-    text = Path(path).read_text()
+    text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (an editor's save) is no torn first line
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -232,7 +232,7 @@ def read_labels(path: Path) -> Labels:
     site None where every row that labelled it agrees. Where rows disagree (two sites, or a cell listed twice for
     one site), which class is true is not known, and the cell goes without one there."""
     by_site: dict[tuple[str | None, str], set[str]] = {}
-    with Path(path).open(newline="") as handle:
+    with Path(path).open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM is no part of a name
         reader = csv.DictReader(handle)
         missing = {"cell_id", "label", "site"} - set(reader.fieldnames or [])
         if missing:
