@@ -125,7 +125,9 @@ class ScoreJournal:
 def _read(path: Path) -> tuple[dict | None, list[dict]]:
     """The header and the complete answer lines of a journal (a line that does not parse is one a kill cut)."""
     entries = []
-    with path.open(encoding="utf-8") as handle:
+    # undecodable bytes (a foreign file at the journal's path) fail to parse as a cut line does: a file with no
+    # journal header is put aside, not a crash that named no file
+    with path.open(encoding="utf-8", errors="replace") as handle:
         for line in handle:
             try:
                 entries.append(json.loads(line))

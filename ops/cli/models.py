@@ -590,7 +590,12 @@ def card(
     def action():
         from cytoloop.evaluation.model_card import write_model_card
 
-        texts = {name: p.read_text() if p else "" for name, p in (("use", intended_use), ("limits", limits))}
+        texts = {}
+        for name, text_file in (("use", intended_use), ("limits", limits)):
+            try:
+                texts[name] = text_file.read_text(encoding="utf-8") if text_file else ""
+            except UnicodeDecodeError as error:  # the general message named no file
+                fail(f"{text_file}: not UTF-8 text ({error.reason} at byte {error.start})")
         typer.echo(f"wrote {write_model_card(model, reports, texts['use'], texts['limits'])}")
 
     run(action)

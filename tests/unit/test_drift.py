@@ -336,6 +336,10 @@ def test_reviewed_labels_join_the_log_by_cell_and_each_cell_counts_once(tmp_path
 
     (tmp_path / "log.jsonl").write_text("\ufeff" + "".join(e.model_dump_json() + "\n" for e in log[:2]))
     assert [e.cell_id for e in read_events(tmp_path / "log.jsonl")] == [e.cell_id for e in log[:2]]
+    for reader, name in ((read_labels, "latin.csv"), (read_events, "latin.jsonl")):  # named, not a general message
+        (tmp_path / name).write_bytes(b"cell_id,label,site\n\xe9,a,north\n")
+        with pytest.raises(DatasetError, match=f"{name}: not a .* \\(not UTF-8 text"):
+            reader(tmp_path / name)
 
 
 def test_served_events_carry_the_cell_id(jtsc):

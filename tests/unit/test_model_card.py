@@ -90,3 +90,9 @@ def test_a_damaged_record_or_a_partial_report_is_named_not_a_traceback(tmp_path,
         result = CliRunner().invoke(app, ["card", str(tmp_path), "--eval", f"lab={report}"])
         message = " ".join(result.output.split())
         assert result.exit_code == 2 and f"lacks {missing}" in message, message
+    (tmp_path / "training.json").unlink()
+    limits = tmp_path / "limits.md"
+    limits.write_bytes(b"- \xe9tain: Latin-1, not UTF-8\n")
+    result = CliRunner().invoke(app, ["card", str(tmp_path), "--limits", str(limits)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{limits}: not UTF-8 text" in message, message

@@ -79,3 +79,15 @@ def test_a_second_run_on_one_journal_is_refused_while_the_first_writes(tmp_path)
         journal.write("/cells/1.png", answer(1))
     with ScoreJournal(path, SETUP) as journal:
         assert sorted(journal.answers) == ["/cells/0.png", "/cells/1.png"]
+
+
+def test_a_file_of_undecodable_bytes_at_the_journal_s_path_is_no_journal_not_a_crash(tmp_path):
+    """A file not UTF-8 at OUT.journal ended the run in the general "an input file is not UTF-8 text", naming no
+    file; it is read as a journal with no header (as one cut in its first line), and scoring starts afresh."""
+    path = tmp_path / "scores.csv.journal"
+    path.write_bytes(b"\xff\xfe\x00garbage from elsewhere\n\xe9\n")
+    with ScoreJournal(path, SETUP) as journal:
+        assert journal.answers == {}
+        journal.write("/cells/0.png", answer(0))
+    with ScoreJournal(path, SETUP) as journal:
+        assert journal.answers == {"/cells/0.png": answer(0)}

@@ -20,6 +20,7 @@ counts once (`one_per_cell`): the figures describe cells, not requests.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -200,7 +201,12 @@ def read_events(path: Path) -> list[PredictionEvent]:
     is not JSON at all is one a writer was killed in (or a full disk cut): it is skipped with a warning naming
     it, as otherwise every later `cytoloop drift` failed on it; a log of nothing else is an error."""
     events, torn = [], []
-    text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (an editor's save) is no torn first line
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (an editor's save) is no torn line
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{path}: not a prediction log (not UTF-8 text: {error.reason} at byte {error.start})"
+        ) from None
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -232,15 +238,20 @@ def read_labels(path: Path) -> Labels:
     site None where every row that labelled it agrees. Where rows disagree (two sites, or a cell listed twice for
     one site), which class is true is not known, and the cell goes without one there."""
     by_site: dict[tuple[str | None, str], set[str]] = {}
-    with Path(path).open(newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM is no part of a name
-        reader = csv.DictReader(handle)
-        missing = {"cell_id", "label", "site"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"{path}: no {', '.join(sorted(missing))} column: not a consensus label export")
-        for row in reader:
-            if row["cell_id"] and row["label"]:
-                for site in {row["site"] or None, None}:
-                    by_site.setdefault((site, row["cell_id"]), set()).add(row["label"])
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is no part of a name
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{path}: not a label export (not UTF-8 text: {error.reason} at byte {error.start})"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {"cell_id", "label", "site"} - set(reader.fieldnames or [])
+    if missing:
+        raise DatasetError(f"{path}: no {', '.join(sorted(missing))} column: not a consensus label export")
+    for row in reader:
+        if row["cell_id"] and row["label"]:
+            for site in {row["site"] or None, None}:
+                by_site.setdefault((site, row["cell_id"]), set()).add(row["label"])
     return {key: classes.pop() for key, classes in by_site.items() if len(classes) == 1}
 
 
