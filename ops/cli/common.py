@@ -108,7 +108,10 @@ def output_file_or_stdout(value: Path | None) -> Path | None:
 def refuse_finished_model(out: Path, overwrite: bool) -> None:
     """A training command's OUT that already holds a finished model (its model.json) is refused unless
     --overwrite: writing there silently replaced its weights and left its card, recipe and tuning report
-    describing another model. (An unfinished run there, checkpoints only, is resumed.)"""
+    describing another model. (An unfinished run there, checkpoints only, is resumed.) OUT a file is refused
+    before any cell is loaded ("OUT/checkpoints: Not a directory" came after)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file: give the folder the model is written to")
     if not overwrite and (out / "model.json").is_file():
         fail(f"--out {out} already holds a trained model; choose another folder, or pass --overwrite to replace it")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, fail, run, settings_from
+from ops.cli.common import app, run, settings_from
 
 
 @app.command()
@@ -32,8 +32,10 @@ def serve(
     def action():
         from services.app import run_local
 
-        if model_dir is not None and not (model_dir / "model.json").is_file():
-            fail(f"{model_dir}: not a CytoLoop model directory (no model.json)")
+        if model_dir is not None:  # a damaged model is named here, not in a Serve replica's traceback
+            from cytoloop.models.loading import load_model
+
+            load_model(model_dir)
         overrides = {"host": host, "port": port, "model_dir": model_dir, "insecure": insecure or None}
         settings = settings_from(config, {"serve": overrides})
         source = (

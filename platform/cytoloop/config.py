@@ -84,6 +84,13 @@ def _not_empty(value: object) -> object:
 SettingPath = Annotated[Path, BeforeValidator(_not_empty)]
 
 
+def _not_empty_uri(value: object) -> object:
+    """`CYTOLOOP_REGISTRY__TRACKING_URI=` (an unset variable) gave MLflow's own message about a file store."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty: give an MLflow tracking URI (http://..., sqlite:///...)")
+    return value
+
+
 class DataConfig(_Section):
     """How a cell image becomes a model input. Saved with every model so serving can never drift from training."""
 
@@ -313,7 +320,7 @@ class ScoringConfig(_Section):
 class RegistryConfig(_Section):
     """Where models are tracked and registered (MLflow)."""
 
-    tracking_uri: str = Field(
+    tracking_uri: Annotated[str, BeforeValidator(_not_empty_uri)] = Field(
         "sqlite:///.cytoloop/mlflow/mlflow.db", description="MLflow tracking URI (default: SQLite in <home>/mlflow)"
     )
     experiment: str = "cytoloop"
@@ -798,6 +805,12 @@ class Settings(BaseSettings):
     home: SettingPath = Field(Path(".cytoloop"), description="where runs, stores and service data live")
 
     @model_validator(mode="after")
+    def _home_is_a_folder(self) -> Settings:
+        if self.home.exists() and not self.home.is_dir():  # "afile/mlflow: Not a directory" from whatever wrote first
+            raise ValueError(f"home {self.home} is a file, not a folder")
+        return self
+
+    @model_validator(mode="after")
     def _site_names(self) -> Settings:
         for site in self.sites:
             check_site_name(site, "in sites")
@@ -938,7 +951,7 @@ def _check_environment_names() -> None:
 def _read_settings_file(path: Path) -> dict:
     """A JSON settings file as a dict, or a UsageError naming the file and what is wrong with it."""
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8-sig"))  # an editor's byte-order mark, as manifests take
     except FileNotFoundError:
         raise UsageError(f"settings file {path} not found") from None
     except IsADirectoryError:

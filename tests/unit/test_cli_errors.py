@@ -533,3 +533,40 @@ def test_an_unanswered_or_refused_rollback_moves_nothing_and_exits_2(tmp_path, c
         message = " ".join(result.output.split())
         assert result.exit_code == 2 and "not confirmed: nothing was moved" in message, (answer, message)
     assert not (tmp_path / "home").exists()
+
+
+def test_settings_a_shell_got_wrong_are_named_before_anything_runs(tmp_path, clean_env):
+    """Found by trying a user's mistakes: an empty tracking URI gave MLflow's file-store message; a home that is a
+    file, and a training OUT that is a file, 'Not a directory' from whatever wrote first (after loading every
+    cell); a settings file with a byte-order mark was refused while manifests take one."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cytoloop.config import load_settings
+    from ops.cli import app
+
+    clean_env.setenv("CYTOLOOP_REGISTRY__TRACKING_URI", " ")
+    with pytest.raises(ValueError, match="registry.tracking_uri\\s+Value error, is empty"):
+        load_settings()
+    clean_env.delenv("CYTOLOOP_REGISTRY__TRACKING_URI")
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    clean_env.setenv("CYTOLOOP_HOME", str(a_file))
+    with pytest.raises(ValueError, match=f"home {a_file} is a file, not a folder"):
+        load_settings()
+    clean_env.delenv("CYTOLOOP_HOME")
+    settings = tmp_path / "settings.json"
+    settings.write_text("\ufeff" + json.dumps({"routing": {"review_below": 0.5}}), encoding="utf-8")
+    assert load_settings(settings).routing.review_below == 0.5
+    manifest = tmp_path / "cells.csv"
+    manifest.write_text("path,label,domain\na.png,a,lab\n")
+    result = CliRunner().invoke(app, ["train", "--data", str(manifest), "--out", str(a_file)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"--out {a_file} is a file" in message, message
+    damaged = tmp_path / "model"
+    damaged.mkdir()
+    (damaged / "model.json").write_text('{"kind": "diffusion", "temperature": "hot"}')
+    result = CliRunner().invoke(app, ["serve", "--model", str(damaged)])  # named before Ray or Serve starts
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "temperature: expected a finite number" in message, message
