@@ -8,7 +8,16 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, fail, output_file, run, site_candidates, site_name, split_list
+from ops.cli.common import (
+    EXIT_NOT_DELIVERED,
+    app,
+    fail,
+    output_file,
+    run,
+    site_candidates,
+    site_name,
+    split_list,
+)
 
 stack_app = typer.Typer(
     no_args_is_help=True,
@@ -203,7 +212,10 @@ def review_push(config: Path | None = typer.Option(None, help="JSON settings fil
         from cytoloop.config import load_settings
         from labelstudio.loop import ReviewLoop
 
-        _print_push(ReviewLoop(load_settings(config)).push())
+        report = ReviewLoop(load_settings(config)).push()
+        _print_push(report)
+        if report.pending and (report.error or report.site_errors):  # a scheduler must not read it as done
+            raise typer.Exit(EXIT_NOT_DELIVERED)
 
     run(action)
 

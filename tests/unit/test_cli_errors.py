@@ -570,3 +570,29 @@ def test_settings_a_shell_got_wrong_are_named_before_anything_runs(tmp_path, cle
     result = CliRunner().invoke(app, ["serve", "--model", str(damaged)])  # named before Ray or Serve starts
     message = " ".join(result.output.split())
     assert result.exit_code == 2 and "temperature: expected a finite number" in message, message
+
+
+def test_a_push_that_leaves_tasks_waiting_exits_7(tmp_path, clean_env):
+    """Label Studio stopped (nothing listens on its port): `review push` warned and exited 0, so a scheduler read
+    the tasks as delivered; it exits 7 (run it again) with them still in the outbox."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from cytoloop.config import load_settings
+    from labelstudio.loop import label_store_path
+    from labelstudio.outbox import Outbox
+    from ops.cli import app
+
+    with socket.socket() as probe:  # a port nothing listens on: a stopped server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    clean_env.setenv("CYTOLOOP_STACK__LABEL_STUDIO_PORT", str(port))
+    clean_env.setenv("CYTOLOOP_STACK__ADMIN_TOKEN", "a-token-for-a-server-that-is-down")
+    outbox = Outbox(label_store_path(load_settings()).with_name("outbox.db"))
+    outbox.enqueue([{"data": {"task_key": "east:cell0.png@v1", "site": "east", "cell_id": "cell0.png"}}])
+    result = CliRunner().invoke(app, ["review", "push"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 7 and "1 waiting in the outbox" in message, message
+    assert outbox.counts()["pending"] == 1
