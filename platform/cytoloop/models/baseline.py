@@ -75,10 +75,16 @@ class BaselineClassifier:
         self.network = network
 
     @torch.inference_mode()
-    def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        self.network.eval()
+    def logits(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """The network's logits, on CUDA when a GPU is present (as the diffusion classifier's device "auto"), in
+        batches of `batch_size` cells (None: 256 on a CPU, 4096 on a GPU, where a small batch is launch-bound)."""
+        from cytoloop.models.diffusion import resolve_device
+
+        device = resolve_device("auto")
+        network = self.network.to(device).eval()  # in place: later calls find it there
+        size = batch_size or (4096 if device.type == "cuda" else 256)
         x = torch.as_tensor(images, dtype=torch.float32)
-        return torch.cat([self.network(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+        return torch.cat([network(x[i : i + size].to(device)).float().cpu() for i in range(0, len(x), size)]).numpy()
 
     def predictions_from_logits(
         self, logits: np.ndarray, temperature: float | None = None, candidates: np.ndarray | None = None
@@ -112,7 +118,7 @@ class BaselineClassifier:
         candidates: np.ndarray | None = None,
     ) -> Predictions:
         """One CNN pass per cell (nothing to stop early: `routing` is ignored), decided among `candidates`."""
-        array = checked_images(images, self.data_config)  # on the CPU, as the network is
+        array = checked_images(images, self.data_config)
         if len(array) == 0:
             return no_predictions(len(self.classes))
         return self.predictions_from_logits(self.logits(array), candidates=candidates)
