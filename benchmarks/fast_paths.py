@@ -82,12 +82,13 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="run the denoiser in channels-last layout")
     parser.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--docs-only", action="store_true", help="write the docs from --out/fast_paths.json")
+    parser.add_argument("--section", default=None, help="docs section (default: fast-paths, fast-paths-gpu on a GPU)")
     args = parser.parse_args()
     if args.docs_only:
         saved = args.out / "fast_paths.json"
         report = json.loads(saved.read_text())
         report.setdefault("date", f"{datetime.fromtimestamp(saved.stat().st_mtime, UTC):%Y-%m-%d %H:%M} UTC")
-        replace_section(DOCS, "fast-paths", render(report, args), title=TITLE)
+        replace_section(DOCS, _section(args, report), render(report, args), title=_title(report))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,6 +100,7 @@ def main() -> None:
     # the fields given replace the model's own, as a machine's CYTOLOOP_SCORING__* settings do (models.loading)
     model, scorer = load_model(args.model, ScoringConfig(**runtime)), load_model(args.scorer)
     precision = model.scoring_config.precision + ("-cl" if model.scoring_config.channels_last else "")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"  # device "auto": CUDA if present
     load = [os.getloadavg()[0]]
     if scorer.classes != model.classes:
         parser.error(f"--scorer classes {scorer.classes} differ from the model's {model.classes}")
@@ -119,6 +121,9 @@ def main() -> None:
     )
 
     groups = {"normal": normal.images, "blasts": blasts.images}
+    if device.startswith("cuda"):  # CUDA's and cuDNN's start-up, out of the first row's time
+        model.predict(normal.images[:256])
+        scorer.predict(normal.images[:256])
     cascade = CascadeClassifier(
         model, scorer, CascadeConfig(threshold=args.cascade_threshold, candidates=args.candidates)
     )
@@ -170,6 +175,8 @@ def main() -> None:
     report = {
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "threads": torch.get_num_threads(),
+        "device": device,
+        "cores": os.cpu_count(),
         "model": str(args.model),
         "scorer": str(args.scorer),
         "threshold": threshold,
@@ -186,7 +193,7 @@ def main() -> None:
     text = render(report, args)
     print(text)
     if args.write_docs:
-        replace_section(DOCS, "fast-paths", text, title=TITLE)
+        replace_section(DOCS, _section(args, report), text, title=_title(report))
 
 
 def cascade_point(
@@ -251,6 +258,14 @@ def measure(name: str, group: str, predictions: Predictions, seconds: float, rou
     }
 
 
+def _section(args: argparse.Namespace, report: dict) -> str:
+    return args.section or ("fast-paths" if report.get("device", "cpu") == "cpu" else "fast-paths-gpu")
+
+
+def _title(report: dict) -> str:
+    return TITLE + ("" if report.get("device", "cpu") == "cpu" else f", on a GPU ({report['device']})")
+
+
 def render(report: dict, args: argparse.Namespace) -> str:
     rows = report["rows"]
     normal_tuned = next(r for r in rows if r["path"] == "tuned" and r["group"] == "normal")
@@ -263,7 +278,12 @@ def render(report: dict, args: argparse.Namespace) -> str:
     )
     lines = [
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, CPU, {report.get('threads', 'default')} torch threads, 2 cores, "
+        f"Machine: {platform.machine()}, "
+        + (
+            f"{report['device']}, {report.get('cores', '?')} CPU cores, "
+            if report.get("device", "cpu") != "cpu"
+            else f"CPU, {report.get('threads', 'default')} torch threads, 2 cores, "
+        )
         + (
             f"load average {', '.join(f'{x:.1f}' for x in report['load'])} before and after"
             if "load" in report
