@@ -34,7 +34,7 @@ from cytoloop.evaluation import metrics, plots
 from cytoloop.files import write_text
 from cytoloop.models.base import Classifier, Predictions, Trainable, candidate_rows, class_mask
 from cytoloop.models.cascade import CascadeClassifier, distill
-from cytoloop.models.diffusion import DiffusionClassifier
+from cytoloop.models.diffusion import DiffusionClassifier, resolve_device
 from cytoloop.models.loading import load_model
 from cytoloop.models.train import UNLABELED, claim_checkpoints, fit
 from cytoloop.policy.drift import colour_statistics_of, write_colour_reference
@@ -152,6 +152,7 @@ def train_model(
         labels = np.concatenate([labels, np.full(len(extra.images), UNLABELED)])
 
     network, loss = model.objective(settings.train)
+    network.to(resolve_device(settings.scoring.device))  # a GPU where there is one; `fit` moves each batch there
     trained, result = fit(
         network,
         loss,

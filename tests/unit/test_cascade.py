@@ -93,6 +93,26 @@ def test_save_and_load_round_trip(teacher, student, images, tmp_path):
     before, after = cascade.predict(images), loaded.predict(images)
     np.testing.assert_allclose(before.probs, after.probs, atol=1e-6)
     np.testing.assert_array_equal(before.extra["deferred"], after.extra["deferred"])
+    # the CNN runs where the machine's setting says, or on its teacher's device (it ran on the CPU always)
+    from cytoloop.config import ScoringConfig
+
+    assert load_model(tmp_path / "cascade", ScoringConfig(device="cpu")).student.device == "cpu"
+    assert load_model(tmp_path / "cascade").student.device == loaded.teacher.scoring_config.device
+    assert load_model(tmp_path / "cascade" / "student", ScoringConfig(device="cpu")).device == "cpu"
+
+
+def test_a_cascade_member_with_a_damaged_field_is_refused_naming_it(teacher, student, tmp_path):
+    """The cascade's teacher and student load without `load_model`, so its field checks passed them by: a
+    student whose temperature is "hot" loaded (and registered)."""
+    import json
+
+    from cytoloop.models.base import ModelLoadError
+
+    CascadeClassifier(teacher, student, CascadeConfig(threshold=0.5)).save(tmp_path / "cascade")
+    meta_file = tmp_path / "cascade" / "student" / "model.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "temperature": "hot"}))
+    with pytest.raises(ModelLoadError, match="student: its model.json is not a valid student of a cascade"):
+        load_model(tmp_path / "cascade")
 
 
 def test_mismatched_classes_rejected(teacher):

@@ -62,6 +62,9 @@ class BaselineClassifier:
         self.temperature = temperature
         self.info = dict(info or {})
         self.network: nn.Module = SmallCNN(len(classes), tuple(model_config.channels), model_config.dropout)
+        # where `logits` runs the network (a scoring.device value): "auto" is CUDA when a GPU is present; loading
+        # sets the machine's `scoring.device`, or a cascade's teacher's (`models.loading`)
+        self.device = "auto"
 
     learns_from_unlabeled = False  # cross-entropy needs a label
 
@@ -74,17 +77,19 @@ class BaselineClassifier:
     def use_trained(self, network: nn.Module) -> None:
         self.network = network
 
-    @torch.inference_mode()
     def logits(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """The network's logits, on CUDA when a GPU is present (as the diffusion classifier's device "auto"), in
-        batches of `batch_size` cells (None: 256 on a CPU, 4096 on a GPU, where a small batch is launch-bound)."""
+        """The network's logits on `self.device`, in batches of `batch_size` cells (None: 256 on a CPU, 4096 on a
+        GPU, where a small batch is launch-bound)."""
         from cytoloop.models.diffusion import resolve_device
 
-        device = resolve_device("auto")
-        network = self.network.to(device).eval()  # in place: later calls find it there
+        device = resolve_device(self.device)
+        # moved outside inference mode, in place: weights made there would be inference tensors, and a later
+        # training round of this network (the active-learning benchmark's) could not take their gradients
+        network = self.network.to(device).eval()
         size = batch_size or (4096 if device.type == "cuda" else 256)
         x = torch.as_tensor(images, dtype=torch.float32)
-        return torch.cat([network(x[i : i + size].to(device)).float().cpu() for i in range(0, len(x), size)]).numpy()
+        with torch.inference_mode():
+            return torch.cat([network(x[i : i + size].to(device)).cpu() for i in range(0, len(x), size)]).numpy()
 
     def predictions_from_logits(
         self, logits: np.ndarray, temperature: float | None = None, candidates: np.ndarray | None = None

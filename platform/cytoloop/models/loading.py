@@ -86,6 +86,10 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
         raise ModelLoadError(f"{directory}: unknown model kind {kind!r}; known: {', '.join(loaders)}")
     if problem := _field_problem(meta):  # "temperature": "hot" loaded and registered, then failed every request
         raise ModelLoadError(f"{directory}: its {MODEL_FILE} is not a valid {kind} model ({problem})")
+    for part in ("teacher", "student") if kind == "cascade" else ():  # its members load without `load_model`
+        member = directory / str(meta.get(part, part))
+        if member.is_dir() and (problem := _field_problem(read_model_meta(member))):
+            raise ModelLoadError(f"{member}: its {MODEL_FILE} is not a valid {part} of a cascade ({problem})")
     sections = [k for k in ("data", "model", "scoring") if k in meta]
     if wrong := [k for k in sections if not isinstance(meta[k], dict)]:  # "data": null was a TypeError traceback
         raise ModelLoadError(
@@ -125,4 +129,10 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
             own = diffusion.scoring_config.model_dump(mode="json")
             diffusion.own_runtime = {field: own[field] for field in update}
             diffusion.scoring_config = ScoringConfig.model_validate({**diffusion.scoring_config.model_dump(), **update})
+    cnn = model.student if isinstance(model, CascadeClassifier) else model
+    if isinstance(cnn, BaselineClassifier):  # where the CNN runs: the machine's setting, or its teacher's device
+        if runtime is not None and "device" in runtime.model_fields_set:
+            cnn.device = runtime.device
+        elif isinstance(model, CascadeClassifier):
+            cnn.device = model.teacher.scoring_config.device
     return model
