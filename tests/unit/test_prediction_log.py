@@ -180,3 +180,36 @@ def test_a_stopping_replica_writes_what_waits_for_a_slow_disk_and_counts_what_a_
     finally:
         disk.close()
     assert "within 0.5 s of the replica stopping: 4 events may be lost (2 in an append still under way)" in caplog.text
+
+
+def test_the_batch_being_built_is_not_counted_as_waiting(tmp_path, monkeypatch):
+    """With the builder busy on one batch, the next (of over half the backlog) was dropped as if both waited: a
+    replica answering big batches as fast as they are built lost every other one."""
+    import threading
+
+    import cytoloop.serving.prediction_log as module
+
+    release, real = threading.Event(), module.prediction_events
+
+    def slow(*args):  # the builder, busy decoding the first batch
+        assert release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(module, "prediction_events", slow)
+    config = DataConfig(image_size=16)
+
+    async def run() -> int:
+        log = PredictionLog(tmp_path / "predictions.jsonl", backlog=3)
+        log.start()
+        log.record([_cell(i) for i in range(3)], [_result(i) for i in range(3)], None, "1", config)
+        await asyncio.sleep(0.3)  # the builder has taken it and is building it
+        log.record([_cell(i) for i in (3, 4, 5)], [_result(i) for i in (3, 4, 5)], None, "1", config)  # waits
+        log.record([_cell(6)], [_result(6)], None, "1", config)  # 3 wait already: dropped
+        dropped = log.dropped
+        release.set()
+        await asyncio.wait_for(log.drain(), timeout=30)
+        return dropped
+
+    assert asyncio.run(run()) == 1
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert [PredictionEvent.model_validate_json(line).cell_id for line in lines] == [f"id{i}" for i in range(6)]

@@ -52,6 +52,7 @@ class PredictionLog:
         self._events: list[PredictionEvent] = []  # built, waiting for the writer
         self._writing = 0  # events in the append under way (held, perhaps for ever, by a hung disk)
         self._unbuilt = 0  # answered cells of the batches recorded and not built yet
+        self._building = 0  # of those, the cells of the batch the builder has taken
         self._closed = False
         self._built = asyncio.Event()
         self._settled = asyncio.Condition()  # notified whenever an append ends
@@ -84,10 +85,12 @@ class PredictionLog:
             raise RuntimeError(f"the prediction log {self.path} is not started (`start` it on the serving loop)")
         if not answered:
             return  # only failures: nothing to log
-        # the builder is behind (its batches hold the cells' images); a batch larger than `backlog` still goes in
-        # when nothing waits, or a replica batching more cells than that would log none
-        if self._unbuilt and self._unbuilt + answered > self.backlog:
-            self._drop(answered, f"{self._unbuilt} answered cells waiting to be built")
+        # the builder is behind (the batches waiting for it hold the cells' images); a batch larger than `backlog`
+        # still goes in when none waits, or a replica batching more cells than that would log none. The batch being
+        # built is not waiting: counted, batches of over half the backlog arriving during each build were dropped
+        waiting = self._unbuilt - self._building
+        if waiting and waiting + answered > self.backlog:
+            self._drop(answered, f"{waiting} answered cells waiting to be built")
             return
         self._unbuilt += answered
         batch = (list(cells), list(results), site, model_version, config, datetime.now(UTC), answered)
@@ -132,6 +135,7 @@ class PredictionLog:
         assert self._batches is not None
         while True:
             cells, results, site, version, config, answered_at, answered = await self._batches.get()
+            self._building = answered
             try:
                 events = await asyncio.to_thread(prediction_events, cells, results, site, version, config, answered_at)
             except Exception as error:  # one batch's events lost, logged; the others' still built
@@ -145,6 +149,7 @@ class PredictionLog:
                 self._built.set()
             finally:
                 self._unbuilt -= answered
+                self._building = 0
                 self._batches.task_done()
 
     def _drop(self, events: int, waiting: str) -> None:
