@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,8 +13,8 @@ from pathlib import Path
 class HungDisk:
     """A FIFO at `path` standing for a hung disk: opening it to write blocks (as on a stalled network mount) until
     `come_back` starts a reader; from then on every open for writing finds one, and what is written is kept
-    (`written`). `close` stops the reader, releasing its last open, and removes the FIFO. A writer blocked in its
-    open when the disk never came back stays blocked: call `come_back` before `close` wherever one may be."""
+    (`written`). `close` stops the reader once it has read all there is, and removes the FIFO. A writer blocked in
+    its open when the disk never came back stays blocked: call `come_back` before `close` wherever one may be."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -23,8 +24,20 @@ class HungDisk:
         self._reader = threading.Thread(target=self._read, daemon=True)
 
     def _read(self) -> None:
-        while not self._stop.is_set():
-            self._chunks.append(self.path.read_bytes())
+        # opened read-write, the FIFO keeps a reader (and a writer: this one) for good, so every later open for
+        # writing finds the reader and a read never meets the end of the file. A reader that opened it again after
+        # each writer's end could be closing just as the next writer opened and wrote: those lines were lost, and
+        # a test of the log saw an event missing now and then
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            while True:
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if ready:
+                    self._chunks.append(os.read(fd, 1 << 16))
+                elif self._stop.is_set():  # stopped, and nothing left to read
+                    return
+        finally:
+            os.close(fd)
 
     def come_back(self) -> None:
         self._reader.start()
@@ -35,12 +48,8 @@ class HungDisk:
 
     def close(self) -> None:
         self._stop.set()
-        while self._reader.is_alive():
-            try:  # a writer's open that ends the reader's wait; it reads nothing and sees `stop`
-                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:  # not in its open just now: it sees `stop` before the next
-                pass
-            self._reader.join(timeout=0.1)
+        if self._reader.is_alive():
+            self._reader.join(timeout=30)
         self.path.unlink(missing_ok=True)
 
 
