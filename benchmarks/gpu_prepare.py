@@ -33,8 +33,11 @@ from cytoloop.data.records import class_interleaved_subset, load_records, select
 from cytoloop.models.loading import load_model
 from cytoloop.workflows import held_out
 
+# what the device's image lacks (its package list: docs of the device tool); typing-extensions too, as pydantic
+# needs a newer one than an image may hold. diffusers' other needs (huggingface-hub, safetensors, regex, requests,
+# numpy, Pillow, filelock) are in the image.
 WHEELS = ["pydantic", "pydantic-core", "pydantic-settings", "annotated-types", "typing-inspection", "python-dotenv"]
-WHEELS += ["diffusers", "importlib-metadata"]
+WHEELS += ["typing-extensions", "diffusers", "importlib-metadata"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 LIMIT_MB = 64 * 1.048576  # the device call's working tree, tracked files and carried folders together
 
