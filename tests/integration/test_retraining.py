@@ -308,8 +308,9 @@ def test_override_and_rollback_are_recorded(gated):
     registry, name, config = gated["registry"], gated["name"], str(gated["root"] / "config.json")
     runner = CliRunner()
     promote = ["promote", gated["challenger"], "--reason", "reviewed by Dr. Ada: gate too strict", "--config", config]
-    declined = runner.invoke(app, promote, input="n\n")  # it asks first; no means nothing moves
-    assert declined.exit_code == 1 and "overriding the gate?" in declined.output
+    declined = runner.invoke(app, promote, input="n\n")  # it asks first; no means nothing moves (exit 2, not a bug's 1)
+    assert declined.exit_code == 2 and "overriding the gate?" in declined.output
+    assert "not confirmed: nothing was moved" in " ".join(declined.output.split())
     assert registry.by_alias(name, "champion").version == gated["champion"]
     result = runner.invoke(app, [*promote, "--yes"])
     assert result.exit_code == 0, result.output

@@ -254,7 +254,7 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
     model.mkdir()
     (model / "model.json").write_text("{}")  # a finished model: never trained over silently
     report = tmp_path / "eval.json"
-    report.write_text('{"balanced_accuracy": 0.9}')
+    report.write_text('{"balanced_accuracy": 0.9, "n_cells": 10}')
     cases = {
         ("score", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path)): "is a folder",
         ("score", "--model", str(model), "--data", str(tmp_path / "notes.csv"), "--out", str(tmp_path / "notes.csv")): (
