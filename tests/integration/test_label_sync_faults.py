@@ -285,17 +285,20 @@ def test_a_site_whose_project_fails_keeps_its_tasks_waiting_not_parked(label_stu
     assert set(project_task_keys(client, twins[0])) == {"east:cell0.png@v1", "east:cell1.png@v1"}
 
 
-def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_path):
+def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_path, monkeypatch):
     """Label Studio answers 500 to every import for a while (its database locked under load, say) and still lists
     its projects: each task was blamed, one attempt each push, and after MAX_ATTEMPTS pushes (minutes at the push
     period) the whole queue was parked for good, its cells never asked about. A push in which Label Studio took
     none of a site's tasks now blames none of them; once it takes tasks again they all arrive, once."""
     from label_studio_sdk import LabelStudio
 
-    from labelstudio.outbox import MAX_ATTEMPTS, Outbox
+    import labelstudio.outbox
+    from labelstudio.outbox import Outbox
     from labelstudio.push import project_task_keys, push_outbox
     from tests.faults import FailingServer
 
+    # parked after 2 refusals, not 5: each failing push costs the SDK's retries (seconds), and 3 pushes show it
+    monkeypatch.setattr(labelstudio.outbox, "MAX_ATTEMPTS", 2)
     front = FailingServer(label_studio.url, lambda method, path: method == "POST" and "/import" in path)
     try:
         client = LabelStudio(base_url=front.url, api_key=label_studio.token)
@@ -303,7 +306,7 @@ def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_pa
         outbox.enqueue([_task("north", i) for i in range(3)])
         ensure, projects = _site_projects(client)
         front.failing = True
-        for _ in range(MAX_ATTEMPTS + 1):
+        for _ in range(labelstudio.outbox.MAX_ATTEMPTS + 1):
             report = push_outbox(client, outbox, ensure, batch=2)
             assert (report.pushed, report.failed, report.pending) == (0, 0, 3)
             assert "500" in report.site_errors["north"]
