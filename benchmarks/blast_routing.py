@@ -154,17 +154,17 @@ def share_above(
     share a route would take), with its 95 % percentile bootstrap interval: each resample draws both the scored
     cells and the calibration cells, as the threshold is itself an estimate from a few tens of cells (holding it
     fixed left its error out and the interval too narrow)."""
-    rng = np.random.default_rng(seed)
-    share = float(np.mean(scores > np.quantile(calibration, quantile)))
-    shares = [
-        np.mean(
-            scores[rng.integers(0, len(scores), len(scores))]
-            > np.quantile(calibration[rng.integers(0, len(calibration), len(calibration))], quantile)
-        )
-        for _ in range(n_boot)
-    ]
-    low, high = np.percentile(shares, [2.5, 97.5])
-    return share, (float(low), float(high))
+    from cytoloop.evaluation import metrics
+
+    both = np.concatenate([scores, calibration])
+    is_calibration = np.r_[np.zeros(len(scores), bool), np.ones(len(calibration), bool)]
+
+    def share(index: np.ndarray) -> float:  # each resample keeps both groups' sizes (strata)
+        drawn, calibrating = both[index], is_calibration[index]
+        return float(np.mean(drawn[~calibrating] > np.quantile(drawn[calibrating], quantile)))
+
+    interval = metrics.bootstrap_interval(share, len(both), n_boot=n_boot, seed=seed, strata=is_calibration)
+    return share(np.arange(len(both))), interval
 
 
 def auroc_with_interval(negative: np.ndarray, positive: np.ndarray) -> tuple[float, tuple[float, float]]:
