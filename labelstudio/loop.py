@@ -73,13 +73,18 @@ def label_store_path(settings: Settings) -> Path:
     return Path(settings.home) / "review" / "labels.db"
 
 
+def outbox_path(settings: Settings) -> Path:
+    """Where a home's tasks wait for Label Studio (`review route` fills it, `review push` empties it)."""
+    return label_store_path(settings).with_name("outbox.db")
+
+
 class ReviewLoop:
     """All review-loop operations for one configuration. Label Studio is contacted lazily, only when needed."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.store = LabelStore(label_store_path(settings))
-        self.outbox = Outbox(label_store_path(settings).with_name("outbox.db"))
+        self.outbox = Outbox(outbox_path(settings))
         self.url = label_studio_url(settings)
         self._client: LabelStudio | None = None
         self._server: str | None = None

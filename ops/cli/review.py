@@ -47,6 +47,14 @@ def _services(only: str | None) -> list[str] | None:
     return names
 
 
+def _require_home_file(path: Path, home: str | Path, missing: str, kept: str) -> None:
+    """Refuse a review command whose home lacks the file it reads: with CYTOLOOP_HOME pointing elsewhere (a typo,
+    another shell) it created an empty store there and answered "0 cells" or "nothing waiting", and the empty
+    store then let `review export` replace a lab's manifest with a header-only one."""
+    if not path.is_file():
+        fail(f"{missing} under home {home} ({path} does not exist): check CYTOLOOP_HOME or the settings' home; {kept}")
+
+
 @stack_app.command("up")
 def stack_up(
     only: str | None = typer.Option(None, help="comma-separated services (label-studio, labels, mlflow, ray)"),
@@ -210,9 +218,11 @@ def review_push(config: Path | None = typer.Option(None, help="JSON settings fil
 
     def action():
         from cytoloop.config import load_settings
-        from labelstudio.loop import ReviewLoop
+        from labelstudio.loop import ReviewLoop, outbox_path
 
-        report = ReviewLoop(load_settings(config)).push()
+        settings = load_settings(config)
+        _require_home_file(outbox_path(settings), settings.home, "no outbox (no cell was routed)", "nothing was sent")
+        report = ReviewLoop(settings).push()
         _print_push(report)
         if report.pending and (report.error or report.site_errors):  # a scheduler must not read it as done
             raise typer.Exit(EXIT_NOT_DELIVERED)
@@ -318,9 +328,11 @@ def review_report(
 
     def action():
         from cytoloop.config import load_settings
-        from labelstudio.loop import ReviewLoop
+        from labelstudio.loop import ReviewLoop, label_store_path
 
-        report = ReviewLoop(load_settings(config)).report()
+        settings = load_settings(config)
+        _require_home_file(label_store_path(settings), settings.home, "no labels", "nothing was written")
+        report = ReviewLoop(settings).report()
         typer.echo(f"cells labelled: {report['cells']}  {report['status']}")
         for name, figures in report["annotators"].items():
             agreement = "-" if figures["agreement"] is None else f"{figures['agreement']:.2f}"
@@ -363,11 +375,7 @@ def review_export(
         from labelstudio.loop import ReviewLoop, label_store_path
 
         settings = load_settings(config)
-        if not label_store_path(settings).is_file():  # a wrong home: an empty export would replace OUT
-            fail(
-                f"no labels under home {settings.home} ({label_store_path(settings)} does not exist): check "
-                "CYTOLOOP_HOME or the settings' home; OUT was left as it was"
-            )
+        _require_home_file(label_store_path(settings), settings.home, "no labels", "OUT was left as it was")
         result = ReviewLoop(settings).export(out)
         typer.echo(f"exported {result['exported']} cell(s) to {result['path']}; left out: {result['left_out']}")
         if "new_classes" in result:

@@ -402,6 +402,27 @@ def test_export_under_a_home_that_holds_no_labels_leaves_the_old_export(tmp_path
     assert not (tmp_path / "elsewhere" / "review").exists()
 
 
+def test_report_and_push_under_a_home_with_no_review_files_are_refused(tmp_path, clean_env):
+    """`review report` and `review push` under a wrong home answered "0 cells" / "nothing waiting" and left an
+    empty label store there, after which `review export` (whose guard is that file) replaced the lab's export with
+    a header-only file."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    export = tmp_path / "consensus.csv"
+    export.write_text("path,label,domain\na.png,lymphocyte,lab\n")
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "elsewhere"))
+    report = CliRunner().invoke(app, ["review", "report"])
+    assert report.exit_code == 2 and "no labels under home" in " ".join(report.output.split()), report.output
+    push = CliRunner().invoke(app, ["review", "push"])
+    message = " ".join(push.output.split())
+    assert push.exit_code == 2 and "no outbox (no cell was routed) under home" in message, message
+    assert not (tmp_path / "elsewhere" / "review").exists()
+    exported = CliRunner().invoke(app, ["review", "export", "--out", str(export)])
+    assert exported.exit_code == 2 and export.read_text() == "path,label,domain\na.png,lymphocyte,lab\n"
+
+
 def test_damaged_models_unlabelled_manifests_and_empty_settings_are_named(tmp_path, clean_env):
     """Found by trying a user's mistakes: a model.json section that is null was a TypeError traceback; weights of
     another shape said only "Error(s) in loading state_dict", and a garbage weights file repeated torch's advice
@@ -580,7 +601,7 @@ def test_a_push_that_leaves_tasks_waiting_exits_7(tmp_path, clean_env):
     from typer.testing import CliRunner
 
     from cytoloop.config import load_settings
-    from labelstudio.loop import label_store_path
+    from labelstudio.loop import outbox_path
     from labelstudio.outbox import Outbox
     from ops.cli import app
 
@@ -590,7 +611,7 @@ def test_a_push_that_leaves_tasks_waiting_exits_7(tmp_path, clean_env):
     clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
     clean_env.setenv("CYTOLOOP_STACK__LABEL_STUDIO_PORT", str(port))
     clean_env.setenv("CYTOLOOP_STACK__ADMIN_TOKEN", "a-token-for-a-server-that-is-down")
-    outbox = Outbox(label_store_path(load_settings()).with_name("outbox.db"))
+    outbox = Outbox(outbox_path(load_settings()))
     outbox.enqueue([{"data": {"task_key": "east:cell0.png@v1", "site": "east", "cell_id": "cell0.png"}}])
     result = CliRunner().invoke(app, ["review", "push"])
     message = " ".join(result.output.split())
