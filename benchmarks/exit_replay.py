@@ -96,6 +96,7 @@ def main() -> None:
         group: cached(
             args.out / f"logs-{args.trials}-{len(images)}-{group}-{precision}.pkl",
             lambda images=images: model.score(images, exhaustive, progress=True).logs,
+            inputs=(args.model, images, exhaustive),
         )
         for group, images in groups.items()
     }

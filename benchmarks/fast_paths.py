@@ -118,6 +118,7 @@ def main() -> None:
     exhaustive = cached(
         args.out / f"exhaustive-{args.trials}-{n_exh}-{precision}.pkl",
         lambda: model.predict(normal.images[:n_exh], config=exhaustive_config).labels,
+        inputs=(args.model, normal.images[:n_exh], exhaustive_config),
     )
 
     groups = {"normal": normal.images, "blasts": blasts.images}
@@ -232,7 +233,11 @@ def anomaly_threshold(model, model_dir: Path, labelled: list, share: float, cach
     anomalies: how the demo fits a site's threshold, on the model's own lab. `cache` (a path stem) keeps the
     scores for a rerun."""
     val = load_cells(class_interleaved_subset(held_out(labelled, model_dir, "val")[0], 200), model.data_config)
-    scores = cached(cache.with_name(cache.name + "_anomaly.pkl"), lambda: model.predict(val.images).anomaly)
+    scores = cached(
+        cache.with_name(cache.name + "_anomaly.pkl"),
+        lambda: model.predict(val.images).anomaly,
+        inputs=(model_dir, val.images, model.scoring_config),
+    )
     return float(np.quantile(scores, 1 - share))
 
 

@@ -114,7 +114,11 @@ def trained(conditioning: str, base, training, args) -> DiffusionClassifier:
         ema, result = fit(network, loss, training.images, labels, config, AugmentConfig(), args.out / conditioning)
         return ema.state_dict(), time.perf_counter() - began, result.history[-1]["loss"]
 
-    state, seconds, loss = cached(args.out / f"{conditioning}-{args.steps}.pkl", run)
+    state, seconds, loss = cached(
+        args.out / f"{conditioning}-{args.steps}.pkl",
+        run,
+        inputs=(conditioning, base.data_config, base.model_config, config, AugmentConfig(), training.images, labels),
+    )
     model.unet.load_state_dict(state)
     model.info["train"] = {"seconds": seconds, "loss": loss}
     return model
@@ -144,11 +148,18 @@ def main() -> None:
 
     base = load_model(args.base)
     normal, blasts, labelled = cell_groups(args.data, args.base, base, args.cells, args.anomaly_cells)
+    train_records = held_out(labelled, args.base, "train")[0]
     training = cached(
-        args.out / "train-cells.pkl", lambda: load_cells(held_out(labelled, args.base, "train")[0], base.data_config)
+        args.out / "train-cells.pkl",
+        lambda: load_cells(train_records, base.data_config),
+        inputs=(train_records, base.data_config),
     )
     val_records = class_interleaved_subset(held_out(labelled, args.base, "val")[0], args.temperature_cells)
-    val = cached(args.out / f"val-{args.temperature_cells}.pkl", lambda: load_cells(val_records, base.data_config))
+    val = cached(
+        args.out / f"val-{args.temperature_cells}.pkl",
+        lambda: load_cells(val_records, base.data_config),
+        inputs=(val_records, base.data_config),
+    )
     val_labels = label_indices(val.records, base.classes)
     labels = label_indices(normal.records, base.classes)
     n_classes, n_exh = len(base.classes), min(args.exhaustive_cells, len(labels))
@@ -164,6 +175,14 @@ def main() -> None:
         row = cached(
             args.out / f"{conditioning}-{args.steps}-measured.pkl",
             lambda m=model: measure(m, val, val_labels, normal.images, labels, blasts.images, args),
+            inputs=(
+                model.unet.state_dict(),
+                model.scoring_config,
+                val.images,
+                normal.images,
+                blasts.images,
+                [args.trials, args.exhaustive_cells, args.routed_share, args.threads],
+            ),
         )
         report["rows"][conditioning] = row
         print(json.dumps({conditioning: {k: v for k, v in row.items() if k != "labels"}}, indent=1), flush=True)

@@ -46,7 +46,7 @@ from cytoloop.data.records import CellRecord, class_interleaved_subset, load_rec
 TITLE = "A site's own cells as the anomaly reference: blasts or another lab?"
 SECTION = "site-novelty"
 
-Features = tuple[Callable[[list[CellRecord]], np.ndarray], str]  # the extractor and its cache tag
+Features = tuple[Callable[[list[CellRecord]], np.ndarray], tuple]  # the extractor and what its features depend on
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     features = {"cnn": cnn_features(args.cnn), "diffusion": diffusion_features(args.model, args.trials)}
     rows = []
-    for kind, (extract, tag) in features.items():
+    for kind, (extract, inputs) in features.items():
         values = {
-            group: cached(args.out / f"{kind}-{tag}-{group}-{len(cells)}.pkl", lambda c=cells, f=extract: f(c))
+            group: cached(args.out / f"{kind}-{group}.pkl", lambda c=cells, f=extract: f(c), inputs=(*inputs, cells))
             for group, cells in groups.items()
         }
         distance = cosine_distance if kind == "cnn" else standardised_distance
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cnn_features(directory: Path) -> Features:
-    """The CNN's pooled features before its linear head, one row per cell (cache tag: the model's folder)."""
+    """The CNN's pooled features before its linear head, one row per cell (they depend on the model's folder)."""
     from cytoloop.data.preprocess import load_cells
     from cytoloop.models.baseline import BaselineClassifier
 
@@ -117,12 +117,12 @@ def cnn_features(directory: Path) -> Features:
         network = cnn.network.eval()
         return network.features(torch.as_tensor(cells, dtype=torch.float32)).mean(dim=(2, 3)).numpy()
 
-    return extract, directory.name
+    return extract, (directory,)
 
 
 def diffusion_features(directory: Path, trials: int) -> Features:
     """Log mean weighted error under each class and the null class, from `trials` exhaustive trials per cell
-    (cache tag: the model's folder, the trials and the denoiser's precision)."""
+    (they depend on the model's folder and the exhaustive scoring settings)."""
     from cytoloop.data.preprocess import load_cells
     from cytoloop.models.loading import load_model
 
@@ -141,8 +141,7 @@ def diffusion_features(directory: Path, trials: int) -> Features:
             rows.append(np.log(errors.mean(axis=0)))
         return np.array(rows)
 
-    precision = exhaustive.precision + ("-cl" if exhaustive.channels_last else "")
-    return extract, f"{directory.name}-{trials}-{precision}"
+    return extract, (directory, exhaustive)
 
 
 def _loaded(records: list[CellRecord], config, load_cells) -> np.ndarray:

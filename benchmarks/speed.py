@@ -18,8 +18,9 @@ FLOP/s of a denoiser batch against this machine's measured matmul peak. Tables g
 
 Exhaustive scoring is the expensive part (trials x classes evaluations per cell, on the validation cells for tuning
 and on the test cells for the reference): `--cells` takes a fixed class-interleaved subset of the test cells and
-`--exhaustive-precision bf16` halves its cost. Results are cached under --out (exhaustive logs, each row keyed by
-its settings, the cascade), so a rerun only computes what changed; delete --out to start afresh.
+`--exhaustive-precision bf16` halves its cost. Results are cached under --out (exhaustive logs, each row), each
+with a digest of the model folder, the cells and the settings it was made from (`_cache.py`), so a rerun only
+computes what changed; delete --out to start afresh.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _cache import cached
+from _cache import cached, fingerprint
 from _docs import DOCS, replace_section
 
 from cytoloop.config import CascadeConfig, load_settings
@@ -150,7 +151,9 @@ def main() -> None:
 
     # Tuning: exhaustive trials on validation cells, replayed under every candidate rule (cached: the slow part).
     val_logs = cached(
-        args.out / f"val_exhaustive_{args.exhaustive_precision}.pkl", lambda: teacher.score(val.images, exhaustive).logs
+        args.out / f"val_exhaustive_{args.exhaustive_precision}.pkl",
+        lambda: teacher.score(val.images, exhaustive).logs,
+        inputs=(args.model, val.images, exhaustive),
     )
     tuning_logs = list(val_logs)
     if args.tuning_unlabeled:
@@ -160,6 +163,7 @@ def main() -> None:
         tuning_logs += cached(
             args.out / f"unlabeled_{len(extra.records)}_exhaustive_{args.exhaustive_precision}.pkl",
             lambda: teacher.score(extra.images, exhaustive).logs,
+            inputs=(args.model, extra.images, exhaustive),
         )
     tuned, candidates = tune_scoring(tuning_logs, weights, base, base.tuning_agreement)
     val_needed = [trials_needed(log, weights) for log in val_logs]
@@ -177,6 +181,7 @@ def main() -> None:
         args.out / f"test_exhaustive_{len(test.records)}_{args.exhaustive_precision}_"
         f"{torch.get_num_threads()}threads.pkl",
         lambda: timed_score(teacher, test.images, exhaustive),
+        inputs=(args.model, test.images, exhaustive),
     )
     exhaustive_predictions = teacher.predictions_from_scores(reference[0], temperatures["exhaustive"])
     agreed = exhaustive_predictions.labels
@@ -213,7 +218,7 @@ def main() -> None:
         key = hashlib.sha256(
             f"{name}{len(images)}{config.model_dump_json()}{temperature}{torch.get_num_threads()}".encode()
         ).hexdigest()[:16]  # timings depend on the thread count
-        predictions, seconds = cached(args.out / f"row_{key}.pkl", measure)
+        predictions, seconds = cached(args.out / f"row_{key}.pkl", measure, inputs=(args.model, images))
         if len(images) < len(test.images):
             name += f" (first {len(images)} cells)"
         timed[name] = (predictions, seconds)
@@ -340,11 +345,16 @@ def row(name: str, predictions: Predictions, seconds: float, labels: np.ndarray,
 
 
 def build_cascade(teacher, records, args, val, val_labels) -> tuple[CascadeClassifier, dict]:
-    """Distil a student from the teacher's train cells (and unlabeled cells), as `cytoloop distill` does."""
+    """Distil a student from the teacher's train cells (and unlabeled cells), as `cytoloop distill` does; the one an
+    earlier run distilled under --out from the same teacher, cells and settings is used again."""
     directory = args.out / "cascade"
-    if (directory / "model.json").is_file():
-        cascade = load_model(directory)
-        if cascade.teacher.scoring_config == teacher.scoring_config:  # else the teacher changed: distil again
+    inputs = fingerprint(
+        args.model, teacher.scoring_config, args.data, args.student_steps, args.distill_cells, args.unlabeled_domains
+    )
+    kept = directory / "inputs.sha256"
+    if (directory / "model.json").is_file() and kept.is_file():
+        if kept.read_text() == inputs:  # else the teacher or the cells changed: distil again
+            cascade = load_model(directory)
             report = json.loads((directory / "distill.json").read_text())
             # the threshold is this run's: chosen on the validation cells as distillation would
             confidence = cascade.student.predict(val.images).confidence
@@ -390,6 +400,7 @@ def build_cascade(teacher, records, args, val, val_labels) -> tuple[CascadeClass
     cascade.save(directory)
     (directory / "distill.json").write_text(json.dumps(report, indent=1))
     (directory / SPLIT_FILE).write_text((args.model / SPLIT_FILE).read_text())  # evaluate excludes the same cells
+    (directory / "inputs.sha256").write_text(inputs)
     return cascade, report
 
 
