@@ -8,26 +8,9 @@ cannot claim what was not measured. What no file knows (intended use, known limi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 CARD_FILE = "MODEL_CARD.md"
-
-
-def _read(directory: Path, name: str) -> dict | None:
-    """A JSON record of the model directory, None when it has none; a damaged one is named (not a traceback)."""
-    from cytoloop.models.base import ModelLoadError
-
-    path = directory / name
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except ValueError as error:
-        raise ModelLoadError(f"{path}: not valid JSON ({error}); the file is damaged or was cut short") from None
-    if not isinstance(record, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(record).__name__}")
-    return record
 
 
 def _with_interval(report: dict, name: str, digits: int = 3) -> str:
@@ -96,13 +79,15 @@ def _evaluation_section(title: str, report: dict, kind: str) -> list[str]:
 
 def render_model_card(model_dir: Path, evaluations: dict[str, dict], intended_use: str = "", limits: str = "") -> str:
     """The card as Markdown. `evaluations` maps a section title to an evaluation or anomaly report."""
+    from cytoloop.models.base import read_model_record
+
     model_dir = Path(model_dir)
-    meta = _read(model_dir, "model.json")
+    meta = read_model_record(model_dir, "model.json")
     if meta is None:
         raise FileNotFoundError(f"{model_dir}: no model.json; not a model directory")
-    training = _read(model_dir, "training.json") or {}
-    tuning = _read(model_dir, "tuning.json")
-    recipe = _read(model_dir, "recipe.json")
+    training = read_model_record(model_dir, "training.json") or {}
+    tuning = read_model_record(model_dir, "tuning.json")
+    recipe = read_model_record(model_dir, "recipe.json")
     weights = model_dir / "weights.pt"
     size_mb = weights.stat().st_size / 1e6 if weights.is_file() else float("nan")
     kind = meta["kind"]

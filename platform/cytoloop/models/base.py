@@ -179,14 +179,23 @@ def no_predictions(n_classes: int) -> Predictions:
     return Predictions(np.zeros((0, n_classes)), np.zeros(0), np.zeros(0, dtype=int))
 
 
-def read_model_meta(directory: Path) -> dict:
-    path = Path(directory) / MODEL_FILE
+def read_model_record(directory: Path, name: str) -> dict | None:
+    """A JSON record of a model directory (model.json, training.json, ...), None when it has none; a damaged one
+    is named (not a traceback)."""
+    path = Path(directory) / name
     if not path.is_file():
-        raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {MODEL_FILE})")
+        return None
     try:
-        meta = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelLoadError(f"{path}: not valid JSON ({error}); the file is damaged or was cut short") from None
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if not isinstance(record, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def read_model_meta(directory: Path) -> dict:
+    meta = read_model_record(directory, MODEL_FILE)
+    if meta is None:
+        raise ModelLoadError(f"{directory}: not a CytoLoop model directory (no {MODEL_FILE})")
     return meta
