@@ -13,6 +13,8 @@ from pathlib import Path
 
 from cytoloop.errors import CytoLoopError
 
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another connection's lock before "database is locked"
+
 
 class SchemaTooNew(CytoLoopError, RuntimeError):
     """A file written by a newer CytoLoop, whose schema this one does not know: it is left untouched."""
@@ -44,7 +46,7 @@ def initialise(path: Path, schema: str, version: int) -> None:
 @contextmanager
 def connect(path: Path) -> Iterator[sqlite3.Connection]:
     """An autocommit connection (each statement its own transaction), closed on exit."""
-    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     db.row_factory = sqlite3.Row
     try:
         yield db

@@ -53,46 +53,98 @@ class HungDisk:
         self.path.unlink(missing_ok=True)
 
 
-class FailingServer:
-    """An HTTP front of a real server (`target`, a URL) that answers 500 to the requests `fails(method, path)`
-    picks while `failing` is set, as a server failing under load does (a database locked), and passes every other
-    request through to the real one. Its address is `url`; `close` stops it."""
+class Front:
+    """An HTTP front of a real server (`target`, a URL) that passes every request through to it (`answer`, which a
+    fault overrides). Its address is `url`; `close` stops it."""
 
-    def __init__(self, target: str, fails: Callable[[str, str], bool]):
+    def __init__(self, target: str):
         import httpx
 
-        self.failing, self.fails = False, fails  # `fails` may be replaced while it runs
-        front, upstream = self, httpx.Client(base_url=target.rstrip("/"), timeout=120)
+        front, self._upstream = self, httpx.Client(base_url=target.rstrip("/"), timeout=120)
 
         class Handler(BaseHTTPRequestHandler):
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if front.failing and front.fails(self.command, self.path):
-                    answer = (500, {"Content-Type": "application/json"}, b'{"detail": "database is locked"}')
-                else:
-                    skip = {"host", "content-length", "connection", "accept-encoding"}
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
-                    got = upstream.request(self.command, self.path, content=body, headers=headers)
-                    kept = {"content-type": got.headers.get("content-type", "application/json")}
-                    answer = (got.status_code, kept, got.content)
-                self.send_response(answer[0])
-                for key, value in answer[1].items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(answer[2])))
-                self.end_headers()
-                self.wfile.write(answer[2])
+                skip = {"host", "content-length", "connection", "accept-encoding"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                status, kept, content = front.answer(self.command, self.path, headers, body)
+                try:
+                    self.send_response(status)
+                    for key, value in kept.items():
+                        self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(content)))
+                    self.end_headers()
+                    self.wfile.write(content)
+                except OSError:  # the client gave up waiting (a held request): nobody reads the answer
+                    pass
 
             do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _any
 
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-        self._upstream = upstream
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        got = self._upstream.request(method, path, content=body, headers=headers)
+        return got.status_code, {"content-type": got.headers.get("content-type", "application/json")}, got.content
+
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        return self.forward(method, path, headers, body)
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
         self._upstream.close()
+
+
+class FailingServer(Front):
+    """A `Front` that answers 500 to the requests `fails(method, path)` picks while `failing` is set, as a server
+    failing under load does (a database locked), and passes every other request through to the real one."""
+
+    def __init__(self, target: str, fails: Callable[[str, str], bool]):
+        self.failing, self.fails = False, fails  # `fails` may be replaced while it runs
+        super().__init__(target)
+
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        if self.failing and self.fails(method, path):
+            return 500, {"Content-Type": "application/json"}, b'{"detail": "database is locked"}'
+        return self.forward(method, path, headers, body)
+
+
+class LateServer(Front):
+    """A `Front` that holds the first request `holds(method, path)` picks without passing it on or answering, so
+    its client times out waiting, and hands it to the real server only when `commit_held` is called: a server that
+    commits a request after its client gave up. `before(method, path)`, if set, runs ahead of every other request
+    (the moment to commit the held one). The held request's answer goes to its old connection once the real
+    server gave it; nobody reads it then."""
+
+    def __init__(self, target: str, holds: Callable[[str, str], bool]):
+        self.holds, self.before = holds, None
+        self.held: tuple[str, str, dict[str, str], bytes] | None = None
+        self._committed = threading.Event()
+        self._answer: tuple[int, dict, bytes] | None = None
+        super().__init__(target)
+
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        if self.held is None and self.holds(method, path):
+            self.held = (method, path, headers, body)
+            self._committed.wait(timeout=600)
+            return self._answer or (504, {}, b"")
+        if self.before is not None:
+            self.before(method, path)
+        return self.forward(method, path, headers, body)
+
+    def commit_held(self) -> bytes:
+        """Pass the held request to the real server now; its answer's body (what its client never got)."""
+        if self.held is None or self._committed.is_set():
+            raise RuntimeError("no request is held")
+        self._answer = self.forward(*self.held)
+        self._committed.set()
+        return self._answer[2]
+
+    def close(self) -> None:
+        self._committed.set()  # a held request still waiting ends
+        super().close()

@@ -291,14 +291,17 @@ def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_pa
     period) the whole queue was parked for good, its cells never asked about. A push in which Label Studio took
     none of a site's tasks now blames none of them; once it takes tasks again they all arrive, once."""
     from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core import http_client
 
     import labelstudio.outbox
     from labelstudio.outbox import Outbox
     from labelstudio.push import project_task_keys, push_outbox
     from tests.faults import FailingServer
 
-    # parked after 2 refusals, not 5: each failing push costs the SDK's retries (seconds), and 3 pushes show it
+    # parked after 2 refusals, not 5, and the SDK's two retries of each 500 (still sent) 0.05 s apart, not 1 and
+    # 2 s: the waits, not the fault, were 40 s of the suite's time
     monkeypatch.setattr(labelstudio.outbox, "MAX_ATTEMPTS", 2)
+    monkeypatch.setattr(http_client, "INITIAL_RETRY_DELAY_SECONDS", 0.05)
     front = FailingServer(label_studio.url, lambda method, path: method == "POST" and "/import" in path)
     try:
         client = LabelStudio(base_url=front.url, api_key=label_studio.token)
@@ -457,65 +460,87 @@ def test_two_pushes_at_once_import_each_task_once(label_studio, tmp_path):
     assert len(keys) == 30 == len(set(keys))
 
 
-def test_a_chunk_label_studio_took_before_our_bookkeeping_failed_is_not_imported_again(label_studio, tmp_path):
-    """Label Studio takes a chunk of tasks, then recording that in the outbox fails (the outbox's disk answers
-    an I/O error once). The retry one task at a time used to import the whole chunk a second time; it now asks
-    the project which are there first."""
+def test_a_chunk_label_studio_took_before_our_bookkeeping_failed_is_not_imported_again(
+    label_studio, tmp_path, monkeypatch
+):
+    """Label Studio takes a chunk of tasks, then recording that in the outbox fails: another connection holds the
+    outbox's write lock past the busy timeout ("database is locked"), once. The retry one task at a time used to
+    import the whole chunk a second time; it now asks the project which are there first."""
     import sqlite3
 
     from label_studio_sdk import LabelStudio
 
+    from labelstudio import sqlite as review_sqlite
     from labelstudio.outbox import Outbox
     from labelstudio.push import project_task_keys, push_outbox
 
-    class FailingOnce(Outbox):
-        failed = False
+    monkeypatch.setattr(review_sqlite, "BUSY_TIMEOUT_S", 0.5)  # the wait before giving up, not the fault
+
+    class LockedOnce(Outbox):
+        def __init__(self, path):
+            super().__init__(path)
+            self.failures: list[Exception] = []
 
         def mark_pushed(self, server, project_id, task_ids):
-            if not self.failed:
-                self.failed = True
-                raise sqlite3.OperationalError("disk I/O error")
-            super().mark_pushed(server, project_id, task_ids)
+            if self.failures:
+                return super().mark_pushed(server, project_id, task_ids)
+            holder = sqlite3.connect(self.path, isolation_level=None)  # a second writer, as the receiver would be
+            holder.execute("BEGIN IMMEDIATE")
+            try:
+                super().mark_pushed(server, project_id, task_ids)
+            except sqlite3.OperationalError as error:
+                self.failures.append(error)
+                raise
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
 
     client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
-    outbox = FailingOnce(tmp_path / "outbox.db")
+    outbox = LockedOnce(tmp_path / "outbox.db")
     outbox.enqueue([_task("west", i) for i in range(4)])
     ensure, projects = _site_projects(client)
     report = push_outbox(client, outbox, ensure, batch=10)
-    assert outbox.failed and (report.pushed, report.failed, report.pending, report.error) == (4, 0, 0, None)
+    assert [str(e) for e in outbox.failures] == ["database is locked"]  # the fault happened
+    assert (report.pushed, report.failed, report.pending, report.error) == (4, 0, 0, None)
     keys = [t.data["task_key"] for t in client.tasks.list(project=projects["west"], fields="task_only")]
     assert len(keys) == 4 == len(set(keys)) and set(keys) == set(project_task_keys(client, projects["west"]))
 
 
-def test_an_import_label_studio_commits_after_the_next_listing_leaves_no_unlabelled_twin(label_studio, tmp_path):
+def test_an_import_label_studio_commits_after_the_next_listing_leaves_no_unlabelled_twin(
+    label_studio, tmp_path, request
+):
     """An import times out (Label Studio has not answered yet), the next push lists the project without the
     tasks and imports them again, and Label Studio commits the first import after all, an annotator labelling one
     of its tasks at once: two tasks of each key. They used to stay, so the cells were asked twice; the push now
-    deletes the twins nobody labelled, keeps the one the outbox recorded, and keeps a twin that holds a label."""
-    import httpx
+    deletes the twins nobody labelled, keeps the one the outbox recorded, and keeps a twin that holds a label.
+    The push talks to Label Studio through a front that holds the first import (its client times out for real)
+    and hands it on when the second push's import arrives."""
+    import json
+
     from label_studio_sdk import LabelStudio
 
     from labelstudio.outbox import Outbox
     from labelstudio.push import push_outbox
+    from tests.faults import LateServer
 
-    client = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
-    real_import, held, late_ids = client.projects.import_tasks, [], []
+    admin = LabelStudio(base_url=label_studio.url, api_key=label_studio.token)
+    front = LateServer(label_studio.url, lambda method, path: method == "POST" and "/import" in path)
+    late_ids: list[int] = []
 
-    def timed_out_then_late(**request):  # the first import gets no answer; Label Studio takes it later
-        if not held:
-            held.append(request)
-            raise httpx.ReadTimeout("timed out")
-        if not late_ids:  # lands after this push's listing, just before its own import
-            late_ids.extend(real_import(**held[0]).task_ids)
-            label(client, late_ids[0], "monocyte")
-        return real_import(**request)
+    def commit_late(method: str, path: str) -> None:  # lands after this push's listing, just before its own import
+        if method == "POST" and "/import" in path and front.held and not late_ids:
+            late_ids.extend(json.loads(front.commit_held())["task_ids"])
+            label(admin, late_ids[0], "monocyte")
 
-    client.projects.import_tasks = timed_out_then_late
+    front.before = commit_late
+    request.addfinalizer(front.close)
+    client = LabelStudio(base_url=front.url, api_key=label_studio.token, timeout=6)
+    real_import = admin.projects.import_tasks
     outbox = Outbox(tmp_path / "outbox.db")
     outbox.enqueue([_task("east", i) for i in range(3)])
     ensure, projects = _site_projects(client)
     first = push_outbox(client, outbox, ensure, batch=10)
-    assert first.error and first.pending == 3
+    assert first.error and "timed out" in first.error and first.pending == 3  # the fault happened
     second = push_outbox(client, outbox, ensure, batch=10)
     assert len(late_ids) == 3  # the fault happened: each key imported twice
     assert (second.pushed, second.pending, second.error, second.twins_removed) == (3, 0, None, 2)
