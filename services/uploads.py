@@ -4,6 +4,8 @@ Two forms are accepted on the same path: multipart (`files` parts, plus `site` a
 (`ClassifyRequest`, images base64-encoded). The body is read with a byte cap before anything is parsed, the cell
 count is checked before any image is decoded, and then every image goes through `intake.check_image`. Request-level
 problems are an HTTPException with a message saying what and which limit; a bad image only fails its own cell.
+Nothing given is dropped: a query string (`?site=` would have been answered by the global model), or a multipart
+body cut before its closing boundary (its last part, a cell or the site, was lost), is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException
 from pydantic import ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
@@ -47,6 +50,13 @@ def max_body_bytes(config: ServeConfig) -> int:
     return min(config.max_request_bytes, per_cells)
 
 
+def _body_limit_hint(config: ServeConfig) -> str:
+    """The setting(s) that made `max_body_bytes`, for a 413: raising the other one changes nothing."""
+    if max_body_bytes(config) == config.max_request_bytes:
+        return f"{CONFIG_HINT}MAX_REQUEST_BYTES"
+    return f"{CONFIG_HINT}MAX_CELLS_PER_REQUEST x {CONFIG_HINT}MAX_IMAGE_BYTES"
+
+
 async def read_upload(request: Request, config: ServeConfig) -> Upload:
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()  # media types are case-insensitive (RFC 9110)
@@ -56,19 +66,20 @@ async def read_upload(request: Request, config: ServeConfig) -> Upload:
             f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data "
             "with 'files' parts, or application/json with base64 'cells'",
         )
-    body = await _read_capped(request, max_body_bytes(config))
+    if request.query_params:  # `?site=x` was ignored: the cells were answered by the global model, on all classes
+        names = ", ".join(sorted({repr(name) for name in request.query_params}))
+        raise HTTPException(
+            422, f"unknown query parameter(s) {names}: give site and sample_id in the body (form fields or JSON)"
+        )
+    body = await _read_capped(request, max_body_bytes(config), _body_limit_hint(config))
     if media_type == "multipart/form-data":
         site, sample_id, named = await _multipart(request, body, config)
     else:  # parsing and base64-decoding up to tens of MB is CPU work: off the event loop
-        site, sample_id, named = await asyncio.to_thread(_json, body)
+        site, sample_id, named = await asyncio.to_thread(_json, body, config.max_cells_per_request)
     if not named:
         raise HTTPException(400, "empty request: no cell images (send multipart 'files' parts or JSON 'cells')")
     if len(named) > config.max_cells_per_request:
-        raise HTTPException(
-            413,
-            f"too many cells: {len(named)} in one request, the limit is "
-            f"{config.max_cells_per_request} ({CONFIG_HINT}MAX_CELLS_PER_REQUEST)",
-        )
+        raise _too_many(len(named), config.max_cells_per_request)
     # decoding images is CPU work: off the event loop, so one large request does not stall every other
     accepted, rejected = await asyncio.to_thread(
         _intake, named, Limits(config.max_image_bytes, config.max_image_pixels)
@@ -100,18 +111,21 @@ def reject_if_nothing_usable(upload: Upload) -> None:
     raise HTTPException(status, f"no usable cell image in the request: {problems}")
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
+def _too_many(n: int, limit: int) -> HTTPException:
+    return HTTPException(
+        413, f"too many cells: {n} in one request, the limit is {limit} ({CONFIG_HINT}MAX_CELLS_PER_REQUEST)"
+    )
+
+
+async def _read_capped(request: Request, limit: int, hint: str) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(
-            413,
-            f"request body of {declared} bytes is over the limit of {limit} ({CONFIG_HINT}MAX_REQUEST_BYTES)",
-        )
+        raise HTTPException(413, f"request body of {declared} bytes is over the limit of {limit} ({hint})")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, f"request body over the limit of {limit} bytes ({CONFIG_HINT}MAX_REQUEST_BYTES)")
+            raise HTTPException(413, f"request body over the limit of {limit} bytes ({hint})")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -120,8 +134,15 @@ async def _multipart(request: Request, body: bytes, config: ServeConfig):
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
 
+    boundary = parse_options_header(request.headers.get("content-type", ""))[1].get(b"boundary")
+    if boundary and b"--" + boundary + b"--" not in body:  # the parser answered the parts before the cut, silently
+        raise HTTPException(
+            400, "malformed multipart body: no closing boundary (cut short?); its last part would be lost"
+        )
     try:
         form = await Request(request.scope, replay).form(max_files=config.max_cells_per_request + 1, max_fields=16)
+    except UnicodeError as error:  # a charset parameter Python has a codec for that cannot decode (a 500 before)
+        raise HTTPException(400, f"malformed multipart body: its charset cannot be decoded ({error})") from None
     except (StarletteHTTPException, MultiPartException) as error:  # starlette turns parse errors into a 400
         message = getattr(error, "detail", None) or getattr(error, "message", str(error))
         if "Too many files" in message:
@@ -186,12 +207,15 @@ def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
-def _json(body: bytes):
+def _json(body: bytes, max_cells: int):
     try:
-        json.loads(body, object_pairs_hook=_refuse_repeated_keys)
+        raw = json.loads(body, object_pairs_hook=_refuse_repeated_keys)
     except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError too), or nested past Python's stack: the
         # validation below names what is wrong
-        pass
+        raw = None
+    cells = raw.get("cells") if isinstance(raw, dict) else None
+    if isinstance(cells, list) and len(cells) > max_cells:  # before validating and decoding a million cells
+        raise _too_many(len(cells), max_cells)
     try:
         parsed = ClassifyRequest.model_validate_json(body)
     except ValidationError as error:

@@ -165,6 +165,62 @@ def test_a_json_member_given_twice_is_refused_naming_it():
         assert refused.value.status_code == 422 and "invalid request" in refused.value.detail
 
 
+def test_nothing_a_request_gives_is_dropped_or_a_500(monkeypatch):
+    """Found at the boundary: a multipart body cut before its closing boundary was answered without its last part
+    (a cell, or the `site` field: then the global model answered); `?site=` in the URL was ignored the same way; a
+    charset Python cannot decode with was a 500; a million JSON cells were validated and decoded before the count
+    was checked; a 413 named MAX_REQUEST_BYTES when the cell and image limits set the cap."""
+    import asyncio
+    import base64
+    import io
+    import json
+
+    import httpx
+    from PIL import Image
+    from starlette.requests import Request
+
+    from services import uploads
+    from services.uploads import read_upload
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+
+    def read(body: bytes, content_type: str, query: bytes = b"", config: ServeConfig | None = None):
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(b"content-type", content_type.encode())]
+        scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": headers, "query_string": query}
+        return asyncio.run(read_upload(Request(scope, receive), config or ServeConfig()))
+
+    def refused(*args, **kwargs) -> HTTPException:
+        with pytest.raises(HTTPException) as caught:
+            read(*args, **kwargs)
+        return caught.value
+
+    sent = httpx.Request(
+        "POST", "http://x", files=[("files", ("a.png", png.getvalue())), ("files", ("b.png", png.getvalue()))]
+    )
+    body, content_type = sent.read(), sent.headers["content-type"]
+    assert read(body, content_type).n_cells == 2
+    cut = body[: body.rindex(b"--" + content_type.split("boundary=")[1].encode() + b"--")]
+    error = refused(cut, content_type)  # was: n_cells 1, b.png gone without a word
+    assert error.status_code == 400 and "no closing boundary" in error.detail
+    error = refused(body, content_type, query=b"site=north")  # was: answered by the global model
+    assert error.status_code == 422 and "'site'" in error.detail and "in the body" in error.detail
+    error = refused(body, content_type + "; charset=undefined")  # was: a UnicodeError, a 500
+    assert error.status_code == 400 and "charset" in error.detail
+
+    checked = []
+    monkeypatch.setattr(uploads, "ClassifyRequest", lambda *a, **k: checked.append(1))
+    cells = json.dumps({"cells": [{"image_b64": base64.b64encode(png.getvalue()).decode()}] * 2_000}).encode()
+    error = refused(cells, "application/json", config=ServeConfig(max_cells_per_request=1_000))
+    assert error.status_code == 413 and "2000 in one request" in error.detail and checked == []
+    small = ServeConfig(max_cells_per_request=4, max_image_bytes=1_000_000)
+    error = refused(b"x" * (uploads.max_body_bytes(small) + 1), "application/json", config=small)
+    assert error.status_code == 413 and "MAX_CELLS_PER_REQUEST x CYTOLOOP_SERVE__MAX_IMAGE_BYTES" in error.detail
+
+
 def test_readyz_logs_an_error_without_a_message_by_its_type():
     """`TimeoutError()` has an empty message: taking its last line raised IndexError inside the handler, and /readyz
     answered 500 instead of 503."""
