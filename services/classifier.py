@@ -202,7 +202,7 @@ class Classifier:
         self, key: str, live: LiveModel, members: list[int], requests: list[Cells], answers: list
     ) -> None:
         try:
-            service, fallback = live.service, live.fallback  # fixed for these requests even if the alias moves
+            service, fallback = live.snapshot()  # fixed for these requests even if the alias moves
         except Exception as error:  # withdrawn since it was found (`LiveModel.service` raises)
             refusal = _no_model(key, error)
             for i in members:
@@ -230,14 +230,20 @@ class Classifier:
     async def ready(self) -> tuple[str, str | None]:
         """Load the global model if needed; returns its version and, when it is the last known good one, why
         (raises if none can be served)."""
-        live = await self.site_model(GLOBAL_KEY)
-        return live.service.ref.version, live.fallback
+        service, fallback = (await self.site_model(GLOBAL_KEY)).snapshot()
+        return service.ref.version, fallback
 
-    async def served(self) -> dict[str, tuple[ModelRef, str | None]]:
-        """What this replica serves to each site it holds (site key -> version, fallback reason)."""
-        return {
-            site_key(live.site): (live.service.ref, live.fallback) for live in list(self.live) if live.withdrawn is None
-        }
+    async def served(self) -> dict[str, tuple[ModelRef, str | None, str]]:
+        """What this replica serves to each site it holds (site key -> version, fallback reason, model kind); a
+        site withdrawn meanwhile is left out (it raised, and the whole view was lost)."""
+        held = {}
+        for live in list(self.live):
+            try:
+                service, fallback = live.snapshot()
+            except Exception:  # withdrawn: not served here any more
+                continue
+            held[site_key(live.site)] = (service.ref, fallback, service.model.kind)
+        return held
 
     async def _follow_aliases(self) -> None:
         while True:

@@ -287,15 +287,19 @@ class Gateway:
             held = {}
         if named is None and not held:
             raise HTTPException(503, "cannot read the served models now; the service log says why")
-        served = dict(named) if named is not None else {site: ref for site, (ref, _) in held.items()}
+        served = dict(named) if named is not None else {site: ref for site, (ref, _, _) in held.items()}
         if named is not None and None in served:  # a site with classes but no alias: the global champion, restricted
             served |= {site: served[None] for site in self.settings.sites if site not in served}
         entries = []
         for site, ref in served.items():
-            fallback = None
-            if site in held and held[site][1] is not None:
-                ref, fallback = held[site]
-            info = ModelInfo(name=ref.name, version=ref.version, alias=ref.alias, last_known_good=fallback)
+            fallback = kind = None
+            if site in held:
+                held_ref, held_fallback, held_kind = held[site]
+                if held_fallback is not None:
+                    ref, fallback = held_ref, held_fallback
+                if (held_ref.name, held_ref.version) == (ref.name, ref.version):  # loaded there: its kind is known
+                    kind = held_kind
+            info = ModelInfo(name=ref.name, version=ref.version, alias=ref.alias, kind=kind, last_known_good=fallback)
             entries.append(SiteModel(site=site, model=info, classes=self.settings.site_classes(site)))
         return ModelsResponse(source=self.source.describe(), served=entries)
 

@@ -341,8 +341,11 @@ def test_api_key_required_and_checked(serving):
 
 
 def test_models_health_and_docs(serving):
+    assert httpx.get(serving.url + "/readyz", timeout=60).json()["status"] == "ready"  # a replica holds the global
     models = httpx.get(serving.url + "/v1/models", headers={"X-API-Key": API_KEY}, timeout=60)
     assert models.status_code == 200, models.text
+    kinds = {entry["site"]: entry["model"]["kind"] for entry in models.json()["served"]}
+    assert kinds[None] in ("diffusion", "baseline")  # was null always: the replica's view never carried it
     served = {entry["site"]: entry["model"]["version"] for entry in models.json()["served"]}
     assert served[None] == serving.versions["four"] and served["siteb"] == serving.versions["two"]
     assert served["sited"] == serving.versions["diffusion"]

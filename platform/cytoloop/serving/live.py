@@ -48,32 +48,46 @@ class LiveModel:
         self.site, self.source, self.services = site, source, services
         self.classes = None if classes is None else tuple(classes)
         self._lock = threading.Lock()
-        self.fallback: str | None = None
+        # the service answering the site and why it is a fallback (None: its alias's version), one tuple assigned
+        # at once: read as two attributes while `refresh` ran in a thread, an answer of the new version could carry
+        # the old one's fallback text
+        self._now: tuple[CellService, str | None]
         self.withdrawn: Exception | None = None  # the registry said no version serves the site any more
         try:
             ref = source.resolve(site)
         except RegistryUnavailable as error:
-            self._service = self._last_known_good("the registry could not be read", error)
+            self._now = self._last_known_good("the registry could not be read", error)
             return
         except NotRegistered:
             self._forget_withdrawn()
             raise
         try:
-            self._service = services.get(ref, classes=self.classes)
+            self._now = (services.get(ref, classes=self.classes), None)
         except UsageError:  # the site's classes do not fit its model: a setting to fix, not a version to skip
             raise
         except Exception as error:  # corrupt or unloadable files: anything but the version itself is fine
-            self._service = self._last_known_good(f"version {ref.version} could not be loaded", error, ref)
+            self._now = self._last_known_good(f"version {ref.version} could not be loaded", error, ref)
             return
         self._remember(ref)
 
+    def snapshot(self) -> tuple[CellService, str | None]:
+        """The service answering the site now and, when it is not its alias's version, why: read together, as one
+        moment's. Raises the registry's NotRegistered while its champion is withdrawn (a later `refresh()` that
+        finds an alias again serves that version)."""
+        now, withdrawn = self._now, self.withdrawn
+        if withdrawn is not None:
+            raise withdrawn
+        return now
+
     @property
     def service(self) -> CellService:
-        """The service answering the site now; raises the registry's NotRegistered while its champion is
-        withdrawn (a later `refresh()` that finds an alias again serves that version)."""
-        if self.withdrawn is not None:
-            raise self.withdrawn
-        return self._service
+        """`snapshot()`'s service (raises as it does)."""
+        return self.snapshot()[0]
+
+    @property
+    def fallback(self) -> str | None:
+        """Why the service answering now is not the alias's version (None when it is)."""
+        return self._now[1]
 
     def refresh(self) -> bool:
         """Re-resolve the alias; load and switch to a new version. Returns whether what is served changed (a new
@@ -91,21 +105,22 @@ class LiveModel:
                 self.withdrawn = error
                 self._forget_withdrawn()
                 raise
-            if ref == self._service.ref:
-                if self.fallback is None and self.withdrawn is None:
+            current, fallback = self._now
+            if ref == current.ref:
+                if fallback is None and self.withdrawn is None:
                     return False
+                service = current
             else:
                 try:  # a failure here leaves a withdrawn site withdrawn: the old version is not served again
                     service = self.services.get(ref, classes=self.classes)
                 except UsageError as error:  # a new version without one of the site's classes: keep the old one
-                    self.fallback = f"version {ref.version} cannot decide among this site's classes: {error}"
+                    self._now = (current, f"version {ref.version} cannot decide among this site's classes: {error}")
                     raise
                 except Exception:
-                    self.fallback = f"version {ref.version} could not be loaded"
+                    self._now = (current, f"version {ref.version} could not be loaded")
                     raise
-                self._service = service  # one assignment: readers see the old or the new service
+            self._now = (service, None)  # one assignment: readers see the old service or the new one, each whole
             self.withdrawn = None
-            self.fallback = None
             self._remember(ref)
             return True
 
@@ -138,14 +153,16 @@ class LiveModel:
         self.source.forget(self.site)
         self.source.forget(None)
 
-    def _last_known_good(self, why: str, error: Exception, failed: ModelRef | None = None) -> CellService:
+    def _last_known_good(
+        self, why: str, error: Exception, failed: ModelRef | None = None
+    ) -> tuple[CellService, str | None]:
         ref = self.source.last_known_good(self.site)
         if ref is None or ref == failed:
             raise error
         service = self.services.get(ref, cached_only=True, classes=self.classes)
-        self.fallback = f"{why}; serving the last known good version {ref.version}"
-        logger.warning("site %s: %s (%s)", self.site or "*", self.fallback, error)
-        return service
+        fallback = f"{why}; serving the last known good version {ref.version}"
+        logger.warning("site %s: %s (%s)", self.site or "*", fallback, error)
+        return service, fallback
 
 
 class ServiceCache:
