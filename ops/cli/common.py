@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # the project's packages, whose INFO lines (a stage started, a service is up) are the commands' progress output
-PROJECT_LOGGERS = ("cytoloop", "jobs", "labelstudio", "services")
+PROJECT_LOGGERS = ("cytoloop", "jobs", "labelstudio", "ops", "services")
 
 
 def _print_version(asked: bool) -> None:

@@ -352,9 +352,9 @@ class StackConfig(_Section):
     )
     images_root: SettingPath | None = Field(
         None,
-        description="folder Label Studio may serve cell images from (each project's local storage); every file "
-        "under it is readable by any Label Studio user, so CytoLoop's home must lie outside it. Required to start "
-        "Label Studio or route cells",
+        description="folder Label Studio may serve cell images from (each project's local storage); Label Studio "
+        "serves any file under its parent to any user who adds a storage there, so CytoLoop's home and MLflow "
+        "database must lie outside that parent. Required to start Label Studio or route cells",
     )
     mlflow_server: bool = Field(False, description="also run `mlflow server` (UI); else MLflow is just a SQLite file")
     mlflow_port: int = Field(5000, ge=1, le=65535)
