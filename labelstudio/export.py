@@ -79,7 +79,11 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int, images_r
 
     Cells whose consensus is a class the model lacks (`new:<name>`, named by the annotators) go to a manifest of
     their own beside it, `<out stem>.new-classes.csv`, labelled `<name>`: kept for a model trained with that class
-    (`cytoloop train --data`), and out of the fine-tuning manifest, whose classes must be the model's."""
+    (`cytoloop train --data`), and out of the fine-tuning manifest, whose classes must be the model's.
+
+    Two cells of one image file (one crop routed for two sites, or a task edited to point at another's image) are
+    one row if their labels agree and none if they do not (`left_out["same image, other label"]`): a manifest
+    listing a file twice is refused whole by `read_manifest`, so every export after it failed to train."""
     labels = store.labels()
     decided = consensus(store.votes(labels), labels_required)
     root = None if images_root is None else Path(images_root).resolve()
@@ -87,6 +91,7 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int, images_r
     for label in labels:
         by_cell.setdefault(cell_key(label.site, label.cell_id), []).append(label)
     rows, new_rows, left_out = [], [], Counter()
+    by_image: dict[Path, list[dict]] = {}  # in key order: the first cell of an image is the one kept
     for key, result in sorted(decided.items()):
         if result.status != "agreed":
             left_out[result.status] += 1
@@ -96,14 +101,14 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int, images_r
             continue
         cell_labels = by_cell[key]
         first = cell_labels[-1]
-        if root is not None and not Path(first.image_path).resolve().is_relative_to(root):
+        image = Path(first.image_path).resolve()
+        if root is not None and not image.is_relative_to(root):
             left_out["image outside images_root"] += 1
             continue
-        new_class = result.label.startswith(NEW_CLASS_PREFIX)
-        (new_rows if new_class else rows).append(
+        by_image.setdefault(image, []).append(
             {
                 "path": first.image_path,
-                "label": result.label.removeprefix(NEW_CLASS_PREFIX),
+                "label": result.label,
                 "domain": first.domain or first.site,
                 "cell_id": first.cell_id,
                 "site": first.site,
@@ -115,6 +120,16 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int, images_r
                 "abnormal": int(result.abnormal),
             }
         )
+    for cells in by_image.values():
+        if len({cell["label"] for cell in cells}) > 1:
+            left_out["same image, other label"] += len(cells)
+            continue
+        new_class = cells[0]["label"].startswith(NEW_CLASS_PREFIX)
+        (new_rows if new_class else rows).append(
+            {**cells[0], "label": cells[0]["label"].removeprefix(NEW_CLASS_PREFIX)}
+        )
+        if len(cells) > 1:
+            left_out["same image as another cell"] += len(cells) - 1
     out = Path(out)
     if not rows and not new_rows and (listed := _data_lines(out)):
         # a store with no consensus (a wrong home, a store a read-only command just created) replaced a manifest

@@ -290,9 +290,9 @@ class ReviewLoop:
         return review_report(self.store, self.settings.review.labels_required)
 
     def export(self, out: Path) -> dict:
-        return export_manifest(
-            self.store, out, self.settings.review.labels_required, images_root=self.settings.stack.images_root
-        )
+        """The consensus labels as a training manifest; refused without `stack.images_root`, the only check that
+        keeps a task edited to name another file (any Label Studio member can) out of training."""
+        return export_manifest(self.store, out, self.settings.review.labels_required, images_root=self.images_root)
 
     # -- the long-running receiver -------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -313,11 +313,23 @@ class ReviewLoop:
                 self._client = None
                 return None
 
+        def identify() -> bool:
+            """Ask which Label Studio this is, each round: a Label Studio replaced between two rounds is another
+            server, whose labels must not be filed under the old one's identity nor its tasks taken for the old
+            one's. The answer replaces the old one once it is had: the webhook checks each event against the
+            identity last known, and while it was reset to none for the asking (or for as long as Label Studio was
+            unreachable) it took events naming any server, filed for good under a server no poll reconciles."""
+            fresh = attempt("asking Label Studio which server it is", lambda: server_identity(self.client))
+            if isinstance(fresh, str):
+                self._server = fresh
+                return True
+            return False
+
         def periodic() -> None:  # the push and the poll fail apart: a push that fails still lets labels come back
-            while not stop.wait(review.poll_every_s):
-                # asked again each round: a Label Studio replaced between two rounds is another server, whose
-                # labels must not be filed under the old one's identity nor its tasks taken for the old one's
-                self._server = None
+            # until Label Studio was reached once, asked every few seconds: the webhook refuses events meanwhile
+            while not stop.wait(review.poll_every_s if self._server else min(5.0, review.poll_every_s)):
+                if not identify():  # unreachable (or refusing us): push and poll next round
+                    continue
                 pushed = attempt("push", self.push)
                 synced = attempt("poll", self.sync)
                 if isinstance(pushed, PushReport):
@@ -331,6 +343,7 @@ class ReviewLoop:
                         f"{synced.restored} restored"
                     )
 
+        identify()  # before the receiver listens, so that it can tell whose events it takes from the first one
         worker = threading.Thread(target=periodic, name="review-poll", daemon=True)
         worker.start()
         # the identity as the poll last asked it: a webhook request never waits on Label Studio (it gives 1 s)

@@ -24,6 +24,7 @@ pre-annotation) and the reason in the service log.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 import subprocess
@@ -34,9 +35,9 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
-from fastapi import Depends, FastAPI, HTTPException
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 
 from cytoloop.config import SITE_PATTERN, Settings
 from cytoloop.data.intake import Limits, check_image
@@ -44,6 +45,7 @@ from cytoloop.errors import describe_validation_error
 from cytoloop.serving.inference import CellResult
 from cytoloop.serving.live import LiveModel, ServiceCache
 from cytoloop.serving.model_source import ModelSource
+from labelstudio.guard import Guard
 from labelstudio.label_config import prediction_result
 
 logger = logging.getLogger(__name__)
@@ -205,7 +207,12 @@ class Backend:
                     rows.append(i)
                 except (OSError, ValueError) as error:
                     logger.warning("task %s: no prediction: %s", tasks[i].get("id"), error)
-            for i, cell in zip(rows, service.classify(cells) if cells else []):
+            try:
+                answered = service.classify(cells) if cells else []
+            except Exception as error:  # the model failed on these cells: the other sites' tasks still answered
+                logger.warning("site %s: the model failed on %d tasks: %r", site or "*", len(cells), error)
+                continue
+            for i, cell in zip(rows, answered):
                 if isinstance(cell, CellResult):
                     answers[i] = Prediction(
                         result=prediction_result(cell.label), score=cell.confidence, model_version=service.ref.version
@@ -222,7 +229,11 @@ class Backend:
             if self.retrains:  # a second one would find nothing new
                 return False
             if self.export is not None:
-                self.export()
+                try:
+                    self.export()
+                except Exception as error:  # a 500 to every training event, and no retrain ever started
+                    logger.warning("retrain not started: the label export failed: %s", error)
+                    return False
             self.retrains.append(subprocess.Popen(self.retrain_command, stdin=subprocess.DEVNULL))
             return True
 
@@ -233,19 +244,30 @@ def retrain_command(labels: Path, config: Path | None = None) -> list[str]:
     return command + (["--config", str(config)] if config else [])
 
 
+def basic_login(headers: Headers, user: str, password: str) -> bool:
+    """Whether the request's HTTP Basic Auth login is `user` and `password` (compared in constant time)."""
+    scheme, _, encoded = headers.get("authorization", "").partition(" ")
+    try:
+        given = base64.b64decode(encoded, validate=True).decode() if scheme.lower() == "basic" else ":"
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        given = ":"
+    name, _, secret = given.partition(":")
+    user_ok = hmac.compare_digest(name.encode(), user.encode())
+    return hmac.compare_digest(secret.encode(), password.encode()) and user_ok
+
+
 def create_app(backend: Backend, user: str, password: str) -> FastAPI:
-    """The routes, each behind HTTP Basic Auth with `user` and `password` (compared in constant time)."""
+    """The routes, each behind HTTP Basic Auth with `user` and `password`, checked before a request's body is
+    read (`guard.Guard`); no /docs or /openapi.json (they were open to anyone)."""
     if not password:
         raise ValueError("the ML backend needs a password (review.ml_backend_password or secrets.json)")
-    basic = HTTPBasic(auto_error=False, description="as set under Connect Model -> Basic Auth in Label Studio")
-
-    def login(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        given = credentials or HTTPBasicCredentials(username="", password="")
-        user_ok = hmac.compare_digest(given.username.encode(), user.encode())
-        if not (hmac.compare_digest(given.password.encode(), password.encode()) and user_ok):
-            raise HTTPException(401, "wrong or missing Basic Auth login", headers={"WWW-Authenticate": "Basic"})
-
-    app = FastAPI(title="CytoLoop ML backend for Label Studio", dependencies=[Depends(login)])
+    app = FastAPI(title="CytoLoop ML backend for Label Studio", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(
+        Guard,
+        allowed=lambda headers: basic_login(headers, user, password),
+        refusal="wrong or missing Basic Auth login",
+        challenge={"WWW-Authenticate": "Basic"},
+    )
 
     @app.get("/health", response_model=Health)
     def health() -> Health:

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from cytoloop.errors import describe_validation_error
 from labelstudio.bootstrap import SECRET_HEADER
+from labelstudio.guard import Guard
 from labelstudio.store import LabelStore
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,12 @@ def create_app(
 ) -> FastAPI:
     """A FastAPI app with POST /webhook and GET /health; applies stored events every `apply_every_s` seconds.
 
-    `known_server` gives the identity of the Label Studio the loop polls, as last asked (None: not known at the
-    moment, and nothing is checked; the request never waits on Label Studio): an event naming another is refused
-    (403). The identity comes from the webhook's URL, which the secret does not cover: labels
-    filed under a server no poll reconciles would stay votes for good. Label Studio does not retry a refused
-    webhook, and none is lost: the poll of the real server catches every label."""
+    `known_server` gives the identity of the Label Studio the loop polls, as last asked (the request never waits
+    on Label Studio): an event naming another is refused (403), and every event is refused (503) while it gives
+    None (Label Studio not reached yet). The identity comes from the webhook's URL, which the secret does not
+    cover: labels filed under a server no poll reconciles would stay votes for good. Label Studio does not retry a
+    refused webhook, and none is lost: the poll of the real server catches every label. Without `known_server`
+    (a library caller of its own) no identity is checked."""
     stop = threading.Event()
 
     def apply_loop() -> None:
@@ -114,16 +116,27 @@ def create_app(
         worker.join(timeout=5)
         store.process_events()
 
-    app = FastAPI(title="CytoLoop label webhook", lifespan=lifespan)
+    # no /docs or /openapi.json: nothing here is for a person to browse, and the guard's login would not cover them
+    app = FastAPI(title="CytoLoop label webhook", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(
+        Guard,
+        allowed=lambda headers: hmac.compare_digest(headers.get(SECRET_HEADER, "").encode(), secret.encode()),
+        refusal=f"missing or wrong {SECRET_HEADER} header",
+        open_paths=frozenset({"/health"}),
+    )
 
     @app.post("/webhook", response_model=Accepted)
-    def receive(request_body: dict, request: Request, server: str = "") -> Accepted:
+    def receive(request_body: dict, server: str = "") -> Accepted:
         """`server`: the identity of the Label Studio that sent it, part of the URL its webhook was registered
-        with (`ReviewLoop.ensure_project`)."""
-        given = request.headers.get(SECRET_HEADER, "")
-        if not hmac.compare_digest(given.encode(), secret.encode()):
-            raise HTTPException(status_code=401, detail=f"missing or wrong {SECRET_HEADER} header")
+        with (`ReviewLoop.ensure_project`). The secret was checked, and the body's size capped, before the body
+        was read (`guard.Guard`)."""
         expected = known_server() if known_server is not None else None
+        if known_server is not None and expected is None:
+            raise HTTPException(
+                503,
+                "this receiver has not reached Label Studio yet, so cannot tell whose event this is; the poll "
+                "brings its labels",
+            )
         if expected is not None and server != expected:
             raise HTTPException(status_code=403, detail=f"events from Label Studio {server!r} are not taken here")
         action = request_body.get("action")

@@ -423,6 +423,24 @@ def test_report_and_push_under_a_home_with_no_review_files_are_refused(tmp_path,
     assert exported.exit_code == 2 and export.read_text() == "path,label,domain\na.png,lymphocyte,lab\n"
 
 
+def test_export_without_the_images_root_is_refused(tmp_path, clean_env):
+    """Without `stack.images_root` the export checked no path: a task edited to name /etc/passwd went into the
+    training manifest, though the docs promise paths outside the images root stay out."""
+    from typer.testing import CliRunner
+
+    from cytoloop.config import load_settings
+    from labelstudio.loop import label_store_path
+    from labelstudio.store import LabelStore
+    from ops.cli import app
+
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    LabelStore(label_store_path(load_settings()))
+    result = CliRunner().invoke(app, ["review", "export", "--out", str(tmp_path / "labels.csv")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "stack.images_root is not set" in message, message
+    assert not (tmp_path / "labels.csv").exists()
+
+
 def test_damaged_models_unlabelled_manifests_and_empty_settings_are_named(tmp_path, clean_env):
     """Found by trying a user's mistakes: a model.json section that is null was a TypeError traceback; weights of
     another shape said only "Error(s) in loading state_dict", and a garbage weights file repeated torch's advice

@@ -275,6 +275,106 @@ def test_a_label_event_of_another_shape_is_refused_in_the_request_naming_what_is
     assert store.event_counts() == {"received": 1, "pending": 0, "failed": 0}
 
 
+def test_the_webhook_checks_the_secret_before_the_body_and_caps_its_size(store):
+    """FastAPI parsed the body before the route checked the secret: without one, a body that was not JSON got a
+    422 describing it, a body of any size was read whole, and /docs and /openapi.json answered anyone."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from labelstudio.guard import Guard
+
+    with TestClient(create_app(store, "s3cret", apply_every_s=0.05)) as client:
+        headers = {"content-type": "application/json"}
+        assert client.post("/webhook", content=b"{not json", headers=headers).status_code == 401
+        assert (
+            client.post("/webhook", content=b"{not json", headers={**headers, SECRET_HEADER: "s3cret"}).status_code
+            == 422
+        )
+        for path in ("/docs", "/openapi.json"):
+            assert client.get(path).status_code == 401
+        assert client.get("/health").status_code == 200  # the stack's health check needs no secret
+        huge = client.post("/webhook", headers={**headers, SECRET_HEADER: "s3cret", "content-length": str(64 << 20)})
+        assert huge.status_code == 413
+    assert store.event_counts()["received"] == 0
+
+    async def echo(request):
+        return PlainTextResponse(str(len(await request.body())))
+
+    guarded = Guard(Starlette(routes=[Route("/", echo, methods=["POST"])]), lambda h: True, "no", max_body=1000)
+    read: list[int] = []
+
+    def stream(chunks: int):  # a chunked body with no length declared, 400 bytes a chunk
+        async def receive():
+            read.append(1)
+            return {"type": "http.request", "body": b"x" * 400, "more_body": len(read) < chunks}
+
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""}
+        asyncio.run(guarded(scope, receive, send))
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    assert stream(2) == (200, b"800")  # under the cap: the app gets the whole body, as sent
+    read.clear()
+    assert stream(1000)[0] == 413 and len(read) == 3  # refused on the chunk that crossed 1,000 bytes
+
+
+def test_the_receiver_takes_no_event_before_it_knows_which_label_studio_sends_it(tmp_path, clean_env):
+    """`review serve` checked an event's `?server=` only once its poll had asked Label Studio, a minute after it
+    started, and at the start of every round (and while Label Studio was unreachable) checked nothing: an event
+    naming any server was taken and filed under it for good. The real receiver, its Label Studio stopped: an
+    event naming a server is refused (503; the poll brings its labels once Label Studio is back)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    stopped, receiver = ports  # nothing listens on the first: Label Studio is down
+    env = {
+        **os.environ,
+        "CYTOLOOP_HOME": str(tmp_path / "home"),
+        "CYTOLOOP_STACK__LABEL_STUDIO_PORT": str(stopped),
+        "CYTOLOOP_STACK__ADMIN_TOKEN": "a-token-for-a-server-that-is-down",
+        "CYTOLOOP_REVIEW__WEBHOOK_PORT": str(receiver),
+        "CYTOLOOP_REVIEW__WEBHOOK_SECRET": "s3cret",
+    }
+    serving = subprocess.Popen([sys.executable, "-m", "ops.cli", "review", "serve"], env=env, cwd=Path.cwd())
+    try:
+        url = f"http://127.0.0.1:{receiver}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert serving.poll() is None and time.monotonic() < deadline, "the receiver did not start"
+            time.sleep(0.2)
+        body = {"action": "ANNOTATION_CREATED", "annotation": annotation(9, "neutrophil", "2026-01-01T00:00:01Z")}
+        sent = httpx.post(
+            url + "/webhook?server=anyone", json={**body, "task": TASK}, headers={SECRET_HEADER: "s3cret"}, timeout=10
+        )
+        assert sent.status_code == 503 and "the poll brings its labels" in sent.json()["detail"], sent.text
+    finally:
+        serving.terminate()
+        serving.wait(timeout=30)
+    assert LabelStore(tmp_path / "home" / "review" / "labels.db").event_counts()["received"] == 0
+
+
 def test_the_webhook_refuses_events_naming_another_label_studio(store):
     """The server identity is in the webhook's URL, outside the secret: a label filed under a server no poll
     reconciles (never checked, never retracted) would count as a vote for good."""
@@ -438,6 +538,37 @@ def test_an_image_path_outside_the_images_root_stays_out_of_the_export(tmp_path)
     assert report["exported"] == 1 and report["left_out"] == {"image outside images_root": 1}
     assert "/etc/passwd" not in (tmp_path / "labels.csv").read_text()
     assert export_manifest(store, tmp_path / "all.csv", labels_required=2)["exported"] == 2  # no root: no check
+
+
+def test_two_cells_of_one_image_file_make_one_row_or_none_and_the_manifest_trains(tmp_path):
+    """One crop routed for two sites (or a task edited to name another's image) was two rows of one file, and
+    `read_manifest` refused the whole manifest: every later export failed to train. Agreeing, they are one row;
+    disagreeing, neither goes in."""
+    from cytoloop.data.records import read_manifest
+    from labelstudio.export import export_manifest
+
+    (tmp_path / "x").mkdir()
+    for name in ("a.bmp", "b.bmp"):
+        (tmp_path / "x" / name).write_bytes(b"BM")
+    store = LabelStore(tmp_path / "labels.db")
+    cells = [  # (task, site, image, label)
+        (7, "north", "a.bmp", "class1"),
+        (8, "south", "a.bmp", "class1"),
+        (9, "north", "b.bmp", "class1"),
+        (10, "south", "b.bmp", "class2"),
+    ]
+    for task_id, site, name, label in cells:
+        data = {**TASK["data"], "cell_id": name, "site": site, "image_path": str(tmp_path / "x" / name)}
+        task = {**TASK, "id": task_id, "data": {**data, "task_key": f"{site}:{name}@v1"}}
+        for who in (1, 2):
+            ann = {"id": task_id * 10 + who, "task": task_id, "completed_by": who, "updated_at": "2026-01-01T00:00:01Z"}
+            store.upsert({**ann, "result": prediction_result(label)}, task, "poll")
+    out = tmp_path / "labels.csv"
+    report = export_manifest(store, out, labels_required=2, images_root=tmp_path / "x")
+    assert report["exported"] == 1
+    assert report["left_out"] == {"same image as another cell": 1, "same image, other label": 2}
+    [record] = read_manifest(out)
+    assert Path(record.path).name == "a.bmp" and record.label == "class1"
 
 
 def test_the_stores_record_their_schema_version_and_refuse_a_newer_one(tmp_path):

@@ -170,3 +170,54 @@ def test_every_route_asks_for_the_login(backend):
     assert exported == [] and backend.retrains == []  # no retrain was started by the refused events
     with pytest.raises(ValueError, match="password"):
         create_app(backend, "label-studio", "")
+
+
+def test_the_login_comes_before_the_body_and_nothing_is_open(backend):
+    """FastAPI read and parsed a body before its login dependency: without a login, a body that was not JSON got
+    a 422 describing it, and /docs, /redoc and /openapi.json answered anyone."""
+    backend, _, _ = backend
+    with TestClient(create_app(backend, *LOGIN)) as client:
+        headers = {"content-type": "application/json"}
+        for path in ("/predict", "/webhook", "/setup"):
+            assert client.post(path, content=b"{not json", headers=headers).status_code == 401
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 401 and client.get(path, auth=LOGIN).status_code == 404
+        assert client.post("/predict", content=b"{not json", headers=headers, auth=LOGIN).status_code == 422
+        huge = client.post("/predict", headers={**headers, "content-length": str(64 << 20)}, auth=LOGIN)
+        assert huge.status_code == 413
+
+
+def test_a_model_failing_on_one_site_s_cells_leaves_the_other_sites_answered(backend, monkeypatch):
+    """A model that loads but fails at inference (out of memory, a bad version) failed the whole /predict with a
+    500, every other site's pre-annotations lost with it."""
+    backend, _, root = backend
+    tasks = [
+        {"id": 1, "data": {"image_path": str(root / "images" / "0.png"), "site": "east", "reason": "review"}},
+        {"id": 2, "data": {"image_path": str(root / "images" / "1.png"), "reason": "review"}},
+    ]
+    service = backend.site("east").service  # the same model serves both sites here: it fails on east's cell
+    classify = service.classify
+
+    def out_of_memory_on_east(cells):
+        if any(name == "0.png" for name, _ in cells):
+            raise RuntimeError("CUDA out of memory")
+        return classify(cells)
+
+    monkeypatch.setattr(service, "classify", out_of_memory_on_east)
+    assert [bool(p.result) for p in backend.predict(tasks)] == [False, True]
+
+
+def test_a_failing_label_export_starts_no_retrain_and_is_no_500(backend):
+    """The export refuses (it would replace a manifest of earlier labels with an empty one): every training event
+    was a 500, and Label Studio showed its users an error for an export they never asked for."""
+    from cytoloop.errors import UsageError
+
+    backend, _, _ = backend
+
+    def refusing():
+        raise UsageError("no agreed labels: consensus.csv left as it was")
+
+    backend.export = refusing
+    with logged_in(create_app(backend, *LOGIN)) as client:
+        answer = client.post("/webhook", json={"action": "START_TRAINING"})
+    assert answer.status_code == 201 and answer.json()["training_started"] is False and backend.retrains == []
