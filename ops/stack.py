@@ -673,14 +673,10 @@ class Stack:
             logger.info(f"{service.name}: already up (pid {pid})")
             return
         self._pid_file(service.name).unlink(missing_ok=True)
-        for port in (service.port, *service.other_ports):
-            if _port_open(host, port):
-                raise StackError(
-                    f"{service.name}: port {port} on {host} is taken by another process; stop it or "
-                    f"choose another port (CYTOLOOP_STACK__* / CYTOLOOP_REVIEW__WEBHOOK_PORT)"
-                )
+        self._refuse_taken_ports(service, host)
         if service.prepare is not None:
-            service.prepare()
+            service.prepare()  # minutes on a first run (Label Studio's venv): the ports are checked again after it
+            self._refuse_taken_ports(service, host)
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
         env.update(service.env)
         logger.info(f"{service.name}: starting on {host}:{service.port} (log: {self.log_file(service.name)})")
@@ -710,6 +706,19 @@ class Stack:
         self._wait_healthy(service, process.pid)
         logger.info(f"{service.name}: up (pid {process.pid}, healthy after {time.monotonic() - started:.0f} s)")
 
+    def _refuse_taken_ports(self, service: Service, host: str) -> None:
+        """A port of the service already listened on is an error naming it. Label Studio is probed on loopback too:
+        finding its port taken there it starts on the next one without a word, and the health check then found
+        whatever held the port (another home's Label Studio answering for ours)."""
+        hosts = dict.fromkeys([host, "127.0.0.1"] if service.name == "label-studio" else [host])
+        for port in (service.port, *service.other_ports):
+            for probed in hosts:
+                if _port_open(probed, port):
+                    raise StackError(
+                        f"{service.name}: port {port} on {probed} is taken by another process; stop it or "
+                        f"choose another port (CYTOLOOP_STACK__* / CYTOLOOP_REVIEW__WEBHOOK_PORT)"
+                    )
+
     def _wait_healthy(self, service: Service, pid: int) -> None:
         deadline = time.monotonic() + self.settings.stack.start_timeout_s
         while True:
@@ -724,9 +733,9 @@ class Stack:
             self._stop_if_down_asked(service.name)
             if time.monotonic() > deadline:
                 raise StackError(
-                    f"{service.name} did not become healthy within "
-                    f"{self.settings.stack.start_timeout_s:.0f} s; see {self.log_file(service.name)}:\n"
-                    f"{self._tail(service.name)}"
+                    f"{service.name} did not become healthy within {self.settings.stack.start_timeout_s:.0f} s "
+                    f"(stack.start_timeout_s); it still runs (pid {pid}): `cytoloop stack down` stops it. See "
+                    f"{self.log_file(service.name)}:\n{self._tail(service.name)}"
                 )
             time.sleep(0.5)
 
@@ -760,8 +769,33 @@ class Stack:
                         self._stop_serve()
                     self._kill_group(name, pid, timeout_s)
                     stopped.append(name)
+                elif (orphaned := self._orphaned_group(name)) is not None:
+                    logger.warning(f"{name}: its first process is gone, the rest of its group (pid {orphaned}) stops")
+                    self._kill_group(name, orphaned, timeout_s, leader=False)
+                    stopped.append(name)
                 self._pid_file(name).unlink(missing_ok=True)
         return stopped
+
+    def _orphaned_group(self, name: str) -> int | None:
+        """The process group this home started for `name` when its first process died (killed, out of memory) and
+        the rest of the group runs on (MLflow's workers, Label Studio's): `down` said "nothing was running" and
+        dropped the PID file, and the survivors kept the port for good. A group's id is its first process's PID,
+        which the kernel gives no other process while the group lives, so on the same boot the group is ours."""
+        try:
+            recorded = json.loads(self._pid_file(name).read_text())
+            pid, identity = int(recorded["pid"]), str(recorded["identity"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        own = _identity(os.getpid())
+        if own is None or identity.split(":")[0] != own.split(":")[0] or alive(pid):  # another boot, or it runs
+            return None
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # a group of another user's: never ours
+            return None
+        return pid
 
     def _started_dashboard(self) -> str | None:
         """The dashboard URL the running Ray head was started with (`Service.api_url`, None: without one); a PID
@@ -810,9 +844,10 @@ class Stack:
             logger.warning(f"ray: Serve could not be shut down first ({error}); its replicas stop with Ray")
 
     @staticmethod
-    def _kill_group(name: str, pid: int, timeout_s: float) -> None:
+    def _kill_group(name: str, pid: int, timeout_s: float, leader: bool = True) -> None:
         """Stop a service's process group: SIGTERM (to its leader alone where it stops the rest itself,
-        `STOPPED_BY_LEADER`), up to `timeout_s` for the whole group to end, then SIGKILL for what is left."""
+        `STOPPED_BY_LEADER`, and the leader is there: `leader`), up to `timeout_s` for the whole group to end, then
+        SIGKILL for what is left."""
 
         def gone() -> bool:
             if alive(pid):  # first: it reaps a leader that is our own child's zombie
@@ -824,7 +859,7 @@ class Stack:
             return False
 
         for send, sig, wait in (
-            (os.kill if name in STOPPED_BY_LEADER else os.killpg, signal.SIGTERM, timeout_s),
+            (os.kill if name in STOPPED_BY_LEADER and leader else os.killpg, signal.SIGTERM, timeout_s),
             (os.killpg, signal.SIGKILL, 5.0),
         ):
             if gone():

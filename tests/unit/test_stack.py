@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -304,6 +305,44 @@ def test_stack_down_never_signals_a_process_that_is_not_the_one_it_started(tmp_p
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_down_stops_what_is_left_of_a_group_whose_first_process_was_killed(tmp_path):
+    """MLflow's first process killed (out of memory, `kill -9`), its workers running on in its group: `down` said
+    "nothing was running" and dropped the PID file, and the workers kept the port with no command left to stop
+    them. The group, this boot's and the one this home started, is stopped now."""
+    import json
+    import subprocess
+
+    from ops.stack import _identity
+
+    # a group whose first process ends at once and leaves a worker: the worker's PID is written to stdout
+    group = subprocess.Popen(
+        ["bash", "-c", "sleep 300 & echo $!"], start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
+    worker = int(group.stdout.readline())
+    group.wait()  # the first process is gone (reaped); its worker runs on in the group
+    try:
+        stack = Stack(settings_in(tmp_path))
+        stack.run_dir.mkdir(parents=True)
+        boot = _identity(os.getpid()).split(":")[0]
+        recorded = {"pid": group.pid, "identity": f"{boot}:12345", "port": 5000}
+        (stack.run_dir / "mlflow.pid").write_text(json.dumps(recorded))
+        assert stack.down(timeout_s=5) == ["mlflow"]
+        assert not Path(f"/proc/{worker}").exists()
+        # another boot's record of that group id: never signalled
+        survivor = subprocess.Popen(
+            ["bash", "-c", "sleep 300 & echo $!"], start_new_session=True, stdout=subprocess.PIPE, text=True
+        )
+        worker = int(survivor.stdout.readline())
+        survivor.wait()
+        recorded = {"pid": survivor.pid, "identity": "another-boot:12345", "port": 5000}
+        (stack.run_dir / "mlflow.pid").write_text(json.dumps(recorded))
+        assert stack.down(timeout_s=5) == [] and Path(f"/proc/{worker}").exists()
+    finally:
+        for pid in (worker,):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
 
 
 def test_processes_starting_at_once_share_one_set_of_secrets(tmp_path):
