@@ -41,7 +41,7 @@ import numpy as np
 
 from cytoloop.config import DemoConfig, Settings
 from cytoloop.data.records import CellRecord, DatasetError, load_records, read_manifest, select
-from cytoloop.errors import UsageError
+from cytoloop.errors import CytoLoopError, UsageError
 from cytoloop.models.finetune import freeze, frozen_directory
 
 if TYPE_CHECKING:
@@ -49,6 +49,12 @@ if TYPE_CHECKING:
     from labelstudio.loop import ReviewLoop
 
 logger = logging.getLogger(__name__)
+
+
+class DemoStopped(CytoLoopError, RuntimeError):
+    """A round could not go on for a reason outside the code (a service not up, Label Studio refusing the tasks,
+    no label agreed on): the CLI says why in one paragraph (exit 2), not with a bug's traceback (exit 1)."""
+
 
 DEMO_DIR = "demo"
 DRIFT_LOG_WAIT_S = 30.0  # how long the demo waits for its answers' events in the prediction log (written after)
@@ -159,7 +165,7 @@ def anomaly_threshold(normal_scores: np.ndarray, quantile: float) -> float:
     scores = np.asarray(normal_scores, dtype=float)
     scores = scores[np.isfinite(scores)]
     if not len(scores):
-        raise ValueError("no finite anomaly score among the normal cells: the model gives none")
+        raise UsageError("no finite anomaly score among the normal cells: the model gives none")
     return float(np.quantile(scores, quantile))
 
 
@@ -357,7 +363,7 @@ class Demo:
                 routing=routing,
             )
             if routed.push is not None and routed.push.error:
-                raise RuntimeError(f"Label Studio did not take the tasks: {routed.push.error}")
+                raise DemoStopped(f"Label Studio did not take the tasks: {routed.push.error}")
             row.routed, row.sent = routed.reasons, routed.queued
             blasts = {str(r.path) for r in split.blasts}
             row.blasts = {
@@ -381,7 +387,7 @@ class Demo:
         row.labels = len(labelled)
         with self.stage(f"round {number}, {site}: fine-tune on Ray Train, gate", row, "finetune"):
             if not labelled:
-                raise RuntimeError(f"{site}: no consensus label came back this round: nothing to fine-tune on")
+                raise DemoStopped(f"{site}: no consensus label came back this round: nothing to fine-tune on")
             outcome = run_finetune(self.settings, labelled, site=site, who="cytoloop demo")
             row.version = outcome.version.version
             row.gate = "promoted" if outcome.passed else f"refused ({', '.join(outcome.worse) or 'stale'})"
@@ -418,7 +424,7 @@ class Demo:
         statuses = Stack(self.settings).up()
         down = [s.name for s in statuses if s.state not in ("up", "disabled")]
         if down:
-            raise RuntimeError(f"services not up: {', '.join(down)} (see `cytoloop stack status`)")
+            raise DemoStopped(f"services not up: {', '.join(down)} (see `cytoloop stack status`)")
         stack = self.settings.stack
         if not ray.is_initialized():
             ray.init(address=f"{stack.ray_host}:{stack.ray_port}", log_to_driver=False)

@@ -72,7 +72,9 @@ def test_the_anomaly_threshold_is_a_quantile_of_the_sites_normal_cells():
     scores = np.arange(100, dtype=float)
     assert anomaly_threshold(scores, 0.95) == pytest.approx(94.05)
     assert anomaly_threshold(np.append(scores, np.nan), 0.5) == pytest.approx(49.5)
-    with pytest.raises(ValueError, match="no finite anomaly score"):
+    from cytoloop.errors import UsageError
+
+    with pytest.raises(UsageError, match="no finite anomaly score"):  # the CLI's one paragraph, not a traceback
         anomaly_threshold(np.array([np.nan]), 0.9)
 
 
