@@ -57,7 +57,11 @@ ModelKind = Literal["diffusion", "baseline"]
 
 
 def build_model(kind: ModelKind, classes: list[str], settings: Settings) -> Trainable:
-    """A new, untrained model of `kind` with the settings' architecture."""
+    """A new, untrained model of `kind` with the settings' architecture, its initial weights drawn from
+    `train.seed` (they came from torch's seed of the moment, another in every process: two runs of one recipe
+    started from different weights, and `--seed` did not change them)."""
+    import torch
+
     from cytoloop.models.baseline import BaselineClassifier
 
     builders: dict[str, Callable[[], Trainable]] = {
@@ -66,7 +70,9 @@ def build_model(kind: ModelKind, classes: list[str], settings: Settings) -> Trai
     }
     if kind not in builders:
         raise UsageError(f"unknown model kind {kind!r}; valid: {', '.join(builders)}")
-    return builders[kind]()
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(settings.train.seed)
+        return builders[kind]()
 
 
 def label_indices(records: Sequence[CellRecord], classes: list[str]) -> np.ndarray:

@@ -15,3 +15,23 @@ def test_a_recipe_names_the_settings_set_otherwise_of_its_own_model_kind_only(cl
     assert cnn.unfixed(load_settings(None, {**overrides, **cnn.settings_overrides()})) == ["baseline.dropout"]
     stray = {**overrides, **diffusion.settings_overrides()}
     assert diffusion.unfixed(load_settings(None, stray)) == ["diffusion.layers_per_block"]
+
+
+def test_a_new_model_s_initial_weights_come_from_the_training_seed(tiny_settings):
+    """The network was built before `train.seed` was set: its initial weights came from torch's seed of the
+    moment, another in every process, so two runs of one recipe started from different weights."""
+    import torch
+
+    from cytoloop.workflows import build_model
+
+    def weights(seed: int, kind: str, process_state: int) -> list[torch.Tensor]:
+        settings = tiny_settings.model_copy(update={"train": tiny_settings.train.model_copy(update={"seed": seed})})
+        torch.manual_seed(process_state)  # whatever state the process happens to be in
+        model = build_model(kind, ["a", "b"], settings)
+        network = model.unet if kind == "diffusion" else model.network
+        return [p.detach().clone() for p in network.parameters()]
+
+    for kind in ("baseline", "diffusion"):
+        first, again, other = weights(0, kind, 1), weights(0, kind, 2), weights(1, kind, 1)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        assert not all(torch.equal(a, b) for a, b in zip(first, other))
