@@ -23,6 +23,7 @@ from cytoloop.data.preprocess import load_cells
 from cytoloop.data.records import (
     CellRecord,
     DatasetError,
+    cell_identity,
     data_sources,
     read_split_file,
     records_fingerprint,
@@ -117,7 +118,7 @@ def train_model(
     if len(classes) < 2:
         raise UsageError(f"a classifier needs at least 2 classes; these cells give {classes or 'none'}")
     if split is None:
-        split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed)
+        split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed, together=lambda r: cell_identity(r.path))
     elif set(split) != set(SPLIT_FRACTIONS):
         raise UsageError(f"a given split needs the parts {sorted(SPLIT_FRACTIONS)}, got {sorted(split)}")
     model = build_model(kind, classes, settings)

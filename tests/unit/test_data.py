@@ -262,6 +262,26 @@ def test_stratified_split_properties():
     assert {r.cell_id for r in other["test"]} != {r.cell_id for r in parts["test"]}
 
 
+def test_copies_of_one_image_share_a_part_and_the_rest_of_the_split_is_unchanged():
+    """PBC holds 16 pairs of byte-identical images under two names; the split drew each name on its own, so the
+    shipped base model's test part holds 3 copies of training cells. With `together` (the image's content) a
+    copy follows the earliest part any of its copies was drawn for."""
+    records = _records({("a", "d1"): 40, ("b", "d1"): 30})
+    same = {r.cell_id: r.cell_id for r in records}
+    plain = stratified_split(records, SPLIT, seed=4)
+    copies = [(plain["test"][0], plain["train"][0]), (plain["val"][0], plain["test"][1])]
+    for copy, original in copies:
+        same[copy.cell_id] = original.cell_id  # the same image under another name
+    parts = stratified_split(records, SPLIT, seed=4, together=lambda r: same[r.cell_id])
+    where = {r.cell_id: name for name, recs in parts.items() for r in recs}
+    assert where[copies[0][0].cell_id] == where[copies[0][1].cell_id] == "train"
+    assert where[copies[1][0].cell_id] == where[copies[1][1].cell_id] == "val"
+    moved = {copies[0][0].cell_id, copies[1][1].cell_id}
+    before = {r.cell_id: name for name, recs in plain.items() for r in recs}
+    assert {i for i in where if where[i] != before[i]} == moved  # nobody else moved
+    assert sorted(where) == sorted(before)  # none lost, none twice
+
+
 def test_small_stratum_reaches_every_part():
     parts = stratified_split(_records({("rare", "d"): 3}), SPLIT, seed=0)
     assert {name: len(recs) for name, recs in parts.items()} == {"train": 1, "val": 1, "test": 1}

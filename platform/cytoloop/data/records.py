@@ -10,17 +10,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cytoloop.errors import CytoLoopError
 from cytoloop.files import write_text
 
+logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 REQUIRED_COLUMNS = ("path", "label", "domain")
 
@@ -183,13 +185,21 @@ def _check_known(kind: str, asked: list[str], known: set[str]) -> None:
 
 
 def stratified_split(
-    records: Sequence[CellRecord], fractions: dict[str, float], seed: int = 0
+    records: Sequence[CellRecord],
+    fractions: dict[str, float],
+    seed: int = 0,
+    together: Callable[[CellRecord], str] | None = None,
 ) -> dict[str, list[CellRecord]]:
     """Split each (label, domain) stratum by the given fractions, seeded.
 
     Fractions must sum to 1. Every stratum keeps at least one cell in the first part; small strata give their
     remaining cells to the later parts in order, so a rare class still appears in validation and test (a part
     of fraction 0 gets none).
+
+    `together` (e.g. `cell_identity`: the image's content) names cells that must share a part: copies of one image
+    under two names (PBC holds 16 such pairs) were split apart, a test cell then being a training cell's copy.
+    Each such group goes to the earliest part (in `fractions`' order) any of its cells was drawn for, so the other
+    cells' parts are the same as without it.
     """
     bad = {name: f for name, f in fractions.items() if not 0.0 <= f <= 1.0}  # NaN fails both comparisons
     if bad:
@@ -216,7 +226,29 @@ def stratified_split(
         for name, count in zip(names[1:], counts):
             parts[name].extend(members[start : start + count])
             start += count
+    if together is not None:
+        parts = _keep_together(parts, names, together)
     return parts
+
+
+def _keep_together(
+    parts: dict[str, list[CellRecord]], names: list[str], together: Callable[[CellRecord], str]
+) -> dict[str, list[CellRecord]]:
+    """Move each group of `together` to the earliest part holding one of its cells (see `stratified_split`)."""
+    drawn = [(index, record) for index, name in enumerate(names) for record in parts[name]]
+    keys = [together(record) for _, record in drawn]  # once per cell: it may read the image
+    earliest: dict[str, int] = {}
+    groups: dict[str, set[str | None]] = defaultdict(set)
+    for (index, record), key in zip(drawn, keys):
+        earliest.setdefault(key, index)
+        groups[key].add(record.label)
+    moved: dict[str, list[CellRecord]] = {name: [] for name in names}
+    for (_, record), key in zip(drawn, keys):
+        moved[names[earliest[key]]].append(record)
+    conflicting = sum(len(labels) > 1 for labels in groups.values())
+    if conflicting:
+        logger.warning(f"{conflicting} image(s) listed under several names carry different labels; kept together")
+    return moved
 
 
 def write_split(parts: Mapping[str, Sequence[CellRecord]], path: Path, **meta: object) -> Path:

@@ -168,7 +168,10 @@ def frozen_sets(
 
     def split() -> Mapping[str, Sequence[CellRecord]]:
         parts = stratified_split(
-            labelled, {"train": 1 - val_fraction - eval_fraction, "val": val_fraction, "eval": eval_fraction}, seed=seed
+            labelled,
+            {"train": 1 - val_fraction - eval_fraction, "val": val_fraction, "eval": eval_fraction},
+            seed=seed,
+            together=lambda r: cell_identity(r.path),
         )
         for part in FROZEN_PARTS:
             if not parts[part]:
