@@ -37,6 +37,24 @@ def test_fit_temperature_needs_cells():
         fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int))
 
 
+def test_fit_temperature_refuses_rows_it_cannot_fit_on_and_takes_classes_out_of_play():
+    """One NaN row, or one whose every class is -inf, made the NLL NaN and the search stopped anywhere (T = 0.013
+    for a true 2: a model 150x too sure of itself); fewer labels than rows fitted on the first rows alone. A -inf
+    for a class never in play (candidate classes) is fine."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3.0, size=(2000, 5))
+    labels = _sample_labels(logits, 2.0, rng)
+    for row in (np.full(5, np.nan), np.full(5, -np.inf), np.array([0, 1, np.inf, 0, 0])):
+        with pytest.raises(ValueError, match=r"1 of 2000 cells have no usable logits .*, first at row 7"):
+            fit_temperature(np.vstack([logits[:7], row, logits[8:]]), labels)
+    with pytest.raises(ValueError, match="for 10 labels"):
+        fit_temperature(logits, labels[:10])
+    out_of_play = logits.copy()
+    out_of_play[:, 4] = -np.inf  # never a candidate
+    fitted = fit_temperature(out_of_play, np.minimum(labels, 3))
+    assert 1.0 < fitted < 4.0
+
+
 def _logs(n_cells: int, n_trials: int, rng: np.random.Generator) -> tuple[list[TrialLog], np.ndarray]:
     """Three classes, two strata. Stratum 0: the true class's error is consistently 0.3 lower.
     Stratum 1: no margin at all (pure noise). Stratum 2 is never visited."""

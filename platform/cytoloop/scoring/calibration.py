@@ -12,11 +12,16 @@ Three things are fitted on the validation part of the split, never on test data:
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 
 from cytoloop.config import ScoringConfig
 from cytoloop.scoring.trials import TrialLog, replay_decisions, summarise_log
+
+logger = logging.getLogger(__name__)
+LOG_T_BOUNDS = (-12.0, 8.0)  # the temperatures searched: e^-12 to e^8
 
 TUNING_MIN_TRIALS = (1, 2, 3, 4, 6, 8, 12)  # without a variance prior the first test needs two trials
 TUNING_PRIOR_TRIALS = (0.0, 2.0)  # 0: no variance prior
@@ -37,9 +42,21 @@ def fit_temperature(
     With a `prior` temperature worth `prior_cells` cells, log T is also pulled toward log(prior) (a Gaussian prior,
     MAP): on a handful of cells that are all classified right the NLL alone drives T toward 0, a model certain of
     everything. With many cells the prior fades.
+
+    A row may hold -inf (a class never in play) but needs one finite logit and no NaN: one NaN row made the NLL
+    NaN everywhere, and the search stopped wherever it was (T = 0.013 for a true 2: a model 150x too sure).
     """
+    logits, labels = np.asarray(logits, dtype=float), np.asarray(labels)
     if len(logits) == 0:
         raise ValueError("cannot fit a temperature on zero validation cells")
+    if logits.ndim != 2 or len(labels) != len(logits):
+        raise ValueError(f"logits of shape {logits.shape} for {len(labels)} labels: one row per labelled cell")
+    unusable = np.isnan(logits).any(axis=1) | np.isposinf(logits).any(axis=1) | ~np.isfinite(logits).any(axis=1)
+    if unusable.any():
+        raise ValueError(
+            f"{int(unusable.sum())} of {len(logits)} cells have no usable logits (NaN, +inf, or -inf for every "
+            f"class), first at row {int(unusable.argmax())}: a temperature fitted on them would be arbitrary"
+        )
     pull = prior_cells / len(logits) if prior is not None and prior_cells > 0 else 0.0
     anchor = float(np.log(prior)) if pull and prior is not None else 0.0
 
@@ -48,7 +65,9 @@ def fit_temperature(
         fit = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
         return fit + pull * (log_t - anchor) ** 2
 
-    result = minimize_scalar(nll, bounds=(-12.0, 8.0), method="bounded")
+    result = minimize_scalar(nll, bounds=LOG_T_BOUNDS, method="bounded")
+    if min(abs(result.x - bound) for bound in LOG_T_BOUNDS) < 1e-3:
+        logger.warning(f"the fitted temperature {np.exp(result.x):.3g} lies at the end of the range searched")
     return float(np.exp(result.x))
 
 
