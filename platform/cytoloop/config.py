@@ -528,6 +528,9 @@ class DriftConfig(_Section):
     ks_alpha: float = Field(0.01, gt=0, lt=1, description="... whose KS test is significant at this level (Bonferroni)")
     ece_threshold: float = Field(0.1, gt=0, description="calibration drift: ECE on reviewed cells above this")
     accuracy_drop: float = Field(0.1, gt=0, description="calibration drift: accuracy this far under the first window")
+    accuracy_alpha: float = Field(
+        0.05, gt=0, lt=1, description="... and the drop significant at this level (one-sided two-proportion test)"
+    )
     min_reviewed: int = Field(
         50,
         ge=1,
