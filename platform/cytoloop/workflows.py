@@ -357,7 +357,7 @@ def evaluate_predictions(
         values.update({f"recall {c}": per_class[i] for i, c in enumerate(classes) if not np.isnan(recall[i])})
         return values
 
-    # ECE: the basic interval (a resample biases it upward; the percentile one could leave out the estimate)
+    # ECE: the basic interval (a resample biases it upward, and the percentile interval leans upward with it)
     intervals = metrics.bootstrap_intervals(statistics, len(labels), n_boot=n_boot, strata=labels, basic=("ece",))
     return {
         "n_cells": int(len(labels)),

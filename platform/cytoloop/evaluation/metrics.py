@@ -346,7 +346,9 @@ def bootstrap_intervals(
     """Percentile bootstrap intervals of several statistics computed on the same resamples; for the statistics
     named in ``basic``, the basic (pivotal) interval around the estimate on all items (`bootstrap_interval`),
     its low end clipped at 0: for a statistic a resample biases once more, as ECE (resampled, a calibrated
-    model's cells look less calibrated), whose percentile interval leans upward and can leave out the estimate.
+    model's cells look less calibrated), whose percentile interval leans upward: more room above the estimate than
+    below, as if the model were worse calibrated than measured. (Reflected, the basic interval holds the estimate
+    exactly when the percentile one does; the bias correction is what it buys.)
 
     ``statistics`` receives an index array (``n`` draws with replacement) and returns named values; a value that
     is NaN on a resample (a class drawn zero times) is left out of that statistic's quantiles. A statistic NaN on
