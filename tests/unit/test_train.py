@@ -222,6 +222,20 @@ def test_resume_of_finished_run_does_nothing(tmp_path):
         assert torch.equal(tensor, again_ema.state_dict()[name])
 
 
+def test_a_run_asked_for_fewer_steps_than_its_checkpoint_holds_is_refused(tmp_path):
+    """Run again into the same folder with fewer steps (or `train --overwrite --steps N` over a finished model,
+    whose run is otherwise the same), the loop ran no step and returned the longer-trained weights, reported as
+    N steps."""
+    from cytoloop.errors import UsageError
+
+    images, labels = red_blue(4)
+    config = _train_config(steps=4, checkpoint_every=2)
+    fit(_fresh_baseline(), baseline_loss(config), images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path)
+    fewer = _train_config(steps=2, checkpoint_every=2)
+    with pytest.raises(UsageError, match="at step 4, past train.steps = 2"):
+        fit(_fresh_baseline(), baseline_loss(fewer), images, labels, fewer, AugmentConfig(), checkpoint_dir=tmp_path)
+
+
 def test_diffusion_trains_with_unlabeled_cells(tiny_settings):
     images, labels = red_blue(6)
     labels = labels.copy()

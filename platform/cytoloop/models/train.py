@@ -203,6 +203,13 @@ def _fit(
         if not stream:  # (other workers reseed below)
             restore_cuda_generators(state.get("cuda_rng"))
         history, start = state["history"], state["step"]
+        if start > config.steps:  # the loop ran no step: the longer-trained weights came back, called `steps`
+            from cytoloop.errors import UsageError
+
+            raise UsageError(
+                f"{checkpoint} holds a run at step {start}, past train.steps = {config.steps}: give steps >= "
+                f"{start} to go on with it, or remove {checkpoint.parent} to train {config.steps} steps afresh"
+            )
     if stream:  # another data-parallel worker: the same draws as worker 0 would pair every cell's noise with one
         # of worker 0's, halving the timesteps and noises a global batch averages over
         seed = int(np.random.SeedSequence([config.seed, stream, start]).generate_state(1)[0])
