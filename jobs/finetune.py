@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +255,7 @@ def _run_finetune(
     from cytoloop.models.loading import load_model
     from cytoloop.policy.drift import colour_statistics_of, read_colour_reference, write_colour_reference
     from cytoloop.policy.promotion import apply_verdict, compare, gate_figures, scoring_runtime
+    from cytoloop.workflows import carry_split, outside_held_out
 
     registry = open_registry(settings)
     name, home = settings.registry.model_name, Path(settings.home).resolve()
@@ -287,6 +288,17 @@ def _run_finetune(
         seed=settings.train.seed,
         also_held=elsewhere,
     )
+    kept, parents_held_out = outside_held_out(sets.train, parent_dir)
+    if parents_held_out:  # the parent's validation and test cells: its held-out figures must stay held out
+        logger.info(
+            f"   {parents_held_out} labelled cell(s) are in v{parent.version}'s validation or test part: not trained on"
+        )
+        if not kept:
+            raise DatasetError(
+                f"every labelled cell to train on is in v{parent.version}'s validation or test part: nothing to "
+                "train on"
+            )
+        sets = replace(sets, train=kept)
     unlabeled = not_judged_on(unlabeled, [*sets.val, *sets.eval, *elsewhere], settings.judged_manifests())
     train_config, augment_config = finetune_configs(settings, adapt)
     snapshot = records_fingerprint(list(sets.train) + list(unlabeled))
@@ -346,10 +358,24 @@ def _run_finetune(
         if not adapt and parent_reference is not None:  # a global model keeps its history; a site model its site
             reference = parent_reference if not len(reference) else np.concatenate([parent_reference, reference])
         logger.info(f"   recalibrated on {len(sets.val)} frozen cells in {time.monotonic() - began:.0f} s")
-        challenger.info.update({"parent_version": parent.version, "data_snapshot": snapshot, "site": site or "global"})
+        challenger.info.update(
+            {
+                "parent_version": parent.version,
+                "data_snapshot": snapshot,
+                "site": site or "global",
+                # its own training, not its parent's, which model.json carried on (a 500-step fine-tune said
+                # 20,000 steps on PBC's 11,215 cells)
+                "steps": train_config.steps,
+                "n_train": len(sets.train),
+                "domains": sorted({r.domain for r in sets.train}),
+                "data_fingerprint": records_fingerprint(sets.train),
+                "train_seconds": trained.get("train_seconds"),
+            }
+        )
         if allowed is not None:
             challenger.info["site_classes"] = allowed  # what its temperature was fitted for
         challenger.save(out)
+        carry_split(parent_dir, out, sets.train, sets.val)
         write_colour_reference(out, reference)
     else:  # exactly what was registered is judged (settings changed since would make another model)
         logger.info(f"   v{registered.version} was registered by this job before it stopped: judged now")

@@ -320,6 +320,35 @@ def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = 
     return kept, len(records) - len(kept)
 
 
+def outside_held_out(records: Sequence[CellRecord], model_dir: Path) -> tuple[list[CellRecord], int]:
+    """The records in neither the validation nor the test part of the model's split, and how many were left out:
+    the cells a model fine-tuned from it may train on, so that its parent's held-out figures (and its own, on the
+    split it carries, `carry_split`) stay held out."""
+    meta = _model_split(model_dir)
+    if meta is None:
+        return list(records), 0
+    held = _in_parts(records, meta, [part for part in ("val", "test") if part in meta["parts"]])
+    kept = [r for r, h in zip(records, held) if not h]
+    return kept, len(records) - len(kept)
+
+
+def carry_split(parent_dir: Path, out: Path, train: Sequence[CellRecord], val: Sequence[CellRecord]) -> None:
+    """Write `out`'s split: its parent's, with this fine-tune's training cells added to train and its calibration
+    cells to val. A fine-tuned version carried none: `evaluate` on it excluded nothing, scoring it on cells its
+    parent (whose weights it starts from) trained on, and `--part test` failed. Nothing when the parent has none."""
+    meta = _model_split(parent_dir)
+    if meta is None:
+        return
+    parts = {name: set(ids) for name, ids in meta["parts"].items()}
+    parts.setdefault("train", set()).update(r.cell_id for r in train)
+    parts.setdefault("val", set()).update(r.cell_id for r in val)
+    payload = {
+        "meta": {**meta.get("meta", {}), "carried_from": str(parent_dir)},
+        "parts": {name: sorted(ids) for name, ids in parts.items()},
+    }
+    write_text(Path(out) / SPLIT_FILE, json.dumps(payload, indent=1))
+
+
 def outside_split(records: Sequence[CellRecord], model_dir: Path) -> list[CellRecord]:
     """The records in none of the model's split parts (train, val, test): cells a model may be tuned on without
     labels and without touching the cells it is evaluated on."""

@@ -170,6 +170,8 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(
 
     loaded = registry.load(settings.registry.model_name, outcome.version.version, settings.registry.cache_dir)
     assert loaded.classes == TWO and loaded.info["parent_version"] == parent
+    # its own training on its model card, not its parent's (the parent trained other steps on other cells)
+    assert loaded.info["steps"] == settings.finetune.steps and loaded.info["n_train"] == int(tags["label_count"])
 
     # the same job again (same parent: a promotion made another job, so the champion is put back first): its
     # finished version, not a duplicate (it used to register another)

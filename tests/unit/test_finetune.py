@@ -288,3 +288,33 @@ def test_a_site_model_is_recalibrated_as_its_site_is_served(cells_dir, tiny_sett
     assert model.temperature == pytest.approx(fit_temperature(masked, labels), rel=1e-4)
     assert model.temperature != pytest.approx(fit_temperature(logits, labels), rel=1e-3)
     assert figures["nll_after"] <= figures["nll_before"] + 1e-9
+
+
+def test_a_fine_tune_trains_on_none_of_its_parent_s_held_out_cells_and_carries_its_split(tmp_path):
+    """A fine-tuned version carried no split: `evaluate` on it excluded nothing (it starts from weights that
+    trained on the parent's cells) and `--part test` failed; and the fine-tune could train on the parent's test
+    cells. It trains on neither the parent's validation nor its test cells now, and carries the parent's split
+    with its own training and calibration cells added."""
+    import json
+
+    from cytoloop.data.records import CellRecord
+    from cytoloop.workflows import SPLIT_FILE, carry_split, held_out, outside_held_out
+
+    def cell(name: str) -> CellRecord:
+        return CellRecord(f"pbc/{name}.jpg", tmp_path / "data" / "pbc" / f"{name}.jpg", "a", "pbc")
+
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    parent.mkdir()
+    child.mkdir()
+    parts = {"train": ["pbc/t1.jpg"], "val": ["pbc/v1.jpg"], "test": ["pbc/x1.jpg", "pbc/x2.jpg"]}
+    (parent / SPLIT_FILE).write_text(json.dumps({"meta": {"seed": 0}, "parts": parts}))
+    labelled = [cell("t1"), cell("v1"), cell("x1"), cell("new1"), cell("new2")]
+    kept, left_out = outside_held_out(labelled, parent)
+    assert [r.cell_id for r in kept] == ["pbc/t1.jpg", "pbc/new1.jpg", "pbc/new2.jpg"] and left_out == 2
+    carry_split(parent, child, kept[1:2], [cell("new2")])
+    evaluable, excluded = held_out([*labelled, cell("x2")], child)
+    assert sorted(r.cell_id for r in evaluable) == ["pbc/x1.jpg", "pbc/x2.jpg"] and excluded == 4
+    assert [r.cell_id for r in held_out([*labelled, cell("x2")], child, part="test")[0]] == ["pbc/x1.jpg", "pbc/x2.jpg"]
+    assert outside_held_out(labelled, tmp_path / "no-split") == (labelled, 0)
+    carry_split(tmp_path / "no-split", child / "none", [], [])  # a parent without a split: nothing written
+    assert not (child / "none").exists()
