@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-NOT_CONTENT = {".md", ".png", ".svg", ".html"}  # a model folder's card and plots: no result depends on them
-
 
 def fingerprint(*parts: object) -> str:
-    """A digest of `parts`: arrays and tensors by their bytes, files and folders by their contents (a folder's
-    card and plots left out), pydantic settings by their JSON, sequences and mappings part by part, anything else
-    by its repr (a dataclass such as a cell record: its fields)."""
+    """A digest of `parts`: arrays and tensors by their bytes; a model folder by what its answers depend on (its
+    model.json and weights: `model_source.local_ref`, so a card, plots or an evaluation report written into it
+    since leave its results valid); other files and folders by their contents; pydantic settings by their JSON;
+    sequences and mappings part by part; anything else by its repr (a dataclass such as a cell record: its
+    fields)."""
     digest = hashlib.sha256()
     for part in parts:
         _feed(digest, part)
@@ -39,11 +39,13 @@ def _feed(digest: Any, part: object) -> None:
     elif isinstance(part, np.ndarray):
         digest.update(f"{part.dtype}{part.shape}".encode())
         digest.update(np.ascontiguousarray(part).tobytes())
+    elif isinstance(part, Path) and (part / "model.json").is_file():
+        from cytoloop.serving.model_source import local_ref
+
+        digest.update(local_ref(part).version.encode())
     elif isinstance(part, Path):
         files = sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part]
         for file in files:
-            if file.suffix in NOT_CONTENT:
-                continue
             digest.update(str(file.relative_to(part) if part.is_dir() else file).encode())
             digest.update(file.read_bytes() if file.is_file() else b"<missing>")
     elif isinstance(part, BaseModel):

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from _cache import cached
+from _cache import cached, fingerprint
 from _docs import DOCS, environment_prefix, replace_section
 from fast_paths import cell_groups, routes
 
@@ -107,18 +107,17 @@ def trained(conditioning: str, base, training, args) -> DiffusionClassifier:
         model.use_trained(LateConditioned(model.unet))
     config = TrainConfig(steps=args.steps, batch_size=32, precision="bf16", checkpoint_every=500, seed=args.seed)
     labels = label_indices(training.records, base.classes)
+    inputs = (conditioning, base.data_config, base.model_config, config, AugmentConfig(), training.images, labels)
+    # the checkpoints of a run on other inputs must not be resumed: a folder per inputs
+    checkpoints = args.out / f"{conditioning}-{fingerprint(*inputs)[:12]}"
 
     def run():
         network, loss = model.objective(config)
         began = time.perf_counter()
-        ema, result = fit(network, loss, training.images, labels, config, AugmentConfig(), args.out / conditioning)
+        ema, result = fit(network, loss, training.images, labels, config, AugmentConfig(), checkpoints)
         return ema.state_dict(), time.perf_counter() - began, result.history[-1]["loss"]
 
-    state, seconds, loss = cached(
-        args.out / f"{conditioning}-{args.steps}.pkl",
-        run,
-        inputs=(conditioning, base.data_config, base.model_config, config, AugmentConfig(), training.images, labels),
-    )
+    state, seconds, loss = cached(args.out / f"{conditioning}-{args.steps}.pkl", run, inputs=inputs)
     model.unet.load_state_dict(state)
     model.info["train"] = {"seconds": seconds, "loss": loss}
     return model

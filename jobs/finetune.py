@@ -278,7 +278,8 @@ def _run_finetune(
     normalize = settings.adapt.stain_normalize if stain_normalize is None else stain_normalize
     data_config = adapted_data_config(parent_model, parent_dir, adapt and normalize)
     # a global retrain takes every site's labels: the sites' frozen cells stay out (a site model is never judged at
-    # the global gate, nor the parent of a global one, so a site's training may use the global frozen cells)
+    # the global gate, nor the parent of a global one, so a site's training may use the global gate's cells; the
+    # global calibration cells stay out of it all the same, as its parent's split carries them: `outside_held_out`)
     elsewhere = frozen_elsewhere(home, site) if site is None else []
     sets = frozen_sets(
         records,

@@ -71,7 +71,7 @@ def build_model(kind: ModelKind, classes: list[str], settings: Settings) -> Trai
     }
     if kind not in builders:
         raise UsageError(f"unknown model kind {kind!r}; valid: {', '.join(builders)}")
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+    with torch.random.fork_rng(devices=[]):  # the caller's CPU random state is left as it was (`fit` reseeds all)
         torch.manual_seed(settings.train.seed)
         return builders[kind]()
 
@@ -334,14 +334,20 @@ def outside_held_out(records: Sequence[CellRecord], model_dir: Path) -> tuple[li
 
 def carry_split(parent_dir: Path, out: Path, train: Sequence[CellRecord], val: Sequence[CellRecord]) -> None:
     """Write `out`'s split: its parent's, with this fine-tune's training cells added to train and its calibration
-    cells to val. A fine-tuned version carried none: `evaluate` on it excluded nothing, scoring it on cells its
-    parent (whose weights it starts from) trained on, and `--part test` failed. Nothing when the parent has none."""
+    cells to val, each cell in one part only (train before val before test: a frozen calibration cell that was its
+    parent's test cell is no test cell of this one). A fine-tuned version carried none: `evaluate` on it excluded
+    nothing, scoring it on cells its parent (whose weights it starts from) trained on, and `--part test` failed.
+    Nothing when the parent has none."""
     meta = _model_split(parent_dir)
     if meta is None:
         return
     parts = {name: set(ids) for name, ids in meta["parts"].items()}
     parts.setdefault("train", set()).update(r.cell_id for r in train)
     parts.setdefault("val", set()).update(r.cell_id for r in val)
+    placed: set[str] = set()
+    for name in ("train", "val", *[p for p in parts if p not in ("train", "val")]):
+        parts[name] -= placed
+        placed |= parts[name]
     payload = {
         "meta": {**meta.get("meta", {}), "carried_from": str(parent_dir)},
         "parts": {name: sorted(ids) for name, ids in parts.items()},

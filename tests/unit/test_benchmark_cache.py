@@ -18,6 +18,7 @@ def test_a_kept_result_is_used_again_only_when_its_inputs_are_the_same(tmp_path)
     same count) reused the old model's figures."""
     model = tmp_path / "model"
     model.mkdir()
+    (model / "model.json").write_text('{"kind": "baseline"}')
     (model / "weights.pt").write_bytes(b"first training")
     (model / "MODEL_CARD.md").write_text("first card")
     cells = torch.zeros(2, 3, 4, 4)
@@ -31,7 +32,8 @@ def test_a_kept_result_is_used_again_only_when_its_inputs_are_the_same(tmp_path)
     assert cached(kept, compute, inputs=(model, cells)) == 1
     assert cached(kept, compute, inputs=(model, cells.clone())) == 1  # same model, same cells: kept
     (model / "MODEL_CARD.md").write_text("card written again")
-    assert cached(kept, compute, inputs=(model, cells)) == 1  # the card is no input of a figure
+    (model / "in_domain.json").write_text('{"seconds": 12.5}')  # an evaluation report written into the folder
+    assert cached(kept, compute, inputs=(model, cells)) == 1  # neither is an input of a figure
     (model / "weights.pt").write_bytes(b"trained again")
     assert cached(kept, compute, inputs=(model, cells)) == 2  # retrained into the same folder
     assert cached(kept, compute, inputs=(model, cells + 1)) == 3  # other cells, same count

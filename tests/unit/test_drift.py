@@ -185,9 +185,13 @@ def test_a_calibrated_model_s_reviewed_cells_raise_no_calibration_flag_by_chance
     drops = sum(any("accuracy on reviewed" in f for f in w.flags) for w in calibrated)
     assert len(calibrated) == days and ece_flags <= 4 and drops <= 4, (ece_flags, drops)
     assert sum(w.figures["reviewed_ece"] > 0.1 for w in calibrated) > days // 2  # the noise the flags now see
-    # a real fall, 0.8 to 0.3, is still flagged on the same 50 cells
+    # a real fall, 0.8 to 0.3, is still flagged on the same 50 cells, also when the series' first window had no
+    # review at all (the baseline, and the cells it is of, come from the next: it divided by the first's 0 cells)
     fallen = drift_windows(day(0, accuracy=0.8) + day(24, accuracy=0.3), {}, config)
     assert any("accuracy on reviewed cells" in f for f in fallen[1].flags)
+    unreviewed = [e.model_copy(update={"label": None}) for e in day(0)]
+    fallen = drift_windows(unreviewed + day(24, accuracy=0.8) + day(48, accuracy=0.3), {}, config)
+    assert [bool(w.flags) for w in fallen] == [False, False, True]
 
 
 def test_saved_flags_stand_until_a_later_judged_window_of_their_series_replaces_them(tmp_path):

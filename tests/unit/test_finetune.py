@@ -311,6 +311,9 @@ def test_a_fine_tune_trains_on_none_of_its_parent_s_held_out_cells_and_carries_i
     labelled = [cell("t1"), cell("v1"), cell("x1"), cell("new1"), cell("new2")]
     kept, left_out = outside_held_out(labelled, parent)
     assert [r.cell_id for r in kept] == ["pbc/t1.jpg", "pbc/new1.jpg", "pbc/new2.jpg"] and left_out == 2
+    carry_split(parent, child, kept[1:2], [cell("new2"), cell("x1")])  # x1: a frozen calibration cell now
+    carried = json.loads((child / SPLIT_FILE).read_text())["parts"]
+    assert carried["val"] == ["pbc/new2.jpg", "pbc/v1.jpg", "pbc/x1.jpg"] and carried["test"] == ["pbc/x2.jpg"]
     carry_split(parent, child, kept[1:2], [cell("new2")])
     evaluable, excluded = held_out([*labelled, cell("x2")], child)
     assert sorted(r.cell_id for r in evaluable) == ["pbc/x1.jpg", "pbc/x2.jpg"] and excluded == 4

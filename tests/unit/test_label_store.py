@@ -295,6 +295,7 @@ def test_the_webhook_checks_the_secret_before_the_body_and_caps_its_size(store):
         )
         for path in ("/docs", "/openapi.json"):
             assert client.get(path).status_code == 401
+            assert client.get(path, headers={SECRET_HEADER: "s3cret"}).status_code == 404  # not served at all
         assert client.get("/health").status_code == 200  # the stack's health check needs no secret
         huge = client.post("/webhook", headers={**headers, SECRET_HEADER: "s3cret", "content-length": str(64 << 20)})
         assert huge.status_code == 413

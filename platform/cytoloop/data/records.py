@@ -194,7 +194,7 @@ def stratified_split(
 
     Fractions must sum to 1. Every stratum keeps at least one cell in the first part; small strata give their
     remaining cells to the later parts in order, so a rare class still appears in validation and test (a part
-    of fraction 0 gets none).
+    of fraction 0 gets none; with `together`, unless its one cell there is a copy of an earlier part's).
 
     `together` (e.g. `cell_identity`: the image's content) names cells that must share a part: copies of one image
     under two names (PBC holds 16 such pairs) were split apart, a test cell then being a training cell's copy.

@@ -144,6 +144,8 @@ def accuracy_drop_p(now: float, n_now: float, before: float, n_before: float) ->
     to `now` (on `n_now`): how often two windows at one true accuracy differ this much by chance."""
     from scipy.stats import norm
 
+    if n_now <= 0 or n_before <= 0:
+        return 1.0
     pooled = (now * n_now + before * n_before) / (n_now + n_before)
     spread = np.sqrt(pooled * (1 - pooled) * (1 / n_now + 1 / n_before))
     if spread == 0:  # all right (or all wrong) in both windows: no drop to test
@@ -385,7 +387,11 @@ def drift_windows(
                     if figures["n_reviewed"] < config.min_reviewed:
                         first["reviewed_accuracy"] = None  # too few reviews to be the baseline
                 if first.get("reviewed_accuracy") is None and figures["n_reviewed"] >= config.min_reviewed:
-                    first["reviewed_accuracy"] = figures["reviewed_accuracy"]
+                    # the baseline accuracy and the cells it is of come from the same window
+                    first["reviewed_accuracy"], first["n_reviewed"] = (
+                        figures["reviewed_accuracy"],
+                        figures["n_reviewed"],
+                    )
             out.append(
                 WindowFigures(
                     version,
