@@ -14,6 +14,8 @@ can (`EXIT_CELLS_UNREAD`); 7 `review push` left tasks waiting, Label Studio coul
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import typer
@@ -55,14 +57,25 @@ def main(
         os.environ["CYTOLOOP_CONFIG"] = str(config.resolve())  # what load_settings reads when no file is given
 
 
+class _StandardError(logging.StreamHandler):
+    """A handler writing to whatever `sys.stderr` is when a message comes: bound to the stream of the moment, a
+    command run in-process (a test's CliRunner) left the project's loggers writing to a closed stream, and every
+    later message was a "--- Logging error ---" traceback."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it: the stream is always the current one
+        pass
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Below the CLI everything logs through `logging`, one logger per module. Here the project's messages go to
     standard error as plain lines (INFO and up), or with level and module and DEBUG too when `verbose`; other
     libraries' messages only from WARNING up."""
-    import logging
-    import sys
-
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StandardError()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
     for name in PROJECT_LOGGERS:
         project = logging.getLogger(name)

@@ -92,6 +92,10 @@ def demo_run(cells_dir, tiny_overrides):
     config = root / "config.json"
     config.write_text(load_settings(overrides=overrides).model_dump_json())
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # the stack's Ray (started by the demo, inheriting this) stops at once on `down`: without a dashboard `down`
+    # cannot stop Serve first, and Ray drained Serve's actors for 30 s before it was killed (the suite's time)
+    drain = os.environ.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")
+    os.environ["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     runner = CliRunner()
     base = runner.invoke(
         app,
@@ -115,6 +119,10 @@ def demo_run(cells_dir, tiny_overrides):
         ray.shutdown()
         Stack(settings).down()
         shutil.rmtree(root, ignore_errors=True)
+        if drain is None:
+            os.environ.pop("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", None)
+        else:
+            os.environ["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = drain
 
 
 def rounds_of(settings) -> list[dict]:

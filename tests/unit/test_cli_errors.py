@@ -635,3 +635,19 @@ def test_a_push_that_leaves_tasks_waiting_exits_7(tmp_path, clean_env):
     message = " ".join(result.output.split())
     assert result.exit_code == 7 and "1 waiting in the outbox" in message, message
     assert outbox.counts()["pending"] == 1
+
+
+def test_messages_logged_after_an_in_process_command_reach_the_standard_error_of_the_moment(capsys):
+    """The project's loggers were bound to the standard error of the command's moment: run in-process (a test's
+    CliRunner, the demo fixture's own `stack down` after it) every later message was a "--- Logging error ---"
+    traceback about a closed file instead of the message."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    assert CliRunner().invoke(app, ["recipes"]).exit_code == 0
+    logging.getLogger("ops.stack").warning("ray (pid 1) did not stop on SIGTERM within 30 s; killing it")
+    err = capsys.readouterr().err
+    assert "did not stop on SIGTERM" in err and "Logging error" not in err
