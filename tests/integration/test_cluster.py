@@ -197,7 +197,9 @@ def cluster():
                     # `ray start` gave up once; a second start is what a person would do
                     if exited.args[0] != "worker" or attempt == 2:
                         pytest.fail(exited.args[1], pytrace=False)
-                    gave_up.append(started.pop().pid)  # its own session: what it left is killed below
+                    gave_up.append(started.pop().pid)  # its own session: what it left (a raylet) is killed now
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(gave_up[-1], signal.SIGKILL)
             yield TwoNodeCluster(dashboard_url, nodes)
         finally:
             ours = process_tree([p.pid for p in started])
