@@ -12,6 +12,7 @@ from PIL import Image
 
 from cytoloop.config import DataConfig, DriftConfig
 from cytoloop.data.records import DatasetError, load_records, select
+from cytoloop.evaluation.metrics import top_label_ece
 from cytoloop.policy.drift import (
     PredictionEvent,
     colour_statistics,
@@ -21,7 +22,6 @@ from cytoloop.policy.drift import (
     psi,
     read_events,
     save_flags,
-    top_label_ece,
 )
 
 CONFIG = DriftConfig(window_hours=1.0, min_cells=5)

@@ -187,19 +187,31 @@ def calibrated_ece(
     probs = _probs(probs)
     if probs.shape[1] < 2:
         raise ValueError(f"probs needs at least 2 classes, got {probs.shape[1]}")
+    return calibrated_ece_of_confidence(probs.max(axis=1), n_bins, draws, seed, alpha)
+
+
+def calibrated_ece_of_confidence(
+    confidence: np.ndarray, n_bins: int = 15, draws: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """`calibrated_ece` from top-label confidences alone (what a prediction log holds)."""
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    confidence = np.asarray(confidence, dtype=float)
     rng = np.random.default_rng(seed)
-    predicted = probs.argmax(axis=1)
-    wrong = (predicted + 1) % probs.shape[1]  # any other class: only right or wrong matters to top-label ECE
-    values = []
-    for _ in range(draws):
-        correct = rng.random(len(probs)) < probs.max(axis=1)
-        values.append(expected_calibration_error(probs, np.where(correct, predicted, wrong), n_bins))
+    values = [top_label_ece(confidence, rng.random(len(confidence)) < confidence, n_bins) for _ in range(draws)]
     low, high = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(np.mean(values)), float(low), float(high)
+
+
+def top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """`expected_calibration_error` from top-label confidences and correctness (the bins of `reliability_bins`)."""
+    edges = np.arange(n_bins + 1) / n_bins
+    bin_of = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(bin_of, minlength=n_bins)
+    gap = np.abs(np.bincount(bin_of, correct.astype(float), n_bins) - np.bincount(bin_of, confidence, n_bins))
+    return float(gap.sum() / count.sum())
 
 
 def negative_log_likelihood(probs: np.ndarray, y_true: np.ndarray, eps: float = 1e-12) -> float:

@@ -41,6 +41,7 @@ from cytoloop.config import DataConfig, DriftConfig
 from cytoloop.data.preprocess import ImageError, colour_moments, decode_image, to_model_input
 from cytoloop.data.records import CellRecord, DatasetError
 from cytoloop.errors import UsageError, describe_validation_error
+from cytoloop.evaluation.metrics import calibrated_ece_of_confidence, top_label_ece
 from cytoloop.files import locked, write_text
 from cytoloop.times import as_utc, parse_time
 
@@ -131,14 +132,6 @@ def ks_test(reference: np.ndarray, observed: np.ndarray) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
-def calibrated_ece_high(confidence: np.ndarray, n_bins: int = 15, draws: int = 400, seed: int = 0) -> float:
-    """The ECE a perfectly calibrated model with these top-label confidences stays under in 95 % of label draws
-    (each cell right with probability its confidence): what sampling alone gives on this many cells. Seeded."""
-    rng = np.random.default_rng(seed)
-    values = [top_label_ece(confidence, rng.random(len(confidence)) < confidence, n_bins) for _ in range(draws)]
-    return float(np.quantile(values, 0.95))
-
-
 def accuracy_drop_p(now: float, n_now: float, before: float, n_before: float) -> float:
     """One-sided p-value of a two-proportion z-test that the accuracy fell from `before` (on `n_before` cells)
     to `now` (on `n_now`): how often two windows at one true accuracy differ this much by chance."""
@@ -151,15 +144,6 @@ def accuracy_drop_p(now: float, n_now: float, before: float, n_before: float) ->
     if spread == 0:  # all right (or all wrong) in both windows: no drop to test
         return 1.0
     return float(norm.sf((before - now) / spread))
-
-
-def top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
-    """ECE from top-label confidences and correctness (what a prediction log holds); the bins of `metrics`."""
-    edges = np.arange(n_bins + 1) / n_bins
-    bin_of = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    count = np.bincount(bin_of, minlength=n_bins)
-    gap = np.abs(np.bincount(bin_of, correct.astype(float), n_bins) - np.bincount(bin_of, confidence, n_bins))
-    return float(gap.sum() / count.sum())
 
 
 @dataclass
@@ -315,7 +299,8 @@ def window_figures(events: Sequence[PredictionEvent], reference: np.ndarray | No
         figures["reviewed_accuracy"] = float(correct.mean())
         confidence = np.array([e.confidence for e in reviewed])
         figures["reviewed_ece"] = top_label_ece(confidence, correct)
-        figures["reviewed_ece_noise"] = calibrated_ece_high(confidence)
+        # what a calibrated model stays under in 95 % of label draws (the high end of a two-sided 90 % range)
+        figures["reviewed_ece_noise"] = calibrated_ece_of_confidence(confidence, draws=400, alpha=0.1)[2]
     colours = np.array([e.colour for e in events if e.colour is not None]).reshape(-1, len(COLOUR_STATS))
     if reference is not None and len(reference) and len(colours):
         psis, ks_p = {}, {}
