@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoloop.config import Settings
+from cytoloop.config import Settings, check_site_name
 from cytoloop.data.records import CellRecord, DatasetError, records_fingerprint
 from cytoloop.errors import UsageError, describe_validation_error
 from cytoloop.registry import (
@@ -255,7 +254,7 @@ def _run_finetune(
     from cytoloop.models.loading import load_model
     from cytoloop.policy.drift import colour_statistics_of, read_colour_reference, write_colour_reference
     from cytoloop.policy.promotion import apply_verdict, compare, gate_figures, scoring_runtime
-    from cytoloop.workflows import carry_split, outside_held_out
+    from cytoloop.workflows import carry_split, outside_held_out, seen_by
 
     registry = open_registry(settings)
     name, home = settings.registry.model_name, Path(settings.home).resolve()
@@ -288,6 +287,7 @@ def _run_finetune(
         settings.finetune.eval_fraction,
         seed=settings.train.seed,
         also_held=elsewhere,
+        not_frozen=seen_by(records, parent_dir),
     )
     kept, parents_held_out = outside_held_out(sets.train, parent_dir)
     if parents_held_out:  # the parent's validation and test cells: its held-out figures must stay held out
@@ -625,8 +625,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
 
-    if args.site is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", args.site):
-        return fail(f"invalid site name {args.site!r}: use letters, digits, '-' and '_'")
+    if args.site is not None:  # the rule every other entry applies (`_lab` trained for hours, then never served)
+        try:
+            check_site_name(args.site, "(--site)")
+        except UsageError as error:
+            return fail(str(error))
     if args.config is not None and not args.config.is_file():
         return fail(f"settings file not found: {args.config}")
     try:

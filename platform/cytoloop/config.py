@@ -859,6 +859,9 @@ class Settings(BaseSettings):
 
 # a site as a request names it (the gateway, the ML backend's tasks): alias names (champion-<site>) allow no '.'
 SITE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# the global scope's own name in tags (`site=global`), frozen sets (`frozen/global`) and locks: a site so named
+# shared them, and its versions passed for global ones (promoted onto the global champion without --cross-site)
+RESERVED_SITE_NAMES = ("global",)
 
 
 def check_site_name(site: str, where: str = "") -> str:
@@ -869,6 +872,11 @@ def check_site_name(site: str, where: str = "") -> str:
         raise UsageError(
             f"invalid site name {site!r}{' ' + where if where else ''}: use letters, digits, '-' and '_' (starting "
             "with a letter or digit, at most 64)"
+        )
+    if site.lower() in RESERVED_SITE_NAMES:  # any case: one folder on a case-insensitive file system
+        raise UsageError(
+            f"invalid site name {site!r}{' ' + where if where else ''}: {site.lower()!r} names the global model's "
+            "scope (its tags, frozen sets and locks); choose another name"
         )
     return site
 

@@ -332,6 +332,16 @@ def outside_held_out(records: Sequence[CellRecord], model_dir: Path) -> tuple[li
     return kept, len(records) - len(kept)
 
 
+def seen_by(records: Sequence[CellRecord], model_dir: Path) -> list[CellRecord]:
+    """The records in the train or val part of the model's split: cells it learnt or was calibrated on, which a
+    set it is judged on must not hold (`finetune.frozen_sets`' `not_frozen`). None when it carries no split."""
+    meta = _model_split(model_dir)
+    if meta is None:
+        return []
+    seen = _in_parts(records, meta, [part for part in ("train", "val") if part in meta["parts"]])
+    return [r for r, s in zip(records, seen) if s]
+
+
 def carry_split(parent_dir: Path, out: Path, train: Sequence[CellRecord], val: Sequence[CellRecord]) -> None:
     """Write `out`'s split: its parent's, with this fine-tune's training cells added to train and its calibration
     cells to val, each cell in one part only (train before val before test: a frozen calibration cell that was its

@@ -123,7 +123,8 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(
     registry, parent = train_and_register(
         "diffusion", select(records, ["jtsc"], TWO)[:60], settings, tmp_path / "champion"
     )
-    labels = select(records, ["bccd"], TWO)[:50]
+    learnt = select(records, ["jtsc"], TWO)[:20]  # cells of the champion's own split, its training cells among them
+    labels = select(records, ["bccd"], TWO)[:50] + learnt
     pool = [r for r in select(records, ["cellavision"], TWO)[:8]]
 
     killed: list[int] = []
@@ -153,6 +154,14 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(
     assert 0 < int(tags["label_count"]) < len(labels)  # frozen val/eval cells are never trained on
     assert tags["gate.verdict"] in ("pass", "refused") and tags["gate.champion_version"] == parent
     assert (settings.home / "frozen" / "global" / "eval.csv").is_file()
+    # the gate judges the champion on its frozen cells: none it trained or was calibrated on
+    from cytoloop.models.finetune import frozen_directory
+    from cytoloop.workflows import seen_by
+
+    seen = {Path(r.path).resolve() for r in seen_by(learnt, tmp_path / "champion")}
+    frozen_dir = frozen_directory(settings.home, None)
+    frozen = {Path(r.path).resolve() for part in ("val", "eval") for r in load_records(frozen_dir / f"{part}.csv")}
+    assert seen and not seen & frozen
 
     run = registry.client.get_run(outcome.version.run_id)
     for metric in ("ece", "nll", "brier"):

@@ -161,6 +161,8 @@ def test_a_site_s_classes_come_from_the_environment_and_are_checked(monkeypatch)
     assert settings.site_classes("elsewhere") is None and settings.site_classes(None) is None
     with pytest.raises(ValidationError, match="invalid site name 'st marys'"):
         load_settings(overrides={"sites": {"st marys": {}}})
+    with pytest.raises(ValidationError, match="invalid site name 'global' in sites: 'global' names the global"):
+        load_settings(overrides={"sites": {"global": {}}})  # its versions passed for the global model's
     with pytest.raises(ValidationError, match="names a class twice"):
         load_settings(overrides={"sites": {"a": {"classes": ["neutrophil", "neutrophil"]}}})
     with pytest.raises(ValidationError, match="classes"):

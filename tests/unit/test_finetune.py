@@ -321,3 +321,30 @@ def test_a_fine_tune_trains_on_none_of_its_parent_s_held_out_cells_and_carries_i
     assert outside_held_out(labelled, tmp_path / "no-split") == (labelled, 0)
     carry_split(tmp_path / "no-split", child / "none", [], [])  # a parent without a split: nothing written
     assert not (child / "none").exists()
+
+
+def test_the_first_freeze_leaves_the_parent_s_training_and_calibration_cells_to_training(tmp_path):
+    """A site's first freeze drew its gate and calibration sets from all its labels: those its parent trained on (a
+    site whose cells the base model learnt from) went into them, and the gate compared every challenger with a
+    champion judged on cells it had learnt. The parent's training and validation cells are only trained on now."""
+    import json
+
+    from cytoloop.workflows import SPLIT_FILE, seen_by
+
+    cells = fake_records(tmp_path, 60)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    learnt, calibrated, tested = cells[:20], cells[20:26], cells[26:30]
+    parts = {
+        name: [r.cell_id for r in part] for name, part in (("train", learnt), ("val", calibrated), ("test", tested))
+    }
+    (parent / SPLIT_FILE).write_text(json.dumps({"meta": {"seed": 0}, "parts": parts}))
+    seen = seen_by(cells, parent)
+    assert seen == learnt + calibrated and seen_by(cells, tmp_path / "no-split") == []
+
+    sets = frozen_sets(cells, tmp_path / "frozen", 0.2, 0.2, not_frozen=seen)
+    frozen = {r.cell_id for r in sets.val + sets.eval}
+    assert frozen and not frozen & {r.cell_id for r in seen}
+    assert {r.cell_id for r in learnt} <= {r.cell_id for r in sets.train}  # still trained on
+    with pytest.raises(DatasetError, match=r"too few labelled cells \(2\) \(26 others are the parent's"):
+        frozen_sets(cells[:28], tmp_path / "other", 0.2, 0.2, not_frozen=seen)

@@ -38,8 +38,11 @@ def test_labels_without_a_label_are_refused(tmp_path, capsys, clean_env):
 
 
 def test_invalid_site_name(capsys, clean_env):
-    code, err = run(capsys, "--labels", "labels.csv", "--site", "st marys")
-    assert code == 2 and "invalid site name 'st marys'" in err
+    """The job checked its own, looser rule: `_lab` trained and was promoted as `champion-_lab`, which no request
+    can name, and `global` passed for the global scope (its tags, frozen sets and lock)."""
+    for site in ("st marys", "_lab", "global", "Global"):
+        code, err = run(capsys, "--labels", "labels.csv", "--site", site)
+        assert code == 2 and f"invalid site name {site!r}" in err
 
 
 def test_labels_are_required(capsys):

@@ -152,13 +152,16 @@ def frozen_sets(
     eval_fraction: float,
     seed: int = 0,
     also_held: Sequence[CellRecord] = (),
+    not_frozen: Sequence[CellRecord] = (),
 ) -> FrozenSets:
     """Split labelled `records` into training cells and the frozen val/eval sets kept in `directory`.
 
     The first call freezes a stratified split of `records` into `directory/{val,eval}.csv`; every later call
     reuses those files, so calibration and the promotion gate always see the same cells and no frozen cell is
     ever trained on, whatever new labels arrive. `also_held`: cells no scope may train on either (other scopes'
-    frozen sets, `frozen_elsewhere`).
+    frozen sets, `frozen_elsewhere`). `not_frozen`: cells the first freeze leaves to training (the parent's
+    training and calibration cells, `workflows.seen_by`): the gate compares every challenger with the champion on
+    the frozen cells, and a champion judged on cells it learnt (or was calibrated on) looked better than it is.
     """
     directory = Path(directory)
     paths = {part: directory / f"{part}.csv" for part in FROZEN_PARTS}
@@ -167,15 +170,19 @@ def frozen_sets(
         raise DatasetError("no labelled cells to fine-tune on")
 
     def split() -> Mapping[str, Sequence[CellRecord]]:
+        seen = {cell_identity(r.path) for r in not_frozen}
+        candidates = [r for r in labelled if cell_identity(r.path) not in seen] if seen else labelled
         parts = stratified_split(
-            labelled,
+            candidates,
             {"train": 1 - val_fraction - eval_fraction, "val": val_fraction, "eval": eval_fraction},
             seed=seed,
             together=lambda r: cell_identity(r.path),
         )
         for part in FROZEN_PARTS:
             if not parts[part]:
-                raise DatasetError(f"too few labelled cells ({len(labelled)}) to freeze a {part} set")
+                others = len(labelled) - len(candidates)
+                why = f" ({others} others are the parent's training or calibration cells)" if others else ""
+                raise DatasetError(f"too few labelled cells ({len(candidates)}){why} to freeze a {part} set")
         return parts
 
     _freeze_once(directory, split)
