@@ -258,6 +258,15 @@ class ServiceStatus:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class DownRequest:
+    """A waiting `stack down`'s request that the `up` in progress stop (`Stack._one_at_a_time`)."""
+
+    path: Path
+    pid: int
+    only: list[str] | None  # the services it stops; None: all
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)
@@ -621,38 +630,53 @@ class Stack:
 
         A `down` that has to wait leaves a request beside the lock; an `up` (`stoppable`) gives up at its next
         step (`_stop_if_down_asked`: before a service, and while one starts), so `down` is not kept waiting for a
-        service that may never become healthy (up to `stack.start_timeout_s` each). The request names the `down`'s
-        process and the services it stops (`--only`): one left by a `down` that is gone (killed while it waited)
-        stops nothing and is cleared by the next `up`; a `down` interrupted while it waits takes its request back;
-        an `up` goes on with services the waiting `down` does not stop."""
+        service that may never become healthy (up to `stack.start_timeout_s` each). Each waiting `down` has a
+        request of its own (two shared one file, and the first to finish removed the other's), naming its process
+        and the services it stops (`--only`): one left by a `down` that is gone (killed while it waited) stops
+        nothing and is cleared by the next `up`; a `down` takes its own request back when it ends, interrupted
+        while it waits too; an `up` goes on with services no waiting `down` stops."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        request = self.run_dir / "down.requested"
+        mine: Path | None = None
         with open(self.run_dir / "up.lock", "w") as lock:
             try:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     if not stoppable:
-                        # whose request (an `up` keeps a live one's), for which services
-                        write_text(request, json.dumps({"pid": os.getpid(), "only": only}))  # never read half
+                        mine = self._ask_up_to_stop(only)
                     logger.info(f"waiting for the `stack up` or `down` in progress on {self.home} to finish")
                     fcntl.flock(lock, fcntl.LOCK_EX)
-                if stoppable and not self._down_waiting():
-                    request.unlink(missing_ok=True)  # left by a `down` that is gone
+                if stoppable:
+                    for request in self._down_requests():
+                        if not alive(request.pid):  # left by a `down` that is gone
+                            request.path.unlink(missing_ok=True)
                 yield
-            finally:  # a `down` interrupted while it waited takes its request back too
-                if not stoppable:
-                    request.unlink(missing_ok=True)
+            finally:
+                if mine is not None:
+                    mine.unlink(missing_ok=True)
+
+    def _ask_up_to_stop(self, only: list[str] | None) -> Path:
+        """Leave this `down`'s request to stop beside the lock (`_one_at_a_time`); its path."""
+        path = self.run_dir / f"down.{os.getpid()}.{secrets_lib.token_hex(4)}.requested"
+        write_text(path, json.dumps({"pid": os.getpid(), "only": only}))  # whole or not at all
+        return path
+
+    def _down_requests(self) -> list[DownRequest]:
+        """The requests to stop that waiting `down`s left (a `down` that is gone left its own behind)."""
+        found = []
+        for path in sorted(self.run_dir.glob("down.*.requested")):
+            try:
+                request = json.loads(path.read_text())
+                pid, only = int(request["pid"]), request["only"]
+            except (OSError, ValueError, TypeError, KeyError):
+                continue  # being removed, or not one of ours
+            found.append(DownRequest(path, pid, only))
+        return found
 
     def _down_waiting(self, name: str | None = None) -> bool:
         """Whether a `stack down` that is still running asked for the `up` to stop (`_one_at_a_time`); given a
-        service's `name`, whether that `down` stops that service (a `down --only` lets an `up` start the others)."""
-        try:
-            request = json.loads((self.run_dir / "down.requested").read_text())
-            only = request["only"]
-            return alive(int(request["pid"])) and (name is None or only is None or name in only)
-        except (OSError, ValueError, TypeError, KeyError):
-            return False
+        service's `name`, whether such a `down` stops that service (a `down --only` lets an `up` start the others)."""
+        return any(alive(r.pid) and (name is None or r.only is None or name in r.only) for r in self._down_requests())
 
     def _stop_if_down_asked(self, name: str) -> None:
         """Raise if a `stack down` waits for this `up` and stops `name` (see `_one_at_a_time`)."""

@@ -162,12 +162,12 @@ def test_down_during_an_up_stops_what_the_up_started(tmp_path, monkeypatch):
         port = probe.getsockname()[1]
     settings = Settings(home=tmp_path / "home", review={"webhook_port": port}, stack={"ray": False})
     real_identity, started, returned = stack_module._identity, threading.Event(), threading.Event()
-    request = Stack(settings).run_dir / "down.requested"
+    run_dir = Stack(settings).run_dir
 
     def slow_identity(pid: int) -> str | None:
         started.set()  # the first call: `up` has just started the process
         deadline = time.monotonic() + 30
-        while not (request.exists() or returned.is_set()) and time.monotonic() < deadline:
+        while not (list(run_dir.glob("down.*.requested")) or returned.is_set()) and time.monotonic() < deadline:
             time.sleep(0.05)
         return real_identity(pid)
 
@@ -239,7 +239,7 @@ def test_down_stops_an_up_waiting_for_a_service_that_never_becomes_healthy(tmp_p
         assert isinstance(error, StackError) and "stack down" in str(error)
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, "the receiver outlived `down`"
-        assert not (Stack(settings).run_dir / "down.requested").exists()
+        assert not list(Stack(settings).run_dir.glob("down.*.requested"))
     finally:
         monkeypatch.undo()  # a hung up (without the fix) then finishes, and is stopped
         racer.join(timeout=120)
@@ -261,22 +261,51 @@ def test_a_down_that_is_gone_or_stops_other_services_stops_no_up(tmp_path):
     gone.wait()
     stack = Stack(settings)
     stack.run_dir.mkdir(parents=True)
-    (stack.run_dir / "down.requested").write_text(f'{{"pid": {gone.pid}, "only": null}}')
+    left = stack.run_dir / f"down.{gone.pid}.0.requested"
+    left.write_text(f'{{"pid": {gone.pid}, "only": null}}')
     try:
         [labels] = [s for s in stack.up(only=["labels"]) if s.name == "labels"]
-        assert labels.state == "up" and not (stack.run_dir / "down.requested").exists()
+        assert labels.state == "up" and not left.exists()
         stack.down()
         # a live `down --only mlflow` waiting (this very process stands in for it) stops no `up` of the receiver
-        (stack.run_dir / "down.requested").write_text(f'{{"pid": {os.getpid()}, "only": ["mlflow"]}}')
+        other = stack._ask_up_to_stop(["mlflow"])
         [labels] = [s for s in stack.up(only=["labels"]) if s.name == "labels"]
-        assert labels.state == "up"
+        assert labels.state == "up" and other.exists()
         stack.down()
-        (stack.run_dir / "down.requested").write_text(f'{{"pid": {os.getpid()}, "only": ["labels"]}}')
+        stack._ask_up_to_stop(["labels"])
         with pytest.raises(StackError, match="stack down` was asked for meanwhile"):  # one that stops it does
             stack.up(only=["labels"])
     finally:
-        (stack.run_dir / "down.requested").unlink(missing_ok=True)
+        for request in stack.run_dir.glob("down.*.requested"):
+            request.unlink()
         stack.down()
+
+
+def test_a_down_that_ends_leaves_another_waiting_down_s_request(tmp_path):
+    """Two `down`s waiting for one `up` shared one request file, and the first to finish removed it: an `up`
+    starting before the second `down` took the lock started every service it asked for, and that `down` waited
+    for all of it. Each `down` now takes back only its own request."""
+    import fcntl
+    import threading
+    import time
+
+    stack = Stack(Settings(home=tmp_path / "home", stack={"ray": False}))
+    stack.run_dir.mkdir(parents=True)
+    other = stack._ask_up_to_stop(None)  # a `down` still waiting (this very process stands in for it)
+    with open(stack.run_dir / "up.lock", "w") as held:  # an `up` in progress
+        fcntl.flock(held, fcntl.LOCK_EX)
+        downer = threading.Thread(target=stack.down)
+        downer.start()
+        deadline = time.monotonic() + 30
+        while len(list(stack.run_dir.glob("down.*.requested"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(list(stack.run_dir.glob("down.*.requested"))) == 2, "the down asked for nothing"
+        fcntl.flock(held, fcntl.LOCK_UN)
+    downer.join(timeout=60)
+    assert not downer.is_alive()
+    assert list(stack.run_dir.glob("down.*.requested")) == [other] and stack._down_waiting("labels")
+    other.unlink()
+    assert not stack._down_waiting()
 
 
 def test_stack_down_never_signals_a_process_that_is_not_the_one_it_started(tmp_path):
