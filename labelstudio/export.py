@@ -75,7 +75,9 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int, images_r
 
     A cell's image path comes from its task's data, which any Label Studio member can edit through the API: with
     `images_root` (`stack.images_root`, where CytoLoop puts the cells it routes) a path outside it stays out
-    (`left_out["image outside images_root"]`), so an edited task cannot make training read another file.
+    (`left_out["image outside images_root"]`), so an edited task cannot make training read another file. A relative
+    path stays out too (`left_out["image path not absolute"]`): this process would check it against its working
+    folder and `read_manifest` read it from the manifest's, two files.
 
     Cells whose consensus is a class the model lacks (`new:<name>`, named by the annotators) go to a manifest of
     their own beside it, `<out stem>.new-classes.csv`, labelled `<name>`: kept for a model trained with that class
@@ -101,6 +103,9 @@ def export_manifest(store: LabelStore, out: Path, labels_required: int, images_r
             continue
         cell_labels = by_cell[key]
         first = cell_labels[-1]
+        if not Path(first.image_path).is_absolute():  # routed cells' paths are: relative to what was never said
+            left_out["image path not absolute"] += 1
+            continue
         image = Path(first.image_path).resolve()
         if root is not None and not image.is_relative_to(root):
             left_out["image outside images_root"] += 1

@@ -99,10 +99,23 @@ def answer_result(label: str) -> list[dict]:
 
 def parse_result(result: Sequence[dict]) -> tuple[str | None, bool, str]:
     """(class, abnormal flag, comment) of an annotation's result; class None when the annotator chose none, and
-    `new:<name>` when they chose "other/unknown cell" and named the class (lower case, spaces as '_')."""
+    `new:<name>` when they chose "other/unknown cell" and named the class (lower case, spaces as '_').
+
+    Label Studio checks only that a result is a list, so a client of its API can store any shape: a ValueError
+    names what is not one of ours (a region that is no object, choices or text that are no list of strings). A
+    string where the choices belong was read as its first letter, the class "n" for "neutrophil"."""
     label, abnormal, comment, named = None, False, "", ""
-    for region in result or []:
-        value = region.get("value") or {}
+    if not isinstance(result or [], list):
+        raise ValueError(f"its result is a {type(result).__name__}, not a list of regions")
+    for number, region in enumerate(result or [], start=1):
+        value = region.get("value") if isinstance(region, dict) else None
+        if not isinstance(value or {}, dict) or not isinstance(region, dict):
+            raise ValueError(f"result region {number} is not a region object with a value object: {region!r:.80}")
+        value = value or {}
+        for key in ("choices", "text"):
+            given = value.get(key)
+            if given is not None and not (isinstance(given, list) and all(isinstance(g, str) for g in given)):
+                raise ValueError(f"result region {number}: its {key} are not a list of strings: {given!r:.80}")
         if region.get("from_name") == CLASS_FROM and value.get("choices"):
             label = value["choices"][0]
         elif region.get("from_name") == FLAG_FROM:

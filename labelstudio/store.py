@@ -107,8 +107,22 @@ TASK_FIELDS = ("task_key", "cell_id", "sample_id", "site", "domain", "image_path
 # cell_id: the cell's content hash (`tasks.cell_uid`); its file name travels in the task as cell_name
 
 
-class ForeignTask(ValueError):
+class NotALabel(ValueError):
+    """An annotation that cannot be stored as a label: skipped by a poll (logged, the poll goes on), quarantined
+    when it comes as a webhook event."""
+
+
+class ForeignTask(NotALabel):
     """An annotation whose task CytoLoop did not push: it names no cell to label."""
+
+
+def _id_or_none(value: object, annotation_id: int, what: str) -> int | None:
+    """A Label Studio id in an annotation (its project, task, annotator): an integer, or None when not given."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise NotALabel(f"annotation {annotation_id}: its {what} is not an id: {value!r:.80}")
 
 
 def annotation_id_of(item: dict) -> int:
@@ -309,12 +323,13 @@ class LabelStore:
     # -- annotations ----------------------------------------------------------------------------------------
     def upsert(self, annotation: dict, task: dict, source: str, server: str = "") -> bool:
         """Store an annotation as Label Studio serialises it (with its task); True when the store changed. An
-        annotation of a task CytoLoop did not push (no cell_id) is not stored: it is logged
-        and skipped here (the poll goes on), and quarantined when it comes as a webhook event."""
+        annotation that is no label (`NotALabel`: of a task CytoLoop did not push, with no cell_id, or a result of
+        another shape) is not stored: it is logged and skipped here (the poll goes on: one such annotation, still
+        in Label Studio, stopped every later poll), and quarantined when it comes as a webhook event."""
         try:
             with sqlite.transaction(self.path) as db:
                 return self._upsert(db, annotation, task, source, server)
-        except ForeignTask as error:
+        except NotALabel as error:
             logger.warning(f"label store: skipped {error}")
             return False
 
@@ -351,7 +366,7 @@ class LabelStore:
                 # what Label Studio holds replaces the row whatever its time says (it once said no time at all, the
                 # upsert declined, and the row came back live with its old data while restore reported nothing)
                 return bool(changed) and self._upsert(db, annotation, task, "restore", server, force=True)
-        except ForeignTask as error:  # stays retracted: a task naming no cell is no label (a row from before)
+        except NotALabel as error:  # stays retracted: a task naming no cell is no label (a row from before)
             logger.warning(f"label store: not restored, {error}")
             return False
 
@@ -375,18 +390,29 @@ class LabelStore:
             and (old["retracted_at"] is not None or parse_time(old["updated_at"]) >= parse_time(updated_at))
         ):
             return False
-        label, abnormal, comment = parse_result(annotation.get("result") or [])
+        try:
+            label, abnormal, comment = parse_result(annotation.get("result") or [])
+        except ValueError as error:
+            raise NotALabel(f"annotation {annotation_id}: {error}") from None
         data = task.get("data") or {}
         completed_by = annotation.get("completed_by")
         if isinstance(completed_by, dict):
             completed_by = completed_by.get("id")
+        ids = {  # what SQLite cannot bind (an object) raised out of the poll as the result's shape did
+            what: _id_or_none(value, annotation_id, what)
+            for what, value in (
+                ("project", annotation.get("project") or task.get("project")),
+                ("task", annotation.get("task") or task.get("id")),
+                ("annotator", completed_by),
+            )
+        }
         row = {
             "server": server,
             "annotation_id": annotation_id,
-            "project_id": annotation.get("project") or task.get("project"),
-            "task_id": annotation.get("task") or task.get("id"),
+            "project_id": ids["project"],
+            "task_id": ids["task"],
             **{f: str(data.get(f, "")) for f in TASK_FIELDS},
-            "annotator_id": completed_by,
+            "annotator_id": ids["annotator"],
             "label": label,
             "abnormal": int(abnormal),
             "comment": comment,
@@ -447,7 +473,10 @@ class LabelStore:
     def labels(self, include_retracted: bool = False) -> list[StoredLabel]:
         """The live labels (not retracted, not cancelled/skipped, with a class chosen), oldest first."""
         query = (
-            "SELECT a.*, COALESCE(u.email, CAST(a.annotator_id AS TEXT)) AS annotator, "
+            # an annotation whose user was deleted comes back with no annotator (Label Studio sets it NULL): a voter
+            # of its own, as None it broke consensus (sorted against names) for every push, route and export
+            "SELECT a.*, COALESCE(u.email, CAST(a.annotator_id AS TEXT), "
+            "'deleted user (annotation ' || a.server || '#' || a.annotation_id || ')') AS annotator, "
             "COALESCE(NULLIF(a.model_label, ''), c.model_label, '') AS shown_or_kept_label, "
             "COALESCE(c.reason, '') AS reason FROM annotations a "
             "LEFT JOIN annotators u ON u.server = a.server AND u.annotator_id = a.annotator_id "

@@ -140,6 +140,24 @@ def test_annotators_get_names_and_votes_are_per_cell(store):
     assert {(v.cell_key, v.annotator) for v in votes} == {("jtsc:a.bmp", "ann4@lab"), ("jtsc:a.bmp", "ann5@lab")}
 
 
+def test_labels_of_deleted_users_are_votes_of_their_own(store):
+    """Label Studio keeps a deleted user's annotations with `completed_by: null`: as a vote of annotator None,
+    consensus sorted it against the others' names and raised, and every push, route and export after it failed;
+    two deleted users' labels of one cell were one vote."""
+    from cytoloop.policy.consensus import consensus
+
+    for ann_id, who, label in ((1, None, "neutrophil"), (2, None, "neutrophil"), (3, 4, "lymphocyte")):
+        store.upsert(annotation(ann_id, label, "2026-01-01T00:00:01Z", who=who), TASK, "poll")
+    store.set_annotators({4: "ann4@lab"})
+    [decided] = consensus(store.votes(), required=3).values()
+    assert (
+        decided.status == "agreed"
+        and decided.label == "neutrophil"
+        and decided.votes == {"neutrophil": 2, "lymphocyte": 1}
+    )
+    assert sorted(decided.annotators) == ["ann4@lab", "deleted user (annotation #1)", "deleted user (annotation #2)"]
+
+
 def test_outbox_queues_each_task_once(tmp_path):
     outbox = Outbox(tmp_path / "outbox.db")
     tasks = [{"data": {"task_key": f"s:{i}@v1", "site": "s"}} for i in range(3)]
@@ -441,8 +459,8 @@ def test_a_bad_event_is_quarantined_and_every_later_label_still_arrives(store):
     assert [(label.annotation_id, label.label) for label in store.labels()] == [(11, "neutrophil"), (12, "monocyte")]
     assert store.event_counts() == {"received": 3, "pending": 0, "failed": 2}
     errors = [error for _, _, error in store.quarantined()]
-    assert errors[0].startswith(("annotation 1 of 1: InterfaceError", "annotation 1 of 1: ProgrammingError"))
-    assert errors[1].startswith("annotation 2 of 4: AttributeError")
+    assert errors[0].startswith("annotation 1 of 1: NotALabel: annotation 14: its project is not an id: {'id': 3}")
+    assert errors[1].startswith("annotation 2 of 4: NotALabel: annotation 13: its result is a str, not a list")
     assert "annotation 3 of 4: ValueError: an annotation id must be an integer, got 11.9" in errors[1]
     assert "annotation 4 of 4: ValueError: its task 99 is not among the event's tasks" in errors[1]
 
@@ -524,19 +542,22 @@ def test_the_labelling_view_has_hotkeys_controls_a_fixed_size_and_room_for_a_new
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_an_image_path_outside_the_images_root_stays_out_of_the_export(tmp_path):
+def test_an_image_path_outside_the_images_root_stays_out_of_the_export(tmp_path, monkeypatch):
     """Task data comes back from Label Studio as its members left it: a task edited to name another file would
-    have made training read it."""
+    have made training read it. A relative path was checked against the working folder (here /, so x/b.bmp
+    passed as /x/b.bmp) and read by training from the manifest's folder: another file."""
     from labelstudio.export import export_manifest
 
+    monkeypatch.chdir("/")
     store = LabelStore(tmp_path / "labels.db")
-    for task_id, path in ((7, "/x/a.bmp"), (8, "/etc/passwd")):
+    for task_id, path in ((7, "/x/a.bmp"), (8, "/etc/passwd"), (9, "x/b.bmp")):
         task = {**TASK, "id": task_id, "data": {**TASK["data"], "cell_id": f"c{task_id}", "image_path": path}}
         for who in (1, 2):
             ann = {"id": task_id * 10 + who, "task": task_id, "completed_by": who, "updated_at": "2026-01-01T00:00:01Z"}
             store.upsert({**ann, "result": prediction_result("class1")}, task, "poll")
     report = export_manifest(store, tmp_path / "labels.csv", labels_required=2, images_root=Path("/x"))
-    assert report["exported"] == 1 and report["left_out"] == {"image outside images_root": 1}
+    assert report["exported"] == 1
+    assert report["left_out"] == {"image outside images_root": 1, "image path not absolute": 1}
     assert "/etc/passwd" not in (tmp_path / "labels.csv").read_text()
     assert export_manifest(store, tmp_path / "all.csv", labels_required=2)["exported"] == 2  # no root: no check
 
@@ -661,6 +682,42 @@ def test_an_annotation_of_a_task_cytoloop_did_not_push_is_not_a_label(store):
     assert store.labels() == [] and store.event_counts()["failed"] == 1
     [(_, _, error)] = store.quarantined()
     assert "its task 8 names no cell_id" in error
+
+
+def test_an_annotation_of_another_shape_is_skipped_and_the_poll_goes_on(store, caplog):
+    """Label Studio checks only that a result is a list: a region that is no object raised an AttributeError out of
+    the poll, which then stopped at that annotation every period (later tasks and projects never read); choices
+    given as a string were stored as its first letter, the class "n"."""
+    from labelstudio.label_config import CLASS_FROM
+
+    shapes = {
+        2: [None],
+        3: [{"from_name": CLASS_FROM, "value": "neutrophil"}],
+        4: [{"from_name": CLASS_FROM, "to_name": "image", "type": "choices", "value": {"choices": "neutrophil"}}],
+        5: [{"from_name": CLASS_FROM, "to_name": "image", "type": "choices", "value": {"choices": [{"a": 1}]}}],
+        6: {"from_name": CLASS_FROM},
+    }
+    for ann_id, result in shapes.items():
+        with caplog.at_level("WARNING", logger="labelstudio.store"):
+            assert (
+                store.upsert({**annotation(ann_id, "x", "2026-01-01T00:00:01Z"), "result": result}, TASK, "poll")
+                is False
+            )
+        assert f"annotation {ann_id}: " in caplog.text
+    assert store.upsert(annotation(7, "neutrophil", "2026-01-01T00:00:01Z"), TASK, "poll")  # the next one is stored
+    assert [(label.annotation_id, label.label) for label in store.labels()] == [(7, "neutrophil")]
+    store.record_event(
+        json.dumps(
+            {
+                "action": "ANNOTATION_CREATED",
+                "annotation": {**annotation(8, "x", "2026"), "result": [None]},
+                "task": TASK,
+            }
+        )
+    )
+    assert store.process_events() == 1 and store.event_counts()["failed"] == 1  # an event: quarantined, named
+    [(_, _, error)] = store.quarantined()
+    assert "annotation 8: result region 1 is not a region object" in error
 
 
 def test_restoring_an_old_row_of_a_task_naming_no_cell_leaves_it_retracted(store):
