@@ -247,7 +247,11 @@ def _import(client, outbox: Outbox, project_id: int, chunk: list[dict], server: 
     keys = [t["data"]["task_key"] for t in chunk]
     outbox.mark_sending(keys)
     try:
-        response = client.projects.import_tasks(id=project_id, request=chunk, return_task_ids=True)
+        # sent once: the SDK sends again by itself after a 5xx or a dropped connection, which an import may follow
+        # having committed (a proxy's 504), and its twins went unwatched as one send answered (`mark_sending`)
+        response = client.projects.import_tasks(
+            id=project_id, request=chunk, return_task_ids=True, request_options={"max_retries": 0}
+        )
     except Exception as error:
         if not unavailable(error):  # an answer, if a refusal: Label Studio took none of them
             outbox.mark_answered(keys)

@@ -114,6 +114,22 @@ class FailingServer(Front):
         return self.forward(method, path, headers, body)
 
 
+class AnswerLostServer(Front):
+    """A `Front` that passes the requests `picks(method, path)` chooses on to the real server, which commits them,
+    and answers the first `lost` of them 504 all the same: a proxy whose upstream answered too late for it."""
+
+    def __init__(self, target: str, picks: Callable[[str, str], bool], lost: int = 1):
+        self.picks, self.lost = picks, lost
+        super().__init__(target)
+
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        got = self.forward(method, path, headers, body)
+        if self.lost and self.picks(method, path):
+            self.lost -= 1
+            return 504, {"Content-Type": "text/html"}, b"<html><body>504 Gateway Time-out</body></html>"
+        return got
+
+
 class LateServer(Front):
     """A `Front` that holds the first request `holds(method, path)` picks without passing it on or answering, so
     its client times out waiting, and hands it to the real server only when `commit_held` is called: a server that

@@ -291,17 +291,15 @@ def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_pa
     period) the whole queue was parked for good, its cells never asked about. A push in which Label Studio took
     none of a site's tasks now blames none of them; once it takes tasks again they all arrive, once."""
     from label_studio_sdk import LabelStudio
-    from label_studio_sdk.core import http_client
 
     import labelstudio.outbox
     from labelstudio.outbox import Outbox
     from labelstudio.push import project_task_keys, push_outbox
     from tests.faults import FailingServer
 
-    # parked after 2 refusals, not 5, and the SDK's two retries of each 500 (still sent) 0.05 s apart, not 1 and
-    # 2 s: the waits, not the fault, were 40 s of the suite's time
+    # parked after 2 refusals, not 5: the waits, not the fault, were 40 s of the suite's time (an import is sent
+    # once per push, without the SDK's own retries of a 500)
     monkeypatch.setattr(labelstudio.outbox, "MAX_ATTEMPTS", 2)
-    monkeypatch.setattr(http_client, "INITIAL_RETRY_DELAY_SECONDS", 0.05)
     front = FailingServer(label_studio.url, lambda method, path: method == "POST" and "/import" in path)
     try:
         client = LabelStudio(base_url=front.url, api_key=label_studio.token)
@@ -329,6 +327,34 @@ def test_label_studio_failing_on_every_import_parks_no_task(label_studio, tmp_pa
         assert (report.pushed, report.failed, report.site_errors) == (1, 1, {})
         [(key, attempts, _)] = outbox.failures()
         assert key == "south:cell9.png@v1" and attempts == 1
+    finally:
+        front.close()
+
+
+def test_an_import_whose_answer_a_proxy_lost_leaves_no_twin(label_studio, tmp_path):
+    """A proxy before Label Studio answers 504 to an import Label Studio committed. The SDK sent the import again
+    by itself (its retries of 5xx), the push saw one send answered, and the second copy of each task stayed in the
+    project for good, each cell asked twice. Imports are sent once per push now: the next push finds the tasks
+    the lost answer was for in the project and records them, sending nothing twice."""
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.outbox import Outbox
+    from labelstudio.push import push_outbox
+    from tests.faults import AnswerLostServer
+
+    front = AnswerLostServer(label_studio.url, lambda method, path: method == "POST" and "/import" in path)
+    try:
+        client = LabelStudio(base_url=front.url, api_key=label_studio.token)
+        outbox = Outbox(tmp_path / "outbox.db")
+        outbox.enqueue([_task("west", i) for i in range(3)])
+        ensure, projects = _site_projects(client)
+        first = push_outbox(client, outbox, ensure, batch=10)
+        assert front.lost == 0  # the fault happened: the import committed, its answer lost
+        assert first.pushed == 0 and first.pending == 3 and "504" in (first.error or "")
+        second = push_outbox(client, outbox, ensure, batch=10)
+        assert (second.already_there, second.pending, second.error) == (3, 0, None)
+        keys = [t.data["task_key"] for t in client.tasks.list(project=projects["west"], fields="task_only")]
+        assert sorted(keys) == [f"west:cell{i}.png@v1" for i in range(3)]  # each cell asked once
     finally:
         front.close()
 
