@@ -182,18 +182,27 @@ def rollback(
     site: str | None = typer.Option(
         None, callback=site_name, help="roll back champion-<site> instead of the global champion"
     ),
+    from_version: str | None = typer.Option(
+        None,
+        "--from",
+        help="the version being rolled back (as `cytoloop status` shows it): if another serves by then, nothing "
+        "moves, so a rollback retried after one that went through never goes back a second move",
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
     config: Path | None = typer.Option(None, help="JSON settings file"),
 ) -> None:
     """Move the champion alias back to the version it pointed at before its latest move."""
+    from_version = from_version.removeprefix("v") if from_version else None  # "7" or "v7", as status shows it
     if not yes:
-        confirm_or_fail(f"Roll @{'champion-' + site if site else 'champion'} back one move?")
+        what = f" from v{from_version}" if from_version else " one move"
+        confirm_or_fail(f"Roll @{'champion-' + site if site else 'champion'} back{what}?")
 
     def action():
-        from cytoloop.registry import open_registry, site_alias
+        from cytoloop.registry import ANY_VERSION, open_registry, site_alias
 
         settings = settings_from(config)
-        move = open_registry(settings).rollback(settings.registry.model_name, site_alias(site), why=reason)
+        expect = ANY_VERSION if from_version is None else from_version
+        move = open_registry(settings).rollback(settings.registry.model_name, site_alias(site), reason, expect=expect)
         typer.echo(f"{move.arrow()} (rollback by {move.who})")
 
     run(action)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import os
 import shutil
 import socket
@@ -44,6 +45,8 @@ from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, ModelLoad
 from cytoloop.models.loading import load_model
 from cytoloop.processes import alive
 from cytoloop.serving.pyfunc import cytoloop_directory
+
+logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -251,7 +254,7 @@ class Registry:
         self._call(lambda: self.client.set_registered_model_alias(name, alias, str(version)), f"{name} v{version}")
 
     def set_tag(self, name: str, version: str, key: str, value: str) -> None:
-        self.client.set_model_version_tag(name, str(version), key, value)
+        self._call(lambda: self.client.set_model_version_tag(name, str(version), key, value), f"{name} v{version}")
 
     def set_tags(self, name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -309,7 +312,14 @@ class Registry:
             else:
                 self.set_alias(name, alias, version)
             move = replace(move, state="done")
-            self._call(lambda: self.client.set_registered_model_tag(name, key, json.dumps(asdict(move))), name)
+            try:
+                self._call(lambda: self.client.set_registered_model_tag(name, key, json.dumps(asdict(move))), name)
+            except RegistryError as error:  # the alias moved: raised, the move read as failed and a retried
+                # rollback went back a second step; the intent counts as done while the alias points there
+                logger.warning(
+                    f"{name}@{alias} moved, but its record could not be marked done ({error}): the trail "
+                    "counts the move by where the alias points"
+                )
             if self.audit_log is not None:  # in the lock: two movers' lines in the order of their moves
                 with self.audit_log.open("a") as handle:
                     handle.write(json.dumps(asdict(move)) + "\n")
@@ -339,8 +349,14 @@ class Registry:
                 moves.append(replace(move, state="done"))
         return sorted(moves, key=lambda m: m.time)
 
-    def rollback(self, name: str, alias: str, why: str, who: str | None = None) -> AliasMove:
+    def rollback(
+        self, name: str, alias: str, why: str, who: str | None = None, expect: str | None | object = ANY_VERSION
+    ) -> AliasMove:
         """Move `alias` back to the version it pointed at before its latest (not rolled-back) move.
+
+        `expect`: the version the caller means to roll back (what serves the alias, as `move_alias` reads it); if
+        another serves it by then, `AliasMoved` and nothing moves. A rollback retried after one that went through
+        (its answer lost) otherwise went back a second move, as did two operators rolling back the same bad model.
 
         A move to the version already there (a promotion repeated) changes nothing, so it is no step to go back
         over: rolling back after it went from v5 to v5 and left the version being rolled back serving. A site's
@@ -350,6 +366,11 @@ class Registry:
         The trail is checked against the live alias first: if the alias points elsewhere than the trail's last
         version, someone moved it outside CytoLoop and the trail cannot say what 'back' is; that is an error. The
         move itself is compare-and-set against the version checked."""
+        if expect is not ANY_VERSION and (serving := self.serving_version(name, alias)) != expect:
+            raise AliasMoved(
+                f"{name}@{alias}: v{expect or '-'} was to be rolled back, but v{serving or '-'} serves it now; "
+                "nothing was moved (a rollback that went through already is not repeated)"
+            )
         site = site_of(alias) is not None  # unset is a state a site's alias goes back to
         stack: list[str | None] = []
         for move in self.alias_history(name, alias):
@@ -380,8 +401,8 @@ class Registry:
             raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
         # compare-and-set against the version checked; an unset site alias as `move_alias` reads it, served by the
         # global champion (compared with None, the second rollback of a site's unset alias was refused)
-        expect = live if live is not None else self.serving_version(name, alias)
-        return self.move_alias(name, alias, stack[-2], why, action="rollback", who=who, expect=expect)
+        checked = live if live is not None else self.serving_version(name, alias)
+        return self.move_alias(name, alias, stack[-2], why, action="rollback", who=who, expect=checked)
 
     def alias_version(self, name: str, alias: str) -> str | None:
         """The version `alias` itself points at; None if it is not set (no fallback to the global champion)."""
@@ -412,7 +433,7 @@ class Registry:
         return {alias: str(v) for alias, v in (getattr(model, "aliases", None) or {}).items()}
 
     def versions(self, name: str) -> list[VersionInfo]:
-        found = self.client.search_model_versions(f"name = '{name}'")
+        found = self._call(lambda: self.client.search_model_versions(f"name = '{name}'"), name)
         return sorted((self._info(v) for v in found), key=lambda v: int(v.version))
 
     def log_series(self, run_name: str, tags: dict[str, str], points: list[tuple[int, int, dict[str, float]]]) -> str:

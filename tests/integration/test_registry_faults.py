@@ -231,6 +231,28 @@ def test_a_locked_registry_is_no_reason_to_serve_another_model(registered, tmp_p
     assert registry.for_site("cells", "north").version == version  # answered: no site alias, so the champion
 
 
+def test_a_registry_that_cannot_answer_a_tag_or_a_listing_says_so(registered, monkeypatch):
+    """Writing a version's tags (a verdict, an override's reason) and listing versions went to MLflow directly: its
+    'database is locked' (what SQLite gives a busy registry, raised by MLflow as below) ended `cytoloop promote` and
+    the fine-tune job in a traceback instead of the registry's error that they answer with exit code 2."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from cytoloop.registry import RegistryUnavailable
+
+    registry, version, _ = registered
+
+    def busy(*args, **kwargs):
+        raise MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(registry.client, "set_model_version_tag", busy)
+    monkeypatch.setattr(registry.client, "search_model_versions", busy)
+    with pytest.raises(RegistryUnavailable, match=f"cells v{version}: the registry could not answer"):
+        registry.set_tags("cells", version, {"gate.verdict": "pass"})
+    with pytest.raises(RegistryUnavailable, match="cells: the registry could not answer"):
+        registry.versions("cells")
+
+
 def test_register_replaces_a_champion_only_as_a_recorded_override(tmp_path, tiny_settings):
     from typer.testing import CliRunner
 
@@ -329,6 +351,39 @@ def test_a_move_killed_midway_leaves_a_trail_that_tells_the_truth(three_versions
     )
     back = registry.rollback("cells", "champion", why="undo")
     assert (back.from_version, back.to_version) == ((v3, v2) if when == "after" else (v2, v1))
+
+
+def test_a_rollback_retried_after_it_went_through_goes_back_no_further(three_versions, monkeypatch):
+    """The registry moved the alias, then could not take the record's 'done' mark (MLflow's 'database is locked',
+    as it raises it): the rollback raised as if nothing had moved, and the operator's retry went back a second move,
+    v3 -> v2 -> v1. The move is reported as made now, and a retry naming the version it rolls back moves nothing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    from cytoloop.registry import AliasMoved
+
+    registry, (v1, v2, v3), _ = three_versions
+    registry.move_alias("cells", "champion", v2, why="second")
+    registry.move_alias("cells", "champion", v3, why="third")
+    real_tag, written = registry.client.set_registered_model_tag, []
+
+    def done_mark_fails(name, key, value):
+        written.append(value)
+        if '"state": "done"' in value:
+            raise MlflowException("(sqlite3.OperationalError) database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+        return real_tag(name, key, value)
+
+    monkeypatch.setattr(registry.client, "set_registered_model_tag", done_mark_fails)
+    back = registry.rollback("cells", "champion", why="worse on the ward", expect=v3)
+    monkeypatch.undo()
+    assert (back.from_version, back.to_version) == (v3, v2) and len(written) == 2
+    assert registry.alias_version("cells", "champion") == v2
+    assert [m.to_version for m in registry.alias_history("cells", "champion")] == [v1, v2, v3, v2]
+    with pytest.raises(AliasMoved, match=f"v{v3} was to be rolled back, but v{v2} serves it now; nothing was moved"):
+        registry.rollback("cells", "champion", why="worse on the ward", expect=v3)
+    assert registry.alias_version("cells", "champion") == v2
+    lines = registry.audit_log.read_text().splitlines()
+    assert json.loads(lines[-1])["to_version"] == v2 and len(lines) == 4
 
 
 def test_rollback_refuses_when_the_alias_was_moved_outside_the_trail(three_versions):

@@ -571,6 +571,8 @@ def test_an_unanswered_or_refused_rollback_moves_nothing_and_exits_2(tmp_path, c
         result = CliRunner().invoke(app, ["rollback", "--reason", "bad night"], input=answer)
         message = " ".join(result.output.split())
         assert result.exit_code == 2 and "not confirmed: nothing was moved" in message, (answer, message)
+    named = CliRunner().invoke(app, ["rollback", "--from", "v7", "--reason", "bad night"], input="n\n")
+    assert named.exit_code == 2 and "Roll @champion back from v7?" in named.output  # the version it rolls back
     assert not (tmp_path / "home").exists()
 
 
