@@ -169,7 +169,8 @@ async def _multipart(request: Request, body: bytes, config: ServeConfig):
             raise HTTPException(422, f"form field {field!r} given {len(given)} times; give it once")
         if given and not isinstance(given[0], str):
             raise HTTPException(422, f"form field {field!r} is a file upload, not text")
-        fields[field] = given[0] if given and given[0] else None
+        # an empty one is refused as JSON's "" is: taken for no site, a lab's cells got the global model silently
+        fields[field] = given[0] if given else None
     try:
         parsed = ClassifyRequest(cells=[], **fields)
     except ValidationError as error:

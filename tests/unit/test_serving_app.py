@@ -130,6 +130,11 @@ def test_a_form_field_given_twice_is_refused_naming_it():
         with pytest.raises(HTTPException) as refused:
             upload({field: list(values)})
         assert refused.value.status_code == 422 and f"form field '{field}' given 2 times" in refused.value.detail
+    # an empty field is refused as JSON's "" is (it was no site: the global model answered a lab's cells)
+    for field in ("site", "sample_id"):
+        with pytest.raises(HTTPException) as refused:
+            upload({field: ""})
+        assert refused.value.status_code == 422 and field in refused.value.detail
 
 
 def test_a_json_member_given_twice_is_refused_naming_it():
