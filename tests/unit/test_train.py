@@ -236,6 +236,26 @@ def test_a_run_asked_for_fewer_steps_than_its_checkpoint_holds_is_refused(tmp_pa
         fit(_fresh_baseline(), baseline_loss(fewer), images, labels, fewer, AugmentConfig(), checkpoint_dir=tmp_path)
 
 
+def test_a_longer_leg_says_it_stretches_the_learning_rate_schedule(tmp_path, caplog):
+    """More steps on a resume (README: a longer leg) lay the cosine schedule out again from where it stood: the
+    rate rises and decays anew, and the model is not the one a run of that length in one go makes. It said nothing;
+    the leg now warns, naming the step and the rates."""
+    images, labels = red_blue(4)
+    config = _train_config(steps=4, warmup_steps=1, checkpoint_every=2, log_every=2)
+    fit(_fresh_baseline(), baseline_loss(config), images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path)
+    longer = config.model_copy(update={"steps": 8})
+    with caplog.at_level("WARNING", logger="cytoloop.models.train"):
+        _, result = fit(
+            _fresh_baseline(), baseline_loss(longer), images, labels, longer, AugmentConfig(), checkpoint_dir=tmp_path
+        )
+    assert result.resumed_from == 4 and "(4 -> 8 steps) stretches the cosine" in caplog.text
+    assert "from step 4: the rate goes from 0.050 to " in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cytoloop.models.train"):  # the same steps again: an exact resume
+        fit(_fresh_baseline(), baseline_loss(longer), images, labels, longer, AugmentConfig(), checkpoint_dir=tmp_path)
+    assert "stretches" not in caplog.text
+
+
 def test_diffusion_trains_with_unlabeled_cells(tiny_settings):
     images, labels = red_blue(6)
     labels = labels.copy()

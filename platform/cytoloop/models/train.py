@@ -210,6 +210,15 @@ def _fit(
                 f"{checkpoint} holds a run at step {start}, past train.steps = {config.steps}: give steps >= "
                 f"{start} to go on with it, or remove {checkpoint.parent} to train {config.steps} steps afresh"
             )
+        laid_out = state.get("steps")  # the steps its learning-rate schedule was laid out for (older: not kept)
+        if laid_out is not None and laid_out != config.steps and start > config.warmup_steps:
+            was = _lr_factor(start, config.model_copy(update={"steps": laid_out}))
+            logger.warning(
+                f"{checkpoint}: a longer leg ({laid_out} -> {config.steps} steps) stretches the cosine learning-rate "
+                f"schedule from step {start}: the rate goes from {was:.3f} to {_lr_factor(start, config):.3f} of its "
+                f"peak and decays again, so this is not the model {config.steps} steps in one run make (the "
+                "history's lr shows where)"
+            )
     if stream:  # another data-parallel worker: the same draws as worker 0 would pair every cell's noise with one
         # of worker 0's, halving the timesteps and noises a global batch averages over
         seed = int(np.random.SeedSequence([config.seed, stream, start]).generate_state(1)[0])
@@ -260,6 +269,7 @@ def _fit(
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "history": history,
                 "step": done,
+                "steps": config.steps,
             }
             # atomic and on disk before the rename: a crash or power loss never leaves half (or an empty) checkpoint;
             # a name per process, so two writers never share one temporary file
