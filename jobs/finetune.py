@@ -259,7 +259,13 @@ def _run_finetune(
     registry = open_registry(settings)
     name, home = settings.registry.model_name, Path(settings.home).resolve()
     adapt = site is not None
-    parent = registry.by_alias(name, CHAMPION)
+    try:
+        parent = registry.by_alias(name, CHAMPION)
+    except NotRegistered:  # MLflow's own words named a missing registered model, not what to do
+        raise UsageError(
+            f"no champion of {name} to fine-tune in the registry at {settings.registry.tracking_uri}: register one "
+            "first (`cytoloop register MODEL_DIR --champion --reason ...`)"
+        ) from None
     cache = Path(settings.registry.cache_dir).resolve()
     parent_model = registry.load(name, parent.version, cache)
     parent_dir = cache / name / parent.version

@@ -8,8 +8,8 @@ Exit codes, for schedulers (cron, Airflow, a CI job): 0 done; 2 bad input (`EXIT
 was registered but the gate refused it (`EXIT_GATE_REFUSED`, `retrain` and `adapt`); 4 `retrain --if-due` found
 no retrain due (`EXIT_NOT_DUE`); 5 the challenger was registered but not judged, another alias move came first:
 run it again (`EXIT_STALE`); 6 `score` finished but some cells' files could not be read: run it again once they
-can (`EXIT_CELLS_UNREAD`); 7 `review push` left tasks waiting, Label Studio could not take them: run it again
-(`EXIT_NOT_DELIVERED`); 1 a bug (a traceback).
+can (`EXIT_CELLS_UNREAD`); 7 `review push` left tasks waiting, Label Studio could not take them or refused some:
+run it again (`EXIT_NOT_DELIVERED`); 1 a bug (a traceback).
 """
 
 from __future__ import annotations

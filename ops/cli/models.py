@@ -78,8 +78,8 @@ def train(
             chosen = get_recipe(recipe)
             kind, wanted_domains, split_seed = chosen.model, list(chosen.domains), chosen.seed
             wanted_classes = list(chosen.classes) if chosen.classes else None
+            unfixed = chosen.unfixed(load_settings(config))  # what the file and variables set, before the recipe
             settings = load_settings(config, chosen.settings_overrides())
-            unfixed = chosen.unfixed(settings)
             if unfixed:
                 fail(
                     f"--recipe {chosen.name} fixes {', '.join(unfixed)}, which the settings file or CYTOLOOP_* "
@@ -586,6 +586,10 @@ def card(
         needed |= {"anomaly_n", "anomaly_n_positive"} if "anomaly_auroc" in figures else set()
         if missing := sorted(needed - set(figures)):  # a KeyError traceback while the card was written
             fail(f"--eval {title}: {path} lacks {', '.join(missing)}: not a whole report of `cytoloop evaluate`")
+        from cytoloop.evaluation.model_card import not_figures
+
+        if wrong := not_figures(figures):  # a format error's traceback while the card was written
+            fail(f"--eval {title}: {path}: {'; '.join(wrong)} (a report edited by hand?)")
 
     def action():
         from cytoloop.evaluation.model_card import write_model_card

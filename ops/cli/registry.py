@@ -90,7 +90,7 @@ def retrain(
         from cytoloop.files import Locked
         from cytoloop.policy.drift import load_flags
         from cytoloop.policy.retrain import load_state, new_labels, retrain_due, state_path
-        from cytoloop.registry import open_registry
+        from cytoloop.registry import NotRegistered, open_registry
         from jobs.finetune import finetune_lock, run_finetune, save_retrain_state
 
         settings = settings_from(config, {"finetune": {"steps": steps, "num_workers": workers}})
@@ -100,9 +100,11 @@ def retrain(
             with finetune_lock(settings, None, wait=not if_due):
                 state = load_state(state_path(settings.home))
                 fresh = new_labels(records, state)
-                drifted = _champion_flags(
-                    load_flags(_flags_path(settings)), open_registry(settings).aliases(settings.registry.model_name)
-                )
+                try:
+                    aliases = open_registry(settings).aliases(settings.registry.model_name)
+                except NotRegistered:  # nothing registered yet: the fine-tune below says what to do
+                    aliases = {}
+                drifted = _champion_flags(load_flags(_flags_path(settings)), aliases)
                 decision = retrain_due(len(fresh), state.hours_since_last(), bool(drifted), settings.retrain)
                 typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
                 if if_due and not decision.due:

@@ -212,6 +212,12 @@ def _print_push(report) -> None:
         typer.secho(f"warning: {report.error}; the outbox keeps them until the next push", fg=typer.colors.YELLOW)
 
 
+def not_delivered(report) -> bool:
+    """Whether a push left tasks waiting because Label Studio could not take them: unreachable, a site's project
+    failing, or tasks it refused (each waits for its next attempt; exit 0 told a scheduler they were delivered)."""
+    return bool(report.pending and (report.error or report.site_errors or report.failed))
+
+
 @review_app.command("push")
 def review_push(config: Path | None = typer.Option(None, help="JSON settings file")) -> None:
     """Send the outbox's waiting tasks to Label Studio."""
@@ -224,7 +230,7 @@ def review_push(config: Path | None = typer.Option(None, help="JSON settings fil
         _require_home_file(outbox_path(settings), settings.home, "no outbox (no cell was routed)", "nothing was sent")
         report = ReviewLoop(settings).push()
         _print_push(report)
-        if report.pending and (report.error or report.site_errors):  # a scheduler must not read it as done
+        if not_delivered(report):  # a scheduler must not read it as done
             raise typer.Exit(EXIT_NOT_DELIVERED)
 
     run(action)

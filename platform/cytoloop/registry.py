@@ -626,11 +626,31 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise RegistryError(f"{uri!r} names no alias or version")
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise RegistryUnavailable, naming the server, unless the MLflow server at `uri` answers HTTP at all (any
+    status: one that asks who is there is up). MLflow retries a refused connection with back-off for minutes: every
+    registry command against a stopped server was silent for four of them before it said so."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # an answer
+    except (OSError, ValueError) as error:  # refused, timed out, no such host, a malformed URL
+        reason = getattr(error, "reason", error)
+        raise RegistryUnavailable(
+            f"the MLflow server at {uri} is not reachable ({reason}); is it running (`cytoloop stack up`)?"
+        ) from None
+
+
 def open_registry(settings) -> Registry:
     """The registry of a `Settings`: its tracking URI and experiment, and the audit log under `<home>/registry/`."""
     uri = settings.registry.tracking_uri
     if uri.startswith("sqlite:///"):  # SQLite creates the database file, not its folder
         Path(uri[len("sqlite:///") :]).resolve().parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)
     return Registry(
         settings.registry.tracking_uri,
         settings.registry.experiment,

@@ -255,6 +255,8 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
     (model / "model.json").write_text("{}")  # a finished model: never trained over silently
     report = tmp_path / "eval.json"
     report.write_text('{"balanced_accuracy": 0.9, "n_cells": 10}')
+    edited = tmp_path / "edited.json"  # a format error's traceback (exit 1) while the card was written
+    edited.write_text('{"balanced_accuracy": "x", "n_cells": 10, "intervals": {"ece": [0.1]}}')
     cases = {
         ("score", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path)): "is a folder",
         ("score", "--model", str(model), "--data", str(tmp_path / "notes.csv"), "--out", str(tmp_path / "notes.csv")): (
@@ -269,6 +271,9 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
         ("train", "--data", str(tmp_path), "--out", str(model)): "already holds a trained model",
         ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(model)): "teacher's own folder",
         ("card", str(model), "--eval", f"held-out={report}", "--eval", f"held-out={report}"): "given twice",
+        ("card", str(model), "--eval", f"held-out={edited}"): (
+            "balanced_accuracy is not a number; intervals.ece is not a pair of numbers"
+        ),
         ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(tmp_path / "c"))
         + (
             "--threshold",
@@ -576,6 +581,44 @@ def test_an_unanswered_or_refused_rollback_moves_nothing_and_exits_2(tmp_path, c
     assert not (tmp_path / "home").exists()
 
 
+def test_a_stopped_mlflow_server_is_named_at_once(tmp_path, clean_env):
+    """MLflow retries a refused connection with back-off: `cytoloop status` against a stopped server said nothing
+    for four minutes, then printed urllib3's 'Max retries exceeded'. The server is asked once now, and named."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    clean_env.setenv("CYTOLOOP_REGISTRY__TRACKING_URI", f"http://127.0.0.1:{port}")
+    for command in (["status"], ["rollback", "--yes", "--reason", "r"]):
+        result = CliRunner().invoke(app, command)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2, message
+        assert f"the MLflow server at http://127.0.0.1:{port} is not reachable" in message and "stack up" in message
+
+
+def test_a_retrain_before_any_champion_says_to_register_one(tmp_path, clean_env):
+    """Before the first `register --champion`, `retrain` ended with MLflow's 'Registered Model with name=... not
+    found'; it says what to do now."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    clean_env.setenv("CYTOLOOP_REGISTRY__TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,domain\na.png,neutrophil,lab\n")
+    result = CliRunner().invoke(app, ["retrain", "--labels", str(labels)])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "no champion of cytoloop-cells to fine-tune" in message, message
+    assert "cytoloop register MODEL_DIR --champion" in message
+
+
 def test_settings_a_shell_got_wrong_are_named_before_anything_runs(tmp_path, clean_env):
     """Found by trying a user's mistakes: an empty tracking URI gave MLflow's file-store message; a home that is a
     file, and a training OUT that is a file, 'Not a directory' from whatever wrote first (after loading every
@@ -637,6 +680,12 @@ def test_a_push_that_leaves_tasks_waiting_exits_7(tmp_path, clean_env):
     message = " ".join(result.output.split())
     assert result.exit_code == 7 and "1 waiting in the outbox" in message, message
     assert outbox.counts()["pending"] == 1
+    # tasks Label Studio refused one by one wait for their next attempt too: not delivered (it exited 0)
+    from labelstudio.push import PushReport
+    from ops.cli.review import not_delivered
+
+    assert not_delivered(PushReport(pushed=2, pending=1, failed=1))
+    assert not not_delivered(PushReport(pushed=3))
 
 
 def test_messages_logged_after_an_in_process_command_reach_the_standard_error_of_the_moment(capsys):

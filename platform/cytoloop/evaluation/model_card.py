@@ -13,6 +13,49 @@ from pathlib import Path
 CARD_FILE = "MODEL_CARD.md"
 
 
+# the figures of a report the card prints as numbers
+FIGURES = (
+    "n_cells",
+    "balanced_accuracy",
+    "accuracy",
+    "ece",
+    "nll",
+    "accuracy_at_90_coverage",
+    "denoiser_evals_per_cell",
+    "denoiser_evals_p95",
+    "anomaly_auroc",
+    "anomaly_n",
+    "anomaly_n_positive",
+)
+
+
+def not_figures(report: dict) -> list[str]:
+    """What in an evaluation report the card would print as a number and is none: each named, for an error
+    message (empty when the report is whole). A figure may be missing or None (shown as '-')."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    wrong = [f"{k} is not a number" for k in FIGURES if report.get(k) is not None and not number(report[k])]
+    for group in ("per_class_recall", "anomaly_auroc_by_score"):
+        values = report.get(group) or {}
+        if not isinstance(values, dict):
+            wrong.append(f"{group} is not an object")
+        else:
+            wrong += [f"{group}.{k} is not a number" for k, v in values.items() if v is not None and not number(v)]
+    for group in ("intervals", "anomaly_auroc_intervals"):
+        values = report.get(group) or {}
+        if not isinstance(values, dict):
+            wrong.append(f"{group} is not an object")
+        else:
+            wrong += [
+                f"{group}.{k} is not a pair of numbers"
+                for k, v in values.items()
+                if v is not None and not (isinstance(v, list) and len(v) == 2 and all(map(number, v)))
+            ]
+    return wrong
+
+
 def _with_interval(report: dict, name: str, digits: int = 3) -> str:
     """A figure of the report with its interval; '-' for one the report does not hold (a lab's part of a report
     has no accuracy at 90 % coverage)."""
