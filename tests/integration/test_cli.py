@@ -481,8 +481,9 @@ def test_train_too_few_cells_for_validation_exits_2(workspace, tiny_overrides):
 
 
 def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_overrides, monkeypatch):
-    """`train --recipe` takes model, cells, budget and settings from the recipe (over the environment) and writes
-    recipe.json with the command that reproduces the model; flags the recipe fixes are refused."""
+    """`train --recipe` takes model, cells, budget and settings from the recipe and writes recipe.json with the
+    command that reproduces the model; flags the recipe fixes are refused, and so are settings the environment
+    gives otherwise (its steps were overridden in silence: CYTOLOOP_TRAIN__STEPS=5 trained the recipe's 20,000)."""
     from cytoloop.models.recipes import RECIPES, Recipe
 
     recipe = Recipe(
@@ -507,9 +508,15 @@ def test_a_recipe_fixes_what_it_trains_and_records_the_command(workspace, tiny_o
         ["train", "--recipe", "tiny-test", "--data", str(workspace["train"]), "--out", str(out)],
         env={"CYTOLOOP_TRAIN__STEPS": "50"},
     )
+    assert result.exit_code == 2 and "--recipe tiny-test fixes train.steps" in " ".join(result.output.split())
+    result = CliRunner().invoke(
+        app,
+        ["train", "--recipe", "tiny-test", "--data", str(workspace["train"]), "--out", str(out)],
+        env={"CYTOLOOP_TRAIN__STEPS": "4", "CYTOLOOP_TRAIN__THREADS": "1"},  # the recipe's own, and a neutral one
+    )
     assert result.exit_code == 0, result.output
     training = json.loads((out / "training.json").read_text())
-    assert training["steps"] == 4 and training["settings"]["train"]["seed"] == 3  # the recipe beat the environment
+    assert training["steps"] == 4 and training["settings"]["train"]["seed"] == 3
     assert training["kind"] == "baseline" and training["classes"] == ["lymphocyte", "neutrophil"]
     record = json.loads((out / "recipe.json").read_text())
     assert record["recipe"] == "tiny-test"

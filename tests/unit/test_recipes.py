@@ -15,6 +15,27 @@ def test_a_recipe_names_the_settings_set_otherwise_of_its_own_model_kind_only(cl
     assert cnn.unfixed(load_settings(None, {**overrides, **cnn.settings_overrides()})) == ["baseline.dropout"]
     stray = {**overrides, **diffusion.settings_overrides()}
     assert diffusion.unfixed(load_settings(None, stray)) == ["diffusion.layers_per_block"]
+    # what the recipe itself sets (its steps and seed), given otherwise: compared after the recipe's overrides it
+    # always agreed, and CYTOLOOP_TRAIN__STEPS=5 trained 20,000 steps in silence
+    assert diffusion.unfixed(load_settings(None, {"train": {"steps": 5, "seed": 3}})) == ["train.steps", "train.seed"]
+    assert diffusion.unfixed(load_settings(None, {"train": {"steps": diffusion.steps}})) == []  # the same: no conflict
+    assert diffusion.unfixed(load_settings(None, {"train": {"batch_size": 16}})) == ["train.batch_size"]
+
+
+def test_train_with_a_recipe_refuses_its_settings_given_otherwise_by_the_environment(clean_env, tmp_path):
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    clean_env.setenv("CYTOLOOP_TRAIN__STEPS", "5")
+    result = CliRunner().invoke(
+        app, ["train", "--data", str(tmp_path / "none.csv"), "--out", str(tmp_path / "m"), "--recipe", "base-pbc"]
+    )
+    message = " ".join(result.output.split())
+    assert (
+        result.exit_code == 2
+        and "--recipe base-pbc fixes train.steps, which the settings file or CYTOLOOP_*" in message
+    )
 
 
 def test_a_new_model_s_initial_weights_come_from_the_training_seed(tiny_settings):

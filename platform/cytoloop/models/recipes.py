@@ -41,21 +41,24 @@ class Recipe:
         train = {**self.overrides.get("train", {}), "steps": self.steps, "seed": self.seed}
         return {**self.overrides, "train": train}
 
-    def unfixed(self, settings) -> list[str]:
-        """The settings (`section.field`) that decide the model and differ in `settings` from the defaults with this
-        recipe's overrides: set by a settings file or a `CYTOLOOP_*` variable, they would train another model under
-        this recipe's name. The recipe's own overrides always win (`settings_overrides`)."""
+    def unfixed(self, given) -> list[str]:
+        """The settings (`section.field`) that decide the model and that `given`, the settings of a settings file
+        and `CYTOLOOP_*` variables without this recipe's (`load_settings(config)`), sets to other values than the
+        recipe's (its overrides, else the defaults): they would train another model under this recipe's name, or
+        be silently overridden by it. Compared on the settings with the recipe's overrides applied, the fields the
+        recipe sets (its steps and seed) always agreed: `CYTOLOOP_TRAIN__STEPS=5` trained 20,000 steps."""
         from cytoloop.models.loading import RUNTIME_FIELDS
 
         wanted = self.settings_overrides()
         differing = []
         other = "baseline" if self.model == "diffusion" else "diffusion"  # the other kind's settings: not used
         for section in (s for s in DECISIVE_SECTIONS if s != other):
-            given = getattr(settings, section)
-            expected = type(given)(**wanted.get(section, {})).model_dump(mode="json")
+            part = getattr(given, section)
+            expected = type(part)(**wanted.get(section, {})).model_dump(mode="json")
             free = RUNTIME_FIELDS if section == "scoring" else NEUTRAL_TRAIN_FIELDS if section == "train" else ()
-            found = given.model_dump(mode="json")
-            differing += [f"{section}.{key}" for key in expected if key not in free and found[key] != expected[key]]
+            found, default = part.model_dump(mode="json"), type(part)().model_dump(mode="json")
+            chosen = [key for key in expected if key in part.model_fields_set or found[key] != default[key]]
+            differing += [f"{section}.{key}" for key in chosen if key not in free and found[key] != expected[key]]
         return differing
 
 
