@@ -95,7 +95,7 @@ def split_site(records: Sequence[CellRecord], config: DemoConfig, site: str) -> 
         if len(cells) < held + 1:
             raise DatasetError(
                 f"site {site!r}: class {label!r} has {len(cells)} cells, too few for {held} held out and one pool "
-                "cell (leave the class out with demo.classes)"
+                "cell (name the classes to use with --classes, demo.classes)"
             )
         thirds = [held * k // 3 for k in range(4)]
         for name, start, end in zip(("test", "val", "eval"), thirds, thirds[1:]):
