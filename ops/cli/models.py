@@ -237,7 +237,7 @@ def evaluate(
             anomaly_records=anomalies,
             anomaly_label=anomaly_label,
             excluded=excluded,
-            progress=not to_stdout,
+            progress=True,  # on standard error: the JSON on standard output stays whole
             allowed=allowed,
         )
         if to_stdout:

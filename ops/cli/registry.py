@@ -109,7 +109,7 @@ def retrain(
                 typer.echo(f"retrain {'due' if decision.due else 'not due'}: {decision.reason}")
                 if if_due and not decision.due:
                     raise typer.Exit(EXIT_NOT_DUE)
-                outcome = run_finetune(settings, records, pool)
+                outcome = run_finetune(settings, records, pool, progress=True)
                 save_retrain_state(settings, records, outcome)
         except Locked:  # --if-due while a retrain runs: the next call decides on that one's outcome
             typer.echo("retrain not due: another retrain of the global model is running")
@@ -142,7 +142,10 @@ def adapt(
 
         settings = settings_from(config, {"adapt": {"steps": steps}})
         pool = load_records(unlabeled) if unlabeled else []
-        print_outcome(run_finetune(settings, labelled_records(data), pool, site=site, stain_normalize=stain_normalize))
+        outcome = run_finetune(
+            settings, labelled_records(data), pool, site=site, stain_normalize=stain_normalize, progress=True
+        )
+        print_outcome(outcome)
 
     run(action)
 

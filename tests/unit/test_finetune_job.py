@@ -138,7 +138,7 @@ def test_two_fine_tunes_of_one_scope_run_one_after_the_other(tmp_path, monkeypat
     count, inside, most = threading.Lock(), [0], []  # global fine-tunes running at once, and the most seen
     site_in, global_in, saw_site = threading.Event(), threading.Event(), []
 
-    def recorded(settings, records, unlabeled, site, stain_normalize, who):
+    def recorded(settings, records, unlabeled, site, stain_normalize, who, progress):
         if site is not None:
             site_in.set()
             global_in.wait(10)  # held until a global fine-tune runs too: they overlap, or this times out

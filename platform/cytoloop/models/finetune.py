@@ -314,6 +314,7 @@ def recalibrate(
     tuning_out: Path | None = None,
     tuning_cells: int | None = None,
     allowed: list[str] | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Refit the calibration on the frozen validation cells; ECE, NLL and Brier before (the parent's calibration
     on the new weights) and after, as `<metric>_before` / `<metric>_after`. The parent's temperature counts as
@@ -345,7 +346,7 @@ def recalibrate(
             capped = tuning_cells if own is None else min(own, tuning_cells)
             model.scoring_config = model.scoring_config.model_copy(update={"calibration_cells": capped})
         tuning = tune_model_scoring(
-            model, cells.images, labels, prior_cells=prior_cells, fit_weights=True, allowed=mask
+            model, cells.images, labels, prior_cells=prior_cells, fit_weights=True, allowed=mask, progress=progress
         )
         model.scoring_config = model.scoring_config.model_copy(update={"calibration_cells": own})
         tuned = tuning["chosen"]

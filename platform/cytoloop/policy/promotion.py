@@ -251,7 +251,9 @@ def scoring_runtime(model) -> dict:
     return {field: getattr(scoring, field) for field in ("precision", "channels_last", "device", "compile")}
 
 
-def gate_figures(model, data: GateData, json_out: Path | None = None, allowed: list[str] | None = None) -> dict:
+def gate_figures(
+    model, data: GateData, json_out: Path | None = None, allowed: list[str] | None = None, progress: bool = False
+) -> dict:
     """Evaluate one model on the gate's cells: the full evaluation report (with plots beside `json_out`) and each
     cell's result, for `compare`'s paired intervals. The report names its cells (`gate_cells`), so a later gate
     on the same cells can reuse it (`kept_gate_figures`). `allowed`: the site's classes, which a site's versions
@@ -266,6 +268,7 @@ def gate_figures(model, data: GateData, json_out: Path | None = None, allowed: l
         anomaly_label=data.anomaly_label,
         per_cell=True,
         allowed=allowed,
+        progress=progress,
     )
     report.setdefault("anomaly_auroc", None)
     report["gate_cells"] = gate_fingerprint(data)
