@@ -8,6 +8,7 @@ Data flow (docs/review-loop.md): predictions -> `cytoloop.policy.routing` (reaso
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter
@@ -83,14 +84,22 @@ class ReviewLoop:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = LabelStore(label_store_path(settings))
-        self.outbox = Outbox(outbox_path(settings))
         self.url = label_studio_url(settings)
         self._client: LabelStudio | None = None
         self._server: str | None = None
         # (receiver URL, project) whose webhook this loop has set: the poll sets each once per URL (it names the
         # server), not every period, a listing of each project's webhooks
         self._hooked: set[tuple[str, int]] = set()
+
+    # opened on first use: made at once, a sync that failed to reach Label Studio (a mistyped home) left an empty
+    # store behind, and `review report` and `export`'s guard against a home without one then took it for a lab's
+    @functools.cached_property
+    def store(self) -> LabelStore:
+        return LabelStore(label_store_path(self.settings))
+
+    @functools.cached_property
+    def outbox(self) -> Outbox:
+        return Outbox(outbox_path(self.settings))
 
     @property
     def client(self) -> LabelStudio:

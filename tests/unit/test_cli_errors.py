@@ -688,6 +688,30 @@ def test_a_push_that_leaves_tasks_waiting_exits_7(tmp_path, clean_env):
     assert not not_delivered(PushReport(pushed=3))
 
 
+def test_a_sync_that_cannot_reach_label_studio_leaves_no_empty_store(tmp_path, clean_env):
+    """`review sync` in a mistyped home, Label Studio not answering there: it made an empty label store and outbox
+    first, and `review report` then answered "0 cells" there instead of refusing a home without a store."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from cytoloop.config import load_settings
+    from labelstudio.loop import label_store_path, outbox_path
+    from ops.cli import app
+
+    with socket.socket() as probe:  # a port nothing listens on: a stopped server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "typo"))
+    clean_env.setenv("CYTOLOOP_STACK__LABEL_STUDIO_PORT", str(port))
+    result = CliRunner().invoke(app, ["review", "sync"])
+    assert result.exit_code == 2 and "not reachable" in " ".join(result.output.split()), result.output
+    settings = load_settings()
+    assert not label_store_path(settings).exists() and not outbox_path(settings).exists()
+    report = CliRunner().invoke(app, ["review", "report"])
+    assert report.exit_code == 2 and "labels.db does not exist" in " ".join(report.output.split()), report.output
+
+
 def test_messages_logged_after_an_in_process_command_reach_the_standard_error_of_the_moment(capsys):
     """The project's loggers were bound to the standard error of the command's moment: run in-process (a test's
     CliRunner, the demo fixture's own `stack down` after it) every later message was a "--- Logging error ---"
