@@ -35,7 +35,7 @@ import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cytoloop.config import ScoringConfig
@@ -294,7 +294,7 @@ class Registry:
                     )
             previous = self.alias_version(name, alias)
             move = AliasMove(
-                time=datetime.now(UTC).isoformat(timespec="microseconds"),
+                time=self._next_move_time(name).isoformat(timespec="microseconds"),
                 who=who or getpass.getuser(),
                 why=why,
                 action=action,
@@ -324,6 +324,20 @@ class Registry:
                 with self.audit_log.open("a") as handle:
                     handle.write(json.dumps(asdict(move)) + "\n")
         return move
+
+    def _next_move_time(self, name: str) -> datetime:
+        """Now, or just after the trail's latest move if this host's clock is behind it: the trail is ordered by
+        its times, and the lock, not a host's clock, orders the moves (a host 2 s behind recorded its move, made
+        after another host's, before it; `rollback` then found the trail ending elsewhere than the alias)."""
+        model = self._call(lambda: self.client.get_registered_model(name), name)
+        times = [
+            json.loads(value).get("time", "")
+            for key, value in (model.tags or {}).items()
+            if key.startswith(ALIAS_MOVE_TAG)
+        ]
+        now = datetime.now(UTC)
+        latest = max((datetime.fromisoformat(t) for t in times if t), default=None)
+        return now if latest is None or now > latest else latest + timedelta(microseconds=1)
 
     def alias_history(self, name: str, alias: str | None = None) -> list[AliasMove]:
         """The alias moves that happened, oldest first (all aliases, or only `alias`).

@@ -386,6 +386,30 @@ def test_a_rollback_retried_after_it_went_through_goes_back_no_further(three_ver
     assert json.loads(lines[-1])["to_version"] == v2 and len(lines) == 4
 
 
+def test_a_mover_whose_clock_is_behind_still_records_its_move_after_the_last(three_versions, monkeypatch):
+    """The trail is ordered by its moves' times, taken from each mover's clock: a host 2 s behind recorded its move,
+    made after another's, before it, and `rollback` found the trail ending at v2 with v3 serving. The lock orders
+    the moves, and the trail follows it."""
+    from datetime import UTC, datetime, timedelta
+
+    import cytoloop.registry
+
+    registry, (v1, v2, v3), _ = three_versions
+    registry.move_alias("cells", "champion", v2, why="on a host whose clock is right")
+
+    class Behind(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz or UTC) - timedelta(seconds=2)
+
+    monkeypatch.setattr(cytoloop.registry, "datetime", Behind)
+    registry.move_alias("cells", "champion", v3, why="on a host 2 s behind")
+    monkeypatch.undo()
+    assert [m.to_version for m in registry.alias_history("cells", "champion")] == [v1, v2, v3]
+    back = registry.rollback("cells", "champion", why="undo")
+    assert (back.from_version, back.to_version) == (v3, v2)
+
+
 def test_rollback_refuses_when_the_alias_was_moved_outside_the_trail(three_versions):
     from cytoloop.registry import RegistryError
 
