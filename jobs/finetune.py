@@ -257,7 +257,7 @@ def _run_finetune(
     )
     from cytoloop.models.loading import load_model
     from cytoloop.policy.drift import colour_statistics_of, read_colour_reference, write_colour_reference
-    from cytoloop.policy.promotion import apply_verdict, compare, gate_figures, scoring_runtime
+    from cytoloop.policy.promotion import apply_verdict, compare, gate_figures, scoring_runtime, verdict_tags
     from cytoloop.workflows import carry_split, outside_held_out, seen_by
 
     registry = open_registry(settings)
@@ -477,6 +477,8 @@ def _run_finetune(
             f"its parent v{parent.version} is no longer @{CHAMPION} (v{base_now or '-'} is): a newer model or a "
             "rollback came first; run the job again to build on what serves"
         )
+        figures = {k: v for k, v in verdict_tags(verdict).items() if k not in ("gate.verdict", "gate.reasons")}
+        registry.set_tags(name, version.version, figures)  # what the gate measured, kept as a refusal's is
         verdict.passed, verdict.reasons = False, [_mark_stale(registry, name, version.version, superseded)]
     else:  # a refusal is recorded as one, with its reasons, whatever serves now
         try:

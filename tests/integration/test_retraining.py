@@ -232,6 +232,8 @@ def test_finetune_survives_a_dead_worker_and_registers_a_version(
     assert superseded.version.version == version and not superseded.passed
     assert f"its parent v{parent} is no longer @champion (v{other} is)" in superseded.reasons[0]
     assert superseded.version.tags["gate.verdict"] == "stale" and registry.alias_version(name, "champion") == other
+    assert superseded.version.tags["gate.champion_version"] == other  # what the gate measured, kept (it was not)
+    assert float(superseded.version.tags["gate.challenger.balanced_accuracy"]) >= 0
     # and the run's name holds the settings that decide the result: a changed job never resumes this one
     from cytoloop.config import AugmentConfig, DataConfig
     from cytoloop.models.finetune import finetune_configs
