@@ -138,6 +138,22 @@ def test_a_row_with_more_fields_than_the_header_is_refused_and_errors_name_the_f
         read_manifest(manifest)
 
 
+def test_a_joined_manifest_a_repeated_column_and_a_windows_path_are_named(tmp_path):
+    """Read as data: two manifests joined end to end made their second header a cell 'path' of class 'label' (a
+    phantom class with no image); a header naming 'label' twice took the last one's values; 'lymphocyte\\a.png' was
+    one file name, the cell 'not found' without the path ever named."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,domain\na.png,x,d\npath,label,domain\nb.png,x,d\n")
+    with pytest.raises(DatasetError, match=r"m.csv:3: the header again \(two manifests joined\?\)"):
+        read_manifest(manifest)
+    manifest.write_text("path,label,domain,label\na.png,lymphocyte,d,neutrophil\n")
+    with pytest.raises(DatasetError, match=r"m.csv: the header names column\(s\) label more than once"):
+        read_manifest(manifest)
+    manifest.write_text("path,label,domain\nlymphocyte\\a.png,lymphocyte,d\n")
+    with pytest.raises(DatasetError, match=r"m.csv:2: lymphocyte\\a.png uses '\\': write paths with '/'"):
+        read_manifest(manifest)
+
+
 def test_a_manifest_path_is_one_cell_however_it_is_written(tmp_path):
     """'./imgs/a.png' names the cell 'imgs/a.png' (a split written from it must match the cell's path), and the
     same cell listed twice is refused: it could land in training and test at once."""
@@ -370,17 +386,20 @@ def test_load_cells_skips_bad_files(tmp_path):
     missing = tmp_path / "missing.png"
     bomb = tmp_path / "bomb.png"  # 2 KB whose header claims 20000 x 20000 pixels: PIL's DecompressionBombError
     bomb.write_bytes(_png_header_claiming(20000, 20000))
+    gif = tmp_path / "gif.png"  # a format serving refuses: training and offline scoring took it
+    _cell_image(7).save(gif, format="GIF")
 
-    paths = [good[0], corrupt, truncated_jpeg, good[1], truncated_png, missing, bomb]
+    paths = [good[0], corrupt, truncated_jpeg, good[1], truncated_png, missing, bomb, gif]
     records = [_record(p) for p in paths]
     cells = load_cells(records, DataConfig(image_size=SIZE))
 
     assert [r.path for r in cells.records] == good
     assert cells.images.shape == (2, 3, SIZE, SIZE)
     skipped_paths = [p for p, _ in cells.skipped]
-    assert skipped_paths == [str(p) for p in (corrupt, truncated_jpeg, truncated_png, missing, bomb)]
+    assert skipped_paths == [str(p) for p in (corrupt, truncated_jpeg, truncated_png, missing, bomb, gif)]
     reasons = dict(cells.skipped)
     assert "not found" in reasons[str(missing)] and "too many pixels" in reasons[str(bomb)]
+    assert "not an image in an accepted format (BMP, JPEG, PNG, TIFF)" in reasons[str(gif)]
     assert all(str(Path(p).name) in reason for p, reason in cells.skipped)  # the message names the file
 
 
@@ -420,6 +439,24 @@ def test_non_square_image(tmp_path):
     assert preprocess(path, DataConfig(image_size=SIZE)).shape == (3, SIZE, SIZE)
 
 
+def test_the_cell_crop_keeps_a_cell_s_scale_whatever_the_image_s_shape():
+    """The nucleus was measured on a thumbnail squeezed to 64 x 64 and scaled back by the shorter side: the same
+    cell in a 200 x 100 or 100 x 200 image was cropped 1.4x tighter than in a 100 x 100 one (1.7x at 300 x 100),
+    so a lab's non-square crops reached the model zoomed in."""
+    from cytoloop.data.preprocess import cell_square
+
+    def cell(width: int, height: int) -> Image.Image:
+        pixels = np.full((height, width, 3), (235, 200, 205), np.uint8)  # a pale pink background
+        yy, xx = np.mgrid[0:height, 0:width]
+        pixels[(yy - height / 2) ** 2 + (xx - width / 2) ** 2 < 12**2] = (90, 40, 140)  # a purple nucleus, r 12
+        return Image.fromarray(pixels)
+
+    square = cell_square(cell(100, 100), 2.0).size
+    for width, height in ((200, 100), (100, 200), (300, 100), (160, 120)):
+        size = cell_square(cell(width, height), 2.0).size
+        assert size[0] == size[1] and abs(size[0] - square[0]) <= 3, (width, height, size, square)
+
+
 def test_a_16_bit_greyscale_image_is_scaled_not_clipped():
     """A 16-bit PNG or TIFF (mode I;16) converted to RGB as it was clipped every value above 255 to white: a ramp
     over the whole range came out 99.6 % white, and was answered with confident-looking probabilities."""
@@ -434,6 +471,24 @@ def test_a_16_bit_greyscale_image_is_scaled_not_clipped():
         decoded = np.asarray(decode_image(buffer.getvalue()))
         assert decoded.shape == (64, 64, 3) and (decoded == 255).mean() < 0.01, kind
         assert np.allclose(decoded[..., 0], ramp // 257, atol=1), kind
+
+
+def test_a_transparent_image_is_what_a_viewer_shows():
+    """The alpha channel was dropped: two PNGs that look the same, differing only in the colours under their
+    transparent pixels (whatever the exporting tool left there), gave the model inputs up to 0.73 apart."""
+    looks = np.zeros((40, 40, 4), np.uint8)
+    looks[..., :3] = (90, 40, 140)
+    looks[10:30, 10:30, 3] = 255  # a visible purple square; the rest transparent
+    hidden = looks.copy()
+    hidden[looks[..., 3] == 0, :3] = (0, 255, 0)  # other colours where nothing shows
+    inputs = []
+    for pixels in (looks, hidden):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels, "RGBA").save(buffer, format="PNG")
+        decoded = decode_image(buffer.getvalue())
+        assert decoded.getpixel((0, 0)) == (255, 255, 255) and decoded.getpixel((20, 20)) == (90, 40, 140)
+        inputs.append(preprocess(buffer.getvalue(), DataConfig(image_size=SIZE)))
+    assert np.array_equal(inputs[0], inputs[1])
 
 
 def test_decode_bytes_and_garbage():

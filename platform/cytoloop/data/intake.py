@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from cytoloop.data.preprocess import ImageError, decode_image
-
-FORMATS = ("BMP", "JPEG", "PNG", "TIFF")
+from cytoloop.data.preprocess import FORMATS, ImageError, decode_image
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cytoloop.config import AugmentConfig, DataConfig
 from cytoloop.data.records import CellRecord
@@ -40,6 +40,11 @@ _RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=T
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 
 
+# the formats any path opens (training, serving, scoring, pre-annotation alike): Pillow would otherwise also open
+# GIF, WebP or EPS (whose decoder runs Ghostscript), which serving refused and training and offline scoring took
+FORMATS = ("BMP", "JPEG", "PNG", "TIFF")
+
+
 class ImageError(CytoLoopError, ValueError):
     """An image that cannot be decoded or used; the message names the file (or request item) and why."""
 
@@ -47,18 +52,26 @@ class ImageError(CytoLoopError, ValueError):
 def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
     """Decode BMP/JPEG/PNG/TIFF (any mode) to RGB. A truncated or non-image input raises ImageError. A 16-bit
     greyscale image (PNG, TIFF: mode I;16 or I) is scaled to 8 bits: converted as it was, every value above 255
-    became white, and a 16-bit scan was answered as a white square with confident-looking probabilities."""
+    became white, and a 16-bit scan was answered as a white square with confident-looking probabilities. An image
+    with transparency is laid onto white."""
     name = name or (str(source) if isinstance(source, Path) else "<bytes>")
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=FORMATS) as image:
             image.load()  # force the full decode: a truncated file fails here, not later
             if image.mode.startswith("I;16") or image.mode == "I":
                 wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
                 sixteen = image.mode.startswith("I;16") or wide.max() > 255  # "I" holding 8-bit values stays
                 return Image.fromarray((wide // 257 if sixteen else wide).astype(np.uint8)).convert("RGB")
+            if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+                # onto white, as a viewer shows it: with the alpha dropped, the colours under transparent pixels
+                # (whatever the exporting tool left there) decided the model's input
+                rgba = image.convert("RGBA")
+                return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
             return image.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image in an accepted format ({', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as error:  # not an OSError: one such file stopped a whole dataset's load
         raise ImageError(f"{name}: too many pixels to decode ({error})") from None
     except MemoryError:
@@ -109,9 +122,12 @@ def cell_square(image: Image.Image, scale: float) -> Image.Image:
         return center_square(image, FALLBACK_FRACTION)
     cy, cx = (weight * yy).sum() / weight.sum(), (weight * xx).sum() / weight.sum()
     nucleus = mask & ((yy - cy) ** 2 + (xx - cx) ** 2 < (side * 0.3) ** 2)
-    radius = np.sqrt(nucleus.sum() / np.pi)
     width, height = image.size
-    half = float(np.clip(scale * radius, side * 0.15, side * 0.5)) * min(width, height) / side
+    # the thumbnail squeezes each axis on its own: an area in it is (64 / width) x (64 / height) of the image's, so
+    # the radius scales back by the geometric mean of the sides (by the shorter side, a 200 x 100 upload's cell was
+    # cropped 1.4x tighter than the same cell in a square image; square images are cropped as before)
+    radius = np.sqrt(nucleus.sum() / np.pi) * np.sqrt(width * height) / side
+    half = float(np.clip(scale * radius, 0.15 * min(width, height), 0.5 * min(width, height)))
     x0 = float(np.clip(cx * width / side - half, 0, max(0.0, width - 2 * half)))
     y0 = float(np.clip(cy * height / side - half, 0, max(0.0, height - 2 * half)))
     return image.crop((int(x0), int(y0), int(x0 + 2 * half), int(y0 + 2 * half)))

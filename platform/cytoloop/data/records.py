@@ -107,6 +107,9 @@ def _read_manifest(path: Path, root: Path) -> list[CellRecord]:
                 f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(REQUIRED_COLUMNS)} "
                 f"(comma-separated), found the columns {found}"
             )
+        header = [c.strip() for c in reader.fieldnames or []]
+        if twice := sorted({c for c in header if c and header.count(c) > 1}):  # the last one's values were read
+            raise DatasetError(f"{path}: the header names column(s) {', '.join(twice)} more than once")
         records: list[CellRecord] = []
         first_line: dict[str, int] = {}
         for row in reader:
@@ -122,6 +125,11 @@ def _read_manifest(path: Path, root: Path) -> list[CellRecord]:
                 )
             if not row["path"].strip():
                 raise DatasetError(f"{path}:{line}: empty path")
+            if [(row.get(c) or "").strip() for c in REQUIRED_COLUMNS] == list(REQUIRED_COLUMNS):
+                # two manifests joined end to end: their second header was a cell 'path' of class 'label'
+                raise DatasetError(f"{path}:{line}: the header again (two manifests joined?): remove the line")
+            if "\\" in row["path"]:  # read as part of a file name: the cell was 'not found', the path never named
+                raise DatasetError(f"{path}:{line}: {row['path'].strip()} uses '\\': write paths with '/'")
             cell_id = posixpath.normpath(PurePosixPath(row["path"].strip()).as_posix())
             file = os.path.normpath(root / cell_id)  # 'a/../b.png', 'b.png' and '/data/b.png' name one file
             if file in first_line:
