@@ -198,7 +198,9 @@ class ReviewLoop:
         """Route scored cells, queue this round's selection in the outbox, and push it if Label Studio is up.
 
         `records[i]` is the cell scored in row i of `predictions` (and of `images`, the preprocessed cells, whose
-        4x4 thumbnails tell near-duplicates apart; without them the probability vectors do). Each cell goes to the
+        4x4 thumbnails tell near-duplicates apart; without them no cell is taken for another's near-duplicate: the
+        probability vectors were used, and every confident cell of one class looked like every other, so the
+        demo's site-b sent 14 of its 40 a round). Each cell goes to the
         project of `site` (default: its domain). Cells already queued for this model version are not chosen again,
         and cells whose labels already agree (consensus) are not routed again for a newer version. A cell is its
         image's content (`tasks.cell_uid`), whatever its file is called. `routing` replaces the configured
@@ -212,7 +214,7 @@ class ReviewLoop:
             )
         sites = [site or r.domain for r in records]
         uids = [cell_uid(r.path) for r in records]
-        signatures = predictions.probs if images is None else thumbnails(images)
+        signatures = [()] * len(records) if images is None else thumbnails(images)  # empty: never alike
         scored = [
             ScoredCell(
                 uid,

@@ -124,3 +124,25 @@ def test_an_audit_task_shows_the_annotator_nothing_of_the_model_and_still_measur
             loop.store.upsert(annotation, {"id": 1, "project": 1, "data": task["data"]}, "poll", "org1-x")
     audit = review_report(loop.store, labels_required=2)["audit"]
     assert audit == {"cells": 2, "model_wrong": 1, "error_rate": 0.5}
+
+
+def test_without_images_confident_cells_of_one_class_are_not_taken_for_near_duplicates(tmp_path):
+    """Without images (the demo scores through Serve) the probability vectors were the cells' signatures: 70
+    different neutrophils at 0.97-0.99 all looked alike, and with the budget filled from confident cells
+    (`fill_budget`) a round sent a handful of its 40 (site-b: 14, 24 and 13)."""
+    from cytoloop.config import RoutingConfig
+
+    folder = tmp_path / "images" / "lab"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(70):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    (folder / "manifest.csv").write_text("path,label,domain\n" + "".join(f"{i:03d}.png,,lab\n" for i in range(70)))
+    cells = read_manifest(folder / "manifest.csv")
+    confidence = np.linspace(0.97, 0.99, 70)
+    probs = np.stack([(1 - confidence) / 2, (1 - confidence) / 2, confidence], axis=1)  # all neutrophil
+    routing = RoutingConfig(review_below=0.7, anomaly_above=None, audit_fraction=0.0, fill_budget=True)
+    report = _loop(tmp_path).route(
+        cells, Predictions(probs, np.full(70, 2), np.ones(70)), CLASSES, "v1", push=False, budget=40, routing=routing
+    )
+    assert report.queued == 40
