@@ -164,7 +164,7 @@ def site_rounds() -> list[RoundResult]:
                 site,
                 30,
                 scored=50,
-                routed={"anomaly": 5, "review": 15, "accept": 30},
+                routed={"anomaly": 5, "review": 10, "accept": 35},  # 30 % flagged; 20 of 50 sent (the budget filled)
                 sent=20,
                 annotations=40,
                 consensus=18,
@@ -189,9 +189,9 @@ def test_round_table_and_report(tmp_path):
     from cytoloop.evaluation.loop_report import write_report
 
     rounds = site_rounds()
-    assert rounds[1].routed_fraction == 0.4
+    assert rounds[1].routed_fraction == 0.3
     table = round_table(rounds)
-    assert "| 1 | site-a | 30 | 50 | 40% | 3/4 | 20 | 40 | 2 | v2 | promoted | v2 | 0.700 | 0.080 | 3 |" in table
+    assert "| 1 | site-a | 30 | 50 | 30% | 3/4 | 20 | 40 | 2 | v2 | promoted | v2 | 0.700 | 0.080 | 3 |" in table
     assert "| 0 | site-b | 0 | - | - | - | - | - | - | v1 | base | v1 | 0.500 | 0.200 | 0 |" in table
     rng = np.random.default_rng(0)
     predictions = {(r.site, r.round): (rng.dirichlet(np.ones(3), size=30), rng.integers(0, 3, size=30)) for r in rounds}
@@ -210,8 +210,10 @@ def test_round_table_and_report(tmp_path):
     for plot in plots:
         assert (tmp_path / plot).stat().st_size > 1000 and f"({plot})" in text
     floor = "0.100 [0.050, 0.160] (63 cells)"
-    assert f"| site-a | 0.600 / 0.200 | 0.700 / 0.080 (v2) | {floor} | 20 | 1 of 1 | 3 of 4 | 40.0% |" in text
-    assert f"| site-b | 0.500 / 0.200 | 0.600 / 0.080 (v1) | {floor} | 20 | 0 of 1 | 3 of 4 | 40.0% |" in text
+    assert f"| site-a | 0.600 / 0.200 | 0.700 / 0.080 (v2) | {floor} | 20 | 1 of 1 | 3 of 4 | 30.0% |" in text
+    assert f"| site-b | 0.500 / 0.200 | 0.600 / 0.080 (v1) | {floor} | 20 | 0 of 1 | 3 of 4 | 30.0% |" in text
+    # what the routing flagged, and what went to annotators with the budget filled (only the first was shown)
+    assert "| 1 | site-a | 4 | 3 | 3 | 2 | 30.0% | 40.0% | 1.5 |" in text
     assert "| a@x / b@x | 20 | 90.0% | 0.800 |" in text and "Fleiss' kappa 0.750" in text
     assert "http://127.0.0.1:5000/#/experiments/1" in text
     assert "Cells Serve could not score, left out of those figures: site-b round 1: 1 held-out, 2 pool." in text

@@ -169,6 +169,7 @@ def _blasts(rounds: Sequence, sites: Mapping[str, str], out: Path) -> list[Block
             str(r.blasts.get("sent", 0)),
             str(r.new_class_cells),
             f"{r.routed_fraction:.1%}",
+            f"{r.sent / r.scored:.1%}" if r.scored else "-",
             f"{r.anomaly_threshold:.3g}" if r.anomaly_threshold is not None else "-",
         ]
         for r in rounds
@@ -180,8 +181,10 @@ def _blasts(rounds: Sequence, sites: Mapping[str, str], out: Path) -> list[Block
         "blasts in the scored pool",
         "routed as anomalies",
         "sent to Label Studio",
-        "named a new class by consensus",
-        "pool routed",
+        "named a new class by consensus (all rounds so far)",
+        "pool routed (anomaly, review, audit)",
+        # with the budget filled from confident cells (`demo.fill_budget`) more is sent than the routing flagged
+        "pool sent to annotators",
         "anomaly threshold",
     ]
     return [("h2", "Blasts found"), ("img", "blasts.png", "blasts found per round"), ("table", header, rows)]
