@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cytoloop.config import DemoConfig, Settings
-from cytoloop.data.records import CellRecord, DatasetError, load_records, read_manifest, select
+from cytoloop.data.records import CellRecord, DatasetError, cell_identity, load_records, read_manifest, select
 from cytoloop.errors import CytoLoopError, UsageError
 from cytoloop.models.finetune import freeze, frozen_directory
 
@@ -73,8 +73,8 @@ class SiteSplit:
 
 def split_site(records: Sequence[CellRecord], config: DemoConfig, site: str) -> SiteSplit:
     """Per class (seeded by the demo's seed and the site): `test_fraction` of the cells held out and cut in three
-    (test, val, eval), the rest the pool. A class with too few cells for three held-out cells and one pool cell is
-    an error naming it and the site."""
+    (test, val, eval), the rest the pool, without the copies of held-out cells. A class with too few cells for
+    three held-out cells and one pool cell is an error naming it and the site."""
     by_class: dict[str, list[CellRecord]] = defaultdict(list)
     for record in records:
         if record.label is not None:
@@ -101,6 +101,11 @@ def split_site(records: Sequence[CellRecord], config: DemoConfig, site: str) -> 
         for name, start, end in zip(("test", "val", "eval"), thirds, thirds[1:]):
             parts[name] += cells[start:end]
         parts["pool"] += cells[held:]
+    # a copy of a held-out cell (one image under two names: jtsc's 112.bmp and 139.bmp) is no pool cell: labelled
+    # and trained on, its twin on the learning curve was a training cell, and its twin in a frozen set made it a
+    # label spent and then dropped from training
+    held_out = {cell_identity(r.path) for name in ("test", "val", "eval") for r in parts[name]}
+    parts["pool"] = [r for r in parts["pool"] if cell_identity(r.path) not in held_out]
     return SiteSplit(**parts)
 
 
