@@ -231,8 +231,16 @@ def test_round_table_and_report(tmp_path):
     for plot in plots:
         assert (tmp_path / plot).stat().st_size > 1000 and f"({plot})" in text
     floor = "0.100 [0.050, 0.160] (63 cells)"
-    assert f"| site-a | 0.600 / 0.200 | 0.700 / 0.080 (v2) | {floor} | 20 | 1 of 1 | 3 of 4 | 30.0% |" in text
-    assert f"| site-b | 0.500 / 0.200 | 0.600 / 0.080 (v1) | {floor} | 20 | 0 of 1 | 3 of 4 | 30.0% |" in text
+    assert f"| site-a | 0.600 / 0.200 (v1) | 0.700 / 0.080 (v2) | {floor} | 20 | 1 of 1 | 3 of 4 | 30.0% |" in text
+    assert f"| site-b | 0.500 / 0.200 (v1) | 0.600 / 0.080 (v1) | {floor} | 20 | 0 of 1 | 3 of 4 | 30.0% |" in text
+    # a rerun in the same home starts from the champion an earlier run left: called the base model, it was not
+    from dataclasses import replace
+
+    from cytoloop.evaluation.loop_report import _summary
+
+    kept = [replace(r, gate="kept from an earlier run", served="5") if r.round == 0 else r for r in rounds]
+    [(_, header, rows)] = [block for block in _summary(kept, sites) if block[0] == "table"]
+    assert header[1] == "round 0: bal. acc. / ECE" and rows[0][1] == "0.600 / 0.200 (v5, an earlier run's champion)"
     # what the routing flagged, and what went to annotators with the budget filled (only the first was shown)
     assert "| 1 | site-a | 4 | 3 | 3 | 2 | 30.0% | 40.0% | 1.5 |" in text
     assert "| a@x / b@x | 20 | 90.0% | 0.800 |" in text and "Fleiss' kappa 0.750" in text

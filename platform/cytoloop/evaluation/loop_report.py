@@ -80,7 +80,8 @@ def _summary(rounds: Sequence, sites: Mapping[str, str]) -> list[Block]:
         rows.append(
             [
                 site,
-                f"{base.balanced_accuracy:.3f} / {base.ece:.3f}",
+                f"{base.balanced_accuracy:.3f} / {base.ece:.3f} (v{base.served}"
+                + (", an earlier run's champion)" if base.gate.startswith("kept") else ")"),
                 f"{last.balanced_accuracy:.3f} / {last.ece:.3f} (v{last.served})",
                 _calibrated(last.ece_calibrated),
                 str(sum(r.sent for r in mine)),
@@ -91,7 +92,7 @@ def _summary(rounds: Sequence, sites: Mapping[str, str]) -> list[Block]:
         )
     header = [
         "site",
-        "base model: bal. acc. / ECE",
+        "round 0: bal. acc. / ECE",  # the base model, or the champion a run before this one in its home left
         "after the last round",
         "ECE a calibrated model shows on these cells",
         "cells sent to annotators",
@@ -99,7 +100,7 @@ def _summary(rounds: Sequence, sites: Mapping[str, str]) -> list[Block]:
         "round 1: blasts routed as anomalies",
         "round 1: pool routed",
     ]
-    blocks: list[Block] = [("h2", "Each site, from the base model to the last round"), ("table", header, rows)]
+    blocks: list[Block] = [("h2", "Each site, from round 0 to the last round"), ("table", header, rows)]
     missing = [
         f"{r.site} round {r.round}: " + ", ".join(f"{n} {part}" for part, n in sorted(r.not_scored.items()))
         for r in rounds
@@ -132,7 +133,7 @@ def _curves(rounds: Sequence, sites: Mapping[str, str], out: Path) -> list[Block
         numbers,
         series,
         out / "learning_curve.png",
-        xlabel="round (0: the unadapted base model)",
+        xlabel="round (0: the model serving the site at the start)",
         ylabel="site's held-out cells",
         title="Each site's model per round",
     )
@@ -206,7 +207,7 @@ def _drift(rounds: Sequence, sites: Mapping[str, str], out: Path) -> list[Block]
             [r.round for r in drifted],
             {k: [r.drift[k] for r in drifted] for k in keys},
             out / name,
-            xlabel="round (0: the base model)",
+            xlabel="round (0: the model serving the site at the start)",
             ylabel="figure",
             title=f"{site}: its held-out cells as served (psi_max: colour drift vs the model's training cells)",
         )
