@@ -80,6 +80,22 @@ def _score(alphas_cumprod, cells, config):
     return result, fake
 
 
+def test_a_denoiser_that_gives_nan_is_an_error_not_a_near_tie(alphas_cumprod, cells):
+    """NaN marks a class not played in a trial: a NaN error from the denoiser (a half-precision overflow) switched
+    elimination off and gave the broken class about the winner's probability. It is an error naming the class."""
+    fake = CountingDenoiser(alphas_cumprod)
+
+    def broken(x_t, t, c):
+        out = fake(x_t, t, c)
+        out[c == 2] = float("nan")
+        return out
+
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite error for \d+ of \d+ \(trial, class\) pairs, class index\(es\) \[2\]"
+    ):
+        score_cells(broken, alphas_cumprod, cells, N_CLASSES, NULL, ScoringConfig(**FAST))
+
+
 def test_fast_settings_decide_in_few_evaluations(alphas_cumprod, cells):
     result, fake = _score(alphas_cumprod, cells, ScoringConfig(**FAST, null_trials=1))
     np.testing.assert_array_equal(result.class_error.argmin(axis=1), WINNERS)

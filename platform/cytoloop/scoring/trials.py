@@ -285,6 +285,12 @@ def _run_trials(
             predicted = denoise(x_t, t, entry_class_t[start:stop].to(device)).float()
             error = ((predicted - noise) ** 2 * mask).sum(dim=(1, 2, 3)) / mask_pixels
             errors[start:stop] = error.cpu()
+    if not torch.isfinite(errors).all():  # a NaN reads as a class not played: it was given a near-winner's odds
+        broken = sorted({entry_class[i] for i in torch.nonzero(~torch.isfinite(errors)).flatten().tolist()})
+        raise FloatingPointError(
+            f"the denoiser gave a non-finite error for {int((~torch.isfinite(errors)).sum())} of {len(errors)} "
+            f"(trial, class) pairs, class index(es) {broken} (scoring.precision {config.precision}: an overflow?)"
+        )
     measured = [_Measured(np.full(len(trial.cell.active), np.nan), float("nan"), 0) for trial in trials]
     for j, c, e in zip(entry_job, entry_class, errors.tolist()):
         if c == null_class:
