@@ -415,7 +415,10 @@ class Registry:
             raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
         # compare-and-set against the version checked; an unset site alias as `move_alias` reads it, served by the
         # global champion (compared with None, the second rollback of a site's unset alias was refused)
-        checked = live if live is not None else self.serving_version(name, alias)
+        checked: str | None | object = live if live is not None else self.serving_version(name, alias)
+        # the caller's version checked again under the lock: two `rollback --from 7` at once both passed the check
+        # above, and the second, reading the trail the first had just ended at 6, went on to 5
+        checked = checked if expect is ANY_VERSION else expect
         return self.move_alias(name, alias, stack[-2], why, action="rollback", who=who, expect=checked)
 
     def alias_version(self, name: str, alias: str) -> str | None:
@@ -644,13 +647,19 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise RegistryUnavailable, naming the server, unless the MLflow server at `uri` answers HTTP at all (any
     status: one that asks who is there is up). MLflow retries a refused connection with back-off for minutes: every
     registry command against a stopped server was silent for four of them before it said so."""
+    import http.client
+    import ssl
     import urllib.error
     import urllib.request
 
+    # whether anything answers, not whom to trust: a server behind a private CA (MLflow's client is told of it by
+    # MLFLOW_TRACKING_SERVER_CERT_PATH or REQUESTS_CA_BUNDLE) answers too; nothing but this probe is sent
+    unverified = ssl.create_default_context()
+    unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return  # an answer
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s, context=unverified).close()
+    except (urllib.error.HTTPError, http.client.HTTPException):
+        return  # an answer (an HTTP error, or something other than HTTP listening there: MLflow says which)
     except (OSError, ValueError) as error:  # refused, timed out, no such host, a malformed URL
         reason = getattr(error, "reason", error)
         raise RegistryUnavailable(

@@ -386,10 +386,33 @@ def test_a_rollback_retried_after_it_went_through_goes_back_no_further(three_ver
     assert json.loads(lines[-1])["to_version"] == v2 and len(lines) == 4
 
 
+def test_two_rollbacks_of_one_version_at_once_go_back_one_move(three_versions, monkeypatch):
+    """Two operators roll back v3 at once (`--from 3` each): the second's check of v3 came before the first's move,
+    and it went on from the trail the first had just ended at v2, to v1. Its version is checked again where the
+    alias moves, under the lock."""
+    from cytoloop.registry import AliasMoved, Registry
+
+    registry, (v1, v2, v3), uri = three_versions
+    registry.move_alias("cells", "champion", v2, why="second")
+    registry.move_alias("cells", "champion", v3, why="third")
+    colleague = Registry(uri, "faults", audit_log=registry.audit_log)
+    real_history, theirs = registry.alias_history, []
+
+    def colleague_first(name, alias=None):  # the colleague's rollback lands between my check and my move
+        if not theirs:
+            theirs.append(colleague.rollback("cells", "champion", why="worse on the ward", expect=v3))
+        return real_history(name, alias)
+
+    monkeypatch.setattr(registry, "alias_history", colleague_first)
+    with pytest.raises(AliasMoved, match="nothing was moved"):
+        registry.rollback("cells", "champion", why="worse on the ward", expect=v3)
+    assert theirs[0].to_version == v2 and registry.alias_version("cells", "champion") == v2
+
+
 def test_a_mover_whose_clock_is_behind_still_records_its_move_after_the_last(three_versions, monkeypatch):
-    """The trail is ordered by its moves' times, taken from each mover's clock: a host 2 s behind recorded its move,
-    made after another's, before it, and `rollback` found the trail ending at v2 with v3 serving. The lock orders
-    the moves, and the trail follows it."""
+    """The trail is ordered by its moves' times, taken from each mover's clock: a host behind recorded its move, made
+    after another's, before it, and `rollback` found the trail ending at v2 with v3 serving. The lock orders the
+    moves, and the trail follows it."""
     from datetime import UTC, datetime, timedelta
 
     import cytoloop.registry
@@ -400,10 +423,10 @@ def test_a_mover_whose_clock_is_behind_still_records_its_move_after_the_last(thr
     class Behind(datetime):
         @classmethod
         def now(cls, tz=None):
-            return datetime.now(tz or UTC) - timedelta(seconds=2)
+            return datetime.now(tz or UTC) - timedelta(hours=1)
 
     monkeypatch.setattr(cytoloop.registry, "datetime", Behind)
-    registry.move_alias("cells", "champion", v3, why="on a host 2 s behind")
+    registry.move_alias("cells", "champion", v3, why="on a host an hour behind")
     monkeypatch.undo()
     assert [m.to_version for m in registry.alias_history("cells", "champion")] == [v1, v2, v3]
     back = registry.rollback("cells", "champion", why="undo")
