@@ -73,8 +73,8 @@ class SiteSplit:
 
 def split_site(records: Sequence[CellRecord], config: DemoConfig, site: str) -> SiteSplit:
     """Per class (seeded by the demo's seed and the site): `test_fraction` of the cells held out and cut in three
-    (test, val, eval), the rest the pool, without the copies of held-out cells. A class with too few cells for
-    three held-out cells and one pool cell is an error naming it and the site."""
+    (test, val, eval), the rest the pool; the copies of one image (`cell_identity`) are one cell, in one part. A
+    class with too few cells for three held-out cells and one pool cell is an error naming it and the site."""
     by_class: dict[str, list[CellRecord]] = defaultdict(list)
     for record in records:
         if record.label is not None:
@@ -87,25 +87,30 @@ def split_site(records: Sequence[CellRecord], config: DemoConfig, site: str) -> 
             f"{config.blast_label!r}, the label of the anomalies mixed into its pool: choose demo.classes without it"
         )
     rng = random.Random(f"{config.seed}:{site}")
+    identity = {str(r.path): cell_identity(r.path) for cells in by_class.values() for r in cells}
     parts: dict[str, list[CellRecord]] = {name: [] for name in ("test", "val", "eval", "pool")}
     for label in sorted(by_class):
         cells = sorted(by_class[label], key=lambda r: r.cell_id)
         rng.shuffle(cells)
-        held = max(3, round(config.test_fraction * len(cells)))
-        if len(cells) < held + 1:
+        # copies of one image (jtsc's 112.bmp and 139.bmp are one lymphocyte) are one cell, in one part: one on the
+        # learning curve and its twin in the pool was labelled and trained on
+        images: dict[str, list[CellRecord]] = {}
+        for cell in cells:
+            images.setdefault(identity[str(cell.path)], []).append(cell)
+        held = max(3, round(config.test_fraction * len(images)))
+        if len(images) < held + 1:
+            files = f" ({len(cells)} files)" if len(cells) != len(images) else ""
             raise DatasetError(
-                f"site {site!r}: class {label!r} has {len(cells)} cells, too few for {held} held out and one pool "
-                "cell (name the classes to use with --classes, demo.classes)"
+                f"site {site!r}: class {label!r} has {len(images)} cells{files}, too few for {held} held out and one "
+                "pool cell (name the classes to use with --classes, demo.classes)"
             )
         thirds = [held * k // 3 for k in range(4)]
-        for name, start, end in zip(("test", "val", "eval"), thirds, thirds[1:]):
-            parts[name] += cells[start:end]
-        parts["pool"] += cells[held:]
-    # a copy of a held-out cell (one image under two names: jtsc's 112.bmp and 139.bmp) is no pool cell: labelled
-    # and trained on, its twin on the learning curve was a training cell, and its twin in a frozen set made it a
-    # label spent and then dropped from training
-    held_out = {cell_identity(r.path) for name in ("test", "val", "eval") for r in parts[name]}
-    parts["pool"] = [r for r in parts["pool"] if cell_identity(r.path) not in held_out]
+        for i, copies in enumerate(images.values()):
+            name = "pool" if i >= held else ("test", "val", "eval")[max(k for k in range(3) if thirds[k] <= i)]
+            parts[name] += copies
+    # nor is a copy filed under another class in the pool while one is held out
+    held_out = {identity[str(r.path)] for name in ("test", "val", "eval") for r in parts[name]}
+    parts["pool"] = [r for r in parts["pool"] if identity[str(r.path)] not in held_out]
     return SiteSplit(**parts)
 
 
