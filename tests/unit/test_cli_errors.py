@@ -256,7 +256,9 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
     report = tmp_path / "eval.json"
     report.write_text('{"balanced_accuracy": 0.9, "n_cells": 10}')
     edited = tmp_path / "edited.json"  # a format error's traceback (exit 1) while the card was written
-    edited.write_text('{"balanced_accuracy": "x", "n_cells": 10, "intervals": {"ece": [0.1]}}')
+    edited.write_text('{"balanced_accuracy": "x", "n_cells": 10, "intervals": {"ece": [0.1]}, "nll": null}')
+    nulled = tmp_path / "nulled.json"  # None where the card formats the figure: a TypeError
+    nulled.write_text('{"balanced_accuracy": 0.9, "n_cells": 10, "denoiser_evals_per_cell": null}')
     cases = {
         ("score", "--model", str(model), "--data", str(tmp_path), "--out", str(tmp_path)): "is a folder",
         ("score", "--model", str(model), "--data", str(tmp_path / "notes.csv"), "--out", str(tmp_path / "notes.csv")): (
@@ -272,8 +274,9 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
         ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(model)): "teacher's own folder",
         ("card", str(model), "--eval", f"held-out={report}", "--eval", f"held-out={report}"): "given twice",
         ("card", str(model), "--eval", f"held-out={edited}"): (
-            "balanced_accuracy is not a number; intervals.ece is not a pair of numbers"
+            "balanced_accuracy is not a number; intervals.ece is not a pair of numbers (a report"
         ),
+        ("card", str(model), "--eval", f"held-out={nulled}"): "denoiser_evals_per_cell is not a number",
         ("distill", "--teacher", str(model), "--data", str(tmp_path), "--out", str(tmp_path / "c"))
         + (
             "--threshold",

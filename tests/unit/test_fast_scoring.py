@@ -90,8 +90,10 @@ def test_a_denoiser_that_gives_nan_is_an_error_not_a_near_tie(alphas_cumprod, ce
         out[c == 2] = float("nan")
         return out
 
+    from cytoloop.errors import CytoLoopError
+
     with pytest.raises(
-        FloatingPointError, match=r"non-finite error for \d+ of \d+ \(trial, class\) pairs, class index\(es\) \[2\]"
+        CytoLoopError, match=r"non-finite error for \d+ of \d+ \(trial, class\) pairs, class index\(es\) \[2\]"
     ):
         score_cells(broken, alphas_cumprod, cells, N_CLASSES, NULL, ScoringConfig(**FAST))
 

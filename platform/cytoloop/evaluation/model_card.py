@@ -29,21 +29,28 @@ FIGURES = (
 )
 
 
+# of those, the ones a card shows as '-' when a report gives None (`_with_interval`); the others it formats
+SHOWN_AS_DASH = ("balanced_accuracy", "accuracy", "ece", "nll", "accuracy_at_90_coverage")
+
+
 def not_figures(report: dict) -> list[str]:
     """What in an evaluation report the card would print as a number and is none: each named, for an error
-    message (empty when the report is whole). A figure may be missing or None (shown as '-')."""
+    message (empty when the report is whole). A figure may be missing; None only where the card shows '-'."""
 
     def number(value: object) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    wrong = [f"{k} is not a number" for k in FIGURES if report.get(k) is not None and not number(report[k])]
-    for group in ("per_class_recall", "anomaly_auroc_by_score"):
+    def wrong_value(key: str, value: object, none_ok: bool) -> bool:
+        return not number(value) and not (value is None and none_ok)
+
+    wrong = [f"{k} is not a number" for k in FIGURES if k in report and wrong_value(k, report[k], k in SHOWN_AS_DASH)]
+    for group, none_ok in (("per_class_recall", True), ("anomaly_auroc_by_score", False)):
         values = report.get(group) or {}
         if not isinstance(values, dict):
             wrong.append(f"{group} is not an object")
         else:
-            wrong += [f"{group}.{k} is not a number" for k, v in values.items() if v is not None and not number(v)]
-    for group in ("intervals", "anomaly_auroc_intervals"):
+            wrong += [f"{group}.{k} is not a number" for k, v in values.items() if wrong_value(k, v, none_ok)]
+    for group, none_ok in (("intervals", True), ("anomaly_auroc_intervals", False)):
         values = report.get(group) or {}
         if not isinstance(values, dict):
             wrong.append(f"{group} is not an object")
@@ -51,7 +58,7 @@ def not_figures(report: dict) -> list[str]:
             wrong += [
                 f"{group}.{k} is not a pair of numbers"
                 for k, v in values.items()
-                if v is not None and not (isinstance(v, list) and len(v) == 2 and all(map(number, v)))
+                if not (v is None and none_ok) and not (isinstance(v, list) and len(v) == 2 and all(map(number, v)))
             ]
     return wrong
 

@@ -61,11 +61,17 @@ import torch
 from scipy import special
 
 from cytoloop.config import ScoringConfig
+from cytoloop.errors import CytoLoopError
 
 # denoise(x_t, t, class_index) -> predicted noise; all three batched along dim 0.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 GPU_LOOKAHEAD = 16  # `scoring.lookahead` when unset on a GPU (on a CPU it stays 1: there, evaluations are time)
+
+
+class NonFiniteError(CytoLoopError, FloatingPointError):
+    """The denoiser gave a NaN or an infinite error: said as such, with the setting that may cause it, not as a
+    traceback (a NaN also reads as a class not played, so it must never reach the trial log)."""
 
 
 @dataclass
@@ -287,7 +293,7 @@ def _run_trials(
             errors[start:stop] = error.cpu()
     if not torch.isfinite(errors).all():  # a NaN reads as a class not played: it was given a near-winner's odds
         broken = sorted({entry_class[i] for i in torch.nonzero(~torch.isfinite(errors)).flatten().tolist()})
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"the denoiser gave a non-finite error for {int((~torch.isfinite(errors)).sum())} of {len(errors)} "
             f"(trial, class) pairs, class index(es) {broken} (scoring.precision {config.precision}: an overflow?)"
         )
