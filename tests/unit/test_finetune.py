@@ -323,10 +323,10 @@ def test_a_fine_tune_trains_on_none_of_its_parent_s_held_out_cells_and_carries_i
     assert not (child / "none").exists()
 
 
-def test_the_first_freeze_leaves_the_parent_s_training_and_calibration_cells_to_training(tmp_path):
+def test_the_first_freeze_keeps_the_parent_s_training_and_calibration_cells_out_of_the_frozen_sets(tmp_path):
     """A site's first freeze drew its gate and calibration sets from all its labels: those its parent trained on (a
     site whose cells the base model learnt from) went into them, and the gate compared every challenger with a
-    champion judged on cells it had learnt. The parent's training and validation cells are only trained on now."""
+    champion judged on cells it had learnt. The parent's training and validation cells are never frozen now."""
     import json
 
     from cytoloop.workflows import SPLIT_FILE, seen_by

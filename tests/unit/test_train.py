@@ -248,12 +248,12 @@ def test_a_longer_leg_says_it_stretches_the_learning_rate_schedule(tmp_path, cap
         _, result = fit(
             _fresh_baseline(), baseline_loss(longer), images, labels, longer, AugmentConfig(), checkpoint_dir=tmp_path
         )
-    assert result.resumed_from == 4 and "(4 -> 8 steps) stretches the cosine" in caplog.text
-    assert "from step 4: the rate goes from 0.050 to " in caplog.text
+    assert result.resumed_from == 4 and "(4 -> 8 steps) lays the cosine" in caplog.text
+    assert "out again from step 4: the rate goes from 0.050 to " in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="cytoloop.models.train"):  # the same steps again: an exact resume
         fit(_fresh_baseline(), baseline_loss(longer), images, labels, longer, AugmentConfig(), checkpoint_dir=tmp_path)
-    assert "stretches" not in caplog.text
+    assert "lays the cosine" not in caplog.text
 
 
 def test_diffusion_trains_with_unlabeled_cells(tiny_settings):

@@ -159,9 +159,10 @@ def frozen_sets(
     The first call freezes a stratified split of `records` into `directory/{val,eval}.csv`; every later call
     reuses those files, so calibration and the promotion gate always see the same cells and no frozen cell is
     ever trained on, whatever new labels arrive. `also_held`: cells no scope may train on either (other scopes'
-    frozen sets, `frozen_elsewhere`). `not_frozen`: cells the first freeze leaves to training (the parent's
-    training and calibration cells, `workflows.seen_by`): the gate compares every challenger with the champion on
-    the frozen cells, and a champion judged on cells it learnt (or was calibrated on) looked better than it is.
+    frozen sets, `frozen_elsewhere`). `not_frozen`: cells the first freeze never puts in a frozen set (the
+    parent's training and calibration cells, `workflows.seen_by`; the job then trains on the first and on neither
+    the parent's calibration nor its test cells): the gate compares every challenger with the champion on the
+    frozen cells, and a champion judged on cells it learnt (or was calibrated on) looked better than it is.
     """
     directory = Path(directory)
     paths = {part: directory / f"{part}.csv" for part in FROZEN_PARTS}

@@ -4,10 +4,10 @@ A shipped model's weights must never be the only record of how they were made. A
 decides the result: the model kind, which cells (domains and classes of a manifest), the split and training seed,
 the budget and every setting that differs from the defaults. `cytoloop train --recipe base-pbc --data
 ../shared/data/manifest.csv --out DIR` then reproduces the model: the same split, the same steps, the same tuned
-scoring (a run stopped half-way resumes from DIR's checkpoint). The recipe's settings win over a settings file and
-`CYTOLOOP_*` variables, and a setting of the sections that decide the model (data, augmentation, training, the
-model, scoring) that the recipe leaves at its default must be left there: one set otherwise is refused
-(`Recipe.unfixed`), so a stray environment variable cannot make a different model under the recipe's name. Settings
+scoring (a run stopped half-way resumes from DIR's checkpoint). A setting of the sections that decide the model
+(data, augmentation, training, the model, scoring) that a settings file or a `CYTOLOOP_*` variable gives otherwise
+than the recipe (its own settings, steps and seed, else the defaults) is refused (`Recipe.unfixed`), so a stray
+environment variable can neither make a different model under the recipe's name nor be overridden in silence. Settings
 that do not change the result (threads, checkpoint and log cadence, how scoring runs on this machine) may still
 come from them.
 

@@ -211,13 +211,13 @@ def _fit(
                 f"{start} to go on with it, or remove {checkpoint.parent} to train {config.steps} steps afresh"
             )
         laid_out = state.get("steps")  # the steps its learning-rate schedule was laid out for (older: not kept)
-        if laid_out is not None and laid_out != config.steps and start > config.warmup_steps:
+        if laid_out is not None and laid_out != config.steps and start > config.warmup_steps and not stream:
             was = _lr_factor(start, config.model_copy(update={"steps": laid_out}))
             logger.warning(
-                f"{checkpoint}: a longer leg ({laid_out} -> {config.steps} steps) stretches the cosine learning-rate "
-                f"schedule from step {start}: the rate goes from {was:.3f} to {_lr_factor(start, config):.3f} of its "
-                f"peak and decays again, so this is not the model {config.steps} steps in one run make (the "
-                "history's lr shows where)"
+                f"{checkpoint}: a leg of another length ({laid_out} -> {config.steps} steps) lays the cosine "
+                f"learning-rate schedule out again from step {start}: the rate goes from {was:.3f} to "
+                f"{_lr_factor(start, config):.3f} of its peak, so this is not the model {config.steps} steps in one "
+                "run make (the history's lr shows where)"
             )
     if stream:  # another data-parallel worker: the same draws as worker 0 would pair every cell's noise with one
         # of worker 0's, halving the timesteps and noises a global batch averages over

@@ -13,7 +13,8 @@ Pure functions over numbers (no model, no Label Studio), so the policy can be un
 audits (then, with `fill_budget`, the least confident accepted cells, sent as reviews), spread across predicted
 classes and samples, and skipping near-duplicates (cells of one sample and class whose signatures almost
 coincide: usually the same cell imaged twice). A signature is any short vector the caller picks: a thumbnail of
-the preprocessed image (what the review loop uses), else the probability vector.
+the preprocessed image (what the review loop uses); an empty one is like no other (a cell scored elsewhere, with
+no image at hand: probability vectors made every confident cell of a class alike).
 """
 
 from __future__ import annotations
