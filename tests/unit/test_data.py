@@ -491,6 +491,18 @@ def test_a_transparent_image_is_what_a_viewer_shows():
     assert np.array_equal(inputs[0], inputs[1])
 
 
+def test_a_float_image_of_intensities_is_scaled_not_blackened():
+    """A 32-bit float TIFF holding 0-1 intensities was cut to integers: all black, then stain-normalised into a cell."""
+    ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp, mode="F").save(buffer, format="TIFF")
+    decoded = np.asarray(decode_image(buffer.getvalue()))[..., 0]
+    assert np.allclose(decoded, np.rint(ramp * 255), atol=1)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp * 200, mode="F").save(buffer, format="TIFF")  # 0-255 values stay as they are
+    assert np.allclose(np.asarray(decode_image(buffer.getvalue()))[..., 0], np.rint(ramp * 200), atol=1)
+
+
 def test_decode_bytes_and_garbage():
     buffer = io.BytesIO()
     _cell_image().save(buffer, format="PNG")

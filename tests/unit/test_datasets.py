@@ -125,6 +125,16 @@ def test_second_fetch_downloads_nothing(tmp_path, catalogue, server):
     assert len(server.ranges) == 1
 
 
+def test_a_completion_marker_cut_short_means_fetch_again(tmp_path, catalogue, server):
+    """A marker cut short (a full disk) raised JSONDecodeError from every command that looks for the dataset."""
+    from cytoloop.data.datasets import MARKER
+
+    folder = fetch("tiny", tmp_path, progress=False, catalogue=catalogue)
+    (folder / MARKER).write_text('{"md5": "')
+    assert fetched("tiny", tmp_path, catalogue) is None
+    assert fetch("tiny", tmp_path, progress=False, catalogue=catalogue) == folder and len(server.ranges) == 2
+
+
 def test_interrupted_download_resumes(tmp_path, catalogue, server, archive):
     half = len(archive[0]) // 2
     (tmp_path / "tiny.npz.part").write_bytes(archive[0][:half])

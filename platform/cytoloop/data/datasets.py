@@ -154,7 +154,11 @@ def fetched(name: str, dest_dir: Path, catalogue: Mapping[str, PublicDataset] = 
     catalogue names now (a changed checksum means a new release: it is fetched again); else None."""
     entry = lookup(name, catalogue)
     marker = Path(dest_dir) / entry.name / MARKER
-    if entry.md5 and marker.is_file() and json.loads(marker.read_text()).get("md5") == entry.md5:
+    try:
+        recorded = json.loads(marker.read_text()) if marker.is_file() else {}
+    except (ValueError, OSError):  # a marker cut short (a full disk): not known to be complete, so fetched again
+        recorded = {}
+    if entry.md5 and isinstance(recorded, dict) and recorded.get("md5") == entry.md5:
         return marker.parent
     return None
 

@@ -62,6 +62,11 @@ def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
                 wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
                 sixteen = image.mode.startswith("I;16") or wide.max() > 255  # "I" holding 8-bit values stays
                 return Image.fromarray((wide // 257 if sixteen else wide).astype(np.uint8)).convert("RGB")
+            if image.mode == "F":  # 32-bit float (TIFF): as 0-1 intensities when it holds them, else 0-255; it
+                # was cut to integers, a 0-1 image to black, stain-normalised into a confident-looking cell
+                values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+                scaled = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+                return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)).convert("RGB")
             if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
                 # onto white, as a viewer shows it: with the alpha dropped, the colours under transparent pixels
                 # (whatever the exporting tool left there) decided the model's input
