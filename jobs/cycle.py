@@ -241,11 +241,19 @@ class Demo:
     `_demo_settings`)."""
 
     def __init__(self, settings: Settings, data: Path):
-        if len(settings.demo.error_rates) < settings.review.labels_required:  # before anything starts
+        annotators, required = len(settings.demo.error_rates), settings.review.labels_required
+        if annotators < required:  # before anything starts
             raise UsageError(
-                f"demo.error_rates has {len(settings.demo.error_rates)} simulated annotators, fewer than "
-                f"review.labels_required ({settings.review.labels_required}): no cell could reach a consensus (the "
-                "demo stopped on that after the stack, serving and a pool's scoring); give one rate per annotator"
+                f"demo.error_rates has {annotators} simulated annotators, fewer than review.labels_required "
+                f"({required}): no cell could reach a consensus (the demo stopped on that after the stack, serving "
+                "and a pool's scoring); give one rate per annotator"
+            )
+        if annotators > required:  # each task takes `required` labels, from the first annotators in order
+            raise UsageError(
+                f"demo.error_rates has {annotators} simulated annotators, more than review.labels_required "
+                f"({required}): every cell would be labelled by the first {required} and the others (rates "
+                f"{settings.demo.error_rates[required:]}) by none, shown with 0 cells; give one rate per label a "
+                "cell takes"
             )
         self.data = Path(data)
         self.settings = _demo_settings(settings, self.data)

@@ -320,6 +320,9 @@ def test_demo_settings_that_cannot_work_are_refused_before_anything_starts(tmp_p
     three = Settings(home=tmp_path / "home", review={"labels_required": 3})
     with pytest.raises(UsageError, match=r"demo.error_rates has 2 simulated annotators, fewer than .* \(3\)"):
         Demo(three, cells_dir)
+    extra = Settings(home=tmp_path / "home", demo={"error_rates": [0.02, 0.1, 0.3]})  # 2 labels a cell: one idle
+    with pytest.raises(UsageError, match=r"3 simulated annotators, more than .* \(2\): .* \(rates \[0.3\]\) by none"):
+        Demo(extra, cells_dir)
     assert not (tmp_path / "home").exists()
     with pytest.raises(ValidationError, match="invalid site name '../x' in demo.sites"):
         Settings(demo={"sites": {"../x": ["jtsc"]}})
