@@ -52,8 +52,8 @@ class ImageError(CytoLoopError, ValueError):
 def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
     """Decode BMP/JPEG/PNG/TIFF (any mode) to RGB. A truncated or non-image input raises ImageError. A 16-bit
     greyscale image (PNG, TIFF: mode I;16 or I) is scaled to 8 bits: converted as it was, every value above 255
-    became white, and a 16-bit scan was answered as a white square with confident-looking probabilities. An image
-    with transparency is laid onto white."""
+    became white, and a 16-bit scan was answered as a white square with confident-looking probabilities. A float
+    image of 0-1 intensities is scaled to 0-255; an image with transparency is laid onto white."""
     name = name or (str(source) if isinstance(source, Path) else "<bytes>")
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=FORMATS) as image:
