@@ -399,7 +399,7 @@ def test_load_cells_skips_bad_files(tmp_path):
     assert skipped_paths == [str(p) for p in (corrupt, truncated_jpeg, truncated_png, missing, bomb, gif)]
     reasons = dict(cells.skipped)
     assert "not found" in reasons[str(missing)] and "too many pixels" in reasons[str(bomb)]
-    assert "not an image in an accepted format (BMP, JPEG, PNG, TIFF)" in reasons[str(gif)]
+    assert "not a readable image in an accepted format (BMP, JPEG, PNG, TIFF)" in reasons[str(gif)]
     assert all(str(Path(p).name) in reason for p, reason in cells.skipped)  # the message names the file
 
 

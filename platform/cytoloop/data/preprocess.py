@@ -76,7 +76,7 @@ def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image in an accepted format ({', '.join(FORMATS)})") from None
+        raise ImageError(f"{name}: not a readable image in an accepted format ({', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as error:  # not an OSError: one such file stopped a whole dataset's load
         raise ImageError(f"{name}: too many pixels to decode ({error})") from None
     except MemoryError:
