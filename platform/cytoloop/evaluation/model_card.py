@@ -29,8 +29,16 @@ FIGURES = (
 )
 
 
-# of those, the ones a card shows as '-' when a report gives None (`_with_interval`); the others it formats
-SHOWN_AS_DASH = ("balanced_accuracy", "accuracy", "ece", "nll", "accuracy_at_90_coverage")
+# the card's table of figures, each with its interval (`_with_interval`, which shows None as '-'); the other figures
+# are formatted as they are, so a None there is no figure
+TABLE = (
+    ("balanced_accuracy", "balanced accuracy"),
+    ("accuracy", "accuracy"),
+    ("ece", "ECE (15 bins, after temperature)"),
+    ("nll", "NLL"),
+    ("accuracy_at_90_coverage", "accuracy at 90 % coverage"),
+)
+SHOWN_AS_DASH = tuple(name for name, _ in TABLE)
 
 
 def not_figures(report: dict) -> list[str]:
@@ -87,13 +95,7 @@ def _evaluation_section(title: str, report: dict, kind: str) -> list[str]:
             "| metric | value |",
             "|---|---|",
         ]
-        for name, label in (
-            ("balanced_accuracy", "balanced accuracy"),
-            ("accuracy", "accuracy"),
-            ("ece", "ECE (15 bins, after temperature)"),
-            ("nll", "NLL"),
-            ("accuracy_at_90_coverage", "accuracy at 90 % coverage"),
-        ):
+        for name, label in TABLE:
             lines.append(f"| {label} | {_with_interval(report, name)} |")
         if "denoiser_evals_per_cell" in report and kind != "baseline":  # a CNN: one network pass per cell
             lines.append(
