@@ -149,16 +149,28 @@ def label_studio_venv(settings: Settings) -> Path:
     return Path.home() / ".cache" / "cytoloop" / "venvs" / f"label-studio-{tag}"
 
 
+# Label Studio's own requirements have no upper bounds, and later releases of them break it; held back here:
+# sentry-sdk 3 dropped options label_studio.core.utils.sentry passes ("Unknown option 'send_default_pii'": every
+# start failed, on any machine that built its venv after sentry-sdk 3.0 came out).
+LABEL_STUDIO_CONSTRAINTS = ("sentry-sdk<3",)
+
+
 def ensure_label_studio_venv(settings: Settings) -> Path:
     """The Label Studio venv's python, creating the venv on first use (pip, ~2 min).
 
     Built in `<venv>.partial` and renamed when pip succeeded, under a file lock: a half-built venv is never
-    used, and two processes (two test sessions) never build it at once.
+    used, and two processes (two test sessions) never build it at once. Its `.cytoloop-ready` mark holds what was
+    installed (the specifier and `LABEL_STUDIO_CONSTRAINTS`); a venv cytoloop made with other constraints gets
+    them installed in place (seconds), so a machine whose venv took a breaking release is mended, not stuck.
     """
     venv = label_studio_venv(settings)
     python = venv / "bin" / "python"
     ready = venv / ".cytoloop-ready"
+    spec = f"label-studio=={settings.stack.label_studio_version}"
+    recipe = [spec, *LABEL_STUDIO_CONSTRAINTS]
     if ready.is_file():
+        if ready.read_text().split() != recipe:
+            _mend_label_studio_venv(venv, recipe)
         return python
     if venv.exists():  # not one we made: never replaced (it may be the user's own, or a folder of other things)
         if python.exists() and (venv / "bin" / "label-studio").exists():
@@ -176,20 +188,34 @@ def ensure_label_studio_venv(settings: Settings) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         logger.info(f"creating the Label Studio venv at {venv} (once per machine, ~2 min)")
         base = getattr(sys, "_base_executable", sys.executable)
-        spec = f"label-studio=={settings.stack.label_studio_version}"
         pip_log = venv.parent / f"{venv.name}.pip.log"
         with pip_log.open("w") as out:
             for command in (
                 [base, "-m", "venv", str(partial)],
-                [str(partial / "bin" / "python"), "-m", "pip", "install", "-q", spec],
+                [str(partial / "bin" / "python"), "-m", "pip", "install", "-q", *recipe],
             ):
                 if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                     raise StackError(f"creating the Label Studio venv failed ({' '.join(command)}); see {pip_log}")
         if venv.is_dir():
             venv.rmdir()  # empty (checked above): nothing of anyone's is lost
         partial.rename(venv)  # the venv's python is a symlink and `python -m` is used: a renamed venv works
-        ready.write_text(spec + "\n")
+        ready.write_text("\n".join(recipe) + "\n")
     return python
+
+
+def _mend_label_studio_venv(venv: Path, recipe: list[str]) -> None:
+    """Install `recipe` into a venv cytoloop made with another one (`ensure_label_studio_venv`), under its lock."""
+    ready = venv / ".cytoloop-ready"
+    with locked(venv.parent / f"{venv.name}.lock"):
+        if ready.read_text().split() == recipe:  # another process mended it while this one waited
+            return
+        logger.info(f"installing {' '.join(recipe)} into the Label Studio venv at {venv}")
+        pip_log = venv.parent / f"{venv.name}.pip.log"
+        command = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *recipe]
+        with pip_log.open("w") as out:
+            if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                raise StackError(f"updating the Label Studio venv failed ({' '.join(command)}); see {pip_log}")
+        ready.write_text("\n".join(recipe) + "\n")
 
 
 MIGRATE = (

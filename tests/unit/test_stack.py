@@ -557,3 +557,28 @@ def test_status_names_the_port_a_service_runs_on_when_the_settings_moved_it(tmp_
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_label_studio_venv_made_before_a_constraint_gets_it_installed(tmp_path):
+    """sentry-sdk 3 broke Label Studio 1.23 (every start: "Unknown option 'send_default_pii'"); a venv built after
+    it came out kept failing, since a venv marked ready was never touched again. A venv cytoloop made with other
+    constraints now gets them installed, once."""
+    from ops.stack import LABEL_STUDIO_CONSTRAINTS, ensure_label_studio_venv
+
+    venv = tmp_path / "ls-venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "pip-calls.txt"
+    python = venv / "bin" / "python"  # stands in for the venv's python: it notes what it was asked to run
+    python.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    python.chmod(0o755)
+    (venv / ".cytoloop-ready").write_text("label-studio==1.23.*\n")  # the mark of a venv made before
+    settings = Settings(home=tmp_path / "home", stack={"label_studio_venv": venv})
+    assert ensure_label_studio_venv(settings) == python
+    pip = ["-m", "pip", "install", "-q", "label-studio==1.23.*", *LABEL_STUDIO_CONSTRAINTS]
+    assert calls.read_text().split() == pip
+    assert ensure_label_studio_venv(settings) == python
+    assert len(calls.read_text().splitlines()) == 1  # mended once: its mark names the constraints now
+    (venv / ".cytoloop-ready").write_text("label-studio==1.23.*\n")
+    python.write_text("#!/bin/sh\nexit 1\n")  # pip fails: said, with where its log is
+    with pytest.raises(StackError, match="updating the Label Studio venv failed.*pip.log"):
+        ensure_label_studio_venv(settings)
