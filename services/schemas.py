@@ -82,7 +82,7 @@ class CellError(_Body):
     index: int
     name: str
     reason: str = Field(
-        ..., description="not_an_image, truncated, too_large, too_many_pixels, empty, bad_base64, bad_name"
+        ..., description="not_an_image, truncated, too_large, too_many_pixels, empty, blank, bad_base64, bad_name"
     )
     message: str
 

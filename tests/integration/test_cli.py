@@ -459,7 +459,9 @@ def test_train_too_few_cells_for_validation_exits_2(workspace, tiny_overrides):
     root = workspace["root"] / "small_dataset"
     for label, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
         (root / label).mkdir(parents=True)
-        Image.new("RGB", (24, 24), colour).save(root / label / "0.png")  # one cell per class: nothing for val
+        image = Image.new("RGB", (24, 24), colour)
+        image.paste((90, 40, 140), (8, 8, 16, 16))  # something in it (a blank image is refused)
+        image.save(root / label / "0.png")  # one cell per class: nothing for val
     result = invoke(
         "train",
         "--model",
@@ -475,6 +477,7 @@ def test_train_too_few_cells_for_validation_exits_2(workspace, tiny_overrides):
         cwd=workspace["root"],
     )
     assert result.exit_code == 2, f"{result.exception!r}\n{result.output[-2000:]}"
+    assert "validation" in result.output, result.output[-2000:]
 
 
 # --------------------------------------------------------------------------- recipes

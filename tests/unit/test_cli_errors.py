@@ -550,7 +550,7 @@ def test_route_names_cells_it_could_not_read_and_refuses_when_none_could_be(tmp_
     )
     cells = tmp_path / "cells"
     cells.mkdir()
-    Image.fromarray(np.full((24, 24, 3), 120, np.uint8)).save(cells / "here.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(cells / "here.png")
     clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
     clean_env.setenv("CYTOLOOP_STACK__IMAGES_ROOT", str(cells))
     gone = tmp_path / "gone.csv"

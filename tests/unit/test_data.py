@@ -435,7 +435,7 @@ def test_formats_and_modes_load_to_model_input(tmp_path, suffix, mode, stain):
 
 def test_non_square_image(tmp_path):
     path = tmp_path / "wide.png"
-    Image.fromarray(np.full((20, 60, 3), 128, np.uint8)).save(path)
+    _cell_image().resize((60, 20)).save(path)
     assert preprocess(path, DataConfig(image_size=SIZE)).shape == (3, SIZE, SIZE)
 
 
@@ -567,3 +567,46 @@ def test_reinhard_matches_reference_moments_real_cell(cells_dir):
         np.testing.assert_allclose(after, REINHARD_REFERENCE, atol=6e-3, err_msg=name)
         # the std of beta is small (0.012): check it relatively too
         assert after[5] == pytest.approx(REINHARD_REFERENCE[5], rel=0.05), name
+
+
+def test_a_12_bit_image_in_a_16_bit_file_keeps_its_grey_levels():
+    """Scaled as 16 bits, a 12-bit camera's values (0-4095) came out as 16 grey levels, nearly black."""
+    ramp = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    decoded = np.asarray(decode_image(buffer.getvalue()))[..., 0]
+    assert len(np.unique(decoded)) == 256 and np.allclose(decoded, np.rint(ramp / 4095 * 255), atol=1)
+
+
+def test_an_image_is_turned_as_its_exif_orientation_says():
+    """A phone's or camera's picture records its turn in EXIF; a viewer (the annotator's browser) shows it turned,
+    and the model got it as stored."""
+    pixels = np.zeros((30, 50, 3), np.uint8)
+    pixels[:, :10] = (200, 60, 90)  # a stripe at the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", exif=exif)
+    decoded = np.asarray(decode_image(buffer.getvalue()))
+    assert decoded.shape == (50, 30, 3)  # turned: the left edge is now the top
+    assert (decoded[:10, :, 0] == 200).all() and (decoded[10:, :, 0] == 0).all()
+
+
+def test_a_blank_image_is_refused_by_name(tmp_path):
+    """A one-colour image was stain-normalised into a cell-coloured square and answered with confident-looking
+    probabilities; a dataset's blank file is reported and left out (load_cells), a served one refused."""
+    from cytoloop.data.preprocess import BlankImageError
+
+    blank = tmp_path / "empty.png"
+    Image.new("RGB", (40, 40), (230, 225, 228)).save(blank)
+    with pytest.raises(BlankImageError, match=r"empty.png: a blank image .*RGB \(230, 225, 228\)"):
+        decode_image(blank.read_bytes(), name="empty.png")
+    cell = tmp_path / "cell.png"
+    _cell_image().save(cell)
+    loaded = load_cells([_record(blank), _record(cell)], DataConfig(image_size=SIZE))
+    assert [r.path for r in loaded.records] == [cell] and "blank image" in loaded.skipped[0][1]
+    dot = np.full((40, 40, 3), (230, 225, 228), np.uint8)
+    dot[18:22, 18:22] = (90, 40, 140)  # a few pixels of something
+    buffer = io.BytesIO()
+    Image.fromarray(dot).save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue()).size == (40, 40)

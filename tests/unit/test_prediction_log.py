@@ -21,6 +21,7 @@ from tests.faults import HungDisk
 
 def _cell(i: int) -> tuple[str, bytes]:
     pixels = np.full((24, 24, 3), (40 * i) % 256, dtype=np.uint8)
+    pixels[8:16, 8:16] = (90, 40, 140)  # a cell in it (a blank image is refused)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return f"c{i}.png", buffer.getvalue()

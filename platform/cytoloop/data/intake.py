@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from cytoloop.data.preprocess import FORMATS, ImageError, decode_image
+from cytoloop.data.preprocess import FORMATS, BlankImageError, ImageError, decode_image
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Limits:
 
 class CellRejected(ImageError):
     """One image refused at intake. `reason` is a short code (not_an_image, truncated, too_large, too_many_pixels,
-    empty; the service adds bad_base64 and bad_name); `status` the HTTP status a request made only of such images
+    empty, blank; the service adds bad_base64 and bad_name); `status` the HTTP status a request made only of such images
     gets."""
 
     def __init__(self, name: str, reason: str, detail: str, status: int):
@@ -59,6 +59,8 @@ def check_image(data: bytes, name: str, limits: Limits) -> Image.Image:
         )
     try:
         return decode_image(data, name)
+    except BlankImageError as error:
+        raise CellRejected(name, "blank", str(error).removeprefix(f"{name}: "), 422) from None
     except ImageError as error:
         detail = str(error).removeprefix(f"{name}: ")
         raise CellRejected(name, "truncated", f"truncated or corrupt {kind} data: {detail}", 422) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cytoloop.config import AugmentConfig, DataConfig
 from cytoloop.data.records import CellRecord
@@ -49,30 +49,29 @@ class ImageError(CytoLoopError, ValueError):
     """An image that cannot be decoded or used; the message names the file (or request item) and why."""
 
 
+class BlankImageError(ImageError):
+    """An image of one colour: there is no cell in it to classify (stain normalisation would paint it as one)."""
+
+
+ORIENTATION = 0x0112  # the EXIF tag a camera or phone records its turn in
+BLANK_LEVELS = 2  # an image whose every channel spans at most this many of 255 levels holds nothing
+
+
 def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
-    """Decode BMP/JPEG/PNG/TIFF (any mode) to RGB. A truncated or non-image input raises ImageError. A 16-bit
-    greyscale image (PNG, TIFF: mode I;16 or I) is scaled to 8 bits: converted as it was, every value above 255
-    became white, and a 16-bit scan was answered as a white square with confident-looking probabilities. A float
-    image of 0-1 intensities is scaled to 0-255; an image with transparency is laid onto white."""
+    """Decode BMP/JPEG/PNG/TIFF (any mode) to RGB, turned as its EXIF orientation says (as a viewer, and so an
+    annotator, sees it). A truncated or non-image input raises ImageError; a blank one (one colour, within
+    `BLANK_LEVELS`) BlankImageError: stain normalisation turned it into a cell-coloured square, answered with
+    confident-looking probabilities.
+
+    A greyscale image of more than 8 bits (PNG, TIFF: mode I;16 or I) is scaled to 8 bits by the depth its values
+    need (`_bit_depth`: 10, 12, 14 or 16 bits): converted as it was, every value above 255 became white, and a
+    12-bit camera's image in a 16-bit file, scaled as 16 bits, came out in 16 grey levels. A float image of 0-1
+    intensities is scaled to 0-255; an image with transparency is laid onto white."""
     name = name or (str(source) if isinstance(source, Path) else "<bytes>")
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=FORMATS) as image:
-            image.load()  # force the full decode: a truncated file fails here, not later
-            if image.mode.startswith("I;16") or image.mode == "I":
-                wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
-                sixteen = image.mode.startswith("I;16") or wide.max() > 255  # "I" holding 8-bit values stays
-                return Image.fromarray((wide // 257 if sixteen else wide).astype(np.uint8)).convert("RGB")
-            if image.mode == "F":  # 32-bit float (TIFF): as 0-1 intensities when it holds them, else 0-255; it
-                # was cut to integers, a 0-1 image to black, stain-normalised into a confident-looking cell
-                values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-                scaled = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
-                return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)).convert("RGB")
-            if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-                # onto white, as a viewer shows it: with the alpha dropped, the colours under transparent pixels
-                # (whatever the exporting tool left there) decided the model's input
-                rgba = image.convert("RGBA")
-                return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-            return image.convert("RGB")
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=FORMATS) as opened:
+            opened.load()  # force the full decode: a truncated file fails here, not later
+            rgb = _to_rgb(opened)
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found") from None
     except UnidentifiedImageError:
@@ -84,6 +83,40 @@ def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
     except Exception as error:  # Pillow's decoders fail in their own ways on damaged files (a TIFF tag of the wrong
         # type: TypeError, OverflowError), and one such file failed a whole request or dataset
         raise ImageError(f"{name}: not a readable image ({type(error).__name__}: {error})") from None
+    pixels = np.asarray(rgb)
+    low, high = pixels.min(axis=(0, 1)), pixels.max(axis=(0, 1))
+    if int((high - low).max()) <= BLANK_LEVELS:
+        colour = tuple(int(v) for v in low)
+        within = f"every pixel within {BLANK_LEVELS} levels of RGB {colour}"
+        raise BlankImageError(f"{name}: a blank image ({within}): no cell")
+    return rgb
+
+
+def _bit_depth(largest: int) -> int:
+    """The bits a greyscale image's values were recorded in, from its largest value: 8, or the smallest of the
+    cameras' 10, 12, 14 and 16 that holds it."""
+    return next(bits for bits in (8, 10, 12, 14, 16) if largest < 2**bits)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image of any mode as 8-bit RGB (`decode_image`'s rules)."""
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        top = 2 ** _bit_depth(int(wide.max(initial=0))) - 1
+        return Image.fromarray(np.rint(wide * (255 / top)).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":  # 32-bit float (TIFF): as 0-1 intensities when it holds them, else 0-255; it was cut
+        # to integers, a 0-1 image to black, stain-normalised into a confident-looking cell
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scaled = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # onto white, as a viewer shows it: with the alpha dropped, the colours under transparent pixels
+        # (whatever the exporting tool left there) decided the model's input
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def center_square(image: Image.Image, crop_fraction: float) -> Image.Image:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cytoloop.config import RoutingConfig
-from cytoloop.data.preprocess import ImageError, preprocess
+from cytoloop.data.preprocess import BlankImageError, ImageError, preprocess
 from cytoloop.data.records import cell_id
 from cytoloop.models.base import Classifier, candidate_rows, class_mask
 from cytoloop.policy.routing import route_cell
@@ -76,7 +76,8 @@ class CellService:
                 images.append(preprocess(data, self.model.data_config, name))
                 rows.append(i)
             except ImageError as error:
-                answers[i] = CellFailure(i, name, "not_an_image", str(error))
+                reason = "blank" if isinstance(error, BlankImageError) else "not_an_image"
+                answers[i] = CellFailure(i, name, reason, str(error))
         if images:
             # a cell whose route is settled (clearly an anomaly, or a close call for review) stops scoring there
             predictions = self.model.predict(

@@ -80,14 +80,16 @@ def output_example(classes: list[str]):
 
 
 def example_frame(model: Classifier):
-    """A one-cell input example (a grey square of the model's input size, as PNG): what the signature is read
-    from and what the MLflow UI shows."""
+    """A one-cell input example (a purple disc on a pale square of the model's input size, as PNG: a blank image
+    is refused): what the signature is read from and what the MLflow UI shows."""
     import pandas as pd
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     buffer = io.BytesIO()
     side = model.data_config.image_size
-    Image.new("RGB", (side, side), (200, 170, 190)).save(buffer, format="PNG")
+    image = Image.new("RGB", (side, side), (230, 215, 225))
+    ImageDraw.Draw(image).ellipse((side // 4, side // 4, 3 * side // 4, 3 * side // 4), fill=(150, 80, 170))
+    image.save(buffer, format="PNG")
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode()]})
 
 
