@@ -274,7 +274,7 @@ def test_finetune_job_on_two_nodes_registers_a_version(cluster, champion):
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (status := client.get_job_status(job)).is_terminal() and time.monotonic() < deadline:
-        time.sleep(2)
+        time.sleep(0.5)
     logs = client.get_job_logs(job)
     if not status.is_terminal():
         client.stop_job(job)
