@@ -68,8 +68,9 @@ class ServedScorer:
                 except OSError as error:  # this cell's failure, named in `failed`, not the whole job's
                     answered.append((path, _failure("unreadable", str(error))))
                     continue
-                mine.append(path)
-                cells.append({"name": path, "image_b64": base64.b64encode(data).decode()})
+                mine.append(path)  # answers come back in the order sent; the name is only echoed, and a path
+                # over the service's 256 characters got the whole request refused, then each of its cells
+                cells.append({"name": Path(path).name, "image_b64": base64.b64encode(data).decode()})
             if cells:
                 answered += self._classify(mine, cells, site)
         out: dict[str, list] = {"path": [], "ok": [], "probabilities": [], "anomaly": [], "version": [], "error": []}
@@ -90,7 +91,7 @@ class ServedScorer:
         (`_post`); any other refusal (a wrong key or URL) ends the job."""
         response = self._post({"cells": cells, "site": site or None})
         if response.status_code == 200:
-            return list(zip(paths, response.json()["cells"]))
+            return list(zip(paths, _answers(response, len(cells)), strict=True))
         if response.status_code in CELL_REFUSALS:
             if len(cells) == 1:
                 return [(paths[0], _failure(f"HTTP {response.status_code}", _detail(response)))]
@@ -105,8 +106,9 @@ class ServedScorer:
         for attempt in range(RETRIES + 1):
             try:
                 response = self.client.post("/v1/classify", json=body)
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as error:  # not a read timeout: a hung
-                # replica would hold the batch for RETRIES x the timeout, sent again to an overloaded service
+            except (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as error:  # refused,
+                # reset or dropped, sending or awaiting the answer (scoring again is harmless); not a read timeout:
+                # a hung replica would hold the batch for RETRIES x the timeout, sent again to an overloaded service
                 if attempt == RETRIES:
                     raise
                 wait, why = 2.0**attempt, f"{type(error).__name__}: {error}"
@@ -118,6 +120,28 @@ class ServedScorer:
             logger.warning(f"the classifier: {why}; asking again in {wait:g} s ({attempt + 1} of {RETRIES})")
             time.sleep(wait)
         raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
+
+
+def _answers(response, sent: int) -> list[dict]:
+    """The cells of a 200 answer to `sent` cells, read by the service's own contract (`ClassifyResponse`): a body of
+    another shape (a wrong `serve_url` answering with a page, a proxy's own 200) ended the job with a KeyError or a
+    JSONDecodeError naming nothing, and an answer of fewer cells would have paired answers with the wrong cells."""
+    from pydantic import ValidationError
+
+    from services.schemas import ClassifyResponse
+
+    try:
+        parsed = ClassifyResponse.model_validate_json(response.content)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the body"
+        raise RuntimeError(
+            f"{response.url} answered 200 with no classify answer ({where}: {first['msg']}): is it the classifier "
+            "service's address?"
+        ) from None
+    if len(parsed.cells) != sent:
+        raise RuntimeError(f"{response.url} answered {len(parsed.cells)} cells to a request of {sent}")
+    return [cell.model_dump() for cell in parsed.cells]
 
 
 def _same_image(path: str, answered: str) -> bool:
@@ -219,9 +243,13 @@ class ModelScorer:
         threads: int | None,
         runtime: ScoringConfig | None = None,
         allowed: list[str] | None = None,
+        version: str | None = None,
     ):
+        """`version`: the directory's version (`local_ref`) when the run began; a worker that loads other contents
+        (a model saved over it meanwhile, a worker Ray restarted later) raises ModelLoadError."""
         import torch
 
+        from cytoloop.models.base import ModelLoadError
         from cytoloop.models.loading import load_model
         from cytoloop.serving.inference import CellService
         from cytoloop.serving.model_source import local_ref
@@ -230,7 +258,13 @@ class ModelScorer:
             torch.set_num_threads(threads)
         directory = Path(model_dir)
         model = load_model(directory, runtime)
-        self.service = CellService(model, local_ref(directory), RoutingConfig(**routing), allowed)
+        ref = local_ref(directory)  # after loading: what was loaded is what the run records (`score_offline`)
+        if version is not None and ref.version != version:
+            raise ModelLoadError(
+                f"{directory} changed since this scoring run began (as {version}, now {ref.version}): its answers "
+                "would be recorded under a version they are not of; run it again"
+            )
+        self.service = CellService(model, ref, RoutingConfig(**routing), allowed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from cytoloop.serving.inference import CellFailure, CellResult
@@ -368,7 +402,7 @@ def score_offline(
         began = time.perf_counter()
         with tqdm(total=len(records), initial=resumed, desc="scoring", unit="cell", disable=not progress) as bar:
             for i, result, error, not_read in _score_rows(
-                todo, model_dir, routing, workers, threads, gpus, batch_size, runtime, allowed
+                todo, model_dir, routing, workers, threads, gpus, batch_size, runtime, allowed, version
             ):
                 if result is None:
                     failed[str(records[i].path)] = error
@@ -396,9 +430,10 @@ def _score_rows(
     batch_size: int,
     runtime: ScoringConfig | None,
     allowed: list[str] | None,
+    version: str,
 ) -> Iterator[tuple[int, CellResult | None, str, bool]]:
     """(record index, answer or None, error, whether its file could not be read) for each (record index, resolved
-    path), as Ray Data yields them."""
+    path), as Ray Data yields them; every worker scores with the model `version` names (`ModelScorer`)."""
     import ray
 
     if not rows:
@@ -411,6 +446,7 @@ def _score_rows(
             "threads": threads,
             "runtime": runtime,
             "allowed": allowed,
+            "version": version,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),

@@ -236,6 +236,9 @@ def test_the_registry_address_callers_see_holds_no_credentials():
 
     assert without_credentials("postgresql://mlflow:s3cret@db:5432/mlflow") == "postgresql://db:5432/mlflow"
     assert without_credentials("https://token@registry.lab/") == "https://registry.lab/"
+    assert without_credentials("postgresql://db/mlflow?user=mlflow&password=s3cret") == "postgresql://db/mlflow"
+    assert without_credentials("mysql://db/mlflow?ssl_key=/k#x") == "mysql://db/mlflow"
+    assert without_credentials("sqlite:////srv/mlflow.db?mode=ro") == "sqlite:////srv/mlflow.db"
     for plain in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000", "file:///srv/mlruns"):
         assert without_credentials(plain) == plain
 

@@ -1,24 +1,49 @@
-"""The served scoring job's client (`jobs.score.ServedScorer`) against a real HTTP server on 127.0.0.1 that says
-what the service says when a replica stops or it is overloaded: 503 with Retry-After, "send them again"."""
+"""The scoring jobs' workers. The served client (`jobs.score.ServedScorer`) against a real HTTP server on
+127.0.0.1 that says what the service says when a replica stops or it is overloaded (503 with Retry-After, "send them
+again"), resets a connection or answers something else; the offline worker (`ModelScorer`) on a real model
+directory."""
 
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from jobs import score
 from jobs.score import ServedScorer
+from services.schemas import ClassifyRequest
 
-ANSWER = {
-    "status": "ok",
-    "probabilities": {"a": 0.9, "b": 0.1},
-    "anomaly": 0.0,
-    "model": {"version": "3"},
-}
+MODEL = {"name": "cells", "version": "3", "alias": "champion"}
+
+
+def _answer(index: int, name: str) -> dict:
+    """One cell's answer as the service writes it (`services.schemas.CellAnswer`)."""
+    return {
+        "status": "ok",
+        "index": index,
+        "name": name,
+        "cell_id": f"sha256:{index:024d}",
+        "label": "a",
+        "probabilities": {"a": 0.9, "b": 0.1},
+        "confidence": 0.9,
+        "uncertainty": 0.33,
+        "anomaly": 0.0,
+        "route": "accept",
+        "model": MODEL,
+    }
+
+
+def _response(cells: list[dict]) -> dict:
+    """A whole classify answer (`services.schemas.ClassifyResponse`) to a request's cells."""
+    answers = [_answer(i, cell["name"]) for i, cell in enumerate(cells)]
+    batch = {"replica": "r1", "batch": 1, "requests": 1, "cells": len(cells)}
+    return {"site": None, "sample_id": None, "n_cells": len(cells), "n_errors": 0, "cells": answers, "batch": batch}
 
 
 @pytest.fixture
@@ -31,10 +56,15 @@ def service(monkeypatch):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             asked.append(len(body["cells"]))
-            if len(asked) <= busy[0]:
-                status, answer = 503, {"detail": "the classifier stopped or is overloaded; send them again"}
+            try:  # as the service reads a request
+                ClassifyRequest.model_validate(body)
+            except ValidationError as error:
+                status, answer = 422, {"detail": str(error)}
             else:
-                status, answer = 200, {"cells": [ANSWER for _ in body["cells"]]}
+                if len(asked) <= busy[0]:
+                    status, answer = 503, {"detail": "the classifier stopped or is overloaded; send them again"}
+                else:
+                    status, answer = 200, _response(body["cells"])
             data = json.dumps(answer).encode()
             self.send_response(status)
             if status == 503:
@@ -108,3 +138,104 @@ def test_a_refused_connection_is_asked_again_and_a_read_timeout_is_not(tmp_path,
         with pytest.raises(httpx.ReadTimeout):
             ServedScorer(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.3)(_batch(tmp_path))
     assert len(tries) == 1
+
+
+def test_a_cell_under_a_long_path_is_scored_in_its_batch(service, tmp_path):
+    """The cell's whole path was sent as its name, which the service caps at 256 characters: a pool under a deep
+    folder had every request refused (422), then each cell asked alone, and the long-path cells failed."""
+    url, busy, asked = service
+    busy[0] = 0
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    (deep / "cell.png").write_bytes(b"not decoded by this server")
+    batch = _batch(tmp_path, n=2)
+    batch["path"] = np.array([*batch["path"], str(deep / "cell.png")], dtype=object)
+    batch["site"] = np.array([""] * 3, dtype=object)
+    out = ServedScorer(url)(batch)
+    assert list(out["ok"]) == [True, True, True] and asked == [3]  # one request, every cell answered
+    assert list(out["path"]) == list(batch["path"])
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """Answers each POST with the next of the server's `script`: ("reset",) drops the connection with a TCP reset
+    once the request is read; (status, content type, body) answers so."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        step = self.server.script.pop(0)  # type: ignore[attr-defined]
+        if step == ("reset",):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()  # an RST, as a proxy or a dying node gives: the client's read fails
+            self.close_connection = True
+            return
+        status, kind, body = step
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """A server answering by a script the test fills (`_Scripted`)."""
+    monkeypatch.setattr(score, "BACKOFF_CAP_S", 0.05)
+
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # the reset connection's own flush fails: expected
+            pass
+
+    server = Server(("127.0.0.1", 0), _Scripted)
+    server.script = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server.script  # type: ignore[attr-defined]
+    server.shutdown()
+    server.server_close()
+
+
+def _ok(n: int) -> tuple[int, str, bytes]:
+    return 200, "application/json", json.dumps(_response([{"name": f"{i}.png"} for i in range(n)])).encode()
+
+
+def test_a_connection_reset_while_awaiting_the_answer_is_asked_again(scripted, tmp_path):
+    """A connection reset after the request was sent (httpx.ReadError) was not asked again, unlike a refused one:
+    it ended the whole Ray Data job and every batch it had answered was lost."""
+    url, script = scripted
+    script += [("reset",), _ok(3)]
+    out = ServedScorer(url)(_batch(tmp_path))
+    assert list(out["ok"]) == [True, True, True] and not script
+
+
+def test_an_answer_that_is_not_the_service_s_ends_the_job_naming_it(scripted, tmp_path):
+    """A wrong `serve_url` answering 200 with a page ended the job with a JSONDecodeError naming nothing; an answer
+    of fewer cells than sent would have paired answers with the wrong cells."""
+    url, script = scripted
+    script.append((200, "text/html", b"<html>a login page</html>"))
+    with pytest.raises(RuntimeError, match=rf"{url}/v1/classify answered 200 with no classify answer.*address"):
+        ServedScorer(url)(_batch(tmp_path))
+    script.append(_ok(2))
+    with pytest.raises(RuntimeError, match="answered 2 cells to a request of 3"):
+        ServedScorer(url)(_batch(tmp_path))
+
+
+def test_a_worker_scores_only_the_model_version_its_run_began_with(tmp_path, tiny_settings):
+    """Offline scoring names its answers by the model directory's hash taken as the run began; a worker loading the
+    directory later (a `cytoloop tune` saving over it, a worker Ray restarted) scored with other contents under
+    that name."""
+    from cytoloop.config import RoutingConfig
+    from cytoloop.errors import CytoLoopError
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.serving.model_source import local_ref
+    from jobs.score import ModelScorer
+
+    directory = tmp_path / "model"
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(directory)
+    routing = RoutingConfig().model_dump(mode="json")
+    began = local_ref(directory).version
+    assert ModelScorer(str(directory), routing, 1, version=began).service.ref.version == began
+    BaselineClassifier(["a", "b", "c"], tiny_settings.data, tiny_settings.baseline).save(directory)  # saved over
+    with pytest.raises(CytoLoopError, match=f"changed since this scoring run began \\(as {began}, now local-"):
+        ModelScorer(str(directory), routing, 1, version=began)

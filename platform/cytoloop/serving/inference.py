@@ -3,7 +3,8 @@
 This is what a serving replica runs for a batch, kept free of Ray and HTTP so it can be tested and reused (the
 review loop's pre-annotation calls the same thing). Each cell is preprocessed through the one preprocessing path
 with the model's own `data_config`; a cell that fails there gets a `CellFailure` and the rest are still
-classified. Each result carries the model version that produced it and the routing decision of `routing.py`.
+classified. Each result carries the routing decision of `routing.py`; the model version that produced it is the
+service's `ref`, which callers put beside the answers (the HTTP answer's `model`, offline scoring's `version`).
 A service made for a site with its own classes (`sites.<site>.classes`) decides every cell among those only.
 """
 

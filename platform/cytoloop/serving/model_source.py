@@ -176,10 +176,11 @@ def _content_hash(directory: Path) -> str:
 
 
 def without_credentials(uri: str) -> str:
-    """`uri` with any user name and password of its network location left out."""
+    """`uri` without its user name and password and without its query and fragment, where database drivers take
+    them too (`postgresql://db/mlflow?user=u&password=p`: `/v1/models` showed that to every API-key holder)."""
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    if "@" in parts.netloc:
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return uri.split("?", 1)[0].split("#", 1)[0]  # textually: urlunsplit writes sqlite:////srv as sqlite://srv
