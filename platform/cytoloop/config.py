@@ -521,7 +521,12 @@ class PromotionConfig(_Section):
 class DriftConfig(_Section):
     """Drift per model version and site, per time window, against the training reference and the first window."""
 
-    window_hours: float = Field(24.0, gt=0)
+    window_hours: float = Field(
+        24.0,
+        ge=1,
+        description="at least an hour: MLflow's step of a window is the hour it starts (two windows in one "
+        "hour were logged at one step)",
+    )
     min_cells: int = Field(50, ge=1, description="a window with fewer cells is logged but raises no flag")
     psi_bins: int = Field(10, ge=2, description="quantile bins of the training reference for the PSI")
     psi_threshold: float = Field(0.25, gt=0, description="stain drift: PSI of any colour statistic above this ...")

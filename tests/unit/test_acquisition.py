@@ -109,3 +109,14 @@ def test_unknown_strategy_and_bad_budget_are_clear_errors():
         get_strategy("bald")
     with pytest.raises(ValueError, match="budget"):
         get_strategy("entropy")(fake_pool(n=5), 6, 0)
+
+
+def test_a_pool_whose_classes_are_not_its_columns_and_margin_on_one_class_are_clear_errors():
+    """A class list shorter than the probability columns failed later, in routing, with an IndexError; margin
+    sampling on a one-class model with another IndexError."""
+    full = fake_pool(n=4)
+    with pytest.raises(ValueError, match="pool probabilities have 4 columns for 3 classes"):
+        Pool(full.predictions, full.cell_ids, CLASSES[:3])
+    one = Pool(Predictions(np.ones((3, 1)), np.zeros(3), np.ones(3, dtype=int)), ["a", "b", "c"], ["neutrophil"])
+    with pytest.raises(ValueError, match="margin sampling needs two classes or more; the pool has 1"):
+        get_strategy("margin")(one, 1, 0)

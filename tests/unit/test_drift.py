@@ -405,3 +405,12 @@ def test_a_cell_listed_twice_with_two_classes_gets_neither(tmp_path):
     labels = read_labels(export)
     assert ("north", one) not in labels and (None, one) not in labels
     assert labels[("south", two)] == "b" and (None, two) not in labels
+
+
+def test_a_drift_window_is_at_least_an_hour():
+    """MLflow's step of a window is the hour it starts: half-hour windows were logged two to a step."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="window_hours"):
+        DriftConfig(window_hours=0.5)
+    assert DriftConfig(window_hours=1.5).window_hours == 1.5

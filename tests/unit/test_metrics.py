@@ -336,3 +336,22 @@ def test_the_basic_bootstrap_interval_mirrors_the_percentile_one_around_the_esti
     assert basic == pytest.approx((2 * values.mean() - high, 2 * values.mean() - low))
     with pytest.raises(ValueError, match="method must be 'percentile' or 'basic'"):
         metrics.bootstrap_interval(mean, 80, method="bca")
+
+
+def test_an_ece_estimate_near_0_gets_an_interval_not_upside_down():
+    """The basic interval reflects the resamples' ends about the estimate; for an ECE near 0 that most resamples
+    exceed, its top fell below 0 and the interval came out (0.0, -0.004): from 0 to the percentile top now."""
+    from cytoloop.evaluation.metrics import bootstrap_intervals, expected_calibration_error
+
+    confidence = np.repeat([0.9, 0.7], 50)  # 45 of the 0.9s right, 35 of the 0.7s: ECE 0 on the whole
+    correct = np.concatenate([np.arange(50) < 45, np.arange(50) < 35])
+    probs = np.stack([confidence, 1 - confidence], axis=1)
+    y = np.where(correct, 0, 1)
+
+    def ece(index: np.ndarray) -> dict[str, float]:
+        return {"ece": expected_calibration_error(probs[index], y[index])}
+
+    assert expected_calibration_error(probs, y) < 1e-9
+    [(low, high)] = bootstrap_intervals(ece, 100, n_boot=300, strata=y, basic=("ece",)).values()
+    [(_, percentile_high)] = bootstrap_intervals(ece, 100, n_boot=300, strata=y).values()
+    assert low == 0.0 and high == percentile_high > 0.0

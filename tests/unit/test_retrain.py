@@ -43,7 +43,12 @@ def test_a_retrain_is_never_due_on_no_new_labels():
 
 
 def test_drift_ignored_when_disabled():
-    assert not retrain_due(10, 1.0, True, CONFIG.model_copy(update={"on_drift": False})).due
+    """The decision said "or drift" and "drift flagged" with `on_drift` off: an operator with enough labels and
+    drift flagged could not tell why nothing was due."""
+    decision = retrain_due(10, 1.0, True, CONFIG.model_copy(update={"on_drift": False}))
+    assert not decision.due
+    assert "or drift" not in decision.reason and "drift flagged (ignored: retrain.on_drift is off)" in decision.reason
+    assert "h or drift); " in retrain_due(0, 1.0, False, CONFIG).reason  # on: drift is one way a retrain comes due
 
 
 def test_negative_count_is_an_error():

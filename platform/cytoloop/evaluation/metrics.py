@@ -356,11 +356,13 @@ def bootstrap_intervals(
     basic: Collection[str] = (),
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of several statistics computed on the same resamples; for the statistics
-    named in ``basic``, the basic (pivotal) interval around the estimate on all items (`bootstrap_interval`),
-    its low end clipped at 0: for a statistic a resample biases once more, as ECE (resampled, a calibrated
-    model's cells look less calibrated), whose percentile interval leans upward: more room above the estimate than
-    below, as if the model were worse calibrated than measured. (Reflected, the basic interval holds the estimate
-    exactly when the percentile one does; the bias correction is what it buys.)
+    named in ``basic`` (statistics that are never below 0), the basic (pivotal) interval around the estimate on all
+    items (`bootstrap_interval`), its low end clipped at 0 (and, should its top reflect below 0, as for an estimate
+    near 0 that most resamples exceed, from 0 to the percentile interval's top): for a statistic a resample biases
+    once more, as ECE (resampled, a calibrated model's cells look less calibrated), whose percentile interval leans
+    upward: more room above the estimate than below, as if the model were worse calibrated than measured.
+    (Reflected, the basic interval holds the estimate exactly when the percentile one does; the bias correction is
+    what it buys.)
 
     ``statistics`` receives an index array (``n`` draws with replacement) and returns named values; a value that
     is NaN on a resample (a class drawn zero times) is left out of that statistic's quantiles. A statistic NaN on
@@ -380,7 +382,8 @@ def bootstrap_intervals(
         finite = np.asarray(values)[~np.isnan(values)]
         low, high = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0]) if len(finite) else (np.nan, np.nan)
         if name in basic and len(finite):
-            low, high = _basic(estimates[name], low, high)
-            low = max(0.0, low)
+            reflected_low, reflected_high = _basic(estimates[name], low, high)
+            # an estimate near 0 below most resamples reflects to a top below 0: then from 0 to the percentile top
+            low, high = max(0.0, reflected_low), (reflected_high if reflected_high >= 0.0 else high)
         out[name] = (float(low), float(high))
     return out

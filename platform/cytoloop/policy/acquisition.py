@@ -56,6 +56,11 @@ class Pool:
             )
         if len(set(self.cell_ids)) != len(self.cell_ids):
             raise ValueError("pool cell ids must be unique (routing tells cells apart by id)")
+        columns = self.predictions.probs.shape[1] if self.predictions.probs.ndim == 2 else None
+        if columns != len(self.classes):
+            raise ValueError(
+                f"pool probabilities have {columns} columns for {len(self.classes)} classes ({', '.join(self.classes)})"
+            )
 
     def __len__(self) -> int:
         return len(self.cell_ids)
@@ -97,6 +102,8 @@ def entropy_sampling(pool: Pool, budget: int, seed: int = 0) -> np.ndarray:
 def margin_sampling(pool: Pool, budget: int, seed: int = 0) -> np.ndarray:
     """The cells whose two most probable classes are closest (deterministic)."""
     _check_budget(pool, budget)
+    if len(pool.classes) < 2:
+        raise ValueError(f"margin sampling needs two classes or more; the pool has {len(pool.classes)}")
     top_two = np.sort(pool.predictions.probs, axis=1)[:, -2:]
     return _lowest(top_two[:, 1] - top_two[:, 0], budget)
 

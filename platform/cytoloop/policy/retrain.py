@@ -41,11 +41,14 @@ def retrain_due(
     if config.on_drift and drift_flagged and enough:
         return RetrainDecision(True, f"drift flagged and {new_labels} new labels >= {config.min_labels_after_hours}")
     waited = "never retrained" if hours_since_last is None else f"{hours_since_last:.1f} h of {config.max_hours:g}"
+    or_drift = " or drift" if config.on_drift else ""
+    flagged = ""
+    if drift_flagged:  # said either way: an operator seeing drift flagged must see why it decided nothing
+        flagged = "; drift flagged" if config.on_drift else "; drift flagged (ignored: retrain.on_drift is off)"
     return RetrainDecision(
         False,
         f"{new_labels} new labels (need {config.min_new_labels}, or "
-        f"{config.min_labels_after_hours} after {config.max_hours:g} h or drift); {waited}"
-        f"{'; drift flagged' if drift_flagged else ''}",
+        f"{config.min_labels_after_hours} after {config.max_hours:g} h{or_drift}); {waited}{flagged}",
     )
 
 
