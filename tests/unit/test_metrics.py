@@ -355,3 +355,22 @@ def test_an_ece_estimate_near_0_gets_an_interval_not_upside_down():
     [(low, high)] = bootstrap_intervals(ece, 100, n_boot=300, strata=y, basic=("ece",)).values()
     [(_, percentile_high)] = bootstrap_intervals(ece, 100, n_boot=300, strata=y).values()
     assert low == 0.0 and high == percentile_high > 0.0
+
+
+def test_ece_from_confidences_refuses_what_is_no_confidence():
+    """The module's promise (a ValueError naming the argument) did not hold here: no cells gave NaN figures, a
+    confidence of 1.7 a 'calibrated ECE' of 0.6, arrays of two lengths numpy's own words."""
+    from cytoloop.evaluation.metrics import calibrated_ece_of_confidence, top_label_ece
+
+    for bad, words in (
+        (np.array([]), "confidence is empty"),
+        (np.array([0.8, np.nan]), "confidence contains NaN"),
+        (np.array([0.8, 1.7]), r"confidence must lie in \[0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            calibrated_ece_of_confidence(bad, draws=5)
+    with pytest.raises(ValueError, match="confidence and correct differ in length: 2 vs 3"):
+        top_label_ece(np.array([0.8, 0.9]), np.array([True, False, True]))
+    with pytest.raises(ValueError, match="n_bins must be >= 1"):
+        top_label_ece(np.array([0.8, 0.9]), np.array([True, False]), n_bins=0)
+    assert top_label_ece(np.array([0.8, 0.9]), np.array([1, 1])) == pytest.approx(0.15)

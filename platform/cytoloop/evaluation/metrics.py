@@ -88,6 +88,14 @@ def _scores(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
+def _confidence(x: np.ndarray) -> np.ndarray:
+    """Check a non-empty 1-D array of probabilities (top-label confidences, in [0, 1])."""
+    x = _scores(x, "confidence")
+    if x.min() < 0.0 or x.max() > 1.0:
+        raise ValueError(f"confidence must lie in [0, 1], got min {x.min():.3g}, max {x.max():.3g}")
+    return x
+
+
 # --------------------------------------------------------------------------- classification
 
 
@@ -198,7 +206,7 @@ def calibrated_ece_of_confidence(
         raise ValueError(f"draws must be >= 1, got {draws}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    confidence = np.asarray(confidence, dtype=float)
+    confidence = _confidence(confidence)
     rng = np.random.default_rng(seed)
     values = [top_label_ece(confidence, rng.random(len(confidence)) < confidence, n_bins) for _ in range(draws)]
     low, high = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
@@ -207,6 +215,10 @@ def calibrated_ece_of_confidence(
 
 def top_label_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
     """`expected_calibration_error` from top-label confidences and correctness (the bins of `reliability_bins`)."""
+    confidence, correct = _confidence(confidence), _binary(correct, "correct")
+    _same_length(confidence, correct, "confidence", "correct")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     edges = np.arange(n_bins + 1) / n_bins
     bin_of = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
     count = np.bincount(bin_of, minlength=n_bins)
