@@ -578,6 +578,11 @@ class Demo:
                 answer = httpx.post(
                     f"{serve_url}/v1/classify", json={**body, "site": site}, headers=headers, timeout=60.0
                 )
+                if answer.status_code in (400, 413, 415, 422):  # the cell itself refused: waiting changes nothing
+                    raise DemoStopped(
+                        f"Serve refused {cell.path}, the cell the demo asks which version serves {site}: HTTP "
+                        f"{answer.status_code} {answer.text[:300]}"
+                    )
                 if answer.status_code == 200 and answer.json()["cells"][0]["status"] == "ok":
                     served = answer.json()["cells"][0]["model"]["version"]
                     if served == version:

@@ -400,24 +400,41 @@ def score_offline(
         if resumed:
             logger.info(f"{resumed} of {len(records)} cells answered by the stopped run of {journal}: not scored again")
         began = time.perf_counter()
+        rows = _score_rows(todo, model_dir, routing, workers, threads, gpus, batch_size, runtime, allowed, version)
         with tqdm(total=len(records), initial=resumed, desc="scoring", unit="cell", disable=not progress) as bar:
-            for i, result, error, not_read in _score_rows(
-                todo, model_dir, routing, workers, threads, gpus, batch_size, runtime, allowed, version
-            ):
-                if result is None:
-                    failed[str(records[i].path)] = error
-                    if not_read:
-                        unreadable.add(str(records[i].path))
-                else:
-                    results[i] = result
-                    if written is not None:
-                        written.write(paths[i], result)
-                bar.update()
+            try:
+                for i, result, error, not_read in rows:
+                    if result is None:
+                        failed[str(records[i].path)] = error
+                        if not_read:
+                            unreadable.add(str(records[i].path))
+                    else:
+                        results[i] = result
+                        if written is not None:
+                            written.write(paths[i], result)
+                    bar.update()
+            except ray.exceptions.RayError:
+                check_unchanged(Path(model_dir), version)  # a worker's refusal of it comes as Ray's actor error
+                raise
         seconds = time.perf_counter() - began
         scores = OfflineScores(list(records), results, failed, version, seconds, resumed, frozenset(unreadable))
         if finish is not None:
             finish(scores)
     return scores
+
+
+def check_unchanged(model_dir: Path, version: str) -> None:
+    """Raise ModelLoadError when `model_dir` no longer holds the model `version` names: a worker that found it
+    changed (`ModelScorer`) ends the run with Ray's actor error, a traceback that never names the model; said so."""
+    from cytoloop.models.base import ModelLoadError
+    from cytoloop.serving.model_source import local_ref
+
+    now = local_ref(model_dir).version
+    if now != version:
+        raise ModelLoadError(
+            f"{model_dir} changed during this scoring run (as {version}, now {now}): its answers would be recorded "
+            "under a version they are not of; run it again"
+        )
 
 
 def _score_rows(

@@ -229,13 +229,17 @@ def test_a_worker_scores_only_the_model_version_its_run_began_with(tmp_path, tin
     from cytoloop.errors import CytoLoopError
     from cytoloop.models.baseline import BaselineClassifier
     from cytoloop.serving.model_source import local_ref
-    from jobs.score import ModelScorer
+    from jobs.score import ModelScorer, check_unchanged
 
     directory = tmp_path / "model"
     BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(directory)
     routing = RoutingConfig().model_dump(mode="json")
     began = local_ref(directory).version
-    assert ModelScorer(str(directory), routing, 1, version=began).service.ref.version == began
+    assert ModelScorer(str(directory), routing, None, version=began).service.ref.version == began  # threads as set
+    check_unchanged(directory, began)  # the driver's check, when the run ends with a Ray error: nothing to say
     BaselineClassifier(["a", "b", "c"], tiny_settings.data, tiny_settings.baseline).save(directory)  # saved over
     with pytest.raises(CytoLoopError, match=f"changed since this scoring run began \\(as {began}, now local-"):
-        ModelScorer(str(directory), routing, 1, version=began)
+        ModelScorer(str(directory), routing, None, version=began)
+    # the worker's refusal reaches the driver as Ray's actor error, which names no model: the driver says it
+    with pytest.raises(CytoLoopError, match=f"model changed during this scoring run \\(as {began}, now local-"):
+        check_unchanged(directory, began)

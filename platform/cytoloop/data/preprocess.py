@@ -65,8 +65,10 @@ def decode_image(source: Path | bytes, name: str | None = None) -> Image.Image:
 
     A greyscale image of more than 8 bits (PNG, TIFF: mode I;16 or I) is scaled to 8 bits by the depth its values
     need (`_bit_depth`: 10, 12, 14 or 16 bits): converted as it was, every value above 255 became white, and a
-    12-bit camera's image in a 16-bit file, scaled as 16 bits, came out in 16 grey levels. A float image of 0-1
-    intensities is scaled to 0-255; an image with transparency is laid onto white."""
+    12-bit camera's image in a 16-bit file, scaled as 16 bits, came out in 16 grey levels. The depth is guessed
+    per image (a file does not say it), so a dim image of a 16-bit camera is brightened like a 12-bit one: stain
+    normalisation takes the brightness out again, but the drift monitor's colour statistics (taken before it) see
+    it. A float image of 0-1 intensities is scaled to 0-255; an image with transparency is laid onto white."""
     name = name or (str(source) if isinstance(source, Path) else "<bytes>")
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=FORMATS) as opened:
