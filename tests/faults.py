@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import select
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +53,47 @@ class HungDisk:
         if self._reader.is_alive():
             self._reader.join(timeout=30)
         self.path.unlink(missing_ok=True)
+
+
+class ScriptedServer:
+    """A real HTTP server on 127.0.0.1 (`url`) answering each POST with the next step of `script`, a list the test
+    fills: ("reset",) drops the connection with a TCP reset once the request is read (as a proxy or a dying node
+    does: the client's read fails); (status, content type, body) answers so. `close` stops it."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple] = []
+        script = self.script
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                step = script.pop(0)
+                if step == ("reset",):
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                status, kind, body = step
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:  # the reset connection's own flush fails
+                pass
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 class Front:

@@ -362,37 +362,20 @@ def test_a_rerun_whose_champion_is_not_the_base_asked_for_is_refused(tmp_path, t
 def test_a_cell_serve_refuses_stops_the_wait_for_a_version_at_once(tmp_path):
     """The demo asks Serve which version answers a site with one held-out cell; a cell Serve refuses (a blank
     image: 422) was asked again until the timeout, which then blamed Serve for not switching."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from cytoloop.config import Settings
     from jobs.cycle import Demo, DemoStopped
+    from tests.faults import ScriptedServer
 
-    class Refusing(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = b'{"detail": "blank.png: a blank image (every pixel within 2 levels of RGB (230, 225, 228))"}'
-            self.send_response(422)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = ScriptedServer()
+    detail = b'{"detail": "blank.png: a blank image (every pixel within 2 levels of RGB (230, 225, 228))"}'
+    server.script.append((422, "application/json", detail))
     cell = tmp_path / "blank.png"
     cell.write_bytes(b"the bytes Serve refuses")
     demo = Demo(Settings(home=tmp_path, demo={"serve_switch_timeout_s": 60.0}), tmp_path)
     try:
         began = time.monotonic()
         with pytest.raises(DemoStopped, match=r"Serve refused .*blank.png.*north: HTTP 422 .*blank image"):
-            demo._wait_served(
-                f"http://127.0.0.1:{server.server_address[1]}", None, "3", "north", CellRecord("b", cell, None, "lab")
-            )
+            demo._wait_served(server.url, None, "3", "north", CellRecord("b", cell, None, "lab"))
         assert time.monotonic() - began < 10  # not the 60 s timeout
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()

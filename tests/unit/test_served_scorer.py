@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 from jobs import score
 from jobs.score import ServedScorer
 from services.schemas import ClassifyRequest
+from tests.faults import ScriptedServer
 
 MODEL = {"name": "cells", "version": "3", "alias": "champion"}
 
@@ -111,7 +111,6 @@ def test_a_service_that_stays_overloaded_ends_the_job_naming_why(service, tmp_pa
 def test_a_refused_connection_is_asked_again_and_a_read_timeout_is_not(tmp_path, monkeypatch):
     """A service restarting refuses connections for a moment: asked again. A replica that hangs (a read timeout) is
     not: each try would hold the batch for the whole timeout and send it again to an overloaded service."""
-    import socket
 
     import httpx
 
@@ -156,44 +155,13 @@ def test_a_cell_under_a_long_path_is_scored_in_its_batch(service, tmp_path):
     assert list(out["path"]) == list(batch["path"])
 
 
-class _Scripted(BaseHTTPRequestHandler):
-    """Answers each POST with the next of the server's `script`: ("reset",) drops the connection with a TCP reset
-    once the request is read; (status, content type, body) answers so."""
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        step = self.server.script.pop(0)  # type: ignore[attr-defined]
-        if step == ("reset",):
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()  # an RST, as a proxy or a dying node gives: the client's read fails
-            self.close_connection = True
-            return
-        status, kind, body = step
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def scripted(monkeypatch):
-    """A server answering by a script the test fills (`_Scripted`)."""
+    """A server answering by a script the test fills (`tests.faults.ScriptedServer`)."""
     monkeypatch.setattr(score, "BACKOFF_CAP_S", 0.05)
-
-    class Server(ThreadingHTTPServer):
-        def handle_error(self, request, client_address):  # the reset connection's own flush fails: expected
-            pass
-
-    server = Server(("127.0.0.1", 0), _Scripted)
-    server.script = []  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server.script  # type: ignore[attr-defined]
-    server.shutdown()
-    server.server_close()
+    server = ScriptedServer()
+    yield server.url, server.script
+    server.close()
 
 
 def _ok(n: int) -> tuple[int, str, bytes]:
