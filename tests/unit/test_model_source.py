@@ -182,11 +182,19 @@ def test_a_rule_setting_the_model_does_not_take_is_said_not_silently_dropped(tmp
         ScoringConfig(min_trials=3, max_trials=60),
     ).save(tmp_path / "model")
     with caplog.at_level("WARNING", logger="cytoloop.models.loading"):
-        model = load_model(tmp_path / "model", ScoringConfig(max_trials=40, precision="bf16", mask_radius=0.5, seed=7))
+        model = load_model(
+            tmp_path / "model", ScoringConfig(max_trials=40, precision="bf16", mask_radius=0.5, seed=7, min_trials=3)
+        )
     assert model.scoring_config.max_trials == 60 and model.scoring_config.precision == "bf16"
     assert model.scoring_config.seed == ScoringConfig().seed  # its own, as saved
-    named = "scoring.mask_radius, scoring.max_trials, scoring.seed from the settings is not applied"
-    assert named in caplog.text and "precision" not in caplog.text
+    seed = ScoringConfig().seed
+    named = f"scoring.mask_radius 0.5 (its own: {ScoringConfig().mask_radius!r}), scoring.max_trials 40 (its own: 60)"
+    assert f"from the settings: {named}, scoring.seed 7 (its own: {seed}) (a new" in caplog.text
+    assert "precision" not in caplog.text and "min_trials" not in caplog.text  # a setting equal to its own is no news
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cytoloop.models.loading"):  # a config file written whole sets every field
+        load_model(tmp_path / "model", ScoringConfig.model_validate(model.scoring_config.model_dump()))
+    assert "not applied" not in caplog.text
 
 
 def test_a_site_with_its_own_classes_gets_only_those_and_shares_the_loaded_model(tmp_path, cells_dir):

@@ -117,12 +117,18 @@ def load_model(directory: Path | str, runtime: ScoringConfig | None = None) -> C
         raise ModelLoadError(f"{directory}: cannot load this {kind} model's files ({detail})") from error
     diffusion = model.teacher if isinstance(model, CascadeClassifier) else model
     if runtime is not None and isinstance(diffusion, DiffusionClassifier):
-        # every set field the model does not take, not only the rule's (mask_radius, seed, ... were dropped unsaid)
-        ignored = [f"scoring.{field}" for field in sorted(runtime.model_fields_set) if field not in RUNTIME_FIELDS]
+        # every set field the model does not take, not only the rule's (mask_radius, seed, ... were dropped unsaid),
+        # where it differs from the model's own: a config file written whole (every field set) named all 22 of them
+        given, own = runtime.model_dump(mode="json"), diffusion.scoring_config.model_dump(mode="json")
+        ignored = [
+            f"scoring.{field} {given[field]!r} (its own: {own[field]!r})"
+            for field in sorted(runtime.model_fields_set)
+            if field not in RUNTIME_FIELDS and given[field] != own[field]
+        ]
         if ignored:  # said, not silently dropped (CYTOLOOP_SCORING__MAX_TRIALS=40 looked applied)
             logger.warning(
-                f"{directory} scores with its own tuned rule and settings: {', '.join(ignored)} from the settings "
-                "is not applied to it (a new model trains with it; `evaluate --max-trials` caps the trials)"
+                f"{directory} scores with its own tuned rule and settings; not applied to it from the settings: "
+                f"{', '.join(ignored)} (a new model trains with them; `evaluate --max-trials` caps the trials)"
             )
         update = {field: getattr(runtime, field) for field in RUNTIME_FIELDS if field in runtime.model_fields_set}
         if update:
