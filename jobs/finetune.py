@@ -177,7 +177,7 @@ class FinetuneOutcome:
     def stale(self) -> bool:
         """Not promoted because another alias move came first (a newer model, a rollback): no verdict on its
         merits, so the labels it learned are not in the model that serves."""
-        return self.version.tags.get("gate.verdict") == "stale"
+        return not self.passed and self.version.tags.get("gate.verdict") == "stale"
 
     @property
     def state(self) -> str:
@@ -587,20 +587,24 @@ def _complete_promotion(registry, name: str, version: VersionInfo, alias: str, w
 
 
 def _outcome_of(registry, version: VersionInfo, alias: str, model_dir: Path) -> FinetuneOutcome:
-    """The outcome a finished run recorded on its registered version (its gate verdict and metrics). A version
-    that passed but no longer serves `alias` (rolled back since, or replaced) is not reported promoted: a rerun
-    said "promoted" of a version that did not serve (`FinetuneOutcome.state`: withdrawn)."""
+    """The outcome a finished run recorded on its registered version (its gate verdict and metrics), as it stands
+    now: promoted if it serves `alias`. A version that passed but no longer serves `alias` (rolled back since, or
+    replaced) is not reported promoted (a rerun said "promoted" of a version that did not serve;
+    `FinetuneOutcome.state`: withdrawn); one the gate refused or passed over as stale that a person promoted since
+    (`cytoloop promote`) is (reruns said "refused" of the version serving, or "stale" on every run)."""
     tags = version.tags
     metrics = dict(registry.client.get_run(version.run_id).data.metrics)
     reasons = json.loads(tags.get("gate.reasons", "[]"))
-    passed = tags.get("gate.verdict") == "pass"
-    serving = registry.serving_version(version.name, alias) if passed else None
-    if passed and serving != version.version:
-        passed = False
+    verdict = tags.get("gate.verdict")
+    serving = registry.serving_version(version.name, alias)
+    passed = serving == version.version
+    if verdict == "pass" and not passed:
         reasons.append(
             f"promoted once, moved off @{alias} since (v{serving or '-'} serves it now: a rollback or a newer "
             "model); nothing done again"
         )
+    elif passed and verdict != "pass":  # it was reported refused (exit 3), or stale for ever (exit 5, labels unsaved)
+        reasons.append(f"the gate's verdict was {verdict or 'never reached'}; a person promoted it since: it serves")
     return FinetuneOutcome(
         version, passed, reasons, alias, model_dir, metrics, json.loads(tags.get("gate.worse", "[]"))
     )
@@ -616,13 +620,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     (`FinetuneOutcome.state`: refused, stale, withdrawn). Unlike `cytoloop retrain` (exit codes 3 and 5), a version
     not promoted exits 0 here: the job ran to its verdict, and a RayJob that failed would be
     retried or raise an alarm for a model rightly kept out. Bad input (a missing file, an unknown class, an invalid
-    setting, no champion yet) ends with one line naming it on stderr and exit code 2, never a traceback.
+    setting, no champion yet, a folder that cannot be made) ends with one line naming it on stderr and exit code 2,
+    never a traceback (exit 1: a bug).
     """
     from pydantic import ValidationError
 
     from cytoloop.config import load_settings
     from cytoloop.data.records import load_records
-    from cytoloop.registry import RegistryError
+    from cytoloop.errors import CytoLoopError
 
     parser = argparse.ArgumentParser(
         prog="python -m jobs.finetune",
@@ -658,8 +663,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_retrain_state(settings, records, outcome)
     except ValidationError as error:
         return fail(f"invalid configuration: {describe_validation_error(error)}")
-    except (RegistryError, FileNotFoundError, ValueError) as error:  # DatasetError, ModelLoadError, ImageError too
+    except (CytoLoopError, ValueError) as error:  # DatasetError, ModelLoadError, ImageError, RegistryError too
         return fail(str(error))
+    except OSError as error:  # a folder where one is needed is a file, a refused permission (not only a missing file)
+        return fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error))
     print(
         json.dumps(
             {

@@ -7,7 +7,7 @@ tests/integration/test_cluster.py.
 import pytest
 
 from cytoloop.data.records import CellRecord
-from jobs.finetune import main
+from jobs.finetune import main, save_retrain_state
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
@@ -43,6 +43,29 @@ def test_invalid_site_name(capsys, clean_env):
     for site in ("st marys", "_lab", "global", "Global"):
         code, err = run(capsys, "--labels", "labels.csv", "--site", site)
         assert code == 2 and f"invalid site name {site!r}" in err
+
+
+def test_a_cache_folder_that_is_a_file_is_named_not_a_traceback(tmp_path, capsys, clean_env, tiny_settings):
+    """The job caught only a missing file among the file system's refusals: a cache folder that is a file (or one
+    it may not write, the usual case for a job's non-root user) ended in a traceback, exit 1, which a RayJob reads
+    as a bug."""
+    import torch
+
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.registry import Registry
+
+    torch.manual_seed(0)
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(tmp_path / "model")
+    registry = Registry(f"sqlite:///{tmp_path}/mlflow.db")
+    version = registry.log_model(tmp_path / "model", "cytoloop-cells").version
+    registry.move_alias("cytoloop-cells", "champion", version, why="test: the first champion")
+    (tmp_path / "labels.csv").write_text("path,label,domain\ncell.png,a,lab\n")
+    (tmp_path / "cache").write_text("a file where the cache folder belongs")
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    clean_env.setenv("CYTOLOOP_REGISTRY__TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    clean_env.setenv("CYTOLOOP_REGISTRY__CACHE_DIR", str(tmp_path / "cache"))
+    code, err = run(capsys, "--labels", str(tmp_path / "labels.csv"))
+    assert code == 2 and f"error: {tmp_path / 'cache'}/cytoloop-cells: Not a directory" in err, err
 
 
 def test_labels_are_required(capsys):
@@ -114,7 +137,6 @@ def test_a_stale_retrain_leaves_its_labels_counted_as_new(tmp_path, clean_env):
     and `--if-due` held the retrain they were due back until as many more arrived."""
     from cytoloop.config import Settings
     from cytoloop.policy.retrain import load_state, new_labels
-    from jobs.finetune import save_retrain_state
 
     settings = Settings(home=tmp_path)
     labels = [CellRecord(f"c{i}.png", tmp_path / f"c{i}.png", "a", "lab") for i in range(5)]
@@ -124,6 +146,38 @@ def test_a_stale_retrain_leaves_its_labels_counted_as_new(tmp_path, clean_env):
     assert len(new_labels(labels, load_state(state))) == 2
     assert save_retrain_state(settings, labels, _outcome(tmp_path, "pass"))
     assert new_labels(labels, load_state(state)) == []
+
+
+def test_a_rerun_reports_a_version_a_person_promoted_over_its_verdict_as_promoted(tmp_path, tiny_settings):
+    """A retrain's version the gate refused (or passed over as stale), then promoted by a person: a rerun of the
+    same job (it finds its own version serving) said "refused" (exit 3) of the version serving, or "stale" on
+    every scheduled run, never saving its labels as trained on. On a real registry (MLflow on SQLite)."""
+    import torch
+
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.registry import Registry
+    from jobs.finetune import _outcome_of
+
+    torch.manual_seed(0)
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(tmp_path / "model")
+    registry = Registry(f"sqlite:///{tmp_path}/mlflow.db")
+    first = registry.log_model(tmp_path / "model", "cells").version
+    registry.move_alias("cells", "champion", first, why="test: the first champion")
+    second = registry.log_model(tmp_path / "model", "cells").version
+
+    def outcome(verdict: str):
+        registry.set_tags("cells", second, {"gate.verdict": verdict, "gate.reasons": "[]"})
+        return _outcome_of(registry, registry.version("cells", second), "champion", tmp_path)
+
+    for verdict in ("refused", "stale", "pass"):  # not serving: as the job left it
+        kept = outcome(verdict)
+        assert not kept.passed and kept.state == {"pass": "withdrawn"}.get(verdict, verdict)
+    registry.move_alias("cells", "champion", second, why="test: a person overrides the gate")
+    for verdict in ("refused", "stale", "pass"):
+        serving = outcome(verdict)
+        assert serving.passed and serving.state == "promoted" and not serving.stale
+        assert (verdict != "pass") == any("a person promoted it since" in r for r in serving.reasons)
+    assert save_retrain_state(tiny_settings.model_copy(update={"home": tmp_path}), [], outcome("stale"))
 
 
 def test_two_fine_tunes_of_one_scope_run_one_after_the_other(tmp_path, monkeypatch, clean_env):
