@@ -39,9 +39,9 @@ def register(
     def action():
         from cytoloop.models.finetune import code_revision
         from cytoloop.models.loading import load_model
-        from cytoloop.registry import open_registry, site_alias
+        from cytoloop.registry import AliasMoved, open_registry, site_alias
 
-        if champion and not reason:
+        if champion and not (reason or "").strip():  # checked before registering: a blank one left a version behind
             fail("--champion moves an alias: give --reason")
         if override and not champion:
             fail("--override goes with --champion")
@@ -68,7 +68,13 @@ def register(
         typer.echo(f"registered {name} v{version.version} from {model}")
         if champion:
             kind = "override" if current is not None else "first"
-            move = registry.move_alias(name, alias, version.version, why=reason, action=kind, expect=serving)
+            try:
+                move = registry.move_alias(name, alias, version.version, why=reason, action=kind, expect=serving)
+            except AliasMoved as moved:  # registered all the same: another `register` would make a second copy
+                fail(
+                    f"v{version.version} is registered, but @{alias} was not moved: {moved}. To serve it anyway: "
+                    f"`cytoloop promote {version.version}{f' --site {site}' if site else ''} --reason ...`"
+                )
             typer.echo(f"{move.arrow()} ({kind}, by {move.who})")
 
     run(action)

@@ -285,6 +285,7 @@ def test_bad_paths_sites_and_ports_are_refused_before_any_work(tmp_path, clean_e
             "0.2",
         ): "not both",
         ("register", str(model), "--site", "north"): "goes with --champion",
+        ("register", str(model), "--champion", "--reason", "  "): "give --reason",  # before a version is made
         ("--config", str(tmp_path), "info", str(model)): "not a file",
         ("info", str(model)): "unknown model kind None",
         ("review", "bootstrap", "--site", "north", "--classes", "a,b,a"): "names a class twice",
@@ -348,6 +349,39 @@ def test_registering_a_damaged_model_names_the_user_s_folder(tmp_path, clean_env
     (model / "model.json").write_text(json.dumps({"kind": "bogus", "classes": ["a", "b"]}))
     result = CliRunner().invoke(app, ["register", str(model)])
     assert result.exit_code == 2 and str(model) in result.output and "/tmp/tmp" not in result.output, result.output
+
+
+def test_a_champion_moved_while_register_registers_is_named_with_the_way_on(tmp_path, clean_env, tiny_settings):
+    """Another engineer moved @champion while `register --champion --override` logged its version: the alias is
+    rightly left alone, and the command now says the version is registered and how to serve it (a retry, the
+    natural next step after an error, registered a second copy)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.registry import Registry
+    from ops.cli import app
+
+    torch.manual_seed(0)
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(tmp_path / "model")
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    register = ["register", str(tmp_path / "model")]
+    assert runner.invoke(app, [*register, "--champion", "--reason", "first"]).exit_code == 0
+    assert runner.invoke(app, register).exit_code == 0  # v2, registered only
+    log_model = Registry.log_model
+
+    def log_while_another_promotes(self, *args, **kwargs):
+        version = log_model(self, *args, **kwargs)
+        self.move_alias("cytoloop-cells", "champion", "2", why="test: another engineer's promotion")
+        return version
+
+    clean_env.setattr(Registry, "log_model", log_while_another_promotes)
+    result = runner.invoke(app, [*register, "--champion", "--override", "--reason", "replace it"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "v3 is registered, but @champion was not moved: cytoloop-cells@champion: judged against v1, but v2" in said
+    assert "`cytoloop promote 3 --reason ...`" in said
 
 
 def test_files_cut_short_or_not_in_utf8_are_named(tmp_path, clean_env):
