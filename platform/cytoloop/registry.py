@@ -29,6 +29,7 @@ import contextlib
 import getpass
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -126,6 +127,11 @@ class VersionInfo:
     run_id: str | None
     tags: dict[str, str]
     aliases: list[str]
+
+
+def _same_figure(logged: float, value: float) -> bool:
+    """Whether a metric point's value is `value` (NaN is NaN: a window without labels has no ECE, run after run)."""
+    return logged == value or (math.isnan(logged) and math.isnan(value))
 
 
 class Registry:
@@ -454,8 +460,12 @@ class Registry:
         return sorted((self._info(v) for v in found), key=lambda v: int(v.version))
 
     def log_series(self, run_name: str, tags: dict[str, str], points: list[tuple[int, int, dict[str, float]]]) -> str:
-        """Append metric points (step, unix time in ms, {metric: value}) to the run tagged `tags`, created once;
-        returns the run id. Drift uses this: one run per model version and site, one step per time window."""
+        """Add metric points (step, unix time in ms, {metric: value}) to the run tagged `tags`, created once;
+        returns the run id. Drift uses this: one run per model version and site, one step per time window, logged
+        again by every run over a growing log. A point already there with its value is not logged twice; a changed
+        one (the open window's figures, a late label) is logged after the run's points of its step, so that it is
+        what MLflow reports as the metric's latest (MLflow never replaces a point, and of two points of one step
+        and time it reported the larger value: the window's figure of an earlier run)."""
         from mlflow.entities import Metric
 
         experiment_id = self.experiment_id()
@@ -466,12 +476,23 @@ class Registry:
             if runs
             else self.client.create_run(experiment_id, tags={**tags, "mlflow.runName": run_name}).info.run_id
         )
-        metrics = [
-            Metric(key, float(value), timestamp, step)
-            for step, timestamp, values in points
-            for key, value in values.items()
-            if value is not None
-        ]
+        last: dict[tuple[str, int], tuple[int, float]] = {}  # (metric, step) -> its newest point's (time, value)
+        for key in {key for *_, values in points for key in values} if runs else ():
+            for point in self.client.get_metric_history(run_id, key):
+                newest = last.get((key, point.step))
+                if newest is None or (point.timestamp, point.value) > newest:  # MLflow's own order within a step
+                    last[(key, point.step)] = (point.timestamp, point.value)
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        metrics = []
+        for step, timestamp, values in points:
+            for key, value in values.items():
+                if value is None:
+                    continue
+                newest = last.get((key, step))
+                if newest is None:
+                    metrics.append(Metric(key, float(value), timestamp, step))
+                elif not _same_figure(newest[1], float(value)):
+                    metrics.append(Metric(key, float(value), max(now, newest[0] + 1), step))
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
         return run_id

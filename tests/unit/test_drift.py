@@ -414,3 +414,26 @@ def test_a_drift_window_is_at_least_an_hour():
     with pytest.raises(ValidationError, match="window_hours"):
         DriftConfig(window_hours=0.5)
     assert DriftConfig(window_hours=1.5).window_hours == 1.5
+
+
+def test_drift_logged_again_over_a_grown_log_keeps_one_point_per_figure_and_the_newest_as_latest(tmp_path):
+    """`cytoloop drift` runs hourly over a log that grows: each run logged every window again at its step and
+    start time, and of two points of one step and time MLflow reports the larger as the metric's latest (an open
+    window's ECE of 0.30 stood after the window settled at 0.05). On a real registry (MLflow on SQLite)."""
+    from cytoloop.policy.drift import WindowFigures, log_windows
+    from cytoloop.registry import Registry
+
+    registry = Registry(f"sqlite:///{tmp_path}/mlflow.db")
+    start = datetime(2026, 12, 1, 8, tzinfo=UTC)
+
+    def window(hours: int, ece: float | None) -> WindowFigures:
+        return WindowFigures("3", "north", start + timedelta(hours=hours), 40, {"ece": ece, "brightness": 0.5}, [])
+
+    [run_id] = log_windows(registry, "cells", [window(0, 0.10), window(1, 0.30)]).values()
+    assert log_windows(registry, "cells", [window(0, 0.10), window(1, 0.30)]) == {("3", "north"): run_id}
+    step = int(start.timestamp() // 3600)
+    assert registry.metric_history(run_id, "ece") == [(step, 0.10), (step + 1, 0.30)]  # not logged twice
+    log_windows(registry, "cells", [window(0, 0.10), window(1, 0.05), window(2, None)])  # window 1 settled lower
+    assert sorted(registry.metric_history(run_id, "ece")) == [(step, 0.10), (step + 1, 0.05), (step + 1, 0.30)]
+    assert registry.client.get_run(run_id).data.metrics["ece"] == 0.05
+    assert len(registry.metric_history(run_id, "brightness")) == 3  # windows 0, 1 and 2, each once
