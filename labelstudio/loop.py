@@ -351,7 +351,7 @@ class ReviewLoop:
                 if isinstance(synced, SyncReport):
                     logger.info(
                         f"poll: {synced.changed} label(s) changed, {synced.retracted} retracted, "
-                        f"{synced.restored} restored"
+                        f"{synced.restored} restored, {synced.unchecked} unchecked"
                     )
 
         identify()  # before the receiver listens, so that it can tell whose events it takes from the first one

@@ -9,6 +9,7 @@ or killing one half-way and running it again leaves each label in the store exac
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from labelstudio.store import LabelStore
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
 
+
+logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 200  # tasks per listing request
 
@@ -29,6 +32,7 @@ class SyncReport:
     changed: int = 0
     retracted: int = 0
     restored: int = 0
+    unchecked: int = 0  # stored labels left as they were: Label Studio failed to answer whether they still exist
 
 
 def as_dict(item) -> dict:
@@ -57,8 +61,12 @@ def sync(
     before identities existed are adopted by this server first (`LabelStore.adopt`).
 
     `on_annotation(n)` is called after the n-th annotation is stored (progress; tests use it to act half-way). A
-    project whose listing did not complete retracts nothing.
+    project whose listing did not complete retracts nothing. A direct question Label Studio fails to answer (an
+    error other than 404, a timeout) leaves that project's remaining questions for the next sync (counted as
+    `unchecked`, their labels as they were) and the poll goes on to the next project: it raised, and one
+    annotation Label Studio kept failing on stopped every later project's labels from coming back by poll.
     """
+    unanswered = _unanswered()
     store.adopt(server)
     report = SyncReport(events=store.process_events())
     store.set_annotators({u.id: u.email for u in client.users.list()}, server)
@@ -77,13 +85,25 @@ def sync(
                 report.seen += 1
                 if on_annotation is not None:
                     on_annotation(report.seen)
-        for annotation_id in sorted(before - present):
-            if _fetch(client, annotation_id) is None:
+        # asked directly: each stored label the listing lacked (gone: retracted), each retracted one it showed
+        # again (still held: restored, with the task it was listed in)
+        questions: list[tuple[int, dict | None]] = [(annotation_id, None) for annotation_id in sorted(before - present)]
+        questions += [(int(annotation["id"]), listed_in) for annotation, listed_in in reappeared]
+        for asked, (annotation_id, listed_in) in enumerate(questions):
+            try:
+                current = _fetch(client, annotation_id)
+            except unanswered as error:
+                report.unchecked += len(questions) - asked
+                logger.warning(
+                    f"project {project_id}: Label Studio failed to say whether annotation {annotation_id} still "
+                    f"exists ({_described(error)}); {len(questions) - asked} stored label(s) left as they were "
+                    "until the next sync"
+                )
+                break
+            if listed_in is None and current is None:
                 report.retracted += store.retract(annotation_id, project_id, server)
-        for annotation, task_dict in reappeared:
-            current = _fetch(client, int(annotation["id"]))
-            if current is not None:
-                report.restored += store.restore(as_dict(current), task_dict, server)
+            elif listed_in is not None and current is not None:
+                report.restored += store.restore(as_dict(current), listed_in, server)
     return report
 
 
@@ -98,3 +118,16 @@ def _fetch(client: LabelStudio, annotation_id: int) -> object | None:
         if error.status_code == 404:
             return None
         raise
+
+
+def _unanswered() -> tuple[type[Exception], ...]:
+    """What a direct question to Label Studio raises when it was not answered (any error but 404, a timeout)."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    return (ApiError, httpx.HTTPError)
+
+
+def _described(error: Exception) -> str:
+    status = getattr(error, "status_code", None)
+    return f"HTTP {status}" if status is not None else f"{type(error).__name__}: {error}"

@@ -321,6 +321,12 @@ def review_sync(
             f"{r.events} webhook event(s) applied; {r.seen} annotation(s) polled, {r.changed} changed, "
             f"{r.retracted} retracted"
         )
+        if r.unchecked:  # labels all came in; only whether these few still exist waits for the next sync
+            typer.echo(
+                f"{r.unchecked} stored label(s) not listed were left as they were: Label Studio failed to say "
+                "whether they still exist (run sync again)",
+                err=True,
+            )
 
     run(action)
 

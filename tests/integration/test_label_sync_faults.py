@@ -117,6 +117,40 @@ def test_a_label_retracted_by_mistake_comes_back(project):
     )  # a real delete still goes
 
 
+def test_an_annotation_label_studio_fails_to_check_holds_back_no_other_project(project, label_studio):
+    """Label Studio answers 500 when the poll asks it directly about one stored label its listing lacked: the poll
+    raised there, so every later project went unlisted, its new labels never back by poll (for good, while Label
+    Studio kept failing on that one annotation). Now that label is left as it was and counted unchecked, the next
+    project's labels come in, and a sync once Label Studio answers retracts it."""
+    from label_studio_sdk import LabelStudio
+
+    from labelstudio.bootstrap import ensure_project
+    from labelstudio.sync import sync
+    from tests.faults import FailingServer
+
+    client, first_project, task_ids, store = project
+    server = server_identity(client)
+    gone = label(client, task_ids[0], "neutrophil")
+    sync(client, store, [first_project], server)
+    client.annotations.delete(id=gone)  # the listing lacks it: the poll asks for it directly
+    second_project = ensure_project(client, f"sync faults {next(_names)}", CLASSES, labels_required=1)
+    client.projects.import_tasks(id=second_project, request=[{"data": {"image": "/data/c.png", "cell_id": "c.png"}}])
+    [task] = client.tasks.list(project=second_project)
+    later = label(client, task.id, "monocyte")
+    asked = f"/api/annotations/{gone}"
+    front = FailingServer(label_studio.url, lambda method, path: path.split("?")[0].rstrip("/") == asked)
+    try:
+        front.failing = True
+        through = LabelStudio(base_url=front.url, api_key=label_studio.token)
+        report = sync(through, store, [first_project, second_project], server)
+        assert report.unchecked == 1 and report.retracted == 0 and live(store) == {gone, later}
+        front.failing = False
+        assert sync(through, store, [first_project, second_project], server).retracted == 1
+        assert live(store) == {later}
+    finally:
+        front.close()
+
+
 def test_a_recreated_label_studio_neither_overwrites_nor_retracts_the_old_ones_labels(label_studio, tmp_path):
     """The lab recreates Label Studio (a new server, or a migration): its project and annotation ids start again
     at 1. Labels keyed by those ids alone were overwritten by the new server's annotation 1 and retracted by its
