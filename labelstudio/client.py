@@ -18,6 +18,11 @@ class LabelStudioUnavailable(CytoLoopError, ConnectionError):
     """Label Studio did not answer (down, restarting, wrong URL) or refused the token."""
 
 
+class LabelStudioFailed(CytoLoopError, RuntimeError):
+    """Label Studio answered with an error of its own (HTTP 500 and above other than those `unavailable` takes:
+    its database locked under load), not a refusal of what was asked."""
+
+
 def connect(url: str, token: str, timeout: float = 30.0) -> LabelStudio:
     """An SDK client after a health check; raises LabelStudioUnavailable naming the URL otherwise."""
     import httpx
@@ -55,6 +60,22 @@ def server_identity(client: LabelStudio) -> str:
     created = first.created_at if isinstance(first.created_at, datetime) else datetime.fromisoformat(first.created_at)
     # letters, digits and '-' only: it travels in the webhook URL's query, unescaped where a caller forgets
     return f"org{first.id}-{created.astimezone(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
+
+
+def as_failure(error: BaseException, url: str, doing: str) -> CytoLoopError | None:
+    """An SDK error met while `doing` as the project's own error naming Label Studio, `doing` and what it said
+    (a command then ends with that line, exit 2, not a traceback): `LabelStudioUnavailable` when it did not answer
+    (down, a timeout), `LabelStudioFailed` for its own server errors; None for anything else (a bug, a refusal of
+    the request), which the caller raises as it is."""
+    if isinstance(error, CytoLoopError):
+        return None
+    status = getattr(error, "status_code", None)
+    said = f"HTTP {status}" if status is not None else f"{type(error).__name__}: {error}"
+    if unavailable(error):
+        return LabelStudioUnavailable(f"Label Studio at {url} did not answer ({said}) {doing}")
+    if isinstance(status, int) and status >= 500:
+        return LabelStudioFailed(f"Label Studio at {url} failed ({said}) {doing}")
+    return None
 
 
 def unavailable(error: BaseException) -> bool:

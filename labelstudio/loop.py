@@ -24,7 +24,7 @@ from cytoloop.errors import UsageError
 from cytoloop.policy.consensus import consensus
 from cytoloop.policy.routing import ScoredCell, route_cells, select_for_review
 from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
-from labelstudio.client import connect, server_identity, unavailable
+from labelstudio.client import as_failure, connect, server_identity, unavailable
 from labelstudio.export import export_manifest, review_report
 from labelstudio.outbox import Outbox
 from labelstudio.push import PushReport, push_outbox
@@ -275,10 +275,11 @@ class ReviewLoop:
         Tasks an earlier Label Studio took go to this one too, unless their cells' labels already agree."""
         try:
             client, server = self.client, self.server
-        except Exception as error:
-            if not unavailable(error):
+        except Exception as error:  # unreachable, or failing on which server it is (500): the tasks wait
+            failure = as_failure(error, self.url, "when asked which server it is")
+            if not unavailable(error) and failure is None:
                 raise
-            return PushReport(pending=self.outbox.counts()["pending"], error=str(error))
+            return PushReport(pending=self.outbox.counts()["pending"], error=str(failure or error))
         return push_outbox(
             client,
             self.outbox,
@@ -293,9 +294,15 @@ class ReviewLoop:
         """Check our webhook on every review project (`ensure_webhooks`), apply stored webhook events, then poll every
         review project (catches what webhooks missed), each of a site's copies too (keyed by site, one of two copies
         was never polled: its labels only came by webhook)."""
-        projects = [project_id for _, project_id in self.titled_projects()]
-        self.ensure_webhooks(projects)
-        return sync(self.client, self.store, projects, self.server, on_annotation=on_annotation)
+        try:
+            projects = [project_id for _, project_id in self.titled_projects()]
+            self.ensure_webhooks(projects)
+            return sync(self.client, self.store, projects, self.server, on_annotation=on_annotation)
+        except Exception as error:  # a timeout or a 500 half-way: what was stored stays (the store is idempotent)
+            failure = as_failure(error, self.url, "during the sync; the labels stored before are kept, sync again")
+            if failure is None:
+                raise
+            raise failure from error
 
     def report(self) -> dict:
         return review_report(self.store, self.settings.review.labels_required)

@@ -413,6 +413,47 @@ def test_label_studio_down_while_routing_loses_nothing(world, routed):
     assert sum(k.endswith("@v2") for k in keys) == 3
 
 
+def test_label_studio_failing_under_a_command_is_one_line_and_loses_nothing(world, routed, tmp_path):
+    """Label Studio answers 500 (its database locked under load) to a sync's task listing, and to a push's
+    question which server it is: `review sync` and `review push` ended in a traceback, exit 1 (a bug, to a
+    scheduler). Now one line naming Label Studio and what it failed: the sync exits 2, keeping what it had stored;
+    the push leaves its tasks waiting (exit 7 while any wait) and they go once Label Studio answers."""
+    from ops.cli import app
+    from tests.faults import FailingServer
+
+    front = FailingServer(world.server.url, lambda method, path: path.startswith(("/api/tasks", "/api/organizations")))
+    settings = world.loop.settings
+    settings = settings.model_copy(
+        update={"review": settings.review.model_copy(update={"label_studio_url": front.url})}
+    )
+    config = tmp_path / "settings.json"
+    config.write_text(
+        settings.model_dump_json(
+            exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True
+        )
+    )
+    waiting = world.loop.route(world.records, world.predictions, CLASSES, "v-failing", budget=2, push=False)
+    try:
+        front.failing = True
+        synced = CliRunner().invoke(app, ["review", "sync", "--config", str(config)])
+        assert synced.exit_code == 2, synced.output + repr(synced.exception)
+        said = " ".join(synced.output.split())
+        assert (
+            f"Label Studio at {front.url} failed (HTTP 500) during the sync; the labels stored before are kept" in said
+        )
+        pushed = CliRunner().invoke(app, ["review", "push", "--config", str(config)])
+        assert pushed.exit_code == 7, pushed.output + repr(pushed.exception)
+        assert f"Label Studio at {front.url} failed (HTTP 500) when asked which server" in " ".join(
+            pushed.output.split()
+        )
+        assert world.loop.outbox.counts()["pending"] == waiting.queued == 2
+        front.failing = False
+        assert CliRunner().invoke(app, ["review", "push", "--config", str(config)]).exit_code == 0
+        assert world.loop.outbox.counts()["pending"] == 0
+    finally:
+        front.close()
+
+
 def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp_path):
     """`cytoloop review route` end to end: a tiny model trained on real cells scores other real cells."""
     from cytoloop.config import load_settings
