@@ -57,6 +57,14 @@ def ensure_project(client: LabelStudio, title: str, classes: Sequence[str], labe
     return project.id
 
 
+def ensure_labels_required(client: LabelStudio, project_id: int, labels_required: int) -> None:
+    """The project's `maximum_annotations` set to the labels a cell needs, for a project no push reaches too: a
+    `review.labels_required` raised since it was made let its tasks leave the queue with fewer labels than
+    consensus waits for, pending for good."""
+    if client.projects.get(id=project_id).maximum_annotations != labels_required:
+        client.projects.update(id=project_id, maximum_annotations=labels_required)
+
+
 def ensure_webhook(client: LabelStudio, project_id: int, url: str, secret: str) -> int:
     """The id of the project's webhook to our receiver, created (or its secret and actions refreshed) as needed.
 

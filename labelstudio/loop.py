@@ -23,7 +23,13 @@ from cytoloop.data.records import CellRecord
 from cytoloop.errors import UsageError
 from cytoloop.policy.consensus import consensus
 from cytoloop.policy.routing import ScoredCell, route_cells, select_for_review
-from labelstudio.bootstrap import ensure_image_storage, ensure_project, ensure_webhook, project_title
+from labelstudio.bootstrap import (
+    ensure_image_storage,
+    ensure_labels_required,
+    ensure_project,
+    ensure_webhook,
+    project_title,
+)
 from labelstudio.client import as_failure, connect, server_identity, unavailable
 from labelstudio.export import export_manifest, review_report
 from labelstudio.outbox import Outbox
@@ -87,9 +93,9 @@ class ReviewLoop:
         self.url = label_studio_url(settings)
         self._client: LabelStudio | None = None
         self._server: str | None = None
-        # (receiver URL, project) whose webhook this loop has set: the poll sets each once per URL (it names the
-        # server), not every period, a listing of each project's webhooks
-        self._hooked: set[tuple[str, int]] = set()
+        # (receiver URL, labels required, project) this loop has set the project to: the poll sets each once, not
+        # every period (the URL names the server)
+        self._kept: set[tuple[str, int, int]] = set()
 
     # opened on first use: made at once, a sync that failed to reach Label Studio (a mistyped home) left an empty
     # store behind, and `review report` and `export`'s guard against a home without one then took it for a lab's
@@ -123,22 +129,25 @@ class ReviewLoop:
         """Our receiver's URL as this Label Studio's webhooks call it: the query says which server an event is from."""
         return f"{webhook_url(self.settings)}?{urlencode({'server': self.server})}"
 
-    def ensure_webhooks(self, project_ids: Sequence[int]) -> None:
-        """Our webhook on each project, as `bootstrap` sets it, for every project and not only those a push reaches:
-        a site with no task waiting kept a webhook from before (no server in its URL: its events refused; the
-        receiver's old port: sent nowhere), and its labels came back only by the poll. Best effort per project; once
-        per project and receiver URL for this loop."""
+    def ensure_projects(self, project_ids: Sequence[int]) -> None:
+        """Our webhook, and the labels a cell needs (`maximum_annotations`), on each project as `bootstrap` sets
+        them, for every project and not only those a push reaches: a site with no task waiting kept a webhook from
+        before (no server in its URL: its events refused; the receiver's old port: sent nowhere), and its labels
+        came back only by the poll; or kept the labels required before the setting was raised, its cells pending
+        for good. Best effort per project; once per project, receiver URL and labels required for this loop."""
         url, secret = self._webhook_url(), stack_secrets(self.settings)["webhook_secret"]
+        required = self.settings.review.labels_required
         for project_id in project_ids:
-            if (url, project_id) in self._hooked:
+            if (url, required, project_id) in self._kept:
                 continue
             try:
                 ensure_webhook(self.client, project_id, url, secret)
-                self._hooked.add((url, project_id))
+                ensure_labels_required(self.client, project_id, required)
+                self._kept.add((url, required, project_id))
             except Exception as error:
                 if unavailable(error):
                     raise
-                logger.warning(f"project {project_id}'s webhook is checked next time: {type(error).__name__}: {error}")
+                logger.warning(f"project {project_id} is checked next time: {type(error).__name__}: {error}")
 
     @property
     def server(self) -> str:
@@ -291,12 +300,12 @@ class ReviewLoop:
 
     # -- back: labels ---------------------------------------------------------------------------------------------
     def sync(self, on_annotation: Callable[[int], None] | None = None) -> SyncReport:
-        """Check our webhook on every review project (`ensure_webhooks`), apply stored webhook events, then poll every
-        review project (catches what webhooks missed), each of a site's copies too (keyed by site, one of two copies
-        was never polled: its labels only came by webhook)."""
+        """Check our webhook and the labels required on every review project (`ensure_projects`), apply
+        stored webhook events, then poll every review project (catches what webhooks missed), each of a site's
+        copies too (keyed by site, one of two copies was never polled: its labels only came by webhook)."""
         try:
             projects = [project_id for _, project_id in self.titled_projects()]
-            self.ensure_webhooks(projects)
+            self.ensure_projects(projects)
             return sync(self.client, self.store, projects, self.server, on_annotation=on_annotation)
         except Exception as error:  # a timeout or a 500 half-way: what was stored stays (the store is idempotent)
             failure = as_failure(error, self.url, "during the sync; the labels stored before are kept, sync again")

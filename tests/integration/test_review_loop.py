@@ -508,6 +508,24 @@ def test_route_command_scores_real_cells_with_a_model(world, tiny_overrides, tmp
     assert bad.exit_code == 2 and "missing" in bad.output
 
 
+def test_labels_required_raised_reaches_every_project_at_the_next_sync(world, routed):
+    """`review.labels_required` raised from 2 to 3 reached only a site whose tasks a push sent: every other
+    project kept `maximum_annotations` 2, so Label Studio took its tasks off the queue at two labels while
+    consensus waited for three, each such cell pending for good. A sync now sets it on every project."""
+    from labelstudio.loop import ReviewLoop
+
+    settings = world.loop.settings
+    raised = settings.model_copy(update={"review": settings.review.model_copy(update={"labels_required": 3})})
+    projects = [project_id for _, project_id in world.loop.titled_projects()]
+    assert {world.loop.client.projects.get(id=p).maximum_annotations for p in projects} == {2}
+    try:
+        ReviewLoop(raised).sync()
+        assert {world.loop.client.projects.get(id=p).maximum_annotations for p in projects} == {3}
+    finally:  # the module's other tests need two
+        ReviewLoop(settings).sync()
+    assert {world.loop.client.projects.get(id=p).maximum_annotations for p in projects} == {2}
+
+
 def test_label_studio_retrieves_predictions_from_the_ml_backend(label_studio, cells_dir, tiny_overrides, tmp_path):
     """Connected under Settings -> Model (the ML-backend protocol), CytoLoop answers Label Studio's "Retrieve
     predictions" for tasks imported without any: each task gets a pre-annotation with the served version."""
