@@ -69,7 +69,8 @@ def ensure_webhook(client: LabelStudio, project_id: int, url: str, secret: str) 
     """The id of the project's webhook to our receiver, created (or its secret and actions refreshed) as needed.
 
     Our webhooks to another URL (the receiver moved to another port) are deleted: Label Studio would otherwise
-    spend its 1 s timeout on a dead address for every annotation.
+    spend its 1 s timeout on a dead address for every annotation. So are twins to our URL (two processes that
+    both found none and both made one): each sent every event again, for good.
     """
     headers = {SECRET_HEADER: secret}
     ours = [
@@ -79,7 +80,9 @@ def ensure_webhook(client: LabelStudio, project_id: int, url: str, secret: str) 
     ]
     for stale in (h for h in ours if h.url != url):
         client.webhooks.delete(id=stale.id)
-    hooks = [h for h in ours if h.url == url]
+    hooks = sorted((h for h in ours if h.url == url), key=lambda h: h.id)
+    for twin in hooks[1:]:
+        client.webhooks.delete(id=twin.id)
     if not hooks:
         hook = client.webhooks.create(
             url=url,

@@ -201,6 +201,14 @@ def test_bootstrap_twice_creates_nothing_twice(world):
     assert OTHER in project.label_config and ARTEFACT in project.label_config and "blast" in project.label_config
     world.loop.bootstrap("jtsc", ["lymphocyte", "basophil"])  # a new model's classes are added, none removed
     assert config_classes(client.projects.get(id=first).label_config) == [*CLASSES, "basophil"]
+    # two bootstraps at once (a route and the poll) both found no webhook and both made one: every event came
+    # twice, for good; the next bootstrap keeps one
+    [hook] = client.webhooks.list(project=str(first))
+    twin = client.webhooks.create(
+        url=hook.url, project=first, send_payload=True, headers=hook.headers, actions=hook.actions, is_active=True
+    )
+    world.loop.bootstrap("jtsc", CLASSES)
+    assert [h.id for h in client.webhooks.list(project=str(first))] == [hook.id] and twin.id != hook.id
 
 
 @dataclass
