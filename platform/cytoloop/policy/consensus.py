@@ -7,8 +7,8 @@ Open-source Label Studio has no overlap control and no agreement scores; this mo
   cell twice counts once, with their latest label);
 - the consensus is the label with more votes than any other (a majority; a plurality among 3+ annotators).
   A tie stays open (`status="tie"`) and never becomes training data by a coin flip;
-- every cell whose annotators disagree, that ends in a tie, or that someone flagged abnormal is surfaced for
-  senior review.
+- every cell whose annotators disagree once it has its `required` labels (a third label may still settle one
+  still pending), that ends in a tie, or that someone flagged abnormal is surfaced for senior review.
 """
 
 from __future__ import annotations
