@@ -347,6 +347,14 @@ class LabelStore:
             ).fetchall()
         return {r["annotation_id"] for r in rows}
 
+    def live_projects(self, server: str = "") -> set[int]:
+        """The projects of this server that live rows came from (one deleted or renamed since among them)."""
+        with sqlite.connect(self.path) as db:
+            rows = db.execute(
+                "SELECT DISTINCT project_id FROM annotations WHERE server = ? AND retracted_at IS NULL", (server,)
+            ).fetchall()
+        return {r["project_id"] for r in rows if r["project_id"] is not None}
+
     def is_retracted(self, annotation_id: int, server: str = "") -> bool:
         with sqlite.connect(self.path) as db:
             query = "SELECT retracted_at FROM annotations WHERE server = ? AND annotation_id = ?"

@@ -48,7 +48,9 @@ def sync(
     on_annotation: Callable[[int], None] | None = None,
     page_size: int = PAGE_SIZE,
 ) -> SyncReport:
-    """Bring the store up to date with Label Studio for these projects.
+    """Bring the store up to date with Label Studio for these projects, and for every other project this server's
+    live labels came from: a project deleted since (a trial round's, say) had its labels count as votes for good,
+    never asked about; now each is retracted as Label Studio confirms it gone, and a renamed one is still read.
 
     A listing is no evidence that an annotation is gone: a label stored by a webhook while the pages go by, or a
     task on a page that shifted because another was deleted, is simply not in it. So retraction needs evidence:
@@ -66,25 +68,32 @@ def sync(
     `unchecked`, their labels as they were) and the poll goes on to the next project: it raised, and one
     annotation Label Studio kept failing on stopped every later project's labels from coming back by poll.
     """
+    from label_studio_sdk.core.api_error import ApiError
+
     unanswered = _unanswered()
     store.adopt(server)
     report = SyncReport(events=store.process_events())
     store.set_annotators({u.id: u.email for u in client.users.list()}, server)
-    for project_id in project_ids:
+    given = list(project_ids)
+    for project_id in given + sorted(store.live_projects(server) - set(given)):
         before = store.live_ids(project_id, server)  # what this listing must account for
         present: set[int] = set()
         reappeared: list[tuple[dict, dict]] = []
-        for task in client.tasks.list(project=project_id, fields="all", page_size=page_size):
-            task_dict = as_dict(task)
-            for annotation in task_dict.get("annotations") or []:
-                annotation = as_dict(annotation)
-                present.add(int(annotation["id"]))
-                if store.is_retracted(int(annotation["id"]), server):
-                    reappeared.append((annotation, task_dict))
-                report.changed += store.upsert(annotation, task_dict, "poll", server)
-                report.seen += 1
-                if on_annotation is not None:
-                    on_annotation(report.seen)
+        try:
+            for task in client.tasks.list(project=project_id, fields="all", page_size=page_size):
+                task_dict = as_dict(task)
+                for annotation in task_dict.get("annotations") or []:
+                    annotation = as_dict(annotation)
+                    present.add(int(annotation["id"]))
+                    if store.is_retracted(int(annotation["id"]), server):
+                        reappeared.append((annotation, task_dict))
+                    report.changed += store.upsert(annotation, task_dict, "poll", server)
+                    report.seen += 1
+                    if on_annotation is not None:
+                        on_annotation(report.seen)
+        except ApiError as error:  # a deleted project lists nothing: each stored label is asked about below
+            if error.status_code != 404 or present or _project_exists(client, project_id):
+                raise
         # asked directly: each stored label the listing lacked (gone: retracted), each retracted one it showed
         # again (still held: restored, with the task it was listed in)
         questions: list[tuple[int, dict | None]] = [(annotation_id, None) for annotation_id in sorted(before - present)]
@@ -118,6 +127,19 @@ def _fetch(client: LabelStudio, annotation_id: int) -> object | None:
         if error.status_code == 404:
             return None
         raise
+
+
+def _project_exists(client: LabelStudio, project_id: int) -> bool:
+    """Whether Label Studio still has the project (a 404 is the only "no"; any other failure raises)."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        client.projects.get(id=project_id)
+    except ApiError as error:
+        if error.status_code == 404:
+            return False
+        raise
+    return True
 
 
 def _unanswered() -> tuple[type[Exception], ...]:

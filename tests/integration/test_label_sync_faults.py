@@ -151,6 +151,31 @@ def test_an_annotation_label_studio_fails_to_check_holds_back_no_other_project(p
         front.close()
 
 
+def test_a_deleted_project_s_labels_are_retracted_and_a_renamed_one_s_still_read(project):
+    """An admin deletes a project (a trial round's, with test annotators): the poll read only the projects named
+    to it, so the deleted one's labels stayed live votes for good, went into training and kept their cells from
+    being asked again. Now they are retracted as Label Studio confirms each gone; a project renamed out of the
+    title template keeps its labels, and changes made in it still come back."""
+    from labelstudio.bootstrap import ensure_project
+    from labelstudio.sync import sync
+
+    client, kept_project, task_ids, store = project
+    server = server_identity(client)
+    kept = label(client, task_ids[0], "neutrophil")
+    trial = ensure_project(client, f"sync faults {next(_names)}", CLASSES, labels_required=1)
+    client.projects.import_tasks(id=trial, request=[{"data": {"image": "/data/t.png", "cell_id": "t.png"}}])
+    [trial_task] = client.tasks.list(project=trial)
+    trial_label = label(client, trial_task.id, "monocyte")
+    sync(client, store, [kept_project, trial], server)
+    assert live(store) == {kept, trial_label}
+    client.projects.update(id=kept_project, title=f"archived {next(_names)}")  # out of the template: not named
+    client.annotations.update(id=kept, result=prediction_result("lymphocyte"))
+    client.projects.delete(id=trial)
+    report = sync(client, store, [], server)
+    assert report.retracted == 1 and live(store) == {kept}
+    assert [s.label for s in store.labels()] == ["lymphocyte"]
+
+
 def test_a_recreated_label_studio_neither_overwrites_nor_retracts_the_old_ones_labels(label_studio, tmp_path):
     """The lab recreates Label Studio (a new server, or a migration): its project and annotation ids start again
     at 1. Labels keyed by those ids alone were overwritten by the new server's annotation 1 and retracted by its
