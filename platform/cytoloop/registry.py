@@ -42,7 +42,7 @@ from pathlib import Path
 from cytoloop.config import ScoringConfig
 from cytoloop.errors import CytoLoopError, UsageError
 from cytoloop.files import locked
-from cytoloop.models.base import MODEL_FILE, WEIGHTS_FILE, Classifier, ModelLoadError
+from cytoloop.models.base import MODEL_ARTIFACTS, MODEL_FILE, WEIGHTS_FILE, Classifier, ModelLoadError
 from cytoloop.models.loading import load_model
 from cytoloop.processes import alive
 from cytoloop.serving.pyfunc import cytoloop_directory
@@ -51,17 +51,6 @@ logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-MODEL_ARTIFACTS = (
-    MODEL_FILE,
-    WEIGHTS_FILE,
-    "split.json",
-    "training.json",
-    "learning_curve.png",
-    "colour_reference.json",
-    "tuning.json",  # how the version's scoring rule was tuned (the model card reads it)
-    "recipe.json",  # the command that makes it (a shipped model)
-    "MODEL_CARD.md",
-)
 ALIAS_MOVE_TAG = "alias_move."
 ANY_VERSION = object()  # move_alias's default `expect`: move whatever the alias points at
 

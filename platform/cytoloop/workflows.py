@@ -33,7 +33,7 @@ from cytoloop.data.records import (
 from cytoloop.errors import UsageError
 from cytoloop.evaluation import metrics, plots
 from cytoloop.files import write_text
-from cytoloop.models.base import Classifier, Predictions, Trainable, candidate_rows, class_mask
+from cytoloop.models.base import MODEL_ARTIFACTS, Classifier, Predictions, Trainable, candidate_rows, class_mask
 from cytoloop.models.cascade import CascadeClassifier, distill
 from cytoloop.models.diffusion import DiffusionClassifier, resolve_device
 from cytoloop.models.loading import load_model
@@ -132,6 +132,7 @@ def train_model(
         replace=replace_other_run,
         unrecorded_differs=_finished_run_differs(out, kind, classes, split["train"]),
     )
+    retire_model(out)
     write_split(
         split,
         out / SPLIT_FILE,
@@ -221,6 +222,15 @@ def train_model(
 # a run's settings that later legs may change without making it another run (`claim_checkpoints`); precision is the
 # autocast of the forward pass only (weights, optimiser and EMA stay fp32)
 LEG_SETTINGS = {"steps", "checkpoint_every", "log_every", "threads", "tune_scoring", "precision"}
+
+
+def retire_model(out: Path) -> None:
+    """Remove the model a new run in `out` replaces (`train --overwrite`), its model.json first, before anything
+    of the new run is written: a replacing run that failed or was killed left the old weights loading beside the
+    new split (evaluate scored them on their own training cells, "0 excluded"), and its recipe, card and tuning
+    report describing a model no longer there. The checkpoints stay (`claim_checkpoints` judged them)."""
+    for name in MODEL_ARTIFACTS:
+        (Path(out) / name).unlink(missing_ok=True)
 
 
 def _finished_run_differs(out: Path, kind: str, classes: list[str], train: Sequence[CellRecord]) -> str | None:

@@ -520,3 +520,15 @@ def test_a_run_resumes_only_its_own_checkpoints(tmp_path, tiny_overrides, cells_
     unboxed = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "holds the checkpoints of another training run" in unboxed, refused.output
     assert "differs in training cells" in unboxed and (out / "split.json").read_bytes() == split
+    # a finished model replaced by a run that then fails (here: its images are not there): the old model's files
+    # went on loading beside the new run's split (evaluate scored it on its own training cells), its recipe and
+    # card describing it; the old model is now gone before the new run writes anything
+    assert train("jtsc").exit_code == 0  # the same run as the checkpoints': finished again
+    (out / "recipe.json").write_text("{}")
+    (out / "MODEL_CARD.md").write_text("# Model card: the old model")
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path,label,domain\n" + "".join(f"gone-{c}{i}.png,{c},jtsc\n" for i in range(8) for c in "ab"))
+    args = ["train", "--kind", "baseline", "--data", str(missing), "--out", str(out), "--config", str(config)]
+    failed = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert failed.exit_code == 2 and "could be read" in failed.output, failed.output
+    assert not any((out / name).exists() for name in ("model.json", "weights.pt", "recipe.json", "MODEL_CARD.md"))

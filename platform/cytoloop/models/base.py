@@ -27,6 +27,19 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
+# a model directory's files (beside its training checkpoints): what a registered version carries, and what a
+# model replaced by another run (`train --overwrite`) leaves behind
+MODEL_ARTIFACTS = (
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    "split.json",
+    "training.json",
+    "learning_curve.png",
+    "colour_reference.json",
+    "tuning.json",  # how the version's scoring rule was tuned (the model card reads it)
+    "recipe.json",  # the command that makes it (a shipped model)
+    "MODEL_CARD.md",
+)
 
 
 class ModelLoadError(CytoLoopError, ValueError):
