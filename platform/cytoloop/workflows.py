@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -54,6 +55,7 @@ from cytoloop.scoring.trials import TrialLog
 
 SPLIT_FILE = "split.json"
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
+MIN_CELLS_PER_CLASS = len(SPLIT_FRACTIONS)  # a class trains, calibrates and is tested on cells of its own
 ModelKind = Literal["diffusion", "baseline"]
 
 
@@ -117,6 +119,15 @@ def train_model(
     classes = classes or sorted({r.label for r in records if r.label is not None})
     if len(classes) < 2:
         raise UsageError(f"a classifier needs at least 2 classes; these cells give {classes or 'none'}")
+    counts = Counter(r.label for r in records)
+    if few := {name: counts[name] for name in classes if counts[name] < MIN_CELLS_PER_CLASS}:
+        # a misspelt label ("neutrophill") trained as a class of one cell, drawn for 1/K of every batch
+        named = ", ".join(f"{name!r} ({n})" for name, n in sorted(few.items()))
+        raise DatasetError(
+            f"too few labelled cells for a class: {named}; each needs at least {MIN_CELLS_PER_CLASS} to be trained, "
+            "calibrated and tested on. A misspelt label makes a class of its own: correct it in the manifest, or "
+            "name the classes to train (--classes)"
+        )
     if split is None:
         split = stratified_split(records, SPLIT_FRACTIONS, seed=split_seed, together=lambda r: cell_identity(r.path))
     elif set(split) != set(SPLIT_FRACTIONS):
@@ -142,6 +153,12 @@ def train_model(
     )
     train = load_cells(split["train"], settings.data, progress)
     val = load_cells(split["val"], settings.data, progress)
+    unread = sorted(set(classes) - {r.label for r in train.records}) if train.records else []
+    if unread:  # it trained as a class with no cell, its name never the answer
+        raise DatasetError(
+            f"no training cell of {', '.join(map(repr, unread))} could be read{train.skipped_note()}; are the "
+            "images where the manifest says?"
+        )
     if not train.records and not val.records:  # not "too few cells": none of them is there (a moved manifest)
         raise DatasetError(
             f"none of the {len(split['train']) + len(split['val'])} training and validation cells could be read"

@@ -532,3 +532,21 @@ def test_a_run_resumes_only_its_own_checkpoints(tmp_path, tiny_overrides, cells_
     failed = CliRunner().invoke(app, [*args, "--overwrite"])
     assert failed.exit_code == 2 and "could be read" in failed.output, failed.output
     assert not any((out / name).exists() for name in ("model.json", "weights.pt", "recipe.json", "MODEL_CARD.md"))
+
+
+def test_a_misspelt_label_or_an_unreadable_class_is_refused_before_training(tmp_path, tiny_settings, cells_dir):
+    """One row labelled 'neutrophill' trained as a class of its own, its one cell drawn for 1/K of every batch,
+    and a class none of whose training images could be read trained as a class with no cell; both exited 0."""
+    from dataclasses import replace
+
+    from cytoloop.data.records import DatasetError, load_records, select
+    from cytoloop.workflows import train_model
+
+    records = select(load_records(cells_dir), ["jtsc"], ["neutrophil", "lymphocyte"])[:40]
+    typo = [*records, replace(records[0], label="neutrophill")]
+    with pytest.raises(DatasetError, match=r"too few labelled cells for a class: 'neutrophill' \(1\); .* misspelt"):
+        train_model("baseline", typo, tiny_settings, tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()  # refused before anything is written
+    gone = [replace(r, path=tmp_path / f"gone{i}.png") if r.label == "lymphocyte" else r for i, r in enumerate(records)]
+    with pytest.raises(DatasetError, match=r"no training cell of 'lymphocyte' could be read"):
+        train_model("baseline", gone, tiny_settings, tmp_path / "unread")
