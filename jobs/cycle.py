@@ -544,10 +544,10 @@ class Demo:
         """Run the classifier on Ray Serve; returns its URL and API key."""
         from ray import serve
 
-        from services.app import build_app
+        from services.app import build_app, start_serve
 
         config = self.settings.serve
-        serve.start(http_options={"host": config.host, "port": config.port})
+        start_serve(self.settings)
         serve.run(build_app(self.settings), name=config.app_name, route_prefix="/", blocking=False)
         return f"http://{config.host}:{config.port}", config.api_key.get_secret_value() if config.api_key else None
 

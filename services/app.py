@@ -8,6 +8,7 @@ are made absolute here, in the process that reads them: replicas run in other wo
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -15,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from cytoloop.config import Settings, load_settings
+from cytoloop.errors import UsageError
 from services.classifier import STOP_TIMEOUT_S, Classifier, live_config
 from services.gateway import Gateway
 
@@ -86,6 +88,40 @@ def build(args: dict) -> Application:
     return build_app(load_settings(AppArgs.model_validate(args or {}).config))
 
 
+def start_serve(settings: Settings) -> None:
+    """Start Serve's HTTP proxy on serve.host:serve.port, or join this Ray's running Serve. Refused, naming the
+    port, when another program holds it: Ray's proxy binds with SO_REUSEPORT, so a second Serve of the same user
+    on one port (another home's demo, a `cytoloop serve` left running) started without a word, and the kernel
+    shared the connections out between the two: cells were answered by the other's models, with version numbers
+    that matched (every registry starts at v1)."""
+    import ray
+
+    config = settings.serve
+    if not (ray.is_initialized() and _serve_running()):
+        with socket.socket() as probe:  # as an ordinary server binds: refused by any listener on the port
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no one
+            try:
+                probe.bind((config.host, config.port))
+            except OSError as error:
+                raise UsageError(
+                    f"serve.port {config.port} on {config.host} is taken by another program ({error.strerror}): "
+                    "another Serve (a demo of another home, a `cytoloop serve`) or any server; stop it, or give "
+                    "this one another port (CYTOLOOP_SERVE__PORT)"
+                ) from None
+    serve.start(http_options={"host": config.host, "port": config.port})
+
+
+def _serve_running() -> bool:
+    """Whether this Ray cluster runs Serve already (its controller actor): its proxy holds the port then."""
+    import ray
+
+    try:
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")  # ray.serve._private.constants' names
+    except ValueError:
+        return False
+    return True
+
+
 def run_local(settings: Settings, num_cpus: int | None = None) -> None:
     """Start (or join, with RAY_ADDRESS) Ray, serve the app on serve.host:serve.port, block until Ctrl-C."""
     import ray
@@ -94,7 +130,7 @@ def run_local(settings: Settings, num_cpus: int | None = None) -> None:
     # shared with training, would otherwise be starved (the proxy then fails its start-up checks)
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=num_cpus, include_dashboard=False)
-    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    start_serve(settings)
     try:
         serve.run(build_app(settings), name=settings.serve.app_name, route_prefix="/", blocking=True)
     except KeyboardInterrupt:

@@ -275,3 +275,23 @@ def test_the_image_installs_what_the_services_and_jobs_import():
     if "all" in named:
         named |= set(re.findall(r"cytoloop\[([a-z,]+)\]", " ".join(extras["all"]))[0].split(","))
     assert {"serve", "train", "review"} <= named
+
+
+def test_a_serve_port_another_program_holds_is_refused_naming_it(tmp_path):
+    """Ray's HTTP proxy binds with SO_REUSEPORT: a second Serve of the same user on a port another Serve held
+    (another home's demo, a `cytoloop serve` left running) started without a word, and the kernel shared the
+    connections out between the two, so cells were answered by the other one's models."""
+    import socket
+
+    from cytoloop.config import Settings
+    from cytoloop.errors import UsageError
+    from services.app import start_serve
+
+    with socket.socket() as other:  # as Ray's proxy listens
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        settings = Settings(home=tmp_path, serve={"host": "127.0.0.1", "port": port})
+        with pytest.raises(UsageError, match=f"serve.port {port} on 127.0.0.1 is taken by another program"):
+            start_serve(settings)
