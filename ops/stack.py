@@ -299,6 +299,17 @@ def _port_open(host: str, port: int) -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
+def _launch_digests(service: Service) -> dict:
+    """How a service is started, as digests (its environment holds credentials, its command may): compared by
+    `up` with how the running one was started."""
+    import hashlib
+
+    def digest(value: object) -> str:
+        return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+    return {"command": digest(service.command), "env": {name: digest(v) for name, v in service.env.items()}}
+
+
 def _identity(pid: int) -> str | None:
     """Who a PID is: this boot's id and the process's start time (Linux /proc); None when it cannot be told.
 
@@ -624,6 +635,24 @@ class Stack:
                 found.append(ServiceStatus(name, state, pid, service.port, str(self.log_file(name))))
         return found
 
+    def _launched_otherwise(self, service: Service) -> str | None:
+        """What `service`'s running process was started with that these settings would not start it with (its
+        command, the names of its environment variables that differ), from its PID file; None when nothing, or a
+        file from before launches were recorded. `up` kept a Ray head started without the dashboard these settings
+        ask for, then waited out its start-up timeout on a dashboard that never came, and a Label Studio serving
+        another images folder, whose cells then failed to show."""
+        try:
+            recorded = json.loads(self._pid_file(service.name).read_text()).get("launch")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(recorded, dict):
+            return None
+        now = _launch_digests(service)
+        differs = ["its command"] if recorded.get("command") != now["command"] else []
+        was, env = recorded.get("env") or {}, now["env"]
+        differs += sorted(name for name in {*was, *env} if was.get(name) != env.get(name))
+        return ", ".join(differs) or None
+
     def _recorded_port(self, name: str) -> int | None:
         """The port `name`'s running process was started on (its PID file), whatever the settings say now."""
         try:
@@ -719,9 +748,19 @@ class Stack:
                     f"{service.name} is running on port {running_port} (pid {pid}) but the settings say "
                     f"{service.port}; run `cytoloop stack down` first to move it"
                 )
+            if differs := self._launched_otherwise(service):
+                raise StackError(
+                    f"{service.name} is running (pid {pid}) started with other settings than these ({differs}); "
+                    "run `cytoloop stack down` first to start it with these"
+                )
             self._wait_healthy(service, pid)
             logger.info(f"{service.name}: already up (pid {pid})")
             return
+        if (group := self._orphaned_group(service.name)) is not None:  # its PID file is how `down` finds the group
+            raise StackError(
+                f"{service.name}'s first process (pid {group}) has died, but the rest of its process group runs on "
+                "and holds its port: `cytoloop stack down` stops it; then `stack up` again"
+            )
         self._pid_file(service.name).unlink(missing_ok=True)
         self._refuse_taken_ports(service, host)
         if service.prepare is not None:
@@ -749,8 +788,10 @@ class Stack:
                     "port": service.port,
                     "api": service.api_url,
                     "command": service.command[:3],
+                    "launch": _launch_digests(service),
                 }
             ),
+            mode=0o600,
         )
         started = time.monotonic()
         self._wait_healthy(service, process.pid)
@@ -773,10 +814,13 @@ class Stack:
         deadline = time.monotonic() + self.settings.stack.start_timeout_s
         while True:
             if not alive(pid):  # checked first: another process answering on the port is not ours being up
-                self._pid_file(service.name).unlink(missing_ok=True)
+                survivors = self._orphaned_group(service.name) is not None
+                if not survivors:  # else its PID file is how `down` finds the rest of the group
+                    self._pid_file(service.name).unlink(missing_ok=True)
                 raise StackError(
-                    f"{service.name} exited during start-up; last lines of "
-                    f"{self.log_file(service.name)}:\n{self._tail(service.name)}"
+                    f"{service.name} exited during start-up"
+                    + (" (the rest of its process group runs on: `cytoloop stack down` stops it)" if survivors else "")
+                    + f"; last lines of {self.log_file(service.name)}:\n{self._tail(service.name)}"
                 )
             if self._healthy(service):
                 return

@@ -339,7 +339,8 @@ def test_stack_down_never_signals_a_process_that_is_not_the_one_it_started(tmp_p
 def test_down_stops_what_is_left_of_a_group_whose_first_process_was_killed(tmp_path):
     """MLflow's first process killed (out of memory, `kill -9`), its workers running on in its group: `down` said
     "nothing was running" and dropped the PID file, and the workers kept the port with no command left to stop
-    them. The group, this boot's and the one this home started, is stopped now."""
+    them. The group, this boot's and the one this home started, is stopped now, and `up` says so and keeps the
+    PID file."""
     import json
     import subprocess
 
@@ -357,6 +358,9 @@ def test_down_stops_what_is_left_of_a_group_whose_first_process_was_killed(tmp_p
         boot = _identity(os.getpid()).split(":")[0]
         recorded = {"pid": group.pid, "identity": f"{boot}:12345", "port": 5000}
         (stack.run_dir / "mlflow.pid").write_text(json.dumps(recorded))
+        # `up` dropped the PID file and blamed "another process" for the port: `down` could then stop nothing
+        with pytest.raises(StackError, match=rf"mlflow's first process \(pid {group.pid}\) has died, but the rest"):
+            Stack(settings_in(tmp_path, mlflow_server=True)).up(only=["mlflow"])
         assert stack.down(timeout_s=5) == ["mlflow"]
         assert not Path(f"/proc/{worker}").exists()
         # another boot's record of that group id: never signalled
@@ -582,3 +586,51 @@ def test_a_label_studio_venv_made_before_a_constraint_gets_it_installed(tmp_path
     python.write_text("#!/bin/sh\nexit 1\n")  # pip fails: said, with where its log is
     with pytest.raises(StackError, match="updating the Label Studio venv failed.*pip.log"):
         ensure_label_studio_venv(settings)
+
+
+def test_up_names_a_running_service_started_with_other_settings(tmp_path):
+    """`up` kept a service already running whatever it was started with: a Ray head without the dashboard the
+    settings now ask for (then a wait of the whole start-up timeout for a dashboard that never came), a Label
+    Studio over another images folder (the demo's cells then failed to show). Now it says so at once."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from ops.stack import _identity, _launch_digests, _port_open
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not _port_open("127.0.0.1", port):
+            assert time.monotonic() < deadline and server.poll() is None, "the stand-in receiver did not start"
+            time.sleep(0.1)
+        stack = Stack(Settings(home=tmp_path / "home", review={"webhook_port": port}, stack={"ray": False}))
+        stack.run_dir.mkdir(parents=True, exist_ok=True)
+        [labels] = [s for s in stack.services() if s.name == "labels"]
+        before = dataclasses.replace(labels, env={**labels.env, "CYTOLOOP_HOME": "/another/home"})
+        pid_file = {
+            "pid": server.pid,
+            "identity": _identity(server.pid),
+            "port": port,
+            "launch": _launch_digests(before),
+        }
+        (stack.run_dir / "labels.pid").write_text(json.dumps(pid_file))
+        with pytest.raises(
+            StackError,
+            match=r"labels is running .* started with other settings than these "
+            r"\(CYTOLOOP_HOME\); run `cytoloop stack down` first",
+        ):
+            stack.up(only=["labels"])
+        assert (stack.run_dir / "labels.pid").is_file() and server.poll() is None  # nothing stopped or forgotten
+    finally:
+        server.kill()
+        server.wait()
