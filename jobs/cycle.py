@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import random
 import time
 from collections import Counter, defaultdict
@@ -439,12 +440,15 @@ class Demo:
         from labelstudio.loop import ReviewLoop
         from ops.stack import Stack
 
-        statuses = Stack(self.settings).up()
+        services = Stack(self.settings)
+        statuses = services.up()
         down = [s.name for s in statuses if s.state not in ("up", "disabled")]
         if down:
             raise DemoStopped(f"services not up: {', '.join(down)} (see `cytoloop stack status`)")
         stack = self.settings.stack
         if not ray.is_initialized():
+            # off loopback the head asks for its token: a driver without it was refused (a RayError traceback)
+            os.environ.update(services.ray_client_environment())
             ray.init(address=f"{stack.ray_host}:{stack.ray_port}", log_to_driver=False)
         # the demo prints one line per stage; Ray Data's own progress lines every few seconds would bury them
         DataContext.get_current().enable_progress_bars = False

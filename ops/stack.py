@@ -379,11 +379,7 @@ class Stack:
                 command += ["--num-cpus", str(cfg.ray_num_cpus)]
             # workers otherwise start at niceness +15 and, on a busy machine, Serve's proxy misses its start-up checks
             # on loopback only this host's users reach it; anywhere else Ray's token authentication is on
-            auth = (
-                {"RAY_AUTH_MODE": "disabled"}
-                if is_loopback(cfg.ray_host)
-                else {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stack_secrets(self.settings)["ray_token"]}
-            )
+            auth = self.ray_client_environment()  # the head's own, as its drivers need it
             # with the dashboard, Ray is up once its Jobs API answers (`ray job submit`; the GCS port opens first)
             health_url, health_headers = self._ray_api("/api/jobs/") if cfg.ray_dashboard else (None, {})
             env = {**auth, "RAY_worker_niceness": "0"}
@@ -402,6 +398,14 @@ class Stack:
                 )
             )
         return chosen
+
+    def ray_client_environment(self) -> dict[str, str]:
+        """The environment a Ray driver needs to join this stack's head: its token off loopback (the head runs with
+        token authentication there, and a driver without it is refused), none needed on loopback."""
+        cfg = self.settings.stack
+        if is_loopback(cfg.ray_host):
+            return {"RAY_AUTH_MODE": "disabled"}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": stack_secrets(self.settings)["ray_token"]}
 
     def _ray_api(self, path: str, base: str | None = None) -> tuple[str, dict[str, str]]:
         """A URL of the Ray head's dashboard API (at `base`, else where the settings put it), and the headers it

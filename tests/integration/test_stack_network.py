@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,6 +64,16 @@ def test_a_ray_head_on_the_network_refuses_jobs_without_its_token(tmp_path):
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=30) as answered:
             assert answered.status == 200
+        # a driver joins with the environment the stack gives it (the demo's did not: refused, a traceback)
+        driver = "import sys, ray; ray.init(address=sys.argv[1]); print(ray.get(ray.remote(lambda: 7).remote()))"
+        joined = subprocess.run(
+            [sys.executable, "-c", driver, f"{address}:{gcs}"],
+            env={**os.environ, **stack.ray_client_environment()},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert joined.returncode == 0 and joined.stdout.strip() == "7", joined.stderr[-2000:]
         stopped: list[list[str]] = []
         stopping = threading.Thread(target=lambda: stopped.append(stack.down(timeout_s=90)))
         stopping.start()
