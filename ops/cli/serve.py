@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ops.cli.common import app, run, settings_from
+from ops.cli.common import app, fail, run, settings_from
 
 
 @app.command()
@@ -30,8 +30,15 @@ def serve(
     line."""
 
     def action():
+        import os
+
         from services.app import run_local
 
+        if num_cpus is not None and os.environ.get("RAY_ADDRESS"):  # Ray's ValueError was a traceback, exit 1
+            fail(
+                f"--num-cpus sizes a local Ray; with RAY_ADDRESS ({os.environ['RAY_ADDRESS']}) serve joins that "
+                "cluster, whose CPUs are its own: leave --num-cpus out"
+            )
         if model_dir is not None:  # a damaged model is named here, not in a Serve replica's traceback
             from cytoloop.models.loading import load_model
 

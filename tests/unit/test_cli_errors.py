@@ -384,6 +384,19 @@ def test_a_champion_moved_while_register_registers_is_named_with_the_way_on(tmp_
     assert "`cytoloop promote 3 --reason ...`" in said
 
 
+def test_serve_with_num_cpus_and_a_cluster_to_join_is_refused_before_ray(clean_env):
+    """`cytoloop serve --num-cpus 2` with RAY_ADDRESS set: Ray's ValueError ("When connecting to an existing
+    cluster, num_cpus ... must not be provided") came as a traceback, exit 1."""
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    clean_env.setenv("RAY_ADDRESS", "127.0.0.1:1")  # never reached
+    result = CliRunner().invoke(app, ["serve", "--num-cpus", "2"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "with RAY_ADDRESS (127.0.0.1:1) serve joins that cluster" in said, result.output
+
+
 def test_files_cut_short_or_not_in_utf8_are_named(tmp_path, clean_env):
     """A settings file or a model.json in Latin-1, and a split.json cut short, were tracebacks
     (UnicodeDecodeError, JSONDecodeError) instead of errors naming the file."""
