@@ -269,6 +269,23 @@ class Demo:
 
     # -- the run ---------------------------------------------------------------------------------------------------
     def run(self) -> DemoOutcome:
+        """The whole demo; one at a time per home: two at once routed into the same projects, labelled each
+        other's tasks and wrote one report with the other's plots."""
+        from contextlib import ExitStack
+
+        from cytoloop.files import Locked, locked
+
+        with ExitStack() as held:
+            try:
+                held.enter_context(locked(self.dir / ".demo.lock", wait=False))
+            except Locked:
+                raise UsageError(
+                    f"another demo runs in this home ({self.settings.home}); wait for it, or give this one another "
+                    "home (CYTOLOOP_HOME)"
+                ) from None
+            return self._run()
+
+    def _run(self) -> DemoOutcome:
         self.dir.mkdir(parents=True, exist_ok=True)
         splits = self._split()
         base_classes = self._check_classes(splits)  # before any service starts: a wrong class list fails in seconds
