@@ -9,7 +9,8 @@ was registered but the gate refused it (`EXIT_GATE_REFUSED`, `retrain` and `adap
 no retrain due (`EXIT_NOT_DUE`); 5 the challenger was registered but not judged, another alias move came first:
 run it again (`EXIT_STALE`); 6 `score` finished but some cells' files could not be read: run it again once they
 can (`EXIT_CELLS_UNREAD`); 7 `review push` left tasks waiting, Label Studio could not take them or refused some:
-run it again (`EXIT_NOT_DELIVERED`); 1 a bug (a traceback).
+run it again (`EXIT_NOT_DELIVERED`); 8 `stack status` found a service it runs not up (`EXIT_NOT_UP`); 1 a bug (a
+traceback).
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ EXIT_NOT_DUE = 4
 EXIT_STALE = 5  # a challenger not judged: another alias move came first; running the job again judges it
 EXIT_CELLS_UNREAD = 6  # `score`: some cells' files could not be read; running it again scores only those
 EXIT_NOT_DELIVERED = 7  # `review push`: Label Studio (or a site's project) could not take waiting tasks
+EXIT_NOT_UP = 8  # `stack status`: a service this stack runs is down, starting or stale (a monitor's check)
 
 
 def fail(message: str) -> None:

@@ -10,6 +10,7 @@ import typer
 
 from ops.cli.common import (
     EXIT_NOT_DELIVERED,
+    EXIT_NOT_UP,
     app,
     fail,
     output_file,
@@ -73,13 +74,17 @@ def stack_up(
 
 @stack_app.command("status")
 def stack_status(config: Path | None = typer.Option(None, help="JSON settings file")) -> None:
-    """Show each service: up, starting, down, stale (dead process) or disabled."""
+    """Show each service: up, starting, down, stale (dead process) or disabled. Exit code 8 when one this stack
+    runs is not up (a monitor's check; it always exited 0)."""
 
     def action():
         from cytoloop.config import load_settings
         from ops.stack import Stack
 
-        _print_status(Stack(load_settings(config)).status())
+        rows = Stack(load_settings(config)).status()
+        _print_status(rows)
+        if any(row.state not in ("up", "disabled") for row in rows):
+            raise typer.Exit(EXIT_NOT_UP)
 
     run(action)
 

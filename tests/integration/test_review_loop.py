@@ -226,6 +226,19 @@ def routed(world) -> Routed:
     return Routed(first, again, world.loop.route(world.records, world.predictions, CLASSES, "v1"))
 
 
+def test_stack_status_exits_0_when_every_service_of_the_stack_is_up(world, tmp_path):
+    from ops.cli import app
+
+    config = tmp_path / "settings.json"
+    config.write_text(
+        world.loop.settings.model_dump_json(
+            exclude={"stack": {"admin_password", "admin_token"}, "review": {"webhook_secret"}}, exclude_none=True
+        )
+    )
+    shown = CliRunner().invoke(app, ["stack", "status", "--config", str(config)])
+    assert shown.exit_code == 0 and "labels        up" in shown.output and "ray           disabled" in shown.output
+
+
 def test_route_and_push_real_cells_one_task_per_cell_and_version(world, routed):
     report = routed.first
     assert report.reasons == {"accept": 4, "review": 8, "anomaly": 4}

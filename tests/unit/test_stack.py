@@ -106,9 +106,17 @@ def test_an_admin_token_given_after_label_studio_made_its_admin_is_refused_and_t
     assert stack_secrets(remote)["admin_token"] == "n" * 40
 
 
-def test_status_of_a_fresh_home(tmp_path):
+def test_status_of_a_fresh_home(tmp_path, clean_env):
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
     status = {s.name: s.state for s in Stack(settings_in(tmp_path)).status()}
     assert status == {"label-studio": "down", "labels": "down", "mlflow": "disabled", "ray": "disabled"}
+    clean_env.setenv("CYTOLOOP_HOME", str(tmp_path / "home"))
+    clean_env.setenv("CYTOLOOP_STACK__RAY", "false")
+    shown = CliRunner().invoke(app, ["stack", "status"])  # a monitor's check: it exited 0 with everything down
+    assert shown.exit_code == 8 and "label-studio  down" in shown.output, shown.output
 
 
 def test_a_taken_port_is_named_before_anything_starts(tmp_path):
