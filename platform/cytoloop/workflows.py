@@ -56,6 +56,8 @@ from cytoloop.scoring.trials import TrialLog
 SPLIT_FILE = "split.json"
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 MIN_CELLS_PER_CLASS = len(SPLIT_FRACTIONS)  # a class trains, calibrates and is tested on cells of its own
+UNLABELED_PART = "unlabeled"  # a split's part of the cells a diffusion model learnt its null class from
+SEEN_PARTS = ("train", "val", UNLABELED_PART)  # what a model learnt or was calibrated on
 ModelKind = Literal["diffusion", "baseline"]
 
 
@@ -144,8 +146,11 @@ def train_model(
         unrecorded_differs=_finished_run_differs(out, kind, classes, split["train"]),
     )
     retire_model(out)
+    parts = dict(split)
+    if learns:  # cells it learnt from (its null class): held out of its evaluation as its labelled ones are
+        parts[UNLABELED_PART] = list(unlabeled)
     write_split(
-        split,
+        parts,
         out / SPLIT_FILE,
         data_root=_data_root(records),
         seed=split_seed,
@@ -323,9 +328,10 @@ def _in_parts(records: Sequence[CellRecord], meta: dict, parts: Sequence[str]) -
 
 
 def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = None) -> tuple[list[CellRecord], int]:
-    """The records a model may be evaluated on: without its train and val cells, or only the given part of its
-    split (cells are matched by path, whichever manifest lists them: `_in_parts`). Returns (records, number
-    excluded)."""
+    """The records a model may be evaluated on: without its train and val cells and the unlabeled cells it learnt
+    its null class from (evaluated on another lab's cells it had trained on unlabeled, it said "0 excluded"), or
+    only the given part of its split (cells are matched by path, whichever manifest lists them: `_in_parts`).
+    Returns (records, number excluded)."""
     meta = _model_split(model_dir)
     if meta is None:
         if part:
@@ -342,7 +348,7 @@ def held_out(records: Sequence[CellRecord], model_dir: Path, part: str | None = 
             )
         kept = [r for r, keep in zip(records, inside) if keep]
         return kept, len(records) - len(kept)
-    seen = _in_parts(records, meta, ["train", "val"])
+    seen = _in_parts(records, meta, list(SEEN_PARTS))
     kept = [r for r, used in zip(records, seen) if not used]
     return kept, len(records) - len(kept)
 
@@ -360,12 +366,13 @@ def outside_held_out(records: Sequence[CellRecord], model_dir: Path) -> tuple[li
 
 
 def seen_by(records: Sequence[CellRecord], model_dir: Path) -> list[CellRecord]:
-    """The records in the train or val part of the model's split: cells it learnt or was calibrated on, which a
-    set it is judged on must not hold (`finetune.frozen_sets`' `not_frozen`). None when it carries no split."""
+    """The records in the train, val or unlabeled part of the model's split: cells it learnt or was calibrated on,
+    which a set it is judged on must not hold (`finetune.frozen_sets`' `not_frozen`). None when it carries no
+    split."""
     meta = _model_split(model_dir)
     if meta is None:
         return []
-    seen = _in_parts(records, meta, [part for part in ("train", "val") if part in meta["parts"]])
+    seen = _in_parts(records, meta, [part for part in SEEN_PARTS if part in meta["parts"]])
     return [r for r, s in zip(records, seen) if s]
 
 

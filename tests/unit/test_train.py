@@ -550,3 +550,28 @@ def test_a_misspelt_label_or_an_unreadable_class_is_refused_before_training(tmp_
     gone = [replace(r, path=tmp_path / f"gone{i}.png") if r.label == "lymphocyte" else r for i, r in enumerate(records)]
     with pytest.raises(DatasetError, match=r"no training cell of 'lymphocyte' could be read"):
         train_model("baseline", gone, tiny_settings, tmp_path / "unread")
+
+
+def test_cells_learnt_from_unlabeled_are_held_out_of_evaluation(tmp_path, tiny_overrides, cells_dir):
+    """`train --unlabeled-domains bccd` trains the denoiser on bccd's cells, and `evaluate --domains bccd` then
+    scored the model on them saying "0 excluded": the split kept only the labelled parts."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cytoloop.data.records import load_records, select
+    from cytoloop.workflows import held_out, seen_by
+    from ops.cli import app
+
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(tiny_overrides))
+    out = tmp_path / "model"
+    args = ["train", "--data", str(cells_dir), "--domains", "jtsc", "--classes", "neutrophil,lymphocyte"]
+    args += ["--unlabeled-domains", "bccd", "--steps", "4", "--out", str(out), "--config", str(config)]
+    trained = CliRunner().invoke(app, args)
+    assert trained.exit_code == 0, trained.output
+    bccd = select(load_records(cells_dir), ["bccd"])
+    assert len(json.loads((out / "split.json").read_text())["parts"]["unlabeled"]) == len(bccd)
+    assert held_out(bccd, out) == ([], len(bccd)) and len(seen_by(bccd, out)) == len(bccd)
+    cellavision = select(load_records(cells_dir), ["cellavision"])  # never seen: all of them evaluated
+    assert held_out(cellavision, out) == (cellavision, 0)
