@@ -133,6 +133,7 @@ def train(
 
 def write_recipe_record(out: Path, recipe: str, data: Path) -> None:
     """Record in the model directory the recipe and the command that made it (the model card quotes it)."""
+    from cytoloop.files import write_text
     from cytoloop.models.recipes import get_recipe
 
     chosen = get_recipe(recipe)
@@ -147,7 +148,7 @@ def write_recipe_record(out: Path, recipe: str, data: Path) -> None:
         "settings": chosen.settings_overrides(),
         "command": f"cytoloop train --recipe {chosen.name} --data {data} --out {out}",
     }
-    (Path(out) / "recipe.json").write_text(json.dumps(record, indent=1))
+    write_text(Path(out) / "recipe.json", json.dumps(record, indent=1))
 
 
 @app.command()

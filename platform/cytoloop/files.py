@@ -24,9 +24,9 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, BinaryIO, TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,25 @@ def replaced(path: Path, newline: str | None = None, mode: int | None = None) ->
     """Open a text file that replaces `path` (its folder created) when the block ends without an error; on an
     error nothing changes and the temporary file is removed. `mode`: the new file's permission bits (None: the
     replaced file's, else the umask's)."""
+    with _staged(path, mode, lambda descriptor: os.fdopen(descriptor, "w", newline=newline)) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def replaced_binary(path: Path, mode: int | None = None) -> Iterator[BinaryIO]:
+    """`replaced` for a binary file (model weights: written in place and stopped half-way, they loaded no more)."""
+    with _staged(path, mode, lambda descriptor: os.fdopen(descriptor, "wb")) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def _staged(path: Path, mode: int | None, open_staging: Callable[[int], Any]) -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     descriptor, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(descriptor, "w", newline=newline) as handle:
+        with open_staging(descriptor) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

@@ -228,7 +228,7 @@ def train_model(
     model.save(out)
     # the colours of the training cells: the reference stain drift is measured against (drift.py)
     write_colour_reference(out, colour_statistics_of(train.records, settings.data))
-    (out / "training.json").write_text(json.dumps(report, indent=1))
+    write_text(out / "training.json", json.dumps(report, indent=1))
     if result.history:
         plots.learning_curve(
             [h["step"] for h in result.history],

@@ -55,6 +55,40 @@ def test_an_error_in_the_block_changes_nothing_and_leaves_no_temporary_file(tmp_
     assert (tmp_path / "sub" / "fresh.txt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+KILLED_WHILE_SAVING_WEIGHTS = """
+import os, signal, sys
+import torch
+from cytoloop.models.base import write_model_dir
+
+def save_half(state, target):  # torch.save killed half-way through the weights (to a file name, or a handle)
+    handle = open(target, "wb") if isinstance(target, (str, os.PathLike)) else target
+    handle.write(b"PK\\x03\\x04 half a zip of tensors")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = save_half
+write_model_dir(sys.argv[1], {}, {})
+"""
+
+
+def test_a_model_whose_weights_are_rewritten_and_killed_half_way_still_loads(tmp_path, tiny_settings):
+    """`cytoloop tune` rewrites an accepted model's weights (`write_model_dir`): written in place, a kill (or a
+    full disk) half-way left a truncated weights.pt, a model that loaded no more."""
+    import hashlib
+
+    from cytoloop.models.baseline import BaselineClassifier
+    from cytoloop.models.loading import load_model
+
+    BaselineClassifier(["a", "b"], tiny_settings.data, tiny_settings.baseline).save(tmp_path / "model")
+    weights = tmp_path / "model" / "weights.pt"
+    before = hashlib.sha256(weights.read_bytes()).hexdigest()
+    script = KILLED_WHILE_SAVING_WEIGHTS
+    child = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model")], capture_output=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
+    assert load_model(tmp_path / "model").classes == ["a", "b"]
+
+
 def test_a_lock_is_re_entrant_in_its_thread_and_excludes_other_threads(tmp_path):
     """A retrain holds the fine-tune lock while it decides and records its outcome, and `run_finetune` inside it
     takes the lock again: a second flock of the file through another handle would wait on the first for ever."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from cytoloop.config import DataConfig, RoutingConfig, TrainConfig
 from cytoloop.errors import CytoLoopError, UsageError
-from cytoloop.files import write_text
+from cytoloop.files import replaced_binary, write_text
 
 if TYPE_CHECKING:
     import torch
@@ -161,7 +161,10 @@ def write_model_dir(directory: Path, meta: dict, state_dict: dict) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, directory / WEIGHTS_FILE)
+    # each file whole or not at all: weights written in place and stopped half-way (killed, a full disk) left a
+    # model that loaded no more (`cytoloop tune` rewrites an accepted model's)
+    with replaced_binary(directory / WEIGHTS_FILE) as handle:
+        torch.save(state_dict, handle)
     write_text(directory / MODEL_FILE, json.dumps(meta, indent=1))
     return directory
 
