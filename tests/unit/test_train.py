@@ -256,6 +256,25 @@ def test_a_longer_leg_says_it_stretches_the_learning_rate_schedule(tmp_path, cap
     assert "lays the cosine" not in caplog.text
 
 
+def test_a_leg_that_reads_other_cells_than_its_checkpoint_trained_on_is_refused(tmp_path):
+    """A leg that could not read 3 images (a flaky mount) and one that read them all drew their batches from other
+    arrays: the checkpoint was taken up and every later batch drew other cells with other weights, without a word
+    (the records, which the run's identity is made of, were the same)."""
+    from cytoloop.data.records import DatasetError
+
+    images, labels = red_blue(4)
+    config = _train_config(steps=4, warmup_steps=1, checkpoint_every=2, log_every=2)
+    fit(_fresh_baseline(), baseline_loss(config), images, labels, config, AugmentConfig(), checkpoint_dir=tmp_path)
+    longer = config.model_copy(update={"steps": 6})
+    fewer = (images[1:], labels[1:])  # one cell unread this leg
+    with pytest.raises(DatasetError, match=r"the training cells read now \(7\) are not those its steps trained on"):
+        fit(_fresh_baseline(), baseline_loss(longer), *fewer, longer, AugmentConfig(), checkpoint_dir=tmp_path)
+    _, result = fit(
+        _fresh_baseline(), baseline_loss(longer), images, labels, longer, AugmentConfig(), checkpoint_dir=tmp_path
+    )
+    assert result.resumed_from == 4  # the same cells: resumed
+
+
 def test_diffusion_trains_with_unlabeled_cells(tiny_settings):
     images, labels = red_blue(6)
     labels = labels.copy()

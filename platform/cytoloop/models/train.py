@@ -190,10 +190,21 @@ def _fit(
     history: list[dict] = []
     start = 0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    cells = _cells_digest(data, targets) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.is_file():
         # onto the CPU first: a GPU worker's checkpoint resumes on a CPU-only one too (each load below moves the
         # tensors to the model's device: the state dicts copy into it, the optimizer casts its state to it)
         state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        # the records were the same (`claim_checkpoints`), not what was read; another data-parallel worker has a
+        # shard of its own, and the checkpoint worker 0's
+        if not stream and state.get("cells") not in (None, cells):
+            from cytoloop.data.records import DatasetError
+
+            raise DatasetError(
+                f"{checkpoint}: the training cells read now ({len(data)}) are not those its steps trained on: an image "
+                "that could not be read in one leg (a flaky mount, a file still being copied) or one changed since. "
+                "Make every image readable as it was and run again, or train afresh into another folder"
+            )
         module.load_state_dict(state["network"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -270,6 +281,7 @@ def _fit(
                 "history": history,
                 "step": done,
                 "steps": config.steps,
+                "cells": cells,  # what it trained on, as read: a resume on other cells is refused
             }
             # atomic and on disk before the rename: a crash or power loss never leaves half (or an empty) checkpoint;
             # a name per process, so two writers never share one temporary file
@@ -283,6 +295,15 @@ def _fit(
     bar.close()
     ema.eval()
     return ema, TrainResult(history, time.perf_counter() - began, start)
+
+
+def _cells_digest(data: torch.Tensor, targets: torch.Tensor) -> str:
+    """A digest of the training cells as read (pixels and labels, in order)."""
+    import hashlib
+
+    digest = hashlib.sha256(targets.numpy().tobytes())
+    digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def restore_cuda_generators(saved: list[torch.Tensor] | None) -> None:
