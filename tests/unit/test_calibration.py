@@ -55,6 +55,33 @@ def test_fit_temperature_refuses_rows_it_cannot_fit_on_and_takes_classes_out_of_
     assert 1.0 < fitted < 4.0
 
 
+def test_one_confidently_wrong_cell_does_not_make_the_fitted_model_certain():
+    """The NLL clipped each probability at 1e-12, capping a confidently wrong cell's cost at 27.6 nats whatever
+    T: with one such cell among 200 otherwise easy ones the clipped loss fell toward the smallest T searched, and
+    the fit returned 6e-6 where the NLL's minimum is at 1.2e-4 (a model 20x too sure, NLL 2.43 for 0.17). A cell
+    whose labelled class was never in play (-inf) still counts for nothing."""
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(0)
+    logits = -rng.uniform(0.0002, 0.002, size=(200, 5))  # errors of a diffusion model: thousandths apart
+    labels = rng.integers(0, 5, 200)
+    logits[np.arange(200), labels] = 0.0
+    labels[0] = (labels[0] + 1) % 5  # one cell labelled a class 0.003 behind the one the model is sure of
+    logits[0, labels[0]] = -0.003
+
+    def nll(t: float) -> float:
+        scaled = logits / t
+        return float((logsumexp(scaled, axis=1) - scaled[np.arange(200), labels]).mean())
+
+    grid = np.exp(np.linspace(np.log(1e-5), np.log(1e-2), 3001))
+    best = grid[np.argmin([nll(t) for t in grid])]
+    assert fit_temperature(logits, labels) == pytest.approx(best, rel=0.01)
+    never = np.vstack([logits, np.r_[0.0, -0.001, -np.inf, -0.001, -0.001]])  # its class (2) never in play
+    assert fit_temperature(never, np.r_[labels, 2]) == pytest.approx(best, rel=0.01)
+    with pytest.raises(ValueError, match="no cell's label is a class in play"):
+        fit_temperature(never[-1:], np.array([2]))
+
+
 def _logs(n_cells: int, n_trials: int, rng: np.random.Generator) -> tuple[list[TrialLog], np.ndarray]:
     """Three classes, two strata. Stratum 0: the true class's error is consistently 0.3 lower.
     Stratum 1: no margin at all (pure noise). Stratum 2 is never visited."""
