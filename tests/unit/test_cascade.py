@@ -73,6 +73,21 @@ def test_defers_exactly_the_cells_under_the_threshold(teacher, student, images):
     np.testing.assert_allclose(predictions.anomaly, fast.anomaly)
 
 
+def test_a_deferred_cell_keeps_the_class_its_teacher_decided_however_close(teacher, student, images, monkeypatch):
+    """The teacher's probabilities went into a copy of the student's float32 array: a class it dropped a tiny gap
+    behind the winner (trials' TIE_GAP) became an exact tie, and the argmax answered the lower class, not the
+    teacher's decision."""
+    from cytoloop.models.base import Predictions
+
+    def near_tie(cells, **_):  # class 1 decided, class 0 dropped a hair behind it
+        probs = np.tile([0.5 - 1e-10, 0.5 + 1e-10, 0.0], (len(cells), 1))
+        return Predictions(probs, np.zeros(len(cells)), np.full(len(cells), 4), {})
+
+    monkeypatch.setattr(teacher, "predict", near_tie)
+    cascade = CascadeClassifier(teacher, student, CascadeConfig(threshold=1.01))  # every cell deferred
+    assert (cascade.predict(images).labels == 1).all()
+
+
 def test_threshold_extremes(teacher, student, images):
     none = CascadeClassifier(teacher, student, CascadeConfig(threshold=0.0)).predict(images)
     assert not none.extra["deferred"].any()

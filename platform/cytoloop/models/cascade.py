@@ -99,7 +99,9 @@ class CascadeClassifier:
         each cell's `candidates`; the teacher among the student's top k of them (`cascade.candidates`)."""
         fast = self.student.predict(images, candidates=candidates)
         deferred = fast.confidence < self.config.threshold
-        probs, evals = fast.probs.copy(), fast.evals.copy()
+        # float64: the student's float32 rounded the teacher's near-ties (a dropped class a tiny gap behind the
+        # winner) into exact ties, and the argmax then took the lower class, not the one the teacher decided
+        probs, evals = fast.probs.astype(np.float64), fast.evals.copy()
         teacher_anomaly = np.full(len(images), np.nan)
         provisional = np.zeros(len(images), dtype=bool)  # a deferred cell the teacher stopped on a route exit
         if deferred.any():
