@@ -45,8 +45,9 @@ batches, and a decided cell leaves the batch. When the cells still undecided fil
 small batch takes as long as a full one), each may run several check intervals ahead (`lookahead`); the test still
 runs after every interval, so the decision is the same, and the trials past it only cost evaluations. Every cell
 draws its timesteps and noise from its own generator, seeded by the scoring seed and the cell's pixels, so a cell
-gets the same trials alone or in any batch, in any order, every time; on a CPU, the same answer too (tested). A
-GPU's kernels may round differently by batch shape, so there a borderline test could, rarely, go the other way.
+gets the same trials alone or in any batch, in any order, every time, and the same answer from the same batches.
+The network's arithmetic may round differently by batch size (a GPU's kernels, and a CPU's too: errors ~1e-6
+apart between one batch of 64 and cells one at a time), so a borderline test could, rarely, go the other way.
 """
 
 from __future__ import annotations
