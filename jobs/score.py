@@ -91,7 +91,7 @@ class ServedScorer:
         (`_post`); any other refusal (a wrong key or URL) ends the job."""
         response = self._post({"cells": cells, "site": site or None})
         if response.status_code == 200:
-            return list(zip(paths, _answers(response, len(cells)), strict=True))
+            return list(zip(paths, classify_answers(response, len(cells)), strict=True))
         if response.status_code in CELL_REFUSALS:
             if len(cells) == 1:
                 return [(paths[0], _failure(f"HTTP {response.status_code}", _detail(response)))]
@@ -122,7 +122,7 @@ class ServedScorer:
         raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
 
 
-def _answers(response, sent: int) -> list[dict]:
+def classify_answers(response, sent: int) -> list[dict]:
     """The cells of a 200 answer to `sent` cells, read by the service's own contract (`ClassifyResponse`): a body of
     another shape (a wrong `serve_url` answering with a page, a proxy's own 200) ended the job with a KeyError or a
     JSONDecodeError naming nothing, and an answer of fewer cells would have paired answers with the wrong cells."""

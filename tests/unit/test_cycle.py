@@ -377,6 +377,10 @@ def test_a_cell_serve_refuses_stops_the_wait_for_a_version_at_once(tmp_path):
         with pytest.raises(DemoStopped, match=r"Serve refused .*blank.png.*north: HTTP 422 .*blank image"):
             demo._wait_served(server.url, None, "3", "north", CellRecord("b", cell, None, "lab"))
         assert time.monotonic() - began < 10  # not the 60 s timeout
+        # another program on Serve's port answering 200 with a page: a KeyError (or JSONDecodeError) traceback
+        server.script.append((200, "text/html", b"<html><body>Jupyter</body></html>"))
+        with pytest.raises(DemoStopped, match=r"answered 200 with no classify answer .* which version serves north"):
+            demo._wait_served(server.url, None, "3", "north", CellRecord("b", cell, None, "lab"))
     finally:
         server.close()
 
