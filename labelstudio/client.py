@@ -69,13 +69,18 @@ def as_failure(error: BaseException, url: str, doing: str) -> CytoLoopError | No
     the request), which the caller raises as it is."""
     if isinstance(error, CytoLoopError):
         return None
-    status = getattr(error, "status_code", None)
-    said = f"HTTP {status}" if status is not None else f"{type(error).__name__}: {error}"
+    status, said = getattr(error, "status_code", None), described(error)
     if unavailable(error):
         return LabelStudioUnavailable(f"Label Studio at {url} did not answer ({said}) {doing}")
     if isinstance(status, int) and status >= 500:
         return LabelStudioFailed(f"Label Studio at {url} failed ({said}) {doing}")
     return None
+
+
+def described(error: BaseException) -> str:
+    """What an SDK error says in a line: its HTTP status, or the transport error."""
+    status = getattr(error, "status_code", None)
+    return f"HTTP {status}" if status is not None else f"{type(error).__name__}: {error}"
 
 
 def unavailable(error: BaseException) -> bool:

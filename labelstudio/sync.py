@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from labelstudio.client import described
 from labelstudio.store import LabelStore
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def sync(
                 report.unchecked += len(questions) - asked
                 logger.warning(
                     f"project {project_id}: Label Studio failed to say whether annotation {annotation_id} still "
-                    f"exists ({_described(error)}); {len(questions) - asked} stored label(s) left as they were "
+                    f"exists ({described(error)}); {len(questions) - asked} stored label(s) left as they were "
                     "until the next sync"
                 )
                 break
@@ -148,8 +149,3 @@ def _unanswered() -> tuple[type[Exception], ...]:
     from label_studio_sdk.core.api_error import ApiError
 
     return (ApiError, httpx.HTTPError)
-
-
-def _described(error: Exception) -> str:
-    status = getattr(error, "status_code", None)
-    return f"HTTP {status}" if status is not None else f"{type(error).__name__}: {error}"

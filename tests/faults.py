@@ -7,7 +7,8 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -207,3 +208,24 @@ class LateServer(Front):
     def close(self) -> None:
         self._committed.set()  # a held request still waiting ends
         super().close()
+
+
+@contextmanager
+def held_by_another_thread(lock: Callable[[], AbstractContextManager], timeout: float = 30.0) -> Iterator[None]:
+    """`lock()` (a file lock: a retrain's, a demo's) held by another thread for the block, as a running job holds
+    it: a flock is per open file, so the caller's own taking of it meets a holder."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock():
+            holding.set()
+            release.wait(timeout * 2)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(timeout), "the other thread never took the lock"
+        yield
+    finally:
+        release.set()
+        holder.join()

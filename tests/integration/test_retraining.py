@@ -392,27 +392,13 @@ def test_retrain_if_due_waits_for_new_labels(gated):
     assert "; drift flagged" in json.loads(CliRunner().invoke(app, status).stdout)["retrain"]["reason"]
     # a scheduler's call while another retrain runs (its lock held by another thread here): it decided on the
     # state before the other recorded its outcome, and then waited to train on its own export
-    import threading
-
     from jobs.finetune import finetune_lock
+    from tests.faults import held_by_another_thread
 
-    holding, release = threading.Event(), threading.Event()
-
-    def another_retrain():
-        with finetune_lock(settings, None):
-            holding.set()
-            release.wait(60)
-
-    other = threading.Thread(target=another_retrain)
-    other.start()
-    try:
-        assert holding.wait(30)
+    with held_by_another_thread(lambda: finetune_lock(settings, None)):
         busy = CliRunner().invoke(
             app, ["retrain", "--labels", str(root / "consensus.csv"), "--if-due", "--config", str(root / "config.json")]
         )
-    finally:
-        release.set()
-        other.join()
     assert busy.exit_code == 4 and "another retrain of the global model is running" in busy.output, busy.output
 
     bad = CliRunner().invoke(

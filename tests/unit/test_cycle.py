@@ -388,29 +388,15 @@ def test_a_cell_serve_refuses_stops_the_wait_for_a_version_at_once(tmp_path):
 def test_a_second_demo_in_the_same_home_is_refused_while_the_first_runs(tmp_path):
     """Two demos in one home routed into the same projects, their annotators labelled each other's tasks, and each
     overwrote the other's rounds, labels and plots: a report could show the other run's reliability diagrams."""
-    import threading
-
     from cytoloop.config import Settings
     from cytoloop.errors import UsageError
     from cytoloop.files import locked
     from jobs.cycle import Demo
+    from tests.faults import held_by_another_thread
 
     demo = Demo(Settings(home=tmp_path / "home"), tmp_path / "no-data")
-    holding, release = threading.Event(), threading.Event()
-
-    def first_demo() -> None:  # what the running demo holds for as long as it runs
-        with locked(demo.dir / ".demo.lock"):
-            holding.set()
-            release.wait(30)
-
-    running = threading.Thread(target=first_demo)
-    running.start()
-    try:
-        assert holding.wait(30)
+    with held_by_another_thread(lambda: locked(demo.dir / ".demo.lock")):  # as the running demo holds it
         with pytest.raises(UsageError, match="another demo runs in this home"):
             demo.run()
-    finally:
-        release.set()
-        running.join()
     with pytest.raises(DatasetError):  # once it ended, a demo runs (here: to the missing data)
         demo.run()

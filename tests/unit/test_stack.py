@@ -532,32 +532,47 @@ def test_the_label_receiver_s_settings_file_holds_no_secret_not_even_masked(tmp_
     assert stack_secrets(child)["ml_backend_password"] == "m" * 20  # what the lab set, as every process reads it
 
 
-def test_status_names_the_port_a_service_runs_on_when_the_settings_moved_it(tmp_path):
-    """A service started on one port and the settings changed since: status reads its health on the port it runs
-    on and says the settings differ (it probed the new port and showed a running service as 'starting')."""
-    import json
+@contextlib.contextmanager
+def stand_in_server(port: int):
+    """A real HTTP server (python -m http.server) on 127.0.0.1:`port` standing for a running service, until the
+    block ends; yields its process."""
     import subprocess
     import sys
     import time
 
-    from ops.stack import _identity, _port_open
+    from ops.stack import _port_open
 
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
-    running, moved = ports
     server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(running), "--bind", "127.0.0.1"],
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 30
-        while not _port_open("127.0.0.1", running):
+        while not _port_open("127.0.0.1", port):
             assert time.monotonic() < deadline and server.poll() is None, "the stand-in receiver did not start"
             time.sleep(0.1)
+        yield server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_status_names_the_port_a_service_runs_on_when_the_settings_moved_it(tmp_path):
+    """A service started on one port and the settings changed since: status reads its health on the port it runs
+    on and says the settings differ (it probed the new port and showed a running service as 'starting')."""
+    import json
+
+    from ops.stack import _identity
+
+    running, moved = free_port(), free_port()
+    with stand_in_server(running) as server:
         settings = Settings(home=tmp_path / "home", review={"webhook_port": moved}, stack={"ray": False})
         stack = Stack(settings)
         stack.run_dir.mkdir(parents=True, exist_ok=True)
@@ -566,9 +581,6 @@ def test_status_names_the_port_a_service_runs_on_when_the_settings_moved_it(tmp_
         [labels] = [s for s in stack.status() if s.name == "labels"]
         assert (labels.state, labels.pid, labels.port) == ("up", server.pid, running)
         assert f"the settings say port {moved}" in labels.detail
-    finally:
-        server.kill()
-        server.wait()
 
 
 def test_a_label_studio_venv_made_before_a_constraint_gets_it_installed(tmp_path):
@@ -602,25 +614,11 @@ def test_up_names_a_running_service_started_with_other_settings(tmp_path):
     Studio over another images folder (the demo's cells then failed to show). Now it says so at once."""
     import dataclasses
     import json
-    import subprocess
-    import sys
-    import time
 
-    from ops.stack import _identity, _launch_digests, _port_open
+    from ops.stack import _identity, _launch_digests
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not _port_open("127.0.0.1", port):
-            assert time.monotonic() < deadline and server.poll() is None, "the stand-in receiver did not start"
-            time.sleep(0.1)
+    port = free_port()
+    with stand_in_server(port) as server:
         stack = Stack(Settings(home=tmp_path / "home", review={"webhook_port": port}, stack={"ray": False}))
         stack.run_dir.mkdir(parents=True, exist_ok=True)
         [labels] = [s for s in stack.services() if s.name == "labels"]
@@ -639,6 +637,3 @@ def test_up_names_a_running_service_started_with_other_settings(tmp_path):
         ):
             stack.up(only=["labels"])
         assert (stack.run_dir / "labels.pid").is_file() and server.poll() is None  # nothing stopped or forgotten
-    finally:
-        server.kill()
-        server.wait()
